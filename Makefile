@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch is pinned here (the package itself only asks for a range).
+# Elsewhere add the CPU wheel index, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv serve test lint typecheck pytest models bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev,train]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv
+	$(PY) -m service serve --host $(HOST) --port $(PORT) --model-dir models
+
+lint: venv
+	$(PY) -m ruff check service tests bench models
+	$(PY) -m ruff format --check service tests bench models
+
+typecheck: venv
+	$(PY) -m mypy
+
+pytest: venv
+	$(PY) -m pytest -q -ra
+
+test: lint typecheck pytest
+
+models: venv
+	$(PY) -m models.build
+
+bench: venv
+	$(PY) -m bench.engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""Devices and thread pools sized from the CPUs this process may really use."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def usable_cpus() -> int:
+    """CPUs allowed by affinity and by a cgroup v2/v1 CPU quota (containers), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota() -> float | None:
+    v2 = Path("/sys/fs/cgroup/cpu.max")
+    try:
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        q1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        p1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+        if q1.exists() and p1.exists():
+            quota_us, period_us = int(q1.read_text()), int(p1.read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (the setting wins, else the usable CPUs); returns the count."""
+    n = threads or usable_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+def describe(device: torch.device) -> str:
+    """A device name for answers and metadata, e.g. 'cpu' or 'cuda:0 (NVIDIA H100)'."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{idx} ({torch.cuda.get_device_name(idx)})"
+    return device.type

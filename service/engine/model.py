@@ -1,0 +1,206 @@
+"""A served model: a verified bundle with its MC sampler and its deterministic predictor."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from service.bundle.load import LoadedBundle
+from service.bundle.manifest import Manifest
+from service.engine.device import describe
+from service.engine.masks import MAX_SEED
+from service.engine.onnx_predictor import OnnxPredictor
+from service.engine.sampler import MCRequest, MCSampler
+from service.engine.summaries import (
+    ClassificationSummary,
+    RegressionSummary,
+    min_samples_for_quantile,
+    summarize_classification,
+    summarize_regression,
+)
+from service.errors import BundleError, InvalidInputError
+
+Mode = Literal["mc", "deterministic"]
+IntervalMethod = Literal["gaussian", "quantile", "conformal"]
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    samples: int
+    confidence: tuple[float, ...]
+    seed: int | None = None
+    mode: Mode = "mc"
+    interval: IntervalMethod = "gaussian"
+
+
+@dataclass
+class Prediction:
+    """The engine's answer for one request (summaries hold numpy arrays, batch-first)."""
+
+    backend: str
+    device: str
+    mode: Mode
+    samples: int | None
+    seed: int | None
+    summary: RegressionSummary | ClassificationSummary | None = None
+    point: np.ndarray | None = None  # deterministic mode: [B, outputs]
+    warnings: list[str] = field(default_factory=list)
+
+
+def new_seed() -> int:
+    return secrets.randbits(63) & MAX_SEED
+
+
+class ServedModel:
+    """Everything needed to answer requests for one bundle version."""
+
+    def __init__(
+        self,
+        bundle: LoadedBundle,
+        *,
+        device: torch.device | str | None = None,
+        row_budget: int = 16384,
+        onnx_threads: int = 1,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest: Manifest = bundle.manifest
+        spec = self.manifest.inputs
+        example = torch.zeros(2, *spec.shape)
+        try:
+            self.sampler = MCSampler(bundle.module, example, device=device, row_budget=row_budget)
+        except RuntimeError as exc:
+            raise BundleError(
+                f"{bundle.path}: the model does not accept inputs of shape {spec.shape}: {exc}"
+            ) from exc
+        self._check_layout()
+        self.onnx = (
+            OnnxPredictor(bundle.onnx_bytes, threads=onnx_threads) if bundle.onnx_bytes else None
+        )
+        if self.onnx is not None and list(self.onnx.input_shape) != spec.shape:
+            raise BundleError(
+                f"{bundle.path}/model.onnx: input shape {list(self.onnx.input_shape)} does not "
+                f"match the manifest's {spec.shape}"
+            )
+
+    def _check_layout(self) -> None:
+        m, path = self.manifest, self.bundle.path
+        outputs = self.sampler.output_shape
+        expected = len(m.outputs.labels) if m.outputs.labels else 1
+        if list(outputs) != [expected]:
+            raise BundleError(
+                f"{path}: shape mismatch: the model outputs {list(outputs)} per input but the "
+                f"manifest declares {expected} output(s)"
+            )
+        found = [(s.name, s.rule.p, list(s.mask_shape)) for s in self.sampler.graph.sites]
+        declared = [(d.name, d.p, d.mask_shape) for d in m.dropout]
+        if found != declared:
+            raise BundleError(
+                f"{path}: dropout layout {found} does not match the manifest's {declared}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def digest(self) -> str:
+        return self.bundle.digest
+
+    @property
+    def device(self) -> str:
+        return describe(self.sampler.device)
+
+    def check_params(self, p: PredictParams) -> None:
+        """Refuse parameters that cannot be honoured, before any queueing or compute."""
+        if p.mode == "deterministic":
+            return
+        if p.samples < 2:
+            raise InvalidInputError(f"samples must be at least 2 for MC dropout, got {p.samples}")
+        if p.interval == "quantile":
+            for level in p.confidence:
+                need = min_samples_for_quantile(level)
+                if p.samples < need:
+                    raise InvalidInputError(
+                        f"quantile intervals at {level:g} need samples >= {need} "
+                        f"(got {p.samples}); ask for more samples or use interval=gaussian"
+                    )
+        if p.interval == "conformal" and not self.manifest.calibration:
+            raise InvalidInputError(
+                "interval=conformal needs a calibrated bundle; this one is not calibrated "
+                "(use gaussian or quantile)"
+            )
+
+    def mc_request(self, x: np.ndarray, p: PredictParams) -> MCRequest:
+        return MCRequest(x, p.samples, p.seed if p.seed is not None else new_seed())
+
+    def summarize(self, samples: np.ndarray, req: MCRequest, p: PredictParams) -> Prediction:
+        """Summaries of one request's samples [T, B, outputs]."""
+        warnings: list[str] = []
+        if self.manifest.task == "classification":
+            levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
+            if len(levels) < len(p.confidence):
+                warnings.append(
+                    "per-class intervals omitted for levels that need more samples "
+                    f"(2/alpha); got samples={p.samples}"
+                )
+            summary: RegressionSummary | ClassificationSummary = summarize_classification(
+                samples, levels=levels
+            )
+        else:
+            noise = self.manifest.aleatoric.noise_var or None
+            rng = np.random.default_rng([req.seed, 0x6E6F697365])  # seeded noise, replayable
+            summary = summarize_regression(
+                samples,
+                levels=p.confidence,
+                method="quantile" if p.interval == "quantile" else "gaussian",
+                noise_var=noise,
+                rng=rng,
+            )
+        return Prediction(
+            backend="torch",
+            device=self.device,
+            mode="mc",
+            samples=p.samples,
+            seed=req.seed,
+            summary=summary,
+            warnings=warnings,
+        )
+
+    def deterministic(self, x: np.ndarray) -> Prediction:
+        """Dropout off on ONNX Runtime (torch eval when the bundle has no graph)."""
+        if self.onnx is not None:
+            point, backend, device = self.onnx.predict(x), "onnxruntime", self.onnx.device
+        else:
+            point, backend, device = self.sampler.deterministic(x), "torch", self.device
+        if self.manifest.task == "classification":
+            point = softmax_rows(point)
+        return Prediction(
+            backend=backend,
+            device=device,
+            mode="deterministic",
+            samples=None,
+            seed=None,
+            point=point,
+        )
+
+    def predict(self, x: np.ndarray, p: PredictParams) -> Prediction:
+        """Synchronous path (CLI, tests): one request, no batching."""
+        self.check_params(p)
+        if p.mode == "deterministic":
+            return self.deterministic(x)
+        req = self.mc_request(x, p)
+        return self.summarize(self.sampler.run([req])[0], req, p)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,131 @@
+"""The model repository: every bundle under a directory, loaded or with the reason it is not.
+
+Layouts: `<root>/<model>/<version>/manifest.json` or `<root>/<model>/manifest.json`. One broken
+bundle never stops the others; it is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.bundle.load import TrustPolicy, load_bundle
+from service.bundle.manifest import MANIFEST_NAME
+from service.engine.model import ServedModel
+from service.errors import McServeError, ModelNotFoundError, ModelNotReadyError
+
+log = logging.getLogger("mcserve.registry")
+
+
+@dataclass
+class Entry:
+    name: str
+    version: str
+    path: Path
+    model: ServedModel | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+
+def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: '10' after '9', numbers before words."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", v))
+
+
+def discover(root: Path) -> list[tuple[str, str | None, Path]]:
+    """(model directory name, version directory name or None, bundle path) for every bundle."""
+    found: list[tuple[str, str | None, Path]] = []
+    if not root.is_dir():
+        return found
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (model_dir / MANIFEST_NAME).is_file():
+            found.append((model_dir.name, None, model_dir))
+            continue
+        for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            if (vdir / MANIFEST_NAME).is_file():
+                found.append((model_dir.name, vdir.name, vdir))
+    return found
+
+
+class Registry:
+    """Loaded models by name and version; thread-safe for readers and a single writer."""
+
+    def __init__(self, root: Path, factory: Callable[[Path], ServedModel]) -> None:
+        self.root = root
+        self._factory = factory
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def with_policy(cls, root: Path, policy: TrustPolicy, **model_kwargs: object) -> Registry:
+        def factory(path: Path) -> ServedModel:
+            return ServedModel(load_bundle(path, policy), **model_kwargs)  # type: ignore[arg-type]
+
+        return cls(root, factory)
+
+    def load_all(self) -> list[Entry]:
+        for name, version, path in discover(self.root):
+            self.load(name, version, path)
+        return self.entries()
+
+    def load(self, name: str, version: str | None, path: Path) -> Entry:
+        try:
+            model = self._factory(path)
+            entry = Entry(model.name, model.version, path, model=model)
+            if model.name != name or (version is not None and model.version != version):
+                raise McServeError(
+                    f"{path}: manifest says {model.name}/{model.version}, directory says "
+                    f"{name}/{version or '(any)'}; they must agree"
+                )
+        except McServeError as exc:
+            entry = Entry(name, version or "?", path, error=exc.message)
+            log.warning("bundle refused", extra={"path": str(path), "reason": exc.message})
+        except Exception as exc:  # a bundle must never take the others down with it
+            entry = Entry(name, version or "?", path, error=f"{type(exc).__name__}: {exc}")
+            log.exception("bundle failed to load", extra={"path": str(path)})
+        with self._lock:
+            self._entries[(entry.name, entry.version)] = entry
+        return entry
+
+    def unload(self, name: str, version: str) -> Entry | None:
+        with self._lock:
+            return self._entries.pop((name, version), None)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            items = list(self._entries.values())
+        return sorted(items, key=lambda e: (e.name, version_key(e.version)))
+
+    def versions(self, name: str) -> list[Entry]:
+        return [e for e in self.entries() if e.name == name]
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFoundError(
+                f"model '{name}' is not loaded; GET /v1/models lists the available models"
+            )
+        if version is None:
+            ready = [e for e in versions if e.ready]
+            if not ready:
+                raise ModelNotReadyError(f"model '{name}' is not ready: {versions[-1].error}")
+            entry = ready[-1]
+        else:
+            match = [e for e in versions if e.version == version]
+            if not match:
+                raise ModelNotFoundError(
+                    f"model '{name}' has no version '{version}'; versions: "
+                    f"{[e.version for e in versions]}"
+                )
+            entry = match[0]
+            if not entry.ready:
+                raise ModelNotReadyError(f"model '{name}' version '{version}': {entry.error}")
+        assert entry.model is not None
+        return entry.model

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.manifest import InputSpec
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, PayloadTooLargeError
 
 
 def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
@@ -21,8 +21,6 @@ def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
     want = set(names)
     rows = []
     for i, inst in enumerate(instances):
-        if not isinstance(inst, dict):
-            raise InvalidInputError(f"instance {i}: mix of objects and arrays; use one form")
         missing = [n for n in names if n not in inst]
         unknown = sorted(set(inst) - want)
         if missing or unknown:
@@ -63,13 +61,16 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError("'instances' must be a non-empty list")
     if len(instances) > max_instances:
-        from service.errors import PayloadTooLargeError
-
         raise PayloadTooLargeError(
             f"{len(instances)} instances in one request; the limit is {max_instances} "
             "(setting max_instances): split the request"
         )
     rows: Sequence[Any] = instances
+    kinds = {isinstance(inst, dict) for inst in instances}
+    if len(kinds) > 1:
+        raise InvalidInputError(
+            "instances mix objects and arrays; send all as arrays or all as objects"
+        )
     if isinstance(instances[0], dict):
         rows = _from_objects(instances, spec)
     if any(_has_bool(r) for r in rows):

@@ -1,0 +1,1 @@
+"""HTTP adapters over the engine: native JSON (/v1), health; errors mapped in `errors.py`."""

@@ -1,0 +1,112 @@
+"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from service.engine.model import Prediction, ServedModel
+from service.engine.summaries import ClassificationSummary, RegressionSummary
+
+
+def _intervals_regression(s: RegressionSummary, i: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "level": iv.level,
+            "lower": float(iv.lower[i, 0]),
+            "upper": float(iv.upper[i, 0]),
+            "method": iv.method,
+        }
+        for iv in s.intervals
+    ]
+
+
+def regression(s: RegressionSummary) -> list[dict[str, Any]]:
+    mean, std = s.mean[:, 0].tolist(), s.std[:, 0].tolist()
+    epi, ale = s.epistemic_std[:, 0].tolist(), s.aleatoric_std[:, 0].tolist()
+    se = s.mc_standard_error[:, 0].tolist()
+    return [
+        {
+            "mean": mean[i],
+            "std": std[i],
+            "epistemic_std": epi[i],
+            "aleatoric_std": ale[i],
+            "intervals": _intervals_regression(s, i),
+            "mc_standard_error": se[i],
+        }
+        for i in range(len(mean))
+    ]
+
+
+def classification(s: ClassificationSummary, labels: list[str]) -> list[dict[str, Any]]:
+    probs, std, se = s.probabilities.tolist(), s.probability_std.tolist(), s.probability_se.tolist()
+    label = s.label.tolist()
+    h, eh = s.predictive_entropy.tolist(), s.expected_entropy.tolist()
+    mi, vr = s.mutual_information.tolist(), s.variation_ratio.tolist()
+    ivs = [(iv.level, iv.method, iv.lower.tolist(), iv.upper.tolist()) for iv in s.intervals]
+    out = []
+    for i in range(len(label)):
+        out.append(
+            {
+                "label": labels[label[i]],
+                "probabilities": dict(zip(labels, probs[i], strict=True)),
+                "probability_std": dict(zip(labels, std[i], strict=True)),
+                "probability_se": dict(zip(labels, se[i], strict=True)),
+                "intervals": {
+                    lab: [
+                        {"level": lv, "lower": lo[i][k], "upper": up[i][k], "method": m}
+                        for lv, m, lo, up in ivs
+                    ]
+                    for k, lab in enumerate(labels)
+                },
+                "uncertainty": {
+                    "predictive_entropy": h[i],
+                    "expected_entropy": eh[i],
+                    "mutual_information": mi[i],
+                    "variation_ratio": vr[i],
+                },
+            }
+        )
+    return out
+
+
+def deterministic(point: np.ndarray, labels: list[str] | None) -> list[dict[str, Any]]:
+    if labels:
+        rows = point.tolist()
+        return [
+            {
+                "label": labels[int(np.argmax(r))],
+                "probabilities": dict(zip(labels, r, strict=True)),
+            }
+            for r in rows
+        ]
+    return [{"mean": v} for v in point[:, 0].tolist()]
+
+
+def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
+    labels = model.manifest.outputs.labels
+    if pred.point is not None:
+        return deterministic(pred.point, labels)
+    if isinstance(pred.summary, ClassificationSummary):
+        assert labels is not None
+        return classification(pred.summary, labels)
+    assert isinstance(pred.summary, RegressionSummary)
+    return regression(pred.summary)
+
+
+def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
+    warnings = list(pred.warnings)
+    if pred.mode == "deterministic":
+        warnings.append("deterministic mode: dropout off, no uncertainty was computed")
+    return {
+        "predictions": predictions(model, pred),
+        "model": {"name": model.name, "version": model.version, "digest": model.digest},
+        "backend": pred.backend,
+        "device": pred.device,
+        "mode": pred.mode,
+        "samples": pred.samples,
+        "seed": pred.seed,
+        "uncertainty_computed": pred.mode == "mc",
+        "warnings": warnings,
+    }

@@ -1,0 +1,127 @@
+"""The one place where errors become HTTP responses (DESIGN.md, "One contract for errors").
+
+/v1: 422 bad request (413 too large), 404, 429 + Retry-After, 504; body {"error", "details"}.
+/v2: the same codes but 400 for a bad request; body {"error"} (tritonclient reads it).
+Unexpected exceptions: 500 with a generic message and the request id, logged with the trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.errors import McServeError, OverloadedError
+
+log = logging.getLogger("mcserve.errors")
+
+STATUS = {
+    "invalid_input": 422,
+    "too_large": 413,
+    "not_found": 404,
+    "not_ready": 503,
+    "overloaded": 429,
+    "deadline": 504,
+    "cancelled": 499,
+    "shutting_down": 503,
+    "model_error": 500,
+    "bundle_error": 500,
+    "internal": 500,
+}
+
+
+def family(request: Request) -> str:
+    path = request.url.path
+    if path.startswith("/v2"):
+        return "v2"
+    return "v1"
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or request.headers.get("x-request-id", ""))
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    fam = family(request)
+    if fam == "v2" and status == 422:
+        status = 400
+    body: dict[str, Any] = {"error": message}
+    if fam == "v1" and details:
+        body["details"] = details
+    rid = request_id(request)
+    if rid:
+        body["request_id"] = rid
+        # 500s are answered outside the request-id middleware: set the header here too.
+        headers = {**(headers or {}), "x-request-id": rid}
+    counter = getattr(request.app.state, "on_error", None)
+    if counter is not None:
+        counter(request, status)
+    return Response(
+        orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+async def on_mcserve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, McServeError)
+    status = STATUS.get(exc.code, 500)
+    headers = None
+    if isinstance(exc, OverloadedError):
+        headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
+    return error_response(request, status, exc.message, exc.details, headers)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+async def on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"field": _loc(tuple(e.get("loc", ()))), "problem": e.get("msg", ""), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+    first = details[0] if details else {"field": "body", "problem": "invalid request"}
+    hint = ""
+    if first.get("type") == "extra_forbidden":
+        hint = " (unknown key: check its spelling against the API reference)"
+    elif first.get("type") == "json_invalid":
+        hint = " (the body must be valid JSON)"
+    message = f"invalid request: {first['field']}: {first['problem']}{hint}"
+    return error_response(request, 422, message, details)
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /docs for the API"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(request, exc.status_code, message, headers=dict(exc.headers or {}))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    rid = request_id(request)
+    log.error("unexpected error", exc_info=exc, extra={"request_id": rid, "path": request.url.path})
+    return error_response(
+        request, 500, f"internal error; quote request id {rid or '-'} when reporting it"
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(McServeError, on_mcserve_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,149 @@
+"""The native JSON API: /v1/models, model metadata and :predict (KServe V1, extended)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service.api.encode import response as encode_response
+from service.api.schemas import (
+    ErrorBody,
+    ModelList,
+    PredictParameters,
+    PredictRequest,
+    PredictResponse,
+)
+from service.api.state import AppState
+from service.engine.inputs import to_array
+from service.engine.model import PredictParams, ServedModel
+from service.engine.summaries import check_levels
+from service.errors import CancelledError, InvalidInputError
+
+router = APIRouter(prefix="/v1", tags=["native"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (404, 413, 422, 429, 500, 503, 504)
+}
+
+
+def state(request: Request) -> AppState:
+    st: AppState = request.app.state.mcserve
+    return st
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> Response:
+    by_name: dict[str, list[Any]] = {}
+    for e in state(request).registry.entries():
+        by_name.setdefault(e.name, []).append(e)
+    models = [
+        {
+            "name": name,
+            "task": next((e.model.manifest.task for e in es if e.model), None),
+            "versions": [{"version": e.version, "ready": e.ready, "reason": e.error} for e in es],
+            "ready": any(e.ready for e in es),
+        }
+        for name, es in sorted(by_name.items())
+    ]
+    return json_response({"models": models})
+
+
+def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
+    m = model.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "versions": versions,
+        "digest": model.digest,
+        "task": m.task,
+        "intended_use": m.intended_use,
+        "inputs": m.inputs.model_dump(mode="json"),
+        "outputs": m.outputs.model_dump(mode="json"),
+        "defaults": m.defaults.model_dump(mode="json"),
+        "aleatoric": m.aleatoric.model_dump(mode="json"),
+        "training": {"metrics": m.training.metrics, "provenance": m.training.provenance},
+        "calibration": {"calibrated": m.calibration is not None},
+        "backend": {"mc": "torch", "deterministic": "onnxruntime" if model.onnx else "torch"},
+        "device": model.device,
+        "dropout": [d.model_dump(mode="json") for d in m.dropout],
+    }
+
+
+@router.get("/models/{name}", responses=ERRORS)
+async def model_metadata(name: str, request: Request) -> Response:
+    reg = state(request).registry
+    model = reg.get(name)
+    return json_response(metadata(model, [e.version for e in reg.versions(name)]))
+
+
+@router.get("/models/{name}/versions/{version}", responses=ERRORS)
+async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+    reg = state(request).registry
+    model = reg.get(name, version)
+    return json_response(metadata(model, [e.version for e in reg.versions(name)]))
+
+
+def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> PredictParams:
+    d = model.manifest.defaults
+    samples = p.samples if p.samples is not None else d.samples
+    if samples > max_samples:
+        raise InvalidInputError(
+            f"samples={samples} is over the maximum of {max_samples} (setting max_samples)"
+        )
+    conf = p.confidence if p.confidence is not None else d.confidence
+    levels = check_levels([conf] if isinstance(conf, float | int) else conf)
+    interval = p.interval or d.interval
+    return PredictParams(samples, levels, p.seed, p.mode, interval)
+
+
+async def _until_disconnect(request: Request, task: asyncio.Future[Any]) -> None:
+    """Cancel `task` when the client goes away, so its queued work is dropped."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+async def predict_with(
+    request: Request, body: PredictRequest, name: str, version: str | None
+) -> Response:
+    st = state(request)
+    batcher = st.batcher(name, version)
+    model = batcher.model
+    params = to_params(body.parameters, model, st.settings.max_samples)
+    x = to_array(body.instances, model.manifest.inputs, st.settings.max_instances)
+    timeout = body.parameters.timeout_ms
+    deadline = batcher.clock() + timeout / 1000.0 if timeout else None
+    task = asyncio.ensure_future(batcher.submit(x, params, deadline))
+    watcher = asyncio.ensure_future(_until_disconnect(request, task))
+    try:
+        pred = await task
+    except asyncio.CancelledError:
+        if watcher.done():
+            raise CancelledError("the client disconnected; its work was dropped") from None
+        raise
+    finally:
+        watcher.cancel()
+    return json_response(encode_response(model, pred))
+
+
+@router.post("/models/{name}:predict", response_model=PredictResponse, responses=ERRORS)
+async def predict(name: str, body: PredictRequest, request: Request) -> Response:
+    return await predict_with(request, body, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}:predict", response_model=PredictResponse, responses=ERRORS
+)
+async def predict_version(
+    name: str, version: str, body: PredictRequest, request: Request
+) -> Response:
+    return await predict_with(request, body, name, version)

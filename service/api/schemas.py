@@ -1,0 +1,118 @@
+"""Request and response models of the native API (/v1), also the OpenAPI documentation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+
+
+class PredictParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int | None = Field(
+        default=None, ge=2, strict=True, description="MC passes; default: the model's"
+    )
+    confidence: float | list[float] | None = Field(
+        default=None, description="a level in (0, 1) or a list of up to 5; default: the model's"
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, strict=True, description="replay a previous answer"
+    )
+    mode: Literal["mc", "deterministic"] = "mc"
+    interval: Literal["gaussian", "quantile", "conformal"] | None = None
+    timeout_ms: float | None = Field(default=None, gt=0, description="deadline for this request")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"instances": [[0.1, 0.2]], "parameters": {"samples": 100, "seed": 1}}]
+        },
+    )
+
+    instances: list[list[Any] | dict[str, Any]] = Field(
+        min_length=1, description="arrays of the input shape, or objects keyed by feature name"
+    )
+    parameters: PredictParameters = PredictParameters()
+
+
+class IntervalOut(BaseModel):
+    level: float
+    lower: float
+    upper: float
+    method: str
+
+
+class Uncertainty(BaseModel):
+    predictive_entropy: float
+    expected_entropy: float
+    mutual_information: float
+    variation_ratio: float
+
+
+class RegressionPrediction(BaseModel):
+    mean: float
+    std: float | None = None
+    epistemic_std: float | None = None
+    aleatoric_std: float | None = None
+    mc_standard_error: float | None = None
+    intervals: list[IntervalOut] | None = None
+
+
+class ClassificationPrediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    probability_std: dict[str, float] | None = None
+    probability_se: dict[str, float] | None = None
+    intervals: dict[str, list[IntervalOut]] | None = None
+    uncertainty: Uncertainty | None = None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    digest: str
+
+
+class PredictResponse(BaseModel):
+    predictions: list[RegressionPrediction | ClassificationPrediction]
+    model: ModelRef
+    backend: str
+    device: str
+    mode: Literal["mc", "deterministic"]
+    samples: int | None
+    seed: int | None
+    uncertainty_computed: bool
+    warnings: list[str] = []
+
+
+class ModelVersionStatus(BaseModel):
+    version: str
+    ready: bool
+    reason: str | None = None
+
+
+class ModelSummary(BaseModel):
+    name: str
+    task: str | None
+    versions: list[ModelVersionStatus]
+    ready: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    details: list[dict[str, Any]] | None = None
+    request_id: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    reasons: list[str] = []

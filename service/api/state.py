@@ -1,0 +1,45 @@
+"""What the app holds while it runs: settings, the registry, one batcher per model version."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.engine.batcher import Batcher
+from service.engine.registry import Registry
+from service.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: Registry
+    executor: ThreadPoolExecutor
+    batchers: dict[tuple[str, str], Batcher] = field(default_factory=dict)
+    started: bool = False
+    draining: bool = False
+
+    def required(self) -> set[str]:
+        if self.settings.required_models is not None:
+            return set(self.settings.required_models)
+        return {e.name for e in self.registry.entries()}
+
+    def not_ready_reasons(self) -> list[str]:
+        """Empty when ready: every required model loaded and warmed, not draining."""
+        if not self.started:
+            return ["starting: models are loading"]
+        if self.draining:
+            return ["shutting down"]
+        reasons = []
+        entries = self.registry.entries()
+        for name in sorted(self.required()):
+            versions = [e for e in entries if e.name == name]
+            if not versions:
+                reasons.append(f"required model '{name}' was not found")
+            elif not any(e.ready for e in versions):
+                reasons.append(f"model '{name}': {versions[-1].error}")
+        return reasons
+
+    def batcher(self, name: str, version: str | None) -> Batcher:
+        model = self.registry.get(name, version)
+        return self.batchers[(model.name, model.version)]

@@ -1,0 +1,256 @@
+"""Dynamic batching for one model: a bounded queue, one background task, a future per request.
+
+Shaped like Ray Serve's `@serve.batch`. The queue is bounded in rows (instances x passes); a
+request that does not fit is refused at once with an estimate of the drain time. When the compute
+worker is idle it takes whatever is queued at once (a timer would only add latency: measured, a
+2 ms timer cost 4 ms at concurrency 1); while it computes, requests accumulate into the next
+batch, up to a row budget. Expired and cancelled requests are dropped before compute. One
+request's failure fails that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.sampler import MCRequest
+from service.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ShuttingDownError,
+)
+
+log = logging.getLogger("mcserve.batcher")
+EXPIRED = (
+    "the request's deadline passed while it waited in the queue; no compute was spent "
+    "(raise timeout_ms or retry later)"
+)
+Clock = Callable[[], float]
+
+
+@dataclass
+class BatcherStats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0  # queue full (429)
+    expired: int = 0  # deadline passed before compute (504)
+    cancelled: int = 0  # client gone before compute
+    batches: int = 0
+    batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
+    queue_rows: int = 0
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    params: PredictParams
+    req: MCRequest | None  # None: deterministic mode
+    future: asyncio.Future[Prediction]
+    enqueued: float
+    deadline: float | None
+    rows: int
+
+
+class Batcher:
+    """Queues requests for one model and runs them in batches on a shared compute executor."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        executor: Executor,
+        *,
+        max_batch_rows: int = 65536,
+        max_queue_rows: int = 2_000_000,
+        max_delay_s: float = 0.0,
+        batching: bool = True,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.model = model
+        self._executor = executor
+        self.max_batch_rows = max_batch_rows
+        self.max_queue_rows = max_queue_rows
+        self.max_delay_s = max_delay_s
+        self.batching = batching
+        self.clock = clock
+        self.stats = BatcherStats()
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._rows_per_s = 50_000.0  # replaced by measurements after the first batch
+        self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop taking requests; with `drain`, finish what is queued first."""
+        self._closing = True
+        if drain:
+            while self._queue or self.stats.queue_rows:
+                self._wakeup.set()
+                await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(ShuttingDownError("the server is shutting down"))
+        self._queue.clear()
+
+    def retry_after_s(self, extra_rows: int = 0) -> int:
+        return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
+
+    async def submit(
+        self, x: np.ndarray, params: PredictParams, deadline: float | None = None
+    ) -> Prediction:
+        """Queue one request and wait for its prediction. Raises McServeError subclasses."""
+        if self._closing:
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
+        self.model.check_params(params)
+        req = self.model.mc_request(x, params) if params.mode == "mc" else None
+        rows = req.rows if req is not None else int(x.shape[0])
+        if rows > self.max_queue_rows:
+            raise PayloadTooLargeError(
+                f"the request needs {rows} rows (instances x samples), more than the queue holds "
+                f"({self.max_queue_rows}); send fewer instances or samples"
+            )
+        if self.stats.queue_rows + rows > self.max_queue_rows:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"model '{self.model.name}' is at capacity; retry after the indicated delay",
+                retry_after_s=self.retry_after_s(rows),
+            )
+        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(x, params, req, fut, self.clock(), deadline, rows))
+        self.stats.submitted += 1
+        self.stats.queue_rows += rows
+        self._wakeup.set()
+        return await fut  # cancelling this await (client gone) cancels the future
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch: expired and cancelled items are dropped, never computed."""
+        batch: list[_Item] = []
+        rows = 0
+        now = self.clock()
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by a disconnected client
+                self._queue.popleft()
+                self.stats.queue_rows -= item.rows
+                self.stats.cancelled += 1
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                self._queue.popleft()
+                self.stats.queue_rows -= item.rows
+                self.stats.expired += 1
+                item.future.set_exception(DeadlineExceededError(EXPIRED))
+                continue
+            if batch and (rows + item.rows > self.max_batch_rows or not self.batching):
+                break
+            self._queue.popleft()
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.max_delay_s > 0 and self._queue:
+                # Optional timer batching: wait for the row budget or the oldest's max_delay.
+                wait = self._queue[0].enqueued + self.max_delay_s - self.clock()
+                queued = sum(i.rows for i in self._queue)
+                if wait > 0 and queued < self.max_batch_rows:
+                    await asyncio.sleep(wait)
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue
+                start = time.perf_counter()
+                try:
+                    results = await loop.run_in_executor(self._executor, self._compute, batch)
+                except Exception as exc:  # never lose the futures, whatever broke
+                    log.exception("batch failed")
+                    results = [exc] * len(batch)
+                elapsed = max(time.perf_counter() - start, 1e-6)
+                rows = sum(i.rows for i in batch)
+                self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
+                self.stats.batches += 1
+                self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows]
+                if self.on_batch is not None:
+                    self.on_batch(rows, elapsed)
+                for item, res in zip(batch, results, strict=True):
+                    self.stats.queue_rows -= item.rows
+                    if item.future.done():
+                        continue
+                    if isinstance(res, BaseException):
+                        self.stats.failed += 1
+                        item.future.set_exception(res)
+                    else:
+                        self.stats.completed += 1
+                        item.future.set_result(res)
+
+    def _compute(self, batch: list[_Item]) -> list[Prediction | BaseException]:
+        """Runs on the compute worker: one shared MC forward, one deterministic call."""
+        out: list[Prediction | BaseException | None] = [None] * len(batch)
+        # The worker may have waited for the device: check deadlines and clients once more.
+        now = self.clock()
+        live = []
+        for k, it in enumerate(batch):
+            if it.future.done():
+                self.stats.cancelled += 1
+                out[k] = CancelledError("the client disconnected; its work was dropped")
+            elif it.deadline is not None and now >= it.deadline:
+                self.stats.expired += 1
+                out[k] = DeadlineExceededError(EXPIRED)
+            else:
+                live.append((k, it))
+        mc = [(k, it) for k, it in live if it.req is not None]
+        det = [(k, it) for k, it in live if it.req is None]
+        if mc:
+            reqs = [it.req for _, it in mc if it.req is not None]
+            samples: list[np.ndarray | BaseException]
+            try:
+                samples = list(self.model.sampler.run(reqs))
+            except Exception:
+                # Isolate the failure: rerun one by one so only the bad request fails.
+                samples = [self._one(it.req) for _, it in mc if it.req is not None]
+            for (k, it), s in zip(mc, samples, strict=True):
+                out[k] = s if isinstance(s, BaseException) else self._summarize(s, it)
+        for k, it in det:
+            try:
+                out[k] = self.model.deterministic(it.x)
+            except Exception as exc:
+                out[k] = exc
+        return [o if o is not None else RuntimeError("no result") for o in out]
+
+    def _one(self, req: MCRequest) -> np.ndarray | BaseException:
+        try:
+            return self.model.sampler.run([req])[0]
+        except Exception as exc:
+            return exc
+
+    def _summarize(self, samples: np.ndarray, it: _Item) -> Prediction | BaseException:
+        assert it.req is not None
+        try:
+            return self.model.summarize(samples, it.req, it.params)
+        except Exception as exc:  # delivered to this request's future only
+            return exc

@@ -1,0 +1,74 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM.
+
+SIGTERM: readiness turns false at once; the server keeps serving for `drain_grace_s` (load
+balancers notice and stop sending), then stops accepting, lets in-flight and queued requests
+finish within `drain_timeout_s`, runs the lifespan shutdown and exits 0. A second signal exits
+at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from service.api.app import create_app
+from service.settings import Settings
+
+log = logging.getLogger("mcserve.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.exit_at is not None:  # second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        st = _find_state(self.config.loaded_app)
+        if st is None:  # still starting: nothing to drain
+            super().handle_exit(sig, frame)
+            return
+        st.draining = True
+        self.exit_at = time.monotonic() + self.settings.drain_grace_s
+        log.info("draining", extra={"grace_s": self.settings.drain_grace_s})
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.exit_at is not None and time.monotonic() >= self.exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _find_state(app: Any) -> Any:
+    while app is not None:
+        st = getattr(getattr(app, "state", None), "mcserve", None)
+        if st is not None:
+            return st
+        app = getattr(app, "app", None)
+    return None
+
+
+def run(overrides: dict[str, Any]) -> None:
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+    DrainingServer(config, settings).run()

@@ -1,0 +1,224 @@
+"""Batching under concurrency, overload, deadlines, disconnects and error isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from fastapi import FastAPI
+
+from service.api.state import AppState
+from service.engine.batcher import Batcher
+
+
+def state(app: FastAPI) -> AppState:
+    st: AppState = app.state.mcserve
+    return st
+
+
+def batcher(app: FastAPI, name: str = "clf") -> Batcher:
+    return state(app).batchers[(name, "1")]
+
+
+@contextmanager
+def compute_blocked(app: FastAPI) -> Iterator[None]:
+    """Occupy the single compute worker so that requests stay queued."""
+    gate = threading.Event()
+    job = state(app).executor.submit(gate.wait)
+    try:
+        yield
+    finally:
+        gate.set()
+        job.result()
+
+
+async def until(cond: Any, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.005)):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
+def body(seed: int, row: list[float], samples: int = 100) -> dict[str, Any]:
+    return {"instances": [row], "parameters": {"samples": samples, "seed": seed}}
+
+
+async def test_concurrent_seeded_requests_share_forwards(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    rows = [[(i % 7) / 7, (i % 5) / 5, -(i % 3) / 3, 0.5] for i in range(200)]
+    alone = []
+    for i, row in enumerate(rows):
+        r = await client.post("/v1/models/clf:predict", json=body(1000 + i, row))
+        alone.append(r.json()["predictions"])
+    sampler = batcher(app).model.sampler
+    before = sampler.stats.forwards
+    responses = await asyncio.gather(
+        *(
+            client.post("/v1/models/clf:predict", json=body(1000 + i, row))
+            for i, row in enumerate(rows)
+        )
+    )
+    forwards = sampler.stats.forwards - before
+    assert all(r.status_code == 200 for r in responses)
+    assert forwards <= 25, forwards
+    for r, expected in zip(responses, alone, strict=True):
+        assert r.json()["predictions"] == expected  # bit for bit (floats round-trip exactly)
+
+
+async def test_overload_answers_429_with_retry_after(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    b = batcher(app)
+    saved = b.max_queue_rows
+    b.max_queue_rows = 500
+    try:
+        with compute_blocked(app):
+            first = asyncio.ensure_future(
+                client.post("/v1/models/clf:predict", json=body(1, [0, 0, 0, 0], samples=300))
+            )
+            await until(lambda: b.stats.queue_rows == 300)
+            r = await client.post("/v1/models/clf:predict", json=body(2, [0, 0, 0, 0], 300))
+            assert r.status_code == 429
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"] == (
+                "model 'clf' is at capacity; retry after the indicated delay"
+            )
+        assert (await first).status_code == 200  # nothing lost
+    finally:
+        b.max_queue_rows = saved
+
+
+async def test_request_larger_than_queue_is_413(app: FastAPI, client: httpx.AsyncClient) -> None:
+    b = batcher(app)
+    saved = b.max_queue_rows
+    b.max_queue_rows = 500
+    try:
+        r = await client.post("/v1/models/clf:predict", json=body(1, [0, 0, 0, 0], samples=600))
+        assert r.status_code == 413
+        assert "more than the queue holds (500)" in r.json()["error"]
+    finally:
+        b.max_queue_rows = saved
+
+
+async def test_deadline_passes_in_queue_no_compute(app: FastAPI, client: httpx.AsyncClient) -> None:
+    b = batcher(app)
+    now = [1000.0]
+    saved = b.clock
+    b.clock = lambda: now[0]
+    rows_before = b.model.sampler.stats.rows
+    expired_before = b.stats.expired
+    try:
+        with compute_blocked(app):
+            req = dict(body(3, [0, 0, 0, 0]))
+            req["parameters"] = {**req["parameters"], "timeout_ms": 1000}
+            pending = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=req))
+            await until(lambda: b.stats.queue_rows == 100)
+            now[0] += 2.0  # the injected clock passes the deadline while the worker is busy
+        r = await pending
+    finally:
+        b.clock = saved
+    assert r.status_code == 504
+    assert r.json()["error"].startswith("the request's deadline passed while it waited")
+    assert b.stats.expired == expired_before + 1
+    assert b.model.sampler.stats.rows == rows_before  # no compute spent
+
+
+async def test_client_disconnect_drops_queued_work(app: FastAPI) -> None:
+    b = batcher(app)
+    payload = orjson.dumps(body(4, [0, 0, 0, 0]))
+    gone = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/clf:predict",
+        "raw_path": b"/v1/models/clf:predict",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ],
+    }
+    rows_before = b.model.sampler.stats.rows
+    cancelled_before = b.stats.cancelled
+    with compute_blocked(app):
+        call = asyncio.ensure_future(app(scope, receive, send))
+        await until(lambda: b.stats.queue_rows == 100)
+        gone.set()  # the client goes away while its request is queued
+        await until(call.done)  # the handler gave up at once, before any compute
+    await call
+    await until(lambda: b.stats.queue_rows == 0)
+    assert b.stats.cancelled == cancelled_before + 1
+    assert b.model.sampler.stats.rows == rows_before
+
+
+async def test_one_failure_fails_only_its_request(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = batcher(app).model
+    original = model.summarize
+
+    def flaky(samples: Any, req: Any, params: Any) -> Any:
+        if req.seed == 666:
+            raise RuntimeError("secret internal detail")
+        return original(samples, req, params)
+
+    monkeypatch.setattr(model, "summarize", flaky)
+    with compute_blocked(app):
+        bad = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=body(666, [0] * 4)))
+        good = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=body(5, [0] * 4)))
+        await until(lambda: batcher(app).stats.queue_rows == 200)
+    rb, rg = await bad, await good
+    assert rg.status_code == 200
+    assert rb.status_code == 500
+    rid = rb.headers["x-request-id"]
+    assert rb.json() == {
+        "error": f"internal error; quote request id {rid} when reporting it",
+        "request_id": rid,
+    }
+    assert "secret" not in rb.text and "Traceback" not in rb.text
+
+
+async def test_sampler_failure_isolated(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampler = batcher(app).model.sampler
+    original = sampler.run
+
+    def run(reqs: Any) -> Any:
+        if any(r.seed == 667 for r in reqs):
+            raise RuntimeError("bad rows")
+        return original(reqs)
+
+    monkeypatch.setattr(sampler, "run", run)
+    with compute_blocked(app):
+        bad = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=body(667, [0] * 4)))
+        good = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=body(6, [0] * 4)))
+        await until(lambda: batcher(app).stats.queue_rows == 200)
+    assert (await good).status_code == 200
+    assert (await bad).status_code == 500

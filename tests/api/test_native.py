@@ -1,0 +1,271 @@
+"""The native API in process: every endpoint and every error class, status and message."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from service.engine.inputs import to_array
+
+
+ROW = [0.1, -0.2, 0.3, 0.4]
+
+
+async def test_health(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "live"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+async def test_list_and_metadata(client: httpx.AsyncClient) -> None:
+    models = (await client.get("/v1/models")).json()["models"]
+    assert {m["name"]: m["ready"] for m in models} == {"clf": True, "reg": True}
+    assert models[0]["versions"] == [{"version": "1", "ready": True, "reason": None}]
+    meta = (await client.get("/v1/models/clf")).json()
+    assert meta["inputs"]["feature_names"] == ["f0", "f1", "f2", "f3"]
+    assert meta["inputs"]["units"][0] == "cm"
+    assert meta["inputs"]["valid_ranges"][0] == [-10.0, 10.0]
+    assert meta["inputs"]["training_ranges"][0] == [-3.0, 3.0]
+    assert meta["outputs"]["labels"] == ["red", "green", "blue"]
+    assert meta["intended_use"] == "tests only"
+    assert meta["defaults"]["samples"] == 100
+    assert meta["digest"].startswith("sha256:")
+    assert meta["calibration"] == {"calibrated": False}
+    same = (await client.get("/v1/models/clf/versions/1")).json()
+    assert same == meta
+
+
+async def test_unknown_model_and_version(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/models/nope")
+    assert r.status_code == 404
+    assert r.json()["error"] == (
+        "model 'nope' is not loaded; GET /v1/models lists the available models"
+    )
+    r = await client.post("/v1/models/clf/versions/9:predict", json={"instances": [ROW]})
+    assert r.status_code == 404
+    assert r.json()["error"] == "model 'clf' has no version '9'; versions: ['1']"
+    r = await client.get("/v1/nothing")
+    assert r.status_code == 404 and "no route GET /v1/nothing" in r.json()["error"]
+
+
+async def test_predict_classification(client: httpx.AsyncClient) -> None:
+    params = {"samples": 200, "seed": 7, "confidence": [0.8, 0.9]}
+    body = {"instances": [ROW, [0, 0, 0, 0]], "parameters": params}
+    r = await client.post("/v1/models/clf:predict", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    named = [dict(zip(["f0", "f1", "f2", "f3"], v, strict=True)) for v in (ROW, [0, 0, 0, 0])]
+    by_name = await client.post(
+        "/v1/models/clf:predict", json={"instances": named, "parameters": params}
+    )
+    assert by_name.json()["predictions"] == out["predictions"]
+    assert out["model"]["name"] == "clf" and out["model"]["version"] == "1"
+    assert out["backend"] == "torch" and out["device"] == "cpu"
+    assert out["samples"] == 200 and out["seed"] == 7 and out["uncertainty_computed"]
+    a, b = out["predictions"]
+    assert a != b
+    assert set(a["probabilities"]) == {"red", "green", "blue"}
+    assert math.isclose(sum(a["probabilities"].values()), 1.0, rel_tol=1e-9)
+    assert a["label"] == max(a["probabilities"], key=a["probabilities"].get)
+    u = a["uncertainty"]
+    assert u["mutual_information"] >= 0
+    assert math.isclose(
+        u["predictive_entropy"] - u["expected_entropy"], u["mutual_information"], abs_tol=1e-9
+    )
+    assert [iv["level"] for iv in a["intervals"]["red"]] == [0.8, 0.9]
+    assert all(0 <= iv["lower"] <= iv["upper"] <= 1 for iv in a["intervals"]["blue"])
+
+
+async def test_same_seed_replays_and_no_seed_reports_one(client: httpx.AsyncClient) -> None:
+    body = {"instances": [ROW], "parameters": {"samples": 50, "seed": 11}}
+    one = (await client.post("/v1/models/clf:predict", json=body)).json()
+    two = (await client.post("/v1/models/clf:predict", json=body)).json()
+    assert one["predictions"] == two["predictions"]
+    fresh = (await client.post("/v1/models/clf:predict", json={"instances": [ROW]})).json()
+    assert isinstance(fresh["seed"], int) and fresh["samples"] == 100
+    replay = {"instances": [ROW], "parameters": {"seed": fresh["seed"]}}
+    again = (await client.post("/v1/models/clf:predict", json=replay)).json()
+    assert again["predictions"] == fresh["predictions"]
+
+
+async def test_predict_regression(client: httpx.AsyncClient) -> None:
+    body = {
+        "instances": [[0.5, 0.1, -1.0]],
+        "parameters": {"samples": 400, "seed": 1, "interval": "quantile", "confidence": 0.9},
+    }
+    out = (await client.post("/v1/models/reg:predict", json=body)).json()
+    p = out["predictions"][0]
+    assert p["aleatoric_std"] == pytest.approx(0.5)  # sqrt(noise_var = 0.25)
+    assert p["std"] == pytest.approx(math.sqrt(p["epistemic_std"] ** 2 + 0.25))
+    assert p["mc_standard_error"] == pytest.approx(p["epistemic_std"] / math.sqrt(400))
+    (iv,) = p["intervals"]
+    assert iv["method"] == "quantile" and iv["level"] == 0.9
+    assert iv["lower"] < p["mean"] < iv["upper"]
+
+
+async def test_deterministic_mode(client: httpx.AsyncClient) -> None:
+    body = {"instances": [ROW], "parameters": {"mode": "deterministic"}}
+    out = (await client.post("/v1/models/clf:predict", json=body)).json()
+    assert out["backend"] == "onnxruntime" and out["uncertainty_computed"] is False
+    assert out["samples"] is None and out["seed"] is None
+    assert "no uncertainty was computed" in out["warnings"][0]
+    assert set(out["predictions"][0]) == {"label", "probabilities"}
+    reg = await client.post(
+        "/v1/models/reg:predict",
+        json={"instances": [[1, 2, 3]], "parameters": {"mode": "deterministic"}},
+    )
+    assert set(reg.json()["predictions"][0]) == {"mean"}
+
+
+BAD = [
+    ({"instances": [[1, 2, 3]]}, 422, "instance 0 has shape [3], expected [4]"),
+    (
+        {"instances": [ROW, {"f0": 1}]},
+        422,
+        "instances mix objects and arrays; send all as arrays or all as objects",
+    ),
+    (
+        {"instances": [{"f0": 1, "f1": 2, "f2": 3}]},
+        422,
+        "instance 0: missing ['f3'] feature(s); expected exactly ['f0', 'f1', 'f2', 'f3']",
+    ),
+    (
+        {"instances": [{"f0": 1, "f1": 2, "f2": 3, "f3": 4, "zz": 1}]},
+        422,
+        "instance 0: unknown ['zz'] feature(s); expected exactly ['f0', 'f1', 'f2', 'f3']",
+    ),
+    ({"instances": [[1, 2, "x", 4]]}, 422, "instance 0 is not an array of numbers of shape [4]"),
+    ({"instances": [[1, 2, True, 4]]}, 422, "inputs must be numbers; true/false are not accepted"),
+    (
+        {"instances": [ROW, [1, 2, 3, 11]]},
+        422,
+        "instance 1, feature 'f3' = 11 is outside the valid range [-10, 10]; check the value and "
+        "its unit",
+    ),
+    (
+        {"instances": [[-11, 2, 3, 4]]},
+        422,
+        "instance 0, feature 'f0' = -11 is outside the valid range [-10, 10] cm; check the value "
+        "and its unit",
+    ),
+    (
+        {"instances": []},
+        422,
+        "invalid request: instances: List should have at least 1 item after validation, not 0",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"samples": 1}},
+        422,
+        "invalid request: parameters.samples: Input should be greater than or equal to 2",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"samples": "100"}},
+        422,
+        "invalid request: parameters.samples: Input should be a valid integer",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"samples": 5000}},
+        422,
+        "samples=5000 is over the maximum of 1000 (setting max_samples)",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"sample": 10}},
+        422,
+        "invalid request: parameters.sample: Extra inputs are not permitted (unknown key: check its "
+        "spelling against the API reference)",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"confidence": 1.5}},
+        422,
+        "confidence level 1.5 is outside (0, 1); use e.g. 0.9 or 0.95, not 90 or 1",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"seed": -1}},
+        422,
+        "invalid request: parameters.seed: Input should be greater than or equal to 0",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"mode": "fast"}},
+        422,
+        "invalid request: parameters.mode: Input should be 'mc' or 'deterministic'",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"interval": "quantile", "confidence": 0.99}},
+        422,
+        "quantile intervals at 0.99 need samples >= 200 (got 100); ask for more samples or use "
+        "interval=gaussian",
+    ),
+    (
+        {"instances": [ROW], "parameters": {"interval": "conformal"}},
+        422,
+        "interval=conformal needs a calibrated bundle; this one is not calibrated (use gaussian or "
+        "quantile)",
+    ),
+    (
+        {"instances": [ROW] * 51},
+        413,
+        "51 instances in one request; the limit is 50 (setting max_instances): split the request",
+    ),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD)
+async def test_bad_requests(
+    client: httpx.AsyncClient, body: dict, status: int, message: str
+) -> None:
+    r = await client.post("/v1/models/clf:predict", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == message
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity(client: httpx.AsyncClient, literal: str) -> None:
+    raw = b'{"instances": [[0.1, ' + literal.encode() + b", 0.3, 0.4]]}"
+    r = await client.post(
+        "/v1/models/clf:predict", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert r.json()["error"] == ("instance 0, feature 'f1': NaN and Infinity are not valid inputs")
+
+
+async def test_malformed_json(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/models/clf:predict",
+        content=b'{"instances": [',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422
+    assert r.json()["error"].endswith("(the body must be valid JSON)")
+
+
+async def test_body_too_large(client: httpx.AsyncClient) -> None:
+    body = orjson.dumps({"instances": [ROW] * 4000})
+    r = await client.post(
+        "/v1/models/clf:predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    assert r.json()["error"] == (
+        "request body is over 64000 bytes (setting max_body_bytes); split the request"
+    )
+
+
+async def test_request_id_echoed(client: httpx.AsyncClient) -> None:
+    r = await client.get("/healthz", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = await client.get("/healthz", headers={"x-request-id": "bad id with spaces"})
+    assert (
+        r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
+    )
+
+
+def test_to_array_shapes() -> None:
+    from service.bundle.manifest import InputSpec
+
+    spec = InputSpec(shape=[2, 2], value_range=(0, 16))
+    arr = to_array([[[0, 1], [2, 3]]], spec, 10)
+    assert arr.dtype == np.float32 and arr.shape == (1, 2, 2)

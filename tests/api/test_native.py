@@ -11,7 +11,6 @@ import pytest
 
 from service.engine.inputs import to_array
 
-
 ROW = [0.1, -0.2, 0.3, 0.4]
 
 
@@ -175,8 +174,8 @@ BAD = [
     (
         {"instances": [ROW], "parameters": {"sample": 10}},
         422,
-        "invalid request: parameters.sample: Extra inputs are not permitted (unknown key: check its "
-        "spelling against the API reference)",
+        "invalid request: parameters.sample: Extra inputs are not permitted (unknown key: "
+        "check its spelling against the API reference)",
     ),
     (
         {"instances": [ROW], "parameters": {"confidence": 1.5}},

@@ -1,0 +1,134 @@
+"""Engine benchmark (issue: MC dropout engine): MC samples/s on the reference MLP and a CNN.
+
+    python -m bench.engine [--rounds 9]
+
+Variants, interleaved round by round so that machine noise hits all alike; medians reported:
+(a) a Python loop of T passes; (b) naive vectorised torch (eval, dropout modules train,
+x.repeat(T, 1), one forward); (c) the engine; (d) the same T*B rows with dropout off;
+(e) a 2048x2048 float32 matmul, converted to rows/s with the MLP's FLOPs per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch import nn
+
+from bench.common import machine, median, now, timed
+from service.engine import MCRequest, MCSampler
+
+T, B = 100, 64
+FLOPS_PER_ROW = 2 * (30 * 256 + 256 * 256 + 256 * 2)
+
+
+def reference_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(30, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 2),
+    )
+
+
+def digits_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(128, 10),
+    )
+
+
+def mc_on(model: nn.Module) -> nn.Module:
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    mlp = reference_mlp().eval()
+    x = torch.randn(B, 30)
+    xs = x.numpy()
+    engine = MCSampler(mlp, x, device="cpu")
+    naive_model = mc_on(reference_mlp())
+    naive_model.load_state_dict(mlp.state_dict())
+    plain = reference_mlp().eval()
+    plain.load_state_dict(mlp.state_dict())
+    a_ = torch.randn(2048, 2048)
+    b_ = torch.randn(2048, 2048)
+
+    def loop() -> None:
+        with torch.inference_mode():
+            for _ in range(T):
+                naive_model(x)
+
+    def naive() -> None:
+        with torch.inference_mode():
+            naive_model(x.repeat(T, 1))
+
+    def eng() -> None:
+        engine.run([MCRequest(xs, T, 1)])
+
+    def dropout_off() -> None:
+        with torch.inference_mode():
+            plain(x.repeat(T, 1))
+
+    def matmul() -> None:
+        torch.mm(a_, b_)
+
+    cnn = digits_cnn().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        cnn.train()
+        cnn(torch.rand(256, 1, 8, 8) * 16)
+        cnn.eval()
+    img = torch.rand(B, 1, 8, 8) * 16
+    cnn_engine = MCSampler(cnn, img, device="cpu")
+
+    def cnn_mc() -> None:
+        cnn_engine.run([MCRequest(img.numpy(), T, 1)])
+
+    def cnn_det() -> None:
+        with torch.inference_mode():
+            cnn(img)
+
+    variants = {"loop": loop, "naive": naive, "engine": eng, "dropout_off": dropout_off,
+                "matmul": matmul, "cnn_engine": cnn_mc, "cnn_det": cnn_det}
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for k, fn in variants.items():
+            times[k].append(timed(fn, repeat=1 if k in ("loop", "matmul") else 5))
+    med = {k: median(v) for k, v in times.items()}
+    rows = T * B
+    rate = {k: rows / med[k] for k in ("loop", "naive", "engine", "dropout_off")}
+    rate["matmul_ceiling"] = 2 * 2048**3 / med["matmul"] / FLOPS_PER_ROW
+    result = {
+        "machine": machine(),
+        "date": now(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "samples_per_s": {k: round(v) for k, v in rate.items()},
+        "engine_vs_naive": round(rate["engine"] / rate["naive"], 2),
+        "engine_vs_ceiling": round(rate["engine"] / rate["matmul_ceiling"], 3),
+        "naive_vs_ceiling": round(rate["naive"] / rate["matmul_ceiling"], 3),
+        "cnn_engine_vs_one_deterministic_pass": round(med["cnn_engine"] / med["cnn_det"], 2),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""End to end against a real server process: start, ready, predict on every bundled model, stop."""
+
+from __future__ import annotations
+
+import csv
+import signal
+from pathlib import Path
+
+import httpx
+from server import ROOT, serve
+
+
+def first_row(name: str) -> dict[str, float]:
+    with (ROOT / "models" / "data" / f"{name}-test.csv").open() as f:
+        row = next(csv.DictReader(f))
+    row.pop("target")
+    return {k: float(v) for k, v in row.items()}
+
+
+def test_start_ready_predict_stop(tmp_path: Path) -> None:
+    with serve(tmp_path, env={"MCSERVE_DRAIN_GRACE_S": "0"}) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            models = {m["name"]: m["ready"] for m in c.get("/v1/models").json()["models"]}
+            assert models == {"breast-cancer": True, "diabetes": True, "digits": True}
+            bc = c.post("/v1/models/breast-cancer:predict",
+                        json={"instances": [first_row("breast-cancer")],
+                              "parameters": {"samples": 100, "seed": 1}})
+            assert bc.status_code == 200, bc.text
+            assert set(bc.json()["predictions"][0]["probabilities"]) == {"malignant", "benign"}
+            diab = c.post("/v1/models/diabetes:predict",
+                          json={"instances": [first_row("diabetes")]})
+            assert diab.status_code == 200, diab.text
+            p = diab.json()["predictions"][0]
+            assert p["std"] > 0 and p["intervals"][0]["lower"] < p["mean"]
+            pixels = list(first_row("digits").values())
+            image = [[pixels[r * 8 : r * 8 + 8] for r in range(8)]]
+            dig = c.post("/v1/models/digits:predict", json={"instances": [image]})
+            assert dig.status_code == 200, dig.text
+            assert len(dig.json()["predictions"][0]["probabilities"]) == 10
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.output()

@@ -25,17 +25,29 @@ FLOPS_PER_ROW = 2 * (30 * 256 + 256 * 256 + 256 * 2)
 
 def reference_mlp() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(30, 256), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(30, 256),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Dropout(0.2),
         nn.Linear(256, 2),
     )
 
 
 def digits_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 128), nn.ReLU(), nn.Dropout(0.3),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 128),
+        nn.ReLU(),
+        nn.Dropout(0.3),
         nn.Linear(128, 10),
     )
 
@@ -99,8 +111,15 @@ def main() -> None:
         with torch.inference_mode():
             cnn(img)
 
-    variants = {"loop": loop, "naive": naive, "engine": eng, "dropout_off": dropout_off,
-                "matmul": matmul, "cnn_engine": cnn_mc, "cnn_det": cnn_det}
+    variants = {
+        "loop": loop,
+        "naive": naive,
+        "engine": eng,
+        "dropout_off": dropout_off,
+        "matmul": matmul,
+        "cnn_engine": cnn_mc,
+        "cnn_det": cnn_det,
+    }
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}

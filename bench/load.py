@@ -102,9 +102,8 @@ def _ms(text: str) -> float:
 
 
 def wrk(port: int, model: str, body_file: str, conc: int, duration: int) -> dict[str, float]:
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    script.write(LUA.format(body=body_file))
-    script.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA.format(body=body_file))
     url = f"http://127.0.0.1:{port}/v1/models/{model}:predict"
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", script.name, url],
@@ -138,9 +137,8 @@ def main() -> None:
         bodies = {}
         for model in args.models:
             for t in args.samples:
-                f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-                json.dump({"instances": [instance(model)], "parameters": {"samples": t}}, f)
-                f.close()
+                with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                    json.dump({"instances": [instance(model)], "parameters": {"samples": t}}, f)
                 bodies[(model, t)] = f.name
         for rep in range(args.repeats):
             for (model, t), body in bodies.items():

@@ -97,6 +97,8 @@ def save(
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     export_onnx(rebuilt, example, dest / ONNX_FILE)
+    for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
+        (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
     roles: tuple[tuple[str, Literal["architecture", "weights", "onnx"]], ...] = (
         (ARCH_FILE, "architecture"),
         (WEIGHTS_FILE, "weights"),

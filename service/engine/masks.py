@@ -113,6 +113,25 @@ def _counters(rows: torch.Tensor, b: int, words: int) -> torch.Tensor:
     return base.unsqueeze(1) + torch.arange(words, dtype=torch.int64, device=rows.device)
 
 
+def signed_key(seed: int, layer: int) -> int:
+    return _signed(layer_key(seed, layer))
+
+
+def counter_base(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """The counter of word 0 for pass t and request row i (int64 tensors)."""
+    if bool((i >= MAX_ROWS).any()) or bool((t >= MAX_PASSES).any()):
+        raise InvalidInputError(f"at most {MAX_ROWS} inputs and {MAX_PASSES} passes per request")
+    return (t << PASS_SHIFT) + (i << ROW_SHIFT)
+
+
+def keep_bytes_rows(keys: torch.Tensor, base: torch.Tensor, features: int) -> torch.Tensor:
+    """Mask bytes [rows, features] given each row's layer key and counter base (int64 [rows])."""
+    words = words_per_row(features)
+    ctr = base.unsqueeze(1) + torch.arange(words, dtype=torch.int64, device=base.device)
+    z = ctr * _signed(GAMMA) + keys.unsqueeze(1)
+    return mix64_torch(z).view(torch.uint8)[:, :features]
+
+
 def keep_bytes(
     seed: int,
     layer: int,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from service.engine.graph import SplitGraph, split
-from service.engine.masks import MAX_PASSES, keep_bytes
+from service.engine.masks import MAX_PASSES, counter_base, keep_bytes_rows, signed_key
 from service.errors import InvalidInputError
 
 
@@ -116,74 +116,78 @@ class MCSampler:
         if not requests:
             return []
         g = self.graph
+        dev = self.device
         with torch.inference_mode():
             xs = torch.as_tensor(
-                np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]),
-                device=self.device,
+                np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]), device=dev
             )
             n_inputs = xs.shape[0]
             frontier = g.prefix(self._pad(xs, self.min_rows))
             frontier = [
                 f[:n_inputs] if b else f for f, b in zip(frontier, g.frontier_batched, strict=True)
             ]
-            # Which prefix row feeds each stochastic row: request offset + (row mod B).
-            index_parts, offset = [], 0
-            for r in requests:
-                b = r.x.shape[0]
-                index_parts.append(torch.arange(b, device=self.device).repeat(r.samples) + offset)
-                offset += b
-            index = torch.cat(index_parts)
-            total = index.shape[0]
-            out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=self.device)
-            starts = np.cumsum([0] + [r.rows for r in requests])
+            rows = _RowMap(requests, len(g.sites), dev)
+            total = rows.total
+            out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=dev)
             forwards = 0
             for lo in range(0, total, self.row_budget):
                 hi = min(lo + self.row_budget, total)
-                rows = hi - lo
-                padded = max(rows, self.min_rows)
-                idx = index[lo:hi]
+                n = hi - lo
+                padded = max(n, self.min_rows)
+                idx = rows.prefix_row[lo:hi]
                 inputs = [
                     self._pad(f.index_select(0, idx), padded) if b else f
                     for f, b in zip(frontier, g.frontier_batched, strict=True)
                 ]
-                keeps = [
-                    self._keep(requests, starts, lo, hi, k, padded) for k in range(len(g.sites))
-                ]
-                out[lo:hi] = g.suffix(*inputs, *keeps)[:rows].float()
+                keeps = [self._keep(rows, lo, hi, k, padded) for k in range(len(g.sites))]
+                out[lo:hi] = g.suffix(*inputs, *keeps)[:n].float()
                 forwards += 1
             self.stats.add(
                 batches=1, requests=len(requests), prefix_forwards=1, forwards=forwards, rows=total
             )
             result = []
-            for r, s in zip(requests, starts[:-1], strict=True):
+            host = out.cpu().numpy()
+            for r, s in zip(requests, rows.starts[:-1], strict=True):
                 b = r.x.shape[0]
-                chunk = out[int(s) : int(s) + r.rows].reshape(r.samples, b, *g.output_shape)
-                result.append(chunk.cpu().numpy())
+                result.append(host[int(s) : int(s) + r.rows].reshape(r.samples, b, *g.output_shape))
         return result
 
-    def _keep(
-        self,
-        requests: Sequence[MCRequest],
-        starts: np.ndarray,
-        lo: int,
-        hi: int,
-        layer: int,
-        padded: int,
-    ) -> torch.Tensor:
+    def _keep(self, rows: _RowMap, lo: int, hi: int, layer: int, padded: int) -> torch.Tensor:
         """Keep masks [padded, *mask_shape] of one dropout layer for global rows [lo, hi)."""
         site = self.graph.sites[layer]
-        parts = []
-        for r, s, e in zip(requests, starts[:-1], starts[1:], strict=True):
-            a, z = max(lo, int(s)), min(hi, int(e))
-            if a >= z:
-                continue
-            b = r.x.shape[0]
-            parts.append(keep_bytes(r.seed, layer, b, a - s, z - s, site.features, self.device))
-        u = torch.cat(parts) if len(parts) > 1 else parts[0]
+        u = keep_bytes_rows(rows.keys[layer][lo:hi], rows.base[lo:hi], site.features)
         keep = (u < site.rule.threshold).view(-1, *site.mask_shape)
         if keep.shape[0] < padded:
             keep = self._pad(keep, padded)
         return keep
+
+
+class _RowMap:
+    """Per stochastic row of a batch: its prefix row, its mask counter base and layer keys.
+
+    Built once per batch with a handful of vectorised ops, so mask generation costs the same
+    whether a batch holds one request or a thousand.
+    """
+
+    def __init__(self, requests: Sequence[MCRequest], layers: int, device: torch.device) -> None:
+        counts = [r.rows for r in requests]
+        self.starts = np.cumsum([0, *counts])
+        self.total = int(self.starts[-1])
+        b = torch.tensor([r.x.shape[0] for r in requests], dtype=torch.int64)
+        offsets = torch.tensor(np.cumsum([0, *[r.x.shape[0] for r in requests]])[:-1])
+        row_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
+        local = torch.arange(self.total) - torch.tensor(self.starts[:-1])[row_req]
+        b_row = b[row_req]
+        t = torch.div(local, b_row, rounding_mode="floor")
+        i = local - t * b_row
+        self.prefix_row = (offsets[row_req] + i).to(device)
+        self.base = counter_base(t, i).to(device)
+        self.keys = [
+            torch.tensor([signed_key(r.seed, layer) for r in requests], dtype=torch.int64)[
+                row_req
+            ].to(device)
+            for layer in range(layers)
+        ]
 
 
 def default_device() -> torch.device:

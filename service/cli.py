@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from service.packaging import package
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
 
 
@@ -100,6 +102,9 @@ def predict(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(response(served, pred), indent=2))
+
+
+app.command("package")(package)
 
 
 def main() -> None:

@@ -51,8 +51,18 @@ def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["breast-cancer", "diabetes", "digits"])
 def test_predict(name: str) -> None:
-    args = ["predict", name, "--instance", first_instance(name), "--samples", "50", "--seed", "3",
-            "--model-dir", str(MODELS)]
+    args = [
+        "predict",
+        name,
+        "--instance",
+        first_instance(name),
+        "--samples",
+        "50",
+        "--seed",
+        "3",
+        "--model-dir",
+        str(MODELS),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
@@ -67,7 +77,9 @@ def test_predict(name: str) -> None:
 
 
 def test_predict_errors() -> None:
-    result = runner.invoke(app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)])
+    result = runner.invoke(
+        app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]
+    )
     assert result.exit_code == 2
     assert "model 'nope' is not loaded" in result.output
     result = runner.invoke(
@@ -75,3 +87,64 @@ def test_predict_errors() -> None:
     )
     assert result.exit_code == 2
     assert "instance 0 has shape [2], expected [10]" in result.output
+
+
+FACTORY = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.25), nn.Linear(8, 2))
+
+
+def no_dropout():
+    return nn.Sequential(nn.Linear(3, 2))
+"""
+
+
+def test_package_from_factory_and_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from service.bundle import load_bundle
+
+    (tmp_path / "my_nets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_nets  # type: ignore[import-not-found]
+
+    model = my_nets.build()
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
+    args = [
+        "package",
+        "my_nets:build",
+        "--weights",
+        "w.safetensors",
+        "--input-shape",
+        "3",
+        "--name",
+        "mine",
+        "--version",
+        "1",
+        "--task",
+        "classification",
+        "--labels",
+        "no,yes",
+        "--intended-use",
+        "a test",
+        "--out",
+        str(tmp_path / "repo"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(tmp_path / "repo" / "mine" / "1")
+    x = torch.randn(4, 3)
+    with torch.inference_mode():
+        assert torch.allclose(bundle.module(x), model.eval()(x), atol=1e-6)
+    torch.save(my_nets.no_dropout().state_dict(), tmp_path / "nd.pt")
+    args[1], args[3], args[9] = "my_nets:no_dropout", "nd.pt", "2"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "the model has no dropout layer with p > 0" in result.output

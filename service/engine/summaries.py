@@ -38,9 +38,18 @@ class SummaryError(InvalidInputError, ValueError):
 @dataclass(frozen=True)
 class Interval:
     level: float  # nominal coverage, e.g. 0.95
-    method: str  # "gaussian" | "quantile" (later "conformal")
+    method: str  # "gaussian" | "quantile" | "conformal"
     lower: np.ndarray  # regression [B, D]; classification per class [B, K]
     upper: np.ndarray
+
+
+@dataclass(frozen=True)
+class PredictionSet:
+    """Split-conformal prediction set at one level (calibrated classifiers only)."""
+
+    level: float  # nominal coverage of the true label, e.g. 0.95
+    threshold: float  # q: label k is in the set when 1 - p_k <= q (inf: every label)
+    members: np.ndarray  # [B, K] bool
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class ClassificationSummary:
     variation_ratio: np.ndarray  # [B] 1 - modal per-pass vote count / T
     intervals: tuple[Interval, ...]  # per-class quantiles of p_t in [0, 1], method "quantile"
     samples: int  # T
+    temperature: float = 1.0  # logits were divided by it before each pass's softmax
+    prediction_sets: tuple[PredictionSet, ...] = ()  # one per level, when calibrated
 
 
 def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -115,6 +126,14 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     # log is only evaluated where p > 0, so no warning and no 0 * -inf = NaN.
     log_p = np.log(p, out=np.zeros_like(p), where=p > 0)
     return np.asarray(-np.sum(p * log_p, axis=axis))
+
+
+def _over_passes(x: np.ndarray) -> np.ndarray:
+    """Move the passes axis last, contiguous: every reduction over passes then runs the same
+    pairwise summation whatever the batch size, so an input's summary is bit-identical alone
+    or summarised together with other requests' inputs (numpy sums a contiguous axis pairwise
+    but a strided one sequentially)."""
+    return np.ascontiguousarray(np.moveaxis(x, 0, -1))
 
 
 def _as_samples(values: np.ndarray, name: str) -> np.ndarray:
@@ -181,16 +200,16 @@ def summarize_regression(
         # Check before any work: the client can fix this by asking for more passes.
         _check_quantile_samples(levels_, t, "quantile intervals", "or use interval=gaussian")
 
-    mean = f.mean(axis=0)
+    mean = _over_passes(f).mean(axis=-1)
     # np.var subtracts the mean first, avoiding the cancellation of E[f^2] - E[f]^2.
-    var_e = np.clip(f.var(axis=0), 0.0, None)
+    var_e = np.clip(_over_passes(f).var(axis=-1), 0.0, None)
     s2 = None if noise_var is None else _noise_variance(noise_var, f.shape)
     if s2 is None:
         var_a = np.zeros_like(mean)
     elif s2.ndim == 0:
         var_a = np.full_like(mean, float(s2))
     else:
-        var_a = s2.mean(axis=0)
+        var_a = _over_passes(s2).mean(axis=-1)
     std = np.sqrt(var_e + var_a)
     epistemic_std = np.sqrt(var_e)
 
@@ -243,10 +262,10 @@ def summarize_classification(
     _check_quantile_samples(levels_, t, "per-class intervals", "or a lower confidence")
 
     p_t = softmax(z / temp, axis=-1)  # [T, B, K]
-    p = p_t.mean(axis=0)
-    probability_std = p_t.std(axis=0)  # ddof=0, as E[p^2] - E[p]^2
+    p = _over_passes(p_t).mean(axis=-1)
+    probability_std = _over_passes(p_t).std(axis=-1)  # ddof=0, as E[p^2] - E[p]^2
     predictive_entropy = entropy(p, axis=-1)
-    expected_entropy = entropy(p_t, axis=-1).mean(axis=0)
+    expected_entropy = _over_passes(entropy(p_t, axis=-1)).mean(axis=-1)
     # H[mean] >= mean H by concavity; rounding can still leave a -1e-17.
     mutual_information = np.clip(predictive_entropy - expected_entropy, 0.0, None)
 
@@ -271,4 +290,5 @@ def summarize_classification(
         variation_ratio=variation_ratio,
         intervals=tuple(intervals),
         samples=t,
+        temperature=temp,
     )

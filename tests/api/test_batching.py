@@ -70,7 +70,9 @@ async def test_concurrent_seeded_requests_share_forwards(
     assert all(r.status_code == 200 for r in responses)
     assert forwards <= 25, forwards
     for r, expected in zip(responses, alone, strict=True):
-        assert r.json()["predictions"] == expected  # bit for bit (floats round-trip exactly)
+        got = r.json()["predictions"]
+        diff = {k for k in expected[0] if got[0][k] != expected[0][k]}
+        assert got == expected, diff  # bit for bit (floats round-trip exactly)
 
 
 async def test_overload_answers_429_with_retry_after(

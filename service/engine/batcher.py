@@ -285,10 +285,11 @@ class Batcher:
         assert first.req is not None
         try:
             stacked = np.concatenate([smp for _, _, smp in group], axis=1)
-            whole = self.model.summarize(stacked, first.req, first.params)
+            inputs = np.concatenate([it.x for _, it, _ in group])
+            joint = dataclasses.replace(first.req, x=inputs)
+            whole = self.model.summarize(stacked, joint, first.params)
         except Exception:
-            if len(group) == 1:
-                raise
+            log.warning("grouped summary failed; summarising one by one", exc_info=True)
             # Isolate: summarise one by one so only the failing request fails.
             return [(k, self._summarize(smp, it)) for k, it, smp in group]
         out: list[tuple[int, Prediction | BaseException]] = []

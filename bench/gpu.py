@@ -1,0 +1,183 @@
+"""GPU check and benchmark: one prepared script, finishing in under 5 minutes.
+
+    python -m bench.gpu [--device cuda|cpu] [--quick] [--out FILE.json]
+
+Needs only the engine's runtime dependencies (torch, numpy, safetensors): the bundled models are
+rebuilt from their declarative architecture without pydantic, FastAPI or onnxruntime.
+1. CPU and device agree: the masks are the same integers on both (counter-based), so the
+   samples differ only by float rounding; means are also compared within sampling error.
+2. Seeded results on the device do not depend on batch composition (bit for bit).
+3. T=1,000 passes for breast-cancer and digits at batch 1 to 1,024: median ms and samples/s.
+4. Optional low precision (bf16/fp16 autocast): speed and the accuracy loss against float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from service.bundle.architecture import rebuild
+from service.engine.sampler import MCRequest, MCSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def newest(model_dir: Path) -> Path:
+    versions = [p for p in model_dir.iterdir() if (p / "manifest.json").is_file()]
+    return max(versions, key=lambda p: [int(s) if s.isdigit() else s for s in p.name.split(".")])
+
+
+def load(name: str) -> tuple[torch.nn.Module, list[int]]:
+    path = newest(ROOT / "models" / name)
+    manifest = json.loads((path / "manifest.json").read_text())
+    desc = json.loads((path / "architecture.json").read_text())
+    return rebuild(desc, load_file(str(path / "weights.safetensors"))), manifest["inputs"]["shape"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: torch.device, repeats: int) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def agreement(name: str, device: torch.device, passes: int) -> dict[str, Any]:
+    module, shape = load(name)
+    x = np.random.default_rng(0).uniform(0, 1, size=(8, *shape)).astype(np.float32)
+    cpu = MCSampler(module, torch.as_tensor(x), device="cpu").run([MCRequest(x, passes, 7)])[0]
+    module, _ = load(name)
+    dev = MCSampler(module, torch.as_tensor(x), device=device).run([MCRequest(x, passes, 7)])[0]
+    a, b = cpu.astype(np.float64), dev.astype(np.float64)
+    se = np.sqrt(a.var(0) / passes + b.var(0) / passes) + 1e-12
+    z = np.abs(a.mean(0) - b.mean(0)) / se
+    return {
+        "max_abs_sample_diff": float(np.abs(a - b).max()),
+        "max_mean_z": float(z.max()),
+        "ok": bool(z.max() < 4.5),
+    }
+
+
+def batch_independent(name: str, device: torch.device) -> dict[str, Any]:
+    module, shape = load(name)
+    rng = np.random.default_rng(1)
+    xs = [rng.uniform(0, 1, size=(n, *shape)).astype(np.float32) for n in (1, 3, 5)]
+    sampler = MCSampler(module, torch.as_tensor(xs[0]), device=device)
+    reqs = [MCRequest(x, 50, seed) for x, seed in zip(xs, (11, 12, 13), strict=True)]
+    alone = [sampler.run([r])[0] for r in reqs]
+    together = sampler.run(reqs)
+    same = all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+    return {"ok": bool(same)}
+
+
+def speed(
+    name: str, device: torch.device, passes: int, batches: list[int], repeats: int, dtype: str
+) -> list[dict[str, Any]]:
+    module, shape = load(name)
+    rows_budget = 1 << 20 if device.type == "cuda" else 1 << 16
+    sampler = MCSampler(module, torch.zeros(2, *shape), device=device, row_budget=rows_budget)
+    out = []
+    for b in batches:
+        x = np.random.default_rng(b).uniform(0, 1, size=(b, *shape)).astype(np.float32)
+        req = [MCRequest(x, passes, 3)]
+
+        def run(req: list[MCRequest] = req) -> None:
+            if dtype == "float32":
+                sampler.run(req)
+            else:
+                with torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)):
+                    sampler.run(req)
+
+        secs = timed(run, device, repeats)
+        out.append(
+            {
+                "batch": b,
+                "median_ms": round(secs * 1e3, 3),
+                "samples_per_s": round(b * passes / secs),
+            }
+        )
+    return out
+
+
+def precision_loss(name: str, device: torch.device, dtype: str, passes: int) -> dict[str, Any]:
+    module, shape = load(name)
+    x = np.random.default_rng(2).uniform(0, 1, size=(64, *shape)).astype(np.float32)
+    sampler = MCSampler(module, torch.as_tensor(x), device=device)
+    ref = sampler.run([MCRequest(x, passes, 5)])[0].astype(np.float64)
+    with torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)):
+        low = sampler.run([MCRequest(x, passes, 5)])[0].astype(np.float64)
+    scale = np.abs(ref).mean() + 1e-12
+    return {
+        "max_abs_mean_diff": float(np.abs(ref.mean(0) - low.mean(0)).max()),
+        "relative_to_mean_magnitude": float(np.abs(ref.mean(0) - low.mean(0)).max() / scale),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for tests")
+    ap.add_argument("--low-precision", default="bfloat16", choices=["bfloat16", "float16", "none"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    passes = 50 if args.quick else 1000
+    batches = [1, 4] if args.quick else [1, 4, 16, 64, 256, 1024]
+    repeats = 2 if args.quick else 7
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "passes": passes,
+        "checks": {},
+        "speed": {},
+    }
+    for name in ("breast-cancer", "digits"):
+        report["checks"][name] = {
+            "cpu_vs_device": agreement(name, device, 200 if args.quick else 2000),
+            "batch_independent": batch_independent(name, device),
+        }
+        report["speed"][name] = {
+            "float32": speed(name, device, passes, batches, repeats, "float32")
+        }
+        if args.low_precision != "none" and (device.type == "cuda" or args.quick):
+            report["speed"][name][args.low_precision] = speed(
+                name, device, passes, batches, repeats, args.low_precision
+            )
+            report["checks"][name]["precision_loss"] = precision_loss(
+                name, device, args.low_precision, 100
+            )
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    ok = all(
+        c["cpu_vs_device"]["ok"] and c["batch_independent"]["ok"] for c in report["checks"].values()
+    )
+    report["ok"] = ok
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

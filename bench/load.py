@@ -54,9 +54,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(kind: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+def start(
+    kind: str, env: dict[str, str], cmd: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server process on a free port (appended to `cmd` as --port N) and wait for it."""
     port = free_port()
-    if kind == "echo":
+    if cmd is not None:
+        cmd = [*cmd, "--port", str(port)]
+    elif kind == "echo":
         cmd = [sys.executable, "-m", "bench.echo", "--port", str(port)]
     else:
         cmd = [
@@ -101,10 +106,12 @@ def _ms(text: str) -> float:
     return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
 
-def wrk(port: int, model: str, body_file: str, conc: int, duration: int) -> dict[str, float]:
+def wrk(
+    port: int, model: str, body_file: str, conc: int, duration: int, path: str | None = None
+) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=body_file))
-    url = f"http://127.0.0.1:{port}/v1/models/{model}:predict"
+    url = f"http://127.0.0.1:{port}{path or f'/v1/models/{model}:predict'}"
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", script.name, url],
         capture_output=True,

@@ -19,14 +19,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from service.training import FittedMLP, mixture_log_likelihood, train_mlps
+from service.training import FittedMLP, TrainResult, mixture_log_likelihood, train_mlps
 
 # Published MC dropout numbers, 2016 paper: (RMSE mean, SE), (log-likelihood mean, SE).
 PAPER_2016: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
@@ -66,9 +66,17 @@ def load(root: Path) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _MC:
+    mean: np.ndarray  # MC mean, original units
+    std: np.ndarray  # predictive std: sqrt(epistemic variance + 1 / tau)
+    ll: float  # mean test log-likelihood per row
+    tau: float  # original units
+
+
 def _mc_stats(
     fitted: FittedMLP, x: np.ndarray, y: np.ndarray, passes: int, seed: int, batch_rows: int
-) -> dict[str, np.ndarray | float]:
+) -> _MC:
     """MC mean, predictive std (epistemic + 1/tau) and mean log-likelihood on (x, y)."""
     assert fitted.tau is not None
     tau = float(fitted.tau[0])
@@ -81,7 +89,7 @@ def _mc_stats(
         s = torch.from_numpy(samples[:, i : i + step, None].astype(np.float64))
         yy = torch.from_numpy(y[i : i + step, None])
         ll[i : i + step] = mixture_log_likelihood(s, yy, torch.tensor([tau], dtype=torch.float64))
-    return {"mean": mean, "std": np.sqrt(var_e + 1.0 / tau), "ll": float(ll.mean()), "tau": tau}
+    return _MC(mean, np.sqrt(var_e + 1.0 / tau), float(ll.mean()), tau)
 
 
 def _interval(y: np.ndarray, mean: np.ndarray, half: np.ndarray) -> dict[str, float]:
@@ -92,17 +100,18 @@ def _interval(y: np.ndarray, mean: np.ndarray, half: np.ndarray) -> dict[str, fl
 
 
 def run_split(
-    ds: dict[str, Any], i: int, result: Any, args: argparse.Namespace, seconds: float
+    ds: dict[str, Any], i: int, result: TrainResult, args: argparse.Namespace
 ) -> dict[str, Any]:
     x, y = ds["x"], ds["y"]
     tr, te = ds["train"][i], ds["test"][i]
     t0 = time.perf_counter()
-    test = _mc_stats(result.final, x[te], y[te], args.T, args.seed + 1000 + i, args.batch_rows)
-    det = result.final.model.eval()(  # weight-scaling (dropout off) prediction, for reference
-        torch.from_numpy(((x[te] - result.final.x_mean) / result.final.x_std).astype(np.float32))
-    )
-    assert result.final.y_std is not None and result.final.y_mean is not None
-    det_pred = det.detach().numpy()[:, 0] * result.final.y_std[0] + result.final.y_mean[0]
+    final = result.final
+    test = _mc_stats(final, x[te], y[te], args.T, args.seed + 1000 + i, args.batch_rows)
+    with torch.no_grad():  # weight-scaling (dropout off) prediction, for reference
+        x_std = torch.from_numpy(((x[te] - final.x_mean) / final.x_std).astype(np.float32))
+        det = final.model.eval()(x_std).numpy()[:, 0]
+    assert final.y_std is not None and final.y_mean is not None
+    det_pred = det * final.y_std[0] + final.y_mean[0]
 
     # Conformal: the chosen configuration's grid-run model never saw the last 20 % of the rows.
     cal_rows = tr[result.n_fit :]
@@ -112,11 +121,11 @@ def run_split(
     hold = _mc_stats(
         result.holdout, x[te], y[te], args.cal_T, args.seed + 3000 + i, args.batch_rows
     )
-    scores = np.sort(np.abs(y[cal_rows] - cal["mean"]) / cal["std"])
+    scores = np.sort(np.abs(y[cal_rows] - cal.mean) / cal.std)
     n = len(scores)
     k = math.ceil((n + 1) * (1 - ALPHA))
     q = float(scores[k - 1]) if k <= n else math.inf
-    seconds += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     return {
         "dataset": ds["name"],
         "split": i,
@@ -126,24 +135,24 @@ def run_split(
         "T": args.T,
         "cal_T": args.cal_T,
         "val_T": args.val_T,
-        "chosen": {"dropout_rate": result.dropout_rate, "tau": test["tau"]},
+        "chosen": {"dropout_rate": result.dropout_rate, "tau": test.tau},
         "grid": [asdict(g) for g in result.grid],
-        "rmse": float(np.sqrt(((test["mean"] - y[te]) ** 2).mean())),
+        "rmse": float(np.sqrt(((test.mean - y[te]) ** 2).mean())),
         "rmse_weight_scaling": float(np.sqrt(((det_pred - y[te]) ** 2).mean())),
-        "test_ll": test["ll"],
-        "gaussian_95": _interval(y[te], test["mean"], Z * test["std"]),
+        "test_ll": test.ll,
+        "gaussian_95": _interval(y[te], test.mean, Z * test.std),
         "holdout_model": {
             "n_fit": result.n_fit,
-            "rmse": float(np.sqrt(((hold["mean"] - y[te]) ** 2).mean())),
-            "test_ll": hold["ll"],
-            "cal_ll": cal["ll"],  # vs the grid's val_ll of the chosen config: effect of val_T
-            "gaussian_95": _interval(y[te], hold["mean"], Z * hold["std"]),
+            "rmse": float(np.sqrt(((hold.mean - y[te]) ** 2).mean())),
+            "test_ll": hold.ll,
+            "cal_ll": cal.ll,  # vs the grid's val_ll of the chosen config: effect of val_T
+            "gaussian_95": _interval(y[te], hold.mean, Z * hold.std),
         },
         "conformal_95": {
             "n_cal": n,
             "q": q,
             "expected_coverage": k / (n + 1),
-            **_interval(y[te], hold["mean"], q * hold["std"]),
+            **_interval(y[te], hold.mean, q * hold.std),
         },
         "timings": {**result.timings, "predict_s": seconds},
     }
@@ -259,7 +268,7 @@ def run_dataset(root: Path, args: argparse.Namespace, command: str) -> dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = []
     for i, r in enumerate(results):
-        split = run_split(ds, i, r, args, 0.0)
+        split = run_split(ds, i, r, args)
         (out_dir / f"split_{i}.json").write_text(json.dumps(split, indent=1))
         splits.append(split)
         print(

@@ -44,3 +44,6 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Container image targets (make image, make image-smoke); kept out of `make test`.
+include deploy/image.mk

@@ -1,0 +1,119 @@
+# mcserve container image (see docs/DEPLOY.md).
+#
+# Targets:
+#   cpu  (default, the last stage): CPU build of torch.
+#   cuda: CUDA build of torch for GPU nodes. The CUDA runtime, cuDNN and NCCL come as pip wheels
+#         (torch's nvidia-* dependencies), so the base stays the same slim Python image and the
+#         node only needs the NVIDIA driver and container toolkit; no nvidia/cuda base image.
+#
+# Layers of a final image, least often changed first: base, user and settings, the virtual
+# environment with torch and the other dependencies (/opt/venv), the model bundles, the service
+# code (/opt/app). A code change rebuilds and ships only the last, small layer.
+#
+# Build arguments:
+#   BASE_IMAGE            a Debian-like image with python3 >= 3.11 and its venv module; the
+#                         builder and the final stages share it, so the virtual environment's
+#                         interpreter path is the same in both.
+#   PIP_EXTRA_ARGS        extra pip options for every install, e.g. "--index-url https://mirror/simple",
+#                         or "--no-index --find-links /wheels" to install only from a wheelhouse
+#                         given as a second build context (what `make image` does):
+#                           --build-context wheelhouse=build/wheels
+#   TORCH_SPEC            the torch requirement; the package itself only asks for a range.
+#   TORCH_CPU_INDEX_URL   where the CPU build of torch comes from (PyPI's Linux wheel is CUDA).
+#   TORCH_CUDA_INDEX_URL  where the CUDA build comes from: PyPI's default Linux wheel, or e.g.
+#                         https://download.pytorch.org/whl/cu128 for one CUDA version.
+ARG BASE_IMAGE=python:3.11-slim
+
+# Empty unless the build names a `wheelhouse` context, which then replaces this stage.
+FROM scratch AS wheelhouse
+
+# ---- builders: nothing of these stages but /opt/venv and /opt/app reaches an image ----
+FROM ${BASE_IMAGE} AS build-base
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/venv/bin:${PATH}
+RUN python3 -m venv /opt/venv
+COPY --from=wheelhouse / /wheels/
+
+# The runtime dependencies, read from pyproject.toml alone: code changes leave them cached.
+FROM build-base AS requirements
+COPY pyproject.toml /src/
+RUN python3 -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /requirements.txt
+
+# The service itself, outside the venv (on PYTHONPATH), so that it is a layer of its own.
+FROM build-base AS app
+ARG PIP_EXTRA_ARGS=""
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service/ service/
+# PIP_EXTRA_ARGS holds options, split into words on purpose (SC2086); hadolint reads such a
+# variable as an unpinned package (DL3013), so the pip lines below ignore both rules. The pins
+# are TORCH_SPEC and the ranges in pyproject.toml.
+# hadolint ignore=DL3013,SC2086
+RUN pip install --no-deps --target /opt/app ${PIP_EXTRA_ARGS} .
+
+FROM build-base AS venv-cpu
+ARG PIP_EXTRA_ARGS=""
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_CPU_INDEX_URL="https://download.pytorch.org/whl/cpu"
+# torch first, in its own layer. (Ignored rules: see the app stage.)
+# hadolint ignore=DL3013,SC2086
+RUN pip install --index-url "${TORCH_CPU_INDEX_URL}" ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
+COPY --from=requirements /requirements.txt /tmp/
+# the other dependencies; then pip leaves the venv, it is no runtime dependency
+# hadolint ignore=SC2086
+RUN pip install ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.txt \
+    && pip uninstall --yes pip
+
+FROM build-base AS venv-cuda
+ARG PIP_EXTRA_ARGS=""
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_CUDA_INDEX_URL="https://pypi.org/simple"
+# torch first, in its own layer. (Ignored rules: see the app stage.)
+# hadolint ignore=DL3013,SC2086
+RUN pip install --index-url "${TORCH_CUDA_INDEX_URL}" ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
+COPY --from=requirements /requirements.txt /tmp/
+# the other dependencies; then pip leaves the venv, it is no runtime dependency
+# hadolint ignore=SC2086
+RUN pip install ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.txt \
+    && pip uninstall --yes pip
+
+# ---- runtime: the interpreter, a non-root user and the settings; each target adds the rest ----
+FROM ${BASE_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 mcserve \
+    && useradd --system --no-log-init --uid 10001 --gid mcserve \
+       --home-dir /home/mcserve --create-home --shell /usr/sbin/nologin mcserve
+# XDG_CACHE_HOME: onnxruntime keeps a cache under it; /tmp is the one writable path when the root
+# filesystem is read-only (Kubernetes mounts an emptyDir there).
+ENV PATH=/opt/venv/bin:${PATH} \
+    PYTHONPATH=/opt/app \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MCSERVE_HOST=0.0.0.0 \
+    MCSERVE_PORT=8080 \
+    MCSERVE_MODEL_DIR=/opt/mcserve/models \
+    MCSERVE_LOG_LEVEL=info
+WORKDIR /home/mcserve
+# Numeric, so Kubernetes can check runAsNonRoot without a passwd lookup. Everything copied below
+# stays owned by root, read-only for the service (a bundle version is immutable).
+USER 10001:10001
+EXPOSE 8080
+# slim images have no curl; urlopen raises (exit 1) on a refused connection or a non-2xx answer.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MCSERVE_PORT', '8080'), timeout=4)"]
+# Settings come from MCSERVE_* variables; arguments after the image name replace `serve`.
+ENTRYPOINT ["python", "-m", "service"]
+CMD ["serve"]
+
+FROM runtime AS cuda
+COPY --from=venv-cuda /opt/venv /opt/venv
+COPY models/ /opt/mcserve/models/
+COPY --from=app /opt/app /opt/app
+
+# The default target is the last stage.
+FROM runtime AS cpu
+COPY --from=venv-cpu /opt/venv /opt/venv
+COPY models/ /opt/mcserve/models/
+COPY --from=app /opt/app /opt/app

@@ -1,0 +1,238 @@
+"""The Dockerfile: hadolint-clean without blanket ignores, and the image contract in its text.
+
+No image is built here (that is `make image` / `make image-smoke`, see docs/DEPLOY.md); these
+checks read the Dockerfile, .dockerignore and pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+HADOLINT_CONFIGS = (".hadolint.yaml", ".hadolint.yml")
+IGNORE_PRAGMA = re.compile(r"#\s*hadolint\s+(global\s+)?ignore=(\S+)")
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse(text: str) -> tuple[list[tuple[str, str]], list[Stage]]:
+    """(instructions before the first FROM, stages); continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    preamble: list[tuple[str, str]] = []
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+            stages.append(Stage(name=name, base=words[0]))
+        elif stages:
+            stages[-1].instructions.append((keyword, args))
+        else:
+            preamble.append((keyword, args))
+    return preamble, stages
+
+
+@dataclass
+class Dockerfile:
+    preamble: list[tuple[str, str]]
+    stages: dict[str, Stage]  # in file order: the last one is the default target
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    preamble, stages = parse(DOCKERFILE.read_text())
+    return Dockerfile(preamble, {s.name: s for s in stages})
+
+
+def lineage(stages: dict[str, Stage], name: str) -> list[tuple[str, str]]:
+    """Every instruction that shapes a stage's image, its ancestors' first."""
+    stage = stages[name]
+    inherited = lineage(stages, stage.base) if stage.base in stages else []
+    return inherited + stage.instructions
+
+
+def test_hadolint_is_clean(hadolint: str, tmp_path: Path) -> None:
+    # no user-level config or HADOLINT_* variable may relax the rules
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+    run = subprocess.run(
+        [hadolint, "--no-color", DOCKERFILE.name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout + run.stderr) == (0, "")
+
+
+def test_no_blanket_hadolint_ignores() -> None:
+    for name in HADOLINT_CONFIGS:
+        path = ROOT / name
+        if path.exists():
+            config = yaml.safe_load(path.read_text()) or {}
+            relaxed = {"ignored", "failure-threshold", "override", "disable-ignore-pragma"}
+            assert not relaxed & set(config), (
+                f"{name} relaxes rules: {sorted(relaxed & set(config))}"
+            )
+    lines = DOCKERFILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        match = IGNORE_PRAGMA.search(line)
+        if not match:
+            continue
+        assert match.group(1) is None, f"line {number + 1}: a global ignore"
+        assert all(re.fullmatch(r"(DL|SC)\d{4}", c) for c in match.group(2).split(","))
+        # inline: the pragma sits right above the one instruction it covers, after a reason
+        assert not lines[number + 1].lstrip().startswith("#"), f"line {number + 1}"
+        assert lines[number - 1].lstrip().startswith("#"), f"line {number + 1}: no reason given"
+
+
+def test_targets_and_base_image(dockerfile: Dockerfile) -> None:
+    stages = dockerfile.stages
+    assert ("ARG", "BASE_IMAGE=python:3.11-slim") in dockerfile.preamble
+    assert list(stages)[-1] == "cpu", "the default target (the last stage) is the CPU image"
+    assert "cuda" in stages
+    for target in ("cpu", "cuda"):
+        assert stages[target].base in stages, target
+        root = stages[target]
+        while root.base in stages:
+            root = stages[root.base]
+        assert root.base == "${BASE_IMAGE}", target
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_final_image_contract(dockerfile: Dockerfile, target: str) -> None:
+    instructions = lineage(dockerfile.stages, target)
+
+    def last(keyword: str) -> str:
+        values = [args for kw, args in instructions if kw == keyword]
+        assert values, f"{target}: no {keyword}"
+        return values[-1]
+
+    user = last("USER").split(":")[0]
+    assert user.isdigit() and int(user) != 0, "a numeric non-root user (runAsNonRoot)"
+    assert last("EXPOSE") == "8080"
+    env = " ".join(args for kw, args in instructions if kw == "ENV")
+    assert "MCSERVE_PORT=8080" in env.split() and "MCSERVE_HOST=0.0.0.0" in env.split()
+    entrypoint, cmd = json.loads(last("ENTRYPOINT")), json.loads(last("CMD"))
+    assert entrypoint + cmd == ["python", "-m", "service", "serve"]
+    healthcheck = last("HEALTHCHECK")
+    exec_form = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    assert exec_form[0] == "python" and "/healthz" in exec_form[-1]
+    # from the build context only the model bundles; everything else from the builder stages
+    for keyword, args in instructions:
+        if keyword in ("COPY", "ADD") and "--from=" not in args:
+            assert args.split()[:-1] == ["models/"], args
+
+
+def test_dockerignore_allows_only_what_the_dockerfile_copies(dockerfile: Dockerfile) -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert patterns[0] == "*", "an allowlist: exclude everything, then re-include"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    assert not allowed & {".venv", ".git", "build", "tests", "bench", "docs", "deploy"}
+    copied = {
+        source.rstrip("/")
+        for stage in dockerfile.stages.values()
+        for keyword, args in stage.instructions
+        if keyword in ("COPY", "ADD") and "--from=" not in args
+        for source in args.split()[:-1]
+        if not source.startswith("--")
+    }
+    assert copied == allowed
+
+
+def runtime_distributions() -> set[str]:
+    """What the image installs: pyproject's dependencies and theirs (markers and extras applied),
+    as found in this environment."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    todo = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = importlib.metadata.distribution(req.name).requires or []
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{req.name} (a dependency of the package) is not installed here")
+        for spec in map(Requirement, requires):
+            extras = req.extras or {""}
+            if spec.marker is None or any(spec.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(spec)
+    return {name for name, _ in seen}
+
+
+def import_time_modules(nodes: list[ast.stmt]) -> Iterator[str]:
+    """Top-level names of what a module imports when it is imported: function bodies (optional
+    features, such as matplotlib for calibration reports) and `if TYPE_CHECKING:` are left out."""
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from import_time_modules(node.orelse)
+        elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    yield from import_time_modules([child])
+
+
+def test_the_image_installs_every_module_the_service_imports() -> None:
+    # the image has only pyproject's dependencies: a module the dev environment happens to have
+    # would import in `make test` and fail in the container
+    imported = {
+        module
+        for path in (ROOT / "service").rglob("*.py")
+        for module in import_time_modules(ast.parse(path.read_text(), str(path)).body)
+    }
+    third_party = imported - set(sys.stdlib_module_names) - {"service", "__future__"}
+    providers = importlib.metadata.packages_distributions()
+    installed = runtime_distributions()
+    missing = {
+        module: providers.get(module, ["(not installed)"])
+        for module in sorted(third_party)
+        if not {canonicalize_name(d) for d in providers.get(module, [])} & installed
+    }
+    assert not missing, f"imported by service/ but not in pyproject's dependencies: {missing}"

@@ -8,7 +8,6 @@ counter-based masks with a fixed seed (the same code path that serves prediction
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import platform
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import sklearn
 import torch
 from torch import nn
 
+from service.bundle.fingerprint import row_fingerprint
 from service.engine.sampler import MCRequest, MCSampler
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -70,16 +70,6 @@ def split_rows(n: int, seed: int, fractions: tuple[float, float] = (0.6, 0.2)) -
         calibration=np.sort(perm[n_train : n_train + n_cal]),
         test=np.sort(perm[n_train + n_cal :]),
     )
-
-
-def row_fingerprint(x: np.ndarray) -> list[str]:
-    """Per row: the first 16 hex digits of sha256 over its features as float32 little-endian.
-
-    `x` is [N, *features] (a 1-D array is one row). Images are flattened in C order.
-    """
-    a = np.asarray(x)
-    rows = a.reshape(1, -1) if a.ndim == 1 else a.reshape(a.shape[0], -1)
-    return [hashlib.sha256(np.asarray(r, dtype="<f4").tobytes()).hexdigest()[:16] for r in rows]
 
 
 def fingerprints(x: np.ndarray, split: Split) -> dict[str, list[str]]:

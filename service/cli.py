@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve | models | predict` (typer)."""
+"""Command line: `python -m service serve | models | predict | calibrate | evaluate` (typer)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.audit.cli import app as audit_app
 from service.packaging import package
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
@@ -105,6 +106,88 @@ def predict(
 
 
 app.command("package")(package)
+app.add_typer(audit_app, name="audit")
+
+
+@app.command()
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory to calibrate (left untouched)")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    out: Annotated[Path, typer.Option(help="model repository: writes OUT/<name>/<version>/")],
+    samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
+    seed: Annotated[int, typer.Option(help="mask seed")] = 0,
+    version: Annotated[str | None, typer.Option(help="new version (default: next integer)")] = None,
+    percentile: Annotated[
+        float, typer.Option(help="referral thresholds: this percentile of the calibration rows")
+    ] = 90.0,
+    min_nll_temperature: Annotated[
+        bool, typer.Option(help="classifiers: plain NLL minimiser, not the one-SE rule")
+    ] = False,
+) -> None:
+    """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
+    from service.calibration.conformal import quantile
+    from service.calibration.recalibration import calibrate_bundle
+    from service.errors import McServeError
+
+    try:
+        res = calibrate_bundle(
+            bundle,
+            data,
+            out,
+            samples=samples,
+            seed=seed,
+            version=version,
+            percentile=percentile,
+            one_se=not min_nll_temperature,
+        )
+    except (McServeError, OSError) as exc:
+        typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
+    cal, m = res.manifest.calibration, res.manifest
+    assert cal is not None and m.referral is not None
+    qs = ", ".join(f"{lv:g}: {quantile(cal.scores, lv):.4g}" for lv in (0.8, 0.9, 0.95, 0.99))
+    typer.echo(f"wrote {res.path} (version {m.version}, from {cal.source.get('version')})")
+    typer.echo(f"  {cal.n} rows, {cal.samples} passes, seed {cal.seed}; conformal q {qs}")
+    if cal.temperature is not None:
+        fit = cal.temperature_fit
+        typer.echo(
+            f"  temperature {cal.temperature:.4g} (calibration NLL {fit['nll_at_1']:.4f} at T=1 "
+            f"-> {fit['nll']:.4f}; plain minimiser T={fit['minimum_nll_temperature']:.4g})"
+        )
+    typer.echo(f"  referral: {m.referral.model_dump(exclude={'derived_from'})}")
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory to evaluate")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    out: Annotated[Path, typer.Option(help="report directory (report.md, report.json, PNGs)")],
+    samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
+    seed: Annotated[int, typer.Option(help="mask seed")] = 0,
+) -> None:
+    """Evaluate a bundle on labelled rows: Markdown + JSON report with plots."""
+    from service.bundle.load import load_bundle
+    from service.calibration import report
+    from service.calibration.data import read
+    from service.calibration.evaluation import evaluate as run_evaluation
+    from service.engine.model import ServedModel
+    from service.errors import McServeError
+
+    try:
+        served = ServedModel(load_bundle(bundle), device="cpu")
+        rows = read(data, served.manifest)
+        ev = run_evaluation(
+            served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
+        )
+        files = report.write(ev, out)
+    except (McServeError, OSError) as exc:
+        typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {', '.join(str(f) for f in files)}")
+    for w in ev.numbers["overlap_warnings"]:
+        typer.echo(f"warning: {w}", err=True)
 
 
 def main() -> None:

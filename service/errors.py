@@ -83,3 +83,37 @@ class BundleError(McServeError):
     """A bundle on disk is refused: bad hash, missing file, untrusted artifact, newer schema."""
 
     code = "bundle_error"
+
+
+class ForbiddenError(McServeError):
+    """The operation is not enabled or not allowed for this caller."""
+
+    code = "forbidden"
+
+
+class AuditUnavailableError(McServeError):
+    """The prediction's audit record cannot be kept (queue full, store down): fail closed."""
+
+    code = "audit_unavailable"
+
+
+class MissingDataError(McServeError):
+    """Data a clinical service needs is missing, too old or in an unknown unit (CDS Hooks 412).
+
+    `details` holds one FHIR OperationOutcome issue per problem (`code`, `diagnostics`,
+    `expression`), so the client sees everything that is missing at once.
+    """
+
+    code = "missing_data"
+
+
+class UnauthorizedError(McServeError):
+    """A CDS client's JWT was refused. The reason is logged, never sent: the answer is bare."""
+
+    code = "unauthorized"
+
+
+class UnknownCardError(McServeError):
+    """Feedback names a card this replica did not issue (or has forgotten: the memory is bounded)."""
+
+    code = "not_found"

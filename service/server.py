@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from service.api.app import create_app
+from service.logs import configure as configure_logs
 from service.settings import Settings
 
 log = logging.getLogger("mcserve.server")
@@ -56,9 +57,13 @@ def _find_state(app: Any) -> Any:
 
 def run(overrides: dict[str, Any]) -> None:
     settings = Settings(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    if settings.log_format == "json":
+        configure_logs(settings.log_level)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -69,6 +74,7 @@ def run(overrides: dict[str, Any]) -> None:
         http="httptools",
         access_log=False,
         lifespan="on",
+        log_config=None,  # our JSON handler, not uvicorn's
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
     )
     DrainingServer(config, settings).run()

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.bundle.load import TrustPolicy
+
+
+class ApiKey(BaseModel):
+    """One client key: `sha256` is the hex digest of the key (the key itself is never stored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: list[str] | None = None  # None: every model
+    admin: bool = False  # may load and unload models
+
+
+class CdsIssuer(BaseModel):
+    """A trusted CDS client (EHR): its public keys, as a JWKS inline or in a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jwks: dict[str, Any] | None = None  # {"keys": [...]}: public keys only
+    jwks_file: Path | None = None
 
 
 class Settings(BaseSettings):
@@ -42,9 +62,47 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     pinned_digests: list[str] = Field(default_factory=list)
 
+    # Referral policy per model name, on top of the manifest's `referral` section, e.g.
+    # MCSERVE_REFERRAL='{"diabetes": {"epistemic": 30, "extrapolation": false}}'.
+    referral: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
     # Shutdown: readiness fails at once, serve `drain_grace_s` more, then drain within timeout.
     drain_grace_s: float = Field(default=5.0, ge=0.0)
     drain_timeout_s: float = Field(default=20.0, ge=0.0)
+
+    # Operations: API keys (hashes only), what they guard, CORS, model control, logs.
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    protect_metrics: bool = False
+    protect_docs: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    model_control: Literal["none", "poll", "explicit"] = "none"
+    poll_interval_s: float = Field(default=10.0, gt=0.0)
+    log_format: Literal["json", "text"] = "json"
+
+    # Audit trail (docs/AUDIT.md): every prediction recorded, append-only, replayable. Off by
+    # default: where clinical records live is the deployer's decision (see docs/AUDIT.md).
+    audit: bool = False
+    audit_path: Path = Path("audit.db")  # SQLite (WAL) when audit_url is empty
+    audit_url: str | None = None  # postgresql://user:password@host:5432/db, for several replicas
+    audit_inputs: Literal["store", "hmac"] = "store"  # hmac: keep only a keyed digest of inputs
+    audit_hmac_key: SecretStr | None = None
+    audit_fail_open: bool = False  # True: answer even when the record cannot be queued
+    audit_queue_size: int = Field(default=10_000, ge=1)
+    audit_batch_size: int = Field(default=256, ge=1)
+    audit_flush_timeout_s: float = Field(default=30.0, ge=0.0)
+
+    # Clinical decision support: CDS Hooks at /cds-services with FHIR output (docs/CLINICAL.md).
+    cds_mapping_dir: Path | None = None  # clinical mappings <model>.json; None: <model_dir>/clinical
+    cds_issuers: dict[str, CdsIssuer] = Field(default_factory=dict)  # allowlisted JWT `iss`
+    cds_require_jwt: bool = True  # False: no client authentication (development only)
+    public_base_url: str | None = None  # the URL clients call (JWT `aud`), e.g. behind an ingress
+    cds_jwt_leeway_s: float = Field(default=30.0, ge=0.0)  # clock skew allowed on exp/iat/nbf
+    cds_jwt_max_lifetime_s: float = Field(default=3600.0, gt=0.0)  # exp - iat at most
+    cds_jti_capacity: int = Field(default=100_000, ge=1)  # seen token ids kept per replica
+    cds_card_capacity: int = Field(default=10_000, ge=1)  # issued card uuids kept for feedback
+    cds_max_observation_age_days: float | None = Field(default=None, gt=0.0)  # overrides mappings
+    cds_timeout_ms: float = Field(default=5000.0, gt=0.0)  # deadline of one hook call's compute
+    fhir_version: Literal["R4B", "R5"] = "R4B"  # FHIR resources in cards and the native API
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from service.api import errors
+from service.api import audit, errors
+from service.api.auth import ApiKeyGuard
+from service.api.cds import router as cds_router
+from service.api.lifecycle import ModelControl
 from service.api.middleware import RequestContext
 from service.api.native import json_response
 from service.api.native import router as native_router
+from service.api.repository import router as repository_router
 from service.api.schemas import Health
 from service.api.state import AppState
-from service.engine.batcher import Batcher
+from service.api.v2 import router as v2_router
 from service.engine.device import configure_threads
-from service.engine.model import PredictParams, ServedModel
 from service.engine.registry import Registry
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("mcserve")
@@ -35,15 +41,6 @@ def _device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def warm(model: ServedModel) -> None:
-    """One MC and one deterministic call: first-call costs never land on a client."""
-    x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
-    model.predict(
-        x, PredictParams(samples=model.manifest.defaults.samples, confidence=(0.9,), seed=0)
-    )
-    model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))
-
-
 def build_state(settings: Settings) -> AppState:
     threads = configure_threads(settings.threads)
     registry = Registry.with_policy(
@@ -52,38 +49,10 @@ def build_state(settings: Settings) -> AppState:
         device=_device(settings),
         row_budget=settings.forward_rows,
         onnx_threads=threads,
+        referral_overrides=settings.referral,
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-compute")
     return AppState(settings=settings, registry=registry, executor=executor)
-
-
-def add_batcher(st: AppState, model: ServedModel) -> None:
-    s = st.settings
-    b = Batcher(
-        model,
-        st.executor,
-        max_batch_rows=s.max_batch_rows,
-        max_queue_rows=s.max_queue_rows,
-        max_delay_s=s.max_delay_ms / 1000.0,
-        batching=s.batching,
-    )
-    b.start()
-    st.batchers[(model.name, model.version)] = b
-
-
-async def startup(st: AppState) -> None:
-    loop = asyncio.get_running_loop()
-    entries = await loop.run_in_executor(st.executor, st.registry.load_all)
-    for e in entries:
-        if e.model is None:
-            log.warning("model not loaded", extra={"model": e.name, "reason": e.error})
-            continue
-        await loop.run_in_executor(st.executor, warm, e.model)
-        add_batcher(st, e.model)
-    st.started = True
-    # Full collections over torch's and FastAPI's long-lived objects caused 100-230 ms spikes.
-    gc.collect()
-    gc.freeze()
 
 
 async def shutdown(st: AppState) -> None:
@@ -94,14 +63,30 @@ async def shutdown(st: AppState) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = build_state(settings)
         app.state.mcserve = st
-        await startup(st)
+        await audit.start(app, settings, metrics)
+        control = app.state.model_control = ModelControl(st, metrics)
+        await control.sync()  # every bundle on disk, in every control mode
+        st.started = True
+        poller = None
+        if settings.model_control == "poll":
+            poller = asyncio.ensure_future(control.poll_forever(settings.poll_interval_s))
+        # Full collections over torch's and FastAPI's long-lived objects caused 100-230 ms
+        # latency spikes; freezing what start-up created removes them.
+        gc.collect()
+        gc.freeze()
         yield
+        if poller is not None:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
         await shutdown(st)
+        await audit.stop(app)  # after the drain: every answered prediction is queued
 
     app = FastAPI(
         title="mcserve",
@@ -109,8 +94,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Neural network predictions with Monte Carlo dropout uncertainty",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     errors.install(app)
     app.include_router(native_router)
+    app.include_router(v2_router)  # Open Inference Protocol
+    app.include_router(repository_router)
+    app.include_router(cds_router)  # CDS Hooks with FHIR (docs/CLINICAL.md)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Response:
@@ -123,5 +112,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return json_response({"status": "not ready", "reasons": reasons}, 503)
         return json_response({"status": "ready"})
 
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
+    # which answers preflights before the API-key guard.
+    app.add_middleware(
+        ApiKeyGuard,
+        keys=settings.api_keys,
+        protect_metrics=settings.protect_metrics,
+        protect_docs=settings.protect_docs,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

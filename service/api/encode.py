@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
@@ -14,18 +15,39 @@ def _intervals_regression(s: RegressionSummary, i: int) -> list[dict[str, Any]]:
     return [
         {
             "level": iv.level,
-            "lower": float(iv.lower[i, 0]),
-            "upper": float(iv.upper[i, 0]),
+            "lower": _bound(float(iv.lower[i, 0])),
+            "upper": _bound(float(iv.upper[i, 0])),
             "method": iv.method,
         }
         for iv in s.intervals
     ]
 
 
-def regression(s: RegressionSummary) -> list[dict[str, Any]]:
+def _bound(v: float) -> float | None:
+    # An unbounded conformal interval (calibration set too small for the level) is null in JSON.
+    return v if np.isfinite(v) else None
+
+
+def referrals(r: Referral | None, n: int) -> list[dict[str, Any] | None]:
+    if r is None:
+        return [None] * n
+    refer, ext = r.refer.tolist(), r.extrapolation.tolist()
+    return [
+        {
+            "refer": refer[i],
+            "reasons": list(r.reasons[i]),
+            "triggers": list(r.triggers[i]),
+            "extrapolation": ext[i],
+        }
+        for i in range(n)
+    ]
+
+
+def regression(s: RegressionSummary, referral: Referral | None = None) -> list[dict[str, Any]]:
     mean, std = s.mean[:, 0].tolist(), s.std[:, 0].tolist()
     epi, ale = s.epistemic_std[:, 0].tolist(), s.aleatoric_std[:, 0].tolist()
     se = s.mc_standard_error[:, 0].tolist()
+    refs = referrals(referral, len(mean))
     return [
         {
             "mean": mean[i],
@@ -35,18 +57,33 @@ def regression(s: RegressionSummary) -> list[dict[str, Any]]:
             "intervals": _intervals_regression(s, i),
             "mc_standard_error": se[i],
         }
+        | ({"referral": refs[i]} if refs[i] is not None else {})
         for i in range(len(mean))
     ]
 
 
-def classification(s: ClassificationSummary, labels: list[str]) -> list[dict[str, Any]]:
+def classification(
+    s: ClassificationSummary, labels: list[str], referral: Referral | None = None
+) -> list[dict[str, Any]]:
     probs, std, se = s.probabilities.tolist(), s.probability_std.tolist(), s.probability_se.tolist()
     label = s.label.tolist()
     h, eh = s.predictive_entropy.tolist(), s.expected_entropy.tolist()
     mi, vr = s.mutual_information.tolist(), s.variation_ratio.tolist()
     ivs = [(iv.level, iv.method, iv.lower.tolist(), iv.upper.tolist()) for iv in s.intervals]
+    refs = referrals(referral, len(label))
+    # The native answer carries the set at the first requested level (the engine has them all).
+    first_set = s.prediction_sets[0] if s.prediction_sets else None
     out = []
     for i in range(len(label)):
+        extra: dict[str, Any] = {}
+        if first_set is not None:
+            members = first_set.members[i]
+            extra["prediction_set"] = {
+                "level": first_set.level,
+                "labels": [lab for k, lab in enumerate(labels) if members[k]],
+            }
+        if refs[i] is not None:
+            extra["referral"] = refs[i]
         out.append(
             {
                 "label": labels[label[i]],
@@ -67,6 +104,7 @@ def classification(s: ClassificationSummary, labels: list[str]) -> list[dict[str
                     "variation_ratio": vr[i],
                 },
             }
+            | extra
         )
     return out
 
@@ -90,9 +128,9 @@ def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
         return deterministic(pred.point, labels)
     if isinstance(pred.summary, ClassificationSummary):
         assert labels is not None
-        return classification(pred.summary, labels)
+        return classification(pred.summary, labels, pred.referral)
     assert isinstance(pred.summary, RegressionSummary)
-    return regression(pred.summary)
+    return regression(pred.summary, pred.referral)
 
 
 def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:

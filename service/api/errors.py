@@ -2,6 +2,8 @@
 
 /v1: 422 bad request (413 too large), 404, 429 + Retry-After, 504; body {"error", "details"}.
 /v2: the same codes but 400 for a bad request; body {"error"} (tritonclient reads it).
+/cds-services: 400 bad request, 404, 412 needed data missing, a bare 401 (no body: nothing says
+which check failed), 503 for overload and deadlines; body a FHIR OperationOutcome.
 Unexpected exceptions: 500 with a generic message and the request id, logged with the trace.
 """
 
@@ -29,16 +31,23 @@ STATUS = {
     "deadline": 504,
     "cancelled": 499,
     "shutting_down": 503,
+    "audit_unavailable": 503,
     "model_error": 500,
     "bundle_error": 500,
     "internal": 500,
+    "missing_data": 412,
+    "unauthorized": 401,
 }
+CDS_STATUS = {422: 400, 429: 503, 504: 503}
+CDS_ISSUE = {400: "invalid", 404: "not-found", 405: "not-supported", 412: "required", 413: "too-long"}
 
 
 def family(request: Request) -> str:
     path = request.url.path
     if path.startswith("/v2"):
         return "v2"
+    if path.startswith("/cds-services"):
+        return "cds"
     return "v1"
 
 
@@ -54,6 +63,8 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> Response:
     fam = family(request)
+    if fam == "cds":
+        return cds_response(request, status, message, details, headers)
     if fam == "v2" and status == 422:
         status = 400
     body: dict[str, Any] = {"error": message}
@@ -69,6 +80,38 @@ def error_response(
         counter(request, status)
     return Response(
         orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def cds_response(
+    request: Request,
+    status: int,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """CDS Hooks errors: a FHIR OperationOutcome, or a bare 401."""
+    status = CDS_STATUS.get(status, status)
+    rid = request_id(request)
+    if rid:
+        headers = {**(headers or {}), "x-request-id": rid}
+    counter = getattr(request.app.state, "on_error", None)
+    if counter is not None:
+        counter(request, status)
+    if status == 401:
+        return Response(status_code=401, headers=headers)
+    issues = [d for d in details or [] if "severity" in d and "code" in d]
+    if not issues:
+        code = CDS_ISSUE.get(status, "transient" if status == 503 else "exception")
+        issues = [{"severity": "error", "code": code, "diagnostics": message}]
+        issues += [
+            {"severity": "error", "code": code, "diagnostics": f"{d['field']}: {d['problem']}"}
+            for d in details or []
+            if "field" in d and "problem" in d
+        ]
+    body = {"resourceType": "OperationOutcome", "issue": issues}
+    return Response(
+        orjson.dumps(body), status_code=status, headers=headers, media_type="application/fhir+json"
     )
 
 
@@ -104,12 +147,15 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    message = str(exc.detail)
-    if exc.status_code == 404:
+    message, status = str(exc.detail), exc.status_code
+    if status == 404:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
-    elif exc.status_code == 405:
+    elif status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
-    return error_response(request, exc.status_code, message, headers=dict(exc.headers or {}))
+    elif status == 400 and family(request) == "v1":
+        # FastAPI's answer to a body it cannot decode (not UTF-8): a bad request, 422 on /v1.
+        status, message = 422, "invalid request: body: cannot be parsed; send JSON in UTF-8"
+    return error_response(request, status, message, headers=dict(exc.headers or {}))
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
+import time
 from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+access_log = logging.getLogger("mcserve.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # A random per-process prefix and a counter: unique across replicas, and ~50x cheaper than
@@ -27,51 +33,85 @@ class BodyTooLarge(Exception):
 
 class RequestContext:
     """Sets scope['state']['request_id'] (X-Request-ID honoured if sane, else generated), echoes
-    it in the response, and refuses bodies over `max_body_bytes` with 413 before parsing them."""
+    it in the response, refuses bodies over `max_body_bytes` with 413 before parsing them, and
+    writes one access log line and the request metrics per request."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SAFE_ID.match(given) else new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        status = 500  # what the client gets if the app raises (ServerErrorMiddleware answers)
         raw_len = headers.get(b"content-length")
-        if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:
-            await self._too_large(scope, send, rid)
-            return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise BodyTooLarge
-            return message
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = list(message.get("headers", []))
-                if not any(k.lower() == b"x-request-id" for k, _ in headers):
-                    headers.append((b"x-request-id", rid.encode()))
-                message["headers"] = headers
-            await send(message)
-
         try:
-            await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge:
-            if not started:
+            if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:
+                status = 413
                 await self._too_large(scope, send, rid)
+                return
+            seen = 0
+            started = False
+
+            async def limited_receive() -> Message:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_body_bytes:
+                        raise BodyTooLarge
+                return message
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal started, status
+                if message["type"] == "http.response.start":
+                    started = True
+                    status = message["status"]
+                    out = list(message.get("headers", []))
+                    if not any(k.lower() == b"x-request-id" for k, _ in out):
+                        out.append((b"x-request-id", rid.encode()))
+                    message["headers"] = out
+                await send(message)
+
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except BodyTooLarge:
+                if not started:
+                    status = 413
+                    await self._too_large(scope, send, rid)
+        finally:
+            self._record(scope, status, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        """The access line and request metrics: ids, model, status, timings; never inputs,
+        keys or tokens (no body, no headers, no query string)."""
+        state = scope.get("state", {})
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "(unmatched)"
+        model = (scope.get("path_params") or {}).get("name")
+        if self.metrics is not None:
+            self.metrics.observe_request(model, template, status, seconds)
+        extra: dict[str, Any] = {
+            "request_id": state.get("request_id"),
+            "method": scope.get("method"),
+            "route": template,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        for key in ("model", "version", "caller", "batch_rows", "queue_ms", "compute_ms"):
+            if state.get(key) is not None:
+                extra[key] = state[key]
+        if "model" not in extra and model is not None:
+            extra["model"] = model
+        access_log.info("request", extra=extra)
 
     async def _too_large(self, scope: Scope, send: Send, rid: str) -> None:
         body: dict[str, Any] = {

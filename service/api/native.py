@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
+import numpy as np
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Path, Request
 from starlette.responses import Response
 
+from service.api import audit, examples
 from service.api.encode import response as encode_response
 from service.api.schemas import (
     ErrorBody,
     ModelList,
+    ModelMetadata,
     PredictParameters,
     PredictRequest,
     PredictResponse,
 )
 from service.api.state import AppState
+from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.summaries import check_levels
 from service.errors import CancelledError, InvalidInputError
 
@@ -27,6 +31,9 @@ router = APIRouter(prefix="/v1", tags=["native"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (404, 413, 422, 429, 500, 503, 504)
 }
+Name = Annotated[str, Path(description="model name", openapi_examples=examples.names())]
+Version = Annotated[str, Path(description="model version", openapi_examples=examples.VERSIONS)]
+Body_ = Annotated[PredictRequest, Body(openapi_examples=examples.predict())]
 
 
 def state(request: Request) -> AppState:
@@ -69,22 +76,23 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "defaults": m.defaults.model_dump(mode="json"),
         "aleatoric": m.aleatoric.model_dump(mode="json"),
         "training": {"metrics": m.training.metrics, "provenance": m.training.provenance},
-        "calibration": {"calibrated": m.calibration is not None},
+        "calibration": model.calibrator.metadata(),
+        "referral": model.calibrator.policy.model_dump(mode="json"),
         "backend": {"mc": "torch", "deterministic": "onnxruntime" if model.onnx else "torch"},
         "device": model.device,
         "dropout": [d.model_dump(mode="json") for d in m.dropout],
     }
 
 
-@router.get("/models/{name}", responses=ERRORS)
-async def model_metadata(name: str, request: Request) -> Response:
+@router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)
+async def model_metadata(name: Name, request: Request) -> Response:
     reg = state(request).registry
     model = reg.get(name)
     return json_response(metadata(model, [e.version for e in reg.versions(name)]))
 
 
-@router.get("/models/{name}/versions/{version}", responses=ERRORS)
-async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
+async def model_version_metadata(name: Name, version: Version, request: Request) -> Response:
     reg = state(request).registry
     model = reg.get(name, version)
     return json_response(metadata(model, [e.version for e in reg.versions(name)]))
@@ -112,16 +120,19 @@ async def _until_disconnect(request: Request, task: asyncio.Future[Any]) -> None
             return
 
 
-async def predict_with(
-    request: Request, body: PredictRequest, name: str, version: str | None
-) -> Response:
-    st = state(request)
-    batcher = st.batcher(name, version)
-    model = batcher.model
-    params = to_params(body.parameters, model, st.settings.max_samples)
-    x = to_array(body.instances, model.manifest.inputs, st.settings.max_instances)
-    timeout = body.parameters.timeout_ms
-    deadline = batcher.clock() + timeout / 1000.0 if timeout else None
+async def run(
+    request: Request,
+    batcher: Batcher,
+    x: np.ndarray,
+    params: PredictParams,
+    timeout_s: float | None,
+    card_uuid: str | None = None,
+) -> Prediction:
+    """The one engine call of every adapter: queue, wait, drop the work if the client goes.
+
+    The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
+    card that will carry it); 503 when it cannot be (audit fails closed)."""
+    deadline = batcher.clock() + timeout_s if timeout_s else None
     task = asyncio.ensure_future(batcher.submit(x, params, deadline))
     watcher = asyncio.ensure_future(_until_disconnect(request, task))
     try:
@@ -132,18 +143,37 @@ async def predict_with(
         raise
     finally:
         watcher.cancel()
+    audit.record(request, batcher.model, x, params, pred, card_uuid)
+    # For the access log (RequestContext): which version answered and how the time was spent.
+    state = request.state
+    state.model, state.version = batcher.model.name, batcher.model.version
+    if pred.timing:
+        state.batch_rows = int(pred.timing["batch_rows"])
+        state.queue_ms = round(pred.timing["queue_s"] * 1000, 3)
+        state.compute_ms = round(pred.timing["compute_s"] * 1000, 3)
+    return pred
+
+
+async def predict_with(
+    request: Request, body: PredictRequest, name: str, version: str | None
+) -> Response:
+    st = state(request)
+    batcher = st.batcher(name, version)
+    model = batcher.model
+    params = to_params(body.parameters, model, st.settings.max_samples)
+    x = to_array(body.instances, model.manifest.inputs, st.settings.max_instances)
+    timeout = body.parameters.timeout_ms
+    pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
     return json_response(encode_response(model, pred))
 
 
 @router.post("/models/{name}:predict", response_model=PredictResponse, responses=ERRORS)
-async def predict(name: str, body: PredictRequest, request: Request) -> Response:
+async def predict(name: Name, body: Body_, request: Request) -> Response:
     return await predict_with(request, body, name, None)
 
 
 @router.post(
     "/models/{name}/versions/{version}:predict", response_model=PredictResponse, responses=ERRORS
 )
-async def predict_version(
-    name: str, version: str, body: PredictRequest, request: Request
-) -> Response:
+async def predict_version(name: Name, version: Version, body: Body_, request: Request) -> Response:
     return await predict_with(request, body, name, version)

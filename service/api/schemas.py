@@ -27,12 +27,8 @@ class PredictParameters(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"instances": [[0.1, 0.2]], "parameters": {"samples": 100, "seed": 1}}]
-        },
-    )
+    # Working examples, one per bundled model, are on the routes (service/api/examples.py).
+    model_config = ConfigDict(extra="forbid")
 
     instances: list[list[Any] | dict[str, Any]] = Field(
         min_length=1, description="arrays of the input shape, or objects keyed by feature name"
@@ -42,9 +38,23 @@ class PredictRequest(BaseModel):
 
 class IntervalOut(BaseModel):
     level: float
-    lower: float
-    upper: float
-    method: str
+    lower: float | None = Field(description="null: unbounded (conformal, calibration too small)")
+    upper: float | None
+    method: str = Field(description="gaussian, quantile or conformal")
+
+
+class ReferralOut(BaseModel):
+    refer: bool = Field(description="a human should look at this prediction")
+    reasons: list[str] = Field(description="why, in words; empty when refer is false")
+    triggers: list[str] = Field(
+        description="per reason: epistemic, interval_width, prediction_set or extrapolation"
+    )
+    extrapolation: bool = Field(description="some feature lies outside the training range")
+
+
+class PredictionSetOut(BaseModel):
+    level: float = Field(description="conformal coverage of the true label, e.g. 0.95")
+    labels: list[str]
 
 
 class Uncertainty(BaseModel):
@@ -61,6 +71,7 @@ class RegressionPrediction(BaseModel):
     aleatoric_std: float | None = None
     mc_standard_error: float | None = None
     intervals: list[IntervalOut] | None = None
+    referral: ReferralOut | None = None
 
 
 class ClassificationPrediction(BaseModel):
@@ -70,6 +81,10 @@ class ClassificationPrediction(BaseModel):
     probability_se: dict[str, float] | None = None
     intervals: dict[str, list[IntervalOut]] | None = None
     uncertainty: Uncertainty | None = None
+    prediction_set: PredictionSetOut | None = Field(
+        default=None, description="calibrated models: at the first requested confidence level"
+    )
+    referral: ReferralOut | None = None
 
 
 class ModelRef(BaseModel):
@@ -116,3 +131,25 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str
     reasons: list[str] = []
+
+
+class ModelMetadata(BaseModel):
+    """GET /v1/models/{name}: the manifest's public part plus what serves it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str
+    versions: list[str]
+    digest: str
+    task: Literal["classification", "regression"]
+    intended_use: str
+    inputs: dict[str, Any] = Field(description="shape, feature names, units, valid/training ranges")
+    outputs: dict[str, Any] = Field(description="labels (classification) or target and unit")
+    defaults: dict[str, Any]
+    aleatoric: dict[str, Any]
+    training: dict[str, Any]
+    calibration: dict[str, Any]
+    backend: dict[str, str]
+    device: str
+    dropout: list[dict[str, Any]]

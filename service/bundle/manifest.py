@@ -92,6 +92,52 @@ class Training(Strict):
     row_fingerprints: dict[str, list[str]] = Field(default_factory=dict)
 
 
+class Calibration(Strict):
+    """Split-conformal calibration of one bundle version, written by `service calibrate`.
+
+    Regression scores are |y - mean| / std (std the total predictive std of the MC summary);
+    classification scores are 1 - p_y with the temperature-scaled MC probabilities. All n
+    scores are kept, sorted, so that any level can be served (q = the ceil((n+1) level)-th).
+    """
+
+    method: Literal["split-conformal"] = "split-conformal"
+    score: Literal["abs-residual-over-std", "one-minus-probability"]
+    n: int = Field(ge=1)
+    samples: int = Field(ge=2)  # MC passes used at calibration: the guarantee assumes as many
+    seed: int = Field(ge=0)
+    scores: list[float]
+    temperature: float | None = Field(default=None, gt=0.0)  # classification only
+    # Classifiers: calibration-set NLL at T = 1 and at the chosen T, and the plain NLL minimiser.
+    temperature_fit: dict[str, float | str] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)  # file name, sha256 and rows used
+    source: dict[str, str] = Field(default_factory=dict)  # version and digest calibrated from
+    row_fingerprints: list[str] = Field(default_factory=list)  # of the calibration rows
+
+    @model_validator(mode="after")
+    def _scores(self) -> Calibration:
+        if len(self.scores) != self.n:
+            raise ValueError(f"calibration.scores has {len(self.scores)} entries for n={self.n}")
+        if any(not (a <= b) for a, b in zip(self.scores, self.scores[1:], strict=False)):
+            raise ValueError("calibration.scores must be sorted ascending")
+        if any(not (0.0 <= s < float("inf")) for s in self.scores):
+            raise ValueError("calibration.scores must be finite and >= 0")
+        if (self.score == "one-minus-probability") != (self.temperature is not None):
+            raise ValueError("calibration.temperature is required for (and only for) classifiers")
+        return self
+
+
+class ReferralPolicy(Strict):
+    """When a prediction should go to a human. A threshold left out (null) never triggers."""
+
+    level: float = Field(default=0.95, gt=0.0, lt=1.0)  # of the interval/set the triggers read
+    # Mutual information (nats) for classifiers, epistemic std (target units) for regressors.
+    epistemic: float | None = Field(default=None, ge=0.0)
+    relative_width: float | None = Field(default=None, gt=0.0)  # regression: width / |mean|
+    max_set_size: int | None = Field(default=None, ge=1)  # classification; an empty set refers
+    extrapolation: bool = True  # refer when a feature lies outside inputs.training_ranges
+    derived_from: str | None = None  # how the thresholds were chosen
+
+
 class Manifest(Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -107,8 +153,8 @@ class Manifest(Strict):
     training: Training = Training()
     created_by: str = "mcserve"
     # Optional sections added by later capabilities; absent means "not configured".
-    calibration: dict[str, Any] | None = None
-    referral: dict[str, Any] | None = None
+    calibration: Calibration | None = None
+    referral: ReferralPolicy | None = None
     clinical: dict[str, Any] | None = None
     backend: dict[str, Any] | None = None
 
@@ -118,6 +164,11 @@ class Manifest(Strict):
             raise ValueError("a classification manifest needs outputs.labels")
         if self.task == "regression" and not self.outputs.target:
             raise ValueError("a regression manifest needs outputs.target")
+        if self.calibration is not None:
+            classifier = self.task == "classification"
+            want = "one-minus-probability" if classifier else "abs-residual-over-std"
+            if self.calibration.score != want:
+                raise ValueError(f"a {self.task} calibration uses the score {want!r}")
         return self
 
     def dumps(self) -> bytes:

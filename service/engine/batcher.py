@@ -64,6 +64,7 @@ class _Item:
     enqueued: float
     deadline: float | None
     rows: int
+    queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
 
 
 class Batcher:
@@ -94,18 +95,24 @@ class Batcher:
         self._closing = False
         self._rows_per_s = 50_000.0  # replaced by measurements after the first batch
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
+        self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def stop(self, drain: bool = True) -> None:
-        """Stop taking requests; with `drain`, finish what is queued first."""
-        self._closing = True
+    async def stop(self, drain: bool = True, settle_s: float = 0.05) -> None:
+        """Stop; with `drain`, first finish what is queued and what arrives while draining.
+
+        `settle_s` lets requests that resolved this batcher just before it was retired (their
+        submit is scheduled, not yet run) still land here instead of failing.
+        """
         if drain:
+            await asyncio.sleep(settle_s)
             while self._queue or self.stats.queue_rows:
                 self._wakeup.set()
                 await asyncio.sleep(0.005)
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -206,9 +213,16 @@ class Batcher:
                     if isinstance(res, BaseException):
                         self.stats.failed += 1
                         item.future.set_exception(res)
-                    else:
-                        self.stats.completed += 1
-                        item.future.set_result(res)
+                        continue
+                    res.timing = {
+                        "queue_s": max(0.0, start - item.queued_at),
+                        "compute_s": elapsed,
+                        "batch_rows": float(rows),
+                    }
+                    if self.on_result is not None:
+                        self.on_result(res, int(item.x.shape[0]))
+                    self.stats.completed += 1
+                    item.future.set_result(res)
 
     def _compute(self, batch: list[_Item]) -> list[Prediction | BaseException]:
         """Runs on the compute worker: one shared MC forward, one deterministic call."""

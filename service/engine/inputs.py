@@ -41,7 +41,7 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
     for i, inst in enumerate(instances):
         try:
             a = np.asarray(inst, dtype=np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             return f"instance {i} is not an array of numbers of shape {spec.shape}"
         if list(a.shape) != spec.shape:
             return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}"
@@ -77,7 +77,7 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
         raise InvalidInputError("inputs must be numbers; true/false are not accepted")
     try:
         arr = np.asarray(rows, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise InvalidInputError(_first_bad(rows, spec)) from None
     if list(arr.shape[1:]) != spec.shape:
         raise InvalidInputError(_first_bad(rows, spec))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import secrets
+import dataclasses
+import os
+import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
+from service.calibration.calibrator import Calibrator
+from service.calibration.referral import Referral
 from service.engine.device import describe
 from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor
@@ -49,10 +54,17 @@ class Prediction:
     summary: RegressionSummary | ClassificationSummary | None = None
     point: np.ndarray | None = None  # deterministic mode: [B, outputs]
     warnings: list[str] = field(default_factory=list)
+    referral: Referral | None = None  # MC mode: per input, should a human look (and why)
+    timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
+
+
+# Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per
+# request was measurable under load).
+_SEEDS = random.Random(int.from_bytes(os.urandom(16), "little"))
 
 
 def new_seed() -> int:
-    return secrets.randbits(63) & MAX_SEED
+    return _SEEDS.getrandbits(63) & MAX_SEED
 
 
 class ServedModel:
@@ -65,9 +77,18 @@ class ServedModel:
         device: torch.device | str | None = None,
         row_budget: int = 16384,
         onnx_threads: int = 1,
+        referral_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
+        overrides = (referral_overrides or {}).get(self.manifest.name)
+        try:
+            self.calibrator = Calibrator(self.manifest, overrides)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise BundleError(
+                f"{bundle.path}: the referral override for '{self.manifest.name}' is invalid "
+                f"(setting referral): {exc}"
+            ) from exc
         spec = self.manifest.inputs
         example = torch.zeros(2, *spec.shape)
         try:
@@ -142,7 +163,13 @@ class ServedModel:
         return MCRequest(x, p.samples, p.seed if p.seed is not None else new_seed())
 
     def summarize(self, samples: np.ndarray, req: MCRequest, p: PredictParams) -> Prediction:
-        """Summaries of one request's samples [T, B, outputs]."""
+        """Summaries of one request's samples [T, B, outputs] (``req.x`` is their [B, ...] input:
+        the referral reads it for the extrapolation flag)."""
+        if req.x.shape[0] != samples.shape[1]:
+            raise ValueError(
+                f"summarize: {samples.shape[1]} inputs' samples but req.x has {req.x.shape[0]} rows"
+            )
+        cal = self.calibrator
         warnings: list[str] = []
         if self.manifest.task == "classification":
             levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
@@ -151,9 +178,12 @@ class ServedModel:
                     "per-class intervals omitted for levels that need more samples "
                     f"(2/alpha); got samples={p.samples}"
                 )
-            summary: RegressionSummary | ClassificationSummary = summarize_classification(
-                samples, levels=levels
-            )
+            clf = summarize_classification(samples, levels=levels, temperature=cal.temperature)
+            if cal.calibrated:
+                sets = cal.prediction_sets(clf.probabilities, p.confidence)
+                clf = dataclasses.replace(clf, prediction_sets=sets)
+                warnings.extend(cal.warnings(p.samples, p.confidence))
+            summary: RegressionSummary | ClassificationSummary = clf
         else:
             noise = self.manifest.aleatoric.noise_var or None
             rng = np.random.default_rng([req.seed, 0x6E6F697365])  # seeded noise, replayable
@@ -164,6 +194,10 @@ class ServedModel:
                 noise_var=noise,
                 rng=rng,
             )
+            if p.interval == "conformal":
+                intervals = cal.intervals(summary, p.confidence)
+                summary = dataclasses.replace(summary, intervals=intervals)
+                warnings.extend(cal.warnings(p.samples, p.confidence))
         return Prediction(
             backend="torch",
             device=self.device,
@@ -172,6 +206,7 @@ class ServedModel:
             seed=req.seed,
             summary=summary,
             warnings=warnings,
+            referral=cal.referral(summary, req.x),
         )
 
     def deterministic(self, x: np.ndarray) -> Prediction:

@@ -76,6 +76,12 @@ class Registry:
         return self.entries()
 
     def load(self, name: str, version: str | None, path: Path) -> Entry:
+        entry = self.build(name, version, path)
+        self.add(entry)
+        return entry
+
+    def build(self, name: str, version: str | None, path: Path) -> Entry:
+        """Load one bundle without registering it (so callers can warm it up first)."""
         try:
             model = self._factory(path)
             entry = Entry(model.name, model.version, path, model=model)
@@ -90,9 +96,16 @@ class Registry:
         except Exception as exc:  # a bundle must never take the others down with it
             entry = Entry(name, version or "?", path, error=f"{type(exc).__name__}: {exc}")
             log.exception("bundle failed to load", extra={"path": str(path)})
+        return entry
+
+    def add(self, entry: Entry) -> None:
+        """Register atomically: unversioned requests see the newest ready version at once."""
         with self._lock:
             self._entries[(entry.name, entry.version)] = entry
-        return entry
+
+    def paths(self) -> set[Path]:
+        with self._lock:
+            return {e.path for e in self._entries.values()}
 
     def unload(self, name: str, version: str) -> Entry | None:
         with self._lock:

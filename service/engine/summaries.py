@@ -247,9 +247,12 @@ def summarize_regression(
 def summarize_classification(
     logits: np.ndarray, *, levels: Sequence[float], temperature: float = 1.0
 ) -> ClassificationSummary:
-    """Probabilities, label, entropy decomposition, vote spread and intervals from [T, B, K]."""
+    """Probabilities, label, entropy decomposition, vote spread and intervals from [T, B, K].
+
+    ``levels`` may be empty: no per-class intervals (the served model drops the levels that need
+    more passes than were run, possibly all of them)."""
     z = _as_samples(logits, "logits")
-    levels_ = check_levels(levels)
+    levels_ = check_levels(levels) if len(levels) else ()
     t, _, k = z.shape
     if k < 2:
         raise SummaryError(f"classification needs at least 2 classes (got {k} logits per pass)")

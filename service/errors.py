@@ -114,6 +114,6 @@ class UnauthorizedError(McServeError):
 
 
 class UnknownCardError(McServeError):
-    """Feedback names a card this replica did not issue (or has forgotten: the memory is bounded)."""
+    """Feedback names a card this replica did not issue, or has forgotten (bounded memory)."""
 
     code = "not_found"

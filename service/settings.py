@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     audit_flush_timeout_s: float = Field(default=30.0, ge=0.0)
 
     # Clinical decision support: CDS Hooks at /cds-services with FHIR output (docs/CLINICAL.md).
-    cds_mapping_dir: Path | None = None  # clinical mappings <model>.json; None: <model_dir>/clinical
+    cds_mapping_dir: Path | None = (
+        None  # clinical mappings <model>.json; None: <model_dir>/clinical
+    )
     cds_issuers: dict[str, CdsIssuer] = Field(default_factory=dict)  # allowlisted JWT `iss`
     cds_require_jwt: bool = True  # False: no client authentication (development only)
     public_base_url: str | None = None  # the URL clients call (JWT `aud`), e.g. behind an ingress

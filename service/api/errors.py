@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api.middleware import BodyTooLarge
 from service.errors import McServeError, OverloadedError
 
 log = logging.getLogger("mcserve.errors")
@@ -39,7 +40,13 @@ STATUS = {
     "unauthorized": 401,
 }
 CDS_STATUS = {422: 400, 429: 503, 504: 503}
-CDS_ISSUE = {400: "invalid", 404: "not-found", 405: "not-supported", 412: "required", 413: "too-long"}
+CDS_ISSUE = {
+    400: "invalid",
+    404: "not-found",
+    405: "not-supported",
+    412: "required",
+    413: "too-long",
+}
 
 
 def family(request: Request) -> str:
@@ -152,6 +159,10 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
     elif status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+    elif isinstance(exc.__cause__, BodyTooLarge):
+        # FastAPI wraps whatever breaks while it reads the body into a 400: let the size limit
+        # reach RequestContext, which answers 413 (a chunked body has no Content-Length to check).
+        raise exc.__cause__
     elif status == 400 and family(request) == "v1":
         # FastAPI's answer to a body it cannot decode (not UTF-8): a bad request, 422 on /v1.
         status, message = 422, "invalid request: body: cannot be parsed; send JSON in UTF-8"

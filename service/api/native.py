@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from starlette.responses import Response
 
 from service.api import audit, examples
@@ -21,6 +22,7 @@ from service.api.schemas import (
     PredictResponse,
 )
 from service.api.state import AppState
+from service.clinical import fhir
 from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
 from service.engine.model import Prediction, PredictParams, ServedModel
@@ -34,6 +36,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 Name = Annotated[str, Path(description="model name", openapi_examples=examples.names())]
 Version = Annotated[str, Path(description="model version", openapi_examples=examples.VERSIONS)]
 Body_ = Annotated[PredictRequest, Body(openapi_examples=examples.predict())]
+FHIR_JSON = "application/fhir+json"
+Subject = Annotated[
+    str | None,
+    Query(
+        pattern=r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$",
+        description="with 'Accept: application/fhir+json': the FHIR subject, e.g. Patient/123; "
+        "the answer is then a RiskAssessment (classifier) or Observation (regressor)",
+    ),
+]
 
 
 def state(request: Request) -> AppState:
@@ -155,25 +166,51 @@ async def run(
 
 
 async def predict_with(
-    request: Request, body: PredictRequest, name: str, version: str | None
+    request: Request,
+    body: PredictRequest,
+    name: str,
+    version: str | None,
+    subject: str | None = None,
 ) -> Response:
     st = state(request)
     batcher = st.batcher(name, version)
     model = batcher.model
+    as_fhir = FHIR_JSON in request.headers.get("accept", "")
+    if as_fhir and subject is None:
+        raise InvalidInputError(
+            f"Accept: {FHIR_JSON} needs the query parameter subject (e.g. ?subject=Patient/123)"
+        )
     params = to_params(body.parameters, model, st.settings.max_samples)
     x = to_array(body.instances, model.manifest.inputs, st.settings.max_instances)
     timeout = body.parameters.timeout_ms
     pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
+    if as_fhir and subject is not None:
+        return fhir_response(request, model, pred, subject)
     return json_response(encode_response(model, pred))
 
 
+def fhir_response(request: Request, model: ServedModel, pred: Prediction, subject: str) -> Response:
+    """The same FHIR resource a CDS card carries (service.clinical.fhir), for the native API."""
+    cds = getattr(request.app.state, "cds", None)
+    ctx = fhir.Context(
+        subject=subject,
+        when=datetime.now(UTC),
+        version=state(request).settings.fhir_version,
+        mapping=cds.catalogue.mapping_for(model) if cds is not None else None,
+    )
+    doc = fhir.answer(model, pred, ctx)
+    return Response(orjson.dumps(doc), media_type=FHIR_JSON)
+
+
 @router.post("/models/{name}:predict", response_model=PredictResponse, responses=ERRORS)
-async def predict(name: Name, body: Body_, request: Request) -> Response:
-    return await predict_with(request, body, name, None)
+async def predict(name: Name, body: Body_, request: Request, subject: Subject = None) -> Response:
+    return await predict_with(request, body, name, None, subject)
 
 
 @router.post(
     "/models/{name}/versions/{version}:predict", response_model=PredictResponse, responses=ERRORS
 )
-async def predict_version(name: Name, version: Version, body: Body_, request: Request) -> Response:
-    return await predict_with(request, body, name, version)
+async def predict_version(
+    name: Name, version: Version, body: Body_, request: Request, subject: Subject = None
+) -> Response:
+    return await predict_with(request, body, name, version, subject)

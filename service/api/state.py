@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from service.engine.batcher import Batcher
 from service.engine.registry import Registry
+from service.errors import ModelNotReadyError
 from service.settings import Settings
 
 
@@ -42,4 +43,7 @@ class AppState:
 
     def batcher(self, name: str, version: str | None) -> Batcher:
         model = self.registry.get(name, version)
-        return self.batchers[(model.name, model.version)]
+        batcher = self.batchers.get((model.name, model.version))
+        if batcher is None:  # lifecycle attaches batchers before registering: a brief race only
+            raise ModelNotReadyError(f"model '{name}' version '{model.version}' is not ready yet")
+        return batcher

@@ -32,8 +32,9 @@ def test_models_lists_the_bundled_models() -> None:
     result = runner.invoke(app, ["models", "--model-dir", str(MODELS)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    names = [line.split()[0] for line in lines]
-    assert names == ["breast-cancer", "diabetes", "digits"]
+    found = [tuple(line.split()[:2]) for line in lines]
+    # Version 1 as built, version 2 its calibrated copy (python -m service calibrate).
+    assert found == [(n, v) for n in ("breast-cancer", "diabetes", "digits") for v in ("1", "2")]
     assert all(" ready " in line for line in lines)
 
 
@@ -45,7 +46,9 @@ def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
     result = runner.invoke(app, ["models", "--model-dir", str(repo)])
     assert result.exit_code == 2
     assert "diabetes         1      ready" in result.output
+    assert "diabetes         2      ready" in result.output
     assert "digits           1      FAILED" in result.output
+    assert "digits           2      ready" in result.output  # the calibrated copy is intact
     assert "weights.safetensors: sha256 does not match the manifest (tampered?)" in result.output
 
 

@@ -27,11 +27,16 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
                               "parameters": {"samples": 100, "seed": 1}})
             assert bc.status_code == 200, bc.text
             assert set(bc.json()["predictions"][0]["probabilities"]) == {"malignant", "benign"}
+            # The newest version is served: 2, the calibrated copy (prediction set, referral).
+            assert bc.json()["model"]["version"] == "2"
+            assert bc.json()["predictions"][0]["prediction_set"]["level"] == 0.95
+            assert isinstance(bc.json()["predictions"][0]["referral"]["refer"], bool)
             diab = c.post("/v1/models/diabetes:predict",
                           json={"instances": [first_row("diabetes")]})
             assert diab.status_code == 200, diab.text
             p = diab.json()["predictions"][0]
             assert p["std"] > 0 and p["intervals"][0]["lower"] < p["mean"]
+            assert p["intervals"][0]["method"] == "conformal"  # version 2's default
             pixels = list(first_row("digits").values())
             image = [[pixels[r * 8 : r * 8 + 8] for r in range(8)]]
             dig = c.post("/v1/models/digits:predict", json={"instances": [image]})

@@ -1,0 +1,142 @@
+"""The audit trail's side of the HTTP adapters: start and stop the writer with the app, and the
+two calls the adapters make (`record` from `native.run`, `record_feedback` from CDS Hooks).
+
+The writer lives at `app.state.audit` (None when auditing is off). Both calls raise
+`AuditUnavailableError` (503) when the record cannot be queued and auditing fails closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+
+from service.audit.metrics import AuditCollector
+from service.audit.record import FeedbackEvent, PredictionEvent
+from service.audit.store import open_store
+from service.audit.writer import AuditWriter
+from service.engine.model import Prediction, PredictParams, ServedModel
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("mcserve.audit")
+
+
+def writer_for(settings: Settings) -> AuditWriter:
+    key = settings.audit_hmac_key.get_secret_value().encode() if settings.audit_hmac_key else None
+    url, path = settings.audit_url, settings.audit_path
+    return AuditWriter(
+        lambda: open_store(url, path),
+        inputs=settings.audit_inputs,
+        hmac_key=key,
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+        fail_open=settings.audit_fail_open,
+        flush_timeout_s=settings.audit_flush_timeout_s,
+    )
+
+
+async def start(app: FastAPI, settings: Settings, metrics: Metrics | None = None) -> None:
+    """Open the store before any model loads: a server that cannot audit does not start."""
+    app.state.audit = None
+    if not settings.audit:
+        log.warning("audit trail off: predictions are not recorded (MCSERVE_AUDIT=true)")
+        return
+    writer = writer_for(settings)
+    await writer.start()
+    assert writer.store is not None
+    if metrics is not None:
+        collector = AuditCollector(writer)
+        metrics.registry.register(collector)
+        app.state.audit_metrics = (metrics, collector)
+    log.info(
+        "audit trail on",
+        extra={
+            "store": writer.store.description,
+            "inputs": settings.audit_inputs,
+            "fail_open": settings.audit_fail_open,
+        },
+    )
+    app.state.audit = writer
+
+
+async def stop(app: FastAPI) -> None:
+    """After the batchers drained: every answered prediction is queued; write them all out."""
+    writer: AuditWriter | None = getattr(app.state, "audit", None)
+    if writer is None:
+        return
+    await writer.stop()
+    registered = getattr(app.state, "audit_metrics", None)
+    if registered is not None:
+        metrics, collector = registered
+        metrics.registry.unregister(collector)
+        app.state.audit_metrics = None
+
+
+def _writer(request: Request) -> AuditWriter | None:
+    return getattr(request.app.state, "audit", None)
+
+
+def _route(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or request.url.path
+
+
+def record(
+    request: Request,
+    model: ServedModel,
+    x: np.ndarray,
+    params: PredictParams,
+    pred: Prediction,
+    card_uuid: str | None = None,
+) -> None:
+    """Queue the record of one prediction before its answer is sent (cheap: references only)."""
+    writer = _writer(request)
+    if writer is None:
+        return
+    state = request.state
+    writer.submit(
+        PredictionEvent(
+            at=time.time(),
+            request_id=getattr(state, "request_id", None),
+            route=_route(request),
+            caller=getattr(state, "caller", None),
+            model=model,
+            x=x,
+            params=params,
+            prediction=pred,
+            card_uuid=card_uuid,
+        )
+    )
+
+
+def record_feedback(
+    card_uuid: str,
+    outcome: str,
+    *,
+    request: Request,
+    override_reason: Any = None,
+    outcome_timestamp: str | None = None,
+    service_id: str | None = None,
+) -> None:
+    """Record a clinician's accept/override of a CDS card; linked to the prediction whose record
+    carries the same `card_uuid`. The caller is `request.state.caller` (the CDS client's iss)."""
+    writer = _writer(request)
+    if writer is None:
+        return
+    state = request.state
+    writer.submit(
+        FeedbackEvent(
+            at=time.time(),
+            card_uuid=card_uuid,
+            outcome=outcome,
+            override_reason=override_reason,
+            outcome_timestamp=outcome_timestamp,
+            service_id=service_id,
+            request_id=getattr(state, "request_id", None),
+            caller=getattr(state, "caller", None),
+        )
+    )

@@ -1,0 +1,106 @@
+"""API keys: optional, stored as sha256 hashes, compared in constant time (pure ASGI middleware).
+
+Keys guard /v1 and /v2 (health stays open) and, by setting, /metrics and the docs. A key may be
+limited to some models; admin keys alone may use the repository (load/unload) routes. CDS Hooks
+routes are never guarded by API keys: they have their own JWT trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.settings import ApiKey
+
+MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/")
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: int  # 0: allowed
+    message: str = ""
+    caller: str | None = None
+
+
+class ApiKeyGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: list[ApiKey],
+        protect_metrics: bool = False,
+        protect_docs: bool = False,
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.protect_metrics = protect_metrics
+        self.protect_docs = protect_docs
+
+    def _guarded(self, path: str) -> bool:
+        if path.startswith(OPEN_PATHS):
+            return False
+        if path.startswith(("/v1", "/v2")):
+            return True
+        if path == "/metrics":
+            return self.protect_metrics
+        return path.startswith(DOC_PATHS) and self.protect_docs
+
+    def _find(self, presented: str) -> ApiKey | None:
+        digest = hash_key(presented)
+        found = None
+        for key in self.keys:  # no early exit: the time does not depend on which key matched
+            if hmac.compare_digest(digest, key.sha256):
+                found = key
+        return found
+
+    def decide(self, path: str, headers: dict[bytes, bytes]) -> Decision:
+        admin_route = path.startswith("/v2/repository")
+        if not admin_route and (not self.keys or not self._guarded(path)):
+            return Decision(0)
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        presented = presented or headers.get(b"x-api-key", b"").decode("latin-1").strip()
+        if not presented:
+            return Decision(
+                401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
+            )
+        key = self._find(presented)
+        if key is None:
+            return Decision(401, "invalid API key")
+        if admin_route and not key.admin:
+            return Decision(
+                403, f"API key '{key.id}' is not an admin key; repository routes need one", key.id
+            )
+        m = MODEL_PATH.match(path)
+        if m and key.models is not None and m.group(1) not in key.models:
+            return Decision(403, f"API key '{key.id}' may not use model '{m.group(1)}'", key.id)
+        return Decision(0, caller=key.id)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        decision = self.decide(scope["path"], dict(scope.get("headers") or []))
+        if decision.caller:
+            scope.setdefault("state", {})["caller"] = decision.caller
+        if decision.status == 0:
+            await self.app(scope, receive, send)
+            return
+        headers = [(b"content-type", b"application/json")]
+        if decision.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="mcserve"'))
+        rid = scope.get("state", {}).get("request_id")
+        body = orjson.dumps({"error": decision.message, **({"request_id": rid} if rid else {})})
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": decision.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,281 @@
+"""CDS Hooks 2.0 at /cds-services: discovery, service calls and feedback (docs/CLINICAL.md).
+
+A thin adapter: the client's JWT is checked first (`service.clinical.trust`; a bare 401 on any
+failure, before the body is even parsed), the prefetch becomes features
+(`service.clinical.extraction`), the engine answers through the one engine call of every
+adapter (`native.run`, with the model's default parameters via `native.to_params`), and the
+prediction becomes a card carrying a FHIR resource. Errors map to HTTP in `errors.py`
+(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome). API keys never guard these
+routes. Discovery is open: it holds no patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi import Path as PathParam
+from prometheus_client import Counter
+from starlette.responses import Response
+
+from service.api import audit as audit_trail
+from service.api.native import run, state, to_params
+from service.api.schemas import PredictParameters
+from service.clinical import cards as card_builder
+from service.clinical import fhir
+from service.clinical.catalogue import Catalogue
+from service.clinical.extraction import extract
+from service.clinical.hooks import FeedbackRequest, HookRequest, parse
+from service.clinical.ledger import Ledger, Record
+from service.clinical.mapping import wanted
+from service.clinical.trust import TokenRejected, TokenVerifier, bearer, load_keys
+from service.engine.inputs import to_array
+from service.errors import UnauthorizedError
+from service.settings import Settings
+
+log = logging.getLogger("mcserve.cds")
+audit = logging.getLogger("mcserve.cds.audit")
+
+
+@dataclass
+class Clinical:
+    """What the CDS adapter keeps while the app runs (per replica)."""
+
+    settings: Settings
+    catalogue: Catalogue
+    verifier: TokenVerifier
+    ledger: Ledger
+    clock: Callable[[], float] = time.time  # wall clock: JWT times and observation ages
+    counters: dict[str, Counter] = field(default_factory=dict)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+
+def counters(registry: Any) -> dict[str, Counter]:
+    return {
+        "cards": Counter(
+            "mcserve_cds_cards",
+            "CDS cards issued by service and indicator",
+            ["service", "indicator"],
+            registry=registry,
+        ),
+        "feedback": Counter(
+            "mcserve_cds_feedback",
+            "CDS card feedback by service and outcome (accepted, overridden)",
+            ["service", "outcome"],
+            registry=registry,
+        ),
+    }
+
+
+def build(settings: Settings) -> Clinical:
+    issuers = {
+        iss: load_keys(iss, cfg.jwks, cfg.jwks_file) for iss, cfg in settings.cds_issuers.items()
+    }
+    mapping_dir = settings.cds_mapping_dir or Path(settings.model_dir) / "clinical"
+    cds = Clinical(
+        settings=settings,
+        catalogue=Catalogue.load(mapping_dir),
+        verifier=TokenVerifier(
+            issuers,
+            leeway_s=settings.cds_jwt_leeway_s,
+            max_lifetime_s=settings.cds_jwt_max_lifetime_s,
+            replay_capacity=settings.cds_jti_capacity,
+        ),
+        ledger=Ledger(settings.cds_card_capacity),
+    )
+    cds.verifier.clock = lambda: cds.clock()  # tests replace cds.clock
+    if not settings.cds_require_jwt:
+        log.warning("CDS Hooks client authentication is OFF (cds_require_jwt=false)")
+    elif not issuers:
+        log.warning("no CDS issuers are trusted (cds_issuers): every CDS call will answer 401")
+    return cds
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Runs after the app's own lifespan has loaded the models (FastAPI nests router lifespans).
+    cds = app.state.cds = build(app.state.mcserve.settings)
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:
+        if not hasattr(app.state, "cds_counters"):  # once per registry, however many lifespans
+            app.state.cds_counters = counters(metrics.registry)
+        cds.counters = app.state.cds_counters
+    yield
+
+
+router = APIRouter(prefix="/cds-services", tags=["cds hooks"], lifespan=lifespan)
+ServiceId = Annotated[str, PathParam(description="CDS service id (see discovery)")]
+CALL_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": HookRequest.model_json_schema()}},
+    }
+}
+FEEDBACK_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+    }
+}
+
+
+def clinical(request: Request) -> Clinical:
+    cds: Clinical = request.app.state.cds
+    return cds
+
+
+def called_url(request: Request, settings: Settings) -> str:
+    """The URL the client called, as the JWT's `aud` must name it."""
+    base = settings.public_base_url
+    if base is None:
+        base = f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}"
+    return base.rstrip("/") + request.url.path
+
+
+def authenticate(request: Request, cds: Clinical, audiences: list[str]) -> None:
+    if not cds.settings.cds_require_jwt:
+        return
+    token = bearer(request.headers.get("authorization"))
+    if token is None:
+        log.warning("CDS call refused", extra={"reason": "no bearer token"})
+        raise UnauthorizedError("unauthorized")
+    try:
+        claims = cds.verifier.verify(token, audiences)
+    except TokenRejected as exc:
+        log.warning("CDS call refused", extra={"reason": str(exc), "path": request.url.path})
+        raise UnauthorizedError("unauthorized") from None
+    # For the access log: who called (the issuer, never the token).
+    request.state.caller = claims.iss
+    request.state.cds_claims = claims
+
+
+def cds_json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+@router.get("", summary="CDS Hooks discovery")
+async def discovery(request: Request) -> Response:
+    cds = clinical(request)
+    return cds_json(cds.catalogue.discovery(state(request).registry))
+
+
+@router.post("/{service_id}", summary="Call a CDS service", openapi_extra=CALL_DOC)
+async def call(service_id: ServiceId, request: Request) -> Response:
+    cds, st = clinical(request), state(request)
+    authenticate(request, cds, [called_url(request, cds.settings)])
+    offered = cds.catalogue.find(service_id, st.registry)
+    body = parse(HookRequest, await request.body())
+    patient_id = body.patient_id(offered.service.hook)
+    if offered.service.hook == "order-select" and not wanted(offered.service, body.selected()):
+        return cds_json({"cards": []})  # none of the selected orders concerns this model
+    now = cds.now()
+    ex = extract(
+        offered.mapping,
+        patient_id,
+        body.prefetch,
+        now,
+        cds.settings.cds_max_observation_age_days,
+    )
+    model = offered.model
+    names = model.manifest.inputs.feature_names or []
+    x = to_array([ex.features(names)], model.manifest.inputs, 1)
+    params = to_params(PredictParameters(), model, st.settings.max_samples)
+    batcher = st.batcher(model.name, model.version)
+    card_id = str(uuid.uuid4())  # known before the answer: the audit record names it
+    timeout = cds.settings.cds_timeout_ms / 1000.0
+    pred = await run(request, batcher, x, params, timeout, card_uuid=card_id)
+    ctx = fhir.Context(
+        subject=ex.patient,
+        when=now,
+        basis=ex.basis(),
+        encounter=body.encounter(),
+        version=cds.settings.fhir_version,
+        mapping=offered.mapping,
+    )
+    resource = fhir.resource(model, pred, 0, ctx)
+    issued = card_builder.card(offered.mapping, model, pred, 0, ex, resource, card_id)
+    card = issued.card
+    cds.ledger.issue(
+        Record(
+            card=card["uuid"],
+            service=service_id,
+            suggestion=issued.suggestion,
+            model=model.name,
+            version=model.version,
+            digest=model.digest,
+            hook_instance=body.hookInstance,
+            referred=issued.referred,
+        )
+    )
+    if cds.counters:
+        cds.counters["cards"].labels(service_id, card["indicator"]).inc()
+    claims = getattr(request.state, "cds_claims", None)
+    audit.info(
+        "cds card",
+        extra={
+            "service": service_id,
+            "hook_instance": body.hookInstance,
+            "card": card["uuid"],
+            "model": model.name,
+            "version": model.version,
+            "digest": model.digest,
+            "samples": pred.samples,
+            "seed": pred.seed,
+            "referred": issued.referred,
+            "iss": claims.iss if claims else None,
+            "jti": claims.jti if claims else None,
+            "tenant": claims.tenant if claims else None,
+        },
+    )
+    return cds_json({"cards": [card]})
+
+
+@router.post(
+    "/{service_id}/feedback", summary="Feedback on a service's cards", openapi_extra=FEEDBACK_DOC
+)
+async def feedback(service_id: ServiceId, request: Request) -> Response:
+    cds = clinical(request)
+    url = called_url(request, cds.settings)
+    # `aud` is the URL called; the service's own URL is accepted too (clients differ here).
+    authenticate(request, cds, [url, url.removesuffix("/feedback")])
+    cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
+    body = parse(FeedbackRequest, await request.body())
+    outcomes = cds.ledger.record(service_id, body.feedback)
+    for item, o in zip(body.feedback, outcomes, strict=True):
+        reason = item.overrideReason
+        audit_trail.record_feedback(
+            o.card,
+            o.outcome,
+            request=request,
+            override_reason=reason.model_dump(exclude_none=True) if reason else None,
+            outcome_timestamp=o.timestamp,
+            service_id=service_id,
+        )
+        if cds.counters:
+            cds.counters["feedback"].labels(service_id, o.outcome).inc()
+        audit.info(
+            "cds feedback",
+            extra={
+                "service": o.service,
+                "card": o.card,
+                "outcome": o.outcome,
+                "model": o.model,
+                "version": o.version,
+                "referred": o.referred,
+                "override_reason": o.override_reason,
+                "accepted_suggestions": o.accepted_suggestions,
+                "outcome_timestamp": o.timestamp,
+            },
+        )
+    return Response(status_code=200)

@@ -1,0 +1,134 @@
+"""Model lifecycle: load, warm and attach new versions; retire removed ones without dropping.
+
+Order matters for atomic switches: a version is loaded and warmed and its batcher started
+before it is registered, so a request without a version moves to it in one step; a retired
+version is unregistered first (new requests go elsewhere or get 404), and its batcher drains
+what it already holds before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from service.api.state import AppState
+from service.engine.batcher import Batcher
+from service.engine.model import PredictParams, ServedModel
+from service.engine.registry import Entry, discover
+from service.errors import ModelNotFoundError
+from service.metrics import Metrics
+
+log = logging.getLogger("mcserve.lifecycle")
+
+
+def warm(model: ServedModel) -> None:
+    """One MC and one deterministic call: first-call costs never land on a client."""
+    x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
+    samples = model.manifest.defaults.samples
+    model.predict(x, PredictParams(samples=samples, confidence=(0.9,), seed=0))
+    model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))
+
+
+class ModelControl:
+    def __init__(self, st: AppState, metrics: Metrics | None = None) -> None:
+        self.st = st
+        self.metrics = metrics
+        self._lock = asyncio.Lock()  # one repository change at a time
+
+    def _attach(self, model: ServedModel) -> None:
+        s = self.st.settings
+        b = Batcher(
+            model,
+            self.st.executor,
+            max_batch_rows=s.max_batch_rows,
+            max_queue_rows=s.max_queue_rows,
+            max_delay_s=s.max_delay_ms / 1000.0,
+            batching=s.batching,
+        )
+        if self.metrics is not None:
+            m = self.metrics
+            m.add_model(
+                model.name,
+                model.version,
+                model.digest,
+                "torch",
+                model.device,
+                lambda: float(b.stats.queue_rows),
+            )
+            b.on_batch = lambda rows, secs: m.observe_batch(model.name, rows, secs)
+            b.on_result = lambda pred, inputs: m.observe_result(model.name, pred, inputs)
+        b.start()
+        self.st.batchers[(model.name, model.version)] = b
+
+    async def _load(self, name: str, version: str | None, path: Path) -> Entry:
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(
+            self.st.executor, self.st.registry.build, name, version, path
+        )
+        if entry.model is not None:
+            await loop.run_in_executor(self.st.executor, warm, entry.model)
+            self._attach(entry.model)
+        self.st.registry.add(entry)
+        log.info(
+            "model loaded" if entry.ready else "model refused",
+            extra={"model": entry.name, "version": entry.version, "reason": entry.error},
+        )
+        return entry
+
+    async def _retire(self, entry: Entry) -> None:
+        self.st.registry.unload(entry.name, entry.version)
+        batcher = self.st.batchers.get((entry.name, entry.version))
+        if batcher is not None:
+            await batcher.stop(drain=True)
+            self.st.batchers.pop((entry.name, entry.version), None)
+        if self.metrics is not None and entry.model is not None:
+            m = entry.model
+            self.metrics.remove_model(m.name, m.version, m.digest, "torch", m.device)
+        log.info("model retired", extra={"model": entry.name, "version": entry.version})
+
+    async def sync(self) -> None:
+        """Make the loaded set equal the repository on disk (start-up and polling)."""
+        async with self._lock:
+            found = {
+                path: (name, version) for name, version, path in discover(self.st.registry.root)
+            }
+            loaded = {e.path: e for e in self.st.registry.entries()}
+            for path, (name, version) in found.items():
+                if path not in loaded:
+                    await self._load(name, version, path)
+            for path, entry in loaded.items():
+                if path not in found:
+                    await self._retire(entry)
+
+    async def load(self, name: str) -> list[Entry]:
+        """Explicit control: load every version of `name` found on disk and not yet loaded."""
+        async with self._lock:
+            known = self.st.registry.paths()
+            todo = [(n, v, p) for n, v, p in discover(self.st.registry.root) if n == name]
+            if not todo:
+                raise ModelNotFoundError(f"model '{name}' is not in the repository on disk")
+            return [await self._load(n, v, p) for n, v, p in todo if p not in known]
+
+    async def unload(self, name: str, version: str | None = None) -> int:
+        """Explicit control: retire every version of `name`, or just `version`."""
+        async with self._lock:
+            entries = self.st.registry.versions(name)
+            if version is not None:
+                entries = [e for e in entries if e.version == version]
+            if not entries:
+                what = f"model '{name}'" + (f" version '{version}'" if version else "")
+                raise ModelNotFoundError(f"{what} is not loaded")
+            for e in entries:
+                await self._retire(e)
+            return len(entries)
+
+    async def poll_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+            except Exception:  # polling must survive a bad moment on disk
+                log.exception("repository poll failed")

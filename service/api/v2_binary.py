@@ -1,0 +1,141 @@
+"""Tensors in and out of /v2: JSON `data` and the binary tensor extension.
+
+Binary tensor extension (Triton's `binary_tensor_data`): the body is a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw little-endian row-major tensors, each
+input's length in its `parameters.binary_data_size`, in the order of the inputs. Responses use
+the same layout when any output is binary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.api.v2_schemas import RequestInput
+from service.bundle.manifest import InputSpec
+from service.engine.inputs import to_array
+from service.errors import InvalidInputError
+
+HEADER = "Inference-Header-Content-Length"
+NP_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "|b1"}
+FLOAT_INPUTS = ("FP32", "FP64", "FP16")
+
+
+def split(raw: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tail) of a request body."""
+    if header_length is None:
+        return raw, memoryview(b"")
+    if header_length > len(raw):
+        raise InvalidInputError(
+            f"{HEADER} is {header_length} but the body holds only {len(raw)} bytes"
+        )
+    return raw[:header_length], memoryview(raw)[header_length:]
+
+
+def _numbers(data: list[Any], name: str) -> list[float | int]:
+    """Flatten nested `data` row-major, refusing anything but numbers (true/false included)."""
+    flat: list[float | int] = []
+
+    def walk(node: list[Any]) -> None:
+        for v in node:
+            if type(v) is float or type(v) is int:
+                flat.append(v)
+            elif type(v) is list:
+                walk(v)
+            else:
+                raise InvalidInputError(
+                    f"input '{name}': data must hold numbers only (flat or nested), got {v!r:.40}"
+                )
+
+    walk(data)
+    return flat
+
+
+def _check_shape(inp: RequestInput, spec: InputSpec) -> None:
+    if inp.shape[1:] != spec.shape or len(inp.shape) != 1 + len(spec.shape) or inp.shape[0] < 1:
+        want = ", ".join(str(d) for d in spec.shape)
+        raise InvalidInputError(
+            f"input '{inp.name}': shape {inp.shape} does not fit the model; expected "
+            f"[B, {want}] with B >= 1 instances"
+        )
+
+
+def decode_input(
+    inputs: list[RequestInput], binary: memoryview, spec: InputSpec, max_instances: int
+) -> np.ndarray:
+    """The request's one input as float32 [B, *shape], checked like /v1 instances."""
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {names}")
+    (inp,) = inputs
+    if inp.name != spec.name:
+        raise InvalidInputError(
+            f"unknown input '{inp.name}'; the model takes one input, '{spec.name}'"
+        )
+    if inp.datatype not in FLOAT_INPUTS:
+        raise InvalidInputError(
+            f"input '{inp.name}': datatype {inp.datatype} is not supported; send FP32 "
+            "(FP64 and FP16 are cast to FP32)"
+        )
+    _check_shape(inp, spec)
+    count = math.prod(inp.shape)
+    size = inp.parameters.binary_data_size if inp.parameters else None
+    if size is not None:
+        if inp.data is not None:
+            raise InvalidInputError(
+                f"input '{inp.name}': give either data or parameters.binary_data_size, not both"
+            )
+        dtype = np.dtype(NP_DTYPES[inp.datatype])
+        if size != count * dtype.itemsize:
+            raise InvalidInputError(
+                f"input '{inp.name}': binary_data_size is {size} bytes but shape {inp.shape} of "
+                f"{inp.datatype} needs {count * dtype.itemsize}"
+            )
+        if len(binary) != size:
+            raise InvalidInputError(
+                f"the body holds {len(binary)} bytes after the JSON header but the inputs' "
+                f"binary_data_size add up to {size}"
+            )
+        arr = np.frombuffer(binary, dtype=dtype).astype(np.float64)
+    else:
+        if inp.data is None:
+            raise InvalidInputError(
+                f"input '{inp.name}' has no data: give data, or binary_data_size and the bytes "
+                "after the JSON header"
+            )
+        if len(binary):
+            raise InvalidInputError(
+                f"the body holds {len(binary)} bytes after the JSON header that no input claims "
+                "(set parameters.binary_data_size)"
+            )
+        flat = _numbers(inp.data, inp.name)
+        if len(flat) != count:
+            raise InvalidInputError(
+                f"input '{inp.name}': shape {inp.shape} holds {count} values but data has "
+                f"{len(flat)}"
+            )
+        arr = np.asarray(flat, dtype=object)
+    # One checker for both protocols: count, finiteness and each model's valid ranges.
+    return to_array(arr.reshape(inp.shape).tolist(), spec, max_instances)
+
+
+def encode(
+    head: dict[str, Any], outputs: list[tuple[str, str, np.ndarray, bool]]
+) -> tuple[bytes, bytes]:
+    """(JSON header, binary outputs in order) of a response; sets head['outputs']."""
+    chunks: list[bytes] = []
+    described = []
+    for name, datatype, arr, binary in outputs:
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            raw = np.ascontiguousarray(arr, dtype=NP_DTYPES[datatype]).tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            out["data"] = arr.ravel().tolist()
+        described.append(out)
+    head["outputs"] = described
+    return orjson.dumps(head), b"".join(chunks)

@@ -1,0 +1,83 @@
+"""The output tensors of /v2: every uncertainty summary of the engine as a named tensor.
+
+Shapes are batch-first: `[B, *shape]`. Float outputs are FP64, the engine's own precision, so
+/v1 and /v2 give the same numbers bit for bit. `label` is the INT64 class index (the class names
+are the model's `outputs.labels`, listed by GET /v1/models/{name}); an index reads directly with
+tritonclient's `as_numpy`.
+
+`prediction_set` (BOOL [B, K], conformal, at the request's confidence) exists for calibrated
+classifiers only; `refer` (BOOL [B]: a human should look) for every model, since each has a
+referral policy (its bundle's, or the default one at its confidence level). Both are MC outputs.
+To add an output: add its `TensorSpec` in `specs` under the condition that makes it exist, and
+say in `values` where the engine's `Prediction` holds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine.model import Prediction, ServedModel
+from service.engine.summaries import ClassificationSummary, RegressionSummary
+
+PLATFORM = "pytorch_mc_dropout"
+CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
+REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str  # FP64 | INT64 | BOOL
+    shape: tuple[int, ...]  # per instance, without the batch dimension
+    deterministic: bool = False  # also answered by mode=deterministic (dropout off)
+
+    def metadata(self) -> dict[str, object]:
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
+
+
+def specs(model: ServedModel) -> list[TensorSpec]:
+    """Every output the model can answer, in the order of a response that names none."""
+    labels = model.manifest.outputs.labels
+    if labels:
+        k = (len(labels),)
+        out = [
+            TensorSpec("probabilities", "FP64", k, deterministic=True),
+            TensorSpec("probability_std", "FP64", k),
+            TensorSpec("label", "INT64", ()),
+            *(TensorSpec(n, "FP64", ()) for n in CLASS_SCORES),
+        ]
+        if model.calibrator.calibrated:
+            out.append(TensorSpec("prediction_set", "BOOL", k))
+    else:
+        d = (1,)
+        out = [
+            TensorSpec("mean", "FP64", d, deterministic=True),
+            *(TensorSpec(n, "FP64", d) for n in REGRESSION),
+        ]
+    return [*out, TensorSpec("refer", "BOOL", ())]
+
+
+def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
+    """The arrays of the `wanted` outputs (already checked against `specs` and the mode)."""
+    if pred.point is not None:
+        # Deterministic mode answers one output: the mean or the probabilities.
+        return [np.asarray(pred.point, dtype=np.float64) for _ in wanted]
+    s = pred.summary
+    assert isinstance(s, RegressionSummary | ClassificationSummary)
+    out = []
+    for spec in wanted:
+        # One confidence level per /v2 request: the first (only) interval and prediction set.
+        if spec.name in ("lower", "upper"):
+            arr = getattr(s.intervals[0], spec.name)
+        elif spec.name == "prediction_set":
+            assert isinstance(s, ClassificationSummary)
+            arr = s.prediction_sets[0].members
+        elif spec.name == "refer":
+            assert pred.referral is not None
+            arr = pred.referral.refer
+        else:
+            arr = getattr(s, spec.name)
+        out.append(np.asarray(arr))
+    return out

@@ -1,0 +1,171 @@
+"""Request and response models of the Open Inference Protocol (/v2), also its OpenAPI documentation.
+
+The infer body is parsed by hand (it may carry binary tensors after the JSON), so `InferRequest`
+is validated in `v2.py` and declared in the OpenAPI document through `inline_schema`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.schemas import MAX_SEED
+
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+    "BF16",
+]
+Dim = Annotated[int, Field(ge=0, strict=True)]
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputParameters(Closed):
+    binary_data_size: int | None = Field(
+        default=None, ge=0, strict=True, description="bytes of this input after the JSON header"
+    )
+
+
+class RequestInput(Closed):
+    name: str
+    shape: list[Dim] = Field(max_length=16, description="[batch, *input shape]")
+    datatype: Datatype = Field(description="FP32; FP64 and FP16 are cast to FP32")
+    parameters: InputParameters | None = None
+    data: list[Any] | None = Field(default=None, description="row-major, flat or nested")
+
+
+class OutputParameters(Closed):
+    binary_data: bool | None = Field(default=None, strict=True)
+
+
+class RequestOutput(Closed):
+    name: str
+    parameters: OutputParameters | None = None
+
+
+class InferParameters(Closed):
+    """mcserve's own request parameters plus the keys tritonclient reserves."""
+
+    samples: int | None = Field(
+        default=None, ge=2, strict=True, description="MC passes; default: the model's"
+    )
+    confidence: float | None = Field(
+        default=None, gt=0, lt=1, allow_inf_nan=False, description="interval level; one level"
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, strict=True, description="replay a previous answer"
+    )
+    mode: Literal["mc", "deterministic"] = "mc"
+    interval: Literal["gaussian", "quantile", "conformal"] | None = None
+    timeout: int | None = Field(
+        default=None, ge=1, strict=True, description="deadline in microseconds (tritonclient)"
+    )
+    binary_data_output: bool | None = Field(
+        default=None, strict=True, description="every output binary unless it says otherwise"
+    )
+    # Accepted and ignored: every request is independent and the queue is first in, first out.
+    sequence_id: int | str | None = Field(default=None, description="ignored (stateless models)")
+    sequence_start: bool | None = Field(default=None, description="ignored")
+    sequence_end: bool | None = Field(default=None, description="ignored")
+    priority: int | None = Field(default=None, ge=0, strict=True, description="ignored (FIFO)")
+
+
+class InferRequest(Closed):
+    id: str | None = None
+    parameters: InferParameters = InferParameters()
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = Field(default=None, min_length=1)
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[float | bool | None] | None = Field(
+        default=None, description="row-major, flat; null: unbounded (a conformal interval)"
+    )
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, str | int | float | bool] = {}
+    outputs: list[ResponseOutput]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+    error: str | None = None
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class V2Error(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    request_id: str | None = None
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with every `$defs` reference replaced by its definition."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

@@ -1,0 +1,145 @@
+"""`python -m service audit show ID | replay ID [--inputs FILE]` (ID: record id or request id).
+
+The store and the model repository come from the same settings as the server (MCSERVE_AUDIT_URL
+or MCSERVE_AUDIT_PATH, MCSERVE_MODEL_DIR, MCSERVE_AUDIT_HMAC_KEY); options override them.
+Exit status: 0 found / bit-identical, 1 replayed but different, 2 cannot (not found, ambiguous,
+bundle or inputs missing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from service.audit.record import AuditRecord
+    from service.audit.store import Store
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Read and replay the audit trail"
+)
+
+Url = Annotated[str | None, typer.Option(help="PostgreSQL URL (default: MCSERVE_AUDIT_URL)")]
+DbPath = Annotated[Path | None, typer.Option("--path", help="SQLite file (MCSERVE_AUDIT_PATH)")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _open(url: str | None, path: Path | None) -> Store:
+    from service.audit.store import open_store
+    from service.settings import Settings
+
+    s = Settings()
+    url = url if url is not None else s.audit_url
+    path = path or s.audit_path
+    if not url and not path.exists():
+        raise _fail(f"no audit database at {path} (--path or MCSERVE_AUDIT_PATH)")
+    return open_store(url, path)
+
+
+def _one(store: Store, key: str) -> AuditRecord:
+    found = store.find(key)
+    if not found:
+        raise _fail(f"no audit record with id or request id '{key}' in {store.description}")
+    if len(found) > 1:
+        ids = ", ".join(str(r.id) for r in found)
+        raise _fail(f"'{key}' matches records {ids}: give the record id")
+    return found[0]
+
+
+def _describe(rec: AuditRecord, feedback: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "recorded_at": rec.recorded_at.isoformat(),
+        "request_id": rec.request_id,
+        "route": rec.route,
+        "caller": rec.caller,
+        "model": {"name": rec.model, "version": rec.version, "digest": rec.digest},
+        "backend": rec.backend,
+        "device": rec.device,
+        "params": rec.params,
+        "inputs": rec.inputs["data"] if rec.inputs is not None else None,
+        "inputs_hmac": rec.inputs_hmac,
+        "inputs_key_id": rec.inputs_key_id,
+        "referral": rec.referral,
+        "referred": rec.referred,
+        "card_uuid": rec.card_uuid,
+        "feedback": [
+            {k: (str(v) if k == "recorded_at" else v) for k, v in f.items() if k != "id"}
+            for f in feedback
+        ],
+        "software": rec.software,
+        "replica": rec.replica,
+        "summary": rec.summary,
+    }
+
+
+@app.command()
+def show(
+    key: Annotated[str, typer.Argument(metavar="ID", help="record id or request id")],
+    url: Url = None,
+    path: DbPath = None,
+) -> None:
+    """Print one record as JSON (with the CDS feedback on its card, if any)."""
+    import orjson
+
+    from service.errors import McServeError
+
+    try:
+        with _open(url, path) as store:
+            rec = _one(store, key)
+            feedback = store.feedback(rec.card_uuid) if rec.card_uuid else []
+    except McServeError as exc:
+        raise _fail(exc.message) from None
+    doc = _describe(rec, feedback)
+    doc["summary"] = orjson.loads(rec.summary)
+    typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
+def replay(
+    key: Annotated[str, typer.Argument(metavar="ID", help="record id or request id")],
+    inputs: Annotated[
+        Path | None,
+        typer.Option(help="JSON instances, when the record keeps only an HMAC of its inputs"),
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="model repository")] = None,
+    url: Url = None,
+    path: DbPath = None,
+) -> None:
+    """Recompute a recorded prediction and report whether it is bit-identical."""
+    from service.audit.replay import replay as run_replay
+    from service.errors import McServeError
+    from service.settings import Settings
+
+    s = Settings()
+    key_bytes = s.audit_hmac_key.get_secret_value().encode() if s.audit_hmac_key else None
+    try:
+        with _open(url, path) as store:
+            rec = _one(store, key)
+        result = run_replay(
+            rec,
+            model_dir or s.model_dir,
+            inputs=inputs,
+            hmac_key=key_bytes,
+            policy=s.trust_policy(),
+        )
+    except McServeError as exc:
+        raise _fail(exc.message) from None
+    what = f"record {rec.id} ({rec.model} {rec.version}, {rec.backend} on {rec.device}"
+    what += f", seed {rec.seed})" if rec.seed is not None else ")"
+    if result.identical:
+        typer.echo(f"bit-identical: {what}")
+    else:
+        typer.echo(f"DIFFERENT: {what}")
+        for d in result.differences:
+            typer.echo(f"  {d}")
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    if not result.identical:
+        raise typer.Exit(1)

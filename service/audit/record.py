@@ -1,0 +1,295 @@
+"""What the audit trail keeps for one prediction, and for one piece of CDS feedback.
+
+The request path hands over references only (`PredictionEvent`: the model, the input array, the
+parameters and the engine's `Prediction`); the writer's thread turns them into a row
+(`prediction_row`): the summary JSON, the inputs (or their keyed HMAC), the referral decision.
+The summary is the native answer's JSON for that prediction (`service.api.encode.response`),
+whatever the route: the numbers the client got, in one canonical form that a replay can
+recompute and compare byte for byte.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import importlib.metadata
+import platform
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+import torch
+
+from service.api.encode import referrals
+from service.api.encode import response as encode_response
+from service.engine.model import Prediction, PredictParams, ServedModel
+
+InputsMode = Literal["store", "hmac"]
+HMAC_PREFIX = "hmac-sha256:"
+_HMAC_DOMAIN = b"mcserve-audit-inputs-v1\0"
+
+
+@dataclass(eq=False)
+class PredictionEvent:
+    """One prediction as the request path saw it (cheap to build: no encoding here)."""
+
+    at: float  # time.time() when the answer was ready
+    request_id: str | None
+    route: str
+    caller: str | None  # API key id, or the CDS client's `iss`
+    model: ServedModel
+    x: np.ndarray  # the engine's input, [B, *input_shape]
+    params: PredictParams
+    prediction: Prediction
+    card_uuid: str | None = None
+    row: dict[str, Any] | None = field(default=None, repr=False)  # filled once, by the writer
+
+
+@dataclass(eq=False)
+class FeedbackEvent:
+    """A clinician's decision on a CDS card (CDS Hooks feedback), linked by the card's uuid."""
+
+    at: float
+    card_uuid: str
+    outcome: str  # accepted | overridden
+    override_reason: Any = None  # the CDS `overrideReason` object, as sent
+    outcome_timestamp: str | None = None
+    service_id: str | None = None
+    request_id: str | None = None
+    caller: str | None = None
+    row: dict[str, Any] | None = field(default=None, repr=False)
+
+
+Event = PredictionEvent | FeedbackEvent
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One stored prediction, as read back (`Store.find`)."""
+
+    id: int
+    recorded_at: datetime
+    request_id: str | None
+    route: str
+    caller: str | None
+    model: str
+    version: str
+    digest: str
+    backend: str
+    device: str
+    mode: str
+    samples: int | None
+    seed: int | None
+    params: dict[str, Any]
+    n_inputs: int
+    inputs: dict[str, Any] | None  # {"dtype", "shape", "data"} when stored
+    inputs_hmac: str | None
+    inputs_key_id: str | None
+    summary: str  # the JSON text, byte for byte as recorded
+    referral: list[dict[str, Any] | None] | None
+    referred: bool | None
+    card_uuid: str | None
+    software: dict[str, Any]
+    replica: str
+
+    def input_array(self) -> np.ndarray | None:
+        if self.inputs is None:
+            return None
+        spec = self.inputs
+        return np.asarray(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def utc(at: float) -> datetime:
+    return datetime.fromtimestamp(at, UTC)
+
+
+def inputs_hmac(key: bytes, x: np.ndarray) -> str:
+    """A keyed digest of the engine input: dtype, shape and the little-endian bytes, so the
+    same numbers give the same digest whether they came as arrays, named features or tensors."""
+    a = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+    mac = hmac.new(key, _HMAC_DOMAIN, hashlib.sha256)
+    mac.update(dumps({"dtype": a.dtype.name, "shape": list(a.shape)}).encode())
+    mac.update(a.tobytes())
+    return HMAC_PREFIX + mac.hexdigest()
+
+
+def key_id(key: bytes) -> str:
+    """Names a key without revealing it (which key to use when the key is rotated)."""
+    return hmac.new(key, b"mcserve-audit-key-id", hashlib.sha256).hexdigest()[:16]
+
+
+def encode_inputs(x: np.ndarray) -> dict[str, Any]:
+    # float32 -> Python float is exact, and JSON floats round-trip: the stored numbers are the
+    # engine's input bit for bit.
+    return {"dtype": x.dtype.name, "shape": list(x.shape), "data": x.tolist()}
+
+
+def summary_json(model: ServedModel, pred: Prediction) -> str:
+    return dumps(encode_response(model, pred))
+
+
+@functools.cache
+def software() -> dict[str, Any]:
+    """What else decides the last bits of a float: a replay compares it with its own."""
+    import onnxruntime
+
+    try:
+        mcserve = importlib.metadata.version("mcserve")
+    except importlib.metadata.PackageNotFoundError:
+        mcserve = "unknown"
+    return {
+        "mcserve": mcserve,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+@functools.cache
+def replica() -> str:
+    return socket.gethostname()
+
+
+def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> dict[str, Any]:
+    pred, p, m = e.prediction, e.params, e.model
+    refs = referrals(pred.referral, int(e.x.shape[0])) if pred.referral is not None else None
+    params = {
+        "samples": p.samples,
+        "confidence": list(p.confidence),
+        "seed": pred.seed,  # the seed used: given by the client, or drawn and reported
+        "seed_given": p.seed is not None,
+        "mode": p.mode,
+        "interval": p.interval,
+        # The effective referral policy (the manifest's, with the operator's overrides): the
+        # referral decision in the summary depends on it, so a replay applies the same.
+        "referral_policy": m.calibrator.policy.model_dump(mode="json"),
+    }
+    stored = mode == "store"
+    if not stored and key is None:
+        raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
+    return {
+        "recorded_at": utc(e.at),
+        "request_id": e.request_id,
+        "route": e.route,
+        "caller": e.caller,
+        "model": m.name,
+        "version": m.version,
+        "digest": m.digest,
+        "backend": pred.backend,
+        "device": pred.device,
+        "mode": pred.mode,
+        "samples": pred.samples,
+        "seed": pred.seed,
+        "params": dumps(params),
+        "n_inputs": int(e.x.shape[0]),
+        "inputs": dumps(encode_inputs(e.x)) if stored else None,
+        "inputs_hmac": inputs_hmac(key, e.x) if key is not None else None,
+        "inputs_key_id": key_id(key) if key is not None else None,
+        "summary": summary_json(m, pred),
+        "referral": dumps(refs) if refs is not None else None,
+        "referred": any(r is not None and r["refer"] for r in refs) if refs is not None else None,
+        "card_uuid": e.card_uuid,
+        "software": dumps(software()),
+        "replica": replica(),
+    }
+
+
+def feedback_row(e: FeedbackEvent) -> dict[str, Any]:
+    return {
+        "recorded_at": utc(e.at),
+        "card_uuid": e.card_uuid,
+        "outcome": e.outcome,
+        "override_reason": dumps(e.override_reason) if e.override_reason is not None else None,
+        "outcome_timestamp": e.outcome_timestamp,
+        "service_id": e.service_id,
+        "request_id": e.request_id,
+        "caller": e.caller,
+        "replica": replica(),
+    }
+
+
+RECORD_COLUMNS = (
+    "recorded_at",
+    "request_id",
+    "route",
+    "caller",
+    "model",
+    "version",
+    "digest",
+    "backend",
+    "device",
+    "mode",
+    "samples",
+    "seed",
+    "params",
+    "n_inputs",
+    "inputs",
+    "inputs_hmac",
+    "inputs_key_id",
+    "summary",
+    "referral",
+    "referred",
+    "card_uuid",
+    "software",
+    "replica",
+)
+FEEDBACK_COLUMNS = (
+    "recorded_at",
+    "card_uuid",
+    "outcome",
+    "override_reason",
+    "outcome_timestamp",
+    "service_id",
+    "request_id",
+    "caller",
+    "replica",
+)
+
+
+def from_row(row: dict[str, Any]) -> AuditRecord:
+    """A stored row (column name -> value; JSON columns as text) back to an `AuditRecord`."""
+    at = row["recorded_at"]
+    if isinstance(at, str):
+        at = datetime.fromisoformat(at)
+
+    def load(col: str) -> Any:
+        v = row[col]
+        return orjson.loads(v) if v is not None else None
+
+    referred = row["referred"]
+    return AuditRecord(
+        id=int(row["id"]),
+        recorded_at=at,
+        request_id=row["request_id"],
+        route=row["route"],
+        caller=row["caller"],
+        model=row["model"],
+        version=row["version"],
+        digest=row["digest"],
+        backend=row["backend"],
+        device=row["device"],
+        mode=row["mode"],
+        samples=row["samples"],
+        seed=row["seed"],
+        params=load("params"),
+        n_inputs=int(row["n_inputs"]),
+        inputs=load("inputs"),
+        inputs_hmac=row["inputs_hmac"],
+        inputs_key_id=row["inputs_key_id"],
+        summary=row["summary"],
+        referral=load("referral"),
+        referred=None if referred is None else bool(referred),
+        card_uuid=row["card_uuid"],
+        software=load("software"),
+        replica=row["replica"],
+    )

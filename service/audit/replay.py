@@ -1,0 +1,212 @@
+"""Replay a recorded prediction and say whether it is bit-identical.
+
+The recorded bundle version is loaded from the model repository (its digest must match the
+record's: bundle versions are immutable), on the recorded device with the recorded thread
+count, with the recorded parameters, seed and effective referral policy. The recomputed summary
+JSON is compared byte for byte with the stored one; differences are listed by JSON path.
+
+With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
+against the HMAC (with the same key) before anything is computed.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from service.audit.record import AuditRecord, inputs_hmac, key_id, software, summary_json
+from service.bundle.load import TrustPolicy, load_bundle
+from service.engine.inputs import to_array
+from service.engine.model import PredictParams, ServedModel
+from service.engine.registry import discover
+from service.errors import McServeError
+
+MAX_DIFFERENCES = 20
+
+
+class ReplayError(McServeError):
+    """The record cannot be replayed here (bundle, device, inputs or key missing or wrong)."""
+
+    code = "invalid_input"
+
+
+@dataclass
+class ReplayResult:
+    record: AuditRecord
+    identical: bool
+    recomputed: str  # the recomputed summary JSON
+    differences: list[str] = field(default_factory=list)  # "path: stored X, recomputed Y"
+    notes: list[str] = field(default_factory=list)  # e.g. software that differs from the record
+
+
+def find_bundle(record: AuditRecord, model_dir: Path, policy: TrustPolicy) -> Path:
+    """The directory of the recorded model version, verified, with the recorded digest."""
+    seen = []
+    for name, version, path in discover(model_dir):
+        if name != record.model or version not in (record.version, None):
+            continue
+        bundle = load_bundle(path, policy)
+        seen.append(f"{path} (version {bundle.manifest.version}, {bundle.digest})")
+        if bundle.manifest.version != record.version:
+            continue
+        if bundle.digest != record.digest:
+            raise ReplayError(
+                f"{path} is {record.model} version {record.version} with digest {bundle.digest}, "
+                f"but the record says {record.digest}: bundle versions are immutable, so this is "
+                "not the bundle that answered; restore the original"
+            )
+        return path
+    raise ReplayError(
+        f"model '{record.model}' version '{record.version}' is not in {model_dir}"
+        + (f"; found {', '.join(seen)}" if seen else "")
+        + " (--model-dir names the repository)"
+    )
+
+
+def read_inputs(path: Path, model: ServedModel) -> np.ndarray:
+    """Inputs from a JSON file: the request's instances, as a list or as {"instances": [...]}."""
+    try:
+        value = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ReplayError(f"cannot read inputs from {path}: {exc}") from exc
+    instances = value.get("instances") if isinstance(value, dict) else value
+    if not isinstance(instances, list):
+        raise ReplayError(f"{path}: expected a JSON list of instances or {{'instances': [...]}}")
+    return to_array(instances, model.manifest.inputs, max(1, len(instances)))
+
+
+def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
+    """Supplied inputs must match the record's HMAC (or its stored inputs)."""
+    stored = record.input_array()
+    if stored is not None:
+        if stored.shape != x.shape or stored.tobytes() != x.astype(stored.dtype).tobytes():
+            raise ReplayError("the supplied inputs differ from the inputs stored in the record")
+        return
+    if record.inputs_hmac is None:
+        raise ReplayError("the record holds neither inputs nor their HMAC")
+    if key is None:
+        raise ReplayError(
+            "the record holds only an HMAC of its inputs: set MCSERVE_AUDIT_HMAC_KEY to the key "
+            f"that made it (key id {record.inputs_key_id})"
+        )
+    if record.inputs_key_id is not None and key_id(key) != record.inputs_key_id:
+        raise ReplayError(
+            f"the key given has id {key_id(key)}, the record was made with key id "
+            f"{record.inputs_key_id}: use that key"
+        )
+    if not hmac.compare_digest(inputs_hmac(key, x), record.inputs_hmac):
+        raise ReplayError(
+            "the supplied inputs do not match the record's HMAC: they are not the inputs of this "
+            "prediction (check the order of instances and every value)"
+        )
+
+
+def differences(stored: Any, recomputed: Any, path: str = "$") -> list[str]:
+    """JSON paths where two parsed documents differ (floats compared exactly)."""
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for k in list(stored) + [k for k in recomputed if k not in stored]:
+            if k not in recomputed or k not in stored:
+                out.append(f"{path}.{k}: present in only one")
+            else:
+                out.extend(differences(stored[k], recomputed[k], f"{path}.{k}"))
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [f"{path}: {len(stored)} items stored, {len(recomputed)} recomputed"]
+        out = []
+        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
+            out.extend(differences(a, b, f"{path}[{i}]"))
+        return out
+    same = type(stored) is type(recomputed) and stored == recomputed
+    return [] if same else [f"{path}: stored {stored!r}, recomputed {recomputed!r}"]
+
+
+def _device(record: AuditRecord) -> str:
+    device = record.device.split(" ")[0]  # "cuda:0 (NVIDIA H100 ...)" -> "cuda:0"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReplayError(
+            f"the prediction ran on {record.device}; this machine has no CUDA device, and a "
+            "replay is bit-identical only on the same backend and device"
+        )
+    return device
+
+
+def replay(
+    record: AuditRecord,
+    model_dir: Path,
+    *,
+    inputs: np.ndarray | Path | None = None,
+    hmac_key: bytes | None = None,
+    policy: TrustPolicy | None = None,
+) -> ReplayResult:
+    """Recompute `record`; `inputs` (an array or a JSON file) when only an HMAC is stored."""
+    policy = policy or TrustPolicy()
+    path = find_bundle(record, model_dir, policy)
+    threads = int(record.software.get("threads") or torch.get_num_threads())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # thread count can change a float's last bit
+    try:
+        return _replay(record, path, threads, inputs, hmac_key, policy)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _replay(
+    record: AuditRecord,
+    path: Path,
+    threads: int,
+    inputs: np.ndarray | Path | None,
+    hmac_key: bytes | None,
+    policy: TrustPolicy,
+) -> ReplayResult:
+    p = record.params
+    model = ServedModel(
+        load_bundle(path, policy),
+        device=_device(record),
+        onnx_threads=threads,
+        referral_overrides={record.model: p["referral_policy"]} if "referral_policy" in p else None,
+    )
+    if isinstance(inputs, Path):
+        inputs = read_inputs(inputs, model)
+    if inputs is not None:
+        check_inputs(record, inputs, hmac_key)
+        x = inputs
+    else:
+        stored = record.input_array()
+        if stored is None:
+            raise ReplayError(
+                "the record holds only an HMAC of its inputs: supply them (--inputs FILE, the "
+                "request's instances as JSON); they are checked against the HMAC first"
+            )
+        x = stored
+    params = PredictParams(
+        samples=int(p["samples"]),
+        confidence=tuple(float(c) for c in p["confidence"]),
+        seed=p["seed"],
+        mode=p["mode"],
+        interval=p["interval"],
+    )
+    recomputed = summary_json(model, model.predict(x, params))
+    result = ReplayResult(record, recomputed == record.summary, recomputed)
+    if not result.identical:
+        try:
+            stored_doc = orjson.loads(record.summary)
+        except orjson.JSONDecodeError:
+            result.differences = ["$: the stored summary is not valid JSON"]
+        else:
+            found = differences(stored_doc, orjson.loads(recomputed))
+            result.differences = found[:MAX_DIFFERENCES] or ["$: the JSON text differs"]
+            if len(found) > MAX_DIFFERENCES:
+                result.differences.append(f"... and {len(found) - MAX_DIFFERENCES} more")
+    here = software() | {"threads": threads}
+    for k, v in record.software.items():
+        if here.get(k) != v:
+            result.notes.append(f"{k}: recorded {v}, here {here.get(k)}")
+    return result

@@ -1,0 +1,326 @@
+"""The audit store: an append-only pair of tables on SQLite (default) or PostgreSQL.
+
+The service creates and migrates the schema itself (`audit_schema_version` holds the applied
+versions; a store newer than this code is refused, never downgraded). Triggers refuse UPDATE
+and DELETE on the audit tables: the service only ever appends, and an accidental edit fails
+loudly. (Someone with the database owner's rights can still drop a trigger; replay detects a
+changed summary, see `replay.py`.)
+
+One `Store` is used by one thread at a time: the writer's thread, or a CLI command.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.audit.record import FEEDBACK_COLUMNS, RECORD_COLUMNS, AuditRecord, from_row
+from service.errors import McServeError
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(McServeError):
+    """The audit store cannot be opened, migrated or read."""
+
+    code = "audit_unavailable"
+
+
+SQLITE_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE audit_records (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            recorded_at TEXT NOT NULL,
+            request_id TEXT, route TEXT NOT NULL, caller TEXT,
+            model TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+            backend TEXT NOT NULL, device TEXT NOT NULL, mode TEXT NOT NULL,
+            samples INTEGER, seed INTEGER, params TEXT NOT NULL, n_inputs INTEGER NOT NULL,
+            inputs TEXT, inputs_hmac TEXT, inputs_key_id TEXT,
+            summary TEXT NOT NULL, referral TEXT, referred INTEGER, card_uuid TEXT,
+            software TEXT NOT NULL, replica TEXT NOT NULL,
+            CHECK (inputs IS NOT NULL OR inputs_hmac IS NOT NULL))""",
+        "CREATE INDEX audit_records_request_id ON audit_records (request_id)",
+        "CREATE INDEX audit_records_card_uuid ON audit_records (card_uuid)",
+        "CREATE INDEX audit_records_recorded_at ON audit_records (recorded_at)",
+        """CREATE TABLE audit_feedback (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            recorded_at TEXT NOT NULL, card_uuid TEXT NOT NULL, outcome TEXT NOT NULL,
+            override_reason TEXT, outcome_timestamp TEXT, service_id TEXT, request_id TEXT,
+            caller TEXT, replica TEXT NOT NULL)""",
+        "CREATE INDEX audit_feedback_card_uuid ON audit_feedback (card_uuid)",
+        *(
+            f"""CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t}
+                BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END"""
+            for t in ("audit_records", "audit_feedback")
+            for op in ("UPDATE", "DELETE")
+        ),
+    ],
+}
+
+POSTGRES_MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE audit_records (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            recorded_at TIMESTAMPTZ NOT NULL,
+            request_id TEXT, route TEXT NOT NULL, caller TEXT,
+            model TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+            backend TEXT NOT NULL, device TEXT NOT NULL, mode TEXT NOT NULL,
+            samples INTEGER, seed BIGINT, params TEXT NOT NULL, n_inputs INTEGER NOT NULL,
+            inputs TEXT, inputs_hmac TEXT, inputs_key_id TEXT,
+            summary TEXT NOT NULL, referral TEXT, referred BOOLEAN, card_uuid TEXT,
+            software TEXT NOT NULL, replica TEXT NOT NULL,
+            CHECK (inputs IS NOT NULL OR inputs_hmac IS NOT NULL))""",
+        "CREATE INDEX audit_records_request_id ON audit_records (request_id)",
+        "CREATE INDEX audit_records_card_uuid ON audit_records (card_uuid)",
+        "CREATE INDEX audit_records_recorded_at ON audit_records (recorded_at)",
+        """CREATE TABLE audit_feedback (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            recorded_at TIMESTAMPTZ NOT NULL, card_uuid TEXT NOT NULL, outcome TEXT NOT NULL,
+            override_reason TEXT, outcome_timestamp TEXT, service_id TEXT, request_id TEXT,
+            caller TEXT, replica TEXT NOT NULL)""",
+        "CREATE INDEX audit_feedback_card_uuid ON audit_feedback (card_uuid)",
+        """CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$""",
+        *(
+            f"""CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON {t}
+                FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()"""
+            for t in ("audit_records", "audit_feedback")
+        ),
+    ],
+}
+
+
+def _insert(table: str, columns: Sequence[str], mark: str) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+
+
+class Store(ABC):
+    """Append records and feedback in one transaction; read them back by id or request id."""
+
+    description: str
+
+    @abstractmethod
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the schema version now in place."""
+
+    @abstractmethod
+    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
+        """Insert every row in one transaction (all or nothing)."""
+
+    @abstractmethod
+    def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    mark = "?"
+
+    def find(self, key: str) -> list[AuditRecord]:
+        """Records whose id or request id is `key` (a client knows the X-Request-ID)."""
+        m = self.mark
+        if key.isdigit() and int(key) < 2**63:
+            sql = f"SELECT * FROM audit_records WHERE id = {m} OR request_id = {m} ORDER BY id"
+            rows = self._query(sql, (int(key), key))
+        else:
+            rows = self._query(f"SELECT * FROM audit_records WHERE request_id = {m}", (key,))
+        return [from_row(r) for r in rows]
+
+    def feedback(self, card_uuid: str) -> list[dict[str, Any]]:
+        m = self.mark
+        sql = f"SELECT * FROM audit_feedback WHERE card_uuid = {m} ORDER BY id"
+        return self._query(sql, (card_uuid,))
+
+    def count(self, table: str = "audit_records") -> int:
+        if table not in ("audit_records", "audit_feedback"):
+            raise ValueError(table)
+        return int(self._query(f"SELECT COUNT(*) AS n FROM {table}", ())[0]["n"])
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SqliteStore(Store):
+    """One file in WAL mode; `synchronous=FULL`: a committed batch survives a power cut."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self.conn.row_factory = sqlite3.Row
+            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self.conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the audit database {self.path}: {exc}") from exc
+        if mode != "wal":
+            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+        self._records = _insert("audit_records", RECORD_COLUMNS, "?")
+        self._feedback = _insert("audit_feedback", FEEDBACK_COLUMNS, "?")
+
+    def migrate(self) -> int:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+        try:
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS audit_schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            current = c.execute("SELECT MAX(version) FROM audit_schema_version").fetchone()[0] or 0
+            _check_version(current, self.description)
+            for v in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in SQLITE_MIGRATIONS[v]:
+                    c.execute(stmt)
+                c.execute(
+                    "INSERT INTO audit_schema_version VALUES (?, ?)",
+                    (v, datetime.now(UTC).isoformat()),
+                )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return SCHEMA_VERSION
+
+    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if records:
+                c.executemany(self._records, [_sqlite_values(r, RECORD_COLUMNS) for r in records])
+            if feedback:
+                c.executemany(
+                    self._feedback, [_sqlite_values(f, FEEDBACK_COLUMNS) for f in feedback]
+                )
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, tuple(args)).fetchall()]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _sqlite_values(row: dict[str, Any], columns: Sequence[str]) -> tuple[Any, ...]:
+    # Times as ISO 8601 text (sqlite3's implicit datetime adapter is deprecated).
+    return tuple(v.isoformat() if isinstance(v, datetime) else v for v in map(row.get, columns))
+
+
+class PostgresStore(Store):
+    """psycopg 3; one connection, reopened after a failure; migrations under an advisory lock
+    so that replicas starting together migrate once."""
+
+    mark = "%s"
+
+    def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.description = "postgresql:" + _redact(url)
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: Any = None
+        self._records = _insert("audit_records", RECORD_COLUMNS, "%s")
+        self._feedback = _insert("audit_feedback", FEEDBACK_COLUMNS, "%s")
+        self._connect()
+
+    def _connect(self) -> Any:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            self._conn.close()
+        try:
+            self._conn = psycopg.connect(
+                self.url,
+                connect_timeout=max(1, round(self.connect_timeout_s)),
+                row_factory=dict_row,
+            )
+        except psycopg.Error as exc:
+            self._conn = None
+            raise StoreError(
+                f"cannot connect to the audit database {self.description}: {exc}"
+            ) from exc
+        return self._conn
+
+    def migrate(self) -> int:
+        conn = self._connect()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('mcserve-audit-schema'))")
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS audit_schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+            )
+            cur.execute("SELECT MAX(version) AS v FROM audit_schema_version")
+            row = cur.fetchone()
+            current = (row["v"] if row else None) or 0
+            _check_version(current, self.description)
+            for v in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in POSTGRES_MIGRATIONS[v]:
+                    cur.execute(stmt)
+                cur.execute("INSERT INTO audit_schema_version VALUES (%s, now())", (v,))
+        return SCHEMA_VERSION
+
+    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
+        conn = self._connect()
+        with conn.transaction(), conn.cursor() as cur:
+            if records:
+                cur.executemany(self._records, [tuple(map(r.get, RECORD_COLUMNS)) for r in records])
+            if feedback:
+                cur.executemany(
+                    self._feedback, [tuple(map(f.get, FEEDBACK_COLUMNS)) for f in feedback]
+                )
+
+    def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        conn = self._connect()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql, tuple(args))
+            return list(cur.fetchall())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _check_version(current: int, where: str) -> None:
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"the audit store {where} has schema version {current}, newer than this mcserve "
+            f"knows ({SCHEMA_VERSION}); upgrade mcserve (a store is never downgraded)"
+        )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_store(url: str | None, path: Path) -> Store:
+    """PostgreSQL when `url` is set (postgresql:// or postgres://), else SQLite at `path`."""
+    if url:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise StoreError(
+                f"audit_url must be a postgresql:// URL, got {_redact(url)!r} "
+                "(leave it empty for SQLite at audit_path)"
+            )
+        return PostgresStore(url)
+    return SqliteStore(path)

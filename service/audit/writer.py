@@ -1,0 +1,219 @@
+"""The audit writer: a bounded in-memory queue, written in batches by one background task.
+
+The request path only appends a reference to the queue (`submit`); the task turns events into
+rows and writes them, one transaction per batch, on its own thread (the database calls block).
+A failed write keeps its batch at the head of the queue and is retried with a backoff, so a
+store that is down for a while loses nothing as long as the queue can hold what arrives.
+
+When a record cannot be queued (the queue is full: the store is down or too slow for longer
+than the queue can absorb) the prediction fails closed: `AuditUnavailableError`, answered 503.
+With `fail_open` the prediction is answered anyway; the lost record is counted and logged.
+`stop` writes out what is queued (within `flush_timeout_s`) before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from service.audit.record import (
+    Event,
+    FeedbackEvent,
+    InputsMode,
+    PredictionEvent,
+    feedback_row,
+    prediction_row,
+)
+from service.audit.store import Store
+from service.errors import AuditUnavailableError
+
+log = logging.getLogger("mcserve.audit")
+
+
+@dataclass
+class WriterStats:
+    queued: int = 0  # accepted into the queue
+    written: int = 0  # committed to the store
+    batches: int = 0
+    refused: int = 0  # fail-closed: the request was answered 503
+    dropped: int = 0  # fail-open: answered without its record
+    invalid: int = 0  # an event that could not be turned into a row (a bug): logged, dropped
+    store_errors: int = 0  # failed writes (each retried)
+    lost_at_exit: int = 0  # still queued when the flush timed out at shutdown
+
+
+class AuditWriter:
+    def __init__(
+        self,
+        open_store: Callable[[], Store],
+        *,
+        inputs: InputsMode = "store",
+        hmac_key: bytes | None = None,
+        queue_size: int = 10_000,
+        batch_size: int = 256,
+        fail_open: bool = False,
+        flush_timeout_s: float = 30.0,
+        retry_s: tuple[float, float] = (0.05, 2.0),
+    ) -> None:
+        if inputs == "hmac" and not hmac_key:
+            raise ValueError("audit_inputs='hmac' needs a key: set audit_hmac_key")
+        self._open_store = open_store
+        self.inputs: InputsMode = inputs
+        self.hmac_key = hmac_key
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.fail_open = fail_open
+        self.flush_timeout_s = flush_timeout_s
+        self.retry_s = retry_s
+        self.stats = WriterStats()
+        self.store: Store | None = None
+        self.healthy = True  # the last write succeeded
+        self._queue: deque[Event] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-audit")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        """Open and migrate the store (raises when it cannot: nothing is served unaudited)."""
+        loop = asyncio.get_running_loop()
+        self.store = await loop.run_in_executor(self._thread, self._open)
+        self._task = loop.create_task(self._run(), name="audit-writer")
+
+    def _open(self) -> Store:
+        store = self._open_store()
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def submit(self, event: Event) -> None:
+        """Queue one event; raises `AuditUnavailableError` when it cannot (fail closed)."""
+        if self._closed:
+            self._refuse(event, "the audit trail is closed (the server is shutting down)")
+        elif len(self._queue) >= self.queue_size:
+            why = "the audit queue is full (the audit store is down or too slow)"
+            self._refuse(event, why)
+        else:
+            self._queue.append(event)
+            self.stats.queued += 1
+            self._wake.set()
+
+    def _refuse(self, event: Event, why: str) -> None:
+        extra = {"request_id": event.request_id, "reason": why, "queued": len(self._queue)}
+        if self.fail_open:
+            self.stats.dropped += 1
+            log.error("audit record dropped (audit_fail_open)", extra=extra)
+            return
+        self.stats.refused += 1
+        log.warning("prediction refused: no audit record", extra=extra)
+        raise AuditUnavailableError(
+            f"{why}; the prediction was not returned because it could not be recorded "
+            "(audit fails closed); retry later"
+        )
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else 1e9)
+        while self._queue:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            await asyncio.sleep(0.005)
+        return True
+
+    async def stop(self) -> None:
+        """Write out the queue (within `flush_timeout_s`), then close the store."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.flush_timeout_s)
+            except TimeoutError:
+                self._closed = True
+                self.stats.lost_at_exit = len(self._queue)
+                log.error(
+                    "audit records lost at shutdown: the store did not take them in time",
+                    extra={"lost": len(self._queue), "flush_timeout_s": self.flush_timeout_s},
+                )
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        self._closed = True
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self.store.close)
+            self.store = None
+        self._thread.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.retry_s[0]
+        while True:
+            if not self._queue:
+                if self._stopping.is_set():
+                    self._closed = True  # in the same step as the check: nothing slips in
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(itertools.islice(self._queue, self.batch_size))
+            try:
+                written = await loop.run_in_executor(self._thread, self._write, batch)
+            except Exception as exc:
+                self.stats.store_errors += 1
+                if self.healthy:
+                    log.error(
+                        "audit store write failed; retrying (records stay queued)",
+                        extra={"error": f"{type(exc).__name__}: {exc}", "queued": self.depth},
+                    )
+                self.healthy = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, self.retry_s[1] if not self._stopping.is_set() else 0.2)
+                continue
+            for _ in batch:
+                self._queue.popleft()
+            if not self.healthy:
+                log.info("audit store writes resumed", extra={"queued": self.depth})
+            self.healthy = True
+            delay = self.retry_s[0]
+            self.stats.written += written
+            self.stats.batches += 1
+
+    def _write(self, batch: list[Event]) -> int:
+        """On the audit thread: rows (built once per event, kept across retries), one commit."""
+        records: list[dict[str, Any]] = []
+        feedback: list[dict[str, Any]] = []
+        for e in batch:
+            if e.row is None:
+                try:
+                    if isinstance(e, PredictionEvent):
+                        e.row = prediction_row(e, self.inputs, self.hmac_key)
+                    else:
+                        e.row = feedback_row(e)
+                except Exception:
+                    self.stats.invalid += 1
+                    log.exception("audit event cannot be recorded", extra={"id": e.request_id})
+                    e.row = {}
+            if not e.row:
+                continue
+            (feedback if isinstance(e, FeedbackEvent) else records).append(e.row)
+        assert self.store is not None
+        self.store.append(records, feedback)
+        return len(records) + len(feedback)

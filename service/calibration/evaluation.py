@@ -1,0 +1,227 @@
+"""`service evaluate`: score a bundle's served predictions on labelled rows.
+
+The rows go through the engine exactly as a request would (one MC run, the bundle's own
+temperature, conformal thresholds and referral policy), then through `metrics`. The result is a
+JSON-ready dict of numbers plus the curves the report plots. Infinite values (an unbounded
+conformal interval) are kept as ``math.inf`` here; the report writes them as null.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from service.calibration import conformal, metrics
+from service.calibration.data import Labelled, overlaps
+from service.calibration.referral import Referral
+from service.engine.model import IntervalMethod, PredictParams, ServedModel
+from service.engine.sampler import MCRequest
+from service.engine.summaries import (
+    ClassificationSummary,
+    RegressionSummary,
+    summarize_classification,
+)
+
+LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
+CURVE_LEVELS = (*(round(v, 2) for v in np.arange(0.05, 0.951, 0.05)), 0.99)
+
+
+@dataclass
+class Evaluation:
+    numbers: dict[str, Any]
+    curves: dict[str, Any] = field(default_factory=dict)  # arrays for the plots
+
+
+def _triggers(ref: Referral, kinds: tuple[str, ...]) -> dict[str, int]:
+    """How many inputs each kind of trigger referred (an input can have several)."""
+    return {k: sum(k in t for t in ref.triggers) for k in kinds}
+
+
+def _expected(n: int, level: float, m: int) -> dict[str, float]:
+    """What a correct conformal method would show on m rows: mean coverage and its sd."""
+    mean, sd = conformal.coverage_spread(n, level, m)
+    return {"expected_coverage": mean, "expected_coverage_sd": sd}
+
+
+def _referral(
+    ref: Referral, error: np.ndarray, kind: str, kinds: tuple[str, ...]
+) -> dict[str, Any]:
+    """Referral rate, and the error (rate or RMSE) among the kept and the referred inputs."""
+    keep = ~ref.refer
+
+    def err(mask: np.ndarray) -> float | None:
+        if not mask.any():
+            return None
+        e = error[mask]
+        return float(np.sqrt(np.mean(e**2))) if kind == "rmse" else float(np.mean(e))
+
+    return {
+        "rate": float(ref.refer.mean()),
+        "extrapolation_rate": float(ref.extrapolation.mean()),
+        f"{kind}_not_referred": err(keep),
+        f"{kind}_referred": err(ref.refer),
+        f"{kind}_all": err(np.ones_like(keep)),
+        "triggers": _triggers(ref, kinds),
+    }
+
+
+def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndarray) -> Evaluation:
+    cal = served.calibrator
+    methods: list[IntervalMethod] = ["gaussian", "conformal"] if cal.calibrated else ["gaussian"]
+    preds = {}
+    for method in methods:
+        params = PredictParams(req.samples, LEVELS, req.seed, "mc", method)
+        preds[method] = served.summarize(out, req, params)
+    s = preds["gaussian"].summary
+    assert isinstance(s, RegressionSummary)
+    mean, std = s.mean[:, 0], s.std[:, 0]
+    noise = served.manifest.aleatoric.noise_var
+    ll = (
+        metrics.mixture_log_likelihood(out[..., 0], y, noise)
+        if noise > 0
+        else metrics.gaussian_log_likelihood(mean, std, y)
+    )
+    intervals: dict[str, list[dict[str, Any]]] = {}
+    for method, pred in preds.items():
+        summary = pred.summary
+        assert isinstance(summary, RegressionSummary)
+        intervals[method] = [
+            {
+                "level": iv.level,
+                "coverage": metrics.picp(y, iv.lower[:, 0], iv.upper[:, 0]),
+                "mean_width": metrics.mean_width(iv.lower[:, 0], iv.upper[:, 0]),
+            }
+            | (_expected(cal.calibration.n, iv.level, y.size) if cal.calibration else {})
+            for iv in summary.intervals
+        ]
+    curves: dict[str, Any] = {"levels": list(CURVE_LEVELS)}
+    for method in methods:
+        cover = []
+        for level in CURVE_LEVELS:
+            z = NormalDist().inv_cdf(0.5 + level / 2.0)
+            q = z if method == "gaussian" else cal.q(level)
+            lo, hi = conformal.interval(mean, std, q)
+            cover.append(metrics.picp(y, lo, hi))
+        curves[method] = cover
+    served_pred = preds[methods[-1]]
+    assert served_pred.referral is not None
+    numbers = {
+        "rmse": metrics.rmse(mean, y),
+        "mae": float(np.mean(np.abs(mean - y))),
+        "mean_log_likelihood": float(np.mean(ll)),
+        "log_likelihood": "MC mixture with the noise variance"
+        if noise > 0
+        else "gaussian(mean, std)",
+        "mean_std": float(np.mean(std)),
+        "mean_epistemic_std": float(np.mean(s.epistemic_std[:, 0])),
+        "intervals": intervals,
+        "referral": _referral(
+            served_pred.referral, mean - y, "rmse", ("epistemic", "interval_width", "extrapolation")
+        ),
+        "warnings": served_pred.warnings,
+    }
+    return Evaluation(numbers, curves)
+
+
+def _classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {
+        "accuracy": metrics.accuracy(probs, y),
+        "nll": metrics.nll(probs, y),
+        "brier": metrics.brier(probs, y),
+        "ece": metrics.ece(probs, y),
+    }
+
+
+def _classification(
+    served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndarray
+) -> Evaluation:
+    pred = served.summarize(out, req, PredictParams(req.samples, LEVELS, req.seed))
+    s = pred.summary
+    assert isinstance(s, ClassificationSummary) and pred.referral is not None
+    raw = summarize_classification(out, levels=(0.5,), temperature=1.0)
+    error = (s.label != y).astype(np.float64)
+    scores = {
+        "mutual_information": s.mutual_information,
+        "predictive_entropy": s.predictive_entropy,
+        "one_minus_max_probability": 1.0 - s.probabilities.max(axis=1),
+    }
+    curves: dict[str, Any] = {
+        "reliability": {
+            "served": metrics.reliability(s.probabilities, y),
+            "temperature_1": metrics.reliability(raw.probabilities, y),
+        },
+        "risk_coverage": {k: metrics.risk_coverage(v, error) for k, v in scores.items()},
+    }
+    sets = [
+        {
+            "level": ps.level,
+            "coverage": metrics.set_coverage(ps.members, y),
+            "mean_size": metrics.mean_set_size(ps.members),
+            "empty": float((ps.members.sum(axis=1) == 0).mean()),
+            "singleton": float((ps.members.sum(axis=1) == 1).mean()),
+            "threshold": ps.threshold,
+        }
+        | _expected(len(served.manifest.calibration.scores), ps.level, y.size)
+        for ps in s.prediction_sets
+        if served.manifest.calibration is not None
+    ]
+    numbers = {
+        "served": _classification_metrics(s.probabilities, y),
+        "temperature_1": _classification_metrics(raw.probabilities, y),
+        "temperature": s.temperature,
+        "ece_bins": metrics.ECE_BINS,
+        "errors": int(error.sum()),
+        "error_detection_auroc": {k: metrics.auroc(v, error > 0) for k, v in scores.items()},
+        "aurc": {k: metrics.aurc(v, error) for k, v in scores.items()},
+        "prediction_sets": sets,
+        "referral": _referral(
+            pred.referral, error, "error_rate", ("epistemic", "prediction_set", "extrapolation")
+        ),
+        # Per-class intervals are not evaluated, so their sample-count note does not apply.
+        "warnings": [w for w in pred.warnings if not w.startswith("per-class intervals")],
+    }
+    return Evaluation(numbers, curves)
+
+
+def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0) -> Evaluation:
+    """Everything the report shows, for ``data`` through ``served`` with ``samples`` passes."""
+    m = served.manifest
+    req = MCRequest(data.x, samples, seed)
+    out = served.sampler.run([req])[0]  # [T, N, outputs]
+    y = data.y
+    ev = (
+        _classification(served, out, req, y)
+        if m.task == "classification"
+        else _regression(served, out, req, y.astype(np.float64))
+    )
+    warnings = overlaps(data, m, "evaluation", ("train", "calibration"), calibrated=True)
+    ev.numbers = {
+        "model": {
+            "name": m.name,
+            "version": m.version,
+            "digest": served.digest,
+            "task": m.task,
+            "calibration": served.calibrator.metadata(),
+            "referral": served.calibrator.policy.model_dump(mode="json"),
+        },
+        "data": {"file": data.path.name, "sha256": data.sha256, "rows": data.n},
+        "samples": samples,
+        "seed": seed,
+        "overlap_warnings": warnings,
+    } | ev.numbers
+    return ev
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no infinity: unbounded widths and thresholds become null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value

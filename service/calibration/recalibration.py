@@ -1,0 +1,184 @@
+"""`service calibrate`: write a calibrated copy of a bundle as a new, immutable version.
+
+The source bundle is only read. The new version holds byte copies of its artifacts (same
+hashes) and a manifest, written through the pydantic `Manifest`, with a `calibration` section
+(split-conformal scores, the temperature of a classifier, the passes and seed used), a
+`referral` policy whose thresholds come from the calibration rows, and for a regressor the
+default interval `conformal`. It is staged in a hidden directory and renamed into place, so a
+failed run leaves nothing behind and the registry never sees half a bundle.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle.load import TrustPolicy, load_bundle
+from service.bundle.manifest import MANIFEST_NAME, Calibration, Manifest, ReferralPolicy
+from service.bundle.writer import sha256_file
+from service.calibration import conformal, temperature
+from service.calibration.data import Labelled, overlaps, read
+from service.calibration.referral import percentile_threshold, relative_width
+from service.engine.model import ServedModel
+from service.engine.sampler import MCRequest
+from service.engine.summaries import summarize_classification, summarize_regression
+from service.errors import BundleError
+
+PERCENTILE = 90.0  # default referral thresholds: this percentile of the calibration rows' values
+
+
+@dataclass
+class Result:
+    path: Path
+    manifest: Manifest
+    warnings: list[str] = field(default_factory=list)
+
+
+def next_version(repo: Path, name: str, source: str) -> str:
+    """One more than the largest integer version of `name` in `repo` (or than the source's)."""
+    found = [int(source)] if source.isdigit() else []
+    model_dir = repo / name
+    if model_dir.is_dir():
+        found += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return str(max(found, default=0) + 1)
+
+
+def _fit(
+    served: ServedModel,
+    data: Labelled,
+    samples: int,
+    seed: int,
+    percentile: float,
+    one_se: bool,
+) -> tuple[Calibration, ReferralPolicy]:
+    m = served.manifest
+    out = served.sampler.run([MCRequest(data.x, samples, seed)])[0]  # [T, N, outputs]
+    level = m.defaults.confidence
+    fps = data.fingerprints()
+    policy_base = m.referral or ReferralPolicy()
+    derived = f"{percentile:g}th percentile over the {data.n} calibration rows"
+    if m.task == "classification":
+        t = temperature.fit(out, data.y, one_se=one_se)
+        t_min = temperature.fit(out, data.y, one_se=False)
+        s = summarize_classification(out, levels=(0.5,), temperature=t)
+        scores = np.sort(conformal.classification_scores(s.probabilities, data.y))
+        cal = Calibration(
+            score="one-minus-probability",
+            scores=scores.tolist(),
+            temperature=t,
+            temperature_fit={
+                "rule": "one-standard-error" if one_se else "minimum-nll",
+                "nll_at_1": temperature.nll(out, data.y),
+                "nll": temperature.nll(out, data.y, t),
+                "minimum_nll_temperature": t_min,
+                "minimum_nll": temperature.nll(out, data.y, t_min),
+            },
+            n=data.n,
+            samples=samples,
+            seed=seed,
+            row_fingerprints=fps,
+        )
+        policy = ReferralPolicy(
+            level=level,
+            epistemic=percentile_threshold(s.mutual_information, percentile),
+            max_set_size=1,
+            extrapolation=policy_base.extrapolation,
+            derived_from=f"epistemic: {derived}; max_set_size: any ambiguous set",
+        )
+        return cal, policy
+    noise = m.aleatoric.noise_var or None
+    r = summarize_regression(out, levels=(level,), noise_var=noise)
+    scores = np.sort(conformal.regression_scores(data.y, r.mean[:, 0], r.std[:, 0]))
+    cal = Calibration(
+        score="abs-residual-over-std",
+        scores=scores.tolist(),
+        n=data.n,
+        samples=samples,
+        seed=seed,
+        row_fingerprints=fps,
+    )
+    half = conformal.quantile(scores, level) * np.maximum(r.std[:, 0], conformal.STD_FLOOR)
+    widths = relative_width(r.mean[:, 0], half)
+    policy = ReferralPolicy(
+        level=level,
+        epistemic=percentile_threshold(r.epistemic_std[:, 0], percentile),
+        relative_width=percentile_threshold(widths, percentile)
+        if np.isfinite(widths).all()
+        else None,
+        extrapolation=policy_base.extrapolation,
+        derived_from=f"epistemic, relative_width: {derived}",
+    )
+    return cal, policy
+
+
+def calibrate_bundle(
+    source: Path | str,
+    data_path: Path | str,
+    repo: Path | str,
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    version: str | None = None,
+    percentile: float = PERCENTILE,
+    one_se: bool = True,
+    policy: TrustPolicy | None = None,
+) -> Result:
+    """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`."""
+    source, repo = Path(source), Path(repo)
+    bundle = load_bundle(source, policy)
+    served = ServedModel(bundle, device="cpu")
+    m = bundle.manifest
+    data = read(data_path, m)
+    # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
+    warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
+    t = samples if samples is not None else m.defaults.samples
+    version = version or next_version(repo, m.name, m.version)
+    dest = repo / m.name / version
+    if dest.exists():
+        raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", version):
+        raise BundleError(f"version {version!r}: use letters, digits, '.', '_' or '-'")
+    cal, referral = _fit(served, data, t, seed, percentile, one_se)
+    cal = cal.model_copy(
+        update={
+            "data": {"file": Path(data_path).name, "sha256": data.sha256, "rows": data.n},
+            "source": {"version": m.version, "digest": bundle.digest},
+        }
+    )
+    defaults = m.defaults.model_copy(
+        update={"interval": "conformal"} if m.task == "regression" else {}
+    )
+    fields = m.model_dump() | {
+        "version": version,
+        "calibration": cal.model_dump(),
+        "referral": referral.model_dump(),
+        "defaults": defaults.model_dump(),
+    }
+    new = Manifest.model_validate(fields)  # validates the sections and their fit to the task
+    repo.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".calibrate-{m.name}-", dir=repo) as tmp:
+        staged = Path(tmp) / version
+        staged.mkdir()
+        for fname, art in sorted(m.artifacts.items()):
+            shutil.copyfile(source / fname, staged / fname)
+            if sha256_file(staged / fname) != art.sha256:
+                raise BundleError(f"{source / fname}: changed while being copied")
+            (staged / fname).chmod(0o644)
+        (staged / MANIFEST_NAME).write_bytes(new.dumps())
+        (staged / MANIFEST_NAME).chmod(0o644)
+        staged.chmod(0o755)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(dest)
+    load_bundle(dest, policy)  # what was written must load
+    level = m.defaults.confidence
+    if data.n < conformal.min_n(level):
+        warnings.append(
+            f"{data.n} calibration rows are too few for a finite conformal threshold at the "
+            f"default level {level:g} (needs {conformal.min_n(level)})"
+        )
+    return Result(dest, new, warnings)

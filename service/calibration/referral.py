@@ -1,0 +1,128 @@
+"""Referral: flag predictions a human should look at, each with the reasons in words.
+
+Triggers (each off when its threshold is null, see `ReferralPolicy` in the manifest):
+epistemic uncertainty (mutual information for classifiers, epistemic std for regressors) above a
+threshold; a regression interval wide relative to the prediction; a classification prediction set
+with more labels than allowed, or none; an input outside the training ranges (extrapolation: a
+soft signal, unlike the hard valid range that refuses the request). Arrays are batch-first
+(``[B]``), so a batch's referral can be cut per request like any summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.bundle.manifest import InputSpec, ReferralPolicy
+
+
+@dataclass(frozen=True)
+class Referral:
+    refer: np.ndarray  # [B] bool: a human should look at this prediction
+    reasons: list[list[str]]  # per input, human-readable; empty when refer is False
+    extrapolation: np.ndarray  # [B] bool: some feature lies outside the training range
+    triggers: list[list[str]]  # per input, machine-readable: one of TRIGGERS per reason
+
+
+TRIGGERS = ("epistemic", "interval_width", "prediction_set", "extrapolation")
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _pct(share: float) -> str:
+    return f"{share * 100:.3g} %"
+
+
+def outside_training(flat: np.ndarray, spec: InputSpec) -> list[list[str]]:
+    """Per input [B, F]: one sentence per feature outside ``spec.training_ranges``."""
+    if not spec.training_ranges:
+        return [[] for _ in range(flat.shape[0])]
+    lo = np.array([r[0] for r in spec.training_ranges])
+    hi = np.array([r[1] for r in spec.training_ranges])
+    out = (flat < lo) | (flat > hi)
+    names = spec.feature_names
+    reasons = []
+    for i, row in enumerate(out):
+        msgs = []
+        for j in np.flatnonzero(row):
+            what = f"feature '{names[j]}'" if names else f"element {j}"
+            msgs.append(
+                f"{what} = {_num(flat[i, j])} outside the training range "
+                f"[{_num(lo[j])}, {_num(hi[j])}]"
+            )
+        reasons.append(msgs)
+    return reasons
+
+
+def assess(
+    policy: ReferralPolicy,
+    *,
+    epistemic: np.ndarray,
+    epistemic_name: str,
+    outside: list[list[str]],
+    relative_width: np.ndarray | None = None,
+    set_size: np.ndarray | None = None,
+) -> Referral:
+    """Apply ``policy`` to per-input scores [B]; ``outside`` from `outside_training`."""
+    b = len(outside)
+    reasons: list[list[str]] = [[] for _ in range(b)]
+    triggers: list[list[str]] = [[] for _ in range(b)]
+    level = _pct(policy.level)
+    for i in range(b):
+        e = float(epistemic[i])
+        if policy.epistemic is not None and e > policy.epistemic:
+            triggers[i].append("epistemic")
+            reasons[i].append(
+                f"{epistemic_name} {_num(e)} above the threshold {_num(policy.epistemic)}"
+            )
+        if relative_width is not None and policy.relative_width is not None:
+            w = float(relative_width[i])
+            if w > policy.relative_width:
+                size = f"{_pct(w)} of the predicted value" if np.isfinite(w) else "unbounded"
+                triggers[i].append("interval_width")
+                reasons[i].append(
+                    f"the {level} interval width is {size}, above the threshold "
+                    f"{_pct(policy.relative_width)}"
+                )
+        if set_size is not None and policy.max_set_size is not None:
+            n = int(set_size[i])
+            if n == 0 or n > policy.max_set_size:
+                triggers[i].append("prediction_set")
+            if n == 0:
+                reasons[i].append(f"the {level} prediction set is empty: no label is plausible")
+            elif n > policy.max_set_size:
+                reasons[i].append(
+                    f"the {level} prediction set holds {n} labels, more than {policy.max_set_size}"
+                )
+        if policy.extrapolation:
+            reasons[i].extend(outside[i])
+            triggers[i].extend("extrapolation" for _ in outside[i])
+    extrapolation = np.array([bool(o) for o in outside], dtype=bool)
+    refer = np.array([bool(r) for r in reasons], dtype=bool)
+    return Referral(refer, reasons, extrapolation, triggers)
+
+
+def relative_width(mean: np.ndarray, half_width: np.ndarray) -> np.ndarray:
+    """Interval width / |mean| per input (inf for a zero mean or an unbounded interval)."""
+    m = np.abs(np.asarray(mean, dtype=np.float64))
+    w = 2.0 * np.asarray(half_width, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(m > 0, w / np.where(m > 0, m, 1.0), np.inf)
+    return np.asarray(out)
+
+
+def with_overrides(policy: ReferralPolicy, overrides: Mapping[str, Any] | None) -> ReferralPolicy:
+    """The manifest's policy with an operator's settings on top (validated like the manifest)."""
+    if not overrides:
+        return policy
+    return ReferralPolicy.model_validate({**policy.model_dump(), **dict(overrides)})
+
+
+def percentile_threshold(values: np.ndarray, percentile: float) -> float:
+    """The ``percentile``-th percentile of calibration values (linear interpolation)."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), percentile))

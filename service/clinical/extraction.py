@@ -1,0 +1,347 @@
+"""Read a hook's prefetched FHIR data into model features, or say exactly what is missing.
+
+Only the prefetch is read: the service never calls the client's FHIR server. Rules (also in
+docs/CLINICAL.md):
+- The Patient is `prefetch.patient` (or any prefetched Patient whose id is `context.patientId`);
+  a prefetched Patient or Observation of another patient is a bad request (400).
+- Per observation source, the latest Observation (or Observation.component) with one of its
+  codes and status final, amended or corrected wins; its time is effectiveDateTime,
+  effectiveInstant, effectivePeriod (end, else start), else `issued`. Dates without a time are
+  read as midnight UTC.
+- Missing data, a value older than the maximum age, a bound (`comparator`) instead of a value,
+  a unit not in the mapping's table, or a value the derivation cannot use: 412 with one
+  OperationOutcome issue per problem (`MissingDataError`).
+- Age: whole years at the hook's time (the server's clock when the call arrives: CDS Hooks
+  requests carry no time); a partial birthDate is read as the middle of its period.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from collections.abc import Mapping as AnyMapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from service.clinical.mapping import PATIENT_KEY, UCUM, Code, Mapping, ObservationSource
+from service.errors import InvalidInputError, MissingDataError
+
+STATUSES = ("final", "amended", "corrected")
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Used:
+    """One quantity as read (or derived), for the card's table and the resource's basis."""
+
+    name: str
+    title: str
+    value: float
+    unit: str
+    date: str | None = None  # as given in the resource
+    source: str | None = None  # "Observation/abc", "Patient/1"; None when derived
+    code: str | None = None  # "LOINC 2085-9"
+    given: str | None = None  # the value and unit as sent, when converted
+    formula: str | None = None  # derived: e.g. "tc / hdl"
+
+
+@dataclass
+class Extraction:
+    patient: str  # "Patient/<id>"
+    used: dict[str, Used] = field(default_factory=dict)
+
+    def features(self, names: list[str]) -> list[float]:
+        return [self.used[n].value for n in names]
+
+    def basis(self) -> list[str]:
+        """References of the resources read, the Patient first, each once."""
+        refs = [self.patient] if any(u.source == self.patient for u in self.used.values()) else []
+        for u in self.used.values():
+            if u.source and u.source not in refs:
+                refs.append(u.source)
+        return refs
+
+
+def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None = None) -> Json:
+    details: Json = {"text": concept}
+    if coding:
+        details["coding"] = [
+            {"system": c.system, "code": c.code} | ({"display": c.display} if c.display else {})
+            for c in coding
+        ]
+    return {"severity": "error", "code": code, "details": details, "diagnostics": diagnostics}
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        if len(value) == 4:
+            return datetime(int(value), 1, 1, tzinfo=UTC)
+        if len(value) == 7:
+            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def birth_date(value: Any) -> date | None:
+    """A (possibly partial) birthDate; YYYY is read as YYYY-07-01 and YYYY-MM as YYYY-MM-15."""
+    if not isinstance(value, str):
+        return None
+    try:
+        if len(value) == 4:
+            return date(int(value), 7, 1)
+        if len(value) == 7:
+            return date(int(value[:4]), int(value[5:7]), 15)
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def whole_years(born: date, on: date) -> int:
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
+    """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
+    for key, value in (prefetch or {}).items():
+        if value is None:
+            continue  # the client could not prefetch it
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
+        kind = value.get("resourceType")
+        if kind == "Bundle":
+            for entry in value.get("entry") or []:
+                res = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(res, dict):
+                    yield key, res
+        elif kind != "OperationOutcome":  # a client's report that the prefetch failed
+            yield key, value
+
+
+def _refers_to(subject: Any, patient_id: str) -> bool:
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(ref, str):
+        return True  # no reference to check (e.g. an identifier only)
+    return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
+
+
+def _matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
+    codings = codeable.get("coding") if isinstance(codeable, dict) else None
+    return any(
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings or []
+    )
+
+
+def _when(obs: Json) -> tuple[datetime | None, str | None]:
+    period = obs.get("effectivePeriod")
+    if not isinstance(period, dict):
+        period = {}
+    for raw in (
+        obs.get("effectiveDateTime"),
+        obs.get("effectiveInstant"),
+        period.get("end"),
+        period.get("start"),
+        obs.get("issued"),
+    ):
+        t = parse_time(raw)
+        if t is not None:
+            return t, raw
+    return None, None
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+class Reader:
+    def __init__(self, mapping: Mapping, now: datetime, max_age_days: float | None) -> None:
+        self.mapping = mapping
+        self.now = now
+        self.max_age_override = max_age_days
+        self.issues: list[Json] = []
+
+    def patient(self, found: list[Json], patient_id: str, ex: Extraction) -> None:
+        p = self.mapping.patient
+        if not (p.age or p.gender):
+            return
+        res = next((r for r in found if r.get("id") == patient_id), None)
+        if res is None:
+            self.issues.append(
+                _issue(
+                    "required",
+                    f"Patient/{patient_id} was not prefetched (prefetch key '{PATIENT_KEY}')",
+                    "Patient",
+                )
+            )
+            return
+        if p.age:
+            born = birth_date(res.get("birthDate"))
+            if born is None or born > self.now.date():
+                self.issues.append(
+                    _issue("required", f"{ex.patient} has no usable birthDate", "Patient.birthDate")
+                )
+            else:
+                years = whole_years(born, self.now.date())
+                ex.used[p.age] = Used(
+                    p.age, "age", float(years), "years", res["birthDate"], ex.patient, "birthDate"
+                )
+        if p.gender:
+            gender = res.get("gender")
+            code = p.gender_codes.get(gender) if isinstance(gender, str) else None
+            if code is None:
+                known = ", ".join(sorted(p.gender_codes))
+                self.issues.append(
+                    _issue(
+                        "required",
+                        f"{ex.patient} gender {gender!r} cannot be mapped (needs one of {known})",
+                        "Patient.gender",
+                    )
+                )
+            else:
+                unit = p.gender_coding or "code"
+                ex.used[p.gender] = Used(
+                    p.gender, "sex", code, unit, None, ex.patient, "gender", f"gender {gender}"
+                )
+
+    def observation(self, src: ObservationSource, found: list[Json], ex: Extraction) -> None:
+        codes = {(c.system, c.code) for c in src.codes}
+        what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
+        latest: tuple[datetime, str, Json, Json] | None = None
+        for obs in found:
+            if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
+                continue
+            holders = [obs] if _matches(obs.get("code"), codes) else []
+            holders += [
+                c
+                for c in obs.get("component") or []
+                if isinstance(c, dict) and _matches(c.get("code"), codes)
+            ]
+            if not holders:
+                continue
+            t, raw = _when(obs)
+            if t is None or raw is None:
+                continue
+            if latest is None or t > latest[0]:
+                latest = (t, raw, obs, holders[0])
+        if latest is None:
+            self.issues.append(
+                _issue("required", f"{what}: no final result was prefetched", src.title, src.codes)
+            )
+            return
+        t, raw, obs, holder = latest
+        ref = f"Observation/{obs.get('id', '?')}"
+        limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
+        age_days = (self.now - t).total_seconds() / 86400.0
+        if age_days > limit:
+            self.issues.append(
+                _issue(
+                    "business-rule",
+                    f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
+                    f"the maximum is {limit:g} days",
+                    src.title,
+                    src.codes,
+                )
+            )
+            return
+        q = holder.get("valueQuantity")
+        value = q.get("value") if isinstance(q, dict) else None
+        if not isinstance(q, dict) or isinstance(value, bool) or not isinstance(value, int | float):
+            self.issues.append(
+                _issue(
+                    "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
+                )
+            )
+            return
+        if q.get("comparator"):
+            self.issues.append(
+                _issue(
+                    "value",
+                    f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
+                    src.title,
+                    src.codes,
+                )
+            )
+            return
+        system, code, shown = q.get("system"), q.get("code"), q.get("unit")
+        unit = code if code is not None else shown if shown is not None else "1"
+        factor = src.units.get(unit) if system in (None, UCUM) or code is None else None
+        if factor is None or not math.isfinite(value):
+            accepted = ", ".join(repr(u) for u in src.units)
+            self.issues.append(
+                _issue(
+                    "code-invalid",
+                    f"{what}: {ref} has the unit {unit!r}"
+                    + (f" of system {system}" if system not in (None, UCUM) else "")
+                    + f", which is not known here (accepted UCUM units: {accepted})",
+                    src.title,
+                    src.codes,
+                )
+            )
+            return
+        sent = {
+            (c.get("system"), c.get("code"))
+            for c in holder["code"].get("coding", [])
+            if isinstance(c, dict)
+        }
+        label = next((c.label() for c in src.codes if (c.system, c.code) in sent), None)
+        converted = float(value) * factor
+        given = None if unit == src.unit else f"{_num(float(value))} {unit}"
+        ex.used[src.name] = Used(src.name, src.title, converted, src.unit, raw, ref, label, given)
+
+    def derive(self, ex: Extraction) -> None:
+        for d in self.mapping.derived:
+            if any(a not in ex.used for a in d.args):
+                continue  # an input is missing: already reported
+            args = [ex.used[a].value for a in d.args]
+            value = None
+            if d.op == "ln" and args[0] > 0:
+                value = math.log(args[0])
+            elif d.op == "ratio" and args[1] != 0:
+                value = args[0] / args[1]
+            if value is None:
+                shown = ", ".join(f"{a} = {_num(ex.used[a].value)}" for a in d.args)
+                self.issues.append(
+                    _issue("value", f"{d.title}: {d.formula()} is undefined for {shown}", d.title)
+                )
+                continue
+            ex.used[d.name] = Used(d.name, d.title, value, d.unit, formula=d.formula())
+
+
+def extract(
+    mapping: Mapping,
+    patient_id: str,
+    prefetch: AnyMapping[str, Any] | None,
+    now: datetime,
+    max_age_days: float | None = None,
+) -> Extraction:
+    """The quantities of `mapping` from the prefetch, or MissingDataError listing every gap."""
+    found: list[Json] = []
+    for key, res in resources(prefetch):
+        kind = res.get("resourceType")
+        if kind == "Patient" and res.get("id") != patient_id and key == PATIENT_KEY:
+            raise InvalidInputError(
+                f"prefetch.{key} is Patient/{res.get('id')}, not context.patientId {patient_id}"
+            )
+        if kind == "Observation" and not _refers_to(res.get("subject"), patient_id):
+            raise InvalidInputError(
+                f"prefetch.{key} holds Observation/{res.get('id')} of another patient "
+                f"({res['subject'].get('reference')}), not Patient/{patient_id}"
+            )
+        found.append(res)
+    ex = Extraction(patient=f"Patient/{patient_id}")
+    reader = Reader(mapping, now, max_age_days)
+    reader.patient([r for r in found if r.get("resourceType") == "Patient"], patient_id, ex)
+    for src in mapping.observations:
+        reader.observation(src, found, ex)
+    reader.derive(ex)
+    if reader.issues:
+        names = "; ".join(i["details"]["text"] for i in reader.issues)
+        raise MissingDataError(
+            f"needed data is missing, too old or unusable: {names}", reader.issues
+        )
+    return ex

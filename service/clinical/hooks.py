@@ -1,0 +1,121 @@
+"""CDS Hooks request bodies: a hook call and a feedback report (CDS Hooks 2.0).
+
+Unknown top-level keys are allowed (the specification's `extension` and later additions).
+`fhirAuthorization` is accepted and never read, logged or echoed: the service reads the
+prefetch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import InvalidInputError
+
+SAFE_ID = r"^[A-Za-z0-9._:-]{1,128}$"  # hookInstance and card ids are logged: keep them plain
+# Context keys each hook must carry (CDS Hooks hook definitions; optional ones are not listed).
+REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
+    "patient-view": ("userId", "patientId"),
+    "order-select": ("userId", "patientId", "selections", "draftOrders"),
+}
+
+
+class HookRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    hook: str = Field(min_length=1)
+    hookInstance: str = Field(pattern=SAFE_ID)
+    context: dict[str, Any]
+    prefetch: dict[str, Any] | None = None
+    fhirServer: str | None = None
+    fhirAuthorization: dict[str, Any] | None = Field(default=None, repr=False)
+
+    def patient_id(self, hook: str) -> str:
+        """Check the call is for `hook` with its context; return the patient's id."""
+        if self.hook != hook:
+            raise InvalidInputError(f"this service answers the '{hook}' hook, not '{self.hook}'")
+        missing = [k for k in REQUIRED_CONTEXT.get(hook, ()) if self.context.get(k) in (None, "")]
+        if missing:
+            raise InvalidInputError(f"context of '{hook}' lacks {missing}")
+        pid = self.context["patientId"]
+        if not isinstance(pid, str) or len(pid) > 64:
+            raise InvalidInputError("context.patientId must be a FHIR id (a string, <= 64 chars)")
+        if hook == "order-select":
+            if not isinstance(self.context["selections"], list):
+                raise InvalidInputError("context.selections must be an array of references")
+            if not isinstance(self.context["draftOrders"], dict):
+                raise InvalidInputError("context.draftOrders must be a FHIR Bundle")
+        return pid
+
+    def selected(self) -> list[dict[str, Any]]:
+        """order-select: the draft orders named by context.selections."""
+        wanted = {s for s in self.context.get("selections") or [] if isinstance(s, str)}
+        out = []
+        for entry in (self.context.get("draftOrders") or {}).get("entry") or []:
+            res = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(res, dict) and f"{res.get('resourceType')}/{res.get('id')}" in wanted:
+                out.append(res)
+        return out
+
+    def encounter(self) -> str | None:
+        enc = self.context.get("encounterId")
+        return f"Encounter/{enc}" if isinstance(enc, str) and enc else None
+
+
+class Coding(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(min_length=1)
+    system: str | None = None
+    display: str | None = None
+
+
+class OverrideReason(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    reason: Coding | None = None
+    userComment: str | None = None
+
+
+class AcceptedSuggestion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    card: str = Field(pattern=SAFE_ID)
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] | None = None
+    overrideReason: OverrideReason | None = None
+    outcomeTimestamp: str = Field(min_length=1)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    feedback: list[FeedbackItem] = Field(min_length=1, max_length=100)
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def parse(model: type[T], raw: bytes) -> T:
+    """Validate a JSON body; errors say where, without echoing values (they may be tokens)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        details = [
+            {
+                "field": ".".join(str(p) for p in e.get("loc", ())) or "body",
+                "problem": e.get("msg", ""),
+            }
+            for e in exc.errors(include_input=False)
+        ]
+        first = details[0]
+        raise InvalidInputError(
+            f"invalid request: {first['field']}: {first['problem']}", details
+        ) from None

@@ -1,0 +1,258 @@
+"""A clinical mapping: how FHIR data (Patient, Observations) becomes one model's features.
+
+A mapping is JSON (`<model_dir>/clinical/<model>.json`, or a bundle manifest's `clinical`
+section, which wins because it is versioned with the bundle). It names *quantities*: each comes
+from the Patient (age, administrative gender), from the latest Observation of some codes
+(converted to one unit), or is derived from other quantities (`ln`, `ratio`). Every model
+feature must be one quantity; other quantities are intermediates (e.g. triglycerides in mg/dL,
+whose log is the feature). The CDS services, their discovery prefetch templates and the
+assumptions shown to clinicians are part of the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.bundle.manifest import Manifest
+
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+Hook = Literal["patient-view", "order-select"]
+PATIENT_KEY = "patient"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(Strict):
+    system: str = Field(min_length=1)
+    code: str = Field(min_length=1)
+    display: str | None = None
+
+    def label(self) -> str:
+        system = "LOINC" if self.system == LOINC else self.system
+        return f"{system} {self.code}"
+
+
+class Concept(Strict):
+    """A CodeableConcept for what a model predicts (the outcome of a classifier, a target)."""
+
+    text: str = Field(min_length=1)
+    coding: list[Code] = Field(default_factory=list)
+
+
+class ObservationSource(Strict):
+    """The latest Observation with one of `codes`, its valueQuantity converted to `unit`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_. -]{1,64}$")  # a feature name, or an intermediate
+    title: str = Field(min_length=1)
+    codes: list[Code] = Field(min_length=1)
+    unit: str = Field(min_length=1)  # UCUM code of the value the model takes
+    # Accepted UCUM codes -> factor to `unit` (value x factor). An Observation whose quantity has
+    # no unit is read as "1" (dimensionless), accepted only where "1" is listed.
+    units: dict[str, float] = Field(min_length=1)
+    max_age_days: float | None = Field(default=None, gt=0.0)  # default: the mapping's
+    prefetch: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # key; def. name
+
+    @property
+    def key(self) -> str:
+        return self.prefetch or self.name
+
+
+class Derived(Strict):
+    """`ln`: natural log of one quantity; `ratio`: the first quantity over the second."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_. -]{1,64}$")
+    title: str = Field(min_length=1)
+    op: Literal["ln", "ratio"]
+    args: list[str] = Field(min_length=1, max_length=2)
+    unit: str = Field(min_length=1)  # as shown to clinicians, e.g. "ln(mg/dL)"
+
+    @model_validator(mode="after")
+    def _arity(self) -> Derived:
+        want = 1 if self.op == "ln" else 2
+        if len(self.args) != want:
+            raise ValueError(f"derived '{self.name}': {self.op} takes {want} argument(s)")
+        return self
+
+    def formula(self) -> str:
+        if self.op == "ln":
+            return f"ln({self.args[0]})"
+        return f"{self.args[0]} / {self.args[1]}"
+
+
+class PatientSource(Strict):
+    age: str | None = None  # quantity name: whole years at the hook's time, from birthDate
+    gender: str | None = None  # quantity name: administrative gender mapped by `gender_codes`
+    gender_codes: dict[str, float] = Field(default_factory=dict)  # FHIR gender -> number
+    gender_coding: str | None = None  # the documented code the numbers follow (ISO/IEC 5218)
+
+    @model_validator(mode="after")
+    def _codes(self) -> PatientSource:
+        if self.gender is not None and not self.gender_codes:
+            raise ValueError("patient.gender needs gender_codes")
+        unknown = set(self.gender_codes) - {"male", "female", "other", "unknown"}
+        if unknown:
+            raise ValueError(f"gender_codes: {sorted(unknown)} are not FHIR administrative genders")
+        return self
+
+
+class OrderFilter(Strict):
+    """Selected draft orders that call for an order-select service: of `resource_type`, and when
+    `system` is given, coded in it with a code starting with one of `prefixes` (e.g. ATC A10,
+    drugs used in diabetes)."""
+
+    resource_type: str = Field(min_length=1)
+    system: str | None = None
+    prefixes: list[str] = Field(default_factory=list)
+
+
+class Service(Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    hook: Hook
+    title: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+    # order-select: the selected orders that call for this service (None: any); a call that
+    # selects none of them answers {"cards": []} without computing.
+    orders: list[OrderFilter] | None = None
+
+
+class Mapping(Strict):
+    model: str = Field(min_length=1)
+    services: list[Service] = Field(min_length=1)
+    max_age_days: float = Field(default=365.0, gt=0.0)
+    patient: PatientSource = PatientSource()
+    observations: list[ObservationSource] = Field(default_factory=list)
+    derived: list[Derived] = Field(default_factory=list)
+    outcome: str | None = None  # classifiers: the label whose probability is reported
+    concept: Concept  # the outcome (classifier) or the predicted quantity (regressor)
+    unit: Code | None = None  # regressors: UCUM unit of the prediction (system, code, display)
+    summary: str = Field(min_length=1, max_length=60)  # the card's summary starts with it
+    assumptions: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names(self) -> Mapping:
+        known: list[str] = [n for n in (self.patient.age, self.patient.gender) if n]
+        known += [o.name for o in self.observations]
+        for d in self.derived:
+            missing = [a for a in d.args if a not in known]
+            if missing:
+                raise ValueError(f"derived '{d.name}' uses undefined quantities {missing}")
+            known.append(d.name)
+        dupes = sorted({n for n in known if known.count(n) > 1})
+        if dupes:
+            raise ValueError(f"quantities defined more than once: {dupes}")
+        if PATIENT_KEY in {o.key for o in self.observations}:
+            raise ValueError(f"prefetch key '{PATIENT_KEY}' is reserved for the Patient")
+        return self
+
+    def quantities(self) -> list[str]:
+        names = [n for n in (self.patient.age, self.patient.gender) if n]
+        return names + [o.name for o in self.observations] + [d.name for d in self.derived]
+
+    def problems(self, manifest: Manifest) -> list[str]:
+        """Why this mapping cannot feed `manifest`'s model (empty when it can)."""
+        out = []
+        features = manifest.inputs.feature_names
+        if features is None:
+            return [f"model '{manifest.name}' has no feature names to map to"]
+        missing = [f for f in features if f not in self.quantities()]
+        if missing:
+            out.append(f"no source for feature(s) {missing}")
+        if manifest.task == "classification":
+            labels = manifest.outputs.labels or []
+            if self.outcome not in labels:
+                out.append(f"outcome {self.outcome!r} is not one of the labels {labels}")
+        elif self.outcome is not None:
+            out.append("a regression model has no outcome label")
+        return out
+
+    def prefetch(self) -> dict[str, str]:
+        """Discovery prefetch templates: the Patient, and per key the latest Observations."""
+        out: dict[str, str] = {}
+        if self.patient.age or self.patient.gender:
+            out[PATIENT_KEY] = "Patient/{{context.patientId}}"
+        groups: dict[str, list[ObservationSource]] = {}
+        for o in self.observations:
+            groups.setdefault(o.key, []).append(o)
+        for key, sources in groups.items():
+            codes = ",".join(f"{c.system}|{c.code}" for s in sources for c in s.codes)
+            # Sorted newest first, as many as there are concepts under the key: the latest of each
+            # when they were measured together (a panel), the latest of one otherwise.
+            out[key] = (
+                f"Observation?patient={{{{context.patientId}}}}&code={codes}"
+                f"&_sort=-date&_count={len(sources)}"
+            )
+        return out
+
+
+class MappingError(ValueError):
+    pass
+
+
+def parse(raw: bytes | str | dict[str, object], where: str) -> Mapping:
+    try:
+        if isinstance(raw, dict):
+            return Mapping.model_validate(raw)
+        return Mapping.model_validate(json.loads(raw))
+    except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MappingError(f"{where}: invalid clinical mapping: {exc}") from exc
+
+
+def load_dir(root: Path) -> tuple[dict[str, Mapping], list[str]]:
+    """Every `*.json` mapping under `root` by model name, and the problems of those refused."""
+    found: dict[str, Mapping] = {}
+    problems: list[str] = []
+    if not root.is_dir():
+        return found, problems
+    for path in sorted(root.glob("*.json")):
+        try:
+            m = parse(path.read_bytes(), str(path))
+        except (MappingError, OSError) as exc:
+            problems.append(str(exc))
+            continue
+        if m.model in found:
+            problems.append(f"{path}: a second mapping for model '{m.model}' (ignored)")
+            continue
+        found[m.model] = m
+    return found, problems
+
+
+def _codings(order: dict[str, object]) -> list[dict[str, object]]:
+    """The codings of a draft order: its code, or its medication (R4 and R5 shapes)."""
+    found = []
+    med = order.get("medication")
+    for concept in (
+        order.get("code"),
+        order.get("medicationCodeableConcept"),
+        med.get("concept") if isinstance(med, dict) else None,
+    ):
+        if isinstance(concept, dict) and isinstance(concept.get("coding"), list):
+            found += [c for c in concept["coding"] if isinstance(c, dict)]
+    return found
+
+
+def wanted(service: Service, orders: list[dict[str, object]]) -> bool:
+    """Whether an order-select call's selected orders call for `service`."""
+    if service.orders is None:
+        return True
+    for f in service.orders:
+        for order in orders:
+            if order.get("resourceType") != f.resource_type:
+                continue
+            if f.system is None:
+                return True
+            for c in _codings(order):
+                code = c.get("code")
+                if (
+                    c.get("system") == f.system
+                    and isinstance(code, str)
+                    and (not f.prefixes or code.startswith(tuple(f.prefixes)))
+                ):
+                    return True
+    return False

@@ -1,0 +1,160 @@
+"""Prometheus metrics (prometheus-client), one registry per app.
+
+Labels only take known values: a model label is a loaded model's name or "(unknown)", a route
+label is the route template, so a client cannot create series by sending made-up names. Names
+follow Triton's facts under the service's own prefix (requests, queue and compute durations,
+batch sizes), plus the served uncertainty so that drift is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service.engine.model import Prediction
+from service.engine.summaries import ClassificationSummary, RegressionSummary
+
+UNKNOWN = "(unknown)"
+LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROWS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+UNCERTAINTY = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.known: set[str] = set()
+        self.requests = Counter(
+            "mcserve_requests",
+            "HTTP requests by model, route and status",
+            ["model", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "mcserve_request_duration_seconds",
+            "Total time in the server",
+            ["model", "route"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "mcserve_queue_duration_seconds",
+            "Time from queueing to the start of compute",
+            ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "mcserve_compute_duration_seconds",
+            "Compute time of the batch a request ran in",
+            ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "mcserve_batch_rows",
+            "Rows (inputs x passes) per batch",
+            ["model"],
+            buckets=ROWS,
+            registry=r,
+        )
+        self.queue_rows = Gauge(
+            "mcserve_queue_rows", "Rows queued or computing", ["model"], registry=r
+        )
+        self.passes = Counter(
+            "mcserve_passes", "MC passes computed (per input)", ["model"], registry=r
+        )
+        self.predictions = Counter(
+            "mcserve_predictions", "Inputs answered", ["model", "mode"], registry=r
+        )
+        self.referrals = Counter(
+            "mcserve_referrals", "Inputs flagged for a human", ["model"], registry=r
+        )
+        self.epistemic_std = Histogram(
+            "mcserve_epistemic_std",
+            "Served epistemic std (regressors)",
+            ["model"],
+            buckets=UNCERTAINTY,
+            registry=r,
+        )
+        self.mutual_information = Histogram(
+            "mcserve_mutual_information",
+            "Served mutual information (classifiers)",
+            ["model"],
+            buckets=UNCERTAINTY,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "mcserve_model_info",
+            "Loaded model versions (value 1)",
+            ["model", "version", "digest", "backend", "device"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "mcserve_internal_errors",
+            "Unexpected exceptions answered with 500",
+            ["route"],
+            registry=r,
+        )
+
+    def model(self, name: str | None) -> str:
+        return name if name in self.known else UNKNOWN
+
+    def add_model(
+        self,
+        name: str,
+        version: str,
+        digest: str,
+        backend: str,
+        device: str,
+        queue_rows: Callable[[], float],
+    ) -> None:
+        self.known.add(name)
+        self.model_info.labels(name, version, digest, backend, device).set(1)
+        self.queue_rows.labels(name).set_function(queue_rows)
+
+    def remove_model(self, name: str, version: str, digest: str, backend: str, device: str) -> None:
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(name, version, digest, backend, device)
+
+    def observe_request(self, model: str | None, route: str, status: int, seconds: float) -> None:
+        m = self.model(model)
+        self.requests.labels(m, route, str(status)).inc()
+        self.request_seconds.labels(m, route).observe(seconds)
+        if status == 500:
+            self.internal_errors.labels(route).inc()
+
+    def observe_batch(self, model: str, rows: int, seconds: float) -> None:
+        self.batch_rows.labels(self.model(model)).observe(rows)
+
+    def observe_result(self, model: str, pred: Prediction, inputs: int) -> None:
+        m = self.model(model)
+        if "queue_s" in pred.timing:
+            self.queue_seconds.labels(m).observe(pred.timing["queue_s"])
+            self.compute_seconds.labels(m).observe(pred.timing["compute_s"])
+        referred = int(np.count_nonzero(pred.referral.refer)) if pred.referral is not None else 0
+        self.observe_summary(model, pred.summary, inputs, pred.samples, referred)
+
+    def observe_summary(
+        self,
+        model: str,
+        summary: RegressionSummary | ClassificationSummary | None,
+        inputs: int,
+        passes: int | None,
+        referred: int = 0,
+    ) -> None:
+        m = self.model(model)
+        self.predictions.labels(m, "mc" if summary is not None else "deterministic").inc(inputs)
+        if passes:
+            self.passes.labels(m).inc(passes * inputs)
+        if referred:
+            self.referrals.labels(m).inc(referred)
+        if isinstance(summary, ClassificationSummary):
+            for v in np.asarray(summary.mutual_information).ravel().tolist():
+                self.mutual_information.labels(m).observe(v)
+        elif isinstance(summary, RegressionSummary):
+            for v in np.asarray(summary.epistemic_std).ravel().tolist():
+                self.epistemic_std.labels(m).observe(v)

@@ -1,0 +1,155 @@
+"""Replays: bit-identical from the record, a tampered summary caught, HMAC-only inputs checked."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+from audit_support import Backend, execute, serving
+from typer.testing import CliRunner
+
+from service.audit.record import AuditRecord
+from service.audit.replay import ReplayError, replay
+from service.cli import app as cli
+
+ROW = [0.1, -0.2, 0.3, 0.4]
+KEY = "replay-test-key"
+
+
+async def record_some(backend: Backend, repo: Path, **settings: object) -> dict[str, AuditRecord]:
+    """Several predictions at once (so they share batches), on both routes and both modes."""
+    requests = {
+        "clf-seeded": ("/v1/models/clf:predict", {"instances": [ROW, [1, 1, 1, 1]],
+                                                    "parameters": {"seed": 3, "samples": 64}}),
+        "clf-drawn": ("/v1/models/clf:predict", {"instances": [ROW]}),
+        "reg-quantile": ("/v1/models/reg:predict", {"instances": [[0.2, 0.1, -1]],
+                         "parameters": {"interval": "quantile", "samples": 200,
+                                        "confidence": [0.8, 0.9]}}),
+        "reg-det": ("/v1/models/reg:predict", {"instances": [[0.2, 0.1, -1]],
+                    "parameters": {"mode": "deterministic"}}),
+    }  # fmt: skip
+    async with serving(repo, **backend.settings, **settings) as (app, client):
+        meta = (await client.get("/v2/models/reg")).json()
+        oip = {
+            "inputs": [
+                {"name": meta["inputs"][0]["name"], "shape": [2, 3], "datatype": "FP32",
+                 "data": [0.5, 0.25, 1, -2, 0, 3]}
+            ],
+            "parameters": {"samples": 50},
+        }  # fmt: skip
+        requests["reg-oip"] = ("/v2/models/reg/infer", oip)
+        rs = await asyncio.gather(
+            *(client.post(url, json=body, headers={"X-Request-ID": rid})
+              for rid, (url, body) in requests.items())
+        )  # fmt: skip
+        assert [r.status_code for r in rs] == [200] * len(rs), [r.text for r in rs]
+        assert await app.state.audit.flush(10)
+        store = app.state.audit.store
+        return {rid: store.find(rid)[0] for rid in requests}
+
+
+async def test_replay_is_bit_identical(backend: Backend, repo: Path) -> None:
+    records = await record_some(backend, repo)
+    for rid, rec in records.items():
+        result = replay(rec, repo)
+        assert result.identical, (rid, result.differences)
+        assert result.recomputed == rec.summary
+        assert result.notes == []
+
+
+async def test_replay_after_tampering_reports_the_mismatch(backend: Backend, repo: Path) -> None:
+    records = await record_some(backend, repo)
+    rec = records["clf-seeded"]
+    doc = orjson.loads(rec.summary)
+    doc["predictions"][1]["probabilities"]["red"] += 1e-12  # a last-bits change
+    forged = orjson.dumps(doc).decode().replace("'", "''")
+    # The triggers refuse edits; a tamperer with the owner's rights drops them first.
+    if backend.name == "sqlite":
+        execute(backend, "DROP TRIGGER audit_records_no_update")
+    else:
+        execute(backend, "DROP TRIGGER audit_records_append_only ON audit_records")
+    execute(backend, f"UPDATE audit_records SET summary = '{forged}' WHERE id = {rec.id}")
+    with backend.open() as store:
+        [tampered] = store.find(str(rec.id))
+    result = replay(tampered, repo)
+    assert not result.identical
+    assert len(result.differences) == 1
+    assert result.differences[0].startswith("$.predictions[1].probabilities.red: stored ")
+
+
+async def test_replay_hmac_only(backend: Backend, repo: Path, tmp_path: Path) -> None:
+    settings = {"audit_inputs": "hmac", "audit_hmac_key": KEY}
+    rec = (await record_some(backend, repo, **settings))["clf-seeded"]
+    assert rec.inputs is None
+    key = KEY.encode()
+    with pytest.raises(ReplayError, match="supply them"):
+        replay(rec, repo, hmac_key=key)
+    named = [dict(zip(["f0", "f1", "f2", "f3"], r, strict=True)) for r in (ROW, [1, 1, 1, 1])]
+    good = tmp_path / "inputs.json"
+    good.write_bytes(orjson.dumps({"instances": named}))  # named features: the same array
+    assert replay(rec, repo, inputs=good, hmac_key=key).identical
+    wrong = tmp_path / "wrong.json"
+    wrong.write_bytes(orjson.dumps([ROW, [1, 1, 1, 1.0000001]]))
+    with pytest.raises(ReplayError, match="do not match the record's HMAC"):
+        replay(rec, repo, inputs=wrong, hmac_key=key)
+    with pytest.raises(ReplayError, match="key id"):
+        replay(rec, repo, inputs=good, hmac_key=b"another key")
+    with pytest.raises(ReplayError, match="MCSERVE_AUDIT_HMAC_KEY"):
+        replay(rec, repo, inputs=good)
+
+
+async def test_replay_refuses_a_changed_bundle(repo: Path, tmp_path: Path) -> None:
+    backend = Backend("sqlite", {"audit_path": tmp_path / "a.db"})
+    rec = (await record_some(backend, repo))["clf-drawn"]
+    with pytest.raises(ReplayError, match="not in"):
+        replay(rec, tmp_path)
+    forged = AuditRecord(**{**rec.__dict__, "digest": "sha256:" + "0" * 64})
+    with pytest.raises(ReplayError, match="immutable"):
+        replay(forged, repo)
+
+
+async def test_cli_show_and_replay(
+    backend: Backend, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"audit_inputs": "hmac", "audit_hmac_key": KEY}
+    records = await record_some(backend, repo, **settings)
+    for k, v in backend.settings.items():
+        monkeypatch.setenv(f"MCSERVE_{k.upper()}", str(v))
+    monkeypatch.setenv("MCSERVE_MODEL_DIR", str(repo))
+    monkeypatch.setenv("MCSERVE_AUDIT_HMAC_KEY", KEY)
+    runner = CliRunner()
+    rec = records["reg-oip"]
+    shown = runner.invoke(cli, ["audit", "show", "reg-oip"])
+    assert shown.exit_code == 0, shown.output
+    doc = orjson.loads(shown.stdout)
+    assert doc["id"] == rec.id and doc["route"] == "/v2/models/{name}/infer"
+    assert doc["inputs"] is None and doc["inputs_hmac"] == rec.inputs_hmac
+    assert doc["summary"] == orjson.loads(rec.summary)
+    missing = runner.invoke(cli, ["audit", "show", "nope"])
+    assert missing.exit_code == 2 and "no audit record" in missing.stderr
+
+    inputs = tmp_path / "oip.json"
+    inputs.write_bytes(orjson.dumps([[0.5, 0.25, 1], [-2, 0, 3]]))
+    ok = runner.invoke(cli, ["audit", "replay", str(rec.id), "--inputs", str(inputs)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.startswith(f"bit-identical: record {rec.id} (reg 1, torch on cpu, seed ")
+    no_inputs = runner.invoke(cli, ["audit", "replay", str(rec.id)])
+    assert no_inputs.exit_code == 2 and "--inputs FILE" in no_inputs.stderr
+
+    target = records["reg-det"]
+    doc = orjson.loads(target.summary)
+    doc["predictions"][0]["mean"] = 0.0
+    forged = orjson.dumps(doc).decode()
+    if backend.name == "sqlite":
+        execute(backend, "DROP TRIGGER audit_records_no_update")
+    else:
+        execute(backend, "DROP TRIGGER audit_records_append_only ON audit_records")
+    execute(backend, f"UPDATE audit_records SET summary = '{forged}' WHERE id = {target.id}")
+    det_inputs = tmp_path / "det.json"
+    det_inputs.write_bytes(orjson.dumps([[0.2, 0.1, -1]]))
+    bad = runner.invoke(cli, ["audit", "replay", "reg-det", "--inputs", str(det_inputs)])
+    assert bad.exit_code == 1, bad.output
+    assert bad.stdout.startswith(f"DIFFERENT: record {target.id} (reg 1, onnxruntime on cpu)")
+    assert "$.predictions[0].mean: stored 0.0, recomputed " in bad.stdout

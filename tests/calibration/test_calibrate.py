@@ -1,0 +1,214 @@
+"""`calibrate` writes a new immutable version and leaves the source byte-identical; `evaluate`
+writes its report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from calib_repo import CAL_SAMPLES, Repo, build
+from typer.testing import CliRunner
+
+from service.bundle import load_bundle
+from service.calibration.data import read
+from service.calibration.recalibration import next_version
+from service.cli import app
+
+runner = CliRunner()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (and, by the keys, the listing itself)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    return build(tmp_path_factory.mktemp("fresh") / "models")
+
+
+def test_calibrate_writes_a_new_version_and_leaves_the_source_alone(fresh: Repo) -> None:
+    src = fresh.root / "reg" / "1"
+    before = tree_hashes(src)
+    args = [
+        "calibrate",
+        str(src),
+        "--data",
+        str(fresh.data / "reg-calibration.csv"),
+        "--out",
+        str(fresh.root),
+        "--samples",
+        str(CAL_SAMPLES),
+        "--seed",
+        "3",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {fresh.root / 'reg' / '2'} (version 2, from 1)" in result.output
+    assert tree_hashes(src) == before
+    new = load_bundle(fresh.root / "reg" / "2")  # verifies every artifact hash
+    old = load_bundle(src)
+    m = new.manifest
+    assert m.version == "2" and m.defaults.interval == "conformal"
+    assert {k: a.sha256 for k, a in m.artifacts.items()} == {
+        k: a.sha256 for k, a in old.manifest.artifacts.items()
+    }
+    cal = m.calibration
+    assert cal is not None
+    assert (cal.n, cal.samples, cal.seed, cal.temperature) == (60, CAL_SAMPLES, 3, None)
+    assert cal.scores == sorted(cal.scores) and len(cal.scores) == 60
+    assert cal.source == {"version": "1", "digest": old.digest}
+    rows = read(fresh.data / "reg-calibration.csv", m)
+    assert cal.row_fingerprints == rows.fingerprints()
+    assert cal.data["sha256"] == hashlib.sha256(rows.path.read_bytes()).hexdigest()
+    # The same bytes again: a second run with another version name writes an identical manifest
+    # apart from the version.
+    again = runner.invoke(app, [*args, "--version", "2b"])
+    assert again.exit_code == 0, again.output
+    m2 = json.loads((fresh.root / "reg" / "2b" / "manifest.json").read_text())
+    assert m2 | {"version": "2"} == json.loads(
+        (fresh.root / "reg" / "2" / "manifest.json").read_text()
+    )
+    assert tree_hashes(src) == before
+    # Versions are immutable: writing over 2 is refused, and the failed run leaves no trace.
+    listing = sorted(p.name for p in fresh.root.iterdir())
+    refused = runner.invoke(app, [*args, "--version", "2"])
+    assert refused.exit_code == 2
+    assert "already exists: bundle versions are immutable" in refused.output
+    assert sorted(p.name for p in fresh.root.iterdir()) == listing  # no staging dir left
+
+
+def test_classifier_calibration_has_temperature_and_set_referral(fresh: Repo) -> None:
+    src = fresh.root / "clf" / "1"
+    before = tree_hashes(src)
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            str(src),
+            "--data",
+            str(fresh.data / "clf-calibration.csv"),
+            "--out",
+            str(fresh.root),
+            "--samples",
+            "20",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "temperature" in result.output
+    assert tree_hashes(src) == before
+    m = load_bundle(fresh.root / "clf" / "2").manifest
+    assert m.calibration is not None and m.calibration.temperature is not None
+    assert m.calibration.score == "one-minus-probability"
+    fit = m.calibration.temperature_fit
+    assert fit["nll"] <= fit["nll_at_1"] + 1e-12 and fit["rule"] == "one-standard-error"
+    assert m.referral is not None and m.referral.max_set_size == 1
+    assert m.defaults.interval == "gaussian"  # classifiers have no conformal interval
+
+
+def test_next_version_and_errors(fresh: Repo, tmp_path: Path) -> None:
+    assert next_version(tmp_path, "reg", "1") == "2"
+    (tmp_path / "reg" / "7").mkdir(parents=True)
+    (tmp_path / "reg" / "v9").mkdir()
+    assert next_version(tmp_path, "reg", "3") == "8"
+    assert next_version(tmp_path, "new", "beta") == "1"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x0,x1,target\n1,2,3\n")
+    result = runner.invoke(
+        app,
+        ["calibrate", str(fresh.root / "reg" / "1"), "--data", str(bad), "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert "missing ['x2']" in result.output
+
+
+def test_overlap_with_training_rows_is_warned(fresh: Repo, tmp_path: Path) -> None:
+    """Fingerprints of the bundle's train rows that also appear in the calibration data."""
+    repo = tmp_path / "models"
+    shutil.copytree(fresh.root / "reg" / "1", repo / "reg" / "1")
+    manifest = repo / "reg" / "1" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    rows = read(fresh.data / "reg-calibration.csv", load_bundle(repo / "reg" / "1").manifest)
+    data["training"]["row_fingerprints"] = {"train": rows.fingerprints()[:5]}
+    manifest.write_text(json.dumps(data))
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            str(repo / "reg" / "1"),
+            "--data",
+            str(fresh.data / "reg-calibration.csv"),
+            "--out",
+            str(repo),
+            "--samples",
+            "10",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "5 of the 60 calibration rows are among the bundle's train rows" in result.output
+
+
+def test_evaluate_writes_markdown_json_and_plots(calibrated: Repo, tmp_path: Path) -> None:
+    for name, pngs in (
+        ("reg", ["coverage.png"]),
+        ("clf", ["reliability.png", "risk_coverage.png"]),
+    ):
+        out = tmp_path / name
+        result = runner.invoke(
+            app,
+            [
+                "evaluate",
+                str(calibrated.root / name / "2"),
+                "--data",
+                str(calibrated.data / f"{name}-test.csv"),
+                "--out",
+                str(out),
+                "--samples",
+                "20",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.json", *pngs])
+        for png in pngs:
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        numbers = json.loads((out / "report.json").read_text())
+        text = (out / "report.md").read_text()
+        assert numbers["model"]["version"] == "2" and numbers["data"]["rows"] == 40
+        assert "referral" in numbers and "## Referral" in text
+        if name == "reg":
+            assert [r["level"] for r in numbers["intervals"]["conformal"]] == [
+                0.5,
+                0.8,
+                0.9,
+                0.95,
+                0.99,
+            ]
+            assert f"{numbers['rmse']:.4f}" in text
+        else:
+            assert f"{numbers['served']['ece']:.4f}" in text
+            assert 0 <= numbers["served"]["ece"] <= 1
+    # Evaluating on the calibration rows is flagged (row fingerprints of the calibrate run).
+    out = tmp_path / "optimistic"
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            str(calibrated.root / "reg" / "2"),
+            "--data",
+            str(calibrated.data / "reg-calibration.csv"),
+            "--out",
+            str(out),
+            "--samples",
+            "10",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "60 of the 60 evaluation rows are among the bundle's calibrate rows" in result.output
+    assert json.loads((out / "report.json").read_text())["overlap_warnings"]

@@ -30,6 +30,7 @@ from starlette.responses import Response
 from service.api import audit as audit_trail
 from service.api.native import run, state, to_params
 from service.api.schemas import PredictParameters
+from service.api.v2_schemas import inline_schema
 from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.catalogue import Catalogue
@@ -119,13 +120,13 @@ ServiceId = Annotated[str, PathParam(description="CDS service id (see discovery)
 CALL_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": HookRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": inline_schema(HookRequest)}},
     }
 }
 FEEDBACK_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": inline_schema(FeedbackRequest)}},
     }
 }
 
@@ -137,9 +138,7 @@ def clinical(request: Request) -> Clinical:
 
 def called_url(request: Request, settings: Settings) -> str:
     """The URL the client called, as the JWT's `aud` must name it."""
-    base = settings.public_base_url
-    if base is None:
-        base = f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}"
+    base = settings.public_base_url or f"{request.url.scheme}://{request.url.netloc}"
     return base.rstrip("/") + request.url.path
 
 

@@ -154,7 +154,6 @@ async def run(
         raise
     finally:
         watcher.cancel()
-    audit.record(request, batcher.model, x, params, pred, card_uuid)
     # For the access log (RequestContext): which version answered and how the time was spent.
     state = request.state
     state.model, state.version = batcher.model.name, batcher.model.version
@@ -162,6 +161,7 @@ async def run(
         state.batch_rows = int(pred.timing["batch_rows"])
         state.queue_ms = round(pred.timing["queue_s"] * 1000, 3)
         state.compute_ms = round(pred.timing["compute_s"] * 1000, 3)
+    audit.record(request, batcher.model, x, params, pred, card_uuid)
     return pred
 
 

@@ -14,7 +14,6 @@ With `fail_open` the prediction is answered anyway; the lost record is counted a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -31,6 +30,7 @@ from service.audit.record import (
     PredictionEvent,
     feedback_row,
     prediction_row,
+    software,
 )
 from service.audit.store import Store
 from service.errors import AuditUnavailableError
@@ -77,8 +77,10 @@ class AuditWriter:
         self.store: Store | None = None
         self.healthy = True  # the last write succeeded
         self._queue: deque[Event] = deque()
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # something was queued
+        self._kick = asyncio.Event()  # stop: end a retry backoff now
+        self._stopping = False
+        self._abandon = False  # the flush timed out: give up
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-audit")
@@ -89,6 +91,9 @@ class AuditWriter:
 
     async def start(self) -> None:
         """Open and migrate the store (raises when it cannot: nothing is served unaudited)."""
+        # torch's thread count is per OS thread: read it here, where the server configured it,
+        # not on the audit thread (the cache keeps this first reading).
+        software()
         loop = asyncio.get_running_loop()
         self.store = await loop.run_in_executor(self._thread, self._open)
         self._task = loop.create_task(self._run(), name="audit-writer")
@@ -139,34 +144,43 @@ class AuditWriter:
 
     async def stop(self) -> None:
         """Write out the queue (within `flush_timeout_s`), then close the store."""
-        self._stopping.set()
+        self._stopping = True
+        self._kick.set()  # cut a retry backoff short
         self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.flush_timeout_s)
-            except TimeoutError:
+        task, self._task = self._task, None
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=self.flush_timeout_s)
+            if not done:
                 self._closed = True
                 self.stats.lost_at_exit = len(self._queue)
                 log.error(
                     "audit records lost at shutdown: the store did not take them in time",
                     extra={"lost": len(self._queue), "flush_timeout_s": self.flush_timeout_s},
                 )
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
+                self._abandon = True  # the loop ends after its current store call
+                self._kick.set()
+                await asyncio.wait({task})
         self._closed = True
         if self.store is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self.store.close)
             self.store = None
         self._thread.shutdown(wait=True)
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait before a retry; `stop` cuts the wait short."""
+        self._kick.clear()
+        kicked = asyncio.ensure_future(self._kick.wait())
+        try:
+            await asyncio.wait({kicked}, timeout=seconds)
+        finally:
+            kicked.cancel()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = self.retry_s[0]
-        while True:
+        while not self._abandon:
             if not self._queue:
-                if self._stopping.is_set():
+                if self._stopping:
                     self._closed = True  # in the same step as the check: nothing slips in
                     return
                 self._wake.clear()
@@ -183,9 +197,8 @@ class AuditWriter:
                         extra={"error": f"{type(exc).__name__}: {exc}", "queued": self.depth},
                     )
                 self.healthy = False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, self.retry_s[1] if not self._stopping.is_set() else 0.2)
+                await self._pause(delay)
+                delay = min(delay * 2, 0.2 if self._stopping else self.retry_s[1])
                 continue
             for _ in batch:
                 self._queue.popleft()

@@ -1,5 +1,7 @@
 """Calibrated uncertainty: split conformal, temperature scaling, referral, evaluation.
 
-Pure numpy except `recalibration` and `evaluation` (they run a bundle through the engine) and
-`report` (matplotlib, imported only when a report is drawn). No FastAPI import anywhere here.
+One noun per module: `conformal`, `temperature`, `metrics` and `referral` are numpy (plus the
+manifest types); `calibrator` applies a bundle's calibration to served summaries; `data` reads
+labelled CSVs; `recalibration` (the `calibrate` command) and `evaluation` run a bundle through
+the engine; `report` draws with matplotlib, imported only there. No FastAPI import anywhere here.
 """

@@ -321,10 +321,11 @@ def invariants(res: Json) -> list[str]:
                 out.append(f"ras-2: {where}.probabilityDecimal must be 0..100 (percent)")
             if has_range:
                 r = p["probabilityRange"]
-                out += _percent(r.get("low"), f"{where}.probabilityRange.low")
-                out += _percent(r.get("high"), f"{where}.probabilityRange.high")
-                if not out and r["low"]["value"] > r["high"]["value"]:
-                    out.append(f"{where}.probabilityRange: low above high")
+                bad = _percent(r.get("low"), f"{where}.probabilityRange.low")
+                bad += _percent(r.get("high"), f"{where}.probabilityRange.high")
+                if not bad and r["low"]["value"] > r["high"]["value"]:
+                    bad.append(f"{where}.probabilityRange: low above high")
+                out += bad
     if res.get("resourceType") == "Observation":
         q = res.get("valueQuantity", {})
         for e in q.get("extension", []):

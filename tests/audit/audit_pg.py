@@ -1,9 +1,9 @@
 """A PostgreSQL server for the audit tests, found or started; never a silent skip.
 
 - MCSERVE_TEST_POSTGRES_URL set (what .ci/run does): that server; unreachable is a FAILURE.
-- unset, with PostgreSQL's `initdb` and `pg_ctl` installed: a throwaway server in a temporary
-  directory on a free 127.0.0.1 port, stopped at the end (as the `postgres` user when run as
-  root, which initdb refuses to be).
+- unset, with PostgreSQL's server binaries installed (`initdb`, `postgres`): a throwaway server
+  in a temporary directory on a free 127.0.0.1 port, stopped at the end, and by the kernel if
+  the test process is killed (as the `postgres` user when run as root: initdb refuses root).
 - neither: a failure whose message says how to run the tests.
 """
 
@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -28,7 +29,7 @@ HOW = (
     "the audit tests need PostgreSQL: run `bash .ci/run` (installs it from Debian's packages, "
     "starts it on 127.0.0.1 and sets MCSERVE_TEST_POSTGRES_URL), or set "
     "MCSERVE_TEST_POSTGRES_URL=postgresql://user:password@127.0.0.1:5432/db yourself, or install "
-    "PostgreSQL (initdb and pg_ctl) so that the tests start a throwaway server"
+    "PostgreSQL's server (initdb, postgres) so that the tests start a throwaway one"
 )
 
 
@@ -54,26 +55,61 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _clean_stale(prefix: str) -> None:
+    """Remove throwaway directories left by a killed run (no live server, over 10 minutes old)."""
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), prefix + "*")):
+        pid_file = Path(d, "data", "postmaster.pid")
+        try:
+            if pid_file.exists():
+                os.kill(int(pid_file.read_text().split()[0]), 0)
+                continue  # a live server: someone's run
+            if time.time() - os.path.getmtime(d) < 600:
+                continue  # perhaps still being initialised
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError, IndexError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @contextmanager
 def throwaway() -> Iterator[str]:
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    if initdb is None or pg_ctl is None:
+    """initdb + postgres in the foreground; `setpriv --pdeathsig` stops the server even when the
+    test process is killed."""
+    initdb = _tool("initdb")
+    if initdb is None:
         raise RuntimeError(f"{ENV} is not set and PostgreSQL is not installed: {HOW}")
-    prefix: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="mcserve-pg-"))
-    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+    postgres = str(Path(os.path.realpath(initdb)).parent / "postgres")
+    prefix = "mcserve-pg-"
+    _clean_stale(prefix)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    wrap: list[str] = []
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() == 0:  # initdb refuses root: run as the postgres user
+        if setpriv is None:
+            raise RuntimeError(
+                f"running as root needs setpriv (util-linux) to drop to postgres: {HOW}"
+            )
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
+        wrap = [setpriv, "--reuid", "postgres", "--regid", "postgres", "--init-groups"]
+    elif setpriv is not None:
+        wrap = [setpriv]
+    if wrap:
+        wrap += ["--pdeathsig", "SIGQUIT", "--"]
     data, port = root / "data", _free_port()
-
-    def run(*cmd: str) -> None:
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=120)
-
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        run(pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
+        subprocess.run(
+            [*wrap, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        cmd = [postgres, "-D", str(data), "-p", str(port), "-k", str(root)]
+        cmd += ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+        with (root / "log").open("wb") as log:
+            proc = subprocess.Popen([*wrap, *cmd], stdout=log, stderr=subprocess.STDOUT)
         url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         deadline = time.monotonic() + 30
         while True:
@@ -81,17 +117,17 @@ def throwaway() -> Iterator[str]:
                 check(url)
                 break
             except RuntimeError:
-                if time.monotonic() > deadline:
-                    raise
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log_text = (root / "log").read_text(errors="replace")
+                    raise RuntimeError(
+                        f"the throwaway PostgreSQL did not start:\n{log_text}"
+                    ) from None
                 time.sleep(0.2)
         yield url
     finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                capture_output=True,
-                timeout=60,
-            )
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)  # immediate shutdown: nothing to keep
+            proc.wait(30)
         shutil.rmtree(root, ignore_errors=True)
 
 

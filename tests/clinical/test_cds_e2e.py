@@ -367,3 +367,13 @@ async def test_native_api_answers_fhir(ehr: httpx.AsyncClient, cds_app: FastAPI)
     # Plain JSON is unchanged.
     r = await ehr.post("/v1/models/diabetes:predict", json={"instances": [row]})
     assert "predictions" in r.json()
+
+
+def test_api_keys_never_guard_cds_routes() -> None:
+    from service.api.auth import ApiKeyGuard, hash_key
+    from service.settings import ApiKey
+
+    guard = ApiKeyGuard(app=None, keys=[ApiKey(id="k", sha256=hash_key("secret"))])  # type: ignore[arg-type]
+    for path in ("/cds-services", DIABETES, DIABETES + "/feedback"):
+        assert guard.decide(path, {}).status == 0
+    assert guard.decide("/v1/models", {}).status == 401

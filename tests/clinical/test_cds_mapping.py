@@ -228,3 +228,17 @@ def test_order_filter() -> None:
     )
     assert not wanted(service, [])
     assert wanted(DIABETES.services[0], [])  # no filter: every call
+
+
+def test_clinical_modules_do_not_import_fastapi() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.clinical.cards, service.clinical.catalogue, "
+        "service.clinical.extraction, service.clinical.fhir, service.clinical.hooks, "
+        "service.clinical.ledger, service.clinical.mapping, service.clinical.trust; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

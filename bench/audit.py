@@ -1,0 +1,148 @@
+"""What the audit trail costs: requests/s at concurrency 16, auditing off vs SQLite vs PostgreSQL.
+
+    python -m bench.audit [--repeats 5] [--duration 10] [--concurrency 16] [--model breast-cancer]
+                          [--postgres-url URL] [--out bench/results/audit.json]
+
+Three real `python -m service serve` processes on 127.0.0.1 (audit off; SQLite in a temporary
+directory; PostgreSQL in a fresh schema of --postgres-url, default MCSERVE_TEST_POSTGRES_URL, see
+.ci/postgres), measured with wrk in its own process, interleaved in every repeat so that noise
+hits each variant alike; medians of the repeats. At the end each audited server is asked for
+its count of 200 answers on the predict route, stopped with SIGTERM (its queue is flushed), and
+the rows in its store are counted: they must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import machine, now
+from bench.load import instance, start, wrk
+
+PREDICT_200 = re.compile(
+    r'^mcserve_requests_total\{[^}]*route="/v1/models/\{name\}:predict"[^}]*status="200"[^}]*\}'
+    r"\s+([0-9.e+]+)$",
+    re.M,
+)
+
+
+def answered(port: int) -> int:
+    """200 answers on the predict route, as the server itself counted them."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return int(sum(float(v) for v in PREDICT_200.findall(text)))
+
+
+def stop_cleanly(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(120)
+
+
+def count_rows(variant: str, settings: dict[str, str]) -> int:
+    if variant == "sqlite":
+        with sqlite3.connect(settings["MCSERVE_AUDIT_PATH"]) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(settings["MCSERVE_AUDIT_URL"]) as conn:
+        row = conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()
+        return int(row[0]) if row else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--model", default="breast-cancer")
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--postgres-url", default=os.environ.get("MCSERVE_TEST_POSTGRES_URL"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    variants = ["off", "sqlite"] + (["postgres"] if args.postgres_url else [])
+    tmp = Path(tempfile.mkdtemp(prefix="mcserve-bench-audit-"))
+    base = {"MCSERVE_DRAIN_GRACE_S": "0"}
+    envs: dict[str, dict[str, str]] = {
+        "off": {**base, "MCSERVE_AUDIT": "false"},
+        "sqlite": {**base, "MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_PATH": str(tmp / "audit.db")},
+    }
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    if args.postgres_url:
+        import psycopg
+
+        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in args.postgres_url else "?"
+        url = f"{args.postgres_url}{sep}options=-csearch_path%3D{schema}"
+        envs["postgres"] = {**base, "MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": url}
+    servers = {v: start("mcserve", envs[v]) for v in variants}
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        body = {"instances": [instance(args.model)], "parameters": {"samples": args.samples}}
+        json.dump(body, f)
+    try:
+        for rep in range(args.repeats):
+            for v in variants:
+                r = wrk(servers[v][1], args.model, f.name, args.concurrency, args.duration)
+                runs[v].append(r)
+                print(rep, v, r, flush=True)
+        counts: dict[str, dict[str, int]] = {}
+        for v in variants:
+            proc, port = servers[v]
+            served = answered(port)
+            code = stop_cleanly(proc)
+            rows = count_rows(v, envs[v]) if v != "off" else 0  # before the tmp dir goes
+            counts[v] = {"answered_200": served, "rows": rows, "exit_code": code}
+    finally:
+        for proc, _ in servers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        os.unlink(f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    median = {
+        v: {m: round(statistics.median(r[m] for r in rs), 2) for m in rs[0]}
+        for v, rs in runs.items()
+    }
+    off = median["off"]["rps"]
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "date": now(),
+        "model": args.model,
+        "samples": args.samples,
+        "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "duration_s": args.duration,
+        "median": median,
+        "slowdown_pct": {v: round(100 * (1 - median[v]["rps"] / off), 1) for v in variants},
+        "rps_runs": {v: [r["rps"] for r in rs] for v, rs in runs.items()},
+        "counts": counts,
+        "rows_equal_answers": all(
+            c["rows"] == c["answered_200"] for v, c in counts.items() if v != "off"
+        ),
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.postgres_url:
+        import psycopg
+
+        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""CDS Hooks through the audit trail: the card's prediction, the issuer, the feedback, a replay."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from audit_support import Backend, serving
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "clinical"))  # the EHR of the CDS tests
+
+from cds_client import BASE, ISS, Signer, auth
+from fhir_ehr import MODELS, diabetes_prefetch, hook_call
+
+from service.audit.replay import replay
+from service.settings import CdsIssuer
+
+SERVICE = "/cds-services/diabetes-progression"
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer(ec.generate_private_key(ec.SECP384R1()), "ES384", "audit-es384")
+
+
+async def test_cds_card_and_feedback_are_recorded(backend: Backend, signer: Signer) -> None:
+    settings = {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        **backend.settings,
+    }
+    async with serving(MODELS, **settings) as (app, ehr):
+        body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+        r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+        assert r.status_code == 200, r.text
+        [card] = r.json()["cards"]
+        path = SERVICE + "/feedback"
+        reason = card["overrideReasons"][0]
+        fb = {
+            "feedback": [
+                {
+                    "card": card["uuid"],
+                    "outcome": "overridden",
+                    "overrideReason": {"reason": reason, "userComment": "recent weight loss"},
+                    "outcomeTimestamp": datetime.now(UTC).isoformat(),
+                }
+            ]
+        }
+        r2 = await ehr.post(path, json=fb, headers=auth(signer, path))
+        assert r2.status_code == 200, r2.text
+        # No room for a record: the card is not issued (fail closed), a FHIR OperationOutcome.
+        app.state.audit.queue_size = 0
+        again = hook_call(diabetes_prefetch(datetime.now(UTC)))
+        r3 = await ehr.post(SERVICE, json=again, headers=auth(signer, SERVICE))
+        assert r3.status_code == 503
+        assert r3.json()["resourceType"] == "OperationOutcome"
+        assert "audit" in r3.json()["issue"][0]["diagnostics"]
+        app.state.audit.queue_size = 10
+        assert await app.state.audit.flush(10)
+        store = app.state.audit.store
+        assert store.count() == 1
+        [rec] = store.find(r.headers["x-request-id"])
+        [feedback] = store.feedback(card["uuid"])
+    assert rec.route == "/cds-services/{service_id}"
+    assert rec.caller == ISS
+    assert rec.card_uuid == card["uuid"]
+    assert rec.model == "diabetes" and rec.referred is not None
+    assert feedback["outcome"] == "overridden" and feedback["caller"] == ISS
+    assert feedback["service_id"] == "diabetes-progression"
+    assert "recent weight loss" in feedback["override_reason"]
+    assert replay(rec, MODELS).identical

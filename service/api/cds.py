@@ -131,6 +131,22 @@ FEEDBACK_DOC: dict[str, Any] = {
 }
 
 
+OUTCOME = {
+    "content": {
+        "application/fhir+json": {"schema": {"type": "object"}},
+        "application/json": {"schema": {"type": "object"}},
+    }
+}
+CDS_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad request (FHIR OperationOutcome)", **OUTCOME},
+    401: {"description": "the CDS client JWT is missing or refused (no body)"},
+    404: {"description": "unknown service or card (FHIR OperationOutcome)", **OUTCOME},
+    412: {"description": "needed data missing, too old or in an unknown unit", **OUTCOME},
+    500: {"description": "internal error (FHIR OperationOutcome)", **OUTCOME},
+    503: {"description": "overloaded or past its deadline (FHIR OperationOutcome)", **OUTCOME},
+}
+
+
 def clinical(request: Request) -> Clinical:
     cds: Clinical = request.app.state.cds
     return cds
@@ -169,7 +185,9 @@ async def discovery(request: Request) -> Response:
     return cds_json(cds.catalogue.discovery(state(request).registry))
 
 
-@router.post("/{service_id}", summary="Call a CDS service", openapi_extra=CALL_DOC)
+@router.post(
+    "/{service_id}", summary="Call a CDS service", openapi_extra=CALL_DOC, responses=CDS_ERRORS
+)
 async def call(service_id: ServiceId, request: Request) -> Response:
     cds, st = clinical(request), state(request)
     authenticate(request, cds, [called_url(request, cds.settings)])
@@ -241,7 +259,10 @@ async def call(service_id: ServiceId, request: Request) -> Response:
 
 
 @router.post(
-    "/{service_id}/feedback", summary="Feedback on a service's cards", openapi_extra=FEEDBACK_DOC
+    "/{service_id}/feedback",
+    summary="Feedback on a service's cards",
+    openapi_extra=FEEDBACK_DOC,
+    responses=CDS_ERRORS,
 )
 async def feedback(service_id: ServiceId, request: Request) -> Response:
     cds = clinical(request)

@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint typecheck pytest models bench clean
+.PHONY: venv serve test lint typecheck pytest fuzz models bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ pytest: venv
 	$(PY) -m pytest -q -ra
 
 test: lint typecheck pytest
+
+# Schemathesis over the OpenAPI document (also part of `make test` through tests/fuzz).
+fuzz: venv
+	$(PY) -m pytest -q tests/fuzz
 
 models: venv
 	$(PY) -m models.build

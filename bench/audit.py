@@ -30,13 +30,43 @@ from typing import Any
 import httpx
 
 from bench.common import machine, now
-from bench.load import instance, start, wrk
+from bench.load import LUA, instance, start
 
 PREDICT_200 = re.compile(
     r'^mcserve_requests_total\{[^}]*route="/v1/models/\{name\}:predict"[^}]*status="200"[^}]*\}'
     r"\s+([0-9.e+]+)$",
     re.M,
 )
+
+
+def _ms(text: str) -> float:
+    v, unit = float(re.sub(r"[a-z]+$", "", text)), re.sub(r"^[\d.]+", "", text)
+    return {"us": v / 1000, "ms": v, "s": v * 1000, "m": v * 60_000}[unit]
+
+
+def wrk(port: int, model: str, body_file: str, conc: int, duration: int) -> dict[str, float]:
+    """One wrk run (its own process); percentiles read from the latency distribution lines."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA.format(body=body_file))
+    url = f"http://127.0.0.1:{port}/v1/models/{model}:predict"
+    cmd = ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", script.name, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+
+    def find(pattern: str) -> str:
+        m = re.search(pattern, out, re.M)
+        if m is None:
+            raise RuntimeError(f"cannot read {pattern!r} from wrk's output:\n{out}")
+        return m.group(1)
+
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "rps": float(find(r"^Requests/sec:\s+([\d.]+)")),
+        "p50_ms": _ms(find(r"^\s+50%\s+(\S+)$")),
+        "p99_ms": _ms(find(r"^\s+99%\s+(\S+)$")),
+        "requests": int(find(r"^\s+(\d+) requests in")),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 def answered(port: int) -> int:

@@ -22,17 +22,22 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             models = {m["name"]: m["ready"] for m in c.get("/v1/models").json()["models"]}
             assert models == {"breast-cancer": True, "diabetes": True, "digits": True}
-            bc = c.post("/v1/models/breast-cancer:predict",
-                        json={"instances": [first_row("breast-cancer")],
-                              "parameters": {"samples": 100, "seed": 1}})
+            bc = c.post(
+                "/v1/models/breast-cancer:predict",
+                json={
+                    "instances": [first_row("breast-cancer")],
+                    "parameters": {"samples": 100, "seed": 1},
+                },
+            )
             assert bc.status_code == 200, bc.text
             assert set(bc.json()["predictions"][0]["probabilities"]) == {"malignant", "benign"}
             # The newest version is served: 2, the calibrated copy (prediction set, referral).
             assert bc.json()["model"]["version"] == "2"
             assert bc.json()["predictions"][0]["prediction_set"]["level"] == 0.95
             assert isinstance(bc.json()["predictions"][0]["referral"]["refer"], bool)
-            diab = c.post("/v1/models/diabetes:predict",
-                          json={"instances": [first_row("diabetes")]})
+            diab = c.post(
+                "/v1/models/diabetes:predict", json={"instances": [first_row("diabetes")]}
+            )
             assert diab.status_code == 200, diab.text
             p = diab.json()["predictions"][0]
             assert p["std"] > 0 and p["intervals"][0]["lower"] < p["mean"]

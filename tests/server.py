@@ -36,12 +36,27 @@ class Server:
 
 @contextmanager
 def serve(
-    tmp: Path, model_dir: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    tmp: Path,
+    model_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
 ) -> Iterator[Server]:
     port = free_port()
     log = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model-dir", str(model_dir or ROOT / "models"), "--log-level", "info"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model-dir",
+        str(model_dir or ROOT / "models"),
+        "--log-level",
+        "info",
+    ]
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)

@@ -220,6 +220,7 @@ class AuditWriter:
     def _write(self, batch: list[Event]) -> int:
         """On the audit thread: rows (built once per event, kept across retries), one commit."""
         import os
+
         if os.environ.get("XNOROW"):
             return len(batch)
         records: list[dict[str, Any]] = []

@@ -1,4 +1,4 @@
-"""Command line: `python -m service serve | models | predict | calibrate | evaluate` (typer)."""
+"""Command line: `python -m service serve | models | predict | calibrate | evaluate | train`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from service.audit.cli import app as audit_app
 from service.packaging import package
+from service.training.cli import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
 
@@ -188,6 +189,9 @@ def evaluate(
     typer.echo(f"wrote {', '.join(str(f) for f in files)}")
     for w in ev.numbers["overlap_warnings"]:
         typer.echo(f"warning: {w}", err=True)
+
+
+app.command("train")(train)
 
 
 def main() -> None:

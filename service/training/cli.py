@@ -1,0 +1,332 @@
+"""`python -m service train`: an MC-dropout MLP from a CSV file, bundled and calibrated.
+
+The rows are shuffled with `--seed` and cut 80/20 into training and calibration rows. The
+trainer (`train_mlp`, the protocol of Gal & Ghahramani) holds out the last 20 % of the training
+rows to choose (dropout rate, tau) on validation log-likelihood and refits the chosen
+configuration on all training rows. The served module bakes both standardisations into the
+graph, `Affine(x_mean, x_std)`, the fitted layers, and for a regressor `Affine` back to the
+target's units, so clients send raw feature values and get answers in the target's units.
+
+The bundle's hard `valid_ranges` are deliberately generous: [min - 10 w, max + 10 w] over the
+training rows, w = max - min (w = max(|value|, 1) for a constant column). They catch garbage
+(a wrong unit, a typo), not extrapolation; that is what `training_ranges` ([min, max] over the
+training rows) and the referral policy's `extrapolation` flag are for. The bundle (version
+`--version`) is then calibrated exactly as `python -m service calibrate` would be, on the
+calibration rows, into the next version, whose path is printed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import platform
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, cast
+
+import numpy as np
+import torch
+import typer
+from torch import nn
+
+from service.bundle.fingerprint import row_fingerprint
+from service.bundle.manifest import Defaults, Training
+from service.bundle.writer import save
+from service.errors import InvalidInputError, McServeError, ModelError
+from service.nn import Affine
+from service.training.mlp import FittedMLP, TrainResult, train_mlp
+
+CALIBRATION_FRACTION = 0.2
+VALID_RANGE_WIDTHS = 10.0  # hard valid range: this many training-range widths either side
+METRIC_PASSES = 100  # MC passes for the held-out metrics (the bundle's default samples)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A CSV's feature columns (float64) and target (floats, or indices into `labels`)."""
+
+    path: Path
+    sha256: str
+    feature_names: list[str]
+    x: np.ndarray  # [N, F]
+    y: np.ndarray  # [N] float64 (regression) or int64 label indices
+    labels: list[str] | None  # classification: sorted as strings
+
+
+def read_table(path: Path, target: str, task: str) -> Table:
+    """Read a CSV with a header: numeric feature columns plus the target column."""
+    raw = path.read_bytes()
+    rows = [r for r in csv.reader(raw.decode("utf-8-sig").splitlines()) if r]
+    if not rows:
+        raise InvalidInputError(f"{path}: empty file")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    if target not in header:
+        raise InvalidInputError(f"{path}: no target column {target!r}; the columns are {header}")
+    if len(set(header)) != len(header):
+        raise InvalidInputError(f"{path}: repeated column names in the header {header}")
+    names = [h for h in header if h != target]
+    if not names:
+        raise InvalidInputError(f"{path}: no feature columns besides the target {target!r}")
+    if "target" in names:
+        raise InvalidInputError(
+            f"{path}: a feature column may not be called 'target' (calibration files use that "
+            "name for the target); rename it"
+        )
+    if len(body) < 10:
+        raise InvalidInputError(f"{path}: {len(body)} data rows are too few to train on")
+    t_col = header.index(target)
+    cols = [header.index(n) for n in names]
+    x = np.empty((len(body), len(names)), dtype=np.float64)
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise InvalidInputError(
+                f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
+            )
+        for j, c in enumerate(cols):
+            try:
+                x[i, j] = float(r[c])
+            except ValueError:
+                raise InvalidInputError(
+                    f"{path}: data row {i + 1}, column {names[j]!r}: {r[c]!r} is not a number "
+                    "(feature columns must be numeric)"
+                ) from None
+            if not math.isfinite(x[i, j]):
+                raise InvalidInputError(
+                    f"{path}: data row {i + 1}, column {names[j]!r}: {r[c]!r} is not finite"
+                )
+    values = [r[t_col].strip() for r in body]
+    if task == "classification":
+        labels = sorted(set(values))
+        if len(labels) < 2:
+            raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
+        index = {v: k for k, v in enumerate(labels)}
+        y = np.array([index[v] for v in values], dtype=np.int64)
+        return Table(path, hashlib.sha256(raw).hexdigest(), names, x, y, labels)
+    try:
+        yf = np.array([float(v) for v in values], dtype=np.float64)
+    except ValueError as exc:
+        raise InvalidInputError(f"{path}: the target {target!r} is not numeric ({exc})") from None
+    if not np.isfinite(yf).all():
+        raise InvalidInputError(f"{path}: the target {target!r} has non-finite values")
+    return Table(path, hashlib.sha256(raw).hexdigest(), names, x, yf, None)
+
+
+def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, calibration rows): a seeded permutation cut 80/20."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_cal = round(CALIBRATION_FRACTION * n)
+    return perm[n_cal:], perm[:n_cal]
+
+
+def served_module(fitted: FittedMLP) -> nn.Sequential:
+    """Raw inputs in, raw target (or logits) out: the fitted layers between two Affines."""
+    f32 = torch.float32
+    layers: list[nn.Module] = [
+        Affine.of(torch.as_tensor(fitted.x_mean, dtype=f32), torch.as_tensor(fitted.x_std, dtype=f32)),
+        *fitted.model,
+    ]  # fmt: skip
+    if fitted.task == "regression":
+        assert fitted.y_mean is not None and fitted.y_std is not None
+        ym, ys = np.asarray(fitted.y_mean, np.float64), np.asarray(fitted.y_std, np.float64)
+        layers.append(Affine.of(torch.as_tensor(-ym / ys, dtype=f32), torch.as_tensor(1 / ys, dtype=f32)))  # fmt: skip
+    return nn.Sequential(*layers).eval()
+
+
+def fitted_deterministic(fitted: FittedMLP, x: np.ndarray) -> np.ndarray:
+    """The fitted model's dropout-free prediction in original units (logits for classifiers)."""
+    xs = ((np.asarray(x, np.float64) - fitted.x_mean) / fitted.x_std).astype(np.float32)
+    with torch.inference_mode():
+        out = fitted.model.eval()(torch.from_numpy(xs)).double().numpy()
+    if fitted.task == "regression":
+        assert fitted.y_mean is not None and fitted.y_std is not None
+        return np.asarray(out * fitted.y_std + fitted.y_mean)
+    return np.asarray(out)
+
+
+def _check_served(module: nn.Module, fitted: FittedMLP, x: np.ndarray) -> None:
+    with torch.inference_mode():
+        got = module.eval()(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    want = fitted_deterministic(fitted, x)
+    scale = float(np.max(fitted.y_std)) if fitted.y_std is not None else 1.0
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * scale):
+        raise ModelError("the served module does not reproduce the fitted model's predictions")
+
+
+def _ranges(x: np.ndarray) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    width = np.where(hi > lo, hi - lo, np.maximum(np.abs(lo), 1.0))
+    training = [(float(a), float(b)) for a, b in zip(lo, hi, strict=True)]
+    valid = [
+        (float(a - VALID_RANGE_WIDTHS * w), float(b + VALID_RANGE_WIDTHS * w))
+        for a, b, w in zip(lo, hi, width, strict=True)
+    ]
+    return training, valid
+
+
+def _metrics(fitted: FittedMLP, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
+    """Held-out numbers on the calibration rows (MC averages, `METRIC_PASSES` passes)."""
+    if len(x) == 0:
+        return {}
+    samples = fitted.sample(x, METRIC_PASSES, seed=seed)  # [T, N, D]
+    if fitted.task == "classification":
+        probs = samples.mean(axis=0)
+        p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+        return {
+            "calibration_accuracy": round(float((probs.argmax(-1) == y).mean()), 6),
+            "calibration_nll": round(float(-np.log(p_true).mean()), 6),
+        }
+    assert fitted.tau is not None
+    f, yt = samples[:, :, 0], y
+    tau = float(fitted.tau[0])
+    sq = -0.5 * tau * (f - yt) ** 2  # [T, N]
+    m = sq.max(axis=0)
+    ll = m + np.log(np.exp(sq - m).mean(axis=0)) + 0.5 * (math.log(tau) - math.log(2 * math.pi))
+    return {
+        "calibration_rmse": round(float(np.sqrt(((f.mean(axis=0) - yt) ** 2).mean())), 6),
+        "calibration_ll": round(float(ll.mean()), 6),
+    }
+
+
+def default_name(path: Path) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).lstrip("._-")[:64].rstrip("._-")
+    return name or "model"
+
+
+def _write_calibration_csv(dest: Path, table: Table, rows: np.ndarray) -> None:
+    with dest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*table.feature_names, "target"])
+        for i in rows:
+            t = table.labels[int(table.y[i])] if table.labels else repr(float(table.y[i]))
+            w.writerow([*(repr(float(v)) for v in table.x[i]), t])
+
+
+def _provenance(
+    table: Table, target: str, res: TrainResult, seed: int, n_train: int, n_cal: int
+) -> dict[str, Any]:
+    fm = res.final
+    return {
+        "dataset": f"{table.path.name} (sha256 {table.sha256})",
+        "target_column": target,
+        "seed": seed,
+        "split": {
+            "method": "numpy default_rng(seed).permutation, cut 80/20 (train/calibration)",
+            "train": n_train,
+            "calibration": n_cal,
+        },
+        "hyperparameters": {
+            "architecture": "Affine(standardise) "
+            + "-".join(str(int(m.out_features)) for m in fm.model if isinstance(m, nn.Linear))
+            + " MLP, dropout before each Linear, ReLU"
+            + (", Affine(de-standardise target)" if fm.task == "regression" else ""),
+            "trainer": "service.training.train_mlp (Gal & Ghahramani 2016 protocol)",
+            "epochs": res.epochs,
+            "dropout": fm.dropout_rate,
+            "tau": float(fm.tau[0]) if fm.tau is not None else None,
+            "weight_decay": fm.weight_decay,
+            "validation_rows": res.n_val,
+        },
+        "grid": [
+            {"dropout": g.dropout_rate, "tau": g.tau, "val_ll": round(g.val_ll, 6)}
+            for g in res.grid
+        ],
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "build_command": "python -m service train",
+    }
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="CSV with a header: numeric features + target")],
+    target: Annotated[str, typer.Option(help="the target column")],
+    task: Annotated[str, typer.Option(help="regression or classification")],
+    out: Annotated[Path, typer.Option(help="model repository: writes OUT/<name>/<version>/")],
+    hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma separated")] = "64,64",
+    name: Annotated[str | None, typer.Option(help="bundle name (default: the CSV's stem)")] = None,
+    version: Annotated[str, typer.Option(help="version of the uncalibrated bundle")] = "1",
+    seed: Annotated[int, typer.Option(help="split, training and mask seed")] = 0,
+    epochs: Annotated[int, typer.Option(help="training epochs per configuration")] = 400,
+    progress: Annotated[bool, typer.Option(help="show training progress")] = False,
+) -> None:
+    """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
+    from service.calibration.recalibration import calibrate_bundle
+
+    def fail(msg: str) -> typer.Exit:
+        typer.echo(f"error: {msg}", err=True)
+        return typer.Exit(2)
+
+    try:
+        sizes = [int(h) for h in hidden.split(",") if h.strip()]
+    except ValueError:
+        raise fail(f"--hidden {hidden!r}: give comma-separated integers, e.g. 64,64") from None
+    if not sizes or min(sizes) < 1:
+        raise fail(f"--hidden {hidden!r}: give positive layer sizes, e.g. 64,64")
+    if task not in ("regression", "classification"):
+        raise fail(f"--task {task!r}: use regression or classification")
+    if epochs < 1:
+        raise fail("--epochs must be >= 1")
+    kind = cast(Literal["regression", "classification"], task)
+    bundle_name = name if name is not None else default_name(data)
+    if not _NAME.match(bundle_name):
+        raise fail(f"--name {bundle_name!r}: use lowercase letters, digits, '.', '_' or '-'")
+    try:
+        table = read_table(data, target, task)
+        tr, cal = split(len(table.x), seed)
+        if task == "classification":
+            assert table.labels is not None
+            absent = sorted(set(range(len(table.labels))) - set(table.y[tr].tolist()))
+            if absent:
+                missing = [table.labels[k] for k in absent]
+                raise InvalidInputError(f"{data}: classes {missing} have no training rows")
+        xtr, ytr = table.x[tr], table.y[tr]
+        if progress:
+            typer.echo(f"training on {len(tr)} rows ({len(cal)} kept for calibration)", err=True)
+        res = train_mlp(
+            xtr, ytr, seed=seed, hidden=sizes, task=kind, epochs=epochs, progress=progress
+        )
+        fm = res.final
+        module = served_module(fm)
+        _check_served(module, fm, table.x)
+        training_ranges, valid_ranges = _ranges(xtr)
+        noise_var = float(1.0 / fm.tau[0]) if fm.tau is not None else None
+        bundle = save(
+            module,
+            torch.as_tensor(xtr[:4], dtype=torch.float32),
+            out_dir=out,
+            name=bundle_name,
+            version=version,
+            task=kind,
+            intended_use=f"trained from {data.name} by `python -m service train`; "
+            "not validated for clinical use",
+            labels=table.labels,
+            target=target,
+            feature_names=table.feature_names,
+            valid_ranges=valid_ranges,
+            training_ranges=training_ranges,
+            noise_var=noise_var,
+            defaults=Defaults(samples=METRIC_PASSES, confidence=0.95, interval="gaussian"),
+            training=Training(
+                provenance=_provenance(table, target, res, seed, len(tr), len(cal)),
+                metrics=_metrics(fm, table.x[cal], table.y[cal], seed),
+                row_fingerprints={
+                    "train": row_fingerprint(xtr),
+                    "calibration": row_fingerprint(table.x[cal]),
+                },
+            ),
+        )
+        if progress:
+            typer.echo(f"wrote {bundle}; calibrating on {len(cal)} rows", err=True)
+        with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
+            cal_csv = Path(tmp) / f"{bundle_name}-calibration.csv"
+            _write_calibration_csv(cal_csv, table, cal)
+            result = calibrate_bundle(bundle, cal_csv, out, seed=seed)
+    except (McServeError, OSError) as exc:
+        raise fail(str(getattr(exc, "message", exc))) from None
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(str(result.path))

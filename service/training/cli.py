@@ -124,15 +124,15 @@ def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def served_module(fitted: FittedMLP) -> nn.Sequential:
     """Raw inputs in, raw target (or logits) out: the fitted layers between two Affines."""
-    f32 = torch.float32
-    layers: list[nn.Module] = [
-        Affine.of(torch.as_tensor(fitted.x_mean, dtype=f32), torch.as_tensor(fitted.x_std, dtype=f32)),
-        *fitted.model,
-    ]  # fmt: skip
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)
+
+    layers: list[nn.Module] = [Affine.of(t(fitted.x_mean), t(fitted.x_std)), *fitted.model]
     if fitted.task == "regression":
         assert fitted.y_mean is not None and fitted.y_std is not None
         ym, ys = np.asarray(fitted.y_mean, np.float64), np.asarray(fitted.y_std, np.float64)
-        layers.append(Affine.of(torch.as_tensor(-ym / ys, dtype=f32), torch.as_tensor(1 / ys, dtype=f32)))  # fmt: skip
+        layers.append(Affine.of(t(-ym / ys), t(1.0 / ys)))
     return nn.Sequential(*layers).eval()
 
 
@@ -209,6 +209,7 @@ def _provenance(
     table: Table, target: str, res: TrainResult, seed: int, n_train: int, n_cal: int
 ) -> dict[str, Any]:
     fm = res.final
+    linears = [m for m in fm.model if isinstance(m, nn.Linear)]
     return {
         "dataset": f"{table.path.name} (sha256 {table.sha256})",
         "target_column": target,
@@ -220,7 +221,9 @@ def _provenance(
         },
         "hyperparameters": {
             "architecture": "Affine(standardise) "
-            + "-".join(str(int(m.out_features)) for m in fm.model if isinstance(m, nn.Linear))
+            + "-".join(
+                str(d) for d in [len(table.feature_names), *(int(m.out_features) for m in linears)]
+            )
             + " MLP, dropout before each Linear, ReLU"
             + (", Affine(de-standardise target)" if fm.task == "regression" else ""),
             "trainer": "service.training.train_mlp (Gal & Ghahramani 2016 protocol)",

@@ -1,0 +1,136 @@
+"""`python -m service train`: CSV -> trained, bundled, calibrated model that the service serves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from service.api.app import create_app
+from service.bundle.load import load_bundle
+from service.cli import app
+from service.settings import Settings
+from service.training import train_mlp
+from service.training.cli import fitted_deterministic, served_module
+
+runner = CliRunner()
+N = 300
+
+
+def _features(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, size=(N, 3)) * np.array([1.0, 10.0, 0.1]) + np.array([0, 100, 0])
+
+
+def _write(path: Path, header: list[str], x: np.ndarray, y: list[str]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row, t in zip(x, y, strict=True):
+            w.writerow([*(repr(float(v)) for v in row), t])
+    return path
+
+
+def _regression_csv(path: Path) -> Path:
+    x = _features(0)
+    y = 50 + 10 * (2 * x[:, 0] - 0.1 * x[:, 1]) + np.random.default_rng(1).normal(size=N)
+    return _write(path, ["a", "b", "c", "progress"], x, [repr(float(v)) for v in y])
+
+
+def _classification_csv(path: Path) -> Path:
+    x = _features(2)
+    labels = np.where(x[:, 0] > 0.3, "high", np.where(x[:, 0] < -0.3, "low", "mid"))
+    return _write(path, ["a", "b", "c", "grade"], x, [str(v) for v in labels])
+
+
+def _train(data: Path, target: str, task: str, out: Path) -> Path:
+    args = ["train", "--data", str(data), "--target", target, "--task", task, "--out", str(out)]
+    res = runner.invoke(app, [*args, "--hidden", "16", "--epochs", "15", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path == out / data.stem.lower() / "2"
+    return path
+
+
+async def _predict(repo: Path, name: str, instance: dict[str, float]) -> dict[str, Any]:
+    application = create_app(Settings(model_dir=repo))
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.post(
+                f"/v1/models/{name}:predict",
+                json={"instances": [instance], "parameters": {"seed": 1}},
+            )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["version"] == "2"  # the calibrated version is the newest
+    pred: dict[str, Any] = body["predictions"][0]
+    return pred
+
+
+async def test_regression_end_to_end(tmp_path: Path) -> None:
+    data = _regression_csv(tmp_path / "Blood.csv")
+    bundle = _train(data, "progress", "regression", tmp_path / "repo")
+    m = load_bundle(bundle).manifest
+    assert m.inputs.feature_names == ["a", "b", "c"] and m.outputs.target == "progress"
+    assert m.aleatoric.noise_var and m.aleatoric.noise_var > 0
+    assert m.calibration is not None and m.calibration.n == 60
+    assert m.defaults.interval == "conformal"
+    assert {"calibration_rmse", "calibration_ll"} <= set(m.training.metrics)
+    assert len(m.training.row_fingerprints["train"]) == 240
+    assert m.inputs.training_ranges and m.inputs.valid_ranges
+    (lo, hi), (vlo, vhi) = m.inputs.training_ranges[1], m.inputs.valid_ranges[1]
+    assert 89 < lo < hi < 111 and vlo == pytest.approx(lo - 10 * (hi - lo))
+    assert vhi == pytest.approx(hi + 10 * (hi - lo))
+    assert "python -m service train" in m.intended_use
+    pred = await _predict(tmp_path / "repo", "blood", {"a": 0.2, "b": 101.0, "c": 0.0})
+    interval = pred["intervals"][0]
+    assert interval["method"] == "conformal"
+    assert isinstance(pred["referral"]["refer"], bool)
+
+
+async def test_classification_end_to_end(tmp_path: Path) -> None:
+    data = _classification_csv(tmp_path / "grades.csv")
+    bundle = _train(data, "grade", "classification", tmp_path / "repo")
+    m = load_bundle(bundle).manifest
+    assert m.outputs.labels == ["high", "low", "mid"]
+    assert m.calibration is not None and m.calibration.temperature is not None
+    assert {"calibration_accuracy", "calibration_nll"} <= set(m.training.metrics)
+    pred = await _predict(tmp_path / "repo", "grades", {"a": 0.9, "b": 100.0, "c": 0.0})
+    assert set(pred["probabilities"]) == {"high", "low", "mid"}
+    assert pred["prediction_set"]["level"] == 0.95
+    assert isinstance(pred["referral"]["refer"], bool)
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_served_module_matches_fitted_model(task: Literal["regression", "classification"]) -> None:
+    x = _features(4)[:120]
+    y = (x[:, 0] > 0).astype(np.int64) if task == "classification" else 30 + 5 * x[:, 0]
+    fitted = train_mlp(x, y, hidden=(8,), epochs=3, task=task, val_passes=10).final
+    module = served_module(fitted)
+    with torch.inference_mode():
+        got = module(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    want = fitted_deterministic(fitted, x)
+    scale = float(fitted.y_std[0]) if fitted.y_std is not None else 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
+    good = _regression_csv(tmp_path / "good.csv")
+    base = ["train", "--task", "regression", "--out", str(tmp_path / "repo")]
+    res = runner.invoke(app, [*base, "--data", str(good), "--target", "nope"])
+    assert res.exit_code == 2
+    assert "no target column 'nope'" in res.output
+    lines = good.read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join([lines[0], "x," + lines[1].split(",", 1)[1], *lines[2:]]) + "\n")
+    res = runner.invoke(app, [*base, "--data", str(bad), "--target", "progress"])
+    assert res.exit_code == 2
+    assert "column 'a': 'x' is not a number" in res.output
+    assert not (tmp_path / "repo").exists()

@@ -37,7 +37,8 @@ from service.bundle.manifest import Defaults, Training
 from service.bundle.writer import save
 from service.errors import InvalidInputError, McServeError, ModelError
 from service.nn import Affine
-from service.training.mlp import FittedMLP, TrainResult, train_mlp
+from service.training.mlp import train_mlp
+from service.training.results import FittedMLP, TrainResult
 
 CALIBRATION_FRACTION = 0.2
 VALID_RANGE_WIDTHS = 10.0  # hard valid range: this many training-range widths either side

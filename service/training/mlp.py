@@ -19,144 +19,26 @@ instead (tau_orig = tau_std / y_std^2). Classification has no tau: the formula u
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from service.training.progress import progress as _progress
+from service.training.results import FittedMLP, GridPoint, TrainResult
+from service.training.scoring import (
+    categorical_log_likelihood,
+    mixture_log_likelihood,
+)
 from service.training.stack import Stack, Task, fit, init_stack, mc_chunks, to_sequential
 
 TauUnits = Literal["original", "standardised"]
 _LOG_2PI = math.log(2.0 * math.pi)
 _STAGE_GRID, _STAGE_SCORE, _STAGE_REFIT = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One grid configuration and its validation scores (log-likelihood per row, nats)."""
-
-    dropout_rate: float
-    tau: float | None  # as given in the grid (units: `tau_units`); None for classification
-    weight_decay: float  # reg of the L2 penalty reg * ||W||^2 during the grid run
-    val_ll: float
-    val_rmse: float | None = None  # regression, original units, MC mean
-    val_accuracy: float | None = None  # classification, MC-averaged probabilities
-
-
-@dataclass
-class FittedMLP:
-    """A trained network and the numbers needed to use it on raw inputs."""
-
-    model: nn.Sequential  # Dropout, Linear, ReLU, Dropout, ..., Linear on standardised inputs
-    x_mean: np.ndarray
-    x_std: np.ndarray
-    y_mean: np.ndarray | None  # regression: outputs are (y - y_mean) / y_std
-    y_std: np.ndarray | None
-    dropout_rate: float
-    tau: np.ndarray | None  # noise precision per output, original target units
-    tau_standardised: np.ndarray | None  # the same precision for the standardised target
-    weight_decay: float
-    task: Task
-    n_rows: int  # rows it was trained on
-
-    def sample(
-        self, x: np.ndarray, passes: int, seed: int = 0, batch_rows: int = 1 << 18
-    ) -> np.ndarray:
-        """[T, B, D] MC samples for raw inputs: targets in original units, or probabilities."""
-        xs = (np.asarray(x, dtype=np.float64) - self.x_mean) / self.x_std
-        out = mc_predict(self.model, xs.astype(np.float32), passes, seed, batch_rows).numpy()
-        if self.task == "classification":
-            return np.asarray(torch.softmax(torch.from_numpy(out), dim=-1).numpy())
-        assert self.y_mean is not None and self.y_std is not None
-        return np.asarray(out * self.y_std + self.y_mean)
-
-
-@dataclass
-class TrainResult:
-    """The chosen configuration, refitted on all rows, and what led to it."""
-
-    final: FittedMLP  # chosen configuration trained on all rows
-    holdout: FittedMLP  # the same configuration trained on the first rows only (grid run)
-    grid: list[GridPoint]
-    chosen: int  # index into grid
-    n_fit: int  # rows of the grid run; the validation rows are the remaining n_val
-    n_val: int
-    epochs: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds, see train_mlps
-
-    @property
-    def model(self) -> nn.Sequential:
-        return self.final.model
-
-    @property
-    def dropout_rate(self) -> float:
-        return self.final.dropout_rate
-
-    @property
-    def tau(self) -> np.ndarray | None:
-        return self.final.tau
-
-
-_DROPOUT_TYPES = (nn.modules.dropout._DropoutNd,)
-
-
-def mc_predict(
-    model: nn.Module, x: Tensor | np.ndarray, passes: int, seed: int = 0, batch_rows: int = 1 << 18
-) -> Tensor:
-    """[T, B, *out] outputs of T stochastic passes of `model` over x [B, *in].
-
-    One forward over the input repeated T times (row t * c + i), chunked so that a forward holds
-    at most `batch_rows` rows. Dropout modules run in training mode, everything else in eval mode
-    (BatchNorm frozen); the modules' flags are restored afterwards. The global RNG is forked, so
-    the result depends on `seed` only and the caller's random state is untouched.
-    """
-    if passes < 1:
-        raise ValueError("passes must be >= 1")
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    for m in model.modules():
-        if isinstance(m, _DROPOUT_TYPES):
-            m.train()
-    chunk = max(1, batch_rows // passes)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            outs = []
-            for start in range(0, int(xt.shape[0]), chunk):
-                xc = xt[start : start + chunk]
-                reps = (passes,) + (1,) * (xc.dim() - 1)
-                out = model(xc.repeat(*reps))
-                outs.append(out.reshape(passes, xc.shape[0], *out.shape[1:]))
-            return torch.cat(outs, dim=1)
-    finally:
-        for m, flag in flags.items():
-            m.train(flag)
-
-
-def mixture_log_likelihood(samples: Tensor, y: Tensor, tau: Tensor) -> Tensor:
-    """log (1/T) sum_t prod_d N(y_d; f_td, 1/tau_d) per row, by logsumexp.
-
-    samples [..., T, B, D], y [..., B, D], tau [..., D] (broadcastable); returns [..., B].
-    """
-    t = samples.shape[-3]
-    sq = (samples - y.unsqueeze(-3)).square() * tau.unsqueeze(-2).unsqueeze(-2)
-    log_norm = 0.5 * (torch.log(tau) - _LOG_2PI).sum(-1, keepdim=True)
-    return torch.logsumexp(-0.5 * sq.sum(-1), dim=-2) - math.log(t) + log_norm
-
-
-def categorical_log_likelihood(logits: Tensor, y: Tensor) -> Tensor:
-    """log (1/T) sum_t softmax(logits_t)[y] per row; logits [..., T, B, K], y [..., B] labels."""
-    t = logits.shape[-3]
-    logp = torch.log_softmax(logits, dim=-1)
-    idx = y.unsqueeze(-2).expand(*logp.shape[:-1]).unsqueeze(-1)
-    return torch.logsumexp(logp.gather(-1, idx).squeeze(-1), dim=-2) - math.log(t)
 
 
 def _standardiser(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,34 +54,6 @@ def _generators(seeds: Sequence[int], stage: int) -> list[torch.Generator]:
         state = np.random.SeedSequence([int(s), stage]).generate_state(2, np.uint32)
         out.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
     return out
-
-
-@contextmanager
-def _progress(show: bool, total: int, label: str) -> Iterator[Callable[[int, float], None] | None]:
-    """An on_epoch callback: a rich bar on a terminal, else a line per 10 % (for log files)."""
-    if not show:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        start, every = time.perf_counter(), max(1, total // 10)
-
-        def line(epoch: int, loss: float) -> None:
-            if (epoch + 1) % every == 0 or epoch + 1 == total:
-                elapsed = time.perf_counter() - start
-                print(f"{label}: epoch {epoch + 1}/{total} loss {loss:.4f} {elapsed:.0f} s",
-                      file=sys.stderr, flush=True)  # fmt: skip
-
-        yield line
-        return
-    from rich.progress import Progress  # optional dependency, only when asked for
-
-    with Progress(transient=False) as bar:
-        task = bar.add_task(label, total=total)
-
-        def step(epoch: int, loss: float) -> None:
-            bar.update(task, advance=1, description=f"{label} loss {loss:.4f}")
-
-        yield step
 
 
 @dataclass

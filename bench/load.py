@@ -76,12 +76,14 @@ def start(
             "--model-dir",
             str(ROOT / "models"),
         ]
+    # A session of its own: stop() ends the server and any workers it spawned (LitServe does).
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -90,12 +92,13 @@ def start(
                 return proc, port
         except httpx.TransportError:
             time.sleep(0.2)
-    proc.kill()
+    stop(proc)
     raise RuntimeError(f"{kind} did not become ready")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGKILL)
+    """End the server's whole process group (its own PID is the group id)."""
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
 
 

@@ -142,6 +142,11 @@ def main() -> None:
                 proc.wait(10)
         os.unlink(f.name)
         shutil.rmtree(tmp, ignore_errors=True)
+        if args.postgres_url:
+            import psycopg
+
+            with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
     median = {
         v: {m: round(statistics.median(r[m] for r in rs), 2) for m in rs[0]}
         for v, rs in runs.items()
@@ -157,6 +162,18 @@ def main() -> None:
         "duration_s": args.duration,
         "median": median,
         "slowdown_pct": {v: round(100 * (1 - median[v]["rps"] / off), 1) for v in variants},
+        # The same, repeat by repeat (each variant against the off run next to it): less
+        # sensitive to load that drifts over the run on a shared machine.
+        "slowdown_pct_paired_median": {
+            v: round(
+                100
+                * statistics.median(
+                    1 - a["rps"] / b["rps"] for a, b in zip(runs[v], runs["off"], strict=True)
+                ),
+                1,
+            )
+            for v in variants
+        },
         "rps_runs": {v: [r["rps"] for r in rs] for v, rs in runs.items()},
         "counts": counts,
         "rows_equal_answers": all(
@@ -167,11 +184,6 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-    if args.postgres_url:
-        import psycopg
-
-        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ STATUS = {
     "invalid_input": 422,
     "too_large": 413,
     "not_found": 404,
+    "forbidden": 403,
     "not_ready": 503,
     "overloaded": 429,
     "deadline": 504,

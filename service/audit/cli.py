@@ -63,7 +63,7 @@ def _describe(rec: AuditRecord, feedback: list[dict[str, Any]]) -> dict[str, Any
         "backend": rec.backend,
         "device": rec.device,
         "params": rec.params,
-        "inputs": rec.inputs["data"] if rec.inputs is not None else None,
+        "inputs": rec.inputs.tolist() if rec.inputs is not None else None,
         "inputs_hmac": rec.inputs_hmac,
         "inputs_key_id": rec.inputs_key_id,
         "referral": rec.referral,

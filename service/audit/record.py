@@ -67,7 +67,7 @@ class FeedbackEvent:
 Event = PredictionEvent | FeedbackEvent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AuditRecord:
     """One stored prediction, as read back (`Store.find`)."""
 
@@ -86,7 +86,7 @@ class AuditRecord:
     seed: int | None
     params: dict[str, Any]
     n_inputs: int
-    inputs: dict[str, Any] | None  # {"dtype", "shape", "data"} when stored
+    inputs: np.ndarray | None  # the engine's input, exactly, when stored
     inputs_hmac: str | None
     inputs_key_id: str | None
     summary: str  # the JSON text, byte for byte as recorded
@@ -95,12 +95,6 @@ class AuditRecord:
     card_uuid: str | None
     software: dict[str, Any]
     replica: str
-
-    def input_array(self) -> np.ndarray | None:
-        if self.inputs is None:
-            return None
-        spec = self.inputs
-        return np.asarray(spec["data"], dtype=spec["dtype"]).reshape(spec["shape"])
 
 
 def dumps(value: Any) -> str:
@@ -126,10 +120,16 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, b"mcserve-audit-key-id", hashlib.sha256).hexdigest()[:16]
 
 
-def encode_inputs(x: np.ndarray) -> dict[str, Any]:
-    # float32 -> Python float is exact, and JSON floats round-trip: the stored numbers are the
-    # engine's input bit for bit.
-    return {"dtype": x.dtype.name, "shape": list(x.shape), "data": x.tolist()}
+def encode_inputs(x: np.ndarray) -> tuple[bytes, str]:
+    """The input array's bytes (little-endian: exact, and a fifth of its JSON) and its layout."""
+    a = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+    return a.tobytes(), dumps({"dtype": a.dtype.name, "shape": list(a.shape)})
+
+
+def decode_inputs(data: bytes, layout: str) -> np.ndarray:
+    spec = orjson.loads(layout)
+    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+    return np.frombuffer(bytes(data), dtype=dtype).reshape(spec["shape"]).astype(spec["dtype"])
 
 
 def summary_json(model: ServedModel, pred: Prediction) -> str:
@@ -162,7 +162,15 @@ def replica() -> str:
 
 def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> dict[str, Any]:
     pred, p, m = e.prediction, e.params, e.model
-    refs = referrals(pred.referral, int(e.x.shape[0])) if pred.referral is not None else None
+    # The decision per input (the reasons, in words, are in the summary already).
+    refs = (
+        [
+            {"refer": r["refer"], "triggers": r["triggers"]} if r is not None else None
+            for r in referrals(pred.referral, int(e.x.shape[0]))
+        ]
+        if pred.referral is not None
+        else None
+    )
     params = {
         "samples": p.samples,
         "confidence": list(p.confidence),
@@ -174,9 +182,9 @@ def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> d
         # referral decision in the summary depends on it, so a replay applies the same.
         "referral_policy": m.calibrator.policy.model_dump(mode="json"),
     }
-    stored = mode == "store"
-    if not stored and key is None:
+    if mode != "store" and key is None:
         raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
+    inputs = encode_inputs(e.x) if mode == "store" else None
     return {
         "recorded_at": utc(e.at),
         "request_id": e.request_id,
@@ -192,7 +200,8 @@ def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> d
         "seed": pred.seed,
         "params": dumps(params),
         "n_inputs": int(e.x.shape[0]),
-        "inputs": dumps(encode_inputs(e.x)) if stored else None,
+        "inputs": inputs[0] if inputs else None,
+        "inputs_layout": inputs[1] if inputs else None,
         "inputs_hmac": inputs_hmac(key, e.x) if key is not None else None,
         "inputs_key_id": key_id(key) if key is not None else None,
         "summary": summary_json(m, pred),
@@ -234,6 +243,7 @@ RECORD_COLUMNS = (
     "params",
     "n_inputs",
     "inputs",
+    "inputs_layout",
     "inputs_hmac",
     "inputs_key_id",
     "summary",
@@ -283,7 +293,7 @@ def from_row(row: dict[str, Any]) -> AuditRecord:
         seed=row["seed"],
         params=load("params"),
         n_inputs=int(row["n_inputs"]),
-        inputs=load("inputs"),
+        inputs=decode_inputs(row["inputs"], row["inputs_layout"]) if row["inputs"] else None,
         inputs_hmac=row["inputs_hmac"],
         inputs_key_id=row["inputs_key_id"],
         summary=row["summary"],

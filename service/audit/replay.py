@@ -83,7 +83,7 @@ def read_inputs(path: Path, model: ServedModel) -> np.ndarray:
 
 def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
     """Supplied inputs must match the record's HMAC (or its stored inputs)."""
-    stored = record.input_array()
+    stored = record.inputs
     if stored is not None:
         if stored.shape != x.shape or stored.tobytes() != x.astype(stored.dtype).tobytes():
             raise ReplayError("the supplied inputs differ from the inputs stored in the record")
@@ -179,7 +179,7 @@ def _replay(
         check_inputs(record, inputs, hmac_key)
         x = inputs
     else:
-        stored = record.input_array()
+        stored = record.inputs
         if stored is None:
             raise ReplayError(
                 "the record holds only an HMAC of its inputs: supply them (--inputs FILE, the "

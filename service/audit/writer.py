@@ -62,7 +62,7 @@ class AuditWriter:
         fail_open: bool = False,
         flush_timeout_s: float = 30.0,
         retry_s: tuple[float, float] = (0.05, 2.0),
-        linger_s: float = 0.01,
+        linger_s: float = 0.05,
     ) -> None:
         if inputs == "hmac" and not hmac_key:
             raise ValueError("audit_inputs='hmac' needs a key: set audit_hmac_key")
@@ -74,8 +74,8 @@ class AuditWriter:
         self.fail_open = fail_open
         self.flush_timeout_s = flush_timeout_s
         self.retry_s = retry_s
-        # Wait this long for a batch to fill: fewer, larger transactions (measured under load:
-        # one commit per handful of records cost the event loop more than the records did).
+        # Wait this long for a batch to fill: fewer, larger transactions (measured under load,
+        # SQLite: about 47 us of the audit thread's CPU per record with 50 ms, 59 us with 10).
         self.linger_s = linger_s
         self.stats = WriterStats()
         self.store: Store | None = None
@@ -219,10 +219,6 @@ class AuditWriter:
 
     def _write(self, batch: list[Event]) -> int:
         """On the audit thread: rows (built once per event, kept across retries), one commit."""
-        import os
-
-        if os.environ.get("XNOROW"):
-            return len(batch)
         records: list[dict[str, Any]] = []
         feedback: list[dict[str, Any]] = []
         for e in batch:
@@ -240,7 +236,5 @@ class AuditWriter:
                 continue
             (feedback if isinstance(e, FeedbackEvent) else records).append(e.row)
         assert self.store is not None
-        if os.environ.get("XNOOP"):
-            return len(batch)
         self.store.append(records, feedback)
         return len(records) + len(feedback)

@@ -45,13 +45,16 @@ async def test_native_record(backend: Backend, repo: Path) -> None:
     assert rec.params["seed_given"] and rec.params["confidence"] == [0.95]
     assert rec.params["referral_policy"]["level"] == 0.95
     assert rec.n_inputs == 2
-    x = rec.input_array()
+    x = rec.inputs
     assert x is not None and x.dtype == np.float32
     assert x.tolist() == np.asarray([ROW, [0, 0, 0, 0]], dtype=np.float32).tolist()
     assert rec.inputs_hmac is None  # no key configured
     # The summary is the JSON the client got, byte for byte in its canonical form.
     assert orjson.loads(rec.summary) == answer
-    assert rec.referral == [p["referral"] for p in answer["predictions"]]
+    decisions = [
+        {k: p["referral"][k] for k in ("refer", "triggers")} for p in answer["predictions"]
+    ]
+    assert rec.referral == decisions
     assert rec.referred == any(p["referral"]["refer"] for p in answer["predictions"])
     assert rec.card_uuid is None
     assert rec.software["torch"] and rec.software["threads"] >= 1
@@ -79,8 +82,8 @@ async def test_oip_and_deterministic_records(backend: Backend, repo: Path) -> No
         assert store.count() == 2
     assert oip.route == "/v2/models/{name}/infer" and oip.caller is None
     assert oip.seed == drawn and not oip.params["seed_given"]  # a drawn seed is recorded
-    assert oip.input_array() is not None
-    assert oip.input_array().tolist() == [[1.0, 2.0, 3.0]]  # type: ignore[union-attr]
+    assert oip.inputs is not None
+    assert oip.inputs.tolist() == [[1.0, 2.0, 3.0]]  # type: ignore[union-attr]
     assert d.mode == "deterministic" and d.seed is None and d.referral is None
     assert d.backend == "onnxruntime"
 
@@ -96,7 +99,7 @@ async def test_hmac_only_inputs(backend: Backend, repo: Path) -> None:
         assert r.status_code == 200
         assert await app.state.audit.flush(10)
         [rec] = app.state.audit.store.find("h")
-    assert rec.inputs is None and rec.input_array() is None
+    assert rec.inputs is None and rec.inputs is None
     x = np.asarray([ROW], dtype=np.float32)
     assert rec.inputs_hmac == inputs_hmac(KEY.encode(), x)
     assert rec.inputs_hmac is not None and rec.inputs_hmac.startswith(HMAC_PREFIX)

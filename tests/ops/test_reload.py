@@ -121,3 +121,16 @@ async def test_explicit_load_and_unload(repo: Path, tmp_path: Path) -> None:
     assert [s for s, _ in results if s != 200] == []
     assert {v for _, v in results} == {"1", "2"}
     assert [v for _, v in results][-16:] == ["2"] * 16
+
+
+async def test_repository_routes_refused_unless_explicit(repo: Path) -> None:
+    keys = [ApiKey(id="admin", sha256=hash_key(ADMIN), admin=True)]
+    app = create_app(Settings(model_dir=repo, api_keys=keys))  # model_control: none
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post(
+                "/v2/repository/models/clf/load", headers={"Authorization": f"Bearer {ADMIN}"}
+            )
+    assert r.status_code == 403
+    assert r.json()["error"].startswith("explicit model control is off")

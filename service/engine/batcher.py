@@ -109,7 +109,9 @@ class Batcher:
         """
         if drain:
             await asyncio.sleep(settle_s)
-            while self._queue or self.stats.queue_rows:
+            while (self._queue or self.stats.queue_rows) and not (
+                self._task is None or self._task.done()  # a dead worker drains nothing
+            ):
                 self._wakeup.set()
                 await asyncio.sleep(0.005)
         self._closing = True

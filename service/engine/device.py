@@ -60,3 +60,31 @@ def describe(device: torch.device) -> str:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{idx} ({torch.cuda.get_device_name(idx)})"
     return device.type
+
+
+_ALLOCATOR_TUNED = False
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Keep tensor-sized blocks on the heap instead of fresh mmap()s (glibc only, idempotent).
+
+    glibc serves blocks over its mmap threshold (128 KiB at first) with mmap and unmaps them on
+    free, so every forward's activations were new zero-filled pages: measured on the digits
+    head at T=100, B=64, 3.8 ms per MC call with page faults against 1.6 ms without. The cost:
+    memory freed after a peak is kept for reuse instead of returned at once.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+        )
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    _ALLOCATOR_TUNED = ok
+    return ok

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.engine.device import tune_allocator
 from service.engine.graph import SplitGraph, split
 from service.engine.masks import MAX_PASSES, counter_base, keep_bytes_rows, signed_key
 from service.errors import InvalidInputError
@@ -75,6 +76,7 @@ class MCSampler:
         min_rows: int = 64,
         use_prefix: bool = True,
     ) -> None:
+        tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
         self.device = torch.device(device) if device is not None else default_device()
         self.module = _dropout_off(module).to(self.device)
         example = example.to(self.device, torch.float32)

@@ -105,14 +105,6 @@ def words_per_row(features: int) -> int:
     return (features + 7) // 8
 
 
-def _counters(rows: torch.Tensor, b: int, words: int) -> torch.Tensor:
-    """Counters for request-local row numbers `rows` (pass-major: row = t * b + i)."""
-    t = torch.div(rows, b, rounding_mode="floor")
-    i = rows - t * b
-    base = (t << PASS_SHIFT) + (i << ROW_SHIFT)
-    return base.unsqueeze(1) + torch.arange(words, dtype=torch.int64, device=rows.device)
-
-
 def signed_key(seed: int, layer: int) -> int:
     return _signed(layer_key(seed, layer))
 
@@ -126,6 +118,8 @@ def counter_base(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 def keep_bytes_rows(keys: torch.Tensor, base: torch.Tensor, features: int) -> torch.Tensor:
     """Mask bytes [rows, features] given each row's layer key and counter base (int64 [rows])."""
+    if features > MAX_WORDS * 8:
+        raise InvalidInputError(f"{features} features per row is over the mask counter's limit")
     words = words_per_row(features)
     ctr = base.unsqueeze(1) + torch.arange(words, dtype=torch.int64, device=base.device)
     z = ctr * _signed(GAMMA) + keys.unsqueeze(1)
@@ -141,15 +135,17 @@ def keep_bytes(
     features: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Mask bytes [row_stop - row_start, features] (uint8) for one request's rows."""
-    if b >= MAX_ROWS or features > MAX_WORDS * 8:
-        raise InvalidInputError(
-            f"too many rows ({b}) or features ({features}) for the mask counter"
-        )
-    words = words_per_row(features)
+    """Mask bytes [row_stop - row_start, features] (uint8) for one request's rows.
+
+    The reference for one request (the sampler computes whole batches with `keep_bytes_rows`,
+    the same function underneath); rows are pass-major, row = t * b + i.
+    """
+    if b >= MAX_ROWS:
+        raise InvalidInputError(f"too many rows ({b}) for the mask counter")
     rows = torch.arange(row_start, row_stop, dtype=torch.int64, device=device)
-    z = _counters(rows, b, words) * _signed(GAMMA) + _signed(layer_key(seed, layer))
-    return mix64_torch(z).view(torch.uint8)[:, :features]
+    t = torch.div(rows, b, rounding_mode="floor")
+    keys = torch.full_like(rows, signed_key(seed, layer))
+    return keep_bytes_rows(keys, counter_base(t, rows - t * b), features)
 
 
 def keep_bytes_numpy(

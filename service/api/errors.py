@@ -83,9 +83,6 @@ def error_response(
         body["request_id"] = rid
         # 500s are answered outside the request-id middleware: set the header here too.
         headers = {**(headers or {}), "x-request-id": rid}
-    counter = getattr(request.app.state, "on_error", None)
-    if counter is not None:
-        counter(request, status)
     return Response(
         orjson.dumps(body), status_code=status, headers=headers, media_type="application/json"
     )
@@ -103,9 +100,6 @@ def cds_response(
     rid = request_id(request)
     if rid:
         headers = {**(headers or {}), "x-request-id": rid}
-    counter = getattr(request.app.state, "on_error", None)
-    if counter is not None:
-        counter(request, status)
     if status == 401:
         return Response(status_code=401, headers=headers)
     issues = [d for d in details or [] if "severity" in d and "code" in d]

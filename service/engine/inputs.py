@@ -115,13 +115,3 @@ def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
             f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is outside the valid range "
             f"[{lo[j]:g}, {hi[j]:g}]{unit}; check the value and its unit"
         )
-
-
-def outside_training(flat: np.ndarray, spec: InputSpec) -> list[list[str]]:
-    """Per instance, the features outside the range seen in training (a soft signal)."""
-    if not spec.training_ranges:
-        return [[] for _ in range(flat.shape[0])]
-    lo = np.array([r[0] for r in spec.training_ranges])
-    hi = np.array([r[1] for r in spec.training_ranges])
-    out = (flat < lo) | (flat > hi)
-    return [[_feature(spec, int(j)) for j in np.flatnonzero(row)] for row in out]

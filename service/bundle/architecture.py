@@ -62,14 +62,26 @@ def _ctor_args(name: str, module: nn.Module) -> dict[str, Any]:
         if p.name in _SKIP_PARAMS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.name == "bias" and p.default is True:
-            out["bias"] = getattr(module, "bias", None) is not None
+            value: Any = getattr(module, "bias", None) is not None
+        elif hasattr(module, p.name):
+            value = getattr(module, p.name)
+        elif p.default is inspect.Parameter.empty:
+            raise ModelError(f"layer '{name}' ({type(module).__name__}) cannot be described")
+        else:
             continue
-        if not hasattr(module, p.name):
-            if p.default is inspect.Parameter.empty:
-                raise ModelError(f"layer '{name}' ({type(module).__name__}) cannot be described")
+        # Defaults are left out: a bundle then loads in an older torch whose constructor lacks
+        # an argument added later with that default (BatchNorm's `bias`: torch 2.11 lacks it).
+        if p.default is not inspect.Parameter.empty and _same(value, p.default):
             continue
-        out[p.name] = _encode(getattr(module, p.name))
+        out[p.name] = _encode(value)
     return out
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # tensors and other values without a plain truth value
+        return False
 
 
 def _encode(v: Any) -> Any:

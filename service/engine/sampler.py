@@ -6,7 +6,9 @@ other. The deterministic prefix runs once over all inputs of the batch; its valu
 into the rows, masks are generated per chunk of rows, and the suffix runs chunk by chunk within a
 row budget. Forwards are padded to at least `min_rows` rows because small matrix products take
 other CPU kernels whose rounding differs: padding makes a row's result independent of what else
-shares its forward (measured: oneDNN/MKL sgemm differs for M < 12 on x86).
+shares its forward (measured: oneDNN/MKL sgemm differs for M < 12 on x86). On CUDA every
+forward is padded to the full row budget: cuBLAS picks its kernel (and so its summation order) by
+shape, and one fixed shape also lets the chunk function be captured once as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class MCSampler:
         *,
         device: torch.device | str | None = None,
         row_budget: int = 16384,
-        min_rows: int = 64,
+        min_rows: int | None = None,
         use_prefix: bool = True,
+        compile_mode: str | None = None,
     ) -> None:
         tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
         self.device = torch.device(device) if device is not None else default_device()
@@ -82,9 +85,19 @@ class MCSampler:
         example = example.to(self.device, torch.float32)
         self.graph: SplitGraph = split(self.module, example, use_prefix=use_prefix)
         self.input_shape = tuple(example.shape[1:])
+        cuda = self.device.type == "cuda"
+        if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
+            min_rows = int(row_budget) if cuda else 64
         self.row_budget = max(int(row_budget), min_rows)
         self.min_rows = int(min_rows)
         self.stats = SamplerStats()
+        # Optional torch.compile of the per-chunk work (masks fused with the suffix); e.g.
+        # "reduce-overhead" adds CUDA graphs. Off by default: compiling takes seconds per model.
+        self._chunk = (
+            torch.compile(self._chunk_eager, mode=compile_mode, dynamic=not cuda)
+            if compile_mode is not None
+            else self._chunk_eager
+        )
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -141,8 +154,9 @@ class MCSampler:
                     self._pad(f.index_select(0, idx), padded) if b else f
                     for f, b in zip(frontier, g.frontier_batched, strict=True)
                 ]
-                keeps = [self._keep(rows, lo, hi, k, padded) for k in range(len(g.sites))]
-                out[lo:hi] = g.suffix(*inputs, *keeps)[:n].float()
+                keys = [self._pad(k[lo:hi], padded) for k in rows.keys]
+                base = self._pad(rows.base[lo:hi], padded)  # padded rows: masks unused
+                out[lo:hi] = self._chunk(inputs, keys, base)[:n].float()
                 forwards += 1
             self.stats.add(
                 batches=1, requests=len(requests), prefix_forwards=1, forwards=forwards, rows=total
@@ -154,14 +168,17 @@ class MCSampler:
                 result.append(host[int(s) : int(s) + r.rows].reshape(r.samples, b, *g.output_shape))
         return result
 
-    def _keep(self, rows: _RowMap, lo: int, hi: int, layer: int, padded: int) -> torch.Tensor:
-        """Keep masks [padded, *mask_shape] of one dropout layer for global rows [lo, hi)."""
-        site = self.graph.sites[layer]
-        u = keep_bytes_rows(rows.keys[layer][lo:hi], rows.base[lo:hi], site.features)
-        keep = (u < site.rule.threshold).view(-1, *site.mask_shape)
-        if keep.shape[0] < padded:
-            keep = self._pad(keep, padded)
-        return keep
+    def _chunk_eager(
+        self, inputs: list[torch.Tensor], keys: list[torch.Tensor], base: torch.Tensor
+    ) -> torch.Tensor:
+        """One forward of the suffix: keep masks from the counters, then the layers."""
+        keeps = [
+            (keep_bytes_rows(key, base, site.features) < site.rule.threshold).view(
+                -1, *site.mask_shape
+            )
+            for key, site in zip(keys, self.graph.sites, strict=True)
+        ]
+        return self.graph.suffix(*inputs, *keeps)
 
 
 class _RowMap:

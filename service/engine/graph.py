@@ -64,7 +64,7 @@ class SplitGraph:
 
 
 def apply_keep(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Inverted dropout with a given keep mask (bool, broadcastable to x)."""
+    """Inverted dropout with a given keep mask (0/1 floats or bools, broadcastable to x)."""
     # One temporary and an in-place scale: measured 35 % faster than x * keep * scale.
     return x.mul(keep).mul_(scale)
 

@@ -23,7 +23,13 @@ from torch import nn
 
 from service.engine.device import tune_allocator
 from service.engine.graph import SplitGraph, split
-from service.engine.masks import MAX_PASSES, counter_base, keep_bytes_rows, signed_key
+from service.engine.masks import (
+    MAX_PASSES,
+    counter_base,
+    keep_bytes_rows,
+    keep_factors,
+    signed_key,
+)
 from service.errors import InvalidInputError
 
 
@@ -173,7 +179,7 @@ class MCSampler:
     ) -> torch.Tensor:
         """One forward of the suffix: keep masks from the counters, then the layers."""
         keeps = [
-            (keep_bytes_rows(key, base, site.features) < site.rule.threshold).view(
+            keep_factors(keep_bytes_rows(key, base, site.features), site.rule.threshold).view(
                 -1, *site.mask_shape
             )
             for key, site in zip(keys, self.graph.sites, strict=True)

@@ -37,10 +37,11 @@ Name = Annotated[str, Path(description="model name", openapi_examples=examples.n
 Version = Annotated[str, Path(description="model version", openapi_examples=examples.VERSIONS)]
 Body_ = Annotated[PredictRequest, Body(openapi_examples=examples.predict())]
 FHIR_JSON = "application/fhir+json"
+SUBJECT_PATTERN = r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$"
 Subject = Annotated[
     str | None,
     Query(
-        pattern=r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$",
+        pattern=SUBJECT_PATTERN,
         description="with 'Accept: application/fhir+json': the FHIR subject, e.g. Patient/123; "
         "the answer is then a RiskAssessment (classifier) or Observation (regressor)",
     ),

@@ -1,0 +1,99 @@
+"""The native :predict routes without FastAPI's per-request machinery (same contract).
+
+Measured with py-spy at concurrency 64: the event loop, not the engine, limits requests/s, and
+much of its time went to layers a prediction does not need: FastAPI's exception, exit-stack and
+body-limit wrappers around every send and receive, matching the path against every route, and
+dependency solving. This ASGI middleware sits innermost among ours (request id, body limit,
+metrics, CORS and API keys still apply) and answers `POST /v1/models/{name}[/versions/{v}]
+:predict` itself: the same request model (`PredictRequest`, parsed by pydantic from JSON), the
+same handler (`native.predict_with`) and the same error mapping (`errors.py`). Anything it does
+not recognise, including another content type, goes on to FastAPI, which also keeps the route
+in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api import errors
+from service.api.middleware import BodyTooLarge
+from service.api.native import SUBJECT_PATTERN, predict_with, router
+from service.api.schemas import PredictRequest
+from service.errors import InvalidInputError, McServeError
+
+_TEMPLATES = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
+_ROUTE = re.compile(r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:predict")
+_SUBJECT = re.compile(SUBJECT_PATTERN)
+
+
+class NativePredict:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # FastAPI's route objects, so that metrics, access log and audit name the template.
+        routes = {getattr(r, "path", None): r for r in router.routes}
+        self._routes = [routes[t] for t in _TEMPLATES]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _ROUTE.fullmatch(scope["path"])
+        if match is None or not _json_or_absent(scope):
+            await self.app(scope, receive, send)
+            return
+        name, version = match["name"], match["version"]
+        scope["route"] = self._routes[version is not None]
+        scope["path_params"] = {"name": name} | ({"version": version} if version else {})
+        request = Request(scope, receive)
+        try:
+            response = await self._predict(request, name, version)
+        except BodyTooLarge:
+            raise  # RequestContext answers 413
+        except McServeError as exc:
+            response = await errors.on_mcserve_error(request, exc)
+        except RequestValidationError as exc:
+            response = await errors.on_validation_error(request, exc)
+        except Exception as exc:  # the same 500 (logged, request id quoted) as FastAPI's path
+            response = await errors.on_unexpected(request, exc)
+        await response(scope, receive, send)
+
+    async def _predict(self, request: Request, name: str, version: str | None) -> Any:
+        subject = request.query_params.get("subject")
+        if subject is not None and not _SUBJECT.fullmatch(subject):
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "string_pattern_mismatch",
+                        "loc": ("query", "subject"),
+                        "msg": f"String should match pattern '{SUBJECT_PATTERN}'",
+                        "input": subject,
+                    }
+                ]
+            )
+        body = await request.body()
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                "invalid request: body: cannot be parsed; send JSON in UTF-8"
+            ) from None
+        try:
+            payload = PredictRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+        return await predict_with(request, payload, name, version, subject)
+
+
+def _json_or_absent(scope: Scope) -> bool:
+    """FastAPI parses a body as JSON when its type is absent or JSON; others go to FastAPI."""
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            return b"json" in value.lower()
+    return True

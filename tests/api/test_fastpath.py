@@ -1,0 +1,78 @@
+"""The native :predict fast path (service/api/fastpath.py): FastAPI's route is bypassed, the
+contract is not. Every other native test also runs through the fast path; these pin what is
+specific to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fastapi.routing
+import httpx
+import pytest
+import pytest_asyncio
+
+ROW = [0.1, -0.2, 0.3, 0.4]
+
+
+@pytest_asyncio.fixture
+async def counted(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[str]]:
+    """Paths of the requests FastAPI resolved dependencies for (its routing reached them)."""
+    seen: list[str] = []
+    original = fastapi.routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["request"].url.path)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    yield seen
+
+
+async def test_json_predictions_bypass_fastapi_routing(
+    client: httpx.AsyncClient, counted: list[str]
+) -> None:
+    for path in ("/v1/models/clf:predict", "/v1/models/clf/versions/1:predict"):
+        r = await client.post(path, json={"instances": [ROW], "parameters": {"samples": 10}})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["name"] == "clf"
+    assert counted == []
+    await client.get("/v1/models/clf")  # the spy works: other routes go through FastAPI
+    assert counted == ["/v1/models/clf"]
+
+
+async def test_other_content_types_go_to_fastapi(
+    client: httpx.AsyncClient, counted: list[str]
+) -> None:
+    r = await client.post(
+        "/v1/models/clf:predict", content=b"{}", headers={"content-type": "text/plain"}
+    )
+    assert counted == ["/v1/models/clf:predict"]
+    assert r.status_code == 422
+
+
+async def test_metrics_name_the_route_template(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/models/clf/versions/1:predict", json={"instances": [ROW]})
+    text = (await client.get("/metrics")).text
+    assert 'route="/v1/models/{name}/versions/{version}:predict"' in text
+    assert "/v1/models/clf/versions/1:predict" not in text
+
+
+async def test_bad_subject_is_422_with_the_field(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/models/clf:predict?subject=Nobody/1",
+        json={"instances": [ROW]},
+        headers={"accept": "application/fhir+json"},
+    )
+    assert r.status_code == 422
+    assert r.json()["details"][0]["field"] == "query.subject"
+    assert r.json()["error"].startswith("invalid request: query.subject: String should match")
+
+
+async def test_body_errors_name_body_fields(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/models/clf:predict", json={"instances": [ROW], "parameter": {}})
+    assert r.status_code == 422
+    assert r.json()["details"][0]["field"] == "parameter"
+    assert r.json()["error"].endswith("(unknown key: check its spelling against the API reference)")

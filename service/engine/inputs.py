@@ -49,10 +49,15 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
 
 
 def _has_bool(v: Any) -> bool:
-    if isinstance(v, bool):
+    # A set of the element types is built in C: this runs on the event loop for every request.
+    if type(v) is bool:
         return True
-    if isinstance(v, list):
-        return any(_has_bool(x) for x in v)
+    if type(v) is list:
+        types = set(map(type, v))
+        if bool in types:
+            return True
+        if list in types:
+            return any(_has_bool(x) for x in v if type(x) is list)
     return False
 
 
@@ -98,15 +103,33 @@ def _feature(spec: InputSpec, j: int) -> str:
     return f"element {j}"
 
 
-def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
+_BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray]] = {}
+
+
+def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The hard valid range per feature, built once per spec (not on every request)."""
+    cached = _BOUNDS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1], cached[2]
     if spec.valid_ranges:
         lo = np.array([r[0] for r in spec.valid_ranges])
         hi = np.array([r[1] for r in spec.valid_ranges])
     elif spec.value_range:
-        lo = np.full(flat.shape[1], spec.value_range[0])
-        hi = np.full(flat.shape[1], spec.value_range[1])
+        lo = np.full(width, spec.value_range[0])
+        hi = np.full(width, spec.value_range[1])
     else:
+        return None
+    if len(_BOUNDS) > 1024:  # specs of unloaded models: forget them all, rebuild on use
+        _BOUNDS.clear()
+    _BOUNDS[id(spec)] = (spec, lo, hi)
+    return lo, hi
+
+
+def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
+    bounds = _bounds(spec, flat.shape[1])
+    if bounds is None:
         return
+    lo, hi = bounds
     bad = (flat < lo) | (flat > hi)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])

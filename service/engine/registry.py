@@ -61,6 +61,9 @@ class Registry:
         self.root = root
         self._factory = factory
         self._entries: dict[tuple[str, str], Entry] = {}
+        # Sorted views, rebuilt on every change: every request looks its model up here.
+        self._sorted: list[Entry] = []
+        self._by_name: dict[str, list[Entry]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -102,6 +105,15 @@ class Registry:
         """Register atomically: unversioned requests see the newest ready version at once."""
         with self._lock:
             self._entries[(entry.name, entry.version)] = entry
+            self._reindex()
+
+    def _reindex(self) -> None:
+        entries = self._entries.values()
+        self._sorted = sorted(entries, key=lambda e: (e.name, version_key(e.version)))
+        by_name: dict[str, list[Entry]] = {}
+        for e in self._sorted:
+            by_name.setdefault(e.name, []).append(e)
+        self._by_name = by_name
 
     def paths(self) -> set[Path]:
         with self._lock:
@@ -109,15 +121,15 @@ class Registry:
 
     def unload(self, name: str, version: str) -> Entry | None:
         with self._lock:
-            return self._entries.pop((name, version), None)
+            entry = self._entries.pop((name, version), None)
+            self._reindex()
+            return entry
 
     def entries(self) -> list[Entry]:
-        with self._lock:
-            items = list(self._entries.values())
-        return sorted(items, key=lambda e: (e.name, version_key(e.version)))
+        return list(self._sorted)
 
     def versions(self, name: str) -> list[Entry]:
-        return [e for e in self.entries() if e.name == name]
+        return list(self._by_name.get(name, ()))
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         versions = self.versions(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
@@ -131,6 +132,14 @@ def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
         return classification(pred.summary, labels, pred.referral)
     assert isinstance(pred.summary, RegressionSummary)
     return regression(pred.summary, pred.referral)
+
+
+def response_json(model: ServedModel, pred: Prediction) -> bytes:
+    """The native answer as JSON bytes, encoded once per prediction (answer and audit record)."""
+    cached: bytes | None = pred.encoded.get("native")
+    if cached is None:
+        cached = pred.encoded["native"] = orjson.dumps(response(model, pred))
+    return cached
 
 
 def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Path, Query, Request
 from starlette.responses import Response
 
 from service.api import audit, examples
-from service.api.encode import response as encode_response
+from service.api.encode import response_json
 from service.api.schemas import (
     ErrorBody,
     ModelList,
@@ -187,7 +187,7 @@ async def predict_with(
     pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)
-    return json_response(encode_response(model, pred))
+    return Response(response_json(model, pred), media_type="application/json")
 
 
 def fhir_response(request: Request, model: ServedModel, pred: Prediction, subject: str) -> Response:

@@ -24,8 +24,7 @@ import numpy as np
 import orjson
 import torch
 
-from service.api.encode import referrals
-from service.api.encode import response as encode_response
+from service.api.encode import referrals, response_json
 from service.engine.model import Prediction, PredictParams, ServedModel
 
 InputsMode = Literal["store", "hmac"]
@@ -133,7 +132,7 @@ def decode_inputs(data: bytes, layout: str) -> np.ndarray:
 
 
 def summary_json(model: ServedModel, pred: Prediction) -> str:
-    return dumps(encode_response(model, pred))
+    return response_json(model, pred).decode()
 
 
 @functools.cache
@@ -153,6 +152,25 @@ def software() -> dict[str, Any]:
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+@functools.cache
+def _software_json() -> str:
+    return dumps(software())
+
+
+_POLICIES: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _policy(model: ServedModel) -> dict[str, Any]:
+    """The referral policy as JSON values, dumped once per policy object (not per record)."""
+    policy = model.calibrator.policy
+    cached = _POLICIES.get(id(policy))
+    if cached is None or cached[0] is not policy:
+        if len(_POLICIES) > 256:  # policies of unloaded models
+            _POLICIES.clear()
+        cached = _POLICIES[id(policy)] = (policy, policy.model_dump(mode="json"))
+    return cached[1]
 
 
 @functools.cache
@@ -180,7 +198,7 @@ def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> d
         "interval": p.interval,
         # The effective referral policy (the manifest's, with the operator's overrides): the
         # referral decision in the summary depends on it, so a replay applies the same.
-        "referral_policy": m.calibrator.policy.model_dump(mode="json"),
+        "referral_policy": _policy(m),
     }
     if mode != "store" and key is None:
         raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
@@ -208,7 +226,7 @@ def prediction_row(e: PredictionEvent, mode: InputsMode, key: bytes | None) -> d
         "referral": dumps(refs) if refs is not None else None,
         "referred": any(r is not None and r["refer"] for r in refs) if refs is not None else None,
         "card_uuid": e.card_uuid,
-        "software": dumps(software()),
+        "software": _software_json(),
         "replica": replica(),
     }
 

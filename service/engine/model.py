@@ -56,6 +56,8 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     referral: Referral | None = None  # MC mode: per input, should a human look (and why)
     timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
+    # Encodings made by adapters, kept so that the answer and its audit record encode it once.
+    encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 # Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import errors
@@ -54,6 +54,8 @@ class NativePredict:
             response = await self._predict(request, name, version)
         except BodyTooLarge:
             raise  # RequestContext answers 413
+        except ClientDisconnect:
+            return  # gone while sending its body: nobody to answer, nothing was queued
         except McServeError as exc:
             response = await errors.on_mcserve_error(request, exc)
         except RequestValidationError as exc:

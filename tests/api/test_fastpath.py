@@ -11,6 +11,7 @@ import fastapi.routing
 import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 
@@ -76,3 +77,37 @@ async def test_body_errors_name_body_fields(client: httpx.AsyncClient) -> None:
     assert r.status_code == 422
     assert r.json()["details"][0]["field"] == "parameter"
     assert r.json()["error"].endswith("(unknown key: check its spelling against the API reference)")
+
+
+async def test_client_gone_while_sending_its_body(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    sent: list[dict[str, Any]] = []
+    messages = [
+        {"type": "http.request", "body": b'{"instances": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models/clf:predict",
+        "raw_path": b"/v1/models/clf:predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    assert sent == []  # no answer to a closed connection, and no 500 logged
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

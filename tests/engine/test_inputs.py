@@ -1,0 +1,40 @@
+"""Input checks that run on the event loop for every request (service/engine/inputs.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.bundle.manifest import InputSpec
+from service.engine.inputs import to_array
+from service.errors import InvalidInputError
+
+IMAGE = InputSpec(shape=[2, 3], value_range=(0.0, 16.0))
+FLAT = InputSpec(shape=[2], feature_names=["a", "b"], valid_ranges=[(0.0, 1.0), (-5.0, 5.0)])
+
+
+@pytest.mark.parametrize(
+    "instance",
+    [
+        [[1, 2, 3], [4, True, 6]],  # nested: the bool sits in an inner list
+        [[1, 2, 3], [4, 5, False]],
+        [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], True],
+    ],
+)
+def test_booleans_refused_at_any_depth(instance: list) -> None:
+    with pytest.raises(InvalidInputError, match="true/false are not accepted"):
+        to_array([[[0, 0, 0], [0, 0, 0]], instance], IMAGE, 10)
+
+
+def test_numbers_at_any_depth_accepted() -> None:
+    arr = to_array([[[1, 2, 3], [4, 5, 6.5]]], IMAGE, 10)
+    assert arr.dtype == np.float32 and arr.shape == (1, 2, 3)
+
+
+def test_ranges_from_the_spec_every_time() -> None:
+    assert to_array([[0.5, 4.0]], FLAT, 10).shape == (1, 2)
+    for _ in range(2):  # the second call uses the bounds built by the first
+        with pytest.raises(InvalidInputError, match=r"feature 'b' = 6 is outside .*\[-5, 5\]"):
+            to_array([[0.5, 4.0], [0.5, 6.0]], FLAT, 10)
+    other = InputSpec(shape=[2], valid_ranges=[(0.0, 1.0), (-5.0, 7.0)])
+    assert to_array([[0.5, 6.0]], other, 10).shape == (1, 2)  # its own bounds, not FLAT's

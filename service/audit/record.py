@@ -16,6 +16,7 @@ import hmac
 import importlib.metadata
 import platform
 import socket
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -121,8 +122,20 @@ def key_id(key: bytes) -> str:
 
 def encode_inputs(x: np.ndarray) -> tuple[bytes, str]:
     """The input array's bytes (little-endian: exact, and a fifth of its JSON) and its layout."""
-    a = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
-    return a.tobytes(), dumps({"dtype": a.dtype.name, "shape": list(a.shape)})
+    a = _little_endian(x)
+    return a.tobytes(), _layout(a.dtype, a.shape)
+
+
+def _little_endian(x: np.ndarray) -> np.ndarray:
+    if x.dtype.byteorder == ">" or (x.dtype.byteorder == "=" and sys.byteorder == "big"):
+        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(x)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(dtype: np.dtype[Any], shape: tuple[int, ...]) -> str:
+    # Cached: numpy's dtype.name alone cost 3.5 us per record on the audit thread.
+    return dumps({"dtype": dtype.newbyteorder("=").name, "shape": list(shape)})
 
 
 def decode_inputs(data: bytes, layout: str) -> np.ndarray:

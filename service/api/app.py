@@ -19,7 +19,7 @@ from starlette.responses import Response
 from service.api import audit, errors
 from service.api.auth import ApiKeyGuard
 from service.api.cds import router as cds_router
-from service.api.fastpath import NativePredict
+from service.api.fastpath import PredictionRoutes
 from service.api.lifecycle import ModelControl
 from service.api.middleware import RequestContext
 from service.api.native import json_response
@@ -118,9 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
-    # which answers preflights before the API-key guard, which guards the native :predict
-    # routes' fast path (fastpath.py).
-    app.add_middleware(NativePredict)
+    # which answers preflights before the API-key guard, which guards the prediction routes'
+    # fast path (fastpath.py).
+    app.add_middleware(PredictionRoutes)
     app.add_middleware(
         ApiKeyGuard,
         keys=settings.api_keys,

@@ -1,14 +1,16 @@
-"""The native :predict routes without FastAPI's per-request machinery (same contract).
+"""The prediction routes without FastAPI's per-request machinery (same contract).
 
 Measured with py-spy at concurrency 64: the event loop, not the engine, limits requests/s, and
 much of its time went to layers a prediction does not need: FastAPI's exception, exit-stack and
 body-limit wrappers around every send and receive, matching the path against every route, and
 dependency solving. This ASGI middleware sits innermost among ours (request id, body limit,
-metrics, CORS and API keys still apply) and answers `POST /v1/models/{name}[/versions/{v}]
-:predict` itself: the same request model (`PredictRequest`, parsed by pydantic from JSON), the
-same handler (`native.predict_with`) and the same error mapping (`errors.py`). Anything it does
-not recognise, including another content type, goes on to FastAPI, which also keeps the route
-in the OpenAPI document.
+metrics, CORS and API keys still apply) and answers the two prediction routes itself:
+`POST /v1/models/{name}[/versions/{v}]:predict` (the same request model, `PredictRequest`, parsed
+by pydantic from JSON, and the same handler, `native.predict_with`) and the Open Inference
+Protocol's `POST /v2/models/{name}[/versions/{v}]/infer` (the same handler, `v2.infer_with`,
+which reads the body itself), with the same error mapping (`errors.py`). Anything else,
+including a native request of another content type, goes on to FastAPI, which also keeps the
+routes in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -23,35 +25,54 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import errors
 from service.api.middleware import BodyTooLarge
-from service.api.native import SUBJECT_PATTERN, predict_with, router
+from service.api.native import SUBJECT_PATTERN, predict_with
+from service.api.native import router as native_router
 from service.api.schemas import PredictRequest
+from service.api.v2 import infer_with
+from service.api.v2 import router as v2_router
+from service.api.v2_binary import HEADER
 from service.errors import InvalidInputError, McServeError
 
-_TEMPLATES = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
-_ROUTE = re.compile(r"/v1/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?:predict")
+_NATIVE = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
+_OIP = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+_ROUTE = re.compile(
+    r"/v(?P<api>[12])/models/(?P<name>[^/]+?)(?:/versions/(?P<version>[^/]+))?"
+    r"(?P<verb>:predict|/infer)"
+)
 _SUBJECT = re.compile(SUBJECT_PATTERN)
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_HEADER_KEY = HEADER.lower().encode("latin-1")
 
 
-class NativePredict:
+class PredictionRoutes:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         # FastAPI's route objects, so that metrics, access log and audit name the template.
-        routes = {getattr(r, "path", None): r for r in router.routes}
-        self._routes = [routes[t] for t in _TEMPLATES]
+        routes = {getattr(r, "path", None): r for r in [*native_router.routes, *v2_router.routes]}
+        self._routes = {
+            (api, versioned): routes[templates[versioned]]
+            for api, templates in (("1", _NATIVE), ("2", _OIP))
+            for versioned in (False, True)
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _ROUTE.fullmatch(scope["path"])
-        if match is None or not _json_or_absent(scope):
+            if match is not None and (match["api"] == "1") != (match["verb"] == ":predict"):
+                match = None  # /v1/.../infer and /v2/...:predict are no routes
+        if match is None or (match["api"] == "1" and not _json_or_absent(scope)):
             await self.app(scope, receive, send)
             return
-        name, version = match["name"], match["version"]
-        scope["route"] = self._routes[version is not None]
+        api, name, version = match["api"], match["name"], match["version"]
+        scope["route"] = self._routes[(api, version is not None)]
         scope["path_params"] = {"name": name} | ({"version": version} if version else {})
         request = Request(scope, receive)
         try:
-            response = await self._predict(request, name, version)
+            if api == "1":
+                response = await self._predict(request, name, version)
+            else:
+                response = await infer_with(request, name, version, _header_length(scope))
         except BodyTooLarge:
             raise  # RequestContext answers 413
         except ClientDisconnect:
@@ -91,6 +112,25 @@ class NativePredict:
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from None
         return await predict_with(request, payload, name, version, subject)
+
+
+def _header_length(scope: Scope) -> int | None:
+    """The binary extension's header length, checked as FastAPI checks `int | None, ge=0`."""
+    for key, value in scope["headers"]:
+        if key == _HEADER_KEY:
+            text = value.decode("latin-1")
+            if not _INTEGER.fullmatch(text):
+                kind, msg = "int_parsing", "unable to parse string as an integer"
+            elif int(text) < 0:
+                kind, msg = "greater_than_equal", "Input should be greater than or equal to 0"
+            else:
+                return int(text)
+            if kind == "int_parsing":
+                msg = "Input should be a valid integer, " + msg
+            raise RequestValidationError(
+                [{"type": kind, "loc": ("header", HEADER), "msg": msg, "input": text}]
+            )
+    return None
 
 
 def _json_or_absent(scope: Scope) -> bool:

@@ -1,6 +1,6 @@
-"""The native :predict fast path (service/api/fastpath.py): FastAPI's route is bypassed, the
-contract is not. Every other native test also runs through the fast path; these pin what is
-specific to it."""
+"""The prediction routes' fast path (service/api/fastpath.py): FastAPI's routing is bypassed,
+the contract is not. Every other native and OIP test also runs through the fast path; these pin
+what is specific to it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+
+from service.api.v2_binary import HEADER
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 
@@ -42,6 +44,28 @@ async def test_json_predictions_bypass_fastapi_routing(
     assert counted == []
     await client.get("/v1/models/clf")  # the spy works: other routes go through FastAPI
     assert counted == ["/v1/models/clf"]
+
+
+async def test_oip_inference_bypasses_fastapi_routing(
+    client: httpx.AsyncClient, counted: list[str]
+) -> None:
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}
+    for path in ("/v2/models/clf/infer", "/v2/models/clf/versions/1/infer"):
+        r = await client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_name"] == "clf"
+    r = await client.post("/v2/models/clf/infer", json=body, headers={HEADER: "-3"})
+    assert r.status_code == 400
+    assert "greater than or equal to 0" in r.json()["error"]
+    assert counted == []
+    text = (await client.get("/metrics")).text
+    assert 'route="/v2/models/{name}/versions/{version}/infer"' in text
+
+
+async def test_mixed_api_paths_are_not_routes(client: httpx.AsyncClient) -> None:
+    for path in ("/v1/models/clf/infer", "/v2/models/clf:predict"):
+        r = await client.post(path, json={"instances": [ROW]})
+        assert r.status_code in (404, 405), (path, r.status_code)
 
 
 async def test_other_content_types_go_to_fastapi(

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from conftest import predict_scope
 from fastapi import FastAPI
 
 from service.api.state import AppState
@@ -149,23 +150,12 @@ async def test_client_disconnect_drops_queued_work(app: FastAPI) -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/models/clf:predict",
-        "raw_path": b"/v1/models/clf:predict",
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        "headers": [
+    scope = predict_scope(
+        [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
-        ],
-    }
+        ]
+    )
     rows_before = b.model.sampler.stats.rows
     cancelled_before = b.stats.cancelled
     with compute_blocked(app):

@@ -11,6 +11,7 @@ import fastapi.routing
 import httpx
 import pytest
 import pytest_asyncio
+from conftest import predict_scope
 from fastapi import FastAPI
 
 from service.api.v2_binary import HEADER
@@ -118,20 +119,7 @@ async def test_client_gone_while_sending_its_body(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/models/clf:predict",
-        "raw_path": b"/v1/models/clf:predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = predict_scope([(b"content-type", b"application/json")])
     await app(scope, receive, send)
     assert sent == []  # no answer to a closed connection, and no 500 logged
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -46,16 +46,15 @@ def outside_training(flat: np.ndarray, spec: InputSpec) -> list[list[str]]:
     hi = np.array([r[1] for r in spec.training_ranges])
     out = (flat < lo) | (flat > hi)
     names = spec.feature_names
-    reasons = []
-    for i, row in enumerate(out):
-        msgs = []
-        for j in np.flatnonzero(row):
+    reasons: list[list[str]] = [[] for _ in range(flat.shape[0])]
+    # Sentences only for the inputs that need them: this runs on the compute thread per batch.
+    for i in np.flatnonzero(out.any(axis=1)):
+        for j in np.flatnonzero(out[i]):
             what = f"feature '{names[j]}'" if names else f"element {j}"
-            msgs.append(
+            reasons[i].append(
                 f"{what} = {_num(flat[i, j])} outside the training range "
                 f"[{_num(lo[j])}, {_num(hi[j])}]"
             )
-        reasons.append(msgs)
     return reasons
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import predict_scope
+from asgi_scopes import predict_scope
 from fastapi import FastAPI
 
 from service.api.state import AppState

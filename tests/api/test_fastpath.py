@@ -11,7 +11,7 @@ import fastapi.routing
 import httpx
 import pytest
 import pytest_asyncio
-from conftest import predict_scope
+from asgi_scopes import predict_scope
 from fastapi import FastAPI
 
 from service.api.v2_binary import HEADER

@@ -11,6 +11,9 @@ rebuilt from their declarative architecture without pydantic, FastAPI or onnxrun
 3. T=1,000 passes for breast-cancer and digits at batch 1 to 1,024: median ms and samples/s,
    eager and with the chunk function compiled (torch.compile; CUDA graphs on CUDA).
 4. Optional low precision (bf16/fp16 autocast): speed and the accuracy loss against float32.
+5. `--service` (needs pydantic and orjson as well): the serving path on the device, every bundled
+   model through `ServedModel` and the dynamic `Batcher` (no HTTP): 24 concurrent seeded requests
+   share forwards and their encoded answers equal those of the same requests alone, byte for byte.
 """
 
 from __future__ import annotations
@@ -177,6 +180,58 @@ def precision_loss(name: str, device: torch.device, dtype: str, passes: int) -> 
     }
 
 
+def service_check(device: torch.device, passes: int) -> dict[str, Any]:
+    """The serving path (bundle trust checks, ServedModel, Batcher, encoder) on `device`."""
+    import asyncio
+    import csv
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.api.encode import response_json
+    from service.bundle import TrustPolicy, load_bundle
+    from service.engine.batcher import Batcher
+    from service.engine.model import PredictParams, ServedModel
+
+    async def one_model(name: str) -> dict[str, Any]:
+        model = ServedModel(
+            load_bundle(newest(ROOT / "models" / name), TrustPolicy()), device=device
+        )
+        with (ROOT / "models" / "data" / f"{name}-test.csv").open() as f:
+            rows = [[float(v) for k, v in r.items() if k != "target"] for r in csv.DictReader(f)]
+        shape = model.manifest.inputs.shape
+        x = np.asarray(rows[:48], dtype=np.float32).reshape(-1, *shape)
+        requests = [
+            (x[i : i + 1 + i % 3], PredictParams(passes, (0.9,), 100 + i)) for i in range(24)
+        ]
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(model, executor)
+        batcher.start()
+        try:
+            started = time.perf_counter()
+            together = await asyncio.gather(*(batcher.submit(xi, p) for xi, p in requests))
+            shared_s = time.perf_counter() - started
+            forwards = model.sampler.stats.forwards
+            alone = [await batcher.submit(xi, p) for xi, p in requests]
+        finally:
+            await batcher.stop()
+            executor.shutdown()
+        same = all(
+            response_json(model, a) == response_json(model, b)
+            for a, b in zip(alone, together, strict=True)
+        )
+        return {
+            "device": model.device,
+            "answers_equal_alone_and_shared": bool(same),
+            "forwards_for_24_concurrent": forwards,
+            "seconds_for_24_concurrent": round(shared_s, 4),
+            "ok": bool(same) and forwards < 24,
+        }
+
+    async def run() -> dict[str, Any]:
+        return {n: await one_model(n) for n in ("breast-cancer", "diabetes", "digits")}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,6 +244,7 @@ def main() -> None:
         default=True,
         help="also time torch.compile (after it, eager timings in the same process got noisy)",
     )
+    ap.add_argument("--service", action="store_true", help="also check the serving path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -246,13 +302,15 @@ def main() -> None:
             )
         except Exception as exc:  # any compiler error is recorded as such
             report["checks"][name]["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    if args.service:
+        report["service"] = service_check(device, 100)
     report["seconds"] = round(time.perf_counter() - started, 1)
     ok = all(
         c["cpu_vs_device"]["ok"]
         and c["batch_independent"]["ok"]
         and c.get("batch_independent_compiled", {"ok": True})["ok"]
         for c in report["checks"].values()
-    )
+    ) and all(c["ok"] for c in report.get("service", {}).values())
     report["ok"] = ok
     text = json.dumps(report, indent=1)
     print(text)

@@ -40,3 +40,16 @@ def test_gpu_script_imports_no_server_stack() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_script_service_check_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--no-compile"]
+    cmd += ["--models", "breast-cancer", "--service", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    service = json.loads(out.read_text())["service"]
+    assert set(service) == {"breast-cancer", "diabetes", "digits"}
+    for check in service.values():
+        assert check["answers_equal_alone_and_shared"] is True
+        assert check["forwards_for_24_concurrent"] < 24  # they really shared forwards

@@ -299,6 +299,9 @@ class Batcher:
     ) -> list[tuple[int, Prediction | BaseException]]:
         first = group[0][1]
         assert first.req is not None
+        if len(group) == 1:  # nothing to share: summarise it whole, no slicing (low load)
+            k, it, smp = group[0]
+            return [(k, self._summarize(smp, it))]
         try:
             stacked = np.concatenate([smp for _, _, smp in group], axis=1)
             inputs = np.concatenate([it.x for _, it, _ in group])

@@ -25,7 +25,7 @@ import numpy as np
 
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.sampler import MCRequest
-from service.engine.slicing import take
+from service.engine.slicing import split
 from service.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -311,14 +311,10 @@ class Batcher:
             log.warning("grouped summary failed; summarising one by one", exc_info=True)
             # Isolate: summarise one by one so only the failing request fails.
             return [(k, self._summarize(smp, it)) for k, it, smp in group]
-        out: list[tuple[int, Prediction | BaseException]] = []
-        lo = 0
-        for k, it, smp in group:
-            assert it.req is not None
-            hi = lo + smp.shape[1]
-            out.append((k, take(whole, lo, hi, seed=it.req.seed)))
-            lo = hi
-        return out
+        sizes = [int(smp.shape[1]) for _, _, smp in group]
+        seeds = [it.req.seed for _, it, _ in group if it.req is not None]
+        preds = split(whole, sizes, seeds)
+        return [(k, p) for (k, _, _), p in zip(group, preds, strict=True)]
 
     def _summarize(self, samples: np.ndarray, it: _Item) -> Prediction | BaseException:
         assert it.req is not None

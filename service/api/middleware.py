@@ -99,6 +99,8 @@ class RequestContext:
         model = (scope.get("path_params") or {}).get("name")
         if self.metrics is not None:
             self.metrics.observe_request(model, template, status, seconds)
+        if not access_log.isEnabledFor(logging.INFO):
+            return  # the line would be dropped: do not build it (this runs for every request)
         extra: dict[str, Any] = {
             "request_id": state.get("request_id"),
             "method": scope.get("method"),

@@ -87,6 +87,11 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
     if list(arr.shape[1:]) != spec.shape:
         raise InvalidInputError(_first_bad(rows, spec))
     flat = arr.reshape(arr.shape[0], -1)
+    bounds = _bounds(spec, flat.shape[1])
+    # One test for the common case, valid inputs (NaN fails both comparisons); the precise
+    # message is worked out only when something is wrong.
+    if bounds is not None and bounds[2] and bool(((flat >= bounds[0]) & (flat <= bounds[1])).all()):
+        return arr.astype(np.float32)  # finite bounds: an Infinity would have failed too
     bad = ~np.isfinite(flat)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
@@ -103,14 +108,15 @@ def _feature(spec: InputSpec, j: int) -> str:
     return f"element {j}"
 
 
-_BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray]] = {}
+_BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray, bool]] = {}
 
 
-def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The hard valid range per feature, built once per spec (not on every request)."""
+def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """The hard valid range per feature and whether all of it is finite, built once per spec
+    (not on every request)."""
     cached = _BOUNDS.get(id(spec))
     if cached is not None and cached[0] is spec:
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
     if spec.valid_ranges:
         lo = np.array([r[0] for r in spec.valid_ranges])
         hi = np.array([r[1] for r in spec.valid_ranges])
@@ -121,15 +127,16 @@ def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray] | None
         return None
     if len(_BOUNDS) > 1024:  # specs of unloaded models: forget them all, rebuild on use
         _BOUNDS.clear()
-    _BOUNDS[id(spec)] = (spec, lo, hi)
-    return lo, hi
+    finite = bool(np.isfinite(lo).all() and np.isfinite(hi).all())
+    _BOUNDS[id(spec)] = (spec, lo, hi, finite)
+    return lo, hi, finite
 
 
 def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
     bounds = _bounds(spec, flat.shape[1])
     if bounds is None:
         return
-    lo, hi = bounds
+    lo, hi, _ = bounds
     bad = (flat < lo) | (flat > hi)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])

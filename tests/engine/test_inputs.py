@@ -38,3 +38,14 @@ def test_ranges_from_the_spec_every_time() -> None:
             to_array([[0.5, 4.0], [0.5, 6.0]], FLAT, 10)
     other = InputSpec(shape=[2], valid_ranges=[(0.0, 1.0), (-5.0, 7.0)])
     assert to_array([[0.5, 6.0]], other, 10).shape == (1, 2)  # its own bounds, not FLAT's
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_refused_even_with_unbounded_ranges(bad: float) -> None:
+    spec = InputSpec(shape=[2], valid_ranges=[(-np.inf, np.inf), (0.0, 1.0)])
+    with pytest.raises(InvalidInputError, match="NaN and Infinity are not valid inputs"):
+        to_array([[bad, 0.5]], spec, 10)
+    for flat_spec in (FLAT, IMAGE):
+        x = [[0.5, bad]] if flat_spec is FLAT else [[[0, 0, 0], [0, 0, bad]]]
+        with pytest.raises(InvalidInputError, match="NaN and Infinity"):
+            to_array(x, flat_spec, 10)

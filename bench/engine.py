@@ -123,9 +123,12 @@ def main() -> None:
     for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for k, fn in variants.items():
-            times[k].append(timed(fn, repeat=1 if k in ("loop", "matmul") else 5))
+    names = list(variants)
+    for r in range(args.rounds):
+        # The order rotates every round: no variant always runs right after the same one (the
+        # 64 MB matmul before the CNN engine left it cold caches in every round otherwise).
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            times[k].append(timed(variants[k], repeat=1 if k in ("loop", "matmul") else 5))
     med = {k: median(v) for k, v in times.items()}
     rows = T * B
     rate = {k: rows / med[k] for k in ("loop", "naive", "engine", "dropout_off")}

@@ -145,10 +145,10 @@ async def run(
     The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
     card that will carry it); 503 when it cannot be (audit fails closed)."""
     deadline = batcher.clock() + timeout_s if timeout_s else None
-    task = asyncio.ensure_future(batcher.submit(x, params, deadline))
-    watcher = asyncio.ensure_future(_until_disconnect(request, task))
+    future = batcher.enqueue(x, params, deadline)  # a future, not a task: one task less
+    watcher = asyncio.ensure_future(_until_disconnect(request, future))
     try:
-        pred = await task
+        pred = await future
     except asyncio.CancelledError:
         if watcher.done():
             raise CancelledError("the client disconnected; its work was dropped") from None

@@ -132,6 +132,13 @@ class Batcher:
         self, x: np.ndarray, params: PredictParams, deadline: float | None = None
     ) -> Prediction:
         """Queue one request and wait for its prediction. Raises McServeError subclasses."""
+        return await self.enqueue(x, params, deadline)
+
+    def enqueue(
+        self, x: np.ndarray, params: PredictParams, deadline: float | None = None
+    ) -> asyncio.Future[Prediction]:
+        """Queue one request; its future resolves to the prediction. Cancelling the future (the
+        client went away) drops the work before compute. Raises McServeError subclasses."""
         if self._closing:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self.model.check_params(params)
@@ -153,7 +160,7 @@ class Batcher:
         self.stats.submitted += 1
         self.stats.queue_rows += rows
         self._wakeup.set()
-        return await fut  # cancelling this await (client gone) cancels the future
+        return fut
 
     def _take(self) -> list[_Item]:
         """Pop the next batch: expired and cancelled items are dropped, never computed."""

@@ -578,10 +578,10 @@ async def test_overload_is_429_with_retry_after(
 ) -> None:
     batcher = oip_app.state.mcserve.batcher("diabetes", None)
 
-    async def full(*args: Any, **kwargs: Any) -> Any:
+    def full(*args: Any, **kwargs: Any) -> Any:
         raise OverloadedError("model 'diabetes' is at capacity; retry later", retry_after_s=2.4)
 
-    monkeypatch.setattr(batcher, "submit", full)
+    monkeypatch.setattr(batcher, "enqueue", full)
     r = await oip.post("/v2/models/diabetes/infer", json=body("diabetes"))
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
     assert r.json()["error"] == "model 'diabetes' is at capacity; retry later"

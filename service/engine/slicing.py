@@ -69,16 +69,6 @@ def split(pred: Prediction, sizes: Sequence[int], seeds: Sequence[int]) -> list[
     return out  # type: ignore[return-value]
 
 
-def take(pred: Prediction, lo: int, hi: int, seed: int) -> Prediction:
-    """One request's Prediction out of a group's (inputs lo..hi), with its own seed."""
-    n = _batch_size(pred)
-    (one,) = _split(pred, [(lo, hi)], n)
-    assert isinstance(one, Prediction)
-    one.seed = seed
-    one.warnings = list(pred.warnings)
-    return one
-
-
 def _batch_size(pred: Prediction) -> int:
     s = pred.summary
     for name in ("mean", "probabilities"):

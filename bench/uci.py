@@ -1,7 +1,7 @@
 """Reproduce the MC dropout UCI regression table (Gal & Ghahramani 2016) and check coverage.
 
     python -m bench.uci DATASET_DIR [DATASET_DIR ...] [--fast] [--splits K] [--T 10000]
-        [--out DIR] [--epochs-mult 10]
+        [--out DIR] [--epochs-mult 10] [--split-from A] [--summarise]
 
 DATASET_DIR has the layout of /work/shared/datasets/uci/<name>/ (files under data/). Per split:
 grid-select (dropout rate, tau) on the validation log-likelihood of the last 20 % of the training
@@ -10,6 +10,10 @@ and the mixture log-likelihood, original units). The grid run's model of the cho
 (trained on the first 80 % only) is calibrated on the last 20 %: split-conformal intervals with
 the normalised score |y - mean| / std. Writes <out>/<dataset>/split_<i>.json,
 <out>/<dataset>/summary.json and <out>/table.md (every data set summarised under <out>).
+
+A data set's splits can run in several processes (`--split-from A --splits K` runs splits A to
+A + K - 1 with the seeds the whole run would give them and writes only their split files);
+`--summarise` then builds the summary from the split files under <out> without training.
 """
 
 from __future__ import annotations
@@ -244,19 +248,27 @@ def table(summaries: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def run_dataset(root: Path, args: argparse.Namespace, command: str) -> dict[str, Any]:
+def _split_range(args: argparse.Namespace, n_splits: int) -> range:
+    first = args.split_from or 0
+    if not 0 <= first < n_splits:
+        raise SystemExit(f"--split-from {first}: the data set has {n_splits} splits")
+    k = args.splits or (2 if args.fast else n_splits - first)
+    return range(first, min(first + k, n_splits))
+
+
+def run_dataset(root: Path, args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     start = time.perf_counter()
     ds = load(root)
-    k = min(args.splits or (2 if args.fast else ds["n_splits"]), ds["n_splits"])
+    chosen = _split_range(args, ds["n_splits"])
     rates, taus = ds["dropout_rates"], ds["taus"]
     epochs = args.epochs or ds["n_epochs"] * args.epochs_mult
     if args.fast:  # smoke mode: a 2-point grid and few epochs
         rates, taus = [rates[0], rates[-1]], [taus[len(taus) // 2]]
         epochs = min(epochs, 50)
-    data = [(ds["x"][ds["train"][i]], ds["y"][ds["train"][i]]) for i in range(k)]
+    data = [(ds["x"][ds["train"][i]], ds["y"][ds["train"][i]]) for i in chosen]
     results = train_mlps(
         data,
-        seeds=[args.seed + i for i in range(k)],
+        seeds=[args.seed + i for i in chosen],  # a split's seed does not depend on the range
         hidden=(ds["n_hidden"],),
         dropout_rates=rates,
         taus=taus,
@@ -267,7 +279,7 @@ def run_dataset(root: Path, args: argparse.Namespace, command: str) -> dict[str,
     out_dir = args.out / ds["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = []
-    for i, r in enumerate(results):
+    for i, r in zip(chosen, results, strict=True):
         split = run_split(ds, i, r, args)
         (out_dir / f"split_{i}.json").write_text(json.dumps(split, indent=1))
         splits.append(split)
@@ -277,8 +289,34 @@ def run_dataset(root: Path, args: argparse.Namespace, command: str) -> dict[str,
             f"conformal {split['conformal_95']['coverage']:.3f}",
             flush=True,
         )
+    if args.split_from is not None:  # one part of a data set: the summary comes from --summarise
+        print(f"{ds['name']}: splits {chosen.start}-{chosen.stop - 1} written; --summarise later")
+        return None
     summary = summarise(splits, time.perf_counter() - start, command)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summarise_dir(root: Path, args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Summary of the split files already under <out>/<dataset> (runs in several processes).
+
+    Wall time: the summed per-split compute of the processes is not a wall time, so `wall_s` is
+    the longest group's (training time of its stack plus its splits' prediction), assuming the
+    groups ran side by side; `command` names the summarising call.
+    """
+    name = load(root)["name"]
+    files = sorted((args.out / name).glob("split_*.json"), key=lambda p: int(p.stem[6:]))
+    if not files:
+        raise SystemExit(f"no split files under {args.out / name}")
+    splits = [json.loads(p.read_text()) for p in files]
+    groups: dict[tuple[float, float], float] = {}
+    for s in splits:
+        t = s["timings"]
+        key = (t["grid_train_s"], t["refit_s"])  # identical for the splits of one stack
+        groups[key] = groups.get(key, t["grid_train_s"] + t["grid_score_s"] + t["refit_s"])
+        groups[key] += t["predict_s"]
+    summary = summarise(splits, max(groups.values()), command)
+    (args.out / name / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -286,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.uci", description=__doc__.split("\n")[0])
     ap.add_argument("datasets", nargs="+", type=Path, help="directories in the UCI layout")
     ap.add_argument("--fast", action="store_true", help="smoke mode: 2 splits, tiny grid, small T")
-    ap.add_argument("--splits", type=int, default=0, help="first K splits (default: all)")
+    ap.add_argument("--splits", type=int, default=0, help="K splits (default: all)")
+    ap.add_argument("--split-from", type=int, default=None, help="first split (part of a run)")
+    ap.add_argument(
+        "--summarise", action="store_true", help="only summarise the split files under --out"
+    )
     ap.add_argument("--T", type=int, default=None, help="MC passes on test rows (10000)")
     ap.add_argument("--cal-T", type=int, default=None, help="passes, conformal model (1000)")
     ap.add_argument("--val-T", type=int, default=None, help="passes, grid selection (200)")
@@ -305,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python -m bench.uci " + " ".join(sys.argv[1:] if argv is None else argv)
     for root in args.datasets:
-        summary = run_dataset(root, args, command)
-        print(json.dumps({k: summary[k] for k in ("dataset", "rmse", "test_ll", "checks")}))
+        if args.summarise:
+            summary: dict[str, Any] | None = summarise_dir(root, args, command)
+        else:
+            summary = run_dataset(root, args, command)
+        if summary is not None:
+            print(json.dumps({k: summary[k] for k in ("dataset", "rmse", "test_ll", "checks")}))
     summaries = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/summary.json"))]
     text = table(summaries)
     (args.out / "table.md").write_text(text)

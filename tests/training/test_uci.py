@@ -87,6 +87,33 @@ def test_bench_fast_writes_json_and_table(tmp_path: Path) -> None:
     assert table.startswith("| dataset |") and "| toy | 2 |" in table
 
 
+def test_bench_split_ranges_then_summarise_equal_one_run(tmp_path: Path) -> None:
+    """Splits run in two processes' worth of ranges, then --summarise, match a single run."""
+    x, y = _regression(400, seed=9)
+    _write_uci(tmp_path / "toy", x, y, splits=3, seed=2)
+    common = [str(tmp_path / "toy"), "--fast", "--epochs", "10", "--T", "50", "--cal-T", "50"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert uci_main([*common, "--splits", "3", "--out", str(whole)]) == 0
+    assert uci_main([*common, "--split-from", "1", "--splits", "2", "--out", str(parts)]) == 0
+    assert not (parts / "toy" / "summary.json").exists()  # a part writes split files only
+    assert uci_main([*common, "--split-from", "0", "--splits", "1", "--out", str(parts)]) == 0
+    assert uci_main([str(tmp_path / "toy"), "--summarise", "--out", str(parts)]) == 0
+
+    for i in range(3):  # a split's seed is its index, whichever range ran it
+        a = json.loads((whole / "toy" / f"split_{i}.json").read_text())
+        b = json.loads((parts / "toy" / f"split_{i}.json").read_text())
+        assert a["split"] == b["split"] == i
+        # Stacks of 3 and of 1-2 splits: batched products may round differently (1e-5, as above).
+        assert b["rmse"] == pytest.approx(a["rmse"], rel=1e-5)
+        assert b["test_ll"] == pytest.approx(a["test_ll"], rel=1e-5)
+    s_whole = json.loads((whole / "toy" / "summary.json").read_text())
+    s_parts = json.loads((parts / "toy" / "summary.json").read_text())
+    assert s_parts["splits"] == 3
+    assert s_parts["rmse"] == pytest.approx(s_whole["rmse"], rel=1e-5)
+    assert s_parts["conformal_95"] == pytest.approx(s_whole["conformal_95"], rel=1e-5)
+    assert "| toy | 3 |" in (parts / "table.md").read_text()
+
+
 def test_grid_picks_best_validation_ll() -> None:
     # Noise std 1 in original units: tau = 1 is right, tau = 100 and 1e-4 are far off (the
     # Gaussian LL at residual variance ~1 is about -1.4 vs -49 and -5.5 nats per row).

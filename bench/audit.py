@@ -1,7 +1,7 @@
 """What the audit trail costs: requests/s at concurrency 16, auditing off vs SQLite vs PostgreSQL.
 
     python -m bench.audit [--repeats 5] [--duration 10] [--concurrency 16] [--model breast-cancer]
-                          [--postgres-url URL] [--out bench/results/audit.json]
+                          [--postgres-url URL] [--baseline DIR] [--out bench/results/audit.json]
 
 Three real `python -m service serve` processes on 127.0.0.1 (audit off; SQLite in a temporary
 directory; PostgreSQL in a fresh schema of --postgres-url, default MCSERVE_TEST_POSTGRES_URL, see
@@ -9,6 +9,10 @@ directory; PostgreSQL in a fresh schema of --postgres-url, default MCSERVE_TEST_
 hits each variant alike; medians of the repeats. At the end each audited server is asked for
 its count of 200 answers on the predict route, stopped with SIGTERM (its queue is flushed), and
 the rows in its store are counted: they must be equal.
+
+`--baseline DIR` adds `sqlite-baseline` (and `postgres-baseline`, in a schema of its own): the
+`service` package of another checkout (e.g. `git worktree add /tmp/base HEAD~1`) auditing to the
+same kind of store, for an A/B of an audit change in the same run.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
 import statistics
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench.common import machine, now
-from bench.load import LUA, instance, start
+from bench.load import LUA, ROOT, instance, start
 
 PREDICT_200 = re.compile(
     r'^mcserve_requests_total\{[^}]*route="/v1/models/\{name\}:predict"[^}]*status="200"[^}]*\}'
@@ -81,7 +87,7 @@ def stop_cleanly(proc: subprocess.Popen[bytes]) -> int:
 
 
 def count_rows(variant: str, settings: dict[str, str]) -> int:
-    if variant == "sqlite":
+    if "MCSERVE_AUDIT_PATH" in settings:
         with sqlite3.connect(settings["MCSERVE_AUDIT_PATH"]) as conn:
             return int(conn.execute("SELECT COUNT(*) FROM audit_records").fetchone()[0])
     import psycopg
@@ -99,25 +105,41 @@ def main() -> None:
     ap.add_argument("--model", default="breast-cancer")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--postgres-url", default=os.environ.get("MCSERVE_TEST_POSTGRES_URL"))
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout (A/B)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     variants = ["off", "sqlite"] + (["postgres"] if args.postgres_url else [])
+    audited = variants[1:]
+    variants += [f"{v}-baseline" for v in audited] if args.baseline else []
     tmp = Path(tempfile.mkdtemp(prefix="mcserve-bench-audit-"))
     base = {"MCSERVE_DRAIN_GRACE_S": "0"}
     envs: dict[str, dict[str, str]] = {
         "off": {**base, "MCSERVE_AUDIT": "false"},
         "sqlite": {**base, "MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_PATH": str(tmp / "audit.db")},
     }
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    schemas = [f"bench_{uuid.uuid4().hex[:10]}" for _ in range(2)]
     if args.postgres_url:
         import psycopg
 
-        with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-        sep = "&" if "?" in args.postgres_url else "?"
-        url = f"{args.postgres_url}{sep}options=-csearch_path%3D{schema}"
-        envs["postgres"] = {**base, "MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": url}
-    servers = {v: start("mcserve", envs[v]) for v in variants}
+        urls = []
+        for schema in schemas:
+            with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+                conn.execute(f"CREATE SCHEMA {schema}")
+            sep = "&" if "?" in args.postgres_url else "?"
+            urls.append(f"{args.postgres_url}{sep}options=-csearch_path%3D{schema}")
+        envs["postgres"] = {**base, "MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": urls[0]}
+        envs["postgres-baseline"] = {**envs["postgres"], "MCSERVE_AUDIT_URL": urls[1]}
+    cmds: dict[str, list[str] | None] = {v: None for v in variants}
+    if args.baseline:
+        envs["sqlite-baseline"] = {**envs["sqlite"], "MCSERVE_AUDIT_PATH": str(tmp / "base.db")}
+        serve = (
+            f"cd {shlex.quote(str(args.baseline.resolve()))} && exec {shlex.quote(sys.executable)}"
+            f" -m service serve --log-level warning --model-dir {shlex.quote(str(ROOT / 'models'))}"
+            ' "$@"'
+        )
+        for v in audited:  # start() appends --port N
+            cmds[f"{v}-baseline"] = ["bash", "-c", serve, "serve"]
+    servers = {v: start("mcserve", envs[v], cmds[v]) for v in variants}
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         body = {"instances": [instance(args.model)], "parameters": {"samples": args.samples}}
@@ -145,8 +167,9 @@ def main() -> None:
         if args.postgres_url:
             import psycopg
 
-            with psycopg.connect(args.postgres_url, autocommit=True) as conn:
-                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+            for schema in schemas:
+                with psycopg.connect(args.postgres_url, autocommit=True) as conn:
+                    conn.execute(f"DROP SCHEMA {schema} CASCADE")
     median = {
         v: {m: round(statistics.median(r[m] for r in rs), 2) for m in rs[0]}
         for v, rs in runs.items()

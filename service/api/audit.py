@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 
 from service.audit.metrics import AuditCollector
 from service.audit.record import FeedbackEvent, PredictionEvent
-from service.audit.store import open_store
 from service.audit.writer import AuditWriter
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.metrics import Metrics
@@ -29,7 +28,8 @@ def writer_for(settings: Settings) -> AuditWriter:
     key = settings.audit_hmac_key.get_secret_value().encode() if settings.audit_hmac_key else None
     url, path = settings.audit_url, settings.audit_path
     return AuditWriter(
-        lambda: open_store(url, path),
+        url,
+        path,
         inputs=settings.audit_inputs,
         hmac_key=key,
         queue_size=settings.audit_queue_size,
@@ -47,7 +47,6 @@ async def start(app: FastAPI, settings: Settings, metrics: Metrics | None = None
         return
     writer = writer_for(settings)
     await writer.start()
-    assert writer.store is not None
     if metrics is not None:
         collector = AuditCollector(writer)
         metrics.registry.register(collector)
@@ -55,7 +54,7 @@ async def start(app: FastAPI, settings: Settings, metrics: Metrics | None = None
     log.info(
         "audit trail on",
         extra={
-            "store": writer.store.description,
+            "store": writer.description,
             "inputs": settings.audit_inputs,
             "fail_open": settings.audit_fail_open,
         },

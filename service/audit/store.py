@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.audit.record import FEEDBACK_COLUMNS, RECORD_COLUMNS, AuditRecord, from_row
+from service.audit.rows import FEEDBACK_COLUMNS, RECORD_COLUMNS, AuditRecord, from_row
 from service.errors import McServeError
 
 SCHEMA_VERSION = 1

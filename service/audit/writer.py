@@ -1,9 +1,15 @@
 """The audit writer: a bounded in-memory queue, written in batches by one background task.
 
-The request path only appends a reference to the queue (`submit`); the task turns events into
-rows and writes them, one transaction per batch, on its own thread (the database calls block).
-A failed write keeps its batch at the head of the queue and is retried with a backoff, so a
-store that is down for a while loses nothing as long as the queue can hold what arrives.
+The request path turns its event into a compact message (`record.message`: plain values and
+bytes, a few microseconds) and appends it to the queue (`submit`); the task hands each batch,
+pickled on its own thread, to the writer process (`sink.py`), which builds the rows and commits
+them in one transaction, outside the server's interpreter. The queue holds no engine objects:
+a full queue is about 1.3 kB per record, and nothing young stays alive for the garbage collector
+to walk.
+A batch leaves the queue only when its commit is acknowledged. A failed write keeps its batch
+at the head of the queue and is retried with a backoff (a writer process that died is started
+again), so a store that is down for a while loses nothing as long as the queue can hold what
+arrives.
 
 When a record cannot be queued (the queue is full: the store is down or too slow for longer
 than the queue can absorb) the prediction fails closed: `AuditUnavailableError`, answered 503.
@@ -18,21 +24,15 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from service.audit.record import (
-    Event,
-    FeedbackEvent,
-    InputsMode,
-    PredictionEvent,
-    feedback_row,
-    prediction_row,
-    software,
-)
-from service.audit.store import Store
+from service.audit.record import Event, InputsMode, message, replica, request_id, software
+from service.audit.rows import dumps
+from service.audit.sink import SinkClient
+from service.audit.store import Store, open_store
 from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")
@@ -53,7 +53,8 @@ class WriterStats:
 class AuditWriter:
     def __init__(
         self,
-        open_store: Callable[[], Store],
+        url: str | None,
+        path: Path,
         *,
         inputs: InputsMode = "store",
         hmac_key: bytes | None = None,
@@ -66,7 +67,7 @@ class AuditWriter:
     ) -> None:
         if inputs == "hmac" and not hmac_key:
             raise ValueError("audit_inputs='hmac' needs a key: set audit_hmac_key")
-        self._open_store = open_store
+        self.url, self.path = url, path
         self.inputs: InputsMode = inputs
         self.hmac_key = hmac_key
         self.queue_size = queue_size
@@ -78,9 +79,11 @@ class AuditWriter:
         # SQLite: about 47 us of the audit thread's CPU per record with 50 ms, 59 us with 10).
         self.linger_s = linger_s
         self.stats = WriterStats()
-        self.store: Store | None = None
+        self.description = ""  # the store, as the writer process names it (no password)
+        self._sink: SinkClient | None = None
+        self._store: Store | None = None  # a reading handle, opened when first asked for
         self.healthy = True  # the last write succeeded
-        self._queue: deque[Event] = deque()
+        self._queue: deque[tuple[Any, ...]] = deque()  # messages
         self._wake = asyncio.Event()  # something was queued
         self._kick = asyncio.Event()  # stop: end a retry backoff now
         self._stopping = False
@@ -93,23 +96,28 @@ class AuditWriter:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def store(self) -> Store:
+        """The store for reading (CLI-like queries, tests); the writes go through the process."""
+        if self._store is None:
+            self._store = open_store(self.url, self.path)
+        return self._store
+
     async def start(self) -> None:
-        """Open and migrate the store (raises when it cannot: nothing is served unaudited)."""
+        """Start the writer process, which opens and migrates the store (raises when it cannot:
+        nothing is served unaudited)."""
         # torch's thread count is per OS thread: read it here, where the server configured it,
         # not on the audit thread (the cache keeps this first reading).
-        software()
+        config = {
+            "inputs": self.inputs,
+            "hmac_key": self.hmac_key,
+            "software": dumps(software()),
+            "replica": replica(),
+        }
+        self._sink = SinkClient(self.url, self.path, config)
         loop = asyncio.get_running_loop()
-        self.store = await loop.run_in_executor(self._thread, self._open)
+        self.description = await loop.run_in_executor(self._thread, self._sink.start)
         self._task = loop.create_task(self._run(), name="audit-writer")
-
-    def _open(self) -> Store:
-        store = self._open_store()
-        try:
-            store.migrate()
-        except BaseException:
-            store.close()
-            raise
-        return store
 
     def submit(self, event: Event) -> None:
         """Queue one event; raises `AuditUnavailableError` when it cannot (fail closed)."""
@@ -119,7 +127,13 @@ class AuditWriter:
             why = "the audit queue is full (the audit store is down or too slow)"
             self._refuse(event, why)
         else:
-            self._queue.append(event)
+            try:
+                msg = message(event)
+            except Exception:  # a bug, not the client's fault: the answer still goes out
+                self.stats.invalid += 1
+                log.exception("audit event cannot be recorded", extra={"id": event.request_id})
+                return
+            self._queue.append(msg)
             self.stats.queued += 1
             self._wake.set()
 
@@ -163,11 +177,16 @@ class AuditWriter:
                 )
                 self._abandon = True  # the loop ends after its current store call
                 self._kick.set()
+                if self._sink is not None:
+                    self._sink.interrupt()  # a write blocked on the store fails now
                 await asyncio.wait({task})
         self._closed = True
-        if self.store is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self.store.close)
-            self.store = None
+        loop = asyncio.get_running_loop()
+        if self._sink is not None:
+            await loop.run_in_executor(self._thread, self._sink.close)
+        if self._store is not None:
+            await loop.run_in_executor(self._thread, self._store.close)
+            self._store = None
         self._thread.shutdown(wait=True)
 
     async def _pause(self, seconds: float) -> None:
@@ -217,24 +236,12 @@ class AuditWriter:
             self.stats.written += written
             self.stats.batches += 1
 
-    def _write(self, batch: list[Event]) -> int:
-        """On the audit thread: rows (built once per event, kept across retries), one commit."""
-        records: list[dict[str, Any]] = []
-        feedback: list[dict[str, Any]] = []
-        for e in batch:
-            if e.row is None:
-                try:
-                    if isinstance(e, PredictionEvent):
-                        e.row = prediction_row(e, self.inputs, self.hmac_key)
-                    else:
-                        e.row = feedback_row(e)
-                except Exception:
-                    self.stats.invalid += 1
-                    log.exception("audit event cannot be recorded", extra={"id": e.request_id})
-                    e.row = {}
-            if not e.row:
-                continue
-            (feedback if isinstance(e, FeedbackEvent) else records).append(e.row)
-        assert self.store is not None
-        self.store.append(records, feedback)
-        return len(records) + len(feedback)
+    def _write(self, batch: list[tuple[Any, ...]]) -> int:
+        """On the audit thread: one commit in the writer process."""
+        assert self._sink is not None
+        written, invalid = self._sink.write(batch)
+        for i, why in invalid:
+            self.stats.invalid += 1
+            extra = {"id": request_id(batch[i]), "error": why}
+            log.error("audit event cannot be recorded", extra=extra)
+        return written

@@ -3,7 +3,10 @@ setting, open (answered, counted, logged); nothing queued is lost once the store
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,6 +103,28 @@ async def test_fail_closed_then_recover(outage: Outage, repo: Path) -> None:
         assert (await predict(client)).status_code == 200
         text = (await client.get("/metrics")).text
         assert "mcserve_audit_store_up 1.0" in text
+
+
+async def test_writer_process_killed_loses_nothing(backend: Backend, repo: Path) -> None:
+    """The writer process dies with a batch in hand (SIGSTOP, so the batch is surely sent and
+    unacknowledged, then SIGKILL): the batch stays queued and goes through a new process."""
+    async with serving(repo, **backend.settings) as (app, client):
+        writer = app.state.audit
+        assert (await predict(client)).status_code == 200
+        assert await writer.flush(10)
+        sink = writer._sink
+        first = sink._proc.pid
+        os.kill(first, signal.SIGSTOP)
+        codes = [(await predict(client, route)).status_code for route in ("v1", "v2", "v1")]
+        assert codes == [200, 200, 200]
+        await asyncio.sleep(0.5)  # the 50 ms batching wait, then the batch is sent
+        assert writer.depth == 3  # sent, not acknowledged: still queued
+        os.kill(first, signal.SIGKILL)
+        assert await writer.flush(20)
+        assert writer.store.count() == 4
+        assert writer.stats.store_errors == 1  # the dead process's batch failed, then was retried
+        assert sink._proc.pid != first and writer.healthy
+    assert sink._proc is None  # stopped with the server
 
 
 async def test_fail_open_counts_and_logs(

@@ -97,6 +97,20 @@ def count_rows(variant: str, settings: dict[str, str]) -> int:
         return int(row[0]) if row else 0
 
 
+def bracketed(timeline: list[tuple[str, float]], variants: list[str]) -> dict[str, float]:
+    """Median over runs of 1 - rps / mean(nearest `off` before, nearest `off` after), in %."""
+    offs = [i for i, (v, _) in enumerate(timeline) if v == "off"]
+    ratios: dict[str, list[float]] = {v: [] for v in variants}
+    for i, (v, rps) in enumerate(timeline):
+        if v == "off":
+            continue
+        before = max(j for j in offs if j < i)
+        after = min(j for j in offs if j > i)
+        ref = (timeline[before][1] + timeline[after][1]) / 2
+        ratios[v].append(1 - rps / ref)
+    return {v: round(100 * statistics.median(r), 1) for v, r in ratios.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -140,16 +154,24 @@ def main() -> None:
         for v in audited:  # start() appends --port N
             cmds[f"{v}-baseline"] = ["bash", "-c", serve, "serve"]
     servers = {v: start("mcserve", envs[v], cmds[v]) for v in variants}
+    audited_all = variants[1:]
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         body = {"instances": [instance(args.model)], "parameters": {"samples": args.samples}}
         json.dump(body, f)
     try:
+        timeline: list[tuple[str, float]] = []  # (variant, rps) in the order run
         for rep in range(args.repeats):
-            for v in variants:
+            # `off` first, the audited variants in an order that rotates every repeat, so that
+            # none always runs right after the same one.
+            k = rep % len(audited_all)
+            for v in ["off", *audited_all[k:], *audited_all[:k]]:
                 r = wrk(servers[v][1], args.model, f.name, args.concurrency, args.duration)
                 runs[v].append(r)
+                timeline.append((v, r["rps"]))
                 print(rep, v, r, flush=True)
+        timeline.append(("off", wrk(servers["off"][1], args.model, f.name, args.concurrency,
+                                    args.duration)["rps"]))  # fmt: skip
         counts: dict[str, dict[str, int]] = {}
         for v in variants:
             proc, port = servers[v]
@@ -197,7 +219,12 @@ def main() -> None:
             )
             for v in variants
         },
+        # Each audited run against the mean of the `off` runs just before and just after it
+        # (an `off` run opens every repeat, and one closes the run): on this VM the host's speed
+        # swings by up to 2x within a minute, and this pairing follows it most closely.
+        "slowdown_pct_bracketed_median": bracketed(timeline, audited_all),
         "rps_runs": {v: [r["rps"] for r in rs] for v, rs in runs.items()},
+        "timeline": timeline,
         "counts": counts,
         "rows_equal_answers": all(
             c["rows"] == c["answered_200"] for v, c in counts.items() if v != "off"

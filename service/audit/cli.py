@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from service.audit.record import AuditRecord
+    from service.audit.rows import AuditRecord
     from service.audit.store import Store
 
 app = typer.Typer(

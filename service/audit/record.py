@@ -21,43 +21,8 @@ import numpy as np
 import torch
 
 from service.api.encode import response_json
-from service.audit.rows import (
-    FEEDBACK,
-    FEEDBACK_COLUMNS,
-    HMAC_PREFIX,
-    PREDICTION,
-    RECORD_COLUMNS,
-    AuditRecord,
-    InputsMode,
-    decode_inputs,
-    dumps,
-    from_row,
-    inputs_hmac,
-    key_id,
-    layout,
-    little_endian,
-    utc,
-)
+from service.audit.rows import FEEDBACK, PREDICTION, layout, little_endian
 from service.engine.model import Prediction, PredictParams, ServedModel
-
-__all__ = [
-    "FEEDBACK_COLUMNS",
-    "HMAC_PREFIX",
-    "RECORD_COLUMNS",
-    "AuditRecord",
-    "FeedbackEvent",
-    "InputsMode",
-    "PredictionEvent",
-    "decode_inputs",
-    "dumps",
-    "from_row",
-    "inputs_hmac",
-    "key_id",
-    "message",
-    "software",
-    "summary_json",
-    "utc",
-]
 
 
 @dataclass(eq=False)
@@ -125,11 +90,6 @@ def software() -> dict[str, Any]:
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
     }
-
-
-@functools.cache
-def _software_json() -> str:
-    return dumps(software())
 
 
 _POLICIES: dict[int, tuple[Any, dict[str, Any]]] = {}

@@ -20,7 +20,8 @@ import numpy as np
 import orjson
 import torch
 
-from service.audit.record import AuditRecord, inputs_hmac, key_id, software, summary_json
+from service.audit.record import software, summary_json
+from service.audit.rows import AuditRecord, inputs_hmac, key_id
 from service.bundle.load import TrustPolicy, load_bundle
 from service.engine.inputs import to_array
 from service.engine.model import PredictParams, ServedModel

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.audit.record import Event, InputsMode, message, replica, request_id, software
-from service.audit.rows import dumps
+from service.audit.record import Event, message, replica, request_id, software
+from service.audit.rows import InputsMode, dumps
 from service.audit.sink import SinkClient
 from service.audit.store import Store, open_store
 from service.errors import AuditUnavailableError

@@ -15,7 +15,7 @@ from audit_support import Backend, execute, fake_request, serving
 from service.api import audit as api_audit
 from service.api.auth import hash_key
 from service.api.native import run
-from service.audit.record import HMAC_PREFIX, inputs_hmac, key_id
+from service.audit.rows import HMAC_PREFIX, inputs_hmac, key_id
 from service.audit.store import SCHEMA_VERSION, SqliteStore, StoreError
 from service.engine.model import PredictParams
 from service.settings import ApiKey

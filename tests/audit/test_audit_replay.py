@@ -10,8 +10,8 @@ import pytest
 from audit_support import Backend, execute, serving
 from typer.testing import CliRunner
 
-from service.audit.record import AuditRecord
 from service.audit.replay import ReplayError, replay
+from service.audit.rows import AuditRecord
 from service.cli import app as cli
 
 ROW = [0.1, -0.2, 0.3, 0.4]

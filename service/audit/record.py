@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from service.api.encode import response_json
-from service.audit.rows import FEEDBACK, PREDICTION, layout, little_endian
+from service.audit.rows import FeedbackMessage, Message, PredictionMessage, layout, little_endian
 from service.engine.model import Prediction, PredictParams, ServedModel
 
 
@@ -111,7 +111,7 @@ def replica() -> str:
     return socket.gethostname()
 
 
-def message(e: Event) -> tuple[Any, ...]:
+def message(e: Event) -> Message:
     """The event as plain values for the writer process (`rows.prediction_row` reads it).
 
     Runs on the event loop, once per answered prediction: only what needs the engine's objects
@@ -119,8 +119,16 @@ def message(e: Event) -> tuple[Any, ...]:
     in the writer process.
     """
     if isinstance(e, FeedbackEvent):
-        return (FEEDBACK, e.at, e.card_uuid, e.outcome, e.override_reason, e.outcome_timestamp,
-                e.service_id, e.request_id, e.caller)  # fmt: skip
+        return FeedbackMessage(
+            e.at,
+            e.card_uuid,
+            e.outcome,
+            e.override_reason,
+            e.outcome_timestamp,
+            e.service_id,
+            e.request_id,
+            e.caller,
+        )
     pred, p, m = e.prediction, e.params, e.model
     params = {
         "samples": p.samples,
@@ -134,12 +142,7 @@ def message(e: Event) -> tuple[Any, ...]:
         "referral_policy": _policy(m),
     }
     data, layout_json = encode_inputs(e.x)
-    return (PREDICTION, e.at, e.request_id, e.route, e.caller, m.name, m.version, m.digest,
-            pred.backend, pred.device, pred.mode, pred.samples, pred.seed, params,
-            int(e.x.shape[0]), data, layout_json, response_json(m, pred), e.card_uuid)  # fmt: skip
-
-
-def request_id(msg: tuple[Any, ...]) -> str | None:
-    """The request id inside a message (for logs)."""
-    rid = msg[7] if msg and msg[0] == FEEDBACK else msg[2] if msg else None
-    return rid if isinstance(rid, str) else None
+    return PredictionMessage(e.at, e.request_id, e.route, e.caller, m.name, m.version, m.digest,
+                             pred.backend, pred.device, pred.mode, pred.samples, pred.seed, params,
+                             int(e.x.shape[0]), data, layout_json, response_json(m, pred),
+                             e.card_uuid)  # fmt: skip

@@ -14,7 +14,7 @@ import hmac
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
@@ -23,8 +23,44 @@ InputsMode = Literal["store", "hmac"]
 HMAC_PREFIX = "hmac-sha256:"
 _HMAC_DOMAIN = b"mcserve-audit-inputs-v1\0"
 
-# Message kinds (the first element of a message tuple).
-PREDICTION, FEEDBACK = "p", "f"
+
+class PredictionMessage(NamedTuple):
+    """One answered prediction as the server hands it over (built by `record.message`)."""
+
+    at: float
+    request_id: str | None
+    route: str
+    caller: str | None
+    model: str
+    version: str
+    digest: str
+    backend: str
+    device: str
+    mode: str
+    samples: int | None
+    seed: int | None
+    params: dict[str, Any]
+    n_inputs: int
+    inputs: bytes  # little-endian
+    inputs_layout: str
+    summary: bytes  # the answer's JSON
+    card_uuid: str | None
+
+
+class FeedbackMessage(NamedTuple):
+    """A clinician's decision on a CDS card."""
+
+    at: float
+    card_uuid: str
+    outcome: str
+    override_reason: Any
+    outcome_timestamp: str | None
+    service_id: str | None
+    request_id: str | None
+    caller: str | None
+
+
+Message = PredictionMessage | FeedbackMessage
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,56 +160,63 @@ class RowContext:
     replica: str
 
 
-def prediction_row(msg: tuple[Any, ...], ctx: RowContext) -> dict[str, Any]:
+def prediction_row(msg: PredictionMessage, ctx: RowContext) -> dict[str, Any]:
     """A message from `record.message` -> one `audit_records` row."""
-    (_, at, request_id, route, caller, name, version, digest, backend, device, mode, samples,
-     seed, params, n_inputs, data, layout_json, summary, card_uuid) = msg  # fmt: skip
     key = ctx.hmac_key
     if ctx.inputs != "store" and key is None:
         raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
-    referral, referred = referral_of(summary)
+    referral, referred = referral_of(msg.summary)
     store = ctx.inputs == "store"
     return {
-        "recorded_at": utc(at),
-        "request_id": request_id,
-        "route": route,
-        "caller": caller,
-        "model": name,
-        "version": version,
-        "digest": digest,
-        "backend": backend,
-        "device": device,
-        "mode": mode,
-        "samples": samples,
-        "seed": seed,
-        "params": dumps(params),
-        "n_inputs": n_inputs,
-        "inputs": data if store else None,
-        "inputs_layout": layout_json if store else None,
-        "inputs_hmac": hmac_of(key, data, layout_json) if key is not None else None,
+        "recorded_at": utc(msg.at),
+        "request_id": msg.request_id,
+        "route": msg.route,
+        "caller": msg.caller,
+        "model": msg.model,
+        "version": msg.version,
+        "digest": msg.digest,
+        "backend": msg.backend,
+        "device": msg.device,
+        "mode": msg.mode,
+        "samples": msg.samples,
+        "seed": msg.seed,
+        "params": dumps(msg.params),
+        "n_inputs": msg.n_inputs,
+        "inputs": msg.inputs if store else None,
+        "inputs_layout": msg.inputs_layout if store else None,
+        "inputs_hmac": hmac_of(key, msg.inputs, msg.inputs_layout) if key is not None else None,
         "inputs_key_id": key_id(key) if key is not None else None,
-        "summary": summary.decode(),
+        "summary": msg.summary.decode(),
         "referral": referral,
         "referred": referred,
-        "card_uuid": card_uuid,
+        "card_uuid": msg.card_uuid,
         "software": ctx.software,
         "replica": ctx.replica,
     }
 
 
-def feedback_row(msg: tuple[Any, ...], ctx: RowContext) -> dict[str, Any]:
-    _, at, card_uuid, outcome, reason, outcome_timestamp, service_id, request_id, caller = msg
+def feedback_row(msg: FeedbackMessage, ctx: RowContext) -> dict[str, Any]:
+    reason = msg.override_reason
     return {
-        "recorded_at": utc(at),
-        "card_uuid": card_uuid,
-        "outcome": outcome,
+        "recorded_at": utc(msg.at),
+        "card_uuid": msg.card_uuid,
+        "outcome": msg.outcome,
         "override_reason": dumps(reason) if reason is not None else None,
-        "outcome_timestamp": outcome_timestamp,
-        "service_id": service_id,
-        "request_id": request_id,
-        "caller": caller,
+        "outcome_timestamp": msg.outcome_timestamp,
+        "service_id": msg.service_id,
+        "request_id": msg.request_id,
+        "caller": msg.caller,
         "replica": ctx.replica,
     }
+
+
+def row(msg: object, ctx: RowContext) -> tuple[str, dict[str, Any]]:
+    """(table, row) of a message; ValueError for anything that is not one."""
+    if isinstance(msg, PredictionMessage):
+        return "audit_records", prediction_row(msg, ctx)
+    if isinstance(msg, FeedbackMessage):
+        return "audit_feedback", feedback_row(msg, ctx)
+    raise ValueError(f"not an audit message: {type(msg).__name__} {str(msg)[:80]}")
 
 
 RECORD_COLUMNS = (

@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from service.audit.rows import FEEDBACK, RowContext, feedback_row, prediction_row
+from service.audit.rows import Message, RowContext, row
 from service.audit.store import Store, StoreError, open_store
 
 _ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `service` package
@@ -73,7 +73,7 @@ class SinkClient:
             raise StoreError(reply[1])
         return str(reply[1])
 
-    def write(self, messages: list[tuple[Any, ...]]) -> tuple[int, list[tuple[int, str]]]:
+    def write(self, messages: list[Message]) -> tuple[int, list[tuple[int, str]]]:
         """Commit one batch; (rows written, [(index, why) of messages that made no row])."""
         if not self.alive:
             self.start()
@@ -131,20 +131,18 @@ def _describe(exc: BaseException) -> str:
 
 
 def _rows(
-    messages: list[tuple[Any, ...]], ctx: RowContext
+    messages: list[Message], ctx: RowContext
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, str]]]:
-    records: list[dict[str, Any]] = []
-    feedback: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {"audit_records": [], "audit_feedback": []}
     invalid: list[tuple[int, str]] = []
     for i, msg in enumerate(messages):
         try:
-            if msg[0] == FEEDBACK:
-                feedback.append(feedback_row(msg, ctx))
-            else:
-                records.append(prediction_row(msg, ctx))
+            table, values = row(msg, ctx)
         except Exception as exc:  # a malformed message is a bug: reported, not retried forever
             invalid.append((i, _describe(exc)))
-    return records, feedback, invalid
+            continue
+        rows[table].append(values)
+    return rows["audit_records"], rows["audit_feedback"], invalid
 
 
 def serve(conn: Connection) -> int:

@@ -27,10 +27,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from service.audit.record import Event, message, replica, request_id, software
-from service.audit.rows import InputsMode, dumps
+from service.audit.record import Event, message, replica, software
+from service.audit.rows import InputsMode, Message, dumps
 from service.audit.sink import SinkClient
 from service.audit.store import Store, open_store
 from service.errors import AuditUnavailableError
@@ -83,7 +82,7 @@ class AuditWriter:
         self._sink: SinkClient | None = None
         self._store: Store | None = None  # a reading handle, opened when first asked for
         self.healthy = True  # the last write succeeded
-        self._queue: deque[tuple[Any, ...]] = deque()  # messages
+        self._queue: deque[Message] = deque()
         self._wake = asyncio.Event()  # something was queued
         self._kick = asyncio.Event()  # stop: end a retry backoff now
         self._stopping = False
@@ -236,12 +235,12 @@ class AuditWriter:
             self.stats.written += written
             self.stats.batches += 1
 
-    def _write(self, batch: list[tuple[Any, ...]]) -> int:
+    def _write(self, batch: list[Message]) -> int:
         """On the audit thread: one commit in the writer process."""
         assert self._sink is not None
         written, invalid = self._sink.write(batch)
         for i, why in invalid:
             self.stats.invalid += 1
-            extra = {"id": request_id(batch[i]), "error": why}
+            extra = {"id": batch[i].request_id, "error": why}
             log.error("audit event cannot be recorded", extra=extra)
         return written

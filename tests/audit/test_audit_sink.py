@@ -9,7 +9,7 @@ import pytest
 from audit_support import serving
 
 import service.audit.writer as writer_module
-from service.audit.rows import FEEDBACK, PREDICTION
+from service.audit.rows import FeedbackMessage
 from service.audit.sink import SinkClient
 from service.audit.store import SqliteStore, StoreError
 
@@ -19,11 +19,11 @@ CTX = {"inputs": "store", "hmac_key": None, "software": "{}", "replica": "test-h
 def test_malformed_message_is_reported_and_the_rest_written(tmp_path: Path) -> None:
     sink = SinkClient(None, tmp_path / "a.db", CTX)
     assert sink.start() == f"sqlite:{tmp_path / 'a.db'}"
-    feedback = (FEEDBACK, time.time(), "card-1", "accepted", None, None, "svc", "req-1", "iss")
-    written, invalid = sink.write([(PREDICTION, "too", "short"), feedback])
+    feedback = FeedbackMessage(time.time(), "card-1", "accepted", None, None, "svc", "req-1", "iss")
+    written, invalid = sink.write([("p", "too", "short"), feedback])  # type: ignore[list-item]
     assert written == 1
     [(index, why)] = invalid
-    assert index == 0 and "ValueError" in why  # unpacking a short tuple
+    assert index == 0 and "ValueError" in why  # not an audit message
     proc = sink._proc
     sink.close()
     assert proc is not None and proc.returncode == 0 and sink._proc is None

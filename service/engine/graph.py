@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from service.engine.fused import MaskRows, apply_mask
 from service.engine.masks import KeepRule
 from service.errors import ModelError
 
@@ -63,8 +64,11 @@ class SplitGraph:
     output_shape: tuple[int, ...]  # per row
 
 
-def apply_keep(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """Inverted dropout with a given keep mask (0/1 floats or bools, broadcastable to x)."""
+def apply_keep(x: torch.Tensor, keep: torch.Tensor | MaskRows, scale: float) -> torch.Tensor:
+    """Inverted dropout with a keep mask (0/1 floats or bools, broadcastable to x), or with the
+    counters of one (`MaskRows`: masks made and applied in one pass, see fused.py)."""
+    if isinstance(keep, MaskRows):
+        return apply_mask(x, keep, scale)
     # One temporary and an in-place scale: measured 35 % faster than x * keep * scale.
     return x.mul(keep).mul_(scale)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from service.engine.device import tune_allocator
+from service.engine.fused import MaskRows, kernels
 from service.engine.graph import SplitGraph, split
 from service.engine.masks import (
     MAX_PASSES,
@@ -31,6 +32,7 @@ from service.engine.masks import (
     keep_factors,
     signed_key,
 )
+from service.engine.prefix import Prefix
 from service.errors import InvalidInputError
 
 
@@ -85,12 +87,14 @@ class MCSampler:
         min_rows: int | None = None,
         use_prefix: bool = True,
         compile_mode: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
         self.device = torch.device(device) if device is not None else default_device()
         self.module = _dropout_off(module).to(self.device)
         example = example.to(self.device, torch.float32)
         self.graph: SplitGraph = split(self.module, example, use_prefix=use_prefix)
+        self.prefix = Prefix(self.graph.prefix, example)  # rewritten for inference (prefix.py)
         self.input_shape = tuple(example.shape[1:])
         cuda = self.device.type == "cuda"
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
@@ -98,13 +102,19 @@ class MCSampler:
         self.row_budget = max(int(row_budget), min_rows)
         self.min_rows = int(min_rows)
         self.stats = SamplerStats()
-        # Optional torch.compile of the per-chunk work (masks fused with the suffix); e.g.
-        # "reduce-overhead" adds CUDA graphs. Off by default: compiling takes seconds per model.
-        self._chunk = (
-            torch.compile(self._chunk_eager, mode=compile_mode, dynamic=not cuda)
-            if compile_mode is not None
-            else self._chunk_eager
-        )
+        # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with
+        # the same numbers as the torch path. Optional torch.compile of the per-chunk work
+        # instead (masks fused with the suffix by inductor); e.g. "reduce-overhead" adds CUDA
+        # graphs. Off by default: compiling takes seconds per model.
+        if fused is None:
+            fused = not cuda and compile_mode is None
+        if fused and (cuda or compile_mode is not None):
+            raise ValueError("fused masks are a CPU kernel and do not combine with compile_mode")
+        self.fused = bool(fused) and kernels() is not None
+        if compile_mode is not None:
+            self._chunk = torch.compile(self._chunk_eager, mode=compile_mode, dynamic=not cuda)
+        else:
+            self._chunk = self._chunk_fused if self.fused else self._chunk_eager
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -144,9 +154,11 @@ class MCSampler:
                 np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]), device=dev
             )
             n_inputs = xs.shape[0]
-            frontier = g.prefix(self._pad(xs, self.min_rows))
             frontier = [
-                f[:n_inputs] if b else f for f, b in zip(frontier, g.frontier_batched, strict=True)
+                f[:n_inputs] if b else f
+                for f, b in zip(
+                    self.prefix(self._pad(xs, self.min_rows)), g.frontier_batched, strict=True
+                )
             ]
             rows = _RowMap(requests, len(g.sites), dev)
             total = rows.total
@@ -187,6 +199,16 @@ class MCSampler:
         ]
         return self.graph.suffix(*inputs, *keeps)
 
+    def _chunk_fused(
+        self, inputs: list[torch.Tensor], keys: list[torch.Tensor], base: torch.Tensor
+    ) -> torch.Tensor:
+        """The same forward with each mask made where it is applied (fused.py)."""
+        masks = [
+            MaskRows(key, base, site.rule.threshold, site.mask_shape)
+            for key, site in zip(keys, self.graph.sites, strict=True)
+        ]
+        return self.graph.suffix(*inputs, *masks)
+
 
 class _RowMap:
     """Per stochastic row of a batch: its prefix row, its mask counter base and layer keys.
@@ -201,7 +223,8 @@ class _RowMap:
         self.total = int(self.starts[-1])
         if len(requests) == 1:  # the common case at low load: a cached layout, fresh keys
             r = requests[0]
-            self.prefix_row, self.base = _single_layout(r.samples, int(r.x.shape[0]), device)
+            layout = _cached_layout if self.total <= _CACHED_ROWS else _single_layout
+            self.prefix_row, self.base = layout(r.samples, int(r.x.shape[0]), device)
             self.keys = [
                 torch.full(
                     (self.total,), signed_key(r.seed, layer), dtype=torch.int64, device=device

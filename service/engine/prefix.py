@@ -1,0 +1,105 @@
+"""The deterministic prefix, rewritten for inference once at load time.
+
+The prefix (every node no dropout reaches, see graph.py) only ever runs in eval mode on frozen
+weights, so it can take the rewrites that inference runtimes (TensorRT, onnxruntime) make:
+
+* each BatchNorm after a convolution or linear layer is folded into that layer's weights (one
+  pass over the activations less per BatchNorm);
+* on the CPU, image prefixes run in channels-last memory layout, where torch's convolutions and
+  pooling vectorise across channels: measured on the digits prefix (two 3x3 convolutions and a
+  2x2 max-pool over 8x8 images, 64 inputs) 0.53 against 0.75 ms, the max-pool alone 0.07 against
+  0.40 ms.
+
+Each rewrite is checked against the plain prefix on the example input when the model loads and
+dropped if it fails or disagrees beyond float rounding (a model that calls `.view()` on its
+activations cannot run channels-last, for instance). The model's own modules are never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx
+from torch.fx.experimental.optimization import fuse
+
+log = logging.getLogger(__name__)
+
+# Rewrites change float rounding only: results must agree to this relative tolerance.
+RTOL = 1e-4
+
+
+class Prefix:
+    """Callable: input batch -> tuple of contiguous frontier tensors."""
+
+    def __init__(self, graph: fx.GraphModule, example: torch.Tensor) -> None:
+        self.plain = graph
+        self.module: fx.GraphModule = graph
+        self.channels_last = False
+        self.rewrites: list[str] = []
+        with torch.inference_mode():
+            reference = _run(graph, example, channels_last=False)
+        folded = _fold_batchnorm(graph)
+        if folded is not None and _agrees(folded, example, reference, channels_last=False):
+            self.module = folded
+            self.rewrites.append("batchnorm folded")
+        if example.device.type == "cpu" and example.dim() == 4:
+            candidate = copy.deepcopy(self.module).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            if _agrees(candidate, example, reference, channels_last=True):
+                self.module, self.channels_last = candidate, True
+                self.rewrites.append("channels-last")
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _run(self.module, x, channels_last=self.channels_last)
+
+
+def _run(
+    module: fx.GraphModule, x: torch.Tensor, *, channels_last: bool
+) -> tuple[torch.Tensor, ...]:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = module(x)
+    # The suffix and the mask kernel index rows of plain contiguous tensors.
+    return tuple(t.contiguous() for t in out)
+
+
+def _fold_batchnorm(graph: fx.GraphModule) -> fx.GraphModule | None:
+    try:
+        folded = fuse(graph, inplace=False, no_trace=True)  # a copy; skips shared outputs
+    except Exception as exc:  # an unusual layer torch's folding rejects: keep the plain prefix
+        log.info("prefix: BatchNorm not folded (%s: %s)", type(exc).__name__, exc)
+        return None
+    assert isinstance(folded, fx.GraphModule)
+    return folded
+
+
+def _agrees(
+    candidate: fx.GraphModule,
+    example: torch.Tensor,
+    reference: tuple[torch.Tensor, ...],
+    *,
+    channels_last: bool,
+) -> bool:
+    """Does the rewritten prefix give the plain prefix's values on the example, to rounding?"""
+    try:
+        with torch.inference_mode():
+            got = _run(candidate, example, channels_last=channels_last)
+    except Exception as exc:  # e.g. .view() on a channels-last activation
+        log.info("prefix rewrite dropped (%s: %s)", type(exc).__name__, exc)
+        return False
+    if len(got) != len(reference):
+        return False
+    for g, r in zip(got, reference, strict=True):
+        if g.shape != r.shape or g.dtype != r.dtype:
+            return False
+        if g.is_floating_point():
+            scale = float(r.abs().max()) if r.numel() else 0.0
+            if not bool(((g - r).abs() <= RTOL * max(scale, 1.0)).all()):
+                log.info("prefix rewrite dropped: values differ beyond rounding")
+                return False
+        elif not torch.equal(g, r):
+            return False
+    return True

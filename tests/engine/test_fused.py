@@ -1,0 +1,99 @@
+"""The numba mask kernel gives the torch path's numbers bit for bit (fused.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nets import ChannelCNN, Residual, SmallCNN, mlp, trained_bn
+
+from service.engine import MCRequest, MCSampler, fused
+from service.engine.fused import MaskRows, apply_mask
+from service.engine.masks import KeepRule, counter_base, signed_key
+
+
+def _mask_rows(rows: int, mask_shape: tuple[int, ...], p: float, seed: int) -> MaskRows:
+    g = torch.Generator().manual_seed(seed)
+    # Rows from several requests: their own seeds (keys of either sign), passes and inputs.
+    seeds = torch.randint(0, 4, (rows,), generator=g).tolist()
+    keys = torch.tensor([signed_key([0, 1, 2**40 + 3, 2**63 - 1][s], s % 3) for s in seeds])
+    t = torch.randint(0, 1000, (rows,), generator=g)
+    i = torch.randint(0, 1024, (rows,), generator=g)
+    return MaskRows(keys, counter_base(t, i), KeepRule(p).threshold, mask_shape)
+
+
+@pytest.mark.parametrize("features", [1, 7, 8, 13, 128, 300])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
+def test_elementwise_kernel_equals_torch_path(features: int, p: float) -> None:
+    assert fused.kernels() is not None  # numba is a dependency: the kernel really runs
+    mask = _mask_rows(37, (features,), p, seed=features)
+    x = torch.randn(37, features, generator=torch.Generator().manual_seed(1)) * 3
+    scale = KeepRule(p).scale
+    got = apply_mask(x, mask, scale)
+    want = x.mul(mask.keep()).mul_(scale)
+    assert torch.equal(got, want)
+    kept = (got != 0).float().mean().item()
+    # The keep rate is the quantised keep probability within 5 binomial standard errors.
+    q = KeepRule(p).keep_prob
+    assert abs(kept - q) <= 5 * np.sqrt(q * (1 - q) / got.numel()) + 1 / got.numel()
+
+
+def test_channel_kernel_equals_torch_path() -> None:
+    mask = _mask_rows(41, (5, 1, 1), 0.5, seed=3)
+    x = torch.randn(41, 5, 3, 4, generator=torch.Generator().manual_seed(2))
+    got = apply_mask(x, mask, 2.0)
+    assert torch.equal(got, x.mul(mask.keep()).mul_(2.0))
+    # Whole channels: every position of a channel is kept or dropped together.
+    zero = (got == 0).flatten(2)
+    assert torch.equal(zero.all(2), zero.any(2))
+
+
+def test_non_contiguous_and_float64_inputs_take_a_correct_path() -> None:
+    mask = _mask_rows(16, (12,), 0.25, seed=4)
+    base = torch.randn(12, 16, generator=torch.Generator().manual_seed(5))
+    x = base.t()  # not contiguous
+    assert torch.equal(apply_mask(x, mask, 1.5), x.mul(mask.keep()).mul_(1.5))
+    x64 = x.double()  # not the kernel's dtype: the torch path
+    assert torch.equal(apply_mask(x64, mask, 1.5), x64.mul(mask.keep()).mul_(1.5))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: mlp(0.25), (6,)),
+        (lambda: trained_bn(SmallCNN(0.5), (1, 8, 8)), (1, 8, 8)),
+        (lambda: Residual(), (6,)),
+        (lambda: trained_bn(ChannelCNN(), (1, 8, 8)), (1, 8, 8)),
+    ],
+    ids=["mlp", "cnn-bn", "residual", "dropout2d"],
+)
+def test_sampler_fused_equals_torch_masks(make, shape) -> None:
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(9, *shape, generator=torch.Generator().manual_seed(6))
+    on = MCSampler(model, x, device="cpu")
+    off = MCSampler(model, x, device="cpu", fused=False)
+    assert on.fused and not off.fused
+    reqs = [MCRequest(x.numpy(), 30, seed=1), MCRequest(x[:4].numpy(), 70, seed=2**63 - 1)]
+    for a, b in zip(on.run(reqs), off.run(reqs), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_without_numba_the_torch_path_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp(0.25)
+    x = torch.randn(5, 6)
+    want = MCSampler(model, x, device="cpu").run([MCRequest(x.numpy(), 20, seed=9)])[0]
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setattr(fused, "_kernel_failed", True)  # as after a failed `import numba`
+    sampler = MCSampler(model, x, device="cpu")
+    assert not sampler.fused
+    assert np.array_equal(sampler.run([MCRequest(x.numpy(), 20, seed=9)])[0], want)
+    mask = _mask_rows(8, (6,), 0.25, seed=1)
+    assert torch.equal(
+        apply_mask(x[:1].repeat(8, 1), mask, 2.0), x[:1].repeat(8, 1).mul(mask.keep()).mul_(2.0)
+    )
+
+
+def test_fused_refuses_compile_mode() -> None:
+    with pytest.raises(ValueError, match="compile_mode"):
+        MCSampler(mlp(0.25), torch.randn(2, 6), device="cpu", fused=True, compile_mode="default")

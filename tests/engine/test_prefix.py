@@ -1,0 +1,70 @@
+"""The prefix rewritten for inference (prefix.py): same values, model untouched, batch-free."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nets import SmallCNN, trained_bn
+from torch import nn
+
+from service.engine import MCRequest, MCSampler
+
+
+def flatten_cnn() -> nn.Module:
+    """The bundled digits architecture in small: convolutions, BatchNorm, max-pool, Flatten."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(32, 5),
+    )
+
+
+def test_batchnorm_folded_and_channels_last_for_an_image_model() -> None:
+    model = trained_bn(flatten_cnn(), (1, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    sampler = MCSampler(model, x, device="cpu")
+    assert sampler.prefix.rewrites == ["batchnorm folded", "channels-last"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sampler.prefix.module.modules())
+    # Same numbers as the whole model run row by row (no prefix at all), to float rounding.
+    whole = MCSampler(model, x, device="cpu", use_prefix=False)
+    req = [MCRequest(x.numpy(), 40, seed=3)]
+    np.testing.assert_allclose(sampler.run(req)[0], whole.run(req)[0], rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():  # the model's own layers are never rewritten
+        assert torch.equal(v, before[k]), k
+
+
+def test_channels_last_dropped_where_the_model_cannot_run_it() -> None:
+    # SmallCNN calls .view() on its pooled activations, which channels-last memory refuses.
+    model = trained_bn(SmallCNN(0.5), (1, 8, 8))
+    x = torch.randn(3, 1, 8, 8)
+    sampler = MCSampler(model, x, device="cpu")
+    assert sampler.prefix.rewrites == ["batchnorm folded"]
+    assert not sampler.prefix.channels_last
+    assert sampler.run([MCRequest(x.numpy(), 10, seed=1)])[0].shape == (10, 3, 4)
+
+
+def test_seeded_results_do_not_depend_on_the_batch_beyond_the_padding() -> None:
+    # Batches over min_rows inputs run the rewritten prefix at other batch sizes than a lone
+    # request (padded to 64): a seeded request's samples must still be bit-identical.
+    model = trained_bn(flatten_cnn(), (1, 8, 8))
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(n, 1, 8, 8, generator=gen).numpy() for n in (1, 70, 3, 129)]
+    reqs = [MCRequest(x, 5, seed=s) for s, x in enumerate(xs)]
+    sampler = MCSampler(model, torch.as_tensor(xs[0]), device="cpu")
+    assert sampler.prefix.channels_last
+    alone = [sampler.run([r])[0] for r in reqs]
+    before = sampler.stats.prefix_forwards
+    together = sampler.run(reqs)
+    assert sampler.stats.prefix_forwards - before == 1
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a, b)

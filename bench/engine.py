@@ -6,6 +6,10 @@ Variants, interleaved round by round so that machine noise hits all alike; media
 (a) a Python loop of T passes; (b) naive vectorised torch (eval, dropout modules train,
 x.repeat(T, 1), one forward); (c) the engine; (d) the same T*B rows with dropout off;
 (e) a 2048x2048 float32 matmul, converted to rows/s with the MLP's FLOPs per row.
+Also the engine with its masks made by torch ops instead of the fused CPU kernel (`fused=False`),
+and for the CNN: one plain deterministic pass (`model.eval()(x)`, the issue's yardstick), the
+engine, the engine with torch masks, and the engine's rewritten prefix alone (BatchNorm folded,
+channels-last: the part of the pass that runs once per input).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main() -> None:
     x = torch.randn(B, 30)
     xs = x.numpy()
     engine = MCSampler(mlp, x, device="cpu")
+    engine_torch_masks = MCSampler(mlp, x, device="cpu", fused=False)
     naive_model = mc_on(reference_mlp())
     naive_model.load_state_dict(mlp.state_dict())
     plain = reference_mlp().eval()
@@ -78,6 +83,9 @@ def main() -> None:
     def eng() -> None:
         engine.run([MCRequest(xs, T, 1)])
 
+    def eng_torch_masks() -> None:
+        engine_torch_masks.run([MCRequest(xs, T, 1)])
+
     def dropout_off() -> None:
         with torch.inference_mode():
             plain(x.repeat(T, 1))
@@ -92,9 +100,17 @@ def main() -> None:
         cnn.eval()
     img = torch.rand(B, 1, 8, 8) * 16
     cnn_engine = MCSampler(cnn, img, device="cpu")
+    cnn_engine_torch_masks = MCSampler(cnn, img, device="cpu", fused=False)
 
     def cnn_mc() -> None:
         cnn_engine.run([MCRequest(img.numpy(), T, 1)])
+
+    def cnn_mc_torch_masks() -> None:
+        cnn_engine_torch_masks.run([MCRequest(img.numpy(), T, 1)])
+
+    def cnn_prefix() -> None:
+        with torch.inference_mode():
+            cnn_engine.prefix(img)
 
     def cnn_det() -> None:
         with torch.inference_mode():
@@ -104,9 +120,12 @@ def main() -> None:
         "loop": loop,
         "naive": naive,
         "engine": eng,
+        "engine_torch_masks": eng_torch_masks,
         "dropout_off": dropout_off,
         "matmul": matmul,
         "cnn_engine": cnn_mc,
+        "cnn_engine_torch_masks": cnn_mc_torch_masks,
+        "cnn_engine_prefix": cnn_prefix,
         "cnn_det": cnn_det,
     }
     for fn in variants.values():  # warm-up
@@ -120,7 +139,9 @@ def main() -> None:
             times[k].append(timed(variants[k], repeat=1 if k in ("loop", "matmul") else 5))
     med = {k: median(v) for k, v in times.items()}
     rows = T * B
-    rate = {k: rows / med[k] for k in ("loop", "naive", "engine", "dropout_off")}
+    rate = {
+        k: rows / med[k] for k in ("loop", "naive", "engine", "engine_torch_masks", "dropout_off")
+    }
     rate["matmul_ceiling"] = 2 * 2048**3 / med["matmul"] / FLOPS_PER_ROW
     result = {
         "machine": machine(),
@@ -134,6 +155,11 @@ def main() -> None:
         "engine_vs_ceiling": round(rate["engine"] / rate["matmul_ceiling"], 3),
         "naive_vs_ceiling": round(rate["naive"] / rate["matmul_ceiling"], 3),
         "cnn_engine_vs_one_deterministic_pass": round(med["cnn_engine"] / med["cnn_det"], 2),
+        "cnn_engine_torch_masks_vs_one_deterministic_pass": round(
+            med["cnn_engine_torch_masks"] / med["cnn_det"], 2
+        ),
+        "cnn_engine_vs_its_prefix": round(med["cnn_engine"] / med["cnn_engine_prefix"], 2),
+        "prefix_rewrites": cnn_engine.prefix.rewrites,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -60,6 +60,9 @@ class SplitGraph:
     prefix: fx.GraphModule  # input -> tuple of frontier tensors
     suffix: fx.GraphModule  # (*frontier rows, *keep masks) -> output rows
     frontier_batched: tuple[bool, ...]  # False: a batch-independent tensor passed as is
+    # Per frontier tensor: the dropout site that is its only use in the suffix, else None. The
+    # fused mask kernel can read such a tensor's rows in place instead of a gathered copy.
+    frontier_site: tuple[int | None, ...]
     sites: tuple[DropoutSite, ...]
     output_shape: tuple[int, ...]  # per row
 
@@ -210,6 +213,13 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
         else:
             senv[n] = suffix_graph.node_copy(n, lambda a: senv[a])
     suffix_graph.output(senv[out_arg])
+
+    def only_dropout(n: fx.Node) -> int | None:
+        users = [u for u in n.users if u in stochastic]
+        if len(users) == 1 and users[0] in drop_nodes and users[0].args[0] is n:
+            return drop_nodes.index(users[0])
+        return None
+
     order = [drop_nodes.index(n) for n in nodes if n in drop_nodes]
     assert order == sorted(order)
     out_shape = tuple(v2[out_arg].shape[1:])
@@ -217,6 +227,7 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
         prefix=fx.GraphModule(gm, prefix_graph),
         suffix=fx.GraphModule(gm, suffix_graph),
         frontier_batched=tuple(batched(n) for n in frontier),
+        frontier_site=tuple(only_dropout(n) if batched(n) else None for n in frontier),
         sites=tuple(sites),
         output_shape=out_shape,
     )

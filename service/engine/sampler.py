@@ -168,14 +168,18 @@ class MCSampler:
                 hi = min(lo + self.row_budget, total)
                 n = hi - lo
                 padded = max(n, self.min_rows)
-                idx = rows.prefix_row[lo:hi]
+                idx = self._pad(rows.prefix_row[lo:hi], padded)  # padded rows: row 0, unused
                 inputs = [
-                    self._pad(f.index_select(0, idx), padded) if b else f
-                    for f, b in zip(frontier, g.frontier_batched, strict=True)
+                    f
+                    if not b or (self.fused and site is not None)  # gathered by the kernel
+                    else f.index_select(0, idx)
+                    for f, b, site in zip(
+                        frontier, g.frontier_batched, g.frontier_site, strict=True
+                    )
                 ]
                 keys = [self._pad(k[lo:hi], padded) for k in rows.keys]
                 base = self._pad(rows.base[lo:hi], padded)  # padded rows: masks unused
-                out[lo:hi] = self._chunk(inputs, keys, base)[:n].float()
+                out[lo:hi] = self._chunk(inputs, keys, base, idx)[:n].float()
                 forwards += 1
             self.stats.add(
                 batches=1, requests=len(requests), prefix_forwards=1, forwards=forwards, rows=total
@@ -188,7 +192,11 @@ class MCSampler:
         return result
 
     def _chunk_eager(
-        self, inputs: list[torch.Tensor], keys: list[torch.Tensor], base: torch.Tensor
+        self,
+        inputs: list[torch.Tensor],
+        keys: list[torch.Tensor],
+        base: torch.Tensor,
+        rows: torch.Tensor,  # unused: every batched input comes gathered
     ) -> torch.Tensor:
         """One forward of the suffix: keep masks from the counters, then the layers."""
         keeps = [
@@ -200,12 +208,23 @@ class MCSampler:
         return self.graph.suffix(*inputs, *keeps)
 
     def _chunk_fused(
-        self, inputs: list[torch.Tensor], keys: list[torch.Tensor], base: torch.Tensor
+        self,
+        inputs: list[torch.Tensor],
+        keys: list[torch.Tensor],
+        base: torch.Tensor,
+        rows: torch.Tensor,
     ) -> torch.Tensor:
-        """The same forward with each mask made where it is applied (fused.py)."""
+        """The same forward with each mask made where it is applied (fused.py); a prefix value
+        used only by a dropout comes ungathered and the kernel reads its `rows` in place."""
         masks = [
-            MaskRows(key, base, site.rule.threshold, site.mask_shape)
-            for key, site in zip(keys, self.graph.sites, strict=True)
+            MaskRows(
+                key,
+                base,
+                site.rule.threshold,
+                site.mask_shape,
+                rows if i in self.graph.frontier_site else None,
+            )
+            for i, (key, site) in enumerate(zip(keys, self.graph.sites, strict=True))
         ]
         return self.graph.suffix(*inputs, *masks)
 

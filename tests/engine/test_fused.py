@@ -22,9 +22,19 @@ def _mask_rows(rows: int, mask_shape: tuple[int, ...], p: float, seed: int) -> M
     return MaskRows(keys, counter_base(t, i), KeepRule(p).threshold, mask_shape)
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both compiled variants: on the calling thread and over numba's threads."""
+    parallel = request.param == "parallel"
+    monkeypatch.setattr(fused, "PARALLEL_MIN_ELEMENTS", 0 if parallel else 1 << 62)
+    if parallel:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("features", [1, 7, 8, 13, 128, 300])
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.9])
-def test_elementwise_kernel_equals_torch_path(features: int, p: float) -> None:
+def test_elementwise_kernel_equals_torch_path(features: int, p: float, threads: str) -> None:
     assert fused.kernels() is not None  # numba is a dependency: the kernel really runs
     mask = _mask_rows(37, (features,), p, seed=features)
     x = torch.randn(37, features, generator=torch.Generator().manual_seed(1)) * 3
@@ -38,7 +48,7 @@ def test_elementwise_kernel_equals_torch_path(features: int, p: float) -> None:
     assert abs(kept - q) <= 5 * np.sqrt(q * (1 - q) / got.numel()) + 1 / got.numel()
 
 
-def test_channel_kernel_equals_torch_path() -> None:
+def test_channel_kernel_equals_torch_path(threads: str) -> None:
     mask = _mask_rows(41, (5, 1, 1), 0.5, seed=3)
     x = torch.randn(41, 5, 3, 4, generator=torch.Generator().manual_seed(2))
     got = apply_mask(x, mask, 2.0)
@@ -77,6 +87,20 @@ def test_sampler_fused_equals_torch_masks(make, shape) -> None:
     reqs = [MCRequest(x.numpy(), 30, seed=1), MCRequest(x[:4].numpy(), 70, seed=2**63 - 1)]
     for a, b in zip(on.run(reqs), off.run(reqs), strict=True):
         assert np.array_equal(a, b)
+    # A prefix value used only by a dropout is read in place by the kernel (no gathered copy);
+    # the residual's z is also added after the dropout, so it must be gathered.
+    in_place = [s for s in on.graph.frontier_site if s is not None]
+    assert in_place == ([] if isinstance(model, Residual) else [0])
+
+
+def test_kernel_reads_rows_in_place(threads: str) -> None:
+    for shape, x in (((10,), torch.randn(6, 10)), ((3, 1, 1), torch.randn(6, 3, 2, 2))):
+        mask = _mask_rows(25, shape, 0.4, seed=8)
+        rows = torch.randint(0, 6, (25,), generator=torch.Generator().manual_seed(9))
+        got = apply_mask(x, MaskRows(mask.keys, mask.base, mask.threshold, shape, rows), 1.25)
+        want = x.index_select(0, rows).mul(mask.keep()).mul_(1.25)
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
 
 
 def test_without_numba_the_torch_path_is_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,9 +55,13 @@ def free_port() -> int:
 
 
 def start(
-    kind: str, env: dict[str, str], cmd: list[str] | None = None
+    kind: str, env: dict[str, str], cmd: list[str] | None = None, model_dir: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start a server process on a free port (appended to `cmd` as --port N) and wait for it."""
+    """Start a server process on a free port (appended to `cmd` as --port N) and wait for it.
+
+    mcserve serves `model_dir` (default: the bundled models); a flag, so it wins over any
+    MCSERVE_MODEL_DIR in `env`.
+    """
     port = free_port()
     if cmd is not None:
         cmd = [*cmd, "--port", str(port)]
@@ -74,7 +78,7 @@ def start(
             "--log-level",
             "warning",
             "--model-dir",
-            str(ROOT / "models"),
+            str(model_dir or ROOT / "models"),
         ]
     # A session of its own: stop() ends the server and any workers it spawned (LitServe does).
     proc = subprocess.Popen(
@@ -140,7 +144,12 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["echo", "off", "on"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    envs = {"echo": {}, "off": {"MCSERVE_BATCHING": "false"}, "on": {}}
+    envs = {
+        "echo": {},
+        "off": {"MCSERVE_BATCHING": "false"},
+        "on": {},
+        "torch-masks": {"MCSERVE_FUSED_MASKS": "false"},  # batching on, masks by torch ops
+    }
     servers = {v: start(v, envs[v]) for v in args.variants}
     results: dict[str, list[dict[str, float]]] = {}
     try:

@@ -37,7 +37,9 @@ def per_model() -> dict[str, dict[str, int]]:
         with tempfile.TemporaryDirectory() as tmp:
             if name:
                 shutil.copytree(ROOT / "models" / name, Path(tmp) / name)
-            proc, _ = start("mcserve", {"MCSERVE_MODEL_DIR": tmp})
+            # (Before 2026-11-27 this passed MCSERVE_MODEL_DIR, which start()'s --model-dir
+            # flag overrode: every figure was the server with all three models.)
+            proc, _ = start("mcserve", {}, model_dir=Path(tmp))
             time.sleep(1)
             result[name or "(no model)"] = rss_kib(proc.pid)
             stop(proc)

@@ -49,6 +49,7 @@ def build_state(settings: Settings) -> AppState:
         settings.trust_policy(),
         device=_device(settings),
         row_budget=settings.forward_rows,
+        fused_masks=settings.fused_masks,
         onnx_threads=threads,
         referral_overrides=settings.referral,
     )

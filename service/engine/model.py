@@ -78,6 +78,7 @@ class ServedModel:
         *,
         device: torch.device | str | None = None,
         row_budget: int = 16384,
+        fused_masks: bool = True,
         onnx_threads: int = 1,
         referral_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
@@ -94,7 +95,13 @@ class ServedModel:
         spec = self.manifest.inputs
         example = torch.zeros(2, *spec.shape)
         try:
-            self.sampler = MCSampler(bundle.module, example, device=device, row_budget=row_budget)
+            self.sampler = MCSampler(
+                bundle.module,
+                example,
+                device=device,
+                row_budget=row_budget,
+                fused=None if fused_masks else False,  # None: wherever the kernel applies
+            )
         except RuntimeError as exc:
             raise BundleError(
                 f"{bundle.path}: the model does not accept inputs of shape {spec.shape}: {exc}"

@@ -10,9 +10,10 @@ weights, so it can take the rewrites that inference runtimes (TensorRT, onnxrunt
   2x2 max-pool over 8x8 images, 64 inputs) 0.53 against 0.75 ms, the max-pool alone 0.07 against
   0.40 ms.
 
-Each rewrite is checked against the plain prefix on the example input when the model loads and
-dropped if it fails or disagrees beyond float rounding (a model that calls `.view()` on its
-activations cannot run channels-last, for instance). The model's own modules are never changed.
+Each rewrite is checked against the plain prefix on the example input and on random inputs when
+the model loads, and dropped if it fails or disagrees beyond float rounding (a model that calls
+`.view()` on its activations cannot run channels-last, for instance). The model's own modules are
+never changed.
 """
 
 from __future__ import annotations
@@ -38,15 +39,21 @@ class Prefix:
         self.module: fx.GraphModule = graph
         self.channels_last = False
         self.rewrites: list[str] = []
+        # Checked on the example and on random inputs: a bundle's example may be all zeros,
+        # where a convolution's output is its bias whatever its weights.
+        noise = torch.randn((3, *example.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
+            example.device, example.dtype
+        )
+        probe = torch.cat([example, noise * 3])
         with torch.inference_mode():
-            reference = _run(graph, example, channels_last=False)
+            reference = _run(graph, probe, channels_last=False)
         folded = _fold_batchnorm(graph)
-        if folded is not None and _agrees(folded, example, reference, channels_last=False):
+        if folded is not None and _agrees(folded, probe, reference, channels_last=False):
             self.module = folded
             self.rewrites.append("batchnorm folded")
         if example.device.type == "cpu" and example.dim() == 4:
             candidate = copy.deepcopy(self.module).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-            if _agrees(candidate, example, reference, channels_last=True):
+            if _agrees(candidate, probe, reference, channels_last=True):
                 self.module, self.channels_last = candidate, True
                 self.rewrites.append("channels-last")
         for p in self.module.parameters():

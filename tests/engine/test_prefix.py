@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from nets import SmallCNN, trained_bn
-from torch import nn
+from torch import fx, nn
 
+from service.api.app import build_state
 from service.engine import MCRequest, MCSampler
+from service.engine import prefix as prefix_module
+from service.settings import Settings
 
 
 def flatten_cnn() -> nn.Module:
@@ -68,3 +74,38 @@ def test_seeded_results_do_not_depend_on_the_batch_beyond_the_padding() -> None:
     assert sampler.stats.prefix_forwards - before == 1
     for a, b in zip(alone, together, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_wrong_rewrite_is_dropped_even_when_the_example_is_zeros(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fold that got the weights wrong: on all-zero inputs (what bundles give as the example)
+    # a convolution returns its bias whatever its weights, so only other inputs can tell.
+    real_fold = prefix_module._fold_batchnorm
+
+    def wrong_fold(graph: fx.GraphModule) -> fx.GraphModule | None:
+        folded = real_fold(graph)
+        assert folded is not None
+        with torch.no_grad():
+            next(m for m in folded.modules() if isinstance(m, nn.Conv2d)).weight.mul_(2)
+        return folded
+
+    model = trained_bn(flatten_cnn(), (1, 8, 8))
+    x = torch.randn(4, 1, 8, 8)
+    whole = MCSampler(model, x, device="cpu", use_prefix=False)
+    monkeypatch.setattr(prefix_module, "_fold_batchnorm", wrong_fold)
+    sampler = MCSampler(model, torch.zeros(2, 1, 8, 8), device="cpu")
+    assert "batchnorm folded" not in sampler.prefix.rewrites
+    req = [MCRequest(x.numpy(), 20, seed=2)]
+    np.testing.assert_allclose(sampler.run(req)[0], whole.run(req)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_served_model_follows_the_fused_masks_setting(repo: Path) -> None:
+    for on in (True, False):
+        st = build_state(Settings(model_dir=repo, fused_masks=on))
+        try:
+            models = [e.model for e in st.registry.load_all() if e.model is not None]
+            assert models
+            assert all(m.sampler.fused is on for m in models)
+        finally:
+            st.executor.shutdown()

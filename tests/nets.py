@@ -86,3 +86,13 @@ def trained_bn(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
         for _ in range(5):
             model(torch.randn(32, *shape, generator=g) * 2 + 1)
     return model.eval()
+
+
+# The four shapes of graph the sampler must handle (parametrised tests take them all).
+FOUR_MODELS = [
+    (lambda: mlp(0.25), (6,)),
+    (lambda: trained_bn(SmallCNN(0.5), (1, 8, 8)), (1, 8, 8)),
+    (lambda: Residual(), (6,)),
+    (lambda: trained_bn(ChannelCNN(), (1, 8, 8)), (1, 8, 8)),
+]
+FOUR_MODEL_IDS = ["mlp", "cnn-bn", "residual", "dropout2d"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nets import ChannelCNN, Residual, SmallCNN, mlp, trained_bn
+from nets import FOUR_MODEL_IDS, FOUR_MODELS, Residual, mlp
 
 from service.engine import MCRequest, MCSampler, fused
 from service.engine.fused import MaskRows, apply_mask
@@ -67,16 +67,7 @@ def test_non_contiguous_and_float64_inputs_take_a_correct_path() -> None:
     assert torch.equal(apply_mask(x64, mask, 1.5), x64.mul(mask.keep()).mul_(1.5))
 
 
-@pytest.mark.parametrize(
-    "make, shape",
-    [
-        (lambda: mlp(0.25), (6,)),
-        (lambda: trained_bn(SmallCNN(0.5), (1, 8, 8)), (1, 8, 8)),
-        (lambda: Residual(), (6,)),
-        (lambda: trained_bn(ChannelCNN(), (1, 8, 8)), (1, 8, 8)),
-    ],
-    ids=["mlp", "cnn-bn", "residual", "dropout2d"],
-)
+@pytest.mark.parametrize("make, shape", FOUR_MODELS, ids=FOUR_MODEL_IDS)
 def test_sampler_fused_equals_torch_masks(make, shape) -> None:
     torch.manual_seed(0)
     model = make()

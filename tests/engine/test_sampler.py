@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nets import ChannelCNN, FunctionalDropout, Residual, SmallCNN, mlp, trained_bn
+from nets import (
+    FOUR_MODEL_IDS,
+    FOUR_MODELS,
+    FunctionalDropout,
+    Residual,
+    SmallCNN,
+    mlp,
+    trained_bn,
+)
 from torch import nn
 
 from service.engine import MCRequest, MCSampler
@@ -39,16 +47,7 @@ def z_scores(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z_mean, z_var
 
 
-@pytest.mark.parametrize(
-    "make, shape",
-    [
-        (lambda: mlp(0.25), (6,)),
-        (lambda: trained_bn(SmallCNN(0.5), (1, 8, 8)), (1, 8, 8)),
-        (lambda: Residual(), (6,)),
-        (lambda: trained_bn(ChannelCNN(), (1, 8, 8)), (1, 8, 8)),
-    ],
-    ids=["mlp", "cnn-bn", "residual", "dropout2d"],
-)
+@pytest.mark.parametrize("make, shape", FOUR_MODELS, ids=FOUR_MODEL_IDS)
 def test_vectorised_agrees_with_plain_loop(make, shape) -> None:
     torch.manual_seed(0)
     model = make()

@@ -131,14 +131,61 @@ def kernels() -> Kernels | None:
             if _kernels is None and not _kernel_failed:
                 try:
                     _kernels = _build_kernels()
-                except ImportError as exc:
+                except Exception as exc:  # not installed, or an import error of its own
                     _kernel_failed = True
                     log.warning("numba unavailable (%s): dropout masks use the torch path", exc)
     return _kernels
 
 
-def apply_mask(x: torch.Tensor, mask: MaskRows, scale: float) -> torch.Tensor:
-    """Inverted dropout of x [rows, *shape] (or x's rows `mask.rows`) with the masks described."""
+_verified: dict[tuple[bool, bool], bool] = {}  # (channels, parallel) -> kernel agrees
+
+
+def verified(channels: bool) -> bool:
+    """Compile the kernels a sampler may use and check them against the torch path, once.
+
+    Run when a model loads, so that a kernel numba cannot compile here (an unusual CPU or
+    library version) or that disagrees makes the model use the torch path instead of failing
+    requests. `channels`: also the channel-dropout kernel; the parallel build only where torch
+    has more than one thread.
+    """
+    if kernels() is None:
+        return False
+    builds = {False, torch.get_num_threads() > 1}
+    kinds = [False, True] if channels else [False]
+    for kind in kinds:
+        for parallel in builds:
+            key = (kind, parallel)
+            if key not in _verified:
+                _verified[key] = _check(kind, parallel)
+    return all(_verified[(k, p)] for k in kinds for p in builds)
+
+
+def _check(channels: bool, parallel: bool) -> bool:
+    g = torch.Generator().manual_seed(0)
+    shape: tuple[int, ...] = (5, 1, 1) if channels else (13,)
+    x = torch.randn(4, *((5, 2, 3) if channels else shape), generator=g)
+    rows = torch.randint(0, 4, (9,), generator=g)
+    keys = torch.randint(-(2**62), 2**62, (9,), generator=g)
+    base = torch.arange(9, dtype=torch.int64) << 24
+    mask = MaskRows(keys, base, 179, shape, rows)
+    try:
+        got = apply_mask(x, mask, 256 / 179, parallel=parallel)
+    except Exception as exc:
+        log.warning("mask kernel failed (%s: %s): the torch path is used", type(exc).__name__, exc)
+        return False
+    ok = torch.equal(got, x.index_select(0, rows).mul(mask.keep()).mul_(256 / 179))
+    if not ok:
+        log.warning("mask kernel disagrees with the torch path here: the torch path is used")
+    return ok
+
+
+def apply_mask(
+    x: torch.Tensor, mask: MaskRows, scale: float, *, parallel: bool | None = None
+) -> torch.Tensor:
+    """Inverted dropout of x [rows, *shape] (or x's rows `mask.rows`) with the masks described.
+
+    `parallel`: over numba's threads (None: where torch has more than one thread and the work
+    has at least PARALLEL_MIN_ELEMENTS elements)."""
     ks = kernels()
     if ks is None or x.device.type != "cpu" or x.dtype != torch.float32:
         if mask.rows is not None:
@@ -160,7 +207,9 @@ def apply_mask(x: torch.Tensor, mask: MaskRows, scale: float) -> torch.Tensor:
         out.numpy(),
     )
     threads = torch.get_num_threads()  # numba follows torch's setting (device.configure_threads)
-    if threads > 1 and out.numel() >= PARALLEL_MIN_ELEMENTS:
+    if parallel is None:
+        parallel = threads > 1 and out.numel() >= PARALLEL_MIN_ELEMENTS
+    if parallel:
         with _lock:
             _set_threads(threads)
             (ks.elementwise if src.dim() == 2 else ks.channels)(*args)

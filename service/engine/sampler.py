@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from service.engine.device import tune_allocator
-from service.engine.fused import MaskRows, kernels
+from service.engine.fused import MaskRows, verified
 from service.engine.graph import SplitGraph, split
 from service.engine.masks import (
     MAX_PASSES,
@@ -110,7 +110,8 @@ class MCSampler:
             fused = not cuda and compile_mode is None
         if fused and (cuda or compile_mode is not None):
             raise ValueError("fused masks are a CPU kernel and do not combine with compile_mode")
-        self.fused = bool(fused) and kernels() is not None
+        channels = any(len(site.mask_shape) > 1 for site in self.graph.sites)
+        self.fused = bool(fused) and verified(channels)
         if compile_mode is not None:
             self._chunk = torch.compile(self._chunk_eager, mode=compile_mode, dynamic=not cuda)
         else:

@@ -112,3 +112,26 @@ def test_without_numba_the_torch_path_is_used(monkeypatch: pytest.MonkeyPatch) -
 def test_fused_refuses_compile_mode() -> None:
     with pytest.raises(ValueError, match="compile_mode"):
         MCSampler(mlp(0.25), torch.randn(2, 6), device="cpu", fused=True, compile_mode="default")
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong numbers"])
+def test_a_kernel_that_fails_its_check_leaves_the_torch_path(
+    fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a kernel numba cannot compile on some machine, or one that computes something else,
+    # must do: the model still loads and answers, with the torch path's numbers.
+    model = mlp(0.25)
+    x = torch.randn(5, 6)
+    want = MCSampler(model, x, device="cpu", fused=False).run([MCRequest(x.numpy(), 20, 4)])[0]
+
+    def broken(x, src, keys, base, threshold, scale, out):  # type: ignore[no-untyped-def]
+        if fault == "raises":
+            raise RuntimeError("no compiler for this CPU")
+        out[:] = 1.0
+        return out
+
+    monkeypatch.setattr(fused, "_kernels", fused.Kernels(broken, broken, broken, broken))
+    monkeypatch.setattr(fused, "_verified", {})
+    sampler = MCSampler(model, x, device="cpu")
+    assert not sampler.fused
+    assert np.array_equal(sampler.run([MCRequest(x.numpy(), 20, 4)])[0], want)

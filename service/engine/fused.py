@@ -187,7 +187,7 @@ def apply_mask(
     `parallel`: over numba's threads (None: where torch has more than one thread and the work
     has at least PARALLEL_MIN_ELEMENTS elements)."""
     ks = kernels()
-    if ks is None or x.device.type != "cpu" or x.dtype != torch.float32:
+    if ks is None or not _fits(x, mask):
         if mask.rows is not None:
             x = x.index_select(0, mask.rows)
         return x.mul(mask.keep()).mul_(scale)
@@ -216,6 +216,29 @@ def apply_mask(
     else:
         (ks.elementwise_serial if src.dim() == 2 else ks.channels_serial)(*args)
     return out.view(rows, *x.shape[1:])
+
+
+def _fits(x: torch.Tensor, mask: MaskRows) -> bool:
+    """Does the kernel's layout hold (it reads without bounds checks)? Else the torch path,
+    whose broadcasting covers the rest (e.g. dropout on a parameter: one row for all rows)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2:
+        return False
+    shape, per_row = mask.mask_shape, tuple(x.shape[1:])
+    elementwise = shape == per_row
+    channels = shape == (per_row[0],) + (1,) * (len(per_row) - 1)
+    if not (elementwise or channels):
+        return False
+    rows = mask.keys.shape[0]
+    if mask.base.shape[0] != rows:
+        return False
+    if mask.rows is None:
+        return x.shape[0] == rows
+    return (
+        mask.rows.shape[0] == rows
+        and rows > 0
+        and int(mask.rows.min()) >= 0
+        and int(mask.rows.max()) < x.shape[0]
+    )
 
 
 _NO_ROWS = np.empty(0, dtype=np.int64)

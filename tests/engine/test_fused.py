@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from nets import FOUR_MODEL_IDS, FOUR_MODELS, Residual, mlp
+from torch import nn
 
 from service.engine import MCRequest, MCSampler, fused
 from service.engine.fused import MaskRows, apply_mask
@@ -135,3 +136,34 @@ def test_a_kernel_that_fails_its_check_leaves_the_torch_path(
     sampler = MCSampler(model, x, device="cpu")
     assert not sampler.fused
     assert np.array_equal(sampler.run([MCRequest(x.numpy(), 20, 4)])[0], want)
+
+
+class ParameterDropout(nn.Module):
+    """Dropout on a parameter: one row broadcast over every (pass, input) row."""
+
+    def __init__(self, d: int = 40) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, d, generator=torch.Generator().manual_seed(3)))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.drop(self.pos)).sum(1, keepdim=True)
+
+
+def test_a_dropout_input_that_broadcasts_takes_the_torch_path() -> None:
+    # The kernel reads one input row per mask row without bounds checks: a [1, D] parameter
+    # under [rows, D] masks read past its end (NaN answers; a segfault at 16,384 x 4,096).
+    model = ParameterDropout()
+    x = torch.randn(6, 40)
+    on = MCSampler(model, x, device="cpu")
+    off = MCSampler(model, x, device="cpu", fused=False)
+    req = [MCRequest(x.numpy(), 50, seed=1)]
+    a, b = on.run(req)[0], off.run(req)[0]
+    assert np.isfinite(a).all()
+    assert np.array_equal(a, b)
+    mask = _mask_rows(30, (40,), 0.5, seed=2)
+    pos = model.pos.detach()
+    assert torch.equal(apply_mask(pos, mask, 2.0), pos.mul(mask.keep()).mul_(2.0))
+    bad_rows = MaskRows(mask.keys, mask.base, mask.threshold, (40,), torch.full((30,), 5))
+    with pytest.raises(IndexError):  # an index past the input: torch's error, not a wild read
+        apply_mask(pos, bad_rows, 2.0)

@@ -119,7 +119,9 @@ def _build_kernels() -> Kernels:
 
 _kernels: Kernels | None = None
 _kernel_failed = False
-# numba's default thread pool ("workqueue") must not be entered by two threads at once.
+# Parallel calls take this lock: numba's "workqueue" threading layer (its fallback where no
+# OpenMP or TBB runtime is found) must not be entered by two threads at once; with "omp" (found
+# here) the lock is merely cheap.
 _lock = threading.Lock()
 
 
@@ -243,9 +245,10 @@ def _fits(x: torch.Tensor, mask: MaskRows) -> bool:
 
 _NO_ROWS = np.empty(0, dtype=np.int64)
 # Below this many elements the kernel runs on the calling thread (torch's own grain size for
-# elementwise work). Above it numba's threads win: measured in the engine on 2 cores from
+# elementwise work). Above it numba's threads: measured in the engine on 2 cores to win from
 # 102,400 elements up (0.82-0.98 x the serial time; in the interleaved benchmark, the digits
-# CNN at 1.91-1.95 x one deterministic pass against 2.17-2.29 x serial).
+# CNN at 1.91-1.95 x one deterministic pass against 2.17-2.29 x serial); between 32,768 and
+# 102,400 not measured.
 PARALLEL_MIN_ELEMENTS = 32768
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import SmallCNN, trained_bn
+from nets import SmallCNN, mlp, trained_bn
 from torch import fx, nn
 
 from service.api.app import build_state
@@ -109,3 +109,21 @@ def test_the_served_model_follows_the_fused_masks_setting(repo: Path) -> None:
             assert all(m.sampler.fused is on for m in models)
         finally:
             st.executor.shutdown()
+
+
+def test_rewrites_only_where_they_can_pay() -> None:
+    # No BatchNorm: no folded copy; no convolution or pooling: no channels-last (which only
+    # added layout conversions there).
+    sampler = MCSampler(mlp(0.25), torch.randn(3, 6), device="cpu")
+    assert sampler.prefix.rewrites == []
+    assert sampler.prefix.module is sampler.graph.prefix
+    flat = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2)
+    )
+    assert MCSampler(flat, torch.randn(3, 1, 8, 8), device="cpu").prefix.rewrites == []
+    no_bn = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, 2)
+    )
+    assert MCSampler(no_bn, torch.randn(3, 1, 8, 8), device="cpu").prefix.rewrites == [
+        "channels-last"
+    ]

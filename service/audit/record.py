@@ -23,6 +23,7 @@ import torch
 from service.api.encode import response_json
 from service.audit.rows import FeedbackMessage, Message, PredictionMessage, layout, little_endian
 from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.sampler import NUMERICS
 
 
 @dataclass(eq=False)
@@ -89,6 +90,7 @@ def software() -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
         "threads": torch.get_num_threads(),
+        "engine_numerics": NUMERICS,  # service/engine/sampler.py: bumped when rounding changes
     }
 
 

@@ -207,7 +207,7 @@ def _replay(
             if len(found) > MAX_DIFFERENCES:
                 result.differences.append(f"... and {len(found) - MAX_DIFFERENCES} more")
     here = software() | {"threads": threads}
-    for k, v in record.software.items():
-        if here.get(k) != v:
-            result.notes.append(f"{k}: recorded {v}, here {here.get(k)}")
+    for k in [*record.software, *(k for k in here if k not in record.software)]:
+        if here.get(k) != record.software.get(k):  # also keys one side lacks (older records)
+            result.notes.append(f"{k}: recorded {record.software.get(k)}, here {here.get(k)}")
     return result

@@ -35,6 +35,12 @@ from service.engine.masks import (
 from service.engine.prefix import Prefix
 from service.errors import InvalidInputError
 
+# The engine's float arithmetic, numbered: bumped when the same bundle, inputs and seed give other
+# last bits (audit records carry it, so a replay can say why it differs). 2 (2026-11-27): the
+# prefix rewritten for inference (BatchNorm folded, channels-last); the fused mask kernel did not
+# change any number.
+NUMERICS = 2
+
 
 @dataclass(frozen=True)
 class MCRequest:

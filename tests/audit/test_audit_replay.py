@@ -153,3 +153,17 @@ async def test_cli_show_and_replay(
     assert bad.exit_code == 1, bad.output
     assert bad.stdout.startswith(f"DIFFERENT: record {target.id} (reg 1, onnxruntime on cpu)")
     assert "$.predictions[0].mean: stored 0.0, recomputed " in bad.stdout
+
+
+async def test_replay_names_an_engine_numerics_the_record_lacks(repo: Path, tmp_path: Path) -> None:
+    # A record from before the engine numbered its arithmetic (2026-11-27: the prefix rewrites
+    # changed last bits) has no such key: the replay's notes must say so, not stay silent.
+    backend = Backend("sqlite", {"audit_path": tmp_path / "a.db"})
+    rec = (await record_some(backend, repo))["clf-seeded"]
+    assert rec.software["engine_numerics"] >= 2
+    older = {k: v for k, v in rec.software.items() if k != "engine_numerics"}
+    result = replay(AuditRecord(**{**rec.__dict__, "software": older}), repo)
+    assert result.identical  # same engine here: the same bits
+    assert result.notes == [
+        f"engine_numerics: recorded None, here {rec.software['engine_numerics']}"
+    ]

@@ -39,7 +39,6 @@ class Prefix:
     """Callable: input batch -> tuple of contiguous frontier tensors."""
 
     def __init__(self, graph: fx.GraphModule, example: torch.Tensor) -> None:
-        self.plain = graph
         self.module: fx.GraphModule = graph
         self.channels_last = False
         self.rewrites: list[str] = []

@@ -3,14 +3,15 @@
 Measured with py-spy at concurrency 64: the event loop, not the engine, limits requests/s, and
 much of its time went to layers a prediction does not need: FastAPI's exception, exit-stack and
 body-limit wrappers around every send and receive, matching the path against every route, and
-dependency solving. This ASGI middleware sits innermost among ours (request id, body limit,
-metrics, CORS and API keys still apply) and answers the two prediction routes itself:
+dependency solving. This ASGI app is the innermost layer of the front door (`app.McServeApp`:
+our request id, body limit, metrics, CORS and API keys apply, Starlette's own layers do not) and
+answers the two prediction routes itself:
 `POST /v1/models/{name}[/versions/{v}]:predict` (the same request model, `PredictRequest`, parsed
 by pydantic from JSON, and the same handler, `native.predict_with`) and the Open Inference
 Protocol's `POST /v2/models/{name}[/versions/{v}]/infer` (the same handler, `v2.infer_with`,
-which reads the body itself), with the same error mapping (`errors.py`). Anything else,
-including a native request of another content type, goes on to FastAPI, which also keeps the
-routes in the OpenAPI document.
+which reads the body itself), with the same error mapping (`errors.py`). Anything else
+(`route_of` is None), including a native request of another content type, goes to FastAPI,
+which also keeps the routes in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -56,12 +57,8 @@ class PredictionRoutes:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _ROUTE.fullmatch(scope["path"])
-            if match is not None and (match["api"] == "1") != (match["verb"] == ":predict"):
-                match = None  # /v1/.../infer and /v2/...:predict are no routes
-        if match is None or (match["api"] == "1" and not _json_or_absent(scope)):
+        match = route_of(scope)
+        if match is None:
             await self.app(scope, receive, send)
             return
         api, name, version = match["api"], match["name"], match["version"]
@@ -86,7 +83,8 @@ class PredictionRoutes:
         await response(scope, receive, send)
 
     async def _predict(self, request: Request, name: str, version: str | None) -> Any:
-        subject = request.query_params.get("subject")
+        # Parsing an empty query string cost 8 us a request: look only when there is one.
+        subject = request.query_params.get("subject") if request.scope["query_string"] else None
         if subject is not None and not _SUBJECT.fullmatch(subject):
             raise RequestValidationError(
                 [
@@ -112,6 +110,18 @@ class PredictionRoutes:
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from None
         return await predict_with(request, payload, name, version, subject)
+
+
+def route_of(scope: Scope) -> re.Match[str] | None:
+    """The prediction route this request asks for, or None (then FastAPI answers it)."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    match = _ROUTE.fullmatch(scope["path"])
+    if match is None or (match["api"] == "1") != (match["verb"] == ":predict"):
+        return None  # /v1/.../infer and /v2/...:predict are no routes
+    if match["api"] == "1" and not _json_or_absent(scope):
+        return None
+    return match
 
 
 def _header_length(scope: Scope) -> int | None:

@@ -146,7 +146,7 @@ async def run(
     card that will carry it); 503 when it cannot be (audit fails closed)."""
     deadline = batcher.clock() + timeout_s if timeout_s else None
     future = batcher.enqueue(x, params, deadline)  # a future, not a task: one task less
-    watcher = asyncio.ensure_future(_until_disconnect(request, future))
+    watcher = future.get_loop().create_task(_until_disconnect(request, future))
     try:
         pred = await future
     except asyncio.CancelledError:

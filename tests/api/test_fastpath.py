@@ -13,7 +13,9 @@ import pytest
 import pytest_asyncio
 from asgi_scopes import predict_scope
 from fastapi import FastAPI
+from starlette.middleware.errors import ServerErrorMiddleware
 
+from service.api.auth import ApiKeyGuard
 from service.api.v2_binary import HEADER
 
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -123,3 +125,42 @@ async def test_client_gone_while_sending_its_body(
     await app(scope, receive, send)
     assert sent == []  # no answer to a closed connection, and no 500 logged
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_predictions_skip_starlettes_middleware_stack(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The front door (McServeApp): predictions pass our middleware only; the rest pass all."""
+    entered: list[str] = []
+    original = ServerErrorMiddleware.__call__
+
+    async def counting(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        entered.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(ServerErrorMiddleware, "__call__", counting)
+    r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"]  # our RequestContext still ran
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}
+    assert (await client.post("/v2/models/clf/infer", json=body)).status_code == 200
+    assert entered == []
+    await client.get("/v1/models/clf")
+    assert entered == ["/v1/models/clf"]
+
+
+async def test_an_exception_outside_the_handler_is_a_json_500(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ServerErrorMiddleware does on other routes, the front door does for predictions."""
+
+    def broken(self: Any, path: str, headers: Any) -> Any:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(ApiKeyGuard, "decide", broken)
+    r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/json"
+    rid = r.json()["request_id"]
+    assert r.json()["error"] == f"internal error; quote request id {rid} when reporting it"
+    assert "secret detail" not in r.text and "Traceback" not in r.text

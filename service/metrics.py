@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from service.engine.model import Prediction
+from service.engine.prediction import source
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 UNKNOWN = "(unknown)"
@@ -148,8 +149,11 @@ class Metrics:
         if "queue_s" in pred.timing:
             self._child(self.queue_seconds, m).observe(pred.timing["queue_s"])
             self._child(self.compute_seconds, m).observe(pred.timing["compute_s"])
-        referred = int(np.count_nonzero(pred.referral.refer)) if pred.referral is not None else 0
-        self.observe_summary(model, pred.summary, inputs, pred.samples, referred)
+        # The group's rows of a part of a group's answer: reading pred.summary would cut it.
+        whole, lo, hi = source(pred)
+        r = whole.referral
+        referred = int(np.count_nonzero(r.refer[lo:hi])) if r is not None else 0
+        self.observe_summary(model, whole.summary, inputs, pred.samples, referred, lo, hi)
 
     def observe_summary(
         self,
@@ -158,7 +162,10 @@ class Metrics:
         inputs: int,
         passes: int | None,
         referred: int = 0,
+        lo: int = 0,
+        hi: int | None = None,
     ) -> None:
+        """Counts, and the served uncertainty of inputs lo:hi of `summary`."""
         m = self.model(model)
         mode = "mc" if summary is not None else "deterministic"
         self._child(self.predictions, m, mode).inc(inputs)
@@ -168,9 +175,9 @@ class Metrics:
             self._child(self.referrals, m).inc(referred)
         if isinstance(summary, ClassificationSummary):
             child = self._child(self.mutual_information, m)
-            for v in np.asarray(summary.mutual_information).ravel().tolist():
+            for v in np.asarray(summary.mutual_information)[lo:hi].ravel().tolist():
                 child.observe(v)
         elif isinstance(summary, RegressionSummary):
             child = self._child(self.epistemic_std, m)
-            for v in np.asarray(summary.epistemic_std).ravel().tolist():
+            for v in np.asarray(summary.epistemic_std)[lo:hi].ravel().tolist():
                 child.observe(v)

@@ -9,6 +9,7 @@ import orjson
 
 from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
+from service.engine.prediction import source
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 
@@ -124,6 +125,18 @@ def deterministic(point: np.ndarray, labels: list[str] | None) -> list[dict[str,
 
 
 def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
+    whole, lo, hi = source(pred)
+    if whole is pred:
+        return _predictions(model, pred)
+    # A part of a group's answer: the group's inputs are encoded once, for all its requests
+    # (one tolist() per array instead of one per request), and each request takes its rows.
+    rows: list[dict[str, Any]] | None = whole.encoded.get("native_rows")
+    if rows is None:
+        rows = whole.encoded["native_rows"] = _predictions(model, whole)
+    return rows[lo:hi]
+
+
+def _predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
     labels = model.manifest.outputs.labels
     if pred.point is not None:
         return deterministic(pred.point, labels)

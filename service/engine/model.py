@@ -6,7 +6,7 @@ import dataclasses
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -15,10 +15,10 @@ import torch
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
 from service.calibration.calibrator import Calibrator
-from service.calibration.referral import Referral
 from service.engine.device import describe
 from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor
+from service.engine.prediction import Mode, Prediction
 from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
@@ -29,7 +29,6 @@ from service.engine.summaries import (
 )
 from service.errors import BundleError, InvalidInputError
 
-Mode = Literal["mc", "deterministic"]
 IntervalMethod = Literal["gaussian", "quantile", "conformal"]
 
 
@@ -40,24 +39,6 @@ class PredictParams:
     seed: int | None = None
     mode: Mode = "mc"
     interval: IntervalMethod = "gaussian"
-
-
-@dataclass
-class Prediction:
-    """The engine's answer for one request (summaries hold numpy arrays, batch-first)."""
-
-    backend: str
-    device: str
-    mode: Mode
-    samples: int | None
-    seed: int | None
-    summary: RegressionSummary | ClassificationSummary | None = None
-    point: np.ndarray | None = None  # deterministic mode: [B, outputs]
-    warnings: list[str] = field(default_factory=list)
-    referral: Referral | None = None  # MC mode: per input, should a human look (and why)
-    timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
-    # Encodings made by adapters, kept so that the answer and its audit record encode it once.
-    encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
 
 # Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per

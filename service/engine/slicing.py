@@ -1,9 +1,8 @@
 """Cut each request's answer out of a group's: summaries are computed once for many requests.
 
-The group's Prediction is walked once, not once per request: every per-input leaf (a batch-first
-array, a per-input list) is split into all the requests' pieces in one go, then each request's
-objects are assembled from its pieces. Per-request cutting had cost 30 us per answer on the
-compute thread (about a tenth of the GIL time at concurrency 64).
+`split` gives each request a lazy part of the group's answer (prediction.py); `cut` makes its
+summary and referral when something reads them: every per-input leaf (a batch-first array, a
+per-input list) cut to the request's rows, shared values kept, objects rebuilt.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.engine.model import Prediction
+from service.engine.prediction import Prediction, part_of
 
 _FIELDS: dict[type, tuple[str, ...] | None] = {}  # per class: its init fields, None if no dataclass
 
@@ -55,18 +54,25 @@ def _split(value: object, bounds: Sequence[tuple[int, int]], n: int) -> list[obj
 
 
 def split(pred: Prediction, sizes: Sequence[int], seeds: Sequence[int]) -> list[Prediction]:
-    """Each request's Prediction out of a group's (`sizes` inputs each, in order), own seeds."""
+    """Each request's Prediction out of a group's (`sizes` inputs each, in order), own seeds.
+
+    Lazily: each answer's summary and referral are cut from the group's when first read
+    (prediction.py); the native answer and the metrics read the group's rows instead."""
     n = _batch_size(pred)
     if sum(sizes) != n:
         raise ValueError(f"request sizes {list(sizes)} do not add up to the group's {n} inputs")
     ends = np.cumsum(sizes).tolist()
-    bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-    out = _split(pred, bounds, n)
-    for p, seed in zip(out, seeds, strict=True):
-        assert isinstance(p, Prediction)
-        p.seed = seed
-        p.warnings = list(pred.warnings)  # each answer may get its own warnings later
-    return out  # type: ignore[return-value]
+    return [
+        part_of(pred, lo, hi, seed)
+        for lo, hi, seed in zip([0, *ends[:-1]], ends, seeds, strict=True)
+    ]
+
+
+def cut(whole: Prediction, lo: int, hi: int) -> tuple[object, object]:
+    """(summary, referral) of inputs lo:hi of a group's answer."""
+    n = _batch_size(whole)
+    bounds = [(lo, hi)]
+    return _split(whole.summary, bounds, n)[0], _split(whole.referral, bounds, n)[0]
 
 
 def _batch_size(pred: Prediction) -> int:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
+from service.api.encode import response_json
 from service.engine.model import Prediction
-from service.engine.slicing import split
+from service.engine.prediction import source
+from service.engine.slicing import cut, split
 from service.engine.summaries import summarize_classification
+from service.metrics import Metrics
 
 
 def group_prediction(n: int) -> Prediction:
@@ -56,3 +62,67 @@ def test_each_answer_owns_its_warnings() -> None:
 def test_sizes_must_cover_the_group() -> None:
     with pytest.raises(ValueError, match="do not add up"):
         split(group_prediction(4), [1, 2], [1, 2])
+
+
+def test_parts_are_cut_only_when_read() -> None:
+    whole = group_prediction(5)
+    whole.referral = None
+    part = split(whole, [2, 3], [1, 2])[1]
+    assert source(part) == (whole, 2, 5)  # readers of the group's rows cut nothing
+    assert "_group" in part.__dict__
+    np.testing.assert_array_equal(part.summary.label, whole.summary.label[2:5])  # first read
+    assert "_group" not in part.__dict__
+    assert source(part) == (part, 0, 3)
+    assert part.referral is None
+
+
+def test_a_part_equals_the_answer_cut_eagerly() -> None:
+    whole = group_prediction(4)
+    part = split(whole, [1, 3], [7, 8])[1]
+    assert "_group" in part.__dict__
+    eager = Prediction(
+        "torch", "cpu", "mc", 50, 8, summary=cut(whole, 1, 4)[0], warnings=["w"], referral=None
+    )
+    assert repr(part) == repr(eager)  # repr reads every field: numbers, not identities
+    copy = dataclasses.replace(part)
+    assert "_group" not in copy.__dict__ and repr(copy) == repr(eager)
+
+
+def test_threads_reading_one_part_get_one_cut() -> None:
+    whole = group_prediction(64)
+    parts = split(whole, [1] * 64, list(range(64)))
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(lambda k: parts[k % 64].summary, range(512)))
+    for k, summary in enumerate(seen):
+        assert summary is parts[k % 64].summary  # every reader saw the same object
+        np.testing.assert_array_equal(
+            summary.probabilities, whole.summary.probabilities[k % 64 :][:1]
+        )
+
+
+def test_native_answer_and_metrics_of_a_part_match_its_cut_copy() -> None:
+    whole = group_prediction(6)
+    parts = split(whole, [2, 1, 3], [1, 2, 3])
+    labels = ["a", "b", "c"]
+    model: Any = SimpleNamespace(
+        name="m",
+        version="1",
+        digest="sha256:0",
+        manifest=SimpleNamespace(outputs=SimpleNamespace(labels=labels)),
+    )
+    for part in parts:
+        _, lo, hi = source(part)
+        summary, referral = cut(whole, lo, hi)
+        eager = Prediction("torch", "cpu", "mc", 50, part.seed, summary, None, ["w"], referral)
+        lazy = Metrics()
+        lazy.known.add("m")
+        eager_metrics = Metrics()
+        eager_metrics.known.add("m")
+        assert response_json(model, part) == response_json(model, eager)
+        lazy.observe_result("m", part, 1)
+        eager_metrics.observe_result("m", eager, 1)
+        assert "_group" in part.__dict__  # neither cut the part
+        name = "mcserve_mutual_information_sum"
+        got = lazy.registry.get_sample_value(name, {"model": "m"})
+        want = eager_metrics.registry.get_sample_value(name, {"model": "m"})
+        assert got == want and got is not None and got > 0

@@ -1,0 +1,95 @@
+"""The engine's answer for one request, which may be cut from a group's answer lazily.
+
+Under load the batcher summarises many requests at once and hands each its part. Cutting every
+request's summary and referral out of the group's (about 30 numpy views and five objects per
+answer) was a third of the compute thread's time at concurrency 64, and the native answer and
+the metrics need none of it: they read the group's arrays at the request's rows (`source`). So a
+request's `summary` and `referral` are cut only when something reads them (`slicing.py`); to
+every reader they are ordinary attributes, and equality, `dataclasses.replace` and `repr` see
+the cut values.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from service.calibration.referral import Referral
+from service.engine.summaries import ClassificationSummary, RegressionSummary
+
+Mode = Literal["mc", "deterministic"]
+_CUTTING = threading.Lock()  # the audit writer may read an answer while its handler does
+
+
+class _PerInput:
+    """A per-input field: stored as usual, or cut from the group's answer on first read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj: Prediction | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return None  # the dataclass default
+        d = obj.__dict__
+        if "_group" in d:
+            _cut(obj)
+        return d[self.key]
+
+    def __set__(self, obj: Prediction, value: Any) -> None:
+        obj.__dict__[self.key] = value
+
+
+@dataclass
+class Prediction:
+    """The engine's answer for one request (summaries hold numpy arrays, batch-first)."""
+
+    backend: str
+    device: str
+    mode: Mode
+    samples: int | None
+    seed: int | None
+    summary: RegressionSummary | ClassificationSummary | None = _PerInput()  # type: ignore[assignment]
+    point: np.ndarray | None = None  # deterministic mode: [B, outputs]
+    warnings: list[str] = field(default_factory=list)
+    # MC mode: per input, should a human look (and why)
+    referral: Referral | None = _PerInput()  # type: ignore[assignment]
+    timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
+    # Encodings made by adapters, kept so that the answer and its audit record encode it once.
+    encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+
+def part_of(whole: Prediction, lo: int, hi: int, seed: int | None) -> Prediction:
+    """Inputs lo:hi of a group's answer, as one request's answer; cut on first read."""
+    p = Prediction(whole.backend, whole.device, whole.mode, whole.samples, seed, None, None)
+    p.warnings = list(whole.warnings)  # each answer may get its own warnings later
+    p.__dict__["_group"] = (whole, lo, hi)
+    return p
+
+
+def source(p: Prediction) -> tuple[Prediction, int, int]:
+    """(the answer that holds p's numbers, first row, end row), without cutting anything."""
+    group = p.__dict__.get("_group")
+    if group is not None:
+        return group
+    return p, 0, _inputs(p)
+
+
+def _inputs(p: Prediction) -> int:
+    for arr in (getattr(p.summary, "mean", None), getattr(p.summary, "probabilities", None)):
+        if isinstance(arr, np.ndarray):
+            return int(arr.shape[0])
+    return int(p.point.shape[0]) if p.point is not None else 0
+
+
+def _cut(p: Prediction) -> None:
+    from service.engine.slicing import cut  # slicing imports this module
+
+    with _CUTTING:
+        group = p.__dict__.pop("_group", None)
+        if group is None:
+            return  # another thread cut it
+        whole, lo, hi = group
+        p.__dict__["_summary"], p.__dict__["_referral"] = cut(whole, lo, hi)

@@ -55,12 +55,16 @@ def free_port() -> int:
 
 
 def start(
-    kind: str, env: dict[str, str], cmd: list[str] | None = None, model_dir: Path | None = None
+    kind: str,
+    env: dict[str, str],
+    cmd: list[str] | None = None,
+    model_dir: Path | None = None,
+    cwd: Path = ROOT,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server process on a free port (appended to `cmd` as --port N) and wait for it.
 
     mcserve serves `model_dir` (default: the bundled models); a flag, so it wins over any
-    MCSERVE_MODEL_DIR in `env`.
+    MCSERVE_MODEL_DIR in `env`. `cwd`: where it runs (another checkout runs its own code).
     """
     port = free_port()
     if cmd is not None:
@@ -83,7 +87,7 @@ def start(
     # A session of its own: stop() ends the server and any workers it spawned (LitServe does).
     proc = subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -343,3 +343,21 @@ def test_gaussian_quantiles_match_normal_dist() -> None:
     assert NormalDist().inv_cdf(0.975) == pytest.approx(Z_975, abs=1e-12)
     assert NormalDist().inv_cdf(0.95) == pytest.approx(Z_95, abs=1e-12)
     assert NormalDist().inv_cdf(0.75) == pytest.approx(Z_75, abs=1e-12)
+
+
+def test_quantile_intervals_equal_numpys_over_the_passes_axis_bit_for_bit() -> None:
+    """The passes-last layout (summaries._quantiles) changes where numpy reads, not a bit."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(100, 64, 10))
+    clf = summarize_classification(logits, levels=[0.8, 0.95])
+    p_t = softmax(logits, axis=-1)
+    for iv, level in zip(clf.intervals, (0.8, 0.95), strict=True):
+        a = 1.0 - level
+        lo, hi = np.quantile(p_t, [a / 2, 1 - a / 2], axis=0, method="linear")
+        assert np.array_equal(iv.lower, np.clip(lo, 0.0, 1.0))
+        assert np.array_equal(iv.upper, np.clip(hi, 0.0, 1.0))
+    f = rng.normal(size=(200, 32, 2))
+    reg = summarize_regression(f, levels=[0.9], method="quantile")
+    a = 1.0 - 0.9  # the summary's own arithmetic: 0.09999999999999998
+    lo, hi = np.quantile(f, [a / 2, 1 - a / 2], axis=0, method="linear")
+    assert np.array_equal(reg.intervals[0].lower, lo) and np.array_equal(reg.intervals[0].upper, hi)

@@ -15,7 +15,7 @@ from asgi_scopes import predict_scope
 from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
 
-from service.api.auth import ApiKeyGuard
+from service.api import fastpath
 from service.api.v2_binary import HEADER
 
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -154,10 +154,10 @@ async def test_an_exception_outside_the_handler_is_a_json_500(
 ) -> None:
     """What ServerErrorMiddleware does on other routes, the front door does for predictions."""
 
-    def broken(self: Any, path: str, headers: Any) -> Any:
+    def broken(scope: Any) -> Any:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(ApiKeyGuard, "decide", broken)
+    monkeypatch.setattr(fastpath, "route_of", broken)  # PredictionRoutes' own lookup, not the app's
     r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
     assert r.status_code == 500
     assert r.headers["content-type"] == "application/json"

@@ -75,6 +75,10 @@ class McServeApp(FastAPI):
     around the prediction routes (fastpath.py), nothing else; every other request takes
     FastAPI's whole stack. Errors map as before (errors.py), an exception outside the handler
     included (what ServerErrorMiddleware does elsewhere).
+
+    So on the prediction routes: middleware added to the app after `create_app` does not run,
+    FastAPI's own OpenTelemetry tracing does not see them, and exception handlers are ours
+    (errors.py), not the app's `exception_handlers`. Add such layers in `_layers`.
     """
 
     front: ASGIApp | None = None
@@ -124,8 +128,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Young collections every 700 allocations walked each request's objects once or twice
         # (5 % of the event loop at concurrency 64, py-spy); every 50,000 they walk only what
         # is still in flight. Cycles are still collected, later.
-        gc.set_threshold(50_000, *gc.get_threshold()[1:])
+        thresholds = gc.get_threshold()
+        gc.set_threshold(50_000, *thresholds[1:])
         yield
+        gc.set_threshold(*thresholds)  # process-wide: as it was, for whatever runs next
         if poller is not None:
             poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -130,6 +130,7 @@ def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
         return _predictions(model, pred)
     # A part of a group's answer: the group's inputs are encoded once, for all its requests
     # (one tolist() per array instead of one per request), and each request takes its rows.
+    # The row dicts are the group's: callers serialise them and must not change them.
     rows: list[dict[str, Any]] | None = whole.encoded.get("native_rows")
     if rows is None:
         rows = whole.encoded["native_rows"] = _predictions(model, whole)

@@ -21,7 +21,7 @@ from service.calibration.referral import Referral
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 Mode = Literal["mc", "deterministic"]
-_CUTTING = threading.Lock()  # the audit writer may read an answer while its handler does
+_CUTTING = threading.Lock()  # readers on other threads (any adapter's) see a whole cut
 
 
 class _PerInput:
@@ -39,6 +39,8 @@ class _PerInput:
         return d[self.key]
 
     def __set__(self, obj: Prediction, value: Any) -> None:
+        if "_group" in obj.__dict__:
+            _cut(obj)  # else a later read would cut over this value (and its sibling)
         obj.__dict__[self.key] = value
 
 
@@ -88,8 +90,9 @@ def _cut(p: Prediction) -> None:
     from service.engine.slicing import cut  # slicing imports this module
 
     with _CUTTING:
-        group = p.__dict__.pop("_group", None)
+        group = p.__dict__.get("_group")
         if group is None:
             return  # another thread cut it
         whole, lo, hi = group
         p.__dict__["_summary"], p.__dict__["_referral"] = cut(whole, lo, hi)
+        del p.__dict__["_group"]  # last: a reader that finds no _group finds the cut values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from service.api.encode import response_json
+from service.engine import slicing
 from service.engine.model import Prediction
 from service.engine.prediction import source
 from service.engine.slicing import cut, split
@@ -126,3 +128,32 @@ def test_native_answer_and_metrics_of_a_part_match_its_cut_copy() -> None:
         got = lazy.registry.get_sample_value(name, {"model": "m"})
         want = eager_metrics.registry.get_sample_value(name, {"model": "m"})
         assert got == want and got is not None and got > 0
+
+
+def test_a_value_set_before_the_first_read_is_kept() -> None:
+    whole = group_prediction(3)
+    part = split(whole, [1, 2], [1, 2])[1]
+    mine = cut(whole, 0, 1)[0]
+    part.summary = mine  # type: ignore[assignment]
+    assert part.summary is mine
+    assert source(part)[0] is part  # no longer reads the group's rows
+    part = split(whole, [1, 2], [1, 2])[0]
+    part.referral = None
+    np.testing.assert_array_equal(part.summary.label, whole.summary.label[:1])
+
+
+def test_a_reader_during_the_cut_waits_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = group_prediction(4)
+    part = split(whole, [2, 2], [1, 2])[0]
+    original = slicing.cut
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)  # the second reader arrives while the first is cutting
+        return original(*args)
+
+    monkeypatch.setattr(slicing, "cut", slow)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: part.summary)
+        time.sleep(0.05)
+        second = pool.submit(lambda: part.summary)
+        assert first.result() is not None and second.result() is first.result()

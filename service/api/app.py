@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import audit, errors
 from service.api.auth import ApiKeyGuard
 from service.api.cds import router as cds_router
-from service.api.fastpath import PredictionRoutes, route_of
+from service.api.fastpath import ROUTE_KEY, PredictionRoutes, route_of
 from service.api.lifecycle import ModelControl
 from service.api.middleware import RequestContext
 from service.api.native import json_response
@@ -84,9 +84,12 @@ class McServeApp(FastAPI):
     front: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.front is None or route_of(scope) is None:
+        front = self.front
+        match = route_of(scope) if front is not None else None
+        if front is None or match is None:
             await super().__call__(scope, receive, send)
             return
+        scope[ROUTE_KEY] = match  # PredictionRoutes takes it from here
         scope["app"] = self  # handlers reach the state through request.app
         if self.root_path:
             scope["root_path"] = self.root_path
@@ -98,7 +101,7 @@ class McServeApp(FastAPI):
             await send(message)
 
         try:
-            await self.front(scope, receive, watched)
+            await front(scope, receive, watched)
         except Exception as exc:  # what ServerErrorMiddleware does on the other routes
             if started:
                 raise

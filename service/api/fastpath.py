@@ -57,7 +57,7 @@ class PredictionRoutes:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = route_of(scope)
+        match = scope.pop(ROUTE_KEY, None) or route_of(scope)  # the front door matched it
         if match is None:
             await self.app(scope, receive, send)
             return
@@ -110,6 +110,9 @@ class PredictionRoutes:
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
             ) from None
         return await predict_with(request, payload, name, version, subject)
+
+
+ROUTE_KEY = "mcserve.route"  # the front door's match, handed on in the scope
 
 
 def route_of(scope: Scope) -> re.Match[str] | None:

@@ -154,10 +154,10 @@ async def test_an_exception_outside_the_handler_is_a_json_500(
 ) -> None:
     """What ServerErrorMiddleware does on other routes, the front door does for predictions."""
 
-    def broken(scope: Any) -> Any:
+    def broken(*args: Any) -> Any:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(fastpath, "route_of", broken)  # PredictionRoutes' own lookup, not the app's
+    monkeypatch.setattr(fastpath, "Request", broken)  # before PredictionRoutes' own error mapping
     r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
     assert r.status_code == 500
     assert r.headers["content-type"] == "application/json"

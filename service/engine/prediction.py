@@ -76,14 +76,23 @@ def source(p: Prediction) -> tuple[Prediction, int, int]:
     group = p.__dict__.get("_group")
     if group is not None:
         return group
-    return p, 0, _inputs(p)
+    return p, 0, inputs(p)
 
 
-def _inputs(p: Prediction) -> int:
-    for arr in (getattr(p.summary, "mean", None), getattr(p.summary, "probabilities", None)):
+def inputs(p: Prediction) -> int:
+    """How many inputs the answer covers (0 if it holds no per-input arrays)."""
+    n = summary_inputs(p.summary)
+    if n is not None:
+        return n
+    return int(p.point.shape[0]) if p.point is not None else 0
+
+
+def summary_inputs(summary: object) -> int | None:
+    """The length of a summary's batch-first arrays, None if it has none."""
+    for arr in (getattr(summary, "mean", None), getattr(summary, "probabilities", None)):
         if isinstance(arr, np.ndarray):
             return int(arr.shape[0])
-    return int(p.point.shape[0]) if p.point is not None else 0
+    return None
 
 
 def _cut(p: Prediction) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.engine.prediction import Prediction, part_of
+from service.engine.prediction import Prediction, part_of, summary_inputs
 
 _FIELDS: dict[type, tuple[str, ...] | None] = {}  # per class: its init fields, None if no dataclass
 
@@ -76,9 +76,7 @@ def cut(whole: Prediction, lo: int, hi: int) -> tuple[object, object]:
 
 
 def _batch_size(pred: Prediction) -> int:
-    s = pred.summary
-    for name in ("mean", "probabilities"):
-        arr = getattr(s, name, None)
-        if isinstance(arr, np.ndarray):
-            return int(arr.shape[0])
-    raise ValueError("a summary without per-input arrays")
+    n = summary_inputs(pred.summary)
+    if n is None:
+        raise ValueError("a summary without per-input arrays")
+    return n

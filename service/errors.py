@@ -73,6 +73,12 @@ class ShuttingDownError(McServeError):
     code = "shutting_down"
 
 
+class ComputeUnavailableError(McServeError):
+    """The compute process died while it held the request (it restarts on the next one)."""
+
+    code = "compute_unavailable"
+
+
 class ModelError(McServeError):
     """A model cannot be used as given (no dropout, functional dropout, unsupported layer)."""
 

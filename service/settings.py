@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # numbers as torch ops. Off saves numba's memory (about 166 MiB RSS, 52 MiB of it private)
     # and 0.9 s of start-up; the engine is then about 1.5x slower (bench.engine).
     fused_masks: bool = True
+    # Compute in a child process (service/engine/worker.py): on a thread, the compute waited for
+    # the GIL behind the event loop and the two took turns on one core (about 1.5x fewer
+    # requests/s at concurrency 64 on 2 cores). Off: one process, one model copy less.
+    compute_process: bool = True
     max_queue_rows: int = Field(default=2_000_000, ge=1)
     max_delay_ms: float = Field(default=0.0, ge=0.0)
 

@@ -1,10 +1,16 @@
 """Shared fixtures: a session-wide repository of tiny bundles (built once, ~2 s)."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Compute on the server's thread unless a test asks for the compute process: most tests start an
+# app or a server of their own, and a compute process adds about 2 s to each start. The process is
+# tested in tests/api/test_compute_process.py and by the end-to-end tests, which set this to true.
+os.environ.setdefault("MCSERVE_COMPUTE_PROCESS", "false")
 
 # Tests import shared helpers (tests/nets.py, tests/server.py) by module name.
 sys.path.insert(0, str(Path(__file__).parent))

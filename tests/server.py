@@ -33,6 +33,19 @@ class Server:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def children(self) -> list[int]:
+        """PIDs of the server's child processes (its compute process, its audit writer)."""
+        found = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text()
+                except OSError:
+                    continue  # exited meanwhile
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    found.append(int(d.name))
+        return found
+
 
 @contextmanager
 def serve(

@@ -32,7 +32,8 @@ from service.api.schemas import Health
 from service.api.state import AppState
 from service.api.v2 import router as v2_router
 from service.engine.device import configure_threads
-from service.engine.registry import Registry
+from service.engine.registry import ModelFactory, Registry
+from service.engine.worker import ComputeProcess, WorkerSpec
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -47,22 +48,27 @@ def _device(settings: Settings) -> torch.device:
 
 def build_state(settings: Settings) -> AppState:
     threads = configure_threads(settings.threads)
-    registry = Registry.with_policy(
-        settings.model_dir,
+    factory = ModelFactory(
         settings.trust_policy(),
-        device=_device(settings),
-        row_budget=settings.forward_rows,
-        fused_masks=settings.fused_masks,
-        onnx_threads=threads,
-        referral_overrides=settings.referral,
+        {
+            "device": _device(settings),
+            "row_budget": settings.forward_rows,
+            "fused_masks": settings.fused_masks,
+            "onnx_threads": threads,
+            "referral_overrides": settings.referral,
+        },
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-compute")
-    return AppState(settings=settings, registry=registry, executor=executor)
+    remote = ComputeProcess(WorkerSpec(factory, threads)) if settings.compute_process else None
+    registry = Registry(settings.model_dir, factory)
+    return AppState(settings=settings, registry=registry, executor=executor, remote=remote)
 
 
 async def shutdown(st: AppState) -> None:
     st.draining = True
     await asyncio.gather(*(b.stop(drain=True) for b in st.batchers.values()))
+    if st.remote is not None:
+        await st.remote.close()
     st.executor.shutdown(wait=True)
 
 

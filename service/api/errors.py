@@ -33,6 +33,7 @@ STATUS = {
     "deadline": 504,
     "cancelled": 499,
     "shutting_down": 503,
+    "compute_unavailable": 503,
     "audit_unavailable": 503,
     "model_error": 500,
     "bundle_error": 500,

@@ -12,24 +12,15 @@ import asyncio
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from service.api.state import AppState
 from service.engine.batcher import Batcher
-from service.engine.model import PredictParams, ServedModel
+from service.engine.compute import warm
+from service.engine.model import ServedModel
 from service.engine.registry import Entry, discover
-from service.errors import ModelNotFoundError
+from service.errors import McServeError, ModelNotFoundError
 from service.metrics import Metrics
 
 log = logging.getLogger("mcserve.lifecycle")
-
-
-def warm(model: ServedModel) -> None:
-    """One MC and one deterministic call: first-call costs never land on a client."""
-    x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
-    samples = model.manifest.defaults.samples
-    model.predict(x, PredictParams(samples=samples, confidence=(0.9,), seed=0))
-    model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))
 
 
 class ModelControl:
@@ -47,6 +38,7 @@ class ModelControl:
             max_queue_rows=s.max_queue_rows,
             max_delay_s=s.max_delay_ms / 1000.0,
             batching=s.batching,
+            remote=self.st.remote,
         )
         if self.metrics is not None:
             m = self.metrics
@@ -70,6 +62,8 @@ class ModelControl:
         )
         if entry.model is not None:
             await loop.run_in_executor(self.st.executor, warm, entry.model)
+            entry = await self._prepare_remote(entry)
+        if entry.model is not None:
             self._attach(entry.model)
         self.st.registry.add(entry)
         log.info(
@@ -78,12 +72,27 @@ class ModelControl:
         )
         return entry
 
+    async def _prepare_remote(self, entry: Entry) -> Entry:
+        """The compute process loads and warms its own copy before the model is ready."""
+        if self.st.remote is None or entry.model is None:
+            return entry
+        try:
+            await self.st.remote.prepare(entry.model)
+        except Exception as exc:
+            named = f"{type(exc).__name__}: {exc}"
+            reason = exc.message if isinstance(exc, McServeError) else named
+            log.warning("compute process refused the model", extra={"reason": reason})
+            return Entry(entry.name, entry.version, entry.path, error=f"compute process: {reason}")
+        return entry
+
     async def _retire(self, entry: Entry) -> None:
         self.st.registry.unload(entry.name, entry.version)
         batcher = self.st.batchers.get((entry.name, entry.version))
         if batcher is not None:
             await batcher.stop(drain=True)
             self.st.batchers.pop((entry.name, entry.version), None)
+        if self.st.remote is not None and entry.model is not None:
+            await self.st.remote.release(entry.model)
         if self.metrics is not None and entry.model is not None:
             m = entry.model
             self.metrics.remove_model(m.name, m.version, m.digest, "torch", m.device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from service.engine.batcher import Batcher
 from service.engine.registry import Registry
+from service.engine.worker import ComputeProcess
 from service.errors import ModelNotReadyError
 from service.settings import Settings
 
@@ -16,6 +17,7 @@ class AppState:
     settings: Settings
     registry: Registry
     executor: ThreadPoolExecutor
+    remote: ComputeProcess | None = None  # the compute process; None: the executor computes
     batchers: dict[tuple[str, str], Batcher] = field(default_factory=dict)
     started: bool = False
     draining: bool = False

@@ -54,12 +54,24 @@ def discover(root: Path) -> list[tuple[str, str | None, Path]]:
     return found
 
 
+@dataclass(frozen=True)
+class ModelFactory:
+    """Builds a served model from a bundle directory; picklable, so the compute process builds
+    its copy of each model exactly as the server built its own."""
+
+    policy: TrustPolicy
+    model_kwargs: dict[str, object]
+
+    def __call__(self, path: Path) -> ServedModel:
+        return ServedModel(load_bundle(path, self.policy), **self.model_kwargs)  # type: ignore[arg-type]
+
+
 class Registry:
     """Loaded models by name and version; thread-safe for readers and a single writer."""
 
     def __init__(self, root: Path, factory: Callable[[Path], ServedModel]) -> None:
         self.root = root
-        self._factory = factory
+        self.factory = factory
         self._entries: dict[tuple[str, str], Entry] = {}
         # Sorted views, rebuilt on every change: every request looks its model up here.
         self._sorted: list[Entry] = []
@@ -68,10 +80,7 @@ class Registry:
 
     @classmethod
     def with_policy(cls, root: Path, policy: TrustPolicy, **model_kwargs: object) -> Registry:
-        def factory(path: Path) -> ServedModel:
-            return ServedModel(load_bundle(path, policy), **model_kwargs)  # type: ignore[arg-type]
-
-        return cls(root, factory)
+        return cls(root, ModelFactory(policy, model_kwargs))
 
     def load_all(self) -> list[Entry]:
         for name, version, path in discover(self.root):
@@ -86,7 +95,7 @@ class Registry:
     def build(self, name: str, version: str | None, path: Path) -> Entry:
         """Load one bundle without registering it (so callers can warm it up first)."""
         try:
-            model = self._factory(path)
+            model = self.factory(path)
             entry = Entry(model.name, model.version, path, model=model)
             if model.name != name or (version is not None and model.version != version):
                 raise McServeError(

@@ -22,7 +22,12 @@ async def start(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest_asyncio.fixture(scope="session")
 async def app(repo: Path) -> AsyncIterator[FastAPI]:
-    application = create_app(Settings(model_dir=repo, max_instances=50, max_body_bytes=64_000))
+    # Compute on the thread: these tests hold the executor to keep requests queued (the compute
+    # process has its own tests: test_compute_process.py).
+    settings = Settings(
+        model_dir=repo, max_instances=50, max_body_bytes=64_000, compute_process=False
+    )
+    application = create_app(settings)
     async with application.router.lifespan_context(application):
         yield application
 

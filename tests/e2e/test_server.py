@@ -18,7 +18,10 @@ def first_row(name: str) -> dict[str, float]:
 
 
 def test_start_ready_predict_stop(tmp_path: Path) -> None:
-    with serve(tmp_path, env={"MCSERVE_DRAIN_GRACE_S": "0"}) as srv:
+    env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_COMPUTE_PROCESS": "true"}  # as deployed
+    with serve(tmp_path, env=env) as srv:
+        compute = srv.children()
+        assert len(compute) == 1  # the compute process (no audit writer here)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             models = {m["name"]: m["ready"] for m in c.get("/v1/models").json()["models"]}
             assert models == {"breast-cancer": True, "diabetes": True, "digits": True}
@@ -49,3 +52,4 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
             assert len(dig.json()["predictions"][0]["probabilities"]) == 10
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0, srv.output()
+        assert not Path(f"/proc/{compute[0]}").exists()  # it stopped with the server

@@ -25,6 +25,7 @@ BODY = {
 
 def test_sigterm_drains_without_losing_a_request(tmp_path: Path) -> None:
     env = {"MCSERVE_DRAIN_GRACE_S": str(GRACE_S), "MCSERVE_DRAIN_TIMEOUT_S": "20"}
+    env["MCSERVE_COMPUTE_PROCESS"] = "true"  # the default: the process drains with the server
     with serve(tmp_path, env=env) as srv:
         records: list[tuple[float, float, int]] = []  # (sent, answered, status)
         lock = threading.Lock()

@@ -1,0 +1,260 @@
+"""The compute process: one per device, so that compute and HTTP do not share one interpreter.
+
+On the compute thread, the Monte Carlo work needs the GIL for its Python between numpy and torch
+calls, about fifty times a batch; while the event loop is busy each of those waits for the
+interpreter's switch interval (5 ms). Measured on 2 cores: a 64-request batch that takes 2.5 ms
+alone took 234 ms beside a busy loop, so under load compute ran only while the loop sat idle and
+the two alternated on one core (process CPU 1.0 core, the second core idle). Here the work runs
+in a child process, the way Triton's Python backend runs a model in a stub process: the event
+loop writes each batch to a Unix socket and reads the answers back without a thread of its own,
+so nothing in the server waits for the GIL.
+
+The child builds its own copy of each model from the same bundle and settings (`ModelFactory`),
+checks that its digest is the one the server loaded, and runs `compute.run`, the function the
+compute thread runs: the numbers are the same (tested). It ignores SIGINT and SIGTERM (the server
+drains first) and exits when the socket closes, so it never outlives the server. If it dies,
+the batches it held fail with 503 and the next batch starts a new one.
+
+Frames: 8 bytes of length, then a pickle of (id, op, args) one way and (id, ok, value) back.
+Pickle is safe here: both ends are this program, over a socket pair no one else holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, fields
+from typing import Any
+
+from service.engine.compute import Outcome, Work, run, warm
+from service.engine.model import ServedModel
+from service.engine.registry import ModelFactory
+from service.errors import ComputeUnavailableError, McServeError
+
+log = logging.getLogger("mcserve.worker")
+HEADER = 8
+Key = tuple[str, str, str]  # name, version, digest
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the child needs to build the models the server built."""
+
+    factory: ModelFactory
+    threads: int  # torch intra-op threads, as the server would have used
+
+
+def key_of(model: ServedModel) -> Key:
+    return (model.name, model.version, model.digest)
+
+
+def _frame(obj: object) -> bytes:
+    data = pickle.dumps(obj, protocol=5)
+    return len(data).to_bytes(HEADER, "big") + data
+
+
+class ComputeProcess:
+    """The server's side: started lazily, fed and read by the event loop, restarted on death."""
+
+    def __init__(self, spec: WorkerSpec, start_timeout_s: float = 300.0) -> None:
+        self.spec = spec
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._starting: asyncio.Lock | None = None
+        self._closing = False
+
+    @property
+    def alive(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls sent and not yet answered."""
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Start the child if it is not running (at start-up, and after it died)."""
+        self._starting = self._starting or asyncio.Lock()
+        async with self._starting:
+            if self.alive:
+                return
+            ours, theirs = socket.socketpair()
+            cmd = [sys.executable, "-m", "service.engine.worker", str(theirs.fileno())]
+            self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            theirs.close()
+            self.starts += 1
+            reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+            pid = await asyncio.wait_for(self._call("hello", self.spec), self.start_timeout_s)
+            log.info("compute process started", extra={"pid": pid, "starts": self.starts})
+
+    async def prepare(self, model: ServedModel) -> None:
+        """Load and warm the child's copy of `model` (raises if it cannot: the model is not
+        ready then)."""
+        await self._call("prepare", key_of(model), model.bundle.path)
+
+    async def release(self, model: ServedModel) -> None:
+        if self.alive:
+            await self._call("release", key_of(model))
+
+    async def compute(self, model: ServedModel, works: list[Work]) -> list[Outcome]:
+        """`compute.run(model, works)` in the child; its engine counters are added to
+        `model.sampler.stats` here, so the server's counters count the child's work."""
+        results, counts = await self._call("compute", key_of(model), model.bundle.path, works)
+        if counts:
+            model.sampler.stats.add(**counts)
+        return list(results)
+
+    async def _call(self, op: str, *args: object) -> Any:
+        if self._closing:
+            raise ComputeUnavailableError("the server is shutting down; retry on another replica")
+        if not self.alive and op != "hello":
+            await self.start()
+        assert self._writer is not None
+        ident = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = fut
+        self._writer.write(_frame((ident, op, args)))
+        return await fut
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                n = int.from_bytes(await reader.readexactly(HEADER), "big")
+                ident, ok, value = pickle.loads(await reader.readexactly(n))
+                fut = self._pending.pop(ident, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(value) if ok else fut.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the child exited or the socket closed
+        finally:
+            self._lost()
+
+    def _lost(self) -> None:
+        """Fail what the child held; the next call starts a new child."""
+        code = self.proc.poll() if self.proc is not None else None
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        pending, self._pending = self._pending, {}
+        if pending and not self._closing:
+            log.error("compute process exited", extra={"code": code, "in_flight": len(pending)})
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(
+                    ComputeUnavailableError(
+                        f"the compute process exited (code {code}) while it held this request; "
+                        "it restarts on the next request: retry"
+                    )
+                )
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        self._closing = True
+        if self._writer is not None:
+            self._writer.close()  # the child exits at end of input
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self.proc is not None:
+            try:
+                await asyncio.to_thread(self.proc.wait, timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# The child.
+
+
+class _Child:
+    def __init__(self) -> None:
+        self.spec: WorkerSpec | None = None
+        self.models: dict[Key, ServedModel] = {}
+
+    def hello(self, spec: WorkerSpec) -> int:
+        from service.engine.device import configure_threads
+
+        self.spec = spec
+        configure_threads(spec.threads)
+        return os.getpid()
+
+    def prepare(self, key: Key, path: os.PathLike[str]) -> ServedModel:
+        assert self.spec is not None
+        model = self.spec.factory(path)  # type: ignore[arg-type]
+        if key_of(model) != key:
+            raise McServeError(
+                f"{path}: the bundle on disk is {key_of(model)}, but the server loaded {key}: it "
+                "changed after the server read it; reload the model"
+            )
+        warm(model)
+        self.models[key] = model
+        gc.collect()
+        gc.freeze()  # what loading left is long-lived (see app.py)
+        return model
+
+    def release(self, key: Key) -> None:
+        self.models.pop(key, None)
+
+    def compute(
+        self, key: Key, path: os.PathLike[str], works: list[Work]
+    ) -> tuple[list[Outcome], dict[str, int]]:
+        model = self.models.get(key) or self.prepare(key, path)
+        stats = model.sampler.stats
+        names = [f.name for f in fields(stats) if not f.name.startswith("_")]
+        before = [getattr(stats, n) for n in names]
+        results = run(model, works)
+        counts = {n: getattr(stats, n) - b for n, b in zip(names, before, strict=True)}
+        return [_portable(r) for r in results], counts
+
+
+def _portable(value: Outcome) -> Outcome:
+    """An exception that would not survive pickling becomes one that does, with its text."""
+    if isinstance(value, BaseException):
+        try:
+            pickle.loads(pickle.dumps(value))
+        except Exception:
+            return RuntimeError(f"{type(value).__name__}: {value}")
+    return value
+
+
+def main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains, then closes the socket
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt)
+    child = _Child()
+    stream = socket.socket(fileno=fd).makefile("rwb")
+    while True:
+        head = stream.read(HEADER)
+        if len(head) < HEADER:
+            return  # the server closed the socket: stop
+        ident, op, args = pickle.loads(stream.read(int.from_bytes(head, "big")))
+        try:
+            value: object = getattr(child, op)(*args)
+            ok = True
+            if op == "prepare":
+                value = None  # the model stays here
+        except Exception as exc:
+            value, ok = _portable(exc), False
+        try:
+            frame = _frame((ident, ok, value))
+        except Exception as exc:  # an answer that cannot travel fails its batch, not the child
+            frame = _frame((ident, False, RuntimeError(f"unpicklable result: {exc}")))
+        stream.write(frame)
+        stream.flush()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

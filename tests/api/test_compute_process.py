@@ -1,0 +1,128 @@
+"""The compute process (service/engine/worker.py): same numbers as the thread, shared forwards,
+a death fails only what it held and the next request starts a new one, shutdown stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+from test_batching import batcher, body, state, until
+
+from service.api.app import build_state, create_app
+from service.engine.worker import ComputeProcess, WorkerSpec, _Child
+from service.errors import McServeError
+from service.settings import Settings
+
+
+def settings(repo: Path) -> Settings:
+    return Settings(model_dir=repo, max_instances=50, max_body_bytes=64_000, compute_process=True)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def process_app(repo: Path) -> AsyncIterator[FastAPI]:
+    application = create_app(settings(repo))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pclient(process_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=process_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def remote(app: FastAPI) -> ComputeProcess:
+    r = state(app).remote
+    assert r is not None and r.proc is not None
+    return r
+
+
+async def test_answers_equal_the_thread_and_share_forwards(
+    process_app: FastAPI, pclient: httpx.AsyncClient, client: httpx.AsyncClient
+) -> None:
+    assert state(process_app).remote is not None
+    rows = [[(i % 7) / 7, (i % 5) / 5, -(i % 3) / 3, 0.5] for i in range(200)]
+    # Each request alone, computed on the thread of the other app (compute_process=False).
+    alone = []
+    for i, row in enumerate(rows):
+        r = await client.post("/v1/models/clf:predict", json=body(1000 + i, row))
+        alone.append(r.json()["predictions"])
+    sampler = batcher(process_app).model.sampler  # counters the child's work is added to
+    before = sampler.stats.forwards
+    responses = await asyncio.gather(
+        *(
+            pclient.post("/v1/models/clf:predict", json=body(1000 + i, row))
+            for i, row in enumerate(rows)
+        )
+    )
+    assert all(r.status_code == 200 for r in responses)
+    assert 1 <= sampler.stats.forwards - before <= 25
+    for r, expected in zip(responses, alone, strict=True):
+        assert r.json()["predictions"] == expected  # bit for bit, from another process
+
+
+async def test_deterministic_and_bad_requests_in_the_process(pclient: httpx.AsyncClient) -> None:
+    det = {"instances": [[0.1, 0.2, 0.3, 0.4]], "parameters": {"mode": "deterministic"}}
+    r = await pclient.post("/v1/models/clf:predict", json=det)
+    assert r.status_code == 200 and r.json()["uncertainty_computed"] is False
+    bad = await pclient.post("/v1/models/clf:predict", json={"instances": [[0.1, 0.2]]})
+    assert bad.status_code == 422  # refused here, before anything travels
+
+
+async def test_death_fails_what_it_held_then_a_new_process_serves(
+    process_app: FastAPI, pclient: httpx.AsyncClient
+) -> None:
+    r = remote(process_app)
+    old = r.proc
+    assert old is not None
+    starts = r.starts
+    os.kill(old.pid, signal.SIGSTOP)  # hold the request inside the process
+    try:
+        held = asyncio.ensure_future(
+            pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        )
+        await until(lambda: r.in_flight == 1)  # sent: it is in the process now
+    finally:
+        os.kill(old.pid, signal.SIGKILL)
+    lost = await held
+    assert lost.status_code == 503
+    assert lost.json()["error"] == (
+        "the compute process exited (code -9) while it held this request; it restarts on the "
+        "next request: retry"
+    )
+    assert "request_id" in lost.json()
+    again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+    assert again.status_code == 200, again.text
+    assert r.starts == starts + 1 and r.proc is not old
+
+
+async def test_shutdown_stops_the_process(repo: Path) -> None:
+    app = create_app(settings(repo))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            r = await c.post("/v1/models/reg:predict", json=body(1, [0.0, 0.0, 0.0]))
+            assert r.status_code == 200, r.text
+        proc: Any = remote(app).proc
+    assert proc is not None and proc.returncode == 0  # it ended at end of input, not killed
+
+
+def test_child_refuses_a_bundle_that_changed(repo: Path) -> None:
+    st = build_state(settings(repo))
+    assert st.remote is not None
+    spec: WorkerSpec = st.remote.spec
+    child = _Child()
+    assert child.hello(spec) == os.getpid()
+    with pytest.raises(McServeError) as err:
+        child.prepare(("clf", "1", "sha256:not-this-one"), repo / "clf" / "1")
+    assert "changed after the server read it; reload the model" in err.value.message
+    st.executor.shutdown()

@@ -6,9 +6,11 @@
 Servers, all up at once and hit in a random order each round (wrk in its own process, one
 instance per request, T = 100): `raw` (a bare ASGI app under the same uvicorn settings that
 parses the same request model: uvicorn's own floor), `echo` (bench/echo.py: FastAPI, the
-ceiling the HTTP targets are set against), `mcserve` (this tree) and, with --baseline-tree,
+ceiling the HTTP targets are set against), `mcserve` (this tree), `thread` (this tree with the
+compute on a thread of the server: MCSERVE_COMPUTE_PROCESS=false) and, with --baseline-tree,
 mcserve from another checkout (e.g. `git worktree add /tmp/base <commit>`). For each: requests/s,
-p99, and the server's CPU time (all its threads, user + system, from /proc) per request. Medians.
+p99, and the server's CPU time (all its threads and its compute process, user + system, from
+/proc) per request. Medians.
 """
 
 from __future__ import annotations
@@ -29,10 +31,27 @@ from bench.load import instance, start, stop, wrk
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
+    """(user, system) CPU seconds of a process, all threads, and of its running children (the
+    compute process)."""
+    pids = [pid]
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int(_stat(int(d.name))[1]) == pid:
+                    pids.append(int(d.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+    user = system = 0.0
+    for p in pids:
+        fields = _stat(p)
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
 
 
 def servers(baseline: Path | None) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
@@ -40,6 +59,7 @@ def servers(baseline: Path | None) -> dict[str, tuple[subprocess.Popen[bytes], i
         "raw": start("raw", {}, [sys.executable, "-m", "bench.echo", "--raw"]),
         "echo": start("echo", {}),
         "mcserve": start("on", {}),
+        "thread": start("thread", {"MCSERVE_COMPUTE_PROCESS": "false"}),
     }
     if baseline is not None:
         cmd = [sys.executable, "-m", "service", "serve", "--log-level", "warning"]

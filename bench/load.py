@@ -5,8 +5,9 @@
 
 For each model it measures, interleaved in each repeat: (a) the echo endpoint (bench/echo.py,
 same uvicorn settings, no middleware, parses the same request model, fixed small JSON: the
-HTTP ceiling), (b) mcserve with batching off, (c) mcserve with batching on. Medians of the
-repeats. Every server is a real process on 127.0.0.1, stopped by its own PID.
+HTTP ceiling), (b) mcserve with batching off, (c) mcserve with batching on, (d) mcserve with
+batching on and the compute on a thread of the server instead of the compute process (the
+default until 2026-11-27). Medians of the repeats. Every server is a real process on 127.0.0.1, stopped by its own PID.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["breast-cancer", "digits"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--samples", nargs="+", type=int, default=[100])
-    ap.add_argument("--variants", nargs="+", default=["echo", "off", "on"])
+    ap.add_argument("--variants", nargs="+", default=["echo", "off", "on", "thread"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     envs = {
@@ -153,6 +154,7 @@ def main() -> None:
         "off": {"MCSERVE_BATCHING": "false"},
         "on": {},
         "torch-masks": {"MCSERVE_FUSED_MASKS": "false"},  # batching on, masks by torch ops
+        "thread": {"MCSERVE_COMPUTE_PROCESS": "false"},  # batching on, compute on a thread
     }
     servers = {v: start(v, envs[v]) for v in args.variants}
     results: dict[str, list[dict[str, float]]] = {}

@@ -7,7 +7,8 @@ For each model it measures, interleaved in each repeat: (a) the echo endpoint (b
 same uvicorn settings, no middleware, parses the same request model, fixed small JSON: the
 HTTP ceiling), (b) mcserve with batching off, (c) mcserve with batching on, (d) mcserve with
 batching on and the compute on a thread of the server instead of the compute process (the
-default until 2026-11-27). Medians of the repeats. Every server is a real process on 127.0.0.1, stopped by its own PID.
+default until 2026-11-27). Medians of the repeats. Every server is a real process on
+127.0.0.1, stopped by its own PID.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ Pickle is safe here: both ends are this program, over a socket pair no one else 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
@@ -145,7 +146,12 @@ class ComputeProcess:
 
     def _lost(self) -> None:
         """Fail what the child held; the next call starts a new child."""
-        code = self.proc.poll() if self.proc is not None else None
+        code = None
+        if self.proc is not None and not self._closing:
+            # Its socket closes just before it exits: give it a moment (a rare path). If it
+            # lives on without its socket, close() ends it.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.proc.wait(0.5)
         if self._writer is not None:
             self._writer.close()
         self._writer = None
@@ -201,7 +207,8 @@ class _Child:
         warm(model)
         self.models[key] = model
         gc.collect()
-        gc.freeze()  # what loading left is long-lived (see app.py)
+        gc.freeze()  # what loading left is long-lived (see app.py), and, as there, young
+        gc.set_threshold(50_000, *gc.get_threshold()[1:])  # collections every 50,000 objects
         return model
 
     def release(self, key: Key) -> None:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # the GIL behind the event loop and the two took turns on one core (about 1.5x fewer
     # requests/s at concurrency 64 on 2 cores). Off: one process, one model copy less.
     compute_process: bool = True
+    # With the compute process: the rows of one batch of the pipeline (up to 4 in flight; a
+    # single larger request still goes whole). See service/engine/batcher.py.
+    slice_rows: int = Field(default=1600, ge=1)
     max_queue_rows: int = Field(default=2_000_000, ge=1)
     max_delay_ms: float = Field(default=0.0, ge=0.0)
 

@@ -39,6 +39,7 @@ class ModelControl:
             max_delay_s=s.max_delay_ms / 1000.0,
             batching=s.batching,
             remote=self.st.remote,
+            slice_rows=s.slice_rows,
         )
         if self.metrics is not None:
             m = self.metrics

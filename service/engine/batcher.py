@@ -82,15 +82,19 @@ class Batcher:
         batching: bool = True,
         clock: Clock = time.monotonic,
         remote: ComputeProcess | None = None,
+        slice_rows: int = 1600,
     ) -> None:
         self.model = model
         self._executor = executor
         self.remote = remote  # the compute process; None: compute on the executor's thread
-        # Batches in flight. With the compute process, two: one computes there while the next
-        # forms here (with one, the event loop and the process took turns, measured: the loop
-        # sat idle a quarter of the time at concurrency 64). On the thread, one: a second batch
-        # would only wait for the same worker, and would not grow meanwhile.
-        self._depth = 2 if remote is not None else 1
+        # With the compute process, a pipeline: batches of at most `slice_rows` rows, up to four
+        # in flight, so the process always has the next batch while the event loop answers the
+        # last. Measured at concurrency 64 (2 cores, T = 100): whole-queue batches left the loop
+        # idle a quarter of the time, waiting for the process; slices of 1,600 rows (16 such
+        # requests) gave 1.2x the requests/s, slices of 800 less (the per-batch cost). On the
+        # thread, one batch: a second would only wait for the same worker.
+        self._depth = 4 if remote is not None else 1
+        self.slice_rows = slice_rows if remote is not None else max_batch_rows
         self._in_flight: dict[asyncio.Future[None], int] = {}  # batch -> its rows
         self.max_batch_rows = max_batch_rows
         self.max_queue_rows = max_queue_rows
@@ -183,6 +187,7 @@ class Batcher:
         batch: list[_Item] = []
         rows = 0
         now = self.clock()
+        limit = min(self.max_batch_rows, self.slice_rows)
         while self._queue:
             item = self._queue[0]
             if item.future.done():  # cancelled by a disconnected client
@@ -196,7 +201,7 @@ class Batcher:
                 self.stats.expired += 1
                 item.future.set_exception(DeadlineExceededError(EXPIRED))
                 continue
-            if batch and (rows + item.rows > self.max_batch_rows or not self.batching):
+            if batch and (rows + item.rows > limit or not self.batching):
                 break
             self._queue.popleft()
             batch.append(item)
@@ -223,16 +228,7 @@ class Batcher:
                 task.add_done_callback(self._landed)
 
     def _may_send(self) -> bool:
-        """Send now? Always when nothing computes. Beside a batch in flight, only once the next
-        is at least half its size: sent at once, the second batch was a request or two, and the
-        batches stayed small (measured: a quarter of them single requests, and 40 % more event
-        loop time per request); waited for, the two settle into halves that take turns."""
-        if not self._in_flight:
-            return True
-        if len(self._in_flight) >= self._depth:
-            return False
-        waiting = self.stats.queue_rows - sum(self._in_flight.values())
-        return 2 * waiting >= max(self._in_flight.values())
+        return len(self._in_flight) < self._depth
 
     def _landed(self, task: asyncio.Future[None]) -> None:
         self._in_flight.pop(task, None)

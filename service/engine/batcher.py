@@ -141,6 +141,7 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         for item in self._queue:
+            self.stats.queue_rows -= item.rows
             if not item.future.done():
                 item.future.set_exception(ShuttingDownError("the server is shutting down"))
         self._queue.clear()
@@ -260,8 +261,7 @@ class Batcher:
         self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
         self.stats.batches += 1
         self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows]
-        if self.on_batch is not None:
-            self.on_batch(rows, elapsed)
+        _observe(self.on_batch, rows, elapsed)
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
             if item.future.done():
@@ -275,8 +275,7 @@ class Batcher:
                 "compute_s": elapsed,
                 "batch_rows": float(rows),
             }
-            if self.on_result is not None:
-                self.on_result(res, int(item.x.shape[0]))
+            _observe(self.on_result, res, int(item.x.shape[0]))
             self.stats.completed += 1
             item.future.set_result(res)
 
@@ -309,6 +308,15 @@ class Batcher:
         works = _works(batch, live)
         done = await self.remote.compute(self.model, works) if works else []
         return _merge(out, live, done)
+
+
+def _observe(hook: Callable[..., None] | None, *args: object) -> None:
+    """A metrics hook: its failure is logged, never a lost answer."""
+    if hook is not None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("metrics hook failed")
 
 
 def _works(batch: list[_Item], live: list[int]) -> list[Work]:

@@ -26,22 +26,27 @@ import contextlib
 import gc
 import itertools
 import logging
+import math
 import os
 import pickle
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
-from service.errors import ComputeUnavailableError, McServeError
+from service.errors import ComputeUnavailableError, McServeError, ModelNotReadyError
 
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
+RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
+_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds `service`
 Key = tuple[str, str, str]  # name, version, digest
 
 
@@ -75,11 +80,15 @@ class ComputeProcess:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._starting: asyncio.Lock | None = None
+        self._ready = False  # greeted; calls may go
         self._closing = False
+        self._failed_at = -math.inf  # when a start last failed, and why
+        self._failure = ""
 
     @property
     def alive(self) -> bool:
-        return self._writer is not None
+        """Started and greeted: calls may go."""
+        return self._ready
 
     @property
     def in_flight(self) -> int:
@@ -90,16 +99,37 @@ class ComputeProcess:
         """Start the child if it is not running (at start-up, and after it died)."""
         self._starting = self._starting or asyncio.Lock()
         async with self._starting:
-            if self.alive:
+            if self._ready:
                 return
+            if self._closing:
+                raise ComputeUnavailableError("the server is shutting down; retry elsewhere")
+            now = time.monotonic()
+            if now - self._failed_at < RESTART_PAUSE_S:  # no spawn storm from a broken start
+                raise ComputeUnavailableError(
+                    f"the compute process failed to start ({self._failure}); retry shortly"
+                )
             ours, theirs = socket.socketpair()
+            env = dict(os.environ)  # found from any directory, as the server was
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
             cmd = [sys.executable, "-m", "service.engine.worker", str(theirs.fileno())]
-            self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-            theirs.close()
+            try:
+                self.proc = subprocess.Popen(
+                    cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env
+                )
+            finally:
+                theirs.close()
             self.starts += 1
             reader, self._writer = await asyncio.open_unix_connection(sock=ours)
             self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
-            pid = await asyncio.wait_for(self._call("hello", self.spec), self.start_timeout_s)
+            try:  # the greeting goes first: no other call is written before it
+                pid = await asyncio.wait_for(self._send("hello", self.spec), self.start_timeout_s)
+            except BaseException as exc:
+                self._failed_at, self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}"
+                self._lost()  # kills it if it hangs, fails anything it held
+                raise ComputeUnavailableError(
+                    f"the compute process failed to start ({self._failure}); retry shortly"
+                ) from exc
+            self._ready = True
             log.info("compute process started", extra={"pid": pid, "starts": self.starts})
 
     async def prepare(self, model: ServedModel) -> None:
@@ -108,8 +138,10 @@ class ComputeProcess:
         await self._call("prepare", key_of(model), model.bundle.path)
 
     async def release(self, model: ServedModel) -> None:
-        if self.alive:
-            await self._call("release", key_of(model))
+        """Drop the child's copy (nothing to do if it is gone: a new one loads what it needs)."""
+        if self._ready:
+            with contextlib.suppress(McServeError):
+                await self._call("release", key_of(model))
 
     async def compute(self, model: ServedModel, works: list[Work]) -> list[Outcome]:
         """`compute.run(model, works)` in the child; its engine counters are added to
@@ -122,9 +154,13 @@ class ComputeProcess:
     async def _call(self, op: str, *args: object) -> Any:
         if self._closing:
             raise ComputeUnavailableError("the server is shutting down; retry on another replica")
-        if not self.alive and op != "hello":
+        if not self._ready:
             await self.start()
-        assert self._writer is not None
+        return await self._send(op, *args)
+
+    async def _send(self, op: str, *args: object) -> Any:
+        if self._writer is None:
+            raise ComputeUnavailableError("the compute process stopped; retry")
         ident = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
@@ -146,23 +182,26 @@ class ComputeProcess:
 
     def _lost(self) -> None:
         """Fail what the child held; the next call starts a new child."""
-        code = None
-        if self.proc is not None and not self._closing:
-            # Its socket closes just before it exits: give it a moment (a rare path). If it
-            # lives on without its socket, close() ends it.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = self.proc.wait(0.5)
+        self._ready = False
         if self._writer is not None:
             self._writer.close()
         self._writer = None
+        code = None
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None and not self._closing:  # exiting, or hung without its socket
+                self.proc.kill()
+                dead = self.proc
+                asyncio.get_running_loop().run_in_executor(None, dead.wait)  # reap, off the loop
         pending, self._pending = self._pending, {}
         if pending and not self._closing:
-            log.error("compute process exited", extra={"code": code, "in_flight": len(pending)})
+            log.error("compute process stopped", extra={"code": code, "in_flight": len(pending)})
+        exit_code = f" (exit code {code})" if code is not None else ""
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(
                     ComputeUnavailableError(
-                        f"the compute process exited (code {code}) while it held this request; "
+                        f"the compute process stopped{exit_code} while it held this request; "
                         "it restarts on the next request: retry"
                     )
                 )
@@ -199,8 +238,8 @@ class _Child:
     def prepare(self, key: Key, path: os.PathLike[str]) -> ServedModel:
         assert self.spec is not None
         model = self.spec.factory(path)  # type: ignore[arg-type]
-        if key_of(model) != key:
-            raise McServeError(
+        if key_of(model) != key:  # 503 with the fix; the server's copy stays as it was
+            raise ModelNotReadyError(
                 f"{path}: the bundle on disk is {key_of(model)}, but the server loaded {key}: it "
                 "changed after the server read it; reload the model"
             )
@@ -236,9 +275,20 @@ def _portable(value: Outcome) -> Outcome:
     return value
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL when the server dies, even if this process hangs and never reads EOF."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not glibc: end of input still ends it
+
+
 def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains, then closes the socket
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt)
     child = _Child()

@@ -214,3 +214,21 @@ async def test_sampler_failure_isolated(
         await until(lambda: batcher(app).stats.queue_rows == 200)
     assert (await good).status_code == 200
     assert (await bad).status_code == 500
+
+
+async def test_a_failing_metrics_hook_loses_no_answer(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    b = batcher(app)
+    saved = b.on_result
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("metrics down")
+
+    b.on_result = broken
+    try:
+        r = await client.post("/v1/models/clf:predict", json=body(9, [0.0, 0.0, 0.0, 0.0]))
+    finally:
+        b.on_result = saved
+    assert r.status_code == 200, r.text
+    assert b.stats.queue_rows == 0

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from test_batching import batcher, body, state, until
 
 from service.api.app import build_state, create_app
-from service.engine.worker import ComputeProcess, WorkerSpec, _Child
-from service.errors import McServeError
+from service.engine.worker import RESTART_PAUSE_S, ComputeProcess, WorkerSpec, _Child
+from service.errors import ComputeUnavailableError, ModelNotReadyError
 from service.settings import Settings
 
 
@@ -95,10 +95,9 @@ async def test_death_fails_what_it_held_then_a_new_process_serves(
         os.kill(old.pid, signal.SIGKILL)
     lost = await held
     assert lost.status_code == 503
-    assert lost.json()["error"] == (
-        "the compute process exited (code -9) while it held this request; it restarts on the "
-        "next request: retry"
-    )
+    message = lost.json()["error"]
+    assert message.startswith("the compute process stopped"), message
+    assert message.endswith("while it held this request; it restarts on the next request: retry")
     assert "request_id" in lost.json()
     again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
     assert again.status_code == 200, again.text
@@ -122,7 +121,30 @@ def test_child_refuses_a_bundle_that_changed(repo: Path) -> None:
     spec: WorkerSpec = st.remote.spec
     child = _Child()
     assert child.hello(spec) == os.getpid()
-    with pytest.raises(McServeError) as err:
+    with pytest.raises(ModelNotReadyError) as err:
         child.prepare(("clf", "1", "sha256:not-this-one"), repo / "clf" / "1")
     assert "changed after the server read it; reload the model" in err.value.message
     st.executor.shutdown()
+
+
+async def test_a_start_that_hangs_is_killed_and_retried_after_a_pause(process_app: FastAPI) -> None:
+    spec = remote(process_app).spec
+    r = ComputeProcess(spec, start_timeout_s=0.01)  # no interpreter greets within 10 ms
+    model = batcher(process_app).model
+    with pytest.raises(ComputeUnavailableError) as first:
+        await r.prepare(model)
+    assert first.value.message.startswith("the compute process failed to start (TimeoutError")
+    hung = r.proc
+    assert hung is not None
+    await until(lambda: hung.poll() is not None)  # killed, not left running
+    assert not r.alive and r.starts == 1
+    with pytest.raises(ComputeUnavailableError):  # within the pause: no new process
+        await r.prepare(model)
+    assert r.starts == 1
+    await r.release(model)  # nothing to release: no error
+    r.start_timeout_s = 300.0
+    await asyncio.sleep(RESTART_PAUSE_S)
+    await r.prepare(model)  # after the pause it starts again, and serves
+    assert r.alive and r.starts == 2
+    await r.close()
+    assert r.proc is not None and r.proc.returncode == 0

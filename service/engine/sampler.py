@@ -258,21 +258,32 @@ class _RowMap:
                 for layer in range(layers)
             ]
             return
-        b = torch.tensor([r.x.shape[0] for r in requests], dtype=torch.int64)
-        offsets = torch.tensor(np.cumsum([0, *[r.x.shape[0] for r in requests]])[:-1])
-        row_req = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
-        local = torch.arange(self.total) - torch.tensor(self.starts[:-1])[row_req]
-        b_row = b[row_req]
-        t = torch.div(local, b_row, rounding_mode="floor")
-        i = local - t * b_row
-        self.prefix_row = (offsets[row_req] + i).to(device)
-        self.base = counter_base(t, i).to(device)
+        shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
+        build = _cached_batch_layout if self.total <= _CACHED_ROWS else _batch_layout
+        self.prefix_row, self.base, row_req = build(shapes, device)
         self.keys = [
             torch.tensor([signed_key(r.seed, layer) for r in requests], dtype=torch.int64)[
                 row_req
             ].to(device)
             for layer in range(layers)
         ]
+
+
+def _batch_layout(
+    shapes: tuple[tuple[int, int], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
+    requests of these (samples, inputs), one after the other, each pass-major."""
+    counts = [t * b for t, b in shapes]
+    starts = np.cumsum([0, *counts])
+    b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
+    offsets = torch.tensor(np.cumsum([0, *[b for _, b in shapes]])[:-1])
+    row_req = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(counts))
+    local = torch.arange(int(starts[-1])) - torch.tensor(starts[:-1])[row_req]
+    b_row = b[row_req]
+    t = torch.div(local, b_row, rounding_mode="floor")
+    i = local - t * b_row
+    return (offsets[row_req] + i).to(device), counter_base(t, i).to(device), row_req
 
 
 def _single_layout(samples: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +298,10 @@ def _single_layout(samples: int, b: int, device: torch.device) -> tuple[torch.Te
 # 16,384 rows: 8 MiB); the tensors are only read.
 _CACHED_ROWS = 16384
 _cached_layout = functools.lru_cache(maxsize=32)(_single_layout)
+# The same under load, by the batch's shapes: with the compute process's slices of 16 requests
+# of one input each, building it was a tenth of a digits batch (0.22 of 1.95 ms). At most 32
+# layouts of 16,384 rows: 12 MiB.
+_cached_batch_layout = functools.lru_cache(maxsize=32)(_batch_layout)
 
 
 def default_device() -> torch.device:

@@ -48,18 +48,21 @@ def _device(settings: Settings) -> torch.device:
 
 def build_state(settings: Settings) -> AppState:
     threads = configure_threads(settings.threads)
-    factory = ModelFactory(
-        settings.trust_policy(),
-        {
-            "device": _device(settings),
-            "row_budget": settings.forward_rows,
-            "fused_masks": settings.fused_masks,
-            "onnx_threads": threads,
-            "referral_overrides": settings.referral,
-        },
-    )
+    model_kwargs: dict[str, object] = {
+        "device": _device(settings),
+        "row_budget": settings.forward_rows,
+        "fused_masks": settings.fused_masks,
+        "onnx_threads": threads,
+        "referral_overrides": settings.referral,
+    }
+    factory = ModelFactory(settings.trust_policy(), model_kwargs)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-compute")
-    remote = ComputeProcess(WorkerSpec(factory, threads)) if settings.compute_process else None
+    remote = None
+    if settings.compute_process:
+        remote = ComputeProcess(WorkerSpec(factory, threads))
+        # The server's own copies only describe the models and check requests; the compute
+        # process computes. Without the mask kernel they never load numba (about 166 MiB).
+        factory = ModelFactory(factory.policy, {**model_kwargs, "fused_masks": False})
     registry = Registry(settings.model_dir, factory)
     return AppState(settings=settings, registry=registry, executor=executor, remote=remote)
 

@@ -61,9 +61,9 @@ class ModelControl:
         entry = await loop.run_in_executor(
             self.st.executor, self.st.registry.build, name, version, path
         )
-        if entry.model is not None:
+        if entry.model is not None and self.st.remote is None:
             await loop.run_in_executor(self.st.executor, warm, entry.model)
-            entry = await self._prepare_remote(entry)
+        entry = await self._prepare_remote(entry)  # with the process, it warms its own copy
         if entry.model is not None:
             self._attach(entry.model)
         self.st.registry.add(entry)

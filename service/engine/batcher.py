@@ -4,8 +4,9 @@ Shaped like Ray Serve's `@serve.batch`. The queue is bounded in rows (instances 
 request that does not fit is refused at once with an estimate of the drain time. When the compute
 worker is idle it takes whatever is queued at once (a timer would only add latency: measured, a
 2 ms timer cost 4 ms at concurrency 1); while it computes, requests accumulate into the next
-batch, up to a row budget. Expired and cancelled requests are dropped before compute. One
-request's failure fails that request only.
+batch, up to a row budget. With the compute process (worker.py) batches form a pipeline instead:
+slices of at most `slice_rows` rows, up to four in flight. Expired and cancelled requests are
+dropped before compute. One request's failure fails that request only.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Batcher:
         # thread, one batch: a second would only wait for the same worker.
         self._depth = 4 if remote is not None else 1
         self.slice_rows = slice_rows if remote is not None else max_batch_rows
-        self._in_flight: dict[asyncio.Future[None], int] = {}  # batch -> its rows
+        self._in_flight: set[asyncio.Future[None]] = set()
         self.max_batch_rows = max_batch_rows
         self.max_queue_rows = max_queue_rows
         self.max_delay_s = max_delay_s
@@ -225,14 +226,14 @@ class Batcher:
                     continue
                 rows = sum(i.rows for i in batch)
                 task = asyncio.ensure_future(self._process(batch, rows))
-                self._in_flight[task] = rows
+                self._in_flight.add(task)
                 task.add_done_callback(self._landed)
 
     def _may_send(self) -> bool:
         return len(self._in_flight) < self._depth
 
     def _landed(self, task: asyncio.Future[None]) -> None:
-        self._in_flight.pop(task, None)
+        self._in_flight.discard(task)
         if self._queue:
             self._wakeup.set()  # what waited for this batch can go now
 

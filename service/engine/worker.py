@@ -120,7 +120,8 @@ class ComputeProcess:
                 theirs.close()
             self.starts += 1
             reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-            self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+            reading = self._read(reader, self.starts)
+            self._reader_task = asyncio.get_running_loop().create_task(reading)
             try:  # the greeting goes first: no other call is written before it
                 pid = await asyncio.wait_for(self._send("hello", self.spec), self.start_timeout_s)
             except BaseException as exc:
@@ -167,7 +168,7 @@ class ComputeProcess:
         self._writer.write(_frame((ident, op, args)))
         return await fut
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, generation: int) -> None:
         try:
             while True:
                 n = int.from_bytes(await reader.readexactly(HEADER), "big")
@@ -178,7 +179,8 @@ class ComputeProcess:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the child exited or the socket closed
         finally:
-            self._lost()
+            if generation == self.starts:  # not a process already replaced
+                self._lost()
 
     def _lost(self) -> None:
         """Fail what the child held; the next call starts a new child."""

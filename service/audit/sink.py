@@ -21,10 +21,8 @@ terminal's Ctrl-C (it has its own session): the server flushes the queue through
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 from multiprocessing.connection import Connection
@@ -33,8 +31,7 @@ from typing import Any
 
 from service.audit.rows import Message, RowContext, row
 from service.audit.store import Store, StoreError, open_store
-
-_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the `service` package
+from service.child import spawn
 
 
 class SinkClient:
@@ -53,19 +50,8 @@ class SinkClient:
     def start(self) -> str:
         """Start the process; it opens and migrates the store. Returns the store's description."""
         self.kill()
-        parent, child = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "service.audit.sink", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        finally:
-            child.close()
+        # Its own session: a terminal's Ctrl-C reaches the server, which decides when this ends.
+        self._proc, parent = spawn("service.audit.sink", new_session=True)
         self._conn = Connection(parent.detach())
         reply = self._call(self.config)
         if reply[0] != "ready":

@@ -1,4 +1,4 @@
-"""The compute process: one per device, so that compute and HTTP do not share one interpreter.
+"""The compute process: one per server (so per device): compute and HTTP in two interpreters.
 
 On the compute thread, the Monte Carlo work needs the GIL for its Python between numpy and torch
 calls, about fifty times a batch; while the event loop is busy each of those waits for the
@@ -35,9 +35,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
+from service.child import spawn
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
@@ -46,7 +46,6 @@ from service.errors import ComputeUnavailableError, McServeError, ModelNotReadyE
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
-_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds `service`
 Key = tuple[str, str, str]  # name, version, digest
 
 
@@ -108,16 +107,7 @@ class ComputeProcess:
                 raise ComputeUnavailableError(
                     f"the compute process failed to start ({self._failure}); retry shortly"
                 )
-            ours, theirs = socket.socketpair()
-            env = dict(os.environ)  # found from any directory, as the server was
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
-            cmd = [sys.executable, "-m", "service.engine.worker", str(theirs.fileno())]
-            try:
-                self.proc = subprocess.Popen(
-                    cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env
-                )
-            finally:
-                theirs.close()
+            self.proc, ours = spawn("service.engine.worker")
             self.starts += 1
             reader, self._writer = await asyncio.open_unix_connection(sock=ours)
             reading = self._read(reader, self.starts)

@@ -247,20 +247,16 @@ class _RowMap:
         counts = [r.rows for r in requests]
         self.starts = np.cumsum([0, *counts])
         self.total = int(self.starts[-1])
-        if len(requests) == 1:  # the common case at low load: a cached layout, fresh keys
-            r = requests[0]
-            layout = _cached_layout if self.total <= _CACHED_ROWS else _single_layout
-            self.prefix_row, self.base = layout(r.samples, int(r.x.shape[0]), device)
+        shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
+        build = _cached_layout if self.total <= _CACHED_ROWS else _layout
+        self.prefix_row, self.base, row_req = build(shapes, device)
+        if len(requests) == 1:  # the common case at low load: one key per layer, no gather
+            seed = requests[0].seed
             self.keys = [
-                torch.full(
-                    (self.total,), signed_key(r.seed, layer), dtype=torch.int64, device=device
-                )
+                torch.full((self.total,), signed_key(seed, layer), dtype=torch.int64, device=device)
                 for layer in range(layers)
             ]
             return
-        shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
-        build = _cached_batch_layout if self.total <= _CACHED_ROWS else _batch_layout
-        self.prefix_row, self.base, row_req = build(shapes, device)
         self.keys = [
             torch.tensor([signed_key(r.seed, layer) for r in requests], dtype=torch.int64)[
                 row_req
@@ -269,11 +265,12 @@ class _RowMap:
         ]
 
 
-def _batch_layout(
+def _layout(
     shapes: tuple[tuple[int, int], ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
-    requests of these (samples, inputs), one after the other, each pass-major."""
+    requests of these (samples, inputs), one after the other, each pass-major (row = t * b + i
+    within a request)."""
     counts = [t * b for t, b in shapes]
     starts = np.cumsum([0, *counts])
     b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
@@ -286,22 +283,12 @@ def _batch_layout(
     return (offsets[row_req] + i).to(device), counter_base(t, i).to(device), row_req
 
 
-def _single_layout(samples: int, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix row and counter base of each row of one request (pass-major: row = t * b + i)."""
-    t = torch.arange(samples, dtype=torch.int64).repeat_interleave(b)
-    i = torch.arange(b, dtype=torch.int64).repeat(samples)
-    return i.to(device), counter_base(t, i).to(device)
-
-
-# Cached by shape: at low load every batch is one request of the same shape, and building the
-# layout took 50-150 us per call (a tenth of a 1 ms answer). Small layouts only (at most 32 of
-# 16,384 rows: 8 MiB); the tensors are only read.
+# Cached by the batch's shapes: at low load every batch is one request of the same shape, and
+# building the layout took 50-150 us per call (a tenth of a 1 ms answer); under load, with the
+# compute process's slices of 16 one-input requests, it was a tenth of a digits batch (0.22 of
+# 1.95 ms). Small layouts only: at most 64 of 16,384 rows (25 MiB); the tensors are only read.
 _CACHED_ROWS = 16384
-_cached_layout = functools.lru_cache(maxsize=32)(_single_layout)
-# The same under load, by the batch's shapes: with the compute process's slices of 16 requests
-# of one input each, building it was a tenth of a digits batch (0.22 of 1.95 ms). At most 32
-# layouts of 16,384 rows: 12 MiB.
-_cached_batch_layout = functools.lru_cache(maxsize=32)(_batch_layout)
+_cached_layout = functools.lru_cache(maxsize=64)(_layout)
 
 
 def default_device() -> torch.device:

@@ -41,12 +41,14 @@ from service.child import spawn
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
+from service.engine.sampler import SamplerStats
 from service.errors import ComputeUnavailableError, McServeError, ModelNotReadyError
 
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
 Key = tuple[str, str, str]  # name, version, digest
+_COUNTERS = [f.name for f in fields(SamplerStats) if not f.name.startswith("_")]
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,10 @@ class _Child:
         configure_threads(spec.threads)
         return os.getpid()
 
-    def prepare(self, key: Key, path: os.PathLike[str]) -> ServedModel:
+    def prepare(self, key: Key, path: os.PathLike[str]) -> None:
+        self._load(key, path)
+
+    def _load(self, key: Key, path: os.PathLike[str]) -> ServedModel:
         assert self.spec is not None
         model = self.spec.factory(path)  # type: ignore[arg-type]
         if key_of(model) != key:  # 503 with the fix; the server's copy stays as it was
@@ -248,12 +253,11 @@ class _Child:
     def compute(
         self, key: Key, path: os.PathLike[str], works: list[Work]
     ) -> tuple[list[Outcome], dict[str, int]]:
-        model = self.models.get(key) or self.prepare(key, path)
+        model = self.models.get(key) or self._load(key, path)
         stats = model.sampler.stats
-        names = [f.name for f in fields(stats) if not f.name.startswith("_")]
-        before = [getattr(stats, n) for n in names]
+        before = [getattr(stats, n) for n in _COUNTERS]
         results = run(model, works)
-        counts = {n: getattr(stats, n) - b for n, b in zip(names, before, strict=True)}
+        counts = {n: getattr(stats, n) - b for n, b in zip(_COUNTERS, before, strict=True)}
         return [_portable(r) for r in results], counts
 
 
@@ -293,8 +297,6 @@ def main(fd: int) -> None:
         try:
             value: object = getattr(child, op)(*args)
             ok = True
-            if op == "prepare":
-                value = None  # the model stays here
         except Exception as exc:
             value, ok = _portable(exc), False
         try:

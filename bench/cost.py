@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import machine, now
+from bench.common import children, machine, now
 from bench.load import instance, start, stop, wrk
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -38,14 +38,7 @@ def _stat(pid: int) -> list[str]:
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process, all threads, and of its running children (the
     compute process)."""
-    pids = [pid]
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int(_stat(int(d.name))[1]) == pid:
-                    pids.append(int(d.name))
-            except (OSError, IndexError):
-                continue  # gone meanwhile
+    pids = [pid, *children(pid)]
     user = system = 0.0
     for p in pids:
         fields = _stat(p)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import children
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,16 +37,7 @@ class Server:
 
     def children(self) -> list[int]:
         """PIDs of the server's child processes (its compute process, its audit writer)."""
-        found = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    stat = (d / "stat").read_text()
-                except OSError:
-                    continue  # exited meanwhile
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    found.append(int(d.name))
-        return found
+        return children(self.proc.pid)
 
 
 @contextmanager

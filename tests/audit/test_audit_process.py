@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,11 +15,6 @@ from server import serve
 from bench.load import instance
 
 BODY = {"instances": [instance("breast-cancer")], "parameters": {"samples": 20}}
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def _command(pid: int) -> str:
@@ -44,7 +38,7 @@ def test_sigterm_writes_every_answer_then_the_writer_exits(tmp_path: Path) -> No
     db = tmp_path / "audit.db"
     env = {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_PATH": str(db), "MCSERVE_DRAIN_GRACE_S": "0"}
     with serve(tmp_path, env=env) as srv:
-        [writer] = [p for p in _children(srv.proc.pid) if "service.audit.sink" in _command(p)]
+        [writer] = [p for p in srv.children() if "service.audit.sink" in _command(p)]
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             codes = [
                 client.post("/v1/models/breast-cancer:predict", json=BODY).status_code
@@ -61,7 +55,7 @@ def test_sigterm_writes_every_answer_then_the_writer_exits(tmp_path: Path) -> No
 def test_killed_server_leaves_no_writer_process(tmp_path: Path) -> None:
     env = {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_PATH": str(tmp_path / "audit.db")}
     with serve(tmp_path, env=env) as srv:
-        [writer] = [p for p in _children(srv.proc.pid) if "service.audit.sink" in _command(p)]
+        [writer] = [p for p in srv.children() if "service.audit.sink" in _command(p)]
         os.kill(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(10)
         # The writer is in a session of its own (a terminal's Ctrl-C does not reach it): it ends

@@ -7,17 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest_asyncio
+from apps import asgi_client, running
 from fastapi import FastAPI
 
-from service.api.app import create_app
 from service.settings import Settings
-
-
-async def start(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -27,13 +20,11 @@ async def app(repo: Path) -> AsyncIterator[FastAPI]:
     settings = Settings(
         model_dir=repo, max_instances=50, max_body_bytes=64_000, compute_process=False
     )
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
+    async with running(settings) as application:
         yield application
 
 
 @pytest_asyncio.fixture(scope="session")
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with asgi_client(app) as c:
         yield c

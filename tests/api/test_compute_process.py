@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from apps import asgi_client, running
 from fastapi import FastAPI
 from test_batching import batcher, body, state, until
 
-from service.api.app import build_state, create_app
+from service.api.app import build_state
 from service.engine.worker import RESTART_PAUSE_S, ComputeProcess, WorkerSpec, _Child
 from service.errors import ComputeUnavailableError, ModelNotReadyError
 from service.settings import Settings
@@ -28,15 +29,13 @@ def settings(repo: Path) -> Settings:
 
 @pytest_asyncio.fixture(scope="session")
 async def process_app(repo: Path) -> AsyncIterator[FastAPI]:
-    application = create_app(settings(repo))
-    async with application.router.lifespan_context(application):
+    async with running(settings(repo)) as application:
         yield application
 
 
 @pytest_asyncio.fixture(scope="session")
 async def pclient(process_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=process_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with asgi_client(process_app) as c:
         yield c
 
 
@@ -105,10 +104,8 @@ async def test_death_fails_what_it_held_then_a_new_process_serves(
 
 
 async def test_shutdown_stops_the_process(repo: Path) -> None:
-    app = create_app(settings(repo))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+    async with running(settings(repo)) as app:
+        async with asgi_client(app) as c:
             r = await c.post("/v1/models/reg:predict", json=body(1, [0.0, 0.0, 0.0]))
             assert r.status_code == 200, r.text
         proc: Any = remote(app).proc

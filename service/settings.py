@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     allow_code_artifacts: bool = False
     max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     pinned_digests: list[str] = Field(default_factory=list)
+    max_manifest_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_input_elements: int = Field(default=1 << 22, ge=1, description="values in one instance")
 
     # Referral policy per model name, on top of the manifest's `referral` section, e.g.
     # MCSERVE_REFERRAL='{"diabetes": {"epistemic": 30, "extrapolation": false}}'.
@@ -122,4 +124,6 @@ class Settings(BaseSettings):
             allow_code_artifacts=self.allow_code_artifacts,
             max_artifact_bytes=self.max_artifact_bytes,
             pinned_digests=frozenset(self.pinned_digests),
+            max_manifest_bytes=self.max_manifest_bytes,
+            max_input_elements=self.max_input_elements,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import json
 import operator
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from service.bundle.grammar import ArchitectureLimits, check_description
 from service.errors import BundleError, ModelError
 from service.nn import Affine
 
@@ -158,56 +160,153 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
                 "kwargs": {k: _encode(v) for k, v in n.kwargs.items()},
             }
         )
-    return {"format": FORMAT, "modules": modules, "nodes": nodes}
+    desc = {"format": FORMAT, "modules": modules, "nodes": nodes}
+    try:
+        check(json.loads(json.dumps(desc)), "the traced graph")
+    except BundleError as exc:  # the writer's user gets a ModelError: their module is the cause
+        raise ModelError(exc.message) from exc
+    return desc
 
 
-def rebuild(desc: dict[str, Any], state: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Rebuild the module from its description and load `state` (strict: every key must match)."""
-    if desc.get("format") != FORMAT:
-        raise BundleError(f"unknown architecture format {desc.get('format')!r}, expected {FORMAT}")
+def check(
+    desc: Any, where: str = "architecture.json", limits: ArchitectureLimits | None = None
+) -> None:
+    """The one grammar check, run by the writer (through `rebuild`) and by the loader."""
+    check_description(
+        desc,
+        where=where,
+        modules_allowed=MODULES,
+        functions=FUNCTIONS,
+        methods=METHODS,
+        attributes=ATTRIBUTES,
+        skip_params=_SKIP_PARAMS,
+        limits=limits or ArchitectureLimits(),
+    )
+
+
+def rebuild(
+    desc: Any,
+    state: dict[str, torch.Tensor],
+    *,
+    where: str = "architecture.json",
+    input_shape: list[int] | None = None,
+    limits: ArchitectureLimits | None = None,
+) -> fx.GraphModule:
+    """Rebuild the module from its description and load `state` (strict: every key must match).
+
+    Nothing is allocated from the description's numbers: layers are built on the meta device,
+    their shapes compared with the weights, and (given `input_shape`) the graph is run on a meta
+    input to bound its activations; only then are the weights assigned.
+    """
+    limits = limits or ArchitectureLimits()
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        got = desc.get("format") if isinstance(desc, dict) else None
+        raise BundleError(f"{where}: unknown architecture format {got!r}, expected {FORMAT}")
+    check(desc, where, limits)
     root: dict[str, Any] = {}
-    for qual, spec in desc["modules"].items():
-        cls = MODULES.get(spec["type"])
-        if cls is None:
-            raise BundleError(f"layer type {spec['type']!r} is not allowed")
-        kwargs = {k: _decode(v, {}) for k, v in spec["args"].items()}
-        try:
-            root[qual] = cls(**kwargs)
-        except TypeError as exc:
-            raise BundleError(f"layer '{qual}': bad arguments ({exc})") from exc
+    with torch.device("meta"):
+        for qual, spec in desc["modules"].items():
+            kwargs = {k: _decode(v, {}) for k, v in spec["args"].items()}
+            try:
+                root[qual] = MODULES[spec["type"]](**kwargs)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise BundleError(f"{where}: layer '{qual}': bad arguments ({exc})") from exc
+        graph = _graph(desc, root, state, where)
+    gm = fx.GraphModule(root, graph)
+    _check_shapes(gm, state, where)
+    if input_shape is not None:
+        _check_activations(gm, input_shape, where, limits)
+    try:
+        gm.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{where}: the weights do not fit the architecture: {exc}") from exc
+    return gm.eval()
+
+
+def _graph(
+    desc: dict[str, Any], root: dict[str, Any], state: dict[str, torch.Tensor], where: str
+) -> fx.Graph:
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
+    inputs = 0
     for nd in desc["nodes"]:
         op, target = nd["op"], nd["target"]
         args = tuple(_decode(nd["args"], env))
         kwargs = {k: _decode(v, env) for k, v in nd["kwargs"].items()}
         if op == "placeholder":
-            node = graph.placeholder(target)
+            # The forward's parameter names are ours, not the bundle's: nothing it says is
+            # written into the generated source as a name.
+            node = graph.placeholder("input" if inputs == 0 else f"input_{inputs}")
+            inputs += 1
         elif op == "output":
             node = graph.output(args[0])
         elif op == "call_module":
-            if target not in root:
-                raise BundleError(f"node '{nd['name']}' calls unknown layer '{target}'")
             node = graph.call_module(target, args, kwargs)
         elif op == "call_function":
-            if target not in FUNCTIONS:
-                raise BundleError(f"function {target!r} is not allowed")
             node = graph.call_function(FUNCTIONS[target], args, kwargs)
         elif op == "call_method":
-            if target not in METHODS:
-                raise BundleError(f"tensor method {target!r} is not allowed")
             node = graph.call_method(target, args, kwargs)
-        elif op == "get_attr":
+        else:  # get_attr
             if target not in state:
-                raise BundleError(f"node '{nd['name']}' reads '{target}', absent from the weights")
-            root.setdefault(target, nn.Parameter(state[target].clone(), requires_grad=False))
+                raise BundleError(
+                    f"{where}: node '{nd['name']}' reads '{target}', absent from the weights"
+                )
+            shape = state[target].shape
+            root.setdefault(target, nn.Parameter(torch.empty(shape), requires_grad=False))
             node = graph.get_attr(target)
-        else:
-            raise BundleError(f"unknown node kind {op!r}")
         env[nd["name"]] = node
-    gm = fx.GraphModule(root, graph)
+    return graph
+
+
+def _check_shapes(gm: fx.GraphModule, state: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor the layers declare must be in the weights with the same shape."""
+    want = dict(gm.state_dict(keep_vars=True))
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing or extra:
+        raise BundleError(
+            f"{where}: the weights do not fit the architecture (missing {missing[:5]}, "
+            f"unexpected {extra[:5]})"
+        )
+    for k, t in want.items():
+        if tuple(t.shape) != tuple(state[k].shape):
+            raise BundleError(
+                f"{where}: the weights do not fit the architecture: '{k}' is "
+                f"{list(state[k].shape)} in the weights but {list(t.shape)} in the layers"
+            )
+
+
+def _check_activations(
+    gm: fx.GraphModule, input_shape: list[int], where: str, limits: ArchitectureLimits
+) -> None:
+    """Run the graph on a meta input: shapes only, no memory; bound the elements it makes."""
+    total = 0
+    example = torch.empty(2, *input_shape, device="meta")
     try:
-        gm.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"the weights do not fit the architecture: {exc}") from exc
-    return gm.eval()
+        interp = _Counting(gm)
+        interp.run(example)
+        total = interp.elements
+    except BundleError:
+        raise
+    except Exception as exc:  # any shape error: the declared input does not fit the graph
+        first = (str(exc).strip().splitlines() or [""])[0][:200]  # fx appends the whole graph
+        raise BundleError(
+            f"{where}: the model does not accept inputs of shape {input_shape} "
+            f"({type(exc).__name__}: {first})"
+        ) from exc
+    if total // 2 > limits.max_activation_elements:
+        raise BundleError(
+            f"{where}: one input makes {total // 2} activation values, over the limit of "
+            f"{limits.max_activation_elements}"
+        )
+
+
+class _Counting(fx.Interpreter):
+    elements = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.elements += t.numel()
+        return out

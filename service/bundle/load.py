@@ -1,29 +1,34 @@
 """Load a bundle directory, refusing anything that does not check out.
 
-Order matters: the manifest is read and every artifact's size and hash verified before any
-artifact is parsed, so a tampered or oversized file is never handed to a parser. Artifacts that
-can run code when loaded (`.pt2`, pickles) are refused unless the operator opted in.
+Order matters: the manifest is read (bounded) and checked against the pins, then each artifact the
+manifest lists is read once, its size and hash verified, and those same bytes are parsed: no file
+is opened twice, so what was hashed is what runs. Files are found by their role in the manifest,
+never by a fixed name, and every file the model uses (ONNX external data included) must be listed.
+Artifacts that can run code when loaded (`.pt2`, pickles) are refused unless the operator opted in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from service.bundle.architecture import rebuild
+from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
-from service.bundle.writer import ARCH_FILE, ONNX_FILE, WEIGHTS_FILE, sha256_file
 from service.errors import BundleError, McServeError
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
+_SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class TrustPolicy:
     allow_code_artifacts: bool = False
     max_artifact_bytes: int = 256 * 1024 * 1024
     pinned_digests: Collection[str] = field(default_factory=frozenset)
+    max_manifest_bytes: int = 16 * 1024 * 1024
+    max_input_elements: int = 1 << 22  # values in one instance (4 Mi: a 3 x 1024 x 1024 image fits)
+    architecture: ArchitectureLimits = field(default_factory=ArchitectureLimits)
 
 
 @dataclass
@@ -48,84 +56,173 @@ def bundle_digest(manifest_bytes: bytes) -> str:
     return "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
 
 
-def _verify_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> None:
+def _read_bounded(f: Path, limit: int, setting: str) -> bytes:
+    """The file's bytes, read once from one open file; refused past `limit` before reading."""
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise BundleError(f"{f}: cannot be opened as a plain file ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise BundleError(f"{f}: {size} bytes, over the limit of {limit} (setting {setting})")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise BundleError(f"{f}: over the limit of {limit} bytes (setting {setting})")
+    return data
+
+
+def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict[str, bytes]:
+    """Every listed artifact's verified bytes, by file name."""
+    out: dict[str, bytes] = {}
+    root = path.resolve()
     for fname, art in sorted(manifest.artifacts.items()):
-        f = (path / fname).resolve()
-        if not f.is_relative_to(path.resolve()) or "/" in fname or fname.startswith("."):
-            raise BundleError(f"{path / fname}: artifact names must be plain files in the bundle")
+        f = path / fname
+        if "/" in fname or "\\" in fname or fname.startswith(".") or f.resolve().parent != root:
+            raise BundleError(f"{f}: artifact names must be plain files in the bundle")
+        if f.suffix in CODE_SUFFIXES and not policy.allow_code_artifacts:
+            raise BundleError(
+                f"{f}: '{f.suffix}' artifacts can run code when loaded; refused "
+                "unless the operator sets allow_code_artifacts=true"
+            )
         if not f.is_file():
-            raise BundleError(f"{path / fname}: artifact listed in the manifest is missing")
+            raise BundleError(f"{f}: artifact listed in the manifest is missing")
         size = f.stat().st_size
         if size > policy.max_artifact_bytes:
             raise BundleError(
-                f"{path / fname}: artifact is {size} bytes, over the limit of "
+                f"{f}: artifact is {size} bytes, over the limit of "
                 f"{policy.max_artifact_bytes} (setting max_artifact_bytes)"
             )
-        if sha256_file(f) != art.sha256:
-            raise BundleError(f"{path / fname}: sha256 does not match the manifest (tampered?)")
-        if f.suffix in CODE_SUFFIXES and not policy.allow_code_artifacts:
-            raise BundleError(
-                f"{path / fname}: '{f.suffix}' artifacts can run code when loaded; refused "
-                "unless the operator sets allow_code_artifacts=true"
-            )
+        data = _read_bounded(f, policy.max_artifact_bytes, "max_artifact_bytes")
+        if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
+            raise BundleError(f"{f}: sha256 does not match the manifest (tampered?)")
+        out[fname] = data
     for f in path.iterdir():
         if f.suffix in CODE_SUFFIXES and not policy.allow_code_artifacts:
             raise BundleError(
                 f"{f}: '{f.suffix}' files can run code when loaded; refused unless the operator "
                 "sets allow_code_artifacts=true"
             )
+    return out
 
 
-def _onnx_with_checked_external_data(path: Path) -> bytes:
-    """The graph's bytes with external data inlined, refusing data outside the bundle."""
-    f = path / ONNX_FILE
-    model = onnx.load(str(f), load_external_data=False)
-    root = path.resolve()
+def _by_role(path: Path, manifest: Manifest) -> dict[str, str]:
+    """The file name of each single-file role; a role listed twice is refused."""
+    names: dict[str, str] = {}
+    for fname, art in sorted(manifest.artifacts.items()):
+        if art.role in _SINGLE_ROLES:
+            if art.role in names:
+                raise BundleError(
+                    f"{path / MANIFEST_NAME}: two artifacts with role '{art.role}' "
+                    f"({names[art.role]}, {fname}); a bundle has one"
+                )
+            names[art.role] = fname
+    return names
+
+
+def _onnx_with_listed_external_data(
+    path: Path, fname: str, files: dict[str, bytes], manifest: Manifest
+) -> bytes:
+    """The graph's bytes with external data inlined from listed, hashed 'data' artifacts."""
+    f = path / fname
+    model = onnx.load_model_from_string(files[fname])
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        loc = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (path / loc).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
-            raise BundleError(
-                f"{f}: external data '{loc}' of tensor '{tensor.name}' lies outside the bundle"
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        art = manifest.artifacts.get(loc)
+        if art is None or art.role != "data" or loc not in files:
+            where = (
+                "lies outside the bundle"
+                if (not (path / loc).resolve().is_relative_to(path.resolve()))
+                else "is not listed in the manifest (role 'data')"
             )
-    onnx.load_external_data_for_model(model, str(path))
+            raise BundleError(f"{f}: external data '{loc}' of tensor '{tensor.name}' {where}")
+        blob = files[loc]
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", len(blob)))
+        except ValueError as exc:
+            raise BundleError(f"{f}: bad offset/length for tensor '{tensor.name}'") from exc
+        if offset < 0 or length < 0 or offset + length > len(blob):
+            raise BundleError(
+                f"{f}: external data of tensor '{tensor.name}' lies past the end of '{loc}'"
+            )
+        tensor.raw_data = blob[offset : offset + length]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
     return bytes(model.SerializeToString())
 
 
-def _load_pt2(path: Path, manifest: Manifest) -> nn.Module:
-    name = next(n for n, a in manifest.artifacts.items() if a.role == "pt2")
-    program = torch.export.load(str(path / name))  # can run code: only after the opt-in
-    module: nn.Module = program.module()
-    return module
+def _check_inputs(mf: Path, manifest: Manifest, policy: TrustPolicy) -> None:
+    n = manifest.inputs.features
+    if n > policy.max_input_elements:
+        raise BundleError(
+            f"{mf}: one input of shape {manifest.inputs.shape} holds {n} values, over the limit "
+            f"of {policy.max_input_elements} (setting max_input_elements)"
+        )
 
 
-def load_bundle(path: Path | str, policy: TrustPolicy | None = None) -> LoadedBundle:
-    """Verify and load one bundle directory; raises BundleError/ModelError with the reason."""
+def load_bundle(
+    path: Path | str, policy: TrustPolicy | None = None, *, expected_digest: str | None = None
+) -> LoadedBundle:
+    """Verify and load one bundle directory; raises BundleError/ModelError with the reason.
+
+    `expected_digest`: the digest a copy must have (the compute process loads exactly the
+    bundle the server loaded), checked before anything but the manifest's bytes is read.
+    """
     policy = policy or TrustPolicy()
     path = Path(path)
     mf = path / MANIFEST_NAME
     if not mf.is_file():
         raise BundleError(f"{mf}: no manifest in the bundle directory")
-    raw = mf.read_bytes()
-    manifest = parse_manifest(raw, str(mf))
+    raw = _read_bounded(mf, policy.max_manifest_bytes, "max_manifest_bytes")
     digest = bundle_digest(raw)
     if policy.pinned_digests and digest not in policy.pinned_digests:
         raise BundleError(f"{mf}: bundle digest {digest} is not one of the pinned digests")
-    _verify_artifacts(path, manifest, policy)
-    roles = {a.role for a in manifest.artifacts.values()}
+    if expected_digest is not None and digest != expected_digest:
+        raise BundleError(f"{mf}: bundle digest {digest}, expected {expected_digest}")
+    manifest = parse_manifest(raw, str(mf))
+    _check_inputs(mf, manifest, policy)
+    files = _read_artifacts(path, manifest, policy)
+    roles = _by_role(path, manifest)
     try:
         if "pt2" in roles:
-            module = _load_pt2(path, manifest)
-        elif {"architecture", "weights"} <= roles:
-            desc = json.loads((path / ARCH_FILE).read_text())
-            module = rebuild(desc, load_file(str(path / WEIGHTS_FILE)))
+            module = _load_pt2(files[roles["pt2"]])
+        elif "architecture" in roles and "weights" in roles:
+            where = str(path / roles["architecture"])
+            try:
+                desc = json.loads(files[roles["architecture"]])
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise BundleError(f"{where}: not valid JSON ({exc})") from exc
+            try:
+                state = load_safetensors(files[roles["weights"]])
+            except Exception as exc:  # safetensors raises its own error types
+                raise BundleError(
+                    f"{path / roles['weights']}: not a safetensors file ({exc})"
+                ) from exc
+            module = rebuild(
+                desc,
+                state,
+                where=where,
+                input_shape=list(manifest.inputs.shape),
+                limits=policy.architecture,
+            )
         else:
-            raise BundleError(f"{mf}: needs architecture.json + weights.safetensors (or a .pt2)")
-        onnx_bytes = _onnx_with_checked_external_data(path) if "onnx" in roles else None
+            raise BundleError(f"{mf}: needs an 'architecture' and a 'weights' artifact (or a .pt2)")
+        onnx_bytes = (
+            _onnx_with_listed_external_data(path, roles["onnx"], files, manifest)
+            if "onnx" in roles
+            else None
+        )
     except McServeError:
         raise
     except Exception as exc:  # parsers raise many types; all mean "this artifact is unusable"
         raise BundleError(f"{path}: cannot load artifacts ({type(exc).__name__}: {exc})") from exc
     return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes)
+
+
+def _load_pt2(data: bytes) -> nn.Module:
+    program = torch.export.load(io.BytesIO(data))  # can run code: only after the opt-in
+    module: nn.Module = program.module()
+    return module

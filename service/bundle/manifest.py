@@ -9,7 +9,8 @@ version is immutable: changing anything means writing a new version directory.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,6 +19,17 @@ from service.errors import BundleError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 Task = Literal["classification", "regression"]
+Dim = Annotated[int, Field(ge=1)]
+Range = tuple[float, float]
+
+
+def _check_ranges(field: str, ranges: list[Range] | None) -> None:
+    """NaN would turn a range check off silently (every comparison with NaN is false)."""
+    for i, (lo, hi) in enumerate(ranges or []):
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(
+                f"inputs.{field}[{i}] = [{lo}, {hi}] is not a range (NaN or low > high)"
+            )
 
 
 class Strict(BaseModel):
@@ -27,15 +39,18 @@ class Strict(BaseModel):
 class InputSpec(Strict):
     name: str = "input"
     dtype: Literal["float32"] = "float32"
-    shape: list[int]  # per instance, without the batch dimension
+    shape: list[Dim] = Field(min_length=0, max_length=8)  # per instance, no batch dimension
     feature_names: list[str] | None = None  # for flat inputs: one per feature
     units: list[str | None] | None = None
-    valid_ranges: list[tuple[float, float]] | None = None  # hard: outside -> 422
-    training_ranges: list[tuple[float, float]] | None = None  # soft: outside -> flag
-    value_range: tuple[float, float] | None = None  # one hard range for every element (images)
+    valid_ranges: list[Range] | None = None  # hard: outside -> 422
+    training_ranges: list[Range] | None = None  # soft: outside -> flag
+    value_range: Range | None = None  # one hard range for every element (images)
 
     @model_validator(mode="after")
     def _lengths(self) -> InputSpec:
+        _check_ranges("valid_ranges", self.valid_ranges)
+        _check_ranges("training_ranges", self.training_ranges)
+        _check_ranges("value_range", [self.value_range] if self.value_range else None)
         n = 1
         for d in self.shape:
             n *= d
@@ -81,8 +96,8 @@ class DropoutLayout(Strict):
 
 
 class Artifact(Strict):
-    sha256: str
-    size: int
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
     role: Literal["architecture", "weights", "onnx", "pt2", "calibration", "data"]
 
 

@@ -78,7 +78,7 @@ def save(
     find_dropout(gm)
     desc = describe(gm)
     state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    rebuilt = rebuild(json.loads(json.dumps(desc)), state)
+    rebuilt = rebuild(json.loads(json.dumps(desc)), state, input_shape=list(example.shape[1:]))
     with torch.inference_mode():
         want, got = module(example), rebuilt(example)
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-6, atol=1e-6):

@@ -62,8 +62,10 @@ class ModelFactory:
     policy: TrustPolicy
     model_kwargs: dict[str, object]
 
-    def __call__(self, path: Path) -> ServedModel:
-        return ServedModel(load_bundle(path, self.policy), **self.model_kwargs)  # type: ignore[arg-type]
+    def __call__(self, path: Path, digest: str | None = None) -> ServedModel:
+        """`digest`: the one the copy must have (checked before its artifacts are read)."""
+        bundle = load_bundle(path, self.policy, expected_digest=digest)
+        return ServedModel(bundle, **self.model_kwargs)  # type: ignore[arg-type]
 
 
 class Registry:

@@ -42,7 +42,7 @@ from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
 from service.engine.sampler import SamplerStats
-from service.errors import ComputeUnavailableError, McServeError, ModelNotReadyError
+from service.errors import BundleError, ComputeUnavailableError, McServeError, ModelNotReadyError
 
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
@@ -234,10 +234,15 @@ class _Child:
 
     def _load(self, key: Key, path: os.PathLike[str]) -> ServedModel:
         assert self.spec is not None
-        model = self.spec.factory(path)  # type: ignore[arg-type]
-        if key_of(model) != key:  # 503 with the fix; the server's copy stays as it was
+        try:  # the digest pinned: what the server checked is what the process loads
+            model = self.spec.factory(path, key[2])  # type: ignore[arg-type]
+        except BundleError:
+            model = None
+        if (
+            model is None or key_of(model) != key
+        ):  # 503 with the fix; the server's copy stays as it was
             raise ModelNotReadyError(
-                f"{path}: the bundle on disk is {key_of(model)}, but the server loaded {key}: it "
+                f"{path}: the bundle on disk is not the one the server loaded ({key}): it "
                 "changed after the server read it; reload the model"
             )
         warm(model)

@@ -222,5 +222,5 @@ def _check_node(
     elif op == "call_method":
         if target not in methods:
             raise c.fail(f"{at}: tensor method {str(target)[:60]!r} is not allowed")
-    elif i != count - 1 or len(nd["args"]) != 1 or nd["kwargs"]:  # output
-        raise c.fail(f"{at}: the output node comes last, with one argument")
+    elif i != count - 1 or target != "output" or len(nd["args"]) != 1 or nd["kwargs"]:
+        raise c.fail(f"{at}: the output node (target 'output') comes last, with one argument")

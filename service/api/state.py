@@ -44,7 +44,8 @@ class AppState:
             if not versions:
                 reasons.append(f"required model '{name}' was not found")
             elif not any(e.ready for e in versions):
-                reasons.append(f"model '{name}': {versions[-1].error}")
+                # /readyz is open to anyone: the reason without server paths
+                reasons.append(f"model '{name}': {self.registry.reason(versions[-1])}")
         reasons.extend(r for r in (check() for check in self.checks) if r)
         return reasons
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import os
@@ -36,6 +37,7 @@ class SealError(ValueError):
     """A sealed answer that cannot be opened: another key, or the stored text was changed."""
 
 
+@functools.lru_cache(maxsize=4)  # one key per writer process (a few after a rotation)
 def _aead(key: bytes) -> AESGCM:
     return AESGCM(hmac.new(key, _KEY_DOMAIN, hashlib.sha256).digest())
 

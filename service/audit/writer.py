@@ -104,7 +104,11 @@ class AuditWriter:
 
     def not_ready_reason(self) -> str | None:
         """Why the server should take no traffic (None: records are being written). Shown on the
-        open /readyz: it names no store, path or database error (the log has those)."""
+        open /readyz: it names no store, path or database error (the log has those). Failing
+        open, the server answers without records by the operator's choice: it stays ready
+        (replicas sharing a store that is down would otherwise all leave the load balancer)."""
+        if self.fail_open:
+            return None
         if self._closed:
             return "audit trail closed (shutting down)"
         if not self.healthy:

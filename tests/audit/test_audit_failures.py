@@ -142,6 +142,12 @@ async def test_fail_open_counts_and_logs(
         assert len(dropped) == 3 and all(getattr(r, "request_id", None) for r in dropped)
         text = (await client.get("/metrics")).text
         assert "mcserve_audit_dropped_total 3.0" in text
+        # failing open by the operator's choice, the server stays ready (it answers)
+        for _ in range(200):  # until a write has failed (SQLite: after its 1 s busy timeout)
+            if not writer.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not writer.healthy and (await client.get("/readyz")).status_code == 200
         outage.start()
         assert await writer.flush(20)
         assert writer.store.count() == 2

@@ -2,8 +2,8 @@
 
 Keys guard /v1 and /v2 (health stays open) and, by setting, /metrics and the docs. A key may be
 limited to some models (it may neither use nor list, load or unload the others); admin keys
-alone may use the repository (load/unload) routes. CDS Hooks
-routes are never guarded by API keys: they have their own JWT trust.
+alone may use the repository (load/unload) routes. CDS Hooks routes are never guarded by API
+keys: they have their own JWT trust.
 """
 
 from __future__ import annotations

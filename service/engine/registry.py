@@ -34,10 +34,11 @@ class Entry:
         return self.model is not None
 
 
-# An absolute path not inside a URL: a slash that no word, dot, colon or slash precedes, then
-# at least one more segment. Its last segment (a file name) is kept.
+# An absolute path, not inside a URL nor one of our routes (/v1/..., /v2/...): a slash that no
+# word, dot, colon or slash precedes, then at least one more segment. Its last segment (a file
+# name) is kept.
 _ABSOLUTE_PATH = re.compile(
-    r"(?<![\w.~:/-])/(?:[^\s'\"`:,;()\[\]{}<>]+/)+([^\s'\"`:,;()\[\]{}<>]*)"
+    r"(?<![\w.~:/-])/(?!v[12]/)(?:[^\s'\"`:,;()\[\]{}<>]+/)+([^\s'\"`:,;()\[\]{}<>]*)"
 )
 
 
@@ -46,8 +47,8 @@ def without_paths(reason: str, root: Path) -> str:
     (`diabetes/1/architecture.json`), any other absolute path cut to its last segment. The full
     reason stays in the log and in `python -m service models`."""
     for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len)[::-1]:
-        if prefix not in ("", ".", "/"):
-            reason = reason.replace(prefix.rstrip("/") + "/", "")
+        if prefix not in ("", ".", "/"):  # only as a whole path: not 'models/' of '/v1/models/'
+            reason = re.sub(r"(?<![\w.~:/-])" + re.escape(prefix.rstrip("/") + "/"), "", reason)
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(a path)", reason)
 
 

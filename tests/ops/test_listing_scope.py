@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from service.api.app import create_app
 from service.api.auth import hash_key
 from service.cli import app as cli
+from service.engine.registry import without_paths
 from service.settings import ApiKey, Settings
 
 KEYS = {"all": "k-all-1", "reg": "k-reg-2", "admin": "k-admin-3", "reg-admin": "k-radm-4"}
@@ -90,3 +91,19 @@ def test_the_operators_cli_keeps_the_full_reason(scoped_repo: Path) -> None:
     out = CliRunner().invoke(cli, ["models", "--model-dir", str(scoped_repo)])
     assert out.exit_code == 2
     assert f"{scoped_repo / 'broken' / '1'}: manifest says clf/1" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "reason, expected",
+    [
+        ("/srv/m/diabetes/1: manifest says x", "diabetes/1: manifest says x"),
+        ("No such file: '/opt/data/w.safetensors'", "No such file: 'w.safetensors'"),
+        ("/etc/x/: odd", "(a path): odd"),
+        # the root only as a whole path, not inside another one
+        ("/data/srv/m/x", "x"),
+        # not server paths: a route, a URL
+        ("see /v1/models/x and http://host/a/b", "see /v1/models/x and http://host/a/b"),
+    ],
+)
+def test_without_paths(reason: str, expected: str) -> None:
+    assert without_paths(reason, Path("/srv/m")) == expected

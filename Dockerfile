@@ -13,16 +13,23 @@
 # Build arguments:
 #   BASE_IMAGE            a Debian-like image with python3 >= 3.11 and its venv module; the
 #                         builder and the final stages share it, so the virtual environment's
-#                         interpreter path is the same in both.
+#                         interpreter path is the same in both. Pinned by digest: a tag moves,
+#                         a digest names exactly one image. The default is python:3.11-slim's
+#                         multi-platform index at that digest as referenced by public
+#                         Dockerfiles; it was not pulled where this file was written (no
+#                         registry reachable), so a build that cannot resolve it fails: then
+#                         pin the digest you have verified,
+#                         `docker buildx imagetools inspect python:3.11-slim` (Digest:).
 #   PIP_EXTRA_ARGS        extra pip options for every install, e.g. "--index-url https://mirror/simple",
 #                         or "--no-index --find-links /wheels" to install only from a wheelhouse
 #                         given as a second build context (what `make image` does):
 #                           --build-context wheelhouse=build/wheels
-#   TORCH_SPEC            the torch requirement; the package itself only asks for a range.
+#   TORCH_SPEC            the torch pin; the package itself only asks for a range. Every other
+#                         Python package comes from requirements.lock, exact (deploy/lock.py).
 #   TORCH_CPU_INDEX_URL   where the CPU build of torch comes from (PyPI's Linux wheel is CUDA).
 #   TORCH_CUDA_INDEX_URL  where the CUDA build comes from: PyPI's default Linux wheel, or e.g.
 #                         https://download.pytorch.org/whl/cu128 for one CUDA version.
-ARG BASE_IMAGE=python:3.11-slim
+ARG BASE_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
 
 # Empty unless the build names a `wheelhouse` context, which then replaces this stage.
 FROM scratch AS wheelhouse
@@ -36,47 +43,50 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/venv
 COPY --from=wheelhouse / /wheels/
 
-# The runtime dependencies, read from pyproject.toml alone: code changes leave them cached.
-FROM build-base AS requirements
-COPY pyproject.toml /src/
-RUN python3 -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /requirements.txt
-
 # The service itself, outside the venv (on PYTHONPATH), so that it is a layer of its own.
 FROM build-base AS app
 ARG PIP_EXTRA_ARGS=""
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
 COPY service/ service/
 # PIP_EXTRA_ARGS holds options, split into words on purpose (SC2086); hadolint reads such a
-# variable as an unpinned package (DL3013), so the pip lines below ignore both rules. The pins
-# are TORCH_SPEC and the ranges in pyproject.toml.
+# variable, and a name pinned by a constraints file, as an unpinned package (DL3013), so the pip
+# lines below ignore both rules. The pins are TORCH_SPEC and requirements.lock. The build backend
+# at its locked version, and no build isolation (it would fetch the newest setuptools).
 # hadolint ignore=DL3013,SC2086
-RUN pip install --no-deps --target /opt/app ${PIP_EXTRA_ARGS} .
+RUN pip install --no-deps --constraint requirements.lock ${PIP_EXTRA_ARGS} setuptools \
+    && pip install --no-deps --no-build-isolation --target /opt/app ${PIP_EXTRA_ARGS} .
 
 FROM build-base AS venv-cpu
 ARG PIP_EXTRA_ARGS=""
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_CPU_INDEX_URL="https://download.pytorch.org/whl/cpu"
-# torch first, in its own layer. (Ignored rules: see the app stage.)
+# torch first, in its own layer, without its dependencies: they are in the lock, and the CPU
+# index need not carry their locked versions. (Ignored rules: see the app stage.)
 # hadolint ignore=DL3013,SC2086
-RUN pip install --index-url "${TORCH_CPU_INDEX_URL}" ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
-COPY --from=requirements /requirements.txt /tmp/
-# the other dependencies; then pip leaves the venv, it is no runtime dependency
+RUN pip install --no-deps --index-url "${TORCH_CPU_INDEX_URL}" ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
+COPY requirements.lock /tmp/
+# Everything else exactly as locked: --no-deps, so nothing unlisted comes in, and pip check that
+# the set is complete. Then pip leaves the venv; it is no runtime dependency.
 # hadolint ignore=SC2086
-RUN pip install ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.txt \
+RUN pip install --no-deps ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.lock \
+    && pip check \
     && pip uninstall --yes pip
 
 FROM build-base AS venv-cuda
 ARG PIP_EXTRA_ARGS=""
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_CUDA_INDEX_URL="https://pypi.org/simple"
-# torch first, in its own layer. (Ignored rules: see the app stage.)
+COPY requirements.lock /tmp/
+# torch first, with its CUDA libraries (nvidia-*, triton: torch's metadata pins them exactly)
+# and its other dependencies at their locked versions. (Ignored rules: see the app stage.)
 # hadolint ignore=DL3013,SC2086
-RUN pip install --index-url "${TORCH_CUDA_INDEX_URL}" ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
-COPY --from=requirements /requirements.txt /tmp/
-# the other dependencies; then pip leaves the venv, it is no runtime dependency
+RUN pip install --index-url "${TORCH_CUDA_INDEX_URL}" --constraint /tmp/requirements.lock \
+    ${PIP_EXTRA_ARGS} "${TORCH_SPEC}"
+# Everything else exactly as locked (see venv-cpu).
 # hadolint ignore=SC2086
-RUN pip install ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.txt \
+RUN pip install --no-deps ${PIP_EXTRA_ARGS} --requirement /tmp/requirements.lock \
+    && pip check \
     && pip uninstall --yes pip
 
 # ---- runtime: the interpreter, a non-root user and the settings; each target adds the rest ----

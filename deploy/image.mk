@@ -22,7 +22,7 @@ IMAGE_BUILD_DIR := build
 WHEELHOUSE := $(IMAGE_BUILD_DIR)/wheels
 BASE_ROOTFS := $(CURDIR)/$(IMAGE_BUILD_DIR)/base-rootfs
 
-.PHONY: image image-base image-smoke wheelhouse
+.PHONY: image image-base image-smoke wheelhouse lock
 
 # Debian's own python3 (3.11 in bookworm) with venv; no compilers, no pip outside the venv. The
 # rootfs leaves apt's caches and lists and the host's resolv.conf and hostname behind; of the
@@ -46,17 +46,22 @@ image-base:
 	  cd - >/dev/null; rm -rf $(BASE_ROOTFS); \
 	fi
 
-# torch (CPU build) first, then every runtime dependency of the package plus the build backend,
-# all as wheels for this interpreter (CPython 3.11, the same as the image's).
-$(IMAGE_BUILD_DIR)/wheels.stamp: pyproject.toml | venv
+# torch (CPU build) first, then exactly what requirements.lock pins (every other runtime
+# dependency and the build backend), all as wheels for this interpreter (CPython 3.11, the same
+# as the image's).
+$(IMAGE_BUILD_DIR)/wheels.stamp: requirements.lock | venv
 	mkdir -p $(WHEELHOUSE)
-	$(PY) -m pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) \
+	$(PY) -m pip download --quiet --only-binary=:all: --no-deps --dest $(WHEELHOUSE) \
 	  $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip download --quiet --only-binary=:all: --dest $(WHEELHOUSE) \
-	  --find-links $(WHEELHOUSE) . "$(TORCH_SPEC)" "setuptools>=68"
+	$(PY) -m pip download --quiet --only-binary=:all: --no-deps --dest $(WHEELHOUSE) \
+	  --requirement requirements.lock
 	touch $@
 
 wheelhouse: $(IMAGE_BUILD_DIR)/wheels.stamp
+
+# requirements.lock from the environment `make venv` made (after a dependency changed).
+lock: | venv
+	$(PY) deploy/lock.py > requirements.lock
 
 # --format docker keeps HEALTHCHECK (OCI image config has no field for it); --layers reuses the
 # venv layers when only code or bundles changed (`buildah rmi --prune` drops superseded ones).

@@ -60,6 +60,9 @@ async def start(app: FastAPI, settings: Settings, metrics: Metrics | None = None
         },
     )
     app.state.audit = writer
+    st = getattr(app.state, "mcserve", None)
+    if st is not None:  # unready while records cannot be written (a load balancer moves on)
+        st.checks.append(writer.not_ready_reason)
 
 
 async def stop(app: FastAPI) -> None:

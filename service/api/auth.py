@@ -1,8 +1,9 @@
 """API keys: optional, stored as sha256 hashes, compared in constant time (pure ASGI middleware).
 
 Keys guard /v1 and /v2 (health stays open) and, by setting, /metrics and the docs. A key may be
-limited to some models; admin keys alone may use the repository (load/unload) routes. CDS Hooks
-routes are never guarded by API keys: they have their own JWT trust.
+limited to some models (it may neither use nor list, load or unload the others); admin keys
+alone may use the repository (load/unload) routes. CDS Hooks routes are never guarded by API
+keys: they have their own JWT trust.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.settings import ApiKey
 
-MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)|^/v2/repository/models/([^/]+)")
 OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/")
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 
@@ -31,6 +32,13 @@ class Decision:
     status: int  # 0: allowed
     message: str = ""
     caller: str | None = None
+    models: frozenset[str] | None = None  # the models the key may use; None: every model
+
+
+def allowed_models(state: object) -> frozenset[str] | None:
+    """The models a request's key may see (listings show only these); None: every model."""
+    models: frozenset[str] | None = getattr(state, "models", None)
+    return models
 
 
 class ApiKeyGuard:
@@ -45,6 +53,9 @@ class ApiKeyGuard:
         self.keys = keys
         self.protect_metrics = protect_metrics
         self.protect_docs = protect_docs
+        # Built once: every request of a scoped key carries its scope to the listings.
+        # (By object: two keys may share an id.)
+        self._scopes = {id(k): frozenset(k.models) for k in keys if k.models is not None}
 
     def _guarded(self, path: str) -> bool:
         if path.startswith(OPEN_PATHS):
@@ -82,9 +93,10 @@ class ApiKeyGuard:
                 403, f"API key '{key.id}' is not an admin key; repository routes need one", key.id
             )
         m = MODEL_PATH.match(path)
-        if m and key.models is not None and m.group(1) not in key.models:
-            return Decision(403, f"API key '{key.id}' may not use model '{m.group(1)}'", key.id)
-        return Decision(0, caller=key.id)
+        name = m and (m.group(1) or m.group(2))
+        if name and key.models is not None and name not in key.models:
+            return Decision(403, f"API key '{key.id}' may not use model '{name}'", key.id)
+        return Decision(0, caller=key.id, models=self._scopes.get(id(key)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,7 +104,10 @@ class ApiKeyGuard:
             return
         decision = self.decide(scope["path"], dict(scope.get("headers") or []))
         if decision.caller:
-            scope.setdefault("state", {})["caller"] = decision.caller
+            state = scope.setdefault("state", {})
+            state["caller"] = decision.caller
+            if decision.models is not None:
+                state["models"] = decision.models
         if decision.status == 0:
             await self.app(scope, receive, send)
             return

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body, Path, Query, Request
 from starlette.responses import Response
 
 from service.api import audit, examples
+from service.api.auth import allowed_models
 from service.api.encode import response_json
 from service.api.schemas import (
     ErrorBody,
@@ -59,14 +60,21 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> Response:
+    """The models this request's key may use (every model without keys), with the reasons the
+    others failed to load, without server paths."""
+    reg = state(request).registry
+    allowed = allowed_models(request.state)
     by_name: dict[str, list[Any]] = {}
-    for e in state(request).registry.entries():
-        by_name.setdefault(e.name, []).append(e)
+    for e in reg.entries():
+        if allowed is None or e.name in allowed:
+            by_name.setdefault(e.name, []).append(e)
     models = [
         {
             "name": name,
             "task": next((e.model.manifest.task for e in es if e.model), None),
-            "versions": [{"version": e.version, "ready": e.ready, "reason": e.error} for e in es],
+            "versions": [
+                {"version": e.version, "ready": e.ready, "reason": reg.reason(e)} for e in es
+            ],
             "ready": any(e.ready for e in es),
         }
         for name, es in sorted(by_name.items())

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from service.api.auth import allowed_models
 from service.api.lifecycle import ModelControl
 from service.api.native import json_response
 from service.api.schemas import ErrorBody
@@ -33,16 +34,19 @@ def control(request: Request) -> ModelControl:
 
 @router.post("/index", responses=ERRORS)
 async def index(request: Request) -> Response:
-    st = request.app.state.mcserve
+    """The models the key may use, with their failure reasons without server paths."""
+    reg = request.app.state.mcserve.registry
+    allowed = allowed_models(request.state)
     return json_response(
         [
             {
                 "name": e.name,
                 "version": e.version,
                 "state": "READY" if e.ready else "UNAVAILABLE",
-                "reason": e.error or "",
+                "reason": reg.reason(e) or "",
             }
-            for e in st.registry.entries()
+            for e in reg.entries()
+            if allowed is None or e.name in allowed
         ]
     )
 
@@ -50,11 +54,12 @@ async def index(request: Request) -> Response:
 @router.post("/models/{name}/load", responses=ERRORS)
 async def load(name: str, request: Request) -> Response:
     entries = await control(request).load(name)
+    reg = request.app.state.mcserve.registry
     return json_response(
         {
             "name": name,
             "loaded": [
-                {"version": e.version, "ready": e.ready, "reason": e.error} for e in entries
+                {"version": e.version, "ready": e.ready, "reason": reg.reason(e)} for e in entries
             ],
         }
     )

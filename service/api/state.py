@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,6 +22,9 @@ class AppState:
     batchers: dict[tuple[str, str], Batcher] = field(default_factory=dict)
     started: bool = False
     draining: bool = False
+    # More reasons to be unready (e.g. the audit store cannot be written): each returns a
+    # reason for clients, or None.
+    checks: list[Callable[[], str | None]] = field(default_factory=list)
 
     def required(self) -> set[str]:
         if self.settings.required_models is not None:
@@ -40,7 +44,9 @@ class AppState:
             if not versions:
                 reasons.append(f"required model '{name}' was not found")
             elif not any(e.ready for e in versions):
-                reasons.append(f"model '{name}': {versions[-1].error}")
+                # /readyz is open to anyone: the reason without server paths
+                reasons.append(f"model '{name}': {self.registry.reason(versions[-1])}")
+        reasons.extend(r for r in (check() for check in self.checks) if r)
         return reasons
 
     def batcher(self, name: str, version: str | None) -> Batcher:

@@ -85,19 +85,32 @@ def show(
     url: Url = None,
     path: DbPath = None,
 ) -> None:
-    """Print one record as JSON (with the CDS feedback on its card, if any)."""
+    """Print one record as JSON (with the CDS feedback on its card, if any). An HMAC-only
+    record's answer is sealed: shown in clear with MCSERVE_AUDIT_HMAC_KEY, else as stored."""
     import orjson
 
+    from service.audit.seal import SealError, is_sealed, reveal
     from service.errors import McServeError
+    from service.settings import Settings
 
+    secret = Settings().audit_hmac_key
     try:
         with _open(url, path) as store:
             rec = _one(store, key)
             feedback = store.feedback(rec.card_uuid) if rec.card_uuid else []
+        if is_sealed(rec.summary) and secret is not None:
+            rec = reveal(rec, secret.get_secret_value().encode())
     except McServeError as exc:
         raise _fail(exc.message) from None
+    except SealError as exc:
+        raise _fail(str(exc)) from None
     doc = _describe(rec, feedback)
-    doc["summary"] = orjson.loads(rec.summary)
+    if is_sealed(rec.summary):
+        typer.echo(
+            "note: the answer and seed are sealed; MCSERVE_AUDIT_HMAC_KEY opens them", err=True
+        )
+    else:
+        doc["summary"] = orjson.loads(rec.summary)
     typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
 
 
@@ -131,6 +144,7 @@ def replay(
         )
     except McServeError as exc:
         raise _fail(exc.message) from None
+    rec = result.record  # its seed in clear, also when the record keeps it sealed
     what = f"record {rec.id} ({rec.model} {rec.version}, {rec.backend} on {rec.device}"
     what += f", seed {rec.seed})" if rec.seed is not None else ")"
     if result.identical:

@@ -6,7 +6,8 @@ count, with the recorded parameters, seed and effective referral policy. The rec
 JSON is compared byte for byte with the stored one; differences are listed by JSON path.
 
 With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
-against the HMAC (with the same key) before anything is computed.
+against the HMAC (with the same key) before anything is computed; the answer and seed of such a
+record are sealed under that key (seal.py) and opened with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from service.audit.record import software, summary_json
 from service.audit.rows import AuditRecord, inputs_hmac, key_id
+from service.audit.seal import SealError, is_sealed, reveal
 from service.bundle.load import TrustPolicy, load_bundle
 from service.engine.inputs import to_array
 from service.engine.model import PredictParams, ServedModel
@@ -82,6 +84,33 @@ def read_inputs(path: Path, model: ServedModel) -> np.ndarray:
     return to_array(instances, model.manifest.inputs, max(1, len(instances)))
 
 
+def _the_key(record: AuditRecord, key: bytes | None, what: str) -> bytes:
+    """The key that made the record (HMAC-only records need it), or a ReplayError saying which."""
+    if key is None:
+        raise ReplayError(
+            f"the record holds only {what}: set MCSERVE_AUDIT_HMAC_KEY to the key that made it "
+            f"(key id {record.inputs_key_id})"
+        )
+    if record.inputs_key_id is not None and key_id(key) != record.inputs_key_id:
+        raise ReplayError(
+            f"the key given has id {key_id(key)}, the record was made with key id "
+            f"{record.inputs_key_id}: use that key"
+        )
+    return key
+
+
+def opened(record: AuditRecord, key: bytes | None) -> AuditRecord:
+    """The record with its answer and seed readable: an HMAC-only record keeps them sealed
+    under the key (seal.py); other records are returned as they are."""
+    if not is_sealed(record.summary):
+        return record
+    key = _the_key(record, key, "an HMAC of its inputs and a sealed answer")
+    try:
+        return reveal(record, key)
+    except SealError as exc:
+        raise ReplayError(str(exc)) from exc
+
+
 def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
     """Supplied inputs must match the record's HMAC (or its stored inputs)."""
     stored = record.inputs
@@ -91,16 +120,7 @@ def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
         return
     if record.inputs_hmac is None:
         raise ReplayError("the record holds neither inputs nor their HMAC")
-    if key is None:
-        raise ReplayError(
-            "the record holds only an HMAC of its inputs: set MCSERVE_AUDIT_HMAC_KEY to the key "
-            f"that made it (key id {record.inputs_key_id})"
-        )
-    if record.inputs_key_id is not None and key_id(key) != record.inputs_key_id:
-        raise ReplayError(
-            f"the key given has id {key_id(key)}, the record was made with key id "
-            f"{record.inputs_key_id}: use that key"
-        )
+    key = _the_key(record, key, "an HMAC of its inputs")
     if not hmac.compare_digest(inputs_hmac(key, x), record.inputs_hmac):
         raise ReplayError(
             "the supplied inputs do not match the record's HMAC: they are not the inputs of this "
@@ -149,6 +169,7 @@ def replay(
 ) -> ReplayResult:
     """Recompute `record`; `inputs` (an array or a JSON file) when only an HMAC is stored."""
     policy = policy or TrustPolicy()
+    record = opened(record, hmac_key)
     path = find_bundle(record, model_dir, policy)
     threads = int(record.software.get("threads") or torch.get_num_threads())
     before = torch.get_num_threads()

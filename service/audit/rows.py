@@ -2,8 +2,9 @@
 
 The server hands the writer process compact messages (`record.message`): plain values, the
 input array's bytes and the answer's JSON bytes. `prediction_row` turns one into a row: the
-parameters as JSON, the inputs (or their keyed HMAC), the referral decision read back from the
-answer's JSON (the decision the client got). Nothing here imports torch or the engine, so that
+parameters as JSON, the inputs (or their keyed HMAC, and then the answer and seed sealed under
+the key: seal.py), the referral decision read back from the answer's JSON (the decision the
+client got). Nothing here imports torch or the engine, so that
 process starts in a fraction of a second and holds little memory.
 """
 
@@ -18,6 +19,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
+
+from service.audit.seal import context, seal
 
 InputsMode = Literal["store", "hmac"]
 HMAC_PREFIX = "hmac-sha256:"
@@ -85,7 +88,7 @@ class AuditRecord:
     inputs: np.ndarray | None  # the engine's input, exactly, when stored
     inputs_hmac: str | None
     inputs_key_id: str | None
-    summary: str  # the JSON text, byte for byte as recorded
+    summary: str  # the JSON text, byte for byte as recorded; sealed in hmac mode (seal.reveal)
     referral: list[dict[str, Any] | None] | None
     referred: bool | None
     card_uuid: str | None
@@ -167,6 +170,16 @@ def prediction_row(msg: PredictionMessage, ctx: RowContext) -> dict[str, Any]:
         raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
     referral, referred = referral_of(msg.summary)
     store = ctx.inputs == "store"
+    mac = hmac_of(key, msg.inputs, msg.inputs_layout) if key is not None else None
+    summary, seed, params = msg.summary.decode(), msg.seed, msg.params
+    if not store:
+        # The answer and seed would let anyone test a guessed input against the public bundle:
+        # kept only sealed under the key (seal.py). The referral decision and its triggers,
+        # which name no value, stay in clear for queries.
+        assert key is not None and mac is not None
+        bound = context(mac, msg.request_id, msg.model, msg.version, msg.digest, msg.mode)
+        summary, seed = seal(key, msg.seed, msg.summary, bound), None
+        params = {**msg.params, "seed": None}
     return {
         "recorded_at": utc(msg.at),
         "request_id": msg.request_id,
@@ -179,14 +192,14 @@ def prediction_row(msg: PredictionMessage, ctx: RowContext) -> dict[str, Any]:
         "device": msg.device,
         "mode": msg.mode,
         "samples": msg.samples,
-        "seed": msg.seed,
-        "params": dumps(msg.params),
+        "seed": seed,
+        "params": dumps(params),
         "n_inputs": msg.n_inputs,
         "inputs": msg.inputs if store else None,
         "inputs_layout": msg.inputs_layout if store else None,
-        "inputs_hmac": hmac_of(key, msg.inputs, msg.inputs_layout) if key is not None else None,
+        "inputs_hmac": mac,
         "inputs_key_id": key_id(key) if key is not None else None,
-        "summary": msg.summary.decode(),
+        "summary": summary,
         "referral": referral,
         "referred": referred,
         "card_uuid": msg.card_uuid,

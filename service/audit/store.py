@@ -11,6 +11,7 @@ One `Store` is used by one thread at a time: the writer's thread, or a CLI comma
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -157,13 +158,14 @@ class SqliteStore(Store):
         self.description = f"sqlite:{self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            _create_private(self.path)
             self.conn = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self.conn.row_factory = sqlite3.Row
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             self.conn.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the audit database {self.path}: {exc}") from exc
         if mode != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
@@ -218,6 +220,14 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only (0600) before SQLite opens it: SQLite would create it
+    with 0644 less the umask, readable by every local user, and it gives the -wal and -shm files
+    the database file's mode. An existing file keeps the mode its owner gave it."""
+    if not path.exists():
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
 
 
 def _sqlite_values(row: dict[str, Any], columns: Sequence[str]) -> list[Any]:

@@ -102,6 +102,24 @@ class AuditWriter:
             self._store = open_store(self.url, self.path)
         return self._store
 
+    def not_ready_reason(self) -> str | None:
+        """Why the server should take no traffic (None: records are being written). Shown on the
+        open /readyz: it names no store, path or database error (the log has those). Failing
+        open, the server answers without records by the operator's choice: it stays ready
+        (replicas sharing a store that is down would otherwise all leave the load balancer)."""
+        if self.fail_open:
+            return None
+        if self._closed:
+            return "audit trail closed (shutting down)"
+        if not self.healthy:
+            return (
+                "audit records cannot be written: the audit store's last write failed (retried "
+                "until it succeeds; the server log has the error)"
+            )
+        if len(self._queue) >= self.queue_size:
+            return "audit queue full: predictions are refused until the audit store catches up"
+        return None
+
     async def start(self) -> None:
         """Start the writer process, which opens and migrates the store (raises when it cannot:
         nothing is served unaudited)."""

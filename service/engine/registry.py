@@ -34,6 +34,24 @@ class Entry:
         return self.model is not None
 
 
+# An absolute path, not inside a URL nor one of our routes (/v1/..., /v2/...): a slash that no
+# word, dot, colon or slash precedes, then at least one more segment. Its last segment (a file
+# name) is kept.
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.~:/-])/(?!v[12]/)(?:[^\s'\"`:,;()\[\]{}<>]+/)+([^\s'\"`:,;()\[\]{}<>]*)"
+)
+
+
+def without_paths(reason: str, root: Path) -> str:
+    """A failure reason for clients: paths inside the model repository relative to it
+    (`diabetes/1/architecture.json`), any other absolute path cut to its last segment. The full
+    reason stays in the log and in `python -m service models`."""
+    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len)[::-1]:
+        if prefix not in ("", ".", "/"):  # only as a whole path: not 'models/' of '/v1/models/'
+            reason = re.sub(r"(?<![\w.~:/-])" + re.escape(prefix.rstrip("/") + "/"), "", reason)
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(a path)", reason)
+
+
 def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
     """Natural order: '10' after '9', numbers before words."""
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", v))
@@ -136,6 +154,10 @@ class Registry:
             self._reindex()
             return entry
 
+    def reason(self, entry: Entry) -> str | None:
+        """Why `entry` is not ready, as clients are told it (no server paths)."""
+        return without_paths(entry.error, self.root) if entry.error is not None else None
+
     def entries(self) -> list[Entry]:
         return list(self._sorted)
 
@@ -151,7 +173,9 @@ class Registry:
         if version is None:
             ready = [e for e in versions if e.ready]
             if not ready:
-                raise ModelNotReadyError(f"model '{name}' is not ready: {versions[-1].error}")
+                raise ModelNotReadyError(
+                    f"model '{name}' is not ready: {self.reason(versions[-1])}"
+                )
             entry = ready[-1]
         else:
             match = [e for e in versions if e.version == version]
@@ -162,6 +186,8 @@ class Registry:
                 )
             entry = match[0]
             if not entry.ready:
-                raise ModelNotReadyError(f"model '{name}' version '{version}': {entry.error}")
+                raise ModelNotReadyError(
+                    f"model '{name}' version '{version}': {self.reason(entry)}"
+                )
         assert entry.model is not None
         return entry.model

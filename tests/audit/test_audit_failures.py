@@ -142,6 +142,12 @@ async def test_fail_open_counts_and_logs(
         assert len(dropped) == 3 and all(getattr(r, "request_id", None) for r in dropped)
         text = (await client.get("/metrics")).text
         assert "mcserve_audit_dropped_total 3.0" in text
+        # failing open by the operator's choice, the server stays ready (it answers)
+        for _ in range(200):  # until a write has failed (SQLite: after its 1 s busy timeout)
+            if not writer.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert not writer.healthy and (await client.get("/readyz")).status_code == 200
         outage.start()
         assert await writer.flush(20)
         assert writer.store.count() == 2
@@ -165,3 +171,30 @@ async def test_store_unreachable_at_start_up_stops_the_server(repo: Path) -> Non
     with pytest.raises(Exception, match="cannot connect to the audit database"):
         async with serving(repo, audit_url=url):
             pass
+
+
+async def test_readiness_follows_the_audit_store(outage: Outage, repo: Path) -> None:
+    """While records cannot be written the server says it is not ready (a load balancer moves
+    on before the queue fills and predictions answer 503), and ready again once they can."""
+    async with serving(repo, **outage.backend.settings) as (app, client):
+        writer = app.state.audit
+        assert (await client.get("/readyz")).status_code == 200
+        outage.stop()
+        assert (await predict(client)).status_code == 200  # queued; its write fails
+        for _ in range(200):  # SQLite: after its 1 s busy timeout; PostgreSQL: at once
+            if not writer.healthy:
+                break
+            await asyncio.sleep(0.05)
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        [reason] = ready.json()["reasons"]
+        assert reason.startswith("audit records cannot be written")
+        # /readyz is open to anyone: no store, path or database error in its body
+        where = str(outage.backend.settings.get("audit_path") or "postgres")
+        assert where not in ready.text and "locked" not in ready.text
+        v2 = await client.get("/v2/health/ready")
+        assert v2.status_code == 503 and "audit records cannot be written" in v2.json()["error"]
+        outage.start()
+        assert await writer.flush(20)
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}

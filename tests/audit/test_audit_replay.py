@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from service.audit.replay import ReplayError, replay
 from service.audit.rows import AuditRecord
+from service.audit.seal import context, reveal, seal
 from service.cli import app as cli
 
 ROW = [0.1, -0.2, 0.3, 0.4]
@@ -126,7 +127,7 @@ async def test_cli_show_and_replay(
     doc = orjson.loads(shown.stdout)
     assert doc["id"] == rec.id and doc["route"] == "/v2/models/{name}/infer"
     assert doc["inputs"] is None and doc["inputs_hmac"] == rec.inputs_hmac
-    assert doc["summary"] == orjson.loads(rec.summary)
+    assert doc["summary"] == orjson.loads(reveal(rec, KEY.encode()).summary)
     missing = runner.invoke(cli, ["audit", "show", "nope"])
     assert missing.exit_code == 2 and "no audit record" in missing.stderr
 
@@ -139,9 +140,14 @@ async def test_cli_show_and_replay(
     assert no_inputs.exit_code == 2 and "--inputs FILE" in no_inputs.stderr
 
     target = records["reg-det"]
-    doc = orjson.loads(target.summary)
+    doc = orjson.loads(reveal(target, KEY.encode()).summary)
     doc["predictions"][0]["mean"] = 0.0
-    forged = orjson.dumps(doc).decode()
+    # The answer is sealed under the key: a tamperer without it cannot forge one (see
+    # test_audit_hmac); this one has the key, so the replay must catch the changed number.
+    t = target
+    assert t.inputs_hmac is not None
+    bound = context(t.inputs_hmac, t.request_id, t.model, t.version, t.digest, t.mode)
+    forged = seal(KEY.encode(), None, orjson.dumps(doc), bound)
     if backend.name == "sqlite":
         execute(backend, "DROP TRIGGER audit_records_no_update")
     else:

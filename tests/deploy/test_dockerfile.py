@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -124,7 +126,11 @@ def test_no_blanket_hadolint_ignores() -> None:
 
 def test_targets_and_base_image(dockerfile: Dockerfile) -> None:
     stages = dockerfile.stages
-    assert ("ARG", "BASE_IMAGE=python:3.11-slim") in dockerfile.preamble
+    # pinned by digest: a tag moves, a digest names one image (issue 27, finding 8)
+    [base] = [a for kw, a in dockerfile.preamble if kw == "ARG" and a.startswith("BASE_IMAGE=")]
+    assert re.fullmatch(r"BASE_IMAGE=python:3\.11-slim@sha256:[0-9a-f]{64}", base), base
+    for stage in stages.values():
+        assert stage.base in {"${BASE_IMAGE}", "scratch", *stages}, stage.base
     assert list(stages)[-1] == "cpu", "the default target (the last stage) is the CPU image"
     assert "cuda" in stages
     for target in ("cpu", "cuda"):
@@ -236,3 +242,95 @@ def test_the_image_installs_every_module_the_service_imports() -> None:
         if not {canonicalize_name(d) for d in providers.get(module, [])} & installed
     }
     assert not missing, f"imported by service/ but not in pyproject's dependencies: {missing}"
+
+
+def arg_default(stage: Stage, name: str) -> str:
+    [value] = [
+        a.split("=", 1)[1]
+        for kw, a in stage.instructions
+        if kw == "ARG" and a.startswith(f"{name}=")
+    ]
+    return value.strip('"')
+
+
+LOCK = ROOT / "requirements.lock"
+VALUED = {"--index-url", "-i", "--constraint", "-c", "--requirement", "-r", "--target", "-t",
+          "--find-links", "-f", "--extra-index-url"}  # fmt: skip
+
+
+def pip_installs(dockerfile: Dockerfile) -> Iterator[tuple[Stage, dict[str, list[str]], list[str]]]:
+    """(stage, options with their values, packages) of every `pip install` in a RUN."""
+    for stage in dockerfile.stages.values():
+        for keyword, args in stage.instructions:
+            if keyword != "RUN":
+                continue
+            for command in args.split("&&"):
+                words = shlex.split(command)
+                if words[:2] != ["pip", "install"]:
+                    continue
+                options: dict[str, list[str]] = {}
+                packages: list[str] = []
+                rest = iter(words[2:])
+                for word in rest:
+                    if word == "${PIP_EXTRA_ARGS}":  # options only (docs/DEPLOY.md)
+                        continue
+                    if word in VALUED:
+                        options.setdefault(word, []).append(next(rest))
+                    elif word.startswith("-"):
+                        options.setdefault(word, [])
+                    else:
+                        packages.append(word)
+                yield stage, options, packages
+
+
+def test_every_installed_package_is_pinned_exactly(dockerfile: Dockerfile) -> None:
+    """The image installs torch at TORCH_SPEC and everything else from requirements.lock, exact;
+    nothing is resolved from a range (builds are reproducible)."""
+    lock = {
+        canonicalize_name(Requirement(line).name): line
+        for line in LOCK.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    for line in lock.values():
+        assert re.fullmatch(r"[a-z0-9-]+==[0-9][0-9A-Za-z.]*", line), line
+    installs = list(pip_installs(dockerfile))
+    assert len(installs) == 6  # the app (2), each venv: torch and the lock
+    for stage, options, packages in installs:
+        where = f"{stage.name}: pip install {options} {packages}"
+        if "--requirement" in options:
+            assert options["--requirement"] == ["/tmp/requirements.lock"], where
+            assert "--no-deps" in options and packages == [], where
+            continue
+        [package] = packages
+        if package == "${TORCH_SPEC}":
+            spec = Requirement(arg_default(stage, "TORCH_SPEC"))
+            assert str(spec.specifier).startswith("=="), where
+            # without --no-deps (CUDA: torch brings its libraries) the rest is constrained
+            assert "--no-deps" in options or options.get("--constraint"), where
+        elif package == ".":  # the service itself: no dependencies, built by a locked backend
+            assert {"--no-deps", "--no-build-isolation"} <= set(options), where
+        else:  # a name pinned by the lock as a constraint
+            assert options.get("--constraint") == ["requirements.lock"], where
+            assert "--no-deps" in options and canonicalize_name(package) in lock, where
+
+
+def test_the_lock_is_this_environment(dockerfile: Dockerfile) -> None:
+    """requirements.lock is what deploy/lock.py writes here (every runtime dependency, the
+    version the tests ran against); TORCH_SPEC pins this environment's torch."""
+    spec = importlib.util.spec_from_file_location("deploy_lock", ROOT / "deploy" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    assert LOCK.read_text() == lock.lock_text(), (
+        "rewrite it: python deploy/lock.py > requirements.lock"
+    )
+    locked = {
+        canonicalize_name(line.split("==")[0])
+        for line in lock.lock_text().splitlines()
+        if "==" in line
+    }
+    assert locked | {"torch"} == {canonicalize_name(d) for d in runtime_distributions()}
+    torch = "torch==" + lock.public(importlib.metadata.version("torch"))
+    for name in ("venv-cpu", "venv-cuda"):
+        assert arg_default(dockerfile.stages[name], "TORCH_SPEC") == torch, name
+    assert f"TORCH_SPEC ?= {torch}" in (ROOT / "deploy" / "image.mk").read_text()

@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from service import connections
 from service.api.app import create_app
 from service.logs import configure as configure_logs
 from service.settings import Settings
@@ -65,13 +66,20 @@ def run(overrides: dict[str, Any]) -> None:
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
         )
     app = create_app(settings)
+    limits = connections.Limits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_pending=settings.max_pending_connections,
+        max_connections=settings.max_connections or connections.default_max_connections(),
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         loop="uvloop",
-        http="httptools",
+        http=connections.protocol(connections.Guard(limits)),  # httptools, with deadlines
+        limit_concurrency=settings.max_concurrency,
         access_log=False,
         lifespan="on",
         log_config=None,  # our JSON handler, not uvicorn's

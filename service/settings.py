@@ -119,6 +119,17 @@ class Settings(BaseSettings):
     cds_timeout_ms: float = Field(default=5000.0, gt=0.0)  # deadline of one hook call's compute
     fhir_version: Literal["R4B", "R5"] = "R4B"  # FHIR resources in cards and the native API
 
+    # Connections (service/connections.py), against clients that open connections and send
+    # little or nothing: a request head must arrive within header_timeout_s and its body within
+    # body_timeout_s (else 408, closed); at most max_pending_connections wait for a head and
+    # max_connections are open (None: the open-file limit less 128), a new one over either
+    # closing the longest waiting; over max_concurrency connections or requests, 503.
+    header_timeout_s: float = Field(default=10.0, gt=0.0)
+    body_timeout_s: float = Field(default=30.0, gt=0.0)
+    max_pending_connections: int = Field(default=256, ge=1)
+    max_connections: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=1000, ge=1)
+
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
             allow_code_artifacts=self.allow_code_artifacts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -40,13 +41,19 @@ class Server:
         return children(self.proc.pid)
 
 
+def _limit_files(n: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 @contextmanager
 def serve(
     tmp: Path,
     model_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    nofile: int | None = None,
 ) -> Iterator[Server]:
+    """`nofile`: the server's open-file limit (RLIMIT_NOFILE), e.g. to exhaust it in a test."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     cmd = [
@@ -65,7 +72,14 @@ def serve(
     ]
     full_env = {**os.environ, **(env or {})}
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
+        )
     server = Server(proc, port, log)
     try:
         deadline = time.monotonic() + timeout

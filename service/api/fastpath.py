@@ -26,12 +26,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import errors
 from service.api.middleware import BodyTooLarge
-from service.api.native import SUBJECT_PATTERN, predict_with
+from service.api.native import SUBJECT_PATTERN, off_loop, predict_with, state
 from service.api.native import router as native_router
 from service.api.schemas import PredictRequest
 from service.api.v2 import infer_with
 from service.api.v2 import router as v2_router
 from service.api.v2_binary import HEADER
+from service.engine.inputs import check_size
 from service.errors import InvalidInputError, McServeError
 
 _NATIVE = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
@@ -97,19 +98,27 @@ class PredictionRoutes:
                 ]
             )
         body = await request.body()
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInputError(
-                "invalid request: body: cannot be parsed; send JSON in UTF-8"
-            ) from None
-        try:
-            payload = PredictRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-            ) from None
+        # The model first: its input shape bounds what the body may hold, checked before the
+        # body is parsed (a 5 MB body of a million instances would hold the loop for 0.6 s).
+        st = state(request)
+        check_size(body, st.batcher(name, version).model.manifest.inputs, st.settings.max_instances)
+        payload = await off_loop(lambda: _parse(body), nbytes=len(body))
         return await predict_with(request, payload, name, version, subject)
+
+
+def _parse(body: bytes) -> PredictRequest:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            "invalid request: body: cannot be parsed; send JSON in UTF-8"
+        ) from None
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
 
 
 ROUTE_KEY = "mcserve.route"  # the front door's match, handed on in the scope

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service.api import examples
-from service.api.native import json_response, run, state, to_params
+from service.api.native import json_response, off_loop, run, state, to_params
 from service.api.schemas import PredictParameters
 from service.api.v2_binary import HEADER, decode_input, encode, split
 from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
@@ -30,6 +30,7 @@ from service.api.v2_schemas import (
     V2Error,
     inline_schema,
 )
+from service.engine.inputs import check_size
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.errors import InvalidInputError, ModelNotReadyError
 
@@ -194,15 +195,18 @@ async def infer_with(
     st = state(request)
     batcher = st.batcher(name, version)
     model = batcher.model
-    header, binary = split(await request.body(), header_length)
-    req = parse(header)
+    spec, limit = model.manifest.inputs, st.settings.max_instances
+    raw = await request.body()
+    header, binary = split(raw, header_length)
+    check_size(header, spec, limit)  # before parsing: bounds what the JSON may cost
+    req = await off_loop(lambda: parse(header), nbytes=len(header))
     p = req.parameters
     given = PredictParameters(
         samples=p.samples, confidence=p.confidence, seed=p.seed, mode=p.mode, interval=p.interval
     )
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode)
-    x = decode_input(req.inputs, binary, model.manifest.inputs, st.settings.max_instances)
+    x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
     pred = await run(request, batcher, x, params, p.timeout / 1e6 if p.timeout else None)
     arrays = values(pred, [s for s, _ in wanted])
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}

@@ -16,7 +16,7 @@ import orjson
 
 from service.api.v2_schemas import RequestInput
 from service.bundle.manifest import InputSpec
-from service.engine.inputs import to_array
+from service.engine.inputs import check_count, checked
 from service.errors import InvalidInputError
 
 HEADER = "Inference-Header-Content-Length"
@@ -36,7 +36,8 @@ def split(raw: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
 
 
 def _numbers(data: list[Any], name: str) -> list[float | int]:
-    """Flatten nested `data` row-major, refusing anything but numbers (true/false included)."""
+    """Flatten nested `data` row-major, refusing anything but numbers (true/false included).
+    The slow way, for irregular nesting and to name the first bad value."""
     flat: list[float | int] = []
 
     def walk(node: list[Any]) -> None:
@@ -52,6 +53,48 @@ def _numbers(data: list[Any], name: str) -> list[float | int]:
 
     walk(data)
     return flat
+
+
+def _only_numbers(v: list[Any]) -> bool:
+    """Only ints, floats and lists of them (a set of the element types, built in C)."""
+    types = set(map(type, v))
+    if not types <= {int, float, list}:
+        return False
+    return list not in types or all(_only_numbers(x) for x in v if type(x) is list)
+
+
+def _from_data(data: list[Any], name: str, shape: list[int]) -> np.ndarray:
+    """float64 of `shape` from JSON `data`: numpy converts regular nesting in C; the walk in
+    Python runs only for irregular nesting or to name what is wrong."""
+    count = math.prod(shape)
+    if _only_numbers(data):
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except (ValueError, OverflowError):
+            arr = None  # irregular nesting, or an int too large: the slow way says which
+        if arr is not None and arr.size == count:
+            return arr.reshape(shape)
+    flat = _numbers(data, name)
+    if len(flat) != count:
+        raise InvalidInputError(
+            f"input '{name}': shape {shape} holds {count} values but data has {len(flat)}"
+        )
+    try:
+        return np.asarray(flat, dtype=np.float64).reshape(shape)
+    except OverflowError:
+        raise InvalidInputError(
+            f"instance {_overflowing(flat) // (count // shape[0])} is not an array of numbers "
+            f"of shape {shape[1:]}"
+        ) from None
+
+
+def _overflowing(flat: list[float | int]) -> int:
+    for i, v in enumerate(flat):
+        try:
+            float(v)
+        except OverflowError:
+            return i
+    return 0
 
 
 def _check_shape(inp: RequestInput, spec: InputSpec) -> None:
@@ -81,6 +124,7 @@ def decode_input(
             "(FP64 and FP16 are cast to FP32)"
         )
     _check_shape(inp, spec)
+    check_count(inp.shape[0], max_instances)  # before a byte is converted
     count = math.prod(inp.shape)
     size = inp.parameters.binary_data_size if inp.parameters else None
     if size is not None:
@@ -99,7 +143,11 @@ def decode_input(
                 f"the body holds {len(binary)} bytes after the JSON header but the inputs' "
                 f"binary_data_size add up to {size}"
             )
-        arr = np.frombuffer(binary, dtype=dtype).astype(np.float64)
+        # A view of the body, no copy; FP32 is checked as it is, FP16 widened to FP32 (exact),
+        # FP64 checked in FP64 (a range check before the cast that could round into range).
+        arr = np.frombuffer(binary, dtype=dtype).reshape(inp.shape)
+        if inp.datatype == "FP16":
+            arr = arr.astype(np.float32)
     else:
         if inp.data is None:
             raise InvalidInputError(
@@ -111,15 +159,9 @@ def decode_input(
                 f"the body holds {len(binary)} bytes after the JSON header that no input claims "
                 "(set parameters.binary_data_size)"
             )
-        flat = _numbers(inp.data, inp.name)
-        if len(flat) != count:
-            raise InvalidInputError(
-                f"input '{inp.name}': shape {inp.shape} holds {count} values but data has "
-                f"{len(flat)}"
-            )
-        arr = np.asarray(flat, dtype=object)
-    # One checker for both protocols: count, finiteness and each model's valid ranges.
-    return to_array(arr.reshape(inp.shape).tolist(), spec, max_instances)
+        arr = _from_data(inp.data, inp.name, inp.shape)
+    # One checker for both protocols: finiteness and each model's valid ranges.
+    return checked(arr, spec)
 
 
 def encode(

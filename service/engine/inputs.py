@@ -1,7 +1,15 @@
-"""Turn client instances into one float32 array, or say exactly what is wrong with them."""
+"""Turn client instances into one float32 array, or say exactly what is wrong with them.
+
+Cost: a request body is parsed and converted while holding the GIL (pydantic's and numpy's C
+code), so the work a body can cause is bounded before it is parsed: `check_size` counts the
+body's separators (a C scan, 2.5 ms for 5 MB) against what `max_instances` instances of the
+model's shape can need. Measured: a 5.2 MB body of 1.3 M one-number instances took 0.59 s to
+parse and 0.15 s more to convert, all of it on the event loop, before its 413.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,15 +69,46 @@ def _has_bool(v: Any) -> bool:
     return False
 
 
+def value_bound(spec: InputSpec, max_instances: int) -> int:
+    """Twice the separators (`,` `[` `{`) that `max_instances` instances of `spec` can hold in
+    JSON, as arrays or objects, plus room for the request's other fields (parameters, the /v2
+    header's shape, outputs and id)."""
+    dims = spec.shape
+    brackets = sum(math.prod(dims[:k]) for k in range(len(dims)))  # the nested lists' "["
+    as_array = math.prod(dims) - 1 + brackets
+    names = spec.feature_names or []
+    as_object = len(names) + sum(n.count(",") + n.count("[") + n.count("{") for n in names)
+    return 2 * max_instances * (max(as_array, as_object) + 1) + 1024
+
+
+def check_size(raw: bytes, spec: InputSpec, max_instances: int) -> None:
+    """Refuse a JSON body with more separators than a valid request can have, before parsing
+    it (PayloadTooLargeError): what a body may cost is then bounded by what a valid one costs."""
+    bound = value_bound(spec, max_instances)
+    if len(raw) <= bound:  # fewer bytes than the bound: fewer separators too
+        return
+    count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if count > bound:
+        raise PayloadTooLargeError(
+            f"the body holds {count} JSON values and arrays, more than {max_instances} instances "
+            f"of shape {spec.shape} can need ({bound}; setting max_instances): split the "
+            "request, or check the instances' shape"
+        )
+
+
+def check_count(count: int, max_instances: int) -> None:
+    if count > max_instances:
+        raise PayloadTooLargeError(
+            f"{count} instances in one request; the limit is {max_instances} "
+            "(setting max_instances): split the request"
+        )
+
+
 def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
     """[B, *shape] float32; checks count, shape, numbers, finiteness and hard valid ranges."""
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError("'instances' must be a non-empty list")
-    if len(instances) > max_instances:
-        raise PayloadTooLargeError(
-            f"{len(instances)} instances in one request; the limit is {max_instances} "
-            "(setting max_instances): split the request"
-        )
+    check_count(len(instances), max_instances)
     rows: Sequence[Any] = instances
     kinds = {isinstance(inst, dict) for inst in instances}
     if len(kinds) > 1:
@@ -86,6 +125,12 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
         raise InvalidInputError(_first_bad(rows, spec)) from None
     if list(arr.shape[1:]) != spec.shape:
         raise InvalidInputError(_first_bad(rows, spec))
+    return checked(arr, spec)
+
+
+def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[B, *shape] float32 from numbers already of that shape (float64 or float32): checks
+    finiteness and the hard valid ranges. numpy releases the GIL in these loops."""
     flat = arr.reshape(arr.shape[0], -1)
     bounds = _bounds(spec, flat.shape[1])
     # One test for the common case, valid inputs (NaN fails both comparisons); the precise

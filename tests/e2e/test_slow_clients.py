@@ -1,0 +1,65 @@
+"""Clients that open connections and send little or nothing (issue 27, finding 4), against a
+real server process with a low open-file limit: they are closed in time and never crowd out
+honest requests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+from server import ROOT, serve
+
+NOFILE = 256  # the server's open-file limit: 400 connections would exhaust it
+HELD = 400
+
+
+def test_half_open_connections_are_closed_and_do_not_crowd_out_requests(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "diabetes" / "1", models / "diabetes" / "1")
+    env = {
+        "MCSERVE_HEADER_TIMEOUT_S": "1",
+        "MCSERVE_BODY_TIMEOUT_S": "1",
+        "MCSERVE_COMPUTE_PROCESS": "false",
+        "MCSERVE_FUSED_MASKS": "false",
+        "MCSERVE_DRAIN_GRACE_S": "0",
+    }
+    with serve(tmp_path, model_dir=models, env=env, nofile=NOFILE) as srv:
+        held = []
+        try:
+            for i in range(HELD):  # half send nothing, half a request head cut short
+                s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+                if i % 2:
+                    s.sendall(b"POST /v1/models/diabetes:predict HTTP/1.1\r\nHost: x\r\nCont")
+                held.append(s)
+            # Honest requests, each on a new connection, are answered while those are held.
+            for _ in range(20):
+                with httpx.Client(base_url=srv.url, timeout=5) as c:
+                    assert c.get("/healthz").status_code == 200
+            # Every held connection is closed by the server (evicted at once, or 408 after the
+            # header timeout of 1 s), none later than the timeout plus slack.
+            deadline = time.monotonic() + 3.0
+            answers = []
+            for s in held:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                answers.append(s.recv(200))  # b"" once closed; socket.timeout fails the test
+            assert any(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+            assert all(a == b"" or a.startswith(b"HTTP/1.1 408 ") for a in answers)
+        finally:
+            for s in held:
+                s.close()
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            assert c.get("/healthz").status_code == 200
+        # A body that stops short: 408 after the body timeout, and the app saw a disconnect.
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=3) as s:
+            s.sendall(
+                b"POST /v1/models/diabetes:predict HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"inst'
+            )
+            reply = s.recv(300)
+        assert reply.startswith(b"HTTP/1.1 408 "), reply
+        assert reply.endswith(b"request body not received in 1 s\n")
+        assert "Too many open files" not in srv.output()
+        assert '"level":"error"' not in srv.output()

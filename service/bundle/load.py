@@ -206,6 +206,7 @@ def load_bundle(
                 state,
                 where=where,
                 input_shape=list(manifest.inputs.shape),
+                input_dtype=getattr(torch, manifest.inputs.dtype),
                 limits=policy.architecture,
             )
         else:

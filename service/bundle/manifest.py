@@ -38,7 +38,7 @@ class Strict(BaseModel):
 
 class InputSpec(Strict):
     name: str = "input"
-    dtype: Literal["float32"] = "float32"
+    dtype: Literal["float32", "int64"] = "float32"  # int64: token ids for an embedding
     shape: list[Dim] = Field(min_length=0, max_length=8)  # per instance, no batch dimension
     feature_names: list[str] | None = None  # for flat inputs: one per feature
     units: list[str | None] | None = None

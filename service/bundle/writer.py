@@ -25,7 +25,9 @@ from service.bundle.manifest import (
     Task,
     Training,
 )
-from service.engine.graph import find_dropout, trace
+from service.bundle.sequence import explicit
+from service.bundle.tracer import trace_with_shapes
+from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
 from service.errors import BundleError, ModelError
@@ -70,19 +72,29 @@ def save(
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
     module = module.eval()
-    example = example_input.detach().to(torch.float32)
+    tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
+    example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
         raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")
-    gm = trace(module)
+    # Sequence layers with hidden dropout made explicit, then traced with the declared shapes.
+    gm = trace_with_shapes(explicit(module).eval(), example)
     # Functional dropout is visible only now: once exported, it looks like an ordinary op.
     find_dropout(gm)
     desc = describe(gm)
     state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    rebuilt = rebuild(json.loads(json.dumps(desc)), state, input_shape=list(example.shape[1:]))
+    rebuilt = rebuild(
+        json.loads(json.dumps(desc)),
+        state,
+        input_shape=list(example.shape[1:]),
+        input_dtype=example.dtype,
+    )
     with torch.inference_mode():
         want, got = module(example), rebuilt(example)
-    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-6, atol=1e-6):
+    # Explicit attention sums in another order than torch's fused kernels: 1e-5, not 1e-6.
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
         raise ModelError("the module's forward cannot be reproduced from its traced graph")
+    if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
+        value_range = (0.0, float(_vocabulary(rebuilt) - 1))
     sampler = MCSampler(rebuilt, example, device="cpu")
     out_shape = sampler.output_shape
     if len(out_shape) != 1:
@@ -116,6 +128,7 @@ def save(
         task=task,
         intended_use=intended_use,
         inputs=InputSpec(
+            dtype="int64" if tokens else "float32",
             shape=list(example.shape[1:]),
             feature_names=list(feature_names) if feature_names else None,
             units=list(units) if units else None,
@@ -142,3 +155,18 @@ def save(
     )
     (dest / MANIFEST_NAME).write_bytes(manifest.dumps())
     return dest
+
+
+def _vocabulary(gm: torch.fx.GraphModule) -> int:
+    """The smallest vocabulary among the embeddings that read the input ids directly."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sizes = [
+        gm.get_submodule(str(n.target)).num_embeddings
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        and isinstance(gm.get_submodule(str(n.target)), nn.Embedding)
+        and n.args[:1] == tuple(inputs[:1])
+    ]
+    if not sizes:
+        raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
+    return int(min(sizes))

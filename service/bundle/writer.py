@@ -161,10 +161,10 @@ def _vocabulary(gm: torch.fx.GraphModule) -> int:
     """The smallest vocabulary among the embeddings that read the input ids directly."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sizes = [
-        gm.get_submodule(str(n.target)).num_embeddings
+        int(m.num_embeddings)
         for n in gm.graph.nodes
         if n.op == "call_module"
-        and isinstance(gm.get_submodule(str(n.target)), nn.Embedding)
+        and isinstance(m := gm.get_submodule(str(n.target)), nn.Embedding)
         and n.args[:1] == tuple(inputs[:1])
     ]
     if not sizes:

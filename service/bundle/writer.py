@@ -23,9 +23,11 @@ from service.bundle.manifest import (
     Manifest,
     OutputSpec,
     Task,
+    TextInput,
     Training,
 )
 from service.bundle.sequence import explicit
+from service.bundle.tokenizer import check_tokenizer_json
 from service.bundle.tracer import trace_with_shapes
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
@@ -35,6 +37,7 @@ from service.errors import BundleError, ModelError
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -66,8 +69,16 @@ def save(
     defaults: Defaults | None = None,
     training: Training | None = None,
     extra: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    truncation: Literal["truncate", "error"] = "truncate",
+    pad_id: int | None = None,
 ) -> Path:
-    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version."""
+    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
+
+    Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
+    maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
+    <pad>, else 0) and longer ones cut or refused (`truncation`).
+    """
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
@@ -105,16 +116,34 @@ def save(
     elif not target or out_shape[0] != 1:
         raise ModelError("a regression bundle needs target= and a model with one output")
 
+    text = None
+    if tokenizer is not None:
+        if not tokens or example.dim() != 2:
+            raise ModelError("a text model's example_input is token ids of shape [B, max_tokens]")
+        raw = tokenizer.to_str().encode()
+        check_tokenizer_json(raw, "the tokenizer")  # refused now, not when the bundle loads
+        if pad_id is None:
+            found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]
+            pad_id = next((i for i in found if i is not None), 0)
+        text = TextInput(
+            tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]), truncation=truncation,
+            pad_id=pad_id,
+        )  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
+    roles_extra: tuple[tuple[str, Literal["tokenizer"]], ...] = ()
+    if text is not None:
+        (dest / TOKENIZER_FILE).write_bytes(raw)
+        roles_extra = ((TOKENIZER_FILE, "tokenizer"),)
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     export_onnx(rebuilt, example, dest / ONNX_FILE)
     for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
         (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
-    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx"]], ...] = (
+    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx", "tokenizer"]], ...] = (
         (ARCH_FILE, "architecture"),
         (WEIGHTS_FILE, "weights"),
         (ONNX_FILE, "onnx"),
+        *roles_extra,
     )
     artifacts = {
         fname: Artifact(
@@ -137,6 +166,7 @@ def save(
             if training_ranges
             else None,
             value_range=value_range,
+            text=text,
         ),
         outputs=OutputSpec(
             labels=list(labels) if labels else None, target=target, unit=target_unit

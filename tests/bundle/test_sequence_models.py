@@ -4,6 +4,7 @@ recurrent and attention layers, every dropout site sampled, shape-only branches 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -197,3 +198,172 @@ def test_token_ids_are_checked(bundles: dict[str, tuple[nn.Module, Path]]) -> No
     )
     with pytest.raises(InvalidInputError, match="token ids are whole numbers"):
         to_array([[1.5] * LENGTH], spec, 8)
+
+
+def _wordpiece(texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]"])
+    )
+    return tok
+
+
+CORPUS = [
+    "patient presents with chest pain and shortness of breath",
+    "no evidence of malignancy in the resected specimen",
+    "mild gastritis with helicobacter pylori infection",
+    "acute ischemic stroke in the left middle cerebral artery",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    tok = _wordpiece(CORPUS)
+    assert tok.get_vocab_size() <= VOCAB
+    return save(
+        TextCNN().eval(), token_batch(), out_dir=tmp_path_factory.mktemp("tok"), name="notes",
+        version="1", task="classification", intended_use="tests", labels=["a", "b", "c"],
+        tokenizer=tok, truncation="error",
+    )  # fmt: skip
+
+
+def test_a_tokenizer_travels_in_the_bundle(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    spec = loaded.manifest.inputs.text
+    assert spec is not None and spec.max_tokens == LENGTH and spec.pad_id == 0
+    assert loaded.manifest.artifacts["tokenizer.json"].role == "tokenizer"
+    batch = encode_texts(["Chest pain", {"text": "stroke"}], loaded.tokenizer, spec, 8)
+    assert batch.ids.shape == (2, LENGTH) and batch.ids.dtype == np.int64
+    want = [loaded.tokenizer.encode(t).ids for t in ("Chest pain", "stroke")]
+    assert batch.tokens == [len(w) for w in want] and batch.truncated == [False, False]
+    for row, w in zip(batch.ids, want, strict=True):
+        assert row[: len(w)].tolist() == w and (row[len(w) :] == PAD).all()
+    served = ServedModel(loaded)
+    a = served.predict(batch.ids, PredictParams(samples=10, confidence=(0.9,), seed=4))
+    b = served.predict(batch.ids[:1], PredictParams(samples=10, confidence=(0.9,), seed=4))
+    assert a.summary.probabilities[0].tobytes() == b.summary.probabilities[0].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("instance", "message"),
+    [
+        ("", "instance 0: the text is empty (or only whitespace)"),
+        ("  \n\t ", "instance 0: the text is empty (or only whitespace)"),
+        ("chest\x00pain", "instance 0: the text contains a NUL character"),
+        ("\ud800 pain", "instance 0: the text is not valid Unicode (a lone surrogate)"),
+        (12, "instance 0: expected a string of text, got int"),
+        ({"txt": "pain"}, 'instance 0: a text instance is a string or {"text": "..."}'),
+    ],
+    ids=["empty", "whitespace", "nul", "surrogate", "number", "bad-key"],
+)
+def test_bad_texts_say_what_to_fix(text_bundle: Path, instance: Any, message: str) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    with pytest.raises(InvalidInputError) as e:
+        encode_texts([instance], loaded.tokenizer, loaded.manifest.inputs.text, 8)
+    assert e.value.message == message
+
+
+def test_too_many_tokens_with_policy_error(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    text = " ".join(["pain"] * (LENGTH + 3))
+    n = len(loaded.tokenizer.encode(text).ids)
+    with pytest.raises(InvalidInputError) as e:
+        encode_texts([text], loaded.tokenizer, loaded.manifest.inputs.text, 8)
+    assert e.value.message == (
+        f"instance 0: {n} tokens, over this model's maximum of {LENGTH} (truncation policy "
+        "'error'): shorten the text"
+    )
+
+
+def test_a_text_over_the_byte_limit_is_refused_before_tokenizing(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+    from service.errors import PayloadTooLargeError
+
+    spec = load_bundle(text_bundle).manifest.inputs.text
+    assert spec is not None
+
+    class Exploding:
+        def encode_batch(self, *_: Any, **__: Any) -> Any:
+            raise AssertionError("tokenized a text over the byte limit")
+
+    with pytest.raises(PayloadTooLargeError, match="over this model's limit of 100000"):
+        encode_texts(["a" * 100_001], Exploding(), spec, 8)
+
+
+def test_truncation_is_reported(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    spec = loaded.manifest.inputs.text.model_copy(update={"truncation": "truncate"})
+    text = " ".join(["pain"] * (LENGTH + 3))
+    batch = encode_texts([text], loaded.tokenizer, spec, 8)
+    assert batch.tokens == [len(loaded.tokenizer.encode(text).ids)] and batch.truncated == [True]
+    assert (batch.ids != PAD).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d.__setitem__(
+                "pre_tokenizer",
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": "(a+)+$"},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+            ),
+            "pre_tokenizer Split uses a custom regular expression",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer", {"type": "Precompiled", "precompiled_charsmap": ""}
+            ),
+            "normalizer type 'Precompiled' is not allowed",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer",
+                {
+                    "type": "Sequence",
+                    "normalizers": [
+                        {"type": "Replace", "pattern": {"Regex": "(x|x)*y"}, "content": ""}
+                    ],
+                },
+            ),
+            "normalizer Replace uses a custom regular expression",
+        ),
+    ],
+    ids=["split-regex", "unknown-type", "nested-replace-regex"],
+)
+def test_a_crafted_tokenizer_is_refused_at_load(
+    text_bundle: Path, tmp_path: Path, change: Any, message: str
+) -> None:
+    import shutil
+
+    from hostile import edit_json, repin
+
+    from service.errors import BundleError
+
+    bundle = tmp_path / "notes" / "1"
+    shutil.copytree(text_bundle, bundle)
+    edit_json(bundle / "tokenizer.json", change)
+    repin(bundle, "tokenizer.json")
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.startswith(f"{bundle}/tokenizer.json: {message}")

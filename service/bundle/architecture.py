@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from service.bundle.grammar import ArchitectureLimits, check_description
+from service.bundle.grammar import ArchitectureLimits, check_description, constructor_signature
 from service.errors import BundleError, ModelError
 from service.nn import Affine
 
@@ -33,15 +33,20 @@ MODULES: dict[str, type[nn.Module]] = {
         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity,
         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, Affine,
+        # Sequence layers. Stacked LSTM/GRU with dropout and attention arrive here already made
+        # explicit (service/bundle/sequence.py), so these hold no hidden dropout.
+        nn.Embedding, nn.LSTM, nn.GRU,
     )
 }  # fmt: skip
 FUNCTIONS: dict[str, Any] = {
     **{f"operator.{n}": getattr(operator, n) for n in (
-        "add", "sub", "mul", "truediv", "neg", "getitem", "matmul", "pow")},
+        "add", "sub", "mul", "truediv", "neg", "getitem", "matmul", "pow", "floordiv", "eq", "ne",
+        "lt", "le", "gt", "ge", "invert", "and_", "or_")},
     **{f"torch.{n}": getattr(torch, n) for n in (
         "relu", "sigmoid", "tanh", "flatten", "cat", "stack", "softmax", "log_softmax", "exp",
         "log", "sum", "mean", "add", "mul", "matmul", "reshape", "squeeze", "unsqueeze",
-        "clamp", "abs", "sqrt", "transpose", "permute", "where", "maximum", "minimum")},
+        "clamp", "abs", "sqrt", "transpose", "permute", "where", "maximum", "minimum", "arange",
+        "zeros_like", "ones_like", "amax", "logical_not", "masked_fill")},
     **{f"F.{n}": getattr(F, n) for n in (
         "relu", "gelu", "silu", "leaky_relu", "elu", "softplus", "softmax", "log_softmax",
         "linear", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "layer_norm", "normalize")},
@@ -52,19 +57,27 @@ METHODS = {
     "view", "reshape", "flatten", "size", "relu", "sigmoid", "tanh", "mean", "sum", "unsqueeze",
     "squeeze", "permute", "transpose", "contiguous", "softmax", "log_softmax", "exp", "log", "add",
     "mul", "sub", "div", "clamp", "pow", "sqrt", "abs", "float", "chunk", "split", "expand",
+    # Padding masks and pooling over time.
+    "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "long", "bool", "to",
+    "type_as", "max", "amax", "min", "cumsum", "unbind", "flip", "expand_as",
 }  # fmt: skip
-ATTRIBUTES = {"shape", "ndim"}  # read through builtins.getattr
+ATTRIBUTES = {"shape", "ndim", "device", "dtype"}  # read through builtins.getattr
 _SKIP_PARAMS = {"self", "device", "dtype", "inplace"}
 
 
 def _ctor_args(name: str, module: nn.Module) -> dict[str, Any]:
     """Constructor keyword arguments read back from the module's own attributes."""
     out: dict[str, Any] = {}
-    for p in inspect.signature(type(module).__init__).parameters.values():
+    if isinstance(module, nn.RNNBase) and float(module.dropout) > 0 and module.num_layers > 1:
+        # Its dropout lives in the fused kernel, where MC sampling cannot reach it.
+        raise ModelError(f"layer '{name}': a stacked {type(module).__name__} with hidden dropout")
+    for p in constructor_signature(type(module)).parameters.values():
         if p.name in _SKIP_PARAMS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if p.name == "bias" and p.default is True:
-            value: Any = getattr(module, "bias", None) is not None
+        if p.name == "bias" and isinstance(getattr(module, "bias", None), bool):
+            value: Any = module.bias
+        elif p.name == "bias" and p.default is True:
+            value = getattr(module, "bias", None) is not None
         elif hasattr(module, p.name):
             value = getattr(module, p.name)
         elif p.default is inspect.Parameter.empty:
@@ -190,6 +203,7 @@ def rebuild(
     *,
     where: str = "architecture.json",
     input_shape: list[int] | None = None,
+    input_dtype: torch.dtype = torch.float32,
     limits: ArchitectureLimits | None = None,
 ) -> fx.GraphModule:
     """Rebuild the module from its description and load `state` (strict: every key must match).
@@ -215,7 +229,7 @@ def rebuild(
     gm = fx.GraphModule(root, graph)
     _check_shapes(gm, state, where)
     if input_shape is not None:
-        _check_activations(gm, input_shape, where, limits)
+        _check_activations(gm, input_shape, input_dtype, where, limits)
     try:
         gm.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -277,11 +291,15 @@ def _check_shapes(gm: fx.GraphModule, state: dict[str, torch.Tensor], where: str
 
 
 def _check_activations(
-    gm: fx.GraphModule, input_shape: list[int], where: str, limits: ArchitectureLimits
+    gm: fx.GraphModule,
+    input_shape: list[int],
+    dtype: torch.dtype,
+    where: str,
+    limits: ArchitectureLimits,
 ) -> None:
     """Run the graph on a meta input: shapes only, no memory; bound the elements it makes."""
     total = 0
-    example = torch.empty(2, *input_shape, device="meta")
+    example = torch.zeros(2, *input_shape, dtype=dtype, device="meta")
     try:
         interp = _Counting(gm)
         interp.run(example)

@@ -63,9 +63,17 @@ def module_path(s: Any) -> bool:
     )
 
 
+def constructor_signature(cls: type[nn.Module]) -> inspect.Signature:
+    """The layer's constructor; LSTM and GRU take `*args, **kwargs`, read RNNBase's instead."""
+    if issubclass(cls, nn.RNNBase):
+        sig = inspect.signature(nn.RNNBase.__init__)
+        return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "mode"])
+    return inspect.signature(cls.__init__)
+
+
 def constructor_parameters(cls: type[nn.Module], skip: set[str]) -> set[str]:
     """Keyword names the layer's constructor takes (the only keys its `args` may hold)."""
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = constructor_signature(cls).parameters.values()
     return {
         p.name
         for p in params

@@ -16,6 +16,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -25,10 +26,11 @@ from torch import nn
 from service.bundle.architecture import rebuild
 from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from service.bundle.tokenizer import load_tokenizer
 from service.errors import BundleError, McServeError
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
-_SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2")
+_SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class LoadedBundle:
     digest: str  # "sha256:<hex>" of manifest.json, which holds every artifact's hash
     module: nn.Module
     onnx_bytes: bytes | None
+    tokenizer: Any = None  # tokenizers.Tokenizer for text models (allow-listed JSON)
 
 
 def bundle_digest(manifest_bytes: bytes) -> str:
@@ -206,6 +209,7 @@ def load_bundle(
                 state,
                 where=where,
                 input_shape=list(manifest.inputs.shape),
+                input_dtype=getattr(torch, manifest.inputs.dtype),
                 limits=policy.architecture,
             )
         else:
@@ -219,7 +223,13 @@ def load_bundle(
         raise
     except Exception as exc:  # parsers raise many types; all mean "this artifact is unusable"
         raise BundleError(f"{path}: cannot load artifacts ({type(exc).__name__}: {exc})") from exc
-    return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes)
+    tokenizer = None
+    if manifest.inputs.text is not None:
+        name = manifest.inputs.text.tokenizer
+        if roles.get("tokenizer") != name:
+            raise BundleError(f"{mf}: inputs.text.tokenizer '{name}' is not the listed tokenizer")
+        tokenizer = load_tokenizer(files[name], str(path / name))
+    return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes, tokenizer)
 
 
 def _load_pt2(data: bytes) -> nn.Module:

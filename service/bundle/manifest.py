@@ -36,21 +36,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TextInput(Strict):
+    """A text model: instances are strings, tokenized by the bundle's tokenizer.json."""
+
+    tokenizer: str  # the artifact file name (role "tokenizer")
+    max_tokens: int = Field(ge=1, le=65536)  # the input's length: ids padded to it
+    truncation: Literal["truncate", "error"] = "truncate"  # longer texts: cut, or a 422
+    pad_id: int = Field(default=0, ge=0)
+    max_text_bytes: int = Field(default=100_000, ge=1)  # refused (413) before tokenization
+
+
 class InputSpec(Strict):
     name: str = "input"
-    dtype: Literal["float32"] = "float32"
+    dtype: Literal["float32", "int64"] = "float32"  # int64: token ids for an embedding
     shape: list[Dim] = Field(min_length=0, max_length=8)  # per instance, no batch dimension
     feature_names: list[str] | None = None  # for flat inputs: one per feature
     units: list[str | None] | None = None
     valid_ranges: list[Range] | None = None  # hard: outside -> 422
     training_ranges: list[Range] | None = None  # soft: outside -> flag
     value_range: Range | None = None  # one hard range for every element (images)
+    text: TextInput | None = None  # text models: shape [max_tokens], dtype int64
 
     @model_validator(mode="after")
     def _lengths(self) -> InputSpec:
         _check_ranges("valid_ranges", self.valid_ranges)
         _check_ranges("training_ranges", self.training_ranges)
         _check_ranges("value_range", [self.value_range] if self.value_range else None)
+        if self.text is not None and (
+            self.dtype != "int64" or self.shape != [self.text.max_tokens]
+        ):
+            raise ValueError("a text input has dtype int64 and shape [text.max_tokens]")
         n = 1
         for d in self.shape:
             n *= d
@@ -98,7 +113,7 @@ class DropoutLayout(Strict):
 class Artifact(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
-    role: Literal["architecture", "weights", "onnx", "pt2", "calibration", "data"]
+    role: Literal["architecture", "weights", "onnx", "pt2", "calibration", "data", "tokenizer"]
 
 
 class Training(Strict):

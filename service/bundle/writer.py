@@ -23,9 +23,13 @@ from service.bundle.manifest import (
     Manifest,
     OutputSpec,
     Task,
+    TextInput,
     Training,
 )
-from service.engine.graph import find_dropout, trace
+from service.bundle.sequence import explicit
+from service.bundle.tokenizer import check_tokenizer_json
+from service.bundle.tracer import trace_with_shapes
+from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
 from service.errors import BundleError, ModelError
@@ -33,6 +37,7 @@ from service.errors import BundleError, ModelError
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -64,25 +69,43 @@ def save(
     defaults: Defaults | None = None,
     training: Training | None = None,
     extra: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    truncation: Literal["truncate", "error"] = "truncate",
+    pad_id: int | None = None,
 ) -> Path:
-    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version."""
+    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
+
+    Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
+    maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
+    <pad>, else 0) and longer ones cut or refused (`truncation`).
+    """
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
     module = module.eval()
-    example = example_input.detach().to(torch.float32)
+    tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
+    example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
         raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")
-    gm = trace(module)
+    # Sequence layers with hidden dropout made explicit, then traced with the declared shapes.
+    gm = trace_with_shapes(explicit(module).eval(), example)
     # Functional dropout is visible only now: once exported, it looks like an ordinary op.
     find_dropout(gm)
     desc = describe(gm)
     state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    rebuilt = rebuild(json.loads(json.dumps(desc)), state, input_shape=list(example.shape[1:]))
+    rebuilt = rebuild(
+        json.loads(json.dumps(desc)),
+        state,
+        input_shape=list(example.shape[1:]),
+        input_dtype=example.dtype,
+    )
     with torch.inference_mode():
         want, got = module(example), rebuilt(example)
-    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-6, atol=1e-6):
+    # Explicit attention sums in another order than torch's fused kernels: 1e-5, not 1e-6.
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
         raise ModelError("the module's forward cannot be reproduced from its traced graph")
+    if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
+        value_range = (0.0, float(_vocabulary(rebuilt) - 1))
     sampler = MCSampler(rebuilt, example, device="cpu")
     out_shape = sampler.output_shape
     if len(out_shape) != 1:
@@ -93,16 +116,34 @@ def save(
     elif not target or out_shape[0] != 1:
         raise ModelError("a regression bundle needs target= and a model with one output")
 
+    text = None
+    if tokenizer is not None:
+        if not tokens or example.dim() != 2:
+            raise ModelError("a text model's example_input is token ids of shape [B, max_tokens]")
+        raw = tokenizer.to_str().encode()
+        check_tokenizer_json(raw, "the tokenizer")  # refused now, not when the bundle loads
+        if pad_id is None:
+            found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]
+            pad_id = next((i for i in found if i is not None), 0)
+        text = TextInput(
+            tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]), truncation=truncation,
+            pad_id=pad_id,
+        )  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
+    roles_extra: tuple[tuple[str, Literal["tokenizer"]], ...] = ()
+    if text is not None:
+        (dest / TOKENIZER_FILE).write_bytes(raw)
+        roles_extra = ((TOKENIZER_FILE, "tokenizer"),)
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     export_onnx(rebuilt, example, dest / ONNX_FILE)
     for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
         (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
-    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx"]], ...] = (
+    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx", "tokenizer"]], ...] = (
         (ARCH_FILE, "architecture"),
         (WEIGHTS_FILE, "weights"),
         (ONNX_FILE, "onnx"),
+        *roles_extra,
     )
     artifacts = {
         fname: Artifact(
@@ -116,6 +157,7 @@ def save(
         task=task,
         intended_use=intended_use,
         inputs=InputSpec(
+            dtype="int64" if tokens else "float32",
             shape=list(example.shape[1:]),
             feature_names=list(feature_names) if feature_names else None,
             units=list(units) if units else None,
@@ -124,6 +166,7 @@ def save(
             if training_ranges
             else None,
             value_range=value_range,
+            text=text,
         ),
         outputs=OutputSpec(
             labels=list(labels) if labels else None, target=target, unit=target_unit
@@ -142,3 +185,18 @@ def save(
     )
     (dest / MANIFEST_NAME).write_bytes(manifest.dumps())
     return dest
+
+
+def _vocabulary(gm: torch.fx.GraphModule) -> int:
+    """The smallest vocabulary among the embeddings that read the input ids directly."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sizes = [
+        int(m.num_embeddings)
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        and isinstance(m := gm.get_submodule(str(n.target)), nn.Embedding)
+        and n.args[:1] == tuple(inputs[:1])
+    ]
+    if not sizes:
+        raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
+    return int(min(sizes))

@@ -160,7 +160,9 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
     out_arg = output.args[0]
     if not isinstance(out_arg, fx.Node) or out_arg not in stochastic:
         raise ModelError("the model's output does not depend on any dropout layer")
-    # A non-batched value (a size, a constant tensor) used by the suffix is recomputed there.
+    # A non-batched value (a size, a constant tensor) used by the suffix is recomputed there;
+    # it stays in the prefix too when the prefix uses it (a sequence length read by both).
+    core = set(stochastic)
     changed = True
     while changed:
         changed = False
@@ -170,6 +172,7 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
             if any(u in stochastic for u in n.users) and not batched(n):
                 stochastic.add(n)
                 changed = True
+    recomputed = stochastic - core
     frontier = [
         n
         for n in nodes
@@ -182,10 +185,13 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
     prefix_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in nodes:
-        if n in stochastic or n.op == "output":
+        if (n in stochastic and n not in recomputed) or n.op == "output":
             continue
         env[n] = prefix_graph.node_copy(n, lambda a: env[a])
     prefix_graph.output(tuple(env[n] for n in frontier))
+    prefix = fx.GraphModule(gm, prefix_graph)
+    if recomputed and prefix.graph.eliminate_dead_code():  # recomputed values it does not use
+        prefix.recompile()
 
     suffix_graph = fx.Graph()
     senv: dict[fx.Node, fx.Node] = {}
@@ -224,7 +230,7 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
     assert order == sorted(order)
     out_shape = tuple(v2[out_arg].shape[1:])
     return SplitGraph(
-        prefix=fx.GraphModule(gm, prefix_graph),
+        prefix=prefix,
         suffix=fx.GraphModule(gm, suffix_graph),
         frontier_batched=tuple(batched(n) for n in frontier),
         frontier_site=tuple(only_dropout(n) if batched(n) else None for n in frontier),

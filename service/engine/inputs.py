@@ -136,7 +136,7 @@ def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     # One test for the common case, valid inputs (NaN fails both comparisons); the precise
     # message is worked out only when something is wrong.
     if bounds is not None and bounds[2] and bool(((flat >= bounds[0]) & (flat <= bounds[1])).all()):
-        return arr.astype(np.float32)  # finite bounds: an Infinity would have failed too
+        return _cast(arr, spec)  # finite bounds: an Infinity would have failed too
     bad = ~np.isfinite(flat)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
@@ -144,7 +144,18 @@ def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
             f"instance {i}, {_feature(spec, j)}: NaN and Infinity are not valid inputs"
         )
     _check_ranges(flat, spec)
-    return arr.astype(np.float32)
+    return _cast(arr, spec)
+
+
+def _cast(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """float32, or int64 token ids (whole numbers only: 3.5 is no token)."""
+    if spec.dtype == "float32":
+        return arr.astype(np.float32)
+    frac = arr != np.floor(arr)
+    if frac.any():
+        i, j = (int(v) for v in np.argwhere(frac.reshape(arr.shape[0], -1))[0])
+        raise InvalidInputError(f"instance {i}, element {j}: token ids are whole numbers")
+    return arr.astype(np.int64)
 
 
 def _feature(spec: InputSpec, j: int) -> str:

@@ -74,7 +74,7 @@ class ServedModel:
                 f"(setting referral): {exc}"
             ) from exc
         spec = self.manifest.inputs
-        example = torch.zeros(2, *spec.shape)
+        example = torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype))
         try:
             self.sampler = MCSampler(
                 bundle.module,

@@ -56,7 +56,7 @@ def cuda_available() -> bool:
 
 
 class OnnxPredictor:
-    """One InferenceSession; `predict` takes [B, *input_shape] float32 and returns numpy."""
+    """One InferenceSession; `predict` takes [B, *input_shape] (float32, or int64 token ids)."""
 
     def __init__(self, path: Path | bytes, *, threads: int = 1, device: str = "cpu") -> None:
         opts = ort.SessionOptions()
@@ -77,12 +77,14 @@ class OnnxPredictor:
             raise ModelError(f"the ONNX graph must have one input, it has {len(inputs)}")
         self.input_name = inputs[0].name
         self.input_shape = tuple(inputs[0].shape[1:])
+        # Token models take int64 ids; everything else float32.
+        self.input_dtype = np.int64 if inputs[0].type == "tensor(int64)" else np.float32
 
     @property
     def device(self) -> str:
         return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
         out = self.session.run(None, {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32)

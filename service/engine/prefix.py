@@ -44,10 +44,13 @@ class Prefix:
         self.rewrites: list[str] = []
         # Checked on the example and on random inputs: a bundle's example may be all zeros,
         # where a convolution's output is its bias whatever its weights.
-        noise = torch.randn((3, *example.shape[1:]), generator=torch.Generator().manual_seed(0)).to(
-            example.device, example.dtype
-        )
-        probe = torch.cat([example, noise * 3])
+        gen = torch.Generator().manual_seed(0)
+        if example.dtype.is_floating_point:
+            noise = torch.randn((3, *example.shape[1:]), generator=gen) * 3
+        else:  # token ids: random ids no larger than the example's (valid for its embedding)
+            top = int(example.max()) + 1 if example.numel() else 1
+            noise = torch.randint(0, top, (3, *example.shape[1:]), generator=gen)
+        probe = torch.cat([example, noise.to(example.device, example.dtype)])
         with torch.inference_mode():
             reference = _run(graph, probe, channels_last=False)
         # Each rewrite only where it can pay: a copy of the prefix costs memory, and

@@ -98,7 +98,9 @@ class MCSampler:
         tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
         self.device = torch.device(device) if device is not None else default_device()
         self.module = _dropout_off(module).to(self.device)
-        example = example.to(self.device, torch.float32)
+        # Token ids stay integers (an embedding reads them); everything else is float32.
+        self.input_dtype = torch.int64 if not example.dtype.is_floating_point else torch.float32
+        example = example.to(self.device, self.input_dtype)
         self.graph: SplitGraph = split(self.module, example, use_prefix=use_prefix)
         self.prefix = Prefix(self.graph.prefix, example)  # rewritten for inference (prefix.py)
         self.input_shape = tuple(example.shape[1:])
@@ -143,7 +145,7 @@ class MCSampler:
 
     def deterministic(self, x: np.ndarray) -> np.ndarray:
         """Dropout off (the weight-scaling approximation), plain torch forward."""
-        xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32, device=self.device)
+        xt = torch.as_tensor(np.ascontiguousarray(x), dtype=self.input_dtype, device=self.device)
         with torch.inference_mode():
             out = self.module(self._pad(xt, self.min_rows))[: xt.shape[0]]
         return out.float().cpu().numpy()
@@ -158,7 +160,9 @@ class MCSampler:
         dev = self.device
         with torch.inference_mode():
             xs = torch.as_tensor(
-                np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]), device=dev
+                np.concatenate([np.asarray(r.x) for r in requests]),
+                dtype=self.input_dtype,
+                device=dev,
             )
             n_inputs = xs.shape[0]
             frontier = [

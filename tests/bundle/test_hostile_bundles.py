@@ -71,7 +71,7 @@ def test_the_reported_placeholder_payload_is_refused_and_never_runs(bundle: Path
         ("kwargs-key", "node '_1': keyword argument names must be plain identifiers"),
         ("module-target", 'layer name \'1")(x); __import__("os").system("id"); ("\' is not'),
         ("get-attr-target", 'node \'_0_shift\': reads \'0.shift"); __import__("os").system("'),
-        ("getattr-class", "attribute access is limited to ['ndim', 'shape']"),
+        ("getattr-class", "attribute access is limited to ['device', 'dtype', 'ndim', 'shape']"),
         ("string-constant", "string '\\'); __import__(\"os\").system(\"id\"); (\\'' is not a"),
         ("dunder-path", "layer name '__class__' is not a dotted path of identifiers"),
     ],

@@ -1,0 +1,86 @@
+"""Texts to token ids for a text model, or a message that says exactly what is wrong.
+
+Every text is padded to the model's `max_tokens` (one fixed shape, so a text's answer cannot
+depend on what shares its batch); longer texts are cut (policy `truncate`, reported per text) or
+refused (`error`). Cheap checks (type, size, NUL bytes, emptiness) come before tokenization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.bundle.manifest import TextInput
+from service.errors import InvalidInputError, PayloadTooLargeError
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """ids [B, max_tokens] int64; per text the token count before cutting, and whether cut."""
+
+    ids: np.ndarray
+    tokens: list[int]
+    truncated: list[bool]
+
+
+def _text_of(i: int, inst: Any) -> str:
+    if isinstance(inst, dict):
+        if set(inst) != {"text"}:
+            raise InvalidInputError(
+                f'instance {i}: a text instance is a string or {{"text": "..."}}'
+            )
+        inst = inst["text"]
+    if not isinstance(inst, str):
+        raise InvalidInputError(
+            f"instance {i}: expected a string of text, got {type(inst).__name__}"
+        )
+    return inst
+
+
+def encode_texts(
+    instances: Sequence[Any], tokenizer: Any, spec: TextInput, max_instances: int
+) -> TextBatch:
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError("'instances' must be a non-empty list of texts")
+    if len(instances) > max_instances:
+        raise PayloadTooLargeError(
+            f"{len(instances)} instances in one request; the limit is {max_instances} "
+            "(setting max_instances): split the request"
+        )
+    texts = [_text_of(i, inst) for i, inst in enumerate(instances)]
+    for i, t in enumerate(texts):
+        size = len(t.encode("utf-8", "surrogatepass"))
+        if size > spec.max_text_bytes:
+            raise PayloadTooLargeError(
+                f"instance {i}: the text is {size} bytes, over this model's limit of "
+                f"{spec.max_text_bytes}: shorten it or split it"
+            )
+        if "\x00" in t:
+            raise InvalidInputError(f"instance {i}: the text contains a NUL character")
+        if not t.strip():
+            raise InvalidInputError(f"instance {i}: the text is empty (or only whitespace)")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(
+                f"instance {i}: the text is not valid Unicode (a lone surrogate)"
+            ) from None
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+    limit = spec.max_tokens
+    ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
+    counts, cut = [], []
+    for i, enc in enumerate(encodings):
+        n = len(enc.ids)
+        if n > limit and spec.truncation == "error":
+            raise InvalidInputError(
+                f"instance {i}: {n} tokens, over this model's maximum of {limit} (truncation "
+                "policy 'error'): shorten the text"
+            )
+        take = enc.ids[:limit]
+        ids[i, : len(take)] = take
+        counts.append(n)
+        cut.append(n > limit)
+    return TextBatch(ids, counts, cut)

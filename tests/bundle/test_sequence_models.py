@@ -1,0 +1,369 @@
+"""Text and sequence models in bundles (issue 20, items 1-2): token inputs, embeddings,
+recurrent and attention layers, every dropout site sampled, shape-only branches traced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from text_nets import (
+    LENGTH,
+    PAD,
+    VOCAB,
+    GRUHead,
+    LSTMClassifier,
+    SinusoidalAttention,
+    TextCNN,
+    TransformerClassifier,
+    token_batch,
+)
+from torch import fx, nn
+
+from service.bundle import load_bundle, save
+from service.bundle.architecture import describe
+from service.engine import MCRequest
+from service.engine.inputs import to_array
+from service.engine.model import PredictParams, ServedModel
+from service.errors import InvalidInputError, ModelError
+
+MODELS = {
+    "textcnn": TextCNN,
+    "lstm": LSTMClassifier,
+    "gru-stacked": lambda: LSTMClassifier("GRU"),
+    "transformer": TransformerClassifier,
+    "transformer-norm-first-seq-first": lambda: TransformerClassifier(True, False),
+    "attention-sinusoidal": SinusoidalAttention,
+    "gru-head": GRUHead,
+}
+# Dropout sites torch runs in training, per model: the engine must sample every one of them.
+SITES = {
+    "textcnn": ["drop"],
+    "lstm": ["rnn.drops.0", "drop"],
+    "gru-stacked": ["rnn.drops.0", "drop"],
+    "transformer": [
+        f"enc.layers.{i}.{s}"
+        for i in range(2)
+        for s in ("self_attn.dropout", "dropout1", "dropout", "dropout2")
+    ]
+    + ["drop"],
+    "attention-sinusoidal": ["attn.dropout"],
+    "gru-head": ["drop"],
+}
+SITES["transformer-norm-first-seq-first"] = SITES["transformer"]
+
+
+def _labels(module: nn.Module) -> list[str]:
+    return [f"c{i}" for i in range(module.fc.out_features)]  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path]]:
+    root = tmp_path_factory.mktemp("text")
+    out = {}
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        module = make().eval()
+        path = save(
+            module, token_batch(), out_dir=root, name=name, version="1",
+            task="classification", intended_use="tests", labels=_labels(module),
+        )  # fmt: skip
+        out[name] = (module, path)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packs_reloads_and_reproduces_the_original(
+    bundles: dict[str, tuple[nn.Module, Path]], name: str
+) -> None:
+    module, path = bundles[name]
+    loaded = load_bundle(path)
+    assert loaded.manifest.inputs.dtype == "int64"
+    assert loaded.manifest.inputs.shape == [LENGTH]
+    assert loaded.manifest.inputs.value_range == (0.0, float(VOCAB - 1))
+    x = token_batch(6, seed=5)
+    with torch.inference_mode():
+        want, got = module(x), loaded.module(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The deterministic path (onnxruntime) takes the same token ids.
+    det = ServedModel(loaded).predict(
+        x.numpy(), PredictParams(samples=2, confidence=(0.9,), mode="deterministic")
+    )
+    assert det.backend == "onnxruntime"
+    np.testing.assert_allclose(det.point, torch.softmax(want, 1).numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_dropout_site_is_sampled(
+    bundles: dict[str, tuple[nn.Module, Path]], name: str
+) -> None:
+    """Each site's mask, alone, changes the output: none is left deterministic."""
+    served = ServedModel(load_bundle(bundles[name][1]), fused_masks=False)
+    g = served.sampler.graph
+    assert [s.name for s in g.sites] == SITES[name]
+    assert [d.name for d in served.manifest.dropout] == SITES[name]
+    x = torch.as_tensor(token_batch(3, seed=2))
+    with torch.inference_mode():
+        frontier = served.sampler.prefix(x)
+        ones = [torch.ones((3, *s.mask_shape)) for s in g.sites]
+        base = g.suffix(*frontier, *ones)
+        gen = torch.Generator().manual_seed(1)
+        for i, site in enumerate(g.sites):
+            keeps = list(ones)
+            keeps[i] = (torch.rand((3, *site.mask_shape), generator=gen) > 0.5).float()
+            assert not torch.equal(g.suffix(*frontier, *keeps), base), site.name
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm"])
+def test_seeded_answers_alone_shared_and_replayed(
+    bundles: dict[str, tuple[nn.Module, Path]], name: str
+) -> None:
+    served = ServedModel(load_bundle(bundles[name][1]), fused_masks=False)
+    reqs = [MCRequest(token_batch(2, seed=s).numpy(), 20, 100 + s) for s in range(3)]
+    alone = [served.sampler.run([r])[0] for r in reqs]
+    shared = served.sampler.run(reqs)
+    again = served.sampler.run(list(reversed(reqs)))[::-1]
+    for a, b, c in zip(alone, shared, again, strict=True):
+        assert a.tobytes() == b.tobytes() == c.tobytes()
+    assert not np.array_equal(alone[0][0], alone[0][1])  # the passes differ: masks are live
+
+
+def test_stacked_rnn_with_hidden_dropout_is_never_described_as_is() -> None:
+    """Packaged through `save` it is made explicit; a graph still holding the fused layer is
+    refused rather than served without its between-layer dropout."""
+    gm = fx.symbolic_trace(LSTMClassifier().eval())
+    with pytest.raises(ModelError, match="a stacked LSTM with hidden dropout"):
+        describe(gm)
+
+
+class _ShapeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # flat pixels from a CSV: common in user code
+            x = x.view(-1, 1, 8, 8)
+        x = torch.relu(self.conv(x))
+        return self.fc(self.drop(x.view(x.size(0), -1)))
+
+
+class _ValueBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.fc(self.drop(x))
+
+
+def test_a_branch_on_shapes_packages(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = _ShapeBranch().eval()
+    path = save(
+        module, torch.randn(4, 64), out_dir=tmp_path, name="flat", version="1",
+        task="classification", intended_use="t", labels=["a", "b", "c"],
+    )  # fmt: skip
+    x = torch.randn(7, 64)  # another batch size than the example's: the batch stays free
+    with torch.inference_mode():
+        torch.testing.assert_close(load_bundle(path).module(x), module(x))
+
+
+def test_a_branch_on_values_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as e:
+        save(
+            _ValueBranch().eval(), torch.randn(4, 4), out_dir=tmp_path, name="v", version="1",
+            task="classification", intended_use="t", labels=["a", "b"],
+        )  # fmt: skip
+    assert "branches on tensor values or on the batch size" in e.value.message
+    assert "torch.where" in e.value.message
+
+
+def test_token_ids_are_checked(bundles: dict[str, tuple[nn.Module, Path]]) -> None:
+    spec = load_bundle(bundles["textcnn"][1]).manifest.inputs
+    ok = to_array([[1] * LENGTH, [PAD] * LENGTH], spec, 8)
+    assert ok.dtype == np.int64
+    with pytest.raises(InvalidInputError) as e:
+        to_array([[1] * (LENGTH - 1) + [VOCAB]], spec, 8)
+    assert e.value.message == (
+        f"instance 0, element {LENGTH - 1} = {VOCAB} is outside the valid range "
+        f"[0, {VOCAB - 1}]; check the value and its unit"
+    )
+    with pytest.raises(InvalidInputError, match="token ids are whole numbers"):
+        to_array([[1.5] * LENGTH], spec, 8)
+
+
+def _wordpiece(texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]"])
+    )
+    return tok
+
+
+CORPUS = [
+    "patient presents with chest pain and shortness of breath",
+    "no evidence of malignancy in the resected specimen",
+    "mild gastritis with helicobacter pylori infection",
+    "acute ischemic stroke in the left middle cerebral artery",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    tok = _wordpiece(CORPUS)
+    assert tok.get_vocab_size() <= VOCAB
+    return save(
+        TextCNN().eval(), token_batch(), out_dir=tmp_path_factory.mktemp("tok"), name="notes",
+        version="1", task="classification", intended_use="tests", labels=["a", "b", "c"],
+        tokenizer=tok, truncation="error",
+    )  # fmt: skip
+
+
+def test_a_tokenizer_travels_in_the_bundle(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    spec = loaded.manifest.inputs.text
+    assert spec is not None and spec.max_tokens == LENGTH and spec.pad_id == 0
+    assert loaded.manifest.artifacts["tokenizer.json"].role == "tokenizer"
+    batch = encode_texts(["Chest pain", {"text": "stroke"}], loaded.tokenizer, spec, 8)
+    assert batch.ids.shape == (2, LENGTH) and batch.ids.dtype == np.int64
+    want = [loaded.tokenizer.encode(t).ids for t in ("Chest pain", "stroke")]
+    assert batch.tokens == [len(w) for w in want] and batch.truncated == [False, False]
+    for row, w in zip(batch.ids, want, strict=True):
+        assert row[: len(w)].tolist() == w and (row[len(w) :] == PAD).all()
+    served = ServedModel(loaded)
+    a = served.predict(batch.ids, PredictParams(samples=10, confidence=(0.9,), seed=4))
+    b = served.predict(batch.ids[:1], PredictParams(samples=10, confidence=(0.9,), seed=4))
+    assert a.summary.probabilities[0].tobytes() == b.summary.probabilities[0].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("instance", "message"),
+    [
+        ("", "instance 0: the text is empty (or only whitespace)"),
+        ("  \n\t ", "instance 0: the text is empty (or only whitespace)"),
+        ("chest\x00pain", "instance 0: the text contains a NUL character"),
+        ("\ud800 pain", "instance 0: the text is not valid Unicode (a lone surrogate)"),
+        (12, "instance 0: expected a string of text, got int"),
+        ({"txt": "pain"}, 'instance 0: a text instance is a string or {"text": "..."}'),
+    ],
+    ids=["empty", "whitespace", "nul", "surrogate", "number", "bad-key"],
+)
+def test_bad_texts_say_what_to_fix(text_bundle: Path, instance: Any, message: str) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    with pytest.raises(InvalidInputError) as e:
+        encode_texts([instance], loaded.tokenizer, loaded.manifest.inputs.text, 8)
+    assert e.value.message == message
+
+
+def test_too_many_tokens_with_policy_error(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    text = " ".join(["pain"] * (LENGTH + 3))
+    n = len(loaded.tokenizer.encode(text).ids)
+    with pytest.raises(InvalidInputError) as e:
+        encode_texts([text], loaded.tokenizer, loaded.manifest.inputs.text, 8)
+    assert e.value.message == (
+        f"instance 0: {n} tokens, over this model's maximum of {LENGTH} (truncation policy "
+        "'error'): shorten the text"
+    )
+
+
+def test_a_text_over_the_byte_limit_is_refused_before_tokenizing(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+    from service.errors import PayloadTooLargeError
+
+    spec = load_bundle(text_bundle).manifest.inputs.text
+    assert spec is not None
+
+    class Exploding:
+        def encode_batch(self, *_: Any, **__: Any) -> Any:
+            raise AssertionError("tokenized a text over the byte limit")
+
+    with pytest.raises(PayloadTooLargeError, match="over this model's limit of 100000"):
+        encode_texts(["a" * 100_001], Exploding(), spec, 8)
+
+
+def test_truncation_is_reported(text_bundle: Path) -> None:
+    from service.engine.text import encode_texts
+
+    loaded = load_bundle(text_bundle)
+    assert loaded.manifest.inputs.text is not None
+    spec = loaded.manifest.inputs.text.model_copy(update={"truncation": "truncate"})
+    text = " ".join(["pain"] * (LENGTH + 3))
+    batch = encode_texts([text], loaded.tokenizer, spec, 8)
+    assert batch.tokens == [len(loaded.tokenizer.encode(text).ids)] and batch.truncated == [True]
+    assert (batch.ids != PAD).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d.__setitem__(
+                "pre_tokenizer",
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": "(a+)+$"},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+            ),
+            "pre_tokenizer Split uses a custom regular expression",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer", {"type": "Precompiled", "precompiled_charsmap": ""}
+            ),
+            "normalizer type 'Precompiled' is not allowed",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer",
+                {
+                    "type": "Sequence",
+                    "normalizers": [
+                        {"type": "Replace", "pattern": {"Regex": "(x|x)*y"}, "content": ""}
+                    ],
+                },
+            ),
+            "normalizer Replace uses a custom regular expression",
+        ),
+    ],
+    ids=["split-regex", "unknown-type", "nested-replace-regex"],
+)
+def test_a_crafted_tokenizer_is_refused_at_load(
+    text_bundle: Path, tmp_path: Path, change: Any, message: str
+) -> None:
+    import shutil
+
+    from hostile import edit_json, repin
+
+    from service.errors import BundleError
+
+    bundle = tmp_path / "notes" / "1"
+    shutil.copytree(text_bundle, bundle)
+    edit_json(bundle / "tokenizer.json", change)
+    repin(bundle, "tokenizer.json")
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.startswith(f"{bundle}/tokenizer.json: {message}")

@@ -134,3 +134,47 @@ def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "column 'a': 'x' is not a number" in res.output
     assert not (tmp_path / "repo").exists()
+
+
+def _labelled_csv(path: Path, names: list[str]) -> Path:
+    """Class k (0-based, in `names`' order) where feature a falls in the k-th equal slice."""
+    x = _features(5)
+    k = np.minimum(((x[:, 0] + 1) / 2 * len(names)).astype(int), len(names) - 1)
+    return _write(path, ["a", "b", "c", "y"], x, [names[int(i)] for i in k])
+
+
+def _train_labels(data: Path, out: Path, *extra: str) -> Any:
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    return runner.invoke(
+        app, [*args, "--out", str(out), "--hidden", "8", "--epochs", "2", "--seed", "3", *extra]
+    )
+
+
+def test_numeric_labels_are_ordered_by_value(tmp_path: Path) -> None:
+    numbers = [str(k) for k in range(1, 13)]
+    res = _train_labels(_labelled_csv(tmp_path / "months.csv", numbers), tmp_path / "repo")
+    assert res.exit_code == 0, res.output
+    m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest
+    assert m.outputs.labels == numbers  # not '1', '10', '11', '12', '2', ...
+    assert f"classes in output order: {numbers}" in res.stderr
+
+
+async def test_labels_flag_sets_the_order(tmp_path: Path) -> None:
+    words = ["low", "medium", "high"]
+    data = _labelled_csv(tmp_path / "grades.csv", words)
+    res = _train_labels(data, tmp_path / "plain")
+    assert res.exit_code == 0, res.output
+    # Without --labels, words are sorted as text, and the output says so and how to change it.
+    assert "classes in output order: ['high', 'low', 'medium'] (set it with --labels)" in (
+        res.stderr
+    )
+    res = _train_labels(data, tmp_path / "repo", "--labels", "low,medium,high")
+    assert res.exit_code == 0, res.output
+    assert load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest.outputs.labels == words
+    pred = await _predict(tmp_path / "repo", "grades", {"a": 0.9, "b": 100.0, "c": 0.0})
+    assert list(pred["probabilities"]) == words
+    res = _train_labels(data, tmp_path / "bad", "--labels", "low,high")
+    assert res.exit_code == 2
+    assert "labels ['medium'] that --labels ['low', 'high'] does not list" in res.output
+    res = _train_labels(data, tmp_path / "bad", "--task", "regression", "--labels", "a,b")
+    assert res.exit_code == 2 and "--labels is for --task classification" in res.output

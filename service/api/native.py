@@ -25,7 +25,13 @@ from service.api.state import AppState
 from service.clinical import fhir
 from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import (
+    Prediction,
+    PredictParams,
+    ServedModel,
+    default_interval,
+    resolve_interval,
+)
 from service.engine.summaries import check_levels
 from service.errors import CancelledError, InvalidInputError
 
@@ -85,7 +91,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "intended_use": m.intended_use,
         "inputs": m.inputs.model_dump(mode="json"),
         "outputs": m.outputs.model_dump(mode="json"),
-        "defaults": m.defaults.model_dump(mode="json"),
+        "defaults": {**m.defaults.model_dump(mode="json"), "interval": default_interval(m)},
         "aleatoric": m.aleatoric.model_dump(mode="json"),
         "training": {"metrics": m.training.metrics, "provenance": m.training.provenance},
         "calibration": model.calibrator.metadata(),
@@ -119,7 +125,9 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
         )
     conf = p.confidence if p.confidence is not None else d.confidence
     levels = check_levels([conf] if isinstance(conf, float | int) else conf)
-    interval = p.interval or d.interval
+    interval = resolve_interval(
+        model.manifest, p.interval, samples=samples, levels=levels, mode=p.mode
+    )
     return PredictParams(samples, levels, p.seed, p.mode, interval)
 
 

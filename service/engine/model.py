@@ -244,7 +244,7 @@ class ServedModel:
             seed=req.seed,
             summary=summary,
             warnings=warnings,
-            referral=cal.referral(summary, req.x),
+            referral=cal.referral(summary, req.x, p.confidence[0]),
         )
 
     def deterministic(self, x: np.ndarray) -> Prediction:

@@ -7,6 +7,7 @@ import math
 from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
 import pytest
 import pytest_asyncio
 from calib_repo import CAL_SAMPLES, Repo
@@ -72,7 +73,7 @@ async def test_fewer_passes_than_calibration_warns(client: httpx.AsyncClient) ->
         f"calibration; this request used 10 (ask for samples >= {CAL_SAMPLES})"
     ]
     assert out["predictions"][0]["intervals"][0]["method"] == "conformal"
-    clf = await predict(client, "clf", [CLF_ROW], samples=10, seed=1, confidence=0.8)
+    clf = await predict(client, "clf", [CLF_ROW], samples=10, seed=1, confidence=0.5)
     assert any("prediction sets: the coverage guarantee assumes" in w for w in clf["warnings"])
 
 
@@ -122,6 +123,26 @@ async def test_referral_reasons_in_the_answer(client: httpx.AsyncClient) -> None
         "/v1/models/clf:predict", json={"instances": [[11.0, 0, 0, 0]], "parameters": {}}
     )
     assert r.status_code == 422  # the hard valid range is still a refusal, not a referral
+
+
+async def test_set_and_referral_read_the_same_level(client: httpx.AsyncClient) -> None:
+    # They read the policy's 95 % set while showing the 50 % one: "the 95 % prediction set is
+    # empty" next to a set of one label. Now both read the request's first level.
+    meta = (await client.get("/v1/models/clf")).json()
+    most = meta["referral"]["max_set_size"]
+    assert most is not None and meta["referral"]["level"] == 0.95
+    rows = np.random.default_rng(0).uniform(-2.5, 2.5, size=(40, 4)).round(3).tolist()
+    out = await predict(client, "clf", rows, samples=CAL_SAMPLES, seed=5, confidence=0.5)
+    fired = 0
+    for p in out["predictions"]:
+        shown, ref = p["prediction_set"], p["referral"]
+        assert shown["level"] == 0.5
+        n = len(shown["labels"])
+        assert ("prediction_set" in ref["triggers"]) == (n == 0 or n > most), p
+        set_reasons = [r for r in ref["reasons"] if "prediction set" in r]
+        assert all(r.startswith("the 50 % prediction set") for r in set_reasons)
+        fired += bool(set_reasons)
+    assert 0 < fired < len(rows)  # both kinds of answer were checked
 
 
 async def test_metadata_reports_calibration(client: httpx.AsyncClient) -> None:

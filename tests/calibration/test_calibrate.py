@@ -182,6 +182,11 @@ def test_evaluate_writes_markdown_json_and_plots(calibrated: Repo, tmp_path: Pat
         text = (out / "report.md").read_text()
         assert numbers["model"]["version"] == "2" and numbers["data"]["rows"] == 40
         assert "referral" in numbers and "## Referral" in text
+        # Each trigger's share of the rows, to set against the policy's nominal rate.
+        ref = numbers["referral"]
+        assert ref["trigger_rates"] == {k: v / 40 for k, v in ref["triggers"].items()}
+        for k, v in ref["triggers"].items():
+            assert f"{k} {v} ({100 * v / 40:.1f} %)" in text
         if name == "reg":
             assert [r["level"] for r in numbers["intervals"]["conformal"]] == [
                 0.5,

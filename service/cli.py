@@ -113,7 +113,7 @@ app.add_typer(audit_app, name="audit")
 @app.command()
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory to calibrate (left untouched)")],
-    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and the target")],
     out: Annotated[Path, typer.Option(help="model repository: writes OUT/<name>/<version>/")],
     samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="mask seed")] = 0,
@@ -124,6 +124,10 @@ def calibrate(
     min_nll_temperature: Annotated[
         bool, typer.Option(help="classifiers: plain NLL minimiser, not the one-SE rule")
     ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(help="the target column (default: 'target', else the model's target name)"),
+    ] = None,
 ) -> None:
     """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
     from service.calibration.conformal import quantile
@@ -140,6 +144,7 @@ def calibrate(
             version=version,
             percentile=percentile,
             one_se=not min_nll_temperature,
+            target=target,
         )
     except (McServeError, OSError) as exc:
         typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
@@ -163,10 +168,14 @@ def calibrate(
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory to evaluate")],
-    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and the target")],
     out: Annotated[Path, typer.Option(help="report directory (report.md, report.json, PNGs)")],
     samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="mask seed")] = 0,
+    target: Annotated[
+        str | None,
+        typer.Option(help="the target column (default: 'target', else the model's target name)"),
+    ] = None,
 ) -> None:
     """Evaluate a bundle on labelled rows: Markdown + JSON report with plots."""
     from service.bundle.load import load_bundle
@@ -178,7 +187,7 @@ def evaluate(
 
     try:
         served = ServedModel(load_bundle(bundle), device="cpu")
-        rows = read(data, served.manifest)
+        rows = read(data, served.manifest, target)
         ev = run_evaluation(
             served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
         )

@@ -127,13 +127,14 @@ def calibrate_bundle(
     percentile: float = PERCENTILE,
     one_se: bool = True,
     policy: TrustPolicy | None = None,
+    target: str | None = None,
 ) -> Result:
     """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`."""
     source, repo = Path(source), Path(repo)
     bundle = load_bundle(source, policy)
     served = ServedModel(bundle, device="cpu")
     m = bundle.manifest
-    data = read(data_path, m)
+    data = read(data_path, m, target)
     # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
     warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
     t = samples if samples is not None else m.defaults.samples

@@ -178,3 +178,26 @@ async def test_labels_flag_sets_the_order(tmp_path: Path) -> None:
     assert "labels ['medium'] that --labels ['low', 'high'] does not list" in res.output
     res = _train_labels(data, tmp_path / "bad", "--task", "regression", "--labels", "a,b")
     assert res.exit_code == 2 and "--labels is for --task classification" in res.output
+
+
+def test_calibrate_and_evaluate_take_the_target_column(tmp_path: Path) -> None:
+    data = _regression_csv(tmp_path / "blood.csv")  # the target column is 'progress'
+    repo = tmp_path / "repo"
+    calibrated = _train(data, "progress", "regression", repo)
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(data.read_text().replace(",progress", ",y", 1))
+    cal = ["calibrate", str(repo / "blood" / "1"), "--out", str(repo), "--samples", "20"]
+    res = runner.invoke(app, [*cal, "--data", str(renamed), "--target", "y"])
+    assert res.exit_code == 0, res.output
+    assert "wrote " + str(repo / "blood" / "3") in res.stdout
+    res = runner.invoke(app, [*cal, "--data", str(renamed), "--target", "nope"])
+    assert res.exit_code == 2 and "no target column 'nope'" in res.output
+    # Without --target: 'target', else the name `train --target` recorded in the manifest.
+    ev = ["evaluate", str(calibrated), "--out", str(tmp_path / "report"), "--samples", "20"]
+    res = runner.invoke(app, [*ev, "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    warned = [w for w in res.stderr.splitlines() if w.startswith("warning: ")]
+    # The training CSV holds the bundle's training and calibration rows: one warning for each
+    # (the calibration rows were warned about twice, once per manifest section).
+    assert len(warned) == 2, warned
+    assert "60 of the 300 evaluation rows are among the bundle's calibration rows" in warned[1]

@@ -151,3 +151,49 @@ def test_package_from_factory_and_weights(tmp_path: Path, monkeypatch: pytest.Mo
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "the model has no dropout layer with p > 0" in result.output
+
+
+def test_package_sets_units_and_training_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    from service.bundle import load_bundle
+
+    (tmp_path / "my_nets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_nets
+
+    model = my_nets.build()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "w.safetensors")
+    (tmp_path / "training.json").write_text("[[0, 1], [2, 3], [4, 5]]")
+    base = ["package", "my_nets:build", "--weights", "w.safetensors", "--input-shape", "3"]
+    base += ["--task", "classification", "--labels", "no,yes", "--intended-use", "a test"]
+    base += ["--name", "mine", "--out", str(tmp_path / "repo")]
+    result = runner.invoke(
+        app,
+        [
+            *base,
+            "--version",
+            "1",
+            "--feature-names",
+            "a,b,c",
+            "--units",
+            "mg/dL,,years",
+            "--valid-ranges",
+            "[[-10, 10], [-20, 20], [-30, 30]]",
+            "--training-ranges",
+            "training.json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = load_bundle(tmp_path / "repo" / "mine" / "1").manifest.inputs
+    assert spec.units == ["mg/dL", None, "years"]
+    assert spec.training_ranges == [(0, 1), (2, 3), (4, 5)]
+    result = runner.invoke(app, [*base, "--version", "2", "--training-ranges", "[[0, 1], [2]]"])
+    assert result.exit_code == 2
+    assert "--training-ranges: give a JSON list with one [lo, hi] per feature" in result.output
+    # The help keeps its example: typer's Rich markup had taken "[lo, hi]" for a tag.
+    result = runner.invoke(app, ["package", "--help"], env={"COLUMNS": "300"})
+    assert "JSON list of [lo, hi] per feature, e.g. '[[0, 120], [0, 1]]'" in result.output

@@ -43,9 +43,21 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
             a = np.asarray(inst, dtype=np.float64)
         except (ValueError, TypeError, OverflowError):
             return f"instance {i} is not an array of numbers of shape {spec.shape}"
-        if list(a.shape) != spec.shape:
-            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}"
-    return f"instances must be arrays of numbers of shape {spec.shape}"
+        if list(a.shape) != spec.shape and not _flat_image(a.shape, spec):
+            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}{_hint(spec)}"
+    return f"instances must be arrays of numbers of shape {spec.shape}{_hint(spec)}"
+
+
+def _flat_image(shape: Sequence[int], spec: InputSpec) -> bool:
+    """A flat instance of an image model's size: unambiguous, read row-major like its CSVs."""
+    return len(spec.shape) > 1 and len(shape) == 1 and shape[0] == int(np.prod(spec.shape))
+
+
+def _hint(spec: InputSpec) -> str:
+    if len(spec.shape) < 2:
+        return ""
+    names = " or an object keyed by its feature names" if spec.feature_names else ""
+    return f" (or a flat list of {int(np.prod(spec.shape))} numbers, row-major{names})"
 
 
 def _has_bool(v: Any) -> bool:
@@ -84,6 +96,8 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
         arr = np.asarray(rows, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInputError(_first_bad(rows, spec)) from None
+    if arr.ndim == 2 and _flat_image(arr.shape[1:], spec):  # flat lists or feature-keyed objects
+        arr = arr.reshape(arr.shape[0], *spec.shape)
     if list(arr.shape[1:]) != spec.shape:
         raise InvalidInputError(_first_bad(rows, spec))
     flat = arr.reshape(arr.shape[0], -1)

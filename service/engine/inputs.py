@@ -60,17 +60,46 @@ def _hint(spec: InputSpec) -> str:
     return f" (or a flat list of {int(np.prod(spec.shape))} numbers, row-major{names})"
 
 
-def _has_bool(v: Any) -> bool:
+# Not numbers, though numpy would take them: "59" -> 59.0 and null -> NaN. One rule for inputs
+# and parameters alike: numbers are sent as JSON numbers, never in strings (README, "Errors").
+_NOT_NUMBERS = frozenset({bool, str, type(None)})
+
+
+def _has_non_number(v: Any) -> bool:
     # A set of the element types is built in C: this runs on the event loop for every request.
-    if type(v) is bool:
+    if type(v) in _NOT_NUMBERS:
         return True
     if type(v) is list:
         types = set(map(type, v))
-        if bool in types:
+        if not types.isdisjoint(_NOT_NUMBERS):
             return True
         if list in types:
-            return any(_has_bool(x) for x in v if type(x) is list)
+            return any(_has_non_number(x) for x in v if type(x) is list)
     return False
+
+
+def _leaves(v: Any) -> list[Any]:
+    return [x for item in v for x in _leaves(item)] if type(v) is list else [v]
+
+
+def _not_a_number(rows: Sequence[Any], spec: InputSpec) -> str:
+    """The first element that is not a number, named (feature or element) and quoted as JSON."""
+    for i, row in enumerate(rows):
+        for j, v in enumerate(_leaves(row)):
+            if type(v) is bool:
+                return (
+                    f"instance {i}, {_feature(spec, j)}: true/false are not accepted; send a number"
+                )
+            if v is None:
+                return f"instance {i}, {_feature(spec, j)}: null is not a number; send a value"
+            if type(v) is str:
+                return (
+                    f"instance {i}, {_feature(spec, j)}: the string {v!r} is not a number; send "
+                    "numbers unquoted"
+                )
+            if not isinstance(v, int | float):
+                return f"instance {i}, {_feature(spec, j)}: {type(v).__name__} is not a number"
+    return _first_bad(rows, spec)
 
 
 def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
@@ -90,12 +119,14 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
         )
     if isinstance(instances[0], dict):
         rows = _from_objects(instances, spec)
-    if any(_has_bool(r) for r in rows):
-        raise InvalidInputError("inputs must be numbers; true/false are not accepted")
+    if any(_has_non_number(r) for r in rows):
+        raise InvalidInputError(_not_a_number(rows, spec))
     try:
         arr = np.asarray(rows, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInputError(_first_bad(rows, spec)) from None
+        # Objects: name the feature whose value is not a number (an object, say).
+        explain = _not_a_number if isinstance(instances[0], dict) else _first_bad
+        raise InvalidInputError(explain(rows, spec)) from None
     if arr.ndim == 2 and _flat_image(arr.shape[1:], spec):  # flat lists or feature-keyed objects
         arr = arr.reshape(arr.shape[0], *spec.shape)
     if list(arr.shape[1:]) != spec.shape:

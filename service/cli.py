@@ -23,7 +23,9 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="critical..debug")] = None,
 ) -> None:
     """Serve the model repository over HTTP (settings also from MCSERVE_* variables)."""
+    from service.logs import configure
     from service.server import run
+    from service.settings import Settings
 
     overrides: dict[str, Any] = {
         k: v
@@ -35,6 +37,10 @@ def serve(
         }.items()
         if v is not None
     }
+    settings = Settings(**overrides)
+    # Text logs keep their fields too: with a handler in place, run()'s basicConfig for text
+    # is a no-op (its plain format string dropped every field).
+    configure(settings.log_level, settings.log_format)
     run(overrides)
 
 
@@ -52,13 +58,17 @@ def list_models(
     if not entries:
         typer.echo(f"no bundles under {model_dir}")
         raise typer.Exit(1)
+    # SERVED marks the version a request without one gets: the newest that loads.
+    served = {e.name: e.version for e in entries if e.model is not None}
+    typer.echo(f"{'MODEL':<16} {'VERSION':<8} {'SERVED':<6} {'STATUS':<6} {'TASK':<14} DIGEST")
     for e in entries:
+        mark = "*" if served.get(e.name) == e.version else ""
         if e.model is not None:
             m = e.model.manifest
             status = f"ready  {m.task:<14} {e.model.digest[:19]}"
         else:
             status = f"FAILED {e.error}"
-        typer.echo(f"{e.name:<16} {e.version:<6} {status}")
+        typer.echo(f"{e.name:<16} {e.version:<8} {mark:<6} {status}")
     if any(e.model is None for e in entries):
         raise typer.Exit(2)
 

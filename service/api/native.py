@@ -116,6 +116,16 @@ async def model_version_metadata(name: Name, version: Version, request: Request)
     return json_response(metadata(model, [e.version for e in reg.versions(name)]))
 
 
+def ignored(p: PredictParameters) -> list[str]:
+    """A warning naming the parameters deterministic mode does not use (it was silent)."""
+    if p.mode != "deterministic":
+        return []
+    given = [k for k in ("samples", "seed", "confidence", "interval") if getattr(p, k) is not None]
+    if not given:
+        return []
+    return [f"mode=deterministic ignores {', '.join(given)}: dropout is off, one pass is run"]
+
+
 def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> PredictParams:
     d = model.manifest.defaults
     samples = p.samples if p.samples is not None else d.samples
@@ -193,6 +203,7 @@ async def predict_with(
     x = to_array(body.instances, model.manifest.inputs, st.settings.max_instances)
     timeout = body.parameters.timeout_ms
     pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
+    pred.warnings.extend(ignored(body.parameters))
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)
     return Response(response_json(model, pred), media_type="application/json")

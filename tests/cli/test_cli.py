@@ -31,11 +31,15 @@ def first_instance(name: str) -> str:
 def test_models_lists_the_bundled_models() -> None:
     result = runner.invoke(app, ["models", "--model-dir", str(MODELS)])
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    found = [tuple(line.split()[:2]) for line in lines]
-    # Version 1 as built, version 2 its calibrated copy (python -m service calibrate).
-    assert found == [(n, v) for n in ("breast-cancer", "diabetes", "digits") for v in ("1", "2")]
+    header, *lines = result.output.strip().splitlines()
+    assert header.split() == ["MODEL", "VERSION", "SERVED", "STATUS", "TASK", "DIGEST"]
+    found = [tuple(line.split()[:3]) for line in lines]
+    # Version 1 as built, version 2 its calibrated copy (python -m service calibrate), which is
+    # the one a request without a version gets.
+    names = ("breast-cancer", "diabetes", "digits")
+    assert found == [t for n in names for t in ((n, "1", "ready"), (n, "2", "*"))]
     assert all(" ready " in line for line in lines)
+    assert [line.index("ready") for line in lines] == [header.index("STATUS")] * len(lines)
 
 
 def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
@@ -45,10 +49,10 @@ def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
     (repo / "digits" / "1" / "weights.safetensors").write_bytes(b"broken")
     result = runner.invoke(app, ["models", "--model-dir", str(repo)])
     assert result.exit_code == 2
-    assert "diabetes         1      ready" in result.output
-    assert "diabetes         2      ready" in result.output
-    assert "digits           1      FAILED" in result.output
-    assert "digits           2      ready" in result.output  # the calibrated copy is intact
+    assert "diabetes         1               ready" in result.output
+    assert "diabetes         2        *      ready" in result.output
+    assert "digits           1               FAILED" in result.output
+    assert "digits           2        *      ready" in result.output  # the calibrated copy
     assert "weights.safetensors: sha256 does not match the manifest (tampered?)" in result.output
 
 

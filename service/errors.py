@@ -27,6 +27,12 @@ class InvalidInputError(McServeError):
     code = "invalid_input"
 
 
+class MethodNotAllowedError(McServeError):
+    """A prediction route asked with another method than POST (answered with `Allow: POST`)."""
+
+    code = "method_not_allowed"
+
+
 class PayloadTooLargeError(McServeError):
     """Too many instances, too many samples in one request, or too large a body."""
 

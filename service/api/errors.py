@@ -26,6 +26,7 @@ log = logging.getLogger("mcserve.errors")
 STATUS = {
     "invalid_input": 422,
     "too_large": 413,
+    "method_not_allowed": 405,
     "not_found": 404,
     "forbidden": 403,
     "not_ready": 503,
@@ -127,6 +128,8 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, OverloadedError):
         headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
+    elif exc.code == "method_not_allowed":
+        headers = {"Allow": "POST"}  # only the prediction routes raise it
     return error_response(request, status, exc.message, exc.details, headers, exc.code)
 
 

@@ -9,9 +9,9 @@ answers the two prediction routes itself:
 `POST /v1/models/{name}[/versions/{v}]:predict` (the same request model, `PredictRequest`, parsed
 by pydantic from JSON, and the same handler, `native.predict_with`) and the Open Inference
 Protocol's `POST /v2/models/{name}[/versions/{v}]/infer` (the same handler, `v2.infer_with`,
-which reads the body itself), with the same error mapping (`errors.py`). Anything else
-(`route_of` is None), including a native request of another content type, goes to FastAPI,
-which also keeps the routes in the OpenAPI document.
+which reads the body itself), with the same error mapping (`errors.py`): another method is
+405 with `Allow: POST`. Anything else (`route_of` is None), including a native request of
+another content type, goes to FastAPI, which also keeps the routes in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ from service.api.schemas import PredictRequest
 from service.api.v2 import infer_with
 from service.api.v2 import router as v2_router
 from service.api.v2_binary import HEADER
-from service.errors import InvalidInputError, McServeError
+from service.errors import (
+    InvalidInputError,
+    McServeError,
+    MethodNotAllowedError,
+)
 
 _NATIVE = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
 _OIP = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -66,6 +70,9 @@ class PredictionRoutes:
         scope["path_params"] = {"name": name} | ({"version": version} if version else {})
         request = Request(scope, receive)
         try:
+            if scope["method"] != "POST":  # GET was "model 'clf:predict' is not loaded"
+                method, path = scope["method"], scope["path"]
+                raise MethodNotAllowedError(f"method {method} is not allowed on {path}; send POST")
             if api == "1":
                 response = await self._predict(request, name, version)
             else:
@@ -117,12 +124,12 @@ ROUTE_KEY = "mcserve.route"  # the front door's match, handed on in the scope
 
 def route_of(scope: Scope) -> re.Match[str] | None:
     """The prediction route this request asks for, or None (then FastAPI answers it)."""
-    if scope["type"] != "http" or scope["method"] != "POST":
+    if scope["type"] != "http":
         return None
     match = _ROUTE.fullmatch(scope["path"])
     if match is None or (match["api"] == "1") != (match["verb"] == ":predict"):
         return None  # /v1/.../infer and /v2/...:predict are no routes
-    if match["api"] == "1" and not _json_or_absent(scope):
+    if match["api"] == "1" and scope["method"] == "POST" and not _json_or_absent(scope):
         return None
     return match
 

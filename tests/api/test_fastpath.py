@@ -81,6 +81,18 @@ async def test_other_content_types_go_to_fastapi(
     assert r.status_code == 422
 
 
+async def test_other_methods_on_prediction_routes_are_405(client: httpx.AsyncClient) -> None:
+    for path in (
+        "/v1/models/clf:predict",
+        "/v1/models/nope/versions/1:predict",
+        "/v2/models/clf/infer",
+    ):
+        r = await client.get(path)
+        assert r.status_code == 405, r.text  # /v1 was 404 "model 'clf:predict' is not loaded"
+        assert r.headers["allow"] == "POST"
+        assert r.json()["error"] == f"method GET is not allowed on {path}; send POST"
+
+
 async def test_metrics_name_the_route_template(client: httpx.AsyncClient) -> None:
     await client.post("/v1/models/clf/versions/1:predict", json={"instances": [ROW]})
     text = (await client.get("/metrics")).text

@@ -33,6 +33,12 @@ class MethodNotAllowedError(McServeError):
     code = "method_not_allowed"
 
 
+class UnsupportedMediaTypeError(McServeError):
+    """A body of a content type the route does not read."""
+
+    code = "unsupported_media_type"
+
+
 class PayloadTooLargeError(McServeError):
     """Too many instances, too many samples in one request, or too large a body."""
 

@@ -27,6 +27,7 @@ STATUS = {
     "invalid_input": 422,
     "too_large": 413,
     "method_not_allowed": 405,
+    "unsupported_media_type": 415,
     "not_found": 404,
     "forbidden": 403,
     "not_ready": 503,

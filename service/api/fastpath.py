@@ -10,8 +10,8 @@ answers the two prediction routes itself:
 by pydantic from JSON, and the same handler, `native.predict_with`) and the Open Inference
 Protocol's `POST /v2/models/{name}[/versions/{v}]/infer` (the same handler, `v2.infer_with`,
 which reads the body itself), with the same error mapping (`errors.py`): another method is
-405 with `Allow: POST`. Anything else (`route_of` is None), including a native request of
-another content type, goes to FastAPI, which also keeps the routes in the OpenAPI document.
+405 with `Allow: POST`, a native body of another content type than JSON 415. Anything else
+(`route_of` is None) goes to FastAPI, which also keeps the routes in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from service.errors import (
     InvalidInputError,
     McServeError,
     MethodNotAllowedError,
+    UnsupportedMediaTypeError,
 )
 
 _NATIVE = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
@@ -103,6 +104,11 @@ class PredictionRoutes:
                     }
                 ]
             )
+        if not _json_or_absent(request.scope):  # was a body-shape error ("valid dictionary")
+            raise UnsupportedMediaTypeError(
+                f"Content-Type {request.headers['content-type']!r} is not read here; send the "
+                "body as JSON with Content-Type: application/json"
+            )
         body = await request.body()
         try:
             body.decode("utf-8")
@@ -129,8 +135,6 @@ def route_of(scope: Scope) -> re.Match[str] | None:
     match = _ROUTE.fullmatch(scope["path"])
     if match is None or (match["api"] == "1") != (match["verb"] == ":predict"):
         return None  # /v1/.../infer and /v2/...:predict are no routes
-    if match["api"] == "1" and scope["method"] == "POST" and not _json_or_absent(scope):
-        return None
     return match
 
 

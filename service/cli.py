@@ -129,7 +129,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="mask seed")] = 0,
     version: Annotated[str | None, typer.Option(help="new version (default: next integer)")] = None,
     percentile: Annotated[
-        float, typer.Option(help="referral thresholds: this percentile of the calibration rows")
+        float, typer.Option(help="referral: the triggers together refer 100 - this % of the rows")
     ] = 90.0,
     min_nll_temperature: Annotated[
         bool, typer.Option(help="classifiers: plain NLL minimiser, not the one-SE rule")

@@ -109,7 +109,9 @@ def test_classifier_calibration_has_temperature_and_set_referral(fresh: Repo) ->
     assert m.calibration.score == "one-minus-probability"
     fit = m.calibration.temperature_fit
     assert fit["nll"] <= fit["nll_at_1"] + 1e-12 and fit["rule"] == "one-standard-error"
-    assert m.referral is not None and m.referral.max_set_size == 1
+    # Set jointly: the set trigger may take half the 10 % the policy refers; an ambiguous set
+    # was referred every time, but here ambiguity is common, so only an empty set refers.
+    assert m.referral is not None and m.referral.max_set_size == 3
     assert m.defaults.interval == "gaussian"  # classifiers have no conformal interval
 
 

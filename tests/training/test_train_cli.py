@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,3 +202,38 @@ def test_calibrate_and_evaluate_take_the_target_column(tmp_path: Path) -> None:
     # (the calibration rows were warned about twice, once per manifest section).
     assert len(warned) == 2, warned
     assert "60 of the 300 evaluation rows are among the bundle's calibration rows" in warned[1]
+
+
+def test_default_referral_refers_its_nominal_share_of_new_rows(tmp_path: Path) -> None:
+    # A user's own calibrated classifier referred 80.5 % of held-out rows under the default
+    # policy ("any ambiguous set" at 95 %, next to a 90th-percentile epistemic threshold). The
+    # triggers are now set jointly to refer 10 % of the calibration rows, so new rows from the
+    # same distribution are referred at about 10 %: 200 calibration rows put the rate's sd near
+    # sqrt(0.1 * 0.9 / 200) = 0.021, 1000 evaluation rows add 0.0095, so 3 sd is 0.07.
+    def rows(seed: int, n: int) -> tuple[np.ndarray, list[str]]:
+        x = np.random.default_rng(seed).uniform(-1, 1, size=(n, 3))
+        noisy = x[:, 0] + 0.5 * np.random.default_rng(seed + 1).normal(size=n)
+        return x, [
+            str(v) for v in np.where(noisy > 0.3, "high", np.where(noisy < -0.3, "low", "mid"))
+        ]
+
+    x, y = rows(10, 1000)
+    data = _write(tmp_path / "own.csv", ["a", "b", "c", "grade"], x, y)
+    args = ["train", "--data", str(data), "--target", "grade", "--task", "classification"]
+    res = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "repo"), "--hidden", "8", "--epochs", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    x, y = rows(20, 1000)
+    new = _write(tmp_path / "new.csv", ["a", "b", "c", "grade"], x, y)
+    out = tmp_path / "report"
+    ev = ["evaluate", str(tmp_path / "repo" / "own" / "2"), "--data", str(new), "--out", str(out)]
+    res = runner.invoke(app, [*ev, "--target", "grade"])
+    assert res.exit_code == 0, res.output
+    referral = json.loads((out / "report.json").read_text())["referral"]
+    assert 0.03 <= referral["rate"] <= 0.17, referral
+    policy = load_bundle(tmp_path / "repo" / "own" / "2").manifest.referral
+    assert policy is not None and policy.derived_from is not None
+    assert policy.derived_from.startswith(
+        "the triggers together refer 10 % (100 - percentile 90) of the 200"
+    )

@@ -72,7 +72,8 @@ def _fit(
         rates = ", ".join(f"{k} {100 * v.mean():.1f} %" for k, v in parts.items())
         return (
             f"the triggers together refer {100 * nominal:.3g} % (100 - percentile "
-            f"{percentile:g}) of the {data.n} calibration rows, by trigger (a row can have several): {rates}"
+            f"{percentile:g}) of the {data.n} calibration rows; by trigger (a row can have "
+            f"several): {rates}"
         )
 
     if m.task == "classification":

@@ -23,7 +23,9 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="critical..debug")] = None,
 ) -> None:
     """Serve the model repository over HTTP (settings also from MCSERVE_* variables)."""
+    from service.logs import configure
     from service.server import run
+    from service.settings import Settings
 
     overrides: dict[str, Any] = {
         k: v
@@ -35,6 +37,10 @@ def serve(
         }.items()
         if v is not None
     }
+    settings = Settings(**overrides)
+    # Text logs keep their fields too: with a handler in place, run()'s basicConfig for text
+    # is a no-op (its plain format string dropped every field).
+    configure(settings.log_level, settings.log_format)
     run(overrides)
 
 
@@ -52,13 +58,17 @@ def list_models(
     if not entries:
         typer.echo(f"no bundles under {model_dir}")
         raise typer.Exit(1)
+    # SERVED marks the version a request without one gets: the newest that loads.
+    served = {e.name: e.version for e in entries if e.model is not None}
+    typer.echo(f"{'MODEL':<16} {'VERSION':<8} {'SERVED':<6} {'STATUS':<6} {'TASK':<14} DIGEST")
     for e in entries:
+        mark = "*" if served.get(e.name) == e.version else ""
         if e.model is not None:
             m = e.model.manifest
             status = f"ready  {m.task:<14} {e.model.digest[:19]}"
         else:
             status = f"FAILED {e.error}"
-        typer.echo(f"{e.name:<16} {e.version:<6} {status}")
+        typer.echo(f"{e.name:<16} {e.version:<8} {mark:<6} {status}")
     if any(e.model is None for e in entries):
         raise typer.Exit(2)
 
@@ -113,17 +123,21 @@ app.add_typer(audit_app, name="audit")
 @app.command()
 def calibrate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory to calibrate (left untouched)")],
-    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and the target")],
     out: Annotated[Path, typer.Option(help="model repository: writes OUT/<name>/<version>/")],
     samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="mask seed")] = 0,
     version: Annotated[str | None, typer.Option(help="new version (default: next integer)")] = None,
     percentile: Annotated[
-        float, typer.Option(help="referral thresholds: this percentile of the calibration rows")
+        float, typer.Option(help="referral: the triggers together refer 100 - this % of the rows")
     ] = 90.0,
     min_nll_temperature: Annotated[
         bool, typer.Option(help="classifiers: plain NLL minimiser, not the one-SE rule")
     ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(help="the target column (default: 'target', else the model's target name)"),
+    ] = None,
 ) -> None:
     """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
     from service.calibration.conformal import quantile
@@ -140,6 +154,7 @@ def calibrate(
             version=version,
             percentile=percentile,
             one_se=not min_nll_temperature,
+            target=target,
         )
     except (McServeError, OSError) as exc:
         typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
@@ -163,10 +178,14 @@ def calibrate(
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="bundle directory to evaluate")],
-    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and 'target'")],
+    data: Annotated[Path, typer.Option(help="CSV: the manifest's feature names and the target")],
     out: Annotated[Path, typer.Option(help="report directory (report.md, report.json, PNGs)")],
     samples: Annotated[int | None, typer.Option(help="MC passes (default: the model's)")] = None,
     seed: Annotated[int, typer.Option(help="mask seed")] = 0,
+    target: Annotated[
+        str | None,
+        typer.Option(help="the target column (default: 'target', else the model's target name)"),
+    ] = None,
 ) -> None:
     """Evaluate a bundle on labelled rows: Markdown + JSON report with plots."""
     from service.bundle.load import load_bundle
@@ -178,7 +197,7 @@ def evaluate(
 
     try:
         served = ServedModel(load_bundle(bundle), device="cpu")
-        rows = read(data, served.manifest)
+        rows = read(data, served.manifest, target)
         ev = run_evaluation(
             served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
         )

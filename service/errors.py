@@ -27,6 +27,18 @@ class InvalidInputError(McServeError):
     code = "invalid_input"
 
 
+class MethodNotAllowedError(McServeError):
+    """A prediction route asked with another method than POST (answered with `Allow: POST`)."""
+
+    code = "method_not_allowed"
+
+
+class UnsupportedMediaTypeError(McServeError):
+    """A body of a content type the route does not read."""
+
+    code = "unsupported_media_type"
+
+
 class PayloadTooLargeError(McServeError):
     """Too many instances, too many samples in one request, or too large a body."""
 

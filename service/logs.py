@@ -13,7 +13,16 @@ from typing import Any
 
 import orjson
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Not fields: the record's own attributes, and uvicorn's `color_message` (the message again,
+# with terminal colour escapes).
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The `extra` fields a record was logged with."""
+    attrs = record.__dict__
+    # Set difference in C: cheap on every request.
+    return {k: attrs[k] for k in attrs.keys() - _STANDARD if not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,19 +33,35 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields = record.__dict__
-        for key in fields.keys() - _STANDARD:  # set difference in C: cheap on every request
-            if not key.startswith("_"):
-                out[key] = fields[key]
+        out.update(fields(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
 
-def configure(level: str = "info") -> None:
-    """Route mcserve's and uvicorn's loggers through one JSON handler on stderr."""
+class TextFormatter(logging.Formatter):
+    """One line for a person: time, level, logger, message, then the fields as key=value (the
+    access line's route, status and timings were dropped by a plain format string)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = fields(record)
+        if not extra:
+            return line
+        pairs = " ".join(
+            f"{k}={orjson.dumps(v, default=str).decode()}" for k, v in sorted(extra.items())
+        )
+        head, sep, trace = line.partition("\n")  # a traceback stays below the fields
+        return f"{head} {pairs}{sep}{trace}"
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    """Route mcserve's and uvicorn's loggers through one handler on stderr, JSON or text."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

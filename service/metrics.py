@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
 from service.engine.model import Prediction
@@ -28,6 +28,9 @@ UNCERTAINTY = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 class Metrics:
     def __init__(self) -> None:
+        # No `_created` sample beside every counter and histogram: it doubled the series, and
+        # Prometheus derives resets from the values (prometheus-client's switch is process-wide).
+        disable_created_metrics()
         r = self.registry = CollectorRegistry()
         self.known: set[str] = set()
         # Labelled children by (metric, labels): `labels()` checks and converts every value

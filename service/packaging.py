@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from service.bundle import save
-from service.errors import McServeError
+from service.errors import InvalidInputError, McServeError
 
 
 def load_factory(spec: str) -> nn.Module:
@@ -44,6 +44,33 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",")] if value else None
 
 
+def _units(value: str | None) -> list[str | None] | None:
+    """'mg/dL,,years' -> ['mg/dL', None, 'years']: an empty entry is a unitless feature."""
+    return [v or None for v in _csv(value) or []] or None
+
+
+def _ranges(value: str | None, flag: str) -> list[tuple[float, float]] | None:
+    """A JSON list of [lo, hi] pairs, given inline or as the path of a .json file."""
+    if not value:
+        return None
+    text = value
+    if not value.lstrip().startswith("[") and Path(value).is_file():
+        text = Path(value).read_text()
+    try:
+        pairs = json.loads(text)
+        out = [(float(lo), float(hi)) for lo, hi in pairs]
+    except (ValueError, TypeError) as exc:
+        raise InvalidInputError(
+            f"{flag}: give a JSON list with one [lo, hi] per feature, e.g. '[[0, 120], [0, 1]]', "
+            f"or a .json file holding one ({exc})"
+        ) from None
+    return out
+
+
+# Square brackets are escaped: typer's help renders Rich markup, which swallowed "[lo, hi]".
+_RANGES_HELP = r"JSON list of \[lo, hi] per feature, e.g. '[[0, 120], [0, 1]]', or a .json file"
+
+
 def package(
     factory: Annotated[str, typer.Argument(help="module:factory returning the nn.Module")],
     weights: Annotated[Path, typer.Option(help=".safetensors or a state dict .pt")],
@@ -56,8 +83,17 @@ def package(
     labels: Annotated[str | None, typer.Option(help="comma-separated class labels")] = None,
     target: Annotated[str | None, typer.Option(help="regression target name")] = None,
     feature_names: Annotated[str | None, typer.Option(help="comma-separated")] = None,
-    valid_ranges: Annotated[str | None, typer.Option(help="JSON list of [lo, hi]")] = None,
+    valid_ranges: Annotated[
+        str | None, typer.Option(help=f"hard: outside is refused (422). {_RANGES_HELP}")
+    ] = None,
     noise_var: Annotated[float | None, typer.Option(help="regression noise variance 1/tau")] = None,
+    units: Annotated[
+        str | None, typer.Option(help="comma-separated, one per feature, e.g. mg/dL,,years")
+    ] = None,
+    training_ranges: Annotated[
+        str | None,
+        typer.Option(help=f"soft: outside is flagged as extrapolation. {_RANGES_HELP}"),
+    ] = None,
 ) -> None:
     """Write <out>/<name>/<version>/ from your model's factory and trained weights."""
     module = load_factory(factory)
@@ -76,7 +112,9 @@ def package(
             labels=_csv(labels),
             target=target,
             feature_names=_csv(feature_names),
-            valid_ranges=json.loads(valid_ranges) if valid_ranges else None,
+            units=_units(units),
+            valid_ranges=_ranges(valid_ranges, "--valid-ranges"),
+            training_ranges=_ranges(training_ranges, "--training-ranges"),
             noise_var=noise_var,
         )
     except McServeError as exc:

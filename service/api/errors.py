@@ -26,6 +26,8 @@ log = logging.getLogger("mcserve.errors")
 STATUS = {
     "invalid_input": 422,
     "too_large": 413,
+    "method_not_allowed": 405,
+    "unsupported_media_type": 415,
     "not_found": 404,
     "forbidden": 403,
     "not_ready": 503,
@@ -70,7 +72,10 @@ def error_response(
     message: str,
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    reason: str | None = None,
 ) -> Response:
+    # The access line's `error`: what kind of error, never the message, which may quote inputs.
+    request.scope.setdefault("state", {})["error"] = reason or f"http_{status}"
     fam = family(request)
     if fam == "cds":
         return cds_response(request, status, message, details, headers)
@@ -124,7 +129,9 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     headers = None
     if isinstance(exc, OverloadedError):
         headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
-    return error_response(request, status, exc.message, exc.details, headers)
+    elif exc.code == "method_not_allowed":
+        headers = {"Allow": "POST"}  # only the prediction routes raise it
+    return error_response(request, status, exc.message, exc.details, headers, exc.code)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -145,7 +152,8 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     elif first.get("type") == "json_invalid":
         hint = " (the body must be valid JSON)"
     message = f"invalid request: {first['field']}: {first['problem']}{hint}"
-    return error_response(request, 422, message, details)
+    fields = ", ".join(f"{d['field']} ({d.get('type')})" for d in details[:5])
+    return error_response(request, 422, message, details, reason=f"invalid request: {fields}")
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -9,9 +9,9 @@ answers the two prediction routes itself:
 `POST /v1/models/{name}[/versions/{v}]:predict` (the same request model, `PredictRequest`, parsed
 by pydantic from JSON, and the same handler, `native.predict_with`) and the Open Inference
 Protocol's `POST /v2/models/{name}[/versions/{v}]/infer` (the same handler, `v2.infer_with`,
-which reads the body itself), with the same error mapping (`errors.py`). Anything else
-(`route_of` is None), including a native request of another content type, goes to FastAPI,
-which also keeps the routes in the OpenAPI document.
+which reads the body itself), with the same error mapping (`errors.py`): another method is
+405 with `Allow: POST`, a native body of another content type than JSON 415. Anything else
+(`route_of` is None) goes to FastAPI, which also keeps the routes in the OpenAPI document.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ from service.api.v2 import infer_with
 from service.api.v2 import router as v2_router
 from service.api.v2_binary import HEADER
 from service.engine.inputs import check_size
-from service.errors import InvalidInputError, McServeError
+from service.errors import (
+    InvalidInputError,
+    McServeError,
+    MethodNotAllowedError,
+    UnsupportedMediaTypeError,
+)
 
 _NATIVE = ("/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict")
 _OIP = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -67,6 +72,9 @@ class PredictionRoutes:
         scope["path_params"] = {"name": name} | ({"version": version} if version else {})
         request = Request(scope, receive)
         try:
+            if scope["method"] != "POST":  # GET was "model 'clf:predict' is not loaded"
+                method, path = scope["method"], scope["path"]
+                raise MethodNotAllowedError(f"method {method} is not allowed on {path}; send POST")
             if api == "1":
                 response = await self._predict(request, name, version)
             else:
@@ -97,6 +105,11 @@ class PredictionRoutes:
                     }
                 ]
             )
+        if not _json_or_absent(request.scope):  # was a body-shape error ("valid dictionary")
+            raise UnsupportedMediaTypeError(
+                f"Content-Type {request.headers['content-type']!r} is not read here; send the "
+                "body as JSON with Content-Type: application/json"
+            )
         body = await request.body()
         # The model first: its input shape bounds what the body may hold, checked before the
         # body is parsed (a 5 MB body of a million instances would hold the loop for 0.6 s).
@@ -126,13 +139,11 @@ ROUTE_KEY = "mcserve.route"  # the front door's match, handed on in the scope
 
 def route_of(scope: Scope) -> re.Match[str] | None:
     """The prediction route this request asks for, or None (then FastAPI answers it)."""
-    if scope["type"] != "http" or scope["method"] != "POST":
+    if scope["type"] != "http":
         return None
     match = _ROUTE.fullmatch(scope["path"])
     if match is None or (match["api"] == "1") != (match["verb"] == ":predict"):
         return None  # /v1/.../infer and /v2/...:predict are no routes
-    if match["api"] == "1" and not _json_or_absent(scope):
-        return None
     return match
 
 

@@ -108,7 +108,7 @@ class RequestContext:
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
         }
-        for key in ("model", "version", "caller", "batch_rows", "queue_ms", "compute_ms"):
+        for key in ("model", "version", "caller", "batch_rows", "queue_ms", "compute_ms", "error"):
             if state.get(key) is not None:
                 extra[key] = state[key]
         if "model" not in extra and model is not None:

@@ -28,7 +28,13 @@ from service.api.state import AppState
 from service.clinical import fhir
 from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import (
+    Prediction,
+    PredictParams,
+    ServedModel,
+    default_interval,
+    resolve_interval,
+)
 from service.engine.summaries import check_levels
 from service.errors import CancelledError, InvalidInputError
 
@@ -112,7 +118,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "intended_use": m.intended_use,
         "inputs": m.inputs.model_dump(mode="json"),
         "outputs": m.outputs.model_dump(mode="json"),
-        "defaults": m.defaults.model_dump(mode="json"),
+        "defaults": {**m.defaults.model_dump(mode="json"), "interval": default_interval(m)},
         "aleatoric": m.aleatoric.model_dump(mode="json"),
         "training": {"metrics": m.training.metrics, "provenance": m.training.provenance},
         "calibration": model.calibrator.metadata(),
@@ -137,6 +143,16 @@ async def model_version_metadata(name: Name, version: Version, request: Request)
     return json_response(metadata(model, [e.version for e in reg.versions(name)]))
 
 
+def ignored(p: PredictParameters) -> list[str]:
+    """A warning naming the parameters deterministic mode does not use (it was silent)."""
+    if p.mode != "deterministic":
+        return []
+    given = [k for k in ("samples", "seed", "confidence", "interval") if getattr(p, k) is not None]
+    if not given:
+        return []
+    return [f"mode=deterministic ignores {', '.join(given)}: dropout is off, one pass is run"]
+
+
 def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> PredictParams:
     d = model.manifest.defaults
     samples = p.samples if p.samples is not None else d.samples
@@ -146,7 +162,9 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
         )
     conf = p.confidence if p.confidence is not None else d.confidence
     levels = check_levels([conf] if isinstance(conf, float | int) else conf)
-    interval = p.interval or d.interval
+    interval = resolve_interval(
+        model.manifest, p.interval, samples=samples, levels=levels, mode=p.mode
+    )
     return PredictParams(samples, levels, p.seed, p.mode, interval)
 
 
@@ -214,6 +232,7 @@ async def predict_with(
     x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
     timeout = body.parameters.timeout_ms
     pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
+    pred.warnings.extend(ignored(body.parameters))
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)
     return Response(response_json(model, pred), media_type="application/json")

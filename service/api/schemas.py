@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 MAX_SEED = 2**63 - 1
 
@@ -15,7 +15,8 @@ class PredictParameters(BaseModel):
     samples: int | None = Field(
         default=None, ge=2, strict=True, description="MC passes; default: the model's"
     )
-    confidence: float | list[float] | None = Field(
+    # Strict: numbers in strings are refused here as in the instances (one rule, README).
+    confidence: StrictFloat | list[StrictFloat] | None = Field(
         default=None, description="a level in (0, 1) or a list of up to 5; default: the model's"
     )
     seed: int | None = Field(
@@ -23,7 +24,9 @@ class PredictParameters(BaseModel):
     )
     mode: Literal["mc", "deterministic"] = "mc"
     interval: Literal["gaussian", "quantile", "conformal"] | None = None
-    timeout_ms: float | None = Field(default=None, gt=0, description="deadline for this request")
+    timeout_ms: float | None = Field(
+        default=None, gt=0, strict=True, description="deadline for this request"
+    )
 
 
 class PredictRequest(BaseModel):

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service.api import examples
-from service.api.native import json_response, off_loop, run, state, to_params
+from service.api.native import ignored, json_response, off_loop, run, state, to_params
 from service.api.schemas import PredictParameters
 from service.api.v2_binary import HEADER, decode_input, encode, split
 from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
@@ -208,6 +208,7 @@ async def infer_with(
     wanted = select(req, model, params.mode)
     x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
     pred = await run(request, batcher, x, params, p.timeout / 1e6 if p.timeout else None)
+    pred.warnings.extend(ignored(given))
     arrays = values(pred, [s for s, _ in wanted])
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if req.id is not None:

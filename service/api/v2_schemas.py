@@ -65,7 +65,12 @@ class InferParameters(Closed):
         default=None, ge=2, strict=True, description="MC passes; default: the model's"
     )
     confidence: float | None = Field(
-        default=None, gt=0, lt=1, allow_inf_nan=False, description="interval level; one level"
+        default=None,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        strict=True,  # numbers in strings are refused, as in the inputs
+        description="interval level; one level",
     )
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, strict=True, description="replay a previous answer"

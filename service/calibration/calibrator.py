@@ -86,11 +86,22 @@ class Calibrator:
                 )
         return out
 
-    def referral(self, s: RegressionSummary | ClassificationSummary, x: np.ndarray) -> Referral:
-        """Who should see a human: policy triggers on the summary and the inputs [B, ...]."""
+    def referral(
+        self,
+        s: RegressionSummary | ClassificationSummary,
+        x: np.ndarray,
+        level: float | None = None,
+    ) -> Referral:
+        """Who should see a human: policy triggers on the summary and the inputs [B, ...].
+
+        The set and width triggers read the set or interval at ``level``: a request's first
+        confidence level, the one its answer shows, so the reasons speak of what the client sees
+        (default: the policy's level, at which its thresholds were derived)."""
         flat = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
         outside = outside_training(flat, self.manifest.inputs)
         p = self.policy
+        if level is not None and level != p.level:
+            p = p.model_copy(update={"level": level})
         if isinstance(s, ClassificationSummary):
             sizes = None
             if self.calibrated and p.max_set_size is not None:

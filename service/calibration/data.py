@@ -1,4 +1,5 @@
-"""Labelled rows from a CSV file: the manifest's feature names as columns, plus `target`.
+"""Labelled rows from a CSV file: the manifest's feature names as columns, plus the target
+(`target`, the manifest's target name, or the column `--target` names).
 
 Used by `calibrate` and `evaluate`. Columns are matched by name (order does not matter, extra
 columns are refused so a typo is not silently ignored); flat rows are reshaped to the model's
@@ -61,8 +62,22 @@ def _targets(raw: list[str], manifest: Manifest, path: Path) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def read(path: Path | str, manifest: Manifest) -> Labelled:
-    """Read and check a labelled CSV for ``manifest``'s model."""
+def _target_column(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:
+    """``given`` (`--target`), else 'target', else the manifest's target name (what `train
+    --target` recorded), so the CSV a model was trained from can be used as it is."""
+    if given is not None:
+        if given not in header:
+            raise InvalidInputError(f"{path}: no target column {given!r}; the columns are {header}")
+        return given
+    named = manifest.outputs.target
+    if "target" not in header and named and named in header:
+        return named
+    return "target"
+
+
+def read(path: Path | str, manifest: Manifest, target: str | None = None) -> Labelled:
+    """Read and check a labelled CSV for ``manifest``'s model (``target``: the target column's
+    name, see `_target_column`)."""
     path = Path(path)
     raw = path.read_bytes()
     names = manifest.inputs.feature_names
@@ -74,12 +89,13 @@ def read(path: Path | str, manifest: Manifest) -> Labelled:
     if not rows:
         raise InvalidInputError(f"{path}: empty file")
     header, body = rows[0], [r for r in rows[1:] if r]
-    missing = [n for n in [*names, "target"] if n not in header]
-    unknown = sorted(set(header) - {*names, "target"})
+    t_name = _target_column(header, manifest, target, path)
+    missing = [n for n in [*names, t_name] if n not in header]
+    unknown = sorted(set(header) - {*names, t_name})
     if missing or unknown:
         raise InvalidInputError(
-            f"{path}: columns must be the feature names plus 'target'; "
-            f"missing {missing}, unknown {unknown}"
+            f"{path}: columns must be the feature names plus the target {t_name!r} (another "
+            f"name: --target); missing {missing}, unknown {unknown}"
         )
     if not body:
         raise InvalidInputError(f"{path}: no data rows")
@@ -90,7 +106,7 @@ def read(path: Path | str, manifest: Manifest) -> Labelled:
         raise InvalidInputError(
             f"{path}: a feature value is missing or not a number ({exc})"
         ) from None
-    y = _targets([r[col["target"]] for r in body], manifest, path)
+    y = _targets([r[col[t_name]] for r in body], manifest, path)
     shaped = flat.reshape(len(body), *manifest.inputs.shape)
     # The same checks as a request (finite, hard valid ranges), without the request size limit.
     try:
@@ -106,12 +122,15 @@ def overlaps(
     """Sentences for rows of ``data`` that are among the bundle's rows of ``parts`` (keys of
     ``training.row_fingerprints``) or, with ``calibrated``, its calibration section's rows."""
     mine = set(data.fingerprints())
-    named = {p: manifest.training.row_fingerprints.get(p, []) for p in parts}
+    named = {p: set(manifest.training.row_fingerprints.get(p, [])) for p in parts}
     if calibrated and manifest.calibration is not None:
-        named["calibrate"] = manifest.calibration.row_fingerprints
+        cal = set(manifest.calibration.row_fingerprints)
+        # `train` records its calibration rows in both sections: one warning, not two.
+        if named.get("calibration") != cal:
+            named["calibrate"] = cal
     out = []
     for part, fps in named.items():
-        n = len(mine & set(fps))
+        n = len(mine & fps)
         if n:
             out.append(
                 f"{n} of the {data.n} {what} rows are among the bundle's {part} rows "

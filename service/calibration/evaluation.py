@@ -41,6 +41,12 @@ def _triggers(ref: Referral, kinds: tuple[str, ...]) -> dict[str, int]:
     return {k: sum(k in t for t in ref.triggers) for k in kinds}
 
 
+def _trigger_rates(ref: Referral, kinds: tuple[str, ...]) -> dict[str, float]:
+    """The share of inputs each kind of trigger referred, to set against its nominal rate."""
+    n = max(len(ref.triggers), 1)
+    return {k: c / n for k, c in _triggers(ref, kinds).items()}
+
+
 def _expected(n: int, level: float, m: int) -> dict[str, float]:
     """What a correct conformal method would show on m rows: mean coverage and its sd."""
     mean, sd = conformal.coverage_spread(n, level, m)
@@ -66,6 +72,7 @@ def _referral(
         f"{kind}_referred": err(ref.refer),
         f"{kind}_all": err(np.ones_like(keep)),
         "triggers": _triggers(ref, kinds),
+        "trigger_rates": _trigger_rates(ref, kinds),
     }
 
 
@@ -107,8 +114,6 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
             lo, hi = conformal.interval(mean, std, q)
             cover.append(metrics.picp(y, lo, hi))
         curves[method] = cover
-    served_pred = preds[methods[-1]]
-    assert served_pred.referral is not None
     numbers = {
         "rmse": metrics.rmse(mean, y),
         "mae": float(np.mean(np.abs(mean - y))),
@@ -119,10 +124,14 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
         "mean_std": float(np.mean(std)),
         "mean_epistemic_std": float(np.mean(s.epistemic_std[:, 0])),
         "intervals": intervals,
+        # At the policy's level, where its thresholds were derived (not LEVELS[0]).
         "referral": _referral(
-            served_pred.referral, mean - y, "rmse", ("epistemic", "interval_width", "extrapolation")
+            served.calibrator.referral(s, req.x),
+            mean - y,
+            "rmse",
+            ("epistemic", "interval_width", "extrapolation"),
         ),
-        "warnings": served_pred.warnings,
+        "warnings": preds[methods[-1]].warnings,
     }
     return Evaluation(numbers, curves)
 
@@ -141,7 +150,7 @@ def _classification(
 ) -> Evaluation:
     pred = served.summarize(out, req, PredictParams(req.samples, LEVELS, req.seed))
     s = pred.summary
-    assert isinstance(s, ClassificationSummary) and pred.referral is not None
+    assert isinstance(s, ClassificationSummary)
     raw = summarize_classification(out, levels=(0.5,), temperature=1.0)
     error = (s.label != y).astype(np.float64)
     scores = {
@@ -178,8 +187,12 @@ def _classification(
         "error_detection_auroc": {k: metrics.auroc(v, error > 0) for k, v in scores.items()},
         "aurc": {k: metrics.aurc(v, error) for k, v in scores.items()},
         "prediction_sets": sets,
+        # At the policy's level, where its thresholds were derived (not LEVELS[0]).
         "referral": _referral(
-            pred.referral, error, "error_rate", ("epistemic", "prediction_set", "extrapolation")
+            served.calibrator.referral(s, req.x),
+            error,
+            "error_rate",
+            ("epistemic", "prediction_set", "extrapolation"),
         ),
         # Per-class intervals are not evaluated, so their sample-count note does not apply.
         "warnings": [w for w in pred.warnings if not w.startswith("per-class intervals")],

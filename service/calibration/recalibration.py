@@ -3,7 +3,8 @@
 The source bundle is only read. The new version holds byte copies of its artifacts (same
 hashes) and a manifest, written through the pydantic `Manifest`, with a `calibration` section
 (split-conformal scores, the temperature of a classifier, the passes and seed used), a
-`referral` policy whose thresholds come from the calibration rows, and for a regressor the
+`referral` policy whose thresholds come from the calibration rows (`_policy`), and for a
+regressor the
 default interval `conformal`. It is staged in a hidden directory and renamed into place, so a
 failed run leaves nothing behind and the registry never sees half a bundle.
 """
@@ -23,13 +24,13 @@ from service.bundle.manifest import MANIFEST_NAME, Calibration, Manifest, Referr
 from service.bundle.writer import sha256_file
 from service.calibration import conformal, temperature
 from service.calibration.data import Labelled, overlaps, read
-from service.calibration.referral import percentile_threshold, relative_width
+from service.calibration.referral import budget_threshold, outside_training, relative_width
 from service.engine.model import ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification, summarize_regression
 from service.errors import BundleError
 
-PERCENTILE = 90.0  # default referral thresholds: this percentile of the calibration rows' values
+PERCENTILE = 90.0  # the default policy refers 100 - PERCENTILE % of the calibration rows
 
 
 @dataclass
@@ -61,7 +62,20 @@ def _fit(
     level = m.defaults.confidence
     fps = data.fingerprints()
     policy_base = m.referral or ReferralPolicy()
-    derived = f"{percentile:g}th percentile over the {data.n} calibration rows"
+    nominal = 1.0 - percentile / 100.0
+    flat = data.x.reshape(data.n, -1).astype(np.float64)
+    extrapolating = np.array([bool(o) for o in outside_training(flat, m.inputs)], dtype=bool)
+    if not policy_base.extrapolation:
+        extrapolating[:] = False
+
+    def derived(parts: dict[str, np.ndarray]) -> str:
+        rates = ", ".join(f"{k} {100 * v.mean():.1f} %" for k, v in parts.items())
+        return (
+            f"the triggers together refer {100 * nominal:.3g} % (100 - percentile "
+            f"{percentile:g}) of the {data.n} calibration rows; by trigger (a row can have "
+            f"several): {rates}"
+        )
+
     if m.task == "classification":
         t = temperature.fit(out, data.y, one_se=one_se)
         t_min = temperature.fit(out, data.y, one_se=False)
@@ -83,12 +97,30 @@ def _fit(
             seed=seed,
             row_fingerprints=fps,
         )
+        # Jointly, so the policy refers its nominal share of in-distribution rows (one trigger at
+        # a time, "any ambiguous set" alone referred 80 % of a user's held-out rows): the set
+        # trigger gets half the share, epistemic uncertainty what the others leave.
+        sizes = conformal.prediction_set(s.probabilities, conformal.quantile(scores, level))
+        n_set = sizes.sum(axis=1)
+        k = sizes.shape[1]
+        most = next(
+            (j for j in range(1, k) if ((n_set == 0) | (n_set > j)).mean() <= nominal / 2), k
+        )
+        by_set = (n_set == 0) | (n_set > most)
+        mi = s.mutual_information
+        epistemic = budget_threshold(mi, extrapolating | by_set, nominal)
         policy = ReferralPolicy(
             level=level,
-            epistemic=percentile_threshold(s.mutual_information, percentile),
-            max_set_size=1,
+            epistemic=epistemic,
+            max_set_size=most,
             extrapolation=policy_base.extrapolation,
-            derived_from=f"epistemic: {derived}; max_set_size: any ambiguous set",
+            derived_from=derived(
+                {
+                    "extrapolation": extrapolating,
+                    "prediction_set": by_set,
+                    "epistemic": mi > epistemic,
+                }
+            ),
         )
         return cal, policy
     noise = m.aleatoric.noise_var or None
@@ -104,14 +136,27 @@ def _fit(
     )
     half = conformal.quantile(scores, level) * np.maximum(r.std[:, 0], conformal.STD_FLOOR)
     widths = relative_width(r.mean[:, 0], half)
+    # Jointly, as for classifiers: the width trigger gets half of what extrapolation leaves.
+    width = None
+    by_width = np.zeros(data.n, dtype=bool)
+    if np.isfinite(widths).all():
+        share = extrapolating.mean() + max(nominal - extrapolating.mean(), 0.0) / 2
+        width = budget_threshold(widths, extrapolating, share)
+        by_width = widths > width
+    eps = r.epistemic_std[:, 0]
+    epistemic = budget_threshold(eps, extrapolating | by_width, nominal)
     policy = ReferralPolicy(
         level=level,
-        epistemic=percentile_threshold(r.epistemic_std[:, 0], percentile),
-        relative_width=percentile_threshold(widths, percentile)
-        if np.isfinite(widths).all()
-        else None,
+        epistemic=epistemic,
+        relative_width=width,
         extrapolation=policy_base.extrapolation,
-        derived_from=f"epistemic, relative_width: {derived}",
+        derived_from=derived(
+            {
+                "extrapolation": extrapolating,
+                "interval_width": by_width,
+                "epistemic": eps > epistemic,
+            }
+        ),
     )
     return cal, policy
 
@@ -127,13 +172,14 @@ def calibrate_bundle(
     percentile: float = PERCENTILE,
     one_se: bool = True,
     policy: TrustPolicy | None = None,
+    target: str | None = None,
 ) -> Result:
     """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`."""
     source, repo = Path(source), Path(repo)
     bundle = load_bundle(source, policy)
     served = ServedModel(bundle, device="cpu")
     m = bundle.manifest
-    data = read(data_path, m)
+    data = read(data_path, m, target)
     # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
     warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
     t = samples if samples is not None else m.defaults.samples

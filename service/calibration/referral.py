@@ -122,6 +122,16 @@ def with_overrides(policy: ReferralPolicy, overrides: Mapping[str, Any] | None) 
     return ReferralPolicy.model_validate({**policy.model_dump(), **dict(overrides)})
 
 
-def percentile_threshold(values: np.ndarray, percentile: float) -> float:
-    """The ``percentile``-th percentile of calibration values (linear interpolation)."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), percentile))
+def budget_threshold(scores: np.ndarray, referred: np.ndarray, rate: float) -> float:
+    """The threshold on ``scores`` [N] (a trigger fires above it) at which the rows that other
+    triggers do not refer (``referred`` [N] bool) bring the share referred up to ``rate``: the
+    highest-scoring of them are added. The largest score when the others already refer that
+    share: then this trigger fires on none of these rows, only above anything they showed."""
+    values = np.asarray(scores, dtype=np.float64)
+    need = round(rate * len(values)) - int(np.count_nonzero(referred))
+    free = np.sort(values[~np.asarray(referred, dtype=bool)])[::-1]  # descending
+    if need <= 0 or free.size == 0:
+        return float(values.max())
+    if need >= free.size:
+        return 0.0
+    return float(free[need])  # exactly the `need` largest lie above it (ties aside)

@@ -134,7 +134,11 @@ def _referral_lines(r: dict[str, Any], kind: str, policy: dict[str, Any]) -> lis
         for k, v in policy.items()
         if k != "derived_from" and v is not None
     )
-    trig = ", ".join(f"{k} {v}" for k, v in r["triggers"].items())
+    rates = r.get("trigger_rates", {})
+    trig = ", ".join(
+        f"{k} {v} ({_pct(rates[k])})" if k in rates else f"{k} {v}"
+        for k, v in r["triggers"].items()
+    )
     return [
         "## Referral",
         "",

@@ -51,21 +51,38 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
             a = np.asarray(inst, dtype=np.float64)
         except (ValueError, TypeError, OverflowError):
             return f"instance {i} is not an array of numbers of shape {spec.shape}"
-        if list(a.shape) != spec.shape:
-            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}"
-    return f"instances must be arrays of numbers of shape {spec.shape}"
+        if list(a.shape) != spec.shape and not _flat_image(a.shape, spec):
+            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}{_hint(spec)}"
+    return f"instances must be arrays of numbers of shape {spec.shape}{_hint(spec)}"
 
 
-def _has_bool(v: Any) -> bool:
+def _flat_image(shape: Sequence[int], spec: InputSpec) -> bool:
+    """A flat instance of an image model's size: unambiguous, read row-major like its CSVs."""
+    return len(spec.shape) > 1 and len(shape) == 1 and shape[0] == int(np.prod(spec.shape))
+
+
+def _hint(spec: InputSpec) -> str:
+    if len(spec.shape) < 2:
+        return ""
+    names = " or an object keyed by its feature names" if spec.feature_names else ""
+    return f" (or a flat list of {int(np.prod(spec.shape))} numbers, row-major{names})"
+
+
+# Not numbers, though numpy would take them: "59" -> 59.0 and null -> NaN. One rule for inputs
+# and parameters alike: numbers are sent as JSON numbers, never in strings (README, "Errors").
+_NOT_NUMBERS = frozenset({bool, str, type(None)})
+
+
+def _has_non_number(v: Any) -> bool:
     # A set of the element types is built in C: this runs on the event loop for every request.
-    if type(v) is bool:
+    if type(v) in _NOT_NUMBERS:
         return True
     if type(v) is list:
         types = set(map(type, v))
-        if bool in types:
+        if not types.isdisjoint(_NOT_NUMBERS):
             return True
         if list in types:
-            return any(_has_bool(x) for x in v if type(x) is list)
+            return any(_has_non_number(x) for x in v if type(x) is list)
     return False
 
 
@@ -104,6 +121,30 @@ def check_count(count: int, max_instances: int) -> None:
         )
 
 
+def _leaves(v: Any) -> list[Any]:
+    return [x for item in v for x in _leaves(item)] if type(v) is list else [v]
+
+
+def _not_a_number(rows: Sequence[Any], spec: InputSpec) -> str:
+    """The first element that is not a number, named (feature or element) and quoted as JSON."""
+    for i, row in enumerate(rows):
+        for j, v in enumerate(_leaves(row)):
+            if type(v) is bool:
+                return (
+                    f"instance {i}, {_feature(spec, j)}: true/false are not accepted; send a number"
+                )
+            if v is None:
+                return f"instance {i}, {_feature(spec, j)}: null is not a number; send a value"
+            if type(v) is str:
+                return (
+                    f"instance {i}, {_feature(spec, j)}: the string {v!r} is not a number; send "
+                    "numbers unquoted"
+                )
+            if not isinstance(v, int | float):
+                return f"instance {i}, {_feature(spec, j)}: {type(v).__name__} is not a number"
+    return _first_bad(rows, spec)
+
+
 def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
     """[B, *shape] float32; checks count, shape, numbers, finiteness and hard valid ranges."""
     if not isinstance(instances, list) or not instances:
@@ -117,12 +158,16 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
         )
     if isinstance(instances[0], dict):
         rows = _from_objects(instances, spec)
-    if any(_has_bool(r) for r in rows):
-        raise InvalidInputError("inputs must be numbers; true/false are not accepted")
+    if any(_has_non_number(r) for r in rows):
+        raise InvalidInputError(_not_a_number(rows, spec))
     try:
         arr = np.asarray(rows, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
-        raise InvalidInputError(_first_bad(rows, spec)) from None
+        # Objects: name the feature whose value is not a number (an object, say).
+        explain = _not_a_number if isinstance(instances[0], dict) else _first_bad
+        raise InvalidInputError(explain(rows, spec)) from None
+    if arr.ndim == 2 and _flat_image(arr.shape[1:], spec):  # flat lists or feature-keyed objects
+        arr = arr.reshape(arr.shape[0], *spec.shape)
     if list(arr.shape[1:]) != spec.shape:
         raise InvalidInputError(_first_bad(rows, spec))
     return checked(arr, spec)

@@ -50,6 +50,49 @@ def new_seed() -> int:
     return _SEEDS.getrandbits(63) & MAX_SEED
 
 
+def default_interval(manifest: Manifest) -> IntervalMethod:
+    """The interval method a request gets when it names none, per task: a classifier's only
+    method is per-class quantiles of p over the passes (its conformal answer is the prediction
+    set, not an interval), whatever its manifest's `defaults.interval` says."""
+    return "quantile" if manifest.task == "classification" else manifest.defaults.interval
+
+
+def resolve_interval(
+    manifest: Manifest,
+    given: IntervalMethod | None,
+    *,
+    samples: int,
+    levels: tuple[float, ...],
+    mode: Mode,
+) -> IntervalMethod:
+    """A request's interval method: ``given``, else the task's default. A classifier refuses
+    what it cannot honour, with the reason; quantiles asked for by name are refused at levels
+    the samples cannot reach, by default such levels are dropped with a warning (`summarize`)."""
+    if manifest.task == "regression":
+        return given or manifest.defaults.interval
+    if given in ("gaussian", "conformal"):
+        also = (
+            "; its conformal answer is the prediction_set, which a calibrated classifier "
+            "always gives"
+            if given == "conformal"
+            else ""
+        )
+        raise InvalidInputError(
+            f"interval={given} is for regressors: a classifier's per-class intervals are "
+            f"quantiles of its class probabilities over the passes (interval=quantile, the "
+            f"default){also}"
+        )
+    if given == "quantile" and mode == "mc":
+        for level in levels:
+            need = min_samples_for_quantile(level)
+            if samples < need:
+                raise InvalidInputError(
+                    f"quantile intervals at {level:g} need samples >= {need} (got {samples}); "
+                    f"ask for samples={need} or a lower confidence"
+                )
+    return "quantile"
+
+
 class ServedModel:
     """Everything needed to answer requests for one bundle version."""
 
@@ -135,7 +178,8 @@ class ServedModel:
             return
         if p.samples < 2:
             raise InvalidInputError(f"samples must be at least 2 for MC dropout, got {p.samples}")
-        if p.interval == "quantile":
+        # A classifier drops the levels its samples cannot reach, with a warning (summarize).
+        if p.interval == "quantile" and self.manifest.task == "regression":
             for level in p.confidence:
                 need = min_samples_for_quantile(level)
                 if p.samples < need:
@@ -163,10 +207,14 @@ class ServedModel:
         warnings: list[str] = []
         if self.manifest.task == "classification":
             levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
-            if len(levels) < len(p.confidence):
+            dropped = [
+                f"{c:g} (needs samples >= {min_samples_for_quantile(c)})"
+                for c in p.confidence
+                if c not in levels
+            ]
+            if dropped:
                 warnings.append(
-                    "per-class intervals omitted for levels that need more samples "
-                    f"(2/alpha); got samples={p.samples}"
+                    f"per-class intervals omitted at {', '.join(dropped)}; got samples={p.samples}"
                 )
             clf = summarize_classification(samples, levels=levels, temperature=cal.temperature)
             if cal.calibrated:
@@ -196,7 +244,7 @@ class ServedModel:
             seed=req.seed,
             summary=summary,
             warnings=warnings,
-            referral=cal.referral(summary, req.x),
+            referral=cal.referral(summary, req.x, p.confidence[0]),
         )
 
     def deterministic(self, x: np.ndarray) -> Prediction:

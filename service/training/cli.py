@@ -10,7 +10,11 @@ target's units, so clients send raw feature values and get answers in the target
 The bundle's hard `valid_ranges` are deliberately generous: [min - 10 w, max + 10 w] over the
 training rows, w = max - min (w = max(|value|, 1) for a constant column). They catch garbage
 (a wrong unit, a typo), not extrapolation; that is what `training_ranges` ([min, max] over the
-training rows) and the referral policy's `extrapolation` flag are for. The bundle (version
+training rows) and the referral policy's `extrapolation` flag are for.
+
+A classifier's classes are ordered as `--labels` lists them, else numeric labels by value and
+other labels sorted as text (scikit-learn's order); the order is printed, since /v1's
+probabilities and OIP's `label` index follow it. The bundle (version
 `--version`) is then calibrated exactly as `python -m service calibrate` would be, on the
 calibration rows, into the next version, whose path is printed.
 """
@@ -55,10 +59,38 @@ class Table:
     feature_names: list[str]
     x: np.ndarray  # [N, F]
     y: np.ndarray  # [N] float64 (regression) or int64 label indices
-    labels: list[str] | None  # classification: sorted as strings
+    labels: list[str] | None  # classification: in `label_order`'s order
 
 
-def read_table(path: Path, target: str, task: str) -> Table:
+def _number(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def label_order(values: list[str], given: list[str] | None, path: Path, target: str) -> list[str]:
+    """The classes in output order: ``given`` (``--labels``) if set, else numeric labels by
+    value (1, 2, 10, not "1", "10", "2") and any others sorted as text (scikit-learn's order)."""
+    seen = set(values)
+    if given is not None:
+        if len(set(given)) != len(given):
+            raise InvalidInputError(f"--labels {given}: a label is repeated")
+        extra = sorted(seen - set(given))
+        if extra:
+            raise InvalidInputError(
+                f"{path}: the target {target!r} has labels {extra} that --labels {given} "
+                "does not list; list every class once, in the order you want"
+            )
+        return list(given)
+    nums = {v: _number(v) for v in seen}
+    if all(n is not None for n in nums.values()):
+        return sorted(seen, key=lambda v: (cast(float, nums[v]), v))
+    return sorted(seen)
+
+
+def read_table(path: Path, target: str, task: str, labels_given: list[str] | None = None) -> Table:
     """Read a CSV with a header: numeric feature columns plus the target column."""
     raw = path.read_bytes()
     rows = [r for r in csv.reader(raw.decode("utf-8-sig").splitlines()) if r]
@@ -101,7 +133,7 @@ def read_table(path: Path, target: str, task: str) -> Table:
                 )
     values = [r[t_col].strip() for r in body]
     if task == "classification":
-        labels = sorted(set(values))
+        labels = label_order(values, labels_given, path, target)
         if len(labels) < 2:
             raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
         index = {v: k for k, v in enumerate(labels)}
@@ -256,6 +288,13 @@ def train(
     seed: Annotated[int, typer.Option(help="split, training and mask seed")] = 0,
     epochs: Annotated[int, typer.Option(help="training epochs per configuration")] = 400,
     progress: Annotated[bool, typer.Option(help="show training progress")] = False,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="classification: the classes in output order, comma separated, e.g. "
+            "low,medium,high (default: numeric labels by value, others sorted as text)"
+        ),
+    ] = None,
 ) -> None:
     """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
     from service.calibration.recalibration import calibrate_bundle
@@ -274,15 +313,23 @@ def train(
         raise fail(f"--task {task!r}: use regression or classification")
     if epochs < 1:
         raise fail("--epochs must be >= 1")
+    if labels is not None and task != "classification":
+        raise fail("--labels is for --task classification; a regressor has no classes")
+    given = [v.strip() for v in labels.split(",")] if labels is not None else None
+    if given is not None and (len(given) < 2 or "" in given):
+        raise fail(f"--labels {labels!r}: give two or more class labels, comma separated")
     kind = cast(Literal["regression", "classification"], task)
     bundle_name = name if name is not None else default_name(data)
     if not _NAME.match(bundle_name):
         raise fail(f"--name {bundle_name!r}: use lowercase letters, digits, '.', '_' or '-'")
     try:
-        table = read_table(data, target, task)
+        table = read_table(data, target, task, given)
         tr, cal = split(len(table.x), seed)
         if task == "classification":
             assert table.labels is not None
+            # Stated, since /v1's probabilities and OIP's `label` index follow this order.
+            how = "as --labels gives" if given is not None else "set it with --labels"
+            typer.echo(f"classes in output order: {table.labels} ({how})", err=True)
             absent = sorted(set(range(len(table.labels))) - set(table.y[tr].tolist()))
             if absent:
                 missing = [table.labels[k] for k in absent]

@@ -71,14 +71,34 @@ async def test_mixed_api_paths_are_not_routes(client: httpx.AsyncClient) -> None
         assert r.status_code in (404, 405), (path, r.status_code)
 
 
-async def test_other_content_types_go_to_fastapi(
+async def test_another_content_type_is_415_naming_json(
     client: httpx.AsyncClient, counted: list[str]
 ) -> None:
-    r = await client.post(
-        "/v1/models/clf:predict", content=b"{}", headers={"content-type": "text/plain"}
-    )
-    assert counted == ["/v1/models/clf:predict"]
-    assert r.status_code == 422
+    body = b'{"instances": [[0.1, 0.2, 0.3, 0.4]]}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):  # curl -d sends the second
+        r = await client.post(
+            "/v1/models/clf:predict", content=body, headers={"content-type": kind}
+        )
+        assert r.status_code == 415, r.text  # was 422 "body: Input should be a valid dictionary"
+        assert r.json()["error"] == (
+            f"Content-Type {kind!r} is not read here; send the body as JSON with "
+            "Content-Type: application/json"
+        )
+    assert counted == []  # answered by the front door
+    # No content type is read as JSON, as FastAPI reads it.
+    assert (await client.post("/v1/models/clf:predict", content=body)).status_code == 200
+
+
+async def test_other_methods_on_prediction_routes_are_405(client: httpx.AsyncClient) -> None:
+    for path in (
+        "/v1/models/clf:predict",
+        "/v1/models/nope/versions/1:predict",
+        "/v2/models/clf/infer",
+    ):
+        r = await client.get(path)
+        assert r.status_code == 405, r.text  # /v1 was 404 "model 'clf:predict' is not loaded"
+        assert r.headers["allow"] == "POST"
+        assert r.json()["error"] == f"method GET is not allowed on {path}; send POST"
 
 
 async def test_metrics_name_the_route_template(client: httpx.AsyncClient) -> None:

@@ -106,6 +106,61 @@ async def test_predict_regression(client: httpx.AsyncClient) -> None:
     assert iv["lower"] < p["mean"] < iv["upper"]
 
 
+async def test_classifier_intervals_are_honoured_or_refused(client: httpx.AsyncClient) -> None:
+    # The metadata's default is the one a classifier answers with (it said gaussian).
+    assert (await client.get("/v1/models/clf")).json()["defaults"]["interval"] == "quantile"
+    url = "/v1/models/clf:predict"
+    r = await client.post(url, json={"instances": [ROW], "parameters": {"interval": "gaussian"}})
+    assert r.status_code == 422  # was 200 with "method": "quantile"
+    assert r.json()["error"].startswith("interval=gaussian is for regressors: a classifier's")
+    # Not asked for by name, a level the samples cannot reach is dropped, and the warning says
+    # which level and how many samples it needs.
+    body = {"instances": [ROW], "parameters": {"samples": 100, "confidence": [0.9, 0.99]}}
+    r = await client.post(url, json=body)
+    assert r.status_code == 200, r.text
+    assert [iv["level"] for iv in r.json()["predictions"][0]["intervals"]["red"]] == [0.9]
+    assert [iv["method"] for iv in r.json()["predictions"][0]["intervals"]["red"]] == ["quantile"]
+    assert r.json()["warnings"] == [
+        "per-class intervals omitted at 0.99 (needs samples >= 200); got samples=100"
+    ]
+    body["parameters"]["samples"] = 200
+    r = await client.post(url, json=body)
+    assert r.status_code == 200 and r.json()["warnings"] == []
+
+
+async def test_one_rule_for_numbers_in_strings(client: httpx.AsyncClient) -> None:
+    # "59" was taken as 59 in an instance but refused as a parameter; null was "NaN"; an object
+    # value gave no feature name. Numbers in strings are refused everywhere now.
+    url = "/v1/models/clf:predict"
+    named = {"f0": 0.1, "f1": "0.2", "f2": 0.3, "f3": 0.4}
+    cases = [
+        (
+            [named],
+            {},
+            "instance 0, feature 'f1': the string '0.2' is not a number; send numbers unquoted",
+        ),
+        (
+            [{**named, "f1": None}],
+            {},
+            "instance 0, feature 'f1': null is not a number; send a value",
+        ),
+        (
+            [[0.1, None, 0.3, 0.4]],
+            {},
+            "instance 0, feature 'f1': null is not a number; send a value",
+        ),
+        ([{**named, "f1": {"v": 1}}], {}, "instance 0, feature 'f1': dict is not a number"),
+    ]
+    for instances, params, message in cases:
+        r = await client.post(url, json={"instances": instances, "parameters": params})
+        assert r.status_code == 422 and r.json()["error"] == message, r.text
+    for params in ({"confidence": "0.9"}, {"confidence": ["0.9"]}, {"timeout_ms": "50"}):
+        r = await client.post(url, json={"instances": [ROW], "parameters": params})
+        assert r.status_code == 422, (params, r.text)
+        (key,) = params
+        assert f"parameters.{key}" in r.json()["error"]
+
+
 async def test_deterministic_mode(client: httpx.AsyncClient) -> None:
     body = {"instances": [ROW], "parameters": {"mode": "deterministic"}}
     out = (await client.post("/v1/models/clf:predict", json=body)).json()
@@ -137,8 +192,16 @@ BAD = [
         422,
         "instance 0: unknown ['zz'] feature(s); expected exactly ['f0', 'f1', 'f2', 'f3']",
     ),
-    ({"instances": [[1, 2, "x", 4]]}, 422, "instance 0 is not an array of numbers of shape [4]"),
-    ({"instances": [[1, 2, True, 4]]}, 422, "inputs must be numbers; true/false are not accepted"),
+    (
+        {"instances": [[1, 2, "x", 4]]},
+        422,
+        "instance 0, feature 'f2': the string 'x' is not a number; send numbers unquoted",
+    ),
+    (
+        {"instances": [[1, 2, True, 4]]},
+        422,
+        "instance 0, feature 'f2': true/false are not accepted; send a number",
+    ),
     (
         {"instances": [ROW, [1, 2, 3, 11]]},
         422,
@@ -195,14 +258,15 @@ BAD = [
     (
         {"instances": [ROW], "parameters": {"interval": "quantile", "confidence": 0.99}},
         422,
-        "quantile intervals at 0.99 need samples >= 200 (got 100); ask for more samples or use "
-        "interval=gaussian",
+        "quantile intervals at 0.99 need samples >= 200 (got 100); ask for samples=200 or a "
+        "lower confidence",
     ),
     (
         {"instances": [ROW], "parameters": {"interval": "conformal"}},
         422,
-        "interval=conformal needs a calibrated bundle; this one is not calibrated (use gaussian or "
-        "quantile)",
+        "interval=conformal is for regressors: a classifier's per-class intervals are quantiles "
+        "of its class probabilities over the passes (interval=quantile, the default); its "
+        "conformal answer is the prediction_set, which a calibrated classifier always gives",
     ),
     (
         {"instances": [ROW] * 51},

@@ -7,6 +7,7 @@ import math
 from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
 import pytest
 import pytest_asyncio
 from calib_repo import CAL_SAMPLES, Repo
@@ -72,7 +73,7 @@ async def test_fewer_passes_than_calibration_warns(client: httpx.AsyncClient) ->
         f"calibration; this request used 10 (ask for samples >= {CAL_SAMPLES})"
     ]
     assert out["predictions"][0]["intervals"][0]["method"] == "conformal"
-    clf = await predict(client, "clf", [CLF_ROW], samples=10, seed=1, confidence=0.8)
+    clf = await predict(client, "clf", [CLF_ROW], samples=10, seed=1, confidence=0.5)
     assert any("prediction sets: the coverage guarantee assumes" in w for w in clf["warnings"])
 
 
@@ -124,13 +125,36 @@ async def test_referral_reasons_in_the_answer(client: httpx.AsyncClient) -> None
     assert r.status_code == 422  # the hard valid range is still a refusal, not a referral
 
 
+async def test_set_and_referral_read_the_same_level(calibrated: Repo) -> None:
+    # They read the policy's 95 % set while showing the 50 % one: "the 95 % prediction set is
+    # empty" next to a set of one label. Now both read the request's first level.
+    most = 1  # refer any ambiguous set, so that both kinds of answer occur
+    app = create_app(Settings(model_dir=calibrated.root, referral={"clf": {"max_set_size": most}}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/v1/models/clf")).json()["referral"]["level"] == 0.95
+            rows = np.random.default_rng(0).uniform(-2.5, 2.5, size=(40, 4)).round(3).tolist()
+            out = await predict(client, "clf", rows, samples=CAL_SAMPLES, seed=5, confidence=0.5)
+    fired = 0
+    for p in out["predictions"]:
+        shown, ref = p["prediction_set"], p["referral"]
+        assert shown["level"] == 0.5
+        n = len(shown["labels"])
+        assert ("prediction_set" in ref["triggers"]) == (n == 0 or n > most), p
+        set_reasons = [r for r in ref["reasons"] if "prediction set" in r]
+        assert all(r.startswith("the 50 % prediction set") for r in set_reasons)
+        fired += bool(set_reasons)
+    assert 0 < fired < len(rows)  # both kinds of answer were checked
+
+
 async def test_metadata_reports_calibration(client: httpx.AsyncClient) -> None:
     meta = (await client.get("/v1/models/clf")).json()
     cal = meta["calibration"]
     assert cal["calibrated"] is True and cal["method"] == "split-conformal"
     assert (cal["n"], cal["samples"]) == (60, CAL_SAMPLES) and cal["temperature"] > 0
     assert cal["source"]["version"] == "1"
-    assert meta["referral"]["max_set_size"] == 1
+    assert meta["referral"]["max_set_size"] == 3  # of 3 labels: the empty set refers
     reg = (await client.get("/v1/models/reg")).json()
     assert reg["calibration"]["temperature"] is None
     assert reg["defaults"]["interval"] == "conformal"

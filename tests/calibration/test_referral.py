@@ -8,7 +8,13 @@ from calib_repo import Repo
 
 from service.bundle import load_bundle
 from service.bundle.manifest import InputSpec, ReferralPolicy
-from service.calibration.referral import assess, outside_training, relative_width, with_overrides
+from service.calibration.referral import (
+    assess,
+    budget_threshold,
+    outside_training,
+    relative_width,
+    with_overrides,
+)
 from service.engine.model import PredictParams, ServedModel
 from service.errors import BundleError
 
@@ -122,7 +128,9 @@ def test_served_model_applies_policy_and_settings_override(calibrated: Repo) -> 
     bundle = load_bundle(calibrated.root / "reg" / "2")
     policy = bundle.manifest.referral
     assert policy is not None and policy.epistemic is not None and policy.relative_width
-    assert "90th percentile over the 60 calibration rows" in (policy.derived_from or "")
+    assert "together refer 10 % (100 - percentile 90) of the 60 calibration rows" in (
+        policy.derived_from or ""
+    )
     x = np.array([[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]], dtype=np.float32)
     params = PredictParams(samples=50, confidence=(0.9,), seed=1)
     pred = ServedModel(bundle).predict(x, params)
@@ -136,3 +144,15 @@ def test_served_model_applies_policy_and_settings_override(calibrated: Repo) -> 
     assert pred.referral.extrapolation.tolist() == [False, True]
     with pytest.raises(BundleError, match="referral override for 'reg' is invalid"):
         ServedModel(bundle, referral_overrides={"reg": {"max_set_size": 0}})
+
+
+def test_budget_threshold_adds_the_highest_scores_the_others_leave() -> None:
+    scores = np.arange(10.0)  # 0..9
+    others = np.zeros(10, dtype=bool)
+    t = budget_threshold(scores, others, 0.3)
+    assert t == 6.0 and list(np.flatnonzero(scores > t)) == [7, 8, 9]
+    others[[9, 0]] = True  # rows 9 and 0 referred already: one more, the highest left
+    t = budget_threshold(scores, others, 0.3)
+    assert list(np.flatnonzero((scores > t) & ~others)) == [8]
+    others[[1, 2]] = True  # the others already refer 4 of 10: this trigger adds none
+    assert budget_threshold(scores, others, 0.3) == 9.0

@@ -31,11 +31,15 @@ def first_instance(name: str) -> str:
 def test_models_lists_the_bundled_models() -> None:
     result = runner.invoke(app, ["models", "--model-dir", str(MODELS)])
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    found = [tuple(line.split()[:2]) for line in lines]
-    # Version 1 as built, version 2 its calibrated copy (python -m service calibrate).
-    assert found == [(n, v) for n in ("breast-cancer", "diabetes", "digits") for v in ("1", "2")]
+    header, *lines = result.output.strip().splitlines()
+    assert header.split() == ["MODEL", "VERSION", "SERVED", "STATUS", "TASK", "DIGEST"]
+    found = [tuple(line.split()[:3]) for line in lines]
+    # Version 1 as built, version 2 its calibrated copy (python -m service calibrate), which is
+    # the one a request without a version gets.
+    names = ("breast-cancer", "diabetes", "digits")
+    assert found == [t for n in names for t in ((n, "1", "ready"), (n, "2", "*"))]
     assert all(" ready " in line for line in lines)
+    assert [line.index("ready") for line in lines] == [header.index("STATUS")] * len(lines)
 
 
 def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
@@ -45,10 +49,10 @@ def test_models_reports_a_broken_bundle(tmp_path: Path) -> None:
     (repo / "digits" / "1" / "weights.safetensors").write_bytes(b"broken")
     result = runner.invoke(app, ["models", "--model-dir", str(repo)])
     assert result.exit_code == 2
-    assert "diabetes         1      ready" in result.output
-    assert "diabetes         2      ready" in result.output
-    assert "digits           1      FAILED" in result.output
-    assert "digits           2      ready" in result.output  # the calibrated copy is intact
+    assert "diabetes         1               ready" in result.output
+    assert "diabetes         2        *      ready" in result.output
+    assert "digits           1               FAILED" in result.output
+    assert "digits           2        *      ready" in result.output  # the calibrated copy
     assert "weights.safetensors: sha256 does not match the manifest (tampered?)" in result.output
 
 
@@ -151,3 +155,49 @@ def test_package_from_factory_and_weights(tmp_path: Path, monkeypatch: pytest.Mo
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert "the model has no dropout layer with p > 0" in result.output
+
+
+def test_package_sets_units_and_training_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    from service.bundle import load_bundle
+
+    (tmp_path / "my_nets.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_nets
+
+    model = my_nets.build()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "w.safetensors")
+    (tmp_path / "training.json").write_text("[[0, 1], [2, 3], [4, 5]]")
+    base = ["package", "my_nets:build", "--weights", "w.safetensors", "--input-shape", "3"]
+    base += ["--task", "classification", "--labels", "no,yes", "--intended-use", "a test"]
+    base += ["--name", "mine", "--out", str(tmp_path / "repo")]
+    result = runner.invoke(
+        app,
+        [
+            *base,
+            "--version",
+            "1",
+            "--feature-names",
+            "a,b,c",
+            "--units",
+            "mg/dL,,years",
+            "--valid-ranges",
+            "[[-10, 10], [-20, 20], [-30, 30]]",
+            "--training-ranges",
+            "training.json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = load_bundle(tmp_path / "repo" / "mine" / "1").manifest.inputs
+    assert spec.units == ["mg/dL", None, "years"]
+    assert spec.training_ranges == [(0, 1), (2, 3), (4, 5)]
+    result = runner.invoke(app, [*base, "--version", "2", "--training-ranges", "[[0, 1], [2]]"])
+    assert result.exit_code == 2
+    assert "--training-ranges: give a JSON list with one [lo, hi] per feature" in result.output
+    # The help keeps its example: typer's Rich markup had taken "[lo, hi]" for a tag.
+    result = runner.invoke(app, ["package", "--help"], env={"COLUMNS": "300"})
+    assert "JSON list of [lo, hi] per feature, e.g. '[[0, 120], [0, 1]]'" in result.output

@@ -49,3 +49,30 @@ def test_non_finite_refused_even_with_unbounded_ranges(bad: float) -> None:
         x = [[0.5, bad]] if flat_spec is FLAT else [[[0, 0, 0], [0, 0, bad]]]
         with pytest.raises(InvalidInputError, match="NaN and Infinity"):
             to_array(x, flat_spec, 10)
+
+
+def test_image_models_take_their_feature_names_and_flat_rows() -> None:
+    # digits lists px0..px63 as its feature names (its CSVs use them) but refused both forms.
+    from pathlib import Path
+
+    from service.bundle.manifest import Manifest
+
+    root = Path(__file__).resolve().parents[2]
+    spec = Manifest.model_validate_json(
+        (root / "models/digits/1/manifest.json").read_bytes()
+    ).inputs
+    assert spec.shape == [1, 8, 8] and spec.feature_names == [f"px{k}" for k in range(64)]
+    flat = [float(k % 17) for k in range(64)]
+    nested = [[flat[r * 8 : r * 8 + 8] for r in range(8)]]  # row-major, as in the CSVs
+    want = to_array([nested], spec, 10)
+    keyed = dict(zip(spec.feature_names, flat, strict=True))
+    np.testing.assert_array_equal(to_array([keyed], spec, 10), want)
+    np.testing.assert_array_equal(to_array([flat, flat], spec, 10), np.concatenate([want, want]))
+    with pytest.raises(InvalidInputError) as err:
+        to_array([flat[:63]], spec, 10)
+    assert err.value.message == (
+        "instance 0 has shape [63], expected [1, 8, 8] (or a flat list of 64 numbers, row-major "
+        "or an object keyed by its feature names)"
+    )
+    unnamed = InputSpec(shape=[2, 3], value_range=(0.0, 16.0))
+    assert to_array([[1, 2, 3, 4, 5, 6]], unnamed, 10).tolist() == [[[1, 2, 3], [4, 5, 6]]]

@@ -59,5 +59,5 @@ async def test_classifier_with_fewer_passes_than_any_interval_needs(
     (p,) = r.json()["predictions"]
     assert all(ivs == [] for ivs in p["intervals"].values())
     assert r.json()["warnings"] == [
-        "per-class intervals omitted for levels that need more samples (2/alpha); got samples=10"
+        "per-class intervals omitted at 0.95 (needs samples >= 40); got samples=10"
     ]

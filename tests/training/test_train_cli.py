@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,3 +135,105 @@ def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "column 'a': 'x' is not a number" in res.output
     assert not (tmp_path / "repo").exists()
+
+
+def _labelled_csv(path: Path, names: list[str]) -> Path:
+    """Class k (0-based, in `names`' order) where feature a falls in the k-th equal slice."""
+    x = _features(5)
+    k = np.minimum(((x[:, 0] + 1) / 2 * len(names)).astype(int), len(names) - 1)
+    return _write(path, ["a", "b", "c", "y"], x, [names[int(i)] for i in k])
+
+
+def _train_labels(data: Path, out: Path, *extra: str) -> Any:
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    return runner.invoke(
+        app, [*args, "--out", str(out), "--hidden", "8", "--epochs", "2", "--seed", "3", *extra]
+    )
+
+
+def test_numeric_labels_are_ordered_by_value(tmp_path: Path) -> None:
+    numbers = [str(k) for k in range(1, 13)]
+    res = _train_labels(_labelled_csv(tmp_path / "months.csv", numbers), tmp_path / "repo")
+    assert res.exit_code == 0, res.output
+    m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest
+    assert m.outputs.labels == numbers  # not '1', '10', '11', '12', '2', ...
+    assert f"classes in output order: {numbers}" in res.stderr
+
+
+async def test_labels_flag_sets_the_order(tmp_path: Path) -> None:
+    words = ["low", "medium", "high"]
+    data = _labelled_csv(tmp_path / "grades.csv", words)
+    res = _train_labels(data, tmp_path / "plain")
+    assert res.exit_code == 0, res.output
+    # Without --labels, words are sorted as text, and the output says so and how to change it.
+    assert "classes in output order: ['high', 'low', 'medium'] (set it with --labels)" in (
+        res.stderr
+    )
+    res = _train_labels(data, tmp_path / "repo", "--labels", "low,medium,high")
+    assert res.exit_code == 0, res.output
+    assert load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest.outputs.labels == words
+    pred = await _predict(tmp_path / "repo", "grades", {"a": 0.9, "b": 100.0, "c": 0.0})
+    assert list(pred["probabilities"]) == words
+    res = _train_labels(data, tmp_path / "bad", "--labels", "low,high")
+    assert res.exit_code == 2
+    assert "labels ['medium'] that --labels ['low', 'high'] does not list" in res.output
+    res = _train_labels(data, tmp_path / "bad", "--task", "regression", "--labels", "a,b")
+    assert res.exit_code == 2 and "--labels is for --task classification" in res.output
+
+
+def test_calibrate_and_evaluate_take_the_target_column(tmp_path: Path) -> None:
+    data = _regression_csv(tmp_path / "blood.csv")  # the target column is 'progress'
+    repo = tmp_path / "repo"
+    calibrated = _train(data, "progress", "regression", repo)
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(data.read_text().replace(",progress", ",y", 1))
+    cal = ["calibrate", str(repo / "blood" / "1"), "--out", str(repo), "--samples", "20"]
+    res = runner.invoke(app, [*cal, "--data", str(renamed), "--target", "y"])
+    assert res.exit_code == 0, res.output
+    assert "wrote " + str(repo / "blood" / "3") in res.stdout
+    res = runner.invoke(app, [*cal, "--data", str(renamed), "--target", "nope"])
+    assert res.exit_code == 2 and "no target column 'nope'" in res.output
+    # Without --target: 'target', else the name `train --target` recorded in the manifest.
+    ev = ["evaluate", str(calibrated), "--out", str(tmp_path / "report"), "--samples", "20"]
+    res = runner.invoke(app, [*ev, "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    warned = [w for w in res.stderr.splitlines() if w.startswith("warning: ")]
+    # The training CSV holds the bundle's training and calibration rows: one warning for each
+    # (the calibration rows were warned about twice, once per manifest section).
+    assert len(warned) == 2, warned
+    assert "60 of the 300 evaluation rows are among the bundle's calibration rows" in warned[1]
+
+
+def test_default_referral_refers_its_nominal_share_of_new_rows(tmp_path: Path) -> None:
+    # A user's own calibrated classifier referred 80.5 % of held-out rows under the default
+    # policy ("any ambiguous set" at 95 %, next to a 90th-percentile epistemic threshold). The
+    # triggers are now set jointly to refer 10 % of the calibration rows, so new rows from the
+    # same distribution are referred at about 10 %: 200 calibration rows put the rate's sd near
+    # sqrt(0.1 * 0.9 / 200) = 0.021, 1000 evaluation rows add 0.0095, so 3 sd is 0.07.
+    def rows(seed: int, n: int) -> tuple[np.ndarray, list[str]]:
+        x = np.random.default_rng(seed).uniform(-1, 1, size=(n, 3))
+        noisy = x[:, 0] + 0.5 * np.random.default_rng(seed + 1).normal(size=n)
+        return x, [
+            str(v) for v in np.where(noisy > 0.3, "high", np.where(noisy < -0.3, "low", "mid"))
+        ]
+
+    x, y = rows(10, 1000)
+    data = _write(tmp_path / "own.csv", ["a", "b", "c", "grade"], x, y)
+    args = ["train", "--data", str(data), "--target", "grade", "--task", "classification"]
+    res = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "repo"), "--hidden", "8", "--epochs", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    x, y = rows(20, 1000)
+    new = _write(tmp_path / "new.csv", ["a", "b", "c", "grade"], x, y)
+    out = tmp_path / "report"
+    ev = ["evaluate", str(tmp_path / "repo" / "own" / "2"), "--data", str(new), "--out", str(out)]
+    res = runner.invoke(app, [*ev, "--target", "grade"])
+    assert res.exit_code == 0, res.output
+    referral = json.loads((out / "report.json").read_text())["referral"]
+    assert 0.03 <= referral["rate"] <= 0.17, referral
+    policy = load_bundle(tmp_path / "repo" / "own" / "2").manifest.referral
+    assert policy is not None and policy.derived_from is not None
+    assert policy.derived_from.startswith(
+        "the triggers together refer 10 % (100 - percentile 90) of the 200"
+    )

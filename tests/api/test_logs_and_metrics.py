@@ -1,0 +1,115 @@
+"""What an operator reads: text and JSON log lines, the access line of an error, /metrics, the
+warnings of deterministic mode (issue 28, item 10)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.logs import JsonFormatter, TextFormatter
+
+ROW = [0.1, -0.2, 0.3, 0.4]
+
+
+def record(msg: str, **extra: Any) -> logging.LogRecord:
+    return logging.makeLogRecord(
+        {"name": "mcserve.access", "levelname": "INFO", "msg": msg, **extra}
+    )
+
+
+def test_text_lines_keep_the_fields() -> None:
+    line = TextFormatter().format(record("request", route="/v1/models/{name}:predict", status=422))
+    # It was "... INFO mcserve.access request": no route, status or time.
+    assert line.endswith('INFO mcserve.access request route="/v1/models/{name}:predict" status=422')
+
+
+def test_json_lines_drop_uvicorns_color_message() -> None:
+    colored = "Uvicorn running on \x1b[1mhttp://127.0.0.1:8080\x1b[0m"
+    line = JsonFormatter().format(
+        record("Uvicorn running on http://127.0.0.1:8080", color_message=colored)
+    )
+    assert "color_message" not in json.loads(line) and "\x1b" not in line
+
+
+@pytest.fixture
+def root_handlers() -> Iterator[None]:
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = saved, level
+
+
+def test_serve_installs_the_text_formatter(
+    root_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr("service.server.run", seen.append)  # not started: only the logging
+    res = CliRunner().invoke(cli, ["serve", "--port", "9"], env={"MCSERVE_LOG_FORMAT": "text"})
+    assert res.exit_code == 0, res.output
+    assert seen == [{"port": 9}]
+    (handler,) = logging.getLogger().handlers
+    assert isinstance(handler.formatter, TextFormatter)
+
+
+async def test_an_errors_access_line_says_why(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mcserve.access")
+    secret = 9.87654321
+    bad = [
+        ({"instances": [[secret, 0, 0]]}, "invalid_input"),
+        (
+            {"instances": [ROW], "parameters": {"samples": "200"}},
+            "invalid request: parameters.samples (int_type)",
+        ),
+    ]
+    for body, why in bad:
+        caplog.clear()
+        r = await client.post("/v1/models/clf:predict", json=body)
+        assert r.status_code == 422
+        (line,) = [rec for rec in caplog.records if rec.name == "mcserve.access"]
+        assert line.__dict__["error"] == why and line.__dict__["status"] == 422
+        assert "9.876" not in JsonFormatter().format(line)  # a kind, never the inputs
+    caplog.clear()
+    assert (
+        await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
+    ).status_code == 200
+    (line,) = [rec for rec in caplog.records if rec.name == "mcserve.access"]
+    assert "error" not in line.__dict__
+
+
+async def test_metrics_have_no_created_series(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
+    text = (await client.get("/metrics")).text
+    assert "mcserve_requests_total{" in text
+    assert "_created" not in text  # every counter and histogram had one
+
+
+async def test_deterministic_mode_says_what_it_ignores(client: httpx.AsyncClient) -> None:
+    params = {"mode": "deterministic", "samples": 50, "seed": 3, "confidence": 0.9}
+    out = (
+        await client.post("/v1/models/clf:predict", json={"instances": [ROW], "parameters": params})
+    ).json()
+    assert (
+        "mode=deterministic ignores samples, seed, confidence: dropout is off, one pass is run"
+        in out["warnings"]
+    )
+    v2 = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}],
+        "parameters": {"mode": "deterministic", "seed": 3},
+    }
+    r = await client.post("/v2/models/clf/infer", json=v2)
+    assert r.status_code == 200, r.text
+    assert "mode=deterministic ignores seed" in r.json()["parameters"]["warnings"]
+    plain = {"mode": "deterministic"}
+    out = (
+        await client.post("/v1/models/clf:predict", json={"instances": [ROW], "parameters": plain})
+    ).json()
+    assert not any("ignores" in w for w in out["warnings"])

@@ -35,7 +35,24 @@ def serve(
         }.items()
         if v is not None
     }
+    settings_or_exit(overrides)  # a wrong setting: one clear line, not a traceback
     run(overrides)
+
+
+def settings_or_exit(overrides: dict[str, Any]) -> None:
+    """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            typer.echo(f"error: invalid settings: {where + ': ' if where else ''}{msg}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("models")

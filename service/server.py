@@ -76,5 +76,7 @@ def run(overrides: dict[str, Any]) -> None:
         lifespan="on",
         log_config=None,  # our JSON handler, not uvicorn's
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        proxy_headers=bool(settings.forwarded_allow_ips),  # uvicorn would trust 127.0.0.1
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
     DrainingServer(config, settings).run()

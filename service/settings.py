@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.bundle.load import TrustPolicy
@@ -29,6 +31,15 @@ class CdsIssuer(BaseModel):
 
     jwks: dict[str, Any] | None = None  # {"keys": [...]}: public keys only
     jwks_file: Path | None = None
+
+
+# Said at start-up when CDS clients are authenticated but the URL they call is not configured.
+PUBLIC_BASE_URL_REQUIRED = (
+    "CDS issuers are configured (MCSERVE_CDS_ISSUERS) but MCSERVE_PUBLIC_BASE_URL is not set: "
+    "set it to the base URL the EHR calls, e.g. MCSERVE_PUBLIC_BASE_URL=https://cds.hospital.org "
+    "(a token's `aud` must be it plus /cds-services/<id>; the request's Host header is never "
+    "trusted for this)"
+)
 
 
 class Settings(BaseSettings):
@@ -108,7 +119,8 @@ class Settings(BaseSettings):
     )
     cds_issuers: dict[str, CdsIssuer] = Field(default_factory=dict)  # allowlisted JWT `iss`
     cds_require_jwt: bool = True  # False: no client authentication (development only)
-    public_base_url: str | None = None  # the URL clients call (JWT `aud`), e.g. behind an ingress
+    # The URL clients call (JWT `aud`), e.g. behind an ingress; required with cds_issuers.
+    public_base_url: str | None = None
     cds_jwt_leeway_s: float = Field(default=30.0, ge=0.0)  # clock skew allowed on exp/iat/nbf
     cds_jwt_max_lifetime_s: float = Field(default=3600.0, gt=0.0)  # exp - iat at most
     cds_jti_capacity: int = Field(default=100_000, ge=1)  # seen token ids kept per replica
@@ -117,9 +129,54 @@ class Settings(BaseSettings):
     cds_timeout_ms: float = Field(default=5000.0, gt=0.0)  # deadline of one hook call's compute
     fhir_version: Literal["R4B", "R5"] = "R4B"  # FHIR resources in cards and the native API
 
+    # Proxies whose X-Forwarded-For/-Proto headers are believed (IPs or CIDR ranges, "*": any).
+    # Empty: none. uvicorn's own default trusts 127.0.0.1, so any local process could claim
+    # another client address or scheme.
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
+
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
             allow_code_artifacts=self.allow_code_artifacts,
             max_artifact_bytes=self.max_artifact_bytes,
             pinned_digests=frozenset(self.pinned_digests),
         )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.query + parts.fragment
+        ):
+            raise ValueError(
+                f"{v!r} is not an absolute http(s) URL without query or fragment; "
+                "give the base URL clients call, e.g. https://cds.hospital.org"
+            )
+        return v
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address, a CIDR range or '*'; give the proxies' "
+                    """addresses, e.g. MCSERVE_FORWARDED_ALLOW_IPS='["10.0.0.0/8"]'"""
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _cds_audience(self) -> Settings:
+        # Without it `aud` would have to come from the request (Host, X-Forwarded-*), which the
+        # client chooses: a token issued for another service would pass.
+        if self.cds_require_jwt and self.cds_issuers and self.public_base_url is None:
+            raise ValueError(PUBLIC_BASE_URL_REQUIRED)
+        return self

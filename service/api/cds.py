@@ -38,10 +38,16 @@ from service.clinical.extraction import extract
 from service.clinical.hooks import FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Ledger, Record
 from service.clinical.mapping import wanted
-from service.clinical.trust import TokenRejected, TokenVerifier, bearer, load_keys
+from service.clinical.trust import (
+    TokenRejected,
+    TokenVerifier,
+    TrustConfigError,
+    bearer,
+    load_keys,
+)
 from service.engine.inputs import to_array
 from service.errors import UnauthorizedError
-from service.settings import Settings
+from service.settings import PUBLIC_BASE_URL_REQUIRED, Settings
 
 log = logging.getLogger("mcserve.cds")
 audit = logging.getLogger("mcserve.cds.audit")
@@ -96,6 +102,10 @@ def build(settings: Settings) -> Clinical:
         ledger=Ledger(settings.cds_card_capacity),
     )
     cds.verifier.clock = lambda: cds.clock()  # tests replace cds.clock
+    if settings.cds_require_jwt and issuers and settings.public_base_url is None:
+        # Settings refuse this already; a settings object built without validation must not
+        # start either (the audience would have nothing to come from).
+        raise TrustConfigError(PUBLIC_BASE_URL_REQUIRED)
     if not settings.cds_require_jwt:
         log.warning("CDS Hooks client authentication is OFF (cds_require_jwt=false)")
     elif not issuers:
@@ -152,21 +162,31 @@ def clinical(request: Request) -> Clinical:
     return cds
 
 
-def called_url(request: Request, settings: Settings) -> str:
-    """The URL the client called, as the JWT's `aud` must name it."""
-    base = settings.public_base_url or f"{request.url.scheme}://{request.url.netloc}"
-    return base.rstrip("/") + request.url.path
+def audiences(request: Request, settings: Settings, feedback: bool = False) -> list[str]:
+    """The `aud` values a token may name: the configured public URL plus the path called.
+
+    Never the request's Host or X-Forwarded-* headers: the client chooses those, so a token
+    issued for another service would pass. No public URL: no audience (every token refused).
+    """
+    if settings.public_base_url is None:
+        return []
+    url = settings.public_base_url.rstrip("/") + request.url.path
+    # Feedback: the feedback URL or the service's own URL (clients differ here).
+    return [url, url.removesuffix("/feedback")] if feedback else [url]
 
 
-def authenticate(request: Request, cds: Clinical, audiences: list[str]) -> None:
+def authenticate(request: Request, cds: Clinical, feedback: bool = False) -> None:
     if not cds.settings.cds_require_jwt:
         return
     token = bearer(request.headers.get("authorization"))
     if token is None:
         log.warning("CDS call refused", extra={"reason": "no bearer token"})
         raise UnauthorizedError("unauthorized")
+    allowed = audiences(request, cds.settings, feedback)
     try:
-        claims = cds.verifier.verify(token, audiences)
+        if not allowed:
+            raise TokenRejected("public_base_url is not set: no audience to check against")
+        claims = cds.verifier.verify(token, allowed)
     except TokenRejected as exc:
         log.warning("CDS call refused", extra={"reason": str(exc), "path": request.url.path})
         raise UnauthorizedError("unauthorized") from None
@@ -190,7 +210,7 @@ async def discovery(request: Request) -> Response:
 )
 async def call(service_id: ServiceId, request: Request) -> Response:
     cds, st = clinical(request), state(request)
-    authenticate(request, cds, [called_url(request, cds.settings)])
+    authenticate(request, cds)
     offered = cds.catalogue.find(service_id, st.registry)
     body = parse(HookRequest, await request.body())
     patient_id = body.patient_id(offered.service.hook)
@@ -266,9 +286,7 @@ async def call(service_id: ServiceId, request: Request) -> Response:
 )
 async def feedback(service_id: ServiceId, request: Request) -> Response:
     cds = clinical(request)
-    url = called_url(request, cds.settings)
-    # `aud` is the URL called; the service's own URL is accepted too (clients differ here).
-    authenticate(request, cds, [url, url.removesuffix("/feedback")])
+    authenticate(request, cds, feedback=True)
     cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
     body = parse(FeedbackRequest, await request.body())
     outcomes = cds.ledger.record(service_id, body.feedback)

@@ -8,7 +8,8 @@ A token is accepted only when all hold (any failure is one `TokenRejected`, answ
 2. `iss` is on the allowlist, and the signature verifies with one of that issuer's public keys
    (the key named by `kid`, else each key whose type fits; a key's own `alg`, when given,
    must equal the header's). `jku` is never fetched: the keys come from configuration only;
-3. `aud` is the URL called (one of `audiences`); `exp`, `iat` and `jti` are present;
+3. `aud` is the URL called (one of `audiences`: the configured public base URL plus the path,
+   never taken from the request's Host or X-Forwarded-* headers); `exp`, `iat`, `jti` present;
    not expired, not issued in the future, `exp - iat` within the maximum lifetime, `nbf`
    passed (each with a leeway for clock skew);
 4. `jti` was not seen before from that issuer. Seen ids are kept in memory, per replica, until

@@ -8,8 +8,11 @@ docs/CLINICAL.md):
   codes and status final, amended or corrected wins; its time is effectiveDateTime,
   effectiveInstant, effectivePeriod (end, else start), else `issued`. Dates without a time are
   read as midnight UTC.
+- Units are converted by UCUM (`service/clinical/ucum.py`): any unit commensurable with the
+  mapping's (mg/dl, g/L, mg/(100.mL) for mg/dL; [lb_av]/[in_i]2 for kg/m2), molar <-> mass with
+  the analyte's molar mass.
 - Missing data, a value older than the maximum age, a bound (`comparator`) instead of a value,
-  a unit not in the mapping's table, or a value the derivation cannot use: 412 with one
+  a unit that does not convert, or a value the derivation cannot use: 412 with one
   OperationOutcome issue per problem (`MissingDataError`).
 - Age: whole years at the hook's time (the server's clock when the call arrives: CDS Hooks
   requests carry no time); a partial birthDate is read as the middle of its period.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from service.clinical import ucum
 from service.clinical.mapping import PATIENT_KEY, UCUM, Code, Mapping, ObservationSource
 from service.errors import InvalidInputError, MissingDataError
 
@@ -269,18 +273,25 @@ class Reader:
             return
         system, code, shown = q.get("system"), q.get("code"), q.get("unit")
         unit = code if code is not None else shown if shown is not None else "1"
-        factor = src.units.get(unit) if system in (None, UCUM) or code is None else None
-        if factor is None or not math.isfinite(value):
-            accepted = ", ".join(repr(u) for u in src.units)
+        try:
+            if system not in (None, UCUM) and code is not None:
+                raise ucum.UnitError(f"{unit!r} of system {system} is not a UCUM code")
+            if not isinstance(unit, str):
+                raise ucum.UnitError(f"{unit!r} is not a unit code")
+            factor = src.factor(unit)
+        except ucum.UnitError as exc:
             self.issues.append(
                 _issue(
                     "code-invalid",
-                    f"{what}: {ref} has the unit {unit!r}"
-                    + (f" of system {system}" if system not in (None, UCUM) else "")
-                    + f", which is not known here (accepted UCUM units: {accepted})",
+                    f"{what}: {ref}: {exc}; the value must convert to {src.unit}",
                     src.title,
                     src.codes,
                 )
+            )
+            return
+        if not math.isfinite(value) or not math.isfinite(float(value) * factor):
+            self.issues.append(
+                _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
             )
             return
         sent = {

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.bundle.manifest import Manifest
+from service.clinical import ucum
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -53,15 +54,43 @@ class ObservationSource(Strict):
     title: str = Field(min_length=1)
     codes: list[Code] = Field(min_length=1)
     unit: str = Field(min_length=1)  # UCUM code of the value the model takes
-    # Accepted UCUM codes -> factor to `unit` (value x factor). An Observation whose quantity has
-    # no unit is read as "1" (dimensionless), accepted only where "1" is listed.
-    units: dict[str, float] = Field(min_length=1)
+    # Any UCUM unit commensurable with `unit` is converted (service/clinical/ucum.py); mass and
+    # substance concentrations into each other with `molar_mass` (g/mol). `units` lists exact
+    # codes with their own factor to `unit` (value x factor); a dimensionless `unit` (whose
+    # meaning is in its annotation, e.g. {a.u.}) accepts only those. An Observation whose
+    # quantity has no unit is read as "1".
+    units: dict[str, float] = Field(default_factory=dict)
+    molar_mass: float | None = Field(default=None, gt=0.0)
     max_age_days: float | None = Field(default=None, gt=0.0)  # default: the mapping's
     prefetch: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # key; def. name
+
+    @model_validator(mode="after")
+    def _units(self) -> ObservationSource:
+        try:
+            target = ucum.parse(self.unit)
+            for code in self.units:
+                ucum.parse(code)
+        except ucum.UnitError as exc:
+            raise ValueError(f"observation '{self.name}': {exc}") from None
+        if not target.dims and not self.units:
+            raise ValueError(
+                f"observation '{self.name}': the unit {self.unit!r} is dimensionless; list the "
+                "accepted codes in `units` (UCUM cannot tell one arbitrary scale from another)"
+            )
+        return self
 
     @property
     def key(self) -> str:
         return self.prefetch or self.name
+
+    def factor(self, unit: str) -> float:
+        """value x factor is in `self.unit`; UnitError says why a unit is refused."""
+        if unit in self.units:
+            return self.units[unit]
+        if not ucum.parse(self.unit).dims:
+            listed = ", ".join(repr(u) for u in self.units)
+            raise ucum.UnitError(f"{unit!r} is not one of the listed units ({listed})")
+        return ucum.factor(unit, self.unit, self.molar_mass)
 
 
 class Derived(Strict):

@@ -208,7 +208,7 @@ async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Sign
     assert {"system": LOINC, "code": "2085-9"}.items() <= issue["details"]["coding"][0].items()
     # Several problems at once: no patient, too old, unknown unit, no prefetch at all for glucose.
     t = now()
-    prefetch = diabetes_prefetch(t, tg=(129.0, "g/L"))
+    prefetch = diabetes_prefetch(t, tg=(129.0, "mg"))
     del prefetch["patient"]
     prefetch["bmi"] = searchset(
         observation("bmi-old", LOINC, "39156-5", 30.0, "kg/m2", t - timedelta(days=400))
@@ -221,7 +221,7 @@ async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Sign
     assert issues["Body mass index"]["code"] == "business-rule"
     assert "400 days old" in issues["Body mass index"]["diagnostics"]
     assert issues["Triglycerides"]["code"] == "code-invalid"
-    assert "'g/L'" in issues["Triglycerides"]["diagnostics"]
+    assert "'mg' cannot be converted to 'mg/dL'" in issues["Triglycerides"]["diagnostics"]
 
 
 async def test_bad_requests(ehr: httpx.AsyncClient, es384: Signer) -> None:

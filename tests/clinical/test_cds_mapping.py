@@ -131,10 +131,22 @@ def test_units() -> None:
     assert ex.used["tg"].value == pytest.approx(1.456 * 88.57)
     assert ex.used["tg"].given == "1.456 mmol/L"
     assert ex.used["glu"].value == pytest.approx(4.83 * 18.016)
-    for bad in [(129.0, "mg/dl"), (129.0, "g/L"), (129.0, None)]:
+    # Units as EHRs write them are converted by UCUM, not matched as strings (issue 24).
+    for given in [(129.0, "mg/dl"), (1.29, "g/L"), (129.0, "mg/(100.mL)"), (1290.0, "mg/L")]:
+        ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=given), NOW)
+        assert ex.used["tg"].value == pytest.approx(129.0), given
+    # BMI in pounds per square inch: 0.0456 x 0.45359237 kg / 0.0254**2 m2 = 32.06 kg/m2.
+    ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, bmi=(0.0456, "[lb_av]/[in_i]2")), NOW)
+    assert ex.used["bmi"].value == pytest.approx(0.0456 * 703.0695796)
+    # 13.5 kPa = 13.5 / 0.133322 mm[Hg] = 101.26 mm[Hg].
+    ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, bp=(13.5, "kPa")), NOW)
+    assert ex.used["bp"].value == pytest.approx(13.5 / 0.133322)
+    for bad in [(129.0, "mg"), (129.0, None), (129.0, "Cel"), (129.0, "10*9/L"), (1.0, "mg/dX")]:
         with pytest.raises(MissingDataError) as exc:
             extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=bad), NOW)
-        assert issues(exc)["Triglycerides"]["code"] == "code-invalid"
+        issue = issues(exc)["Triglycerides"]
+        assert issue["code"] == "code-invalid", bad
+        assert "must convert to mg/dL" in issue["diagnostics"]
     prefetch = diabetes_prefetch(NOW)
     q = prefetch["tg"]["entry"][0]["resource"]["valueQuantity"]
     q["system"] = "http://example.org/units"
@@ -199,6 +211,13 @@ def test_mapping_validation() -> None:
         )
     with pytest.raises(MappingError, match="administrative"):
         parse(raw | {"patient": {**raw["patient"], "gender_codes": {"m": 1}}}, "test")
+    obs = raw["observations"]
+    wrong_unit = [obs[0] | {"unit": "kg/m^2"}, *obs[1:]]
+    with pytest.raises(MappingError, match="not a UCUM unit"):
+        parse(raw | {"observations": wrong_unit}, "test")
+    dimensionless = [obs[0] | {"unit": "{a.u.}"}, *obs[1:]]
+    with pytest.raises(MappingError, match="dimensionless"):
+        parse(raw | {"observations": dimensionless}, "test")
     with pytest.raises(MappingError, match="used by"):
         Catalogue({"a": parse(raw, "a"), "b": parse(raw | {"model": "b"}, "b")})
 

@@ -28,10 +28,16 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from service.clinical import ucum
-from service.clinical.mapping import PATIENT_KEY, UCUM, Code, Mapping, ObservationSource
+from service.clinical.mapping import (
+    PATIENT_KEY,
+    STATUSES,
+    UCUM,
+    Code,
+    Mapping,
+    ObservationSource,
+)
 from service.errors import InvalidInputError, MissingDataError
 
-STATUSES = ("final", "amended", "corrected")
 Json = dict[str, Any]
 
 

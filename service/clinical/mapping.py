@@ -24,6 +24,7 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 Hook = Literal["patient-view", "order-select"]
 PATIENT_KEY = "patient"
+STATUSES = ("final", "amended", "corrected")  # the Observation statuses read
 
 
 class Strict(BaseModel):
@@ -212,10 +213,11 @@ class Mapping(Strict):
         for key, sources in groups.items():
             codes = ",".join(f"{c.system}|{c.code}" for s in sources for c in s.codes)
             # Sorted newest first, as many as there are concepts under the key: the latest of each
-            # when they were measured together (a panel), the latest of one otherwise.
+            # when they were measured together (a panel), the latest of one otherwise. Final
+            # results only: unfiltered, a newer preliminary result would be the one sent.
             out[key] = (
                 f"Observation?patient={{{{context.patientId}}}}&code={codes}"
-                f"&_sort=-date&_count={len(sources)}"
+                f"&status={','.join(STATUSES)}&_sort=-date&_count={len(sources)}"
             )
         return out
 

@@ -77,7 +77,7 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
     assert diab["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     assert diab["prefetch"]["hdl"] == (
         "Observation?patient={{context.patientId}}&code=http://loinc.org|2085-9,"
-        "http://loinc.org|14646-4&_sort=-date&_count=1"
+        "http://loinc.org|14646-4&status=final,amended,corrected&_sort=-date&_count=1"
     )
     assert services["diabetes-progression-order-select"]["hook"] == "order-select"
     cyto = services["breast-mass-malignancy"]["prefetch"]

@@ -218,7 +218,8 @@ class Reader:
                     p.gender, "sex", code, unit, None, ex.patient, "gender", f"gender {gender}"
                 )
 
-    def observation(self, src: ObservationSource, found: list[Json], ex: Extraction) -> None:
+    def observation(self, src: ObservationSource, found: list[Json], ex: Extraction) -> Json | None:
+        """Read `src` into `ex.used`, or the issue saying why it could not be."""
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
         latest: tuple[datetime, str, Json, Json] | None = None
@@ -239,44 +240,34 @@ class Reader:
             if latest is None or t > latest[0]:
                 latest = (t, raw, obs, holders[0])
         if latest is None:
-            self.issues.append(
-                _issue("required", f"{what}: no final result was prefetched", src.title, src.codes)
+            return _issue(
+                "required", f"{what}: no final result was prefetched", src.title, src.codes
             )
-            return
         t, raw, obs, holder = latest
         ref = f"Observation/{obs.get('id', '?')}"
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0
         if age_days > limit:
-            self.issues.append(
-                _issue(
-                    "business-rule",
-                    f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
-                    f"the maximum is {limit:g} days",
-                    src.title,
-                    src.codes,
-                )
+            return _issue(
+                "business-rule",
+                f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
+                f"the maximum is {limit:g} days",
+                src.title,
+                src.codes,
             )
-            return
         q = holder.get("valueQuantity")
         value = q.get("value") if isinstance(q, dict) else None
         if not isinstance(q, dict) or isinstance(value, bool) or not isinstance(value, int | float):
-            self.issues.append(
-                _issue(
-                    "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
-                )
+            return _issue(
+                "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
             )
-            return
         if q.get("comparator"):
-            self.issues.append(
-                _issue(
-                    "value",
-                    f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
-                    src.title,
-                    src.codes,
-                )
+            return _issue(
+                "value",
+                f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
+                src.title,
+                src.codes,
             )
-            return
         system, code, shown = q.get("system"), q.get("code"), q.get("unit")
         unit = code if code is not None else shown if shown is not None else "1"
         try:
@@ -286,20 +277,14 @@ class Reader:
                 raise ucum.UnitError(f"{unit!r} is not a unit code")
             factor = src.factor(unit)
         except ucum.UnitError as exc:
-            self.issues.append(
-                _issue(
-                    "code-invalid",
-                    f"{what}: {ref}: {exc}; the value must convert to {src.unit}",
-                    src.title,
-                    src.codes,
-                )
+            return _issue(
+                "code-invalid",
+                f"{what}: {ref}: {exc}; the value must convert to {src.unit}",
+                src.title,
+                src.codes,
             )
-            return
         if not math.isfinite(value) or not math.isfinite(float(value) * factor):
-            self.issues.append(
-                _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
-            )
-            return
+            return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
         sent = {
             (c.get("system"), c.get("code"))
             for c in holder["code"].get("coding", [])
@@ -309,6 +294,55 @@ class Reader:
         converted = float(value) * factor
         given = None if unit == src.unit else f"{_num(float(value))} {unit}"
         ex.used[src.name] = Used(src.name, src.title, converted, src.unit, raw, ref, label, given)
+        return None
+
+    def observations(self, found: list[Json], ex: Extraction) -> None:
+        """Every observation source; where one fails, its fallback (mean arterial pressure from
+        systolic and diastolic, BMI from weight and height) before its issue counts."""
+        sources = self.mapping.observations
+        pending = {}
+        for src in sources:
+            issue = self.observation(src, found, ex)
+            if issue is not None:
+                pending[src.name] = issue
+        for src in sources:
+            if src.name in pending and src.otherwise is not None:
+                issue = self.fallback(src, ex, pending.pop(src.name))
+                if issue is not None:
+                    pending[src.name] = issue
+        self.issues += [pending[s.name] for s in sources if s.name in pending and not s.optional]
+        # An optional quantity is shown (and is in the basis) only where a fallback used it.
+        used = {a for d in self.mapping.derived for a in d.args}
+        for s in sources:
+            if s.otherwise is not None and s.name in ex.used and ex.used[s.name].formula:
+                used.update(s.otherwise.args)
+        for s in sources:
+            if s.optional and s.name not in used:
+                ex.used.pop(s.name, None)
+
+    def fallback(self, src: ObservationSource, ex: Extraction, issue: Json) -> Json | None:
+        """`src` derived from its fallback's arguments, or its issue saying why not either."""
+        fb = src.otherwise
+        assert fb is not None
+        a, b = (ex.used.get(n) for n in fb.args)
+        if a is None or b is None:
+            titles = " and ".join(
+                o.title
+                for o in self.mapping.observations
+                if o.name in fb.args and not ex.used.get(o.name)
+            )
+            issue["diagnostics"] += (
+                f"; nor could it be derived ({fb.formula()}): no usable {titles}"
+            )
+            return issue
+        fa, fb_ = self.mapping.fallback_factors(src)
+        x, y = a.value * fa, b.value * fb_
+        value = (x + 2 * y) / 3 if fb.op == "mean_arterial" else (x / (y * y) if y > 0 else None)
+        if value is None or not math.isfinite(value):
+            issue["diagnostics"] += f"; nor could it be derived ({fb.formula()}) from these values"
+            return issue
+        ex.used[src.name] = Used(src.name, src.title, value, src.unit, formula=fb.formula())
+        return None
 
     def derive(self, ex: Extraction) -> None:
         for d in self.mapping.derived:
@@ -353,8 +387,7 @@ def extract(
     ex = Extraction(patient=f"Patient/{patient_id}")
     reader = Reader(mapping, now, max_age_days)
     reader.patient([r for r in found if r.get("resourceType") == "Patient"], patient_id, ex)
-    for src in mapping.observations:
-        reader.observation(src, found, ex)
+    reader.observations(found, ex)
     reader.derive(ex)
     if reader.issues:
         names = "; ".join(i["details"]["text"] for i in reader.issues)

@@ -48,12 +48,32 @@ class Concept(Strict):
     coding: list[Code] = Field(default_factory=list)
 
 
+class Fallback(Strict):
+    """A standard derivation of a quantity from others, used when its own result is unusable.
+
+    `mean_arterial`: (systolic + 2 x diastolic) / 3; `bmi`: weight / height^2. The arguments are
+    observation sources (usually `optional`), converted to the quantity's unit by UCUM.
+    """
+
+    op: Literal["mean_arterial", "bmi"]
+    args: list[str] = Field(min_length=2, max_length=2)
+
+    def formula(self) -> str:
+        a, b = self.args
+        return f"({a} + 2 {b}) / 3" if self.op == "mean_arterial" else f"{a} / {b}^2"
+
+
 class ObservationSource(Strict):
     """The latest Observation with one of `codes`, its valueQuantity converted to `unit`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_. -]{1,64}$")  # a feature name, or an intermediate
     title: str = Field(min_length=1)
-    codes: list[Code] = Field(min_length=1)
+    codes: list[Code] = Field(min_length=1)  # a value set: any of them
+    # Panels whose components carry the value (e.g. LOINC 85354-9, the blood-pressure panel):
+    # asked for in the prefetch too, since a FHIR search by `code` sees no component codes.
+    panels: list[Code] = Field(default_factory=list)
+    optional: bool = False  # only an argument of a fallback: its absence alone is no problem
+    otherwise: Fallback | None = None
     unit: str = Field(min_length=1)  # UCUM code of the value the model takes
     # Any UCUM unit commensurable with `unit` is converted (service/clinical/ucum.py); mass and
     # substance concentrations into each other with `molar_mass` (g/mol). `units` lists exact
@@ -177,9 +197,36 @@ class Mapping(Strict):
         dupes = sorted({n for n in known if known.count(n) > 1})
         if dupes:
             raise ValueError(f"quantities defined more than once: {dupes}")
+        sources = {o.name: o for o in self.observations}
+        for o in self.observations:
+            if o.otherwise is None:
+                continue
+            for a in o.otherwise.args:
+                if a not in sources or sources[a].otherwise is not None:
+                    raise ValueError(
+                        f"observation '{o.name}': fallback argument '{a}' must be an observation "
+                        "source without a fallback of its own"
+                    )
+            try:
+                self.fallback_factors(o)
+            except ucum.UnitError as exc:
+                raise ValueError(f"observation '{o.name}': {exc}") from None
         if PATIENT_KEY in {o.key for o in self.observations}:
             raise ValueError(f"prefetch key '{PATIENT_KEY}' is reserved for the Patient")
         return self
+
+    def fallback_factors(self, o: ObservationSource) -> tuple[float, float]:
+        """Factors of the fallback's two arguments: value = op(a x f_a, b x f_b) in o.unit."""
+        assert o.otherwise is not None
+        a, b = (next(s for s in self.observations if s.name == n) for n in o.otherwise.args)
+        if o.otherwise.op == "mean_arterial":
+            return ucum.factor(a.unit, o.unit), ucum.factor(b.unit, o.unit)
+        # bmi: weight / height^2, in o.unit once a and b are in its base units.
+        target = ucum.parse(o.unit)
+        got = ucum.parse(a.unit).times(ucum.parse(b.unit), -2)
+        if got.dims != target.dims:
+            raise ucum.UnitError(f"{a.unit!r} / ({b.unit!r})^2 cannot be converted to {o.unit!r}")
+        return got.factor / target.factor, 1.0
 
     def quantities(self) -> list[str]:
         names = [n for n in (self.patient.age, self.patient.gender) if n]
@@ -211,7 +258,8 @@ class Mapping(Strict):
         for o in self.observations:
             groups.setdefault(o.key, []).append(o)
         for key, sources in groups.items():
-            codes = ",".join(f"{c.system}|{c.code}" for s in sources for c in s.codes)
+            every = [f"{c.system}|{c.code}" for s in sources for c in [*s.codes, *s.panels]]
+            codes = ",".join(dict.fromkeys(every))  # each once, in order
             # Sorted newest first, as many as there are concepts under the key: the latest of each
             # when they were measured together (a panel), the latest of one otherwise. Final
             # results only: unfiltered, a newer preliminary result would be the one sent.

@@ -10,10 +10,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from cds_client import Signer, auth
-from fhir_ehr import LOINC, diabetes_store, fulfil, hook_call, observation
+from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
+
+from service.clinical.extraction import Extraction, extract
+from service.clinical.mapping import load_dir
 
 DIABETES = "/cds-services/diabetes-progression"
+MAPPING = load_dir(MODELS / "clinical")[0]["diabetes"]
+CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 
 def now() -> datetime:
@@ -54,3 +60,103 @@ async def test_a_newer_preliminary_result_does_not_hide_the_final_one(
     detail = used(await card_for(ehr, es384, store))
     assert "Observation/hdl-1 (LOINC 2085-9)" in detail
     assert "hdl-pre" not in detail
+
+
+def vital(oid: str, code: str, t: datetime, **components: tuple[str, float, str]) -> dict[str, Any]:
+    """A US Core vital-signs Observation whose values are in components (e.g. a BP panel)."""
+    obs = observation(oid, LOINC, code, None, None, t)
+    del obs["valueQuantity"]
+    obs["category"] = [{"coding": [{"system": CATEGORY, "code": "vital-signs"}]}]
+    obs["component"] = [
+        {
+            "code": {"coding": [{"system": LOINC, "code": c}]},
+            "valueQuantity": {"value": v, "unit": u, "system": UCUM, "code": u},
+        }
+        for c, v, u in components.values()
+    ]
+    return obs
+
+
+def without(store: list[dict[str, Any]], oid: str) -> list[dict[str, Any]]:
+    return [r for r in store if r.get("id") != oid]
+
+
+async def extracted(
+    ehr: httpx.AsyncClient, signer: Signer, store: list[dict[str, Any]], t: datetime
+) -> tuple[Extraction, str]:
+    """What the service reads from the EHR's answer to its templates, and the card's detail."""
+    prefetch = fulfil(await templates(ehr, "diabetes-progression"), store)
+    r = await ehr.post(DIABETES, json=hook_call(prefetch), headers=auth(signer, DIABETES))
+    return extract(MAPPING, PID, prefetch, t), used(r)
+
+
+async def test_blood_pressure_panel(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    t = now()
+    store = without(diabetes_store(t), "bp-1")  # no mean arterial pressure result
+    panel = vital(
+        "bp-panel",
+        "85354-9",
+        t - timedelta(days=1),
+        sys=("8480-6", 130.0, "mm[Hg]"),
+        dia=("8462-4", 85.0, "mm[Hg]"),
+    )
+    ex, detail = await extracted(ehr, es384, [*store, panel], t)
+    assert ex.used["bp"].value == pytest.approx((130 + 2 * 85) / 3)  # 100 mm[Hg]
+    assert ex.used["sbp"].source == ex.used["dbp"].source == "Observation/bp-panel"
+    assert "derived: (sbp + 2 dbp) / 3" in detail
+    assert ex.basis().count("Observation/bp-panel") == 1
+    # A panel that carries the mean as well: it is read directly.
+    panel["component"].append(
+        {
+            "code": {"coding": [{"system": LOINC, "code": "8478-0"}]},
+            "valueQuantity": {"value": 97.0, "unit": "mm[Hg]", "system": UCUM, "code": "mm[Hg]"},
+        }
+    )
+    ex, _ = await extracted(ehr, es384, [*store, panel], t)
+    assert ex.used["bp"].value == 97.0 and ex.used["bp"].formula is None
+    assert "sbp" not in ex.used  # unused: neither shown nor in the basis
+
+
+async def test_only_a_systolic_value_says_what_is_missing(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    t = now()
+    store = without(diabetes_store(t), "bp-1")
+    store.append(vital("bp-panel", "85354-9", t, sys=("8480-6", 130.0, "mm[Hg]")))
+    prefetch = fulfil(await templates(ehr, "diabetes-progression"), store)
+    r = await ehr.post(DIABETES, json=hook_call(prefetch), headers=auth(es384, DIABETES))
+    assert r.status_code == 412
+    (issue,) = r.json()["issue"]
+    assert issue["details"]["text"] == "Mean blood pressure"
+    assert (
+        "nor could it be derived ((sbp + 2 dbp) / 3): no usable Diastolic blood pressure"
+        in (issue["diagnostics"])
+    )
+
+
+async def test_bmi_from_weight_and_height(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    t = now()
+    store = without(diabetes_store(t), "bmi-1")
+    store += [
+        observation("weight", LOINC, "29463-7", 194.0, "[lb_av]", t - timedelta(days=2)),
+        observation("height", LOINC, "8302-2", 165.0, "cm", t - timedelta(days=200)),
+    ]
+    ex, detail = await extracted(ehr, es384, store, t)
+    # 194 lb = 87.9969 kg; 87.9969 / 1.65^2 = 32.322 kg/m2.
+    assert ex.used["bmi"].value == pytest.approx(194 * 0.45359237 / 1.65**2)
+    assert ex.used["weight"].given == "194 [lb_av]"
+    assert ex.used["height"].value == pytest.approx(1.65)
+    assert "derived: weight / height^2" in detail
+
+
+async def test_glucose_in_blood_and_units_as_written(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    t = now()
+    store = without(without(diabetes_store(t), "glu-1"), "tg-1")
+    store += [
+        observation("glu-blood", LOINC, "2339-0", 87.0, "mg/dl", t - timedelta(days=3)),
+        observation("tg-gl", LOINC, "2571-8", 1.29, "g/L", t - timedelta(days=3)),
+    ]
+    ex, detail = await extracted(ehr, es384, store, t)
+    assert ex.used["glu"].value == 87.0 and ex.used["glu"].code == "LOINC 2339-0"
+    assert ex.used["tg"].value == pytest.approx(129.0)
+    assert "Observation/glu-blood (LOINC 2339-0)" in detail

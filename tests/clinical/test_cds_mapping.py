@@ -218,6 +218,15 @@ def test_mapping_validation() -> None:
     dimensionless = [obs[0] | {"unit": "{a.u.}"}, *obs[1:]]
     with pytest.raises(MappingError, match="dimensionless"):
         parse(raw | {"observations": dimensionless}, "test")
+    by_name = {o["name"]: o for o in obs}
+    nope = {"otherwise": {"op": "bmi", "args": ["weight", "nope"]}}
+    unknown_arg = [o | nope if o["name"] == "bmi" else o for o in obs]
+    with pytest.raises(MappingError, match="fallback argument 'nope'"):
+        parse(raw | {"observations": unknown_arg}, "test")
+    wrong_kind = [o | {"unit": "mg"} if o["name"] == "height" else o for o in obs]
+    assert by_name["bmi"]["otherwise"]["args"] == ["weight", "height"]
+    with pytest.raises(MappingError, match=r"cannot be converted to 'kg/m2'"):
+        parse(raw | {"observations": wrong_kind}, "test")
     with pytest.raises(MappingError, match="used by"):
         Catalogue({"a": parse(raw, "a"), "b": parse(raw | {"model": "b"}, "b")})
 

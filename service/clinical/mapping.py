@@ -154,12 +154,19 @@ class PatientSource(Strict):
 
 class OrderFilter(Strict):
     """Selected draft orders that call for an order-select service: of `resource_type`, and when
-    `system` is given, coded in it with a code starting with one of `prefixes` (e.g. ATC A10,
-    drugs used in diabetes)."""
+    `system` is given, coded in it with a code starting with one of `prefixes` (a hierarchical
+    system: ATC A10, drugs used in diabetes) or equal to one of `codes` (a flat one: RxNorm
+    concepts); with neither, any code of `system`."""
 
     resource_type: str = Field(min_length=1)
     system: str | None = None
     prefixes: list[str] = Field(default_factory=list)
+    codes: list[str] = Field(default_factory=list)
+
+    def takes(self, code: str) -> bool:
+        if not self.prefixes and not self.codes:
+            return True
+        return code in self.codes or code.startswith(tuple(self.prefixes))
 
 
 class Service(Strict):
@@ -328,10 +335,6 @@ def wanted(service: Service, orders: list[dict[str, object]]) -> bool:
                 return True
             for c in _codings(order):
                 code = c.get("code")
-                if (
-                    c.get("system") == f.system
-                    and isinstance(code, str)
-                    and (not f.prefixes or code.startswith(tuple(f.prefixes)))
-                ):
+                if c.get("system") == f.system and isinstance(code, str) and f.takes(code):
                     return True
     return False

@@ -19,6 +19,7 @@ from service.clinical.mapping import load_dir
 
 DIABETES = "/cds-services/diabetes-progression"
 MAPPING = load_dir(MODELS / "clinical")[0]["diabetes"]
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 
@@ -160,3 +161,29 @@ async def test_glucose_in_blood_and_units_as_written(ehr: httpx.AsyncClient, es3
     assert ex.used["glu"].value == 87.0 and ex.used["glu"].code == "LOINC 2339-0"
     assert ex.used["tg"].value == pytest.approx(129.0)
     assert "Observation/glu-blood (LOINC 2339-0)" in detail
+
+
+async def test_order_select_with_rxnorm(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    path = "/cds-services/diabetes-progression-order-select"
+    t = now()
+    med = {
+        "resourceType": "MedicationRequest",
+        "id": "mr-1",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{PID}"},
+        "medicationCodeableConcept": {
+            "coding": [
+                {"system": RXNORM, "code": "861007", "display": "metformin 500 MG Oral Tablet"}
+            ]
+        },
+    }
+    prefetch = fulfil(await templates(ehr, "diabetes-progression-order-select"), diabetes_store(t))
+    body = hook_call(
+        prefetch,
+        hook="order-select",
+        selections=["MedicationRequest/mr-1"],
+        draftOrders={"resourceType": "Bundle", "type": "collection", "entry": [{"resource": med}]},
+    )
+    r = await ehr.post(path, json=body, headers=auth(es384, path))
+    assert r.status_code == 200 and len(r.json()["cards"]) == 1, r.text

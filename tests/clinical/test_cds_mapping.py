@@ -255,6 +255,14 @@ def test_order_filter() -> None:
         ],
     )
     assert not wanted(service, [])
+    # RxNorm, a flat system: listed concepts (issue 24: metformin 500 MG Oral Tablet).
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    for code, want in (("861007", True), ("6809", True), ("86100", False), ("8610070", False)):
+        order = {
+            "resourceType": "MedicationRequest",
+            "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": code}]},
+        }
+        assert wanted(service, [order]) is want, code
     assert wanted(DIABETES.services[0], [])  # no filter: every call
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.clinical.extraction import Extraction, Used
-from service.clinical.fhir import SYSTEM, empties, first_interval, referred
+from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, empties, first_interval, referred
 from service.clinical.mapping import Mapping
 from service.engine.model import Prediction, ServedModel
 from service.engine.summaries import ClassificationSummary, RegressionSummary
@@ -24,7 +24,7 @@ from service.engine.summaries import ClassificationSummary, RegressionSummary
 Json = dict[str, Any]
 MAX_SUMMARY = 139  # "< 140 characters"
 FLAG = "; uncertain, flagged for review"
-OVERRIDE_SYSTEM = SYSTEM.replace("/mcserve", "/override-reason")
+OVERRIDE_SYSTEM = f"{CODE_SYSTEMS}/override-reason"
 OVERRIDE_REASONS = [
     ("clinical-judgement", "Clinical judgement differs"),
     ("inputs-inaccurate", "Inputs are inaccurate or out of date"),

@@ -25,6 +25,8 @@ USAGE = (
     "queries the FHIR server, and answers 412 naming what is missing or too old."
 )
 
+EXTENSION = "example.mcserve.model"  # discovery: the model behind a service (namespaced key)
+
 
 @dataclass(frozen=True)
 class Offered:
@@ -111,7 +113,9 @@ class Catalogue:
                     "id": o.service.id,
                     "prefetch": o.mapping.prefetch(),
                     "usageRequirements": USAGE,
-                    "version": o.model.version,
+                    # The model behind the service, as an extension: CDS Hooks has no field for
+                    # it (a `version` there would claim to version the service definition).
+                    "extension": {EXTENSION: {"model": o.model.name, "version": o.model.version}},
                 }
                 for o in self.offered(registry)
             ]

@@ -7,9 +7,10 @@ prefetch only.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import InvalidInputError
 
@@ -92,6 +93,24 @@ class FeedbackItem(BaseModel):
     acceptedSuggestions: list[AcceptedSuggestion] | None = None
     overrideReason: OverrideReason | None = None
     outcomeTimestamp: str = Field(min_length=1)
+
+    @field_validator("outcomeTimestamp")
+    @classmethod
+    def _instant(cls, v: str) -> str:
+        try:
+            t = datetime.fromisoformat(v)
+        except ValueError:
+            t = None
+        if t is None or "T" not in v or t.tzinfo is None:
+            raise ValueError("must be a FHIR instant with a time zone, e.g. 2025-06-01T12:00:00Z")
+        return v
+
+    @model_validator(mode="after")
+    def _accepted(self) -> FeedbackItem:
+        # CDS Hooks 2.0: acceptedSuggestions is required for accepted outcomes.
+        if self.outcome == "accepted" and not self.acceptedSuggestions:
+            raise ValueError("an accepted card's feedback names its acceptedSuggestions")
+        return self
 
 
 class FeedbackRequest(BaseModel):

@@ -73,7 +73,8 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
     }
     assert empties(r.json()) == []
     diab = services["diabetes-progression"]
-    assert diab["hook"] == "patient-view" and diab["version"]
+    assert diab["hook"] == "patient-view" and "version" not in diab
+    assert diab["extension"]["example.mcserve.model"] == {"model": "diabetes", "version": "2"}
     assert diab["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     assert diab["prefetch"]["hdl"] == (
         "Observation?patient={{context.patientId}}&code=http://loinc.org|2085-9,"
@@ -186,7 +187,6 @@ async def test_feedback(ehr: httpx.AsyncClient, es384: Signer) -> None:
         metrics
     )
     unknown = {"feedback": [{**accepted["feedback"][0], "card": "no-such-card"}]}
-    del unknown["feedback"][0]["acceptedSuggestions"]
     r = await ehr.post(path, json=unknown, headers=auth(es384, path))
     assert r.status_code == 404
     assert "no-such-card" in outcome(r)["issue"][0]["diagnostics"]
@@ -197,6 +197,55 @@ async def test_feedback(ehr: httpx.AsyncClient, es384: Signer) -> None:
     bad = {"feedback": [{**accepted["feedback"][0], "acceptedSuggestions": [{"id": "nope"}]}]}
     r = await ehr.post(path, json=bad, headers=auth(es384, path))
     assert r.status_code == 400
+
+
+async def test_feedback_is_checked_as_the_specification_says(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    path = DIABETES + "/feedback"
+    good = {
+        "card": card["uuid"],
+        "outcome": "accepted",
+        "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+        "outcomeTimestamp": "2025-06-01T12:00:00Z",
+    }
+    cases = [
+        ({"outcomeTimestamp": "yesterday"}, "FHIR instant"),
+        ({"outcomeTimestamp": "2025-06-01"}, "FHIR instant"),  # a date, not an instant
+        ({"outcomeTimestamp": "2025-06-01T12:00:00"}, "time zone"),
+        ({"acceptedSuggestions": None}, "acceptedSuggestions"),
+    ]
+    for change, said in cases:
+        body = {"feedback": [{**good, **change}]}
+        r = await ehr.post(path, json=body, headers=auth(es384, path))
+        assert r.status_code == 400, change
+        diagnostics = [i["diagnostics"] for i in outcome(r)["issue"]]
+        assert said in diagnostics[0], diagnostics
+        assert len(diagnostics) == len(set(diagnostics)) == 1  # each problem said once
+    r = await ehr.post(path, json={"feedback": [good]}, headers=auth(es384, path))
+    assert r.status_code == 200
+
+
+async def test_a_bad_request_names_each_problem_once(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    body = hook_call(diabetes_prefetch(now()))
+    del body["hookInstance"]
+    body["context"] = "not an object"
+    r = await call(ehr, es384, DIABETES, body)
+    assert r.status_code == 400
+    diagnostics = [i["diagnostics"] for i in outcome(r)["issue"]]
+    assert diagnostics == [
+        "invalid request: hookInstance: Field required",
+        "context: Input should be an object",
+    ]
+
+
+async def test_override_reasons_use_this_service_s_code_system(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    systems = {r["system"] for r in card["overrideReasons"]}
+    assert systems == {"https://mcserve.example/fhir/CodeSystem/override-reason"}
 
 
 async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Signer) -> None:

@@ -5,9 +5,9 @@ A token is accepted only when all hold (any failure is one `TokenRejected`, answ
 1. the header's `alg` is asymmetric (ES256/384/512, RS256/384/512, PS256/384/512): `none` and
    HMAC are refused before any key is looked at, so no algorithm confusion is possible;
    `typ` is `JWT`;
-2. `iss` is on the allowlist, and the signature verifies with one of that issuer's public keys
-   (the key named by `kid`, else each key whose type fits; a key's own `alg`, when given,
-   must equal the header's). `jku` is never fetched: the keys come from configuration only;
+2. `kid` is present (CDS Hooks requires it), `iss` is on the allowlist, and the signature
+   verifies with that issuer's public key named by `kid` (whose type fits; a key's own `alg`,
+   when given, must equal the header's). `jku` is never fetched: keys come from configuration;
 3. `aud` is the URL called (one of `audiences`: the configured public base URL plus the path,
    never taken from the request's Host or X-Forwarded-* headers); `exp`, `iat`, `jti` present;
    not expired, not issued in the future, `exp - iat` within the maximum lifetime, `nbf`
@@ -87,6 +87,10 @@ def load_keys(iss: str, jwks: Mapping[str, Any] | None, jwks_file: Path | None) 
             raise TrustConfigError(
                 f"CDS issuer {iss!r}: key {i} is a private key; give public keys"
             )
+        if not isinstance(k.get("kid"), str) or not k["kid"]:
+            raise TrustConfigError(
+                f"CDS issuer {iss!r}: key {i} has no kid; give each key the kid its tokens name"
+            )
         if k.get("alg") is not None and k["alg"] not in ALGORITHMS:
             raise TrustConfigError(f"CDS issuer {iss!r}: key {i} has alg {k['alg']!r}")
         try:
@@ -163,12 +167,12 @@ class TokenVerifier:
         if keys is None or not isinstance(iss, str):
             raise TokenRejected(f"issuer {iss!r} is not trusted")
         kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenRejected("the header has no kid (CDS Hooks requires one)")
         candidates = [
             k
             for k in keys
-            if (kid is None or k.kid == kid)
-            and k.kty == KEY_TYPES[alg[:2]]
-            and (k.alg is None or k.alg == alg)
+            if k.kid == kid and k.kty == KEY_TYPES[alg[:2]] and (k.alg is None or k.alg == alg)
         ]
         if not candidates:
             raise TokenRejected(f"issuer {iss!r} has no {alg} key with kid {kid!r}")

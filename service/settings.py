@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     # Empty: none. uvicorn's own default trusts 127.0.0.1, so any local process could claim
     # another client address or scheme.
     forwarded_allow_ips: list[str] = Field(default_factory=list)
+    # CDS calls whose data are missing, too old or unusable: "card", a 200 with an info card
+    # naming them (clinicians see it); "412", the OperationOutcome alone (CDS Hooks 2.0).
+    cds_missing_data: Literal["card", "412"] = "card"
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(

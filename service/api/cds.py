@@ -5,8 +5,9 @@ failure, before the body is even parsed), the prefetch becomes features
 (`service.clinical.extraction`), the engine answers through the one engine call of every
 adapter (`native.run`, with the model's default parameters via `native.to_params`), and the
 prediction becomes a card carrying a FHIR resource. Errors map to HTTP in `errors.py`
-(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome). API keys never guard these
-routes. Discovery is open: it holds no patient data.
+(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome); missing data answer an info card
+unless `cds_missing_data` is "412". API keys never guard these routes. Discovery is open: it
+holds no patient data.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
 from service.clinical.hooks import FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Ledger, Record
-from service.clinical.mapping import wanted
+from service.clinical.mapping import Mapping, wanted
 from service.clinical.trust import (
     TokenRejected,
     TokenVerifier,
@@ -46,7 +47,8 @@ from service.clinical.trust import (
     load_keys,
 )
 from service.engine.inputs import to_array
-from service.errors import UnauthorizedError
+from service.engine.model import ServedModel
+from service.errors import MissingDataError, UnauthorizedError
 from service.settings import PUBLIC_BASE_URL_REQUIRED, Settings
 
 log = logging.getLogger("mcserve.cds")
@@ -217,14 +219,19 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     if offered.service.hook == "order-select" and not wanted(offered.service, body.selected()):
         return cds_json({"cards": []})  # none of the selected orders concerns this model
     now = cds.now()
-    ex = extract(
-        offered.mapping,
-        patient_id,
-        body.prefetch,
-        now,
-        cds.settings.cds_max_observation_age_days,
-    )
     model = offered.model
+    try:
+        ex = extract(
+            offered.mapping,
+            patient_id,
+            body.prefetch,
+            now,
+            cds.settings.cds_max_observation_age_days,
+        )
+    except MissingDataError as exc:
+        if cds.settings.cds_missing_data == "412":
+            raise
+        return missing_data_card(cds, service_id, body, model, offered.mapping, exc)
     names = model.manifest.inputs.feature_names or []
     x = to_array([ex.features(names)], model.manifest.inputs, 1)
     params = to_params(PredictParameters(), model, st.settings.max_samples)
@@ -273,6 +280,32 @@ async def call(service_id: ServiceId, request: Request) -> Response:
             "iss": claims.iss if claims else None,
             "jti": claims.jti if claims else None,
             "tenant": claims.tenant if claims else None,
+        },
+    )
+    return cds_json({"cards": [card]})
+
+
+def missing_data_card(
+    cds: Clinical,
+    service_id: str,
+    body: HookRequest,
+    model: ServedModel,
+    mapping: Mapping,
+    exc: MissingDataError,
+) -> Response:
+    """A 200 with an info card naming what is missing (the clinician sees it; a 412 is not)."""
+    card = card_builder.missing(mapping, model, exc.details, str(uuid.uuid4()))
+    if cds.counters:
+        cds.counters["cards"].labels(service_id, "info").inc()
+    audit.info(
+        "cds card without prediction",
+        extra={
+            "service": service_id,
+            "hook_instance": body.hookInstance,
+            "card": card["uuid"],
+            "model": model.name,
+            "version": model.version,
+            "missing": [i["details"]["text"] for i in exc.details],
         },
     )
     return cds_json({"cards": [card]})

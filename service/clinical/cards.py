@@ -215,3 +215,48 @@ def card(
     if bad:  # a bug, never the client's fault
         raise ValueError(f"card has empty values at {bad}")
     return Issued(out, suggestion, is_referred)
+
+
+# What would make a prediction possible, per OperationOutcome issue code (extraction.py).
+REMEDY = {
+    "required": "a final result (or Patient data) sent in the prefetch",
+    "business-rule": "a result within the allowed age",
+    "code-invalid": "a result in a unit that converts to the model's (UCUM)",
+    "value": "a measured value the model can use",
+}
+
+
+def missing(mapping: Mapping, model: ServedModel, issues: list[Json], card_id: str) -> Json:
+    """An `info` card saying no prediction was made, what was missing or unusable, and what would
+    make one possible (the default answer to missing data: a 412 is never shown to clinicians).
+    """
+    names = list(dict.fromkeys(str(i["details"]["text"]) for i in issues))
+    head = f"{mapping.summary}: no prediction, missing or unusable input"
+    text = f"{head}: {', '.join(names)}"
+    if len(text) > MAX_SUMMARY:
+        text = f"{head}s ({len(names)})"
+    lines = [
+        "**No prediction was made**: the model needs every one of its inputs, and these could "
+        "not be used:",
+        *(f"- {_cell(str(i['diagnostics']))}" for i in issues),
+        "",
+        "A prediction becomes possible with "
+        + "; ".join(dict.fromkeys(REMEDY.get(str(i["code"]), "usable data") for i in issues))
+        + ". Nothing was computed and nothing is suggested for the chart.",
+        "",
+        f"Model: {model.name} version {model.version}. {model.manifest.intended_use}",
+    ]
+    out: Json = {
+        "uuid": card_id,
+        "summary": text[:MAX_SUMMARY],
+        "detail": "\n".join(lines),
+        "indicator": "info",
+        "source": {
+            "label": f"mcserve: {model.name} {model.version}",
+            "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
+        },
+    }
+    bad = empties(out)
+    if bad:  # a bug, never the client's fault
+        raise ValueError(f"card has empty values at {bad}")
+    return out

@@ -22,7 +22,7 @@ log = logging.getLogger("mcserve.cds")
 
 USAGE = (
     "Send a JWT signed by an allowlisted issuer. Prefetch is required: the service never "
-    "queries the FHIR server, and answers 412 naming what is missing or too old."
+    "queries the FHIR server; missing or too old data get an info card naming them."
 )
 
 EXTENSION = "example.mcserve.model"  # discovery: the model behind a service (namespaced key)

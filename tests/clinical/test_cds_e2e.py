@@ -248,6 +248,7 @@ async def test_override_reasons_use_this_service_s_code_system(
     assert systems == {"https://mcserve.example/fhir/CodeSystem/override-reason"}
 
 
+@pytest.mark.usefixtures("missing_data_412")
 async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Signer) -> None:
     r = await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now(), hdl=None)))
     assert r.status_code == 412

@@ -15,6 +15,7 @@ from cds_client import Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
 
 from service.clinical.extraction import Extraction, extract
+from service.clinical.fhir import empties
 from service.clinical.mapping import load_dir
 
 DIABETES = "/cds-services/diabetes-progression"
@@ -124,15 +125,44 @@ async def test_only_a_systolic_value_says_what_is_missing(
     t = now()
     store = without(diabetes_store(t), "bp-1")
     store.append(vital("bp-panel", "85354-9", t, sys=("8480-6", 130.0, "mm[Hg]")))
-    prefetch = fulfil(await templates(ehr, "diabetes-progression"), store)
-    r = await ehr.post(DIABETES, json=hook_call(prefetch), headers=auth(es384, DIABETES))
-    assert r.status_code == 412
-    (issue,) = r.json()["issue"]
-    assert issue["details"]["text"] == "Mean blood pressure"
+    r = await card_for(ehr, es384, store)
+    assert r.status_code == 200  # by default an info card says what is missing (no prediction)
+    (card,) = r.json()["cards"]
+    assert card["summary"].endswith("no prediction, missing or unusable input: Mean blood pressure")
     assert (
         "nor could it be derived ((sbp + 2 dbp) / 3): no usable Diastolic blood pressure"
-        in (issue["diagnostics"])
+        in (card["detail"])
     )
+
+
+async def test_missing_data_is_an_info_card(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    t = now()
+    store = without(without(diabetes_store(t), "hdl-1"), "bmi-1")
+    store.append(observation("bmi-old", LOINC, "39156-5", 30.0, "kg/m2", t - timedelta(days=400)))
+    r = await card_for(ehr, es384, store)
+    assert r.status_code == 200, r.text
+    (card,) = r.json()["cards"]
+    assert card["indicator"] == "info" and len(card["summary"]) < 140
+    assert card["summary"] == (
+        "Diabetes progression score in 1 year: no prediction, missing or unusable input: "
+        "Body mass index, HDL cholesterol"
+    )
+    assert "suggestions" not in card and empties(r.json()) == []
+    detail = card["detail"]
+    assert "**No prediction was made**" in detail
+    assert "HDL cholesterol (LOINC 2085-9, LOINC 14646-4): no final result was prefetched" in detail
+    assert "is 400 days old; the maximum is 365 days" in detail
+    assert "a final result (or Patient data) sent in the prefetch" in detail
+    assert "a result within the allowed age" in detail
+    # Feedback on it: not a card with a prediction, unknown to the ledger.
+    path = DIABETES + "/feedback"
+    fb = {
+        "card": card["uuid"],
+        "outcome": "overridden",
+        "outcomeTimestamp": "2025-06-01T12:00:00Z",
+    }
+    r = await ehr.post(path, json={"feedback": [fb]}, headers=auth(es384, path))
+    assert r.status_code == 404
 
 
 async def test_bmi_from_weight_and_height(ehr: httpx.AsyncClient, es384: Signer) -> None:

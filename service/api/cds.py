@@ -36,7 +36,7 @@ from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
-from service.clinical.hooks import FeedbackRequest, HookRequest, parse
+from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Ledger, Record
 from service.clinical.mapping import Mapping, wanted
 from service.clinical.trust import (
@@ -216,8 +216,8 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     offered = cds.catalogue.find(service_id, st.registry)
     body = parse(HookRequest, await request.body())
     patient_id = body.patient_id(offered.service.hook)
-    if offered.service.hook == "order-select" and not wanted(offered.service, body.selected()):
-        return cds_json({"cards": []})  # none of the selected orders concerns this model
+    if offered.service.hook in ORDER_HOOKS and not wanted(offered.service, body.selected()):
+        return cds_json({"cards": []})  # none of the orders concerns this model
     now = cds.now()
     model = offered.model
     try:
@@ -248,7 +248,9 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         mapping=offered.mapping,
     )
     resource = fhir.resource(model, pred, 0, ctx)
-    issued = card_builder.card(offered.mapping, model, pred, 0, ex, resource, card_id)
+    issued = card_builder.card(
+        offered.mapping, model, pred, 0, ex, resource, card_id, cds.settings.public_base_url
+    )
     card = issued.card
     cds.ledger.issue(
         Record(
@@ -294,7 +296,9 @@ def missing_data_card(
     exc: MissingDataError,
 ) -> Response:
     """A 200 with an info card naming what is missing (the clinician sees it; a 412 is not)."""
-    card = card_builder.missing(mapping, model, exc.details, str(uuid.uuid4()))
+    card = card_builder.missing(
+        mapping, model, exc.details, str(uuid.uuid4()), cds.settings.public_base_url
+    )
     if cds.counters:
         cds.counters["cards"].labels(service_id, "info").inc()
     audit.info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from service.clinical.extraction import Extraction, Used
 from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, empties, first_interval, referred
@@ -170,6 +171,27 @@ def detail(mapping: Mapping, model: ServedModel, pred: Prediction, i: int, ex: E
     return "\n\n".join(parts)
 
 
+def source(model: ServedModel, base_url: str | None) -> Json:
+    """The card's source; with the public base URL, `url` is the model's metadata (its page
+    until one exists), absolute as CDS Hooks requires."""
+    out: Json = {
+        "label": f"mcserve: {model.name} {model.version}",
+        "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
+    }
+    if base_url:
+        name, version = quote(model.name, safe=""), quote(model.version, safe="")
+        out["url"] = f"{base_url.rstrip('/')}/v1/models/{name}/versions/{version}"
+    return out
+
+
+def links(model: ServedModel, src: Json) -> Json:
+    """`links`: the model's metadata, when the source has a URL."""
+    if "url" not in src:
+        return {}
+    label = f"Model {model.name} version {model.version}: metadata, intended use, calibration"
+    return {"links": [{"label": label, "url": src["url"], "type": "absolute"}]}
+
+
 def card(
     mapping: Mapping,
     model: ServedModel,
@@ -178,19 +200,19 @@ def card(
     ex: Extraction,
     resource: Json,
     card_id: str | None = None,
+    base_url: str | None = None,
 ) -> Issued:
     is_referred = bool(referred(pred, i))
     kind = resource["resourceType"]
+    src = source(model, base_url)
     suggestion = str(uuid.uuid4())
     out: Json = {
         "uuid": card_id or str(uuid.uuid4()),
         "summary": summary(mapping, model, pred, i),
         "detail": detail(mapping, model, pred, i, ex),
         "indicator": "warning" if is_referred else "info",
-        "source": {
-            "label": f"mcserve: {model.name} {model.version}",
-            "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
-        },
+        "source": src,
+        **links(model, src),
         "suggestions": [
             {
                 "label": f"Record this prediction in the chart ({kind}, status "
@@ -226,7 +248,13 @@ REMEDY = {
 }
 
 
-def missing(mapping: Mapping, model: ServedModel, issues: list[Json], card_id: str) -> Json:
+def missing(
+    mapping: Mapping,
+    model: ServedModel,
+    issues: list[Json],
+    card_id: str,
+    base_url: str | None = None,
+) -> Json:
     """An `info` card saying no prediction was made, what was missing or unusable, and what would
     make one possible (the default answer to missing data: a 412 is never shown to clinicians).
     """
@@ -246,15 +274,14 @@ def missing(mapping: Mapping, model: ServedModel, issues: list[Json], card_id: s
         "",
         f"Model: {model.name} version {model.version}. {model.manifest.intended_use}",
     ]
+    src = source(model, base_url)
     out: Json = {
         "uuid": card_id,
         "summary": text[:MAX_SUMMARY],
         "detail": "\n".join(lines),
         "indicator": "info",
-        "source": {
-            "label": f"mcserve: {model.name} {model.version}",
-            "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
-        },
+        "source": src,
+        **links(model, src),
     }
     bad = empties(out)
     if bad:  # a bug, never the client's fault

@@ -22,7 +22,7 @@ from service.clinical import ucum
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
-Hook = Literal["patient-view", "order-select"]
+Hook = Literal["patient-view", "order-select", "order-sign"]
 PATIENT_KEY = "patient"
 STATUSES = ("final", "amended", "corrected")  # the Observation statuses read
 
@@ -174,8 +174,8 @@ class Service(Strict):
     hook: Hook
     title: str = Field(min_length=1)
     description: str = Field(min_length=1)
-    # order-select: the selected orders that call for this service (None: any); a call that
-    # selects none of them answers {"cards": []} without computing.
+    # order-select / order-sign: the selected (or to be signed) orders that call for this
+    # service (None: any); a call with none of them answers {"cards": []} without computing.
     orders: list[OrderFilter] | None = None
 
 

@@ -69,6 +69,7 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
     assert set(services) == {
         "diabetes-progression",
         "diabetes-progression-order-select",
+        "diabetes-progression-order-sign",
         "breast-mass-malignancy",
     }
     assert empties(r.json()) == []

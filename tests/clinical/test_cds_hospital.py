@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from cds_client import Signer, auth
+from cds_client import BASE, Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
 
 from service.clinical.extraction import Extraction, extract
@@ -217,3 +217,52 @@ async def test_order_select_with_rxnorm(ehr: httpx.AsyncClient, es384: Signer) -
     )
     r = await ehr.post(path, json=body, headers=auth(es384, path))
     assert r.status_code == 200 and len(r.json()["cards"]) == 1, r.text
+
+
+def medication_order(system: str, code: str) -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest",
+        "id": "mr-1",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{PID}"},
+        "medicationCodeableConcept": {"coding": [{"system": system, "code": code}]},
+    }
+
+
+async def test_order_sign(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    path = "/cds-services/diabetes-progression-order-sign"
+    prefetch = fulfil(
+        await templates(ehr, "diabetes-progression-order-sign"), diabetes_store(now())
+    )
+
+    def body(order: dict[str, Any]) -> dict[str, Any]:
+        orders = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]}
+        return hook_call(prefetch, hook="order-sign", draftOrders=orders)  # no selections
+
+    r = await ehr.post(
+        path, json=body(medication_order(RXNORM, "861007")), headers=auth(es384, path)
+    )
+    assert r.status_code == 200 and len(r.json()["cards"]) == 1, r.text
+    atorvastatin = medication_order("http://www.whocc.no/atc", "C10AA05")
+    r = await ehr.post(path, json=body(atorvastatin), headers=auth(es384, path))
+    assert r.json() == {"cards": []}
+    no_orders = hook_call(prefetch, hook="order-sign")
+    r = await ehr.post(path, json=no_orders, headers=auth(es384, path))
+    assert r.status_code == 400 and "draftOrders" in r.text
+
+
+async def test_cards_link_to_the_model(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    t = now()
+    metadata = f"{BASE}/v1/models/diabetes/versions/2"
+    for store in (diabetes_store(t), without(diabetes_store(t), "hdl-1")):  # a prediction, or not
+        r = await card_for(ehr, es384, store)
+        (card,) = r.json()["cards"]
+        assert card["source"]["url"] == metadata
+        (link,) = card["links"]
+        assert link == {
+            "label": "Model diabetes version 2: metadata, intended use, calibration",
+            "url": metadata,
+            "type": "absolute",
+        }
+    assert (await ehr.get(metadata.removeprefix(BASE))).status_code == 200

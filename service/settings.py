@@ -25,12 +25,26 @@ class ApiKey(BaseModel):
 
 
 class CdsIssuer(BaseModel):
-    """A trusted CDS client (EHR): its public keys, as a JWKS inline or in a file."""
+    """A trusted CDS client (EHR): its public keys, as a JWKS inline or in a file, and/or the
+    URLs its key sets are published at (`jku`, fetched and refreshed: keys that rotate)."""
 
     model_config = ConfigDict(extra="forbid")
 
     jwks: dict[str, Any] | None = None  # {"keys": [...]}: public keys only
     jwks_file: Path | None = None
+    jku: list[str] = Field(default_factory=list)  # allow-listed JWKS URLs (https)
+
+    @field_validator("jku")
+    @classmethod
+    def _https(cls, v: list[str]) -> list[str]:
+        for url in v:
+            parts = urlsplit(url)
+            loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+            if not parts.hostname or not (
+                parts.scheme == "https" or (parts.scheme == "http" and loopback)
+            ):
+                raise ValueError(f"jku {url!r} must be an https URL (http only on loopback)")
+        return v
 
 
 # Said at start-up when CDS clients are authenticated but the URL they call is not configured.

@@ -37,6 +37,7 @@ from service.clinical import fhir
 from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
 from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
+from service.clinical.jwks import JwksFetcher
 from service.clinical.ledger import Ledger, Record
 from service.clinical.mapping import Mapping, wanted
 from service.clinical.trust import (
@@ -64,6 +65,7 @@ class Clinical:
     verifier: TokenVerifier
     ledger: Ledger
     clock: Callable[[], float] = time.time  # wall clock: JWT times and observation ages
+    jwks: JwksFetcher = field(default_factory=JwksFetcher)  # issuers' keys at their jku URLs
     counters: dict[str, Counter] = field(default_factory=dict)
 
     def now(self) -> datetime:
@@ -89,7 +91,11 @@ def counters(registry: Any) -> dict[str, Counter]:
 
 def build(settings: Settings) -> Clinical:
     issuers = {
-        iss: load_keys(iss, cfg.jwks, cfg.jwks_file) for iss, cfg in settings.cds_issuers.items()
+        # An issuer known by its jku URLs alone has no configured keys.
+        iss: []
+        if cfg.jku and cfg.jwks is None and cfg.jwks_file is None
+        else load_keys(iss, cfg.jwks, cfg.jwks_file)
+        for iss, cfg in settings.cds_issuers.items()
     }
     mapping_dir = settings.cds_mapping_dir or Path(settings.model_dir) / "clinical"
     cds = Clinical(
@@ -97,6 +103,7 @@ def build(settings: Settings) -> Clinical:
         catalogue=Catalogue.load(mapping_dir),
         verifier=TokenVerifier(
             issuers,
+            jku={iss: cfg.jku for iss, cfg in settings.cds_issuers.items()},
             leeway_s=settings.cds_jwt_leeway_s,
             max_lifetime_s=settings.cds_jwt_max_lifetime_s,
             replay_capacity=settings.cds_jti_capacity,
@@ -177,7 +184,7 @@ def audiences(request: Request, settings: Settings, feedback: bool = False) -> l
     return [url, url.removesuffix("/feedback")] if feedback else [url]
 
 
-def authenticate(request: Request, cds: Clinical, feedback: bool = False) -> None:
+async def authenticate(request: Request, cds: Clinical, feedback: bool = False) -> None:
     if not cds.settings.cds_require_jwt:
         return
     token = bearer(request.headers.get("authorization"))
@@ -188,7 +195,9 @@ def authenticate(request: Request, cds: Clinical, feedback: bool = False) -> Non
     try:
         if not allowed:
             raise TokenRejected("public_base_url is not set: no audience to check against")
-        claims = cds.verifier.verify(token, allowed)
+        iss, kid, urls = cds.verifier.key_urls(token)
+        fetched = [k for url in urls for k in await cds.jwks.keys(iss, url, kid)]
+        claims = cds.verifier.verify(token, allowed, fetched)
     except TokenRejected as exc:
         log.warning("CDS call refused", extra={"reason": str(exc), "path": request.url.path})
         raise UnauthorizedError("unauthorized") from None
@@ -212,7 +221,7 @@ async def discovery(request: Request) -> Response:
 )
 async def call(service_id: ServiceId, request: Request) -> Response:
     cds, st = clinical(request), state(request)
-    authenticate(request, cds)
+    await authenticate(request, cds)
     offered = cds.catalogue.find(service_id, st.registry)
     body = parse(HookRequest, await request.body())
     patient_id = body.patient_id(offered.service.hook)
@@ -323,7 +332,7 @@ def missing_data_card(
 )
 async def feedback(service_id: ServiceId, request: Request) -> Response:
     cds = clinical(request)
-    authenticate(request, cds, feedback=True)
+    await authenticate(request, cds, feedback=True)
     cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
     body = parse(FeedbackRequest, await request.body())
     outcomes = cds.ledger.record(service_id, body.feedback)

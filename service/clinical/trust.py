@@ -7,7 +7,8 @@ A token is accepted only when all hold (any failure is one `TokenRejected`, answ
    `typ` is `JWT`;
 2. `kid` is present (CDS Hooks requires it), `iss` is on the allowlist, and the signature
    verifies with that issuer's public key named by `kid` (whose type fits; a key's own `alg`,
-   when given, must equal the header's). `jku` is never fetched: keys come from configuration;
+   when given, must equal the header's). Keys come from configuration, and from the issuer's
+   allow-listed `jku` URLs (`jwks.py`); a `jku` header off that list is refused, never fetched;
 3. `aud` is the URL called (one of `audiences`: the configured public base URL plus the path,
    never taken from the request's Host or X-Forwarded-* headers); `exp`, `iat`, `jti` present;
    not expired, not issued in the future, `exp - iat` within the maximum lifetime, `nbf`
@@ -139,19 +140,42 @@ class TokenVerifier:
         self,
         issuers: Mapping[str, Sequence[Key]],
         *,
+        jku: Mapping[str, Sequence[str]] | None = None,
         leeway_s: float = 30.0,
         max_lifetime_s: float = 3600.0,
         replay_capacity: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuers = {iss: list(keys) for iss, keys in issuers.items()}
+        self.jku = {iss: list(urls) for iss, urls in (jku or {}).items()}
         self.leeway = leeway_s
         self.max_lifetime = max_lifetime_s
         self.replay = ReplayCache(replay_capacity)
         self.clock = clock
 
-    def verify(self, token: str, audiences: Sequence[str]) -> Claims:
-        """The token's claims, or TokenRejected."""
+    def key_urls(self, token: str) -> tuple[str, str, list[str]]:
+        """(iss, kid, the JWKS URLs to consult) for a token whose kid no configured key has:
+        its `jku` header when allow-listed, else every URL of its issuer. Nothing for a token
+        that `verify` will refuse anyway (malformed, unknown issuer, a `jku` off the list)."""
+        try:
+            header = jwt.get_unverified_header(token)
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return "", "", []
+        kid, jku = header.get("kid"), header.get("jku")
+        if not isinstance(iss, str) or not isinstance(kid, str) or not kid:
+            return "", "", []
+        urls = self.jku.get(iss, [])
+        if not urls:
+            return "", "", []
+        if any(k.kid == kid for k in self.issuers.get(iss, [])):
+            return iss, kid, []  # a configured key: nothing to fetch
+        if jku is not None:
+            urls = [jku] if jku in urls else []
+        return iss, kid, urls
+
+    def verify(self, token: str, audiences: Sequence[str], fetched: Sequence[Key] = ()) -> Claims:
+        """The token's claims, or TokenRejected; `fetched`: keys from the issuer's JWKS URLs."""
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -166,6 +190,10 @@ class TokenVerifier:
         keys = self.issuers.get(iss) if isinstance(iss, str) else None
         if keys is None or not isinstance(iss, str):
             raise TokenRejected(f"issuer {iss!r} is not trusted")
+        jku = header.get("jku")
+        if jku is not None and jku not in self.jku.get(iss, []):
+            raise TokenRejected(f"jku {str(jku)[:200]!r} is not on issuer {iss!r}'s list")
+        keys = [*keys, *fetched]
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenRejected("the header has no kid (CDS Hooks requires one)")

@@ -33,8 +33,11 @@ class CdsIssuer(BaseModel):
     jwks: dict[str, Any] | None = None  # {"keys": [...]}: public keys only
     jwks_file: Path | None = None
     jku: list[str] = Field(default_factory=list)  # allow-listed JWKS URLs (https)
+    # FHIR servers (base URLs) of this EHR that the service may fetch missing data from, with
+    # the call's fhirAuthorization token; empty: never fetch (service/clinical/fetch.py).
+    fhir_servers: list[str] = Field(default_factory=list)
 
-    @field_validator("jku")
+    @field_validator("jku", "fhir_servers")
     @classmethod
     def _https(cls, v: list[str]) -> list[str]:
         for url in v:
@@ -43,7 +46,7 @@ class CdsIssuer(BaseModel):
             if not parts.hostname or not (
                 parts.scheme == "https" or (parts.scheme == "http" and loopback)
             ):
-                raise ValueError(f"jku {url!r} must be an https URL (http only on loopback)")
+                raise ValueError(f"{url!r} must be an https URL (http only on loopback)")
         return v
 
 
@@ -150,6 +153,9 @@ class Settings(BaseSettings):
     # CDS calls whose data are missing, too old or unusable: "card", a 200 with an info card
     # naming them (clinicians see it); "412", the OperationOutcome alone (CDS Hooks 2.0).
     cds_missing_data: Literal["card", "412"] = "card"
+    # Fetching from an issuer's fhir_servers: one deadline for a call's searches, bytes per answer.
+    cds_fhir_timeout_s: float = Field(default=3.0, gt=0.0)
+    cds_fhir_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(

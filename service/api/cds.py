@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
@@ -36,6 +37,7 @@ from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
+from service.clinical.fetch import FetchPolicy, complete
 from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
 from service.clinical.jwks import JwksFetcher
 from service.clinical.ledger import Ledger, Record
@@ -66,6 +68,7 @@ class Clinical:
     ledger: Ledger
     clock: Callable[[], float] = time.time  # wall clock: JWT times and observation ages
     jwks: JwksFetcher = field(default_factory=JwksFetcher)  # issuers' keys at their jku URLs
+    fhir_transport: httpx.AsyncBaseTransport | None = None  # tests: an in-process FHIR server
     counters: dict[str, Counter] = field(default_factory=dict)
 
     def now(self) -> datetime:
@@ -229,15 +232,17 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         return cds_json({"cards": []})  # none of the orders concerns this model
     now = cds.now()
     model = offered.model
+    prefetch, notes = await fetch_missing(request, cds, offered.mapping, body, patient_id)
     try:
         ex = extract(
             offered.mapping,
             patient_id,
-            body.prefetch,
+            prefetch,
             now,
             cds.settings.cds_max_observation_age_days,
         )
     except MissingDataError as exc:
+        exc.details += notes  # why fetching did not help
         if cds.settings.cds_missing_data == "412":
             raise
         return missing_data_card(cds, service_id, body, model, offered.mapping, exc)
@@ -294,6 +299,28 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         },
     )
     return cds_json({"cards": [card]})
+
+
+async def fetch_missing(
+    request: Request, cds: Clinical, mapping: Mapping, body: HookRequest, patient_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The prefetch, completed from the issuer's allow-listed FHIR server where it lacks keys."""
+    claims = getattr(request.state, "cds_claims", None)
+    issuer = cds.settings.cds_issuers.get(claims.iss) if claims else None
+    if issuer is None or not issuer.fhir_servers:
+        return dict(body.prefetch or {}), []
+    policy = FetchPolicy(
+        issuer.fhir_servers, cds.settings.cds_fhir_timeout_s, cds.settings.cds_fhir_max_bytes
+    )
+    return await complete(
+        mapping.prefetch(),
+        body.prefetch,
+        patient_id,
+        body.fhirServer,
+        body.fhirAuthorization,
+        policy,
+        cds.fhir_transport,
+    )
 
 
 def missing_data_card(

@@ -245,6 +245,8 @@ REMEDY = {
     "business-rule": "a result within the allowed age",
     "code-invalid": "a result in a unit that converts to the model's (UCUM)",
     "value": "a measured value the model can use",
+    "security": "a FHIR server and access token this service may use (fhir_servers, scope)",
+    "transient": "a FHIR server that answers in time",
 }
 
 
@@ -258,7 +260,9 @@ def missing(
     """An `info` card saying no prediction was made, what was missing or unusable, and what would
     make one possible (the default answer to missing data: a 412 is never shown to clinicians).
     """
-    names = list(dict.fromkeys(str(i["details"]["text"]) for i in issues))
+    names = list(
+        dict.fromkeys(str(i["details"]["text"]) for i in issues if i["severity"] == "error")
+    )
     head = f"{mapping.summary}: no prediction, missing or unusable input"
     text = f"{head}: {', '.join(names)}"
     if len(text) > MAX_SUMMARY:

@@ -21,8 +21,9 @@ from service.errors import ModelNotFoundError
 log = logging.getLogger("mcserve.cds")
 
 USAGE = (
-    "Send a JWT signed by an allowlisted issuer. Prefetch is required: the service never "
-    "queries the FHIR server; missing or too old data get an info card naming them."
+    "Send a JWT signed by an allowlisted issuer. Prefetch is expected: the service queries "
+    "only FHIR servers configured for the issuer; data still missing or too old get an info "
+    "card naming them."
 )
 
 EXTENSION = "example.mcserve.model"  # discovery: the model behind a service (namespaced key)

@@ -1,7 +1,7 @@
 """Read a hook's prefetched FHIR data into model features, or say exactly what is missing.
 
-Only the prefetch is read: the service never calls the client's FHIR server. Rules (also in
-docs/CLINICAL.md):
+The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR server by
+`fetch.py`). Rules (also in docs/CLINICAL.md):
 - The Patient is `prefetch.patient` (or any prefetched Patient whose id is `context.patientId`);
   a prefetched Patient or Observation of another patient is a bad request (400).
 - Per observation source, the latest Observation (or Observation.component) with one of its

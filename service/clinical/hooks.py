@@ -1,8 +1,8 @@
 """CDS Hooks request bodies: a hook call and a feedback report (CDS Hooks 2.0).
 
 Unknown top-level keys are allowed (the specification's `extension` and later additions).
-`fhirAuthorization` is accepted and never read, logged or echoed: the service reads the
-prefetch only.
+`fhirAuthorization` is never logged or echoed; its token is sent only to a `fhirServer` on the
+issuer's allow-list, to fetch what the prefetch lacks (`fetch.py`).
 """
 
 from __future__ import annotations

@@ -152,21 +152,25 @@ def fulfil(
             continue
         kind, _, params = query.partition("?")
         assert kind == "Observation", template
-        args = dict(p.split("=", 1) for p in params.split("&"))
-        codes = {tuple(c.split("|", 1)) for c in args["code"].split(",")}
-        statuses = set(args["status"].split(",")) if "status" in args else None
-        found = [
-            r
-            for r in store
-            if r["resourceType"] == "Observation"
-            and r["subject"]["reference"] == f"Patient/{args['patient']}"
-            and any((c["system"], c["code"]) in codes for c in r["code"]["coding"])
-            and (statuses is None or r["status"] in statuses)
-        ]
-        assert args.get("_sort") == "-date", template
-        found.sort(key=lambda r: str(r["effectiveDateTime"]), reverse=True)
-        out[key] = searchset(*found[: int(args["_count"])])
+        out[key] = search(dict(p.split("=", 1) for p in params.split("&")), store)
     return out
+
+
+def search(args: dict[str, str], store: list[dict[str, Any]]) -> dict[str, Any]:
+    """An Observation search as a FHIR server runs it: a searchset Bundle."""
+    codes = {tuple(c.split("|", 1)) for c in args["code"].split(",")}
+    statuses = set(args["status"].split(",")) if "status" in args else None
+    found = [
+        r
+        for r in store
+        if r["resourceType"] == "Observation"
+        and r["subject"]["reference"] == f"Patient/{args['patient']}"
+        and any((c["system"], c["code"]) in codes for c in r["code"]["coding"])
+        and (statuses is None or r["status"] in statuses)
+    ]
+    assert args.get("_sort") == "-date", args
+    found.sort(key=lambda r: str(r["effectiveDateTime"]), reverse=True)
+    return searchset(*found[: int(args["_count"])])
 
 
 def diabetes_store(now: datetime, pid: str = PID) -> list[dict[str, Any]]:

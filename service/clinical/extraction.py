@@ -290,7 +290,19 @@ class Reader:
             for c in holder["code"].get("coding", [])
             if isinstance(c, dict)
         }
-        label = next((c.label() for c in src.codes if (c.system, c.code) in sent), None)
+        matched = next((c for c in src.codes if (c.system, c.code) in sent), None)
+        label = matched.label() if matched else None
+        if matched is not None and matched.kind is not None:
+            molar = any(d == ucum.MOL for d, _ in ucum.parse(unit).dims)
+            if molar != (matched.kind == "substance"):
+                return _issue(
+                    "code-invalid",
+                    f"{what}: {ref} is coded {label}, a {matched.kind} concentration, but its "
+                    f"unit {unit!r} is a {'substance' if molar else 'mass'} concentration: the "
+                    "code or the unit is wrong",
+                    src.title,
+                    src.codes,
+                )
         converted = float(value) * factor
         given = None if unit == src.unit else f"{_num(float(value))} {unit}"
         ex.used[src.name] = Used(src.name, src.title, converted, src.unit, raw, ref, label, given)

@@ -35,6 +35,9 @@ class Code(Strict):
     system: str = Field(min_length=1)
     code: str = Field(min_length=1)
     display: str | None = None
+    # What the code measures, where a unit could contradict it (LOINC's MCnc / SCnc): a result
+    # coded as a mass concentration but sent in mmol/L is refused, not silently converted.
+    kind: Literal["mass", "substance"] | None = None
 
     def label(self) -> str:
         system = "LOINC" if self.system == LOINC else self.system

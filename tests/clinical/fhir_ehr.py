@@ -72,7 +72,8 @@ def searchset(*resources: dict[str, Any]) -> dict[str, Any]:
 
 
 def diabetes_prefetch(now: datetime, pid: str = PID, **values: Any) -> dict[str, Any]:
-    """Prefetch for `diabetes-progression`; values[name] = (value, unit) or None (omitted)."""
+    """Prefetch for `diabetes-progression`; values[name] = (value, unit), (value, unit, LOINC
+    code) or None (omitted)."""
     out: dict[str, Any] = {"patient": patient(pid)}
     when = now - timedelta(days=10)
     for name, (code, value, unit) in DIABETES.items():
@@ -80,6 +81,7 @@ def diabetes_prefetch(now: datetime, pid: str = PID, **values: Any) -> dict[str,
         if given is None:
             out[name] = searchset()
             continue
+        code = given[2] if len(given) > 2 else code
         out[name] = searchset(observation(f"{name}-1", LOINC, code, given[0], given[1], when, pid))
     return out
 

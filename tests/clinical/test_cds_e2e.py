@@ -88,7 +88,7 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
 
 async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> None:
     t = now()
-    prefetch = diabetes_prefetch(t, hdl=(38 / 38.67, "mmol/L"))  # one result in SI units
+    prefetch = diabetes_prefetch(t, hdl=(38 / 38.67, "mmol/L", "14646-4"))  # one in SI units
     card = only_card(await call(ehr, es384, DIABETES, hook_call(prefetch)))
     assert len(card["summary"]) < 140
     assert card["summary"].startswith("Diabetes progression score in 1 year: ")
@@ -97,7 +97,7 @@ async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> N
     assert card["source"]["label"].startswith("mcserve: diabetes ")
     detail = card["detail"]
     for text in (
-        "Observation/hdl-1 (LOINC 2085-9)",
+        "Observation/hdl-1 (LOINC 14646-4)",
         "sent as 0.9827 mmol/L",
         "derived: tc / hdl",
         "derived: ln(tg)",

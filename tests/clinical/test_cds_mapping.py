@@ -125,9 +125,8 @@ def test_a_component_of_a_panel_counts() -> None:
 
 
 def test_units() -> None:
-    ex = extract(
-        DIABETES, "p1", diabetes_prefetch(NOW, tg=(1.456, "mmol/L"), glu=(4.83, "mmol/L")), NOW
-    )
+    si = diabetes_prefetch(NOW, tg=(1.456, "mmol/L", "14927-8"), glu=(4.83, "mmol/L", "14749-6"))
+    ex = extract(DIABETES, "p1", si, NOW)
     assert ex.used["tg"].value == pytest.approx(1.456 * 88.57)
     assert ex.used["tg"].given == "1.456 mmol/L"
     assert ex.used["glu"].value == pytest.approx(4.83 * 18.016)
@@ -141,6 +140,12 @@ def test_units() -> None:
     # 13.5 kPa = 13.5 / 0.133322 mm[Hg] = 101.26 mm[Hg].
     ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, bp=(13.5, "kPa")), NOW)
     assert ex.used["bp"].value == pytest.approx(13.5 / 0.133322)
+    # A unit that contradicts the code (mmol/L under the mass-concentration code, and the
+    # reverse) is refused: one of the two is wrong, and converting would hide which.
+    for slip in [(1.456, "mmol/L", "2571-8"), (129.0, "mg/dL", "14927-8")]:
+        with pytest.raises(MissingDataError) as exc:
+            extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=slip), NOW)
+        assert "the code or the unit is wrong" in issues(exc)["Triglycerides"]["diagnostics"]
     for bad in [(129.0, "mg"), (129.0, None), (129.0, "Cel"), (129.0, "10*9/L"), (1.0, "mg/dX")]:
         with pytest.raises(MissingDataError) as exc:
             extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=bad), NOW)

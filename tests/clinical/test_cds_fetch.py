@@ -91,7 +91,12 @@ def allowed(
     srv, url = fhir
     clinical = cds_app.state.cds
     issuer = CdsIssuer(jwks=jwks, fhir_servers=[f"{url}/fhir", f"{url}/slow", f"{url}/huge"])
-    update = {"cds_issuers": {ISS: issuer}, "cds_fhir_timeout_s": 0.5, "cds_fhir_max_bytes": 20_000}
+    # A generous deadline (2 shared cores): only the slow server's test shortens it.
+    update = {
+        "cds_issuers": {ISS: issuer},
+        "cds_fhir_timeout_s": 10.0,
+        "cds_fhir_max_bytes": 20_000,
+    }
     monkeypatch.setattr(clinical, "settings", clinical.settings.model_copy(update=update))
     srv.store = diabetes_store(datetime.now(UTC))
     srv.requests = []
@@ -140,8 +145,16 @@ async def test_an_expired_token_gives_a_card_saying_what_is_missing(
 
 
 async def test_a_slow_server_times_out(
-    ehr: httpx.AsyncClient, es384: Signer, allowed: FhirServer, fhir: tuple[FhirServer, str]
+    ehr: httpx.AsyncClient,
+    es384: Signer,
+    allowed: FhirServer,
+    fhir: tuple[FhirServer, str],
+    cds_app: FastAPI,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    clinical = cds_app.state.cds
+    short = clinical.settings.model_copy(update={"cds_fhir_timeout_s": 0.5})  # server: 1 s
+    monkeypatch.setattr(clinical, "settings", short)
     card = await post(ehr, es384, call_with(f"{fhir[1]}/slow"))
     assert "suggestions" not in card
     assert "fetching it timed out after 0.5 s" in card["detail"]

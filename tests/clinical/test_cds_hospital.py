@@ -15,7 +15,7 @@ from cds_client import BASE, Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
 
 from service.clinical.extraction import Extraction, extract
-from service.clinical.fhir import empties
+from service.clinical.fhir import empties, validate
 from service.clinical.mapping import load_dir
 
 DIABETES = "/cds-services/diabetes-progression"
@@ -43,8 +43,11 @@ async def card_for(
 
 
 def used(r: httpx.Response) -> str:
+    """The card's detail; its suggested resource checked as valid FHIR R4B (the app's version;
+    R5 output is validated where the app serves R5, test_cds_cards.py)."""
     assert r.status_code == 200, r.text
     (card,) = r.json()["cards"]
+    validate(card["suggestions"][0]["actions"][0]["resource"], "R4B")
     detail: str = card["detail"]
     return detail
 

@@ -12,8 +12,9 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
   mapping's (mg/dl, g/L, mg/(100.mL) for mg/dL; [lb_av]/[in_i]2 for kg/m2), molar <-> mass with
   the analyte's molar mass.
 - Missing data, a value older than the maximum age, a bound (`comparator`) instead of a value,
-  a unit that does not convert, or a value the derivation cannot use: 412 with one
-  OperationOutcome issue per problem (`MissingDataError`).
+  a unit that does not convert, or a value the derivation cannot use: `MissingDataError` with
+  one OperationOutcome issue per problem (an info card, or a 412).
+- FHIR shapes (times, partial dates, Bundles, references) are read by `records.py`.
 - Age: whole years at the hook's time (the server's clock when the call arrives: CDS Hooks
   requests carry no time); a partial birthDate is read as the middle of its period.
 """
@@ -21,10 +22,9 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from collections.abc import Mapping as AnyMapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 
 from service.clinical import ucum
@@ -36,6 +36,7 @@ from service.clinical.mapping import (
     Mapping,
     ObservationSource,
 )
+from service.clinical.records import birth_date, matches, refers_to, resources, when, whole_years
 from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
@@ -81,87 +82,6 @@ def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None 
             for c in coding
         ]
     return {"severity": "error", "code": code, "details": details, "diagnostics": diagnostics}
-
-
-def parse_time(value: Any) -> datetime | None:
-    """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        if len(value) == 4:
-            return datetime(int(value), 1, 1, tzinfo=UTC)
-        if len(value) == 7:
-            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def birth_date(value: Any) -> date | None:
-    """A (possibly partial) birthDate; YYYY is read as YYYY-07-01 and YYYY-MM as YYYY-MM-15."""
-    if not isinstance(value, str):
-        return None
-    try:
-        if len(value) == 4:
-            return date(int(value), 7, 1)
-        if len(value) == 7:
-            return date(int(value[:4]), int(value[5:7]), 15)
-        return date.fromisoformat(value[:10])
-    except ValueError:
-        return None
-
-
-def whole_years(born: date, on: date) -> int:
-    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
-
-
-def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
-    """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
-    for key, value in (prefetch or {}).items():
-        if value is None:
-            continue  # the client could not prefetch it
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
-        kind = value.get("resourceType")
-        if kind == "Bundle":
-            for entry in value.get("entry") or []:
-                res = entry.get("resource") if isinstance(entry, dict) else None
-                if isinstance(res, dict):
-                    yield key, res
-        elif kind != "OperationOutcome":  # a client's report that the prefetch failed
-            yield key, value
-
-
-def _refers_to(subject: Any, patient_id: str) -> bool:
-    ref = subject.get("reference") if isinstance(subject, dict) else None
-    if not isinstance(ref, str):
-        return True  # no reference to check (e.g. an identifier only)
-    return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
-
-
-def _matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
-    codings = codeable.get("coding") if isinstance(codeable, dict) else None
-    return any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings or []
-    )
-
-
-def _when(obs: Json) -> tuple[datetime | None, str | None]:
-    period = obs.get("effectivePeriod")
-    if not isinstance(period, dict):
-        period = {}
-    for raw in (
-        obs.get("effectiveDateTime"),
-        obs.get("effectiveInstant"),
-        period.get("end"),
-        period.get("start"),
-        obs.get("issued"),
-    ):
-        t = parse_time(raw)
-        if t is not None:
-            return t, raw
-    return None, None
 
 
 def _num(v: float) -> str:
@@ -226,15 +146,15 @@ class Reader:
         for obs in found:
             if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
                 continue
-            holders = [obs] if _matches(obs.get("code"), codes) else []
+            holders = [obs] if matches(obs.get("code"), codes) else []
             holders += [
                 c
                 for c in obs.get("component") or []
-                if isinstance(c, dict) and _matches(c.get("code"), codes)
+                if isinstance(c, dict) and matches(c.get("code"), codes)
             ]
             if not holders:
                 continue
-            t, raw = _when(obs)
+            t, raw = when(obs)
             if t is None or raw is None:
                 continue
             if latest is None or t > latest[0]:
@@ -390,7 +310,7 @@ def extract(
             raise InvalidInputError(
                 f"prefetch.{key} is Patient/{res.get('id')}, not context.patientId {patient_id}"
             )
-        if kind == "Observation" and not _refers_to(res.get("subject"), patient_id):
+        if kind == "Observation" and not refers_to(res.get("subject"), patient_id):
             raise InvalidInputError(
                 f"prefetch.{key} holds Observation/{res.get('id')} of another patient "
                 f"({res['subject'].get('reference')}), not Patient/{patient_id}"

@@ -18,8 +18,9 @@ from fhir_ehr import (
 
 from service.bundle.load import TrustPolicy, load_bundle
 from service.clinical.catalogue import Catalogue
-from service.clinical.extraction import birth_date, extract, parse_time, whole_years
+from service.clinical.extraction import extract
 from service.clinical.mapping import MappingError, load_dir, parse, wanted
+from service.clinical.records import birth_date, parse_time, whole_years
 from service.errors import InvalidInputError, MissingDataError
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

@@ -53,6 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.cds_counters = counters(metrics.registry)
         cds.counters = app.state.cds_counters
     yield
+    if cds.shared is not None:
+        await cds.shared.close()
 
 
 router = APIRouter(prefix="/cds-services", tags=["cds hooks"], lifespan=lifespan)
@@ -149,18 +151,19 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         offered.mapping, model, pred, 0, ex, resource, card_id, cds.settings.public_base_url
     )
     card = issued.card
-    cds.ledger.issue(
-        Record(
-            card=card["uuid"],
-            service=service_id,
-            suggestion=issued.suggestion,
-            model=model.name,
-            version=model.version,
-            digest=model.digest,
-            hook_instance=body.hookInstance,
-            referred=issued.referred,
-        )
+    record = Record(
+        card=card["uuid"],
+        service=service_id,
+        suggestion=issued.suggestion,
+        model=model.name,
+        version=model.version,
+        digest=model.digest,
+        hook_instance=body.hookInstance,
+        referred=issued.referred,
     )
+    cds.ledger.issue(record)
+    if cds.shared is not None:  # feedback may reach another replica
+        await cds.shared.issue(record, cds.clock())
     if cds.counters:
         cds.counters["cards"].labels(service_id, card["indicator"]).inc()
     claims = getattr(request.state, "cds_claims", None)
@@ -245,6 +248,12 @@ async def feedback(service_id: ServiceId, request: Request) -> Response:
     await authenticate(request, cds, feedback=True)
     cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
     body = parse(FeedbackRequest, await request.body())
+    if cds.shared is not None:  # cards another replica issued
+        for item in body.feedback:
+            if cds.ledger.get(item.card) is None:
+                found = await cds.shared.card(item.card)
+                if found is not None:
+                    cds.ledger.issue(found)
     outcomes = cds.ledger.record(service_id, body.feedback)
     for item, o in zip(body.feedback, outcomes, strict=True):
         reason = item.overrideReason

@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from service.clinical.catalogue import Catalogue
 from service.clinical.jwks import JwksFetcher
 from service.clinical.ledger import Ledger
+from service.clinical.shared import SharedMemory, SharedUnavailable
 from service.clinical.trust import (
     TokenRejected,
     TokenVerifier,
@@ -43,6 +44,7 @@ class Clinical:
     ledger: Ledger
     clock: Callable[[], float] = time.time  # wall clock: JWT times and observation ages
     jwks: JwksFetcher = field(default_factory=JwksFetcher)  # issuers' keys at their jku URLs
+    shared: SharedMemory | None = None  # replay and card memory of all replicas (audit_url)
     fhir_transport: httpx.AsyncBaseTransport | None = None  # tests: an in-process FHIR server
     counters: dict[str, Counter] = field(default_factory=dict)
 
@@ -93,6 +95,8 @@ def build(settings: Settings) -> Clinical:
         # Settings refuse this already; a settings object built without validation must not
         # start either (the audience would have nothing to come from).
         raise TrustConfigError(PUBLIC_BASE_URL_REQUIRED)
+    if settings.audit_url:
+        cds.shared = SharedMemory(settings.audit_url)
     if not settings.cds_require_jwt:
         log.warning("CDS Hooks client authentication is OFF (cds_require_jwt=false)")
     elif not issuers:
@@ -127,6 +131,15 @@ async def authenticate(request: Request, cds: Clinical, feedback: bool = False) 
         iss, kid, urls = cds.verifier.key_urls(token)
         fetched = [k for url in urls for k in await cds.jwks.keys(iss, url, kid)]
         claims = cds.verifier.verify(token, allowed, fetched)
+        if cds.shared is not None:  # seen by another replica?
+            try:
+                fresh = await cds.shared.first_use(
+                    claims.iss, claims.jti, claims.until, cds.clock()
+                )
+            except SharedUnavailable as exc:
+                raise TokenRejected(f"shared replay memory unavailable ({exc})") from None
+            if not fresh:
+                raise TokenRejected("jti replayed (seen by another replica)")
     except TokenRejected as exc:
         log.warning("CDS call refused", extra={"reason": str(exc), "path": request.url.path})
         raise UnauthorizedError("unauthorized") from None

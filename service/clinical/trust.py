@@ -63,6 +63,7 @@ class Claims:
     jti: str
     tenant: str | None = None
     sub: str | None = None
+    until: float = 0.0  # wall-clock time until which the jti must be remembered (exp + leeway)
 
 
 def load_keys(iss: str, jwks: Mapping[str, Any] | None, jwks_file: Path | None) -> list[Key]:
@@ -227,6 +228,7 @@ class TokenVerifier:
             jti=jti,
             tenant=tenant if isinstance(tenant, str) else None,
             sub=sub if isinstance(sub, str) else None,
+            until=exp + self.leeway,
         )
 
     def _decode(

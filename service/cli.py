@@ -23,9 +23,7 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="critical..debug")] = None,
 ) -> None:
     """Serve the model repository over HTTP (settings also from MCSERVE_* variables)."""
-    from service.logs import configure
     from service.server import run
-    from service.settings import Settings
 
     overrides: dict[str, Any] = {
         k: v
@@ -37,11 +35,24 @@ def serve(
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
-    # Text logs keep their fields too: with a handler in place, run()'s basicConfig for text
-    # is a no-op (its plain format string dropped every field).
-    configure(settings.log_level, settings.log_format)
+    settings_or_exit(overrides)  # a wrong setting: one clear line, not a traceback
     run(overrides)
+
+
+def settings_or_exit(overrides: dict[str, Any]) -> None:
+    """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        Settings(**overrides)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            typer.echo(f"error: invalid settings: {where + ': ' if where else ''}{msg}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("models")

@@ -58,13 +58,7 @@ def _find_state(app: Any) -> Any:
 
 def run(overrides: dict[str, Any]) -> None:
     settings = Settings(**overrides)
-    if settings.log_format == "json":
-        configure_logs(settings.log_level)
-    else:
-        logging.basicConfig(
-            level=settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        )
+    configure_logs(settings.log_level, settings.log_format)  # text logs keep the fields too
     app = create_app(settings)
     limits = connections.Limits(
         header_timeout_s=settings.header_timeout_s,
@@ -84,5 +78,7 @@ def run(overrides: dict[str, Any]) -> None:
         lifespan="on",
         log_config=None,  # our JSON handler, not uvicorn's
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        proxy_headers=bool(settings.forwarded_allow_ips),  # uvicorn would trust 127.0.0.1
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
     DrainingServer(config, settings).run()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.bundle.load import TrustPolicy
@@ -23,12 +25,38 @@ class ApiKey(BaseModel):
 
 
 class CdsIssuer(BaseModel):
-    """A trusted CDS client (EHR): its public keys, as a JWKS inline or in a file."""
+    """A trusted CDS client (EHR): its public keys, as a JWKS inline or in a file, and/or the
+    URLs its key sets are published at (`jku`, fetched and refreshed: keys that rotate)."""
 
     model_config = ConfigDict(extra="forbid")
 
     jwks: dict[str, Any] | None = None  # {"keys": [...]}: public keys only
     jwks_file: Path | None = None
+    jku: list[str] = Field(default_factory=list)  # allow-listed JWKS URLs (https)
+    # FHIR servers (base URLs) of this EHR that the service may fetch missing data from, with
+    # the call's fhirAuthorization token; empty: never fetch (service/clinical/fetch.py).
+    fhir_servers: list[str] = Field(default_factory=list)
+
+    @field_validator("jku", "fhir_servers")
+    @classmethod
+    def _https(cls, v: list[str]) -> list[str]:
+        for url in v:
+            parts = urlsplit(url)
+            loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+            if not parts.hostname or not (
+                parts.scheme == "https" or (parts.scheme == "http" and loopback)
+            ):
+                raise ValueError(f"{url!r} must be an https URL (http only on loopback)")
+        return v
+
+
+# Said at start-up when CDS clients are authenticated but the URL they call is not configured.
+PUBLIC_BASE_URL_REQUIRED = (
+    "CDS issuers are configured (MCSERVE_CDS_ISSUERS) but MCSERVE_PUBLIC_BASE_URL is not set: "
+    "set it to the base URL the EHR calls, e.g. MCSERVE_PUBLIC_BASE_URL=https://cds.hospital.org "
+    "(a token's `aud` must be it plus /cds-services/<id>; the request's Host header is never "
+    "trusted for this)"
+)
 
 
 class Settings(BaseSettings):
@@ -110,7 +138,8 @@ class Settings(BaseSettings):
     )
     cds_issuers: dict[str, CdsIssuer] = Field(default_factory=dict)  # allowlisted JWT `iss`
     cds_require_jwt: bool = True  # False: no client authentication (development only)
-    public_base_url: str | None = None  # the URL clients call (JWT `aud`), e.g. behind an ingress
+    # The URL clients call (JWT `aud`), e.g. behind an ingress; required with cds_issuers.
+    public_base_url: str | None = None
     cds_jwt_leeway_s: float = Field(default=30.0, ge=0.0)  # clock skew allowed on exp/iat/nbf
     cds_jwt_max_lifetime_s: float = Field(default=3600.0, gt=0.0)  # exp - iat at most
     cds_jti_capacity: int = Field(default=100_000, ge=1)  # seen token ids kept per replica
@@ -129,6 +158,16 @@ class Settings(BaseSettings):
     max_pending_connections: int = Field(default=256, ge=1)
     max_connections: int | None = Field(default=None, ge=1)
     max_concurrency: int | None = Field(default=1000, ge=1)
+    # Proxies whose X-Forwarded-For/-Proto headers are believed (IPs or CIDR ranges, "*": any).
+    # Empty: none. uvicorn's own default trusts 127.0.0.1, so any local process could claim
+    # another client address or scheme.
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
+    # CDS calls whose data are missing, too old or unusable: "card", a 200 with an info card
+    # naming them (clinicians see it); "412", the OperationOutcome alone (CDS Hooks 2.0).
+    cds_missing_data: Literal["card", "412"] = "card"
+    # Fetching from an issuer's fhir_servers: one deadline for a call's searches, bytes per answer.
+    cds_fhir_timeout_s: float = Field(default=3.0, gt=0.0)
+    cds_fhir_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
@@ -138,3 +177,43 @@ class Settings(BaseSettings):
             max_manifest_bytes=self.max_manifest_bytes,
             max_input_elements=self.max_input_elements,
         )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.query + parts.fragment
+        ):
+            raise ValueError(
+                f"{v!r} is not an absolute http(s) URL without query or fragment; "
+                "give the base URL clients call, e.g. https://cds.hospital.org"
+            )
+        return v
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address, a CIDR range or '*'; give the proxies' "
+                    """addresses, e.g. MCSERVE_FORWARDED_ALLOW_IPS='["10.0.0.0/8"]'"""
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _cds_audience(self) -> Settings:
+        # Without it `aud` would have to come from the request (Host, X-Forwarded-*), which the
+        # client chooses: a token issued for another service would pass.
+        if self.cds_require_jwt and self.cds_issuers and self.public_base_url is None:
+            raise ValueError(PUBLIC_BASE_URL_REQUIRED)
+        return self

@@ -5,102 +5,42 @@ failure, before the body is even parsed), the prefetch becomes features
 (`service.clinical.extraction`), the engine answers through the one engine call of every
 adapter (`native.run`, with the model's default parameters via `native.to_params`), and the
 prediction becomes a card carrying a FHIR resource. Errors map to HTTP in `errors.py`
-(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome). API keys never guard these
-routes. Discovery is open: it holds no patient data.
+(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome); missing data answer an info card
+unless `cds_missing_data` is "412". API keys never guard these routes. Discovery is open: it
+holds no patient data.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
-from prometheus_client import Counter
 from starlette.responses import Response
 
 from service.api import audit as audit_trail
+from service.api.cds_clients import Clinical, authenticate, build, counters
 from service.api.native import run, state, to_params
 from service.api.schemas import PredictParameters
 from service.api.v2_schemas import inline_schema
 from service.clinical import cards as card_builder
 from service.clinical import fhir
-from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
-from service.clinical.hooks import FeedbackRequest, HookRequest, parse
-from service.clinical.ledger import Ledger, Record
-from service.clinical.mapping import wanted
-from service.clinical.trust import TokenRejected, TokenVerifier, bearer, load_keys
+from service.clinical.fetch import FetchPolicy, complete
+from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
+from service.clinical.ledger import Record
+from service.clinical.mapping import Mapping, wanted
 from service.engine.inputs import to_array
-from service.errors import UnauthorizedError
-from service.settings import Settings
+from service.engine.model import ServedModel
+from service.errors import MissingDataError
 
 log = logging.getLogger("mcserve.cds")
 audit = logging.getLogger("mcserve.cds.audit")
-
-
-@dataclass
-class Clinical:
-    """What the CDS adapter keeps while the app runs (per replica)."""
-
-    settings: Settings
-    catalogue: Catalogue
-    verifier: TokenVerifier
-    ledger: Ledger
-    clock: Callable[[], float] = time.time  # wall clock: JWT times and observation ages
-    counters: dict[str, Counter] = field(default_factory=dict)
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), UTC)
-
-
-def counters(registry: Any) -> dict[str, Counter]:
-    return {
-        "cards": Counter(
-            "mcserve_cds_cards",
-            "CDS cards issued by service and indicator",
-            ["service", "indicator"],
-            registry=registry,
-        ),
-        "feedback": Counter(
-            "mcserve_cds_feedback",
-            "CDS card feedback by service and outcome (accepted, overridden)",
-            ["service", "outcome"],
-            registry=registry,
-        ),
-    }
-
-
-def build(settings: Settings) -> Clinical:
-    issuers = {
-        iss: load_keys(iss, cfg.jwks, cfg.jwks_file) for iss, cfg in settings.cds_issuers.items()
-    }
-    mapping_dir = settings.cds_mapping_dir or Path(settings.model_dir) / "clinical"
-    cds = Clinical(
-        settings=settings,
-        catalogue=Catalogue.load(mapping_dir),
-        verifier=TokenVerifier(
-            issuers,
-            leeway_s=settings.cds_jwt_leeway_s,
-            max_lifetime_s=settings.cds_jwt_max_lifetime_s,
-            replay_capacity=settings.cds_jti_capacity,
-        ),
-        ledger=Ledger(settings.cds_card_capacity),
-    )
-    cds.verifier.clock = lambda: cds.clock()  # tests replace cds.clock
-    if not settings.cds_require_jwt:
-        log.warning("CDS Hooks client authentication is OFF (cds_require_jwt=false)")
-    elif not issuers:
-        log.warning("no CDS issuers are trusted (cds_issuers): every CDS call will answer 401")
-    return cds
 
 
 @asynccontextmanager
@@ -113,6 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             app.state.cds_counters = counters(metrics.registry)
         cds.counters = app.state.cds_counters
     yield
+    if cds.shared is not None:
+        await cds.shared.close()
 
 
 router = APIRouter(prefix="/cds-services", tags=["cds hooks"], lifespan=lifespan)
@@ -152,29 +94,6 @@ def clinical(request: Request) -> Clinical:
     return cds
 
 
-def called_url(request: Request, settings: Settings) -> str:
-    """The URL the client called, as the JWT's `aud` must name it."""
-    base = settings.public_base_url or f"{request.url.scheme}://{request.url.netloc}"
-    return base.rstrip("/") + request.url.path
-
-
-def authenticate(request: Request, cds: Clinical, audiences: list[str]) -> None:
-    if not cds.settings.cds_require_jwt:
-        return
-    token = bearer(request.headers.get("authorization"))
-    if token is None:
-        log.warning("CDS call refused", extra={"reason": "no bearer token"})
-        raise UnauthorizedError("unauthorized")
-    try:
-        claims = cds.verifier.verify(token, audiences)
-    except TokenRejected as exc:
-        log.warning("CDS call refused", extra={"reason": str(exc), "path": request.url.path})
-        raise UnauthorizedError("unauthorized") from None
-    # For the access log: who called (the issuer, never the token).
-    request.state.caller = claims.iss
-    request.state.cds_claims = claims
-
-
 def cds_json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
@@ -190,21 +109,28 @@ async def discovery(request: Request) -> Response:
 )
 async def call(service_id: ServiceId, request: Request) -> Response:
     cds, st = clinical(request), state(request)
-    authenticate(request, cds, [called_url(request, cds.settings)])
+    await authenticate(request, cds)
     offered = cds.catalogue.find(service_id, st.registry)
     body = parse(HookRequest, await request.body())
     patient_id = body.patient_id(offered.service.hook)
-    if offered.service.hook == "order-select" and not wanted(offered.service, body.selected()):
-        return cds_json({"cards": []})  # none of the selected orders concerns this model
+    if offered.service.hook in ORDER_HOOKS and not wanted(offered.service, body.selected()):
+        return cds_json({"cards": []})  # none of the orders concerns this model
     now = cds.now()
-    ex = extract(
-        offered.mapping,
-        patient_id,
-        body.prefetch,
-        now,
-        cds.settings.cds_max_observation_age_days,
-    )
     model = offered.model
+    prefetch, notes = await fetch_missing(request, cds, offered.mapping, body, patient_id)
+    try:
+        ex = extract(
+            offered.mapping,
+            patient_id,
+            prefetch,
+            now,
+            cds.settings.cds_max_observation_age_days,
+        )
+    except MissingDataError as exc:
+        exc.details += notes  # why fetching did not help
+        if cds.settings.cds_missing_data == "412":
+            raise
+        return missing_data_card(cds, service_id, body, model, offered.mapping, exc)
     names = model.manifest.inputs.feature_names or []
     x = to_array([ex.features(names)], model.manifest.inputs, 1)
     params = to_params(PredictParameters(), model, st.settings.max_samples)
@@ -221,20 +147,23 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         mapping=offered.mapping,
     )
     resource = fhir.resource(model, pred, 0, ctx)
-    issued = card_builder.card(offered.mapping, model, pred, 0, ex, resource, card_id)
-    card = issued.card
-    cds.ledger.issue(
-        Record(
-            card=card["uuid"],
-            service=service_id,
-            suggestion=issued.suggestion,
-            model=model.name,
-            version=model.version,
-            digest=model.digest,
-            hook_instance=body.hookInstance,
-            referred=issued.referred,
-        )
+    issued = card_builder.card(
+        offered.mapping, model, pred, 0, ex, resource, card_id, cds.settings.public_base_url
     )
+    card = issued.card
+    record = Record(
+        card=card["uuid"],
+        service=service_id,
+        suggestion=issued.suggestion,
+        model=model.name,
+        version=model.version,
+        digest=model.digest,
+        hook_instance=body.hookInstance,
+        referred=issued.referred,
+    )
+    cds.ledger.issue(record)
+    if cds.shared is not None:  # feedback may reach another replica
+        await cds.shared.issue(record, cds.clock())
     if cds.counters:
         cds.counters["cards"].labels(service_id, card["indicator"]).inc()
     claims = getattr(request.state, "cds_claims", None)
@@ -258,6 +187,56 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     return cds_json({"cards": [card]})
 
 
+async def fetch_missing(
+    request: Request, cds: Clinical, mapping: Mapping, body: HookRequest, patient_id: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The prefetch, completed from the issuer's allow-listed FHIR server where it lacks keys."""
+    claims = getattr(request.state, "cds_claims", None)
+    issuer = cds.settings.cds_issuers.get(claims.iss) if claims else None
+    if issuer is None or not issuer.fhir_servers:
+        return dict(body.prefetch or {}), []
+    policy = FetchPolicy(
+        issuer.fhir_servers, cds.settings.cds_fhir_timeout_s, cds.settings.cds_fhir_max_bytes
+    )
+    return await complete(
+        mapping.prefetch(),
+        body.prefetch,
+        patient_id,
+        body.fhirServer,
+        body.fhirAuthorization,
+        policy,
+        cds.fhir_transport,
+    )
+
+
+def missing_data_card(
+    cds: Clinical,
+    service_id: str,
+    body: HookRequest,
+    model: ServedModel,
+    mapping: Mapping,
+    exc: MissingDataError,
+) -> Response:
+    """A 200 with an info card naming what is missing (the clinician sees it; a 412 is not)."""
+    card = card_builder.missing(
+        mapping, model, exc.details, str(uuid.uuid4()), cds.settings.public_base_url
+    )
+    if cds.counters:
+        cds.counters["cards"].labels(service_id, "info").inc()
+    audit.info(
+        "cds card without prediction",
+        extra={
+            "service": service_id,
+            "hook_instance": body.hookInstance,
+            "card": card["uuid"],
+            "model": model.name,
+            "version": model.version,
+            "missing": [i["details"]["text"] for i in exc.details],
+        },
+    )
+    return cds_json({"cards": [card]})
+
+
 @router.post(
     "/{service_id}/feedback",
     summary="Feedback on a service's cards",
@@ -266,11 +245,15 @@ async def call(service_id: ServiceId, request: Request) -> Response:
 )
 async def feedback(service_id: ServiceId, request: Request) -> Response:
     cds = clinical(request)
-    url = called_url(request, cds.settings)
-    # `aud` is the URL called; the service's own URL is accepted too (clients differ here).
-    authenticate(request, cds, [url, url.removesuffix("/feedback")])
+    await authenticate(request, cds, feedback=True)
     cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
     body = parse(FeedbackRequest, await request.body())
+    if cds.shared is not None:  # cards another replica issued
+        for item in body.feedback:
+            if cds.ledger.get(item.card) is None:
+                found = await cds.shared.card(item.card)
+                if found is not None:
+                    cds.ledger.issue(found)
     outcomes = cds.ledger.record(service_id, body.feedback)
     for item, o in zip(body.feedback, outcomes, strict=True):
         reason = item.overrideReason

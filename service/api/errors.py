@@ -112,10 +112,12 @@ def cds_response(
     if not issues:
         code = CDS_ISSUE.get(status, "transient" if status == 503 else "exception")
         issues = [{"severity": "error", "code": code, "diagnostics": message}]
+        said = [f"{d['field']}: {d['problem']}" for d in details or [] if "field" in d]
+        # Each problem once: the message already names the first one.
         issues += [
-            {"severity": "error", "code": code, "diagnostics": f"{d['field']}: {d['problem']}"}
-            for d in details or []
-            if "field" in d and "problem" in d
+            {"severity": "error", "code": code, "diagnostics": text}
+            for text in dict.fromkeys(said)
+            if text not in message
         ]
     body = {"resourceType": "OperationOutcome", "issue": issues}
     return Response(

@@ -14,9 +14,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from service.clinical.extraction import Extraction, Used
-from service.clinical.fhir import SYSTEM, empties, first_interval, referred
+from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, empties, first_interval, referred
 from service.clinical.mapping import Mapping
 from service.engine.model import Prediction, ServedModel
 from service.engine.summaries import ClassificationSummary, RegressionSummary
@@ -24,7 +25,7 @@ from service.engine.summaries import ClassificationSummary, RegressionSummary
 Json = dict[str, Any]
 MAX_SUMMARY = 139  # "< 140 characters"
 FLAG = "; uncertain, flagged for review"
-OVERRIDE_SYSTEM = SYSTEM.replace("/mcserve", "/override-reason")
+OVERRIDE_SYSTEM = f"{CODE_SYSTEMS}/override-reason"
 OVERRIDE_REASONS = [
     ("clinical-judgement", "Clinical judgement differs"),
     ("inputs-inaccurate", "Inputs are inaccurate or out of date"),
@@ -170,6 +171,27 @@ def detail(mapping: Mapping, model: ServedModel, pred: Prediction, i: int, ex: E
     return "\n\n".join(parts)
 
 
+def source(model: ServedModel, base_url: str | None) -> Json:
+    """The card's source; with the public base URL, `url` is the model's metadata (its page
+    until one exists), absolute as CDS Hooks requires."""
+    out: Json = {
+        "label": f"mcserve: {model.name} {model.version}",
+        "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
+    }
+    if base_url:
+        name, version = quote(model.name, safe=""), quote(model.version, safe="")
+        out["url"] = f"{base_url.rstrip('/')}/v1/models/{name}/versions/{version}"
+    return out
+
+
+def links(model: ServedModel, src: Json) -> Json:
+    """`links`: the model's metadata, when the source has a URL."""
+    if "url" not in src:
+        return {}
+    label = f"Model {model.name} version {model.version}: metadata, intended use, calibration"
+    return {"links": [{"label": label, "url": src["url"], "type": "absolute"}]}
+
+
 def card(
     mapping: Mapping,
     model: ServedModel,
@@ -178,19 +200,19 @@ def card(
     ex: Extraction,
     resource: Json,
     card_id: str | None = None,
+    base_url: str | None = None,
 ) -> Issued:
     is_referred = bool(referred(pred, i))
     kind = resource["resourceType"]
+    src = source(model, base_url)
     suggestion = str(uuid.uuid4())
     out: Json = {
         "uuid": card_id or str(uuid.uuid4()),
         "summary": summary(mapping, model, pred, i),
         "detail": detail(mapping, model, pred, i, ex),
         "indicator": "warning" if is_referred else "info",
-        "source": {
-            "label": f"mcserve: {model.name} {model.version}",
-            "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
-        },
+        "source": src,
+        **links(model, src),
         "suggestions": [
             {
                 "label": f"Record this prediction in the chart ({kind}, status "
@@ -215,3 +237,57 @@ def card(
     if bad:  # a bug, never the client's fault
         raise ValueError(f"card has empty values at {bad}")
     return Issued(out, suggestion, is_referred)
+
+
+# What would make a prediction possible, per OperationOutcome issue code (extraction.py).
+REMEDY = {
+    "required": "a final result (or Patient data) sent in the prefetch",
+    "business-rule": "a result within the allowed age",
+    "code-invalid": "a result in a unit that converts to the model's (UCUM)",
+    "value": "a measured value the model can use",
+    "security": "a FHIR server and access token this service may use (fhir_servers, scope)",
+    "transient": "a FHIR server that answers in time",
+}
+
+
+def missing(
+    mapping: Mapping,
+    model: ServedModel,
+    issues: list[Json],
+    card_id: str,
+    base_url: str | None = None,
+) -> Json:
+    """An `info` card saying no prediction was made, what was missing or unusable, and what would
+    make one possible (the default answer to missing data: a 412 is never shown to clinicians).
+    """
+    names = list(
+        dict.fromkeys(str(i["details"]["text"]) for i in issues if i["severity"] == "error")
+    )
+    head = f"{mapping.summary}: no prediction, missing or unusable input"
+    text = f"{head}: {', '.join(names)}"
+    if len(text) > MAX_SUMMARY:
+        text = f"{head}s ({len(names)})"
+    lines = [
+        "**No prediction was made**: the model needs every one of its inputs, and these could "
+        "not be used:",
+        *(f"- {_cell(str(i['diagnostics']))}" for i in issues),
+        "",
+        "A prediction becomes possible with "
+        + "; ".join(dict.fromkeys(REMEDY.get(str(i["code"]), "usable data") for i in issues))
+        + ". Nothing was computed and nothing is suggested for the chart.",
+        "",
+        f"Model: {model.name} version {model.version}. {model.manifest.intended_use}",
+    ]
+    src = source(model, base_url)
+    out: Json = {
+        "uuid": card_id,
+        "summary": text[:MAX_SUMMARY],
+        "detail": "\n".join(lines),
+        "indicator": "info",
+        "source": src,
+        **links(model, src),
+    }
+    bad = empties(out)
+    if bad:  # a bug, never the client's fault
+        raise ValueError(f"card has empty values at {bad}")
+    return out

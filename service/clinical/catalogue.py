@@ -21,9 +21,12 @@ from service.errors import ModelNotFoundError
 log = logging.getLogger("mcserve.cds")
 
 USAGE = (
-    "Send a JWT signed by an allowlisted issuer. Prefetch is required: the service never "
-    "queries the FHIR server, and answers 412 naming what is missing or too old."
+    "Send a JWT signed by an allowlisted issuer. Prefetch is expected: the service queries "
+    "only FHIR servers configured for the issuer; data still missing or too old get an info "
+    "card naming them."
 )
+
+EXTENSION = "example.mcserve.model"  # discovery: the model behind a service (namespaced key)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class Catalogue:
                     "id": o.service.id,
                     "prefetch": o.mapping.prefetch(),
                     "usageRequirements": USAGE,
-                    "version": o.model.version,
+                    # The model behind the service, as an extension: CDS Hooks has no field for
+                    # it (a `version` there would claim to version the service definition).
+                    "extension": {EXTENSION: {"model": o.model.name, "version": o.model.version}},
                 }
                 for o in self.offered(registry)
             ]

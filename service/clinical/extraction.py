@@ -1,16 +1,20 @@
 """Read a hook's prefetched FHIR data into model features, or say exactly what is missing.
 
-Only the prefetch is read: the service never calls the client's FHIR server. Rules (also in
-docs/CLINICAL.md):
+The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR server by
+`fetch.py`). Rules (also in docs/CLINICAL.md):
 - The Patient is `prefetch.patient` (or any prefetched Patient whose id is `context.patientId`);
   a prefetched Patient or Observation of another patient is a bad request (400).
 - Per observation source, the latest Observation (or Observation.component) with one of its
   codes and status final, amended or corrected wins; its time is effectiveDateTime,
   effectiveInstant, effectivePeriod (end, else start), else `issued`. Dates without a time are
   read as midnight UTC.
+- Units are converted by UCUM (`service/clinical/ucum.py`): any unit commensurable with the
+  mapping's (mg/dl, g/L, mg/(100.mL) for mg/dL; [lb_av]/[in_i]2 for kg/m2), molar <-> mass with
+  the analyte's molar mass.
 - Missing data, a value older than the maximum age, a bound (`comparator`) instead of a value,
-  a unit not in the mapping's table, or a value the derivation cannot use: 412 with one
-  OperationOutcome issue per problem (`MissingDataError`).
+  a unit that does not convert, or a value the derivation cannot use: `MissingDataError` with
+  one OperationOutcome issue per problem (an info card, or a 412).
+- FHIR shapes (times, partial dates, Bundles, references) are read by `records.py`.
 - Age: whole years at the hook's time (the server's clock when the call arrives: CDS Hooks
   requests carry no time); a partial birthDate is read as the middle of its period.
 """
@@ -18,16 +22,23 @@ docs/CLINICAL.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from collections.abc import Mapping as AnyMapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import datetime
 from typing import Any
 
-from service.clinical.mapping import PATIENT_KEY, UCUM, Code, Mapping, ObservationSource
+from service.clinical import ucum
+from service.clinical.mapping import (
+    PATIENT_KEY,
+    STATUSES,
+    UCUM,
+    Code,
+    Mapping,
+    ObservationSource,
+)
+from service.clinical.records import birth_date, matches, refers_to, resources, when, whole_years
 from service.errors import InvalidInputError, MissingDataError
 
-STATUSES = ("final", "amended", "corrected")
 Json = dict[str, Any]
 
 
@@ -71,87 +82,6 @@ def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None 
             for c in coding
         ]
     return {"severity": "error", "code": code, "details": details, "diagnostics": diagnostics}
-
-
-def parse_time(value: Any) -> datetime | None:
-    """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        if len(value) == 4:
-            return datetime(int(value), 1, 1, tzinfo=UTC)
-        if len(value) == 7:
-            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def birth_date(value: Any) -> date | None:
-    """A (possibly partial) birthDate; YYYY is read as YYYY-07-01 and YYYY-MM as YYYY-MM-15."""
-    if not isinstance(value, str):
-        return None
-    try:
-        if len(value) == 4:
-            return date(int(value), 7, 1)
-        if len(value) == 7:
-            return date(int(value[:4]), int(value[5:7]), 15)
-        return date.fromisoformat(value[:10])
-    except ValueError:
-        return None
-
-
-def whole_years(born: date, on: date) -> int:
-    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
-
-
-def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
-    """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
-    for key, value in (prefetch or {}).items():
-        if value is None:
-            continue  # the client could not prefetch it
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
-        kind = value.get("resourceType")
-        if kind == "Bundle":
-            for entry in value.get("entry") or []:
-                res = entry.get("resource") if isinstance(entry, dict) else None
-                if isinstance(res, dict):
-                    yield key, res
-        elif kind != "OperationOutcome":  # a client's report that the prefetch failed
-            yield key, value
-
-
-def _refers_to(subject: Any, patient_id: str) -> bool:
-    ref = subject.get("reference") if isinstance(subject, dict) else None
-    if not isinstance(ref, str):
-        return True  # no reference to check (e.g. an identifier only)
-    return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
-
-
-def _matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
-    codings = codeable.get("coding") if isinstance(codeable, dict) else None
-    return any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings or []
-    )
-
-
-def _when(obs: Json) -> tuple[datetime | None, str | None]:
-    period = obs.get("effectivePeriod")
-    if not isinstance(period, dict):
-        period = {}
-    for raw in (
-        obs.get("effectiveDateTime"),
-        obs.get("effectiveInstant"),
-        period.get("end"),
-        period.get("start"),
-        obs.get("issued"),
-    ):
-        t = parse_time(raw)
-        if t is not None:
-            return t, raw
-    return None, None
 
 
 def _num(v: float) -> str:
@@ -208,90 +138,143 @@ class Reader:
                     p.gender, "sex", code, unit, None, ex.patient, "gender", f"gender {gender}"
                 )
 
-    def observation(self, src: ObservationSource, found: list[Json], ex: Extraction) -> None:
+    def observation(self, src: ObservationSource, found: list[Json], ex: Extraction) -> Json | None:
+        """Read `src` into `ex.used`, or the issue saying why it could not be."""
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
         latest: tuple[datetime, str, Json, Json] | None = None
         for obs in found:
             if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
                 continue
-            holders = [obs] if _matches(obs.get("code"), codes) else []
+            holders = [obs] if matches(obs.get("code"), codes) else []
             holders += [
                 c
                 for c in obs.get("component") or []
-                if isinstance(c, dict) and _matches(c.get("code"), codes)
+                if isinstance(c, dict) and matches(c.get("code"), codes)
             ]
             if not holders:
                 continue
-            t, raw = _when(obs)
+            t, raw = when(obs)
             if t is None or raw is None:
                 continue
             if latest is None or t > latest[0]:
                 latest = (t, raw, obs, holders[0])
         if latest is None:
-            self.issues.append(
-                _issue("required", f"{what}: no final result was prefetched", src.title, src.codes)
+            return _issue(
+                "required", f"{what}: no final result was prefetched", src.title, src.codes
             )
-            return
         t, raw, obs, holder = latest
         ref = f"Observation/{obs.get('id', '?')}"
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0
         if age_days > limit:
-            self.issues.append(
-                _issue(
-                    "business-rule",
-                    f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
-                    f"the maximum is {limit:g} days",
-                    src.title,
-                    src.codes,
-                )
+            return _issue(
+                "business-rule",
+                f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
+                f"the maximum is {limit:g} days",
+                src.title,
+                src.codes,
             )
-            return
         q = holder.get("valueQuantity")
         value = q.get("value") if isinstance(q, dict) else None
         if not isinstance(q, dict) or isinstance(value, bool) or not isinstance(value, int | float):
-            self.issues.append(
-                _issue(
-                    "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
-                )
+            return _issue(
+                "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
             )
-            return
         if q.get("comparator"):
-            self.issues.append(
-                _issue(
-                    "value",
-                    f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
-                    src.title,
-                    src.codes,
-                )
+            return _issue(
+                "value",
+                f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
+                src.title,
+                src.codes,
             )
-            return
         system, code, shown = q.get("system"), q.get("code"), q.get("unit")
         unit = code if code is not None else shown if shown is not None else "1"
-        factor = src.units.get(unit) if system in (None, UCUM) or code is None else None
-        if factor is None or not math.isfinite(value):
-            accepted = ", ".join(repr(u) for u in src.units)
-            self.issues.append(
-                _issue(
-                    "code-invalid",
-                    f"{what}: {ref} has the unit {unit!r}"
-                    + (f" of system {system}" if system not in (None, UCUM) else "")
-                    + f", which is not known here (accepted UCUM units: {accepted})",
-                    src.title,
-                    src.codes,
-                )
+        try:
+            if system not in (None, UCUM) and code is not None:
+                raise ucum.UnitError(f"{unit!r} of system {system} is not a UCUM code")
+            if not isinstance(unit, str):
+                raise ucum.UnitError(f"{unit!r} is not a unit code")
+            factor = src.factor(unit)
+        except ucum.UnitError as exc:
+            return _issue(
+                "code-invalid",
+                f"{what}: {ref}: {exc}; the value must convert to {src.unit}",
+                src.title,
+                src.codes,
             )
-            return
+        if not math.isfinite(value) or not math.isfinite(float(value) * factor):
+            return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
         sent = {
             (c.get("system"), c.get("code"))
             for c in holder["code"].get("coding", [])
             if isinstance(c, dict)
         }
-        label = next((c.label() for c in src.codes if (c.system, c.code) in sent), None)
+        matched = next((c for c in src.codes if (c.system, c.code) in sent), None)
+        label = matched.label() if matched else None
+        if matched is not None and matched.kind is not None:
+            molar = any(d == ucum.MOL for d, _ in ucum.parse(unit).dims)
+            if molar != (matched.kind == "substance"):
+                return _issue(
+                    "code-invalid",
+                    f"{what}: {ref} is coded {label}, a {matched.kind} concentration, but its "
+                    f"unit {unit!r} is a {'substance' if molar else 'mass'} concentration: the "
+                    "code or the unit is wrong",
+                    src.title,
+                    src.codes,
+                )
         converted = float(value) * factor
         given = None if unit == src.unit else f"{_num(float(value))} {unit}"
         ex.used[src.name] = Used(src.name, src.title, converted, src.unit, raw, ref, label, given)
+        return None
+
+    def observations(self, found: list[Json], ex: Extraction) -> None:
+        """Every observation source; where one fails, its fallback (mean arterial pressure from
+        systolic and diastolic, BMI from weight and height) before its issue counts."""
+        sources = self.mapping.observations
+        pending = {}
+        for src in sources:
+            issue = self.observation(src, found, ex)
+            if issue is not None:
+                pending[src.name] = issue
+        for src in sources:
+            if src.name in pending and src.otherwise is not None:
+                issue = self.fallback(src, ex, pending.pop(src.name))
+                if issue is not None:
+                    pending[src.name] = issue
+        self.issues += [pending[s.name] for s in sources if s.name in pending and not s.optional]
+        # An optional quantity is shown (and is in the basis) only where a fallback used it.
+        used = {a for d in self.mapping.derived for a in d.args}
+        for s in sources:
+            if s.otherwise is not None and s.name in ex.used and ex.used[s.name].formula:
+                used.update(s.otherwise.args)
+        for s in sources:
+            if s.optional and s.name not in used:
+                ex.used.pop(s.name, None)
+
+    def fallback(self, src: ObservationSource, ex: Extraction, issue: Json) -> Json | None:
+        """`src` derived from its fallback's arguments, or its issue saying why not either."""
+        fb = src.otherwise
+        assert fb is not None
+        a, b = (ex.used.get(n) for n in fb.args)
+        if a is None or b is None:
+            titles = " and ".join(
+                o.title
+                for o in self.mapping.observations
+                if o.name in fb.args and not ex.used.get(o.name)
+            )
+            issue["diagnostics"] += (
+                f"; nor could it be derived ({fb.formula()}): no usable {titles}"
+            )
+            return issue
+        fa, fb_ = self.mapping.fallback_factors(src)
+        x, y = a.value * fa, b.value * fb_
+        value = (x + 2 * y) / 3 if fb.op == "mean_arterial" else (x / (y * y) if y > 0 else None)
+        if value is None or not math.isfinite(value):
+            issue["diagnostics"] += f"; nor could it be derived ({fb.formula()}) from these values"
+            return issue
+        ex.used[src.name] = Used(src.name, src.title, value, src.unit, formula=fb.formula())
+        return None
 
     def derive(self, ex: Extraction) -> None:
         for d in self.mapping.derived:
@@ -327,7 +310,7 @@ def extract(
             raise InvalidInputError(
                 f"prefetch.{key} is Patient/{res.get('id')}, not context.patientId {patient_id}"
             )
-        if kind == "Observation" and not _refers_to(res.get("subject"), patient_id):
+        if kind == "Observation" and not refers_to(res.get("subject"), patient_id):
             raise InvalidInputError(
                 f"prefetch.{key} holds Observation/{res.get('id')} of another patient "
                 f"({res['subject'].get('reference')}), not Patient/{patient_id}"
@@ -336,8 +319,7 @@ def extract(
     ex = Extraction(patient=f"Patient/{patient_id}")
     reader = Reader(mapping, now, max_age_days)
     reader.patient([r for r in found if r.get("resourceType") == "Patient"], patient_id, ex)
-    for src in mapping.observations:
-        reader.observation(src, found, ex)
+    reader.observations(found, ex)
     reader.derive(ex)
     if reader.issues:
         names = "; ".join(i["details"]["text"] for i in reader.issues)

@@ -31,7 +31,8 @@ from service.engine.summaries import ClassificationSummary, Interval, Regression
 
 Json = dict[str, Any]
 FhirVersion = Literal["R4B", "R5"]
-SYSTEM = "https://mcserve.example/fhir/CodeSystem/mcserve"  # this service's own codes
+CODE_SYSTEMS = "https://mcserve.example/fhir/CodeSystem"  # this service's own code systems
+SYSTEM = f"{CODE_SYSTEMS}/mcserve"  # this service's own codes
 AIAST = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "AIAST",

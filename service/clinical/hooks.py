@@ -1,23 +1,26 @@
 """CDS Hooks request bodies: a hook call and a feedback report (CDS Hooks 2.0).
 
 Unknown top-level keys are allowed (the specification's `extension` and later additions).
-`fhirAuthorization` is accepted and never read, logged or echoed: the service reads the
-prefetch only.
+`fhirAuthorization` is never logged or echoed; its token is sent only to a `fhirServer` on the
+issuer's allow-list, to fetch what the prefetch lacks (`fetch.py`).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import InvalidInputError
 
+ORDER_HOOKS = ("order-select", "order-sign")  # hooks about draft orders (services filter them)
 SAFE_ID = r"^[A-Za-z0-9._:-]{1,128}$"  # hookInstance and card ids are logged: keep them plain
 # Context keys each hook must carry (CDS Hooks hook definitions; optional ones are not listed).
 REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
     "patient-view": ("userId", "patientId"),
     "order-select": ("userId", "patientId", "selections", "draftOrders"),
+    "order-sign": ("userId", "patientId", "draftOrders"),
 }
 
 
@@ -41,20 +44,22 @@ class HookRequest(BaseModel):
         pid = self.context["patientId"]
         if not isinstance(pid, str) or len(pid) > 64:
             raise InvalidInputError("context.patientId must be a FHIR id (a string, <= 64 chars)")
-        if hook == "order-select":
-            if not isinstance(self.context["selections"], list):
-                raise InvalidInputError("context.selections must be an array of references")
-            if not isinstance(self.context["draftOrders"], dict):
-                raise InvalidInputError("context.draftOrders must be a FHIR Bundle")
+        if hook == "order-select" and not isinstance(self.context["selections"], list):
+            raise InvalidInputError("context.selections must be an array of references")
+        if hook in ORDER_HOOKS and not isinstance(self.context["draftOrders"], dict):
+            raise InvalidInputError("context.draftOrders must be a FHIR Bundle")
         return pid
 
     def selected(self) -> list[dict[str, Any]]:
-        """order-select: the draft orders named by context.selections."""
+        """The orders the call is about: order-select's selections among the draft orders;
+        order-sign's draft orders, all of them (they are about to be signed)."""
         wanted = {s for s in self.context.get("selections") or [] if isinstance(s, str)}
         out = []
         for entry in (self.context.get("draftOrders") or {}).get("entry") or []:
             res = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(res, dict) and f"{res.get('resourceType')}/{res.get('id')}" in wanted:
+            if not isinstance(res, dict):
+                continue
+            if self.hook == "order-sign" or f"{res.get('resourceType')}/{res.get('id')}" in wanted:
                 out.append(res)
         return out
 
@@ -92,6 +97,24 @@ class FeedbackItem(BaseModel):
     acceptedSuggestions: list[AcceptedSuggestion] | None = None
     overrideReason: OverrideReason | None = None
     outcomeTimestamp: str = Field(min_length=1)
+
+    @field_validator("outcomeTimestamp")
+    @classmethod
+    def _instant(cls, v: str) -> str:
+        try:
+            t = datetime.fromisoformat(v)
+        except ValueError:
+            t = None
+        if t is None or "T" not in v or t.tzinfo is None:
+            raise ValueError("must be a FHIR instant with a time zone, e.g. 2025-06-01T12:00:00Z")
+        return v
+
+    @model_validator(mode="after")
+    def _accepted(self) -> FeedbackItem:
+        # CDS Hooks 2.0: acceptedSuggestions is required for accepted outcomes.
+        if self.outcome == "accepted" and not self.acceptedSuggestions:
+            raise ValueError("an accepted card's feedback names its acceptedSuggestions")
+        return self
 
 
 class FeedbackRequest(BaseModel):

@@ -18,11 +18,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.bundle.manifest import Manifest
+from service.clinical import ucum
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
-Hook = Literal["patient-view", "order-select"]
+Hook = Literal["patient-view", "order-select", "order-sign"]
 PATIENT_KEY = "patient"
+STATUSES = ("final", "amended", "corrected")  # the Observation statuses read
 
 
 class Strict(BaseModel):
@@ -33,6 +35,9 @@ class Code(Strict):
     system: str = Field(min_length=1)
     code: str = Field(min_length=1)
     display: str | None = None
+    # What the code measures, where a unit could contradict it (LOINC's MCnc / SCnc): a result
+    # coded as a mass concentration but sent in mmol/L is refused, not silently converted.
+    kind: Literal["mass", "substance"] | None = None
 
     def label(self) -> str:
         system = "LOINC" if self.system == LOINC else self.system
@@ -46,22 +51,70 @@ class Concept(Strict):
     coding: list[Code] = Field(default_factory=list)
 
 
+class Fallback(Strict):
+    """A standard derivation of a quantity from others, used when its own result is unusable.
+
+    `mean_arterial`: (systolic + 2 x diastolic) / 3; `bmi`: weight / height^2. The arguments are
+    observation sources (usually `optional`), converted to the quantity's unit by UCUM.
+    """
+
+    op: Literal["mean_arterial", "bmi"]
+    args: list[str] = Field(min_length=2, max_length=2)
+
+    def formula(self) -> str:
+        a, b = self.args
+        return f"({a} + 2 {b}) / 3" if self.op == "mean_arterial" else f"{a} / {b}^2"
+
+
 class ObservationSource(Strict):
     """The latest Observation with one of `codes`, its valueQuantity converted to `unit`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_. -]{1,64}$")  # a feature name, or an intermediate
     title: str = Field(min_length=1)
-    codes: list[Code] = Field(min_length=1)
+    codes: list[Code] = Field(min_length=1)  # a value set: any of them
+    # Panels whose components carry the value (e.g. LOINC 85354-9, the blood-pressure panel):
+    # asked for in the prefetch too, since a FHIR search by `code` sees no component codes.
+    panels: list[Code] = Field(default_factory=list)
+    optional: bool = False  # only an argument of a fallback: its absence alone is no problem
+    otherwise: Fallback | None = None
     unit: str = Field(min_length=1)  # UCUM code of the value the model takes
-    # Accepted UCUM codes -> factor to `unit` (value x factor). An Observation whose quantity has
-    # no unit is read as "1" (dimensionless), accepted only where "1" is listed.
-    units: dict[str, float] = Field(min_length=1)
+    # Any UCUM unit commensurable with `unit` is converted (service/clinical/ucum.py); mass and
+    # substance concentrations into each other with `molar_mass` (g/mol). `units` lists exact
+    # codes with their own factor to `unit` (value x factor); a dimensionless `unit` (whose
+    # meaning is in its annotation, e.g. {a.u.}) accepts only those. An Observation whose
+    # quantity has no unit is read as "1".
+    units: dict[str, float] = Field(default_factory=dict)
+    molar_mass: float | None = Field(default=None, gt=0.0)
     max_age_days: float | None = Field(default=None, gt=0.0)  # default: the mapping's
     prefetch: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # key; def. name
+
+    @model_validator(mode="after")
+    def _units(self) -> ObservationSource:
+        try:
+            target = ucum.parse(self.unit)
+            for code in self.units:
+                ucum.parse(code)
+        except ucum.UnitError as exc:
+            raise ValueError(f"observation '{self.name}': {exc}") from None
+        if not target.dims and not self.units:
+            raise ValueError(
+                f"observation '{self.name}': the unit {self.unit!r} is dimensionless; list the "
+                "accepted codes in `units` (UCUM cannot tell one arbitrary scale from another)"
+            )
+        return self
 
     @property
     def key(self) -> str:
         return self.prefetch or self.name
+
+    def factor(self, unit: str) -> float:
+        """value x factor is in `self.unit`; UnitError says why a unit is refused."""
+        if unit in self.units:
+            return self.units[unit]
+        if not ucum.parse(self.unit).dims:
+            listed = ", ".join(repr(u) for u in self.units)
+            raise ucum.UnitError(f"{unit!r} is not one of the listed units ({listed})")
+        return ucum.factor(unit, self.unit, self.molar_mass)
 
 
 class Derived(Strict):
@@ -104,12 +157,19 @@ class PatientSource(Strict):
 
 class OrderFilter(Strict):
     """Selected draft orders that call for an order-select service: of `resource_type`, and when
-    `system` is given, coded in it with a code starting with one of `prefixes` (e.g. ATC A10,
-    drugs used in diabetes)."""
+    `system` is given, coded in it with a code starting with one of `prefixes` (a hierarchical
+    system: ATC A10, drugs used in diabetes) or equal to one of `codes` (a flat one: RxNorm
+    concepts); with neither, any code of `system`."""
 
     resource_type: str = Field(min_length=1)
     system: str | None = None
     prefixes: list[str] = Field(default_factory=list)
+    codes: list[str] = Field(default_factory=list)
+
+    def takes(self, code: str) -> bool:
+        if not self.prefixes and not self.codes:
+            return True
+        return code in self.codes or code.startswith(tuple(self.prefixes))
 
 
 class Service(Strict):
@@ -117,8 +177,8 @@ class Service(Strict):
     hook: Hook
     title: str = Field(min_length=1)
     description: str = Field(min_length=1)
-    # order-select: the selected orders that call for this service (None: any); a call that
-    # selects none of them answers {"cards": []} without computing.
+    # order-select / order-sign: the selected (or to be signed) orders that call for this
+    # service (None: any); a call with none of them answers {"cards": []} without computing.
     orders: list[OrderFilter] | None = None
 
 
@@ -147,9 +207,36 @@ class Mapping(Strict):
         dupes = sorted({n for n in known if known.count(n) > 1})
         if dupes:
             raise ValueError(f"quantities defined more than once: {dupes}")
+        sources = {o.name: o for o in self.observations}
+        for o in self.observations:
+            if o.otherwise is None:
+                continue
+            for a in o.otherwise.args:
+                if a not in sources or sources[a].otherwise is not None:
+                    raise ValueError(
+                        f"observation '{o.name}': fallback argument '{a}' must be an observation "
+                        "source without a fallback of its own"
+                    )
+            try:
+                self.fallback_factors(o)
+            except ucum.UnitError as exc:
+                raise ValueError(f"observation '{o.name}': {exc}") from None
         if PATIENT_KEY in {o.key for o in self.observations}:
             raise ValueError(f"prefetch key '{PATIENT_KEY}' is reserved for the Patient")
         return self
+
+    def fallback_factors(self, o: ObservationSource) -> tuple[float, float]:
+        """Factors of the fallback's two arguments: value = op(a x f_a, b x f_b) in o.unit."""
+        assert o.otherwise is not None
+        a, b = (next(s for s in self.observations if s.name == n) for n in o.otherwise.args)
+        if o.otherwise.op == "mean_arterial":
+            return ucum.factor(a.unit, o.unit), ucum.factor(b.unit, o.unit)
+        # bmi: weight / height^2, in o.unit once a and b are in its base units.
+        target = ucum.parse(o.unit)
+        got = ucum.parse(a.unit).times(ucum.parse(b.unit), -2)
+        if got.dims != target.dims:
+            raise ucum.UnitError(f"{a.unit!r} / ({b.unit!r})^2 cannot be converted to {o.unit!r}")
+        return got.factor / target.factor, 1.0
 
     def quantities(self) -> list[str]:
         names = [n for n in (self.patient.age, self.patient.gender) if n]
@@ -181,12 +268,14 @@ class Mapping(Strict):
         for o in self.observations:
             groups.setdefault(o.key, []).append(o)
         for key, sources in groups.items():
-            codes = ",".join(f"{c.system}|{c.code}" for s in sources for c in s.codes)
+            every = [f"{c.system}|{c.code}" for s in sources for c in [*s.codes, *s.panels]]
+            codes = ",".join(dict.fromkeys(every))  # each once, in order
             # Sorted newest first, as many as there are concepts under the key: the latest of each
-            # when they were measured together (a panel), the latest of one otherwise.
+            # when they were measured together (a panel), the latest of one otherwise. Final
+            # results only: unfiltered, a newer preliminary result would be the one sent.
             out[key] = (
                 f"Observation?patient={{{{context.patientId}}}}&code={codes}"
-                f"&_sort=-date&_count={len(sources)}"
+                f"&status={','.join(STATUSES)}&_sort=-date&_count={len(sources)}"
             )
         return out
 
@@ -249,10 +338,6 @@ def wanted(service: Service, orders: list[dict[str, object]]) -> bool:
                 return True
             for c in _codings(order):
                 code = c.get("code")
-                if (
-                    c.get("system") == f.system
-                    and isinstance(code, str)
-                    and (not f.prefixes or code.startswith(tuple(f.prefixes)))
-                ):
+                if c.get("system") == f.system and isinstance(code, str) and f.takes(code):
                     return True
     return False

@@ -5,10 +5,12 @@ A token is accepted only when all hold (any failure is one `TokenRejected`, answ
 1. the header's `alg` is asymmetric (ES256/384/512, RS256/384/512, PS256/384/512): `none` and
    HMAC are refused before any key is looked at, so no algorithm confusion is possible;
    `typ` is `JWT`;
-2. `iss` is on the allowlist, and the signature verifies with one of that issuer's public keys
-   (the key named by `kid`, else each key whose type fits; a key's own `alg`, when given,
-   must equal the header's). `jku` is never fetched: the keys come from configuration only;
-3. `aud` is the URL called (one of `audiences`); `exp`, `iat` and `jti` are present;
+2. `kid` is present (CDS Hooks requires it), `iss` is on the allowlist, and the signature
+   verifies with that issuer's public key named by `kid` (whose type fits; a key's own `alg`,
+   when given, must equal the header's). Keys come from configuration, and from the issuer's
+   allow-listed `jku` URLs (`jwks.py`); a `jku` header off that list is refused, never fetched;
+3. `aud` is the URL called (one of `audiences`: the configured public base URL plus the path,
+   never taken from the request's Host or X-Forwarded-* headers); `exp`, `iat`, `jti` present;
    not expired, not issued in the future, `exp - iat` within the maximum lifetime, `nbf`
    passed (each with a leeway for clock skew);
 4. `jti` was not seen before from that issuer. Seen ids are kept in memory, per replica, until
@@ -61,6 +63,7 @@ class Claims:
     jti: str
     tenant: str | None = None
     sub: str | None = None
+    until: float = 0.0  # wall-clock time until which the jti must be remembered (exp + leeway)
 
 
 def load_keys(iss: str, jwks: Mapping[str, Any] | None, jwks_file: Path | None) -> list[Key]:
@@ -85,6 +88,10 @@ def load_keys(iss: str, jwks: Mapping[str, Any] | None, jwks_file: Path | None) 
         if "d" in k:
             raise TrustConfigError(
                 f"CDS issuer {iss!r}: key {i} is a private key; give public keys"
+            )
+        if not isinstance(k.get("kid"), str) or not k["kid"]:
+            raise TrustConfigError(
+                f"CDS issuer {iss!r}: key {i} has no kid; give each key the kid its tokens name"
             )
         if k.get("alg") is not None and k["alg"] not in ALGORITHMS:
             raise TrustConfigError(f"CDS issuer {iss!r}: key {i} has alg {k['alg']!r}")
@@ -134,19 +141,42 @@ class TokenVerifier:
         self,
         issuers: Mapping[str, Sequence[Key]],
         *,
+        jku: Mapping[str, Sequence[str]] | None = None,
         leeway_s: float = 30.0,
         max_lifetime_s: float = 3600.0,
         replay_capacity: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.issuers = {iss: list(keys) for iss, keys in issuers.items()}
+        self.jku = {iss: list(urls) for iss, urls in (jku or {}).items()}
         self.leeway = leeway_s
         self.max_lifetime = max_lifetime_s
         self.replay = ReplayCache(replay_capacity)
         self.clock = clock
 
-    def verify(self, token: str, audiences: Sequence[str]) -> Claims:
-        """The token's claims, or TokenRejected."""
+    def key_urls(self, token: str) -> tuple[str, str, list[str]]:
+        """(iss, kid, the JWKS URLs to consult) for a token whose kid no configured key has:
+        its `jku` header when allow-listed, else every URL of its issuer. Nothing for a token
+        that `verify` will refuse anyway (malformed, unknown issuer, a `jku` off the list)."""
+        try:
+            header = jwt.get_unverified_header(token)
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return "", "", []
+        kid, jku = header.get("kid"), header.get("jku")
+        if not isinstance(iss, str) or not isinstance(kid, str) or not kid:
+            return "", "", []
+        urls = self.jku.get(iss, [])
+        if not urls:
+            return "", "", []
+        if any(k.kid == kid for k in self.issuers.get(iss, [])):
+            return iss, kid, []  # a configured key: nothing to fetch
+        if jku is not None:
+            urls = [jku] if jku in urls else []
+        return iss, kid, urls
+
+    def verify(self, token: str, audiences: Sequence[str], fetched: Sequence[Key] = ()) -> Claims:
+        """The token's claims, or TokenRejected; `fetched`: keys from the issuer's JWKS URLs."""
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -161,13 +191,17 @@ class TokenVerifier:
         keys = self.issuers.get(iss) if isinstance(iss, str) else None
         if keys is None or not isinstance(iss, str):
             raise TokenRejected(f"issuer {iss!r} is not trusted")
+        jku = header.get("jku")
+        if jku is not None and jku not in self.jku.get(iss, []):
+            raise TokenRejected(f"jku {str(jku)[:200]!r} is not on issuer {iss!r}'s list")
+        keys = [*keys, *fetched]
         kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenRejected("the header has no kid (CDS Hooks requires one)")
         candidates = [
             k
             for k in keys
-            if (kid is None or k.kid == kid)
-            and k.kty == KEY_TYPES[alg[:2]]
-            and (k.alg is None or k.alg == alg)
+            if k.kid == kid and k.kty == KEY_TYPES[alg[:2]] and (k.alg is None or k.alg == alg)
         ]
         if not candidates:
             raise TokenRejected(f"issuer {iss!r} has no {alg} key with kid {kid!r}")
@@ -194,6 +228,7 @@ class TokenVerifier:
             jti=jti,
             tenant=tenant if isinstance(tenant, str) else None,
             sub=sub if isinstance(sub, str) else None,
+            until=exp + self.leeway,
         )
 
     def _decode(

@@ -51,3 +51,11 @@ async def ehr(cds_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=cds_app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
+
+
+@pytest.fixture
+def missing_data_412(cds_app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Missing data answered as CDS Hooks 2.0 has it: a 412 OperationOutcome, no card."""
+    clinical = cds_app.state.cds
+    strict = clinical.settings.model_copy(update={"cds_missing_data": "412"})
+    monkeypatch.setattr(clinical, "settings", strict)

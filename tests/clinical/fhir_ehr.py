@@ -72,7 +72,8 @@ def searchset(*resources: dict[str, Any]) -> dict[str, Any]:
 
 
 def diabetes_prefetch(now: datetime, pid: str = PID, **values: Any) -> dict[str, Any]:
-    """Prefetch for `diabetes-progression`; values[name] = (value, unit) or None (omitted)."""
+    """Prefetch for `diabetes-progression`; values[name] = (value, unit), (value, unit, LOINC
+    code) or None (omitted)."""
     out: dict[str, Any] = {"patient": patient(pid)}
     when = now - timedelta(days=10)
     for name, (code, value, unit) in DIABETES.items():
@@ -80,6 +81,7 @@ def diabetes_prefetch(now: datetime, pid: str = PID, **values: Any) -> dict[str,
         if given is None:
             out[name] = searchset()
             continue
+        code = given[2] if len(given) > 2 else code
         out[name] = searchset(observation(f"{name}-1", LOINC, code, given[0], given[1], when, pid))
     return out
 
@@ -133,3 +135,50 @@ def hook_call(
 
 def ln(v: float) -> float:
     return math.log(v)
+
+
+def fulfil(
+    templates: dict[str, str], store: list[dict[str, Any]], pid: str = PID
+) -> dict[str, Any]:
+    """Prefetch as an EHR computes it: each discovery template run as a FHIR search over `store`.
+
+    Supports what the templates use: `Patient/{{context.patientId}}`, and Observation searches
+    by patient, `code` (Observation.code only, as FHIR's `code` parameter), `status`,
+    `_sort=-date` and `_count`.
+    """
+    out: dict[str, Any] = {}
+    for key, template in templates.items():
+        query = template.replace("{{context.patientId}}", pid)
+        if query == f"Patient/{pid}":
+            out[key] = next((r for r in store if r["resourceType"] == "Patient"), None)
+            continue
+        kind, _, params = query.partition("?")
+        assert kind == "Observation", template
+        out[key] = search(dict(p.split("=", 1) for p in params.split("&")), store)
+    return out
+
+
+def search(args: dict[str, str], store: list[dict[str, Any]]) -> dict[str, Any]:
+    """An Observation search as a FHIR server runs it: a searchset Bundle."""
+    codes = {tuple(c.split("|", 1)) for c in args["code"].split(",")}
+    statuses = set(args["status"].split(",")) if "status" in args else None
+    found = [
+        r
+        for r in store
+        if r["resourceType"] == "Observation"
+        and r["subject"]["reference"] == f"Patient/{args['patient']}"
+        and any((c["system"], c["code"]) in codes for c in r["code"]["coding"])
+        and (statuses is None or r["status"] in statuses)
+    ]
+    assert args.get("_sort") == "-date", args
+    found.sort(key=lambda r: str(r["effectiveDateTime"]), reverse=True)
+    return searchset(*found[: int(args["_count"])])
+
+
+def diabetes_store(now: datetime, pid: str = PID) -> list[dict[str, Any]]:
+    """The README's patient as an EHR holds her: the Patient and one final result per feature."""
+    when = now - timedelta(days=10)
+    return [patient(pid)] + [
+        observation(f"{name}-1", LOINC, code, value, unit, when, pid)
+        for name, (code, value, unit) in DIABETES.items()
+    ]

@@ -69,15 +69,17 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
     assert set(services) == {
         "diabetes-progression",
         "diabetes-progression-order-select",
+        "diabetes-progression-order-sign",
         "breast-mass-malignancy",
     }
     assert empties(r.json()) == []
     diab = services["diabetes-progression"]
-    assert diab["hook"] == "patient-view" and diab["version"]
+    assert diab["hook"] == "patient-view" and "version" not in diab
+    assert diab["extension"]["example.mcserve.model"] == {"model": "diabetes", "version": "2"}
     assert diab["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     assert diab["prefetch"]["hdl"] == (
         "Observation?patient={{context.patientId}}&code=http://loinc.org|2085-9,"
-        "http://loinc.org|14646-4&_sort=-date&_count=1"
+        "http://loinc.org|14646-4&status=final,amended,corrected&_sort=-date&_count=1"
     )
     assert services["diabetes-progression-order-select"]["hook"] == "order-select"
     cyto = services["breast-mass-malignancy"]["prefetch"]
@@ -86,7 +88,7 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
 
 async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> None:
     t = now()
-    prefetch = diabetes_prefetch(t, hdl=(38 / 38.67, "mmol/L"))  # one result in SI units
+    prefetch = diabetes_prefetch(t, hdl=(38 / 38.67, "mmol/L", "14646-4"))  # one in SI units
     card = only_card(await call(ehr, es384, DIABETES, hook_call(prefetch)))
     assert len(card["summary"]) < 140
     assert card["summary"].startswith("Diabetes progression score in 1 year: ")
@@ -95,7 +97,7 @@ async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> N
     assert card["source"]["label"].startswith("mcserve: diabetes ")
     detail = card["detail"]
     for text in (
-        "Observation/hdl-1 (LOINC 2085-9)",
+        "Observation/hdl-1 (LOINC 14646-4)",
         "sent as 0.9827 mmol/L",
         "derived: tc / hdl",
         "derived: ln(tg)",
@@ -186,7 +188,6 @@ async def test_feedback(ehr: httpx.AsyncClient, es384: Signer) -> None:
         metrics
     )
     unknown = {"feedback": [{**accepted["feedback"][0], "card": "no-such-card"}]}
-    del unknown["feedback"][0]["acceptedSuggestions"]
     r = await ehr.post(path, json=unknown, headers=auth(es384, path))
     assert r.status_code == 404
     assert "no-such-card" in outcome(r)["issue"][0]["diagnostics"]
@@ -199,6 +200,56 @@ async def test_feedback(ehr: httpx.AsyncClient, es384: Signer) -> None:
     assert r.status_code == 400
 
 
+async def test_feedback_is_checked_as_the_specification_says(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    path = DIABETES + "/feedback"
+    good = {
+        "card": card["uuid"],
+        "outcome": "accepted",
+        "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+        "outcomeTimestamp": "2025-06-01T12:00:00Z",
+    }
+    cases = [
+        ({"outcomeTimestamp": "yesterday"}, "FHIR instant"),
+        ({"outcomeTimestamp": "2025-06-01"}, "FHIR instant"),  # a date, not an instant
+        ({"outcomeTimestamp": "2025-06-01T12:00:00"}, "time zone"),
+        ({"acceptedSuggestions": None}, "acceptedSuggestions"),
+    ]
+    for change, said in cases:
+        body = {"feedback": [{**good, **change}]}
+        r = await ehr.post(path, json=body, headers=auth(es384, path))
+        assert r.status_code == 400, change
+        diagnostics = [i["diagnostics"] for i in outcome(r)["issue"]]
+        assert said in diagnostics[0], diagnostics
+        assert len(diagnostics) == len(set(diagnostics)) == 1  # each problem said once
+    r = await ehr.post(path, json={"feedback": [good]}, headers=auth(es384, path))
+    assert r.status_code == 200
+
+
+async def test_a_bad_request_names_each_problem_once(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    body = hook_call(diabetes_prefetch(now()))
+    del body["hookInstance"]
+    body["context"] = "not an object"
+    r = await call(ehr, es384, DIABETES, body)
+    assert r.status_code == 400
+    diagnostics = [i["diagnostics"] for i in outcome(r)["issue"]]
+    assert diagnostics == [
+        "invalid request: hookInstance: Field required",
+        "context: Input should be an object",
+    ]
+
+
+async def test_override_reasons_use_this_service_s_code_system(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    systems = {r["system"] for r in card["overrideReasons"]}
+    assert systems == {"https://mcserve.example/fhir/CodeSystem/override-reason"}
+
+
+@pytest.mark.usefixtures("missing_data_412")
 async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Signer) -> None:
     r = await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now(), hdl=None)))
     assert r.status_code == 412
@@ -208,7 +259,7 @@ async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Sign
     assert {"system": LOINC, "code": "2085-9"}.items() <= issue["details"]["coding"][0].items()
     # Several problems at once: no patient, too old, unknown unit, no prefetch at all for glucose.
     t = now()
-    prefetch = diabetes_prefetch(t, tg=(129.0, "g/L"))
+    prefetch = diabetes_prefetch(t, tg=(129.0, "mg"))
     del prefetch["patient"]
     prefetch["bmi"] = searchset(
         observation("bmi-old", LOINC, "39156-5", 30.0, "kg/m2", t - timedelta(days=400))
@@ -221,7 +272,7 @@ async def test_missing_data_is_412_naming_it(ehr: httpx.AsyncClient, es384: Sign
     assert issues["Body mass index"]["code"] == "business-rule"
     assert "400 days old" in issues["Body mass index"]["diagnostics"]
     assert issues["Triglycerides"]["code"] == "code-invalid"
-    assert "'g/L'" in issues["Triglycerides"]["diagnostics"]
+    assert "'mg' cannot be converted to 'mg/dL'" in issues["Triglycerides"]["diagnostics"]
 
 
 async def test_bad_requests(ehr: httpx.AsyncClient, es384: Signer) -> None:

@@ -18,8 +18,9 @@ from fhir_ehr import (
 
 from service.bundle.load import TrustPolicy, load_bundle
 from service.clinical.catalogue import Catalogue
-from service.clinical.extraction import birth_date, extract, parse_time, whole_years
+from service.clinical.extraction import extract
 from service.clinical.mapping import MappingError, load_dir, parse, wanted
+from service.clinical.records import birth_date, parse_time, whole_years
 from service.errors import InvalidInputError, MissingDataError
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -125,16 +126,33 @@ def test_a_component_of_a_panel_counts() -> None:
 
 
 def test_units() -> None:
-    ex = extract(
-        DIABETES, "p1", diabetes_prefetch(NOW, tg=(1.456, "mmol/L"), glu=(4.83, "mmol/L")), NOW
-    )
+    si = diabetes_prefetch(NOW, tg=(1.456, "mmol/L", "14927-8"), glu=(4.83, "mmol/L", "14749-6"))
+    ex = extract(DIABETES, "p1", si, NOW)
     assert ex.used["tg"].value == pytest.approx(1.456 * 88.57)
     assert ex.used["tg"].given == "1.456 mmol/L"
     assert ex.used["glu"].value == pytest.approx(4.83 * 18.016)
-    for bad in [(129.0, "mg/dl"), (129.0, "g/L"), (129.0, None)]:
+    # Units as EHRs write them are converted by UCUM, not matched as strings (issue 24).
+    for given in [(129.0, "mg/dl"), (1.29, "g/L"), (129.0, "mg/(100.mL)"), (1290.0, "mg/L")]:
+        ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=given), NOW)
+        assert ex.used["tg"].value == pytest.approx(129.0), given
+    # BMI in pounds per square inch: 0.0456 x 0.45359237 kg / 0.0254**2 m2 = 32.06 kg/m2.
+    ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, bmi=(0.0456, "[lb_av]/[in_i]2")), NOW)
+    assert ex.used["bmi"].value == pytest.approx(0.0456 * 703.0695796)
+    # 13.5 kPa = 13.5 / 0.133322 mm[Hg] = 101.26 mm[Hg].
+    ex = extract(DIABETES, "p1", diabetes_prefetch(NOW, bp=(13.5, "kPa")), NOW)
+    assert ex.used["bp"].value == pytest.approx(13.5 / 0.133322)
+    # A unit that contradicts the code (mmol/L under the mass-concentration code, and the
+    # reverse) is refused: one of the two is wrong, and converting would hide which.
+    for slip in [(1.456, "mmol/L", "2571-8"), (129.0, "mg/dL", "14927-8")]:
+        with pytest.raises(MissingDataError) as exc:
+            extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=slip), NOW)
+        assert "the code or the unit is wrong" in issues(exc)["Triglycerides"]["diagnostics"]
+    for bad in [(129.0, "mg"), (129.0, None), (129.0, "Cel"), (129.0, "10*9/L"), (1.0, "mg/dX")]:
         with pytest.raises(MissingDataError) as exc:
             extract(DIABETES, "p1", diabetes_prefetch(NOW, tg=bad), NOW)
-        assert issues(exc)["Triglycerides"]["code"] == "code-invalid"
+        issue = issues(exc)["Triglycerides"]
+        assert issue["code"] == "code-invalid", bad
+        assert "must convert to mg/dL" in issue["diagnostics"]
     prefetch = diabetes_prefetch(NOW)
     q = prefetch["tg"]["entry"][0]["resource"]["valueQuantity"]
     q["system"] = "http://example.org/units"
@@ -199,6 +217,22 @@ def test_mapping_validation() -> None:
         )
     with pytest.raises(MappingError, match="administrative"):
         parse(raw | {"patient": {**raw["patient"], "gender_codes": {"m": 1}}}, "test")
+    obs = raw["observations"]
+    wrong_unit = [obs[0] | {"unit": "kg/m^2"}, *obs[1:]]
+    with pytest.raises(MappingError, match="not a UCUM unit"):
+        parse(raw | {"observations": wrong_unit}, "test")
+    dimensionless = [obs[0] | {"unit": "{a.u.}"}, *obs[1:]]
+    with pytest.raises(MappingError, match="dimensionless"):
+        parse(raw | {"observations": dimensionless}, "test")
+    by_name = {o["name"]: o for o in obs}
+    nope = {"otherwise": {"op": "bmi", "args": ["weight", "nope"]}}
+    unknown_arg = [o | nope if o["name"] == "bmi" else o for o in obs]
+    with pytest.raises(MappingError, match="fallback argument 'nope'"):
+        parse(raw | {"observations": unknown_arg}, "test")
+    wrong_kind = [o | {"unit": "mg"} if o["name"] == "height" else o for o in obs]
+    assert by_name["bmi"]["otherwise"]["args"] == ["weight", "height"]
+    with pytest.raises(MappingError, match=r"cannot be converted to 'kg/m2'"):
+        parse(raw | {"observations": wrong_kind}, "test")
     with pytest.raises(MappingError, match="used by"):
         Catalogue({"a": parse(raw, "a"), "b": parse(raw | {"model": "b"}, "b")})
 
@@ -227,6 +261,14 @@ def test_order_filter() -> None:
         ],
     )
     assert not wanted(service, [])
+    # RxNorm, a flat system: listed concepts (issue 24: metformin 500 MG Oral Tablet).
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    for code, want in (("861007", True), ("6809", True), ("86100", False), ("8610070", False)):
+        order = {
+            "resourceType": "MedicationRequest",
+            "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": code}]},
+        }
+        assert wanted(service, [order]) is want, code
     assert wanted(DIABETES.services[0], [])  # no filter: every call
 
 

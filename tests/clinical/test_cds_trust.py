@@ -153,6 +153,14 @@ def test_wrong_key(verifier: TokenVerifier, es384: Signer) -> None:
         verifier.verify(without_kid, [AUD])
 
 
+def test_kid_is_required(es384: Signer, verifier: TokenVerifier) -> None:
+    # Signed by the issuer's genuine key, but naming none: CDS Hooks requires `kid`.
+    token = jwt.encode(es384.claims(AUD, NOW), es384.key, algorithm="ES384")
+    assert "kid" not in jwt.get_unverified_header(token)
+    with pytest.raises(TokenRejected, match="no kid"):
+        verifier.verify(token, [AUD])
+
+
 def test_key_of_another_type_or_algorithm(es384: Signer, verifier: TokenVerifier) -> None:
     # An ES384 token naming the RSA key's kid: no key fits, refused before any verification.
     with pytest.raises(TokenRejected, match="no ES384 key"):
@@ -208,6 +216,9 @@ def test_keys_configuration(tmp_path: Path, es384: Signer) -> None:
         load_keys(ISS, {"keys": [private]}, None)
     with pytest.raises(TrustConfigError, match="no keys"):
         load_keys(ISS, {"keys": []}, None)
+    nameless = {k: v for k, v in es384.public_jwk().items() if k != "kid"}
+    with pytest.raises(TrustConfigError, match="no kid"):
+        load_keys(ISS, {"keys": [nameless]}, None)
     with pytest.raises(TrustConfigError, match="cannot read"):
         load_keys(ISS, None, tmp_path / "absent.json")
 

@@ -1,0 +1,102 @@
+"""Reading FHIR records as EHRs send them: times, partial dates, Bundles, references, codes.
+
+No interpretation here (that is `extraction.py`): only what FHIR says the shapes mean.
+- dateTime and instant values become aware datetimes; a date without a time is midnight UTC;
+  a partial birthDate (YYYY, YYYY-MM) is read as the middle of its period;
+- a prefetch value is a resource or a Bundle (its entries unpacked); `null` (the client could
+  not prefetch it) and an OperationOutcome (its report of a failure) hold nothing;
+- an Observation's time is effectiveDateTime, effectiveInstant, effectivePeriod (end, else
+  start), else `issued`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from collections.abc import Mapping as AnyMapping
+from datetime import UTC, date, datetime
+from typing import Any
+
+from service.errors import InvalidInputError
+
+Json = dict[str, Any]
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        if len(value) == 4:
+            return datetime(int(value), 1, 1, tzinfo=UTC)
+        if len(value) == 7:
+            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def birth_date(value: Any) -> date | None:
+    """A (possibly partial) birthDate; YYYY is read as YYYY-07-01 and YYYY-MM as YYYY-MM-15."""
+    if not isinstance(value, str):
+        return None
+    try:
+        if len(value) == 4:
+            return date(int(value), 7, 1)
+        if len(value) == 7:
+            return date(int(value[:4]), int(value[5:7]), 15)
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def whole_years(born: date, on: date) -> int:
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
+    """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
+    for key, value in (prefetch or {}).items():
+        if value is None:
+            continue  # the client could not prefetch it
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
+        kind = value.get("resourceType")
+        if kind == "Bundle":
+            for entry in value.get("entry") or []:
+                res = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(res, dict):
+                    yield key, res
+        elif kind != "OperationOutcome":  # a client's report that the prefetch failed
+            yield key, value
+
+
+def refers_to(subject: Any, patient_id: str) -> bool:
+    ref = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(ref, str):
+        return True  # no reference to check (e.g. an identifier only)
+    return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
+
+
+def matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
+    codings = codeable.get("coding") if isinstance(codeable, dict) else None
+    return any(
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings or []
+    )
+
+
+def when(obs: Json) -> tuple[datetime | None, str | None]:
+    period = obs.get("effectivePeriod")
+    if not isinstance(period, dict):
+        period = {}
+    for raw in (
+        obs.get("effectiveDateTime"),
+        obs.get("effectiveInstant"),
+        period.get("end"),
+        period.get("start"),
+        obs.get("issued"),
+    ):
+        t = parse_time(raw)
+        if t is not None:
+            return t, raw
+    return None, None

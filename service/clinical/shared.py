@@ -1,0 +1,124 @@
+"""Replay and card memory shared by replicas, in the PostgreSQL the audit trail uses.
+
+With `audit_url` set, every replica also records each accepted token's (iss, jti) until it
+expires and each issued card, in two tables of that database (created on first use, under an
+advisory lock). A token seen by any replica is then refused by all (not once per replica), and
+feedback reaches any replica. The per-replica memories stay in front (a replay on the same
+replica costs no query).
+
+Failures: when the database cannot be reached, tokens are refused (fail closed, as the local
+memory does when full) and cards are still issued (feedback may then 404 elsewhere). Rows are
+purged once expired (tokens) or after `card_days` (cards), every `PURGE_EVERY` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import astuple
+
+import psycopg
+
+from service.clinical.ledger import Record
+
+log = logging.getLogger("mcserve.cds")
+LOCK = 0x6D63_6364  # advisory lock key for the schema ("mccd")
+PURGE_EVERY = 1000
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mcserve_cds_jti (
+    iss TEXT NOT NULL, jti TEXT NOT NULL, until DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (iss, jti));
+CREATE TABLE IF NOT EXISTS mcserve_cds_cards (
+    card TEXT PRIMARY KEY, service TEXT NOT NULL, suggestion TEXT NOT NULL, model TEXT NOT NULL,
+    version TEXT NOT NULL, digest TEXT NOT NULL, hook_instance TEXT NOT NULL,
+    referred BOOLEAN NOT NULL, issued DOUBLE PRECISION NOT NULL);
+"""
+FIRST_USE = """
+INSERT INTO mcserve_cds_jti AS t (iss, jti, until) VALUES (%s, %s, %s)
+ON CONFLICT (iss, jti) DO UPDATE SET until = EXCLUDED.until WHERE t.until < %s
+RETURNING 1
+"""
+CARD_COLUMNS = "card, service, suggestion, model, version, digest, hook_instance, referred"
+
+
+class SharedUnavailable(Exception):
+    pass
+
+
+class SharedMemory:
+    def __init__(self, url: str, card_days: float = 30.0, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.card_days = card_days
+        self.timeout_s = timeout_s
+        self._conn: psycopg.AsyncConnection | None = None
+        self._lock = asyncio.Lock()  # one connection, one statement at a time
+        self._writes = 0
+
+    async def _connection(self) -> psycopg.AsyncConnection:
+        if self._conn is None or self._conn.closed:
+            conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, connect_timeout=int(self.timeout_s)
+            )
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
+                await conn.execute(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        async with self._lock:
+            try:
+                conn = await asyncio.wait_for(self._connection(), self.timeout_s)
+                cur = await asyncio.wait_for(conn.execute(sql, params), self.timeout_s)
+                return await cur.fetchall() if cur.description else []
+            except (psycopg.Error, TimeoutError) as exc:
+                if self._conn is not None:
+                    await self._conn.close()
+                    self._conn = None
+                raise SharedUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def _purge(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % PURGE_EVERY:
+            return
+        await self._run("DELETE FROM mcserve_cds_jti WHERE until < %s", (now,))
+        old = now - self.card_days * 86400
+        await self._run("DELETE FROM mcserve_cds_cards WHERE issued < %s", (old,))
+
+    async def first_use(self, iss: str, jti: str, until: float, now: float) -> bool:
+        """Whether no replica has accepted (iss, jti) before (records it until `until`)."""
+        rows = await self._run(FIRST_USE, (iss, jti, until, now))
+        await self._purge(now)
+        return bool(rows)
+
+    async def issue(self, record: Record, now: float) -> None:
+        try:
+            await self._run(
+                f"INSERT INTO mcserve_cds_cards ({CARD_COLUMNS}, issued) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (card) DO NOTHING",
+                (*astuple(record), now),
+            )
+            await self._purge(now)
+        except SharedUnavailable as exc:  # the card is still issued; feedback may 404 elsewhere
+            log.warning("shared card memory unavailable", extra={"reason": str(exc)})
+
+    async def card(self, card: str) -> Record | None:
+        try:
+            rows = await self._run(
+                f"SELECT {CARD_COLUMNS} FROM mcserve_cds_cards WHERE card = %s", (card,)
+            )
+        except SharedUnavailable as exc:
+            log.warning("shared card memory unavailable", extra={"reason": str(exc)})
+            return None
+        if not rows:
+            return None
+        c, service, suggestion, model, version, digest, hook, referred = rows[0]
+        return Record(
+            str(c), str(service), str(suggestion), str(model), str(version), str(digest),
+            str(hook), bool(referred),
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None

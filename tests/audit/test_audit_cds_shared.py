@@ -1,0 +1,61 @@
+"""Two replicas sharing the audit trail's PostgreSQL: a token replayed on the other replica is
+refused, and feedback reaches the replica that did not issue the card (issue 24 item 5)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from audit_support import Backend, execute, pg_backend, serving
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "clinical"))  # the EHR of the CDS tests
+
+from cds_client import BASE, ISS, Signer, auth
+from fhir_ehr import MODELS, diabetes_prefetch, hook_call
+
+from service.settings import CdsIssuer
+
+SERVICE = "/cds-services/diabetes-progression"
+
+
+@pytest.fixture
+def pg(postgres: str) -> Iterator[Backend]:
+    yield from pg_backend(postgres)
+
+
+async def test_two_replicas_share_replay_and_card_memory(pg: Backend) -> None:
+    signer = Signer(ec.generate_private_key(ec.SECP384R1()), "ES384", "shared-es384")
+    settings = {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        "audit": False,  # the shared memory needs only the database (audit_url)
+        **pg.settings,
+    }
+    async with serving(MODELS, **settings) as (_, a), serving(MODELS, **settings) as (_, b):
+        body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+        headers = auth(signer, SERVICE)
+        r = await a.post(SERVICE, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        (card,) = r.json()["cards"]
+        # The same token at the other replica: a replay (each replica alone would accept it).
+        r = await b.post(SERVICE, json=body, headers=headers)
+        assert (r.status_code, r.content) == (401, b"")
+        # Feedback on the card at the replica that did not issue it.
+        path = SERVICE + "/feedback"
+        fb = {
+            "card": card["uuid"],
+            "outcome": "accepted",
+            "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}],
+            "outcomeTimestamp": datetime.now(UTC).isoformat(),
+        }
+        r = await b.post(path, json={"feedback": [fb]}, headers=auth(signer, path))
+        assert r.status_code == 200, r.text
+        # A fresh token still works on either replica.
+        r = await b.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+        assert r.status_code == 200
+    assert execute(pg, "SELECT count(*) FROM mcserve_cds_jti") == 3
+    assert execute(pg, "SELECT count(*) FROM mcserve_cds_cards") == 2

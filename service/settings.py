@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     cds_timeout_ms: float = Field(default=5000.0, gt=0.0)  # deadline of one hook call's compute
     fhir_version: Literal["R4B", "R5"] = "R4B"  # FHIR resources in cards and the native API
 
+    # Model pages (service/api/pages.py): HTML at /models, and where `evaluate` reports are read
+    # (<evaluation_dir>/<name>/report.json, used only when its digest is the served bundle's).
+    pages: bool = True
+    evaluation_dir: Path | None = Path("docs/evaluation")
+
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
             allow_code_artifacts=self.allow_code_artifacts,

@@ -170,3 +170,19 @@ async def test_api_docs_load_only_assets_of_this_server(
     for asset in assets:
         got = await client.get(asset)
         assert got.status_code == 200 and len(got.content) > 100, asset
+
+
+async def test_bundled_models_show_their_evaluation_reports() -> None:
+    """docs/evaluation holds the reports of the calibrated copies (version 2): their pages show
+    the plots; version 1 (another digest) says it has no evaluation."""
+    root = Path(__file__).resolve().parents[2]
+    settings = Settings(model_dir=root / "models", evaluation_dir=root / "docs" / "evaluation")
+    plots = {"breast-cancer": "reliability", "diabetes": "coverage", "digits": "risk_coverage"}
+    async with running(settings) as app, asgi_client(app) as c:
+        for name, plot in plots.items():
+            html = (await c.get(f"/models/{name}")).text
+            assert "version 2" in html and 'id="no-evaluation"' not in html, name
+            url = f"/models/{name}/versions/2/plots/{plot}.png"
+            assert f'<img src="{url}"' in html
+            assert (await c.get(url)).content.startswith(b"\x89PNG")
+            assert 'id="no-evaluation"' in (await c.get(f"/models/{name}/versions/1")).text

@@ -157,6 +157,33 @@
     }
     return box;
   }
+  // The first interval as a band and the prediction as a line on one axis (a picture of the
+  // numbers above, hidden from screen readers, which read those). An unbounded side runs to
+  // the edge. Positions are set through CSSOM, which the CSP allows (style attributes it does not).
+  function intervalBar(p) {
+    const iv = (p.intervals || [])[0];
+    if (!iv) return null;
+    const spread = 4 * (p.std || Math.abs(p.mean) || 1);
+    const lo = iv.lower === null ? p.mean - spread : iv.lower;
+    const hi = iv.upper === null ? p.mean + spread : iv.upper;
+    const pad = 0.1 * (hi - lo || 1);
+    const a = Math.min(lo, p.mean) - pad, b = Math.max(hi, p.mean) + pad;
+    const pct = (x) => (100 * (x - a)) / (b - a) + "%";
+    const box = el("figure", null, { class: "ivbar" });
+    const axis = el("div", null, { class: "axis", "aria-hidden": "true" });
+    const band = el("span", null, { class: "band" });
+    band.style.left = pct(lo);
+    band.style.width = (100 * (hi - lo)) / (b - a) + "%";
+    if (iv.lower === null) band.classList.add("open-left");
+    if (iv.upper === null) band.classList.add("open-right");
+    const mark = el("span", null, { class: "mark" });
+    mark.style.left = pct(p.mean);
+    axis.append(band, mark);
+    box.append(axis);
+    box.append(el("figcaption", "Band: the " + Math.round(iv.level * 1000) / 10 + " % interval, " + fmt(iv.lower) + " to " + fmt(iv.upper) + "; line: the prediction, " + fmt(p.mean) + "."));
+    return box;
+  }
+
   function draw(answer) {
     const p = answer.predictions[0];
     const out = el("section", null, { "aria-labelledby": "answer-h" });
@@ -169,6 +196,8 @@
       if (p.epistemic_std !== null && p.epistemic_std !== undefined) rows.push(["Epistemic std (the model's doubt)", fmt(p.epistemic_std), "epistemic"]);
       if (p.aleatoric_std !== null && p.aleatoric_std !== undefined) rows.push(["Aleatoric std (noise in the data)", fmt(p.aleatoric_std), "aleatoric"]);
       out.append(facts(rows));
+      const bar = intervalBar(p);
+      if (bar) out.append(bar);
     } else {
       rows.push(["Predicted class", p.label, "label"]);
       if (p.prediction_set) {

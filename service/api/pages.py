@@ -83,13 +83,25 @@ def _flat(d: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def served(
+    request: Request, name: str, version: str | None
+) -> tuple[ServedModel, evaluations.Evaluation | None]:
+    """The model and its evaluation (None: none found for its digest). ModelNotFound and
+    NotReady go to errors.py, which answers a page route with an HTML page."""
+    st = state(request)
+    model = st.registry.get(name, version)
+    entry = next((e for e in st.registry.versions(name) if e.model is model), None)
+    if entry is None:  # unloaded between the two look-ups
+        raise ModelNotFoundError(f"model '{name}' was unloaded; GET /models lists the models")
+    where = st.settings.evaluation_dir
+    return model, evaluations.find(entry.path, model.name, model.digest, where)
+
+
 def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
     st = state(request)
-    model = st.registry.get(name, version)  # ModelNotFound / NotReady: errors.py, as HTML
+    model, evaluation = served(request, name, version)
     m = model.manifest
     entries = st.registry.versions(name)
-    entry = next(e for e in entries if e.version == m.version)
-    evaluation = evaluations.find(entry.path, m.name, model.digest, st.settings.evaluation_dir)
     base = f"/models/{m.name}/versions/{m.version}"
     policy = model.calibrator.policy
     return {
@@ -164,10 +176,7 @@ async def version_page(name: Name, version: Version, request: Request) -> Respon
     summary="An evaluation plot of one version",
 )
 async def plot(name: Name, version: Version, plot: str, request: Request) -> Response:
-    st = state(request)
-    model = st.registry.get(name, version)
-    entry = next(e for e in st.registry.versions(name) if e.version == model.version)
-    ev = evaluations.find(entry.path, name, model.digest, st.settings.evaluation_dir)
+    _, ev = served(request, name, version)
     path = ev.plot_path(plot) if ev else None
     if path is None:
         raise ModelNotFoundError(f"model '{name}' version '{version}' has no plot '{plot}'")

@@ -21,13 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
+from axe_playwright_python.sync_playwright import Axe
 from hostile_pages import NAME, SCRIPT, hostile_bundle
+from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
 
 from service.api import examples
-
-playwright = pytest.importorskip("playwright.sync_api")
-axe_playwright = pytest.importorskip("axe_playwright_python.sync_playwright")
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)
@@ -63,7 +62,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
-    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         context = p.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=FLAGS
         )
@@ -248,7 +247,7 @@ def test_no_serious_accessibility_violations(srv: Server, page: Any, path: str) 
     page.goto(srv.url + path)
     if path != "/models":
         predict(page)  # the drawn answer is checked too
-    results = axe_playwright.Axe().run(page)
+    results = Axe().run(page)
     bad = [
         (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
         for v in results.response["violations"]

@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,12 +215,46 @@ def test_the_drawing_works_from_the_keyboard(srv: Server, page: Any) -> None:
     for key in ("ArrowRight", "ArrowDown", "Enter", "Space", "ArrowLeft", "Space"):
         page.keyboard.press(key)
     cells = page.locator("#grid .cell")
-    assert cells.nth(9).get_attribute("data-level") == "2"  # row 2, column 2: full
+    assert cells.nth(9).get_attribute("data-value") == "16"  # row 2, column 2: full
     assert cells.nth(8).get_attribute("aria-label") == "row 2, column 1: half"
     assert page.evaluate("document.activeElement.dataset.index") == "8"
     sent = predict(page)
     flat = [v for row in sent["instances"][0][0] for v in row]
     assert flat[8] == 8.0 and flat[9] == 16.0 and sum(flat) == 24.0
+
+
+def png(grey: list[list[int]]) -> bytes:
+    """A greyscale PNG (8 bits, no filter) of the given rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", len(grey[0]), len(grey), 8, 0, 0, 0, 0)
+    raw = b"".join(b"\0" + bytes(row) for row in grey)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_an_uploaded_image_fills_the_grid(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/digits")
+    page.set_input_files("#upload", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"no"})
+    page.wait_for_selector("#form-error:not(:empty)")
+    assert page.locator("#form-error").inner_text().startswith("could not read x.txt")
+    # Black diagonal on white, one pixel at grey level 51: values 16, 0 and 16 * (1 - 51/255).
+    grey = [[0 if r == c else 255 for c in range(8)] for r in range(8)]
+    grey[0][7] = 51
+    picture = {"name": "digit.png", "mimeType": "image/png", "buffer": png(grey)}
+    page.set_input_files("#upload", picture)
+    page.wait_for_selector("#grid .cell[data-index='9'][data-value='16']")
+    assert page.locator("#form-error").inner_text() == ""
+    flat = [v for row in predict(page)["instances"][0][0] for v in row]
+    want = [16 * (1 - grey[i // 8][i % 8] / 255) for i in range(64)]
+    assert max(abs(a - b) for a, b in zip(flat, want, strict=True)) <= 0.01, flat
 
 
 def test_a_hostile_manifest_runs_nothing(srv: Server, page: Any) -> None:

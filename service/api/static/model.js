@@ -33,22 +33,56 @@
   }
 
   // --- the drawing grid (image models) -------------------------------------------------
+  // Each cell holds a value from low to high (data-value) and is shaded by it: black is high,
+  // as ink on paper. A click or Enter/Space cycles low, half, high; an uploaded image sets
+  // every cell (scaled to the grid, its darkness as the value).
   const grid = document.getElementById("grid");
   const cells = grid ? Array.from(grid.querySelectorAll(".cell")) : [];
-  const LEVELS = ["empty", "half", "full"];
+  const low = grid ? Number(grid.dataset.low) : 0;
+  const high = grid ? Number(grid.dataset.high) : 1;
   function valueOf(cell) {
-    const low = Number(grid.dataset.low), high = Number(grid.dataset.high);
-    return low + (high - low) * Number(cell.dataset.level) / 2;
+    return Number(cell.dataset.value);
   }
-  function setLevel(cell, level) {
-    cell.dataset.level = String(level);
-    cell.setAttribute("aria-label", cell.getAttribute("aria-label").replace(/: \w+$/, ": " + LEVELS[level]));
+  function setValue(cell, v) {
+    cell.dataset.value = String(v);
+    const ink = (v - low) / (high - low || 1);
+    const grey = Math.round(255 * (1 - ink));
+    cell.style.backgroundColor = "rgb(" + grey + "," + grey + "," + grey + ")"; // CSSOM: allowed
+    const word = v <= low ? "empty" : v >= high ? "full" : v === (low + high) / 2 ? "half" : String(v);
+    cell.setAttribute("aria-label", cell.getAttribute("aria-label").replace(/: [^:]+$/, ": " + word));
+  }
+  function cycle(cell) {
+    const v = valueOf(cell), mid = (low + high) / 2;
+    setValue(cell, v < mid ? mid : v < high ? high : low);
+  }
+  async function upload(file) {
+    const rows = Number(grid.dataset.rows), cols = Number(grid.dataset.cols);
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file); // from the file's bytes: no URL is loaded
+    } catch (err) {
+      formError.textContent = "could not read " + file.name + " as an image; use a PNG or JPEG";
+      return;
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = cols;
+    canvas.height = rows;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#ffffff"; // transparent parts count as paper
+    ctx.fillRect(0, 0, cols, rows);
+    ctx.drawImage(bitmap, 0, 0, cols, rows);
+    const px = ctx.getImageData(0, 0, cols, rows).data;
+    cells.forEach((cell, i) => {
+      const lum = 0.299 * px[4 * i] + 0.587 * px[4 * i + 1] + 0.114 * px[4 * i + 2];
+      setValue(cell, Math.round(100 * (low + (high - low) * (1 - lum / 255))) / 100);
+    });
+    formError.textContent = "";
   }
   if (grid) {
     const cols = Number(grid.dataset.cols);
     grid.style.gridTemplateColumns = "repeat(" + cols + ", 1fr)"; // CSSOM: allowed by the CSP
     cells.forEach((cell, i) => {
-      cell.addEventListener("click", () => setLevel(cell, (Number(cell.dataset.level) + 1) % 3));
+      cell.addEventListener("click", () => cycle(cell));
       cell.addEventListener("keydown", (e) => {
         const moves = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -cols, ArrowDown: cols };
         if (!(e.key in moves)) return;
@@ -60,7 +94,9 @@
         next.focus();
       });
     });
-    document.getElementById("clear").addEventListener("click", () => cells.forEach((c) => setLevel(c, 0)));
+    document.getElementById("clear").addEventListener("click", () => cells.forEach((c) => setValue(c, low)));
+    const picker = document.getElementById("upload");
+    picker.addEventListener("change", () => picker.files.length && upload(picker.files[0]));
   }
 
   // --- errors ----------------------------------------------------------------------------

@@ -139,8 +139,11 @@ async def test_evaluation_is_shown_only_for_the_served_digest(hostile: httpx.Asy
 
 
 async def test_pages_can_be_switched_off(repo: Path) -> None:
-    app = create_app(Settings(model_dir=repo, pages=False))
-    assert not [p for p in app.openapi()["paths"] if p.startswith("/models")]
+    def pages(settings: Settings) -> list[str]:
+        return [p for p in create_app(settings).openapi()["paths"] if p.startswith("/models")]
+
+    assert len(pages(Settings(model_dir=repo))) == 4  # on by default
+    assert pages(Settings(model_dir=repo, pages=False)) == []
     async with running(Settings(model_dir=repo, pages=False)) as on, asgi_client(on) as c:
         assert (await c.get("/models/clf")).status_code == 404
         assert (await c.get("/docs")).status_code == 200  # the API docs stay

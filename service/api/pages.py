@@ -53,13 +53,14 @@ def form_of(model: ServedModel) -> dict[str, Any]:
     image: a shape [.., H, W] of one channel), or nothing when neither fits."""
     spec = model.manifest.inputs
     n = spec.features
-    valid, train = _ranges(spec, "valid_ranges", n), _ranges(spec, "training_ranges", n)
     shape = list(spec.shape)
-    if len(shape) >= 2 and n == shape[-1] * shape[-2] and n <= IMAGE_CELLS:
+    image = len(shape) >= 2 and n == shape[-1] * shape[-2] and n <= IMAGE_CELLS
+    if not image and n > MAX_FORM_FIELDS:  # checked before building anything n long
+        return {"kind": "none"}
+    valid, train = _ranges(spec, "valid_ranges", n), _ranges(spec, "training_ranges", n)
+    if image:
         lo, hi = valid[0] or (0.0, 1.0)
         return {"kind": "image", "rows": shape[-2], "cols": shape[-1], "low": lo, "high": hi}
-    if n > MAX_FORM_FIELDS:
-        return {"kind": "none"}
     names = spec.feature_names or [f"x{j}" for j in range(n)]
     units = spec.units or [None] * n
     fields = [

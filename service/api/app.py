@@ -19,7 +19,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import audit, errors
+from service.api import audit, docs, errors
 from service.api.auth import ApiKeyGuard
 from service.api.cds import router as cds_router
 from service.api.fastpath import ROUTE_KEY, PredictionRoutes, route_of
@@ -156,6 +156,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Neural network predictions with Monte Carlo dropout uncertainty",
         lifespan=lifespan,
+        docs_url=None,  # served by docs.install, from the package (no CDN)
+        redoc_url=None,
     )
     app.state.metrics = metrics
     errors.install(app)
@@ -163,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)  # Open Inference Protocol
     app.include_router(repository_router)
     app.include_router(cds_router)  # CDS Hooks with FHIR (docs/CLINICAL.md)
+    docs.install(app, settings)  # /docs, /redoc, /static and the model pages (HTML)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Response:

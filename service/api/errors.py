@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api import html
 from service.api.middleware import BodyTooLarge
 from service.errors import McServeError, OverloadedError
 
@@ -59,6 +60,8 @@ def family(request: Request) -> str:
         return "v2"
     if path.startswith("/cds-services"):
         return "cds"
+    if path == "/models" or path.startswith("/models/"):
+        return "pages"  # a person reading: an HTML page
     return "v1"
 
 
@@ -79,6 +82,8 @@ def error_response(
     fam = family(request)
     if fam == "cds":
         return cds_response(request, status, message, details, headers)
+    if fam == "pages":
+        return html.error_page(status, message, request_id(request) or None, headers)
     if fam == "v2" and status == 422:
         status = 400
     body: dict[str, Any] = {"error": message}

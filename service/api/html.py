@@ -1,0 +1,63 @@
+"""HTML rendering shared by the model pages and the API documentation: one Jinja2 environment
+with autoescaping on for every template, and the Content-Security-Policy they are served under.
+
+Every string a page shows may come from a bundle (a manifest is data from a file): templates
+never mark such text safe, and pages carry no inline script, so an escaped `<script>` stays text
+and one that slipped through would not run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from starlette.responses import HTMLResponse
+
+# Scripts, styles, images and fetches from this server only; no inline script or style, no
+# plugins, no framing, no form posts elsewhere. 'self' is the origin the page was loaded from.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+# Swagger UI draws icons from data: URIs; ReDoc inserts <style> elements (styled-components)
+# and renders in a blob: worker. Scripts stay 'self' only.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; form-action 'self'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",  # a page shows what is loaded now
+}
+
+_env = Environment(
+    loader=PackageLoader("service.api", "templates"),
+    autoescape=True,  # every template, whatever its name
+    undefined=StrictUndefined,  # a misspelt variable fails the test, not renders as nothing
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def render(
+    template: str,
+    status: int = 200,
+    csp: str = CSP,
+    headers: dict[str, str] | None = None,
+    **ctx: Any,
+) -> HTMLResponse:
+    body = _env.get_template(template).render(**ctx)
+    all_headers = {**HEADERS, "Content-Security-Policy": csp, **(headers or {})}
+    return HTMLResponse(body, status_code=status, headers=all_headers)
+
+
+def error_page(
+    status: int, message: str, request_id: str | None, headers: dict[str, str] | None = None
+) -> HTMLResponse:
+    """What a person gets instead of a JSON error body on a page route (see errors.py)."""
+    headers = {**(headers or {}), **({"x-request-id": request_id} if request_id else {})}
+    return render(
+        "error.html", status, headers=headers, code=status, message=message, request_id=request_id
+    )

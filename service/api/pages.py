@@ -1,0 +1,184 @@
+"""A page per model (HTML): the model card, its calibration and evaluation, and a form to try it.
+
+GET /models lists the models; /models/{name}[/versions/{v}] shows one. The page's script
+(static/model.js) calls the same /v1 predict route as any client, with the API key the user
+types, and draws the answer with textContent. Off with MCSERVE_PAGES=false.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from starlette.responses import FileResponse, HTMLResponse, Response
+
+from service.api import evaluations
+from service.api.html import render
+from service.api.native import state
+from service.engine.model import ServedModel
+from service.errors import ModelNotFoundError
+
+router = APIRouter(tags=["pages"])
+HTML_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such model, version or plot", "content": {"text/html": {}}},
+    503: {"description": "the model is not ready", "content": {"text/html": {}}},
+}
+Name = Annotated[str, Path(description="model name")]
+Version = Annotated[str, Path(description="model version")]
+MAX_FORM_FIELDS = 256  # more features than this: no form, the page points to the API
+IMAGE_CELLS = 32 * 32  # the largest drawing grid
+NOT_CLINICAL = "not for clinical use"
+
+
+def _ranges(spec: Any, field: str, n: int) -> list[tuple[float, float] | None]:
+    given = getattr(spec, field)
+    if given:
+        return [tuple(r) for r in given]
+    if field == "valid_ranges" and spec.value_range:
+        return [tuple(spec.value_range)] * n
+    return [None] * n
+
+
+def _default(train: tuple[float, float] | None, valid: tuple[float, float] | None) -> str:
+    """Start each field in the middle of what the model saw in training (or may be given)."""
+    r = train or valid
+    if r is None or not all(abs(v) < 1e300 for v in r):
+        return "0"
+    return f"{(r[0] + r[1]) / 2:.6g}"
+
+
+def form_of(model: ServedModel) -> dict[str, Any]:
+    """What the "try it" form asks for: a field per feature (tabular) or a drawing grid (an
+    image: a shape [.., H, W] of one channel), or nothing when neither fits."""
+    spec = model.manifest.inputs
+    n = spec.features
+    shape = list(spec.shape)
+    image = len(shape) >= 2 and n == shape[-1] * shape[-2] and n <= IMAGE_CELLS
+    if not image and n > MAX_FORM_FIELDS:  # checked before building anything n long
+        return {"kind": "none"}
+    valid, train = _ranges(spec, "valid_ranges", n), _ranges(spec, "training_ranges", n)
+    if image:
+        lo, hi = valid[0] or (0.0, 1.0)
+        return {"kind": "image", "rows": shape[-2], "cols": shape[-1], "low": lo, "high": hi}
+    names = spec.feature_names or [f"x{j}" for j in range(n)]
+    units = spec.units or [None] * n
+    fields = [
+        {
+            "index": j,
+            "name": names[j],
+            "unit": units[j] or "",
+            "valid": valid[j],
+            "train": train[j],
+            "value": _default(train[j], valid[j]),
+        }
+        for j in range(n)
+    ]
+    return {"kind": "tabular", "fields": fields}
+
+
+def _flat(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """A dict as (key, text) rows: nested values as compact JSON (escaped by the template)."""
+    return [
+        (str(k), v if isinstance(v, str) else json.dumps(v, sort_keys=True)) for k, v in d.items()
+    ]
+
+
+def served(
+    request: Request, name: str, version: str | None
+) -> tuple[ServedModel, evaluations.Evaluation | None]:
+    """The model and its evaluation (None: none found for its digest). ModelNotFound and
+    NotReady go to errors.py, which answers a page route with an HTML page."""
+    st = state(request)
+    model = st.registry.get(name, version)
+    entry = next((e for e in st.registry.versions(name) if e.model is model), None)
+    if entry is None:  # unloaded between the two look-ups
+        raise ModelNotFoundError(f"model '{name}' was unloaded; GET /models lists the models")
+    where = st.settings.evaluation_dir
+    return model, evaluations.find(entry.path, model.name, model.digest, where)
+
+
+def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
+    st = state(request)
+    model, evaluation = served(request, name, version)
+    m = model.manifest
+    entries = st.registry.versions(name)
+    base = f"/models/{m.name}/versions/{m.version}"
+    policy = model.calibrator.policy
+    return {
+        "m": m,
+        "digest": model.digest,
+        "versions": [(e.version, e.ready) for e in entries],
+        "not_clinical": NOT_CLINICAL in m.intended_use.lower(),
+        "provenance": _flat(m.training.provenance),
+        "metrics": _flat(m.training.metrics),
+        "calibration": model.calibrator.metadata(),
+        "referral": _flat({k: v for k, v in policy.model_dump().items() if v is not None}),
+        "evaluation": evaluation,
+        "headline": evaluations.headline(evaluation.report) if evaluation else [],
+        "eval_warnings": [str(w) for w in (evaluation.report.get("warnings") or [])]
+        if evaluation
+        else [],
+        "plots": [(f"{base}/plots/{p}.png", evaluations.PLOTS[p]) for p in evaluation.plots]
+        if evaluation
+        else [],
+        "form": form_of(model),
+        "predict_url": f"/v1/models/{m.name}/versions/{m.version}:predict",
+        "shape": json.dumps(list(m.inputs.shape)),
+        "keys_required": bool(st.settings.api_keys),
+        "max_samples": st.settings.max_samples,
+    }
+
+
+@router.get("/models", response_class=HTMLResponse, summary="Model pages: the list")
+async def list_page(request: Request) -> Response:
+    by_name: dict[str, list[Any]] = {}
+    for e in state(request).registry.entries():
+        by_name.setdefault(e.name, []).append(e)
+    rows = []
+    for name, es in sorted(by_name.items()):
+        ready = [e for e in es if e.ready]
+        m = ready[-1].model.manifest if ready else None
+        rows.append(
+            {
+                "name": name,
+                "task": m.task if m else "not ready",
+                "use": m.intended_use if m else (es[-1].error or ""),
+                "versions": [(e.version, e.ready) for e in es],
+            }
+        )
+    return render("models.html", models=rows)
+
+
+@router.get(
+    "/models/{name}",
+    response_class=HTMLResponse,
+    responses=HTML_ERRORS,
+    summary="Model page: the card and a form to try the newest ready version",
+)
+async def model_page(name: Name, request: Request) -> Response:
+    return render("model.html", **card(request, name, None))
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_class=HTMLResponse,
+    responses=HTML_ERRORS,
+    summary="Model page of one version",
+)
+async def version_page(name: Name, version: Version, request: Request) -> Response:
+    return render("model.html", **card(request, name, version))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/plots/{plot}.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **HTML_ERRORS},
+    summary="An evaluation plot of one version",
+)
+async def plot(name: Name, version: Version, plot: str, request: Request) -> Response:
+    _, ev = served(request, name, version)
+    path = ev.plot_path(plot) if ev else None
+    if path is None:
+        raise ModelNotFoundError(f"model '{name}' version '{version}' has no plot '{plot}'")
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -1,0 +1,277 @@
+// The "try it" form of a model page: build a /v1 predict request, send it with the key the
+// user typed, draw the answer. Everything from the server is drawn with textContent, never as
+// HTML; the page's CSP allows this file and no inline script.
+"use strict";
+
+(function () {
+  const form = document.getElementById("try");
+  if (!form) return;
+  const shape = JSON.parse(form.dataset.shape);
+  const task = form.dataset.task;
+  const unit = form.dataset.unit;
+  const result = document.getElementById("result");
+  const formError = document.getElementById("form-error");
+
+  function el(tag, text, attrs) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    return node;
+  }
+
+  function fmt(x) {
+    if (x === null || x === undefined) return "unbounded";
+    return Number(x).toPrecision(4);
+  }
+
+  function nest(flat, dims) {
+    if (dims.length <= 1) return flat;
+    const step = flat.length / dims[0];
+    const out = [];
+    for (let i = 0; i < dims[0]; i++) out.push(nest(flat.slice(i * step, (i + 1) * step), dims.slice(1)));
+    return out;
+  }
+
+  // --- the drawing grid (image models) -------------------------------------------------
+  // Each cell holds a value from low to high (data-value) and is shaded by it: black is high,
+  // as ink on paper. A click or Enter/Space cycles low, half, high; an uploaded image sets
+  // every cell (scaled to the grid, its darkness as the value).
+  const grid = document.getElementById("grid");
+  const cells = grid ? Array.from(grid.querySelectorAll(".cell")) : [];
+  const low = grid ? Number(grid.dataset.low) : 0;
+  const high = grid ? Number(grid.dataset.high) : 1;
+  function valueOf(cell) {
+    return Number(cell.dataset.value);
+  }
+  function setValue(cell, v) {
+    cell.dataset.value = String(v);
+    const ink = (v - low) / (high - low || 1);
+    const grey = Math.round(255 * (1 - ink));
+    cell.style.backgroundColor = "rgb(" + grey + "," + grey + "," + grey + ")"; // CSSOM: allowed
+    const word = v <= low ? "empty" : v >= high ? "full" : v === (low + high) / 2 ? "half" : String(v);
+    cell.setAttribute("aria-label", cell.getAttribute("aria-label").replace(/: [^:]+$/, ": " + word));
+  }
+  function cycle(cell) {
+    const v = valueOf(cell), mid = (low + high) / 2;
+    setValue(cell, v < mid ? mid : v < high ? high : low);
+  }
+  async function upload(file) {
+    const rows = Number(grid.dataset.rows), cols = Number(grid.dataset.cols);
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file); // from the file's bytes: no URL is loaded
+    } catch (err) {
+      formError.textContent = "could not read " + file.name + " as an image; use a PNG or JPEG";
+      return;
+    }
+    const canvas = document.createElement("canvas");
+    canvas.width = cols;
+    canvas.height = rows;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#ffffff"; // transparent parts count as paper
+    ctx.fillRect(0, 0, cols, rows);
+    ctx.drawImage(bitmap, 0, 0, cols, rows);
+    const px = ctx.getImageData(0, 0, cols, rows).data;
+    cells.forEach((cell, i) => {
+      const lum = 0.299 * px[4 * i] + 0.587 * px[4 * i + 1] + 0.114 * px[4 * i + 2];
+      setValue(cell, Math.round(100 * (low + (high - low) * (1 - lum / 255))) / 100);
+    });
+    formError.textContent = "";
+  }
+  if (grid) {
+    const cols = Number(grid.dataset.cols);
+    grid.style.gridTemplateColumns = "repeat(" + cols + ", 1fr)"; // CSSOM: allowed by the CSP
+    cells.forEach((cell, i) => {
+      cell.addEventListener("click", () => cycle(cell));
+      cell.addEventListener("keydown", (e) => {
+        const moves = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -cols, ArrowDown: cols };
+        if (!(e.key in moves)) return;
+        const next = cells[i + moves[e.key]];
+        if (!next) return;
+        e.preventDefault();
+        cell.tabIndex = -1;
+        next.tabIndex = 0;
+        next.focus();
+      });
+    });
+    document.getElementById("clear").addEventListener("click", () => cells.forEach((c) => setValue(c, low)));
+    const picker = document.getElementById("upload");
+    picker.addEventListener("change", () => picker.files.length && upload(picker.files[0]));
+  }
+
+  // --- errors ----------------------------------------------------------------------------
+  function clearErrors() {
+    formError.textContent = "";
+    for (const span of form.querySelectorAll(".field-error")) span.textContent = "";
+    for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  }
+  function showError(message) {
+    // The API names the feature it refuses ("feature 'age' = 500 is outside ..."): put its
+    // message next to that field; anything else goes above the result.
+    const m = /feature '([^']+)'/.exec(message);
+    const input = m && Array.from(form.querySelectorAll("input[data-feature]")).find((i) => i.dataset.feature === m[1]);
+    if (input) {
+      document.getElementById("e-" + input.dataset.index).textContent = message;
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    } else {
+      formError.textContent = message;
+    }
+  }
+
+  // --- the request -----------------------------------------------------------------------
+  function instance() {
+    if (grid) return nest(cells.map(valueOf), shape);
+    const values = Array.from(form.querySelectorAll("input[data-feature]")).map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));
+    const bad = values.findIndex((v) => !Number.isFinite(v));
+    if (bad >= 0) throw new Error("feature '" + form.querySelectorAll("input[data-feature]")[bad].dataset.feature + "' needs a number");
+    return nest(values, shape);
+  }
+  function parameters() {
+    const p = {};
+    const samples = document.getElementById("samples").value.trim();
+    const seed = document.getElementById("seed").value.trim();
+    const confidence = document.getElementById("confidence").value.trim();
+    if (samples) p.samples = Number(samples);
+    if (seed) p.seed = Number(seed);
+    if (confidence) p.confidence = Number(confidence);
+    return p;
+  }
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearErrors();
+    let body;
+    try {
+      body = { instances: [instance()], parameters: parameters() };
+    } catch (err) {
+      showError(err.message);
+      return;
+    }
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    const key = document.getElementById("api-key").value.trim();
+    if (key) headers.Authorization = "Bearer " + key;
+    result.replaceChildren(el("p", "Predicting…", { class: "busy" }));
+    let response, answer;
+    try {
+      response = await fetch(form.dataset.predictUrl, { method: "POST", headers, body: JSON.stringify(body) });
+      answer = await response.json();
+    } catch (err) {
+      result.replaceChildren();
+      formError.textContent = "The server could not be reached or did not answer in JSON: " + err.message;
+      return;
+    }
+    result.replaceChildren();
+    if (!response.ok) {
+      showError(answer && answer.error ? answer.error : "the server answered " + response.status);
+      return;
+    }
+    draw(answer);
+  });
+
+  // --- the answer --------------------------------------------------------------------------
+  function facts(rows) {
+    const dl = el("dl", null, { class: "facts" });
+    for (const [name, value, out] of rows) {
+      dl.append(el("dt", name));
+      dl.append(el("dd", value, out ? { "data-out": out } : {}));
+    }
+    return dl;
+  }
+  function interval(iv) {
+    return "[" + fmt(iv.lower) + ", " + fmt(iv.upper) + "] at " + Math.round(iv.level * 1000) / 10 + " % (" + iv.method + ")";
+  }
+  function referral(r) {
+    const box = el("div", null, { class: r.refer ? "refer yes" : "refer no", "data-out": "referral" });
+    box.append(el("h4", r.refer ? "Refer to a person" : "No referral"));
+    if (r.refer) {
+      const ul = el("ul");
+      for (const reason of r.reasons) ul.append(el("li", reason));
+      box.append(ul);
+    } else {
+      box.append(el("p", "None of the model's referral rules fired."));
+    }
+    return box;
+  }
+  // The first interval as a band and the prediction as a line on one axis (a picture of the
+  // numbers above, hidden from screen readers, which read those). An unbounded side runs to
+  // the edge. Positions are set through CSSOM, which the CSP allows (style attributes it does not).
+  function intervalBar(p) {
+    const iv = (p.intervals || [])[0];
+    if (!iv) return null;
+    const spread = 4 * (p.std || Math.abs(p.mean) || 1);
+    const lo = iv.lower === null ? p.mean - spread : iv.lower;
+    const hi = iv.upper === null ? p.mean + spread : iv.upper;
+    const pad = 0.1 * (hi - lo || 1);
+    const a = Math.min(lo, p.mean) - pad, b = Math.max(hi, p.mean) + pad;
+    const pct = (x) => (100 * (x - a)) / (b - a) + "%";
+    const box = el("figure", null, { class: "ivbar" });
+    const axis = el("div", null, { class: "axis", "aria-hidden": "true" });
+    const band = el("span", null, { class: "band" });
+    band.style.left = pct(lo);
+    band.style.width = (100 * (hi - lo)) / (b - a) + "%";
+    if (iv.lower === null) band.classList.add("open-left");
+    if (iv.upper === null) band.classList.add("open-right");
+    const mark = el("span", null, { class: "mark" });
+    mark.style.left = pct(p.mean);
+    axis.append(band, mark);
+    box.append(axis);
+    box.append(el("figcaption", "Band: the " + Math.round(iv.level * 1000) / 10 + " % interval, " + fmt(iv.lower) + " to " + fmt(iv.upper) + "; line: the prediction, " + fmt(p.mean) + "."));
+    return box;
+  }
+
+  function draw(answer) {
+    const p = answer.predictions[0];
+    const out = el("section", null, { "aria-labelledby": "answer-h" });
+    out.append(el("h3", "Answer", { id: "answer-h" }));
+    const rows = [];
+    if (task === "regression") {
+      rows.push(["Prediction", fmt(p.mean) + (unit ? " " + unit : ""), "mean"]);
+      for (const iv of p.intervals || []) rows.push(["Interval", interval(iv), "interval"]);
+      if (p.std !== null && p.std !== undefined) rows.push(["Predictive std", fmt(p.std), "std"]);
+      if (p.epistemic_std !== null && p.epistemic_std !== undefined) rows.push(["Epistemic std (the model's doubt)", fmt(p.epistemic_std), "epistemic"]);
+      if (p.aleatoric_std !== null && p.aleatoric_std !== undefined) rows.push(["Aleatoric std (noise in the data)", fmt(p.aleatoric_std), "aleatoric"]);
+      out.append(facts(rows));
+      const bar = intervalBar(p);
+      if (bar) out.append(bar);
+    } else {
+      rows.push(["Predicted class", p.label, "label"]);
+      if (p.prediction_set) {
+        const labels = p.prediction_set.labels;
+        rows.push(["Prediction set at " + Math.round(p.prediction_set.level * 1000) / 10 + " %", labels.length ? labels.join(", ") : "empty: no class is likely enough", "set"]);
+      }
+      if (p.uncertainty) {
+        rows.push(["Epistemic (mutual information, nats)", fmt(p.uncertainty.mutual_information), "epistemic"]);
+        rows.push(["Aleatoric (expected entropy, nats)", fmt(p.uncertainty.expected_entropy), "aleatoric"]);
+      }
+      out.append(facts(rows));
+      const table = el("table", null, { class: "probs" });
+      table.append(el("caption", "Class probabilities with their intervals"));
+      const head = el("tr");
+      for (const h of ["class", "probability", "", "interval"]) head.append(el("th", h, { scope: "col" }));
+      const thead = el("thead");
+      thead.append(head);
+      table.append(thead);
+      const tbody = el("tbody");
+      for (const [label, prob] of Object.entries(p.probabilities)) {
+        const tr = el("tr", null, { "data-class": label });
+        tr.append(el("th", label, { scope: "row" }));
+        tr.append(el("td", fmt(prob), { "data-out": "probability" }));
+        const bar = el("td");
+        bar.append(el("meter", null, { min: "0", max: "1", value: String(prob), "aria-label": "probability of " + label }));
+        tr.append(bar);
+        const ivs = (p.intervals && p.intervals[label]) || [];
+        tr.append(el("td", ivs.map(interval).join("; ") || "–", { "data-out": "interval" }));
+        tbody.append(tr);
+      }
+      table.append(tbody);
+      const wrap = el("div", null, { class: "scroll" });
+      wrap.append(table);
+      out.append(wrap);
+    }
+    if (p.referral) out.append(referral(p.referral));
+    for (const w of answer.warnings || []) out.append(el("p", w, { class: "warning" }));
+    out.append(el("p", "Model " + answer.model.name + " version " + answer.model.version + ", " + answer.mode + ", " + answer.samples + " passes, seed " + answer.seed + ".", { class: "meta", "data-out": "meta" }));
+    result.append(out);
+  }
+})();

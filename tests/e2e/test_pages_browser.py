@@ -1,0 +1,318 @@
+"""The model pages and the API docs in a real headless Chromium (Debian's `chromium`, driven by
+Playwright; nothing is downloaded): fill each bundled model's form, submit, and read what the
+page drew against the API's JSON for the same request; the API's error next to the field; a
+hostile manifest that runs nothing; API keys typed by the user; axe-core finds no serious or
+critical violation; /docs and /redoc render with every request outside 127.0.0.1 refused.
+
+Screenshots of each model page (whole, its "try it" part, at a phone's width) go to the test's
+temporary folder, or to $MCSERVE_SCREENSHOTS when set (docs/pages/ holds two; see the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from axe_playwright_python.sync_playwright import Axe
+from hostile_pages import NAME, SCRIPT, hostile_bundle
+from playwright.sync_api import sync_playwright
+from server import ROOT, Server, serve
+
+from service.api import examples
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+KEY = "pages-test-key"
+SEED = 42
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server (a start costs about 20 s on two busy cores): the bundled models and the
+    hostile bundle, an API key required, so every prediction below types the key."""
+    tmp = tmp_path_factory.mktemp("pages-e2e")
+    shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("*.py"))
+    hostile_bundle(tmp / "models")
+    key = {"id": "pages", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}
+    env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_API_KEYS": json.dumps([key])}
+    with serve(tmp, model_dir=tmp / "models", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
+        yield context
+        context.close()
+
+
+def expected(message: str) -> bool:
+    """Chromium logs every refused fetch; the tests make some on purpose (422, 401)."""
+    return message.startswith("Failed to load resource: the server responded with a status of 4")
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A page whose requests may only go to 127.0.0.1; the rest are refused and recorded, as are
+    CSP violations and script errors."""
+    pg = browser.new_page()
+    pg.outside = []
+    pg.problems = []
+
+    def guard(route: Any) -> None:
+        if route.request.url.startswith("http://127.0.0.1:"):
+            route.continue_()
+        else:
+            pg.outside.append(route.request.url)
+            route.abort()
+
+    pg.route("**/*", guard)
+    pg.on(
+        "console",
+        lambda m: m.type == "error" and not expected(m.text) and pg.problems.append(m.text),
+    )
+    pg.on("pageerror", lambda e: pg.problems.append(str(e)))
+    yield pg
+    assert not pg.outside, pg.outside
+    assert not pg.problems, pg.problems
+    pg.close()
+
+
+def shots(tmp_path: Path) -> Path:
+    out = Path(os.environ.get("MCSERVE_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def fill(page: Any, name: str) -> list[Any]:
+    """Type the model's example row into its form; return the instance the page will send."""
+    row = examples.ROWS[name]
+    if name == "digits":  # the grid cycles empty, half, full: 0, 8, 16
+        levels = [min(2, round(v / 8)) for v in row]
+        cells = page.locator("#grid .cell")
+        for i, level in enumerate(levels):
+            for _ in range(level):
+                cells.nth(i).click()
+        flat = [8.0 * level for level in levels]
+        return [[flat[r * 8 : r * 8 + 8] for r in range(8)]]  # shape [1, 8, 8]
+    for j, v in enumerate(row):
+        page.fill(f"#f-{j}", repr(v))
+    return row
+
+
+def predict(page: Any, expect_ok: bool = True, key: str | None = KEY) -> dict[str, Any]:
+    """Type the key, submit; return the body the page sent."""
+    if key is not None:
+        page.fill("#api-key", key)
+    with page.expect_request("**/*:predict") as sent:
+        page.click("#predict")
+    if expect_ok:
+        page.wait_for_selector("[data-out=meta]")
+    body: dict[str, Any] = sent.value.post_data_json
+    return body
+
+
+def close(text: str, value: float | None) -> bool:
+    if value is None:
+        return text == "unbounded"
+    return abs(float(text) - value) <= 1e-3 * max(abs(value), 1e-12)
+
+
+@pytest.mark.parametrize("name", list(examples.ROWS))
+def test_a_model_page_draws_what_the_api_answers(
+    srv: Server, page: Any, name: str, tmp_path: Path
+) -> None:
+    page.set_viewport_size({"width": 1000, "height": 900})
+    page.goto(f"{srv.url}/models/{name}")
+    assert page.locator(".notice").inner_text().startswith("Not for clinical use")
+    instance = fill(page, name)
+    page.fill("#seed", str(SEED))
+    sent = predict(page)
+    assert sent["instances"] == [instance] and sent["parameters"]["seed"] == SEED
+    api = httpx.post(
+        f"{srv.url}/v1/models/{name}:predict", json=sent, headers=AUTH, timeout=60
+    ).json()
+    p = api["predictions"][0]
+    out = page.locator("#result")
+    if "mean" in p:
+        assert close(out.locator("[data-out=mean]").inner_text().split()[0], p["mean"])
+        text = out.locator("[data-out=interval]").first.inner_text()
+        lower, upper = text[1 : text.index("]")].split(", ")
+        assert close(lower, p["intervals"][0]["lower"]) and close(upper, p["intervals"][0]["upper"])
+        assert close(out.locator("[data-out=epistemic]").inner_text(), p["epistemic_std"])
+    else:
+        assert out.locator("[data-out=label]").inner_text() == p["label"]
+        for label, prob in p["probabilities"].items():
+            row = out.locator(f'tr[data-class="{label}"]')
+            assert close(row.locator("[data-out=probability]").inner_text(), prob)
+            iv = p["intervals"][label][0]
+            got = row.locator("[data-out=interval]").inner_text()
+            lower, upper = got[1 : got.index("]")].split(", ")
+            assert close(lower, iv["lower"]) and close(upper, iv["upper"])
+        shown = out.locator("[data-out=set]").inner_text()
+        labels = p["prediction_set"]["labels"]
+        assert shown == (", ".join(labels) if labels else "empty: no class is likely enough")
+        assert close(
+            out.locator("[data-out=epistemic]").inner_text(), p["uncertainty"]["mutual_information"]
+        )
+    referral = out.locator("[data-out=referral]")
+    assert referral.locator("h4").inner_text() == (
+        "Refer to a person" if p["referral"]["refer"] else "No referral"
+    )
+    assert referral.locator("li").all_inner_texts() == p["referral"]["reasons"]
+    folder = shots(tmp_path)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    page.locator("section[aria-labelledby=try-h]").screenshot(path=str(folder / f"{name}-try.png"))
+    # A phone's width: nothing wider than the screen but what scrolls inside its own box.
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.locator("#answer-h").evaluate("e => e.scrollIntoView()")  # the answer on top
+    page.screenshot(path=str(folder / f"{name}-phone.png"))
+
+
+def test_out_of_range_input_shows_the_api_message_by_its_field(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/diabetes")
+    fill(page, "diabetes")
+    page.fill("#f-0", "500")  # age, valid 0 to 120 years
+    sent = predict(page, expect_ok=False)
+    api = httpx.post(f"{srv.url}/v1/models/diabetes:predict", json=sent, headers=AUTH, timeout=60)
+    assert api.status_code == 422
+    page.wait_for_selector("#e-0:not(:empty)")  # (wait_for_function's eval: the CSP refuses it)
+    assert page.locator("#e-0").inner_text() == api.json()["error"]
+    assert page.locator("#f-0").get_attribute("aria-invalid") == "true"
+    assert page.locator("#result").inner_text() == ""
+
+
+def test_the_drawing_works_from_the_keyboard(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/digits")
+    page.locator("#grid .cell").first.focus()
+    for key in ("ArrowRight", "ArrowDown", "Enter", "Space", "ArrowLeft", "Space"):
+        page.keyboard.press(key)
+    cells = page.locator("#grid .cell")
+    assert cells.nth(9).get_attribute("data-value") == "16"  # row 2, column 2: full
+    assert cells.nth(8).get_attribute("aria-label") == "row 2, column 1: half"
+    assert page.evaluate("document.activeElement.dataset.index") == "8"
+    sent = predict(page)
+    flat = [v for row in sent["instances"][0][0] for v in row]
+    assert flat[8] == 8.0 and flat[9] == 16.0 and sum(flat) == 24.0
+
+
+def png(grey: list[list[int]]) -> bytes:
+    """A greyscale PNG (8 bits, no filter) of the given rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", len(grey[0]), len(grey), 8, 0, 0, 0, 0)
+    raw = b"".join(b"\0" + bytes(row) for row in grey)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_an_uploaded_image_fills_the_grid(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/digits")
+    page.set_input_files("#upload", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"no"})
+    page.wait_for_selector("#form-error:not(:empty)")
+    assert page.locator("#form-error").inner_text().startswith("could not read x.txt")
+    # Black diagonal on white, one pixel at grey level 51: values 16, 0 and 16 * (1 - 51/255).
+    grey = [[0 if r == c else 255 for c in range(8)] for r in range(8)]
+    grey[0][7] = 51
+    picture = {"name": "digit.png", "mimeType": "image/png", "buffer": png(grey)}
+    page.set_input_files("#upload", picture)
+    page.wait_for_selector("#grid .cell[data-index='9'][data-value='16']")
+    assert page.locator("#form-error").inner_text() == ""
+    flat = [v for row in predict(page)["instances"][0][0] for v in row]
+    want = [16 * (1 - grey[i // 8][i % 8] / 255) for i in range(64)]
+    assert max(abs(a - b) for a, b in zip(flat, want, strict=True)) <= 0.01, flat
+
+
+def test_a_hostile_manifest_runs_nothing(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/{NAME}")
+    assert SCRIPT in page.locator(".use").inner_text()  # shown as text
+    predict(page)
+    assert SCRIPT in page.locator("#result").inner_text()  # a label, drawn as text
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#result script, #result img, main svg").count() == 0
+
+
+def test_with_api_keys_the_user_types_the_key(srv: Server, page: Any) -> None:
+    page.goto(f"{srv.url}/models/{NAME}")
+    assert KEY not in page.content()
+    predict(page, expect_ok=False, key=None)
+    page.wait_for_selector("#form-error:not(:empty)")
+    assert page.locator("#form-error").inner_text().startswith("missing API key")
+    predict(page, expect_ok=False, key="wrong")
+    page.wait_for_selector("#form-error:text-is('invalid API key')")
+    sent = predict(page)
+    assert "instances" in sent and page.locator("#form-error").inner_text() == ""
+
+
+@pytest.mark.parametrize("path", ["/models", *(f"/models/{n}" for n in examples.ROWS)])
+def test_no_serious_accessibility_violations(srv: Server, page: Any, path: str) -> None:
+    page.goto(srv.url + path)
+    if path != "/models":
+        predict(page)  # the drawn answer is checked too
+    results = Axe().run(page)
+    bad = [
+        (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
+        for v in results.response["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert not bad, bad
+
+
+# ReDoc's bundle draws its maker's logo from their CDN (hard-coded, no option turns it off): the
+# page's CSP refuses it in the renderer, before any network, and ReDoc then hides the image.
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@pytest.mark.parametrize(
+    ("path", "ready"), [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")]
+)
+def test_api_docs_render_offline(srv: Server, page: Any, path: str, ready: str) -> None:
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(r.url))
+    page.goto(srv.url + path)
+    page.wait_for_selector(f"{ready}:has-text('mcserve')", timeout=30_000)
+    if path == "/docs":
+        assert page.locator(".opblock").count() > 10  # the operations are listed
+    else:
+        page.wait_for_timeout(500)  # the logo is asked for after the first render
+        refused = [m for m in page.problems if "Content Security Policy" in m]
+        assert page.problems == refused and all(REDOC_LOGO in m for m in refused), page.problems
+        page.problems.clear()  # the CSP's refusal, not an error
+        seen[:] = [u for u in seen if u != REDOC_LOGO]
+        page.outside[:] = [u for u in page.outside if u != REDOC_LOGO]
+    local = {u for u in seen if u.startswith(srv.url)}
+    assert f"{srv.url}/openapi.json" in local and set(seen) == local, seen

@@ -12,11 +12,13 @@ PORT ?= 8000
 
 .PHONY: venv serve test lint typecheck pytest fuzz models bench clean
 
-$(VENV)/.installed: pyproject.toml
+# Runtime dependencies at the image's versions (requirements.lock, written by `make lock`), so
+# tests run against what ships and a new release upstream cannot change a fresh machine's build.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev,train,eval]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev,train,eval]'
 	touch $@
 
 venv: $(VENV)/.installed

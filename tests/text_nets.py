@@ -4,6 +4,7 @@ tried first, and one module per sequence layer the bundle vocabulary now holds."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,3 +116,24 @@ def token_batch(n: int = 4, seed: int = 0) -> torch.Tensor:
     t = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
     t[0, LENGTH // 2 :] = PAD
     return t
+
+
+def wordpiece(texts: list[str]) -> Any:
+    """A WordPiece tokenizer trained here on `texts` (no hub), at most VOCAB entries."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]"])
+    )
+    return tok
+
+
+CORPUS = [
+    "patient presents with chest pain and shortness of breath",
+    "no evidence of malignancy in the resected specimen",
+    "mild gastritis with helicobacter pylori infection",
+    "acute ischemic stroke in the left middle cerebral artery",
+] * 5

@@ -160,8 +160,11 @@ def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
     warnings = list(pred.warnings)
     if pred.mode == "deterministic":
         warnings.append("deterministic mode: dropout off, no uncertainty was computed")
+    rows = predictions(model, pred)
+    if pred.input_notes is not None:  # copies: the row dicts may be shared by a group
+        rows = [{**row, **note} for row, note in zip(rows, pred.input_notes, strict=True)]
     return {
-        "predictions": predictions(model, pred),
+        "predictions": rows,
         "model": {"name": model.name, "version": model.version, "digest": model.digest},
         "backend": pred.backend,
         "device": pred.device,

@@ -36,6 +36,7 @@ from service.engine.model import (
     resolve_interval,
 )
 from service.engine.summaries import check_levels
+from service.engine.text import encode_texts
 from service.errors import CancelledError, InvalidInputError
 
 router = APIRouter(prefix="/v1", tags=["native"])
@@ -184,6 +185,7 @@ async def run(
     params: PredictParams,
     timeout_s: float | None,
     card_uuid: str | None = None,
+    input_notes: list[dict[str, Any]] | None = None,
 ) -> Prediction:
     """The one engine call of every adapter: queue, wait, drop the work if the client goes.
 
@@ -200,6 +202,7 @@ async def run(
         raise
     finally:
         watcher.cancel()
+    pred.input_notes = input_notes  # before the audit record encodes the answer
     # For the access log (RequestContext): which version answered and how the time was spent.
     state = request.state
     state.model, state.version = batcher.model.name, batcher.model.version
@@ -229,9 +232,23 @@ async def predict_with(
     params = to_params(body.parameters, model, st.settings.max_samples)
     spec, limit = model.manifest.inputs, st.settings.max_instances
     values = len(body.instances) * math.prod(spec.shape)
-    x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
+    notes = None
+    if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
+        text, tokenizer = spec.text, model.bundle.tokenizer
+        batch = await off_loop(
+            lambda: encode_texts(body.instances, tokenizer, text, limit), values=values
+        )
+        x = batch.ids
+        notes = [
+            {"tokens": n, "truncated": cut}
+            for n, cut in zip(batch.tokens, batch.truncated, strict=True)
+        ]
+    else:
+        x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
     timeout = body.parameters.timeout_ms
-    pred = await run(request, batcher, x, params, timeout / 1000.0 if timeout else None)
+    pred = await run(
+        request, batcher, x, params, timeout / 1000.0 if timeout else None, input_notes=notes
+    )
     pred.warnings.extend(ignored(body.parameters))
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)

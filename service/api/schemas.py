@@ -33,8 +33,10 @@ class PredictRequest(BaseModel):
     # Working examples, one per bundled model, are on the routes (service/api/examples.py).
     model_config = ConfigDict(extra="forbid")
 
-    instances: list[list[Any] | dict[str, Any]] = Field(
-        min_length=1, description="arrays of the input shape, or objects keyed by feature name"
+    instances: list[list[Any] | dict[str, Any] | str] = Field(
+        min_length=1,
+        description="arrays of the input shape, or objects keyed by feature name; for text "
+        'models, strings (or {"text": "..."})',
     )
     parameters: PredictParameters = PredictParameters()
 
@@ -75,6 +77,8 @@ class RegressionPrediction(BaseModel):
     mc_standard_error: float | None = None
     intervals: list[IntervalOut] | None = None
     referral: ReferralOut | None = None
+    tokens: int | None = Field(default=None, description="text models: tokens before any cut")
+    truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
 
 
 class ClassificationPrediction(BaseModel):
@@ -88,6 +92,8 @@ class ClassificationPrediction(BaseModel):
         default=None, description="calibrated models: at the first requested confidence level"
     )
     referral: ReferralOut | None = None
+    tokens: int | None = Field(default=None, description="text models: tokens before any cut")
+    truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
 
 
 class ModelRef(BaseModel):

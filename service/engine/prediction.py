@@ -59,6 +59,8 @@ class Prediction:
     # MC mode: per input, should a human look (and why)
     referral: Referral | None = _PerInput()  # type: ignore[assignment]
     timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
+    # Text models: per input, what tokenization did ({"tokens": n, "truncated": bool}).
+    input_notes: list[dict[str, Any]] | None = None
     # Encodings made by adapters, kept so that the answer and its audit record encode it once.
     encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

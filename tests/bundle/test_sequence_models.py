@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from text_nets import (
+    CORPUS,
     LENGTH,
     PAD,
     VOCAB,
@@ -19,6 +20,7 @@ from text_nets import (
     TextCNN,
     TransformerClassifier,
     token_batch,
+    wordpiece,
 )
 from torch import fx, nn
 
@@ -200,30 +202,10 @@ def test_token_ids_are_checked(bundles: dict[str, tuple[nn.Module, Path]]) -> No
         to_array([[1.5] * LENGTH], spec, 8)
 
 
-def _wordpiece(texts: list[str]) -> Any:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]"])
-    )
-    return tok
-
-
-CORPUS = [
-    "patient presents with chest pain and shortness of breath",
-    "no evidence of malignancy in the resected specimen",
-    "mild gastritis with helicobacter pylori infection",
-    "acute ischemic stroke in the left middle cerebral artery",
-] * 5
-
-
 @pytest.fixture(scope="module")
 def text_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    tok = _wordpiece(CORPUS)
+    tok = wordpiece(CORPUS)
     assert tok.get_vocab_size() <= VOCAB
     return save(
         TextCNN().eval(), token_batch(), out_dir=tmp_path_factory.mktemp("tok"), name="notes",

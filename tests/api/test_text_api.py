@@ -1,0 +1,90 @@
+"""A text model through /v1 (issue 20, items 6 and 7): strings in, uncertainty out, per-text
+token counts, the same answer alone or beside other texts, and bad texts answered with a 4xx."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import torch
+from apps import asgi_client, running
+from text_nets import CORPUS, LENGTH, TextCNN, token_batch, wordpiece
+
+from service.bundle import save
+from service.settings import Settings
+
+URL = "/v1/models/notes:predict"
+
+
+@pytest.fixture(scope="module")
+def text_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("textrepo")
+    torch.manual_seed(0)
+    save(
+        TextCNN().eval(), token_batch(), out_dir=root, name="notes", version="1",
+        task="classification", intended_use="tests only", labels=["a", "b", "c"],
+        tokenizer=wordpiece(CORPUS),
+    )  # fmt: skip
+    return root
+
+
+@pytest_asyncio.fixture(scope="module")
+async def client(text_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(model_dir=text_repo, compute_process=False)
+    async with running(settings) as app, asgi_client(app) as c:
+        yield c
+
+
+def _body(instances: list[Any], **params: Any) -> dict[str, Any]:
+    return {"instances": instances, "parameters": {"samples": 16, "seed": 5, **params}}
+
+
+async def test_texts_in_uncertainty_out(client: httpx.AsyncClient) -> None:
+    long_text = " ".join(["chest pain"] * LENGTH)
+    r = await client.post(URL, json=_body(["Chest pain", {"text": "acute stroke"}, long_text]))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["truncated"] for p in preds] == [False, False, True]
+    assert preds[2]["tokens"] > LENGTH >= preds[0]["tokens"] > 0
+    for p in preds:
+        assert set(p["probabilities"]) == {"a", "b", "c"}
+        assert p["uncertainty"]["mutual_information"] >= 0.0
+    # The same text and seed alone: the same bytes as beside the others.
+    alone = await client.post(URL, json=_body(["Chest pain"]))
+    assert alone.json()["predictions"][0] == preds[0]
+
+
+async def test_metadata_shows_the_tokenizer(client: httpx.AsyncClient) -> None:
+    meta = (await client.get("/v1/models/notes")).json()
+    text = meta["inputs"]["text"]
+    assert text["tokenizer"] == "tokenizer.json"
+    assert text["max_tokens"] == LENGTH and text["truncation"] == "truncate"
+
+
+@pytest.mark.parametrize(
+    ("instances", "status", "message"),
+    [
+        ([""], 422, "instance 0: the text is empty (or only whitespace)"),
+        (["ok", "a\x00b"], 422, "instance 1: the text contains a NUL character"),
+        ([[1, 2, 3]], 422, "instance 0: expected a string of text, got list"),
+        (["x" * 100_001], 413, "instance 0: the text is 100001 bytes, over this model's limit"),
+    ],
+    ids=["empty", "nul", "ids-as-list", "too-long"],
+)
+async def test_bad_texts_are_4xx_with_the_fix(
+    client: httpx.AsyncClient, instances: list[Any], status: int, message: str
+) -> None:
+    r = await client.post(URL, json=_body(instances))
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith(message)
+
+
+async def test_invalid_utf8_is_refused(client: httpx.AsyncClient) -> None:
+    raw = b'{"instances": ["chest \xff pain"]}'
+    r = await client.post(URL, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert "UTF-8" in r.json()["error"]

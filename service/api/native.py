@@ -239,10 +239,7 @@ async def predict_with(
             lambda: encode_texts(body.instances, tokenizer, text, limit), values=values
         )
         x = batch.ids
-        notes = [
-            {"tokens": n, "truncated": cut}
-            for n, cut in zip(batch.tokens, batch.truncated, strict=True)
-        ]
+        notes = batch.notes()
     else:
         x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
     timeout = body.parameters.timeout_ms

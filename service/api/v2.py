@@ -17,7 +17,7 @@ from starlette.responses import Response
 from service.api import examples
 from service.api.native import ignored, json_response, off_loop, run, state, to_params
 from service.api.schemas import PredictParameters
-from service.api.v2_binary import HEADER, decode_input, encode, split
+from service.api.v2_binary import HEADER, decode_input, decode_texts, encode, split
 from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
 from service.api.v2_schemas import (
     InferRequest,
@@ -32,6 +32,7 @@ from service.api.v2_schemas import (
 )
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.text import TextBatch, encode_texts
 from service.errors import InvalidInputError, ModelNotReadyError
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -97,7 +98,11 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "name": model.name,
         "versions": versions,
         "platform": PLATFORM,
-        "inputs": [{"name": spec.name, "datatype": "FP32", "shape": [-1, *spec.shape]}],
+        "inputs": [
+            {"name": spec.name, "datatype": "BYTES", "shape": [-1]}
+            if spec.text is not None
+            else {"name": spec.name, "datatype": "FP32", "shape": [-1, *spec.shape]}
+        ],
         "outputs": [s.metadata() for s in specs(model)],
     }
 
@@ -206,14 +211,30 @@ async def infer_with(
     )
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode)
-    x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
-    pred = await run(request, batcher, x, params, p.timeout / 1e6 if p.timeout else None)
+    notes = None
+    if spec.text is not None:  # a text model: BYTES in, token ids to the engine
+        text, tokenizer = spec.text, model.bundle.tokenizer
+
+        def tokenized() -> TextBatch:
+            texts = decode_texts(req.inputs, binary, spec, limit)
+            return encode_texts(texts, tokenizer, text, limit)
+
+        batch = await off_loop(tokenized, nbytes=len(raw))
+        x = batch.ids
+        notes = batch.notes()
+    else:
+        x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
+    timeout = p.timeout / 1e6 if p.timeout else None
+    pred = await run(request, batcher, x, params, timeout, input_notes=notes)
     pred.warnings.extend(ignored(given))
     arrays = values(pred, [s for s, _ in wanted])
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if req.id is not None:
         head["id"] = req.id
     head["parameters"] = answer_parameters(model, pred, params)
+    if notes is not None:  # per text: tokens before any cut, and whether it was cut
+        head["parameters"]["tokens"] = [n["tokens"] for n in notes]
+        head["parameters"]["truncated"] = [n["truncated"] for n in notes]
     outputs = [(s.name, s.datatype, a, b) for (s, b), a in zip(wanted, arrays, strict=True)]
     body, tail = encode(head, outputs)
     if not tail:

@@ -181,3 +181,61 @@ def encode(
         described.append(out)
     head["outputs"] = described
     return orjson.dumps(head), b"".join(chunks)
+
+
+def decode_texts(
+    inputs: list[RequestInput], binary: memoryview, spec: InputSpec, max_instances: int
+) -> list[str]:
+    """A text model's one BYTES input, shape [B] (or [B, 1]), as B strings (UTF-8 checked).
+
+    JSON: `data` holds the strings. Binary extension: each element is a 4-byte little-endian
+    length and that many bytes, as Triton and tritonclient write BYTES tensors."""
+    if len(inputs) != 1 or inputs[0].name != spec.name:
+        names = [i.name for i in inputs]
+        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {names}")
+    (inp,) = inputs
+    if inp.datatype != "BYTES":
+        raise InvalidInputError(
+            f"input '{inp.name}': this is a text model; send datatype BYTES (strings), got "
+            f"{inp.datatype}"
+        )
+    if len(inp.shape) not in (1, 2) or inp.shape[1:] not in ([], [1]) or inp.shape[0] < 1:
+        raise InvalidInputError(
+            f"input '{inp.name}': shape {inp.shape}; a batch of texts is [B] or [B, 1]"
+        )
+    count = inp.shape[0]
+    check_count(count, max_instances)
+    size = inp.parameters.binary_data_size if inp.parameters else None
+    if size is None:
+        data = inp.data
+        if data is None or len(binary):
+            raise InvalidInputError(f"input '{inp.name}': give the texts in data (or as binary)")
+        flat = [v for row in data for v in (row if isinstance(row, list) else [row])]
+        if len(flat) != count or not all(isinstance(v, str) for v in flat):
+            raise InvalidInputError(
+                f"input '{inp.name}': data must hold {count} strings (shape {inp.shape})"
+            )
+        return flat
+    if len(binary) != size:
+        raise InvalidInputError(
+            f"the body holds {len(binary)} bytes after the JSON header but binary_data_size "
+            f"is {size}"
+        )
+    texts, at = [], 0
+    for i in range(count):
+        if at + 4 > size:
+            raise InvalidInputError(f"input '{inp.name}': element {i}: its length is missing")
+        n = int.from_bytes(binary[at : at + 4], "little")
+        at += 4
+        if at + n > size:
+            raise InvalidInputError(f"input '{inp.name}': element {i} runs past the data")
+        try:
+            texts.append(bytes(binary[at : at + n]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"input '{inp.name}': element {i} is not valid UTF-8; send text in UTF-8"
+            ) from None
+        at += n
+    if at != size:
+        raise InvalidInputError(f"input '{inp.name}': {size - at} bytes after element {count - 1}")
+    return texts

@@ -25,6 +25,13 @@ class TextBatch:
     tokens: list[int]
     truncated: list[bool]
 
+    def notes(self) -> list[dict[str, Any]]:
+        """Per text, what a prediction reports of its tokenization."""
+        return [
+            {"tokens": n, "truncated": cut}
+            for n, cut in zip(self.tokens, self.truncated, strict=True)
+        ]
+
 
 def _text_of(i: int, inst: Any) -> str:
     if isinstance(inst, dict):

@@ -53,7 +53,8 @@ async def test_texts_in_uncertainty_out(client: httpx.AsyncClient) -> None:
     for p in preds:
         assert set(p["probabilities"]) == {"a", "b", "c"}
         assert p["uncertainty"]["mutual_information"] >= 0.0
-    # The same text and seed alone: the same bytes as beside the others.
+    # The same request's first text alone, same seed: the same bytes (masks are keyed by the
+    # seed, the pass and the row within the request, and every text has the same padded shape).
     alone = await client.post(URL, json=_body(["Chest pain"]))
     assert alone.json()["predictions"][0] == preds[0]
 

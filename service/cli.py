@@ -87,7 +87,10 @@ def list_models(
 @app.command()
 def predict(
     model: Annotated[str, typer.Argument(help="model name")],
-    instance: Annotated[str, typer.Option(help="one instance as JSON (array or object)")],
+    instance: Annotated[
+        str | None, typer.Option(help="one instance as JSON (array or object)")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="text models: one text to classify")] = None,
     samples: Annotated[int | None, typer.Option(help="MC passes")] = None,
     seed: Annotated[int | None, typer.Option(help="seed, for a replayable answer")] = None,
     confidence: Annotated[float | None, typer.Option(help="interval level in (0, 1)")] = None,
@@ -101,12 +104,16 @@ def predict(
     from service.api.schemas import PredictParameters
     from service.engine.inputs import to_array
     from service.engine.registry import Registry
+    from service.engine.text import encode_texts
     from service.errors import McServeError
     from service.settings import Settings
 
     settings = Settings(model_dir=model_dir)
+    if (instance is None) == (text is None):
+        typer.echo("error: give one of --instance JSON or --text TEXT", err=True)
+        raise typer.Exit(2)
     try:
-        value = json.loads(instance)
+        value = json.loads(instance) if instance is not None else text
     except json.JSONDecodeError as exc:
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -119,8 +126,15 @@ def predict(
             served,
             settings.max_samples,
         )
-        x = to_array([value], served.manifest.inputs, settings.max_instances)
+        spec = served.manifest.inputs
+        notes = None
+        if spec.text is not None:
+            batch = encode_texts([value], served.bundle.tokenizer, spec.text, 1)
+            x, notes = batch.ids, batch.notes()
+        else:
+            x = to_array([value], spec, settings.max_instances)
         pred = served.predict(x, params)
+        pred.input_notes = notes
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None

@@ -201,3 +201,27 @@ def test_package_sets_units_and_training_ranges(
     # The help keeps its example: typer's Rich markup had taken "[lo, hi]" for a tag.
     result = runner.invoke(app, ["package", "--help"], env={"COLUMNS": "300"})
     assert "JSON list of [lo, hi] per feature, e.g. '[[0, 120], [0, 1]]'" in result.output
+
+
+def test_predict_text(tmp_path: Path) -> None:
+    """`predict MODEL --text` on a text model: tokenized, answered, the tokens reported."""
+    import torch
+    from text_nets import CORPUS, TextCNN, token_batch, wordpiece
+
+    from service.bundle import save
+
+    torch.manual_seed(0)
+    save(
+        TextCNN().eval(), token_batch(), out_dir=tmp_path, name="notes", version="1",
+        task="classification", intended_use="tests", labels=["a", "b", "c"],
+        tokenizer=wordpiece(CORPUS),
+    )  # fmt: skip
+    base = ["predict", "notes", "--model-dir", str(tmp_path), "--seed", "2", "--samples", "8"]
+    result = runner.invoke(app, [*base, "--text", "acute stroke"])
+    assert result.exit_code == 0, result.output
+    pred = json.loads(result.output)["predictions"][0]
+    assert pred["label"] in ("a", "b", "c") and pred["truncated"] is False and pred["tokens"] > 0
+    empty = runner.invoke(app, [*base, "--text", "  "])
+    assert empty.exit_code == 2 and "the text is empty" in empty.output
+    neither = runner.invoke(app, base)
+    assert neither.exit_code == 2 and "give one of --instance JSON or --text TEXT" in neither.output

@@ -49,11 +49,14 @@ def root_handlers() -> Iterator[None]:
 def test_serve_installs_the_text_formatter(
     root_handlers: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[dict[str, Any]] = []
-    monkeypatch.setattr("service.server.run", seen.append)  # not started: only the logging
+    """`serve` with MCSERVE_LOG_FORMAT=text: the server's one log set-up installs the text
+    formatter (its old basicConfig format dropped every field)."""
+    started: list[object] = []
+    monkeypatch.setattr("service.server.create_app", lambda settings: object())
+    monkeypatch.setattr("service.server.DrainingServer.run", lambda self: started.append(self))
     res = CliRunner().invoke(cli, ["serve", "--port", "9"], env={"MCSERVE_LOG_FORMAT": "text"})
     assert res.exit_code == 0, res.output
-    assert seen == [{"port": 9}]
+    assert len(started) == 1 and started[0].config.port == 9  # type: ignore[attr-defined]
     (handler,) = logging.getLogger().handlers
     assert isinstance(handler.formatter, TextFormatter)
 

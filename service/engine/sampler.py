@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.blocks import BLOCK_ROWS, block_linears
+from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.device import tune_allocator
 from service.engine.fused import MaskRows, verified
 from service.engine.graph import SplitGraph, split
@@ -173,11 +173,10 @@ class MCSampler:
                 np.concatenate([np.asarray(r.x, dtype=np.float32) for r in requests]), device=dev
             )
             n_inputs = xs.shape[0]
+            with live_rows(n_inputs):  # padding inputs skip the prefix's linear layers
+                values = self.prefix(self._pad(xs, self.min_rows))
             frontier = [
-                f[:n_inputs] if b else f
-                for f, b in zip(
-                    self.prefix(self._pad(xs, self.min_rows)), g.frontier_batched, strict=True
-                )
+                f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
             ]
             rows = _RowMap(requests, len(g.sites), dev, self.block)
             total = rows.total

@@ -17,7 +17,7 @@ from nets import Residual, SmallCNN, mlp, trained_bn
 from torch import nn
 
 from service.engine import MCRequest, MCSampler
-from service.engine.blocks import BLOCK_ROWS, block_linears, blocked_linear
+from service.engine.blocks import BLOCK_ROWS, block_linears, blocked_linear, live_rows
 from service.engine.graph import split
 from service.engine.sampler import _layout
 
@@ -39,6 +39,17 @@ def test_blocked_linear_is_linear_to_rounding_and_each_block_is_the_same_computa
         for start, blocks in ((0, 1), (3, 1), (2, 5), (9, 1), (0, 2)):
             rows = slice(start * BLOCK_ROWS, (start + blocks) * BLOCK_ROWS)
             assert torch.equal(blocked_linear(x[rows].clone(), w, b, BLOCK_ROWS), whole[rows])
+    # Blocks of one input (the prefix): each the same whatever their number, and with live_rows
+    # only the rows read are computed.
+    w1, b1 = torch.randn(128, 512, generator=g), torch.randn(128, generator=g)
+    x1 = torch.randn(300, 512, generator=g)
+    whole = blocked_linear(x1, w1, b1, 1)
+    for n in (1, 2, 3, 64, 299):
+        assert torch.equal(blocked_linear(x1[:n].clone(), w1, b1, 1), whole[:n])
+        with live_rows(n):
+            lively = blocked_linear(x1[:64], w1, b1, 1)
+        assert torch.equal(lively[: min(n, 64)], whole[: min(n, 64)])
+        assert not lively[n:].any()
     # Not a whole number of blocks (never in the sampler): a plain linear.
     assert torch.equal(blocked_linear(x[:65], w, b, BLOCK_ROWS), F.linear(x[:65], w, b))
     assert torch.allclose(blocked_linear(x[:65], w, None, 1), x[:65] @ w.t(), rtol=1e-5, atol=1e-5)

@@ -3,15 +3,16 @@
 A CPU matrix product (MKL's sgemm under torch) rounds a row by the kernel that covers it, and
 which kernel that is depends on the forward's row count, on where the row sits and on how the
 threads split the rows (the tails of the kernel's blocks and of each thread's share take other
-code). Measured on an AMD EPYC with `MKL_CBWR=COMPATIBLE` (issue 23; on an AVX-512 Xeon with
-the default dispatch or `MKL_ENABLE_INSTRUCTIONS=AVX2`): a 300-row forward's rows 148-149 and
-296-299 differ from the same rows inside a 4,800-row forward, and even on one thread the last
-row of a 65-row forward differs.
+code). Measured (issue 23): on an AVX-512 Xeon a 300-row forward's rows 148-149 and 298 differ
+from the same rows inside a 4,800-row forward; on an AMD EPYC with `MKL_CBWR=COMPATIBLE`, 4
+rows of a 100- or 300-row forward on two threads, and one row of a 65-row forward on one.
 
 Here each linear layer instead runs as a batch of identical products of `rows` rows each
-(`baddbmm` over `[n / rows, rows, in]`: one MKL `sgemm_batch` call, measured within 5 % of one
-`linear` from 64 rows per block): every block is the same computation whatever the forward's
-size and whichever thread takes it, so a row's bits depend only on its own input row. Measured
+(`baddbmm` over `[n / rows, rows, in]`: one MKL `sgemm_batch` call; `python -m bench.blocks`:
+from 64 rows per block within 7 % of one `linear` at the engine benchmark's layers, up to 30 %
+slower for small layers such as 64->64 over 1,600 rows): every block is the same computation
+whatever the forward's size and whichever thread takes it, so a row's bits depend only on its
+own input row. Measured
 (2026-12-06, AMD EPYC, default kernels, `MKL_CBWR=COMPATIBLE` and `ATEN_CPU_CAPABILITY=default`;
 1, 2 and 4 threads; 2 to 300 blocks): every block the same bits at every index. A batch of one
 block is the exception: torch hands it to plain `sgemm`, whose rounding differs (seen for one
@@ -59,8 +60,8 @@ def blocked_linear(
     n = x.shape[0]
     if x.dim() < 2 or n == 0 or n % rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    live = _live.get()
-    if rows == 1 and live is not None and 0 < live < n:
+    live = _live.get() if rows == 1 else None  # the suffix (compiled or not) never reads it
+    if live is not None and 0 < live < n:
         out = x.new_zeros((*x.shape[:-1], weight.shape[0]))
         out[:live] = blocked_linear(x[:live], weight, bias, 1)
         return out

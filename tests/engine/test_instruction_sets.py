@@ -9,7 +9,8 @@ setting: MKL ignores `MKL_ENABLE_INSTRUCTIONS` on AMD but changes its sgemm unde
 `ATEN_CPU_CAPABILITY=default` (`avx2` changed none of the kernels probed); numpy's exp and log
 under `NPY_DISABLE_CPU_FEATURES` naming its AVX-512 targets. On an Intel CPU
 `MKL_ENABLE_INSTRUCTIONS=AVX2` is the setting that made the old row layout fail.
-Each setting is one pytest run in a subprocess over the determinism tests (about 20 s).
+Each setting is one pytest run in a subprocess over the determinism tests (about 15 s of CPU each,
+measured: both together 32 s wall on the 2 shared cores).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Engine benchmark (issue: MC dropout engine): MC samples/s on the reference MLP and a CNN.
 
-    python -m bench.engine [--rounds 9]
+    python -m bench.engine [--rounds 9] [--json FILE]
+    python -m bench.engine --baseline-tree DIR [--pairs 3] [--rounds 5] [--json FILE]
 
 Variants, interleaved round by round so that machine noise hits all alike; medians reported:
 (a) a Python loop of T passes; (b) naive vectorised torch (eval, dropout modules train,
@@ -10,13 +11,23 @@ Also the engine with its masks made by torch ops instead of the fused CPU kernel
 and for the CNN: one plain deterministic pass (`model.eval()(x)`, the issue's yardstick), the
 engine, the engine with torch masks, and the engine's rewritten prefix alone (BatchNorm folded,
 channels-last: the part of the pass that runs once per input).
+
+With --baseline-tree (another checkout, e.g. a worktree of an earlier commit) the whole benchmark
+runs in a fresh process per run, alternately from that checkout (its own code) and from this
+one, `--pairs` times: the medians of each run and, per side, the median over its runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +36,7 @@ from bench.common import machine, median, now, timed
 from models.digits import model as digits_model
 from service.engine import MCRequest, MCSampler
 
+ROOT = Path(__file__).resolve().parents[1]
 T, B = 100, 64
 FLOPS_PER_ROW = 2 * (30 * 256 + 256 * 256 + 256 * 2)
 
@@ -54,11 +66,44 @@ def mc_on(model: nn.Module) -> nn.Module:
     return model
 
 
+def against_baseline(tree: Path, pairs: int, rounds: int, out: str | None) -> None:
+    """Alternate runs of the baseline checkout's benchmark and this one's (fresh processes)."""
+    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this": []}
+    for _ in range(pairs):
+        for side, where in (("baseline", tree), ("this", ROOT)):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "engine.json"
+                cmd = [sys.executable, "-m", "bench.engine", "--rounds", str(rounds)]
+                env = {**os.environ, "PYTHONPATH": str(where)}  # its own code only
+                subprocess.run([*cmd, "--json", str(path)], cwd=where, env=env, check=True,
+                               stdout=subprocess.DEVNULL)  # fmt: skip
+                runs[side].append(json.loads(path.read_text())["median_ms"])
+            print(side, runs[side][-1], flush=True)
+    result = {
+        "machine": machine(),
+        "date": now(),
+        "baseline_tree": str(tree),
+        "rounds_per_run": rounds,
+        "runs_ms": runs,
+        "median_of_runs_ms": {
+            side: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+            for side, rs in runs.items()
+        },
+    }
+    print(json.dumps(result["median_of_runs_ms"], indent=2))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline-tree", type=Path, default=None)
+    ap.add_argument("--pairs", type=int, default=3)
     args = ap.parse_args()
+    if args.baseline_tree is not None:
+        return against_baseline(args.baseline_tree.resolve(), args.pairs, args.rounds, args.json)
     torch.manual_seed(0)
     mlp = reference_mlp().eval()
     x = torch.randn(B, 30)

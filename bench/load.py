@@ -2,6 +2,7 @@
 
     python -m bench.load [--repeats 5] [--duration 5] [--models breast-cancer digits]
                          [--concurrency 1 16 64] [--samples 100] [--out bench/results/load.json]
+                         [--baseline-tree DIR]
 
 For each model it measures, interleaved in each repeat: (a) the echo endpoint (bench/echo.py,
 same uvicorn settings, no middleware, parses the same request model, fixed small JSON: the
@@ -149,6 +150,13 @@ def main() -> None:
     ap.add_argument("--samples", nargs="+", type=int, default=[100])
     ap.add_argument("--variants", nargs="+", default=["echo", "off", "on", "thread"])
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. a worktree of an earlier commit): its own code and models "
+        "serve as the variant 'baseline' (batching on), interleaved with the others",
+    )
     args = ap.parse_args()
     envs = {
         "echo": {},
@@ -158,6 +166,12 @@ def main() -> None:
         "thread": {"MCSERVE_COMPUTE_PROCESS": "false"},  # batching on, compute on a thread
     }
     servers = {v: start(v, envs[v]) for v in args.variants}
+    if args.baseline_tree is not None:
+        tree = args.baseline_tree.resolve()
+        # Its own code: run from there, and nothing of this checkout on its path.
+        env = {"PYTHONPATH": str(tree)}
+        servers["baseline"] = start("baseline", env, model_dir=tree / "models", cwd=tree)
+        args.variants.append("baseline")
     results: dict[str, list[dict[str, float]]] = {}
     try:
         bodies = {}

@@ -3,7 +3,7 @@
     python -m bench.uci DATASET_DIR [DATASET_DIR ...] [--fast] [--splits K] [--T 10000]
         [--out DIR] [--epochs-mult 10] [--split-from A] [--summarise]
 
-DATASET_DIR has the layout of /work/shared/datasets/uci/<name>/ (files under data/). Per split:
+DATASET_DIR has the layout of ../shared/datasets/uci/<name>/ (files under data/). Per split:
 grid-select (dropout rate, tau) on the validation log-likelihood of the last 20 % of the training
 rows, refit on all training rows, and score the test rows with T MC passes (RMSE of the MC mean
 and the mixture log-likelihood, original units). The grid run's model of the chosen configuration
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ PAPER_2016: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "protein-tertiary-structure": ((4.36, 0.01), (-2.89, 0.00)),
     "yacht": ((1.11, 0.09), (-1.55, 0.03)),
 }
+ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.05
 Z = 1.959963984540054  # standard normal 0.975 quantile
 
@@ -320,6 +322,13 @@ def summarise_dir(root: Path, args: argparse.Namespace, command: str) -> dict[st
     return summary
 
 
+def repo_relative(arg: str, root: Path = ROOT) -> str:
+    """A command-line argument as the results record it: an absolute path relative to the
+    repository (`../shared/datasets/uci/yacht`, as the docs name data), anything else as given
+    (a relative path already is relative to the repository, where the command runs)."""
+    return os.path.relpath(arg, root) if os.path.isabs(arg) else arg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.uci", description=__doc__.split("\n")[0])
     ap.add_argument("datasets", nargs="+", type=Path, help="directories in the UCI layout")
@@ -345,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cal_T = args.cal_T or (100 if small else 1000)
     args.val_T = args.val_T or (50 if small else 200)
     torch.set_num_threads(args.threads)
-    command = "python -m bench.uci " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m bench.uci " + " ".join(repo_relative(a) for a in given)
     for root in args.datasets:
         if args.summarise:
             summary: dict[str, Any] | None = summarise_dir(root, args, command)

@@ -151,6 +151,8 @@ def replay(
         typer.echo(f"bit-identical: {what}")
     else:
         typer.echo(f"DIFFERENT: {what}")
+        if result.size is not None:
+            typer.echo(f"size: {result.size.describe()}")
         for d in result.differences:
             typer.echo(f"  {d}")
     for note in result.notes:

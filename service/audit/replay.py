@@ -3,7 +3,11 @@
 The recorded bundle version is loaded from the model repository (its digest must match the
 record's: bundle versions are immutable), on the recorded device with the recorded thread
 count, with the recorded parameters, seed and effective referral policy. The recomputed summary
-JSON is compared byte for byte with the stored one; differences are listed by JSON path.
+JSON is compared byte for byte with the stored one; differences are listed by JSON path, with
+their size: where only floats differ and by no more than float rounding (`ROUNDING_RTOL`), the
+replaying machine's kernels are the likely cause (another CPU, library build or thread count:
+docs/RANDOM_NUMBERS.md says what is bit-identical where), and the result says so; anything else
+is a difference in values.
 
 With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
 against the HMAC (with the same key) before anything is computed; the answer and seed of such a
@@ -13,6 +17,7 @@ record are sealed under that key (seal.py) and opened with it.
 from __future__ import annotations
 
 import hmac
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,11 @@ from service.engine.registry import discover
 from service.errors import McServeError
 
 MAX_DIFFERENCES = 20
+# Relative size of a difference that float rounding explains. Measured (2026-12-06, bundled
+# models, AMD EPYC): the same seeded request under other CPU kernels (MKL's SSE2 path, ATen
+# without vectors, oneDNN SSE4.1) moved samples by at most 3.3e-7 of the largest sample and
+# means and standard deviations by at most 2.5e-7 relative; CUDA against CPU 2.4e-6 absolute.
+ROUNDING_RTOL = 1e-5
 
 
 class ReplayError(McServeError):
@@ -46,6 +56,83 @@ class ReplayResult:
     recomputed: str  # the recomputed summary JSON
     differences: list[str] = field(default_factory=list)  # "path: stored X, recomputed Y"
     notes: list[str] = field(default_factory=list)  # e.g. software that differs from the record
+    size: Size | None = None  # how far the recomputed numbers are from the stored ones
+
+
+@dataclass(frozen=True)
+class Size:
+    """The size of a replay's differences."""
+
+    numbers: int  # floats that differ
+    largest: float  # largest absolute difference among them
+    relative: float  # largest |a - b| / max(|a|, |b|)
+    other: int  # differing values that are not floats (labels, counts, flags, structure)
+
+    @property
+    def rounding_only(self) -> bool:
+        return self.other == 0 and self.relative <= ROUNDING_RTOL
+
+    def describe(self) -> str:
+        if self.numbers:
+            text = (
+                f"{self.numbers} numbers differ, by at most {self.largest:.3g} "
+                f"(relative {self.relative:.3g})"
+            )
+        else:
+            text = "no number differs"
+        if self.other:
+            text += f"; {self.other} other values differ"
+        if self.rounding_only:
+            return (
+                f"{text}: float rounding only (relative tolerance {ROUNDING_RTOL:g}), as another "
+                f"CPU, library build or thread count gives; replayed on {machine()}"
+            )
+        return f"{text}: beyond float rounding, not explained by the machine"
+
+
+def machine() -> str:
+    """This machine's CPU and the kernels torch dispatches on it, for a replay's report."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} (torch {torch.backends.cpu.get_cpu_capability()})"
+
+
+def size(stored: Any, recomputed: Any) -> Size:
+    """How far two parsed documents are apart (see `Size`)."""
+    numbers = other = 0
+    largest = relative = 0.0
+    for a, b in _differing_leaves(stored, recomputed):
+        if isinstance(a, float) and isinstance(b, float):
+            numbers += 1
+            gap = abs(a - b)
+            largest = max(largest, gap)
+            relative = max(relative, gap / max(abs(a), abs(b)))
+        else:
+            other += 1
+    return Size(numbers, largest, relative, other)
+
+
+def _differing_leaves(stored: Any, recomputed: Any) -> list[tuple[Any, Any]]:
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for k in stored.keys() | recomputed.keys():
+            if k not in recomputed or k not in stored:
+                out.append((stored.get(k), recomputed.get(k)))
+            else:
+                out.extend(_differing_leaves(stored[k], recomputed[k]))
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [(stored, recomputed)]
+        return [p for a, b in zip(stored, recomputed, strict=True) for p in _differing_leaves(a, b)]
+    same = type(stored) is type(recomputed) and stored == recomputed
+    return [] if same else [(stored, recomputed)]
 
 
 def find_bundle(record: AuditRecord, model_dir: Path, policy: TrustPolicy) -> Path:
@@ -223,7 +310,9 @@ def _replay(
         except orjson.JSONDecodeError:
             result.differences = ["$: the stored summary is not valid JSON"]
         else:
-            found = differences(stored_doc, orjson.loads(recomputed))
+            recomputed_doc = orjson.loads(recomputed)
+            found = differences(stored_doc, recomputed_doc)
+            result.size = size(stored_doc, recomputed_doc)
             result.differences = found[:MAX_DIFFERENCES] or ["$: the JSON text differs"]
             if len(found) > MAX_DIFFERENCES:
                 result.differences.append(f"... and {len(found) - MAX_DIFFERENCES} more")

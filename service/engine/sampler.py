@@ -4,11 +4,17 @@ Shapes are samples-first: a request's result is `[T, B, *output]`. Rows of the s
 forward are laid out pass-major inside each request (row = t * B + i), requests one after the
 other. The deterministic prefix runs once over all inputs of the batch; its values are gathered
 into the rows, masks are generated per chunk of rows, and the suffix runs chunk by chunk within a
-row budget. Forwards are padded to at least `min_rows` rows because small matrix products take
-other CPU kernels whose rounding differs: padding makes a row's result independent of what else
-shares its forward (measured: oneDNN/MKL sgemm differs for M < 12 on x86). On CUDA every
-forward is padded to the full row budget: cuBLAS picks its kernel (and so its summation order) by
-shape, and one fixed shape also lets the chunk function be captured once as a CUDA graph.
+row budget.
+
+A seeded request's samples are the same bits alone or in any batch (docs/RANDOM_NUMBERS.md). On
+the CPU that takes fixed shapes where a matrix product's rounding depends on shape (blocks.py):
+every linear layer runs in blocks of identical products, `BLOCK_ROWS` rows in the suffix and one
+input in the prefix, and each request starts at a block boundary (its rows are padded up to a
+whole number of blocks). The prefix is also padded to at least `min_rows` inputs: convolutions
+take other algorithms for a handful of images (measured: oneDNN, 1 image against 64). On CUDA
+every forward is padded to the full row budget: cuBLAS picks its kernel (and so its summation
+order) by shape, and one fixed shape also lets the chunk function be captured once as a CUDA
+graph.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.device import tune_allocator
 from service.engine.fused import MaskRows, verified
 from service.engine.graph import SplitGraph, split
@@ -38,8 +45,8 @@ from service.errors import InvalidInputError
 # The engine's float arithmetic, numbered: bumped when the same bundle, inputs and seed give other
 # last bits (audit records carry it, so a replay can say why it differs). 2 (2026-11-27): the
 # prefix rewritten for inference (BatchNorm folded, channels-last); the fused mask kernel did not
-# change any number.
-NUMERICS = 2
+# change any number. 3 (2026-12-06): linear layers in fixed row blocks on the CPU (blocks.py).
+NUMERICS = 3
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,15 @@ class MCSampler:
         self.prefix = Prefix(self.graph.prefix, example)  # rewritten for inference (prefix.py)
         self.input_shape = tuple(example.shape[1:])
         cuda = self.device.type == "cuda"
+        # Rows per block: each request starts at a block boundary (see the module docstring).
+        self.block = 1 if cuda else BLOCK_ROWS
+        if not cuda:
+            block_linears(self.prefix.module, 1)
+            block_linears(self.graph.suffix, self.block)
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
-            min_rows = int(row_budget) if cuda else 64
-        self.row_budget = max(int(row_budget), min_rows)
-        self.min_rows = int(min_rows)
+            min_rows = int(row_budget) if cuda else BLOCK_ROWS
+        self.min_rows = _round_up(int(min_rows), self.block)
+        self.row_budget = _round_up(max(int(row_budget), self.min_rows), self.block)
         self.stats = SamplerStats()
         # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with
         # the same numbers as the torch path. Optional torch.compile of the per-chunk work
@@ -165,13 +177,12 @@ class MCSampler:
                 device=dev,
             )
             n_inputs = xs.shape[0]
+            with live_rows(n_inputs):  # padding inputs skip the prefix's linear layers
+                values = self.prefix(self._pad(xs, self.min_rows))
             frontier = [
-                f[:n_inputs] if b else f
-                for f, b in zip(
-                    self.prefix(self._pad(xs, self.min_rows)), g.frontier_batched, strict=True
-                )
+                f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
             ]
-            rows = _RowMap(requests, len(g.sites), dev)
+            rows = _RowMap(requests, len(g.sites), dev, self.block)
             total = rows.total
             out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=dev)
             forwards = 0
@@ -193,7 +204,11 @@ class MCSampler:
                 out[lo:hi] = self._chunk(inputs, keys, base, idx)[:n].float()
                 forwards += 1
             self.stats.add(
-                batches=1, requests=len(requests), prefix_forwards=1, forwards=forwards, rows=total
+                batches=1,
+                requests=len(requests),
+                prefix_forwards=1,
+                forwards=forwards,
+                rows=sum(r.rows for r in requests),
             )
             result = []
             host = out.cpu().numpy()
@@ -247,13 +262,15 @@ class _RowMap:
     whether a batch holds one request or a thousand.
     """
 
-    def __init__(self, requests: Sequence[MCRequest], layers: int, device: torch.device) -> None:
-        counts = [r.rows for r in requests]
+    def __init__(
+        self, requests: Sequence[MCRequest], layers: int, device: torch.device, block: int
+    ) -> None:
+        counts = [_round_up(r.rows, block) for r in requests]
         self.starts = np.cumsum([0, *counts])
         self.total = int(self.starts[-1])
         shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
         build = _cached_layout if self.total <= _CACHED_ROWS else _layout
-        self.prefix_row, self.base, row_req = build(shapes, device)
+        self.prefix_row, self.base, row_req = build(shapes, device, block)
         if len(requests) == 1:  # the common case at low load: one key per layer, no gather
             seed = requests[0].seed
             self.keys = [
@@ -269,18 +286,25 @@ class _RowMap:
         ]
 
 
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
 def _layout(
-    shapes: tuple[tuple[int, int], ...], device: torch.device
+    shapes: tuple[tuple[int, int], ...], device: torch.device, block: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
     requests of these (samples, inputs), one after the other, each pass-major (row = t * b + i
-    within a request)."""
-    counts = [t * b for t, b in shapes]
+    within a request) and starting at a multiple of `block`. A request's padding rows (up to
+    its next block boundary) repeat its first row; their results are never read."""
+    counts = [_round_up(t * b, block) for t, b in shapes]
     starts = np.cumsum([0, *counts])
     b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
     offsets = torch.tensor(np.cumsum([0, *[b for _, b in shapes]])[:-1])
     row_req = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(counts))
     local = torch.arange(int(starts[-1])) - torch.tensor(starts[:-1])[row_req]
+    real = torch.tensor([t * b for t, b in shapes], dtype=torch.int64)[row_req]
+    local = torch.where(local < real, local, 0)
     b_row = b[row_req]
     t = torch.div(local, b_row, rounding_mode="floor")
     i = local - t * b_row

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -10,11 +13,12 @@ import pytest
 from audit_support import Backend, execute, serving
 from typer.testing import CliRunner
 
-from service.audit.replay import ReplayError, replay
+from service.audit.replay import ReplayError, replay, size
 from service.audit.rows import AuditRecord
 from service.audit.seal import context, reveal, seal
 from service.cli import app as cli
 
+ROOT = Path(__file__).resolve().parents[2]
 ROW = [0.1, -0.2, 0.3, 0.4]
 KEY = "replay-test-key"
 
@@ -173,3 +177,43 @@ async def test_replay_names_an_engine_numerics_the_record_lacks(repo: Path, tmp_
     assert result.notes == [
         f"engine_numerics: recorded None, here {rec.software['engine_numerics']}"
     ]
+
+
+def test_size_of_differences_tells_rounding_from_values() -> None:
+    stored = {"predictions": [{"mean": 1.0, "std": 0.5, "label": "red", "probabilities": [0.25]}]}
+    rounding = {"predictions": [{"mean": 1.0 + 2e-7, "std": 0.5, "label": "red",
+                                 "probabilities": [0.25 - 1e-8]}]}  # fmt: skip
+    small = size(stored, rounding)
+    assert (small.numbers, small.other) == (2, 0) and small.rounding_only
+    assert small.largest == pytest.approx(2e-7) and small.relative == pytest.approx(2e-7)
+    assert "float rounding only" in small.describe() and "replayed on " in small.describe()
+    moved = size(stored, {"predictions": [{**rounding["predictions"][0], "mean": 1.01}]})
+    assert not moved.rounding_only and moved.relative == pytest.approx(0.01 / 1.01)
+    assert "beyond float rounding" in moved.describe()
+    relabelled = size(stored, {"predictions": [{**stored["predictions"][0], "label": "blue"}]})
+    assert (relabelled.numbers, relabelled.other) == (0, 1) and not relabelled.rounding_only
+
+
+async def test_replay_under_other_cpu_kernels_reports_the_size(repo: Path, tmp_path: Path) -> None:
+    # A replay on a machine whose libraries take other kernels (here forced: MKL's SSE2 path,
+    # ATen without vectors) gives other last bits: the CLI must say so, with the size, and call it
+    # rounding, never pass it as identical or leave it unexplained.
+    db = tmp_path / "a.db"
+    backend = Backend("sqlite", {"audit_path": db})
+    rec = (await record_some(backend, repo))["clf-seeded"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MKL_CBWR": "COMPATIBLE",
+        "ATEN_CPU_CAPABILITY": "default",
+    }
+    cmd = [sys.executable, "-m", "service", "audit", "replay", str(rec.id), "--path", str(db)]
+    cmd += ["--model-dir", str(repo)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"DIFFERENT: record {rec.id} (clf 1, torch on cpu, seed 3)")
+    assert lines[1].startswith("size: ") and "float rounding only" in lines[1], proc.stdout
+    assert all(line.startswith(("  $.predictions[", "  ... and ")) for line in lines[2:]), (
+        proc.stdout
+    )

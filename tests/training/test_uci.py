@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.uci import ROOT, repo_relative
 from bench.uci import main as uci_main
 from service.training import (
     mc_predict,
@@ -85,6 +86,18 @@ def test_bench_fast_writes_json_and_table(tmp_path: Path) -> None:
     assert summary["rmse"][0] == pytest.approx(np.mean([s["rmse"] for s in splits]))
     table = (out / "table.md").read_text()
     assert table.startswith("| dataset |") and "| toy | 2 |" in table
+    # The command names data relative to the repository, never by this machine's absolute path.
+    toy = repo_relative(str(tmp_path / "toy"))
+    assert summary["command"].startswith(f"python -m bench.uci {toy} --fast --out ")
+    assert not any(arg.startswith("/") for arg in summary["command"].split())
+
+
+def test_recorded_paths_are_relative_to_the_repository() -> None:
+    shared = ROOT.parent / "shared" / "datasets" / "uci" / "yacht"
+    assert repo_relative(str(shared)) == "../shared/datasets/uci/yacht"
+    assert repo_relative(str(ROOT / "docs" / "uci")) == "docs/uci"
+    assert repo_relative("docs/uci") == "docs/uci"  # already relative: as given
+    assert repo_relative("--epochs-mult") == "--epochs-mult"
 
 
 def test_bench_split_ranges_then_summarise_equal_one_run(tmp_path: Path) -> None:

@@ -1,0 +1,106 @@
+"""Linear layers in fixed-size row blocks: a row's rounding does not depend on its forward.
+
+A CPU matrix product (MKL's sgemm under torch) rounds a row by the kernel that covers it, and
+which kernel that is depends on the forward's row count, on where the row sits and on how the
+threads split the rows (the tails of the kernel's blocks and of each thread's share take other
+code). Measured (issue 23): on an AVX-512 Xeon a 300-row forward's rows 148-149 and 298 differ
+from the same rows inside a 4,800-row forward; on an AMD EPYC with `MKL_CBWR=COMPATIBLE`, 4
+rows of a 100- or 300-row forward on two threads, and one row of a 65-row forward on one.
+
+Here each linear layer instead runs as a batch of identical products of `rows` rows each
+(`baddbmm` over `[n / rows, rows, in]`: one MKL `sgemm_batch` call; `python -m bench.blocks`:
+from 64 rows per block within 7 % of one `linear` at the engine benchmark's layers, up to 30 %
+slower for small layers such as 64->64 over 1,600 rows): every block is the same computation
+whatever the forward's size and whichever thread takes it, so a row's bits depend only on its
+own input row. Measured
+(2026-12-06, AMD EPYC, default kernels, `MKL_CBWR=COMPATIBLE` and `ATEN_CPU_CAPABILITY=default`;
+1, 2 and 4 threads; 2 to 300 blocks): every block the same bits at every index. A batch of one
+block is the exception: torch hands it to plain `sgemm`, whose rounding differs (seen for one
+output feature), so it is computed as two.
+
+The sampler puts each request at a block start (sampler.py), so a request's rows meet the same
+code alone or in any batch. Only the sampler's graphs are rewritten; a forward whose rows are
+not a whole number of blocks takes a plain `linear` (never in the sampler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+# Rows per block of the stochastic suffix on the CPU (the prefix uses blocks of one input).
+BLOCK_ROWS = 64
+
+# Rows whose values are read, where a forward is padded further (the prefix: to 64 inputs for
+# its convolutions, see sampler.py): blocks of one row past them are not computed (zeros).
+# Measured: the digits prefix's Linear(512, 128) over 64 inputs in blocks of one, 187 us against
+# 91 us for one `linear`, for a request of one input.
+_live: ContextVar[int | None] = ContextVar("live_rows", default=None)
+
+
+@contextlib.contextmanager
+def live_rows(n: int) -> Iterator[None]:
+    """Within this block, blocked linears of one-row blocks compute only the first n rows."""
+    token = _live.set(n)
+    try:
+        yield
+    finally:
+        _live.reset(token)
+
+
+def blocked_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed as identical products of `rows` rows each."""
+    n = x.shape[0]
+    if x.dim() < 2 or n == 0 or n % rows or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    live = _live.get() if rows == 1 else None  # the suffix (compiled or not) never reads it
+    if live is not None and 0 < live < n:
+        out = x.new_zeros((*x.shape[:-1], weight.shape[0]))
+        out[:live] = blocked_linear(x[:live], weight, bias, 1)
+        return out
+    blocks = n // rows
+    xb = x.reshape(blocks, -1, x.shape[-1])
+    if blocks == 1:  # torch sends a batch of one to plain sgemm, other code: make it two
+        xb = torch.cat([xb, torch.zeros_like(xb)])
+    wt = weight.t().expand(xb.shape[0], -1, -1)  # one weight read by every block (stride 0)
+    out = torch.bmm(xb, wt) if bias is None else torch.baddbmm(bias, xb, wt)
+    return out[:blocks].reshape(*x.shape[:-1], weight.shape[0])
+
+
+torch.fx.wrap("blocked_linear")
+
+
+def block_linears(gm: fx.GraphModule, rows: int) -> int:
+    """Rewrite every linear layer of the graph (nn.Linear modules and F.linear calls) into
+    `blocked_linear(..., rows)`, in place. Returns how many were rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
+            if len(node.args) != 1 or node.kwargs:
+                continue
+            linear = gm.get_submodule(str(node.target))
+            with gm.graph.inserting_before(node):
+                w = gm.graph.get_attr(f"{node.target}.weight")
+                b = gm.graph.get_attr(f"{node.target}.bias") if linear.bias is not None else None
+                new = gm.graph.call_function(blocked_linear, (node.args[0], w, b, rows))
+        elif node.op == "call_function" and node.target is F.linear:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(blocked_linear, (x, w, b, rows))
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count

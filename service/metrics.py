@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 from service.engine.model import Prediction
@@ -27,10 +34,11 @@ UNCERTAINTY = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
-        # No `_created` sample beside every counter and histogram: it doubled the series, and
-        # Prometheus derives resets from the values (prometheus-client's switch is process-wide).
-        disable_created_metrics()
+    def __init__(self, created: bool = False) -> None:
+        # No `_created` sample beside every counter and histogram unless asked (setting
+        # metrics_created): it doubled the series, and Prometheus derives resets from the
+        # values. prometheus-client's switch is process-wide.
+        (enable_created_metrics if created else disable_created_metrics)()
         r = self.registry = CollectorRegistry()
         self.known: set[str] = set()
         # Labelled children by (metric, labels): `labels()` checks and converts every value

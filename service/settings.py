@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     pages: bool = True
     evaluation_dir: Path | None = Path("docs/evaluation")
 
+    # Prometheus `_created` samples beside counters and histograms (off: half the series).
+    metrics_created: bool = False
+
     def trust_policy(self) -> TrustPolicy:
         return TrustPolicy(
             allow_code_artifacts=self.allow_code_artifacts,

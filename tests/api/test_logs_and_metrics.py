@@ -95,6 +95,22 @@ async def test_metrics_have_no_created_series(client: httpx.AsyncClient) -> None
     assert "_created" not in text  # every counter and histogram had one
 
 
+def test_created_series_when_asked() -> None:
+    """MCSERVE_METRICS_CREATED=true brings `_created` back (off by default, above)."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    try:
+        asked = Metrics(created=True)
+        asked.requests.labels("m", "r", "200").inc()
+        assert b"mcserve_requests_created{" in generate_latest(asked.registry)
+    finally:
+        plain = Metrics()  # the switch is process-wide: off again for the other tests
+    plain.requests.labels("m", "r", "200").inc()
+    assert b"_created" not in generate_latest(plain.registry)
+
+
 async def test_deterministic_mode_says_what_it_ignores(client: httpx.AsyncClient) -> None:
     params = {"mode": "deterministic", "samples": 50, "seed": 3, "confidence": 0.9}
     out = (

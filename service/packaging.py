@@ -58,6 +58,12 @@ def package(
     feature_names: Annotated[str | None, typer.Option(help="comma-separated")] = None,
     valid_ranges: Annotated[str | None, typer.Option(help="JSON list of [lo, hi]")] = None,
     noise_var: Annotated[float | None, typer.Option(help="regression noise variance 1/tau")] = None,
+    variance: Annotated[
+        str | None,
+        typer.Option(
+            help="the model outputs [mean, noise parameter]: log_variance or softplus_std"
+        ),
+    ] = None,
 ) -> None:
     """Write <out>/<name>/<version>/ from your model's factory and trained weights."""
     module = load_factory(factory)
@@ -78,6 +84,7 @@ def package(
             feature_names=_csv(feature_names),
             valid_ranges=json.loads(valid_ranges) if valid_ranges else None,
             noise_var=noise_var,
+            variance=variance,  # type: ignore[arg-type]
         )
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)

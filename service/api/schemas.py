@@ -47,7 +47,9 @@ class ReferralOut(BaseModel):
     refer: bool = Field(description="a human should look at this prediction")
     reasons: list[str] = Field(description="why, in words; empty when refer is false")
     triggers: list[str] = Field(
-        description="per reason: epistemic, interval_width, prediction_set or extrapolation"
+        description=(
+            "per reason: epistemic, aleatoric, interval_width, prediction_set or extrapolation"
+        )
     )
     extrapolation: bool = Field(description="some feature lies outside the training range")
 

@@ -76,11 +76,30 @@ class OutputSpec(Strict):
     description: str | None = None
 
 
-class Aleatoric(Strict):
-    """Regression noise: 1/tau from training (homoscedastic), or none."""
+Variance = Literal["log_variance", "softplus_std"]
 
-    kind: Literal["none", "homoscedastic"] = "none"
+
+class Aleatoric(Strict):
+    """Regression noise: none, 1/tau from training (homoscedastic), or learned per input
+    (heteroscedastic): the model then outputs each target's mean followed by each target's
+    variance parameter, read as ``parameterisation`` says (service/engine/heads.py):
+    ``log_variance`` s^2 = exp(v), ``softplus_std`` s = log(1 + exp(v))."""
+
+    kind: Literal["none", "homoscedastic", "heteroscedastic"] = "none"
     noise_var: float = Field(default=0.0, ge=0.0)
+    parameterisation: Variance | None = None  # heteroscedastic only
+
+    @model_validator(mode="after")
+    def _kind(self) -> Aleatoric:
+        learned = self.kind == "heteroscedastic"
+        if learned != (self.parameterisation is not None):
+            raise ValueError(
+                "aleatoric.parameterisation ('log_variance' or 'softplus_std') is required for, "
+                "and only for, kind 'heteroscedastic'"
+            )
+        if learned and self.noise_var:
+            raise ValueError("a heteroscedastic model learns its noise: leave noise_var at 0")
+        return self
 
 
 class Defaults(Strict):
@@ -147,6 +166,8 @@ class ReferralPolicy(Strict):
     level: float = Field(default=0.95, gt=0.0, lt=1.0)  # of the interval/set the triggers read
     # Mutual information (nats) for classifiers, epistemic std (target units) for regressors.
     epistemic: float | None = Field(default=None, ge=0.0)
+    # Regression: aleatoric std (target units), the noise the model expects for this input.
+    aleatoric: float | None = Field(default=None, ge=0.0)
     relative_width: float | None = Field(default=None, gt=0.0)  # regression: width / |mean|
     max_set_size: int | None = Field(default=None, ge=1)  # classification; an empty set refers
     extrapolation: bool = True  # refer when a feature lies outside inputs.training_ranges
@@ -179,6 +200,8 @@ class Manifest(Strict):
             raise ValueError("a classification manifest needs outputs.labels")
         if self.task == "regression" and not self.outputs.target:
             raise ValueError("a regression manifest needs outputs.target")
+        if self.task == "classification" and self.aleatoric.kind != "none":
+            raise ValueError("aleatoric noise is for regression; a classifier has kind 'none'")
         if self.calibration is not None:
             classifier = self.task == "classification"
             want = "one-minus-probability" if classifier else "abs-residual-over-std"

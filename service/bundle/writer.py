@@ -24,6 +24,7 @@ from service.bundle.manifest import (
     OutputSpec,
     Task,
     Training,
+    Variance,
 )
 from service.engine.graph import find_dropout, trace
 from service.engine.onnx_predictor import export_onnx
@@ -61,11 +62,27 @@ def save(
     training_ranges: Sequence[tuple[float, float]] | None = None,
     value_range: tuple[float, float] | None = None,
     noise_var: float | None = None,
+    variance: Variance | None = None,
     defaults: Defaults | None = None,
     training: Training | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version."""
+    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
+
+    A regressor outputs its mean, with ``noise_var`` (1/tau) as its fixed noise; or, with
+    ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
+    parameter, learned per input (a heteroscedastic model, service/engine/heads.py)."""
+    if variance is not None and noise_var:
+        raise ModelError(
+            "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
+        )
+    if variance not in (None, "log_variance", "softplus_std"):
+        raise ModelError(
+            f"variance={variance!r} is not a noise parameterisation; use 'log_variance' "
+            "(the head outputs log s^2) or 'softplus_std' (it outputs v with s = softplus(v))"
+        )
+    if variance is not None and task != "regression":
+        raise ModelError("variance= declares a regressor's noise head; a classifier has none")
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
@@ -90,8 +107,19 @@ def save(
     if task == "classification":
         if not labels or len(labels) != out_shape[0] or out_shape[0] < 2:
             raise ModelError(f"labels must name each of the {out_shape[0]} output logits")
-    elif not target or out_shape[0] != 1:
-        raise ModelError("a regression bundle needs target= and a model with one output")
+    elif not target:
+        raise ModelError("a regression bundle needs target= (the name of what it predicts)")
+    elif variance is None and out_shape[0] != 1:
+        raise ModelError(
+            f"a regression model outputs its mean: one output, got {out_shape[0]}; a model "
+            "with a mean and a noise head (2 outputs) also needs variance='log_variance' or "
+            "'softplus_std'"
+        )
+    elif variance is not None and out_shape[0] != 2:
+        raise ModelError(
+            f"a model with a learned noise head outputs the mean and then the variance "
+            f"parameter: 2 outputs, got {out_shape[0]}"
+        )
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
@@ -128,9 +156,7 @@ def save(
         outputs=OutputSpec(
             labels=list(labels) if labels else None, target=target, unit=target_unit
         ),
-        aleatoric=Aleatoric(kind="homoscedastic", noise_var=noise_var)
-        if noise_var
-        else Aleatoric(),
+        aleatoric=_aleatoric(noise_var, variance),
         defaults=defaults or Defaults(),
         dropout=[
             DropoutLayout(name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape))
@@ -142,3 +168,11 @@ def save(
     )
     (dest / MANIFEST_NAME).write_bytes(manifest.dumps())
     return dest
+
+
+def _aleatoric(noise_var: float | None, variance: Variance | None) -> Aleatoric:
+    if variance is not None:
+        return Aleatoric(kind="heteroscedastic", parameterisation=variance)
+    if noise_var:
+        return Aleatoric(kind="homoscedastic", noise_var=noise_var)
+    return Aleatoric()

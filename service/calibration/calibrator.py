@@ -112,6 +112,7 @@ class Calibrator:
             epistemic_name="epistemic std",
             outside=outside,
             relative_width=relative_width(s.mean[:, 0], half),
+            aleatoric=s.aleatoric_std[:, 0],
         )
 
     def metadata(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import numpy as np
 from service.calibration import conformal, metrics
 from service.calibration.data import Labelled, overlaps
 from service.calibration.referral import Referral
+from service.engine import heads
 from service.engine.model import IntervalMethod, PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import (
@@ -79,10 +80,14 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
     s = preds["gaussian"].summary
     assert isinstance(s, RegressionSummary)
     mean, std = s.mean[:, 0], s.std[:, 0]
-    noise = served.manifest.aleatoric.noise_var
+    means, noise = heads.split(out, served.manifest.aleatoric)
+    # The predictive mixture's own density when the model has noise; without noise a mixture of
+    # point masses has none, so the Gaussian of its mean and std stands in.
     ll = (
-        metrics.mixture_log_likelihood(out[..., 0], y, noise)
-        if noise > 0
+        metrics.mixture_log_likelihood(
+            means[..., 0], y, noise if np.ndim(noise) == 0 else np.asarray(noise)[..., 0]
+        )
+        if noise is not None
         else metrics.gaussian_log_likelihood(mean, std, y)
     )
     intervals: dict[str, list[dict[str, Any]]] = {}
@@ -113,18 +118,29 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
         "rmse": metrics.rmse(mean, y),
         "mae": float(np.mean(np.abs(mean - y))),
         "mean_log_likelihood": float(np.mean(ll)),
-        "log_likelihood": "MC mixture with the noise variance"
-        if noise > 0
-        else "gaussian(mean, std)",
+        "log_likelihood": _ll_kind(served),
         "mean_std": float(np.mean(std)),
         "mean_epistemic_std": float(np.mean(s.epistemic_std[:, 0])),
         "intervals": intervals,
+        "mean_aleatoric_std": float(np.mean(s.aleatoric_std[:, 0])),
         "referral": _referral(
-            served_pred.referral, mean - y, "rmse", ("epistemic", "interval_width", "extrapolation")
+            served_pred.referral,
+            mean - y,
+            "rmse",
+            ("epistemic", "aleatoric", "interval_width", "extrapolation"),
         ),
         "warnings": served_pred.warnings,
     }
     return Evaluation(numbers, curves)
+
+
+def _ll_kind(served: ServedModel) -> str:
+    kind = served.manifest.aleatoric.kind
+    if kind == "heteroscedastic":
+        return "MC mixture of the passes' learned Gaussians"
+    return (
+        "MC mixture with the noise variance" if kind == "homoscedastic" else "gaussian(mean, std)"
+    )
 
 
 def _classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:

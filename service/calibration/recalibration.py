@@ -24,6 +24,7 @@ from service.bundle.writer import sha256_file
 from service.calibration import conformal, temperature
 from service.calibration.data import Labelled, overlaps, read
 from service.calibration.referral import percentile_threshold, relative_width
+from service.engine import heads
 from service.engine.model import ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification, summarize_regression
@@ -91,8 +92,8 @@ def _fit(
             derived_from=f"epistemic: {derived}; max_set_size: any ambiguous set",
         )
         return cal, policy
-    noise = m.aleatoric.noise_var or None
-    r = summarize_regression(out, levels=(level,), noise_var=noise)
+    means, noise = heads.split(out, m.aleatoric)
+    r = summarize_regression(means, levels=(level,), noise_var=noise)
     scores = np.sort(conformal.regression_scores(data.y, r.mean[:, 0], r.std[:, 0]))
     cal = Calibration(
         score="abs-residual-over-std",
@@ -104,14 +105,18 @@ def _fit(
     )
     half = conformal.quantile(scores, level) * np.maximum(r.std[:, 0], conformal.STD_FLOOR)
     widths = relative_width(r.mean[:, 0], half)
+    # A learned noise varies by input, so its size can refer too; a fixed one cannot tell inputs
+    # apart.
+    learned = m.aleatoric.kind == "heteroscedastic"
     policy = ReferralPolicy(
         level=level,
         epistemic=percentile_threshold(r.epistemic_std[:, 0], percentile),
+        aleatoric=percentile_threshold(r.aleatoric_std[:, 0], percentile) if learned else None,
         relative_width=percentile_threshold(widths, percentile)
         if np.isfinite(widths).all()
         else None,
         extrapolation=policy_base.extrapolation,
-        derived_from=f"epistemic, relative_width: {derived}",
+        derived_from=f"epistemic, {'aleatoric, ' if learned else ''}relative_width: {derived}",
     )
     return cal, policy
 

@@ -8,6 +8,10 @@ l = 1e-2, N the rows the model is trained on. The (dropout rate, tau) grid is sc
 log-likelihood on the last `val_fraction` of the rows, the best configuration is retrained on all
 rows.
 
+`noise="fit"` (what `python -m service train` uses) replaces the tau grid by a fitted tau in
+standardised units (`scoring.fit_precision`), and `noise="learned"` trains a log-variance head with
+the Gaussian NLL; a choice on the edge of what was searched is said in `TrainResult.notes`.
+
 Units of tau: the 2016 companion code (yaringal/DropoutUncertaintyExps, net/net.py) applies the
 grid values of tau to de-standardised predictions, i.e. as precisions in ORIGINAL target units,
 and puts the same number into the weight-decay formula. `tau_units="original"` (the default) does
@@ -31,12 +35,20 @@ from torch import Tensor
 from service.training.progress import progress as _progress
 from service.training.results import FittedMLP, GridPoint, TrainResult
 from service.training.scoring import (
+    FIT_LOG10_STD,
     categorical_log_likelihood,
+    fit_precision,
+    learned_mixture_log_likelihood,
     mixture_log_likelihood,
 )
 from service.training.stack import Stack, Task, fit, init_stack, mc_chunks, to_sequential
 
 TauUnits = Literal["original", "standardised"]
+# "grid": tau from `taus`; "fit": one training per dropout rate (decay at the nominal tau 1 of the
+# standardised target), then the tau that maximises the validation log-likelihood, fitted
+# (`fit_precision`), in standardised units; "learned": a log-variance head and the Gaussian NLL.
+Noise = Literal["grid", "fit", "learned"]
+_NOMINAL_TAU = 1.0  # noise std = the target's std: the vaguest choice, for the grid run's decay
 _LOG_2PI = math.log(2.0 * math.pi)
 _STAGE_GRID, _STAGE_SCORE, _STAGE_REFIT = 0, 1, 2
 
@@ -112,6 +124,7 @@ def _fitted(
     decay: float,
     task: Task,
     units: TauUnits,
+    learned: bool = False,
 ) -> FittedMLP:
     taus: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
     if tau is not None and prep.y_std is not None:
@@ -128,6 +141,7 @@ def _fitted(
         decay,
         task,
         int(prep.x.shape[0]),
+        learned,
     )
 
 
@@ -147,6 +161,7 @@ def train_mlps(
     val_fraction: float = 0.2,
     val_passes: int = 1000,
     progress: bool = False,
+    noise: Noise = "grid",
 ) -> list[TrainResult]:
     """Grid-select and refit one MC-dropout MLP per data set (e.g. per split), all vectorised.
 
@@ -162,7 +177,14 @@ def train_mlps(
         raise ValueError("one seed per data set")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")
-    tau_grid: list[float | None] = list(taus) if task == "regression" else [None]
+    if noise != "grid" and task != "regression":
+        raise ValueError(f"noise={noise!r} is for regression; a classifier has no noise level")
+    learned = noise == "learned"
+    if noise == "fit":
+        tau_units = "standardised"  # the fitted tau is a precision of the standardised target
+    tau_grid: list[float | None] = [None] if task != "regression" or learned else list(taus)
+    if noise == "fit":
+        tau_grid = [_NOMINAL_TAU]
     configs = [(float(p), None if t is None else float(t)) for p in dropout_rates for t in tau_grid]
     xs_all = [np.asarray(x, dtype=np.float64) for x, _ in datasets]
     ys_all = [np.asarray(y) for _, y in datasets]
@@ -181,6 +203,7 @@ def train_mlps(
         fit_parts = [_prepare(xs_all[i][:n_fit], ys_all[i][:n_fit], task) for i in members]
         full_parts = [_prepare(xs_all[i], ys_all[i], task) for i in members]
         out_dim = n_classes if task == "classification" else ys_all[members[0]].shape[1]
+        out_dim *= 2 if learned else 1  # a mean and a log-variance per target
         dims = [xs_all[members[0]].shape[1], *hidden, out_dim]
         member_seeds = [seeds[i] for i in members]
         n_s, n_g = len(members), len(configs)
@@ -192,7 +215,13 @@ def train_mlps(
         decay_m = torch.tensor([_decay(p, t, n_fit, lengthscale) for p, t in configs] * n_s)
         gens = _generators(member_seeds, _STAGE_GRID)
         stack = init_stack(dims, p_m, split_of, gens)
-        train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "task": task}
+        train = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "task": task,
+            "learned_noise": learned,
+        }
         _fit_parts(stack, fit_parts, decay_m, gens, f"grid {n_s}x{n_g} models", progress, train)
         t1 = time.perf_counter()
         grid_decay = [_decay(p, t, n_fit, lengthscale) for p, t in configs]
@@ -209,13 +238,16 @@ def train_mlps(
             tau_units,
             val_passes,
             _generators(member_seeds, _STAGE_SCORE),
+            noise,
         )
         t2 = time.perf_counter()
 
         # Refit: one model per split, each with its own chosen configuration.
         chosen = [_best(row) for row in scores]
-        p_r = torch.tensor([configs[c][0] for c in chosen])
-        decay_r = torch.tensor([_decay(*configs[c], n, lengthscale) for c in chosen])
+        # The chosen point's tau: the grid's, or the one fitted for that model (noise="fit").
+        picks = [(row[c].dropout_rate, row[c].tau) for row, c in zip(scores, chosen, strict=True)]
+        p_r = torch.tensor([p for p, _ in picks])
+        decay_r = torch.tensor([_decay(p, t, n, lengthscale) for p, t in picks])
         gens = _generators(member_seeds, _STAGE_REFIT)
         refit = init_stack(dims, p_r, torch.arange(n_s), gens)
         _fit_parts(refit, full_parts, decay_r, gens, f"refit {n_s} models", progress, train)
@@ -223,9 +255,10 @@ def train_mlps(
 
         timings = {"grid_train_s": t1 - t0, "grid_score_s": t2 - t1, "refit_s": t3 - t2}
         for s, i in enumerate(members):
-            p, tau = configs[chosen[s]]
+            p, tau = picks[s]
+            fin = float(decay_r[s])
             results[i] = TrainResult(
-                final=_fitted(refit, s, full_parts[s], p, tau, float(decay_r[s]), task, tau_units),
+                final=_fitted(refit, s, full_parts[s], p, tau, fin, task, tau_units, learned),
                 holdout=_fitted(
                     stack,
                     s * n_g + chosen[s],
@@ -235,6 +268,7 @@ def train_mlps(
                     float(decay_m[s * n_g + chosen[s]]),
                     task,
                     tau_units,
+                    learned,
                 ),
                 grid=scores[s],
                 chosen=chosen[s],
@@ -242,6 +276,7 @@ def train_mlps(
                 n_val=n - n_fit,
                 epochs=epochs,
                 timings={**timings, "trained_together": float(n_s)},
+                notes=_edge_notes(scores[s], chosen[s], dropout_rates, tau_grid, noise),
             )
     return [results[i] for i in range(len(datasets))]
 
@@ -250,6 +285,40 @@ def _best(grid: Sequence[GridPoint]) -> int:
     """Index of the highest validation log-likelihood (NaN counts as -inf; ties: first)."""
     lls = [g.val_ll if math.isfinite(g.val_ll) else -math.inf for g in grid]
     return lls.index(max(lls))
+
+
+def _edge_notes(
+    grid: Sequence[GridPoint],
+    chosen: int,
+    rates: Sequence[float],
+    taus: Sequence[float | None],
+    noise: Noise,
+) -> list[str]:
+    """Sentences for a choice on the edge of what was searched: the best may lie beyond it."""
+    g, notes = grid[chosen], []
+    if len(rates) > 1 and g.dropout_rate in (min(rates), max(rates)):
+        end = "smallest" if g.dropout_rate == min(rates) else "largest"
+        notes.append(
+            f"the chosen dropout rate {g.dropout_rate:g} is the grid's {end}: a better one may lie "
+            "beyond it; extend the grid"
+        )
+    if noise == "grid" and g.tau is not None and len(taus) > 1:
+        grid_taus = [t for t in taus if t is not None]
+        if g.tau in (min(grid_taus), max(grid_taus)):
+            end = "smallest" if g.tau == min(grid_taus) else "largest"
+            notes.append(
+                f"the chosen tau {g.tau:g} is the grid's {end}: the noise level may lie beyond "
+                "it; extend the grid (or fit it: noise='fit')"
+            )
+    if noise == "fit" and g.tau is not None:
+        lo, hi = FIT_LOG10_STD
+        std = g.tau**-0.5
+        if not 10**lo * 1.2 < std < 10**hi / 1.2:
+            notes.append(
+                f"the fitted noise std {std:.3g} (in target standard deviations) is at the end "
+                f"of the searched range [{10**lo:g}, {10**hi:g}]"
+            )
+    return notes
 
 
 def _score_grid(
@@ -265,6 +334,7 @@ def _score_grid(
     tau_units: TauUnits,
     passes: int,
     gens: Sequence[torch.Generator],
+    noise: Noise = "grid",
 ) -> list[list[GridPoint]]:
     """Validation log-likelihood (and RMSE or accuracy) of every model of the grid stack."""
     n_g = len(configs)
@@ -278,6 +348,7 @@ def _score_grid(
     n_val = int(x_val.shape[1])
     ll_sum = torch.zeros(stack.n_models, dtype=torch.float64)
     err_sum = torch.zeros(stack.n_models, dtype=torch.float64)
+    kept: list[Tensor] = []  # noise="fit": every standardised output, to fit tau afterwards
     if task == "regression":
         mean = torch.from_numpy(np.stack([fp.y_mean for fp in fit_parts if fp.y_mean is not None]))
         std = torch.from_numpy(np.stack([fp.y_std for fp in fit_parts if fp.y_std is not None]))
@@ -296,23 +367,42 @@ def _score_grid(
     for rows, out in mc_chunks(stack, xt, passes, gens):
         yc = y_val[:, rows]
         if task == "regression":
-            f = out.double() * std + mean  # original units, [M, T, c, D]
-            ll_sum += mixture_log_likelihood(f, yc, tau_orig).sum(-1)
+            d = int(yc.shape[-1])
+            f = out[..., :d].double() * std + mean  # original units, [M, T, c, D]
+            if noise == "learned":
+                log_var = out[..., d:].double() + 2.0 * torch.log(std)
+                ll_sum += learned_mixture_log_likelihood(f, log_var, yc).sum(-1)
+            elif noise == "fit":
+                kept.append(out.double())
+            else:
+                ll_sum += mixture_log_likelihood(f, yc, tau_orig).sum(-1)
             err_sum += (f.mean(1) - yc).square().sum((-1, -2))
         else:
             ll_sum += categorical_log_likelihood(out.double(), yc).sum(-1)
             probs = torch.softmax(out, dim=-1).mean(1)
             err_sum += (probs.argmax(-1) == yc).double().sum(-1)
+    taus: list[float | None] = [configs[m % n_g][1] for m in range(stack.n_models)]
+    if kept:
+        outs = torch.cat(kept, dim=2)  # [M, T, n_val, D], standardised
+        y_std_units = (y_val - mean[:, 0]) / std[:, 0]
+        for m in range(stack.n_models):
+            tau, _ = fit_precision(outs[m].numpy(), y_std_units[m].numpy())
+            # Log-likelihood in original units: the standardised one less sum_d log y_std_d.
+            f_m, y_m = outs[m : m + 1], y_std_units[m : m + 1]
+            tau_t = torch.full((1, int(outs.shape[-1])), tau, dtype=torch.float64)
+            ll_std = mixture_log_likelihood(f_m, y_m, tau_t).sum()
+            ll_sum[m] = ll_std - n_val * torch.log(std[m]).sum()
+            taus[m] = tau
     out_dim = 1 if task == "classification" else int(y_val.shape[-1])
     grids: list[list[GridPoint]] = []
     for s in range(len(members)):
         row = []
-        for g, (p, tau) in enumerate(configs):
+        for g, (p, _) in enumerate(configs):
             m = s * n_g + g
             row.append(
                 GridPoint(
                     dropout_rate=p,
-                    tau=tau,
+                    tau=taus[m],
                     weight_decay=decays[g],
                     val_ll=float(ll_sum[m]) / n_val,
                     val_rmse=math.sqrt(float(err_sum[m]) / (n_val * out_dim))
@@ -342,8 +432,11 @@ def train_mlp(
     val_fraction: float = 0.2,
     val_passes: int = 1000,
     progress: bool = False,
+    noise: Noise = "grid",
 ) -> TrainResult:
-    """Grid-select (dropout rate, tau) on validation log-likelihood and refit on all rows.
+    """Grid-select (dropout rate, tau) on validation log-likelihood and refit on all rows;
+    with ``noise="fit"`` tau is fitted per dropout rate instead, with ``"learned"`` the net
+    learns its noise per input (see `Noise`).
 
     x [N, in] raw inputs; y [N] or [N, out] raw targets (regression) or [N] integer labels
     (classification). All configurations train at once as one vectorised model. Same seed and
@@ -364,4 +457,5 @@ def train_mlp(
         val_fraction=val_fraction,
         val_passes=val_passes,
         progress=progress,
+        noise=noise,
     )[0]

@@ -76,6 +76,24 @@ class RegressionPrediction(BaseModel):
     referral: ReferralOut | None = None
 
 
+class TargetPrediction(BaseModel):
+    mean: float
+    std: float | None = None
+    epistemic_std: float | None = None
+    aleatoric_std: float | None = None
+    intervals: list[IntervalOut] | None = None
+    mc_standard_error: float | None = None
+
+
+class MultiOutputPrediction(BaseModel):
+    targets: dict[str, TargetPrediction] = Field(
+        description="a multi-output regressor: each target's summary, by its name"
+    )
+    referral: ReferralOut | None = Field(
+        default=None, description="one decision for the input; each reason names its target"
+    )
+
+
 class ClassificationPrediction(BaseModel):
     label: str
     probabilities: dict[str, float]
@@ -96,7 +114,7 @@ class ModelRef(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[RegressionPrediction | ClassificationPrediction]
+    predictions: list[RegressionPrediction | MultiOutputPrediction | ClassificationPrediction]
     model: ModelRef
     backend: str
     device: str

@@ -22,6 +22,7 @@ from service.bundle.manifest import (
     InputSpec,
     Manifest,
     OutputSpec,
+    TargetSpec,
     Task,
     Training,
     Variance,
@@ -54,8 +55,8 @@ def save(
     task: Task,
     intended_use: str,
     labels: Sequence[str] | None = None,
-    target: str | None = None,
-    target_unit: str | None = None,
+    target: str | Sequence[str] | None = None,
+    target_unit: str | Sequence[str | None] | None = None,
     feature_names: Sequence[str] | None = None,
     units: Sequence[str | None] | None = None,
     valid_ranges: Sequence[tuple[float, float]] | None = None,
@@ -71,7 +72,9 @@ def save(
 
     A regressor outputs its mean, with ``noise_var`` (1/tau) as its fixed noise; or, with
     ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
-    parameter, learned per input (a heteroscedastic model, service/engine/heads.py)."""
+    parameter, learned per input (a heteroscedastic model, service/engine/heads.py). With k >= 2
+    targets, ``target`` is their names and ``target_unit`` their units, in output order: the
+    model outputs the k means (then the k variance parameters)."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -109,17 +112,20 @@ def save(
             raise ModelError(f"labels must name each of the {out_shape[0]} output logits")
     elif not target:
         raise ModelError("a regression bundle needs target= (the name of what it predicts)")
-    elif variance is None and out_shape[0] != 1:
+    names = [target] if isinstance(target, str) else list(target or [])
+    k = len(names)
+    if task == "regression" and variance is None and out_shape[0] != k:
         raise ModelError(
-            f"a regression model outputs its mean: one output, got {out_shape[0]}; a model "
-            "with a mean and a noise head (2 outputs) also needs variance='log_variance' or "
-            "'softplus_std'"
+            f"a regression model outputs its mean per target: {k} output(s), got {out_shape[0]}; "
+            f"a model with a mean and a noise head per target ({2 * k} outputs) also needs "
+            "variance='log_variance' or 'softplus_std'"
         )
-    elif variance is not None and out_shape[0] != 2:
+    if task == "regression" and variance is not None and out_shape[0] != 2 * k:
         raise ModelError(
-            f"a model with a learned noise head outputs the mean and then the variance "
-            f"parameter: 2 outputs, got {out_shape[0]}"
+            f"a model with a learned noise head outputs the means and then the variance "
+            f"parameters: {2 * k} outputs for {k} target(s), got {out_shape[0]}"
         )
+    outputs = _outputs(names, target_unit) if task == "regression" else None
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
@@ -153,9 +159,7 @@ def save(
             else None,
             value_range=value_range,
         ),
-        outputs=OutputSpec(
-            labels=list(labels) if labels else None, target=target, unit=target_unit
-        ),
+        outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
         aleatoric=_aleatoric(noise_var, variance),
         defaults=defaults or Defaults(),
         dropout=[
@@ -176,3 +180,18 @@ def _aleatoric(noise_var: float | None, variance: Variance | None) -> Aleatoric:
     if noise_var:
         return Aleatoric(kind="homoscedastic", noise_var=noise_var)
     return Aleatoric()
+
+
+def _outputs(names: list[str], units: str | Sequence[str | None] | None) -> OutputSpec:
+    if len(names) == 1:
+        if units is not None and not isinstance(units, str):
+            raise ModelError("target_unit is one unit (a string) for a single target")
+        return OutputSpec(target=names[0], unit=units)
+    unit_list = [None] * len(names) if units is None else units
+    if isinstance(unit_list, str) or len(unit_list) != len(names):
+        raise ModelError(f"target_unit must list one unit (or None) per target: {len(names)}")
+    if len(set(names)) != len(names):
+        raise ModelError(f"target names must be distinct, got {names}")
+    return OutputSpec(
+        targets=[TargetSpec(name=n, unit=u) for n, u in zip(names, unit_list, strict=True)]
+    )

@@ -26,6 +26,7 @@ from service.engine.summaries import (
     RegressionSummary,
     summarize_classification,
 )
+from service.errors import InvalidInputError
 
 LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
 CURVE_LEVELS = (*(round(v, 2) for v in np.arange(0.05, 0.951, 0.05)), 0.99)
@@ -206,6 +207,11 @@ def _classification(
 def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0) -> Evaluation:
     """Everything the report shows, for ``data`` through ``served`` with ``samples`` passes."""
     m = served.manifest
+    if m.outputs.targets is not None:
+        raise InvalidInputError(
+            f"{m.name}: evaluate scores one target; this model has {len(m.outputs.targets)} "
+            "(multi-output evaluation is not implemented yet)"
+        )
     req = MCRequest(data.x, samples, seed)
     out = served.sampler.run([req])[0]  # [T, N, outputs]
     y = data.y

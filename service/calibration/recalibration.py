@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle.load import TrustPolicy, load_bundle
-from service.bundle.manifest import MANIFEST_NAME, Calibration, Manifest, ReferralPolicy
+from service.bundle.manifest import (
+    MANIFEST_NAME,
+    Calibration,
+    Manifest,
+    ReferralPolicy,
+    TargetReferral,
+)
 from service.bundle.writer import sha256_file
 from service.calibration import conformal, temperature
 from service.calibration.data import Labelled, overlaps, read
@@ -94,30 +100,50 @@ def _fit(
         return cal, policy
     means, noise = heads.split(out, m.aleatoric)
     r = summarize_regression(means, levels=(level,), noise_var=noise)
-    scores = np.sort(conformal.regression_scores(data.y, r.mean[:, 0], r.std[:, 0]))
+    y = data.y.reshape(data.n, -1)  # [N, targets]
+    # A learned noise varies by input, so its size can refer too; a fixed one cannot tell inputs
+    # apart.
+    learned = m.aleatoric.kind == "heteroscedastic"
+    per_target: dict[str, list[float]] = {}
+    thresholds: dict[str, TargetReferral] = {}
+    for d, name in enumerate(m.outputs.target_names):
+        scores = np.sort(conformal.regression_scores(y[:, d], r.mean[:, d], r.std[:, d]))
+        per_target[name] = scores.tolist()
+        half = conformal.quantile(scores, level) * np.maximum(r.std[:, d], conformal.STD_FLOOR)
+        widths = relative_width(r.mean[:, d], half)
+        thresholds[name] = TargetReferral(
+            epistemic=percentile_threshold(r.epistemic_std[:, d], percentile),
+            aleatoric=percentile_threshold(r.aleatoric_std[:, d], percentile) if learned else None,
+            relative_width=percentile_threshold(widths, percentile)
+            if np.isfinite(widths).all()
+            else None,
+        )
+    multi = len(per_target) > 1
     cal = Calibration(
         score="abs-residual-over-std",
-        scores=scores.tolist(),
+        scores=[] if multi else next(iter(per_target.values())),
+        target_scores=per_target if multi else None,
         n=data.n,
         samples=samples,
         seed=seed,
         row_fingerprints=fps,
     )
-    half = conformal.quantile(scores, level) * np.maximum(r.std[:, 0], conformal.STD_FLOOR)
-    widths = relative_width(r.mean[:, 0], half)
-    # A learned noise varies by input, so its size can refer too; a fixed one cannot tell inputs
-    # apart.
-    learned = m.aleatoric.kind == "heteroscedastic"
-    policy = ReferralPolicy(
-        level=level,
-        epistemic=percentile_threshold(r.epistemic_std[:, 0], percentile),
-        aleatoric=percentile_threshold(r.aleatoric_std[:, 0], percentile) if learned else None,
-        relative_width=percentile_threshold(widths, percentile)
-        if np.isfinite(widths).all()
-        else None,
-        extrapolation=policy_base.extrapolation,
-        derived_from=f"epistemic, {'aleatoric, ' if learned else ''}relative_width: {derived}",
-    )
+    what = f"epistemic, {'aleatoric, ' if learned else ''}relative_width"
+    if multi:
+        policy = ReferralPolicy(
+            level=level,
+            targets=thresholds,
+            extrapolation=policy_base.extrapolation,
+            derived_from=f"per target {what}: {derived}",
+        )
+    else:
+        only = next(iter(thresholds.values()))
+        policy = ReferralPolicy(
+            level=level,
+            **only.model_dump(),
+            extrapolation=policy_base.extrapolation,
+            derived_from=f"{what}: {derived}",
+        )
     return cal, policy
 
 

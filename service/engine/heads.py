@@ -29,7 +29,7 @@ def expected_outputs(manifest: Manifest) -> int:
     """The width of the model's output row that the manifest declares."""
     if manifest.outputs.labels:
         return len(manifest.outputs.labels)
-    return outputs_per_target(manifest.aleatoric)
+    return len(manifest.outputs.target_names) * outputs_per_target(manifest.aleatoric)
 
 
 def variance(v: np.ndarray, parameterisation: str) -> np.ndarray:

@@ -159,7 +159,7 @@ def test_save_refuses_two_outputs_without_a_variance_head(tmp_path: Path) -> Non
     args = {"out_dir": tmp_path, "name": "h", "version": "1", "task": "regression"}
     with pytest.raises(ModelError, match="also needs variance='log_variance'"):
         save(mlp(d_in=3, d_out=2), torch.randn(4, 3), intended_use="t", target="y", **args)
-    with pytest.raises(ModelError, match="2 outputs, got 1"):
+    with pytest.raises(ModelError, match="2 outputs for 1 target"):
         save(
             mlp(d_in=3, d_out=1),
             torch.randn(4, 3),

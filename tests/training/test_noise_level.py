@@ -9,6 +9,7 @@ from n held-out residuals has a standard error of about s / sqrt(2 n); the check
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -129,3 +130,28 @@ def test_train_cli_refuses_an_unknown_noise(tmp_path: Path, bad: str) -> None:
     )  # fmt: skip
     assert res.exit_code == 2
     assert f"--noise {bad!r}: use fixed or learned" in res.output
+
+
+def test_uci_bench_runs_a_learned_noise(tmp_path: Path) -> None:
+    # The UCI layout on a toy set whose noise std grows with x_0 (0.1 to 1): the learned-noise
+    # run records no tau, a mixture log-likelihood, and marks its rows in the table.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_uci import _write_uci
+
+    from bench.uci import main as uci_main
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.0, 1.0, (600, 2))
+    y = 2.0 * x[:, 1] + 0.1 * 10 ** ((x[:, 0] + 1) / 2) * rng.standard_normal(600)
+    _write_uci(tmp_path / "toy", x, y, splits=2, seed=1)
+    out = tmp_path / "out"
+    args = [str(tmp_path / "toy"), "--fast", "--out", str(out), "--epochs", "40"]
+    assert uci_main([*args, "--noise", "learned"]) == 0
+    for i in range(2):
+        s = json.loads((out / "toy" / f"split_{i}.json").read_text())
+        assert s["noise"] == "learned" and s["chosen"]["tau"] is None
+        assert all(g["tau"] is None for g in s["grid"])
+        assert math.isfinite(s["test_ll"]) and s["test_ll"] < 1.0
+    assert "| toy (learned noise) | 2 |" in (out / "table.md").read_text()

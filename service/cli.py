@@ -67,7 +67,12 @@ def list_models(
 def predict(
     model: Annotated[str, typer.Argument(help="model name")],
     instance: Annotated[str, typer.Option(help="one instance as JSON (array or object)")],
-    samples: Annotated[int | None, typer.Option(help="MC passes")] = None,
+    samples: Annotated[
+        str | None, typer.Option(help="MC passes, or auto (adaptive, up to max_samples)")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="samples=auto: see service.engine.adaptive")] = (
+        0.01
+    ),
     seed: Annotated[int | None, typer.Option(help="seed, for a replayable answer")] = None,
     confidence: Annotated[float | None, typer.Option(help="interval level in (0, 1)")] = None,
     mode: Annotated[str, typer.Option(help="mc or deterministic")] = "mc",
@@ -78,6 +83,8 @@ def predict(
     from service.api.encode import response
     from service.api.native import to_params
     from service.api.schemas import PredictParameters
+    from service.engine import adaptive
+    from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array
     from service.engine.registry import Registry
     from service.errors import McServeError
@@ -89,17 +96,30 @@ def predict(
     except json.JSONDecodeError as exc:
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
+    auto = samples == "auto"
+    if samples is not None and not auto and not samples.isdigit():
+        typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
+        raise typer.Exit(2)
     reg = Registry.with_policy(model_dir, settings.trust_policy(), device="cpu")
     reg.load_all()
     try:
         served = reg.get(model, version)
         params = to_params(
-            PredictParameters(samples=samples, seed=seed, confidence=confidence, mode=mode),  # type: ignore[arg-type]
+            PredictParameters(
+                samples=None if auto or samples is None else int(samples),
+                seed=seed,
+                confidence=confidence,
+                mode=mode,  # type: ignore[arg-type]
+            ),
             served,
             settings.max_samples,
         )
         x = to_array([value], served.manifest.inputs, settings.max_instances)
-        pred = served.predict(x, params)
+        if auto and params.mode == "mc":
+            budget = Adaptive(max_samples=settings.max_samples, tolerance=tolerance)
+            pred = adaptive.run(served, [x], [params], budget)[0]
+        else:
+            pred = served.predict(x, params)
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None

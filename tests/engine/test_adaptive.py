@@ -94,3 +94,28 @@ def test_bad_settings_are_refused() -> None:
         Adaptive(max_samples=16, first=32)
     with pytest.raises(InvalidInputError, match="tolerance must be a number > 0"):
         Adaptive(tolerance=0.0)
+
+
+def test_predict_cli_samples_auto(coin: ServedModel) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    repo = coin.bundle.path.parents[1]
+
+    def predict(*extra: str) -> dict[str, object]:
+        args = ["predict", "coin", "--instance", "[10.0]", "--seed", "5", "--model-dir", str(repo)]
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert res.exit_code == 0, res.output
+        out: dict[str, object] = json.loads(res.stdout)
+        return out
+
+    auto = predict("--samples", "auto")
+    assert auto["samples"] == 32 and "adaptive passes: 32 used" in str(auto["warnings"])
+    assert predict("--samples", "auto") == auto
+    assert predict("--samples", "32")["predictions"] == auto["predictions"]
+    res = CliRunner().invoke(app, ["predict", "coin", "--instance", "[1]", "--samples", "many",
+                                   "--model-dir", str(repo)])  # fmt: skip
+    assert res.exit_code == 2 and "give a number of passes or auto" in res.output

@@ -170,7 +170,7 @@ def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
 
 def _predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
     labels = model.manifest.outputs.labels
-    targets = model.manifest.outputs.target_names
+    targets = [] if labels else model.manifest.outputs.target_names  # regression only
     if pred.point is not None:
         return deterministic(pred.point, labels, targets)
     if isinstance(pred.summary, ClassificationSummary):

@@ -91,7 +91,12 @@ def predict(
         str | None, typer.Option(help="one instance as JSON (array or object)")
     ] = None,
     text: Annotated[str | None, typer.Option(help="text models: one text to classify")] = None,
-    samples: Annotated[int | None, typer.Option(help="MC passes")] = None,
+    samples: Annotated[
+        str | None, typer.Option(help="MC passes, or auto (adaptive, up to max_samples)")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="samples=auto: see service.engine.adaptive")] = (
+        0.01
+    ),
     seed: Annotated[int | None, typer.Option(help="seed, for a replayable answer")] = None,
     confidence: Annotated[float | None, typer.Option(help="interval level in (0, 1)")] = None,
     mode: Annotated[str, typer.Option(help="mc or deterministic")] = "mc",
@@ -102,6 +107,8 @@ def predict(
     from service.api.encode import response
     from service.api.native import to_params
     from service.api.schemas import PredictParameters
+    from service.engine import adaptive
+    from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array
     from service.engine.registry import Registry
     from service.engine.text import encode_texts
@@ -117,12 +124,21 @@ def predict(
     except json.JSONDecodeError as exc:
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
+    auto = samples == "auto"
+    if samples is not None and not auto and not samples.isdigit():
+        typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
+        raise typer.Exit(2)
     reg = Registry.with_policy(model_dir, settings.trust_policy(), device="cpu")
     reg.load_all()
     try:
         served = reg.get(model, version)
         params = to_params(
-            PredictParameters(samples=samples, seed=seed, confidence=confidence, mode=mode),  # type: ignore[arg-type]
+            PredictParameters(
+                samples=None if auto or samples is None else int(samples),
+                seed=seed,
+                confidence=confidence,
+                mode=mode,  # type: ignore[arg-type]
+            ),
             served,
             settings.max_samples,
         )
@@ -133,7 +149,11 @@ def predict(
             x, notes = batch.ids, batch.notes()
         else:
             x = to_array([value], spec, settings.max_instances)
-        pred = served.predict(x, params)
+        if auto and params.mode == "mc":
+            budget = Adaptive(max_samples=settings.max_samples, tolerance=tolerance)
+            pred = adaptive.run(served, [x], [params], budget)[0]
+        else:
+            pred = served.predict(x, params)
         pred.input_notes = notes
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)

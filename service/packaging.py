@@ -94,6 +94,12 @@ def package(
         str | None,
         typer.Option(help=f"soft: outside is flagged as extrapolation. {_RANGES_HELP}"),
     ] = None,
+    variance: Annotated[
+        str | None,
+        typer.Option(
+            help="the model outputs [mean, noise parameter]: log_variance or softplus_std"
+        ),
+    ] = None,
 ) -> None:
     """Write <out>/<name>/<version>/ from your model's factory and trained weights."""
     module = load_factory(factory)
@@ -116,6 +122,7 @@ def package(
             valid_ranges=_ranges(valid_ranges, "--valid-ranges"),
             training_ranges=_ranges(training_ranges, "--training-ranges"),
             noise_var=noise_var,
+            variance=variance,  # type: ignore[arg-type]
         )
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)

@@ -13,12 +13,12 @@ from service.engine.prediction import source
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 
-def _intervals_regression(s: RegressionSummary, i: int) -> list[dict[str, Any]]:
+def _intervals_regression(s: RegressionSummary, i: int, d: int = 0) -> list[dict[str, Any]]:
     return [
         {
             "level": iv.level,
-            "lower": _bound(float(iv.lower[i, 0])),
-            "upper": _bound(float(iv.upper[i, 0])),
+            "lower": _bound(float(iv.lower[i, d])),
+            "upper": _bound(float(iv.upper[i, d])),
             "method": iv.method,
         }
         for iv in s.intervals
@@ -43,6 +43,30 @@ def referrals(r: Referral | None, n: int) -> list[dict[str, Any] | None]:
         }
         for i in range(n)
     ]
+
+
+def regression_targets(
+    s: RegressionSummary, names: list[str], referral: Referral | None = None
+) -> list[dict[str, Any]]:
+    """A multi-output regressor's predictions: per input, each target's summary by name."""
+    cols = {
+        k: getattr(s, k).tolist()
+        for k in ("mean", "std", "epistemic_std", "aleatoric_std", "mc_standard_error")
+    }
+    refs = referrals(referral, s.mean.shape[0])
+    out = []
+    for i in range(s.mean.shape[0]):
+        targets = {
+            name: {k: v[i][d] for k, v in cols.items() if k != "mc_standard_error"}
+            | {"intervals": _intervals_regression(s, i, d)}
+            | {"mc_standard_error": cols["mc_standard_error"][i][d]}
+            for d, name in enumerate(names)
+        }
+        row: dict[str, Any] = {"targets": targets}
+        if refs[i] is not None:
+            row["referral"] = refs[i]
+        out.append(row)
+    return out
 
 
 def regression(s: RegressionSummary, referral: Referral | None = None) -> list[dict[str, Any]]:
@@ -111,7 +135,14 @@ def classification(
     return out
 
 
-def deterministic(point: np.ndarray, labels: list[str] | None) -> list[dict[str, Any]]:
+def deterministic(
+    point: np.ndarray, labels: list[str] | None, targets: list[str] | None = None
+) -> list[dict[str, Any]]:
+    if targets and len(targets) > 1:
+        return [
+            {"targets": {name: {"mean": v} for name, v in zip(targets, row, strict=True)}}
+            for row in point.tolist()
+        ]
     if labels:
         rows = point.tolist()
         return [
@@ -139,12 +170,15 @@ def predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
 
 def _predictions(model: ServedModel, pred: Prediction) -> list[dict[str, Any]]:
     labels = model.manifest.outputs.labels
+    targets = [] if labels else model.manifest.outputs.target_names  # regression only
     if pred.point is not None:
-        return deterministic(pred.point, labels)
+        return deterministic(pred.point, labels, targets)
     if isinstance(pred.summary, ClassificationSummary):
         assert labels is not None
         return classification(pred.summary, labels, pred.referral)
     assert isinstance(pred.summary, RegressionSummary)
+    if len(targets) > 1:
+        return regression_targets(pred.summary, targets, pred.referral)
     return regression(pred.summary, pred.referral)
 
 

@@ -52,7 +52,9 @@ class ReferralOut(BaseModel):
     refer: bool = Field(description="a human should look at this prediction")
     reasons: list[str] = Field(description="why, in words; empty when refer is false")
     triggers: list[str] = Field(
-        description="per reason: epistemic, interval_width, prediction_set or extrapolation"
+        description=(
+            "per reason: epistemic, aleatoric, interval_width, prediction_set or extrapolation"
+        )
     )
     extrapolation: bool = Field(description="some feature lies outside the training range")
 
@@ -81,6 +83,24 @@ class RegressionPrediction(BaseModel):
     truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
 
 
+class TargetPrediction(BaseModel):
+    mean: float
+    std: float | None = None
+    epistemic_std: float | None = None
+    aleatoric_std: float | None = None
+    intervals: list[IntervalOut] | None = None
+    mc_standard_error: float | None = None
+
+
+class MultiOutputPrediction(BaseModel):
+    targets: dict[str, TargetPrediction] = Field(
+        description="a multi-output regressor: each target's summary, by its name"
+    )
+    referral: ReferralOut | None = Field(
+        default=None, description="one decision for the input; each reason names its target"
+    )
+
+
 class ClassificationPrediction(BaseModel):
     label: str
     probabilities: dict[str, float]
@@ -103,7 +123,7 @@ class ModelRef(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[RegressionPrediction | ClassificationPrediction]
+    predictions: list[RegressionPrediction | MultiOutputPrediction | ClassificationPrediction]
     model: ModelRef
     backend: str
     device: str

@@ -51,7 +51,7 @@ def specs(model: ServedModel) -> list[TensorSpec]:
         if model.calibrator.calibrated:
             out.append(TensorSpec("prediction_set", "BOOL", k))
     else:
-        d = (1,)
+        d = (len(model.manifest.outputs.target_names),)  # the target axis
         out = [
             TensorSpec("mean", "FP64", d, deterministic=True),
             *(TensorSpec(n, "FP64", d) for n in REGRESSION),

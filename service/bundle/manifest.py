@@ -8,6 +8,7 @@ version is immutable: changing anything means writing a new version directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Annotated, Any, Literal
@@ -83,19 +84,54 @@ class InputSpec(Strict):
         return n
 
 
+class TargetSpec(Strict):
+    """One target of a multi-output regressor."""
+
+    name: str = Field(min_length=1, max_length=64)
+    unit: str | None = None
+
+
 class OutputSpec(Strict):
     name: str = "output"
     labels: list[str] | None = None  # classification
-    target: str | None = None  # regression
+    target: str | None = None  # regression, one target
     unit: str | None = None
     description: str | None = None
+    # Regression with k >= 2 targets, in the model's output order (instead of target/unit).
+    targets: list[TargetSpec] | None = None
+
+    @property
+    def target_names(self) -> list[str]:
+        """The regression targets in output order (one name for a single-target model)."""
+        if self.targets:
+            return [t.name for t in self.targets]
+        return [self.target] if self.target else []
+
+
+Variance = Literal["log_variance", "softplus_std"]
 
 
 class Aleatoric(Strict):
-    """Regression noise: 1/tau from training (homoscedastic), or none."""
+    """Regression noise: none, 1/tau from training (homoscedastic), or learned per input
+    (heteroscedastic): the model then outputs each target's mean followed by each target's
+    variance parameter, read as ``parameterisation`` says (service/engine/heads.py):
+    ``log_variance`` s^2 = exp(v), ``softplus_std`` s = log(1 + exp(v))."""
 
-    kind: Literal["none", "homoscedastic"] = "none"
+    kind: Literal["none", "homoscedastic", "heteroscedastic"] = "none"
     noise_var: float = Field(default=0.0, ge=0.0)
+    parameterisation: Variance | None = None  # heteroscedastic only
+
+    @model_validator(mode="after")
+    def _kind(self) -> Aleatoric:
+        learned = self.kind == "heteroscedastic"
+        if learned != (self.parameterisation is not None):
+            raise ValueError(
+                "aleatoric.parameterisation ('log_variance' or 'softplus_std') is required for, "
+                "and only for, kind 'heteroscedastic'"
+            )
+        if learned and self.noise_var:
+            raise ValueError("a heteroscedastic model learns its noise: leave noise_var at 0")
+        return self
 
 
 class Defaults(Strict):
@@ -136,6 +172,8 @@ class Calibration(Strict):
     samples: int = Field(ge=2)  # MC passes used at calibration: the guarantee assumes as many
     seed: int = Field(ge=0)
     scores: list[float]
+    # Multi-output regressors: each target's sorted scores, by target name (`scores` is then []).
+    target_scores: dict[str, list[float]] | None = None
     temperature: float | None = Field(default=None, gt=0.0)  # classification only
     # Classifiers: calibration-set NLL at T = 1 and at the chosen T, and the plain NLL minimiser.
     temperature_fit: dict[str, float | str] = Field(default_factory=dict)
@@ -145,15 +183,29 @@ class Calibration(Strict):
 
     @model_validator(mode="after")
     def _scores(self) -> Calibration:
-        if len(self.scores) != self.n:
-            raise ValueError(f"calibration.scores has {len(self.scores)} entries for n={self.n}")
-        if any(not (a <= b) for a, b in zip(self.scores, self.scores[1:], strict=False)):
-            raise ValueError("calibration.scores must be sorted ascending")
-        if any(not (0.0 <= s < float("inf")) for s in self.scores):
-            raise ValueError("calibration.scores must be finite and >= 0")
+        lists = {"scores": self.scores}
+        if self.target_scores is not None:
+            if self.scores:
+                raise ValueError("calibration.scores is [] when target_scores holds them")
+            lists = {f"target_scores.{k}": v for k, v in self.target_scores.items()}
+        for where, scores in lists.items():
+            if len(scores) != self.n:
+                raise ValueError(f"calibration.{where} has {len(scores)} entries for n={self.n}")
+            if any(not (a <= b) for a, b in itertools.pairwise(scores)):
+                raise ValueError(f"calibration.{where} must be sorted ascending")
+            if any(not (0.0 <= s < float("inf")) for s in scores):
+                raise ValueError(f"calibration.{where} must be finite and >= 0")
         if (self.score == "one-minus-probability") != (self.temperature is not None):
             raise ValueError("calibration.temperature is required for (and only for) classifiers")
         return self
+
+
+class TargetReferral(Strict):
+    """One target's referral thresholds (a multi-output regressor); null never triggers."""
+
+    epistemic: float | None = Field(default=None, ge=0.0)
+    aleatoric: float | None = Field(default=None, ge=0.0)
+    relative_width: float | None = Field(default=None, gt=0.0)
 
 
 class ReferralPolicy(Strict):
@@ -162,10 +214,15 @@ class ReferralPolicy(Strict):
     level: float = Field(default=0.95, gt=0.0, lt=1.0)  # of the interval/set the triggers read
     # Mutual information (nats) for classifiers, epistemic std (target units) for regressors.
     epistemic: float | None = Field(default=None, ge=0.0)
+    # Regression: aleatoric std (target units), the noise the model expects for this input.
+    aleatoric: float | None = Field(default=None, ge=0.0)
     relative_width: float | None = Field(default=None, gt=0.0)  # regression: width / |mean|
     max_set_size: int | None = Field(default=None, ge=1)  # classification; an empty set refers
     extrapolation: bool = True  # refer when a feature lies outside inputs.training_ranges
     derived_from: str | None = None  # how the thresholds were chosen
+    # Multi-output regressors: each target's thresholds, in its own units (by target name); the
+    # epistemic, aleatoric and relative_width above then do not apply.
+    targets: dict[str, TargetReferral] | None = None
 
 
 class Manifest(Strict):
@@ -192,13 +249,41 @@ class Manifest(Strict):
     def _task_outputs(self) -> Manifest:
         if self.task == "classification" and not self.outputs.labels:
             raise ValueError("a classification manifest needs outputs.labels")
-        if self.task == "regression" and not self.outputs.target:
-            raise ValueError("a regression manifest needs outputs.target")
+        out = self.outputs
+        if self.task == "regression" and bool(out.target) == bool(out.targets):
+            raise ValueError(
+                "a regression manifest needs outputs.target (one target) or outputs.targets "
+                "(two or more), not both"
+            )
+        if out.targets is not None:
+            names = out.target_names
+            if len(names) < 2 or len(set(names)) != len(names) or out.unit is not None:
+                raise ValueError(
+                    "outputs.targets lists two or more distinct targets, each with its own unit "
+                    "(outputs.unit is for a single target)"
+                )
+        if self.task == "classification" and self.aleatoric.kind != "none":
+            raise ValueError("aleatoric noise is for regression; a classifier has kind 'none'")
         if self.calibration is not None:
             classifier = self.task == "classification"
             want = "one-minus-probability" if classifier else "abs-residual-over-std"
             if self.calibration.score != want:
                 raise ValueError(f"a {self.task} calibration uses the score {want!r}")
+            per_target = self.calibration.target_scores
+            if (per_target is not None or out.targets is not None) and (
+                sorted(per_target or {}) != sorted(out.target_names)
+            ):
+                raise ValueError(
+                    "a multi-output calibration holds calibration.target_scores for exactly the "
+                    f"targets {out.target_names}"
+                )
+        if self.referral is not None and self.referral.targets is not None:
+            unknown = sorted(set(self.referral.targets) - set(out.target_names))
+            if unknown or out.targets is None:
+                raise ValueError(
+                    f"referral.targets is for a multi-output regressor's targets "
+                    f"{out.target_names}; unknown: {unknown}"
+                )
         return self
 
     def dumps(self) -> bytes:

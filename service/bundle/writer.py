@@ -22,9 +22,11 @@ from service.bundle.manifest import (
     InputSpec,
     Manifest,
     OutputSpec,
+    TargetSpec,
     Task,
     TextInput,
     Training,
+    Variance,
 )
 from service.bundle.sequence import explicit
 from service.bundle.tokenizer import check_tokenizer_json
@@ -58,14 +60,15 @@ def save(
     task: Task,
     intended_use: str,
     labels: Sequence[str] | None = None,
-    target: str | None = None,
-    target_unit: str | None = None,
+    target: str | Sequence[str] | None = None,
+    target_unit: str | Sequence[str | None] | None = None,
     feature_names: Sequence[str] | None = None,
     units: Sequence[str | None] | None = None,
     valid_ranges: Sequence[tuple[float, float]] | None = None,
     training_ranges: Sequence[tuple[float, float]] | None = None,
     value_range: tuple[float, float] | None = None,
     noise_var: float | None = None,
+    variance: Variance | None = None,
     defaults: Defaults | None = None,
     training: Training | None = None,
     extra: dict[str, Any] | None = None,
@@ -78,7 +81,23 @@ def save(
     Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
     maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
     <pad>, else 0) and longer ones cut or refused (`truncation`).
-    """
+
+    A regressor outputs its mean, with ``noise_var`` (1/tau) as its fixed noise; or, with
+    ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
+    parameter, learned per input (a heteroscedastic model, service/engine/heads.py). With k >= 2
+    targets, ``target`` is their names and ``target_unit`` their units, in output order: the
+    model outputs the k means (then the k variance parameters)."""
+    if variance is not None and noise_var:
+        raise ModelError(
+            "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
+        )
+    if variance not in (None, "log_variance", "softplus_std"):
+        raise ModelError(
+            f"variance={variance!r} is not a noise parameterisation; use 'log_variance' "
+            "(the head outputs log s^2) or 'softplus_std' (it outputs v with s = softplus(v))"
+        )
+    if variance is not None and task != "regression":
+        raise ModelError("variance= declares a regressor's noise head; a classifier has none")
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
@@ -113,8 +132,22 @@ def save(
     if task == "classification":
         if not labels or len(labels) != out_shape[0] or out_shape[0] < 2:
             raise ModelError(f"labels must name each of the {out_shape[0]} output logits")
-    elif not target or out_shape[0] != 1:
-        raise ModelError("a regression bundle needs target= and a model with one output")
+    elif not target:
+        raise ModelError("a regression bundle needs target= (the name of what it predicts)")
+    names = [target] if isinstance(target, str) else list(target or [])
+    k = len(names)
+    if task == "regression" and variance is None and out_shape[0] != k:
+        raise ModelError(
+            f"a regression model outputs its mean per target: {k} output(s), got {out_shape[0]}; "
+            f"a model with a mean and a noise head per target ({2 * k} outputs) also needs "
+            "variance='log_variance' or 'softplus_std'"
+        )
+    if task == "regression" and variance is not None and out_shape[0] != 2 * k:
+        raise ModelError(
+            f"a model with a learned noise head outputs the means and then the variance "
+            f"parameters: {2 * k} outputs for {k} target(s), got {out_shape[0]}"
+        )
+    outputs = _outputs(names, target_unit) if task == "regression" else None
 
     text = None
     if tokenizer is not None:
@@ -168,12 +201,8 @@ def save(
             value_range=value_range,
             text=text,
         ),
-        outputs=OutputSpec(
-            labels=list(labels) if labels else None, target=target, unit=target_unit
-        ),
-        aleatoric=Aleatoric(kind="homoscedastic", noise_var=noise_var)
-        if noise_var
-        else Aleatoric(),
+        outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
+        aleatoric=_aleatoric(noise_var, variance),
         defaults=defaults or Defaults(),
         dropout=[
             DropoutLayout(name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape))
@@ -200,3 +229,26 @@ def _vocabulary(gm: torch.fx.GraphModule) -> int:
     if not sizes:
         raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
     return int(min(sizes))
+
+
+def _aleatoric(noise_var: float | None, variance: Variance | None) -> Aleatoric:
+    if variance is not None:
+        return Aleatoric(kind="heteroscedastic", parameterisation=variance)
+    if noise_var:
+        return Aleatoric(kind="homoscedastic", noise_var=noise_var)
+    return Aleatoric()
+
+
+def _outputs(names: list[str], units: str | Sequence[str | None] | None) -> OutputSpec:
+    if len(names) == 1:
+        if units is not None and not isinstance(units, str):
+            raise ModelError("target_unit is one unit (a string) for a single target")
+        return OutputSpec(target=names[0], unit=units)
+    unit_list = [None] * len(names) if units is None else units
+    if isinstance(unit_list, str) or len(unit_list) != len(names):
+        raise ModelError(f"target_unit must list one unit (or None) per target: {len(names)}")
+    if len(set(names)) != len(names):
+        raise ModelError(f"target names must be distinct, got {names}")
+    return OutputSpec(
+        targets=[TargetSpec(name=n, unit=u) for n, u in zip(names, unit_list, strict=True)]
+    )

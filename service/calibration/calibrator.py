@@ -34,6 +34,12 @@ class Calibrator:
         self.policy = _with_overrides(base, referral_overrides)
         cal = self.calibration
         self._scores = np.asarray(cal.scores, dtype=np.float64) if cal else np.zeros(0)
+        self.targets = manifest.outputs.target_names  # regression, in output order
+        # One sorted score array per regression target (a single target: `scores`).
+        per = cal.target_scores if cal is not None else None
+        self._target_scores = (
+            [np.asarray(per[t], dtype=np.float64) for t in self.targets] if per else [self._scores]
+        )
 
     @property
     def calibrated(self) -> bool:
@@ -45,14 +51,25 @@ class Calibrator:
         return t if t is not None else 1.0
 
     def q(self, level: float) -> float:
-        """The conformal threshold at ``level`` (inf when the calibration set is too small)."""
-        return conformal.quantile(self._scores, level)
+        """The conformal threshold at ``level`` (inf when the calibration set is too small);
+        a multi-output regressor's first target (`qs` has them all)."""
+        return conformal.quantile(self._target_scores[0], level)
+
+    def qs(self, level: float) -> list[float]:
+        """Each regression target's conformal threshold at ``level``, in output order."""
+        return [conformal.quantile(s, level) for s in self._target_scores]
 
     def intervals(self, s: RegressionSummary, levels: Sequence[float]) -> tuple[Interval, ...]:
-        """Conformal intervals mean -+ q std at each level."""
+        """Conformal intervals mean -+ q std at each level, q per target."""
         out = []
         for level in levels:
-            lo, hi = conformal.interval(s.mean, s.std, self.q(level))
+            qs = self.qs(level)
+            if len(qs) == 1:
+                lo, hi = conformal.interval(s.mean, s.std, qs[0])
+            else:
+                cols = [conformal.interval(s.mean[:, d], s.std[:, d], q) for d, q in enumerate(qs)]
+                lo = np.stack([c[0] for c in cols], axis=1)
+                hi = np.stack([c[1] for c in cols], axis=1)
             out.append(Interval(level, "conformal", lo, hi))
         return tuple(out)
 
@@ -113,17 +130,54 @@ class Calibrator:
                 outside=outside,
                 set_size=sizes,
             )
+        return self._regression_referral(s, outside)
+
+    def _regression_referral(self, s: RegressionSummary, outside: list[list[str]]) -> Referral:
+        p = self.policy
         # The width the client would see at the policy's level: conformal once calibrated.
         z = NormalDist().inv_cdf(0.5 + p.level / 2.0)
-        factor = self.q(p.level) if self.calibrated else z
-        half = factor * np.maximum(s.std[:, 0], conformal.STD_FLOOR)
-        return assess(
-            p,
-            epistemic=s.epistemic_std[:, 0],
+        factors = self.qs(p.level) if self.calibrated else [z] * len(self.targets)
+        if len(self.targets) == 1:
+            half = factors[0] * np.maximum(s.std[:, 0], conformal.STD_FLOOR)
+            return assess(
+                p,
+                epistemic=s.epistemic_std[:, 0],
+                epistemic_name="epistemic std",
+                outside=outside,
+                relative_width=relative_width(s.mean[:, 0], half),
+                aleatoric=s.aleatoric_std[:, 0],
+            )
+        # Several targets: each has its own thresholds, in its own units; the reasons name it.
+        b = len(outside)
+        reasons: list[list[str]] = [[] for _ in range(b)]
+        triggers: list[list[str]] = [[] for _ in range(b)]
+        for d, name in enumerate(self.targets):
+            t = (p.targets or {}).get(name)
+            if t is None:
+                continue
+            half = factors[d] * np.maximum(s.std[:, d], conformal.STD_FLOOR)
+            one = assess(
+                ReferralPolicy(level=p.level, extrapolation=False, **t.model_dump()),
+                epistemic=s.epistemic_std[:, d],
+                epistemic_name="epistemic std",
+                outside=[[] for _ in range(b)],
+                relative_width=relative_width(s.mean[:, d], half),
+                aleatoric=s.aleatoric_std[:, d],
+            )
+            for i in range(b):
+                reasons[i].extend(f"target '{name}': {r}" for r in one.reasons[i])
+                triggers[i].extend(one.triggers[i])
+        ext = assess(
+            ReferralPolicy(level=p.level, extrapolation=p.extrapolation),
+            epistemic=np.zeros(b),
             epistemic_name="epistemic std",
             outside=outside,
-            relative_width=relative_width(s.mean[:, 0], half),
         )
+        for i in range(b):
+            reasons[i].extend(ext.reasons[i])
+            triggers[i].extend(ext.triggers[i])
+        refer = np.array([bool(r) for r in reasons], dtype=bool)
+        return Referral(refer, reasons, ext.extrapolation, triggers)
 
     def metadata(self) -> dict[str, Any]:
         """The calibration status for model metadata (the scores themselves stay in the bundle)."""

@@ -27,7 +27,7 @@ class Labelled:
     path: Path
     sha256: str  # of the file's bytes
     x: np.ndarray  # [N, *input_shape] float32, checked against the hard valid ranges
-    y: np.ndarray  # [N] int64 class indices (classification) or float64 targets
+    y: np.ndarray  # [N] int64 class indices or float64 targets; [N, k] for k targets
 
     @property
     def n(self) -> int:
@@ -89,13 +89,23 @@ def read(path: Path | str, manifest: Manifest, target: str | None = None) -> Lab
     if not rows:
         raise InvalidInputError(f"{path}: empty file")
     header, body = rows[0], [r for r in rows[1:] if r]
-    t_name = _target_column(header, manifest, target, path)
-    missing = [n for n in [*names, t_name] if n not in header]
-    unknown = sorted(set(header) - {*names, t_name})
+    # A multi-output regressor's targets are columns named after them; otherwise one target
+    # column (see _target_column).
+    multi = manifest.outputs.targets is not None
+    targets = (
+        manifest.outputs.target_names if multi else [_target_column(header, manifest, target, path)]
+    )
+    missing = [n for n in [*names, *targets] if n not in header]
+    unknown = sorted(set(header) - {*names, *targets})
     if missing or unknown:
+        what = (
+            f"the target names {targets}"
+            if multi
+            else f"the target {targets[0]!r} (another name: --target)"
+        )
         raise InvalidInputError(
-            f"{path}: columns must be the feature names plus the target {t_name!r} (another "
-            f"name: --target); missing {missing}, unknown {unknown}"
+            f"{path}: columns must be the feature names plus {what}; "
+            f"missing {missing}, unknown {unknown}"
         )
     if not body:
         raise InvalidInputError(f"{path}: no data rows")
@@ -106,7 +116,11 @@ def read(path: Path | str, manifest: Manifest, target: str | None = None) -> Lab
         raise InvalidInputError(
             f"{path}: a feature value is missing or not a number ({exc})"
         ) from None
-    y = _targets([r[col[t_name]] for r in body], manifest, path)
+    if multi:
+        cols = [_targets([r[col[t]] for r in body], manifest, path) for t in targets]
+        y = np.stack(cols, axis=1)  # [N, targets]
+    else:
+        y = _targets([r[col[targets[0]]] for r in body], manifest, path)
     shaped = flat.reshape(len(body), *manifest.inputs.shape)
     # The same checks as a request (finite, hard valid ranges), without the request size limit.
     try:

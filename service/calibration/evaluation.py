@@ -18,6 +18,7 @@ import numpy as np
 from service.calibration import conformal, metrics
 from service.calibration.data import Labelled, overlaps
 from service.calibration.referral import Referral
+from service.engine import heads
 from service.engine.model import IntervalMethod, PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import (
@@ -25,6 +26,7 @@ from service.engine.summaries import (
     RegressionSummary,
     summarize_classification,
 )
+from service.errors import InvalidInputError
 
 LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
 CURVE_LEVELS = (*(round(v, 2) for v in np.arange(0.05, 0.951, 0.05)), 0.99)
@@ -86,10 +88,14 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
     s = preds["gaussian"].summary
     assert isinstance(s, RegressionSummary)
     mean, std = s.mean[:, 0], s.std[:, 0]
-    noise = served.manifest.aleatoric.noise_var
+    means, noise = heads.split(out, served.manifest.aleatoric)
+    # The predictive mixture's own density when the model has noise; without noise a mixture of
+    # point masses has none, so the Gaussian of its mean and std stands in.
     ll = (
-        metrics.mixture_log_likelihood(out[..., 0], y, noise)
-        if noise > 0
+        metrics.mixture_log_likelihood(
+            means[..., 0], y, noise if np.ndim(noise) == 0 else np.asarray(noise)[..., 0]
+        )
+        if noise is not None
         else metrics.gaussian_log_likelihood(mean, std, y)
     )
     intervals: dict[str, list[dict[str, Any]]] = {}
@@ -118,22 +124,33 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
         "rmse": metrics.rmse(mean, y),
         "mae": float(np.mean(np.abs(mean - y))),
         "mean_log_likelihood": float(np.mean(ll)),
-        "log_likelihood": "MC mixture with the noise variance"
-        if noise > 0
-        else "gaussian(mean, std)",
+        "log_likelihood": _ll_kind(served),
         "mean_std": float(np.mean(std)),
         "mean_epistemic_std": float(np.mean(s.epistemic_std[:, 0])),
         "intervals": intervals,
+        "mean_aleatoric_std": float(np.mean(s.aleatoric_std[:, 0])),
         # At the policy's level, where its thresholds were derived (not LEVELS[0]).
         "referral": _referral(
             served.calibrator.referral(s, req.x),
             mean - y,
             "rmse",
-            ("epistemic", "interval_width", "extrapolation"),
+            # The aleatoric trigger exists only for a learned noise head.
+            ("epistemic", "aleatoric", "interval_width", "extrapolation")
+            if served.manifest.aleatoric.kind == "heteroscedastic"
+            else ("epistemic", "interval_width", "extrapolation"),
         ),
         "warnings": preds[methods[-1]].warnings,
     }
     return Evaluation(numbers, curves)
+
+
+def _ll_kind(served: ServedModel) -> str:
+    kind = served.manifest.aleatoric.kind
+    if kind == "heteroscedastic":
+        return "MC mixture of the passes' learned Gaussians"
+    return (
+        "MC mixture with the noise variance" if kind == "homoscedastic" else "gaussian(mean, std)"
+    )
 
 
 def _classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -203,6 +220,11 @@ def _classification(
 def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0) -> Evaluation:
     """Everything the report shows, for ``data`` through ``served`` with ``samples`` passes."""
     m = served.manifest
+    if m.outputs.targets is not None:
+        raise InvalidInputError(
+            f"{m.name}: evaluate scores one target; this model has {len(m.outputs.targets)} "
+            "(multi-output evaluation is not implemented yet)"
+        )
     req = MCRequest(data.x, samples, seed)
     out = served.sampler.run([req])[0]  # [T, N, outputs]
     y = data.y

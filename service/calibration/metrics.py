@@ -21,11 +21,17 @@ def rmse(mean: np.ndarray, y: np.ndarray) -> float:
     return float(np.sqrt(np.mean(d**2)))
 
 
-def mixture_log_likelihood(samples: np.ndarray, y: np.ndarray, noise_var: float) -> np.ndarray:
-    """Per row: log (1/T) sum_t N(y; f_t, noise_var), by logsumexp. [T, B] -> [B]."""
+def mixture_log_likelihood(
+    samples: np.ndarray, y: np.ndarray, noise_var: float | np.ndarray
+) -> np.ndarray:
+    """Per row: log (1/T) sum_t N(y; f_t, s_t^2), by logsumexp. [T, B] -> [B].
+
+    ``noise_var`` is one variance for every pass and row (homoscedastic) or s_t^2 [T, B] from a
+    learned noise head."""
     f = np.asarray(samples, dtype=np.float64)
     yy = np.asarray(y, dtype=np.float64)
-    log_comp = -0.5 * math.log(2 * math.pi * noise_var) - (yy - f) ** 2 / (2 * noise_var)
+    s2 = np.asarray(noise_var, dtype=np.float64)
+    log_comp = -0.5 * np.log(2 * math.pi * s2) - (yy - f) ** 2 / (2 * s2)
     top = log_comp.max(axis=0)
     return np.asarray(top + np.log(np.exp(log_comp - top).sum(axis=0)) - math.log(f.shape[0]))
 

@@ -20,11 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle.load import TrustPolicy, load_bundle
-from service.bundle.manifest import MANIFEST_NAME, Calibration, Manifest, ReferralPolicy
+from service.bundle.manifest import (
+    MANIFEST_NAME,
+    Calibration,
+    Manifest,
+    ReferralPolicy,
+    TargetReferral,
+)
 from service.bundle.writer import sha256_file
 from service.calibration import conformal, temperature
 from service.calibration.data import Labelled, overlaps, read
 from service.calibration.referral import budget_threshold, outside_training, relative_width
+from service.engine import heads
 from service.engine.model import ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification, summarize_regression
@@ -123,42 +130,76 @@ def _fit(
             ),
         )
         return cal, policy
-    noise = m.aleatoric.noise_var or None
-    r = summarize_regression(out, levels=(level,), noise_var=noise)
-    scores = np.sort(conformal.regression_scores(data.y, r.mean[:, 0], r.std[:, 0]))
+    means, noise = heads.split(out, m.aleatoric)
+    r = summarize_regression(means, levels=(level,), noise_var=noise)
+    y = data.y.reshape(data.n, -1)  # [N, targets]
+    # A learned noise varies by input, so its size can refer too; a fixed one cannot tell inputs
+    # apart.
+    learned = m.aleatoric.kind == "heteroscedastic"
+    per_target: dict[str, list[float]] = {}
+    thresholds: dict[str, TargetReferral] = {}
+    # Jointly, as for classifiers, per target: the width trigger gets half of what extrapolation
+    # leaves, a learned noise's size half of what is then left, epistemic uncertainty the rest.
+    parts: dict[str, np.ndarray] = {"extrapolation": extrapolating}
+    names = m.outputs.target_names
+
+    def tag(name: str) -> str:
+        return f" ({name})" if len(names) > 1 else ""
+
+    for d, name in enumerate(m.outputs.target_names):
+        scores = np.sort(conformal.regression_scores(y[:, d], r.mean[:, d], r.std[:, d]))
+        per_target[name] = scores.tolist()
+        half = conformal.quantile(scores, level) * np.maximum(r.std[:, d], conformal.STD_FLOOR)
+        widths = relative_width(r.mean[:, d], half)
+        taken = extrapolating.copy()
+        width = None
+        if np.isfinite(widths).all():
+            width = budget_threshold(widths, taken, _half_of_rest(taken, nominal))
+            parts[f"interval_width{tag(name)}"] = widths > width
+            taken |= widths > width
+        aleatoric = None
+        if learned:
+            ale = r.aleatoric_std[:, d]
+            aleatoric = budget_threshold(ale, taken, _half_of_rest(taken, nominal))
+            parts[f"aleatoric{tag(name)}"] = ale > aleatoric
+            taken |= ale > aleatoric
+        eps = r.epistemic_std[:, d]
+        epistemic = budget_threshold(eps, taken, nominal)
+        parts[f"epistemic{tag(name)}"] = eps > epistemic
+        thresholds[name] = TargetReferral(
+            epistemic=epistemic, aleatoric=aleatoric, relative_width=width
+        )
+    multi = len(per_target) > 1
     cal = Calibration(
         score="abs-residual-over-std",
-        scores=scores.tolist(),
+        scores=[] if multi else next(iter(per_target.values())),
+        target_scores=per_target if multi else None,
         n=data.n,
         samples=samples,
         seed=seed,
         row_fingerprints=fps,
     )
-    half = conformal.quantile(scores, level) * np.maximum(r.std[:, 0], conformal.STD_FLOOR)
-    widths = relative_width(r.mean[:, 0], half)
-    # Jointly, as for classifiers: the width trigger gets half of what extrapolation leaves.
-    width = None
-    by_width = np.zeros(data.n, dtype=bool)
-    if np.isfinite(widths).all():
-        share = extrapolating.mean() + max(nominal - extrapolating.mean(), 0.0) / 2
-        width = budget_threshold(widths, extrapolating, share)
-        by_width = widths > width
-    eps = r.epistemic_std[:, 0]
-    epistemic = budget_threshold(eps, extrapolating | by_width, nominal)
-    policy = ReferralPolicy(
-        level=level,
-        epistemic=epistemic,
-        relative_width=width,
-        extrapolation=policy_base.extrapolation,
-        derived_from=derived(
-            {
-                "extrapolation": extrapolating,
-                "interval_width": by_width,
-                "epistemic": eps > epistemic,
-            }
-        ),
-    )
+    if multi:
+        policy = ReferralPolicy(
+            level=level,
+            targets=thresholds,
+            extrapolation=policy_base.extrapolation,
+            derived_from=f"per target: {derived(parts)}",
+        )
+    else:
+        only = next(iter(thresholds.values()))
+        policy = ReferralPolicy(
+            level=level,
+            **only.model_dump(),
+            extrapolation=policy_base.extrapolation,
+            derived_from=derived(parts),
+        )
     return cal, policy
+
+
+def _half_of_rest(taken: np.ndarray, nominal: float) -> float:
+    """The share of rows a trigger may refer: what is taken, plus half of what is left."""
+    return float(taken.mean() + max(nominal - taken.mean(), 0.0) / 2)
 
 
 def calibrate_bundle(

@@ -2,10 +2,12 @@
 
 Triggers (each off when its threshold is null, see `ReferralPolicy` in the manifest):
 epistemic uncertainty (mutual information for classifiers, epistemic std for regressors) above a
-threshold; a regression interval wide relative to the prediction; a classification prediction set
-with more labels than allowed, or none; an input outside the training ranges (extrapolation: a
-soft signal, unlike the hard valid range that refuses the request). Arrays are batch-first
-(``[B]``), so a batch's referral can be cut per request like any summary.
+threshold; a regressor's aleatoric std (the noise it expects for this input: the model does not
+doubt itself, the outcome is just noisy) above a threshold; a regression interval wide relative
+to the prediction; a classification prediction set with more labels than allowed, or none; an
+input outside the training ranges (extrapolation: a soft signal, unlike the hard valid range that
+refuses the request). Arrays are batch-first (``[B]``), so a batch's referral can be cut per
+request like any summary.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Referral:
     triggers: list[list[str]]  # per input, machine-readable: one of TRIGGERS per reason
 
 
-TRIGGERS = ("epistemic", "interval_width", "prediction_set", "extrapolation")
+TRIGGERS = ("epistemic", "aleatoric", "interval_width", "prediction_set", "extrapolation")
 
 
 def _num(v: float) -> str:
@@ -66,6 +68,7 @@ def assess(
     outside: list[list[str]],
     relative_width: np.ndarray | None = None,
     set_size: np.ndarray | None = None,
+    aleatoric: np.ndarray | None = None,
 ) -> Referral:
     """Apply ``policy`` to per-input scores [B]; ``outside`` from `outside_training`."""
     b = len(outside)
@@ -79,6 +82,14 @@ def assess(
             reasons[i].append(
                 f"{epistemic_name} {_num(e)} above the threshold {_num(policy.epistemic)}"
             )
+        if aleatoric is not None and policy.aleatoric is not None:
+            a = float(aleatoric[i])
+            if a > policy.aleatoric:
+                triggers[i].append("aleatoric")
+                reasons[i].append(
+                    f"aleatoric std {_num(a)} (the noise expected for this input) above the "
+                    f"threshold {_num(policy.aleatoric)}"
+                )
         if relative_width is not None and policy.relative_width is not None:
             w = float(relative_width[i])
             if w > policy.relative_width:

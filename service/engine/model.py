@@ -15,6 +15,7 @@ import torch
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
 from service.calibration.calibrator import Calibrator
+from service.engine import heads
 from service.engine.device import describe
 from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor
@@ -143,7 +144,7 @@ class ServedModel:
     def _check_layout(self) -> None:
         m, path = self.manifest, self.bundle.path
         outputs = self.sampler.output_shape
-        expected = len(m.outputs.labels) if m.outputs.labels else 1
+        expected = heads.expected_outputs(m)
         if list(outputs) != [expected]:
             raise BundleError(
                 f"{path}: shape mismatch: the model outputs {list(outputs)} per input but the "
@@ -223,10 +224,13 @@ class ServedModel:
                 warnings.extend(cal.warnings(p.samples, p.confidence))
             summary: RegressionSummary | ClassificationSummary = clf
         else:
-            noise = self.manifest.aleatoric.noise_var or None
+            try:
+                means, noise = heads.split(samples, self.manifest.aleatoric)
+            except ValueError as exc:  # an overflowing variance head: this input's answer
+                raise InvalidInputError(str(exc)) from exc
             rng = np.random.default_rng([req.seed, 0x6E6F697365])  # seeded noise, replayable
             summary = summarize_regression(
-                samples,
+                means,
                 levels=p.confidence,
                 method="quantile" if p.interval == "quantile" else "gaussian",
                 noise_var=noise,
@@ -255,6 +259,8 @@ class ServedModel:
             point, backend, device = self.sampler.deterministic(x), "torch", self.device
         if self.manifest.task == "classification":
             point = softmax_rows(point)
+        else:  # the means; a variance head's outputs are no prediction
+            point = heads.split(point, self.manifest.aleatoric)[0]
         return Prediction(
             backend=backend,
             device=device,

@@ -39,9 +39,10 @@ from torch import nn
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
 from service.bundle.writer import save
+from service.calibration.metrics import mixture_log_likelihood
 from service.errors import InvalidInputError, McServeError, ModelError
 from service.nn import Affine
-from service.training.mlp import train_mlp
+from service.training.mlp import Noise, train_mlp
 from service.training.results import FittedMLP, TrainResult
 
 CALIBRATION_FRACTION = 0.2
@@ -163,9 +164,7 @@ def served_module(fitted: FittedMLP) -> nn.Sequential:
 
     layers: list[nn.Module] = [Affine.of(t(fitted.x_mean), t(fitted.x_std)), *fitted.model]
     if fitted.task == "regression":
-        assert fitted.y_mean is not None and fitted.y_std is not None
-        ym, ys = np.asarray(fitted.y_mean, np.float64), np.asarray(fitted.y_std, np.float64)
-        layers.append(Affine.of(t(-ym / ys), t(1.0 / ys)))
+        layers.append(Affine.of(*(t(a) for a in fitted.output_affine())))
     return nn.Sequential(*layers).eval()
 
 
@@ -175,8 +174,7 @@ def fitted_deterministic(fitted: FittedMLP, x: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         out = fitted.model.eval()(torch.from_numpy(xs)).double().numpy()
     if fitted.task == "regression":
-        assert fitted.y_mean is not None and fitted.y_std is not None
-        return np.asarray(out * fitted.y_std + fitted.y_mean)
+        return fitted.to_original(out)
     return np.asarray(out)
 
 
@@ -212,12 +210,15 @@ def _metrics(fitted: FittedMLP, x: np.ndarray, y: np.ndarray, seed: int) -> dict
             "calibration_accuracy": round(float((probs.argmax(-1) == y).mean()), 6),
             "calibration_nll": round(float(-np.log(p_true).mean()), 6),
         }
-    assert fitted.tau is not None
     f, yt = samples[:, :, 0], y
-    tau = float(fitted.tau[0])
-    sq = -0.5 * tau * (f - yt) ** 2  # [T, N]
-    m = sq.max(axis=0)
-    ll = m + np.log(np.exp(sq - m).mean(axis=0)) + 0.5 * (math.log(tau) - math.log(2 * math.pi))
+    if fitted.learned_noise:  # the mixture of the passes' learned Gaussians
+        ll = mixture_log_likelihood(f, yt, np.exp(samples[:, :, 1]))
+    else:
+        assert fitted.tau is not None
+        tau = float(fitted.tau[0])
+        sq = -0.5 * tau * (f - yt) ** 2  # [T, N]
+        m = sq.max(axis=0)
+        ll = m + np.log(np.exp(sq - m).mean(axis=0)) + 0.5 * (math.log(tau) - math.log(2 * math.pi))
     return {
         "calibration_rmse": round(float(np.sqrt(((f.mean(axis=0) - yt) ** 2).mean())), 6),
         "calibration_ll": round(float(ll.mean()), 6),
@@ -262,6 +263,9 @@ def _provenance(
             "trainer": "service.training.train_mlp (Gal & Ghahramani 2016 protocol)",
             "epochs": res.epochs,
             "dropout": fm.dropout_rate,
+            "noise": "learned (log-variance head, Gaussian NLL)"
+            if fm.learned_noise
+            else "fixed: tau fitted on the validation rows (standardised target)",
             "tau": float(fm.tau[0]) if fm.tau is not None else None,
             "weight_decay": fm.weight_decay,
             "validation_rows": res.n_val,
@@ -270,6 +274,7 @@ def _provenance(
             {"dropout": g.dropout_rate, "tau": g.tau, "val_ll": round(g.val_ll, 6)}
             for g in res.grid
         ],
+        "notes": res.notes,
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
@@ -295,6 +300,9 @@ def train(
             "low,medium,high (default: numeric labels by value, others sorted as text)"
         ),
     ] = None,
+    noise: Annotated[
+        str, typer.Option(help="regression: fixed (one fitted level) or learned (per input)")
+    ] = "fixed",
 ) -> None:
     """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
     from service.calibration.recalibration import calibrate_bundle
@@ -318,6 +326,10 @@ def train(
     given = [v.strip() for v in labels.split(",")] if labels is not None else None
     if given is not None and (len(given) < 2 or "" in given):
         raise fail(f"--labels {labels!r}: give two or more class labels, comma separated")
+    if noise not in ("fixed", "learned") or (noise == "learned" and task != "regression"):
+        raise fail(f"--noise {noise!r}: use fixed or learned (learned is for regression only)")
+    # A fixed noise is fitted in the target's own scale, never read off a grid in its units.
+    how: Noise = "learned" if noise == "learned" else "fit" if task == "regression" else "grid"
     kind = cast(Literal["regression", "classification"], task)
     bundle_name = name if name is not None else default_name(data)
     if not _NAME.match(bundle_name):
@@ -328,8 +340,8 @@ def train(
         if task == "classification":
             assert table.labels is not None
             # Stated, since /v1's probabilities and OIP's `label` index follow this order.
-            how = "as --labels gives" if given is not None else "set it with --labels"
-            typer.echo(f"classes in output order: {table.labels} ({how})", err=True)
+            said = "as --labels gives" if given is not None else "set it with --labels"
+            typer.echo(f"classes in output order: {table.labels} ({said})", err=True)
             absent = sorted(set(range(len(table.labels))) - set(table.y[tr].tolist()))
             if absent:
                 missing = [table.labels[k] for k in absent]
@@ -338,8 +350,17 @@ def train(
         if progress:
             typer.echo(f"training on {len(tr)} rows ({len(cal)} kept for calibration)", err=True)
         res = train_mlp(
-            xtr, ytr, seed=seed, hidden=sizes, task=kind, epochs=epochs, progress=progress
+            xtr,
+            ytr,
+            seed=seed,
+            hidden=sizes,
+            task=kind,
+            epochs=epochs,
+            progress=progress,
+            noise=how,
         )
+        for note in res.notes:
+            typer.echo(f"note: {note}", err=True)
         fm = res.final
         module = served_module(fm)
         _check_served(module, fm, table.x)
@@ -360,6 +381,7 @@ def train(
             valid_ranges=valid_ranges,
             training_ranges=training_ranges,
             noise_var=noise_var,
+            variance="log_variance" if fm.learned_noise else None,
             defaults=Defaults(samples=METRIC_PASSES, confidence=0.95, interval="gaussian"),
             training=Training(
                 provenance=_provenance(table, target, res, seed, len(tr), len(cal)),

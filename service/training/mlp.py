@@ -8,6 +8,10 @@ l = 1e-2, N the rows the model is trained on. The (dropout rate, tau) grid is sc
 log-likelihood on the last `val_fraction` of the rows, the best configuration is retrained on all
 rows.
 
+`noise="fit"` (what `python -m service train` uses) replaces the tau grid by a fitted tau in
+standardised units (`scoring.fit_precision`), and `noise="learned"` trains a log-variance head with
+the Gaussian NLL; a choice on the edge of what was searched is said in `TrainResult.notes`.
+
 Units of tau: the 2016 companion code (yaringal/DropoutUncertaintyExps, net/net.py) applies the
 grid values of tau to de-standardised predictions, i.e. as precisions in ORIGINAL target units,
 and puts the same number into the weight-decay formula. `tau_units="original"` (the default) does
@@ -18,33 +22,32 @@ instead (tau_orig = tau_std / y_std^2). Classification has no tau: the formula u
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from service.training.progress import progress as _progress
-from service.training.results import FittedMLP, GridPoint, TrainResult
-from service.training.scoring import (
-    categorical_log_likelihood,
-    mixture_log_likelihood,
+from service.training.results import FittedMLP, TrainResult
+from service.training.selection import (
+    NOMINAL_TAU,
+    Noise,
+    Prepared,
+    TauUnits,
+    best,
+    edge_notes,
+    prepare,
+    score_grid,
+    tau_pair,
 )
-from service.training.stack import Stack, Task, fit, init_stack, mc_chunks, to_sequential
+from service.training.stack import Stack, Task, fit, init_stack, to_sequential
 
-TauUnits = Literal["original", "standardised"]
-_LOG_2PI = math.log(2.0 * math.pi)
+__all__ = ["Noise", "TauUnits", "train_mlp", "train_mlps"]
+
 _STAGE_GRID, _STAGE_SCORE, _STAGE_REFIT = 0, 1, 2
-
-
-def _standardiser(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    std = a.std(axis=0)
-    std[std == 0] = 1.0  # a constant column carries no information; keep it finite
-    return a.mean(axis=0), std
 
 
 def _generators(seeds: Sequence[int], stage: int) -> list[torch.Generator]:
@@ -56,41 +59,13 @@ def _generators(seeds: Sequence[int], stage: int) -> list[torch.Generator]:
     return out
 
 
-@dataclass
-class _Prepared:
-    x: np.ndarray  # standardised, float32
-    y: np.ndarray  # standardised (regression) or labels
-    x_mean: np.ndarray
-    x_std: np.ndarray
-    y_mean: np.ndarray | None
-    y_std: np.ndarray | None
-
-
-def _prepare(x: np.ndarray, y: np.ndarray, task: Task) -> _Prepared:
-    x_mean, x_std = _standardiser(x)
-    xs = ((x - x_mean) / x_std).astype(np.float32)
-    if task == "classification":
-        return _Prepared(xs, y.astype(np.int64), x_mean, x_std, None, None)
-    y_mean, y_std = _standardiser(y)
-    return _Prepared(xs, ((y - y_mean) / y_std).astype(np.float32), x_mean, x_std, y_mean, y_std)
-
-
-def _tau_pair(tau: float, units: TauUnits, y_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(original units, standardised units) per output."""
-    if units == "original":
-        orig = np.full_like(y_std, tau, dtype=np.float64)
-        return orig, orig * y_std**2
-    std = np.full_like(y_std, tau, dtype=np.float64)
-    return std / y_std**2, std
-
-
 def _decay(p: float, tau: float | None, n: int, lengthscale: float) -> float:
     return lengthscale**2 * (1.0 - p) / (2.0 * n * (1.0 if tau is None else tau))
 
 
 def _fit_parts(
     stack: Stack,
-    parts: Sequence[_Prepared],
+    parts: Sequence[Prepared],
     decay: Tensor,
     gens: Sequence[torch.Generator],
     label: str,
@@ -106,16 +81,17 @@ def _fit_parts(
 def _fitted(
     stack: Stack,
     m: int,
-    prep: _Prepared,
+    prep: Prepared,
     p: float,
     tau: float | None,
     decay: float,
     task: Task,
     units: TauUnits,
+    learned: bool = False,
 ) -> FittedMLP:
     taus: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
     if tau is not None and prep.y_std is not None:
-        taus = _tau_pair(tau, units, prep.y_std)
+        taus = tau_pair(tau, units, prep.y_std)
     return FittedMLP(
         to_sequential(stack, m, p),
         prep.x_mean,
@@ -128,6 +104,7 @@ def _fitted(
         decay,
         task,
         int(prep.x.shape[0]),
+        learned,
     )
 
 
@@ -147,6 +124,7 @@ def train_mlps(
     val_fraction: float = 0.2,
     val_passes: int = 1000,
     progress: bool = False,
+    noise: Noise = "grid",
 ) -> list[TrainResult]:
     """Grid-select and refit one MC-dropout MLP per data set (e.g. per split), all vectorised.
 
@@ -162,7 +140,14 @@ def train_mlps(
         raise ValueError("one seed per data set")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")
-    tau_grid: list[float | None] = list(taus) if task == "regression" else [None]
+    if noise != "grid" and task != "regression":
+        raise ValueError(f"noise={noise!r} is for regression; a classifier has no noise level")
+    learned = noise == "learned"
+    if noise == "fit":
+        tau_units = "standardised"  # the fitted tau is a precision of the standardised target
+    tau_grid: list[float | None] = [None] if task != "regression" or learned else list(taus)
+    if noise == "fit":
+        tau_grid = [NOMINAL_TAU]
     configs = [(float(p), None if t is None else float(t)) for p in dropout_rates for t in tau_grid]
     xs_all = [np.asarray(x, dtype=np.float64) for x, _ in datasets]
     ys_all = [np.asarray(y) for _, y in datasets]
@@ -178,9 +163,10 @@ def train_mlps(
         n_fit = round((1.0 - val_fraction) * n)
         if not 0 < n_fit < n:
             raise ValueError(f"{n} rows leave no training or no validation rows")
-        fit_parts = [_prepare(xs_all[i][:n_fit], ys_all[i][:n_fit], task) for i in members]
-        full_parts = [_prepare(xs_all[i], ys_all[i], task) for i in members]
+        fit_parts = [prepare(xs_all[i][:n_fit], ys_all[i][:n_fit], task) for i in members]
+        full_parts = [prepare(xs_all[i], ys_all[i], task) for i in members]
         out_dim = n_classes if task == "classification" else ys_all[members[0]].shape[1]
+        out_dim *= 2 if learned else 1  # a mean and a log-variance per target
         dims = [xs_all[members[0]].shape[1], *hidden, out_dim]
         member_seeds = [seeds[i] for i in members]
         n_s, n_g = len(members), len(configs)
@@ -192,11 +178,17 @@ def train_mlps(
         decay_m = torch.tensor([_decay(p, t, n_fit, lengthscale) for p, t in configs] * n_s)
         gens = _generators(member_seeds, _STAGE_GRID)
         stack = init_stack(dims, p_m, split_of, gens)
-        train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "task": task}
+        train = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "task": task,
+            "learned_noise": learned,
+        }
         _fit_parts(stack, fit_parts, decay_m, gens, f"grid {n_s}x{n_g} models", progress, train)
         t1 = time.perf_counter()
         grid_decay = [_decay(p, t, n_fit, lengthscale) for p, t in configs]
-        scores = _score_grid(
+        scores = score_grid(
             stack,
             members,
             xs_all,
@@ -209,13 +201,16 @@ def train_mlps(
             tau_units,
             val_passes,
             _generators(member_seeds, _STAGE_SCORE),
+            noise,
         )
         t2 = time.perf_counter()
 
         # Refit: one model per split, each with its own chosen configuration.
-        chosen = [_best(row) for row in scores]
-        p_r = torch.tensor([configs[c][0] for c in chosen])
-        decay_r = torch.tensor([_decay(*configs[c], n, lengthscale) for c in chosen])
+        chosen = [best(row) for row in scores]
+        # The chosen point's tau: the grid's, or the one fitted for that model (noise="fit").
+        picks = [(row[c].dropout_rate, row[c].tau) for row, c in zip(scores, chosen, strict=True)]
+        p_r = torch.tensor([p for p, _ in picks])
+        decay_r = torch.tensor([_decay(p, t, n, lengthscale) for p, t in picks])
         gens = _generators(member_seeds, _STAGE_REFIT)
         refit = init_stack(dims, p_r, torch.arange(n_s), gens)
         _fit_parts(refit, full_parts, decay_r, gens, f"refit {n_s} models", progress, train)
@@ -223,9 +218,10 @@ def train_mlps(
 
         timings = {"grid_train_s": t1 - t0, "grid_score_s": t2 - t1, "refit_s": t3 - t2}
         for s, i in enumerate(members):
-            p, tau = configs[chosen[s]]
+            p, tau = picks[s]
+            fin = float(decay_r[s])
             results[i] = TrainResult(
-                final=_fitted(refit, s, full_parts[s], p, tau, float(decay_r[s]), task, tau_units),
+                final=_fitted(refit, s, full_parts[s], p, tau, fin, task, tau_units, learned),
                 holdout=_fitted(
                     stack,
                     s * n_g + chosen[s],
@@ -235,6 +231,7 @@ def train_mlps(
                     float(decay_m[s * n_g + chosen[s]]),
                     task,
                     tau_units,
+                    learned,
                 ),
                 grid=scores[s],
                 chosen=chosen[s],
@@ -242,87 +239,9 @@ def train_mlps(
                 n_val=n - n_fit,
                 epochs=epochs,
                 timings={**timings, "trained_together": float(n_s)},
+                notes=edge_notes(scores[s], chosen[s], dropout_rates, tau_grid, noise),
             )
     return [results[i] for i in range(len(datasets))]
-
-
-def _best(grid: Sequence[GridPoint]) -> int:
-    """Index of the highest validation log-likelihood (NaN counts as -inf; ties: first)."""
-    lls = [g.val_ll if math.isfinite(g.val_ll) else -math.inf for g in grid]
-    return lls.index(max(lls))
-
-
-def _score_grid(
-    stack: Stack,
-    members: Sequence[int],
-    xs_all: Sequence[np.ndarray],
-    ys_all: Sequence[np.ndarray],
-    fit_parts: Sequence[_Prepared],
-    configs: Sequence[tuple[float, float | None]],
-    decays: Sequence[float],
-    n_fit: int,
-    task: Task,
-    tau_units: TauUnits,
-    passes: int,
-    gens: Sequence[torch.Generator],
-) -> list[list[GridPoint]]:
-    """Validation log-likelihood (and RMSE or accuracy) of every model of the grid stack."""
-    n_g = len(configs)
-    x_val = np.stack(
-        [
-            ((xs_all[i][n_fit:] - fp.x_mean) / fp.x_std)
-            for i, fp in zip(members, fit_parts, strict=True)
-        ]
-    )
-    y_val = torch.from_numpy(np.stack([ys_all[i][n_fit:] for i in members]))[stack.split_of]
-    n_val = int(x_val.shape[1])
-    ll_sum = torch.zeros(stack.n_models, dtype=torch.float64)
-    err_sum = torch.zeros(stack.n_models, dtype=torch.float64)
-    if task == "regression":
-        mean = torch.from_numpy(np.stack([fp.y_mean for fp in fit_parts if fp.y_mean is not None]))
-        std = torch.from_numpy(np.stack([fp.y_std for fp in fit_parts if fp.y_std is not None]))
-        mean, std = mean[stack.split_of][:, None, None], std[stack.split_of][:, None, None]
-        tau_orig = torch.from_numpy(
-            np.stack(
-                [
-                    _tau_pair(float(configs[g][1] or 1.0), tau_units, fp.y_std)[0]
-                    for fp in fit_parts
-                    if fp.y_std is not None
-                    for g in range(n_g)
-                ]
-            )
-        )
-    xt = torch.from_numpy(x_val.astype(np.float32))
-    for rows, out in mc_chunks(stack, xt, passes, gens):
-        yc = y_val[:, rows]
-        if task == "regression":
-            f = out.double() * std + mean  # original units, [M, T, c, D]
-            ll_sum += mixture_log_likelihood(f, yc, tau_orig).sum(-1)
-            err_sum += (f.mean(1) - yc).square().sum((-1, -2))
-        else:
-            ll_sum += categorical_log_likelihood(out.double(), yc).sum(-1)
-            probs = torch.softmax(out, dim=-1).mean(1)
-            err_sum += (probs.argmax(-1) == yc).double().sum(-1)
-    out_dim = 1 if task == "classification" else int(y_val.shape[-1])
-    grids: list[list[GridPoint]] = []
-    for s in range(len(members)):
-        row = []
-        for g, (p, tau) in enumerate(configs):
-            m = s * n_g + g
-            row.append(
-                GridPoint(
-                    dropout_rate=p,
-                    tau=tau,
-                    weight_decay=decays[g],
-                    val_ll=float(ll_sum[m]) / n_val,
-                    val_rmse=math.sqrt(float(err_sum[m]) / (n_val * out_dim))
-                    if task == "regression"
-                    else None,
-                    val_accuracy=float(err_sum[m]) / n_val if task == "classification" else None,
-                )
-            )
-        grids.append(row)
-    return grids
 
 
 def train_mlp(
@@ -342,8 +261,11 @@ def train_mlp(
     val_fraction: float = 0.2,
     val_passes: int = 1000,
     progress: bool = False,
+    noise: Noise = "grid",
 ) -> TrainResult:
-    """Grid-select (dropout rate, tau) on validation log-likelihood and refit on all rows.
+    """Grid-select (dropout rate, tau) on validation log-likelihood and refit on all rows;
+    with ``noise="fit"`` tau is fitted per dropout rate instead, with ``"learned"`` the net
+    learns its noise per input (see `Noise`).
 
     x [N, in] raw inputs; y [N] or [N, out] raw targets (regression) or [N] integer labels
     (classification). All configurations train at once as one vectorised model. Same seed and
@@ -364,4 +286,5 @@ def train_mlp(
         val_fraction=val_fraction,
         val_passes=val_passes,
         progress=progress,
+        noise=noise,
     )[0]

@@ -127,12 +127,16 @@ def fit(
     batch_size: int = 128,
     lr: float = 1e-3,
     task: Task = "regression",
+    learned_noise: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train in place on per-split data xs [S, N, in], ys [S, N, out] (float) or [S, N] (labels).
 
     Each epoch shuffles each split's rows with its generator and walks them in minibatches of
     `batch_size` (the last one smaller, as Keras does). Returns the mean loss per epoch.
+    `learned_noise` (regression): the net outputs D means then D log-variances v and the loss is
+    the Gaussian negative log-likelihood 0.5 (v + (y - mean)^2 e^-v) per target, constants
+    dropped (Kendall & Gal 2017); else squared error.
     """
     n_splits, n_rows = int(xs.shape[0]), int(xs.shape[1])
     opt = torch.optim.Adam(stack.parameters(), lr=lr)
@@ -145,7 +149,11 @@ def fit(
             idx = perm[:, start : start + batch_size]
             xb, yb = xs[split_rows, idx], _per_model(stack, ys[split_rows, idx])
             out = forward(stack, xb, gens)
-            if task == "regression":
+            if task == "regression" and learned_noise:
+                d = int(yb.shape[-1])
+                v = out[..., d:]
+                per_model = (0.5 * (v + (out[..., :d] - yb).square() * torch.exp(-v))).mean((1, 2))
+            elif task == "regression":
                 per_model = (out - yb).square().mean(dim=(1, 2))  # Keras MSE: mean over rows
             else:
                 logits = out.reshape(-1, out.shape[-1])

@@ -1,0 +1,164 @@
+"""Adaptive passes (`samples: "auto"`): run passes until the answer's decisions are sure.
+
+A request runs `first` passes, then doubles them, until every input is settled or `max_samples`
+is reached. An input is settled when each decision the answer makes is either more than
+`Z_DECIDED` Monte Carlo standard errors (se) from its boundary, so more passes would not flip
+it, or is known to within `tolerance`:
+
+- classifiers (tolerance in probability units): the label (the gap between the two most probable
+  classes), each class's membership of the conformal prediction set (p_k against 1 - q), and the
+  epistemic referral (mutual information against its threshold; its se is taken as that of the
+  expected entropy, the mean over passes, which dominates it);
+- regressors (tolerance as a fraction of the predictive std): the interval end points
+  mean -+ z std at each requested level (se by the delta method from the passes' means and
+  variances), and the epistemic referral (epistemic std against its threshold).
+
+The masks of pass t depend on (seed, layer, t, row) only (masks.py), so the first T passes of a
+longer run are the T passes of a shorter one: the answer after n passes is bit for bit the
+answer of a request with `samples = n` and the same seed, and the passes used are a function of
+the seed. Each doubling reruns the passes already done (the sampler starts at pass 0), so the
+compute is below twice the final pass count. Requests stop independently: `run` takes several
+and drops each from the next chunk once it is settled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+
+from service.engine import heads
+from service.engine.model import PredictParams, ServedModel, new_seed
+from service.engine.prediction import Prediction
+from service.engine.sampler import MCRequest
+from service.engine.summaries import entropy, min_samples_for_quantile, softmax
+from service.errors import InvalidInputError
+
+Z_DECIDED = 3.0  # a decision this many standard errors from its boundary is taken as settled
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    max_samples: int = 1000
+    tolerance: float = 0.01  # probability units (classifiers), fraction of std (regressors)
+    first: int = 32  # passes of the first chunk
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.first <= self.max_samples:
+            raise InvalidInputError(
+                f"adaptive passes need 2 <= first ({self.first}) <= max_samples "
+                f"({self.max_samples}); raise max_samples"
+            )
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise InvalidInputError(
+                f"tolerance must be a number > 0 (got {self.tolerance!r}), e.g. 0.01"
+            )
+
+
+def _decided(margin: np.ndarray, se: np.ndarray, tolerance: float | np.ndarray) -> np.ndarray:
+    return (np.abs(margin) > Z_DECIDED * se) | (se <= tolerance)
+
+
+def _classifier(model: ServedModel, z: np.ndarray, tol: float) -> np.ndarray:
+    cal = model.calibrator
+    t = z.shape[0]
+    p_t = softmax(z / cal.temperature, axis=-1)  # [T, B, K]
+    p = p_t.mean(axis=0)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    a, b = order[:, 0], order[:, 1]
+    rows = np.arange(p.shape[0])
+    gap_t = p_t[:, rows, a] - p_t[:, rows, b]  # [T, B]
+    ok = _decided(gap_t.mean(0), gap_t.std(0) / math.sqrt(t), tol)
+    se_p = p_t.std(axis=0) / math.sqrt(t)  # [B, K]
+    policy = cal.policy
+    if cal.calibrated:
+        q = cal.q(policy.level)
+        if math.isfinite(q):
+            ok &= _decided(p - (1.0 - q), se_p, tol).all(axis=-1)
+    if policy.epistemic is not None:
+        h_t = entropy(p_t, axis=-1)  # [T, B]
+        mi = entropy(p, axis=-1) - h_t.mean(0)
+        ok &= _decided(mi - policy.epistemic, h_t.std(0) / math.sqrt(t), tol)
+    return np.asarray(ok)
+
+
+def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float) -> np.ndarray:
+    f, noise = heads.split(raw.astype(np.float64), model.manifest.aleatoric)
+    t = f.shape[0]
+    mean = f.mean(axis=0)
+    dev2 = (f - mean) ** 2  # [T, B, D]
+    var_e = dev2.mean(axis=0)
+    var_se2 = dev2.var(axis=0) / t
+    if noise is None:
+        var_a = np.zeros_like(mean)
+    elif np.ndim(noise) == 0:
+        var_a = np.full_like(mean, float(noise))
+    else:
+        s2 = np.asarray(noise)
+        var_a, var_se2 = s2.mean(axis=0), var_se2 + s2.var(axis=0) / t
+    std = np.sqrt(var_e + var_a)
+    floor = np.maximum(std, 1e-12)
+    se_mean, se_std = np.sqrt(var_e / t), np.sqrt(var_se2) / (2.0 * floor)
+    ok = np.ones(mean.shape[0], dtype=bool)
+    for level in p.confidence:
+        z = NormalDist().inv_cdf(0.5 + level / 2.0)
+        se_end = np.sqrt(se_mean**2 + (z * se_std) ** 2)
+        ok &= (se_end <= tol * floor).all(axis=-1)
+    thr = model.calibrator.policy.epistemic
+    if thr is not None and len(model.calibrator.targets) == 1:
+        epi = np.sqrt(var_e[:, 0])
+        se_epi = np.sqrt(var_se2[:, 0]) / (2.0 * np.maximum(epi, 1e-12))
+        ok &= _decided(epi - thr, se_epi, tol * max(thr, 1e-12))
+    return ok
+
+
+def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance: float) -> bool:
+    """Whether every input of one request's samples [T, B, outputs] is settled."""
+    if model.manifest.task == "classification":
+        return bool(_classifier(model, samples.astype(np.float64), tolerance).all())
+    return bool(_regressor(model, samples, p, tolerance).all())
+
+
+def _first(p: PredictParams, a: Adaptive) -> int:
+    # Quantile intervals need 2 / alpha passes at least: start there rather than refuse.
+    need = [min_samples_for_quantile(c) for c in p.confidence] if p.interval == "quantile" else []
+    start = max([a.first, *need])
+    if start > a.max_samples:
+        raise InvalidInputError(
+            f"quantile intervals at these levels need {start} passes, over max_samples "
+            f"{a.max_samples}; raise max_samples or use interval=gaussian"
+        )
+    return start
+
+
+def run(
+    model: ServedModel, xs: Sequence[np.ndarray], params: Sequence[PredictParams], a: Adaptive
+) -> list[Prediction]:
+    """Answer each request (inputs xs[i], parameters params[i], whose `samples` is ignored) with
+    as many passes as it needs; `Prediction.samples` is the number used."""
+    seeds = [p.seed if p.seed is not None else new_seed() for p in params]
+    passes = [_first(p, a) for p in params]
+    done: dict[int, tuple[np.ndarray, int]] = {}
+    while len(done) < len(xs):
+        todo = [i for i in range(len(xs)) if i not in done]
+        reqs = [MCRequest(xs[i], passes[i], seeds[i]) for i in todo]
+        for i, out in zip(todo, model.sampler.run(reqs), strict=True):
+            if passes[i] >= a.max_samples or settled(model, out, params[i], a.tolerance):
+                done[i] = (out, passes[i])
+            else:
+                passes[i] = min(2 * passes[i], a.max_samples)
+    answers = []
+    for i, x in enumerate(xs):
+        out, t = done[i]
+        p = dataclasses.replace(params[i], samples=t, seed=seeds[i])
+        model.check_params(p)
+        pred = model.summarize(out, MCRequest(x, t, seeds[i]), p)
+        pred.warnings.append(
+            f"adaptive passes: {t} used (max_samples {a.max_samples}, tolerance {a.tolerance:g})"
+        )
+        answers.append(pred)
+    return answers

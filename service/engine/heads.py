@@ -1,0 +1,58 @@
+"""A regressor's raw outputs as per-pass Gaussians: means and noise variances.
+
+A heteroscedastic regressor (manifest ``aleatoric.kind = "heteroscedastic"``) outputs, per
+input, its D target means followed by D variance parameters v (Kendall & Gal 2017):
+``log_variance`` gives s^2 = exp(v), ``softplus_std`` gives s = log(1 + exp(v)). Over T passes the
+predictive distribution is the mixture of the T Gaussians N(f_t, s_t^2); `summaries` reduces it.
+Every other regressor outputs D means and has one noise variance (or none) for every input.
+
+Pure numpy: used by the served model, calibration and evaluation alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.bundle.manifest import Aleatoric, Manifest
+
+# exp(709.78) overflows float64; a larger log-variance is not a model's honest answer, and an
+# infinite variance would only be refused later with a vaguer message.
+_MAX_LOG_VARIANCE = 700.0
+
+
+def outputs_per_target(aleatoric: Aleatoric) -> int:
+    """How many model outputs each target takes: 2 (mean, variance parameter) or 1 (mean)."""
+    return 2 if aleatoric.kind == "heteroscedastic" else 1
+
+
+def expected_outputs(manifest: Manifest) -> int:
+    """The width of the model's output row that the manifest declares."""
+    if manifest.outputs.labels:
+        return len(manifest.outputs.labels)
+    return len(manifest.outputs.target_names) * outputs_per_target(manifest.aleatoric)
+
+
+def variance(v: np.ndarray, parameterisation: str) -> np.ndarray:
+    """Noise variance s^2 from the variance head's raw outputs (float64, same shape)."""
+    raw = np.asarray(v, dtype=np.float64)
+    if parameterisation == "log_variance":
+        if np.any(raw > _MAX_LOG_VARIANCE):
+            raise ValueError(
+                f"the log-variance head output {float(raw.max()):.4g} overflows a variance; "
+                "the model's noise head is unusable for this input"
+            )
+        return np.exp(raw)
+    if parameterisation == "softplus_std":
+        # log(1 + e^v) without overflow for large v and without loss for very negative v.
+        return np.square(np.logaddexp(0.0, raw))
+    raise ValueError(f"unknown variance parameterisation {parameterisation!r}")
+
+
+def split(raw: np.ndarray, aleatoric: Aleatoric) -> tuple[np.ndarray, float | np.ndarray | None]:
+    """Means ``[..., D]`` and noise variance (None, a number, or per pass ``[..., D]``) from a
+    regressor's raw outputs ``[..., D * outputs_per_target]``; a view, no copy, of the means."""
+    if aleatoric.kind != "heteroscedastic":
+        return raw, (aleatoric.noise_var or None)
+    assert aleatoric.parameterisation is not None  # the manifest's validator guarantees it
+    d = raw.shape[-1] // 2
+    return raw[..., :d], variance(raw[..., d:], aleatoric.parameterisation)

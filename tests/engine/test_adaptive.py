@@ -1,0 +1,125 @@
+"""Adaptive passes (issue 22, item 4): passes double until the answer's decisions are sure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from service.bundle import load_bundle, save
+from service.engine import adaptive
+from service.engine.adaptive import Adaptive
+from service.engine.model import PredictParams, ServedModel
+from service.errors import InvalidInputError
+
+
+def _coin() -> nn.Module:
+    """Two classes; logit 0 = (units 0-7) - (units 8-15) of relu(+-x + 1) after dropout 0.5.
+
+    At x = 10 only the first 8 units are on: class 0 in nearly every pass (easy). At x = 0 all 16
+    are on with equal weight: the logit's sign is a coin flip per pass, the mean gap between the
+    classes stays within a few standard errors of 0 however many passes (hard)."""
+    net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0]] * 8 + [[-1.0]] * 8))
+        net[0].bias.fill_(1.0)
+        net[3].weight.zero_()
+        net[3].weight[0].copy_(torch.tensor([1.0] * 8 + [-1.0] * 8))
+        net[3].bias.zero_()
+    return net
+
+
+@pytest.fixture(scope="module")
+def coin(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    dest = save(
+        _coin(),
+        torch.zeros(4, 1),
+        out_dir=tmp_path_factory.mktemp("adaptive"),
+        name="coin",
+        version="1",
+        task="classification",
+        intended_use="tests only",
+        labels=["heads", "tails"],
+    )
+    return ServedModel(load_bundle(dest), device="cpu")
+
+
+EASY, HARD = np.array([[10.0]], np.float32), np.array([[0.0]], np.float32)
+AUTO = Adaptive(max_samples=512, tolerance=0.001, first=32)
+
+
+def test_easy_requests_stop_early_hard_ones_run_to_the_maximum(coin: ServedModel) -> None:
+    params = [PredictParams(0, (0.9,), seed=s) for s in (1, 2, 3)]
+    easy, hard, easy2 = adaptive.run(coin, [EASY, HARD, EASY], params, AUTO)
+    assert (easy.samples, hard.samples, easy2.samples) == (32, 512, 32)
+    assert easy.summary.label.tolist() == [0]
+    assert "adaptive passes: 512 used" in hard.warnings[-1]
+
+
+def test_same_seed_same_passes_and_bytes_and_a_fixed_request_agrees(coin: ServedModel) -> None:
+    x = np.concatenate([EASY, EASY])
+    p = PredictParams(0, (0.9,), seed=7)
+    (a,), (b,) = adaptive.run(coin, [x], [p], AUTO), adaptive.run(coin, [x], [p], AUTO)
+    assert a.samples == b.samples
+    assert a.summary.probabilities.tobytes() == b.summary.probabilities.tobytes()
+    # Pass t's masks depend on (seed, t) only: the adaptive answer is the fixed one at its T.
+    fixed = coin.predict(x, PredictParams(a.samples, (0.9,), seed=7))
+    assert fixed.summary.probabilities.tobytes() == a.summary.probabilities.tobytes()
+    # Alone or beside a hard request, the same answer.
+    (c, _) = adaptive.run(coin, [x, HARD], [p, PredictParams(0, (0.9,), seed=8)], AUTO)
+    assert c.samples == a.samples
+    assert c.summary.probabilities.tobytes() == a.summary.probabilities.tobytes()
+
+
+def test_regressor_passes_grow_with_a_tighter_tolerance(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+    dest = save(net, torch.randn(4, 3), out_dir=tmp_path, name="r", version="1",
+                task="regression", intended_use="t", target="y", noise_var=0.01)  # fmt: skip
+    model = ServedModel(load_bundle(dest), device="cpu")
+    x = np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)
+    p = [PredictParams(0, (0.95,), seed=4)]
+    used = [
+        adaptive.run(model, [x], p, Adaptive(max_samples=4096, tolerance=tol))[0].samples
+        for tol in (0.2, 0.05, 0.01)
+    ]
+    assert used[0] < used[1] < used[2] <= 4096, used
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="raise max_samples"):
+        Adaptive(max_samples=16, first=32)
+    with pytest.raises(InvalidInputError, match="tolerance must be a number > 0"):
+        Adaptive(tolerance=0.0)
+
+
+def test_predict_cli_samples_auto(coin: ServedModel) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    repo = coin.bundle.path.parents[1]
+
+    def predict(*extra: str) -> dict[str, object]:
+        args = ["predict", "coin", "--instance", "[10.0]", "--seed", "5", "--model-dir", str(repo)]
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert res.exit_code == 0, res.output
+        out: dict[str, object] = json.loads(res.stdout)
+        return out
+
+    # A classifier answers quantile intervals, which at 95 % need 40 passes: the first chunk.
+    from service.engine.summaries import min_samples_for_quantile
+
+    first = max(32, min_samples_for_quantile(coin.manifest.defaults.confidence))
+    auto = predict("--samples", "auto")
+    assert auto["samples"] == first and f"adaptive passes: {first} used" in str(auto["warnings"])
+    assert predict("--samples", "auto") == auto
+    assert predict("--samples", str(first))["predictions"] == auto["predictions"]
+    res = CliRunner().invoke(app, ["predict", "coin", "--instance", "[1]", "--samples", "many",
+                                   "--model-dir", str(repo)])  # fmt: skip
+    assert res.exit_code == 2 and "give a number of passes or auto" in res.output

@@ -49,9 +49,14 @@ def _default(train: tuple[float, float] | None, valid: tuple[float, float] | Non
 
 
 def form_of(model: ServedModel) -> dict[str, Any]:
-    """What the "try it" form asks for: a field per feature (tabular) or a drawing grid (an
-    image: a shape [.., H, W] of one channel), or nothing when neither fits."""
+    """What the "try it" form asks for: a field per feature (tabular), a drawing grid (an
+    image: a shape [.., H, W] of one channel), a text box (a text model), or nothing when
+    none fits."""
     spec = model.manifest.inputs
+    if spec.text is not None:  # a text model: one text box
+        t = spec.text
+        return {"kind": "text", "max_tokens": t.max_tokens, "truncation": t.truncation,
+                "max_bytes": t.max_text_bytes}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
     image = len(shape) >= 2 and n == shape[-1] * shape[-2] and n <= IMAGE_CELLS

@@ -27,6 +27,7 @@ from axe_playwright_python.sync_playwright import Axe
 from hostile_pages import NAME, SCRIPT, hostile_bundle
 from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
+from text_nets import CORPUS, TextCNN, token_batch, wordpiece
 
 from service.api import examples
 
@@ -47,6 +48,20 @@ SEED = 42
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+def text_bundle(repo: Path) -> None:
+    """A small text classifier with its tokenizer (the page shows it a text box)."""
+    import torch
+
+    from service.bundle import save
+
+    torch.manual_seed(0)
+    save(
+        TextCNN().eval(), token_batch(), out_dir=repo, name="notes", version="1",
+        task="classification", intended_use="Demonstration, not for clinical use: tests.",
+        labels=["a", "b", "c"], tokenizer=wordpiece(CORPUS),
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server (a start costs about 20 s on two busy cores): the bundled models and the
@@ -54,6 +69,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("pages-e2e")
     shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("*.py"))
     hostile_bundle(tmp / "models")
+    text_bundle(tmp / "models")
     key = {"id": "pages", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}
     env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_API_KEYS": json.dumps([key])}
     with serve(tmp, model_dir=tmp / "models", env=env) as server:
@@ -316,3 +332,38 @@ def test_api_docs_render_offline(srv: Server, page: Any, path: str, ready: str) 
         page.outside[:] = [u for u in page.outside if u != REDOC_LOGO]
     local = {u for u in seen if u.startswith(srv.url)}
     assert f"{srv.url}/openapi.json" in local and set(seen) == local, seen
+
+
+def test_a_text_model_page_takes_a_text(srv: Server, page: Any, tmp_path: Path) -> None:
+    """A text model gets a text box (not a field per token); the page draws what the API
+    answers for the text, says how many tokens it read, and puts the API's error by the box."""
+    page.goto(f"{srv.url}/models/notes")
+    assert page.locator("input[data-feature]").count() == 0
+    page.fill("#text", "Patient presents with chest pain and shortness of breath")
+    page.fill("#seed", str(SEED))
+    sent = predict(page)
+    assert sent["instances"] == ["Patient presents with chest pain and shortness of breath"]
+    api = httpx.post(
+        f"{srv.url}/v1/models/notes:predict", json=sent, headers=AUTH, timeout=60
+    ).json()
+    p = api["predictions"][0]
+    out = page.locator("#result")
+    assert out.locator("[data-out=label]").inner_text() == p["label"]
+    for label, prob in p["probabilities"].items():
+        row = out.locator(f'tr[data-class="{label}"]')
+        assert close(row.locator("[data-out=probability]").inner_text(), prob)
+    assert p["truncated"] is True  # more words than the model's 16 tokens: cut, and said
+    shown = out.locator("[data-out=tokens]").inner_text()
+    assert shown == f"{p['tokens']} tokens, cut to the model's maximum"
+    page.locator("section[aria-labelledby=try-h]").screenshot(
+        path=str(shots(tmp_path) / "notes-try.png")
+    )
+    page.fill("#text", "a\u0000b")  # a NUL: the API's own message, next to the box
+    predict(page, expect_ok=False)
+    page.wait_for_selector("#e-text:not(:empty)")
+    assert page.locator("#e-text").inner_text() == "instance 0: the text contains a NUL character"
+    results = Axe().run(page)
+    bad = [
+        v["id"] for v in results.response["violations"] if v["impact"] in ("serious", "critical")
+    ]
+    assert not bad, bad

@@ -110,10 +110,15 @@
     // message next to that field; anything else goes above the result.
     const m = /feature '([^']+)'/.exec(message);
     const input = m && Array.from(form.querySelectorAll("input[data-feature]")).find((i) => i.dataset.feature === m[1]);
+    const text = document.getElementById("text");
     if (input) {
       document.getElementById("e-" + input.dataset.index).textContent = message;
       input.setAttribute("aria-invalid", "true");
       input.focus();
+    } else if (text) {
+      document.getElementById("e-text").textContent = message;
+      text.setAttribute("aria-invalid", "true");
+      text.focus();
     } else {
       formError.textContent = message;
     }
@@ -122,6 +127,11 @@
   // --- the request -----------------------------------------------------------------------
   function instance() {
     if (grid) return nest(cells.map(valueOf), shape);
+    const text = document.getElementById("text");
+    if (text) {
+      if (text.value.trim() === "") throw new Error("write some text first");
+      return text.value;
+    }
     const values = Array.from(form.querySelectorAll("input[data-feature]")).map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));
     const bad = values.findIndex((v) => !Number.isFinite(v));
     if (bad >= 0) throw new Error("feature '" + form.querySelectorAll("input[data-feature]")[bad].dataset.feature + "' needs a number");
@@ -270,6 +280,9 @@
       out.append(wrap);
     }
     if (p.referral) out.append(referral(p.referral));
+    if (p.tokens !== undefined && p.tokens !== null) {
+      out.append(el("p", p.tokens + " tokens" + (p.truncated ? ", cut to the model's maximum" : ""), { class: "meta", "data-out": "tokens" }));
+    }
     for (const w of answer.warnings || []) out.append(el("p", w, { class: "warning" }));
     out.append(el("p", "Model " + answer.model.name + " version " + answer.model.version + ", " + answer.mode + ", " + answer.samples + " passes, seed " + answer.seed + ".", { class: "meta", "data-out": "meta" }));
     result.append(out);

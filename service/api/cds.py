@@ -148,8 +148,9 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     )
     resource = fhir.resource(model, pred, 0, ctx)
     issued = card_builder.card(
-        offered.mapping, model, pred, 0, ex, resource, card_id, cds.settings.public_base_url
-    )
+        offered.mapping, model, pred, 0, ex, resource, card_id, cds.settings.public_base_url,
+        page=cds.settings.pages,
+    )  # fmt: skip
     card = issued.card
     record = Record(
         card=card["uuid"],
@@ -219,8 +220,9 @@ def missing_data_card(
 ) -> Response:
     """A 200 with an info card naming what is missing (the clinician sees it; a 412 is not)."""
     card = card_builder.missing(
-        mapping, model, exc.details, str(uuid.uuid4()), cds.settings.public_base_url
-    )
+        mapping, model, exc.details, str(uuid.uuid4()), cds.settings.public_base_url,
+        page=cds.settings.pages,
+    )  # fmt: skip
     if cds.counters:
         cds.counters["cards"].labels(service_id, "info").inc()
     audit.info(

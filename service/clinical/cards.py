@@ -171,21 +171,23 @@ def detail(mapping: Mapping, model: ServedModel, pred: Prediction, i: int, ex: E
     return "\n\n".join(parts)
 
 
-def source(model: ServedModel, base_url: str | None) -> Json:
-    """The card's source; with the public base URL, `url` is the model's metadata (its page
-    until one exists), absolute as CDS Hooks requires."""
+def source(model: ServedModel, base_url: str | None, page: bool = False) -> Json:
+    """The card's source; with the public base URL, `url` is the model's page (its card,
+    calibration and a form to try it; docs/PAGES.md) or, with pages off, its JSON metadata,
+    absolute as CDS Hooks requires."""
     out: Json = {
         "label": f"mcserve: {model.name} {model.version}",
         "topic": {"system": SYSTEM, "code": "ml-prediction", "display": "ML prediction"},
     }
     if base_url:
         name, version = quote(model.name, safe=""), quote(model.version, safe="")
-        out["url"] = f"{base_url.rstrip('/')}/v1/models/{name}/versions/{version}"
+        where = "/models" if page else "/v1/models"
+        out["url"] = f"{base_url.rstrip('/')}{where}/{name}/versions/{version}"
     return out
 
 
 def links(model: ServedModel, src: Json) -> Json:
-    """`links`: the model's metadata, when the source has a URL."""
+    """`links`: the model's page (or metadata), when the source has a URL."""
     if "url" not in src:
         return {}
     label = f"Model {model.name} version {model.version}: metadata, intended use, calibration"
@@ -201,10 +203,11 @@ def card(
     resource: Json,
     card_id: str | None = None,
     base_url: str | None = None,
+    page: bool = False,
 ) -> Issued:
     is_referred = bool(referred(pred, i))
     kind = resource["resourceType"]
-    src = source(model, base_url)
+    src = source(model, base_url, page)
     suggestion = str(uuid.uuid4())
     out: Json = {
         "uuid": card_id or str(uuid.uuid4()),
@@ -256,6 +259,7 @@ def missing(
     issues: list[Json],
     card_id: str,
     base_url: str | None = None,
+    page: bool = False,
 ) -> Json:
     """An `info` card saying no prediction was made, what was missing or unusable, and what would
     make one possible (the default answer to missing data: a 412 is never shown to clinicians).
@@ -278,7 +282,7 @@ def missing(
         "",
         f"Model: {model.name} version {model.version}. {model.manifest.intended_use}",
     ]
-    src = source(model, base_url)
+    src = source(model, base_url, page)
     out: Json = {
         "uuid": card_id,
         "summary": text[:MAX_SUMMARY],

@@ -256,16 +256,29 @@ async def test_order_sign(ehr: httpx.AsyncClient, es384: Signer) -> None:
 
 
 async def test_cards_link_to_the_model(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    """To the model's page (docs/PAGES.md), on by default; its JSON metadata with pages off
+    (tests/clinical/test_cds_cards.py covers the card builder alone)."""
     t = now()
-    metadata = f"{BASE}/v1/models/diabetes/versions/2"
+    metadata = f"{BASE}/models/diabetes/versions/2"
     for store in (diabetes_store(t), without(diabetes_store(t), "hdl-1")):  # a prediction, or not
         r = await card_for(ehr, es384, store)
         (card,) = r.json()["cards"]
         assert card["source"]["url"] == metadata
         (link,) = card["links"]
         assert link == {
-            "label": "Model diabetes version 2: metadata, intended use, calibration",
+            "label": "Model diabetes version 2: metadata, intended use, calibration",  # page
             "url": metadata,
             "type": "absolute",
         }
     assert (await ehr.get(metadata.removeprefix(BASE))).status_code == 200
+
+
+def test_card_source_is_the_page_or_with_pages_off_the_metadata() -> None:
+    from types import SimpleNamespace
+
+    from service.clinical.cards import source
+
+    model: Any = SimpleNamespace(name="diabetes", version="2")
+    assert source(model, BASE, page=True)["url"] == f"{BASE}/models/diabetes/versions/2"
+    assert source(model, BASE, page=False)["url"] == f"{BASE}/v1/models/diabetes/versions/2"
+    assert "url" not in source(model, None, page=True)  # no public URL: no link

@@ -137,3 +137,15 @@ CORPUS = [
     "mild gastritis with helicobacter pylori infection",
     "acute ischemic stroke in the left middle cerebral artery",
 ] * 5
+
+
+def save_text_model(out_dir: Any, name: str = "notes", intended_use: str = "tests only") -> Any:
+    """A small TextCNN with a WordPiece tokenizer trained on CORPUS, saved as <name>/1."""
+    from service.bundle import save
+
+    torch.manual_seed(0)
+    return save(
+        TextCNN().eval(), token_batch(), out_dir=out_dir, name=name, version="1",
+        task="classification", intended_use=intended_use, labels=["a", "b", "c"],
+        tokenizer=wordpiece(CORPUS),
+    )  # fmt: skip

@@ -10,11 +10,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import torch
 from apps import asgi_client, running
-from text_nets import CORPUS, LENGTH, TextCNN, token_batch, wordpiece
+from text_nets import LENGTH, save_text_model
 
-from service.bundle import save
 from service.settings import Settings
 
 URL = "/v1/models/notes:predict"
@@ -23,12 +21,7 @@ URL = "/v1/models/notes:predict"
 @pytest.fixture(scope="module")
 def text_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("textrepo")
-    torch.manual_seed(0)
-    save(
-        TextCNN().eval(), token_batch(), out_dir=root, name="notes", version="1",
-        task="classification", intended_use="tests only", labels=["a", "b", "c"],
-        tokenizer=wordpiece(CORPUS),
-    )  # fmt: skip
+    save_text_model(root)
     return root
 
 

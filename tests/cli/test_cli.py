@@ -205,17 +205,9 @@ def test_package_sets_units_and_training_ranges(
 
 def test_predict_text(tmp_path: Path) -> None:
     """`predict MODEL --text` on a text model: tokenized, answered, the tokens reported."""
-    import torch
-    from text_nets import CORPUS, TextCNN, token_batch, wordpiece
+    from text_nets import save_text_model
 
-    from service.bundle import save
-
-    torch.manual_seed(0)
-    save(
-        TextCNN().eval(), token_batch(), out_dir=tmp_path, name="notes", version="1",
-        task="classification", intended_use="tests", labels=["a", "b", "c"],
-        tokenizer=wordpiece(CORPUS),
-    )  # fmt: skip
+    save_text_model(tmp_path, intended_use="tests")
     base = ["predict", "notes", "--model-dir", str(tmp_path), "--seed", "2", "--samples", "8"]
     result = runner.invoke(app, [*base, "--text", "acute stroke"])
     assert result.exit_code == 0, result.output

@@ -27,7 +27,7 @@ from axe_playwright_python.sync_playwright import Axe
 from hostile_pages import NAME, SCRIPT, hostile_bundle
 from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
-from text_nets import CORPUS, TextCNN, token_batch, wordpiece
+from text_nets import save_text_model
 
 from service.api import examples
 
@@ -50,16 +50,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def text_bundle(repo: Path) -> None:
     """A small text classifier with its tokenizer (the page shows it a text box)."""
-    import torch
-
-    from service.bundle import save
-
-    torch.manual_seed(0)
-    save(
-        TextCNN().eval(), token_batch(), out_dir=repo, name="notes", version="1",
-        task="classification", intended_use="Demonstration, not for clinical use: tests.",
-        labels=["a", "b", "c"], tokenizer=wordpiece(CORPUS),
-    )  # fmt: skip
+    save_text_model(repo, intended_use="Demonstration, not for clinical use: tests.")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,10 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as triton
 from server import Server, serve
-from text_nets import CORPUS, TextCNN, token_batch, wordpiece
+from text_nets import save_text_model
 from tritonclient.utils import InferenceServerException
-
-from service.bundle import save
 
 pytestmark = pytest.mark.slow
 TEXTS = ["Chest pain and shortness of breath", "acute ischemic stroke", "mild gastritis"]
@@ -24,12 +21,7 @@ OUTPUTS = ["probabilities", "mutual_information", "label"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = tmp_path_factory.mktemp("textrepo")
-    torch.manual_seed(0)
-    save(
-        TextCNN().eval(), token_batch(), out_dir=repo, name="notes", version="1",
-        task="classification", intended_use="tests only", labels=["a", "b", "c"],
-        tokenizer=wordpiece(CORPUS),
-    )  # fmt: skip
+    save_text_model(repo)
     env = {"MCSERVE_COMPUTE_PROCESS": "true"}
     with serve(tmp_path_factory.mktemp("textserver"), model_dir=repo, env=env) as s:
         yield s

@@ -113,7 +113,7 @@ class MCSampler:
         self.input_shape = tuple(example.shape[1:])
         cuda = self.device.type == "cuda"
         # Rows per block: each request starts at a block boundary (see the module docstring).
-        self.block = 1 if cuda else BLOCK_ROWS
+        self.block = 1 if cuda else block_rows(example)
         if not cuda:
             block_linears(self.prefix.module, 1)
             block_linears(self.graph.suffix, self.block)
@@ -284,6 +284,17 @@ class _RowMap:
             ].to(device)
             for layer in range(layers)
         ]
+
+
+def block_rows(example: torch.Tensor) -> int:
+    """Sample rows per block of the suffix's linear layers. A token sequence's row already holds
+    its L tokens, so a block of max(1, 64 // L) rows is a product of at least 64 token rows, and
+    a request of few texts is not padded to 64 sample rows. Measured (2026-12-06, shared AMD
+    EPYC, medians of 5 interleaved runs, bench.text's transformer with L = 128, T = 20): 16 texts
+    683 ms with one-row blocks against 820 ms with 64-row blocks; one text 217 against 247 ms."""
+    if example.dtype.is_floating_point or example.dim() != 2:
+        return BLOCK_ROWS
+    return max(1, BLOCK_ROWS // max(int(example.shape[1]), 1))
 
 
 def _round_up(n: int, block: int) -> int:

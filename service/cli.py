@@ -222,7 +222,7 @@ def evaluate(
 
     try:
         served = ServedModel(load_bundle(bundle), device="cpu")
-        rows = read(data, served.manifest, target)
+        rows = read(data, served.manifest, target, served.bundle.tokenizer)
         ev = run_evaluation(
             served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
         )

@@ -73,7 +73,7 @@ def fit_text(
     max_tokens: int,
     seed: int,
     max_epochs: int,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     weight_decay: float = 0.0,
     vocab_size: int | None = None,
     embed: int = 64,

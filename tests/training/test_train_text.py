@@ -128,3 +128,18 @@ def test_text_column_is_detected_and_splits_are_checked(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--arch 'rnn': use one of textcnn, bilstm, transformer" in (
         res.output
     )
+
+
+@pytest.mark.parametrize("arch", ["bilstm", "transformer"])
+def test_other_architectures_train_and_bundle(tmp_path: Path, arch: str) -> None:
+    texts, labels = _texts(60, 4)
+    data = _csv(tmp_path / "a.csv", texts, labels)
+    res = runner.invoke(
+        app,
+        ["train", "--data", str(data), "--target", "condition", "--task", "classification",
+         "--out", str(tmp_path / "r"), "--epochs", "2", "--max-tokens", "16", "--arch", arch],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest
+    assert m.training.provenance["hyperparameters"]["arch"] == arch
+    assert m.inputs.text is not None and m.calibration is not None

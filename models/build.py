@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models import breast_cancer, common, diabetes, digits
+from models import breast_cancer, common, diabetes, digits, medical_abstracts
 from service.bundle.manifest import MANIFEST_NAME
 
 Recipe = Callable[[Path, Path], Path]
@@ -26,6 +26,7 @@ RECIPES: dict[str, Recipe] = {
     breast_cancer.NAME: breast_cancer.build,
     diabetes.NAME: diabetes.build,
     digits.NAME: digits.build,
+    medical_abstracts.NAME: medical_abstracts.build,
 }
 
 

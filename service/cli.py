@@ -71,7 +71,8 @@ def list_models(
         raise typer.Exit(1)
     # SERVED marks the version a request without one gets: the newest that loads.
     served = {e.name: e.version for e in entries if e.model is not None}
-    typer.echo(f"{'MODEL':<16} {'VERSION':<8} {'SERVED':<6} {'STATUS':<6} {'TASK':<14} DIGEST")
+    w = max(16, *(len(e.name) for e in entries))  # names up to 64 characters: columns stay aligned
+    typer.echo(f"{'MODEL':<{w}} {'VERSION':<8} {'SERVED':<6} {'STATUS':<6} {'TASK':<14} DIGEST")
     for e in entries:
         mark = "*" if served.get(e.name) == e.version else ""
         if e.model is not None:
@@ -79,7 +80,7 @@ def list_models(
             status = f"ready  {m.task:<14} {e.model.digest[:19]}"
         else:
             status = f"FAILED {e.error}"
-        typer.echo(f"{e.name:<16} {e.version:<8} {mark:<6} {status}")
+        typer.echo(f"{e.name:<{w}} {e.version:<8} {mark:<6} {status}")
     if any(e.model is None for e in entries):
         raise typer.Exit(2)
 
@@ -242,7 +243,7 @@ def evaluate(
 
     try:
         served = ServedModel(load_bundle(bundle), device="cpu")
-        rows = read(data, served.manifest, target)
+        rows = read(data, served.manifest, target, served.bundle.tokenizer)
         ev = run_evaluation(
             served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
         )

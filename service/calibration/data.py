@@ -13,6 +13,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,9 @@ class Labelled:
     sha256: str  # of the file's bytes
     x: np.ndarray  # [N, *input_shape] float32, checked against the hard valid ranges
     y: np.ndarray  # [N] int64 class indices or float64 targets; [N, k] for k targets
+    # Text data: per row, the index of its distinct text (rows with the same text share it), so
+    # a text that carries several labels can be scored leniently; None for other data.
+    groups: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -75,10 +79,17 @@ def _target_column(header: list[str], manifest: Manifest, given: str | None, pat
     return "target"
 
 
-def read(path: Path | str, manifest: Manifest, target: str | None = None) -> Labelled:
+def read(
+    path: Path | str, manifest: Manifest, target: str | None = None, tokenizer: Any = None
+) -> Labelled:
     """Read and check a labelled CSV for ``manifest``'s model (``target``: the target column's
-    name, see `_target_column`)."""
+    name, see `_target_column`). A text model's CSV (``tokenizer``: the bundle's) is read by
+    `service.calibration.text_data.read_texts`."""
     path = Path(path)
+    if manifest.inputs.text is not None:
+        from service.calibration.text_data import read_texts
+
+        return read_texts(path, manifest, target, tokenizer)
     raw = path.read_bytes()
     names = manifest.inputs.feature_names
     if names is None:

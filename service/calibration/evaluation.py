@@ -162,8 +162,28 @@ def _classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, float
     }
 
 
+def _multi_label(
+    pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None, k: int
+) -> dict[str, Any] | None:
+    """Lenient reading where some text carries several labels (rows sharing a text)."""
+    if groups is None:
+        return None
+    lenient = metrics.lenient_targets(pred, y, groups)
+    distinct = len(set(groups.tolist()))
+    return {
+        "texts": distinct,
+        "rows_of_multi_label_texts": int(np.sum(np.bincount(groups)[groups] > 1)),
+        "accuracy": float(np.mean(pred == lenient)),
+        "macro_f1": metrics.macro_f1(pred, lenient, k),
+    }
+
+
 def _classification(
-    served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndarray
+    served: ServedModel,
+    out: np.ndarray,
+    req: MCRequest,
+    y: np.ndarray,
+    groups: np.ndarray | None = None,
 ) -> Evaluation:
     pred = served.summarize(out, req, PredictParams(req.samples, LEVELS, req.seed))
     s = pred.summary
@@ -173,8 +193,10 @@ def _classification(
     scores = {
         "mutual_information": s.mutual_information,
         "predictive_entropy": s.predictive_entropy,
+        "variation_ratio": s.variation_ratio,
         "one_minus_max_probability": 1.0 - s.probabilities.max(axis=1),
     }
+    k = s.probabilities.shape[1]
     curves: dict[str, Any] = {
         "reliability": {
             "served": metrics.reliability(s.probabilities, y),
@@ -199,6 +221,8 @@ def _classification(
         "served": _classification_metrics(s.probabilities, y),
         "temperature_1": _classification_metrics(raw.probabilities, y),
         "temperature": s.temperature,
+        "macro_f1": metrics.macro_f1(s.label, y, k),
+        "lenient": _multi_label(s.label, y, groups, k),
         "ece_bins": metrics.ECE_BINS,
         "errors": int(error.sum()),
         "error_detection_auroc": {k: metrics.auroc(v, error > 0) for k, v in scores.items()},
@@ -229,7 +253,7 @@ def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0
     out = served.sampler.run([req])[0]  # [T, N, outputs]
     y = data.y
     ev = (
-        _classification(served, out, req, y)
+        _classification(served, out, req, y, data.groups)
         if m.task == "classification"
         else _regression(served, out, req, y.astype(np.float64))
     )

@@ -171,3 +171,27 @@ def set_coverage(members: np.ndarray, y: np.ndarray) -> float:
 
 def mean_set_size(members: np.ndarray) -> float:
     return float(np.asarray(members, dtype=bool).sum(axis=1).mean())
+
+
+def macro_f1(pred: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Unweighted mean over the k classes of F1 = 2 tp / (2 tp + fp + fn) (0 where a class is
+    neither predicted nor present; scikit-learn's macro `f1_score` over labels 0..k-1)."""
+    p, t = np.asarray(pred).astype(np.int64), np.asarray(y).astype(np.int64)
+    scores = []
+    for c in range(k):
+        tp = float(np.sum((p == c) & (t == c)))
+        wrong = float(np.sum((p == c) & (t != c)) + np.sum((p != c) & (t == c)))
+        scores.append(2 * tp / (2 * tp + wrong) if tp + wrong > 0 else 0.0)
+    return float(np.mean(scores))
+
+
+def lenient_targets(pred: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, the prediction when it is any label of the row's text (rows with the same group
+    hold the same text), else the row's own label: a multi-label text's row counts as right
+    when the prediction is one of the text's labels."""
+    p, t, g = (np.asarray(a).astype(np.int64) for a in (pred, y, groups))
+    labels_of: dict[int, set[int]] = {}
+    for gi, ti in zip(g.tolist(), t.tolist(), strict=True):
+        labels_of.setdefault(gi, set()).add(ti)
+    ok = np.array([pi in labels_of[gi] for pi, gi in zip(p.tolist(), g.tolist(), strict=True)])
+    return np.where(ok, p, t)

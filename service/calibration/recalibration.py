@@ -220,7 +220,7 @@ def calibrate_bundle(
     bundle = load_bundle(source, policy)
     served = ServedModel(bundle, device="cpu")
     m = bundle.manifest
-    data = read(data_path, m, target)
+    data = read(data_path, m, target, bundle.tokenizer)
     # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
     warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
     t = samples if samples is not None else m.defaults.samples

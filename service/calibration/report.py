@@ -195,6 +195,16 @@ def _classification(n: dict[str, Any]) -> list[str]:
     ]
     for k in ("accuracy", "nll", "brier", "ece"):
         lines.append(f"| {k} | {_f(s[k])} | {_f(raw[k])} |")
+    lines.append(f"| macro-F1 | {_f(n['macro_f1'])} | |")
+    le = n.get("lenient")
+    if le is not None:
+        lines += [
+            "",
+            f"Read leniently ({le['texts']} distinct texts; {le['rows_of_multi_label_texts']} rows "
+            "belong to a text that appears more than once, possibly with other labels; a row "
+            "counts as right when the prediction is any label of its text): accuracy "
+            f"{_f(le['accuracy'])}, macro-F1 {_f(le['macro_f1'])}.",
+        ]
     lines += [
         "",
         f"ECE over {n['ece_bins']} equal-width bins of the top-class probability.",

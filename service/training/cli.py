@@ -303,6 +303,17 @@ def train(
     noise: Annotated[
         str, typer.Option(help="regression: fixed (one fitted level) or learned (per input)")
     ] = "fixed",
+    # Text data (issue 21): docs/TRAINING_TEXT.md; `service.training.text_cli` does the work.
+    text_column: Annotated[
+        str | None,
+        typer.Option(help="text: the column of texts (default: detected when one column is text)"),
+    ] = None,
+    arch: Annotated[str, typer.Option(help="text: textcnn, bilstm or transformer")] = "textcnn",
+    splits: Annotated[
+        Path | None,
+        typer.Option(help="text: CSV row,split (train/calibration/test) instead of the 80/20 cut"),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="text: tokens per text (longer: cut)")] = 256,
 ) -> None:
     """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
     from service.calibration.recalibration import calibrate_bundle
@@ -335,6 +346,24 @@ def train(
     if not _NAME.match(bundle_name):
         raise fail(f"--name {bundle_name!r}: use lowercase letters, digits, '.', '_' or '-'")
     try:
+        from service.training.text_data import detect_text_column
+
+        text_col = text_column or detect_text_column(data, target)
+        if text_col is not None or splits is not None:
+            from service.training.text_cli import train_text
+
+            if task != "classification" or text_col is None:
+                raise InvalidInputError(
+                    "text training is --task classification with a text column (--splits is "
+                    "for text data only so far)"
+                )
+            path = train_text(
+                data=data, target=target, text_column=text_col, out=out, name=bundle_name,
+                version=version, seed=seed, max_epochs=epochs, progress=progress,
+                labels_given=given, arch=arch, splits=splits, max_tokens=max_tokens,
+            )  # fmt: skip
+            typer.echo(str(path))
+            return
         table = read_table(data, target, task, given)
         tr, cal = split(len(table.x), seed)
         if task == "classification":

@@ -36,7 +36,7 @@ def test_models_lists_the_bundled_models() -> None:
     found = [tuple(line.split()[:3]) for line in lines]
     # Version 1 as built, version 2 its calibrated copy (python -m service calibrate), which is
     # the one a request without a version gets.
-    names = ("breast-cancer", "diabetes", "digits")
+    names = ("breast-cancer", "diabetes", "digits", "medical-abstracts")
     assert found == [t for n in names for t in ((n, "1", "ready"), (n, "2", "*"))]
     assert all(" ready " in line for line in lines)
     assert [line.index("ready") for line in lines] == [header.index("STATUS")] * len(lines)

@@ -1,0 +1,184 @@
+"""Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
+
+    python -m bench.medical_abstracts [--model models/medical-abstracts/2] [--out DIR]
+
+- The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
+  (scikit-learn, lbfgs), fitted on the training rows; C chosen by accuracy on the calibration
+  rows; its probabilities then calibrated on the calibration rows by a temperature on the log
+  probabilities (`service.calibration.temperature.fit`, minimum NLL). Both are reported.
+- The served model with MC dropout at T = 20, 50, 100 passes (mask seed 0, the bundle's
+  temperature), against the same network's single deterministic softmax (dropout off), read at
+  T = 1 and with the bundle's temperature.
+
+For each: accuracy and macro-F1 (strict, and lenient: right when the prediction is any label of
+the text), NLL, ECE (15 bins), AUROC for detecting errors and AURC of each uncertainty score.
+Writes <out>/comparisons.md and <out>/comparisons.json. Seeded; about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models import medical_abstracts as recipe
+from service.bundle.load import load_bundle
+from service.calibration import metrics, temperature
+from service.calibration.data import read
+from service.engine.model import ServedModel
+from service.engine.sampler import MCRequest
+from service.engine.summaries import summarize_classification
+from service.training.text_data import read_splits, read_text_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scores(probs: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    lenient = metrics.lenient_targets(pred, y, groups)
+    return {
+        "accuracy": metrics.accuracy(probs, y),
+        "accuracy_lenient": float(np.mean(pred == lenient)),
+        "macro_f1": metrics.macro_f1(pred, y, k),
+        "macro_f1_lenient": metrics.macro_f1(pred, lenient, k),
+        "nll": metrics.nll(probs, y),
+        "brier": metrics.brier(probs, y),
+        "ece": metrics.ece(probs, y),
+    }
+
+
+def _detection(uncertainty: dict[str, np.ndarray], error: np.ndarray) -> dict[str, Any]:
+    return {
+        name: {"auroc": metrics.auroc(u, error > 0), "aurc": metrics.aurc(u, error)}
+        for name, u in uncertainty.items()
+    }
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+def floor(y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    table = read_text_table(
+        recipe.DATA / "medical_tc_test.csv", "condition_label", "medical_abstract"
+    )
+    parts = read_splits(recipe.DATA / "splits.csv", len(table.texts))
+    labels = np.array([int(v) - 1 for v in table.values])
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    xtr = vec.fit_transform([table.texts[i] for i in parts["train"]])
+    xcal = vec.transform([table.texts[i] for i in parts["calibration"]])
+    xte = vec.transform([table.texts[i] for i in parts["test"]])
+    ytr, ycal = labels[parts["train"]], labels[parts["calibration"]]
+    assert np.array_equal(labels[parts["test"]], y), "test rows differ from the bundle's CSV"
+    grid = [0.5, 1, 2, 4, 8, 16, 32, 64]
+    acc = {}
+    for c in grid:
+        m = LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr)
+        acc[c] = float((m.predict(xcal) == ycal).mean())
+    best = max(grid, key=lambda c: (acc[c], -c))  # ties: the stronger regularisation
+    model = LogisticRegression(C=best, max_iter=2000).fit(xtr, ytr)
+    log_cal = np.log(np.clip(model.predict_proba(xcal), 1e-12, 1))[None]
+    t = temperature.fit(log_cal, ycal, one_se=False)
+    p_raw = model.predict_proba(xte)
+    p_cal = _softmax(np.log(np.clip(p_raw, 1e-12, 1)) / t)
+    out: dict[str, Any] = {"C": best, "calibration_accuracy_by_C": acc, "temperature": t}
+    for name, p in (("uncalibrated", p_raw), ("calibrated", p_cal)):
+        err = (p.argmax(1) != y).astype(float)
+        out[name] = _scores(p, y, groups) | {
+            "detection": _detection({"one_minus_max_probability": 1 - p.max(1)}, err)
+        }
+    return out
+
+
+def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], Any]:
+    s = ServedModel(load_bundle(path), device="cpu")
+    rows = read(data, s.manifest, tokenizer=s.bundle.tokenizer)
+    t = float(s.manifest.calibration.temperature or 1.0) if s.manifest.calibration else 1.0
+    out: dict[str, Any] = {"temperature": t}
+    for n in passes:
+        logits = s.sampler.run([MCRequest(rows.x, n, 0)])[0]
+        summ = summarize_classification(logits, levels=(), temperature=t)
+        p = summ.probabilities
+        err = (p.argmax(1) != rows.y).astype(float)
+        unc = {
+            "mutual_information": summ.mutual_information,
+            "predictive_entropy": summ.predictive_entropy,
+            "variation_ratio": summ.variation_ratio,
+            "one_minus_max_probability": 1 - p.max(1),
+        }
+        out[f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
+    z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
+    for name, temp in (("deterministic_t1", 1.0), ("deterministic_served_t", t)):
+        p = _softmax(z / temp)
+        err = (p.argmax(1) != rows.y).astype(float)
+        ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
+        unc = {"one_minus_max_probability": 1 - p.max(1), "predictive_entropy": ent}
+        out[name] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
+    return out, rows
+
+
+def _md(res: dict[str, Any]) -> str:
+    def f(v: float) -> str:
+        return f"{v:.3f}"
+
+    lines = [
+        "# medical-abstracts: comparisons on the test rows",
+        "",
+        f"Command: `python -m bench.medical_abstracts` ({res['rows']} test rows). Lenient: a "
+        "prediction counts as right when it is any label of its text.",
+        "",
+        "| model | accuracy | lenient | macro-F1 | lenient | NLL | ECE | best score: AUROC "
+        "errors | AURC | 1 - max p: AUROC | AURC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(f"TF-IDF + LR (C = {res['floor']['C']}), {k}", res["floor"][k]) for k in
+            ("uncalibrated", "calibrated")]  # fmt: skip
+    rows += [(k.replace("_", " "), v) for k, v in res["served"].items() if isinstance(v, dict)]
+    for name, r in rows:
+        det = r["detection"]
+        best = max(det, key=lambda k: det[k]["auroc"])
+        mp = det["one_minus_max_probability"]
+        lines.append(
+            f"| {name} | {f(r['accuracy'])} | {f(r['accuracy_lenient'])} | {f(r['macro_f1'])} "
+            f"| {f(r['macro_f1_lenient'])} | {f(r['nll'])} | {f(r['ece'])} "
+            f"| {best}: {f(det[best]['auroc'])} | {f(det[best]['aurc'])} | {f(mp['auroc'])} "
+            f"| {f(mp['aurc'])} |"
+        )
+    lines += ["", "AUROC / AURC of every score (MC rows):", ""]
+    for k, v in res["served"].items():
+        if isinstance(v, dict):
+            cells = ", ".join(
+                f"{s} {f(d['auroc'])} / {f(d['aurc'])}" for s, d in v["detection"].items()
+            )
+            lines.append(f"- {k}: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "2")
+    ap.add_argument(
+        "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "evaluation" / recipe.NAME)
+    args = ap.parse_args()
+    res_served, rows = served(args.model, [20, 50, 100], args.data)
+    assert rows.groups is not None
+    res = {"rows": rows.n, "floor": floor(rows.y, rows.groups), "served": res_served}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comparisons.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    (args.out / "comparisons.md").write_text(_md(res))
+    print(_md(res))
+
+
+if __name__ == "__main__":
+    main()

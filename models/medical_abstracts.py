@@ -1,0 +1,150 @@
+"""`medical-abstracts`: a TextCNN over medical paper abstracts, 5 patient-condition classes.
+
+Data: `../shared/datasets/medical-abstracts/` (2,888 abstracts, CC BY-SA 3.0, see its README)
+with its fixed train / calibration / test splits, grouped by text so that an abstract that
+carries two labels never sits in two splits. The tokenizer and the network see the training rows
+only (`service.training.text.fit_text`, the code `python -m service train --text-column` runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import common
+from service.bundle.fingerprint import row_fingerprint
+from service.bundle.manifest import Defaults, Training
+from service.bundle.writer import save
+from service.engine.sampler import MCRequest, MCSampler
+from service.training.text import PATIENCE, fit_text, write_text_csv
+from service.training.text_data import encode, read_splits, read_text_table
+
+NAME = "medical-abstracts"
+SEED = 20240621
+MAX_TOKENS = 320  # WordPiece tokens; 54 % of training abstracts are longer (median 337): cut
+MAX_EPOCHS = 60  # early stopping ends sooner
+VOCAB = 4000  # chosen on held-out NLL of the training rows' 1/8 (docs/MODELS.md), not on test
+DATA = Path(
+    os.environ.get(
+        "MCSERVE_MEDICAL_ABSTRACTS",
+        str(common.MODELS_DIR.parent.parent / "shared" / "datasets" / "medical-abstracts"),
+    )
+)
+LICENSE = "CC BY-SA 3.0 (https://creativecommons.org/licenses/by-sa/3.0/)"
+CITATION = (
+    "Tim Schopf, Daniel Braun, Florian Matthes. Evaluating Unsupervised Text Classification: "
+    "Zero-Shot and Similarity-Based Approaches. NLPIR 2022. doi:10.1145/3582768.3582795"
+)
+SOURCE = (
+    "Medical Abstracts Text Classification corpus (github.com/sebischair/"
+    "Medical-Abstracts-TC-Corpus, medical_tc_test.csv: 2,888 abstracts, 5 classes)"
+)
+INTENDED_USE = (
+    "Classification of English medical paper abstracts into 5 patient-condition classes "
+    "(neoplasms, digestive system diseases, nervous system diseases, cardiovascular diseases, "
+    "general pathological conditions), trained on 1,741 abstracts of the Medical Abstracts "
+    f"corpus ({LICENSE}; cite {CITATION}). Demonstration, not for clinical use: it classifies "
+    "paper abstracts, not patient notes. " + common.INTENDED_USE_SUFFIX
+)
+
+
+def _labels(data: Path) -> list[str]:
+    with (data / "medical_tc_labels.csv").open(newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    by_id = {int(r[0]): r[1].strip() for r in rows}
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def build(
+    out_dir: Path, data_dir: Path, *, limit: int | None = None, max_epochs: int = MAX_EPOCHS
+) -> Path:
+    """Train on the fixed splits, write the calibration/test CSVs and save the bundle.
+
+    `limit` keeps the first `limit` rows of each split, `max_epochs` caps training (both for
+    reproducibility tests on a subset)."""
+    if not (DATA / "medical_tc_test.csv").is_file():
+        raise FileNotFoundError(
+            f"{DATA}: the medical abstracts data set is missing; put it there or set "
+            "MCSERVE_MEDICAL_ABSTRACTS to its directory"
+        )
+    common.configure_determinism(SEED)
+    table = read_text_table(DATA / "medical_tc_test.csv", "condition_label", "medical_abstract")
+    parts = read_splits(DATA / "splits.csv", len(table.texts))
+    if limit is not None:
+        parts = {k: v[:limit] for k, v in parts.items()}
+    labels = _labels(DATA)
+    y = np.array([int(v) - 1 for v in table.values], dtype=np.int64)
+    tr, cal, te = parts["train"], parts["calibration"], parts["test"]
+    fit = fit_text(
+        [table.texts[i] for i in tr],
+        y[tr],
+        len(labels),
+        arch="textcnn",
+        max_tokens=MAX_TOKENS,
+        seed=SEED,
+        max_epochs=max_epochs,
+        vocab_size=VOCAB,
+    )
+    ids = encode(fit.tokenizer, table.texts, MAX_TOKENS)
+    sampler = MCSampler(fit.module, torch.as_tensor(ids[:2]), device="cpu")
+    mc = sampler.run([MCRequest(ids[te], common.MC_SAMPLES, common.MC_SEED)])[0]
+    metrics = common.classification_metrics(mc, y[te])
+    with torch.inference_mode():  # dropout off (the module is in eval mode); ids stay int64
+        det_logits = fit.module(torch.as_tensor(ids[te])).numpy()
+    det = common.classification_metrics(det_logits[None], y[te])
+    for part, rows in (("calibration", cal), ("test", te)):
+        write_text_csv(
+            data_dir / f"{NAME}-{part}.csv",
+            [table.texts[i] for i in rows],
+            [labels[int(y[i])] for i in rows],
+        )
+    split = common.Split(train=tr, calibration=cal, test=te)
+    prov = common.provenance(
+        dataset=SOURCE,
+        seed=SEED,
+        split=split,
+        hyperparameters=fit.config.describe()
+        | {
+            "architecture": "TextCNN (Kim 2014): embedding, dropout, Conv1d widths 3/4/5, "
+            "max over time, dropout, linear",
+            "optimizer": "Adam, lr 1e-3, batch 32",
+            "early_stopping": f"lowest NLL on 1/8 of the training rows, patience {PATIENCE}",
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "best_validation_nll": round(fit.best_val_nll, 6),
+            "max_tokens": MAX_TOKENS,
+            "tokenizer": f"WordPiece fitted on the training rows only, "
+            f"{fit.tokenizer.get_vocab_size()} entries",
+        },
+    )
+    prov["split"]["method"] = "the data set's fixed splits.csv (grouped by text; 60/20/20)"
+    prov["license"] = LICENSE
+    prov["citation"] = CITATION
+    return save(
+        fit.module,
+        torch.as_tensor(ids[tr][:4]),
+        out_dir=out_dir,
+        name=NAME,
+        version=common.VERSION,
+        task="classification",
+        intended_use=INTENDED_USE,
+        labels=labels,
+        target="condition",
+        defaults=Defaults(samples=100, confidence=0.95, interval="gaussian"),
+        training=Training(
+            provenance=prov,
+            metrics=common.rounded(metrics)
+            | {f"deterministic_{k}": v for k, v in common.rounded(det).items()},
+            row_fingerprints={
+                "train": row_fingerprint(ids[tr]),
+                "calibration": row_fingerprint(ids[cal]),
+                "test": row_fingerprint(ids[te]),
+            },
+        ),
+        tokenizer=fit.tokenizer,
+        truncation="truncate",
+    )

@@ -1,0 +1,78 @@
+"""Labelled texts for a text model's `calibrate` and `evaluate`: a CSV of a text column and the
+target.
+
+The text column is `text`, else the one column besides the target (so the CSV a model was
+trained from, or the calibration file `train` writes, can be used as it is). Texts are tokenized
+exactly as a request is (`service.engine.text.encode_texts`: same padding, cutting and checks).
+Rows holding the same text share a group index: a text that carries several labels (the
+medical abstracts do) can then be scored leniently, a prediction counting as right when it is
+any of the text's labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.bundle.manifest import Manifest
+from service.calibration.data import Labelled, _target_column, _targets
+from service.engine.text import encode_texts
+from service.errors import InvalidInputError
+
+
+def _text_column(header: list[str], target: str, path: Path) -> str:
+    if "text" in header and target != "text":
+        return "text"
+    others = [h for h in header if h != target]
+    if len(others) != 1:
+        raise InvalidInputError(
+            f"{path}: a text model's CSV has a 'text' column (or exactly one column besides the "
+            f"target {target!r}); the columns are {header}"
+        )
+    return others[0]
+
+
+def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: Any) -> Labelled:
+    spec = manifest.inputs.text
+    if spec is None or tokenizer is None:
+        raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
+    raw = path.read_bytes()
+    try:
+        decoded = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    # The whole text to csv.reader: quoted texts may hold newlines.
+    rows = [r for r in csv.reader(io.StringIO(decoded, newline="")) if r]
+    if not rows:
+        raise InvalidInputError(f"{path}: empty file")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    t_name = _target_column(header, manifest, target, path)
+    if t_name not in header:
+        raise InvalidInputError(
+            f"{path}: no target column {t_name!r} (another name: --target); columns {header}"
+        )
+    x_name = _text_column(header, t_name, path)
+    if not body:
+        raise InvalidInputError(f"{path}: no data rows")
+    ti, xi = header.index(t_name), header.index(x_name)
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise InvalidInputError(
+                f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
+            )
+    texts = [r[xi] for r in body]
+    y = _targets([r[ti].strip() for r in body], manifest, path)
+    try:
+        batch = encode_texts(texts, tokenizer, spec, max_instances=len(texts))
+    except InvalidInputError as exc:  # "instance i" is data row i (0-based, header excluded)
+        raise InvalidInputError(f"{path}: {exc.message}") from None
+    first: dict[str, int] = {}
+    groups = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+    return Labelled(path, hashlib.sha256(raw).hexdigest(), batch.ids, y, groups)

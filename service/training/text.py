@@ -1,0 +1,230 @@
+"""`python -m service train` for text: a CSV of texts and labels in, a calibrated bundle out.
+
+1. Rows: `--splits FILE` (train / calibration / test rows, e.g. a data set's fixed, grouped
+   splits; test rows are not touched), else the tabular cut: a seeded permutation, 80/20.
+2. A WordPiece tokenizer is fitted on the training rows only (`text_data.train_tokenizer`).
+3. The network (`text_nets`, `--arch`) trains with Adam on 7/8 of the training rows; the other
+   1/8 (seeded) decides when to stop: the weights of the epoch with the lowest held-out NLL
+   (dropout off) are kept, and training stops after `PATIENCE` epochs without improvement.
+4. Version N is saved with the tokenizer, then calibrated on the calibration rows into N + 1
+   exactly as tabular models are (`calibrate_bundle`: temperature, conformal scores, referral).
+
+Seeded throughout (split, tokenizer, initialisation, shuffles, dropout masks), so the same CSV,
+flags and machine give the same weights when torch runs on one thread with deterministic kernels
+(`models/` builds do; the CLI leaves torch's thread count alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.bundle.fingerprint import row_fingerprint
+from service.bundle.manifest import Defaults, Training
+from service.bundle.writer import save
+from service.errors import InvalidInputError
+from service.training.progress import progress as _progress
+from service.training.text_data import TextTable, encode, train_tokenizer
+from service.training.text_nets import Arch, TextNetConfig, build
+
+PATIENCE = 5  # epochs without a lower held-out NLL before stopping
+HOLDOUT = 8  # 1 / HOLDOUT of the training rows decide early stopping
+BATCH = 32
+METRIC_PASSES = 100
+
+
+@dataclass(frozen=True)
+class TextFit:
+    module: nn.Module  # eval mode, best epoch's weights
+    tokenizer: Any
+    config: TextNetConfig
+    epochs_run: int
+    best_epoch: int  # 1-based
+    best_val_nll: float
+    history: list[dict[str, float]]
+    n_fit: int
+    n_val: int
+
+
+def _val_nll(net: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    net.eval()
+    with torch.inference_mode():
+        logits = torch.cat([net(ids[s : s + 256]) for s in range(0, len(ids), 256)])
+    nll = float(nn.functional.cross_entropy(logits, y))
+    return nll, float((logits.argmax(-1) == y).double().mean())
+
+
+def fit_text(
+    texts: list[str],
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    arch: Arch,
+    max_tokens: int,
+    seed: int,
+    max_epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    vocab_size: int | None = None,
+    embed: int = 64,
+    width: int = 64,
+    dropout: float = 0.5,
+    progress: bool = False,
+) -> TextFit:
+    """Tokenizer and network fitted on `texts` (the training rows, and nothing else)."""
+    tok = train_tokenizer(texts, vocab_size)
+    ids = torch.as_tensor(encode(tok, texts, max_tokens))
+    yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
+    n = len(texts)
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    n_val = max(1, n // HOLDOUT)
+    if n - n_val < 2:
+        raise InvalidInputError(f"{n} training rows are too few for a text model")
+    val, fit = torch.as_tensor(np.sort(perm[:n_val])), torch.as_tensor(np.sort(perm[n_val:]))
+    config = TextNetConfig(
+        arch, tok.get_vocab_size(), max_tokens, n_classes, embed=embed, width=width,
+        dropout=dropout,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # initialisation and dropout masks
+        net = build(config)
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        shuffle = torch.Generator().manual_seed(seed)
+        best = (math.inf, 0, copy.deepcopy(net.state_dict()))
+        history: list[dict[str, float]] = []
+        with _progress(progress, max_epochs, f"{arch} (max {max_epochs} epochs)") as cb:
+            for epoch in range(1, max_epochs + 1):
+                net.train()
+                order = fit[torch.randperm(len(fit), generator=shuffle)]
+                total = 0.0
+                for s in range(0, len(order), BATCH):
+                    b = order[s : s + BATCH]
+                    opt.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(net(ids[b]), yt[b])
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(b)
+                v_nll, v_acc = _val_nll(net, ids[val], yt[val])
+                history.append({"loss": total / len(fit), "val_nll": v_nll, "val_accuracy": v_acc})
+                if cb is not None:
+                    cb(epoch - 1, v_nll)
+                if v_nll < best[0]:
+                    best = (v_nll, epoch, copy.deepcopy(net.state_dict()))
+                elif epoch - best[1] >= PATIENCE:
+                    break
+    net.load_state_dict(best[2])
+    return TextFit(
+        net.eval(), tok, config, len(history), best[1], best[0], history, len(fit), n_val
+    )
+
+
+def mc_metrics(module: nn.Module, ids: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
+    """Accuracy and NLL of the MC predictive on held-out ids (the engine's sampler)."""
+    from service.engine.sampler import MCRequest, MCSampler
+
+    if len(ids) == 0:
+        return {}
+    sampler = MCSampler(copy.deepcopy(module), torch.as_tensor(ids[:2]), device="cpu")
+    logits = sampler.run([MCRequest(ids, METRIC_PASSES, seed)])[0]
+    p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), -1).mean(0).numpy()
+    p_true = np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)
+    return {
+        "accuracy": round(float((p.argmax(-1) == y).mean()), 6),
+        "nll": round(float(-np.log(p_true).mean()), 6),
+    }
+
+
+def write_text_csv(dest: Path, texts: list[str], targets: list[str]) -> None:
+    """`text,target` rows, quoted as needed (texts may hold commas, quotes and newlines)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["text", "target"])
+        w.writerows(zip(texts, targets, strict=True))
+
+
+def save_text_bundle(
+    result: TextFit,
+    example_ids: np.ndarray,
+    *,
+    out: Path,
+    name: str,
+    version: str,
+    labels: list[str],
+    target: str,
+    intended_use: str,
+    provenance: dict[str, Any],
+    metrics: dict[str, float],
+    fingerprints: dict[str, list[str]],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    return save(
+        result.module,
+        torch.as_tensor(example_ids[:4]),
+        out_dir=out,
+        name=name,
+        version=version,
+        task="classification",
+        intended_use=intended_use,
+        labels=labels,
+        target=target,
+        defaults=Defaults(samples=METRIC_PASSES, confidence=0.95, interval="gaussian"),
+        training=Training(provenance=provenance, metrics=metrics, row_fingerprints=fingerprints),
+        extra=extra,
+        tokenizer=result.tokenizer,
+        truncation="truncate",
+    )
+
+
+def provenance(table: TextTable, fit: TextFit, split: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {
+        "dataset": f"{table.path.name} (sha256 {table.sha256})",
+        "text_column": table.text_column,
+        "seed": seed,
+        "split": split,
+        "tokenizer": {
+            "type": "WordPiece, BertNormalizer(lowercase), BertPreTokenizer",
+            "fitted_on": "training rows only",
+            "vocabulary": fit.tokenizer.get_vocab_size(),
+        },
+        "hyperparameters": fit.config.describe()
+        | {
+            "optimizer": "Adam",
+            "batch_size": BATCH,
+            "early_stopping": f"lowest NLL on 1/{HOLDOUT} of the training rows, patience "
+            f"{PATIENCE}",
+            "fit_rows": fit.n_fit,
+            "validation_rows": fit.n_val,
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            "best_validation_nll": round(fit.best_val_nll, 6),
+        },
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def fingerprints(ids: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    return {k: row_fingerprint(ids[v]) for k, v in parts.items() if len(v)}
+
+
+def calibrate_text(
+    bundle: Path, texts: list[str], targets: list[str], repo: Path, name: str, seed: int
+) -> Any:
+    from service.calibration.recalibration import calibrate_bundle
+
+    with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
+        cal_csv = Path(tmp) / f"{name}-calibration.csv"
+        write_text_csv(cal_csv, texts, targets)
+        return calibrate_bundle(bundle, cal_csv, repo, seed=seed)

@@ -1,0 +1,126 @@
+"""The text branch of `python -m service train` (see `service.training.text` for the steps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from service.errors import InvalidInputError
+from service.training.text import (
+    calibrate_text,
+    fingerprints,
+    fit_text,
+    mc_metrics,
+    provenance,
+    save_text_bundle,
+)
+from service.training.text_data import encode, read_splits, read_text_table
+from service.training.text_nets import ARCHS, Arch
+
+CALIBRATION_FRACTION = 0.2
+
+
+def train_text(
+    *,
+    data: Path,
+    target: str,
+    text_column: str,
+    out: Path,
+    name: str,
+    version: str,
+    seed: int,
+    max_epochs: int,
+    progress: bool,
+    labels_given: list[str] | None,
+    arch: str,
+    splits: Path | None,
+    max_tokens: int,
+) -> Path:
+    """Train, save version `version`, calibrate into the next; returns the calibrated path."""
+    from service.training.cli import label_order  # cli imports this module lazily
+
+    if arch not in ARCHS:
+        raise InvalidInputError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
+    if not 8 <= max_tokens <= 4096:
+        raise InvalidInputError(f"--max-tokens {max_tokens}: use 8..4096 (e.g. 256)")
+    table = read_text_table(data, target, text_column)
+    n = len(table.texts)
+    if splits is not None:
+        parts = read_splits(splits, n)
+        how = f"{splits.name}: given train/calibration/test rows"
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+        n_cal = round(CALIBRATION_FRACTION * n)
+        parts = {"train": np.sort(perm[n_cal:]), "calibration": np.sort(perm[:n_cal])}
+        how = "numpy default_rng(seed).permutation, cut 80/20 (train/calibration)"
+    labels = label_order(table.values, labels_given, data, target)
+    if len(labels) < 2:
+        raise InvalidInputError(f"{data}: the target {target!r} has fewer than 2 classes")
+    how_order = "as --labels gives" if labels_given is not None else "set it with --labels"
+    typer.echo(f"classes in output order: {labels} ({how_order})", err=True)
+    index = {v: k for k, v in enumerate(labels)}
+    y = np.array([index[v] for v in table.values], dtype=np.int64)
+    tr, cal = parts["train"], parts["calibration"]
+    absent = sorted(set(range(len(labels))) - set(y[tr].tolist()))
+    if absent:
+        raise InvalidInputError(
+            f"{data}: classes {[labels[k] for k in absent]} have no training rows"
+        )
+    if progress:
+        typer.echo(
+            f"text column {text_column!r}: training on {len(tr)} rows ({len(cal)} kept for "
+            "calibration)",
+            err=True,
+        )
+    train_texts = [table.texts[i] for i in tr]  # the tokenizer sees these and nothing else
+    result = fit_text(
+        train_texts,
+        y[tr],
+        len(labels),
+        arch=arch_of(arch),
+        max_tokens=max_tokens,
+        seed=seed,
+        max_epochs=max_epochs,
+        progress=progress,
+    )
+    ids = encode(result.tokenizer, table.texts, max_tokens)
+    split_info = {"method": how} | {k: len(v) for k, v in parts.items()}
+    bundle = save_text_bundle(
+        result,
+        ids[tr],
+        out=out,
+        name=name,
+        version=version,
+        labels=labels,
+        target=target,
+        intended_use=f"trained from {data.name} by `python -m service train`; "
+        "not validated for clinical use",
+        provenance=provenance(table, result, split_info, seed)
+        | {"build_command": "python -m service train"},
+        metrics={
+            f"calibration_{k}": v
+            for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
+        },
+        fingerprints=fingerprints(ids, parts),
+    )
+    if progress:
+        typer.echo(
+            f"stopped after {result.epochs_run} epochs (best {result.best_epoch}); wrote "
+            f"{bundle}; calibrating on {len(cal)} rows",
+            err=True,
+        )
+    res = calibrate_text(
+        bundle, [table.texts[i] for i in cal], [labels[int(y[i])] for i in cal], out, name, seed
+    )
+    for w in res.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    return Path(res.path)
+
+
+def arch_of(arch: str) -> Arch:
+    for a in ARCHS:
+        if a == arch:
+            return a
+    raise InvalidInputError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")

@@ -1,0 +1,187 @@
+"""Text training data: a CSV with a text column and a label column, fixed splits, a tokenizer.
+
+The text column is `--text-column`, else detected: the one non-target column that is not
+numeric and whose values are long (median over 30 characters, with spaces). The tokenizer
+(WordPiece, lowercasing BERT normaliser) is trained on the training rows it is given and no
+others: the caller passes only training texts, and the tests check that a word seen only in
+calibration or test rows does not enter the vocabulary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInputError
+
+SPLITS = ("train", "calibration", "test")
+MIN_VOCAB, MAX_VOCAB = 256, 4000
+PAD, UNK = "[PAD]", "[UNK]"
+
+
+@dataclass(frozen=True)
+class TextTable:
+    path: Path
+    sha256: str
+    text_column: str
+    texts: list[str]
+    values: list[str]  # the target column, as written
+
+
+def _rows(path: Path) -> tuple[bytes, list[str], list[list[str]]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    # csv.reader on the whole text: quoted fields may hold newlines (abstracts often do).
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    if not rows:
+        raise InvalidInputError(f"{path}: empty file")
+    return raw, [h.strip() for h in rows[0]], rows[1:]
+
+
+def _numeric(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def detect_text_column(path: Path, target: str) -> str | None:
+    """The CSV's one long free-text column besides `target`, or None (a tabular CSV)."""
+    _, header, body = _rows(path)
+    found = []
+    for j, name in enumerate(header):
+        if name == target:
+            continue
+        values = [r[j] for r in body[:200] if j < len(r)]
+        if not values or all(_numeric(v) for v in values):
+            continue
+        if statistics.median(len(v) for v in values) > 30 and any(" " in v for v in values):
+            found.append(name)
+    if len(found) > 1:
+        raise InvalidInputError(
+            f"{path}: columns {found} all look like free text; name one with --text-column"
+        )
+    return found[0] if found else None
+
+
+def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
+    raw, header, body = _rows(path)
+    for col in (target, text_column):
+        if col not in header:
+            raise InvalidInputError(f"{path}: no column {col!r}; the columns are {header}")
+    if target == text_column:
+        raise InvalidInputError("--text-column and --target name the same column")
+    t, x = header.index(target), header.index(text_column)
+    texts, values = [], []
+    for i, r in enumerate(body):
+        if len(r) != len(header):
+            raise InvalidInputError(
+                f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
+            )
+        if not r[x].strip():
+            raise InvalidInputError(f"{path}: data row {i + 1}: the text {text_column!r} is empty")
+        texts.append(r[x])
+        values.append(r[t].strip())
+    if len(texts) < 10:
+        raise InvalidInputError(f"{path}: {len(texts)} data rows are too few to train on")
+    return TextTable(path, hashlib.sha256(raw).hexdigest(), text_column, texts, values)
+
+
+def read_splits(path: Path, n: int) -> dict[str, np.ndarray]:
+    """A CSV `row,split` (row: 0-based data row of the training CSV; split: train, calibration
+    or test) -> sorted row indices per split. Every row must be named exactly once."""
+    _, header, body = _rows(path)
+    if header[:2] != ["row", "split"]:
+        raise InvalidInputError(f"{path}: the header must be row,split (got {header})")
+    parts: dict[str, list[int]] = {s: [] for s in SPLITS}
+    seen = np.zeros(n, dtype=bool)
+    for i, r in enumerate(body):
+        try:
+            row, part = int(r[0]), r[1].strip()
+        except (ValueError, IndexError):
+            raise InvalidInputError(f"{path}: line {i + 2}: expected row,split, got {r}") from None
+        if part not in parts:
+            raise InvalidInputError(f"{path}: line {i + 2}: split {part!r} is not one of {SPLITS}")
+        if not 0 <= row < n or seen[row]:
+            what = "out of range" if not 0 <= row < n else "named twice"
+            raise InvalidInputError(f"{path}: line {i + 2}: row {row} is {what} (0..{n - 1})")
+        seen[row] = True
+        parts[part].append(row)
+    if not seen.all():
+        raise InvalidInputError(
+            f"{path}: {int((~seen).sum())} data rows have no split (first: row "
+            f"{int(np.flatnonzero(~seen)[0])}); name every row"
+        )
+    if not parts["train"] or not parts["calibration"]:
+        raise InvalidInputError(f"{path}: needs train and calibration rows")
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in parts.items()}
+
+
+def vocabulary_size(texts: list[str]) -> int:
+    """A thirtieth of the distinct lowercase words, within [MIN_VOCAB, MAX_VOCAB]: frequent words
+    stay whole, rare ones split into pieces that recur (about 1,000 for 1,741 medical abstracts;
+    1,000, 2,000 and 4,000 entries did about equally well there, docs/MODELS.md)."""
+    words = {w for t in texts for w in t.lower().split()}
+    return int(min(MAX_VOCAB, max(MIN_VOCAB, len(words) // 30)))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int | None = None) -> Any:
+    """A WordPiece tokenizer fitted on `texts` only ([PAD] = 0, [UNK] = 1), reproducibly.
+
+    The vocabulary is chosen here rather than by the library's WordPieceTrainer: that trainer
+    breaks ties between equally frequent merges in hash-map order, which changes from process to
+    process, so the same rows gave different vocabularies (and weights) in two runs. Here every
+    candidate piece is ranked by (frequency, then the piece itself): all characters (as first
+    and as continuation "##" pieces), then the most frequent whole words, word beginnings (3-10
+    characters) and "##" word endings (2-8 characters), frequencies weighted by how often each
+    word occurs. Encoding is WordPiece's greedy longest match, as for any WordPiece vocabulary.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece({PAD: 0, UNK: 1}, unk_token=UNK))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    size = vocab_size if vocab_size is not None else vocabulary_size(texts)
+    words: Counter[str] = Counter()
+    for t in texts:
+        norm = tok.normalizer.normalize_str(t)
+        words.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm))
+    chars: set[str] = set()
+    pieces: Counter[str] = Counter()
+    for w, n in words.items():
+        chars.add(w[0])
+        chars.update("##" + c for c in w[1:])
+        pieces[w] += n
+        for k in range(3, min(len(w) - 1, 10) + 1):
+            pieces[w[:k]] += n
+        for k in range(max(1, len(w) - 8), len(w) - 1):
+            pieces["##" + w[k:]] += n
+    base = [PAD, UNK, *sorted(chars)]
+    ranked = sorted((p for p in pieces if p not in chars), key=lambda p: (-pieces[p], p))
+    chosen = base + ranked[: max(0, size - len(base))]
+    tok.model = models.WordPiece({t: i for i, t in enumerate(chosen)}, unk_token=UNK)
+    return tok
+
+
+def encode(tok: Any, texts: list[str], max_tokens: int) -> np.ndarray:
+    """ids [N, max_tokens], padded with 0 and cut at max_tokens (as the service encodes)."""
+    ids = np.zeros((len(texts), max_tokens), dtype=np.int64)
+    for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=True)):
+        take = enc.ids[:max_tokens]
+        ids[i, : len(take)] = take
+    return ids

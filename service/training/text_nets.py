@@ -1,0 +1,103 @@
+"""The three text classifiers `train --arch` builds: small, CPU-trainable, dropout where each is
+normally trained with it (every site is sampled at serving time).
+
+- `textcnn` (Kim 2014): embedding, dropout 0.2, convolutions of widths 3/4/5, max over time,
+  dropout on the pooled features, linear.
+- `bilstm`: embedding with dropout, a two-layer bidirectional LSTM (dropout between its layers),
+  dropout on the last states, linear.
+- `transformer`: embedding + learned positions, two post-norm encoder layers (dropout 0.1 on
+  attention weights, residual branches and the feed-forward block), mean pooling over real
+  tokens, dropout, linear.
+
+All take token ids [B, L] padded with id `pad` and return logits [B, K].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Arch = Literal["textcnn", "bilstm", "transformer"]
+ARCHS: tuple[Arch, ...] = ("textcnn", "bilstm", "transformer")
+EMBEDDING_DROPOUT = 0.2  # TextCNN: on the embedded tokens (word dropout's softer cousin)
+
+
+@dataclass(frozen=True)
+class TextNetConfig:
+    arch: Arch
+    vocab: int
+    max_tokens: int
+    classes: int
+    pad: int = 0
+    embed: int = 64
+    width: int = 64  # filters per width (CNN), hidden per direction (LSTM), d_model (transformer)
+    dropout: float = 0.5
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TextCNN(nn.Module):
+    def __init__(self, c: TextNetConfig) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(c.vocab, c.embed, padding_idx=c.pad)
+        self.emb_drop = nn.Dropout(EMBEDDING_DROPOUT)
+        self.convs = nn.ModuleList(nn.Conv1d(c.embed, c.width, k) for k in (3, 4, 5))
+        self.drop = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(3 * c.width, c.classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb_drop(self.emb(tokens)).transpose(1, 2)
+        pooled = [torch.relu(conv(x)).amax(dim=2) for conv in self.convs]
+        return self.fc(self.drop(torch.cat(pooled, 1)))
+
+
+class BiLSTM(nn.Module):
+    def __init__(self, c: TextNetConfig) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(c.vocab, c.embed, padding_idx=c.pad)
+        self.emb_drop = nn.Dropout(min(c.dropout, 0.3))
+        self.rnn = nn.LSTM(
+            c.embed, c.width, num_layers=2, dropout=min(c.dropout, 0.3), batch_first=True,
+            bidirectional=True,
+        )  # fmt: skip
+        self.drop = nn.Dropout(c.dropout)
+        self.fc = nn.Linear(2 * c.width, c.classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.rnn(self.emb_drop(self.emb(tokens)))
+        return self.fc(self.drop(torch.cat([h[-2], h[-1]], dim=1)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, c: TextNetConfig) -> None:
+        super().__init__()
+        self.pad = c.pad
+        self.emb = nn.Embedding(c.vocab, c.width, padding_idx=c.pad)
+        self.pos = nn.Embedding(c.max_tokens, c.width)
+        layer = nn.TransformerEncoderLayer(
+            c.width, 4, 2 * c.width, dropout=min(c.dropout, 0.1), batch_first=True
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.drop = nn.Dropout(min(c.dropout, 0.1))
+        self.fc = nn.Linear(c.width, c.classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens.eq(self.pad)
+        positions = torch.arange(tokens.size(1), device=tokens.device)
+        x = self.enc(self.emb(tokens) + self.pos(positions), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        return self.fc(self.drop(pooled))
+
+
+def build(c: TextNetConfig) -> nn.Module:
+    """A freshly initialised network (uses the global torch generator: seed it first)."""
+    if c.arch == "textcnn":
+        return TextCNN(c)
+    if c.arch == "bilstm":
+        return BiLSTM(c)
+    return Transformer(c)

@@ -24,7 +24,12 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
         assert len(compute) == 1  # the compute process (no audit writer here)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             models = {m["name"]: m["ready"] for m in c.get("/v1/models").json()["models"]}
-            assert models == {"breast-cancer": True, "diabetes": True, "digits": True}
+            assert models == {
+                "breast-cancer": True,
+                "diabetes": True,
+                "digits": True,
+                "medical-abstracts": True,
+            }
             bc = c.post(
                 "/v1/models/breast-cancer:predict",
                 json={

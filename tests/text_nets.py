@@ -119,16 +119,11 @@ def token_batch(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def wordpiece(texts: list[str]) -> Any:
-    """A WordPiece tokenizer trained here on `texts` (no hub), at most VOCAB entries."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A WordPiece tokenizer fitted here on `texts` (no hub), at most VOCAB entries, the same in
+    every process (service.training's trainer: the library's breaks ties in hash-map order)."""
+    from service.training.text_data import train_tokenizer
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]"])
-    )
-    return tok
+    return train_tokenizer(texts, vocab_size=VOCAB)
 
 
 CORPUS = [

@@ -47,8 +47,12 @@ def _write(path: Path, rows: list[tuple[str, str]]) -> Path:
 def test_calibrate_and_evaluate_take_text_csvs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     repo = tmp_path / "repo"
+    net = TextCNN().eval()
+    with torch.no_grad():  # a head that says "a" whatever the masks: the hand case below holds
+        net.fc.weight.mul_(0.01)
+        net.fc.bias.copy_(torch.tensor([8.0, 0.0, -8.0]))
     save(
-        TextCNN().eval(), token_batch(), out_dir=repo, name="notes", version="1",
+        net, token_batch(), out_dir=repo, name="notes", version="1",
         task="classification", intended_use="tests", labels=["a", "b", "c"],
         tokenizer=wordpiece(CORPUS),
     )  # fmt: skip
@@ -78,6 +82,6 @@ def test_calibrate_and_evaluate_take_text_csvs(tmp_path: Path) -> None:
     # Each text's two rows: a prediction of "a" or "b" is right on both read leniently, on one
     # strictly; a prediction of "c" is wrong on both either way.
     strict = n["served"]["accuracy"]
-    assert le["accuracy"] == pytest.approx(2 * strict)
+    assert strict == pytest.approx(0.5) and le["accuracy"] == pytest.approx(1.0)
     assert "variation_ratio" in n["error_detection_auroc"]
     assert "macro-F1" in (out / "report.md").read_text()

@@ -68,6 +68,8 @@ class ExplicitAttention(nn.Module):
         attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        if is_causal and attn_mask is None:  # torch refuses the hint alone too
+            raise ModelError("is_causal needs the causal mask itself: pass it as attn_mask")
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, length, _ = query.shape

@@ -349,3 +349,26 @@ def test_a_crafted_tokenizer_is_refused_at_load(
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/tokenizer.json: {message}")
+
+
+def test_a_causal_hint_without_its_mask_is_refused(tmp_path: Path) -> None:
+    """Attention told `is_causal=True` but given no mask would attend to the future silently;
+    refused at packaging, as torch refuses it."""
+
+    class Causal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 16)
+            self.attn = nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            x = self.emb(tokens)
+            out, _ = self.attn(x, x, x, need_weights=False, is_causal=True)
+            return self.fc(out.mean(dim=1))
+
+    with pytest.raises(ModelError, match="is_causal needs the causal mask itself"):
+        save(
+            Causal().eval(), token_batch(), out_dir=tmp_path, name="c", version="1",
+            task="classification", intended_use="t", labels=["a", "b"],
+        )  # fmt: skip

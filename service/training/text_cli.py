@@ -39,7 +39,7 @@ def train_text(
     max_tokens: int,
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
-    from service.training.cli import label_order  # cli imports this module lazily
+    from service.training.table import label_order
 
     if arch not in ARCHS:
         raise InvalidInputError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")

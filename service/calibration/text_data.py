@@ -37,22 +37,27 @@ def _text_column(header: list[str], target: str, path: Path) -> str:
     return others[0]
 
 
-def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: Any) -> Labelled:
-    spec = manifest.inputs.text
-    if spec is None or tokenizer is None:
-        raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
+def csv_rows(path: Path) -> tuple[bytes, list[str], list[list[str]]]:
+    """(the file's bytes, its header, its non-empty rows) of a UTF-8 CSV of texts."""
     raw = path.read_bytes()
     try:
-        decoded = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidInputError(
             f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    # The whole text to csv.reader: quoted texts may hold newlines.
-    rows = [r for r in csv.reader(io.StringIO(decoded, newline="")) if r]
+    # csv.reader on the whole text: quoted fields may hold newlines (abstracts often do).
+    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
     if not rows:
         raise InvalidInputError(f"{path}: empty file")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    return raw, [h.strip() for h in rows[0]], rows[1:]
+
+
+def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: Any) -> Labelled:
+    spec = manifest.inputs.text
+    if spec is None or tokenizer is None:
+        raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
+    raw, header, body = csv_rows(path)
     t_name = _target_column(header, manifest, target, path)
     if t_name not in header:
         raise InvalidInputError(

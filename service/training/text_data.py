@@ -9,9 +9,7 @@ calibration or test rows does not enter the vocabulary.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from service.calibration.text_data import csv_rows
 from service.errors import InvalidInputError
 
 SPLITS = ("train", "calibration", "test")
@@ -35,21 +34,6 @@ class TextTable:
     values: list[str]  # the target column, as written
 
 
-def _rows(path: Path) -> tuple[bytes, list[str], list[list[str]]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    # csv.reader on the whole text: quoted fields may hold newlines (abstracts often do).
-    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
-    if not rows:
-        raise InvalidInputError(f"{path}: empty file")
-    return raw, [h.strip() for h in rows[0]], rows[1:]
-
-
 def _numeric(v: str) -> bool:
     try:
         float(v)
@@ -60,7 +44,7 @@ def _numeric(v: str) -> bool:
 
 def detect_text_column(path: Path, target: str) -> str | None:
     """The CSV's one long free-text column besides `target`, or None (a tabular CSV)."""
-    _, header, body = _rows(path)
+    _, header, body = csv_rows(path)
     found = []
     for j, name in enumerate(header):
         if name == target:
@@ -78,7 +62,7 @@ def detect_text_column(path: Path, target: str) -> str | None:
 
 
 def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
-    raw, header, body = _rows(path)
+    raw, header, body = csv_rows(path)
     for col in (target, text_column):
         if col not in header:
             raise InvalidInputError(f"{path}: no column {col!r}; the columns are {header}")
@@ -103,7 +87,7 @@ def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
 def read_splits(path: Path, n: int) -> dict[str, np.ndarray]:
     """A CSV `row,split` (row: 0-based data row of the training CSV; split: train, calibration
     or test) -> sorted row indices per split. Every row must be named exactly once."""
-    _, header, body = _rows(path)
+    _, header, body = csv_rows(path)
     if header[:2] != ["row", "split"]:
         raise InvalidInputError(f"{path}: the header must be row,split (got {header})")
     parts: dict[str, list[int]] = {s: [] for s in SPLITS}

@@ -105,6 +105,10 @@ class FhirSearch:
             bundle = await self._get(url)
             if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
                 raise SearchFailed(f"the answer is {_name(bundle)}, not a searchset Bundle")
+            entries_here = bundle.get("entry") or []
+            if isinstance(entries_here, list) and len(entries_here) > lim.max_entries:
+                # refused before the costly checks
+                raise SearchFailed(f"a page holds over {lim.max_entries} entries", "too-costly")
             self._check(bundle, kind)
             if page == 1:
                 total = bundle.get("total")
@@ -154,12 +158,17 @@ class FhirSearch:
 
     def _check(self, res: Json, kind: str) -> None:
         """Valid FHIR, of the kind searched for, about this patient (else SearchFailed)."""
-        inner = [e.get("resource") for e in res.get("entry") or []] if "entry" in res else []
+        entries = res.get("entry") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SearchFailed(f"{_name(res)}: entry is not an array of objects", "structure")
+        inner = [e.get("resource") for e in entries]
         shell = res
         if inner:
-            shell = res | {"entry": [_drop(e, "resource") for e in res["entry"]]}
+            shell = res | {
+                "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]
+            }
         _validate(shell, _name(res))
-        for e, r in zip(res.get("entry") or [], inner, strict=True):
+        for e, r in zip(entries, inner, strict=True):
             if r is None:
                 continue
             if not isinstance(r, dict):
@@ -282,7 +291,3 @@ def _name(res: Any) -> str:
 def _where(url: str) -> str:
     p = urlsplit(url)
     return p.netloc or "nowhere"
-
-
-def _drop(d: Any, key: str) -> Any:
-    return {k: v for k, v in d.items() if k != key} if isinstance(d, dict) else d

@@ -10,6 +10,7 @@ and broken variants. A second server on another port stands for "another host".
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -19,9 +20,9 @@ import pytest
 from cds_client import ISS, Signer, auth
 from fastapi import FastAPI
 from fhir_ehr import PID, breast_prefetch, breast_rows, diabetes_store, hook_call, patient
-from fhir_server import ENDLESS, GOOD, READ_PATIENT_ONLY, FhirServer, serving
+from fhir_server import ENDLESS, GOOD, READ_PATIENT_ONLY, FhirServer, outcome, serving
 
-from service.clinical.search import FhirSearch, Limits
+from service.clinical.search import FhirSearch, Limits, SearchFailed
 from service.settings import CdsIssuer
 
 DIABETES = "/cds-services/diabetes-progression"
@@ -259,3 +260,53 @@ async def test_nothing_is_sent_where_it_is_not_allowed(
 def test_only_the_servers_own_urls_are_followed(url: str, owned: bool) -> None:
     server = FhirSearch(httpx.AsyncClient(), "https://ehr.example/fhir/", PID, Limits())
     assert server.owns(url) is owned
+
+
+def one(status: int, body: Any, media: str = "application/fhir+json") -> FhirSearch:
+    """The search client against a server that answers every request with `body`."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.Response(status, content=raw, headers={"Content-Type": media})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    return FhirSearch(client, "https://ehr.example/fhir", PID, Limits(max_entries=3))
+
+
+QUERY = f"Observation?patient={PID}&code=http://loinc.org|2085-9&_count=1"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "media", "said", "code"),
+    [
+        (500, outcome("exception", "Database down"), "application/fhir+json",
+         "HTTP 500 (the server said: Database down)", "transient"),
+        (401, b"<html>Unauthorized</html>", "text/html",
+         "HTTP 401: the FHIR server refused the access token (expired or revoked)", "login"),
+        (200, b"<html>Sign in</html>", "text/html", "the answer is text/html, not FHIR JSON",
+         "structure"),
+        (200, outcome("too-costly", "Search too broad"), "application/fhir+json",
+         "the server answered an OperationOutcome (the server said: Search too broad)",
+         "processing"),
+        (200, {"resourceType": "Bundle", "type": "searchset", "entry": "x"},
+         "application/json", "a Bundle: entry is not an array of objects", "structure"),
+        (200, {"resourceType": "Bundle", "type": "searchset", "entry": [{}] * 4},
+         "application/json", "a page holds over 3 entries", "too-costly"),
+        (200, {"resourceType": "Bundle", "type": "searchset",
+               "entry": [{"resource": patient("someone-else")}]},
+         "application/json", "a search for Observation gave Patient/someone-else", "processing"),
+    ],
+)  # fmt: skip
+async def test_what_a_search_refuses(
+    status: int, body: Any, media: str, said: str, code: str
+) -> None:
+    with pytest.raises(SearchFailed) as caught:
+        await one(status, body, media).run(QUERY)
+    assert str(caught.value) == said and caught.value.code == code
+
+
+async def test_an_observation_of_another_patient_is_refused() -> None:
+    obs = diabetes_store(datetime.now(UTC), pid="p2")[1]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}]}
+    with pytest.raises(SearchFailed, match="Observation/bmi-1 is about another patient"):
+        await one(200, bundle).run(QUERY)

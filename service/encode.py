@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
 from service.engine.prediction import source
+from service.engine.referral import Referral
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.calibration import metrics
-from service.calibration.data import Labelled, overlaps
+from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
 from service.engine.model import IntervalMethod, PredictParams, ServedModel
 from service.engine.referral import Referral

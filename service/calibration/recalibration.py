@@ -29,7 +29,8 @@ from service.bundle.manifest import (
     TargetReferral,
 )
 from service.calibration import temperature
-from service.calibration.data import Labelled, overlaps, read
+from service.calibration.data import read
+from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
 from service.engine.model import ServedModel
 from service.engine.referral import budget_threshold, outside_training, relative_width

@@ -1,4 +1,7 @@
-"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API."""
+"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API.
+
+Below `api/` and `audit/`: the audit record keeps exactly the JSON the native route answers.
+"""
 
 from __future__ import annotations
 

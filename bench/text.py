@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from bench.common import machine, median, now, timed
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.engine import MCRequest
 from service.engine.model import ServedModel
+from service.packaging import save
 
 T = 20
 VOCAB, PAD = 8000, 0

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from service.audit.cli import app as audit_app
-from service.packaging import package
+from service.packaging.cli import package
 from service.training.cli import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
@@ -105,9 +105,9 @@ def predict(
     version: Annotated[str | None, typer.Option(help="model version")] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
-    from service.api.encode import response
     from service.api.native import to_params
     from service.api.schemas import PredictParameters
+    from service.encode import response
     from service.engine import adaptive
     from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array
@@ -186,8 +186,8 @@ def calibrate(
     ] = None,
 ) -> None:
     """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
-    from service.calibration.conformal import quantile
     from service.calibration.recalibration import calibrate_bundle
+    from service.engine.conformal import quantile
     from service.errors import McServeError
 
     try:

@@ -136,7 +136,7 @@ CORPUS = [
 
 def save_text_model(out_dir: Any, name: str = "notes", intended_use: str = "tests only") -> Any:
     """A small TextCNN with a WordPiece tokenizer trained on CORPUS, saved as <name>/1."""
-    from service.bundle import save
+    from service.packaging import save
 
     torch.manual_seed(0)
     return save(

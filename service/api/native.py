@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from service.api import audit, examples
 from service.api.auth import allowed_models
-from service.api.encode import response_json
 from service.api.schemas import (
     ErrorBody,
     ModelList,
@@ -26,6 +25,7 @@ from service.api.schemas import (
 )
 from service.api.state import AppState
 from service.clinical import fhir
+from service.encode import response_json
 from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
 from service.engine.model import (

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import conformal, metrics
-from service.calibration.data import Labelled, overlaps
-from service.calibration.referral import Referral
-from service.engine import heads
+from service.calibration import metrics
+from service.calibration.labelled import Labelled, overlaps
+from service.engine import conformal, heads
 from service.engine.model import IntervalMethod, PredictParams, ServedModel
+from service.engine.referral import Referral
 from service.engine.sampler import MCRequest
 from service.engine.summaries import (
     ClassificationSummary,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.prediction import split
 from service.engine.sampler import MCRequest
-from service.engine.slicing import split
 
 log = logging.getLogger("mcserve.batcher")
 Outcome = Prediction | BaseException

@@ -14,8 +14,8 @@ import torch
 
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
-from service.calibration.calibrator import Calibrator
 from service.engine import heads
+from service.engine.calibrator import Calibrator
 from service.engine.device import describe
 from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.engine import adaptive
 from service.engine.adaptive import Adaptive
 from service.engine.model import PredictParams, ServedModel
 from service.errors import InvalidInputError
+from service.packaging import save
 
 
 def _coin() -> nn.Module:

@@ -1,4 +1,7 @@
-"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API."""
+"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API.
+
+Below `api/` and `audit/`: the audit record keeps exactly the JSON the native route answers.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
 from service.engine.prediction import source
+from service.engine.referral import Referral
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 

@@ -1,8 +1,7 @@
-"""Package a user's `nn.Module` into a code-free bundle directory."""
+"""Package a user's `nn.Module` into a code-free bundle directory (checked with the engine)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.bundle.architecture import describe, rebuild
+from service.bundle.fingerprint import sha256_file
 from service.bundle.manifest import (
     MANIFEST_NAME,
     Aleatoric,
@@ -30,24 +30,16 @@ from service.bundle.manifest import (
 )
 from service.bundle.sequence import explicit
 from service.bundle.tokenizer import check_tokenizer_json
-from service.bundle.tracer import trace_with_shapes
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
 from service.errors import BundleError, ModelError
+from service.packaging.tracer import trace_with_shapes
 
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(

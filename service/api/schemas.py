@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 Passes = Annotated[int, Field(ge=2, strict=True)]
+
+
+def _or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """samples: "auto", or a whole number checked as before (a plain union would name its
+    branches in every error's location: parameters.samples.constrained-int)."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise PydanticCustomError("int_or_auto", 'Input should be a valid integer or "auto"')
+    return handler(value)
+
+
+if TYPE_CHECKING:
+    Samples = int | Literal["auto"]
+else:
+    Samples = Annotated[
+        Passes,
+        WrapValidator(_or_auto),
+        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 2}, {"const": "auto"}]}),
+    ]
 # samples="auto" (service.engine.adaptive): passes double from 32 until the answer is sure.
 AUTO_SAMPLES = (
     "MC passes, or auto (adaptive: until the answer's decisions are sure); default: the model's"
@@ -23,7 +52,7 @@ AUTO_TOLERANCE = (
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    samples: Passes | Literal["auto"] | None = Field(default=None, description=AUTO_SAMPLES)
+    samples: Samples | None = Field(default=None, description=AUTO_SAMPLES)
     max_samples: Passes | None = Field(default=None, description=AUTO_MAX)
     tolerance: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, strict=True, description=AUTO_TOLERANCE

@@ -109,7 +109,6 @@ def predict(
     from service.api.schemas import PredictParameters
     from service.encode import response
     from service.engine import adaptive
-    from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array
     from service.engine.registry import Registry
     from service.engine.text import encode_texts
@@ -135,7 +134,8 @@ def predict(
         served = reg.get(model, version)
         params = to_params(
             PredictParameters(
-                samples=None if auto or samples is None else int(samples),
+                samples="auto" if auto else None if samples is None else int(samples),
+                tolerance=tolerance if auto else None,
                 seed=seed,
                 confidence=confidence,
                 mode=mode,  # type: ignore[arg-type]
@@ -150,9 +150,8 @@ def predict(
             x, notes = batch.ids, batch.notes()
         else:
             x = to_array([value], spec, settings.max_instances)
-        if auto and params.mode == "mc":
-            budget = Adaptive(max_samples=settings.max_samples, tolerance=tolerance)
-            pred = adaptive.run(served, [x], [params], budget)[0]
+        if params.auto is not None:
+            pred = adaptive.run(served, [x], [params], params.auto)[0]
         else:
             pred = served.predict(x, params)
         pred.input_notes = notes

@@ -200,6 +200,8 @@ def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
     rows = predictions(model, pred)
     if pred.input_notes is not None:  # copies: the row dicts may be shared by a group
         rows = [{**row, **note} for row, note in zip(rows, pred.input_notes, strict=True)]
+    if pred.adaptive:  # samples=auto: the passes each input's answer used (copies, as above)
+        rows = [{**row, "passes_used": pred.samples} for row in rows]
     return {
         "predictions": rows,
         "model": {"name": model.name, "version": model.version, "digest": model.digest},

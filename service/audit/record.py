@@ -133,7 +133,7 @@ def message(e: Event) -> Message:
         )
     pred, p, m = e.prediction, e.params, e.model
     params = {
-        "samples": p.samples,
+        "samples": pred.samples if pred.samples is not None else p.samples,  # auto: used
         "confidence": list(p.confidence),
         "seed": pred.seed,  # the seed used: given by the client, or drawn and reported
         "seed_given": p.seed is not None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.engine import compute
-from service.engine.compute import Outcome, Work
+from service.engine.compute import More, Outcome, Work
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.worker import ComputeProcess
@@ -52,6 +53,7 @@ class BatcherStats:
     rejected: int = 0  # queue full (429)
     expired: int = 0  # deadline passed before compute (504)
     cancelled: int = 0  # client gone before compute
+    requeued: int = 0  # adaptive chunks queued again (samples="auto")
     batches: int = 0
     batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
     queue_rows: int = 0
@@ -166,10 +168,11 @@ class Batcher:
         self.model.check_params(params)
         req = self.model.mc_request(x, params) if params.mode == "mc" else None
         rows = req.rows if req is not None else int(x.shape[0])
-        if rows > self.max_queue_rows:
+        most = rows if params.auto is None else int(x.shape[0]) * params.auto.max_samples
+        if most > self.max_queue_rows:
             raise PayloadTooLargeError(
-                f"the request needs {rows} rows (instances x samples), more than the queue holds "
-                f"({self.max_queue_rows}); send fewer instances or samples"
+                f"the request may need {most} rows (instances x samples), more than the queue "
+                f"holds ({self.max_queue_rows}); send fewer instances or samples (max_samples)"
             )
         if self.stats.queue_rows + rows > self.max_queue_rows:
             self.stats.rejected += 1
@@ -267,6 +270,9 @@ class Batcher:
             self.stats.queue_rows -= item.rows
             if item.future.done():
                 continue
+            if isinstance(res, More):
+                self._again(item, res.samples)
+                continue
             if isinstance(res, BaseException):
                 self.stats.failed += 1
                 item.future.set_exception(res)
@@ -279,6 +285,28 @@ class Batcher:
             _observe(self.on_result, res, int(item.x.shape[0]))
             self.stats.completed += 1
             item.future.set_result(res)
+
+    def _again(self, item: _Item, samples: int) -> None:
+        """Queue an unsettled adaptive request again, with more passes, at the back.
+
+        Why chunk by chunk through the queue rather than all chunks in one compute call: a hard
+        input runs up to max_samples passes (1,000 by default), 30 times a first chunk; in one
+        call it would hold its batch's slot, and every request behind it, for all of them. Back
+        in the queue, the requests that arrived meanwhile go first, and each chunk shares its
+        forward with them. It stays stateless: a chunk starts again at pass 0 (masks are a
+        function of seed and pass, so its first passes are the last chunk's, bit for bit) and
+        nothing is kept between chunks but the seed; doubling keeps the repeated work under
+        the final pass count. Admitted once, it is not refused for queue room later; its
+        deadline still holds (504), and a client that goes away drops it.
+        """
+        assert item.req is not None
+        item.params = dataclasses.replace(item.params, samples=samples)
+        item.req = dataclasses.replace(item.req, samples=samples)
+        item.rows = item.req.rows
+        self.stats.queue_rows += item.rows
+        self.stats.requeued += 1
+        self._queue.append(item)
+        self._wakeup.set()
 
     def _screen(self, batch: list[_Item]) -> tuple[list[Outcome | None], list[int]]:
         """Drop what expired or lost its client while it waited for the device: (answers so

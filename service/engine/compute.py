@@ -13,12 +13,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine import adaptive
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.prediction import split
 from service.engine.sampler import MCRequest
 
 log = logging.getLogger("mcserve.batcher")
-Outcome = Prediction | BaseException
+
+
+@dataclass(frozen=True)
+class More:
+    """An adaptive request (samples="auto") that is not settled yet: queue it again with
+    `samples` passes (its seed unchanged, so the next chunk repeats these passes and adds more)."""
+
+    samples: int
+
+
+Outcome = Prediction | BaseException | More
 
 
 @dataclass(frozen=True)
@@ -47,11 +58,16 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
         for (k, w), smp in zip(mc, samples, strict=True):
             if isinstance(smp, BaseException):
                 out[k] = smp
+                continue
+            more = _more(model, smp, w)
+            if more is not None:
+                out[k] = more
             else:
                 good.append((k, w, smp))
         for group in _groups(model, good):
             for k, res in _summarize_group(model, group):
-                out[k] = res
+                auto = works[k].params.auto
+                out[k] = adaptive.mark(res, auto) if auto and isinstance(res, Prediction) else res
     for k, w in enumerate(works):
         if w.req is None:
             try:
@@ -59,6 +75,18 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
             except Exception as exc:
                 out[k] = exc
     return [o if o is not None else RuntimeError("no result") for o in out]
+
+
+def _more(model: ServedModel, samples: np.ndarray, w: Work) -> Outcome | None:
+    """An adaptive request's next step: None when done (its answer is this chunk's, summarised
+    like any fixed request at these passes), else More or its failure."""
+    if w.params.auto is None:
+        return None
+    try:
+        more = adaptive.next_passes(model, samples, w.params, w.params.auto)
+    except Exception as exc:  # delivered to this request's future only
+        return exc
+    return More(more) if more is not None else None
 
 
 def warm(model: ServedModel) -> None:

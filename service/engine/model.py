@@ -7,7 +7,7 @@ import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from service.engine.summaries import (
 )
 from service.errors import BundleError, InvalidInputError
 
+if TYPE_CHECKING:
+    from service.engine.adaptive import Adaptive
+
 IntervalMethod = Literal["gaussian", "quantile", "conformal"]
 
 
@@ -40,6 +43,8 @@ class PredictParams:
     seed: int | None = None
     mode: Mode = "mc"
     interval: IntervalMethod = "gaussian"
+    # samples="auto": `samples` is the pass count of the next chunk (adaptive.py)
+    auto: Adaptive | None = None
 
 
 # Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per

@@ -64,6 +64,8 @@ class Prediction:
     timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
     # Text models: per input, what tokenization did ({"tokens": n, "truncated": bool}).
     input_notes: list[dict[str, Any]] | None = None
+    # samples="auto": the passes (`samples`) were chosen per request until its answer was sure.
+    adaptive: bool = False
     # Encodings made by adapters, kept so that the answer and its audit record encode it once.
     encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

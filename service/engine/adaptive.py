@@ -146,7 +146,7 @@ def run(
     while len(done) < len(xs):
         todo = [i for i in range(len(xs)) if i not in done]
         reqs = [MCRequest(xs[i], passes[i], seeds[i]) for i in todo]
-        for i, out in zip(todo, model.sampler.run(reqs), strict=True):
+        for i, out in zip(todo, model.sample(reqs), strict=True):
             if passes[i] >= a.max_samples or settled(model, out, params[i], a.tolerance):
                 done[i] = (out, passes[i])
             else:

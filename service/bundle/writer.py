@@ -178,7 +178,11 @@ def save(
         (dest / TOKENIZER_FILE).write_bytes(raw)
         roles_extra = ((TOKENIZER_FILE, "tokenizer"),)
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
-    export_onnx(rebuilt, example, dest / ONNX_FILE, dynamic_length=lengths is not None)
+    # The exporter fixes a recurrent layer's length whatever it is asked (measured: an LSTM's
+    # graph came out static, 5 s slower): such a model's deterministic path runs torch per bucket.
+    recurrent = any(isinstance(m, nn.LSTM | nn.GRU) for m in rebuilt.modules())
+    dynamic = lengths is not None and not recurrent
+    export_onnx(rebuilt, example, dest / ONNX_FILE, dynamic_length=dynamic)
     for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
         (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
     roles: tuple[tuple[str, Literal["architecture", "weights", "onnx", "tokenizer"]], ...] = (

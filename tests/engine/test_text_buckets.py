@@ -113,7 +113,7 @@ def test_a_short_text_runs_at_its_own_bucket_in_a_batch_of_long_ones(
 ) -> None:
     model = served["transformer"]
     seen: list[tuple[int, ...]] = []
-    for n, sampler in model.samplers.items():
+    for sampler in model.samplers.values():
         run = sampler.run
 
         def spy(reqs: list[MCRequest], run: object = run) -> list[np.ndarray]:

@@ -250,7 +250,7 @@ def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0
             "(multi-output evaluation is not implemented yet)"
         )
     req = MCRequest(data.x, samples, seed)
-    out = served.sampler.run([req])[0]  # [T, N, outputs]
+    out = served.sample([req])[0]  # [T, N, outputs]
     y = data.y
     ev = (
         _classification(served, out, req, y, data.groups)

@@ -66,7 +66,7 @@ def _fit(
     one_se: bool,
 ) -> tuple[Calibration, ReferralPolicy]:
     m = served.manifest
-    out = served.sampler.run([MCRequest(data.x, samples, seed)])[0]  # [T, N, outputs]
+    out = served.sample([MCRequest(data.x, samples, seed)])[0]  # [T, N, outputs]
     level = m.defaults.confidence
     fps = data.fingerprints()
     policy_base = m.referral or ReferralPolicy()

@@ -146,7 +146,7 @@ def run(
     while len(done) < len(xs):
         todo = [i for i in range(len(xs)) if i not in done]
         reqs = [MCRequest(xs[i], passes[i], seeds[i]) for i in todo]
-        for i, out in zip(todo, model.sampler.run(reqs), strict=True):
+        for i, out in zip(todo, model.sample(reqs), strict=True):
             more = next_passes(model, out, params[i], a)
             if more is None:
                 done[i] = (out, passes[i])

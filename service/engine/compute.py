@@ -50,7 +50,7 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
         reqs = [w.req for _, w in mc if w.req is not None]
         samples: list[np.ndarray | BaseException]
         try:
-            samples = list(model.sampler.run(reqs))
+            samples = list(model.sample(reqs))
         except Exception:
             # Isolate the failure: rerun one by one so only the bad request fails.
             samples = [_one(model, r) for r in reqs]
@@ -92,6 +92,11 @@ def _more(model: ServedModel, samples: np.ndarray, w: Work) -> Outcome | None:
 def warm(model: ServedModel) -> None:
     """One MC and one deterministic call: first-call costs never land on a client."""
     x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
+    if model.buckets is not None:  # one text per length bucket, each filling it
+        pad = model.buckets.pad_id
+        x = np.full((len(model.buckets.lengths), model.buckets.max_tokens), pad, dtype=np.int64)
+        for i, n in enumerate(model.buckets.lengths):
+            x[i, :n] = 1 if pad != 1 else 2
     samples = model.manifest.defaults.samples
     model.predict(x, PredictParams(samples=samples, confidence=(0.9,), seed=0))
     model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))
@@ -99,7 +104,7 @@ def warm(model: ServedModel) -> None:
 
 def _one(model: ServedModel, req: MCRequest) -> np.ndarray | BaseException:
     try:
-        return model.sampler.run([req])[0]
+        return model.sample([req])[0]
     except Exception as exc:
         return exc
 

@@ -17,8 +17,8 @@ from nets import coin_net
 from server import Server, serve
 from tritonclient.utils import InferenceServerException
 
-from service.bundle import save
 from service.engine.summaries import min_samples_for_quantile
+from service.packaging import save
 
 pytestmark = pytest.mark.slow
 EASY, HARD, MAX = [10.0], [0.0], 256

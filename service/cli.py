@@ -105,9 +105,8 @@ def predict(
     version: Annotated[str | None, typer.Option(help="model version")] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
+    from service.api.common.parameters import PredictParameters, to_params
     from service.api.encode import response
-    from service.api.native import to_params
-    from service.api.schemas import PredictParameters
     from service.engine import adaptive
     from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array

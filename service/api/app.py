@@ -19,18 +19,19 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import audit, docs, errors
-from service.api.auth import ApiKeyGuard
-from service.api.cds import router as cds_router
+from service.api.cds.routes import router as cds_router
+from service.api.common import audit, errors
+from service.api.common.auth import ApiKeyGuard
+from service.api.common.call import json_response
+from service.api.common.lifecycle import ModelControl
+from service.api.common.middleware import RequestContext
+from service.api.common.schemas import Health
+from service.api.common.state import AppState
 from service.api.fastpath import ROUTE_KEY, PredictionRoutes, route_of
-from service.api.lifecycle import ModelControl
-from service.api.middleware import RequestContext
-from service.api.native import json_response
-from service.api.native import router as native_router
-from service.api.repository import router as repository_router
-from service.api.schemas import Health
-from service.api.state import AppState
-from service.api.v2 import router as v2_router
+from service.api.native.routes import router as native_router
+from service.api.oip.repository import router as repository_router
+from service.api.oip.routes import router as v2_router
+from service.api.pages import docs
 from service.engine.device import configure_threads
 from service.engine.registry import ModelFactory, Registry
 from service.engine.worker import ComputeProcess, WorkerSpec

@@ -24,14 +24,16 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import errors
-from service.api.middleware import BodyTooLarge
-from service.api.native import SUBJECT_PATTERN, off_loop, predict_with, state
-from service.api.native import router as native_router
-from service.api.schemas import PredictRequest
-from service.api.v2 import infer_with
-from service.api.v2 import router as v2_router
-from service.api.v2_binary import HEADER
+from service.api.common import errors
+from service.api.common.call import off_loop, state
+from service.api.common.middleware import BodyTooLarge
+from service.api.native.predict import predict_with
+from service.api.native.routes import SUBJECT_PATTERN
+from service.api.native.routes import router as native_router
+from service.api.native.schemas import PredictRequest
+from service.api.oip.binary import HEADER
+from service.api.oip.routes import infer_with
+from service.api.oip.routes import router as v2_router
 from service.engine.inputs import check_size
 from service.errors import (
     InvalidInputError,

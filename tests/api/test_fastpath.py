@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
 
 from service.api import fastpath
-from service.api.v2_binary import HEADER
+from service.api.oip.binary import HEADER
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 

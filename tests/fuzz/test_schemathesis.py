@@ -16,9 +16,9 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.specs.openapi import checks as oas_checks
 
-from service.api import examples
 from service.api.app import create_app
-from service.api.v2_outputs import CLASS_SCORES, REGRESSION
+from service.api.common import examples
+from service.api.oip.outputs import CLASS_SCORES, REGRESSION
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from service.api import examples, v2
+from service.api.common import examples
+from service.api.oip import routes as v2
 from service.engine.batcher import EXPIRED
 from service.errors import OverloadedError
 

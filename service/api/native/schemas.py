@@ -4,33 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field
 
-MAX_SEED = 2**63 - 1
-
-
-class PredictParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples: int | None = Field(
-        default=None, ge=2, strict=True, description="MC passes; default: the model's"
-    )
-    # Strict: numbers in strings are refused here as in the instances (one rule, README).
-    confidence: StrictFloat | list[StrictFloat] | None = Field(
-        default=None, description="a level in (0, 1) or a list of up to 5; default: the model's"
-    )
-    seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, strict=True, description="replay a previous answer"
-    )
-    mode: Literal["mc", "deterministic"] = "mc"
-    interval: Literal["gaussian", "quantile", "conformal"] | None = None
-    timeout_ms: float | None = Field(
-        default=None, gt=0, strict=True, description="deadline for this request"
-    )
+from service.api.common.parameters import PredictParameters
 
 
 class PredictRequest(BaseModel):
-    # Working examples, one per bundled model, are on the routes (service/api/examples.py).
+    # Working examples, one per bundled model, are on the routes (service/api/common/examples.py).
     model_config = ConfigDict(extra="forbid")
 
     instances: list[list[Any] | dict[str, Any] | str] = Field(
@@ -149,17 +129,6 @@ class ModelSummary(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelSummary]
-
-
-class ErrorBody(BaseModel):
-    error: str
-    details: list[dict[str, Any]] | None = None
-    request_id: str | None = None
-
-
-class Health(BaseModel):
-    status: str
-    reasons: list[str] = []
 
 
 class ModelMetadata(BaseModel):

@@ -1,8 +1,9 @@
 """The Open Inference Protocol at /v2 (KServe V2, Triton, MLServer), with binary tensors.
 
-A thin translation over the native adapter's engine call (`native.run`) and parameter conversion
-(`native.to_params`); uncertainty travels as extra named output tensors (`v2_outputs`). Errors are
-mapped in `errors.py`: 400 for a bad request, body `{"error": ...}` (what tritonclient reads).
+A thin translation over the engine call every adapter shares (`common.call.run`) and parameter
+conversion (`common.parameters.to_params`); uncertainty travels as extra named output tensors
+(`oip.outputs`). Errors are mapped in `common/errors.py`: 400 for a bad request, body
+`{"error": ...}` (what tritonclient reads).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from service.api import examples
-from service.api.native import ignored, json_response, off_loop, run, state, to_params
-from service.api.schemas import PredictParameters
-from service.api.v2_binary import HEADER, decode_input, decode_texts, encode, split
-from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
-from service.api.v2_schemas import (
+from service.api.common import examples
+from service.api.common.call import json_response, off_loop, run, state
+from service.api.common.parameters import PredictParameters, ignored, to_params
+from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
+from service.api.oip.outputs import PLATFORM, TensorSpec, specs, values
+from service.api.oip.schemas import (
     InferRequest,
     InferResponse,
     Live,

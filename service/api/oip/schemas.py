@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas import MAX_SEED
+from service.api.common.parameters import MAX_SEED
 
 Datatype = Literal[
     "BOOL",

@@ -18,8 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api import html
-from service.api.middleware import BodyTooLarge
+from service.api.common import html
+from service.api.common.middleware import BodyTooLarge
 from service.errors import McServeError, OverloadedError
 
 log = logging.getLogger("mcserve.errors")

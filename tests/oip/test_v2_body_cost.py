@@ -15,7 +15,7 @@ import pytest
 
 from service.api.common import call
 from service.api.oip import binary as v2_binary
-from service.api.oip import routes as v2
+from service.api.oip import infer as v2
 from service.api.oip.schemas import RequestInput
 from service.bundle.manifest import InputSpec
 

@@ -26,8 +26,8 @@ from starlette.responses import Response
 from service.api.cds.clients import Clinical, authenticate, build, counters
 from service.api.common import audit as audit_trail
 from service.api.common.call import run, state
+from service.api.common.fields import inline_schema
 from service.api.common.parameters import PredictParameters, to_params
-from service.api.oip.schemas import inline_schema
 from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.extraction import extract

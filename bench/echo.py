@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from service.api.schemas import PredictRequest
+from service.api.native.schemas import PredictRequest
 
 app = FastAPI()
 FIXED = b'{"predictions":[{"label":"benign","probabilities":{"malignant":0.1,"benign":0.9}}]}'

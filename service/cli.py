@@ -105,8 +105,7 @@ def predict(
     version: Annotated[str | None, typer.Option(help="model version")] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
-    from service.api.native import to_params
-    from service.api.schemas import PredictParameters
+    from service.api.common.parameters import PredictParameters, to_params
     from service.encode import response
     from service.engine import adaptive
     from service.engine.inputs import to_array

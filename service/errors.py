@@ -1,8 +1,8 @@
 """The one exception hierarchy of mcserve.
 
 Every error a user can cause or meet derives from `McServeError`. Each class carries a stable
-`code` that the HTTP layer maps to a status in one place (`service.api.errors`); the engine and
-the bundle loader never know about HTTP. Messages say what was wrong and how to fix it.
+`code` that the HTTP layer maps to a status in one place (`service.api.common.errors`); the
+engine and the bundle loader never know about HTTP. Messages say what was wrong and how to fix it.
 """
 
 from __future__ import annotations

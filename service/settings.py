@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     cds_fhir_timeout_s: float = Field(default=3.0, gt=0.0)
     cds_fhir_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     cds_fhir_max_pages: int = Field(default=5, ge=1, le=100)
-    # Model pages (service/api/pages.py): HTML at /models, and where `evaluate` reports are read
+    # Model pages (service/api/pages/): HTML at /models, and where `evaluate` reports are read
     # (<evaluation_dir>/<name>/report.json, used only when its digest is the served bundle's).
     pages: bool = True
     evaluation_dir: Path | None = Path("docs/evaluation")

@@ -84,7 +84,7 @@ def test_the_graph_sees_what_the_layers_rely_on() -> None:
     assert ("service.engine.model", "service.bundle.load") in graph  # module level
     assert ("service.cli", "service.calibration.recalibration") in graph  # inside a function
     assert ("service.audit.cli", "service.settings") in graph  # inside a function
-    assert ("service.api.native", "service.encode") in graph
+    assert ("service.api.native.predict", "service.encode") in graph
 
 
 FIXTURE = {

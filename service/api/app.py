@@ -15,22 +15,23 @@ import torch
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import audit, docs, errors
-from service.api.auth import ApiKeyGuard
-from service.api.cds import router as cds_router
-from service.api.fastpath import ROUTE_KEY, PredictionRoutes, route_of
-from service.api.lifecycle import ModelControl
-from service.api.middleware import RequestContext
-from service.api.native import json_response
-from service.api.native import router as native_router
-from service.api.repository import router as repository_router
-from service.api.schemas import Health
-from service.api.state import AppState
-from service.api.v2 import router as v2_router
+from service.api.cds.routes import router as cds_router
+from service.api.common import audit, errors
+from service.api.common.auth import ApiKeyGuard
+from service.api.common.call import json_response
+from service.api.common.lifecycle import ModelControl
+from service.api.common.middleware import RequestContext
+from service.api.common.schemas import Health
+from service.api.common.state import AppState
+from service.api.front import McServeApp
+from service.api.native.routes import FAST_ENDPOINTS as native_fast
+from service.api.native.routes import router as native_router
+from service.api.oip.repository import router as repository_router
+from service.api.oip.routes import FAST_ENDPOINTS as oip_fast
+from service.api.oip.routes import router as v2_router
+from service.api.pages import docs
 from service.engine.device import configure_threads
 from service.engine.registry import ModelFactory, Registry
 from service.engine.worker import ComputeProcess, WorkerSpec
@@ -75,50 +76,9 @@ async def shutdown(st: AppState) -> None:
     st.executor.shutdown(wait=True)
 
 
-class McServeApp(FastAPI):
-    """FastAPI, with a front door for the prediction routes.
-
-    A prediction passed through Starlette's and FastAPI's own layers (server errors, telemetry,
-    body limit, exception handling), each wrapping send and receive, before reaching ours. The
-    front door is our middleware (request id, body limit, metrics, access log, CORS, API keys)
-    around the prediction routes (fastpath.py), nothing else; every other request takes
-    FastAPI's whole stack. Errors map as before (errors.py), an exception outside the handler
-    included (what ServerErrorMiddleware does elsewhere).
-
-    So on the prediction routes: middleware added to the app after `create_app` does not run,
-    FastAPI's own OpenTelemetry tracing does not see them, and exception handlers are ours
-    (errors.py), not the app's `exception_handlers`. Add such layers in `_layers`.
-    """
-
-    front: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        front = self.front
-        match = route_of(scope) if front is not None else None
-        if front is None or match is None:
-            await super().__call__(scope, receive, send)
-            return
-        scope[ROUTE_KEY] = match  # PredictionRoutes takes it from here
-        scope["app"] = self  # handlers reach the state through request.app
-        if self.root_path:
-            scope["root_path"] = self.root_path
-        started = False
-
-        async def watched(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        try:
-            await front(scope, receive, watched)
-        except Exception as exc:  # what ServerErrorMiddleware does on the other routes
-            if started:
-                raise
-            response = await errors.on_unexpected(StarletteRequest(scope), exc)
-            await response(scope, receive, send)
-
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> FastAPI:
+    """The app. `fast_path=False`: the prediction routes go through FastAPI's routing too (the
+    same endpoints; for the parity test and to rule the front door out when debugging)."""
     settings = settings or Settings()
     metrics = Metrics(created=settings.metrics_created)
 
@@ -183,17 +143,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
-    # which answers preflights before the API-key guard. The front door stacks the same layers,
-    # in the same order, around the prediction routes (fastpath.py).
-    layers = _layers(settings, metrics)
-    for cls, kwargs in layers:
+    # which answers preflights before the API-key guard; on every route (front.py).
+    for cls, kwargs in _layers(settings, metrics):
         app.add_middleware(cls, **kwargs)
-    front: ASGIApp = PredictionRoutes(app.router)  # its fallback is never taken: see __call__
-    for cls, kwargs in layers:
-        if cls is ApiKeyGuard and not settings.api_keys:
-            continue  # no keys: it passes every prediction route (only admin routes need one)
-        front = cls(front, **kwargs)
-    app.front = front
+    app.fast_path = fast_path
+    app.fast_endpoints = frozenset((*native_fast, *oip_fast))
     return app
 
 

@@ -14,7 +14,7 @@ import pytest
 from asgi_scopes import predict_scope
 from fastapi import FastAPI
 
-from service.api.state import AppState
+from service.api.common.state import AppState
 from service.engine.batcher import Batcher
 
 

@@ -1,6 +1,6 @@
-"""The prediction routes' fast path (service/api/fastpath.py): FastAPI's routing is bypassed,
-the contract is not. Every other native and OIP test also runs through the fast path; these pin
-what is specific to it."""
+"""The prediction routes' fast path (FastRoutes in service/api/front.py): FastAPI's routing is
+bypassed, the contract is not. Every other native and OIP test also runs through the fast path;
+these pin what is specific to it (tests/fuzz/test_parity.py: the same answers without it)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest_asyncio
 from asgi_scopes import predict_scope
 from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 
-from service.api import fastpath
-from service.api.v2_binary import HEADER
+from service.api import front
+from service.api.oip.binary import HEADER
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 
@@ -75,7 +76,8 @@ async def test_another_content_type_is_415_naming_json(
     client: httpx.AsyncClient, counted: list[str]
 ) -> None:
     body = b'{"instances": [[0.1, 0.2, 0.3, 0.4]]}'
-    for kind in ("text/plain", "application/x-www-form-urlencoded"):  # curl -d sends the second
+    # curl -d sends the form type; text/json was read as JSON here, not by FastAPI's routes.
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "text/json"):
         r = await client.post(
             "/v1/models/clf:predict", content=body, headers={"content-type": kind}
         )
@@ -147,37 +149,43 @@ async def test_client_gone_while_sending_its_body(
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-async def test_predictions_skip_starlettes_middleware_stack(
+async def test_predictions_skip_fastapis_exception_layer_only(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The front door (McServeApp): predictions pass our middleware only; the rest pass all."""
-    entered: list[str] = []
-    original = ServerErrorMiddleware.__call__
+    """One stack (front.py): predictions pass our middleware and Starlette's server-error
+    layer like every request, and skip FastAPI's exception layer and routing only."""
+    entered: dict[str, list[str]] = {"server": [], "exceptions": []}
 
-    async def counting(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        entered.append(scope["path"])
-        await original(self, scope, receive, send)
+    def spy(cls: Any, key: str) -> None:
+        original = cls.__call__
 
-    monkeypatch.setattr(ServerErrorMiddleware, "__call__", counting)
+        async def counting(self: Any, scope: Any, receive: Any, send: Any) -> None:
+            entered[key].append(scope["path"])
+            await original(self, scope, receive, send)
+
+        monkeypatch.setattr(cls, "__call__", counting)
+
+    spy(ServerErrorMiddleware, "server")
+    spy(ExceptionMiddleware, "exceptions")
     r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
     assert r.status_code == 200, r.text
-    assert r.headers["x-request-id"]  # our RequestContext still ran
+    assert r.headers["x-request-id"]  # our RequestContext ran
     body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}
     assert (await client.post("/v2/models/clf/infer", json=body)).status_code == 200
-    assert entered == []
     await client.get("/v1/models/clf")
-    assert entered == ["/v1/models/clf"]
+    paths = ["/v1/models/clf:predict", "/v2/models/clf/infer", "/v1/models/clf"]
+    assert entered == {"server": paths, "exceptions": ["/v1/models/clf"]}
 
 
 async def test_an_exception_outside_the_handler_is_a_json_500(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What ServerErrorMiddleware does on other routes, the front door does for predictions."""
+    """Starlette's ServerErrorMiddleware answers it, with errors.py's 500, as on every route."""
 
     def broken(*args: Any) -> Any:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(fastpath, "Request", broken)  # before PredictionRoutes' own error mapping
+    monkeypatch.setattr(front, "Request", broken)  # before FastRoutes' own error mapping
     r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
     assert r.status_code == 500
     assert r.headers["content-type"] == "application/json"

@@ -11,8 +11,9 @@ import httpx
 import orjson
 import pytest
 
-from service.api import native
-from service.api.schemas import PredictRequest
+from service.api.common import call
+from service.api.native import predict as native
+from service.api.native.schemas import PredictRequest
 from service.bundle.manifest import InputSpec
 from service.engine import inputs
 from service.errors import PayloadTooLargeError
@@ -58,8 +59,8 @@ async def test_a_large_body_is_parsed_and_converted_off_the_event_loop(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Thresholds lowered so that a body under this app's 64 KB limit counts as large.
-    monkeypatch.setattr(native, "OFF_LOOP_BYTES", 500, raising=False)
-    monkeypatch.setattr(native, "OFF_LOOP_VALUES", 100, raising=False)
+    monkeypatch.setattr(call, "OFF_LOOP_BYTES", 500)
+    monkeypatch.setattr(call, "OFF_LOOP_VALUES", 100)
     threads: dict[str, int] = {}
     original_parse, original_convert = PredictRequest.model_validate_json, native.to_array
 

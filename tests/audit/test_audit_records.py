@@ -12,9 +12,9 @@ import psycopg
 import pytest
 from audit_support import Backend, execute, fake_request, serving
 
-from service.api import audit as api_audit
-from service.api.auth import hash_key
-from service.api.native import run
+from service.api.common import audit as api_audit
+from service.api.common.auth import hash_key
+from service.api.common.call import run
 from service.audit.rows import HMAC_PREFIX, inputs_hmac, key_id
 from service.audit.store import SCHEMA_VERSION, SqliteStore, StoreError
 from service.engine.model import PredictParams

@@ -27,7 +27,7 @@ from server import ROOT, Server, serve
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import server as server_module
-from service.api import cds
+from service.api.cds import routes as cds
 from service.clinical.trust import TrustConfigError
 from service.settings import CdsIssuer, Settings
 

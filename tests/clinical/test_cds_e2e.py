@@ -421,7 +421,7 @@ async def test_native_api_answers_fhir(ehr: httpx.AsyncClient, cds_app: FastAPI)
 
 
 def test_api_keys_never_guard_cds_routes() -> None:
-    from service.api.auth import ApiKeyGuard, hash_key
+    from service.api.common.auth import ApiKeyGuard, hash_key
     from service.settings import ApiKey
 
     guard = ApiKeyGuard(app=None, keys=[ApiKey(id="k", sha256=hash_key("secret"))])  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
 from text_nets import save_text_model
 
-from service.api import examples
+from service.api.common import examples
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest_asyncio
 
-from service.api import examples
 from service.api.app import create_app
+from service.api.common import examples
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,22 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import schemathesis
-from hypothesis import strategies as st
 from schemathesis.specs.openapi import checks as oas_checks
+from strategies import LENGTH, flatmap_case, flatmap_headers, flatmap_path_parameters
 
-from service.api import examples
 from service.api.app import create_app
-from service.api.v2_outputs import CLASS_SCORES, REGRESSION
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-LENGTH = "Inference-Header-Content-Length"
-MODELS = list(examples.ROWS)
-OUTPUTS = {
-    "breast-cancer": ["probabilities", "probability_std", "label", *CLASS_SCORES],
-    "diabetes": ["mean", *REGRESSION],
-    "digits": ["probabilities", "probability_std", "label", *CLASS_SCORES],
-}
 CASES: Counter[str] = Counter()
 STATUSES: Counter[tuple[str, int]] = Counter()
 
@@ -70,62 +61,8 @@ CHECKS = [
 ]
 
 
-@schema.hook
-def flatmap_path_parameters(
-    context: schemathesis.HookContext, path_parameters: dict[str, Any] | None
-) -> st.SearchStrategy[dict[str, Any] | None]:
-    """Random model names only reach the 404: two thirds name a bundled model (version 1)."""
-    if not path_parameters or "name" not in path_parameters:
-        return st.just(path_parameters)
-    real = {k: "1" for k in path_parameters if k == "version"}
-    named = st.sampled_from(MODELS).map(lambda m: {**path_parameters, **real, "name": m})
-    return st.one_of(named, named, st.just(path_parameters))
-
-
-@schema.hook
-def flatmap_headers(
-    context: schemathesis.HookContext, headers: dict[str, Any] | None
-) -> st.SearchStrategy[dict[str, Any] | None]:
-    """A random Inference-Header-Content-Length cuts the JSON anywhere: keep it in a quarter."""
-    if not headers or LENGTH not in headers:
-        return st.just(headers)
-    rest = {k: v for k, v in headers.items() if k != LENGTH}
-    return st.sampled_from([headers, rest, rest, rest])
-
-
-def _valid(case: schemathesis.Case, rows: int, outputs: list[str] | None, binary: bool) -> Any:
-    name = case.path_parameters["name"]
-    row, shape = examples.ROWS[name], examples.SHAPES[name]
-    if "instances" in case.body:
-        case.body["instances"] = [examples.instance(name)] * rows
-        return case
-    case.body["inputs"] = [
-        {"name": "input", "shape": [rows, *shape], "datatype": "FP32", "data": row * rows}
-    ]
-    if outputs is None:
-        case.body.pop("outputs", None)
-    else:
-        case.body["outputs"] = [{"name": o, "parameters": {"binary_data": binary}} for o in outputs]
-    return case
-
-
-@schema.hook
-def flatmap_case(
-    context: schemathesis.HookContext, case: schemathesis.Case
-) -> st.SearchStrategy[schemathesis.Case]:
-    """Two thirds of the bodies for a bundled model get valid inputs (and real output names), so the
-    parameters, the output choice and both codecs are exercised past the input checks."""
-    name = (case.path_parameters or {}).get("name")
-    body = case.body
-    if name not in examples.ROWS or not isinstance(body, dict):
-        return st.just(case)
-    if "instances" not in body and "inputs" not in body:
-        return st.just(case)
-    outputs = st.one_of(
-        st.none(), st.lists(st.sampled_from(OUTPUTS[name]), min_size=1, unique=True)
-    )
-    valid = st.builds(_valid, st.just(case), st.integers(1, 3), outputs, st.booleans())
-    return st.one_of(st.just(case), valid, valid)
+for hook in (flatmap_path_parameters, flatmap_headers, flatmap_case):
+    schema.hook(hook)
 
 
 @schema.parametrize()

@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from server import Server, serve
 from tritonclient.utils import InferenceServerException
 
-from service.api import examples
+from service.api.common import examples
 from service.engine.batcher import EXPIRED
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from service.api import examples, v2
+from service.api.common import examples
+from service.api.oip import infer
+from service.api.oip import routes as v2
 from service.engine.batcher import EXPIRED
 from service.errors import OverloadedError
 
@@ -602,7 +604,7 @@ async def test_unexpected_exception_is_500_and_counted(
         return float(value)
 
     before = count()
-    monkeypatch.setattr(v2, "values", broken)
+    monkeypatch.setattr(infer, "values", broken)
     r = await oip.post(
         "/v2/models/diabetes/infer", json=body("diabetes"), headers={"x-request-id": "abc"}
     )

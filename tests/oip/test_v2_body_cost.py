@@ -13,8 +13,10 @@ import numpy as np
 import orjson
 import pytest
 
-from service.api import native, v2, v2_binary
-from service.api.v2_schemas import RequestInput
+from service.api.common import call
+from service.api.oip import binary as v2_binary
+from service.api.oip import infer as v2
+from service.api.oip.schemas import RequestInput
 from service.bundle.manifest import InputSpec
 
 HEADER = "Inference-Header-Content-Length"
@@ -88,7 +90,7 @@ def test_binary_fp32_is_read_without_python_lists() -> None:
 async def test_a_large_body_is_parsed_and_decoded_off_the_event_loop(
     oip: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(native, "OFF_LOOP_BYTES", 50, raising=False)  # every body is large
+    monkeypatch.setattr(call, "OFF_LOOP_BYTES", 50)  # every body is large
     threads: dict[str, int] = {}
     parse, decode = v2.parse, v2.decode_input
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from service.api.app import create_app
-from service.api.auth import hash_key
+from service.api.common.auth import hash_key
 from service.logs import JsonFormatter
 from service.settings import ApiKey, Settings
 

@@ -13,7 +13,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from service.api.app import create_app
-from service.api.auth import hash_key
+from service.api.common.auth import hash_key
 from service.cli import app as cli
 from service.engine.registry import without_paths
 from service.settings import ApiKey, Settings

@@ -87,7 +87,7 @@ async def test_unknown_model_creates_no_series(client: httpx.AsyncClient) -> Non
 async def test_internal_errors_counted(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.api import native
+    from service.api.native import predict as native
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("unexpected")

@@ -12,7 +12,7 @@ import httpx
 from fastapi import FastAPI
 
 from service.api.app import create_app
-from service.api.auth import hash_key
+from service.api.common.auth import hash_key
 from service.settings import ApiKey, Settings
 
 BODY = {"instances": [[0.1, 0.2, 0.3, 0.4]], "parameters": {"samples": 20}}

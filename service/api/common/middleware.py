@@ -9,9 +9,11 @@ import re
 import time
 from typing import Any
 
-import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.common import errors
+from service.errors import PayloadTooLargeError
 from service.metrics import Metrics
 
 access_log = logging.getLogger("mcserve.access")
@@ -27,8 +29,9 @@ def new_request_id() -> str:
     return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(PayloadTooLargeError):
+    """Raised by `receive` past the limit: a handler that reads the body answers it as any
+    error (`errors.py`, shaped by route family); one that lets it escape, RequestContext."""
 
 
 class RequestContext:
@@ -56,7 +59,7 @@ class RequestContext:
         try:
             if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:
                 status = 413
-                await self._too_large(scope, send, rid)
+                await self._refuse(self._too_large(), scope, receive, send)
                 return
             seen = 0
             started = False
@@ -67,7 +70,7 @@ class RequestContext:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body_bytes:
-                        raise BodyTooLarge
+                        raise self._too_large()
                 return message
 
             async def send_with_id(message: Message) -> None:
@@ -83,10 +86,10 @@ class RequestContext:
 
             try:
                 await self.app(scope, limited_receive, send_with_id)
-            except BodyTooLarge:
+            except BodyTooLarge as exc:
                 if not started:
                     status = 413
-                    await self._too_large(scope, send, rid)
+                    await self._refuse(exc, scope, receive, send)
         finally:
             self._record(scope, status, time.perf_counter() - start)
 
@@ -115,22 +118,12 @@ class RequestContext:
             extra["model"] = model
         access_log.info("request", extra=extra)
 
-    async def _too_large(self, scope: Scope, send: Send, rid: str) -> None:
-        body: dict[str, Any] = {
-            "error": f"request body is over {self.max_body_bytes} bytes (setting max_body_bytes); "
-            "split the request",
-            "request_id": rid,
-        }
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"x-request-id", rid.encode()),
-                ],
-            }
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"request body is over {self.max_body_bytes} bytes (setting max_body_bytes); "
+            "split the request"
         )
-        await send({"type": "http.response.body", "body": payload})
+
+    async def _refuse(self, exc: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await errors.respond(Request(scope), exc)
+        await response(scope, receive, send)

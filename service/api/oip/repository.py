@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from service.api.auth import allowed_models
-from service.api.lifecycle import ModelControl
-from service.api.native import json_response
-from service.api.schemas import ErrorBody
+from service.api.common.auth import allowed_models
+from service.api.common.call import json_response
+from service.api.common.lifecycle import ModelControl
+from service.api.common.schemas import ErrorBody
 from service.errors import ForbiddenError, InvalidInputError
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"])

@@ -13,9 +13,11 @@ import hmac
 import re
 from dataclasses import dataclass
 
-import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.common import errors
+from service.errors import ForbiddenError, McServeError, UnauthorizedError
 from service.settings import ApiKey
 
 MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)|^/v2/repository/models/([^/]+)")
@@ -102,7 +104,11 @@ class ApiKeyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        decision = self.decide(scope["path"], dict(scope.get("headers") or []))
+        path = scope["path"]
+        if not self.keys and not path.startswith("/v2/repository"):
+            await self.app(scope, receive, send)  # nothing to check: no headers copied
+            return
+        decision = self.decide(path, dict(scope.get("headers") or []))
         if decision.caller:
             state = scope.setdefault("state", {})
             state["caller"] = decision.caller
@@ -111,11 +117,10 @@ class ApiKeyGuard:
         if decision.status == 0:
             await self.app(scope, receive, send)
             return
-        headers = [(b"content-type", b"application/json")]
-        if decision.status == 401:
-            headers.append((b"www-authenticate", b'Bearer realm="mcserve"'))
-        rid = scope.get("state", {}).get("request_id")
-        body = orjson.dumps({"error": decision.message, **({"request_id": rid} if rid else {})})
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": decision.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        refusal: McServeError = (
+            UnauthorizedError(decision.message)
+            if decision.status == 401
+            else ForbiddenError(decision.message)
+        )
+        response = await errors.respond(Request(scope), refusal)  # 401 with WWW-Authenticate
+        await response(scope, receive, send)

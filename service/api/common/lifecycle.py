@@ -12,7 +12,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from service.api.state import AppState
+from service.api.common.state import AppState
 from service.engine.batcher import Batcher
 from service.engine.compute import warm
 from service.engine.model import ServedModel

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api.v2_schemas import RequestInput
+from service.api.oip.schemas import RequestInput
 from service.bundle.manifest import InputSpec
 from service.engine.inputs import check_count, checked
 from service.errors import InvalidInputError

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.api import pages
-from service.api.html import DOCS_CSP, render
+from service.api.common.html import DOCS_CSP, render
+from service.api.pages import routes as pages
 from service.settings import Settings
 
 OWN = "/static/mcserve"  # service/api/static

@@ -13,9 +13,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from service.api import evaluations
-from service.api.html import render
-from service.api.native import state
+from service.api.common.call import state
+from service.api.common.html import render
+from service.api.pages import evaluations
 from service.engine.model import ServedModel
 from service.errors import ModelNotFoundError
 

@@ -2,77 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictFloat,
-    ValidatorFunctionWrapHandler,
-    WithJsonSchema,
-    WrapValidator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 
-MAX_SEED = 2**63 - 1
-Passes = Annotated[int, Field(ge=2, strict=True)]
-
-
-def _or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """samples: "auto", or a whole number checked as before (a plain union would name its
-    branches in every error's location: parameters.samples.constrained-int)."""
-    if isinstance(value, str):
-        if value == "auto":
-            return value
-        raise PydanticCustomError("int_or_auto", 'Input should be a valid integer or "auto"')
-    return handler(value)
-
-
-if TYPE_CHECKING:
-    Samples = int | Literal["auto"]
-else:
-    Samples = Annotated[
-        Passes,
-        WrapValidator(_or_auto),
-        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 2}, {"const": "auto"}]}),
-    ]
-# samples="auto" (service.engine.adaptive): passes double from 32 until the answer is sure.
-AUTO_SAMPLES = (
-    "MC passes, or auto (adaptive: until the answer's decisions are sure); default: the model's"
-)
-AUTO_MAX = "samples=auto: at most this many passes; default: the server's max_samples"
-PASSES_USED = "samples=auto: the passes this input's answer used (all of a request's inputs alike)"
-AUTO_TOLERANCE = (
-    "samples=auto: stop when the Monte Carlo standard error of each decision is below this "
-    "(probability units for classifiers, a fraction of the std for regressors); default 0.01"
-)
-
-
-class PredictParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples: Samples | None = Field(default=None, description=AUTO_SAMPLES)
-    max_samples: Passes | None = Field(default=None, description=AUTO_MAX)
-    tolerance: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, strict=True, description=AUTO_TOLERANCE
-    )
-    # Strict: numbers in strings are refused here as in the instances (one rule, README).
-    confidence: StrictFloat | list[StrictFloat] | None = Field(
-        default=None, description="a level in (0, 1) or a list of up to 5; default: the model's"
-    )
-    seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, strict=True, description="replay a previous answer"
-    )
-    mode: Literal["mc", "deterministic"] = "mc"
-    interval: Literal["gaussian", "quantile", "conformal"] | None = None
-    timeout_ms: float | None = Field(
-        default=None, gt=0, strict=True, description="deadline for this request"
-    )
+from service.api.common.parameters import PASSES_USED, PredictParameters
 
 
 class PredictRequest(BaseModel):
-    # Working examples, one per bundled model, are on the routes (service/api/examples.py).
+    # Working examples, one per bundled model, are on the routes (service/api/common/examples.py).
     model_config = ConfigDict(extra="forbid")
 
     instances: list[list[Any] | dict[str, Any] | str] = Field(
@@ -194,17 +132,6 @@ class ModelSummary(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelSummary]
-
-
-class ErrorBody(BaseModel):
-    error: str
-    details: list[dict[str, Any]] | None = None
-    request_id: str | None = None
-
-
-class Health(BaseModel):
-    status: str
-    reasons: list[str] = []
 
 
 class ModelMetadata(BaseModel):

@@ -1,7 +1,8 @@
 """Request and response models of the Open Inference Protocol (/v2), also its OpenAPI documentation.
 
 The infer body is parsed by hand (it may carry binary tensors after the JSON), so `InferRequest`
-is validated in `v2.py` and declared in the OpenAPI document through `inline_schema`.
+is validated in `oip/infer.py` and declared in the OpenAPI document through
+`common.fields.inline_schema`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.schemas import (
+from service.api.common.parameters import (
     AUTO_MAX,
     AUTO_SAMPLES,
     AUTO_TOLERANCE,
@@ -164,22 +165,3 @@ class V2Error(BaseModel):
 
     error: str
     request_id: str | None = None
-
-
-def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's JSON schema with every `$defs` reference replaced by its definition."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved

@@ -3,11 +3,11 @@
 A thin adapter: the client's JWT is checked first (`service.clinical.trust`; a bare 401 on any
 failure, before the body is even parsed), the prefetch becomes features
 (`service.clinical.extraction`), the engine answers through the one engine call of every
-adapter (`native.run`, with the model's default parameters via `native.to_params`), and the
-prediction becomes a card carrying a FHIR resource. Errors map to HTTP in `errors.py`
-(400, 404, 412, bare 401, 503; body a FHIR OperationOutcome); missing data answer an info card
-unless `cds_missing_data` is "412". API keys never guard these routes. Discovery is open: it
-holds no patient data.
+adapter (`common.call.run`, with the model's default parameters via
+`common.parameters.to_params`), and the prediction becomes a card carrying a FHIR resource.
+Errors map to HTTP in `common/errors.py` (400, 404, 412, bare 401, 503; body a FHIR
+OperationOutcome); missing data answer an info card unless `cds_missing_data` is "412". API
+keys never guard these routes. Discovery is open: it holds no patient data.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
 from starlette.responses import Response
 
-from service.api import audit as audit_trail
-from service.api.cds_clients import Clinical, authenticate, build, counters
-from service.api.native import run, state, to_params
-from service.api.schemas import PredictParameters
-from service.api.v2_schemas import inline_schema
+from service.api.cds.clients import Clinical, authenticate, build, counters
+from service.api.common import audit as audit_trail
+from service.api.common.call import run, state
+from service.api.common.fields import inline_schema
+from service.api.common.parameters import PredictParameters, to_params
 from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.extraction import extract

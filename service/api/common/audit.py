@@ -1,5 +1,5 @@
 """The audit trail's side of the HTTP adapters: start and stop the writer with the app, and the
-two calls the adapters make (`record` from `native.run`, `record_feedback` from CDS Hooks).
+two calls the adapters make (`record` from `common.call.run`, `record_feedback` from CDS Hooks).
 
 The writer lives at `app.state.audit` (None when auditing is off). Both calls raise
 `AuditUnavailableError` (503) when the record cannot be queued and auditing fails closed.

@@ -1,5 +1,9 @@
 """The one place where errors become HTTP responses (DESIGN.md, "One contract for errors").
 
+Every way in ends here: FastAPI's exception handlers (`install`), the front door's prediction
+routes (`respond`), the body limit (`middleware.py`, 413) and the API-key guard (`auth.py`, 401
+and 403). The route family (`family`) chooses the shape:
+
 /v1: 422 bad request (413 too large), 404, 429 + Retry-After, 504; body {"error", "details"}.
 /v2: the same codes but 400 for a bad request; body {"error"} (tritonclient reads it).
 /cds-services: 400 bad request, 404, 412 needed data missing, a bare 401 (no body: nothing says
@@ -18,8 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api import html
-from service.api.middleware import BodyTooLarge
+from service.api.common import html
 from service.errors import McServeError, OverloadedError
 
 log = logging.getLogger("mcserve.errors")
@@ -138,6 +141,8 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
         headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
     elif exc.code == "method_not_allowed":
         headers = {"Allow": "POST"}  # only the prediction routes raise it
+    elif exc.code == "unauthorized" and family(request) != "cds":  # CDS: a bare 401
+        headers = {"WWW-Authenticate": 'Bearer realm="mcserve"'}
     return error_response(request, status, exc.message, exc.details, headers, exc.code)
 
 
@@ -170,13 +175,10 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
     elif status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
-    elif isinstance(exc.__cause__, BodyTooLarge):
-        # FastAPI wraps whatever breaks while it reads the body into a 400: let the size limit
-        # reach RequestContext, which answers 413 (a chunked body has no Content-Length to check).
-        raise exc.__cause__
-    elif status == 400 and family(request) == "v1":
-        # FastAPI's answer to a body it cannot decode (not UTF-8): a bad request, 422 on /v1.
-        status, message = 422, "invalid request: body: cannot be parsed; send JSON in UTF-8"
+    elif isinstance(exc.__cause__, McServeError):
+        # FastAPI wraps whatever breaks while it reads a declared body into a 400: the body
+        # limit's 413 (a chunked body has no Content-Length to check) is answered as itself.
+        return await on_mcserve_error(request, exc.__cause__)
     return error_response(request, status, message, headers=dict(exc.headers or {}))
 
 
@@ -186,6 +188,17 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(
         request, 500, f"internal error; quote request id {rid or '-'} when reporting it"
     )
+
+
+async def respond(request: Request, exc: Exception) -> Response:
+    """The answer to any exception, as FastAPI's handlers below give it (for the front door)."""
+    if isinstance(exc, McServeError):
+        return await on_mcserve_error(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return await on_validation_error(request, exc)
+    if isinstance(exc, StarletteHTTPException):
+        return await on_http_error(request, exc)
+    return await on_unexpected(request, exc)
 
 
 def install(app: FastAPI) -> None:

@@ -1,0 +1,126 @@
+"""The native prediction, `POST /v1/models/{name}[/versions/{v}]:predict`: the one reader of
+its request (query, content type, body) and the way to the engine and back to JSON (or FHIR).
+
+Both ways in run exactly this: the front door's dispatch (`service/api/front.py`) and FastAPI's
+route, which only documents it (`native/routes.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import StringConstraints, ValidationError
+from starlette.responses import Response
+
+from service.api.common.call import off_loop, run, state
+from service.api.common.fields import Param
+from service.api.common.parameters import ignored, to_params
+from service.api.native.schemas import PredictRequest
+from service.clinical import fhir
+from service.encode import response_json
+from service.engine.inputs import check_size, to_array
+from service.engine.model import Prediction, ServedModel
+from service.engine.text import encode_texts
+from service.errors import InvalidInputError, UnsupportedMediaTypeError
+
+FHIR_JSON = "application/fhir+json"
+SUBJECT_PATTERN = r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$"
+SUBJECT = Param(
+    "query",
+    "subject",
+    Annotated[str, StringConstraints(pattern=SUBJECT_PATTERN)],
+    "with 'Accept: application/fhir+json': the FHIR subject, e.g. Patient/123; the answer is "
+    "then a RiskAssessment (classifier) or Observation (regressor)",
+)
+
+
+def is_json(content_type: str | None) -> bool:
+    """FastAPI's test for a JSON body: no type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def parse(body: bytes) -> PredictRequest:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            "invalid request: body: cannot be parsed; send JSON in UTF-8"
+        ) from None
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+async def read(request: Request, name: str, version: str | None) -> PredictRequest:
+    """The body, checked against the model's input size before it is parsed (a 5 MB body of a
+    million instances would hold the loop for 0.6 s)."""
+    content_type = request.headers.get("content-type")
+    if not is_json(content_type):  # text/json included, as FastAPI reads it
+        raise UnsupportedMediaTypeError(
+            f"Content-Type {content_type!r} is not read here; send the body as JSON with "
+            "Content-Type: application/json"
+        )
+    body = await request.body()
+    st = state(request)
+    check_size(body, st.batcher(name, version).model.manifest.inputs, st.settings.max_instances)
+    return await off_loop(lambda: parse(body), nbytes=len(body))
+
+
+async def predict_with(request: Request, name: str, version: str | None) -> Response:
+    subject = SUBJECT.read(request)
+    body = await read(request, name, version)
+    st = state(request)
+    batcher = st.batcher(name, version)
+    model = batcher.model
+    as_fhir = FHIR_JSON in request.headers.get("accept", "")
+    if as_fhir and subject is None:
+        raise InvalidInputError(
+            f"Accept: {FHIR_JSON} needs the query parameter subject (e.g. ?subject=Patient/123)"
+        )
+    params = to_params(body.parameters, model, st.settings.max_samples)
+    spec, limit = model.manifest.inputs, st.settings.max_instances
+    values = len(body.instances) * math.prod(spec.shape)
+    notes = None
+    if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
+        text, tokenizer = spec.text, model.bundle.tokenizer
+        batch = await off_loop(
+            lambda: encode_texts(body.instances, tokenizer, text, limit), values=values
+        )
+        x = batch.ids
+        notes = batch.notes()
+    else:
+        x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
+    timeout = body.parameters.timeout_ms
+    pred = await run(
+        request, batcher, x, params, timeout / 1000.0 if timeout else None, input_notes=notes
+    )
+    pred.warnings.extend(ignored(body.parameters))
+    if as_fhir and subject is not None:
+        return fhir_response(request, model, pred, subject)
+    return Response(response_json(model, pred), media_type="application/json")
+
+
+def fhir_response(request: Request, model: ServedModel, pred: Prediction, subject: str) -> Response:
+    """The same FHIR resource a CDS card carries (service.clinical.fhir), for the native API."""
+    cds = getattr(request.app.state, "cds", None)
+    ctx = fhir.Context(
+        subject=subject,
+        when=datetime.now(UTC),
+        version=state(request).settings.fhir_version,
+        mapping=cds.catalogue.mapping_for(model) if cds is not None else None,
+    )
+    doc = fhir.answer(model, pred, ctx)
+    return Response(orjson.dumps(doc), media_type=FHIR_JSON)

@@ -1,0 +1,145 @@
+"""Inference in the Open Inference Protocol, `POST /v2/models/{name}[/versions/{v}]/infer`: the
+one reader of its request (the binary extension's header, the JSON header and the binary tensors
+after it), the engine call and the outputs.
+
+Both ways in run exactly this: the front door's dispatch (`service/api/front.py`) and FastAPI's
+route, which only documents it (`oip/routes.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, ValidationError
+from starlette.responses import Response
+
+from service.api.common.call import off_loop, run, state
+from service.api.common.fields import Param
+from service.api.common.parameters import PredictParameters, ignored, to_params
+from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
+from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
+from service.api.oip.schemas import InferRequest
+from service.engine.inputs import check_size
+from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.text import TextBatch, encode_texts
+from service.errors import InvalidInputError
+
+HEADER_LENGTH = Param(
+    "header",
+    HEADER,
+    Annotated[int, Field(ge=0)],
+    "binary tensor extension: bytes of the JSON header",
+)
+
+
+def parse(header: bytes) -> InferRequest:
+    try:
+        return InferRequest.model_validate_json(header)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(errors) from None
+
+
+def select(
+    req: InferRequest, model: ServedModel, mode: str, auto: bool = False
+) -> list[tuple[TensorSpec, bool]]:
+    """(output, binary?) in response order; refuses unknown outputs before any compute.
+    `passes_used` is in a response that names no outputs only for samples=auto."""
+    available = specs(model)
+    by_name = {s.name: s for s in available}
+    binary = bool(req.parameters.binary_data_output)
+    if req.outputs is None:
+        return [
+            (s, binary)
+            for s in available
+            if (mode == "mc" or s.deterministic) and (auto or s.name != PASSES_USED)
+        ]
+    chosen: list[tuple[TensorSpec, bool]] = []
+    for out in req.outputs:
+        spec = by_name.get(out.name)
+        if spec is None:
+            raise InvalidInputError(
+                f"unknown output '{out.name}'; model '{model.name}' has outputs {list(by_name)}"
+            )
+        if any(s.name == out.name for s, _ in chosen):
+            raise InvalidInputError(f"output '{out.name}' is requested twice")
+        if mode == "deterministic" and not spec.deterministic:
+            only = [s.name for s in available if s.deterministic]
+            raise InvalidInputError(
+                f"output '{out.name}' needs mode=mc; mode=deterministic (dropout off) answers "
+                f"only {only}"
+            )
+        flag = out.parameters.binary_data if out.parameters else None
+        chosen.append((spec, binary if flag is None else flag))
+    return chosen
+
+
+def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "mode": pred.mode,
+        "backend": pred.backend,
+        "device": pred.device,
+        "digest": model.digest,
+    }
+    if pred.mode == "mc":
+        out.update(samples=pred.samples, seed=pred.seed, confidence=p.confidence[0])
+        out["interval"] = p.interval
+    if pred.warnings:
+        out["warnings"] = "; ".join(pred.warnings)
+    return out
+
+
+async def infer_with(request: Request, name: str, version: str | None) -> Response:
+    header_length = HEADER_LENGTH.read(request)
+    st = state(request)
+    batcher = st.batcher(name, version)
+    model = batcher.model
+    spec, limit = model.manifest.inputs, st.settings.max_instances
+    raw = await request.body()
+    header, binary = split(raw, header_length)
+    check_size(header, spec, limit)  # before parsing: bounds what the JSON may cost
+    req = await off_loop(lambda: parse(header), nbytes=len(header))
+    p = req.parameters
+    given = PredictParameters(
+        samples=p.samples,
+        max_samples=p.max_samples,
+        tolerance=p.tolerance,
+        confidence=p.confidence,
+        seed=p.seed,
+        mode=p.mode,
+        interval=p.interval,
+    )
+    params = to_params(given, model, st.settings.max_samples)
+    wanted = select(req, model, params.mode, auto=params.auto is not None)
+    notes = None
+    if spec.text is not None:  # a text model: BYTES in, token ids to the engine
+        text, tokenizer = spec.text, model.bundle.tokenizer
+
+        def tokenized() -> TextBatch:
+            texts = decode_texts(req.inputs, binary, spec, limit)
+            return encode_texts(texts, tokenizer, text, limit)
+
+        batch = await off_loop(tokenized, nbytes=len(raw))
+        x = batch.ids
+        notes = batch.notes()
+    else:
+        x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
+    timeout = p.timeout / 1e6 if p.timeout else None
+    pred = await run(request, batcher, x, params, timeout, input_notes=notes)
+    pred.warnings.extend(ignored(given))
+    arrays = values(pred, [s for s, _ in wanted])
+    head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
+    if req.id is not None:
+        head["id"] = req.id
+    head["parameters"] = answer_parameters(model, pred, params)
+    if notes is not None:  # per text: tokens before any cut, and whether it was cut
+        head["parameters"]["tokens"] = [n["tokens"] for n in notes]
+        head["parameters"]["truncated"] = [n["truncated"] for n in notes]
+    outputs = [(s.name, s.datatype, a, b) for (s, b), a in zip(wanted, arrays, strict=True)]
+    body, tail = encode(head, outputs)
+    if not tail:
+        return Response(body, media_type="application/json")
+    headers = {HEADER: str(len(body))}
+    return Response(body + tail, media_type="application/octet-stream", headers=headers)

@@ -127,6 +127,17 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "backend": {"mc": "torch", "deterministic": "onnxruntime" if model.onnx else "torch"},
         "device": model.device,
         "dropout": [d.model_dump(mode="json") for d in m.dropout],
+        "mc": mc_metadata(model),
+    }
+
+
+def mc_metadata(model: ServedModel) -> dict[str, Any]:
+    """The dropout-site setting: the default and what a request may choose instead."""
+    n, default = len(model.manifest.dropout), model.manifest.sampled_sites
+    return {
+        "dropout_sites": "all" if default is None else default,
+        "sites": n,
+        "allowed": f"'all' or k with 1 <= k <= {n} (the last k sites in graph order)",
     }
 
 
@@ -148,7 +159,8 @@ def ignored(p: PredictParameters) -> list[str]:
     """A warning naming the parameters deterministic mode does not use (it was silent)."""
     if p.mode != "deterministic":
         return []
-    given = [k for k in ("samples", "seed", "confidence", "interval") if getattr(p, k) is not None]
+    names = ("samples", "seed", "confidence", "interval", "dropout_sites")
+    given = [k for k in names if getattr(p, k) is not None]
     if not given:
         return []
     return [f"mode=deterministic ignores {', '.join(given)}: dropout is off, one pass is run"]
@@ -166,7 +178,7 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
     interval = resolve_interval(
         model.manifest, p.interval, samples=samples, levels=levels, mode=p.mode
     )
-    return PredictParams(samples, levels, p.seed, p.mode, interval)
+    return PredictParams(samples, levels, p.seed, p.mode, interval, p.dropout_sites)
 
 
 async def _until_disconnect(request: Request, task: asyncio.Future[Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 MAX_SEED = 2**63 - 1
 
@@ -24,6 +24,11 @@ class PredictParameters(BaseModel):
     )
     mode: Literal["mc", "deterministic"] = "mc"
     interval: Literal["gaussian", "quantile", "conformal"] | None = None
+    dropout_sites: Literal["all"] | StrictInt | None = Field(
+        default=None,
+        description="dropout sites to sample: 'all' or k (the last k, 1 <= k <= the model's "
+        "sites); default: the model's",
+    )
     timeout_ms: float | None = Field(
         default=None, gt=0, strict=True, description="deadline for this request"
     )
@@ -182,3 +187,7 @@ class ModelMetadata(BaseModel):
     backend: dict[str, str]
     device: str
     dropout: list[dict[str, Any]]
+    mc: dict[str, Any] = Field(
+        description="dropout_sites: the default ('all' or k, the last k sites), the number of "
+        "sites and what a request may ask for"
+    )

@@ -15,7 +15,16 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service.api import examples
-from service.api.native import ignored, json_response, off_loop, run, state, to_params
+from service.api.encode import sites_used
+from service.api.native import (
+    ignored,
+    json_response,
+    mc_metadata,
+    off_loop,
+    run,
+    state,
+    to_params,
+)
 from service.api.schemas import PredictParameters
 from service.api.v2_binary import HEADER, decode_input, decode_texts, encode, split
 from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
@@ -104,6 +113,8 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
             else {"name": spec.name, "datatype": "FP32", "shape": [-1, *spec.shape]}
         ],
         "outputs": [s.metadata() for s in specs(model)],
+        # mcserve's own: the dropout-site setting, chosen per request by `dropout_sites`.
+        "parameters": mc_metadata(model),
     }
 
 
@@ -189,6 +200,7 @@ def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) ->
     if pred.mode == "mc":
         out.update(samples=pred.samples, seed=pred.seed, confidence=p.confidence[0])
         out["interval"] = p.interval
+        out["dropout_sites"] = sites_used(pred)
     if pred.warnings:
         out["warnings"] = "; ".join(pred.warnings)
     return out
@@ -207,8 +219,9 @@ async def infer_with(
     req = await off_loop(lambda: parse(header), nbytes=len(header))
     p = req.parameters
     given = PredictParameters(
-        samples=p.samples, confidence=p.confidence, seed=p.seed, mode=p.mode, interval=p.interval
-    )
+        samples=p.samples, confidence=p.confidence, seed=p.seed, mode=p.mode, interval=p.interval,
+        dropout_sites=p.dropout_sites,
+    )  # fmt: skip
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode)
     notes = None

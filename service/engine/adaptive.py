@@ -142,10 +142,11 @@ def run(
     as many passes as it needs; `Prediction.samples` is the number used."""
     seeds = [p.seed if p.seed is not None else new_seed() for p in params]
     passes = [_first(p, a) for p in params]
+    sites = [model.sites_for(p) for p in params]
     done: dict[int, tuple[np.ndarray, int]] = {}
     while len(done) < len(xs):
         todo = [i for i in range(len(xs)) if i not in done]
-        reqs = [MCRequest(xs[i], passes[i], seeds[i]) for i in todo]
+        reqs = [MCRequest(xs[i], passes[i], seeds[i], sites[i]) for i in todo]
         for i, out in zip(todo, model.sampler.run(reqs), strict=True):
             if passes[i] >= a.max_samples or settled(model, out, params[i], a.tolerance):
                 done[i] = (out, passes[i])
@@ -156,7 +157,7 @@ def run(
         out, t = done[i]
         p = dataclasses.replace(params[i], samples=t, seed=seeds[i])
         model.check_params(p)
-        pred = model.summarize(out, MCRequest(x, t, seeds[i]), p)
+        pred = model.summarize(out, MCRequest(x, t, seeds[i], sites[i]), p)
         pred.warnings.append(
             f"adaptive passes: {t} used (max_samples {a.max_samples}, tolerance {a.tolerance:g})"
         )

@@ -40,6 +40,8 @@ class PredictParams:
     seed: int | None = None
     mode: Mode = "mc"
     interval: IntervalMethod = "gaussian"
+    # Which dropout sites to sample: "all", the last k (graph order), None: the model's default.
+    dropout_sites: int | Literal["all"] | None = None
 
 
 # Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per
@@ -132,6 +134,10 @@ class ServedModel:
                 f"{bundle.path}: the model does not accept inputs of shape {spec.shape}: {exc}"
             ) from exc
         self._check_layout()
+        try:  # the default dropout-site setting's split, built now: errors at load, not later
+            self.sampler.pin(self.manifest.sampled_sites)
+        except InvalidInputError as exc:
+            raise BundleError(f"{bundle.path}: mc.dropout_sites: {exc}") from exc
         self.onnx = (
             OnnxPredictor(bundle.onnx_bytes, threads=onnx_threads) if bundle.onnx_bytes else None
         )
@@ -173,10 +179,25 @@ class ServedModel:
     def device(self) -> str:
         return describe(self.sampler.device)
 
+    def sites_for(self, p: PredictParams) -> int | None:
+        """The last k dropout sites a request samples, None for every site (also when k is
+        the model's count: the same graph and masks). Refuses k outside 1..sites."""
+        n = self.sampler.sites
+        sites = self.manifest.sampled_sites if p.dropout_sites is None else p.dropout_sites
+        if sites == "all" or sites is None:
+            return None
+        if isinstance(sites, bool) or not 1 <= sites <= n:
+            raise InvalidInputError(
+                f"dropout_sites must be 'all' or an integer k with 1 <= k <= {n} (the last k of "
+                f"the model's {n} dropout sites), got {sites!r}"
+            )
+        return None if sites == n else sites
+
     def check_params(self, p: PredictParams) -> None:
         """Refuse parameters that cannot be honoured, before any queueing or compute."""
         if p.mode == "deterministic":
             return
+        self.sites_for(p)
         if p.samples < 2:
             raise InvalidInputError(f"samples must be at least 2 for MC dropout, got {p.samples}")
         # A classifier drops the levels its samples cannot reach, with a warning (summarize).
@@ -195,7 +216,8 @@ class ServedModel:
             )
 
     def mc_request(self, x: np.ndarray, p: PredictParams) -> MCRequest:
-        return MCRequest(x, p.samples, p.seed if p.seed is not None else new_seed())
+        seed = p.seed if p.seed is not None else new_seed()
+        return MCRequest(x, p.samples, seed, self.sites_for(p))
 
     def summarize(self, samples: np.ndarray, req: MCRequest, p: PredictParams) -> Prediction:
         """Summaries of one request's samples [T, B, outputs] (``req.x`` is their [B, ...] input:
@@ -206,6 +228,12 @@ class ServedModel:
             )
         cal = self.calibrator
         warnings: list[str] = []
+        if cal.calibrated and req.sites != self.manifest.sampled_sites:
+            warnings.append(
+                f"dropout_sites={'all' if req.sites is None else req.sites} is not the setting "
+                "the model was calibrated with (its default): prediction sets and conformal "
+                "intervals assume the default's spread"
+            )
         if self.manifest.task == "classification":
             levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
             dropped = [
@@ -246,6 +274,7 @@ class ServedModel:
             mode="mc",
             samples=p.samples,
             seed=req.seed,
+            dropout_sites=req.sites,
             summary=summary,
             warnings=warnings,
             referral=cal.referral(summary, req.x, p.confidence[0]),

@@ -128,6 +128,11 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
             else {"name": n, "datatype": "BOOL", "shape": [-1]}
             for n in REGRESSION
         ],
+        "parameters": {
+            "dropout_sites": "all",
+            "sites": 2,
+            "allowed": "'all' or k with 1 <= k <= 2 (the last k sites in graph order)",
+        },
     }
     assert (await oip.get("/v2/models/diabetes/versions/1")).json() == meta
     digits = (await oip.get("/v2/models/digits")).json()

@@ -1,6 +1,6 @@
 """Text-model benchmark (issue 20, item 8): documents per second at T = 20 on the CPU.
 
-    python -m bench.text [--rounds 5] [--length 256] [--batch 32] [--json FILE]
+    python -m bench.text [--rounds 5] [--length 256] [--batch 32] [--profile] [--json FILE]
 
 Models: a 2-layer transformer encoder classifier (d = 128, 4 heads, feed-forward 256, dropout
 0.1, learned positions, masked mean pooling) and a 2-layer bidirectional LSTM classifier
@@ -11,15 +11,24 @@ Variants, interleaved round by round (medians reported):
     dropout in its fused kernel);
 (b) one vectorised forward of T copies (`x.repeat(T, 1)`, dropout modules in train mode: the
     tutorial's MC dropout);
-(c) the engine (explicit sites, prefix once per input, fused masks), through a packaged bundle.
+(c) the engine (explicit sites, prefix once per input, fused masks), through a packaged bundle;
+(d) the engine sampling only the last k dropout sites (issue 20, item 3; `dropout_sites`): the
+    head's site alone (`last1`, the whole encoder in the once-per-input prefix) and, for the
+    transformer, its second encoder layer's four sites and the head's (`last5` of 9);
+(e) one deterministic forward of the B documents (dropout off, the engine's torch path).
+With --profile, torch.profiler's top operators (self CPU time) of one engine call, every site
+sampled, for the transformer: where the sampled part's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,12 +90,14 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     b, length = args.batch, args.length
     tokens = torch.randint(1, VOCAB, (b, length))
     tokens[: b // 2, length // 2 :] = PAD  # half the documents half as long, padded
     results: dict[str, dict[str, float]] = {}
+    profiles: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in (("transformer", Transformer), ("lstm", LSTM)):
             model = make(length).eval()
@@ -108,12 +119,23 @@ def main() -> None:
                 with torch.inference_mode():
                     m(tokens.repeat(T, 1))
 
-            def engine(s: ServedModel = served, ids: object = x) -> None:
-                s.sampler.run([MCRequest(ids, T, 7)])  # type: ignore[arg-type]
+            def engine(s: ServedModel = served, ids: object = x, k: int | None = None) -> None:
+                s.sampler.run([MCRequest(ids, T, 7, k)])  # type: ignore[arg-type]
 
-            variants = {"loop": loop, "vectorised": vectorised, "engine": engine}
+            def deterministic(s: ServedModel = served, ids: object = x) -> None:
+                s.sampler.deterministic(ids)  # type: ignore[arg-type]
+
+            variants: dict[str, Callable[[], None]] = {
+                "loop": loop, "vectorised": vectorised, "engine": engine,
+            }  # fmt: skip
+            lasts = (1, 5) if name == "transformer" else (1,)
+            for last in lasts:
+                variants[f"engine_last{last}"] = functools.partial(engine, k=last)
+            variants["deterministic"] = deterministic
             times: dict[str, list[float]] = {k: [] for k in variants}
-            engine()  # warm
+            for fn in variants.values():
+                if fn not in (loop, vectorised):
+                    fn()  # warm (the splits of the last-k settings are built here)
             for _ in range(args.rounds):
                 order = list(variants)
                 random.shuffle(order)
@@ -125,15 +147,49 @@ def main() -> None:
                 **{f"{k}_docs_per_s": b / v for k, v in med.items()},
                 "engine_vs_vectorised": med["vectorised"] / med["engine"],
                 "engine_vs_loop": med["loop"] / med["engine"],
-            }
+                **{f"engine_last{k}_speedup": med["engine"] / med[f"engine_last{k}"]
+                   for k in lasts},
+                "engine_vs_deterministic": med["engine"] / med["deterministic"],
+            }  # fmt: skip
             print(name, json.dumps(results[name], indent=1))
+            if args.profile and name == "transformer":
+                profiles["engine"] = profile(engine)
+                profiles["vectorised"] = profile(vectorised)
     report = {
         "machine": machine(), "date": now(), "T": T, "B": b, "length": length,
         "rounds": args.rounds, "threads": torch.get_num_threads(), "results": results,
+        "profiles": profiles,
     }  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def profile(fn: Any, top: int = 15) -> dict[str, Any]:
+    """torch.profiler's operators of one call by self CPU time (ms and share of the operators'
+    total), and the call's wall time: the rest is outside torch's operators (the engine's
+    numba mask kernels, Python). Printed too."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = timed(fn)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1000,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
+    print(f"profile: {wall * 1000:.0f} ms wall, {total / 1000:.0f} ms in torch operators")
+    for r in rows:
+        print(f"  {r['op']:<40} {r['self_ms']:9.1f} ms {100 * r['share']:5.1f} % x{r['calls']}")
+    return {"wall_ms": wall * 1000, "operators_ms": total / 1000, "top": rows}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import BundleError
 
@@ -155,6 +162,16 @@ class MCSettings(Strict):
     input; requests may choose another setting within 1..len(dropout) (`dropout_sites`)."""
 
     dropout_sites: DropoutSites = "all"
+
+    @field_validator("dropout_sites", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        """One message for every wrong shape (a union's first error would say "should be
+        'all'" to a {"last": 0})."""
+        last = v.get("last") if isinstance(v, dict) and set(v) == {"last"} else None
+        if v == "all" or isinstance(v, LastSites) or (type(last) is int and last >= 1):
+            return v
+        raise ValueError(f"use 'all' or {{'last': k}} with an integer k >= 1, got {v!r}")
 
 
 class DropoutLayout(Strict):

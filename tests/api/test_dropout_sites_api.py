@@ -40,7 +40,7 @@ async def test_native_override_is_named_and_replays(client: httpx.AsyncClient) -
     assert last["predictions"] != every["predictions"]  # another setting, other samples
     assert (await ask(dropout_sites=1))["predictions"] == last["predictions"]  # same seed
     assert (await ask(dropout_sites=2))["dropout_sites"] == "all"  # k = every site
-    det = (await ask(mode="deterministic", dropout_sites=1, samples=None, seed=None))
+    det = await ask(mode="deterministic", dropout_sites=1, samples=None, seed=None)
     assert det["dropout_sites"] is None
     assert "ignores dropout_sites" in " ".join(det["warnings"])
 

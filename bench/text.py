@@ -7,15 +7,17 @@ Models: a 2-layer transformer encoder classifier (d = 128, 4 heads, feed-forward
 (dropout 0.3 between layers and on the last states), both on `--length` tokens.
 Variants, interleaved round by round (medians reported):
 (a) a Python loop of T forwards with the dropout modules in train mode (torch's own sites: for the
-    transformer that is every site, including the attention weights; the LSTM's between-layer
-    dropout in its fused kernel);
+    transformer that is every site, including the attention weights, its encoder layers in train
+    mode too, see `train_dropout`; the LSTM's between-layer dropout in its fused kernel);
 (b) one vectorised forward of T copies (`x.repeat(T, 1)`, dropout modules in train mode: the
-    tutorial's MC dropout);
+    tutorial's MC dropout), every site as in (a); for the transformer also `vectorised_tutorial`,
+    the tutorial's code as usually written, which torch's fused inference path leaves sampling
+    the head's site only (the encoder layers in eval mode skip their dropout);
 (c) the engine (explicit sites, prefix once per input, fused masks), through a packaged bundle;
 (d) the engine sampling only the last k dropout sites (issue 20, item 3; `dropout_sites`): the
     head's site alone (`last1`, the whole encoder in the once-per-input prefix) and, for the
     transformer, its second encoder layer's four sites and the head's (`last5` of 9);
-(e) one deterministic forward of the B documents (dropout off, the engine's torch path).
+(e) one deterministic forward of the B documents (plain `model.eval()(x)`, torch's fast path).
 With --profile, torch.profiler's top operators (self CPU time) of one engine call, every site
 sampled, for the transformer: where the sampled part's time goes.
 """
@@ -75,11 +77,18 @@ class LSTM(nn.Module):
         return self.fc(self.drop(torch.cat([h[-2], h[-1]], dim=1)))
 
 
-def train_dropout(model: nn.Module) -> nn.Module:
-    """eval(), then every dropout on: modules, the attention's and the LSTM's own."""
+def train_dropout(model: nn.Module, *, layers: bool = True) -> nn.Module:
+    """eval(), then every dropout on: modules, the attention's and the LSTM's own, and the
+    encoder layers themselves: an `nn.TransformerEncoderLayer` in eval mode takes torch's fused
+    inference path (`_transformer_encoder_layer_fwd`), which applies none of its dropout
+    modules, train mode or not. With `layers=False`, the tutorial's code as usually written
+    (dropout modules on, the rest eval): on this transformer it samples the head's site only."""
     model.eval()
+    kinds: tuple[type[nn.Module], ...] = (nn.Dropout, nn.MultiheadAttention, nn.LSTM)
+    if layers:
+        kinds += (nn.TransformerEncoderLayer,)
     for m in model.modules():
-        if isinstance(m, nn.Dropout | nn.MultiheadAttention | nn.LSTM):
+        if isinstance(m, kinds):
             m.train()
     return model
 
@@ -122,8 +131,16 @@ def main() -> None:
             def engine(s: ServedModel = served, ids: object = x, k: int | None = None) -> None:
                 s.sampler.run([MCRequest(ids, T, 7, k)])  # type: ignore[arg-type]
 
-            def deterministic(s: ServedModel = served, ids: object = x) -> None:
-                s.sampler.deterministic(ids)  # type: ignore[arg-type]
+            def deterministic(m: nn.Module = model) -> None:
+                with torch.inference_mode():
+                    m(tokens)
+
+            usual = train_dropout(make(length), layers=False)
+            usual.load_state_dict(model.state_dict())
+
+            def vectorised_tutorial(m: nn.Module = usual) -> None:
+                with torch.inference_mode():
+                    m(tokens.repeat(T, 1))
 
             variants: dict[str, Callable[[], None]] = {
                 "loop": loop, "vectorised": vectorised, "engine": engine,
@@ -132,9 +149,11 @@ def main() -> None:
             for last in lasts:
                 variants[f"engine_last{last}"] = functools.partial(engine, k=last)
             variants["deterministic"] = deterministic
+            if name == "transformer":
+                variants["vectorised_tutorial"] = vectorised_tutorial
             times: dict[str, list[float]] = {k: [] for k in variants}
             for fn in variants.values():
-                if fn not in (loop, vectorised):
+                if fn not in (loop, vectorised, vectorised_tutorial):
                     fn()  # warm (the splits of the last-k settings are built here)
             for _ in range(args.rounds):
                 order = list(variants)
@@ -151,6 +170,10 @@ def main() -> None:
                    for k in lasts},
                 "engine_vs_deterministic": med["engine"] / med["deterministic"],
             }  # fmt: skip
+            if name == "transformer":  # both sample the head's site only
+                results[name]["engine_last1_vs_vectorised_tutorial"] = (
+                    med["vectorised_tutorial"] / med["engine_last1"]
+                )
             print(name, json.dumps(results[name], indent=1))
             if args.profile and name == "transformer":
                 profiles["engine"] = profile(engine)

@@ -191,6 +191,7 @@ async def test_infer_regression_json(oip: httpx.AsyncClient) -> None:
         "seed": 7,
         "confidence": 0.9,
         "interval": "conformal",  # version 2's default: it is calibrated
+        "dropout_sites": "all",
         "warnings": out["parameters"]["warnings"],
     }
     assert "coverage guarantee assumes" in out["parameters"]["warnings"]

@@ -27,11 +27,12 @@ from sklearn.datasets import load_diabetes
 
 from bench.common import machine, now
 from models import common, diabetes
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.calibration.data import read
 from service.calibration.evaluation import evaluate, finite_or_none
 from service.calibration.recalibration import calibrate_bundle
 from service.engine.model import ServedModel
+from service.packaging import save
 from service.training.cli import served_module
 from service.training.mlp import train_mlp
 

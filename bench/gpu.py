@@ -186,8 +186,8 @@ def service_check(device: torch.device, passes: int) -> dict[str, Any]:
     import csv
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.api.encode import response_json
     from service.bundle import TrustPolicy, load_bundle
+    from service.encode import response_json
     from service.engine.batcher import Batcher
     from service.engine.model import PredictParams, ServedModel
 

@@ -20,6 +20,13 @@ Variants, interleaved round by round (medians reported):
 (e) one deterministic forward of the B documents (plain `model.eval()(x)`, torch's fast path).
 With --profile, torch.profiler's top operators (self CPU time) of one engine call, every site
 sampled, for the transformer: where the sampled part's time goes.
+
+    python -m bench.text --buckets [--rounds 5] [--length 256] [--batch 32] [--json FILE]
+
+Length buckets (issue 20 item 5): the transformer packaged as a text model twice, the same
+weights, with buckets ("auto": 16, 32, ... up to --length) and without (every text padded to
+--length); documents per second at T = 20 over a mix of three short texts (8 to 40 tokens) to
+one long (200 to --length), one request, interleaved rounds.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import torch
 from torch import nn
 
 from bench.common import machine, median, now, timed
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.engine import MCRequest
 from service.engine.model import ServedModel
+from service.packaging import save
 
 T = 20
 VOCAB, PAD = 8000, 0
@@ -93,14 +101,79 @@ def train_dropout(model: nn.Module, *, layers: bool = True) -> nn.Module:
     return model
 
 
+def bucket_mix(b: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[b, length] ids: three in four texts short (8 to 40 tokens), the rest long (200 to
+    length), padded."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, VOCAB, (b, length), generator=g)
+    for i in range(b):
+        lo, hi = (8, 41) if i % 4 else (min(200, length), length + 1)
+        x[i, int(torch.randint(lo, hi, (1,), generator=g)) :] = PAD
+    return x
+
+
+def buckets(args: argparse.Namespace) -> dict[str, float]:
+    """Documents/s with length buckets against every text at --length, same weights, one run."""
+    from service.training.text_data import train_tokenizer
+
+    tok = train_tokenizer([f"word{i} filler text" for i in range(50)], vocab_size=200)
+    b, length = args.batch, args.length
+    x = bucket_mix(b, length)
+    model = Transformer(length).eval()
+    served = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, how in (("buckets", "auto"), ("fixed", None)):
+            path = save(
+                model, x[:4], out_dir=tmp, name=name, version="1", task="classification",
+                intended_use="bench", labels=[str(i) for i in range(5)], tokenizer=tok,
+                pad_id=PAD, buckets=how,
+            )  # fmt: skip
+            served[name] = ServedModel(load_bundle(path))
+    text = served["buckets"].manifest.inputs.text
+    assert text is not None and text.buckets, "auto chose no buckets for the transformer"
+    ids = x.numpy()
+    variants = {k: (lambda s=s: s.sample([MCRequest(ids, T, 7)])) for k, s in served.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for f in variants.values():
+        f()  # warm
+    for _ in range(args.rounds):
+        order = list(variants)
+        random.shuffle(order)
+        for k in order:
+            times[k].append(timed(variants[k]))
+    med = {k: median(v) for k, v in times.items()}
+    lengths = served["buckets"].buckets.of(ids) if served["buckets"].buckets else []
+    return {
+        **{f"{k}_ms": 1000 * v for k, v in med.items()},
+        **{f"{k}_docs_per_s": b / v for k, v in med.items()},
+        "buckets_vs_fixed": med["fixed"] / med["buckets"],
+        "tokens_buckets": int(sum(lengths)),
+        "tokens_fixed": b * length,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--buckets", action="store_true", help="buckets against fixed padding")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.buckets:
+        torch.manual_seed(0)
+        res = buckets(args)
+        print(json.dumps(res, indent=1))
+        if args.json:
+            report = {
+                "machine": machine(), "date": now(), "T": T, "B": args.batch,
+                "length": args.length, "rounds": args.rounds,
+                "threads": torch.get_num_threads(), "buckets": res,
+            }  # fmt: skip
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     torch.manual_seed(0)
     b, length = args.batch, args.length
     tokens = torch.randint(1, VOCAB, (b, length))
@@ -129,7 +202,7 @@ def main() -> None:
                     m(tokens.repeat(T, 1))
 
             def engine(s: ServedModel = served, ids: object = x, k: int | None = None) -> None:
-                s.sampler.run([MCRequest(ids, T, 7, k)])  # type: ignore[arg-type]
+                s.sampler.run([MCRequest(ids, T, 7, sites=k)])  # type: ignore[arg-type]
 
             def deterministic(m: nn.Module = model) -> None:
                 with torch.inference_mode():

@@ -10,9 +10,9 @@ from sklearn.datasets import load_breast_cancer
 from torch import nn
 
 from models import common
-from service.bundle import save
 from service.bundle.manifest import Defaults, Training
 from service.nn import Affine
+from service.packaging import save
 
 NAME = "breast-cancer"
 SEED = 20240601

@@ -13,9 +13,9 @@ from sklearn.datasets import load_diabetes
 from torch import nn
 
 from models import common
-from service.bundle import save
 from service.bundle.manifest import Defaults, Training
 from service.nn import Affine
+from service.packaging import save
 
 NAME = "diabetes"
 SEED = 20240602

@@ -18,8 +18,8 @@ import torch
 from models import common
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
-from service.bundle.writer import save
 from service.engine.sampler import MCRequest, MCSampler
+from service.packaging import save
 from service.training.text import PATIENCE, fit_text, write_text_csv
 from service.training.text_data import encode, read_splits, read_text_table
 

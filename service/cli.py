@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from service.audit.cli import app as audit_app
-from service.packaging import package
+from service.packaging.cli import package
 from service.training.cli import train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
@@ -108,11 +108,10 @@ def predict(
     ] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
-    from service.api.encode import response
     from service.api.native import to_params
     from service.api.schemas import PredictParameters
+    from service.encode import response
     from service.engine import adaptive
-    from service.engine.adaptive import Adaptive
     from service.engine.inputs import to_array
     from service.engine.registry import Registry
     from service.engine.text import encode_texts
@@ -144,7 +143,8 @@ def predict(
         served = reg.get(model, version)
         params = to_params(
             PredictParameters(
-                samples=None if auto or samples is None else int(samples),
+                samples="auto" if auto else None if samples is None else int(samples),
+                tolerance=tolerance if auto else None,
                 seed=seed,
                 confidence=confidence,
                 mode=mode,  # type: ignore[arg-type]
@@ -160,9 +160,8 @@ def predict(
             x, notes = batch.ids, batch.notes()
         else:
             x = to_array([value], spec, settings.max_instances)
-        if auto and params.mode == "mc":
-            budget = Adaptive(max_samples=settings.max_samples, tolerance=tolerance)
-            pred = adaptive.run(served, [x], [params], budget)[0]
+        if params.auto is not None:
+            pred = adaptive.run(served, [x], [params], params.auto)[0]
         else:
             pred = served.predict(x, params)
         pred.input_notes = notes
@@ -196,8 +195,8 @@ def calibrate(
     ] = None,
 ) -> None:
     """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
-    from service.calibration.conformal import quantile
     from service.calibration.recalibration import calibrate_bundle
+    from service.engine.conformal import quantile
     from service.errors import McServeError
 
     try:

@@ -165,9 +165,11 @@ class Settings(BaseSettings):
     # CDS calls whose data are missing, too old or unusable: "card", a 200 with an info card
     # naming them (clinicians see it); "412", the OperationOutcome alone (CDS Hooks 2.0).
     cds_missing_data: Literal["card", "412"] = "card"
-    # Fetching from an issuer's fhir_servers: one deadline for a call's searches, bytes per answer.
+    # Fetching from an issuer's fhir_servers: one deadline for a call's searches, bytes per answer,
+    # pages per search (a search stops once it holds the results its template asks for).
     cds_fhir_timeout_s: float = Field(default=3.0, gt=0.0)
     cds_fhir_max_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    cds_fhir_max_pages: int = Field(default=5, ge=1, le=100)
     # Model pages (service/api/pages.py): HTML at /models, and where `evaluate` reports are read
     # (<evaluation_dir>/<name>/report.json, used only when its digest is the served bundle's).
     pages: bool = True

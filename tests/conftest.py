@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from nets import mlp
 
-from service.bundle import save
+from service.packaging import save
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from nets import mlp
 
-from service.bundle import save
 from service.bundle.manifest import Training
+from service.packaging import save
 
 # Each payload sets window.__xss when it runs: the browser test reads that flag.
 SCRIPT = "<script>window.__xss = 'script'</script>"

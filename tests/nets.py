@@ -96,3 +96,19 @@ FOUR_MODELS = [
     (lambda: trained_bn(ChannelCNN(), (1, 8, 8)), (1, 8, 8)),
 ]
 FOUR_MODEL_IDS = ["mlp", "cnn-bn", "residual", "dropout2d"]
+
+
+def coin_net() -> nn.Module:
+    """Two classes; logit 0 = (units 0-7) - (units 8-15) of relu(+-x + 1) after dropout 0.5.
+
+    At x = 10 only the first 8 units are on: class 0 in nearly every pass (easy). At x = 0 all 16
+    are on with equal weight: the logit's sign is a coin flip per pass, the mean gap between the
+    classes stays within a few standard errors of 0 however many passes (hard)."""
+    net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0]] * 8 + [[-1.0]] * 8))
+        net[0].bias.fill_(1.0)
+        net[3].weight.zero_()
+        net[3].weight[0].copy_(torch.tensor([1.0] * 8 + [-1.0] * 8))
+        net[3].bias.zero_()
+    return net

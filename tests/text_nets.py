@@ -49,11 +49,13 @@ class LSTMClassifier(nn.Module):
 class TransformerClassifier(nn.Module):
     """Two encoder layers (dropout 0.1), learned positions, mean pooling over real tokens."""
 
-    def __init__(self, norm_first: bool = False, batch_first: bool = True) -> None:
+    def __init__(
+        self, norm_first: bool = False, batch_first: bool = True, length: int = LENGTH
+    ) -> None:
         super().__init__()
         self.batch_first = batch_first
         self.emb = nn.Embedding(VOCAB, 32, padding_idx=PAD)
-        self.pos = nn.Embedding(LENGTH, 32)
+        self.pos = nn.Embedding(length, 32)
         layer = nn.TransformerEncoderLayer(
             32, 4, 64, dropout=0.1, batch_first=batch_first, norm_first=norm_first
         )
@@ -110,11 +112,11 @@ class GRUHead(nn.Module):
         return self.fc(out[:, -1])
 
 
-def token_batch(n: int = 4, seed: int = 0) -> torch.Tensor:
-    """[n, LENGTH] ids, the first with trailing padding."""
+def token_batch(n: int = 4, seed: int = 0, length: int = LENGTH) -> torch.Tensor:
+    """[n, length] ids, the first with trailing padding."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
-    t[0, LENGTH // 2 :] = PAD
+    t = torch.randint(1, VOCAB, (n, length), generator=g)
+    t[0, length // 2 :] = PAD
     return t
 
 
@@ -136,7 +138,7 @@ CORPUS = [
 
 def save_text_model(out_dir: Any, name: str = "notes", intended_use: str = "tests only") -> Any:
     """A small TextCNN with a WordPiece tokenizer trained on CORPUS, saved as <name>/1."""
-    from service.bundle import save
+    from service.packaging import save
 
     torch.manual_seed(0)
     return save(

@@ -35,6 +35,7 @@ from service.clinical.fetch import FetchPolicy, complete
 from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Record
 from service.clinical.mapping import Mapping, wanted
+from service.clinical.search import Limits
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel
 from service.errors import MissingDataError
@@ -196,9 +197,9 @@ async def fetch_missing(
     issuer = cds.settings.cds_issuers.get(claims.iss) if claims else None
     if issuer is None or not issuer.fhir_servers:
         return dict(body.prefetch or {}), []
-    policy = FetchPolicy(
-        issuer.fhir_servers, cds.settings.cds_fhir_timeout_s, cds.settings.cds_fhir_max_bytes
-    )
+    s = cds.settings
+    limits = Limits(max_bytes=s.cds_fhir_max_bytes, max_pages=s.cds_fhir_max_pages)
+    policy = FetchPolicy(issuer.fhir_servers, s.cds_fhir_timeout_s, limits)
     return await complete(
         mapping.prefetch(),
         body.prefetch,

@@ -15,7 +15,6 @@ from starlette.responses import Response
 
 from service.api import audit, examples
 from service.api.auth import allowed_models
-from service.api.encode import response_json
 from service.api.schemas import (
     ErrorBody,
     ModelList,
@@ -26,6 +25,8 @@ from service.api.schemas import (
 )
 from service.api.state import AppState
 from service.clinical import fhir
+from service.encode import response_json
+from service.engine.adaptive import Adaptive, first_passes
 from service.engine.batcher import Batcher
 from service.engine.inputs import to_array
 from service.engine.model import (
@@ -159,7 +160,15 @@ def ignored(p: PredictParameters) -> list[str]:
     """A warning naming the parameters deterministic mode does not use (it was silent)."""
     if p.mode != "deterministic":
         return []
-    names = ("samples", "seed", "confidence", "interval", "dropout_sites")
+    names = (
+        "samples",
+        "max_samples",
+        "tolerance",
+        "seed",
+        "confidence",
+        "interval",
+        "dropout_sites",
+    )
     given = [k for k in names if getattr(p, k) is not None]
     if not given:
         return []
@@ -168,17 +177,42 @@ def ignored(p: PredictParameters) -> list[str]:
 
 def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> PredictParams:
     d = model.manifest.defaults
-    samples = p.samples if p.samples is not None else d.samples
+    conf = p.confidence if p.confidence is not None else d.confidence
+    levels = check_levels([conf] if isinstance(conf, float | int) else conf)
+    auto = _adaptive(p, max_samples) if p.mode == "mc" else None
+    if auto is not None:  # the first chunk's passes; more are queued until the answer is sure
+        interval = p.interval or default_interval(model.manifest)
+        samples = first_passes(PredictParams(0, levels, interval=interval), auto)
+    else:
+        samples = p.samples if isinstance(p.samples, int) else d.samples
     if samples > max_samples:
         raise InvalidInputError(
             f"samples={samples} is over the maximum of {max_samples} (setting max_samples)"
         )
-    conf = p.confidence if p.confidence is not None else d.confidence
-    levels = check_levels([conf] if isinstance(conf, float | int) else conf)
     interval = resolve_interval(
         model.manifest, p.interval, samples=samples, levels=levels, mode=p.mode
     )
-    return PredictParams(samples, levels, p.seed, p.mode, interval, p.dropout_sites)
+    return PredictParams(samples, levels, p.seed, p.mode, interval, auto, p.dropout_sites)
+
+
+def _adaptive(p: PredictParameters, limit: int) -> Adaptive | None:
+    """samples="auto" with its max_samples and tolerance (defaults: the server's maximum and
+    Adaptive's tolerance); those two without auto are refused rather than ignored."""
+    if p.samples != "auto":
+        if p.max_samples is not None or p.tolerance is not None:
+            raise InvalidInputError(
+                'max_samples and tolerance apply to samples=auto only; send samples="auto" '
+                "or leave them out"
+            )
+        return None
+    most = p.max_samples if p.max_samples is not None else limit
+    if most > limit:
+        raise InvalidInputError(
+            f"max_samples={most} is over the server's maximum of {limit} (setting max_samples)"
+        )
+    if p.tolerance is None:
+        return Adaptive(max_samples=most)
+    return Adaptive(max_samples=most, tolerance=p.tolerance)
 
 
 async def _until_disconnect(request: Request, task: asyncio.Future[Any]) -> None:

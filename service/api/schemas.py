@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
+Passes = Annotated[int, Field(ge=2, strict=True)]
+
+
+def _or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """samples: "auto", or a whole number checked as before (a plain union would name its
+    branches in every error's location: parameters.samples.constrained-int)."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise PydanticCustomError("int_or_auto", 'Input should be a valid integer or "auto"')
+    return handler(value)
+
+
+if TYPE_CHECKING:
+    Samples = int | Literal["auto"]
+else:
+    Samples = Annotated[
+        Passes,
+        WrapValidator(_or_auto),
+        WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 2}, {"const": "auto"}]}),
+    ]
+# samples="auto" (service.engine.adaptive): passes double from 32 until the answer is sure.
+AUTO_SAMPLES = (
+    "MC passes, or auto (adaptive: until the answer's decisions are sure); default: the model's"
+)
+AUTO_MAX = "samples=auto: at most this many passes; default: the server's max_samples"
+PASSES_USED = "samples=auto: the passes this input's answer used (all of a request's inputs alike)"
+AUTO_TOLERANCE = (
+    "samples=auto: stop when the Monte Carlo standard error of each decision is below this "
+    "(probability units for classifiers, a fraction of the std for regressors); default 0.01"
+)
 
 
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    samples: int | None = Field(
-        default=None, ge=2, strict=True, description="MC passes; default: the model's"
+    samples: Samples | None = Field(default=None, description=AUTO_SAMPLES)
+    max_samples: Passes | None = Field(default=None, description=AUTO_MAX)
+    tolerance: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, strict=True, description=AUTO_TOLERANCE
     )
     # Strict: numbers in strings are refused here as in the instances (one rule, README).
     confidence: StrictFloat | list[StrictFloat] | None = Field(
@@ -86,6 +129,7 @@ class RegressionPrediction(BaseModel):
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
     truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
+    passes_used: int | None = Field(default=None, description=PASSES_USED)
 
 
 class TargetPrediction(BaseModel):
@@ -104,6 +148,7 @@ class MultiOutputPrediction(BaseModel):
     referral: ReferralOut | None = Field(
         default=None, description="one decision for the input; each reason names its target"
     )
+    passes_used: int | None = Field(default=None, description=PASSES_USED)
 
 
 class ClassificationPrediction(BaseModel):
@@ -119,6 +164,7 @@ class ClassificationPrediction(BaseModel):
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
     truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
+    passes_used: int | None = Field(default=None, description=PASSES_USED)
 
 
 class ModelRef(BaseModel):

@@ -27,7 +27,7 @@ from service.api.native import (
 )
 from service.api.schemas import PredictParameters
 from service.api.v2_binary import HEADER, decode_input, decode_texts, encode, split
-from service.api.v2_outputs import PLATFORM, TensorSpec, specs, values
+from service.api.v2_outputs import PASSES_USED, PLATFORM, TensorSpec, specs, values
 from service.api.v2_schemas import (
     InferRequest,
     InferResponse,
@@ -163,13 +163,20 @@ def parse(header: bytes) -> InferRequest:
         raise RequestValidationError(errors) from None
 
 
-def select(req: InferRequest, model: ServedModel, mode: str) -> list[tuple[TensorSpec, bool]]:
-    """(output, binary?) in response order; refuses unknown outputs before any compute."""
+def select(
+    req: InferRequest, model: ServedModel, mode: str, auto: bool = False
+) -> list[tuple[TensorSpec, bool]]:
+    """(output, binary?) in response order; refuses unknown outputs before any compute.
+    `passes_used` is in a response that names no outputs only for samples=auto."""
     available = specs(model)
     by_name = {s.name: s for s in available}
     binary = bool(req.parameters.binary_data_output)
     if req.outputs is None:
-        return [(s, binary) for s in available if mode == "mc" or s.deterministic]
+        return [
+            (s, binary)
+            for s in available
+            if (mode == "mc" or s.deterministic) and (auto or s.name != PASSES_USED)
+        ]
     chosen: list[tuple[TensorSpec, bool]] = []
     for out in req.outputs:
         spec = by_name.get(out.name)
@@ -219,11 +226,17 @@ async def infer_with(
     req = await off_loop(lambda: parse(header), nbytes=len(header))
     p = req.parameters
     given = PredictParameters(
-        samples=p.samples, confidence=p.confidence, seed=p.seed, mode=p.mode, interval=p.interval,
+        samples=p.samples,
+        max_samples=p.max_samples,
+        tolerance=p.tolerance,
+        confidence=p.confidence,
+        seed=p.seed,
+        mode=p.mode,
+        interval=p.interval,
         dropout_sites=p.dropout_sites,
-    )  # fmt: skip
+    )
     params = to_params(given, model, st.settings.max_samples)
-    wanted = select(req, model, params.mode)
+    wanted = select(req, model, params.mode, auto=params.auto is not None)
     notes = None
     if spec.text is not None:  # a text model: BYTES in, token ids to the engine
         text, tokenizer = spec.text, model.bundle.tokenizer

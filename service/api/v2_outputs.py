@@ -8,8 +8,10 @@ tritonclient's `as_numpy`.
 `prediction_set` (BOOL [B, K], conformal, at the request's confidence) exists for calibrated
 classifiers only; `refer` (BOOL [B]: a human should look) for every model, since each has a
 referral policy (its bundle's, or the default one at its confidence level). Both are MC outputs.
-To add an output: add its `TensorSpec` in `specs` under the condition that makes it exist, and
-say in `values` where the engine's `Prediction` holds it.
+`passes_used` (INT64 [B]) is the passes each input's answer used: the request's `samples`, or
+for samples=auto the passes its chunks reached (a response that names no outputs carries it only
+then). To add an output: add its `TensorSpec` in `specs` under the condition that makes it
+exist, and say in `values` where the engine's `Prediction` holds it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine.model import Prediction, ServedModel
+from service.engine.prediction import inputs
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 PLATFORM = "pytorch_mc_dropout"
 CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
+PASSES_USED = "passes_used"
 REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
 
 
@@ -56,7 +60,7 @@ def specs(model: ServedModel) -> list[TensorSpec]:
             TensorSpec("mean", "FP64", d, deterministic=True),
             *(TensorSpec(n, "FP64", d) for n in REGRESSION),
         ]
-    return [*out, TensorSpec("refer", "BOOL", ())]
+    return [*out, TensorSpec("refer", "BOOL", ()), TensorSpec(PASSES_USED, "INT64", ())]
 
 
 def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
@@ -74,6 +78,8 @@ def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
         elif spec.name == "prediction_set":
             assert isinstance(s, ClassificationSummary)
             arr = s.prediction_sets[0].members
+        elif spec.name == PASSES_USED:
+            arr = np.full(inputs(pred), pred.samples or 0, dtype=np.int64)
         elif spec.name == "refer":
             assert pred.referral is not None
             arr = pred.referral.refer

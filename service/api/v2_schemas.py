@@ -10,7 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from service.api.schemas import MAX_SEED
+from service.api.schemas import (
+    AUTO_MAX,
+    AUTO_SAMPLES,
+    AUTO_TOLERANCE,
+    MAX_SEED,
+    Passes,
+    Samples,
+)
 
 Datatype = Literal[
     "BOOL",
@@ -61,8 +68,10 @@ class RequestOutput(Closed):
 class InferParameters(Closed):
     """mcserve's own request parameters plus the keys tritonclient reserves."""
 
-    samples: int | None = Field(
-        default=None, ge=2, strict=True, description="MC passes; default: the model's"
+    samples: Samples | None = Field(default=None, description=AUTO_SAMPLES)
+    max_samples: Passes | None = Field(default=None, description=AUTO_MAX)
+    tolerance: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, strict=True, description=AUTO_TOLERANCE
     )
     confidence: float | None = Field(
         default=None,

@@ -4,7 +4,7 @@ The request path describes its prediction as a `PredictionEvent` (the model, the
 the parameters and the engine's `Prediction`); the writer turns it at once into a `message`: a
 tuple of plain values, the input array's bytes and the answer's JSON bytes, which the writer
 process (`sink.py`) turns into a row (`rows.py`) and stores. The summary is the native answer's
-JSON for that prediction (`service.api.encode.response`), whatever the route: the numbers the
+JSON for that prediction (`service.encode.response`), whatever the route: the numbers the
 client got, in one canonical form that a replay can recompute and compare byte for byte.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.api.encode import response_json
 from service.audit.rows import FeedbackMessage, Message, PredictionMessage, layout, little_endian
+from service.encode import response_json
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.sampler import NUMERICS
 
@@ -133,7 +133,7 @@ def message(e: Event) -> Message:
         )
     pred, p, m = e.prediction, e.params, e.model
     params = {
-        "samples": p.samples,
+        "samples": pred.samples if pred.samples is not None else p.samples,  # auto: used
         "confidence": list(p.confidence),
         "seed": pred.seed,  # the seed used: given by the client, or drawn and reported
         "seed_given": p.seed is not None,

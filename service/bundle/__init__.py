@@ -1,7 +1,8 @@
 """Model bundles: a versioned manifest plus code-free artifacts (see docs/BUNDLES.md).
 
 Exports load lazily (PEP 562): `service.bundle.architecture` needs only torch, so a bare GPU
-machine without pydantic can still rebuild a bundle's module.
+machine without pydantic can still rebuild a bundle's module. Writing a bundle from a user's
+module is `service.packaging.save`: it traces and checks with the engine, which sits above.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the type checker sees the real names; runtime imports them on first use
     from service.bundle.load import LoadedBundle, TrustPolicy, bundle_digest, load_bundle
     from service.bundle.manifest import SCHEMA_VERSION, Manifest, parse_manifest
-    from service.bundle.writer import save
 
 _EXPORTS = {
     "LoadedBundle": "service.bundle.load",
@@ -22,7 +22,6 @@ _EXPORTS = {
     "SCHEMA_VERSION": "service.bundle.manifest",
     "Manifest": "service.bundle.manifest",
     "parse_manifest": "service.bundle.manifest",
-    "save": "service.bundle.writer",
 }
 __all__ = [
     "SCHEMA_VERSION",
@@ -32,7 +31,6 @@ __all__ = [
     "bundle_digest",
     "load_bundle",
     "parse_manifest",
-    "save",
 ]
 
 

@@ -1,8 +1,10 @@
-"""Row fingerprints: tell whether a row was trained or calibrated on without storing the row."""
+"""Fingerprints: a row's (was it trained or calibrated on, without storing the row) and a file's
+(the sha256 a manifest lists for each artifact)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 
@@ -17,3 +19,11 @@ def row_fingerprint(x: np.ndarray) -> list[str]:
     a = np.asarray(x)
     rows = a.reshape(1, -1) if a.ndim == 1 else a.reshape(a.shape[0], -1)
     return [hashlib.sha256(np.asarray(r, dtype="<f4").tobytes()).hexdigest()[:16] for r in rows]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -52,6 +52,27 @@ class TextInput(Strict):
     truncation: Literal["truncate", "error"] = "truncate"  # longer texts: cut, or a 422
     pad_id: int = Field(default=0, ge=0)
     max_text_bytes: int = Field(default=100_000, ge=1)  # refused (413) before tokenization
+    # Length buckets (docs/BUNDLES.md): a text runs padded to the smallest bucket that holds its
+    # own tokens, never to what shares its batch. Ascending, ending at max_tokens; None (every
+    # bundle before buckets): one length, max_tokens. Only for a graph traced length-generic.
+    buckets: list[int] | None = Field(default=None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _buckets(self) -> TextInput:
+        b = self.buckets
+        if b is not None and (
+            b[-1] != self.max_tokens or b[0] < 1 or any(x >= y for x, y in itertools.pairwise(b))
+        ):
+            raise ValueError(
+                f"text.buckets must be ascending lengths ending at max_tokens ({self.max_tokens}), "
+                f"got {b}"
+            )
+        return self
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The padded lengths a text can run at (one, max_tokens, without buckets)."""
+        return tuple(self.buckets) if self.buckets else (self.max_tokens,)
 
 
 class InputSpec(Strict):

@@ -1,7 +1,8 @@
-"""Calibrated uncertainty: split conformal, temperature scaling, referral, evaluation.
+"""Calibration fitting and evaluation: the `calibrate` and `evaluate` commands.
 
-One noun per module: `conformal`, `temperature`, `metrics` and `referral` are numpy (plus the
-manifest types); `calibrator` applies a bundle's calibration to served summaries; `data` reads
-labelled CSVs; `recalibration` (the `calibrate` command) and `evaluation` run a bundle through
-the engine; `report` draws with matplotlib, imported only there. No FastAPI import anywhere here.
+One noun per module: `temperature` and `metrics` are numpy; `data` and `text_data` read labelled
+CSVs; `recalibration` (the `calibrate` command) and `evaluation` run a bundle through the engine;
+`report` draws with matplotlib, imported only there. What is applied at serve time (split
+conformal quantiles, the referral rules, `Calibrator`) lives in `service.engine`, below this
+package, so the engine never imports it. No FastAPI import anywhere here.
 """

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import conformal, metrics
-from service.calibration.data import Labelled, overlaps
-from service.calibration.referral import Referral
-from service.engine import heads
+from service.calibration import metrics
+from service.calibration.labelled import Labelled, overlaps
+from service.engine import conformal, heads
 from service.engine.model import IntervalMethod, PredictParams, ServedModel
+from service.engine.referral import Referral
 from service.engine.sampler import MCRequest
 from service.engine.summaries import (
     ClassificationSummary,
@@ -249,8 +249,8 @@ def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0
             f"{m.name}: evaluate scores one target; this model has {len(m.outputs.targets)} "
             "(multi-output evaluation is not implemented yet)"
         )
-    req = MCRequest(data.x, samples, seed, m.sampled_sites)  # the sites the model serves with
-    out = served.sampler.run([req])[0]  # [T, N, outputs]
+    req = MCRequest(data.x, samples, seed, sites=m.sampled_sites)  # the sites it serves with
+    out = served.sample([req])[0]  # [T, N, outputs]
     y = data.y
     ev = (
         _classification(served, out, req, y, data.groups)

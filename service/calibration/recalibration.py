@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.bundle.fingerprint import sha256_file
 from service.bundle.load import TrustPolicy, load_bundle
 from service.bundle.manifest import (
     MANIFEST_NAME,
@@ -27,12 +28,12 @@ from service.bundle.manifest import (
     ReferralPolicy,
     TargetReferral,
 )
-from service.bundle.writer import sha256_file
-from service.calibration import conformal, temperature
-from service.calibration.data import Labelled, overlaps, read
-from service.calibration.referral import budget_threshold, outside_training, relative_width
-from service.engine import heads
+from service.calibration import temperature
+from service.calibration.data import read
+from service.calibration.labelled import Labelled, overlaps
+from service.engine import conformal, heads
 from service.engine.model import ServedModel
+from service.engine.referral import budget_threshold, outside_training, relative_width
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification, summarize_regression
 from service.errors import BundleError
@@ -66,8 +67,8 @@ def _fit(
 ) -> tuple[Calibration, ReferralPolicy]:
     m = served.manifest
     # Scores from the dropout sites the model serves with (its manifest's default).
-    req = MCRequest(data.x, samples, seed, m.sampled_sites)
-    out = served.sampler.run([req])[0]  # [T, N, outputs]
+    req = MCRequest(data.x, samples, seed, sites=m.sampled_sites)
+    out = served.sample([req])[0]  # [T, N, outputs]
     level = m.defaults.confidence
     fps = data.fingerprints()
     policy_base = m.referral or ReferralPolicy()

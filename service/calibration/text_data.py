@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.manifest import Manifest
-from service.calibration.data import Labelled, _target_column, _targets
+from service.calibration.labelled import Labelled, read_targets, target_column
 from service.engine.text import encode_texts
 from service.errors import InvalidInputError
 
@@ -58,7 +58,7 @@ def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: An
     if spec is None or tokenizer is None:
         raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
     raw, header, body = csv_rows(path)
-    t_name = _target_column(header, manifest, target, path)
+    t_name = target_column(header, manifest, target, path)
     if t_name not in header:
         raise InvalidInputError(
             f"{path}: no target column {t_name!r} (another name: --target); columns {header}"
@@ -73,7 +73,7 @@ def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: An
                 f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
             )
     texts = [r[xi] for r in body]
-    y = _targets([r[ti].strip() for r in body], manifest, path)
+    y = read_targets([r[ti].strip() for r in body], manifest, path)
     try:
         batch = encode_texts(texts, tokenizer, spec, max_instances=len(texts))
     except InvalidInputError as exc:  # "instance i" is data row i (0-based, header excluded)

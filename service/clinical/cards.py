@@ -249,7 +249,14 @@ REMEDY = {
     "code-invalid": "a result in a unit that converts to the model's (UCUM)",
     "value": "a measured value the model can use",
     "security": "a FHIR server and access token this service may use (fhir_servers, scope)",
-    "transient": "a FHIR server that answers in time",
+    "transient": "a FHIR server that answers",
+    # Fetching from the EHR's FHIR server (fetch.py, search.py):
+    "timeout": "a FHIR server that answers in time",
+    "login": "a current access token in fhirAuthorization (the one sent was refused)",
+    "forbidden": "an access token that allows reading these resources",
+    "too-costly": "a FHIR server answer within the size and page limits",
+    "structure": "valid FHIR from the FHIR server",
+    "processing": "a FHIR server that answers the search it was sent",
 }
 
 

@@ -5,35 +5,39 @@ Only where it is safe and allowed, else nothing is fetched and the reason is not
   sends a patient's access token only to servers the deployer named, never to any URL a
   request carries);
 - `fhirAuthorization` is a Bearer token whose `scope` grants reading what is fetched
-  (`patient/`, `user/` or `system/` with `.read`, `.rs` or `.*` for Patient and Observation)
-  and whose `patient`, when given, is the call's patient;
-- each search is a discovery prefetch template (the only queries ever sent), with the token,
-  redirects never followed, a deadline for all of them together, and at most `max_bytes` read
-  per answer, which must be a FHIR searchset Bundle (or the Patient).
-A failure (an expired token answered 401, a slow server, a Bundle over the limit) leaves the key
-missing: the card then names the missing inputs and the note says why fetching did not help.
+  (`patient/`, `user/` or `system/` with `.read`, `.rs`, `.r` or `.*` for Patient and
+  Observation) and whose `patient`, when given, is the call's patient;
+- each query is a discovery prefetch template (the only queries ever sent), run by the FHIR
+  search client of `search.py` (same server only, no redirects, bounded bytes, pages and
+  entries, resources validated), all of a call's queries under one deadline.
+A failure (an expired token answered 401, a slow server, a Bundle over the limit, a redirect or
+`next` link to another host, an invalid resource) leaves the key missing: the card then names
+the missing inputs and a note per key says why fetching did not help and what would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from service.clinical.search import FhirSearch, Limits, SearchFailed
+
 Json = dict[str, Any]
+log = logging.getLogger("mcserve.cds")
 SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|rs|\*|r)$")
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
     servers: Sequence[str]  # allow-listed base URLs of the issuer's FHIR servers
-    timeout_s: float = 3.0  # for all of one call's searches together
-    max_bytes: int = 2 * 1024 * 1024  # per answer
+    timeout_s: float = 3.0  # for all of one call's searches together, pages included
+    limits: Limits = field(default_factory=Limits)  # bytes per answer, pages, entries per search
 
 
 def note(key: str, diagnostics: str, code: str = "transient") -> Json:
@@ -109,53 +113,28 @@ async def complete(
         return out, notes
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
     async with httpx.AsyncClient(
-        base_url=fhir_server.rstrip("/") + "/",
         headers=headers,
-        follow_redirects=False,
+        follow_redirects=False,  # search.py refuses them: the token stays on this server
         timeout=2 * policy.timeout_s,  # a backstop: the one deadline below is what counts
         transport=transport,
     ) as client:
-        tasks = {
-            k: asyncio.ensure_future(_get(client, q, policy.max_bytes)) for k, q in queries.items()
-        }
+        server = FhirSearch(client, fhir_server, patient_id, policy.limits)
+        tasks = {k: asyncio.ensure_future(server.run(q)) for k, q in queries.items()}
         _, pending = await asyncio.wait(tasks.values(), timeout=policy.timeout_s)
         for t in pending:
             t.cancel()
         for k, t in tasks.items():
             if t in pending:
-                notes.append(note(k, f"fetching it timed out after {policy.timeout_s:g} s"))
+                notes.append(
+                    note(k, f"fetching it timed out after {policy.timeout_s:g} s", "timeout")
+                )
                 continue
             exc = t.exception()
-            if exc is not None:
-                notes.append(note(k, f"fetching it failed: {exc}"))
+            if isinstance(exc, SearchFailed):
+                notes.append(note(k, f"fetching it failed: {exc}", exc.code))
+            elif exc is not None:  # a bug of ours: logged, and the call still gets its card
+                log.error("fetching prefetch %r failed", k, exc_info=exc)
+                notes.append(note(k, f"fetching it failed: {type(exc).__name__}"))
             else:
                 out[k] = t.result()
     return out, notes
-
-
-class FetchFailed(Exception):
-    pass
-
-
-async def _get(client: httpx.AsyncClient, query: str, max_bytes: int) -> Json:
-    body = bytearray()
-    try:
-        async with client.stream("GET", query) as r:
-            if r.status_code in (401, 403):
-                raise FetchFailed(f"HTTP {r.status_code}: the access token was refused or expired")
-            if r.status_code != 200:
-                raise FetchFailed(f"HTTP {r.status_code} (redirects are not followed)")
-            async for chunk in r.aiter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise FetchFailed(f"the answer is over {max_bytes} bytes")
-    except httpx.HTTPError as exc:
-        raise FetchFailed(type(exc).__name__) from None
-    try:
-        res = json.loads(body)
-    except ValueError:
-        raise FetchFailed("the answer is not JSON") from None
-    kind = res.get("resourceType") if isinstance(res, dict) else None
-    if kind not in ("Bundle", "Patient"):
-        raise FetchFailed(f"the answer is a {kind!r}, not a Bundle or Patient")
-    return res

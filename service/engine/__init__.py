@@ -2,6 +2,9 @@
 
 Shapes are samples-first everywhere: a request's samples are ``[T, B, *output]``.
 
+What a bundle's calibration changes at serve time lives here too (`calibrator`, `conformal`,
+`referral`); fitting it is `service.calibration`, which sits above and imports the engine.
+
 Exports load lazily (PEP 562), so `service.engine.sampler` can be used where onnxruntime or
 pydantic are absent (e.g. `bench/gpu.py` on a bare GPU machine).
 """

@@ -123,7 +123,7 @@ def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance
     return bool(_regressor(model, samples, p, tolerance).all())
 
 
-def _first(p: PredictParams, a: Adaptive) -> int:
+def first_passes(p: PredictParams, a: Adaptive) -> int:
     # Quantile intervals need 2 / alpha passes at least: start there rather than refuse.
     need = [min_samples_for_quantile(c) for c in p.confidence] if p.interval == "quantile" else []
     start = max([a.first, *need])
@@ -141,25 +141,44 @@ def run(
     """Answer each request (inputs xs[i], parameters params[i], whose `samples` is ignored) with
     as many passes as it needs; `Prediction.samples` is the number used."""
     seeds = [p.seed if p.seed is not None else new_seed() for p in params]
-    passes = [_first(p, a) for p in params]
+    passes = [first_passes(p, a) for p in params]
     sites = [model.sites_for(p) for p in params]
     done: dict[int, tuple[np.ndarray, int]] = {}
     while len(done) < len(xs):
         todo = [i for i in range(len(xs)) if i not in done]
-        reqs = [MCRequest(xs[i], passes[i], seeds[i], sites[i]) for i in todo]
-        for i, out in zip(todo, model.sampler.run(reqs), strict=True):
-            if passes[i] >= a.max_samples or settled(model, out, params[i], a.tolerance):
+        reqs = [MCRequest(xs[i], passes[i], seeds[i], sites=sites[i]) for i in todo]
+        for i, out in zip(todo, model.sample(reqs), strict=True):
+            more = next_passes(model, out, params[i], a)
+            if more is None:
                 done[i] = (out, passes[i])
             else:
-                passes[i] = min(2 * passes[i], a.max_samples)
+                passes[i] = more
     answers = []
     for i, x in enumerate(xs):
         out, t = done[i]
         p = dataclasses.replace(params[i], samples=t, seed=seeds[i])
         model.check_params(p)
-        pred = model.summarize(out, MCRequest(x, t, seeds[i], sites[i]), p)
-        pred.warnings.append(
-            f"adaptive passes: {t} used (max_samples {a.max_samples}, tolerance {a.tolerance:g})"
-        )
-        answers.append(pred)
+        req = MCRequest(x, t, seeds[i], sites=sites[i])
+        answers.append(mark(model.summarize(out, req, p), a))
     return answers
+
+
+def next_passes(
+    model: ServedModel, samples: np.ndarray, p: PredictParams, a: Adaptive
+) -> int | None:
+    """After a chunk of `samples` [T, B, outputs]: None when the request is done (settled, or
+    at max_samples), else the passes of its next chunk (twice as many, at most max_samples)."""
+    t = int(samples.shape[0])
+    if t >= a.max_samples or settled(model, samples, p, a.tolerance):
+        return None
+    return min(2 * t, a.max_samples)
+
+
+def mark(pred: Prediction, a: Adaptive) -> Prediction:
+    """Say in the answer that its passes were chosen adaptively, and how many."""
+    pred.adaptive = True
+    pred.warnings.append(
+        f"adaptive passes: {pred.samples} used (max_samples {a.max_samples}, "
+        f"tolerance {a.tolerance:g})"
+    )
+    return pred

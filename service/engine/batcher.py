@@ -7,12 +7,19 @@ worker is idle it takes whatever is queued at once (a timer would only add laten
 batch, up to a row budget. With the compute process (worker.py) batches form a pipeline instead:
 slices of at most `slice_rows` rows, up to four in flight. Expired and cancelled requests are
 dropped before compute. One request's failure fails that request only.
+
+A text model with length buckets (buckets.py) counts its work in tokens: a request costs
+passes x the sum of its texts' bucket lengths, and every budget above is scaled by max_tokens
+(so a text at full length costs one row, as before, and a short one a fraction). Its requests
+queue by their longest bucket and a batch takes from the queues in turn, oldest first within
+each, so a short text waits for at most one batch of long ones, not for all that came before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.engine import compute
-from service.engine.compute import Outcome, Work
+from service.engine.compute import More, Outcome, Work
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.worker import ComputeProcess
@@ -52,6 +59,7 @@ class BatcherStats:
     rejected: int = 0  # queue full (429)
     expired: int = 0  # deadline passed before compute (504)
     cancelled: int = 0  # client gone before compute
+    requeued: int = 0  # adaptive chunks queued again (samples="auto")
     batches: int = 0
     batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
     queue_rows: int = 0
@@ -65,7 +73,8 @@ class _Item:
     future: asyncio.Future[Prediction]
     enqueued: float
     deadline: float | None
-    rows: int
+    rows: int  # its cost, in the model's cost units (rows; tokens for a bucketed text model)
+    queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
 
 
@@ -95,22 +104,27 @@ class Batcher:
         # requests) gave 1.2x the requests/s, slices of 800 less (the per-batch cost). On the
         # thread, one batch: a second would only wait for the same worker.
         self._depth = 4 if remote is not None else 1
-        self.slice_rows = slice_rows if remote is not None else max_batch_rows
+        unit = model.cost_unit  # budgets in rows at full size; costs in rows or tokens
+        self.unit = unit
+        self.slice_rows = (slice_rows if remote is not None else max_batch_rows) * unit
         self._in_flight: set[asyncio.Future[None]] = set()
-        self.max_batch_rows = max_batch_rows
-        self.max_queue_rows = max_queue_rows
+        self.max_batch_rows = max_batch_rows * unit
+        self.max_queue_rows = max_queue_rows * unit
         self.max_delay_s = max_delay_s
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
-        self._queue: deque[_Item] = deque()
+        # One FIFO per length class (one in all for a model without buckets); `_turn` is the
+        # class that opens the next batch, so the classes take turns.
+        self._queues: dict[int, deque[_Item]] = {}
+        self._turn = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # The loop, kept at start(): get_running_loop() makes a getpid() system call each time
         # (CPython 3.11 checks for a fork), measured at 4 % of the event loop under load.
         self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._rows_per_s = 50_000.0  # replaced by measurements after the first batch
+        self._rows_per_s = 50_000.0 * unit  # replaced by measurements after the first batch
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
 
@@ -127,7 +141,7 @@ class Batcher:
         """
         if drain:
             await asyncio.sleep(settle_s)
-            while (self._queue or self.stats.queue_rows) and not (
+            while (self._queued() or self.stats.queue_rows) and not (
                 self._task is None or self._task.done()  # a dead worker drains nothing
             ):
                 self._wakeup.set()
@@ -141,11 +155,15 @@ class Batcher:
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        for item in self._queue:
-            self.stats.queue_rows -= item.rows
-            if not item.future.done():
-                item.future.set_exception(ShuttingDownError("the server is shutting down"))
-        self._queue.clear()
+        for q in self._queues.values():
+            for item in q:
+                self.stats.queue_rows -= item.rows
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDownError("the server is shutting down"))
+        self._queues.clear()
+
+    def _queued(self) -> bool:
+        return any(self._queues.values())
 
     def retry_after_s(self, extra_rows: int = 0) -> int:
         return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
@@ -165,11 +183,14 @@ class Batcher:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self.model.check_params(params)
         req = self.model.mc_request(x, params) if params.mode == "mc" else None
-        rows = req.rows if req is not None else int(x.shape[0])
-        if rows > self.max_queue_rows:
+        rows = self.model.cost(x, req.samples if req is not None else 1)
+        most = rows if params.auto is None else self.model.cost(x, params.auto.max_samples)
+        if most > self.max_queue_rows:
             raise PayloadTooLargeError(
-                f"the request needs {rows} rows (instances x samples), more than the queue holds "
-                f"({self.max_queue_rows}); send fewer instances or samples"
+                f"the request may need {-(-most // self.unit)} rows (instances x samples"
+                f"{', at its texts lengths' if self.unit > 1 else ''}), more than the queue "
+                f"holds ({self.max_queue_rows // self.unit}); send fewer instances or samples "
+                "(max_samples)"
             )
         if self.stats.queue_rows + rows > self.max_queue_rows:
             self.stats.rejected += 1
@@ -178,49 +199,70 @@ class Batcher:
                 retry_after_s=self.retry_after_s(rows),
             )
         fut: asyncio.Future[Prediction] = (self.loop or asyncio.get_running_loop()).create_future()
-        self._queue.append(_Item(x, params, req, fut, self.clock(), deadline, rows))
+        klass = self.model.length_class(x)
+        item = _Item(x, params, req, fut, self.clock(), deadline, rows, klass)
+        self._queues.setdefault(klass, deque()).append(item)
         self.stats.submitted += 1
         self.stats.queue_rows += rows
         self._wakeup.set()
         return fut
 
     def _take(self) -> list[_Item]:
-        """Pop the next batch: expired and cancelled items are dropped, never computed."""
+        """Pop the next batch: expired and cancelled items are dropped, never computed. The
+        length classes take turns: the class after the last batch's opener opens this one,
+        then each class in order adds its oldest items while they fit (one class: FIFO)."""
         batch: list[_Item] = []
         rows = 0
-        now = self.clock()
         limit = min(self.max_batch_rows, self.slice_rows)
-        while self._queue:
-            item = self._queue[0]
+        classes = sorted(k for k, q in self._queues.items() if q)
+        if not classes:
+            return batch
+        start = next((i for i, k in enumerate(classes) if k >= self._turn), 0)
+        order = classes[start:] + classes[:start]
+        self._turn = order[0] + 1  # the next batch opens with the next class
+        for k in order:
+            q = self._queues[k]
+            while q:
+                item = self._drop_dead(q)
+                if item is None:
+                    break
+                if batch and (rows + item.rows > limit or not self.batching):
+                    break
+                q.popleft()
+                batch.append(item)
+                rows += item.rows
+            if batch and not self.batching:
+                break
+        return batch
+
+    def _drop_dead(self, q: deque[_Item]) -> _Item | None:
+        """The first live item of `q` (None: none), dropping cancelled and expired ones."""
+        now = self.clock()
+        while q:
+            item = q[0]
             if item.future.done():  # cancelled by a disconnected client
-                self._queue.popleft()
-                self.stats.queue_rows -= item.rows
                 self.stats.cancelled += 1
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                self._queue.popleft()
-                self.stats.queue_rows -= item.rows
+            elif item.deadline is not None and now >= item.deadline:
                 self.stats.expired += 1
                 item.future.set_exception(DeadlineExceededError(EXPIRED))
-                continue
-            if batch and (rows + item.rows > limit or not self.batching):
-                break
-            self._queue.popleft()
-            batch.append(item)
-            rows += item.rows
-        return batch
+            else:
+                return item
+            q.popleft()
+            self.stats.queue_rows -= item.rows
+        return None
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.max_delay_s > 0 and self._queue:
+            if self.max_delay_s > 0 and self._queued():
                 # Optional timer batching: wait for the row budget or the oldest's max_delay.
-                wait = self._queue[0].enqueued + self.max_delay_s - self.clock()
-                queued = sum(i.rows for i in self._queue)
+                oldest = min(q[0].enqueued for q in self._queues.values() if q)
+                wait = oldest + self.max_delay_s - self.clock()
+                queued = sum(i.rows for q in self._queues.values() for i in q)
                 if wait > 0 and queued < self.max_batch_rows:
                     await asyncio.sleep(wait)
-            while self._queue and self._may_send():
+            while self._queued() and self._may_send():
                 batch = self._take()
                 if not batch:
                     continue
@@ -234,7 +276,7 @@ class Batcher:
 
     def _landed(self, task: asyncio.Future[None]) -> None:
         self._in_flight.discard(task)
-        if self._queue:
+        if self._queued():
             self._wakeup.set()  # what waited for this batch can go now
 
     async def _process(self, batch: list[_Item], rows: int) -> None:
@@ -260,12 +302,16 @@ class Batcher:
     def _deliver(self, batch: list[_Item], results: list[Outcome], start: float, rows: int) -> None:
         elapsed = max(time.perf_counter() - start, 1e-6)
         self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
+        rows_out = -(-rows // self.unit)  # metrics and logs count rows at full size
         self.stats.batches += 1
-        self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows]
-        _observe(self.on_batch, rows, elapsed)
+        self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows_out]
+        _observe(self.on_batch, rows_out, elapsed)
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
             if item.future.done():
+                continue
+            if isinstance(res, More):
+                self._again(item, res.samples)
                 continue
             if isinstance(res, BaseException):
                 self.stats.failed += 1
@@ -274,11 +320,33 @@ class Batcher:
             res.timing = {
                 "queue_s": max(0.0, start - item.queued_at),
                 "compute_s": elapsed,
-                "batch_rows": float(rows),
+                "batch_rows": float(rows_out),
             }
             _observe(self.on_result, res, int(item.x.shape[0]))
             self.stats.completed += 1
             item.future.set_result(res)
+
+    def _again(self, item: _Item, samples: int) -> None:
+        """Queue an unsettled adaptive request again, with more passes, at the back.
+
+        Why chunk by chunk through the queue rather than all chunks in one compute call: a hard
+        input runs up to max_samples passes (1,000 by default), 30 times a first chunk; in one
+        call it would hold its batch's slot, and every request behind it, for all of them. Back
+        in the queue, the requests that arrived meanwhile go first, and each chunk shares its
+        forward with them. It stays stateless: a chunk starts again at pass 0 (masks are a
+        function of seed and pass, so its first passes are the last chunk's, bit for bit) and
+        nothing is kept between chunks but the seed; doubling keeps the repeated work under
+        the final pass count. Admitted once, it is not refused for queue room later; its
+        deadline still holds (504), and a client that goes away drops it.
+        """
+        assert item.req is not None
+        item.params = dataclasses.replace(item.params, samples=samples)
+        item.req = dataclasses.replace(item.req, samples=samples)
+        item.rows = self.model.cost(item.x, samples)
+        self.stats.queue_rows += item.rows
+        self.stats.requeued += 1
+        self._queues.setdefault(item.queue, deque()).append(item)
+        self._wakeup.set()
 
     def _screen(self, batch: list[_Item]) -> tuple[list[Outcome | None], list[int]]:
         """Drop what expired or lost its client while it waited for the device: (answers so

@@ -13,12 +13,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine import adaptive
 from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.prediction import split
 from service.engine.sampler import MCRequest
-from service.engine.slicing import split
 
 log = logging.getLogger("mcserve.batcher")
-Outcome = Prediction | BaseException
+
+
+@dataclass(frozen=True)
+class More:
+    """An adaptive request (samples="auto") that is not settled yet: queue it again with
+    `samples` passes (its seed unchanged, so the next chunk repeats these passes and adds more)."""
+
+    samples: int
+
+
+Outcome = Prediction | BaseException | More
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
         reqs = [w.req for _, w in mc if w.req is not None]
         samples: list[np.ndarray | BaseException]
         try:
-            samples = list(model.sampler.run(reqs))
+            samples = list(model.sample(reqs))
         except Exception:
             # Isolate the failure: rerun one by one so only the bad request fails.
             samples = [_one(model, r) for r in reqs]
@@ -47,11 +58,16 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
         for (k, w), smp in zip(mc, samples, strict=True):
             if isinstance(smp, BaseException):
                 out[k] = smp
+                continue
+            more = _more(model, smp, w)
+            if more is not None:
+                out[k] = more
             else:
                 good.append((k, w, smp))
         for group in _groups(model, good):
             for k, res in _summarize_group(model, group):
-                out[k] = res
+                auto = works[k].params.auto
+                out[k] = adaptive.mark(res, auto) if auto and isinstance(res, Prediction) else res
     for k, w in enumerate(works):
         if w.req is None:
             try:
@@ -61,9 +77,26 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
     return [o if o is not None else RuntimeError("no result") for o in out]
 
 
+def _more(model: ServedModel, samples: np.ndarray, w: Work) -> Outcome | None:
+    """An adaptive request's next step: None when done (its answer is this chunk's, summarised
+    like any fixed request at these passes), else More or its failure."""
+    if w.params.auto is None:
+        return None
+    try:
+        more = adaptive.next_passes(model, samples, w.params, w.params.auto)
+    except Exception as exc:  # delivered to this request's future only
+        return exc
+    return More(more) if more is not None else None
+
+
 def warm(model: ServedModel) -> None:
     """One MC and one deterministic call: first-call costs never land on a client."""
     x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
+    if model.buckets is not None:  # one text per length bucket, each filling it
+        pad = model.buckets.pad_id
+        x = np.full((len(model.buckets.lengths), model.buckets.max_tokens), pad, dtype=np.int64)
+        for i, n in enumerate(model.buckets.lengths):
+            x[i, :n] = 1 if pad != 1 else 2
     samples = model.manifest.defaults.samples
     model.predict(x, PredictParams(samples=samples, confidence=(0.9,), seed=0))
     model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))
@@ -71,7 +104,7 @@ def warm(model: ServedModel) -> None:
 
 def _one(model: ServedModel, req: MCRequest) -> np.ndarray | BaseException:
     try:
-        return model.sampler.run([req])[0]
+        return model.sample([req])[0]
     except Exception as exc:
         return exc
 

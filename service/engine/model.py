@@ -7,15 +7,16 @@ import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
-from service.calibration.calibrator import Calibrator
 from service.engine import heads
+from service.engine.buckets import Buckets
+from service.engine.calibrator import Calibrator
 from service.engine.device import describe
 from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor
@@ -28,7 +29,10 @@ from service.engine.summaries import (
     summarize_classification,
     summarize_regression,
 )
-from service.errors import BundleError, InvalidInputError
+from service.errors import BundleError, InvalidInputError, ModelError
+
+if TYPE_CHECKING:
+    from service.engine.adaptive import Adaptive
 
 IntervalMethod = Literal["gaussian", "quantile", "conformal"]
 
@@ -40,6 +44,8 @@ class PredictParams:
     seed: int | None = None
     mode: Mode = "mc"
     interval: IntervalMethod = "gaussian"
+    # samples="auto": `samples` is the pass count of the next chunk (adaptive.py)
+    auto: Adaptive | None = None
     # Which dropout sites to sample: "all", the last k (graph order), None: the model's default.
     dropout_sites: int | Literal["all"] | None = None
 
@@ -134,18 +140,56 @@ class ServedModel:
                 f"{bundle.path}: the model does not accept inputs of shape {spec.shape}: {exc}"
             ) from exc
         self._check_layout()
+        text = spec.text
+        self.buckets = Buckets(text.lengths, text.pad_id) if text and text.buckets else None
+        self.samplers = {spec.shape[0]: self.sampler} if text else {}
+        if self.buckets is not None:
+            self._bucket_samplers(row_budget, device, fused_masks)
         try:  # the default dropout-site setting's split, built now: errors at load, not later
-            self.sampler.pin(self.manifest.sampled_sites)
+            for sampler in [
+                self.sampler,
+                *(s for s in self.samplers.values() if s is not self.sampler),
+            ]:
+                sampler.pin(self.manifest.sampled_sites)
         except InvalidInputError as exc:
             raise BundleError(f"{bundle.path}: mc.dropout_sites: {exc}") from exc
         self.onnx = (
             OnnxPredictor(bundle.onnx_bytes, threads=onnx_threads) if bundle.onnx_bytes else None
         )
-        if self.onnx is not None and list(self.onnx.input_shape) != spec.shape:
-            raise BundleError(
-                f"{bundle.path}/model.onnx: input shape {list(self.onnx.input_shape)} does not "
-                f"match the manifest's {spec.shape}"
-            )
+        if self.onnx is not None:
+            shape = list(self.onnx.input_shape)
+            if self.onnx.dynamic_length and self.buckets is not None:
+                shape = spec.shape  # a dynamic sequence axis serves every bucket
+            if shape != spec.shape:
+                raise BundleError(
+                    f"{bundle.path}/model.onnx: input shape {list(self.onnx.input_shape)} does "
+                    f"not match the manifest's {spec.shape}"
+                )
+
+    def _bucket_samplers(
+        self, row_budget: int, device: torch.device | str | None, fused_masks: bool
+    ) -> None:
+        """A text model with length buckets: one sampler per bucket length, the same weights
+        (service/engine/buckets.py). Each forward holds as many tokens as one at max_tokens
+        (on CUDA as many rows: there every forward is padded to its budget, see sampler.py)."""
+        assert self.buckets is not None
+        top = self.buckets.max_tokens
+        for n in (int(b) for b in self.buckets.lengths[:-1]):
+            scale = 1 if self.sampler.device.type == "cuda" else top // n
+            try:
+                self.samplers[n] = MCSampler(
+                    self.bundle.module,
+                    torch.zeros(2, n, dtype=torch.int64),
+                    device=device,
+                    row_budget=row_budget * scale,
+                    fused=None if fused_masks else False,
+                )
+            except (RuntimeError, ModelError) as exc:
+                raise BundleError(
+                    f"{self.bundle.path}: the model does not serve its bucket length {n} "
+                    f"(inputs.text.buckets): {exc}"
+                ) from exc
+            self.samplers[n].stats = self.sampler.stats  # one set of counters per model
 
     def _check_layout(self) -> None:
         m, path = self.manifest, self.bundle.path
@@ -217,7 +261,31 @@ class ServedModel:
 
     def mc_request(self, x: np.ndarray, p: PredictParams) -> MCRequest:
         seed = p.seed if p.seed is not None else new_seed()
-        return MCRequest(x, p.samples, seed, self.sites_for(p))
+        return MCRequest(x, p.samples, seed, sites=self.sites_for(p))
+
+    def sample(self, reqs: list[MCRequest]) -> list[np.ndarray]:
+        """Samples [T, B, *output] per request, each text at its own length bucket."""
+        if self.buckets is None:
+            return self.sampler.run(reqs)
+        for r in reqs:  # the declared shape and passes, before any cutting to buckets
+            self.sampler._check(r)
+        return self.buckets.run(self.samplers, reqs)
+
+    @property
+    def cost_unit(self) -> int:
+        """What one row at full size costs in `cost` (max_tokens for a bucketed text model)."""
+        return self.buckets.max_tokens if self.buckets is not None else 1
+
+    def cost(self, x: np.ndarray, passes: int) -> int:
+        """The work of `passes` over inputs x in `cost_unit`s: rows, or for a bucketed text
+        model tokens (rows x bucket length), so short texts count for less."""
+        if self.buckets is None:
+            return passes * int(x.shape[0])
+        return passes * self.buckets.tokens(x)
+
+    def length_class(self, x: np.ndarray) -> int:
+        """The longest bucket the inputs need (0 without buckets): the batcher's queue."""
+        return int(self.buckets.of(x).max()) if self.buckets is not None and len(x) else 0
 
     def summarize(self, samples: np.ndarray, req: MCRequest, p: PredictParams) -> Prediction:
         """Summaries of one request's samples [T, B, outputs] (``req.x`` is their [B, ...] input:
@@ -282,10 +350,11 @@ class ServedModel:
 
     def deterministic(self, x: np.ndarray) -> Prediction:
         """Dropout off on ONNX Runtime (torch eval when the bundle has no graph)."""
-        if self.onnx is not None:
-            point, backend, device = self.onnx.predict(x), "onnxruntime", self.onnx.device
+        if self.onnx is not None and (self.buckets is None or self.onnx.dynamic_length):
+            run, backend, device = self.onnx.predict, "onnxruntime", self.onnx.device
         else:
-            point, backend, device = self.sampler.deterministic(x), "torch", self.device
+            run, backend, device = self._torch_point, "torch", self.device
+        point = run(x) if self.buckets is None else self.buckets.each(x, run)
         if self.manifest.task == "classification":
             point = softmax_rows(point)
         else:  # the means; a variance head's outputs are no prediction
@@ -299,13 +368,16 @@ class ServedModel:
             point=point,
         )
 
+    def _torch_point(self, x: np.ndarray) -> np.ndarray:
+        return self.samplers.get(int(x.shape[-1]), self.sampler).deterministic(x)
+
     def predict(self, x: np.ndarray, p: PredictParams) -> Prediction:
         """Synchronous path (CLI, tests): one request, no batching."""
         self.check_params(p)
         if p.mode == "deterministic":
             return self.deterministic(x)
         req = self.mc_request(x, p)
-        return self.summarize(self.sampler.run([req])[0], req, p)
+        return self.summarize(self.sample([req])[0], req, p)
 
 
 def softmax_rows(logits: np.ndarray) -> np.ndarray:

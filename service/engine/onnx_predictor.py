@@ -12,6 +12,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,10 +25,21 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int = 20) -> None:
-    """Export `module` in eval mode with a dynamic batch dimension."""
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int = 20,
+    *,
+    dynamic_length: bool = False,
+) -> None:
+    """Export `module` in eval mode with a dynamic batch dimension (and, for a text model with
+    length buckets, a dynamic sequence axis up to the example's length)."""
     module.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dims: dict[int, Any] = {0: batch}
+    if dynamic_length:
+        dims[1] = torch.export.Dim("length", min=1, max=int(example.shape[1]))
     # The exporter prints progress lines; keep the service's own output clean.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -41,7 +53,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, opset: int
                 str(path),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=(dims,),
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,
@@ -76,7 +88,11 @@ class OnnxPredictor:
         if len(inputs) != 1:
             raise ModelError(f"the ONNX graph must have one input, it has {len(inputs)}")
         self.input_name = inputs[0].name
+        # A dynamic axis reads as a name (a string): a text graph's sequence axis with buckets.
         self.input_shape = tuple(inputs[0].shape[1:])
+        self.dynamic_length = len(self.input_shape) == 1 and not isinstance(
+            self.input_shape[0], int
+        )
         # Token models take int64 ids; everything else float32.
         self.input_dtype = np.int64 if inputs[0].type == "tensor(int64)" else np.float32
 

@@ -4,7 +4,7 @@ Under load the batcher summarises many requests at once and hands each its part.
 request's summary and referral out of the group's (about 30 numpy views and five objects per
 answer) was a third of the compute thread's time at concurrency 64, and the native answer and
 the metrics need none of it: they read the group's arrays at the request's rows (`source`). So a
-request's `summary` and `referral` are cut only when something reads them (`slicing.py`); to
+request's `summary` and `referral` are cut only when something reads them (`slicing.cut`); to
 every reader they are ordinary attributes, and equality, `dataclasses.replace` and `repr` see
 the cut values.
 """
@@ -12,12 +12,15 @@ the cut values.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from service.calibration.referral import Referral
+from service.engine import slicing
+from service.engine.referral import Referral
+from service.engine.slicing import summary_inputs
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 Mode = Literal["mc", "deterministic"]
@@ -63,6 +66,8 @@ class Prediction:
     input_notes: list[dict[str, Any]] | None = None
     # MC mode: the last k dropout sites sampled (graph order); None: all (or deterministic mode).
     dropout_sites: int | None = None
+    # samples="auto": the passes (`samples`) were chosen per request until its answer was sure.
+    adaptive: bool = False
     # Encodings made by adapters, kept so that the answer and its audit record encode it once.
     encoded: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -74,6 +79,21 @@ def part_of(whole: Prediction, lo: int, hi: int, seed: int | None) -> Prediction
     p.warnings = list(whole.warnings)  # each answer may get its own warnings later
     p.__dict__["_group"] = (whole, lo, hi)
     return p
+
+
+def split(pred: Prediction, sizes: Sequence[int], seeds: Sequence[int]) -> list[Prediction]:
+    """Each request's Prediction out of a group's (`sizes` inputs each, in order), own seeds.
+
+    Lazily: each answer's summary and referral are cut from the group's when first read (`_cut`);
+    the native answer and the metrics read the group's rows instead (`source`)."""
+    n = slicing.batch_size(pred)
+    if sum(sizes) != n:
+        raise ValueError(f"request sizes {list(sizes)} do not add up to the group's {n} inputs")
+    ends = np.cumsum(sizes).tolist()
+    return [
+        part_of(pred, lo, hi, seed)
+        for lo, hi, seed in zip([0, *ends[:-1]], ends, seeds, strict=True)
+    ]
 
 
 def source(p: Prediction) -> tuple[Prediction, int, int]:
@@ -92,21 +112,11 @@ def inputs(p: Prediction) -> int:
     return int(p.point.shape[0]) if p.point is not None else 0
 
 
-def summary_inputs(summary: object) -> int | None:
-    """The length of a summary's batch-first arrays, None if it has none."""
-    for arr in (getattr(summary, "mean", None), getattr(summary, "probabilities", None)):
-        if isinstance(arr, np.ndarray):
-            return int(arr.shape[0])
-    return None
-
-
 def _cut(p: Prediction) -> None:
-    from service.engine.slicing import cut  # slicing imports this module
-
     with _CUTTING:
         group = p.__dict__.get("_group")
         if group is None:
             return  # another thread cut it
         whole, lo, hi = group
-        p.__dict__["_summary"], p.__dict__["_referral"] = cut(whole, lo, hi)
+        p.__dict__["_summary"], p.__dict__["_referral"] = slicing.cut(whole, lo, hi)
         del p.__dict__["_group"]  # last: a reader that finds no _group finds the cut values

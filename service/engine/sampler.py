@@ -57,12 +57,16 @@ MAX_PLANS = 4
 
 @dataclass(frozen=True)
 class MCRequest:
-    """One request's work: inputs [B, *input_shape], T passes, and the seed of its masks;
+    """One request's work: inputs [B, *input_shape], T passes, and the seed of its masks.
+
+    `index`: the row each input's masks are keyed by, where the inputs are part of a larger
+    request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1.
     `sites`: sample only the last k dropout sites (graph order), None: every site."""
 
     x: np.ndarray
     samples: int
     seed: int
+    index: tuple[int, ...] | None = None
     sites: int | None = None
 
     @property
@@ -208,6 +212,8 @@ class MCSampler:
             raise InvalidInputError(
                 f"each input must have shape {list(self.input_shape)}, got {list(req.x.shape[1:])}"
             )
+        if req.index is not None and len(req.index) != req.x.shape[0]:
+            raise ValueError(f"{len(req.index)} mask rows for {req.x.shape[0]} inputs")
         if not 1 <= req.samples < MAX_PASSES:
             raise InvalidInputError(f"samples must be in [1, {MAX_PASSES - 1}], got {req.samples}")
         if req.sites is not None and not 1 <= req.sites <= self.sites:
@@ -354,7 +360,8 @@ class _RowMap:
         self.total = int(self.starts[-1])
         shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
         build = _cached_layout if self.total <= _CACHED_ROWS else _layout
-        self.prefix_row, self.base, row_req = build(shapes, device, block)
+        index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
+        self.prefix_row, self.base, row_req = build(shapes, device, block, index)
         if len(requests) == 1:  # the common case at low load: one key per layer, no gather
             seed = requests[0].seed
             self.keys = [
@@ -386,12 +393,16 @@ def _round_up(n: int, block: int) -> int:
 
 
 def _layout(
-    shapes: tuple[tuple[int, int], ...], device: torch.device, block: int = 1
+    shapes: tuple[tuple[int, int], ...],
+    device: torch.device,
+    block: int = 1,
+    index: tuple[tuple[int, ...] | None, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
     requests of these (samples, inputs), one after the other, each pass-major (row = t * b + i
     within a request) and starting at a multiple of `block`. A request's padding rows (up to
-    its next block boundary) repeat its first row; their results are never read."""
+    its next block boundary) repeat its first row; their results are never read. `index`: per
+    request, the row its input i is keyed by in the counter (None: i)."""
     counts = [_round_up(t * b, block) for t, b in shapes]
     starts = np.cumsum([0, *counts])
     b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
@@ -403,6 +414,16 @@ def _layout(
     b_row = b[row_req]
     t = torch.div(local, b_row, rounding_mode="floor")
     i = local - t * b_row
+    if index is not None:
+        keyed = torch.tensor(
+            [k for (_, b), ix in zip(shapes, index, strict=True) for k in (ix or range(b))],
+            dtype=torch.int64,
+        )
+        return (
+            (offsets[row_req] + i).to(device),
+            counter_base(t, keyed[offsets[row_req] + i]).to(device),
+            row_req,
+        )
     return (offsets[row_req] + i).to(device), counter_base(t, i).to(device), row_req
 
 

@@ -1,7 +1,8 @@
-"""Cut each request's answer out of a group's: summaries are computed once for many requests.
+"""Cut one request's rows out of a group's summary and referral: summaries are computed once for
+many requests.
 
-`split` gives each request a lazy part of the group's answer (prediction.py); `cut` makes its
-summary and referral when something reads them: every per-input leaf (a batch-first array, a
+`cut` makes a request's summary and referral when something reads them (prediction.py, which
+imports this module and not the other way round): every per-input leaf (a batch-first array, a
 per-input list) cut to the request's rows, shared values kept, objects rebuilt.
 """
 
@@ -9,10 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
-from service.engine.prediction import Prediction, part_of, summary_inputs
+
+class Grouped(Protocol):
+    """What `cut` reads of a group's answer (a `prediction.Prediction`)."""
+
+    @property
+    def summary(self) -> object: ...
+    @property
+    def referral(self) -> object: ...
+
 
 _FIELDS: dict[type, tuple[str, ...] | None] = {}  # per class: its init fields, None if no dataclass
 
@@ -53,30 +63,24 @@ def _split(value: object, bounds: Sequence[tuple[int, int]], n: int) -> list[obj
     return [value] * len(bounds)
 
 
-def split(pred: Prediction, sizes: Sequence[int], seeds: Sequence[int]) -> list[Prediction]:
-    """Each request's Prediction out of a group's (`sizes` inputs each, in order), own seeds.
-
-    Lazily: each answer's summary and referral are cut from the group's when first read
-    (prediction.py); the native answer and the metrics read the group's rows instead."""
-    n = _batch_size(pred)
-    if sum(sizes) != n:
-        raise ValueError(f"request sizes {list(sizes)} do not add up to the group's {n} inputs")
-    ends = np.cumsum(sizes).tolist()
-    return [
-        part_of(pred, lo, hi, seed)
-        for lo, hi, seed in zip([0, *ends[:-1]], ends, seeds, strict=True)
-    ]
-
-
-def cut(whole: Prediction, lo: int, hi: int) -> tuple[object, object]:
+def cut(whole: Grouped, lo: int, hi: int) -> tuple[object, object]:
     """(summary, referral) of inputs lo:hi of a group's answer."""
-    n = _batch_size(whole)
+    n = batch_size(whole)
     bounds = [(lo, hi)]
     return _split(whole.summary, bounds, n)[0], _split(whole.referral, bounds, n)[0]
 
 
-def _batch_size(pred: Prediction) -> int:
-    n = summary_inputs(pred.summary)
+def batch_size(whole: Grouped) -> int:
+    """How many inputs a group's summary covers; a ValueError if it has no per-input arrays."""
+    n = summary_inputs(whole.summary)
     if n is None:
         raise ValueError("a summary without per-input arrays")
     return n
+
+
+def summary_inputs(summary: object) -> int | None:
+    """The length of a summary's batch-first arrays, None if it has none."""
+    for arr in (getattr(summary, "mean", None), getattr(summary, "probabilities", None)):
+        if isinstance(arr, np.ndarray):
+            return int(arr.shape[0])
+    return None

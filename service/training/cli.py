@@ -36,10 +36,10 @@ from torch import nn
 
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
-from service.bundle.writer import save
 from service.calibration.metrics import mixture_log_likelihood
 from service.errors import InvalidInputError, McServeError, ModelError
 from service.nn import Affine
+from service.packaging import save
 from service.training.mlp import Noise, train_mlp
 from service.training.results import FittedMLP, TrainResult
 from service.training.table import Table, read_table, split

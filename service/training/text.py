@@ -31,8 +31,8 @@ from torch import nn
 
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
-from service.bundle.writer import save
 from service.errors import InvalidInputError
+from service.packaging import save
 from service.training.progress import progress as _progress
 from service.training.text_data import TextTable, encode, train_tokenizer
 from service.training.text_nets import Arch, TextNetConfig, build

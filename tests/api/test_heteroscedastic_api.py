@@ -14,7 +14,7 @@ import torch
 from apps import asgi_client, running
 from nets import mlp
 
-from service.bundle import save
+from service.packaging import save
 from service.settings import Settings
 
 ROWS = [[0.5, -1.0, 2.0], [0.0, 0.3, -0.2]]

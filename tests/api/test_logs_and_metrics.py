@@ -70,7 +70,7 @@ async def test_an_errors_access_line_says_why(
         ({"instances": [[secret, 0, 0]]}, "invalid_input"),
         (
             {"instances": [ROW], "parameters": {"samples": "200"}},
-            "invalid request: parameters.samples (int_type)",
+            "invalid request: parameters.samples (int_or_auto)",
         ),
     ]
     for body, why in bad:

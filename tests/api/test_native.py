@@ -227,7 +227,7 @@ BAD = [
     (
         {"instances": [ROW], "parameters": {"samples": "100"}},
         422,
-        "invalid request: parameters.samples: Input should be a valid integer",
+        'invalid request: parameters.samples: Input should be a valid integer or "auto"',
     ),
     (
         {"instances": [ROW], "parameters": {"samples": 5000}},

@@ -16,10 +16,11 @@ import torch
 from nets import FunctionalDropout, SmallCNN, mlp, trained_bn
 from torch import nn
 
-from service.bundle import TrustPolicy, bundle_digest, load_bundle, save
-from service.bundle.writer import sha256_file
+from service.bundle import TrustPolicy, bundle_digest, load_bundle
+from service.bundle.fingerprint import sha256_file
 from service.engine.model import PredictParams, ServedModel
 from service.errors import BundleError, ModelError
+from service.packaging import save
 
 ORIGINALS: dict[str, nn.Module] = {}
 

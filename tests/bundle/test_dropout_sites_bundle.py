@@ -11,7 +11,8 @@ import pytest
 import torch
 from text_nets import TransformerClassifier, token_batch
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
+from service.packaging import save
 from service.bundle.manifest import MANIFEST_NAME, parse_manifest
 from service.engine import MCRequest
 from service.engine.model import PredictParams, ServedModel
@@ -86,9 +87,9 @@ def test_every_chosen_site_is_sampled(served: ServedModel, k: int) -> None:
 def test_settings_cost_and_bits(served: ServedModel) -> None:
     """The same seed and setting replay the same bytes; the settings give other answers."""
     x = token_batch(2, seed=7).numpy()
-    runs = {k: served.sampler.run([MCRequest(x, 10, 3, k)])[0] for k in (1, 3, None)}
+    runs = {k: served.sampler.run([MCRequest(x, 10, 3, sites=k)])[0] for k in (1, 3, None)}
     for k, out in runs.items():
-        assert served.sampler.run([MCRequest(x, 10, 3, k)])[0].tobytes() == out.tobytes()
+        assert served.sampler.run([MCRequest(x, 10, 3, sites=k)])[0].tobytes() == out.tobytes()
         assert out.std(0).min() > 0
     assert not np.array_equal(runs[1], runs[3]) and not np.array_equal(runs[3], runs[None])
 

@@ -24,12 +24,13 @@ from text_nets import (
 )
 from torch import fx, nn
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.bundle.architecture import describe
 from service.engine import MCRequest
 from service.engine.inputs import to_array
 from service.engine.model import PredictParams, ServedModel
 from service.errors import InvalidInputError, ModelError
+from service.packaging import save
 
 MODELS = {
     "textcnn": TextCNN,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from nets import mlp
 
-from service.bundle import save
+from service.packaging import save
 
 CLF_FEATURES = ["f0", "f1", "f2", "f3"]
 REG_FEATURES = ["x0", "x1", "x2"]

@@ -14,7 +14,7 @@ from calib_repo import CAL_SAMPLES, Repo
 
 from service.api.app import create_app
 from service.bundle import load_bundle
-from service.calibration import conformal
+from service.engine import conformal
 from service.settings import Settings
 
 REG_ROW = {"x0": 0.5, "x1": -0.3, "x2": 1.0}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.bundle import load_bundle
-from service.calibration.conformal import quantile
+from service.engine.conformal import quantile
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 NAMES = ["breast-cancer", "diabetes", "digits"]

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 
-from service.calibration import conformal
+from service.engine import conformal
 from service.engine.summaries import softmax
 
 R, N, M = 400, 50, 200  # splits, calibration points per split, test points per split

@@ -14,12 +14,13 @@ import torch
 from calib_repo import write_csv
 from nets import mlp
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.calibration.data import read
 from service.calibration.evaluation import evaluate
 from service.calibration.recalibration import calibrate_bundle
 from service.engine.model import ServedModel
 from service.engine.sampler import MCRequest
+from service.packaging import save
 
 NAMES = ["a", "b", "c"]
 

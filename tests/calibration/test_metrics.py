@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from service.calibration import conformal, metrics
+from service.calibration import metrics
+from service.engine import conformal
 
 # Four binary cases: (p, true class). Confidences 0.9, 0.85, 0.62, 0.65 fall in the 15 equal-width
 # bins 13 (0.8667-0.9333], 12 (0.8-0.8667], 9 (0.6-0.6667] and 9: away from every bin edge.

@@ -6,7 +6,7 @@ from imports import imported_by, under
 
 def test_calibration_does_not_import_fastapi_or_matplotlib() -> None:
     found = imported_by(
-        "service.calibration.calibrator",
+        "service.calibration.data",
         "service.calibration.recalibration",
         "service.calibration.evaluation",
         "service.calibration.report",

@@ -8,14 +8,14 @@ from calib_repo import Repo
 
 from service.bundle import load_bundle
 from service.bundle.manifest import InputSpec, ReferralPolicy
-from service.calibration.referral import (
+from service.engine.model import PredictParams, ServedModel
+from service.engine.referral import (
     assess,
     budget_threshold,
     outside_training,
     relative_width,
     with_overrides,
 )
-from service.engine.model import PredictParams, ServedModel
 from service.errors import BundleError
 
 SPEC = InputSpec(

@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.bundle import save
 from service.calibration import metrics
 from service.cli import app
+from service.packaging import save
 from tests.text_nets import CORPUS, TextCNN, token_batch, wordpiece
 
 runner = CliRunner()

@@ -20,8 +20,9 @@ from server import ROOT
 from typer.testing import CliRunner
 
 from service.api.app import create_app
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.cli import app as cli
+from service.packaging import save
 from service.settings import Settings
 
 runner = CliRunner()

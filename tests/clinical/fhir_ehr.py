@@ -160,6 +160,11 @@ def fulfil(
 
 def search(args: dict[str, str], store: list[dict[str, Any]]) -> dict[str, Any]:
     """An Observation search as a FHIR server runs it: a searchset Bundle."""
+    return searchset(*matching(args, store)[: int(args["_count"])])
+
+
+def matching(args: dict[str, str], store: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every Observation an Observation search matches, newest first."""
     codes = {tuple(c.split("|", 1)) for c in args["code"].split(",")}
     statuses = set(args["status"].split(",")) if "status" in args else None
     found = [
@@ -172,7 +177,7 @@ def search(args: dict[str, str], store: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     assert args.get("_sort") == "-date", args
     found.sort(key=lambda r: str(r["effectiveDateTime"]), reverse=True)
-    return searchset(*found[: int(args["_count"])])
+    return found
 
 
 def diabetes_store(now: datetime, pid: str = PID) -> list[dict[str, Any]]:

@@ -1,96 +1,56 @@
 """Fetching what the EHR did not prefetch from its FHIR server (issue 24 item 3).
 
-The FHIR server here is a small one started in the test process on 127.0.0.1 (not HAPI FHIR):
-it answers the service's searches with real searchset Bundles from fixture resources, run by
-the same search rules as the EHR of the other tests (`fhir_ehr.search`), checks the bearer
-token, and has a slow and a huge variant.
+The FHIR server is the one of `fhir_server.py`, started in the test process on 127.0.0.1 (not
+HAPI FHIR, which cannot be fetched here: see there): it answers the service's reads and
+searches with real searchset Bundles from fixture resources, pages them 10 results at a time
+with `next` links, checks the bearer token, and has slow, huge, endless, redirecting, astray
+and broken variants. A second server on another port stands for "another host".
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
 from cds_client import ISS, Signer, auth
 from fastapi import FastAPI
-from fhir_ehr import PID, diabetes_store, hook_call, patient, search, searchset
+from fhir_ehr import PID, breast_prefetch, breast_rows, diabetes_store, hook_call, patient
+from fhir_server import ENDLESS, GOOD, READ_PATIENT_ONLY, FhirServer, outcome, serving
 
+from service.clinical.search import FhirSearch, Limits, SearchFailed
 from service.settings import CdsIssuer
 
 DIABETES = "/cds-services/diabetes-progression"
-GOOD = "token-of-the-day"
-
-
-class FhirServer:
-    def __init__(self) -> None:
-        self.store: list[dict[str, Any]] = []
-        self.requests: list[str] = []
+BREAST = "/cds-services/breast-mass-malignancy"
+FLAVOURS = ("fhir", "slow", "huge", "endless", "redirect", "astray", "broken")
 
 
 @pytest.fixture(scope="module")
-def fhir() -> Iterator[tuple[FhirServer, str]]:
-    srv = FhirServer()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            srv.requests.append(self.path)
-            parts = urlsplit(self.path)
-            flavour, _, rest = parts.path.strip("/").partition("/")
-            if self.headers.get("Authorization") != f"Bearer {GOOD}":
-                outcome = {"resourceType": "OperationOutcome", "issue": [{"code": "login"}]}
-                return self.answer(401, outcome)
-            if flavour == "slow":
-                time.sleep(1.0)
-            if rest == f"Patient/{PID}":
-                return self.answer(200, patient())
-            res = search(dict(parse_qsl(parts.query)), srv.store)
-            if flavour == "huge":
-                res = searchset(*(res["entry"][0]["resource"] for _ in range(200)))
-            self.answer(200, res)
-
-        def answer(self, status: int, res: dict[str, Any]) -> None:
-            body = json.dumps(res).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:
-                pass  # the client gave up (the slow server)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield srv, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def servers() -> Iterator[tuple[FhirServer, FhirServer]]:
+    """The EHR's FHIR server, and another host that must never be reached."""
+    srv, other = FhirServer(page_size=10), FhirServer()
+    with serving(srv), serving(other):
+        srv.elsewhere = other.url
+        yield srv, other
 
 
 @pytest.fixture
-def allowed(
+def fhir(
     cds_app: FastAPI,
     jwks: dict[str, Any],
-    fhir: tuple[FhirServer, str],
+    servers: tuple[FhirServer, FhirServer],
     monkeypatch: pytest.MonkeyPatch,
 ) -> FhirServer:
-    """The EHR's issuer may be fetched from at the test server's /fhir, /slow and /huge."""
-    srv, url = fhir
+    """The EHR's issuer may be fetched from at each of the server's base paths (not the other
+    host); the store holds the README's diabetes patient and a malignant-looking aspirate."""
+    srv, other = servers
     clinical = cds_app.state.cds
-    issuer = CdsIssuer(jwks=jwks, fhir_servers=[f"{url}/fhir", f"{url}/slow", f"{url}/huge"])
+    issuer = CdsIssuer(jwks=jwks, fhir_servers=[f"{srv.url}/{f}" for f in FLAVOURS])
     # A generous deadline (2 shared cores): only the slow server's test shortens it.
     update = {
         "cds_issuers": {ISS: issuer},
@@ -98,8 +58,10 @@ def allowed(
         "cds_fhir_max_bytes": 20_000,
     }
     monkeypatch.setattr(clinical, "settings", clinical.settings.model_copy(update=update))
-    srv.store = diabetes_store(datetime.now(UTC))
-    srv.requests = []
+    now = datetime.now(UTC)
+    cytology = breast_prefetch(breast_rows()[0], now)["cytology"]["entry"]
+    srv.reset(diabetes_store(now) + [e["resource"] for e in cytology])
+    other.reset([])
     return srv
 
 
@@ -118,61 +80,233 @@ def call_with(server: str, token: str = GOOD, scope: str = "patient/*.read") -> 
     return body
 
 
-async def post(ehr: httpx.AsyncClient, signer: Signer, body: dict[str, Any]) -> dict[str, Any]:
-    r = await ehr.post(DIABETES, json=body, headers=auth(signer, DIABETES))
+async def post(
+    ehr: httpx.AsyncClient, signer: Signer, body: dict[str, Any], path: str = DIABETES
+) -> dict[str, Any]:
+    r = await ehr.post(path, json=body, headers=auth(signer, path))
     assert r.status_code == 200, r.text
     (card,) = r.json()["cards"]
     return card
 
 
 async def test_missing_data_is_fetched(
-    ehr: httpx.AsyncClient, es384: Signer, allowed: FhirServer, fhir: tuple[FhirServer, str]
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    card = await post(ehr, es384, call_with(f"{fhir[1]}/fhir"))
+    card = await post(ehr, es384, call_with(f"{fhir.url}/fhir"))
     assert "suggestions" in card  # a prediction
     assert "Observation/hdl-1 (LOINC 2085-9)" in card["detail"]
-    assert allowed.requests and all(p.startswith("/fhir/Observation?") for p in allowed.requests)
-    assert len(allowed.requests) == 10  # every template key but the prefetched Patient
+    assert fhir.requests and all(p.startswith("/fhir/Observation?") for p in fhir.requests)
+    assert len(fhir.requests) == 10  # every template key but the prefetched Patient
+
+
+async def test_a_search_follows_next_links_across_pages(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    """The aspirate's 30 results, asked with _count=30, come 10 a page: 3 pages make one."""
+    body = call_with(f"{fhir.url}/fhir")
+    body["prefetch"] = {}
+    card = await post(ehr, es384, body, BREAST)
+    assert "suggestions" in card, card["detail"]  # all 30 inputs: a prediction
+    first, *rest = fhir.requests
+    assert first.startswith("/fhir/Observation?") and "_count=30" in first
+    assert [p.split("_getpagesoffset=")[1][:2] for p in rest] == ["10", "20"]
+
+
+async def test_paging_is_bounded(
+    ehr: httpx.AsyncClient,
+    es384: Signer,
+    fhir: FhirServer,
+    cds_app: FastAPI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clinical = cds_app.state.cds
+    two = clinical.settings.model_copy(update={"cds_fhir_max_pages": 2})
+    monkeypatch.setattr(clinical, "settings", two)
+    body = call_with(f"{fhir.url}/fhir")
+    body["prefetch"] = {}
+    card = await post(ehr, es384, body, BREAST)
+    assert "suggestions" not in card and "no prediction" in card["summary"]
+    assert "needs more than 2 pages for 30 results (it gave 20" in card["detail"]
+    assert len(fhir.requests) == 2
 
 
 async def test_an_expired_token_gives_a_card_saying_what_is_missing(
-    ehr: httpx.AsyncClient, es384: Signer, allowed: FhirServer, fhir: tuple[FhirServer, str]
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    card = await post(ehr, es384, call_with(f"{fhir[1]}/fhir", token="expired"))
+    card = await post(ehr, es384, call_with(f"{fhir.url}/fhir", token="expired"))
     assert "suggestions" not in card and "no prediction" in card["summary"]
     assert "HDL cholesterol (LOINC 2085-9, LOINC 14646-4): no final result" in card["detail"]
-    assert "fetching it failed: HTTP 401: the access token was refused or expired" in card["detail"]
+    assert (
+        "fetching it failed: HTTP 401: the FHIR server refused the access token (expired or "
+        "revoked) (the server said: Token expired)"
+    ) in card["detail"]
+    assert "a current access token in fhirAuthorization" in card["detail"]  # what would help
+
+
+async def test_a_token_the_server_forbids_gives_a_card(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    card = await post(ehr, es384, call_with(f"{fhir.url}/fhir", token=READ_PATIENT_ONLY))
+    assert "suggestions" not in card
+    assert "HTTP 403: the access token does not allow this read" in card["detail"]
+    assert "(the server said: Access denied by scope)" in card["detail"]
 
 
 async def test_a_slow_server_times_out(
     ehr: httpx.AsyncClient,
     es384: Signer,
-    allowed: FhirServer,
-    fhir: tuple[FhirServer, str],
+    fhir: FhirServer,
     cds_app: FastAPI,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clinical = cds_app.state.cds
     short = clinical.settings.model_copy(update={"cds_fhir_timeout_s": 0.5})  # server: 1 s
     monkeypatch.setattr(clinical, "settings", short)
-    card = await post(ehr, es384, call_with(f"{fhir[1]}/slow"))
+    card = await post(ehr, es384, call_with(f"{fhir.url}/slow"))
     assert "suggestions" not in card
     assert "fetching it timed out after 0.5 s" in card["detail"]
+    assert "a FHIR server that answers in time" in card["detail"]
 
 
-async def test_a_huge_bundle_is_refused(
-    ehr: httpx.AsyncClient, es384: Signer, allowed: FhirServer, fhir: tuple[FhirServer, str]
+async def test_a_bundle_declared_huge_is_not_read(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    card = await post(ehr, es384, call_with(f"{fhir[1]}/huge"))
+    card = await post(ehr, es384, call_with(f"{fhir.url}/huge"))
     assert "suggestions" not in card
-    assert "the answer is over 20000 bytes" in card["detail"]
+    assert "the answer is 52428800 bytes, over the limit of 20000" in card["detail"]
+
+
+async def test_a_huge_bundle_is_cut_off_while_streaming(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    """256 MiB per search offered without a Content-Length: reading stops past the limit and
+    the connection closes, so the server writes no more than the socket buffers take."""
+    card = await post(ehr, es384, call_with(f"{fhir.url}/endless"))
+    assert "suggestions" not in card
+    assert "the answer is over 20000 bytes (CDS_FHIR_MAX_BYTES); reading stopped" in card["detail"]
+    for _ in range(100):  # each of the server's threads sees the hang-up on its next write
+        if len(fhir.streamed) == len(fhir.requests):
+            break
+        await asyncio.sleep(0.1)
+    assert len(fhir.streamed) == len(fhir.requests) == 10
+    assert max(fhir.streamed) < ENDLESS // 4, fhir.streamed  # not read to the end
+
+
+async def test_a_redirect_to_another_host_is_refused(
+    ehr: httpx.AsyncClient,
+    es384: Signer,
+    fhir: FhirServer,
+    servers: tuple[FhirServer, FhirServer],
+) -> None:
+    card = await post(ehr, es384, call_with(f"{fhir.url}/redirect"))
+    assert "suggestions" not in card
+    host = fhir.elsewhere.removeprefix("http://")
+    assert f"HTTP 302 redirect to {host}, another server: not followed" in card["detail"]
+    assert servers[1].requests == []  # the token never reached it
+
+
+async def test_a_next_link_to_another_host_is_refused(
+    ehr: httpx.AsyncClient,
+    es384: Signer,
+    fhir: FhirServer,
+    servers: tuple[FhirServer, FhirServer],
+) -> None:
+    body = call_with(f"{fhir.url}/astray")
+    body["prefetch"] = {}
+    card = await post(ehr, es384, body, BREAST)
+    assert "suggestions" not in card
+    host = fhir.elsewhere.removeprefix("http://")
+    assert f"page 1's next link leads to {host}, another server: not followed" in card["detail"]
+    assert len(fhir.requests) == 1 and servers[1].requests == []
+
+
+async def test_an_invalid_resource_is_refused(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    card = await post(ehr, es384, call_with(f"{fhir.url}/broken"))
+    assert "suggestions" not in card
+    assert (
+        "Observation/hdl-1 is not valid FHIR (R4B or R5): valueQuantity.value: "
+        "Value error, Decimal value string does not match spec regex"
+    ) in card["detail"]
+    assert "valid FHIR from the FHIR server" in card["detail"]
 
 
 async def test_nothing_is_sent_where_it_is_not_allowed(
-    ehr: httpx.AsyncClient, es384: Signer, allowed: FhirServer, fhir: tuple[FhirServer, str]
+    ehr: httpx.AsyncClient,
+    es384: Signer,
+    fhir: FhirServer,
+    servers: tuple[FhirServer, FhirServer],
 ) -> None:
-    elsewhere = await post(ehr, es384, call_with("http://127.0.0.1:9/fhir"))
+    elsewhere = await post(ehr, es384, call_with(f"{servers[1].url}/fhir"))
     assert "not on its issuer's fhir_servers list" in elsewhere["detail"]
-    narrow = await post(ehr, es384, call_with(f"{fhir[1]}/fhir", scope="patient/Patient.read"))
+    narrow = await post(ehr, es384, call_with(f"{fhir.url}/fhir", scope="patient/Patient.read"))
     assert "scope does not grant reading Observation" in narrow["detail"]
-    assert allowed.requests == []  # the token went nowhere
+    assert fhir.requests == [] and servers[1].requests == []  # the token went nowhere
+
+
+@pytest.mark.parametrize(
+    ("url", "owned"),
+    [
+        ("https://ehr.example/fhir?_getpages=a", True),
+        ("https://EHR.example:443/fhir/Observation?x=1", True),
+        ("https://ehr.example/fhirx/Observation", False),  # another base path
+        ("https://ehr.example:8443/fhir/Observation", False),  # another port
+        ("http://ehr.example/fhir/Observation", False),  # another scheme
+        ("https://elsewhere.example/?https://ehr.example/fhir", False),  # fhirpy lets it by
+        ("https://ehr.example.elsewhere.example/fhir", False),
+    ],
+)
+def test_only_the_servers_own_urls_are_followed(url: str, owned: bool) -> None:
+    server = FhirSearch(httpx.AsyncClient(), "https://ehr.example/fhir/", PID, Limits())
+    assert server.owns(url) is owned
+
+
+def one(status: int, body: Any, media: str = "application/fhir+json") -> FhirSearch:
+    """The search client against a server that answers every request with `body`."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.Response(status, content=raw, headers={"Content-Type": media})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    return FhirSearch(client, "https://ehr.example/fhir", PID, Limits(max_entries=3))
+
+
+QUERY = f"Observation?patient={PID}&code=http://loinc.org|2085-9&_count=1"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "media", "said", "code"),
+    [
+        (500, outcome("exception", "Database down"), "application/fhir+json",
+         "HTTP 500 (the server said: Database down)", "transient"),
+        (401, b"<html>Unauthorized</html>", "text/html",
+         "HTTP 401: the FHIR server refused the access token (expired or revoked)", "login"),
+        (200, b"<html>Sign in</html>", "text/html", "the answer is text/html, not FHIR JSON",
+         "structure"),
+        (200, outcome("too-costly", "Search too broad"), "application/fhir+json",
+         "the server answered an OperationOutcome (the server said: Search too broad)",
+         "processing"),
+        (200, {"resourceType": "Bundle", "type": "searchset", "entry": "x"},
+         "application/json", "a Bundle: entry is not an array of objects", "structure"),
+        (200, {"resourceType": "Bundle", "type": "searchset", "entry": [{}] * 4},
+         "application/json", "a page holds over 3 entries", "too-costly"),
+        (200, {"resourceType": "Bundle", "type": "searchset",
+               "entry": [{"resource": patient("someone-else")}]},
+         "application/json", "a search for Observation gave Patient/someone-else", "processing"),
+    ],
+)  # fmt: skip
+async def test_what_a_search_refuses(
+    status: int, body: Any, media: str, said: str, code: str
+) -> None:
+    with pytest.raises(SearchFailed) as caught:
+        await one(status, body, media).run(QUERY)
+    assert str(caught.value) == said and caught.value.code == code
+
+
+async def test_an_observation_of_another_patient_is_refused() -> None:
+    obs = diabetes_store(datetime.now(UTC), pid="p2")[1]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}]}
+    with pytest.raises(SearchFailed, match="Observation/bmi-1 is about another patient"):
+        await one(200, bundle).run(QUERY)

@@ -7,35 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nets import coin_net
 from torch import nn
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.engine import adaptive
 from service.engine.adaptive import Adaptive
 from service.engine.model import PredictParams, ServedModel
 from service.errors import InvalidInputError
-
-
-def _coin() -> nn.Module:
-    """Two classes; logit 0 = (units 0-7) - (units 8-15) of relu(+-x + 1) after dropout 0.5.
-
-    At x = 10 only the first 8 units are on: class 0 in nearly every pass (easy). At x = 0 all 16
-    are on with equal weight: the logit's sign is a coin flip per pass, the mean gap between the
-    classes stays within a few standard errors of 0 however many passes (hard)."""
-    net = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
-    with torch.no_grad():
-        net[0].weight.copy_(torch.tensor([[1.0]] * 8 + [[-1.0]] * 8))
-        net[0].bias.fill_(1.0)
-        net[3].weight.zero_()
-        net[3].weight[0].copy_(torch.tensor([1.0] * 8 + [-1.0] * 8))
-        net[3].bias.zero_()
-    return net
+from service.packaging import save
 
 
 @pytest.fixture(scope="module")
 def coin(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     dest = save(
-        _coin(),
+        coin_net(),
         torch.zeros(4, 1),
         out_dir=tmp_path_factory.mktemp("adaptive"),
         name="coin",
@@ -119,7 +105,34 @@ def test_predict_cli_samples_auto(coin: ServedModel) -> None:
     auto = predict("--samples", "auto")
     assert auto["samples"] == first and f"adaptive passes: {first} used" in str(auto["warnings"])
     assert predict("--samples", "auto") == auto
-    assert predict("--samples", str(first))["predictions"] == auto["predictions"]
+    rows = auto["predictions"]
+    assert isinstance(rows, list) and {r.pop("passes_used") for r in rows} == {first}
+    assert predict("--samples", str(first))["predictions"] == rows
     res = CliRunner().invoke(app, ["predict", "coin", "--instance", "[1]", "--samples", "many",
                                    "--model-dir", str(repo)])  # fmt: skip
     assert res.exit_code == 2 and "give a number of passes or auto" in res.output
+
+
+async def test_batcher_requeues_an_unsettled_request_behind_the_queue(coin: ServedModel) -> None:
+    """Chunk by chunk through the queue: a fixed request queued beside a hard adaptive one is
+    answered after the first chunk, while the hard one is queued again with twice the passes;
+    the adaptive answer is the engine's (`adaptive.run`) bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.engine.batcher import Batcher
+
+    auto = Adaptive(max_samples=256, tolerance=0.001)
+    with ThreadPoolExecutor(1) as pool:
+        b = Batcher(coin, pool)
+        b.start()
+        hard = b.enqueue(HARD, PredictParams(40, (0.95,), seed=3, interval="quantile", auto=auto))
+        fixed = b.enqueue(EASY, PredictParams(40, (0.95,), seed=4, interval="quantile"))
+        await fixed
+        assert not hard.done() and b.stats.requeued == 1
+        got = await hard
+        await b.stop()
+    assert got.samples == 256 and got.adaptive and b.stats.requeued == 3  # 40, 80, 160, 256
+    p = PredictParams(0, (0.95,), seed=3, interval="quantile")
+    (ref,) = adaptive.run(coin, [HARD], [p], auto)
+    assert ref.samples == 256
+    assert got.summary.probabilities.tobytes() == ref.summary.probabilities.tobytes()

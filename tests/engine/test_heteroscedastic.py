@@ -12,14 +12,15 @@ import pytest
 import torch
 from nets import mlp
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.bundle.manifest import Aleatoric, ReferralPolicy
 from service.calibration.metrics import mixture_log_likelihood
-from service.calibration.referral import assess
 from service.engine import heads
 from service.engine.model import PredictParams, ServedModel
+from service.engine.referral import assess
 from service.engine.summaries import summarize_regression
 from service.errors import BundleError, ModelError
+from service.packaging import save
 
 LOGVAR = Aleatoric(kind="heteroscedastic", parameterisation="log_variance")
 SOFTPLUS = Aleatoric(kind="heteroscedastic", parameterisation="softplus_std")

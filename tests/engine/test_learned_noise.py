@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.engine.model import PredictParams, ServedModel
+from service.packaging import save
 
 BINS, PER_BIN, LEVELS = 5, 1000, (0.8, 0.95)
 

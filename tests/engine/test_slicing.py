@@ -1,4 +1,4 @@
-"""Cutting each request's answer out of a group's (service/engine/slicing.py)."""
+"""Cutting each request's answer out of a group's (engine/prediction.py split, slicing.py cut)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.api.encode import response_json
+from service.encode import response_json
 from service.engine import slicing
 from service.engine.model import Prediction
-from service.engine.prediction import source
-from service.engine.slicing import cut, split
+from service.engine.prediction import source, split
+from service.engine.slicing import cut
 from service.engine.summaries import summarize_classification
 from service.metrics import Metrics
 

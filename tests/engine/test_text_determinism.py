@@ -10,8 +10,8 @@ from text_nets import LSTMClassifier, TextCNN, TransformerClassifier, token_batc
 from torch import nn
 
 from service.bundle.sequence import explicit
-from service.bundle.tracer import trace_with_shapes
 from service.engine import MCRequest, MCSampler
+from service.packaging.tracer import trace_with_shapes
 
 MODELS = {"transformer": TransformerClassifier, "lstm": LSTMClassifier, "textcnn": TextCNN}
 

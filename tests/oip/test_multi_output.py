@@ -16,11 +16,12 @@ from nets import mlp
 from server import Server, serve
 from typer.testing import CliRunner
 
-from service.bundle import load_bundle, save
+from service.bundle import load_bundle
 from service.calibration.recalibration import calibrate_bundle
 from service.cli import app
 from service.engine.model import PredictParams, ServedModel
 from service.errors import ModelError
+from service.packaging import save
 
 pytestmark = pytest.mark.slow
 NAMES = ["a", "b", "c"]

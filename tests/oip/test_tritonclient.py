@@ -88,7 +88,7 @@ def test_live_ready_and_metadata(client: triton.InferenceServerClient) -> None:
     assert meta["name"] == "digits" and meta["versions"] == ["1", "2"]
     assert meta["platform"] == "pytorch_mc_dropout"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    assert [o["name"] for o in meta["outputs"]] == OUTPUTS["digits"]
+    assert [o["name"] for o in meta["outputs"]] == [*OUTPUTS["digits"], "passes_used"]
     v1 = client.get_model_metadata("digits", "1")
     assert "prediction_set" not in [o["name"] for o in v1["outputs"]]  # not calibrated
 

@@ -127,7 +127,8 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
             if n != "refer"
             else {"name": n, "datatype": "BOOL", "shape": [-1]}
             for n in REGRESSION
-        ],
+        ]
+        + [{"name": "passes_used", "datatype": "INT64", "shape": [-1]}],  # samples=auto
         "parameters": {
             "dropout_sites": "all",
             "sites": 2,
@@ -144,10 +145,10 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
     ]
     # Version 2 is calibrated: it adds conformal prediction sets; version 1 has none.
     names2 = [o["name"] for o in digits["outputs"]]
-    assert names2 == [*CLASSIFICATION, "prediction_set", "refer"]
+    assert names2 == [*CLASSIFICATION, "prediction_set", "refer", "passes_used"]
     v1 = (await oip.get("/v2/models/digits/versions/1")).json()
-    assert [o["name"] for o in v1["outputs"]] == [*CLASSIFICATION, "refer"]
-    assert digits["outputs"][-2] == {
+    assert [o["name"] for o in v1["outputs"]] == [*CLASSIFICATION, "refer", "passes_used"]
+    assert digits["outputs"][-3] == {
         "name": "prediction_set",
         "datatype": "BOOL",
         "shape": [-1, 10],
@@ -364,7 +365,7 @@ def _params(**extra: Any) -> dict[str, Any]:
 
 OUTS = (
     "['mean', 'std', 'epistemic_std', 'aleatoric_std', 'lower', 'upper', 'mc_standard_error', "
-    "'refer']"
+    "'refer', 'passes_used']"
 )
 BAD: list[tuple[dict[str, Any], int, str]] = [
     (

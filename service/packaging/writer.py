@@ -1,8 +1,7 @@
-"""Package a user's `nn.Module` into a code-free bundle directory."""
+"""Package a user's `nn.Module` into a code-free bundle directory (checked with the engine)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.bundle.architecture import describe, rebuild
+from service.bundle.fingerprint import sha256_file
 from service.bundle.manifest import (
     MANIFEST_NAME,
     Aleatoric,
@@ -32,24 +32,17 @@ from service.bundle.manifest import (
 )
 from service.bundle.sequence import explicit
 from service.bundle.tokenizer import check_tokenizer_json
-from service.bundle.tracer import trace_with_shapes
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
 from service.errors import BundleError, ModelError
+from service.packaging.lengths import Buckets, generic_graph
+from service.packaging.tracer import trace_with_shapes
 
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(
@@ -77,13 +70,17 @@ def save(
     tokenizer: Any = None,
     truncation: Literal["truncate", "error"] = "truncate",
     pad_id: int | None = None,
+    buckets: Buckets = "auto",
     dropout_sites: Literal["all"] | int = "all",
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
 
     Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
     maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
-    <pad>, else 0) and longer ones cut or refused (`truncation`).
+    <pad>, else 0) and longer ones cut or refused (`truncation`). `buckets`: the lengths a text
+    is padded to, the smallest that holds it ("auto": powers of two from 16, kept only for a
+    model whose answers do not depend on its padding; a list: those, trusted; None: always
+    max_tokens), see service.packaging.lengths.py.
 
     A regressor outputs its mean, with ``noise_var`` (1/tau) as its fixed noise; or, with
     ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
@@ -112,8 +109,17 @@ def save(
     example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
         raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")
-    # Sequence layers with hidden dropout made explicit, then traced with the declared shapes.
-    gm = trace_with_shapes(explicit(module).eval(), example)
+    if tokenizer is not None:
+        if not tokens or example.dim() != 2:
+            raise ModelError("a text model's example_input is token ids of shape [B, max_tokens]")
+        if pad_id is None:
+            found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]
+            pad_id = next((i for i in found if i is not None), 0)
+    # Sequence layers with hidden dropout made explicit, then traced with the declared shapes
+    # (a text model with length buckets: with its length free, see lengths.py).
+    plain = explicit(module).eval()
+    generic = generic_graph(plain, example, buckets, pad_id or 0) if tokenizer is not None else None
+    gm, lengths = generic if generic is not None else (trace_with_shapes(plain, example), None)
     # Functional dropout is visible only now: once exported, it looks like an ordinary op.
     find_dropout(gm)
     desc = describe(gm)
@@ -167,16 +173,11 @@ def save(
 
     text = None
     if tokenizer is not None:
-        if not tokens or example.dim() != 2:
-            raise ModelError("a text model's example_input is token ids of shape [B, max_tokens]")
         raw = tokenizer.to_str().encode()
         check_tokenizer_json(raw, "the tokenizer")  # refused now, not when the bundle loads
-        if pad_id is None:
-            found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]
-            pad_id = next((i for i in found if i is not None), 0)
         text = TextInput(
             tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]), truncation=truncation,
-            pad_id=pad_id,
+            pad_id=pad_id or 0, buckets=lengths,
         )  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
@@ -185,7 +186,11 @@ def save(
         (dest / TOKENIZER_FILE).write_bytes(raw)
         roles_extra = ((TOKENIZER_FILE, "tokenizer"),)
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
-    export_onnx(rebuilt, example, dest / ONNX_FILE)
+    # The exporter fixes a recurrent layer's length whatever it is asked (measured: an LSTM's
+    # graph came out static, 5 s slower): such a model's deterministic path runs torch per bucket.
+    recurrent = any(isinstance(m, nn.LSTM | nn.GRU) for m in rebuilt.modules())
+    dynamic = lengths is not None and not recurrent
+    export_onnx(rebuilt, example, dest / ONNX_FILE, dynamic_length=dynamic)
     for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
         (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
     roles: tuple[tuple[str, Literal["architecture", "weights", "onnx", "tokenizer"]], ...] = (

@@ -1,4 +1,7 @@
-"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API."""
+"""Engine results (numpy, batch-first) to JSON-ready dicts of the native API.
+
+Below `api/` and `audit/`: the audit record keeps exactly the JSON the native route answers.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.calibration.referral import Referral
 from service.engine.model import Prediction, ServedModel
 from service.engine.prediction import source
+from service.engine.referral import Referral
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 
@@ -204,6 +207,8 @@ def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
     rows = predictions(model, pred)
     if pred.input_notes is not None:  # copies: the row dicts may be shared by a group
         rows = [{**row, **note} for row, note in zip(rows, pred.input_notes, strict=True)]
+    if pred.adaptive:  # samples=auto: the passes each input's answer used (copies, as above)
+        rows = [{**row, "passes_used": pred.samples} for row in rows]
     return {
         "predictions": rows,
         "model": {"name": model.name, "version": model.version, "digest": model.digest},

@@ -13,8 +13,8 @@ import typer
 from safetensors.torch import load_file
 from torch import nn
 
-from service.bundle import save
 from service.errors import InvalidInputError, McServeError
+from service.packaging import save
 
 
 def load_factory(spec: str) -> nn.Module:

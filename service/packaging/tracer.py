@@ -22,6 +22,11 @@ from torch.fx.node import map_aggregate
 from service.errors import ModelError
 
 BATCH = 1031  # the example batch: a prime, so an equal model dimension is a coincidence we check
+# The example length of a length-generic trace (text models with length buckets): sizes equal to
+# it stay symbolic too, so one graph serves every bucket. Small: a recurrent layer on the meta
+# device runs step by step (1,019 steps took a minute); a model dimension equal to it is
+# harmless (its `size` node reads the same number at run time).
+LENGTH = 31
 
 
 class ShapeProxy(fx.Proxy):
@@ -33,8 +38,9 @@ class ShapeProxy(fx.Proxy):
 
     def _sizes(self) -> tuple[Any, ...]:
         t = self.value
+        symbolic = getattr(self.tracer, "symbolic", (BATCH,))
         return tuple(
-            self.tracer.create_proxy("call_method", "size", (self, i), {}) if n == BATCH else n
+            self.tracer.create_proxy("call_method", "size", (self, i), {}) if n in symbolic else n
             for i, n in enumerate(t.shape)
         )
 
@@ -67,6 +73,7 @@ class ShapeTracer(fx.Tracer):
         super().__init__()
         self.meta_root = meta_root
         self.example: torch.Tensor | None = None
+        self.symbolic: tuple[int, ...] = (BATCH,)  # sizes that stay `size` nodes
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapeProxy(node, self)
@@ -107,13 +114,24 @@ class ShapeTracer(fx.Tracer):
         return None
 
 
-def trace_with_shapes(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """Trace `module` for inputs shaped like `example` (its batch size is ignored)."""
+def trace_with_shapes(
+    module: nn.Module, example: torch.Tensor, *, generic_length: bool = False
+) -> fx.GraphModule:
+    """Trace `module` for inputs shaped like `example` (its batch size is ignored). With
+    `generic_length` (token ids [B, L]) the length stays free as well: traced at `LENGTH`, every
+    size equal to it is read from the tensor at run time. Whether the graph then really serves
+    other lengths (a model may slice a fixed table by a constant) is for the caller to check."""
     per_row = tuple(example.shape[1:])
     if BATCH in per_row:
         raise ModelError(f"an input dimension equals {BATCH}, the tracer's example batch size")
+    if generic_length:
+        if len(per_row) != 1:
+            raise ModelError("a length-generic trace takes token ids of shape [B, L]")
+        per_row = (LENGTH,)
     meta_root = copy.deepcopy(module).to("meta")
     tracer = ShapeTracer(meta_root)
+    if generic_length:
+        tracer.symbolic = (BATCH, LENGTH)
     tracer.example = torch.empty((BATCH, *per_row), dtype=example.dtype, device="meta")
     try:
         graph = tracer.trace(module)

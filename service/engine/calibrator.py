@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from service.bundle.manifest import Manifest, ReferralPolicy
-from service.calibration import conformal
-from service.calibration.referral import Referral, assess, outside_training, relative_width
-from service.calibration.referral import with_overrides as _with_overrides
+from service.engine import conformal
+from service.engine.referral import Referral, assess, outside_training, relative_width
+from service.engine.referral import with_overrides as _with_overrides
 from service.engine.summaries import (
     ClassificationSummary,
     Interval,

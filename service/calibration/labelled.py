@@ -1,0 +1,94 @@
+"""Labelled data for `calibrate` and `evaluate`, whatever the file held (feature rows or texts):
+the targets read from their column, and which rows the bundle was already trained or calibrated
+on. Read by `data` (feature CSVs) and `text_data` (text CSVs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle.fingerprint import row_fingerprint
+from service.bundle.manifest import Manifest
+from service.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Labelled:
+    path: Path
+    sha256: str  # of the file's bytes
+    x: np.ndarray  # [N, *input_shape] float32, checked against the hard valid ranges
+    y: np.ndarray  # [N] int64 class indices or float64 targets; [N, k] for k targets
+    # Text data: per row, the index of its distinct text (rows with the same text share it), so
+    # a text that carries several labels can be scored leniently; None for other data.
+    groups: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def fingerprints(self) -> list[str]:
+        return row_fingerprint(self.x)
+
+
+def read_targets(raw: list[str], manifest: Manifest, path: Path) -> np.ndarray:
+    labels = manifest.outputs.labels
+    if manifest.task == "regression":
+        try:
+            return np.array([float(v) for v in raw], dtype=np.float64)
+        except ValueError as exc:
+            raise InvalidInputError(f"{path}: target is not a number ({exc})") from None
+    assert labels is not None
+    out = []
+    for i, v in enumerate(raw):
+        if v in labels:
+            out.append(labels.index(v))
+            continue
+        try:
+            k = float(v)
+        except ValueError:
+            raise InvalidInputError(f"{path}: row {i + 1}: unknown label {v!r}") from None
+        if k != int(k) or not 0 <= k < len(labels):
+            raise InvalidInputError(
+                f"{path}: row {i + 1}: target {v!r} is not a class index 0..{len(labels) - 1}"
+            )
+        out.append(int(k))
+    return np.array(out, dtype=np.int64)
+
+
+def target_column(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:
+    """``given`` (`--target`), else 'target', else the manifest's target name (what `train
+    --target` recorded), so the CSV a model was trained from can be used as it is."""
+    if given is not None:
+        if given not in header:
+            raise InvalidInputError(f"{path}: no target column {given!r}; the columns are {header}")
+        return given
+    named = manifest.outputs.target
+    if "target" not in header and named and named in header:
+        return named
+    return "target"
+
+
+def overlaps(
+    data: Labelled, manifest: Manifest, what: str, parts: tuple[str, ...], *, calibrated: bool
+) -> list[str]:
+    """Sentences for rows of ``data`` that are among the bundle's rows of ``parts`` (keys of
+    ``training.row_fingerprints``) or, with ``calibrated``, its calibration section's rows."""
+    mine = set(data.fingerprints())
+    named = {p: set(manifest.training.row_fingerprints.get(p, [])) for p in parts}
+    if calibrated and manifest.calibration is not None:
+        cal = set(manifest.calibration.row_fingerprints)
+        # `train` records its calibration rows in both sections: one warning, not two.
+        if named.get("calibration") != cal:
+            named["calibrate"] = cal
+    out = []
+    for part, fps in named.items():
+        n = len(mine & fps)
+        if n:
+            out.append(
+                f"{n} of the {data.n} {what} rows are among the bundle's {part} rows "
+                f"(row fingerprints): numbers on them are optimistic"
+            )
+    return out

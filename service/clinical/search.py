@@ -1,0 +1,293 @@
+"""A FHIR search client for the EHR's FHIR server: reads and paged searches, bounded and checked.
+
+Why our own client on httpx rather than a FHIR client library (checked December 2026):
+- fhirpy 2.3.1 (async on aiohttp, sync on requests) reads each answer whole (`await r.text()`),
+  follows `next` links without bounds and lets an absolute link through when the base URL is a
+  substring of it (`https://elsewhere.example/?https://ehr.example/fhir` passes), sending the
+  patient's token there; it opens its own aiohttp session per request, so no transport of ours
+  could bound it;
+- fhirclient 4.4.0 (SMART) is synchronous (requests), sets no timeout, follows redirects, reads
+  answers whole and follows `next` links to any host (its sanitiser checks only the scheme);
+- fhir-kindling 1.0.3 (httpx) needs pydantic 1 and fhir.resources 6; fhir-query needs pandas.
+What a library would add (URL building, paging, parsing) is small, and the limits are the point.
+
+Rules:
+- every request goes to the allow-listed base URL (same scheme, host and port, path under the
+  base); a redirect is never followed, and a `next` link elsewhere is refused, so the token
+  never leaves that server;
+- an answer is read while streaming and cut off past `max_bytes` (a declared Content-Length
+  over it is refused before reading); it must be FHIR JSON;
+- a search follows `next` links until it holds the `_count` results asked for, at most
+  `max_pages` pages and `max_entries` results; the pages become one searchset Bundle;
+- every resource is validated with `fhir.resources` (R4B, else R5: an EHR may serve either), must
+  be the resource searched for and about the call's patient; one bad resource refuses the answer;
+- errors carry the FHIR issue code that says what would help (`login`: a new token), and the
+  server's OperationOutcome diagnostics when it sends one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urljoin, urlsplit
+
+import httpx
+
+from service.clinical.records import refers_to
+
+Json = dict[str, Any]
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 2 * 1024 * 1024  # per answer (one page)
+    max_pages: int = 5  # per search
+    max_entries: int = 500  # per search, all pages together
+
+
+class SearchFailed(Exception):
+    """Why a read or search gave nothing usable; `code` is a FHIR IssueType."""
+
+    def __init__(self, message: str, code: str = "transient") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    return p.scheme, (p.hostname or "").lower(), p.port or DEFAULT_PORTS.get(p.scheme)
+
+
+class FhirSearch:
+    """Reads and searches on one FHIR server (`base`) for one patient, with `client`'s headers."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, base: str, patient_id: str, limits: Limits
+    ) -> None:
+        self.client = client
+        self.base = base.rstrip("/")
+        self.patient_id = patient_id
+        self.limits = limits
+
+    def owns(self, url: str) -> bool:
+        """Whether `url` is on this server, under its base path."""
+        base_path = urlsplit(self.base).path.rstrip("/")
+        path = urlsplit(url).path
+        under = path == base_path or path.startswith(base_path + "/")
+        return _origin(url) == _origin(self.base) and under
+
+    async def run(self, query: str) -> Json:
+        """A template's query: `Type/id` is a read, `Type?params` a search."""
+        kind, _, params = query.partition("?")
+        if not params and kind.count("/") == 1:
+            return await self.read(kind)
+        return await self.search(kind, params)
+
+    async def read(self, path: str) -> Json:
+        kind, _, rid = path.partition("/")
+        res = await self._get(f"{self.base}/{path}")
+        if res.get("resourceType") != kind or res.get("id") != rid:
+            raise SearchFailed(f"reading {path} gave {_name(res)}", "processing")
+        self._check(res, kind)
+        return res
+
+    async def search(self, kind: str, params: str) -> Json:
+        asked = dict(parse_qsl(params)).get("_count", "")
+        lim = self.limits
+        wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
+        url = f"{self.base}/{kind}?{params}"
+        entries: list[Json] = []
+        total = None
+        for page in range(1, lim.max_pages + 1):
+            bundle = await self._get(url)
+            if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
+                raise SearchFailed(f"the answer is {_name(bundle)}, not a searchset Bundle")
+            entries_here = bundle.get("entry") or []
+            if isinstance(entries_here, list) and len(entries_here) > lim.max_entries:
+                # refused before the costly checks
+                raise SearchFailed(f"a page holds over {lim.max_entries} entries", "too-costly")
+            self._check(bundle, kind)
+            if page == 1:
+                total = bundle.get("total")
+            for e in bundle.get("entry") or []:
+                if (e.get("search") or {}).get("mode", "match") == "match":
+                    entries.append(e)
+            nxt = _next(bundle)
+            if len(entries) >= wanted or nxt is None:
+                out: Json = {"resourceType": "Bundle", "type": "searchset"}
+                if isinstance(total, int):
+                    out["total"] = total
+                return out | {"entry": entries[:wanted]}
+            url = urljoin(url, nxt)
+            if not self.owns(url):
+                raise SearchFailed(
+                    f"page {page}'s next link leads to {_where(url)}, another server: not "
+                    "followed (the access token goes to the allow-listed fhirServer only)",
+                    "security",
+                )
+        raise SearchFailed(
+            f"the search needs more than {lim.max_pages} pages for {wanted} results "
+            f"(it gave {len(entries)}; CDS_FHIR_MAX_PAGES)",
+            "too-costly",
+        )
+
+    async def _get(self, url: str) -> Json:
+        """One GET: FHIR JSON, read up to `max_bytes`; failures as SearchFailed."""
+        limit = self.limits.max_bytes
+        try:
+            async with self.client.stream("GET", url) as r:
+                if r.is_redirect:
+                    raise _redirect(r, url, self.owns)
+                body = await _read(r, limit)
+        except httpx.HTTPError as exc:
+            raise SearchFailed(f"{type(exc).__name__} from the FHIR server") from None
+        media = r.headers.get("content-type", "")
+        if r.status_code != 200:
+            try:
+                said = _parse(body, media)
+            except SearchFailed:
+                said = {}  # an error page: the status says enough
+            raise _refusal(r.status_code, said)
+        res = _parse(body, media)
+        if res.get("resourceType") == "OperationOutcome":
+            raise _refusal(200, res)
+        return res
+
+    def _check(self, res: Json, kind: str) -> None:
+        """Valid FHIR, of the kind searched for, about this patient (else SearchFailed)."""
+        entries = res.get("entry") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SearchFailed(f"{_name(res)}: entry is not an array of objects", "structure")
+        inner = [e.get("resource") for e in entries]
+        shell = res
+        if inner:
+            shell = res | {
+                "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]
+            }
+        _validate(shell, _name(res))
+        for e, r in zip(entries, inner, strict=True):
+            if r is None:
+                continue
+            if not isinstance(r, dict):
+                raise SearchFailed("a Bundle entry's resource is not a JSON object", "structure")
+            _validate(r, _name(r))
+            mode = (e.get("search") or {}).get("mode", "match")
+            if mode == "match" and r.get("resourceType") != kind:
+                raise SearchFailed(f"a search for {kind} gave {_name(r)}", "processing")
+            if not refers_to(r.get("subject"), self.patient_id):
+                raise SearchFailed(f"{_name(r)} is about another patient", "processing")
+
+
+async def _read(r: httpx.Response, limit: int) -> bytes:
+    declared = r.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise SearchFailed(
+            f"the answer is {int(declared)} bytes, over the limit of {limit} (CDS_FHIR_MAX_BYTES)",
+            "too-costly",
+        )
+    body = bytearray()
+    async for chunk in r.aiter_bytes():
+        body += chunk
+        if len(body) > limit:  # stop reading: a huge Bundle is never held whole
+            raise SearchFailed(
+                f"the answer is over {limit} bytes (CDS_FHIR_MAX_BYTES); reading stopped",
+                "too-costly",
+            )
+    return bytes(body)
+
+
+def _parse(body: bytes, content_type: str) -> Json:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media and not (media.endswith("/json") or media.endswith("+json")):
+        raise SearchFailed(f"the answer is {media}, not FHIR JSON", "structure")
+    try:
+        res = json.loads(body)
+    except ValueError:
+        raise SearchFailed("the answer is not JSON", "structure") from None
+    if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
+        raise SearchFailed("the answer is not a FHIR resource", "structure")
+    return res
+
+
+def _redirect(r: httpx.Response, url: str, owns: Callable[[str], bool]) -> SearchFailed:
+    target = urljoin(url, r.headers.get("location", ""))
+    where = "within the same server" if owns(target) else f"to {_where(target)}, another server"
+    return SearchFailed(
+        f"HTTP {r.status_code} redirect {where}: not followed (the access token goes to the "
+        "allow-listed fhirServer only; list the server's own base URL)",
+        "security",
+    )
+
+
+def _refusal(status: int, res: Json) -> SearchFailed:
+    said = _diagnostics(res)
+    tail = f" (the server said: {said})" if said else ""
+    if status == 401:
+        return SearchFailed(
+            f"HTTP 401: the FHIR server refused the access token (expired or revoked){tail}",
+            "login",
+        )
+    if status == 403:
+        return SearchFailed(
+            f"HTTP 403: the access token does not allow this read{tail}", "forbidden"
+        )
+    if status == 200:
+        return SearchFailed(f"the server answered an OperationOutcome{tail}", "processing")
+    return SearchFailed(f"HTTP {status}{tail}")
+
+
+def _diagnostics(res: Json) -> str:
+    """The OperationOutcome's own words, short and printable (they reach a card)."""
+    if res.get("resourceType") != "OperationOutcome":
+        return ""
+    said = []
+    for i in res.get("issue") or []:
+        if isinstance(i, dict):
+            text = i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
+            if isinstance(text, str):
+                said.append(text)
+    joined = "; ".join(dict.fromkeys(said))
+    return "".join(c if c.isprintable() else " " for c in joined)[:200]
+
+
+def _validate(res: Json, name: str) -> None:
+    from fhir.resources import get_fhir_model_class as r5
+    from fhir.resources.R4B import get_fhir_model_class as r4b
+
+    first = None
+    for get in (r4b, r5):
+        try:
+            get(str(res.get("resourceType"))).model_validate(res)
+            return
+        except (KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            first = first or exc
+    errors = getattr(first, "errors", None)
+    if callable(errors):
+        e = errors(include_input=False)[0]
+        why = f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    else:
+        why = f"unknown resource type {res.get('resourceType')!r}"
+    raise SearchFailed(f"{name} is not valid FHIR (R4B or R5): {why}", "structure")
+
+
+def _next(bundle: Json) -> str | None:
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            return url if isinstance(url, str) and url else None
+    return None
+
+
+def _name(res: Any) -> str:
+    if not isinstance(res, dict):
+        return "not a resource"
+    kind, rid = res.get("resourceType"), res.get("id")
+    return f"{kind}/{rid}" if rid else f"a {kind}"
+
+
+def _where(url: str) -> str:
+    p = urlsplit(url)
+    return p.netloc or "nowhere"

@@ -12,11 +12,11 @@ import torch
 from text_nets import TransformerClassifier, token_batch
 
 from service.bundle import load_bundle
-from service.packaging import save
 from service.bundle.manifest import MANIFEST_NAME, parse_manifest
 from service.engine import MCRequest
 from service.engine.model import PredictParams, ServedModel
 from service.errors import BundleError, InvalidInputError, ModelError
+from service.packaging import save
 
 # The transformer's sites in graph order: per encoder layer the attention weights, the two
 # residual branches and the feed-forward's inner dropout; then the head's.

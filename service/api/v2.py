@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from service.api import examples
-from service.api.encode import sites_used
 from service.api.native import (
     ignored,
     json_response,
@@ -39,6 +38,7 @@ from service.api.v2_schemas import (
     V2Error,
     inline_schema,
 )
+from service.encode import sites_used
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.text import TextBatch, encode_texts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -103,6 +103,9 @@ def predict(
     mode: Annotated[str, typer.Option(help="mc or deterministic")] = "mc",
     model_dir: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
     version: Annotated[str | None, typer.Option(help="model version")] = None,
+    dropout_sites: Annotated[
+        str | None, typer.Option(help="'all' or k: sample the last k dropout sites")
+    ] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
     from service.api.common.parameters import PredictParameters, to_params
@@ -124,6 +127,12 @@ def predict(
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
     auto = samples == "auto"
+    if dropout_sites not in (None, "all") and not str(dropout_sites).isdigit():
+        typer.echo(f"error: --dropout-sites {dropout_sites!r}: give all or a number k", err=True)
+        raise typer.Exit(2)
+    sites: int | Literal["all"] | None = None if dropout_sites is None else "all"
+    if dropout_sites not in (None, "all"):
+        sites = int(str(dropout_sites))
     if samples is not None and not auto and not samples.isdigit():
         typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
         raise typer.Exit(2)
@@ -138,6 +147,7 @@ def predict(
                 seed=seed,
                 confidence=confidence,
                 mode=mode,  # type: ignore[arg-type]
+                dropout_sites=sites,
             ),
             served,
             settings.max_samples,

@@ -193,6 +193,13 @@ def response_json(model: ServedModel, pred: Prediction) -> bytes:
     return cached
 
 
+def sites_used(pred: Prediction) -> str | int | None:
+    """The dropout sites an MC answer sampled, as a request names them; None: deterministic."""
+    if pred.mode != "mc":
+        return None
+    return "all" if pred.dropout_sites is None else pred.dropout_sites
+
+
 def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
     warnings = list(pred.warnings)
     if pred.mode == "deterministic":
@@ -210,6 +217,7 @@ def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
         "mode": pred.mode,
         "samples": pred.samples,
         "seed": pred.seed,
+        "dropout_sites": sites_used(pred),
         "uncertainty_computed": pred.mode == "mc",
         "warnings": warnings,
     }

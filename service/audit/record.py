@@ -139,6 +139,8 @@ def message(e: Event) -> Message:
         "seed_given": p.seed is not None,
         "mode": p.mode,
         "interval": p.interval,
+        # The dropout sites sampled ("all" or the last k): a replay samples the same.
+        "dropout_sites": "all" if pred.dropout_sites is None else pred.dropout_sites,
         # The effective referral policy (the manifest's, with the operator's overrides): the
         # referral decision in the summary depends on it, so a replay applies the same.
         "referral_policy": _policy(m),

@@ -301,6 +301,7 @@ def _replay(
         seed=p["seed"],
         mode=p["mode"],
         interval=p["interval"],
+        dropout_sites=p.get("dropout_sites"),  # absent in older records: the model's default
     )
     recomputed = summary_json(model, model.predict(x, params))
     result = ReplayResult(record, recomputed == record.summary, recomputed)

@@ -13,7 +13,14 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import BundleError
 
@@ -161,6 +168,33 @@ class Defaults(Strict):
     interval: Literal["gaussian", "quantile", "conformal"] = "gaussian"
 
 
+class LastSites(Strict):
+    """Sample only the last k dropout sites (graph order); the earlier ones act as in eval mode."""
+
+    last: int = Field(ge=1)
+
+
+DropoutSites = Literal["all"] | LastSites
+
+
+class MCSettings(Strict):
+    """How MC passes run. `dropout_sites`: every site (the default), or only the last k in the
+    graph's order, the earlier ones then part of the deterministic prefix that runs once per
+    input; requests may choose another setting within 1..len(dropout) (`dropout_sites`)."""
+
+    dropout_sites: DropoutSites = "all"
+
+    @field_validator("dropout_sites", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        """One message for every wrong shape (a union's first error would say "should be
+        'all'" to a {"last": 0})."""
+        last = v.get("last") if isinstance(v, dict) and set(v) == {"last"} else None
+        if v == "all" or isinstance(v, LastSites) or (type(last) is int and last >= 1):
+            return v
+        raise ValueError(f"use 'all' or {{'last': k}} with an integer k >= 1, got {v!r}")
+
+
 class DropoutLayout(Strict):
     name: str
     p: float
@@ -265,6 +299,15 @@ class Manifest(Strict):
     referral: ReferralPolicy | None = None
     clinical: dict[str, Any] | None = None
     backend: dict[str, Any] | None = None
+    mc: MCSettings | None = None  # absent: every dropout site sampled
+
+    @property
+    def sampled_sites(self) -> int | None:
+        """The default number of last sites sampled; None: all of them."""
+        sites = self.mc.dropout_sites if self.mc is not None else "all"
+        if isinstance(sites, LastSites) and sites.last < len(self.dropout):
+            return sites.last
+        return None
 
     @model_validator(mode="after")
     def _task_outputs(self) -> Manifest:
@@ -298,6 +341,13 @@ class Manifest(Strict):
                     "a multi-output calibration holds calibration.target_scores for exactly the "
                     f"targets {out.target_names}"
                 )
+        sites = self.mc.dropout_sites if self.mc is not None else "all"
+        if isinstance(sites, LastSites) and sites.last > len(self.dropout):
+            raise ValueError(
+                f"mc.dropout_sites asks for the last {sites.last} dropout sites but the model "
+                f"has {len(self.dropout)}; use 'all' or {{'last': k}} with 1 <= k <= "
+                f"{len(self.dropout)}"
+            )
         if self.referral is not None and self.referral.targets is not None:
             unknown = sorted(set(self.referral.targets) - set(out.target_names))
             if unknown or out.targets is None:

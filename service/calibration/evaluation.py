@@ -249,7 +249,7 @@ def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0
             f"{m.name}: evaluate scores one target; this model has {len(m.outputs.targets)} "
             "(multi-output evaluation is not implemented yet)"
         )
-    req = MCRequest(data.x, samples, seed)
+    req = MCRequest(data.x, samples, seed, sites=m.sampled_sites)  # the sites it serves with
     out = served.sample([req])[0]  # [T, N, outputs]
     y = data.y
     ev = (

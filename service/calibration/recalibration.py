@@ -66,7 +66,9 @@ def _fit(
     one_se: bool,
 ) -> tuple[Calibration, ReferralPolicy]:
     m = served.manifest
-    out = served.sample([MCRequest(data.x, samples, seed)])[0]  # [T, N, outputs]
+    # Scores from the dropout sites the model serves with (its manifest's default).
+    req = MCRequest(data.x, samples, seed, sites=m.sampled_sites)
+    out = served.sample([req])[0]  # [T, N, outputs]
     level = m.defaults.confidence
     fps = data.fingerprints()
     policy_base = m.referral or ReferralPolicy()

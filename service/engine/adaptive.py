@@ -142,10 +142,11 @@ def run(
     as many passes as it needs; `Prediction.samples` is the number used."""
     seeds = [p.seed if p.seed is not None else new_seed() for p in params]
     passes = [first_passes(p, a) for p in params]
+    sites = [model.sites_for(p) for p in params]
     done: dict[int, tuple[np.ndarray, int]] = {}
     while len(done) < len(xs):
         todo = [i for i in range(len(xs)) if i not in done]
-        reqs = [MCRequest(xs[i], passes[i], seeds[i]) for i in todo]
+        reqs = [MCRequest(xs[i], passes[i], seeds[i], sites=sites[i]) for i in todo]
         for i, out in zip(todo, model.sample(reqs), strict=True):
             more = next_passes(model, out, params[i], a)
             if more is None:
@@ -157,7 +158,8 @@ def run(
         out, t = done[i]
         p = dataclasses.replace(params[i], samples=t, seed=seeds[i])
         model.check_params(p)
-        answers.append(mark(model.summarize(out, MCRequest(x, t, seeds[i]), p), a))
+        req = MCRequest(x, t, seeds[i], sites=sites[i])
+        answers.append(mark(model.summarize(out, req, p), a))
     return answers
 
 

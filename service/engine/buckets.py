@@ -55,7 +55,9 @@ class Buckets:
             pos = np.flatnonzero(at == n)
             x = np.ascontiguousarray(req.x[pos, :n])
             keyed = tuple(int(k) for k in base[pos])
-            out.append((int(n), pos, MCRequest(x, req.samples, req.seed, index=keyed)))
+            out.append(
+                (int(n), pos, MCRequest(x, req.samples, req.seed, index=keyed, sites=req.sites))
+            )
         return out
 
     def run(self, samplers: dict[int, MCSampler], reqs: Sequence[MCRequest]) -> list[np.ndarray]:

@@ -127,7 +127,8 @@ def _groups(model: ServedModel, items: list[Entry]) -> list[list[Entry]]:
         assert w.req is not None
         # Sampled noise (quantile intervals of a regressor) draws from the request's seed.
         own_rng = regression and p.interval == "quantile"
-        key = (p.samples, p.confidence, p.interval, w.req.seed if own_rng else None)
+        seed = w.req.seed if own_rng else None
+        key = (p.samples, p.confidence, p.interval, seed, w.req.sites)  # sites: named in answers
         groups.setdefault(key, []).append(entry)
     return list(groups.values())
 

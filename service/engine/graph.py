@@ -65,6 +65,9 @@ class SplitGraph:
     frontier_site: tuple[int | None, ...]
     sites: tuple[DropoutSite, ...]
     output_shape: tuple[int, ...]  # per row
+    # Graph-order index of the first sampled site among all the model's sites: the masks of
+    # site i are keyed by first_site + i, so a site draws the same masks whichever setting runs.
+    first_site: int = 0
 
 
 def apply_keep(x: torch.Tensor, keep: torch.Tensor | MaskRows, scale: float) -> torch.Tensor:
@@ -127,12 +130,34 @@ def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
     return values
 
 
-def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) -> SplitGraph:
-    """Trace `module` (already in eval mode) and split it; `example` is [B, *input_shape]."""
+def split(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    use_prefix: bool = True,
+    sampled: int | None = None,
+) -> SplitGraph:
+    """Trace `module` (already in eval mode) and split it; `example` is [B, *input_shape].
+
+    `sampled`: sample only the last k dropout sites in graph order (None: all). The earlier
+    ones are taken out of the graph (eval-mode dropout is the identity), so the values they
+    fed become deterministic and join the prefix: for a head-only setting, the whole trunk."""
     gm = trace(module)
     drop_nodes = find_dropout(gm)
     if not drop_nodes:
         raise ModelError("the model has no dropout layer with p > 0, so MC dropout has no effect")
+    first = 0
+    if sampled is not None:
+        if not 1 <= sampled <= len(drop_nodes):
+            raise ModelError(
+                f"the last {sampled} dropout sites were asked for; the model has {len(drop_nodes)}"
+            )
+        first = len(drop_nodes) - sampled
+        for n in drop_nodes[:first]:
+            n.replace_all_uses_with(n.args[0])  # type: ignore[arg-type]
+            gm.graph.erase_node(n)
+        gm.recompile()
+        drop_nodes = drop_nodes[first:]
     # Two batch sizes tell batched values (leading dim follows the batch) from the rest.
     ex2, ex3 = example[:1].expand(2, *example.shape[1:]), example[:1].expand(3, *example.shape[1:])
     v2, v3 = _values(gm, ex2.contiguous()), _values(gm, ex3.contiguous())
@@ -236,4 +261,5 @@ def split(module: nn.Module, example: torch.Tensor, *, use_prefix: bool = True) 
         frontier_site=tuple(only_dropout(n) if batched(n) else None for n in frontier),
         sites=tuple(sites),
         output_shape=out_shape,
+        first_site=first,
     )

@@ -46,6 +46,8 @@ class PredictParams:
     interval: IntervalMethod = "gaussian"
     # samples="auto": `samples` is the pass count of the next chunk (adaptive.py)
     auto: Adaptive | None = None
+    # Which dropout sites to sample: "all", the last k (graph order), None: the model's default.
+    dropout_sites: int | Literal["all"] | None = None
 
 
 # Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per
@@ -143,6 +145,14 @@ class ServedModel:
         self.samplers = {spec.shape[0]: self.sampler} if text else {}
         if self.buckets is not None:
             self._bucket_samplers(row_budget, device, fused_masks)
+        try:  # the default dropout-site setting's split, built now: errors at load, not later
+            for sampler in [
+                self.sampler,
+                *(s for s in self.samplers.values() if s is not self.sampler),
+            ]:
+                sampler.pin(self.manifest.sampled_sites)
+        except InvalidInputError as exc:
+            raise BundleError(f"{bundle.path}: mc.dropout_sites: {exc}") from exc
         self.onnx = (
             OnnxPredictor(bundle.onnx_bytes, threads=onnx_threads) if bundle.onnx_bytes else None
         )
@@ -213,10 +223,25 @@ class ServedModel:
     def device(self) -> str:
         return describe(self.sampler.device)
 
+    def sites_for(self, p: PredictParams) -> int | None:
+        """The last k dropout sites a request samples, None for every site (also when k is
+        the model's count: the same graph and masks). Refuses k outside 1..sites."""
+        n = self.sampler.sites
+        sites = self.manifest.sampled_sites if p.dropout_sites is None else p.dropout_sites
+        if sites == "all" or sites is None:
+            return None
+        if isinstance(sites, bool) or not 1 <= sites <= n:
+            raise InvalidInputError(
+                f"dropout_sites must be 'all' or an integer k with 1 <= k <= {n} (the last k of "
+                f"the model's {n} dropout sites), got {sites!r}"
+            )
+        return None if sites == n else sites
+
     def check_params(self, p: PredictParams) -> None:
         """Refuse parameters that cannot be honoured, before any queueing or compute."""
         if p.mode == "deterministic":
             return
+        self.sites_for(p)
         if p.samples < 2:
             raise InvalidInputError(f"samples must be at least 2 for MC dropout, got {p.samples}")
         # A classifier drops the levels its samples cannot reach, with a warning (summarize).
@@ -235,7 +260,8 @@ class ServedModel:
             )
 
     def mc_request(self, x: np.ndarray, p: PredictParams) -> MCRequest:
-        return MCRequest(x, p.samples, p.seed if p.seed is not None else new_seed())
+        seed = p.seed if p.seed is not None else new_seed()
+        return MCRequest(x, p.samples, seed, sites=self.sites_for(p))
 
     def sample(self, reqs: list[MCRequest]) -> list[np.ndarray]:
         """Samples [T, B, *output] per request, each text at its own length bucket."""
@@ -270,6 +296,12 @@ class ServedModel:
             )
         cal = self.calibrator
         warnings: list[str] = []
+        if cal.calibrated and req.sites != self.manifest.sampled_sites:
+            warnings.append(
+                f"dropout_sites={'all' if req.sites is None else req.sites} is not the setting "
+                "the model was calibrated with (its default): prediction sets and conformal "
+                "intervals assume the default's spread"
+            )
         if self.manifest.task == "classification":
             levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
             dropped = [
@@ -310,6 +342,7 @@ class ServedModel:
             mode="mc",
             samples=p.samples,
             seed=req.seed,
+            dropout_sites=req.sites,
             summary=summary,
             warnings=warnings,
             referral=cal.referral(summary, req.x, p.confidence[0]),

@@ -64,6 +64,8 @@ class Prediction:
     timing: dict[str, float] = field(default_factory=dict)  # queue_s, compute_s, batch_rows
     # Text models: per input, what tokenization did ({"tokens": n, "truncated": bool}).
     input_notes: list[dict[str, Any]] | None = None
+    # MC mode: the last k dropout sites sampled (graph order); None: all (or deterministic mode).
+    dropout_sites: int | None = None
     # samples="auto": the passes (`samples`) were chosen per request until its answer was sure.
     adaptive: bool = False
     # Encodings made by adapters, kept so that the answer and its audit record encode it once.
@@ -73,6 +75,7 @@ class Prediction:
 def part_of(whole: Prediction, lo: int, hi: int, seed: int | None) -> Prediction:
     """Inputs lo:hi of a group's answer, as one request's answer; cut on first read."""
     p = Prediction(whole.backend, whole.device, whole.mode, whole.samples, seed, None, None)
+    p.dropout_sites = whole.dropout_sites
     p.warnings = list(whole.warnings)  # each answer may get its own warnings later
     p.__dict__["_group"] = (whole, lo, hi)
     return p

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ from service.engine.masks import (
     signed_key,
 )
 from service.engine.prefix import Prefix
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, ModelError
 
 # The engine's float arithmetic, numbered: bumped when the same bundle, inputs and seed give other
 # last bits (audit records carry it, so a replay can say why it differs). 2 (2026-11-27): the
@@ -49,21 +50,36 @@ from service.errors import InvalidInputError
 NUMERICS = 3
 
 
+# Splits kept per model for settings other than "all" (each holds a prefix and a suffix graph
+# over the model's own weights; a rewritten prefix may hold a copy of its part, see prefix.py).
+MAX_PLANS = 4
+
+
 @dataclass(frozen=True)
 class MCRequest:
     """One request's work: inputs [B, *input_shape], T passes, and the seed of its masks.
 
     `index`: the row each input's masks are keyed by, where the inputs are part of a larger
-    request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1."""
+    request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1.
+    `sites`: sample only the last k dropout sites (graph order), None: every site."""
 
     x: np.ndarray
     samples: int
     seed: int
     index: tuple[int, ...] | None = None
+    sites: int | None = None
 
     @property
     def rows(self) -> int:
         return self.samples * int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One dropout-site setting's split: its prefix (runs once per input) and suffix."""
+
+    graph: SplitGraph
+    prefix: Prefix
 
 
 @dataclass
@@ -112,15 +128,19 @@ class MCSampler:
         # Token ids stay integers (an embedding reads them); everything else is float32.
         self.input_dtype = torch.int64 if not example.dtype.is_floating_point else torch.float32
         example = example.to(self.device, self.input_dtype)
-        self.graph: SplitGraph = split(self.module, example, use_prefix=use_prefix)
-        self.prefix = Prefix(self.graph.prefix, example)  # rewritten for inference (prefix.py)
+        self._example, self._use_prefix = example, use_prefix
         self.input_shape = tuple(example.shape[1:])
         cuda = self.device.type == "cuda"
         # Rows per block: each request starts at a block boundary (see the module docstring).
         self.block = 1 if cuda else block_rows(example)
-        if not cuda:
-            block_linears(self.prefix.module, 1)
-            block_linears(self.graph.suffix, self.block)
+        main = self._build(None)  # every site: the split every model has
+        self.graph: SplitGraph = main.graph
+        self.prefix: Prefix = main.prefix
+        self.sites = len(self.graph.sites)
+        # Other settings (the last k sites) are split on first use, the last MAX_PLANS kept.
+        self._plans: OrderedDict[int, Plan] = OrderedDict()
+        self._pinned: dict[int, Plan] = {}  # a model's default setting: never evicted
+        self._plans_lock = threading.Lock()
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
             min_rows = int(row_budget) if cuda else BLOCK_ROWS
         self.min_rows = _round_up(int(min_rows), self.block)
@@ -141,6 +161,48 @@ class MCSampler:
         else:
             self._chunk = self._chunk_fused if self.fused else self._chunk_eager
 
+    def _build(self, sites: int | None) -> Plan:
+        graph = split(self.module, self._example, use_prefix=self._use_prefix, sampled=sites)
+        prefix = Prefix(graph.prefix, self._example)  # rewritten for inference (prefix.py)
+        if self.device.type != "cuda":
+            block_linears(prefix.module, 1)
+            block_linears(graph.suffix, self.block)
+        return Plan(graph, prefix)
+
+    def plan(self, sites: int | None) -> Plan:
+        """The split that samples the last `sites` dropout sites (None or all of them: the
+        model's full split), built on first use; a few are kept (least recently used out)."""
+        if sites is None or sites == self.sites:
+            return Plan(self.graph, self.prefix)
+        with self._plans_lock:
+            found = self._pinned.get(sites)
+            if found is not None:
+                return found
+            found = self._plans.get(sites)
+            if found is not None:
+                self._plans.move_to_end(sites)
+                return found
+        try:
+            built = self._build(sites)
+        except ModelError as exc:  # e.g. a late site that does not reach the output
+            raise InvalidInputError(
+                f"dropout_sites={sites} cannot be sampled for this model ({exc}); use 'all'"
+            ) from exc
+        with self._plans_lock:
+            self._plans[sites] = built
+            self._plans.move_to_end(sites)
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        return built
+
+    def pin(self, sites: int | None) -> None:
+        """Build the split for `sites` now and keep it for good (a model's default setting)."""
+        if sites is not None and sites != self.sites:
+            built = self.plan(sites)
+            with self._plans_lock:
+                self._pinned[sites] = built
+                self._plans.pop(sites, None)
+
     @property
     def output_shape(self) -> tuple[int, ...]:
         return self.graph.output_shape
@@ -154,6 +216,11 @@ class MCSampler:
             raise ValueError(f"{len(req.index)} mask rows for {req.x.shape[0]} inputs")
         if not 1 <= req.samples < MAX_PASSES:
             raise InvalidInputError(f"samples must be in [1, {MAX_PASSES - 1}], got {req.samples}")
+        if req.sites is not None and not 1 <= req.sites <= self.sites:
+            raise InvalidInputError(
+                f"dropout_sites must be 'all' or the last k sites with 1 <= k <= {self.sites} "
+                f"(the model has {self.sites}), got {req.sites}"
+            )
 
     def _pad(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         if t.shape[0] >= rows:
@@ -169,12 +236,26 @@ class MCSampler:
         return out.float().cpu().numpy()
 
     def run(self, requests: Sequence[MCRequest]) -> list[np.ndarray]:
-        """Samples [T, B, *output] (float32) for each request, in order."""
+        """Samples [T, B, *output] (float32) for each request, in order. Requests with other
+        dropout-site settings run other graphs: one shared forward per setting."""
         for r in requests:
             self._check(r)
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(requests):
+            groups.setdefault(self.sites if r.sites is None else r.sites, []).append(k)
+        if len(groups) == 1:
+            return self._run(self.plan(next(iter(groups))), requests)
+        result: list[np.ndarray | None] = [None] * len(requests)
+        for sites, members in groups.items():
+            outs = self._run(self.plan(sites), [requests[k] for k in members])
+            for k, out in zip(members, outs, strict=True):
+                result[k] = out
+        return [r for r in result if r is not None]
+
+    def _run(self, plan: Plan, requests: Sequence[MCRequest]) -> list[np.ndarray]:
         if not requests:
             return []
-        g = self.graph
+        g = plan.graph
         dev = self.device
         with torch.inference_mode():
             xs = torch.as_tensor(
@@ -184,11 +265,12 @@ class MCSampler:
             )
             n_inputs = xs.shape[0]
             with live_rows(n_inputs):  # padding inputs skip the prefix's linear layers
-                values = self.prefix(self._pad(xs, self.min_rows))
+                values = plan.prefix(self._pad(xs, self.min_rows))
             frontier = [
                 f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
             ]
-            rows = _RowMap(requests, len(g.sites), dev, self.block)
+            layers = range(g.first_site, g.first_site + len(g.sites))
+            rows = _RowMap(requests, layers, dev, self.block)
             total = rows.total
             out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=dev)
             forwards = 0
@@ -207,7 +289,7 @@ class MCSampler:
                 ]
                 keys = [self._pad(k[lo:hi], padded) for k in rows.keys]
                 base = self._pad(rows.base[lo:hi], padded)  # padded rows: masks unused
-                out[lo:hi] = self._chunk(inputs, keys, base, idx)[:n].float()
+                out[lo:hi] = self._chunk(g, inputs, keys, base, idx)[:n].float()
                 forwards += 1
             self.stats.add(
                 batches=1,
@@ -225,6 +307,7 @@ class MCSampler:
 
     def _chunk_eager(
         self,
+        g: SplitGraph,
         inputs: list[torch.Tensor],
         keys: list[torch.Tensor],
         base: torch.Tensor,
@@ -235,12 +318,13 @@ class MCSampler:
             keep_factors(keep_bytes_rows(key, base, site.features), site.rule.threshold).view(
                 -1, *site.mask_shape
             )
-            for key, site in zip(keys, self.graph.sites, strict=True)
+            for key, site in zip(keys, g.sites, strict=True)
         ]
-        return self.graph.suffix(*inputs, *keeps)
+        return g.suffix(*inputs, *keeps)
 
     def _chunk_fused(
         self,
+        g: SplitGraph,
         inputs: list[torch.Tensor],
         keys: list[torch.Tensor],
         base: torch.Tensor,
@@ -254,11 +338,11 @@ class MCSampler:
                 base,
                 site.rule.threshold,
                 site.mask_shape,
-                rows if i in self.graph.frontier_site else None,
+                rows if i in g.frontier_site else None,
             )
-            for i, (key, site) in enumerate(zip(keys, self.graph.sites, strict=True))
+            for i, (key, site) in enumerate(zip(keys, g.sites, strict=True))
         ]
-        return self.graph.suffix(*inputs, *masks)
+        return g.suffix(*inputs, *masks)
 
 
 class _RowMap:
@@ -269,7 +353,7 @@ class _RowMap:
     """
 
     def __init__(
-        self, requests: Sequence[MCRequest], layers: int, device: torch.device, block: int
+        self, requests: Sequence[MCRequest], layers: range, device: torch.device, block: int
     ) -> None:
         counts = [_round_up(r.rows, block) for r in requests]
         self.starts = np.cumsum([0, *counts])
@@ -282,14 +366,14 @@ class _RowMap:
             seed = requests[0].seed
             self.keys = [
                 torch.full((self.total,), signed_key(seed, layer), dtype=torch.int64, device=device)
-                for layer in range(layers)
+                for layer in layers
             ]
             return
         self.keys = [
             torch.tensor([signed_key(r.seed, layer) for r in requests], dtype=torch.int64)[
                 row_req
             ].to(device)
-            for layer in range(layers)
+            for layer in layers
         ]
 
 

@@ -20,7 +20,9 @@ from service.bundle.manifest import (
     Defaults,
     DropoutLayout,
     InputSpec,
+    LastSites,
     Manifest,
+    MCSettings,
     OutputSpec,
     TargetSpec,
     Task,
@@ -69,6 +71,7 @@ def save(
     truncation: Literal["truncate", "error"] = "truncate",
     pad_id: int | None = None,
     buckets: Buckets = "auto",
+    dropout_sites: Literal["all"] | int = "all",
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
 
@@ -83,7 +86,10 @@ def save(
     ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
     parameter, learned per input (a heteroscedastic model, service/engine/heads.py). With k >= 2
     targets, ``target`` is their names and ``target_unit`` their units, in output order: the
-    model outputs the k means (then the k variance parameters)."""
+    model outputs the k means (then the k variance parameters).
+
+    ``dropout_sites``: the MC passes sample every dropout site ("all", the default) or only the
+    last k in graph order (an int; requests may still ask for another setting)."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -133,6 +139,16 @@ def save(
         value_range = (0.0, float(_vocabulary(rebuilt) - 1))
     sampler = MCSampler(rebuilt, example, device="cpu")
     out_shape = sampler.output_shape
+    n_sites = sampler.sites
+    if dropout_sites != "all" and (
+        isinstance(dropout_sites, bool)
+        or not isinstance(dropout_sites, int)
+        or not 1 <= dropout_sites <= n_sites
+    ):
+        raise ModelError(
+            f"dropout_sites={dropout_sites!r}: use 'all' or an integer k with 1 <= k <= "
+            f"{n_sites} (the last k of the model's {n_sites} dropout sites)"
+        )
     if len(out_shape) != 1:
         raise ModelError(f"the model must output [B, outputs], got per-row shape {out_shape}")
     if task == "classification":
@@ -215,6 +231,9 @@ def save(
         ],
         artifacts=artifacts,
         training=training or Training(),
+        mc=None
+        if dropout_sites == "all"
+        else MCSettings(dropout_sites=LastSites(last=dropout_sites)),
         **(extra or {}),
     )
     (dest / MANIFEST_NAME).write_bytes(manifest.dumps())

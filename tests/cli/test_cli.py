@@ -83,6 +83,21 @@ def test_predict(name: str) -> None:
         assert pred["label"] in pred["probabilities"]
 
 
+def test_predict_dropout_sites() -> None:
+    base = ["predict", "diabetes", "--instance", first_instance("diabetes"), "--seed", "3"]
+    base += ["--model-dir", str(MODELS)]
+    every = json.loads(runner.invoke(app, base).output)
+    last = runner.invoke(app, [*base, "--dropout-sites", "1"])
+    assert last.exit_code == 0, last.output
+    out = json.loads(last.output)
+    assert out["dropout_sites"] == 1 and every["dropout_sites"] == "all"
+    assert out["predictions"] != every["predictions"]
+    result = runner.invoke(app, [*base, "--dropout-sites", "3"])
+    assert result.exit_code == 2 and "1 <= k <= 2" in result.output
+    result = runner.invoke(app, [*base, "--dropout-sites", "some"])
+    assert result.exit_code == 2 and "give all or a number k" in result.output
+
+
 def test_predict_errors() -> None:
     result = runner.invoke(
         app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]

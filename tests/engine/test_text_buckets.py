@@ -108,6 +108,27 @@ def test_samples_alone_among_longer_texts_and_replayed(
     assert not np.array_equal(alone[0], shared[3][:, 1:2])  # its place (row 1) keys its masks
 
 
+@pytest.mark.parametrize("sites", [1, 3])
+def test_a_dropout_site_setting_keeps_its_bits_across_buckets(
+    served: dict[str, ServedModel], sites: int
+) -> None:
+    """The last k sites (issue 20 item 3) at each bucket's length: alone, among longer texts
+    and other settings, replayed: the same bits; another setting, other samples."""
+    model = served["transformer"]
+    short = texts(9, seed=1)
+    alone = model.sample([MCRequest(short, 12, 7, sites=sites)])[0]
+    shared = model.sample(
+        [
+            MCRequest(texts(64, 50, seed=3), 12, 8, sites=sites),
+            MCRequest(short, 12, 7, sites=sites),
+            MCRequest(texts(40, seed=6), 12, 7),  # every site, in the same batch
+        ]
+    )
+    assert shared[1].tobytes() == alone.tobytes()
+    assert model.sample([MCRequest(short, 12, 7, sites=sites)])[0].tobytes() == alone.tobytes()
+    assert not np.array_equal(alone, model.sample([MCRequest(short, 12, 7)])[0])
+
+
 def test_a_short_text_runs_at_its_own_bucket_in_a_batch_of_long_ones(
     served: dict[str, ServedModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:

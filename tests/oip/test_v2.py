@@ -131,6 +131,11 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
             for n in REGRESSION
         ]
         + [{"name": "passes_used", "datatype": "INT64", "shape": [-1]}],  # samples=auto
+        "parameters": {
+            "dropout_sites": "all",
+            "sites": 2,
+            "allowed": "'all' or k with 1 <= k <= 2 (the last k sites in graph order)",
+        },
     }
     assert (await oip.get("/v2/models/diabetes/versions/1")).json() == meta
     digits = (await oip.get("/v2/models/digits")).json()
@@ -189,6 +194,7 @@ async def test_infer_regression_json(oip: httpx.AsyncClient) -> None:
         "seed": 7,
         "confidence": 0.9,
         "interval": "conformal",  # version 2's default: it is calibrated
+        "dropout_sites": "all",
         "warnings": out["parameters"]["warnings"],
     }
     assert "coverage guarantee assumes" in out["parameters"]["warnings"]

@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictFloat,
+    StrictInt,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
@@ -77,6 +78,11 @@ class PredictParameters(BaseModel):
     )
     mode: Literal["mc", "deterministic"] = "mc"
     interval: Literal["gaussian", "quantile", "conformal"] | None = None
+    dropout_sites: Literal["all"] | StrictInt | None = Field(
+        default=None,
+        description="dropout sites to sample: 'all' or k (the last k, 1 <= k <= the model's "
+        "sites); default: the model's",
+    )
     timeout_ms: float | None = Field(
         default=None, gt=0, strict=True, description="deadline for this request"
     )
@@ -86,7 +92,15 @@ def ignored(p: PredictParameters) -> list[str]:
     """A warning naming the parameters deterministic mode does not use (it was silent)."""
     if p.mode != "deterministic":
         return []
-    names = ("samples", "max_samples", "tolerance", "seed", "confidence", "interval")
+    names = (
+        "samples",
+        "max_samples",
+        "tolerance",
+        "seed",
+        "confidence",
+        "interval",
+        "dropout_sites",
+    )
     given = [k for k in names if getattr(p, k) is not None]
     if not given:
         return []
@@ -110,7 +124,7 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
     interval = resolve_interval(
         model.manifest, p.interval, samples=samples, levels=levels, mode=p.mode
     )
-    return PredictParams(samples, levels, p.seed, p.mode, interval, auto)
+    return PredictParams(samples, levels, p.seed, p.mode, interval, auto, p.dropout_sites)
 
 
 def _adaptive(p: PredictParameters, limit: int) -> Adaptive | None:
@@ -131,3 +145,13 @@ def _adaptive(p: PredictParameters, limit: int) -> Adaptive | None:
     if p.tolerance is None:
         return Adaptive(max_samples=most)
     return Adaptive(max_samples=most, tolerance=p.tolerance)
+
+
+def mc_metadata(model: ServedModel) -> dict[str, Any]:
+    """The dropout-site setting: the default and what a request may choose instead."""
+    n, default = len(model.manifest.dropout), model.manifest.sampled_sites
+    return {
+        "dropout_sites": "all" if default is None else default,
+        "sites": n,
+        "allowed": f"'all' or k with 1 <= k <= {n} (the last k sites in graph order)",
+    }

@@ -11,6 +11,7 @@ from service.api.common import examples
 from service.api.common.auth import allowed_models
 from service.api.common.call import json_response, state
 from service.api.common.fields import inline_schema
+from service.api.common.parameters import mc_metadata
 from service.api.common.schemas import ErrorBody
 from service.api.native.predict import SUBJECT, predict_with
 from service.api.native.schemas import (
@@ -86,6 +87,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "backend": {"mc": "torch", "deterministic": "onnxruntime" if model.onnx else "torch"},
         "device": model.device,
         "dropout": [d.model_dump(mode="json") for d in m.dropout],
+        "mc": mc_metadata(model),
     }
 
 

@@ -154,3 +154,7 @@ class ModelMetadata(BaseModel):
     backend: dict[str, str]
     device: str
     dropout: list[dict[str, Any]]
+    mc: dict[str, Any] = Field(
+        description="dropout_sites: the default ('all' or k, the last k sites), the number of "
+        "sites and what a request may ask for"
+    )

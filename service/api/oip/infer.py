@@ -21,6 +21,7 @@ from service.api.common.parameters import PredictParameters, ignored, to_params
 from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferRequest
+from service.encode import sites_used
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, PredictParams, ServedModel
 from service.engine.text import TextBatch, encode_texts
@@ -86,6 +87,7 @@ def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) ->
     if pred.mode == "mc":
         out.update(samples=pred.samples, seed=pred.seed, confidence=p.confidence[0])
         out["interval"] = p.interval
+        out["dropout_sites"] = sites_used(pred)
     if pred.warnings:
         out["warnings"] = "; ".join(pred.warnings)
     return out
@@ -110,6 +112,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
         seed=p.seed,
         mode=p.mode,
         interval=p.interval,
+        dropout_sites=p.dropout_sites,
     )
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode, auto=params.auto is not None)

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from service.api.common import examples
 from service.api.common.call import json_response, state
 from service.api.common.fields import inline_schema
+from service.api.common.parameters import mc_metadata
 from service.api.oip.binary import HEADER
 from service.api.oip.infer import HEADER_LENGTH, infer_with
 from service.api.oip.outputs import PLATFORM, specs
@@ -100,6 +101,8 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
             else {"name": spec.name, "datatype": "FP32", "shape": [-1, *spec.shape]}
         ],
         "outputs": [s.metadata() for s in specs(model)],
+        # mcserve's own: the dropout-site setting, chosen per request by `dropout_sites`.
+        "parameters": mc_metadata(model),
     }
 
 

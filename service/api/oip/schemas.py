@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.api.common.parameters import (
     AUTO_MAX,
@@ -87,6 +87,9 @@ class InferParameters(Closed):
     )
     mode: Literal["mc", "deterministic"] = "mc"
     interval: Literal["gaussian", "quantile", "conformal"] | None = None
+    dropout_sites: Literal["all"] | StrictInt | None = Field(
+        default=None, description="'all' or k: the last k dropout sites; default: the model's"
+    )
     timeout: int | None = Field(
         default=None, ge=1, strict=True, description="deadline in microseconds (tritonclient)"
     )
@@ -137,6 +140,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="dropout_sites: the default, the count and what may be asked"
+    )
 
 
 class ServerMetadata(BaseModel):

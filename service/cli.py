@@ -60,11 +60,12 @@ def list_models(
     model_dir: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
 ) -> None:
     """List the bundles found and whether each loads (and why not)."""
+    from service.bundle.load import TrustPolicy
     from service.engine.registry import Registry
     from service.settings import Settings
 
     settings = Settings(model_dir=model_dir)
-    reg = Registry.with_policy(model_dir, settings.trust_policy(), device="cpu")
+    reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
     entries = reg.load_all()
     if not entries:
         typer.echo(f"no bundles under {model_dir}")
@@ -109,6 +110,7 @@ def predict(
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
     from service.api.common.parameters import PredictParameters, to_params
+    from service.bundle.load import TrustPolicy
     from service.encode import response
     from service.engine import adaptive
     from service.engine.inputs import to_array
@@ -136,7 +138,7 @@ def predict(
     if samples is not None and not auto and not samples.isdigit():
         typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
         raise typer.Exit(2)
-    reg = Registry.with_policy(model_dir, settings.trust_policy(), device="cpu")
+    reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
     reg.load_all()
     try:
         served = reg.get(model, version)

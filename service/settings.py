@@ -10,8 +10,6 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.bundle.load import TrustPolicy
-
 
 class ApiKey(BaseModel):
     """One client key: `sha256` is the hex digest of the key (the key itself is never stored)."""
@@ -96,7 +94,7 @@ class Settings(BaseSettings):
     # Readiness: models that must be loaded (default: every bundle found).
     required_models: list[str] | None = None
 
-    # Trust.
+    # Trust: what bundles may hold (service.bundle.load.TrustPolicy.from_settings).
     allow_code_artifacts: bool = False
     max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     pinned_digests: list[str] = Field(default_factory=list)
@@ -177,15 +175,6 @@ class Settings(BaseSettings):
 
     # Prometheus `_created` samples beside counters and histograms (off: half the series).
     metrics_created: bool = False
-
-    def trust_policy(self) -> TrustPolicy:
-        return TrustPolicy(
-            allow_code_artifacts=self.allow_code_artifacts,
-            max_artifact_bytes=self.max_artifact_bytes,
-            pinned_digests=frozenset(self.pinned_digests),
-            max_manifest_bytes=self.max_manifest_bytes,
-            max_input_elements=self.max_input_elements,
-        )
 
     @field_validator("public_base_url")
     @classmethod

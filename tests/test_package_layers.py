@@ -23,9 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("calibration",),  # fitting and evaluating calibration (training calibrates what it trains)
     ("encode", "metrics", "packaging"),  # answers as JSON / as Prometheus series; writing bundles
     ("engine",),  # serving: sampler, batcher, registry, and calibration as applied at serve time
-    ("settings",),  # builds the bundle's TrustPolicy from the environment
     ("bundle",),  # the format as data: manifest, artifacts, loading and validation
-    ("child", "connections", "errors", "logs", "nn"),  # ground: no service import
+    ("child", "connections", "errors", "logs", "nn", "settings"),  # ground: no service import
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -84,6 +83,7 @@ def test_the_graph_sees_what_the_layers_rely_on() -> None:
     assert ("service.engine.model", "service.bundle.load") in graph  # module level
     assert ("service.cli", "service.calibration.recalibration") in graph  # inside a function
     assert ("service.audit.cli", "service.settings") in graph  # inside a function
+    assert ("service.bundle.load", "service.settings") in graph  # under TYPE_CHECKING
     assert ("service.api.native.predict", "service.encode") in graph
 
 

@@ -32,6 +32,7 @@ from service.api.oip.repository import router as repository_router
 from service.api.oip.routes import FAST_ENDPOINTS as oip_fast
 from service.api.oip.routes import router as v2_router
 from service.api.pages import docs
+from service.bundle.load import TrustPolicy
 from service.engine.device import configure_threads
 from service.engine.registry import ModelFactory, Registry
 from service.engine.worker import ComputeProcess, WorkerSpec
@@ -56,7 +57,7 @@ def build_state(settings: Settings) -> AppState:
         "onnx_threads": threads,
         "referral_overrides": settings.referral,
     }
-    factory = ModelFactory(settings.trust_policy(), model_kwargs)
+    factory = ModelFactory(TrustPolicy.from_settings(settings), model_kwargs)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-compute")
     remote = None
     if settings.compute_process:

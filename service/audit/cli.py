@@ -127,6 +127,7 @@ def replay(
 ) -> None:
     """Recompute a recorded prediction and report whether it is bit-identical."""
     from service.audit.replay import replay as run_replay
+    from service.bundle.load import TrustPolicy
     from service.errors import McServeError
     from service.settings import Settings
 
@@ -140,7 +141,7 @@ def replay(
             model_dir or s.model_dir,
             inputs=inputs,
             hmac_key=key_bytes,
-            policy=s.trust_policy(),
+            policy=TrustPolicy.from_settings(s),
         )
     except McServeError as exc:
         raise _fail(exc.message) from None

@@ -16,7 +16,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -28,6 +28,9 @@ from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from service.bundle.tokenizer import load_tokenizer
 from service.errors import BundleError, McServeError
+
+if TYPE_CHECKING:  # settings is ground, below the format: only its type is named here
+    from service.settings import Settings
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 _SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2", "tokenizer")
@@ -43,6 +46,18 @@ class TrustPolicy:
     max_manifest_bytes: int = 16 * 1024 * 1024
     max_input_elements: int = 1 << 22  # values in one instance (4 Mi: a 3 x 1024 x 1024 image fits)
     architecture: ArchitectureLimits = field(default_factory=ArchitectureLimits)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrustPolicy:
+        """The operator's policy as configured (MCSERVE_ALLOW_CODE_ARTIFACTS, ...). Built here,
+        not in `settings`, so that configuration stays in the ground layer and imports nothing."""
+        return cls(
+            allow_code_artifacts=settings.allow_code_artifacts,
+            max_artifact_bytes=settings.max_artifact_bytes,
+            pinned_digests=frozenset(settings.pinned_digests),
+            max_manifest_bytes=settings.max_manifest_bytes,
+            max_input_elements=settings.max_input_elements,
+        )
 
 
 @dataclass

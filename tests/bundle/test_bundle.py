@@ -251,6 +251,34 @@ def test_oversized_artifact(bundle: Path) -> None:
     )
 
 
+def test_the_trust_policy_is_the_operators_settings(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every TrustPolicy field that is also a setting is carried over from the environment (the
+    policy is built on the bundle's side: settings imports nothing of the service)."""
+    from dataclasses import fields
+
+    from service.settings import Settings
+
+    digest = bundle_digest((bundle / "manifest.json").read_bytes())
+    given = {
+        "allow_code_artifacts": True,
+        "max_artifact_bytes": 4096,
+        "pinned_digests": frozenset({digest}),
+        "max_manifest_bytes": 2048,
+        "max_input_elements": 7,
+    }
+    for name, value in given.items():
+        env = json.dumps(sorted(value)) if isinstance(value, frozenset) else str(value)
+        monkeypatch.setenv(f"MCSERVE_{name.upper()}", env)
+    policy = TrustPolicy.from_settings(Settings())
+    shared = {f.name for f in fields(TrustPolicy)} & set(Settings.model_fields)
+    assert shared == set(given)  # a new shared field needs a line in from_settings and here
+    assert {name: getattr(policy, name) for name in shared} == given
+    with pytest.raises(BundleError, match="over the limit of 4096"):
+        load_bundle(bundle, policy)
+
+
 def test_digest_not_pinned(bundle: Path) -> None:
     digest = bundle_digest((bundle / "manifest.json").read_bytes())
     assert load_bundle(bundle, TrustPolicy(pinned_digests={digest})).digest == digest

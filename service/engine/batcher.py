@@ -10,9 +10,8 @@ dropped before compute. One request's failure fails that request only.
 
 A text model with length buckets (buckets.py) counts its work in tokens: a request costs
 passes x the sum of its texts' bucket lengths, and every budget above is scaled by max_tokens
-(so a text at full length costs one row, as before, and a short one a fraction). Its requests
-queue by their longest bucket and a batch takes from the queues in turn, oldest first within
-each, so a short text waits for at most one batch of long ones, not for all that came before it.
+(so a text at full length costs one row, as before, and a short one a fraction). What waits, and
+in which order a batch takes it (length classes in turn), is the backlog (backlog.py).
 """
 
 from __future__ import annotations
@@ -23,59 +22,20 @@ import dataclasses
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine import compute
+from service.engine.backlog import Backlog, BatcherStats, Queued
 from service.engine.compute import More, Outcome, Work
 from service.engine.model import Prediction, PredictParams, ServedModel
-from service.engine.sampler import MCRequest
 from service.engine.worker import ComputeProcess
-from service.errors import (
-    CancelledError,
-    DeadlineExceededError,
-    OverloadedError,
-    PayloadTooLargeError,
-    ShuttingDownError,
-)
+from service.errors import OverloadedError, PayloadTooLargeError, ShuttingDownError
 
 log = logging.getLogger("mcserve.batcher")
-EXPIRED = (
-    "the request's deadline passed while it waited in the queue; no compute was spent "
-    "(raise timeout_ms or retry later)"
-)
 Clock = Callable[[], float]
-
-
-@dataclass
-class BatcherStats:
-    submitted: int = 0
-    completed: int = 0
-    failed: int = 0
-    rejected: int = 0  # queue full (429)
-    expired: int = 0  # deadline passed before compute (504)
-    cancelled: int = 0  # client gone before compute
-    requeued: int = 0  # adaptive chunks queued again (samples="auto")
-    batches: int = 0
-    batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
-    queue_rows: int = 0
-
-
-@dataclass
-class _Item:
-    x: np.ndarray
-    params: PredictParams
-    req: MCRequest | None  # None: deterministic mode
-    future: asyncio.Future[Prediction]
-    enqueued: float
-    deadline: float | None
-    rows: int  # its cost, in the model's cost units (rows; tokens for a bucketed text model)
-    queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
-    queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
 
 
 class Batcher:
@@ -114,10 +74,7 @@ class Batcher:
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
-        # One FIFO per length class (one in all for a model without buckets); `_turn` is the
-        # class that opens the next batch, so the classes take turns.
-        self._queues: dict[int, deque[_Item]] = {}
-        self._turn = 0
+        self.backlog = Backlog(self.stats)  # one FIFO per length class (one without buckets)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # The loop, kept at start(): get_running_loop() makes a getpid() system call each time
@@ -141,7 +98,7 @@ class Batcher:
         """
         if drain:
             await asyncio.sleep(settle_s)
-            while (self._queued() or self.stats.queue_rows) and not (
+            while (self.backlog or self.stats.queue_rows) and not (
                 self._task is None or self._task.done()  # a dead worker drains nothing
             ):
                 self._wakeup.set()
@@ -155,15 +112,7 @@ class Batcher:
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        for q in self._queues.values():
-            for item in q:
-                self.stats.queue_rows -= item.rows
-                if not item.future.done():
-                    item.future.set_exception(ShuttingDownError("the server is shutting down"))
-        self._queues.clear()
-
-    def _queued(self) -> bool:
-        return any(self._queues.values())
+        self.backlog.shut("the server is shutting down")
 
     def retry_after_s(self, extra_rows: int = 0) -> int:
         return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
@@ -200,70 +149,23 @@ class Batcher:
             )
         fut: asyncio.Future[Prediction] = (self.loop or asyncio.get_running_loop()).create_future()
         klass = self.model.length_class(x)
-        item = _Item(x, params, req, fut, self.clock(), deadline, rows, klass)
-        self._queues.setdefault(klass, deque()).append(item)
+        self.backlog.push(Queued(x, params, req, fut, self.clock(), deadline, rows, klass))
         self.stats.submitted += 1
-        self.stats.queue_rows += rows
         self._wakeup.set()
         return fut
-
-    def _take(self) -> list[_Item]:
-        """Pop the next batch: expired and cancelled items are dropped, never computed. The
-        length classes take turns: the class after the last batch's opener opens this one,
-        then each class in order adds its oldest items while they fit (one class: FIFO)."""
-        batch: list[_Item] = []
-        rows = 0
-        limit = min(self.max_batch_rows, self.slice_rows)
-        classes = sorted(k for k, q in self._queues.items() if q)
-        if not classes:
-            return batch
-        start = next((i for i, k in enumerate(classes) if k >= self._turn), 0)
-        order = classes[start:] + classes[:start]
-        self._turn = order[0] + 1  # the next batch opens with the next class
-        for k in order:
-            q = self._queues[k]
-            while q:
-                item = self._drop_dead(q)
-                if item is None:
-                    break
-                if batch and (rows + item.rows > limit or not self.batching):
-                    break
-                q.popleft()
-                batch.append(item)
-                rows += item.rows
-            if batch and not self.batching:
-                break
-        return batch
-
-    def _drop_dead(self, q: deque[_Item]) -> _Item | None:
-        """The first live item of `q` (None: none), dropping cancelled and expired ones."""
-        now = self.clock()
-        while q:
-            item = q[0]
-            if item.future.done():  # cancelled by a disconnected client
-                self.stats.cancelled += 1
-            elif item.deadline is not None and now >= item.deadline:
-                self.stats.expired += 1
-                item.future.set_exception(DeadlineExceededError(EXPIRED))
-            else:
-                return item
-            q.popleft()
-            self.stats.queue_rows -= item.rows
-        return None
 
     async def _run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.max_delay_s > 0 and self._queued():
+            if self.max_delay_s > 0 and self.backlog:
                 # Optional timer batching: wait for the row budget or the oldest's max_delay.
-                oldest = min(q[0].enqueued for q in self._queues.values() if q)
-                wait = oldest + self.max_delay_s - self.clock()
-                queued = sum(i.rows for q in self._queues.values() for i in q)
-                if wait > 0 and queued < self.max_batch_rows:
+                wait = self.backlog.oldest() + self.max_delay_s - self.clock()
+                if wait > 0 and self.backlog.rows() < self.max_batch_rows:
                     await asyncio.sleep(wait)
-            while self._queued() and self._may_send():
-                batch = self._take()
+            while self.backlog and self._may_send():
+                limit = min(self.max_batch_rows, self.slice_rows)
+                batch = self.backlog.take(limit, self.clock, batching=self.batching)
                 if not batch:
                     continue
                 rows = sum(i.rows for i in batch)
@@ -276,10 +178,10 @@ class Batcher:
 
     def _landed(self, task: asyncio.Future[None]) -> None:
         self._in_flight.discard(task)
-        if self._queued():
+        if self.backlog:
             self._wakeup.set()  # what waited for this batch can go now
 
-    async def _process(self, batch: list[_Item], rows: int) -> None:
+    async def _process(self, batch: list[Queued], rows: int) -> None:
         """Compute one batch and settle its futures, whatever happens."""
         loop = self.loop or asyncio.get_running_loop()
         start = time.perf_counter()
@@ -299,7 +201,9 @@ class Batcher:
             results = [exc] * len(batch)
         self._deliver(batch, results, start, rows)
 
-    def _deliver(self, batch: list[_Item], results: list[Outcome], start: float, rows: int) -> None:
+    def _deliver(
+        self, batch: list[Queued], results: list[Outcome], start: float, rows: int
+    ) -> None:
         elapsed = max(time.perf_counter() - start, 1e-6)
         self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
         rows_out = -(-rows // self.unit)  # metrics and logs count rows at full size
@@ -326,7 +230,7 @@ class Batcher:
             self.stats.completed += 1
             item.future.set_result(res)
 
-    def _again(self, item: _Item, samples: int) -> None:
+    def _again(self, item: Queued, samples: int) -> None:
         """Queue an unsettled adaptive request again, with more passes, at the back.
 
         Why chunk by chunk through the queue rather than all chunks in one compute call: a hard
@@ -343,37 +247,19 @@ class Batcher:
         item.params = dataclasses.replace(item.params, samples=samples)
         item.req = dataclasses.replace(item.req, samples=samples)
         item.rows = self.model.cost(item.x, samples)
-        self.stats.queue_rows += item.rows
         self.stats.requeued += 1
-        self._queues.setdefault(item.queue, deque()).append(item)
+        self.backlog.push(item)
         self._wakeup.set()
 
-    def _screen(self, batch: list[_Item]) -> tuple[list[Outcome | None], list[int]]:
-        """Drop what expired or lost its client while it waited for the device: (answers so
-        far, indices still to compute)."""
-        out: list[Outcome | None] = [None] * len(batch)
-        now = self.clock()
-        live = []
-        for k, it in enumerate(batch):
-            if it.future.done():
-                self.stats.cancelled += 1
-                out[k] = CancelledError("the client disconnected; its work was dropped")
-            elif it.deadline is not None and now >= it.deadline:
-                self.stats.expired += 1
-                out[k] = DeadlineExceededError(EXPIRED)
-            else:
-                live.append(k)
-        return out, live
-
-    def _compute(self, batch: list[_Item]) -> list[Outcome]:
+    def _compute(self, batch: list[Queued]) -> list[Outcome]:
         """On the compute thread: one shared MC forward, one deterministic call each."""
-        out, live = self._screen(batch)
+        out, live = self.backlog.screen(batch, self.clock())
         return _merge(out, live, compute.run(self.model, _works(batch, live)))
 
-    async def _compute_remote(self, batch: list[_Item]) -> list[Outcome]:
+    async def _compute_remote(self, batch: list[Queued]) -> list[Outcome]:
         """In the compute process (worker.py): the same work, screened here before it goes."""
         assert self.remote is not None
-        out, live = self._screen(batch)
+        out, live = self.backlog.screen(batch, self.clock())
         works = _works(batch, live)
         done = await self.remote.compute(self.model, works) if works else []
         return _merge(out, live, done)
@@ -388,7 +274,7 @@ def _observe(hook: Callable[..., None] | None, *args: object) -> None:
             log.exception("metrics hook failed")
 
 
-def _works(batch: list[_Item], live: list[int]) -> list[Work]:
+def _works(batch: list[Queued], live: list[int]) -> list[Work]:
     return [Work(batch[k].x, batch[k].params, batch[k].req) for k in live]
 
 

@@ -1,0 +1,152 @@
+"""What waits for compute in one model's batcher: one FIFO per length class, taken in turns.
+
+A text model with length buckets (buckets.py) counts its work in tokens and queues each request
+by its longest bucket; a batch takes from the queues in turn, oldest first within each, so a short
+text waits for at most one batch of long ones, not for all that came before it. A model without
+buckets has one queue: plain FIFO. Expired and cancelled requests are dropped, never computed:
+when a batch is taken (`take`) and again when the device is free for it (`screen`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.compute import Outcome
+from service.engine.model import Prediction, PredictParams
+from service.engine.sampler import MCRequest
+from service.errors import CancelledError, DeadlineExceededError, ShuttingDownError
+
+EXPIRED = (
+    "the request's deadline passed while it waited in the queue; no compute was spent "
+    "(raise timeout_ms or retry later)"
+)
+
+
+@dataclass
+class BatcherStats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0  # queue full (429)
+    expired: int = 0  # deadline passed before compute (504)
+    cancelled: int = 0  # client gone before compute
+    requeued: int = 0  # adaptive chunks queued again (samples="auto")
+    batches: int = 0
+    batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
+    queue_rows: int = 0  # queued or in flight, until delivered
+
+
+@dataclass
+class Queued:
+    """One request waiting for compute, with the future its caller awaits."""
+
+    x: np.ndarray
+    params: PredictParams
+    req: MCRequest | None  # None: deterministic mode
+    future: asyncio.Future[Prediction]
+    enqueued: float
+    deadline: float | None
+    rows: int  # its cost, in the model's cost units (rows; tokens for a bucketed text model)
+    queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
+    queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
+
+
+class Backlog:
+    """The queued requests of one model. Counts into the batcher's `stats`: `queue_rows` grows
+    here and shrinks when a request is dropped here or delivered by the batcher."""
+
+    def __init__(self, stats: BatcherStats) -> None:
+        self.stats = stats
+        self._queues: dict[int, deque[Queued]] = {}
+        self._turn = 0  # the length class that opens the next batch, so the classes take turns
+
+    def __bool__(self) -> bool:
+        return any(self._queues.values())
+
+    def push(self, item: Queued) -> None:
+        """At the back of its length class's queue."""
+        self._queues.setdefault(item.queue, deque()).append(item)
+        self.stats.queue_rows += item.rows
+
+    def oldest(self) -> float:
+        """When the longest-waiting request was queued (the backlog is not empty)."""
+        return min(q[0].enqueued for q in self._queues.values() if q)
+
+    def rows(self) -> int:
+        """The cost of what is queued now (in flight not counted)."""
+        return sum(i.rows for q in self._queues.values() for i in q)
+
+    def take(
+        self, limit: int, clock: Callable[[], float], *, batching: bool = True
+    ) -> list[Queued]:
+        """Pop the next batch of at most `limit` rows (one request, whatever its size, without
+        `batching`): the class after the last batch's opener opens this one, then each class in
+        order adds its oldest live items while they fit (one class: FIFO)."""
+        batch: list[Queued] = []
+        rows = 0
+        classes = sorted(k for k, q in self._queues.items() if q)
+        if not classes:
+            return batch
+        start = next((i for i, k in enumerate(classes) if k >= self._turn), 0)
+        order = classes[start:] + classes[:start]
+        self._turn = order[0] + 1  # the next batch opens with the next class
+        for k in order:
+            q = self._queues[k]
+            while q:
+                item = self._drop_dead(q, clock())
+                if item is None:
+                    break
+                if batch and (rows + item.rows > limit or not batching):
+                    break
+                q.popleft()
+                batch.append(item)
+                rows += item.rows
+            if batch and not batching:
+                break
+        return batch
+
+    def _drop_dead(self, q: deque[Queued], now: float) -> Queued | None:
+        """The first live item of `q` (None: none), dropping cancelled and expired ones."""
+        while q:
+            item = q[0]
+            if item.future.done():  # cancelled by a disconnected client
+                self.stats.cancelled += 1
+            elif item.deadline is not None and now >= item.deadline:
+                self.stats.expired += 1
+                item.future.set_exception(DeadlineExceededError(EXPIRED))
+            else:
+                return item
+            q.popleft()
+            self.stats.queue_rows -= item.rows
+        return None
+
+    def screen(self, batch: list[Queued], now: float) -> tuple[list[Outcome | None], list[int]]:
+        """Drop what expired or lost its client while it waited for the device: (answers so
+        far, indices still to compute)."""
+        out: list[Outcome | None] = [None] * len(batch)
+        live = []
+        for k, it in enumerate(batch):
+            if it.future.done():
+                self.stats.cancelled += 1
+                out[k] = CancelledError("the client disconnected; its work was dropped")
+            elif it.deadline is not None and now >= it.deadline:
+                self.stats.expired += 1
+                out[k] = DeadlineExceededError(EXPIRED)
+            else:
+                live.append(k)
+        return out, live
+
+    def shut(self, message: str) -> None:
+        """Empty the backlog, failing every waiting request (ShuttingDownError: 503)."""
+        for q in self._queues.values():
+            for item in q:
+                self.stats.queue_rows -= item.rows
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDownError(message))
+        self._queues.clear()

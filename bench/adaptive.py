@@ -25,7 +25,8 @@ from bench.common import machine, now
 from service.bundle import load_bundle
 from service.calibration.data import read
 from service.engine import adaptive
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.prediction import Prediction
 from service.engine.summaries import ClassificationSummary
 

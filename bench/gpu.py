@@ -189,7 +189,8 @@ def service_check(device: torch.device, passes: int) -> dict[str, Any]:
     from service.bundle import TrustPolicy, load_bundle
     from service.encode import response_json
     from service.engine.batcher import Batcher
-    from service.engine.model import PredictParams, ServedModel
+    from service.engine.model import ServedModel
+    from service.engine.params import PredictParams
 
     async def one_model(name: str) -> dict[str, Any]:
         model = ServedModel(

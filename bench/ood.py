@@ -39,7 +39,8 @@ from models import common, digits
 from service.bundle import load_bundle
 from service.calibration.data import read
 from service.calibration.metrics import bootstrap_auroc
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,

@@ -22,7 +22,8 @@ import torch
 
 from service.audit.rows import FeedbackMessage, Message, PredictionMessage, layout, little_endian
 from service.encode import response_json
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import Prediction, ServedModel
+from service.engine.params import PredictParams
 from service.engine.sampler import NUMERICS
 
 

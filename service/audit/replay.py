@@ -31,7 +31,8 @@ from service.audit.rows import AuditRecord, inputs_hmac, key_id
 from service.audit.seal import SealError, is_sealed, reveal
 from service.bundle.load import TrustPolicy, load_bundle
 from service.engine.inputs import to_array
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.registry import discover
 from service.errors import McServeError
 

@@ -18,7 +18,8 @@ import numpy as np
 from service.calibration import metrics
 from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
-from service.engine.model import IntervalMethod, PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import IntervalMethod, PredictParams
 from service.engine.referral import Referral
 from service.engine.sampler import MCRequest
 from service.engine.summaries import (

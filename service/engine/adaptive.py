@@ -32,7 +32,8 @@ from statistics import NormalDist
 import numpy as np
 
 from service.engine import heads
-from service.engine.model import PredictParams, ServedModel, new_seed
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
 from service.engine.sampler import MCRequest
 from service.engine.summaries import entropy, min_samples_for_quantile, softmax

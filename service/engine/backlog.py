@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.engine.compute import Outcome
-from service.engine.model import Prediction, PredictParams
+from service.engine.model import Prediction
+from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
 from service.errors import CancelledError, DeadlineExceededError, ShuttingDownError
 

@@ -30,7 +30,8 @@ import numpy as np
 from service.engine import compute
 from service.engine.backlog import Backlog, BatcherStats, Queued
 from service.engine.compute import More, Outcome, Work
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import Prediction, ServedModel
+from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
 from service.errors import OverloadedError, PayloadTooLargeError, ShuttingDownError
 

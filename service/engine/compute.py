@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.engine import adaptive
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import Prediction, ServedModel
+from service.engine.params import PredictParams
 from service.engine.prediction import split
 from service.engine.sampler import MCRequest
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import random
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +15,9 @@ from service.engine import heads
 from service.engine.buckets import Buckets
 from service.engine.calibrator import Calibrator
 from service.engine.device import describe
-from service.engine.masks import MAX_SEED
 from service.engine.onnx_predictor import OnnxPredictor
-from service.engine.prediction import Mode, Prediction
+from service.engine.params import PredictParams, new_seed
+from service.engine.prediction import Prediction
 from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
@@ -30,76 +27,6 @@ from service.engine.summaries import (
     summarize_regression,
 )
 from service.errors import BundleError, InvalidInputError, ModelError
-
-if TYPE_CHECKING:
-    from service.engine.adaptive import Adaptive
-
-IntervalMethod = Literal["gaussian", "quantile", "conformal"]
-
-
-@dataclass(frozen=True)
-class PredictParams:
-    samples: int
-    confidence: tuple[float, ...]
-    seed: int | None = None
-    mode: Mode = "mc"
-    interval: IntervalMethod = "gaussian"
-    # samples="auto": `samples` is the pass count of the next chunk (adaptive.py)
-    auto: Adaptive | None = None
-    # Which dropout sites to sample: "all", the last k (graph order), None: the model's default.
-    dropout_sites: int | Literal["all"] | None = None
-
-
-# Seeds need to be distinct, not secret: one OS-seeded generator per process (getrandom() per
-# request was measurable under load).
-_SEEDS = random.Random(int.from_bytes(os.urandom(16), "little"))
-
-
-def new_seed() -> int:
-    return _SEEDS.getrandbits(63) & MAX_SEED
-
-
-def default_interval(manifest: Manifest) -> IntervalMethod:
-    """The interval method a request gets when it names none, per task: a classifier's only
-    method is per-class quantiles of p over the passes (its conformal answer is the prediction
-    set, not an interval), whatever its manifest's `defaults.interval` says."""
-    return "quantile" if manifest.task == "classification" else manifest.defaults.interval
-
-
-def resolve_interval(
-    manifest: Manifest,
-    given: IntervalMethod | None,
-    *,
-    samples: int,
-    levels: tuple[float, ...],
-    mode: Mode,
-) -> IntervalMethod:
-    """A request's interval method: ``given``, else the task's default. A classifier refuses
-    what it cannot honour, with the reason; quantiles asked for by name are refused at levels
-    the samples cannot reach, by default such levels are dropped with a warning (`summarize`)."""
-    if manifest.task == "regression":
-        return given or manifest.defaults.interval
-    if given in ("gaussian", "conformal"):
-        also = (
-            "; its conformal answer is the prediction_set, which a calibrated classifier "
-            "always gives"
-            if given == "conformal"
-            else ""
-        )
-        raise InvalidInputError(
-            f"interval={given} is for regressors: a classifier's per-class intervals are "
-            f"quantiles of its class probabilities over the passes (interval=quantile, the "
-            f"default){also}"
-        )
-    if given == "quantile" and mode == "mc":
-        for level in levels:
-            need = min_samples_for_quantile(level)
-            if samples < need:
-                raise InvalidInputError(
-                    f"quantile intervals at {level:g} need samples >= {need} (got {samples}); "
-                    f"ask for samples={need} or a lower confidence"
-                )
-    return "quantile"
 
 
 class ServedModel:

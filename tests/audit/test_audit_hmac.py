@@ -20,7 +20,8 @@ from service.audit.record import summary_json
 from service.audit.replay import ReplayError, replay
 from service.audit.seal import SEALED_PREFIX, reveal
 from service.bundle.load import load_bundle
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 
 KEY = "hmac-test-key"
 # f0 = 4.75 is outside clf's training range [-3, 3]: the referral reason would name the value.

@@ -17,7 +17,7 @@ from service.api.common.auth import hash_key
 from service.api.common.call import run
 from service.audit.rows import HMAC_PREFIX, inputs_hmac, key_id
 from service.audit.store import SCHEMA_VERSION, SqliteStore, StoreError
-from service.engine.model import PredictParams
+from service.engine.params import PredictParams
 from service.settings import ApiKey
 
 ROW = [0.1, -0.2, 0.3, 0.4]

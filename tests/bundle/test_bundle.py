@@ -18,7 +18,8 @@ from torch import nn
 
 from service.bundle import TrustPolicy, bundle_digest, load_bundle
 from service.bundle.fingerprint import sha256_file
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.errors import BundleError, ModelError
 from service.packaging import save
 

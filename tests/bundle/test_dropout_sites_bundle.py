@@ -14,7 +14,8 @@ from text_nets import TransformerClassifier, token_batch
 from service.bundle import load_bundle
 from service.bundle.manifest import MANIFEST_NAME, parse_manifest
 from service.engine import MCRequest
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.errors import BundleError, InvalidInputError, ModelError
 from service.packaging import save
 

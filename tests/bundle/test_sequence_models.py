@@ -28,7 +28,8 @@ from service.bundle import load_bundle
 from service.bundle.architecture import describe
 from service.engine import MCRequest
 from service.engine.inputs import to_array
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.errors import InvalidInputError, ModelError
 from service.packaging import save
 

@@ -8,7 +8,8 @@ from calib_repo import Repo
 
 from service.bundle import load_bundle
 from service.bundle.manifest import InputSpec, ReferralPolicy
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.referral import (
     assess,
     budget_threshold,

@@ -15,7 +15,8 @@ from service.bundle.load import TrustPolicy, load_bundle
 from service.clinical import cards, fhir
 from service.clinical.extraction import Extraction, extract
 from service.clinical.mapping import Mapping, load_dir
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.registry import discover, version_key
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

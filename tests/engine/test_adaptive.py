@@ -13,7 +13,8 @@ from torch import nn
 from service.bundle import load_bundle
 from service.engine import adaptive
 from service.engine.adaptive import Adaptive
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.errors import InvalidInputError
 from service.packaging import save
 

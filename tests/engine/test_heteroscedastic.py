@@ -16,7 +16,8 @@ from service.bundle import load_bundle
 from service.bundle.manifest import Aleatoric, ReferralPolicy
 from service.calibration.metrics import mixture_log_likelihood
 from service.engine import heads
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.referral import assess
 from service.engine.summaries import summarize_regression
 from service.errors import BundleError, ModelError

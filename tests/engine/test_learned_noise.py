@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from service.bundle import load_bundle
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.packaging import save
 
 BINS, PER_BIN, LEVELS = 5, 1000, (0.8, 0.95)

@@ -20,7 +20,8 @@ from service.bundle.load import load_bundle
 from service.bundle.sequence import explicit
 from service.engine.batcher import Batcher
 from service.engine.buckets import row_lengths
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
 from service.errors import BundleError
 from service.packaging import save

@@ -15,7 +15,8 @@ if str(ROOT) not in sys.path:  # `models` is a top-level package of the reposito
 
 from models import common  # noqa: E402
 from service.bundle import load_bundle  # noqa: E402
-from service.engine.model import PredictParams, ServedModel  # noqa: E402
+from service.engine.model import ServedModel  # noqa: E402
+from service.engine.params import PredictParams  # noqa: E402
 from service.engine.sampler import MCRequest  # noqa: E402
 
 NAMES = ["breast-cancer", "diabetes", "digits"]

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from service.bundle import load_bundle
 from service.calibration.recalibration import calibrate_bundle
 from service.cli import app
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.errors import ModelError
 from service.packaging import save
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from service.bundle.load import load_bundle
 from service.cli import app
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.training import train_mlps
 from service.training.mlp import train_mlp
 

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from service.audit.metrics import AuditCollector
 from service.audit.record import FeedbackEvent, PredictionEvent
 from service.audit.writer import AuditWriter
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import Prediction, ServedModel
+from service.engine.params import PredictParams
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -16,7 +16,8 @@ from starlette.responses import Response
 from service.api.common import audit
 from service.api.common.state import AppState
 from service.engine.batcher import Batcher
-from service.engine.model import Prediction, PredictParams
+from service.engine.model import Prediction
+from service.engine.params import PredictParams
 from service.errors import CancelledError
 
 T = TypeVar("T")

@@ -18,12 +18,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.engine.adaptive import Adaptive, first_passes
-from service.engine.model import (
-    PredictParams,
-    ServedModel,
-    default_interval,
-    resolve_interval,
-)
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams, default_interval, resolve_interval
 from service.engine.summaries import check_levels
 from service.errors import InvalidInputError
 

@@ -20,7 +20,8 @@ from service.api.native.schemas import (
     PredictRequest,
     PredictResponse,
 )
-from service.engine.model import ServedModel, default_interval
+from service.engine.model import ServedModel
+from service.engine.params import default_interval
 
 router = APIRouter(prefix="/v1", tags=["native"])
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -23,7 +23,8 @@ from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferRequest
 from service.encode import sites_used
 from service.engine.inputs import check_size
-from service.engine.model import Prediction, PredictParams, ServedModel
+from service.engine.model import Prediction, ServedModel
+from service.engine.params import PredictParams
 from service.engine.text import TextBatch, encode_texts
 from service.errors import InvalidInputError
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import InputSpec
+from service.bundle.spec import InputSpec
 from service.errors import InvalidInputError, PayloadTooLargeError
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import InputSpec, ReferralPolicy
+from service.bundle.manifest import ReferralPolicy
+from service.bundle.spec import InputSpec
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import TextInput
+from service.bundle.spec import TextInput
 from service.errors import InvalidInputError, PayloadTooLargeError
 
 

@@ -19,18 +19,15 @@ from service.bundle.manifest import (
     Artifact,
     Defaults,
     DropoutLayout,
-    InputSpec,
     LastSites,
     Manifest,
     MCSettings,
-    OutputSpec,
-    TargetSpec,
     Task,
-    TextInput,
     Training,
     Variance,
 )
 from service.bundle.sequence import explicit
+from service.bundle.spec import InputSpec, OutputSpec, TargetSpec, TextInput
 from service.bundle.tokenizer import check_tokenizer_json
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx

@@ -327,7 +327,7 @@ async def test_request_id_echoed(client: httpx.AsyncClient) -> None:
 
 
 def test_to_array_shapes() -> None:
-    from service.bundle.manifest import InputSpec
+    from service.bundle.spec import InputSpec
 
     spec = InputSpec(shape=[2, 2], value_range=(0, 16))
     arr = to_array([[[0, 1], [2, 3]]], spec, 10)

@@ -14,7 +14,7 @@ import pytest
 from service.api.common import call
 from service.api.native import predict as native
 from service.api.native.schemas import PredictRequest
-from service.bundle.manifest import InputSpec
+from service.bundle.spec import InputSpec
 from service.engine import inputs
 from service.errors import PayloadTooLargeError
 

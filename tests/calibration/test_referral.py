@@ -7,7 +7,8 @@ import pytest
 from calib_repo import Repo
 
 from service.bundle import load_bundle
-from service.bundle.manifest import InputSpec, ReferralPolicy
+from service.bundle.manifest import ReferralPolicy
+from service.bundle.spec import InputSpec
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.referral import (

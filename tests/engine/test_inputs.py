@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.bundle.manifest import InputSpec
+from service.bundle.spec import InputSpec
 from service.engine.inputs import to_array
 from service.errors import InvalidInputError
 

@@ -17,7 +17,7 @@ from service.api.common import call
 from service.api.oip import binary as v2_binary
 from service.api.oip import infer as v2
 from service.api.oip.schemas import RequestInput
-from service.bundle.manifest import InputSpec
+from service.bundle.spec import InputSpec
 
 HEADER = "Inference-Header-Content-Length"
 URL = "/v2/models/diabetes/infer"  # shape [10], max_instances=50, max_body_bytes=64_000

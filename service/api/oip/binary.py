@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from service.api.oip.schemas import RequestInput
-from service.bundle.manifest import InputSpec
+from service.bundle.spec import InputSpec
 from service.engine.inputs import check_count, checked
 from service.errors import InvalidInputError
 

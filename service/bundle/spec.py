@@ -1,0 +1,123 @@
+"""What a bundle's model takes and gives: the manifest's `inputs` and `outputs` sections.
+
+An input is a tensor of a declared shape and dtype, with optional feature names, units and hard
+(valid) and soft (training) ranges, or a text (`text`: token ids of the bundle's tokenizer, padded
+to a length bucket). An output is a classifier's labels or a regressor's target(s) and units.
+`Strict` is the base of every manifest section: unknown keys are refused, values are frozen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dim = Annotated[int, Field(ge=1)]
+Range = tuple[float, float]
+
+
+def _check_ranges(field: str, ranges: list[Range] | None) -> None:
+    """NaN would turn a range check off silently (every comparison with NaN is false)."""
+    for i, (lo, hi) in enumerate(ranges or []):
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(
+                f"inputs.{field}[{i}] = [{lo}, {hi}] is not a range (NaN or low > high)"
+            )
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextInput(Strict):
+    """A text model: instances are strings, tokenized by the bundle's tokenizer.json."""
+
+    tokenizer: str  # the artifact file name (role "tokenizer")
+    max_tokens: int = Field(ge=1, le=65536)  # the input's length: ids padded to it
+    truncation: Literal["truncate", "error"] = "truncate"  # longer texts: cut, or a 422
+    pad_id: int = Field(default=0, ge=0)
+    max_text_bytes: int = Field(default=100_000, ge=1)  # refused (413) before tokenization
+    # Length buckets (docs/BUNDLES.md): a text runs padded to the smallest bucket that holds its
+    # own tokens, never to what shares its batch. Ascending, ending at max_tokens; None (every
+    # bundle before buckets): one length, max_tokens. Only for a graph traced length-generic.
+    buckets: list[int] | None = Field(default=None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _buckets(self) -> TextInput:
+        b = self.buckets
+        if b is not None and (
+            b[-1] != self.max_tokens or b[0] < 1 or any(x >= y for x, y in itertools.pairwise(b))
+        ):
+            raise ValueError(
+                f"text.buckets must be ascending lengths ending at max_tokens ({self.max_tokens}), "
+                f"got {b}"
+            )
+        return self
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The padded lengths a text can run at (one, max_tokens, without buckets)."""
+        return tuple(self.buckets) if self.buckets else (self.max_tokens,)
+
+
+class InputSpec(Strict):
+    name: str = "input"
+    dtype: Literal["float32", "int64"] = "float32"  # int64: token ids for an embedding
+    shape: list[Dim] = Field(min_length=0, max_length=8)  # per instance, no batch dimension
+    feature_names: list[str] | None = None  # for flat inputs: one per feature
+    units: list[str | None] | None = None
+    valid_ranges: list[Range] | None = None  # hard: outside -> 422
+    training_ranges: list[Range] | None = None  # soft: outside -> flag
+    value_range: Range | None = None  # one hard range for every element (images)
+    text: TextInput | None = None  # text models: shape [max_tokens], dtype int64
+
+    @model_validator(mode="after")
+    def _lengths(self) -> InputSpec:
+        _check_ranges("valid_ranges", self.valid_ranges)
+        _check_ranges("training_ranges", self.training_ranges)
+        _check_ranges("value_range", [self.value_range] if self.value_range else None)
+        if self.text is not None and (
+            self.dtype != "int64" or self.shape != [self.text.max_tokens]
+        ):
+            raise ValueError("a text input has dtype int64 and shape [text.max_tokens]")
+        n = 1
+        for d in self.shape:
+            n *= d
+        for field in ("feature_names", "units", "valid_ranges", "training_ranges"):
+            v = getattr(self, field)
+            if v is not None and len(v) != n:
+                raise ValueError(f"inputs.{field} has {len(v)} entries for {n} features")
+        return self
+
+    @property
+    def features(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TargetSpec(Strict):
+    """One target of a multi-output regressor."""
+
+    name: str = Field(min_length=1, max_length=64)
+    unit: str | None = None
+
+
+class OutputSpec(Strict):
+    name: str = "output"
+    labels: list[str] | None = None  # classification
+    target: str | None = None  # regression, one target
+    unit: str | None = None
+    description: str | None = None
+    # Regression with k >= 2 targets, in the model's output order (instead of target/unit).
+    targets: list[TargetSpec] | None = None
+
+    @property
+    def target_names(self) -> list[str]:
+        """The regression targets in output order (one name for a single-target model)."""
+        if self.targets:
+            return [t.name for t in self.targets]
+        return [self.target] if self.target else []

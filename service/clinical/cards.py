@@ -17,8 +17,9 @@ from typing import Any
 from urllib.parse import quote
 
 from service.clinical.extraction import Extraction, Used
-from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, empties, first_interval, referred
+from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, first_interval, referred
 from service.clinical.mapping import Mapping
+from service.clinical.validation import empties
 from service.engine.model import Prediction, ServedModel
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 

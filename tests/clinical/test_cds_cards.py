@@ -12,7 +12,7 @@ import pytest
 from fhir_ehr import MODELS, breast_prefetch, breast_rows, diabetes_prefetch
 
 from service.bundle.load import TrustPolicy, load_bundle
-from service.clinical import cards, fhir
+from service.clinical import cards, fhir, validation
 from service.clinical.extraction import Extraction, extract
 from service.clinical.mapping import Mapping, load_dir
 from service.engine.model import ServedModel
@@ -71,7 +71,7 @@ CASES = [
 def test_cards_are_compact_and_carry_valid_fhir(
     name: str,
     refer: bool,
-    version: fhir.FhirVersion,
+    version: validation.FhirVersion,
     samples: int,
     interval: Any,
     encounter: str | None,
@@ -86,7 +86,7 @@ def test_cards_are_compact_and_carry_valid_fhir(
     res = fhir.resource(model, pred, 0, ctx)  # validates (fhir.resources + invariants)
     issued = cards.card(mapping, model, pred, 0, ex, res)
     card = issued.card
-    assert all_empties(card) == [] and fhir.empties(card) == []
+    assert all_empties(card) == [] and validation.empties(card) == []
     assert len(card["summary"]) < 140
     assert issued.referred == refer
     assert card["indicator"] == ("warning" if refer else "info")
@@ -129,13 +129,13 @@ def test_invariants_catch_what_fhir_resources_does_not() -> None:
         "performer": {"reference": "#model"},
         "prediction": [{"outcome": {"text": "x"}, "probabilityDecimal": 42.0}],
     }
-    assert fhir.invariants(good) == []
-    fhir.validate(good, "R4B")
+    assert validation.invariants(good) == []
+    validation.validate(good, "R4B")
 
     def broken(change: Any) -> list[str]:
         res = copy.deepcopy(good)
         change(res)
-        return fhir.invariants(res)
+        return validation.invariants(res)
 
     assert any(
         "ras-2" in p for p in broken(lambda r: r["prediction"][0].update(probabilityDecimal=140))
@@ -168,7 +168,7 @@ def test_invariants_catch_what_fhir_resources_does_not() -> None:
     assert any("empty" in p for p in broken(lambda r: r.update(note=[])))
     assert any("status" in p for p in broken(lambda r: r.update(status="done")))
     with pytest.raises(ValueError, match="invalid FHIR"):
-        fhir.validate({**good, "unknownField": 1}, "R4B")
+        validation.validate({**good, "unknownField": 1}, "R4B")
 
 
 def test_operation_outcome_validates() -> None:

@@ -24,7 +24,7 @@ from fhir_ehr import (
     searchset,
 )
 
-from service.clinical.fhir import empties, invariants
+from service.clinical.validation import empties, invariants
 
 DIABETES = "/cds-services/diabetes-progression"
 BREAST = "/cds-services/breast-mass-malignancy"

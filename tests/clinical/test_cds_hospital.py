@@ -15,8 +15,8 @@ from cds_client import BASE, Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
 
 from service.clinical.extraction import Extraction, extract
-from service.clinical.fhir import empties, validate
 from service.clinical.mapping import load_dir
+from service.clinical.validation import empties, validate
 
 DIABETES = "/cds-services/diabetes-progression"
 MAPPING = load_dir(MODELS / "clinical")[0]["diabetes"]

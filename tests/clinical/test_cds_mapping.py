@@ -279,7 +279,8 @@ def test_clinical_modules_do_not_import_fastapi() -> None:
     code = (
         "import sys, service.clinical.cards, service.clinical.catalogue, "
         "service.clinical.extraction, service.clinical.fhir, service.clinical.hooks, "
-        "service.clinical.ledger, service.clinical.mapping, service.clinical.trust; "
+        "service.clinical.ledger, service.clinical.mapping, service.clinical.trust, "
+        "service.clinical.validation; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

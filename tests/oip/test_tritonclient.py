@@ -13,7 +13,7 @@ from server import Server, serve
 from tritonclient.utils import InferenceServerException
 
 from service.api.common import examples
-from service.engine.batcher import EXPIRED
+from service.engine.backlog import EXPIRED
 
 pytestmark = pytest.mark.slow
 MODELS = ("breast-cancer", "diabetes", "digits")

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from service.api.common import examples
 from service.api.oip import infer
 from service.api.oip import routes as v2
-from service.engine.batcher import EXPIRED
+from service.engine.backlog import EXPIRED
 from service.errors import OverloadedError
 
 HEADER = "Inference-Header-Content-Length"

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +22,14 @@ from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
 from service.bundle.writer import save
 from service.engine.sampler import MCRequest, MCSampler
-from service.training.text import PATIENCE, fit_text, write_text_csv
+from service.training.text import PATIENCE, TextFit, fit_text, write_text_csv
 from service.training.text_data import encode, read_splits, read_text_table
+from service.training.text_nets import Arch
 
 NAME = "medical-abstracts"
 SEED = 20240621
+ARCH: Arch = "textcnn"
+SETTINGS: dict[str, Any] = {}  # fit_text's other arguments (its defaults otherwise)
 MAX_TOKENS = 320  # WordPiece tokens; 54 % of training abstracts are longer (median 337): cut
 MAX_EPOCHS = 60  # early stopping ends sooner
 VOCAB = 4000  # chosen on held-out NLL of the training rows' 1/8 (docs/MODELS.md), not on test
@@ -59,6 +64,39 @@ def _labels(data: Path) -> list[str]:
     return [by_id[k] for k in sorted(by_id)]
 
 
+@dataclass(frozen=True)
+class Data:
+    texts: list[str]
+    y: np.ndarray  # class indices 0..4
+    labels: list[str]
+    parts: dict[str, np.ndarray]  # train / calibration / test row indices
+
+
+def load_data(limit: int | None = None) -> Data:
+    """The data set with its fixed splits (`limit`: the first rows of each split only)."""
+    if not (DATA / "medical_tc_test.csv").is_file():
+        raise FileNotFoundError(
+            f"{DATA}: the medical abstracts data set is missing; put it there or set "
+            "MCSERVE_MEDICAL_ABSTRACTS to its directory"
+        )
+    table = read_text_table(DATA / "medical_tc_test.csv", "condition_label", "medical_abstract")
+    parts = read_splits(DATA / "splits.csv", len(table.texts))
+    if limit is not None:
+        parts = {k: v[:limit] for k, v in parts.items()}
+    y = np.array([int(v) - 1 for v in table.values], dtype=np.int64)
+    return Data(table.texts, y, _labels(DATA), parts)
+
+
+def fit_recipe(
+    texts: list[str], y: np.ndarray, n_classes: int, max_epochs: int = MAX_EPOCHS
+) -> TextFit:
+    """The recipe's network on these rows (also `bench/ood_text.py`'s held-out-class runs)."""
+    return fit_text(
+        texts, y, n_classes, arch=ARCH, max_tokens=MAX_TOKENS, seed=SEED, max_epochs=max_epochs,
+        vocab_size=VOCAB, **SETTINGS,
+    )  # fmt: skip
+
+
 def build(
     out_dir: Path, data_dir: Path, *, limit: int | None = None, max_epochs: int = MAX_EPOCHS
 ) -> Path:
@@ -66,29 +104,11 @@ def build(
 
     `limit` keeps the first `limit` rows of each split, `max_epochs` caps training (both for
     reproducibility tests on a subset)."""
-    if not (DATA / "medical_tc_test.csv").is_file():
-        raise FileNotFoundError(
-            f"{DATA}: the medical abstracts data set is missing; put it there or set "
-            "MCSERVE_MEDICAL_ABSTRACTS to its directory"
-        )
     common.configure_determinism(SEED)
-    table = read_text_table(DATA / "medical_tc_test.csv", "condition_label", "medical_abstract")
-    parts = read_splits(DATA / "splits.csv", len(table.texts))
-    if limit is not None:
-        parts = {k: v[:limit] for k, v in parts.items()}
-    labels = _labels(DATA)
-    y = np.array([int(v) - 1 for v in table.values], dtype=np.int64)
+    data = load_data(limit)
+    table, parts, labels, y = data, data.parts, data.labels, data.y
     tr, cal, te = parts["train"], parts["calibration"], parts["test"]
-    fit = fit_text(
-        [table.texts[i] for i in tr],
-        y[tr],
-        len(labels),
-        arch="textcnn",
-        max_tokens=MAX_TOKENS,
-        seed=SEED,
-        max_epochs=max_epochs,
-        vocab_size=VOCAB,
-    )
+    fit = fit_recipe([table.texts[i] for i in tr], y[tr], len(labels), max_epochs)
     ids = encode(fit.tokenizer, table.texts, MAX_TOKENS)
     sampler = MCSampler(fit.module, torch.as_tensor(ids[:2]), device="cpu")
     mc = sampler.run([MCRequest(ids[te], common.MC_SAMPLES, common.MC_SEED)])[0]

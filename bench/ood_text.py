@@ -9,8 +9,8 @@ In-distribution: the 575 test abstracts. Out of distribution, scored by the serv
   benchmark: bakeries, railways, sailing, weather, ...) and paragraphs of the Python language
   reference that ships with CPython (`pydoc_data.topics`, technical prose), each as one text;
 - abstracts of a class never seen in training: the recipe's network retrained
-  (`models.medical_abstracts.fit_recipe`, same seed and settings) on the training rows without
-  one class; the test rows of the four seen classes against those of the held-out one (a text
+  (`models.medical_abstracts.fit_recipe`, same seed and settings; uncalibrated) on the training
+  rows without one class (`HELD_OUT`); the test rows of the four seen classes against those of the held-out one (a text
   that also carries the held-out label is left out of both).
 """
 
@@ -33,7 +33,9 @@ from service.training.text_data import encode
 
 ROOT = Path(__file__).resolve().parents[1]
 PROSE = Path(__file__).resolve().parent / "data" / "plain_prose.txt"
-HELD_OUT = (0, 1, 2, 3, 4)  # every class in turn
+# One class (each retraining takes minutes on 2 shared cores): neoplasms, the largest specific
+# class (128 test abstracts), so its interval is the narrowest. Add indices for more.
+HELD_OUT = (0,)
 PYDOC_PARAGRAPHS = 200  # the first this many paragraphs of 40+ words
 
 

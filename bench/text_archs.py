@@ -44,8 +44,8 @@ T = 20
 # on the shared 2-core machine (docs/MODELS.md); both are cut at the same length.
 SETTINGS: dict[str, dict[str, Any]] = {
     "textcnn": {"max_tokens": recipe.MAX_TOKENS, "vocab_size": recipe.VOCAB},
-    "bilstm": {"max_tokens": 256, "vocab_size": recipe.VOCAB, "max_epochs": 30},
-    "transformer": {"max_tokens": 256, "vocab_size": recipe.VOCAB, "max_epochs": 30},
+    "bilstm": {"max_tokens": 256, "vocab_size": recipe.VOCAB, "max_epochs": 10},
+    "transformer": {"max_tokens": 256, "vocab_size": recipe.VOCAB, "max_epochs": 10},
     "fasttext": {"max_tokens": 800, "vocab_size": 8000, "lr": 5e-3},
 }
 

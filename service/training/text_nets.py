@@ -123,3 +123,23 @@ def build(c: TextNetConfig) -> nn.Module:
     if c.arch == "fasttext":
         return FastText(c)
     return Transformer(c)
+
+
+class Average(nn.Module):
+    """Several networks over one tokenizer, their probabilities averaged: returns the log of the
+    mean softmax (softmax of it gives back the mean), so the engine treats it as logits. Member i
+    reads the first `tokens[i]` ids (a TextCNN need not convolve 900 positions), or all of them
+    for None (the bundle writer wants one embedding that reads the ids as given). Each member
+    keeps its dropout sites; a Monte Carlo pass samples all of them."""
+
+    def __init__(self, members: list[nn.Module], tokens: list[int | None]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.tokens = list(tokens)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        probs = [
+            torch.softmax(m(ids if n is None else ids[:, :n]), -1)
+            for m, n in zip(self.members, self.tokens, strict=True)
+        ]
+        return torch.log(torch.stack(probs, 0).mean(0).clamp(min=1e-12))

@@ -1,6 +1,6 @@
 """Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
 
-    python -m bench.medical_abstracts [--model models/medical-abstracts/2] [--out DIR]
+    python -m bench.medical_abstracts [--model models/medical-abstracts/4] [--out DIR]
 
 - The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
   (scikit-learn, lbfgs), fitted on the training rows; C chosen by accuracy on the calibration
@@ -184,7 +184,7 @@ def _md(res: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "2")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "4")
     ap.add_argument(
         "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
     )

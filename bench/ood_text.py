@@ -1,7 +1,7 @@
 """Out-of-distribution texts for `medical-abstracts` (issue 21, item 5), run by `bench.ood`.
 
 In-distribution: the 575 test abstracts. Out of distribution, scored by the served model
-(`models/medical-abstracts/2`, its temperature, T = 100, seed 0):
+(`models/medical-abstracts/4`, its temperature, T = 100, seed 0):
 
 - the same test abstracts with their words shuffled (each text's whitespace-separated words
   permuted, seeded): every word is still medical, only the order is gone;
@@ -10,8 +10,8 @@ In-distribution: the 575 test abstracts. Out of distribution, scored by the serv
   reference that ships with CPython (`pydoc_data.topics`, technical prose), each as one text;
 - abstracts of a class never seen in training: the recipe's network retrained
   (`models.medical_abstracts.fit_recipe`, same seed and settings; uncalibrated) on the training
-  rows without one class (`HELD_OUT`); the test rows of the four seen classes against those of the held-out one (a text
-  that also carries the held-out label is left out of both).
+  rows without one class (`HELD_OUT`); the test rows of the four seen classes against those of the
+  held-out one (a text that also carries the held-out label is left out of both).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def scores(served: ServedModel, texts: list[str], passes: int, seed: int) -> dic
 
 
 def shifts(auroc_row: Any, referred: Any, passes: int, seed: int, reps: int) -> list[dict]:
-    served = ServedModel(load_bundle(ROOT / "models" / recipe.NAME / "2"), device="cpu")
+    served = ServedModel(load_bundle(ROOT / "models" / recipe.NAME / "4"), device="cpu")
     test = recipe.load_data()
     texts = [test.texts[i] for i in test.parts["test"]]
     base = scores(served, texts, passes, seed)

@@ -265,6 +265,18 @@ NOTES = [
     "- Text: shuffled words keep every medical word and drop only the order, so a bag-of-words "
     "reader cannot tell them apart at all; the non-medical texts are scored by the served, "
     "calibrated bundle with the texts a request would send (cut at its maximum tokens).",
+    "- **Text: mutual information does not detect out-of-distribution text here** (measured "
+    "2026-12-06 on version 4): it is lower on non-medical prose than on the test abstracts "
+    "(AUROC below 0.5), no higher on shuffled words or on a held-out class, and the referral "
+    "policy (whose triggers are mutual information and the prediction-set size) refers none of "
+    "the 45 prose paragraphs. Predictive entropy does separate non-medical text (AUROC about "
+    "0.8): such text has few words with learned embeddings, so the pooled features shrink "
+    "towards a generic point, every pass predicts close to the class prior, and the passes "
+    "agree (high entropy, low disagreement). Dropout on embeddings learned from 1,741 abstracts "
+    "has no way to be uncertain about words it never saw. A text service needs an input check "
+    "that does not rely on MC dropout (share of unknown or rare tokens, an entropy trigger, or "
+    "a domain classifier); none exists yet. The held-out class (neoplasms) is assigned "
+    "confidently to the seen classes: its abstracts share their vocabulary.",
     "- One seed and one training run per case: the bootstrap interval covers the choice of test "
     "rows, not the variation between training runs.",
     "",

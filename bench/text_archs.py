@@ -124,6 +124,12 @@ def score(bundle: Path, data_csv: Path) -> dict[str, Any]:
     }
 
 
+def train_time(r: dict[str, Any]) -> str:
+    if r["train_seconds"] is None:  # built by make models: docs/BENCHMARKS.md has its time
+        return "built by `make models`"
+    return f"{r['train_seconds']} s"
+
+
 def markdown(res: dict[str, Any]) -> list[str]:
     lines = [
         f"## Architectures (MC dropout, T = {T}, uncalibrated)",
@@ -145,7 +151,7 @@ def markdown(res: dict[str, Any]) -> list[str]:
             f"{r['accuracy_lenient']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} | {best}: "
             f"{det[best]['auroc']:.3f} | {det[best]['aurc']:.3f} | "
             f"{det['mutual_information']['auroc']:.3f} | {r['documents_per_second']:.0f} | "
-            f"{r['epochs_run']} epochs, {r['train_seconds']} s |"
+            f"{r['epochs_run']} epochs, {train_time(r)} |"
         )
     return lines
 

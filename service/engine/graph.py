@@ -52,7 +52,7 @@ class DropoutSite:
     # Elementwise: the input's shape; channel dropout: (C, 1, ...); shared over time (a
     # VariationalDropout on [B, L, *features]): (1, *features), one mask per sequence.
     mask_shape: tuple[int, ...]
-    shared_over: Literal["time"] | None = None  # "time": the mask broadcasts over the input's axis 1
+    shared_over: Literal["time"] | None = None  # "time": broadcast over the input's axis 1
 
     @property
     def features(self) -> int:
@@ -94,9 +94,7 @@ class LeafTracer(fx.Tracer):
         return isinstance(m, VariationalDropout) or super().is_leaf_module(m, module_qualified_name)
 
 
-def shared_mask_shape(
-    name: str, shape: tuple[int, ...], example: torch.Tensor
-) -> tuple[int, ...]:
+def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) -> tuple[int, ...]:
     """The mask of a site shared over time: (1, *features) for an input [B, L, *features].
 
     Axis 1 must be the sequence's time axis: the tensor needs one (rank 3 or more), and for a

@@ -52,7 +52,7 @@ def declare(module: nn.Module, names: Sequence[str] | str) -> nn.Module:
 
 
 def _is_site(m: nn.Module) -> bool:
-    return isinstance(m, DROPOUT_MODULES | nn.LSTM | nn.GRU) or _own_dropout(m) is not None
+    return isinstance(m, (*DROPOUT_MODULES, nn.LSTM, nn.GRU)) or _own_dropout(m) is not None
 
 
 def _own_dropout(m: nn.Module) -> float | None:

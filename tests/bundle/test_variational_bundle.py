@@ -13,6 +13,7 @@ import torch
 from text_nets import CORPUS, PAD, GRUHead, VariationalLSTM, token_batch, wordpiece
 from torch import nn
 
+from service.api.native.routes import metadata
 from service.bundle import load_bundle
 from service.engine import MCRequest
 from service.engine.model import PredictParams, ServedModel
@@ -62,6 +63,8 @@ def test_packs_reloads_and_reproduces_the_original(bundle: tuple[nn.Module, Path
     # Loaded, the sampler shares the masks the manifest says, and every site is live.
     g = served.sampler.graph
     assert [s.shared_over for s in g.sites] == ["time", "time", None]
+    shown = metadata(served, ["1"])["dropout"]  # GET /v1/models/{name}
+    assert [d.get("shared_over") for d in shown] == ["time", "time", None]
     reqs = [MCRequest(token_batch(2, seed=s).numpy(), 16, 100 + s) for s in range(3)]
     alone = [served.sampler.run([r])[0] for r in reqs]
     for a, b in zip(alone, served.sampler.run(reqs), strict=True):

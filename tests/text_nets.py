@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.nn import VariationalDropout
+
 VOCAB, LENGTH, PAD = 120, 16, 0
 
 
@@ -110,6 +112,38 @@ class GRUHead(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(self.drop(self.emb(tokens)))
         return self.fc(out[:, -1])
+
+
+class VariationalLSTM(nn.Module):
+    """Gal & Ghahramani's LSTM classifier: embedding dropout with one mask per sequence
+    (service.nn.VariationalDropout), a stacked LSTM whose between-layer dropout was trained
+    shared over time too (declared at packaging: variational=["rnn"]), dropout on the mean."""
+
+    def __init__(self, declared: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16, padding_idx=PAD)
+        self.drop_emb = VariationalDropout(0.25) if declared else nn.Dropout(0.25)
+        self.rnn = nn.LSTM(16, 20, num_layers=2, dropout=0.3, batch_first=True)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(20, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.drop_emb(self.emb(tokens)))
+        return self.fc(self.drop(out.mean(dim=1)))
+
+
+class MaskProbe(nn.Module):
+    """Its output is its dropout mask times the scale, flattened [B, L * 8]: an embedding of
+    ones, then one dropout site (shared over time or not)."""
+
+    def __init__(self, variational: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        nn.init.ones_(self.emb.weight)
+        self.drop = VariationalDropout(0.5) if variational else nn.Dropout(0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.emb(tokens)).flatten(1)
 
 
 def token_batch(n: int = 4, seed: int = 0, length: int = LENGTH) -> torch.Tensor:

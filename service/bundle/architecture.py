@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from service.bundle.grammar import ArchitectureLimits, check_description, constructor_signature
 from service.errors import BundleError, ModelError
-from service.nn import Affine
+from service.nn import Affine, VariationalDropout
 
 FORMAT = "mcserve-fx/1"
 
@@ -32,7 +32,7 @@ MODULES: dict[str, type[nn.Module]] = {
         nn.Softplus, nn.Mish, nn.Hardtanh, nn.Softmax, nn.LogSoftmax,
         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity,
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, Affine,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, Affine, VariationalDropout,
         # Sequence layers. Stacked LSTM/GRU with dropout and attention arrive here already made
         # explicit (service/bundle/sequence.py), so these hold no hidden dropout.
         nn.Embedding, nn.LSTM, nn.GRU,

@@ -13,7 +13,14 @@ import itertools
 import json
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from service.bundle.spec import InputSpec, OutputSpec, Strict
 from service.errors import BundleError
@@ -81,9 +88,36 @@ class MCSettings(Strict):
 
 
 class DropoutLayout(Strict):
+    """One dropout site, in graph order: its name, rate and mask shape per row (batch left out).
+
+    `shared_over: "time"` (variational dropout, docs/BUNDLES.md): one mask per sequence, shared
+    by every time step; the site's input is batch-first [B, L, *features] and its mask_shape is
+    [1, *features]. Absent: a mask per element (or per channel), as before."""
+
     name: str
     p: float
     mask_shape: list[int]
+    shared_over: Literal["time"] | None = None
+
+    @model_validator(mode="after")
+    def _time_axis(self) -> DropoutLayout:
+        shape = self.mask_shape
+        if self.shared_over is not None and (len(shape) < 2 or shape[0] != 1):
+            found = "no time axis" if len(shape) < 2 else f"a time axis of {shape[0]}, not 1"
+            raise ValueError(
+                f"dropout site '{self.name}': shared_over 'time' needs a tensor with a time "
+                f"axis, [B, L, *features], whose mask_shape is [1, *features]; mask_shape "
+                f"{shape} has {found}. Remove shared_over (a mask per element) or declare it "
+                "on a site whose input is a sequence"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("shared_over") is None:  # manifests without variational sites keep their bytes
+            out.pop("shared_over", None)
+        return out
 
 
 class Artifact(Strict):

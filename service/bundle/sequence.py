@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import ModelError
+from service.nn import VariationalDropout
 
 
 class ExplicitAttention(nn.Module):
@@ -165,9 +166,11 @@ class ExplicitEncoder(nn.Module):
 
 class StackedRNN(nn.Module):
     """A multi-layer `nn.LSTM`/`nn.GRU` with dropout as single-layer RNNs with an explicit
-    `nn.Dropout` between layers (on each layer's output but the last, as torch applies it)."""
+    `nn.Dropout` between layers (on each layer's output but the last, as torch applies it).
+    `variational`: those dropouts are `VariationalDropout`, one mask per sequence shared over
+    time (a model trained so, declared at packaging: service/packaging/variational.py)."""
 
-    def __init__(self, m: nn.LSTM | nn.GRU) -> None:
+    def __init__(self, m: nn.LSTM | nn.GRU, variational: bool = False) -> None:
         super().__init__()
         self.mode, self.batch_first = m.mode, m.batch_first
         if m.proj_size:
@@ -184,7 +187,8 @@ class StackedRNN(nn.Module):
                 for name, p in layer.named_parameters():
                     p.copy_(getattr(m, name.replace("_l0", f"_l{i}")))
             self.layers.append(layer)
-        self.drops = nn.ModuleList(nn.Dropout(m.dropout) for _ in range(m.num_layers - 1))
+        drop = VariationalDropout if variational else nn.Dropout
+        self.drops = nn.ModuleList(drop(m.dropout) for _ in range(m.num_layers - 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
         x = x if self.batch_first else x.transpose(0, 1)

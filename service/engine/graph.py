@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import fx, nn
 from service.engine.fused import MaskRows, apply_mask
 from service.engine.masks import KeepRule
 from service.errors import ModelError
+from service.nn import VariationalDropout
 
 DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
@@ -48,7 +49,10 @@ class DropoutSite:
 
     name: str
     rule: KeepRule
-    mask_shape: tuple[int, ...]  # elementwise: the input's shape; channel dropout: (C, 1, ...)
+    # Elementwise: the input's shape; channel dropout: (C, 1, ...); shared over time (a
+    # VariationalDropout on [B, L, *features]): (1, *features), one mask per sequence.
+    mask_shape: tuple[int, ...]
+    shared_over: Literal["time"] | None = None  # "time": broadcast over the input's axis 1
 
     @property
     def features(self) -> int:
@@ -82,9 +86,43 @@ def apply_keep(x: torch.Tensor, keep: torch.Tensor | MaskRows, scale: float) -> 
 torch.fx.wrap("apply_keep")
 
 
+class LeafTracer(fx.Tracer):
+    """fx's tracer with mcserve's VariationalDropout a leaf, like torch's own dropout modules:
+    traced through in eval mode it is the identity, and its site would vanish from the graph."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, VariationalDropout) or super().is_leaf_module(m, module_qualified_name)
+
+
+def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) -> tuple[int, ...]:
+    """The mask of a site shared over time: (1, *features) for an input [B, L, *features].
+
+    Axis 1 must be the sequence's time axis: the tensor needs one (rank 3 or more), and for a
+    sequence input ([B, L] ids or [B, L, features]) its size must be the input's length L, which
+    catches a transposed tensor ([B, features, L]) or attention weights ([B, heads, L, S])."""
+    fix = (
+        "VariationalDropout shares its mask over axis 1 of a batch-first [B, L, features] "
+        "tensor: put it on one (e.g. the embeddings or an RNN's outputs), or use nn.Dropout"
+    )
+    if len(shape) < 2:
+        raise ModelError(
+            f"dropout site '{name}' is shared over time but its input "
+            f"{['B', *shape]} has no time axis; {fix}"
+        )
+    if example.dim() >= 2 and shape[0] != example.shape[1]:
+        raise ModelError(
+            f"dropout site '{name}' is shared over time but axis 1 of its input "
+            f"{['B', *shape]} has size {shape[0]}, not the input's length {example.shape[1]}; "
+            f"{fix}"
+        )
+    return (1, *shape[1:])
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(module)
+        tracer = LeafTracer()
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as exc:  # tracing errors come in many types; all mean the same to users
         raise ModelError(
             f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
@@ -233,11 +271,17 @@ def split(
             src = n.args[0]
             assert isinstance(src, fx.Node)
             shape = tuple(v2[src].shape[1:])
-            # Channel dropout (Dropout1d/2d/3d) zeroes whole channels: one byte per channel.
-            mask_shape = shape if type(sub) is nn.Dropout else (shape[0],) + (1,) * (len(shape) - 1)
+            shared = None
+            if isinstance(sub, VariationalDropout):
+                shared = sub.shared_over
+                mask_shape = shared_mask_shape(str(n.target), shape, example)
+            elif type(sub) is nn.Dropout:
+                mask_shape = shape
+            else:  # channel dropout (Dropout1d/2d/3d) zeroes whole channels: a byte per channel
+                mask_shape = (shape[0],) + (1,) * (len(shape) - 1)
             rule = KeepRule(float(sub.p))  # type: ignore[arg-type]
             rule.validate(str(n.target))
-            sites.append(DropoutSite(str(n.target), rule, mask_shape))
+            sites.append(DropoutSite(str(n.target), rule, mask_shape, shared))
             senv[n] = suffix_graph.call_function(
                 apply_keep, (senv[src], keep_inputs[idx], rule.scale)
             )

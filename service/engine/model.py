@@ -127,8 +127,10 @@ class ServedModel:
                 f"{path}: shape mismatch: the model outputs {list(outputs)} per input but the "
                 f"manifest declares {expected} output(s)"
             )
-        found = [(s.name, s.rule.p, list(s.mask_shape)) for s in self.sampler.graph.sites]
-        declared = [(d.name, d.p, d.mask_shape) for d in m.dropout]
+        # shared_over too: the graph's VariationalDropout sites and the manifest must agree.
+        sites = self.sampler.graph.sites
+        found = [(s.name, s.rule.p, list(s.mask_shape), s.shared_over) for s in sites]
+        declared = [(d.name, d.p, d.mask_shape, d.shared_over) for d in m.dropout]
         if found != declared:
             raise BundleError(
                 f"{path}: dropout layout {found} does not match the manifest's {declared}"

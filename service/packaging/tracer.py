@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_aggregate
 
+from service.engine.graph import LeafTracer
 from service.errors import ModelError
 
 BATCH = 1031  # the example batch: a prime, so an equal model dimension is a coincidence we check
@@ -68,7 +69,7 @@ class ShapeProxy(fx.Proxy):
         return self._sizes()[dim]
 
 
-class ShapeTracer(fx.Tracer):
+class ShapeTracer(LeafTracer):
     def __init__(self, meta_root: nn.Module) -> None:
         super().__init__()
         self.meta_root = meta_root

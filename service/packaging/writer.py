@@ -35,6 +35,7 @@ from service.engine.sampler import MCSampler
 from service.errors import BundleError, ModelError
 from service.packaging.lengths import Buckets, generic_graph
 from service.packaging.tracer import trace_with_shapes
+from service.packaging.variational import declare
 
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -69,6 +70,7 @@ def save(
     pad_id: int | None = None,
     buckets: Buckets = "auto",
     dropout_sites: Literal["all"] | int = "all",
+    variational: Sequence[str] | str | None = None,
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
 
@@ -86,7 +88,13 @@ def save(
     model outputs the k means (then the k variance parameters).
 
     ``dropout_sites``: the MC passes sample every dropout site ("all", the default) or only the
-    last k in graph order (an int; requests may still ask for another setting)."""
+    last k in graph order (an int; requests may still ask for another setting).
+
+    ``variational``: the dropout sites the model was trained with one mask per sequence, shared
+    over time (by their path in the module: an nn.Dropout, your own locked-dropout module with a
+    float ``p``, or a stacked LSTM/GRU for its between-layer dropout); their MC masks are then
+    shared over time too (service/packaging/variational.py). `service.nn.VariationalDropout` in
+    the model needs no declaration."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -114,7 +122,7 @@ def save(
             pad_id = next((i for i in found if i is not None), 0)
     # Sequence layers with hidden dropout made explicit, then traced with the declared shapes
     # (a text model with length buckets: with its length free, see lengths.py).
-    plain = explicit(module).eval()
+    plain = explicit(declare(module, variational) if variational else module).eval()
     generic = generic_graph(plain, example, buckets, pad_id or 0) if tokenizer is not None else None
     gm, lengths = generic if generic is not None else (trace_with_shapes(plain, example), None)
     # Functional dropout is visible only now: once exported, it looks like an ordinary op.
@@ -223,7 +231,9 @@ def save(
         aleatoric=_aleatoric(noise_var, variance),
         defaults=defaults or Defaults(),
         dropout=[
-            DropoutLayout(name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape))
+            DropoutLayout(
+                name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape), shared_over=s.shared_over
+            )
             for s in sampler.graph.sites
         ],
         artifacts=artifacts,

@@ -201,7 +201,9 @@ def train(
         str | None,
         typer.Option(help="text: the column of texts (default: detected when one column is text)"),
     ] = None,
-    arch: Annotated[str, typer.Option(help="text: textcnn, bilstm or transformer")] = "textcnn",
+    arch: Annotated[
+        str, typer.Option(help="text: textcnn, bilstm, transformer or fasttext")
+    ] = "textcnn",
     splits: Annotated[
         Path | None,
         typer.Option(help="text: CSV row,split (train/calibration/test) instead of the 80/20 cut"),

@@ -1,4 +1,4 @@
-"""The three text classifiers `train --arch` builds: small, CPU-trainable, dropout where each is
+"""The text classifiers `train --arch` builds: small, CPU-trainable, dropout where each is
 normally trained with it (every site is sampled at serving time).
 
 - `textcnn` (Kim 2014): embedding, dropout 0.2, convolutions of widths 3/4/5, max over time,
@@ -8,6 +8,10 @@ normally trained with it (every site is sampled at serving time).
 - `transformer`: embedding + learned positions, two post-norm encoder layers (dropout 0.1 on
   attention weights, residual branches and the feed-forward block), mean pooling over real
   tokens, dropout, linear.
+- `fasttext` (Joulin et al. 2017, without its n-grams): word dropout 0.3 (whole tokens zeroed,
+  Iyyer et al. 2015), the mean of the token embeddings, linear. It sees every token of a long
+  text at little cost. Hashed token bigrams and a hidden layer were tried on medical-abstracts
+  and overfitted (docs/MODELS.md).
 
 All take token ids [B, L] padded with id `pad` and return logits [B, K].
 """
@@ -20,9 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Arch = Literal["textcnn", "bilstm", "transformer"]
-ARCHS: tuple[Arch, ...] = ("textcnn", "bilstm", "transformer")
+Arch = Literal["textcnn", "bilstm", "transformer", "fasttext"]
+ARCHS: tuple[Arch, ...] = ("textcnn", "bilstm", "transformer", "fasttext")
 EMBEDDING_DROPOUT = 0.2  # TextCNN: on the embedded tokens (word dropout's softer cousin)
+WORD_DROPOUT = 0.3  # fasttext: share of tokens dropped from the average
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,47 @@ class Transformer(nn.Module):
         return self.fc(self.drop(pooled))
 
 
+class FastText(nn.Module):
+    def __init__(self, c: TextNetConfig) -> None:
+        super().__init__()
+        self.pad = c.pad
+        self.emb = nn.Embedding(c.vocab, c.embed, padding_idx=c.pad)
+        # Dropout1d over [B, L, E] zeroes whole tokens ("word dropout", Iyyer et al. 2015)
+        self.word_drop = nn.Dropout1d(WORD_DROPOUT)
+        self.fc = nn.Linear(c.embed, c.classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        real = tokens.ne(self.pad).unsqueeze(-1).float()
+        words = (self.word_drop(self.emb(tokens)) * real).sum(1)
+        return self.fc(words / real.sum(1).clamp(min=1.0))
+
+
 def build(c: TextNetConfig) -> nn.Module:
     """A freshly initialised network (uses the global torch generator: seed it first)."""
     if c.arch == "textcnn":
         return TextCNN(c)
     if c.arch == "bilstm":
         return BiLSTM(c)
+    if c.arch == "fasttext":
+        return FastText(c)
     return Transformer(c)
+
+
+class Average(nn.Module):
+    """Several networks over one tokenizer, their probabilities averaged: returns the log of the
+    mean softmax (softmax of it gives back the mean), so the engine treats it as logits. Member i
+    reads the first `tokens[i]` ids (a TextCNN need not convolve 900 positions), or all of them
+    for None (the bundle writer wants one embedding that reads the ids as given). Each member
+    keeps its dropout sites; a Monte Carlo pass samples all of them."""
+
+    def __init__(self, members: list[nn.Module], tokens: list[int | None]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.tokens = list(tokens)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        probs = [
+            torch.softmax(m(ids if n is None else ids[:, :n]), -1)
+            for m, n in zip(self.members, self.tokens, strict=True)
+        ]
+        return torch.log(torch.stack(probs, 0).mean(0).clamp(min=1e-12))

@@ -346,7 +346,7 @@ def test_a_text_model_page_takes_a_text(srv: Server, page: Any, tmp_path: Path, 
         row = out.locator(f'tr[data-class="{label}"]')
         assert close(row.locator("[data-out=probability]").inner_text(), prob)
     # The test model reads 16 tokens, so this text is cut (and the page says so); the bundled
-    # one reads 320.
+    # one reads 900.
     assert p["truncated"] is (name == "notes")
     cut = ", cut to the model's maximum" if p["truncated"] else ""
     assert out.locator("[data-out=tokens]").inner_text() == f"{p['tokens']} tokens{cut}"

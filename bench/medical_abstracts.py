@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from bench.common import machine
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature
 from service.calibration.data import read
-from service.engine.model import ServedModel
+from service.engine.model import PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification
 from service.training.text_data import read_splits, read_text_table
@@ -126,17 +129,125 @@ def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], A
     return out, rows
 
 
-def dropout_sites() -> dict[str, Any] | None:
+# The transformer of bench/text_archs.py (trained there, cached; its bundle is uncalibrated).
+TRANSFORMER = Path("/tmp/mcserve-text-archs") / f"{recipe.NAME}-transformer" / "1"
+SITES_PASSES = (20, 50, 100)
+SITES_SETTINGS: dict[str, int | None] = {"all_sites": None, "head_only": 1}  # None: every site
+BOOTSTRAP_REPS = 1000
+THROUGHPUT_REPEATS = 3
+
+
+def _uncertainty(logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    summ = summarize_classification(logits, levels=())
+    p = summ.probabilities
+    return p, {
+        "mutual_information": summ.mutual_information,
+        "predictive_entropy": summ.predictive_entropy,
+        "variation_ratio": summ.variation_ratio,
+        "one_minus_max_probability": 1 - p.max(1),
+    }
+
+
+def _paired_bootstrap(
+    a: tuple[np.ndarray, dict[str, np.ndarray]],
+    b: tuple[np.ndarray, dict[str, np.ndarray]],
+    reps: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUROC and AURC of a minus those of b, per score, with the standard deviation and the 2.5 /
+    97.5 % percentiles over `reps` resamples of the test rows (the same rows for both)."""
+    (err_a, unc_a), (err_b, unc_b) = a, b
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, err_a.size, err_a.size) for _ in range(reps)]
+
+    def diff(metric: str, name: str, i: np.ndarray | slice) -> float:
+        if metric == "auroc":
+            return metrics.auroc(unc_a[name][i], err_a[i] > 0) - metrics.auroc(
+                unc_b[name][i], err_b[i] > 0
+            )
+        return metrics.aurc(unc_a[name][i], err_a[i]) - metrics.aurc(unc_b[name][i], err_b[i])
+
+    out: dict[str, Any] = {}
+    for name in unc_a:
+        out[name] = {}
+        for metric in ("auroc", "aurc"):
+            draws = np.array([diff(metric, name, i) for i in idx])
+            lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+            out[name][metric] = {
+                "difference": diff(metric, name, slice(None)),
+                "bootstrap_se": float(np.nanstd(draws, ddof=1)),
+                "ci95": [float(lo), float(hi)],
+            }
+    return out
+
+
+def _throughput(s: ServedModel, batch: np.ndarray, params: PredictParams) -> float:
+    """Documents/s through the engine in-process: one request, the median of THROUGHPUT_REPEATS
+    after a warm-up (which also builds the split for the setting)."""
+    s.predict(batch, params)
+    times = []
+    for _ in range(THROUGHPUT_REPEATS):
+        t0 = time.perf_counter()
+        s.predict(batch, params)
+        times.append(time.perf_counter() - t0)
+    return len(batch) / float(np.median(times))
+
+
+def dropout_sites(
+    bundle: Path, data: Path, passes: tuple[int, ...] = SITES_PASSES, reps: int = BOOTSTRAP_REPS
+) -> dict[str, Any]:
     """All dropout sites against head-only sampling for the transformer (issue 21, item 4).
 
-    TODO(branch `sites`): this needs the per-request `dropout_sites` setting, built on another
-    branch. Once it is merged: score the transformer of `bench.text_archs` (its cached bundle)
-    on the test rows at T = 20, 50, 100 with every site sampled and with only the dropout before
-    the final linear layer sampled (the rest deterministic), and return the same metrics as
-    `served` (accuracy, NLL, ECE, detection per score) keyed "all_sites" / "head_only", plus
-    documents/s for each. Until then it returns None and the report says it is not measured.
-    """
-    return None
+    The transformer of `bench.text_archs` (its cached bundle, uncalibrated: temperature 1) on the
+    test rows at T = 20, 50, 100, mask seed 0, with every site sampled ("all_sites") and with only
+    the last one, the dropout before the final linear layer ("head_only", `MCRequest(sites=1)`:
+    the encoder then runs once per document in eval mode). Per setting and T: the metrics of
+    `served` (accuracy, NLL, ECE, detection per score) and documents/s (`ServedModel.predict`,
+    one request of 64 documents, the median of 3 after a warm-up, as bench.text_archs but 3 for
+    5: at T = 100 every site costs about 20 s a request here); per T: all sites minus head
+    only in AUROC and AURC per score, with a paired bootstrap over the test rows (the same
+    resampled rows for both settings). Also the same network's deterministic softmax."""
+    s = ServedModel(load_bundle(bundle), device="cpu")
+    rows = read(data, s.manifest, tokenizer=s.bundle.tokenizer)
+    assert rows.groups is not None
+    prov = s.manifest.training.provenance
+    out: dict[str, Any] = {
+        "bundle": str(bundle),
+        "sites": s.sampler.sites,
+        "head_site": s.manifest.dropout[-1].name,
+        "head_p": s.manifest.dropout[-1].p,
+        "max_tokens": int(rows.x.shape[1]),
+        "epochs_run": prov.get("epochs_run"),
+        "train_seconds": prov.get("train_seconds"),
+        "torch_threads": torch.get_num_threads(),
+        "bootstrap_reps": reps,
+        "settings": {name: {} for name in SITES_SETTINGS},
+        "difference_all_minus_head": {},
+    }
+    for n in passes:
+        kept = {}
+        for name, k in SITES_SETTINGS.items():
+            p, unc = _uncertainty(s.sampler.run([MCRequest(rows.x, n, 0, sites=k)])[0])
+            err = (p.argmax(1) != rows.y).astype(float)
+            kept[name] = (err, unc)
+            speed = _throughput(
+                s, rows.x[:64], PredictParams(n, (0.9,), 0, dropout_sites=k or "all")
+            )
+            out["settings"][name][f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {
+                "detection": _detection(unc, err),
+                "documents_per_second": speed,
+            }
+            print(f"dropout sites: {name} T = {n}: {speed:.1f} documents/s", flush=True)
+        out["difference_all_minus_head"][f"mc_{n}"] = _paired_bootstrap(
+            kept["all_sites"], kept["head_only"], reps
+        )
+    z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
+    p = _softmax(z)
+    err = (p.argmax(1) != rows.y).astype(float)
+    ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
+    unc = {"one_minus_max_probability": 1 - p.max(1), "predictive_entropy": ent}
+    out["deterministic_t1"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
+    return out
 
 
 def _md(res: dict[str, Any]) -> str:
@@ -182,6 +293,20 @@ def _md(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def transformer_bundle(path: Path) -> Path:
+    """The cached transformer of bench/text_archs.py, trained there (its settings) if absent."""
+    if (path / "manifest.json").is_file():
+        return path
+    from bench import text_archs  # imports this module: here, not at the top
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # training: one thread, as bench.text_archs
+    try:
+        return text_archs.train("transformer", path.parents[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "4")
@@ -189,15 +314,34 @@ def main() -> None:
         "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "evaluation" / recipe.NAME)
+    ap.add_argument(
+        "--transformer", type=Path, default=TRANSFORMER,
+        help="the transformer bundle of bench.text_archs (trained there if absent)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--sites-only", action="store_true",
+        help="measure only the dropout-sites comparison and merge it into <out>/comparisons.json "
+        "(the other results are kept from the run that wrote it)",
+    )  # fmt: skip
+    ap.add_argument("--reps", type=int, default=BOOTSTRAP_REPS, help="bootstrap resamples")
     args = ap.parse_args()
-    res_served, rows = served(args.model, [20, 50, 100], args.data)
-    assert rows.groups is not None
-    res = {
-        "rows": rows.n,
-        "floor": floor(rows.y, rows.groups),
-        "served": res_served,
-        "dropout_sites": dropout_sites(),
-    }
+    torch.set_num_threads(2)  # scoring: as the service would on this 2-CPU machine
+    sites = dropout_sites(transformer_bundle(args.transformer), args.data, reps=args.reps)
+    sites["machine"] = machine()
+    if args.sites_only:
+        res = json.loads((args.out / "comparisons.json").read_text())
+        sites["command"] = "python -m bench.medical_abstracts --sites-only"
+        res["dropout_sites"] = sites
+    else:
+        res_served, rows = served(args.model, [20, 50, 100], args.data)
+        assert rows.groups is not None
+        sites["command"] = "python -m bench.medical_abstracts"
+        res = {
+            "rows": rows.n,
+            "floor": floor(rows.y, rows.groups),
+            "served": res_served,
+            "dropout_sites": sites,
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparisons.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     (args.out / "comparisons.md").write_text(_md(res))

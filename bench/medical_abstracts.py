@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine
+from bench.common import machine, now
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature
@@ -286,11 +286,104 @@ def _md(res: dict[str, Any]) -> str:
             lines.append(f"- {k}: {cells}")
     lines += ["", "## All dropout sites against head-only sampling (transformer)", ""]
     if res.get("dropout_sites") is None:
-        lines.append(
-            "Not measured yet: it needs the per-request `dropout_sites` setting (another branch, "
-            "`sites`); `dropout_sites()` in bench/medical_abstracts.py is the hook (TODO)."
-        )
+        lines.append("Not measured: run `python -m bench.medical_abstracts --sites-only`.")
+    else:
+        lines += _sites_md(res["dropout_sites"], res)
     return "\n".join(lines) + "\n"
+
+
+SCORES = {
+    "mutual_information": "MI",
+    "predictive_entropy": "entropy",
+    "variation_ratio": "variation ratio",
+    "one_minus_max_probability": "1 - max p",
+}
+
+
+def _sites_md(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """The dropout-sites table, the paired differences and a reading of them from the numbers."""
+    merged = r["command"].endswith("--sites-only")
+    t0, first = next(iter(r["settings"]["all_sites"].items()))
+    t0 = t0.removeprefix("mc_")
+    lines = [
+        f"Command: `{r['command']}` ({r['machine']}, shared with other jobs; {r['date']})"
+        + (
+            ": measured alone and merged into comparisons.json, the sections above are from the "
+            "last full run."
+            if merged
+            else "."
+        ),
+        "",
+        f"The transformer of `bench.text_archs` (architectures.md): {r['max_tokens']} tokens, "
+        f"{r['epochs_run']} epochs ({r['train_seconds']} s), capped for CPU time, so "
+        f"undertrained (accuracy {first['accuracy']:.3f} at T = {t0} against "
+        f"{res['served']['mc_20']['accuracy']:.3f} for the served model above at T = 20); "
+        f"uncalibrated (temperature 1). Same {res['rows']} test rows, mask seed 0. All sites: "
+        f"its {r['sites']} "
+        f"dropout sites sampled; head only: the last, `{r['head_site']}` (p = {r['head_p']}, "
+        "before the final linear layer), the encoder run once per document in eval mode "
+        "(`dropout_sites` = 1). Detection: AUROC for errors / AURC per uncertainty score. "
+        "Documents/s: `ServedModel.predict` in-process, one request of 64 documents, median of "
+        f"3 after a warm-up, torch threads {r['torch_threads']}.",
+        "",
+        "| setting | T | accuracy | NLL | ECE | "
+        + " | ".join(SCORES.values())
+        + " | documents/s |",
+        "|---|---|---|---|---|" + "---|" * len(SCORES) + "---|",
+    ]
+    for name, by_t in r["settings"].items():
+        for key, m in by_t.items():
+            det = m["detection"]
+            cells = " | ".join(f"{det[k]['auroc']:.3f} / {det[k]['aurc']:.3f}" for k in SCORES)
+            lines.append(
+                f"| {name.replace('_', ' ')} | {key.removeprefix('mc_')} | {m['accuracy']:.3f} | "
+                f"{m['nll']:.3f} | {m['ece']:.3f} | {cells} | {m['documents_per_second']:.1f} |"
+            )
+    d = r["deterministic_t1"]
+    det_cells = " | ".join(
+        f"{d['detection'][k]['auroc']:.3f} / {d['detection'][k]['aurc']:.3f}"
+        if k in d["detection"]
+        else "-"
+        for k in SCORES
+    )
+    lines += [
+        f"| deterministic softmax | 1 | {d['accuracy']:.3f} | {d['nll']:.3f} | {d['ece']:.3f} "
+        f"| {det_cells} | |",
+        "",
+        f"All sites minus head only, paired over the test rows: AUROC (positive: all sites "
+        f"detects errors better) and AURC (negative: all sites better), each ± its bootstrap "
+        f"standard error ({r['bootstrap_reps']} resamples of the rows, the same for both).",
+        "",
+        "| T | metric | " + " | ".join(SCORES.values()) + " |",
+        "|---|---|" + "---|" * len(SCORES),
+    ]
+    for key, by_score in r["difference_all_minus_head"].items():
+        for metric in ("auroc", "aurc"):
+            diffs = [by_score[k][metric] for k in SCORES]
+            cells = " | ".join(f"{v['difference']:+.3f} ± {v['bootstrap_se']:.3f}" for v in diffs)
+            lines.append(f"| {key.removeprefix('mc_')} | {metric.upper()} | {cells} |")
+    return [*lines, "", _sites_reading(r)]
+
+
+def _sites_reading(r: dict[str, Any]) -> str:
+    """One or two sentences from the numbers: is head-only worse at detecting errors?"""
+    z = {
+        (key, k): v[k]["auroc"]["difference"] / v[k]["auroc"]["bootstrap_se"]
+        for key, v in r["difference_all_minus_head"].items()
+        for k in SCORES
+    }
+    (tkey, score), zmax = max(z.items(), key=lambda kv: abs(kv[1]))
+    diff = r["difference_all_minus_head"][tkey][score]["auroc"]
+    worse = sum(1 for v in z.values() if v > 0)
+    beyond = sum(1 for v in z.values() if abs(v) >= 2)
+    return (
+        f"Reading: in {worse} of {len(z)} (T, score) pairs all sites detect errors better "
+        f"than head only (AUROC), and {beyond} of the {len(z)} differences are two bootstrap "
+        f"standard errors or more from zero; the largest, {SCORES[score]} at T = "
+        f"{tkey.removeprefix('mc_')}, is {diff['difference']:+.3f} ± {diff['bootstrap_se']:.3f} "
+        f"({zmax:+.1f} SE; 95 % interval {diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f}). "
+        "The (T, score) pairs share the test rows, so they are not independent tests."
+    )
 
 
 def transformer_bundle(path: Path) -> Path:
@@ -327,7 +420,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)  # scoring: as the service would on this 2-CPU machine
     sites = dropout_sites(transformer_bundle(args.transformer), args.data, reps=args.reps)
-    sites["machine"] = machine()
+    sites["machine"], sites["date"] = machine(), now()
     if args.sites_only:
         res = json.loads((args.out / "comparisons.json").read_text())
         sites["command"] = "python -m bench.medical_abstracts --sites-only"

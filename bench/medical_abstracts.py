@@ -1,6 +1,7 @@
 """Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
 
     python -m bench.medical_abstracts [--model models/medical-abstracts/4] [--out DIR]
+    python -m bench.medical_abstracts --sites-only   # only the dropout-sites part, merged
 
 - The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
   (scikit-learn, lbfgs), fitted on the training rows; C chosen by accuracy on the calibration
@@ -9,10 +10,15 @@
 - The served model with MC dropout at T = 20, 50, 100 passes (mask seed 0, the bundle's
   temperature), against the same network's single deterministic softmax (dropout off), read at
   T = 1 and with the bundle's temperature.
+- All dropout sites against head-only sampling (`dropout_sites()`) for the transformer of
+  bench/text_archs.py (its cached bundle, trained there with its settings if absent), at
+  T = 20, 50, 100, with documents/s and paired bootstrap differences. `--sites-only` measures
+  only this part (about 10 minutes here) and merges it into an existing comparisons.json.
 
 For each: accuracy and macro-F1 (strict, and lenient: right when the prediction is any label of
 the text), NLL, ECE (15 bins), AUROC for detecting errors and AURC of each uncertainty score.
-Writes <out>/comparisons.md and <out>/comparisons.json. Seeded; about a minute on two cores.
+Writes <out>/comparisons.md and <out>/comparisons.json. Seeded; about 9 minutes on the shared
+two cores, plus the sites part.
 """
 
 from __future__ import annotations

@@ -219,6 +219,7 @@ def dropout_sites(
     prov = s.manifest.training.provenance
     out: dict[str, Any] = {
         "bundle": str(bundle),
+        "rows": rows.n,
         "sites": s.sampler.sites,
         "head_site": s.manifest.dropout[-1].name,
         "head_p": s.manifest.dropout[-1].p,
@@ -468,6 +469,11 @@ def main() -> None:
     sites["machine"], sites["date"] = machine(), now()
     if args.sites_only:
         res = json.loads((args.out / "comparisons.json").read_text())
+        if sites["rows"] != res["rows"]:
+            raise SystemExit(
+                f"--sites-only: {args.data} has {sites['rows']} rows, the report's other "
+                f"sections {res['rows']}: pass the same --data as the full run"
+            )
         sites["command"] = "python -m bench.medical_abstracts --sites-only"
         res["dropout_sites"] = sites
     else:

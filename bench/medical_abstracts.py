@@ -1,6 +1,7 @@
 """Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
 
     python -m bench.medical_abstracts [--model models/medical-abstracts/4] [--out DIR]
+    python -m bench.medical_abstracts --sites-only   # only the dropout-sites part, merged
 
 - The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
   (scikit-learn, lbfgs), fitted on the training rows; C chosen by accuracy on the calibration
@@ -9,26 +10,34 @@
 - The served model with MC dropout at T = 20, 50, 100 passes (mask seed 0, the bundle's
   temperature), against the same network's single deterministic softmax (dropout off), read at
   T = 1 and with the bundle's temperature.
+- All dropout sites against head-only sampling (`dropout_sites()`) for the transformer of
+  bench/text_archs.py (its cached bundle, trained there with its settings if absent), at
+  T = 20, 50, 100, with documents/s and paired bootstrap differences. `--sites-only` measures
+  only this part (about 10 minutes here) and merges it into an existing comparisons.json.
 
 For each: accuracy and macro-F1 (strict, and lenient: right when the prediction is any label of
 the text), NLL, ECE (15 bins), AUROC for detecting errors and AURC of each uncertainty score.
-Writes <out>/comparisons.md and <out>/comparisons.json. Seeded; about a minute on two cores.
+Writes <out>/comparisons.md and <out>/comparisons.json. Seeded; about 9 minutes on the shared
+two cores, plus the sites part.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from bench.common import machine, now
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature
 from service.calibration.data import read
-from service.engine.model import ServedModel
+from service.engine.model import PredictParams, ServedModel
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification
 from service.training.text_data import read_splits, read_text_table
@@ -126,17 +135,126 @@ def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], A
     return out, rows
 
 
-def dropout_sites() -> dict[str, Any] | None:
+# The transformer of bench/text_archs.py (trained there, cached; its bundle is uncalibrated).
+TRANSFORMER = Path("/tmp/mcserve-text-archs") / f"{recipe.NAME}-transformer" / "1"
+SITES_PASSES = (20, 50, 100)
+SITES_SETTINGS: dict[str, int | None] = {"all_sites": None, "head_only": 1}  # None: every site
+BOOTSTRAP_REPS = 1000
+THROUGHPUT_REPEATS = 3
+
+
+def _uncertainty(logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    summ = summarize_classification(logits, levels=())
+    p = summ.probabilities
+    return p, {
+        "mutual_information": summ.mutual_information,
+        "predictive_entropy": summ.predictive_entropy,
+        "variation_ratio": summ.variation_ratio,
+        "one_minus_max_probability": 1 - p.max(1),
+    }
+
+
+def _paired_bootstrap(
+    a: tuple[np.ndarray, dict[str, np.ndarray]],
+    b: tuple[np.ndarray, dict[str, np.ndarray]],
+    reps: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUROC and AURC of a minus those of b, per score, with the standard deviation and the 2.5 /
+    97.5 % percentiles over `reps` resamples of the test rows (the same rows for both)."""
+    (err_a, unc_a), (err_b, unc_b) = a, b
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, err_a.size, err_a.size) for _ in range(reps)]
+
+    def diff(metric: str, name: str, i: np.ndarray | slice) -> float:
+        if metric == "auroc":
+            return metrics.auroc(unc_a[name][i], err_a[i] > 0) - metrics.auroc(
+                unc_b[name][i], err_b[i] > 0
+            )
+        return metrics.aurc(unc_a[name][i], err_a[i]) - metrics.aurc(unc_b[name][i], err_b[i])
+
+    out: dict[str, Any] = {}
+    for name in unc_a:
+        out[name] = {}
+        for metric in ("auroc", "aurc"):
+            draws = np.array([diff(metric, name, i) for i in idx])
+            lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+            out[name][metric] = {
+                "difference": diff(metric, name, slice(None)),
+                "bootstrap_se": float(np.nanstd(draws, ddof=1)),
+                "ci95": [float(lo), float(hi)],
+            }
+    return out
+
+
+def _throughput(s: ServedModel, batch: np.ndarray, params: PredictParams) -> float:
+    """Documents/s through the engine in-process: one request, the median of THROUGHPUT_REPEATS
+    after a warm-up (which also builds the split for the setting)."""
+    s.predict(batch, params)
+    times = []
+    for _ in range(THROUGHPUT_REPEATS):
+        t0 = time.perf_counter()
+        s.predict(batch, params)
+        times.append(time.perf_counter() - t0)
+    return len(batch) / float(np.median(times))
+
+
+def dropout_sites(
+    bundle: Path, data: Path, passes: tuple[int, ...] = SITES_PASSES, reps: int = BOOTSTRAP_REPS
+) -> dict[str, Any]:
     """All dropout sites against head-only sampling for the transformer (issue 21, item 4).
 
-    TODO(branch `sites`): this needs the per-request `dropout_sites` setting, built on another
-    branch. Once it is merged: score the transformer of `bench.text_archs` (its cached bundle)
-    on the test rows at T = 20, 50, 100 with every site sampled and with only the dropout before
-    the final linear layer sampled (the rest deterministic), and return the same metrics as
-    `served` (accuracy, NLL, ECE, detection per score) keyed "all_sites" / "head_only", plus
-    documents/s for each. Until then it returns None and the report says it is not measured.
-    """
-    return None
+    The transformer of `bench.text_archs` (its cached bundle, uncalibrated: temperature 1) on the
+    test rows at T = 20, 50, 100, mask seed 0, with every site sampled ("all_sites") and with only
+    the last one, the dropout before the final linear layer ("head_only", `MCRequest(sites=1)`:
+    the encoder then runs once per document in eval mode). Per setting and T: the metrics of
+    `served` (accuracy, NLL, ECE, detection per score) and documents/s (`ServedModel.predict`,
+    one request of 64 documents, the median of 3 after a warm-up, as bench.text_archs but 3 for
+    5: at T = 100 every site costs about 20 s a request here); per T: all sites minus head
+    only in AUROC and AURC per score, with a paired bootstrap over the test rows (the same
+    resampled rows for both settings). Also the same network's deterministic softmax."""
+    s = ServedModel(load_bundle(bundle), device="cpu")
+    rows = read(data, s.manifest, tokenizer=s.bundle.tokenizer)
+    assert rows.groups is not None
+    prov = s.manifest.training.provenance
+    out: dict[str, Any] = {
+        "bundle": str(bundle),
+        "rows": rows.n,
+        "sites": s.sampler.sites,
+        "head_site": s.manifest.dropout[-1].name,
+        "head_p": s.manifest.dropout[-1].p,
+        "max_tokens": int(rows.x.shape[1]),
+        "epochs_run": prov.get("epochs_run"),
+        "train_seconds": prov.get("train_seconds"),
+        "torch_threads": torch.get_num_threads(),
+        "bootstrap_reps": reps,
+        "settings": {name: {} for name in SITES_SETTINGS},
+        "difference_all_minus_head": {},
+    }
+    for n in passes:
+        kept = {}
+        for name, k in SITES_SETTINGS.items():
+            p, unc = _uncertainty(s.sampler.run([MCRequest(rows.x, n, 0, sites=k)])[0])
+            err = (p.argmax(1) != rows.y).astype(float)
+            kept[name] = (err, unc)
+            speed = _throughput(
+                s, rows.x[:64], PredictParams(n, (0.9,), 0, dropout_sites=k or "all")
+            )
+            out["settings"][name][f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {
+                "detection": _detection(unc, err),
+                "documents_per_second": speed,
+            }
+            print(f"dropout sites: {name} T = {n}: {speed:.1f} documents/s", flush=True)
+        out["difference_all_minus_head"][f"mc_{n}"] = _paired_bootstrap(
+            kept["all_sites"], kept["head_only"], reps
+        )
+    z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
+    p = _softmax(z)
+    err = (p.argmax(1) != rows.y).astype(float)
+    ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
+    unc = {"one_minus_max_probability": 1 - p.max(1), "predictive_entropy": ent}
+    out["deterministic_t1"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
+    return out
 
 
 def _md(res: dict[str, Any]) -> str:
@@ -175,11 +293,157 @@ def _md(res: dict[str, Any]) -> str:
             lines.append(f"- {k}: {cells}")
     lines += ["", "## All dropout sites against head-only sampling (transformer)", ""]
     if res.get("dropout_sites") is None:
-        lines.append(
-            "Not measured yet: it needs the per-request `dropout_sites` setting (another branch, "
-            "`sites`); `dropout_sites()` in bench/medical_abstracts.py is the hook (TODO)."
-        )
+        lines.append("Not measured: run `python -m bench.medical_abstracts --sites-only`.")
+    else:
+        lines += _sites_md(res["dropout_sites"], res)
     return "\n".join(lines) + "\n"
+
+
+SCORES = {
+    "mutual_information": "MI",
+    "predictive_entropy": "entropy",
+    "variation_ratio": "variation ratio",
+    "one_minus_max_probability": "1 - max p",
+}
+
+
+def _by_t(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Items keyed "mc_<T>" in increasing T (the JSON's keys are sorted as strings)."""
+    return sorted(d.items(), key=lambda kv: int(kv[0].removeprefix("mc_")))
+
+
+def _sites_md(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """The dropout-sites table, the paired differences and a reading of them from the numbers."""
+    merged = r["command"].endswith("--sites-only")
+    t0, first = next(iter(_by_t(r["settings"]["all_sites"])))
+    t0 = t0.removeprefix("mc_")
+    lines = [
+        f"Command: `{r['command']}` ({r['machine']}, shared with other jobs; {r['date']})"
+        + (
+            ": measured alone and merged into comparisons.json, the sections above are from the "
+            "last full run."
+            if merged
+            else "."
+        ),
+        "",
+        f"The transformer of `bench.text_archs` (architectures.md): {r['max_tokens']} tokens, "
+        f"{r['epochs_run']} epochs ({r['train_seconds']} s), capped for CPU time, so "
+        f"undertrained (accuracy {first['accuracy']:.3f} at T = {t0} against "
+        f"{res['served']['mc_20']['accuracy']:.3f} for the served model above at T = 20); "
+        f"uncalibrated (temperature 1). Same {res['rows']} test rows, mask seed 0. All sites: "
+        f"its {r['sites']} "
+        f"dropout sites sampled; head only: the last, `{r['head_site']}` (p = {r['head_p']}, "
+        "before the final linear layer), the encoder run once per document in eval mode "
+        "(`dropout_sites` = 1). Detection: AUROC for errors / AURC per uncertainty score. "
+        "Documents/s: `ServedModel.predict` in-process, one request of 64 documents, median of "
+        f"3 after a warm-up, torch threads {r['torch_threads']}.",
+        "",
+        "| setting | T | accuracy | NLL | ECE | "
+        + " | ".join(SCORES.values())
+        + " | documents/s |",
+        "|---|---|---|---|---|" + "---|" * len(SCORES) + "---|",
+    ]
+    for name, by_t in r["settings"].items():
+        for key, m in _by_t(by_t):
+            det = m["detection"]
+            cells = " | ".join(f"{det[k]['auroc']:.3f} / {det[k]['aurc']:.3f}" for k in SCORES)
+            lines.append(
+                f"| {name.replace('_', ' ')} | {key.removeprefix('mc_')} | {m['accuracy']:.3f} | "
+                f"{m['nll']:.3f} | {m['ece']:.3f} | {cells} | {m['documents_per_second']:.1f} |"
+            )
+    d = r["deterministic_t1"]
+    det_cells = " | ".join(
+        f"{d['detection'][k]['auroc']:.3f} / {d['detection'][k]['aurc']:.3f}"
+        if k in d["detection"]
+        else "-"
+        for k in SCORES
+    )
+    lines += [
+        f"| deterministic softmax | 1 | {d['accuracy']:.3f} | {d['nll']:.3f} | {d['ece']:.3f} "
+        f"| {det_cells} | |",
+        "",
+        f"All sites minus head only, paired over the test rows: AUROC (positive: all sites "
+        f"detects errors better) and AURC (negative: all sites better), each ± its bootstrap "
+        f"standard error ({r['bootstrap_reps']} resamples of the rows, the same for both).",
+        "",
+        "| T | metric | " + " | ".join(SCORES.values()) + " |",
+        "|---|---|" + "---|" * len(SCORES),
+    ]
+    for key, by_score in _by_t(r["difference_all_minus_head"]):
+        for metric in ("auroc", "aurc"):
+            diffs = [by_score[k][metric] for k in SCORES]
+            cells = " | ".join(f"{v['difference']:+.3f} ± {v['bootstrap_se']:.3f}" for v in diffs)
+            lines.append(f"| {key.removeprefix('mc_')} | {metric.upper()} | {cells} |")
+    return [*lines, "", _sites_reading(r)]
+
+
+def _sites_reading(r: dict[str, Any]) -> str:
+    """One or two sentences from the numbers: is head-only worse at detecting errors?"""
+    z = {
+        (key, k): v[k]["auroc"]["difference"] / v[k]["auroc"]["bootstrap_se"]
+        for key, v in r["difference_all_minus_head"].items()
+        for k in SCORES
+    }
+    (tkey, score), zmax = max(z.items(), key=lambda kv: abs(kv[1]))
+    diff = r["difference_all_minus_head"][tkey][score]["auroc"]
+    worse = sum(1 for v in z.values() if v > 0)
+    beyond = sum(1 for v in z.values() if abs(v) >= 2)
+    best = {
+        name: max((m["detection"][k]["auroc"], k, key) for key, m in by_t.items() for k in SCORES)
+        for name, by_t in r["settings"].items()
+    }
+    det = r["deterministic_t1"]["detection"]
+    best_det = max((v["auroc"], k) for k, v in det.items())
+    se = [
+        v[k]["auroc"]["bootstrap_se"]
+        for v in r["difference_all_minus_head"].values()
+        for k in SCORES
+    ]
+    speed = [
+        r["settings"]["head_only"][key]["documents_per_second"] / m["documents_per_second"]
+        for key, m in r["settings"]["all_sites"].items()
+    ]
+    text = (
+        f"Reading: in {worse} of {len(z)} (T, score) pairs all sites detect errors better "
+        f"than head only (AUROC), and {beyond} of the {len(z)} differences are two bootstrap "
+        f"standard errors or more from zero; the largest, {SCORES[score]} at T = "
+        f"{tkey.removeprefix('mc_')}, is {diff['difference']:+.3f} ± {diff['bootstrap_se']:.3f} "
+        f"({zmax:+.1f} SE; 95 % interval {diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f}). "
+        "The (T, score) pairs share the test rows, so they are not independent tests. Best "
+        "AUROC for errors: "
+        + ", ".join(
+            f"{name.replace('_', ' ')} {b[0]:.3f} ({SCORES[b[1]]}, T = {b[2].removeprefix('mc_')})"
+            for name, b in best.items()
+        )
+        + f", the deterministic softmax {best_det[0]:.3f} ({SCORES[best_det[1]]}). Head only "
+        f"served {min(speed):.0f}-{max(speed):.0f}x the documents/s of all sites (one median "
+        "of 3 each on the shared machine: noisy, read the order of magnitude)."
+    )
+    if beyond == 0:
+        text += (
+            " So on this network and these rows head-only sampling does not detect errors "
+            "measurably worse than sampling every site (differences above about "
+            f"{2 * max(se):.2f} AUROC would have shown): the literature's finding that head-only "
+            "MC dropout is barely better than the plain softmax (docs/BUNDLES.md) holds here, "
+            "but sampling every site is no better than the softmax either. The network is "
+            "undertrained (5 epochs, capped for CPU time) and its encoder dropout is p = 0.1, "
+            "so its encoder adds little spread; a fully trained transformer may differ."
+        )
+    return text
+
+
+def transformer_bundle(path: Path) -> Path:
+    """The cached transformer of bench/text_archs.py, trained there (its settings) if absent."""
+    if (path / "manifest.json").is_file():
+        return path
+    from bench import text_archs  # imports this module: here, not at the top
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # training: one thread, as bench.text_archs
+    try:
+        return text_archs.train("transformer", path.parents[1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -189,15 +453,39 @@ def main() -> None:
         "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "evaluation" / recipe.NAME)
+    ap.add_argument(
+        "--transformer", type=Path, default=TRANSFORMER,
+        help="the transformer bundle of bench.text_archs (trained there if absent)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--sites-only", action="store_true",
+        help="measure only the dropout-sites comparison and merge it into <out>/comparisons.json "
+        "(the other results are kept from the run that wrote it)",
+    )  # fmt: skip
+    ap.add_argument("--reps", type=int, default=BOOTSTRAP_REPS, help="bootstrap resamples")
     args = ap.parse_args()
-    res_served, rows = served(args.model, [20, 50, 100], args.data)
-    assert rows.groups is not None
-    res = {
-        "rows": rows.n,
-        "floor": floor(rows.y, rows.groups),
-        "served": res_served,
-        "dropout_sites": dropout_sites(),
-    }
+    torch.set_num_threads(2)  # scoring: as the service would on this 2-CPU machine
+    sites = dropout_sites(transformer_bundle(args.transformer), args.data, reps=args.reps)
+    sites["machine"], sites["date"] = machine(), now()
+    if args.sites_only:
+        res = json.loads((args.out / "comparisons.json").read_text())
+        if sites["rows"] != res["rows"]:
+            raise SystemExit(
+                f"--sites-only: {args.data} has {sites['rows']} rows, the report's other "
+                f"sections {res['rows']}: pass the same --data as the full run"
+            )
+        sites["command"] = "python -m bench.medical_abstracts --sites-only"
+        res["dropout_sites"] = sites
+    else:
+        res_served, rows = served(args.model, [20, 50, 100], args.data)
+        assert rows.groups is not None
+        sites["command"] = "python -m bench.medical_abstracts"
+        res = {
+            "rows": rows.n,
+            "floor": floor(rows.y, rows.groups),
+            "served": res_served,
+            "dropout_sites": sites,
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparisons.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     (args.out / "comparisons.md").write_text(_md(res))

@@ -37,7 +37,8 @@ from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature
 from service.calibration.data import read
-from service.engine.model import PredictParams, ServedModel
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification
 from service.training.text_data import read_splits, read_text_table

@@ -242,9 +242,9 @@ def batch_sensitive(graph: fx.GraphModule, example: torch.Tensor) -> bool:
         if n.op == "call_module":
             if type(gm.get_submodule(str(n.target))) not in _ROW_WISE_MODULES:
                 return True
-        elif n.op == "call_function" and n.target in _BATCH_SENSITIVE_FUNCTIONS:
-            return True
-        elif n.op == "call_method" and n.target in _BATCH_SENSITIVE_METHODS:
+        elif (n.op == "call_function" and n.target in _BATCH_SENSITIVE_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _BATCH_SENSITIVE_METHODS
+        ):
             return True
         elif (n.op == "call_function" and n.target in _BATCHED_PRODUCTS) or (
             n.op == "call_method" and n.target in ("matmul", "bmm", "baddbmm")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,7 +153,12 @@ def test_a_prefix_without_batch_sized_algorithms_is_padded_to_two_inputs() -> No
             assert sampler.prefix_rows(plan) == rows, (make.__name__, sites)
             seen: list[int] = []
             real = plan.prefix.module.forward
-            plan.prefix.module.forward = lambda x, real=real: seen.append(x.shape[0]) or real(x)  # type: ignore[method-assign]
+
+            def counted(x: torch.Tensor, real: Any = real, seen: list[int] = seen) -> Any:
+                seen.append(x.shape[0])
+                return real(x)
+
+            plan.prefix.module.forward = counted  # type: ignore[method-assign]
             reqs = [
                 MCRequest(token_batch(n, seed=s).numpy(), 8, 40 + s, sites=sites)
                 for s, n in enumerate((1, 3))

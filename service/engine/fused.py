@@ -182,23 +182,35 @@ def _check(channels: bool, parallel: bool) -> bool:
 
 
 def apply_mask(
-    x: torch.Tensor, mask: MaskRows, scale: float, *, parallel: bool | None = None
+    x: torch.Tensor,
+    mask: MaskRows,
+    scale: float,
+    *,
+    parallel: bool | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Inverted dropout of x [rows, *shape] (or x's rows `mask.rows`) with the masks described.
 
     `parallel`: over numba's threads (None: where torch has more than one thread and the work
-    has at least PARALLEL_MIN_ELEMENTS elements)."""
+    has at least PARALLEL_MIN_ELEMENTS elements). `inplace`: write the result into x (where x
+    has one row per mask row and nothing else reads it: see inplace.py); the same numbers, each
+    element read before it is written."""
     ks = kernels()
+    inplace = inplace and mask.rows is None and x.shape[0] == mask.keys.shape[0]
     if ks is None or not _fits(x, mask):
         if mask.rows is not None:
             x = x.index_select(0, mask.rows)
-        return x.mul(mask.keep()).mul_(scale)
+        keep = mask.keep()
+        same = torch.broadcast_shapes(x.shape, keep.shape) == x.shape
+        if inplace and same and torch.result_type(x, keep) == x.dtype:
+            return x.mul_(keep).mul_(scale)
+        return x.mul(keep).mul_(scale)
     features = mask.features
     src = x.contiguous().view(x.shape[0], features, -1)
     if src.shape[2] == 1:
         src = src.view(x.shape[0], features)
     rows = mask.keys.shape[0]
-    out = torch.empty((rows, *src.shape[1:]), dtype=src.dtype)
+    out = src if inplace else torch.empty((rows, *src.shape[1:]), dtype=src.dtype)
     args = (
         src.numpy(),
         mask.rows.numpy() if mask.rows is not None else _NO_ROWS,

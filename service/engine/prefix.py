@@ -17,17 +17,29 @@ never changed: a rewritten prefix is a copy, so where a rewrite is kept the pref
 are held twice (under 1 MiB for the bundled models; as much again as the trunk for a large image
 model). A prefix with no BatchNorm is not copied for folding; one with no convolution or pooling
 is not tried in channels-last.
+
+The sampler pads the prefix's batch to `min_rows` inputs (64 on the CPU) where an operation's
+algorithm, and so its rounding, follows the batch size: convolutions and pooling (oneDNN chooses
+by batch: measured, 1 image against 64), recurrent layers, and matrix products whose rows hold
+the batch (not in per-input blocks, blocks.py). A prefix without them (a transformer's
+embeddings and attention: linear layers in per-input blocks, attention products batched per
+input and head, row-wise softmax and norms) is padded to 2 inputs only (a lone input with one
+head would be a batched product of one, which MKL computes with other code, blocks.py): at
+B = 32 head-only sampling ran bench.text's whole encoder on 64 documents.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
+from torch.fx.passes.shape_prop import ShapeProp
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +83,7 @@ class Prefix:
                 self.rewrites.append("channels-last")
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.batch_sensitive = batch_sensitive(graph, example)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _run(self.module, x, channels_last=self.channels_last)
@@ -158,3 +171,85 @@ def _agrees(
         elif not torch.equal(g, r):
             return False
     return True
+
+
+# Modules that keep each input's bits whatever the batch size (nn.Linear: in per-input blocks on
+# the CPU, blocks.py). Any other module type (convolutions, pooling, recurrent layers, a module
+# not listed) counts as batch-sensitive: the prefix keeps the full pad.
+_ROW_WISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Dropout,
+)
+_BATCH_SENSITIVE_FUNCTIONS: set[Any] = {
+    torch.mm,
+    torch.addmm,
+    torch.einsum,
+    torch.tensordot,
+    F.bilinear,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.lstm,
+    torch.gru,
+    torch.rnn_tanh,
+    torch.rnn_relu,
+    *_SPATIAL_FUNCTIONS,
+    F.max_pool1d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool3d,
+}
+_BATCHED_PRODUCTS: set[Any] = {torch.matmul, operator.matmul, torch.bmm, torch.baddbmm}
+_BATCH_SENSITIVE_METHODS = {"mm", "addmm"}
+
+
+def batch_sensitive(graph: fx.GraphModule, example: torch.Tensor) -> bool:
+    """Does an operation of the prefix choose its algorithm by the batch size (see the module
+    docstring)? Matrix products count unless both operands have a batch of products (3 or
+    more dimensions, read from a run on the example): a [B, L, d] @ [d, k] folds B into the
+    rows of one product."""
+    try:
+        gm = fx.GraphModule(graph, copy.deepcopy(graph.graph))
+        with torch.inference_mode():
+            ShapeProp(gm).propagate(example)
+    except Exception as exc:  # shapes unknown: keep the full pad
+        log.info("prefix: shapes not propagated (%s: %s)", type(exc).__name__, exc)
+        return True
+
+    def dims(a: Any) -> int:
+        meta = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+        return len(meta.shape) if meta is not None and hasattr(meta, "shape") else 0
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            if type(gm.get_submodule(str(n.target))) not in _ROW_WISE_MODULES:
+                return True
+        elif (n.op == "call_function" and n.target in _BATCH_SENSITIVE_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _BATCH_SENSITIVE_METHODS
+        ):
+            return True
+        elif (n.op == "call_function" and n.target in _BATCHED_PRODUCTS) or (
+            n.op == "call_method" and n.target in ("matmul", "bmm", "baddbmm")
+        ):
+            operands = n.args[1:3] if n.target in (torch.baddbmm, "baddbmm") else n.args[:2]
+            if min((dims(a) for a in operands), default=0) < 3:
+                return True
+    return False

@@ -10,8 +10,10 @@ A seeded request's samples are the same bits alone or in any batch (docs/RANDOM_
 the CPU that takes fixed shapes where a matrix product's rounding depends on shape (blocks.py):
 every linear layer runs in blocks of identical products, `BLOCK_ROWS` rows in the suffix and one
 input in the prefix, and each request starts at a block boundary (its rows are padded up to a
-whole number of blocks). The prefix is also padded to at least `min_rows` inputs: convolutions
-take other algorithms for a handful of images (measured: oneDNN, 1 image against 64). On CUDA
+whole number of blocks). The prefix is also padded to at least `min_rows` inputs where its
+operations choose their algorithm by the batch size: convolutions take other algorithms for a
+handful of images (measured: oneDNN, 1 image against 64); a prefix without such operations
+(prefix.py: a transformer's) is padded to 2 inputs only. On CUDA
 every forward is padded to the full row budget: cuBLAS picks its kernel (and so its summation
 order) by shape, and one fixed shape also lets the chunk function be captured once as a CUDA
 graph.
@@ -33,6 +35,7 @@ from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.device import tune_allocator
 from service.engine.fused import MaskRows, verified
 from service.engine.graph import SplitGraph, split
+from service.engine.inplace import write_in_place
 from service.engine.masks import (
     MAX_PASSES,
     counter_base,
@@ -53,6 +56,9 @@ NUMERICS = 3
 # Splits kept per model for settings other than "all" (each holds a prefix and a suffix graph
 # over the model's own weights; a rewritten prefix may hold a copy of its part, see prefix.py).
 MAX_PLANS = 4
+
+# Inputs a prefix without batch-size-dependent operations is padded to (prefix.py).
+MIN_PREFIX_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,7 @@ class MCSampler:
         self._plans: OrderedDict[int, Plan] = OrderedDict()
         self._pinned: dict[int, Plan] = {}  # a model's default setting: never evicted
         self._plans_lock = threading.Lock()
+        self._fixed_rows = min_rows is not None or cuda  # every prefix padded to min_rows
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
             min_rows = int(row_budget) if cuda else BLOCK_ROWS
         self.min_rows = _round_up(int(min_rows), self.block)
@@ -167,6 +174,8 @@ class MCSampler:
         if self.device.type != "cuda":
             block_linears(prefix.module, 1)
             block_linears(graph.suffix, self.block)
+            write_in_place(prefix.module)  # fewer fresh activations, the same numbers
+            write_in_place(graph.suffix)
         return Plan(graph, prefix)
 
     def plan(self, sites: int | None) -> Plan:
@@ -202,6 +211,12 @@ class MCSampler:
             with self._plans_lock:
                 self._pinned[sites] = built
                 self._plans.pop(sites, None)
+
+    def prefix_rows(self, plan: Plan) -> int:
+        """Inputs the prefix of `plan` is padded to (see the module docstring)."""
+        if self._fixed_rows or plan.prefix.batch_sensitive:
+            return self.min_rows
+        return MIN_PREFIX_ROWS
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -265,7 +280,7 @@ class MCSampler:
             )
             n_inputs = xs.shape[0]
             with live_rows(n_inputs):  # padding inputs skip the prefix's linear layers
-                values = plan.prefix(self._pad(xs, self.min_rows))
+                values = plan.prefix(self._pad(xs, self.prefix_rows(plan)))
             frontier = [
                 f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
             ]

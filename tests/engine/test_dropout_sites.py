@@ -11,6 +11,7 @@ from torch import nn
 
 from service.engine import MCRequest, MCSampler
 from service.engine.graph import apply_keep
+from service.engine.inplace import apply_keep_
 from service.engine.masks import KeepRule, keep_bytes, keep_factors
 from service.engine.sampler import MAX_PLANS
 from service.errors import InvalidInputError
@@ -22,7 +23,9 @@ def _weights(graph: torch.fx.GraphModule) -> list[str]:
 
 
 def _keeps(graph: torch.fx.GraphModule) -> int:
-    return sum(1 for n in graph.graph.nodes if n.op == "call_function" and n.target is apply_keep)
+    # apply_keep_: the same, written into its input (engine/inplace.py)
+    kinds = (apply_keep, apply_keep_)
+    return sum(1 for n in graph.graph.nodes if n.op == "call_function" and n.target in kinds)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-masks"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +128,58 @@ def test_rewrites_only_where_they_can_pay() -> None:
     assert MCSampler(no_bn, torch.randn(3, 1, 8, 8), device="cpu").prefix.rewrites == [
         "channels-last"
     ]
+
+
+def test_a_prefix_without_batch_sized_algorithms_is_padded_to_two_inputs() -> None:
+    """A transformer's prefix (embeddings, per-input linear blocks, attention products batched
+    per input and head) is padded to 2 inputs, not 64; convolutional and recurrent prefixes keep
+    the full pad; seeded samples keep their bits alone, shared and reordered either way."""
+    from text_nets import LSTMClassifier, TextCNN, TransformerClassifier, token_batch
+
+    from service.bundle.sequence import explicit
+    from service.engine.sampler import MIN_PREFIX_ROWS
+    from service.packaging.tracer import trace_with_shapes
+
+    def head_only(make: type[nn.Module]) -> MCSampler:
+        torch.manual_seed(0)
+        x = token_batch()
+        return MCSampler(trace_with_shapes(explicit(make().eval()), x), x, device="cpu")
+
+    expected = {TransformerClassifier: MIN_PREFIX_ROWS, LSTMClassifier: 64, TextCNN: 64}
+    for make, rows in expected.items():
+        sampler = head_only(make)
+        for sites in (None, 1):  # every site, and the head's only (the encoder in the prefix)
+            plan = sampler.plan(sites)
+            assert sampler.prefix_rows(plan) == rows, (make.__name__, sites)
+            seen: list[int] = []
+            real = plan.prefix.module.forward
+
+            def counted(x: torch.Tensor, real: Any = real, seen: list[int] = seen) -> Any:
+                seen.append(x.shape[0])
+                return real(x)
+
+            plan.prefix.module.forward = counted  # type: ignore[method-assign]
+            reqs = [
+                MCRequest(token_batch(n, seed=s).numpy(), 8, 40 + s, sites=sites)
+                for s, n in enumerate((1, 3))
+            ]
+            alone = [sampler.run([r])[0] for r in reqs]
+            shared = sampler.run(reqs)
+            reordered = sampler.run(reqs[::-1])[::-1]
+            plan.prefix.module.forward = real  # type: ignore[method-assign]
+            assert seen == [rows, max(rows, 3), max(rows, 4), max(rows, 4)]
+            for a, b, c in zip(alone, shared, reordered, strict=True):
+                assert a.tobytes() == b.tobytes() == c.tobytes()
+
+    # A matrix product that folds the batch into its rows keeps the pad.
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(torch.matmul(x, self.w))
+
+    folded = MCSampler(Folded(), torch.zeros(2, 3, 4), device="cpu")
+    assert folded.prefix.batch_sensitive and folded.prefix_rows(folded.plan(None)) == 64

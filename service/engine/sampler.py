@@ -21,7 +21,6 @@ graph.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -38,12 +37,11 @@ from service.engine.graph import SplitGraph, split
 from service.engine.inplace import write_in_place
 from service.engine.masks import (
     MAX_PASSES,
-    counter_base,
     keep_bytes_rows,
     keep_factors,
-    signed_key,
 )
 from service.engine.prefix import Prefix
+from service.engine.rows import RowMap, block_rows, round_up
 from service.errors import InvalidInputError, ModelError
 
 # The engine's float arithmetic, numbered: bumped when the same bundle, inputs and seed give other
@@ -150,8 +148,8 @@ class MCSampler:
         self._fixed_rows = min_rows is not None or cuda  # every prefix padded to min_rows
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
             min_rows = int(row_budget) if cuda else BLOCK_ROWS
-        self.min_rows = _round_up(int(min_rows), self.block)
-        self.row_budget = _round_up(max(int(row_budget), self.min_rows), self.block)
+        self.min_rows = round_up(int(min_rows), self.block)
+        self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
         self.stats = SamplerStats()
         # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with
         # the same numbers as the torch path. Optional torch.compile of the per-chunk work
@@ -285,7 +283,7 @@ class MCSampler:
                 f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
             ]
             layers = range(g.first_site, g.first_site + len(g.sites))
-            rows = _RowMap(requests, layers, dev, self.block)
+            rows = RowMap(requests, layers, dev, self.block)
             total = rows.total
             out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=dev)
             forwards = 0
@@ -358,96 +356,6 @@ class MCSampler:
             for i, (key, site) in enumerate(zip(keys, g.sites, strict=True))
         ]
         return g.suffix(*inputs, *masks)
-
-
-class _RowMap:
-    """Per stochastic row of a batch: its prefix row, its mask counter base and layer keys.
-
-    Built once per batch with a handful of vectorised ops, so mask generation costs the same
-    whether a batch holds one request or a thousand.
-    """
-
-    def __init__(
-        self, requests: Sequence[MCRequest], layers: range, device: torch.device, block: int
-    ) -> None:
-        counts = [_round_up(r.rows, block) for r in requests]
-        self.starts = np.cumsum([0, *counts])
-        self.total = int(self.starts[-1])
-        shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
-        build = _cached_layout if self.total <= _CACHED_ROWS else _layout
-        index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
-        self.prefix_row, self.base, row_req = build(shapes, device, block, index)
-        if len(requests) == 1:  # the common case at low load: one key per layer, no gather
-            seed = requests[0].seed
-            self.keys = [
-                torch.full((self.total,), signed_key(seed, layer), dtype=torch.int64, device=device)
-                for layer in layers
-            ]
-            return
-        self.keys = [
-            torch.tensor([signed_key(r.seed, layer) for r in requests], dtype=torch.int64)[
-                row_req
-            ].to(device)
-            for layer in layers
-        ]
-
-
-def block_rows(example: torch.Tensor) -> int:
-    """Sample rows per block of the suffix's linear layers. A token sequence's row already holds
-    its L tokens, so a block of max(1, 64 // L) rows is a product of at least 64 token rows, and
-    a request of few texts is not padded to 64 sample rows. Measured (2026-12-06, shared AMD
-    EPYC, medians of 5 interleaved runs, bench.text's transformer with L = 128, T = 20): 16 texts
-    683 ms with one-row blocks against 820 ms with 64-row blocks; one text 217 against 247 ms."""
-    if example.dtype.is_floating_point or example.dim() != 2:
-        return BLOCK_ROWS
-    return max(1, BLOCK_ROWS // max(int(example.shape[1]), 1))
-
-
-def _round_up(n: int, block: int) -> int:
-    return -(-n // block) * block
-
-
-def _layout(
-    shapes: tuple[tuple[int, int], ...],
-    device: torch.device,
-    block: int = 1,
-    index: tuple[tuple[int, ...] | None, ...] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
-    requests of these (samples, inputs), one after the other, each pass-major (row = t * b + i
-    within a request) and starting at a multiple of `block`. A request's padding rows (up to
-    its next block boundary) repeat its first row; their results are never read. `index`: per
-    request, the row its input i is keyed by in the counter (None: i)."""
-    counts = [_round_up(t * b, block) for t, b in shapes]
-    starts = np.cumsum([0, *counts])
-    b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
-    offsets = torch.tensor(np.cumsum([0, *[b for _, b in shapes]])[:-1])
-    row_req = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(counts))
-    local = torch.arange(int(starts[-1])) - torch.tensor(starts[:-1])[row_req]
-    real = torch.tensor([t * b for t, b in shapes], dtype=torch.int64)[row_req]
-    local = torch.where(local < real, local, 0)
-    b_row = b[row_req]
-    t = torch.div(local, b_row, rounding_mode="floor")
-    i = local - t * b_row
-    if index is not None:
-        keyed = torch.tensor(
-            [k for (_, b), ix in zip(shapes, index, strict=True) for k in (ix or range(b))],
-            dtype=torch.int64,
-        )
-        return (
-            (offsets[row_req] + i).to(device),
-            counter_base(t, keyed[offsets[row_req] + i]).to(device),
-            row_req,
-        )
-    return (offsets[row_req] + i).to(device), counter_base(t, i).to(device), row_req
-
-
-# Cached by the batch's shapes: at low load every batch is one request of the same shape, and
-# building the layout took 50-150 us per call (a tenth of a 1 ms answer); under load, with the
-# compute process's slices of 16 one-input requests, it was a tenth of a digits batch (0.22 of
-# 1.95 ms). Small layouts only: at most 64 of 16,384 rows (25 MiB); the tensors are only read.
-_CACHED_ROWS = 16384
-_cached_layout = functools.lru_cache(maxsize=64)(_layout)
 
 
 def default_device() -> torch.device:

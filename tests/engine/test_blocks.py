@@ -19,7 +19,7 @@ from torch import nn
 from service.engine import MCRequest, MCSampler
 from service.engine.blocks import BLOCK_ROWS, block_linears, blocked_linear, live_rows
 from service.engine.graph import split
-from service.engine.sampler import _layout
+from service.engine.rows import layout
 
 
 @pytest.fixture
@@ -68,8 +68,8 @@ def test_every_linear_of_a_graph_is_rewritten() -> None:
 
 
 def test_layout_starts_each_request_at_a_block_boundary() -> None:
-    plain_rows, plain_base, _ = _layout(((100, 1), (3, 2)), torch.device("cpu"))
-    rows, base, req = _layout(((100, 1), (3, 2)), torch.device("cpu"), BLOCK_ROWS)
+    plain_rows, plain_base, _ = layout(((100, 1), (3, 2)), torch.device("cpu"))
+    rows, base, req = layout(((100, 1), (3, 2)), torch.device("cpu"), BLOCK_ROWS)
     assert rows.shape[0] == 2 * BLOCK_ROWS + BLOCK_ROWS  # 100 -> 128 rows, 6 -> 64
     assert req.tolist() == [0] * 128 + [1] * 64
     # Real rows as before; padding rows repeat the request's first row.

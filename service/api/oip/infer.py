@@ -20,7 +20,7 @@ from service.api.common.fields import Param
 from service.api.common.parameters import PredictParameters, ignored, to_params
 from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
-from service.api.oip.schemas import InferRequest
+from service.api.oip.schemas import InferParameters, InferRequest
 from service.encode import sites_used
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
@@ -34,6 +34,10 @@ HEADER_LENGTH = Param(
     Annotated[int, Field(ge=0)],
     "binary tensor extension: bytes of the JSON header",
 )
+
+# The request parameters /v2 shares with /v1, by name: already validated by InferParameters,
+# so a parameter added to both models reaches the engine without a line here.
+_SHARED = sorted(PredictParameters.model_fields.keys() & InferParameters.model_fields.keys())
 
 
 def parse(header: bytes) -> InferRequest:
@@ -105,16 +109,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     check_size(header, spec, limit)  # before parsing: bounds what the JSON may cost
     req = await off_loop(lambda: parse(header), nbytes=len(header))
     p = req.parameters
-    given = PredictParameters(
-        samples=p.samples,
-        max_samples=p.max_samples,
-        tolerance=p.tolerance,
-        confidence=p.confidence,
-        seed=p.seed,
-        mode=p.mode,
-        interval=p.interval,
-        dropout_sites=p.dropout_sites,
-    )
+    given = PredictParameters.model_construct(**{k: getattr(p, k) for k in _SHARED})
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode, auto=params.auto is not None)
     notes = None

@@ -37,6 +37,7 @@ from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature
 from service.calibration.data import read
+from service.calibration.evaluation import uncertainty_scores
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
@@ -119,12 +120,7 @@ def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], A
         summ = summarize_classification(logits, levels=(), temperature=t)
         p = summ.probabilities
         err = (p.argmax(1) != rows.y).astype(float)
-        unc = {
-            "mutual_information": summ.mutual_information,
-            "predictive_entropy": summ.predictive_entropy,
-            "variation_ratio": summ.variation_ratio,
-            "one_minus_max_probability": 1 - p.max(1),
-        }
+        unc = uncertainty_scores(summ)
         out[f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
     z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
     for name, temp in (("deterministic_t1", 1.0), ("deterministic_served_t", t)):
@@ -146,13 +142,7 @@ THROUGHPUT_REPEATS = 3
 
 def _uncertainty(logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     summ = summarize_classification(logits, levels=())
-    p = summ.probabilities
-    return p, {
-        "mutual_information": summ.mutual_information,
-        "predictive_entropy": summ.predictive_entropy,
-        "variation_ratio": summ.variation_ratio,
-        "one_minus_max_probability": 1 - p.max(1),
-    }
+    return summ.probabilities, uncertainty_scores(summ)
 
 
 def _paired_bootstrap(

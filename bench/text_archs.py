@@ -31,6 +31,7 @@ from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.bundle.manifest import Defaults, Training
 from service.calibration.data import read
+from service.calibration.evaluation import uncertainty_scores
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
@@ -97,12 +98,7 @@ def score(bundle: Path, data_csv: Path) -> dict[str, Any]:
     summ = summarize_classification(s.sampler.run([MCRequest(rows.x, T, 0)])[0], levels=())
     p = summ.probabilities
     err = (p.argmax(1) != rows.y).astype(float)
-    unc = {
-        "mutual_information": summ.mutual_information,
-        "predictive_entropy": summ.predictive_entropy,
-        "variation_ratio": summ.variation_ratio,
-        "one_minus_max_probability": 1 - p.max(1),
-    }
+    unc = uncertainty_scores(summ)
     batch, times = rows.x[:64], []
     s.predict(batch, PredictParams(T, (0.9,), 0))  # warm-up
     for _ in range(5):

@@ -179,6 +179,16 @@ def _multi_label(
     }
 
 
+def uncertainty_scores(s: ClassificationSummary) -> dict[str, np.ndarray]:
+    """Per input, each score a classifier's errors are ranked by (higher: less sure)."""
+    return {
+        "mutual_information": s.mutual_information,
+        "predictive_entropy": s.predictive_entropy,
+        "variation_ratio": s.variation_ratio,
+        "one_minus_max_probability": 1.0 - s.probabilities.max(axis=1),
+    }
+
+
 def _classification(
     served: ServedModel,
     out: np.ndarray,
@@ -191,12 +201,7 @@ def _classification(
     assert isinstance(s, ClassificationSummary)
     raw = summarize_classification(out, levels=(0.5,), temperature=1.0)
     error = (s.label != y).astype(np.float64)
-    scores = {
-        "mutual_information": s.mutual_information,
-        "predictive_entropy": s.predictive_entropy,
-        "variation_ratio": s.variation_ratio,
-        "one_minus_max_probability": 1.0 - s.probabilities.max(axis=1),
-    }
+    scores = uncertainty_scores(s)
     k = s.probabilities.shape[1]
     curves: dict[str, Any] = {
         "reliability": {

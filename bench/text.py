@@ -101,6 +101,18 @@ def train_dropout(model: nn.Module, *, layers: bool = True) -> nn.Module:
     return model
 
 
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each variant over `rounds` rounds, each round in a random order (so a
+    shared machine's slow spells fall on every variant alike)."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        order = list(variants)
+        random.shuffle(order)
+        for k in order:
+            times[k].append(timed(variants[k]))
+    return {k: median(v) for k, v in times.items()}
+
+
 def bucket_mix(b: int, length: int, seed: int = 0) -> torch.Tensor:
     """[b, length] ids: three in four texts short (8 to 40 tokens), the rest long (200 to
     length), padded."""
@@ -133,15 +145,9 @@ def buckets(args: argparse.Namespace) -> dict[str, float]:
     assert text is not None and text.buckets, "auto chose no buckets for the transformer"
     ids = x.numpy()
     variants = {k: (lambda s=s: s.sample([MCRequest(ids, T, 7)])) for k, s in served.items()}
-    times: dict[str, list[float]] = {k: [] for k in variants}
     for f in variants.values():
         f()  # warm
-    for _ in range(args.rounds):
-        order = list(variants)
-        random.shuffle(order)
-        for k in order:
-            times[k].append(timed(variants[k]))
-    med = {k: median(v) for k, v in times.items()}
+    med = interleaved(variants, args.rounds)
     lengths = served["buckets"].buckets.of(ids) if served["buckets"].buckets else []
     return {
         **{f"{k}_ms": 1000 * v for k, v in med.items()},
@@ -224,16 +230,10 @@ def main() -> None:
             variants["deterministic"] = deterministic
             if name == "transformer":
                 variants["vectorised_tutorial"] = vectorised_tutorial
-            times: dict[str, list[float]] = {k: [] for k in variants}
             for fn in variants.values():
                 if fn not in (loop, vectorised, vectorised_tutorial):
                     fn()  # warm (the splits of the last-k settings are built here)
-            for _ in range(args.rounds):
-                order = list(variants)
-                random.shuffle(order)
-                for k in order:
-                    times[k].append(timed(variants[k]))
-            med = {k: median(v) for k, v in times.items()}
+            med = interleaved(variants, args.rounds)
             results[name] = {
                 **{f"{k}_ms": 1000 * v for k, v in med.items()},
                 **{f"{k}_docs_per_s": b / v for k, v in med.items()},

@@ -26,7 +26,7 @@ not a whole number of blocks takes a plain `linear` (never in the sampler).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
@@ -77,25 +77,16 @@ def blocked_linear(
 torch.fx.wrap("blocked_linear")
 
 
-def block_linears(gm: fx.GraphModule, rows: int) -> int:
-    """Rewrite every linear layer of the graph (nn.Linear modules and F.linear calls) into
-    `blocked_linear(..., rows)`, in place. Returns how many were rewritten."""
+def replace_nodes(
+    gm: fx.GraphModule, make: Callable[[fx.GraphModule, fx.Node], fx.Node | None]
+) -> int:
+    """Replace each node for which `make` (called with the graph inserting before that node)
+    returns a new node; recompile once. Returns how many were replaced."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
-            if len(node.args) != 1 or node.kwargs:
-                continue
-            linear = gm.get_submodule(str(node.target))
-            with gm.graph.inserting_before(node):
-                w = gm.graph.get_attr(f"{node.target}.weight")
-                b = gm.graph.get_attr(f"{node.target}.bias") if linear.bias is not None else None
-                new = gm.graph.call_function(blocked_linear, (node.args[0], w, b, rows))
-        elif node.op == "call_function" and node.target is F.linear:
-            args = list(node.args) + [None] * (3 - len(node.args))
-            x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(blocked_linear, (x, w, b, rows))
-        else:
+        with gm.graph.inserting_before(node):
+            new = make(gm, node)
+        if new is None:
             continue
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -104,3 +95,24 @@ def block_linears(gm: fx.GraphModule, rows: int) -> int:
         gm.graph.lint()
         gm.recompile()
     return count
+
+
+def block_linears(gm: fx.GraphModule, rows: int) -> int:
+    """Rewrite every linear layer of the graph (nn.Linear modules and F.linear calls) into
+    `blocked_linear(..., rows)`, in place. Returns how many were rewritten."""
+
+    def make(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
+            if len(node.args) != 1 or node.kwargs:
+                return None
+            linear = gm.get_submodule(str(node.target))
+            weight = gm.graph.get_attr(f"{node.target}.weight")
+            bias = gm.graph.get_attr(f"{node.target}.bias") if linear.bias is not None else None
+            return gm.graph.call_function(blocked_linear, (node.args[0], weight, bias, rows))
+        if node.op == "call_function" and node.target is F.linear:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+            return gm.graph.call_function(blocked_linear, (x, w, b, rows))
+        return None
+
+    return replace_nodes(gm, make)

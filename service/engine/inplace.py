@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from service.engine.blocks import blocked_linear
+from service.engine.blocks import blocked_linear, replace_nodes
 from service.engine.fused import MaskRows, apply_mask
 from service.engine.graph import apply_keep
 
@@ -193,18 +193,9 @@ def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
 def write_in_place(gm: fx.GraphModule) -> int:
     """Rewrite the graph's operations on owned tensors into their in-place forms, in place.
     Returns how many were rewritten."""
-    count = 0
-    for n in list(gm.graph.nodes):
+
+    def make(gm: fx.GraphModule, n: fx.Node) -> fx.Node | None:
         found = _replacement(gm, n)
-        if found is None:
-            continue
-        fn, args = found
-        with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(fn, args)
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+        return None if found is None else gm.graph.call_function(*found)
+
+    return replace_nodes(gm, make)

@@ -58,10 +58,10 @@ def folds(y: np.ndarray, k: int = FOLDS, seed: int = FOLD_SEED) -> np.ndarray:
     return out
 
 
-def cross_validated(
-    logits: np.ndarray, y: np.ndarray, one_se: bool = True, k: int = FOLDS
-) -> dict[str, float]:
-    """Mean held-out row NLL of each method over ``k`` stratified folds of [T, N, K] logits."""
+def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[str, np.ndarray]:
+    """Each row's held-out NLL under each method, fitted on the other ``k - 1`` stratified folds
+    of [T, N, K] logits. Both by minimum NLL: the one-SE rule's pull of T towards 1 is a
+    preference, not a fit, and would hand vector scaling (whose common scale is free) an edge."""
     z = np.asarray(logits, dtype=np.float64)
     yi = np.asarray(y).astype(np.int64)
     fold = folds(yi, k)
@@ -71,11 +71,11 @@ def cross_validated(
         if not test.any():
             continue
         zt, yt = z[:, train], yi[train]
-        t = temperature.fit(zt, yt, one_se=one_se)
+        t = temperature.fit(zt, yt, one_se=False)
         rows["temperature"][test] = temperature.row_nll(z[:, test], yi[test], t)
-        v = vector.fit(zt, yt, start=1.0 / temperature.fit(zt, yt, one_se=False))
+        v = vector.fit(zt, yt, start=1.0 / t)
         rows["vector"][test] = vector.row_nll(z[:, test], yi[test], v.scale, v.bias)
-    return {name: float(r.mean()) for name, r in rows.items()}
+    return rows
 
 
 def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = True) -> Choice:
@@ -91,17 +91,27 @@ def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = Tru
             f"calibration method {method!r} needs at least {2 * FOLDS} calibration rows for its "
             f"{FOLDS}-fold cross-validation (got {n}); use --method temperature"
         )
-    cv = cross_validated(z, y, one_se)
+    rows = cross_validated(z, y)
+    cv = {name: float(r.mean()) for name, r in rows.items()}
+    d = rows["temperature"] - rows["vector"]  # > 0 where vector scaling does better
+    se = float(d.std(ddof=1) / math.sqrt(d.size))
+    # With the one-SE rule (the default, as for the temperature) vector scaling, the larger
+    # model, must win by more than one standard error of the per-row difference.
+    margin = se if one_se else 0.0
     chosen: Literal["temperature", "vector"] = (
-        "vector" if method == "vector" or cv["vector"] < cv["temperature"] else "temperature"
+        "vector"
+        if method == "vector" or cv["temperature"] - cv["vector"] > margin
+        else "temperature"
     )
     info: dict[str, float | str] = {
         "requested": method,
         "method": chosen,
+        "rule": "one-standard-error" if one_se else "minimum-nll",
         "cv_folds": float(FOLDS),
         "cv_fold_seed": float(FOLD_SEED),
         "cv_nll_temperature": cv["temperature"],
         "cv_nll_vector": cv["vector"],
+        "cv_nll_difference_se": se,
         "l2": vector.L2,
     }
     if chosen == "temperature":

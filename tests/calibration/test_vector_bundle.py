@@ -158,11 +158,9 @@ def test_the_manifest_refuses_bad_vector_fields(repo: Repo, change: dict, messag
 
 
 def test_the_manifest_refuses_vector_fields_on_a_regressor(repo: Repo, tmp_path: Path) -> None:
-    res = runner.invoke(
-        app,
-        ["calibrate", str(repo.root / "reg" / "1"), "--data", str(repo.data / "reg-calibration.csv"),
-         "--out", str(tmp_path), "--samples", "10"],
-    )  # fmt: skip
+    data = str(repo.data / "reg-calibration.csv")
+    args = ["calibrate", str(repo.root / "reg" / "1"), "--data", data, "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, "--samples", "10"])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "reg" / "2" / "manifest.json").read_text())
     m["calibration"] |= {"class_scale": [1.0], "class_bias": [0.0]}

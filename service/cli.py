@@ -194,9 +194,18 @@ def calibrate(
         str | None,
         typer.Option(help="the target column (default: 'target', else the model's target name)"),
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="classifiers: temperature (one T), vector (per-class scale and bias) or auto "
+            "(the lower 5-fold cross-validated NLL of the two)"
+        ),
+    ] = "temperature",
 ) -> None:
-    """Calibrate a bundle (conformal scores, temperature, referral) into a new version."""
+    """Calibrate a bundle (conformal scores, temperature or vector scaling, referral) into a new
+    version."""
     from service.calibration.recalibration import calibrate_bundle
+    from service.calibration.selection import describe
     from service.engine.conformal import quantile
     from service.errors import McServeError
 
@@ -211,6 +220,7 @@ def calibrate(
             percentile=percentile,
             one_se=not min_nll_temperature,
             target=target,
+            method=method,
         )
     except (McServeError, OSError) as exc:
         typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)
@@ -221,11 +231,8 @@ def calibrate(
     typer.echo(f"wrote {res.path} (version {m.version}, from {cal.source.get('version')})")
     typer.echo(f"  {cal.n} rows, {cal.samples} passes, seed {cal.seed}; conformal q {qs}")
     if cal.temperature is not None:
-        fit = cal.temperature_fit
-        typer.echo(
-            f"  temperature {cal.temperature:.4g} (calibration NLL {fit['nll_at_1']:.4f} at T=1 "
-            f"-> {fit['nll']:.4f}; plain minimiser T={fit['minimum_nll_temperature']:.4g})"
-        )
+        for line in describe(cal):
+            typer.echo(f"  {line}")
     typer.echo(f"  referral: {m.referral.model_dump(exclude={'derived_from'})}")
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)

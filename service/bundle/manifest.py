@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -136,8 +137,10 @@ class Calibration(Strict):
     """Split-conformal calibration of one bundle version, written by `service calibrate`.
 
     Regression scores are |y - mean| / std (std the total predictive std of the MC summary);
-    classification scores are 1 - p_y with the temperature-scaled MC probabilities. All n
-    scores are kept, sorted, so that any level can be served (q = the ceil((n+1) level)-th).
+    classification scores are 1 - p_y with the calibrated MC probabilities, the mean over passes
+    of softmax((z / temperature) * class_scale + class_bias) (scale and bias only with vector
+    scaling; service/engine/scaling.py). All n scores are kept, sorted, so that any level can be
+    served (q = the ceil((n+1) level)-th).
     """
 
     method: Literal["split-conformal"] = "split-conformal"
@@ -151,6 +154,12 @@ class Calibration(Strict):
     temperature: float | None = Field(default=None, gt=0.0)  # classification only
     # Classifiers: calibration-set NLL at T = 1 and at the chosen T, and the plain NLL minimiser.
     temperature_fit: dict[str, float | str] = Field(default_factory=dict)
+    # Vector scaling (classifiers, docs/BUNDLES.md): per-class scale (> 0) and bias on the
+    # logits divided by the temperature, one per class in outputs.labels order; both or neither.
+    class_scale: list[float] | None = None
+    class_bias: list[float] | None = None
+    # How the method was chosen (`calibrate --method vector|auto`): the cross-validated NLLs.
+    fit: dict[str, float | str] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)  # file name, sha256 and rows used
     source: dict[str, str] = Field(default_factory=dict)  # version and digest calibrated from
     row_fingerprints: list[str] = Field(default_factory=list)  # of the calibration rows
@@ -171,7 +180,50 @@ class Calibration(Strict):
                 raise ValueError(f"calibration.{where} must be finite and >= 0")
         if (self.score == "one-minus-probability") != (self.temperature is not None):
             raise ValueError("calibration.temperature is required for (and only for) classifiers")
+        self._vector()
         return self
+
+    def _vector(self) -> None:
+        scale, bias = self.class_scale, self.class_bias
+        if scale is None and bias is None:
+            return
+        if scale is None or bias is None:
+            given, missing = ("class_scale", "class_bias")[:: 1 if bias is None else -1]
+            raise ValueError(
+                f"calibration.{given} needs calibration.{missing} (vector scaling has both, one "
+                "per class); add it or remove both for temperature scaling"
+            )
+        if self.score != "one-minus-probability":
+            raise ValueError(
+                "calibration.class_scale and class_bias are vector scaling of a classifier's "
+                "logits; remove them from a regressor's calibration"
+            )
+        if len(scale) != len(bias):
+            raise ValueError(
+                f"calibration.class_scale has {len(scale)} values and class_bias {len(bias)}; "
+                "give one of each per class"
+            )
+        if not all(math.isfinite(v) and v > 0 for v in scale):
+            raise ValueError(
+                f"calibration.class_scale must be finite and > 0 (got {scale}); refit with "
+                "`service calibrate --method vector`"
+            )
+        if not all(math.isfinite(v) for v in bias):
+            raise ValueError(
+                f"calibration.class_bias must be finite (got {bias}); refit with "
+                "`service calibrate --method vector`"
+            )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        # Temperature-only calibrations keep their bytes: the vector fields appear when used.
+        for key in ("class_scale", "class_bias"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        if not out.get("fit"):
+            out.pop("fit", None)
+        return out
 
 
 class TargetReferral(Strict):
@@ -252,6 +304,13 @@ class Manifest(Strict):
             want = "one-minus-probability" if classifier else "abs-residual-over-std"
             if self.calibration.score != want:
                 raise ValueError(f"a {self.task} calibration uses the score {want!r}")
+            scale = self.calibration.class_scale
+            if scale is not None and len(scale) != len(out.labels or []):
+                raise ValueError(
+                    f"calibration.class_scale and class_bias have {len(scale)} values but the "
+                    f"model has {len(out.labels or [])} classes (outputs.labels); give one per "
+                    "class, in outputs.labels order"
+                )
             per_target = self.calibration.target_scores
             if (per_target is not None or out.targets is not None) and (
                 sorted(per_target or {}) != sorted(out.target_names)

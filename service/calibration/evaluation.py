@@ -227,6 +227,7 @@ def _classification(
         "served": _classification_metrics(s.probabilities, y),
         "temperature_1": _classification_metrics(raw.probabilities, y),
         "temperature": s.temperature,
+        **_vector(served),
         "macro_f1": metrics.macro_f1(s.label, y, k),
         "lenient": _multi_label(s.label, y, groups, k),
         "ece_bins": metrics.ECE_BINS,
@@ -245,6 +246,15 @@ def _classification(
         "warnings": [w for w in pred.warnings if not w.startswith("per-class intervals")],
     }
     return Evaluation(numbers, curves)
+
+
+def _vector(served: ServedModel) -> dict[str, Any]:
+    """Vector scaling's per-class scale and bias, when the bundle has them."""
+    cal = served.calibrator
+    scale, bias = cal.class_scale, cal.class_bias
+    if scale is None or bias is None:
+        return {}
+    return {"class_scale": scale.tolist(), "class_bias": bias.tolist()}
 
 
 def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0) -> Evaluation:

@@ -2,10 +2,10 @@
 
 The source bundle is only read. The new version holds byte copies of its artifacts (same
 hashes) and a manifest, written through the pydantic `Manifest`, with a `calibration` section
-(split-conformal scores, the temperature of a classifier, the passes and seed used), a
-`referral` policy whose thresholds come from the calibration rows (`_policy`), and for a
-regressor the
-default interval `conformal`. It is staged in a hidden directory and renamed into place, so a
+(split-conformal scores, the temperature of a classifier or, with `--method vector|auto`,
+its per-class scale and bias (selection.py), the passes and seed used), a `referral` policy
+whose thresholds come from the calibration rows (`_policy`), and for a regressor the default
+interval `conformal`. It is staged in a hidden directory and renamed into place, so a
 failed run leaves nothing behind and the registry never sees half a bundle.
 """
 
@@ -28,7 +28,7 @@ from service.bundle.manifest import (
     ReferralPolicy,
     TargetReferral,
 )
-from service.calibration import temperature
+from service.calibration import selection, temperature
 from service.calibration.data import read
 from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
@@ -36,7 +36,7 @@ from service.engine.model import ServedModel
 from service.engine.referral import budget_threshold, outside_training, relative_width
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification, summarize_regression
-from service.errors import BundleError
+from service.errors import BundleError, InvalidInputError
 
 PERCENTILE = 90.0  # the default policy refers 100 - PERCENTILE % of the calibration rows
 
@@ -64,6 +64,7 @@ def _fit(
     seed: int,
     percentile: float,
     one_se: bool,
+    method: selection.Method = "temperature",
 ) -> tuple[Calibration, ReferralPolicy]:
     m = served.manifest
     # Scores from the dropout sites the model serves with (its manifest's default).
@@ -87,14 +88,24 @@ def _fit(
         )
 
     if m.task == "classification":
-        t = temperature.fit(out, data.y, one_se=one_se)
+        choice = selection.choose(out, data.y, method, one_se=one_se)
+        t = temperature.fit(out, data.y, one_se=one_se)  # the temperature candidate, as before
         t_min = temperature.fit(out, data.y, one_se=False)
-        s = summarize_classification(out, levels=(0.5,), temperature=t)
+        s = summarize_classification(
+            out,
+            levels=(0.5,),
+            temperature=choice.temperature,
+            class_scale=choice.scale,
+            class_bias=choice.bias,
+        )
         scores = np.sort(conformal.classification_scores(s.probabilities, data.y))
         cal = Calibration(
             score="one-minus-probability",
             scores=scores.tolist(),
-            temperature=t,
+            temperature=choice.temperature,
+            class_scale=choice.scale,
+            class_bias=choice.bias,
+            fit=choice.fit,
             temperature_fit={
                 "rule": "one-standard-error" if one_se else "minimum-nll",
                 "nll_at_1": temperature.nll(out, data.y),
@@ -217,12 +228,21 @@ def calibrate_bundle(
     one_se: bool = True,
     policy: TrustPolicy | None = None,
     target: str | None = None,
+    method: str = "temperature",
 ) -> Result:
-    """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`."""
+    """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`.
+
+    ``method`` (classifiers): "temperature", "vector" or "auto" (selection.py)."""
+    how = selection.check_method(method)
     source, repo = Path(source), Path(repo)
     bundle = load_bundle(source, policy)
     served = ServedModel(bundle, device="cpu")
     m = bundle.manifest
+    if m.task == "regression" and how != "temperature":
+        raise InvalidInputError(
+            f"calibration method {how!r} scales a classifier's logits; {m.name} is a regressor "
+            "(leave the method at its default)"
+        )
     data = read(data_path, m, target, bundle.tokenizer)
     # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
     warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
@@ -233,7 +253,7 @@ def calibrate_bundle(
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", version):
         raise BundleError(f"version {version!r}: use letters, digits, '.', '_' or '-'")
-    cal, referral = _fit(served, data, t, seed, percentile, one_se)
+    cal, referral = _fit(served, data, t, seed, percentile, one_se, how)
     cal = cal.model_copy(
         update={
             "data": {"file": Path(data_path).name, "sha256": data.sha256, "rows": data.n},

@@ -115,6 +115,8 @@ def _header(n: dict[str, Any]) -> list[str]:
     ]
     if cal["calibrated"]:
         t = f", temperature {cal['temperature']:.4g}" if cal.get("temperature") else ""
+        if cal.get("class_scale"):
+            t += f", vector scaling ({_per_class(cal['class_scale'], cal['class_bias'])})"
         lines.append(
             f"- calibrated: split conformal on {cal['n']} rows with {cal['samples']} passes{t}"
         )
@@ -185,17 +187,33 @@ def _regression(n: dict[str, Any]) -> list[str]:
     return lines + _referral_lines(n["referral"], "rmse", n["model"]["referral"])
 
 
+def _per_class(scale: list[float], bias: list[float]) -> str:
+    return (
+        "per class: scale "
+        + ", ".join(f"{v:.4g}" for v in scale)
+        + "; bias "
+        + ", ".join(f"{v:+.4g}" for v in bias)
+    )
+
+
 def _classification(n: dict[str, Any]) -> list[str]:
     s, raw = n["served"], n["temperature_1"]
+    vector = n.get("class_scale") is not None
+    how = "vector scaling" if vector else f"T = {n['temperature']:.4g}"
     lines = [
         "## Accuracy and calibration",
         "",
-        f"| | served (T = {n['temperature']:.4g}) | T = 1 (as trained) |",
+        f"| | served ({how}) | T = 1 (as trained) |",
         "|---|---|---|",
     ]
     for k in ("accuracy", "nll", "brier", "ece"):
         lines.append(f"| {k} | {_f(s[k])} | {_f(raw[k])} |")
     lines.append(f"| macro-F1 | {_f(n['macro_f1'])} | |")
+    if vector:
+        lines += [
+            "",
+            f"Served with vector scaling, {_per_class(n['class_scale'], n['class_bias'])}.",
+        ]
     le = n.get("lenient")
     if le is not None:
         lines += [

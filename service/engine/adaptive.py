@@ -67,7 +67,7 @@ def _decided(margin: np.ndarray, se: np.ndarray, tolerance: float | np.ndarray) 
 def _classifier(model: ServedModel, z: np.ndarray, tol: float) -> np.ndarray:
     cal = model.calibrator
     t = z.shape[0]
-    p_t = softmax(z / cal.temperature, axis=-1)  # [T, B, K]
+    p_t = softmax(cal.logits(z), axis=-1)  # [T, B, K], as the served summary
     p = p_t.mean(axis=0)
     order = np.argsort(-p, axis=-1, kind="stable")
     a, b = order[:, 0], order[:, 1]

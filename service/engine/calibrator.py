@@ -1,6 +1,7 @@
 """A bundle's calibration and referral policy, applied to the summaries the engine serves.
 
-The engine (`ServedModel.summarize`) asks this object for the temperature, conformal intervals,
+The engine (`ServedModel.summarize`) asks this object for the calibrated logits (temperature,
+or vector scaling's per-class scale and bias: `logits`, `classify`), conformal intervals,
 prediction sets, their warnings and the referral of a batch. Shapes are batch-first, as in the
 summaries: regression ``mean``/``std`` ``[B, 1]``, classification ``probabilities`` ``[B, K]``.
 """
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import Manifest, ReferralPolicy
-from service.engine import conformal
+from service.bundle.manifest import Calibration, Manifest, ReferralPolicy
+from service.engine import conformal, scaling
 from service.engine.referral import Referral, assess, outside_training, relative_width
 from service.engine.referral import with_overrides as _with_overrides
 from service.engine.summaries import (
@@ -23,6 +24,7 @@ from service.engine.summaries import (
     Interval,
     PredictionSet,
     RegressionSummary,
+    summarize_classification,
 )
 
 
@@ -49,6 +51,31 @@ class Calibrator:
     def temperature(self) -> float:
         t = self.calibration.temperature if self.calibration else None
         return t if t is not None else 1.0
+
+    @property
+    def class_scale(self) -> np.ndarray | None:
+        """Vector scaling's per-class scale [K] (None: temperature scaling only)."""
+        cal = self.calibration
+        return None if cal is None or cal.class_scale is None else np.asarray(cal.class_scale)
+
+    @property
+    def class_bias(self) -> np.ndarray | None:
+        cal = self.calibration
+        return None if cal is None or cal.class_bias is None else np.asarray(cal.class_bias)
+
+    def logits(self, z: np.ndarray) -> np.ndarray:
+        """A classifier's calibrated logits [..., K] from raw ones (`scaling.calibrated_logits`)."""
+        return scaling.calibrated_logits(z, self.temperature, self.class_scale, self.class_bias)
+
+    def classify(self, logits: np.ndarray, levels: Sequence[float]) -> ClassificationSummary:
+        """The served summary of raw logits [T, B, K], through this bundle's calibration."""
+        return summarize_classification(
+            logits,
+            levels=levels,
+            temperature=self.temperature,
+            class_scale=self.class_scale,
+            class_bias=self.class_bias,
+        )
 
     def q(self, level: float) -> float:
         """The conformal threshold at ``level`` (inf when the calibration set is too small);
@@ -195,4 +222,14 @@ class Calibrator:
             "source": cal.source,
             "data": cal.data,
             "temperature_fit": cal.temperature_fit,
-        }
+        } | _vector(cal)
+
+
+def _vector(cal: Calibration) -> dict[str, Any]:
+    """Vector scaling's fields, only when the bundle has them (others' metadata keeps its bytes)."""
+    out: dict[str, Any] = {}
+    if cal.class_scale is not None:
+        out |= {"class_scale": cal.class_scale, "class_bias": cal.class_bias}
+    if cal.fit:
+        out["fit"] = cal.fit
+    return out

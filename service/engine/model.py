@@ -23,7 +23,6 @@ from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
     min_samples_for_quantile,
-    summarize_classification,
     summarize_regression,
 )
 from service.errors import BundleError, InvalidInputError, ModelError
@@ -242,7 +241,7 @@ class ServedModel:
                 warnings.append(
                     f"per-class intervals omitted at {', '.join(dropped)}; got samples={p.samples}"
                 )
-            clf = summarize_classification(samples, levels=levels, temperature=cal.temperature)
+            clf = cal.classify(samples, levels)
             if cal.calibrated:
                 sets = cal.prediction_sets(clf.probabilities, p.confidence)
                 clf = dataclasses.replace(clf, prediction_sets=sets)

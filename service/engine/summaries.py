@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from service.engine import scaling
 from service.errors import InvalidInputError
 
 Method = Literal["gaussian", "quantile"]
@@ -283,26 +284,31 @@ def summarize_regression(
 
 
 def summarize_classification(
-    logits: np.ndarray, *, levels: Sequence[float], temperature: float = 1.0
+    logits: np.ndarray,
+    *,
+    levels: Sequence[float],
+    temperature: float = 1.0,
+    class_scale: Sequence[float] | np.ndarray | None = None,
+    class_bias: Sequence[float] | np.ndarray | None = None,
 ) -> ClassificationSummary:
     """Probabilities, label, entropy decomposition, vote spread and intervals from [T, B, K].
 
-    ``levels`` may be empty: no per-class intervals (the served model drops the levels that need
-    more passes than were run, possibly all of them)."""
+    Each pass's softmax reads the calibrated logits (z / temperature) * class_scale + class_bias
+    (`scaling.calibrated_logits`; scale and bias [K], both or neither). ``levels`` may be empty:
+    no per-class intervals (the served model drops the levels that need more passes than were
+    run, possibly all of them)."""
     z = _as_samples(logits, "logits")
     levels_ = check_levels(levels) if len(levels) else ()
     t, _, k = z.shape
     if k < 2:
         raise SummaryError(f"classification needs at least 2 classes (got {k} logits per pass)")
     try:
-        temp = float(temperature)
-    except (TypeError, ValueError):
-        temp = math.nan
-    if not (math.isfinite(temp) and temp > 0):
-        raise SummaryError(f"temperature must be a finite number > 0 (got {temperature!r})")
+        temp, scale, bias = scaling.check(k, temperature, class_scale, class_bias)
+    except scaling.ScalingError as exc:
+        raise SummaryError(exc.message) from exc
     _check_quantile_samples(levels_, t, "per-class intervals", "or a lower confidence")
 
-    p_t = softmax(z / temp, axis=-1)  # [T, B, K]
+    p_t = softmax(scaling.calibrated_logits(z, temp, scale, bias), axis=-1)  # [T, B, K]
     p_last = _over_passes(p_t)  # [B, K, T]
     p = p_last.mean(axis=-1)
     probability_std = p_last.std(axis=-1)  # ddof=0, as E[p^2] - E[p]^2

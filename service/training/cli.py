@@ -209,9 +209,17 @@ def train(
         typer.Option(help="text: CSV row,split (train/calibration/test) instead of the 80/20 cut"),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="text: tokens per text (longer: cut)")] = 256,
+    calibration_method: Annotated[
+        str,
+        typer.Option(
+            help="classification: temperature, vector (per-class scale and bias) or auto, as "
+            "`calibrate --method`"
+        ),
+    ] = "temperature",
 ) -> None:
     """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
     from service.calibration.recalibration import calibrate_bundle
+    from service.calibration.selection import METHODS
 
     def fail(msg: str) -> typer.Exit:
         typer.echo(f"error: {msg}", err=True)
@@ -232,6 +240,13 @@ def train(
     given = [v.strip() for v in labels.split(",")] if labels is not None else None
     if given is not None and (len(given) < 2 or "" in given):
         raise fail(f"--labels {labels!r}: give two or more class labels, comma separated")
+    if calibration_method not in METHODS or (
+        calibration_method != "temperature" and task != "classification"
+    ):
+        raise fail(
+            f"--calibration-method {calibration_method!r}: use {', '.join(METHODS)} "
+            "(vector and auto are for --task classification)"
+        )
     if noise not in ("fixed", "learned") or (noise == "learned" and task != "regression"):
         raise fail(f"--noise {noise!r}: use fixed or learned (learned is for regression only)")
     # A fixed noise is fitted in the target's own scale, never read off a grid in its units.
@@ -256,6 +271,7 @@ def train(
                 data=data, target=target, text_column=text_col, out=out, name=bundle_name,
                 version=version, seed=seed, max_epochs=epochs, progress=progress,
                 labels_given=given, arch=arch, splits=splits, max_tokens=max_tokens,
+                calibration_method=calibration_method,
             )  # fmt: skip
             typer.echo(str(path))
             return
@@ -321,7 +337,7 @@ def train(
         with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
             cal_csv = Path(tmp) / f"{bundle_name}-calibration.csv"
             _write_calibration_csv(cal_csv, table, cal)
-            result = calibrate_bundle(bundle, cal_csv, out, seed=seed)
+            result = calibrate_bundle(bundle, cal_csv, out, seed=seed, method=calibration_method)
     except (McServeError, OSError) as exc:
         raise fail(str(getattr(exc, "message", exc))) from None
     for w in result.warnings:

@@ -220,11 +220,19 @@ def fingerprints(ids: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, lis
 
 
 def calibrate_text(
-    bundle: Path, texts: list[str], targets: list[str], repo: Path, name: str, seed: int
+    bundle: Path,
+    texts: list[str],
+    targets: list[str],
+    repo: Path,
+    name: str,
+    seed: int,
+    method: str = "temperature",
 ) -> Any:
+    """Calibrate `bundle` on these texts (`calibrate_bundle`; ``method``: temperature, vector or
+    auto)."""
     from service.calibration.recalibration import calibrate_bundle
 
     with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
         cal_csv = Path(tmp) / f"{name}-calibration.csv"
         write_text_csv(cal_csv, texts, targets)
-        return calibrate_bundle(bundle, cal_csv, repo, seed=seed)
+        return calibrate_bundle(bundle, cal_csv, repo, seed=seed, method=method)

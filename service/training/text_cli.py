@@ -37,6 +37,7 @@ def train_text(
     arch: str,
     splits: Path | None,
     max_tokens: int,
+    calibration_method: str = "temperature",
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
     from service.training.table import label_order
@@ -112,7 +113,13 @@ def train_text(
             err=True,
         )
     res = calibrate_text(
-        bundle, [table.texts[i] for i in cal], [labels[int(y[i])] for i in cal], out, name, seed
+        bundle,
+        [table.texts[i] for i in cal],
+        [labels[int(y[i])] for i in cal],
+        out,
+        name,
+        seed,
+        method=calibration_method,
     )
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)

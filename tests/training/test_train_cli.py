@@ -50,9 +50,9 @@ def _classification_csv(path: Path) -> Path:
     return _write(path, ["a", "b", "c", "grade"], x, [str(v) for v in labels])
 
 
-def _train(data: Path, target: str, task: str, out: Path) -> Path:
+def _train(data: Path, target: str, task: str, out: Path, *extra: str) -> Path:
     args = ["train", "--data", str(data), "--target", target, "--task", task, "--out", str(out)]
-    res = runner.invoke(app, [*args, "--hidden", "16", "--epochs", "15", "--seed", "3"])
+    res = runner.invoke(app, [*args, "--hidden", "16", "--epochs", "15", "--seed", "3", *extra])
     assert res.exit_code == 0, res.output
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path == out / data.stem.lower() / "2"
@@ -98,10 +98,15 @@ async def test_regression_end_to_end(tmp_path: Path) -> None:
 
 async def test_classification_end_to_end(tmp_path: Path) -> None:
     data = _classification_csv(tmp_path / "grades.csv")
-    bundle = _train(data, "grade", "classification", tmp_path / "repo")
+    bundle = _train(
+        data, "grade", "classification", tmp_path / "repo", "--calibration-method", "auto"
+    )
     m = load_bundle(bundle).manifest
     assert m.outputs.labels == ["high", "low", "mid"]
     assert m.calibration is not None and m.calibration.temperature is not None
+    # --calibration-method reaches the calibrate step: both methods cross-validated, one chosen.
+    assert m.calibration.fit["requested"] == "auto"
+    assert m.calibration.fit["method"] in ("temperature", "vector")
     assert {"calibration_accuracy", "calibration_nll"} <= set(m.training.metrics)
     pred = await _predict(tmp_path / "repo", "grades", {"a": 0.9, "b": 100.0, "c": 0.0})
     assert set(pred["probabilities"]) == {"high", "low", "mid"}
@@ -125,6 +130,10 @@ def test_served_module_matches_fitted_model(task: Literal["regression", "classif
 def test_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
     good = _regression_csv(tmp_path / "good.csv")
     base = ["train", "--task", "regression", "--out", str(tmp_path / "repo")]
+    res = runner.invoke(
+        app, [*base, "--data", str(good), "--target", "progress", "--calibration-method", "vector"]
+    )
+    assert res.exit_code == 2 and "vector and auto are for --task classification" in res.output
     res = runner.invoke(app, [*base, "--data", str(good), "--target", "nope"])
     assert res.exit_code == 2
     assert "no target column 'nope'" in res.output

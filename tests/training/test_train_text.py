@@ -75,13 +75,16 @@ async def _predict(repo: Path, name: str, texts: list[str]) -> dict[str, Any]:
 async def test_text_csv_trains_a_calibrated_bundle_that_serves(tmp_path: Path) -> None:
     texts, labels = _texts(150, 0)
     data = _csv(tmp_path / "notes.csv", texts, labels)
-    bundle = _train(data, tmp_path / "repo")
+    bundle = _train(data, tmp_path / "repo", "--calibration-method", "vector")
     assert bundle == tmp_path / "repo" / "notes" / "2"
     m = load_bundle(bundle).manifest
     assert m.inputs.text is not None and m.inputs.text.max_tokens == 24
     assert m.outputs.labels == ["cardio", "gastro", "neuro"]
     assert m.calibration is not None and m.calibration.n == 30  # the 80/20 cut of 150 rows
     assert m.calibration.temperature is not None and m.referral is not None
+    # --calibration-method reaches the calibrate step: vector scaling, one scale per class.
+    assert m.calibration.class_scale is not None and len(m.calibration.class_scale) == 3
+    assert m.calibration.fit["requested"] == "vector"
     assert m.training.provenance["tokenizer"]["fitted_on"] == "training rows only"
     # Separable topics: the held-out MC accuracy is far above chance (1/3) even after 8 epochs.
     assert m.training.metrics["calibration_accuracy"] >= 0.8

@@ -81,6 +81,10 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
         for key in ("accuracy", "nll", "brier", "ece"):
             rows.append((key if key != "nll" else "NLL", _num(served.get(key))))
         rows.append(("temperature", _num(report.get("temperature"))))
+        for key in ("class_scale", "class_bias"):  # vector scaling, when the bundle has it
+            values = report.get(key)
+            if isinstance(values, list):
+                rows.append((key.replace("_", " "), ", ".join(_num(v) for v in values)))
         for s in report.get("prediction_sets") or []:
             if isinstance(s, dict) and s.get("level") == 0.95:
                 rows.append(("prediction-set coverage at 95 %", _num(s.get("coverage"))))

@@ -1,0 +1,118 @@
+"""Vector scaling (per-class scale and bias): the fit recovers known parameters, and `auto`
+picks it exactly where a per-class bias is there to correct."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from service.calibration import selection, temperature, vector
+from service.errors import InvalidInputError
+
+K = 4
+TRUE_SCALE = np.array([0.6, 1.0, 1.4, 0.9])
+TRUE_BIAS = np.array([0.7, -0.4, 0.1, -0.4])  # mean 0, as the fit reports it
+
+
+def draw(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
+    """One label per row from its probabilities [N, K] (inverse CDF)."""
+    u = rng.uniform(size=(p.shape[0], 1))
+    return np.minimum((p.cumsum(axis=1) < u).sum(axis=1), p.shape[1] - 1)
+
+
+def logits(rng: np.random.Generator, t: int, n: int, spread: float = 1.5) -> np.ndarray:
+    """[T, N, K]: a per-row logit vector plus per-pass noise, as MC dropout passes look."""
+    return rng.normal(size=(1, n, K)) * spread + 0.7 * rng.normal(size=(t, n, K))
+
+
+def test_recovers_a_known_per_class_scale_and_bias_within_its_sampling_error() -> None:
+    rng = np.random.default_rng(0)
+    z = logits(rng, 10, 3000)
+    y = draw(rng, vector.mc_probabilities(z, TRUE_SCALE, TRUE_BIAS))
+    fit = vector.fit(z, y)
+    # The sampling error of the maximum-likelihood fit: the inverse observed Fisher information
+    # (Hessian of the total NLL, penalty off) at the fit. The bias is defined up to a constant,
+    # so the pseudo-inverse gives the covariance of the centred bias, as the fit reports it.
+    zt, yt = torch.from_numpy(z), torch.from_numpy(y)
+
+    def total(theta: torch.Tensor) -> torch.Tensor:
+        return vector.loss(zt, yt, theta[:K], theta[K:], l2=0.0) * len(y)
+
+    theta = torch.from_numpy(np.concatenate([np.log(fit.scale), fit.bias]))
+    hessian = torch.autograd.functional.hessian(total, theta).numpy()
+    se = np.sqrt(np.diag(np.linalg.pinv(hessian)))
+    err = np.concatenate([np.log(fit.scale) - np.log(TRUE_SCALE), fit.bias - TRUE_BIAS])
+    assert np.all(np.abs(err) <= 4 * se), (err, se)
+    assert se.max() < 0.15  # the bound is tight enough to mean something
+    assert abs(fit.bias.mean()) < 1e-12 and (fit.scale > 0).all()
+    # It is a minimum: the true parameters do not fit these rows better.
+    assert vector.nll(z, y, fit.scale, fit.bias) <= vector.nll(z, y, TRUE_SCALE, TRUE_BIAS)
+    again = vector.fit(z, y)  # deterministic
+    assert np.array_equal(again.scale, fit.scale) and np.array_equal(again.bias, fit.bias)
+
+
+def test_the_penalty_pulls_towards_one_temperature() -> None:
+    rng = np.random.default_rng(1)
+    z = logits(rng, 8, 40)  # few rows: the data say little about 2K parameters
+    y = draw(rng, vector.mc_probabilities(z, TRUE_SCALE, TRUE_BIAS))
+    loose, tight = vector.fit(z, y, l2=1e-6), vector.fit(z, y, l2=10.0)
+    spread = [np.ptp(np.log(f.scale)) + np.ptp(f.bias) for f in (loose, tight)]
+    assert spread[1] < 0.05 * spread[0]
+    # Strongly pulled, it is temperature scaling: a common scale near 1 / the fitted T.
+    t = temperature.fit(z, y, one_se=False)
+    assert np.allclose(tight.scale, 1.0 / t, rtol=0.05)
+
+
+def test_folds_are_stratified_and_fixed() -> None:
+    y = np.repeat(np.arange(3), [50, 23, 7])
+    f = selection.folds(y)
+    assert np.array_equal(f, selection.folds(y))
+    for c in range(3):
+        counts = np.bincount(f[y == c], minlength=selection.FOLDS)
+        assert counts.max() - counts.min() <= 1
+    sizes = np.bincount(f)
+    assert sizes.max() - sizes.min() <= 1
+
+
+@pytest.mark.parametrize("biased", [True, False])
+def test_auto_picks_vector_only_where_a_class_is_over_predicted(biased: bool) -> None:
+    rng = np.random.default_rng(2)
+    z = logits(rng, 10, 600)
+    # The labels follow one temperature (1.3) of the logits; a biased network adds 1.2 to
+    # class 0's logit, which no temperature removes.
+    y = draw(rng, temperature.mc_probabilities(z, 1.3))
+    if biased:
+        z = z + np.array([1.2, 0.0, 0.0, 0.0])
+    choice = selection.choose(z, y, "auto")
+    fit = choice.fit
+    assert fit["requested"] == "auto" and fit["method"] == choice.method
+    cv_t, cv_v, se = fit["cv_nll_temperature"], fit["cv_nll_vector"], fit["cv_nll_difference_se"]
+    assert isinstance(cv_t, float) and isinstance(cv_v, float) and isinstance(se, float)
+    if biased:
+        # By more than the one-SE rule asks: here by over 2 standard errors.
+        assert choice.method == "vector" and cv_t - cv_v > max(2 * se, 0.02)
+        assert choice.temperature == 1.0 and choice.scale is not None and choice.bias is not None
+        b = np.array(choice.bias)
+        assert b[0] - b[1:].mean() == pytest.approx(-1.2 / 1.3, abs=0.25)
+    else:
+        # Nothing for the per-class parameters to fix: not better by a standard error.
+        assert choice.method == "temperature" and cv_t - cv_v < se
+        assert choice.scale is None and choice.temperature == temperature.fit(z, y)
+
+
+def test_temperature_is_the_default_and_adds_nothing() -> None:
+    rng = np.random.default_rng(3)
+    z = logits(rng, 4, 50)
+    y = draw(rng, temperature.mc_probabilities(z, 1.0))
+    choice = selection.choose(z, y, "temperature")
+    assert (choice.method, choice.scale, choice.bias, choice.fit) == (
+        "temperature",
+        None,
+        None,
+        {},
+    )
+    with pytest.raises(InvalidInputError, match="use one of temperature, vector, auto"):
+        selection.choose(z, y, "platt")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="at least 10 calibration rows"):
+        selection.choose(z[:, :6], y[:6], "vector")

@@ -1,15 +1,16 @@
 """Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
 
-    python -m bench.medical_abstracts [--model models/medical-abstracts/4] [--out DIR]
+    python -m bench.medical_abstracts [--model models/medical-abstracts/5] [--out DIR]
     python -m bench.medical_abstracts --sites-only   # only the dropout-sites part, merged
 
 - The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
   (scikit-learn, lbfgs), fitted on the training rows; C chosen by accuracy on the calibration
   rows; its probabilities then calibrated on the calibration rows by a temperature on the log
-  probabilities (`service.calibration.temperature.fit`, minimum NLL). Both are reported.
-- The served model with MC dropout at T = 20, 50, 100 passes (mask seed 0, the bundle's
-  temperature), against the same network's single deterministic softmax (dropout off), read at
-  T = 1 and with the bundle's temperature.
+  probabilities (`service.calibration.temperature.fit`, minimum NLL), and also by vector scaling
+  (`service.calibration.vector.fit`, the served model's method) for a like-for-like reading.
+- The served model with MC dropout at T = 20, 50, 100 passes (mask seed 0, through the bundle's
+  calibration), against the same network's single deterministic softmax (dropout off), read
+  raw and through the bundle's calibration.
 - All dropout sites against head-only sampling (`dropout_sites()`) for the transformer of
   bench/text_archs.py (its cached bundle, trained there with its settings if absent), at
   T = 20, 50, 100, with documents/s and paired bootstrap differences. `--sites-only` measures
@@ -35,7 +36,7 @@ import torch
 from bench.common import machine, now
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
-from service.calibration import metrics, temperature
+from service.calibration import metrics, temperature, vector
 from service.calibration.data import read
 from service.calibration.evaluation import uncertainty_scores
 from service.engine.model import ServedModel
@@ -99,10 +100,18 @@ def floor(y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
     model = LogisticRegression(C=best, max_iter=2000).fit(xtr, ytr)
     log_cal = np.log(np.clip(model.predict_proba(xcal), 1e-12, 1))[None]
     t = temperature.fit(log_cal, ycal, one_se=False)
+    vs = vector.fit(log_cal, ycal)
     p_raw = model.predict_proba(xte)
-    p_cal = _softmax(np.log(np.clip(p_raw, 1e-12, 1)) / t)
-    out: dict[str, Any] = {"C": best, "calibration_accuracy_by_C": acc, "temperature": t}
-    for name, p in (("uncalibrated", p_raw), ("calibrated", p_cal)):
+    log_te = np.log(np.clip(p_raw, 1e-12, 1))
+    p_cal = _softmax(log_te / t)
+    p_vec = _softmax(log_te * vs.scale + vs.bias)
+    out: dict[str, Any] = {
+        "C": best,
+        "calibration_accuracy_by_C": acc,
+        "temperature": t,
+        "vector_scaling": {"scale": vs.scale.tolist(), "bias": vs.bias.tolist()},
+    }
+    for name, p in (("uncalibrated", p_raw), ("calibrated", p_cal), ("vector_scaled", p_vec)):
         err = (p.argmax(1) != y).astype(float)
         out[name] = _scores(p, y, groups) | {
             "detection": _detection({"one_minus_max_probability": 1 - p.max(1)}, err)
@@ -113,18 +122,22 @@ def floor(y: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
 def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], Any]:
     s = ServedModel(load_bundle(path), device="cpu")
     rows = read(data, s.manifest, tokenizer=s.bundle.tokenizer)
-    t = float(s.manifest.calibration.temperature or 1.0) if s.manifest.calibration else 1.0
-    out: dict[str, Any] = {"temperature": t}
+    cal = s.calibrator
+    out: dict[str, Any] = {
+        "temperature": cal.temperature,
+        "class_scale": None if cal.class_scale is None else cal.class_scale.tolist(),
+        "class_bias": None if cal.class_bias is None else cal.class_bias.tolist(),
+    }
     for n in passes:
         logits = s.sampler.run([MCRequest(rows.x, n, 0)])[0]
-        summ = summarize_classification(logits, levels=(), temperature=t)
+        summ = cal.classify(logits, levels=())
         p = summ.probabilities
         err = (p.argmax(1) != rows.y).astype(float)
         unc = uncertainty_scores(summ)
         out[f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
     z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
-    for name, temp in (("deterministic_t1", 1.0), ("deterministic_served_t", t)):
-        p = _softmax(z / temp)
+    for name, zz in (("deterministic_t1", z), ("deterministic_calibrated", cal.logits(z))):
+        p = _softmax(zz)
         err = (p.argmax(1) != rows.y).astype(float)
         ent = -(p * np.log(np.clip(p, 1e-12, 1))).sum(1)
         unc = {"one_minus_max_probability": 1 - p.max(1), "predictive_entropy": ent}
@@ -263,7 +276,7 @@ def _md(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [(f"TF-IDF + LR (C = {res['floor']['C']}), {k}", res["floor"][k]) for k in
-            ("uncalibrated", "calibrated")]  # fmt: skip
+            ("uncalibrated", "calibrated", "vector_scaled") if k in res["floor"]]  # fmt: skip
     rows += [(k.replace("_", " "), v) for k, v in res["served"].items() if isinstance(v, dict)]
     for name, r in rows:
         det = r["detection"]
@@ -439,7 +452,7 @@ def transformer_bundle(path: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "4")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "5")
     ap.add_argument(
         "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
     )

@@ -96,18 +96,17 @@ class ServedModel:
         self, row_budget: int, device: torch.device | str | None, fused_masks: bool
     ) -> None:
         """A text model with length buckets: one sampler per bucket length, the same weights
-        (service/engine/buckets.py). Each forward holds as many tokens as one at max_tokens
-        (on CUDA as many rows: there every forward is padded to its budget, see sampler.py)."""
+        (service/engine/buckets.py). On the CPU each sampler sizes its forwards in tokens
+        (sampler.TOKEN_BUDGET), so a shorter bucket runs more rows per forward; on CUDA every
+        forward is padded to the row budget (sampler.py)."""
         assert self.buckets is not None
-        top = self.buckets.max_tokens
         for n in (int(b) for b in self.buckets.lengths[:-1]):
-            scale = 1 if self.sampler.device.type == "cuda" else top // n
             try:
                 self.samplers[n] = MCSampler(
                     self.bundle.module,
                     torch.zeros(2, n, dtype=torch.int64),
                     device=device,
-                    row_budget=row_budget * scale,
+                    row_budget=row_budget,
                     fused=None if fused_masks else False,
                 )
             except (RuntimeError, ModelError) as exc:

@@ -1,0 +1,40 @@
+"""A text model's CPU forwards are sized in tokens (sampler.TOKEN_BUDGET): more, smaller chunks
+than the row budget alone would give, and the same bits (bench/chunks.py measures the speed)."""
+
+from __future__ import annotations
+
+import torch
+from text_nets import LENGTH, TextCNN, token_batch
+from torch import nn
+
+from service.engine import MCRequest, MCSampler
+from service.engine.sampler import TOKEN_BUDGET
+from service.packaging.tracer import trace_with_shapes
+
+
+def _pair(token_budget: int) -> tuple[MCSampler, MCSampler]:
+    torch.manual_seed(0)
+    x = token_batch()
+    traced = trace_with_shapes(TextCNN().eval(), x)
+    sized = MCSampler(traced, x, device="cpu", row_budget=16384, token_budget=token_budget)
+    rows = MCSampler(traced, x, device="cpu", row_budget=16384, token_budget=None)
+    return sized, rows
+
+
+def test_text_forwards_hold_at_most_the_token_budget_with_the_same_bits() -> None:
+    sized, rows = _pair(64 * LENGTH)
+    assert sized.row_budget == 64 and rows.row_budget == 16384
+    req = [MCRequest(token_batch(40, seed=3).numpy(), 30, 7)]  # 1,200 rows
+    a, b = sized.run(req)[0], rows.run(req)[0]
+    assert a.tobytes() == b.tobytes()
+    assert sized.stats.forwards == -(-1200 // 64) and rows.stats.forwards == 1
+
+
+def test_the_default_budget_and_tabular_inputs() -> None:
+    sized, _ = _pair(TOKEN_BUDGET)
+    assert sized.row_budget == TOKEN_BUDGET // LENGTH  # 512 rows of 16 tokens
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+    x = torch.randn(4, 8)
+    tabular = MCSampler(trace_with_shapes(mlp.eval(), x), x, device="cpu", row_budget=16384)
+    assert tabular.row_budget == 16384  # float rows are not tokens: the row budget alone

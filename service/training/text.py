@@ -97,7 +97,7 @@ def fit_text(
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initialisation and dropout masks
-        net = build(config)
+        net = build(config, ids)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         shuffle = torch.Generator().manual_seed(seed)
         best = (math.inf, 0, copy.deepcopy(net.state_dict()))

@@ -12,6 +12,11 @@ normally trained with it (every site is sampled at serving time).
   Iyyer et al. 2015), the mean of the token embeddings, linear. It sees every token of a long
   text at little cost. Hashed token bigrams and a hidden layer were tried on medical-abstracts
   and overfitted (docs/MODELS.md).
+- `tfidf`: logistic regression on the text's TF-IDF vector of token unigrams and hashed
+  bigrams (sublinear tf, smooth idf from the training rows, terms in fewer than 2 training
+  texts dropped, L2-normalised: scikit-learn's TfidfVectorizer, computed in the graph from the
+  ids), trained with n-gram dropout (each occurrence's evidence dropped with p = 0.5, a
+  data-adaptive L2 penalty for a linear model: Wager et al. 2013) that MC passes sample.
 
 All take token ids [B, L] padded with id `pad` and return logits [B, K].
 """
@@ -24,8 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Arch = Literal["textcnn", "bilstm", "transformer", "fasttext"]
-ARCHS: tuple[Arch, ...] = ("textcnn", "bilstm", "transformer", "fasttext")
+Arch = Literal["textcnn", "bilstm", "transformer", "fasttext", "tfidf"]
+ARCHS: tuple[Arch, ...] = ("textcnn", "bilstm", "transformer", "fasttext", "tfidf")
 EMBEDDING_DROPOUT = 0.2  # TextCNN: on the embedded tokens (word dropout's softer cousin)
 WORD_DROPOUT = 0.3  # fasttext: share of tokens dropped from the average
 
@@ -114,8 +119,82 @@ class FastText(nn.Module):
         return self.fc(words / real.sum(1).clamp(min=1.0))
 
 
-def build(c: TextNetConfig) -> nn.Module:
-    """A freshly initialised network (uses the global torch generator: seed it first)."""
+class TfIdf(nn.Module):
+    """See the module docstring. `idf` is [vocab + BIGRAM_BUCKETS]: unigram then hashed-bigram
+    idf, 0 for a term too rare to keep. Counting a term's occurrences compares every position
+    with every other of its kind ([B, L, L], once per text: before the dropout, in the engine's
+    prefix); each occurrence then carries tfidf / count, so the occurrences of a term add up to
+    its entry of the TF-IDF vector. Unigram tables read the ids directly (as a bundle's
+    vocabulary is read from the embeddings of the input)."""
+
+    def __init__(self, c: TextNetConfig, idf: torch.Tensor) -> None:
+        super().__init__()
+        self.pad, self.vocab = c.pad, c.vocab
+        self.idf_unigram = _frozen(idf[: c.vocab])
+        self.idf_bigram = _frozen(idf[c.vocab :])
+        self.unigram = nn.Embedding(c.vocab, c.classes)
+        self.bigram = nn.Embedding(BIGRAM_BUCKETS, c.classes)
+        nn.init.zeros_(self.unigram.weight)
+        nn.init.zeros_(self.bigram.weight)
+        self.ngram_drop = nn.Dropout1d(c.dropout)  # [B, positions, K]: whole occurrences
+        self.out = nn.Linear(c.classes, c.classes)  # the intercept (and an identity at start)
+        with torch.no_grad():
+            self.out.weight.copy_(torch.eye(c.classes))
+            self.out.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        real = tokens.ne(self.pad)
+        pair = tokens[:, :-1] * self.vocab + tokens[:, 1:]
+        bigram = pair - (pair // BIGRAM_BUCKETS) * BIGRAM_BUCKETS  # mod (no mod in bundles)
+        keep = torch.cat([real, real[:, :-1] & real[:, 1:]], 1).float()
+        counts = torch.cat([_occurrences(tokens), _occurrences(bigram)], 1)
+        idf = torch.cat([self.idf_unigram(tokens), self.idf_bigram(bigram)], 1).squeeze(-1)
+        tfidf = (1.0 + torch.log(counts)) * idf * keep
+        norm = torch.sqrt((tfidf * tfidf / counts).sum(1, keepdim=True)).clamp(min=1e-6)
+        share = (tfidf / counts / norm).unsqueeze(-1)  # [B, positions, 1]
+        evidence = torch.cat([self.unigram(tokens), self.bigram(bigram)], 1) * share
+        return self.out(self.ngram_drop(evidence).sum(1))
+
+
+def _frozen(values: torch.Tensor) -> nn.Embedding:
+    """A lookup table of fixed values (idf): not trained."""
+    table = nn.Embedding(values.numel(), 1)
+    table.weight.data.copy_(values.reshape(-1, 1))
+    table.weight.requires_grad_(False)
+    return table
+
+
+def _occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> how often each position's id occurs in its row, as float."""
+    return ids.unsqueeze(2).eq(ids.unsqueeze(1)).sum(-1).float()
+
+
+BIGRAM_BUCKETS = 262139  # a prime: hashed bigrams (about 6 times the distinct training bigrams)
+MIN_DF = 2  # terms in fewer training texts get idf 0 (TfidfVectorizer's min_df)
+
+
+def document_idf(ids: torch.Tensor, vocab: int, pad: int = 0) -> torch.Tensor:
+    """Smooth idf, log((1 + n) / (1 + df)) + 1, of every unigram and hashed bigram over these
+    texts' ids [N, L] (the training rows); 0 where df < MIN_DF."""
+    n = ids.shape[0]
+    df = torch.zeros(vocab + BIGRAM_BUCKETS, dtype=torch.float64)
+    for row in ids:
+        t = row[row.ne(pad)]
+        grams = [t]
+        if t.numel() > 1:
+            grams.append((t[:-1] * vocab + t[1:]) % BIGRAM_BUCKETS + vocab)
+        df[torch.unique(torch.cat(grams))] += 1
+    idf = torch.log((1.0 + n) / (1.0 + df)) + 1.0
+    return torch.where(df >= MIN_DF, idf, torch.zeros_like(idf)).float()
+
+
+def build(c: TextNetConfig, ids: torch.Tensor | None = None) -> nn.Module:
+    """A freshly initialised network (uses the global torch generator: seed it first). `tfidf`
+    also needs the training rows' ids, for its idf."""
+    if c.arch == "tfidf":
+        if ids is None:
+            raise ValueError("a tfidf network needs the training rows' ids for its idf")
+        return TfIdf(c, document_idf(ids, c.vocab, c.pad))
     if c.arch == "textcnn":
         return TextCNN(c)
     if c.arch == "bilstm":

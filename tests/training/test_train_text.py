@@ -130,11 +130,11 @@ def test_text_column_is_detected_and_splits_are_checked(tmp_path: Path) -> None:
     )  # fmt: skip
     assert (
         res.exit_code == 2
-        and "--arch 'rnn': use one of textcnn, bilstm, transformer, fasttext" in (res.output)
+        and "--arch 'rnn': use one of textcnn, bilstm, transformer, fasttext, tfidf" in (res.output)
     )
 
 
-@pytest.mark.parametrize("arch", ["bilstm", "transformer", "fasttext"])
+@pytest.mark.parametrize("arch", ["bilstm", "transformer", "fasttext", "tfidf"])
 def test_other_architectures_train_and_bundle(tmp_path: Path, arch: str) -> None:
     texts, labels = _texts(60, 4)
     data = _csv(tmp_path / "a.csv", texts, labels)

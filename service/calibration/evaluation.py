@@ -231,6 +231,7 @@ def _classification(
         "macro_f1": metrics.macro_f1(s.label, y, k),
         "lenient": _multi_label(s.label, y, groups, k),
         "ece_bins": metrics.ECE_BINS,
+        "ece_if_calibrated": metrics.ece_if_calibrated(s.probabilities) | {"rows": y.size},
         "errors": int(error.sum()),
         "error_detection_auroc": {k: metrics.auroc(v, error > 0) for k, v in scores.items()},
         "aurc": {k: metrics.aurc(v, error) for k, v in scores.items()},

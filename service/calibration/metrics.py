@@ -107,6 +107,30 @@ def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
     return reliability(probs, y, bins).ece
 
 
+def ece_if_calibrated(
+    probs: np.ndarray, bins: int = ECE_BINS, draws: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """The ECE a perfectly calibrated model with these probabilities would show on this many
+    rows: labels drawn from the probabilities themselves, `draws` times (seeded). ECE is biased
+    upwards on a finite sample (each bin's |accuracy - confidence| is at least its noise), so an
+    observed ECE is read against this: mean, sd and the 95th percentile."""
+    p = np.asarray(probs, dtype=np.float64)
+    cum = np.cumsum(p / p.sum(axis=1, keepdims=True), axis=1)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        u = rng.random((p.shape[0], 1))
+        y = np.minimum((u > cum).sum(axis=1), p.shape[1] - 1)
+        values.append(ece(p, y, bins))
+    v = np.asarray(values)
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)),
+        "p95": float(np.percentile(v, 95)),
+        "draws": float(draws),
+    }
+
+
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for telling positives (True) from negatives.
 

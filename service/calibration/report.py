@@ -196,6 +196,18 @@ def _per_class(scale: list[float], bias: list[float]) -> str:
     )
 
 
+def _ece_null(n: dict[str, Any]) -> str:
+    e = n.get("ece_if_calibrated")
+    if not e:  # reports written before it existed
+        return ""
+    return (
+        f" A perfectly calibrated model with the served probabilities would show ECE "
+        f"{e['mean']:.3f} ± {e['sd']:.3f} on these {e['rows']} rows (95th percentile "
+        f"{e['p95']:.3f}; labels drawn from the probabilities, {e['draws']:.0f} times): ECE is "
+        "biased upwards on a finite sample, so read the served ECE against that."
+    )
+
+
 def _classification(n: dict[str, Any]) -> list[str]:
     s, raw = n["served"], n["temperature_1"]
     vector = n.get("class_scale") is not None
@@ -225,7 +237,7 @@ def _classification(n: dict[str, Any]) -> list[str]:
         ]
     lines += [
         "",
-        f"ECE over {n['ece_bins']} equal-width bins of the top-class probability.",
+        f"ECE over {n['ece_bins']} equal-width bins of the top-class probability.{_ece_null(n)}",
         "",
         "![reliability diagram](reliability.png)",
         "",

@@ -112,3 +112,23 @@ def test_coverage_spread() -> None:
     assert mean == 81 / 89
     assert sd == pytest.approx(math.sqrt(81 * 8 / (89**2 * 90)), rel=1e-6)
     assert all(math.isnan(v) for v in conformal.coverage_spread(88, 0.99, 10))
+
+
+def test_ece_if_calibrated_is_the_ece_of_labels_drawn_from_the_probabilities() -> None:
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(4), size=300)
+    null = metrics.ece_if_calibrated(p, draws=100, seed=1)
+    assert null == metrics.ece_if_calibrated(p, draws=100, seed=1)  # seeded
+    # By hand: labels from the probabilities, the same ECE, averaged.
+    cum = np.cumsum(p, axis=1)
+    g = np.random.default_rng(1)
+    by_hand = [
+        metrics.ece(p, np.minimum((g.random((300, 1)) > cum).sum(axis=1), 3)) for _ in range(100)
+    ]
+    assert null["mean"] == pytest.approx(np.mean(by_hand)) and null["sd"] > 0
+    # Finite-sample bias: clearly above 0 for a calibrated model; a sharpened copy of the same
+    # probabilities (overconfident) lies far above it (bound: 5 sd of the reference).
+    assert null["mean"] > 0.02
+    sharp = p**3 / (p**3).sum(axis=1, keepdims=True)
+    y = np.minimum((g.random((300, 1)) > cum).sum(axis=1), 3)
+    assert metrics.ece(sharp, y) > null["mean"] + 5 * null["sd"]

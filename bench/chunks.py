@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from bench.common import machine, median, now
+from models import medical_abstracts
 from service.bundle.load import load_bundle
 from service.calibration.data import read
 from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [
-    ROOT / "models" / "medical-abstracts" / "5",
+    ROOT / "models" / medical_abstracts.NAME / medical_abstracts.SERVED,
     Path("/tmp/mcserve-text-archs/medical-abstracts-transformer/1"),
 ]
 ROW_BUDGET = 16384  # settings.forward_rows' default
@@ -85,7 +86,9 @@ def main() -> None:
         "samples": args.samples,
         "models": [measure(p, args.texts, args.samples, args.repeats) for p in args.model],
     }
-    print("| model (tokens per text) | texts | token-sized forwards | 16,384-row forwards | ratio |")
+    print(
+        "| model (tokens per text) | texts | token-sized forwards | 16,384-row forwards | ratio |"
+    )
     print("|---|---|---|---|---|")
     for m in res["models"]:
         for c in m["cells"]:

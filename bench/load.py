@@ -2,6 +2,7 @@
 
     python -m bench.load [--repeats 5] [--duration 5] [--models breast-cancer digits]
                          [--concurrency 1 16 64] [--samples 100] [--out bench/results/load.json]
+                         (a model may be name@version: that version instead of the newest)
                          [--baseline-tree DIR]
 
 For each model it measures, interleaved in each repeat: (a) the echo endpoint (bench/echo.py,
@@ -39,7 +40,8 @@ wrk.body = io.open("{body}"):read("*a")
 """
 
 
-def instance(name: str) -> object:
+def instance(model: str) -> object:
+    name = model.split("@")[0]  # "name@version": a version's rows are its name's
     with (ROOT / "models" / "data" / f"{name}-test.csv").open() as f:
         row = next(csv.DictReader(f))
     row.pop("target")
@@ -127,7 +129,11 @@ def wrk(
 ) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=body_file))
-    url = f"http://127.0.0.1:{port}{path or f'/v1/models/{model}:predict'}"
+    name, _, version = model.partition("@")  # "name@version": that version, not the newest
+    route = (
+        f"/v1/models/{name}/versions/{version}:predict" if version else f"/v1/models/{name}:predict"
+    )
+    url = f"http://127.0.0.1:{port}{path or route}"
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", script.name, url],
         capture_output=True,
@@ -147,7 +153,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--duration", type=int, default=5)
-    ap.add_argument("--models", nargs="+", default=["breast-cancer", "digits"])
+    ap.add_argument(
+        "--models", nargs="+", default=["breast-cancer", "digits"],
+        help="model names; name@version for a version other than the newest",
+    )  # fmt: skip
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--samples", nargs="+", type=int, default=[100])
     ap.add_argument("--variants", nargs="+", default=["echo", "off", "on", "thread"])

@@ -1,6 +1,6 @@
 """Comparisons for the `medical-abstracts` report (issue 21, item 4), on the fixed test rows.
 
-    python -m bench.medical_abstracts [--model models/medical-abstracts/5] [--out DIR]
+    python -m bench.medical_abstracts [--model models/medical-abstracts/<recipe.SERVED>] [--out DIR]
     python -m bench.medical_abstracts --sites-only   # only the dropout-sites part, merged
 
 - The floor: TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression
@@ -135,6 +135,7 @@ def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], A
         err = (p.argmax(1) != rows.y).astype(float)
         unc = uncertainty_scores(summ)
         out[f"mc_{n}"] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
+        out[f"mc_{n}"]["by_class"] = _errors_by_class(p.argmax(1), rows.y, unc)
     z = np.asarray(s.sampler.deterministic(rows.x), dtype=np.float64)
     for name, zz in (("deterministic_t1", z), ("deterministic_calibrated", cal.logits(z))):
         p = _softmax(zz)
@@ -143,6 +144,28 @@ def served(path: Path, passes: list[int], data: Path) -> tuple[dict[str, Any], A
         unc = {"one_minus_max_probability": 1 - p.max(1), "predictive_entropy": ent}
         out[name] = _scores(p, rows.y, rows.groups) | {"detection": _detection(unc, err)}
     return out, rows
+
+
+GENERAL = 4  # "general pathological conditions": overlaps the other four in meaning
+
+
+def _errors_by_class(pred: np.ndarray, y: np.ndarray, unc: dict[str, np.ndarray]) -> dict:
+    """Where the errors are: how many involve the general class (as truth or prediction), and
+    how well each score detects the errors among the rows that do not involve it."""
+    err = pred != y
+    general = (pred == GENERAL) | (y == GENERAL)
+    rest = ~general
+    return {
+        "errors": int(err.sum()),
+        "errors_involving_general": int((err & general).sum()),
+        "rows_not_involving_general": int(rest.sum()),
+        "auroc_rows_not_involving_general": {
+            k: metrics.auroc(v[rest], err[rest]) for k, v in unc.items()
+        },
+        "auroc_rows_involving_general": {
+            k: metrics.auroc(v[general], err[general]) for k, v in unc.items()
+        },
+    }
 
 
 # The transformer of bench/text_archs.py (trained there, cached; its bundle is uncalibrated).
@@ -295,6 +318,20 @@ def _md(res: dict[str, Any]) -> str:
                 f"{s} {f(d['auroc'])} / {f(d['aurc'])}" for s, d in v["detection"].items()
             )
             lines.append(f"- {k}: {cells}")
+    by = res["served"].get("mc_100", {}).get("by_class")
+    if by:
+        rest, inv = by["auroc_rows_not_involving_general"], by["auroc_rows_involving_general"]
+        lines += [
+            "",
+            f"Where the errors are (MC T = 100): {by['errors_involving_general']} of "
+            f'{by["errors"]} involve "general pathological conditions" as the true or the '
+            f"predicted label. AUROC for errors on the {by['rows_not_involving_general']} rows "
+            "that involve it in neither: "
+            + ", ".join(f"{k} {f(v)}" for k, v in rest.items())
+            + "; on the rows that do: "
+            + ", ".join(f"{k} {f(v)}" for k, v in inv.items())
+            + ".",
+        ]
     lines += ["", "## All dropout sites against head-only sampling (transformer)", ""]
     if res.get("dropout_sites") is None:
         lines.append("Not measured: run `python -m bench.medical_abstracts --sites-only`.")
@@ -452,7 +489,7 @@ def transformer_bundle(path: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / "5")
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / recipe.NAME / recipe.SERVED)
     ap.add_argument(
         "--data", type=Path, default=ROOT / "models" / "data" / f"{recipe.NAME}-test.csv"
     )

@@ -16,7 +16,7 @@ entropy (total uncertainty) is shown beside mutual information for comparison. C
 - diabetes (`models/diabetes/2`) test rows against the same rows pushed away from the training
   mean (x' = mean + k (x - mean), clipped to the hard valid ranges);
 - a 1-D synthetic regressor trained on x in [-2, 2] and scored on [-2, 2] against |x| in [3, 5];
-- text (`bench/ood_text.py`): the served `models/medical-abstracts/4` on its test abstracts
+- text (`bench/ood_text.py`): the served `models/medical-abstracts/<SERVED>` on its test abstracts
   against the same abstracts with shuffled words and against non-medical English prose, and the
   recipe's network retrained without one class (its test abstracts against the others').
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from bench import ood_text
 from bench.common import machine
-from models import common, digits
+from models import common, digits, medical_abstracts
 from service.bundle import load_bundle
 from service.calibration.data import read
 from service.calibration.metrics import bootstrap_auroc
@@ -335,7 +335,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "![1-D synthetic: epistemic band widens outside the training range](ood_1d.png)",
         "",
-        "## Text (`models/medical-abstracts/4`): shifted and non-medical texts",
+        f"## Text (`models/medical-abstracts/{medical_abstracts.SERVED}`): shifted and "
+        "non-medical texts",
         "",
         "In: the 575 test abstracts. Out: the same abstracts with their words shuffled, "
         "paragraphs of plain English prose written for this benchmark "

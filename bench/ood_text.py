@@ -1,7 +1,7 @@
 """Out-of-distribution texts for `medical-abstracts` (issue 21, item 5), run by `bench.ood`.
 
 In-distribution: the 575 test abstracts. Out of distribution, scored by the served model
-(`models/medical-abstracts/4`, its temperature, T = 100, seed 0):
+(`models/medical-abstracts/<recipe.SERVED>`, through its calibration, T = 100, seed 0):
 
 - the same test abstracts with their words shuffled (each text's whitespace-separated words
   permuted, seeded): every word is still medical, only the order is gone;
@@ -76,7 +76,7 @@ def scores(served: ServedModel, texts: list[str], passes: int, seed: int) -> dic
 
 
 def shifts(auroc_row: Any, referred: Any, passes: int, seed: int, reps: int) -> list[dict]:
-    served = ServedModel(load_bundle(ROOT / "models" / recipe.NAME / "4"), device="cpu")
+    served = ServedModel(load_bundle(ROOT / "models" / recipe.NAME / recipe.SERVED), device="cpu")
     test = recipe.load_data()
     texts = [test.texts[i] for i in test.parts["test"]]
     base = scores(served, texts, passes, seed)

@@ -32,3 +32,24 @@ def test_version_2_is_a_calibrated_copy_of_version_1(name: str) -> None:
         assert quantile(cal.scores, 0.95) < float("inf")
     else:
         assert cal.temperature is not None and v2.manifest.referral.max_set_size == 1
+
+
+# medical-abstracts: (built, calibrated, method) pairs; the recipe's SERVED is the newest.
+TEXT_PAIRS = [("1", "2", "temperature"), ("3", "4", "temperature"), ("3", "5", "vector"),
+              ("6", "7", "vector")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("built", "calibrated", "method"), TEXT_PAIRS)
+def test_medical_abstracts_calibrated_versions(built: str, calibrated: str, method: str) -> None:
+    from models import medical_abstracts
+
+    root = MODELS / medical_abstracts.NAME
+    src, cal_b = load_bundle(root / built), load_bundle(root / calibrated)
+    cal = cal_b.manifest.calibration
+    assert cal is not None and cal.source == {"version": built, "digest": src.digest}
+    assert cal_b.manifest.artifacts == src.manifest.artifacts
+    assert cal.row_fingerprints == src.manifest.training.row_fingerprints["calibration"]
+    assert (cal.class_scale is not None) == (method == "vector")
+    newest = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    assert str(newest) == medical_abstracts.SERVED
+    assert (medical_abstracts.VERSION, medical_abstracts.SERVED) in {p[:2] for p in TEXT_PAIRS}

@@ -19,15 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.bundle.calibration import Calibration, ReferralPolicy, TargetReferral
 from service.bundle.fingerprint import sha256_file
 from service.bundle.load import TrustPolicy, load_bundle
-from service.bundle.manifest import (
-    MANIFEST_NAME,
-    Calibration,
-    Manifest,
-    ReferralPolicy,
-    TargetReferral,
-)
+from service.bundle.manifest import MANIFEST_NAME, Manifest
 from service.calibration import selection, temperature
 from service.calibration.data import read
 from service.calibration.labelled import Labelled, overlaps

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from service.bundle.manifest import Calibration
+from service.bundle.calibration import Calibration
 from service.calibration import temperature, vector
 from service.errors import InvalidInputError
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import Calibration, Manifest, ReferralPolicy
+from service.bundle.calibration import Calibration, ReferralPolicy
+from service.bundle.manifest import Manifest
 from service.engine import conformal, scaling
 from service.engine.referral import Referral, assess, outside_training, relative_width
 from service.engine.referral import with_overrides as _with_overrides

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.manifest import ReferralPolicy
+from service.bundle.calibration import ReferralPolicy
 from service.bundle.spec import InputSpec
 
 

@@ -7,7 +7,7 @@ import pytest
 from calib_repo import Repo
 
 from service.bundle import load_bundle
-from service.bundle.manifest import ReferralPolicy
+from service.bundle.calibration import ReferralPolicy
 from service.bundle.spec import InputSpec
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams

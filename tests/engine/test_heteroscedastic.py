@@ -13,7 +13,8 @@ import torch
 from nets import mlp
 
 from service.bundle import load_bundle
-from service.bundle.manifest import Aleatoric, ReferralPolicy
+from service.bundle.calibration import ReferralPolicy
+from service.bundle.manifest import Aleatoric
 from service.calibration.metrics import mixture_log_likelihood
 from service.engine import heads
 from service.engine.model import ServedModel

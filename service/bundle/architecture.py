@@ -60,6 +60,8 @@ METHODS = {
     # Padding masks and pooling over time.
     "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "long", "bool", "to",
     "type_as", "max", "amax", "min", "cumsum", "unbind", "flip", "expand_as",
+    # Counting token occurrences (a TF-IDF reader): a zeroed table, added into, read back.
+    "new_zeros", "scatter_add", "gather",
 }  # fmt: skip
 ATTRIBUTES = {"shape", "ndim", "device", "dtype"}  # read through builtins.getattr
 _SKIP_PARAMS = {"self", "device", "dtype", "inplace"}

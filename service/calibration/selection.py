@@ -91,8 +91,29 @@ def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = Tru
             f"calibration method {method!r} needs at least {2 * FOLDS} calibration rows for its "
             f"{FOLDS}-fold cross-validation (got {n}); use --method temperature"
         )
+    counts = np.bincount(np.asarray(y).astype(np.int64), minlength=z.shape[-1])
+    if (counts == 0).any():
+        # A class without rows would get its bias pushed down until it is never predicted.
+        missing = [int(c) for c in np.flatnonzero(counts == 0)]
+        if method == "vector":
+            raise InvalidInputError(
+                f"vector scaling needs calibration rows of every class: class index {missing} "
+                "has none (its bias would fall until it is never predicted); add rows of those "
+                "classes or use --method temperature"
+            )
+        reason = f"no calibration rows of class index {missing}: vector scaling not fitted"
+        fit: dict[str, float | str] = {"requested": method, "method": "temperature"}
+        return Choice(
+            "temperature", t, fit=fit | {"reason": reason, "nll": temperature.nll(z, y, t)}
+        )
     rows = cross_validated(z, y)
     cv = {name: float(r.mean()) for name, r in rows.items()}
+    if not all(math.isfinite(v) for v in cv.values()):
+        raise InvalidInputError(
+            f"calibration method {method!r}: the cross-validated NLL is not finite ({cv}); the "
+            "model's logits on the calibration rows are not finite or a fit diverged: check the "
+            "model on these rows, or use --method temperature"
+        )
     d = rows["temperature"] - rows["vector"]  # > 0 where vector scaling does better
     se = float(d.std(ddof=1) / math.sqrt(d.size))
     # With the one-SE rule (the default, as for the temperature) vector scaling, the larger
@@ -141,7 +162,9 @@ def describe(cal: Calibration) -> list[str]:
             f"{tf['nll_at_1']:.4f} at T=1 -> {fit['nll']:.4f}; temperature alone "
             f"T={tf['minimum_nll_temperature']:.4g})"
         )
-    if fit:
+    if fit and "reason" in fit:
+        lines.append(f"--method {fit['requested']}: {fit['reason']} -> {fit['method']}")
+    elif fit:
         lines.append(
             f"--method {fit['requested']}: {fit['cv_folds']:g}-fold cross-validated NLL "
             f"temperature {fit['cv_nll_temperature']:.4f}, vector {fit['cv_nll_vector']:.4f} "

@@ -18,7 +18,7 @@ from service.engine.device import describe
 from service.engine.onnx_predictor import OnnxPredictor
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
-from service.engine.sampler import MCRequest, MCSampler
+from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -60,6 +60,8 @@ class ServedModel:
                 device=device,
                 row_budget=row_budget,
                 fused=None if fused_masks else False,  # None: wherever the kernel applies
+                # Forwards sized in tokens for text only (integer tabular codes are not tokens).
+                token_budget=TOKEN_BUDGET if spec.text is not None else None,
             )
         except RuntimeError as exc:
             raise BundleError(

@@ -61,8 +61,8 @@ MIN_PREFIX_ROWS = 2
 # Tokens one CPU forward of a text model holds: a chunk of L-token rows has
 # max(min_rows, TOKEN_BUDGET // L) rows, fewer than the row budget, whose activations then stay
 # in cache. Measured (2026-12-06, idle 2-vCPU AMD EPYC, 64 texts x 20 passes, bench.chunks):
-# the bundled average at L = 900 answers 3.7x the documents/s with 64-row chunks as with 16,384,
-# the transformer at L = 128 2.2x; 16 to 64 rows are all within 10 % of the best.
+# the TextCNN + fastText average at L = 900 answers 4.0x the documents/s with 64-row chunks as
+# with 16,384, the transformer at L = 128 2.4x; 16 to 128 rows are all within 10 % of the best.
 TOKEN_BUDGET = 8192
 
 

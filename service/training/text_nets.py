@@ -121,14 +121,17 @@ class FastText(nn.Module):
 
 class TfIdf(nn.Module):
     """See the module docstring. `idf` is [vocab + BIGRAM_BUCKETS]: unigram then hashed-bigram
-    idf, 0 for a term too rare to keep. Counting a term's occurrences compares every position
-    with every other of its kind ([B, L, L], once per text: before the dropout, in the engine's
-    prefix); each occurrence then carries tfidf / count, so the occurrences of a term add up to
-    its entry of the TF-IDF vector. Unigram tables read the ids directly (as a bundle's
-    vocabulary is read from the embeddings of the input)."""
+    idf, 0 for a term too rare to keep. A term's occurrences are counted once per text (before
+    the dropout, in the engine's prefix); each occurrence then carries tfidf / count, so the
+    occurrences of a term add up to its entry of the TF-IDF vector. Unigram tables read the ids
+    directly (a bundle's vocabulary is read from the embeddings of the input)."""
 
     def __init__(self, c: TextNetConfig, idf: torch.Tensor) -> None:
         super().__init__()
+        if c.max_tokens < 2:
+            raise ValueError(
+                f"a tfidf network reads bigrams: max_tokens must be >= 2 (got {c.max_tokens})"
+            )
         self.pad, self.vocab = c.pad, c.vocab
         self.idf_unigram = _frozen(idf[: c.vocab])
         self.idf_bigram = _frozen(idf[c.vocab :])
@@ -146,8 +149,15 @@ class TfIdf(nn.Module):
         real = tokens.ne(self.pad)
         pair = tokens[:, :-1] * self.vocab + tokens[:, 1:]
         bigram = pair - (pair // BIGRAM_BUCKETS) * BIGRAM_BUCKETS  # mod (no mod in bundles)
-        keep = torch.cat([real, real[:, :-1] & real[:, 1:]], 1).float()
-        counts = torch.cat([_occurrences(tokens), _occurrences(bigram)], 1)
+        real_bigram = (real[:, :-1] & real[:, 1:]).float()
+        keep = torch.cat([real.float(), real_bigram], 1)
+        counts = torch.cat(
+            [
+                _occurrences(tokens, real.float(), self.vocab),
+                _occurrences(bigram, real_bigram, BIGRAM_BUCKETS),
+            ],
+            1,
+        )
         idf = torch.cat([self.idf_unigram(tokens), self.idf_bigram(bigram)], 1).squeeze(-1)
         tfidf = (1.0 + torch.log(counts)) * idf * keep
         norm = torch.sqrt((tfidf * tfidf / counts).sum(1, keepdim=True)).clamp(min=1e-6)
@@ -164,9 +174,14 @@ def _frozen(values: torch.Tensor) -> nn.Embedding:
     return table
 
 
-def _occurrences(ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] -> how often each position's id occurs in its row, as float."""
-    return ids.unsqueeze(2).eq(ids.unsqueeze(1)).sum(-1).float()
+def _occurrences(ids: torch.Tensor, keep: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, L] ids in [0, size) -> how often each real position's id occurs among its row's real
+    positions (`keep` 1.0, padding 0.0), as float; 1 at padding (whose evidence is zeroed
+    anyway): added into a zeroed [B, size] table and read back. Linear in L (comparing every
+    position with every other was 7x slower for 64 texts of 900 tokens); padding-made bigrams
+    never add to a real bigram's count, even where their hashes collide."""
+    table = ids.new_zeros((ids.shape[0], size), dtype=torch.float32)
+    return table.scatter_add(1, ids, keep).gather(1, ids) + (1.0 - keep)
 
 
 BIGRAM_BUCKETS = 262139  # a prime: hashed bigrams (about 6 times the distinct training bigrams)

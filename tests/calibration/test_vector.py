@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.bundle.calibration import Calibration
 from service.calibration import selection, temperature, vector
 from service.errors import InvalidInputError
 
@@ -116,3 +117,23 @@ def test_temperature_is_the_default_and_adds_nothing() -> None:
         selection.choose(z, y, "platt")  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="at least 10 calibration rows"):
         selection.choose(z[:, :6], y[:6], "vector")
+
+
+def test_a_class_without_calibration_rows_is_never_vector_scaled() -> None:
+    """Its bias would be pushed down until the class is never predicted: `vector` refuses,
+    `auto` keeps the temperature and says why."""
+    rng = np.random.default_rng(4)
+    z = logits(rng, 5, 200)
+    y = draw(rng, temperature.mc_probabilities(z, 1.0))
+    y = np.where(y == 3, 0, y)  # no row of class 3
+    with pytest.raises(InvalidInputError, match=r"class index \[3\] has none"):
+        selection.choose(z, y, "vector")
+    choice = selection.choose(z, y, "auto")
+    assert choice.method == "temperature" and choice.scale is None
+    assert "no calibration rows of class index [3]" in str(choice.fit["reason"])
+    cal = Calibration(
+        score="one-minus-probability", n=1, samples=5, seed=0, scores=[0.5],
+        temperature=choice.temperature, fit=choice.fit,
+        temperature_fit={"nll_at_1": 1.0, "nll": 1.0, "minimum_nll_temperature": 1.0},
+    )  # fmt: skip
+    assert selection.describe(cal)[-1].startswith("--method auto: no calibration rows of class")

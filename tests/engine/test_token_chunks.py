@@ -3,6 +3,8 @@ than the row budget alone would give, and the same bits (bench/chunks.py measure
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from text_nets import LENGTH, TextCNN, token_batch
 from torch import nn
@@ -38,3 +40,23 @@ def test_the_default_budget_and_tabular_inputs() -> None:
     x = torch.randn(4, 8)
     tabular = MCSampler(trace_with_shapes(mlp.eval(), x), x, device="cpu", row_budget=16384)
     assert tabular.row_budget == 16384  # float rows are not tokens: the row budget alone
+
+
+def test_integer_codes_that_are_not_text_keep_the_row_budget(tmp_path: Path) -> None:
+    """A bundle of integer codes read by an embedding (categorical features, no tokenizer) is
+    not a text: its forwards keep the row budget (sampler.TOKEN_BUDGET is for text inputs)."""
+    from service.bundle.load import load_bundle
+    from service.engine.model import ServedModel
+    from service.packaging import save
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Dropout(0.2), nn.Linear(12, 2)).eval()
+    codes = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    path = save(
+        net, codes, out_dir=tmp_path, name="codes", version="1", task="classification",
+        intended_use="test", labels=["a", "b"],
+    )  # fmt: skip
+    served = ServedModel(load_bundle(path), device="cpu", row_budget=16384)
+    # 16,384 rounded up to whole blocks of 21 rows (64 // 3 codes); as tokens it would be 2,730.
+    assert served.manifest.inputs.text is None
+    assert served.sampler.row_budget == -(-16384 // served.sampler.block) * served.sampler.block

@@ -5,8 +5,10 @@ norm), so with dropout off it is a logistic regression on exactly that vector.""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -66,3 +68,54 @@ def test_padding_does_not_change_the_answer() -> None:
         short = torch.tensor([[3, 4, 3, 4, 5, 0, 0, 0]])
         long = torch.cat([short, torch.zeros(1, 8, dtype=torch.int64)], 1)
         assert torch.allclose(net(short), net(long), atol=1e-6)
+
+
+def test_a_tfidf_bundle_loads_and_its_onnx_graph_agrees(tmp_path: Path) -> None:
+    """Counting uses new_zeros / scatter_add / gather: the bundle format must rebuild them and
+    the ONNX export (the deterministic path) must compute the same."""
+    from service.bundle.load import load_bundle
+    from service.engine.model import ServedModel
+    from service.packaging import save
+    from service.training.text_data import train_tokenizer
+
+    texts = ["the heart artery failed", "brain seizure in the cortex", "liver and bowel"] * 4
+    tok = train_tokenizer(texts, 300)
+    v = tok.get_vocab_size()
+    ids = torch.randint(1, v, (6, 12), generator=torch.Generator().manual_seed(2))
+    ids[0, 6:] = PAD
+    torch.manual_seed(0)
+    net = build(TextNetConfig("tfidf", v, 12, 3), ids).eval()
+    with torch.no_grad():
+        net.unigram.weight.normal_()
+        net.bigram.weight.normal_()
+    path = save(
+        net, ids[:4], out_dir=tmp_path, name="tfidf", version="1", task="classification",
+        intended_use="test", labels=["a", "b", "c"], tokenizer=tok,
+    )  # fmt: skip
+    served = ServedModel(load_bundle(path), device="cpu")
+    with torch.no_grad():
+        expected = torch.softmax(net(ids), -1).numpy()
+    got = served.deterministic(ids.numpy()).point  # ONNX Runtime
+    assert served.onnx is not None and np.allclose(got, expected, atol=1e-5)
+
+
+def test_padding_made_bigrams_never_count_for_a_real_one() -> None:
+    """With a vocabulary larger than the bucket count, the real bigram (5, BIGRAM_BUCKETS)
+    hashes where (5, pad) does; a padded copy of the text must still count it once."""
+    vocab = 300_000
+    text = [5, BIGRAM_BUCKETS, 7, 5]
+    assert (5 * vocab + BIGRAM_BUCKETS) % BIGRAM_BUCKETS == (5 * vocab + PAD) % BIGRAM_BUCKETS
+    train = torch.tensor([text, text, [7, 5, 7, 9]])
+    torch.manual_seed(0)
+    net = build(TextNetConfig("tfidf", vocab, 6, 2), train).eval()
+    with torch.no_grad():
+        net.unigram.weight.normal_()
+        net.bigram.weight.normal_()
+        bare = net(torch.tensor([text]))
+        padded = net(torch.tensor([[*text, PAD, PAD]]))
+    assert torch.allclose(bare, padded, atol=1e-6)
+
+
+def test_a_tfidf_network_needs_two_tokens() -> None:
+    with pytest.raises(ValueError, match="max_tokens must be >= 2"):
+        build(TextNetConfig("tfidf", VOCAB, 1, 3), _rows(4, 1, 0))

@@ -9,7 +9,10 @@ rebuilt from their declarative architecture without pydantic, FastAPI or onnxrun
 2. Seeded results on the device do not depend on batch composition (bit for bit), with the
    engine's default (fixed forward shapes on CUDA) and, for information, with variable shapes.
 3. T=1,000 passes for breast-cancer and digits at batch 1 to 1,024: median ms and samples/s,
-   eager and with the chunk function compiled (torch.compile; CUDA graphs on CUDA).
+   eager and with the chunk function compiled (torch.compile; CUDA graphs on CUDA). A text
+   model (`--models medical-abstracts`, or `--text`) takes token ids (drawn from its smallest
+   embedding's vocabulary, padded like a real text to about half its max_tokens) at T = 20,
+   the passes a text request uses, at batch 1 to 64.
 4. Optional low precision (bf16/fp16 autocast): speed and the accuracy loss against float32.
 5. `--service` (needs pydantic and orjson as well): the serving path on the device, every bundled
    model through `ServedModel` and the dynamic `Batcher` (no HTTP): 24 concurrent seeded requests
@@ -51,6 +54,23 @@ def load(name: str) -> tuple[torch.nn.Module, list[int]]:
     return rebuild(desc, load_file(str(path / "weights.safetensors"))), manifest["inputs"]["shape"]
 
 
+def is_text(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Embedding) for m in module.modules())
+
+
+def inputs(module: torch.nn.Module, shape: list[int], n: int, seed: int) -> np.ndarray:
+    """n inputs: uniform floats, or for a text model token ids from the smallest embedding's
+    vocabulary with the second half of each row padding (id 0), as a real text of about half
+    the maximum length arrives."""
+    rng = np.random.default_rng(seed)
+    if not is_text(module):
+        return rng.uniform(0, 1, size=(n, *shape)).astype(np.float32)
+    vocab = min(m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding))
+    ids = rng.integers(1, vocab, size=(n, *shape), dtype=np.int64)
+    ids[:, shape[-1] // 2 :] = 0
+    return ids
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -74,7 +94,7 @@ def timed(fn: Any, device: torch.device, repeats: int) -> float:
 
 def agreement(name: str, device: torch.device, passes: int) -> dict[str, Any]:
     module, shape = load(name)
-    x = np.random.default_rng(0).uniform(0, 1, size=(8, *shape)).astype(np.float32)
+    x = inputs(module, shape, 8, 0)
     cpu = MCSampler(module, torch.as_tensor(x), device="cpu").run([MCRequest(x, passes, 7)])[0]
     module, _ = load(name)
     dev = MCSampler(module, torch.as_tensor(x), device=device).run([MCRequest(x, passes, 7)])[0]
@@ -92,8 +112,7 @@ def batch_independent(
     name: str, device: torch.device, min_rows: int | None = None, compile_mode: str | None = None
 ) -> dict[str, Any]:
     module, shape = load(name)
-    rng = np.random.default_rng(1)
-    xs = [rng.uniform(0, 1, size=(n, *shape)).astype(np.float32) for n in (1, 3, 5)]
+    xs = [inputs(module, shape, n, 1 + n) for n in (1, 3, 5)]
     sampler = MCSampler(
         module,
         torch.as_tensor(xs[0]),
@@ -123,7 +142,7 @@ def speed(
     module, shape = load(name)
     sampler = MCSampler(
         module,
-        torch.zeros(2, *shape),
+        torch.as_tensor(inputs(module, shape, 2, 0)),
         device=device,
         row_budget=row_budget,
         compile_mode=compile_mode,
@@ -131,7 +150,7 @@ def speed(
     )
     out = []
     for b in batches:
-        x = np.random.default_rng(b).uniform(0, 1, size=(b, *shape)).astype(np.float32)
+        x = inputs(module, shape, b, b)
         req = [MCRequest(x, passes, 3)]
 
         def run(req: list[MCRequest] = req) -> None:
@@ -165,7 +184,7 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 def precision_loss(name: str, device: torch.device, dtype: str, passes: int) -> dict[str, Any]:
     """Low precision against float32 on the same masks: what a user of the answer would see."""
     module, shape = load(name)
-    x = np.random.default_rng(2).uniform(0, 1, size=(64, *shape)).astype(np.float32)
+    x = inputs(module, shape, 64, 2)
     sampler = MCSampler(module, torch.as_tensor(x), device=device)
     ref = sampler.run([MCRequest(x, passes, 5)])[0].astype(np.float64)
     with torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)):
@@ -239,6 +258,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for tests")
     ap.add_argument("--low-precision", default="bfloat16", choices=["bfloat16", "float16", "none"])
     ap.add_argument("--models", default="breast-cancer,digits")
+    ap.add_argument("--text", action="store_true", help="also the text model (medical-abstracts)")
     ap.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -249,24 +269,28 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
-    passes = 50 if args.quick else 1000
-    batches = [1, 4] if args.quick else [1, 4, 16, 64, 256, 1024]
     repeats = 2 if args.quick else 7
+    names = args.models.split(",") + (["medical-abstracts"] if args.text else [])
     started = time.perf_counter()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "passes": passes,
+        "passes": {},
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "checks": {},
         "speed": {},
     }
     compiled = "reduce-overhead" if device.type == "cuda" else "default"
-    for name in args.models.split(","):
+    for name in names:
         print(f"[{time.perf_counter() - started:6.1f} s] {name}", file=sys.stderr, flush=True)
+        text = is_text(load(name)[0])
+        # A text request runs T = 20 (each row holds hundreds of tokens); tabular T = 1,000.
+        passes = (5 if args.quick else 20) if text else (50 if args.quick else 1000)
+        batches = [1, 4] if args.quick else [1, 4, 16, 64] if text else [1, 4, 16, 64, 256, 1024]
+        report["passes"][name] = passes
         report["checks"][name] = {
-            "cpu_vs_device": agreement(name, device, 200 if args.quick else 2000),
+            "cpu_vs_device": agreement(name, device, (20 if text else 200) if args.quick else 2000),
             "batch_independent": batch_independent(name, device),
             "batch_independent_variable_shapes (information)": batch_independent(
                 name, device, min_rows=64

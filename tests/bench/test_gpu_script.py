@@ -53,3 +53,21 @@ def test_gpu_script_service_check_on_cpu(tmp_path: Path) -> None:
     for check in service.values():
         assert check["answers_equal_alone_and_shared"] is True
         assert check["forwards_for_24_concurrent"] < 24  # they really shared forwards
+
+
+def test_gpu_script_times_the_text_model(tmp_path: Path) -> None:
+    """Token ids, not floats, for a text model (issue 20 item 8: a session with a GPU can time
+    the text model at T = 20 without editing the script)."""
+    out = tmp_path / "gpu-text.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--no-compile",
+         "--models", "medical-abstracts", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    checks = report["checks"]["medical-abstracts"]
+    assert report["ok"] is True and report["passes"] == {"medical-abstracts": 5}
+    assert checks["cpu_vs_device"]["max_abs_sample_diff"] == 0.0
+    assert checks["batch_independent"]["ok"] is True
+    assert [r["batch"] for r in report["speed"]["medical-abstracts"]["float32"]] == [1, 4]

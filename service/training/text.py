@@ -35,7 +35,7 @@ from service.errors import InvalidInputError
 from service.packaging import save
 from service.training.progress import progress as _progress
 from service.training.text_data import TextTable, encode, train_tokenizer
-from service.training.text_nets import Arch, TextNetConfig, build
+from service.training.text_nets import Arch, TextNetConfig, TfIdf, build
 
 PATIENCE = 5  # epochs without a lower held-out NLL before stopping
 HOLDOUT = 8  # 1 / HOLDOUT of the training rows decide early stopping
@@ -123,6 +123,8 @@ def fit_text(
                 elif epoch - best[1] >= PATIENCE:
                     break
     net.load_state_dict(best[2])
+    if isinstance(net, TfIdf):
+        net.compact()  # the buckets no training text filled: dropped from the bundle
     return TextFit(
         net.eval(), tok, config, len(history), best[1], best[0], history, len(fit), n_val
     )

@@ -88,6 +88,11 @@ def test_a_tfidf_bundle_loads_and_its_onnx_graph_agrees(tmp_path: Path) -> None:
     with torch.no_grad():
         net.unigram.weight.normal_()
         net.bigram.weight.normal_()
+        full = net(ids)
+    net.compact()  # as fit_text leaves it: only the buckets with an idf
+    with torch.no_grad():
+        assert torch.equal(net(ids), full)  # the same numbers, bit for bit
+    assert net.bigram.num_embeddings < 100  # not 262,139
     path = save(
         net, ids[:4], out_dir=tmp_path, name="tfidf", version="1", task="classification",
         intended_use="test", labels=["a", "b", "c"], tokenizer=tok,

@@ -84,8 +84,7 @@ def _fit(
 
     if m.task == "classification":
         choice = selection.choose(out, data.y, method, one_se=one_se)
-        t = temperature.fit(out, data.y, one_se=one_se)  # the temperature candidate, as before
-        t_min = temperature.fit(out, data.y, one_se=False)
+        t, t_min = choice.candidate, choice.minimum  # the temperature candidate, as before
         s = summarize_classification(
             out,
             levels=(0.5,),

@@ -12,7 +12,7 @@ Both CV NLLs are computed for `vector` and `auto` and recorded in the manifest
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -34,6 +34,8 @@ class Choice:
     scale: list[float] | None = None
     bias: list[float] | None = None
     fit: dict[str, float | str] = field(default_factory=dict)  # the manifest's calibration.fit
+    candidate: float = 1.0  # the temperature candidate (one-SE rule or minimum, as asked)
+    minimum: float = 1.0  # the plain NLL-minimising temperature
 
 
 def check_method(method: str) -> Method:
@@ -79,10 +81,18 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
 
 
 def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = True) -> Choice:
-    """Fit the calibration ``method`` asks for on all rows ([T, N, K] logits, labels [N])."""
+    """Fit the calibration ``method`` asks for on all rows ([T, N, K] logits, labels [N]); the
+    two temperatures (candidate and minimum) are fitted once here and returned with it."""
     check_method(method)
     z = np.asarray(logits, dtype=np.float64)
-    t = temperature.fit(z, y, one_se=one_se)
+    t_min = temperature.fit(z, y, one_se=False)
+    t = temperature.fit(z, y, one_se=True) if one_se else t_min
+    return replace(_choose(z, y, method, one_se, t, t_min), candidate=t, minimum=t_min)
+
+
+def _choose(
+    z: np.ndarray, y: np.ndarray, method: Method, one_se: bool, t: float, t_min: float
+) -> Choice:
     if method == "temperature":
         return Choice("temperature", t)
     n = int(np.asarray(y).size)
@@ -137,7 +147,7 @@ def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = Tru
     }
     if chosen == "temperature":
         return Choice("temperature", t, fit=info | {"nll": temperature.nll(z, y, t)})
-    v = vector.fit(z, y, start=1.0 / temperature.fit(z, y, one_se=False))
+    v = vector.fit(z, y, start=1.0 / t_min)
     nll = vector.nll(z, y, v.scale, v.bias)
     if not math.isfinite(nll):
         raise InvalidInputError("vector scaling did not converge on these rows; use temperature")

@@ -125,6 +125,9 @@ class ReferralPolicy(Strict):
     relative_width: float | None = Field(default=None, gt=0.0)  # regression: width / |mean|
     max_set_size: int | None = Field(default=None, ge=1)  # classification; an empty set refers
     extrapolation: bool = True  # refer when a feature lies outside inputs.training_ranges
+    # Text models with a word list: refer when more than this share of a text's words never
+    # appeared in the training texts (an extrapolation reason; off with extrapolation=false).
+    unfamiliar_words: float | None = Field(default=None, ge=0.0, le=1.0)
     derived_from: str | None = None  # how the thresholds were chosen
     # Multi-output regressors: each target's thresholds, in its own units (by target name); the
     # epistemic, aleatoric and relative_width above then do not apply.

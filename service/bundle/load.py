@@ -27,13 +27,14 @@ from service.bundle.architecture import rebuild
 from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from service.bundle.tokenizer import load_tokenizer
+from service.bundle.words import read_words
 from service.errors import BundleError, McServeError
 
 if TYPE_CHECKING:  # settings is ground, below the format: only its type is named here
     from service.settings import Settings
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
-_SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2", "tokenizer")
+_SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2", "tokenizer", "words")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class LoadedBundle:
     module: nn.Module
     onnx_bytes: bytes | None
     tokenizer: Any = None  # tokenizers.Tokenizer for text models (allow-listed JSON)
+    words: frozenset[str] | None = None  # text models: the training texts' words (words.txt)
 
 
 def bundle_digest(manifest_bytes: bytes) -> str:
@@ -238,13 +240,21 @@ def load_bundle(
         raise
     except Exception as exc:  # parsers raise many types; all mean "this artifact is unusable"
         raise BundleError(f"{path}: cannot load artifacts ({type(exc).__name__}: {exc})") from exc
-    tokenizer = None
-    if manifest.inputs.text is not None:
-        name = manifest.inputs.text.tokenizer
+    tokenizer, words = None, None
+    text = manifest.inputs.text
+    if text is not None:
+        name = text.tokenizer
         if roles.get("tokenizer") != name:
             raise BundleError(f"{mf}: inputs.text.tokenizer '{name}' is not the listed tokenizer")
         tokenizer = load_tokenizer(files[name], str(path / name))
-    return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes, tokenizer)
+        if text.words is not None:
+            wname = text.words.file
+            if roles.get("words") != wname:
+                raise BundleError(f"{mf}: inputs.text.words '{wname}' is not the listed word list")
+            words = read_words(files[wname], str(path / wname), text.words.count)
+    if "words" in roles and words is None:
+        raise BundleError(f"{mf}: a word list is listed but inputs.text.words does not name it")
+    return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes, tokenizer, words)
 
 
 def _load_pt2(data: bytes) -> nn.Module:

@@ -123,7 +123,9 @@ class DropoutLayout(Strict):
 class Artifact(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
-    role: Literal["architecture", "weights", "onnx", "pt2", "calibration", "data", "tokenizer"]
+    role: Literal[
+        "architecture", "weights", "onnx", "pt2", "calibration", "data", "tokenizer", "words"
+    ]
 
 
 class Training(Strict):

@@ -31,6 +31,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class WordList(Strict):
+    """The training texts' words (`words.txt`, role "words": one per line, sorted), for the
+    unfamiliar-text referral (service/engine/familiar.py)."""
+
+    file: str  # the artifact file name
+    min_texts: int = Field(ge=1)  # a word is listed when it is in at least this many texts
+    count: int = Field(ge=0)  # how many words the file lists
+
+
 class TextInput(Strict):
     """A text model: instances are strings, tokenized by the bundle's tokenizer.json."""
 
@@ -43,6 +52,7 @@ class TextInput(Strict):
     # own tokens, never to what shares its batch. Ascending, ending at max_tokens; None (every
     # bundle before buckets): one length, max_tokens. Only for a graph traced length-generic.
     buckets: list[int] | None = Field(default=None, min_length=1, max_length=32)
+    words: WordList | None = None  # None: no unfamiliar-text referral (bundles before it)
 
     @model_validator(mode="after")
     def _buckets(self) -> TextInput:

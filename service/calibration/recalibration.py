@@ -34,6 +34,9 @@ from service.engine.summaries import summarize_classification, summarize_regress
 from service.errors import BundleError, InvalidInputError
 
 PERCENTILE = 90.0  # the default policy refers 100 - PERCENTILE % of the calibration rows
+# Text with a word list: the unfamiliar-words threshold refers this share of the calibration
+# texts (the false alarms it costs on texts like them), out of the policy's total share.
+UNFAMILIAR_RATE = 0.01
 
 
 @dataclass
@@ -69,8 +72,17 @@ def _fit(
     fps = data.fingerprints()
     policy_base = m.referral or ReferralPolicy()
     nominal = 1.0 - percentile / 100.0
-    flat = data.x.reshape(data.n, -1).astype(np.float64)
-    extrapolating = np.array([bool(o) for o in outside_training(flat, m.inputs)], dtype=bool)
+    familiarity = served.calibrator.familiarity
+    unfamiliar = None
+    if familiarity is not None:  # a text's features are its words (familiar.py)
+        shares = familiarity.share(data.x)
+        none = np.zeros(data.n, dtype=bool)
+        unfamiliar = budget_threshold(shares, none, UNFAMILIAR_RATE)
+        extrapolating = shares > unfamiliar
+    else:
+        flat = data.x.reshape(data.n, -1).astype(np.float64)
+        extrapolating = np.array([bool(o) for o in outside_training(flat, m.inputs)], dtype=bool)
+    ext_name = "extrapolation" if familiarity is None else "unfamiliar words"
     if not policy_base.extrapolation:
         extrapolating[:] = False
 
@@ -129,9 +141,10 @@ def _fit(
             epistemic=epistemic,
             max_set_size=most,
             extrapolation=policy_base.extrapolation,
+            unfamiliar_words=unfamiliar,
             derived_from=derived(
                 {
-                    "extrapolation": extrapolating,
+                    ext_name: extrapolating,
                     "prediction_set": by_set,
                     "epistemic": mi > epistemic,
                 }
@@ -148,7 +161,7 @@ def _fit(
     thresholds: dict[str, TargetReferral] = {}
     # Jointly, as for classifiers, per target: the width trigger gets half of what extrapolation
     # leaves, a learned noise's size half of what is then left, epistemic uncertainty the rest.
-    parts: dict[str, np.ndarray] = {"extrapolation": extrapolating}
+    parts: dict[str, np.ndarray] = {ext_name: extrapolating}
     names = m.outputs.target_names
 
     def tag(name: str) -> str:
@@ -192,6 +205,7 @@ def _fit(
             level=level,
             targets=thresholds,
             extrapolation=policy_base.extrapolation,
+            unfamiliar_words=unfamiliar,
             derived_from=f"per target: {derived(parts)}",
         )
     else:
@@ -200,6 +214,7 @@ def _fit(
             level=level,
             **only.model_dump(),
             extrapolation=policy_base.extrapolation,
+            unfamiliar_words=unfamiliar,
             derived_from=derived(parts),
         )
     return cal, policy

@@ -18,7 +18,14 @@ import numpy as np
 from service.bundle.calibration import Calibration, ReferralPolicy
 from service.bundle.manifest import Manifest
 from service.engine import conformal, scaling
-from service.engine.referral import Referral, assess, outside_training, relative_width
+from service.engine.familiar import Familiarity
+from service.engine.referral import (
+    Referral,
+    assess,
+    outside_training,
+    relative_width,
+    unfamiliar_text,
+)
 from service.engine.referral import with_overrides as _with_overrides
 from service.engine.summaries import (
     ClassificationSummary,
@@ -30,8 +37,14 @@ from service.engine.summaries import (
 
 
 class Calibrator:
-    def __init__(self, manifest: Manifest, referral_overrides: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        referral_overrides: Mapping[str, Any] | None = None,
+        familiarity: Familiarity | None = None,
+    ):
         self.manifest = manifest
+        self.familiarity = familiarity  # text models with a word list
         self.calibration = manifest.calibration
         base = manifest.referral or ReferralPolicy(level=manifest.defaults.confidence)
         self.policy = _with_overrides(base, referral_overrides)
@@ -142,9 +155,8 @@ class Calibrator:
         The set and width triggers read the set or interval at ``level``: a request's first
         confidence level, the one its answer shows, so the reasons speak of what the client sees
         (default: the policy's level, at which its thresholds were derived)."""
-        flat = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
-        outside = outside_training(flat, self.manifest.inputs)
         p = self.policy
+        outside = self.outside(x, p.unfamiliar_words)
         if level is not None and level != p.level:
             p = p.model_copy(update={"level": level})
         if isinstance(s, ClassificationSummary):
@@ -159,6 +171,15 @@ class Calibrator:
                 set_size=sizes,
             )
         return self._regression_referral(s, outside)
+
+    def outside(self, x: np.ndarray, unfamiliar: float | None) -> list[list[str]]:
+        """Per input [B, ...]: why it lies outside what the model was trained on (features out
+        of their training ranges; for text, unfamiliar words above the ``unfamiliar`` share)."""
+        f = self.familiarity
+        if f is not None:
+            return unfamiliar_text(*f.counts(x), unfamiliar, f.min_texts)
+        flat = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
+        return outside_training(flat, self.manifest.inputs)
 
     def _regression_referral(self, s: RegressionSummary, outside: list[list[str]]) -> Referral:
         p = self.policy

@@ -11,7 +11,7 @@ import torch
 
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
-from service.engine import heads
+from service.engine import familiar, heads
 from service.engine.buckets import Buckets
 from service.engine.calibrator import Calibrator
 from service.engine.device import describe
@@ -45,7 +45,7 @@ class ServedModel:
         self.manifest: Manifest = bundle.manifest
         overrides = (referral_overrides or {}).get(self.manifest.name)
         try:
-            self.calibrator = Calibrator(self.manifest, overrides)
+            self.calibrator = Calibrator(self.manifest, overrides, familiar.for_bundle(bundle))
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise BundleError(
                 f"{bundle.path}: the referral override for '{self.manifest.name}' is invalid "

@@ -61,6 +61,28 @@ def outside_training(flat: np.ndarray, spec: InputSpec) -> list[list[str]]:
     return reasons
 
 
+def unfamiliar_text(
+    strange: np.ndarray, total: np.ndarray, threshold: float | None, min_texts: int
+) -> list[list[str]]:
+    """Per text: one sentence when its unfamiliar share of words (`Familiarity.counts`) is above
+    ``threshold`` (None: never); ``min_texts`` as the word list was made."""
+    reasons: list[list[str]] = [[] for _ in range(len(total))]
+    if threshold is None:
+        return reasons
+    for i, (s, n) in enumerate(zip(strange.tolist(), total.tolist(), strict=True)):
+        share = s / n if n else 1.0
+        if share > threshold:
+            what = (
+                f"{s} of its {n} words ({_pct(share)}) are" if n else "it has no word, so 100 % is"
+            )
+            reasons[i].append(
+                f"unfamiliar text: {what} outside the model's word list (the words of at least "
+                f"{min_texts} training texts), above the threshold {_pct(threshold)}; it may "
+                "not be the kind of text this model was trained on"
+            )
+    return reasons
+
+
 def assess(
     policy: ReferralPolicy,
     *,

@@ -27,8 +27,10 @@ from service.bundle.manifest import (
     Variance,
 )
 from service.bundle.sequence import explicit
-from service.bundle.spec import InputSpec, OutputSpec, TargetSpec, TextInput
+from service.bundle.spec import InputSpec, OutputSpec, TargetSpec, TextInput, WordList
 from service.bundle.tokenizer import check_tokenizer_json
+from service.bundle.words import dump_words
+from service.engine.familiar import familiar_words
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
@@ -41,6 +43,10 @@ ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+WORDS_FILE = "words.txt"
+# A word is listed when at least this many training texts hold it: one record's rare words (a
+# name, an identifier) never enter the bundle.
+WORD_MIN_TEXTS = 2
 
 
 def save(
@@ -71,6 +77,7 @@ def save(
     buckets: Buckets = "auto",
     dropout_sites: Literal["all"] | int = "all",
     variational: Sequence[str] | str | None = None,
+    training_texts: Sequence[str] | None = None,
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
 
@@ -94,7 +101,11 @@ def save(
     over time (by their path in the module: an nn.Dropout, your own locked-dropout module with a
     float ``p``, or a stacked LSTM/GRU for its between-layer dropout); their MC masks are then
     shared over time too (service/packaging/variational.py). `service.nn.VariationalDropout` in
-    the model needs no declaration."""
+    the model needs no declaration.
+
+    ``training_texts`` (text models): the texts it was trained on. The words found in at least
+    two of them are written to words.txt, so that a text mostly made of other words is referred
+    once the bundle is calibrated (service/engine/familiar.py); no text is stored."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -106,6 +117,8 @@ def save(
         )
     if variance is not None and task != "regression":
         raise ModelError("variance= declares a regressor's noise head; a classifier has none")
+    if training_texts is not None and tokenizer is None:
+        raise ModelError("training_texts= is for text models: pass the tokenizer too")
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
@@ -176,7 +189,7 @@ def save(
         )
     outputs = _outputs(names, target_unit) if task == "regression" else None
 
-    text = None
+    text, words = None, None
     if tokenizer is not None:
         raw = tokenizer.to_str().encode()
         check_tokenizer_json(raw, "the tokenizer")  # refused now, not when the bundle loads
@@ -184,12 +197,19 @@ def save(
             tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]), truncation=truncation,
             pad_id=pad_id or 0, buckets=lengths,
         )  # fmt: skip
+        if training_texts is not None:
+            words = familiar_words(tokenizer, training_texts, WORD_MIN_TEXTS)
+            listed = WordList(file=WORDS_FILE, min_texts=WORD_MIN_TEXTS, count=len(words))
+            text = text.model_copy(update={"words": listed})
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
-    roles_extra: tuple[tuple[str, Literal["tokenizer"]], ...] = ()
+    roles_extra: list[tuple[str, Literal["tokenizer", "words"]]] = []
     if text is not None:
         (dest / TOKENIZER_FILE).write_bytes(raw)
-        roles_extra = ((TOKENIZER_FILE, "tokenizer"),)
+        roles_extra.append((TOKENIZER_FILE, "tokenizer"))
+    if words is not None:
+        (dest / WORDS_FILE).write_bytes(dump_words(words))
+        roles_extra.append((WORDS_FILE, "words"))
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     # The exporter fixes a recurrent layer's length whatever it is asked (measured: an LSTM's
     # graph came out static, 5 s slower): such a model's deterministic path runs torch per bucket.
@@ -198,7 +218,9 @@ def save(
     export_onnx(rebuilt, example, dest / ONNX_FILE, dynamic_length=dynamic)
     for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
         (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
-    roles: tuple[tuple[str, Literal["architecture", "weights", "onnx", "tokenizer"]], ...] = (
+    roles: tuple[
+        tuple[str, Literal["architecture", "weights", "onnx", "tokenizer", "words"]], ...
+    ] = (
         (ARCH_FILE, "architecture"),
         (WEIGHTS_FILE, "weights"),
         (ONNX_FILE, "onnx"),

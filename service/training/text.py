@@ -169,6 +169,7 @@ def save_text_bundle(
     metrics: dict[str, float],
     fingerprints: dict[str, list[str]],
     extra: dict[str, Any] | None = None,
+    training_texts: list[str] | None = None,
 ) -> Path:
     return save(
         result.module,
@@ -185,6 +186,7 @@ def save_text_bundle(
         extra=extra,
         tokenizer=result.tokenizer,
         truncation="truncate",
+        training_texts=training_texts,
     )
 
 

@@ -105,6 +105,7 @@ def train_text(
             for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
         },
         fingerprints=fingerprints(ids, parts),
+        training_texts=[table.texts[i] for i in tr],
     )
     if progress:
         typer.echo(

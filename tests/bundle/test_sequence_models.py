@@ -3,12 +3,15 @@ recurrent and attention layers, every dropout site sampled, shape-only branches 
 
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hostile import edit_json, repin
 from text_nets import (
     CORPUS,
     LENGTH,
@@ -30,7 +33,7 @@ from service.engine import MCRequest
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
-from service.errors import InvalidInputError, ModelError
+from service.errors import BundleError, InvalidInputError, ModelError
 from service.packaging import save
 
 MODELS = {
@@ -374,3 +377,60 @@ def test_a_causal_hint_without_its_mask_is_refused(tmp_path: Path) -> None:
             Causal().eval(), token_batch(), out_dir=tmp_path, name="c", version="1",
             task="classification", intended_use="t", labels=["a", "b"],
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def worded_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save(
+        TextCNN().eval(), token_batch(), out_dir=tmp_path_factory.mktemp("words"), name="notes",
+        version="1", task="classification", intended_use="tests", labels=["a", "b", "c"],
+        tokenizer=wordpiece(CORPUS), training_texts=CORPUS,
+    )  # fmt: skip
+
+
+def test_the_training_texts_words_travel_in_the_bundle(worded_bundle: Path) -> None:
+    from service.engine.familiar import familiar_words
+
+    loaded = load_bundle(worded_bundle)
+    spec = loaded.manifest.inputs.text
+    assert spec is not None and spec.words is not None
+    assert loaded.manifest.artifacts[spec.words.file].role == "words"
+    want = familiar_words(loaded.tokenizer, CORPUS, spec.words.min_texts)
+    assert want and loaded.words == frozenset(want) and spec.words.count == len(want)
+    # No training text is stored: only the words of at least two texts.
+    assert (worded_bundle / spec.words.file).read_text().split("\n")[:-1] == want
+    with pytest.raises(ModelError, match="training_texts= is for text models"):
+        save(
+            TextCNN().eval(), token_batch().float(), out_dir=worded_bundle.parent, name="x",
+            version="2", task="classification", intended_use="tests", labels=["a", "b", "c"],
+            training_texts=CORPUS,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("hostile_line", "line 1 ('<script>alert(1)</script>') is not a word"),
+        ("unnamed", "a word list is listed but inputs.text.words does not name it"),
+        ("other_file", "inputs.text.words 'tokenizer.json' is not the listed word list"),
+    ],
+)
+def test_a_tampered_word_list_is_refused(
+    worded_bundle: Path, tmp_path: Path, change: str, message: str
+) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(worded_bundle, b)
+    if change == "hostile_line":
+        (b / "words.txt").write_text("<script>alert(1)</script>\n")
+        repin(b, "words.txt")
+        edit_json(b / "manifest.json", lambda m: m["inputs"]["text"]["words"].update(count=1))
+    elif change == "unnamed":
+        edit_json(b / "manifest.json", lambda m: m["inputs"]["text"].update(words=None))
+    else:
+        edit_json(
+            b / "manifest.json",
+            lambda m: m["inputs"]["text"]["words"].update(file="tokenizer.json"),
+        )
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(b)

@@ -59,8 +59,10 @@ def _train(data: Path, out: Path, *extra: str) -> Path:
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-async def _predict(repo: Path, name: str, texts: list[str]) -> dict[str, Any]:
-    application = create_app(Settings(model_dir=repo))
+async def _predict(
+    repo: Path, name: str, texts: list[str], settings: Settings | None = None
+) -> dict[str, Any]:
+    application = create_app(settings or Settings(model_dir=repo))
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

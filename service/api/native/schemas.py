@@ -36,7 +36,10 @@ class ReferralOut(BaseModel):
             "per reason: epistemic, aleatoric, interval_width, prediction_set or extrapolation"
         )
     )
-    extrapolation: bool = Field(description="some feature lies outside the training range")
+    extrapolation: bool = Field(
+        description="some feature lies outside the training range; for a text model, more of "
+        "its words than the calibrated share never appeared in the training texts"
+    )
 
 
 class PredictionSetOut(BaseModel):

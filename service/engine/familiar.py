@@ -1,0 +1,124 @@
+"""Familiar words: how much of a text is made of words the model saw in its training texts.
+
+MC dropout barely notices a text that is not like the training texts (non-medical prose given to
+a model of medical abstracts: mutual information AUROC 0.60, docs/evaluation/ood.md): a network
+that never saw such words has nothing in them to be unsure about. The text analogue of a tabular
+feature outside its training range is a simpler signal: the share of the text's words that never
+appeared in the training texts. The bundle lists the words found in at least `min_texts` training
+texts (`words.txt`, role "words"; so that a word from one record, a name say, is never stored);
+calibration sets the share above which a text is referred (`ReferralPolicy.unfamiliar_words`).
+
+Words are read from the token ids (what the model reads, after truncation), through the bundle's
+tokenizer: decoded, normalised like the training texts, then maximal runs of letters, casefolded.
+Training and serving use the same function, so a word is spelt the same way on both sides. An
+unknown-token id counts as one unfamiliar word. A text with no word at all (only digits or
+punctuation) has share 1: nothing in it is familiar.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from service.bundle.load import LoadedBundle
+
+_WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no backtracking
+
+
+def _unknown_id(tokenizer: Any) -> int | None:
+    token = getattr(tokenizer.model, "unk_token", None)
+    return None if token is None else tokenizer.token_to_id(token)
+
+
+class WordReader:
+    """Token ids -> words, for one tokenizer.
+
+    WordPiece (ours): from a table of each id's text, a space before a piece that starts a word,
+    none before a continuation ("##") piece, a space for an unknown or special token; the row's
+    texts joined are its words. That is what WordPiece decoding does, without its punctuation
+    clean-up (which only moves spaces next to signs, never inside a run of letters), at a
+    quarter of the time: this runs per served text. Other models: the tokenizer's own decoder,
+    then its normaliser (pieces of those need not be normalised text)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.unknown_id = _unknown_id(tokenizer)
+        self.table: np.ndarray | None = None
+        if type(tokenizer.model).__name__ == "WordPiece":
+            prefix = tokenizer.model.continuing_subword_prefix
+            added = tokenizer.get_added_tokens_decoder()
+            table = []
+            for i in range(tokenizer.get_vocab_size(with_added_tokens=True)):
+                piece = tokenizer.id_to_token(i)
+                if piece is None or i == self.unknown_id or (i in added and added[i].special):
+                    table.append(" ")
+                elif prefix and piece.startswith(prefix):
+                    table.append(piece[len(prefix) :])
+                else:
+                    table.append(" " + piece)
+            self.table = np.array(table, dtype=object)
+
+    def __call__(self, rows: Sequence[Sequence[int]] | np.ndarray) -> list[list[str]]:
+        """The words of each row of ids (unknown and special tokens left out)."""
+        if self.table is not None:
+            texts = ["".join(self.table[np.asarray(r, dtype=np.int64)]) for r in rows]
+        else:
+            unk = self.unknown_id
+            texts = self.tokenizer.decode_batch(
+                [[int(i) for i in r if i != unk] for r in rows], skip_special_tokens=True
+            )
+            norm = self.tokenizer.normalizer
+            texts = [norm.normalize_str(t) if norm is not None else t for t in texts]
+        # isalpha: the regex also takes numeric letters such as "²", which words.txt refuses.
+        return [[w.casefold() for w in _WORD.findall(t) if w.isalpha()] for t in texts]
+
+
+def familiar_words(tokenizer: Any, texts: Iterable[str], min_texts: int) -> list[str]:
+    """The words of at least ``min_texts`` of ``texts`` (all their tokens), sorted."""
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    df: Counter[str] = Counter()
+    for ws in WordReader(tokenizer)([e.ids for e in encodings]):
+        df.update(set(ws))
+    return sorted(w for w, n in df.items() if n >= min_texts)
+
+
+class Familiarity:
+    """The unfamiliar share of token-id rows, for one tokenizer and its word list."""
+
+    def __init__(
+        self, tokenizer: Any, words: frozenset[str], pad_id: int, min_texts: int = 2
+    ) -> None:
+        self.read = WordReader(tokenizer)
+        self.words = words
+        self.min_texts = min_texts  # as the list was made: for the reasons' wording
+        self.pad_id = pad_id
+        self.unknown_id = self.read.unknown_id
+
+    def counts(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row of ``ids`` [B, T]: (unfamiliar words, words), unknown tokens counted in both."""
+        ids = np.asarray(ids)
+        rows = [r[r != self.pad_id] for r in ids.reshape(ids.shape[0], -1)]
+        unknown = np.array(
+            [0 if self.unknown_id is None else int((r == self.unknown_id).sum()) for r in rows]
+        )
+        per_row = self.read(rows)
+        strange = np.array([sum(w not in self.words for w in ws) for ws in per_row]) + unknown
+        total = np.array([len(ws) for ws in per_row]) + unknown
+        return strange, total
+
+    def share(self, ids: np.ndarray) -> np.ndarray:
+        """Per row [B]: the share of its words not in the list (1.0 for a row without words)."""
+        strange, total = self.counts(ids)
+        return np.where(total > 0, strange / np.maximum(total, 1), 1.0)
+
+
+def for_bundle(bundle: LoadedBundle) -> Familiarity | None:
+    """The bundle's `Familiarity` (None: not a text model, or one without a word list)."""
+    text = bundle.manifest.inputs.text
+    if text is None or text.words is None or bundle.words is None or bundle.tokenizer is None:
+        return None
+    return Familiarity(bundle.tokenizer, bundle.words, text.pad_id, text.words.min_texts)

@@ -1,0 +1,89 @@
+"""Familiar words (service/engine/familiar.py): the word list and the unfamiliar share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.engine.familiar import Familiarity, WordReader, familiar_words
+from service.training.text_data import train_tokenizer
+
+TEXTS = [
+    "The cardiomyopathy patients improved.",
+    "Patients with cardiomyopathy improved after surgery.",
+    "A singular zebra.",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():  # type: ignore[no-untyped-def]
+    t = train_tokenizer(TEXTS, 40)  # small: long words are split into pieces
+    assert len(t.encode("cardiomyopathy", add_special_tokens=False).ids) > 1
+    return t
+
+
+def _ids(tok, text: str, length: int = 32) -> np.ndarray:  # type: ignore[no-untyped-def]
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return np.array([ids + [0] * (length - len(ids))], dtype=np.int64)
+
+
+def test_the_list_holds_words_of_two_texts_joined_from_their_pieces(tok) -> None:  # type: ignore[no-untyped-def]
+    # "the", "with", "zebra" ... occur in one text only; a word split into pieces is one word.
+    assert familiar_words(tok, TEXTS, 2) == ["cardiomyopathy", "improved", "patients"]
+    assert "zebra" in familiar_words(tok, TEXTS, 1)
+
+
+def test_the_share_counts_words_not_listed_and_ignores_padding(tok) -> None:  # type: ignore[no-untyped-def]
+    f = Familiarity(tok, frozenset(familiar_words(tok, TEXTS, 2)), pad_id=0)
+    two_of_four = _ids(tok, "Patients improved. Singular zebra.")
+    assert f.share(two_of_four).tolist() == [0.5]
+    assert f.share(_ids(tok, "Patients improved. Singular zebra.", 64)).tolist() == [0.5]
+    strange, total = f.counts(two_of_four)
+    assert (strange.tolist(), total.tolist()) == ([2], [4])
+    assert f.share(_ids(tok, "cardiomyopathy patients")).tolist() == [0.0]
+
+
+def test_unknown_tokens_are_unfamiliar_and_a_text_without_words_is_wholly_so(tok) -> None:  # type: ignore[no-untyped-def]
+    f = Familiarity(tok, frozenset(familiar_words(tok, TEXTS, 2)), pad_id=0)
+    unk = tok.token_to_id("[UNK]")
+    ids = _ids(tok, "patients \u9f8d")  # a character the tokenizer never saw: [UNK]
+    assert unk in ids[0].tolist()
+    assert f.counts(ids)[0].tolist() == [1] and f.share(ids).tolist() == [0.5]
+    assert f.share(_ids(tok, "12 34 %")).tolist() == [1.0]
+    assert f.share(np.zeros((1, 8), dtype=np.int64)).tolist() == [1.0]  # padding only
+
+
+EDGE = "Don't stop: b12 vitamin, m\u00b2, na\u00efve CAF\u00c9 \u9f8d! Cardiomyopathy."
+
+
+def test_the_wordpiece_table_reads_what_decoding_reads(tok) -> None:  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders
+
+    slow_tok = Tokenizer.from_str(tok.to_str())
+    slow_tok.decoder = decoders.WordPiece(prefix="##")
+    fast, slow = WordReader(tok), WordReader(slow_tok)
+    slow.table = None  # the decoder's way
+    rows = [tok.encode(t, add_special_tokens=False).ids for t in [*TEXTS, EDGE]]
+    assert fast.table is not None and fast(rows) == slow(rows)
+    # Words with a character the tokenizer never saw are [UNK] (counted apart), the rest read.
+    assert fast(rows)[-1][-1] == "cardiomyopathy" and len(fast(rows)[-1]) >= 3
+
+
+def test_other_tokenizers_are_read_through_their_decoder() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    bpe.train_from_iterator(
+        TEXTS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    reader = WordReader(bpe)
+    assert reader.table is None
+    ids = bpe.encode("Patients improved. Singular Zebra!").ids
+    assert reader([ids]) == [["patients", "improved", "singular", "zebra"]]
+    assert familiar_words(bpe, TEXTS, 2) == ["cardiomyopathy", "improved", "patients"]

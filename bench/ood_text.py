@@ -8,6 +8,9 @@ In-distribution: the 575 test abstracts. Out of distribution, scored by the serv
 - non-medical English prose: the paragraphs of `bench/data/plain_prose.txt` (written for this
   benchmark: bakeries, railways, sailing, weather, ...) and paragraphs of the Python language
   reference that ships with CPython (`pydoc_data.topics`, technical prose), each as one text;
+- scores: mutual information and predictive entropy (MC), and the share of each text's words
+  that no two training texts hold (`unfamiliar`, service/engine/familiar.py: the served
+  bundle's word list; for the held-out class, the list of the retrained network's rows);
 - abstracts of a class never seen in training: the recipe's network retrained
   (`models.medical_abstracts.fit_recipe`, same seed and settings; uncalibrated) on the training
   rows without one class (`HELD_OUT`); the test rows of the four seen classes against those of the
@@ -25,11 +28,13 @@ import torch
 
 from models import medical_abstracts as recipe
 from service.bundle import load_bundle
+from service.engine.familiar import Familiarity, familiar_words
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import ClassificationSummary, summarize_classification
 from service.engine.text import encode_texts
+from service.packaging.writer import WORD_MIN_TEXTS
 from service.training.text_data import encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +73,12 @@ def scores(served: ServedModel, texts: list[str], passes: int, seed: int) -> dic
     pred = served.predict(batch.ids, PredictParams(passes, (0.9,), seed))
     s = pred.summary
     assert isinstance(s, ClassificationSummary) and pred.referral is not None
+    familiarity = served.calibrator.familiarity
+    assert familiarity is not None, "the served bundle has no word list"
     return {
         "mi": s.mutual_information,
         "entropy": s.predictive_entropy,
+        "unfamiliar": familiarity.share(batch.ids),
         "refer": pred.referral.refer.astype(np.float64),
     }
 
@@ -88,7 +96,7 @@ def shifts(auroc_row: Any, referred: Any, passes: int, seed: int, reps: int) -> 
     rows = []
     for name, out_texts in cases.items():
         sc = scores(served, out_texts, passes, seed)
-        for score in ("mi", "entropy"):
+        for score in ("mi", "entropy", "unfamiliar"):
             r = auroc_row(f"medical-abstracts: {name}", base[score], sc[score], reps)
             rows.append(r | {"score": score} | referred(base, sc))
     return rows
@@ -116,7 +124,13 @@ def held_out_classes(auroc_row: Any, passes: int, seed: int, reps: int) -> list[
         seen = ~out & ~ambiguous
         truth = data.y[te][seen]
         seen_acc = float((s.label[seen] == np.where(truth > k, truth - 1, truth)).mean())
-        for score, v in (("mi", s.mutual_information), ("entropy", s.predictive_entropy)):
+        words = familiar_words(fit.tokenizer, [data.texts[i] for i in keep], WORD_MIN_TEXTS)
+        unfamiliar = Familiarity(fit.tokenizer, frozenset(words), 0).share(ids)
+        for score, v in (
+            ("mi", s.mutual_information),
+            ("entropy", s.predictive_entropy),
+            ("unfamiliar", unfamiliar),
+        ):
             r = auroc_row(f"medical-abstracts: held-out {data.labels[k]}", v[seen], v[out], reps)
             rows.append(r | {"score": score, "accuracy_on_seen": seen_acc})
     return rows

@@ -36,7 +36,7 @@ def test_version_2_is_a_calibrated_copy_of_version_1(name: str) -> None:
 
 # medical-abstracts: (built, calibrated, method) pairs; the recipe's SERVED is the newest.
 TEXT_PAIRS = [("1", "2", "temperature"), ("3", "4", "temperature"), ("3", "5", "vector"),
-              ("6", "7", "vector")]  # fmt: skip
+              ("6", "7", "vector"), ("8", "9", "vector")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("built", "calibrated", "method"), TEXT_PAIRS)
@@ -53,3 +53,7 @@ def test_medical_abstracts_calibrated_versions(built: str, calibrated: str, meth
     newest = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
     assert str(newest) == medical_abstracts.SERVED
     assert (medical_abstracts.VERSION, medical_abstracts.SERVED) in {p[:2] for p in TEXT_PAIRS}
+    # Versions 8-9 carry the training texts' words (the unfamiliar-text referral), 1-7 do not.
+    text = cal_b.manifest.inputs.text
+    assert text is not None and (text.words is not None) == (int(built) >= 8)
+    assert (cal_b.manifest.referral.unfamiliar_words is not None) == (int(built) >= 8)

@@ -35,10 +35,13 @@ def test_models_lists_the_bundled_models() -> None:
     assert header.split() == ["MODEL", "VERSION", "SERVED", "STATUS", "TASK", "DIGEST"]
     found = [tuple(line.split()[:3]) for line in lines]
     # Version 1 as built, version 2 its calibrated copy (python -m service calibrate), which is
-    # the one a request without a version gets; medical-abstracts' network changed twice, so its
-    # newest pair is 6 (built) and 7 (calibrated, served), beside the old 1-5.
+    # the one a request without a version gets; medical-abstracts' network changed twice and
+    # gained a word list, so its newest pair is 8 (built) and 9 (calibrated, served), beside the
+    # old 1-7.
     names = ("breast-cancer", "diabetes", "digits")
-    text = [("medical-abstracts", v, "ready") for v in "123456"] + [("medical-abstracts", "7", "*")]
+    text = [("medical-abstracts", v, "ready") for v in "12345678"] + [
+        ("medical-abstracts", "9", "*")
+    ]
     assert found == [t for n in names for t in ((n, "1", "ready"), (n, "2", "*"))] + text
     assert all(" ready " in line for line in lines)
     assert [line.index("ready") for line in lines] == [header.index("STATUS")] * len(lines)

@@ -184,3 +184,25 @@ def test_evaluation_report_and_headline_show_the_scale_and_bias(repo: Repo, tmp_
     assert "Served with vector scaling, per class: scale " in text
     rows = dict(headline(numbers))
     assert rows["class scale"] == ", ".join(f"{v:.4g}" for v in cal.class_scale)
+
+
+def test_the_deterministic_answer_goes_through_the_calibration(repo: Repo) -> None:
+    """mode=deterministic: softmax of the one dropout-off pass's logits, calibrated as the MC
+    passes are (vector scaling here, a temperature in version 2, nothing in version 1)."""
+    import torch
+
+    x = ROWS.astype(np.float32)
+    for version in ("1", "2", "3"):
+        served = ServedModel(load_bundle(repo.root / "clf" / version), device="cpu")
+        with torch.inference_mode():
+            z = served.bundle.module(torch.as_tensor(x)).double().numpy()
+        cal = served.manifest.calibration
+        t = cal.temperature if cal is not None and cal.temperature is not None else 1.0
+        want = z / t
+        if cal is not None and cal.class_scale is not None and cal.class_bias is not None:
+            want = want * np.array(cal.class_scale) + np.array(cal.class_bias)
+        got = served.predict(x, PredictParams(1, (0.9,), mode="deterministic")).point
+        assert got is not None
+        np.testing.assert_allclose(got, softmax(want, axis=-1), rtol=1e-5, atol=1e-6)
+        if version == "3":  # the scale and bias move the answer away from the raw softmax
+            assert np.abs(got - softmax(z, axis=-1)).max() > 1e-3

@@ -209,6 +209,16 @@ class Manifest(Strict):
                 f"has {len(self.dropout)}; use 'all' or {{'last': k}} with 1 <= k <= "
                 f"{len(self.dropout)}"
             )
+        text = self.inputs.text
+        if (
+            self.referral is not None
+            and self.referral.unfamiliar_words is not None
+            and (text is None or text.words is None)
+        ):
+            raise ValueError(
+                "referral.unfamiliar_words needs a text model with a word list "
+                "(inputs.text.words); this model has none"
+            )
         if self.referral is not None and self.referral.targets is not None:
             unknown = sorted(set(self.referral.targets) - set(out.target_names))
             if unknown or out.targets is None:

@@ -14,6 +14,7 @@ from service.errors import BundleError
 
 MAX_WORDS = 2_000_000
 MAX_WORD_CHARS = 200
+MAX_BYTES = 32 * 1024 * 1024  # 2 M words of 15 bytes; bounds the memory a hostile file costs
 
 
 def dump_words(words: Sequence[str]) -> bytes:
@@ -23,23 +24,27 @@ def dump_words(words: Sequence[str]) -> bytes:
 
 def read_words(raw: bytes, where: str, count: int) -> frozenset[str]:
     """The checked word set; ``count`` is the number the manifest declares."""
+    # Sizes first, on the bytes: a hostile file must not cost memory before it is refused.
+    if len(raw) > MAX_BYTES:
+        raise BundleError(f"{where}: {len(raw)} bytes, over the limit of {MAX_BYTES}")
+    lines = raw.count(b"\n")
+    if lines > MAX_WORDS:
+        raise BundleError(f"{where}: {lines} words, over the limit of {MAX_WORDS}")
+    if lines != count:
+        raise BundleError(f"{where}: {lines} words, the manifest declares {count}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BundleError(f"{where}: not UTF-8 text ({exc})") from exc
     if text and not text.endswith("\n"):
         raise BundleError(f"{where}: the last line must end with a newline")
-    lines = text.split("\n")[:-1] if text else []
-    if len(lines) > MAX_WORDS:
-        raise BundleError(f"{where}: {len(lines)} words, over the limit of {MAX_WORDS}")
-    if len(lines) != count:
-        raise BundleError(f"{where}: {len(lines)} words, the manifest declares {count}")
-    for i, w in enumerate(lines):
+    words = text.split("\n")[:-1] if text else []
+    for i, w in enumerate(words):
         if not w or len(w) > MAX_WORD_CHARS or not w.isalpha() or w != w.casefold():
             raise BundleError(
                 f"{where}: line {i + 1} ({w[:40]!r}) is not a word: each line holds one "
                 f"casefolded run of letters, 1-{MAX_WORD_CHARS} characters"
             )
-        if i and lines[i - 1] >= w:
+        if i and words[i - 1] >= w:
             raise BundleError(f"{where}: line {i + 1} ({w[:40]!r}) is out of order or repeated")
-    return frozenset(lines)
+    return frozenset(words)

@@ -294,6 +294,14 @@ def calibrate_bundle(
         dest.parent.mkdir(parents=True, exist_ok=True)
         staged.rename(dest)
     load_bundle(dest, policy)  # what was written must load
+    if referral.unfamiliar_words is not None and referral.unfamiliar_words >= 1.0:
+        warnings.append(
+            f"the unfamiliar-words check will never refer a text: more than "
+            f"{100 * UNFAMILIAR_RATE:g} % of the {data.n} calibration texts have no word of the "
+            "word list (only digits or codes, another language?), so its threshold is 100 %; "
+            "check the calibration data, or set this model's unfamiliar_words in "
+            "MCSERVE_REFERRAL"
+        )
     level = m.defaults.confidence
     if data.n < conformal.min_n(level):
         warnings.append(

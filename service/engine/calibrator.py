@@ -48,6 +48,11 @@ class Calibrator:
         self.calibration = manifest.calibration
         base = manifest.referral or ReferralPolicy(level=manifest.defaults.confidence)
         self.policy = _with_overrides(base, referral_overrides)
+        if self.policy.unfamiliar_words is not None and familiarity is None:
+            raise ValueError(
+                "unfamiliar_words needs a text model with a word list (inputs.text.words); this "
+                "model has none, so the setting would do nothing: leave it out"
+            )
         cal = self.calibration
         self._scores = np.asarray(cal.scores, dtype=np.float64) if cal else np.zeros(0)
         self.targets = manifest.outputs.target_names  # regression, in output order
@@ -177,6 +182,8 @@ class Calibrator:
         of their training ranges; for text, unfamiliar words above the ``unfamiliar`` share)."""
         f = self.familiarity
         if f is not None:
+            if unfamiliar is None:  # the check is off: no words to read
+                return [[] for _ in range(x.shape[0])]
             return unfamiliar_text(*f.counts(x), unfamiliar, f.min_texts)
         flat = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
         return outside_training(flat, self.manifest.inputs)

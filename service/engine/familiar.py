@@ -4,19 +4,23 @@ MC dropout barely notices a text that is not like the training texts (non-medica
 a model of medical abstracts: mutual information AUROC 0.60, docs/evaluation/ood.md): a network
 that never saw such words has nothing in them to be unsure about. The text analogue of a tabular
 feature outside its training range is a simpler signal: the share of the text's words that never
-appeared in the training texts. The bundle lists the words found in at least `min_texts` training
-texts (`words.txt`, role "words"; so that a word from one record, a name say, is never stored);
-calibration sets the share above which a text is referred (`ReferralPolicy.unfamiliar_words`).
+appeared in the training texts. The bundle lists the words found in at least `min_texts`
+distinct training texts (`words.txt`, role "words"; 2 by default, so that a word of a single text
+is never stored; distinct texts are not distinct patients: for clinical notes raise it, or write
+no list, docs/BUNDLES.md); calibration sets the share above which a text is referred
+(`ReferralPolicy.unfamiliar_words`).
 
 Words are read from the token ids (what the model reads, after truncation), through the bundle's
 tokenizer: decoded, normalised like the training texts, then maximal runs of letters, casefolded.
 Training and serving use the same function, so a word is spelt the same way on both sides. An
 unknown-token id counts as one unfamiliar word. A text with no word at all (only digits or
-punctuation) has share 1: nothing in it is familiar.
+punctuation) has share 1: nothing in it is familiar. A text cut at the model's maximum tokens may
+end in part of a word, which then counts as unfamiliar (calibration reads texts the same way).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -31,7 +35,21 @@ _WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no bac
 
 def _unknown_id(tokenizer: Any) -> int | None:
     token = getattr(tokenizer.model, "unk_token", None)
-    return None if token is None else tokenizer.token_to_id(token)
+    if token is not None:
+        found: int | None = tokenizer.token_to_id(token)
+        return found
+    if type(tokenizer.model).__name__ == "Unigram":  # no unk_token attribute: its JSON's unk_id
+        unk = json.loads(tokenizer.to_str())["model"].get("unk_id")
+        return None if unk is None else int(unk)
+    return None
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids that are never words: registered special tokens and what the post-processor adds
+    ([CLS], [SEP], ...; a request is encoded with them, the training texts without)."""
+    added = tokenizer.get_added_tokens_decoder()
+    ids = {i for i, t in added.items() if t.special}
+    return frozenset(ids | set(tokenizer.encode("", add_special_tokens=True).ids))
 
 
 class WordReader:
@@ -40,21 +58,21 @@ class WordReader:
     WordPiece (ours): from a table of each id's text, a space before a piece that starts a word,
     none before a continuation ("##") piece, a space for an unknown or special token; the row's
     texts joined are its words. That is what WordPiece decoding does, without its punctuation
-    clean-up (which only moves spaces next to signs, never inside a run of letters), at a
-    quarter of the time: this runs per served text. Other models: the tokenizer's own decoder,
-    then its normaliser (pieces of those need not be normalised text)."""
+    clean-up (which only moves spaces next to signs, never inside a run of letters), in a
+    seventh of the time (bench/familiar.py): this runs per served text. Other models: the
+    tokenizer's own decoder, then its normaliser (their pieces need not be normalised text)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.unknown_id = _unknown_id(tokenizer)
+        self.skip = _special_ids(tokenizer) | {self.unknown_id}  # unknown: counted apart
         self.table: np.ndarray | None = None
         if type(tokenizer.model).__name__ == "WordPiece":
             prefix = tokenizer.model.continuing_subword_prefix
-            added = tokenizer.get_added_tokens_decoder()
             table = []
             for i in range(tokenizer.get_vocab_size(with_added_tokens=True)):
                 piece = tokenizer.id_to_token(i)
-                if piece is None or i == self.unknown_id or (i in added and added[i].special):
+                if piece is None or i in self.skip:
                     table.append(" ")
                 elif prefix and piece.startswith(prefix):
                     table.append(piece[len(prefix) :])
@@ -67,9 +85,9 @@ class WordReader:
         if self.table is not None:
             texts = ["".join(self.table[np.asarray(r, dtype=np.int64)]) for r in rows]
         else:
-            unk = self.unknown_id
+            skip = self.skip
             texts = self.tokenizer.decode_batch(
-                [[int(i) for i in r if i != unk] for r in rows], skip_special_tokens=True
+                [[int(i) for i in r if int(i) not in skip] for r in rows], skip_special_tokens=True
             )
             norm = self.tokenizer.normalizer
             texts = [norm.normalize_str(t) if norm is not None else t for t in texts]
@@ -78,8 +96,10 @@ class WordReader:
 
 
 def familiar_words(tokenizer: Any, texts: Iterable[str], min_texts: int) -> list[str]:
-    """The words of at least ``min_texts`` of ``texts`` (all their tokens), sorted."""
-    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    """The words of at least ``min_texts`` distinct ``texts`` (all their tokens), sorted. A text
+    repeated (a note copied forward, an abstract under two labels) counts once."""
+    distinct = list(dict.fromkeys(texts))
+    encodings = tokenizer.encode_batch(distinct, add_special_tokens=False)
     df: Counter[str] = Counter()
     for ws in WordReader(tokenizer)([e.ids for e in encodings]):
         df.update(set(ws))

@@ -44,8 +44,8 @@ WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 WORDS_FILE = "words.txt"
-# A word is listed when at least this many training texts hold it: one record's rare words (a
-# name, an identifier) never enter the bundle.
+# A word is listed when at least this many distinct training texts hold it: the rare words of one
+# text (a name, an identifier) never enter the bundle. Texts are not patients: raise it for notes.
 WORD_MIN_TEXTS = 2
 
 
@@ -78,6 +78,7 @@ def save(
     dropout_sites: Literal["all"] | int = "all",
     variational: Sequence[str] | str | None = None,
     training_texts: Sequence[str] | None = None,
+    word_min_texts: int = WORD_MIN_TEXTS,
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
 
@@ -104,8 +105,9 @@ def save(
     the model needs no declaration.
 
     ``training_texts`` (text models): the texts it was trained on. The words found in at least
-    two of them are written to words.txt, so that a text mostly made of other words is referred
-    once the bundle is calibrated (service/engine/familiar.py); no text is stored."""
+    ``word_min_texts`` distinct ones are written to words.txt, so that a text mostly made of
+    other words is referred once the bundle is calibrated (service/engine/familiar.py); no text
+    is stored. Leave it out for no word list (and no such referral)."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -119,6 +121,8 @@ def save(
         raise ModelError("variance= declares a regressor's noise head; a classifier has none")
     if training_texts is not None and tokenizer is None:
         raise ModelError("training_texts= is for text models: pass the tokenizer too")
+    if word_min_texts < 1:
+        raise ModelError(f"word_min_texts={word_min_texts}: a word needs at least 1 text")
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
@@ -198,8 +202,8 @@ def save(
             pad_id=pad_id or 0, buckets=lengths,
         )  # fmt: skip
         if training_texts is not None:
-            words = familiar_words(tokenizer, training_texts, WORD_MIN_TEXTS)
-            listed = WordList(file=WORDS_FILE, min_texts=WORD_MIN_TEXTS, count=len(words))
+            words = familiar_words(tokenizer, training_texts, word_min_texts)
+            listed = WordList(file=WORDS_FILE, min_texts=word_min_texts, count=len(words))
             text = text.model_copy(update={"words": listed})
     dest.mkdir(parents=True, exist_ok=True)
     (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")

@@ -209,6 +209,13 @@ def train(
         typer.Option(help="text: CSV row,split (train/calibration/test) instead of the 80/20 cut"),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="text: tokens per text (longer: cut)")] = 256,
+    word_min_texts: Annotated[
+        int,
+        typer.Option(
+            help="text: the bundle lists the words of at least this many distinct training "
+            "texts, for the unfamiliar-text referral (0: no word list)"
+        ),
+    ] = 2,
     calibration_method: Annotated[
         str,
         typer.Option(
@@ -271,7 +278,7 @@ def train(
                 data=data, target=target, text_column=text_col, out=out, name=bundle_name,
                 version=version, seed=seed, max_epochs=epochs, progress=progress,
                 labels_given=given, arch=arch, splits=splits, max_tokens=max_tokens,
-                calibration_method=calibration_method,
+                calibration_method=calibration_method, word_min_texts=word_min_texts,
             )  # fmt: skip
             typer.echo(str(path))
             return

@@ -170,6 +170,7 @@ def save_text_bundle(
     fingerprints: dict[str, list[str]],
     extra: dict[str, Any] | None = None,
     training_texts: list[str] | None = None,
+    word_min_texts: int = 2,
 ) -> Path:
     return save(
         result.module,
@@ -187,6 +188,7 @@ def save_text_bundle(
         tokenizer=result.tokenizer,
         truncation="truncate",
         training_texts=training_texts,
+        word_min_texts=word_min_texts,
     )
 
 

@@ -38,6 +38,7 @@ def train_text(
     splits: Path | None,
     max_tokens: int,
     calibration_method: str = "temperature",
+    word_min_texts: int = 2,
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
     from service.training.table import label_order
@@ -46,6 +47,10 @@ def train_text(
         raise InvalidInputError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
     if not 8 <= max_tokens <= 4096:
         raise InvalidInputError(f"--max-tokens {max_tokens}: use 8..4096 (e.g. 256)")
+    if word_min_texts < 0:
+        raise InvalidInputError(
+            f"--word-min-texts {word_min_texts}: use 0 (no word list) or a count of texts, e.g. 2"
+        )
     table = read_text_table(data, target, text_column)
     n = len(table.texts)
     if splits is not None:
@@ -105,7 +110,8 @@ def train_text(
             for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
         },
         fingerprints=fingerprints(ids, parts),
-        training_texts=[table.texts[i] for i in tr],
+        training_texts=[table.texts[i] for i in tr] if word_min_texts else None,
+        word_min_texts=word_min_texts or 2,
     )
     if progress:
         typer.echo(

@@ -87,3 +87,31 @@ def test_other_tokenizers_are_read_through_their_decoder() -> None:
     ids = bpe.encode("Patients improved. Singular Zebra!").ids
     assert reader([ids]) == [["patients", "improved", "singular", "zebra"]]
     assert familiar_words(bpe, TEXTS, 2) == ["cardiomyopathy", "improved", "patients"]
+
+
+def test_a_repeated_text_counts_once(tok) -> None:  # type: ignore[no-untyped-def]
+    # "zebra" is in one distinct text, twice over (a note copied forward): not listed.
+    assert "zebra" not in familiar_words(tok, [*TEXTS, TEXTS[2]], 2)
+    assert "zebra" in familiar_words(tok, [*TEXTS, TEXTS[2] + " Again."], 2)
+
+
+def test_unknown_and_added_special_tokens_of_other_tokenizers() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer = pre_tokenizers.Whitespace()
+    uni.train_from_iterator(
+        TEXTS, trainers.UnigramTrainer(vocab_size=60, unk_token="<unk>", show_progress=False)
+    )
+    f = Familiarity(uni, frozenset(familiar_words(uni, TEXTS, 2)), pad_id=-1)
+    ids = np.array([uni.encode("patients \u9f8d\u9f8d improved").ids])
+    assert f.unknown_id is not None and f.unknown_id in ids[0].tolist()
+    assert f.counts(ids)[0].tolist() == [1]  # the unknown word, and nothing else
+    # A post-processor's [CLS]/[SEP] (a request is encoded with them) are never words.
+    wp = train_tokenizer(TEXTS, 40)
+    wp.add_tokens(["[CLS]", "[SEP]"])
+    cls_, sep = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
+    wp.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls_))
+    g = Familiarity(wp, frozenset(familiar_words(wp, TEXTS, 2)), pad_id=0)
+    row = np.array([wp.encode("patients improved", add_special_tokens=True).ids])
+    assert row[0, 0] == cls_ and g.counts(row)[1].tolist() == [2] and g.share(row).tolist() == [0.0]

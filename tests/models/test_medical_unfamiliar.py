@@ -46,8 +46,9 @@ def test_the_served_model_refers_prose_and_few_abstracts() -> None:
     # rate is that within 3 standard errors (test sampling and calibration sampling together).
     se = math.sqrt(2 * UNFAMILIAR_RATE * (1 - UNFAMILIAR_RATE) / n)
     assert np.mean(share(abstracts) > threshold) <= UNFAMILIAR_RATE + 3 * se
-    # Non-medical prose (bench/data/plain_prose.txt, 45 paragraphs): 95.6 % measured; the bound
-    # is that less 3 binomial standard errors.
+    # Non-medical prose (bench/data/plain_prose.txt, 45 paragraphs): 95.6 % measured. Read as a
+    # sample of non-medical prose, a detection rate at least that less 3 binomial standard errors
+    # (86 %) is what this check promises; fewer means the word list or threshold broke.
     paragraphs = prose()
     assert len(paragraphs) == 45
     assert np.mean(share(paragraphs) > threshold) >= 0.956 - 3 * math.sqrt(0.956 * 0.044 / 45)

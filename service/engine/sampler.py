@@ -48,7 +48,9 @@ from service.errors import InvalidInputError, ModelError
 # last bits (audit records carry it, so a replay can say why it differs). 2 (2026-11-27): the
 # prefix rewritten for inference (BatchNorm folded, channels-last); the fused mask kernel did not
 # change any number. 3 (2026-12-06): linear layers in fixed row blocks on the CPU (blocks.py).
-NUMERICS = 3
+# 4 (2026-12-06): a calibrated classifier's deterministic answer goes through its calibration
+# (model.py); MC answers did not change.
+NUMERICS = 4
 
 
 # Splits kept per model for settings other than "all" (each holds a prefix and a suffix graph

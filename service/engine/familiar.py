@@ -78,16 +78,20 @@ class WordReader:
                     table.append(piece[len(prefix) :])
                 else:
                     table.append(" " + piece)
-            self.table = np.array(table, dtype=object)
+            # Ids past the vocabulary (an embedding larger than the tokenizer's, ids sent
+            # directly): the last entry, a gap, like an unknown token.
+            self.table = np.array([*table, " "], dtype=object)
 
     def __call__(self, rows: Sequence[Sequence[int]] | np.ndarray) -> list[list[str]]:
         """The words of each row of ids (unknown and special tokens left out)."""
         if self.table is not None:
-            texts = ["".join(self.table[np.asarray(r, dtype=np.int64)]) for r in rows]
+            last = len(self.table) - 1
+            texts = ["".join(self.table[np.minimum(np.asarray(r, np.int64), last)]) for r in rows]
         else:
-            skip = self.skip
+            skip, size = self.skip, self.tokenizer.get_vocab_size(with_added_tokens=True)
             texts = self.tokenizer.decode_batch(
-                [[int(i) for i in r if int(i) not in skip] for r in rows], skip_special_tokens=True
+                [[int(i) for i in r if int(i) not in skip and 0 <= int(i) < size] for r in rows],
+                skip_special_tokens=True,
             )
             norm = self.tokenizer.normalizer
             texts = [norm.normalize_str(t) if norm is not None else t for t in texts]

@@ -115,3 +115,19 @@ def test_unknown_and_added_special_tokens_of_other_tokenizers() -> None:
     g = Familiarity(wp, frozenset(familiar_words(wp, TEXTS, 2)), pad_id=0)
     row = np.array([wp.encode("patients improved", add_special_tokens=True).ids])
     assert row[0, 0] == cls_ and g.counts(row)[1].tolist() == [2] and g.share(row).tolist() == [0.0]
+
+
+def test_ids_past_the_tokenizers_vocabulary_are_gaps(tok) -> None:  # type: ignore[no-untyped-def]
+    # An embedding may be larger than the tokenizer; such ids can be sent directly (in range).
+    f = Familiarity(tok, frozenset(familiar_words(tok, TEXTS, 2)), pad_id=0)
+    big = tok.get_vocab_size() + 5
+    ids = _ids(tok, "patients improved")
+    ids[0, 5] = big
+    assert f.counts(ids)[1].tolist() == [2]
+    from tokenizers import Tokenizer, decoders
+
+    slow_tok = Tokenizer.from_str(tok.to_str())
+    slow_tok.decoder = decoders.WordPiece(prefix="##")
+    slow = WordReader(slow_tok)
+    slow.table = None
+    assert slow([ids[0][ids[0] != 0]]) == WordReader(tok)([ids[0][ids[0] != 0]])

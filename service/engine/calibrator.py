@@ -8,6 +8,7 @@ summaries: regression ``mean``/``std`` ``[B, 1]``, classification ``probabilitie
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from statistics import NormalDist
@@ -35,6 +36,8 @@ from service.engine.summaries import (
     summarize_classification,
 )
 
+log = logging.getLogger("mcserve.referral")
+
 
 class Calibrator:
     def __init__(
@@ -49,10 +52,15 @@ class Calibrator:
         base = manifest.referral or ReferralPolicy(level=manifest.defaults.confidence)
         self.policy = _with_overrides(base, referral_overrides)
         if self.policy.unfamiliar_words is not None and familiarity is None:
-            raise ValueError(
-                "unfamiliar_words needs a text model with a word list (inputs.text.words); this "
-                "model has none, so the setting would do nothing: leave it out"
+            # The manifest cannot hold it (Manifest refuses it); an operator's setting is by
+            # model name, so it reaches the versions before the word list too: ignored there.
+            log.warning(
+                "%s %s: the referral setting unfamiliar_words is ignored: this version has no "
+                "word list (inputs.text.words)",
+                manifest.name,
+                manifest.version,
             )
+            self.policy = self.policy.model_copy(update={"unfamiliar_words": None})
         cal = self.calibration
         self._scores = np.asarray(cal.scores, dtype=np.float64) if cal else np.zeros(0)
         self.targets = manifest.outputs.target_names  # regression, in output order

@@ -95,8 +95,10 @@ class WordReader:
             )
             norm = self.tokenizer.normalizer
             texts = [norm.normalize_str(t) if norm is not None else t for t in texts]
-        # isalpha: the regex also takes numeric letters such as "²", which words.txt refuses.
-        return [[w.casefold() for w in _WORD.findall(t) if w.isalpha()] for t in texts]
+        # Casefolded before the split: casefolding can add a combining mark ("İ" -> "i" + U+0307),
+        # which is no letter. isalpha: the regex also takes numeric letters such as "²"; words.txt
+        # holds neither.
+        return [[w for w in _WORD.findall(t.casefold()) if w.isalpha()] for t in texts]
 
 
 def familiar_words(tokenizer: Any, texts: Iterable[str], min_texts: int) -> list[str]:

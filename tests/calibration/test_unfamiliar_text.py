@@ -15,7 +15,6 @@ from service.calibration.recalibration import UNFAMILIAR_RATE, calibrate_bundle
 from service.engine.familiar import for_bundle
 from service.engine.model import ServedModel
 from service.engine.text import encode_texts
-from service.errors import BundleError
 from service.settings import Settings
 from tests.training.test_train_text import _csv, _predict, _texts, _train
 
@@ -90,8 +89,10 @@ def test_the_operator_moves_or_turns_off_the_check(
     repo, _ = trained  # most of PROSE's words, but not all, are unfamiliar: between 50 and 95 %
     settings = Settings(model_dir=repo, referral={"notes": override})
     body = asyncio.run(_predict(repo, "notes", [PROSE], settings=settings))
-    reasons = body["predictions"][0]["referral"]["reasons"]
-    assert any(r.startswith("unfamiliar text: ") for r in reasons) == referred
+    referral = body["predictions"][0]["referral"]
+    assert any(r.startswith("unfamiliar text: ") for r in referral["reasons"]) == referred
+    # The flag still says so when the trigger is off (as for a tabular feature out of range).
+    assert referral["extrapolation"] == (referred or override == {"extrapolation": False})
 
 
 def test_a_threshold_that_can_never_fire_is_a_warning(
@@ -107,10 +108,13 @@ def test_a_threshold_that_can_never_fire_is_a_warning(
     assert any("will never refer a text" in w for w in res.warnings)
 
 
-def test_unfamiliar_words_without_a_word_list_is_refused() -> None:
+def test_unfamiliar_words_without_a_word_list(caplog: pytest.LogCaptureFixture) -> None:
+    """In a manifest: refused. As an operator's setting (by model name, so it also reaches the
+    versions before the word list): ignored there, with a warning; the version still serves."""
     tabular = load_bundle(MODELS / "breast-cancer" / "2")
-    with pytest.raises(BundleError, match="unfamiliar_words needs a text model with a word list"):
-        ServedModel(tabular, referral_overrides={"breast-cancer": {"unfamiliar_words": 0.1}})
+    served = ServedModel(tabular, referral_overrides={"breast-cancer": {"unfamiliar_words": 0.1}})
+    assert served.calibrator.policy.unfamiliar_words is None
+    assert "unfamiliar_words is ignored: this version has no word list" in caplog.text
     doc = json.loads((MODELS / "breast-cancer" / "2" / "manifest.json").read_text())
     doc["referral"]["unfamiliar_words"] = 0.1
     with pytest.raises(ValueError, match=r"referral.unfamiliar_words needs a text model"):

@@ -131,3 +131,24 @@ def test_ids_past_the_tokenizers_vocabulary_are_gaps(tok) -> None:  # type: igno
     slow = WordReader(slow_tok)
     slow.table = None
     assert slow([ids[0][ids[0] != 0]]) == WordReader(tok)([ids[0][ids[0] != 0]])
+
+
+def test_casefolding_that_adds_a_mark_still_gives_words_the_bundle_accepts() -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from service.bundle.words import dump_words, read_words
+
+    texts = ["\u0130stanbul and \u0390 were named.", "\u0130stanbul and \u0390 again."]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    words = familiar_words(bpe, texts, 2)
+    assert "stanbul" in words and "and" in words  # "İ" casefolds to "i" + U+0307: split there
+    assert read_words(dump_words(words), "words.txt", len(words)) == frozenset(words)

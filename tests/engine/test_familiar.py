@@ -69,19 +69,20 @@ def test_the_wordpiece_table_reads_what_decoding_reads(tok) -> None:  # type: ig
     assert fast(rows)[-1][-1] == "cardiomyopathy" and len(fast(rows)[-1]) >= 3
 
 
-def test_other_tokenizers_are_read_through_their_decoder() -> None:
+def _byte_level_bpe(texts: list[str]):  # type: ignore[no-untyped-def]
+    """A GPT-2-style tokenizer (byte-level BPE, every byte in its alphabet) fitted on texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
-    bpe.train_from_iterator(
-        TEXTS,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False, initial_alphabet=alphabet)
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
+def test_other_tokenizers_are_read_through_their_decoder() -> None:
+    bpe = _byte_level_bpe(TEXTS)
     reader = WordReader(bpe)
     assert reader.table is None
     ids = bpe.encode("Patients improved. Singular Zebra!").ids
@@ -134,21 +135,10 @@ def test_ids_past_the_tokenizers_vocabulary_are_gaps(tok) -> None:  # type: igno
 
 
 def test_casefolding_that_adds_a_mark_still_gives_words_the_bundle_accepts() -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from service.bundle.words import dump_words, read_words
 
     texts = ["\u0130stanbul and \u0390 were named.", "\u0130stanbul and \u0390 again."]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    bpe = _byte_level_bpe(texts)
     words = familiar_words(bpe, texts, 2)
     assert "stanbul" in words and "and" in words  # "İ" casefolds to "i" + U+0307: split there
     assert read_words(dump_words(words), "words.txt", len(words)) == frozenset(words)

@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders
-
 from bench.common import machine, median, now
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
@@ -57,10 +55,7 @@ def main() -> None:
     new = served[recipe.SERVED]
     assert new.calibrator.familiarity is not None, "the served bundle has no word list"
     ids = read(DATA, new.manifest, tokenizer=new.bundle.tokenizer).x
-    slow_tok = Tokenizer.from_str(new.bundle.tokenizer.to_str())
-    slow_tok.decoder = decoders.WordPiece(prefix="##")
-    table, decoder = WordReader(new.bundle.tokenizer), WordReader(slow_tok)
-    decoder.table = None
+    table, decoder = WordReader(new.bundle.tokenizer), WordReader.by_decoder(new.bundle.tokenizer)
     rows = [r[r != 0] for r in ids]
     assert table(rows) == decoder(rows), "the table reads other words than decoding"
     res: dict[str, Any] = {"machine": machine(), "date": now(), "texts": len(ids), "cells": []}

@@ -82,6 +82,20 @@ class WordReader:
             # directly): the last entry, a gap, like an unknown token.
             self.table = np.array([*table, " "], dtype=object)
 
+    @classmethod
+    def by_decoder(cls, tokenizer: Any) -> WordReader:
+        """The same words read the slow way, through decoding (a WordPiece tokenizer saved
+        without a decoder gets WordPiece's): the reference the table must equal (tests, bench)."""
+        from tokenizers import Tokenizer, decoders
+
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        prefix = getattr(copy.model, "continuing_subword_prefix", None)
+        if copy.decoder is None and prefix:
+            copy.decoder = decoders.WordPiece(prefix=prefix)
+        reader = cls(copy)
+        reader.table = None
+        return reader
+
     def __call__(self, rows: Sequence[Sequence[int]] | np.ndarray) -> list[list[str]]:
         """The words of each row of ids (unknown and special tokens left out)."""
         if self.table is not None:
@@ -122,15 +136,13 @@ class Familiarity:
         self.words = words
         self.min_texts = min_texts  # as the list was made: for the reasons' wording
         self.pad_id = pad_id
-        self.unknown_id = self.read.unknown_id
 
     def counts(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row of ``ids`` [B, T]: (unfamiliar words, words), unknown tokens counted in both."""
         ids = np.asarray(ids)
         rows = [r[r != self.pad_id] for r in ids.reshape(ids.shape[0], -1)]
-        unknown = np.array(
-            [0 if self.unknown_id is None else int((r == self.unknown_id).sum()) for r in rows]
-        )
+        unk = self.read.unknown_id
+        unknown = np.array([0 if unk is None else int((r == unk).sum()) for r in rows])
         per_row = self.read(rows)
         strange = np.array([sum(w not in self.words for w in ws) for ws in per_row]) + unknown
         total = np.array([len(ws) for ws in per_row]) + unknown

@@ -57,12 +57,8 @@ EDGE = "Don't stop: b12 vitamin, m\u00b2, na\u00efve CAF\u00c9 \u9f8d! Cardiomyo
 
 
 def test_the_wordpiece_table_reads_what_decoding_reads(tok) -> None:  # type: ignore[no-untyped-def]
-    from tokenizers import Tokenizer, decoders
 
-    slow_tok = Tokenizer.from_str(tok.to_str())
-    slow_tok.decoder = decoders.WordPiece(prefix="##")
-    fast, slow = WordReader(tok), WordReader(slow_tok)
-    slow.table = None  # the decoder's way
+    fast, slow = WordReader(tok), WordReader.by_decoder(tok)
     rows = [tok.encode(t, add_special_tokens=False).ids for t in [*TEXTS, EDGE]]
     assert fast.table is not None and fast(rows) == slow(rows)
     # Words with a character the tokenizer never saw are [UNK] (counted apart), the rest read.
@@ -106,7 +102,7 @@ def test_unknown_and_added_special_tokens_of_other_tokenizers() -> None:
     )
     f = Familiarity(uni, frozenset(familiar_words(uni, TEXTS, 2)), pad_id=-1)
     ids = np.array([uni.encode("patients \u9f8d\u9f8d improved").ids])
-    assert f.unknown_id is not None and f.unknown_id in ids[0].tolist()
+    assert f.read.unknown_id is not None and f.read.unknown_id in ids[0].tolist()
     assert f.counts(ids)[0].tolist() == [1]  # the unknown word, and nothing else
     # A post-processor's [CLS]/[SEP] (a request is encoded with them) are never words.
     wp = train_tokenizer(TEXTS, 40)
@@ -125,12 +121,8 @@ def test_ids_past_the_tokenizers_vocabulary_are_gaps(tok) -> None:  # type: igno
     ids = _ids(tok, "patients improved")
     ids[0, 5] = big
     assert f.counts(ids)[1].tolist() == [2]
-    from tokenizers import Tokenizer, decoders
 
-    slow_tok = Tokenizer.from_str(tok.to_str())
-    slow_tok.decoder = decoders.WordPiece(prefix="##")
-    slow = WordReader(slow_tok)
-    slow.table = None
+    slow = WordReader.by_decoder(tok)
     assert slow([ids[0][ids[0] != 0]]) == WordReader(tok)([ids[0][ids[0] != 0]])
 
 

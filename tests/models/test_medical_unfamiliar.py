@@ -57,13 +57,9 @@ def test_the_served_model_refers_prose_and_few_abstracts() -> None:
 def test_the_served_tokenizer_reads_the_same_words_either_way() -> None:
     """The table that reads words per served text equals WordPiece decoding, on every abstract
     of the data set's test file and the prose (3,000-odd texts, a second)."""
-    from tokenizers import Tokenizer, decoders
 
     served = load_bundle(MODELS / recipe.SERVED)
-    slow_tok = Tokenizer.from_str(served.tokenizer.to_str())
-    slow_tok.decoder = decoders.WordPiece(prefix="##")
-    fast, slow = WordReader(served.tokenizer), WordReader(slow_tok)
-    slow.table = None
+    fast, slow = WordReader(served.tokenizer), WordReader.by_decoder(served.tokenizer)
     texts = recipe.load_data().texts + prose()
     rows = [e.ids for e in served.tokenizer.encode_batch(texts, add_special_tokens=False)]
     assert fast.table is not None and fast(rows) == slow(rows)

@@ -301,7 +301,7 @@ def _md(res: dict[str, Any]) -> str:
     ]
     rows = [(f"TF-IDF + LR (C = {res['floor']['C']}), {k}", res["floor"][k]) for k in
             ("uncalibrated", "calibrated", "vector_scaled") if k in res["floor"]]  # fmt: skip
-    rows += [(k.replace("_", " "), v) for k, v in res["served"].items() if isinstance(v, dict)]
+    rows += [(k.replace("_", " "), v) for k, v in _by_t(res["served"]) if isinstance(v, dict)]
     for name, r in rows:
         det = r["detection"]
         best = max(det, key=lambda k: det[k]["auroc"])
@@ -313,7 +313,7 @@ def _md(res: dict[str, Any]) -> str:
             f"| {f(mp['aurc'])} |"
         )
     lines += ["", "AUROC / AURC of every score (MC rows):", ""]
-    for k, v in res["served"].items():
+    for k, v in _by_t(res["served"]):
         if isinstance(v, dict):
             cells = ", ".join(
                 f"{s} {f(d['auroc'])} / {f(d['aurc'])}" for s, d in v["detection"].items()
@@ -350,8 +350,10 @@ SCORES = {
 
 
 def _by_t(d: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Items keyed "mc_<T>" in increasing T (the JSON's keys are sorted as strings)."""
-    return sorted(d.items(), key=lambda kv: int(kv[0].removeprefix("mc_")))
+    """Items keyed "mc_<T>" in increasing T, then the others by name (the JSON's keys are
+    sorted as strings: mc_100 before mc_20)."""
+    mc = sorted((kv for kv in d.items() if kv[0].startswith("mc_")), key=lambda kv: int(kv[0][3:]))
+    return mc + sorted(kv for kv in d.items() if not kv[0].startswith("mc_"))
 
 
 def _sites_md(r: dict[str, Any], res: dict[str, Any]) -> list[str]:

@@ -22,7 +22,6 @@ graph.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,19 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.engine import suffix
 from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.device import tune_allocator
-from service.engine.fused import MaskRows, verified
+from service.engine.fused import verified
 from service.engine.graph import SplitGraph, split
 from service.engine.inplace import write_in_place
-from service.engine.masks import (
-    MAX_PASSES,
-    keep_bytes_rows,
-    keep_factors,
-)
+from service.engine.masks import MAX_PASSES
+from service.engine.plans import Plan, Plans
 from service.engine.prefix import Prefix
 from service.engine.rows import RowMap, block_rows, round_up
-from service.errors import InvalidInputError, ModelError
+from service.errors import InvalidInputError
 
 # The engine's float arithmetic, numbered: bumped when the same bundle, inputs and seed give other
 # last bits (audit records carry it, so a replay can say why it differs). 2 (2026-11-27): the
@@ -51,11 +48,6 @@ from service.errors import InvalidInputError, ModelError
 # 4 (2026-12-06): a calibrated classifier's deterministic answer goes through its calibration
 # (model.py); MC answers did not change.
 NUMERICS = 4
-
-
-# Splits kept per model for settings other than "all" (each holds a prefix and a suffix graph
-# over the model's own weights; a rewritten prefix may hold a copy of its part, see prefix.py).
-MAX_PLANS = 4
 
 # Inputs a prefix without batch-size-dependent operations is padded to (prefix.py).
 MIN_PREFIX_ROWS = 2
@@ -85,14 +77,6 @@ class MCRequest:
     @property
     def rows(self) -> int:
         return self.samples * int(self.x.shape[0])
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One dropout-site setting's split: its prefix (runs once per input) and suffix."""
-
-    graph: SplitGraph
-    prefix: Prefix
 
 
 @dataclass
@@ -151,10 +135,7 @@ class MCSampler:
         self.graph: SplitGraph = main.graph
         self.prefix: Prefix = main.prefix
         self.sites = len(self.graph.sites)
-        # Other settings (the last k sites) are split on first use, the last MAX_PLANS kept.
-        self._plans: OrderedDict[int, Plan] = OrderedDict()
-        self._pinned: dict[int, Plan] = {}  # a model's default setting: never evicted
-        self._plans_lock = threading.Lock()
+        self.plans = Plans(self._build, main, self.sites)  # other settings, on first use
         self._fixed_rows = min_rows is not None or cuda  # every prefix padded to min_rows
         if min_rows is None:  # fixed shapes on CUDA (see the module docstring)
             min_rows = int(row_budget) if cuda else BLOCK_ROWS
@@ -175,9 +156,9 @@ class MCSampler:
         channels = any(len(site.mask_shape) > 1 for site in self.graph.sites)
         self.fused = bool(fused) and verified(channels)
         if compile_mode is not None:
-            self._chunk = torch.compile(self._chunk_eager, mode=compile_mode, dynamic=not cuda)
+            self._chunk = torch.compile(suffix.eager, mode=compile_mode, dynamic=not cuda)
         else:
-            self._chunk = self._chunk_fused if self.fused else self._chunk_eager
+            self._chunk = suffix.fused if self.fused else suffix.eager
 
     def _build(self, sites: int | None) -> Plan:
         graph = split(self.module, self._example, use_prefix=self._use_prefix, sampled=sites)
@@ -190,38 +171,12 @@ class MCSampler:
         return Plan(graph, prefix)
 
     def plan(self, sites: int | None) -> Plan:
-        """The split that samples the last `sites` dropout sites (None or all of them: the
-        model's full split), built on first use; a few are kept (least recently used out)."""
-        if sites is None or sites == self.sites:
-            return Plan(self.graph, self.prefix)
-        with self._plans_lock:
-            found = self._pinned.get(sites)
-            if found is not None:
-                return found
-            found = self._plans.get(sites)
-            if found is not None:
-                self._plans.move_to_end(sites)
-                return found
-        try:
-            built = self._build(sites)
-        except ModelError as exc:  # e.g. a late site that does not reach the output
-            raise InvalidInputError(
-                f"dropout_sites={sites} cannot be sampled for this model ({exc}); use 'all'"
-            ) from exc
-        with self._plans_lock:
-            self._plans[sites] = built
-            self._plans.move_to_end(sites)
-            while len(self._plans) > MAX_PLANS:
-                self._plans.popitem(last=False)
-        return built
+        """The split that samples the last `sites` dropout sites (plans.py)."""
+        return self.plans.get(sites)
 
     def pin(self, sites: int | None) -> None:
         """Build the split for `sites` now and keep it for good (a model's default setting)."""
-        if sites is not None and sites != self.sites:
-            built = self.plan(sites)
-            with self._plans_lock:
-                self._pinned[sites] = built
-                self._plans.pop(sites, None)
+        self.plans.pin(sites)
 
     def prefix_rows(self, plan: Plan) -> int:
         """Inputs the prefix of `plan` is padded to (see the module docstring)."""
@@ -330,45 +285,6 @@ class MCSampler:
                 b = r.x.shape[0]
                 result.append(host[int(s) : int(s) + r.rows].reshape(r.samples, b, *g.output_shape))
         return result
-
-    def _chunk_eager(
-        self,
-        g: SplitGraph,
-        inputs: list[torch.Tensor],
-        keys: list[torch.Tensor],
-        base: torch.Tensor,
-        rows: torch.Tensor,  # unused: every batched input comes gathered
-    ) -> torch.Tensor:
-        """One forward of the suffix: keep masks from the counters, then the layers."""
-        keeps = [
-            keep_factors(keep_bytes_rows(key, base, site.features), site.rule.threshold).view(
-                -1, *site.mask_shape
-            )
-            for key, site in zip(keys, g.sites, strict=True)
-        ]
-        return g.suffix(*inputs, *keeps)
-
-    def _chunk_fused(
-        self,
-        g: SplitGraph,
-        inputs: list[torch.Tensor],
-        keys: list[torch.Tensor],
-        base: torch.Tensor,
-        rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same forward with each mask made where it is applied (fused.py); a prefix value
-        used only by a dropout comes ungathered and the kernel reads its `rows` in place."""
-        masks = [
-            MaskRows(
-                key,
-                base,
-                site.rule.threshold,
-                site.mask_shape,
-                rows if i in g.frontier_site else None,
-            )
-            for i, (key, site) in enumerate(zip(keys, g.sites, strict=True))
-        ]
-        return g.suffix(*inputs, *masks)
 
 
 def default_device() -> torch.device:

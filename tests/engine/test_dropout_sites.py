@@ -13,7 +13,7 @@ from service.engine import MCRequest, MCSampler
 from service.engine.graph import apply_keep
 from service.engine.inplace import apply_keep_
 from service.engine.masks import KeepRule, keep_bytes, keep_factors
-from service.engine.sampler import MAX_PLANS
+from service.engine.plans import MAX_PLANS
 from service.errors import InvalidInputError
 
 
@@ -113,14 +113,15 @@ def test_splits_are_built_lazily_and_bounded() -> None:
     model = nn.Sequential(*layers, nn.Linear(8, 2))
     x = torch.randn(2, 8)
     sampler = MCSampler(model, x, device="cpu")
-    assert sampler.sites == MAX_PLANS + 2 and not sampler._plans
+    assert sampler.sites == MAX_PLANS + 2 and not sampler.plans.cached
     for k in range(1, MAX_PLANS + 2):
         sampler.run([MCRequest(x.numpy(), 4, 0, sites=k)])
-    assert len(sampler._plans) == MAX_PLANS and 1 not in sampler._plans  # the oldest went
+    cached = sampler.plans.cached
+    assert len(cached) == MAX_PLANS and 1 not in cached  # the oldest went
     sampler.pin(1)  # a model's default stays, whatever requests ask for
     for k in range(2, MAX_PLANS + 2):
         sampler.run([MCRequest(x.numpy(), 4, 0, sites=k)])
-    assert sampler.plan(1) is sampler._pinned[1]
+    assert sampler.plan(1) is sampler.plans.pinned[1]
     with pytest.raises(InvalidInputError, match=r"1 <= k <= 6 \(the model has 6\), got 7"):
         sampler.run([MCRequest(x.numpy(), 4, 0, sites=MAX_PLANS + 3)])
     with pytest.raises(InvalidInputError, match="got 0"):

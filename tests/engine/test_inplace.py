@@ -12,7 +12,7 @@ from text_nets import LSTMClassifier, TextCNN, TransformerClassifier, token_batc
 from torch import fx, nn
 
 from service.bundle.sequence import explicit
-from service.engine import MCRequest, MCSampler, inplace, sampler
+from service.engine import MCRequest, MCSampler, inplace, sampler, suffix
 from service.engine.fused import MaskRows, apply_mask
 from service.engine.masks import KeepRule, counter_base, signed_key
 from service.packaging.tracer import trace_with_shapes
@@ -64,8 +64,7 @@ def test_samples_keep_their_bits_without_the_rewrite(make, shape, monkeypatch) -
     plain = MCSampler(copy.deepcopy(model), example, device="cpu")
     for fused in (True, False):  # the numba kernel and the torch path
         s.fused = plain.fused = fused
-        s._chunk = s._chunk_fused if fused else s._chunk_eager
-        plain._chunk = plain._chunk_fused if fused else plain._chunk_eager
+        s._chunk = plain._chunk = suffix.fused if fused else suffix.eager
         reqs = [MCRequest(x, 12, 40 + k) for k, x in enumerate(xs)]
         for a, b in zip(s.run(reqs), plain.run(reqs), strict=True):
             assert a.tobytes() == b.tobytes()

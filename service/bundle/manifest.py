@@ -253,4 +253,10 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise BundleError(f"{where}: invalid manifest at '{loc}': {first['msg']}") from exc
+        hint = ""
+        if first["type"] == "extra_forbidden":  # fields are added without a schema bump
+            hint = (
+                " (a field this mcserve does not know: a newer mcserve may have written this "
+                "bundle; upgrade mcserve, or serve a version of the model without the field)"
+            )
+        raise BundleError(f"{where}: invalid manifest at '{loc}': {first['msg']}{hint}") from exc

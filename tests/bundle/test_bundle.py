@@ -194,6 +194,21 @@ def test_newer_schema(bundle: Path) -> None:
     )
 
 
+def test_an_unknown_field_says_a_newer_mcserve_may_have_written_it(bundle: Path) -> None:
+    """Fields are added without a schema bump (a text bundle's word list): a server that lacks
+    one should say that it may be too old, not only that the field is not permitted."""
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["inputs"]["novel_check"] = {"file": "novel.txt"}
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message == (
+        f"{bundle}/manifest.json: invalid manifest at 'inputs.novel_check': Extra inputs are "
+        "not permitted (a field this mcserve does not know: a newer mcserve may have written "
+        "this bundle; upgrade mcserve, or serve a version of the model without the field)"
+    )
+
+
 def test_external_data_escaping(bundle: Path, tmp_path: Path) -> None:
     model = onnx.load(str(bundle / "model.onnx"))
     outside = tmp_path / "secret.bin"

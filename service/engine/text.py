@@ -81,6 +81,11 @@ def encode_texts(
     counts, cut = [], []
     for i, enc in enumerate(encodings):
         n = len(enc.ids)
+        if n == sum(enc.special_tokens_mask):  # only [CLS]/[SEP]-like tokens, or none at all
+            raise InvalidInputError(
+                f"instance {i}: the text has no token this model reads (its tokenizer drops "
+                "every character: zero-width, combining or control characters); send words"
+            )
         if n > limit and spec.truncation == "error":
             raise InvalidInputError(
                 f"instance {i}: {n} tokens, over this model's maximum of {limit} (truncation "

@@ -64,10 +64,11 @@ async def test_metadata_shows_the_tokenizer(client: httpx.AsyncClient) -> None:
     [
         ([""], 422, "instance 0: the text is empty (or only whitespace)"),
         (["ok", "a\x00b"], 422, "instance 1: the text contains a NUL character"),
+        (["ok", "\u200b\u0301"], 422, "instance 1: the text has no token this model reads"),
         ([[1, 2, 3]], 422, "instance 0: expected a string of text, got list"),
         (["x" * 100_001], 413, "instance 0: the text is 100001 bytes, over this model's limit"),
     ],
-    ids=["empty", "nul", "ids-as-list", "too-long"],
+    ids=["empty", "nul", "no-token", "ids-as-list", "too-long"],
 )
 async def test_bad_texts_are_4xx_with_the_fix(
     client: httpx.AsyncClient, instances: list[Any], status: int, message: str

@@ -244,11 +244,16 @@ def test_a_tokenizer_travels_in_the_bundle(text_bundle: Path) -> None:
         ("", "instance 0: the text is empty (or only whitespace)"),
         ("  \n\t ", "instance 0: the text is empty (or only whitespace)"),
         ("chest\x00pain", "instance 0: the text contains a NUL character"),
+        (
+            "\u200b\ufeff\u0301",
+            "instance 0: the text has no token this model reads (its tokenizer drops every "
+            "character: zero-width, combining or control characters); send words",
+        ),
         ("\ud800 pain", "instance 0: the text is not valid Unicode (a lone surrogate)"),
         (12, "instance 0: expected a string of text, got int"),
         ({"txt": "pain"}, 'instance 0: a text instance is a string or {"text": "..."}'),
     ],
-    ids=["empty", "whitespace", "nul", "surrogate", "number", "bad-key"],
+    ids=["empty", "whitespace", "nul", "no-token", "surrogate", "number", "bad-key"],
 )
 def test_bad_texts_say_what_to_fix(text_bundle: Path, instance: Any, message: str) -> None:
     from service.engine.text import encode_texts

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -284,6 +284,8 @@ class ServedModel:
             run, backend, device = self.onnx.predict, "onnxruntime", self.onnx.device
         else:
             run, backend, device = self._torch_point, "torch", self.device
+        if self.manifest.inputs.text is not None:
+            run = _one_at_a_time(run)
         point = run(x) if self.buckets is None else self.buckets.each(x, run)
         if self.manifest.task == "classification":
             # Through the bundle's calibration, like the MC answer: vector scaling moves labels
@@ -311,3 +313,16 @@ class ServedModel:
             return self.deterministic(x)
         req = self.mc_request(x, p)
         return self.summarize(self.sample([req])[0], req, p)
+
+
+def _one_at_a_time(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """`run` over one input at a time. A text's deterministic answer then never depends on what
+    shares its request: ONNX Runtime's convolutions round differently by batch size (up to 5e-8
+    on medical-abstracts). Free for text: 64 abstracts took 19.4 ms one by one, 19.0 ms together."""
+
+    def each(x: np.ndarray) -> np.ndarray:
+        if x.shape[0] < 2:
+            return run(x)
+        return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
+
+    return each

@@ -42,7 +42,8 @@ def _text_of(i: int, inst: Any) -> str:
         inst = inst["text"]
     if not isinstance(inst, str):
         raise InvalidInputError(
-            f"instance {i}: expected a string of text, got {type(inst).__name__}"
+            f"instance {i}: expected a string of text, got "
+            f"{'null' if inst is None else type(inst).__name__}"
         )
     return inst
 

@@ -235,6 +235,13 @@ BAD = [
         "samples=5000 is over the maximum of 1000 (setting max_samples)",
     ),
     (
+        {"instances": [ROW, None]},
+        422,
+        "invalid request: instances: Value error, instance 1 is null: an instance is an array "
+        "of the input shape, an object keyed by feature name, or for a text model a string (or "
+        '{"text": "..."})',
+    ),
+    (
         {"instances": [ROW], "parameters": {"sample": 10}},
         422,
         "invalid request: parameters.sample: Extra inputs are not permitted (unknown key: "

@@ -210,12 +210,7 @@ def decode_texts(
         data = inp.data
         if data is None or len(binary):
             raise InvalidInputError(f"input '{inp.name}': give the texts in data (or as binary)")
-        flat = [v for row in data for v in (row if isinstance(row, list) else [row])]
-        if len(flat) != count or not all(isinstance(v, str) for v in flat):
-            raise InvalidInputError(
-                f"input '{inp.name}': data must hold {count} strings (shape {inp.shape})"
-            )
-        return flat
+        return _json_texts(inp.name, inp.shape, data)
     if len(binary) != size:
         raise InvalidInputError(
             f"the body holds {len(binary)} bytes after the JSON header but binary_data_size "
@@ -239,3 +234,33 @@ def decode_texts(
     if at != size:
         raise InvalidInputError(f"input '{inp.name}': {size - at} bytes after element {count - 1}")
     return texts
+
+
+def _json_texts(name: str, shape: list[int], data: list[Any]) -> list[str]:
+    """`data` of a BYTES input of `shape` [B] or [B, 1]: B strings, flat, or for [B, 1] also
+    nested as one list of one string per text (the protocol allows both, nesting per shape)."""
+    if any(isinstance(row, list) for row in data):
+        if shape[1:] != [1] or not all(isinstance(row, list) and len(row) == 1 for row in data):
+            form = "a flat list of strings" + (
+                " or one list of one string per text" if shape[1:] == [1] else ""
+            )
+            raise InvalidInputError(
+                f"input '{name}': data is nested in a way shape {shape} does not have; send {form}"
+            )
+        data = [row[0] for row in data]
+    if len(data) != shape[0]:
+        raise InvalidInputError(
+            f"input '{name}': data holds {len(data)} elements but shape {shape} declares "
+            f"{shape[0]} texts"
+        )
+    for j, v in enumerate(data):
+        if not isinstance(v, str):
+            raise InvalidInputError(
+                f"input '{name}': data element {j} is {_kind(v)}, not a string: send each text "
+                "as a JSON string"
+            )
+    return data
+
+
+def _kind(v: Any) -> str:
+    return "null" if v is None else type(v).__name__

@@ -40,19 +40,17 @@ def serve(
 
 
 def settings_or_exit(overrides: dict[str, Any]) -> None:
-    """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line."""
-    from pydantic import ValidationError
+    """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line;
+    print the warnings (e.g. a variable that is no setting) and go on."""
+    from service.settings_check import problems
 
-    from service.settings import Settings
-
-    try:
-        Settings(**overrides)
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            typer.echo(f"error: invalid settings: {where + ': ' if where else ''}{msg}", err=True)
-        raise typer.Exit(2) from None
+    errors, warnings = problems(overrides)
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
+    for e in errors:
+        typer.echo(f"error: invalid settings: {e}", err=True)
+    if errors:
+        raise typer.Exit(2)
 
 
 @app.command("models")

@@ -58,7 +58,9 @@ PUBLIC_BASE_URL_REQUIRED = (
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MCSERVE_", extra="ignore")
+    # extra="ignore": other MCSERVE_* variables are warned about by name (settings_check.py).
+    # allow_inf_nan=False: an infinite delay or timeout hung requests or shutdown.
+    model_config = SettingsConfigDict(env_prefix="MCSERVE_", extra="ignore", allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

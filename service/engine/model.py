@@ -280,6 +280,7 @@ class ServedModel:
 
     def deterministic(self, x: np.ndarray) -> Prediction:
         """Dropout off on ONNX Runtime (torch eval when the bundle has no graph)."""
+        run: Callable[[np.ndarray], np.ndarray]
         if self.onnx is not None and (self.buckets is None or self.onnx.dynamic_length):
             run, backend, device = self.onnx.predict, "onnxruntime", self.onnx.device
         else:

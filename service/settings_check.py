@@ -1,0 +1,134 @@
+"""What is wrong with an operator's settings, in words, before anything starts.
+
+`Settings` validates types and ranges; this adds what a type cannot say: the variable's name
+(`MCSERVE_MAX_INSTANCES`, not `max_instances`), JSON that does not parse, a model directory that
+is not there, a device this machine lacks, audit settings that cannot work, and variables that
+look like settings but are none (a typo is otherwise silently ignored). Errors stop `serve`
+(exit 2); warnings are printed and it starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, get_origin
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service.settings import Settings
+
+PREFIX = "MCSERVE_"
+# Kubernetes sets <SERVICE>_SERVICE_HOST, <SERVICE>_PORT=tcp://... and <SERVICE>_PORT_8000_TCP...
+# for a Service named "mcserve": not settings, and not typos.
+_KUBERNETES = re.compile(r"^MCSERVE_(SERVICE_[A-Z0-9_]+|PORT_\d+_[A-Z_]+)$")
+_FLAGS = {f: "--" + f.replace("_", "-") for f in ("host", "port", "model_dir", "log_level")}
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field (and its flag, where `serve` has one)."""
+    flag = _FLAGS.get(field)
+    return PREFIX + field.upper() + (f" ({flag})" if flag else "")
+
+
+def problems(overrides: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of the settings `Settings(**overrides)` reads (flags over MCSERVE_*
+    variables of this process's environment)."""
+    try:
+        s = Settings(**overrides)
+    except SettingsError as exc:  # a JSON-typed variable that is not JSON
+        return [_not_json(str(exc))], []
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False, include_input=False):
+            field = str(err["loc"][0]) if err["loc"] else ""
+            rest = ".".join(str(p) for p in err["loc"][1:])
+            where = (variable(field) + (f" [{rest}]" if rest else "") + ": ") if field else ""
+            errors.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
+        return errors, []
+    errors, warnings = _checks(s)
+    return errors, warnings + _unknown(os.environ)
+
+
+def _not_json(message: str) -> str:
+    found = re.search(r'field "(\w+)"', message)
+    field = found.group(1) if found else ""
+    kind = "a JSON object" if get_origin(_annotation(field)) is dict else "a JSON list"
+    return (
+        f"{variable(field) if field else 'a setting'}: not valid JSON; this setting is {kind} "
+        "(in a shell, quote it in single quotes, e.g. MCSERVE_CORS_ORIGINS='[\"https://ehr."
+        "example\"]')"
+    )
+
+
+def _annotation(field: str) -> Any:
+    info = Settings.model_fields.get(field)
+    return None if info is None else info.annotation
+
+
+def _checks(s: Settings) -> tuple[list[str], list[str]]:
+    errors: list[str] = []
+    warnings: list[str] = []
+    d = s.model_dir
+    if not d.exists():
+        errors.append(f"{variable('model_dir')}: {d} does not exist; give the model repository")
+    elif not d.is_dir():
+        errors.append(f"{variable('model_dir')}: {d} is a file, not a model repository")
+    else:
+        names = {p.name for p in d.iterdir() if p.is_dir()}
+        if not names:
+            later = (
+                f"until bundles appear (checked every {s.poll_interval_s:g} s)"
+                if s.model_control == "poll"
+                else f"({variable('model_control')} is {s.model_control}: bundles added later "
+                "are not picked up by themselves)"
+            )
+            warnings.append(
+                f"{variable('model_dir')}: {d} holds no model; the server is ready with none "
+                f"{later}"
+            )
+        if unknown := sorted(set(s.referral) - names):
+            warnings.append(
+                f"{variable('referral')} names {', '.join(map(repr, unknown))}, not a model "
+                f"under {d}: its overrides apply to no model until one of that name appears"
+            )
+    if s.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            errors.append(
+                f"{variable('device')}: cuda, but this machine or this torch build has no CUDA "
+                "device; use cpu, or auto (CUDA when present)"
+            )
+    if s.audit:
+        url = s.audit_url
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            scheme = url.split("://", 1)[0] if "://" in url else url[:20]
+            errors.append(
+                f"{variable('audit_url')}: a postgresql:// URL (or empty for SQLite at "
+                f"{variable('audit_path')}), got scheme {scheme!r}"
+            )
+        if s.audit_inputs == "hmac" and s.audit_hmac_key is None:
+            errors.append(
+                f"{variable('audit_inputs')}: hmac needs a key; set {variable('audit_hmac_key')}"
+            )
+    if s.cds_mapping_dir is not None and not s.cds_mapping_dir.is_dir():
+        warnings.append(
+            f"{variable('cds_mapping_dir')}: {s.cds_mapping_dir} is not a directory; no model "
+            "gets a CDS Hooks service"
+        )
+    return errors, warnings
+
+
+def _unknown(environ: Mapping[str, str]) -> list[str]:
+    known = {PREFIX + f.upper() for f in Settings.model_fields}
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in known or _KUBERNETES.match(name):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"{name} is not a setting of mcserve{hint}; it is ignored")
+    return out

@@ -1,0 +1,132 @@
+"""Operator mistakes in settings say which variable and what to set (service/settings_check.py).
+
+Each case was found by starting `serve` with it: a traceback, a silent start, or a hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.settings_check import problems
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _only_these_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("MCSERVE_"):
+            monkeypatch.delenv(k)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    (tmp_path / "diabetes").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        (
+            {"MCSERVE_REFERRAL": "{diabetes: 1"},
+            "MCSERVE_REFERRAL: not valid JSON; this setting is a JSON object (in a shell, quote "
+            "it in single quotes, e.g. MCSERVE_CORS_ORIGINS='[\"https://ehr.example\"]')",
+        ),
+        (
+            {"MCSERVE_CORS_ORIGINS": "https://ehr.example"},
+            "MCSERVE_CORS_ORIGINS: not valid JSON; this setting is a JSON list",
+        ),
+        (
+            {"MCSERVE_MAX_INSTANCES": "0"},
+            "MCSERVE_MAX_INSTANCES: Input should be greater than or equal to 1",
+        ),
+        ({"MCSERVE_MAX_DELAY_MS": "inf"}, "MCSERVE_MAX_DELAY_MS: Input should be a finite number"),
+        ({"MCSERVE_PORT": "tcp://10.0.0.1:8000"}, "MCSERVE_PORT (--port): Input should be a"),
+        (
+            {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": "mysql://u@127.0.0.1/db"},
+            "MCSERVE_AUDIT_URL: a postgresql:// URL (or empty for SQLite at MCSERVE_AUDIT_PATH), "
+            "got scheme 'mysql'",
+        ),
+        (
+            {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_INPUTS": "hmac"},
+            "MCSERVE_AUDIT_INPUTS: hmac needs a key; set MCSERVE_AUDIT_HMAC_KEY",
+        ),
+    ],
+    ids=["json-object", "json-list", "range", "infinite", "kubernetes-port", "audit-url", "hmac"],
+)
+def test_a_wrong_setting_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, repo: Path, env: dict[str, str], error: str
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    errors, _ = problems({"model_dir": repo})
+    assert len(errors) == 1 and errors[0].startswith(error), errors
+
+
+def test_the_model_directory_must_be_there(tmp_path: Path) -> None:
+    missing, afile, empty = tmp_path / "nope", tmp_path / "f", tmp_path / "empty"
+    afile.write_text("x")
+    empty.mkdir()
+    assert problems({"model_dir": missing})[0] == [
+        f"MCSERVE_MODEL_DIR (--model-dir): {missing} does not exist; give the model repository"
+    ]
+    assert problems({"model_dir": afile})[0] == [
+        f"MCSERVE_MODEL_DIR (--model-dir): {afile} is a file, not a model repository"
+    ]
+    assert problems({"model_dir": empty}) == (
+        [],
+        [
+            f"MCSERVE_MODEL_DIR (--model-dir): {empty} holds no model; the server is ready with "
+            "none (MCSERVE_MODEL_CONTROL is none: bundles added later are not picked up by "
+            "themselves)"
+        ],
+    )
+
+
+def test_a_referral_override_for_no_model_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    monkeypatch.setenv("MCSERVE_REFERRAL", '{"diabets": {"epistemic": 30}, "diabetes": {}}')
+    assert problems({"model_dir": repo}) == (
+        [],
+        [f"MCSERVE_REFERRAL names 'diabets', not a model under {repo}: its overrides apply to "
+         "no model until one of that name appears"],
+    )  # fmt: skip
+
+
+def test_cuda_without_cuda_is_refused(monkeypatch: pytest.MonkeyPatch, repo: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MCSERVE_DEVICE", "cuda")
+    assert problems({"model_dir": repo})[0] == [
+        "MCSERVE_DEVICE: cuda, but this machine or this torch build has no CUDA device; use "
+        "cpu, or auto (CUDA when present)"
+    ]
+
+
+def test_a_variable_that_is_no_setting_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    monkeypatch.setenv("MCSERVE_REFERAL", "{}")
+    monkeypatch.setenv("MCSERVE_SERVICE_HOST", "10.0.0.1")  # Kubernetes' own, for a Service
+    monkeypatch.setenv("MCSERVE_PORT_8000_TCP_ADDR", "10.0.0.1")
+    assert problems({"model_dir": repo}) == (
+        [],
+        ["MCSERVE_REFERAL is not a setting of mcserve (did you mean MCSERVE_REFERRAL?); it is "
+         "ignored"],
+    )  # fmt: skip
+
+
+def test_serve_exits_2_with_the_line_and_no_traceback(repo: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCSERVE_")}
+    env |= {"PYTHONPATH": str(ROOT), "MCSERVE_CORS_ORIGINS": "https://ehr.example"}
+    cmd = [sys.executable, "-m", "service", "serve", "--port", "0", "--model-dir", str(repo)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "error: invalid settings: MCSERVE_CORS_ORIGINS: not valid JSON" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

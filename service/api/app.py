@@ -21,6 +21,7 @@ from service.api.cds.routes import router as cds_router
 from service.api.common import audit, errors
 from service.api.common.auth import ApiKeyGuard
 from service.api.common.call import json_response
+from service.api.common.encoding import ContentEncoding
 from service.api.common.lifecycle import ModelControl
 from service.api.common.middleware import RequestContext
 from service.api.common.schemas import Health
@@ -144,7 +145,8 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
-    # which answers preflights before the API-key guard; on every route (front.py).
+    # which answers preflights before the API-key guard, which comes before any decompression
+    # of the body (ContentEncoding); on every route (front.py).
     for cls, kwargs in _layers(settings, metrics):
         app.add_middleware(cls, **kwargs)
     app.fast_path = fast_path
@@ -155,6 +157,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
 def _layers(settings: Settings, metrics: Metrics) -> list[tuple[Any, dict[str, Any]]]:
     """Our middleware, innermost first, as (class, keyword arguments)."""
     layers: list[tuple[Any, dict[str, Any]]] = [
+        (ContentEncoding, {"max_body_bytes": settings.max_body_bytes}),
         (
             ApiKeyGuard,
             {

@@ -200,3 +200,25 @@ def test_native_and_tritonclient_agree(
             probs = result.as_numpy("probabilities")
             assert probs is not None
             assert probs.tolist() == [list(p["probabilities"].values()) for p in native]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests_and_responses(
+    client: triton.InferenceServerClient, algorithm: str, binary: bool
+) -> None:
+    """tritonclient's `request_compression_algorithm` (Content-Encoding) was a 400 "Invalid
+    JSON"; responses asked for compressed come back plain, which tritonclient reads."""
+    x = batch("digits")
+    plain = client.infer("digits", [tensor(x, binary=binary)], parameters=PARAMS)
+    packed = client.infer(
+        "digits",
+        [tensor(x, binary=binary)],
+        parameters=PARAMS,
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    for name in OUTPUTS["digits"]:
+        got, want = packed.as_numpy(name), plain.as_numpy(name)
+        assert got is not None and want is not None
+        np.testing.assert_array_equal(got, want)

@@ -1,0 +1,83 @@
+"""Compressed request bodies (service/api/common/encoding.py): gzip and deflate are read as the
+body they compress, other codings and broken or oversized data are refused with the fix."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import httpx
+import orjson
+import pytest
+
+URL = "/v1/models/clf:predict"
+V2 = "/v2/models/clf/infer"
+BODY = orjson.dumps({"instances": [[0.1, -0.2, 0.3, 0.4]], "parameters": {"seed": 3}})
+V2_BODY = orjson.dumps(
+    {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
+                    "data": [0.1, -0.2, 0.3, 0.4]}],
+        "parameters": {"seed": 3},
+    }
+)  # fmt: skip
+JSON = {"content-type": "application/json"}
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return c.compress(data) + c.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress), ("deflate", _raw_deflate)],
+    ids=["gzip", "deflate-zlib", "deflate-raw"],
+)
+@pytest.mark.parametrize(("url", "body"), [(URL, BODY), (V2, V2_BODY)], ids=["v1", "v2"])
+async def test_a_compressed_body_is_the_body_it_compresses(
+    client: httpx.AsyncClient, url: str, body: bytes, coding: str, compress: object
+) -> None:
+    plain = await client.post(url, content=body, headers=JSON)
+    assert plain.status_code == 200, plain.text
+    packed = compress(body)  # type: ignore[operator]
+    r = await client.post(url, content=packed, headers=JSON | {"content-encoding": coding})
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["predictions" if url == URL else "outputs"]
+        == (plain.json()["predictions" if url == URL else "outputs"])
+    )
+
+
+async def test_other_codings_are_415(client: httpx.AsyncClient) -> None:
+    r = await client.post(URL, content=BODY, headers=JSON | {"content-encoding": "br"})
+    assert r.status_code == 415
+    assert r.json()["error"] == (
+        "Content-Encoding 'br' is not read here; send the body uncompressed, or compressed with "
+        "gzip or deflate"
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [BODY, gzip.compress(BODY)[:-9]], ids=["declared-but-plain", "truncated"]
+)
+async def test_data_that_is_not_what_it_says_is_refused(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    r = await client.post(URL, content=body, headers=JSON | {"content-encoding": "gzip"})
+    assert r.status_code == 422
+    assert r.json()["error"] == (
+        "the body is not complete gzip data (Content-Encoding: gzip); compress the whole body "
+        "with it, or send it uncompressed without the header"
+    )
+    r = await client.post(V2, content=body, headers=JSON | {"content-encoding": "gzip"})
+    assert r.status_code == 400 and "not complete gzip data" in r.json()["error"]
+
+
+async def test_what_a_body_decompresses_to_is_limited(client: httpx.AsyncClient) -> None:
+    bomb = gzip.compress(b" " * 10_000_000)  # 10 MB of spaces in about 10 kB; the limit is 64 kB
+    assert len(bomb) < 64_000
+    r = await client.post(URL, content=bomb, headers=JSON | {"content-encoding": "gzip"})
+    assert r.status_code == 413
+    assert r.json()["error"] == (
+        "the body decompresses to over 64000 bytes (setting max_body_bytes); split the request"
+    )

@@ -165,7 +165,7 @@ def _layers(settings: Settings, metrics: Metrics) -> list[tuple[Any, dict[str, A
                 "protect_metrics": settings.protect_metrics,
                 "protect_docs": settings.protect_docs,
             },
-        )
+        ),
     ]
     if settings.cors_origins:
         cors: dict[str, Any] = {

@@ -51,16 +51,19 @@ class Calibrator:
         self.calibration = manifest.calibration
         base = manifest.referral or ReferralPolicy(level=manifest.defaults.confidence)
         self.policy = _with_overrides(base, referral_overrides)
-        if self.policy.unfamiliar_words is not None and familiarity is None:
-            # The manifest cannot hold it (Manifest refuses it); an operator's setting is by
-            # model name, so it reaches the versions before the word list too: ignored there.
-            log.warning(
-                "%s %s: the referral setting unfamiliar_words is ignored: this version has no "
-                "word list (inputs.text.words)",
-                manifest.name,
-                manifest.version,
-            )
-            self.policy = self.policy.model_copy(update={"unfamiliar_words": None})
+        # An operator's setting is by model name: it reaches every version and task of that
+        # name, so one that cannot apply here is dropped with a warning, never silently (the
+        # manifest refuses unfamiliar_words without a word list).
+        for name, why in _inapplicable(manifest, familiarity):
+            if getattr(self.policy, name) is not None:
+                log.warning(
+                    "%s %s: the referral setting %s is ignored: %s",
+                    manifest.name,
+                    manifest.version,
+                    name,
+                    why,
+                )
+                self.policy = self.policy.model_copy(update={name: None})
         cal = self.calibration
         self._scores = np.asarray(cal.scores, dtype=np.float64) if cal else np.zeros(0)
         self.targets = manifest.outputs.target_names  # regression, in output order
@@ -269,4 +272,15 @@ def _vector(cal: Calibration) -> dict[str, Any]:
         out |= {"class_scale": cal.class_scale, "class_bias": cal.class_bias}
     if cal.fit:
         out["fit"] = cal.fit
+    return out
+
+
+def _inapplicable(manifest: Manifest, familiarity: Familiarity | None) -> list[tuple[str, str]]:
+    """The referral thresholds a model cannot use, each with the reason."""
+    if manifest.task == "classification":
+        out = [(f, "it is for regressors") for f in ("aleatoric", "relative_width")]
+    else:
+        out = [("max_set_size", "it is for classifiers")]
+    if familiarity is None:
+        out.append(("unfamiliar_words", "this version has no word list (inputs.text.words)"))
     return out

@@ -128,3 +128,25 @@ def test_no_word_list_when_asked(trained: tuple[Path, list[str]], tmp_path: Path
     assert m.inputs.text is not None and m.inputs.text.words is None
     assert m.referral is not None and m.referral.unfamiliar_words is None
     assert "words.txt" not in m.artifacts
+
+
+def test_settings_for_the_other_task_are_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A regressor has no prediction set, a classifier no aleatoric std: an operator's setting
+    of those was silently ignored."""
+    regressor = ServedModel(
+        load_bundle(MODELS / "diabetes" / "2"),
+        referral_overrides={"diabetes": {"max_set_size": 2, "epistemic": 30.0}},
+    )
+    assert regressor.calibrator.policy.max_set_size is None
+    assert regressor.calibrator.policy.epistemic == 30.0
+    assert "diabetes 2: the referral setting max_set_size is ignored: it is for classifiers" in (
+        caplog.text
+    )
+    classifier = ServedModel(
+        load_bundle(MODELS / "breast-cancer" / "2"),
+        referral_overrides={"breast-cancer": {"relative_width": 0.5}},
+    )
+    assert classifier.calibrator.policy.relative_width is None
+    assert "the referral setting relative_width is ignored: it is for regressors" in caplog.text

@@ -83,3 +83,14 @@ async def test_invalid_utf8_is_refused(client: httpx.AsyncClient) -> None:
     r = await client.post(URL, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert "UTF-8" in r.json()["error"]
+
+
+async def test_a_lone_surrogate_escape_says_what_it_is(client: httpx.AsyncClient) -> None:
+    """The parser's own words, "unexpected end of hex escape", did not say what was wrong."""
+    raw = b'{"instances": ["\\ud800 pain"]}'
+    r = await client.post(URL, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["error"].endswith(
+        "(a \\ud800-\\udfff escape must be one half of a surrogate pair; a lone one is not "
+        "Unicode: send the text as UTF-8, or escape whole characters)"
+    )

@@ -22,8 +22,13 @@ from service.settings import Settings
 
 PREFIX = "MCSERVE_"
 # Kubernetes sets <SERVICE>_SERVICE_HOST, <SERVICE>_PORT=tcp://... and <SERVICE>_PORT_8000_TCP...
-# for a Service named "mcserve": not settings, and not typos.
-_KUBERNETES = re.compile(r"^MCSERVE_(SERVICE_[A-Z0-9_]+|PORT_\d+_[A-Z_]+)$")
+# for a Service named "mcserve" (or "mcserve-predictor", KServe's): not settings, not typos.
+_KUBERNETES = re.compile(
+    r"^MCSERVE_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)\w*)?)$"
+)
+# The project's own variables that are not the server's: the data set's directory for `make
+# models`, the tests' PostgreSQL and the pages' screenshots.
+_OTHERS = {"MCSERVE_MEDICAL_ABSTRACTS", "MCSERVE_TEST_POSTGRES_URL", "MCSERVE_SCREENSHOTS"}
 _FLAGS = {f: "--" + f.replace("_", "-") for f in ("host", "port", "model_dir", "log_level")}
 
 
@@ -72,12 +77,17 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
     errors: list[str] = []
     warnings: list[str] = []
     d = s.model_dir
+    # With polling or the load API, bundles may come later, into a directory made later (a
+    # sidecar's volume): a warning. Without, nothing would ever be served: an error.
+    later = s.model_control != "none"
     if not d.exists():
-        errors.append(f"{variable('model_dir')}: {d} does not exist; give the model repository")
+        (warnings if later else errors).append(
+            f"{variable('model_dir')}: {d} does not exist; give the model repository"
+        )
     elif not d.is_dir():
         errors.append(f"{variable('model_dir')}: {d} is a file, not a model repository")
     else:
-        names = {p.name for p in d.iterdir() if p.is_dir()}
+        names = {p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
         if not names:
             later = (
                 f"until bundles appear (checked every {s.poll_interval_s:g} s)"
@@ -126,7 +136,7 @@ def _unknown(environ: Mapping[str, str]) -> list[str]:
     known = {PREFIX + f.upper() for f in Settings.model_fields}
     out = []
     for name in sorted(environ):
-        if not name.startswith(PREFIX) or name in known or _KUBERNETES.match(name):
+        if not name.startswith(PREFIX) or name in known | _OTHERS or _KUBERNETES.match(name):
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -17,7 +17,7 @@ import service
 LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),  # the command line: every command, so everything below
-    ("server",),  # uvicorn process: the app, connection limits, logging
+    ("server", "settings_check"),  # uvicorn process; what is wrong with settings before it
     ("api",),  # HTTP adapters (native, OIP, CDS Hooks, pages): one node, whatever its layout
     ("audit", "clinical", "training"),
     ("calibration",),  # fitting and evaluating calibration (training calibrates what it trains)

@@ -80,9 +80,10 @@ class BiLSTM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.emb_drop(self.emb(tokens)))
-        # Max over the real tokens (BiLSTM-max): the last states had read the padding (the
-        # forward one after it, the backward one from it) and did not learn medical-abstracts
-        # (held-out NLL 1.51, the class prior's). Outputs lie in (-1, 1), so -1 masks padding.
+        # Max over the real tokens (BiLSTM-max): with the last states (the forward one read
+        # after the padding) it did not learn medical-abstracts (held-out NLL 1.51, the class
+        # prior's). The backward direction still reads the padding first, so the outputs depend
+        # on the padded length, which is fixed per model. Outputs lie in (-1, 1): -1 masks.
         pooled = out.masked_fill(tokens.eq(self.pad).unsqueeze(-1), -1.0).amax(1)
         return self.fc(self.drop(pooled))
 

@@ -81,3 +81,34 @@ async def test_what_a_body_decompresses_to_is_limited(client: httpx.AsyncClient)
     assert r.json()["error"] == (
         "the body decompresses to over 64000 bytes (setting max_body_bytes); split the request"
     )
+
+
+def _count(metrics: str, labels: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("mcserve_requests_total{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_compressed_request_is_counted_under_its_route_and_model(
+    client: httpx.AsyncClient,
+) -> None:
+    """The layer once handed the app a copy of the request's scope, where the routes wrote their
+    route and model: compressed requests were counted as "(unmatched)"."""
+    labels = 'model="clf",route="/v1/models/{name}:predict",status="200"'
+    before = _count((await client.get("/metrics")).text, labels)
+    r = await client.post(
+        URL, content=gzip.compress(BODY), headers=JSON | {"content-encoding": "gzip"}
+    )
+    assert r.status_code == 200
+    assert _count((await client.get("/metrics")).text, labels) == before + 1
+
+
+async def test_several_gzip_members_are_one_body_and_a_get_is_not_read(
+    client: httpx.AsyncClient,
+) -> None:
+    two = gzip.compress(BODY[:20]) + gzip.compress(BODY[20:])  # RFC 1952 allows members in a row
+    r = await client.post(URL, content=two, headers=JSON | {"content-encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    r = await client.get("/healthz", headers={"content-encoding": "gzip"})
+    assert r.status_code == 200

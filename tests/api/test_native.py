@@ -237,8 +237,8 @@ BAD = [
     (
         {"instances": [ROW, None]},
         422,
-        "invalid request: instances: Value error, instance 1 is null: an instance is an array "
-        "of the input shape, an object keyed by feature name, or for a text model a string (or "
+        "invalid request: instances: instance 1 is null: an instance is an array of the input "
+        "shape, an object keyed by feature name, or for a text model a string (or "
         '{"text": "..."})',
     ),
     (

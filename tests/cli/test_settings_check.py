@@ -100,6 +100,20 @@ def test_a_referral_override_for_no_model_is_warned_about(
     )  # fmt: skip
 
 
+def test_with_polling_a_missing_directory_may_come_later(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MCSERVE_MODEL_CONTROL", "poll")
+    missing = tmp_path / "later"
+    assert problems({"model_dir": missing}) == (
+        [],
+        [f"MCSERVE_MODEL_DIR (--model-dir): {missing} does not exist; give the model repository"],
+    )
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / "..data").mkdir()  # what a Kubernetes volume holds: not a model
+    assert "holds no model" in problems({"model_dir": tmp_path / "hidden"})[1][0]
+
+
 def test_cuda_without_cuda_is_refused(monkeypatch: pytest.MonkeyPatch, repo: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("MCSERVE_DEVICE", "cuda")
@@ -115,6 +129,8 @@ def test_a_variable_that_is_no_setting_is_warned_about(
     monkeypatch.setenv("MCSERVE_REFERAL", "{}")
     monkeypatch.setenv("MCSERVE_SERVICE_HOST", "10.0.0.1")  # Kubernetes' own, for a Service
     monkeypatch.setenv("MCSERVE_PORT_8000_TCP_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MCSERVE_PREDICTOR_PORT", "tcp://10.0.0.2:80")  # KServe's Service
+    monkeypatch.setenv("MCSERVE_TEST_POSTGRES_URL", "postgresql://127.0.0.1/t")  # the tests'
     assert problems({"model_dir": repo}) == (
         [],
         ["MCSERVE_REFERAL is not a setting of mcserve (did you mean MCSERVE_REFERRAL?); it is "

@@ -28,8 +28,8 @@ class ContentEncoding:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)  # no body to read
             return
         headers = scope.get("headers") or []
         coding = b",".join(v for k, v in headers if k.lower() == b"content-encoding")
@@ -43,15 +43,19 @@ class ContentEncoding:
                     f"Content-Encoding {name!r} is not read here; send the body uncompressed, "
                     "or compressed with gzip or deflate"
                 )
-            body = self._inflate(await _body(receive), name)
+            data = await _body(receive)
+            if data is None:  # the client went away mid-body: nobody to answer
+                return
+            body = self._inflate(data, name) if data else data
         except (UnsupportedMediaTypeError, InvalidInputError, PayloadTooLargeError) as exc:
             response = await errors.respond(Request(scope), exc)
             await response(scope, receive, send)
             return
-        kept = [
-            (k, v) for k, v in headers if k.lower() not in (b"content-encoding", b"content-length")
-        ]
-        scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
+        # In place, not a copy: the routes write `route` and `path_params` into this scope, and
+        # RequestContext reads them from it for the access log and metrics.
+        dropped = (b"content-encoding", b"content-length")
+        kept = [(k, v) for k, v in headers if k.lower() not in dropped]
+        scope["headers"] = [*kept, (b"content-length", str(len(body)).encode())]
         given = False
 
         async def replay() -> Message:
@@ -65,33 +69,39 @@ class ContentEncoding:
 
     def _inflate(self, data: bytes, name: str) -> bytes:
         # 32 + 15: a gzip or zlib header, detected; HTTP's "deflate" is zlib, some clients send
-        # it raw (-15).
+        # it raw (-15). A gzip body may hold several members, one after the other (RFC 1952).
         for wbits in (47, -15) if name == "deflate" else (31,):
-            d = zlib.decompressobj(wbits)
+            out, rest = b"", data
             try:
-                out = d.decompress(data, self.max_body_bytes + 1)
+                while rest:
+                    d = zlib.decompressobj(wbits)
+                    out += d.decompress(rest, self.max_body_bytes + 1 - len(out))
+                    if len(out) > self.max_body_bytes or d.unconsumed_tail:
+                        raise PayloadTooLargeError(
+                            f"the body decompresses to over {self.max_body_bytes} bytes "
+                            "(setting max_body_bytes); split the request"
+                        )
+                    if not d.eof:
+                        raise zlib.error("truncated")
+                    rest = d.unused_data if wbits == 31 else b""
+                    if wbits != 31 and d.unused_data:
+                        raise zlib.error("data after the end")
+                return out
             except zlib.error:
                 continue
-            if len(out) > self.max_body_bytes:
-                raise PayloadTooLargeError(
-                    f"the body decompresses to over {self.max_body_bytes} bytes (setting "
-                    "max_body_bytes); split the request"
-                )
-            if d.eof and not d.unused_data:
-                return out
         raise InvalidInputError(
             f"the body is not complete {name} data (Content-Encoding: {name}); compress the "
             "whole body with it, or send it uncompressed without the header"
         )
 
 
-async def _body(receive: Receive) -> bytes:
+async def _body(receive: Receive) -> bytes | None:
+    """The whole body, or None when the client disconnects before its end."""
     chunks = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)

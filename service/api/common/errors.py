@@ -14,6 +14,7 @@ Unexpected exceptions: 500 with a generic message and the request id, logged wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -158,6 +159,9 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
         for e in exc.errors()
     ]
     first = details[0] if details else {"field": "body", "problem": "invalid request"}
+    instance = _not_an_instance(exc.errors())
+    if instance is not None:  # instead of the union's "should be a valid array/object/string"
+        first = {"field": "instances", "problem": instance}
     hint = ""
     if first.get("type") == "extra_forbidden":
         hint = " (unknown key: check its spelling against the API reference)"
@@ -171,6 +175,23 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     message = f"invalid request: {first['field']}: {first['problem']}{hint}"
     fields = ", ".join(f"{d['field']} ({d.get('type')})" for d in details[:5])
     return error_response(request, 422, message, details, reason=f"invalid request: {fields}")
+
+
+def _not_an_instance(errs: Sequence[Any]) -> str | None:
+    """A /v1 instance of none of the three forms (a number, null, true), said in words. Read
+    from the errors, not checked by a validator: one cost 19 % of parsing a large good body."""
+    for e in errs:
+        loc = tuple(p for p in e.get("loc", ()) if p != "body")
+        if len(loc) >= 2 and loc[0] == "instances" and isinstance(loc[1], int):
+            value = e.get("input")
+            if not isinstance(value, list | dict | str):
+                kind = "null" if value is None else type(value).__name__
+                return (
+                    f"instance {loc[1]} is {kind}: an instance is an array of the input shape, an "
+                    'object keyed by feature name, or for a text model a string (or {"text": '
+                    '"..."})'
+                )
+    return None
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:

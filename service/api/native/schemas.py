@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common.parameters import PASSES_USED, PredictParameters
 
@@ -19,21 +19,6 @@ class PredictRequest(BaseModel):
         'models, strings (or {"text": "..."})',
     )
     parameters: PredictParameters = PredictParameters()
-
-    @field_validator("instances", mode="before")
-    @classmethod
-    def _each_instance_is_one_of_the_forms(cls, v: Any) -> Any:
-        # Before the union, whose own error lists every member's failure (list[any], dict, str).
-        if isinstance(v, list):
-            for i, inst in enumerate(v):
-                if not isinstance(inst, list | dict | str):
-                    kind = "null" if inst is None else type(inst).__name__
-                    raise ValueError(
-                        f"instance {i} is {kind}: an instance is an array of the input shape, "
-                        "an object keyed by feature name, or for a text model a string (or "
-                        '{"text": "..."})'
-                    )
-        return v
 
 
 class IntervalOut(BaseModel):

@@ -89,7 +89,7 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
     else:
         names = {p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
         if not names:
-            later = (
+            until = (
                 f"until bundles appear (checked every {s.poll_interval_s:g} s)"
                 if s.model_control == "poll"
                 else f"({variable('model_control')} is {s.model_control}: bundles added later "
@@ -97,7 +97,7 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
             )
             warnings.append(
                 f"{variable('model_dir')}: {d} holds no model; the server is ready with none "
-                f"{later}"
+                f"{until}"
             )
         if unknown := sorted(set(s.referral) - names):
             warnings.append(

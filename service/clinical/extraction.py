@@ -36,7 +36,15 @@ from service.clinical.mapping import (
     Mapping,
     ObservationSource,
 )
-from service.clinical.records import birth_date, matches, refers_to, resources, when, whole_years
+from service.clinical.records import (
+    array,
+    birth_date,
+    matches,
+    refers_to,
+    resources,
+    when,
+    whole_years,
+)
 from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
@@ -149,7 +157,7 @@ class Reader:
             holders = [obs] if matches(obs.get("code"), codes) else []
             holders += [
                 c
-                for c in obs.get("component") or []
+                for c in array(obs.get("component"), f"Observation/{obs.get('id', '?')}.component")
                 if isinstance(c, dict) and matches(c.get("code"), codes)
             ]
             if not holders:
@@ -203,7 +211,7 @@ class Reader:
                 src.title,
                 src.codes,
             )
-        if not math.isfinite(value) or not math.isfinite(float(value) * factor):
+        if not _finite(value) or not _finite(float(value) * factor):
             return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
         sent = {
             (c.get("system"), c.get("code"))
@@ -327,3 +335,11 @@ def extract(
             f"needed data is missing, too old or unusable: {names}", reader.issues
         )
     return ex
+
+
+def _finite(v: float) -> bool:
+    """Finite as a float: an integer of 400 digits is not (math.isfinite raised OverflowError)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

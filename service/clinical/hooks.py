@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.clinical.records import array
 from service.errors import InvalidInputError
 
 ORDER_HOOKS = ("order-select", "order-sign")  # hooks about draft orders (services filter them)
@@ -53,9 +54,13 @@ class HookRequest(BaseModel):
     def selected(self) -> list[dict[str, Any]]:
         """The orders the call is about: order-select's selections among the draft orders;
         order-sign's draft orders, all of them (they are about to be signed)."""
-        wanted = {s for s in self.context.get("selections") or [] if isinstance(s, str)}
+        wanted = {
+            s for s in array(self.context.get("selections"), "context.selections")
+            if isinstance(s, str)
+        }  # fmt: skip
+        drafts = self.context.get("draftOrders") or {}  # a dict: checked when the call is read
         out = []
-        for entry in (self.context.get("draftOrders") or {}).get("entry") or []:
+        for entry in array(drafts.get("entry"), "context.draftOrders.entry"):
             res = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(res, dict):
                 continue

@@ -54,6 +54,17 @@ def whole_years(born: date, on: date) -> int:
     return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
 
 
+def array(value: Any, where: str) -> list[Any]:
+    """A JSON array of the call (absent or null: empty); anything else is a 400 naming it, not
+    a TypeError further down (an `entry` of 5 was a 500)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        kind = "an object" if isinstance(value, dict) else type(value).__name__
+        raise InvalidInputError(f"{where} must be a JSON array, got {kind}")
+    return value
+
+
 def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
     """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
     for key, value in (prefetch or {}).items():
@@ -63,7 +74,7 @@ def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json
             raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
         kind = value.get("resourceType")
         if kind == "Bundle":
-            for entry in value.get("entry") or []:
+            for entry in array(value.get("entry"), f"prefetch.{key}.entry"):
                 res = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(res, dict):
                     yield key, res
@@ -80,8 +91,8 @@ def refers_to(subject: Any, patient_id: str) -> bool:
 
 def matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
     codings = codeable.get("coding") if isinstance(codeable, dict) else None
-    return any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings or []
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping as AnyMapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.clinical import ucum
@@ -96,6 +96,11 @@ def _num(v: float) -> str:
     return f"{v:.4g}"
 
 
+# A result dated later than now by more than this is a data error (a wrong clock or time zone,
+# a typo), not the latest result: it was used, and a 2099 value beat last week's.
+FUTURE = timedelta(hours=1)
+
+
 class Reader:
     def __init__(self, mapping: Mapping, now: datetime, max_age_days: float | None) -> None:
         self.mapping = mapping
@@ -151,6 +156,7 @@ class Reader:
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
         latest: tuple[datetime, str, Json, Json] | None = None
+        skipped: list[str] = []  # results of these codes that could not be used, and why
         for obs in found:
             if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
                 continue
@@ -163,13 +169,25 @@ class Reader:
             if not holders:
                 continue
             t, raw = when(obs)
+            name = f"Observation/{obs.get('id', '?')}"
             if t is None or raw is None:
+                skipped.append(
+                    f"{name} has no time that can be read (effectiveDateTime, "
+                    "effectiveInstant, effectivePeriod or issued, ISO 8601 with a time zone)"
+                )
+                continue
+            if t > self.now + FUTURE:
+                skipped.append(f"{name} is dated {raw}, in the future")
                 continue
             if latest is None or t > latest[0]:
                 latest = (t, raw, obs, holders[0])
         if latest is None:
+            said = f"no usable final result was prefetched ({'; '.join(skipped)})"
             return _issue(
-                "required", f"{what}: no final result was prefetched", src.title, src.codes
+                "required",
+                f"{what}: {said if skipped else 'no final result was prefetched'}",
+                src.title,
+                src.codes,
             )
         t, raw, obs, holder = latest
         ref = f"Observation/{obs.get('id', '?')}"
@@ -318,10 +336,16 @@ def extract(
             raise InvalidInputError(
                 f"prefetch.{key} is Patient/{res.get('id')}, not context.patientId {patient_id}"
             )
-        if kind == "Observation" and not refers_to(res.get("subject"), patient_id):
+        subject = res.get("subject")
+        if kind == "Observation" and not isinstance(subject, dict | None):
+            raise InvalidInputError(
+                f"prefetch.{key} holds Observation/{res.get('id')} whose subject is not a "
+                f'Reference: send {{"reference": "Patient/{patient_id}"}}'
+            )
+        if kind == "Observation" and not refers_to(subject, patient_id):
             raise InvalidInputError(
                 f"prefetch.{key} holds Observation/{res.get('id')} of another patient "
-                f"({res['subject'].get('reference')}), not Patient/{patient_id}"
+                f"({(subject or {}).get('reference')}), not Patient/{patient_id}"
             )
         found.append(res)
     ex = Extraction(patient=f"Patient/{patient_id}")

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.bundle.manifest import Manifest
 from service.clinical import ucum
+from service.clinical.records import system
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -313,17 +314,32 @@ def load_dir(root: Path) -> tuple[dict[str, Mapping], list[str]]:
 
 
 def _codings(order: dict[str, object]) -> list[dict[str, object]]:
-    """The codings of a draft order: its code, or its medication (R4 and R5 shapes)."""
+    """The codings of a draft order: its code, or its medication (R4 and R5 shapes), also as
+    a reference to a contained Medication ("#med1", the common R4 shape: it was not read)."""
     found = []
     med = order.get("medication")
     for concept in (
         order.get("code"),
         order.get("medicationCodeableConcept"),
         med.get("concept") if isinstance(med, dict) else None,
+        _contained_code(order, order.get("medicationReference")),
+        _contained_code(order, med.get("reference") if isinstance(med, dict) else None),
     ):
         if isinstance(concept, dict) and isinstance(concept.get("coding"), list):
             found += [c for c in concept["coding"] if isinstance(c, dict)]
     return found
+
+
+def _contained_code(order: dict[str, object], reference: object) -> object:
+    """The code of the contained resource a local reference ({"reference": "#id"}) names."""
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    contained = order.get("contained")
+    if not isinstance(ref, str) or not ref.startswith("#") or not isinstance(contained, list):
+        return None
+    for res in contained:
+        if isinstance(res, dict) and res.get("id") == ref[1:]:
+            return res.get("code")
+    return None
 
 
 def wanted(service: Service, orders: list[dict[str, object]]) -> bool:
@@ -338,6 +354,6 @@ def wanted(service: Service, orders: list[dict[str, object]]) -> bool:
                 return True
             for c in _codings(order):
                 code = c.get("code")
-                if c.get("system") == f.system and isinstance(code, str) and f.takes(code):
+                if system(c.get("system")) == f.system and isinstance(code, str) and f.takes(code):
                     return True
     return False

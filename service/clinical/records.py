@@ -11,6 +11,7 @@ No interpretation here (that is `extraction.py`): only what FHIR says the shapes
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from collections.abc import Mapping as AnyMapping
 from datetime import UTC, date, datetime
@@ -83,17 +84,43 @@ def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json
 
 
 def refers_to(subject: Any, patient_id: str) -> bool:
-    ref = subject.get("reference") if isinstance(subject, dict) else None
+    if subject is None:
+        return True  # no subject to check
+    if not isinstance(subject, dict):
+        return False  # not a Reference: nothing says whose it is (a string was read as ours)
+    ref = subject.get("reference")
     if not isinstance(ref, str):
         return True  # no reference to check (e.g. an identifier only)
+    ref = _VERSION.sub("", ref)  # Patient/p1/_history/3 is Patient/p1 (it was "another patient")
     return ref == f"Patient/{patient_id}" or ref.endswith(f"/Patient/{patient_id}")
+
+
+_VERSION = re.compile(r"/_history/[^/]+$")
 
 
 def matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
     codings = codeable.get("coding") if isinstance(codeable, dict) else None
     return isinstance(codings, list) and any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in codes for c in codings
+        isinstance(c, dict) and (system(c.get("system")), c.get("code")) in codes for c in codings
     )
+
+
+# Code systems as HL7 v2 interfaces and older EHRs write them: their OIDs (HL7's terminology
+# registry) and a trailing slash, read as the canonical URL the mappings use.
+_SYSTEMS = {
+    "urn:oid:2.16.840.1.113883.6.1": "http://loinc.org",
+    "urn:oid:2.16.840.1.113883.6.96": "http://snomed.info/sct",
+    "urn:oid:2.16.840.1.113883.6.88": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "urn:oid:2.16.840.1.113883.6.8": "http://unitsofmeasure.org",
+}
+
+
+def system(value: Any) -> Any:
+    """A coding's system in the canonical form the mappings are written in."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip().rstrip("/")
+    return _SYSTEMS.get(value, value)
 
 
 def when(obs: Json) -> tuple[datetime | None, str | None]:

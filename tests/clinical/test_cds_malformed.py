@@ -1,15 +1,17 @@
-"""Hook calls whose FHIR holds a field of the wrong type: a 400 naming it, or a card saying what
-was skipped, never a 500 (each case was a 500 found by a probe of the running server)."""
+"""Hook calls whose FHIR is unusual or wrong, as a probe of the running server sent them: a field
+of the wrong type is a 400 naming it (each was a 500), a result that cannot be used is skipped
+with its reason on the card, and common variants of real data are read (code systems as OIDs,
+versioned references, medications as contained resources)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from cds_client import Signer, auth
-from fhir_ehr import diabetes_store, fulfil, hook_call
+from fhir_ehr import LOINC, PID, diabetes_store, fulfil, hook_call, iso, observation
 
 DIABETES = "/cds-services/diabetes-progression"
 ORDER_SELECT = "/cds-services/diabetes-progression-order-select"
@@ -82,3 +84,105 @@ async def test_a_value_too_large_for_a_float_is_not_finite(
     r = await ehr.post(DIABETES, json=hook_call(prefetch), headers=auth(es384, DIABETES))
     assert r.status_code == 200, r.text
     assert f"Observation/{obs['id']} has no finite value" in r.text
+
+
+def _glucose(prefetch: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The prefetched glucose Observation and the entry list that holds it."""
+    for value in prefetch.values():
+        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+            entries = value.get("entry") or []
+            for e in entries:
+                if e["resource"].get("id") == "glu-1":
+                    glu: dict[str, Any] = e["resource"]
+                    return glu, entries
+    raise AssertionError("no glucose prefetched")
+
+
+async def _call(ehr: httpx.AsyncClient, signer: Signer, prefetch: dict[str, Any]) -> httpx.Response:
+    return await ehr.post(DIABETES, json=hook_call(prefetch), headers=auth(signer, DIABETES))
+
+
+async def test_a_result_dated_in_the_future_is_skipped_with_its_reason(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A glucose dated 2099 beat last week's and its 300 mg/dL went into the prediction."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, entries = _glucose(prefetch)
+    later = datetime.now(UTC) + timedelta(days=30)
+    future = observation("glu-future", LOINC, "2345-7", 300.0, "mg/dL", later)
+    entries.append({"resource": future})
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200 and "Observation/glu-1" in r.text and "glu-future" not in r.text
+    entries.remove(next(e for e in entries if e["resource"] is glu))
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200
+    assert (
+        f"no usable final result was prefetched (Observation/glu-future is dated {iso(later)}, "
+        "in the future)"
+    ) in r.text
+
+
+async def test_a_time_that_cannot_be_read_is_said(ehr: httpx.AsyncClient, es384: Signer) -> None:
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["effectiveDateTime"] = "2026-11-20T10:00:00 UTC"
+    r = await _call(ehr, es384, prefetch)
+    assert "Observation/glu-1 has no time that can be read" in r.text, r.text
+
+
+async def test_code_systems_as_oids_and_versioned_references_are_read(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["code"]["coding"][0]["system"] = "urn:oid:2.16.840.1.113883.6.1"  # LOINC's OID
+    glu["subject"]["reference"] = f"Patient/{PID}/_history/3"
+    other = _first_observation(prefetch)
+    other["code"]["coding"][0]["system"] = LOINC + "/"
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200 and "Observation/glu-1" in r.text, r.text
+    assert f"{other['id']}" in r.text
+
+
+async def test_a_subject_that_is_not_a_reference_is_a_400(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A string subject was read as the call's patient, whoever it named."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["subject"] = "Patient/p2"
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 400
+    assert "Observation/glu-1 whose subject is not a Reference" in r.text
+
+
+async def test_a_medication_as_a_contained_resource_is_read(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """The common R4 shape, medicationReference to a contained Medication, got no card."""
+    prefetch = await _prefetch(ehr, "diabetes-progression-order-select")
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "mr-1",
+        "status": "draft",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{PID}"},
+        "medicationReference": {"reference": "#med1"},
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "med1",
+                "code": {
+                    "coding": [
+                        {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "861007"}
+                    ]
+                },
+            }
+        ],
+    }
+    drafts = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": order}]}
+    body = hook_call(
+        prefetch, hook="order-select", selections=["MedicationRequest/mr-1"], draftOrders=drafts
+    )
+    r = await ehr.post(ORDER_SELECT, json=body, headers=auth(es384, ORDER_SELECT))
+    assert r.status_code == 200 and len(r.json()["cards"]) == 1, r.text

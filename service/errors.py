@@ -135,3 +135,22 @@ class UnknownCardError(McServeError):
     """Feedback names a card this replica did not issue, or has forgotten (bounded memory)."""
 
     code = "not_found"
+
+
+def json_hint(problem: str) -> str:
+    """What to do about a body the JSON parser refused (`problem`: its message), in words the
+    parser's own ("unexpected end of hex escape", "expected value at line 1 column 1") lack."""
+    if "hex escape" in problem:  # what the parser says of \ud800 without its pair
+        return (
+            " (a \\ud800-\\udfff escape must be one half of a surrogate pair; a lone one is not "
+            "Unicode: send the text as UTF-8, or escape whole characters)"
+        )
+    if "unicode" in problem.lower() or "utf-8" in problem.lower():
+        return " (send the body as UTF-8)"
+    return " (the body must be valid JSON)"
+
+
+def without_bom(body: bytes) -> bytes:
+    """A JSON body without a UTF-8 byte-order mark, which RFC 8259 lets a parser ignore (some
+    Windows tools write one; the parser said "expected value at line 1 column 1")."""
+    return body[3:] if body.startswith(b"\xef\xbb\xbf") else body

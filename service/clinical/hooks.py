@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.clinical.records import array
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, json_hint, without_bom
 
 ORDER_HOOKS = ("order-select", "order-sign")  # hooks about draft orders (services filter them)
 SAFE_ID = r"^[A-Za-z0-9._:-]{1,128}$"  # hookInstance and card ids are logged: keep them plain
@@ -134,7 +134,7 @@ T = TypeVar("T", bound=BaseModel)
 def parse(model: type[T], raw: bytes) -> T:
     """Validate a JSON body; errors say where, without echoing values (they may be tokens)."""
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(without_bom(raw))
     except ValidationError as exc:
         details = [
             {
@@ -144,6 +144,8 @@ def parse(model: type[T], raw: bytes) -> T:
             for e in exc.errors(include_input=False)
         ]
         first = details[0]
+        json_invalid = exc.errors()[0].get("type") == "json_invalid"
+        hint = json_hint(first["problem"]) if json_invalid else ""
         raise InvalidInputError(
-            f"invalid request: {first['field']}: {first['problem']}", details
+            f"invalid request: {first['field']}: {first['problem']}{hint}", details
         ) from None

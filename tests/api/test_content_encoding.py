@@ -112,3 +112,12 @@ async def test_several_gzip_members_are_one_body_and_a_get_is_not_read(
     assert r.status_code == 200, r.text
     r = await client.get("/healthz", headers={"content-encoding": "gzip"})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize(("url", "body"), [(URL, BODY), (V2, V2_BODY)], ids=["v1", "v2"])
+async def test_a_byte_order_mark_before_the_json_is_ignored(
+    client: httpx.AsyncClient, url: str, body: bytes
+) -> None:
+    """RFC 8259 lets a parser ignore it; it was "expected value at line 1 column 1"."""
+    r = await client.post(url, content=b"\xef\xbb\xbf" + body, headers=JSON)
+    assert r.status_code == 200, r.text

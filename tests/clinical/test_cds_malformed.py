@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from cds_client import Signer, auth
 from fhir_ehr import LOINC, PID, diabetes_store, fulfil, hook_call, iso, observation
@@ -186,3 +187,20 @@ async def test_a_medication_as_a_contained_resource_is_read(
     )
     r = await ehr.post(ORDER_SELECT, json=body, headers=auth(es384, ORDER_SELECT))
     assert r.status_code == 200 and len(r.json()["cards"]) == 1, r.text
+
+
+async def test_the_body_as_windows_tools_and_broken_encoders_write_it(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A byte-order mark is ignored (RFC 8259); a lone surrogate escape says what it is. Both
+    got the parser's bare words on this route."""
+    raw = orjson.dumps(hook_call(await _prefetch(ehr, "diabetes-progression")))
+    json = {"content-type": "application/json"}
+    r = await ehr.post(
+        DIABETES, content=b"\xef\xbb\xbf" + raw, headers=auth(es384, DIABETES) | json
+    )
+    assert r.status_code == 200, r.text
+    broken = raw.replace(b'"hookInstance":"', b'"hookInstance":"\\ud800', 1)
+    r = await ehr.post(DIABETES, content=broken, headers=auth(es384, DIABETES) | json)
+    assert r.status_code == 400
+    assert "a lone one is not Unicode: send the text as UTF-8" in r.text

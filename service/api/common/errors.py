@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.api.common import html
-from service.errors import McServeError, OverloadedError
+from service.errors import McServeError, OverloadedError, json_hint
 
 log = logging.getLogger("mcserve.errors")
 
@@ -166,12 +166,7 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     if first.get("type") == "extra_forbidden":
         hint = " (unknown key: check its spelling against the API reference)"
     elif first.get("type") == "json_invalid":
-        hint = " (the body must be valid JSON)"
-        if "hex escape" in first["problem"]:  # what the parser says of \ud800 without its pair
-            hint = (
-                " (a \\ud800-\\udfff escape must be one half of a surrogate pair; a lone one is "
-                "not Unicode: send the text as UTF-8, or escape whole characters)"
-            )
+        hint = json_hint(str(first["problem"]))
     message = f"invalid request: {first['field']}: {first['problem']}{hint}"
     fields = ", ".join(f"{d['field']} ({d.get('type')})" for d in details[:5])
     return error_response(request, 422, message, details, reason=f"invalid request: {fields}")

@@ -46,7 +46,7 @@ def note(key: str, diagnostics: str, code: str = "transient") -> Json:
         "severity": "warning",
         "code": code,
         "details": {"text": f"prefetch '{key}'"},
-        "diagnostics": diagnostics,
+        "diagnostics": f"prefetch '{key}': {diagnostics}",  # a card shows the diagnostics only
     }
 
 

@@ -143,7 +143,10 @@ class FhirSearch:
                     raise _redirect(r, url, self.owns)
                 body = await _read(r, limit)
         except httpx.HTTPError as exc:
-            raise SearchFailed(f"{type(exc).__name__} from the FHIR server") from None
+            why = f": {exc}" if str(exc) else ""  # e.g. "[Errno 111] Connection refused"
+            raise SearchFailed(
+                f"{type(exc).__name__} from the FHIR server {self.base}{why}"
+            ) from None
         media = r.headers.get("content-type", "")
         if r.status_code != 200:
             try:

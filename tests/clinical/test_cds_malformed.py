@@ -204,3 +204,20 @@ async def test_the_body_as_windows_tools_and_broken_encoders_write_it(
     r = await ehr.post(DIABETES, content=broken, headers=auth(es384, DIABETES) | json)
     assert r.status_code == 400
     assert "a lone one is not Unicode: send the text as UTF-8" in r.text
+
+
+async def test_a_fhir_server_the_issuer_may_not_use_is_said_per_key(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """This issuer has no fhir_servers: a call naming one got a card without a word on why its
+    data was not fetched. Each note names its prefetch key (the card showed ten equal lines)."""
+    body = hook_call({"patient": (await _prefetch(ehr, "diabetes-progression"))["patient"]})
+    body["fhirServer"] = "http://127.0.0.1:9/fhir"
+    body["fhirAuthorization"] = {"access_token": "t", "token_type": "Bearer", "scope": "x"}
+    r = await ehr.post(DIABETES, json=body, headers=auth(es384, DIABETES))
+    assert r.status_code == 200, r.text
+    detail = r.json()["cards"][0]["detail"]
+    assert (
+        "prefetch 'glu': not fetched: no FHIR server is allow-listed for this call's issuer "
+        "(fhir_servers in MCSERVE_CDS_ISSUERS), so the prefetch must hold it"
+    ) in detail

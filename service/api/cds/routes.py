@@ -31,7 +31,7 @@ from service.api.common.parameters import PredictParameters, to_params
 from service.clinical import cards as card_builder
 from service.clinical import fhir
 from service.clinical.extraction import extract
-from service.clinical.fetch import FetchPolicy, complete
+from service.clinical.fetch import FetchPolicy, complete, missing_keys, note
 from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Record
 from service.clinical.mapping import Mapping, wanted
@@ -196,7 +196,12 @@ async def fetch_missing(
     claims = getattr(request.state, "cds_claims", None)
     issuer = cds.settings.cds_issuers.get(claims.iss) if claims else None
     if issuer is None or not issuer.fhir_servers:
-        return dict(body.prefetch or {}), []
+        keys = missing_keys(mapping.prefetch(), body.prefetch) if body.fhirServer else []
+        why = (
+            "not fetched: no FHIR server is allow-listed for this call's issuer (fhir_servers "
+            "in MCSERVE_CDS_ISSUERS), so the prefetch must hold it"
+        )  # the call named a server: say why it was not asked (it was silent)
+        return dict(body.prefetch or {}), [note(k, why, "security") for k in keys]
     s = cds.settings
     limits = Limits(max_bytes=s.cds_fhir_max_bytes, max_pages=s.cds_fhir_max_pages)
     policy = FetchPolicy(issuer.fhir_servers, s.cds_fhir_timeout_s, limits)

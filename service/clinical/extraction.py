@@ -141,7 +141,9 @@ class Reader:
                 self.issues.append(
                     _issue(
                         "required",
-                        f"{ex.patient} gender {gender!r} cannot be mapped (needs one of {known})",
+                        f"{ex.patient} gender {gender!r} cannot be mapped (needs one of {known})"
+                        if gender is not None
+                        else f"{ex.patient} has no gender (needs one of {known})",
                         "Patient.gender",
                     )
                 )
@@ -205,7 +207,11 @@ class Reader:
         value = q.get("value") if isinstance(q, dict) else None
         if not isinstance(q, dict) or isinstance(value, bool) or not isinstance(value, int | float):
             return _issue(
-                "required", f"{what}: {ref} has no valueQuantity.value", src.title, src.codes
+                "required",
+                f"{what}: {ref} has no valueQuantity.value"
+                + (" (it is a string: send a JSON number)" if isinstance(value, str) else ""),
+                src.title,
+                src.codes,
             )
         if q.get("comparator"):
             return _issue(

@@ -221,3 +221,19 @@ async def test_a_fhir_server_the_issuer_may_not_use_is_said_per_key(
         "prefetch 'glu': not fetched: no FHIR server is allow-listed for this call's issuer "
         "(fhir_servers in MCSERVE_CDS_ISSUERS), so the prefetch must hold it"
     ) in detail
+
+
+async def test_a_missing_gender_and_a_value_as_a_string_are_said_plainly(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """They read "gender None cannot be mapped" and "has no valueQuantity.value"."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    del prefetch["patient"]["gender"]
+    glu, _ = _glucose(prefetch)
+    glu["valueQuantity"]["value"] = "87"
+    r = await _call(ehr, es384, prefetch)
+    detail = r.json()["cards"][0]["detail"]
+    assert f"Patient/{PID} has no gender (needs one of" in detail
+    assert "Observation/glu-1 has no valueQuantity.value (it is a string: send a JSON number)" in (
+        detail
+    )

@@ -41,8 +41,14 @@ class PredictParams:
 _SEEDS = random.Random(int.from_bytes(os.urandom(16), "little"))
 
 
+# Drawn seeds stay below 2**53, JavaScript's largest exact integer: a 63-bit seed came back
+# rounded through JSON.parse (the model page, any browser client), and replaying the rounded one
+# gave another answer. A client may still send any seed up to 2**63 - 1.
+DRAWN_SEED_BITS = 53
+
+
 def new_seed() -> int:
-    return _SEEDS.getrandbits(63) & MAX_SEED
+    return _SEEDS.getrandbits(DRAWN_SEED_BITS) & MAX_SEED
 
 
 def default_interval(manifest: Manifest) -> IntervalMethod:

@@ -133,7 +133,10 @@ async def test_evaluation_is_shown_only_for_the_served_digest(hostile: httpx.Asy
     assert f'<img src="{plot}"' in html and SCRIPT not in html
     r = await hostile.get(plot)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.content == PNG
+    assert r.content == PNG and r.headers["x-content-type-options"] == "nosniff"
+    (place / "reliability.png").write_bytes(b"<html><script>alert(1)</script>")  # not a PNG
+    assert (await hostile.get(plot)).status_code == 404
+    (place / "reliability.png").write_bytes(PNG)
     for bad in ("coverage.png", "report.png", "..%2Freport.json"):  # only plots that exist
         assert (await hostile.get(f"/models/{NAME}/versions/1/plots/{bad}")).status_code == 404
 
@@ -173,6 +176,7 @@ async def test_api_docs_load_only_assets_of_this_server(
     for asset in assets:
         got = await client.get(asset)
         assert got.status_code == 200 and len(got.content) > 100, asset
+        assert got.headers["x-content-type-options"] == "nosniff", asset
 
 
 async def test_bundled_models_show_their_evaluation_reports() -> None:

@@ -357,6 +357,16 @@ def test_a_text_model_page_takes_a_text(srv: Server, page: Any, tmp_path: Path, 
     predict(page, expect_ok=False)
     page.wait_for_selector("#e-text:not(:empty)")
     assert page.locator("#e-text").inner_text() == "instance 0: the text contains a NUL character"
+    # Not every error is the text's: the passes' goes by their field, the text stays valid.
+    page.fill("#text", "chest pain")
+    page.evaluate("document.getElementById('samples').removeAttribute('min')")
+    page.fill("#samples", "1")
+    predict(page, expect_ok=False)
+    page.wait_for_selector("#samples-e:not(:empty)")
+    assert "samples" in page.locator("#samples-e").inner_text()
+    assert page.locator("#e-text").inner_text() == ""
+    assert page.locator("#text").get_attribute("aria-invalid") is None
+    page.fill("#samples", "20")
     results = Axe().run(page)
     bad = [
         v["id"] for v in results.response["violations"] if v["impact"] in ("serious", "critical")

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from service.api.common.html import DOCS_CSP, render
 from service.api.pages import routes as pages
@@ -27,11 +28,20 @@ def vendor_dir() -> Path:
     return Path(str(files("fastapi_offline") / "static"))
 
 
+class Assets(StaticFiles):
+    """Static files with nosniff, like the pages: a browser takes each as its declared type."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Docs at /docs and /redoc, the assets under /static, the model pages unless switched off.
     Create the app with docs_url=None and redoc_url=None: these routes replace FastAPI's."""
-    app.mount(OWN, StaticFiles(packages=[("service.api", "static")]), name="mcserve-static")
-    app.mount(VENDOR, StaticFiles(directory=vendor_dir()), name="vendor-static")
+    app.mount(OWN, Assets(packages=[("service.api", "static")]), name="mcserve-static")
+    app.mount(VENDOR, Assets(directory=vendor_dir()), name="vendor-static")
     openapi = app.openapi_url or "/openapi.json"
 
     @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)

@@ -33,7 +33,15 @@ class Evaluation:
     def plot_path(self, stem: str) -> Path | None:
         if stem not in self.plots:  # an allow-list: the URL never names a file by itself
             return None
-        return self.directory / f"{stem}.png"
+        path = self.directory / f"{stem}.png"
+        try:  # served as image/png: only what is one (an HTML file under the name was served)
+            with path.open("rb") as fh:
+                return path if fh.read(8) == PNG_SIGNATURE else None
+        except OSError:
+            return None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _read(directory: Path, digest: str) -> Evaluation | None:

@@ -186,4 +186,5 @@ async def plot(name: Name, version: Version, plot: str, request: Request) -> Res
     path = ev.plot_path(plot) if ev else None
     if path is None:
         raise ModelNotFoundError(f"model '{name}' version '{version}' has no plot '{plot}'")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    return FileResponse(path, media_type="image/png", headers=headers)

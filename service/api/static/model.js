@@ -107,15 +107,20 @@
   }
   function showError(message) {
     // The API names the feature it refuses ("feature 'age' = 500 is outside ..."): put its
-    // message next to that field; anything else goes above the result.
-    const m = /feature '([^']+)'/.exec(message);
-    const input = m && Array.from(form.querySelectorAll("input[data-feature]")).find((i) => i.dataset.feature === m[1]);
+    // message next to that field (names are compared whole: a regex stopped at an apostrophe
+    // in "patient's age"); a text's own problems ("instance 0: ...") go under the text, and
+    // anything else (passes, confidence) above the result.
+    const input = Array.from(form.querySelectorAll("input[data-feature]")).find((i) => message.includes("feature '" + i.dataset.feature + "' "));
     const text = document.getElementById("text");
     if (input) {
       document.getElementById("e-" + input.dataset.index).textContent = message;
       input.setAttribute("aria-invalid", "true");
       input.focus();
-    } else if (text) {
+    } else if (/^(invalid request: parameters\.)?samples\b/.test(message)) {
+      document.getElementById("samples-e").textContent = message;
+      document.getElementById("samples").setAttribute("aria-invalid", "true");
+      document.getElementById("samples").focus();
+    } else if (text && /^(instance \d+: |write some text)/.test(message)) {
       document.getElementById("e-text").textContent = message;
       text.setAttribute("aria-invalid", "true");
       text.focus();

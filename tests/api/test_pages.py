@@ -13,11 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
+import torch
 from apps import asgi_client, running
 from fastapi import FastAPI
 from hostile_pages import IMG, NAME, QUOTE, SCRIPT, hostile_bundle
+from nets import mlp
 
 from service.api.app import create_app
+from service.packaging import save
 from service.settings import Settings
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
@@ -193,3 +196,21 @@ async def test_bundled_models_show_their_evaluation_reports() -> None:
             assert f'<img src="{url}"' in html
             assert (await c.get(url)).content.startswith(b"\x89PNG")
             assert 'id="no-evaluation"' in (await c.get(f"/models/{name}/versions/1")).text
+
+
+async def test_a_very_long_manifest_string_is_cut(tmp_path: Path) -> None:
+    """Manifest strings have no length limit: a 100 kB word made the page 1.6 million pixels
+    wide and took Chromium up to 73 s to lay out. Pages show 2,000 characters and say so."""
+    torch.manual_seed(0)
+    save(
+        mlp(0.25, d_in=2, hidden=4, d_out=2), torch.randn(4, 2), out_dir=tmp_path / "models",
+        name="long", version="1", task="classification", intended_use="w" * 100_000,
+        labels=["a" * 5000, "b"],
+    )  # fmt: skip
+    settings = Settings(model_dir=tmp_path / "models", evaluation_dir=None)
+    async with running(settings) as app, asgi_client(app) as c:
+        for url in ("/models/long", "/models"):
+            html = (await c.get(url)).text
+            assert "w" * 2001 not in html and "a" * 2001 not in html, url
+            assert "(cut: 100,000 characters in all)" in html, url
+            assert len(html) < 40_000, url

@@ -23,13 +23,16 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from axe_playwright_python.sync_playwright import Axe
 from hostile_pages import NAME, SCRIPT, hostile_bundle
+from nets import mlp
 from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
 from text_nets import save_text_model
 
 from service.api.common import examples
+from service.packaging import save
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)
@@ -61,6 +64,14 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("*.py"))
     hostile_bundle(tmp / "models")
     text_bundle(tmp / "models")
+    torch.manual_seed(0)
+    save(
+        mlp(0.25, d_in=2, hidden=8, d_out=2), torch.randn(4, 2), out_dir=tmp / "models",
+        name="bp", version="1", task="regression", intended_use="tests only",
+        target=["systolic", "diastolic"], target_unit=["mm[Hg]", None],
+        feature_names=["age", "weight"], valid_ranges=[(0.0, 120.0), (1.0, 300.0)],
+        training_ranges=[(20.0, 80.0), (40.0, 120.0)],
+    )  # fmt: skip
     key = {"id": "pages", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}
     env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_API_KEYS": json.dumps([key])}
     with serve(tmp, model_dir=tmp / "models", env=env) as server:
@@ -372,3 +383,18 @@ def test_a_text_model_page_takes_a_text(srv: Server, page: Any, tmp_path: Path, 
         v["id"] for v in results.response["violations"] if v["impact"] in ("serious", "critical")
     ]
     assert not bad, bad
+
+
+def test_a_multi_output_regressor_draws_each_target(srv: Server, page: Any) -> None:
+    """The card said "Predicts None" and an answer drew only "unbounded"."""
+    page.goto(f"{srv.url}/models/bp")
+    assert "systolic (mm[Hg]), diastolic" in page.locator("dl.facts").first.inner_text()
+    page.fill("#seed", str(SEED))
+    sent = predict(page)
+    api = httpx.post(f"{srv.url}/v1/models/bp:predict", json=sent, headers=AUTH, timeout=60)
+    targets = api.json()["predictions"][0]["targets"]
+    for name, unit in (("systolic", " mm[Hg]"), ("diastolic", "")):
+        head = page.locator(f'h4[data-target="{name}"]')
+        assert head.inner_text() == name + (f" ({unit.strip()})" if unit else "")
+        mean = page.locator(f'h4[data-target="{name}"] + dl [data-out=mean]').inner_text()
+        assert mean.endswith(unit) and close(mean.removesuffix(unit), targets[name]["mean"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from starlette.responses import HTMLResponse
 
 # Scripts, styles, images and fetches from this server only; no inline script or style, no
@@ -40,7 +41,7 @@ MAX_SHOWN = 2000
 
 def _clip(value: Any) -> Any:
     """Every {{ }} output: a string over MAX_SHOWN characters is cut, and says so."""
-    if isinstance(value, str) and len(value) > MAX_SHOWN:
+    if isinstance(value, str) and not isinstance(value, Markup) and len(value) > MAX_SHOWN:
         return f"{value[:MAX_SHOWN]}… (cut: {len(value):,} characters in all)"
     return value
 

@@ -9,6 +9,7 @@
   const shape = JSON.parse(form.dataset.shape);
   const task = form.dataset.task;
   const unit = form.dataset.unit;
+  const targetUnits = JSON.parse(form.dataset.units || "[]");  // a multi-output regressor's
   const result = document.getElementById("result");
   const formError = document.getElementById("form-error");
 
@@ -235,20 +236,31 @@
     return box;
   }
 
+  function regression(out, p, u) {
+    const rows = [["Prediction", fmt(p.mean) + (u ? " " + u : ""), "mean"]];
+    for (const iv of p.intervals || []) rows.push(["Interval", interval(iv), "interval"]);
+    if (p.std !== null && p.std !== undefined) rows.push(["Predictive std", fmt(p.std), "std"]);
+    if (p.epistemic_std !== null && p.epistemic_std !== undefined) rows.push(["Epistemic std (the model's doubt)", fmt(p.epistemic_std), "epistemic"]);
+    if (p.aleatoric_std !== null && p.aleatoric_std !== undefined) rows.push(["Aleatoric std (noise in the data)", fmt(p.aleatoric_std), "aleatoric"]);
+    out.append(facts(rows));
+    const bar = intervalBar(p);
+    if (bar) out.append(bar);
+  }
+
   function draw(answer) {
     const p = answer.predictions[0];
     const out = el("section", null, { "aria-labelledby": "answer-h" });
     out.append(el("h3", "Answer", { id: "answer-h" }));
     const rows = [];
-    if (task === "regression") {
-      rows.push(["Prediction", fmt(p.mean) + (unit ? " " + unit : ""), "mean"]);
-      for (const iv of p.intervals || []) rows.push(["Interval", interval(iv), "interval"]);
-      if (p.std !== null && p.std !== undefined) rows.push(["Predictive std", fmt(p.std), "std"]);
-      if (p.epistemic_std !== null && p.epistemic_std !== undefined) rows.push(["Epistemic std (the model's doubt)", fmt(p.epistemic_std), "epistemic"]);
-      if (p.aleatoric_std !== null && p.aleatoric_std !== undefined) rows.push(["Aleatoric std (noise in the data)", fmt(p.aleatoric_std), "aleatoric"]);
-      out.append(facts(rows));
-      const bar = intervalBar(p);
-      if (bar) out.append(bar);
+    if (task === "regression" && p.targets) {
+      // A multi-output regressor: each target's summary under its name (it drew "unbounded").
+      Object.entries(p.targets).forEach(([name, t], i) => {
+        const u = targetUnits[i] || "";
+        out.append(el("h4", name + (u ? " (" + u + ")" : ""), { "data-target": name }));
+        regression(out, t, u);
+      });
+    } else if (task === "regression") {
+      regression(out, p, unit);
     } else {
       rows.push(["Predicted class", p.label, "label"]);
       if (p.prediction_set) {

@@ -22,6 +22,7 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping as AnyMapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,6 +46,7 @@ from service.clinical.records import (
     when,
     whole_years,
 )
+from service.clinical.records import system as canonical_system
 from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
@@ -99,6 +101,15 @@ def _num(v: float) -> str:
 # A result dated later than now by more than this is a data error (a wrong clock or time zone,
 # a typo), not the latest result: it was used, and a 2099 value beat last week's.
 FUTURE = timedelta(hours=1)
+# A date, or a time without a zone, is read as UTC (records.parse_time): today's result east of
+# UTC can lie up to 14 hours (the widest offset) ahead of the server's clock.
+WIDEST_OFFSET = timedelta(hours=14)
+_ZONED = re.compile(r"T.*(Z|[+-]\d\d:\d\d)$")
+
+
+def _ahead(raw: str) -> timedelta:
+    """How far past now a result's time may lie and still be read."""
+    return FUTURE if _ZONED.search(raw) else FUTURE + WIDEST_OFFSET
 
 
 class Reader:
@@ -178,7 +189,7 @@ class Reader:
                     "effectiveInstant, effectivePeriod or issued, ISO 8601 with a time zone)"
                 )
                 continue
-            if t > self.now + FUTURE:
+            if t > self.now + _ahead(raw):
                 skipped.append(f"{name} is dated {raw}, in the future")
                 continue
             if latest is None or t > latest[0]:
@@ -223,7 +234,7 @@ class Reader:
         system, code, shown = q.get("system"), q.get("code"), q.get("unit")
         unit = code if code is not None else shown if shown is not None else "1"
         try:
-            if system not in (None, UCUM) and code is not None:
+            if canonical_system(system) not in (None, UCUM) and code is not None:
                 raise ucum.UnitError(f"{unit!r} of system {system} is not a UCUM code")
             if not isinstance(unit, str):
                 raise ucum.UnitError(f"{unit!r} is not a unit code")
@@ -238,7 +249,7 @@ class Reader:
         if not _finite(value) or not _finite(float(value) * factor):
             return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
         sent = {
-            (c.get("system"), c.get("code"))
+            (canonical_system(c.get("system")), c.get("code"))
             for c in holder["code"].get("coding", [])
             if isinstance(c, dict)
         }

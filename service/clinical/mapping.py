@@ -15,7 +15,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.bundle.manifest import Manifest
 from service.clinical import ucum
@@ -39,6 +46,12 @@ class Code(Strict):
     # What the code measures, where a unit could contradict it (LOINC's MCnc / SCnc): a result
     # coded as a mass concentration but sent in mmol/L is refused, not silently converted.
     kind: Literal["mass", "substance"] | None = None
+
+    @field_validator("system")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        # As incoming codings are read (records.system): a mapping may name a system by its OID.
+        return str(system(v))
 
     def label(self) -> str:
         system = "LOINC" if self.system == LOINC else self.system
@@ -166,6 +179,11 @@ class OrderFilter(Strict):
     system: str | None = None
     prefixes: list[str] = Field(default_factory=list)
     codes: list[str] = Field(default_factory=list)
+
+    @field_validator("system")
+    @classmethod
+    def _canonical(cls, v: str | None) -> str | None:
+        return None if v is None else str(system(v))
 
     def takes(self, code: str) -> bool:
         if not self.prefixes and not self.codes:

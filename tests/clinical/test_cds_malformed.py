@@ -12,10 +12,17 @@ import httpx
 import orjson
 import pytest
 from cds_client import Signer, auth
-from fhir_ehr import LOINC, PID, diabetes_store, fulfil, hook_call, iso, observation
+from fhir_ehr import LOINC, MODELS, PID, diabetes_store, fulfil, hook_call, iso, observation
+
+from service.clinical.extraction import extract
+from service.clinical.mapping import Code, OrderFilter, load_dir
+from service.errors import MissingDataError
 
 DIABETES = "/cds-services/diabetes-progression"
 ORDER_SELECT = "/cds-services/diabetes-progression-order-select"
+MAPPING = load_dir(MODELS / "clinical")[0]["diabetes"]
+UCUM_OID = "urn:oid:2.16.840.1.113883.6.8"
+RXNORM_OID = "urn:oid:2.16.840.1.113883.6.88"
 
 
 async def _prefetch(ehr: httpx.AsyncClient, service: str) -> dict[str, Any]:
@@ -237,3 +244,51 @@ async def test_a_missing_gender_and_a_value_as_a_string_are_said_plainly(
     assert "Observation/glu-1 has no valueQuantity.value (it is a string: send a JSON number)" in (
         detail
     )
+
+
+async def test_an_oid_coded_result_still_has_its_unit_checked(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """The kind check compared raw systems: glucose by mass coded with LOINC's OID and sent in
+    mmol/L was accepted as 99 mg/dL instead of refused."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["code"]["coding"][0]["system"] = "urn:oid:2.16.840.1.113883.6.1"
+    glu["valueQuantity"] = {"value": 5.5, "unit": "mmol/L", "system": UCUM_OID, "code": "mmol/L"}
+    r = await _call(ehr, es384, prefetch)
+    assert (
+        "is coded LOINC 2345-7, a mass concentration, but its unit 'mmol/L' is a substance"
+        in (r.json()["cards"][0]["detail"])
+    )
+
+
+def test_a_mapping_may_name_its_systems_by_oid() -> None:
+    code = Code(system="urn:oid:2.16.840.1.113883.6.1", code="2345-7")
+    assert code.system == LOINC and code.label() == "LOINC 2345-7"
+    assert OrderFilter(resource_type="MedicationRequest", system=RXNORM_OID).system == (
+        "http://www.nlm.nih.gov/research/umls/rxnorm"
+    )
+
+
+def test_todays_result_east_of_utc_is_not_in_the_future() -> None:
+    """Dates and zoneless times are read as UTC: at 07:00 in Sydney (21:00 UTC the day before)
+    today's result was skipped as an hour ahead, and last week's used without a word."""
+    now = datetime(2025, 6, 1, 21, 0, tzinfo=UTC)
+    store = diabetes_store(now)
+    glu = next(r for r in store if r.get("id") == "glu-1")
+    for when, used in (
+        ("2025-06-02", True),  # a date: read as midnight UTC, 3 hours ahead
+        ("2025-06-02T06:30:00", True),  # no zone: read as UTC, 9.5 hours ahead
+        ("2025-06-02T06:30:00+10:00", True),  # 20:30 UTC: in the past
+        ("2025-06-01T23:00:00Z", False),  # a zoned time 2 hours ahead: an error of the data
+    ):
+        glu["effectiveDateTime"] = when
+        prefetch = {"patient": store[0], "glu": {"resourceType": "Bundle", "entry": [
+            {"resource": r} for r in store[1:]
+        ]}}  # fmt: skip
+        try:
+            ex = extract(MAPPING, PID, prefetch, now)
+            assert used and ex.used["glu"].given is None, when
+        except MissingDataError as exc:
+            assert not used, when
+            assert "is dated 2025-06-01T23:00:00Z, in the future" in str(exc.details)

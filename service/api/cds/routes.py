@@ -200,6 +200,10 @@ async def fetch_missing(
         why = (
             "not fetched: no FHIR server is allow-listed for this call's issuer (fhir_servers "
             "in MCSERVE_CDS_ISSUERS), so the prefetch must hold it"
+            if claims
+            else "not fetched: without client authentication no FHIR server is ever asked (a "
+            "patient's access token goes only to servers of an authenticated issuer), so the "
+            "prefetch must hold it"
         )  # the call named a server: say why it was not asked (it was silent)
         return dict(body.prefetch or {}), [note(k, why, "security") for k in keys]
     s = cds.settings

@@ -9,7 +9,11 @@
   const shape = JSON.parse(form.dataset.shape);
   const task = form.dataset.task;
   const unit = form.dataset.unit;
-  const targetUnits = JSON.parse(form.dataset.units || "[]");  // a multi-output regressor's
+  // A multi-output regressor's unit per target name (an answer's keys may come in another
+  // order: JavaScript puts integer-like keys first).
+  const targetNames = JSON.parse(form.dataset.targetNames || "[]");
+  const targetUnits = JSON.parse(form.dataset.units || "[]");
+  const unitOf = Object.fromEntries(targetNames.map((n, i) => [n, targetUnits[i] || ""]));
   const result = document.getElementById("result");
   const formError = document.getElementById("form-error");
 
@@ -254,8 +258,8 @@
     const rows = [];
     if (task === "regression" && p.targets) {
       // A multi-output regressor: each target's summary under its name (it drew "unbounded").
-      Object.entries(p.targets).forEach(([name, t], i) => {
-        const u = targetUnits[i] || "";
+      Object.entries(p.targets).forEach(([name, t]) => {
+        const u = unitOf[name] || "";
         out.append(el("h4", name + (u ? " (" + u + ")" : ""), { "data-target": name }));
         regression(out, t, u);
       });

@@ -106,6 +106,8 @@ async def test_hostile_manifest_strings_render_as_text(hostile: httpx.AsyncClien
         assert payload not in html
     assert "&lt;script&gt;window.__xss = &#39;script&#39;&lt;/script&gt;" in html
     assert "Not for clinical use" in html  # read from the intended use, whatever else it holds
+    # Each label in its own <bdi>: a right-to-left mark in one cannot reverse the others.
+    assert html.count("<dt>Classes</dt><dd><bdi>&lt;script&gt;") == 1
     listing = (await hostile.get("/models")).text
     check_no_script_but_ours(listing)
     assert SCRIPT not in listing

@@ -196,6 +196,7 @@ def test_a_model_page_draws_what_the_api_answers(
         shown = out.locator("[data-out=set]").inner_text()
         labels = p["prediction_set"]["labels"]
         assert shown == (", ".join(labels) if labels else "empty: no class is likely enough")
+        assert out.locator("[data-out=set] bdi").count() == len(labels)  # each label isolated
         assert close(
             out.locator("[data-out=epistemic]").inner_text(), p["uncertainty"]["mutual_information"]
         )

@@ -194,9 +194,21 @@
     const dl = el("dl", null, { class: "facts" });
     for (const [name, value, out] of rows) {
       dl.append(el("dt", name));
-      dl.append(el("dd", value, out ? { "data-out": out } : {}));
+      const dd = el("dd", value instanceof Node ? null : value, out ? { "data-out": out } : {});
+      if (value instanceof Node) dd.append(value);
+      dl.append(dd);
     }
     return dl;
+  }
+  // Labels joined in one line, each in its own <bdi>: a right-to-left mark in one (U+202E) no
+  // longer reverses the others and the commas.
+  function isolated(labels) {
+    const span = el("span");
+    labels.forEach((label, i) => {
+      if (i) span.append(", ");
+      span.append(el("bdi", label));
+    });
+    return span;
   }
   function interval(iv) {
     return "[" + fmt(iv.lower) + ", " + fmt(iv.upper) + "] at " + Math.round(iv.level * 1000) / 10 + " % (" + iv.method + ")";
@@ -269,7 +281,7 @@
       rows.push(["Predicted class", p.label, "label"]);
       if (p.prediction_set) {
         const labels = p.prediction_set.labels;
-        rows.push(["Prediction set at " + Math.round(p.prediction_set.level * 1000) / 10 + " %", labels.length ? labels.join(", ") : "empty: no class is likely enough", "set"]);
+        rows.push(["Prediction set at " + Math.round(p.prediction_set.level * 1000) / 10 + " %", labels.length ? isolated(labels) : "empty: no class is likely enough", "set"]);
       }
       if (p.uncertainty) {
         rows.push(["Epistemic (mutual information, nats)", fmt(p.uncertainty.mutual_information), "epistemic"]);

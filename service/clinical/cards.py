@@ -149,6 +149,8 @@ def detail(mapping: Mapping, model: ServedModel, pred: Prediction, i: int, ex: E
     table = ["| input | value | unit | date | source |", "|---|---|---|---|---|"]
     table += [_row(u) for u in ex.used.values()]
     parts.append("### Inputs used\n" + "\n".join(table))
+    if ex.skipped:  # an older result was used: say which newer ones were not, and why
+        parts.append("### Results not used\n" + "\n".join(f"- {_cell(s)}" for s in ex.skipped))
     iv = first_interval(pred)
     cal = model.calibrator
     calibration = (

@@ -71,6 +71,9 @@ class Used:
 class Extraction:
     patient: str  # "Patient/<id>"
     used: dict[str, Used] = field(default_factory=dict)
+    # Results of a needed code that were not read (dated ahead, no readable time), with why:
+    # shown on the card when an older result was used instead.
+    skipped: list[str] = field(default_factory=list)
 
     def features(self, names: list[str]) -> list[float]:
         return [self.used[n].value for n in names]
@@ -203,6 +206,7 @@ class Reader:
                 src.codes,
             )
         t, raw, obs, holder = latest
+        ex.skipped += [f"{what}: {s}" for s in skipped]
         ref = f"Observation/{obs.get('id', '?')}"
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0

@@ -120,7 +120,11 @@ async def test_a_result_dated_in_the_future_is_skipped_with_its_reason(
     future = observation("glu-future", LOINC, "2345-7", 300.0, "mg/dL", later)
     entries.append({"resource": future})
     r = await _call(ehr, es384, prefetch)
-    assert r.status_code == 200 and "Observation/glu-1" in r.text and "glu-future" not in r.text
+    assert r.status_code == 200
+    detail = r.json()["cards"][0]["detail"]
+    used, unused = detail.split("### Results not used\n")
+    assert "Observation/glu-1" in used and "glu-future" not in used
+    assert f"Observation/glu-future is dated {iso(later)}, in the future" in unused
     entries.remove(next(e for e in entries if e["resource"] is glu))
     r = await _call(ehr, es384, prefetch)
     assert r.status_code == 200

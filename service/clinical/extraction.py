@@ -40,6 +40,7 @@ from service.clinical.mapping import (
 from service.clinical.records import (
     array,
     birth_date,
+    codings,
     matches,
     refers_to,
     resources,
@@ -171,21 +172,21 @@ class Reader:
         """Read `src` into `ex.used`, or the issue saying why it could not be."""
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
-        latest: tuple[datetime, str, Json, Json] | None = None
+        latest: tuple[datetime, str, str, Json] | None = None  # time, as written, ref, holder
         skipped: list[str] = []  # results of these codes that could not be used, and why
         for obs in found:
             if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
                 continue
+            name = f"Observation/{obs.get('id', '?')}"
             holders = [obs] if matches(obs.get("code"), codes) else []
             holders += [
                 c
-                for c in array(obs.get("component"), f"Observation/{obs.get('id', '?')}.component")
+                for c in array(obs.get("component"), f"{name}.component")
                 if isinstance(c, dict) and matches(c.get("code"), codes)
             ]
             if not holders:
                 continue
             t, raw = when(obs)
-            name = f"Observation/{obs.get('id', '?')}"
             if t is None or raw is None:
                 skipped.append(
                     f"{name} has no time that can be read (effectiveDateTime, "
@@ -196,7 +197,7 @@ class Reader:
                 skipped.append(f"{name} is dated {raw}, in the future")
                 continue
             if latest is None or t > latest[0]:
-                latest = (t, raw, obs, holders[0])
+                latest = (t, raw, name, holders[0])
         if latest is None:
             said = f"no usable final result was prefetched ({'; '.join(skipped)})"
             return _issue(
@@ -205,9 +206,8 @@ class Reader:
                 src.title,
                 src.codes,
             )
-        t, raw, obs, holder = latest
+        t, raw, ref, holder = latest
         ex.skipped += [f"{what}: {s}" for s in skipped]
-        ref = f"Observation/{obs.get('id', '?')}"
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0
         if age_days > limit:
@@ -252,11 +252,7 @@ class Reader:
             )
         if not _finite(value) or not _finite(float(value) * factor):
             return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
-        sent = {
-            (canonical_system(c.get("system")), c.get("code"))
-            for c in holder["code"].get("coding", [])
-            if isinstance(c, dict)
-        }
+        sent = codings(holder["code"])
         matched = next((c for c in src.codes if (c.system, c.code) in sent), None)
         label = matched.label() if matched else None
         if matched is not None and matched.kind is not None:

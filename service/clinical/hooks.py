@@ -136,16 +136,16 @@ def parse(model: type[T], raw: bytes) -> T:
     try:
         return model.model_validate_json(without_bom(raw))
     except ValidationError as exc:
+        errs = exc.errors(include_input=False)
         details = [
             {
                 "field": ".".join(str(p) for p in e.get("loc", ())) or "body",
                 "problem": e.get("msg", ""),
             }
-            for e in exc.errors(include_input=False)
+            for e in errs
         ]
         first = details[0]
-        json_invalid = exc.errors()[0].get("type") == "json_invalid"
-        hint = json_hint(first["problem"]) if json_invalid else ""
+        hint = json_hint(first["problem"]) if errs[0].get("type") == "json_invalid" else ""
         raise InvalidInputError(
             f"invalid request: {first['field']}: {first['problem']}{hint}", details
         ) from None

@@ -98,11 +98,17 @@ def refers_to(subject: Any, patient_id: str) -> bool:
 _VERSION = re.compile(r"/_history/[^/]+$")
 
 
+def codings(codeable: Any) -> set[tuple[Any, Any]]:
+    """A CodeableConcept's (system, code) pairs, systems canonical (`system`): what both the
+    match and the unit-kind check read, so neither compares raw systems."""
+    found = codeable.get("coding") if isinstance(codeable, dict) else None
+    if not isinstance(found, list):
+        return set()
+    return {(system(c.get("system")), c.get("code")) for c in found if isinstance(c, dict)}
+
+
 def matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:
-    codings = codeable.get("coding") if isinstance(codeable, dict) else None
-    return isinstance(codings, list) and any(
-        isinstance(c, dict) and (system(c.get("system")), c.get("code")) in codes for c in codings
-    )
+    return not codings(codeable).isdisjoint(codes)
 
 
 # Code systems as HL7 v2 interfaces and older EHRs write them: their OIDs (HL7's terminology

@@ -111,9 +111,14 @@ class RecipeFit:
 
 
 def fit_recipe(
-    texts: list[str], y: np.ndarray, n_classes: int, max_epochs: int = MAX_EPOCHS
+    texts: list[str],
+    y: np.ndarray,
+    n_classes: int,
+    max_epochs: int = MAX_EPOCHS,
+    members: list[tuple[Arch, int | None, dict[str, Any]]] = MEMBERS,
 ) -> RecipeFit:
-    """The recipe's network on these rows (also `bench/ood_text.py`'s held-out-class runs)."""
+    """The recipe's network on these rows (also `bench/ood_text.py`'s held-out-class runs;
+    `bench/text_pretrained.py` passes other `members`)."""
     fits = [
         fit_text(
             texts,
@@ -126,11 +131,11 @@ def fit_recipe(
             vocab_size=VOCAB,
             **kw,
         )
-        for arch, tokens, kw in MEMBERS
+        for arch, tokens, kw in members
     ]
     vocabs = {f.tokenizer.to_str() for f in fits}
     assert len(vocabs) == 1, "members were given different tokenizers"
-    module = Average([f.module for f in fits], [t for _, t, _ in MEMBERS]).eval()
+    module = Average([f.module for f in fits], [t for _, t, _ in members]).eval()
     return RecipeFit(module, fits[0].tokenizer, fits)
 
 

@@ -209,6 +209,13 @@ def train(
         typer.Option(help="text: CSV row,split (train/calibration/test) instead of the 80/20 cut"),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="text: tokens per text (longer: cut)")] = 256,
+    word_vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="text: pretrained word vectors (GloVe text format) to start the embedding "
+            "(textcnn, bilstm, fasttext)"
+        ),
+    ] = None,
     word_min_texts: Annotated[
         int,
         typer.Option(
@@ -279,6 +286,7 @@ def train(
                 version=version, seed=seed, max_epochs=epochs, progress=progress,
                 labels_given=given, arch=arch, splits=splits, max_tokens=max_tokens,
                 calibration_method=calibration_method, word_min_texts=word_min_texts,
+                word_vectors=word_vectors,
             )  # fmt: skip
             typer.echo(str(path))
             return

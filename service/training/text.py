@@ -36,11 +36,13 @@ from service.packaging import save
 from service.training.progress import progress as _progress
 from service.training.text_data import TextTable, encode, train_tokenizer
 from service.training.text_nets import Arch, TextNetConfig, TfIdf, build
+from service.training.word_vectors import WordVectors, initialise
 
 PATIENCE = 5  # epochs without a lower held-out NLL before stopping
 HOLDOUT = 8  # 1 / HOLDOUT of the training rows decide early stopping
 BATCH = 32
 METRIC_PASSES = 100
+EMBEDDED: tuple[Arch, ...] = ("textcnn", "bilstm", "fasttext")  # embedding `embed` wide
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TextFit:
     history: list[dict[str, float]]
     n_fit: int
     n_val: int
+    word_vectors: dict[str, Any] | None = None  # what initialised the embedding, if anything
 
 
 def _val_nll(net: nn.Module, ids: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -80,8 +83,17 @@ def fit_text(
     width: int = 64,
     dropout: float = 0.5,
     progress: bool = False,
+    word_vectors: WordVectors | None = None,
 ) -> TextFit:
-    """Tokenizer and network fitted on `texts` (the training rows, and nothing else)."""
+    """Tokenizer and network fitted on `texts` (the training rows, and nothing else).
+    `word_vectors` start the embedding (its width becomes theirs; `word_vectors.py`)."""
+    if word_vectors is not None:
+        if arch not in EMBEDDED:
+            raise InvalidInputError(
+                f"--word-vectors: the {arch} network has no word embedding they can start; "
+                f"use --arch {' or '.join(EMBEDDED)}"
+            )
+        embed = word_vectors.dim
     tok = train_tokenizer(texts, vocab_size)
     ids = torch.as_tensor(encode(tok, texts, max_tokens))
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
@@ -98,6 +110,12 @@ def fit_text(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initialisation and dropout masks
         net = build(config, ids)
+        used = None
+        if word_vectors is not None:
+            emb = net.get_submodule("emb")
+            assert isinstance(emb, nn.Embedding)  # EMBEDDED networks
+            covered = initialise(emb, tok.get_vocab(), word_vectors, config.pad)
+            used = word_vectors.describe(covered, config.vocab)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         shuffle = torch.Generator().manual_seed(seed)
         best = (math.inf, 0, copy.deepcopy(net.state_dict()))
@@ -126,7 +144,7 @@ def fit_text(
     if isinstance(net, TfIdf):
         net.compact()  # the buckets no training text filled: dropped from the bundle
     return TextFit(
-        net.eval(), tok, config, len(history), best[1], best[0], history, len(fit), n_val
+        net.eval(), tok, config, len(history), best[1], best[0], history, len(fit), n_val, used
     )
 
 
@@ -214,7 +232,8 @@ def provenance(table: TextTable, fit: TextFit, split: dict[str, Any], seed: int)
             "epochs_run": fit.epochs_run,
             "best_epoch": fit.best_epoch,
             "best_validation_nll": round(fit.best_val_nll, 6),
-        },
+        }
+        | ({"word_vectors": fit.word_vectors} if fit.word_vectors else {}),
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),

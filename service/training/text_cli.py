@@ -9,6 +9,7 @@ import typer
 
 from service.errors import InvalidInputError
 from service.training.text import (
+    EMBEDDED,
     calibrate_text,
     fingerprints,
     fit_text,
@@ -16,8 +17,9 @@ from service.training.text import (
     provenance,
     save_text_bundle,
 )
-from service.training.text_data import encode, read_splits, read_text_table
+from service.training.text_data import encode, read_splits, read_text_table, training_words
 from service.training.text_nets import ARCHS, Arch
+from service.training.word_vectors import read_vectors
 
 CALIBRATION_FRACTION = 0.2
 
@@ -39,6 +41,7 @@ def train_text(
     max_tokens: int,
     calibration_method: str = "temperature",
     word_min_texts: int = 2,
+    word_vectors: Path | None = None,
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
     from service.training.table import label_order
@@ -81,6 +84,14 @@ def train_text(
             err=True,
         )
     train_texts = [table.texts[i] for i in tr]  # the tokenizer sees these and nothing else
+    vectors = None
+    if word_vectors is not None:
+        if arch not in EMBEDDED:
+            raise InvalidInputError(
+                f"--word-vectors: the {arch} network has no word embedding they can start; "
+                f"use --arch {' or '.join(EMBEDDED)}"
+            )
+        vectors = read_vectors(word_vectors, training_words(train_texts))
     result = fit_text(
         train_texts,
         y[tr],
@@ -90,6 +101,7 @@ def train_text(
         seed=seed,
         max_epochs=max_epochs,
         progress=progress,
+        word_vectors=vectors,
     )
     ids = encode(result.tokenizer, table.texts, max_tokens)
     split_info = {"method": how} | {k: len(v) for k, v in parts.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,18 +134,11 @@ def train_tokenizer(texts: list[str], vocab_size: int | None = None) -> Any:
     characters) and "##" word endings (2-8 characters), frequencies weighted by how often each
     word occurs. Encoding is WordPiece's greedy longest match, as for any WordPiece vocabulary.
     """
-    from collections import Counter
+    from tokenizers import models
 
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    tok = Tokenizer(models.WordPiece({PAD: 0, UNK: 1}, unk_token=UNK))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = _bare()
     size = vocab_size if vocab_size is not None else vocabulary_size(texts)
-    words: Counter[str] = Counter()
-    for t in texts:
-        norm = tok.normalizer.normalize_str(t)
-        words.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm))
+    words = _word_counts(tok, texts)
     chars: set[str] = set()
     pieces: Counter[str] = Counter()
     for w, n in words.items():
@@ -160,6 +154,30 @@ def train_tokenizer(texts: list[str], vocab_size: int | None = None) -> Any:
     chosen = base + ranked[: max(0, size - len(base))]
     tok.model = models.WordPiece({t: i for i, t in enumerate(chosen)}, unk_token=UNK)
     return tok
+
+
+def _bare() -> Any:
+    """A WordPiece tokenizer with its normalizer and word splitter and no vocabulary yet."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece({PAD: 0, UNK: 1}, unk_token=UNK))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def _word_counts(tok: Any, texts: list[str]) -> Counter[str]:
+    """How often each word (as the tokenizer normalises and splits) occurs in `texts`."""
+    words: Counter[str] = Counter()
+    for t in texts:
+        norm = tok.normalizer.normalize_str(t)
+        words.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm))
+    return words
+
+
+def training_words(texts: list[str]) -> set[str]:
+    """The words `train_tokenizer(texts)` can make whole entries of (for `word_vectors`)."""
+    return set(_word_counts(_bare(), texts))
 
 
 def encode(tok: Any, texts: list[str], max_tokens: int) -> np.ndarray:

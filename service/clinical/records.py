@@ -4,13 +4,16 @@ No interpretation here (that is `extraction.py`): only what FHIR says the shapes
 - dateTime and instant values become aware datetimes; a date without a time is midnight UTC;
   a partial birthDate (YYYY, YYYY-MM) is read as the middle of its period;
 - a prefetch value is a resource or a Bundle (its entries unpacked); `null` (the client could
-  not prefetch it) and an OperationOutcome (its report of a failure) hold nothing;
+  not prefetch it) and an OperationOutcome (its report of a failure) hold nothing; a
+  resourceType that FHIR does not define is a 400 (with the type it may have meant);
 - an Observation's time is effectiveDateTime, effectiveInstant, effectivePeriod (end, else
   start), else `issued`.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from collections.abc import Iterator
 from collections.abc import Mapping as AnyMapping
@@ -74,13 +77,50 @@ def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json
         if not isinstance(value, dict):
             raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
         kind = value.get("resourceType")
+        check_kind(kind, f"prefetch.{key}")
         if kind == "Bundle":
-            for entry in array(value.get("entry"), f"prefetch.{key}.entry"):
+            entries = array(value.get("entry"), f"prefetch.{key}.entry")
+            for n, entry in enumerate(entries):
                 res = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(res, dict):
+                    check_kind(res.get("resourceType"), f"prefetch.{key}.entry[{n}].resource")
                     yield key, res
         elif kind != "OperationOutcome":  # a client's report that the prefetch failed
             yield key, value
+
+
+def check_kind(kind: Any, where: str) -> None:
+    """A 400 for a resourceType FHIR (R4B or R5) does not define: a misspelt "Observaton" was
+    passed over in silence, and the card said the result was missing."""
+    if isinstance(kind, str) and _is_resource(kind):
+        return
+    if not isinstance(kind, str):
+        said = "has no resourceType" if kind is None else f"has a resourceType of {kind!r}"
+        example = '"resourceType": "Observation"'
+        raise InvalidInputError(f"{where} {said}; a FHIR resource names its type, e.g. {example}")
+    from fhir.resources import fhirtypes
+
+    names = [n[:-4] for n in dir(fhirtypes) if n.endswith("Type")]
+    close = [n for n in difflib.get_close_matches(kind, names, 3, 0.75) if _is_resource(n)]
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise InvalidInputError(
+        f"{where} has resourceType {kind!r}, which is not a FHIR R4B or R5 resource type{hint}"
+    )
+
+
+@functools.cache
+def _is_resource(name: str) -> bool:
+    from fhir.resources import get_fhir_model_class as r5
+    from fhir.resources.R4B import get_fhir_model_class as r4b
+
+    for get in (r4b, r5):
+        try:
+            cls = get(name)
+        except (KeyError, ValueError):
+            continue
+        if any(b.__name__ == "Resource" for b in cls.__mro__):  # not a datatype (Coding)
+            return True
+    return False
 
 
 def refers_to(subject: Any, patient_id: str) -> bool:

@@ -79,7 +79,8 @@ async def test_what_a_body_decompresses_to_is_limited(client: httpx.AsyncClient)
     r = await client.post(URL, content=bomb, headers=JSON | {"content-encoding": "gzip"})
     assert r.status_code == 413
     assert r.json()["error"] == (
-        "the body decompresses to over 64000 bytes (setting max_body_bytes); split the request"
+        "the body decompresses to over 64000 bytes (setting max_body_bytes); "
+        "send fewer instances per request, or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
     )
 
 

@@ -320,7 +320,8 @@ async def test_body_too_large(client: httpx.AsyncClient) -> None:
     )
     assert r.status_code == 413
     assert r.json()["error"] == (
-        "request body is over 64000 bytes (setting max_body_bytes); split the request"
+        "request body is over 64000 bytes (setting max_body_bytes); "
+        "send fewer instances per request, or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
     )
 
 

@@ -73,7 +73,15 @@ async def test_body_over_the_limit_is_413_in_each_familys_shape(
     tmp_path: Path, fast_path: bool
 ) -> None:
     app = create_app(Settings(model_dir=tmp_path, max_body_bytes=1024), fast_path=fast_path)
-    message = "request body is over 1024 bytes (setting max_body_bytes); split the request"
+    over = "request body is over 1024 bytes (setting max_body_bytes); "
+    message = over + (
+        "send fewer instances per request, or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
+    )
+    # A hook call cannot be split (it was told to "split the request"): less prefetch.
+    hook = over + (
+        "a hook call cannot be split: send less prefetch (fewer or more recent results) or ask "
+        "the operator to raise MCSERVE_MAX_BODY_BYTES"
+    )
     body, json_type = b"x" * 2000, {"content-type": "application/json"}
     async with client(app) as c:
         r = await c.post("/cds-services/risk", content=body, headers=json_type)
@@ -81,7 +89,7 @@ async def test_body_over_the_limit_is_413_in_each_familys_shape(
         assert r.headers["content-type"] == "application/fhir+json"  # was JSON {"error"}
         assert r.json() == {
             "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "too-long", "diagnostics": message}],
+            "issue": [{"severity": "error", "code": "too-long", "diagnostics": hook}],
         }
         for path in ("/v1/models/clf:predict", "/v2/models/clf/infer"):
             r = await c.post(path, content=body, headers=json_type)

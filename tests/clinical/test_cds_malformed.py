@@ -296,3 +296,25 @@ def test_todays_result_east_of_utc_is_not_in_the_future() -> None:
         except MissingDataError as exc:
             assert not used, when
             assert "is dated 2025-06-01T23:00:00Z, in the future" in str(exc.details)
+
+
+async def test_a_resource_type_fhir_does_not_define_is_a_400_naming_it(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A misspelt "Observaton" was passed over in silence: the card said the result was missing."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    _first_observation(prefetch)["resourceType"] = "Observaton"
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 400, r.text
+    assert "has resourceType 'Observaton', which is not a FHIR R4B or R5 resource type" in r.text
+    assert "(did you mean 'Observation'?)" in r.text and ".entry[" in r.text
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    key = next(k for k, v in prefetch.items() if v and v.get("resourceType") == "Patient")
+    del prefetch[key]["resourceType"]
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 400, r.text
+    assert f"prefetch.{key} has no resourceType" in r.text
+    # A datatype's name is not a resource type either.
+    prefetch[key]["resourceType"] = "Coding"
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 400 and "'Coding', which is not a FHIR" in r.text

@@ -40,7 +40,8 @@ async def test_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> 
         r = await client.post(url, content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413, url
         assert r.json()["error"] == (
-            "request body is over 2000 bytes (setting max_body_bytes); split the request"
+            "request body is over 2000 bytes (setting max_body_bytes); "
+            "send fewer instances per request, or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
         )
 
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
+from service.api.common.middleware import smaller
 from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 CODINGS = ("gzip", "x-gzip", "deflate")
@@ -46,7 +47,7 @@ class ContentEncoding:
             data = await _body(receive)
             if data is None:  # the client went away mid-body: nobody to answer
                 return
-            body = self._inflate(data, name) if data else data
+            body = self._inflate(data, name, scope) if data else data
         except (UnsupportedMediaTypeError, InvalidInputError, PayloadTooLargeError) as exc:
             response = await errors.respond(Request(scope), exc)
             await response(scope, receive, send)
@@ -67,7 +68,7 @@ class ContentEncoding:
 
         await self.app(scope, replay, send)
 
-    def _inflate(self, data: bytes, name: str) -> bytes:
+    def _inflate(self, data: bytes, name: str, scope: Scope) -> bytes:
         # 32 + 15: a gzip or zlib header, detected; HTTP's "deflate" is zlib, some clients send
         # it raw (-15). A gzip body may hold several members, one after the other (RFC 1952).
         for wbits in (47, -15) if name == "deflate" else (31,):
@@ -79,7 +80,7 @@ class ContentEncoding:
                     if len(out) > self.max_body_bytes or d.unconsumed_tail:
                         raise PayloadTooLargeError(
                             f"the body decompresses to over {self.max_body_bytes} bytes "
-                            "(setting max_body_bytes); split the request"
+                            f"(setting max_body_bytes); {smaller(scope)}"
                         )
                     if not d.eof:
                         raise zlib.error("truncated")

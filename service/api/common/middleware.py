@@ -29,6 +29,16 @@ def new_request_id() -> str:
     return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
+def smaller(scope: Scope) -> str:
+    """How a client gets under the body limit: a CDS Hooks call cannot be split."""
+    if str(scope.get("path", "")).startswith("/cds-services"):
+        return (
+            "a hook call cannot be split: send less prefetch (fewer or more recent results) "
+            "or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
+        )
+    return "send fewer instances per request, or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
+
+
 class BodyTooLarge(PayloadTooLargeError):
     """Raised by `receive` past the limit: a handler that reads the body answers it as any
     error (`errors.py`, shaped by route family); one that lets it escape, RequestContext."""
@@ -59,7 +69,7 @@ class RequestContext:
         try:
             if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:
                 status = 413
-                await self._refuse(self._too_large(), scope, receive, send)
+                await self._refuse(self._too_large(scope), scope, receive, send)
                 return
             seen = 0
             started = False
@@ -70,7 +80,7 @@ class RequestContext:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body_bytes:
-                        raise self._too_large()
+                        raise self._too_large(scope)
                 return message
 
             async def send_with_id(message: Message) -> None:
@@ -118,10 +128,10 @@ class RequestContext:
             extra["model"] = model
         access_log.info("request", extra=extra)
 
-    def _too_large(self) -> BodyTooLarge:
+    def _too_large(self, scope: Scope) -> BodyTooLarge:
         return BodyTooLarge(
             f"request body is over {self.max_body_bytes} bytes (setting max_body_bytes); "
-            "split the request"
+            + smaller(scope)
         )
 
     async def _refuse(self, exc: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,7 +18,9 @@ Rules:
 - an answer is read while streaming and cut off past `max_bytes` (a declared Content-Length
   over it is refused before reading); it must be FHIR JSON;
 - a search follows `next` links until it holds the `_count` results asked for, at most
-  `max_pages` pages and `max_entries` results; the pages become one searchset Bundle;
+  `max_pages` pages and `max_entries` results; the pages become one searchset Bundle; a server
+  whose `self` link shows it ignored `_sort` (Observations newest first) is read to the end,
+  since its first `_count` results need not hold the latest;
 - every resource is validated with `fhir.resources` (R4B, else R5: an EHR may serve either), must
   be the resource searched for and about the call's patient; one bad resource refuses the answer;
 - errors carry the FHIR issue code that says what would help (`login`: a new token), and the
@@ -95,9 +97,11 @@ class FhirSearch:
         return res
 
     async def search(self, kind: str, params: str) -> Json:
-        asked = dict(parse_qsl(params)).get("_count", "")
+        query = dict(parse_qsl(params))
+        asked = query.get("_count", "")
         lim = self.limits
         wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
+        unsorted = False
         url = f"{self.base}/{kind}?{params}"
         entries: list[Json] = []
         total = None
@@ -112,6 +116,10 @@ class FhirSearch:
             self._check(bundle, kind)
             if page == 1:
                 total = bundle.get("total")
+                if "_sort" in query and not _used(bundle, "_sort"):
+                    # The first _count results are not the newest: read them all, and the
+                    # reader picks the latest by its own dates.
+                    wanted, unsorted = lim.max_entries, True
             for e in bundle.get("entry") or []:
                 if (e.get("search") or {}).get("mode", "match") == "match":
                     entries.append(e)
@@ -128,8 +136,9 @@ class FhirSearch:
                     "followed (the access token goes to the allow-listed fhirServer only)",
                     "security",
                 )
+        why = f" (the server did not sort by {query['_sort']}, so all are read)" if unsorted else ""
         raise SearchFailed(
-            f"the search needs more than {lim.max_pages} pages for {wanted} results "
+            f"the search needs more than {lim.max_pages} pages for {wanted} results{why} "
             f"(it gave {len(entries)}; CDS_FHIR_MAX_PAGES)",
             "too-costly",
         )
@@ -274,6 +283,18 @@ def _validate(res: Json, name: str) -> None:
     else:
         why = f"unknown resource type {res.get('resourceType')!r}"
     raise SearchFailed(f"{name} is not valid FHIR (R4B or R5): {why}", "structure")
+
+
+def _used(bundle: Json, name: str) -> bool:
+    """Whether the server says it used search parameter `name`: a searchset's `self` link lists
+    the parameters it used (FHIR R4 3.1.1.3.1.1; HAPI drops what it ignored). A self link
+    without a query says nothing, and is taken at its word that nothing was dropped."""
+    for link in bundle.get("link") or []:
+        if isinstance(link, dict) and link.get("relation") == "self":
+            url = link.get("url")
+            if isinstance(url, str) and "?" in url:
+                return name in dict(parse_qsl(urlsplit(url).query))
+    return True
 
 
 def _next(bundle: Json) -> str | None:

@@ -9,7 +9,8 @@ and a 401 OperationOutcome for a token it does not know. Search rules: `fhir_ehr
 
 Its base path picks a behaviour: /fhir answers correctly; /slow after 1 s; /huge declares a
 body over the test limit; /endless streams a Bundle of 256 MiB; /redirect sends a 302 to
-`elsewhere`; /astray gives `next` links to `elsewhere`; /broken serves an invalid Observation.
+`elsewhere`; /astray gives `next` links to `elsewhere`; /broken serves an invalid Observation;
+/unsorted ignores `_sort` (oldest first) and leaves it out of its `self` link, as HAPI does.
 `elsewhere` is a second server (another port: another origin) that records what reaches it.
 """
 
@@ -46,8 +47,11 @@ class FhirServer:
         self.store, self.requests, self.pages = store, [], {}
         self.streamed = []
 
-    def bundle(self, base: str, found: list[dict[str, Any]], offset: int, count: int) -> Any:
-        """A page of a search as HAPI gives it, with a `next` link while results are left."""
+    def bundle(
+        self, base: str, found: list[dict[str, Any]], offset: int, count: int, used: str = ""
+    ) -> Any:
+        """A page of a search as HAPI gives it, with a `next` link while results are left and a
+        `self` link that lists the parameters `used` (what the server did not ignore)."""
         size = min(count, self.page_size)
         page = found[offset : offset + size]
         out: dict[str, Any] = {
@@ -55,7 +59,7 @@ class FhirServer:
             "id": str(uuid.uuid4()),
             "type": "searchset",
             "total": len(found),
-            "link": [{"relation": "self", "url": f"{self.url}{base}"}],
+            "link": [{"relation": "self", "url": f"{self.url}{base}{used}"}],
             "entry": [
                 {
                     "fullUrl": f"{self.url}{base}/{r['resourceType']}/{r['id']}",
@@ -104,7 +108,11 @@ class Handler(BaseHTTPRequestHandler):
             found, offset, count = matching(args, srv.store), 0, int(args["_count"])
         else:
             return self.answer(404, outcome("not-found", f"Unknown resource: {rest}"))
-        page = srv.bundle(base, found, offset, count)
+        used = f"/{rest}?{parts.query}" if rest else ""
+        if flavour == "unsorted" and rest:  # ignores _sort (oldest first) and says so
+            found = found[::-1]
+            used = f"/{rest}?{urlencode({k: v for k, v in args.items() if k != '_sort'})}"
+        page = srv.bundle(base, found, offset, count, used)
         if flavour == "broken" and page["entry"]:
             bad = json.loads(json.dumps(page["entry"][0]["resource"]))
             bad["valueQuantity"]["value"] = "high"

@@ -12,14 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 from cds_client import ISS, Signer, auth
 from fastapi import FastAPI
-from fhir_ehr import PID, breast_prefetch, breast_rows, diabetes_store, hook_call, patient
+from fhir_ehr import (
+    LOINC,
+    PID,
+    breast_prefetch,
+    breast_rows,
+    diabetes_store,
+    hook_call,
+    observation,
+    patient,
+)
 from fhir_server import ENDLESS, GOOD, READ_PATIENT_ONLY, FhirServer, outcome, serving
 
 from service.clinical.search import FhirSearch, Limits, SearchFailed
@@ -27,7 +36,7 @@ from service.settings import CdsIssuer
 
 DIABETES = "/cds-services/diabetes-progression"
 BREAST = "/cds-services/breast-mass-malignancy"
-FLAVOURS = ("fhir", "slow", "huge", "endless", "redirect", "astray", "broken")
+FLAVOURS = ("fhir", "slow", "huge", "endless", "redirect", "astray", "broken", "unsorted")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +119,27 @@ async def test_a_search_follows_next_links_across_pages(
     first, *rest = fhir.requests
     assert first.startswith("/fhir/Observation?") and "_count=30" in first
     assert [p.split("_getpagesoffset=")[1][:2] for p in rest] == ["10", "20"]
+
+
+async def test_a_server_that_ignores_sort_is_read_to_the_end(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    """With _count=1 and the server's own order (oldest first), last year's glucose was the one
+    read. Its self link shows it dropped _sort, so every result is read and the latest used."""
+    old = observation(
+        "glu-old", LOINC, "2345-7", 300.0, "mg/dL", datetime.now(UTC) - timedelta(days=200)
+    )
+    fhir.store.append(old)
+    card = await post(ehr, es384, call_with(f"{fhir.url}/unsorted"))
+    assert "suggestions" in card, card["detail"]
+    assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
+    searched = [p for p in fhir.requests if "2345-7" in p]
+    assert len(searched) == 1 and "_count=1" in searched[0]
+    assert any("_getpages" in p for p in fhir.requests)  # its next page was read too
+    # A server that sorts is read as asked: the first page's _count results.
+    fhir.requests.clear()
+    card = await post(ehr, es384, call_with(f"{fhir.url}/fhir"))
+    assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
 
 
 async def test_paging_is_bounded(

@@ -68,7 +68,8 @@ class OverloadedError(McServeError):
 
 
 class DeadlineExceededError(McServeError):
-    """The request's deadline passed before its compute started (no compute was spent)."""
+    """The request's deadline passed: before its compute started (none was spent), or during
+    it (the compute of its remaining passes was skipped)."""
 
     code = "deadline"
 

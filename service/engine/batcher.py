@@ -133,6 +133,10 @@ class Batcher:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self.model.check_params(params)
         req = self.model.mc_request(x, params) if params.mode == "mc" else None
+        if req is not None and deadline is not None:
+            # The compute compares it with time.monotonic() (in the compute process too: the
+            # clock is system-wide), not with this batcher's clock, which tests may replace.
+            req = dataclasses.replace(req, deadline=time.monotonic() + deadline - self.clock())
         rows = self.model.cost(x, req.samples if req is not None else 1)
         most = rows if params.auto is None else self.model.cost(x, params.auto.max_samples)
         if most > self.max_queue_rows:

@@ -13,6 +13,7 @@ lands in.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,9 +56,7 @@ class Buckets:
             pos = np.flatnonzero(at == n)
             x = np.ascontiguousarray(req.x[pos, :n])
             keyed = tuple(int(k) for k in base[pos])
-            out.append(
-                (int(n), pos, MCRequest(x, req.samples, req.seed, index=keyed, sites=req.sites))
-            )
+            out.append((int(n), pos, replace(req, x=x, index=keyed)))
         return out
 
     def run(self, samplers: dict[int, MCSampler], reqs: Sequence[MCRequest]) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,13 @@ from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.prediction import split
 from service.engine.sampler import MCRequest
+from service.errors import DeadlineExceededError
 
 log = logging.getLogger("mcserve.batcher")
+STOPPED = (
+    "the request's deadline (timeout_ms) passed during its compute, which was stopped there; "
+    "raise timeout_ms, or send fewer instances or samples"
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,13 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
             # Isolate the failure: rerun one by one so only the bad request fails.
             samples = [_one(model, r) for r in reqs]
         good = []
+        now = time.monotonic()
         for (k, w), smp in zip(mc, samples, strict=True):
             if isinstance(smp, BaseException):
                 out[k] = smp
+                continue
+            if w.req is not None and w.req.deadline is not None and now >= w.req.deadline:
+                out[k] = DeadlineExceededError(STOPPED)  # its skipped rows are NaN
                 continue
             more = _more(model, smp, w)
             if more is not None:

@@ -6,6 +6,7 @@ from a block boundary; docs/RANDOM_NUMBERS.md says why a row's masks depend on n
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ class RowMap:
         counts = [round_up(r.rows, block) for r in requests]
         self.starts = np.cumsum([0, *counts])
         self.total = int(self.starts[-1])
+        self.deadlines = [r.deadline for r in requests]
+        self._timed = any(d is not None for d in self.deadlines)
         shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
         build = cached_layout if self.total <= CACHED_ROWS else layout
         index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
@@ -49,6 +52,15 @@ class RowMap:
             ].to(device)
             for layer in layers
         ]
+
+    def expired(self, lo: int, hi: int) -> bool:
+        """Whether every request with rows in [lo, hi) is past its deadline (`MCRequest`)."""
+        if not self._timed:
+            return False
+        first = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        last = int(np.searchsorted(self.starts, hi - 1, side="right")) - 1
+        now = time.monotonic()
+        return all(d is not None and now >= d for d in self.deadlines[first : last + 1])
 
 
 def block_rows(example: torch.Tensor) -> int:

@@ -21,6 +21,7 @@ graph.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,13 +67,18 @@ class MCRequest:
 
     `index`: the row each input's masks are keyed by, where the inputs are part of a larger
     request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1.
-    `sites`: sample only the last k dropout sites (graph order), None: every site."""
+    `sites`: sample only the last k dropout sites (graph order), None: every site.
+    `deadline`: a `time.monotonic()` after which its passes are not worth computing: chunks
+    holding only such requests' rows are skipped (their rows are NaN) and `compute.run` fails
+    the request (504). Where a chunk also holds live rows it runs whole, so a live request's
+    numbers never depend on another's deadline."""
 
     x: np.ndarray
     samples: int
     seed: int
     index: tuple[int, ...] | None = None
     sites: int | None = None
+    deadline: float | None = None
 
     @property
     def rows(self) -> int:
@@ -87,6 +93,7 @@ class SamplerStats:
     requests: int = 0
     prefix_forwards: int = 0
     forwards: int = 0  # suffix (stochastic) forwards, one per chunk
+    skipped: int = 0  # chunks not run: every request in them was past its deadline
     rows: int = 0  # stochastic rows computed, padding excluded
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -254,9 +261,13 @@ class MCSampler:
             rows = RowMap(requests, layers, dev, self.block)
             total = rows.total
             out = torch.empty((total, *g.output_shape), dtype=torch.float32, device=dev)
-            forwards = 0
+            forwards = skipped = 0
             for lo in range(0, total, self.row_budget):
                 hi = min(lo + self.row_budget, total)
+                if rows.expired(lo, hi):
+                    out[lo:hi] = math.nan
+                    skipped += 1
+                    continue
                 n = hi - lo
                 padded = max(n, self.min_rows)
                 idx = self._pad(rows.prefix_row[lo:hi], padded)  # padded rows: row 0, unused
@@ -277,6 +288,7 @@ class MCSampler:
                 requests=len(requests),
                 prefix_forwards=1,
                 forwards=forwards,
+                skipped=skipped,
                 rows=sum(r.rows for r in requests),
             )
             result = []

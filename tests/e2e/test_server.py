@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,22 @@ def first_row(name: str) -> dict[str, float]:
         row = next(csv.DictReader(f))
     row.pop("target")
     return {k: float(v) for k, v in row.items()}
+
+
+def _a_deadline_stops_compute(c: httpx.Client) -> None:
+    """64 abstracts x 1,000 passes take about 12 s here. timeout_ms bounded only the queue: the
+    answer came after all of them, 200. The compute now stops at the deadline: 504 at once."""
+    with (ROOT / "models" / "data" / "medical-abstracts-test.csv").open() as f:
+        texts = [row["text"] for row, _ in zip(csv.DictReader(f), range(64), strict=False)]
+    body = {"instances": texts, "parameters": {"samples": 1000, "timeout_ms": 1000}}
+    start = time.monotonic()
+    r = c.post("/v1/models/medical-abstracts:predict", json=body)
+    took = time.monotonic() - start
+    assert r.status_code == 504, r.text[:300]
+    assert "deadline (timeout_ms) passed during its compute" in r.json()["error"]
+    assert took < 6.0, took
+    short = {"instances": texts[:1], "parameters": {"samples": 20}}
+    assert c.post("/v1/models/medical-abstracts:predict", json=short).status_code == 200
 
 
 def test_start_ready_predict_stop(tmp_path: Path) -> None:
@@ -55,6 +72,7 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
             dig = c.post("/v1/models/digits:predict", json={"instances": [image]})
             assert dig.status_code == 200, dig.text
             assert len(dig.json()["predictions"][0]["probabilities"]) == 10
+            _a_deadline_stops_compute(c)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0, srv.output()
         assert not Path(f"/proc/{compute[0]}").exists()  # it stopped with the server

@@ -36,7 +36,7 @@ class BatcherStats:
     failed: int = 0
     rejected: int = 0  # queue full (429)
     expired: int = 0  # deadline passed before compute (504)
-    cancelled: int = 0  # client gone before compute
+    cancelled: int = 0  # client gone before compute, or during it (compute stopped)
     requeued: int = 0  # adaptive chunks queued again (samples="auto")
     batches: int = 0
     batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests

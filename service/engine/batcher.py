@@ -27,13 +27,18 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service.engine import compute
+from service.engine import cancels, compute
 from service.engine.backlog import Backlog, BatcherStats, Queued
 from service.engine.compute import More, Outcome, Work
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
-from service.errors import OverloadedError, PayloadTooLargeError, ShuttingDownError
+from service.errors import (
+    CancelledError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ShuttingDownError,
+)
 
 log = logging.getLogger("mcserve.batcher")
 Clock = Callable[[], float]
@@ -75,6 +80,7 @@ class Batcher:
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
+        self.flags = cancels.shared()  # a client gone during compute stops it (cancels.py)
         self.backlog = Backlog(self.stats)  # one FIFO per length class (one without buckets)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -132,11 +138,13 @@ class Batcher:
         if self._closing:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self.model.check_params(params)
-        req = self.model.mc_request(x, params) if params.mode == "mc" else None
-        if req is not None and deadline is not None:
-            # The compute compares it with time.monotonic() (in the compute process too: the
-            # clock is system-wide), not with this batcher's clock, which tests may replace.
-            req = dataclasses.replace(req, deadline=time.monotonic() + deadline - self.clock())
+        req = flag = None
+        if params.mode == "mc":
+            # The compute compares the deadline with time.monotonic() (in the compute process
+            # too: the clock is system-wide), not this batcher's clock, which tests replace.
+            ends = time.monotonic() + deadline - self.clock() if deadline is not None else None
+            flag = self.flags.take()  # set when the client goes (cancels.py)
+            req = self.model.mc_request(x, params, ends, flag)
         rows = self.model.cost(x, req.samples if req is not None else 1)
         most = rows if params.auto is None else self.model.cost(x, params.auto.max_samples)
         if most > self.max_queue_rows:
@@ -153,6 +161,8 @@ class Batcher:
                 retry_after_s=self.retry_after_s(rows),
             )
         fut: asyncio.Future[Prediction] = (self.loop or asyncio.get_running_loop()).create_future()
+        if flag is not None:
+            fut.add_done_callback(lambda f: self.flags.set(flag) if f.cancelled() else None)
         klass = self.model.length_class(x)
         self.backlog.push(Queued(x, params, req, fut, self.clock(), deadline, rows, klass))
         self.stats.submitted += 1
@@ -218,6 +228,8 @@ class Batcher:
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
             if item.future.done():
+                if isinstance(res, CancelledError) and str(res) == compute.GONE:
+                    self.stats.cancelled += 1  # its client went during the compute
                 continue
             if isinstance(res, More):
                 self._again(item, res.samples)

@@ -19,13 +19,14 @@ from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.prediction import split
 from service.engine.sampler import MCRequest
-from service.errors import DeadlineExceededError
+from service.errors import CancelledError, DeadlineExceededError
 
 log = logging.getLogger("mcserve.batcher")
 STOPPED = (
     "the request's deadline (timeout_ms) passed during its compute, which was stopped there; "
     "raise timeout_ms, or send fewer instances or samples"
 )
+GONE = "the client disconnected during the compute, which was stopped there"
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
             if isinstance(smp, BaseException):
                 out[k] = smp
                 continue
-            if w.req is not None and w.req.deadline is not None and now >= w.req.deadline:
-                out[k] = DeadlineExceededError(STOPPED)  # its skipped rows are NaN
+            stop = _stopped(w.req, now)
+            if stop is not None:
+                out[k] = stop  # its skipped rows are NaN
                 continue
             more = _more(model, smp, w)
             if more is not None:
@@ -86,6 +88,18 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
             except Exception as exc:
                 out[k] = exc
     return [o if o is not None else RuntimeError("no result") for o in out]
+
+
+def _stopped(req: MCRequest | None, now: float) -> BaseException | None:
+    """Why a request's samples are not to be summarised: its deadline passed or its client
+    went during the compute (both skip its remaining chunks), else None."""
+    if req is None:
+        return None
+    if req.deadline is not None and now >= req.deadline:
+        return DeadlineExceededError(STOPPED)
+    if req.cancel is not None and req.cancel.is_set():
+        return CancelledError(GONE)
+    return None
 
 
 def _more(model: ServedModel, samples: np.ndarray, w: Work) -> Outcome | None:

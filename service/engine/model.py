@@ -14,6 +14,7 @@ from service.bundle.manifest import Manifest
 from service.engine import familiar, heads
 from service.engine.buckets import Buckets
 from service.engine.calibrator import Calibrator
+from service.engine.cancels import Flag
 from service.engine.device import describe
 from service.engine.onnx_predictor import OnnxPredictor
 from service.engine.params import PredictParams, new_seed
@@ -189,9 +190,16 @@ class ServedModel:
                 "(use gaussian or quantile)"
             )
 
-    def mc_request(self, x: np.ndarray, p: PredictParams) -> MCRequest:
+    def mc_request(
+        self,
+        x: np.ndarray,
+        p: PredictParams,
+        deadline: float | None = None,
+        cancel: Flag | None = None,
+    ) -> MCRequest:
         seed = p.seed if p.seed is not None else new_seed()
-        return MCRequest(x, p.samples, seed, sites=self.sites_for(p))
+        sites = self.sites_for(p)
+        return MCRequest(x, p.samples, seed, sites=sites, deadline=deadline, cancel=cancel)
 
     def sample(self, reqs: list[MCRequest]) -> list[np.ndarray]:
         """Samples [T, B, *output] per request, each text at its own length bucket."""

@@ -33,8 +33,8 @@ class RowMap:
         counts = [round_up(r.rows, block) for r in requests]
         self.starts = np.cumsum([0, *counts])
         self.total = int(self.starts[-1])
-        self.deadlines = [r.deadline for r in requests]
-        self._timed = any(d is not None for d in self.deadlines)
+        self._ends = [(r.deadline, r.cancel) for r in requests]
+        self._timed = any(d is not None or c is not None for d, c in self._ends)
         shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
         build = cached_layout if self.total <= CACHED_ROWS else layout
         index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
@@ -53,14 +53,18 @@ class RowMap:
             for layer in layers
         ]
 
-    def expired(self, lo: int, hi: int) -> bool:
-        """Whether every request with rows in [lo, hi) is past its deadline (`MCRequest`)."""
+    def stopped(self, lo: int, hi: int) -> bool:
+        """Whether every request with rows in [lo, hi) is past its deadline or its client has
+        gone (`MCRequest.deadline`, `.cancel`): those rows need not be computed."""
         if not self._timed:
             return False
         first = int(np.searchsorted(self.starts, lo, side="right")) - 1
         last = int(np.searchsorted(self.starts, hi - 1, side="right")) - 1
         now = time.monotonic()
-        return all(d is not None and now >= d for d in self.deadlines[first : last + 1])
+        return all(
+            (d is not None and now >= d) or (c is not None and c.is_set())
+            for d, c in self._ends[first : last + 1]
+        )
 
 
 def block_rows(example: torch.Tensor) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 
 from service.engine import suffix
 from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
+from service.engine.cancels import Flag
 from service.engine.device import tune_allocator
 from service.engine.fused import verified
 from service.engine.graph import SplitGraph, split
@@ -68,10 +69,11 @@ class MCRequest:
     `index`: the row each input's masks are keyed by, where the inputs are part of a larger
     request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1.
     `sites`: sample only the last k dropout sites (graph order), None: every site.
-    `deadline`: a `time.monotonic()` after which its passes are not worth computing: chunks
-    holding only such requests' rows are skipped (their rows are NaN) and `compute.run` fails
-    the request (504). Where a chunk also holds live rows it runs whole, so a live request's
-    numbers never depend on another's deadline."""
+    `deadline`: a `time.monotonic()` after which its passes are not worth computing, and
+    `cancel`: the flag its server sets when the client goes (cancels.py). Chunks holding only
+    rows of requests past either are skipped (their rows are NaN) and `compute.run` fails those
+    requests. Where a chunk also holds live rows it runs whole, so a live request's numbers
+    never depend on another's deadline or client."""
 
     x: np.ndarray
     samples: int
@@ -79,6 +81,7 @@ class MCRequest:
     index: tuple[int, ...] | None = None
     sites: int | None = None
     deadline: float | None = None
+    cancel: Flag | None = None
 
     @property
     def rows(self) -> int:
@@ -93,7 +96,7 @@ class SamplerStats:
     requests: int = 0
     prefix_forwards: int = 0
     forwards: int = 0  # suffix (stochastic) forwards, one per chunk
-    skipped: int = 0  # chunks not run: every request in them was past its deadline
+    skipped: int = 0  # chunks not run: every request in them was past its deadline or gone
     rows: int = 0  # stochastic rows computed, padding excluded
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -264,7 +267,7 @@ class MCSampler:
             forwards = skipped = 0
             for lo in range(0, total, self.row_budget):
                 hi = min(lo + self.row_budget, total)
-                if rows.expired(lo, hi):
+                if rows.stopped(lo, hi):
                     out[lo:hi] = math.nan
                     skipped += 1
                     continue

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from server import ROOT, serve
 
 
@@ -32,6 +33,17 @@ def _a_deadline_stops_compute(c: httpx.Client) -> None:
     assert took < 6.0, took
     short = {"instances": texts[:1], "parameters": {"samples": 20}}
     assert c.post("/v1/models/medical-abstracts:predict", json=short).status_code == 200
+    # A client that gives up (no timeout_ms; it closes the connection after 1 s) stopped no
+    # compute: the next request waited behind the other 11 s. Now its compute stops too.
+    del body["parameters"]["timeout_ms"]
+    with (
+        httpx.Client(base_url=str(c.base_url), timeout=1.0) as impatient,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        impatient.post("/v1/models/medical-abstracts:predict", json=body)
+    start = time.monotonic()
+    assert c.post("/v1/models/medical-abstracts:predict", json=short).status_code == 200
+    assert time.monotonic() - start < 4.0
 
 
 def test_start_ready_predict_stop(tmp_path: Path) -> None:

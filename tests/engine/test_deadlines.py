@@ -1,8 +1,12 @@
-"""A deadline that passes during compute stops that request's compute (issue: `timeout_ms` bounded
-only the queue, and one long request ran for minutes after its client had given up)."""
+"""A deadline that passes, or a client that goes, during compute stops that request's compute
+(`timeout_ms` bounded only the queue, and one long request ran for minutes after its client had
+given up)."""
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,10 +16,11 @@ from nets import mlp
 
 from service.bundle import load_bundle
 from service.engine import MCRequest, MCSampler
-from service.engine.compute import STOPPED, Work, run
+from service.engine.cancels import SLOTS, Flags
+from service.engine.compute import GONE, STOPPED, Work, run
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
-from service.errors import DeadlineExceededError
+from service.errors import CancelledError, DeadlineExceededError
 from service.packaging import save
 
 PAST = -1.0  # seconds from now: a deadline that has passed
@@ -79,3 +84,53 @@ def test_compute_fails_only_the_expired_request_with_504(served: ServedModel) ->
     assert served.sampler.stats.skipped >= before + 2
     assert not isinstance(ok, BaseException) and not isinstance(alone, BaseException)
     np.testing.assert_array_equal(ok.summary.mean, alone.summary.mean)  # type: ignore[union-attr]
+
+
+def test_a_flag_set_by_the_server_is_read_by_another_process() -> None:
+    flags = Flags()
+    try:
+        a, b = flags.take(), flags.take()
+        assert not a.is_set() and not b.is_set()
+        flags.set(a)
+        assert a.is_set() and not b.is_set()
+        # The compute process maps the file itself (by path, read-only).
+        code = "import pickle, sys; from service.engine import cancels; " + (
+            "print([f.is_set() for f in pickle.loads(bytes.fromhex(sys.argv[1]))])"
+        )
+        arg = pickle.dumps([a, b]).hex()
+        got = subprocess.run(
+            [sys.executable, "-c", code, arg], capture_output=True, text=True, check=True
+        )
+        assert got.stdout.strip() == "[True, False]"
+    finally:
+        flags.close()
+    assert not a.is_set()  # the server stopped: nothing to cancel
+
+
+def test_a_late_cancel_never_stops_the_request_that_took_its_slot() -> None:
+    flags = Flags()
+    try:
+        first = flags.take()
+        for _ in range(SLOTS - 1):
+            flags.take()
+        second = flags.take()  # the ring came round: the same slot, the next mark
+        assert (second.slot, second.mark) == (first.slot, first.mark + 1)
+        flags.set(first)  # the first request's client goes only now
+        assert not second.is_set()
+    finally:
+        flags.close()
+
+
+def test_compute_stops_a_request_whose_client_went(served: ServedModel) -> None:
+    flags = Flags()
+    try:
+        gone = flags.take()
+        flags.set(gone)
+        p = PredictParams(samples=200, confidence=(0.9,), seed=3)
+        req = MCRequest(_x(50, 5), 999, seed=5, cancel=gone)
+        before = served.sampler.stats.skipped
+        (out,) = run(served, [Work(req.x, p, req)])
+        assert isinstance(out, CancelledError) and str(out) == GONE
+        assert served.sampler.stats.skipped >= before + 2
+    finally:
+        flags.close()

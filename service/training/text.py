@@ -88,11 +88,7 @@ def fit_text(
     """Tokenizer and network fitted on `texts` (the training rows, and nothing else).
     `word_vectors` start the embedding (its width becomes theirs; `word_vectors.py`)."""
     if word_vectors is not None:
-        if arch not in EMBEDDED:
-            raise InvalidInputError(
-                f"--word-vectors: the {arch} network has no word embedding they can start; "
-                f"use --arch {' or '.join(EMBEDDED)}"
-            )
+        check_embedded(arch)
         embed = word_vectors.dim
     tok = train_tokenizer(texts, vocab_size)
     ids = torch.as_tensor(encode(tok, texts, max_tokens))
@@ -146,6 +142,15 @@ def fit_text(
     return TextFit(
         net.eval(), tok, config, len(history), best[1], best[0], history, len(fit), n_val, used
     )
+
+
+def check_embedded(arch: str) -> None:
+    """Word vectors start an embedding: refuse a network without one (before reading them)."""
+    if arch not in EMBEDDED:
+        raise InvalidInputError(
+            f"--word-vectors: the {arch} network has no word embedding they can start; "
+            f"use --arch {' or '.join(EMBEDDED)}"
+        )
 
 
 def mc_metrics(module: nn.Module, ids: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:

@@ -9,8 +9,8 @@ import typer
 
 from service.errors import InvalidInputError
 from service.training.text import (
-    EMBEDDED,
     calibrate_text,
+    check_embedded,
     fingerprints,
     fit_text,
     mc_metrics,
@@ -86,11 +86,7 @@ def train_text(
     train_texts = [table.texts[i] for i in tr]  # the tokenizer sees these and nothing else
     vectors = None
     if word_vectors is not None:
-        if arch not in EMBEDDED:
-            raise InvalidInputError(
-                f"--word-vectors: the {arch} network has no word embedding they can start; "
-                f"use --arch {' or '.join(EMBEDDED)}"
-            )
+        check_embedded(arch)
         vectors = read_vectors(word_vectors, training_words(train_texts))
     result = fit_text(
         train_texts,

@@ -4,8 +4,8 @@ No interpretation here (that is `extraction.py`): only what FHIR says the shapes
 - dateTime and instant values become aware datetimes; a date without a time is midnight UTC;
   a partial birthDate (YYYY, YYYY-MM) is read as the middle of its period;
 - a prefetch value is a resource or a Bundle (its entries unpacked); `null` (the client could
-  not prefetch it) and an OperationOutcome (its report of a failure) hold nothing; a
-  resourceType that FHIR does not define is a 400 (with the type it may have meant);
+  not prefetch it) and an OperationOutcome (its report of a failure) hold nothing; a missing
+  resourceType, a data type's name or a misspelt resource type is a 400 (`check_kind`);
 - an Observation's time is effectiveDateTime, effectiveInstant, effectivePeriod (end, else
   start), else `issued`.
 """
@@ -90,37 +90,49 @@ def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json
 
 
 def check_kind(kind: Any, where: str) -> None:
-    """A 400 for a resourceType FHIR (R4B or R5) does not define: a misspelt "Observaton" was
-    passed over in silence, and the card said the result was missing."""
-    if isinstance(kind, str) and _is_resource(kind):
-        return
+    """A 400 for a resource without a resourceType, with a FHIR data type's name, or with a
+    misspelling of a resource type (a misspelt "Observaton" was passed over in silence and the
+    card said the result was missing). A name unknown to R4B and R5 and like none of their
+    resource types passes, as before: R4-only types (MedicinalProduct) are valid, and the
+    reader ignores types it does not read."""
     if not isinstance(kind, str):
         said = "has no resourceType" if kind is None else f"has a resourceType of {kind!r}"
         example = '"resourceType": "Observation"'
         raise InvalidInputError(f"{where} {said}; a FHIR resource names its type, e.g. {example}")
+    known = _kind(kind)
+    if known == "resource" or len(kind) > 64:
+        return
+    if known == "datatype":
+        raise InvalidInputError(
+            f"{where} has resourceType {kind!r}, a FHIR data type, not a resource type"
+        )
     from fhir.resources import fhirtypes
 
     names = [n[:-4] for n in dir(fhirtypes) if n.endswith("Type")]
-    close = [n for n in difflib.get_close_matches(kind, names, 3, 0.75) if _is_resource(n)]
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise InvalidInputError(
-        f"{where} has resourceType {kind!r}, which is not a FHIR R4B or R5 resource type{hint}"
-    )
+    close = [n for n in difflib.get_close_matches(kind, names, 3, 0.85) if _kind(n) == "resource"]
+    if close:
+        raise InvalidInputError(
+            f"{where} has resourceType {kind!r}, which is not a FHIR R4B or R5 resource type "
+            f"(did you mean {close[0]!r}?)"
+        )
 
 
-@functools.cache
-def _is_resource(name: str) -> bool:
+@functools.lru_cache(maxsize=512)  # bounded: the names come from requests
+def _kind(name: str) -> str | None:
+    """ "resource" or "datatype" for a name FHIR R4B or R5 defines, else None."""
     from fhir.resources import get_fhir_model_class as r5
     from fhir.resources.R4B import get_fhir_model_class as r4b
 
+    found = None
     for get in (r4b, r5):
         try:
             cls = get(name)
         except (KeyError, ValueError):
             continue
-        if any(b.__name__ == "Resource" for b in cls.__mro__):  # not a datatype (Coding)
-            return True
-    return False
+        if any(b.__name__ == "Resource" for b in cls.__mro__):
+            return "resource"
+        found = "datatype"
+    return found
 
 
 def refers_to(subject: Any, patient_id: str) -> bool:

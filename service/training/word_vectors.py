@@ -54,7 +54,7 @@ def read_vectors(path: Path, wanted: set[str] | None = None) -> WordVectors:
     keep = None if wanted is None else wanted | {w.lower() for w in wanted}
     digest = hashlib.sha256()
     vectors: dict[str, np.ndarray] = {}
-    dim = 0
+    dim = first = 0
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             digest.update(raw)
@@ -65,19 +65,21 @@ def read_vectors(path: Path, wanted: set[str] | None = None) -> WordVectors:
                     f"--word-vectors {path.name}: line {number} is not UTF-8 ({e.reason} at "
                     f"byte {e.start}); save the file as UTF-8"
                 ) from None
-            parts = line.rstrip(" ").split(" ")
-            if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue  # word2vec's header: "<count> <dimensions>"
-            if not line.strip():
+            text = line.rstrip(" ")
+            if not text.strip():
                 continue
-            word, numbers = parts[0], parts[1:]
+            if number == 1 and _header(text):
+                continue  # word2vec's header: "<count> <dimensions>"
             if dim == 0:
-                dim = len(numbers)
+                dim, first = len(text.split(" ")) - 1, number
                 if dim == 0:
                     raise InvalidInputError(_bad(path, number, "has a word and no numbers"))
-            if len(numbers) != dim:
+            # From the right: a word may hold spaces (glove.840B's ". . .").
+            word, *numbers = text.rsplit(" ", dim)
+            if len(numbers) != dim or (_number(word.rsplit(" ", 1)[-1]) and " " in word):
+                count = len(numbers) if len(numbers) != dim else "more"
                 raise InvalidInputError(
-                    _bad(path, number, f"has {len(numbers)} numbers where line 1 had {dim}")
+                    _bad(path, number, f"has {count} numbers where line {first} had {dim}")
                 )
             if keep is not None and word not in keep:
                 continue
@@ -92,6 +94,19 @@ def read_vectors(path: Path, wanted: set[str] | None = None) -> WordVectors:
     if dim == 0:
         raise InvalidInputError(f"--word-vectors {path.name}: the file holds no vectors")
     return WordVectors(vectors, dim, path.name, digest.hexdigest())
+
+
+def _header(text: str) -> bool:
+    parts = text.split(" ")
+    return len(parts) == 2 and all(p.isdigit() for p in parts)
+
+
+def _number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _bad(path: Path, number: int, what: str) -> str:

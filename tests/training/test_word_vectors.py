@@ -40,17 +40,23 @@ def test_only_the_wanted_words_are_read_and_kept_exactly(tmp_path: Path) -> None
     assert wv.lookup("Heart") is not None and wv.lookup("##heart") is None
 
 
-def test_word2vec_header_is_skipped(tmp_path: Path) -> None:
+def test_word2vec_header_is_skipped_and_words_may_hold_spaces(tmp_path: Path) -> None:
     path = tmp_path / "w2v.txt"
-    path.write_text("2 3\nheart 1 2 3\nbrain 4 5 6\n")
+    path.write_text("3 3\nheart 1 2 3\nbrain 4 5 6\n. . . 7 8 9\n")  # glove.840B has ". . ."
     wv = read_vectors(path)
     assert wv.dim == 3 and wv.vectors["brain"].tolist() == [4.0, 5.0, 6.0]
+    assert wv.vectors[". . ."].tolist() == [7.0, 8.0, 9.0]
+    path.write_text("3 3\nheart 1 2 3\nbrain 4 5\n")
+    with pytest.raises(InvalidInputError, match="line 3 has 2 numbers where line 2 had 3"):
+        read_vectors(path)
 
 
 @pytest.mark.parametrize(
     ("content", "said"),
     [
         (b"heart 1 2 3\nbrain 4 5\n", "line 2 has 2 numbers where line 1 had 3"),
+        (b"heart 1 2 3\nbrain 4 5 6 7\n", "line 2 has more numbers where line 1 had 3"),
+        (b"heart\t1\t2\n", "line 1 has a word and no numbers"),
         (b"heart 1 2 x\n", "line 1 holds a value that is not a number"),
         (b"heart 1 nan 3\n", "line 1 holds NaN or infinity"),
         (b"heart 1 2 3\n\xffbrain 1 2 3\n", "line 2 is not UTF-8"),
@@ -100,6 +106,16 @@ def test_fit_text_starts_from_the_vectors(tmp_path: Path) -> None:
         np.testing.assert_array_equal(emb[vocab[w]], vecs[w])
     assert fit.word_vectors is not None
     assert fit.word_vectors["vocabulary_entries_initialised"] == f"{len(whole)} of {len(vocab)}"
+
+
+def test_vectors_that_cover_no_entry_are_refused(tmp_path: Path) -> None:
+    texts, labels = _texts(60, 0)
+    _glove(tmp_path / "g.txt", ["herz", "gehirn", "leber"], dim=8)  # another language
+    wv = read_vectors(tmp_path / "g.txt")
+    y = np.array([sorted(TOPICS).index(v) for v in labels])
+    with pytest.raises(InvalidInputError, match=r"none of the .* vocabulary entries is a word"):
+        fit_text(texts, y, 3, arch="fasttext", max_tokens=24, seed=0, max_epochs=1,
+                 word_vectors=wv)  # fmt: skip
 
 
 def test_train_cli_records_the_vectors_and_refuses_a_network_without_embedding(

@@ -24,8 +24,8 @@ from service.engine.sampler import MCRequest
 from service.errors import CancelledError, DeadlineExceededError, ShuttingDownError
 
 EXPIRED = (
-    "the request's deadline passed while it waited in the queue; no compute was spent "
-    "(raise timeout_ms or retry later)"
+    "the request's deadline passed while it waited in the queue; nothing more was computed "
+    "(allow more time: timeout_ms on /v1, timeout on /v2; or retry later)"
 )
 
 
@@ -35,7 +35,7 @@ class BatcherStats:
     completed: int = 0
     failed: int = 0
     rejected: int = 0  # queue full (429)
-    expired: int = 0  # deadline passed before compute (504)
+    expired: int = 0  # deadline passed before or during compute (504)
     cancelled: int = 0  # client gone before compute, or during it (compute stopped)
     requeued: int = 0  # adaptive chunks queued again (samples="auto")
     batches: int = 0

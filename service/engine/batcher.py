@@ -35,6 +35,7 @@ from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
 from service.errors import (
     CancelledError,
+    DeadlineExceededError,
     OverloadedError,
     PayloadTooLargeError,
     ShuttingDownError,
@@ -143,7 +144,7 @@ class Batcher:
             # The compute compares the deadline with time.monotonic() (in the compute process
             # too: the clock is system-wide), not this batcher's clock, which tests replace.
             ends = time.monotonic() + deadline - self.clock() if deadline is not None else None
-            flag = self.flags.take()  # set when the client goes (cancels.py)
+            flag = self.flags.take() if self.flags is not None else None  # cancels.py
             req = self.model.mc_request(x, params, ends, flag)
         rows = self.model.cost(x, req.samples if req is not None else 1)
         most = rows if params.auto is None else self.model.cost(x, params.auto.max_samples)
@@ -161,8 +162,9 @@ class Batcher:
                 retry_after_s=self.retry_after_s(rows),
             )
         fut: asyncio.Future[Prediction] = (self.loop or asyncio.get_running_loop()).create_future()
-        if flag is not None:
-            fut.add_done_callback(lambda f: self.flags.set(flag) if f.cancelled() else None)
+        if flag is not None and self.flags is not None:  # set when the client goes
+            flags = self.flags
+            fut.add_done_callback(lambda f: flags.set(flag) if f.cancelled() else None)
         klass = self.model.length_class(x)
         self.backlog.push(Queued(x, params, req, fut, self.clock(), deadline, rows, klass))
         self.stats.submitted += 1
@@ -235,7 +237,11 @@ class Batcher:
                 self._again(item, res.samples)
                 continue
             if isinstance(res, BaseException):
-                self.stats.failed += 1
+                if isinstance(res, DeadlineExceededError):
+                    if str(res) == compute.STOPPED:  # the screen counted its own
+                        self.stats.expired += 1  # its deadline passed during the compute
+                else:
+                    self.stats.failed += 1
                 item.future.set_exception(res)
                 continue
             res.timing = {

@@ -3,19 +3,20 @@
 The compute checks a request's flag between chunks of passes (`rows.RowMap.stopped`), as it
 checks its deadline: a client that disconnects stops what is left of its compute. The compute
 process (worker.py) cannot see the server's connections, and while it computes it reads no
-messages, so the flags live in memory both processes map: a file of `SLOTS` bytes, in /dev/shm
-where there is one (memory, not disk), created by the server and read by the compute.
+messages, so the flags live in memory both processes map: an anonymous file of `SLOTS` bytes
+(memfd on Linux, else an unlinked temporary file) whose descriptor the compute process inherits.
+It has no name, so nothing is left behind when a server is killed.
 
 A request takes the next slot of a ring; a slot holds 0, or the mark of the request that set it
 (1-255 by the ring's lap), so a late cancel of an old request never stops a newer one that took
 its slot: that needs the two 65,536 x 255 requests apart with the old one still waiting.
+Without flags (the file could not be made: logged) requests are simply not cancellable mid-way.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import itertools
+import logging
 import mmap
 import os
 import tempfile
@@ -23,78 +24,84 @@ import threading
 from dataclasses import dataclass
 
 SLOTS = 1 << 16
-_MAPS: dict[str, mmap.mmap] = {}  # path -> this process's view
+_MAPS: dict[str, mmap.mmap] = {}  # key -> this process's view
 _LOCK = threading.Lock()
+_KEYS = itertools.count()
+log = logging.getLogger("mcserve.engine")
 
 
 @dataclass(frozen=True)
 class Flag:
-    """One request's flag: where it lives and the mark that means "stop"."""
+    """One request's flag: which flags, the slot, and the mark that means "stop"."""
 
-    path: str
+    key: str
     slot: int
     mark: int
 
     def is_set(self) -> bool:
-        view = _view(self.path)
+        view = _MAPS.get(self.key)
         return view is not None and view[self.slot] == self.mark
 
 
 class Flags:
-    """The server's side: one file per server process (`shared()`), slots handed out in turn."""
+    """The server's side: slots handed out in turn; `fd` is what a compute process inherits."""
 
     def __init__(self) -> None:
-        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="mcserve-cancel-", dir=where)
-        try:
-            os.ftruncate(fd, SLOTS)
-            self._map = mmap.mmap(fd, SLOTS)
-        finally:
-            os.close(fd)
-        _MAPS[self.path] = self._map
+        self.key = f"{os.getpid()}-{next(_KEYS)}"
+        self.fd = _anonymous(SLOTS)
+        self._map = mmap.mmap(self.fd, SLOTS)
+        _MAPS[self.key] = self._map
         self._next = itertools.count()
 
     def take(self) -> Flag:
         n = next(self._next)
         slot, lap = n % SLOTS, n // SLOTS
         self._map[slot] = 0
-        return Flag(self.path, slot, lap % 255 + 1)
+        return Flag(self.key, slot, lap % 255 + 1)
 
     def set(self, flag: Flag) -> None:
-        if flag.path == self.path and not self._map.closed:
+        if flag.key == self.key and not self._map.closed:
             self._map[flag.slot] = flag.mark
 
     def close(self) -> None:
-        _MAPS.pop(self.path, None)
+        _MAPS.pop(self.key, None)
         self._map.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        os.close(self.fd)
 
 
-_SHARED: Flags | None = None
+def _anonymous(size: int) -> int:
+    """A descriptor of `size` zero bytes that no path names."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("mcserve-cancel", os.MFD_CLOEXEC)  # pass_fds hands it on
+    else:
+        with tempfile.TemporaryFile() as f:  # unlinked at once on POSIX
+            fd = os.dup(f.fileno())
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
-def shared() -> Flags:
-    """This server process's flags (made on first use, removed at exit)."""
-    global _SHARED
+_SHARED: list[Flags | None] = []
+
+
+def shared() -> Flags | None:
+    """This server process's flags, made on first use; None if they cannot be (logged)."""
     with _LOCK:
-        if _SHARED is None:
-            _SHARED = Flags()
-            atexit.register(_SHARED.close)
-        return _SHARED
+        if not _SHARED:
+            try:
+                _SHARED.append(Flags())
+            except OSError as exc:
+                log.warning("no cancel flags (%s): a request runs on after its client goes", exc)
+                _SHARED.append(None)
+        return _SHARED[0]
 
 
-def _view(path: str) -> mmap.mmap | None:
-    """The flags file as this process maps it (read-only where another process made it);
-    None when it is gone (its server stopped: nothing to cancel)."""
-    view = _MAPS.get(path)
-    if view is not None:
-        return view
+def attach(key: str, fd: int) -> None:
+    """In the compute process: map the server's flags from the descriptor it inherited."""
     with _LOCK:
-        try:
-            with open(path, "rb") as f:
-                view = mmap.mmap(f.fileno(), SLOTS, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            return None
-        _MAPS[path] = view
-        return view
+        if key not in _MAPS:
+            _MAPS[key] = mmap.mmap(fd, SLOTS, access=mmap.ACCESS_READ)
+    os.close(fd)

@@ -22,11 +22,14 @@ from service.engine.sampler import MCRequest
 from service.errors import CancelledError, DeadlineExceededError
 
 log = logging.getLogger("mcserve.batcher")
+# Said whether or not a chunk of its own was skipped (its batch may have run past it), and for
+# every route: /v1's timeout_ms, /v2's timeout, the CDS deadline the server sets.
 STOPPED = (
-    "the request's deadline (timeout_ms) passed during its compute, which was stopped there; "
-    "raise timeout_ms, or send fewer instances or samples"
+    "the request's deadline passed during the compute of its batch; its answer was dropped and "
+    "what was left of its compute skipped; allow more time (timeout_ms on /v1, timeout on /v2) "
+    "or send fewer instances or samples"
 )
-GONE = "the client disconnected during the compute, which was stopped there"
+GONE = "the client disconnected during the compute; what was left of it was skipped"
 
 
 @dataclass(frozen=True)

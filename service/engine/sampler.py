@@ -73,7 +73,8 @@ class MCRequest:
     `cancel`: the flag its server sets when the client goes (cancels.py). Chunks holding only
     rows of requests past either are skipped (their rows are NaN) and `compute.run` fails those
     requests. Where a chunk also holds live rows it runs whole, so a live request's numbers
-    never depend on another's deadline or client."""
+    never depend on another's deadline or client. (On CUDA the loop queues chunks ahead of the
+    device, so the checks run early: a stop there takes effect later, if at all.)"""
 
     x: np.ndarray
     samples: int

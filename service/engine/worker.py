@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from service.child import spawn
+from service.engine import cancels
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
@@ -109,13 +110,17 @@ class ComputeProcess:
                 raise ComputeUnavailableError(
                     f"the compute process failed to start ({self._failure}); retry shortly"
                 )
-            self.proc, ours = spawn("service.engine.worker")
+            flags = cancels.shared()  # the child inherits their descriptor (cancels.py)
+            fds = [flags.fd] if flags is not None else []
+            self.proc, ours = spawn("service.engine.worker", pass_fds=fds)
             self.starts += 1
             reader, self._writer = await asyncio.open_unix_connection(sock=ours)
             reading = self._read(reader, self.starts)
             self._reader_task = asyncio.get_running_loop().create_task(reading)
             try:  # the greeting goes first: no other call is written before it
-                pid = await asyncio.wait_for(self._send("hello", self.spec), self.start_timeout_s)
+                shared = (flags.key, flags.fd) if flags is not None else None
+                hello = self._send("hello", self.spec, shared)
+                pid = await asyncio.wait_for(hello, self.start_timeout_s)
             except BaseException as exc:
                 self._failed_at, self._failure = time.monotonic(), f"{type(exc).__name__}: {exc}"
                 self._lost()  # kills it if it hangs, fails anything it held
@@ -222,11 +227,13 @@ class _Child:
         self.spec: WorkerSpec | None = None
         self.models: dict[Key, ServedModel] = {}
 
-    def hello(self, spec: WorkerSpec) -> int:
+    def hello(self, spec: WorkerSpec, flags: tuple[str, int] | None = None) -> int:
         from service.engine.device import configure_threads
 
         self.spec = spec
         configure_threads(spec.threads)
+        if flags is not None:  # the server's cancel flags, inherited by descriptor
+            cancels.attach(*flags)
         return os.getpid()
 
     def prepare(self, key: Key, path: os.PathLike[str]) -> None:

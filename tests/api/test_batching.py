@@ -232,3 +232,25 @@ async def test_a_failing_metrics_hook_loses_no_answer(
         b.on_result = saved
     assert r.status_code == 200, r.text
     assert b.stats.queue_rows == 0
+
+
+async def test_a_cancelled_request_sets_its_flag_for_the_compute(app: FastAPI) -> None:
+    """A client that goes while its request computes: the compute reads its flag between chunks
+    (tests/engine/test_deadlines.py), so cancelling the future must set it."""
+    import numpy as np
+
+    from service.engine.params import PredictParams
+
+    b = batcher(app)
+    with compute_blocked(app):
+        params = PredictParams(samples=100, confidence=(0.9,), seed=1)
+        kept = b.enqueue(np.zeros((1, 4), np.float32), params)
+        gone = b.enqueue(np.zeros((1, 4), np.float32), params)
+        await until(lambda: b.stats.queue_rows == 200)
+        items = [i for q in b.backlog._queues.values() for i in q]
+        flags = {id(i.future): i.req.cancel for i in items if i.req is not None}
+        gone.cancel()
+        await asyncio.sleep(0)  # done callbacks run on the loop's next turn
+        assert flags[id(gone)] is not None and flags[id(gone)].is_set()
+        assert flags[id(kept)] is not None and not flags[id(kept)].is_set()
+    await kept

@@ -4,6 +4,7 @@ these pin what is specific to it (tests/fuzz/test_parity.py: the same answers wi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -144,9 +145,13 @@ async def test_client_gone_while_sending_its_body(
         sent.append(message)
 
     scope = predict_scope([(b"content-type", b"application/json")])
-    await app(scope, receive, send)
+    with caplog.at_level(logging.INFO, logger="mcserve.access"):
+        await app(scope, receive, send)
     assert sent == []  # no answer to a closed connection, and no 500 logged
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    # Counted as the client's leaving (499), not as a server error (it was a 500).
+    (line,) = [r for r in caplog.records if r.name == "mcserve.access"]
+    assert line.status == 499
 
 
 async def test_predictions_skip_fastapis_exception_layer_only(

@@ -159,6 +159,13 @@ async def test_one_rule_for_numbers_in_strings(client: httpx.AsyncClient) -> Non
         assert r.status_code == 422, (params, r.text)
         (key,) = params
         assert f"parameters.{key}" in r.json()["error"]
+    # A deadline must be finite (1e400 parses as infinity: it meant no deadline), and however
+    # small, it is one (5e-324 ms rounded to 0 s was read as none: 200).
+    raw = b'{"instances": [[0.1, -0.2, 0.3, 0.4]], "parameters": {"timeout_ms": 1e400}}'
+    r = await client.post(url, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "parameters.timeout_ms" in r.json()["error"], r.text
+    r = await client.post(url, json={"instances": [ROW], "parameters": {"timeout_ms": 5e-324}})
+    assert r.status_code == 504, r.text
 
 
 async def test_deterministic_mode(client: httpx.AsyncClient) -> None:

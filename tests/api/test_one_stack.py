@@ -91,6 +91,10 @@ async def test_body_over_the_limit_is_413_in_each_familys_shape(
             "resourceType": "OperationOutcome",
             "issue": [{"severity": "error", "code": "too-long", "diagnostics": hook}],
         }
+        r = await c.post("/cds-services/risk/feedback", content=body, headers=json_type)
+        assert r.status_code == 413 and r.json()["issue"][0]["diagnostics"] == over + (
+            "send fewer feedback entries per call"
+        )
         for path in ("/v1/models/clf:predict", "/v2/models/clf/infer"):
             r = await c.post(path, content=body, headers=json_type)
             assert r.status_code == 413

@@ -93,14 +93,16 @@ def test_a_flag_set_by_the_server_is_read_by_another_process() -> None:
         assert not a.is_set() and not b.is_set()
         flags.set(a)
         assert a.is_set() and not b.is_set()
-        # The compute process maps the file itself (by path, read-only).
+        # The compute process maps the descriptor it inherits (worker.py's hello).
         code = "import pickle, sys; from service.engine import cancels; " + (
-            "print([f.is_set() for f in pickle.loads(bytes.fromhex(sys.argv[1]))])"
+            "cancels.attach(sys.argv[1], int(sys.argv[2])); "
+            "print([f.is_set() for f in pickle.loads(bytes.fromhex(sys.argv[3]))])"
         )
-        arg = pickle.dumps([a, b]).hex()
+        args = [flags.key, str(flags.fd), pickle.dumps([a, b]).hex()]
         got = subprocess.run(
-            [sys.executable, "-c", code, arg], capture_output=True, text=True, check=True
-        )
+            [sys.executable, "-c", code, *args],
+            capture_output=True, text=True, check=True, pass_fds=[flags.fd],
+        )  # fmt: skip
         assert got.stdout.strip() == "[True, False]"
     finally:
         flags.close()

@@ -68,7 +68,8 @@ async def run(
 
     The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
     card that will carry it); 503 when it cannot be (audit fails closed)."""
-    deadline = batcher.clock() + timeout_s if timeout_s else None
+    # `is not None`: 5e-324 ms is a deadline (it was read as none), already passed
+    deadline = batcher.clock() + timeout_s if timeout_s is not None else None
     future = batcher.enqueue(x, params, deadline)  # a future, not a task: one task less
     watcher = future.get_loop().create_task(_until_disconnect(request, future))
     try:

@@ -9,7 +9,7 @@ import re
 import time
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
@@ -31,7 +31,10 @@ def new_request_id() -> str:
 
 def smaller(scope: Scope) -> str:
     """How a client gets under the body limit: a CDS Hooks call cannot be split."""
-    if str(scope.get("path", "")).startswith("/cds-services"):
+    path = str(scope.get("path", ""))
+    if path.startswith("/cds-services") and path.endswith("/feedback"):
+        return "send fewer feedback entries per call"
+    if path.startswith("/cds-services"):
         return (
             "a hook call cannot be split: send less prefetch (fewer or more recent results) "
             "or ask the operator to raise MCSERVE_MAX_BODY_BYTES"
@@ -72,11 +75,12 @@ class RequestContext:
                 await self._refuse(self._too_large(scope), scope, receive, send)
                 return
             seen = 0
-            started = False
+            started = gone = False
 
             async def limited_receive() -> Message:
-                nonlocal seen
+                nonlocal seen, gone
                 message = await receive()
+                gone = gone or message["type"] == "http.disconnect"
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body_bytes:
@@ -100,6 +104,11 @@ class RequestContext:
                 if not started:
                     status = 413
                     await self._refuse(exc, scope, receive, send)
+            except ClientDisconnect:
+                if not gone:
+                    raise
+            if gone and not started:
+                status = 499  # gone before its answer (e.g. while sending its body): not a 500
         finally:
             self._record(scope, status, time.perf_counter() - start)
 

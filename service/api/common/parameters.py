@@ -80,7 +80,11 @@ class PredictParameters(BaseModel):
         "sites); default: the model's",
     )
     timeout_ms: float | None = Field(
-        default=None, gt=0, strict=True, description="deadline for this request"
+        default=None,
+        gt=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="deadline for this request",
     )
 
 

@@ -105,7 +105,12 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
         x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
     timeout = body.parameters.timeout_ms
     pred = await run(
-        request, batcher, x, params, timeout / 1000.0 if timeout else None, input_notes=notes
+        request,
+        batcher,
+        x,
+        params,
+        timeout / 1000.0 if timeout is not None else None,
+        input_notes=notes,
     )
     pred.warnings.extend(ignored(body.parameters))
     if as_fhir and subject is not None:

@@ -125,7 +125,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
         notes = batch.notes()
     else:
         x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
-    timeout = p.timeout / 1e6 if p.timeout else None
+    timeout = p.timeout / 1e6 if p.timeout is not None else None
     pred = await run(request, batcher, x, params, timeout, input_notes=notes)
     pred.warnings.extend(ignored(given))
     arrays = values(pred, [s for s, _ in wanted])

@@ -30,7 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,15 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import httpx
 
+from service.clinical.answers import (
+    SearchFailed,
+    name_of,
+    next_link,
+    parse,
+    refusal,
+    used,
+    validate,
+)
 from service.clinical.records import refers_to
 
 Json = dict[str, Any]
@@ -49,14 +57,6 @@ class Limits:
     max_bytes: int = 2 * 1024 * 1024  # per answer (one page)
     max_pages: int = 5  # per search
     max_entries: int = 500  # per search, all pages together
-
-
-class SearchFailed(Exception):
-    """Why a read or search gave nothing usable; `code` is a FHIR IssueType."""
-
-    def __init__(self, message: str, code: str = "transient") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -93,7 +93,7 @@ class FhirSearch:
         kind, _, rid = path.partition("/")
         res = await self._get(f"{self.base}/{path}")
         if res.get("resourceType") != kind or res.get("id") != rid:
-            raise SearchFailed(f"reading {path} gave {_name(res)}", "processing")
+            raise SearchFailed(f"reading {path} gave {name_of(res)}", "processing")
         self._check(res, kind)
         return res
 
@@ -103,7 +103,7 @@ class FhirSearch:
         lim = self.limits
         wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
         entries, first, more = await self._pages(kind, params, wanted, every=False)
-        if "_sort" in query and not _used(first, "_sort"):
+        if "_sort" in query and not used(first, "_sort"):
             # The server ignored _sort: its first _count results need not hold the newest.
             # Asked again for every result, as many a page as it gives (page by page at
             # _count=1 the page bound ran out at 5 results), the reader picks the latest by its
@@ -130,7 +130,7 @@ class FhirSearch:
         for page in range(1, lim.max_pages + 1):
             bundle = await self._get(url)
             if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
-                raise SearchFailed(f"the answer is {_name(bundle)}, not a searchset Bundle")
+                raise SearchFailed(f"the answer is {name_of(bundle)}, not a searchset Bundle")
             entries_here = bundle.get("entry") or []
             if isinstance(entries_here, list) and len(entries_here) > lim.max_entries:
                 # refused before the costly checks
@@ -140,7 +140,7 @@ class FhirSearch:
             for e in bundle.get("entry") or []:
                 if (e.get("search") or {}).get("mode", "match") == "match":
                     entries.append(e)
-            nxt = _next(bundle)
+            nxt = next_link(bundle)
             if every and (len(entries) > wanted or (len(entries) == wanted and nxt)):
                 raise SearchFailed(
                     f"the server did not sort by date (_sort) and holds over {wanted} results: "
@@ -179,38 +179,38 @@ class FhirSearch:
         media = r.headers.get("content-type", "")
         if r.status_code != 200:
             try:
-                said = _parse(body, media)
+                said = parse(body, media)
             except SearchFailed:
                 said = {}  # an error page: the status says enough
-            raise _refusal(r.status_code, said)
-        res = _parse(body, media)
+            raise refusal(r.status_code, said)
+        res = parse(body, media)
         if res.get("resourceType") == "OperationOutcome":
-            raise _refusal(200, res)
+            raise refusal(200, res)
         return res
 
     def _check(self, res: Json, kind: str) -> None:
         """Valid FHIR, of the kind searched for, about this patient (else SearchFailed)."""
         entries = res.get("entry") or []
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise SearchFailed(f"{_name(res)}: entry is not an array of objects", "structure")
+            raise SearchFailed(f"{name_of(res)}: entry is not an array of objects", "structure")
         inner = [e.get("resource") for e in entries]
         shell = res
         if inner:
             shell = res | {
                 "entry": [{k: v for k, v in e.items() if k != "resource"} for e in entries]
             }
-        _validate(shell, _name(res))
+        validate(shell, name_of(res))
         for e, r in zip(entries, inner, strict=True):
             if r is None:
                 continue
             if not isinstance(r, dict):
                 raise SearchFailed("a Bundle entry's resource is not a JSON object", "structure")
-            _validate(r, _name(r))
+            validate(r, name_of(r))
             mode = (e.get("search") or {}).get("mode", "match")
             if mode == "match" and r.get("resourceType") != kind:
-                raise SearchFailed(f"a search for {kind} gave {_name(r)}", "processing")
+                raise SearchFailed(f"a search for {kind} gave {name_of(r)}", "processing")
             if not refers_to(r.get("subject"), self.patient_id):
-                raise SearchFailed(f"{_name(r)} is about another patient", "processing")
+                raise SearchFailed(f"{name_of(r)} is about another patient", "processing")
 
 
 async def _read(r: httpx.Response, limit: int) -> bytes:
@@ -231,19 +231,6 @@ async def _read(r: httpx.Response, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse(body: bytes, content_type: str) -> Json:
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media and not (media.endswith("/json") or media.endswith("+json")):
-        raise SearchFailed(f"the answer is {media}, not FHIR JSON", "structure")
-    try:
-        res = json.loads(body)
-    except ValueError:
-        raise SearchFailed("the answer is not JSON", "structure") from None
-    if not isinstance(res, dict) or not isinstance(res.get("resourceType"), str):
-        raise SearchFailed("the answer is not a FHIR resource", "structure")
-    return res
-
-
 def _redirect(r: httpx.Response, url: str, owns: Callable[[str], bool]) -> SearchFailed:
     target = urljoin(url, r.headers.get("location", ""))
     where = "within the same server" if owns(target) else f"to {_where(target)}, another server"
@@ -252,84 +239,6 @@ def _redirect(r: httpx.Response, url: str, owns: Callable[[str], bool]) -> Searc
         "allow-listed fhirServer only; list the server's own base URL)",
         "security",
     )
-
-
-def _refusal(status: int, res: Json) -> SearchFailed:
-    said = _diagnostics(res)
-    tail = f" (the server said: {said})" if said else ""
-    if status == 401:
-        return SearchFailed(
-            f"HTTP 401: the FHIR server refused the access token (expired or revoked){tail}",
-            "login",
-        )
-    if status == 403:
-        return SearchFailed(
-            f"HTTP 403: the access token does not allow this read{tail}", "forbidden"
-        )
-    if status == 200:
-        return SearchFailed(f"the server answered an OperationOutcome{tail}", "processing")
-    return SearchFailed(f"HTTP {status}{tail}")
-
-
-def _diagnostics(res: Json) -> str:
-    """The OperationOutcome's own words, short and printable (they reach a card)."""
-    if res.get("resourceType") != "OperationOutcome":
-        return ""
-    said = []
-    for i in res.get("issue") or []:
-        if isinstance(i, dict):
-            text = i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
-            if isinstance(text, str):
-                said.append(text)
-    joined = "; ".join(dict.fromkeys(said))
-    return "".join(c if c.isprintable() else " " for c in joined)[:200]
-
-
-def _validate(res: Json, name: str) -> None:
-    from fhir.resources import get_fhir_model_class as r5
-    from fhir.resources.R4B import get_fhir_model_class as r4b
-
-    first = None
-    for get in (r4b, r5):
-        try:
-            get(str(res.get("resourceType"))).model_validate(res)
-            return
-        except (KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-            first = first or exc
-    errors = getattr(first, "errors", None)
-    if callable(errors):
-        e = errors(include_input=False)[0]
-        why = f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-    else:
-        why = f"unknown resource type {res.get('resourceType')!r}"
-    raise SearchFailed(f"{name} is not valid FHIR (R4B or R5): {why}", "structure")
-
-
-def _used(bundle: Json, name: str) -> bool:
-    """Whether the server says it used search parameter `name`: a searchset's `self` link lists
-    the parameters it used (FHIR R4 3.1.1.3.1.1; HAPI drops what it ignored). A self link
-    without a query says nothing, and is taken at its word that nothing was dropped."""
-    for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "self":
-            url = link.get("url")
-            if isinstance(url, str) and "?" in url:
-                return name in dict(parse_qsl(urlsplit(url).query))
-    return True
-
-
-def _next(bundle: Json) -> str | None:
-    for link in bundle.get("link") or []:
-        if isinstance(link, dict) and link.get("relation") == "next":
-            url = link.get("url")
-            return url if isinstance(url, str) and url else None
-    return None
-
-
-def _name(res: Any) -> str:
-    if not isinstance(res, dict):
-        return "not a resource"
-    kind, rid = res.get("resourceType"), res.get("id")
-    return f"{kind}/{rid}" if rid else f"a {kind}"
 
 
 def _where(url: str) -> str:

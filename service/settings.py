@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_instances: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_samples: int = Field(default=1000, ge=2)
+    # The deadline of a /v1 or /v2 request that sets none (timeout_ms, timeout): it bounds the
+    # queue and the compute (a long request otherwise holds the compute, its batch's and every
+    # later one's, for as long as it takes). None: no deadline by default.
+    request_timeout_ms: float | None = Field(default=None, gt=0.0)
 
     # Batching and overload control.
     batching: bool = True

@@ -254,3 +254,22 @@ async def test_a_cancelled_request_sets_its_flag_for_the_compute(app: FastAPI) -
         assert flags[id(gone)] is not None and flags[id(gone)].is_set()
         assert flags[id(kept)] is not None and not flags[id(kept)].is_set()
     await kept
+
+
+async def test_the_operators_default_deadline_applies_to_requests_without_one(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """MCSERVE_REQUEST_TIMEOUT_MS bounds a request that sets no timeout_ms (a long one held the
+    compute for as long as it took); a request's own timeout_ms still wins."""
+    st = state(app)
+    saved = st.settings
+    st.settings = saved.model_copy(update={"request_timeout_ms": 1e-6})  # passed at once
+    try:
+        r = await client.post("/v1/models/clf:predict", json=body(5, [0, 0, 0, 0]))
+        assert r.status_code == 504 and "deadline passed" in r.json()["error"], r.text
+        own = body(5, [0, 0, 0, 0])
+        own["parameters"]["timeout_ms"] = 60_000
+        r = await client.post("/v1/models/clf:predict", json=own)
+        assert r.status_code == 200, r.text
+    finally:
+        st.settings = saved

@@ -68,6 +68,9 @@ async def run(
 
     The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
     card that will carry it); 503 when it cannot be (audit fails closed)."""
+    default = request.app.state.mcserve.settings.request_timeout_ms
+    if timeout_s is None and default is not None:  # the operator's bound on any request
+        timeout_s = default / 1000.0
     # `is not None`: 5e-324 ms is a deadline (it was read as none), already passed
     deadline = batcher.clock() + timeout_s if timeout_s is not None else None
     future = batcher.enqueue(x, params, deadline)  # a future, not a task: one task less

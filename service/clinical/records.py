@@ -71,41 +71,51 @@ def array(value: Any, where: str) -> list[Any]:
 
 def resources(prefetch: AnyMapping[str, Any] | None) -> Iterator[tuple[str, Json]]:
     """(prefetch key, resource) for every resource prefetched, Bundles unpacked."""
+    fuzzy: set[str] = set()  # unknown names looked up as misspellings in this call
     for key, value in (prefetch or {}).items():
         if value is None:
             continue  # the client could not prefetch it
         if not isinstance(value, dict):
             raise InvalidInputError(f"prefetch.{key} must be a FHIR resource (a JSON object)")
         kind = value.get("resourceType")
-        check_kind(kind, f"prefetch.{key}")
+        check_kind(kind, f"prefetch.{key}", fuzzy)
         if kind == "Bundle":
             entries = array(value.get("entry"), f"prefetch.{key}.entry")
             for n, entry in enumerate(entries):
                 res = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(res, dict):
-                    check_kind(res.get("resourceType"), f"prefetch.{key}.entry[{n}].resource")
+                    where = f"prefetch.{key}.entry[{n}].resource"
+                    check_kind(res.get("resourceType"), where, fuzzy)
                     yield key, res
         elif kind != "OperationOutcome":  # a client's report that the prefetch failed
             yield key, value
 
 
-def check_kind(kind: Any, where: str) -> None:
+def check_kind(kind: Any, where: str, fuzzy: set[str] | None = None) -> None:
     """A 400 for a resource without a resourceType, with a FHIR data type's name, or with a
     misspelling of a resource type (a misspelt "Observaton" was passed over in silence and the
     card said the result was missing). A name unknown to R4B and R5 and like none of their
     resource types passes, as before: R4-only types (MedicinalProduct) are valid, and the
-    reader ignores types it does not read."""
-    if not isinstance(kind, str):
-        said = "has no resourceType" if kind is None else f"has a resourceType of {kind!r}"
+    reader ignores types it does not read. The misspelling search (about 1 ms a name) runs for
+    at most `FUZZY` distinct names of a call (`fuzzy` holds them): a call of thousands of
+    unknown names would otherwise hold the event loop for minutes."""
+    if not isinstance(kind, str) or not kind.strip():
+        said = "has no resourceType" if kind in (None, "") else f"has a resourceType of {kind!r}"
         example = '"resourceType": "Observation"'
         raise InvalidInputError(f"{where} {said}; a FHIR resource names its type, e.g. {example}")
+    if len(kind) > 64:  # longer than any FHIR type's name: not looked up, not cached
+        return
     known = _kind(kind)
-    if known == "resource" or len(kind) > 64:
+    if known == "resource":
         return
     if known == "datatype":
         raise InvalidInputError(
             f"{where} has resourceType {kind!r}, a FHIR data type, not a resource type"
         )
+    if fuzzy is not None:
+        if kind in fuzzy or len(fuzzy) >= FUZZY:
+            return
+        fuzzy.add(kind)
     from fhir.resources import fhirtypes
 
     names = [n[:-4] for n in dir(fhirtypes) if n.endswith("Type")]
@@ -115,6 +125,9 @@ def check_kind(kind: Any, where: str) -> None:
             f"{where} has resourceType {kind!r}, which is not a FHIR R4B or R5 resource type "
             f"(did you mean {close[0]!r}?)"
         )
+
+
+FUZZY = 16
 
 
 @functools.lru_cache(maxsize=512)  # bounded: the names come from requests

@@ -98,19 +98,24 @@ class FhirSearch:
         return res
 
     async def search(self, kind: str, params: str) -> Json:
-        query = dict(parse_qsl(params))
+        pairs = parse_qsl(params, keep_blank_values=True)
+        query = dict(pairs)
         asked = query.get("_count", "")
         lim = self.limits
         wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
-        entries, first, more = await self._pages(kind, params, wanted, every=False)
-        if "_sort" in query and not used(first, "_sort"):
+        sort = "_sort" in query
+        entries, first, more = await self._pages(kind, params, wanted, every=False, sort=sort)
+        if sort and not used(first, "_sort"):
             # The server ignored _sort: its first _count results need not hold the newest.
             # Asked again for every result, as many a page as it gives (page by page at
             # _count=1 the page bound ran out at 5 results), the reader picks the latest by its
-            # own dates.
+            # own dates. Only _count changes (a repeated parameter, date=ge..&date=lt.., stays).
             if more:
-                query["_count"] = str(lim.max_entries)
-                entries, _, _ = await self._pages(kind, urlencode(query), lim.max_entries, True)
+                again = [(k, v) for k, v in pairs if k != "_count"]
+                again.append(("_count", str(lim.max_entries)))
+                entries, _, _ = await self._pages(
+                    kind, urlencode(again), lim.max_entries, every=True, sort=False
+                )
             wanted = len(entries)
         out: Json = {"resourceType": "Bundle", "type": "searchset"}
         if isinstance(first.get("total"), int):
@@ -118,11 +123,11 @@ class FhirSearch:
         return out | {"entry": entries[:wanted]}
 
     async def _pages(
-        self, kind: str, params: str, wanted: int, every: bool
+        self, kind: str, params: str, wanted: int, every: bool, sort: bool
     ) -> tuple[list[Json], Json, bool]:
         """Following `next` links until `wanted` results are held (`every`: all results, which
-        must be at most `wanted`): (the match entries, the first page, whether a next link was
-        left)."""
+        must be at most `wanted`; `sort`: stop after the first page if the server says it did
+        not sort): (the match entries, the first page, whether a next link was left)."""
         lim = self.limits
         url = f"{self.base}/{kind}?{params}"
         entries: list[Json] = []
@@ -141,13 +146,14 @@ class FhirSearch:
                 if (e.get("search") or {}).get("mode", "match") == "match":
                     entries.append(e)
             nxt = next_link(bundle)
-            if every and (len(entries) > wanted or (len(entries) == wanted and nxt)):
+            if every and len(entries) > wanted:
                 raise SearchFailed(
                     f"the server did not sort by date (_sort) and holds over {wanted} results: "
                     "the newest cannot be told from the first ones",
                     "too-costly",
                 )
-            if len(entries) >= wanted or nxt is None:
+            unsorted = sort and page == 1 and not used(bundle, "_sort")
+            if nxt is None or unsorted or (not every and len(entries) >= wanted):
                 return entries, first, nxt is not None
             url = urljoin(url, nxt)
             if not self.owns(url):

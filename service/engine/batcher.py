@@ -229,9 +229,10 @@ class Batcher:
         _observe(self.on_batch, rows_out, elapsed)
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
-            if item.future.done():
-                if isinstance(res, CancelledError) and str(res) == compute.GONE:
-                    self.stats.cancelled += 1  # its client went during the compute
+            if item.future.done():  # its client went during the compute
+                screened = isinstance(res, CancelledError) and str(res) != compute.GONE
+                if not screened:  # (the screen counted those that went before it)
+                    self.stats.cancelled += 1
                 continue
             if isinstance(res, More):
                 self._again(item, res.samples)

@@ -273,3 +273,23 @@ async def test_the_operators_default_deadline_applies_to_requests_without_one(
         assert r.status_code == 200, r.text
     finally:
         st.settings = saved
+
+
+async def test_a_deadline_passing_during_compute_is_a_504_counted_as_expired(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """The screen sees the request alive (the batcher's clock, held still here), the compute
+    sees its deadline passed (real time: 1 microsecond): stopped there, 504, expired."""
+    b = batcher(app)
+    saved = b.clock
+    b.clock = lambda: 1000.0
+    expired, failed = b.stats.expired, b.stats.failed
+    try:
+        req = body(6, [0, 0, 0, 0])
+        req["parameters"]["timeout_ms"] = 0.001
+        r = await client.post("/v1/models/clf:predict", json=req)
+    finally:
+        b.clock = saved
+    assert r.status_code == 504
+    assert r.json()["error"].startswith("the request's deadline passed during the compute")
+    assert (b.stats.expired, b.stats.failed) == (expired + 1, failed)

@@ -359,3 +359,48 @@ async def test_an_observation_of_another_patient_is_refused() -> None:
     bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}]}
     with pytest.raises(SearchFailed, match="Observation/bmi-1 is about another patient"):
         await one(200, bundle).run(QUERY)
+
+
+async def test_the_search_asked_again_keeps_repeated_parameters_and_reads_an_empty_last_page() -> (
+    None
+):
+    """A server ignoring _sort: the search asked again changes only _count (date=ge..&date=lt..
+    both stay), and exactly max_entries results then a next link to an empty page is all of
+    them, not "over max_entries"."""
+    now = datetime.now(UTC)
+    found = [
+        observation(f"glu-{k}", LOINC, "2345-7", 90.0 + k, "mg/dL", now - timedelta(days=k + 1))
+        for k in range(3)
+    ][::-1]  # oldest first
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        q = request.url.params
+        page = int(q.get("page", "0"))
+        size = int(q.get("_count", "1"))
+        if q.get("page") is None and size < 3:
+            entries, nxt = found[:size], "?page=9"
+        else:
+            entries, nxt = (found, f"?page={page + 1}&_count=3") if page == 0 else ([], None)
+        body: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "self", "url": "https://ehr.example/fhir/Observation?x=1"}],
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in entries],
+        }
+        if nxt is not None:
+            body["link"].append({"relation": "next", "url": f"https://ehr.example/fhir/{nxt}"})
+        return httpx.Response(200, json=body, headers={"Content-Type": "application/fhir+json"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        search = FhirSearch(client, "https://ehr.example/fhir", PID, Limits(max_entries=3))
+        query = (
+            f"patient={PID}&code=http://loinc.org|2345-7&date=ge2026-01-01&date=lt2027-01-01"
+            "&_sort=-date&_count=1"
+        )
+        out = await search.search("Observation", query)
+    assert sorted(e["resource"]["id"] for e in out["entry"]) == ["glu-0", "glu-1", "glu-2"]
+    again = httpx.URL(asked[1]).params
+    assert again.get_list("date") == ["ge2026-01-01", "lt2027-01-01"]
+    assert again["_count"] == "3" and len(asked) == 3  # the empty last page was read

@@ -5,6 +5,7 @@ versioned references, medications as contained resources)."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -325,3 +326,14 @@ async def test_a_resource_type_fhir_does_not_define_is_a_400_naming_it(
         prefetch["other"] = {"resourceType": other, "id": "m1"}
         r = await _call(ehr, es384, prefetch)
         assert r.status_code == 200, (other[:20], r.text)
+    prefetch["other"] = {"resourceType": " ", "id": "m1"}  # blank is no type either
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 400 and "prefetch.other has a resourceType of ' '" in r.text
+    # The misspelling search (about 1 ms a name) runs for a few names per call: 5,000 unknown
+    # names held the event loop for about 6 s.
+    names = [f"MedicinalProductZ{k:06d}" for k in range(5000)]
+    entries = [{"resource": {"resourceType": name, "id": "m"}} for name in names]
+    prefetch["other"] = {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+    start = time.monotonic()
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200 and time.monotonic() - start < 3.0

@@ -116,10 +116,8 @@ def check_kind(kind: Any, where: str, fuzzy: set[str] | None = None) -> None:
         if kind in fuzzy or len(fuzzy) >= FUZZY:
             return
         fuzzy.add(kind)
-    from fhir.resources import fhirtypes
-
-    names = [n[:-4] for n in dir(fhirtypes) if n.endswith("Type")]
-    close = [n for n in difflib.get_close_matches(kind, names, 3, 0.85) if _kind(n) == "resource"]
+    near = difflib.get_close_matches(kind, _names(), 3, 0.85)
+    close = [n for n in near if _kind(n) == "resource"]
     if close:
         raise InvalidInputError(
             f"{where} has resourceType {kind!r}, which is not a FHIR R4B or R5 resource type "
@@ -128,6 +126,14 @@ def check_kind(kind: Any, where: str, fuzzy: set[str] | None = None) -> None:
 
 
 FUZZY = 16
+
+
+@functools.cache
+def _names() -> list[str]:
+    """Every name fhir.resources defines a model for (resources and data types), listed once."""
+    from fhir.resources import fhirtypes
+
+    return [n[:-4] for n in dir(fhirtypes) if n.endswith("Type")]
 
 
 @functools.lru_cache(maxsize=512)  # bounded: the names come from requests

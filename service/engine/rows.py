@@ -34,7 +34,7 @@ class RowMap:
         self.starts = np.cumsum([0, *counts])
         self.total = int(self.starts[-1])
         self._ends = [(r.deadline, r.cancel) for r in requests]
-        self._timed = any(d is not None or c is not None for d, c in self._ends)
+        self._stoppable = any(d is not None or c is not None for d, c in self._ends)
         shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
         build = cached_layout if self.total <= CACHED_ROWS else layout
         index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
@@ -56,7 +56,7 @@ class RowMap:
     def stopped(self, lo: int, hi: int) -> bool:
         """Whether every request with rows in [lo, hi) is past its deadline or its client has
         gone (`MCRequest.deadline`, `.cancel`): those rows need not be computed."""
-        if not self._timed:
+        if not self._stoppable:
             return False
         first = int(np.searchsorted(self.starts, lo, side="right")) - 1
         last = int(np.searchsorted(self.starts, hi - 1, side="right")) - 1

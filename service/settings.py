@@ -94,8 +94,11 @@ class Settings(BaseSettings):
     # requests/s at concurrency 64 on 2 cores). Off: one process, one model copy less.
     compute_process: bool = True
     # With the compute process: the rows of one batch of the pipeline (up to 4 in flight; a
-    # single larger request still goes whole). See service/engine/batcher.py.
+    # single larger request goes whole, or in turns: turn_ms). See service/engine/batcher.py.
     slice_rows: int = Field(default=1600, ge=1)
+    # A request whose passes take longer is computed in turns of about this long, so the ones
+    # behind it wait for one turn, not for all of it (service/engine/turns.py); 0: whole.
+    turn_ms: float = Field(default=1000.0, ge=0.0)
     max_queue_rows: int = Field(default=2_000_000, ge=1)
     max_delay_ms: float = Field(default=0.0, ge=0.0)
 

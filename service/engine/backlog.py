@@ -21,12 +21,26 @@ from service.engine.compute import Outcome
 from service.engine.model import Prediction
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
+from service.engine.turns import Turns
 from service.errors import CancelledError, DeadlineExceededError, ShuttingDownError
 
 EXPIRED = (
     "the request's deadline passed while it waited in the queue; nothing more was computed "
     "(allow more time: timeout_ms on /v1, timeout on /v2; or retry later)"
 )
+
+
+def expired(item: Queued) -> DeadlineExceededError:
+    """The 504 of a request whose deadline passed in the queue: before any compute, or
+    between two turns of a long one (turns.py)."""
+    t = item.turns
+    if t is None or not t.done:
+        return DeadlineExceededError(EXPIRED)
+    return DeadlineExceededError(
+        f"the request's deadline passed between turns of its compute, after {t.done} of its "
+        f"{t.total} passes; the rest was skipped and its answer dropped; allow more time "
+        "(timeout_ms on /v1, timeout on /v2) or send fewer instances or samples"
+    )
 
 
 @dataclass
@@ -38,6 +52,7 @@ class BatcherStats:
     expired: int = 0  # deadline passed before or during compute (504)
     cancelled: int = 0  # client gone before compute, or during it (compute stopped)
     requeued: int = 0  # adaptive chunks queued again (samples="auto")
+    turns: int = 0  # turns of long requests queued again (turns.py)
     batches: int = 0
     batch_rows: list[int] = field(default_factory=list)  # recent batch sizes, for tests
     queue_rows: int = 0  # queued or in flight, until delivered
@@ -56,6 +71,13 @@ class Queued:
     rows: int  # its cost, in the model's cost units (rows; tokens for a bucketed text model)
     queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
+    turns: Turns | None = None  # a long request computed in turns (turns.py)
+    turn_rows: int = 0  # the cost of its next turn (of `rows`, what is left of it)
+
+    @property
+    def batch_rows(self) -> int:
+        """What it adds to a batch: its next turn, else all of it."""
+        return self.turn_rows if self.turns is not None else self.rows
 
 
 class Backlog:
@@ -103,11 +125,11 @@ class Backlog:
                 item = self._drop_dead(q, clock())
                 if item is None:
                     break
-                if batch and (rows + item.rows > limit or not batching):
+                if batch and (rows + item.batch_rows > limit or not batching):
                     break
                 q.popleft()
                 batch.append(item)
-                rows += item.rows
+                rows += item.batch_rows
             if batch and not batching:
                 break
         return batch
@@ -120,7 +142,7 @@ class Backlog:
                 self.stats.cancelled += 1
             elif item.deadline is not None and now >= item.deadline:
                 self.stats.expired += 1
-                item.future.set_exception(DeadlineExceededError(EXPIRED))
+                item.future.set_exception(expired(item))
             else:
                 return item
             q.popleft()
@@ -138,7 +160,7 @@ class Backlog:
                 out[k] = CancelledError("the client disconnected; its work was dropped")
             elif it.deadline is not None and now >= it.deadline:
                 self.stats.expired += 1
-                out[k] = DeadlineExceededError(EXPIRED)
+                out[k] = expired(it)
             else:
                 live.append(k)
         return out, live

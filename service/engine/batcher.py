@@ -6,7 +6,8 @@ worker is idle it takes whatever is queued at once (a timer would only add laten
 2 ms timer cost 4 ms at concurrency 1); while it computes, requests accumulate into the next
 batch, up to a row budget. With the compute process (worker.py) batches form a pipeline instead:
 slices of at most `slice_rows` rows, up to four in flight. Expired and cancelled requests are
-dropped before compute. One request's failure fails that request only.
+dropped before compute. One request's failure fails that request only. A request whose passes
+would hold the compute longer than `turn_ms` runs in turns, the others in between (turns.py).
 
 A text model with length buckets (buckets.py) counts its work in tokens: a request costs
 passes x the sum of its texts' bucket lengths, and every budget above is scaled by max_tokens
@@ -27,9 +28,9 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service.engine import cancels, compute
+from service.engine import cancels, compute, turns
 from service.engine.backlog import Backlog, BatcherStats, Queued
-from service.engine.compute import More, Outcome, Work
+from service.engine.compute import More, Outcome, Part, Work
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
@@ -60,6 +61,7 @@ class Batcher:
         clock: Clock = time.monotonic,
         remote: ComputeProcess | None = None,
         slice_rows: int = 1600,
+        turn_ms: float = 1000.0,
     ) -> None:
         self.model = model
         self._executor = executor
@@ -78,6 +80,8 @@ class Batcher:
         self.max_batch_rows = max_batch_rows * unit
         self.max_queue_rows = max_queue_rows * unit
         self.max_delay_s = max_delay_s
+        self.turn_s = turn_ms / 1000.0  # 0: a request goes to the compute whole (turns.py)
+        self._quantum = turns.quantum(model)
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
@@ -89,7 +93,7 @@ class Batcher:
         # (CPython 3.11 checks for a fork), measured at 4 % of the event loop under load.
         self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._rows_per_s = 50_000.0 * unit  # replaced by measurements after the first batch
+        self._rows_per_s = 50_000.0 * unit  # a guess, replaced by the first batch's rate
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
 
@@ -166,7 +170,11 @@ class Batcher:
             flags = self.flags
             fut.add_done_callback(lambda f: flags.set(flag) if f.cancelled() else None)
         klass = self.model.length_class(x)
-        self.backlog.push(Queued(x, params, req, fut, self.clock(), deadline, rows, klass))
+        item = Queued(x, params, req, fut, self.clock(), deadline, rows, klass)
+        if req is not None and params.auto is None and 0 < self._turn_budget() < rows:
+            item.turns = turns.Turns(req.samples, self._quantum)
+            turns.cut(item, self.model, self._turn_budget())
+        self.backlog.push(item)
         self.stats.submitted += 1
         self._wakeup.set()
         return fut
@@ -185,10 +193,13 @@ class Batcher:
                 batch = self.backlog.take(limit, self.clock, batching=self.batching)
                 if not batch:
                     continue
-                rows = sum(i.rows for i in batch)
+                rows = sum(i.batch_rows for i in batch)
                 task = asyncio.ensure_future(self._process(batch, rows))
                 self._in_flight.add(task)
                 task.add_done_callback(self._landed)
+
+    def _turn_budget(self) -> int:
+        return turns.budget(self.turn_s, self._rows_per_s, self.unit, bool(self.stats.batches))
 
     def _may_send(self) -> bool:
         return len(self._in_flight) < self._depth
@@ -222,7 +233,10 @@ class Batcher:
         self, batch: list[Queued], results: list[Outcome], start: float, rows: int
     ) -> None:
         elapsed = max(time.perf_counter() - start, 1e-6)
-        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
+        rate = rows / elapsed
+        # The first measurement replaces the guess (a text model runs far below it, and turns
+        # are sized by this rate from its first request on); then a moving average.
+        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * rate if self.stats.batches else rate
         rows_out = -(-rows // self.unit)  # metrics and logs count rows at full size
         self.stats.batches += 1
         self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows_out]
@@ -237,6 +251,14 @@ class Batcher:
             if isinstance(res, More):
                 self._again(item, res.samples)
                 continue
+            if isinstance(res, Part):  # a turn of a long request: the next one at the back
+                assert item.turns is not None
+                item.turns.add(res.samples, elapsed)
+                turns.cut(item, self.model, self._turn_budget())
+                self.stats.turns += 1
+                self.backlog.push(item)
+                self._wakeup.set()
+                continue
             if isinstance(res, BaseException):
                 if isinstance(res, DeadlineExceededError):
                     if str(res) == compute.STOPPED:  # the screen counted its own
@@ -245,9 +267,10 @@ class Batcher:
                     self.stats.failed += 1
                 item.future.set_exception(res)
                 continue
+            earlier = item.turns.compute_s if item.turns is not None else 0.0  # its other turns
             res.timing = {
-                "queue_s": max(0.0, start - item.queued_at),
-                "compute_s": elapsed,
+                "queue_s": max(0.0, start - item.queued_at - earlier),
+                "compute_s": elapsed + earlier,
                 "batch_rows": float(rows_out),
             }
             _observe(self.on_result, res, int(item.x.shape[0]))
@@ -299,7 +322,7 @@ def _observe(hook: Callable[..., None] | None, *args: object) -> None:
 
 
 def _works(batch: list[Queued], live: list[int]) -> list[Work]:
-    return [Work(batch[k].x, batch[k].params, batch[k].req) for k in live]
+    return [turns.work(batch[k]) for k in live]
 
 
 def _merge(out: list[Outcome | None], live: list[int], done: list[Outcome]) -> list[Outcome]:

@@ -40,16 +40,27 @@ class More:
     samples: int
 
 
-Outcome = Prediction | BaseException | More
+@dataclass(frozen=True)
+class Part:
+    """A turn of a longer request (turns.py): its samples [passes, B, ...], not summarised."""
+
+    samples: np.ndarray
+
+
+Outcome = Prediction | BaseException | More | Part
 
 
 @dataclass(frozen=True)
 class Work:
-    """One request, as the compute sees it."""
+    """One request, as the compute sees it. A turn of a longer request (turns.py) runs the
+    passes `req` names; `part`: return them as they are (a Part), else summarise them after
+    `prior`, the samples of its earlier turns."""
 
     x: np.ndarray
     params: PredictParams
     req: MCRequest | None  # None: deterministic mode
+    prior: np.ndarray | None = None
+    part: bool = False
 
 
 def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
@@ -75,6 +86,11 @@ def run(model: ServedModel, works: list[Work]) -> list[Outcome]:
             if stop is not None:
                 out[k] = stop  # its skipped rows are NaN
                 continue
+            if w.part:
+                out[k] = Part(smp)
+                continue
+            if w.prior is not None:
+                smp = np.concatenate([w.prior, smp])
             more = _more(model, smp, w)
             if more is not None:
                 out[k] = more

@@ -35,7 +35,7 @@ class RowMap:
         self.total = int(self.starts[-1])
         self._ends = [(r.deadline, r.cancel) for r in requests]
         self._stoppable = any(d is not None or c is not None for d, c in self._ends)
-        shapes = tuple((r.samples, int(r.x.shape[0])) for r in requests)
+        shapes = tuple((r.samples, int(r.x.shape[0]), r.first) for r in requests)
         build = cached_layout if self.total <= CACHED_ROWS else layout
         index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
         self.prefix_row, self.base, row_req = build(shapes, device, block, index)
@@ -83,30 +83,33 @@ def round_up(n: int, block: int) -> int:
 
 
 def layout(
-    shapes: tuple[tuple[int, int], ...],
+    shapes: tuple[tuple[int, int, int], ...],
     device: torch.device,
     block: int = 1,
     index: tuple[tuple[int, ...] | None, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix row and counter base (on `device`) and request index (on the CPU) of each row of
-    requests of these (samples, inputs), one after the other, each pass-major (row = t * b + i
-    within a request) and starting at a multiple of `block`. A request's padding rows (up to
-    its next block boundary) repeat its first row; their results are never read. `index`: per
-    request, the row its input i is keyed by in the counter (None: i)."""
-    counts = [round_up(t * b, block) for t, b in shapes]
+    requests of these (samples, inputs, first pass), one after the other, each pass-major (row =
+    t * b + i within a request, for passes first .. first + samples - 1) and starting at a
+    multiple of `block`. A request's padding rows (up to its next block boundary) repeat its
+    first row; their results are never read. `index`: per request, the row its input i is keyed
+    by in the counter (None: i)."""
+    counts = [round_up(t * b, block) for t, b, _ in shapes]
     starts = np.cumsum([0, *counts])
-    b = torch.tensor([b for _, b in shapes], dtype=torch.int64)
-    offsets = torch.tensor(np.cumsum([0, *[b for _, b in shapes]])[:-1])
+    b = torch.tensor([b for _, b, _ in shapes], dtype=torch.int64)
+    first = torch.tensor([f for _, _, f in shapes], dtype=torch.int64)
+    offsets = torch.tensor(np.cumsum([0, *[b for _, b, _ in shapes]])[:-1])
     row_req = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(counts))
     local = torch.arange(int(starts[-1])) - torch.tensor(starts[:-1])[row_req]
-    real = torch.tensor([t * b for t, b in shapes], dtype=torch.int64)[row_req]
+    real = torch.tensor([t * b for t, b, _ in shapes], dtype=torch.int64)[row_req]
     local = torch.where(local < real, local, 0)
     b_row = b[row_req]
     t = torch.div(local, b_row, rounding_mode="floor")
     i = local - t * b_row
+    t = t + first[row_req]  # a turn of a longer request (turns.py) goes on from its pass
     if index is not None:
         keyed = torch.tensor(
-            [k for (_, b), ix in zip(shapes, index, strict=True) for k in (ix or range(b))],
+            [k for (_, b, _), ix in zip(shapes, index, strict=True) for k in (ix or range(b))],
             dtype=torch.int64,
         )
         return (

@@ -69,6 +69,9 @@ class MCRequest:
     `index`: the row each input's masks are keyed by, where the inputs are part of a larger
     request (a text model's length bucket, service/engine/buckets.py); None: 0 .. B-1.
     `sites`: sample only the last k dropout sites (graph order), None: every site.
+    `first`: the pass its samples start at (a turn of a longer request, turns.py): its masks are
+    those of passes first .. first + samples - 1, so turns put together are the whole request's
+    samples, bit for bit.
     `deadline`: a `time.monotonic()` after which its passes are not worth computing, and
     `cancel`: the flag its server sets when the client goes (cancels.py). Chunks holding only
     rows of requests past either are skipped (their rows are NaN) and `compute.run` fails those
@@ -83,6 +86,7 @@ class MCRequest:
     sites: int | None = None
     deadline: float | None = None
     cancel: Flag | None = None
+    first: int = 0
 
     @property
     def rows(self) -> int:
@@ -208,6 +212,8 @@ class MCSampler:
             raise ValueError(f"{len(req.index)} mask rows for {req.x.shape[0]} inputs")
         if not 1 <= req.samples < MAX_PASSES:
             raise InvalidInputError(f"samples must be in [1, {MAX_PASSES - 1}], got {req.samples}")
+        if not 0 <= req.first < MAX_PASSES - req.samples:
+            raise ValueError(f"passes {req.first} .. {req.first + req.samples - 1} of a request")
         if req.sites is not None and not 1 <= req.sites <= self.sites:
             raise InvalidInputError(
                 f"dropout_sites must be 'all' or the last k sites with 1 <= k <= {self.sites} "

@@ -69,6 +69,27 @@ async def test_answers_equal_the_thread_and_share_forwards(
         assert r.json()["predictions"] == expected  # bit for bit, from another process
 
 
+async def test_a_long_request_in_turns_through_the_process(
+    process_app: FastAPI, pclient: httpx.AsyncClient, app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """Its turns' samples travel back to the server and go out again with its last turn
+    (service/engine/turns.py): the answer is the thread's whole run, bit for bit."""
+    rows = [[(i % 7) / 7, (i % 5) / 5, -(i % 3) / 3, 0.5] for i in range(50)]
+    req = {"instances": rows, "parameters": {"samples": 999, "seed": 5}}
+    whole, cut = batcher(app), batcher(process_app)
+    saved = whole.turn_s, cut.turn_s
+    whole.turn_s, cut.turn_s = 0.0, 1e-12  # whole on the thread; least turns in the process
+    try:
+        before = cut.stats.turns
+        expected = (await client.post("/v1/models/clf:predict", json=req)).json()
+        r = await pclient.post("/v1/models/clf:predict", json=req)
+        assert r.status_code == 200, r.text
+        assert cut.stats.turns - before == 999 // 64  # 16 turns (turns.MIN_ROWS: 64 passes)
+        assert r.json()["predictions"] == expected["predictions"]
+    finally:
+        whole.turn_s, cut.turn_s = saved
+
+
 async def test_deterministic_and_bad_requests_in_the_process(pclient: httpx.AsyncClient) -> None:
     det = {"instances": [[0.1, 0.2, 0.3, 0.4]], "parameters": {"mode": "deterministic"}}
     r = await pclient.post("/v1/models/clf:predict", json=det)

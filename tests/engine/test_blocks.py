@@ -68,8 +68,8 @@ def test_every_linear_of_a_graph_is_rewritten() -> None:
 
 
 def test_layout_starts_each_request_at_a_block_boundary() -> None:
-    plain_rows, plain_base, _ = layout(((100, 1), (3, 2)), torch.device("cpu"))
-    rows, base, req = layout(((100, 1), (3, 2)), torch.device("cpu"), BLOCK_ROWS)
+    plain_rows, plain_base, _ = layout(((100, 1, 0), (3, 2, 0)), torch.device("cpu"))
+    rows, base, req = layout(((100, 1, 0), (3, 2, 0)), torch.device("cpu"), BLOCK_ROWS)
     assert rows.shape[0] == 2 * BLOCK_ROWS + BLOCK_ROWS  # 100 -> 128 rows, 6 -> 64
     assert req.tolist() == [0] * 128 + [1] * 64
     # Real rows as before; padding rows repeat the request's first row.
@@ -79,6 +79,9 @@ def test_layout_starts_each_request_at_a_block_boundary() -> None:
     )
     assert set(rows[100:128].tolist()) == {0} and set(rows[134:].tolist()) == {1}
     assert set(base[100:128].tolist()) == {0} and set(base[134:].tolist()) == {0}
+    # A turn of passes 60-99 (turns.py) has the masks of those passes of the whole request.
+    _, turn, _ = layout(((40, 1, 60),), torch.device("cpu"), BLOCK_ROWS)
+    assert torch.equal(turn[:40], plain_base[60:100])
 
 
 class FunctionalLinear(nn.Module):

@@ -40,6 +40,7 @@ class ModelControl:
             batching=s.batching,
             remote=self.st.remote,
             slice_rows=s.slice_rows,
+            turn_ms=s.turn_ms,
         )
         if self.metrics is not None:
             m = self.metrics

@@ -1,0 +1,160 @@
+"""A long request is computed in turns (service/engine/turns.py): the same bits as one whole run,
+and the requests behind it wait for one turn, not for all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nets import ChannelCNN, mlp
+from test_text_buckets import MODELS, _save, texts
+
+from service.bundle import load_bundle
+from service.encode import response_json
+from service.engine import turns
+from service.engine.batcher import Batcher
+from service.engine.model import ServedModel
+from service.engine.params import PredictParams
+from service.errors import DeadlineExceededError
+from service.packaging import save
+
+TINY_MS = 1e-9  # every turn at its least: turns.MIN_ROWS rows at full size
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as ex:
+        yield ex
+
+
+def _tabular(tmp: Path) -> ServedModel:
+    torch.manual_seed(0)
+    dest = save(
+        mlp(d_out=1), torch.zeros(4, 6), out_dir=tmp, name="reg", version="1",
+        task="regression", target="y", intended_use="tests only",
+    )  # fmt: skip
+    return ServedModel(load_bundle(dest), device="cpu")
+
+
+def _image(tmp: Path) -> ServedModel:
+    torch.manual_seed(0)
+    dest = save(
+        ChannelCNN().eval(), torch.zeros(2, 1, 8, 8), out_dir=tmp, name="img", version="1",
+        task="regression", target="y", intended_use="tests only",
+    )  # fmt: skip
+    return ServedModel(load_bundle(dest), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
+    tmp = tmp_path_factory.mktemp("turns")
+    text = _save(tmp, "transformer", MODELS["transformer"](), "auto")  # buckets 16, 32, 64
+    return {
+        "tabular": _tabular(tmp),
+        "image": _image(tmp),
+        "text": ServedModel(load_bundle(text), device="cpu"),
+    }
+
+
+def _inputs(kind: str, n: int) -> np.ndarray:
+    g = np.random.default_rng(5)
+    if kind == "tabular":
+        return g.normal(size=(n, 6)).astype(np.float32)
+    if kind == "image":
+        return g.normal(size=(n, 1, 8, 8)).astype(np.float32)
+    return texts(*g.integers(3, 65, n))  # every bucket
+
+
+async def _answer(model: ServedModel, ex: ThreadPoolExecutor, turn_ms: float, x: np.ndarray,
+                  p: PredictParams) -> tuple[bytes, int]:  # fmt: skip
+    b = Batcher(model, ex, turn_ms=turn_ms)
+    b.start()
+    try:
+        pred = await b.submit(x, p)
+    finally:
+        await b.stop()
+    assert b.stats.queue_rows == 0
+    return response_json(model, pred), b.stats.turns
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "interval"),
+    [("tabular", 40, "quantile"), ("image", 8, "gaussian"), ("text", 12, "gaussian")],
+)
+async def test_turns_give_the_bits_of_one_whole_run(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor, kind: str, n: int, interval: str
+) -> None:
+    model = models[kind]
+    x = _inputs(kind, n)
+    p = PredictParams(samples=700, confidence=(0.9, 0.95), seed=11, interval=interval)  # type: ignore[arg-type]
+    whole, none = await _answer(model, executor, 0.0, x, p)
+    cut, taken = await _answer(model, executor, TINY_MS, x, p)
+    assert none == 0 and taken >= 2  # it really ran in turns (at least three)
+    assert cut == whole
+    # A turn's passes are whole quanta: the text model's blocks are 4, 2 and 1 rows long.
+    assert turns.quantum(model) == {"tabular": 64, "image": 64, "text": 4}[kind]
+
+
+async def test_a_short_request_rides_with_the_first_turn_of_a_long_one(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor
+) -> None:
+    """Without turns the long request went to the compute whole and the short one came after
+    all of its passes; now it shares the long one's first batch and is answered first."""
+    model = models["tabular"]
+    b = Batcher(model, executor, turn_ms=TINY_MS)
+    b.start()
+    try:
+        p_long = PredictParams(samples=999, confidence=(0.9,), seed=1)
+        p_short = PredictParams(samples=20, confidence=(0.9,), seed=2)
+        long = b.enqueue(_inputs("tabular", 50), p_long)
+        short = b.enqueue(_inputs("tabular", 1), p_short)
+        await short
+        assert not long.done() and b.stats.batches == 1
+        await long
+        assert b.stats.turns == 999 // 64  # 16 turns: 15 of 64 passes, then 39
+        assert short.result().timing["queue_s"] <= long.result().timing["queue_s"] + 1.0
+    finally:
+        await b.stop()
+    assert b.stats.queue_rows == 0
+
+
+async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor
+) -> None:
+    now = [0.0]  # the batcher's clock, moved by the test
+    b = Batcher(models["tabular"], executor, turn_ms=TINY_MS, clock=lambda: now[0])
+    b.start()
+    try:
+        p = PredictParams(samples=999, confidence=(0.9,), seed=1)
+        for k, how in enumerate(("deadline", "cancel")):
+            start = b.stats.turns
+            fut = b.enqueue(_inputs("tabular", 50), p, deadline=1.0 if k == 0 else None)
+            while b.stats.turns < start + 2:  # two turns done (of 16), then it stops
+                await asyncio.sleep(0.001)
+            if how == "deadline":
+                now[0] = 2.0
+                with pytest.raises(DeadlineExceededError, match=r"between turns .* of its 999"):
+                    await fut
+            else:
+                fut.cancel()
+            limit = time.monotonic() + 10
+            while b.stats.queue_rows and time.monotonic() < limit:
+                await asyncio.sleep(0.005)
+            assert b.stats.queue_rows == 0
+            assert b.stats.turns <= start + 3  # the rest was never computed
+        assert b.stats.expired == 1 and b.stats.cancelled == 1
+    finally:
+        await b.stop()
+
+
+def test_a_turns_passes_are_whole_quanta() -> None:
+    assert turns.passes(budget=1600, per_pass=50, quantum=64, left=999) == 64  # at least one
+    assert turns.passes(budget=100_000, per_pass=50, quantum=64, left=999) == 999  # the rest
+    assert turns.passes(budget=10_000, per_pass=50, quantum=64, left=999) == 192  # 200 -> 192
+    assert turns.passes(budget=10_000, per_pass=50, quantum=64, left=100) == 100

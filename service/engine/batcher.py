@@ -171,9 +171,7 @@ class Batcher:
             fut.add_done_callback(lambda f: flags.set(flag) if f.cancelled() else None)
         klass = self.model.length_class(x)
         item = Queued(x, params, req, fut, self.clock(), deadline, rows, klass)
-        if req is not None and params.auto is None and 0 < self._turn_budget() < rows:
-            item.turns = turns.Turns(req.samples, self._quantum)
-            turns.cut(item, self.model, self._turn_budget())
+        self._in_turns(item)
         self.backlog.push(item)
         self.stats.submitted += 1
         self._wakeup.set()
@@ -200,6 +198,15 @@ class Batcher:
 
     def _turn_budget(self) -> int:
         return turns.budget(self.turn_s, self._rows_per_s, self.unit, bool(self.stats.batches))
+
+    def _in_turns(self, item: Queued) -> None:
+        """Cut an MC request (or an adaptive request's next chunk) whose passes would hold the
+        compute longer than a turn into turns (turns.py)."""
+        item.turns = None
+        budget = self._turn_budget()
+        if item.req is not None and 0 < budget < item.rows:
+            item.turns = turns.Turns(item.req.samples, self._quantum)
+            turns.cut(item, self.model, budget)
 
     def _may_send(self) -> bool:
         return len(self._in_flight) < self._depth
@@ -292,8 +299,9 @@ class Batcher:
         """
         assert item.req is not None
         item.params = dataclasses.replace(item.params, samples=samples)
-        item.req = dataclasses.replace(item.req, samples=samples)
+        item.req = dataclasses.replace(item.req, samples=samples, first=0)
         item.rows = self.model.cost(item.x, samples)
+        self._in_turns(item)  # a long chunk goes in turns too (its summary reads all of them)
         self.stats.requeued += 1
         self.backlog.push(item)
         self._wakeup.set()

@@ -12,8 +12,9 @@ been computed at once.
 The same bits as one whole run: a pass's masks are keyed by the pass (`MCRequest.first`), and a
 turn's passes are a multiple of `quantum(model)` passes, so every row of a later turn sits at the
 same place within its block of rows as it did in the whole request (sampler.py: fixed blocks).
-An adaptive request (samples="auto") already runs in chunks through the queue (batcher.py) and
-is not cut again.
+An adaptive request (samples="auto") runs in chunks through the queue (batcher.py); a chunk
+that would hold the compute longer than a turn is cut into turns too, and its last turn decides
+whether the request needs more passes.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from test_text_buckets import MODELS, _save, texts
 from service.bundle import load_bundle
 from service.encode import response_json
 from service.engine import turns
+from service.engine.adaptive import Adaptive
 from service.engine.batcher import Batcher
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
@@ -99,6 +100,21 @@ async def test_turns_give_the_bits_of_one_whole_run(
     assert cut == whole
     # A turn's passes are whole quanta: the text model's blocks are 4, 2 and 1 rows long.
     assert turns.quantum(model) == {"tabular": 64, "image": 64, "text": 4}[kind]
+
+
+async def test_an_adaptive_requests_long_chunks_go_in_turns_with_the_same_bits(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor
+) -> None:
+    """samples="auto": a chunk of passes that would hold the compute longer than a turn is cut
+    into turns; its last turn decides whether more passes are needed."""
+    model = models["tabular"]
+    auto = Adaptive(max_samples=1000, tolerance=1e-9)  # never settles: chunks up to 1,000
+    p = PredictParams(samples=32, confidence=(0.9,), seed=4, auto=auto)
+    x = _inputs("tabular", 40)
+    whole, none = await _answer(model, executor, 0.0, x, p)
+    cut, taken = await _answer(model, executor, TINY_MS, x, p)
+    assert none == 0 and taken >= 10
+    assert cut == whole and b'"samples":1000' in cut
 
 
 async def test_a_short_request_rides_with_the_first_turn_of_a_long_one(

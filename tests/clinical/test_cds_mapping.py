@@ -19,7 +19,8 @@ from fhir_ehr import (
 from service.bundle.load import TrustPolicy, load_bundle
 from service.clinical.catalogue import Catalogue
 from service.clinical.extraction import extract
-from service.clinical.mapping import MappingError, load_dir, parse, wanted
+from service.clinical.mapping import MappingError, load_dir, parse
+from service.clinical.orders import wanted
 from service.clinical.records import birth_date, parse_time, whole_years
 from service.errors import InvalidInputError, MissingDataError
 

@@ -34,7 +34,8 @@ from service.clinical.extraction import extract
 from service.clinical.fetch import FetchPolicy, complete, missing_keys, note
 from service.clinical.hooks import ORDER_HOOKS, FeedbackRequest, HookRequest, parse
 from service.clinical.ledger import Record
-from service.clinical.mapping import Mapping, wanted
+from service.clinical.mapping import Mapping
+from service.clinical.orders import wanted
 from service.clinical.search import Limits
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from service.clinical.extraction import Extraction, Used
+from service.clinical.extracted import Extraction, Used
 from service.clinical.fhir import CODE_SYSTEMS, SYSTEM, first_interval, referred
 from service.clinical.mapping import Mapping
 from service.clinical.validation import empties

@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping as AnyMapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from service.clinical import ucum
+from service.clinical.extracted import Extraction, Used
 from service.clinical.mapping import (
     PATIENT_KEY,
     STATUSES,
@@ -51,41 +51,6 @@ from service.clinical.records import system as canonical_system
 from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Used:
-    """One quantity as read (or derived), for the card's table and the resource's basis."""
-
-    name: str
-    title: str
-    value: float
-    unit: str
-    date: str | None = None  # as given in the resource
-    source: str | None = None  # "Observation/abc", "Patient/1"; None when derived
-    code: str | None = None  # "LOINC 2085-9"
-    given: str | None = None  # the value and unit as sent, when converted
-    formula: str | None = None  # derived: e.g. "tc / hdl"
-
-
-@dataclass
-class Extraction:
-    patient: str  # "Patient/<id>"
-    used: dict[str, Used] = field(default_factory=dict)
-    # Results of a needed code that were not read (dated ahead, no readable time), with why:
-    # shown on the card when an older result was used instead.
-    skipped: list[str] = field(default_factory=list)
-
-    def features(self, names: list[str]) -> list[float]:
-        return [self.used[n].value for n in names]
-
-    def basis(self) -> list[str]:
-        """References of the resources read, the Patient first, each once."""
-        refs = [self.patient] if any(u.source == self.patient for u in self.used.values()) else []
-        for u in self.used.values():
-            if u.source and u.source not in refs:
-                refs.append(u.source)
-        return refs
 
 
 def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None = None) -> Json:

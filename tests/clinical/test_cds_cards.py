@@ -13,7 +13,8 @@ from fhir_ehr import MODELS, breast_prefetch, breast_rows, diabetes_prefetch
 
 from service.bundle.load import TrustPolicy, load_bundle
 from service.clinical import cards, fhir, validation
-from service.clinical.extraction import Extraction, extract
+from service.clinical.extracted import Extraction
+from service.clinical.extraction import extract
 from service.clinical.mapping import Mapping, load_dir
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams

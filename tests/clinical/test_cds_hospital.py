@@ -14,7 +14,8 @@ import pytest
 from cds_client import BASE, Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, UCUM, diabetes_store, fulfil, hook_call, observation
 
-from service.clinical.extraction import Extraction, extract
+from service.clinical.extracted import Extraction
+from service.clinical.extraction import extract
 from service.clinical.mapping import load_dir
 from service.clinical.validation import empties, validate
 

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     slice_rows: int = Field(default=1600, ge=1)
     # A request whose passes take longer is computed in turns of about this long, so the ones
     # behind it wait for one turn, not for all of it (service/engine/turns.py); 0: whole.
-    turn_ms: float = Field(default=1000.0, ge=0.0)
+    turn_ms: float = Field(default=1000.0, ge=0.0, le=3_600_000.0)
     max_queue_rows: int = Field(default=2_000_000, ge=1)
     max_delay_ms: float = Field(default=0.0, ge=0.0)
 

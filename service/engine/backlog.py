@@ -34,13 +34,7 @@ def expired(item: Queued) -> DeadlineExceededError:
     """The 504 of a request whose deadline passed in the queue: before any compute, or
     between two turns of a long one (turns.py)."""
     t = item.turns
-    if t is None or not t.done:
-        return DeadlineExceededError(EXPIRED)
-    return DeadlineExceededError(
-        f"the request's deadline passed between turns of its compute, after {t.done} of its "
-        f"{t.total} passes; the rest was skipped and its answer dropped; allow more time "
-        "(timeout_ms on /v1, timeout on /v2) or send fewer instances or samples"
-    )
+    return t.late(during=False) if t is not None and t.done else DeadlineExceededError(EXPIRED)
 
 
 @dataclass

@@ -80,8 +80,7 @@ class Batcher:
         self.max_batch_rows = max_batch_rows * unit
         self.max_queue_rows = max_queue_rows * unit
         self.max_delay_s = max_delay_s
-        self.turn_s = turn_ms / 1000.0  # 0: a request goes to the compute whole (turns.py)
-        self._quantum = turns.quantum(model)
+        self.turns = turns.Pacer(model, turn_ms / 1000.0, unit)  # long requests in turns
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
@@ -93,7 +92,7 @@ class Batcher:
         # (CPython 3.11 checks for a fork), measured at 4 % of the event loop under load.
         self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._rows_per_s = 50_000.0 * unit  # a guess, replaced by the first batch's rate
+        self._rows_per_s = 50_000.0 * unit  # replaced by measurements after the first batch
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
 
@@ -171,7 +170,7 @@ class Batcher:
             fut.add_done_callback(lambda f: flags.set(flag) if f.cancelled() else None)
         klass = self.model.length_class(x)
         item = Queued(x, params, req, fut, self.clock(), deadline, rows, klass)
-        self._in_turns(item)
+        self.turns.start(item)
         self.backlog.push(item)
         self.stats.submitted += 1
         self._wakeup.set()
@@ -195,18 +194,6 @@ class Batcher:
                 task = asyncio.ensure_future(self._process(batch, rows))
                 self._in_flight.add(task)
                 task.add_done_callback(self._landed)
-
-    def _turn_budget(self) -> int:
-        return turns.budget(self.turn_s, self._rows_per_s, self.unit, bool(self.stats.batches))
-
-    def _in_turns(self, item: Queued) -> None:
-        """Cut an MC request (or an adaptive request's next chunk) whose passes would hold the
-        compute longer than a turn into turns (turns.py)."""
-        item.turns = None
-        budget = self._turn_budget()
-        if item.req is not None and 0 < budget < item.rows:
-            item.turns = turns.Turns(item.req.samples, self._quantum)
-            turns.cut(item, self.model, budget)
 
     def _may_send(self) -> bool:
         return len(self._in_flight) < self._depth
@@ -239,11 +226,10 @@ class Batcher:
     def _deliver(
         self, batch: list[Queued], results: list[Outcome], start: float, rows: int
     ) -> None:
-        elapsed = max(time.perf_counter() - start, 1e-6)
-        rate = rows / elapsed
-        # The first measurement replaces the guess (a text model runs far below it, and turns
-        # are sized by this rate from its first request on); then a moving average.
-        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * rate if self.stats.batches else rate
+        now = time.perf_counter()
+        elapsed = max(now - start, 1e-6)
+        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
+        self.turns.landed(rows, results, start, now)
         rows_out = -(-rows // self.unit)  # metrics and logs count rows at full size
         self.stats.batches += 1
         self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows_out]
@@ -259,17 +245,16 @@ class Batcher:
                 self._again(item, res.samples)
                 continue
             if isinstance(res, Part):  # a turn of a long request: the next one at the back
-                assert item.turns is not None
-                item.turns.add(res.samples, elapsed)
-                turns.cut(item, self.model, self._turn_budget())
-                self.stats.turns += 1
-                self.backlog.push(item)
-                self._wakeup.set()
-                continue
+                failed = self._next_turn(item, res, elapsed)
+                if failed is None:
+                    continue
+                res = failed
             if isinstance(res, BaseException):
                 if isinstance(res, DeadlineExceededError):
                     if str(res) == compute.STOPPED:  # the screen counted its own
                         self.stats.expired += 1  # its deadline passed during the compute
+                        if item.turns is not None and item.turns.done:
+                            res = item.turns.late(during=True)
                 else:
                     self.stats.failed += 1
                 item.future.set_exception(res)
@@ -283,6 +268,20 @@ class Batcher:
             _observe(self.on_result, res, int(item.x.shape[0]))
             self.stats.completed += 1
             item.future.set_result(res)
+
+    def _next_turn(self, item: Queued, part: Part, seconds: float) -> BaseException | None:
+        """Queue a request's next turn at the back (None), or its failure to."""
+        try:
+            assert item.turns is not None
+            item.turns.add(part.samples, seconds)
+            self.turns.cut(item)
+        except Exception as exc:  # never an unsettled future
+            log.exception("the next turn of a request failed")
+            return exc
+        self.stats.turns += 1
+        self.backlog.push(item)
+        self._wakeup.set()
+        return None
 
     def _again(self, item: Queued, samples: int) -> None:
         """Queue an unsettled adaptive request again, with more passes, at the back.
@@ -301,7 +300,7 @@ class Batcher:
         item.params = dataclasses.replace(item.params, samples=samples)
         item.req = dataclasses.replace(item.req, samples=samples, first=0)
         item.rows = self.model.cost(item.x, samples)
-        self._in_turns(item)  # a long chunk goes in turns too (its summary reads all of them)
+        self.turns.start(item)  # a long chunk goes in turns too (its last turn reads all)
         self.stats.requeued += 1
         self.backlog.push(item)
         self._wakeup.set()

@@ -36,7 +36,9 @@ class RowMap:
         self._ends = [(r.deadline, r.cancel) for r in requests]
         self._stoppable = any(d is not None or c is not None for d, c in self._ends)
         shapes = tuple((r.samples, int(r.x.shape[0]), r.first) for r in requests)
-        build = cached_layout if self.total <= CACHED_ROWS else layout
+        # A turn's layout (first > 0) is seen once: it would push the steady shapes out.
+        cached = self.total <= CACHED_ROWS and not any(r.first for r in requests)
+        build = cached_layout if cached else layout
         index = tuple(r.index for r in requests) if any(r.index for r in requests) else None
         self.prefix_row, self.base, row_req = build(shapes, device, block, index)
         if len(requests) == 1:  # the common case at low load: one key per layer, no gather

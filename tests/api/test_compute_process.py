@@ -77,17 +77,20 @@ async def test_a_long_request_in_turns_through_the_process(
     rows = [[(i % 7) / 7, (i % 5) / 5, -(i % 3) / 3, 0.5] for i in range(50)]
     req = {"instances": rows, "parameters": {"samples": 999, "seed": 5}}
     whole, cut = batcher(app), batcher(process_app)
-    saved = whole.turn_s, cut.turn_s
-    whole.turn_s, cut.turn_s = 0.0, 1e-12  # whole on the thread; least turns in the process
+    saved = whole.turns.turn_s, cut.turns.turn_s
+    whole.turns.turn_s, cut.turns.turn_s = (
+        0.0,
+        1e-12,
+    )  # whole on the thread; least turns in the process
     try:
         before = cut.stats.turns
         expected = (await client.post("/v1/models/clf:predict", json=req)).json()
         r = await pclient.post("/v1/models/clf:predict", json=req)
         assert r.status_code == 200, r.text
-        assert cut.stats.turns - before == 999 // 64  # 16 turns (turns.MIN_ROWS: 64 passes)
+        assert cut.stats.turns - before == -(-999 // 32) - 1  # turns of 32 passes: 1,600 rows
         assert r.json()["predictions"] == expected["predictions"]
     finally:
-        whole.turn_s, cut.turn_s = saved
+        whole.turns.turn_s, cut.turns.turn_s = saved
 
 
 async def test_deterministic_and_bad_requests_in_the_process(pclient: httpx.AsyncClient) -> None:

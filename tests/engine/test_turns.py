@@ -20,6 +20,7 @@ from service.encode import response_json
 from service.engine import turns
 from service.engine.adaptive import Adaptive
 from service.engine.batcher import Batcher
+from service.engine.compute import Part
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.errors import DeadlineExceededError
@@ -98,8 +99,6 @@ async def test_turns_give_the_bits_of_one_whole_run(
     cut, taken = await _answer(model, executor, TINY_MS, x, p)
     assert none == 0 and taken >= 2  # it really ran in turns (at least three)
     assert cut == whole
-    # A turn's passes are whole quanta: the text model's blocks are 4, 2 and 1 rows long.
-    assert turns.quantum(model) == {"tabular": 64, "image": 64, "text": 4}[kind]
 
 
 async def test_an_adaptive_requests_long_chunks_go_in_turns_with_the_same_bits(
@@ -133,7 +132,8 @@ async def test_a_short_request_rides_with_the_first_turn_of_a_long_one(
         await short
         assert not long.done() and b.stats.batches == 1
         await long
-        assert b.stats.turns == 999 // 64  # 16 turns: 15 of 64 passes, then 39
+        # Turns of 32 passes (50 inputs: the quantum is 64 / gcd(64, 50); 1,600 rows): 32 turns.
+        assert b.stats.turns == -(-999 // 32) - 1
         assert short.result().timing["queue_s"] <= long.result().timing["queue_s"] + 1.0
     finally:
         await b.stop()
@@ -151,7 +151,7 @@ async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
         for k, how in enumerate(("deadline", "cancel")):
             start = b.stats.turns
             fut = b.enqueue(_inputs("tabular", 50), p, deadline=1.0 if k == 0 else None)
-            while b.stats.turns < start + 2:  # two turns done (of 16), then it stops
+            while b.stats.turns < start + 2:  # two turns done (of 32), then it stops
                 await asyncio.sleep(0.001)
             if how == "deadline":
                 now[0] = 2.0
@@ -169,8 +169,61 @@ async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
         await b.stop()
 
 
-def test_a_turns_passes_are_whole_quanta() -> None:
+async def test_a_deadline_during_a_later_turn_says_how_far_it_got(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor
+) -> None:
+    """The batcher's clock stands still, so only the compute (which reads time.monotonic) sees
+    the deadline pass: during a turn, after the first."""
+    b = Batcher(
+        models["tabular"], executor, turn_ms=TINY_MS, clock=lambda: 0.0, max_queue_rows=10**7
+    )
+    b.start()
+    try:
+        p = PredictParams(samples=999, confidence=(0.9,), seed=1)
+        fut = b.enqueue(_inputs("tabular", 4096), p, deadline=0.1)  # 999 turns of one pass
+        with pytest.raises(DeadlineExceededError, match=r"during turns .* after \d+ of its 999"):
+            await fut
+        assert 0 < b.stats.turns < 998 and b.stats.expired == 1
+    finally:
+        await b.stop()
+    assert b.stats.queue_rows == 0
+
+
+def test_a_turns_passes_are_whole_quanta_that_fill_the_budget() -> None:
     assert turns.passes(budget=1600, per_pass=50, quantum=64, left=999) == 64  # at least one
     assert turns.passes(budget=100_000, per_pass=50, quantum=64, left=999) == 999  # the rest
-    assert turns.passes(budget=10_000, per_pass=50, quantum=64, left=999) == 192  # 200 -> 192
+    assert turns.passes(budget=10_000, per_pass=50, quantum=64, left=999) == 256  # 200 -> 256
+    assert turns.passes(budget=10_000, per_pass=50, quantum=1, left=999) == 200
     assert turns.passes(budget=10_000, per_pass=50, quantum=64, left=100) == 100
+
+
+def test_the_quantum_keeps_each_row_in_its_place_within_its_block(
+    models: dict[str, ServedModel],
+) -> None:
+    """Pass f of B inputs starts at row f * B: a whole number of 64-row blocks when f is a
+    multiple of 64 / gcd(64, B). A text model's buckets have blocks of 64 // length rows."""
+    tab = models["tabular"]
+    assert [turns.quantum(tab, _inputs("tabular", b)) for b in (1, 40, 64, 100)] == [64, 8, 1, 16]
+    text = models["text"]
+    blocks = {n: s.block for n, s in text.samplers.items()}
+    assert blocks == {16: 4, 32: 2, 64: 1}
+    assert turns.quantum(text, texts(3, 5)) == 2  # two texts in the 16 bucket: 4 / 2
+    assert turns.quantum(text, texts(3, 20)) == 4  # one in 16 (4), one in 32 (2)
+
+
+def test_the_rate_is_measured_from_whole_batches_over_their_own_compute_time(
+    models: dict[str, ServedModel],
+) -> None:
+    """A batch that waited behind the one before (the compute process's pipeline) counts only
+    its own time; a stopped or failed request's batch and a small batch measure nothing."""
+    pacer = turns.Pacer(models["tabular"], turn_s=1.0, unit=1)
+    assert pacer.budget() == turns.MIN_ROWS  # no rate yet
+    ok = [Part(np.zeros((1, 1, 1), np.float32))]
+    pacer.landed(32_000, ok, start=0.0, now=1.0)
+    assert pacer.rate == 32_000 and pacer.budget() == 32_000
+    pacer.landed(32_000, ok, start=0.5, now=2.0)  # sent at 0.5, computed from 1.0
+    assert pacer.rate == 32_000
+    pacer.landed(32_000, [*ok, DeadlineExceededError("stopped")], start=2.0, now=2.1)
+    pacer.landed(100, ok, start=2.1, now=2.2)  # too small to say
+    assert pacer.rate == 32_000
+    assert turns.Pacer(models["tabular"], turn_s=0.0, unit=1).budget() == 0  # turns off

@@ -3,8 +3,10 @@
 A text model with length buckets (buckets.py) counts its work in tokens and queues each request
 by its longest bucket; a batch takes from the queues in turn, oldest first within each, so a short
 text waits for at most one batch of long ones, not for all that came before it. A model without
-buckets has one queue: plain FIFO. Expired and cancelled requests are dropped, never computed:
-when a batch is taken (`take`) and again when the device is free for it (`screen`).
+buckets has one queue: plain FIFO. Long requests waiting for their next turn (turns.py) queue
+apart: a batch opens with the oldest of them, and one such batch at a time is in flight.
+Expired and cancelled requests are dropped, never computed: when a batch is taken (`take`) and
+again when the device is free for it (`screen`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def expired(item: Queued) -> DeadlineExceededError:
     between two turns of a long one (turns.py)."""
     t = item.turns
     return t.late(during=False) if t is not None and t.done else DeadlineExceededError(EXPIRED)
+
+
+# The queue of requests waiting for their next turn (turns.py), beside the length classes (>= 0).
+TURNS = -1
 
 
 @dataclass
@@ -87,8 +93,9 @@ class Backlog:
         return any(self._queues.values())
 
     def push(self, item: Queued) -> None:
-        """At the back of its length class's queue."""
-        self._queues.setdefault(item.queue, deque()).append(item)
+        """At the back of its length class's queue (a request in turns: of the turns' queue)."""
+        key = TURNS if item.turns is not None else item.queue
+        self._queues.setdefault(key, deque()).append(item)
         self.stats.queue_rows += item.rows
 
     def oldest(self) -> float:
@@ -100,14 +107,23 @@ class Backlog:
         return sum(i.rows for q in self._queues.values() for i in q)
 
     def take(
-        self, limit: int, clock: Callable[[], float], *, batching: bool = True
+        self, limit: int, clock: Callable[[], float], *, batching: bool = True, turn: bool = True
     ) -> list[Queued]:
         """Pop the next batch of at most `limit` rows (one request, whatever its size, without
-        `batching`): the class after the last batch's opener opens this one, then each class in
-        order adds its oldest live items while they fit (one class: FIFO)."""
+        `batching`): with `turn`, the next turn of a long request first (turns.py); then the
+        class after the last batch's opener, then each class in order adds its oldest live
+        items while they fit (one class: FIFO)."""
         batch: list[Queued] = []
         rows = 0
-        classes = sorted(k for k, q in self._queues.items() if q)
+        turns = self._queues.get(TURNS)
+        if turn and turns:
+            first = self._drop_dead(turns, clock())
+            if first is not None:
+                batch.append(turns.popleft())
+                rows = first.batch_rows
+                if not batching:
+                    return batch
+        classes = sorted(k for k, q in self._queues.items() if q and k != TURNS)
         if not classes:
             return batch
         start = next((i for i, k in enumerate(classes) if k >= self._turn), 0)

@@ -81,6 +81,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows * unit
         self.max_delay_s = max_delay_s
         self.turns = turns.Pacer(model, turn_ms / 1000.0, unit)  # long requests in turns
+        self._turn_out = False  # a batch with a turn in it is in flight
         self.batching = batching
         self.clock = clock
         self.stats = BatcherStats()
@@ -187,9 +188,13 @@ class Batcher:
                     await asyncio.sleep(wait)
             while self.backlog and self._may_send():
                 limit = min(self.max_batch_rows, self.slice_rows)
-                batch = self.backlog.take(limit, self.clock, batching=self.batching)
-                if not batch:
-                    continue
+                # One turn of a long request in flight at a time: the requests behind it wait
+                # for one turn, not one per pipeline slot.
+                free = not self._turn_out
+                batch = self.backlog.take(limit, self.clock, batching=self.batching, turn=free)
+                if not batch:  # nothing live, or only turns while one is in flight
+                    break
+                self._turn_out = self._turn_out or any(i.turns is not None for i in batch)
                 rows = sum(i.batch_rows for i in batch)
                 task = asyncio.ensure_future(self._process(batch, rows))
                 self._in_flight.add(task)
@@ -226,6 +231,8 @@ class Batcher:
     def _deliver(
         self, batch: list[Queued], results: list[Outcome], start: float, rows: int
     ) -> None:
+        if any(i.turns is not None for i in batch):
+            self._turn_out = False  # the next turn may go
         now = time.perf_counter()
         elapsed = max(now - start, 1e-6)
         self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)

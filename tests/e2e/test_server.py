@@ -32,7 +32,7 @@ def _a_deadline_stops_compute(c: httpx.Client) -> None:
     took = time.monotonic() - start
     assert r.status_code == 504, r.text[:300]
     # Its deadline passes in one of its turns, or between two (service/engine/turns.py).
-    assert re.search("deadline passed (during the compute|between turns)", r.json()["error"])
+    assert re.search("deadline passed (during|between) (the compute|turns)", r.json()["error"])
     assert took < 6.0, took
     short = {"instances": texts[:1], "parameters": {"samples": 20}}
     assert c.post("/v1/models/medical-abstracts:predict", json=short).status_code == 200

@@ -20,7 +20,7 @@ from service.encode import response_json
 from service.engine import turns
 from service.engine.adaptive import Adaptive
 from service.engine.batcher import Batcher
-from service.engine.compute import Part
+from service.engine.compute import Outcome, Part, Work, run
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.errors import DeadlineExceededError
@@ -138,6 +138,49 @@ async def test_a_short_request_rides_with_the_first_turn_of_a_long_one(
     finally:
         await b.stop()
     assert b.stats.queue_rows == 0
+
+
+class Pipeline:
+    """Stands in for the compute process (worker.py) to count what is in flight at once: the
+    same compute.run, after a short wait, as the process's pipeline would hold them."""
+
+    def __init__(self) -> None:
+        self.batches = self.most = self.turns = self.most_turns = 0
+
+    async def compute(self, model: ServedModel, works: list[Work]) -> list[Outcome]:
+        turn = any(w.part or w.prior is not None for w in works)
+        self.batches += 1
+        self.turns += turn
+        self.most, self.most_turns = max(self.most, self.batches), max(self.most_turns, self.turns)
+        try:
+            await asyncio.sleep(0.005)
+            return run(model, works)
+        finally:
+            self.batches -= 1
+            self.turns -= turn
+
+
+async def test_one_turn_at_a_time_is_in_flight(models: dict[str, ServedModel]) -> None:
+    """With the compute process's pipeline (four batches in flight), three long requests sent
+    turns in three slots, and a short request waited for all of them; now one turn goes at a
+    time and the other slots carry the short requests."""
+    pipe = Pipeline()
+    b = Batcher(models["tabular"], ThreadPoolExecutor(1), turn_ms=TINY_MS, remote=pipe)  # type: ignore[arg-type]
+    b.start()
+    try:
+        p = PredictParams(samples=500, confidence=(0.9,), seed=1)
+        longs = [b.enqueue(_inputs("tabular", 50), p) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        shorts = [
+            b.enqueue(_inputs("tabular", 1), PredictParams(20, (0.9,), seed=k)) for k in range(8)
+        ]
+        await asyncio.gather(*shorts)
+        assert not all(f.done() for f in longs)  # the shorts did not wait for them
+        await asyncio.gather(*longs)
+    finally:
+        await b.stop()
+    assert pipe.most_turns == 1 and pipe.most > 1
+    assert b.stats.turns == 3 * (-(-500 // 32) - 1) and b.stats.queue_rows == 0
 
 
 async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(

@@ -2,12 +2,13 @@
 
 SIGTERM: readiness turns false at once; the server keeps serving for `drain_grace_s` (load
 balancers notice and stop sending), then stops accepting, lets in-flight and queued requests
-finish within `drain_timeout_s`, runs the lifespan shutdown and exits 0. A second signal exits
-at once.
+finish within `drain_timeout_s` (what is still queued or computing then answers 503), runs the
+lifespan shutdown and exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from types import FrameType
@@ -21,6 +22,10 @@ from service.logs import configure as configure_logs
 from service.settings import Settings
 
 log = logging.getLogger("mcserve.server")
+DRAIN_OUT = (
+    "the server is shutting down and its drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out before "
+    "this request was answered; retry on another replica"
+)
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,6 +33,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.settings = settings
         self.exit_at: float | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.exit_at is not None:  # second signal: stop now
@@ -42,9 +48,28 @@ class DrainingServer(uvicorn.Server):
         log.info("draining", extra={"grace_s": self.settings.drain_grace_s})
 
     async def on_tick(self, counter: int) -> bool:
-        if self.exit_at is not None and time.monotonic() >= self.exit_at:
+        if self.exit_at is not None and time.monotonic() >= self.exit_at and not self.should_exit:
             self.should_exit = True
+            self._give_up_later()
         return await super().on_tick(counter)
+
+    def _give_up_later(self) -> None:
+        """When the drain time is out, uvicorn cancels the requests still running, and each
+        answers 500 with a traceback in the log. Shortly before, the batchers fail what they
+        still hold with a 503 that says so (uvicorn starts its clock 0.1-0.2 s after this)."""
+        limit = int(self.settings.drain_timeout_s)  # as uvicorn reads it; 0: no limit
+        st = _find_state(self.config.loaded_app)
+        if not limit or st is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def give_up() -> None:
+            for b in list(st.batchers.values()):
+                task = loop.create_task(b.stop(drain=False, reason=DRAIN_OUT))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+
+        loop.call_later(max(0.0, limit - 0.4), give_up)
 
 
 def _find_state(app: Any) -> Any:

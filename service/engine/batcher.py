@@ -43,6 +43,7 @@ from service.errors import (
 )
 
 log = logging.getLogger("mcserve.batcher")
+SHUTTING_DOWN = "the server is shutting down"
 Clock = Callable[[], float]
 
 
@@ -93,6 +94,7 @@ class Batcher:
         # (CPython 3.11 checks for a fork), measured at 4 % of the event loop under load.
         self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._reason = SHUTTING_DOWN  # what the requests it still holds at its stop are told
         self._rows_per_s = 50_000.0 * unit  # replaced by measurements after the first batch
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
@@ -102,8 +104,11 @@ class Batcher:
             self.loop = asyncio.get_running_loop()
             self._task = self.loop.create_task(self._run(), name="batcher")
 
-    async def stop(self, drain: bool = True, settle_s: float = 0.05) -> None:
+    async def stop(
+        self, drain: bool = True, settle_s: float = 0.05, reason: str = SHUTTING_DOWN
+    ) -> None:
         """Stop; with `drain`, first finish what is queued and what arrives while draining.
+        What is left fails with `reason` (503).
 
         `settle_s` lets requests that resolved this batcher just before it was retired (their
         submit is scheduled, not yet run) still land here instead of failing.
@@ -121,10 +126,11 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._reason = reason
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
-        self.backlog.shut("the server is shutting down")
+        self.backlog.shut(reason)
 
     def retry_after_s(self, extra_rows: int = 0) -> int:
         return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
@@ -221,7 +227,7 @@ class Batcher:
             for item in batch:
                 self.stats.queue_rows -= item.rows
                 if not item.future.done():
-                    item.future.set_exception(ShuttingDownError("the server is shutting down"))
+                    item.future.set_exception(ShuttingDownError(self._reason))
             raise
         except Exception as exc:  # never lose the futures, whatever broke
             log.exception("batch failed")

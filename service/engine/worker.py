@@ -315,8 +315,11 @@ def main(fd: int) -> None:
             frame = _frame((ident, ok, value))
         except Exception as exc:  # an answer that cannot travel fails its batch, not the child
             frame = _frame((ident, False, RuntimeError(f"unpicklable result: {exc}")))
-        stream.write(frame)
-        stream.flush()
+        try:
+            stream.write(frame)
+            stream.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the server stopped waiting (its drain ran out) and closed the socket
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ def first_row(name: str) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()}
 
 
+def _abstracts(c: httpx.Client, n: int, samples: int) -> httpx.Response:
+    with (ROOT / "models" / "data" / "medical-abstracts-test.csv").open() as f:
+        texts = [row["text"] for row, _ in zip(csv.DictReader(f), range(n), strict=False)]
+    body = {"instances": texts, "parameters": {"samples": samples}}
+    return c.post("/v1/models/medical-abstracts:predict", json=body)
+
+
 def _a_deadline_stops_compute(c: httpx.Client) -> None:
     """64 abstracts x 1,000 passes take about 12 s here. timeout_ms bounded only the queue: the
     answer came after all of them, 200. The compute now stops at the deadline: 504 at once."""
@@ -77,6 +84,7 @@ def _a_long_request_goes_in_turns(c: httpx.Client, texts: list[str], short: obje
 
 def test_start_ready_predict_stop(tmp_path: Path) -> None:
     env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_COMPUTE_PROCESS": "true"}  # as deployed
+    env["MCSERVE_DRAIN_TIMEOUT_S"] = "2"  # shorter than the last request's compute
     with serve(tmp_path, env=env) as srv:
         compute = srv.children()
         assert len(compute) == 1  # the compute process (no audit writer here)
@@ -114,6 +122,16 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
             assert dig.status_code == 200, dig.text
             assert len(dig.json()["predictions"][0]["probabilities"]) == 10
             _a_deadline_stops_compute(c)
-        srv.proc.send_signal(signal.SIGTERM)
+            # A request still computing when the drain time runs out answers 503 and says why
+            # (uvicorn cancelled it: a 500 with a traceback in the log).
+            late: dict[str, httpx.Response] = {}
+            thread = threading.Thread(target=lambda: late.update(r=_abstracts(c, 64, 1000)))
+            thread.start()
+            time.sleep(0.5)
+            srv.proc.send_signal(signal.SIGTERM)
+            thread.join(30)
         assert srv.proc.wait(60) == 0, srv.output()
+        assert late["r"].status_code == 503, late["r"].text
+        assert "drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out" in late["r"].json()["error"]
+        assert "Traceback" not in srv.output() and "Exception in ASGI" not in srv.output()
         assert not Path(f"/proc/{compute[0]}").exists()  # it stopped with the server

@@ -4,8 +4,9 @@ what the turns cost the long one.
 For each `MCSERVE_TURN_MS` (0: a request goes to the compute whole, the behaviour before turns),
 a real server: one long request (medical-abstracts: 64 test abstracts x 1,000 passes; the
 breast-cancer tabular model: 1,024 rows x 1,000 passes), then 0.5 s later one short request (one
-instance, 20 passes). Medians of `--repeats` of each, the settings interleaved; ratios to
-MCSERVE_TURN_MS=0 in the same run.
+instance, 20 passes); and for medical-abstracts three long requests at once (32 abstracts x
+1,000 passes each), then the short one. Medians of `--repeats` of each, the settings
+interleaved; ratios to MCSERVE_TURN_MS=0 in the same run.
 
     python -m bench.turns [--repeats 3]
 """
@@ -27,37 +28,50 @@ SETTINGS = ("0", "1000", "250")
 SHORT_AFTER_S = 0.5
 
 
-def long_body(model: str) -> dict[str, object]:
+def long_body(model: str, texts: int = 64) -> dict[str, object]:
     with (ROOT / "models" / "data" / f"{model}-test.csv").open() as f:
         rows = list(csv.DictReader(f))
     if model == "medical-abstracts":
-        instances: list[object] = [r["text"] for r in rows[:64]]
+        instances: list[object] = [r["text"] for r in rows[:texts]]
     else:
         feats = [[float(v) for k, v in r.items() if k != "target"] for r in rows]
         instances = [feats[i % len(feats)] for i in range(1024)]
     return {"instances": instances, "parameters": {"samples": 1000, "seed": 3}}
 
 
-def once(port: int, model: str, body: dict[str, object]) -> tuple[float, float]:
-    """(seconds of the long request, seconds of the short one sent 0.5 s after it)."""
+def once(port: int, model: str, body: dict[str, object], longs: int = 1) -> tuple[float, float]:
+    """(seconds of the slowest long request, of the short one sent 0.5 s after them)."""
     url = f"http://127.0.0.1:{port}/v1/models/{model}:predict"
     short = {"instances": [instance(model)], "parameters": {"samples": 20, "seed": 1}}
-    took: dict[str, float] = {}
+    took: list[float] = []
 
     def run_long() -> None:
         t = time.perf_counter()
         r = httpx.post(url, json=body, timeout=600)
         r.raise_for_status()
-        took["long"] = time.perf_counter() - t
+        took.append(time.perf_counter() - t)
 
-    thread = threading.Thread(target=run_long)
-    thread.start()
+    threads = [threading.Thread(target=run_long) for _ in range(longs)]
+    for thread in threads:
+        thread.start()
     time.sleep(SHORT_AFTER_S)
     t = time.perf_counter()
     httpx.post(url, json=short, timeout=600).raise_for_status()
-    took["short"] = time.perf_counter() - t
-    thread.join()
-    return took["long"], took["short"]
+    short_s = time.perf_counter() - t
+    for thread in threads:
+        thread.join()
+    return max(took), short_s
+
+
+def table(name: str, seen: dict[str, list[tuple[float, float]]]) -> None:
+    base_long = statistics.median(t for t, _ in seen["0"])
+    print(f"\n{name}")
+    print("| MCSERVE_TURN_MS | long request (s) | vs whole | short request behind it (s) |")
+    print("|---|---|---|---|")
+    for setting, runs in seen.items():
+        long_s = statistics.median(t for t, _ in runs)
+        short_s = statistics.median(s for _, s in runs)
+        print(f"| {setting} | {long_s:.2f} | {long_s / base_long:.2f}x | {short_s:.2f} |")
 
 
 def main() -> None:
@@ -66,25 +80,23 @@ def main() -> None:
     ap.add_argument("--models", default="medical-abstracts,breast-cancer")
     args = ap.parse_args()
     print(f"{now()} | {machine()} | python -m bench.turns --repeats {args.repeats}")
+    cases: list[tuple[str, str, dict[str, object], int, tuple[str, ...]]] = []
     for model in args.models.split(","):
-        body = long_body(model)
-        seen: dict[str, list[tuple[float, float]]] = {s: [] for s in SETTINGS}
+        cases.append((f"{model}: one long request", model, long_body(model), 1, SETTINGS))
+        if model == "medical-abstracts":
+            three = long_body(model, texts=32)
+            cases.append((f"{model}: three long requests", model, three, 3, ("0", "1000")))
+    for name, model, body, longs, settings in cases:
+        seen: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
         for _ in range(args.repeats):
-            for setting in SETTINGS:  # interleaved: drift on a shared machine hits each alike
+            for setting in settings:  # interleaved: drift on a shared machine hits each alike
                 proc, port = start("mcserve", {"MCSERVE_TURN_MS": setting})
                 try:
                     once(port, model, body)  # warm: the first long request measures the rate
-                    seen[setting].append(once(port, model, body))
+                    seen[setting].append(once(port, model, body, longs))
                 finally:
                     stop(proc)
-        base_long = statistics.median(t for t, _ in seen["0"])
-        print(f"\n{model}: long = {len(body['instances'])} x 1,000 passes")  # type: ignore[arg-type]
-        print("| MCSERVE_TURN_MS | long request (s) | vs whole | short request behind it (s) |")
-        print("|---|---|---|---|")
-        for setting, runs in seen.items():
-            long_s = statistics.median(t for t, _ in runs)
-            short_s = statistics.median(s for _, s in runs)
-            print(f"| {setting} | {long_s:.2f} | {long_s / base_long:.2f}x | {short_s:.2f} |")
+        table(name, seen)
 
 
 if __name__ == "__main__":

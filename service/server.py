@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from types import FrameType
 from typing import Any
@@ -57,7 +58,7 @@ class DrainingServer(uvicorn.Server):
         """When the drain time is out, uvicorn cancels the requests still running, and each
         answers 500 with a traceback in the log. Shortly before, the batchers fail what they
         still hold with a 503 that says so (uvicorn starts its clock 0.1-0.2 s after this)."""
-        limit = int(self.settings.drain_timeout_s)  # as uvicorn reads it; 0: no limit
+        limit = drain_limit(self.settings)
         st = _find_state(self.config.loaded_app)
         if not limit or st is None:
             return
@@ -70,6 +71,12 @@ class DrainingServer(uvicorn.Server):
                 task.add_done_callback(self._stopping.discard)
 
         loop.call_later(max(0.0, limit - 0.4), give_up)
+
+
+def drain_limit(settings: Settings) -> int:
+    """uvicorn's graceful-shutdown timeout in whole seconds (0: none). Rounded up: 0.5 was
+    read as 0, which uvicorn takes for no limit at all."""
+    return math.ceil(settings.drain_timeout_s)
 
 
 def _find_state(app: Any) -> Any:
@@ -102,7 +109,7 @@ def run(overrides: dict[str, Any]) -> None:
         access_log=False,
         lifespan="on",
         log_config=None,  # our JSON handler, not uvicorn's
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_graceful_shutdown=drain_limit(settings) or None,
         proxy_headers=bool(settings.forwarded_allow_ips),  # uvicorn would trust 127.0.0.1
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )

@@ -12,6 +12,7 @@ again when the device is free for it (`screen`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -88,6 +89,7 @@ class Backlog:
         self.stats = stats
         self._queues: dict[int, deque[Queued]] = {}
         self._turn = 0  # the length class that opens the next batch, so the classes take turns
+        self._turned = False  # the last batch opened with a turn of a long request
 
     def __bool__(self) -> bool:
         return any(self._queues.values())
@@ -99,33 +101,34 @@ class Backlog:
         self.stats.queue_rows += item.rows
 
     def oldest(self) -> float:
-        """When the longest-waiting request was queued (the backlog is not empty)."""
-        return min(q[0].enqueued for q in self._queues.values() if q)
+        """When the longest-waiting request was queued, for the batching timer (-inf: none but
+        turns of long requests, which never wait for it)."""
+        firsts = [q[0].enqueued for k, q in self._queues.items() if q and k != TURNS]
+        return min(firsts, default=-math.inf)
 
     def rows(self) -> int:
-        """The cost of what is queued now (in flight not counted)."""
-        return sum(i.rows for q in self._queues.values() for i in q)
+        """The cost of what is queued now for the batching timer (in flight and turns not
+        counted)."""
+        return sum(i.rows for k, q in self._queues.items() if k != TURNS for i in q)
 
     def take(
         self, limit: int, clock: Callable[[], float], *, batching: bool = True, turn: bool = True
     ) -> list[Queued]:
         """Pop the next batch of at most `limit` rows (one request, whatever its size, without
-        `batching`): with `turn`, the next turn of a long request first (turns.py); then the
-        class after the last batch's opener, then each class in order adds its oldest live
-        items while they fit (one class: FIFO)."""
+        `batching`): with `turn`, the next turn of a long request first (turns.py), unless the
+        last batch opened with one and other requests wait; then the class after the last
+        batch's opener, then each class in order adds its oldest live items while they fit
+        (one class: FIFO)."""
         batch: list[Queued] = []
         rows = 0
         turns = self._queues.get(TURNS)
-        if turn and turns:
-            first = self._drop_dead(turns, clock())
-            if first is not None:
-                batch.append(turns.popleft())
-                rows = first.batch_rows
-                if not batching:
-                    return batch
         classes = sorted(k for k, q in self._queues.items() if q and k != TURNS)
-        if not classes:
-            return batch
+        # Batches open with a turn and without one by turns while others wait: a turn may fill
+        # a batch (or be one, without batching), and the requests behind it must get the next.
+        if turn and turns and not (self._turned and classes):
+            rows = self._open(batch, turns, clock)
+        if (batch and not batching) or not classes:
+            return self._opened(batch)
         start = next((i for i, k in enumerate(classes) if k >= self._turn), 0)
         order = classes[start:] + classes[:start]
         self._turn = order[0] + 1  # the next batch opens with the next class
@@ -142,6 +145,20 @@ class Backlog:
                 rows += item.batch_rows
             if batch and not batching:
                 break
+        if not batch and turn and turns:  # every other request had gone: the turn after all
+            self._open(batch, turns, clock)
+        return self._opened(batch)
+
+    def _open(self, batch: list[Queued], turns: deque[Queued], clock: Callable[[], float]) -> int:
+        """Open `batch` with the oldest live turn; its rows (0: none live)."""
+        first = self._drop_dead(turns, clock())
+        if first is None:
+            return 0
+        batch.append(turns.popleft())
+        return first.batch_rows
+
+    def _opened(self, batch: list[Queued]) -> list[Queued]:
+        self._turned = bool(batch) and batch[0].turns is not None
         return batch
 
     def _drop_dead(self, q: deque[Queued], now: float) -> Queued | None:

@@ -4,10 +4,11 @@ compute for about one turn before the requests that came after it get theirs.
 Without turns, one legal request (1,024 long texts x 1,000 passes) went to the compute whole and
 every request behind it waited minutes (a deadline bounded only its own wait). Now a request
 whose passes would take longer than a turn (`MCSERVE_TURN_MS` at the compute's measured rows per
-second; MIN_ROWS rows until a rate is measured, and never fewer) runs its first passes, goes to
-the back of the queue, and goes on from the next pass when its turn comes again: its samples
-come back to the server, and its last turn takes them along, so the compute summarises all of
-them as if they had been computed at once.
+second; MIN_ROWS rows until a rate is measured, and never fewer) runs its first passes, waits
+in the batcher's queue of turns while a batch of the requests that came meanwhile goes (one turn
+per model in flight; backlog.py), and goes on from the next pass: its samples come back to the
+server, and its last turn takes them along, so the compute summarises all of them as if they
+had been computed at once.
 
 The same bits as one whole run: a pass's masks are keyed by the pass (`MCRequest.first`), and a
 turn's passes are a multiple of `quantum(model, x)`, so every row of a later turn sits at the

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +182,33 @@ async def test_one_turn_at_a_time_is_in_flight(models: dict[str, ServedModel]) -
         await b.stop()
     assert pipe.most_turns == 1 and pipe.most > 1
     assert b.stats.turns == 3 * (-(-500 // 32) - 1) and b.stats.queue_rows == 0
+
+
+@pytest.mark.parametrize("setting", ["batching off", "turns fill a batch", "timer batching"])
+async def test_on_the_thread_a_short_request_waits_for_one_turn(
+    models: dict[str, ServedModel], executor: ThreadPoolExecutor, setting: str
+) -> None:
+    """With one batch in flight (no compute process), a turn that is a batch on its own
+    (batching off) or fills one opened every batch, and the short request waited for all of
+    them; batches now open with a turn and without one by turns. With timer batching, the
+    timer reads the other requests only (a turn never waits for it)."""
+    kw: dict[str, Any] = {
+        "batching off": {"batching": False},
+        "turns fill a batch": {"max_batch_rows": 1600},
+        "timer batching": {"max_delay_s": 0.002},
+    }[setting]
+    b = Batcher(models["tabular"], executor, turn_ms=TINY_MS, **kw)
+    b.start()
+    try:
+        long = b.enqueue(_inputs("tabular", 50), PredictParams(999, (0.9,), seed=1))
+        await asyncio.sleep(0.005)
+        short = b.enqueue(_inputs("tabular", 1), PredictParams(20, (0.9,), seed=2))
+        await short
+        assert not long.done() and b.stats.turns < 10  # after one or two of its 32 turns
+        await long
+    finally:
+        await b.stop()
+    assert b.stats.queue_rows == 0
 
 
 async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(

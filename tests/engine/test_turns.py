@@ -200,11 +200,13 @@ async def test_on_the_thread_a_short_request_waits_for_one_turn(
     b = Batcher(models["tabular"], executor, turn_ms=TINY_MS, **kw)
     b.start()
     try:
-        long = b.enqueue(_inputs("tabular", 50), PredictParams(999, (0.9,), seed=1))
-        await asyncio.sleep(0.005)
+        long = b.enqueue(_inputs("tabular", 100), PredictParams(999, (0.9,), seed=1))
+        while not b.stats.turns:  # its first turn is done (of 63: 16 passes each)
+            await asyncio.sleep(0.0005)
+        before = b.stats.turns
         short = b.enqueue(_inputs("tabular", 1), PredictParams(20, (0.9,), seed=2))
         await short
-        assert not long.done() and b.stats.turns < 10  # after one or two of its 32 turns
+        assert not long.done() and b.stats.turns - before <= 2  # after one or two turns
         await long
     finally:
         await b.stop()
@@ -251,7 +253,7 @@ async def test_a_deadline_during_a_later_turn_says_how_far_it_got(
     b.start()
     try:
         p = PredictParams(samples=999, confidence=(0.9,), seed=1)
-        fut = b.enqueue(_inputs("tabular", 4096), p, deadline=0.1)  # 999 turns of one pass
+        fut = b.enqueue(_inputs("tabular", 4096), p, deadline=0.3)  # 999 turns of one pass
         with pytest.raises(DeadlineExceededError, match=r"during turns .* after \d+ of its 999"):
             await fut
         assert 0 < b.stats.turns < 998 and b.stats.expired == 1

@@ -4,7 +4,8 @@ A text model with length buckets (buckets.py) counts its work in tokens and queu
 by its longest bucket; a batch takes from the queues in turn, oldest first within each, so a short
 text waits for at most one batch of long ones, not for all that came before it. A model without
 buckets has one queue: plain FIFO. Long requests waiting for their next turn (turns.py) queue
-apart: a batch opens with the oldest of them, and one such batch at a time is in flight.
+apart: a batch opens with the oldest of them when none is in flight, and while other requests
+wait, batches open with a turn and without one by turns.
 Expired and cancelled requests are dropped, never computed: when a batch is taken (`take`) and
 again when the device is free for it (`screen`).
 """
@@ -73,7 +74,7 @@ class Queued:
     queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
     turns: Turns | None = None  # a long request computed in turns (turns.py)
-    turn_rows: int = 0  # the cost of its next turn (of `rows`, what is left of it)
+    turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
 
     @property
     def batch_rows(self) -> int:

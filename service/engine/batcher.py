@@ -257,7 +257,7 @@ class Batcher:
             if isinstance(res, More):
                 self._again(item, res.samples)
                 continue
-            if isinstance(res, Part):  # a turn of a long request: the next one at the back
+            if isinstance(res, Part):  # a turn of a long request: queue its next one
                 failed = self._next_turn(item, res, elapsed)
                 if failed is None:
                     continue
@@ -283,7 +283,7 @@ class Batcher:
             item.future.set_result(res)
 
     def _next_turn(self, item: Queued, part: Part, seconds: float) -> BaseException | None:
-        """Queue a request's next turn at the back (None), or its failure to."""
+        """Queue a request's next turn (None), or return why it could not be."""
         try:
             assert item.turns is not None
             item.turns.add(part.samples, seconds)

@@ -34,6 +34,14 @@ EXPIRED = (
 )
 
 
+# A request whose deadline passed after its batch had left the queue, before its answer.
+LATE = (
+    "the request's deadline passed before its batch was answered; its answer is dropped and "
+    "what is left of its compute skipped; allow more time (timeout_ms on /v1, timeout on /v2) "
+    "or send fewer instances or samples"
+)
+
+
 def expired(item: Queued) -> DeadlineExceededError:
     """The 504 of a request whose deadline passed in the queue: before any compute, or
     between two turns of a long one (turns.py)."""
@@ -73,6 +81,8 @@ class Queued:
     rows: int  # its cost, in the model's cost units (rows; tokens for a bucketed text model)
     queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
+    queued: bool = False  # in the backlog now (not taken, dropped or in flight)
+    timed_out: bool = False  # answered 504 by its deadline's timer (counted there)
     turns: Turns | None = None  # a long request computed in turns (turns.py)
     turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
 
@@ -99,7 +109,31 @@ class Backlog:
         """At the back of its length class's queue (a request in turns: of the turns' queue)."""
         key = TURNS if item.turns is not None else item.queue
         self._queues.setdefault(key, deque()).append(item)
+        item.queued = True
         self.stats.queue_rows += item.rows
+
+    def expire(self, item: Queued) -> None:
+        """Its deadline's timer: a request not answered yet is answered 504 now, not when a
+        batch would next reach it or its batch would land (behind a long request or a turn,
+        seconds later). Still queued, it leaves the queue; in flight, its batch skips what is
+        left of its rows (the sampler reads the same deadline) and drops its answer."""
+        if item.future.done():
+            return
+        if item.queued:
+            q = self._queues.get(TURNS if item.turns is not None else item.queue, deque())
+            k = next((k for k, it in enumerate(q) if it is item), None)  # by identity
+            if k is None:
+                return
+            del q[k]
+            item.queued = False
+            self.stats.queue_rows -= item.rows
+            item.future.set_exception(expired(item))
+        else:
+            t = item.turns
+            late = t.late(during=True) if t is not None and t.done else None
+            item.future.set_exception(late or DeadlineExceededError(LATE))
+        item.timed_out = True
+        self.stats.expired += 1
 
     def oldest(self) -> float:
         """When the longest-waiting request was queued, for the batching timer (-inf: none but
@@ -141,7 +175,7 @@ class Backlog:
                     break
                 if batch and (rows + item.batch_rows > limit or not batching):
                     break
-                q.popleft()
+                q.popleft().queued = False
                 batch.append(item)
                 rows += item.batch_rows
             if batch and not batching:
@@ -155,7 +189,8 @@ class Backlog:
         first = self._drop_dead(turns, clock())
         if first is None:
             return 0
-        batch.append(turns.popleft())
+        turns.popleft().queued = False
+        batch.append(first)
         return first.batch_rows
 
     def _opened(self, batch: list[Queued]) -> list[Queued]:
@@ -166,14 +201,14 @@ class Backlog:
         """The first live item of `q` (None: none), dropping cancelled and expired ones."""
         while q:
             item = q[0]
-            if item.future.done():  # cancelled by a disconnected client
-                self.stats.cancelled += 1
+            if item.future.done():  # cancelled by a disconnected client, or timed out
+                self.stats.cancelled += not item.timed_out
             elif item.deadline is not None and now >= item.deadline:
                 self.stats.expired += 1
                 item.future.set_exception(expired(item))
             else:
                 return item
-            q.popleft()
+            q.popleft().queued = False
             self.stats.queue_rows -= item.rows
         return None
 
@@ -184,7 +219,7 @@ class Backlog:
         live = []
         for k, it in enumerate(batch):
             if it.future.done():
-                self.stats.cancelled += 1
+                self.stats.cancelled += not it.timed_out
                 out[k] = CancelledError("the client disconnected; its work was dropped")
             elif it.deadline is not None and now >= it.deadline:
                 self.stats.expired += 1

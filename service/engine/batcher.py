@@ -44,6 +44,10 @@ from service.errors import (
 
 log = logging.getLogger("mcserve.batcher")
 SHUTTING_DOWN = "the server is shutting down"
+# Deadlines nearer than this get a timer that answers the request 504 when it passes, queued or
+# in flight (Backlog.expire); later ones (a client's timeout_ms may be huge) are checked when a
+# batch reaches them and by the compute.
+TIMER_S = 86_400.0
 Clock = Callable[[], float]
 
 
@@ -179,6 +183,11 @@ class Batcher:
         item = Queued(x, params, req, fut, self.clock(), deadline, rows, klass)
         self.turns.start(item)
         self.backlog.push(item)
+        if deadline is not None and deadline - item.enqueued < TIMER_S:  # answered on time
+            timer = fut.get_loop().call_later(
+                max(0.0, deadline - item.enqueued), self.backlog.expire, item
+            )
+            fut.add_done_callback(lambda _: timer.cancel())
         self.stats.submitted += 1
         self._wakeup.set()
         return fut
@@ -249,9 +258,9 @@ class Batcher:
         _observe(self.on_batch, rows_out, elapsed)
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
-            if item.future.done():  # its client went during the compute
+            if item.future.done():  # its client went during the compute, or its deadline
                 screened = isinstance(res, CancelledError) and str(res) != compute.GONE
-                if not screened:  # (the screen counted those that went before it)
+                if not (screened or item.timed_out):  # (counted by the screen or the timer)
                     self.stats.cancelled += 1
                 continue
             if isinstance(res, More):

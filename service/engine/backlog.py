@@ -82,7 +82,7 @@ class Queued:
     queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
     queued: bool = False  # in the backlog now (not taken, dropped or in flight)
-    timed_out: bool = False  # answered 504 by its deadline's timer (counted there)
+    timed_out: bool = False  # its deadline passed and was counted (by its timer or the screen)
     turns: Turns | None = None  # a long request computed in turns (turns.py)
     turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
 
@@ -117,7 +117,7 @@ class Backlog:
         batch would next reach it or its batch would land (behind a long request or a turn,
         seconds later). Still queued, it leaves the queue; in flight, its batch skips what is
         left of its rows (the sampler reads the same deadline) and drops its answer."""
-        if item.future.done():
+        if item.future.done() or item.timed_out:  # answered, or dropped by the screen
             return
         if item.queued:
             q = self._queues.get(TURNS if item.turns is not None else item.queue, deque())
@@ -223,6 +223,7 @@ class Backlog:
                 out[k] = CancelledError("the client disconnected; its work was dropped")
             elif it.deadline is not None and now >= it.deadline:
                 self.stats.expired += 1
+                it.timed_out = True  # its timer, if it fires before the answer, stands down
                 out[k] = expired(it)
             else:
                 live.append(k)

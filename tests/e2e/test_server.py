@@ -38,8 +38,10 @@ def _a_deadline_stops_compute(c: httpx.Client) -> None:
     r = c.post("/v1/models/medical-abstracts:predict", json=body)
     took = time.monotonic() - start
     assert r.status_code == 504, r.text[:300]
-    # Its deadline passes in one of its turns, or between two (service/engine/turns.py).
-    assert re.search("deadline passed (during|between) (the compute|turns)", r.json()["error"])
+    # Its deadline's timer answers it in one of its turns, between two (service/engine/turns.py)
+    # or, on a slow machine, before its first turn has landed.
+    said = r.json()["error"]
+    assert re.search("deadline passed (during turns|between turns|before its batch)", said)
     assert took < 6.0, took
     short = {"instances": texts[:1], "parameters": {"samples": 20}}
     assert c.post("/v1/models/medical-abstracts:predict", json=short).status_code == 200

@@ -82,7 +82,7 @@ class Queued:
     queue: int = 0  # its length class (the longest bucket it needs; 0 without buckets)
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
     queued: bool = False  # in the backlog now (not taken, dropped or in flight)
-    timed_out: bool = False  # its deadline passed and was counted (by its timer or the screen)
+    timed_out: bool = False  # answered 504 by its deadline's timer (and counted there)
     turns: Turns | None = None  # a long request computed in turns (turns.py)
     turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
 
@@ -116,24 +116,23 @@ class Backlog:
         """Its deadline's timer: a request not answered yet is answered 504 now, not when a
         batch would next reach it or its batch would land (behind a long request or a turn,
         seconds later). Still queued, it leaves the queue; in flight, its batch skips what is
-        left of its rows (the sampler reads the same deadline) and drops its answer."""
-        if item.future.done() or item.timed_out:  # answered, or dropped by the screen
+        left of its rows (the sampler reads the same deadline) and drops its answer. On the
+        event loop, like every count of a request's end (the screen only sorts)."""
+        if item.future.done():
             return
-        if item.queued:
-            q = self._queues.get(TURNS if item.turns is not None else item.queue, deque())
-            k = next((k for k, it in enumerate(q) if it is item), None)  # by identity
-            if k is None:
-                return
+        q = self._queues.get(TURNS if item.turns is not None else item.queue, deque())
+        k = next((k for k, it in enumerate(q) if it is item), None) if item.queued else None
+        item.timed_out = True
+        self.stats.expired += 1
+        if k is not None:  # by identity: a Queued holds arrays
             del q[k]
             item.queued = False
             self.stats.queue_rows -= item.rows
             item.future.set_exception(expired(item))
-        else:
-            t = item.turns
-            late = t.late(during=True) if t is not None and t.done else None
-            item.future.set_exception(late or DeadlineExceededError(LATE))
-        item.timed_out = True
-        self.stats.expired += 1
+            return
+        t = item.turns
+        late = t.late(during=True) if t is not None and t.done else None
+        item.future.set_exception(late or DeadlineExceededError(LATE))
 
     def oldest(self) -> float:
         """When the longest-waiting request was queued, for the batching timer (-inf: none but
@@ -213,17 +212,15 @@ class Backlog:
         return None
 
     def screen(self, batch: list[Queued], now: float) -> tuple[list[Outcome | None], list[int]]:
-        """Drop what expired or lost its client while it waited for the device: (answers so
-        far, indices still to compute)."""
+        """Sort out what expired or lost its client while it waited for the device: (answers
+        so far, indices still to compute). It may run on the compute thread, so it counts
+        nothing: the batcher counts each request's end when the batch lands, on the loop."""
         out: list[Outcome | None] = [None] * len(batch)
         live = []
         for k, it in enumerate(batch):
             if it.future.done():
-                self.stats.cancelled += not it.timed_out
                 out[k] = CancelledError("the client disconnected; its work was dropped")
             elif it.deadline is not None and now >= it.deadline:
-                self.stats.expired += 1
-                it.timed_out = True  # its timer, if it fires before the answer, stands down
                 out[k] = expired(it)
             else:
                 live.append(k)

@@ -35,7 +35,6 @@ from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
 from service.errors import (
-    CancelledError,
     DeadlineExceededError,
     OverloadedError,
     PayloadTooLargeError,
@@ -258,10 +257,8 @@ class Batcher:
         _observe(self.on_batch, rows_out, elapsed)
         for item, res in zip(batch, results, strict=True):
             self.stats.queue_rows -= item.rows
-            if item.future.done():  # its client went during the compute, or its deadline
-                screened = isinstance(res, CancelledError) and str(res) != compute.GONE
-                if not (screened or item.timed_out):  # (counted by the screen or the timer)
-                    self.stats.cancelled += 1
+            if item.future.done():  # its client went, or its deadline's timer answered it
+                self.stats.cancelled += not item.timed_out
                 continue
             if isinstance(res, More):
                 self._again(item, res.samples)
@@ -272,11 +269,10 @@ class Batcher:
                     continue
                 res = failed
             if isinstance(res, BaseException):
-                if isinstance(res, DeadlineExceededError):
-                    if str(res) == compute.STOPPED:  # the screen counted its own
-                        self.stats.expired += 1  # its deadline passed during the compute
-                        if item.turns is not None and item.turns.done:
-                            res = item.turns.late(during=True)
+                if isinstance(res, DeadlineExceededError):  # screened, or stopped in compute
+                    self.stats.expired += 1
+                    if str(res) == compute.STOPPED and item.turns is not None and item.turns.done:
+                        res = item.turns.late(during=True)
                 else:
                     self.stats.failed += 1
                 item.future.set_exception(res)

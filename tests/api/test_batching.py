@@ -121,10 +121,11 @@ async def test_deadline_passes_in_queue_no_compute(app: FastAPI, client: httpx.A
     try:
         with compute_blocked(app):
             req = dict(body(3, [0, 0, 0, 0]))
-            req["parameters"] = {**req["parameters"], "timeout_ms": 1000}
+            # 30 s of real time for its deadline's timer; the injected clock passes it at once.
+            req["parameters"] = {**req["parameters"], "timeout_ms": 30_000}
             pending = asyncio.ensure_future(client.post("/v1/models/clf:predict", json=req))
             await until(lambda: b.stats.queue_rows == 100)
-            now[0] += 2.0  # the injected clock passes the deadline while the worker is busy
+            now[0] += 31.0  # the injected clock passes the deadline while the worker is busy
         r = await pending
     finally:
         b.clock = saved

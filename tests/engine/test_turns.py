@@ -223,11 +223,14 @@ async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
         p = PredictParams(samples=999, confidence=(0.9,), seed=1)
         for k, how in enumerate(("deadline", "cancel")):
             start = b.stats.turns
-            fut = b.enqueue(_inputs("tabular", 50), p, deadline=1.0 if k == 0 else None)
-            while b.stats.turns < start + 2:  # two turns done (of 32), then it stops
+            # A deadline far in real time (its timer is 60 s off); the test's clock passes it.
+            fut = b.enqueue(_inputs("tabular", 50), p, deadline=60.0 if k == 0 else None)
+            limit = time.monotonic() + 30
+            while b.stats.turns < start + 2 and time.monotonic() < limit:  # two turns (of 32)
                 await asyncio.sleep(0.001)
+            assert b.stats.turns >= start + 2 and not fut.done()
             if how == "deadline":
-                now[0] = 2.0
+                now[0] = 61.0
                 with pytest.raises(DeadlineExceededError, match=r"between turns .* of its 999"):
                     await fut
             else:

@@ -49,6 +49,13 @@ def expired(item: Queued) -> DeadlineExceededError:
     return t.late(during=False) if t is not None and t.done else DeadlineExceededError(EXPIRED)
 
 
+def late(item: Queued, message: str) -> DeadlineExceededError:
+    """The 504 of a request whose deadline passed in flight: `message`, or for a request in
+    turns, how many of its passes had run."""
+    t = item.turns
+    return t.late(during=True) if t is not None and t.done else DeadlineExceededError(message)
+
+
 # The queue of requests waiting for their next turn (turns.py), beside the length classes (>= 0).
 TURNS = -1
 
@@ -130,9 +137,7 @@ class Backlog:
             self.stats.queue_rows -= item.rows
             item.future.set_exception(expired(item))
             return
-        t = item.turns
-        late = t.late(during=True) if t is not None and t.done else None
-        item.future.set_exception(late or DeadlineExceededError(LATE))
+        item.future.set_exception(late(item, LATE))
 
     def oldest(self) -> float:
         """When the longest-waiting request was queued, for the batching timer (-inf: none but

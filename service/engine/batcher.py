@@ -29,7 +29,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from service.engine import cancels, compute, turns
-from service.engine.backlog import Backlog, BatcherStats, Queued
+from service.engine.backlog import Backlog, BatcherStats, Queued, late
 from service.engine.compute import More, Outcome, Part, Work
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
@@ -271,8 +271,8 @@ class Batcher:
             if isinstance(res, BaseException):
                 if isinstance(res, DeadlineExceededError):  # screened, or stopped in compute
                     self.stats.expired += 1
-                    if str(res) == compute.STOPPED and item.turns is not None and item.turns.done:
-                        res = item.turns.late(during=True)
+                    if str(res) == compute.STOPPED:
+                        res = late(item, compute.STOPPED)
                 else:
                     self.stats.failed += 1
                 item.future.set_exception(res)

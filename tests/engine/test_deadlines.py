@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,13 +57,13 @@ def test_chunks_of_expired_requests_are_skipped_and_live_ones_keep_their_bits() 
     assert s2.stats.skipped == 0
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+def regressor(out_dir: Path) -> ServedModel:
+    """A served six-feature MLP regressor (also test_turns.py's tabular model)."""
     torch.manual_seed(0)
     dest = save(
         mlp(d_out=1),
         torch.zeros(4, 6),
-        out_dir=tmp_path_factory.mktemp("deadlines"),
+        out_dir=out_dir,
         name="reg",
         version="1",
         task="regression",
@@ -70,6 +71,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
         intended_use="tests only",
     )
     return ServedModel(load_bundle(dest), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    return regressor(tmp_path_factory.mktemp("deadlines"))
 
 
 def test_compute_fails_only_the_expired_request_with_504(served: ServedModel) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from nets import ChannelCNN, mlp
+from nets import ChannelCNN
+from test_deadlines import regressor
 from test_text_buckets import MODELS, _save, texts
 
 from service.bundle import load_bundle
@@ -36,15 +37,6 @@ def executor() -> Iterator[ThreadPoolExecutor]:
         yield ex
 
 
-def _tabular(tmp: Path) -> ServedModel:
-    torch.manual_seed(0)
-    dest = save(
-        mlp(d_out=1), torch.zeros(4, 6), out_dir=tmp, name="reg", version="1",
-        task="regression", target="y", intended_use="tests only",
-    )  # fmt: skip
-    return ServedModel(load_bundle(dest), device="cpu")
-
-
 def _image(tmp: Path) -> ServedModel:
     torch.manual_seed(0)
     dest = save(
@@ -59,7 +51,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ServedModel]:
     tmp = tmp_path_factory.mktemp("turns")
     text = _save(tmp, "transformer", MODELS["transformer"](), "auto")  # buckets 16, 32, 64
     return {
-        "tabular": _tabular(tmp),
+        "tabular": regressor(tmp),
         "image": _image(tmp),
         "text": ServedModel(load_bundle(text), device="cpu"),
     }

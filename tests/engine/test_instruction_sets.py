@@ -9,16 +9,18 @@ setting: MKL ignores `MKL_ENABLE_INSTRUCTIONS` on AMD but changes its sgemm unde
 `ATEN_CPU_CAPABILITY=default` (`avx2` changed none of the kernels probed); numpy's exp and log
 under `NPY_DISABLE_CPU_FEATURES` naming its AVX-512 targets. On an Intel CPU
 `MKL_ENABLE_INSTRUCTIONS=AVX2` is the setting that made the old row layout fail.
-Each setting is one pytest run in a subprocess over the determinism tests (about 15 s of CPU each,
-measured: both together 32 s wall on the 2 shared cores).
+Each setting is one pytest run in a subprocess over the determinism tests (about 15 s of CPU each).
+Both start together, each in its own --basetemp: one after the other they took 32 s of wall time on
+the 2 shared cores, since each keeps about one core busy.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import STDOUT, Popen
 
 import pytest
 
@@ -59,14 +61,34 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_determinism_tests_pass_under_forced_instruction_sets(name: str) -> None:
-    env = {**os.environ, **SETTINGS[name], "PYTHONPATH": str(ROOT)}
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Popen[str], Path]]]:
+    """Every setting's pytest run, started at once; each test waits for its own."""
     numpy_targets = _numpy_without_avx512()
-    if numpy_targets:
-        env["NPY_DISABLE_CPU_FEATURES"] = numpy_targets
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DETERMINISM_TESTS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (
-        f"under {SETTINGS[name]}:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
-    )
+    started: dict[str, tuple[Popen[str], Path]] = {}
+    for name, setting in SETTINGS.items():
+        env = {**os.environ, **setting, "PYTHONPATH": str(ROOT)}
+        if numpy_targets:
+            env["NPY_DISABLE_CPU_FEATURES"] = numpy_targets
+        tmp = tmp_path_factory.mktemp(name)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        cmd += ["--basetemp", str(tmp / "pytest"), *DETERMINISM_TESTS]
+        log = tmp / "log.txt"
+        with log.open("w") as out:
+            started[name] = (
+                Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=STDOUT, text=True),
+                log,
+            )
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_determinism_tests_pass_under_forced_instruction_sets(
+    name: str, runs: dict[str, tuple[Popen[str], Path]]
+) -> None:
+    proc, log = runs[name]
+    assert proc.wait(timeout=300) == 0, f"under {SETTINGS[name]}:\n{log.read_text()[-6000:]}"

@@ -7,9 +7,13 @@ writes `x * keep * scale` once, in the same order of float operations: the resul
 bit-identical to the torch path (tested), and measured 0.20 ms against 0.77 ms for 6,400 rows of
 128 features (the digits head at T = 100, B = 64) on 2 CPU cores.
 
-numba compiles the kernel when the first model loads (`verified`: compiled and checked against
-the torch path; about 0.9 s per process). Where numba is missing, a kernel fails that check, or
-the tensor is not float32 on the CPU, the torch path runs, which gives the same numbers.
+numba compiles the kernels when the first model loads (`verified`: compiled and checked against
+the torch path; about 2 s per process) and keeps the machine code on disk, in `__pycache__`
+beside this file or, where that is read-only, under `$XDG_CACHE_HOME/numba` (`NUMBA_CACHE_DIR`
+overrides both): later processes load it (a server, its compute process, a restarted one).
+numba keys that cache by the CPU, so another CPU compiles its own. Where numba is missing, a
+kernel fails that check, or the tensor is not float32 on the CPU, the torch path runs, which
+gives the same numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from service.engine.masks import GAMMA, MUL1, MUL2, keep_bytes_rows, keep_factors
+from service.engine.masks import keep_bytes_rows, keep_factors
 
 log = logging.getLogger(__name__)
 
@@ -57,64 +61,9 @@ class Kernels(NamedTuple):
 
 
 def _build_kernels() -> Kernels:
-    from numba import njit, prange  # imported on first use: about 0.4 s
+    from service.engine import mask_kernels as k  # imports numba: about 0.4 s, on first use
 
-    gamma, mul1, mul2 = np.uint64(GAMMA), np.uint64(MUL1), np.uint64(MUL2)
-
-    @njit(inline="always")
-    def word(base, w, key):  # type: ignore[no-untyped-def]
-        z = (base + np.uint64(w)) * gamma + key  # masks.keep_bytes_rows, word w of a row
-        z = (z ^ (z >> np.uint64(30))) * mul1
-        z = (z ^ (z >> np.uint64(27))) * mul2
-        return z ^ (z >> np.uint64(31))
-
-    # Two kernels: the general one's innermost loop (over the positions a channel's byte covers)
-    # made the elementwise case 4x slower (0.79 against 0.19 ms) even when it ran once.
-    def elementwise(x, src, keys, base, threshold, scale, out):  # type: ignore[no-untyped-def]
-        # x: float32 [inputs, features], src: the row of x for each row of out (or empty: the
-        # same row); out: float32 [rows, features]; one mask byte per element.
-        rows, features = out.shape
-        gather = src.shape[0] > 0
-        full = features // 8
-        thr = np.uint64(threshold)
-        one, zero = np.float32(1.0), np.float32(0.0)
-        for r in prange(rows):
-            key, b = np.uint64(keys[r]), np.uint64(base[r])
-            i = np.int64(src[r]) if gather else np.int64(r)  # one type for both
-            for w in range((features + 7) // 8):
-                z = word(b, w, key)
-                n = 8 if w < full else features - 8 * w
-                for q in range(n):  # byte q of the word is feature 8w + q (little-endian view)
-                    m = one if ((z >> np.uint64(8 * q)) & np.uint64(255)) < thr else zero
-                    out[r, 8 * w + q] = x[i, 8 * w + q] * m * scale  # as apply_keep rounds
-        return out
-
-    def channels(x, src, keys, base, threshold, scale, out):  # type: ignore[no-untyped-def]
-        # x: float32 [inputs, channels, positions], out [rows, channels, positions], src as
-        # above; one mask byte per (row, channel).
-        rows, features, inner = out.shape
-        gather = src.shape[0] > 0
-        full = features // 8
-        thr = np.uint64(threshold)
-        one, zero = np.float32(1.0), np.float32(0.0)
-        for r in prange(rows):
-            key, b = np.uint64(keys[r]), np.uint64(base[r])
-            i = np.int64(src[r]) if gather else np.int64(r)  # one type for both
-            for w in range((features + 7) // 8):
-                z = word(b, w, key)
-                n = 8 if w < full else features - 8 * w
-                for q in range(n):
-                    m = one if ((z >> np.uint64(8 * q)) & np.uint64(255)) < thr else zero
-                    for s in range(inner):
-                        out[r, 8 * w + q, s] = x[i, 8 * w + q, s] * m * scale
-        return out
-
-    def jit(f: Any, parallel: bool) -> Any:
-        return njit(parallel=parallel, boundscheck=False, nogil=True)(f)
-
-    return Kernels(
-        jit(elementwise, True), jit(channels, True), jit(elementwise, False), jit(channels, False)
-    )
+    return Kernels(k.ELEMENTWISE, k.CHANNELS, k.ELEMENTWISE_SERIAL, k.CHANNELS_SERIAL)
 
 
 _kernels: Kernels | None = None

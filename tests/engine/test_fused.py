@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +173,42 @@ def test_a_dropout_input_that_broadcasts_takes_the_torch_path() -> None:
     bad_rows = MaskRows(mask.keys, mask.base, mask.threshold, (40,), torch.full((30,), 5))
     with pytest.raises(IndexError):  # an index past the input: torch's error, not a wild read
         apply_mask(pos, bad_rows, 2.0)
+
+
+# A fresh process: are the four kernels checked against the torch path, and how many of them
+# came from numba's disk cache? PATCH runs first (e.g. to take every cache directory away).
+PROBE = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+{patch}
+from service.engine import fused
+ks = fused.kernels()
+print(json.dumps([fused.verified(True), [sum(k.stats.cache_hits.values()) for k in ks]]))
+"""
+
+
+def _probe(tmp_path: Path, patch: str = "") -> tuple[bool, list[int], str]:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", "-c", PROBE.format(patch=patch)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, hits = json.loads(proc.stdout.splitlines()[-1])
+    return ok, hits, proc.stderr
+
+
+def test_a_later_process_loads_the_kernels_from_the_disk_cache(tmp_path: Path) -> None:
+    """Each process compiled the kernels (about 2 s) before they were cached on disk."""
+    first = _probe(tmp_path)
+    second = _probe(tmp_path)
+    assert first[:2] == (True, [0, 0, 0, 0])
+    assert second[:2] == (True, [1, 1, 1, 1])  # the serial builds loaded their own entries
+
+
+def test_without_a_writable_cache_the_kernels_compile_in_each_process(tmp_path: Path) -> None:
+    patch = "from numba.core import caching; caching.CacheImpl._locator_classes = []"
+    ok, hits, log = _probe(tmp_path, patch)
+    assert (ok, hits) == (True, [0, 0, 0, 0])
+    assert "numba cannot cache the mask kernels here" in log
+    assert not (tmp_path / "numba").exists()

@@ -86,6 +86,13 @@ class ShuttingDownError(McServeError):
     code = "shutting_down"
 
 
+# What a request still unanswered when the drain time is out is told (server.py, middleware.py).
+DRAIN_OUT = (
+    "the server is shutting down and its drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out before "
+    "this request was answered; retry on another replica"
+)
+
+
 class ComputeUnavailableError(McServeError):
     """The compute process died while it held the request (it restarts on the next one)."""
 

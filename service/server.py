@@ -19,14 +19,11 @@ import uvicorn
 
 from service import connections
 from service.api.app import create_app
+from service.errors import DRAIN_OUT
 from service.logs import configure as configure_logs
 from service.settings import Settings
 
 log = logging.getLogger("mcserve.server")
-DRAIN_OUT = (
-    "the server is shutting down and its drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out before "
-    "this request was answered; retry on another replica"
-)
 
 
 class DrainingServer(uvicorn.Server):

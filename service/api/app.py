@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -147,14 +147,21 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
     # which answers preflights before the API-key guard, which comes before any decompression
     # of the body (ContentEncoding); on every route (front.py).
-    for cls, kwargs in _layers(settings, metrics):
+    for cls, kwargs in _layers(settings, metrics, lambda: _draining(app)):
         app.add_middleware(cls, **kwargs)
     app.fast_path = fast_path
     app.fast_endpoints = frozenset((*native_fast, *oip_fast))
     return app
 
 
-def _layers(settings: Settings, metrics: Metrics) -> list[tuple[Any, dict[str, Any]]]:
+def _draining(app: FastAPI) -> bool:
+    st = getattr(app.state, "mcserve", None)  # None until the lifespan has built it
+    return bool(st is not None and st.draining)
+
+
+def _layers(
+    settings: Settings, metrics: Metrics, draining: Callable[[], bool]
+) -> list[tuple[Any, dict[str, Any]]]:
     """Our middleware, innermost first, as (class, keyword arguments)."""
     layers: list[tuple[Any, dict[str, Any]]] = [
         (ContentEncoding, {"max_body_bytes": settings.max_body_bytes}),
@@ -175,5 +182,6 @@ def _layers(settings: Settings, metrics: Metrics) -> list[tuple[Any, dict[str, A
             "expose_headers": ["X-Request-ID", "Retry-After"],
         }
         layers.append((CORSMiddleware, cors))
-    layers.append((RequestContext, {"max_body_bytes": settings.max_body_bytes, "metrics": metrics}))
+    context = {"max_body_bytes": settings.max_body_bytes, "metrics": metrics, "draining": draining}
+    layers.append((RequestContext, context))
     return layers

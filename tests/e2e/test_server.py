@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,22 @@ def _a_long_request_goes_in_turns(c: httpx.Client, texts: list[str], short: obje
     assert done["short"] - start < 2.5
 
 
+def _half_sent_body(port: int) -> socket.socket:
+    """A request whose body stops halfway: it waits in no batcher, reading its body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "POST /v1/models/diabetes:predict HTTP/1.1\r\nHost: x\r\n"
+    head += "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    sock.sendall(head.encode() + b'{"instances": [')
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
 def test_start_ready_predict_stop(tmp_path: Path) -> None:
     env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_COMPUTE_PROCESS": "true"}  # as deployed
     env["MCSERVE_DRAIN_TIMEOUT_S"] = "2"  # shorter than the last request's compute
@@ -125,15 +142,21 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
             assert len(dig.json()["predictions"][0]["probabilities"]) == 10
             _a_deadline_stops_compute(c)
             # A request still computing when the drain time runs out answers 503 and says why
-            # (uvicorn cancelled it: a 500 with a traceback in the log).
+            # (uvicorn cancelled it: a 500 with a traceback in the log), and so does one in no
+            # batcher (its body still arriving).
             late: dict[str, httpx.Response] = {}
             thread = threading.Thread(target=lambda: late.update(r=_abstracts(c, 64, 1000)))
             thread.start()
+            slow = _half_sent_body(srv.port)
             time.sleep(0.5)
             srv.proc.send_signal(signal.SIGTERM)
             thread.join(30)
+            answer = _answer(slow)
+            slow.close()
         assert srv.proc.wait(60) == 0, srv.output()
         assert late["r"].status_code == 503, late["r"].text
         assert "drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out" in late["r"].json()["error"]
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out" in answer, answer
         assert "Traceback" not in srv.output() and "Exception in ASGI" not in srv.output()
         assert not Path(f"/proc/{compute[0]}").exists()  # it stopped with the server

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
-from service.errors import PayloadTooLargeError
+from service.errors import DRAIN_OUT, McServeError, PayloadTooLargeError, ShuttingDownError
 from service.metrics import Metrics
 
 access_log = logging.getLogger("mcserve.access")
@@ -50,12 +52,20 @@ class BodyTooLarge(PayloadTooLargeError):
 class RequestContext:
     """Sets scope['state']['request_id'] (X-Request-ID honoured if sane, else generated), echoes
     it in the response, refuses bodies over `max_body_bytes` with 413 before parsing them, and
-    writes one access log line and the request metrics per request."""
+    writes one access log line and the request metrics per request. A request that uvicorn
+    cancels because the drain time ran out (`draining()` true) answers 503 and says so."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        metrics: Metrics | None = None,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +117,15 @@ class RequestContext:
             except ClientDisconnect:
                 if not gone:
                     raise
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when the drain time is out: its answer was a
+                # 500 and a traceback in the log. The batchers' requests got this 503 just
+                # before (server.py); the rest (a body still arriving, a CDS call's FHIR
+                # fetch) get it here.
+                if started or not self.draining():
+                    raise
+                status = 503
+                await self._refuse(ShuttingDownError(DRAIN_OUT), scope, receive, send)
             if gone and not started:
                 status = 499  # gone before its answer (e.g. while sending its body): not a 500
         finally:
@@ -143,6 +162,6 @@ class RequestContext:
             + smaller(scope)
         )
 
-    async def _refuse(self, exc: BodyTooLarge, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, exc: McServeError, scope: Scope, receive: Receive, send: Send) -> None:
         response = await errors.respond(Request(scope), exc)
         await response(scope, receive, send)

@@ -69,9 +69,18 @@ class OverloadedError(McServeError):
 
 class DeadlineExceededError(McServeError):
     """The request's deadline passed: before its compute started (none was spent), or during
-    it (the compute of its remaining passes was skipped)."""
+    it (the compute of its remaining passes was skipped). `what` says which; the message adds
+    how a client gives itself more time, which a CDS route says its own way."""
 
     code = "deadline"
+    HINT = (
+        "allow more time (timeout_ms on /v1, timeout on /v2), send fewer instances or samples, "
+        "or retry later"
+    )
+
+    def __init__(self, what: str, hint: str = HINT) -> None:
+        super().__init__(f"{what}; {hint}")
+        self.what = what
 
 
 class CancelledError(McServeError):

@@ -28,17 +28,13 @@ from service.engine.sampler import MCRequest
 from service.engine.turns import Turns
 from service.errors import CancelledError, DeadlineExceededError, ShuttingDownError
 
-EXPIRED = (
-    "the request's deadline passed while it waited in the queue; nothing more was computed "
-    "(allow more time: timeout_ms on /v1, timeout on /v2; or retry later)"
-)
+EXPIRED = "the request's deadline passed while it waited in the queue; nothing more was computed"
 
 
 # A request whose deadline passed after its batch had left the queue, before its answer.
 LATE = (
     "the request's deadline passed before its batch was answered; its answer is dropped and "
-    "what is left of its compute skipped; allow more time (timeout_ms on /v1, timeout on /v2) "
-    "or send fewer instances or samples"
+    "what is left of its compute skipped"
 )
 
 

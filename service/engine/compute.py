@@ -26,8 +26,7 @@ log = logging.getLogger("mcserve.batcher")
 # every route: /v1's timeout_ms, /v2's timeout, the CDS deadline the server sets.
 STOPPED = (
     "the request's deadline passed during the compute of its batch; its answer was dropped and "
-    "what was left of its compute skipped; allow more time (timeout_ms on /v1, timeout on /v2) "
-    "or send fewer instances or samples"
+    "what was left of its compute skipped"
 )
 GONE = "the client disconnected during the compute; what was left of it was skipped"
 

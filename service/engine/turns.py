@@ -73,8 +73,7 @@ class Turns:
         return DeadlineExceededError(
             f"the request's deadline passed {'during' if during else 'between'} turns of its "
             f"compute, after {self.done} of its {self.total} passes; the rest was skipped and "
-            "its answer dropped; allow more time (timeout_ms on /v1, timeout on /v2) or send "
-            "fewer instances or samples"
+            "its answer dropped"
         )
 
 

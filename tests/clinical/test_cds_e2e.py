@@ -428,3 +428,19 @@ def test_api_keys_never_guard_cds_routes() -> None:
     for path in ("/cds-services", DIABETES, DIABETES + "/feedback"):
         assert guard.decide(path, {}).status == 0
     assert guard.decide("/v1/models", {}).status == 401
+
+
+async def test_a_deadline_says_the_server_s_setting_not_a_client_timeout(
+    ehr: httpx.AsyncClient, es384: Signer, cds_app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook caller cannot send a timeout: the 503 names the server's setting instead."""
+    clinical = cds_app.state.cds
+    short = clinical.settings.model_copy(update={"cds_timeout_ms": 0.001})
+    monkeypatch.setattr(clinical, "settings", short)
+    r = await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now())))
+    assert r.status_code == 503, r.text
+    (issue,) = outcome(r)["issue"]
+    assert issue["code"] == "transient"
+    assert issue["diagnostics"].startswith("the request's deadline passed")
+    assert "MCSERVE_CDS_TIMEOUT_MS" in issue["diagnostics"]
+    assert "timeout_ms on /v1" not in issue["diagnostics"]

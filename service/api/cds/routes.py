@@ -39,7 +39,7 @@ from service.clinical.orders import wanted
 from service.clinical.search import Limits
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel
-from service.errors import MissingDataError
+from service.errors import DeadlineExceededError, MissingDataError
 
 log = logging.getLogger("mcserve.cds")
 audit = logging.getLogger("mcserve.cds.audit")
@@ -138,8 +138,15 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     params = to_params(PredictParameters(), model, st.settings.max_samples)
     batcher = st.batcher(model.name, model.version)
     card_id = str(uuid.uuid4())  # known before the answer: the audit record names it
-    timeout = cds.settings.cds_timeout_ms / 1000.0
-    pred = await run(request, batcher, x, params, timeout, card_uuid=card_id)
+    ms = cds.settings.cds_timeout_ms
+    try:
+        pred = await run(request, batcher, x, params, ms / 1000.0, card_uuid=card_id)
+    except DeadlineExceededError as exc:  # a hook caller cannot set a timeout of its own
+        hint = (
+            f"the server gives a hook call's compute {ms:g} ms (MCSERVE_CDS_TIMEOUT_MS); retry "
+            "later, or ask its operator to raise that setting"
+        )
+        raise DeadlineExceededError(exc.what, hint) from exc
     ctx = fhir.Context(
         subject=ex.patient,
         when=now,

@@ -31,7 +31,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _open(url: str | None, path: Path | None) -> Store:
-    from service.audit.store import open_store
+    from service.audit.backend import open_store
     from service.settings import Settings
 
     s = Settings()

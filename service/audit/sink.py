@@ -29,8 +29,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from service.audit.backend import open_store
 from service.audit.rows import Message, RowContext, row
-from service.audit.store import Store, StoreError, open_store
+from service.audit.store import Store, StoreError
 from service.child import spawn
 
 

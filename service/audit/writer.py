@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.audit.backend import open_store
 from service.audit.record import Event, message, replica, software
 from service.audit.rows import InputsMode, Message, dumps
 from service.audit.sink import SinkClient
-from service.audit.store import Store, open_store
+from service.audit.store import Store
 from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 
 from service.api.app import create_app
-from service.audit.store import Store, open_store
+from service.audit.backend import open_store
+from service.audit.store import Store
 from service.settings import Settings
 
 

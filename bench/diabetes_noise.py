@@ -33,8 +33,8 @@ from service.calibration.evaluation import evaluate, finite_or_none
 from service.calibration.recalibration import calibrate_bundle
 from service.engine.model import ServedModel
 from service.packaging import save
-from service.training.cli import served_module
 from service.training.mlp import train_mlp
+from service.training.served import served_module
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f[1] for f in diabetes.FEATURES]

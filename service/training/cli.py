@@ -22,7 +22,6 @@ calibration rows, into the next version, whose path is printed.
 from __future__ import annotations
 
 import csv
-import math
 import platform
 import re
 import tempfile
@@ -36,48 +35,15 @@ from torch import nn
 
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
-from service.calibration.metrics import mixture_log_likelihood
-from service.errors import InvalidInputError, McServeError, ModelError
-from service.nn import Affine
+from service.errors import InvalidInputError, McServeError
 from service.packaging import save
 from service.training.mlp import Noise, train_mlp
-from service.training.results import FittedMLP, TrainResult
+from service.training.results import TrainResult
+from service.training.served import METRIC_PASSES, check_served, held_out_metrics, served_module
 from service.training.table import Table, read_table, split
 
 VALID_RANGE_WIDTHS = 10.0  # hard valid range: this many training-range widths either side
-METRIC_PASSES = 100  # MC passes for the held-out metrics (the bundle's default samples)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def served_module(fitted: FittedMLP) -> nn.Sequential:
-    """Raw inputs in, raw target (or logits) out: the fitted layers between two Affines."""
-
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)
-
-    layers: list[nn.Module] = [Affine.of(t(fitted.x_mean), t(fitted.x_std)), *fitted.model]
-    if fitted.task == "regression":
-        layers.append(Affine.of(*(t(a) for a in fitted.output_affine())))
-    return nn.Sequential(*layers).eval()
-
-
-def fitted_deterministic(fitted: FittedMLP, x: np.ndarray) -> np.ndarray:
-    """The fitted model's dropout-free prediction in original units (logits for classifiers)."""
-    xs = ((np.asarray(x, np.float64) - fitted.x_mean) / fitted.x_std).astype(np.float32)
-    with torch.inference_mode():
-        out = fitted.model.eval()(torch.from_numpy(xs)).double().numpy()
-    if fitted.task == "regression":
-        return fitted.to_original(out)
-    return np.asarray(out)
-
-
-def _check_served(module: nn.Module, fitted: FittedMLP, x: np.ndarray) -> None:
-    with torch.inference_mode():
-        got = module.eval()(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
-    want = fitted_deterministic(fitted, x)
-    scale = float(np.max(fitted.y_std)) if fitted.y_std is not None else 1.0
-    if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * scale):
-        raise ModelError("the served module does not reproduce the fitted model's predictions")
 
 
 def _ranges(x: np.ndarray) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
@@ -89,33 +55,6 @@ def _ranges(x: np.ndarray) -> tuple[list[tuple[float, float]], list[tuple[float,
         for a, b, w in zip(lo, hi, width, strict=True)
     ]
     return training, valid
-
-
-def _metrics(fitted: FittedMLP, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, float]:
-    """Held-out numbers on the calibration rows (MC averages, `METRIC_PASSES` passes)."""
-    if len(x) == 0:
-        return {}
-    samples = fitted.sample(x, METRIC_PASSES, seed=seed)  # [T, N, D]
-    if fitted.task == "classification":
-        probs = samples.mean(axis=0)
-        p_true = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
-        return {
-            "calibration_accuracy": round(float((probs.argmax(-1) == y).mean()), 6),
-            "calibration_nll": round(float(-np.log(p_true).mean()), 6),
-        }
-    f, yt = samples[:, :, 0], y
-    if fitted.learned_noise:  # the mixture of the passes' learned Gaussians
-        ll = mixture_log_likelihood(f, yt, np.exp(samples[:, :, 1]))
-    else:
-        assert fitted.tau is not None
-        tau = float(fitted.tau[0])
-        sq = -0.5 * tau * (f - yt) ** 2  # [T, N]
-        m = sq.max(axis=0)
-        ll = m + np.log(np.exp(sq - m).mean(axis=0)) + 0.5 * (math.log(tau) - math.log(2 * math.pi))
-    return {
-        "calibration_rmse": round(float(np.sqrt(((f.mean(axis=0) - yt) ** 2).mean())), 6),
-        "calibration_ll": round(float(ll.mean()), 6),
-    }
 
 
 def default_name(path: Path) -> str:
@@ -318,7 +257,7 @@ def train(
             typer.echo(f"note: {note}", err=True)
         fm = res.final
         module = served_module(fm)
-        _check_served(module, fm, table.x)
+        check_served(module, fm, table.x)
         training_ranges, valid_ranges = _ranges(xtr)
         noise_var = float(1.0 / fm.tau[0]) if fm.tau is not None else None
         bundle = save(
@@ -340,7 +279,7 @@ def train(
             defaults=Defaults(samples=METRIC_PASSES, confidence=0.95, interval="gaussian"),
             training=Training(
                 provenance=_provenance(table, target, res, seed, len(tr), len(cal)),
-                metrics=_metrics(fm, table.x[cal], table.y[cal], seed),
+                metrics=held_out_metrics(fm, table.x[cal], table.y[cal], seed),
                 row_fingerprints={
                     "train": row_fingerprint(xtr),
                     "calibration": row_fingerprint(table.x[cal]),

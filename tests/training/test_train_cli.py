@@ -18,7 +18,7 @@ from service.bundle.load import load_bundle
 from service.cli import app
 from service.settings import Settings
 from service.training import train_mlp
-from service.training.cli import fitted_deterministic, served_module
+from service.training.served import fitted_deterministic, served_module
 
 runner = CliRunner()
 N = 300

@@ -77,10 +77,14 @@ class DeadlineExceededError(McServeError):
         "allow more time (timeout_ms on /v1, timeout on /v2), send fewer instances or samples, "
         "or retry later"
     )
+    QUEUED = "allow more time (timeout_ms on /v1, timeout on /v2) or retry later"  # no compute
 
     def __init__(self, what: str, hint: str = HINT) -> None:
         super().__init__(f"{what}; {hint}")
-        self.what = what
+        self.what, self.hint = what, hint
+
+    def __reduce__(self) -> tuple[Any, ...]:  # from the compute process: the parts, not the sum
+        return (type(self), (self.what, self.hint))
 
 
 class CancelledError(McServeError):

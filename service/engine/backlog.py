@@ -42,7 +42,11 @@ def expired(item: Queued) -> DeadlineExceededError:
     """The 504 of a request whose deadline passed in the queue: before any compute, or
     between two turns of a long one (turns.py)."""
     t = item.turns
-    return t.late(during=False) if t is not None and t.done else DeadlineExceededError(EXPIRED)
+    return (
+        t.late(during=False)
+        if t is not None and t.done
+        else DeadlineExceededError(EXPIRED, DeadlineExceededError.QUEUED)
+    )
 
 
 def late(item: Queued, message: str) -> DeadlineExceededError:

@@ -271,7 +271,7 @@ class Batcher:
             if isinstance(res, BaseException):
                 if isinstance(res, DeadlineExceededError):  # screened, or stopped in compute
                     self.stats.expired += 1
-                    if str(res) == compute.STOPPED:
+                    if res.what == compute.STOPPED:
                         res = late(item, compute.STOPPED)
                 else:
                     self.stats.failed += 1

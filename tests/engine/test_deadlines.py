@@ -142,3 +142,11 @@ def test_compute_stops_a_request_whose_client_went(served: ServedModel) -> None:
         assert served.sampler.stats.skipped >= before + 2
     finally:
         flags.close()
+
+
+def test_a_deadline_error_keeps_its_parts_across_the_compute_process() -> None:
+    """Errors come back from the compute process pickled: the message once, its parts kept."""
+    err = DeadlineExceededError(STOPPED)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.what, back.hint, str(back)) == (STOPPED, err.hint, str(err))
+    assert str(back).count(DeadlineExceededError.HINT) == 1

@@ -4,6 +4,7 @@ and the requests behind it wait for one turn, not for all of it."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from service.encode import response_json
 from service.engine import turns
 from service.engine.adaptive import Adaptive
 from service.engine.batcher import Batcher
-from service.engine.compute import Outcome, Part, Work, run
+from service.engine.compute import STOPPED, Outcome, Part, Work, run
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.errors import DeadlineExceededError
@@ -151,6 +152,38 @@ class Pipeline:
         finally:
             self.batches -= 1
             self.turns -= turn
+
+
+class StopsAtTurn(Pipeline):
+    """The compute process stopping a request's third turn at its deadline (as its sampler
+    does), the error pickled as it comes back from the process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    async def compute(self, model: ServedModel, works: list[Work]) -> list[Outcome]:
+        if any(w.part or w.prior is not None for w in works):
+            self.seen += 1
+            if self.seen == 3:
+                return [pickle.loads(pickle.dumps(DeadlineExceededError(STOPPED))) for _ in works]
+        return await super().compute(model, works)
+
+
+async def test_a_turn_stopped_in_compute_says_how_far_it_got(
+    models: dict[str, ServedModel],
+) -> None:
+    pipe = StopsAtTurn()
+    b = Batcher(models["tabular"], ThreadPoolExecutor(1), turn_ms=TINY_MS, remote=pipe)  # type: ignore[arg-type]
+    b.start()
+    try:
+        fut = b.enqueue(_inputs("tabular", 50), PredictParams(samples=999, confidence=(0.9,)))
+        with pytest.raises(DeadlineExceededError, match=r"during turns .* after 64 of its 999 "):
+            await fut
+        assert b.stats.expired == 1
+    finally:
+        await b.stop()
+    assert b.stats.queue_rows == 0
 
 
 async def test_one_turn_at_a_time_is_in_flight(models: dict[str, ServedModel]) -> None:

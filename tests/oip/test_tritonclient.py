@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.api.common import examples
 from service.engine.backlog import EXPIRED
+from service.errors import DeadlineExceededError
 
 pytestmark = pytest.mark.slow
 MODELS = ("breast-cancer", "diabetes", "digits")
@@ -147,7 +148,9 @@ def test_output_subset_request_id_and_version(client: triton.InferenceServerClie
 def test_deadline(client: triton.InferenceServerClient) -> None:
     x = [tensor(batch("diabetes"))]
     error = refused(lambda: client.infer("diabetes", x, timeout=1))  # 1 microsecond
-    assert error.status() == "504" and error.message() == EXPIRED
+    assert error.status() == "504" and error.message() == str(
+        DeadlineExceededError(EXPIRED, DeadlineExceededError.QUEUED)
+    )
     result = client.infer("diabetes", x, timeout=60_000_000, parameters=PARAMS)
     assert result.as_numpy("mean") is not None
 

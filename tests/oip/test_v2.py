@@ -16,7 +16,7 @@ from service.api.common import examples
 from service.api.oip import infer
 from service.api.oip import routes as v2
 from service.engine.backlog import EXPIRED
-from service.errors import OverloadedError
+from service.errors import DeadlineExceededError, OverloadedError
 
 HEADER = "Inference-Header-Content-Length"
 ROWS = examples.ROWS
@@ -350,7 +350,9 @@ async def test_reserved_parameters_and_deadline(oip: httpx.AsyncClient) -> None:
     same = (await oip.post("/v2/models/diabetes/infer", json=reserved)).json()
     assert same["outputs"] == plain["outputs"]  # accepted and ignored
     r = await oip.post("/v2/models/diabetes/infer", json=body("diabetes", timeout=1))
-    assert r.status_code == 504 and r.json()["error"] == EXPIRED
+    assert r.status_code == 504 and r.json()["error"] == str(
+        DeadlineExceededError(EXPIRED, DeadlineExceededError.QUEUED)
+    )
     r = await oip.post("/v2/models/diabetes/infer", json=body("diabetes", timeout=60_000_000))
     assert r.status_code == 200
 

@@ -4,8 +4,9 @@ Imported on first use only (it imports numba, about 0.4 s). Module-level functio
 numba caches their machine code on disk (`cache=True`) and loads it in later processes, where
 it would recompile closures each time (about 2 s per process). Each kernel is compiled twice,
 over numba's threads and on the calling thread; numba keys its cache by the function's name, so
-the serial build is a renamed copy and never loads the parallel one's code. A cache built from
-other mask constants would disagree with the torch path, and `fused.verified` would refuse it.
+the serial build is a renamed copy and never loads the parallel one's code. numba reads only
+this file to tell a cache is stale, so the mask constants are written out here (and checked
+against masks.py's): changing them means editing this file, which recompiles the kernels.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from service.engine.masks import GAMMA as _GAMMA
-from service.engine.masks import MUL1 as _MUL1
-from service.engine.masks import MUL2 as _MUL2
+from service.engine import masks
 
 log = logging.getLogger(__name__)
 
-GAMMA, MUL1, MUL2 = np.uint64(_GAMMA), np.uint64(_MUL1), np.uint64(_MUL2)
+GAMMA, MUL1 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+MUL2 = np.uint64(0x94D049BB133111EB)
+if (int(GAMMA), int(MUL1), int(MUL2)) != (masks.GAMMA, masks.MUL1, masks.MUL2):
+    raise ImportError("mask_kernels.py's constants differ from masks.py's: copy them here")
 
 
 @njit(inline="always")

@@ -212,3 +212,17 @@ def test_without_a_writable_cache_the_kernels_compile_in_each_process(tmp_path: 
     assert (ok, hits) == (True, [0, 0, 0, 0])
     assert "numba cannot cache the mask kernels here" in log
     assert not (tmp_path / "numba").exists()
+
+
+def test_kernels_whose_constants_differ_from_masks_py_are_not_used(tmp_path: Path) -> None:
+    """numba reads only mask_kernels.py to tell a cache is stale: its constants are copies,
+    checked against masks.py's, so a change in one place only cannot serve cached masks."""
+    code = (
+        "from service.engine import masks; masks.GAMMA ^= 1; from service.engine import fused; "
+        "print(fused.kernels() is None, fused.verified(False))"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "False"]
+    assert "constants differ from masks.py's" in proc.stderr

@@ -17,6 +17,7 @@ the 2 shared cores, since each keeps about one core busy.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,24 +67,27 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[P
     """Every setting's pytest run, started at once; each test waits for its own."""
     numpy_targets = _numpy_without_avx512()
     started: dict[str, tuple[Popen[str], Path]] = {}
-    for name, setting in SETTINGS.items():
-        env = {**os.environ, **setting, "PYTHONPATH": str(ROOT)}
-        if numpy_targets:
-            env["NPY_DISABLE_CPU_FEATURES"] = numpy_targets
-        tmp = tmp_path_factory.mktemp(name)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        cmd += ["--basetemp", str(tmp / "pytest"), *DETERMINISM_TESTS]
-        log = tmp / "log.txt"
-        with log.open("w") as out:
-            started[name] = (
-                Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=STDOUT, text=True),
-                log,
-            )
-    yield started
-    for proc, _ in started.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    try:
+        for name, setting in SETTINGS.items():
+            env = {**os.environ, **setting, "PYTHONPATH": str(ROOT)}
+            if numpy_targets:
+                env["NPY_DISABLE_CPU_FEATURES"] = numpy_targets
+            tmp = tmp_path_factory.mktemp(name)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            cmd += ["--basetemp", str(tmp / "pytest"), *DETERMINISM_TESTS]
+            log = tmp / "log.txt"
+            with log.open("w") as out:  # its own session: ended with what it started
+                proc = Popen(
+                    cmd, cwd=ROOT, env=env, stdout=out, stderr=STDOUT, text=True,
+                    start_new_session=True,
+                )  # fmt: skip
+            started[name] = (proc, log)
+        yield started
+    finally:
+        for proc, _ in started.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))

@@ -5,14 +5,13 @@ the same."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from models import medical_abstracts
-from tests.models.test_reproducible import ROOT, hashes
+from tests.models.test_reproducible import build_twice
 
 pytestmark = pytest.mark.skipif(
     not (medical_abstracts.DATA / "medical_tc_test.csv").is_file(),
@@ -26,18 +25,8 @@ SCRIPT = (
 
 
 def test_two_subset_builds_give_identical_artifacts(tmp_path: Path) -> None:
-    results = []
-    for run in ("a", "b"):
-        proc = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(tmp_path / run)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        results.append(hashes(tmp_path / run))
-    first, second = results
+    cmd = [sys.executable, "-c", SCRIPT]
+    first, second = build_twice(cmd, [tmp_path / "a", tmp_path / "b"])
     assert any(name.endswith("tokenizer.json") for name in first)
     assert any(name.endswith("weights.safetensors") for name in first)
     assert any(name.endswith("medical-abstracts-test.csv") for name in first)

@@ -45,12 +45,12 @@ from service.calibration.data import read
 from service.calibration.metrics import bootstrap_auroc
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
+from service.engine.regression import summarize_regression
 from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
     summarize_classification,
-    summarize_regression,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

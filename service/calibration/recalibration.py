@@ -29,8 +29,9 @@ from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
 from service.engine.model import ServedModel
 from service.engine.referral import budget_threshold, outside_training, relative_width
+from service.engine.regression import summarize_regression
 from service.engine.sampler import MCRequest
-from service.engine.summaries import summarize_classification, summarize_regression
+from service.engine.summaries import summarize_classification
 from service.errors import BundleError, InvalidInputError
 
 PERCENTILE = 90.0  # the default policy refers 100 - PERCENTILE % of the calibration rows

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the type checker sees the real names; runtime imports them on first use
     from service.engine.masks import KeepRule, keep_bytes, keep_bytes_numpy
     from service.engine.onnx_predictor import OnnxPredictor, export_onnx
+    from service.engine.regression import summarize_regression
     from service.engine.sampler import MCRequest, MCSampler, SamplerStats, default_device
     from service.engine.summaries import (
         ClassificationSummary,
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # the type checker sees the real names; runtime imports them 
         RegressionSummary,
         SummaryError,
         summarize_classification,
-        summarize_regression,
     )
 
 _EXPORTS = {
@@ -42,7 +42,7 @@ _EXPORTS = {
     "RegressionSummary": "service.engine.summaries",
     "SummaryError": "service.engine.summaries",
     "summarize_classification": "service.engine.summaries",
-    "summarize_regression": "service.engine.summaries",
+    "summarize_regression": "service.engine.regression",
 }
 __all__ = [
     "ClassificationSummary",

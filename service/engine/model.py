@@ -19,13 +19,13 @@ from service.engine.device import describe
 from service.engine.onnx_predictor import OnnxPredictor
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
+from service.engine.regression import summarize_regression
 from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
     min_samples_for_quantile,
     softmax,
-    summarize_regression,
 )
 from service.errors import BundleError, InvalidInputError, ModelError
 

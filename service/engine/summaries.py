@@ -1,4 +1,5 @@
-"""Turn Monte Carlo dropout samples into predictive summaries (see reference/mc-dropout.md).
+"""Turn Monte Carlo dropout samples into predictive summaries (see reference/mc-dropout.md):
+classification here, regression in regression.py, both on the shared checks below.
 
 Shapes are samples-first:
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -29,10 +29,7 @@ from service.errors import InvalidInputError
 Method = Literal["gaussian", "quantile"]
 
 _MAX_LEVELS = 5
-# Quantile intervals of a noisy regressor sample its predictive mixture this many times (at
-# least): the MC error of a 95 % end point is then about 0.4 % of the std, not 2 % (T = 100).
-MIXTURE_DRAWS = 4000
-_METHODS: tuple[str, ...] = ("gaussian", "quantile")
+METHODS: tuple[str, ...] = ("gaussian", "quantile")
 
 
 class SummaryError(InvalidInputError, ValueError):
@@ -132,7 +129,7 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.asarray(-np.sum(p * log_p, axis=axis))
 
 
-def _over_passes(x: np.ndarray) -> np.ndarray:
+def over_passes(x: np.ndarray) -> np.ndarray:
     """Move the passes axis last, contiguous: every reduction over passes then runs the same
     pairwise summation whatever the batch size, so an input's summary is bit-identical alone
     or summarised together with other requests' inputs (numpy sums a contiguous axis pairwise
@@ -140,8 +137,8 @@ def _over_passes(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, 0, -1))
 
 
-def _quantiles(x_last: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """The alpha/2 and 1 - alpha/2 quantiles over the passes of ``_over_passes`` output.
+def quantiles(x_last: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The alpha/2 and 1 - alpha/2 quantiles over the passes of ``over_passes`` output.
 
     The same numbers as np.quantile over axis 0 of [T, ...] (order statistics do not depend on
     the layout), but numpy partitions along its first axis, which for [T, ...] strides across
@@ -151,7 +148,7 @@ def _quantiles(x_last: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray
     return lo, hi
 
 
-def _as_samples(values: np.ndarray, name: str) -> np.ndarray:
+def as_samples(values: np.ndarray, name: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 3:
         raise SummaryError(
@@ -170,117 +167,13 @@ def _as_samples(values: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
-def _check_quantile_samples(levels: tuple[float, ...], t: int, what: str, fix: str) -> None:
+def check_quantile_samples(levels: tuple[float, ...], t: int, what: str, fix: str) -> None:
     for level in levels:
         need = min_samples_for_quantile(level)
         if t < need:
             raise SummaryError(
                 f"{what} at {level:g} need samples >= {need} (got {t}); ask for more samples {fix}"
             )
-
-
-def _noise_variance(noise_var: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Return the noise variance as float64, scalar (homoscedastic) or ``shape`` (per pass)."""
-    s2 = np.asarray(noise_var, dtype=np.float64)
-    if s2.ndim != 0 and s2.shape != shape:
-        raise SummaryError(
-            f"noise_var must be a number or an array shaped like the samples {shape}, "
-            f"got shape {tuple(s2.shape)}"
-        )
-    # `~(s2 >= 0)` catches NaN as well as negatives.
-    if np.any(~(s2 >= 0)) or not np.all(np.isfinite(s2)):
-        raise SummaryError("noise_var must be finite and >= 0 (a variance); check the noise head")
-    return s2
-
-
-def mixture_draws_per_pass(t: int) -> int:
-    """Draws from each pass's Gaussian for quantile intervals: at least MIXTURE_DRAWS in all."""
-    return max(1, math.ceil(MIXTURE_DRAWS / t))
-
-
-def _mixture_draws(f_last: np.ndarray, s2: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Samples of the mixture of N(f_t, s2_t): [B, D, T] means -> [B, D, T * M] draws.
-
-    M = `mixture_draws_per_pass(T)` draws per pass, so a 95 % end point of T = 100 passes comes
-    from 4,000 draws, not 100. The normal draws are laid out input-major ([B, D, T, M] in C
-    order), so an input's draws do not depend on the inputs after it."""
-    b, d, t = f_last.shape
-    m = mixture_draws_per_pass(t)
-    sd = np.sqrt(s2) if s2.ndim == 0 else _over_passes(np.sqrt(s2))
-    eps = rng.standard_normal((b, d, t, m))
-    sd_ = sd if sd.ndim == 0 else sd[..., None]
-    return (f_last[..., None] + sd_ * eps).reshape(b, d, t * m)
-
-
-def summarize_regression(
-    samples: np.ndarray,
-    *,
-    levels: Sequence[float],
-    method: Method = "gaussian",
-    noise_var: float | np.ndarray | None = None,
-    rng: np.random.Generator | None = None,
-) -> RegressionSummary:
-    """Mean, epistemic/aleatoric/total std, MC error and intervals from ``samples`` [T, B, D].
-
-    ``noise_var`` is 1/tau (a number) or per-pass variances s_t^2 [T, B, D] from a heteroscedastic
-    head (service/engine/heads.py). The predictive distribution is then the mixture of the T
-    Gaussians N(f_t, s_t^2): mean = mean of the f_t, aleatoric = sqrt(mean of the s_t^2),
-    epistemic = std of the f_t, std = sqrt(epistemic^2 + aleatoric^2) (the mixture's own std).
-    Gaussian intervals are mean -+ z std; quantile intervals are quantiles of draws from the
-    mixture (`_mixture_draws`) with ``rng`` (then required: the same generator state gives the
-    same bounds).
-    """
-    f = _as_samples(samples, "samples")
-    levels_ = check_levels(levels)
-    if method not in _METHODS:
-        raise SummaryError(f"unknown interval method {method!r}; use one of {', '.join(_METHODS)}")
-    t = f.shape[0]
-    if method == "quantile":
-        # Check before any work: the client can fix this by asking for more passes.
-        _check_quantile_samples(levels_, t, "quantile intervals", "or use interval=gaussian")
-
-    mean = _over_passes(f).mean(axis=-1)
-    # np.var subtracts the mean first, avoiding the cancellation of E[f^2] - E[f]^2.
-    var_e = np.clip(_over_passes(f).var(axis=-1), 0.0, None)
-    s2 = None if noise_var is None else _noise_variance(noise_var, f.shape)
-    if s2 is None:
-        var_a = np.zeros_like(mean)
-    elif s2.ndim == 0:
-        var_a = np.full_like(mean, float(s2))
-    else:
-        var_a = _over_passes(s2).mean(axis=-1)
-    std = np.sqrt(var_e + var_a)
-    epistemic_std = np.sqrt(var_e)
-
-    intervals: list[Interval] = []
-    if method == "gaussian":
-        for level in levels_:
-            z = NormalDist().inv_cdf(0.5 + level / 2.0)
-            intervals.append(Interval(level, method, mean - z * std, mean + z * std))
-    else:
-        y_last = _over_passes(f)
-        # Without noise the quantiles would be epistemic only; zero noise needs no random draws.
-        if s2 is not None and np.any(s2 > 0):
-            if rng is None:
-                raise SummaryError(
-                    "quantile intervals with noise_var need a random generator (rng) to sample "
-                    "the noise; pass rng=np.random.default_rng(seed)"
-                )
-            y_last = _mixture_draws(y_last, s2, rng)
-        for level in levels_:
-            alpha = 1.0 - level
-            lo, hi = _quantiles(y_last, alpha)
-            intervals.append(Interval(level, method, lo, hi))
-
-    return RegressionSummary(
-        mean=mean,
-        std=std,
-        epistemic_std=epistemic_std,
-        aleatoric_std=np.sqrt(var_a),
-        mc_standard_error=epistemic_std / math.sqrt(t),
-        intervals=tuple(intervals),
-        samples=t,
-    )
 
 
 def summarize_classification(
@@ -297,7 +190,7 @@ def summarize_classification(
     (`scaling.calibrated_logits`; scale and bias [K], both or neither). ``levels`` may be empty:
     no per-class intervals (the served model drops the levels that need more passes than were
     run, possibly all of them)."""
-    z = _as_samples(logits, "logits")
+    z = as_samples(logits, "logits")
     levels_ = check_levels(levels) if len(levels) else ()
     t, _, k = z.shape
     if k < 2:
@@ -306,14 +199,14 @@ def summarize_classification(
         temp, scale, bias = scaling.check(k, temperature, class_scale, class_bias)
     except scaling.ScalingError as exc:
         raise SummaryError(exc.message) from exc
-    _check_quantile_samples(levels_, t, "per-class intervals", "or a lower confidence")
+    check_quantile_samples(levels_, t, "per-class intervals", "or a lower confidence")
 
     p_t = softmax(scaling.calibrated_logits(z, temp, scale, bias), axis=-1)  # [T, B, K]
-    p_last = _over_passes(p_t)  # [B, K, T]
+    p_last = over_passes(p_t)  # [B, K, T]
     p = p_last.mean(axis=-1)
     probability_std = p_last.std(axis=-1)  # ddof=0, as E[p^2] - E[p]^2
     predictive_entropy = entropy(p, axis=-1)
-    expected_entropy = _over_passes(entropy(p_t, axis=-1)).mean(axis=-1)
+    expected_entropy = over_passes(entropy(p_t, axis=-1)).mean(axis=-1)
     # H[mean] >= mean H by concavity; rounding can still leave a -1e-17.
     mutual_information = np.clip(predictive_entropy - expected_entropy, 0.0, None)
 
@@ -324,7 +217,7 @@ def summarize_classification(
     intervals: list[Interval] = []
     for level in levels_:
         alpha = 1.0 - level
-        lo, hi = _quantiles(p_last, alpha)
+        lo, hi = quantiles(p_last, alpha)
         intervals.append(Interval(level, "quantile", np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)))
 
     return ClassificationSummary(

@@ -20,7 +20,7 @@ from service.engine import heads
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.referral import assess
-from service.engine.summaries import summarize_regression
+from service.engine.regression import summarize_regression
 from service.errors import BundleError, ModelError
 from service.packaging import save
 
@@ -114,7 +114,7 @@ def test_quantiles_of_a_two_component_mixture() -> None:
 
 
 def heads_draws(t: int) -> int:
-    from service.engine.summaries import mixture_draws_per_pass
+    from service.engine.regression import mixture_draws_per_pass
 
     return mixture_draws_per_pass(t)
 

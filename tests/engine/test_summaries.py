@@ -8,6 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
+from service.engine.regression import summarize_regression
 from service.engine.summaries import (
     ClassificationSummary,
     Interval,
@@ -18,7 +19,6 @@ from service.engine.summaries import (
     min_samples_for_quantile,
     softmax,
     summarize_classification,
-    summarize_regression,
 )
 
 # Standard normal quantiles z_{1-alpha/2} from tables: level 0.5 -> z_0.75, 0.9 -> z_0.95,
@@ -346,7 +346,7 @@ def test_gaussian_quantiles_match_normal_dist() -> None:
 
 
 def test_quantile_intervals_equal_numpys_over_the_passes_axis_bit_for_bit() -> None:
-    """The passes-last layout (summaries._quantiles) changes where numpy reads, not a bit."""
+    """The passes-last layout (summaries.quantiles) changes where numpy reads, not a bit."""
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(100, 64, 10))
     clf = summarize_classification(logits, levels=[0.8, 0.95])

@@ -8,7 +8,7 @@ bit-identical to the torch path (tested), and measured 0.20 ms against 0.77 ms f
 128 features (the digits head at T = 100, B = 64) on 2 CPU cores.
 
 numba compiles the kernels when the first model loads (`verified`: compiled and checked against
-the torch path; about 2 s per process) and keeps the machine code on disk, in `__pycache__`
+the torch path; up to 2 s per process) and keeps the machine code on disk, in `__pycache__`
 beside this file or, where that is read-only, under `$XDG_CACHE_HOME/numba` (`NUMBA_CACHE_DIR`
 overrides both): later processes on the machine load it (a server, its compute process, a
 restarted one). numba keys that cache by the CPU, so another CPU compiles its own; the directory

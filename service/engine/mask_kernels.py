@@ -2,7 +2,7 @@
 
 Imported on first use only (it imports numba, about 0.4 s). Module-level functions, because
 numba caches their machine code on disk (`cache=True`) and loads it in later processes, where
-it would recompile closures each time (about 2 s per process). Each kernel is compiled twice,
+it would recompile closures each time (up to 2 s per process). Each kernel is compiled twice,
 over numba's threads and on the calling thread; numba keys its cache by the function's name, so
 the serial build is a renamed copy and never loads the parallel one's code. numba reads only
 this file to tell a cache is stale, so the mask constants are written out here (and checked

@@ -94,8 +94,8 @@ FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 mcserve \
     && useradd --system --no-log-init --uid 10001 --gid mcserve \
        --home-dir /home/mcserve --create-home --shell /usr/sbin/nologin mcserve
-# XDG_CACHE_HOME: onnxruntime keeps a cache under it, and numba its compiled mask kernels (so the
-# compute process and a restarted one load them instead of compiling them); /tmp is the one
+# XDG_CACHE_HOME: onnxruntime keeps a cache under it, and numba the mask kernels the compute
+# process compiles (a restarted compute process loads them instead); /tmp is the one
 # writable path when the root filesystem is read-only (Kubernetes mounts an emptyDir there).
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONPATH=/opt/app \

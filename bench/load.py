@@ -107,7 +107,7 @@ def start(
                 return proc, port
         except httpx.TransportError:
             pass
-        time.sleep(0.05)  # a 503 while loading too: polling flat out slowed the start it timed
+        time.sleep(0.05)  # a finer poll than 0.2 s: bench/start.py times the start itself
     stop(proc)
     raise RuntimeError(f"{kind} did not become ready")
 

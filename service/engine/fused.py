@@ -10,11 +10,12 @@ bit-identical to the torch path (tested), and measured 0.20 ms against 0.77 ms f
 numba compiles the kernels when the first model loads (`verified`: compiled and checked against
 the torch path; up to 2 s per process) and keeps the machine code on disk, in `__pycache__`
 beside this file or, where that is read-only, under `$XDG_CACHE_HOME/numba` (`NUMBA_CACHE_DIR`
-overrides both): later processes on the machine load it (a server, its compute process, a
-restarted one). numba keys that cache by the CPU, so another CPU compiles its own; the directory
-is not for sharing between machines (numba writes its index without a lock). Where numba is
-missing, a kernel fails that check, or the tensor is not float32 on the CPU, the torch path
-runs, which gives the same numbers.
+overrides both): later processes on the machine load it (a restarted compute process or
+server; with the compute process the server itself never uses the kernels). numba keys that
+cache by the CPU, so another CPU compiles its own; the directory is not for sharing between
+machines (numba writes its index without a lock). Where numba is missing, a kernel fails that
+check, or the tensor is not float32 on the CPU, the torch path runs, which gives the same
+numbers.
 """
 
 from __future__ import annotations

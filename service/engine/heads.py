@@ -3,7 +3,7 @@
 A heteroscedastic regressor (manifest ``aleatoric.kind = "heteroscedastic"``) outputs, per
 input, its D target means followed by D variance parameters v (Kendall & Gal 2017):
 ``log_variance`` gives s^2 = exp(v), ``softplus_std`` gives s = log(1 + exp(v)). Over T passes the
-predictive distribution is the mixture of the T Gaussians N(f_t, s_t^2); `summaries` reduces it.
+predictive distribution is the mixture of the T Gaussians N(f_t, s_t^2); `regression` reduces it.
 Every other regressor outputs D means and has one noise variance (or none) for every input.
 
 Pure numpy: used by the served model, calibration and evaluation alike.

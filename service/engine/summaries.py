@@ -11,7 +11,7 @@ Shapes are samples-first:
 All arithmetic is float64 (float32 inputs are cast first): variances are differences of similar
 numbers and lose too many digits in float32. Entropies are in nats, with 0 * log 0 = 0.
 
-Pure numpy plus ``math``/``statistics``, so the engine can be used and tested without torch or HTTP.
+Pure numpy plus ``math``, so the engine can be used and tested without torch or HTTP.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_a_temperature_only_bundle_answers_as_before(repo: Repo) -> None:
     pred = served.predict(ROWS, PredictParams(CAL_SAMPLES, (0.9,), seed=11))
     z = served.sample([MCRequest(ROWS, CAL_SAMPLES, 11)])[0]
     # Bit for bit what the temperature-only code computed: softmax(z / T), mean over passes
-    # (laid out passes-last, as summaries._over_passes does).
+    # (laid out passes-last, as summaries.over_passes does).
     old = np.ascontiguousarray(np.moveaxis(softmax(z.astype(np.float64) / t), 0, -1)).mean(-1)
     assert np.array_equal(pred.summary.probabilities, old)  # type: ignore[union-attr]
     assert "class_scale" not in served.calibrator.metadata()

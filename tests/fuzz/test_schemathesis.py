@@ -2,17 +2,21 @@
 fuzzing phases; positive and negative data): no server error, and every response conforms to the
 status codes, media types, headers and schemas that the OpenAPI document declares.
 
-Derandomized, so a failure replays. Each operation is its own pytest item; schemathesis runs the
-app's lifespan (models loaded and warmed) for each and ends it at the item's teardown.
+Derandomized, so a failure replays. Each operation is its own pytest item. The app's lifespan
+(models loaded and warmed, about 1 s) runs once for all of them (`one_lifespan`): schemathesis
+would end it at every item's teardown and start it again for the next.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import schemathesis
+from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi import checks as oas_checks
 from strategies import LENGTH, flatmap_case, flatmap_headers, flatmap_path_parameters
 
@@ -63,6 +67,20 @@ CHECKS = [
 
 for hook in (flatmap_path_parameters, flatmap_headers, flatmap_case):
     schema.hook(hook)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_lifespan() -> Iterator[None]:
+    """Keep the app's lifespan between the operations (its plugin's per-item teardown calls
+    `shutdown_lifespans`); end it after the last. The operations then also share the app's
+    state, as a server's clients do."""
+    real = schemathesis_asgi.shutdown_lifespans
+    schemathesis_asgi.shutdown_lifespans = lambda: None
+    try:
+        yield
+    finally:
+        schemathesis_asgi.shutdown_lifespans = real
+        real()
 
 
 @schema.parametrize()

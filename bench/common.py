@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 
 def children(pid: int) -> list[int]:
@@ -53,3 +55,11 @@ def timed(fn: Callable[[], object], repeat: int = 1) -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def write_report(out: Path, stem: str, res: dict[str, Any], text: str) -> None:
+    """`<out>/<stem>.json` (the results, sorted) and `<out>/<stem>.md` (`text`), and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)

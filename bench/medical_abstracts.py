@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, now
+from bench.common import machine, now, write_report
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration import metrics, temperature, vector
@@ -531,10 +531,7 @@ def main() -> None:
             "served": res_served,
             "dropout_sites": sites,
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comparisons.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    (args.out / "comparisons.md").write_text(_md(res))
-    print(_md(res))
+    write_report(args.out, "comparisons", res, _md(res))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from bench.common import machine
+from bench.common import machine, write_report
 from bench.medical_abstracts import ROOT, _detection, _scores
 from models import common
 from models import medical_abstracts as recipe
@@ -177,11 +177,8 @@ def main() -> None:
         "machine": machine(),
         "architectures": {a: score(b, args.data) for a, b in bundles.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "architectures.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     text = "\n".join(["# medical-abstracts: architectures on the test rows", "", *markdown(res)])
-    (args.out / "architectures.md").write_text(text + "\n")
-    print(text)
+    write_report(args.out, "architectures", res, text + "\n")
 
 
 if __name__ == "__main__":

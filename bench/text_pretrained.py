@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine, now
+from bench.common import machine, now, write_report
 from bench.medical_abstracts import ROOT, _detection, _paired_bootstrap, _scores, _uncertainty
 from models import common
 from models import medical_abstracts as recipe
@@ -264,10 +264,7 @@ def main() -> None:
     res["command"], res["machine"], res["date"] = (
         "python -m bench.text_pretrained", machine(), now()
     )  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pretrained.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    (args.out / "pretrained.md").write_text(_md(res))
-    print(_md(res))
+    write_report(args.out, "pretrained", res, _md(res))
 
 
 if __name__ == "__main__":

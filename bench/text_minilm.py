@@ -194,6 +194,28 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return np.asarray(z - np.logaddexp.reduce(z, axis=-1, keepdims=True))
 
 
+def measure_arms(
+    z: dict[str, dict[str, np.ndarray]],
+    y: np.ndarray,
+    cal: np.ndarray,
+    te: np.ndarray,
+    texts: Any,
+    res: dict[str, Any],
+) -> dict[str, Any]:
+    """Each arm's calibration-row and test-row measures into `res`; returns the test rows'
+    errors and scores per arm, for the paired bootstrap. Rows of one text are one group."""
+    by_text: dict[str, int] = {}
+    groups = np.array([by_text.setdefault(texts[i], len(by_text)) for i in te])
+    det: dict[str, Any] = {}
+    for arm in z:
+        zc, zt = z[arm]["calibration"], z[arm]["test"]
+        cal_res = calibration_rows(zc, y[cal])
+        cal_res.pop("row_nll_vector")
+        test_res, det[arm] = test_rows(zc, y[cal], zt, y[te], groups)
+        res[arm] = {"calibration": cal_res, "test": test_res}
+    return det
+
+
 def run(wheel: Path, reps: int) -> dict[str, Any]:
     torch.manual_seed(recipe.SEED)
     data = recipe.load_data()
@@ -219,17 +241,9 @@ def run(wheel: Path, reps: int) -> dict[str, Any]:
             z[f"served+{member}"][part] = 0.5 * (
                 _log_softmax(z["served"][part]) + _log_softmax(own)
             )
-    by_text: dict[str, int] = {}
-    groups = np.array([by_text.setdefault(data.texts[i], len(by_text)) for i in te])
     res: dict[str, Any] = {"wheel": wheel.name, "weights_sha256": WEIGHTS_SHA256}
     res |= {"lr_C": c, "head_epochs": epochs}
-    det: dict[str, Any] = {}
-    for arm in ARMS:
-        zc, zt = z[arm]["calibration"], z[arm]["test"]
-        cal_res = calibration_rows(zc, y[cal])
-        cal_res.pop("row_nll_vector")
-        test_res, det[arm] = test_rows(zc, y[cal], zt, y[te], groups)
-        res[arm] = {"calibration": cal_res, "test": test_res}
+    det = measure_arms(z, y, cal, te, data.texts, res)
     res["test_paired_bootstrap"] = {
         f"{arm}_minus_served": _paired_bootstrap(det[arm], det["served"], reps)
         for arm in ARMS

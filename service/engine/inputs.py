@@ -105,12 +105,33 @@ def check_size(raw: bytes, spec: InputSpec, max_instances: int) -> None:
     if len(raw) <= bound:  # fewer bytes than the bound: fewer separators too
         return
     count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if count > bound:  # a text's own commas are no values: count again, outside the strings
+        count = separators_outside_strings(raw)
     if count > bound:
+        what = "texts" if spec.text is not None else f"instances of shape {spec.shape}"
         raise PayloadTooLargeError(
-            f"the body holds {count} JSON values and arrays, more than {max_instances} instances "
-            f"of shape {spec.shape} can need ({bound}; setting max_instances): split the "
-            "request, or check the instances' shape"
+            f"the body holds {count} JSON values and arrays, more than {max_instances} {what} "
+            f"can need ({bound}; setting max_instances): split the request, or check the "
+            "instances' shape"
         )
+
+
+def separators_outside_strings(raw: bytes) -> int:
+    """The `,` `[` `{` of a JSON body that are not inside its strings, in a few vectorized passes
+    (about 8 ms for 8 MB here; a Python scan or a regular expression took up to 400 ms on the
+    event loop for bodies of many short or escaped strings). Invalid JSON gets some count;
+    its parse refuses it next."""
+    b = np.frombuffer(raw, np.uint8)
+    quote, backslash = b == ord('"'), b == ord("\\")
+    after = np.flatnonzero(quote[1:] & backslash[:-1]) + 1  # quotes that follow a backslash
+    if after.size:  # escaped when an odd run of backslashes precedes them
+        at = np.arange(b.size, dtype=np.int32)
+        last_other = np.maximum.accumulate(np.where(backslash, np.int32(-1), at))
+        run = (after - 1) - last_other[after - 1]
+        quote[after[run % 2 == 1]] = False
+    inside = np.bitwise_xor.accumulate(quote.view(np.uint8))  # 1 from an opening quote on
+    sep = (b == ord(",")) | (b == ord("[")) | (b == ord("{"))
+    return int(np.count_nonzero(sep & (inside == 0)))
 
 
 def check_count(count: int, max_instances: int) -> None:
@@ -128,6 +149,12 @@ def _leaves(v: Any) -> list[Any]:
 def _not_a_number(rows: Sequence[Any], spec: InputSpec) -> str:
     """The first element that is not a number, named (feature or element) and quoted as JSON."""
     for i, row in enumerate(rows):
+        if type(row) is not list:  # a bare value, not an array: no feature to name
+            names = " or an object keyed by its feature names" if spec.feature_names else ""
+            return (
+                f"instance {i} is {_quote(row)}, not an array; this model takes an array of "
+                f"numbers of shape {spec.shape}{names}"
+            )
         for j, v in enumerate(_leaves(row)):
             if type(v) is bool:
                 return (
@@ -137,12 +164,28 @@ def _not_a_number(rows: Sequence[Any], spec: InputSpec) -> str:
                 return f"instance {i}, {_feature(spec, j)}: null is not a number; send a value"
             if type(v) is str:
                 return (
-                    f"instance {i}, {_feature(spec, j)}: the string {v!r} is not a number; send "
+                    f"instance {i}, {_feature(spec, j)}: {_quote(v)} is not a number; send "
                     "numbers unquoted"
                 )
             if not isinstance(v, int | float):
                 return f"instance {i}, {_feature(spec, j)}: {type(v).__name__} is not a number"
     return _first_bad(rows, spec)
+
+
+QUOTE_CHARS = 40  # an error echoes this much of a value: enough to find it, never the body
+
+
+def _quote(v: Any) -> str:
+    """A value for an error message: strings quoted and cut, others named by their JSON type."""
+    if type(v) is str:
+        if len(v) <= QUOTE_CHARS:
+            return f"the string {v!r}"
+        return f"the string {v[:QUOTE_CHARS]!r}... ({len(v)} characters)"
+    if v is None:
+        return "null"
+    if type(v) is bool:
+        return "true/false"
+    return "a number" if isinstance(v, int | float) else "an object"
 
 
 def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:

@@ -204,6 +204,18 @@ BAD = [
         422,
         "instance 0, feature 'f2': the string 'x' is not a number; send numbers unquoted",
     ),
+    (  # a value is echoed cut: a megabyte string once came back whole in the error
+        {"instances": [[1, 2, "y" * 10_000, 4]]},
+        422,
+        f"instance 0, feature 'f2': the string {'y' * 40!r}... (10000 characters) is not a "
+        "number; send numbers unquoted",
+    ),
+    (  # a bare string is no feature's value: it was blamed on the first feature
+        {"instances": ["x" * 10_000]},
+        422,
+        f"instance 0 is the string {'x' * 40!r}... (10000 characters), not an array; this "
+        "model takes an array of numbers of shape [4] or an object keyed by its feature names",
+    ),
     (
         {"instances": [[1, 2, True, 4]]},
         422,

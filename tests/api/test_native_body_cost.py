@@ -4,6 +4,9 @@ worker thread."""
 
 from __future__ import annotations
 
+import json
+import random
+import re
 import threading
 from typing import Any
 
@@ -108,3 +111,24 @@ def test_no_valid_request_is_over_the_bound(spec: InputSpec) -> None:
     with pytest.raises(PayloadTooLargeError):
         inputs.check_size(b"[" * (inputs.value_bound(spec, 7) + 1), spec, 7)
     assert inputs.value_bound(spec, 7) < 2 * 7 * 3 * max(n, 4) + 1100  # the bound stays tight
+
+
+def _reference_count(raw: bytes) -> int:
+    """The JSON strings removed by their grammar, then the separators counted."""
+    bare = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b'""', raw)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
+
+
+def test_separators_are_counted_outside_strings_only() -> None:
+    """Random JSON with commas, brackets, quotes and backslash runs inside its strings (seeded):
+    the vectorized count equals the grammar's."""
+    rng = random.Random(7)
+    alphabet = ["a", ",", "[", "{", '"', "\\", "\\\\", "é", "\n", " "]
+    for _ in range(2000):
+        body: list[Any] = []
+        for _ in range(rng.randint(0, 6)):
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            body.append(rng.choice([s, {s: [s, 1]}, [1, [2, s]], 3.5]))
+        raw = json.dumps(body, ensure_ascii=rng.random() < 0.5).encode()
+        assert inputs.separators_outside_strings(raw) == _reference_count(raw), raw
+    assert inputs.separators_outside_strings(b'["a\\\\", "b\\"c,", [1, 2]]') == 5  # [ , , [ ,

@@ -94,3 +94,22 @@ async def test_a_lone_surrogate_escape_says_what_it_is(client: httpx.AsyncClient
         "(a \\ud800-\\udfff escape must be one half of a surrogate pair; a lone one is not "
         "Unicode: send the text as UTF-8, or escape whole characters)"
     )
+
+
+async def test_a_text_s_own_commas_are_not_counted_as_json_values(text_repo: Path) -> None:
+    """The body-cost check counted every `,` `[` `{`, those inside the texts too: a list of lab
+    values was refused with 413 on /v1 and /v2 (one such text, with max_instances=1). Values
+    outside the strings still are."""
+    labs = "Serum values (mg/dL): " + ", ".join(f"{i % 10}.{i % 7}" for i in range(3000))
+    v2 = {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [labs]}]}
+    settings = Settings(model_dir=text_repo, compute_process=False, max_instances=1)
+    async with running(settings) as app, asgi_client(app) as c:
+        r = await c.post(URL, json=_body([labs]))
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["truncated"] is True
+        r = await c.post("/v2/models/notes/infer", json=v2)
+        assert r.status_code == 200, r.text
+        hostile = b'{"instances": [' + b"0," * 20_000 + b'"a text"]}'
+        r = await c.post(URL, content=hostile, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert "more than 1 texts can need" in r.json()["error"]

@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 
-from service.api.oip.binary import _json_texts
+from service.api.oip.binary import _json_texts, decode_texts
+from service.api.oip.schemas import InputParameters, RequestInput
+from service.bundle.spec import InputSpec, TextInput
 from service.errors import InvalidInputError
+
+SPEC = InputSpec(dtype="int64", shape=[8], text=TextInput(tokenizer="tokenizer.json", max_tokens=8))
+TAIL = len(b"other text").to_bytes(4, "little") + b"other text"
 
 
 @pytest.mark.parametrize(
@@ -55,3 +60,35 @@ def test_other_forms_are_refused_with_the_fix(
     with pytest.raises(InvalidInputError) as e:
         _json_texts("input", shape, data)
     assert e.value.message == message
+
+
+def _bytes_input(data: list[Any] | None, size: int | None) -> RequestInput:
+    params = InputParameters(binary_data_size=size) if size is not None else None
+    return RequestInput(name="input", shape=[1], datatype="BYTES", data=data, parameters=params)
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "tail", "message"),
+    [
+        (["a text"], len(TAIL), TAIL, "give either data or parameters.binary_data_size, not both"),
+        (["a text"], 0, b"", "give either data or parameters.binary_data_size, not both"),
+        (["a text"], None, TAIL, f"the body holds {len(TAIL)} bytes after the JSON header that "
+         "no input claims (set parameters.binary_data_size)"),
+        (None, None, b"", "input 'input' has no data: give the texts in data, or "
+         "binary_data_size and the bytes after the JSON header"),
+    ],
+    ids=["data-and-binary", "data-and-size-0", "data-and-unclaimed-bytes", "neither"],
+)  # fmt: skip
+def test_json_and_binary_texts_are_never_mixed(
+    data: list[Any] | None, size: int | None, tail: bytes, message: str
+) -> None:
+    """Both given: which texts were meant is unknown; answering for the binary ones alone
+    would answer a question the client did not ask."""
+    with pytest.raises(InvalidInputError) as e:
+        decode_texts([_bytes_input(data, size)], memoryview(tail), SPEC, 8)
+    assert message in e.value.message
+
+
+def test_binary_texts_alone_are_read() -> None:
+    got = decode_texts([_bytes_input(None, len(TAIL))], memoryview(TAIL), SPEC, 8)
+    assert got == ["other text"]

@@ -207,10 +207,21 @@ def decode_texts(
     check_count(count, max_instances)
     size = inp.parameters.binary_data_size if inp.parameters else None
     if size is None:
-        data = inp.data
-        if data is None or len(binary):
-            raise InvalidInputError(f"input '{inp.name}': give the texts in data (or as binary)")
-        return _json_texts(inp.name, inp.shape, data)
+        if inp.data is None:
+            raise InvalidInputError(
+                f"input '{inp.name}' has no data: give the texts in data, or binary_data_size "
+                "and the bytes after the JSON header"
+            )
+        if len(binary):
+            raise InvalidInputError(
+                f"the body holds {len(binary)} bytes after the JSON header that no input claims "
+                "(set parameters.binary_data_size)"
+            )
+        return _json_texts(inp.name, inp.shape, inp.data)
+    if inp.data is not None:  # which texts were meant? Never answer for the other ones
+        raise InvalidInputError(
+            f"input '{inp.name}': give either data or parameters.binary_data_size, not both"
+        )
     if len(binary) != size:
         raise InvalidInputError(
             f"the body holds {len(binary)} bytes after the JSON header but binary_data_size "

@@ -13,13 +13,14 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
+from google.protobuf.message import Message
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
@@ -140,13 +141,35 @@ def _by_role(path: Path, manifest: Manifest) -> dict[str, str]:
     return names
 
 
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto anywhere in the model, found through the protobuf schema itself.
+
+    onnx's own walker (external_data_helper._get_all_tensors) skips sparse tensors (a
+    `sparse_initializer`, a Constant's `sparse_value`): an external reference there reached
+    onnxruntime unchecked, which read a file from the server's working directory into the
+    graph. Walking every message field leaves no place a tensor can hide (functions, subgraphs,
+    training info). A stack, not recursion: nesting depth is the bundle's choice."""
+    stack: list[Message] = [model]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, onnx.TensorProto):
+            yield msg
+        for fd, value in msg.ListFields():
+            if fd.type != fd.TYPE_MESSAGE:
+                continue
+            if fd.is_repeated:
+                stack.extend(value)
+            else:
+                stack.append(value)
+
+
 def _onnx_with_listed_external_data(
     path: Path, fname: str, files: dict[str, bytes], manifest: Manifest
 ) -> bytes:
     """The graph's bytes with external data inlined from listed, hashed 'data' artifacts."""
     f = path / fname
     model = onnx.load_model_from_string(files[fname])
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}

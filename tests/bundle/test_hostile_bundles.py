@@ -262,6 +262,53 @@ def test_onnx_external_data_must_be_listed_and_hashed(bundle: Path) -> None:
         load_bundle(bundle)
 
 
+def _hidden_external_tensor(bundle: Path, place: str) -> None:
+    """An external reference where onnx's own walker does not look: the values of a sparse
+    initializer, a Constant's sparse_value, or a tensor inside a subgraph's node. onnxruntime
+    read such a file from the working directory (a reviewer leaked a secrets file through a
+    Gather on the input, one byte per request)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(bundle / "model.onnx"))
+    values = onnx.TensorProto(name="leak", data_type=onnx.TensorProto.UINT8, dims=[8])
+    values.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "secret.env"), ("offset", "0"), ("length", "8")):
+        entry = values.external_data.add()
+        entry.key, entry.value = key, value
+    indices = numpy_helper.from_array(np.arange(8, dtype=np.int64), "leak_indices")
+    sparse = helper.make_sparse_tensor(values, indices, [8])
+    g = model.graph
+    if place == "sparse_initializer":
+        g.sparse_initializer.append(sparse)
+    elif place == "constant_sparse_value":
+        g.node.insert(0, helper.make_node("Constant", [], ["leak"], sparse_value=sparse))
+    else:  # a dense external tensor inside an If's branch
+        branch = helper.make_graph(
+            [helper.make_node("Constant", [], ["inner"], value=values)], "then", [],
+            [helper.make_tensor_value_info("inner", onnx.TensorProto.UINT8, [8])],
+        )  # fmt: skip
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        g.initializer.append(cond)
+        g.node.insert(
+            0, helper.make_node("If", ["cond"], ["leak"], then_branch=branch, else_branch=branch)
+        )
+    onnx.save(model, str(bundle / "model.onnx"))
+    repin(bundle, "model.onnx")
+
+
+@pytest.mark.parametrize("place", ["sparse_initializer", "constant_sparse_value", "subgraph"])
+def test_external_data_is_checked_wherever_a_tensor_hides(bundle: Path, place: str) -> None:
+    (bundle / "secret.env").write_bytes(b"API_KEY=s3cret")  # beside it, unlisted
+    _hidden_external_tensor(bundle, place)
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message == (
+        f"{bundle}/model.onnx: external data 'secret.env' of tensor 'leak' is not listed in the "
+        "manifest (role 'data')"
+    )
+
+
 def _peak_rss_mib(code: str) -> tuple[float, str]:
     """Run `code` in a fresh interpreter; its peak RSS in MiB and what it printed."""
     script = (

@@ -1,11 +1,12 @@
 """A Hugging Face `tokenizers` tokenizer.json in a bundle, checked against an allow-list.
 
 tokenizer.json is plain JSON read by the Rust library: no code runs (unlike `AutoTokenizer` with
-`trust_remote_code`, pickles, or SentencePiece `.model` files parsed in C++). Two risks remain
-and are closed here before the library sees the file: component types the service has not
-reviewed, and custom regular expressions (`Split`/`Replace` with a `Regex` pattern), which can
-backtrack for minutes on a crafted input. Only the listed types are accepted, regular
-expressions never, and the vocabulary and merges are bounded.
+`trust_remote_code`, pickles, or SentencePiece `.model` files parsed in C++). Three risks
+remain and are closed here before the library sees the file: component types the service has
+not reviewed; custom regular expressions (`Split`/`Replace` with a `Regex` pattern), which can
+backtrack for minutes on a crafted input; and settings that make one text cost without bound
+(below). Only the listed types are accepted, regular expressions never, and the vocabulary,
+merges, expansions and templates are bounded.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ ALLOWED: dict[str, set[str]] = {
 _CHILDREN = ("normalizers", "pretokenizers", "processors", "decoders")
 MAX_VOCABULARY = 1_000_000
 MAX_MERGES = 1_000_000
+# Bounds on what a request's text can cost inside the library, where no limit of ours reaches:
+# a reviewer's chain of 22 Replace "a" -> "aa" turned 100 bytes into a 1.6 GB allocation (the
+# Rust library aborts the whole process when one fails), a template repeating $A 20,000 times
+# did the same, and WordPiece with max_input_chars_per_word = 10**9 took hours on one 100 kB word.
+MAX_CHILDREN = 16  # components in one Sequence
+MAX_CONTENT = 64  # characters a Replace or Prepend inserts
+MAX_GROWTH = 4.0  # how many times longer a text may come out of the normalizers
+MAX_WORD_CHARS = 1000  # WordPiece's max_input_chars_per_word (100 by default)
+MAX_TEMPLATE = 16  # entries of a TemplateProcessing template
+MAX_SPECIAL_IDS = 16  # ids one special token of a template stands for
 
 
 def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
@@ -51,7 +62,25 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
         part = doc.get(section)
         if part is not None:
             _component(part, section, allowed, where)
+    if _growth(doc.get("normalizer"), where) > MAX_GROWTH:
+        raise BundleError(
+            f"{where}: its normalizers can make a text more than {MAX_GROWTH:g} times longer "
+            "(Replace content longer than its pattern, compounded); a tokenizer normalizes, it "
+            "does not expand"
+        )
+    _check_processor(doc.get("post_processor"), where)
     model = doc["model"]
+    chars = model.get("max_input_chars_per_word")
+    if chars is not None and not (isinstance(chars, int) and 0 < chars <= MAX_WORD_CHARS):
+        raise BundleError(
+            f"{where}: model max_input_chars_per_word {str(chars)[:20]} is outside 1.."
+            f"{MAX_WORD_CHARS} (WordPiece's time grows with a word's length cubed past it)"
+        )
+    if model.get("dropout") not in (None, 0, 0.0):  # BPE dropout: a random tokenization
+        raise BundleError(
+            f"{where}: model dropout {str(model.get('dropout'))[:20]} tokenizes at random; "
+            "seeded answers must be repeatable (set it to null for serving)"
+        )
     vocab = model.get("vocab")
     if vocab is not None and len(vocab) > MAX_VOCABULARY:
         raise BundleError(f"{where}: {len(vocab)} vocabulary entries, over {MAX_VOCABULARY}")
@@ -76,9 +105,63 @@ def _component(part: Any, section: str, allowed: set[str], where: str, depth: in
             "unbounded time on a crafted input; use a plain String pattern or a built-in "
             "pre-tokenizer (Whitespace, BertPreTokenizer, ByteLevel)"
         )
+    for key in ("content", "prepend"):
+        if len(str(own.get(key, ""))) > MAX_CONTENT:
+            raise BundleError(
+                f"{where}: {section} {kind} inserts {len(str(own[key]))} characters, over "
+                f"{MAX_CONTENT}"
+            )
     for key in _CHILDREN:
-        for child in part.get(key) or []:
+        children = part.get(key) or []
+        if not isinstance(children, list) or len(children) > MAX_CHILDREN:
+            raise BundleError(
+                f"{where}: {section} {kind} must list at most {MAX_CHILDREN} components"
+            )
+        for child in children:
             _component(child, section, allowed, where, depth + 1)
+
+
+def _growth(part: Any, where: str) -> float:
+    """How many times longer the normalizers can make a text at most (checked components)."""
+    if not isinstance(part, dict):
+        return 1.0
+    if part.get("type") == "Sequence":
+        out = 1.0
+        for child in part.get("normalizers") or []:
+            out *= _growth(child, where)
+        return out
+    if part.get("type") != "Replace":
+        return 1.0  # Prepend adds its bounded content once; the others shorten or keep
+    pattern = part.get("pattern")
+    text = pattern.get("String", "") if isinstance(pattern, dict) else ""
+    content = str(part.get("content", ""))
+    if not text:  # an empty pattern matches between every two characters
+        return float(len(content) + 1)
+    return max(1.0, len(content) / len(str(text)))
+
+
+def _check_processor(part: Any, where: str) -> None:
+    """A template's size, and what its special tokens stand for, bounded (Sequence included)."""
+    if not isinstance(part, dict):
+        return
+    for child in part.get("processors") or []:
+        _check_processor(child, where)
+    if part.get("type") != "TemplateProcessing":
+        return
+    for key in ("single", "pair"):
+        template = part.get(key) or []
+        if not isinstance(template, list) or len(template) > MAX_TEMPLATE:
+            raise BundleError(
+                f"{where}: post_processor template '{key}' must have at most {MAX_TEMPLATE} entries"
+            )
+    specials = part.get("special_tokens") or {}
+    for name, token in specials.items() if isinstance(specials, dict) else []:
+        ids = token.get("ids") if isinstance(token, dict) else None
+        if not isinstance(ids, list) or len(ids) > MAX_SPECIAL_IDS:
+            raise BundleError(
+                f"{where}: post_processor special token {str(name)[:40]!r} must stand for at "
+                f"most {MAX_SPECIAL_IDS} ids"
+            )
 
 
 def _has_regex(v: Any) -> bool:

@@ -340,9 +340,70 @@ def test_truncation_is_reported(text_bundle: Path) -> None:
             ),
             "normalizer Replace uses a custom regular expression",
         ),
+        (  # the reviewer's: 22 of these turned 100 bytes into a 1.6 GB allocation (abort)
+            lambda d: d.__setitem__(
+                "normalizer",
+                {
+                    "type": "Sequence",
+                    "normalizers": [
+                        {"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}
+                    ]
+                    * 3,
+                },
+            ),
+            "its normalizers can make a text more than 4 times longer",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer", {"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 65}
+            ),
+            "normalizer Replace inserts 65 characters, over 64",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "normalizer", {"type": "Sequence", "normalizers": [{"type": "Lowercase"}] * 17}
+            ),
+            "normalizer Sequence must list at most 16 components",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "post_processor",
+                {
+                    "type": "TemplateProcessing",
+                    "single": [{"Sequence": {"id": "A", "type_id": 0}}] * 17,
+                    "pair": [],
+                    "special_tokens": {},
+                },
+            ),
+            "post_processor template 'single' must have at most 16 entries",
+        ),
+        (
+            lambda d: d.__setitem__(
+                "post_processor",
+                {
+                    "type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": "[X]", "type_id": 0}}],
+                    "pair": [],
+                    "special_tokens": {"[X]": {"id": "[X]", "ids": [0] * 17, "tokens": ["x"] * 17}},
+                },
+            ),
+            "post_processor special token '[X]' must stand for at most 16 ids",
+        ),
+        (
+            lambda d: d["model"].__setitem__("max_input_chars_per_word", 10**9),
+            "model max_input_chars_per_word 1000000000 is outside 1..1000",
+        ),
+        (
+            lambda d: d["model"].__setitem__("dropout", 0.1),
+            "model dropout 0.1 tokenizes at random",
+        ),
     ],
-    ids=["split-regex", "unknown-type", "nested-replace-regex"],
-)
+    ids=[
+        "split-regex", "unknown-type", "nested-replace-regex", "growing-replace-chain",
+        "long-replace-content", "long-sequence", "long-template", "special-token-of-many-ids",
+        "wordpiece-word-length", "random-tokenization",
+    ],
+)  # fmt: skip
 def test_a_crafted_tokenizer_is_refused_at_load(
     text_bundle: Path, tmp_path: Path, change: Any, message: str
 ) -> None:

@@ -154,13 +154,11 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         msg = stack.pop()
         if isinstance(msg, onnx.TensorProto):
             yield msg
+        children: list[Message] = []
         for fd, value in msg.ListFields():
-            if fd.type != fd.TYPE_MESSAGE:
-                continue
-            if fd.is_repeated:
-                stack.extend(value)
-            else:
-                stack.append(value)
+            if fd.type == fd.TYPE_MESSAGE:
+                children.extend(value if fd.is_repeated else [value])
+        stack.extend(reversed(children))  # popped in the file's order
 
 
 def _onnx_with_listed_external_data(

@@ -303,9 +303,11 @@ def _check_activations(
     total = 0
     example = torch.zeros(2, *input_shape, dtype=dtype, device="meta")
     try:
-        interp = _Counting(gm)
+        interp = _Counting(gm, where, limits)
         interp.run(example)
         total = interp.elements
+    except _TooCostly as exc:
+        raise BundleError(exc.args[0].splitlines()[0]) from None
     except BundleError:
         raise
     except Exception as exc:  # any shape error: the declared input does not fit the graph
@@ -322,11 +324,47 @@ def _check_activations(
 
 
 class _Counting(fx.Interpreter):
-    elements = 0
+    """Runs the graph on meta tensors, counting what they would hold; Python values (shapes
+    and counts) are computed for real, so their cost is checked before each operation."""
+
+    def __init__(self, gm: fx.GraphModule, where: str, limits: ArchitectureLimits) -> None:
+        super().__init__(gm)
+        self.where, self.limits, self.elements = where, limits, 0
 
     def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.target in _PYTHON_ARITHMETIC:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            why = _python_cost(n.target, args, self.limits)
+            if why:  # not a BundleError here: fx would append the whole graph to its text
+                raise _TooCostly(f"{self.where}: node '{n.name}': {why}")
         out = super().run_node(n)
         for t in out if isinstance(out, tuple | list) else (out,):
             if isinstance(t, torch.Tensor):
                 self.elements += t.numel()
         return out
+
+
+class _TooCostly(Exception):
+    """A Python operation of the graph refused before it ran (becomes a BundleError)."""
+
+
+_PYTHON_ARITHMETIC = {operator.add, operator.mul, operator.pow, operator.floordiv}
+
+
+def _python_cost(fn: Any, args: tuple[Any, ...], limits: ArchitectureLimits) -> str:
+    """Why an operation on Python values would cost without bound ("" when it would not)."""
+    if any(isinstance(a, torch.Tensor) for a in args):
+        return ""  # a tensor's result is counted (and on meta costs nothing)
+    bits = limits.max_integer_bits
+    for a in args:
+        if isinstance(a, int) and a.bit_length() > bits:
+            return f"an integer over {bits} bits"
+    seqs = [a for a in args if isinstance(a, list | tuple | str)]
+    ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+    if fn is operator.pow and len(ints) == 2 and abs(ints[0]) > 1 and ints[1] > bits:
+        return f"{ints[0]} ** {ints[1]} is over {bits} bits"
+    if fn is operator.mul and seqs and ints and len(seqs[0]) * ints[0] > limits.max_sequence:
+        return f"a sequence repeated to over {limits.max_sequence} items"
+    if fn is operator.add and len(seqs) == 2 and len(seqs[0]) + len(seqs[1]) > limits.max_sequence:
+        return f"sequences joined to over {limits.max_sequence} items"
+    return ""

@@ -40,6 +40,13 @@ class ArchitectureLimits:
     max_modules: int = 5_000
     max_values: int = 200_000  # numbers, strings and references in all arguments together
     max_activation_elements: int = 100_000_000  # values all nodes make for one input, summed
+    # A recurrent layer's stack is built layer by layer, in time growing with its square: a
+    # declared 40,000 took two minutes to build, before the weights could refuse it.
+    max_recurrent_layers: int = 64
+    # Python numbers and sequences the graph computes (shapes, repeat counts): pow(10, 10**8)
+    # or [0] * 3e8 ran for minutes, or took gigabytes, inside the load's shape check.
+    max_integer_bits: int = 64
+    max_sequence: int = 10_000
 
 
 def identifier(s: Any) -> bool:
@@ -97,7 +104,11 @@ class _Checker:
             raise self.fail(f"more than {self.limits.max_values} argument values (limit)")
         if depth > _MAX_DEPTH:
             raise self.fail(f"{at}: values nested deeper than {_MAX_DEPTH}")
-        if v is None or isinstance(v, bool | int):
+        if v is None or isinstance(v, bool):
+            return
+        if isinstance(v, int):
+            if v.bit_length() > self.limits.max_integer_bits:
+                raise self.fail(f"{at}: an integer over {self.limits.max_integer_bits} bits")
             return
         if isinstance(v, float):
             if math.isnan(v):
@@ -178,6 +189,12 @@ def check_description(
             raise c.fail(f"layer '{qual}' ({spec['type']}): unknown arguments {str(bad)[:80]}")
         for k, v in args.items():
             c.value(v, f"layer '{qual}'.{k}", None)
+        layers = args.get("num_layers", 1)
+        if isinstance(layers, int) and layers > limits.max_recurrent_layers:
+            raise c.fail(
+                f"layer '{qual}' ({spec['type']}): num_layers {layers} is over the limit of "
+                f"{limits.max_recurrent_layers}"
+            )
     seen: set[str] = set()
     for i, nd in enumerate(nodes):
         _check_node(c, i, nd, len(nodes), seen, modules, functions, methods, attributes)

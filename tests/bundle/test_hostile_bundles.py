@@ -424,3 +424,48 @@ def test_activation_blowup_is_refused_on_a_meta_input(bundle: Path) -> None:
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert "activation values, over the limit of 100000000" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [
+        ("operator.pow", [10, 100_000_000], "': 10 ** 100000000 is over 64 bits"),
+        ("operator.mul", [[0], 300_000_000], "': a sequence repeated to over 10000 items"),
+        ("operator.add", [[0] * 6000, [0] * 6000], "': sequences joined to over 10000 items"),
+        ("operator.mul", [2**70, 1], "args[0]: an integer over 64 bits"),
+    ],
+    ids=["pow", "repeat", "join", "big-literal"],
+)
+def test_python_arithmetic_in_the_graph_is_bounded(
+    bundle: Path, target: str, args: list[Any], expected: str
+) -> None:
+    """The load's meta run computes Python numbers for real: pow(10, 10**8) ran for minutes and
+    [0] * 3e8 took 2.6 GB before a reviewer stopped them. Refused before they run, quickly."""
+
+    def change(d: dict[str, Any]) -> None:
+        out = d["nodes"].pop()
+        d["nodes"].append({"name": "py", "op": "call_function", "target": target, "args": args,
+                           "kwargs": {}})  # fmt: skip
+        d["nodes"].append(out)
+
+    _arch(bundle, change)
+    start = time.monotonic()
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert time.monotonic() - start < 10.0
+    assert e.value.message.startswith(f"{bundle}/architecture.json: node '")
+    assert e.value.message.endswith(expected)
+
+
+def test_a_deep_recurrent_stack_is_refused_before_it_is_built(bundle: Path) -> None:
+    """40,000 declared LSTM layers took two minutes to build on the meta device (unused)."""
+    _arch(bundle, lambda d: d["modules"].__setitem__(
+        "big", {"type": "LSTM", "args": {"input_size": 1, "hidden_size": 1, "num_layers": 40_000}}
+    ))  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert time.monotonic() - start < 10.0
+    assert e.value.message == (
+        f"{bundle}/architecture.json: layer 'big' (LSTM): num_layers 40000 is over the limit of 64"
+    )

@@ -234,7 +234,7 @@ def load_bundle(
             where = str(path / roles["architecture"])
             try:
                 desc = json.loads(files[roles["architecture"]])
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge numbers
                 raise BundleError(f"{where}: not valid JSON ({exc})") from exc
             try:
                 state = load_safetensors(files[roles["weights"]])

@@ -236,7 +236,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     """Parse, refusing newer schema versions before validation so the message is the useful one."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge numbers
         raise BundleError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{where}: the manifest must be a JSON object")

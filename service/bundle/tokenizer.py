@@ -54,7 +54,7 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and check a tokenizer.json; returns the document or raises BundleError."""
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge numbers
         raise BundleError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         raise BundleError(f"{where}: a tokenizer.json object with a 'model' section is expected")

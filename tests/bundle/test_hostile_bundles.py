@@ -469,3 +469,34 @@ def test_a_deep_recurrent_stack_is_refused_before_it_is_built(bundle: Path) -> N
     assert e.value.message == (
         f"{bundle}/architecture.json: layer 'big' (LSTM): num_layers 40000 is over the limit of 64"
     )
+
+
+def test_a_move_to_a_named_device_is_refused(bundle: Path) -> None:
+    """`.to("meta")` loaded (the shape check runs on meta) and every request then failed."""
+
+    def change(d: dict[str, Any]) -> None:
+        out = d["nodes"].pop()
+        last = out["args"][0]["node"]
+        d["nodes"].append({"name": "moved", "op": "call_method", "target": "to",
+                           "args": [{"node": last}, "meta"], "kwargs": {}})  # fmt: skip
+        out["args"] = [{"node": "moved"}]
+        d["nodes"].append(out)
+
+    _arch(bundle, change)
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message == (
+        f"{bundle}/architecture.json: node 'moved': 'to' to a named device; only dtypes and "
+        "x.device"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[" * 100_000, b'{"a": ' + b"9" * 5000 + b"}"], ids=["deep", "huge-number"]
+)
+def test_a_manifest_that_breaks_the_json_parser_is_a_bundle_error(bundle: Path, raw: bytes) -> None:
+    """RecursionError and the integer-digits ValueError left load_bundle unwrapped."""
+    (bundle / "manifest.json").write_bytes(raw)
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.startswith(f"{bundle}/manifest.json: not valid JSON (")

@@ -27,6 +27,7 @@ from torch import nn
 from service.bundle.architecture import rebuild
 from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from service.bundle.onnx_graph import check_graph
 from service.bundle.tokenizer import load_tokenizer
 from service.bundle.words import read_words
 from service.errors import BundleError, McServeError
@@ -162,9 +163,10 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _onnx_with_listed_external_data(
-    path: Path, fname: str, files: dict[str, bytes], manifest: Manifest
+    path: Path, fname: str, files: dict[str, bytes], manifest: Manifest, max_elements: int
 ) -> bytes:
-    """The graph's bytes with external data inlined from listed, hashed 'data' artifacts."""
+    """The graph's bytes with external data inlined from listed, hashed 'data' artifacts, once
+    its cost is bounded (onnx_graph.py)."""
     f = path / fname
     model = onnx.load_model_from_string(files[fname])
     for tensor in _all_tensors(model):
@@ -192,6 +194,7 @@ def _onnx_with_listed_external_data(
         tensor.raw_data = blob[offset : offset + length]
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+    check_graph(model, str(f), max_elements)
     return bytes(model.SerializeToString())
 
 
@@ -253,7 +256,9 @@ def load_bundle(
         else:
             raise BundleError(f"{mf}: needs an 'architecture' and a 'weights' artifact (or a .pt2)")
         onnx_bytes = (
-            _onnx_with_listed_external_data(path, roles["onnx"], files, manifest)
+            _onnx_with_listed_external_data(
+                path, roles["onnx"], files, manifest, policy.architecture.max_activation_elements
+            )
             if "onnx" in roles
             else None
         )

@@ -1,0 +1,124 @@
+"""The ONNX graph's own cost is bounded before onnxruntime sees it (service/bundle/onnx_graph.py):
+a reviewer's few-kB graphs hung every deterministic request (a Loop of 2**62 iterations) or made
+onnxruntime fold gigabytes at session creation (ConstantOfShape)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hostile import repin
+from onnx import TensorProto, helper, numpy_helper
+
+from service.bundle import load_bundle
+from service.bundle.onnx_graph import check_graph
+from service.errors import BundleError
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT = 100_000_000
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto] | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits or [],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _const(name: str, values: list[int]) -> TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def _loop() -> onnx.ModelProto:
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])],
+    )  # fmt: skip
+    trips, yes = _const("trips", [2**62]), numpy_helper.from_array(np.array(True), "yes")
+    return _model(
+        [helper.make_node("Loop", ["trips", "yes"], [], body=body),
+         helper.make_node("Identity", ["input"], ["output"])],
+        [trips, yes],
+    )  # fmt: skip
+
+
+def _filled(shape_source: list[onnx.NodeProto], inits: list[TensorProto]) -> onnx.ModelProto:
+    """output = input + sum(ConstantOfShape(shape))."""
+    return _model(
+        [*shape_source,
+         helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+         helper.make_node("Add", ["input", "total"], ["output"])],
+        inits,
+    )  # fmt: skip
+
+
+CASES = {
+    "loop": (_loop(), "holds a subgraph; control flow (If, Loop, Scan) can run without bound"),
+    "constant-shape": (
+        _filled([helper.make_node("Constant", [], ["shape"], value=_const("dims", [2**28]))], []),
+        "ConstantOfShape output 'big' holds 268435456 values per instance, over the limit",
+    ),
+    "computed-shape": (  # a shape from values inference cannot follow (a sum of a constant)
+        _filled(
+            [helper.make_node("ReduceSum", ["parts"], ["total_dims"], keepdims=1),
+             helper.make_node("Identity", ["total_dims"], ["shape"])],
+            [_const("parts", [2**14, 2**14])],
+        ),
+        "the size of ConstantOfShape output 'big' cannot be bounded before it runs",
+    ),
+    "random": (
+        _model([helper.make_node("RandomNormalLike", ["input"], ["output"])]),
+        "(RandomNormalLike) is random; answers must repeat",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_graph_whose_cost_has_no_bound_is_refused(case: str) -> None:
+    model, message = CASES[case]
+    with pytest.raises(BundleError) as e:
+        check_graph(model, "model.onnx", LIMIT)
+    assert message in e.value.message
+
+
+def test_a_sparse_tensor_declaring_too_many_values_is_refused() -> None:
+    values = numpy_helper.from_array(np.ones(1, np.float32), "v")
+    sparse = helper.make_sparse_tensor(values, _const("i", [0]), [2**40])
+    model = _model([helper.make_node("Identity", ["input"], ["output"])])
+    model.graph.sparse_initializer.append(sparse)
+    with pytest.raises(BundleError, match="a sparse tensor declares 1099511627776 values"):
+        check_graph(model, "model.onnx", LIMIT)
+
+
+def test_the_batch_dimension_and_inputs_sizes_pass() -> None:
+    """The exporter's own pattern: a table of zeros [batch, n] shaped from the input."""
+    model = _model(
+        [helper.make_node("Shape", ["input"], ["in_shape"], end=1),
+         helper.make_node("Concat", ["in_shape", "width"], ["shape"], axis=0),
+         helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+         helper.make_node("Add", ["input", "zeros"], ["output"])],
+        [_const("width", [4])],
+    )  # fmt: skip
+    check_graph(model, "model.onnx", LIMIT)  # no BundleError
+
+
+def test_a_bundle_with_a_loop_is_refused_at_load(tmp_path: Path) -> None:
+    bundle = tmp_path / "diabetes" / "1"
+    shutil.copytree(ROOT / "models" / "diabetes" / "1", bundle)
+    model = onnx.load(str(bundle / "model.onnx"))
+    loop = _loop()
+    model.graph.initializer.extend(loop.graph.initializer)
+    model.graph.node.insert(0, loop.graph.node[0])
+    onnx.save(model, str(bundle / "model.onnx"))
+    repin(bundle, "model.onnx")
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.startswith(f"{bundle}/model.onnx: node '")
+    assert "(Loop) holds a subgraph" in e.value.message

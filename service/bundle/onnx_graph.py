@@ -31,7 +31,9 @@ RANDOM = {
 # Operators whose output size comes from an input's values or an attribute, not its inputs' sizes.
 SIZED_BY_VALUES = {
     "ConstantOfShape", "Expand", "Tile", "Range", "Pad", "Resize", "Upsample", "OneHot",
-    "EyeLike", "CenterCropPad", "Col2Im",
+    "EyeLike", "CenterCropPad", "Col2Im", "ConvTranspose", "MaxUnpool", "RoiAlign", "MaxRoiPool",
+    "HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix", "DFT", "STFT",
+    "ImageDecoder",
 }  # fmt: skip
 _SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 

@@ -22,6 +22,8 @@ from service.errors import BundleError, ModelError
 from service.nn import Affine, VariationalDropout
 
 FORMAT = "mcserve-fx/1"
+# GraphModule.meta key: activation values one more input adds (the load's meta runs).
+ACTIVATIONS_PER_INPUT = "mcserve_activations_per_input"
 
 MODULES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
@@ -299,13 +301,34 @@ def _check_activations(
     where: str,
     limits: ArchitectureLimits,
 ) -> None:
-    """Run the graph on a meta input: shapes only, no memory; bound the elements it makes."""
-    total = 0
-    example = torch.zeros(2, *input_shape, dtype=dtype, device="meta")
+    """Run the graph on meta inputs of 2 and 4 instances: shapes only, no memory. What it makes
+    must grow at most linearly with the batch (a graph sized by size(0) ** 2 passed a check at
+    one batch and asked for 65 GB at a request's), and one more instance must add at most the
+    limit. The per-instance count is kept on the module, for the engine's forward sizes."""
+    made = [_elements(gm, [n, *input_shape], dtype, where, limits) for n in (2, 4)]
+    if made[1] > 2 * made[0]:
+        raise BundleError(
+            f"{where}: the activations grow faster than the batch ({made[0]} values for 2 "
+            f"inputs, {made[1]} for 4); a model's cost must be linear in its batch"
+        )
+    per_input = max(1, (made[1] - made[0]) // 2)
+    fixed = made[0] - 2 * per_input  # what the graph makes whatever its batch
+    for what, n in (("one input makes", per_input), ("any batch makes", fixed)):
+        if n > limits.max_activation_elements:
+            raise BundleError(
+                f"{where}: {what} {n} activation values, over the limit of "
+                f"{limits.max_activation_elements}"
+            )
+    gm.meta[ACTIVATIONS_PER_INPUT] = per_input
+
+
+def _elements(
+    gm: fx.GraphModule, shape: list[int], dtype: torch.dtype, where: str, limits: ArchitectureLimits
+) -> int:
+    example = torch.zeros(*shape, dtype=dtype, device="meta")
     try:
         interp = _Counting(gm, where, limits)
         interp.run(example)
-        total = interp.elements
     except _TooCostly as exc:
         raise BundleError(exc.args[0].splitlines()[0]) from None
     except BundleError:
@@ -313,14 +336,10 @@ def _check_activations(
     except Exception as exc:  # any shape error: the declared input does not fit the graph
         first = (str(exc).strip().splitlines() or [""])[0][:200]  # fx appends the whole graph
         raise BundleError(
-            f"{where}: the model does not accept inputs of shape {input_shape} "
+            f"{where}: the model does not accept inputs of shape {shape[1:]} "
             f"({type(exc).__name__}: {first})"
         ) from exc
-    if total // 2 > limits.max_activation_elements:
-        raise BundleError(
-            f"{where}: one input makes {total // 2} activation values, over the limit of "
-            f"{limits.max_activation_elements}"
-        )
+    return interp.elements
 
 
 class _Counting(fx.Interpreter):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.bundle.architecture import ACTIVATIONS_PER_INPUT
 from service.engine import suffix
 from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.cancels import Flag
@@ -60,6 +61,20 @@ MIN_PREFIX_ROWS = 2
 # the TextCNN + fastText average at L = 900 answers 4.0x the documents/s with 64-row chunks as
 # with 16,384, the transformer at L = 128 2.4x; 16 to 128 rows are all within 10 % of the best.
 TOKEN_BUDGET = 8192
+# Activation values one forward may make (the load's meta count per input, summed over the
+# graph's nodes: an upper bound on what is live at once): 1 GiB of float32. Every bundled model
+# stays under it at its row and token budgets; a model making 40 M values per input got 128-row
+# forwards (20 GB) before.
+ACTIVATION_BUDGET = 1 << 28
+
+
+def rows_within(module: nn.Module, row_budget: int) -> int:
+    """`row_budget`, lowered so that one forward's activations stay within ACTIVATION_BUDGET."""
+    meta = getattr(module, "meta", None)
+    per_input = meta.get(ACTIVATIONS_PER_INPUT) if isinstance(meta, dict) else None
+    if not per_input:  # a module not rebuilt from a description (tests, .pt2)
+        return row_budget
+    return max(1, min(row_budget, ACTIVATION_BUDGET // int(per_input)))
 
 
 @dataclass(frozen=True)

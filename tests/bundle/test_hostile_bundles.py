@@ -411,7 +411,7 @@ def test_activation_blowup_is_refused_on_a_meta_input(bundle: Path) -> None:
         last = out["args"][0]["node"]
         d["nodes"].append(
             {"name": "big", "op": "call_method", "target": "expand",
-             "args": [{"node": last}, 2, 1_000_000_000], "kwargs": {}}
+             "args": [{"node": last}, -1, 1_000_000_000], "kwargs": {}}
         )  # fmt: skip
         d["nodes"].append(
             {"name": "m", "op": "call_method", "target": "mean",
@@ -500,3 +500,52 @@ def test_a_manifest_that_breaks_the_json_parser_is_a_bundle_error(bundle: Path, 
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/manifest.json: not valid JSON (")
+
+
+def _add_to_output(d: dict[str, Any], make: Any) -> None:
+    """Append make(input name)'s nodes (the last one a scalar) before the output, summed in."""
+    out = d["nodes"].pop()
+    last = out["args"][0]["node"]
+    nodes = make({"node": d["nodes"][0]["name"]})
+    d["nodes"].extend(nodes)
+    add = [{"node": last}, {"node": nodes[-1]["name"]}]
+    d["nodes"].append(
+        {"name": "joined", "op": "call_function", "target": "operator.add", "args": add,
+         "kwargs": {}}
+    )  # fmt: skip
+    out["args"] = [{"node": "joined"}]
+    d["nodes"].append(out)
+
+
+def _method(name: str, target: str, *args: Any) -> dict[str, Any]:
+    return {"name": name, "op": "call_method", "target": target, "args": list(args), "kwargs": {}}
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (  # size(0) ** 2 rows: 4,000 values at batch 2 passed; a request asked for 65 GB
+            lambda x: [
+                _method("b", "size", x, 0),
+                {"name": "b2", "op": "call_function", "target": "operator.mul",
+                 "args": [{"node": "b"}, {"node": "b"}], "kwargs": {}},
+                _method("z", "new_zeros", x, {"node": "b2"}, 1000),
+                _method("s", "sum", {"node": "z"}),
+            ],
+            "the activations grow faster than the batch (",
+        ),
+        (  # the same table whatever the batch: no instance pays for it, every forward does
+            lambda x: [
+                _method("z", "new_zeros", x, 200_000_000),
+                _method("s", "sum", {"node": "z"}),
+            ],
+            "any batch makes 2000000",  # the table and the model's own weights' reads
+        ),
+    ],
+    ids=["quadratic", "batch-independent"],
+)  # fmt: skip
+def test_activations_are_bounded_at_every_batch(bundle: Path, make: Any, expected: str) -> None:
+    _arch(bundle, lambda d: _add_to_output(d, make))
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert expected in e.value.message

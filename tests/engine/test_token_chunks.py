@@ -4,6 +4,7 @@ than the row budget alone would give, and the same bits (bench/chunks.py measure
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from text_nets import LENGTH, TextCNN, token_batch
@@ -60,3 +61,24 @@ def test_integer_codes_that_are_not_text_keep_the_row_budget(tmp_path: Path) -> 
     # 16,384 rounded up to whole blocks of 21 rows (64 // 3 codes); as tokens it would be 2,730.
     assert served.manifest.inputs.text is None
     assert served.sampler.row_budget == -(-16384 // served.sampler.block) * served.sampler.block
+
+
+def test_a_model_s_activations_size_its_forwards(monkeypatch: Any) -> None:
+    """The load counts what one input makes; a forward holds at most ACTIVATION_BUDGET of it
+    (a model making 40 M values per input got 128-row forwards, 20 GB, before). Same bits."""
+    from service.bundle import load_bundle
+    from service.bundle.architecture import ACTIVATIONS_PER_INPUT
+    from service.engine import sampler
+    from service.engine.model import ServedModel
+
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "diabetes" / "2")
+    per_input = bundle.module.meta[ACTIVATIONS_PER_INPUT]
+    assert per_input > 0
+    wide = ServedModel(bundle)
+    monkeypatch.setattr(sampler, "ACTIVATION_BUDGET", per_input * 200)  # 200 inputs a forward
+    narrow = ServedModel(bundle)
+    assert wide.sampler.row_budget == 16384 and narrow.sampler.row_budget == 256  # 4 blocks
+    x = torch.randn(30, 10).numpy() * 10 + 50
+    req = [MCRequest(x, 40, 9)]  # 1,200 rows
+    assert wide.sampler.run(req)[0].tobytes() == narrow.sampler.run(req)[0].tobytes()
+    assert narrow.sampler.stats.forwards > wide.sampler.stats.forwards

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.bundle.architecture import ACTIVATIONS_PER_INPUT
+from service.bundle.activations import ACTIVATIONS_PER_INPUT
 from service.engine import suffix
 from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
 from service.engine.cancels import Flag

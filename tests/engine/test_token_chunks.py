@@ -67,7 +67,7 @@ def test_a_model_s_activations_size_its_forwards(monkeypatch: Any) -> None:
     """The load counts what one input makes; a forward holds at most ACTIVATION_BUDGET of it
     (a model making 40 M values per input got 128-row forwards, 20 GB, before). Same bits."""
     from service.bundle import load_bundle
-    from service.bundle.architecture import ACTIVATIONS_PER_INPUT
+    from service.bundle.activations import ACTIVATIONS_PER_INPUT
     from service.engine import sampler
     from service.engine.model import ServedModel
 

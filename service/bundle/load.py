@@ -163,7 +163,7 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _onnx_with_listed_external_data(
-    path: Path, fname: str, files: dict[str, bytes], manifest: Manifest, max_elements: int
+    path: Path, fname: str, files: dict[str, bytes], manifest: Manifest, policy: TrustPolicy
 ) -> bytes:
     """The graph's bytes with external data inlined from listed, hashed 'data' artifacts, once
     its cost is bounded (onnx_graph.py)."""
@@ -194,7 +194,8 @@ def _onnx_with_listed_external_data(
         tensor.raw_data = blob[offset : offset + length]
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
-    check_graph(model, str(f), max_elements)
+    limit = policy.architecture.max_activation_elements
+    check_graph(model, str(f), limit, list(manifest.inputs.shape))
     return bytes(model.SerializeToString())
 
 
@@ -256,9 +257,7 @@ def load_bundle(
         else:
             raise BundleError(f"{mf}: needs an 'architecture' and a 'weights' artifact (or a .pt2)")
         onnx_bytes = (
-            _onnx_with_listed_external_data(
-                path, roles["onnx"], files, manifest, policy.architecture.max_activation_elements
-            )
+            _onnx_with_listed_external_data(path, roles["onnx"], files, manifest, policy)
             if "onnx" in roles
             else None
         )

@@ -63,7 +63,7 @@ CASES = {
     "loop": (_loop(), "holds a subgraph; control flow (If, Loop, Scan) can run without bound"),
     "constant-shape": (
         _filled([helper.make_node("Constant", [], ["shape"], value=_const("dims", [2**28]))], []),
-        "ConstantOfShape output 'big' holds 268435456 values per instance, over the limit",
+        "tensor 'big' holds 268435456 values per instance, over the limit",
     ),
     "computed-shape": (  # a shape from values inference cannot follow (a sum of a constant)
         _filled(
@@ -84,7 +84,7 @@ CASES = {
 def test_a_graph_whose_cost_has_no_bound_is_refused(case: str) -> None:
     model, message = CASES[case]
     with pytest.raises(BundleError) as e:
-        check_graph(model, "model.onnx", LIMIT)
+        check_graph(model, "model.onnx", LIMIT, [4])
     assert message in e.value.message
 
 
@@ -94,7 +94,7 @@ def test_a_sparse_tensor_declaring_too_many_values_is_refused() -> None:
     model = _model([helper.make_node("Identity", ["input"], ["output"])])
     model.graph.sparse_initializer.append(sparse)
     with pytest.raises(BundleError, match="a sparse tensor declares 1099511627776 values"):
-        check_graph(model, "model.onnx", LIMIT)
+        check_graph(model, "model.onnx", LIMIT, [4])
 
 
 def test_the_batch_dimension_and_inputs_sizes_pass() -> None:
@@ -106,7 +106,7 @@ def test_the_batch_dimension_and_inputs_sizes_pass() -> None:
          helper.make_node("Add", ["input", "zeros"], ["output"])],
         [_const("width", [4])],
     )  # fmt: skip
-    check_graph(model, "model.onnx", LIMIT)  # no BundleError
+    check_graph(model, "model.onnx", LIMIT, [4])  # no BundleError
 
 
 def test_a_bundle_with_a_loop_is_refused_at_load(tmp_path: Path) -> None:
@@ -122,3 +122,51 @@ def test_a_bundle_with_a_loop_is_refused_at_load(tmp_path: Path) -> None:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/model.onnx: node '")
     assert "(Loop) holds a subgraph" in e.value.message
+
+
+def _broadcast(second: str) -> onnx.ModelProto:
+    """[B, 1000, 1] times [B, 1, 1000] (inference knows the product's size), then for
+    "square" once more after a reshape to [B, 1e6]: 1e12 values per instance, no listed op."""
+    unsq = [_const("a1", [1]), _const("a2", [2]), _const("flat", [0, -1]), _const("a12", [1, 2])]
+    nodes = [
+        helper.make_node("Unsqueeze", ["input", "a2"], ["c"]),
+        helper.make_node("Unsqueeze", ["input", "a1"], ["r"]),
+        helper.make_node("Mul", ["c", "r"], ["sq"]),
+    ]
+    last = "sq"
+    if second == "square":
+        nodes += [
+            helper.make_node("Reshape", ["sq", "flat"], ["f"]),
+            helper.make_node("Unsqueeze", ["f", "a2"], ["c2"]),
+            helper.make_node("Unsqueeze", ["f", "a1"], ["r2"]),
+            helper.make_node("Mul", ["c2", "r2"], ["q"]),
+        ]
+        last = "q"
+    nodes.append(helper.make_node("ReduceSum", [last, "a12"], ["output"], keepdims=0))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1000])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], unsq,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_any_tensor_inference_can_size_is_bounded() -> None:
+    check_graph(_broadcast("once"), "model.onnx", LIMIT, [1000])  # 1e6 per instance: fine
+    with pytest.raises(BundleError, match="tensor 'q' holds 1000000000000 values per instance"):
+        check_graph(_broadcast("square"), "model.onnx", LIMIT, [1000])
+
+
+def test_the_batch_twice_is_refused() -> None:
+    """Expand to [batch, batch, 10]: fine at batch 1, 100 x at batch 10 (the size(0)**2 hole)."""
+    model = _model(
+        [helper.make_node("Shape", ["input"], ["b"], end=1),
+         helper.make_node("Concat", ["b", "b", "ten"], ["shape"], axis=0),
+         helper.make_node("Expand", ["one", "shape"], ["big"]),
+         helper.make_node("ReduceSum", ["big", "a12"], ["total"], keepdims=0),
+         helper.make_node("Unsqueeze", ["total", "a1"], ["col"]),
+         helper.make_node("Add", ["input", "col"], ["output"])],
+        [_const("ten", [10]), numpy_helper.from_array(np.ones(1, np.float32), "one"),
+         _const("a12", [1, 2]), _const("a1", [1])],
+    )  # fmt: skip
+    with pytest.raises(BundleError, match="tensor 'big' grows with the square of the batch"):
+        check_graph(model, "model.onnx", LIMIT, [4])

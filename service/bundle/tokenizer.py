@@ -45,7 +45,9 @@ MAX_MERGES = 1_000_000
 MAX_CHILDREN = 16  # components in one Sequence
 MAX_CONTENT = 64  # characters a Replace or Prepend inserts
 MAX_GROWTH = 4.0  # how many times longer a text may come out of the normalizers
-MAX_WORD_CHARS = 1000  # WordPiece's max_input_chars_per_word (100 by default)
+MAX_WORD_CHARS = 200  # WordPiece's max_input_chars_per_word (100 by default; cubic past it)
+MAX_PIECE_CHARS = 256  # characters in one vocabulary entry (a 20,000-character Unigram piece
+# made one 100 kB word take 27 s)
 MAX_TEMPLATE = 16  # entries of a TemplateProcessing template
 MAX_SPECIAL_IDS = 16  # ids one special token of a template stands for
 
@@ -65,8 +67,8 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
     if _growth(doc.get("normalizer"), where) > MAX_GROWTH:
         raise BundleError(
             f"{where}: its normalizers can make a text more than {MAX_GROWTH:g} times longer "
-            "(Replace content longer than its pattern, compounded); a tokenizer normalizes, it "
-            "does not expand"
+            "(Replace content longer than its pattern, or Unicode normalization of inserted "
+            "non-ASCII text, compounded); a tokenizer normalizes, it does not expand"
         )
     _check_processor(doc.get("post_processor"), where)
     model = doc["model"]
@@ -84,6 +86,12 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
     vocab = model.get("vocab")
     if vocab is not None and len(vocab) > MAX_VOCABULARY:
         raise BundleError(f"{where}: {len(vocab)} vocabulary entries, over {MAX_VOCABULARY}")
+    pieces = vocab if isinstance(vocab, dict) else [e[0] for e in vocab or [] if e]  # Unigram
+    longest = max((len(str(p)) for p in pieces), default=0)
+    if longest > MAX_PIECE_CHARS:
+        raise BundleError(
+            f"{where}: a vocabulary entry of {longest} characters, over {MAX_PIECE_CHARS}"
+        )
     merges = model.get("merges")
     if merges is not None and len(merges) > MAX_MERGES:
         raise BundleError(f"{where}: {len(merges)} merges, over the limit of {MAX_MERGES}")
@@ -121,23 +129,38 @@ def _component(part: Any, section: str, allowed: set[str], where: str, depth: in
             _component(child, section, allowed, where, depth + 1)
 
 
+# How many characters a Unicode normalizer can make of one (NFKD: U+FDFA is 18), counted only
+# after a Replace or Prepend has inserted non-ASCII text: a text's own characters expand once,
+# but a reviewer's Replace "a" -> U+FDFA then NFKD, six times over, made 664,030 characters of 10.
+_UNICODE_GROWTH = {
+    "NFKD": 18.0, "NFKC": 18.0, "NFD": 4.0, "NFC": 4.0, "BertNormalizer": 4.0, "Lowercase": 3.0,
+}  # fmt: skip
+
+
+def _flat(part: Any) -> list[dict[str, Any]]:
+    """The normalizers in the order they run (a Sequence's children in place)."""
+    if not isinstance(part, dict):
+        return []
+    if part.get("type") == "Sequence":
+        return [c for child in part.get("normalizers") or [] for c in _flat(child)]
+    return [part]
+
+
 def _growth(part: Any, where: str) -> float:
     """How many times longer the normalizers can make a text at most (checked components)."""
-    if not isinstance(part, dict):
-        return 1.0
-    if part.get("type") == "Sequence":
-        out = 1.0
-        for child in part.get("normalizers") or []:
-            out *= _growth(child, where)
-        return out
-    if part.get("type") != "Replace":
-        return 1.0  # Prepend adds its bounded content once; the others shorten or keep
-    pattern = part.get("pattern")
-    text = pattern.get("String", "") if isinstance(pattern, dict) else ""
-    content = str(part.get("content", ""))
-    if not text:  # an empty pattern matches between every two characters
-        return float(len(content) + 1)
-    return max(1.0, len(content) / len(str(text)))
+    out, inserted = 1.0, False
+    for step in _flat(part):
+        kind = step.get("type")
+        content = str(step.get("content", step.get("prepend", "")))
+        if kind == "Replace":
+            pattern = step.get("pattern")
+            text = str(pattern.get("String", "")) if isinstance(pattern, dict) else ""
+            # An empty pattern matches between every two characters.
+            out *= float(len(content) + 1) if not text else max(1.0, len(content) / len(text))
+        elif kind in _UNICODE_GROWTH and inserted:
+            out *= _UNICODE_GROWTH[kind]
+        inserted = inserted or (kind in ("Replace", "Prepend") and not content.isascii())
+    return out
 
 
 def _check_processor(part: Any, where: str) -> None:

@@ -391,17 +391,34 @@ def test_truncation_is_reported(text_bundle: Path) -> None:
         ),
         (
             lambda d: d["model"].__setitem__("max_input_chars_per_word", 10**9),
-            "model max_input_chars_per_word 1000000000 is outside 1..1000",
+            "model max_input_chars_per_word 1000000000 is outside 1..200",
         ),
         (
             lambda d: d["model"].__setitem__("dropout", 0.1),
             "model dropout 0.1 tokenizes at random",
         ),
+        (  # U+FDFA is 18 characters in NFKD: six rounds made 664,030 characters of 10
+            lambda d: d.__setitem__(
+                "normalizer",
+                {
+                    "type": "Sequence",
+                    "normalizers": [
+                        {"type": "Replace", "pattern": {"String": "a"}, "content": "\ufdfa"},
+                        {"type": "NFKD"},
+                    ],
+                },
+            ),
+            "its normalizers can make a text more than 4 times longer",
+        ),
+        (  # one 20,000-character piece made a 100 kB word take 27 s
+            lambda d: d["model"]["vocab"].__setitem__("x" * 300, len(d["model"]["vocab"])),
+            "a vocabulary entry of 300 characters, over 256",
+        ),
     ],
     ids=[
         "split-regex", "unknown-type", "nested-replace-regex", "growing-replace-chain",
         "long-replace-content", "long-sequence", "long-template", "special-token-of-many-ids",
-        "wordpiece-word-length", "random-tokenization",
+        "wordpiece-word-length", "random-tokenization", "unicode-growth", "long-piece",
     ],
 )  # fmt: skip
 def test_a_crafted_tokenizer_is_refused_at_load(

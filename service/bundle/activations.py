@@ -54,7 +54,8 @@ def _elements(
     example = torch.zeros(*shape, dtype=dtype, device="meta")
     try:
         interp = _Counting(gm, where, limits)
-        interp.run(example)
+        with torch.device("meta"):  # a factory call without a device (arange) makes no memory
+            interp.run(example)
     except _TooCostly as exc:
         raise BundleError(exc.args[0].splitlines()[0]) from None
     except BundleError:

@@ -20,7 +20,7 @@ from service.engine.onnx_predictor import OnnxPredictor
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
 from service.engine.regression import summarize_regression
-from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler, rows_within
+from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -55,7 +55,6 @@ class ServedModel:
             ) from exc
         spec = self.manifest.inputs
         example = torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype))
-        row_budget = rows_within(bundle.module, row_budget)
         try:
             self.sampler = MCSampler(
                 bundle.module,

@@ -61,10 +61,10 @@ MIN_PREFIX_ROWS = 2
 # the TextCNN + fastText average at L = 900 answers 4.0x the documents/s with 64-row chunks as
 # with 16,384, the transformer at L = 128 2.4x; 16 to 128 rows are all within 10 % of the best.
 TOKEN_BUDGET = 8192
-# Activation values one forward may make (the load's meta count per input, summed over the
-# graph's nodes: an upper bound on what is live at once): 1 GiB of float32. Every bundled model
-# stays under it at its row and token budgets; a model making 40 M values per input got 128-row
-# forwards (20 GB) before.
+# Activation values one CPU forward may make (the load's meta count per input, summed over the
+# graph's nodes: an upper bound on what is live at once): 1 GiB of float32, but never fewer rows
+# than one mask block (64). Every bundled model stays under it at its row and token budgets; a
+# model making 40 M values per input got 16,384-row forwards before (64 now: still 10 GB).
 ACTIVATION_BUDGET = 1 << 28
 
 
@@ -173,6 +173,8 @@ class MCSampler:
         tokens = self.input_dtype == torch.int64 and len(self.input_shape) == 1
         if token_budget is not None and tokens and not cuda:
             row_budget = min(int(row_budget), int(token_budget) // max(self.input_shape[0], 1))
+        if not cuda:  # (CUDA pads every forward to the row budget: unchanged, untested there)
+            row_budget = rows_within(module, int(row_budget))
         self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
         self.stats = SamplerStats()
         # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with

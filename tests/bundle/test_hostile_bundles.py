@@ -549,3 +549,32 @@ def test_activations_are_bounded_at_every_batch(bundle: Path, make: Any, expecte
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert expected in e.value.message
+
+
+def test_a_factory_without_a_device_allocates_nothing_in_the_check(bundle: Path) -> None:
+    """torch.arange without a device made 0.8 GB of real CPU memory inside the load's meta run
+    before its count refused it."""
+
+    def change(d: dict[str, Any]) -> None:
+        out = d["nodes"].pop()
+        last = out["args"][0]["node"]
+        d["nodes"] += [
+            {"name": "t", "op": "call_function", "target": "torch.arange",
+             "args": [0.0, 4.0, 2e-8], "kwargs": {}},
+            _method("s", "sum", {"node": "t"}),
+            {"name": "joined", "op": "call_function", "target": "operator.add",
+             "args": [{"node": last}, {"node": "s"}], "kwargs": {}},
+        ]  # fmt: skip
+        out["args"] = [{"node": "joined"}]
+        d["nodes"].append(out)
+
+    _arch(bundle, change)
+    code = (
+        "from service.bundle import load_bundle\n"
+        "from service.errors import BundleError\n"
+        f"try:\n    load_bundle({str(bundle)!r})\nexcept BundleError as e:\n    print(e.message)"
+    )
+    base, _ = _peak_rss_mib("from service.bundle import load_bundle")
+    peak, said = _peak_rss_mib(code)
+    assert said.startswith(f"{bundle}/architecture.json: any batch makes 2000000")
+    assert peak - base < 300, (base, peak)  # the range alone is 763 MiB

@@ -309,6 +309,15 @@ def test_external_data_is_checked_wherever_a_tensor_hides(bundle: Path, place: s
     )
 
 
+def _load_and_print(bundle: Path) -> str:
+    """Code for _peak_rss_mib: load the bundle, print the refusal."""
+    return (
+        "from service.bundle import load_bundle\n"
+        "from service.errors import BundleError\n"
+        f"try:\n    load_bundle({str(bundle)!r})\nexcept BundleError as e:\n    print(e.message)"
+    )
+
+
 def _peak_rss_mib(code: str) -> tuple[float, str]:
     """Run `code` in a fresh interpreter; its peak RSS in MiB and what it printed."""
     script = (
@@ -330,11 +339,7 @@ def test_a_huge_layer_in_a_small_file_allocates_nothing(bundle: Path) -> None:
         d["modules"]["4"]["args"] = {"in_features": 20000, "out_features": 20000}
 
     _arch(bundle, change)
-    code = (
-        "from service.bundle import load_bundle\n"
-        "from service.errors import BundleError\n"
-        f"try:\n    load_bundle({str(bundle)!r})\nexcept BundleError as e:\n    print(e.message)"
-    )
+    code = _load_and_print(bundle)
     base, _ = _peak_rss_mib("from service.bundle import load_bundle")
     peak, said = _peak_rss_mib(code)
     assert said == (
@@ -474,15 +479,7 @@ def test_a_deep_recurrent_stack_is_refused_before_it_is_built(bundle: Path) -> N
 def test_a_move_to_a_named_device_is_refused(bundle: Path) -> None:
     """`.to("meta")` loaded (the shape check runs on meta) and every request then failed."""
 
-    def change(d: dict[str, Any]) -> None:
-        out = d["nodes"].pop()
-        last = out["args"][0]["node"]
-        d["nodes"].append({"name": "moved", "op": "call_method", "target": "to",
-                           "args": [{"node": last}, "meta"], "kwargs": {}})  # fmt: skip
-        out["args"] = [{"node": "moved"}]
-        d["nodes"].append(out)
-
-    _arch(bundle, change)
+    _arch(bundle, lambda d: _after_last(d, lambda last: _method("moved", "to", last, "meta")))
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message == (
@@ -500,6 +497,15 @@ def test_a_manifest_that_breaks_the_json_parser_is_a_bundle_error(bundle: Path, 
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/manifest.json: not valid JSON (")
+
+
+def _after_last(d: dict[str, Any], make: Any) -> None:
+    """Insert make(the output's input)'s node before the output, and output it instead."""
+    out = d["nodes"].pop()
+    node = make(out["args"][0])
+    d["nodes"].append(node)
+    out["args"] = [{"node": node["name"]}]
+    d["nodes"].append(out)
 
 
 def _add_to_output(d: dict[str, Any], make: Any) -> None:
@@ -555,25 +561,12 @@ def test_a_factory_without_a_device_allocates_nothing_in_the_check(bundle: Path)
     """torch.arange without a device made 0.8 GB of real CPU memory inside the load's meta run
     before its count refused it."""
 
-    def change(d: dict[str, Any]) -> None:
-        out = d["nodes"].pop()
-        last = out["args"][0]["node"]
-        d["nodes"] += [
-            {"name": "t", "op": "call_function", "target": "torch.arange",
-             "args": [0.0, 4.0, 2e-8], "kwargs": {}},
-            _method("s", "sum", {"node": "t"}),
-            {"name": "joined", "op": "call_function", "target": "operator.add",
-             "args": [{"node": last}, {"node": "s"}], "kwargs": {}},
-        ]  # fmt: skip
-        out["args"] = [{"node": "joined"}]
-        d["nodes"].append(out)
-
-    _arch(bundle, change)
-    code = (
-        "from service.bundle import load_bundle\n"
-        "from service.errors import BundleError\n"
-        f"try:\n    load_bundle({str(bundle)!r})\nexcept BundleError as e:\n    print(e.message)"
-    )
+    _arch(bundle, lambda d: _add_to_output(d, lambda x: [
+        {"name": "t", "op": "call_function", "target": "torch.arange", "args": [0.0, 4.0, 2e-8],
+         "kwargs": {}},
+        _method("s", "sum", {"node": "t"}),
+    ]))  # fmt: skip
+    code = _load_and_print(bundle)
     base, _ = _peak_rss_mib("from service.bundle import load_bundle")
     peak, said = _peak_rss_mib(code)
     assert said.startswith(f"{bundle}/architecture.json: any batch makes 2000000")

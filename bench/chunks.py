@@ -44,7 +44,11 @@ def measure(path: Path, texts: list[int], samples: int, repeats: int) -> dict[st
     samplers = {
         "tokens": MCSampler(load_bundle(path).module, example, row_budget=ROW_BUDGET),
         "rows": MCSampler(
-            load_bundle(path).module, example, row_budget=ROW_BUDGET, token_budget=None
+            load_bundle(path).module,
+            example,
+            row_budget=ROW_BUDGET,
+            token_budget=None,
+            activation_budget=False,  # the engine before either budget
         ),
     }
     out: dict[str, Any] = {

@@ -232,6 +232,9 @@ def _check_node(
     c.value(nd["args"], f"{at} args", seen)
     for k, v in nd["kwargs"].items():
         c.value(v, f"{at} kwargs.{k}", seen)
+    if isinstance(nd["kwargs"].get("device"), str):  # a factory's device=: the same, and on
+        # the load's meta run a named device made real memory (torch.arange(..., device="cpu"))
+        raise c.fail(f"{at}: a named device; give device=x.device or none")
     if op == "placeholder":
         if not identifier(target) or nd["args"] or nd["kwargs"]:
             raise c.fail(f"{at}: an input is a plain identifier without arguments")

@@ -112,7 +112,7 @@ def _check_sizes(
         dims = _dims(info)
         if dims is None or not all(d.HasField("dim_value") or d.dim_param in bounded for d in dims):
             continue  # sized by its inputs, not known statically
-        if sum(d.dim_param == batch for d in dims) > 1:
+        if batch and sum(d.dim_param == batch for d in dims) > 1:
             raise BundleError(
                 f"{where}: tensor '{name}' grows with the square of the batch; a model's cost "
                 "must be linear in its batch"

@@ -46,8 +46,8 @@ MAX_CHILDREN = 16  # components in one Sequence
 MAX_CONTENT = 64  # characters a Replace or Prepend inserts
 MAX_GROWTH = 4.0  # how many times longer a text may come out of the normalizers
 MAX_WORD_CHARS = 200  # WordPiece's max_input_chars_per_word (100 by default; cubic past it)
-MAX_PIECE_CHARS = 256  # characters in one vocabulary entry (a 20,000-character Unigram piece
-# made one 100 kB word take 27 s)
+MAX_PIECE_CHARS = 256  # characters in one Unigram piece (one of 20,000 characters made one
+# 100 kB word take 27 s; WordPiece pieces are bounded by MAX_WORD_CHARS, BPE's cost is not)
 MAX_TEMPLATE = 16  # entries of a TemplateProcessing template
 MAX_SPECIAL_IDS = 16  # ids one special token of a template stands for
 
@@ -64,12 +64,18 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
         part = doc.get(section)
         if part is not None:
             _component(part, section, allowed, where)
-    if _growth(doc.get("normalizer"), where) > MAX_GROWTH:
-        raise BundleError(
-            f"{where}: its normalizers can make a text more than {MAX_GROWTH:g} times longer "
-            "(Replace content longer than its pattern, or Unicode normalization of inserted "
-            "non-ASCII text, compounded); a tokenizer normalizes, it does not expand"
-        )
+            if len(_flat(part)) > MAX_CHILDREN:  # nested Sequences included: each step costs
+                raise BundleError(
+                    f"{where}: {section} has more than {MAX_CHILDREN} components in all"
+                )
+    for section in ("normalizer", "decoder"):  # decoders run too: the word check decodes ids
+        if _growth(doc.get(section)) > MAX_GROWTH:
+            raise BundleError(
+                f"{where}: its {section}s can make a text more than {MAX_GROWTH:g} times longer "
+                "(Replace or Prepend content longer than what it replaces, or Unicode "
+                "normalization of inserted non-ASCII text, compounded); a tokenizer "
+                "normalizes, it does not expand"
+            )
     _check_processor(doc.get("post_processor"), where)
     model = doc["model"]
     chars = model.get("max_input_chars_per_word")
@@ -86,12 +92,12 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
     vocab = model.get("vocab")
     if vocab is not None and len(vocab) > MAX_VOCABULARY:
         raise BundleError(f"{where}: {len(vocab)} vocabulary entries, over {MAX_VOCABULARY}")
-    pieces = vocab if isinstance(vocab, dict) else [e[0] for e in vocab or [] if e]  # Unigram
-    longest = max((len(str(p)) for p in pieces), default=0)
-    if longest > MAX_PIECE_CHARS:
-        raise BundleError(
-            f"{where}: a vocabulary entry of {longest} characters, over {MAX_PIECE_CHARS}"
-        )
+    if model.get("type") == "Unigram":  # its lattice holds every piece that fits a word
+        longest = max((len(str(e[0])) for e in vocab or [] if e), default=0)
+        if longest > MAX_PIECE_CHARS:
+            raise BundleError(
+                f"{where}: a Unigram piece of {longest} characters, over {MAX_PIECE_CHARS}"
+            )
     merges = model.get("merges")
     if merges is not None and len(merges) > MAX_MERGES:
         raise BundleError(f"{where}: {len(merges)} merges, over the limit of {MAX_MERGES}")
@@ -138,16 +144,17 @@ _UNICODE_GROWTH = {
 
 
 def _flat(part: Any) -> list[dict[str, Any]]:
-    """The normalizers in the order they run (a Sequence's children in place)."""
+    """A section's components in the order they run (a Sequence's children in place)."""
     if not isinstance(part, dict):
         return []
     if part.get("type") == "Sequence":
-        return [c for child in part.get("normalizers") or [] for c in _flat(child)]
+        children = [c for key in _CHILDREN for c in part.get(key) or []]
+        return [c for child in children for c in _flat(child)]
     return [part]
 
 
-def _growth(part: Any, where: str) -> float:
-    """How many times longer the normalizers can make a text at most (checked components)."""
+def _growth(part: Any) -> float:
+    """How many times longer a normalizer or decoder chain can make a text at most."""
     out, inserted = 1.0, False
     for step in _flat(part):
         kind = step.get("type")
@@ -157,6 +164,8 @@ def _growth(part: Any, where: str) -> float:
             text = str(pattern.get("String", "")) if isinstance(pattern, dict) else ""
             # An empty pattern matches between every two characters.
             out *= float(len(content) + 1) if not text else max(1.0, len(content) / len(text))
+        elif kind == "Prepend":  # once per piece between added tokens: one character, at worst
+            out *= float(len(content) + 1)
         elif kind in _UNICODE_GROWTH and inserted:
             out *= _UNICODE_GROWTH[kind]
         inserted = inserted or (kind in ("Replace", "Prepend") and not content.isascii())

@@ -149,6 +149,7 @@ class MCSampler:
         compile_mode: str | None = None,
         fused: bool | None = None,
         token_budget: int | None = TOKEN_BUDGET,
+        activation_budget: bool = True,  # False: rows as the row budget says (bench/chunks.py)
     ) -> None:
         tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
         self.device = torch.device(device) if device is not None else default_device()
@@ -173,7 +174,7 @@ class MCSampler:
         tokens = self.input_dtype == torch.int64 and len(self.input_shape) == 1
         if token_budget is not None and tokens and not cuda:
             row_budget = min(int(row_budget), int(token_budget) // max(self.input_shape[0], 1))
-        if not cuda:  # (CUDA pads every forward to the row budget: unchanged, untested there)
+        if activation_budget and not cuda:  # (CUDA: unchanged, untested there)
             row_budget = rows_within(module, int(row_budget))
         self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
         self.stats = SamplerStats()

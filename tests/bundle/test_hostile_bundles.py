@@ -571,3 +571,18 @@ def test_a_factory_without_a_device_allocates_nothing_in_the_check(bundle: Path)
     peak, said = _peak_rss_mib(code)
     assert said.startswith(f"{bundle}/architecture.json: any batch makes 2000000")
     assert peak - base < 300, (base, peak)  # the range alone is 763 MiB
+
+
+def test_a_factory_on_a_named_device_is_refused(bundle: Path) -> None:
+    """device="cpu" on a factory call escaped the meta run's default device (0.8 GB of real
+    memory again); device="meta" loaded and broke every request."""
+    _arch(bundle, lambda d: _add_to_output(d, lambda x: [
+        {"name": "t", "op": "call_function", "target": "torch.arange", "args": [0.0, 4.0, 2e-8],
+         "kwargs": {"device": "cpu"}},
+        _method("s", "sum", {"node": "t"}),
+    ]))  # fmt: skip
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message == (
+        f"{bundle}/architecture.json: node 't': a named device; give device=x.device or none"
+    )

@@ -170,3 +170,14 @@ def test_the_batch_twice_is_refused() -> None:
     )  # fmt: skip
     with pytest.raises(BundleError, match="tensor 'big' grows with the square of the batch"):
         check_graph(model, "model.onnx", LIMIT, [4])
+
+
+def test_a_graph_without_a_named_batch_is_not_called_quadratic() -> None:
+    """With no named batch dimension, every unnamed dimension counted as "the batch": a [2, 4]
+    Relu was refused as growing with the batch squared."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["output"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    check_graph(helper.make_model(graph), "model.onnx", LIMIT, [4])  # no BundleError

@@ -3,6 +3,7 @@ recurrent and attention layers, every dropout site sampled, shape-only branches 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -410,15 +411,41 @@ def test_truncation_is_reported(text_bundle: Path) -> None:
             ),
             "its normalizers can make a text more than 4 times longer",
         ),
-        (  # one 20,000-character piece made a 100 kB word take 27 s
-            lambda d: d["model"]["vocab"].__setitem__("x" * 300, len(d["model"]["vocab"])),
-            "a vocabulary entry of 300 characters, over 256",
+        (  # decoders run too (the word check decodes ids): 3 of these took 3.5 s a row
+            lambda d: d.__setitem__(
+                "decoder",
+                {
+                    "type": "Sequence",
+                    "decoders": [
+                        {"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 64}
+                    ],
+                },
+            ),
+            "its decoders can make a text more than 4 times longer",
+        ),
+        (  # Prepend runs once per piece between added tokens: "a[SEP]" repeated grew 65 x
+            lambda d: d.__setitem__("normalizer", {"type": "Prepend", "prepend": "_" * 8}),
+            "its normalizers can make a text more than 4 times longer",
+        ),
+        (  # 16 per Sequence, 4 deep, was 65,536 steps: each costs a pass over the text
+            lambda d: d.__setitem__(
+                "normalizer",
+                {
+                    "type": "Sequence",
+                    "normalizers": [
+                        {"type": "Sequence", "normalizers": [{"type": "Lowercase"}] * 9}
+                    ]
+                    * 2,
+                },
+            ),
+            "normalizer has more than 16 components in all",
         ),
     ],
     ids=[
         "split-regex", "unknown-type", "nested-replace-regex", "growing-replace-chain",
         "long-replace-content", "long-sequence", "long-template", "special-token-of-many-ids",
-        "wordpiece-word-length", "random-tokenization", "unicode-growth", "long-piece",
+        "wordpiece-word-length", "random-tokenization", "unicode-growth", "decoder-growth",
+        "prepend-growth", "nested-components",
     ],
 )  # fmt: skip
 def test_a_crafted_tokenizer_is_refused_at_load(
@@ -517,3 +544,20 @@ def test_a_tampered_word_list_is_refused(
         )
     with pytest.raises(BundleError, match=re.escape(message)):
         load_bundle(b)
+
+
+def test_unigram_pieces_are_bounded_and_long_bpe_tokens_are_not() -> None:
+    """A 20,000-character Unigram piece made one 100 kB word take 27 s (every piece that fits
+    a word is in its lattice); a long BPE token (a run of "=" merged by a default trainer) costs
+    nothing of the kind and is kept."""
+    from service.bundle.tokenizer import check_tokenizer_json
+    from service.errors import BundleError
+
+    def doc(model: dict[str, Any]) -> bytes:
+        return json.dumps({"version": "1.0", "model": model}).encode()
+
+    unigram = {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["x" * 300, -1.0]]}
+    with pytest.raises(BundleError, match="a Unigram piece of 300 characters, over 256"):
+        check_tokenizer_json(doc(unigram), "tokenizer.json")
+    bpe = {"type": "BPE", "vocab": {"=": 0, "=" * 400: 1}, "merges": []}
+    check_tokenizer_json(doc(bpe), "tokenizer.json")  # no BundleError

@@ -3,8 +3,6 @@
 The graph runs on meta inputs (shapes only, no memory) of 2 and 4 instances; its tensors are
 counted, and the Python values it computes (shapes, counts) are computed for real, so each
 Python operation's cost is checked before it runs (service/bundle/architecture.py calls this).
-Where it runs on fake tensors with a symbolic batch, the count is exact at any batch (a cost
-built to vanish at 2 and 4 is caught); where not (stacked RNNs), the two samples stand alone.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 from torch import fx
 
@@ -35,9 +32,6 @@ def check_activations(
     one batch and asked for 65 GB at a request's), and one more instance must add at most the
     limit. The per-instance count is kept on the module, for the engine's forward sizes."""
     made = [_elements(gm, [n, *input_shape], dtype, where, limits) for n in (2, 4)]
-    symbolic = _symbolic(gm, input_shape, dtype, where, limits)
-    if symbolic is not None:  # exact: (per input, fixed), or refused if not linear
-        made = [symbolic[1] + 2 * symbolic[0], symbolic[1] + 4 * symbolic[0]]
     if made[1] > 2 * made[0]:
         raise BundleError(
             f"{where}: the activations grow faster than the batch ({made[0]} values for 2 "
@@ -52,51 +46,6 @@ def check_activations(
                 f"{limits.max_activation_elements}"
             )
     gm.meta[ACTIVATIONS_PER_INPUT] = per_input
-
-
-def _symbolic(
-    gm: fx.GraphModule, input_shape: list[int], dtype: torch.dtype, where: str, limits: Any
-) -> tuple[int, int] | None:
-    """The activation count as a polynomial in a symbolic batch size (fake tensors over a
-    ShapeEnv): (per input, fixed) when it is linear; BundleError when it is not, at any batch
-    (two sampled batches miss a cost built to vanish at exactly those sizes). None when the
-    graph cannot run symbolically or pins its batch: the sampled check stands alone then."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import (
-        DimDynamic,
-        ShapeEnv,
-        StatelessSymbolicContext,
-    )
-
-    env = ShapeEnv()
-    dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * len(input_shape)
-    real = torch.zeros(2, *input_shape, dtype=dtype, device="meta")  # made outside the mode
-    try:
-        with FakeTensorMode(shape_env=env, allow_non_fake_inputs=True) as mode:
-            x = mode.from_tensor(
-                real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)
-            )
-            interp = _Counting(gm, where, limits)
-            interp.run(x)
-        total: Any = interp.elements
-        size: Any = x.shape[0]
-        expr = total.node.expr if isinstance(total, torch.SymInt) else None
-        (batch,) = size.node.expr.free_symbols
-    except (_TooCostly, BundleError):
-        raise
-    except Exception:  # an operator fake tensors do not run, a guard: sample instead
-        return None
-    if expr is None or expr.free_symbols != {batch}:
-        return None  # the batch was pinned, or other unknowns entered
-    poly = sympy.Poly(expr, batch)
-    if poly.degree() > 1:
-        raise BundleError(
-            f"{where}: the activations grow faster than the batch ({expr} values for a batch "
-            f"of {batch}); a model's cost must be linear in its batch"
-        )
-    coeffs = [int(c) for c in poly.all_coeffs()]
-    per_input, fixed = coeffs if len(coeffs) == 2 else (0, coeffs[0])
-    return max(1, per_input), fixed
 
 
 def _elements(

@@ -547,23 +547,8 @@ def _method(name: str, target: str, *args: Any) -> dict[str, Any]:
             ],
             "any batch makes 2000000",  # the table and the model's own weights' reads
         ),
-        (  # (b - 2) * (b - 4) rows: nothing at the sampled batches 2 and 4, 2.7e14 values
-            # at a real one; the symbolic batch sees the square
-            lambda x: [
-                _method("b", "size", x, 0),
-                {"name": "b2", "op": "call_function", "target": "operator.sub",
-                 "args": [{"node": "b"}, 2], "kwargs": {}},
-                {"name": "b4", "op": "call_function", "target": "operator.sub",
-                 "args": [{"node": "b"}, 4], "kwargs": {}},
-                {"name": "rows", "op": "call_function", "target": "operator.mul",
-                 "args": [{"node": "b2"}, {"node": "b4"}], "kwargs": {}},
-                _method("z", "new_zeros", x, {"node": "rows"}, 1_000_000),
-                _method("s", "sum", {"node": "z"}),
-            ],
-            "the activations grow faster than the batch (",
-        ),
     ],
-    ids=["quadratic", "batch-independent", "vanishing-where-sampled"],
+    ids=["quadratic", "batch-independent"],
 )  # fmt: skip
 def test_activations_are_bounded_at_every_batch(bundle: Path, make: Any, expected: str) -> None:
     _arch(bundle, lambda d: _add_to_output(d, make))

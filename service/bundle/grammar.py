@@ -203,9 +203,6 @@ def check_description(
         raise c.fail("the graph must end with its output node")
 
 
-_MOVES = {"to"}  # tensor methods that could name a device
-
-
 def _check_node(
     c: _Checker,
     i: int,
@@ -254,7 +251,7 @@ def _check_node(
         if target not in methods:
             raise c.fail(f"{at}: tensor method {str(target)[:60]!r} is not allowed")
         values = [*nd["args"], *nd["kwargs"].values()]
-        if target in _MOVES and any(isinstance(v, str) for v in values):
+        if target == "to" and any(isinstance(v, str) for v in values):
             # A dtype is encoded, a device read from a tensor; a named device ("meta", "cuda")
             # loaded fine and broke every request. The engine places the model itself.
             raise c.fail(f"{at}: '{target}' to a named device; only dtypes and x.device")

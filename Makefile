@@ -33,8 +33,13 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# Two phases, both part of `make test`: every test not marked serial on PYTEST_WORKERS processes
+# (whole files to a worker, so a module's fixtures are built once), then the serial ones alone:
+# they assert wall-clock bounds that another worker's load on the same cores would break.
+PYTEST_WORKERS ?= 2
 pytest: venv
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -ra -m serial
 
 test: lint typecheck pytest
 

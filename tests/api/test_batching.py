@@ -135,6 +135,8 @@ async def test_deadline_passes_in_queue_no_compute(app: FastAPI, client: httpx.A
     assert b.model.sampler.stats.rows == rows_before  # no compute spent
 
 
+# Bounds the answer's time (under 2 s): run alone (the Makefile's serial phase).
+@pytest.mark.serial
 async def test_a_queued_request_is_answered_at_its_deadline(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:

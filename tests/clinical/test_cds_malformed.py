@@ -299,6 +299,8 @@ def test_todays_result_east_of_utc_is_not_in_the_future() -> None:
             assert "is dated 2025-06-01T23:00:00Z, in the future" in str(exc.details)
 
 
+# Bounds the call's time (under 3 s): run alone (the Makefile's serial phase).
+@pytest.mark.serial
 async def test_a_resource_type_fhir_does_not_define_is_a_400_naming_it(
     ehr: httpx.AsyncClient, es384: Signer
 ) -> None:

@@ -14,6 +14,9 @@ import httpx
 import pytest
 from server import ROOT, serve
 
+# Wall-clock bounds on deadlines and turns: run alone (the Makefile's serial phase).
+pytestmark = pytest.mark.serial
+
 
 def first_row(name: str) -> dict[str, float]:
     with (ROOT / "models" / "data" / f"{name}-test.csv").open() as f:

@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from server import serve
+
+# Timed against the drain grace: run alone (the Makefile's serial phase).
+pytestmark = pytest.mark.serial
 
 GRACE_S = 2.0
 CLIENTS = 16

@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from server import ROOT, serve
+
+# Timed against the server's header and body timeouts: run alone (the Makefile's serial phase).
+pytestmark = pytest.mark.serial
 
 NOFILE = 256  # the server's open-file limit: 400 connections would exhaust it
 HELD = 400

@@ -268,8 +268,11 @@ def _graph(
                 raise BundleError(
                     f"{where}: node '{nd['name']}' reads '{target}', absent from the weights"
                 )
-            shape = state[target].shape
-            root.setdefault(target, nn.Parameter(torch.empty(shape), requires_grad=False))
+            # The weights' dtype, not float32: an index buffer (int64) read by get_attr must
+            # stay an integer through the meta run, or indexing with it fails there.
+            held = state[target]
+            empty = torch.empty(held.shape, dtype=held.dtype)
+            root.setdefault(target, nn.Parameter(empty, requires_grad=False))
             node = graph.get_attr(target)
         env[nd["name"]] = node
     return graph

@@ -104,6 +104,48 @@ def test_round_trip(built: dict[str, Path], name: str) -> None:
     assert np.all(np.abs(a.mean(0) - b.mean(0)) < 4.5 * se + 1e-9)
 
 
+class Reordered(nn.Module):
+    """Reads its features through an integer index buffer (a permutation), as a model that
+    picks or reorders columns does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("order", torch.tensor([2, 0, 3, 1]))
+        self.net = mlp(0.25, d_in=4, hidden=8, d_out=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, self.order])
+
+
+def test_an_integer_buffer_keeps_its_dtype(tmp_path: Path) -> None:
+    """The rebuilt graph's placeholders were float32 whatever the weights held: indexing with
+    the buffer failed in the load's meta run, and such a model could not be saved ("does not
+    accept inputs of shape [4]")."""
+    torch.manual_seed(0)
+    original = Reordered()
+    path = save(
+        original, torch.randn(4, 4), out_dir=tmp_path, name="reordered", version="1",
+        task="classification", intended_use="tests", labels=["a", "b"],
+    )  # fmt: skip
+    loaded = ServedModel(load_bundle(path))
+    assert dict(loaded.bundle.module.state_dict())["order"].dtype == torch.int64
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits = original.eval()(x).numpy()
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    det = loaded.predict(
+        x.numpy(), PredictParams(samples=2, confidence=(0.9,), mode="deterministic")
+    )
+    np.testing.assert_allclose(det.point, e / e.sum(1, keepdims=True), rtol=0, atol=1e-5)
+    from service.engine import MCRequest, MCSampler  # the MC path, as in test_round_trip
+
+    passes = 2000
+    a = loaded.sampler.run([MCRequest(x.numpy(), passes, 1)])[0].astype(np.float64)
+    b = MCSampler(original, x).run([MCRequest(x.numpy(), passes, 2)])[0].astype(np.float64)
+    se = np.sqrt(a.var(0) / passes + b.var(0) / passes)
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 4.5 * se + 1e-9)
+
+
 def test_tampered_hash(bundle: Path) -> None:
     data = bytearray((bundle / "weights.safetensors").read_bytes())
     data[-1] ^= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,6 +100,8 @@ class InputSpec(Strict):
             v = getattr(self, field)
             if v is not None and len(v) != n:
                 raise ValueError(f"inputs.{field} has {len(v)} entries for {n} features")
+        # They key a /v1 instance given as an object: a name twice filled both features.
+        distinct("inputs.feature_names", self.feature_names, "each feature needs its own name")
         return self
 
     @property
@@ -125,9 +128,24 @@ class OutputSpec(Strict):
     # Regression with k >= 2 targets, in the model's output order (instead of target/unit).
     targets: list[TargetSpec] | None = None
 
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> OutputSpec:
+        # They key the probabilities in /v1 answers: a label twice dropped a class's there.
+        distinct("outputs.labels", self.labels, "each class needs its own label")
+        return self
+
     @property
     def target_names(self) -> list[str]:
         """The regression targets in output order (one name for a single-target model)."""
         if self.targets:
             return [t.name for t in self.targets]
         return [self.target] if self.target else []
+
+
+def distinct(field: str, values: Sequence[str] | None, why: str) -> None:
+    """ValueError naming the first value given twice."""
+    seen: set[str] = set()
+    for v in values or []:
+        if v in seen:
+            raise ValueError(f"{field} lists {v[:40]!r} twice; {why}")
+        seen.add(v)

@@ -27,7 +27,14 @@ from service.bundle.manifest import (
     Variance,
 )
 from service.bundle.sequence import explicit
-from service.bundle.spec import InputSpec, OutputSpec, TargetSpec, TextInput, WordList
+from service.bundle.spec import (
+    InputSpec,
+    OutputSpec,
+    TargetSpec,
+    TextInput,
+    WordList,
+    distinct,
+)
 from service.bundle.tokenizer import check_tokenizer_json
 from service.bundle.words import dump_words
 from service.engine.familiar import familiar_words
@@ -123,6 +130,11 @@ def save(
         raise ModelError("training_texts= is for text models: pass the tokenizer too")
     if word_min_texts < 1:
         raise ModelError(f"word_min_texts={word_min_texts}: a word needs at least 1 text")
+    try:  # before anything is written (the manifest, written last, refuses them too)
+        distinct("labels", labels, "each class needs its own label")
+        distinct("feature_names", feature_names, "each feature needs its own name")
+    except ValueError as exc:
+        raise ModelError(str(exc)) from exc
     dest = Path(out_dir) / name / version
     if dest.exists() and any(dest.iterdir()):
         raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")

@@ -8,6 +8,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -206,6 +207,34 @@ def test_shape_mismatch_labels(bundle: Path) -> None:
         f"{bundle}: shape mismatch: the model outputs [2] per input but the manifest "
         "declares 3 output(s)"
     )
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"outputs__labels": ["a", "a"]}, "outputs.labels lists 'a' twice"),
+        ({"inputs__feature_names": ["f", "g", "f", "h", "i", "j"]}, "feature_names lists 'f'"),
+    ],
+)
+def test_a_name_given_twice_is_refused(bundle: Path, change: dict[str, Any], expected: str) -> None:
+    """A label twice loaded, and /v1 answered with one class's probability dropped (its answer
+    keys probabilities by label); a feature name twice filled both features from one key."""
+    rewrite_manifest(bundle, **change)
+    with pytest.raises(BundleError, match=expected):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("twice", [{"labels": ["a", "a"]}, {"feature_names": ["x"] * 6}])
+def test_save_refuses_a_name_given_twice_before_writing(
+    tmp_path: Path, twice: dict[str, Any]
+) -> None:
+    kwargs: dict[str, Any] = {"labels": ["a", "b"], **twice}
+    with pytest.raises(ModelError, match="twice; each"):
+        save(
+            mlp(0.25), torch.randn(4, 6), out_dir=tmp_path, name="m", version="1",
+            task="classification", intended_use="tests", **kwargs,
+        )  # fmt: skip
+    assert not (tmp_path / "m").exists()
 
 
 def test_shape_mismatch_inputs(bundle: Path) -> None:

@@ -224,12 +224,21 @@ def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     # One test for the common case, valid inputs (NaN fails both comparisons); the precise
     # message is worked out only when something is wrong.
     if bounds is not None and bounds[2] and bool(((flat >= bounds[0]) & (flat <= bounds[1])).all()):
-        return _cast(arr, spec)  # finite bounds: an Infinity would have failed too
+        return _cast(arr, spec)  # bounds the dtype holds: an Infinity would have failed too
     bad = ~np.isfinite(flat)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
         raise InvalidInputError(
             f"instance {i}, {_feature(spec, j)}: NaN and Infinity are not valid inputs"
+        )
+    # 1e39 is finite in float64 but infinite in float32: the answer's numbers came back null.
+    over = np.abs(flat) > _LARGEST[spec.dtype]
+    if over.any():
+        i, j = (int(v) for v in np.argwhere(over)[0])
+        raise InvalidInputError(
+            f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is beyond what the model's "
+            f"{spec.dtype} inputs hold (magnitude at most {_LARGEST[spec.dtype]:g}); check the "
+            "value and its unit"
         )
     _check_ranges(flat, spec)
     return _cast(arr, spec)
@@ -253,11 +262,13 @@ def _feature(spec: InputSpec, j: int) -> str:
 
 
 _BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray, bool]] = {}
+# The largest magnitude each input dtype holds (int64's, as the float64 that is exact below it).
+_LARGEST = {"float32": float(np.finfo(np.float32).max), "int64": float(2**63 - 1024)}
 
 
 def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-    """The hard valid range per feature and whether all of it is finite, built once per spec
-    (not on every request)."""
+    """The hard valid range per feature and whether the input's dtype holds all of it (then an
+    input inside it needs no other check), built once per spec (not on every request)."""
     cached = _BOUNDS.get(id(spec))
     if cached is not None and cached[0] is spec:
         return cached[1], cached[2], cached[3]
@@ -271,7 +282,8 @@ def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] 
         return None
     if len(_BOUNDS) > 1024:  # specs of unloaded models: forget them all, rebuild on use
         _BOUNDS.clear()
-    finite = bool(np.isfinite(lo).all() and np.isfinite(hi).all())
+    most = _LARGEST[spec.dtype]  # NaN and Infinity fail these too
+    finite = bool((np.abs(lo) <= most).all() and (np.abs(hi) <= most).all())
     _BOUNDS[id(spec)] = (spec, lo, hi, finite)
     return lo, hi, finite
 

@@ -51,6 +51,32 @@ def test_non_finite_refused_even_with_unbounded_ranges(bad: float) -> None:
             to_array(x, flat_spec, 10)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        InputSpec(shape=[2]),  # no ranges
+        InputSpec(shape=[2], valid_ranges=[(-np.inf, np.inf), (0.0, 1.0)]),
+        InputSpec(shape=[2], valid_ranges=[(-1e300, 1e300), (0.0, 1.0)]),  # wider than float32
+    ],
+)
+def test_a_value_float32_cannot_hold_is_refused(spec: InputSpec) -> None:
+    """1e39 is finite as the float64 it was read as, and infinite as the float32 the model
+    computes in: a deterministic answer came back 200 with null probabilities."""
+    assert to_array([[3e38, 0.5]], spec, 10)[0, 0] == np.float32(3e38)
+    with pytest.raises(InvalidInputError) as e:
+        to_array([[0.0, 0.5], [-1e39, 0.5]], spec, 10)
+    assert e.value.message == (
+        "instance 1, element 0 = -1e+39 is beyond what the model's float32 inputs hold "
+        "(magnitude at most 3.40282e+38); check the value and its unit"
+    )
+
+
+def test_a_token_id_int64_cannot_hold_is_refused() -> None:
+    spec = InputSpec(shape=[2], dtype="int64")
+    with pytest.raises(InvalidInputError, match="instance 0, element 1 = 1e\\+19 is beyond"):
+        to_array([[1, 1e19]], spec, 10)
+
+
 def test_image_models_take_their_feature_names_and_flat_rows() -> None:
     # digits lists px0..px63 as its feature names (its CSVs use them) but refused both forms.
     from pathlib import Path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -216,3 +217,54 @@ async def test_a_very_long_manifest_string_is_cut(tmp_path: Path) -> None:
             assert "w" * 2001 not in html and "a" * 2001 not in html, url
             assert "(cut: 100,000 characters in all)" in html, url
             assert len(html) < 40_000, url
+
+
+async def test_a_report_of_the_wrong_types_shows_dashes_not_a_500(
+    hostile: httpx.AsyncClient,
+) -> None:
+    """A report is data from a file: 5 where a list belongs, or a 400-digit integer (Python's
+    json reads it; float() refuses it), made the whole page a 500."""
+    digest = (await hostile.get(f"/v1/models/{NAME}")).json()["digest"]
+    place = evaluation_dir(hostile) / NAME
+    place.mkdir(parents=True, exist_ok=True)
+    cases = [
+        ({"warnings": 5, "served": {"accuracy": 0.5}}, "<dd>0.5</dd>"),
+        ({"served": {"accuracy": "high"}, "prediction_sets": 3}, "<dt>accuracy</dt><dd>–</dd>"),
+        ({"rmse": 10**400, "mae": float("inf")}, "<dt>rmse</dt><dd>–</dd>"),
+    ]
+    for fields, shown in cases:
+        report = {"model": {"digest": digest}, **fields}
+        (place / "report.json").write_text(json.dumps(report))
+        r = await hostile.get(f"/models/{NAME}")
+        assert r.status_code == 200, (fields, r.text[-300:])
+        assert shown in r.text, fields
+    assert "<dt>mae</dt><dd>unbounded</dd>" in r.text
+    (place / "report.json").unlink()
+
+
+async def test_a_calibration_fit_with_a_string_for_a_number_renders(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "models" / "medical-abstracts" / "9", tmp_path / "m" / "text" / "9")
+    path = tmp_path / "m" / "text" / "9" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["name"] = "text"
+    manifest["calibration"]["fit"] |= {"cv_folds": "five", "cv_nll_vector": "low"}
+    path.write_text(json.dumps(manifest))
+    settings = Settings(model_dir=tmp_path / "m", evaluation_dir=None)
+    async with running(settings) as app, asgi_client(app) as c:
+        r = await c.get("/models/text")
+    assert r.status_code == 200, r.text[-300:]
+    assert "(asked: auto; –-fold cross-validated NLL: temperature 0.9906, vector –)" in r.text
+
+
+async def test_the_list_page_says_why_without_the_servers_paths(tmp_path: Path) -> None:
+    """GET /v1/models says why a bundle is not ready without the server's paths; the list
+    page, which takes no API key, showed the absolute path."""
+    (tmp_path / "m" / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "broken" / "1" / "manifest.json").write_text("{not json")
+    settings = Settings(model_dir=tmp_path / "m", evaluation_dir=None)
+    async with running(settings) as app, asgi_client(app) as c:
+        html = (await c.get("/models")).text
+        said = (await c.get("/v1/models")).json()["models"][0]["versions"][0]["reason"]
+    assert str(tmp_path) not in html
+    assert "broken/1/manifest.json: not valid JSON" in html and said.startswith("broken/1/")

@@ -8,6 +8,7 @@ and one that slipped through would not run.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -46,6 +47,19 @@ def _clip(value: Any) -> Any:
     return value
 
 
+def number(value: Any, spec: str = "%.4g") -> str:
+    """A number as `spec` formats it, for the templates' `number` filter; anything else (a
+    bundle's string where a number belongs, a 400-digit integer float() refuses) is '–', not a
+    500 for the whole page."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "–"
+    try:
+        x = float(value)
+    except OverflowError:
+        return "–"
+    return spec % x if math.isfinite(x) else "unbounded"
+
+
 _env = Environment(
     loader=PackageLoader("service.api", "templates"),
     autoescape=True,  # every template, whatever its name
@@ -54,6 +68,7 @@ _env = Environment(
     lstrip_blocks=True,
     finalize=_clip,
 )
+_env.filters["number"] = number
 
 
 def render(

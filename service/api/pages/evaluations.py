@@ -9,10 +9,11 @@ string in it is escaped where a page shows it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from service.api.common.html import number
 
 MAX_REPORT_BYTES = 4 * 1024 * 1024
 # The plots `evaluate` draws (service/calibration/report.py): file stem -> what it shows.
@@ -78,6 +79,10 @@ def find(bundle: Path, name: str, digest: str, evaluation_dir: Path | None) -> E
     return None
 
 
+def warnings(report: dict[str, Any]) -> list[str]:
+    return [str(w) for w in _list(report.get("warnings"))]
+
+
 def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     """The few numbers a reader looks at first, as (what, value) text, from either task."""
     rows: list[tuple[str, str]] = []
@@ -87,34 +92,31 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     served = report.get("served")
     if isinstance(served, dict):  # classification
         for key in ("accuracy", "nll", "brier", "ece"):
-            rows.append((key if key != "nll" else "NLL", _num(served.get(key))))
-        rows.append(("temperature", _num(report.get("temperature"))))
+            rows.append((key if key != "nll" else "NLL", number(served.get(key))))
+        rows.append(("temperature", number(report.get("temperature"))))
         for key in ("class_scale", "class_bias"):  # vector scaling, when the bundle has it
             values = report.get(key)
             if isinstance(values, list):
-                rows.append((key.replace("_", " "), ", ".join(_num(v) for v in values)))
-        for s in report.get("prediction_sets") or []:
+                rows.append((key.replace("_", " "), ", ".join(number(v) for v in values)))
+        for s in _list(report.get("prediction_sets")):
             if isinstance(s, dict) and s.get("level") == 0.95:
-                rows.append(("prediction-set coverage at 95 %", _num(s.get("coverage"))))
+                rows.append(("prediction-set coverage at 95 %", number(s.get("coverage"))))
     else:  # regression
         for key in ("rmse", "mae", "mean_log_likelihood", "mean_std"):
             if key in report:
-                rows.append((key.replace("_", " "), _num(report.get(key))))
+                rows.append((key.replace("_", " "), number(report.get(key))))
         intervals = report.get("intervals")
         if isinstance(intervals, dict):
             for method, levels in intervals.items():
                 for row in levels if isinstance(levels, list) else []:
                     if isinstance(row, dict) and row.get("level") == 0.95:
-                        rows.append((f"{method} coverage at 95 %", _num(row.get("coverage"))))
+                        rows.append((f"{method} coverage at 95 %", number(row.get("coverage"))))
     referral = report.get("referral")
     if isinstance(referral, dict):
-        rows.append(("referred", _num(referral.get("rate"))))
+        rows.append(("referred", number(referral.get("rate"))))
     return rows
 
 
-def _num(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return "–"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "unbounded"
-    return f"{v:.4g}"
+def _list(v: Any) -> list[Any]:
+    """A report's list, or none: a report is data, and 5 where a list belongs is no list."""
+    return v if isinstance(v, list) else []

@@ -121,9 +121,7 @@ def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
         "referral": _flat({k: v for k, v in policy.model_dump().items() if v is not None}),
         "evaluation": evaluation,
         "headline": evaluations.headline(evaluation.report) if evaluation else [],
-        "eval_warnings": [str(w) for w in (evaluation.report.get("warnings") or [])]
-        if evaluation
-        else [],
+        "eval_warnings": evaluations.warnings(evaluation.report) if evaluation else [],
         "plots": [(f"{base}/plots/{p}.png", evaluations.PLOTS[p]) for p in evaluation.plots]
         if evaluation
         else [],
@@ -148,7 +146,8 @@ async def list_page(request: Request) -> Response:
             {
                 "name": name,
                 "task": m.task if m else "not ready",
-                "use": m.intended_use if m else (es[-1].error or ""),
+                # Why it is not ready as /v1 says it, without the server's paths.
+                "use": m.intended_use if m else (state(request).registry.reason(es[-1]) or ""),
                 "versions": [(e.version, e.ready) for e in es],
             }
         )

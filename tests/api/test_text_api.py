@@ -13,6 +13,7 @@ import pytest_asyncio
 from apps import asgi_client, running
 from text_nets import LENGTH, save_text_model
 
+from service.api.oip import schemas
 from service.settings import Settings
 
 URL = "/v1/models/notes:predict"
@@ -57,6 +58,24 @@ async def test_metadata_shows_the_tokenizer(client: httpx.AsyncClient) -> None:
     text = meta["inputs"]["text"]
     assert text["tokenizer"] == "tokenizer.json"
     assert text["max_tokens"] == LENGTH and text["truncation"] == "truncate"
+
+
+@pytest.mark.parametrize("mode", ["mc", "deterministic"])
+async def test_v2_answers_per_text_counts_as_outputs(client: httpx.AsyncClient, mode: str) -> None:
+    """They were lists in the response's parameters, which the protocol (and this server's own
+    OpenAPI document) restricts to scalars: InferResponse refused the answer."""
+    long_text = " ".join(["chest pain"] * LENGTH)
+    tensor = {"name": "input", "shape": [2], "datatype": "BYTES", "data": ["Chest pain", long_text]}
+    body = {"inputs": [tensor], "parameters": {"seed": 5, "samples": 16, "mode": mode}}
+    r = await client.post("/v2/models/notes/infer", json=body)
+    assert r.status_code == 200, r.text
+    schemas.InferResponse.model_validate(r.json())
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["truncated"]["data"] == [False, True]
+    assert outputs["truncated"]["datatype"] == "BOOL" and outputs["tokens"]["datatype"] == "INT64"
+    v1 = (await client.post(URL, json=_body(["Chest pain", long_text]))).json()["predictions"]
+    assert outputs["tokens"]["data"] == [p["tokens"] for p in v1]
+    assert "probabilities" in outputs and ("label" in outputs) == (mode == "mc")
 
 
 @pytest.mark.parametrize(

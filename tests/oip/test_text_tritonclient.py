@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.slow
 TEXTS = ["Chest pain and shortness of breath", "acute ischemic stroke", "mild gastritis"]
-OUTPUTS = ["probabilities", "mutual_information", "label"]
+OUTPUTS = ["probabilities", "mutual_information", "label", "tokens", "truncated"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,11 @@ def _infer(c: triton.InferenceServerClient, texts: list[str], binary: bool) -> d
 def test_metadata_says_bytes(client: triton.InferenceServerClient) -> None:
     meta = client.get_model_metadata("notes")
     assert meta["inputs"] == [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
+    # Per text, as outputs: the protocol's response parameters hold scalars only.
+    assert meta["outputs"][-2:] == [
+        {"name": "tokens", "datatype": "INT64", "shape": [-1]},
+        {"name": "truncated", "datatype": "BOOL", "shape": [-1]},
+    ]
 
 
 def test_strings_in_json_and_binary_agree_with_v1(
@@ -56,8 +61,8 @@ def test_strings_in_json_and_binary_agree_with_v1(
     as_json, as_binary = _infer(client, TEXTS, False), _infer(client, TEXTS, True)
     for name in OUTPUTS:
         assert np.array_equal(as_json[name], as_binary[name]), name
-    assert as_json["parameters"]["tokens"] == as_binary["parameters"]["tokens"]
-    assert as_binary["parameters"]["truncated"] == [False] * 3
+    assert as_binary["truncated"].tolist() == [False] * 3
+    assert not {"tokens", "truncated"} & set(as_binary["parameters"])  # type: ignore[arg-type]
     native = httpx.post(
         f"http://127.0.0.1:{server.port}/v1/models/notes:predict",
         json={"instances": TEXTS, "parameters": {"seed": 3, "samples": 16}},
@@ -65,7 +70,7 @@ def test_strings_in_json_and_binary_agree_with_v1(
     ).json()["predictions"]
     probs = np.array([[p["probabilities"][k] for k in ("a", "b", "c")] for p in native])
     assert probs.tobytes() == np.asarray(as_binary["probabilities"], np.float64).tobytes()
-    assert [p["tokens"] for p in native] == as_binary["parameters"]["tokens"]
+    assert [p["tokens"] for p in native] == as_binary["tokens"].tolist()  # type: ignore[attr-defined]
 
 
 def test_bad_bytes_are_400(client: triton.InferenceServerClient) -> None:

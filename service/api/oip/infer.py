@@ -133,9 +133,6 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     if req.id is not None:
         head["id"] = req.id
     head["parameters"] = answer_parameters(model, pred, params)
-    if notes is not None:  # per text: tokens before any cut, and whether it was cut
-        head["parameters"]["tokens"] = [n["tokens"] for n in notes]
-        head["parameters"]["truncated"] = [n["truncated"] for n in notes]
     outputs = [(s.name, s.datatype, a, b) for (s, b), a in zip(wanted, arrays, strict=True)]
     body, tail = encode(head, outputs)
     if not tail:

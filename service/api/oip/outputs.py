@@ -10,8 +10,11 @@ classifiers only; `refer` (BOOL [B]: a human should look) for every model, since
 referral policy (its bundle's, or the default one at its confidence level). Both are MC outputs.
 `passes_used` (INT64 [B]) is the passes each input's answer used: the request's `samples`, or
 for samples=auto the passes its chunks reached (a response that names no outputs carries it only
-then). To add an output: add its `TensorSpec` in `specs` under the condition that makes it
-exist, and say in `values` where the engine's `Prediction` holds it.
+then). A text model adds `tokens` (INT64 [B]: each text's tokens before any cut) and
+`truncated` (BOOL [B]: whether it was cut), in both modes: the protocol's response parameters
+hold only scalars, and these are per text. To add an output: add its `TensorSpec` in `specs`
+under the condition that makes it exist, and say in `values` where the engine's `Prediction`
+holds it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from service.engine.prediction import inputs
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 PLATFORM = "pytorch_mc_dropout"
+NUMPY = {"INT64": np.int64, "BOOL": np.bool_}
 CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
 PASSES_USED = "passes_used"
+TEXT_NOTES = {"tokens": "INT64", "truncated": "BOOL"}  # per text, from the tokenizer
 REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
 
 
@@ -60,20 +65,28 @@ def specs(model: ServedModel) -> list[TensorSpec]:
             TensorSpec("mean", "FP64", d, deterministic=True),
             *(TensorSpec(n, "FP64", d) for n in REGRESSION),
         ]
-    return [*out, TensorSpec("refer", "BOOL", ()), TensorSpec(PASSES_USED, "INT64", ())]
+    out += [TensorSpec("refer", "BOOL", ()), TensorSpec(PASSES_USED, "INT64", ())]
+    if model.manifest.inputs.text is not None:
+        out += [TensorSpec(n, t, (), deterministic=True) for n, t in TEXT_NOTES.items()]
+    return out
 
 
 def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
     """The arrays of the `wanted` outputs (already checked against `specs` and the mode)."""
-    if pred.point is not None:
-        # Deterministic mode answers one output: the mean or the probabilities.
-        return [np.asarray(pred.point, dtype=np.float64) for _ in wanted]
     s = pred.summary
-    assert isinstance(s, RegressionSummary | ClassificationSummary)
     out = []
     for spec in wanted:
-        # One confidence level per /v2 request: the first (only) interval and prediction set.
-        if spec.name in ("lower", "upper"):
+        arr: object
+        if spec.name in TEXT_NOTES:
+            notes = pred.input_notes or []
+            arr = np.array([n[spec.name] for n in notes], dtype=NUMPY[spec.datatype])
+        elif pred.point is not None:
+            # Deterministic mode answers one summary: the mean or the probabilities.
+            arr = np.asarray(pred.point, dtype=np.float64)
+        elif not isinstance(s, RegressionSummary | ClassificationSummary):
+            raise AssertionError(f"an MC prediction without a summary: {type(s)}")
+        elif spec.name in ("lower", "upper"):
+            # One confidence level per /v2 request: the first (only) interval and prediction set.
             arr = getattr(s.intervals[0], spec.name)
         elif spec.name == "prediction_set":
             assert isinstance(s, ClassificationSummary)

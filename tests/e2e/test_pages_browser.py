@@ -228,6 +228,32 @@ def test_out_of_range_input_shows_the_api_message_by_its_field(srv: Server, page
     assert page.locator("#result").inner_text() == ""
 
 
+def test_a_seed_past_2_to_the_53_is_sent_and_shown_exactly(srv: Server, page: Any) -> None:
+    """A JS number rounds past 2^53: the page sent 9007199254740992 for a typed ...993, and
+    showed the server's own seeds (most are past 2^53) rounded, so that they replayed another
+    answer."""
+    page.goto(f"{srv.url}/models/diabetes")
+    fill(page, "diabetes")
+    seed = 2**53 + 1
+    page.fill("#seed", str(seed))
+    assert predict(page)["parameters"]["seed"] == seed
+    assert f"passes, seed {seed}." in page.locator("[data-out=meta]").inner_text()
+    page.fill("#seed", "")
+    sent = predict(page)
+    assert "seed" not in sent["parameters"]
+    shown = page.locator("[data-out=meta]").inner_text()
+    drawn = int(shown[shown.index("seed ") + 5 :].rstrip("."))
+    again = httpx.post(
+        f"{srv.url}/v1/models/diabetes:predict",
+        json={**sent, "parameters": {**sent["parameters"], "seed": drawn}},
+        headers=AUTH,
+        timeout=60,
+    ).json()
+    assert again["seed"] == drawn
+    shown_mean = page.locator("[data-out=mean]").inner_text().split()[0]
+    assert close(shown_mean, again["predictions"][0]["mean"])  # the shown seed replays it
+
+
 def test_the_drawing_works_from_the_keyboard(srv: Server, page: Any) -> None:
     page.goto(f"{srv.url}/models/digits")
     page.locator("#grid .cell").first.focus()

@@ -153,9 +153,23 @@
     const seed = document.getElementById("seed").value.trim();
     const confidence = document.getElementById("confidence").value.trim();
     if (samples) p.samples = Number(samples);
-    if (seed) p.seed = Number(seed);
+    if (seed) {
+      if (!/^[0-9]+$/.test(seed)) throw new Error("the seed is a whole number, 0 or more");
+      // Number() rounds past 2^53 (9007199254740993 became ...992): a larger seed stays its
+      // digits here and goes into the body unquoted (json(), below).
+      p.seed = Number.isSafeInteger(Number(seed)) ? Number(seed) : seed;
+    }
     if (confidence) p.confidence = Number(confidence);
     return p;
+  }
+
+  // The body as JSON, a seed kept as digits written as the number it is. Only the parameters
+  // object has a "seed" key, and inside a JSON string every quote is escaped, so the pattern
+  // matches nothing else.
+  function json(body) {
+    const text = JSON.stringify(body);
+    const seed = body.parameters.seed;
+    return typeof seed === "string" ? text.replace('"seed":"' + seed + '"', '"seed":' + seed) : text;
   }
 
   form.addEventListener("submit", async (e) => {
@@ -174,8 +188,12 @@
     result.replaceChildren(el("p", "Predicting…", { class: "busy" }));
     let response, answer;
     try {
-      response = await fetch(form.dataset.predictUrl, { method: "POST", headers, body: JSON.stringify(body) });
-      answer = await response.json();
+      response = await fetch(form.dataset.predictUrl, { method: "POST", headers, body: json(body) });
+      // Seeds go up to 2^63 - 1 and most the server draws are past 2^53, which a JS number
+      // rounds: the page showed a seed that replayed another answer. The reviver's source text
+      // (Chromium 114+, Firefox 135+) keeps their digits; elsewhere they round as before.
+      answer = JSON.parse(await response.text(), (k, v, ctx) =>
+        k === "seed" && typeof v === "number" && !Number.isSafeInteger(v) && ctx && ctx.source ? ctx.source : v);
     } catch (err) {
       result.replaceChildren();
       formError.textContent = "The server could not be reached or did not answer in JSON: " + err.message;

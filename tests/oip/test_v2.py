@@ -294,13 +294,20 @@ async def test_output_subset_and_binary_choice(oip: httpx.AsyncClient) -> None:
 
 
 async def test_deterministic_mode(oip: httpx.AsyncClient) -> None:
-    r = await oip.post("/v2/models/digits/infer", json=body("digits", mode="deterministic"))
+    r = await oip.post("/v2/models/digits/infer", json=body("digits", 3, mode="deterministic"))
     out = r.json()
-    assert [o["name"] for o in out["outputs"]] == ["probabilities"]
+    # The label too (it was refused as an MC output): the class of the largest probability.
+    assert [o["name"] for o in out["outputs"]] == ["probabilities", "label"]
     params = out["parameters"]
     assert params["mode"] == "deterministic" and params["backend"] == "onnxruntime"
     assert "seed" not in params and "samples" not in params
-    np.testing.assert_allclose(tensors(r)["probabilities"].sum(), 1.0)
+    got = tensors(r)
+    np.testing.assert_allclose(got["probabilities"].sum(1), 1.0)
+    assert got["label"].tolist() == got["probabilities"].argmax(1).tolist()
+    v1 = {"instances": [np.reshape(ROWS["digits"], SHAPES["digits"]).tolist()] * 3}
+    v1["parameters"] = {"mode": "deterministic"}
+    native = (await oip.post("/v1/models/digits:predict", json=v1)).json()["predictions"]
+    assert [int(p["label"]) for p in native] == got["label"].tolist()
     req = body("diabetes", mode="deterministic")
     req["outputs"] = [{"name": "std"}]
     r = await oip.post("/v2/models/diabetes/infer", json=req)

@@ -54,7 +54,7 @@ def specs(model: ServedModel) -> list[TensorSpec]:
         out = [
             TensorSpec("probabilities", "FP64", k, deterministic=True),
             TensorSpec("probability_std", "FP64", k),
-            TensorSpec("label", "INT64", ()),
+            TensorSpec("label", "INT64", (), deterministic=True),
             *(TensorSpec(n, "FP64", ()) for n in CLASS_SCORES),
         ]
         if model.calibrator.calibrated:
@@ -80,8 +80,11 @@ def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
         if spec.name in TEXT_NOTES:
             notes = pred.input_notes or []
             arr = np.array([n[spec.name] for n in notes], dtype=NUMPY[spec.datatype])
+        elif pred.point is not None and spec.name == "label":
+            # Dropout off: the class of the largest probability, as /v1's deterministic answer.
+            arr = np.argmax(pred.point, axis=1).astype(np.int64)
         elif pred.point is not None:
-            # Deterministic mode answers one summary: the mean or the probabilities.
+            # Deterministic mode's one summary: the mean or the probabilities.
             arr = np.asarray(pred.point, dtype=np.float64)
         elif not isinstance(s, RegressionSummary | ClassificationSummary):
             raise AssertionError(f"an MC prediction without a summary: {type(s)}")

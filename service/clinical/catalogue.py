@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.clinical.mapping import Mapping, MappingError, Service, load_dir, parse
+from service.clinical.mapping import Mapping, MappingError, load_dir, parse
+from service.clinical.services import Service
 from service.engine.model import ServedModel
 from service.engine.registry import Registry
 from service.errors import ModelNotFoundError
@@ -40,6 +41,7 @@ class Catalogue:
     def __init__(self, mappings: dict[str, Mapping]) -> None:
         self.mappings = mappings
         self._fit: dict[str, Mapping | None] = {}  # by bundle digest
+        self._clashes: set[tuple[str, tuple[str, ...]]] = set()  # (id, digests), logged once
         seen: dict[str, str] = {}
         for m in mappings.values():
             for s in m.services:
@@ -84,19 +86,53 @@ class Catalogue:
         return mapping
 
     def offered(self, registry: Registry) -> list[Offered]:
-        out = []
+        """Each service id once. Bundle manifests bring their own mappings, so two models may
+        name one id: a bundle could take over another model's service, and a call would reach
+        the wrong model. An id two models name is offered by neither (logged, naming both):
+        no call is answered by a model its caller did not mean."""
+        by_id: dict[str, list[Offered]] = {}
         for name in sorted({e.name for e in registry.entries() if e.ready}):
             model = registry.get(name)
             mapping = self.mapping_for(model)
-            if mapping is not None:
-                out += [Offered(s, mapping, model) for s in mapping.services]
+            if mapping is None:
+                continue
+            for s in mapping.services:
+                by_id.setdefault(s.id, []).append(Offered(s, mapping, model))
+        out: list[Offered] = []
+        for service_id, claims in by_id.items():
+            if len(claims) == 1:
+                out.append(claims[0])
+            else:
+                self._clash(service_id, [c.model for c in claims])
         return out
+
+    def _clash(self, service_id: str, models: list[ServedModel]) -> None:
+        key = (service_id, tuple(m.digest for m in models))
+        if key in self._clashes:
+            return
+        self._clashes.add(key)
+        names = ", ".join(f"'{m.name}' (version {m.version})" for m in models)
+        log.error(
+            "CDS service id named by several models; none of them offers it",
+            extra={
+                "service": service_id,
+                "models": [m.name for m in models],
+                "reason": f"CDS service id '{service_id}' is named by the clinical mappings of "
+                f"models {names}; it is not offered until one of them takes another id",
+            },
+        )
 
     def find(self, service_id: str, registry: Registry) -> Offered:
         """The service, or 404; 503 while its model is known but not ready."""
         for o in self.offered(registry):
             if o.service.id == service_id:
                 return o
+        if any(service_id == clash[0] for clash in self._clashes):
+            raise ModelNotFoundError(
+                f"CDS service '{service_id}' is named by the clinical mappings of several "
+                "models and offered by none until one takes another id (the server's log "
+                "names them); GET /cds-services lists the services offered"
+            )
         for m in self.mappings.values():
             if any(s.id == service_id for s in m.services) and registry.versions(m.model):
                 registry.get(m.model)  # raises ModelNotReadyError when loading or broken

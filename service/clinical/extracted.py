@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from service.errors import MissingDataError
+
 
 @dataclass(frozen=True)
 class Used:
@@ -30,6 +32,23 @@ class Extraction:
     skipped: list[str] = field(default_factory=list)
 
     def features(self, names: list[str]) -> list[float]:
+        """The values in `names` order; MissingDataError (not KeyError, a 500) for any not read.
+
+        A mapping that fits its model (`fit.py`) leaves none out: this is the last guard."""
+        missing = [n for n in names if n not in self.used]
+        if missing:
+            raise MissingDataError(
+                f"needed data is missing: no value for {', '.join(missing)}",
+                [
+                    {
+                        "severity": "error",
+                        "code": "required",
+                        "details": {"text": n},
+                        "diagnostics": f"{n}: no value was read or derived for this feature",
+                    }
+                    for n in missing
+                ],
+            )
         return [self.used[n].value for n in names]
 
     def basis(self) -> list[str]:

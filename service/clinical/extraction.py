@@ -29,14 +29,7 @@ from typing import Any
 
 from service.clinical import ucum
 from service.clinical.extracted import Extraction, Used
-from service.clinical.mapping import (
-    PATIENT_KEY,
-    STATUSES,
-    UCUM,
-    Code,
-    Mapping,
-    ObservationSource,
-)
+from service.clinical.mapping import PATIENT_KEY, STATUSES, Mapping, ObservationSource
 from service.clinical.records import (
     array,
     birth_date,
@@ -48,6 +41,7 @@ from service.clinical.records import (
     whole_years,
 )
 from service.clinical.records import system as canonical_system
+from service.clinical.terms import UCUM, Code
 from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
@@ -56,10 +50,7 @@ Json = dict[str, Any]
 def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None = None) -> Json:
     details: Json = {"text": concept}
     if coding:
-        details["coding"] = [
-            {"system": c.system, "code": c.code} | ({"display": c.display} if c.display else {})
-            for c in coding
-        ]
+        details["coding"] = [c.coding() for c in coding]
     return {"severity": "error", "code": code, "details": details, "diagnostics": diagnostics}
 
 
@@ -277,8 +268,8 @@ class Reader:
             return issue
         fa, fb_ = self.mapping.fallback_factors(src)
         x, y = a.value * fa, b.value * fb_
-        value = (x + 2 * y) / 3 if fb.op == "mean_arterial" else (x / (y * y) if y > 0 else None)
-        if value is None or not math.isfinite(value):
+        value = (x + 2 * y) / 3 if fb.op == "mean_arterial" else _bmi(x, y)
+        if value is None or value == 0 or not math.isfinite(value):
             issue["diagnostics"] += f"; nor could it be derived ({fb.formula()}) from these values"
             return issue
         ex.used[src.name] = Used(src.name, src.title, value, src.unit, formula=fb.formula())
@@ -294,7 +285,7 @@ class Reader:
                 value = math.log(args[0])
             elif d.op == "ratio" and args[1] != 0:
                 value = args[0] / args[1]
-            if value is None:
+            if value is None or not math.isfinite(value):  # 1e300 / 1e-300 is inf
                 shown = ", ".join(f"{a} = {_num(ex.used[a].value)}" for a in d.args)
                 self.issues.append(
                     _issue("value", f"{d.title}: {d.formula()} is undefined for {shown}", d.title)
@@ -341,6 +332,12 @@ def extract(
             f"needed data is missing, too old or unusable: {names}", reader.issues
         )
     return ex
+
+
+def _bmi(weight: float, height: float) -> float | None:
+    """weight / height^2, or None: a height of 1e-170 m squares to 0.0 (ZeroDivisionError)."""
+    square = height * height
+    return weight / square if height > 0 and square > 0 else None
 
 
 def _finite(v: float) -> bool:

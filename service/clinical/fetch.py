@@ -31,6 +31,12 @@ from service.clinical.search import FhirSearch, Limits, SearchFailed
 Json = dict[str, Any]
 log = logging.getLogger("mcserve.cds")
 SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|rs|\*|r)$")
+# RFC 6750 section 2.1's b64token: all a Bearer token may hold. Anything else (a newline, a
+# non-ASCII letter) cannot go into a header: httpx refused it with a message quoting the header,
+# token included, which reached the card, or raised UnicodeEncodeError (a 500).
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# FHIR's id: what may be put into a query for `{{context.patientId}}` (no `&`, `#`, spaces).
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,19 @@ async def complete(
     if not isinstance(token, str) or not token or kind.lower() != "bearer":
         why = "not fetched: fhirAuthorization carries no Bearer access token"
         return out, [note(k, why, "security") for k in keys]
+    if not B64TOKEN.fullmatch(token):  # never quoted: it is a secret, even when malformed
+        why = (
+            "not fetched: fhirAuthorization.access_token is not a Bearer token (RFC 6750 allows "
+            "letters, digits, '-', '.', '_', '~', '+', '/' and trailing '='); send the token "
+            "as the authorization server issued it"
+        )
+        return out, [note(k, why, "security") for k in keys]
+    if not FHIR_ID.fullmatch(patient_id):
+        why = (
+            f"not fetched: context.patientId {patient_id[:64]!r} is not a FHIR id (1-64 of "
+            "A-Z, a-z, 0-9, '-', '.'), so it cannot be put into a query"
+        )
+        return out, [note(k, why, "value") for k in keys]
     granted = str(auth.get("scope", ""))
     if auth.get("patient") not in (None, patient_id):
         why = "not fetched: fhirAuthorization is for another patient"

@@ -21,7 +21,8 @@ from datetime import datetime
 
 import numpy as np
 
-from service.clinical.mapping import UCUM, Mapping
+from service.clinical.mapping import Mapping
+from service.clinical.terms import UCUM
 from service.clinical.validation import UNCERTAINTY, FhirVersion, Json, validate
 from service.engine.model import Prediction, ServedModel
 from service.engine.summaries import ClassificationSummary, Interval, RegressionSummary
@@ -134,7 +135,7 @@ def _outcomes(model: ServedModel, ctx: Context) -> list[tuple[int, Json]]:
     if m is not None and m.outcome in labels:
         concept: Json = {"text": m.concept.text}
         if m.concept.coding:
-            concept["coding"] = [c.model_dump(exclude_none=True) for c in m.concept.coding]
+            concept["coding"] = [c.coding() for c in m.concept.coding]
         return [(labels.index(m.outcome), concept)]
     return [(k, {"text": label}) for k, label in enumerate(labels)]
 
@@ -193,7 +194,7 @@ def observation(model: ServedModel, pred: Prediction, i: int, ctx: Context) -> J
     m, target = ctx.mapping, model.manifest.outputs.target or "prediction"
     code: Json = {"text": m.concept.text if m else target}
     if m and m.concept.coding:
-        code["coding"] = [c.model_dump(exclude_none=True) for c in m.concept.coding]
+        code["coding"] = [c.coding() for c in m.concept.coding]
     out: Json = {"resourceType": "Observation", **head, "code": code}
     out["subject"] = {"reference": ctx.subject}
     if ctx.encounter:

@@ -12,57 +12,21 @@ assumptions shown to clinicians are part of the same file.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
 from service.bundle.manifest import Manifest
-from service.clinical import ucum
-from service.clinical.records import system
+from service.clinical import fit, ucum
+from service.clinical.services import Service
+from service.clinical.terms import Capped, Code, Concept, Strict, capped, query_problem
 
-LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
-Hook = Literal["patient-view", "order-select", "order-sign"]
 PATIENT_KEY = "patient"
 STATUSES = ("final", "amended", "corrected")  # the Observation statuses read
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Code(Strict):
-    system: str = Field(min_length=1)
-    code: str = Field(min_length=1)
-    display: str | None = None
-    # What the code measures, where a unit could contradict it (LOINC's MCnc / SCnc): a result
-    # coded as a mass concentration but sent in mmol/L is refused, not silently converted.
-    kind: Literal["mass", "substance"] | None = None
-
-    @field_validator("system")
-    @classmethod
-    def _canonical(cls, v: str) -> str:
-        # As incoming codings are read (records.system): a mapping may name a system by its OID.
-        return str(system(v))
-
-    def label(self) -> str:
-        system = "LOINC" if self.system == LOINC else self.system
-        return f"{system} {self.code}"
-
-
-class Concept(Strict):
-    """A CodeableConcept for what a model predicts (the outcome of a classifier, a target)."""
-
-    text: str = Field(min_length=1)
-    coding: list[Code] = Field(default_factory=list)
+AGREE = 1e-6  # relative: a listed unit factor further from UCUM's is a typo, not rounding
 
 
 class Fallback(Strict):
@@ -85,10 +49,10 @@ class ObservationSource(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_. -]{1,64}$")  # a feature name, or an intermediate
     title: str = Field(min_length=1)
-    codes: list[Code] = Field(min_length=1)  # a value set: any of them
+    codes: Capped[Code] = Field(min_length=1)  # a value set: any of them
     # Panels whose components carry the value (e.g. LOINC 85354-9, the blood-pressure panel):
     # asked for in the prefetch too, since a FHIR search by `code` sees no component codes.
-    panels: list[Code] = Field(default_factory=list)
+    panels: Capped[Code] = Field(default_factory=list)
     optional: bool = False  # only an argument of a fallback: its absence alone is no problem
     otherwise: Fallback | None = None
     unit: str = Field(min_length=1)  # UCUM code of the value the model takes
@@ -97,9 +61,9 @@ class ObservationSource(Strict):
     # codes with their own factor to `unit` (value x factor); a dimensionless `unit` (whose
     # meaning is in its annotation, e.g. {a.u.}) accepts only those. An Observation whose
     # quantity has no unit is read as "1".
-    units: dict[str, float] = Field(default_factory=dict)
-    molar_mass: float | None = Field(default=None, gt=0.0)
-    max_age_days: float | None = Field(default=None, gt=0.0)  # default: the mapping's
+    units: Annotated[dict[str, float], capped] = Field(default_factory=dict)
+    molar_mass: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    max_age_days: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)  # or mapping's
     prefetch: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # key; def. name
 
     @model_validator(mode="after")
@@ -115,6 +79,36 @@ class ObservationSource(Strict):
                 f"observation '{self.name}': the unit {self.unit!r} is dimensionless; list the "
                 "accepted codes in `units` (UCUM cannot tell one arbitrary scale from another)"
             )
+        for code, f in self.units.items():
+            self._factor_agrees(code, f)
+        return self
+
+    def _factor_agrees(self, code: str, f: float) -> None:
+        """A listed factor is finite, > 0 and, where UCUM can compute it, UCUM's."""
+        where = f"observation '{self.name}': units[{code!r}] = {f!r}"
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{where}: a unit's factor must be a finite number > 0")
+        if "{" in code + self.unit:
+            return  # an annotation names an arbitrary scale: UCUM reads it as 1, not as its own
+        try:
+            want = ucum.factor(code, self.unit, self.molar_mass)
+        except ucum.UnitError:
+            return  # UCUM cannot convert it: the listed factor is the only one
+        if abs(f - want) > AGREE * want:
+            raise ValueError(
+                f"{where}, but UCUM converts {code} to {self.unit} with the factor {want:.7g}: "
+                "correct the factor, or remove the entry (UCUM converts that unit by itself)"
+            )
+
+    @model_validator(mode="after")
+    def _queryable(self) -> ObservationSource:
+        # Codes and systems go into discovery's prefetch query unescaped (mapping.prefetch).
+        for field, codes in (("codes", self.codes), ("panels", self.panels)):
+            for j, c in enumerate(codes):
+                for part, value in (("system", c.system), ("code", c.code)):
+                    why = query_problem(value)
+                    if why:
+                        raise ValueError(f"observation '{self.name}': {field}[{j}].{part} {why}")
         return self
 
     @property
@@ -138,7 +132,7 @@ class Derived(Strict):
     title: str = Field(min_length=1)
     op: Literal["ln", "ratio"]
     args: list[str] = Field(min_length=1, max_length=2)
-    unit: str = Field(min_length=1)  # as shown to clinicians, e.g. "ln(mg/dL)"
+    unit: str = Field(min_length=1)  # as shown to clinicians, e.g. "ln(mg/dL)"; UCUM or text
 
     @model_validator(mode="after")
     def _arity(self) -> Derived:
@@ -156,7 +150,7 @@ class Derived(Strict):
 class PatientSource(Strict):
     age: str | None = None  # quantity name: whole years at the hook's time, from birthDate
     gender: str | None = None  # quantity name: administrative gender mapped by `gender_codes`
-    gender_codes: dict[str, float] = Field(default_factory=dict)  # FHIR gender -> number
+    gender_codes: Annotated[dict[str, float], capped] = Field(default_factory=dict)  # -> number
     gender_coding: str | None = None  # the documented code the numbers follow (ISO/IEC 5218)
 
     @model_validator(mode="after")
@@ -166,64 +160,39 @@ class PatientSource(Strict):
         unknown = set(self.gender_codes) - {"male", "female", "other", "unknown"}
         if unknown:
             raise ValueError(f"gender_codes: {sorted(unknown)} are not FHIR administrative genders")
+        for gender, code in self.gender_codes.items():
+            if not math.isfinite(code):  # the model would get NaN or infinity as the feature
+                raise ValueError(
+                    f"gender_codes[{gender!r}] = {code!r}: give the finite number the model "
+                    "was trained with for that gender"
+                )
         return self
-
-
-class OrderFilter(Strict):
-    """Selected draft orders that call for an order-select service: of `resource_type`, and when
-    `system` is given, coded in it with a code starting with one of `prefixes` (a hierarchical
-    system: ATC A10, drugs used in diabetes) or equal to one of `codes` (a flat one: RxNorm
-    concepts); with neither, any code of `system`."""
-
-    resource_type: str = Field(min_length=1)
-    system: str | None = None
-    prefixes: list[str] = Field(default_factory=list)
-    codes: list[str] = Field(default_factory=list)
-
-    @field_validator("system")
-    @classmethod
-    def _canonical(cls, v: str | None) -> str | None:
-        return None if v is None else str(system(v))
-
-    def takes(self, code: str) -> bool:
-        if not self.prefixes and not self.codes:
-            return True
-        return code in self.codes or code.startswith(tuple(self.prefixes))
-
-
-class Service(Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-    hook: Hook
-    title: str = Field(min_length=1)
-    description: str = Field(min_length=1)
-    # order-select / order-sign: the selected (or to be signed) orders that call for this
-    # service (None: any); a call with none of them answers {"cards": []} without computing.
-    orders: list[OrderFilter] | None = None
 
 
 class Mapping(Strict):
     model: str = Field(min_length=1)
-    services: list[Service] = Field(min_length=1)
-    max_age_days: float = Field(default=365.0, gt=0.0)
+    services: Capped[Service] = Field(min_length=1)
+    max_age_days: float = Field(default=365.0, gt=0.0, allow_inf_nan=False)
     patient: PatientSource = PatientSource()
-    observations: list[ObservationSource] = Field(default_factory=list)
-    derived: list[Derived] = Field(default_factory=list)
+    observations: Capped[ObservationSource] = Field(default_factory=list)
+    derived: Capped[Derived] = Field(default_factory=list)
     outcome: str | None = None  # classifiers: the label whose probability is reported
     concept: Concept  # the outcome (classifier) or the predicted quantity (regressor)
     unit: Code | None = None  # regressors: UCUM unit of the prediction (system, code, display)
     summary: str = Field(min_length=1, max_length=60)  # the card's summary starts with it
-    assumptions: list[str] = Field(default_factory=list)
+    assumptions: Capped[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _names(self) -> Mapping:
-        known: list[str] = [n for n in (self.patient.age, self.patient.gender) if n]
-        known += [o.name for o in self.observations]
+        # Sets and a Counter: 32,000 derived entries took 7 s with list look-ups, on the loop.
+        known = {n for n in (self.patient.age, self.patient.gender) if n}
+        known |= {o.name for o in self.observations}
         for d in self.derived:
             missing = [a for a in d.args if a not in known]
             if missing:
                 raise ValueError(f"derived '{d.name}' uses undefined quantities {missing}")
-            known.append(d.name)
-        dupes = sorted({n for n in known if known.count(n) > 1})
+            known.add(d.name)
+        dupes = sorted(n for n, k in Counter(self.quantities()).items() if k > 1)
         if dupes:
             raise ValueError(f"quantities defined more than once: {dupes}")
         sources = {o.name: o for o in self.observations}
@@ -237,17 +206,20 @@ class Mapping(Strict):
                         "source without a fallback of its own"
                     )
             try:
-                self.fallback_factors(o)
+                self.fallback_factors(o, sources)
             except ucum.UnitError as exc:
                 raise ValueError(f"observation '{o.name}': {exc}") from None
         if PATIENT_KEY in {o.key for o in self.observations}:
             raise ValueError(f"prefetch key '{PATIENT_KEY}' is reserved for the Patient")
         return self
 
-    def fallback_factors(self, o: ObservationSource) -> tuple[float, float]:
+    def fallback_factors(
+        self, o: ObservationSource, sources: dict[str, ObservationSource] | None = None
+    ) -> tuple[float, float]:
         """Factors of the fallback's two arguments: value = op(a x f_a, b x f_b) in o.unit."""
         assert o.otherwise is not None
-        a, b = (next(s for s in self.observations if s.name == n) for n in o.otherwise.args)
+        by_name = sources if sources is not None else {s.name: s for s in self.observations}
+        a, b = (by_name[n] for n in o.otherwise.args)
         if o.otherwise.op == "mean_arterial":
             return ucum.factor(a.unit, o.unit), ucum.factor(b.unit, o.unit)
         # bmi: weight / height^2, in o.unit once a and b are in its base units.
@@ -262,21 +234,8 @@ class Mapping(Strict):
         return names + [o.name for o in self.observations] + [d.name for d in self.derived]
 
     def problems(self, manifest: Manifest) -> list[str]:
-        """Why this mapping cannot feed `manifest`'s model (empty when it can)."""
-        out = []
-        features = manifest.inputs.feature_names
-        if features is None:
-            return [f"model '{manifest.name}' has no feature names to map to"]
-        missing = [f for f in features if f not in self.quantities()]
-        if missing:
-            out.append(f"no source for feature(s) {missing}")
-        if manifest.task == "classification":
-            labels = manifest.outputs.labels or []
-            if self.outcome not in labels:
-                out.append(f"outcome {self.outcome!r} is not one of the labels {labels}")
-        elif self.outcome is not None:
-            out.append("a regression model has no outcome label")
-        return out
+        """Why this mapping cannot feed `manifest`'s model (empty when it can): `fit.py`."""
+        return fit.problems(self, manifest)
 
     def prefetch(self) -> dict[str, str]:
         """Discovery prefetch templates: the Patient, and per key the latest Observations."""

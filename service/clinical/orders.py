@@ -4,8 +4,8 @@ code of the order, of its medication, or of the Medication it contains."""
 
 from __future__ import annotations
 
-from service.clinical.mapping import Service
 from service.clinical.records import system
+from service.clinical.services import Service
 
 
 def _codings(order: dict[str, object]) -> list[dict[str, object]]:

@@ -50,6 +50,12 @@ from service.clinical.records import refers_to
 
 Json = dict[str, Any]
 DEFAULT_PORTS = {"http": 80, "https": 443}
+QUOTABLE = (  # httpx errors whose text cannot hold the request's headers
+    httpx.ConnectError,
+    httpx.TimeoutException,
+    httpx.ReadError,
+    httpx.RemoteProtocolError,
+)
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,10 @@ class FhirSearch:
                     raise _redirect(r, url, self.owns)
                 body = await _read(r, limit)
         except httpx.HTTPError as exc:
-            why = f": {exc}" if str(exc) else ""  # e.g. "[Errno 111] Connection refused"
+            # Only errors about the connection or the answer are quoted (e.g. "[Errno 111]
+            # Connection refused"): one raised while sending may quote the request's headers,
+            # the access token included (h11's "Illegal header value b'Bearer ...'").
+            why = f": {exc}" if isinstance(exc, QUOTABLE) and str(exc) else ""
             raise SearchFailed(
                 f"{type(exc).__name__} from the FHIR server {self.base}{why}"
             ) from None

@@ -93,11 +93,13 @@ def load_keys(iss: str, jwks: Mapping[str, Any] | None, jwks_file: Path | None) 
             raise TrustConfigError(
                 f"CDS issuer {iss!r}: key {i} has no kid; give each key the kid its tokens name"
             )
-        if k.get("alg") is not None and k["alg"] not in ALGORITHMS:
-            raise TrustConfigError(f"CDS issuer {iss!r}: key {i} has alg {k['alg']!r}")
+        alg = k.get("alg")
+        # A list or object is unhashable: `in ALGORITHMS` would raise TypeError, not refuse it.
+        if alg is not None and (not isinstance(alg, str) or alg not in ALGORITHMS):
+            raise TrustConfigError(f"CDS issuer {iss!r}: key {i} has alg {alg!r}")
         try:
             jwk = PyJWK.from_dict(k)
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError, KeyError) as exc:
             raise TrustConfigError(f"CDS issuer {iss!r}: key {i}: {exc}") from exc
         out.append(Key(jwk, kty, k.get("kid"), k.get("alg")))
     return out
@@ -183,8 +185,10 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise TokenRejected(f"malformed token: {exc}") from None
         alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            raise TokenRejected(f"algorithm {alg!r} is not allowed")
+        # Header fields are the client's JSON: a list or object must be refused like any other
+        # bad value (`[...] in ALGORITHMS` raised TypeError, an unauthenticated 500).
+        if not isinstance(alg, str) or alg not in ALGORITHMS:
+            raise TokenRejected(f"algorithm {str(alg)[:50]!r} is not allowed")
         if str(header.get("typ", "")).upper() != "JWT":
             raise TokenRejected(f"typ {header.get('typ')!r} is not JWT")
         iss = unverified.get("iss")

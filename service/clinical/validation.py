@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from service.clinical.mapping import UCUM
+from service.clinical.terms import UCUM
 
 Json = dict[str, Any]
 FhirVersion = Literal["R4B", "R5"]

@@ -16,7 +16,9 @@ from cds_client import Signer, auth
 from fhir_ehr import LOINC, MODELS, PID, diabetes_store, fulfil, hook_call, iso, observation
 
 from service.clinical.extraction import extract
-from service.clinical.mapping import Code, OrderFilter, load_dir
+from service.clinical.mapping import load_dir
+from service.clinical.services import OrderFilter
+from service.clinical.terms import Code
 from service.errors import MissingDataError
 
 DIABETES = "/cds-services/diabetes-progression"

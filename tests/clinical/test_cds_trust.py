@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
-from cds_client import ISS, Signer
+from cds_client import BASE, ISS, Signer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -229,3 +230,39 @@ def test_bearer_header() -> None:
     assert bearer("Basic abc") is None
     assert bearer("Bearer ") is None
     assert bearer(None) is None
+
+
+ODD_HEADERS = [
+    {"alg": ["ES384"], "typ": "JWT", "kid": "ehr-es384"},
+    {"alg": {"a": 1}, "typ": "JWT", "kid": "ehr-es384"},
+    {"alg": "ES384", "typ": ["JWT"], "kid": "ehr-es384"},
+    {"alg": "ES384", "typ": "JWT", "kid": "ehr-es384", "jku": {"u": 1}},
+    {"alg": "ES384", "typ": "JWT", "kid": "ehr-es384", "jku": ["https://x.example"]},
+]
+
+
+@pytest.mark.parametrize("header", ODD_HEADERS)
+def test_header_fields_of_another_json_type_are_refused(
+    header: dict[str, Any], es384: Signer, verifier: TokenVerifier
+) -> None:
+    # A list or object where a string belongs raised TypeError (an unauthenticated 500).
+    token = handmade(header, es384.claims(AUD, NOW), lambda data: b"sig")
+    with pytest.raises(TokenRejected):
+        verifier.verify(token, [AUD])
+    assert verifier.key_urls(token)[2] == []  # nothing fetched for it either
+
+
+async def test_header_fields_of_another_json_type_are_a_bare_401(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    path = "/cds-services/diabetes-progression"
+    for header in ODD_HEADERS:
+        token = handmade(header, es384.claims(BASE + path), lambda data: b"sig")
+        r = await ehr.post(path, content=b"{}", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401 and r.content == b"", header
+
+
+def test_a_jwks_key_whose_alg_is_not_a_string_is_a_configuration_error(es384: Signer) -> None:
+    for alg in (["ES384"], {"a": 1}):
+        with pytest.raises(TrustConfigError, match="has alg"):
+            load_keys(ISS, {"keys": [es384.public_jwk() | {"alg": alg}]}, None)

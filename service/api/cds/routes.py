@@ -128,13 +128,13 @@ async def call(service_id: ServiceId, request: Request) -> Response:
             now,
             cds.settings.cds_max_observation_age_days,
         )
+        features = ex.features(model.manifest.inputs.feature_names or [])
     except MissingDataError as exc:
         exc.details += notes  # why fetching did not help
         if cds.settings.cds_missing_data == "412":
             raise
         return missing_data_card(cds, service_id, body, model, offered.mapping, exc)
-    names = model.manifest.inputs.feature_names or []
-    x = to_array([ex.features(names)], model.manifest.inputs, 1)
+    x = to_array([features], model.manifest.inputs, 1)
     params = to_params(PredictParameters(), model, st.settings.max_samples)
     batcher = st.batcher(model.name, model.version)
     card_id = str(uuid.uuid4())  # known before the answer: the audit record names it

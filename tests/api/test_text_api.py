@@ -75,7 +75,8 @@ async def test_v2_answers_per_text_counts_as_outputs(client: httpx.AsyncClient, 
     assert outputs["truncated"]["datatype"] == "BOOL" and outputs["tokens"]["datatype"] == "INT64"
     v1 = (await client.post(URL, json=_body(["Chest pain", long_text]))).json()["predictions"]
     assert outputs["tokens"]["data"] == [p["tokens"] for p in v1]
-    assert "probabilities" in outputs and ("label" in outputs) == (mode == "mc")
+    assert "probabilities" in outputs and "label" in outputs  # label: in both modes
+    assert ("mutual_information" in outputs) == (mode == "mc")
 
 
 @pytest.mark.parametrize(

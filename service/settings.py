@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     audit_hmac_key: SecretStr | None = None
     audit_fail_open: bool = False  # True: answer even when the record cannot be queued
     audit_queue_size: int = Field(default=10_000, ge=1)
+    # And in bytes (a text model's record is its token ids; one request may hold many).
+    audit_queue_bytes: int = Field(default=256 * 2**20, ge=1)
     audit_batch_size: int = Field(default=256, ge=1)
     audit_flush_timeout_s: float = Field(default=30.0, ge=0.0)
 

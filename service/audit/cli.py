@@ -42,14 +42,39 @@ def _open(url: str | None, path: Path | None) -> Store:
     return open_store(url, path)
 
 
+LISTED = 20  # record ids named when a request id is ambiguous
+
+
 def _one(store: Store, key: str) -> AuditRecord:
-    found = store.find(key)
-    if not found:
+    """The record `key` names: a record id (ASCII digits, no leading zero) always reaches its
+    record, whatever request ids clients sent; else the one record with that request id."""
+    from service.audit.store import is_record_id
+
+    if is_record_id(key):
+        rec = store.get(int(key))
+        if rec is not None:
+            others = [i for i in store.ids_of(key, LISTED + 1) if i != rec.id]
+            if others:
+                typer.echo(
+                    f"note: '{key}' is record {rec.id}; it is also the request id of records "
+                    f"{_listed(others)} (give one of those ids to see it)",
+                    err=True,
+                )
+            return rec
+    ids = store.ids_of(key, LISTED + 1)
+    if not ids:
         raise _fail(f"no audit record with id or request id '{key}' in {store.description}")
-    if len(found) > 1:
-        ids = ", ".join(str(r.id) for r in found)
-        raise _fail(f"'{key}' matches records {ids}: give the record id")
-    return found[0]
+    if len(ids) > 1:
+        raise _fail(f"request id '{key}' names records {_listed(ids)}: give the record id")
+    rec = store.get(ids[0])
+    if rec is None:  # cannot happen in an append-only store
+        raise _fail(f"record {ids[0]} disappeared from {store.description} while it was read")
+    return rec
+
+
+def _listed(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:LISTED])
+    return shown + (" and more" if len(ids) > LISTED else "")
 
 
 def _describe(rec: AuditRecord, feedback: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,11 @@ COUNTERS = (
     ),
     ("dropped", "mcserve_audit_dropped", "Predictions answered without a record (audit_fail_open)"),
     ("store_errors", "mcserve_audit_store_errors", "Failed audit store writes (retried)"),
-    ("invalid", "mcserve_audit_invalid", "Audit events that could not be turned into a row"),
+    (
+        "invalid",
+        "mcserve_audit_invalid",
+        "Audit events not recorded: no row could be made of them, or the store refused its values",
+    ),
 )
 
 
@@ -32,6 +36,11 @@ class AuditCollector(Collector):
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr))
         yield GaugeMetricFamily(
             "mcserve_audit_queue", "Audit records waiting to be written", value=self.writer.depth
+        )
+        yield GaugeMetricFamily(
+            "mcserve_audit_queue_bytes",
+            "Bytes of audit records waiting to be written (about)",
+            value=self.writer.depth_bytes,
         )
         yield GaugeMetricFamily(
             "mcserve_audit_store_up",

@@ -1,13 +1,25 @@
 """The audit store on PostgreSQL (psycopg 3): the same two append-only tables as SQLite's,
-with triggers that refuse UPDATE, DELETE and TRUNCATE (store.py)."""
+with triggers that refuse UPDATE, DELETE and TRUNCATE (sqlite.py).
+
+Every call has a deadline. A connection whose path stalls (a proxy or NAT that stops forwarding,
+a peer gone without a reset) otherwise blocks the write forever: no error, the store still
+counted healthy while the queue fills. So: the server's `statement_timeout` (a statement the
+server cannot finish), TCP keepalives and `tcp_user_timeout` (a peer that no longer answers at
+the TCP level), and a client-side deadline that shuts the socket down when no answer came in
+time (a path that still acknowledges TCP but forwards nothing, which neither of the others sees).
+Settings the URL gives itself are kept.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from service.audit.rows import FEEDBACK_COLUMNS, RECORD_COLUMNS
-from service.audit.store import SCHEMA_VERSION, Store, StoreError, check_version
+from service.audit.store import SCHEMA_VERSION, Rows, Store, StoreError, check_version
 
 POSTGRES_MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -44,14 +56,21 @@ POSTGRES_MIGRATIONS: dict[int, list[str]] = {
 
 class PostgresStore(Store):
     """psycopg 3; one connection, reopened after a failure; migrations under an advisory lock
-    so that replicas starting together migrate once."""
+    so that replicas starting together migrate once. `timeout_s`: the server's statement_timeout
+    and the TCP user timeout; a call without an answer for 1.5 times that fails (the module's
+    docstring says why each)."""
 
     mark = "%s"
+    MIGRATE_TIMEOUT_S = 60.0  # waiting for another replica's migration is no stall
 
-    def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 5.0, timeout_s: float = 5.0) -> None:
+        import psycopg  # here: a writer process on SQLite never loads it
+
+        self.data_errors = (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeError)
         self.url = url
         self.description = "postgresql:" + redact(url)
         self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = timeout_s
         self._conn: Any = None
         self._connect()
 
@@ -68,6 +87,7 @@ class PostgresStore(Store):
                 self.url,
                 connect_timeout=max(1, round(self.connect_timeout_s)),
                 row_factory=dict_row,
+                **timeouts(self.url, self.timeout_s),
             )
         except psycopg.Error as exc:
             self._conn = None
@@ -76,9 +96,46 @@ class PostgresStore(Store):
             ) from exc
         return self._conn
 
-    def migrate(self) -> int:
+    @contextlib.contextmanager
+    def _deadline(self, seconds: float) -> Iterator[Any]:
+        """The connection, shut down if the call in this block has no answer within `seconds`:
+        the blocked call then fails at once (and the connection is opened again next time)."""
+        import psycopg
+
         conn = self._connect()
-        with conn.transaction(), conn.cursor() as cur:
+        lock, state = threading.Lock(), {"done": False, "cut": False}
+
+        def cut() -> None:
+            with lock:
+                if state["done"]:
+                    return
+                state["cut"] = True
+                with contextlib.suppress(OSError, psycopg.Error):
+                    dup = socket.socket(fileno=os.dup(conn.pgconn.socket))
+                    with dup:
+                        dup.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(seconds, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield conn
+        except (psycopg.Error, OSError) as exc:
+            if state["cut"]:
+                raise StoreError(
+                    f"the audit database {self.description} did not answer within {seconds:g} s "
+                    "(a stalled connection); it is closed and opened again for the next try"
+                ) from exc
+            raise
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+
+    def migrate(self) -> int:
+        seconds = self.MIGRATE_TIMEOUT_S
+        with self._deadline(seconds) as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute(f"SET LOCAL statement_timeout = {round(seconds * 1000)}")
             cur.execute("SELECT pg_advisory_xact_lock(hashtext('mcserve-audit-schema'))")
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS audit_schema_version "
@@ -94,25 +151,25 @@ class PostgresStore(Store):
                 cur.execute("INSERT INTO audit_schema_version VALUES (%s, now())", (v,))
         return SCHEMA_VERSION
 
-    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
-        conn = self._connect()
-        with conn.transaction(), conn.cursor() as cur:
-            # COPY: one round trip per batch and the server's cheapest way to take rows.
-            for table, columns, rows in (
-                ("audit_records", RECORD_COLUMNS, records),
-                ("audit_feedback", FEEDBACK_COLUMNS, feedback),
-            ):
-                if not rows:
-                    continue
-                with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                    for r in rows:
-                        copy.write_row(tuple(map(r.get, columns)))
+    def _transaction(self, work: Callable[[], None]) -> None:
+        with self._deadline(1.5 * self.timeout_s) as conn, conn.transaction():
+            work()
+
+    def _savepoint(self, work: Callable[[], None]) -> None:
+        with self._conn.transaction():  # nested in `_transaction`'s: a savepoint
+            work()
+
+    def _insert(self, table: str, columns: Sequence[str], rows: Rows) -> None:
+        # COPY: one round trip per batch and the server's cheapest way to take rows.
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+        with self._conn.cursor() as cur, cur.copy(sql) as copy:
+            for r in rows:
+                copy.write_row(tuple(map(r.get, columns)))
 
     def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
-        conn = self._connect()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute(sql, tuple(args))
-            return list(cur.fetchall())
+        with self._deadline(1.5 * self.timeout_s) as conn, conn.transaction(), conn.cursor() as c:
+            c.execute(sql, tuple(args))
+            return list(c.fetchall())
 
     def close(self) -> None:
         if self._conn is not None:
@@ -120,13 +177,50 @@ class PostgresStore(Store):
             self._conn = None
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
+def timeouts(url: str, timeout_s: float) -> dict[str, Any]:
+    """Connection parameters that bound a stalled call (the module's docstring), less those the
+    URL sets itself (an operator's choice wins)."""
+    from psycopg.conninfo import conninfo_to_dict
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    given = conninfo_to_dict(url)
+    ms = round(timeout_s * 1000)
+    out: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "keepalives": 1,
+            "keepalives_idle": max(1, round(timeout_s)),
+            "keepalives_interval": max(1, round(timeout_s / 3)),
+            "keepalives_count": 3,
+            "tcp_user_timeout": ms,
+        }.items()
+        if k not in given
+    }
+    options = str(given.get("options") or "")
+    if "statement_timeout" not in options:
+        out["options"] = f"{options} -c statement_timeout={ms}".strip()
+    return out
+
+
+# libpq parameters that hold a secret (the URL's user:password part is the other place).
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def redact(url: str) -> str:
+    """The URL without its passwords (user:password@, ?password=, ?sslpassword=), for messages
+    and logs; a URL that cannot be parsed is named by its scheme alone."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return url.split(":", 1)[0] + "://(unparsable URL, not shown)"
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{port}" if port else "")
+        parts = parts._replace(netloc=netloc)
+    if any(k.lower() in SECRET_PARAMETERS for k, _ in query):
+        safe = [(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in query]
+        parts = parts._replace(query=urlencode(safe, safe="*"))
+    return urlunsplit(parts)

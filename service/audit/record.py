@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.audit.rows import FeedbackMessage, Message, PredictionMessage, layout, little_endian
+from service.audit.arrays import compact, layout, little_endian
+from service.audit.rows import FeedbackMessage, Message, PredictionMessage
 from service.encode import response_json
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
@@ -40,6 +41,8 @@ class PredictionEvent:
     params: PredictParams
     prediction: Prediction
     card_uuid: str | None = None
+    # The answer's warnings the adapter added, not the engine (e.g. parameters it ignored).
+    adapter_warnings: list[str] | None = None
 
 
 @dataclass(eq=False)
@@ -59,8 +62,11 @@ class FeedbackEvent:
 Event = PredictionEvent | FeedbackEvent
 
 
-def encode_inputs(x: np.ndarray) -> tuple[bytes, str]:
-    """The input array's bytes (little-endian: exact, and a fifth of its JSON) and its layout."""
+def encode_inputs(x: np.ndarray, pad: int | None = None) -> tuple[bytes, str]:
+    """The input array's bytes (little-endian: exact, and a fifth of its JSON) and its layout;
+    a text model's token ids (`pad`: its pad id) without their padding (arrays.compact)."""
+    if pad is not None and x.ndim == 2 and x.dtype.kind in "iu":
+        return compact(x, pad)
     a = little_endian(x)
     return a.tobytes(), _layout(a.dtype, a.shape)
 
@@ -146,7 +152,13 @@ def message(e: Event) -> Message:
         # referral decision in the summary depends on it, so a replay applies the same.
         "referral_policy": _policy(m),
     }
-    data, layout_json = encode_inputs(e.x)
+    if e.adapter_warnings:  # in the answer; a replay cannot know them from the engine
+        params["adapter_warnings"] = list(e.adapter_warnings)
+    if p.auto is not None:  # samples=auto: a replay decides when to stop as this answer did
+        a = p.auto
+        params["auto"] = {"max_samples": a.max_samples, "tolerance": a.tolerance, "first": a.first}
+    text = m.manifest.inputs.text
+    data, layout_json = encode_inputs(e.x, text.pad_id if text is not None else None)
     return PredictionMessage(e.at, e.request_id, e.route, e.caller, m.name, m.version, m.digest,
                              pred.backend, pred.device, pred.mode, pred.samples, pred.seed, params,
                              int(e.x.shape[0]), data, layout_json, response_json(m, pred),

@@ -10,14 +10,15 @@ docs/RANDOM_NUMBERS.md says what is bit-identical where), and the result says so
 is a difference in values.
 
 With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
-against the HMAC (with the same key) before anything is computed; the answer and seed of such a
-record are sealed under that key (seal.py) and opened with it.
+against the HMAC (with the same key) before anything is computed (inputs.py); the answer and
+seed of such a record are sealed under that key (seal.py) and opened with it. A `samples: auto`
+answer is replayed adaptively with its recorded settings, a text model's with its per-text
+notes (inputs.text_notes): both are part of the answer the client got.
 """
 
 from __future__ import annotations
 
-import hmac
-import platform
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,28 +27,23 @@ import numpy as np
 import orjson
 import torch
 
+from service.audit.compare import MAX_DIFFERENCES, Size, differences, size
+from service.audit.inputs import (
+    ReplayError,
+    Supplied,
+    check_inputs,
+    read_inputs,
+    text_notes,
+    the_key,
+)
 from service.audit.record import software, summary_json
-from service.audit.rows import AuditRecord, inputs_hmac, key_id
+from service.audit.rows import AuditRecord
 from service.audit.seal import SealError, is_sealed, reveal
 from service.bundle.load import TrustPolicy, load_bundle
-from service.engine.inputs import to_array
-from service.engine.model import ServedModel
+from service.engine import adaptive
+from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.registry import discover
-from service.errors import McServeError
-
-MAX_DIFFERENCES = 20
-# Relative size of a difference that float rounding explains. Measured (2026-12-06, bundled
-# models, AMD EPYC): the same seeded request under other CPU kernels (MKL's SSE2 path, ATen
-# without vectors, oneDNN SSE4.1) moved samples by at most 3.3e-7 of the largest sample and
-# means and standard deviations by at most 2.5e-7 relative; CUDA against CPU 2.4e-6 absolute.
-ROUNDING_RTOL = 1e-5
-
-
-class ReplayError(McServeError):
-    """The record cannot be replayed here (bundle, device, inputs or key missing or wrong)."""
-
-    code = "invalid_input"
 
 
 @dataclass
@@ -58,82 +54,6 @@ class ReplayResult:
     differences: list[str] = field(default_factory=list)  # "path: stored X, recomputed Y"
     notes: list[str] = field(default_factory=list)  # e.g. software that differs from the record
     size: Size | None = None  # how far the recomputed numbers are from the stored ones
-
-
-@dataclass(frozen=True)
-class Size:
-    """The size of a replay's differences."""
-
-    numbers: int  # floats that differ
-    largest: float  # largest absolute difference among them
-    relative: float  # largest |a - b| / max(|a|, |b|)
-    other: int  # differing values that are not floats (labels, counts, flags, structure)
-
-    @property
-    def rounding_only(self) -> bool:
-        return self.other == 0 and self.relative <= ROUNDING_RTOL
-
-    def describe(self) -> str:
-        if self.numbers:
-            text = (
-                f"{self.numbers} numbers differ, by at most {self.largest:.3g} "
-                f"(relative {self.relative:.3g})"
-            )
-        else:
-            text = "no number differs"
-        if self.other:
-            text += f"; {self.other} other values differ"
-        if self.rounding_only:
-            return (
-                f"{text}: float rounding only (relative tolerance {ROUNDING_RTOL:g}), as another "
-                f"CPU, library build or thread count gives; replayed on {machine()}"
-            )
-        return f"{text}: beyond float rounding, not explained by the machine"
-
-
-def machine() -> str:
-    """This machine's CPU and the kernels torch dispatches on it, for a replay's report."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} (torch {torch.backends.cpu.get_cpu_capability()})"
-
-
-def size(stored: Any, recomputed: Any) -> Size:
-    """How far two parsed documents are apart (see `Size`)."""
-    numbers = other = 0
-    largest = relative = 0.0
-    for a, b in _differing_leaves(stored, recomputed):
-        if isinstance(a, float) and isinstance(b, float):
-            numbers += 1
-            gap = abs(a - b)
-            largest = max(largest, gap)
-            relative = max(relative, gap / max(abs(a), abs(b)))
-        else:
-            other += 1
-    return Size(numbers, largest, relative, other)
-
-
-def _differing_leaves(stored: Any, recomputed: Any) -> list[tuple[Any, Any]]:
-    if isinstance(stored, dict) and isinstance(recomputed, dict):
-        out = []
-        for k in stored.keys() | recomputed.keys():
-            if k not in recomputed or k not in stored:
-                out.append((stored.get(k), recomputed.get(k)))
-            else:
-                out.extend(_differing_leaves(stored[k], recomputed[k]))
-        return out
-    if isinstance(stored, list) and isinstance(recomputed, list):
-        if len(stored) != len(recomputed):
-            return [(stored, recomputed)]
-        return [p for a, b in zip(stored, recomputed, strict=True) for p in _differing_leaves(a, b)]
-    same = type(stored) is type(recomputed) and stored == recomputed
-    return [] if same else [(stored, recomputed)]
 
 
 def find_bundle(record: AuditRecord, model_dir: Path, policy: TrustPolicy) -> Path:
@@ -160,81 +80,16 @@ def find_bundle(record: AuditRecord, model_dir: Path, policy: TrustPolicy) -> Pa
     )
 
 
-def read_inputs(path: Path, model: ServedModel) -> np.ndarray:
-    """Inputs from a JSON file: the request's instances, as a list or as {"instances": [...]}."""
-    try:
-        value = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise ReplayError(f"cannot read inputs from {path}: {exc}") from exc
-    instances = value.get("instances") if isinstance(value, dict) else value
-    if not isinstance(instances, list):
-        raise ReplayError(f"{path}: expected a JSON list of instances or {{'instances': [...]}}")
-    return to_array(instances, model.manifest.inputs, max(1, len(instances)))
-
-
-def _the_key(record: AuditRecord, key: bytes | None, what: str) -> bytes:
-    """The key that made the record (HMAC-only records need it), or a ReplayError saying which."""
-    if key is None:
-        raise ReplayError(
-            f"the record holds only {what}: set MCSERVE_AUDIT_HMAC_KEY to the key that made it "
-            f"(key id {record.inputs_key_id})"
-        )
-    if record.inputs_key_id is not None and key_id(key) != record.inputs_key_id:
-        raise ReplayError(
-            f"the key given has id {key_id(key)}, the record was made with key id "
-            f"{record.inputs_key_id}: use that key"
-        )
-    return key
-
-
 def opened(record: AuditRecord, key: bytes | None) -> AuditRecord:
     """The record with its answer and seed readable: an HMAC-only record keeps them sealed
     under the key (seal.py); other records are returned as they are."""
     if not is_sealed(record.summary):
         return record
-    key = _the_key(record, key, "an HMAC of its inputs and a sealed answer")
+    key = the_key(record, key, "an HMAC of its inputs and a sealed answer")
     try:
         return reveal(record, key)
     except SealError as exc:
         raise ReplayError(str(exc)) from exc
-
-
-def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
-    """Supplied inputs must match the record's HMAC (or its stored inputs)."""
-    stored = record.inputs
-    if stored is not None:
-        if stored.shape != x.shape or stored.tobytes() != x.astype(stored.dtype).tobytes():
-            raise ReplayError("the supplied inputs differ from the inputs stored in the record")
-        return
-    if record.inputs_hmac is None:
-        raise ReplayError("the record holds neither inputs nor their HMAC")
-    key = _the_key(record, key, "an HMAC of its inputs")
-    if not hmac.compare_digest(inputs_hmac(key, x), record.inputs_hmac):
-        raise ReplayError(
-            "the supplied inputs do not match the record's HMAC: they are not the inputs of this "
-            "prediction (check the order of instances and every value)"
-        )
-
-
-def differences(stored: Any, recomputed: Any, path: str = "$") -> list[str]:
-    """JSON paths where two parsed documents differ (floats compared exactly)."""
-    if isinstance(stored, dict) and isinstance(recomputed, dict):
-        out = []
-        for k in list(stored) + [k for k in recomputed if k not in stored]:
-            if k not in recomputed or k not in stored:
-                out.append(f"{path}.{k}: present in only one")
-            else:
-                out.extend(differences(stored[k], recomputed[k], f"{path}.{k}"))
-        return out
-    if isinstance(stored, list) and isinstance(recomputed, list):
-        if len(stored) != len(recomputed):
-            return [f"{path}: {len(stored)} items stored, {len(recomputed)} recomputed"]
-        out = []
-        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
-            out.extend(differences(a, b, f"{path}[{i}]"))
-        return out
-    same = type(stored) is type(recomputed) and stored == recomputed
-    return [] if same else [f"{path}: stored {stored!r}, recomputed {recomputed!r}"]
 
 
 def _device(record: AuditRecord) -> str:
@@ -283,11 +138,12 @@ def _replay(
         onnx_threads=threads,
         referral_overrides={record.model: p["referral_policy"]} if "referral_policy" in p else None,
     )
-    if isinstance(inputs, Path):
-        inputs = read_inputs(inputs, model)
-    if inputs is not None:
-        check_inputs(record, inputs, hmac_key)
-        x = inputs
+    supplied = read_inputs(inputs, model) if isinstance(inputs, Path) else None
+    if isinstance(inputs, np.ndarray):
+        supplied = Supplied(inputs)
+    if supplied is not None:
+        check_inputs(record, supplied.x, hmac_key)
+        x = supplied.x
     else:
         stored = record.inputs
         if stored is None:
@@ -296,15 +152,12 @@ def _replay(
                 "request's instances as JSON); they are checked against the HMAC first"
             )
         x = stored
-    params = PredictParams(
-        samples=int(p["samples"]),
-        confidence=tuple(float(c) for c in p["confidence"]),
-        seed=p["seed"],
-        mode=p["mode"],
-        interval=p["interval"],
-        dropout_sites=p.get("dropout_sites"),  # absent in older records: the model's default
-    )
-    recomputed = summary_json(model, model.predict(x, params))
+    pred = _predict(model, x, p)
+    pred.warnings.extend(p.get("adapter_warnings") or ())  # e.g. parameters /v1 ignored
+    # A text model's answer carries per-text notes (tokens, truncated) beside the numbers.
+    notes = supplied.notes if supplied is not None else None
+    pred.input_notes = notes if notes is not None else text_notes(model, x, record.summary)
+    recomputed = summary_json(model, pred)
     result = ReplayResult(record, recomputed == record.summary, recomputed)
     if not result.identical:
         try:
@@ -323,3 +176,26 @@ def _replay(
         if here.get(k) != record.software.get(k):  # also keys one side lacks (older records)
             result.notes.append(f"{k}: recorded {record.software.get(k)}, here {here.get(k)}")
     return result
+
+
+def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction:
+    """The recorded parameters applied; `samples: auto` (params["auto"], absent in records
+    before 2026-12-07: those replay at the passes used) runs its passes again until settled."""
+    params = PredictParams(
+        samples=int(p["samples"]),
+        confidence=tuple(float(c) for c in p["confidence"]),
+        seed=p["seed"],
+        mode=p["mode"],
+        interval=p["interval"],
+        dropout_sites=p.get("dropout_sites"),  # absent in older records: the model's default
+    )
+    auto = p.get("auto")
+    if auto is None or params.mode != "mc":
+        return model.predict(x, params)
+    settings = adaptive.Adaptive(
+        max_samples=int(auto["max_samples"]),
+        tolerance=float(auto["tolerance"]),
+        first=int(auto.get("first", adaptive.Adaptive.first)),
+    )
+    [pred] = adaptive.run(model, [x], [dataclasses.replace(params, auto=settings)], settings)
+    return pred

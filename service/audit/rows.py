@@ -10,9 +10,6 @@ process starts in a fraction of a second and holds little memory.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -20,11 +17,14 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import orjson
 
+from service.audit.arrays import decode_inputs, dumps, engine_form, hmac_of, key_id
 from service.audit.seal import context, seal
 
 InputsMode = Literal["store", "hmac"]
-HMAC_PREFIX = "hmac-sha256:"
-_HMAC_DOMAIN = b"mcserve-audit-inputs-v1\0"
+
+
+class RowError(ValueError):
+    """A message whose row no store can hold; the message says which field and why."""
 
 
 class PredictionMessage(NamedTuple):
@@ -96,49 +96,8 @@ class AuditRecord:
     replica: str
 
 
-def dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
 def utc(at: float) -> datetime:
     return datetime.fromtimestamp(at, UTC)
-
-
-def layout(dtype: np.dtype[Any], shape: tuple[int, ...]) -> str:
-    """`{"dtype", "shape"}` of an input array: stored beside its bytes, and the HMAC's header."""
-    return dumps({"dtype": dtype.newbyteorder("=").name, "shape": list(shape)})
-
-
-def little_endian(x: np.ndarray) -> np.ndarray:
-    if x.dtype.byteorder == ">" or (x.dtype.byteorder == "=" and sys.byteorder == "big"):
-        return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(x)
-
-
-def hmac_of(key: bytes, data: bytes, layout_json: str) -> str:
-    """The keyed digest of an input array given as its little-endian bytes and layout."""
-    mac = hmac.new(key, _HMAC_DOMAIN, hashlib.sha256)
-    mac.update(layout_json.encode())
-    mac.update(data)
-    return HMAC_PREFIX + mac.hexdigest()
-
-
-def inputs_hmac(key: bytes, x: np.ndarray) -> str:
-    """A keyed digest of the engine input: dtype, shape and the little-endian bytes, so the
-    same numbers give the same digest whether they came as arrays, named features or tensors."""
-    a = little_endian(x)
-    return hmac_of(key, a.tobytes(), layout(a.dtype, a.shape))
-
-
-def key_id(key: bytes) -> str:
-    """Names a key without revealing it (which key to use when the key is rotated)."""
-    return hmac.new(key, b"mcserve-audit-key-id", hashlib.sha256).hexdigest()[:16]
-
-
-def decode_inputs(data: bytes, layout_json: str) -> np.ndarray:
-    spec = orjson.loads(layout_json)
-    dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-    return np.frombuffer(bytes(data), dtype=dtype).reshape(spec["shape"]).astype(spec["dtype"])
 
 
 def referral_of(summary: bytes) -> tuple[str | None, bool | None]:
@@ -170,7 +129,8 @@ def prediction_row(msg: PredictionMessage, ctx: RowContext) -> dict[str, Any]:
         raise ValueError("audit_inputs='hmac' needs a key (setting audit_hmac_key)")
     referral, referred = referral_of(msg.summary)
     store = ctx.inputs == "store"
-    mac = hmac_of(key, msg.inputs, msg.inputs_layout) if key is not None else None
+    # The HMAC is of the engine's array, also when its padding is not stored (arrays.py).
+    mac = hmac_of(key, *engine_form(msg.inputs, msg.inputs_layout)) if key is not None else None
     summary, seed, params = msg.summary.decode(), msg.seed, msg.params
     if not store:
         # The answer and seed would let anyone test a guessed input against the public bundle:
@@ -224,12 +184,39 @@ def feedback_row(msg: FeedbackMessage, ctx: RowContext) -> dict[str, Any]:
 
 
 def row(msg: object, ctx: RowContext) -> tuple[str, dict[str, Any]]:
-    """(table, row) of a message; ValueError for anything that is not one."""
+    """(table, row) of a message; ValueError for anything that is not one, or whose text no
+    store can hold (`check_text`)."""
     if isinstance(msg, PredictionMessage):
-        return "audit_records", prediction_row(msg, ctx)
-    if isinstance(msg, FeedbackMessage):
-        return "audit_feedback", feedback_row(msg, ctx)
-    raise ValueError(f"not an audit message: {type(msg).__name__} {str(msg)[:80]}")
+        table, values = "audit_records", prediction_row(msg, ctx)
+    elif isinstance(msg, FeedbackMessage):
+        table, values = "audit_feedback", feedback_row(msg, ctx)
+    else:
+        raise ValueError(f"not an audit message: {type(msg).__name__} {str(msg)[:80]}")
+    check_text(table, values)
+    return table, values
+
+
+def check_text(table: str, values: dict[str, Any]) -> None:
+    """Refuse a row with a text PostgreSQL cannot store: a NUL character (its TEXT holds none;
+    COPY fails the whole batch) or a lone surrogate (not UTF-8). Checked here, for SQLite too,
+    so that both stores keep the same rows and the reason is said exactly."""
+    for column, v in values.items():
+        if not isinstance(v, str):
+            continue
+        if "\x00" in v:
+            raise RowError(
+                f"{table}.{column} holds a NUL character (U+0000), which a PostgreSQL text "
+                "column cannot store; the event was not recorded (its sender should refuse "
+                "control characters in this field)"
+            )
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError(
+                    f"{table}.{column} holds a lone surrogate (not valid Unicode); the event "
+                    "was not recorded"
+                ) from None
 
 
 RECORD_COLUMNS = (

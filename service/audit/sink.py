@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from service.audit.backend import open_store
-from service.audit.rows import Message, RowContext, row
+from service.audit.rows import Message, RowContext, RowError, row
 from service.audit.store import Store, StoreError
 from service.child import spawn
 
@@ -114,22 +114,31 @@ class SinkClient:
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, StoreError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, StoreError | RowError) else f"{type(exc).__name__}: {exc}"
 
 
-def _rows(
-    messages: list[Message], ctx: RowContext
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, str]]]:
+Invalid = list[tuple[int, str]]  # (index of a message in its batch, why it made no row)
+
+
+def write(store: Store, messages: list[Message], ctx: RowContext) -> tuple[int, Invalid]:
+    """Commit the rows of `messages`: (rows written, [(index, why) of messages that made no
+    row]). A message that cannot be a row, or whose row the database refuses for its values,
+    is reported, not retried forever (it would hold back every record queued behind it)."""
     rows: dict[str, list[dict[str, Any]]] = {"audit_records": [], "audit_feedback": []}
-    invalid: list[tuple[int, str]] = []
+    index: dict[str, list[int]] = {"audit_records": [], "audit_feedback": []}
+    invalid: Invalid = []
     for i, msg in enumerate(messages):
         try:
             table, values = row(msg, ctx)
-        except Exception as exc:  # a malformed message is a bug: reported, not retried forever
+        except Exception as exc:
             invalid.append((i, _describe(exc)))
             continue
         rows[table].append(values)
-    return rows["audit_records"], rows["audit_feedback"], invalid
+        index[table].append(i)
+    rejected = store.append(rows["audit_records"], rows["audit_feedback"])
+    invalid += [(index[r.table][r.row], r.why) for r in rejected]
+    written = len(rows["audit_records"]) + len(rows["audit_feedback"]) - len(rejected)
+    return written, sorted(invalid)
 
 
 def serve(conn: Connection) -> int:
@@ -143,7 +152,7 @@ def serve(conn: Connection) -> int:
     ctx = RowContext(cfg["inputs"], cfg["hmac_key"], cfg["software"], cfg["replica"])
     store: Store | None = None
     try:
-        store = open_store(cfg["url"], Path(cfg["path"]))
+        store = open_store(cfg["url"], Path(cfg["path"]), cfg.get("store_timeout_s", 5.0))
         store.migrate()
     except Exception as exc:
         if store is not None:
@@ -160,13 +169,12 @@ def serve(conn: Connection) -> int:
             if request[0] == "close":
                 reply("closed")
                 return 0
-            records, feedback, invalid = _rows(request[1], ctx)
             try:
-                store.append(records, feedback)
+                written, invalid = write(store, request[1], ctx)
             except Exception as exc:
                 reply("error", _describe(exc))
                 continue
-            reply("ok", len(records) + len(feedback), invalid)
+            reply("ok", written, invalid)
     finally:
         store.close()
 

@@ -1,5 +1,6 @@
-"""The audit store: an append-only pair of tables on SQLite (default, here) or PostgreSQL
-(postgres.py); `backend.open_store` picks one.
+"""The audit store: an append-only pair of tables on SQLite (default, sqlite.py) or PostgreSQL
+(postgres.py); `backend.open_store` picks one. Here: what both share (appending a batch, with
+the rows the database refuses left out; reading records back).
 
 The service creates and migrates the schema itself (`audit_schema_version` holds the applied
 versions; a store newer than this code is refused, never downgraded). Triggers refuse UPDATE
@@ -12,19 +13,14 @@ One `Store` is used by one thread at a time: the writer's thread, or a CLI comma
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from service.audit.rows import FEEDBACK_COLUMNS, RECORD_COLUMNS, AuditRecord, from_row
 from service.errors import McServeError
 
 SCHEMA_VERSION = 1
-SQLITE_MAX_VARIABLES = 999  # the smallest limit any SQLite build has had
 
 
 class StoreError(McServeError):
@@ -33,56 +29,69 @@ class StoreError(McServeError):
     code = "audit_unavailable"
 
 
-SQLITE_MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE audit_records (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            recorded_at TEXT NOT NULL,
-            request_id TEXT, route TEXT NOT NULL, caller TEXT,
-            model TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
-            backend TEXT NOT NULL, device TEXT NOT NULL, mode TEXT NOT NULL,
-            samples INTEGER, seed INTEGER, params TEXT NOT NULL, n_inputs INTEGER NOT NULL,
-            inputs BLOB, inputs_layout TEXT, inputs_hmac TEXT, inputs_key_id TEXT,
-            summary TEXT NOT NULL, referral TEXT, referred INTEGER, card_uuid TEXT,
-            software TEXT NOT NULL, replica TEXT NOT NULL,
-            CHECK (inputs IS NOT NULL OR inputs_hmac IS NOT NULL))""",
-        "CREATE INDEX audit_records_request_id ON audit_records (request_id)",
-        "CREATE INDEX audit_records_card_uuid ON audit_records (card_uuid) "
-        "WHERE card_uuid IS NOT NULL",
-        """CREATE TABLE audit_feedback (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            recorded_at TEXT NOT NULL, card_uuid TEXT NOT NULL, outcome TEXT NOT NULL,
-            override_reason TEXT, outcome_timestamp TEXT, service_id TEXT, request_id TEXT,
-            caller TEXT, replica TEXT NOT NULL)""",
-        "CREATE INDEX audit_feedback_card_uuid ON audit_feedback (card_uuid)",
-        *(
-            f"""CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t}
-                BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END"""
-            for t in ("audit_records", "audit_feedback")
-            for op in ("UPDATE", "DELETE")
-        ),
-    ],
-}
+class Rejected(NamedTuple):
+    """A row the database refused for its values: left out of its batch, not retried."""
+
+    table: str
+    row: int  # its index in that table's rows of the batch
+    why: str
 
 
-def _insert(table: str, columns: Sequence[str], rows: int = 1) -> str:
-    """One INSERT of `rows` rows (SQLite placeholders)."""
-    one = f"({', '.join(['?'] * len(columns))})"
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
+Rows = list[dict[str, Any]]
+
+
+def isolate(
+    rows: Rows, insert: Callable[[Rows], None], errors: tuple[type[BaseException], ...]
+) -> list[tuple[int, str]]:
+    """Insert `rows`, halving any part that fails with one of `errors` (each part is atomic:
+    a savepoint) down to the rows that fail alone; returns those as [(index, why)]. k bad rows
+    of n cost about 2 k log2(n) attempts."""
+    bad: list[tuple[int, str]] = []
+
+    def part(lo: int, hi: int) -> None:
+        try:
+            insert(rows[lo:hi])
+        except errors as exc:
+            if hi - lo == 1:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                bad.append((lo, f"the database refused the row: {type(exc).__name__}: {first}"))
+                return
+            mid = (lo + hi) // 2
+            part(lo, mid)
+            part(mid, hi)
+
+    if rows:
+        part(0, len(rows))
+    return bad
+
+
+def is_record_id(key: str) -> bool:
+    """Whether `key` is written as a record id: ASCII digits without a leading zero (so "²" or
+    "0002" are request ids only), within the ids' 63 bits."""
+    return key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < 2**63
 
 
 class Store(ABC):
     """Append records and feedback in one transaction; read them back by id or request id."""
 
     description: str
+    # Errors a database raises for a row's values (retrying cannot help): see `append`.
+    data_errors: tuple[type[BaseException], ...] = (OverflowError, UnicodeError)
 
     @abstractmethod
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the schema version now in place."""
 
     @abstractmethod
-    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
-        """Insert every row in one transaction (all or nothing)."""
+    def _transaction(self, work: Callable[[], None]) -> None:
+        """work() in one transaction, committed; rolled back when it raises."""
+
+    @abstractmethod
+    def _savepoint(self, work: Callable[[], None]) -> None:
+        """work() inside the current transaction, undone alone when it raises."""
+
+    @abstractmethod
+    def _insert(self, table: str, columns: Sequence[str], rows: Rows) -> None: ...
 
     @abstractmethod
     def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]: ...
@@ -92,15 +101,63 @@ class Store(ABC):
 
     mark = "?"
 
+    def append(self, records: Rows, feedback: Rows) -> list[Rejected]:
+        """Insert every row in one transaction. Rows the database refuses for their values (a
+        NUL in a PostgreSQL text, a number out of range: `data_errors`) are left out and
+        returned, the others written: such a batch failed whole and was retried forever, every
+        later record queued behind it. Any other failure raises; nothing is written."""
+        tables = (
+            ("audit_records", RECORD_COLUMNS, records),
+            ("audit_feedback", FEEDBACK_COLUMNS, feedback),
+        )
+
+        def whole() -> None:
+            for table, columns, rows in tables:
+                if rows:
+                    self._insert(table, columns, rows)
+
+        try:
+            self._transaction(whole)
+            return []
+        except self.data_errors:
+            pass  # again, one savepoint per part, to find the rows at fault
+        rejected: list[Rejected] = []
+
+        def careful() -> None:
+            rejected.clear()  # a transaction begun again starts over
+            for table, columns, rows in tables:
+                insert = self._part_inserter(table, columns)
+                bad = isolate(rows, insert, self.data_errors)
+                rejected.extend(Rejected(table, i, why) for i, why in bad)
+
+        self._transaction(careful)
+        return rejected
+
+    def _part_inserter(self, table: str, columns: Sequence[str]) -> Callable[[Rows], None]:
+        """Inserts a part of a table's rows in a savepoint of its own (`isolate`)."""
+        return lambda part: self._savepoint(lambda: self._insert(table, columns, part))
+
     def find(self, key: str) -> list[AuditRecord]:
         """Records whose id or request id is `key` (a client knows the X-Request-ID)."""
         m = self.mark
-        if key.isdigit() and int(key) < 2**63:
+        if is_record_id(key):
             sql = f"SELECT * FROM audit_records WHERE id = {m} OR request_id = {m} ORDER BY id"
             rows = self._query(sql, (int(key), key))
         else:
             rows = self._query(f"SELECT * FROM audit_records WHERE request_id = {m}", (key,))
         return [from_row(r) for r in rows]
+
+    def get(self, record_id: int) -> AuditRecord | None:
+        """The record with this id, if any."""
+        rows = self._query(f"SELECT * FROM audit_records WHERE id = {self.mark}", (record_id,))
+        return from_row(rows[0]) if rows else None
+
+    def ids_of(self, request_id: str, limit: int) -> list[int]:
+        """The ids of (at most `limit`) records with this request id, oldest first: only the
+        ids, so that a request id a client reused thousands of times costs little."""
+        m = self.mark
+        sql = f"SELECT id FROM audit_records WHERE request_id = {m} ORDER BY id LIMIT {m}"
+        return [int(r["id"]) for r in self._query(sql, (request_id, limit))]
 
     def feedback(self, card_uuid: str) -> list[dict[str, Any]]:
         m = self.mark
@@ -117,96 +174,6 @@ class Store(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class SqliteStore(Store):
-    """One file in WAL mode; `synchronous=FULL`: a committed batch survives a power cut."""
-
-    def __init__(self, path: Path, busy_timeout_s: float = 1.0) -> None:
-        self.path = Path(path)
-        self.description = f"sqlite:{self.path}"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _create_private(self.path)
-            self.conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            self.conn.row_factory = sqlite3.Row
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self.conn.execute("PRAGMA synchronous=FULL")
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the audit database {self.path}: {exc}") from exc
-        if mode != "wal":
-            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-
-    def migrate(self) -> int:
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")  # one migrating process at a time
-        try:
-            c.execute(
-                "CREATE TABLE IF NOT EXISTS audit_schema_version "
-                "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-            )
-            current = c.execute("SELECT MAX(version) FROM audit_schema_version").fetchone()[0] or 0
-            check_version(current, self.description)
-            for v in range(current + 1, SCHEMA_VERSION + 1):
-                for stmt in SQLITE_MIGRATIONS[v]:
-                    c.execute(stmt)
-                c.execute(
-                    "INSERT INTO audit_schema_version VALUES (?, ?)",
-                    (v, datetime.now(UTC).isoformat()),
-                )
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        return SCHEMA_VERSION
-
-    def append(self, records: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            self._insert_rows("audit_records", RECORD_COLUMNS, records)
-            self._insert_rows("audit_feedback", FEEDBACK_COLUMNS, feedback)
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
-
-    def _insert_rows(self, table: str, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
-        # Many rows per statement: sqlite3 releases the GIL once per statement step, and each
-        # re-acquisition stalls the event loop thread (measured: executemany, one step per row,
-        # cost the server more than building the rows).
-        per = max(1, SQLITE_MAX_VARIABLES // len(columns))
-        for lo in range(0, len(rows), per):
-            chunk = rows[lo : lo + per]
-            values = [v for r in chunk for v in _sqlite_values(r, columns)]
-            self.conn.execute(_insert(table, columns, len(chunk)), values)
-
-    def _query(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.conn.execute(sql, tuple(args)).fetchall()]
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def _create_private(path: Path) -> None:
-    """Create the database file owner-only (0600) before SQLite opens it: SQLite would create it
-    with 0644 less the umask, readable by every local user, and it gives the -wal and -shm files
-    the database file's mode. An existing file keeps the mode its owner gave it."""
-    if not path.exists():
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-
-
-def _sqlite_values(row: dict[str, Any], columns: Sequence[str]) -> list[Any]:
-    # Times as ISO 8601 text (sqlite3's implicit datetime adapter is deprecated). Only
-    # `recorded_at` holds one: converting it alone, not testing every value, halves this
-    # per-record cost on the audit thread (it holds the GIL the event loop needs).
-    values = list(map(row.get, columns))
-    if columns[0] == "recorded_at" and isinstance(values[0], datetime):
-        values[0] = values[0].isoformat()
-    return values
 
 
 def check_version(current: int, where: str) -> None:

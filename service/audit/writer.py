@@ -11,8 +11,11 @@ at the head of the queue and is retried with a backoff (a writer process that di
 again), so a store that is down for a while loses nothing as long as the queue can hold what
 arrives.
 
-When a record cannot be queued (the queue is full: the store is down or too slow for longer
-than the queue can absorb) the prediction fails closed: `AuditUnavailableError`, answered 503.
+The queue is bounded in records and in bytes (a text model's record holds its answer's JSON,
+which for 1,024 texts is 1.4 MB: ten thousand of those would not fit in memory), and so is each
+batch (one transaction, one pickled message to the writer process). When a record cannot be
+queued (the queue is full: the store is down or too slow for longer than the queue can absorb)
+the prediction fails closed: `AuditUnavailableError`, answered 503.
 With `fail_open` the prediction is answered anyway; the lost record is counted and logged.
 `stop` writes out what is queued (within `flush_timeout_s`) before the process exits.
 """
@@ -20,15 +23,14 @@ With `fail_open` the prediction is answered anyway; the lost record is counted a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.audit.backend import open_store
+from service.audit.backlog import BATCH_BYTES, QUEUE_BYTES, Backlog, weight
 from service.audit.record import Event, message, replica, software
 from service.audit.rows import InputsMode, Message, dumps
 from service.audit.sink import SinkClient
@@ -36,6 +38,7 @@ from service.audit.store import Store
 from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")
+STORE_TIMEOUT_S = 5.0  # PostgreSQL: a call stalled this long (x 1.5) fails (postgres.py)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class AuditWriter:
         hmac_key: bytes | None = None,
         queue_size: int = 10_000,
         batch_size: int = 256,
+        queue_bytes: int = QUEUE_BYTES,
+        batch_bytes: int = BATCH_BYTES,
+        store_timeout_s: float | None = None,
         fail_open: bool = False,
         flush_timeout_s: float = 30.0,
         retry_s: tuple[float, float] = (0.05, 2.0),
@@ -72,6 +78,9 @@ class AuditWriter:
         self.hmac_key = hmac_key
         self.queue_size = queue_size
         self.batch_size = batch_size
+        self.queue_bytes = queue_bytes
+        self.batch_bytes = batch_bytes
+        self.store_timeout_s = store_timeout_s if store_timeout_s is not None else STORE_TIMEOUT_S
         self.fail_open = fail_open
         self.flush_timeout_s = flush_timeout_s
         self.retry_s = retry_s
@@ -83,7 +92,7 @@ class AuditWriter:
         self._sink: SinkClient | None = None
         self._store: Store | None = None  # a reading handle, opened when first asked for
         self.healthy = True  # the last write succeeded
-        self._queue: deque[Message] = deque()
+        self._queue = Backlog()
         self._wake = asyncio.Event()  # something was queued
         self._kick = asyncio.Event()  # stop: end a retry backoff now
         self._stopping = False
@@ -95,6 +104,10 @@ class AuditWriter:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def depth_bytes(self) -> int:
+        return self._queue.bytes
 
     @property
     def store(self) -> Store:
@@ -117,7 +130,7 @@ class AuditWriter:
                 "audit records cannot be written: the audit store's last write failed (retried "
                 "until it succeeds; the server log has the error)"
             )
-        if len(self._queue) >= self.queue_size:
+        if self._queue.full(self.queue_size, self.queue_bytes):
             return "audit queue full: predictions are refused until the audit store catches up"
         return None
 
@@ -131,6 +144,7 @@ class AuditWriter:
             "hmac_key": self.hmac_key,
             "software": dumps(software()),
             "replica": replica(),
+            "store_timeout_s": self.store_timeout_s,
         }
         self._sink = SinkClient(self.url, self.path, config)
         loop = asyncio.get_running_loop()
@@ -151,7 +165,15 @@ class AuditWriter:
                 self.stats.invalid += 1
                 log.exception("audit event cannot be recorded", extra={"id": event.request_id})
                 return
-            self._queue.append(msg)
+            w = weight(msg)
+            if self._queue.full(self.queue_size, self.queue_bytes, w):
+                why = (
+                    f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
+                    "byte bound; the audit store is down or too slow)"
+                )
+                self._refuse(event, why)
+                return
+            self._queue.append(msg, w)
             self.stats.queued += 1
             self._wake.set()
 
@@ -229,9 +251,10 @@ class AuditWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.linger_s and len(self._queue) < self.batch_size and not self._stopping:
+            filling = len(self._queue) < self.batch_size and self._queue.bytes < self.batch_bytes
+            if self.linger_s and filling and not self._stopping:
                 await self._pause(self.linger_s)
-            batch = list(itertools.islice(self._queue, self.batch_size))
+            batch = self._queue.head(self.batch_size, self.batch_bytes)
             try:
                 written = await loop.run_in_executor(self._thread, self._write, batch)
             except Exception as exc:
@@ -245,8 +268,7 @@ class AuditWriter:
                 await self._pause(delay)
                 delay = min(delay * 2, 0.2 if self._stopping else self.retry_s[1])
                 continue
-            for _ in batch:
-                self._queue.popleft()
+            self._queue.drop(len(batch))
             if not self.healthy:
                 log.info("audit store writes resumed", extra={"queued": self.depth})
             self.healthy = True
@@ -261,5 +283,5 @@ class AuditWriter:
         for i, why in invalid:
             self.stats.invalid += 1
             extra = {"id": batch[i].request_id, "error": why}
-            log.error("audit event cannot be recorded", extra=extra)
+            log.error("audit event cannot be recorded (not retried)", extra=extra)
         return written

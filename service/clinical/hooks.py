@@ -7,7 +7,8 @@ issuer's allow-list, to fetch what the prefetch lacks (`fetch.py`).
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import date
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.clinical.records import array
 from service.errors import InvalidInputError, json_hint, without_bom
 
+# FHIR's instant (https://hl7.org/fhir/datatypes.html#instant): a time zone, no control
+# characters. datetime.fromisoformat alone took "2025-06-01T12:00:00+00:00\x00" (a NUL, which
+# PostgreSQL text cannot store: the audit store refused the batch it was in), spaces, week dates.
+FHIR_INSTANT = re.compile(
+    r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]{1,9})?"
+    r"(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+)
 ORDER_HOOKS = ("order-select", "order-sign")  # hooks about draft orders (services filter them)
 SAFE_ID = r"^[A-Za-z0-9._:-]{1,128}$"  # hookInstance and card ids are logged: keep them plain
 # Context keys each hook must carry (CDS Hooks hook definitions; optional ones are not listed).
@@ -106,12 +115,15 @@ class FeedbackItem(BaseModel):
     @field_validator("outcomeTimestamp")
     @classmethod
     def _instant(cls, v: str) -> str:
+        if FHIR_INSTANT.fullmatch(v) is None:  # fullmatch: "$" would let a final newline pass
+            raise ValueError(
+                "must be a FHIR instant with a time zone and no other characters (no spaces or "
+                "control characters), e.g. 2025-06-01T12:00:00Z"
+            )
         try:
-            t = datetime.fromisoformat(v)
+            date.fromisoformat(v[:10])  # the pattern lets 2025-02-30 through
         except ValueError:
-            t = None
-        if t is None or "T" not in v or t.tzinfo is None:
-            raise ValueError("must be a FHIR instant with a time zone, e.g. 2025-06-01T12:00:00Z")
+            raise ValueError(f"must be a FHIR instant: {v[:10]} is not a date") from None
         return v
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""A TCP proxy on 127.0.0.1 that a test can stop and restart: a real database outage."""
+"""A TCP proxy on 127.0.0.1 that a test can stop and restart (a real database outage), or
+freeze: connections stay open and acknowledged but nothing is forwarded (a stalled path)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -14,9 +16,17 @@ class Proxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.frozen = threading.Event()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
+
+    def freeze(self) -> None:
+        """Forward nothing more, in either direction, and close nothing."""
+        self.frozen.set()
+
+    def thaw(self) -> None:
+        self.frozen.clear()
 
     def start(self) -> None:
         ln = socket.socket()
@@ -59,7 +69,10 @@ class Proxy:
         peers = {a: b, b: a}
         try:
             while True:
-                ready, _, _ = select.select([a, b], [], [], 1.0)
+                if self.frozen.is_set():
+                    time.sleep(0.05)
+                    continue
+                ready, _, _ = select.select([a, b], [], [], 0.05)
                 for s in ready:
                     data = s.recv(65536)
                     if not data:

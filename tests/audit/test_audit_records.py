@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from audit_support import Backend, execute, fake_request, serving
 from service.api.common import audit as api_audit
 from service.api.common.auth import hash_key
 from service.api.common.call import run
-from service.audit.rows import HMAC_PREFIX, inputs_hmac, key_id
-from service.audit.store import SCHEMA_VERSION, SqliteStore, StoreError
+from service.audit.arrays import HMAC_PREFIX, inputs_hmac, key_id
+from service.audit.replay import replay
+from service.audit.sqlite import SqliteStore
+from service.audit.store import SCHEMA_VERSION, StoreError
 from service.engine.params import PredictParams
 from service.settings import ApiKey
 
@@ -196,3 +199,44 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         store.conn.execute("INSERT INTO audit_schema_version VALUES (99, 'later')")
     with SqliteStore(path) as store, pytest.raises(StoreError, match="newer than this mcserve"):
         store.migrate()
+
+
+async def test_recorded_answer_is_the_answer_sent_warnings_included(
+    backend: Backend, repo: Path
+) -> None:
+    """The record encodes the answer once and the reply reuses that encoding: a warning the
+    adapter added after the record was made (parameters that deterministic mode ignores) was
+    missing from both the record and, with the audit on, the reply."""
+    body = {"instances": [ROW], "parameters": {"mode": "deterministic", "samples": 10}}
+    ignored = "mode=deterministic ignores samples: dropout is off, one pass is run"
+    async with serving(repo, **backend.settings) as (app, client):
+        r = await client.post("/v1/models/clf:predict", json=body, headers={"X-Request-ID": "w"})
+        assert r.status_code == 200, r.text
+        assert await app.state.audit.flush(10)
+        [rec] = app.state.audit.store.find("w")
+    assert r.json()["warnings"][0] == ignored
+    assert rec.summary.encode() == r.content  # the record is the answer sent, byte for byte
+    assert rec.params["adapter_warnings"] == [ignored]
+    assert replay(rec, repo).identical  # the replay adds the adapter's warning again
+    async with serving(repo, audit=False) as (_, client):
+        off = await client.post("/v1/models/clf:predict", json=body)
+    assert off.json()["warnings"] == r.json()["warnings"]  # the audit changes no answer
+
+
+async def test_a_v2_record_keeps_the_warnings_its_answer_carried(
+    backend: Backend, repo: Path
+) -> None:
+    """/v2 added its ignored-parameter warnings after the record was made: the record lacked
+    them."""
+    tensor = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}
+    body = {"inputs": [tensor], "parameters": {"mode": "deterministic", "samples": 10}}
+    ignored = "mode=deterministic ignores samples: dropout is off, one pass is run"
+    async with serving(repo, **backend.settings) as (app, client):
+        r = await client.post("/v2/models/clf/infer", json=body, headers={"X-Request-ID": "v2"})
+        assert r.status_code == 200, r.text
+        assert await app.state.audit.flush(10)
+        [rec] = app.state.audit.store.find("v2")
+    assert r.json()["parameters"]["warnings"] == ignored
+    assert rec.params["adapter_warnings"] == [ignored]
+    assert ignored in json.loads(rec.summary)["warnings"]
+    assert replay(rec, repo).identical

@@ -13,7 +13,8 @@ import pytest
 from audit_support import Backend, execute, serving
 from typer.testing import CliRunner
 
-from service.audit.replay import ReplayError, replay, size
+from service.audit.compare import size
+from service.audit.replay import ReplayError, replay
 from service.audit.rows import AuditRecord
 from service.audit.seal import context, reveal, seal
 from service.cli import app as cli

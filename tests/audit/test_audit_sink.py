@@ -11,7 +11,8 @@ from audit_support import serving
 import service.audit.writer as writer_module
 from service.audit.rows import FeedbackMessage
 from service.audit.sink import SinkClient
-from service.audit.store import SqliteStore, StoreError
+from service.audit.sqlite import SqliteStore
+from service.audit.store import StoreError
 
 CTX = {"inputs": "store", "hmac_key": None, "software": "{}", "replica": "test-host"}
 

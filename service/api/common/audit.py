@@ -35,6 +35,7 @@ def writer_for(settings: Settings) -> AuditWriter:
         hmac_key=key,
         queue_size=settings.audit_queue_size,
         batch_size=settings.audit_batch_size,
+        queue_bytes=settings.audit_queue_bytes,
         fail_open=settings.audit_fail_open,
         flush_timeout_s=settings.audit_flush_timeout_s,
     )
@@ -95,8 +96,10 @@ def record(
     params: PredictParams,
     pred: Prediction,
     card_uuid: str | None = None,
+    warnings: list[str] | None = None,
 ) -> None:
-    """Queue the record of one prediction before its answer is sent (cheap: references only)."""
+    """Queue the record of one prediction before its answer is sent (cheap: references only).
+    `warnings`: those of the answer's that the adapter added (a replay adds them again)."""
     writer = _writer(request)
     if writer is None:
         return
@@ -112,6 +115,7 @@ def record(
             params=params,
             prediction=pred,
             card_uuid=card_uuid,
+            adapter_warnings=warnings or None,
         )
     )
 

@@ -63,11 +63,14 @@ async def run(
     timeout_s: float | None,
     card_uuid: str | None = None,
     input_notes: list[dict[str, Any]] | None = None,
+    warnings: list[str] | None = None,
 ) -> Prediction:
     """The one engine call of every adapter: queue, wait, drop the work if the client goes.
 
     The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
-    card that will carry it); 503 when it cannot be (audit fails closed)."""
+    card that will carry it); 503 when it cannot be (audit fails closed). `input_notes` and
+    `warnings` (the adapter's own, e.g. ignored parameters) join the answer before it is
+    recorded: the record encodes the answer once, and the reply reuses that encoding."""
     default = request.app.state.mcserve.settings.request_timeout_ms
     if timeout_s is None and default is not None:  # the operator's bound on any request
         timeout_s = default / 1000.0
@@ -84,6 +87,8 @@ async def run(
     finally:
         watcher.cancel()
     pred.input_notes = input_notes  # before the audit record encodes the answer
+    if warnings:
+        pred.warnings.extend(warnings)
     # For the access log (RequestContext): which version answered and how the time was spent.
     state = request.state
     state.model, state.version = batcher.model.name, batcher.model.version
@@ -91,5 +96,5 @@ async def run(
         state.batch_rows = int(pred.timing["batch_rows"])
         state.queue_ms = round(pred.timing["queue_s"] * 1000, 3)
         state.compute_ms = round(pred.timing["compute_s"] * 1000, 3)
-    audit.record(request, batcher.model, x, params, pred, card_uuid)
+    audit.record(request, batcher.model, x, params, pred, card_uuid, warnings)
     return pred

@@ -111,8 +111,8 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
         params,
         timeout / 1000.0 if timeout is not None else None,
         input_notes=notes,
+        warnings=ignored(body.parameters),  # in the answer the audit record encodes, too
     )
-    pred.warnings.extend(ignored(body.parameters))
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)
     return Response(response_json(model, pred), media_type="application/json")

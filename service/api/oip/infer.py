@@ -126,8 +126,10 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     else:
         x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
     timeout = p.timeout / 1e6 if p.timeout is not None else None
-    pred = await run(request, batcher, x, params, timeout, input_notes=notes)
-    pred.warnings.extend(ignored(given))
+    # Its warnings go in before the answer is recorded: the record is the answer sent.
+    pred = await run(
+        request, batcher, x, params, timeout, input_notes=notes, warnings=ignored(given)
+    )
     arrays = values(pred, [s for s, _ in wanted])
     head: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
     if req.id is not None:

@@ -1,0 +1,115 @@
+"""How far a replay's answer is from the recorded one: the JSON paths that differ, and the size
+of the difference (float rounding only, or beyond), with the replaying machine named."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAX_DIFFERENCES = 20
+# Relative size of a difference that float rounding explains. Measured (2026-12-06, bundled
+# models, AMD EPYC): the same seeded request under other CPU kernels (MKL's SSE2 path, ATen
+# without vectors, oneDNN SSE4.1) moved samples by at most 3.3e-7 of the largest sample and
+# means and standard deviations by at most 2.5e-7 relative; CUDA against CPU 2.4e-6 absolute.
+ROUNDING_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Size:
+    """The size of a replay's differences."""
+
+    numbers: int  # floats that differ
+    largest: float  # largest absolute difference among them
+    relative: float  # largest |a - b| / max(|a|, |b|)
+    other: int  # differing values that are not floats (labels, counts, flags, structure)
+
+    @property
+    def rounding_only(self) -> bool:
+        return self.other == 0 and self.relative <= ROUNDING_RTOL
+
+    def describe(self) -> str:
+        if self.numbers:
+            text = (
+                f"{self.numbers} numbers differ, by at most {self.largest:.3g} "
+                f"(relative {self.relative:.3g})"
+            )
+        else:
+            text = "no number differs"
+        if self.other:
+            text += f"; {self.other} other values differ"
+        if self.rounding_only:
+            return (
+                f"{text}: float rounding only (relative tolerance {ROUNDING_RTOL:g}), as another "
+                f"CPU, library build or thread count gives; replayed on {machine()}"
+            )
+        return f"{text}: beyond float rounding, not explained by the machine"
+
+
+def machine() -> str:
+    """This machine's CPU and the kernels torch dispatches on it, for a replay's report."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} (torch {torch.backends.cpu.get_cpu_capability()})"
+
+
+def size(stored: Any, recomputed: Any) -> Size:
+    """How far two parsed documents are apart (see `Size`)."""
+    numbers = other = 0
+    largest = relative = 0.0
+    for a, b in _differing_leaves(stored, recomputed):
+        if isinstance(a, float) and isinstance(b, float):
+            numbers += 1
+            gap = abs(a - b)
+            largest = max(largest, gap)
+            relative = max(relative, gap / max(abs(a), abs(b)))
+        else:
+            other += 1
+    return Size(numbers, largest, relative, other)
+
+
+def _differing_leaves(stored: Any, recomputed: Any) -> list[tuple[Any, Any]]:
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for k in stored.keys() | recomputed.keys():
+            if k not in recomputed or k not in stored:
+                out.append((stored.get(k), recomputed.get(k)))
+            else:
+                out.extend(_differing_leaves(stored[k], recomputed[k]))
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [(stored, recomputed)]
+        return [p for a, b in zip(stored, recomputed, strict=True) for p in _differing_leaves(a, b)]
+    same = type(stored) is type(recomputed) and stored == recomputed
+    return [] if same else [(stored, recomputed)]
+
+
+def differences(stored: Any, recomputed: Any, path: str = "$") -> list[str]:
+    """JSON paths where two parsed documents differ (floats compared exactly)."""
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for k in list(stored) + [k for k in recomputed if k not in stored]:
+            if k not in recomputed or k not in stored:
+                out.append(f"{path}.{k}: present in only one")
+            else:
+                out.extend(differences(stored[k], recomputed[k], f"{path}.{k}"))
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list):
+        if len(stored) != len(recomputed):
+            return [f"{path}: {len(stored)} items stored, {len(recomputed)} recomputed"]
+        out = []
+        for i, (a, b) in enumerate(zip(stored, recomputed, strict=True)):
+            out.extend(differences(a, b, f"{path}[{i}]"))
+        return out
+    same = type(stored) is type(recomputed) and stored == recomputed
+    return [] if same else [f"{path}: stored {stored!r}, recomputed {recomputed!r}"]

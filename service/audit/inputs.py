@@ -1,0 +1,122 @@
+"""What a replay computes on: the record's inputs, or the ones supplied for an HMAC-only record
+(checked against its HMAC with the key that made it), and, for a text model, the per-text
+tokenization notes the answer carried (`tokens`, `truncated`).
+
+The notes are part of the recorded answer but not of the engine's computation: a replay of
+supplied texts tokenizes them again; a replay of stored token ids counts the ids before each
+row's padding (arrays.lengths), which is the count the answer gave unless the text was cut at
+the model's max_tokens, when the count before the cut is not in the ids and is read from the
+recorded answer (only where that says the text was cut and its row is full).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.audit.arrays import inputs_hmac, key_id, lengths
+from service.audit.rows import AuditRecord
+from service.engine.inputs import to_array
+from service.engine.model import ServedModel
+from service.engine.text import encode_texts
+from service.errors import McServeError
+
+Notes = list[dict[str, Any]]
+
+
+class ReplayError(McServeError):
+    """The record cannot be replayed here (bundle, device, inputs or key missing or wrong)."""
+
+    code = "invalid_input"
+
+
+@dataclass(frozen=True)
+class Supplied:
+    """Inputs given for a replay: the engine's array, and a text model's notes when known."""
+
+    x: np.ndarray
+    notes: Notes | None = None
+
+
+def read_inputs(path: Path, model: ServedModel) -> Supplied:
+    """Inputs from a JSON file: the request's instances, as a list or as {"instances": [...]};
+    a text model's texts are tokenized as the server did (token ids and notes)."""
+    try:
+        value = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ReplayError(f"cannot read inputs from {path}: {exc}") from exc
+    instances = value.get("instances") if isinstance(value, dict) else value
+    if not isinstance(instances, list):
+        raise ReplayError(f"{path}: expected a JSON list of instances or {{'instances': [...]}}")
+    spec = model.manifest.inputs
+    if spec.text is not None:
+        batch = encode_texts(instances, model.bundle.tokenizer, spec.text, max(1, len(instances)))
+        return Supplied(batch.ids, batch.notes())
+    return Supplied(to_array(instances, spec, max(1, len(instances))))
+
+
+def the_key(record: AuditRecord, key: bytes | None, what: str) -> bytes:
+    """The key that made the record (HMAC-only records need it), or a ReplayError saying which."""
+    if key is None:
+        raise ReplayError(
+            f"the record holds only {what}: set MCSERVE_AUDIT_HMAC_KEY to the key that made it "
+            f"(key id {record.inputs_key_id})"
+        )
+    if record.inputs_key_id is not None and key_id(key) != record.inputs_key_id:
+        raise ReplayError(
+            f"the key given has id {key_id(key)}, the record was made with key id "
+            f"{record.inputs_key_id}: use that key"
+        )
+    return key
+
+
+def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
+    """Supplied inputs must match the record's HMAC (or its stored inputs)."""
+    stored = record.inputs
+    if stored is not None:
+        if stored.shape != x.shape or stored.tobytes() != x.astype(stored.dtype).tobytes():
+            raise ReplayError("the supplied inputs differ from the inputs stored in the record")
+        return
+    if record.inputs_hmac is None:
+        raise ReplayError("the record holds neither inputs nor their HMAC")
+    key = the_key(record, key, "an HMAC of its inputs")
+    if not hmac.compare_digest(inputs_hmac(key, x), record.inputs_hmac):
+        raise ReplayError(
+            "the supplied inputs do not match the record's HMAC: they are not the inputs of this "
+            "prediction (check the order of instances and every value)"
+        )
+
+
+def text_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None:
+    """A text model's notes rebuilt from its token ids (see the module's docstring); None for
+    other models. `summary`: the recorded answer, in clear."""
+    text = model.manifest.inputs.text
+    if text is None or x.ndim != 2:
+        return None
+    recorded = _recorded_notes(summary, x.shape[0])
+    notes: Notes = []
+    for n, said in zip(lengths(x, text.pad_id).tolist(), recorded, strict=True):
+        before = said.get("tokens")
+        cut = said.get("truncated") is True and isinstance(before, int) and before > n
+        if cut and n == x.shape[1]:
+            notes.append({"tokens": before, "truncated": True})
+        else:
+            notes.append({"tokens": n, "truncated": False})
+    return notes
+
+
+def _recorded_notes(summary: str, n: int) -> list[dict[str, Any]]:
+    """Per input, the recorded answer's prediction (empty where it cannot be read)."""
+    try:
+        rows = orjson.loads(summary)["predictions"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        rows = []
+    if not isinstance(rows, list):
+        rows = []
+    rows = [r if isinstance(r, dict) else {} for r in rows[:n]]
+    return rows + [{}] * (n - len(rows))

@@ -3,20 +3,20 @@
 
 Used by `calibrate` and `evaluate`. Columns are matched by name (order does not matter, extra
 columns are refused so a typo is not silently ignored); flat rows are reshaped to the model's
-input shape (digits: px0..px63 -> [1, 8, 8], row-major). Classifier targets are class indices
-into `outputs.labels`, or the labels themselves.
+input shape (digits: px0..px63 -> [1, 8, 8], row-major). Classifier targets are the labels
+(numbers equal by value to numeric labels) or, when no label is a number, class indices into
+`outputs.labels` (`targets.class_indices`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.bundle.manifest import Manifest
+from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column
 from service.calibration.text_data import read_texts
 from service.engine.inputs import to_array
@@ -28,20 +28,18 @@ def read(
 ) -> Labelled:
     """Read and check a labelled CSV for ``manifest``'s model (``target``: the target column's
     name, see `labelled.target_column`). A text model's CSV (``tokenizer``: the bundle's) is read by
-    `service.calibration.text_data.read_texts`."""
+    `service.calibration.text_data.read_texts`. Both read the file as `train` does
+    (`csv_file.read_csv`: UTF-8, quoted newlines, one field per header column)."""
     path = Path(path)
     if manifest.inputs.text is not None:
         return read_texts(path, manifest, target, tokenizer)
-    raw = path.read_bytes()
     names = manifest.inputs.feature_names
     if names is None:
         raise InvalidInputError(
             f"{manifest.name}: the manifest has no feature names, so a CSV cannot be matched"
         )
-    rows = list(csv.reader(raw.decode().splitlines()))
-    if not rows:
-        raise InvalidInputError(f"{path}: empty file")
-    header, body = rows[0], [r for r in rows[1:] if r]
+    f = read_csv(path)
+    header = f.header
     # A multi-output regressor's targets are columns named after them; otherwise one target
     # column (see labelled.target_column).
     multi = manifest.outputs.targets is not None
@@ -60,24 +58,27 @@ def read(
             f"{path}: columns must be the feature names plus {what}; "
             f"missing {missing}, unknown {unknown}"
         )
-    if not body:
+    if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
     col = {n: header.index(n) for n in header}
-    try:
-        flat = np.array([[float(r[col[n]]) for n in names] for r in body], dtype=np.float64)
-    except (ValueError, IndexError) as exc:
-        raise InvalidInputError(
-            f"{path}: a feature value is missing or not a number ({exc})"
-        ) from None
+    flat = np.empty((len(f.rows), len(names)), dtype=np.float64)
+    for i, r in enumerate(f.rows):
+        for j, n in enumerate(names):
+            try:
+                flat[i, j] = float(r[col[n]])
+            except ValueError:
+                raise InvalidInputError(
+                    f"{path}: {f.where(i)}, column {n!r}: {r[col[n]]!r} is not a number"
+                ) from None
     if multi:
-        cols = [read_targets([r[col[t]] for r in body], manifest, path) for t in targets]
+        cols = [read_targets(f.column(t), manifest, f.locate, t) for t in targets]
         y = np.stack(cols, axis=1)  # [N, targets]
     else:
-        y = read_targets([r[col[targets[0]]] for r in body], manifest, path)
-    shaped = flat.reshape(len(body), *manifest.inputs.shape)
+        y = read_targets(f.column(targets[0]), manifest, f.locate, targets[0])
+    shaped = flat.reshape(len(f.rows), *manifest.inputs.shape)
     # The same checks as a request (finite, hard valid ranges), without the request size limit.
     try:
-        x = to_array(shaped.tolist(), manifest.inputs, max_instances=len(body))
-    except InvalidInputError as exc:  # "instance i" is data row i (0-based, header excluded)
-        raise InvalidInputError(f"{path}: {exc.message}") from None
-    return Labelled(path, hashlib.sha256(raw).hexdigest(), x, y)
+        x = to_array(shaped.tolist(), manifest.inputs, max_instances=len(f.rows))
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
+    return Labelled(path, f.sha256, x, y)

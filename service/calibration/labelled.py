@@ -5,6 +5,7 @@ on. Read by `data` (feature CSVs) and `text_data` (text CSVs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Manifest
+from service.calibration import targets
 from service.errors import InvalidInputError
 
 
@@ -33,29 +35,20 @@ class Labelled:
         return row_fingerprint(self.x)
 
 
-def read_targets(raw: list[str], manifest: Manifest, path: Path) -> np.ndarray:
-    labels = manifest.outputs.labels
+def read_targets(
+    raw: list[str], manifest: Manifest, where: Callable[[int], str], column: str
+) -> np.ndarray:
+    """The target ``column``'s values (``where(i)`` names row i): numbers for a regressor,
+    class indices for a classifier (`targets.class_indices`: labels, numbers equal by value to
+    numeric labels, or indices when no label is a number)."""
     if manifest.task == "regression":
-        try:
-            return np.array([float(v) for v in raw], dtype=np.float64)
-        except ValueError as exc:
-            raise InvalidInputError(f"{path}: target is not a number ({exc})") from None
-    assert labels is not None
-    out = []
-    for i, v in enumerate(raw):
-        if v in labels:
-            out.append(labels.index(v))
-            continue
-        try:
-            k = float(v)
-        except ValueError:
-            raise InvalidInputError(f"{path}: row {i + 1}: unknown label {v!r}") from None
-        if k != int(k) or not 0 <= k < len(labels):
-            raise InvalidInputError(
-                f"{path}: row {i + 1}: target {v!r} is not a class index 0..{len(labels) - 1}"
-            )
-        out.append(int(k))
-    return np.array(out, dtype=np.int64)
+        values = [
+            targets.read_number(v.strip(), f"{where(i)}, target {column!r}")
+            for i, v in enumerate(raw)
+        ]
+        return np.array(values, dtype=np.float64)
+    assert manifest.outputs.labels is not None
+    return targets.class_indices(raw, manifest.outputs.labels, where)
 
 
 def target_column(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:

@@ -11,9 +11,7 @@ failed run leaves nothing behind and the registry never sees half a bundle.
 
 from __future__ import annotations
 
-import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from service.engine.regression import summarize_regression
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification
 from service.errors import BundleError, InvalidInputError
+from service.packaging import destination
 
 PERCENTILE = 90.0  # the default policy refers 100 - PERCENTILE % of the calibration rows
 # Text with a word list: the unfamiliar-words threshold refers this share of the calibration
@@ -64,6 +63,7 @@ def _fit(
     percentile: float,
     one_se: bool,
     method: selection.Method = "temperature",
+    method_flag: str = "--method",
 ) -> tuple[Calibration, ReferralPolicy]:
     m = served.manifest
     # Scores from the dropout sites the model serves with (its manifest's default).
@@ -96,7 +96,7 @@ def _fit(
         )
 
     if m.task == "classification":
-        choice = selection.choose(out, data.y, method, one_se=one_se)
+        choice = selection.choose(out, data.y, method, one_se=one_se, flag=method_flag)
         t, t_min = choice.candidate, choice.minimum  # the temperature candidate, as before
         s = summarize_classification(
             out,
@@ -239,10 +239,12 @@ def calibrate_bundle(
     policy: TrustPolicy | None = None,
     target: str | None = None,
     method: str = "temperature",
+    method_flag: str = "--method",
 ) -> Result:
     """Calibrate the bundle at `source` on `data_path`; write `<repo>/<name>/<version>/`.
 
-    ``method`` (classifiers): "temperature", "vector" or "auto" (selection.py)."""
+    ``method`` (classifiers): "temperature", "vector" or "auto" (selection.py); ``method_flag``
+    names the option that set it in messages (`train --calibration-method`)."""
     how = selection.check_method(method)
     source, repo = Path(source), Path(repo)
     bundle = load_bundle(source, policy)
@@ -258,12 +260,10 @@ def calibrate_bundle(
     warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
     t = samples if samples is not None else m.defaults.samples
     version = version or next_version(repo, m.name, m.version)
+    destination.check(m.name, version)
     dest = repo / m.name / version
-    if dest.exists():
-        raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", version):
-        raise BundleError(f"version {version!r}: use letters, digits, '.', '_' or '-'")
-    cal, referral = _fit(served, data, t, seed, percentile, one_se, how)
+    destination.refuse_existing(dest)
+    cal, referral = _fit(served, data, t, seed, percentile, one_se, how, method_flag)
     cal = cal.model_copy(
         update={
             "data": {"file": Path(data_path).name, "sha256": data.sha256, "rows": data.n},
@@ -280,10 +280,9 @@ def calibrate_bundle(
         "defaults": defaults.model_dump(),
     }
     new = Manifest.model_validate(fields)  # validates the sections and their fit to the task
-    repo.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".calibrate-{m.name}-", dir=repo) as tmp:
-        staged = Path(tmp) / version
-        staged.mkdir()
+    # Staged in a hidden directory and renamed into place (destination.py): a failed run leaves
+    # nothing behind and the registry never sees half a bundle.
+    with destination.staged(repo, m.name, version, "calibrate") as staged:
         for fname, art in sorted(m.artifacts.items()):
             shutil.copyfile(source / fname, staged / fname)
             if sha256_file(staged / fname) != art.sha256:
@@ -291,10 +290,11 @@ def calibrate_bundle(
             (staged / fname).chmod(0o644)
         (staged / MANIFEST_NAME).write_bytes(new.dumps())
         (staged / MANIFEST_NAME).chmod(0o644)
-        staged.chmod(0o755)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staged.rename(dest)
-    load_bundle(dest, policy)  # what was written must load
+    try:
+        load_bundle(dest, policy)  # what was written must load
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)  # not left to be served
+        raise
     if referral.unfamiliar_words is not None and referral.unfamiliar_words >= 1.0:
         warnings.append(
             f"the unfamiliar-words check will never refer a text: more than "

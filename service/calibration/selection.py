@@ -12,6 +12,7 @@ Both CV NLLs are computed for `vector` and `auto` and recorded in the manifest
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -80,37 +81,60 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
     return rows
 
 
-def choose(logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = True) -> Choice:
+def choose(
+    logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = True, flag: str = "--method"
+) -> Choice:
     """Fit the calibration ``method`` asks for on all rows ([T, N, K] logits, labels [N]); the
-    two temperatures (candidate and minimum) are fitted once here and returned with it."""
+    two temperatures (candidate and minimum) are fitted once here and returned with it.
+    ``flag``: the option that chose the method, for messages (`train`'s differs)."""
     check_method(method)
     z = np.asarray(logits, dtype=np.float64)
     t_min = temperature.fit(z, y, one_se=False)
     t = temperature.fit(z, y, one_se=True) if one_se else t_min
-    return replace(_choose(z, y, method, one_se, t, t_min), candidate=t, minimum=t_min)
+    return replace(_choose(z, y, method, one_se, t, t_min, flag), candidate=t, minimum=t_min)
+
+
+def check_rows(
+    method: str,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    flag: str = "--method",
+    labels: Sequence[str] | None = None,
+) -> list[int]:
+    """Refuse calibration rows ``method`` cannot be fitted on; returns the classes without rows
+    (``auto`` then keeps the temperature). `train` asks before it trains, so that nothing is
+    written for a calibration bound to fail; ``flag`` names its option in the message."""
+    n = int(np.asarray(y).size)
+    if method != "temperature" and n < 2 * FOLDS:
+        raise InvalidInputError(
+            f"calibration method {method!r} needs at least {2 * FOLDS} calibration rows for its "
+            f"{FOLDS}-fold cross-validation (got {n}); use {flag} temperature, or more rows"
+        )
+    counts = np.bincount(np.asarray(y).astype(np.int64), minlength=n_classes)
+    missing = [int(c) for c in np.flatnonzero(counts == 0)]
+    if method == "vector" and missing:
+        # A class without rows would get its bias pushed down until it is never predicted.
+        named = (
+            f"the classes {[labels[k] for k in missing]} have"
+            if labels is not None
+            else f"class index {missing} has"
+        )
+        raise InvalidInputError(
+            f"vector scaling needs calibration rows of every class: {named} none (its bias "
+            f"would fall until it is never predicted); add rows of those classes or use {flag} "
+            "temperature"
+        )
+    return missing
 
 
 def _choose(
-    z: np.ndarray, y: np.ndarray, method: Method, one_se: bool, t: float, t_min: float
+    z: np.ndarray, y: np.ndarray, method: Method, one_se: bool, t: float, t_min: float, flag: str
 ) -> Choice:
     if method == "temperature":
         return Choice("temperature", t)
-    n = int(np.asarray(y).size)
-    if n < 2 * FOLDS:
-        raise InvalidInputError(
-            f"calibration method {method!r} needs at least {2 * FOLDS} calibration rows for its "
-            f"{FOLDS}-fold cross-validation (got {n}); use --method temperature"
-        )
-    counts = np.bincount(np.asarray(y).astype(np.int64), minlength=z.shape[-1])
-    if (counts == 0).any():
-        # A class without rows would get its bias pushed down until it is never predicted.
-        missing = [int(c) for c in np.flatnonzero(counts == 0)]
-        if method == "vector":
-            raise InvalidInputError(
-                f"vector scaling needs calibration rows of every class: class index {missing} "
-                "has none (its bias would fall until it is never predicted); add rows of those "
-                "classes or use --method temperature"
-            )
+    missing = check_rows(method, y, z.shape[-1], flag=flag)
+    if missing:
         reason = f"no calibration rows of class index {missing}: vector scaling not fitted"
         fit: dict[str, float | str] = {"requested": method, "method": "temperature"}
         return Choice(
@@ -122,7 +146,7 @@ def _choose(
         raise InvalidInputError(
             f"calibration method {method!r}: the cross-validated NLL is not finite ({cv}); the "
             "model's logits on the calibration rows are not finite or a fit diverged: check the "
-            "model on these rows, or use --method temperature"
+            f"model on these rows, or use {flag} temperature"
         )
     d = rows["temperature"] - rows["vector"]  # > 0 where vector scaling does better
     se = float(d.std(ddof=1) / math.sqrt(d.size))
@@ -150,7 +174,9 @@ def _choose(
     v = vector.fit(z, y, start=1.0 / t_min)
     nll = vector.nll(z, y, v.scale, v.bias)
     if not math.isfinite(nll):
-        raise InvalidInputError("vector scaling did not converge on these rows; use temperature")
+        raise InvalidInputError(
+            f"vector scaling did not converge on these rows; use {flag} temperature"
+        )
     return Choice("vector", 1.0, v.scale.tolist(), v.bias.tolist(), info | {"nll": nll})
 
 

@@ -2,8 +2,9 @@
 target.
 
 The text column is `text`, else the one column besides the target (so the CSV a model was
-trained from, or the calibration file `train` writes, can be used as it is). Texts are tokenized
-exactly as a request is (`service.engine.text.encode_texts`: same padding, cutting and checks).
+trained from, or the calibration file `train` writes, can be used as it is). The file is read as
+`train` reads it (`csv_file.read_csv`); texts are tokenized exactly as a request is
+(`service.engine.text.encode_texts`: same padding, cutting and checks).
 Rows holding the same text share a group index: a text that carries several labels (the
 medical abstracts do) can then be scored leniently, a prediction counting as right when it is
 any of the text's labels.
@@ -11,15 +12,13 @@ any of the text's labels.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.bundle.manifest import Manifest
+from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column
 from service.engine.text import encode_texts
 from service.errors import InvalidInputError
@@ -37,47 +36,26 @@ def _text_column(header: list[str], target: str, path: Path) -> str:
     return others[0]
 
 
-def csv_rows(path: Path) -> tuple[bytes, list[str], list[list[str]]]:
-    """(the file's bytes, its header, its non-empty rows) of a UTF-8 CSV of texts."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    # csv.reader on the whole text: quoted fields may hold newlines (abstracts often do).
-    rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
-    if not rows:
-        raise InvalidInputError(f"{path}: empty file")
-    return raw, [h.strip() for h in rows[0]], rows[1:]
-
-
 def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: Any) -> Labelled:
     spec = manifest.inputs.text
     if spec is None or tokenizer is None:
         raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
-    raw, header, body = csv_rows(path)
+    f = read_csv(path)
+    header = f.header
     t_name = target_column(header, manifest, target, path)
     if t_name not in header:
         raise InvalidInputError(
             f"{path}: no target column {t_name!r} (another name: --target); columns {header}"
         )
     x_name = _text_column(header, t_name, path)
-    if not body:
+    if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
-    ti, xi = header.index(t_name), header.index(x_name)
-    for i, r in enumerate(body):
-        if len(r) != len(header):
-            raise InvalidInputError(
-                f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
-            )
-    texts = [r[xi] for r in body]
-    y = read_targets([r[ti].strip() for r in body], manifest, path)
+    texts = f.column(x_name)
+    y = read_targets(f.column(t_name), manifest, f.locate, t_name)
     try:
         batch = encode_texts(texts, tokenizer, spec, max_instances=len(texts))
-    except InvalidInputError as exc:  # "instance i" is data row i (0-based, header excluded)
-        raise InvalidInputError(f"{path}: {exc.message}") from None
+    except InvalidInputError as exc:  # "instance i" is data row i + 1
+        raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
     first: dict[str, int] = {}
     groups = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
-    return Labelled(path, hashlib.sha256(raw).hexdigest(), batch.ids, y, groups)
+    return Labelled(path, f.sha256, batch.ids, y, groups)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,7 +43,8 @@ from service.engine.familiar import familiar_words
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
-from service.errors import BundleError, ModelError
+from service.errors import ModelError
+from service.packaging import destination
 from service.packaging.lengths import Buckets, generic_graph
 from service.packaging.tracer import trace_with_shapes
 from service.packaging.variational import declare
@@ -54,6 +57,7 @@ WORDS_FILE = "words.txt"
 # A word is listed when at least this many distinct training texts hold it: the rare words of one
 # text (a name, an identifier) never enter the bundle. Texts are not patients: raise it for notes.
 WORD_MIN_TEXTS = 2
+Role = Literal["architecture", "weights", "onnx", "tokenizer", "words"]
 
 
 def save(
@@ -87,7 +91,10 @@ def save(
     training_texts: Sequence[str] | None = None,
     word_min_texts: int = WORD_MIN_TEXTS,
 ) -> Path:
-    """Write `<out_dir>/<name>/<version>/` and return it. Refuses to overwrite a version.
+    """Write `<out_dir>/<name>/<version>/` and return it. Refuses a name or version the
+    manifest would refuse, and an existing version, before any work; the files are written into
+    a hidden directory and renamed into place when complete (destination.py), so a failure
+    leaves nothing behind.
 
     Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
     maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
@@ -135,9 +142,9 @@ def save(
         distinct("feature_names", feature_names, "each feature needs its own name")
     except ValueError as exc:
         raise ModelError(str(exc)) from exc
+    destination.check(name, version)  # before any work: a bad one is refused at once
     dest = Path(out_dir) / name / version
-    if dest.exists() and any(dest.iterdir()):
-        raise BundleError(f"{dest} already exists: bundle versions are immutable, pick a new one")
+    destination.refuse_existing(dest)
     module = module.eval()
     tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
     example = example_input.detach().to(torch.int64 if tokens else torch.float32)
@@ -217,72 +224,91 @@ def save(
             words = familiar_words(tokenizer, training_texts, word_min_texts)
             listed = WordList(file=WORDS_FILE, min_texts=word_min_texts, count=len(words))
             text = text.model_copy(update={"words": listed})
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
-    roles_extra: list[tuple[str, Literal["tokenizer", "words"]]] = []
-    if text is not None:
-        (dest / TOKENIZER_FILE).write_bytes(raw)
-        roles_extra.append((TOKENIZER_FILE, "tokenizer"))
-    if words is not None:
-        (dest / WORDS_FILE).write_bytes(dump_words(words))
-        roles_extra.append((WORDS_FILE, "words"))
-    save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
-    # The exporter fixes a recurrent layer's length whatever it is asked (measured: an LSTM's
-    # graph came out static, 5 s slower): such a model's deterministic path runs torch per bucket.
-    recurrent = any(isinstance(m, nn.LSTM | nn.GRU) for m in rebuilt.modules())
-    dynamic = lengths is not None and not recurrent
-    export_onnx(rebuilt, example, dest / ONNX_FILE, dynamic_length=dynamic)
-    for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
-        (dest / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
-    roles: tuple[
-        tuple[str, Literal["architecture", "weights", "onnx", "tokenizer", "words"]], ...
-    ] = (
-        (ARCH_FILE, "architecture"),
-        (WEIGHTS_FILE, "weights"),
-        (ONNX_FILE, "onnx"),
-        *roles_extra,
-    )
-    artifacts = {
-        fname: Artifact(
-            sha256=sha256_file(dest / fname), size=(dest / fname).stat().st_size, role=role
+    with _manifest_errors():  # an invalid section (e.g. a range out of bounds): one line
+        fields: dict[str, Any] = dict(
+            name=name,
+            version=version,
+            task=task,
+            intended_use=intended_use,
+            inputs=InputSpec(
+                dtype="int64" if tokens else "float32",
+                shape=list(example.shape[1:]),
+                feature_names=list(feature_names) if feature_names else None,
+                units=list(units) if units else None,
+                valid_ranges=[(float(a), float(b)) for a, b in valid_ranges]
+                if valid_ranges
+                else None,
+                training_ranges=[(float(a), float(b)) for a, b in training_ranges]
+                if training_ranges
+                else None,
+                value_range=value_range,
+                text=text,
+            ),
+            outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
+            aleatoric=_aleatoric(noise_var, variance),
+            defaults=defaults or Defaults(),
+            dropout=[
+                DropoutLayout(
+                    name=s.name,
+                    p=s.rule.p,
+                    mask_shape=list(s.mask_shape),
+                    shared_over=s.shared_over,
+                )
+                for s in sampler.graph.sites
+            ],
+            training=training or Training(),
+            mc=None
+            if dropout_sites == "all"
+            else MCSettings(dropout_sites=LastSites(last=dropout_sites)),
+            **(extra or {}),
         )
-        for fname, role in roles
-    }
-    manifest = Manifest(
-        name=name,
-        version=version,
-        task=task,
-        intended_use=intended_use,
-        inputs=InputSpec(
-            dtype="int64" if tokens else "float32",
-            shape=list(example.shape[1:]),
-            feature_names=list(feature_names) if feature_names else None,
-            units=list(units) if units else None,
-            valid_ranges=[(float(a), float(b)) for a, b in valid_ranges] if valid_ranges else None,
-            training_ranges=[(float(a), float(b)) for a, b in training_ranges]
-            if training_ranges
-            else None,
-            value_range=value_range,
-            text=text,
-        ),
-        outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
-        aleatoric=_aleatoric(noise_var, variance),
-        defaults=defaults or Defaults(),
-        dropout=[
-            DropoutLayout(
-                name=s.name, p=s.rule.p, mask_shape=list(s.mask_shape), shared_over=s.shared_over
+    # Staged in a hidden directory and renamed into place when complete (destination.py):
+    # a failure below leaves nothing, and the registry never sees half a bundle.
+    with destination.staged(out_dir, name, version) as work:
+        (work / ARCH_FILE).write_text(json.dumps(desc, indent=1, sort_keys=True) + "\n")
+        roles: list[tuple[str, Role]] = [
+            (ARCH_FILE, "architecture"),
+            (WEIGHTS_FILE, "weights"),
+            (ONNX_FILE, "onnx"),
+        ]
+        if text is not None:
+            (work / TOKENIZER_FILE).write_bytes(raw)
+            roles.append((TOKENIZER_FILE, "tokenizer"))
+        if words is not None:
+            (work / WORDS_FILE).write_bytes(dump_words(words))
+            roles.append((WORDS_FILE, "words"))
+        save_file(state, str(work / WEIGHTS_FILE), metadata={"format": "pt"})
+        # The exporter fixes a recurrent layer's length whatever it is asked (measured: an
+        # LSTM's graph came out static, 5 s slower): such a model's deterministic path runs
+        # torch per bucket.
+        recurrent = any(isinstance(m, nn.LSTM | nn.GRU) for m in rebuilt.modules())
+        dynamic = lengths is not None and not recurrent
+        export_onnx(rebuilt, example, work / ONNX_FILE, dynamic_length=dynamic)
+        for fname in (ARCH_FILE, WEIGHTS_FILE, ONNX_FILE):
+            (work / fname).chmod(0o644)  # safetensors writes 0600; a non-root server must read it
+        fields["artifacts"] = {
+            fname: Artifact(
+                sha256=sha256_file(work / fname), size=(work / fname).stat().st_size, role=role
             )
-            for s in sampler.graph.sites
-        ],
-        artifacts=artifacts,
-        training=training or Training(),
-        mc=None
-        if dropout_sites == "all"
-        else MCSettings(dropout_sites=LastSites(last=dropout_sites)),
-        **(extra or {}),
-    )
-    (dest / MANIFEST_NAME).write_bytes(manifest.dumps())
+            for fname, role in roles
+        }
+        with _manifest_errors():
+            manifest = Manifest(**fields)
+        (work / MANIFEST_NAME).write_bytes(manifest.dumps())
     return dest
+
+
+@contextmanager
+def _manifest_errors() -> Iterator[None]:
+    """A manifest section pydantic refuses, as one line (not a validation traceback)."""
+    try:
+        yield
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ModelError(
+            f"the bundle's manifest would be invalid at '{loc}': {first['msg']}"
+        ) from None
 
 
 def _vocabulary(gm: torch.fx.GraphModule) -> int:

@@ -16,7 +16,10 @@ A classifier's classes are ordered as `--labels` lists them, else numeric labels
 other labels sorted as text (scikit-learn's order); the order is printed, since /v1's
 probabilities and OIP's `label` index follow it. The bundle (version
 `--version`) is then calibrated exactly as `python -m service calibrate` would be, on the
-calibration rows, into the next version, whose path is printed.
+calibration rows, into the next version, whose path is printed. What can be checked is checked
+before training (the CSV, the name and version, what the calibration method needs of the
+calibration rows); if the calibration still fails, the version just written is removed again
+(versions.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import csv
 import platform
 import re
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
@@ -39,11 +42,17 @@ from service.errors import InvalidInputError, McServeError
 from service.packaging import save
 from service.training.mlp import Noise, train_mlp
 from service.training.results import TrainResult
-from service.training.served import METRIC_PASSES, check_served, held_out_metrics, served_module
+from service.training.served import (
+    METRIC_PASSES,
+    check_served,
+    fixed_noise_var,
+    held_out_metrics,
+    served_module,
+)
 from service.training.table import Table, read_table, split
+from service.training.versions import METHOD_FLAG, calibrate_written, check_free, check_names
 
 VALID_RANGE_WIDTHS = 10.0  # hard valid range: this many training-range widths either side
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def _ranges(x: np.ndarray) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
@@ -62,7 +71,7 @@ def default_name(path: Path) -> str:
     return name or "model"
 
 
-def _write_calibration_csv(dest: Path, table: Table, rows: np.ndarray) -> None:
+def _write_calibration_csv(dest: Path, *, table: Table, rows: np.ndarray) -> None:
     with dest.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*table.feature_names, "target"])
@@ -171,8 +180,7 @@ def train(
     ] = "temperature",
 ) -> None:
     """Train an MC-dropout MLP on a CSV, bundle it and calibrate it (prints the bundle path)."""
-    from service.calibration.recalibration import calibrate_bundle
-    from service.calibration.selection import METHODS
+    from service.calibration.selection import METHODS, check_rows
 
     def fail(msg: str) -> typer.Exit:
         typer.echo(f"error: {msg}", err=True)
@@ -206,9 +214,10 @@ def train(
     how: Noise = "learned" if noise == "learned" else "fit" if task == "regression" else "grid"
     kind = cast(Literal["regression", "classification"], task)
     bundle_name = name if name is not None else default_name(data)
-    if not _NAME.match(bundle_name):
-        raise fail(f"--name {bundle_name!r}: use lowercase letters, digits, '.', '_' or '-'")
     try:
+        # Before any training: a bad name or version is refused now, not when the bundle is
+        # written (versions.py).
+        check_names(bundle_name, version)
         from service.training.text_data import detect_text_column
 
         text_col = text_column or detect_text_column(data, target)
@@ -236,10 +245,18 @@ def train(
             # Stated, since /v1's probabilities and OIP's `label` index follow this order.
             said = "as --labels gives" if given is not None else "set it with --labels"
             typer.echo(f"classes in output order: {table.labels} ({said})", err=True)
+            for note in table.notes:
+                typer.echo(f"note: {note}", err=True)
             absent = sorted(set(range(len(table.labels))) - set(table.y[tr].tolist()))
             if absent:
                 missing = [table.labels[k] for k in absent]
                 raise InvalidInputError(f"{data}: classes {missing} have no training rows")
+            # What the calibration method needs of the calibration rows, asked before training.
+            check_rows(
+                calibration_method, table.y[cal], len(table.labels), flag=METHOD_FLAG,
+                labels=table.labels,
+            )  # fmt: skip
+        check_free(out, bundle_name, version)
         xtr, ytr = table.x[tr], table.y[tr]
         if progress:
             typer.echo(f"training on {len(tr)} rows ({len(cal)} kept for calibration)", err=True)
@@ -259,7 +276,7 @@ def train(
         module = served_module(fm)
         check_served(module, fm, table.x)
         training_ranges, valid_ranges = _ranges(xtr)
-        noise_var = float(1.0 / fm.tau[0]) if fm.tau is not None else None
+        noise_var = fixed_noise_var(fm)
         bundle = save(
             module,
             torch.as_tensor(xtr[:4], dtype=torch.float32),
@@ -288,10 +305,14 @@ def train(
         )
         if progress:
             typer.echo(f"wrote {bundle}; calibrating on {len(cal)} rows", err=True)
-        with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
-            cal_csv = Path(tmp) / f"{bundle_name}-calibration.csv"
-            _write_calibration_csv(cal_csv, table, cal)
-            result = calibrate_bundle(bundle, cal_csv, out, seed=seed, method=calibration_method)
+        result = calibrate_written(
+            bundle,
+            partial(_write_calibration_csv, table=table, rows=cal),
+            out,
+            bundle_name,
+            seed,
+            calibration_method,
+        )
     except (McServeError, OSError) as exc:
         raise fail(str(getattr(exc, "message", exc))) from None
     for w in result.warnings:

@@ -47,7 +47,27 @@ def check_served(module: nn.Module, fitted: FittedMLP, x: np.ndarray) -> None:
     want = fitted_deterministic(fitted, x)
     scale = float(np.max(fitted.y_std)) if fitted.y_std is not None else 1.0
     if not np.allclose(got, want, rtol=1e-4, atol=1e-4 * scale):
-        raise ModelError("the served module does not reproduce the fitted model's predictions")
+        raise ModelError(
+            "the served module (float32) does not reproduce the fitted model's predictions on "
+            "the training rows; are some columns' values near float32's limits (3.4e38) or "
+            "spread over many orders of magnitude? rescale them (other units)"
+        )
+
+
+def fixed_noise_var(fitted: FittedMLP) -> float | None:
+    """The served fixed noise variance 1/tau in target units (None: learned noise or a
+    classifier), refused when it is not a finite positive number: a target of 1e200 had
+    squared its spread past float64 and failed with a math domain error."""
+    if fitted.tau is None:
+        return None
+    tau = float(fitted.tau[0])
+    if not (math.isfinite(tau) and tau > 0 and math.isfinite(1.0 / tau)):
+        raise ModelError(
+            f"the fitted noise precision tau = {tau:g} (1/variance, target units) is not a "
+            "usable number: the target's values span too wide a range; rescale the target "
+            "(other units)"
+        )
+    return 1.0 / tau
 
 
 def held_out_metrics(
@@ -68,6 +88,7 @@ def held_out_metrics(
     if fitted.learned_noise:  # the mixture of the passes' learned Gaussians
         ll = mixture_log_likelihood(f, yt, np.exp(samples[:, :, 1]))
     else:
+        fixed_noise_var(fitted)  # a finite, positive tau (or a clear error)
         assert fitted.tau is not None
         tau = float(fitted.tau[0])
         sq = -0.5 * tau * (f - yt) ** 2  # [T, N]

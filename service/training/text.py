@@ -7,7 +7,8 @@
    1/8 (seeded) decides when to stop: the weights of the epoch with the lowest held-out NLL
    (dropout off) are kept, and training stops after `PATIENCE` epochs without improvement.
 4. Version N is saved with the tokenizer, then calibrated on the calibration rows into N + 1
-   exactly as tabular models are (`calibrate_bundle`: temperature, conformal scores, referral).
+   exactly as tabular models are (`versions.calibrate_written`: temperature, conformal scores,
+   referral; version N is removed again if that fails).
 
 Seeded throughout (split, tokenizer, initialisation, shuffles, dropout masks), so the same CSV,
 flags and machine give the same weights when torch runs on one thread with deterministic kernels
@@ -20,7 +21,6 @@ import copy
 import csv
 import math
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,22 +253,3 @@ def provenance(table: TextTable, fit: TextFit, split: dict[str, Any], seed: int)
 
 def fingerprints(ids: np.ndarray, parts: dict[str, np.ndarray]) -> dict[str, list[str]]:
     return {k: row_fingerprint(ids[v]) for k, v in parts.items() if len(v)}
-
-
-def calibrate_text(
-    bundle: Path,
-    texts: list[str],
-    targets: list[str],
-    repo: Path,
-    name: str,
-    seed: int,
-    method: str = "temperature",
-) -> Any:
-    """Calibrate `bundle` on these texts (`calibrate_bundle`; ``method``: temperature, vector or
-    auto)."""
-    from service.calibration.recalibration import calibrate_bundle
-
-    with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
-        cal_csv = Path(tmp) / f"{name}-calibration.csv"
-        write_text_csv(cal_csv, texts, targets)
-        return calibrate_bundle(bundle, cal_csv, repo, seed=seed, method=method)

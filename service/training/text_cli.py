@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import typer
 
+from service.calibration.selection import check_rows
 from service.errors import InvalidInputError
+from service.training.classes import classes
 from service.training.text import (
-    calibrate_text,
     check_embedded,
     fingerprints,
     fit_text,
     mc_metrics,
     provenance,
     save_text_bundle,
+    write_text_csv,
 )
 from service.training.text_data import encode, read_splits, read_text_table, training_words
 from service.training.text_nets import ARCHS, Arch
+from service.training.versions import METHOD_FLAG, calibrate_written, check_free
 from service.training.word_vectors import read_vectors
 
 CALIBRATION_FRACTION = 0.2
@@ -44,8 +48,6 @@ def train_text(
     word_vectors: Path | None = None,
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
-    from service.training.table import label_order
-
     if arch not in ARCHS:
         raise InvalidInputError(f"--arch {arch!r}: use one of {', '.join(ARCHS)}")
     if not 8 <= max_tokens <= 4096:
@@ -64,19 +66,21 @@ def train_text(
         n_cal = round(CALIBRATION_FRACTION * n)
         parts = {"train": np.sort(perm[n_cal:]), "calibration": np.sort(perm[:n_cal])}
         how = "numpy default_rng(seed).permutation, cut 80/20 (train/calibration)"
-    labels = label_order(table.values, labels_given, data, target)
+    labels, y, notes = classes(table.values, labels_given, table.file.locate, data, target)
     if len(labels) < 2:
         raise InvalidInputError(f"{data}: the target {target!r} has fewer than 2 classes")
     how_order = "as --labels gives" if labels_given is not None else "set it with --labels"
     typer.echo(f"classes in output order: {labels} ({how_order})", err=True)
-    index = {v: k for k, v in enumerate(labels)}
-    y = np.array([index[v] for v in table.values], dtype=np.int64)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     tr, cal = parts["train"], parts["calibration"]
     absent = sorted(set(range(len(labels))) - set(y[tr].tolist()))
     if absent:
         raise InvalidInputError(
             f"{data}: classes {[labels[k] for k in absent]} have no training rows"
         )
+    # What the calibration method needs of the calibration rows, asked before training.
+    check_rows(calibration_method, y[cal], len(labels), flag=METHOD_FLAG, labels=labels)
     if progress:
         typer.echo(
             f"text column {text_column!r}: training on {len(tr)} rows ({len(cal)} kept for "
@@ -88,6 +92,7 @@ def train_text(
     if word_vectors is not None:
         check_embedded(arch)
         vectors = read_vectors(word_vectors, training_words(train_texts))
+    check_free(out, name, version)
     result = fit_text(
         train_texts,
         y[tr],
@@ -127,14 +132,14 @@ def train_text(
             f"{bundle}; calibrating on {len(cal)} rows",
             err=True,
         )
-    res = calibrate_text(
+    cal_texts, cal_targets = [table.texts[i] for i in cal], [labels[int(y[i])] for i in cal]
+    res = calibrate_written(
         bundle,
-        [table.texts[i] for i in cal],
-        [labels[int(y[i])] for i in cal],
+        partial(write_text_csv, texts=cal_texts, targets=cal_targets),
         out,
         name,
         seed,
-        method=calibration_method,
+        calibration_method,
     )
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)

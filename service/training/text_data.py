@@ -9,7 +9,6 @@ calibration or test rows does not enter the vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -18,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration.text_data import csv_rows
+from service.bundle.spec import TextInput
+from service.calibration.csv_file import CsvFile, read_csv
 from service.errors import InvalidInputError
 
 SPLITS = ("train", "calibration", "test")
 MIN_VOCAB, MAX_VOCAB = 256, 4000
 PAD, UNK = "[PAD]", "[UNK]"
+MAX_TEXT_BYTES: int = TextInput.model_fields["max_text_bytes"].default  # what a bundle serves
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class TextTable:
     sha256: str
     text_column: str
     texts: list[str]
-    values: list[str]  # the target column, as written
+    values: list[str]  # the target column, as written (stripped)
+    file: CsvFile  # where each row is (`file.locate(i)`)
 
 
 def _numeric(v: str) -> bool:
@@ -45,12 +47,12 @@ def _numeric(v: str) -> bool:
 
 def detect_text_column(path: Path, target: str) -> str | None:
     """The CSV's one long free-text column besides `target`, or None (a tabular CSV)."""
-    _, header, body = csv_rows(path)
+    f = read_csv(path)
     found = []
-    for j, name in enumerate(header):
+    for j, name in enumerate(f.header):
         if name == target:
             continue
-        values = [r[j] for r in body[:200] if j < len(r)]
+        values = [r[j] for r in f.rows[:200]]
         if not values or all(_numeric(v) for v in values):
             continue
         if statistics.median(len(v) for v in values) > 30 and any(" " in v for v in values):
@@ -63,46 +65,66 @@ def detect_text_column(path: Path, target: str) -> str | None:
 
 
 def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
-    raw, header, body = csv_rows(path)
+    """The texts and target values of a CSV, every text checked as a request's would be
+    (`check_text`), so that no text fails only at calibration, after the training."""
+    f = read_csv(path)
+    header = f.header
     for col in (target, text_column):
         if col not in header:
             raise InvalidInputError(f"{path}: no column {col!r}; the columns are {header}")
     if target == text_column:
         raise InvalidInputError("--text-column and --target name the same column")
-    t, x = header.index(target), header.index(text_column)
-    texts, values = [], []
-    for i, r in enumerate(body):
-        if len(r) != len(header):
-            raise InvalidInputError(
-                f"{path}: data row {i + 1} has {len(r)} fields, the header {len(header)}"
-            )
-        if not r[x].strip():
-            raise InvalidInputError(f"{path}: data row {i + 1}: the text {text_column!r} is empty")
-        texts.append(r[x])
-        values.append(r[t].strip())
+    texts, values = f.column(text_column), [v.strip() for v in f.column(target)]
     if len(texts) < 10:
         raise InvalidInputError(f"{path}: {len(texts)} data rows are too few to train on")
-    return TextTable(path, hashlib.sha256(raw).hexdigest(), text_column, texts, values)
+    words = _bare()
+    for i, t in enumerate(texts):
+        why = check_text(t, words)
+        if why is not None:
+            raise InvalidInputError(f"{f.locate(i)}: the text {text_column!r} {why}")
+    return TextTable(path, f.sha256, text_column, texts, values, f)
+
+
+def check_text(text: str, tok: Any) -> str | None:
+    """What `encode_texts` would refuse in ``text`` (a served text model's checks), or None;
+    ``tok``: a tokenizer with the normaliser and word splitter `train_tokenizer` gives."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_TEXT_BYTES:
+        return (
+            f"is {size:,} bytes, over the {MAX_TEXT_BYTES:,} a text model takes (a request's "
+            "limit); shorten it or split it"
+        )
+    if "\x00" in text:
+        return "contains a NUL character; remove it"
+    if not text.strip():
+        return "is empty (or only whitespace)"
+    # No word after normalising: no token either (WordPiece makes at least [UNK] of a word).
+    if not tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+        return (
+            "has no word a tokenizer reads (only zero-width, combining or control "
+            "characters); give it words or drop the row"
+        )
+    return None
 
 
 def read_splits(path: Path, n: int) -> dict[str, np.ndarray]:
     """A CSV `row,split` (row: 0-based data row of the training CSV; split: train, calibration
     or test) -> sorted row indices per split. Every row must be named exactly once."""
-    _, header, body = csv_rows(path)
-    if header[:2] != ["row", "split"]:
-        raise InvalidInputError(f"{path}: the header must be row,split (got {header})")
+    f = read_csv(path)
+    if f.header[:2] != ["row", "split"]:
+        raise InvalidInputError(f"{path}: the header must be row,split (got {f.header})")
     parts: dict[str, list[int]] = {s: [] for s in SPLITS}
     seen = np.zeros(n, dtype=bool)
-    for i, r in enumerate(body):
+    for i, r in enumerate(f.rows):
         try:
             row, part = int(r[0]), r[1].strip()
-        except (ValueError, IndexError):
-            raise InvalidInputError(f"{path}: line {i + 2}: expected row,split, got {r}") from None
+        except ValueError:
+            raise InvalidInputError(f"{f.locate(i)}: expected row,split, got {r}") from None
         if part not in parts:
-            raise InvalidInputError(f"{path}: line {i + 2}: split {part!r} is not one of {SPLITS}")
+            raise InvalidInputError(f"{f.locate(i)}: split {part!r} is not one of {SPLITS}")
         if not 0 <= row < n or seen[row]:
             what = "out of range" if not 0 <= row < n else "named twice"
-            raise InvalidInputError(f"{path}: line {i + 2}: row {row} is {what} (0..{n - 1})")
+            raise InvalidInputError(f"{f.locate(i)}: row {row} is {what} (0..{n - 1})")
         seen[row] = True
         parts[part].append(row)
     if not seen.all():

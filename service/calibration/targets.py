@@ -1,0 +1,118 @@
+"""Values of a CSV as numbers and class labels, read alike by `train`, `calibrate` and
+`evaluate`.
+
+- Values are stripped: " 2" is "2".
+- Numbers must be finite and within float32's range (|v| <= 3.4e38): the served model computes
+  in float32, so a larger value could only come back as infinity or garbage.
+- Numeric class labels are equal by value: "1", "1.0" and "01" are one class (`key`).
+- A classification target that is empty, a number that is not finite ("nan", "NaN", "inf") or a
+  missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", any case) is a missing value, not
+  a class: refused with its row, unless the class list names it exactly (`train --labels NA,...`
+  or a bundle whose labels hold it), since some data sets do call a class "NA".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from service.errors import InvalidInputError
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>"})
+
+
+def number(v: str) -> float | None:
+    """``v`` as a finite number, else None."""
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def key(label: str) -> float | str:
+    """What makes two labels one class: the value of a number, else the text itself."""
+    n = number(label)
+    return n if n is not None else label
+
+
+def missing(v: str) -> str | None:
+    """Why the stripped value ``v`` is a missing value rather than a class (or None)."""
+    if not v:
+        return "the value is empty"
+    if v.lower() in NA_MARKERS:
+        return f"{v!r} marks a missing value"
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return None if math.isfinite(f) else f"{v!r} is not a finite number"
+
+
+def read_number(v: str, where: str) -> float:
+    """``v`` as a float64 float32 can hold; ``where`` (e.g. "f.csv: data row 3 (line 4), column
+    'y'") names it in the error."""
+    if not v:
+        raise InvalidInputError(f"{where}: the value is empty; fill it in or drop the row")
+    try:
+        f = float(v)
+    except ValueError:
+        raise InvalidInputError(f"{where}: {v!r} is not a number") from None
+    if not math.isfinite(f):
+        raise InvalidInputError(
+            f"{where}: {v!r} is not a finite number; fill the value in or drop the row"
+        )
+    if abs(f) > FLOAT32_MAX:
+        raise InvalidInputError(
+            f"{where}: {v!r} is beyond float32's range (|value| <= 3.4e38), in which the model "
+            "computes; rescale the column (other units)"
+        )
+    return f
+
+
+def class_indices(
+    values: Sequence[str], labels: Sequence[str], where: Callable[[int], str]
+) -> np.ndarray:
+    """Each value's index into a bundle's ``labels``: the label itself, a number equal by value
+    to a numeric label ("2.0" is label "2"), or, only when no label is a number (so that no
+    value can mean both), a class index 0..K-1. ``where(i)`` names row i in an error."""
+    exact = {lab: k for k, lab in enumerate(labels)}
+    by_value: dict[float, list[int]] = {}
+    for k, lab in enumerate(labels):
+        n = number(lab)
+        if n is not None:
+            by_value.setdefault(n, []).append(k)
+    indices = not by_value
+    out = np.empty(len(values), dtype=np.int64)
+    for i, raw in enumerate(values):
+        v = raw.strip()
+        if v in exact:
+            out[i] = exact[v]
+            continue
+        n = number(v)
+        if n is not None and n in by_value:
+            ks = by_value[n]
+            if len(ks) > 1:
+                raise InvalidInputError(
+                    f"{where(i)}: the target {v!r} equals the labels "
+                    f"{[labels[k] for k in ks]} by value; write one of them exactly"
+                )
+            out[i] = ks[0]
+            continue
+        if indices and n is not None and n == int(n) and 0 <= n < len(labels):
+            out[i] = int(n)
+            continue
+        why = missing(v)
+        if why is not None:
+            raise InvalidInputError(
+                f"{where(i)}, the target: {why} (a missing value, not a class); fill it in "
+                "or drop the row"
+            )
+        also = f" or a class index 0..{len(labels) - 1}" if indices else ""
+        raise InvalidInputError(
+            f"{where(i)}: unknown label {v!r}; give one of the model's labels {list(labels)}{also}"
+        )
+    return out

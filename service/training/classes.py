@@ -1,0 +1,84 @@
+"""A training CSV's classes: which there are, in which output order, and each row's class.
+
+Values are read as `calibrate` and `evaluate` read them (`service.calibration.targets`):
+numeric labels equal by value are one class ("1", "1.0" and "01"), named as first written in the
+file, so a column that mixes 1 and 1.0 does not train two classes of the same number. Empty
+values, numbers that are not finite ("NaN", "inf") and missing-value markers ("NA", "N/A",
+"NULL", ...) are refused with their row: a missing value is not a class (a marker that
+`--labels` lists is taken as the class it names).
+
+The order is `--labels` if given, else numeric labels by value (1, 2, 10, not "1", "10", "2")
+and any others sorted as text (scikit-learn's order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+
+from service.calibration.targets import NA_MARKERS, key, missing, number
+from service.errors import InvalidInputError
+
+
+def classes(
+    values: list[str],
+    given: list[str] | None,
+    where: Callable[[int], str],
+    path: Path,
+    target: str,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """(labels in output order, each row's index into them, notes to print) for the stripped
+    target ``values``; ``where(i)`` names row i, ``given`` is `--labels`."""
+    listed = set(given or [])
+    for i, v in enumerate(values):
+        why = None if v in listed else missing(v)
+        if why is not None:
+            also = ", or list it in --labels if it is a class" if v.lower() in NA_MARKERS else ""
+            raise InvalidInputError(
+                f"{where(i)}, target {target!r}: {why} (a missing value, not a class); "
+                f"fill it in or drop the row{also}"
+            )
+    if given is not None:
+        labels = _given(values, given, path, target)
+        index = {lab: k for k, lab in enumerate(labels)}
+        by_key = {key(lab): k for k, lab in enumerate(labels)}
+        y = [index[v] if v in index else by_key[key(v)] for v in values]
+        return labels, np.array(y, dtype=np.int64), []
+    spellings: dict[float | str, list[str]] = {}
+    for v in values:  # file order: a class is named as first written
+        seen = spellings.setdefault(key(v), [])
+        if v not in seen:
+            seen.append(v)
+    names = {k: s[0] for k, s in spellings.items()}
+    if all(isinstance(k, float) for k in names):
+        order = sorted(names, key=lambda k: cast(float, k))
+    else:
+        order = sorted(names, key=lambda k: names[k])
+    labels = [names[k] for k in order]
+    position = {k: j for j, k in enumerate(order)}
+    notes = [
+        f"the target values {s} are one class {s[0]!r} (equal numbers)"
+        for s in spellings.values()
+        if len(s) > 1
+    ]
+    return labels, np.array([position[key(v)] for v in values], dtype=np.int64), notes
+
+
+def _given(values: list[str], given: list[str], path: Path, target: str) -> list[str]:
+    """`--labels` checked: no class twice (by value for numbers), every value of the data."""
+    keys = [key(g) for g in given]
+    if len(set(keys)) != len(keys):
+        twice = [g for g, k in zip(given, keys, strict=True) if keys.count(k) > 1]
+        same = " (equal numbers are one class)" if any(number(g) is not None for g in twice) else ""
+        raise InvalidInputError(f"--labels {given}: the labels {twice} repeat a class{same}")
+    listed, known = set(given), set(keys)
+    extra = sorted({v for v in values if v not in listed and key(v) not in known})
+    if extra:
+        raise InvalidInputError(
+            f"{path}: the target {target!r} has labels {extra} that --labels {given} "
+            "does not list; list every class once, in the order you want"
+        )
+    return list(given)

@@ -1,0 +1,183 @@
+"""How `train` reads its CSV (service/calibration/csv_file.py, targets.py, training/classes.py):
+classes equal by value, missing targets, values float32 cannot hold, quoted newlines, long
+fields; every problem one line with exit code 2 and nothing written."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from service.bundle.load import load_bundle
+from service.cli import app
+from service.errors import InvalidInputError, ModelError
+from service.training import train_mlp
+from service.training.results import FittedMLP
+from service.training.served import held_out_metrics
+from service.training.table import read_table
+from service.training.text_data import read_text_table
+
+runner = CliRunner()
+N = 40
+
+
+def _csv(path: Path, targets: list[str], *, feature: str | None = None) -> Path:
+    """a, b and y; ``feature`` replaces a's value on the first row."""
+    x = np.random.default_rng(0).uniform(-1, 1, size=(len(targets), 2)).round(4)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "y"])
+        for i, (row, t) in enumerate(zip(x, targets, strict=True)):
+            a = feature if i == 0 and feature is not None else repr(float(row[0]))
+            w.writerow([a, repr(float(row[1])), t])
+    return path
+
+
+def _train(data: Path, out: Path, task: str = "classification", *extra: str) -> Result:
+    args = ["train", "--data", str(data), "--target", "y", "--task", task, "--out", str(out)]
+    return runner.invoke(app, [*args, "--hidden", "8", "--epochs", "2", "--seed", "3", *extra])
+
+
+def _refused(res: Result, said: str, out: Path) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and said in res.output, res.output
+    assert not out.exists()  # refused before anything was written
+
+
+def test_numeric_labels_equal_by_value_are_one_class(tmp_path: Path) -> None:
+    # A column mixing 1 and 1.0 had trained 6 classes out of 3.
+    values = [["1", "1.0", "2", "2.0", "3.0", "3"][i % 6] for i in range(N)]
+    res = _train(_csv(tmp_path / "mixed.csv", values), tmp_path / "repo")
+    assert res.exit_code == 0, res.output
+    m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest
+    assert m.outputs.labels == ["1", "2", "3.0"]  # each named as first written
+    assert "note: the target values ['1', '1.0'] are one class '1' (equal numbers)" in res.stderr
+    # --labels matches by value too, and may not name one class twice.
+    table = read_table(tmp_path / "mixed.csv", "y", "classification", ["3", "2", "1"])
+    assert table.labels == ["3", "2", "1"] and table.y[:6].tolist() == [2, 2, 1, 1, 0, 0]
+    with pytest.raises(InvalidInputError, match=r"the labels \['1', '1.0'\] repeat a class"):
+        read_table(tmp_path / "mixed.csv", "y", "classification", ["1", "1.0", "2", "3"])
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ("", "the value is empty"),
+        ("NaN", "'NaN' is not a finite number"),
+        ("nan", "'nan' is not a finite number"),
+        ("NA", "'NA' marks a missing value"),
+    ],
+)
+def test_missing_class_targets_are_refused_with_their_row(
+    tmp_path: Path, bad: str, said: str
+) -> None:
+    values = [["low", "high"][i % 2] for i in range(N)]
+    values[7] = bad
+    data = _csv(tmp_path / "t.csv", values)
+    res = _train(data, tmp_path / "repo")
+    _refused(
+        res,
+        f"data row 8 (line 9), target 'y': {said} (a missing value, not a class)",
+        tmp_path / "repo",
+    )
+    if bad == "NA":  # unless --labels says it is a class
+        table = read_table(data, "y", "classification", ["low", "NA", "high"])
+        assert table.labels == ["low", "NA", "high"] and int(table.y[7]) == 1
+
+
+@pytest.mark.parametrize(
+    ("feature", "target", "said"),
+    [
+        ("1e39", "0.5", "data row 1 (line 2), column 'a': '1e39' is beyond float32's range"),
+        ("-4e38", "0.5", "column 'a': '-4e38' is beyond float32's range"),
+        ("0.1", "1e200", "data row 1 (line 2), target 'y': '1e200' is beyond float32's range"),
+        ("0.1", "1e39", "target 'y': '1e39' is beyond float32's range"),
+        ("0.1", "nan", "target 'y': 'nan' is not a finite number"),
+    ],
+)
+def test_values_float32_cannot_hold_are_refused(
+    tmp_path: Path, feature: str, target: str, said: str
+) -> None:
+    # 1e39 as a feature failed as "does not reproduce the fitted model"; 1e200 as a target was a
+    # math domain error traceback; 1e39 as a target wrote a bundle predicting about 2e37.
+    targets = [target] + [str(0.1 * i) for i in range(1, N)]
+    res = _train(
+        _csv(tmp_path / "h.csv", targets, feature=feature), tmp_path / "repo", "regression"
+    )
+    _refused(res, said, tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def fitted() -> FittedMLP:
+    x = np.random.default_rng(1).normal(size=(40, 2))
+    return train_mlp(x, x[:, 0], hidden=(4,), epochs=1, dropout_rates=(0.1,), val_passes=5).final
+
+
+@pytest.mark.parametrize("tau", [0.0, float("inf"), float("nan")])
+def test_an_unusable_noise_precision_is_a_clear_error(fitted: FittedMLP, tau: float) -> None:
+    # A zero tau (a target of 1e200 squared past float64) was a math domain error traceback.
+    broken = replace(fitted, tau=np.array([tau]))
+    x = np.zeros((3, 2))
+    with pytest.raises(ModelError, match=r"noise precision tau = .* rescale the target"):
+        held_out_metrics(broken, x, np.zeros(3), seed=0)
+
+
+def test_quoted_newlines_stay_in_their_label(tmp_path: Path) -> None:
+    # str.splitlines() outside the parser had made "low\nrisk" two broken rows; U+2028 too.
+    values = [["low\nrisk", "mid\u2028risk", "high"][i % 3] for i in range(N)]
+    table = read_table(_csv(tmp_path / "q.csv", values), "y", "classification")
+    assert table.labels == ["high", "low\nrisk", "mid\u2028risk"] and len(table.y) == N
+
+
+def _texts(path: Path, texts: list[str], labels: list[str]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["abstract", "condition"])
+        w.writerows(zip(texts, labels, strict=True))
+    return path
+
+
+def _text_rows() -> tuple[list[str], list[str]]:
+    words = {"cardio": "heart artery coronary", "onco": "tumour biopsy carcinoma"}
+    labels = [["cardio", "onco"][i % 2] for i in range(N)]
+    return [f"patients with {words[y]} were seen, case {i}" for i, y in enumerate(labels)], labels
+
+
+def _train_text(data: Path, out: Path) -> Result:
+    args = ["train", "--data", str(data), "--target", "condition", "--task", "classification"]
+    return runner.invoke(
+        app, [*args, "--out", str(out), "--epochs", "2", "--text-column", "abstract"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("heart\x00 artery", "the text 'abstract' contains a NUL character"),
+        ("word " * 30_000, "the text 'abstract' is 150,000 bytes, over the 100,000"),
+        ("\u200b\u0301", "the text 'abstract' has no word a tokenizer reads"),
+    ],
+)
+def test_texts_are_checked_as_requests_before_training(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    # A NUL in a calibration text failed after training ("instance 0" of a deleted temporary
+    # file) and left version 1 behind; a field over 131,072 characters was a `_csv.Error`.
+    texts, labels = _text_rows()
+    texts[5] = text
+    res = _train_text(_texts(tmp_path / "notes.csv", texts, labels), tmp_path / "repo")
+    _refused(res, f"data row 6 (line 7): {said}", tmp_path / "repo")
+
+
+def test_an_empty_text_target_is_refused_with_its_row(tmp_path: Path) -> None:
+    texts, labels = _text_rows()
+    labels[3] = " "
+    data = _texts(tmp_path / "notes.csv", texts, labels)
+    assert read_text_table(data, "condition", "abstract").values[3] == ""
+    res = _train_text(data, tmp_path / "repo")
+    _refused(res, "data row 4 (line 5), target 'condition': the value is empty", tmp_path / "repo")

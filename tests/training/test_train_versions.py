@@ -1,0 +1,138 @@
+"""The versions `train` (and `save`) write: checked before training, whole or not at all
+(service/training/versions.py, service/packaging/destination.py)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import Result
+from nets import mlp
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.errors import BundleError, InvalidInputError
+from service.packaging import save
+from service.training import versions
+from service.training.table import split
+
+runner = CliRunner()
+SEED = 3
+
+
+def _csv(path: Path, labels: list[str]) -> Path:
+    x = np.random.default_rng(0).uniform(-1, 1, size=(len(labels), 2)).round(4)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "y"])
+        w.writerows([*map(float, row), y] for row, y in zip(x, labels, strict=True))
+    return path
+
+
+def _train(data: Path, out: Path, *extra: str) -> Result:
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    return runner.invoke(
+        app, [*args, "--out", str(out), "--hidden", "8", "--epochs", "2", "--seed", str(SEED),
+              *extra],
+    )  # fmt: skip
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_what_the_calibration_method_needs_is_checked_before_training(tmp_path: Path) -> None:
+    # `vector` on 10 rows (2 calibration rows) trained, then failed naming `--method`, and left
+    # a ready, uncalibrated version 1 that blocked the rerun.
+    few = _csv(tmp_path / "few.csv", [["1", "2", "3"][i % 3] for i in range(10)])
+    for method in ("vector", "auto"):
+        res = _train(few, tmp_path / "repo", "--calibration-method", method)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert "needs at least 10 calibration rows" in res.output
+        assert "use --calibration-method temperature" in res.output
+    # A class without calibration rows cannot be vector-scaled: said before training.
+    n = 60
+    _, cal = split(n, SEED)
+    labels = [["a", "b"][i % 2] for i in range(n)]
+    for i in sorted(set(range(n)) - set(cal.tolist()))[:5]:
+        labels[i] = "rare"
+    res = _train(_csv(tmp_path / "rare.csv", labels), tmp_path / "repo", "--calibration-method",
+                 "vector")  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "the classes ['rare'] have none" in res.output
+    assert "use --calibration-method temperature" in res.output
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_failed_calibration_removes_the_version_it_would_calibrate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _csv(tmp_path / "visits.csv", [["low", "high"][i % 2] for i in range(30)])
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        assert (tmp_path / "repo" / "visits" / "1" / "manifest.json").is_file()
+        raise InvalidInputError("something only calibration finds")
+
+    monkeypatch.setattr(versions, "calibrate_bundle", fail)
+    res = _train(data, tmp_path / "repo")
+    assert res.exit_code == 2, res.output
+    assert "visits/1 was removed again: something only calibration finds" in res.output
+    assert _files(tmp_path / "repo") == []  # no uncalibrated version for `models` to list
+    monkeypatch.undo()
+    res = _train(data, tmp_path / "repo")  # the rerun is not blocked by "already exists"
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "repo" / "visits")[:2] == ["1", "1/architecture.json"]
+
+
+@pytest.mark.parametrize("flag", ["--version", "--name"])
+@pytest.mark.parametrize("bad", ["../escape", "v 1", ".hidden", "a/b", ""])
+def test_an_invalid_version_or_name_is_refused_before_training(
+    tmp_path: Path, flag: str, bad: str
+) -> None:
+    # "../escape" trained, then failed with a pydantic traceback, leaving files outside
+    # <out>/<name>/; "v 1" and ".hidden" left manifest-less directories that blocked reruns.
+    data = _csv(tmp_path / "cls.csv", ["x", "y"] * 6)
+    res = _train(data, tmp_path / "out" / "repo", flag, bad)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: {flag} {bad!r}: use 1-64" in res.output
+    assert _files(tmp_path) == ["cls.csv"]
+
+
+def test_save_writes_a_whole_version_or_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "models"
+
+    def put(version: str, name: str = "m") -> Path:
+        torch.manual_seed(0)
+        return save(
+            mlp(0.25, 2, 8, 2), torch.randn(4, 2), out_dir=out, name=name, version=version,
+            task="classification", labels=["a", "b"], intended_use="tests",
+        )  # fmt: skip
+
+    for bad in ("../escape", "v 1", ".hidden"):
+        with pytest.raises(BundleError, match=f"version {bad!r}: use"):
+            put(bad)
+    with pytest.raises(BundleError, match="name 'M': use"):
+        put("1", name="M")
+    assert not tmp_path.joinpath("escape").exists() and not out.exists()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr("service.packaging.writer.export_onnx", broken)
+    with pytest.raises(RuntimeError, match="export failed"):
+        put("1")
+    assert not out.exists()  # no half-written version, no hidden staging directory
+    monkeypatch.undo()
+    assert put("1") == out / "m" / "1"
+    assert [p.name for p in out.iterdir()] == ["m"]  # the staging directory is gone
+    assert sorted(p.name for p in (out / "m" / "1").iterdir()) == [
+        "architecture.json", "manifest.json", "model.onnx", "weights.safetensors",
+    ]  # fmt: skip
+    with pytest.raises(BundleError, match="already exists"):
+        put("1")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -17,7 +15,6 @@ from service.bundle.architecture import describe, rebuild
 from service.bundle.fingerprint import sha256_file
 from service.bundle.manifest import (
     MANIFEST_NAME,
-    Aleatoric,
     Artifact,
     Defaults,
     DropoutLayout,
@@ -32,7 +29,6 @@ from service.bundle.sequence import explicit
 from service.bundle.spec import (
     InputSpec,
     OutputSpec,
-    TargetSpec,
     TextInput,
     WordList,
     distinct,
@@ -44,7 +40,7 @@ from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
 from service.engine.sampler import MCSampler
 from service.errors import ModelError
-from service.packaging import destination
+from service.packaging import destination, sections
 from service.packaging.lengths import Buckets, generic_graph
 from service.packaging.tracer import trace_with_shapes
 from service.packaging.variational import declare
@@ -177,7 +173,7 @@ def save(
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
         raise ModelError("the module's forward cannot be reproduced from its traced graph")
     if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
-        value_range = (0.0, float(_vocabulary(rebuilt) - 1))
+        value_range = (0.0, float(sections.vocabulary(rebuilt) - 1))
     sampler = MCSampler(rebuilt, example, device="cpu")
     out_shape = sampler.output_shape
     n_sites = sampler.sites
@@ -210,7 +206,7 @@ def save(
             f"a model with a learned noise head outputs the means and then the variance "
             f"parameters: {2 * k} outputs for {k} target(s), got {out_shape[0]}"
         )
-    outputs = _outputs(names, target_unit) if task == "regression" else None
+    outputs = sections.outputs_of(names, target_unit) if task == "regression" else None
 
     text, words = None, None
     if tokenizer is not None:
@@ -224,7 +220,7 @@ def save(
             words = familiar_words(tokenizer, training_texts, word_min_texts)
             listed = WordList(file=WORDS_FILE, min_texts=word_min_texts, count=len(words))
             text = text.model_copy(update={"words": listed})
-    with _manifest_errors():  # an invalid section (e.g. a range out of bounds): one line
+    with sections.manifest_errors():  # an invalid section (e.g. a range out of bounds): one line
         fields: dict[str, Any] = dict(
             name=name,
             version=version,
@@ -245,7 +241,7 @@ def save(
                 text=text,
             ),
             outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
-            aleatoric=_aleatoric(noise_var, variance),
+            aleatoric=sections.aleatoric(noise_var, variance),
             defaults=defaults or Defaults(),
             dropout=[
                 DropoutLayout(
@@ -292,58 +288,7 @@ def save(
             )
             for fname, role in roles
         }
-        with _manifest_errors():
+        with sections.manifest_errors():
             manifest = Manifest(**fields)
         (work / MANIFEST_NAME).write_bytes(manifest.dumps())
     return dest
-
-
-@contextmanager
-def _manifest_errors() -> Iterator[None]:
-    """A manifest section pydantic refuses, as one line (not a validation traceback)."""
-    try:
-        yield
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ModelError(
-            f"the bundle's manifest would be invalid at '{loc}': {first['msg']}"
-        ) from None
-
-
-def _vocabulary(gm: torch.fx.GraphModule) -> int:
-    """The smallest vocabulary among the embeddings that read the input ids directly."""
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sizes = [
-        int(m.num_embeddings)
-        for n in gm.graph.nodes
-        if n.op == "call_module"
-        and isinstance(m := gm.get_submodule(str(n.target)), nn.Embedding)
-        and n.args[:1] == tuple(inputs[:1])
-    ]
-    if not sizes:
-        raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
-    return int(min(sizes))
-
-
-def _aleatoric(noise_var: float | None, variance: Variance | None) -> Aleatoric:
-    if variance is not None:
-        return Aleatoric(kind="heteroscedastic", parameterisation=variance)
-    if noise_var:
-        return Aleatoric(kind="homoscedastic", noise_var=noise_var)
-    return Aleatoric()
-
-
-def _outputs(names: list[str], units: str | Sequence[str | None] | None) -> OutputSpec:
-    if len(names) == 1:
-        if units is not None and not isinstance(units, str):
-            raise ModelError("target_unit is one unit (a string) for a single target")
-        return OutputSpec(target=names[0], unit=units)
-    unit_list = [None] * len(names) if units is None else units
-    if isinstance(unit_list, str) or len(unit_list) != len(names):
-        raise ModelError(f"target_unit must list one unit (or None) per target: {len(names)}")
-    if len(set(names)) != len(names):
-        raise ModelError(f"target names must be distinct, got {names}")
-    return OutputSpec(
-        targets=[TargetSpec(name=n, unit=u) for n, u in zip(names, unit_list, strict=True)]
-    )

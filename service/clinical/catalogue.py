@@ -41,16 +41,19 @@ class Catalogue:
     def __init__(self, mappings: dict[str, Mapping]) -> None:
         self.mappings = mappings
         self._fit: dict[str, Mapping | None] = {}  # by bundle digest
-        self._clashes: set[tuple[str, tuple[str, ...]]] = set()  # (id, digests), logged once
-        seen: dict[str, str] = {}
+        self._logged: set[tuple[str, tuple[str, ...]]] = set()  # clashes logged once
+        self._clashed: set[str] = set()  # ids refused at the last look (offered())
+        # The operator's mappings reserve their ids for their models, ready or not: no bundle
+        # takes one over while its model is loading or broken.
+        self._reserved: dict[str, str] = {}
         for m in mappings.values():
             for s in m.services:
-                if s.id in seen:
+                if s.id in self._reserved:
                     raise MappingError(
-                        f"CDS service id '{s.id}' is used by the mappings of '{seen[s.id]}' and "
-                        f"'{m.model}'"
+                        f"CDS service id '{s.id}' is used by the mappings of "
+                        f"'{self._reserved[s.id]}' and '{m.model}'"
                     )
-                seen[s.id] = m.model
+                self._reserved[s.id] = m.model
 
     @classmethod
     def load(cls, root: Path) -> Catalogue:
@@ -88,8 +91,9 @@ class Catalogue:
     def offered(self, registry: Registry) -> list[Offered]:
         """Each service id once. Bundle manifests bring their own mappings, so two models may
         name one id: a bundle could take over another model's service, and a call would reach
-        the wrong model. An id two models name is offered by neither (logged, naming both):
-        no call is answered by a model its caller did not mean."""
+        the wrong model. An id in the operator's mapping directory stays its model's (offered
+        while that model is ready, by no other model meanwhile); another id two models name is
+        offered by neither. Each refusal is logged once, naming the models."""
         by_id: dict[str, list[Offered]] = {}
         for name in sorted({e.name for e in registry.entries() if e.ready}):
             model = registry.get(name)
@@ -99,27 +103,38 @@ class Catalogue:
             for s in mapping.services:
                 by_id.setdefault(s.id, []).append(Offered(s, mapping, model))
         out: list[Offered] = []
+        clashed: set[str] = set()
         for service_id, claims in by_id.items():
-            if len(claims) == 1:
+            owner = self._reserved.get(service_id)
+            if owner is not None:  # its model's, if ready (else find() says it is loading)
+                out += [c for c in claims if c.model.name == owner]
+                others = [c.model for c in claims if c.model.name != owner]
+                if others:
+                    self._clash(service_id, others, owner)
+            elif len(claims) == 1:
                 out.append(claims[0])
             else:
-                self._clash(service_id, [c.model for c in claims])
+                clashed.add(service_id)
+                self._clash(service_id, [c.model for c in claims], None)
+        self._clashed = clashed
         return out
 
-    def _clash(self, service_id: str, models: list[ServedModel]) -> None:
+    def _clash(self, service_id: str, models: list[ServedModel], owner: str | None) -> None:
         key = (service_id, tuple(m.digest for m in models))
-        if key in self._clashes:
+        if key in self._logged:
             return
-        self._clashes.add(key)
+        self._logged.add(key)
         names = ", ".join(f"'{m.name}' (version {m.version})" for m in models)
+        reason = (
+            f"CDS service id '{service_id}' belongs to model '{owner}' (the mapping directory); "
+            f"the clinical mappings of {names} name it too and are not offered it"
+            if owner is not None
+            else f"CDS service id '{service_id}' is named by the clinical mappings of models "
+            f"{names}; it is not offered until one of them takes another id"
+        )
         log.error(
-            "CDS service id named by several models; none of them offers it",
-            extra={
-                "service": service_id,
-                "models": [m.name for m in models],
-                "reason": f"CDS service id '{service_id}' is named by the clinical mappings of "
-                f"models {names}; it is not offered until one of them takes another id",
-            },
+            "CDS service id named by several models",
+            extra={"service": service_id, "models": [m.name for m in models], "reason": reason},
         )
 
     def find(self, service_id: str, registry: Registry) -> Offered:
@@ -127,7 +142,7 @@ class Catalogue:
         for o in self.offered(registry):
             if o.service.id == service_id:
                 return o
-        if any(service_id == clash[0] for clash in self._clashes):
+        if service_id in self._clashed:
             raise ModelNotFoundError(
                 f"CDS service '{service_id}' is named by the clinical mappings of several "
                 "models and offered by none until one takes another id (the server's log "

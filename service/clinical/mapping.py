@@ -195,6 +195,9 @@ class Mapping(Strict):
         dupes = sorted(n for n, k in Counter(self.quantities()).items() if k > 1)
         if dupes:
             raise ValueError(f"quantities defined more than once: {dupes}")
+        twice = sorted(i for i, k in Counter(s.id for s in self.services).items() if k > 1)
+        if twice:
+            raise ValueError(f"CDS service ids listed more than once: {twice}")
         sources = {o.name: o for o in self.observations}
         for o in self.observations:
             if o.otherwise is None:

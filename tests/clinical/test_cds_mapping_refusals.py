@@ -19,7 +19,7 @@ from service.clinical.extracted import Extraction
 from service.clinical.extraction import extract
 from service.clinical.mapping import MappingError, load_dir, parse
 from service.clinical.terms import MAX_ENTRIES
-from service.errors import MissingDataError, ModelNotFoundError
+from service.errors import MissingDataError, ModelNotFoundError, ModelNotReadyError
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 MAPPINGS = load_dir(MODELS / "clinical")[0]
@@ -222,7 +222,8 @@ def test_a_code_that_would_change_the_prefetch_query_is_refused(code: str, shown
     refused(with_observation("bp", panels=[panel]), "observation 'bp': panels[0].system", "'?'")
 
 
-# 8. Service ids across bundle manifests: each id offered once, the first model by name keeps it.
+# 8. Service ids across bundle manifests: the mapping directory's ids stay their models'; another
+# id two models name is offered by neither.
 
 
 class Model:
@@ -230,45 +231,76 @@ class Model:
         version = "2"
         raw = (MODELS / name / version / "manifest.json").read_bytes()
         self.manifest = parse_manifest(raw, name).model_copy(update={"clinical": clinical})
-        self.name, self.version, self.digest = name, version, f"sha256:{name}"
+        self.name, self.version, self.digest = name, version, f"sha256:{name}:{id(clinical)}"
 
 
 class Entry:
-    def __init__(self, name: str) -> None:
-        self.name, self.ready = name, True
+    def __init__(self, name: str, ready: bool = True) -> None:
+        self.name, self.ready = name, ready
 
 
 class Registry:
-    def __init__(self, *models: Model) -> None:
+    def __init__(self, *models: Model, loading: tuple[str, ...] = ()) -> None:
         self.models = {m.name: m for m in models}
+        self.loading = loading
 
     def entries(self) -> list[Entry]:
-        return [Entry(n) for n in self.models]
+        return [Entry(n, n not in self.loading) for n in [*self.models, *self.loading]]
 
     def get(self, name: str) -> Model:
+        if name in self.loading:
+            raise ModelNotReadyError(f"model '{name}' is loading")
         return self.models[name]
 
     def versions(self, name: str) -> list[Entry]:
-        return [Entry(name)] if name in self.models else []
+        return [Entry(name)] if name in self.models or name in self.loading else []
+
+
+def _discover(catalogue: Catalogue, registry: Any) -> dict[str, str]:
+    services = catalogue.discovery(registry)["services"]
+    ids = [s["id"] for s in services]
+    assert len(ids) == len(set(ids))
+    return {s["id"]: s["extension"]["example.mcserve.model"]["model"] for s in services}
 
 
 def test_a_bundle_cannot_take_another_model_s_service_id(caplog: pytest.LogCaptureFixture) -> None:
     thief = BREAST | {"services": [BREAST["services"][0] | {"id": "diabetes-progression"}]}
-    registry: Any = Registry(Model("diabetes", None), Model("breast-cancer", thief))
     catalogue = Catalogue(dict(MAPPINGS))
+    registry: Any = Registry(Model("diabetes", None), Model("breast-cancer", thief))
     with caplog.at_level(logging.ERROR, logger="mcserve.cds"):
         for _ in range(2):
-            services = catalogue.discovery(registry)["services"]
-    ids = [s["id"] for s in services]
-    # Offered by neither: a call must not reach a model its caller did not mean.
-    assert len(ids) == len(set(ids)) and "diabetes-progression" not in ids
-    owner = {s["id"]: s["extension"]["example.mcserve.model"]["model"] for s in services}
-    assert owner["diabetes-progression-order-select"] == "diabetes"  # the others stay
+            owner = _discover(catalogue, registry)
+    assert owner["diabetes-progression"] == "diabetes"  # the mapping directory's
     reasons = [r.reason for r in caplog.records if hasattr(r, "reason")]
     assert reasons == [
-        "CDS service id 'diabetes-progression' is named by the clinical mappings of models "
-        "'breast-cancer' (version 2), 'diabetes' (version 2); it is not offered until one of "
-        "them takes another id"
+        "CDS service id 'diabetes-progression' belongs to model 'diabetes' (the mapping "
+        "directory); the clinical mappings of 'breast-cancer' (version 2) name it too and are "
+        "not offered it"
     ]  # logged once, not at every discovery
+    # While diabetes loads, the bundle still does not get its id: the call waits for diabetes.
+    loading: Any = Registry(Model("breast-cancer", thief), loading=("diabetes",))
+    assert "diabetes-progression" not in _discover(catalogue, loading)
+    with pytest.raises(ModelNotReadyError):
+        catalogue.find("diabetes-progression", loading)
+
+
+def test_an_id_two_bundles_name_is_offered_by_neither_until_one_gives_it_up() -> None:
+    mine = BREAST | {"services": [BREAST["services"][0] | {"id": "shared"}]}
+    diabetes = MAPPINGS["diabetes"].model_dump(mode="json", exclude_none=True)
+    theirs = diabetes | {"services": [diabetes["services"][0] | {"id": "shared"}]}
+    catalogue = Catalogue({})  # no mapping directory: both come from their manifests
+    both: Any = Registry(Model("breast-cancer", mine), Model("diabetes", theirs))
+    assert "shared" not in _discover(catalogue, both)
     with pytest.raises(ModelNotFoundError, match="named by the clinical mappings of several"):
-        catalogue.find("diabetes-progression", registry)
+        catalogue.find("shared", both)
+    one: Any = Registry(Model("breast-cancer", mine), Model("diabetes", None))
+    assert catalogue.find("shared", one).model.name == "breast-cancer"  # no stale clash
+    gone: Any = Registry(Model("diabetes", None))
+    with pytest.raises(ModelNotFoundError, match="no CDS service 'shared' is offered"):
+        catalogue.find("shared", gone)
+
+
+def test_a_service_id_listed_twice_in_one_mapping_is_refused() -> None:
+    twice = BREAST | {"services": [BREAST["services"][0]] * 2}
+    with pytest.raises(MappingError, match="CDS service ids listed more than once"):
+        parse(twice, "m")

@@ -157,7 +157,9 @@
       if (!/^[0-9]+$/.test(seed)) throw new Error("the seed is a whole number, 0 or more");
       // Number() rounds past 2^53 (9007199254740993 became ...992): a larger seed stays its
       // digits here and goes into the body unquoted (json(), below).
-      p.seed = Number.isSafeInteger(Number(seed)) ? Number(seed) : seed;
+      // Leading zeros off: the digits go into the JSON as a number, which may not have them.
+      const digits = seed.replace(/^0+(?=[0-9])/, "");
+      p.seed = Number.isSafeInteger(Number(digits)) ? Number(digits) : digits;
     }
     if (confidence) p.confidence = Number(confidence);
     return p;

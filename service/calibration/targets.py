@@ -4,7 +4,9 @@
 - Values are stripped: " 2" is "2".
 - Numbers must be finite and within float32's range (|v| <= 3.4e38): the served model computes
   in float32, so a larger value could only come back as infinity or garbage.
-- Numeric class labels are equal by value: "1", "1.0" and "01" are one class (`key`).
+- Numeric class labels are equal by value, exactly: "1", "1.0" and "01" are one class (`key`);
+  a label is numeric when written in ASCII decimal ("1e3" yes, "1_000" or "١" no), and compared
+  as a Decimal, so 17-digit codes stay distinct.
 - A classification target that is empty, a number that is not finite ("nan", "NaN", "inf") or a
   missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", any case) is a missing value, not
   a class: refused with its row, unless the class list names it exactly (`train --labels NA,...`
@@ -14,7 +16,9 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 
 import numpy as np
 
@@ -24,16 +28,17 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>"})
 
 
-def number(v: str) -> float | None:
-    """``v`` as a finite number, else None."""
-    try:
-        f = float(v)
-    except ValueError:
-        return None
-    return f if math.isfinite(f) else None
+# A label is a number when written in ASCII decimal: float() also reads "1_000", Arabic-Indic
+# and full-width digits, and float64 made 17-digit codes one class and "1e-400" equal to "0".
+DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-def key(label: str) -> float | str:
+def number(v: str) -> Decimal | None:
+    """``v`` as an exact number when it is written as a decimal number, else None."""
+    return Decimal(v) if DECIMAL.fullmatch(v) else None
+
+
+def key(label: str) -> Decimal | str:
     """What makes two labels one class: the value of a number, else the text itself."""
     n = number(label)
     return n if n is not None else label
@@ -80,7 +85,7 @@ def class_indices(
     to a numeric label ("2.0" is label "2"), or, only when no label is a number (so that no
     value can mean both), a class index 0..K-1. ``where(i)`` names row i in an error."""
     exact = {lab: k for k, lab in enumerate(labels)}
-    by_value: dict[float, list[int]] = {}
+    by_value: dict[Decimal, list[int]] = {}
     for k, lab in enumerate(labels):
         n = number(lab)
         if n is not None:
@@ -102,7 +107,8 @@ def class_indices(
                 )
             out[i] = ks[0]
             continue
-        if indices and n is not None and n == int(n) and 0 <= n < len(labels):
+        # Bounds first: int() of "1e999999999" would build a billion-digit integer.
+        if indices and n is not None and 0 <= n < len(labels) and n == n.to_integral_value():
             out[i] = int(n)
             continue
         why = missing(v)

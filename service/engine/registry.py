@@ -66,7 +66,9 @@ def discover(root: Path) -> list[tuple[str, str | None, Path]]:
         if (model_dir / MANIFEST_NAME).is_file():
             found.append((model_dir.name, None, model_dir))
             continue
-        for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        # Hidden ones are a writer's work in progress (service/packaging/destination.py).
+        versions = (p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for vdir in sorted(versions):
             if (vdir / MANIFEST_NAME).is_file():
                 found.append((model_dir.name, vdir.name, vdir))
     return found

@@ -3,8 +3,8 @@
 The name and version are checked against the manifest's own patterns before anything is
 written: a version such as "../escape" had put files outside `<out>/<name>/`, and "v 1" or
 ".hidden" a directory without a manifest that blocked the next run. The files are then written
-into a hidden directory next to the model directories (the registry skips hidden names) and
-renamed into place only when complete, so a failure at any step leaves nothing behind.
+into a hidden directory inside `<out>/<name>/` (the registry skips hidden names) and renamed
+into place only when complete, so a failure at any step leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -57,14 +57,15 @@ def staged(out_dir: Path | str, name: str, version: str, what: str = "save") -> 
     dest = out / name / version
     refuse_existing(dest)
     made = [p for p in (out, out / name) if not p.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(prefix=f".{what}-{name}-", dir=out) as tmp:
+        # In the model directory itself: a rename cannot cross filesystems, and <out>/<name>
+        # may be a mount or a link elsewhere. One level below a hidden directory, the registry
+        # never takes it for a version.
+        with tempfile.TemporaryDirectory(prefix=f".{what}-", dir=dest.parent) as tmp:
             work = Path(tmp) / version
-            work.mkdir()
+            work.mkdir()  # its mode from the umask, as any directory the user makes
             yield work
-            work.chmod(0o755)
-            dest.parent.mkdir(exist_ok=True)
             refuse_existing(dest)  # again: another run may have written it meanwhile
             work.rename(dest)  # atomic; replaces only an empty directory
     except BaseException:
@@ -75,9 +76,6 @@ def staged(out_dir: Path | str, name: str, version: str, what: str = "save") -> 
 
 
 def remove(dest: Path) -> None:
-    """Remove a version this run wrote (e.g. one whose calibration then failed), and its model
-    directory if that is left empty."""
+    """Remove a version this run wrote (e.g. one whose calibration then failed). Its model
+    directory stays, even when empty: the user may have made it (the registry skips it)."""
     shutil.rmtree(dest, ignore_errors=True)
-    parent = dest.parent
-    if parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()

@@ -14,6 +14,7 @@ and any others sorted as text (scikit-learn's order).
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import cast
 
@@ -47,14 +48,14 @@ def classes(
         by_key = {key(lab): k for k, lab in enumerate(labels)}
         y = [index[v] if v in index else by_key[key(v)] for v in values]
         return labels, np.array(y, dtype=np.int64), []
-    spellings: dict[float | str, list[str]] = {}
+    spellings: dict[Decimal | str, list[str]] = {}
     for v in values:  # file order: a class is named as first written
         seen = spellings.setdefault(key(v), [])
         if v not in seen:
             seen.append(v)
     names = {k: s[0] for k, s in spellings.items()}
-    if all(isinstance(k, float) for k in names):
-        order = sorted(names, key=lambda k: cast(float, k))
+    if all(isinstance(k, Decimal) for k in names):
+        order = sorted(names, key=lambda k: cast(Decimal, k))
     else:
         order = sorted(names, key=lambda k: names[k])
     labels = [names[k] for k in order]

@@ -17,6 +17,7 @@ from service.bundle.load import load_bundle
 from service.cli import app
 from service.errors import InvalidInputError, ModelError
 from service.training import train_mlp
+from service.training.classes import classes
 from service.training.results import FittedMLP
 from service.training.served import held_out_metrics
 from service.training.table import read_table
@@ -62,6 +63,19 @@ def test_numeric_labels_equal_by_value_are_one_class(tmp_path: Path) -> None:
     assert table.labels == ["3", "2", "1"] and table.y[:6].tolist() == [2, 2, 1, 1, 0, 0]
     with pytest.raises(InvalidInputError, match=r"the labels \['1', '1.0'\] repeat a class"):
         read_table(tmp_path / "mixed.csv", "y", "classification", ["1", "1.0", "2", "3"])
+
+
+def test_numeric_labels_are_compared_exactly() -> None:
+    """Compared as float64, 17-digit codes were one class, "1e-400" was "0", and float() took
+    "1_000" and Arabic-Indic digits for numbers."""
+    codes = ["100000000000000001", "100000000000000002", "100000000000000003"]
+    labels, y, notes = classes(codes * 2, None, str, Path("c.csv"), "y")
+    assert labels == codes and y.tolist() == [0, 1, 2] * 2 and notes == []
+    for a, b in (("1e-400", "0"), ("1_000", "1000"), ("\u0661", "1")):
+        labels, _, notes = classes([a, b], None, str, Path("c.csv"), "y")
+        assert sorted(labels) == sorted([a, b]) and notes == [], (a, b)
+    labels, y, _ = classes(["1e3", "1000", "2"], None, str, Path("c.csv"), "y")
+    assert labels == ["2", "1e3"] and y.tolist() == [1, 1, 0]  # equal by value, as before
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +84,9 @@ def test_a_failed_calibration_removes_the_version_it_would_calibrate(
     res = _train(data, tmp_path / "repo")
     assert res.exit_code == 2, res.output
     assert "visits/1 was removed again: something only calibration finds" in res.output
-    assert _files(tmp_path / "repo") == []  # no uncalibrated version for `models` to list
+    # No uncalibrated version for `models` to list (the model directory stays: the user may
+    # have made it, and the registry skips an empty one).
+    assert _files(tmp_path / "repo") == ["visits"]
     monkeypatch.undo()
     res = _train(data, tmp_path / "repo")  # the rerun is not blocked by "already exists"
     assert res.exit_code == 0, res.output
@@ -136,3 +141,32 @@ def test_save_writes_a_whole_version_or_nothing(
     ]  # fmt: skip
     with pytest.raises(BundleError, match="already exists"):
         put("1")
+    assert sorted(p.name for p in (out / "m").iterdir()) == ["1"]  # no staging left
+    assert (out / "m" / "1").stat().st_mode & 0o777 == 0o777 & ~_umask()  # the user's umask
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_model_directory_on_another_filesystem_is_written(tmp_path: Path) -> None:
+    """The staging directory sat in <out>, and the rename into <out>/<name> failed with EXDEV
+    when that is a mount or a link to another filesystem (/dev/shm here), after the training."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("this test needs /dev/shm on a filesystem of its own (tmpfs)")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        out = tmp_path / "models"
+        out.mkdir()
+        (out / "m").symlink_to(elsewhere)
+        torch.manual_seed(0)
+        path = save(
+            mlp(0.25, 2, 8, 2), torch.randn(4, 2), out_dir=out, name="m", version="1",
+            task="classification", labels=["a", "b"], intended_use="tests",
+        )  # fmt: skip
+        assert (elsewhere / "1" / "manifest.json").is_file() and path == out / "m" / "1"
+    finally:
+        shutil.rmtree(elsewhere)

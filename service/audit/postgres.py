@@ -19,7 +19,16 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from service.audit.store import SCHEMA_VERSION, Rows, Store, StoreError, check_version
+from service.audit.once import Once, probe_sql
+from service.audit.store import (
+    SCHEMA_VERSION,
+    Rejected,
+    Rows,
+    Store,
+    StoreError,
+    StoreTimeout,
+    check_version,
+)
 
 POSTGRES_MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -72,6 +81,7 @@ class PostgresStore(Store):
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self._conn: Any = None
+        self._once = Once()  # a batch whose COMMIT's answer was lost is not written twice
         self._connect()
 
     def _connect(self) -> Any:
@@ -122,9 +132,16 @@ class PostgresStore(Store):
             yield conn
         except (psycopg.Error, OSError) as exc:
             if state["cut"]:
-                raise StoreError(
+                raise StoreTimeout(
                     f"the audit database {self.description} did not answer within {seconds:g} s "
-                    "(a stalled connection); it is closed and opened again for the next try"
+                    "(a stalled connection, or a link too slow for the batch: the next try sends "
+                    "a smaller one); it is closed and opened again for the next try"
+                ) from exc
+            if isinstance(exc, psycopg.errors.QueryCanceled):  # statement_timeout
+                raise StoreTimeout(
+                    f"the audit database {self.description} cancelled a statement that ran past "
+                    f"its statement_timeout (a slow link or server; the next try sends a smaller "
+                    f"batch): {exc}"
                 ) from exc
             raise
         finally:
@@ -150,6 +167,17 @@ class PostgresStore(Store):
                     cur.execute(stmt)
                 cur.execute("INSERT INTO audit_schema_version VALUES (%s, now())", (v,))
         return SCHEMA_VERSION
+
+    def append(self, records: Rows, feedback: Rows) -> list[Rejected]:
+        def lost() -> bool:  # the connection is gone: the COMMIT may or may not have happened
+            conn = self._conn
+            return conn is None or bool(conn.closed) or bool(conn.broken)
+
+        def exists(table: str, row: dict[str, Any]) -> bool:
+            return bool(self._query(*probe_sql(table, row)))
+
+        write = super().append
+        return self._once.append(records, feedback, write, exists, lost, lambda: self.rejecting)
 
     def _transaction(self, work: Callable[[], None]) -> None:
         with self._deadline(1.5 * self.timeout_s) as conn, conn.transaction():
@@ -195,7 +223,8 @@ def timeouts(url: str, timeout_s: float) -> dict[str, Any]:
         }.items()
         if k not in given
     }
-    options = str(given.get("options") or "")
+    # libpq reads PGOPTIONS only when no `options` is passed: start from it (an operator's).
+    options = str(given.get("options") or os.environ.get("PGOPTIONS") or "")
     if "statement_timeout" not in options:
         out["options"] = f"{options} -c statement_timeout={ms}".strip()
     return out

@@ -11,7 +11,8 @@ framing); the parent speaks first and the child answers every frame:
 
     parent                                  child
     {"url", "path", "inputs", "hmac_key", ...}  ("ready", description) | ("error", text)
-    ("write", [message, ...])               ("ok", written, [(index, why)]) | ("error", text)
+    ("write", [message, ...])               ("ok", written, [(index, why)])
+                                            | ("error", text, timed_out)
     ("close",)                              ("closed",)
 
 A batch is acknowledged only after its transaction committed, so the parent keeps it queued
@@ -31,7 +32,7 @@ from typing import Any
 
 from service.audit.backend import open_store
 from service.audit.rows import Message, RowContext, RowError, row
-from service.audit.store import Store, StoreError
+from service.audit.store import Store, StoreError, StoreTimeout
 from service.child import spawn
 
 
@@ -66,7 +67,7 @@ class SinkClient:
             self.start()
         reply = self._call(("write", messages))
         if reply[0] != "ok":
-            raise StoreError(reply[1])
+            raise (StoreTimeout if reply[2:3] == (True,) else StoreError)(reply[1])
         return int(reply[1]), list(reply[2])
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -172,7 +173,7 @@ def serve(conn: Connection) -> int:
             try:
                 written, invalid = write(store, request[1], ctx)
             except Exception as exc:
-                reply("error", _describe(exc))
+                reply("error", _describe(exc), isinstance(exc, StoreTimeout))
                 continue
             reply("ok", written, invalid)
     finally:

@@ -29,6 +29,11 @@ class StoreError(McServeError):
     code = "audit_unavailable"
 
 
+class StoreTimeout(StoreError):
+    """A call ran past its deadline (PostgreSQL: statement_timeout, or the connection was cut):
+    the writer sends a smaller batch next (a slow link may not carry a large one in time)."""
+
+
 class Rejected(NamedTuple):
     """A row the database refused for its values: left out of its batch, not retried."""
 
@@ -77,6 +82,9 @@ class Store(ABC):
     description: str
     # Errors a database raises for a row's values (retrying cannot help): see `append`.
     data_errors: tuple[type[BaseException], ...] = (OverflowError, UnicodeError)
+    # The rows `append` is leaving out so far (read by a store that must know which rows a
+    # failed try would have kept: postgres.py).
+    rejecting: Sequence[Rejected] = ()
 
     @abstractmethod
     def migrate(self) -> int:
@@ -116,12 +124,13 @@ class Store(ABC):
                 if rows:
                     self._insert(table, columns, rows)
 
+        rejected: list[Rejected] = []
+        self.rejecting = rejected
         try:
             self._transaction(whole)
             return []
         except self.data_errors:
             pass  # again, one savepoint per part, to find the rows at fault
-        rejected: list[Rejected] = []
 
         def careful() -> None:
             rejected.clear()  # a transaction begun again starts over

@@ -34,7 +34,7 @@ from service.audit.backlog import BATCH_BYTES, QUEUE_BYTES, Backlog, weight
 from service.audit.record import Event, message, replica, software
 from service.audit.rows import InputsMode, Message, dumps
 from service.audit.sink import SinkClient
-from service.audit.store import Store
+from service.audit.store import Store, StoreTimeout
 from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")
@@ -93,6 +93,9 @@ class AuditWriter:
         self._store: Store | None = None  # a reading handle, opened when first asked for
         self.healthy = True  # the last write succeeded
         self._queue = Backlog()
+        # A batch's bounds now: halved after a timeout (a link too slow to carry a whole batch
+        # within the store's timeout would fail it forever), doubled back after each success.
+        self._limit = (batch_size, batch_bytes)
         self._wake = asyncio.Event()  # something was queued
         self._kick = asyncio.Event()  # stop: end a retry backoff now
         self._stopping = False
@@ -254,11 +257,14 @@ class AuditWriter:
             filling = len(self._queue) < self.batch_size and self._queue.bytes < self.batch_bytes
             if self.linger_s and filling and not self._stopping:
                 await self._pause(self.linger_s)
-            batch = self._queue.head(self.batch_size, self.batch_bytes)
+            batch = self._queue.head(*self._limit)
             try:
                 written = await loop.run_in_executor(self._thread, self._write, batch)
             except Exception as exc:
                 self.stats.store_errors += 1
+                if isinstance(exc, StoreTimeout):
+                    size = sum(weight(m) for m in batch)
+                    self._limit = (max(1, len(batch) // 2), max(1, size // 2))
                 if self.healthy:
                     log.error(
                         "audit store write failed; retrying (records stay queued)",
@@ -269,6 +275,8 @@ class AuditWriter:
                 delay = min(delay * 2, 0.2 if self._stopping else self.retry_s[1])
                 continue
             self._queue.drop(len(batch))
+            n, size = self._limit
+            self._limit = (min(self.batch_size, 2 * n), min(self.batch_bytes, 2 * size))
             if not self.healthy:
                 log.info("audit store writes resumed", extra={"queued": self.depth})
             self.healthy = True

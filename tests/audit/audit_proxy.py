@@ -1,5 +1,7 @@
 """A TCP proxy on 127.0.0.1 that a test can stop and restart (a real database outage), or
-freeze: connections stay open and acknowledged but nothing is forwarded (a stalled path)."""
+freeze: connections stay open and acknowledged but nothing is forwarded (a stalled path), freeze
+just after forwarding a client's message that holds a marker (an answer lost after a COMMIT), or
+forward the client's bytes at a limited rate (a slow link)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ class Proxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.frozen = threading.Event()
+        self.freeze_on: bytes | None = None  # freeze once a client's data holding this is sent
+        self.rate: float | None = None  # bytes per second, client to server
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -74,10 +78,15 @@ class Proxy:
                     continue
                 ready, _, _ = select.select([a, b], [], [], 0.05)
                 for s in ready:
-                    data = s.recv(65536)
+                    data = s.recv(16384 if self.rate else 65536)
                     if not data:
                         return
+                    if s is a and self.rate:
+                        time.sleep(len(data) / self.rate)
                     peers[s].sendall(data)
+                    if s is a and self.freeze_on is not None and self.freeze_on in data:
+                        self.freeze_on = None
+                        self.frozen.set()
         except (OSError, ValueError):
             return
         finally:

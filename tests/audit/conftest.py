@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from audit_pg import server
+from audit_proxy import Proxy
 from audit_support import Backend, pg_backend
 
 
@@ -26,3 +28,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield Backend("sqlite", {"audit_path": tmp_path / "audit.db"})
         return
     yield from pg_backend(request.getfixturevalue("postgres"))
+
+
+@pytest.fixture
+def via_proxy(postgres: str) -> Iterator[tuple[Backend, Proxy]]:
+    """A PostgreSQL backend whose URL goes through a `Proxy` (a stalled or slow path)."""
+    parts = urlsplit(postgres)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy.start()
+    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+    proxied = urlunsplit(parts._replace(netloc=f"{netloc}:{proxy.port}"))
+    try:
+        for backend in pg_backend(postgres):
+            backend.settings["audit_url"] = backend.settings["audit_url"].replace(
+                postgres, proxied, 1
+            )
+            yield backend, proxy
+    finally:
+        proxy.thaw()
+        proxy.stop()

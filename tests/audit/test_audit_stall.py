@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from audit_proxy import Proxy
@@ -20,24 +18,6 @@ from service.audit.store import SCHEMA_VERSION
 
 ROW = [0.1, -0.2, 0.3, 0.4]
 TIMEOUT_S = 1.0  # the store's timeout in these tests: a stalled call fails after 1.5 s
-
-
-@pytest.fixture
-def via_proxy(postgres: str) -> Iterator[tuple[Backend, Proxy]]:
-    parts = urlsplit(postgres)
-    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    proxy.start()
-    netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
-    proxied = urlunsplit(parts._replace(netloc=f"{netloc}:{proxy.port}"))
-    try:
-        for backend in pg_backend(postgres):
-            backend.settings["audit_url"] = backend.settings["audit_url"].replace(
-                postgres, proxied, 1
-            )
-            yield backend, proxy
-    finally:
-        proxy.thaw()
-        proxy.stop()
 
 
 async def test_a_stalled_connection_fails_the_write_and_readiness(

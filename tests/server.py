@@ -45,6 +45,10 @@ def _limit_files(n: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
+class PortTaken(RuntimeError):
+    """The free port was taken before the server bound it (another process, another worker)."""
+
+
 @contextmanager
 def serve(
     tmp: Path,
@@ -53,7 +57,27 @@ def serve(
     timeout: float = 120,
     nofile: int | None = None,
 ) -> Iterator[Server]:
-    """`nofile`: the server's open-file limit (RLIMIT_NOFILE), e.g. to exhaust it in a test."""
+    """`nofile`: the server's open-file limit (RLIMIT_NOFILE), e.g. to exhaust it in a test.
+    A port taken between its choice and the server's bind (uvicorn binds after the models
+    load, seconds later; tests run on two workers) is chosen again, up to three times."""
+    for attempt in range(3):
+        try:
+            with _serve(tmp, model_dir, env, timeout, nofile) as server:
+                yield server
+            return
+        except PortTaken:
+            if attempt == 2:
+                raise
+
+
+@contextmanager
+def _serve(
+    tmp: Path,
+    model_dir: Path | None,
+    env: dict[str, str] | None,
+    timeout: float,
+    nofile: int | None,
+) -> Iterator[Server]:
     port = free_port()
     log = tmp / f"server-{port}.log"
     cmd = [
@@ -85,7 +109,10 @@ def serve(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
+                said = server.output()
+                if "address already in use" in said.lower():
+                    raise PortTaken(said)
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{said}")
             try:
                 if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
                     break

@@ -118,7 +118,8 @@ class Settings(BaseSettings):
 
     # Shutdown: readiness fails at once, serve `drain_grace_s` more, then drain within timeout.
     drain_grace_s: float = Field(default=5.0, ge=0.0)
-    drain_timeout_s: float = Field(default=20.0, ge=0.0, le=3600.0)
+    # > 0: uvicorn reads 0 as no limit (a drain that always ends in the kubelet's SIGKILL).
+    drain_timeout_s: float = Field(default=20.0, gt=0.0, le=3600.0)
 
     # Operations: API keys (hashes only), what they guard, CORS, model control, logs.
     api_keys: list[ApiKey] = Field(default_factory=list)

@@ -99,6 +99,14 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
                 f"{variable('model_dir')}: {d} holds no model; the server is ready with none "
                 f"{until}"
             )
+        if missing := sorted(set(s.required_models or []) - names):
+            # /readyz stays 503 for it: with maxUnavailable 0 a rollout stalls, and said nothing.
+            later = s.model_control != "none"
+            (warnings if later else errors).append(
+                f"{variable('required_models')} names {', '.join(map(repr, missing))}, not a "
+                f"model under {d}: /readyz answers 503 until "
+                + ("one of that name is loaded" if later else "the server restarts with it")
+            )
         if unknown := sorted(set(s.referral) - names):
             warnings.append(
                 f"{variable('referral')} names {', '.join(map(repr, unknown))}, not a model "

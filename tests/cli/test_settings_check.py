@@ -57,8 +57,22 @@ def repo(tmp_path: Path) -> Path:
             {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_INPUTS": "hmac"},
             "MCSERVE_AUDIT_INPUTS: hmac needs a key; set MCSERVE_AUDIT_HMAC_KEY",
         ),
+        # uvicorn reads 0 as no limit: a drain that always ended in the kubelet's SIGKILL.
+        (
+            {"MCSERVE_DRAIN_TIMEOUT_S": "0"},
+            "MCSERVE_DRAIN_TIMEOUT_S: Input should be greater than 0",
+        ),
     ],
-    ids=["json-object", "json-list", "range", "infinite", "kubernetes-port", "audit-url", "hmac"],
+    ids=[
+        "json-object",
+        "json-list",
+        "range",
+        "infinite",
+        "kubernetes-port",
+        "audit-url",
+        "hmac",
+        "no-drain-limit",
+    ],
 )
 def test_a_wrong_setting_names_its_variable(
     monkeypatch: pytest.MonkeyPatch, repo: Path, env: dict[str, str], error: str
@@ -98,6 +112,21 @@ def test_a_referral_override_for_no_model_is_warned_about(
         [f"MCSERVE_REFERRAL names 'diabets', not a model under {repo}: its overrides apply to "
          "no model until one of that name appears"],
     )  # fmt: skip
+
+
+def test_a_required_model_that_is_not_there_is_said(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    """A misspelt required model passed the check, and /readyz answered 503 for good: with
+    maxUnavailable 0, a rollout stalled without a word at the start."""
+    monkeypatch.setenv("MCSERVE_REQUIRED_MODELS", '["diabets", "diabetes"]')
+    said = (
+        f"MCSERVE_REQUIRED_MODELS names 'diabets', not a model under {repo}: /readyz answers "
+        "503 until "
+    )
+    assert problems({"model_dir": repo}) == ([said + "the server restarts with it"], [])
+    monkeypatch.setenv("MCSERVE_MODEL_CONTROL", "poll")
+    assert problems({"model_dir": repo}) == ([], [said + "one of that name is loaded"])
 
 
 def test_with_polling_a_missing_directory_may_come_later(

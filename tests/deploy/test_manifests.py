@@ -18,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.settings import Settings
+
 # The Kubernetes release whose API schemas the manifests must satisfy (docs/DEPLOY.md says it too).
 KUBERNETES_VERSION = "1.33.0"
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,12 +114,30 @@ def test_settings_come_from_the_config_map(overlay: tuple[str, dict[str, Obj]]) 
     assert all(key.startswith("MCSERVE_") for key in settings(objects))
 
 
-def test_grace_period_outlasts_the_drain(overlay: tuple[str, dict[str, Obj]]) -> None:
+def shutdown_s(env: dict[str, str]) -> float:
+    """The longest a shutdown takes: the grace, the drain, then the audit queue's flush (each
+    the manifest's setting, else the service's default)."""
+    names = ("drain_grace_s", "drain_timeout_s", "audit_flush_timeout_s")
+    fields = Settings.model_fields
+    return sum(float(env.get(f"MCSERVE_{n.upper()}", fields[n].default)) for n in names)
+
+
+def test_grace_period_outlasts_the_drain_and_the_audit_flush(
+    overlay: tuple[str, dict[str, Obj]],
+) -> None:
+    """40 s covered the grace and the drain (25 s) but not the audit flush after them (30 s by
+    default): the kubelet could kill a pod while it wrote the records of answers it gave."""
     _, objects = overlay
-    drain = float(settings(objects)["MCSERVE_DRAIN_GRACE_S"]) + float(
-        settings(objects)["MCSERVE_DRAIN_TIMEOUT_S"]
-    )
-    assert pod_spec(objects)["terminationGracePeriodSeconds"] > drain
+    assert pod_spec(objects)["terminationGracePeriodSeconds"] > shutdown_s(settings(objects))
+
+
+def test_the_startup_budget_covers_loading(overlay: tuple[str, dict[str, Obj]]) -> None:
+    """uvicorn opens the port after the bundles load and warm up: 2 minutes of startup probe
+    restarted pods whose bundles took longer, in a loop."""
+    _, objects = overlay
+    (container,) = pod_spec(objects)["containers"]
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
 
 
 def test_resources_and_gpu_only_in_the_gpu_overlay(overlay: tuple[str, dict[str, Obj]]) -> None:
@@ -223,8 +243,9 @@ def test_inference_service_runs_the_image_with_the_v2_protocol(isvc: Obj) -> Non
     assert env["MCSERVE_PORT"] == str(CONTAINER_PORT)
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    drain = float(env["MCSERVE_DRAIN_GRACE_S"]) + float(env["MCSERVE_DRAIN_TIMEOUT_S"])
-    assert predictor["terminationGracePeriodSeconds"] > drain
+    assert predictor["terminationGracePeriodSeconds"] > shutdown_s(env)
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
     assert predictor["enableServiceLinks"] is False
     assert predictor["securityContext"]["runAsNonRoot"] is True
     context = container["securityContext"]

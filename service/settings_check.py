@@ -128,6 +128,14 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
                 f"{variable('audit_url')}: a postgresql:// URL (or empty for SQLite at "
                 f"{variable('audit_path')}), got scheme {scheme!r}"
             )
+        where = s.audit_path.resolve().parent
+        if not url and not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):
+            # A read-only root filesystem (the manifests') crash-looped at the first write.
+            errors.append(
+                f"{variable('audit_path')}: the SQLite file's directory {where} is not a "
+                "writable directory; mount a volume there and point this setting at it, or set "
+                f"{variable('audit_url')} to a PostgreSQL URL"
+            )
         if s.audit_inputs == "hmac" and s.audit_hmac_key is None:
             errors.append(
                 f"{variable('audit_inputs')}: hmac needs a key; set {variable('audit_hmac_key')}"

@@ -129,6 +129,23 @@ def test_a_required_model_that_is_not_there_is_said(
     assert problems({"model_dir": repo}) == ([], [said + "one of that name is loaded"])
 
 
+def test_an_audit_file_where_nothing_can_be_written_is_said(
+    monkeypatch: pytest.MonkeyPatch, repo: Path, tmp_path: Path
+) -> None:
+    """The image's working directory is on a read-only root filesystem in every manifest: the
+    default audit.db there passed the check, and the server failed at its first write."""
+    monkeypatch.setenv("MCSERVE_AUDIT", "true")
+    nowhere = tmp_path / "absent" / "audit.db"
+    monkeypatch.setenv("MCSERVE_AUDIT_PATH", str(nowhere))
+    assert problems({"model_dir": repo})[0] == [
+        f"MCSERVE_AUDIT_PATH: the SQLite file's directory {nowhere.parent} is not a writable "
+        "directory; mount a volume there and point this setting at it, or set "
+        "MCSERVE_AUDIT_URL to a PostgreSQL URL"
+    ]
+    monkeypatch.setenv("MCSERVE_AUDIT_PATH", str(tmp_path / "audit.db"))
+    assert problems({"model_dir": repo})[0] == []
+
+
 def test_with_polling_a_missing_directory_may_come_later(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ client got, in one canonical form that a replay can recompute and compare byte f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import platform
@@ -155,8 +156,7 @@ def message(e: Event) -> Message:
     if e.adapter_warnings:  # in the answer; a replay cannot know them from the engine
         params["adapter_warnings"] = list(e.adapter_warnings)
     if p.auto is not None:  # samples=auto: a replay decides when to stop as this answer did
-        a = p.auto
-        params["auto"] = {"max_samples": a.max_samples, "tolerance": a.tolerance, "first": a.first}
+        params["auto"] = dataclasses.asdict(p.auto)  # max_samples, tolerance, first
     text = m.manifest.inputs.text
     data, layout_json = encode_inputs(e.x, text.pad_id if text is not None else None)
     return PredictionMessage(e.at, e.request_id, e.route, e.caller, m.name, m.version, m.digest,

@@ -192,10 +192,6 @@ def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction
     auto = p.get("auto")
     if auto is None or params.mode != "mc":
         return model.predict(x, params)
-    settings = adaptive.Adaptive(
-        max_samples=int(auto["max_samples"]),
-        tolerance=float(auto["tolerance"]),
-        first=int(auto.get("first", adaptive.Adaptive.first)),
-    )
+    settings = adaptive.Adaptive(**auto)  # as recorded (record.py)
     [pred] = adaptive.run(model, [x], [dataclasses.replace(params, auto=settings)], settings)
     return pred

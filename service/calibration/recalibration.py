@@ -290,11 +290,7 @@ def calibrate_bundle(
             (staged / fname).chmod(0o644)
         (staged / MANIFEST_NAME).write_bytes(new.dumps())
         (staged / MANIFEST_NAME).chmod(0o644)
-    try:
-        load_bundle(dest, policy)  # what was written must load
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)  # not left to be served
-        raise
+        load_bundle(staged, policy)  # what was written must load, before the registry sees it
     if referral.unfamiliar_words is not None and referral.unfamiliar_words >= 1.0:
         warnings.append(
             f"the unfamiliar-words check will never refer a text: more than "

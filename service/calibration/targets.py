@@ -22,9 +22,10 @@ from decimal import Decimal
 
 import numpy as np
 
+from service.engine.inputs import LARGEST
 from service.errors import InvalidInputError
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = LARGEST["float32"]  # what a served float input holds (engine/inputs.py)
 NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>"})
 
 

@@ -232,12 +232,12 @@ def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
             f"instance {i}, {_feature(spec, j)}: NaN and Infinity are not valid inputs"
         )
     # 1e39 is finite in float64 but infinite in float32: the answer's numbers came back null.
-    over = np.abs(flat) > _LARGEST[spec.dtype]
+    over = np.abs(flat) > LARGEST[spec.dtype]
     if over.any():
         i, j = (int(v) for v in np.argwhere(over)[0])
         raise InvalidInputError(
             f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is beyond what the model's "
-            f"{spec.dtype} inputs hold (magnitude at most {_LARGEST[spec.dtype]:g}); check the "
+            f"{spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); check the "
             "value and its unit"
         )
     _check_ranges(flat, spec)
@@ -263,7 +263,7 @@ def _feature(spec: InputSpec, j: int) -> str:
 
 _BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray, bool]] = {}
 # The largest magnitude each input dtype holds (int64's, as the float64 that is exact below it).
-_LARGEST = {"float32": float(np.finfo(np.float32).max), "int64": float(2**63 - 1024)}
+LARGEST = {"float32": float(np.finfo(np.float32).max), "int64": float(2**63 - 1024)}
 
 
 def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -282,7 +282,7 @@ def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] 
         return None
     if len(_BOUNDS) > 1024:  # specs of unloaded models: forget them all, rebuild on use
         _BOUNDS.clear()
-    most = _LARGEST[spec.dtype]  # NaN and Infinity fail these too
+    most = LARGEST[spec.dtype]  # NaN and Infinity fail these too
     finite = bool((np.abs(lo) <= most).all() and (np.abs(hi) <= most).all())
     _BOUNDS[id(spec)] = (spec, lo, hi, finite)
     return lo, hi, finite

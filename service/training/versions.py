@@ -52,12 +52,11 @@ def calibrate_written(
             return calibrate_bundle(
                 bundle, cal_csv, out, seed=seed, method=method, method_flag=METHOD_FLAG
             )
-    except McServeError as exc:
+    except BaseException as exc:  # an interrupt too: nothing half-done is left behind
         destination.remove(bundle)
+        if not isinstance(exc, McServeError):
+            raise
         kind = type(exc) if type(exc) in _PLAIN else McServeError
         raise kind(
             f"calibrating the trained model failed, so {bundle} was removed again: {exc.message}"
         ) from None
-    except BaseException:  # an interrupt too: nothing half-done is left behind
-        destination.remove(bundle)
-        raise

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from calib_repo import CAL_SAMPLES, Repo, build
@@ -219,3 +220,31 @@ def test_evaluate_writes_markdown_json_and_plots(calibrated: Repo, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert "60 of the 60 evaluation rows are among the bundle's calibrate rows" in result.output
     assert json.loads((out / "report.json").read_text())["overlap_warnings"]
+
+
+def test_a_calibrated_version_that_does_not_load_is_never_in_place(
+    fresh: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What calibrate writes is loaded before it is renamed into place: one that does not load
+    leaves nothing, and no registry ever sees it."""
+    from service.calibration import recalibration
+    from service.errors import BundleError
+
+    seen: list[Path] = []
+    real = recalibration.load_bundle
+
+    def refuse(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if not path.parent.name.startswith(".calibrate-"):
+            return real(path, *args, **kwargs)  # the source
+        seen.append(path)
+        raise BundleError(f"{path}: refused")
+
+    repo = tmp_path / "repo"
+    shutil.copytree(fresh.root / "reg" / "1", repo / "reg" / "1")
+    monkeypatch.setattr(recalibration, "load_bundle", refuse)
+    with pytest.raises(BundleError, match="refused"):
+        recalibration.calibrate_bundle(
+            repo / "reg" / "1", fresh.data / "reg-calibration.csv", repo, samples=CAL_SAMPLES
+        )
+    assert sorted(p.name for p in (repo / "reg").iterdir()) == ["1"]  # nothing left behind
+    assert len(seen) == 1  # loaded where it was staged

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # settings is ground, below the format: only its type is name
     from service.settings import Settings
 
 CODE_SUFFIXES = {".pt2", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
+CODE_ROLES = {"pt2"}  # whatever the file is called
 _SINGLE_ROLES = ("architecture", "weights", "onnx", "pt2", "tokenizer", "words")
 
 
@@ -105,6 +106,12 @@ def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict
         if f.suffix in CODE_SUFFIXES and not policy.allow_code_artifacts:
             raise BundleError(
                 f"{f}: '{f.suffix}' artifacts can run code when loaded; refused "
+                "unless the operator sets allow_code_artifacts=true"
+            )
+        # By role too: a pt2 program under another name (model.bin) unpickles just the same.
+        if art.role in CODE_ROLES and not policy.allow_code_artifacts:
+            raise BundleError(
+                f"{f}: role '{art.role}' is a program that can run code when loaded; refused "
                 "unless the operator sets allow_code_artifacts=true"
             )
         if not f.is_file():

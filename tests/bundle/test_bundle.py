@@ -439,6 +439,29 @@ def test_malicious_pt2_refused_and_never_runs(bundle: Path, tmp_path: Path) -> N
     assert marker.read_text() == "pwned"
 
 
+@pytest.mark.parametrize("name", ["model.bin", "weights2.safetensors", "pt2"])
+def test_pt2_role_under_any_name_refused_and_never_runs(
+    bundle: Path, tmp_path: Path, name: str
+) -> None:
+    """The suffix alone was the gate: a pt2 program listed as `model.bin` was unpickled."""
+    marker = tmp_path / "ran"
+    _malicious_pt2(bundle / name, marker)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["artifacts"][name] = {
+        "sha256": sha256_file(bundle / name),
+        "size": (bundle / name).stat().st_size,
+        "role": "pt2",
+    }
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert str(err.value) == (
+        f"{bundle}/{name}: role 'pt2' is a program that can run code when loaded; refused "
+        "unless the operator sets allow_code_artifacts=true"
+    )
+    assert not marker.exists()
+
+
 def test_stray_pt2_file_refused(bundle: Path) -> None:
     (bundle / "extra.pt2").write_bytes(b"not listed")
     with pytest.raises(BundleError) as e:

@@ -168,10 +168,11 @@ def _groups(model: ServedModel, items: list[Entry]) -> list[list[Entry]]:
         w = entry[1]
         p = w.params
         assert w.req is not None
-        # Sampled noise (quantile intervals of a regressor) draws from the request's seed.
-        own_rng = regression and p.interval == "quantile"
-        seed = w.req.seed if own_rng else None
-        key = (p.samples, p.confidence, p.interval, seed, w.req.sites)  # sites: named in answers
+        # Sampled noise (quantile intervals of a regressor) draws from the request's own seed,
+        # input after input: in a group, a request would get the draws of the group's inputs
+        # before it (two requests with seed 42 answered differently together than alone).
+        alone = entry[0] if regression and p.interval == "quantile" else None
+        key = (p.samples, p.confidence, p.interval, alone, w.req.sites)  # sites: named in answers
         groups.setdefault(key, []).append(entry)
     return list(groups.values())
 

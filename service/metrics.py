@@ -41,6 +41,10 @@ class Metrics:
         (enable_created_metrics if created else disable_created_metrics)()
         r = self.registry = CollectorRegistry()
         self.known: set[str] = set()
+        # Each served version's queue, summed per model name (the gauge's one label): binding
+        # the name to the last version attached hid the others' queues and, after an unload,
+        # kept a retired batcher (and its model) alive.
+        self._queues: dict[str, dict[str, Callable[[], float]]] = {}
         # Labelled children by (metric, labels): `labels()` checks and converts every value
         # under a lock, 25 us of the event loop per prediction (py-spy at concurrency 64).
         # Bounded: every label takes known values only (see above).
@@ -139,11 +143,19 @@ class Metrics:
     ) -> None:
         self.known.add(name)
         self.model_info.labels(name, version, digest, backend, device).set(1)
-        self.queue_rows.labels(name).set_function(queue_rows)
+        queues = self._queues.setdefault(name, {})
+        queues[version] = queue_rows
+        self.queue_rows.labels(name).set_function(lambda: sum(q() for q in queues.values()))
 
     def remove_model(self, name: str, version: str, digest: str, backend: str, device: str) -> None:
         with contextlib.suppress(KeyError):
             self.model_info.remove(name, version, digest, backend, device)
+        queues = self._queues.get(name, {})
+        queues.pop(version, None)
+        if not queues:
+            self._queues.pop(name, None)
+            with contextlib.suppress(KeyError):
+                self.queue_rows.remove(name)
 
     def observe_request(self, model: str | None, route: str, status: int, seconds: float) -> None:
         m = self.model(model)

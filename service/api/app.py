@@ -34,6 +34,7 @@ from service.api.oip.routes import FAST_ENDPOINTS as oip_fast
 from service.api.oip.routes import router as v2_router
 from service.api.pages import docs
 from service.bundle.load import TrustPolicy
+from service.engine import frozen
 from service.engine.device import configure_threads
 from service.engine.registry import ModelFactory, Registry
 from service.engine.worker import ComputeProcess, WorkerSpec
@@ -97,8 +98,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
             poller = asyncio.ensure_future(control.poll_forever(settings.poll_interval_s))
         # Full collections over torch's and FastAPI's long-lived objects caused 100-230 ms
         # latency spikes; freezing what start-up created removes them.
-        gc.collect()
-        gc.freeze()
+        frozen.freeze()
         # Young collections every 700 allocations walked each request's objects once or twice
         # (5 % of the event loop at concurrency 64, py-spy); every 50,000 they walk only what
         # is still in flight. Cycles are still collected, later.

@@ -135,11 +135,13 @@ def _more(model: ServedModel, samples: np.ndarray, w: Work) -> Outcome | None:
 def warm(model: ServedModel) -> None:
     """One MC and one deterministic call: first-call costs never land on a client."""
     x = np.zeros((1, *model.manifest.inputs.shape), dtype=np.float32)
-    if model.buckets is not None:  # one text per length bucket, each filling it
-        pad = model.buckets.pad_id
-        x = np.full((len(model.buckets.lengths), model.buckets.max_tokens), pad, dtype=np.int64)
-        for i, n in enumerate(model.buckets.lengths):
-            x[i, :n] = 1 if pad != 1 else 2
+    text = model.manifest.inputs.text
+    if text is not None:  # one text per length (bucket), each filling it: never all padding,
+        # which a model that masks its padding answers with NaN (no token to attend to)
+        lengths = text.lengths
+        x = np.full((len(lengths), text.max_tokens), text.pad_id, dtype=np.int64)
+        for i, n in enumerate(lengths):
+            x[i, :n] = 1 if text.pad_id != 1 else 2
     samples = model.manifest.defaults.samples
     model.predict(x, PredictParams(samples=samples, confidence=(0.9,), seed=0))
     model.predict(x, PredictParams(samples=2, confidence=(0.9,), mode="deterministic"))

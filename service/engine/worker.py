@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from service.child import spawn
-from service.engine import cancels
+from service.engine import cancels, frozen
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
@@ -254,13 +254,13 @@ class _Child:
             )
         warm(model)
         self.models[key] = model
-        gc.collect()
-        gc.freeze()  # what loading left is long-lived (see app.py), and, as there, young
+        frozen.freeze()  # what loading left is long-lived (see app.py), and, as there, young
         gc.set_threshold(50_000, *gc.get_threshold()[1:])  # collections every 50,000 objects
         return model
 
     def release(self, key: Key) -> None:
-        self.models.pop(key, None)
+        if self.models.pop(key, None) is not None:
+            frozen.collect_released()  # its load froze it: else never collected
 
     def compute(
         self, key: Key, path: os.PathLike[str], works: list[Work]

@@ -4,8 +4,10 @@ a death fails only what it held and the next request starts a new one, shutdown 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from fastapi import FastAPI
 from test_batching import batcher, body, state, until
 
 from service.api.app import build_state
-from service.engine.worker import RESTART_PAUSE_S, ComputeProcess, WorkerSpec, _Child
+from service.engine.worker import RESTART_PAUSE_S, ComputeProcess, WorkerSpec, _Child, key_of
 from service.errors import ComputeUnavailableError, ModelNotReadyError
 from service.settings import Settings
 
@@ -145,6 +147,26 @@ def test_child_refuses_a_bundle_that_changed(repo: Path) -> None:
     with pytest.raises(ModelNotReadyError) as err:
         child.prepare(("clf", "1", "sha256:not-this-one"), repo / "clf" / "1")
     assert "changed after the server read it; reload the model" in err.value.message
+    st.executor.shutdown()
+
+
+def test_child_frees_a_released_model(repo: Path) -> None:
+    """Each load froze what it made (gc.freeze): a released copy stayed for good, its module's
+    reference cycles out of the collector's reach; every reload leaked one more."""
+    st = build_state(settings(repo))
+    assert st.remote is not None
+    child = _Child()
+    child.hello(st.remote.spec)
+    model = st.registry.build("clf", "1", repo / "clf" / "1").model
+    assert model is not None
+    key = key_of(model)
+    copies = []
+    for _ in range(2):
+        child.prepare(key, repo / "clf" / "1")
+        copies.append(weakref.ref(child.models[key].sampler.module))
+        child.release(key)
+    gc.collect()
+    assert [c() for c in copies] == [None, None]
     st.executor.shutdown()
 
 

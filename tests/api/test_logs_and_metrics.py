@@ -111,6 +111,26 @@ def test_created_series_when_asked() -> None:
     assert b"_created" not in generate_latest(plain.registry)
 
 
+def test_queue_rows_counts_every_version_and_forgets_a_retired_one() -> None:
+    """The gauge was bound to the last version attached: the others' queues read 0, and after
+    an unload it kept calling (and holding) the retired batcher."""
+    from service.metrics import Metrics
+
+    m = Metrics()
+    m.add_model("d", "1", "sha256:a", "torch", "cpu", lambda: 5.0)
+    m.add_model("d", "2", "sha256:b", "torch", "cpu", lambda: 7.0)
+    m.add_model("e", "1", "sha256:c", "torch", "cpu", lambda: 1.0)
+
+    def rows(name: str) -> float | None:
+        return m.registry.get_sample_value("mcserve_queue_rows", {"model": name})
+
+    assert (rows("d"), rows("e")) == (12.0, 1.0)
+    m.remove_model("d", "2", "sha256:b", "torch", "cpu")
+    assert rows("d") == 5.0
+    m.remove_model("d", "1", "sha256:a", "torch", "cpu")
+    assert (rows("d"), rows("e")) == (None, 1.0)
+
+
 async def test_deterministic_mode_says_what_it_ignores(client: httpx.AsyncClient) -> None:
     params = {"mode": "deterministic", "samples": 50, "seed": 3, "confidence": 0.9}
     out = (

@@ -20,6 +20,7 @@ from service.bundle.load import load_bundle
 from service.bundle.sequence import explicit
 from service.engine.batcher import Batcher
 from service.engine.buckets import row_lengths
+from service.engine.compute import warm
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
@@ -217,3 +218,13 @@ async def test_a_short_text_is_served_before_the_long_queue_drains(
     executor.shutdown()
     assert done.index("short") <= 1, done
     assert max(batcher.stats.batch_rows) == 10  # a long request: 10 passes x 64 tokens
+
+
+def test_warm_up_without_buckets_reads_tokens_not_padding(tmp_path: Path) -> None:
+    """Warm-up ran a text model without buckets on a row of padding alone: a transformer that
+    masks its padding answers NaN there, and the server refused to start (or the model)."""
+    model = ServedModel(
+        load_bundle(_save(tmp_path, "t", MODELS["transformer"](), None)), device="cpu"
+    )
+    assert model.buckets is None
+    warm(model)  # raised SummaryError: logits contain NaN

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from service.api.app import create_app
 from service.api.common.auth import hash_key
+from service.engine.summaries import SummaryError
 from service.settings import ApiKey, Settings
 
 BODY = {"instances": [[0.1, 0.2, 0.3, 0.4]], "parameters": {"samples": 20}}
@@ -134,3 +138,76 @@ async def test_repository_routes_refused_unless_explicit(repo: Path) -> None:
             )
     assert r.status_code == 403
     assert r.json()["error"].startswith("explicit model control is off")
+
+
+async def test_a_retired_model_is_freed(repo: Path, tmp_path: Path) -> None:
+    """Start-up freezes what it loaded (gc.freeze, against latency spikes): a model unloaded
+    later stayed in memory for good, its reference cycles out of the collector's reach."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    app = create_app(Settings(model_dir=root, model_control="explicit"))
+    async with app.router.lifespan_context(app):
+        st = app.state.mcserve
+        model = st.registry.versions("clf")[0].model
+        assert model is not None
+        gone = weakref.ref(model), weakref.ref(model.sampler.module)  # the module: in cycles
+        del model
+        assert await app.state.model_control.unload("clf") == 1
+        gc.collect()
+        assert [ref() for ref in gone] == [None, None]
+
+
+async def test_a_warm_up_failure_refuses_that_version_only(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the compute process a warm-up error escaped the lifespan: the server did not
+    start, the healthy models with it (one broken bundle never stops the others)."""
+    from service.api.common import lifecycle
+
+    def warm(model: Any) -> None:
+        if model.name == "clf":
+            raise SummaryError("logits contain NaN or infinite values")
+
+    monkeypatch.setattr(lifecycle, "warm", warm)
+    app = create_app(Settings(model_dir=repo, compute_process=False))
+    async with app.router.lifespan_context(app):
+        entries = {e.name: e for e in app.state.mcserve.registry.entries()}
+    assert not entries["clf"].ready
+    assert entries["clf"].error == "warm-up: logits contain NaN or infinite values"
+    assert all(e.ready for name, e in entries.items() if name != "clf")
+
+
+async def test_a_refused_version_is_tried_again_once_mended(repo: Path, tmp_path: Path) -> None:
+    """A version refused once (here: copied without its weights) stayed refused for good, in
+    both modes: polling and an explicit load took any registered path as loaded."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    weights = next((root / "clf" / "1").glob("*.safetensors"))
+    kept = weights.read_bytes()
+    weights.unlink()
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    keys = [ApiKey(id="admin", sha256=hash_key(ADMIN), admin=True)]
+    for control in ("poll", "explicit"):
+        if weights.exists():
+            weights.unlink()
+        app = create_app(
+            Settings(model_dir=root, model_control=control, poll_interval_s=0.05, api_keys=keys)
+        )
+        async with app.router.lifespan_context(app):
+            registry = app.state.mcserve.registry
+            [entry] = registry.versions("clf")
+            assert not entry.ready and "missing" in (entry.error or "")
+            if control == "poll":  # unchanged files: not read again at each poll
+                await asyncio.sleep(0.2)
+                assert registry.versions("clf")[0] is entry
+            weights.write_bytes(kept)
+            if control == "explicit":
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                    r = await c.post("/v2/repository/models/clf/load", headers=admin)
+                assert r.json()["loaded"] == [{"version": "1", "ready": True, "reason": None}]
+            for _ in range(200):
+                if registry.versions("clf")[0].ready:
+                    break
+                await asyncio.sleep(0.02)
+            assert [e.ready for e in registry.versions("clf")] == [True], control

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from service.api.common.state import AppState
+from service.engine import frozen
 from service.engine.batcher import Batcher
 from service.engine.compute import warm
 from service.engine.model import ServedModel
@@ -23,11 +24,30 @@ from service.metrics import Metrics
 log = logging.getLogger("mcserve.lifecycle")
 
 
+Signature = tuple[tuple[str, int, int], ...]
+
+
+def signature(path: Path) -> Signature:
+    """The version directory's files (name, size, modification time): what a change shows in."""
+    try:
+        return tuple(sorted((f.name, *_stat(f)) for f in path.iterdir()))
+    except OSError:
+        return ()
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    st = f.lstat()
+    return st.st_size, st.st_mtime_ns
+
+
 class ModelControl:
     def __init__(self, st: AppState, metrics: Metrics | None = None) -> None:
         self.st = st
         self.metrics = metrics
         self._lock = asyncio.Lock()  # one repository change at a time
+        # A refused bundle's files as they were: polling tries it again once they change (a
+        # half-copied version loads when the copy is done), not every interval.
+        self._refused: dict[Path, Signature] = {}
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -63,11 +83,24 @@ class ModelControl:
             self.st.executor, self.st.registry.build, name, version, path
         )
         if entry.model is not None and self.st.remote is None:
-            await loop.run_in_executor(self.st.executor, warm, entry.model)
+            try:
+                await loop.run_in_executor(self.st.executor, warm, entry.model)
+            except Exception as exc:  # this version is refused; the others still load
+                reason = exc.message if isinstance(exc, McServeError) else type(exc).__name__
+                log.warning("warm-up failed", extra={"model": name, "reason": reason})
+                entry = Entry(entry.name, entry.version, entry.path, error=f"warm-up: {reason}")
         entry = await self._prepare_remote(entry)  # with the process, it warms its own copy
         if entry.model is not None:
             self._attach(entry.model)
+        stale = [e for e in self.st.registry.entries() if e.path == path and e is not entry]
         self.st.registry.add(entry)
+        for old in stale:  # a refused entry of this directory under another version ("?")
+            if (old.name, old.version) != (entry.name, entry.version):
+                self.st.registry.unload(old.name, old.version)
+        if entry.ready:
+            self._refused.pop(path, None)
+        else:
+            self._refused[path] = signature(path)
         log.info(
             "model loaded" if entry.ready else "model refused",
             extra={"model": entry.name, "version": entry.version, "reason": entry.error},
@@ -106,22 +139,23 @@ class ModelControl:
             found = {
                 path: (name, version) for name, version, path in discover(self.st.registry.root)
             }
-            loaded = {e.path: e for e in self.st.registry.entries()}
+            known = self.st.registry.paths()
             for path, (name, version) in found.items():
-                if path not in loaded:
+                refused = self._refused.get(path)
+                if path not in known or (refused is not None and refused != signature(path)):
                     await self._load(name, version, path)
-            for path, entry in loaded.items():
-                if path not in found:
-                    await self._retire(entry)
+            gone = [e for e in self.st.registry.entries() if e.path not in found]
+            await self._retire_all(gone)
 
     async def load(self, name: str) -> list[Entry]:
         """Explicit control: load every version of `name` found on disk and not yet loaded."""
         async with self._lock:
-            known = self.st.registry.paths()
+            ready = {e.path for e in self.st.registry.entries() if e.ready}
             todo = [(n, v, p) for n, v, p in discover(self.st.registry.root) if n == name]
             if not todo:
                 raise ModelNotFoundError(f"model '{name}' is not in the repository on disk")
-            return [await self._load(n, v, p) for n, v, p in todo if p not in known]
+            # refused versions are tried again: the operator may have mended them
+            return [await self._load(n, v, p) for n, v, p in todo if p not in ready]
 
     async def unload(self, name: str, version: str | None = None) -> int:
         """Explicit control: retire every version of `name`, or just `version`."""
@@ -132,9 +166,20 @@ class ModelControl:
             if not entries:
                 what = f"model '{name}'" + (f" version '{version}'" if version else "")
                 raise ModelNotFoundError(f"{what} is not loaded")
-            for e in entries:
-                await self._retire(e)
-            return len(entries)
+            count = len(entries)
+            await self._retire_all(entries)
+            return count
+
+    async def _retire_all(self, entries: list[Entry]) -> None:
+        """Retire each, then free what they held (taken from the list: no reference stays)."""
+        if not entries:
+            return
+        while entries:
+            await self._retire(entries.pop())
+        # The stopped batchers' tasks are still referred to by the loop's callbacks until its
+        # next turn; then start-up's freeze is undone for what they held, else never collected.
+        await asyncio.sleep(0)
+        frozen.collect_released()
 
     async def poll_forever(self, interval_s: float) -> None:
         while True:

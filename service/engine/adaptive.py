@@ -64,7 +64,9 @@ def _decided(margin: np.ndarray, se: np.ndarray, tolerance: float | np.ndarray) 
     return (np.abs(margin) > Z_DECIDED * se) | (se <= tolerance)
 
 
-def _classifier(model: ServedModel, z: np.ndarray, tol: float) -> np.ndarray:
+def _classifier(
+    model: ServedModel, z: np.ndarray, levels: tuple[float, ...], tol: float
+) -> np.ndarray:
     cal = model.calibrator
     t = z.shape[0]
     p_t = softmax(cal.logits(z), axis=-1)  # [T, B, K], as the served summary
@@ -76,8 +78,10 @@ def _classifier(model: ServedModel, z: np.ndarray, tol: float) -> np.ndarray:
     ok = _decided(gap_t.mean(0), gap_t.std(0) / math.sqrt(t), tol)
     se_p = p_t.std(axis=0) / math.sqrt(t)  # [B, K]
     policy = cal.policy
-    if cal.calibrated:
-        q = cal.q(policy.level)
+    # The sets the answer shows, one per requested level (the first also drives the referral's
+    # set-size trigger); the policy's own level decided none of them.
+    for level in levels if cal.calibrated else ():
+        q = cal.q(level)
         if math.isfinite(q):
             ok &= _decided(p - (1.0 - q), se_p, tol).all(axis=-1)
     if policy.epistemic is not None:
@@ -120,7 +124,7 @@ def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float
 def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance: float) -> bool:
     """Whether every input of one request's samples [T, B, outputs] is settled."""
     if model.manifest.task == "classification":
-        return bool(_classifier(model, samples.astype(np.float64), tolerance).all())
+        return bool(_classifier(model, samples.astype(np.float64), p.confidence, tolerance).all())
     return bool(_regressor(model, samples, p, tolerance).all())
 
 

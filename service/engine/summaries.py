@@ -101,6 +101,13 @@ def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
             raise SummaryError(
                 f"confidence level {v!r} is outside (0, 1); use e.g. 0.9 or 0.95, not 90 or 1"
             )
+        # The intervals' end points are quantiles at 0.5 + v / 2, which rounds to 1.0 (an
+        # infinite end) for the last doubles below 1: refused here, before any compute.
+        if 0.5 + v / 2.0 >= 1.0:
+            raise SummaryError(
+                f"confidence level {v!r} is too close to 1 for finite interval ends; use at "
+                "most 0.999999"
+            )
     return values
 
 

@@ -272,6 +272,12 @@ BAD = [
         "confidence level 1.5 is outside (0, 1); use e.g. 0.9 or 0.95, not 90 or 1",
     ),
     (
+        {"instances": [ROW], "parameters": {"confidence": 0.9999999999999999}},
+        422,
+        "confidence level 0.9999999999999999 is too close to 1 for finite interval ends; use "
+        "at most 0.999999",
+    ),
+    (
         {"instances": [ROW], "parameters": {"seed": -1}},
         422,
         "invalid request: parameters.seed: Input should be greater than or equal to 0",

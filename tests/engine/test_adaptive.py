@@ -137,3 +137,27 @@ async def test_batcher_requeues_an_unsettled_request_behind_the_queue(coin: Serv
     (ref,) = adaptive.run(coin, [HARD], [p], auto)
     assert ref.samples == 256
     assert got.summary.probabilities.tobytes() == ref.summary.probabilities.tobytes()
+
+
+def test_sets_are_settled_at_the_levels_the_answer_shows() -> None:
+    """The stopping rule checked set membership at the referral policy's level (0.95) while the
+    answer shows the set at the request's level: at 0.8 this blend of two digits stopped at
+    T = 256 with class 6 at p = 0.9921 +- 0.0038 against the set's threshold 0.9984, a margin
+    inside three standard errors (found by a reviewer's search, trial 116 of seed 0)."""
+    root = Path(__file__).resolve().parents[2]
+    model = ServedModel(load_bundle(root / "models" / "digits" / "2"), device="cpu")
+    data = np.loadtxt(root / "models" / "data" / "digits-test.csv", delimiter=",", skiprows=1)
+    x_all = data[:, :64].astype(np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(117):
+        i, j = rng.integers(0, len(x_all), 2)
+        w = rng.uniform(0.2, 0.8)
+    x = np.clip(w * x_all[i] + (1 - w) * x_all[j], 0, 16).reshape(1, 1, 8, 8).astype(np.float32)
+    tol = 0.002
+    auto = Adaptive(max_samples=1000, tolerance=tol)
+    p = PredictParams(samples=32, confidence=(0.8,), seed=7, interval="quantile", auto=auto)
+    answer = adaptive.run(model, [x], [p], auto)[0]
+    threshold = 1.0 - model.calibrator.q(0.8)
+    probs, se = answer.summary.probabilities[0], answer.summary.probability_se[0]
+    decided = (np.abs(probs - threshold) > adaptive.Z_DECIDED * se) | (se <= tol)
+    assert answer.samples == 1000 or decided.all(), (answer.samples, probs, se)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("calibration",),  # fitting and evaluating calibration (training calibrates what it trains)
     ("encode", "metrics", "packaging"),  # answers as JSON / as Prometheus series; writing bundles
     ("engine",),  # serving: sampler, batcher, registry, and calibration as applied at serve time
-    ("bundle",),  # the format as data: manifest, artifacts, loading and validation
+    ("bundle", "json_body"),  # the format as data; a request body as JSON parsers read it
     ("child", "connections", "errors", "logs", "nn", "settings"),  # ground: no service import
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

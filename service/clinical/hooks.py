@@ -14,7 +14,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.clinical.records import array
-from service.errors import InvalidInputError, json_hint, without_bom
+from service.errors import InvalidInputError, json_hint
+from service.json_body import json_body
 
 # FHIR's instant (https://hl7.org/fhir/datatypes.html#instant): a time zone, no control
 # characters. datetime.fromisoformat alone took "2025-06-01T12:00:00+00:00\x00" (a NUL, which
@@ -146,7 +147,7 @@ T = TypeVar("T", bound=BaseModel)
 def parse(model: type[T], raw: bytes) -> T:
     """Validate a JSON body; errors say where, without echoing values (they may be tokens)."""
     try:
-        return model.model_validate_json(without_bom(raw))
+        return model.model_validate_json(json_body(raw))
     except ValidationError as exc:
         errs = exc.errors(include_input=False)
         details = [

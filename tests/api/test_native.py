@@ -365,3 +365,34 @@ def test_to_array_shapes() -> None:
     spec = InputSpec(shape=[2, 2], value_range=(0, 16))
     arr = to_array([[[0, 1], [2, 3]]], spec, 10)
     assert arr.dtype == np.float32 and arr.shape == (1, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        (
+            "/v1/models/clf:predict",
+            b'{"instances": [[0.1, -0.2, 0.3, 0.4]], "parameters": {"samples": 5, "samples": 7}}',
+            "samples",
+        ),
+        (
+            "/v1/models/clf:predict",
+            b'{"instances": [[1, 2, 3, 4]], "instances": [[0, 0, 0, 0]]}',
+            "instances",
+        ),
+        (
+            "/v2/models/clf/infer",
+            b'{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", '
+            b'"data": [1, 2, 3, 4], "data": [0, 0, 0, 0]}]}',
+            "data",
+        ),
+    ],
+)
+async def test_a_key_repeated_in_an_object_is_refused(
+    client: httpx.AsyncClient, path: str, body: bytes, key: str
+) -> None:
+    """The parser kept the last copy: `"samples": 5, "samples": 7` ran 7 passes, a second
+    `instances` replaced the first, each with a 200 and no word."""
+    r = await client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert f'the key "{key}" appears twice in one object' in r.json()["error"]

@@ -341,3 +341,18 @@ async def test_a_resource_type_fhir_does_not_define_is_a_400_naming_it(
     start = time.monotonic()
     r = await _call(ehr, es384, prefetch)
     assert r.status_code == 200 and time.monotonic() - start < 3.0
+
+
+async def test_a_key_repeated_in_an_object_is_a_400_naming_it(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A second `valueQuantity` in a result was read, the first dropped, without a word: which
+    copy a parser keeps is up to it (RFC 8259), so the call is refused."""
+    raw = orjson.dumps(hook_call(await _prefetch(ehr, "diabetes-progression")))
+    assert raw.count(b'"valueQuantity":{') >= 1
+    twice = raw.replace(b'"valueQuantity":{', b'"valueQuantity":{"value":1.0},"valueQuantity":{', 1)
+    json = {"content-type": "application/json"}
+    r = await ehr.post(DIABETES, content=twice, headers=auth(es384, DIABETES) | json)
+    assert r.status_code == 400
+    diagnostics = r.json()["issue"][0]["diagnostics"]
+    assert 'the key "valueQuantity" appears twice in one object' in diagnostics

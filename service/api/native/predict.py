@@ -26,7 +26,8 @@ from service.encode import response_json
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
 from service.engine.text import encode_texts
-from service.errors import InvalidInputError, UnsupportedMediaTypeError, without_bom
+from service.errors import InvalidInputError, UnsupportedMediaTypeError
+from service.json_body import json_body
 
 FHIR_JSON = "application/fhir+json"
 SUBJECT_PATTERN = r"^(Patient|Group)/[A-Za-z0-9\-.]{1,64}$"
@@ -57,7 +58,7 @@ def parse(body: bytes) -> PredictRequest:
             "invalid request: body: cannot be parsed; send JSON in UTF-8"
         ) from None
     try:
-        return PredictRequest.model_validate_json(without_bom(body))
+        return PredictRequest.model_validate_json(json_body(body))
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]

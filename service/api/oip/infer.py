@@ -26,7 +26,8 @@ from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.text import TextBatch, encode_texts
-from service.errors import InvalidInputError, without_bom
+from service.errors import InvalidInputError
+from service.json_body import json_body
 
 HEADER_LENGTH = Param(
     "header",
@@ -42,7 +43,7 @@ _SHARED = sorted(PredictParameters.model_fields.keys() & InferParameters.model_f
 
 def parse(header: bytes) -> InferRequest:
     try:
-        return InferRequest.model_validate_json(without_bom(header))
+        return InferRequest.model_validate_json(json_body(header))
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError(errors) from None

@@ -7,8 +7,9 @@
 #         node only needs the NVIDIA driver and container toolkit; no nvidia/cuda base image.
 #
 # Layers of a final image, least often changed first: base, user and settings, the virtual
-# environment with torch and the other dependencies (/opt/venv), the model bundles, the service
-# code (/opt/app). A code change rebuilds and ships only the last, small layer.
+# environment with torch and the other dependencies (/opt/venv), the model bundles and their
+# held-out evaluations (what the model pages show: report.json and plots, no Markdown), the
+# service code (/opt/app). A code change rebuilds and ships only the last, small layer.
 #
 # Build arguments:
 #   BASE_IMAGE            a Debian-like image with python3 >= 3.11 and its venv module; the
@@ -105,6 +106,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     MCSERVE_HOST=0.0.0.0 \
     MCSERVE_PORT=8080 \
     MCSERVE_MODEL_DIR=/opt/mcserve/models \
+    MCSERVE_EVALUATION_DIR=/opt/mcserve/evaluation \
     MCSERVE_LOG_LEVEL=info
 WORKDIR /home/mcserve
 # Numeric, so Kubernetes can check runAsNonRoot without a passwd lookup. Everything copied below
@@ -121,10 +123,12 @@ CMD ["serve"]
 FROM runtime AS cuda
 COPY --from=venv-cuda /opt/venv /opt/venv
 COPY models/ /opt/mcserve/models/
+COPY docs/evaluation/ /opt/mcserve/evaluation/
 COPY --from=app /opt/app /opt/app
 
 # The default target is the last stage.
 FROM runtime AS cpu
 COPY --from=venv-cpu /opt/venv /opt/venv
 COPY models/ /opt/mcserve/models/
+COPY docs/evaluation/ /opt/mcserve/evaluation/
 COPY --from=app /opt/app /opt/app

@@ -112,6 +112,12 @@ def main() -> None:
         fail(f"predict: expected one prediction, got {raw[:500]!r}", server)
     print(f"smoke: predict 200: {json.dumps(predictions[0])[:300]}", flush=True)
 
+    # the page shows the bundle's held-out evaluation, which the image carries beside the bundles
+    status, raw = request(f"{base}/models/breast-cancer")
+    if status != 200 or b"Held-out evaluation of this bundle" not in raw:
+        fail(f"/models/breast-cancer answered {status} without its evaluation", server)
+    print("smoke: /models/breast-cancer 200 with its held-out evaluation", flush=True)
+
     server.send_signal(signal.SIGTERM)
     try:
         rc = server.wait(timeout=grace + drain + 10)

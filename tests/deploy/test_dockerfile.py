@@ -7,6 +7,7 @@ checks read the Dockerfile, .dockerignore and pyproject.toml.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.metadata
 import importlib.util
 import json
@@ -24,6 +25,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from service.api.pages import evaluations
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -160,10 +163,16 @@ def test_final_image_contract(dockerfile: Dockerfile, target: str) -> None:
     healthcheck = last("HEALTHCHECK")
     exec_form = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
     assert exec_form[0] == "python" and "/healthz" in exec_form[-1]
-    # from the build context only the model bundles; everything else from the builder stages
-    for keyword, args in instructions:
-        if keyword in ("COPY", "ADD") and "--from=" not in args:
-            assert args.split()[:-1] == ["models/"], args
+    # from the build context only the model bundles and their evaluations; the rest from builders
+    context = {
+        args.split()[0]: args.split()[-1]
+        for keyword, args in instructions
+        if keyword in ("COPY", "ADD") and "--from=" not in args
+    }
+    assert set(context) == {"models/", "docs/evaluation/"}, context
+    # the pages look for reports where the image put them (settings default: docs/evaluation)
+    assert f"MCSERVE_MODEL_DIR={context['models/'].rstrip('/')}" in env.split()
+    assert f"MCSERVE_EVALUATION_DIR={context['docs/evaluation/'].rstrip('/')}" in env.split()
 
 
 def test_dockerignore_allows_only_what_the_dockerfile_copies(dockerfile: Dockerfile) -> None:
@@ -173,7 +182,12 @@ def test_dockerignore_allows_only_what_the_dockerfile_copies(dockerfile: Dockerf
         if line.strip() and not line.lstrip().startswith("#")
     ]
     assert patterns[0] == "*", "an allowlist: exclude everything, then re-include"
-    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    # a re-included evaluation file counts as its folder, which the Dockerfile copies whole
+    allowed = {
+        "docs/evaluation" if p.startswith("!docs/evaluation") else p[1:].rstrip("/")
+        for p in patterns
+        if p.startswith("!")
+    }
     assert not allowed & {".venv", ".git", "build", "tests", "bench", "docs", "deploy"}
     copied = {
         source.rstrip("/")
@@ -184,6 +198,45 @@ def test_dockerignore_allows_only_what_the_dockerfile_copies(dockerfile: Dockerf
         if not source.startswith("--")
     }
     assert copied == allowed
+
+
+def in_context(relative: str, patterns: list[str]) -> bool:
+    """.dockerignore's rule: the last pattern that matches the path or a folder above it wins
+    (`!` re-includes); `*` stays within one path segment."""
+    parts = relative.split("/")
+    keep = True
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        segments = pattern.lstrip("!").rstrip("/").split("/")
+        prefix = parts[: len(segments)]
+        if len(prefix) == len(segments) and all(
+            fnmatch.fnmatchcase(part, seg) for part, seg in zip(prefix, segments, strict=True)
+        ):
+            keep = negated
+    return keep
+
+
+def test_the_image_carries_what_the_model_pages_read_of_each_evaluation() -> None:
+    """Exactly report.json and the plots the pages show (no Markdown, no bench results), for
+    every bundled model's report: a new plot in PLOTS must be re-included too. (Checked with
+    buildah 1.28: without the folder itself re-included, its COPY found nothing.)"""
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    wanted = {"report.json"} | {f"{stem}.png" for stem in evaluations.PLOTS}
+    reports = sorted((ROOT / "docs" / "evaluation").glob("*/report.json"))
+    assert {r.parent.name for r in reports} >= {"breast-cancer", "diabetes", "digits"}
+    assert in_context("docs/evaluation", patterns)
+    for path in (ROOT / "docs" / "evaluation").rglob("*"):
+        relative = path.relative_to(ROOT).as_posix()
+        expected = path.parent.parent.name == "evaluation" and path.name in wanted
+        if path.is_file():
+            assert in_context(relative, patterns) == expected, relative
+    for stem in evaluations.PLOTS:  # a plot no model has yet is carried too
+        assert in_context(f"docs/evaluation/new-model/{stem}.png", patterns)
+    assert not in_context("docs/README.md", patterns)
 
 
 def runtime_distributions() -> set[str]:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.load import LoadedBundle
+from service.bundle.words import MAX_WORD_CHARS
 
 _WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no backtracking
 
@@ -123,7 +124,9 @@ def familiar_words(tokenizer: Any, texts: Iterable[str], min_texts: int) -> list
     df: Counter[str] = Counter()
     for ws in WordReader(tokenizer)([e.ids for e in encodings]):
         df.update(set(ws))
-    return sorted(w for w, n in df.items() if n >= min_texts)
+    # A word longer than words.txt may hold is left out (it counts as unfamiliar): casefolding
+    # lengthens some ("\ufb03" -> "ffi"), and a byte-level BPE has no word-length cap at all.
+    return sorted(w for w, n in df.items() if n >= min_texts and len(w) <= MAX_WORD_CHARS)
 
 
 class Familiarity:

@@ -134,3 +134,17 @@ def test_casefolding_that_adds_a_mark_still_gives_words_the_bundle_accepts() -> 
     words = familiar_words(bpe, texts, 2)
     assert "stanbul" in words and "and" in words  # "İ" casefolds to "i" + U+0307: split there
     assert read_words(dump_words(words), "words.txt", len(words)) == frozenset(words)
+
+
+def test_a_word_longer_than_the_list_may_hold_is_left_out() -> None:
+    """A 90-character WordPiece word of ligatures casefolds to 270 letters: the list held it,
+    its own loader refused it, and `train` failed after training (the version removed)."""
+    from service.bundle.words import MAX_WORD_CHARS, dump_words, read_words
+
+    long = "\ufb03" * 90
+    texts = [f"the patient had {long} today", f"another {long} note"]
+    texts += [f"patient note number {i}" for i in range(10)]
+    tok = train_tokenizer(texts)
+    words = familiar_words(tok, texts, 2)
+    assert "patient" in words and max(map(len, words)) <= MAX_WORD_CHARS
+    assert read_words(dump_words(words), "words.txt", len(words)) == frozenset(words)

@@ -1,0 +1,71 @@
+"""Texts to ids (service/engine/text.py): what the text itself holds, and bounded memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from text_nets import CORPUS
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from service.bundle.spec import TextInput
+from service.engine import text
+from service.engine.text import encode_texts
+from service.errors import InvalidInputError
+
+
+def _readme_tokenizer() -> Any:
+    """As README and docs/BUNDLES.md show: [PAD] and [UNK] registered as special tokens."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]"])
+    tok.train_from_iterator(CORPUS, trainer)
+    assert tok.token_to_id("[PAD]") == 0
+    return tok
+
+
+SPEC = TextInput(tokenizer="tokenizer.json", max_tokens=16, pad_id=0)
+
+
+def test_the_padding_token_written_in_a_text_is_refused() -> None:
+    """'[PAD] chest pain' was tokenized to the padding id: the model masked it (another answer
+    than 'chest pain'), and '[PAD]' alone gave NaN, a 200 with null probabilities."""
+    tok = _readme_tokenizer()
+    for t in ("[PAD]", "[PAD] chest pain"):
+        with pytest.raises(InvalidInputError) as err:
+            encode_texts([t], tok, SPEC, 8)
+        assert err.value.message.startswith("instance 0: the text holds the padding token (id 0)")
+    assert encode_texts(["chest pain"], tok, SPEC, 8).tokens == [2]
+
+
+class Counting:
+    """A tokenizer that records the UTF-8 bytes of each batch it is given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.batches = inner, []  # type: ignore[var-annotated]
+
+    def encode_batch(self, texts: list[str], **kw: Any) -> Any:
+        self.batches.append([len(t.encode()) for t in texts])
+        return self.inner.encode_batch(texts, **kw)
+
+
+def test_texts_are_tokenized_a_bounded_group_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 80 texts of an 8 MB body were tokenized at once: 0.5 GB of encodings in memory (60
+    bytes a byte of text). In groups of at most TOKENIZE_BYTES (or one text): the same ids."""
+    tok = _readme_tokenizer()
+    monkeypatch.setattr(text, "TOKENIZE_BYTES", 2_000)
+    spec = SPEC.model_copy(update={"max_text_bytes": 10_000})
+    texts = [("chest pain " * (k % 7 * 40 + 1)).strip() for k in range(12)]
+    counting = Counting(tok)
+    batch = encode_texts(texts, counting, spec, 16)
+    assert sum(map(len, counting.batches)) == 12
+    assert all(sum(b) <= 2_000 or len(b) == 1 for b in counting.batches)
+    assert len(counting.batches) > 1
+    whole = [tok.encode(t).ids for t in texts]
+    assert batch.tokens == [len(w) for w in whole]
+    want = np.zeros((12, 16), dtype=np.int64)
+    for row, w in zip(want, whole, strict=True):
+        row[: min(16, len(w))] = w[:16]
+    assert np.array_equal(batch.ids, want)

@@ -175,3 +175,15 @@ def without_bom(body: bytes) -> bytes:
     """A JSON body without a UTF-8 byte-order mark, which RFC 8259 lets a parser ignore (some
     Windows tools write one; the parser said "expected value at line 1 column 1")."""
     return body[3:] if body.startswith(b"\xef\xbb\xbf") else body
+
+
+NAME_CHARS = 64  # an error shows this much of a name the client chose (a key): enough to find it
+
+
+def shown_name(name: object) -> str:
+    """A client's key or field name as an error shows it: whole when short, else its start and
+    length (a 3 MB key was echoed twice into a 6 MB answer and once into the access log)."""
+    text = str(name)
+    if len(text) <= NAME_CHARS:
+        return text
+    return f"{text[:NAME_CHARS]}... ({len(text)} characters)"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.spec import InputSpec
-from service.errors import InvalidInputError, PayloadTooLargeError
+from service.errors import InvalidInputError, PayloadTooLargeError, shown_name
 
 
 def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
@@ -35,8 +35,9 @@ def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
             parts = []
             if missing:
                 parts.append(f"missing {missing}")
-            if unknown:
-                parts.append(f"unknown {unknown}")
+            if unknown:  # the client's keys: a few, each cut (a 5 MB key made a 5 MB answer)
+                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+                parts.append(f"unknown {[shown_name(k) for k in unknown[:5]]}{more}")
             raise InvalidInputError(
                 f"instance {i}: {'; '.join(parts)} feature(s); expected exactly {names}"
             )

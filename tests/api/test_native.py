@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import httpx
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from service.engine.inputs import to_array
 
 ROW = [0.1, -0.2, 0.3, 0.4]
+FEATURES = ["f0", "f1", "f2", "f3"]  # the clf model's (tests/conftest.py)
 
 
 async def test_health(client: httpx.AsyncClient) -> None:
@@ -396,3 +398,29 @@ async def test_a_key_repeated_in_an_object_is_refused(
     r = await client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422), r.text
     assert f'the key "{key}" appears twice in one object' in r.json()["error"]
+
+
+@pytest.mark.parametrize("where", ["instance", "parameters", "top"])
+async def test_a_long_key_is_cut_in_the_error(client: httpx.AsyncClient, where: str) -> None:
+    """A 3 MB key was echoed whole, twice, into the answer (and into the access log); here 10 kB,
+    under this app's body limit."""
+    key = "k" * 10_000
+    named = dict(zip(FEATURES, ROW, strict=True))
+    body: dict[str, Any] = {"instances": [[*ROW]]}
+    if where == "instance":
+        body = {"instances": [{**named, key: 1}]}
+    elif where == "parameters":
+        body["parameters"] = {key: 1}
+    else:
+        body[key] = 1
+    r = await client.post("/v1/models/clf:predict", json=body)
+    assert r.status_code == 422 and len(r.content) < 2_000, r.text[:300]
+    assert f"{'k' * 64}... (10000 characters)" in r.json()["error"]
+
+
+async def test_many_problems_are_listed_up_to_a_bound(client: httpx.AsyncClient) -> None:
+    body = {"instances": [ROW], "parameters": {f"k{i}": 1 for i in range(500)}}
+    r = await client.post("/v1/models/clf:predict", json=body)
+    details = r.json()["details"]
+    assert r.status_code == 422 and len(details) == 21
+    assert details[-1]["problem"] == "480 more problems not listed"

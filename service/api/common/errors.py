@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.api.common import html
-from service.errors import McServeError, OverloadedError, json_hint
+from service.errors import McServeError, OverloadedError, json_hint, shown_name
 
 log = logging.getLogger("mcserve.errors")
 
@@ -148,18 +148,25 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [shown_name(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"
+
+
+MAX_DETAILS = 20  # one per problem: 100,000 unknown keys made as many entries
 
 
 async def on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     details = [
         {"field": _loc(tuple(e.get("loc", ()))), "problem": e.get("msg", ""), "type": e.get("type")}
-        for e in exc.errors()
+        for e in errors[:MAX_DETAILS]
     ]
+    if len(errors) > MAX_DETAILS:
+        more = f"{len(errors) - MAX_DETAILS} more problems not listed"
+        details.append({"field": "body", "problem": more, "type": "more"})
     first = details[0] if details else {"field": "body", "problem": "invalid request"}
-    instance = _not_an_instance(exc.errors())
+    instance = _not_an_instance(errors)
     if instance is not None:  # instead of the union's "should be a valid array/object/string"
         first = {"field": "instances", "problem": instance}
     hint = ""

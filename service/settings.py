@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     # Trust: what bundles may hold (service.bundle.load.TrustPolicy.from_settings).
     allow_code_artifacts: bool = False
     max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    max_bundle_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)  # all artifacts together
     pinned_digests: list[str] = Field(default_factory=list)
     max_manifest_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_input_elements: int = Field(default=1 << 22, ge=1, description="values in one instance")

@@ -8,7 +8,13 @@ import itertools
 import math
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from service.bundle.spec import Strict
 
@@ -22,6 +28,9 @@ class Calibration(Strict):
     scaling; service/engine/scaling.py). All n scores are kept, sorted, so that any level can be
     served (q = the ceil((n+1) level)-th).
     """
+
+    # Its numbers are checked below, with messages that name the fix (Strict's would not).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
 
     method: Literal["split-conformal"] = "split-conformal"
     score: Literal["abs-residual-over-std", "one-minus-probability"]
@@ -60,6 +69,18 @@ class Calibration(Strict):
                 raise ValueError(f"calibration.{where} must be finite and >= 0")
         if (self.score == "one-minus-probability") != (self.temperature is not None):
             raise ValueError("calibration.temperature is required for (and only for) classifiers")
+        if self.temperature is not None and not math.isfinite(self.temperature):
+            raise ValueError(
+                f"calibration.temperature must be a finite number > 0 (got {self.temperature}); "
+                "calibrate again (`service calibrate`)"
+            )
+        for name, record in (("temperature_fit", self.temperature_fit), ("fit", self.fit)):
+            bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise ValueError(
+                    f"calibration.{name}.{bad[0]} is {record[bad[0]]}; the fit's record holds "
+                    "finite numbers (a fit that diverged writes no calibration)"
+                )
         self._vector()
         return self
 

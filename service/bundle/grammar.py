@@ -30,6 +30,7 @@ _OPS = {"placeholder", "get_attr", "call_module", "call_function", "call_method"
 _DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "bool"}
 _VALUE_KEYS = {"node", "tuple", "dict", "slice", "ellipsis", "dtype"}
 _MAX_DEPTH = 12
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,13 @@ def check_description(
             raise c.fail(f"layer '{qual}' ({spec['type']}): unknown arguments {str(bad)[:80]}")
         for k, v in args.items():
             c.value(v, f"layer '{qual}'.{k}", None)
+        if issubclass(cls, _BATCH_NORMS) and not args.get("track_running_stats", True):
+            raise c.fail(
+                f"layer '{qual}' ({spec['type']}): track_running_stats=False normalises with "
+                "each batch's own statistics, in eval mode too, so an input's answer would "
+                "depend on the inputs batched with it; train it with track_running_stats=True "
+                "(the default), or use LayerNorm or GroupNorm"
+            )
         layers = args.get("num_layers", 1)
         if isinstance(layers, int) and layers > limits.max_recurrent_layers:
             raise c.fail(

@@ -13,22 +13,24 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
-from google.protobuf.message import Message
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
+from service.bundle import external_data
 from service.bundle.architecture import rebuild
 from service.bundle.grammar import ArchitectureLimits
 from service.bundle.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from service.bundle.onnx_graph import check_graph
 from service.bundle.tokenizer import load_tokenizer
+from service.bundle.vocabulary import check_vocabulary
+from service.bundle.weights import check_finite
 from service.bundle.words import read_words
 from service.errors import BundleError, McServeError
 
@@ -46,6 +48,7 @@ class TrustPolicy:
 
     allow_code_artifacts: bool = False
     max_artifact_bytes: int = 256 * 1024 * 1024
+    max_bundle_bytes: int = 1024 * 1024 * 1024  # all of a bundle's artifacts together
     pinned_digests: Collection[str] = field(default_factory=frozenset)
     max_manifest_bytes: int = 16 * 1024 * 1024
     max_input_elements: int = 1 << 22  # values in one instance (4 Mi: a 3 x 1024 x 1024 image fits)
@@ -58,6 +61,7 @@ class TrustPolicy:
         return cls(
             allow_code_artifacts=settings.allow_code_artifacts,
             max_artifact_bytes=settings.max_artifact_bytes,
+            max_bundle_bytes=settings.max_bundle_bytes,
             pinned_digests=frozenset(settings.pinned_digests),
             max_manifest_bytes=settings.max_manifest_bytes,
             max_input_elements=settings.max_input_elements,
@@ -96,9 +100,12 @@ def _read_bounded(f: Path, limit: int, setting: str) -> bytes:
 
 
 def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict[str, bytes]:
-    """Every listed artifact's verified bytes, by file name."""
+    """Every listed artifact's verified bytes, by file name. Their sizes are summed before any
+    is read: each within max_artifact_bytes, a dozen hard links to one file still made
+    gigabytes (setting max_bundle_bytes)."""
     out: dict[str, bytes] = {}
     root = path.resolve()
+    sizes: dict[str, int] = {}
     for fname, art in sorted(manifest.artifacts.items()):
         f = path / fname
         if "/" in fname or "\\" in fname or fname.startswith(".") or f.resolve().parent != root:
@@ -116,13 +123,28 @@ def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict
             )
         if not f.is_file():
             raise BundleError(f"{f}: artifact listed in the manifest is missing")
-        size = f.stat().st_size
+        sizes[fname] = size = f.stat().st_size
         if size > policy.max_artifact_bytes:
             raise BundleError(
                 f"{f}: artifact is {size} bytes, over the limit of "
                 f"{policy.max_artifact_bytes} (setting max_artifact_bytes)"
             )
-        data = _read_bounded(f, policy.max_artifact_bytes, "max_artifact_bytes")
+    total = sum(sizes.values())
+    if total > policy.max_bundle_bytes:
+        raise BundleError(
+            f"{path / MANIFEST_NAME}: its {len(sizes)} artifacts hold {total} bytes together, "
+            f"over the limit of {policy.max_bundle_bytes} (setting max_bundle_bytes); remove "
+            "artifacts the model does not use, or raise the setting for this model directory"
+        )
+    left = policy.max_bundle_bytes
+    for fname, art in sorted(manifest.artifacts.items()):
+        f = path / fname
+        # What is left of the bundle's budget bounds each read: a file may grow after its stat.
+        limit, setting = min(
+            (policy.max_artifact_bytes, "max_artifact_bytes"), (left, "max_bundle_bytes")
+        )
+        data = _read_bounded(f, limit, setting)
+        left -= len(data)
         if len(data) != art.size or hashlib.sha256(data).hexdigest() != art.sha256:
             raise BundleError(f"{f}: sha256 does not match the manifest (tampered?)")
         out[fname] = data
@@ -149,58 +171,15 @@ def _by_role(path: Path, manifest: Manifest) -> dict[str, str]:
     return names
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto anywhere in the model, found through the protobuf schema itself.
-
-    onnx's own walker (external_data_helper._get_all_tensors) skips sparse tensors (a
-    `sparse_initializer`, a Constant's `sparse_value`): an external reference there reached
-    onnxruntime unchecked, which read a file from the server's working directory into the
-    graph. Walking every message field leaves no place a tensor can hide (functions, subgraphs,
-    training info). A stack, not recursion: nesting depth is the bundle's choice."""
-    stack: list[Message] = [model]
-    while stack:
-        msg = stack.pop()
-        if isinstance(msg, onnx.TensorProto):
-            yield msg
-        children: list[Message] = []
-        for fd, value in msg.ListFields():
-            if fd.type == fd.TYPE_MESSAGE:
-                children.extend(value if fd.is_repeated else [value])
-        stack.extend(reversed(children))  # popped in the file's order
-
-
 def _onnx_with_listed_external_data(
     path: Path, fname: str, files: dict[str, bytes], manifest: Manifest, policy: TrustPolicy
 ) -> bytes:
-    """The graph's bytes with external data inlined from listed, hashed 'data' artifacts, once
-    its cost is bounded (onnx_graph.py)."""
+    """The graph's bytes with external data inlined from listed, hashed 'data' artifacts
+    (external_data.py), once its cost is bounded (onnx_graph.py) and its weights are finite."""
     f = path / fname
     model = onnx.load_model_from_string(files[fname])
-    for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        loc = info.get("location", "")
-        art = manifest.artifacts.get(loc)
-        if art is None or art.role != "data" or loc not in files:
-            where = (
-                "lies outside the bundle"
-                if (not (path / loc).resolve().is_relative_to(path.resolve()))
-                else "is not listed in the manifest (role 'data')"
-            )
-            raise BundleError(f"{f}: external data '{loc}' of tensor '{tensor.name}' {where}")
-        blob = files[loc]
-        try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", len(blob)))
-        except ValueError as exc:
-            raise BundleError(f"{f}: bad offset/length for tensor '{tensor.name}'") from exc
-        if offset < 0 or length < 0 or offset + length > len(blob):
-            raise BundleError(
-                f"{f}: external data of tensor '{tensor.name}' lies past the end of '{loc}'"
-            )
-        tensor.raw_data = blob[offset : offset + length]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+    external_data.inline(model, path, fname, files, manifest)
+    external_data.check_finite(model, str(f))
     limit = policy.architecture.max_activation_elements
     check_graph(model, str(f), limit, list(manifest.inputs.shape))
     return bytes(model.SerializeToString())
@@ -261,13 +240,18 @@ def load_bundle(
                 input_dtype=getattr(torch, manifest.inputs.dtype),
                 limits=policy.architecture,
             )
+            # the layers' weights; get_attr tensors (constants, masks) come back frozen
+            learned = {name for name, w in module.named_parameters() if w.requires_grad}
+            check_finite(state, str(path / roles["weights"]), learned)
         else:
             raise BundleError(f"{mf}: needs an 'architecture' and a 'weights' artifact (or a .pt2)")
-        onnx_bytes = (
-            _onnx_with_listed_external_data(path, roles["onnx"], files, manifest, policy)
-            if "onnx" in roles
-            else None
-        )
+        onnx_bytes = None
+        if "onnx" in roles:
+            onnx_bytes = _onnx_with_listed_external_data(
+                path, roles["onnx"], files, manifest, policy
+            )
+        else:  # a 'data' artifact is a graph's external data: none without a graph
+            external_data.unused(path, manifest, set())
     except McServeError:
         raise
     except Exception as exc:  # parsers raise many types; all mean "this artifact is unusable"
@@ -284,6 +268,15 @@ def load_bundle(
             if roles.get("words") != wname:
                 raise BundleError(f"{mf}: inputs.text.words '{wname}' is not the listed word list")
             words = read_words(files[wname], str(path / wname), text.words.count)
+    if manifest.inputs.dtype == "int64":  # ids past the embedding: a 500 on every such text
+        check_vocabulary(
+            module,
+            manifest.inputs.value_range,
+            tokenizer,
+            text.pad_id if text is not None else None,
+            str(mf),
+            str(path / text.tokenizer) if text is not None else "the tokenizer",
+        )
     if "words" in roles and words is None:
         raise BundleError(f"{mf}: a word list is listed but inputs.text.words does not name it")
     return LoadedBundle(path, manifest, digest, module.eval(), onnx_bytes, tokenizer, words)

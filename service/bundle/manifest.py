@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from service.bundle.calibration import Calibration, ReferralPolicy
+from service.bundle.document import check_document
 from service.bundle.spec import InputSpec, OutputSpec, Strict
 from service.errors import BundleError
 
@@ -248,12 +249,15 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             f"{where}: manifest schema version {version} is newer than this mcserve supports "
             f"(up to {SCHEMA_VERSION}); upgrade mcserve to load this bundle"
         )
+    check_document(data, where)  # depth and non-finite numbers, free-form sections included
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         hint = ""
+        if first["type"] == "finite_number":
+            hint = " (Infinity and NaN are not numbers a manifest may hold)"
         if first["type"] == "extra_forbidden":  # fields are added without a schema bump
             hint = (
                 " (a field this mcserve does not know: a newer mcserve may have written this "

@@ -26,10 +26,14 @@ def _check_ranges(field: str, ranges: list[Range] | None) -> None:
             raise ValueError(
                 f"inputs.{field}[{i}] = [{lo}, {hi}] is not a range (NaN or low > high)"
             )
+        if lo == math.inf or hi == -math.inf:  # open ends are fine, an empty one is not
+            raise ValueError(f"inputs.{field}[{i}] = [{lo}, {hi}] holds no finite value")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Infinity and NaN refused in every number (the writer's too): an infinite temperature or
+    # noise_var loaded and made every answer a 500 or a flat 0.5. InputSpec's open ranges aside.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class WordList(Strict):
@@ -74,6 +78,9 @@ class TextInput(Strict):
 
 
 class InputSpec(Strict):
+    # Its floats are ranges, which may be open ([0, Infinity]); NaN is refused by _check_ranges.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
+
     name: str = "input"
     dtype: Literal["float32", "int64"] = "float32"  # int64: token ids for an embedding
     shape: list[Dim] = Field(min_length=0, max_length=8)  # per instance, no batch dimension

@@ -89,7 +89,17 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
             f"{where}: model dropout {str(model.get('dropout'))[:20]} tokenizes at random; "
             "seeded answers must be repeatable (set it to null for serving)"
         )
-    vocab = model.get("vocab")
+    vocab, merges = model.get("vocab"), model.get("merges")
+    # Checked here, not by len() below: a number there was a bare TypeError, not a refusal.
+    for key, value, kinds in (("vocab", vocab, (dict, list)), ("merges", merges, (list,))):
+        if value is not None and not isinstance(value, kinds):
+            want = " or ".join({dict: "an object", list: "a list"}[k] for k in kinds)
+            raise BundleError(
+                f"{where}: model.{key} must be {want}, got {type(value).__name__}; write the "
+                "tokenizer with the tokenizers library (tokenizer.save)"
+            )
+    if model.get("type") == "Unigram" and not all(isinstance(e, list) and e for e in vocab or []):
+        raise BundleError(f"{where}: a Unigram model.vocab lists [piece, score] pairs")
     if vocab is not None and len(vocab) > MAX_VOCABULARY:
         raise BundleError(f"{where}: {len(vocab)} vocabulary entries, over {MAX_VOCABULARY}")
     if model.get("type") == "Unigram":  # its lattice holds every piece that fits a word
@@ -98,7 +108,6 @@ def check_tokenizer_json(raw: bytes, where: str) -> dict[str, Any]:
             raise BundleError(
                 f"{where}: a Unigram piece of {longest} characters, over {MAX_PIECE_CHARS}"
             )
-    merges = model.get("merges")
     if merges is not None and len(merges) > MAX_MERGES:
         raise BundleError(f"{where}: {len(merges)} merges, over the limit of {MAX_MERGES}")
     return doc
@@ -214,5 +223,29 @@ def load_tokenizer(raw: bytes, where: str) -> Any:
     except Exception as exc:  # the library raises its own exception type
         raise BundleError(f"{where}: the tokenizers library refuses it ({exc})") from exc
     tok.no_truncation()  # the service truncates itself, so that it can count and report
+    # A client's "[PAD]" or "[CLS]" is text, not the special token: as one, "[PAD]" became the
+    # padding id (the model masked it) and "[SEP]" ended a text inside it.
+    tok.encode_special_tokens = True
     tok.no_padding()
     return tok
+
+
+def largest_id(tok: Any) -> int:
+    """The largest id `tok` can put in a text's ids: its vocabulary's with added tokens (ids
+    need not be dense: a vocabulary of 4,000 entries may map one to 4,500) and the special ids
+    a post-processor inserts."""
+    ids = list(tok.get_vocab(with_added_tokens=True).values())
+    stack = [json.loads(tok.to_str()).get("post_processor")]
+    while stack:
+        part = stack.pop()
+        if not isinstance(part, dict):
+            continue
+        stack.extend(part.get("processors") or [])
+        for key in ("sep", "cls"):  # BertProcessing, RobertaProcessing: [token, id]
+            pair = part.get(key)
+            if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], int):
+                ids.append(pair[1])
+        specials = part.get("special_tokens")
+        for token in specials.values() if isinstance(specials, dict) else []:
+            ids.extend(i for i in (token.get("ids") or []) if isinstance(i, int))
+    return max(ids, default=-1)

@@ -16,7 +16,7 @@ from service.engine.buckets import Buckets
 from service.engine.calibrator import Calibrator
 from service.engine.cancels import Flag
 from service.engine.device import describe
-from service.engine.onnx_predictor import OnnxPredictor
+from service.engine.onnx_predictor import checked_predictor
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
 from service.engine.regression import summarize_regression
@@ -54,6 +54,8 @@ class ServedModel:
                 f"(setting referral): {exc}"
             ) from exc
         spec = self.manifest.inputs
+        # Checked against the module (still on the CPU, as loaded) before the sampler moves it.
+        self.onnx = checked_predictor(bundle, onnx_threads) if bundle.onnx_bytes else None
         example = torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype))
         try:
             self.sampler = MCSampler(
@@ -83,18 +85,6 @@ class ServedModel:
                 sampler.pin(self.manifest.sampled_sites)
         except InvalidInputError as exc:
             raise BundleError(f"{bundle.path}: mc.dropout_sites: {exc}") from exc
-        self.onnx = (
-            OnnxPredictor(bundle.onnx_bytes, threads=onnx_threads) if bundle.onnx_bytes else None
-        )
-        if self.onnx is not None:
-            shape = list(self.onnx.input_shape)
-            if self.onnx.dynamic_length and self.buckets is not None:
-                shape = spec.shape  # a dynamic sequence axis serves every bucket
-            if shape != spec.shape:
-                raise BundleError(
-                    f"{bundle.path}/model.onnx: input shape {list(self.onnx.input_shape)} does "
-                    f"not match the manifest's {spec.shape}"
-                )
 
     def _bucket_samplers(
         self, row_budget: int, device: torch.device | str | None, fused_masks: bool

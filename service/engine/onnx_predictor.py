@@ -19,10 +19,19 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.errors import ModelError
+from service.bundle.load import LoadedBundle
+from service.bundle.spec import InputSpec
+from service.errors import BundleError, ModelError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+# ONNX Runtime and torch run the same float32 network with other kernels (fused multiply-adds,
+# other orders of summation), so their answers differ in the last bits: on the bundled models by
+# at most 4e-6 (3e-6 relative). 1e-3 relative and 1e-4 absolute leave room for deeper networks
+# and still refuse a graph that computes something else (a wrong weight or column is off by far
+# more).
+RTOL, ATOL = 1e-3, 1e-4
+_ONNX_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 
 
 def export_onnx(
@@ -94,7 +103,8 @@ class OnnxPredictor:
             self.input_shape[0], int
         )
         # Token models take int64 ids; everything else float32.
-        self.input_dtype = np.int64 if inputs[0].type == "tensor(int64)" else np.float32
+        self.input_type = str(inputs[0].type)  # "tensor(float)", "tensor(int64)", ...
+        self.input_dtype = np.int64 if self.input_type == "tensor(int64)" else np.float32
 
     @property
     def device(self) -> str:
@@ -104,3 +114,79 @@ class OnnxPredictor:
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         out = self.session.run(None, {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32)
+
+
+def probe_input(spec: InputSpec, rows: int = 2) -> np.ndarray:
+    """A small deterministic input [rows, *shape] of the manifest's dtype, within its ranges
+    (training ranges first, then valid ranges, then value_range); token ids are small ids."""
+    n = spec.features
+    frac = 0.2 + 0.6 * ((np.arange(rows * n).reshape(rows, n) * 0.618034) % 1.0)
+    if spec.dtype == "int64":  # ids 1..5, within value_range
+        lo, hi = spec.value_range or (0.0, float("inf"))
+        ids = np.clip(1 + np.arange(rows * n).reshape(rows, n) % 5, np.ceil(lo), np.floor(hi))
+        return ids.astype(np.int64).reshape(rows, *spec.shape)
+    ranges = spec.training_ranges or spec.valid_ranges or [spec.value_range or (-1.0, 1.0)] * n
+    low = np.array([r[0] for r in ranges], dtype=np.float64)
+    high = np.array([r[1] for r in ranges], dtype=np.float64)
+    finite = np.isfinite(low) & np.isfinite(high)
+    with np.errstate(invalid="ignore"):  # the open ranges' (-inf) + 0 is not picked below
+        out = np.where(finite, low + frac * np.where(finite, high - low, 0.0), 2.0 * frac - 1.0)
+    out = np.clip(out, low, high)  # an open range: the unbounded pattern, within its finite end
+    return out.astype(np.float32).reshape(rows, *spec.shape)
+
+
+def disagreement(onnx: OnnxPredictor, module: nn.Module, spec: InputSpec) -> str:
+    """Why the ONNX graph does not compute the module's eval-mode answer ("" when it does):
+    another input type, or another output (shape or values) on `probe_input`. The graph serves
+    mode=deterministic, the module the MC passes: a graph with 5 output columns for a
+    1-output regressor served 5 means, one with 3 logits for 2 labels a 3-class softmax."""
+    want = _ONNX_TYPES[spec.dtype]
+    if onnx.input_type != want:
+        return f"its input is {onnx.input_type}, but the manifest's inputs.dtype is {spec.dtype}"
+    x = probe_input(spec)
+    first = next(iter([*module.parameters(), *module.buffers()]), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        with torch.inference_mode():
+            ref = module.eval()(torch.as_tensor(x, device=device)).float().cpu().numpy()
+        got = onnx.session.run(None, {onnx.input_name: x})[0]
+    except Exception as exc:  # either runtime's error: the probe did not run
+        return f"the probe input {list(x.shape)} did not run ({type(exc).__name__}: {exc})"
+    got = np.asarray(got, dtype=np.float32)
+    if got.shape != ref.shape:
+        return (
+            f"it outputs {list(got.shape)} for the probe input {list(x.shape)}, the "
+            f"architecture and weights {list(ref.shape)}"
+        )
+    if not np.allclose(got, ref, rtol=RTOL, atol=ATOL):
+        worst = float(np.max(np.abs(got - ref)))
+        return (
+            f"its outputs differ from the architecture and weights' by up to {worst:.3g} on a "
+            f"probe input (tolerance {RTOL:g} relative, {ATOL:g} absolute)"
+        )
+    return ""
+
+
+def checked_predictor(bundle: LoadedBundle, threads: int = 1) -> OnnxPredictor:
+    """The bundle's deterministic-path session, refused (BundleError) unless its graph takes
+    the manifest's input and computes the module's eval-mode answer (`disagreement`)."""
+    assert bundle.onnx_bytes is not None
+    spec = bundle.manifest.inputs
+    onnx = OnnxPredictor(bundle.onnx_bytes, threads=threads)
+    arts = bundle.manifest.artifacts
+    where = bundle.path / next((f for f, a in arts.items() if a.role == "onnx"), "model.onnx")
+    shape = list(onnx.input_shape)
+    if onnx.dynamic_length and spec.text is not None and spec.text.buckets:
+        shape = spec.shape  # a dynamic sequence axis serves every bucket
+    if shape != spec.shape:
+        raise BundleError(
+            f"{where}: input shape {list(onnx.input_shape)} does not match the manifest's "
+            f"{spec.shape}"
+        )
+    why = disagreement(onnx, bundle.module, spec)
+    if why:
+        raise BundleError(
+            f"{where}: the ONNX graph (the deterministic path) is not the bundle's model: "
+            f"{why}; export it again from the same module and weights (save() does)"
+        )
+    return onnx

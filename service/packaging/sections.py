@@ -6,8 +6,9 @@ ModelError the writer's user can act on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -15,7 +16,9 @@ from torch import nn
 
 from service.bundle.manifest import Aleatoric, Variance
 from service.bundle.spec import OutputSpec, TargetSpec
-from service.errors import ModelError
+from service.bundle.vocabulary import check_vocabulary, embedding_rows
+from service.bundle.weights import check_finite
+from service.errors import BundleError, ModelError
 
 
 @contextmanager
@@ -33,17 +36,29 @@ def manifest_errors() -> Iterator[None]:
 
 def vocabulary(gm: torch.fx.GraphModule) -> int:
     """The smallest vocabulary among the embeddings that read the input ids directly."""
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sizes = [
-        int(m.num_embeddings)
-        for n in gm.graph.nodes
-        if n.op == "call_module"
-        and isinstance(m := gm.get_submodule(str(n.target)), nn.Embedding)
-        and n.args[:1] == tuple(inputs[:1])
-    ]
-    if not sizes:
+    rows = embedding_rows(gm)
+    if rows is None:
         raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
-    return int(min(sizes))
+    return rows[1]
+
+
+def check_weights(state: dict[str, torch.Tensor], parameters: Collection[str]) -> None:
+    """A weight that is not finite, refused before writing (the loader refuses it too)."""
+    try:
+        check_finite(state, "the module's weights", parameters)
+    except BundleError as exc:  # the module given to save is the cause
+        raise ModelError(exc.message) from None
+
+
+def check_ids(
+    rebuilt: nn.Module, value_range: tuple[float, float] | None, tokenizer: Any, pad_id: int | None
+) -> None:
+    """An id the tokenizer makes, or value_range allows, that the embedding has no row for,
+    refused before writing (the loader refuses it too)."""
+    try:
+        check_vocabulary(rebuilt, value_range, tokenizer, pad_id, "save")
+    except BundleError as exc:  # the model or tokenizer given to save is the cause
+        raise ModelError(exc.message) from None
 
 
 def aleatoric(noise_var: float | None, variance: Variance | None) -> Aleatoric:

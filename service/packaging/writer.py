@@ -161,6 +161,8 @@ def save(
     find_dropout(gm)
     desc = describe(gm)
     state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
+    learned = {name for name, _ in gm.named_parameters()}
+    sections.check_weights(state, learned)  # before the comparison below (NaN fails it vaguely)
     rebuilt = rebuild(
         json.loads(json.dumps(desc)),
         state,
@@ -174,6 +176,8 @@ def save(
         raise ModelError("the module's forward cannot be reproduced from its traced graph")
     if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
         value_range = (0.0, float(sections.vocabulary(rebuilt) - 1))
+    if tokens:
+        sections.check_ids(rebuilt, value_range, tokenizer, pad_id)
     sampler = MCSampler(rebuilt, example, device="cpu")
     out_shape = sampler.output_shape
     n_sites = sampler.sites

@@ -349,6 +349,7 @@ def test_the_trust_policy_is_the_operators_settings(
     given = {
         "allow_code_artifacts": True,
         "max_artifact_bytes": 4096,
+        "max_bundle_bytes": 1 << 20,
         "pinned_digests": frozenset({digest}),
         "max_manifest_bytes": 2048,
         "max_input_elements": 7,

@@ -69,3 +69,15 @@ def test_texts_are_tokenized_a_bounded_group_at_a_time(monkeypatch: pytest.Monke
     for row, w in zip(want, whole, strict=True):
         row[: min(16, len(w))] = w[:16]
     assert np.array_equal(batch.ids, want)
+
+
+def test_a_bundles_tokenizer_reads_special_tokens_in_a_text_as_text() -> None:
+    from service.bundle.tokenizer import load_tokenizer
+
+    raw = _readme_tokenizer()
+    tok = load_tokenizer(raw.to_str().encode(), "tokenizer.json")
+    ids = tok.encode("[PAD] chest pain").ids  # "[", "pa", "##d", "]", "chest", "pain"
+    assert 0 not in ids and ids[-2:] == tok.encode("chest pain").ids and len(ids) == 6
+    assert raw.encode("[PAD] chest pain").ids[0] == 0  # as the library reads it by default
+    batch = encode_texts(["[PAD] chest pain"], tok, SPEC, 8)
+    assert batch.tokens == [6]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -424,3 +426,32 @@ async def test_many_problems_are_listed_up_to_a_bound(client: httpx.AsyncClient)
     details = r.json()["details"]
     assert r.status_code == 422 and len(details) == 21
     assert details[-1]["problem"] == "480 more problems not listed"
+
+
+async def test_a_default_over_the_servers_maximum_says_whose_it_is(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With max_samples under a model's default, every request that sent no samples was told
+    its (unsent) samples were too many; the start said nothing."""
+    from apps import asgi_client, running
+
+    from service.settings import Settings
+
+    with caplog.at_level(logging.WARNING, logger="mcserve.lifecycle"):
+        async with running(Settings(model_dir=repo, max_samples=10)) as app, asgi_client(app) as c:
+            r = await c.post("/v1/models/clf:predict", json={"instances": [ROW]})
+            ok = await c.post(
+                "/v1/models/clf:predict", json={"instances": [ROW], "parameters": {"samples": 10}}
+            )
+    default = 100
+    assert r.status_code == 422 and r.json()["error"] == (
+        f"this model's default samples={default} is over the server's maximum of 10 (setting "
+        "max_samples): send samples (at most 10), or ask the operator to raise "
+        "MCSERVE_MAX_SAMPLES"
+    )
+    assert ok.status_code == 200
+    assert any(
+        rec.getMessage() == "model's default samples over max_samples"
+        and getattr(rec, "model", None) == "clf"
+        for rec in caplog.records
+    )

@@ -92,6 +92,12 @@ class ModelControl:
         entry = await self._prepare_remote(entry)  # with the process, it warms its own copy
         if entry.model is not None:
             self._attach(entry.model)
+            default, limit = entry.model.manifest.defaults.samples, self.st.settings.max_samples
+            if default > limit:  # every request that sends no samples would be a 422
+                log.warning(
+                    "model's default samples over max_samples",
+                    extra={"model": name, "samples": default, "max_samples": limit},
+                )
         stale = [e for e in self.st.registry.entries() if e.path == path and e is not entry]
         self.st.registry.add(entry)
         for old in stale:  # a refused entry of this directory under another version ("?")

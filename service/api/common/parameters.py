@@ -117,6 +117,12 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
         samples = first_passes(PredictParams(0, levels, interval=interval), auto)
     else:
         samples = p.samples if isinstance(p.samples, int) else d.samples
+    if samples > max_samples and p.samples is None:  # the client sent none: say whose it is
+        raise InvalidInputError(
+            f"this model's default samples={samples} is over the server's maximum of "
+            f"{max_samples} (setting max_samples): send samples (at most {max_samples}), or ask "
+            "the operator to raise MCSERVE_MAX_SAMPLES"
+        )
     if samples > max_samples:
         raise InvalidInputError(
             f"samples={samples} is over the maximum of {max_samples} (setting max_samples)"

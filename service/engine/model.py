@@ -24,6 +24,7 @@ from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
+    SummaryError,
     min_samples_for_quantile,
     softmax,
 )
@@ -286,6 +287,11 @@ class ServedModel:
         else:  # batched: torch pads each call to a fixed row count, one text a call is 100x
             run, backend, device = self._torch_point, "torch", self.device
         point = run(x) if self.buckets is None else self.buckets.each(x, run)
+        if not np.isfinite(point).all():  # as the MC summary says: not null probabilities
+            what = "logits" if self.manifest.task == "classification" else "outputs"
+            raise SummaryError(
+                f"{what} contain NaN or infinite values; the model output is unusable"
+            )
         if self.manifest.task == "classification":
             # Through the bundle's calibration, like the MC answer: vector scaling moves labels
             # (medical-abstracts test accuracy 0.544 raw, 0.576 calibrated). It was fitted to

@@ -455,3 +455,22 @@ async def test_a_default_over_the_servers_maximum_says_whose_it_is(
         and getattr(rec, "model", None) == "clf"
         for rec in caplog.records
     )
+
+
+async def test_query_parameters_and_accept_are_read_as_sent(client: httpx.AsyncClient) -> None:
+    """`?samples=5` ran the default passes; `?subject=` without the FHIR Accept was dropped;
+    `application/fhir+json;q=0` (a refusal) was read as asking for FHIR."""
+    url, body = "/v1/models/clf:predict", {"instances": [ROW]}
+    r = await client.post(url + "?samples=5", json=body)
+    assert r.status_code == 422 and r.json()["error"].startswith(
+        "unknown query parameter 'samples': the only one is subject"
+    )
+    r = await client.post(url + "?subject=Patient/1", json=body)
+    assert r.status_code == 422 and r.json()["error"].startswith(
+        "the query parameter subject is read only with Accept: application/fhir+json"
+    )
+    refused = {"accept": "application/json, application/fhir+json;q=0"}
+    r = await client.post(url, json=body, headers=refused)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    r = await client.post(url, json=body, headers={"accept": "application/fhir+json"})
+    assert r.status_code == 422 and "needs the query parameter subject" in r.json()["error"]

@@ -26,7 +26,7 @@ from service.encode import response_json
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
 from service.engine.text import encode_texts
-from service.errors import InvalidInputError, UnsupportedMediaTypeError
+from service.errors import InvalidInputError, UnsupportedMediaTypeError, shown_name
 from service.json_body import json_body
 
 FHIR_JSON = "application/fhir+json"
@@ -38,6 +38,28 @@ SUBJECT = Param(
     "with 'Accept: application/fhir+json': the FHIR subject, e.g. Patient/123; the answer is "
     "then a RiskAssessment (classifier) or Observation (regressor)",
 )
+
+
+def wants_fhir(accept: str) -> bool:
+    """Whether an Accept header asks for FHIR JSON over plain JSON (RFC 9110 media ranges with
+    q values; a tie goes to FHIR, which the client named): `application/fhir+json;q=0` is a
+    refusal of it, which the substring test read as a request."""
+    best: dict[str, float] = {}
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        kind = kind.lower()
+        best[kind] = max(q, best.get(kind, 0.0))
+    fhir = best.get(FHIR_JSON, 0.0)
+    plain = max(best.get(k, 0.0) for k in ("application/json", "application/*", "*/*"))
+    return fhir > 0.0 and fhir >= plain
 
 
 def is_json(content_type: str | None) -> bool:
@@ -82,14 +104,25 @@ async def read(request: Request, name: str, version: str | None) -> PredictReque
 
 async def predict_with(request: Request, name: str, version: str | None) -> Response:
     subject = SUBJECT.read(request)
+    unknown = sorted(set(request.query_params) - {"subject"})
+    if unknown:  # `?samples=5` ran the default passes: a typo never silently falls back
+        raise InvalidInputError(
+            f"unknown query parameter {shown_name(unknown[0])!r}: the only one is subject (with "
+            f"Accept: {FHIR_JSON}); parameters go in the body's 'parameters' object"
+        )
     body = await read(request, name, version)
     st = state(request)
     batcher = st.batcher(name, version)
     model = batcher.model
-    as_fhir = FHIR_JSON in request.headers.get("accept", "")
+    as_fhir = wants_fhir(request.headers.get("accept", ""))
     if as_fhir and subject is None:
         raise InvalidInputError(
             f"Accept: {FHIR_JSON} needs the query parameter subject (e.g. ?subject=Patient/123)"
+        )
+    if subject is not None and not as_fhir:
+        raise InvalidInputError(
+            f"the query parameter subject is read only with Accept: {FHIR_JSON} (the answer "
+            "is then a FHIR resource); send that header, or leave subject out"
         )
     params = to_params(body.parameters, model, st.settings.max_samples)
     spec, limit = model.manifest.inputs, st.settings.max_instances

@@ -211,3 +211,22 @@ async def test_a_refused_version_is_tried_again_once_mended(repo: Path, tmp_path
                     break
                 await asyncio.sleep(0.02)
             assert [e.ready for e in registry.versions("clf")] == [True], control
+
+
+async def test_a_repository_body_that_is_not_json_says_where(repo: Path) -> None:
+    """FastAPI's error put the character position where a field's name goes: "14: JSON decode
+    error"."""
+    keys = [ApiKey(id="admin", sha256=hash_key(ADMIN), admin=True)]
+    app = create_app(Settings(model_dir=repo, model_control="explicit", api_keys=keys))
+    headers = {"Authorization": f"Bearer {ADMIN}", "content-type": "application/json"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post(
+                "/v2/repository/models/clf/unload", content=b'{"parameters":', headers=headers
+            )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == (
+        "invalid request: body: JSON decode error (Expecting value at character 14) (the body "
+        "must be valid JSON)"
+    )

@@ -14,10 +14,9 @@ import re
 
 import jiter
 
-from service.errors import InvalidInputError, without_bom
+from service.errors import InvalidInputError, shown_name, without_bom
 
 _DUPLICATE = re.compile(r'^Detected duplicate key "(.*)" at line (\d+) column (\d+)$', re.DOTALL)
-SHOWN_KEY_CHARS = 64  # a key is the client's text: quoted, but not at any length
 
 
 def json_body(raw: bytes) -> bytes:
@@ -29,9 +28,8 @@ def json_body(raw: bytes) -> bytes:
         found = _DUPLICATE.match(str(exc))
         if found is not None:
             key, line, column = found.groups()
-            shown = key if len(key) <= SHOWN_KEY_CHARS else f"{key[:SHOWN_KEY_CHARS]}..."
             raise InvalidInputError(
-                f'invalid request: body: the key "{shown}" appears twice in one object (line '
-                f"{line}, column {column}); send each key once"
+                f"invalid request: body: the key {shown_name(key)!r} appears twice in one object "
+                f"(line {line}, column {column}); send each key once"
             ) from None
     return body

@@ -94,13 +94,6 @@ def encode_texts(
                 "policy 'error'): shorten the text"
             )
         take = enc.ids[:limit]
-        special = enc.special_tokens_mask
-        if any(t == spec.pad_id and not special[k] for k, t in enumerate(take)):
-            # from the text itself (the template may add it): the model would mask it
-            raise InvalidInputError(
-                f"instance {i}: the text holds the padding token (id {spec.pad_id}), which the "
-                "model skips as padding; remove it (e.g. a literal special token like [PAD])"
-            )
         ids[i, : len(take)] = take
         counts.append(n)
         cut.append(n > limit)

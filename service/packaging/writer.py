@@ -94,10 +94,10 @@ def save(
 
     Text models: pass a `tokenizers.Tokenizer` and an example of token ids [B, L]; L becomes the
     maximum number of tokens, texts are padded with `pad_id` (default: the tokenizer's [PAD] or
-    <pad>, else 0) and longer ones cut or refused (`truncation`). `buckets`: the lengths a text
-    is padded to, the smallest that holds it ("auto": powers of two from 16, kept only for a
-    model whose answers do not depend on its padding; a list: those, trusted; None: always
-    max_tokens), see service.packaging.lengths.py.
+    <pad>; without either, `pad_id` is required) and longer ones cut or refused (`truncation`).
+    `buckets`: the lengths a text is padded to, the smallest that holds it ("auto": powers of
+    two from 16, kept only for a model whose answers do not depend on its padding; a list:
+    those, trusted; None: always max_tokens), see service.packaging.lengths.py.
 
     A regressor outputs its mean, with ``noise_var`` (1/tau) as its fixed noise; or, with
     ``variance`` ("log_variance" or "softplus_std"), its mean and then its noise's variance
@@ -151,7 +151,12 @@ def save(
             raise ModelError("a text model's example_input is token ids of shape [B, max_tokens]")
         if pad_id is None:
             found = [tokenizer.token_to_id(t) for t in ("[PAD]", "<pad>")]
-            pad_id = next((i for i in found if i is not None), 0)
+            pad_id = next((i for i in found if i is not None), None)
+        if pad_id is None:  # 0 was taken: in a byte-level BPE it is "!", masked as padding
+            raise ModelError(
+                "the tokenizer has no [PAD] or <pad> token: pass pad_id, the id the model pads "
+                "with (one no text encodes to)"
+            )
     # Sequence layers with hidden dropout made explicit, then traced with the declared shapes
     # (a text model with length buckets: with its length free, see lengths.py).
     plain = explicit(declare(module, variational) if variational else module).eval()
@@ -161,7 +166,7 @@ def save(
     find_dropout(gm)
     desc = describe(gm)
     state = {k: v.detach().contiguous().clone() for k, v in gm.state_dict().items()}
-    learned = {name for name, _ in gm.named_parameters()}
+    learned = {name for name, w in gm.named_parameters() if w.requires_grad}  # as load reads
     sections.check_weights(state, learned)  # before the comparison below (NaN fails it vaguely)
     rebuilt = rebuild(
         json.loads(json.dumps(desc)),

@@ -390,6 +390,11 @@ def test_to_array_shapes() -> None:
             b'"data": [1, 2, 3, 4], "data": [0, 0, 0, 0]}]}',
             "data",
         ),
+        (
+            "/v1/models/clf:predict",
+            b'{"instances": [[1, 2, 3, 4]], "' + b"k" * 100 + b'": 1, "' + b"k" * 100 + b'": 2}',
+            f"{'k' * 64}... (100 characters)",
+        ),
     ],
 )
 async def test_a_key_repeated_in_an_object_is_refused(
@@ -399,7 +404,7 @@ async def test_a_key_repeated_in_an_object_is_refused(
     `instances` replaced the first, each with a 200 and no word."""
     r = await client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code in (400, 422), r.text
-    assert f'the key "{key}" appears twice in one object' in r.json()["error"]
+    assert f"the key '{key}' appears twice in one object" in r.json()["error"]
 
 
 @pytest.mark.parametrize("where", ["instance", "parameters", "top"])

@@ -355,4 +355,4 @@ async def test_a_key_repeated_in_an_object_is_a_400_naming_it(
     r = await ehr.post(DIABETES, content=twice, headers=auth(es384, DIABETES) | json)
     assert r.status_code == 400
     diagnostics = r.json()["issue"][0]["diagnostics"]
-    assert 'the key "valueQuantity" appears twice in one object' in diagnostics
+    assert "the key 'valueQuantity' appears twice in one object" in diagnostics

@@ -230,3 +230,34 @@ async def test_a_repository_body_that_is_not_json_says_where(repo: Path) -> None
         "invalid request: body: JSON decode error (Expecting value at character 14) (the body "
         "must be valid JSON)"
     )
+
+
+async def test_a_copy_that_ends_during_the_refused_load_is_tried_again(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files were looked at after the load: a copy that ended while it ran looked unchanged
+    from then on, and the version stayed refused for good."""
+    from service.engine.registry import Registry
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    weights = next((root / "clf" / "1").glob("*.safetensors"))
+    kept = weights.read_bytes()
+    weights.unlink()
+    build = Registry.build
+
+    def build_then_copy_ends(self: Registry, *args: Any) -> Any:
+        entry = build(self, *args)  # refused: the weights are not there yet
+        monkeypatch.setattr(Registry, "build", build)
+        weights.write_bytes(kept)  # ... and the copy completes while the load is busy
+        return entry
+
+    monkeypatch.setattr(Registry, "build", build_then_copy_ends)
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    async with app.router.lifespan_context(app):
+        registry = app.state.mcserve.registry
+        for _ in range(200):
+            if registry.versions("clf")[0].ready:
+                break
+            await asyncio.sleep(0.02)
+        assert [e.ready for e in registry.versions("clf")] == [True]

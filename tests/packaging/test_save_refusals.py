@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from nets import mlp
-from text_nets import CORPUS, TextCNN, wordpiece
+from text_nets import CORPUS, VOCAB, TextCNN, wordpiece
 from torch import nn
 
 from service.errors import ModelError
@@ -100,3 +100,25 @@ def test_an_infinite_buffer_is_not_a_weight(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as e:
         _save(nan.eval(), torch.randn(4, 6), tmp_path / "nan")
     assert "tensor 'floor' holds nan (2 of its 2 values are NaN)" in e.value.message
+
+
+def test_a_tokenizer_without_a_padding_token_needs_pad_id(tmp_path: Path) -> None:
+    """Padding defaulted to id 0: in a byte-level BPE that is "!", so every text with one was
+    masked where it said it (the reviewer's "Sudden chest pain!")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=alphabet)
+    )
+    assert tok.id_to_token(0) == "!"
+    ids = torch.ones(4, 16, dtype=torch.int64)
+    with pytest.raises(ModelError) as e:
+        _save(TextCNN(), ids, tmp_path, tokenizer=tok)
+    assert e.value.message == (
+        "the tokenizer has no [PAD] or <pad> token: pass pad_id, the id the model pads with "
+        "(one no text encodes to)"
+    )
+    assert not (tmp_path / "m").exists()

@@ -24,20 +24,20 @@ from service.metrics import Metrics
 log = logging.getLogger("mcserve.lifecycle")
 
 
-Signature = tuple[tuple[str, int, int], ...]
+Signature = tuple[tuple[str, int, int, int, int], ...]
 
 
 def signature(path: Path) -> Signature:
-    """The version directory's files (name, size, modification time): what a change shows in."""
+    """The version directory's files (name, size, times, inode): what a change shows in."""
     try:
         return tuple(sorted((f.name, *_stat(f)) for f in path.iterdir()))
     except OSError:
         return ()
 
 
-def _stat(f: Path) -> tuple[int, int]:
-    st = f.lstat()
-    return st.st_size, st.st_mtime_ns
+def _stat(f: Path) -> tuple[int, int, int, int]:
+    st = f.lstat()  # ctime and inode too: a file put back with its old size and mtime (cp -p)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class ModelControl:
@@ -79,6 +79,7 @@ class ModelControl:
 
     async def _load(self, name: str, version: str | None, path: Path) -> Entry:
         loop = asyncio.get_running_loop()
+        files = signature(path)  # before reading: a copy that ends during the load is a change
         entry = await loop.run_in_executor(
             self.st.executor, self.st.registry.build, name, version, path
         )
@@ -106,7 +107,7 @@ class ModelControl:
         if entry.ready:
             self._refused.pop(path, None)
         else:
-            self._refused[path] = signature(path)
+            self._refused[path] = files
         log.info(
             "model loaded" if entry.ready else "model refused",
             extra={"model": entry.name, "version": entry.version, "reason": entry.error},
@@ -128,6 +129,7 @@ class ModelControl:
 
     async def _retire(self, entry: Entry) -> None:
         self.st.registry.unload(entry.name, entry.version)
+        self._refused.pop(entry.path, None)
         batcher = self.st.batchers.get((entry.name, entry.version))
         if batcher is not None:
             await batcher.stop(drain=True)

@@ -261,3 +261,25 @@ async def test_a_copy_that_ends_during_the_refused_load_is_tried_again(
                 break
             await asyncio.sleep(0.02)
         assert [e.ready for e in registry.versions("clf")] == [True]
+
+
+async def test_a_mended_unversioned_bundle_replaces_its_refused_entry(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A bundle straight under its model's folder, refused, is listed as version '?': once it
+    loads as its manifest's version, the '?' entry goes (else a ghost version stays listed)."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf" / "1", root / "clf")
+    weights = next((root / "clf").glob("*.safetensors"))
+    kept = weights.read_bytes()
+    weights.unlink()
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    async with app.router.lifespan_context(app):
+        registry = app.state.mcserve.registry
+        assert [(e.version, e.ready) for e in registry.versions("clf")] == [("?", False)]
+        weights.write_bytes(kept)
+        for _ in range(200):
+            if any(e.ready for e in registry.versions("clf")):
+                break
+            await asyncio.sleep(0.02)
+        assert [(e.version, e.ready) for e in registry.versions("clf")] == [("1", True)]

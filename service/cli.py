@@ -225,7 +225,12 @@ def calibrate(
         raise typer.Exit(2) from None
     cal, m = res.manifest.calibration, res.manifest
     assert cal is not None and m.referral is not None
-    qs = ", ".join(f"{lv:g}: {quantile(cal.scores, lv):.4g}" for lv in (0.8, 0.9, 0.95, 0.99))
+    # A multi-output regressor keeps one score list per target (cal.scores is then empty).
+    lists = list(cal.target_scores.values()) if cal.target_scores else [cal.scores]
+    qs = "; ".join(
+        ", ".join(f"{lv:g}: {quantile(scores, lv):.4g}" for lv in (0.8, 0.9, 0.95, 0.99))
+        for scores in lists
+    )
     typer.echo(f"wrote {res.path} (version {m.version}, from {cal.source.get('version')})")
     typer.echo(f"  {cal.n} rows, {cal.samples} passes, seed {cal.seed}; conformal q {qs}")
     if cal.temperature is not None:

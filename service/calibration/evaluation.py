@@ -103,13 +103,15 @@ def _regression(served: ServedModel, out: np.ndarray, req: MCRequest, y: np.ndar
     for method, pred in preds.items():
         summary = pred.summary
         assert isinstance(summary, RegressionSummary)
+        n = cal.calibration.n if method == "conformal" and cal.calibration is not None else 0
         intervals[method] = [
             {
                 "level": iv.level,
                 "coverage": metrics.picp(y, iv.lower[:, 0], iv.upper[:, 0]),
                 "mean_width": metrics.mean_width(iv.lower[:, 0], iv.upper[:, 0]),
             }
-            | (_expected(cal.calibration.n, iv.level, y.size) if cal.calibration else {})
+            # the finite-sample expectation is conformal's: other intervals promise nothing
+            | (_expected(n, iv.level, y.size) if n else {})
             for iv in summary.intervals
         ]
     curves: dict[str, Any] = {"levels": list(CURVE_LEVELS)}

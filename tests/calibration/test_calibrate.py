@@ -190,7 +190,9 @@ def test_evaluate_writes_markdown_json_and_plots(calibrated: Repo, tmp_path: Pat
         assert ref["trigger_rates"] == {k: v / 40 for k, v in ref["triggers"].items()}
         for k, v in ref["triggers"].items():
             assert f"{k} {v} ({100 * v / 40:.1f} %)" in text
-        if name == "reg":
+        if name == "reg":  # the finite-sample expectation is said of conformal intervals only
+            assert all("expected_coverage" in r for r in numbers["intervals"]["conformal"])
+            assert not any("expected_coverage" in r for r in numbers["intervals"]["gaussian"])
             assert [r["level"] for r in numbers["intervals"]["conformal"]] == [
                 0.5,
                 0.8,
@@ -248,3 +250,32 @@ def test_a_calibrated_version_that_does_not_load_is_never_in_place(
         )
     assert sorted(p.name for p in (repo / "reg").iterdir()) == ["1"]  # nothing left behind
     assert len(seen) == 1  # loaded where it was staged
+
+
+def test_calibrate_a_regressor_of_two_targets_prints_each_ones_q(tmp_path: Path) -> None:
+    """The summary line read cal.scores, empty when target_scores holds them: exit 1 with
+    'conformal calibration needs at least one score', after version 2 was written."""
+    import numpy as np
+    import torch
+    from nets import mlp
+
+    from service.packaging import save
+
+    names, targets = ["a", "b", "c"], ["systolic", "diastolic"]
+    torch.manual_seed(0)
+    save(
+        mlp(0.25, d_in=3, hidden=16, d_out=2), torch.randn(4, 3), out_dir=tmp_path / "repo",
+        name="bp", version="1", task="regression", intended_use="tests only", target=targets,
+        target_unit=["mmHg", "mmHg"], feature_names=names,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3)).round(3)
+    y = np.stack([x[:, 0] + rng.normal(size=60), 10 * rng.normal(size=60)], axis=1).round(3)
+    lines = [",".join([*names, *targets])]
+    lines += [",".join(repr(float(v)) for v in [*xr, *yr]) for xr, yr in zip(x, y, strict=True)]
+    (tmp_path / "cal.csv").write_text("\n".join(lines) + "\n")
+    args = ["calibrate", str(tmp_path / "repo" / "bp" / "1"), "--data", str(tmp_path / "cal.csv")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "repo"), "--samples", "50"])
+    assert result.exit_code == 0, result.output
+    line = next(li for li in result.output.splitlines() if "conformal q" in li)
+    assert line.count("0.9:") == 2  # one list of levels per target

@@ -76,7 +76,11 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
         zt, yt = z[:, train], yi[train]
         t = temperature.fit(zt, yt, one_se=False)
         rows["temperature"][test] = temperature.row_nll(z[:, test], yi[test], t)
-        v = vector.fit(zt, yt, start=1.0 / t)
+        try:
+            v = vector.fit(zt, yt, start=1.0 / t)
+        except vector.Diverged:  # no fit: this fold says vector scaling cannot be used here
+            rows["vector"][test] = math.inf
+            continue
         rows["vector"][test] = vector.row_nll(z[:, test], yi[test], v.scale, v.bias)
     return rows
 
@@ -142,6 +146,13 @@ def _choose(
         )
     rows = cross_validated(z, y)
     cv = {name: float(r.mean()) for name, r in rows.items()}
+    if math.isfinite(cv["temperature"]) and cv["vector"] == math.inf:
+        try:  # the fit on all rows says why (or, rarely, fits where a fold did not)
+            vector.fit(z, y, start=1.0 / t_min)
+            why = "vector scaling ran off on a cross-validation fold"
+        except vector.Diverged as exc:
+            why = str(exc)
+        return _diverged(z, y, method, t, why, flag)
     if not all(math.isfinite(v) for v in cv.values()):
         raise InvalidInputError(
             f"calibration method {method!r}: the cross-validated NLL is not finite ({cv}); the "
@@ -171,13 +182,26 @@ def _choose(
     }
     if chosen == "temperature":
         return Choice("temperature", t, fit=info | {"nll": temperature.nll(z, y, t)})
-    v = vector.fit(z, y, start=1.0 / t_min)
+    try:
+        v = vector.fit(z, y, start=1.0 / t_min)
+    except vector.Diverged as exc:
+        return _diverged(z, y, method, t, str(exc), flag)
     nll = vector.nll(z, y, v.scale, v.bias)
     if not math.isfinite(nll):
         raise InvalidInputError(
             f"vector scaling did not converge on these rows; use {flag} temperature"
         )
     return Choice("vector", 1.0, v.scale.tolist(), v.bias.tolist(), info | {"nll": nll})
+
+
+def _diverged(
+    z: np.ndarray, y: np.ndarray, method: Method, t: float, why: str, flag: str
+) -> Choice:
+    """`auto` keeps the temperature, saying why; `vector`, asked for by name, is refused."""
+    if method == "vector":
+        raise InvalidInputError(f"{why}; use {flag} temperature (or auto)")
+    fit: dict[str, float | str] = {"requested": method, "method": "temperature", "reason": why}
+    return Choice("temperature", t, fit=fit | {"nll": temperature.nll(z, y, t)})
 
 
 def describe(cal: Calibration) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.calibration.temperature import BOUNDS
 from service.engine.scaling import calibrated_logits
 from service.engine.summaries import softmax
 
@@ -28,6 +29,7 @@ L2 = 1e-3  # per row-mean NLL, on the deviations of log s and of b from their me
 _P_FLOOR = 1e-300  # log(0) guard, as temperature.py
 _ROUNDS = 20  # L-BFGS calls (each up to _ITER iterations) until the loss stops moving
 _ITER = 100
+_RUNAWAY = math.log(10.0 / BOUNDS[0])  # mean log scale: ten times past the largest allowed
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,52 @@ def fit(logits: np.ndarray, y: np.ndarray, l2: float = L2, start: float = 1.0) -
         value = loss(z, yt, log_scale, bias, l2)
         value.backward()
         seen.append(float(value.detach()))
+        # Running off never ends by itself (the loss keeps falling): stop it early, well past
+        # the bound _check applies, so that a line search's far trial point is not taken for it.
+        if not math.isfinite(seen[-1]) or float(log_scale.detach().mean()) > _RUNAWAY:
+            raise _RanOff
         return value
 
-    last = math.inf
+    last, ran_off = math.inf, False
     with torch.enable_grad():
         for _ in range(_ROUNDS):
-            opt.step(closure)
+            try:
+                opt.step(closure)
+            except _RanOff:
+                ran_off = True
+                break
             value = min(seen)
             if abs(last - value) <= 1e-13 * max(1.0, abs(value)):
                 break
             last = value
     s = torch.exp(log_scale.detach()).numpy().copy()
     b = bias.detach().numpy().copy()
+    _check(s, b, z_np, yi, ran_off)
     return VectorFit(scale=s, bias=b - b.mean())
+
+
+class _RanOff(Exception):
+    """Raised inside the optimiser's closure to leave it."""
+
+
+class Diverged(ValueError):
+    """The fit ran off: its common scale past the temperature's range, or not finite."""
+
+
+def _check(
+    scale: np.ndarray, bias: np.ndarray, z: np.ndarray, y: np.ndarray, ran_off: bool
+) -> None:
+    """Nothing bounds the common scale (the penalty ties the classes to their mean only): on
+    rows with almost no errors the NLL falls as it grows, to 1e5 on digits' 359 rows with 2
+    errors, or NaN. A temperature stays >= BOUNDS[0]; so must 1 / the scales' geometric mean."""
+    hi = 1.0 / BOUNDS[0]  # a small scale (an uninformative model flattened) is a fit
+    common = float(np.exp(np.mean(np.log(scale)))) if np.all(scale > 0) else math.nan
+    finite = np.all(np.isfinite(scale)) and np.all(np.isfinite(bias))
+    if not ran_off and finite and common <= hi:
+        return
+    wrong = int(np.count_nonzero(softmax(z, axis=-1).mean(axis=0).argmax(axis=-1) != y))
+    raise Diverged(
+        f"vector scaling ran off (common scale {common:.3g}, over {hi:g}, the largest a "
+        f"temperature may give): {wrong} of the {y.size} calibration rows are misclassified, "
+        "too few errors to fit a scale per class"
+    )

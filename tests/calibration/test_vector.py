@@ -137,3 +137,24 @@ def test_a_class_without_calibration_rows_is_never_vector_scaled() -> None:
         temperature_fit={"nll_at_1": 1.0, "nll": 1.0, "minimum_nll_temperature": 1.0},
     )  # fmt: skip
     assert selection.describe(cal)[-1].startswith("--method auto: no calibration rows of class")
+
+
+def test_a_fit_that_runs_off_is_refused_and_auto_keeps_the_temperature() -> None:
+    """Rows the model gets all right: nothing bounded the common scale, which ran to 2.7e7 (or
+    NaN), and auto chose it: served probabilities became the share of passes voting for a
+    class, 0 for a class no pass chose. (Digits' 359 rows with 2 errors: 713, and every fold
+    far past it.)"""
+    rng = np.random.default_rng(0)
+    t, n, k = 50, 200, 3
+    y = rng.integers(0, k, n)
+    z = rng.normal(0.0, 1.0, (t, n, k))
+    z[:, np.arange(n), y] += 2.5
+    assert (temperature.mc_probabilities(z, 1.0).argmax(1) == y).all()
+    with pytest.raises(vector.Diverged, match=r"0 of the 200 calibration rows are misclassified"):
+        vector.fit(z, y)
+    chosen = selection.choose(z, y, "auto")
+    assert chosen.method == "temperature" and chosen.scale is None
+    assert str(chosen.fit["reason"]).startswith("vector scaling ran off (common scale")
+    assert 0.05 <= chosen.temperature <= 20.0
+    with pytest.raises(InvalidInputError, match=r"ran off .*; use --method temperature"):
+        selection.choose(z, y, "vector")

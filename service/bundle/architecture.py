@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from service.bundle.activations import check_activations
+from service.bundle.aliasing import check_inplace
 from service.bundle.grammar import ArchitectureLimits, check_description, constructor_signature
 from service.errors import BundleError, ModelError
 from service.nn import Affine, VariationalDropout
@@ -149,6 +150,7 @@ def _decode(v: Any, env: dict[str, fx.Node]) -> Any:
 
 def describe(gm: fx.GraphModule) -> dict[str, Any]:
     """JSON description of a traced module; refuses anything outside the whitelist."""
+    check_inplace(gm)
     modules: dict[str, Any] = {}
     nodes = []
     for n in gm.graph.nodes:
@@ -229,7 +231,8 @@ def rebuild(
             except (TypeError, ValueError, RuntimeError) as exc:
                 raise BundleError(f"{where}: layer '{qual}': bad arguments ({exc})") from exc
         graph = _graph(desc, root, state, where)
-    gm = fx.GraphModule(root, graph)
+    # eval before the meta run: BatchNorm(momentum=None) in train mode reads a meta counter
+    gm = fx.GraphModule(root, graph).eval()
     _check_shapes(gm, state, where)
     if input_shape is not None:
         check_activations(gm, input_shape, input_dtype, where, limits)

@@ -84,8 +84,9 @@ class ExplicitAttention(nn.Module):
             scores = _add_mask(scores, attn_mask)
         if key_padding_mask is not None:
             scores = _add_mask(scores, key_padding_mask.view(b, 1, 1, s))
-        weights = torch.softmax(scores, dim=-1)
-        out = torch.matmul(self.dropout(weights), v).transpose(1, 2).reshape(b, length, -1)
+        # torch returns the weights after their dropout (train mode): MC passes see them so too
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, length, -1)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -190,13 +191,14 @@ class StackedRNN(nn.Module):
         drop = VariationalDropout if variational else nn.Dropout
         self.drops = nn.ModuleList(drop(m.dropout) for _ in range(m.num_layers - 1))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    def forward(self, x: torch.Tensor, hx: object = None) -> tuple[torch.Tensor, object]:
         x = x if self.batch_first else x.transpose(0, 1)
+        dirs = 2 if self.layers[0].bidirectional else 1
         # States are kept batch-first ([B, dirs, H]) until the end: the MC engine's rows are
         # dimension 0, so a deterministic first layer's state stays in the once-per-input part.
         hs, cs = [], []
         for i, layer in enumerate(self.layers):
-            x, state = layer(x)
+            x, state = layer(x, _layer_state(hx, i * dirs, (i + 1) * dirs))
             if self.mode == "LSTM":
                 hs.append(state[0].transpose(0, 1))
                 cs.append(state[1].transpose(0, 1))
@@ -207,6 +209,15 @@ class StackedRNN(nn.Module):
         out = x if self.batch_first else x.transpose(0, 1)
         h = torch.cat(hs, 1).transpose(0, 1)  # [layers * dirs, B, H], as torch returns it
         return (out, (h, torch.cat(cs, 1).transpose(0, 1))) if self.mode == "LSTM" else (out, h)
+
+
+def _layer_state(hx: object, lo: int, hi: int) -> object:
+    """One layer's slice of an initial state [layers * dirs, B, H] (an LSTM's: a pair)."""
+    if hx is None:
+        return None
+    if isinstance(hx, tuple):
+        return tuple(h[lo:hi] for h in hx)
+    return hx[lo:hi]  # type: ignore[index]
 
 
 def explicit(module: nn.Module) -> nn.Module:
@@ -228,4 +239,9 @@ def _swap(m: nn.Module) -> nn.Module | None:
         return ExplicitAttention.of(m)
     if isinstance(m, nn.LSTM | nn.GRU) and m.num_layers > 1 and m.dropout > 0:
         return StackedRNN(m)
+    # A subclass that only renames nn.Dropout (class MCDropout(nn.Dropout): pass): the plain
+    # module, which the tracer keeps as a site. One that overrides forward is traced through.
+    for base in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
+        if type(m) is not base and isinstance(m, base) and type(m).forward is base.forward:
+            return base(m.p)
     return None

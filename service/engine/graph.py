@@ -145,12 +145,23 @@ def find_dropout(gm: fx.GraphModule) -> list[fx.Node]:
         elif (node.op == "call_function" and node.target in FUNCTIONAL_DROPOUT) or (
             node.op == "call_method" and "dropout" in str(node.target)
         ):
-            raise ModelError(
-                f"functional dropout at node '{node.name}' ({node.target}) follows the module's "
-                "training flag, which MC sampling cannot switch on alone; replace it with an "
-                "nn.Dropout module"
-            )
+            raise ModelError(_functional_dropout(node))
     return sites
+
+
+def _functional_dropout(node: fx.Node) -> str:
+    """Where functional dropout came from: the innermost module in whose forward it ran."""
+    path, cls = [("", None), *(node.meta.get("nn_module_stack") or {}).values()][-1]
+    where = f"in layer '{path}' ({cls.__name__})" if isinstance(cls, type) else "in forward()"
+    if isinstance(cls, type) and issubclass(cls, nn.Dropout):  # its forward is its own
+        return (
+            f"dropout {where}: {cls.__name__} subclasses nn.Dropout but overrides forward(), "
+            "which a bundle cannot reproduce; keep nn.Dropout's forward (or use nn.Dropout)"
+        )
+    return (
+        f"functional dropout at node '{node.name}' {where} follows the module's training "
+        "flag, which MC sampling cannot switch on alone; replace it with an nn.Dropout module"
+    )
 
 
 def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
@@ -270,6 +281,15 @@ def split(
             sub = gm.get_submodule(str(n.target))
             src = n.args[0]
             assert isinstance(src, fx.Node)
+            a, b = v2[src].shape, v3[src].shape  # a [1, ...] table broadcasts over the rows
+            if not batched(src) and not (a[:1] == b[:1] == (1,) and a == b):  # masks fail
+                raise ModelError(
+                    f"dropout site '{n.target}' ({type(sub).__name__}) is on a tensor whose "
+                    f"first dimension is not the batch (shape {list(v2[src].shape)} for a batch "
+                    "of 2: a seq-first [L, B, D] activation, a position table or a weight); "
+                    "apply it to a batch-first tensor (transpose first, or drop after the "
+                    "table is added to the batch's activations)"
+                )
             shape = tuple(v2[src].shape[1:])
             shared = None
             if isinstance(sub, VariationalDropout):

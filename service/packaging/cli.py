@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -67,6 +68,18 @@ def _ranges(value: str | None, flag: str) -> list[tuple[float, float]] | None:
     return out
 
 
+def example_input(
+    shape: list[int], ranges: list[tuple[float, float]] | None, rows: int = 4
+) -> torch.Tensor:
+    """Seeded random inputs, uniform within the training ranges when there is one per value.
+    Not zeros: on zeros save's checks see little (an in-place ReLU of zeros changes nothing)."""
+    gen = torch.Generator().manual_seed(0)
+    if ranges and len(ranges) == math.prod(shape):
+        lo, hi = torch.tensor(ranges, dtype=torch.float32).T
+        return (lo + (hi - lo) * torch.rand(rows, len(ranges), generator=gen)).view(rows, *shape)
+    return torch.randn(rows, *shape, generator=gen)
+
+
 # Square brackets are escaped: typer's help renders Rich markup, which swallowed "[lo, hi]".
 _RANGES_HELP = r"JSON list of \[lo, hi] per feature, e.g. '[[0, 120], [0, 1]]', or a .json file"
 
@@ -105,8 +118,9 @@ def package(
     module = load_factory(factory)
     module.load_state_dict(load_weights(weights))
     shape = [int(v) for v in input_shape.split(",")]
-    example = torch.zeros(2, *shape)
     try:
+        train = _ranges(training_ranges, "--training-ranges")
+        example = example_input(shape, train)
         dest = save(
             module,
             example,
@@ -120,7 +134,7 @@ def package(
             feature_names=_csv(feature_names),
             units=_units(units),
             valid_ranges=_ranges(valid_ranges, "--valid-ranges"),
-            training_ranges=_ranges(training_ranges, "--training-ranges"),
+            training_ranges=train,
             noise_var=noise_var,
             variance=variance,  # type: ignore[arg-type]
         )

@@ -42,6 +42,8 @@ from service.engine.sampler import MCSampler
 from service.errors import ModelError
 from service.packaging import destination, sections
 from service.packaging.lengths import Buckets, generic_graph
+from service.packaging.randomness import check_hidden_dropout
+from service.packaging.reproduction import check_mc_pass, check_reproduced
 from service.packaging.tracer import trace_with_shapes
 from service.packaging.variational import declare
 
@@ -141,7 +143,6 @@ def save(
     destination.check(name, version)  # before any work: a bad one is refused at once
     dest = Path(out_dir) / name / version
     destination.refuse_existing(dest)
-    module = module.eval()
     tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
     example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
@@ -174,11 +175,8 @@ def save(
         input_shape=list(example.shape[1:]),
         input_dtype=example.dtype,
     )
-    with torch.inference_mode():
-        want, got = module(example), rebuilt(example)
-    # Explicit attention sums in another order than torch's fused kernels: 1e-5, not 1e-6.
-    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
-        raise ModelError("the module's forward cannot be reproduced from its traced graph")
+    check_reproduced(module, rebuilt, example)  # the module's modes are restored after
+    check_hidden_dropout(plain, example)  # train-mode-only dropout the trace left out
     if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
         value_range = (0.0, float(sections.vocabulary(rebuilt) - 1))
     if tokens:
@@ -216,6 +214,7 @@ def save(
             f"parameters: {2 * k} outputs for {k} target(s), got {out_shape[0]}"
         )
     outputs = sections.outputs_of(names, target_unit) if task == "regression" else None
+    check_mc_pass(sampler, example)  # what would fail every MC request fails here instead
 
     text, words = None, None
     if tokenizer is not None:

@@ -561,3 +561,57 @@ def test_unigram_pieces_are_bounded_and_long_bpe_tokens_are_not() -> None:
         check_tokenizer_json(doc(unigram), "tokenizer.json")
     bpe = {"type": "BPE", "vocab": {"=": 0, "=" * 400: 1}, "merges": []}
     check_tokenizer_json(doc(bpe), "tokenizer.json")  # no BundleError
+
+
+def test_explicit_attention_returns_the_weights_after_their_dropout() -> None:
+    """torch returns the dropped attention weights in train mode (the reviewer's t7 case)."""
+    from service.bundle.sequence import ExplicitAttention
+
+    torch.manual_seed(0)
+    att = ExplicitAttention.of(nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True))
+    x = torch.randn(3, 5, 8)
+    torch.manual_seed(1)
+    out, w = att.train()(x, x, x, average_attn_weights=False)
+    assert w is not None and bool((w == 0).any())  # dropped entries
+    v = att.v_proj(x).view(3, 5, 2, 4).transpose(1, 2)
+    assert torch.allclose(out, att.out_proj(torch.matmul(w, v).transpose(1, 2).reshape(3, 5, 8)))
+    torch.manual_seed(1)
+    _, mean = att(x, x, x)
+    assert mean is not None and torch.allclose(mean, w.mean(dim=1))
+
+
+class _WithState(nn.Module):
+    def __init__(self, mode: str, bidirectional: bool) -> None:
+        super().__init__()
+        self.lstm = mode == "LSTM"  # (save swaps the layer: isinstance would not tell)
+        cls = nn.LSTM if self.lstm else nn.GRU
+        self.rnn = cls(
+            5, 6, num_layers=3, dropout=0.3, batch_first=True, bidirectional=bidirectional
+        )
+        self.h0 = nn.Parameter(torch.randn(6 if bidirectional else 3, 1, 6))
+        self.d, self.o = nn.Dropout(0.2), nn.Linear(12 if bidirectional else 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = self.h0.expand(-1, x.size(0), -1).contiguous()
+        out, _ = self.rnn(x, (h0, torch.tanh(h0)) if self.lstm else h0)
+        return self.o(self.d(out[:, -1]))
+
+
+@pytest.mark.parametrize(("mode", "bidirectional"), [("LSTM", False), ("GRU", True)])
+def test_a_stacked_rnn_called_with_its_initial_state_packages(
+    tmp_path: Path, mode: str, bidirectional: bool
+) -> None:
+    """StackedRNN.forward took no state: `self.lstm(x, (h0, c0))` was refused as a branch."""
+    torch.manual_seed(0)
+    model = _WithState(mode, bidirectional).eval()
+    x = torch.randn(4, 7, 5)
+    path = save(
+        model, x, out_dir=tmp_path, name="m", version="1", task="classification",
+        labels=["a", "b"], intended_use="tests",
+    )  # fmt: skip
+    loaded = load_bundle(path)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), model(x), atol=1e-5)
+    samples = ServedModel(loaded).sampler.run([MCRequest(x.numpy(), 16, 3)])[0]
+    assert samples.shape == (16, 4, 2) and bool(np.isfinite(samples).all())
+    assert float(samples.std(0).max()) > 0  # the between-layer dropout is sampled

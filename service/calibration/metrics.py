@@ -174,9 +174,16 @@ def bootstrap_auroc(
 
 def risk_coverage(uncertainty: np.ndarray, error: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(coverage [B], risk [B]): keep the k least uncertain rows, k = 1..B; risk = their error
-    rate. Ties in uncertainty are broken by row order (stable sort)."""
+    rate. Rows of equal uncertainty cannot be told apart, so within a tie each counts its
+    group's mean error: the curve expected over every order of the tie. (Row order broke ties
+    before: a constant score with 20 % errors gave AURC 0.02 or 0.52 by where the errors sat,
+    and the variation ratio, 60 values over 575 texts, 0.314 to 0.364 over row orders.)"""
     u = np.asarray(uncertainty, dtype=np.float64)
-    e = np.asarray(error, dtype=np.float64)[np.argsort(u, kind="mergesort")]
+    order = np.argsort(u, kind="mergesort")
+    _, group = np.unique(u[order], return_inverse=True)
+    e = np.asarray(error, dtype=np.float64)[order]
+    mean = np.bincount(group, weights=e) / np.bincount(group)
+    e = mean[group]
     k = np.arange(1, e.size + 1)
     return k / e.size, np.cumsum(e) / k
 

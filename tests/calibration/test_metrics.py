@@ -132,3 +132,23 @@ def test_ece_if_calibrated_is_the_ece_of_labels_drawn_from_the_probabilities() -
     sharp = p**3 / (p**3).sum(axis=1, keepdims=True)
     y = np.minimum((g.random((300, 1)) > cum).sum(axis=1), 3)
     assert metrics.ece(sharp, y) > null["mean"] + 5 * null["sd"]
+
+
+def test_aurc_does_not_depend_on_the_order_of_tied_rows() -> None:
+    """Ties were broken by row order: a constant score with 20 % errors gave 0.02 or 0.52 by
+    where the errors sat. Now a tie counts its mean error: the average over its orders."""
+    from itertools import permutations
+
+    from service.calibration.metrics import aurc
+
+    error = np.r_[np.ones(20), np.zeros(80)]
+    assert aurc(np.zeros(100), error) == pytest.approx(0.2)
+    assert aurc(np.zeros(100), error[::-1]) == pytest.approx(0.2)
+    u = np.array([0.1, 0.1, 0.1, 0.5, 0.5, 0.9])
+    e = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    # every order of the two tied groups, by brute force: their mean is the tie-averaged AURC
+    orders = {p for p in permutations(range(6)) if sorted(u[list(p)]) == list(u[list(p)])}
+    brute = np.mean([aurc(np.arange(6.0), e[list(p)]) for p in orders])
+    assert aurc(u, e) == pytest.approx(brute)
+    shuffled = np.random.default_rng(0).permutation(6)
+    assert aurc(u[shuffled], e[shuffled]) == pytest.approx(aurc(u, e))

@@ -85,6 +85,25 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
     return rows
 
 
+def out_of_fold(logits: np.ndarray, y: np.ndarray, start: float, k: int = FOLDS) -> np.ndarray:
+    """[N, K] vector-scaled probabilities of each row from a fit on the other ``k - 1`` folds.
+
+    The conformal scores of a vector-scaled model come from these: 2K parameters fitted on the
+    rows that then give the scores made those scores optimistic, and the sets undercovered
+    (a simulation: 0.79 at level 0.9 with 6 classes and 30 rows, 0.87 with 10 and 200). A
+    temperature, one parameter, keeps its in-sample scores."""
+    z = np.asarray(logits, dtype=np.float64)
+    yi = np.asarray(y).astype(np.int64)
+    fold = folds(yi, k)
+    probs = np.empty(z.shape[1:], dtype=np.float64)
+    for f in range(k):
+        test, train = fold == f, fold != f
+        if test.any():
+            v = vector.fit(z[:, train], yi[train], start=start)
+            probs[test] = vector.mc_probabilities(z[:, test], v.scale, v.bias)
+    return probs
+
+
 def choose(
     logits: np.ndarray, y: np.ndarray, method: Method, one_se: bool = True, flag: str = "--method"
 ) -> Choice:

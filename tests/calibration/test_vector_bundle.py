@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from service.api.app import create_app
 from service.bundle import load_bundle
 from service.bundle.manifest import parse_manifest
+from service.calibration import selection
 from service.calibration.data import read
 from service.cli import app
 from service.engine import adaptive, conformal
@@ -86,12 +87,16 @@ def test_served_probabilities_sets_and_scores_use_the_vector_scaled_logits(repo:
     (ps,) = pred.summary.prediction_sets  # type: ignore[union-attr]
     q = conformal.quantile(cal.scores, 0.9)
     assert np.array_equal(ps.members, 1.0 - by_hand <= q)
-    # The conformal scores were computed from the same probabilities, on the calibration rows.
+    # The conformal scores come from the calibration rows' vector-scaled probabilities, each
+    # row's from a fit on the other folds: in-sample ones (the fit's own rows) undercovered.
     data = read(repo.data / "clf-calibration.csv", served.manifest)
     zc = served.sample([MCRequest(data.x, cal.samples, cal.seed)])[0].astype(np.float64)
-    pc = np.mean([softmax(zc[t] * s + b) for t in range(cal.samples)], axis=0)
-    expected = np.sort(1.0 - pc[np.arange(data.n), data.y])
+    t_min = float(cal.temperature_fit["minimum_nll_temperature"])
+    oof = selection.out_of_fold(zc, data.y, start=1.0 / t_min)
+    expected = np.sort(1.0 - oof[np.arange(data.n), data.y])
     np.testing.assert_allclose(cal.scores, expected, rtol=1e-12, atol=1e-15)
+    pc = np.mean([softmax(zc[t] * s + b) for t in range(cal.samples)], axis=0)
+    assert not np.allclose(cal.scores, np.sort(1.0 - pc[np.arange(data.n), data.y]))
     # Adaptive passes read them too: its answer is the plain answer at the passes it used.
     a = adaptive.Adaptive(max_samples=64, first=8)
     auto = adaptive.run(served, [ROWS], [PredictParams(8, (0.9,), seed=11)], a)[0]

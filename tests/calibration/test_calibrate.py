@@ -279,3 +279,30 @@ def test_calibrate_a_regressor_of_two_targets_prints_each_ones_q(tmp_path: Path)
     assert result.exit_code == 0, result.output
     line = next(li for li in result.output.splitlines() if "conformal q" in li)
     assert line.count("0.9:") == 2  # one list of levels per target
+
+
+def test_the_referral_keeps_to_the_percentile_when_empty_sets_alone_exceed_it(
+    tmp_path: Path,
+) -> None:
+    """digits at --percentile 99: empty prediction sets always referred, 4.7 % of the
+    calibration rows, against the 1 % asked (and recorded as "together refer 1 %"). The set
+    trigger is off when empty sets alone exceed its half."""
+    import numpy as np
+
+    from service.engine.model import ServedModel
+    from service.engine.params import PredictParams
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "models" / "digits" / "1", tmp_path / "digits" / "1")
+    data = root / "models" / "data" / "digits-calibration.csv"
+    args = ["calibrate", str(tmp_path / "digits" / "1"), "--data", str(data)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path), "--percentile", "99"])
+    assert result.exit_code == 0, result.output
+    served = ServedModel(load_bundle(tmp_path / "digits" / "2"), device="cpu")
+    cal, policy = served.manifest.calibration, served.manifest.referral
+    assert cal is not None and policy is not None and policy.max_set_size is None
+    rows = read(data, served.manifest)
+    pred = served.predict(rows.x, PredictParams(cal.samples, (0.95,), seed=cal.seed))
+    assert pred.referral is not None
+    # the budget's order statistic: at most 1 % of the rows, and one row for ties
+    assert np.mean(pred.referral.refer) <= 0.01 + 1 / rows.n

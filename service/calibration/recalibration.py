@@ -310,6 +310,14 @@ def calibrate_bundle(
             "check the calibration data, or set this model's unfamiliar_words in "
             "MCSERVE_REFERRAL"
         )
+    fitted = new.calibration.temperature if new.calibration is not None else None
+    low, high = temperature.BOUNDS
+    if fitted is not None and fitted != 1.0 and not low * 1.1 < fitted < high / 1.1:
+        warnings.append(
+            f"the temperature ({fitted:.4g}) is at the edge of its range ({low:g} to "
+            f"{high:g}): the {data.n} calibration rows cannot pin it down (too few rows, or too "
+            "few errors); check them, or calibrate on more"
+        )
     level = m.defaults.confidence
     if data.n < conformal.min_n(level):
         warnings.append(

@@ -53,6 +53,8 @@ def fit(
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 3:
         raise ValueError(f"logits must be [T, B, K], got shape {z.shape}")
+    if z.shape[1] < 2:  # one row pins no temperature (it gave 0.053: every input referred)
+        return 1.0
     grid = np.linspace(math.log(bounds[0]), math.log(bounds[1]), _GRID)
     rows = np.stack([row_nll(z, y, math.exp(g)) for g in grid])  # [G, B]
     best = int(np.argmin(rows.mean(axis=1)))

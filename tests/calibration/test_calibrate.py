@@ -306,3 +306,17 @@ def test_the_referral_keeps_to_the_percentile_when_empty_sets_alone_exceed_it(
     assert pred.referral is not None
     # the budget's order statistic: at most 1 % of the rows, and one row for ties
     assert np.mean(pred.referral.refer) <= 0.01 + 1 / rows.n
+
+
+def test_a_temperature_at_the_edge_of_its_range_is_warned(tmp_path: Path) -> None:
+    """digits' 359 calibration rows hold 2 errors: the plain NLL minimum is the bound, 0.05,
+    accepted without a word."""
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "models" / "digits" / "1", tmp_path / "digits" / "1")
+    data = root / "models" / "data" / "digits-calibration.csv"
+    args = ["calibrate", str(tmp_path / "digits" / "1"), "--data", str(data)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path), "--min-nll-temperature"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the temperature (0.05) is at the edge of its range (0.05 to 20)" in (
+        result.output
+    )

@@ -414,6 +414,22 @@ BAD: list[tuple[dict[str, Any], int, str]] = [
         400,
         "input 'input': shape [2, 10] holds 20 values but data has 10",
     ),
+    (  # the digits transposed: as many values as the shape, nested another way (was a 200)
+        _with(
+            "digits",
+            shape=[2, 1, 8, 8],
+            data=np.array(ROWS["digits"] * 2).reshape(2, 64).T.tolist(),
+        ),
+        400,
+        "input 'input': data is nested as [64, 2], its shape is [2, 1, 8, 8]; nest it as the "
+        "shape is, or send it flat (row-major)",
+    ),
+    (
+        _with("diabetes", shape=[2, 10], data=[DIABETES[:3], [*DIABETES[3:], *DIABETES]]),
+        400,
+        "input 'input': data is nested unevenly, its shape is [2, 10]; nest it as the shape "
+        "is, or send it flat (row-major)",
+    ),
     (_with("diabetes", name="x"), 400, "unknown input 'x'; the model takes one input, 'input'"),
     (
         {"inputs": body("diabetes")["inputs"] * 2},

@@ -67,17 +67,29 @@ def _from_data(data: list[Any], name: str, shape: list[int]) -> np.ndarray:
     """float64 of `shape` from JSON `data`: numpy converts regular nesting in C; the walk in
     Python runs only for irregular nesting or to name what is wrong."""
     count = math.prod(shape)
+    # Row-major, flat or nested as the shape is: [64, 2] nesting of a [2, 1, 8, 8] tensor (the
+    # images transposed) was reshaped and answered; /v1 refused it.
+    fix = "nest it as the shape is, or send it flat (row-major)"
     if _only_numbers(data):
         try:
             arr = np.asarray(data, dtype=np.float64)
         except (ValueError, OverflowError):
             arr = None  # irregular nesting, or an int too large: the slow way says which
         if arr is not None and arr.size == count:
+            if arr.ndim > 1 and arr.shape != tuple(shape):
+                raise InvalidInputError(
+                    f"input '{name}': data is nested as {list(arr.shape)}, its shape is "
+                    f"{shape}; {fix}"
+                )
             return arr.reshape(shape)
     flat = _numbers(data, name)
     if len(flat) != count:
         raise InvalidInputError(
             f"input '{name}': shape {shape} holds {count} values but data has {len(flat)}"
+        )
+    if any(type(x) is list for x in data) and not _nested_as(data, shape):
+        raise InvalidInputError(
+            f"input '{name}': data is nested unevenly, its shape is {shape}; {fix}"
         )
     try:
         return np.asarray(flat, dtype=np.float64).reshape(shape)
@@ -86,6 +98,15 @@ def _from_data(data: list[Any], name: str, shape: list[int]) -> np.ndarray:
             f"instance {_overflowing(flat) // (count // shape[0])} is not an array of numbers "
             f"of shape {shape[1:]}"
         ) from None
+
+
+def _nested_as(data: list[Any], shape: list[int]) -> bool:
+    """Whether nested lists follow `shape` exactly (the slow path only: irregular data)."""
+    if not shape or len(data) != shape[0]:
+        return False
+    if len(shape) == 1:
+        return all(type(x) is not list for x in data)
+    return all(type(x) is list and _nested_as(x, shape[1:]) for x in data)
 
 
 def _overflowing(flat: list[float | int]) -> int:

@@ -233,6 +233,17 @@ async def test_infer_classification_json_and_nested_data(oip: httpx.AsyncClient)
     assert nested.json()["outputs"] == flat.json()["outputs"]
 
 
+async def test_null_parameters_are_no_parameters(oip: httpx.AsyncClient) -> None:
+    """MLServer's InferenceRequest.model_dump() sends every optional field as null: the
+    request's `"parameters": null` was a 400 while the others' nulls were read as absent."""
+    req = body("diabetes")
+    plain = await oip.post("/v2/models/diabetes/infer", json={"inputs": req["inputs"]})
+    nulls = {"id": None, "parameters": None, "inputs": req["inputs"], "outputs": None}
+    r = await oip.post("/v2/models/diabetes/infer", json=nulls)
+    assert r.status_code == 200, r.text
+    assert set(tensors(r)) == set(tensors(plain))
+
+
 async def test_binary_inputs_and_outputs_round_trip(oip: httpx.AsyncClient) -> None:
     for model in ("breast-cancer", "diabetes", "digits"):
         as_json = await oip.post(f"/v2/models/{model}/infer", json=body(model, rows=3))

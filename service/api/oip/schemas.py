@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from service.api.common.parameters import (
     AUTO_MAX,
@@ -108,6 +108,13 @@ class InferRequest(Closed):
     parameters: InferParameters = InferParameters()
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = Field(default=None, min_length=1)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        """`"parameters": null` is no parameters: optional in the protocol, and what MLServer's
+        InferenceRequest.model_dump() sends (it was a 400)."""
+        return {} if v is None else v
 
 
 class ResponseOutput(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -225,3 +226,33 @@ def test_compressed_requests_and_responses(
         got, want = packed.as_numpy(name), plain.as_numpy(name)
         assert got is not None and want is not None
         np.testing.assert_array_equal(got, want)
+
+
+def test_model_control_with_tritonclient(tmp_path: Path) -> None:
+    """tritonclient's unload_model() sends its body without a Content-Type, and
+    `unload_dependents` as a boolean: every call was a 400. load_model(config=...) was a 200
+    that ignored the config."""
+    import hashlib
+    import json
+    import shutil
+
+    root = Path(__file__).resolve().parents[2] / "models"
+    shutil.copytree(root / "diabetes", tmp_path / "models" / "diabetes")
+    key = "admin-key-for-the-test"
+    keys = [{"id": "ops", "sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": True}]
+    env = {"MCSERVE_MODEL_CONTROL": "explicit", "MCSERVE_API_KEYS": json.dumps(keys)}
+    auth = {"Authorization": f"Bearer {key}"}
+    with serve(tmp_path, model_dir=tmp_path / "models", env=env) as s:
+        c = triton.InferenceServerClient(url=f"127.0.0.1:{s.port}")
+        try:
+            c.unload_model("diabetes", headers=auth, unload_dependents=True)
+            index = c.get_model_repository_index(headers=auth)
+            assert [m["name"] for m in index] == []
+            err = refused(lambda: c.load_model("diabetes", headers=auth, config="{}"))
+            assert "load parameters ['config'] are not supported" in err.message()
+            c.load_model("diabetes", headers=auth)
+            assert c.is_model_ready("diabetes", headers=auth)
+            c.unload_model("diabetes", headers=auth)
+            assert not c.is_model_ready("diabetes", headers=auth)
+        finally:
+            c.close()

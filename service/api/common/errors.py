@@ -147,21 +147,9 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     return error_response(request, status, exc.message, exc.details, headers, exc.code)
 
 
-def _loc(loc: tuple[Any, ...], kind: object = None) -> str:
-    if kind == "json_invalid":  # FastAPI's loc is ("body", <character position>), no field
-        return "body"
+def _loc(loc: tuple[Any, ...]) -> str:
     parts = [shown_name(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"
-
-
-def _problem(e: Any) -> str:
-    """The error's words; a JSON syntax error with the parser's reason and position, which
-    FastAPI puts in ctx and loc."""
-    msg = str(e.get("msg", ""))
-    loc, ctx = tuple(e.get("loc", ())), e.get("ctx") or {}
-    if e.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):
-        return f"{msg} ({ctx.get('error', 'not JSON')} at character {loc[1]})"
-    return msg
 
 
 MAX_DETAILS = 20  # one per problem: 100,000 unknown keys made as many entries
@@ -171,11 +159,7 @@ async def on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     details = [
-        {
-            "field": _loc(tuple(e.get("loc", ())), e.get("type")),
-            "problem": _problem(e),
-            "type": e.get("type"),
-        }
+        {"field": _loc(tuple(e.get("loc", ()))), "problem": e.get("msg", ""), "type": e.get("type")}
         for e in errors[:MAX_DETAILS]
     ]
     if len(errors) > MAX_DETAILS:

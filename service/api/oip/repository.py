@@ -6,8 +6,11 @@ key check is in `auth.py`; these routes are refused without one even when keys a
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from service.api.common.auth import allowed_models
@@ -15,6 +18,7 @@ from service.api.common.call import json_response
 from service.api.common.lifecycle import ModelControl
 from service.api.common.schemas import ErrorBody
 from service.errors import ForbiddenError, InvalidInputError
+from service.json_body import json_body
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -51,8 +55,33 @@ async def index(request: Request) -> Response:
     )
 
 
+async def _parameters(request: Request) -> dict[str, Any]:
+    """The body's `parameters`, read whatever its Content-Type: tritonclient sends the unload
+    body with none, and FastAPI then read no JSON (every unload_model() was a 400)."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(json_body(raw))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInputError(f"invalid request: body: not JSON ({exc})") from None
+    if not isinstance(body, dict) or set(body) - {"parameters"}:
+        raise InvalidInputError('invalid request: the body is {"parameters": {...}} or nothing')
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("invalid request: parameters must be an object")
+    return params
+
+
 @router.post("/models/{name}/load", responses=ERRORS)
 async def load(name: str, request: Request) -> Response:
+    params = await _parameters(request)
+    given = sorted(params)
+    if given:  # Triton's config and file:* overrides; a bundle carries its own
+        raise InvalidInputError(
+            f"load parameters {given} are not supported: a bundle carries its own configuration "
+            "and files; put the version's bundle in the model directory and load by name"
+        )
     entries = await control(request).load(name)
     reg = request.app.state.mcserve.registry
     return json_response(
@@ -65,19 +94,44 @@ async def load(name: str, request: Request) -> Response:
     )
 
 
-class UnloadRequest(BaseModel):
+class UnloadParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    parameters: dict[str, str] = Field(
-        default_factory=dict, description="optional {'version': 'v'}: unload one version only"
-    )
+    version: str | None = Field(default=None, description="unload this version only")
+    # Triton's: a model's dependents in an ensemble; there are no ensembles here, so none.
+    unload_dependents: bool | None = Field(default=None, description="accepted, no ensembles")
 
 
-@router.post("/models/{name}/unload", responses=ERRORS)
-async def unload(name: str, request: Request, body: UnloadRequest | None = None) -> Response:
-    params = body.parameters if body else {}
-    unknown = sorted(set(params) - {"version"})
+# The body the docs show (read by hand above, so that any Content-Type is read as JSON).
+UNLOAD_BODY = {
+    "type": "object",
+    "properties": {"parameters": UnloadParameters.model_json_schema()},
+    "additionalProperties": False,
+}
+
+
+@router.post(
+    "/models/{name}/unload",
+    responses=ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": UNLOAD_BODY}},
+        }
+    },
+)
+async def unload(name: str, request: Request) -> Response:
+    raw = await _parameters(request)
+    unknown = sorted(set(raw) - set(UnloadParameters.model_fields))
     if unknown:
-        raise InvalidInputError(f"unknown unload parameter(s) {unknown}; only 'version' is known")
-    count = await control(request).unload(name, params.get("version"))
+        raise InvalidInputError(
+            f"unknown unload parameter(s) {unknown}; known: version, unload_dependents"
+        )
+    try:
+        params = UnloadParameters.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInputError(f"invalid request: parameters.{where}: {first['msg']}") from None
+    count = await control(request).unload(name, params.version)
     return json_response({"name": name, "unloaded_versions": count})

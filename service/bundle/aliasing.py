@@ -27,6 +27,19 @@ def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
     return bound.arguments.get("inplace") is True
 
 
+# Readers of a tensor's metadata only (h.shape[0], h.size(), h.dim()): its values do not matter.
+_META_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+
+
+def _metadata(u: fx.Node) -> bool:
+    if u.op == "call_method":
+        return u.target in _META_METHODS
+    if u.op == "call_function" and getattr(u.target, "__name__", "") == "getattr":
+        return len(u.args) > 1 and u.args[1] in _META_ATTRS
+    return False
+
+
 def _layer(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "call_module":
         return f"layer '{n.target}' ({type(gm.get_submodule(str(n.target))).__name__})"
@@ -43,7 +56,7 @@ def check_inplace(gm: fx.GraphModule) -> None:
         src = n.args[0] if n.args else None
         if not isinstance(src, fx.Node) or len(src.users) < 2 or not _inplace(gm, n):
             continue
-        others = sorted(u.name for u in src.users if order[u] > order[n])
+        others = sorted(u.name for u in src.users if order[u] > order[n] and not _metadata(u))
         if others:
             raise ModelError(
                 f"{_layer(gm, n)} modifies its input '{src.name}' in place, and {others} read "

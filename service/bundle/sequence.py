@@ -243,5 +243,5 @@ def _swap(m: nn.Module) -> nn.Module | None:
     # module, which the tracer keeps as a site. One that overrides forward is traced through.
     for base in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d):
         if type(m) is not base and isinstance(m, base) and type(m).forward is base.forward:
-            return base(m.p)
+            return base(m.p, m.inplace)  # inplace kept: aliasing.py judges it
     return None

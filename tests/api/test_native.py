@@ -479,3 +479,24 @@ async def test_query_parameters_and_accept_are_read_as_sent(client: httpx.AsyncC
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     r = await client.post(url, json=body, headers={"accept": "application/fhir+json"})
     assert r.status_code == 422 and "needs the query parameter subject" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("accept", "fhir"),
+    [
+        ("", False),
+        ("*/*", False),
+        ("application/fhir+json", True),
+        ("application/json, application/fhir+json", True),  # a tie: FHIR, which was named
+        ("application/json, application/fhir+json;q=0", False),
+        ("application/fhir+json;q=0.5, application/json", False),
+        # json's own q is 0.1 (the most specific range), not */*'s 1 (was: plain JSON)
+        ("application/fhir+json;q=0.5, application/json;q=0.1, */*", True),
+        ("application/json;q=nan, application/fhir+json;q=0.5", True),  # nan is 0 (was 1)
+        ("application/fhir+json;q=inf", False),
+    ],
+)
+def test_accept_is_read_as_rfc_9110_says(accept: str, fhir: bool) -> None:
+    from service.api.native.predict import wants_fhir
+
+    assert wants_fhir(accept) is fhir

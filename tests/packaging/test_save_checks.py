@@ -275,6 +275,47 @@ def test_an_inplace_layer_read_before_packages(tmp_path: Path) -> None:
     assert _save(ReadFirst(), X, tmp_path).is_dir()
 
 
+class ShapeRead(nn.Module):
+    """The in-place layer's input is read again for its shape only: the same either way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.act = nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(inplace=True)
+        self.d, self.o = nn.Dropout(0.2), nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(x.unsqueeze(1))
+        out = self.act(h)
+        return self.o(self.d(out.reshape(h.shape[0], -1)))
+
+
+def test_an_inplace_layer_whose_input_is_read_for_its_shape_packages(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    assert _save(ShapeRead(), X, tmp_path).is_dir()
+
+
+class RenamedDropout(nn.Dropout):
+    pass
+
+
+class DropThenReuse(nn.Module):
+    def __init__(self, drop: nn.Module) -> None:
+        super().__init__()
+        self.a, self.d, self.o = nn.Linear(6, 8), drop, nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.o(torch.cat([self.d(h), h], dim=1))
+
+
+@pytest.mark.parametrize("cls", [nn.Dropout, RenamedDropout])
+def test_an_inplace_dropout_whose_input_is_reused_is_refused(tmp_path: Path, cls: type) -> None:
+    """A renamed subclass was swapped for nn.Dropout(p) without its inplace, and saved."""
+    torch.manual_seed(0)
+    message = _refused(DropThenReuse(cls(0.2, inplace=True)), X, tmp_path)
+    assert message.startswith("layer 'd' (Dropout) modifies its input 'relu' in place")
+
+
 def test_the_cli_example_is_random_and_within_the_training_ranges() -> None:
     x = example_input([3], None)
     assert x.shape == (4, 3) and bool((x != 0).all())

@@ -41,10 +41,11 @@ SUBJECT = Param(
 
 
 def wants_fhir(accept: str) -> bool:
-    """Whether an Accept header asks for FHIR JSON over plain JSON (RFC 9110 media ranges with
-    q values; a tie goes to FHIR, which the client named): `application/fhir+json;q=0` is a
-    refusal of it, which the substring test read as a request."""
-    best: dict[str, float] = {}
+    """Whether an Accept header asks for FHIR JSON over plain JSON (RFC 9110: each type takes
+    the q of the most specific range that matches it; q outside [0, 1] or not a number is 0).
+    FHIR only when named, and a tie goes to it: `application/fhir+json;q=0` refuses it, which
+    the substring test read as a request."""
+    ranges: dict[str, float] = {}
     for item in accept.split(","):
         kind, *params = (part.strip() for part in item.split(";"))
         q = 1.0
@@ -55,11 +56,19 @@ def wants_fhir(accept: str) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0  # nan and inf fail both comparisons
         kind = kind.lower()
-        best[kind] = max(q, best.get(kind, 0.0))
-    fhir = best.get(FHIR_JSON, 0.0)
-    plain = max(best.get(k, 0.0) for k in ("application/json", "application/*", "*/*"))
-    return fhir > 0.0 and fhir >= plain
+        ranges[kind] = max(q, ranges.get(kind, 0.0))
+
+    def q_of(media: str) -> float | None:
+        for r in (media, media.split("/")[0] + "/*", "*/*"):  # most specific first
+            if r in ranges:
+                return ranges[r]
+        return None
+
+    fhir = ranges.get(FHIR_JSON)
+    plain = q_of("application/json") or 0.0
+    return fhir is not None and fhir > 0.0 and fhir >= plain
 
 
 def is_json(content_type: str | None) -> bool:

@@ -71,13 +71,21 @@ def _ranges(value: str | None, flag: str) -> list[tuple[float, float]] | None:
 def example_input(
     shape: list[int], ranges: list[tuple[float, float]] | None, rows: int = 4
 ) -> torch.Tensor:
-    """Seeded random inputs, uniform within the training ranges when there is one per value.
-    Not zeros: on zeros save's checks see little (an in-place ReLU of zeros changes nothing)."""
+    """Seeded random inputs within the ranges when there is one per value (uniform; an open end:
+    that far from the other, a half-normal), else standard normal. Not zeros: on zeros save's
+    checks see little (an in-place ReLU of zeros changes nothing); within the ranges, a model
+    taking sqrt or log of a non-negative feature is not handed negatives."""
     gen = torch.Generator().manual_seed(0)
-    if ranges and len(ranges) == math.prod(shape):
-        lo, hi = torch.tensor(ranges, dtype=torch.float32).T
-        return (lo + (hi - lo) * torch.rand(rows, len(ranges), generator=gen)).view(rows, *shape)
-    return torch.randn(rows, *shape, generator=gen)
+    if not ranges or len(ranges) != math.prod(shape):
+        return torch.randn(rows, *shape, generator=gen)
+    lo, hi = torch.tensor(ranges, dtype=torch.float32).T
+    u = torch.rand(rows, len(ranges), generator=gen)
+    half = torch.randn(rows, len(ranges), generator=gen).abs()
+    x = torch.where(lo.isfinite() & hi.isfinite(), lo + (hi - lo) * u, torch.zeros_like(u))
+    x = torch.where(lo.isfinite() & ~hi.isfinite(), lo + half, x)
+    x = torch.where(~lo.isfinite() & hi.isfinite(), hi - half, x)
+    x = torch.where(~lo.isfinite() & ~hi.isfinite(), 2.0 * half * (u - 0.5).sign(), x)
+    return x.view(rows, *shape)
 
 
 # Square brackets are escaped: typer's help renders Rich markup, which swallowed "[lo, hi]".
@@ -120,7 +128,8 @@ def package(
     shape = [int(v) for v in input_shape.split(",")]
     try:
         train = _ranges(training_ranges, "--training-ranges")
-        example = example_input(shape, train)
+        valid = _ranges(valid_ranges, "--valid-ranges")
+        example = example_input(shape, train or valid)
         dest = save(
             module,
             example,
@@ -133,7 +142,7 @@ def package(
             target=target,
             feature_names=_csv(feature_names),
             units=_units(units),
-            valid_ranges=_ranges(valid_ranges, "--valid-ranges"),
+            valid_ranges=valid,
             training_ranges=train,
             noise_var=noise_var,
             variance=variance,  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ def check_reproduced(module: nn.Module, rebuilt: fx.GraphModule, example: torch.
     fail = "the module's forward cannot be reproduced from its traced graph"
     if want.shape != got.shape:
         raise ModelError(f"{fail}: it outputs {list(want.shape)}, the graph {list(got.shape)}")
-    if torch.allclose(want, got, rtol=TOLERANCE, atol=TOLERANCE):
+    if torch.allclose(want, got, rtol=TOLERANCE, atol=TOLERANCE, equal_nan=True):  # NaN: both
         return
     diff = (want - got).abs().nan_to_num(nan=float("inf"))
     at = torch.unravel_index(diff.argmax(), diff.shape)

@@ -445,3 +445,27 @@ def test_save_leaves_the_modules_modes_as_they_were(tmp_path: Path) -> None:
             labels=["a"], intended_use="tests",
         )  # fmt: skip
     assert [m.training for m in model.modules()] == modes
+
+
+def test_the_cli_example_keeps_to_open_ranges() -> None:
+    """Without training ranges the valid ranges bound it (the CLI passes them): a model taking
+    sqrt of a non-negative feature was handed negatives."""
+    inf = float("inf")
+    x = example_input([3], [(0.0, inf), (-inf, 5.0), (-inf, inf)])
+    assert bool((x[:, 0] >= 0).all() and (x[:, 1] <= 5).all() and x.isfinite().all())
+
+
+class Root(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.sqrt(x))
+
+
+def test_nan_where_the_module_has_nan_is_reproduced(tmp_path: Path) -> None:
+    """sqrt of a negative example value: NaN from the module and from the graph alike was
+    refused as "nan from the module but nan from the graph"."""
+    torch.manual_seed(0)
+    assert _save(Root(), X, tmp_path).is_dir()

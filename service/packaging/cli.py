@@ -121,6 +121,10 @@ def package(
             help="the model outputs [mean, noise parameter]: log_variance or softplus_std"
         ),
     ] = None,
+    allow_train_noise: Annotated[
+        bool,
+        typer.Option(help="randomness only train mode has is training noise, not MC dropout"),
+    ] = False,
 ) -> None:
     """Write <out>/<name>/<version>/ from your model's factory and trained weights."""
     module = load_factory(factory)
@@ -146,6 +150,7 @@ def package(
             training_ranges=train,
             noise_var=noise_var,
             variance=variance,  # type: ignore[arg-type]
+            train_noise="allow" if allow_train_noise else "refuse",
         )
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)

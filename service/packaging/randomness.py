@@ -106,9 +106,12 @@ def check_hidden_dropout(plain: nn.Module, example: torch.Tensor) -> None:
                 m.eval()
         try:
             (one, calls1), (two, calls2) = _run(plain, example, 1), _run(plain, example, 2)
+            again, _ = _run(plain, example, 1)
         except Exception:  # a forward that fails in train mode: nothing to compare
             return
-    if _same(_sums(one), _sums(two)):
+    # Randomness is what the seed changes: a forward that differs under one seed keeps state
+    # (a call counter), which is no dropout and not refused.
+    if _same(_sums(one), _sums(two)) or not _same(_sums(one), _sums(again)):
         return
     names = [
         f"layer '{p}' ({type(plain.get_submodule(p)).__name__})" if p else "the model's forward()"
@@ -120,5 +123,6 @@ def check_hidden_dropout(plain: nn.Module, example: torch.Tensor) -> None:
         " the same input gave two outputs in train mode with its dropout modules off. save traces"
         " in eval mode, where such dropout (an `if self.training:` F.dropout, a DropPath, a "
         "locked-dropout module) vanishes, so MC passes would not sample it: make it an "
-        "nn.Dropout module, or declare a locked dropout with variational= (docs/BUNDLES.md)"
+        "nn.Dropout module, or declare a locked dropout with variational= (docs/BUNDLES.md); "
+        "if it is noise meant for training only (augmentation), pass train_noise='allow'"
     )

@@ -88,6 +88,7 @@ def save(
     variational: Sequence[str] | str | None = None,
     training_texts: Sequence[str] | None = None,
     word_min_texts: int = WORD_MIN_TEXTS,
+    train_noise: Literal["refuse", "allow"] = "refuse",
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses a name or version the
     manifest would refuse, and an existing version, before any work; the files are written into
@@ -114,7 +115,8 @@ def save(
     over time (by their path in the module: an nn.Dropout, your own locked-dropout module with a
     float ``p``, or a stacked LSTM/GRU for its between-layer dropout); their MC masks are then
     shared over time too (service/packaging/variational.py). `service.nn.VariationalDropout` in
-    the model needs no declaration.
+    the model needs no declaration. Randomness only train mode has, outside nn.Dropout, is
+    refused (randomness.py) unless ``train_noise="allow"`` (noise meant for training only).
 
     ``training_texts`` (text models): the texts it was trained on. The words found in at least
     ``word_min_texts`` distinct ones are written to words.txt, so that a text mostly made of
@@ -176,7 +178,8 @@ def save(
         input_dtype=example.dtype,
     )
     check_reproduced(module, rebuilt, example)  # the module's modes are restored after
-    check_hidden_dropout(plain, example)  # train-mode-only dropout the trace left out
+    if train_noise == "refuse":  # "allow": training-only noise (augmentation) is meant
+        check_hidden_dropout(plain, example)  # train-mode-only dropout the trace left out
     if tokens and value_range is None:  # ids past the vocabulary are refused (422), not a 500
         value_range = (0.0, float(sections.vocabulary(rebuilt) - 1))
     if tokens:

@@ -194,6 +194,40 @@ def test_dropout_only_train_mode_has_is_refused(
     assert all(m.training for m in module.modules())  # its modes as they were
 
 
+class Augmented(nn.Module):
+    """Noise for training only (augmentation): not to be sampled at inference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.1 * torch.randn_like(x) if self.training else x)
+
+
+class Counting(nn.Module):
+    """A train branch that keeps state (a call counter): no randomness, not refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.calls = mlp(0.25), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            return self.net(x) + self.calls
+        return self.net(x)
+
+
+def test_training_noise_is_refused_unless_allowed_and_state_is_no_noise(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    message = _refused(Augmented(), X, tmp_path)
+    assert message.endswith("if it is noise meant for training only (augmentation), pass "
+                            "train_noise='allow'")  # fmt: skip
+    assert _save(Augmented(), X, tmp_path / "a", train_noise="allow").is_dir()
+    assert _save(Counting(), X, tmp_path / "c").is_dir()  # was refused as randomness
+
+
 def test_a_declared_locked_dropout_packages(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = _save(Awd(), IDS, tmp_path, buckets=None, variational="lock")

@@ -21,7 +21,7 @@ from service.bundle.calibration import Calibration, ReferralPolicy, TargetReferr
 from service.bundle.fingerprint import sha256_file
 from service.bundle.load import TrustPolicy, load_bundle
 from service.bundle.manifest import MANIFEST_NAME, Manifest
-from service.calibration import selection, temperature, vector
+from service.calibration import selection, temperature
 from service.calibration.data import read
 from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
@@ -105,15 +105,8 @@ def _fit(
             class_scale=choice.scale,
             class_bias=choice.bias,
         )
-        probs = s.probabilities
-        if choice.scale is not None:  # fitted on these rows: scored by fits that did not see them
-            try:
-                probs = selection.out_of_fold(out, data.y, start=1.0 / t_min)
-            except vector.Diverged as exc:
-                raise InvalidInputError(
-                    f"vector scaling ran off on a fold of the calibration rows ({exc}); use "
-                    f"{method_flag} temperature"
-                ) from None
+        # vector scaling was fitted on these rows: they are scored by fits that did not see them
+        probs = s.probabilities if choice.held_out is None else choice.held_out
         scores = np.sort(conformal.classification_scores(probs, data.y))
         cal = Calibration(
             score="one-minus-probability",

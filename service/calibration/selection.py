@@ -37,6 +37,9 @@ class Choice:
     fit: dict[str, float | str] = field(default_factory=dict)  # the manifest's calibration.fit
     candidate: float = 1.0  # the temperature candidate (one-SE rule or minimum, as asked)
     minimum: float = 1.0  # the plain NLL-minimising temperature
+    # vector scaling: each calibration row's probabilities from the fold fit that did not see
+    # it (out_of_fold), for the conformal scores
+    held_out: np.ndarray | None = None
 
 
 def check_method(method: str) -> Method:
@@ -65,10 +68,28 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
     """Each row's held-out NLL under each method, fitted on the other ``k - 1`` stratified folds
     of [T, N, K] logits. Both by minimum NLL: the one-SE rule's pull of T towards 1 is a
     preference, not a fit, and would hand vector scaling (whose common scale is free) an edge."""
+    return _by_folds(logits, y, k)[0]
+
+
+def out_of_fold(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> np.ndarray:
+    """[N, K] vector-scaled probabilities of each row from the fit on the other ``k - 1`` folds
+    (the cross-validation's own fits; NaN on a fold whose fit ran off).
+
+    The conformal scores of a vector-scaled model come from these: 2K parameters fitted on the
+    rows that then give the scores made those scores optimistic, and the sets undercovered
+    (a simulation: 0.79 at level 0.9 with 6 classes and 30 rows, 0.87 with 10 and 200). A
+    temperature, one parameter, keeps its in-sample scores."""
+    return _by_folds(logits, y, k)[1]
+
+
+def _by_folds(
+    logits: np.ndarray, y: np.ndarray, k: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     z = np.asarray(logits, dtype=np.float64)
     yi = np.asarray(y).astype(np.int64)
     fold = folds(yi, k)
     rows = {"temperature": np.zeros(yi.size), "vector": np.zeros(yi.size)}
+    probs = np.full(z.shape[1:], np.nan)
     for f in range(k):
         test, train = fold == f, fold != f
         if not test.any():
@@ -81,27 +102,9 @@ def cross_validated(logits: np.ndarray, y: np.ndarray, k: int = FOLDS) -> dict[s
         except vector.Diverged:  # no fit: this fold says vector scaling cannot be used here
             rows["vector"][test] = math.inf
             continue
+        probs[test] = vector.mc_probabilities(z[:, test], v.scale, v.bias)
         rows["vector"][test] = vector.row_nll(z[:, test], yi[test], v.scale, v.bias)
-    return rows
-
-
-def out_of_fold(logits: np.ndarray, y: np.ndarray, start: float, k: int = FOLDS) -> np.ndarray:
-    """[N, K] vector-scaled probabilities of each row from a fit on the other ``k - 1`` folds.
-
-    The conformal scores of a vector-scaled model come from these: 2K parameters fitted on the
-    rows that then give the scores made those scores optimistic, and the sets undercovered
-    (a simulation: 0.79 at level 0.9 with 6 classes and 30 rows, 0.87 with 10 and 200). A
-    temperature, one parameter, keeps its in-sample scores."""
-    z = np.asarray(logits, dtype=np.float64)
-    yi = np.asarray(y).astype(np.int64)
-    fold = folds(yi, k)
-    probs = np.empty(z.shape[1:], dtype=np.float64)
-    for f in range(k):
-        test, train = fold == f, fold != f
-        if test.any():
-            v = vector.fit(z[:, train], yi[train], start=start)
-            probs[test] = vector.mc_probabilities(z[:, test], v.scale, v.bias)
-    return probs
+    return rows, probs
 
 
 def choose(
@@ -163,7 +166,7 @@ def _choose(
         return Choice(
             "temperature", t, fit=fit | {"reason": reason, "nll": temperature.nll(z, y, t)}
         )
-    rows = cross_validated(z, y)
+    rows, held_out = _by_folds(z, y, FOLDS)
     cv = {name: float(r.mean()) for name, r in rows.items()}
     if math.isfinite(cv["temperature"]) and cv["vector"] == math.inf:
         try:  # the fit on all rows says why (or, rarely, fits where a fold did not)
@@ -210,7 +213,8 @@ def _choose(
         raise InvalidInputError(
             f"vector scaling did not converge on these rows; use {flag} temperature"
         )
-    return Choice("vector", 1.0, v.scale.tolist(), v.bias.tolist(), info | {"nll": nll})
+    fit = info | {"nll": nll}
+    return Choice("vector", 1.0, v.scale.tolist(), v.bias.tolist(), fit, held_out=held_out)
 
 
 def _diverged(

@@ -99,8 +99,10 @@ def fit(logits: np.ndarray, y: np.ndarray, l2: float = L2, start: float = 1.0) -
         value.backward()
         seen.append(float(value.detach()))
         # Running off never ends by itself (the loss keeps falling): stop it early, well past
-        # the bound _check applies, so that a line search's far trial point is not taken for it.
-        if not math.isfinite(seen[-1]) or float(log_scale.detach().mean()) > _RUNAWAY:
+        # the bound _check applies, and only at a point that is the best yet (a line search
+        # tries far points whose loss is worse: taking one for a runaway refused a good fit).
+        far = float(log_scale.detach().mean()) > _RUNAWAY
+        if not math.isfinite(seen[-1]) or (far and seen[-1] <= min(seen)):
             raise _RanOff
         return value
 

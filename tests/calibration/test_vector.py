@@ -183,7 +183,7 @@ def test_out_of_fold_scores_keep_the_sets_coverage() -> None:
             continue
         try:
             v = vector.fit(z, y, start=1.0)
-            p_oof = selection.out_of_fold(z, y, start=1.0)
+            p_oof = selection.out_of_fold(z, y)
         except vector.Diverged:
             continue
         p_in = vector.mc_probabilities(z, v.scale, v.bias)
@@ -196,3 +196,26 @@ def test_out_of_fold_scores_keep_the_sets_coverage() -> None:
     assert mean >= level - 3 * se, (mean, se)
     bad, bad_se = np.mean(inside), np.std(inside, ddof=1) / np.sqrt(len(inside))
     assert bad + 3 * bad_se < level  # what the in-sample scores gave: the test can tell
+
+
+def test_a_far_trial_point_of_the_line_search_is_no_runaway() -> None:
+    """A reviewer's case (seed 280): from start 0.189 the line search tried a common scale of
+    e^9.5 with a loss of 1.7e6 (the best so far 1.22), which was taken for a runaway; the fit
+    converges at 0.6 with loss 1.09. And the conformal scores come from the cross-validation's
+    own fits, so auto's choice of vector scaling can no longer fail on a refit."""
+    r = np.random.default_rng(280)
+    k, n, t = int(r.integers(3, 8)), int(r.integers(12, 80)), int(r.integers(1, 6))
+    y = r.integers(0, k, n)
+    sharp = r.uniform(0.5, 6)
+    noise = r.normal(0, 1, (1, n, k)) + r.uniform(0.05, 0.5) * r.normal(0, 1, (t, n, k))
+    z = (
+        noise * r.uniform(0.1, 3, (1, 1, k))
+        + sharp * np.eye(k)[y][None]
+        + r.normal(0, 1, (1, 1, k))
+    )
+    chosen = selection.choose(z, y, "auto")
+    train = selection.folds(y) != 3
+    fit = vector.fit(z[:, train], y[train], start=1.0 / chosen.minimum)  # raised Diverged
+    assert 0.05 < float(np.exp(np.log(fit.scale).mean())) < 20.0
+    assert chosen.method == "vector" and chosen.held_out is not None
+    assert np.isfinite(chosen.held_out).all()

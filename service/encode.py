@@ -200,10 +200,16 @@ def sites_used(pred: Prediction) -> str | int | None:
     return "all" if pred.dropout_sites is None else pred.dropout_sites
 
 
+DETERMINISTIC = "deterministic mode: dropout off, no uncertainty was computed"
+
+
+def warnings_of(pred: Prediction) -> list[str]:
+    """What an answer warns of, on /v1 and /v2 alike."""
+    return [*pred.warnings, *([DETERMINISTIC] if pred.mode == "deterministic" else [])]
+
+
 def response(model: ServedModel, pred: Prediction) -> dict[str, Any]:
-    warnings = list(pred.warnings)
-    if pred.mode == "deterministic":
-        warnings.append("deterministic mode: dropout off, no uncertainty was computed")
+    warnings = warnings_of(pred)
     rows = predictions(model, pred)
     if pred.input_notes is not None:  # copies: the row dicts may be shared by a group
         rows = [{**row, **note} for row, note in zip(rows, pred.input_notes, strict=True)]

@@ -316,9 +316,15 @@ async def test_deterministic_mode(oip: httpx.AsyncClient) -> None:
     np.testing.assert_allclose(got["probabilities"].sum(1), 1.0)
     assert got["label"].tolist() == got["probabilities"].argmax(1).tolist()
     v1 = {"instances": [np.reshape(ROWS["digits"], SHAPES["digits"]).tolist()] * 3}
-    v1["parameters"] = {"mode": "deterministic"}
-    native = (await oip.post("/v1/models/digits:predict", json=v1)).json()["predictions"]
+    v1["parameters"] = {"mode": "deterministic", "seed": 7, "samples": 50}
+    whole = (await oip.post("/v1/models/digits:predict", json=v1)).json()
+    native = whole["predictions"]
     assert [int(p["label"]) for p in native] == got["label"].tolist()
+    # the same warnings as /v1 (the note that no uncertainty was computed was missing here)
+    assert params["warnings"] == "; ".join(whole["warnings"])
+    assert params["warnings"].endswith(
+        "deterministic mode: dropout off, no uncertainty was computed"
+    )
     req = body("diabetes", mode="deterministic")
     req["outputs"] = [{"name": "std"}]
     r = await oip.post("/v2/models/diabetes/infer", json=req)

@@ -21,7 +21,7 @@ from service.api.common.parameters import PredictParameters, ignored, to_params
 from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferParameters, InferRequest
-from service.encode import sites_used
+from service.encode import sites_used, warnings_of
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
@@ -94,8 +94,9 @@ def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) ->
         out.update(samples=pred.samples, seed=pred.seed, confidence=p.confidence[0])
         out["interval"] = p.interval
         out["dropout_sites"] = sites_used(pred)
-    if pred.warnings:
-        out["warnings"] = "; ".join(pred.warnings)
+    warnings = warnings_of(pred)  # as /v1's (the deterministic note was missing here)
+    if warnings:
+        out["warnings"] = "; ".join(warnings)
     return out
 
 

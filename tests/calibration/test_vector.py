@@ -183,9 +183,10 @@ def test_out_of_fold_scores_keep_the_sets_coverage() -> None:
             continue
         try:
             v = vector.fit(z, y, start=1.0)
-            p_oof = selection.out_of_fold(z, y)
-        except vector.Diverged:
+            p_oof = selection.choose(z, y, "vector").held_out
+        except (vector.Diverged, InvalidInputError):
             continue
+        assert p_oof is not None
         p_in = vector.mc_probabilities(z, v.scale, v.bias)
         z2, y2 = draw(m)
         p_new = 1.0 - vector.mc_probabilities(z2, v.scale, v.bias)[np.arange(m), y2]

@@ -91,7 +91,8 @@ def test_served_probabilities_sets_and_scores_use_the_vector_scaled_logits(repo:
     # row's from a fit on the other folds: in-sample ones (the fit's own rows) undercovered.
     data = read(repo.data / "clf-calibration.csv", served.manifest)
     zc = served.sample([MCRequest(data.x, cal.samples, cal.seed)])[0].astype(np.float64)
-    oof = selection.out_of_fold(zc, data.y)
+    oof = selection.choose(zc, data.y, "vector").held_out  # the fold fits
+    assert oof is not None
     expected = np.sort(1.0 - oof[np.arange(data.n), data.y])
     np.testing.assert_allclose(cal.scores, expected, rtol=1e-12, atol=1e-15)
     pc = np.mean([softmax(zc[t] * s + b) for t in range(cal.samples)], axis=0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -135,6 +136,10 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
     v = claims.get(name)
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise TokenRejected(f"claim {name} is not a number")
+    # PyJWT's JSON reads NaN and Infinity: NaN fails every comparison, so an `exp` of NaN never
+    # expired, was remembered "until nan" and could be replayed without end.
+    if not math.isfinite(v):
+        raise TokenRejected(f"claim {name} is not a finite number of seconds")
     return float(v)
 
 

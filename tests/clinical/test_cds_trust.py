@@ -97,6 +97,20 @@ def test_issued_in_the_future_or_living_too_long(es384: Signer, verifier: TokenV
         verifier.verify(es384.token(AUD, NOW, nbf=int(NOW) + 120), [AUD])
 
 
+@pytest.mark.parametrize(
+    "claims",
+    [{"exp": float("nan")}, {"iat": float("nan")}, {"exp": float("inf"), "iat": float("nan")},
+     {"nbf": float("nan")}, {"exp": float("inf")}],
+)  # fmt: skip
+def test_a_time_claim_that_is_not_finite_is_refused(
+    claims: dict[str, float], es384: Signer, verifier: TokenVerifier
+) -> None:
+    """NaN compares false with everything: an `exp` of NaN never expired and was replayable."""
+    token = es384.token(AUD, NOW, **claims)
+    with pytest.raises(TokenRejected, match="is not a finite number"):
+        verifier.verify(token, [AUD])
+
+
 def test_wrong_audience(es384: Signer, verifier: TokenVerifier) -> None:
     with pytest.raises(TokenRejected, match=r"[Aa]udience"):
         verifier.verify(es384.token(AUD + "-other", NOW), [AUD])

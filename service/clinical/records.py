@@ -175,7 +175,15 @@ def codings(codeable: Any) -> set[tuple[Any, Any]]:
     found = codeable.get("coding") if isinstance(codeable, dict) else None
     if not isinstance(found, list):
         return set()
-    return {(system(c.get("system")), c.get("code")) for c in found if isinstance(c, dict)}
+    # Only strings: a list or object as a code or system cannot match a mapping, and a set of
+    # such pairs was a TypeError (unhashable) and a 500.
+    return {
+        (system(c.get("system")), c["code"])
+        for c in found
+        if isinstance(c, dict)
+        and isinstance(c.get("code"), str)
+        and isinstance(c.get("system"), str | None)
+    }
 
 
 def matches(codeable: Any, codes: set[tuple[str, str]]) -> bool:

@@ -356,3 +356,20 @@ async def test_a_key_repeated_in_an_object_is_a_400_naming_it(
     assert r.status_code == 400
     diagnostics = r.json()["issue"][0]["diagnostics"]
     assert "the key 'valueQuantity' appears twice in one object" in diagnostics
+
+
+@pytest.mark.parametrize(
+    "coding", [{"system": LOINC, "code": ["2345-7"]}, {"system": {"x": 1}, "code": "2345-7"}]
+)
+async def test_a_coding_whose_code_or_system_is_not_a_string_matches_nothing(
+    ehr: httpx.AsyncClient, es384: Signer, coding: dict[str, Any]
+) -> None:
+    """A list as a code was a TypeError (unhashable) and a 500; it names no code we map."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["code"]["coding"] = [coding]
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200, r.text
+    detail = r.json()["cards"][0]["detail"]
+    assert "**No prediction was made**" in detail
+    assert "- Glucose (LOINC 2345-7" in detail and "no final result was prefetched" in detail

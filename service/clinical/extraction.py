@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping as AnyMapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.clinical import ucum
@@ -35,6 +35,7 @@ from service.clinical.records import (
     birth_date,
     codings,
     matches,
+    parse_time,
     refers_to,
     resources,
     when,
@@ -65,6 +66,7 @@ FUTURE = timedelta(hours=1)
 # UTC can lie up to 14 hours (the widest offset) ahead of the server's clock.
 WIDEST_OFFSET = timedelta(hours=14)
 _ZONED = re.compile(r"T.*(Z|[+-]\d\d:\d\d)$")
+_EARLIEST = datetime.min.replace(tzinfo=UTC)  # no `issued`: before any that has one
 
 
 def _ahead(raw: str) -> timedelta:
@@ -128,7 +130,8 @@ class Reader:
         """Read `src` into `ex.used`, or the issue saying why it could not be."""
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
-        latest: tuple[datetime, str, str, Json] | None = None  # time, as written, ref, holder
+        # (time, issued, not final), the time as written, the reference, the value's holder
+        latest: tuple[tuple[datetime, datetime, bool], str, str, Json] | None = None
         skipped: list[str] = []  # results of these codes that could not be used, and why
         for obs in found:
             if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
@@ -152,8 +155,11 @@ class Reader:
             if t > self.now + _ahead(raw):
                 skipped.append(f"{name} is dated {raw}, in the future")
                 continue
-            if latest is None or t > latest[0]:
-                latest = (t, raw, name, holders[0])
+            # Same effective time (a result and its correction): the later issued, then a
+            # corrected or amended one over the final; before, the Bundle's order decided.
+            key = (t, parse_time(obs.get("issued")) or _EARLIEST, obs.get("status") != "final")
+            if latest is None or key > latest[0]:
+                latest = (key, raw, name, holders[0])
         if latest is None:
             said = f"no usable final result was prefetched ({'; '.join(skipped)})"
             return _issue(
@@ -162,7 +168,7 @@ class Reader:
                 src.title,
                 src.codes,
             )
-        t, raw, ref, holder = latest
+        (t, _, _), raw, ref, holder = latest
         ex.skipped += [f"{what}: {s}" for s in skipped]
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0

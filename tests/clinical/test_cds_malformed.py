@@ -373,3 +373,24 @@ async def test_a_coding_whose_code_or_system_is_not_a_string_matches_nothing(
     detail = r.json()["cards"][0]["detail"]
     assert "**No prediction was made**" in detail
     assert "- Glucose (LOINC 2345-7" in detail and "no final result was prefetched" in detail
+
+
+@pytest.mark.parametrize("corrected_first", [True, False])
+async def test_a_correction_at_the_same_time_wins_whatever_the_bundle_order(
+    ehr: httpx.AsyncClient, es384: Signer, corrected_first: bool
+) -> None:
+    """A final result and its correction share their effective time; the Bundle's order chose."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, entries = _glucose(prefetch)
+    fixed = dict(glu, id="glu-fixed", status="corrected")
+    fixed["valueQuantity"] = dict(glu["valueQuantity"], value=glu["valueQuantity"]["value"] + 40)
+    entries.insert(entries.index(next(e for e in entries if e["resource"] is glu)) + (
+        0 if corrected_first else 1), {"resource": fixed})  # fmt: skip
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200, r.text
+    used = r.json()["cards"][0]["detail"].split("### Results not used\n")[0]
+    assert "Observation/glu-fixed" in used and "Observation/glu-1" not in used
+    # A later `issued` wins over the status: a final result re-sent after the correction.
+    glu["issued"], fixed["issued"] = iso(datetime.now(UTC)), iso(datetime.now(UTC) - timedelta(1))
+    used = (await _call(ehr, es384, prefetch)).json()["cards"][0]["detail"]
+    assert "Observation/glu-1" in used.split("### Results not used\n")[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
+from service.clinical.cards import OVERRIDE_REASONS, OVERRIDE_SYSTEM
 from service.clinical.hooks import FeedbackItem
 from service.errors import InvalidInputError, UnknownCardError
 
@@ -19,7 +20,7 @@ from service.errors import InvalidInputError, UnknownCardError
 class Record:
     card: str
     service: str
-    suggestion: str
+    suggestion: str  # "" for an information card: no suggestion and no override reasons
     model: str
     version: str
     digest: str
@@ -89,6 +90,20 @@ class Ledger:
                     f"feedback[{n}]: card {item.card} has no suggestion(s) {unknown}"
                 )
             reason = item.overrideReason.reason if item.overrideReason else None
+            offered = (
+                {(OVERRIDE_SYSTEM, c) for c, _ in OVERRIDE_REASONS} if rec.suggestion else set()
+            )
+            if reason is not None and (reason.system, reason.code) not in offered:
+                # CDS Hooks: the reason is one the card listed; free text goes in userComment.
+                raise InvalidInputError(
+                    f"feedback[{n}]: overrideReason ({reason.system} {reason.code}) is not one "
+                    f"card {item.card} offered: "
+                    + (
+                        ", ".join(c for c, _ in OVERRIDE_REASONS) + f" of {OVERRIDE_SYSTEM}"
+                        if offered
+                        else "it offered none (use userComment)"
+                    )
+                )
             found.append(
                 Outcome(
                     card=rec.card,

@@ -228,6 +228,36 @@ async def test_feedback_is_checked_as_the_specification_says(
     assert r.status_code == 200
 
 
+async def test_feedback_on_an_information_card_and_reasons_not_offered(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """The missing-data card has a uuid but was never remembered: its feedback was a 404. And a
+    reason the card never offered was recorded and audited."""
+    path = DIABETES + "/feedback"
+    info = only_card(
+        await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now(), hdl=None)))
+    )
+    assert info["indicator"] == "info" and "overrideReasons" not in info
+    item = {"card": info["uuid"], "outcome": "overridden", "outcomeTimestamp": now().isoformat()}
+    r = await ehr.post(path, json={"feedback": [item]}, headers=auth(es384, path))
+    assert r.status_code == 200, r.text
+    reason = {"system": "http://example.org/reasons", "code": "made-up"}
+    body = {"feedback": [item | {"overrideReason": {"reason": reason}}]}
+    r = await ehr.post(path, json=body, headers=auth(es384, path))
+    assert r.status_code == 400
+    assert "it offered none (use userComment)" in outcome(r)["issue"][0]["diagnostics"]
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    body = {"feedback": [item | {"card": card["uuid"], "overrideReason": {"reason": reason}}]}
+    r = await ehr.post(path, json=body, headers=auth(es384, path))
+    assert r.status_code == 400
+    said = outcome(r)["issue"][0]["diagnostics"]
+    assert "(http://example.org/reasons made-up) is not one card" in said
+    assert all(o["code"] in said for o in card["overrideReasons"])
+    offered = {"reason": card["overrideReasons"][1]}
+    body = {"feedback": [item | {"card": card["uuid"], "overrideReason": offered}]}
+    assert (await ehr.post(path, json=body, headers=auth(es384, path))).status_code == 200
+
+
 async def test_a_bad_request_names_each_problem_once(ehr: httpx.AsyncClient, es384: Signer) -> None:
     body = hook_call(diabetes_prefetch(now()))
     del body["hookInstance"]

@@ -133,7 +133,7 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         exc.details += notes  # why fetching did not help
         if cds.settings.cds_missing_data == "412":
             raise
-        return missing_data_card(cds, service_id, body, model, offered.mapping, exc)
+        return await missing_data_card(cds, service_id, body, model, offered.mapping, exc)
     x = to_array([features], model.manifest.inputs, 1)
     params = to_params(PredictParameters(), model, st.settings.max_samples)
     batcher = st.batcher(model.name, model.version)
@@ -171,9 +171,7 @@ async def call(service_id: ServiceId, request: Request) -> Response:
         hook_instance=body.hookInstance,
         referred=issued.referred,
     )
-    cds.ledger.issue(record)
-    if cds.shared is not None:  # feedback may reach another replica
-        await cds.shared.issue(record, cds.clock())
+    await remember(cds, record)
     if cds.counters:
         cds.counters["cards"].labels(service_id, card["indicator"]).inc()
     claims = getattr(request.state, "cds_claims", None)
@@ -228,7 +226,14 @@ async def fetch_missing(
     )
 
 
-def missing_data_card(
+async def remember(cds: Clinical, record: Record) -> None:
+    """Every card with a uuid, so that its feedback is accepted (CDS Hooks asks for it)."""
+    cds.ledger.issue(record)
+    if cds.shared is not None:  # feedback may reach another replica
+        await cds.shared.issue(record, cds.clock())
+
+
+async def missing_data_card(
     cds: Clinical,
     service_id: str,
     body: HookRequest,
@@ -241,6 +246,12 @@ def missing_data_card(
         mapping, model, exc.details, str(uuid.uuid4()), cds.settings.public_base_url,
         page=cds.settings.pages,
     )  # fmt: skip
+    record = Record(
+        card=card["uuid"], service=service_id, suggestion="", model=model.name,
+        version=model.version, digest=model.digest, hook_instance=body.hookInstance,
+        referred=False,
+    )  # fmt: skip
+    await remember(cds, record)  # its feedback ("overridden": the data was there) counts too
     if cds.counters:
         cds.counters["cards"].labels(service_id, "info").inc()
     audit.info(

@@ -31,6 +31,7 @@ from service.clinical import ucum
 from service.clinical.extracted import Extraction, Used
 from service.clinical.mapping import PATIENT_KEY, STATUSES, Mapping, ObservationSource
 from service.clinical.records import (
+    FHIR_ID,
     array,
     birth_date,
     codings,
@@ -43,7 +44,7 @@ from service.clinical.records import (
 )
 from service.clinical.records import system as canonical_system
 from service.clinical.terms import UCUM, Code
-from service.errors import InvalidInputError, MissingDataError
+from service.errors import InvalidInputError, MissingDataError, shown_name
 
 Json = dict[str, Any]
 
@@ -144,6 +145,10 @@ class Reader:
                 if isinstance(c, dict) and matches(c.get("code"), codes)
             ]
             if not holders:
+                continue
+            if not isinstance(obs.get("id"), str) or not FHIR_ID.fullmatch(obs["id"]):
+                # The card and the suggested resource cite it (derivedFrom): "Observation/?".
+                skipped.append(f"an Observation with no valid id ({shown_name(obs.get('id'))})")
                 continue
             t, raw = when(obs)
             if t is None or raw is None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from service.clinical.records import FHIR_ID
 from service.clinical.search import FhirSearch, Limits, SearchFailed
 
 Json = dict[str, Any]
@@ -36,7 +37,6 @@ SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|rs|\*|r)$")
 # token included, which reached the card, or raised UnicodeEncodeError (a 500).
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # FHIR's id: what may be put into a query for `{{context.patientId}}` (no `&`, `#`, spaces).
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 @dataclass(frozen=True)

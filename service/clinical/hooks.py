@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.clinical.records import array
-from service.errors import InvalidInputError, json_hint
+from service.clinical.records import FHIR_ID, array
+from service.errors import InvalidInputError, json_hint, shown_name
 from service.json_body import json_body
 
 # FHIR's instant (https://hl7.org/fhir/datatypes.html#instant): a time zone, no control
@@ -53,8 +53,17 @@ class HookRequest(BaseModel):
         if missing:
             raise InvalidInputError(f"context of '{hook}' lacks {missing}")
         pid = self.context["patientId"]
-        if not isinstance(pid, str) or len(pid) > 64:
-            raise InvalidInputError("context.patientId must be a FHIR id (a string, <= 64 chars)")
+        # Both are written into the suggested resource's references (subject, encounter): a
+        # newline, slash or space there made an invalid resource for the chart.
+        enc = self.context.get("encounterId") or None  # "" is no encounter, as before
+        for key, value in (("patientId", pid), ("encounterId", enc)):
+            if (value is not None or key == "patientId") and not (
+                isinstance(value, str) and FHIR_ID.fullmatch(value)
+            ):
+                raise InvalidInputError(
+                    f"context.{key} must be a FHIR id: 1-64 of A-Z, a-z, 0-9, '-' and '.' "
+                    f"(got {shown_name(repr(value))})"
+                )
         if hook == "order-select" and not isinstance(self.context["selections"], list):
             raise InvalidInputError("context.selections must be an array of references")
         if hook in ORDER_HOOKS and not isinstance(self.context["draftOrders"], dict):

@@ -25,6 +25,9 @@ from service.errors import InvalidInputError
 Json = dict[str, Any]
 
 
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 id: what a reference may name
+
+
 def parse_time(value: Any) -> datetime | None:
     """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
     if not isinstance(value, str) or not value:

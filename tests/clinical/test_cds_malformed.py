@@ -394,3 +394,36 @@ async def test_a_correction_at_the_same_time_wins_whatever_the_bundle_order(
     glu["issued"], fixed["issued"] = iso(datetime.now(UTC)), iso(datetime.now(UTC) - timedelta(1))
     used = (await _call(ehr, es384, prefetch)).json()["cards"][0]["detail"]
     assert "Observation/glu-1" in used.split("### Results not used\n")[0]
+
+
+@pytest.mark.parametrize(
+    ("context", "said"),
+    [
+        ({"pid": f"{PID}\n"}, "context.patientId must be a FHIR id"),
+        ({"pid": f"{PID}/x"}, "context.patientId must be a FHIR id"),
+        ({"pid": "p 1"}, "context.patientId must be a FHIR id"),
+        ({"encounterId": "e1\x00"}, "context.encounterId must be a FHIR id"),
+        ({"encounterId": "Encounter/e1"}, "context.encounterId must be a FHIR id"),
+    ],
+)
+async def test_context_ids_written_into_references_must_be_fhir_ids(
+    ehr: httpx.AsyncClient, es384: Signer, context: dict[str, str], said: str
+) -> None:
+    """Each was a 200 whose suggested resource referenced `Patient/p1\\n` or `Encounter/e1\\0`."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    body = hook_call(prefetch, **context)
+    r = await ehr.post(DIABETES, json=body, headers=auth(es384, DIABETES))
+    assert r.status_code == 400, r.text
+    assert said in r.text
+
+
+async def test_an_observation_without_an_id_is_not_cited(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """It was cited as `Observation/?` in the card and the resource's derivedFrom."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    del glu["id"]
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200 and "Observation/?" not in r.text, r.text
+    assert "an Observation with no valid id (None)" in r.json()["cards"][0]["detail"]

@@ -31,7 +31,11 @@ from service.clinical.search import FhirSearch, Limits, SearchFailed
 
 Json = dict[str, Any]
 log = logging.getLogger("mcserve.cds")
-SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|rs|\*|r)$")
+# SMART scopes: v1 `patient/Observation.read` (or `.*`), v2 `patient/Observation.rs` whose
+# letters are an ordered subset of c, r, u, d, s (`.cruds`); v2 needs `r` to read a resource and
+# `s` to search. One narrowed by a query (`.rs?category=laboratory`) is not read as a grant: a
+# search it filters would look like a missing result.
+SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|\*|c?r?u?d?s?)$")
 # RFC 6750 section 2.1's b64token: all a Bearer token may hold. Anything else (a newline, a
 # non-ASCII letter) cannot go into a header: httpx refused it with a message quoting the header,
 # token included, which reached the card, or raised UnicodeEncodeError (a 500).
@@ -61,10 +65,14 @@ def _allowed(server: str, servers: Sequence[str]) -> bool:
     return any(base == s.rstrip("/") for s in servers)
 
 
-def _grants(scope: str, resource: str) -> bool:
+def _grants(scope: str, resource: str, search: bool) -> bool:
+    """Whether `scope` lets us read `resource` (a read of one, or a search when `search`)."""
     for s in scope.split():
         m = SCOPE.match(s)
-        if m and m.group(2) in ("*", resource):
+        if not m or m.group(2) not in ("*", resource):
+            continue
+        perm = m.group(3)
+        if perm in ("read", "*") or ("s" if search else "r") in perm:
             return True
     return False
 
@@ -123,10 +131,12 @@ async def complete(
     for k in keys:
         query = templates[k].replace("{{context.patientId}}", patient_id)
         resource = query.split("?", 1)[0].split("/", 1)[0]
-        if _grants(granted, resource):
+        search = "?" in query
+        if _grants(granted, resource, search):
             queries[k] = query
         else:
-            why = f"not fetched: the access token's scope does not grant reading {resource}"
+            what = f"searching {resource} (SMART v2: 's')" if search else f"reading {resource}"
+            why = f"not fetched: the access token's scope does not grant {what}"
             notes.append(note(k, why, "security"))
     if not queries:
         return out, notes

@@ -290,8 +290,32 @@ async def test_nothing_is_sent_where_it_is_not_allowed(
     elsewhere = await post(ehr, es384, call_with(f"{servers[1].url}/fhir"))
     assert "not on its issuer's fhir_servers list" in elsewhere["detail"]
     narrow = await post(ehr, es384, call_with(f"{fhir.url}/fhir", scope="patient/Patient.read"))
-    assert "scope does not grant reading Observation" in narrow["detail"]
+    assert "scope does not grant searching Observation" in narrow["detail"]
     assert fhir.requests == [] and servers[1].requests == []  # the token went nowhere
+
+
+@pytest.mark.parametrize(
+    ("scope", "read", "search"),
+    [
+        ("patient/*.read", True, True),
+        ("patient/Observation.*", True, True),
+        ("patient/*.cruds", True, True),  # SMART v2: every letter, in order (was refused)
+        ("patient/Observation.cruds", True, True),
+        ("user/Observation.crs", True, True),
+        ("patient/Observation.rs?category=laboratory", False, False),  # narrowed: not read
+        ("patient/Observation.r", True, False),  # v2 searching needs 's' (was granted)
+        ("patient/Observation.s", False, True),
+        ("patient/Observation.sr", False, False),  # letters out of order: not a scope
+        ("patient/Observation.write", False, False),
+        ("patient/Patient.rs", False, False),
+        ("launch/patient openid", False, False),
+    ],
+)
+def test_smart_v1_and_v2_scopes(scope: str, read: bool, search: bool) -> None:
+    from service.clinical.fetch import _grants
+
+    assert _grants(scope, "Observation", search=False) is read
+    assert _grants(scope, "Observation", search=True) is search
 
 
 @pytest.mark.parametrize(

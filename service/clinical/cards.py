@@ -43,7 +43,7 @@ class Issued:
 
 def fmt(v: float) -> str:
     """Three significant digits, no exponent for ordinary clinical magnitudes."""
-    if abs(v) >= 1000:
+    if abs(v) >= 999.5:  # after rounding to 3 digits: 999.6 was shown as "1e+03"
         return f"{v:.0f}"
     return f"{v:.3g}"
 

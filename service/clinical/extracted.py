@@ -4,6 +4,7 @@ resources it came from (extraction.py reads them; cards.py shows them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.errors import MissingDataError
 
@@ -31,10 +32,13 @@ class Extraction:
     # shown on the card when an older result was used instead.
     skipped: list[str] = field(default_factory=list)
 
-    def features(self, names: list[str]) -> list[float]:
+    def features(
+        self, names: list[str], ranges: list[tuple[float, float]] | None = None
+    ) -> list[float]:
         """The values in `names` order; MissingDataError (not KeyError, a 500) for any not read.
 
-        A mapping that fits its model (`fit.py`) leaves none out: this is the last guard."""
+        A mapping that fits its model (`fit.py`) leaves none out: this is the last guard. With
+        `ranges` (the model's valid range per feature), a value outside its range is refused."""
         missing = [n for n in names if n not in self.used]
         if missing:
             raise MissingDataError(
@@ -49,7 +53,36 @@ class Extraction:
                     for n in missing
                 ],
             )
-        return [self.used[n].value for n in names]
+        values = [self.used[n].value for n in names]
+        if ranges:
+            self._check_ranges(names, ranges)
+        return values
+
+    def _check_ranges(self, names: list[str], ranges: list[tuple[float, float]]) -> None:
+        """A value outside the model's valid range is unusable input, said with the resource it
+        came from (the engine's check said only "instance 0, feature 'glu'": a bare 400)."""
+        issues: list[dict[str, Any]] = []
+        for n, (lo, hi) in zip(names, ranges, strict=True):
+            u = self.used[n]
+            if lo <= u.value <= hi:
+                continue
+            came = f"{u.source} ({u.code})" if u.source and u.code else u.source or "the data"
+            shown = u.given or f"{u.value:g} {u.unit}"
+            if u.formula:
+                came, shown = f"{u.formula} from the results", f"{u.value:g} {u.unit}"
+            issues.append(
+                {
+                    "severity": "error",
+                    "code": "value",
+                    "details": {"text": u.title},
+                    "diagnostics": f"{u.title}: {came} gives {shown}, outside the model's valid "
+                    f"range [{lo:g}, {hi:g}] {u.unit}; check the result and its unit",
+                }
+            )
+        if issues:
+            raise MissingDataError(
+                "unusable input: " + "; ".join(str(i["diagnostics"]) for i in issues), issues
+            )
 
     def basis(self) -> list[str]:
         """References of the resources read, the Patient first, each once."""

@@ -427,3 +427,30 @@ async def test_an_observation_without_an_id_is_not_cited(
     r = await _call(ehr, es384, prefetch)
     assert r.status_code == 200 and "Observation/?" not in r.text, r.text
     assert "an Observation with no valid id (None)" in r.json()["cards"][0]["detail"]
+
+
+async def test_a_value_outside_the_valid_range_is_unusable_input_naming_its_result(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A glucose of 8700 mg/dL (a typo) was a bare 400 saying "instance 0, feature 'glu'": terms
+    of the native API, no resource named, and no card for the clinician."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["valueQuantity"]["value"] = 8700
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200, r.text
+    (card,) = r.json()["cards"]
+    assert card["indicator"] == "info" and "suggestions" not in card
+    assert (
+        "Glucose: Observation/glu-1 (LOINC 2345-7) gives 8700 mg/dL, outside the model's valid "
+        "range [20, 1000] mg/dL; check the result and its unit"
+    ) in card["detail"]
+    assert "a measured value the model can use" in card["detail"]
+
+
+def test_a_card_value_just_under_1000_has_no_exponent() -> None:
+    from service.clinical.cards import fmt
+
+    assert [fmt(v) for v in (999.4, 999.6, 1000.0, 99.96, 12.34)] == [
+        "999", "1000", "1000", "100", "12.3"
+    ]  # fmt: skip

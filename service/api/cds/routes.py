@@ -128,7 +128,10 @@ async def call(service_id: ServiceId, request: Request) -> Response:
             now,
             cds.settings.cds_max_observation_age_days,
         )
-        features = ex.features(model.manifest.inputs.feature_names or [])
+        spec = model.manifest.inputs
+        names = spec.feature_names or []
+        whole = [spec.value_range] * len(names) if spec.value_range else None
+        features = ex.features(names, spec.valid_ranges or whole)
     except MissingDataError as exc:
         exc.details += notes  # why fetching did not help
         if cds.settings.cds_missing_data == "412":

@@ -14,6 +14,10 @@ client likes: with 1,024 file descriptors, 1,100 such connections made every req
   over either closes the one that has waited longest for its head (an honest client sends its
   head in one packet, so the oldest waiting is the likeliest to be hostile); with none waiting,
   the new connection is answered 503 and closed.
+
+uvicorn's `limit_concurrency` (503 over `max_concurrency` connections or requests) is kept, but
+not for the probes (PROBES): under a burst at the cap, the kubelet's liveness probe got 503s and
+restarted a pod that was only busy, dropping its queue onto the other replicas.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ log = logging.getLogger("mcserve.connections")
 # audit store, the compute process's socket, the event loop's own): an idle server with the
 # bundled models holds about 40.
 RESERVED_FDS = 128
+# Health probes and the metrics scrape: cheap, and wanted most when the server is at its cap.
+PROBES = frozenset({b"/healthz", b"/readyz", b"/v2/health/live", b"/v2/health/ready", b"/metrics"})
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,13 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.guard.waiting.pop(self, None)
         self._arm(self.guard.limits.body_timeout_s, self._body_late)
-        super().on_headers_complete()
+        cap = self.limit_concurrency
+        if self.url.split(b"?", 1)[0] in PROBES:
+            self.limit_concurrency = None  # read by uvicorn's on_headers_complete alone
+        try:
+            super().on_headers_complete()
+        finally:
+            self.limit_concurrency = cap
 
     def on_message_complete(self) -> None:
         self._disarm()

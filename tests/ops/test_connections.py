@@ -48,7 +48,7 @@ async def ok(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def factory(max_pending: int = 2, max_connections: int = 3) -> Any:
+def factory(max_pending: int = 2, max_connections: int = 3, concurrency: int | None = None) -> Any:
     limits = connections.Limits(
         header_timeout_s=10.0,
         body_timeout_s=30.0,
@@ -56,7 +56,7 @@ def factory(max_pending: int = 2, max_connections: int = 3) -> Any:
         max_connections=max_connections,
     )
     cls = connections.protocol(connections.Guard(limits))
-    config = uvicorn.Config(ok, log_config=None)
+    config = uvicorn.Config(ok, log_config=None, limit_concurrency=concurrency)
     config.load()
     state = ServerState()
 
@@ -96,6 +96,28 @@ async def test_with_every_connection_busy_a_new_one_is_refused_with_503() -> Non
     assert b"too many connections" in transport.written
     assert not any(t.closed for _, t in busy)
     for p, _ in busy:  # the clients go: their apps see a disconnect and end
+        p.connection_lost(None)
+    await asyncio.sleep(0)
+
+
+async def test_probes_pass_the_concurrency_cap_that_other_requests_meet() -> None:
+    """At `max_concurrency` the kubelet's liveness probe got a 503 and restarted a busy pod."""
+    connect = factory(max_pending=10, max_connections=10, concurrency=2)
+    busy = []
+    for _ in range(2):  # two uploads under way: the cap is reached
+        proto, transport = connect()
+        proto.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        busy.append(proto)
+    answers = {}
+    for path in (b"/v1/models", b"/healthz", b"/readyz", b"/v2/health/live", b"/metrics?x=1"):
+        proto, transport = connect()
+        proto.data_received(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0)  # the app (or uvicorn's 503) answers
+        answers[path] = transport.written.split(b"\r\n", 1)[0]
+        proto.connection_lost(None)
+    assert answers.pop(b"/v1/models") == b"HTTP/1.1 503 Service Unavailable"
+    assert set(answers.values()) == {b"HTTP/1.1 200 OK"}
+    for p in busy:
         p.connection_lost(None)
     await asyncio.sleep(0)
 

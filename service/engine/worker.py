@@ -48,6 +48,7 @@ from service.errors import BundleError, ComputeUnavailableError, McServeError, M
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
+CLOSE_S = 2.0  # at shutdown, the child's time to exit before it is killed (deploy's grace)
 Key = tuple[str, str, str]  # name, version, digest
 _COUNTERS = [f.name for f in fields(SamplerStats) if not f.name.startswith("_")]
 
@@ -205,18 +206,22 @@ class ComputeProcess:
                     )
                 )
 
-    async def close(self, timeout_s: float = 10.0) -> None:
+    async def close(self, timeout_s: float = CLOSE_S) -> None:
+        """End the child: it exits at end of input, after the batch it holds; past `timeout_s`
+        it is killed. By now every request it could answer has been answered or failed (the
+        drain is over), so nothing waits for that batch; waiting for it (the reader first, with
+        no limit, then 10 s) kept a pod past its grace period."""
         self._closing = True
         if self._writer is not None:
-            self._writer.close()  # the child exits at end of input
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+            self._writer.close()
         if self.proc is not None:
             try:
                 await asyncio.to_thread(self.proc.wait, timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                await asyncio.to_thread(self.proc.wait)
+        if self._reader_task is not None:  # the child's end is closed: it reads to the end
+            await asyncio.gather(self._reader_task, return_exceptions=True)
 
 
 # The child.

@@ -138,6 +138,26 @@ async def test_shutdown_stops_the_process(repo: Path) -> None:
     assert proc is not None and proc.returncode == 0  # it ended at end of input, not killed
 
 
+async def test_a_child_that_does_not_exit_is_killed_within_the_close_time(repo: Path) -> None:
+    """Shutdown gave a child in a long batch (or stuck) 10 s to exit, which the deployment's
+    grace period did not count: it is now killed after CLOSE_S (2 s), which it counts."""
+    import signal
+    import time
+
+    from service.engine.worker import CLOSE_S
+
+    async with running(settings(repo)) as app:
+        async with asgi_client(app) as c:
+            r = await c.post("/v1/models/reg:predict", json=body(1, [0.0, 0.0, 0.0]))
+            assert r.status_code == 200, r.text
+        proc: Any = remote(app).proc
+        os.kill(proc.pid, signal.SIGSTOP)  # as busy as it can be: it reads nothing
+        start = time.monotonic()
+        await asyncio.wait_for(remote(app).close(), 30)
+        assert CLOSE_S <= time.monotonic() - start < CLOSE_S + 2
+        assert proc.returncode == -signal.SIGKILL
+
+
 def test_child_refuses_a_bundle_that_changed(repo: Path) -> None:
     st = build_state(settings(repo))
     assert st.remote is not None

@@ -116,10 +116,19 @@ def test_settings_come_from_the_config_map(overlay: tuple[str, dict[str, Obj]]) 
 
 def shutdown_s(env: dict[str, str]) -> float:
     """The longest a shutdown takes: the grace, the drain, then the audit queue's flush (each
-    the manifest's setting, else the service's default)."""
+    the manifest's setting, else the service's default), and closing the compute process and
+    the audit store (their limits in the code)."""
+    import inspect
+
+    from service.audit.sink import SinkClient
+    from service.engine.worker import CLOSE_S
+
     names = ("drain_grace_s", "drain_timeout_s", "audit_flush_timeout_s")
     fields = Settings.model_fields
-    return sum(float(env.get(f"MCSERVE_{n.upper()}", fields[n].default)) for n in names)
+    settings_s = sum(float(env.get(f"MCSERVE_{n.upper()}", fields[n].default)) for n in names)
+    # The store's close: its answer, then the writer process's exit, each within timeout_s.
+    store_s = 2 * inspect.signature(SinkClient.close).parameters["timeout_s"].default
+    return settings_s + CLOSE_S + store_s
 
 
 def test_grace_period_outlasts_the_drain_and_the_audit_flush(

@@ -38,8 +38,13 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         st = _find_state(self.config.loaded_app)
-        if st is None:  # still starting: nothing to drain
+        if st is None:  # before the app: nothing to drain
             super().handle_exit(sig, frame)
+            return
+        if not st.started:  # loading: stop after the version in hand (lifecycle.py), exit 0
+            st.draining = True
+            self.should_exit = True  # (uvicorn's own handler would re-raise the signal at exit)
+            log.info("stopping during start-up")
             return
         st.draining = True
         self.exit_at = time.monotonic() + self.settings.drain_grace_s

@@ -149,6 +149,9 @@ class ModelControl:
             }
             known = self.st.registry.paths()
             for path, (name, version) in found.items():
+                if self.st.draining:  # a SIGTERM while loading: the pod is going, stop here
+                    log.info("loading stopped: the server is shutting down")
+                    return
                 refused = self._refused.get(path)
                 if path not in known or (refused is not None and refused != signature(path)):
                     await self._load(name, version, path)

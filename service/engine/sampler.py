@@ -66,15 +66,22 @@ TOKEN_BUDGET = 8192
 # than one mask block (64). Every bundled model stays under it at its row and token budgets; a
 # model making 40 M values per input got 16,384-row forwards before (64 now: still 10 GB).
 ACTIVATION_BUDGET = 1 << 28
+# Values one prefix (or deterministic) forward may make, whatever the batch: the prefix runs over
+# at most PREFIX_BUDGET // (the model's values per input) inputs at a time. It ran over every
+# input of a batch at once, and medical-abstracts' TF-IDF member makes a dense table of 262,139
+# bigram counts per text: one request of 1,024 abstracts held 3.2 GB, past a 2 GiB pod's limit.
+PREFIX_BUDGET = 1 << 26
 
 
-def rows_within(module: nn.Module, row_budget: int) -> int:
-    """`row_budget`, lowered so that one forward's activations stay within ACTIVATION_BUDGET."""
+def rows_within(module: nn.Module, row_budget: int, budget: int | None = None) -> int:
+    """`row_budget`, lowered so that one forward's activations stay within `budget`
+    (ACTIVATION_BUDGET by default)."""
+    budget = ACTIVATION_BUDGET if budget is None else budget
     meta = getattr(module, "meta", None)
     per_input = meta.get(ACTIVATIONS_PER_INPUT) if isinstance(meta, dict) else None
     if not per_input:  # a module not rebuilt from a description (tests, .pt2)
         return row_budget
-    return max(1, min(row_budget, ACTIVATION_BUDGET // int(per_input)))
+    return max(1, min(row_budget, budget // int(per_input)))
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,9 @@ class MCSampler:
         if activation_budget and not cuda:  # (CUDA: unchanged, untested there)
             row_budget = rows_within(module, int(row_budget))
         self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
+        # Inputs per prefix forward: never fewer than min_rows, the pad a batch-sensitive prefix
+        # needs, so a chunk's shapes are those a small batch already runs at (same bits).
+        self.prefix_chunk = max(rows_within(self.module, 1 << 30, PREFIX_BUDGET), self.min_rows)
         self.stats = SamplerStats()
         # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with
         # the same numbers as the torch path. Optional torch.compile of the per-chunk work
@@ -244,12 +254,40 @@ class MCSampler:
         pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         return torch.cat([t, pad])
 
+    def _frontier(self, plan: Plan, xs: torch.Tensor) -> list[torch.Tensor]:
+        """The prefix's values for inputs `xs`, `prefix_chunk` inputs at a time (a prefix's
+        values per input never depend on the batch: prefix.py, blocks.py), each chunk's copied
+        into place so that only one chunk's intermediate values live at a time."""
+        batched = plan.graph.frontier_batched
+        total = xs.shape[0]
+        out: list[torch.Tensor] = []
+        for lo in range(0, total, self.prefix_chunk):
+            part = xs[lo : lo + self.prefix_chunk]
+            n = part.shape[0]
+            with live_rows(n):  # padding inputs skip the prefix's linear layers
+                values = plan.prefix(self._pad(part, self.prefix_rows(plan)))
+            if n == total:  # one chunk: its values as they are
+                return [v[:n] if b else v for v, b in zip(values, batched, strict=True)]
+            if not out:  # batch-independent values are the same in every chunk: the first's
+                out = [
+                    v.new_empty((total, *v.shape[1:])) if b else v
+                    for v, b in zip(values, batched, strict=True)
+                ]
+            for o, v, b in zip(out, values, batched, strict=True):
+                if b:
+                    o[lo : lo + n] = v[:n]
+        return out
+
     def deterministic(self, x: np.ndarray) -> np.ndarray:
-        """Dropout off (the weight-scaling approximation), plain torch forward."""
+        """Dropout off (the weight-scaling approximation), plain torch forward, `prefix_chunk`
+        inputs at a time."""
         xt = torch.as_tensor(np.ascontiguousarray(x), dtype=self.input_dtype, device=self.device)
+        outs = []
         with torch.inference_mode():
-            out = self.module(self._pad(xt, self.min_rows))[: xt.shape[0]]
-        return out.float().cpu().numpy()
+            for lo in range(0, xt.shape[0], self.prefix_chunk):
+                part = xt[lo : lo + self.prefix_chunk]
+                outs.append(self.module(self._pad(part, self.min_rows))[: part.shape[0]])
+        return torch.cat(outs).float().cpu().numpy()
 
     def run(self, requests: Sequence[MCRequest]) -> list[np.ndarray]:
         """Samples [T, B, *output] (float32) for each request, in order. Requests with other
@@ -279,12 +317,7 @@ class MCSampler:
                 dtype=self.input_dtype,
                 device=dev,
             )
-            n_inputs = xs.shape[0]
-            with live_rows(n_inputs):  # padding inputs skip the prefix's linear layers
-                values = plan.prefix(self._pad(xs, self.prefix_rows(plan)))
-            frontier = [
-                f[:n_inputs] if b else f for f, b in zip(values, g.frontier_batched, strict=True)
-            ]
+            frontier = self._frontier(plan, xs)
             layers = range(g.first_site, g.first_site + len(g.sites))
             rows = RowMap(requests, layers, dev, self.block)
             total = rows.total

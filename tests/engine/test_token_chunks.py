@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import torch
 from text_nets import LENGTH, TextCNN, token_batch
 from torch import nn
@@ -82,3 +84,41 @@ def test_a_model_s_activations_size_its_forwards(monkeypatch: Any) -> None:
     req = [MCRequest(x, 40, 9)]  # 1,200 rows
     assert wide.sampler.run(req)[0].tobytes() == narrow.sampler.run(req)[0].tobytes()
     assert narrow.sampler.stats.forwards > wide.sampler.stats.forwards
+
+
+@pytest.mark.parametrize("name", ["diabetes", "digits"])
+def test_the_prefix_runs_within_its_budget_with_the_same_bits(monkeypatch: Any, name: str) -> None:
+    """The prefix ran over every input of a batch at once: medical-abstracts' TF-IDF member
+    makes 262,139 bigram counts per text, and 1,024 abstracts held 3.2 GB. It now runs at most
+    PREFIX_BUDGET values at a time (digits: a convolution, whose algorithm follows the batch)."""
+    from service.bundle import load_bundle
+    from service.bundle.activations import ACTIVATIONS_PER_INPUT
+    from service.engine import prefix, sampler
+    from service.engine.model import ServedModel
+
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / name / "2")
+    wide = ServedModel(bundle)
+    monkeypatch.setattr(sampler, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
+    narrow = ServedModel(bundle)
+    assert wide.sampler.prefix_chunk > 1000 and narrow.sampler.prefix_chunk == 70
+    seen: list[int] = []
+    run = prefix._run
+    monkeypatch.setattr(prefix, "_run", lambda m, x, **k: seen.append(x.shape[0]) or run(m, x, **k))
+    spec = bundle.manifest.inputs
+    u = np.random.default_rng(3).uniform(0, 1, (150, *spec.shape))
+    if spec.valid_ranges:  # tabular: within each feature's range
+        lo, hi = np.array(spec.valid_ranges).T
+        u = lo + u * (hi - lo)
+    x = (u if spec.valid_ranges else u * 16).astype(np.float32)
+    req = [MCRequest(x, 5, 9)]
+    alone = wide.sampler.run(req)[0]
+    seen.clear()
+    assert narrow.sampler.run(req)[0].tobytes() == alone.tobytes()
+    pad = narrow.sampler.prefix_rows(narrow.sampler.plan(None))
+    assert seen == [70, 70, max(10, pad)]  # the last chunk padded as a small batch is
+    # The plain forward is chunked too (its matrix products round by batch size, as before).
+    whole = wide.sampler.deterministic(x)
+    seen.clear()
+    narrow.sampler.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].shape[0]))
+    np.testing.assert_allclose(narrow.sampler.deterministic(x), whole, rtol=1e-5, atol=1e-6)
+    assert seen == [70, 70, 64]  # the last chunk padded to min_rows, as a small batch is

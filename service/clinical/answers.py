@@ -59,7 +59,12 @@ def diagnostics(res: Json) -> str:
     said = []
     for i in res.get("issue") or []:
         if isinstance(i, dict):
-            text = i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
+            details = i.get("details")  # a server may send a string where FHIR has an object
+            text = (
+                i.get("diagnostics")
+                or (details.get("text") if isinstance(details, dict) else None)
+                or i.get("code")
+            )
             if isinstance(text, str):
                 said.append(text)
     joined = "; ".join(dict.fromkeys(said))

@@ -28,9 +28,16 @@ Json = dict[str, Any]
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 id: what a reference may name
 
 
+# FHIR's date, dateTime and instant (YYYY, YYYY-MM, YYYY-MM-DD, then a time): Python's
+# fromisoformat also reads ISO 8601 forms FHIR does not allow, such as 20261127 or 2026-W48-1.
+_FHIR_TIME = re.compile(
+    r"\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
+)
+
+
 def parse_time(value: Any) -> datetime | None:
     """A FHIR date, dateTime or instant as an aware datetime (dates: midnight UTC)."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not _FHIR_TIME.fullmatch(value):
         return None
     try:
         if len(value) == 4:

@@ -454,3 +454,22 @@ def test_a_card_value_just_under_1000_has_no_exponent() -> None:
     assert [fmt(v) for v in (999.4, 999.6, 1000.0, 99.96, 12.34)] == [
         "999", "1000", "1000", "100", "12.3"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("written", ["20261127", "2026-W48-1", "2026-11-27 10:00:00Z", "2026-331"])
+async def test_a_time_fhir_does_not_allow_is_not_read(
+    ehr: httpx.AsyncClient, es384: Signer, written: str
+) -> None:
+    """Python's fromisoformat reads ISO 8601 forms FHIR does not allow: they were used."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    glu, _ = _glucose(prefetch)
+    glu["effectiveDateTime"] = written
+    r = await _call(ehr, es384, prefetch)
+    assert "Observation/glu-1 has no time that can be read" in r.text, r.text
+
+
+def test_an_outcome_whose_details_is_a_string_is_quoted() -> None:
+    from service.clinical.answers import diagnostics
+
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"code": "x", "details": "gone"}]}
+    assert diagnostics(outcome) == "x"  # was an AttributeError: "fetching it failed"

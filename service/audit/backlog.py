@@ -8,6 +8,7 @@ writer process) is bounded the same way.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from service.audit.rows import Message, PredictionMessage
@@ -29,6 +30,7 @@ class Backlog:
 
     def __init__(self) -> None:
         self._items: deque[Message] = deque()
+        self._since: deque[float] = deque()  # when each was queued (monotonic)
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -47,7 +49,12 @@ class Backlog:
 
     def append(self, msg: Message, nbytes: int) -> None:
         self._items.append(msg)
+        self._since.append(time.monotonic())
         self.bytes += nbytes
+
+    def waited(self) -> float:
+        """Seconds the oldest message has been queued (0 when none is)."""
+        return time.monotonic() - self._since[0] if self._since else 0.0
 
     def head(self, records: int, nbytes: int) -> list[Message]:
         """The oldest messages, up to `records` of them and `nbytes` (at least one)."""
@@ -65,3 +72,4 @@ class Backlog:
         """Remove the `n` oldest (a batch that was written)."""
         for _ in range(n):
             self.bytes -= weight(self._items.popleft())
+            self._since.popleft()

@@ -3,11 +3,15 @@
 The store and the model repository come from the same settings as the server (MCSERVE_AUDIT_URL
 or MCSERVE_AUDIT_PATH, MCSERVE_MODEL_DIR, MCSERVE_AUDIT_HMAC_KEY); options override them.
 Exit status: 0 found / bit-identical, 1 replayed but different, 2 cannot (not found, ambiguous,
-bundle or inputs missing).
+bundle or inputs missing, no audit tables). Both commands only read: a SQLite file is opened
+read-only (never created, switched to WAL or written).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,7 +43,33 @@ def _open(url: str | None, path: Path | None) -> Store:
     path = path or s.audit_path
     if not url and not path.exists():
         raise _fail(f"no audit database at {path} (--path or MCSERVE_AUDIT_PATH)")
-    return open_store(url, path)
+    # Read-only: these commands read evidence; a SQLite copy keeps its bytes (sqlite.py).
+    return open_store(url, path, read_only=True)
+
+
+@contextlib.contextmanager
+def _reading(url: str | None, path: Path | None) -> Iterator[Store]:
+    """The store, open; a database error while reading it (no audit tables there: another
+    database, an empty file) is the exit-2 failure, never a traceback with exit 1, which
+    means DIFFERENT."""
+    import sqlite3
+
+    import psycopg
+
+    with _open(url, path) as store:
+        try:
+            yield store
+        except (sqlite3.Error, psycopg.Error) as exc:
+            raise _fail(_unreadable(exc, store.description)) from None
+
+
+def _unreadable(exc: Exception, where: str) -> str:
+    import psycopg
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, psycopg.errors.UndefinedTable) or text.startswith("no such table"):
+        return f"no audit tables in {where} (not an audit database, or an empty one): {text}"
+    return f"cannot read the audit database {where}: {type(exc).__name__}: {text}"
 
 
 LISTED = 20  # record ids named when a request id is ambiguous
@@ -94,14 +124,18 @@ def _describe(rec: AuditRecord, feedback: list[dict[str, Any]]) -> dict[str, Any
         "referral": rec.referral,
         "referred": rec.referred,
         "card_uuid": rec.card_uuid,
-        "feedback": [
-            {k: (str(v) if k == "recorded_at" else v) for k, v in f.items() if k != "id"}
-            for f in feedback
-        ],
+        "feedback": [{k: _shown(k, v) for k, v in f.items() if k != "id"} for f in feedback],
         "software": rec.software,
         "replica": rec.replica,
         "summary": rec.summary,
     }
+
+
+def _shown(column: str, value: Any) -> Any:
+    """A feedback column as shown: a time in UTC (PostgreSQL gives it in the session's zone)."""
+    if column == "recorded_at" and isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return str(value) if column == "recorded_at" else value
 
 
 @app.command()
@@ -120,7 +154,7 @@ def show(
 
     secret = Settings().audit_hmac_key
     try:
-        with _open(url, path) as store:
+        with _reading(url, path) as store:
             rec = _one(store, key)
             feedback = store.feedback(rec.card_uuid) if rec.card_uuid else []
         if is_sealed(rec.summary) and secret is not None:
@@ -159,7 +193,7 @@ def replay(
     s = Settings()
     key_bytes = s.audit_hmac_key.get_secret_value().encode() if s.audit_hmac_key else None
     try:
-        with _open(url, path) as store:
+        with _reading(url, path) as store:
             rec = _one(store, key)
         result = run_replay(
             rec,

@@ -1,5 +1,6 @@
 """How far a replay's answer is from the recorded one: the JSON paths that differ, and the size
-of the difference (float rounding only, or beyond), with the replaying machine named."""
+of the difference (float rounding only, or beyond), with the replaying machine named; and the
+record's columns derived from its answer, checked against that answer (`derived`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
+
+from service.audit.rows import AuditRecord, referral_of
 
 MAX_DIFFERENCES = 20
 # Relative size of a difference that float rounding explains. Measured (2026-12-06, bundled
@@ -113,3 +117,27 @@ def differences(stored: Any, recomputed: Any, path: str = "$") -> list[str]:
         return out
     same = type(stored) is type(recomputed) and stored == recomputed
     return [] if same else [f"{path}: stored {stored!r}, recomputed {recomputed!r}"]
+
+
+def derived(record: AuditRecord) -> list[str]:
+    """The columns made from the answer when it was recorded (rows.prediction_row: `referral`,
+    `referred`, `n_inputs`), made again from the stored answer and compared with the stored
+    columns. Queries read these in clear; the database owner could change them and leave the
+    answer alone, which the answer's own comparison would not see."""
+    try:
+        n = len(orjson.loads(record.summary)["predictions"])
+        referral, referred = referral_of(record.summary.encode())
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        return []  # the answer's own comparison says what is wrong with it
+    made = {
+        "referral": orjson.loads(referral) if referral is not None else None,
+        "referred": referred,
+        "n_inputs": n,
+    }
+    stored = {"referral": record.referral, "referred": record.referred, "n_inputs": record.n_inputs}
+    return [
+        f"column {c}: stored {orjson.dumps(stored[c]).decode()}, the answer gives "
+        f"{orjson.dumps(made[c]).decode()}"
+        for c in made
+        if stored[c] != made[c] or type(stored[c]) is not type(made[c])
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +78,7 @@ class PostgresStore(Store):
 
         self.data_errors = (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeError)
         self.url = url
-        self.description = "postgresql:" + redact(url)
+        self.description = redact(url)  # the URL names its scheme
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self._conn: Any = None
@@ -149,7 +150,23 @@ class PostgresStore(Store):
                 state["done"] = True
             timer.cancel()
 
+    def version(self) -> int | None:
+        """The schema version in place; None without `audit_schema_version`. Reads only: a role
+        with no CREATE privilege can run it (PostgreSQL checks CREATE even for CREATE TABLE IF
+        NOT EXISTS on a table that exists)."""
+        [found] = self._query("SELECT to_regclass('audit_schema_version') IS NOT NULL AS t", ())
+        if not found["t"]:
+            return None
+        [row] = self._query("SELECT MAX(version) AS v FROM audit_schema_version", ())
+        return int(row["v"] or 0)
+
     def migrate(self) -> int:
+        # Read first, and take the lock and run DDL only when there is something to do: the
+        # INSERT+SELECT role docs/AUDIT.md recommends for a store in place cannot create.
+        current = self.version()
+        if current is not None and current >= SCHEMA_VERSION:
+            check_version(current, self.description)
+            return SCHEMA_VERSION
         seconds = self.MIGRATE_TIMEOUT_S
         with self._deadline(seconds) as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute(f"SET LOCAL statement_timeout = {round(seconds * 1000)}")
@@ -234,11 +251,22 @@ def timeouts(url: str, timeout_s: float) -> dict[str, Any]:
 SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
+NOT_A_URL = "(not a URL: not shown, it may hold a password)"
+
+
+def is_url(value: str) -> bool:
+    """Whether `value` is written as a URL (scheme://...), not as a libpq keyword string."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
+
+
 def redact(url: str) -> str:
     """The URL without its passwords (user:password@, ?password=, ?sslpassword=), for messages
-    and logs; a URL that cannot be parsed is named by its scheme alone."""
+    and logs; a URL that cannot be parsed is named by its scheme alone, and anything that is
+    not a URL (a keyword string, `host=h password=secret`) not at all."""
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+    if not is_url(url):
+        return NOT_A_URL
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -7,7 +7,9 @@ JSON is compared byte for byte with the stored one; differences are listed by JS
 their size: where only floats differ and by no more than float rounding (`ROUNDING_RTOL`), the
 replaying machine's kernels are the likely cause (another CPU, library build or thread count:
 docs/RANDOM_NUMBERS.md says what is bit-identical where), and the result says so; anything else
-is a difference in values.
+is a difference in values. The columns made from the answer (`referral`, `referred`,
+`n_inputs`) are checked against the stored answer too (compare.derived): a mismatch is a
+difference, named by its column.
 
 With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
 against the HMAC (with the same key) before anything is computed (inputs.py); the answer and
@@ -27,7 +29,7 @@ import numpy as np
 import orjson
 import torch
 
-from service.audit.compare import MAX_DIFFERENCES, Size, differences, size
+from service.audit.compare import MAX_DIFFERENCES, Size, derived, differences, size
 from service.audit.inputs import (
     ReplayError,
     Supplied,
@@ -158,8 +160,9 @@ def _replay(
     notes = supplied.notes if supplied is not None else None
     pred.input_notes = notes if notes is not None else text_notes(model, x, record.summary)
     recomputed = summary_json(model, pred)
-    result = ReplayResult(record, recomputed == record.summary, recomputed)
-    if not result.identical:
+    columns = derived(record)  # referral, referred, n_inputs: as the stored answer gives them
+    result = ReplayResult(record, recomputed == record.summary and not columns, recomputed)
+    if recomputed != record.summary:
         try:
             stored_doc = orjson.loads(record.summary)
         except orjson.JSONDecodeError:
@@ -171,6 +174,7 @@ def _replay(
             result.differences = found[:MAX_DIFFERENCES] or ["$: the JSON text differs"]
             if len(found) > MAX_DIFFERENCES:
                 result.differences.append(f"... and {len(found) - MAX_DIFFERENCES} more")
+    result.differences += columns
     here = software() | {"threads": threads}
     for k in [*record.software, *(k for k in here if k not in record.software)]:
         if here.get(k) != record.software.get(k):  # also keys one side lacks (older records)

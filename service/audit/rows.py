@@ -10,6 +10,7 @@ process starts in a fraction of a second and holds little memory.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -140,6 +141,12 @@ def prediction_row(msg: PredictionMessage, ctx: RowContext) -> dict[str, Any]:
         bound = context(mac, msg.request_id, msg.model, msg.version, msg.digest, msg.mode)
         summary, seed = seal(key, msg.seed, msg.summary, bound), None
         params = {**msg.params, "seed": None}
+        form = params.get("representation")
+        if isinstance(form, dict) and form.get("subject") is not None:
+            # A patient reference beside the referral decision identifies; its HMAC (domain-
+            # separated from the inputs') still lets a key holder find a patient's records.
+            said = hmac.new(key, b"subject\0" + str(form["subject"]).encode(), "sha256")
+            params["representation"] = {**form, "subject": None, "subject_hmac": said.hexdigest()}
     return {
         "recorded_at": utc(msg.at),
         "request_id": msg.request_id,
@@ -263,6 +270,8 @@ def from_row(row: dict[str, Any]) -> AuditRecord:
     at = row["recorded_at"]
     if isinstance(at, str):
         at = datetime.fromisoformat(at)
+    # In UTC, as documented: PostgreSQL gives a TIMESTAMPTZ in the session's time zone.
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
     def load(col: str) -> Any:
         v = row[col]

@@ -18,6 +18,12 @@ framing); the parent speaks first and the child answers every frame:
 A batch is acknowledged only after its transaction committed, so the parent keeps it queued
 until then. The child ends when the parent closes the socket or dies (end of file), never on a
 terminal's Ctrl-C (it has its own session): the server flushes the queue through it first.
+
+Every call has a deadline (`answer_within`), longer than the store's own deadlines can add up
+to: a child that stopped making progress (stopped, or blocked in a SQLite file on a disk or
+mount that hangs: sqlite3 has no deadline) is killed, the call fails as a timeout, and the next
+batch starts a new child. Like a child that dies, one killed after its commit and before its
+answer has its batch written twice, never lost.
 """
 
 from __future__ import annotations
@@ -26,14 +32,29 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from service.audit.backend import open_store
+from service.audit.postgres import PostgresStore
 from service.audit.rows import Message, RowContext, RowError, row
 from service.audit.store import Store, StoreError, StoreTimeout
 from service.child import spawn
+
+CONNECT_S = 5.0  # PostgresStore's connect_timeout
+# Opening the store: a migration waits up to PostgresStore.MIGRATE_TIMEOUT_S for another's.
+START_S = CONNECT_S + 1.5 * PostgresStore.MIGRATE_TIMEOUT_S
+
+
+def answer_within(store_timeout_s: float, nbytes: int) -> float:
+    """How long the writer process may take to answer a batch of `nbytes` (pickled) before it is
+    taken for stalled. PostgreSQL bounds each of its calls by 1.5 times the store's timeout, and
+    one batch makes at most three (once.py's look-up, the batch, the batch again in parts): 4.5
+    times, after a connection; 6 times leaves room. Plus 1 s per MiB, for a slow disk (SQLite
+    has no deadline of its own). 35 s for a small batch with the default 5 s."""
+    return CONNECT_S + 6 * store_timeout_s + nbytes / 2**20
 
 
 class SinkClient:
@@ -42,6 +63,7 @@ class SinkClient:
     def __init__(self, url: str | None, path: Path, config: dict[str, Any]) -> None:
         self.url, self.path = url, path
         self.config = {"url": url, "path": str(path), **config}
+        self.store_timeout_s = float(config.get("store_timeout_s", 5.0))
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
 
@@ -55,7 +77,7 @@ class SinkClient:
         # Its own session: a terminal's Ctrl-C reaches the server, which decides when this ends.
         self._proc, parent = spawn("service.audit.sink", new_session=True)
         self._conn = Connection(parent.detach())
-        reply = self._call(self.config)
+        reply = self._call(self.config, START_S)
         if reply[0] != "ready":
             self.kill()
             raise StoreError(reply[1])
@@ -73,7 +95,7 @@ class SinkClient:
     def close(self, timeout_s: float = 10.0) -> None:
         if self.alive:
             try:
-                self._call(("close",))
+                self._call(("close",), timeout_s)
                 assert self._proc is not None
                 self._proc.wait(timeout_s)
             except (StoreError, subprocess.TimeoutExpired):
@@ -97,20 +119,49 @@ class SinkClient:
         if conn is not None:
             conn.close()
 
-    def _call(self, request: Any) -> tuple[Any, ...]:
-        conn = self._conn
-        if conn is None:
+    def _call(self, request: Any, seconds: float | None = None) -> tuple[Any, ...]:
+        """Send `request`, return the answer; the process is killed when none came within
+        `seconds` (default: `answer_within` the request's size), which fails the call."""
+        conn, proc = self._conn, self._proc
+        if conn is None or proc is None:
             raise StoreError("the audit writer process is not running")
+        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        if seconds is None:
+            seconds = answer_within(self.store_timeout_s, len(data))
+        # Killing the process ends a send or a receive blocked on it (EPIPE, end of file).
+        lock, state = threading.Lock(), {"done": False, "cut": False}
+
+        def cut() -> None:
+            with lock:
+                if not state["done"]:
+                    state["cut"] = True
+                    proc.kill()
+
+        timer = threading.Timer(seconds, cut)
+        timer.daemon = True
+        timer.start()
         try:
-            conn.send_bytes(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(data)
             reply: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError) as exc:
-            code = self._proc.poll() if self._proc is not None else None
+            code = proc.poll()
             self.kill()
+            if state["cut"]:
+                raise StoreTimeout(
+                    f"the audit writer process did not answer within {seconds:g} s (a store or "
+                    "disk that stopped making progress); it was ended and is restarted for the "
+                    "next try"
+                ) from exc
             raise StoreError(
                 f"the audit writer process ended (exit status {code}); it is restarted for the "
                 f"next batch ({type(exc).__name__})"
             ) from exc
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+        if state["cut"]:  # killed just as its answer came: start a new one next time
+            self.kill()
         return reply
 
 

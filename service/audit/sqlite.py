@@ -53,11 +53,20 @@ def _insert_sql(table: str, columns: Sequence[str], rows: int = 1) -> str:
 
 
 class SqliteStore(Store):
-    """One file in WAL mode; `synchronous=FULL`: a committed batch survives a power cut."""
+    """One file in WAL mode; `synchronous=FULL`: a committed batch survives a power cut.
+    `read_only` (the CLI's reading commands): the file is opened as it is, never created,
+    switched to WAL or otherwise written (an evidence copy keeps its bytes)."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 1.0) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 1.0, read_only: bool = False) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
+        if read_only:
+            try:
+                self.conn = _open_read_only(self.path, busy_timeout_s)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"cannot open the audit database {self.path}: {exc}") from exc
+            self.conn.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             _create_private(self.path)
@@ -134,6 +143,32 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _open_read_only(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """`path` opened read-only (`mode=ro`: nothing created or written). A WAL-mode file in a
+    directory this user cannot write (read-only media, an auditor's copy) cannot be read so:
+    SQLite must create its -shm file. Without a -wal file beside it every commit is in the file
+    itself, so it is then read as immutable (no locks, no -shm)."""
+    uri = path.absolute().as_uri() + "?mode=ro"
+
+    def connect(u: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            u, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the file
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    try:
+        return connect(uri)
+    except sqlite3.OperationalError:
+        if Path(f"{path}-wal").exists():
+            raise
+        return connect(uri + "&immutable=1")
 
 
 def _create_private(path: Path) -> None:

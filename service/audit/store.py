@@ -6,7 +6,7 @@ The service creates and migrates the schema itself (`audit_schema_version` holds
 versions; a store newer than this code is refused, never downgraded). Triggers refuse UPDATE
 and DELETE on the audit tables: the service only ever appends, and an accidental edit fails
 loudly. (Someone with the database owner's rights can still drop a trigger; replay detects a
-changed summary, see `replay.py`.)
+changed summary, or a changed column made from it, see `replay.py`.)
 
 One `Store` is used by one thread at a time: the writer's thread, or a CLI command.
 """

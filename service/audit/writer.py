@@ -39,6 +39,9 @@ from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")
 STORE_TIMEOUT_S = 5.0  # PostgreSQL: a call stalled this long (x 1.5) fails (postgres.py)
+# Unready once the oldest queued record waited this many store timeouts (10 s): a write takes
+# ms, a stalled PostgreSQL call fails in 1.5; a stalled writer process after sink.answer_within.
+MAX_WAIT_TIMEOUTS = 2.0
 
 
 @dataclass
@@ -81,6 +84,7 @@ class AuditWriter:
         self.queue_bytes = queue_bytes
         self.batch_bytes = batch_bytes
         self.store_timeout_s = store_timeout_s if store_timeout_s is not None else STORE_TIMEOUT_S
+        self.max_wait_s = MAX_WAIT_TIMEOUTS * self.store_timeout_s
         self.fail_open = fail_open
         self.flush_timeout_s = flush_timeout_s
         self.retry_s = retry_s
@@ -135,6 +139,13 @@ class AuditWriter:
             )
         if self._queue.full(self.queue_size, self.queue_bytes):
             return "audit queue full: predictions are refused until the audit store catches up"
+        waited = self._queue.waited()
+        if waited > self.max_wait_s:  # a write that neither ends nor fails (sink.py)
+            return (
+                f"audit records cannot be written: the oldest queued record has waited "
+                f"{waited:.0f} s (more than {self.max_wait_s:g} s: the audit store or its writer "
+                "is stalled or too slow)"
+            )
         return None
 
     async def start(self) -> None:

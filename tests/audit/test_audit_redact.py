@@ -35,6 +35,24 @@ def test_a_refused_url_is_named_without_its_password(tmp_path: Path) -> None:
     assert "s3cret" not in caught.value.message and "password=***" in caught.value.message
 
 
+def test_a_keyword_string_is_never_echoed(tmp_path: Path) -> None:
+    """libpq's keyword form (what psycopg.connect also takes) was quoted whole, password and
+    all, in the start-up error."""
+    dsn = "host=127.0.0.1 user=u password=hunter2-s3cret dbname=db"
+    with pytest.raises(StoreError) as caught:
+        open_store(dsn, tmp_path / "unused.db")
+    assert "hunter2-s3cret" not in caught.value.message
+    assert "must be a postgresql:// URL" in caught.value.message
+    assert "hunter2-s3cret" not in redact(dsn)
+    assert "k3y" not in redact("host=h sslpassword=k3y")
+
+
+def test_the_store_is_described_by_its_url_alone(postgres: str) -> None:
+    for backend in pg_backend(postgres):
+        with backend.open() as store:
+            assert store.description.startswith("postgresql://")  # was postgresql:postgresql://
+
+
 async def test_a_query_string_password_is_not_logged(
     postgres: str, repo: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -85,6 +85,37 @@ async def test_replay_after_tampering_reports_the_mismatch(backend: Backend, rep
     assert result.differences[0].startswith("$.predictions[1].probabilities.red: stored ")
 
 
+async def test_replay_reports_tampered_derived_columns(backend: Backend, repo: Path) -> None:
+    """`referral`, `referred` and `n_inputs` are made from the answer when it is recorded; one
+    changed while the answer was left alone passed as bit-identical (only `summary` was
+    compared). An input outside the training range is referred."""
+    async with serving(repo, **backend.settings) as (app, client):
+        body = {"instances": [[9.0, 9.0, 9.0, 9.0], ROW], "parameters": {"seed": 1}}
+        r = await client.post("/v1/models/clf:predict", json=body)
+        assert r.status_code == 200 and r.json()["predictions"][0]["referral"]["refer"]
+        assert await app.state.audit.flush(10)
+        [rec] = app.state.audit.store.find(r.headers["x-request-id"])
+    assert rec.referred is True and replay(rec, repo).identical
+    if backend.name == "sqlite":
+        execute(backend, "DROP TRIGGER audit_records_no_update")
+    else:
+        execute(backend, "DROP TRIGGER audit_records_append_only ON audit_records")
+    calm = '[{"refer":false,"triggers":[]},{"refer":false,"triggers":[]}]'
+    execute(backend, f"UPDATE audit_records SET referred = false, referral = '{calm}'")
+    with backend.open() as store:
+        tampered = store.get(rec.id)
+    assert tampered is not None and tampered.summary == rec.summary  # the answer is untouched
+    result = replay(tampered, repo)
+    assert not result.identical and result.recomputed == rec.summary
+    assert [d.split(":")[0] for d in result.differences] == ["column referral", "column referred"]
+    assert result.differences[1] == "column referred: stored false, the answer gives true"
+    execute(backend, "UPDATE audit_records SET n_inputs = 1")
+    with backend.open() as store:
+        fewer = store.get(rec.id)
+    assert fewer is not None
+    assert replay(fewer, repo).differences[-1] == "column n_inputs: stored 1, the answer gives 2"
+
+
 async def test_replay_hmac_only(backend: Backend, repo: Path, tmp_path: Path) -> None:
     settings = {"audit_inputs": "hmac", "audit_hmac_key": KEY}
     rec = (await record_some(backend, repo, **settings))["clf-seeded"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from audit_support import serving
 
 import service.audit.writer as writer_module
-from service.audit.rows import FeedbackMessage
+from service.audit.arrays import layout
+from service.audit.rows import FeedbackMessage, PredictionMessage
 from service.audit.sink import SinkClient
 from service.audit.sqlite import SqliteStore
 from service.audit.store import StoreError
@@ -32,6 +34,29 @@ def test_malformed_message_is_reported_and_the_rest_written(tmp_path: Path) -> N
         assert store.count("audit_feedback") == 1 and store.count() == 0
         [row] = store.feedback("card-1")
     assert (row["outcome"], row["replica"], row["caller"]) == ("accepted", "test-host", "iss")
+
+
+def test_ids_follow_the_commits_not_the_time(tmp_path: Path) -> None:
+    """docs/AUDIT.md: `id` is in commit order. A record answered earlier can be committed later
+    (another replica's queue, held while its link was down; a clock step): a time range is not
+    an id range, query `recorded_at` for time."""
+    x = np.zeros((1, 4), dtype="<f4")
+    now = time.time()
+
+    def answered(at: float, rid: str) -> PredictionMessage:
+        summary = b'{"predictions":[{"referral":null}]}'
+        return PredictionMessage(at, rid, "/v1/models/{name}:predict", None, "clf", "1",
+                                 "sha256:0", "torch", "cpu", "deterministic", None, None, {}, 1,
+                                 x.tobytes(), layout(x.dtype, x.shape), summary, None)  # fmt: skip
+
+    sink = SinkClient(None, tmp_path / "a.db", CTX)
+    sink.start()
+    assert sink.write([answered(now, "later")]) == (1, [])
+    assert sink.write([answered(now - 60, "earlier")]) == (1, [])
+    sink.close()
+    with SqliteStore(tmp_path / "a.db") as store:
+        [later], [earlier] = store.find("later"), store.find("earlier")
+    assert earlier.id > later.id and earlier.recorded_at < later.recorded_at
 
 
 def test_start_up_failure_is_the_stores_message(tmp_path: Path) -> None:

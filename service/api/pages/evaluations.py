@@ -4,11 +4,21 @@ A report is used only when its `model.digest` is the served bundle's digest: a r
 version (or of the same version before it was rebuilt) would describe a different model. The
 report is data from a file like a manifest: sized before it is read, read as JSON only, and every
 string in it is escaped where a page shows it.
+
+A report any way unreadable (not JSON, nested deeper than a report is: 1,000 brackets in 2 kB
+made json.loads raise RecursionError and the page a 500) is no report. What a page shows of one
+is worked out once per (path, mtime, size) and kept: a 4 MB report of a million warnings was
+parsed on every view, and drawn whole (a 24 MB page). A page shows the first MAX_SHOWN_ROWS
+warnings and headline rows and says how many more there are.
 """
 
 from __future__ import annotations
 
 import json
+import stat
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +26,13 @@ from typing import Any
 from service.api.common.html import number
 
 MAX_REPORT_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 32  # `evaluate` writes 4 levels; deeper is no report (and str() of it may recurse)
+MAX_SHOWN_ROWS = 50  # warnings, and headline rows, a page shows of one report
+MAX_VALUES = 64  # numbers shown of a per-class list (class_scale, class_bias)
+# A file written less than this long ago may be rewritten within its mtime's resolution (a few
+# ms) at the same size: what was read of it is not kept, so a rewrite is never missed.
+SETTLE_S = 2.0
+CACHE_ENTRIES = 256  # places looked in: two per served model
 # The plots `evaluate` draws (service/calibration/report.py): file stem -> what it shows.
 PLOTS = {
     "reliability": "Reliability diagram: accuracy against confidence",
@@ -26,9 +43,22 @@ MAX_PLOT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Report:
+    """What a page shows of a report.json, as text (the report itself is not kept)."""
+
+    digest: Any  # its model.digest, or None
+    samples: str
+    seed: str
+    headline: list[tuple[str, str]]
+    rows_left_out: int  # headline rows past MAX_SHOWN_ROWS
+    warnings: list[str]
+    warnings_left_out: int
+
+
+@dataclass(frozen=True)
 class Evaluation:
     directory: Path
-    report: dict[str, Any]
+    report: Report
     plots: list[str] = field(default_factory=list)  # stems of PLOTS present, in that order
 
     def plot_path(self, stem: str) -> Path | None:
@@ -43,18 +73,83 @@ class Evaluation:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_cache: OrderedDict[Path, tuple[tuple[int, int], Report | None]] = OrderedDict()
+_lock = threading.Lock()  # pages look reports up on worker threads
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > deepest:
+                deepest = d
+                if deepest > MAX_DEPTH:
+                    break
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _scalar(v: Any) -> str:
+    """A report's count or seed as text; anything but a number is '?'."""
+    return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else "?"
+
+
+def _parse(raw: bytes) -> Report | None:
+    try:
+        report = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the stack
+        return None
+    if not isinstance(report, dict) or _depth(report) > MAX_DEPTH:
+        return None
+    model = report.get("model")
+    rows, said = headline(report), warnings(report)
+    return Report(
+        digest=model.get("digest") if isinstance(model, dict) else None,
+        samples=_scalar(report.get("samples")),
+        seed=_scalar(report.get("seed")),
+        headline=rows[:MAX_SHOWN_ROWS],
+        rows_left_out=max(0, len(rows) - MAX_SHOWN_ROWS),
+        warnings=said[:MAX_SHOWN_ROWS],
+        warnings_left_out=max(0, len(said) - MAX_SHOWN_ROWS),
+    )
+
+
+def _report(path: Path) -> Report | None:
+    """The report at `path` (None: none, too large, or not one), read again only when its
+    mtime or size changed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REPORT_BYTES:
+        return None
+    key = (st.st_mtime_ns, st.st_size)
+    with _lock:
+        kept = _cache.get(path)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_REPORT_BYTES + 1)
+    except OSError:
+        return None
+    if len(raw) > MAX_REPORT_BYTES:  # grown since its size was read
+        return None
+    report = _parse(raw)
+    if time.time() - st.st_mtime_ns / 1e9 >= SETTLE_S:
+        with _lock:
+            _cache[path] = (key, report)
+            _cache.move_to_end(path)
+            while len(_cache) > CACHE_ENTRIES:
+                _cache.popitem(last=False)
+    return report
 
 
 def _read(directory: Path, digest: str) -> Evaluation | None:
-    path = directory / "report.json"
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
-            return None
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    model = report.get("model") if isinstance(report, dict) else None
-    if not isinstance(model, dict) or model.get("digest") != digest:
+    report = _report(directory / "report.json")
+    if report is None or report.digest != digest:
         return None
     plots = []
     for stem in PLOTS:
@@ -97,7 +192,9 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
         for key in ("class_scale", "class_bias"):  # vector scaling, when the bundle has it
             values = report.get(key)
             if isinstance(values, list):
-                rows.append((key.replace("_", " "), ", ".join(number(v) for v in values)))
+                shown = ", ".join(number(v) for v in values[:MAX_VALUES])
+                more = f" and {len(values) - MAX_VALUES:,} more" if len(values) > MAX_VALUES else ""
+                rows.append((key.replace("_", " "), shown + more))
         for s in _list(report.get("prediction_sets")):
             if isinstance(s, dict) and s.get("level") == 0.95:
                 rows.append(("prediction-set coverage at 95 %", number(s.get("coverage"))))

@@ -8,13 +8,15 @@ types, and draws the answer with textContent. Off with MCSERVE_PAGES=false.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, HTMLResponse, Response
 
 from service.api.common.call import state
-from service.api.common.html import render
+from service.api.common.html import MAX_SHOWN, render
 from service.api.pages import evaluations
 from service.engine.model import ServedModel
 from service.errors import ModelNotFoundError
@@ -29,6 +31,19 @@ Version = Annotated[str, Path(description="model version")]
 MAX_FORM_FIELDS = 256  # more features than this: no form, the page points to the API
 IMAGE_CELLS = 32 * 32  # the largest drawing grid
 NOT_CLINICAL = "not for clinical use"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def page(path: str, **kwargs: Any) -> Callable[[F], F]:
+    """A GET route, and HEAD on the same function (its answer without the body: a link
+    checker's HEAD was a 405). HEAD stays out of the OpenAPI document."""
+
+    def add(endpoint: F) -> F:
+        router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kwargs)
+        return endpoint
+
+    return add
 
 
 def _ranges(spec: Any, field: str, n: int) -> list[tuple[float, float] | None]:
@@ -40,18 +55,31 @@ def _ranges(spec: Any, field: str, n: int) -> list[tuple[float, float] | None]:
     return [None] * n
 
 
+def _finite(v: float) -> bool:
+    return abs(v) < 1e300  # False for inf and NaN too
+
+
 def _default(train: tuple[float, float] | None, valid: tuple[float, float] | None) -> str:
-    """Start each field in the middle of what the model saw in training (or may be given)."""
-    r = train or valid
-    if r is None or not all(abs(v) < 1e300 for v in r):
-        return "0"
-    return f"{(r[0] + r[1]) / 2:.6g}"
+    """Start each field in the middle of what the model saw in training (or may be given); of a
+    range open at one end, at its finite end (0 was outside a valid range of 100 and up)."""
+    ranges = [r for r in (train, valid) if r is not None]
+    for r in ranges:
+        if _finite(r[0]) and _finite(r[1]):
+            return f"{(r[0] + r[1]) / 2:.6g}"
+    for r in ranges:
+        for end in r:
+            if _finite(end):  # whole: rounded, an end could fall outside its range
+                text = repr(float(end))
+                return text.removesuffix(".0")
+    return "0"
 
 
 def form_of(model: ServedModel) -> dict[str, Any]:
     """What the "try it" form asks for: a field per feature (tabular), a drawing grid (an
-    image: a shape [.., H, W] of one channel), a text box (a text model), or nothing when
-    none fits."""
+    image of one channel: a shape [1, H, W], or [H, W] without feature names), a text box (a
+    text model), or nothing when none fits. A named [H, W] is fields (a [2, 4] input of two
+    visits' measurements was drawn as a grid, its names and ranges gone). Unnamed features are
+    called "element j", as the API's messages call them."""
     spec = model.manifest.inputs
     if spec.text is not None:  # a text model: one text box
         t = spec.text
@@ -59,19 +87,28 @@ def form_of(model: ServedModel) -> dict[str, Any]:
                 "max_bytes": t.max_text_bytes}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
-    image = len(shape) >= 2 and n == shape[-1] * shape[-2] and n <= IMAGE_CELLS
+    # One channel ([1, H, W], as the digits' [1, 8, 8] with its px0..px63), or a plain [H, W]
+    # whose features have no names.
+    channel = len(shape) >= 3 and all(d == 1 for d in shape[:-2])
+    plain = len(shape) == 2 and spec.feature_names is None
+    image = (channel or plain) and n == shape[-1] * shape[-2] <= IMAGE_CELLS
     if not image and n > MAX_FORM_FIELDS:  # checked before building anything n long
         return {"kind": "none"}
     valid, train = _ranges(spec, "valid_ranges", n), _ranges(spec, "training_ranges", n)
     if image:
         lo, hi = valid[0] or (0.0, 1.0)
         return {"kind": "image", "rows": shape[-2], "cols": shape[-1], "low": lo, "high": hi}
-    names = spec.feature_names or [f"x{j}" for j in range(n)]
+    names = spec.feature_names or [f"element {j}" for j in range(n)]
     units = spec.units or [None] * n
     fields = [
         {
             "index": j,
             "name": names[j],
+            # What the page's script matches in the API's messages, which quote a name whole:
+            # its first MAX_SHOWN characters (a longer name is shown cut) and its length as
+            # JavaScript counts it (UTF-16 code units: an emoji is two).
+            "key": names[j][:MAX_SHOWN],
+            "length": len(names[j].encode("utf-16-le", "surrogatepass")) // 2,
             "unit": units[j] or "",
             "valid": valid[j],
             "train": train[j],
@@ -89,23 +126,25 @@ def _flat(d: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def served(
+async def served(
     request: Request, name: str, version: str | None
 ) -> tuple[ServedModel, evaluations.Evaluation | None]:
     """The model and its evaluation (None: none found for its digest). ModelNotFound and
-    NotReady go to errors.py, which answers a page route with an HTML page."""
+    NotReady go to errors.py, which answers a page route with an HTML page. The report is
+    looked for on a worker thread: a first read of a large one is not done on the event loop."""
     st = state(request)
     model = st.registry.get(name, version)
     entry = next((e for e in st.registry.versions(name) if e.model is model), None)
     if entry is None:  # unloaded between the two look-ups
         raise ModelNotFoundError(f"model '{name}' was unloaded; GET /models lists the models")
     where = st.settings.evaluation_dir
-    return model, evaluations.find(entry.path, model.name, model.digest, where)
+    found = await run_in_threadpool(evaluations.find, entry.path, model.name, model.digest, where)
+    return model, found
 
 
-def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
+async def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
     st = state(request)
-    model, evaluation = served(request, name, version)
+    model, evaluation = await served(request, name, version)
     m = model.manifest
     entries = st.registry.versions(name)
     base = f"/models/{m.name}/versions/{m.version}"
@@ -120,12 +159,14 @@ def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
         "calibration": model.calibrator.metadata(),
         "referral": _flat({k: v for k, v in policy.model_dump().items() if v is not None}),
         "evaluation": evaluation,
-        "headline": evaluations.headline(evaluation.report) if evaluation else [],
-        "eval_warnings": evaluations.warnings(evaluation.report) if evaluation else [],
         "plots": [(f"{base}/plots/{p}.png", evaluations.PLOTS[p]) for p in evaluation.plots]
         if evaluation
         else [],
         "form": form_of(model),
+        # The classes in order, for the page's script to draw an answer's in: each label's
+        # first MAX_SHOWN characters (no page holds a longer string) and that length.
+        "label_keys": [label[:MAX_SHOWN] for label in m.outputs.labels or []],
+        "key_chars": MAX_SHOWN,
         "predict_url": f"/v1/models/{m.name}/versions/{m.version}:predict",
         "shape": json.dumps(list(m.inputs.shape)),
         "keys_required": bool(st.settings.api_keys),
@@ -133,7 +174,7 @@ def card(request: Request, name: str, version: str | None) -> dict[str, Any]:
     }
 
 
-@router.get("/models", response_class=HTMLResponse, summary="Model pages: the list")
+@page("/models", response_class=HTMLResponse, summary="Model pages: the list")
 async def list_page(request: Request) -> Response:
     by_name: dict[str, list[Any]] = {}
     for e in state(request).registry.entries():
@@ -154,34 +195,34 @@ async def list_page(request: Request) -> Response:
     return render("models.html", models=rows)
 
 
-@router.get(
+@page(
     "/models/{name}",
     response_class=HTMLResponse,
     responses=HTML_ERRORS,
     summary="Model page: the card and a form to try the newest ready version",
 )
 async def model_page(name: Name, request: Request) -> Response:
-    return render("model.html", **card(request, name, None))
+    return render("model.html", **await card(request, name, None))
 
 
-@router.get(
+@page(
     "/models/{name}/versions/{version}",
     response_class=HTMLResponse,
     responses=HTML_ERRORS,
     summary="Model page of one version",
 )
 async def version_page(name: Name, version: Version, request: Request) -> Response:
-    return render("model.html", **card(request, name, version))
+    return render("model.html", **await card(request, name, version))
 
 
-@router.get(
+@page(
     "/models/{name}/versions/{version}/plots/{plot}.png",
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}, **HTML_ERRORS},
     summary="An evaluation plot of one version",
 )
 async def plot(name: Name, version: Version, plot: str, request: Request) -> Response:
-    _, ev = served(request, name, version)
+    _, ev = await served(request, name, version)
     path = ev.plot_path(plot) if ev else None
     if path is None:
         raise ModelNotFoundError(f"model '{name}' version '{version}' has no plot '{plot}'")

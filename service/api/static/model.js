@@ -13,7 +13,13 @@
   // order: JavaScript puts integer-like keys first).
   const targetNames = JSON.parse(form.dataset.targetNames || "[]");
   const targetUnits = JSON.parse(form.dataset.units || "[]");
-  const unitOf = Object.fromEntries(targetNames.map((n, i) => [n, targetUnits[i] || ""]));
+  const unitOf = new Map(targetNames.map((n, i) => [n, targetUnits[i] || ""]));
+  // The classes in the manifest's order (each label's first data-key-chars characters): an
+  // answer's probabilities are drawn in it (their Object.entries put '10' and '2' before
+  // 'zebra'). Maps, not objects, hold what a name keys: a class called "__proto__" or
+  // "constructor" is a name like any other.
+  const labels = JSON.parse(form.dataset.labels || "[]");
+  const keyChars = Number(form.dataset.keyChars);
   const result = document.getElementById("result");
   const formError = document.getElementById("form-error");
 
@@ -105,30 +111,60 @@
   }
 
   // --- errors ----------------------------------------------------------------------------
+  const fields = Array.from(form.querySelectorAll("input[data-feature]"));
   function clearErrors() {
     formError.textContent = "";
-    for (const span of form.querySelectorAll(".field-error")) span.textContent = "";
+    for (const span of form.querySelectorAll(".field-error")) span.replaceChildren();
     for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
   }
-  function showError(message) {
-    // The API names the feature it refuses ("feature 'age' = 500 is outside ..."): put its
-    // message next to that field (names are compared whole: a regex stopped at an apostrophe
-    // in "patient's age"); a text's own problems ("instance 0: ...") go under the text, and
-    // anything else (passes, confidence) above the result.
-    const input = Array.from(form.querySelectorAll("input[data-feature]")).find((i) => message.includes("feature '" + i.dataset.feature + "' "));
+  // The field an API message is about, and where in the message its name is: [field, start,
+  // end] or null. The API says "instance 0, feature 'age' = 500 is outside ..." (the name
+  // whole, however long: a field holds its first 2,000 characters and its length) or, for
+  // unnamed features, "instance 0, element 1 = 50 ...". Names are compared whole, by
+  // position and length, not by a pattern (one stopped at the apostrophe of "patient's age").
+  function fieldOf(message) {
+    const element = /^instance \d+, element (\d+)\b/.exec(message);
+    if (element) {
+      const input = fields.find((i) => i.dataset.index === element[1] && i.dataset.feature === "element " + element[1]);
+      return input ? [input, -1, -1] : null;
+    }
+    const lead = /^instance \d+, feature '/.exec(message);
+    if (!lead) return null;
+    const start = lead[0].length;
+    for (const input of fields) {
+      const end = start + Number(input.dataset.length);
+      if (message.startsWith(input.dataset.feature, start) && /^'( = |: )/.test(message.slice(end, end + 4))) return [input, start, end];
+    }
+    return null;
+  }
+  function put(id, input, message, start, end) {
+    // The message as text; a feature's name in it in its own <bdi> (a right-to-left mark in
+    // the name reversed the rest of the message).
+    const span = document.getElementById(id);
+    if (start >= 0) span.append(message.slice(0, start), el("bdi", message.slice(start, end)), message.slice(end));
+    else span.textContent = message;
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+  }
+  // Each option's own messages: the API's ("invalid request: parameters.seed: ...", "confidence
+  // level 1.5 is outside (0, 1) ...") and the page's ("the seed is a whole number ...").
+  const OPTIONS = {
+    samples: /^(invalid request: parameters\.)?samples\b/,
+    seed: /^(invalid request: parameters\.seed\b|seed must be|the seed\b)/,
+    confidence: /^(invalid request: parameters\.confidence\b|confidence levels? |give between \d+ and \d+ confidence levels)/,
+  };
+  // An error goes next to what it is about: a feature's field (by its index), an option's
+  // field, the text box ("instance 0: ..."); anything else above the result.
+  function showError(message, index) {
+    const found = index === undefined ? fieldOf(message) : [fields[index], -1, -1];
+    const option = Object.keys(OPTIONS).find((id) => OPTIONS[id].test(message));
     const text = document.getElementById("text");
-    if (input) {
-      document.getElementById("e-" + input.dataset.index).textContent = message;
-      input.setAttribute("aria-invalid", "true");
-      input.focus();
-    } else if (/^(invalid request: parameters\.)?samples\b/.test(message)) {
-      document.getElementById("samples-e").textContent = message;
-      document.getElementById("samples").setAttribute("aria-invalid", "true");
-      document.getElementById("samples").focus();
+    if (found) {
+      put("e-" + found[0].dataset.index, found[0], message, found[1], found[2]);
+    } else if (option) {
+      put(option + "-e", document.getElementById(option), message, -1, -1);
     } else if (text && /^(instance \d+: |write some text)/.test(message)) {
-      document.getElementById("e-text").textContent = message;
-      text.setAttribute("aria-invalid", "true");
-      text.focus();
+      put("e-text", text, message, -1, -1);
     } else {
       formError.textContent = message;
     }
@@ -142,9 +178,9 @@
       if (text.value.trim() === "") throw new Error("write some text first");
       return text.value;
     }
-    const values = Array.from(form.querySelectorAll("input[data-feature]")).map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));
+    const values = fields.map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));
     const bad = values.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) throw new Error("feature '" + form.querySelectorAll("input[data-feature]")[bad].dataset.feature + "' needs a number");
+    if (bad >= 0) throw Object.assign(new Error("this field needs a number"), { index: bad });
     return nest(values, shape);
   }
   function parameters() {
@@ -181,7 +217,7 @@
     try {
       body = { instances: [instance()], parameters: parameters() };
     } catch (err) {
-      showError(err.message);
+      showError(err.message, err.index);
       return;
     }
     const headers = { "Content-Type": "application/json", Accept: "application/json" };
@@ -229,6 +265,18 @@
       span.append(el("bdi", label));
     });
     return span;
+  }
+  // [key, value] of an answer's object, its keys in the order of `names` (the manifest's:
+  // whole names, or their first keyChars characters), then any other in the answer's order.
+  function inOrder(names, obj) {
+    const rank = new Map();
+    names.forEach((n, i) => rank.has(n) || rank.set(n, i));
+    const cut = (k) => Array.from(k).slice(0, keyChars).join(""); // characters, as the server cut
+    const place = (k) => (rank.has(k) ? rank.get(k) : k.length > keyChars && rank.has(cut(k)) ? rank.get(cut(k)) : names.length);
+    return Object.entries(obj || {})
+      .map((kv, i) => [place(kv[0]), i, kv])
+      .sort((a, b) => a[0] - b[0] || a[1] - b[1])
+      .map((x) => x[2]);
   }
   function interval(iv) {
     return "[" + fmt(iv.lower) + ", " + fmt(iv.upper) + "] at " + Math.round(iv.level * 1000) / 10 + " % (" + iv.method + ")";
@@ -289,12 +337,16 @@
     out.append(el("h3", "Answer", { id: "answer-h" }));
     const rows = [];
     if (task === "regression" && p.targets) {
-      // A multi-output regressor: each target's summary under its name (it drew "unbounded").
-      Object.entries(p.targets).forEach(([name, t]) => {
-        const u = unitOf[name] || "";
-        out.append(el("h4", name + (u ? " (" + u + ")" : ""), { "data-target": name }));
+      // A multi-output regressor: each target's summary under its name (it drew "unbounded"),
+      // in the manifest's order; the name and unit each in a <bdi>.
+      for (const [name, t] of inOrder(targetNames, p.targets)) {
+        const u = unitOf.get(name) || "";
+        const head = el("h4", null, { "data-target": name });
+        head.append(el("bdi", name));
+        if (u) head.append(" (", el("bdi", u), ")");
+        out.append(head);
         regression(out, t, u);
-      });
+      }
     } else if (task === "regression") {
       regression(out, p, unit);
     } else {
@@ -311,24 +363,27 @@
       const table = el("table", null, { class: "probs" });
       table.append(el("caption", "Class probabilities with their intervals"));
       const head = el("tr");
-      for (const h of ["class", "probability", "", "interval"]) head.append(el("th", h, { scope: "col" }));
+      for (const h of ["class", "probability", "interval"]) head.append(el("th", h, { scope: "col" }));
       const thead = el("thead");
       thead.append(head);
       table.append(thead);
       const tbody = el("tbody");
-      for (const [label, prob] of Object.entries(p.probabilities)) {
+      const intervals = new Map(Object.entries(p.intervals || {}));
+      for (const [label, prob] of inOrder(labels, p.probabilities)) {
         const tr = el("tr", null, { "data-class": label });
         tr.append(el("th", label, { scope: "row" }));
-        tr.append(el("td", fmt(prob), { "data-out": "probability" }));
-        const bar = el("td");
-        bar.append(el("meter", null, { min: "0", max: "1", value: String(prob), "aria-label": "probability of " + label }));
-        tr.append(bar);
-        const ivs = (p.intervals && p.intervals[label]) || [];
+        // The number and its bar in one cell (a column of bars had a header with no text).
+        const cell = el("td");
+        cell.append(el("span", fmt(prob), { "data-out": "probability" }), " ");
+        cell.append(el("meter", null, { min: "0", max: "1", value: String(prob), "aria-label": "probability of " + label }));
+        tr.append(cell);
+        const ivs = intervals.get(label) || [];
         tr.append(el("td", ivs.map(interval).join("; ") || "–", { "data-out": "interval" }));
         tbody.append(tr);
       }
       table.append(tbody);
-      const wrap = el("div", null, { class: "scroll" });
+      // A box that scrolls sideways on a narrow screen: reachable from the keyboard, named.
+      const wrap = el("div", null, { class: "scroll", tabindex: "0", role: "region", "aria-label": "Class probabilities table" });
       wrap.append(table);
       out.append(wrap);
     }

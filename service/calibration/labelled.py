@@ -69,7 +69,7 @@ def overlaps(
 ) -> list[str]:
     """Sentences for rows of ``data`` that are among the bundle's rows of ``parts`` (keys of
     ``training.row_fingerprints``) or, with ``calibrated``, its calibration section's rows."""
-    mine = set(data.fingerprints())
+    mine = data.fingerprints()  # one per row: rows, not distinct rows, are counted
     named = {p: set(manifest.training.row_fingerprints.get(p, [])) for p in parts}
     if calibrated and manifest.calibration is not None:
         cal = set(manifest.calibration.row_fingerprints)
@@ -78,7 +78,7 @@ def overlaps(
             named["calibrate"] = cal
     out = []
     for part, fps in named.items():
-        n = len(mine & fps)
+        n = sum(fp in fps for fp in mine)
         if n:
             out.append(
                 f"{n} of the {data.n} {what} rows are among the bundle's {part} rows "

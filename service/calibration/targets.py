@@ -8,9 +8,10 @@
   a label is numeric when written in ASCII decimal ("1e3" yes, "1_000" or "١" no), and compared
   as a Decimal, so 17-digit codes stay distinct.
 - A classification target that is empty, a number that is not finite ("nan", "NaN", "inf") or a
-  missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", any case) is a missing value, not
-  a class: refused with its row, unless the class list names it exactly (`train --labels NA,...`
-  or a bundle whose labels hold it), since some data sets do call a class "NA".
+  missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", any case, or "?", as UCI files
+  write it) is a missing value, not a class: refused with its row, unless the class list names
+  it exactly (`train --labels NA,...` or a bundle whose labels hold it), since some data sets do
+  call a class "NA".
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from service.engine.inputs import LARGEST
 from service.errors import InvalidInputError
 
 FLOAT32_MAX = LARGEST["float32"]  # what a served float input holds (engine/inputs.py)
-NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>"})
+NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>", "?"})
 
 
 # A label is a number when written in ASCII decimal: float() also reads "1_000", Arabic-Indic

@@ -7,6 +7,10 @@ values, numbers that are not finite ("NaN", "inf") and missing-value markers ("N
 "NULL", ...) are refused with their row: a missing value is not a class (a marker that
 `--labels` lists is taken as the class it names).
 
+Labels that differ only in case or spacing ("NO", "No", "no") are refused unless `--labels`
+lists them: they had become separate classes without a word, and are more often one class
+written several ways than classes of their own.
+
 The order is `--labels` if given, else numeric labels by value (1, 2, 10, not "1", "10", "2")
 and any others sorted as text (scikit-learn's order).
 """
@@ -48,6 +52,7 @@ def classes(
         by_key = {key(lab): k for k, lab in enumerate(labels)}
         y = [index[v] if v in index else by_key[key(v)] for v in values]
         return labels, np.array(y, dtype=np.int64), []
+    _refuse_spellings(values, path, target)
     spellings: dict[Decimal | str, list[str]] = {}
     for v in values:  # file order: a class is named as first written
         seen = spellings.setdefault(key(v), [])
@@ -83,3 +88,37 @@ def _given(values: list[str], given: list[str], path: Path, target: str) -> list
             "does not list; list every class once, in the order you want"
         )
     return list(given)
+
+
+def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
+    """Refuse labels (not numbers) that are one label but for case and spacing."""
+    groups: dict[str, list[str]] = {}
+    for v in values:
+        if number(v) is None:
+            seen = groups.setdefault(" ".join(v.split()).casefold(), [])
+            if v not in seen:
+                seen.append(v)
+    alike = [sorted(g) for g in groups.values() if len(g) > 1]
+    if alike:
+        raise InvalidInputError(
+            f"{path}: the target {target!r} has labels that differ only in case or spacing: "
+            f"{', '.join(map(str, alike))}; if each group is one class, write it one way in the "
+            "file; if they are different classes, list every class with --labels"
+        )
+
+
+def check_trained(
+    labels: list[str], y: np.ndarray, train_rows: np.ndarray, path: Path, why: str, fix: str
+) -> None:
+    """Refuse classes without a training row, saying how many rows each has; ``why`` says where
+    the split put them, ``fix`` what to do (e.g. "add rows of them, or try another --seed")."""
+    absent = sorted(set(range(len(labels))) - set(y[train_rows].tolist()))
+    if absent:
+        counts = np.bincount(y, minlength=len(labels))
+        have = ", ".join(
+            f"{labels[k]!r} has {counts[k]} row{'s' if counts[k] != 1 else ''}" for k in absent
+        )
+        raise InvalidInputError(
+            f"{path}: the classes {[labels[k] for k in absent]} have no training rows: {have}, "
+            f"and {why}; {fix}"
+        )

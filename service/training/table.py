@@ -1,24 +1,34 @@
 """A training CSV as numbers: a header, numeric feature columns, one target column.
 
-Values must be finite numbers float32 can hold (the served model's precision). Classes are
-ordered as `--labels` lists them, else numeric labels by value and other labels sorted as text
-(scikit-learn's order); `classes.py` says how numeric labels and missing values are read.
-Rows are shuffled with the seed and cut 80/20 into training and calibration rows.
+Values must be finite numbers float32 can hold (the served model's precision), and precisely
+enough: a column whose values float32 rounds by more than a thousandth of its standard deviation
+(a date as YYYYMMDD, about 2e7 with a spread of a few hundred; a target of 1e9 + noise, served
+in steps of 64) is refused before training, with the fix (subtract an offset, other units).
+A constant regression target is refused (nothing to learn; as one class is for classification);
+constant feature columns are noted. Missing values ("", "NA", "?") are refused with their row.
+Classes are ordered as `--labels` lists them, else numeric labels by value and other labels
+sorted as text (scikit-learn's order); `classes.py` says how numeric labels and missing values
+are read. Rows are shuffled with the seed and cut 80/20 into training and calibration rows.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from service.calibration.csv_file import read_csv
-from service.calibration.targets import read_number
+from service.calibration.targets import NA_MARKERS, read_number
 from service.errors import InvalidInputError
 from service.training.classes import classes
 
 CALIBRATION_FRACTION = 0.2
+# Float32's rounding (half its step at the column's largest value) may be at most this share of
+# a column's standard deviation; `served.check_served` allows ten times it after training.
+PRECISION = 1e-3
+DELIMITERS = (";", "\t", "|")  # what a one-column header may really be split by
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,27 @@ class Table:
     notes: list[str] = field(default_factory=list)  # e.g. spellings of one class merged
 
 
+def check_column(path: Path, header: list[str], column: str, what: str) -> None:
+    """Refuse a file without the ``what`` ("target", "text") ``column``, naming its columns (and
+    the delimiter, when the header looks split by another one than ',')."""
+    if column in header:
+        return
+    why = f"{path}: no {what} column {column!r}; the columns are {header}"
+    seps = [d for d in DELIMITERS if len(header) == 1 and d in header[0]]
+    if seps:
+        why += (
+            f"; the file seems to use {seps[0]!r} as its delimiter: save it with ',' between "
+            "the values (comma-separated)"
+        )
+    raise InvalidInputError(why)
+
+
 def read_table(path: Path, target: str, task: str, labels_given: list[str] | None = None) -> Table:
     """Read a CSV with a header: numeric feature columns plus the target column (the file read
     as `calibrate` reads it: `service.calibration.csv_file.read_csv`)."""
     f = read_csv(path)
     header = f.header
-    if target not in header:
-        raise InvalidInputError(f"{path}: no target column {target!r}; the columns are {header}")
+    check_column(path, header, target, "target")
     names = [h for h in header if h != target]
     if not names:
         raise InvalidInputError(f"{path}: no feature columns besides the target {target!r}")
@@ -57,18 +81,73 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
         for j, c in enumerate(cols):
             # Finite and within float32 (the served model's precision): a feature of 1e39
             # became infinity in the bundle, a target of 1e200 overflowed the noise fit.
-            x[i, j] = read_number(r[c].strip(), f"{f.locate(i)}, column {names[j]!r}")
+            x[i, j] = _number(r[c].strip(), f"{f.locate(i)}, column {names[j]!r}", names[j])
+    for j, name in enumerate(names):
+        fix = "change its units (a date written as YYYYMMDD: convert it to days)"
+        _check_precision(x[:, j], f"{path}: the column {name!r}", fix)
+    constant = [n for j, n in enumerate(names) if np.ptp(x[:, j]) == 0]
+    notes = []
+    if constant:
+        notes.append(
+            f"the columns {constant} hold one value in every row: they tell the model nothing "
+            "(drop them, or check the file)"
+        )
     values = [v.strip() for v in f.column(target)]
     if task == "classification":
-        labels, y, notes = classes(values, labels_given, f.locate, path, target)
+        labels, y, merged = classes(values, labels_given, f.locate, path, target)
         if len(labels) < 2:
             raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
-        return Table(path, f.sha256, names, x, y, labels, notes)
+        return Table(path, f.sha256, names, x, y, labels, merged + notes)
     yf = np.array(
-        [read_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
+        [_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
         dtype=np.float64,
     )
-    return Table(path, f.sha256, names, x, yf, None)
+    if np.ptp(yf) == 0:
+        raise InvalidInputError(
+            f"{path}: the target {target!r} is {values[0]} in every row: a regressor has nothing "
+            "to learn (and would serve it with false confidence); check the column"
+        )
+    _check_precision(yf, f"{path}: the target {target!r}", "change its units")
+    return Table(path, f.sha256, names, x, yf, None, notes)
+
+
+def _number(v: str, where: str, column: str | None = None) -> float:
+    """``v`` as `read_number` reads it, with the fix for a missing value or (``column``: a
+    feature) a value that is not a number."""
+    if v.lower() in NA_MARKERS:
+        raise InvalidInputError(
+            f"{where}: {v!r} marks a missing value; fill it in or drop the row (the model takes "
+            "no missing values)"
+        )
+    if column is not None and v and not _numeric(v):
+        raise InvalidInputError(
+            f"{where}: {v!r} is not a number; the features must be numbers: encode a category "
+            f"as numbers or drop the column; if {column!r} is a column of free text, pass "
+            f"--text-column {shlex.quote(column)} to train a text model on it"
+        )
+    return read_number(v, where)
+
+
+def _numeric(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_precision(v: np.ndarray, what: str, fix: str) -> None:
+    """Refuse a column float32 (the served model's precision) rounds by more than `PRECISION` of
+    its standard deviation."""
+    std = float(np.std(v))
+    top = float(np.max(np.abs(v)))
+    error = float(np.spacing(np.float32(top))) / 2  # float32's rounding near its largest value
+    if std > 0 and error > PRECISION * std:
+        raise InvalidInputError(
+            f"{what} holds values near {top:.10g} with a standard deviation of {std:.3g}: float32, "
+            f"in which the served model computes, holds them only to ±{error:.3g}; subtract an "
+            f"offset (e.g. its minimum) or {fix}"
+        )
 
 
 def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@
    1/8 (seeded) decides when to stop: the weights of the epoch with the lowest held-out NLL
    (dropout off) are kept, and training stops after `PATIENCE` epochs without improvement.
 4. Version N is saved with the tokenizer, then calibrated on the calibration rows into N + 1
-   exactly as tabular models are (`versions.calibrate_written`: temperature, conformal scores,
-   referral; version N is removed again if that fails).
+   exactly as tabular models are (`versions.write_calibrated`: temperature, conformal scores,
+   referral; both are staged and renamed into place only when both are done).
 
 Seeded throughout (split, tokenizer, initialisation, shuffles, dropout masks), so the same CSV,
 flags and machine give the same weights when torch runs on one thread with deterministic kernels

@@ -10,7 +10,7 @@ import typer
 
 from service.calibration.selection import check_rows
 from service.errors import InvalidInputError
-from service.training.classes import classes
+from service.training.classes import check_trained, classes
 from service.training.text import (
     check_embedded,
     fingerprints,
@@ -22,7 +22,7 @@ from service.training.text import (
 )
 from service.training.text_data import encode, read_splits, read_text_table, training_words
 from service.training.text_nets import ARCHS, Arch
-from service.training.versions import METHOD_FLAG, calibrate_written, check_free
+from service.training.versions import METHOD_FLAG, check_free, write_calibrated
 from service.training.word_vectors import read_vectors
 
 CALIBRATION_FRACTION = 0.2
@@ -74,11 +74,13 @@ def train_text(
     for note in notes:
         typer.echo(f"note: {note}", err=True)
     tr, cal = parts["train"], parts["calibration"]
-    absent = sorted(set(range(len(labels))) - set(y[tr].tolist()))
-    if absent:
-        raise InvalidInputError(
-            f"{data}: classes {[labels[k] for k in absent]} have no training rows"
-        )
+    if splits is not None:
+        why = f"{splits.name} names all their rows calibration or test"
+        fix = f"name some of them train in {splits.name}"
+    else:
+        why = "the seeded 80/20 cut put them among the calibration rows"
+        fix = "add rows of these classes, or try another --seed"
+    check_trained(labels, y, tr, data, why, fix)
     # What the calibration method needs of the calibration rows, asked before training.
     check_rows(calibration_method, y[cal], len(labels), flag=METHOD_FLAG, labels=labels)
     if progress:
@@ -106,41 +108,41 @@ def train_text(
     )
     ids = encode(result.tokenizer, table.texts, max_tokens)
     split_info = {"method": how} | {k: len(v) for k, v in parts.items()}
-    bundle = save_text_bundle(
-        result,
-        ids[tr],
-        out=out,
-        name=name,
-        version=version,
-        labels=labels,
-        target=target,
-        intended_use=f"trained from {data.name} by `python -m service train`; "
-        "not validated for clinical use",
-        provenance=provenance(table, result, split_info, seed)
-        | {"build_command": "python -m service train"},
-        metrics={
-            f"calibration_{k}": v
-            for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
-        },
-        fingerprints=fingerprints(ids, parts),
-        training_texts=[table.texts[i] for i in tr] if word_min_texts else None,
-        word_min_texts=word_min_texts or 2,
-    )
-    if progress:
-        typer.echo(
-            f"stopped after {result.epochs_run} epochs (best {result.best_epoch}); wrote "
-            f"{bundle}; calibrating on {len(cal)} rows",
-            err=True,
+
+    def write(repo: Path) -> Path:
+        bundle = save_text_bundle(
+            result,
+            ids[tr],
+            out=repo,
+            name=name,
+            version=version,
+            labels=labels,
+            target=target,
+            intended_use=f"trained from {data.name} by `python -m service train`; "
+            "not validated for clinical use",
+            provenance=provenance(table, result, split_info, seed)
+            | {"build_command": "python -m service train"},
+            metrics={
+                f"calibration_{k}": v
+                for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
+            },
+            fingerprints=fingerprints(ids, parts),
+            training_texts=[table.texts[i] for i in tr] if word_min_texts else None,
+            word_min_texts=word_min_texts or 2,
         )
+        if progress:
+            typer.echo(
+                f"stopped after {result.epochs_run} epochs (best {result.best_epoch}); saved "
+                f"version {version}; calibrating on {len(cal)} rows",
+                err=True,
+            )
+        return bundle
+
     cal_texts, cal_targets = [table.texts[i] for i in cal], [labels[int(y[i])] for i in cal]
-    res = calibrate_written(
-        bundle,
-        partial(write_text_csv, texts=cal_texts, targets=cal_targets),
-        out,
-        name,
-        seed,
-        calibration_method,
-    )
+    res = write_calibrated(
+        out, name, version, write,
+        partial(write_text_csv, texts=cal_texts, targets=cal_targets), seed, calibration_method,
+    )  # fmt: skip
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     return Path(res.path)

@@ -1,7 +1,11 @@
 """Text training data: a CSV with a text column and a label column, fixed splits, a tokenizer.
 
 The text column is `--text-column`, else detected: the one non-target column that is not
-numeric and whose values are long (median over 30 characters, with spaces). The tokenizer
+numeric and whose values are long (median over 30 characters, with spaces), or, in scripts
+written without spaces between words (Chinese, Japanese, Thai, ...), mostly distinct values of
+a median 10 characters or more. A detected column is taken only when it is the sole column
+besides the target: with others, a text model would silently drop them, so `train` asks for
+`--text-column` (text alone) or a file without the text column (a tabular model). The tokenizer
 (WordPiece, lowercasing BERT normaliser) is trained on the training rows it is given and no
 others: the caller passes only training texts, and the tests check that a word seen only in
 calibration or test rows does not enter the vocabulary.
@@ -9,6 +13,8 @@ calibration or test rows does not enter the vocabulary.
 
 from __future__ import annotations
 
+import re
+import shlex
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ import numpy as np
 from service.bundle.spec import TextInput
 from service.calibration.csv_file import CsvFile, read_csv
 from service.errors import InvalidInputError
+from service.training.table import check_column
 
 SPLITS = ("train", "calibration", "test")
 MIN_VOCAB, MAX_VOCAB = 256, 4000
@@ -45,23 +52,64 @@ def _numeric(v: str) -> bool:
     return True
 
 
+# Scripts written without spaces between words: CJK punctuation, kana, ideographs, full-width
+# forms, Thai, Lao, Myanmar, Khmer. A Chinese abstract has no space for the test below to find.
+UNSPACED = re.compile(
+    "[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]"
+)
+
+
+def _looks_like_text(values: list[str]) -> bool:
+    if not values or all(_numeric(v) for v in values):
+        return False
+    median = statistics.median(len(v) for v in values)
+    if median > 30 and any(" " in v for v in values):
+        return True
+    # Unspaced scripts: shorter texts, so also mostly distinct (a category repeats).
+    unspaced = sum(len(UNSPACED.findall(v)) for v in values) > sum(map(len, values)) / 2
+    return unspaced and median >= 10 and len(set(values)) > len(values) / 2
+
+
 def detect_text_column(path: Path, target: str) -> str | None:
     """The CSV's one long free-text column besides `target`, or None (a tabular CSV)."""
-    f = read_csv(path)
-    found = []
-    for j, name in enumerate(f.header):
-        if name == target:
-            continue
-        values = [r[j] for r in f.rows[:200]]
-        if not values or all(_numeric(v) for v in values):
-            continue
-        if statistics.median(len(v) for v in values) > 30 and any(" " in v for v in values):
-            found.append(name)
+    return _detect(read_csv(path), target)
+
+
+def _detect(f: CsvFile, target: str) -> str | None:
+    found = [
+        name
+        for j, name in enumerate(f.header)
+        if name != target and _looks_like_text([r[j] for r in f.rows[:200]])
+    ]
     if len(found) > 1:
         raise InvalidInputError(
-            f"{path}: columns {found} all look like free text; name one with --text-column"
+            f"{f.path}: columns {found} all look like free text; name one with --text-column"
         )
     return found[0] if found else None
+
+
+def text_column(path: Path, target: str, given: str | None) -> str | None:
+    """The column to train a text model on (``given``: `--text-column`), or None for a tabular
+    model. A detected one is refused when the file has other columns besides the target: a text
+    model would ignore them, and a tabular file with one column of notes had been trained on
+    the notes alone."""
+    if given is not None:
+        return given
+    f = read_csv(path)
+    header = f.header
+    if target not in header:
+        return None  # said by the reader of the chosen kind, naming the columns
+    found = _detect(f, target)
+    others = [h for h in header if h not in (target, found)]
+    if found is None or not others:
+        return found
+    raise InvalidInputError(
+        f"{path}: the column {found!r} looks like free text, and a text model on it would ignore "
+        f"the other columns {others}; to train on the text alone, pass --text-column "
+        f"{shlex.quote(found)}; for a tabular model of the other columns, drop the column "
+        f"{found!r} from the file"
+    )
 
 
 def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
@@ -69,9 +117,8 @@ def read_text_table(path: Path, target: str, text_column: str) -> TextTable:
     (`check_text`), so that no text fails only at calibration, after the training."""
     f = read_csv(path)
     header = f.header
-    for col in (target, text_column):
-        if col not in header:
-            raise InvalidInputError(f"{path}: no column {col!r}; the columns are {header}")
+    check_column(path, header, target, "target")
+    check_column(path, header, text_column, "text")
     if target == text_column:
         raise InvalidInputError("--text-column and --target name the same column")
     texts, values = f.column(text_column), [v.strip() for v in f.column(target)]
@@ -124,7 +171,10 @@ def read_splits(path: Path, n: int) -> dict[str, np.ndarray]:
             raise InvalidInputError(f"{f.locate(i)}: split {part!r} is not one of {SPLITS}")
         if not 0 <= row < n or seen[row]:
             what = "out of range" if not 0 <= row < n else "named twice"
-            raise InvalidInputError(f"{f.locate(i)}: row {row} is {what} (0..{n - 1})")
+            raise InvalidInputError(
+                f"{f.locate(i)}: row {row} is {what} (0..{n - 1}; rows are 0-based: the first "
+                "data row, after the header, is row 0)"
+            )
         seen[row] = True
         parts[part].append(row)
     if not seen.all():

@@ -3,23 +3,36 @@
 Before any training (minutes for a text model), the name and `--version` are checked against
 the manifest's patterns and the version must be free: an invalid one used to fail only when the
 manifest was written, after training, leaving files behind (outside `<out>/<name>/` for
-"../escape"). After training, version N is written and calibrated into N + 1; when that
-calibration fails, version N is removed again, so no ready but uncalibrated version is left to
-be served or to block a rerun with "already exists".
+"../escape"). After training, version N is saved and calibrated into N + 1 inside a hidden
+staging directory in `<out>/<name>/` (the registry skips hidden names; the pattern of
+`service.packaging.destination.staged`), and both are renamed into place only at the end. A
+failed calibration, an exception or SIGTERM/SIGHUP (turned into SystemExit meanwhile, so that
+the cleanup runs) therefore leaves no uncalibrated version N to be served or to block a rerun
+with "already exists": before, a SIGTERM during calibration left version N in place.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
-from service.calibration.recalibration import Result, calibrate_bundle
+from service.calibration.recalibration import Result, calibrate_bundle, next_version
 from service.errors import BundleError, InvalidInputError, McServeError, ModelError
 from service.packaging import destination
 
 METHOD_FLAG = "--calibration-method"  # train's name for calibrate's --method
 _PLAIN = (InvalidInputError, BundleError, ModelError)  # re-raised with the message prefixed
+# What a service manager or a closed terminal sends: their default action ends the process at
+# once, so no `finally` or `except` would run.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 def check_names(name: str, version: str) -> None:
@@ -35,28 +48,117 @@ def check_free(out: Path, name: str, version: str) -> None:
     destination.refuse_existing(out / name / version)
 
 
-def calibrate_written(
-    bundle: Path,
-    write_csv: Callable[[Path], None],
+def _stop(signum: int, frame: FrameType | None) -> NoReturn:
+    print(f"error: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    raise SystemExit(128 + signum)  # the shell's code for "ended by this signal"
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise SystemExit, so that cleanups run; the previous
+    handlers are restored after it. (Only the main thread may set handlers: elsewhere a no-op.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def write_calibrated(
     out: Path,
     name: str,
+    version: str,
+    save: Callable[[Path], Path],
+    write_csv: Callable[[Path], None],
     seed: int,
     method: str,
 ) -> Result:
-    """Calibrate the version just written at ``bundle`` on the rows ``write_csv`` writes (into
-    a temporary CSV), into the next version; on failure remove ``bundle`` and raise."""
+    """Save version ``version`` (``save(repo)`` writes it into the model repository ``repo`` and
+    returns its path) and calibrate it, on the rows ``write_csv`` writes into a temporary CSV,
+    into the next version; both appear in ``<out>/<name>/`` together, or neither does."""
+    model_dir = out / name
+    with interruptible():
+        calibrated = next_version(out, name, version)
+        made = [p for p in (out, model_dir) if not p.exists()]
+        model_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix=".train-", dir=model_dir) as tmp:
+                stage = Path(tmp)
+                bundle = save(stage)
+                result = _calibrate(bundle, write_csv, stage, name, seed, method, calibrated)
+                _place(stage / name, model_dir, [version, calibrated])
+        except BaseException:
+            for p in reversed(made):  # what this made, if it holds nothing else
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+            raise
+    return replace(result, path=model_dir / calibrated)
+
+
+def _calibrate(
+    bundle: Path,
+    write_csv: Callable[[Path], None],
+    repo: Path,
+    name: str,
+    seed: int,
+    method: str,
+    version: str,
+) -> Result:
     try:
         with tempfile.TemporaryDirectory(prefix="mcserve-train-") as tmp:
             cal_csv = Path(tmp) / f"{name}-calibration.csv"
             write_csv(cal_csv)
             return calibrate_bundle(
-                bundle, cal_csv, out, seed=seed, method=method, method_flag=METHOD_FLAG
-            )
-    except BaseException as exc:  # an interrupt too: nothing half-done is left behind
-        destination.remove(bundle)
-        if not isinstance(exc, McServeError):
-            raise
+                bundle, cal_csv, repo, seed=seed, method=method, method_flag=METHOD_FLAG,
+                version=version,
+            )  # fmt: skip
+    except McServeError as exc:
         kind = type(exc) if type(exc) in _PLAIN else McServeError
         raise kind(
-            f"calibrating the trained model failed, so {bundle} was removed again: {exc.message}"
+            f"calibrating the trained model failed, so no version of {name!r} was written "
+            f"(neither {bundle.name} nor {version}): {exc.message}"
         ) from None
+
+
+def _place(staged: Path, model_dir: Path, versions: list[str]) -> None:
+    """Rename the staged ``versions`` into ``model_dir``: all of them or (on an error) none."""
+    placed: list[Path] = []
+    with _deferred():  # a SIGTERM between two renames would leave version N alone
+        try:
+            for v in versions:
+                destination.refuse_existing(model_dir / v)  # another run may have written it
+                (staged / v).rename(model_dir / v)  # atomic; replaces only an empty directory
+                placed.append(model_dir / v)
+        except BaseException:
+            for p in placed:
+                destination.remove(p)
+            raise
+
+
+@contextmanager
+def _deferred() -> Iterator[None]:
+    """The stop signals and Ctrl-C wait until the block ends, then act as they would have.
+    (Blocking them with pthread_sigmask would not do: another thread may receive them.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (*STOP_SIGNALS, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        _restore(previous)
+        for s in pending[:1]:
+            signal.raise_signal(s)

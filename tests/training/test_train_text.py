@@ -128,7 +128,7 @@ def test_text_column_is_detected_and_splits_are_checked(tmp_path: Path) -> None:
     res = runner.invoke(
         app,
         ["train", "--data", str(data), "--target", "condition", "--task", "classification",
-         "--out", str(tmp_path / "r"), "--arch", "rnn"],
+         "--out", str(tmp_path / "r"), "--text-column", "abstract", "--arch", "rnn"],
     )  # fmt: skip
     assert (
         res.exit_code == 2
@@ -143,7 +143,8 @@ def test_other_architectures_train_and_bundle(tmp_path: Path, arch: str) -> None
     res = runner.invoke(
         app,
         ["train", "--data", str(data), "--target", "condition", "--task", "classification",
-         "--out", str(tmp_path / "r"), "--epochs", "2", "--max-tokens", "16", "--arch", arch],
+         "--out", str(tmp_path / "r"), "--epochs", "2", "--max-tokens", "16", "--arch", arch,
+         "--text-column", "abstract"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest

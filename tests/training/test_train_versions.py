@@ -6,6 +6,9 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,26 +74,83 @@ def test_what_the_calibration_method_needs_is_checked_before_training(tmp_path: 
     assert not (tmp_path / "repo").exists()
 
 
-def test_a_failed_calibration_removes_the_version_it_would_calibrate(
+def test_a_failed_calibration_leaves_neither_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _csv(tmp_path / "visits.csv", [["low", "high"][i % 2] for i in range(30)])
+    repo = tmp_path / "repo"
 
-    def fail(*args: Any, **kwargs: Any) -> None:
-        assert (tmp_path / "repo" / "visits" / "1" / "manifest.json").is_file()
+    def fail(source: Path, *args: Any, **kwargs: Any) -> None:
+        # Version 1 is complete but staged out of the registry's sight while it is calibrated.
+        assert (source / "manifest.json").is_file() and not (repo / "visits" / "1").exists()
+        assert source.parent.parent.name.startswith(".train-")
         raise InvalidInputError("something only calibration finds")
 
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
     monkeypatch.setattr(versions, "calibrate_bundle", fail)
-    res = _train(data, tmp_path / "repo")
+    res = _train(data, repo)
     assert res.exit_code == 2, res.output
-    assert "visits/1 was removed again: something only calibration finds" in res.output
-    # No uncalibrated version for `models` to list (the model directory stays: the user may
-    # have made it, and the registry skips an empty one).
-    assert _files(tmp_path / "repo") == ["visits"]
+    assert "no version of 'visits' was written (neither 1 nor 2): something only calibration " \
+        "finds" in res.output  # fmt: skip
+    # No uncalibrated version for `models` to list, no staging directory, nothing this made.
+    assert not repo.exists()
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == handlers  # restored
     monkeypatch.undo()
-    res = _train(data, tmp_path / "repo")  # the rerun is not blocked by "already exists"
+    res = _train(data, repo)  # the rerun is not blocked by "already exists"
     assert res.exit_code == 0, res.output
-    assert _files(tmp_path / "repo" / "visits")[:2] == ["1", "1/architecture.json"]
+    assert _files(repo / "visits")[:2] == ["1", "1/architecture.json"]
+    assert sorted(p.name for p in (repo / "visits").iterdir()) == ["1", "2"]
+
+
+# Run in a child: SIGTERM at a fixed point of `train` (`signal.raise_signal`, no timing).
+CHILD = """
+import signal, sys
+from service.training import versions
+from service.packaging import destination
+
+stop_in = sys.argv.pop(1)
+calibrate, refuse = versions.calibrate_bundle, destination.refuse_existing
+
+def calibrating(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)  # as a service manager's stop, mid-calibration
+    return calibrate(*args, **kwargs)
+
+def placing(dest):
+    if dest.name == "2" and ".train-" not in str(dest):  # between the two renames
+        signal.raise_signal(signal.SIGTERM)
+    return refuse(dest)
+
+if stop_in == "calibration":
+    versions.calibrate_bundle = calibrating
+else:
+    destination.refuse_existing = placing
+from service.cli import app
+app(sys.argv[1:], prog_name="service")
+"""
+
+
+@pytest.mark.parametrize(("stop_in", "left"), [("calibration", []), ("placing", ["1", "2"])])
+def test_sigterm_leaves_no_uncalibrated_version(
+    tmp_path: Path, stop_in: str, left: list[str]
+) -> None:
+    # A SIGTERM while version 1 was being calibrated ended the process at once: version 1 stayed,
+    # served uncalibrated, and the rerun was refused with "already exists".
+    data = _csv(tmp_path / "visits.csv", [["low", "high"][i % 2] for i in range(30)])
+    repo = tmp_path / "repo"
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification", "--out",
+            str(repo), "--hidden", "8", "--epochs", "2", "--seed", str(SEED)]  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, stop_in, *args], cwd=root, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr  # not killed: cleaned up
+    assert "error: stopped by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
+    # Stopped mid-calibration: nothing; between the renames: both versions, whole (the signal
+    # waits for the second rename).
+    found = sorted(p.name for p in (repo / "visits").iterdir()) if repo.exists() else []
+    assert found == left, _files(tmp_path)
 
 
 @pytest.mark.parametrize("flag", ["--version", "--name"])

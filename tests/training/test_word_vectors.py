@@ -126,7 +126,7 @@ def test_train_cli_records_the_vectors_and_refuses_a_network_without_embedding(
     _glove(tmp_path / "g.txt", sorted(training_words(texts)), dim=8)
     args = ["train", "--data", str(data), "--target", "condition", "--task", "classification",
             "--out", str(tmp_path / "repo"), "--epochs", "4", "--max-tokens", "24",
-            "--word-vectors", str(tmp_path / "g.txt")]  # fmt: skip
+            "--word-vectors", str(tmp_path / "g.txt"), "--text-column", "abstract"]  # fmt: skip
     res = runner.invoke(app, [*args, "--arch", "fasttext"])
     assert res.exit_code == 0, res.output
     m = load_bundle(Path(res.stdout.strip().splitlines()[-1])).manifest

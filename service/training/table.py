@@ -119,7 +119,7 @@ def _number(v: str, where: str, column: str | None = None) -> float:
             f"{where}: {v!r} marks a missing value; fill it in or drop the row (the model takes "
             "no missing values)"
         )
-    if column is not None and v and not _numeric(v):
+    if column is not None and v and not numeric(v):
         raise InvalidInputError(
             f"{where}: {v!r} is not a number; the features must be numbers: encode a category "
             f"as numbers or drop the column; if {column!r} is a column of free text, pass "
@@ -128,7 +128,8 @@ def _number(v: str, where: str, column: str | None = None) -> float:
     return read_number(v, where)
 
 
-def _numeric(v: str) -> bool:
+def numeric(v: str) -> bool:
+    """Whether `v` reads as a number (as the CSV reader would take it)."""
     try:
         float(v)
     except ValueError:

@@ -26,7 +26,7 @@ import numpy as np
 from service.bundle.spec import TextInput
 from service.calibration.csv_file import CsvFile, read_csv
 from service.errors import InvalidInputError
-from service.training.table import check_column
+from service.training.table import check_column, numeric
 
 SPLITS = ("train", "calibration", "test")
 MIN_VOCAB, MAX_VOCAB = 256, 4000
@@ -44,14 +44,6 @@ class TextTable:
     file: CsvFile  # where each row is (`file.locate(i)`)
 
 
-def _numeric(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return True
-
-
 # Scripts written without spaces between words: CJK punctuation, kana, ideographs, full-width
 # forms, Thai, Lao, Myanmar, Khmer. A Chinese abstract has no space for the test below to find.
 UNSPACED = re.compile(
@@ -61,7 +53,7 @@ UNSPACED = re.compile(
 
 
 def _looks_like_text(values: list[str]) -> bool:
-    if not values or all(_numeric(v) for v in values):
+    if not values or all(numeric(v) for v in values):
         return False
     median = statistics.median(len(v) for v in values)
     if median > 30 and any(" " in v for v in values):

@@ -4,10 +4,10 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
 `fetch.py`). Rules (also in docs/CLINICAL.md):
 - The Patient is `prefetch.patient` (or any prefetched Patient whose id is `context.patientId`);
   a prefetched Patient or Observation of another patient is a bad request (400).
-- Per observation source, the latest Observation (or Observation.component) with one of its
-  codes and status final, amended or corrected wins; its time is effectiveDateTime,
-  effectiveInstant, effectivePeriod (end, else start), else `issued`. Dates without a time are
-  read as midnight UTC.
+- Per observation source, the latest usable Observation (or Observation.component) with one
+  of its codes wins (`latest.py`); its time is effectiveDateTime, effectiveInstant,
+  effectivePeriod (end, else start), else `issued`. Dates without a time are read as midnight
+  UTC.
 - Units are converted by UCUM (`service/clinical/ucum.py`): any unit commensurable with the
   mapping's (mg/dl, g/L, mg/(100.mL) for mg/dL; [lb_av]/[in_i]2 for kg/m2), molar <-> mass with
   the analyte's molar mass.
@@ -22,29 +22,24 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping as AnyMapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from service.clinical import ucum
 from service.clinical.extracted import Extraction, Used
-from service.clinical.mapping import PATIENT_KEY, STATUSES, Mapping, ObservationSource
+from service.clinical.latest import latest
+from service.clinical.mapping import PATIENT_KEY, Mapping, ObservationSource
 from service.clinical.records import (
-    FHIR_ID,
-    array,
     birth_date,
     codings,
-    matches,
-    parse_time,
     refers_to,
     resources,
-    when,
     whole_years,
 )
 from service.clinical.records import system as canonical_system
 from service.clinical.terms import UCUM, Code
-from service.errors import InvalidInputError, MissingDataError, shown_name
+from service.errors import InvalidInputError, MissingDataError
 
 Json = dict[str, Any]
 
@@ -58,21 +53,6 @@ def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None 
 
 def _num(v: float) -> str:
     return f"{v:.4g}"
-
-
-# A result dated later than now by more than this is a data error (a wrong clock or time zone,
-# a typo), not the latest result: it was used, and a 2099 value beat last week's.
-FUTURE = timedelta(hours=1)
-# A date, or a time without a zone, is read as UTC (records.parse_time): today's result east of
-# UTC can lie up to 14 hours (the widest offset) ahead of the server's clock.
-WIDEST_OFFSET = timedelta(hours=14)
-_ZONED = re.compile(r"T.*(Z|[+-]\d\d:\d\d)$")
-_EARLIEST = datetime.min.replace(tzinfo=UTC)  # no `issued`: before any that has one
-
-
-def _ahead(raw: str) -> timedelta:
-    """How far past now a result's time may lie and still be read."""
-    return FUTURE if _ZONED.search(raw) else FUTURE + WIDEST_OFFSET
 
 
 class Reader:
@@ -131,41 +111,8 @@ class Reader:
         """Read `src` into `ex.used`, or the issue saying why it could not be."""
         codes = {(c.system, c.code) for c in src.codes}
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
-        # (time, issued, not final), the time as written, the reference, the value's holder
-        latest: tuple[tuple[datetime, datetime, bool], str, str, Json] | None = None
-        skipped: list[str] = []  # results of these codes that could not be used, and why
-        for obs in found:
-            if obs.get("resourceType") != "Observation" or obs.get("status") not in STATUSES:
-                continue
-            name = f"Observation/{obs.get('id', '?')}"
-            holders = [obs] if matches(obs.get("code"), codes) else []
-            holders += [
-                c
-                for c in array(obs.get("component"), f"{name}.component")
-                if isinstance(c, dict) and matches(c.get("code"), codes)
-            ]
-            if not holders:
-                continue
-            if not isinstance(obs.get("id"), str) or not FHIR_ID.fullmatch(obs["id"]):
-                # The card and the suggested resource cite it (derivedFrom): "Observation/?".
-                skipped.append(f"an Observation with no valid id ({shown_name(obs.get('id'))})")
-                continue
-            t, raw = when(obs)
-            if t is None or raw is None:
-                skipped.append(
-                    f"{name} has no time that can be read (effectiveDateTime, "
-                    "effectiveInstant, effectivePeriod or issued, ISO 8601 with a time zone)"
-                )
-                continue
-            if t > self.now + _ahead(raw):
-                skipped.append(f"{name} is dated {raw}, in the future")
-                continue
-            # Same effective time (a result and its correction): the later issued, then a
-            # corrected or amended one over the final; before, the Bundle's order decided.
-            key = (t, parse_time(obs.get("issued")) or _EARLIEST, obs.get("status") != "final")
-            if latest is None or key > latest[0]:
-                latest = (key, raw, name, holders[0])
-        if latest is None:
+        chosen, skipped = latest(codes, found, self.now)  # latest.py
+        if chosen is None:
             said = f"no usable final result was prefetched ({'; '.join(skipped)})"
             return _issue(
                 "required",
@@ -173,7 +120,7 @@ class Reader:
                 src.title,
                 src.codes,
             )
-        (t, _, _), raw, ref, holder = latest
+        t, raw, ref, holder = chosen.time, chosen.raw, chosen.ref, chosen.holder
         ex.skipped += [f"{what}: {s}" for s in skipped]
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0

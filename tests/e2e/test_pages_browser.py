@@ -80,6 +80,11 @@ def crafted_bundles(repo: Path) -> None:
         target_unit=["days", None, f"{RLO}mmHg"], feature_names=[f"{RLO}age", "weight"],
         units=[f"{RLO}years", "kg"], **small,
     )  # fmt: skip
+    save(  # a name that starts another and its value check; one with a right-to-left mark
+        mlp(0.25, d_in=3, hidden=8, d_out=2), torch.randn(4, 3), name="quote",
+        task="classification", labels=["a", "b"], feature_names=["a", "a' = b", f"{RLO}age"],
+        valid_ranges=[(0.0, 10.0)] * 3, training_ranges=[(2.0, 8.0)] * 3, **small,
+    )  # fmt: skip
     save(  # (a class of 80 letters: the probabilities' table scrolls sideways at 360 px)
         mlp(0.25, d_in=2, hidden=8, d_out=2), torch.randn(4, 2), name="long",
         task="classification", labels=["a", "W" * 80], feature_names=[LONG, "g"],
@@ -559,3 +564,26 @@ def test_each_error_lands_by_its_own_field(srv: Server, page: Any) -> None:
         page.locator("#seed-e").inner_text() == ""
         and page.locator("#form-error").inner_text() == ""
     )
+
+
+def test_an_error_lands_by_the_field_it_names_and_a_reason_keeps_its_name(
+    srv: Server, page: Any
+) -> None:
+    """The API's "feature 'a' = b' = 50 is outside ..." was put by feature "a" (the first
+    field whose name the message starts with); a referral reason naming "\u202eage" read
+    reversed (only field errors isolated the name)."""
+    page.goto(f"{srv.url}/models/quote")
+    for i, value in enumerate(("5", "50", "5")):
+        page.fill(f"#f-{i}", value)
+    predict(page, expect_ok=False)
+    page.wait_for_selector("#e-1:not(:empty)")
+    assert page.locator("#e-1").inner_text().startswith("instance 0, feature 'a' = b' = 50 is")
+    assert page.locator("#f-1").get_attribute("aria-invalid") == "true"
+    assert page.locator("#e-0").inner_text() == ""
+    assert page.locator("#f-0").get_attribute("aria-invalid") is None
+    page.fill("#f-1", "5")
+    page.fill("#f-2", "9")  # valid, but outside the training range: a referral reason
+    predict(page)
+    reason = page.locator('[data-out="referral"] li').first
+    assert reason.locator("bdi").all_inner_texts() == [f"{RLO}age"]
+    assert reason.inner_text().startswith(f"feature '{RLO}age' = 9 outside the training range")

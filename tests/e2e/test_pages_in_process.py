@@ -67,6 +67,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             task="regression", intended_use="tests only", target="y",
             feature_names=feature_names, valid_ranges=[(0.0, 300.0)] * 8,
         )  # fmt: skip
+    twelve = [f"{k}_{t}" for t in (1, 2, 3) for k in ("sbp", "dbp", "hr", "age")]
+    for name, shape, extra in (
+        # one channel, but each named measurement with its own ranges: fields
+        ("visits", (1, 3, 4), {"feature_names": twelve, "training_ranges": [(40.0, 200.0)] * 12,
+                               "valid_ranges": [(0.0, 300.0), (0.0, 200.0)] * 6}),
+        ("row", (1, 3), {"valid_ranges": [(0.0, 120.0)] * 3}),  # a 1 x 3 row: fields
+    ):  # fmt: skip
+        n = int(torch.tensor(shape).prod())
+        save(
+            nn.Sequential(nn.Flatten(), mlp(0.25, d_in=n, hidden=4, d_out=1)),
+            torch.randn(4, *shape), out_dir=root / "models", name=name, version="1",
+            task="regression", intended_use="tests only", target="y", **extra,
+        )  # fmt: skip
     small(
         root, "rtl", d_in=2, task="regression", labels=None, target=[f"{RLO}sys", "dia"],
         target_unit=[f"{RLO}mmHg", "kPa"], feature_names=[f"{RLO}age", "weight"],
@@ -120,6 +133,7 @@ async def test_a_report_of_a_million_warnings_is_cut_and_read_once(
     parsed: list[bytes] = []
     parse: Callable[[bytes], Any] = evaluations._parse
     monkeypatch.setattr(evaluations, "_parse", lambda raw: parsed.append(raw) or parse(raw))
+    monkeypatch.setattr(evaluations, "SETTLE_S", 0.0)  # kept at once (ctime cannot be set back)
     report = folder / "report.json"
     async with pages(root) as c:
         many = {"model": {"digest": await digest(c)}, "warnings": ["x"] * 990_000}
@@ -138,15 +152,46 @@ async def test_a_report_of_a_million_warnings_is_cut_and_read_once(
         html = (await c.get("/models/clf")).text
         assert '<p class="warning">y</p>' in html and "left out" not in html
         assert len(parsed) == 2
-        # Written just now: not kept (a rewrite within the clock's step could keep its mtime).
+        # Changed less than SETTLE_S ago: not kept (a change within the clock's step could keep
+        # its ctime).
+        monkeypatch.setattr(evaluations, "SETTLE_S", 3600.0)
+        report.write_text(json.dumps({**many, "warnings": ["w"]}))
         for _ in range(2):
             await c.get("/models/clf")
-        assert len(parsed) == 2
+        assert len(parsed) == 4
         report.write_text(json.dumps({**many, "warnings": ["z"]}))
         assert '<p class="warning">z</p>' in (await c.get("/models/clf")).text
         assert '<p class="warning">z</p>' in (await c.get("/models/clf")).text
-        assert len(parsed) == 4
+        assert len(parsed) == 6
     report.unlink()
+
+
+async def test_a_report_replaced_with_the_same_mtime_and_size_is_read_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache was keyed by mtime and size: a report replaced by a copy that kept them (cp -p,
+    rsync -a) went on showing the old numbers."""
+    monkeypatch.setattr(evaluations, "SETTLE_S", 0.0)
+    folder = place(root)
+    report = folder / "report.json"
+    async with pages(root) as c:
+        for accuracy in ("0.91", "0.42"):
+            body = {"model": {"digest": await digest(c)}, "warnings": [f"accuracy {accuracy}"]}
+            staged = folder / "new.json"
+            staged.write_text(json.dumps(body))
+            os.utime(staged, (AN_HOUR_AGO, AN_HOUR_AGO))
+            os.replace(staged, report)
+            assert f"accuracy {accuracy}" in (await c.get("/models/clf")).text
+    report.unlink()
+
+
+def test_a_kept_report_holds_its_strings_as_a_page_shows_them() -> None:
+    """A 3.9 MB report kept 3.9 M characters for a page that shows 2,000 of a string."""
+    from service.api.common.html import MAX_SHOWN
+
+    raw = json.dumps({"model": {}, "warnings": ["w" * 3_000_000], "served": {}}).encode()
+    report = evaluations._parse(raw)
+    assert report is not None and len(report.warnings[0]) == MAX_SHOWN + 1
 
 
 async def test_named_features_are_fields_whatever_the_shape(root: Path) -> None:
@@ -160,6 +205,13 @@ async def test_named_features_are_fields_whatever_the_shape(root: Path) -> None:
     assert '<th scope="row">visit1_dbp</th>' in html and "valid 0 to 300" in html
     for drawing in drawings:
         assert 'id="grid" data-rows="2" data-cols="4"' in drawing and "data-feature" not in drawing
+    # A channel of named measurements with their own ranges was a 3 x 4 grid of one range, and
+    # a [1, 3] row a 1 x 3 grid whose cells could hold 0, 60 or 120 only.
+    async with pages(root) as c:
+        visits, row = [(await c.get(f"/models/{name}")).text for name in ("visits", "row")]
+    assert 'id="grid"' not in visits and visits.count("data-feature=") == 12
+    assert '<label for="f-11">age_3</label>' in visits and "valid 0 to 200" in visits
+    assert 'id="grid"' not in row and row.count("data-feature=") == 3
 
 
 async def test_unnamed_features_are_called_as_the_api_calls_them(root: Path) -> None:

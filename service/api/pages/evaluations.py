@@ -7,7 +7,8 @@ string in it is escaped where a page shows it.
 
 A report any way unreadable (not JSON, nested deeper than a report is: 1,000 brackets in 2 kB
 made json.loads raise RecursionError and the page a 500) is no report. What a page shows of one
-is worked out once per (path, mtime, size) and kept: a 4 MB report of a million warnings was
+is worked out once per (path, inode, ctime, mtime, size) and kept (its strings cut as a page
+cuts them): a 4 MB report of a million warnings was
 parsed on every view, and drawn whole (a 24 MB page). A page shows the first MAX_SHOWN_ROWS
 warnings and headline rows and says how many more there are.
 """
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.api.common.html import number
+from service.api.common.html import MAX_SHOWN, number
 
 MAX_REPORT_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32  # `evaluate` writes 4 levels; deeper is no report (and str() of it may recurse)
 MAX_SHOWN_ROWS = 50  # warnings, and headline rows, a page shows of one report
 MAX_VALUES = 64  # numbers shown of a per-class list (class_scale, class_bias)
-# A file written less than this long ago may be rewritten within its mtime's resolution (a few
+# A file changed less than this long ago may change again within its ctime's resolution (a few
 # ms) at the same size: what was read of it is not kept, so a rewrite is never missed.
 SETTLE_S = 2.0
 CACHE_ENTRIES = 256  # places looked in: two per served model
@@ -73,7 +74,7 @@ class Evaluation:
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_cache: OrderedDict[Path, tuple[tuple[int, int], Report | None]] = OrderedDict()
+_cache: OrderedDict[Path, tuple[tuple[int, int, int, int], Report | None]] = OrderedDict()
 _lock = threading.Lock()  # pages look reports up on worker threads
 
 
@@ -118,18 +119,21 @@ def _parse(raw: bytes) -> Report | None:
 
 def _report(path: Path) -> Report | None:
     """The report at `path` (None: none, too large, or not one), read again only when its
-    mtime or size changed."""
+    inode, ctime, mtime or size changed."""
     try:
         st = path.stat()
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_REPORT_BYTES:
         return None
-    key = (st.st_mtime_ns, st.st_size)
+    # ctime too: a copy that keeps its mtime and size (cp -p, rsync -a) changes it, and utime
+    # cannot set it. The inode: a file replaced by another (os.replace).
+    key = (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
     with _lock:
         kept = _cache.get(path)
-    if kept is not None and kept[0] == key:
-        return kept[1]
+        if kept is not None and kept[0] == key:
+            _cache.move_to_end(path)  # least recently used goes first
+            return kept[1]
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_REPORT_BYTES + 1)
@@ -138,7 +142,7 @@ def _report(path: Path) -> Report | None:
     if len(raw) > MAX_REPORT_BYTES:  # grown since its size was read
         return None
     report = _parse(raw)
-    if time.time() - st.st_mtime_ns / 1e9 >= SETTLE_S:
+    if time.time() - st.st_ctime_ns / 1e9 >= SETTLE_S:  # ctime: an mtime may be set ahead
         with _lock:
             _cache[path] = (key, report)
             _cache.move_to_end(path)
@@ -175,7 +179,7 @@ def find(bundle: Path, name: str, digest: str, evaluation_dir: Path | None) -> E
 
 
 def warnings(report: dict[str, Any]) -> list[str]:
-    return [str(w) for w in _list(report.get("warnings"))]
+    return [str(w)[: MAX_SHOWN + 1] for w in _list(report.get("warnings"))]  # a page cuts more
 
 
 def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -211,7 +215,7 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     referral = report.get("referral")
     if isinstance(referral, dict):
         rows.append(("referred", number(referral.get("rate"))))
-    return rows
+    return [(what, value[: MAX_SHOWN + 1]) for what, value in rows]  # kept as a page shows it
 
 
 def _list(v: Any) -> list[Any]:

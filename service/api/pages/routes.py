@@ -87,11 +87,22 @@ def form_of(model: ServedModel) -> dict[str, Any]:
                 "max_bytes": t.max_text_bytes}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
-    # One channel ([1, H, W], as the digits' [1, 8, 8] with its px0..px63), or a plain [H, W]
-    # whose features have no names.
-    channel = len(shape) >= 3 and all(d == 1 for d in shape[:-2])
-    plain = len(shape) == 2 and spec.feature_names is None
-    image = (channel or plain) and n == shape[-1] * shape[-2] <= IMAGE_CELLS
+    # A drawing: one channel of at least 2 x 2 cells ([1, H, W], as the digits' [1, 8, 8] with
+    # its px0..px63, or an unnamed [H, W]) whose features all share one range and have no
+    # units or training ranges: a [1, 3, 4] of named measurements, each with its own ranges,
+    # was drawn as a grid of one range, and a [1, 3] row as a 1 x 3 grid.
+    grid = (
+        len(shape) >= 2
+        and all(d == 1 for d in shape[:-2])
+        and min(shape[-2:]) > 1
+        and (len(shape) >= 3 or spec.feature_names is None)
+    )
+    varied = (
+        spec.training_ranges is not None
+        or any(spec.units or [])
+        or len({tuple(r) for r in spec.valid_ranges or []}) > 1
+    )
+    image = grid and not varied and n <= IMAGE_CELLS
     if not image and n > MAX_FORM_FIELDS:  # checked before building anything n long
         return {"kind": "none"}
     valid, train = _ranges(spec, "valid_ranges", n), _ranges(spec, "training_ranges", n)

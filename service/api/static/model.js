@@ -129,13 +129,19 @@
       return input ? [input, -1, -1] : null;
     }
     const lead = /^instance \d+, feature '/.exec(message);
-    if (!lead) return null;
-    const start = lead[0].length;
-    for (const input of fields) {
+    return lead ? named(message, lead[0].length) : null;
+  }
+  // The one field whose name is at `start` of `message`, and where the name ends.
+  function named(message, start) {
+    // After the name: "' = <value> " or "': ". Every field that fits is a candidate ("a" and
+    // "a' = b" both start "feature 'a' = b' = 50"; the value check tells them apart). Names
+    // alike in their first 2,000 characters and length cannot be told apart: then no field.
+    const found = fields.filter((input) => {
       const end = start + Number(input.dataset.length);
-      if (message.startsWith(input.dataset.feature, start) && /^'( = |: )/.test(message.slice(end, end + 4))) return [input, start, end];
-    }
-    return null;
+      return message.startsWith(input.dataset.feature, start) && /^'( = [-+]?(\d|inf|nan)|: )/i.test(message.slice(end, end + 8));
+    });
+    if (found.length !== 1) return null;
+    return [found[0], start, start + Number(found[0].dataset.length)];
   }
   function put(id, input, message, start, end) {
     // The message as text; a feature's name in it in its own <bdi> (a right-to-left mark in
@@ -286,7 +292,14 @@
     box.append(el("h4", r.refer ? "Refer to a person" : "No referral"));
     if (r.refer) {
       const ul = el("ul");
-      for (const reason of r.reasons) ul.append(el("li", reason));
+      for (const reason of r.reasons) {
+        // "feature '<name>' = 95 outside the training range ...": the name in its own <bdi>,
+        // as in a field's error (a right-to-left mark in it reversed the sentence).
+        const at = reason.startsWith("feature '") ? named(reason, 9) : null;
+        const li = el("li", at ? null : reason);
+        if (at) li.append(reason.slice(0, at[1]), el("bdi", reason.slice(at[1], at[2])), reason.slice(at[2]));
+        ul.append(li);
+      }
       box.append(ul);
     } else {
       box.append(el("p", "None of the model's referral rules fired."));

@@ -57,15 +57,17 @@ def diagnostics(res: Json) -> str:
     if res.get("resourceType") != "OperationOutcome":
         return ""
     said = []
-    for i in res.get("issue") or []:
+    issues = res.get("issue")
+    for i in issues if isinstance(issues, list) else []:
         if isinstance(i, dict):
             details = i.get("details")  # a server may send a string where FHIR has an object
-            text = (
-                i.get("diagnostics")
-                or (details.get("text") if isinstance(details, dict) else None)
-                or i.get("code")
+            found = (
+                i.get("diagnostics"),
+                details.get("text") if isinstance(details, dict) else None,
+                i.get("code"),
             )
-            if isinstance(text, str):
+            text = next((t for t in found if isinstance(t, str) and t), None)  # the first words
+            if text is not None:
                 said.append(text)
     joined = "; ".join(dict.fromkeys(said))
     return "".join(c if c.isprintable() else " " for c in joined)[:200]

@@ -33,9 +33,9 @@ Json = dict[str, Any]
 log = logging.getLogger("mcserve.cds")
 # SMART scopes: v1 `patient/Observation.read` (or `.*`), v2 `patient/Observation.rs` whose
 # letters are an ordered subset of c, r, u, d, s (`.cruds`); v2 needs `r` to read a resource and
-# `s` to search. One narrowed by a query (`.rs?category=laboratory`) is not read as a grant: a
-# search it filters would look like a missing result.
-SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|\*|c?r?u?d?s?)$")
+# `s` to search. One narrowed by a query (US Core's `.rs?category=...|laboratory`) grants it too:
+# the server applies the narrowing, and what it leaves out is reported missing.
+SCOPE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|\*|c?r?u?d?s?)(\?\S+)?$")
 # RFC 6750 section 2.1's b64token: all a Bearer token may hold. Anything else (a newline, a
 # non-ASCII letter) cannot go into a header: httpx refused it with a message quoting the header,
 # token included, which reached the card, or raised UnicodeEncodeError (a 500).

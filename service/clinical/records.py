@@ -31,8 +31,9 @@ FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 id: what a reference ma
 # FHIR's date, dateTime and instant (YYYY, YYYY-MM, YYYY-MM-DD, then a time): Python's
 # fromisoformat also reads ISO 8601 forms FHIR does not allow, such as 20261127 or 2026-W48-1.
 _FHIR_TIME = re.compile(
-    r"\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
-)
+    r"[0-9]{4}(-[0-9]{2}(-[0-9]{2}(T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?"
+)  # ASCII digits: \d took Arabic-Indic ones; seconds optional (FHIR asks for them; EHRs omit)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -52,7 +53,9 @@ def parse_time(value: Any) -> datetime | None:
 
 def birth_date(value: Any) -> date | None:
     """A (possibly partial) birthDate; YYYY is read as YYYY-07-01 and YYYY-MM as YYYY-MM-15."""
-    if not isinstance(value, str):
+    # FHIR's date (a dateTime is read by its date): 19650315, 1965-W11-1 or a suffix after the
+    # date were read before.
+    if not isinstance(value, str) or not _FHIR_TIME.fullmatch(value):
         return None
     try:
         if len(value) == 4:

@@ -138,9 +138,13 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
         raise TokenRejected(f"claim {name} is not a number")
     # PyJWT's JSON reads NaN and Infinity: NaN fails every comparison, so an `exp` of NaN never
     # expired, was remembered "until nan" and could be replayed without end.
-    if not math.isfinite(v):
+    try:
+        seconds = float(v)  # an int past float's range (10**400) overflows: a 500 before
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
         raise TokenRejected(f"claim {name} is not a finite number of seconds")
-    return float(v)
+    return seconds
 
 
 class TokenVerifier:

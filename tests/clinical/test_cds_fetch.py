@@ -302,7 +302,7 @@ async def test_nothing_is_sent_where_it_is_not_allowed(
         ("patient/*.cruds", True, True),  # SMART v2: every letter, in order (was refused)
         ("patient/Observation.cruds", True, True),
         ("user/Observation.crs", True, True),
-        ("patient/Observation.rs?category=laboratory", False, False),  # narrowed: not read
+        ("patient/Observation.rs?category=laboratory", True, True),  # narrowed by the server
         ("patient/Observation.r", True, False),  # v2 searching needs 's' (was granted)
         ("patient/Observation.s", False, True),
         ("patient/Observation.sr", False, False),  # letters out of order: not a scope

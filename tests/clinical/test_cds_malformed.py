@@ -456,7 +456,9 @@ def test_a_card_value_just_under_1000_has_no_exponent() -> None:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("written", ["20261127", "2026-W48-1", "2026-11-27 10:00:00Z", "2026-331"])
+@pytest.mark.parametrize(
+    "written", ["20261127", "2026-W48-1", "2026-11-27 10:00:00Z", "2026-331", "٢٠٢٦-١١"]
+)
 async def test_a_time_fhir_does_not_allow_is_not_read(
     ehr: httpx.AsyncClient, es384: Signer, written: str
 ) -> None:
@@ -473,3 +475,24 @@ def test_an_outcome_whose_details_is_a_string_is_quoted() -> None:
 
     outcome = {"resourceType": "OperationOutcome", "issue": [{"code": "x", "details": "gone"}]}
     assert diagnostics(outcome) == "x"  # was an AttributeError: "fetching it failed"
+
+
+@pytest.mark.parametrize("born", ["19650315", "1965-W11-1", "1965-03-15junk", "١٩٦٥-٠٣-١٥"])
+async def test_a_birth_date_fhir_does_not_allow_is_not_read(
+    ehr: httpx.AsyncClient, es384: Signer, born: str
+) -> None:
+    """fromisoformat (and the first ten characters) read these as 1965-03-15: an age of 61."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    prefetch["patient"]["birthDate"] = born
+    r = await _call(ehr, es384, prefetch)
+    assert r.status_code == 200 and "has no usable birthDate" in r.text, r.text
+
+
+def test_outcomes_of_other_shapes_are_quoted_by_their_first_words() -> None:
+    from service.clinical.answers import diagnostics
+
+    def said(issue: Any) -> str:
+        return diagnostics({"resourceType": "OperationOutcome", "issue": issue})
+
+    assert said(5) == ""  # was a TypeError: the card said only "fetching it failed"
+    assert said([{"diagnostics": ["x"], "details": {"text": "token expired"}}]) == "token expired"

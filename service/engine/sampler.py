@@ -184,9 +184,15 @@ class MCSampler:
         if activation_budget and not cuda:  # (CUDA: unchanged, untested there)
             row_budget = rows_within(module, int(row_budget))
         self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
-        # Inputs per prefix forward: never fewer than min_rows, the pad a batch-sensitive prefix
-        # needs, so a chunk's shapes are those a small batch already runs at (same bits).
-        self.prefix_chunk = max(rows_within(self.module, 1 << 30, PREFIX_BUDGET), self.min_rows)
+        # Inputs per prefix forward. With fixed shapes (CUDA, or a given min_rows) every chunk
+        # is padded to it, so it is held within the budget too (on CUDA min_rows is the whole
+        # row budget: 16,384 abstracts' prefix, 64 GB). Otherwise never fewer than min_rows, the
+        # pad a batch-sensitive prefix needs: a chunk's shapes are a small batch's (same bits).
+        budget_rows = rows_within(self.module, 1 << 30, PREFIX_BUDGET)
+        if self._fixed_rows:
+            self.prefix_chunk = min(budget_rows, self.min_rows)
+        else:
+            self.prefix_chunk = max(budget_rows, self.min_rows)
         self.stats = SamplerStats()
         # On the CPU masks are made and applied in one pass by a numba kernel (fused.py), with
         # the same numbers as the torch path. Optional torch.compile of the per-chunk work
@@ -223,7 +229,9 @@ class MCSampler:
 
     def prefix_rows(self, plan: Plan) -> int:
         """Inputs the prefix of `plan` is padded to (see the module docstring)."""
-        if self._fixed_rows or plan.prefix.batch_sensitive:
+        if self._fixed_rows:
+            return self.prefix_chunk  # one shape for every prefix forward
+        if plan.prefix.batch_sensitive:
             return self.min_rows
         return MIN_PREFIX_ROWS
 
@@ -282,12 +290,13 @@ class MCSampler:
         """Dropout off (the weight-scaling approximation), plain torch forward, `prefix_chunk`
         inputs at a time."""
         xt = torch.as_tensor(np.ascontiguousarray(x), dtype=self.input_dtype, device=self.device)
-        outs = []
+        pad = self.prefix_chunk if self._fixed_rows else self.min_rows
+        outs = [xt.new_empty((0, *self.output_shape), dtype=torch.float32)]  # 0 inputs: none
         with torch.inference_mode():
             for lo in range(0, xt.shape[0], self.prefix_chunk):
                 part = xt[lo : lo + self.prefix_chunk]
-                outs.append(self.module(self._pad(part, self.min_rows))[: part.shape[0]])
-        return torch.cat(outs).float().cpu().numpy()
+                outs.append(self.module(self._pad(part, pad))[: part.shape[0]].float())
+        return torch.cat(outs).cpu().numpy()
 
     def run(self, requests: Sequence[MCRequest]) -> list[np.ndarray]:
         """Samples [T, B, *output] (float32) for each request, in order. Requests with other

@@ -122,3 +122,28 @@ def test_the_prefix_runs_within_its_budget_with_the_same_bits(monkeypatch: Any, 
     narrow.sampler.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].shape[0]))
     np.testing.assert_allclose(narrow.sampler.deterministic(x), whole, rtol=1e-5, atol=1e-6)
     assert seen == [70, 70, 64]  # the last chunk padded to min_rows, as a small batch is
+
+
+def test_with_fixed_shapes_the_prefix_pad_is_within_the_budget_too(monkeypatch: Any) -> None:
+    """On CUDA (and with a given min_rows) every prefix forward was padded to min_rows, the
+    whole row budget there: 16,384 abstracts' prefix, 64 GB, for one text."""
+    from service.bundle import load_bundle
+    from service.bundle.activations import ACTIVATIONS_PER_INPUT
+    from service.engine import prefix, sampler
+
+    bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "diabetes" / "2")
+    example = torch.as_tensor(np.array([[50.0, 1, 25, 90, 180, 100, 50, 4, 4.6, 90]] * 2))
+    wide = MCSampler(bundle.module, example, device="cpu", min_rows=256)
+    monkeypatch.setattr(sampler, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
+    narrow = MCSampler(bundle.module, example, device="cpu", min_rows=256)
+    assert wide.prefix_chunk == 256 and narrow.prefix_chunk == 70
+    seen: list[int] = []
+    run = prefix._run
+    monkeypatch.setattr(prefix, "_run", lambda m, x, **k: seen.append(x.shape[0]) or run(m, x, **k))
+    x = np.random.default_rng(5).uniform(40, 60, (100, 10)).astype(np.float32)
+    req = [MCRequest(x, 3, 4)]
+    alone = wide.run(req)[0]
+    seen.clear()
+    assert narrow.run(req)[0].tobytes() == alone.tobytes()
+    assert seen == [70, 70]  # one shape: the last chunk padded to it
+    assert narrow.deterministic(x[:0]).shape == (0, 1)  # no inputs: an empty answer

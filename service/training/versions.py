@@ -60,11 +60,18 @@ def interruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    # Only where the signal would end the process: one ignored (SIGHUP under nohup) stays
+    # ignored, and a handler someone installed stays theirs.
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS if _ends(s)}
     try:
         yield
     finally:
         _restore(previous)
+
+
+def _ends(s: int) -> bool:
+    """Whether signal `s` would end this run now (its default action, or ours, or Ctrl-C's)."""
+    return signal.getsignal(s) in (signal.SIG_DFL, None, _stop, signal.default_int_handler)
 
 
 def _restore(previous: dict[int, Any]) -> None:
@@ -131,34 +138,39 @@ def _calibrate(
 def _place(staged: Path, model_dir: Path, versions: list[str]) -> None:
     """Rename the staged ``versions`` into ``model_dir``: all of them or (on an error) none."""
     placed: list[Path] = []
-    with _deferred():  # a SIGTERM between two renames would leave version N alone
+    with _deferred() as pending:  # a SIGTERM between two renames would leave version N alone
         try:
             for v in versions:
                 destination.refuse_existing(model_dir / v)  # another run may have written it
                 (staged / v).rename(model_dir / v)  # atomic; replaces only an empty directory
                 placed.append(model_dir / v)
         except BaseException:
-            for p in placed:
-                destination.remove(p)
+            pending.append(0)  # take them back (below), then raise
             raise
+        finally:
+            if pending:  # a stop signal acts when the block ends: the run ends "stopped"
+                for p in placed:
+                    destination.remove(p)
 
 
 @contextmanager
-def _deferred() -> Iterator[None]:
-    """The stop signals and Ctrl-C wait until the block ends, then act as they would have.
-    (Blocking them with pthread_sigmask would not do: another thread may receive them.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _deferred() -> Iterator[list[int]]:
+    """The stop signals and Ctrl-C that would end the run wait until the block ends, then act
+    (the block sees them in the list it is given). (Blocking them with pthread_sigmask would not
+    do: another thread may receive them.)"""
     pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
 
     def hold(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = {s: signal.signal(s, hold) for s in (*STOP_SIGNALS, signal.SIGINT)}
+    # Only signals that would end the run (an ignored SIGHUP under nohup stays ignored).
+    previous = {s: signal.signal(s, hold) for s in (*STOP_SIGNALS, signal.SIGINT) if _ends(s)}
     try:
-        yield
+        yield pending
     finally:
         _restore(previous)
-        for s in pending[:1]:
+        for s in [s for s in pending if s][:1]:
             signal.raise_signal(s)

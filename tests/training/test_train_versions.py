@@ -115,6 +115,10 @@ def calibrating(*args, **kwargs):
     signal.raise_signal(signal.SIGTERM)  # as a service manager's stop, mid-calibration
     return calibrate(*args, **kwargs)
 
+def hanging_up(*args, **kwargs):
+    signal.raise_signal(signal.SIGHUP)  # the terminal closes; nohup ignores it
+    return calibrate(*args, **kwargs)
+
 def placing(dest):
     if dest.name == "2" and ".train-" not in str(dest):  # between the two renames
         signal.raise_signal(signal.SIGTERM)
@@ -122,6 +126,9 @@ def placing(dest):
 
 if stop_in == "calibration":
     versions.calibrate_bundle = calibrating
+elif stop_in == "nohup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    versions.calibrate_bundle = hanging_up
 else:
     destination.refuse_existing = placing
 from service.cli import app
@@ -129,9 +136,12 @@ app(sys.argv[1:], prog_name="service")
 """
 
 
-@pytest.mark.parametrize(("stop_in", "left"), [("calibration", []), ("placing", ["1", "2"])])
+@pytest.mark.parametrize(
+    ("stop_in", "code", "left"),
+    [("calibration", 143, []), ("placing", 143, []), ("nohup", 0, ["1", "2"])],
+)
 def test_sigterm_leaves_no_uncalibrated_version(
-    tmp_path: Path, stop_in: str, left: list[str]
+    tmp_path: Path, stop_in: str, code: int, left: list[str]
 ) -> None:
     # A SIGTERM while version 1 was being calibrated ended the process at once: version 1 stayed,
     # served uncalibrated, and the rerun was refused with "already exists".
@@ -145,10 +155,12 @@ def test_sigterm_leaves_no_uncalibrated_version(
         [sys.executable, "-c", CHILD, stop_in, *args], cwd=root, env=env, capture_output=True,
         text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr  # not killed: cleaned up
-    assert "error: stopped by SIGTERM" in proc.stderr and "Traceback" not in proc.stderr
-    # Stopped mid-calibration: nothing; between the renames: both versions, whole (the signal
-    # waits for the second rename).
+    assert proc.returncode == code, proc.stderr  # 143: not killed, cleaned up
+    assert ("error: stopped by SIGTERM" in proc.stderr) == (code == 143)
+    assert "Traceback" not in proc.stderr
+    # Stopped mid-calibration, or between the renames (the signal waits for the second, then
+    # both are taken back: "stopped" leaves nothing): nothing. A SIGHUP that nohup ignores
+    # stays ignored (it ended the run).
     found = sorted(p.name for p in (repo / "visits").iterdir()) if repo.exists() else []
     assert found == left, _files(tmp_path)
 

@@ -165,10 +165,20 @@ def _open_read_only(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
 
     try:
         return connect(uri)
-    except sqlite3.OperationalError:
-        if Path(f"{path}-wal").exists():
+    except sqlite3.OperationalError as exc:
+        # Only for that case: immutable reads the file as it lies, so a live writer's or a
+        # crashed one's uncommitted pages (a -journal to roll back, a -wal to add; "database is
+        # locked") would be read as evidence.
+        cannot_init = getattr(exc, "sqlite_errorname", "") in _CANNOT_INIT
+        if not cannot_init or any(Path(f"{path}{s}").exists() for s in ("-wal", "-journal")):
             raise
         return connect(uri + "&immutable=1")
+
+
+# What mode=ro says of a WAL-mode file whose -shm it may not create.
+_CANNOT_INIT = frozenset(
+    {"SQLITE_CANTOPEN", "SQLITE_READONLY_CANTINIT", "SQLITE_READONLY_DIRECTORY"}
+)
 
 
 def _create_private(path: Path) -> None:

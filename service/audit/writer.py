@@ -39,9 +39,12 @@ from service.errors import AuditUnavailableError
 
 log = logging.getLogger("mcserve.audit")
 STORE_TIMEOUT_S = 5.0  # PostgreSQL: a call stalled this long (x 1.5) fails (postgres.py)
-# Unready once the oldest queued record waited this many store timeouts (10 s): a write takes
-# ms, a stalled PostgreSQL call fails in 1.5; a stalled writer process after sink.answer_within.
-MAX_WAIT_TIMEOUTS = 2.0
+# Unready once the oldest queued record waited this many store timeouts (30 s): it waits for the
+# batch in hand and then its own, and a slow but working PostgreSQL may take two calls of 1.5
+# timeouts for each (once.py's look-up, the batch). At 2 timeouts (10 s), commits of 6.5 s, each
+# within every deadline, took every replica out of its load balancer at once. A stalled writer
+# process is also ended, after sink.answer_within.
+MAX_WAIT_TIMEOUTS = 6.0
 
 
 @dataclass

@@ -73,6 +73,31 @@ def test_a_read_only_store_writes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
 
 
+def test_a_crashed_writers_uncommitted_pages_are_never_read(tmp_path: Path) -> None:
+    """Any failure of the read-only open fell back to reading the file as immutable: with a hot
+    journal (a writer that crashed mid-transaction, its pages spilled into the file) the
+    uncommitted rows were read as evidence."""
+    from service.audit.sqlite import SqliteStore
+    from service.audit.store import StoreError
+
+    db = tmp_path / "audit.db"
+    SqliteStore(db).close()
+    with closing(sqlite3.connect(db)) as c:
+        c.execute("PRAGMA journal_mode=DELETE")
+        c.execute("CREATE TABLE big(x)")
+        c.executemany("INSERT INTO big VALUES (?)", [("committed" + "y" * 500,)] * 3000)
+        c.commit()
+    code = (
+        "import sqlite3, sys, os; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('PRAGMA cache_size=10'); c.execute('BEGIN'); "
+        "c.execute(\"UPDATE big SET x = 'DIRTY' || substr(x, 1, 400)\"); os._exit(9)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(db)], check=False, timeout=60)
+    assert (tmp_path / "audit.db-journal").exists()  # hot: the crash left it to roll back
+    with pytest.raises(StoreError, match="cannot open the audit database"):
+        SqliteStore(db, read_only=True)
+
+
 async def test_a_copy_in_a_directory_this_user_cannot_write_is_read(
     repo: Path, tmp_path: Path
 ) -> None:

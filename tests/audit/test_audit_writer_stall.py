@@ -55,7 +55,7 @@ async def test_a_writer_process_without_an_answer_is_killed_and_the_batch_writte
 async def test_readiness_fails_while_the_oldest_record_waits_too_long(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(writer_module, "STORE_TIMEOUT_S", 0.25)  # records may wait 0.5 s
+    monkeypatch.setattr(writer_module, "STORE_TIMEOUT_S", 0.25)  # records may wait 1.5 s
     async with serving(repo, audit_path=tmp_path / "a.db") as (app, client):
         writer = app.state.audit
         assert (await client.post("/v1/models/clf:predict", json=BODY)).status_code == 200
@@ -64,7 +64,9 @@ async def test_readiness_fails_while_the_oldest_record_waits_too_long(
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             assert (await client.post("/v1/models/clf:predict", json=BODY)).status_code == 200
-            await asyncio.sleep(0.7)
+            await asyncio.sleep(0.8)
+            assert (await client.get("/readyz")).status_code == 200  # slow is not stalled
+            await asyncio.sleep(1.0)
             ready = await client.get("/readyz")
             assert ready.status_code == 503, ready.text  # was 200: the stall went unnoticed
             [reason] = ready.json()["reasons"]

@@ -4,7 +4,7 @@
 
 For each bundle (default: the served `medical-abstracts` and, if bench.text_archs has cached it,
 its transformer) two samplers over the same weights run the same requests, interleaved: one
-with forwards of at most `sampler.TOKEN_BUDGET` tokens (the engine's default on the CPU) and
+with forwards of at most `budgets.TOKEN_BUDGET` tokens (the engine's default on the CPU) and
 one with the row budget alone (16,384 rows per forward, the engine before). Both must answer the
 same bits (asserted). Prints documents/s (medians) and the ratio; `--out` writes the JSON.
 """
@@ -24,7 +24,8 @@ from bench.common import machine, median, now
 from models import medical_abstracts
 from service.bundle.load import load_bundle
 from service.calibration.data import read
-from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
+from service.engine.budgets import TOKEN_BUDGET
+from service.engine.sampler import MCRequest, MCSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [

@@ -38,12 +38,12 @@ def _served() -> Path:
 def one(texts: int, samples: int, budget: int) -> dict[str, float | str]:
     """In this process: load, then sample one request of `texts` abstracts once."""
     from service.bundle.load import load_bundle
-    from service.engine import sampler
+    from service.engine import budgets
     from service.engine.model import ServedModel
     from service.engine.params import PredictParams
     from service.engine.text import encode_texts
 
-    sampler.PREFIX_BUDGET = budget  # read when the model's sampler is built
+    budgets.PREFIX_BUDGET = budget  # read when the model's sampler is built
     bundle = load_bundle(_served())
     model = ServedModel(bundle)
     spec = bundle.manifest.inputs.text
@@ -73,7 +73,7 @@ def main() -> None:
     if a.child:
         print(json.dumps(one(*a.child)))
         return
-    from service.engine.sampler import PREFIX_BUDGET
+    from service.engine.budgets import PREFIX_BUDGET
 
     arms = {"prefix in chunks (served)": PREFIX_BUDGET, "one prefix forward (before)": 1 << 60}
     runs: dict[str, list[dict[str, float | str]]] = {k: [] for k in arms}

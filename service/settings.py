@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     # Batching and overload control.
     batching: bool = True
     max_batch_rows: int = Field(default=65536, ge=1, description="rows of one batch")
-    # A text model on the CPU also caps a forward at sampler.TOKEN_BUDGET tokens (8,192): its
+    # A text model on the CPU also caps a forward at budgets.TOKEN_BUDGET tokens (8,192): its
     # rows per forward are min(forward_rows, max(64, 8,192 // tokens per text)).
     forward_rows: int = Field(default=16384, ge=64, description="rows of one forward (chunk)")
     # CPU: dropout masks made and applied by a numba kernel (service/engine/fused.py), the same

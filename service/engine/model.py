@@ -13,6 +13,7 @@ from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
 from service.engine import familiar, heads
 from service.engine.buckets import Buckets
+from service.engine.budgets import TOKEN_BUDGET
 from service.engine.calibrator import Calibrator
 from service.engine.cancels import Flag
 from service.engine.device import describe
@@ -20,7 +21,7 @@ from service.engine.onnx_predictor import checked_predictor
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
 from service.engine.regression import summarize_regression
-from service.engine.sampler import TOKEN_BUDGET, MCRequest, MCSampler
+from service.engine.sampler import MCRequest, MCSampler
 from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
@@ -92,7 +93,7 @@ class ServedModel:
     ) -> None:
         """A text model with length buckets: one sampler per bucket length, the same weights
         (service/engine/buckets.py). On the CPU each sampler sizes its forwards in tokens
-        (sampler.TOKEN_BUDGET), so a shorter bucket runs more rows per forward; on CUDA every
+        (budgets.TOKEN_BUDGET), so a shorter bucket runs more rows per forward; on CUDA every
         forward is padded to the row budget (sampler.py)."""
         assert self.buckets is not None
         for n in (int(b) for b in self.buckets.lengths[:-1]):

@@ -41,6 +41,8 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.passes.shape_prop import ShapeProp
 
+from service.engine.blocks import live_rows
+
 log = logging.getLogger(__name__)
 
 # Rewrites change float rounding only: results must agree to this relative tolerance.
@@ -87,6 +89,34 @@ class Prefix:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _run(self.module, x, channels_last=self.channels_last)
+
+    def in_chunks(
+        self, xs: torch.Tensor, chunk: int, pad_to: int, batched: tuple[bool, ...]
+    ) -> list[torch.Tensor]:
+        """The values for inputs `xs`, `chunk` inputs at a time, each padded to `pad_to` inputs
+        (a prefix's values per input never depend on the batch: blocks.py), copied into place
+        so that one chunk's intermediate values live at a time. `batched`: per value, whether
+        it has a row per input (else it is the same in every chunk: the first's is kept)."""
+        total = xs.shape[0]
+        out: list[torch.Tensor] = []
+        for lo in range(0, total, chunk):
+            part = xs[lo : lo + chunk]
+            n = part.shape[0]
+            if n < pad_to:
+                part = torch.cat([part, part.new_zeros((pad_to - n, *part.shape[1:]))])
+            with live_rows(n):  # padding inputs skip the prefix's linear layers
+                values = self(part)
+            if n == total:  # one chunk: its values as they are
+                return [v[:n] if b else v for v, b in zip(values, batched, strict=True)]
+            if not out:
+                out = [
+                    v.new_empty((total, *v.shape[1:])) if b else v
+                    for v, b in zip(values, batched, strict=True)
+                ]
+            for o, v, b in zip(out, values, batched, strict=True):
+                if b:
+                    o[lo : lo + n] = v[:n]
+        return out
 
 
 def _run(

@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.bundle.activations import ACTIVATIONS_PER_INPUT
-from service.engine import suffix
-from service.engine.blocks import BLOCK_ROWS, block_linears, live_rows
+from service.engine import budgets, suffix
+from service.engine.blocks import BLOCK_ROWS, block_linears
 from service.engine.cancels import Flag
 from service.engine.device import tune_allocator
 from service.engine.fused import verified
@@ -54,34 +53,6 @@ NUMERICS = 4
 
 # Inputs a prefix without batch-size-dependent operations is padded to (prefix.py).
 MIN_PREFIX_ROWS = 2
-
-# Tokens one CPU forward of a text model holds: a chunk of L-token rows has
-# max(min_rows, TOKEN_BUDGET // L) rows, fewer than the row budget, whose activations then stay
-# in cache. Measured (2026-12-06, idle 2-vCPU AMD EPYC, 64 texts x 20 passes, bench.chunks):
-# the TextCNN + fastText average at L = 900 answers 4.0x the documents/s with 64-row chunks as
-# with 16,384, the transformer at L = 128 2.4x; 16 to 128 rows are all within 10 % of the best.
-TOKEN_BUDGET = 8192
-# Activation values one CPU forward may make (the load's meta count per input, summed over the
-# graph's nodes: an upper bound on what is live at once): 1 GiB of float32, but never fewer rows
-# than one mask block (64). Every bundled model stays under it at its row and token budgets; a
-# model making 40 M values per input got 16,384-row forwards before (64 now: still 10 GB).
-ACTIVATION_BUDGET = 1 << 28
-# Values one prefix (or deterministic) forward may make, whatever the batch: the prefix runs over
-# at most PREFIX_BUDGET // (the model's values per input) inputs at a time. It ran over every
-# input of a batch at once, and medical-abstracts' TF-IDF member makes a dense table of 262,139
-# bigram counts per text: one request of 1,024 abstracts held 3.2 GB, past a 2 GiB pod's limit.
-PREFIX_BUDGET = 1 << 26
-
-
-def rows_within(module: nn.Module, row_budget: int, budget: int | None = None) -> int:
-    """`row_budget`, lowered so that one forward's activations stay within `budget`
-    (ACTIVATION_BUDGET by default)."""
-    budget = ACTIVATION_BUDGET if budget is None else budget
-    meta = getattr(module, "meta", None)
-    per_input = meta.get(ACTIVATIONS_PER_INPUT) if isinstance(meta, dict) else None
-    if not per_input:  # a module not rebuilt from a description (tests, .pt2)
-        return row_budget
-    return max(1, min(row_budget, budget // int(per_input)))
 
 
 @dataclass(frozen=True)
@@ -155,7 +126,7 @@ class MCSampler:
         use_prefix: bool = True,
         compile_mode: str | None = None,
         fused: bool | None = None,
-        token_budget: int | None = TOKEN_BUDGET,
+        token_budget: int | None = budgets.TOKEN_BUDGET,
         activation_budget: bool = True,  # False: rows as the row budget says (bench/chunks.py)
     ) -> None:
         tune_allocator()  # activations reuse heap pages instead of fresh mmap()s (device.py)
@@ -182,13 +153,13 @@ class MCSampler:
         if token_budget is not None and tokens and not cuda:
             row_budget = min(int(row_budget), int(token_budget) // max(self.input_shape[0], 1))
         if activation_budget and not cuda:  # (CUDA: unchanged, untested there)
-            row_budget = rows_within(module, int(row_budget))
+            row_budget = budgets.rows_within(module, int(row_budget))
         self.row_budget = round_up(max(int(row_budget), self.min_rows), self.block)
         # Inputs per prefix forward. With fixed shapes (CUDA, or a given min_rows) every chunk
         # is padded to it, so it is held within the budget too (on CUDA min_rows is the whole
         # row budget: 16,384 abstracts' prefix, 64 GB). Otherwise never fewer than min_rows, the
         # pad a batch-sensitive prefix needs: a chunk's shapes are a small batch's (same bits).
-        budget_rows = rows_within(self.module, 1 << 30, PREFIX_BUDGET)
+        budget_rows = budgets.rows_within(self.module, 1 << 30, budgets.PREFIX_BUDGET)
         if self._fixed_rows:
             self.prefix_chunk = min(budget_rows, self.min_rows)
         else:
@@ -262,30 +233,6 @@ class MCSampler:
         pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
         return torch.cat([t, pad])
 
-    def _frontier(self, plan: Plan, xs: torch.Tensor) -> list[torch.Tensor]:
-        """The prefix's values for inputs `xs`, `prefix_chunk` inputs at a time (a prefix's
-        values per input never depend on the batch: prefix.py, blocks.py), each chunk's copied
-        into place so that only one chunk's intermediate values live at a time."""
-        batched = plan.graph.frontier_batched
-        total = xs.shape[0]
-        out: list[torch.Tensor] = []
-        for lo in range(0, total, self.prefix_chunk):
-            part = xs[lo : lo + self.prefix_chunk]
-            n = part.shape[0]
-            with live_rows(n):  # padding inputs skip the prefix's linear layers
-                values = plan.prefix(self._pad(part, self.prefix_rows(plan)))
-            if n == total:  # one chunk: its values as they are
-                return [v[:n] if b else v for v, b in zip(values, batched, strict=True)]
-            if not out:  # batch-independent values are the same in every chunk: the first's
-                out = [
-                    v.new_empty((total, *v.shape[1:])) if b else v
-                    for v, b in zip(values, batched, strict=True)
-                ]
-            for o, v, b in zip(out, values, batched, strict=True):
-                if b:
-                    o[lo : lo + n] = v[:n]
-        return out
-
     def deterministic(self, x: np.ndarray) -> np.ndarray:
         """Dropout off (the weight-scaling approximation), plain torch forward, `prefix_chunk`
         inputs at a time."""
@@ -326,7 +273,10 @@ class MCSampler:
                 dtype=self.input_dtype,
                 device=dev,
             )
-            frontier = self._frontier(plan, xs)
+            # The prefix's values for every input, prefix_chunk inputs at a time (prefix.py).
+            frontier = plan.prefix.in_chunks(
+                xs, self.prefix_chunk, self.prefix_rows(plan), plan.graph.frontier_batched
+            )
             layers = range(g.first_site, g.first_site + len(g.sites))
             rows = RowMap(requests, layers, dev, self.block)
             total = rows.total

@@ -1,4 +1,4 @@
-"""A text model's CPU forwards are sized in tokens (sampler.TOKEN_BUDGET): more, smaller chunks
+"""A text model's CPU forwards are sized in tokens (budgets.TOKEN_BUDGET): more, smaller chunks
 than the row budget alone would give, and the same bits (bench/chunks.py measures the speed)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from text_nets import LENGTH, TextCNN, token_batch
 from torch import nn
 
 from service.engine import MCRequest, MCSampler
-from service.engine.sampler import TOKEN_BUDGET
+from service.engine.budgets import TOKEN_BUDGET
 from service.packaging.tracer import trace_with_shapes
 
 
@@ -47,7 +47,7 @@ def test_the_default_budget_and_tabular_inputs() -> None:
 
 def test_integer_codes_that_are_not_text_keep_the_row_budget(tmp_path: Path) -> None:
     """A bundle of integer codes read by an embedding (categorical features, no tokenizer) is
-    not a text: its forwards keep the row budget (sampler.TOKEN_BUDGET is for text inputs)."""
+    not a text: its forwards keep the row budget (budgets.TOKEN_BUDGET is for text inputs)."""
     from service.bundle.load import load_bundle
     from service.engine.model import ServedModel
     from service.packaging import save
@@ -70,14 +70,14 @@ def test_a_model_s_activations_size_its_forwards(monkeypatch: Any) -> None:
     (a model making 40 M values per input got 128-row forwards, 20 GB, before). Same bits."""
     from service.bundle import load_bundle
     from service.bundle.activations import ACTIVATIONS_PER_INPUT
-    from service.engine import sampler
+    from service.engine import budgets
     from service.engine.model import ServedModel
 
     bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "diabetes" / "2")
     per_input = bundle.module.meta[ACTIVATIONS_PER_INPUT]
     assert per_input > 0
     wide = ServedModel(bundle)
-    monkeypatch.setattr(sampler, "ACTIVATION_BUDGET", per_input * 200)  # 200 inputs a forward
+    monkeypatch.setattr(budgets, "ACTIVATION_BUDGET", per_input * 200)  # 200 inputs a forward
     narrow = ServedModel(bundle)
     assert wide.sampler.row_budget == 16384 and narrow.sampler.row_budget == 256  # 4 blocks
     x = torch.randn(30, 10).numpy() * 10 + 50
@@ -93,12 +93,12 @@ def test_the_prefix_runs_within_its_budget_with_the_same_bits(monkeypatch: Any, 
     PREFIX_BUDGET values at a time (digits: a convolution, whose algorithm follows the batch)."""
     from service.bundle import load_bundle
     from service.bundle.activations import ACTIVATIONS_PER_INPUT
-    from service.engine import prefix, sampler
+    from service.engine import budgets, prefix
     from service.engine.model import ServedModel
 
     bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / name / "2")
     wide = ServedModel(bundle)
-    monkeypatch.setattr(sampler, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
+    monkeypatch.setattr(budgets, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
     narrow = ServedModel(bundle)
     assert wide.sampler.prefix_chunk > 1000 and narrow.sampler.prefix_chunk == 70
     seen: list[int] = []
@@ -129,12 +129,12 @@ def test_with_fixed_shapes_the_prefix_pad_is_within_the_budget_too(monkeypatch: 
     whole row budget there: 16,384 abstracts' prefix, 64 GB, for one text."""
     from service.bundle import load_bundle
     from service.bundle.activations import ACTIVATIONS_PER_INPUT
-    from service.engine import prefix, sampler
+    from service.engine import budgets, prefix
 
     bundle = load_bundle(Path(__file__).resolve().parents[2] / "models" / "diabetes" / "2")
     example = torch.as_tensor(np.array([[50.0, 1, 25, 90, 180, 100, 50, 4, 4.6, 90]] * 2))
     wide = MCSampler(bundle.module, example, device="cpu", min_rows=256)
-    monkeypatch.setattr(sampler, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
+    monkeypatch.setattr(budgets, "PREFIX_BUDGET", bundle.module.meta[ACTIVATIONS_PER_INPUT] * 70)
     narrow = MCSampler(bundle.module, example, device="cpu", min_rows=256)
     assert wide.prefix_chunk == 256 and narrow.prefix_chunk == 70
     seen: list[int] = []

@@ -7,11 +7,14 @@ it, or is known to within `tolerance`:
 
 - classifiers (tolerance in probability units): the label (the gap between the two most probable
   classes), each class's membership of the conformal prediction set (p_k against 1 - q), and the
-  epistemic referral (mutual information against its threshold; its se is taken as that of the
-  expected entropy, the mean over passes, which dominates it);
+  epistemic referral (mutual information against its threshold; its se by the delta method over
+  the passes: the expected entropy's alone was 3.6 times too small when passes flip between
+  confident labels, the very case the referral is for);
 - regressors (tolerance as a fraction of the predictive std): the interval end points
-  mean -+ z std at each requested level (se by the delta method from the passes' means and
-  variances), and the epistemic referral (epistemic std against its threshold).
+  mean -+ z std at each requested level (q std for conformal intervals: q is the calibrated
+  factor, often over z), with se by the delta method from the passes' means and variances, and
+  the epistemic referral (epistemic std against its threshold; each target's own threshold for
+  a multi-target model).
 
 The masks of pass t depend on (seed, layer, t, row) only (masks.py), so the first T passes of a
 longer run are the T passes of a shorter one: the answer after n passes is bit for bit the
@@ -31,6 +34,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from service.bundle.calibration import ReferralPolicy
 from service.engine import heads
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams, new_seed
@@ -85,10 +89,20 @@ def _classifier(
         if math.isfinite(q):
             ok &= _decided(p - (1.0 - q), se_p, tol).all(axis=-1)
     if policy.epistemic is not None:
-        h_t = entropy(p_t, axis=-1)  # [T, B]
-        mi = entropy(p, axis=-1) - h_t.mean(0)
-        ok &= _decided(mi - policy.epistemic, h_t.std(0) / math.sqrt(t), tol)
+        mi = entropy(p, axis=-1) - entropy(p_t, axis=-1).mean(0)
+        ok &= _decided(mi - policy.epistemic, mi_se(p_t), tol)
     return np.asarray(ok)
+
+
+def mi_se(p_t: np.ndarray) -> np.ndarray:
+    """The Monte Carlo standard error of the mutual information H(mean p) - mean H(p_t) of
+    passes' probabilities p_t [T, B, K], by the delta method: per pass, its first-order terms
+    dH/dp . (p_t - mean p) - (H(p_t) - mean H)."""
+    p = p_t.mean(axis=0)
+    h_t = entropy(p_t, axis=-1)  # [T, B]
+    grad = -(np.log(np.clip(p, 1e-300, None)) + 1.0)  # dH/dp at the mean, [B, K]
+    g_t = np.sum(grad * (p_t - p), axis=-1) - (h_t - h_t.mean(axis=0))
+    return np.asarray(g_t.std(axis=0) / math.sqrt(p_t.shape[0]))
 
 
 def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float) -> np.ndarray:
@@ -109,16 +123,30 @@ def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float
     floor = np.maximum(std, 1e-12)
     se_mean, se_std = np.sqrt(var_e / t), np.sqrt(var_se2) / (2.0 * floor)
     ok = np.ones(mean.shape[0], dtype=bool)
+    cal = model.calibrator
     for level in p.confidence:
         z = NormalDist().inv_cdf(0.5 + level / 2.0)
-        se_end = np.sqrt(se_mean**2 + (z * se_std) ** 2)
+        # The end points served: mean -+ q std per target for conformal intervals.
+        factor = np.asarray(cal.qs(level)) if p.interval == "conformal" else np.full(1, z)
+        factor = np.where(np.isfinite(factor), factor, z)
+        se_end = np.sqrt(se_mean**2 + (factor * se_std) ** 2)
         ok &= (se_end <= tol * floor).all(axis=-1)
-    thr = model.calibrator.policy.epistemic
-    if thr is not None and len(model.calibrator.targets) == 1:
-        epi = np.sqrt(var_e[:, 0])
-        se_epi = np.sqrt(var_se2[:, 0]) / (2.0 * np.maximum(epi, 1e-12))
+    for d, thr in enumerate(_epistemic_thresholds(cal.policy, cal.targets)):
+        if thr is None:
+            continue
+        epi = np.sqrt(var_e[:, d])
+        se_epi = np.sqrt(var_se2[:, d]) / (2.0 * np.maximum(epi, 1e-12))
         ok &= _decided(epi - thr, se_epi, tol * max(thr, 1e-12))
     return ok
+
+
+def _epistemic_thresholds(policy: ReferralPolicy, targets: Sequence[str]) -> list[float | None]:
+    """Each target's epistemic threshold: the policy's own for one target; a multi-target
+    model's are per target (`policy.targets`), and `policy.epistemic` then does not apply."""
+    if len(targets) == 1:
+        return [policy.epistemic]
+    per = policy.targets or {}
+    return [per[name].epistemic if name in per else None for name in targets]
 
 
 def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance: float) -> bool:
@@ -128,10 +156,15 @@ def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance
     return bool(_regressor(model, samples, p, tolerance).all())
 
 
-def first_passes(p: PredictParams, a: Adaptive) -> int:
-    # Quantile intervals need 2 / alpha passes at least: start there rather than refuse.
+def first_passes(p: PredictParams, a: Adaptive, task: str = "regression") -> int:
+    # Quantile intervals need 2 / alpha passes at least: start there rather than refuse. Past
+    # max_samples a classifier runs max_samples, and its probability intervals at that level are
+    # left out with a warning, as a fixed request's are (it was refused, told to use gaussian
+    # intervals, which classifiers do not have); a regressor is refused.
     need = [min_samples_for_quantile(c) for c in p.confidence] if p.interval == "quantile" else []
     start = max([a.first, *need])
+    if start > a.max_samples and task == "classification":
+        return a.max_samples
     if start > a.max_samples:
         raise InvalidInputError(
             f"quantile intervals at these levels need {start} passes, over max_samples "
@@ -146,7 +179,7 @@ def run(
     """Answer each request (inputs xs[i], parameters params[i], whose `samples` is ignored) with
     as many passes as it needs; `Prediction.samples` is the number used."""
     seeds = [p.seed if p.seed is not None else new_seed() for p in params]
-    passes = [first_passes(p, a) for p in params]
+    passes = [first_passes(p, a, model.manifest.task) for p in params]
     sites = [model.sites_for(p) for p in params]
     done: dict[int, tuple[np.ndarray, int]] = {}
     while len(done) < len(xs):

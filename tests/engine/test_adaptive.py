@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,3 +162,71 @@ def test_sets_are_settled_at_the_levels_the_answer_shows() -> None:
     probs, se = answer.summary.probabilities[0], answer.summary.probability_se[0]
     decided = (np.abs(probs - threshold) > adaptive.Z_DECIDED * se) | (se <= tol)
     assert answer.samples == 1000 or decided.all(), (answer.samples, probs, se)
+
+
+def test_the_mutual_informations_standard_error_matches_its_spread() -> None:
+    """The referral took the se of the expected entropy alone: 3.6 times too small when passes
+    flip between confident labels (a reviewer's simulation put the referral on the wrong side
+    7 % of the time against a nominal 0.13 %). Seeded: 2,000 replicates of T = 64 passes, 90 %
+    confident in class 0 and 10 % in class 1; the spread of the MI estimates is known to about
+    3 % (2,000 replicates), so the mean se must lie within 20 % of it."""
+    from service.engine.summaries import entropy
+
+    rng = np.random.default_rng(11)
+    reps, t = 2000, 64
+    flip = rng.random((reps, t)) < 0.1  # [R, T]
+    confident = np.array([0.97, 0.02, 0.01])
+    p_t = np.where(flip[..., None], confident[[1, 0, 2]], confident)  # [R, T, K]
+    p_t = np.transpose(p_t, (1, 0, 2))  # [T, R(as B), K]
+    mi = entropy(p_t.mean(0), axis=-1) - entropy(p_t, axis=-1).mean(0)
+    spread = mi.std()
+    se = adaptive.mi_se(p_t).mean()
+    assert 0.8 < se / spread < 1.25, (se, spread)
+    old = (entropy(p_t, axis=-1).std(0) / np.sqrt(t)).mean()
+    assert old / spread < 0.5  # what the rule used before
+
+
+def _stub_regressor(targets: list[str], qs: list[float], policy: Any, noise: float = 0.0) -> Any:
+    from types import SimpleNamespace
+
+    from service.bundle.manifest import Aleatoric
+
+    cal = SimpleNamespace(targets=targets, policy=policy, qs=lambda level: qs, calibrated=True)
+    kind = "homoscedastic" if noise else "none"
+    manifest = SimpleNamespace(aleatoric=Aleatoric(kind=kind, noise_var=noise), task="regression")
+    return SimpleNamespace(calibrator=cal, manifest=manifest)
+
+
+def test_a_multi_target_models_epistemic_referrals_are_settled_too() -> None:
+    """A multi-target model's thresholds are per target (policy.targets); the rule read only
+    policy.epistemic, null there, so its referrals were never checked (a reviewer's two-target
+    case stopped at 32 passes, wrongly referred 28 % of the time)."""
+    from service.bundle.calibration import ReferralPolicy, TargetReferral
+
+    rng = np.random.default_rng(3)
+    raw = rng.normal(0.0, 1.0, (32, 1, 2))  # epistemic std about 1 (se 0.125) for both targets
+    policy = ReferralPolicy(targets={"a": TargetReferral(), "b": TargetReferral(epistemic=1.02)})
+    p = PredictParams(samples=32, confidence=(0.9,), interval="gaussian")
+    # Noise of variance 8: the end points' tolerance (0.08 of a std of 3) is met at 32 passes,
+    # the referral's (0.08 of its threshold) is not, and b's lies within 3 se of it.
+    two = _stub_regressor(["a", "b"], [1.645] * 2, policy, noise=8.0)
+    assert not adaptive._regressor(two, raw, p, 0.08).all()
+    far = ReferralPolicy(targets={"b": TargetReferral(epistemic=5.0)})
+    settled = _stub_regressor(["a", "b"], [1.645] * 2, far, noise=8.0)
+    assert adaptive._regressor(settled, raw, p, 0.08).all()
+
+
+def test_conformal_end_points_are_settled_with_their_own_factor() -> None:
+    """A conformal end point is mean -+ q std; the rule used z, under-stating its error when q
+    is over z (a reviewer's q = 4: an error 1.66 times the tolerance)."""
+    from service.bundle.calibration import ReferralPolicy
+
+    raw = np.random.default_rng(5).normal(0.0, 1.0, (64, 1, 1))
+    gauss = PredictParams(samples=64, confidence=(0.95,), interval="gaussian")
+    conf = PredictParams(samples=64, confidence=(0.95,), interval="conformal")
+    tols = np.linspace(0.01, 2.0, 400)
+    model = _stub_regressor(["y"], [4.0], ReferralPolicy())
+    tol = next(t for t in tols if adaptive._regressor(model, raw, gauss, float(t)).all())
+    assert not adaptive._regressor(model, raw, conf, float(tol)).all()
+    like_z = _stub_regressor(["y"], [1.96], ReferralPolicy())
+    assert adaptive._regressor(like_z, raw, conf, float(tol)).all()

@@ -114,7 +114,9 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
     auto = _adaptive(p, max_samples) if p.mode == "mc" else None
     if auto is not None:  # the first chunk's passes; more are queued until the answer is sure
         interval = p.interval or default_interval(model.manifest)
-        samples = first_passes(PredictParams(0, levels, interval=interval), auto)
+        samples = first_passes(
+            PredictParams(0, levels, interval=interval), auto, model.manifest.task
+        )
     else:
         samples = p.samples if isinstance(p.samples, int) else d.samples
     if samples > max_samples and p.samples is None:  # the client sent none: say whose it is
@@ -148,9 +150,10 @@ def _adaptive(p: PredictParameters, limit: int) -> Adaptive | None:
         raise InvalidInputError(
             f"max_samples={most} is over the server's maximum of {limit} (setting max_samples)"
         )
+    first = min(Adaptive.first, most)  # max_samples 2..31 was refused ("first (32) <= ...")
     if p.tolerance is None:
-        return Adaptive(max_samples=most)
-    return Adaptive(max_samples=most, tolerance=p.tolerance)
+        return Adaptive(max_samples=most, first=first)
+    return Adaptive(max_samples=most, tolerance=p.tolerance, first=first)
 
 
 def mc_metadata(model: ServedModel) -> dict[str, Any]:

@@ -24,8 +24,9 @@ def rank(n: int, level: float) -> int:
         raise ValueError("conformal calibration needs at least one score")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level {level!r} is outside (0, 1)")
-    # (n + 1) * 0.9 is 80.10000000000001 for n = 88 in binary; rounding keeps ceil at 81.
-    return math.ceil(round((n + 1) * level, 9))
+    # (n + 1) * 0.9 is 80.10000000000001 for n = 88 in binary; rounding keeps ceil at 81. At
+    # least 1: a level under 1e-9 / (n + 1) rounded to rank 0, which read the largest score.
+    return max(1, math.ceil(round((n + 1) * level, 9)))
 
 
 def min_n(level: float) -> int:

@@ -474,6 +474,11 @@ async def test_query_parameters_and_accept_are_read_as_sent(client: httpx.AsyncC
     assert r.status_code == 422 and r.json()["error"].startswith(
         "the query parameter subject is read only with Accept: application/fhir+json"
     )
+    fhir = {"accept": "application/fhir+json"}  # a FHIR answer names its subject: which one?
+    r = await client.post(url + "?subject=Patient/1&subject=Patient/2", json=body, headers=fhir)
+    assert r.status_code == 422 and r.json()["error"] == (
+        "the query parameter subject appears 2 times; send it once"
+    )
     refused = {"accept": "application/json, application/fhir+json;q=0"}
     r = await client.post(url, json=body, headers=refused)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"

@@ -87,6 +87,7 @@ def test_conformal_threshold_by_hand() -> None:
     assert conformal.quantile(scores, 0.8) == 0.5  # k = ceil(4.8) = 5
     assert conformal.quantile(scores, 0.9) == math.inf  # k = ceil(5.4) = 6 > n
     assert conformal.rank(88, 0.9) == 81  # 89 * 0.9 is 80.10000000000001 in binary
+    assert conformal.quantile(scores, 1e-12) == 0.1  # rank 0 read the largest score, 0.5
     assert [conformal.min_n(v) for v in (0.5, 0.8, 0.9, 0.95, 0.99)] == [1, 4, 9, 19, 99]
     lo, hi = conformal.interval(np.array([10.0]), np.array([2.0]), 1.5)
     assert (lo[0], hi[0]) == (7.0, 13.0)

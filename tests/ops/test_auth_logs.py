@@ -68,6 +68,21 @@ async def test_key_outcomes(client: httpx.AsyncClient, path: str, body: dict) ->
     assert r.json()["error"] == "API key 'reg-only' may not use model 'clf'"
 
 
+async def test_two_credentials_of_one_kind_are_refused(client: httpx.AsyncClient) -> None:
+    """With two Authorization headers the last won: a proxy reading the first and the server
+    the last disagreed on who was calling."""
+    path, body = V1
+    for name in ("Authorization", "X-API-Key"):
+        value = bearer("all")["Authorization"] if name == "Authorization" else KEYS["all"]
+        other = "Bearer wrong" if name == "Authorization" else "wrong"
+        for pair in ([(name, value), (name, other)], [(name, other), (name, value)]):
+            r = await client.post(path, json=body, headers=httpx.Headers(pair))
+            assert r.status_code == 401, (name, pair)
+            assert r.json()["error"].startswith("send one Authorization header")
+    both = {"Authorization": bearer("all")["Authorization"], "X-API-Key": KEYS["all"]}
+    assert (await client.post(path, json=body, headers=both)).status_code == 200  # one of each
+
+
 async def test_admin_routes(client: httpx.AsyncClient) -> None:
     url = "/v2/repository/models/reg/load"
     assert (await client.post(url)).status_code == 401

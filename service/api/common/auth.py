@@ -23,6 +23,7 @@ from service.settings import ApiKey
 MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)|^/v2/repository/models/([^/]+)")
 OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/")
 DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+CREDENTIALS = (b"authorization", b"x-api-key")
 
 
 def hash_key(key: str) -> str:
@@ -76,10 +77,12 @@ class ApiKeyGuard:
                 found = key
         return found
 
-    def decide(self, path: str, headers: dict[bytes, bytes]) -> Decision:
+    def decide(self, path: str, headers: dict[bytes, bytes], repeated: bool = False) -> Decision:
         admin_route = path.startswith("/v2/repository")
         if not admin_route and (not self.keys or not self._guarded(path)):
             return Decision(0)
+        if repeated:  # a proxy reading the first and this the last would disagree on who calls
+            return Decision(401, "send one Authorization header and at most one X-API-Key header")
         auth = headers.get(b"authorization", b"").decode("latin-1")
         presented = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         presented = presented or headers.get(b"x-api-key", b"").decode("latin-1").strip()
@@ -108,7 +111,9 @@ class ApiKeyGuard:
         if not self.keys and not path.startswith("/v2/repository"):
             await self.app(scope, receive, send)  # nothing to check: no headers copied
             return
-        decision = self.decide(path, dict(scope.get("headers") or []))
+        raw = scope.get("headers") or []
+        names = [k.lower() for k, _ in raw if k.lower() in CREDENTIALS]
+        decision = self.decide(path, dict(raw), len(names) != len(set(names)))
         if decision.caller:
             state = scope.setdefault("state", {})
             state["caller"] = decision.caller

@@ -14,6 +14,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
+from service.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Param:
@@ -31,7 +33,12 @@ class Param:
         if self.where == "query":
             if not request.scope["query_string"]:  # parsing an empty one cost 8 us a request
                 return None
-            raw = request.query_params.get(self.name)
+            given = request.query_params.getlist(self.name)
+            if len(given) > 1:  # which copy a parser keeps must not decide (a FHIR subject)
+                raise InvalidInputError(
+                    f"the query parameter {self.name} appears {len(given)} times; send it once"
+                )
+            raw = given[0] if given else None
         else:
             raw = request.headers.get(self.name)
         if raw is None:

@@ -52,9 +52,13 @@ def without_paths(reason: str, root: Path) -> str:
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(a path)", reason)
 
 
-def version_key(v: str) -> tuple[tuple[int, int | str], ...]:
-    """Natural order: '10' after '9', numbers before words."""
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", v))
+def version_key(v: str) -> tuple[tuple[int, int, str], ...]:
+    """Natural order: '10' after '9', numbers before words; ties ('010' and '10') by the text,
+    so one is newest whatever order they came in. ASCII digits only: '²'.isdigit() is true,
+    and int('²') failed, taking start-up or every later poll down."""
+    return tuple(
+        (0, int(p), p) if p.isascii() and p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v)
+    )
 
 
 def discover(root: Path) -> list[tuple[str, str | None, Path]]:
@@ -135,16 +139,16 @@ class Registry:
     def add(self, entry: Entry) -> None:
         """Register atomically: unversioned requests see the newest ready version at once."""
         with self._lock:
-            self._entries[(entry.name, entry.version)] = entry
-            self._reindex()
+            self._reindex({**self._entries, (entry.name, entry.version): entry})
 
-    def _reindex(self) -> None:
-        entries = self._entries.values()
-        self._sorted = sorted(entries, key=lambda e: (e.name, version_key(e.version)))
+    def _reindex(self, entries: dict[tuple[str, str], Entry]) -> None:
+        """Make `entries` the registry's, its sorted views first: a failure leaves it as it was
+        (an entry in the dict but not in the views was never served nor retired)."""
+        ordered = sorted(entries.values(), key=lambda e: (e.name, version_key(e.version)))
         by_name: dict[str, list[Entry]] = {}
-        for e in self._sorted:
+        for e in ordered:
             by_name.setdefault(e.name, []).append(e)
-        self._by_name = by_name
+        self._entries, self._sorted, self._by_name = entries, ordered, by_name
 
     def paths(self) -> set[Path]:
         with self._lock:
@@ -152,8 +156,9 @@ class Registry:
 
     def unload(self, name: str, version: str) -> Entry | None:
         with self._lock:
-            entry = self._entries.pop((name, version), None)
-            self._reindex()
+            entries = dict(self._entries)
+            entry = entries.pop((name, version), None)
+            self._reindex(entries)
             return entry
 
     def reason(self, entry: Entry) -> str | None:

@@ -282,3 +282,30 @@ async def test_a_mended_unversioned_bundle_replaces_its_refused_entry(
                 break
             await asyncio.sleep(0.02)
         assert [(e.version, e.ready) for e in registry.versions("clf")] == [("1", True)]
+
+
+async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:
+    """A directory named '²' ('²'.isdigit(), and int('²') failed) took start-up down, and a poll
+    after it broke polling for good; '010' and '10' sorted alike, the newest being whichever
+    came last (a restart could serve the other)."""
+    from service.engine.registry import Entry, Registry, version_key
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    shutil.copytree(root / "clf" / "1", root / "clf" / "²")  # refused: its manifest says 1
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.1))
+    async with app.router.lifespan_context(app):
+        versions = app.state.mcserve.registry.versions("clf")
+        assert [e.version for e in versions] == ["1", "²"] and not versions[1].ready
+        add_version(root, "2")
+        for _ in range(500):  # the poll goes on
+            if ("clf", "2") in app.state.mcserve.batchers:
+                break
+            await asyncio.sleep(0.02)
+        assert [e.version for e in app.state.mcserve.registry.versions("clf")] == ["1", "2", "²"]
+    assert version_key("010") < version_key("10")
+    for order in (("010", "10"), ("10", "010")):
+        reg = Registry(root, lambda p: None)  # type: ignore[arg-type,return-value]
+        for v in order:
+            reg.add(Entry("m", v, root))
+        assert [e.version for e in reg.versions("m")] == ["010", "10"]

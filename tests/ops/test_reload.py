@@ -309,3 +309,45 @@ async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_pa
         for v in order:
             reg.add(Entry("m", v, root))
         assert [e.version for e in reg.versions("m")] == ["010", "10"]
+
+
+async def test_a_v2_body_that_arrives_after_an_unload_is_answered_by_the_next_version(
+    repo: Path, tmp_path: Path
+) -> None:
+    """/v2 took its batcher before reading the body: version 2 unloaded while the body came
+    answered 503 "the server is shutting down", where version 1 could answer (/v1 did)."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    add_version(root, "2")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    keys = [ApiKey(id="admin", sha256=hash_key(ADMIN), admin=True)]
+    app = create_app(Settings(model_dir=root, model_control="explicit", api_keys=keys))
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                     "data": [0.1, 0.2, 0.3, 0.4]}], "parameters": {"samples": 20}}
+    ).encode()  # fmt: skip
+    gate = asyncio.Event()
+
+    async def slowly() -> Any:
+        yield body[:10]
+        await gate.wait()
+        yield body[10:]
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            headers = admin | {"content-type": "application/json"}
+            sent = asyncio.ensure_future(
+                c.post("/v2/models/clf/infer", content=slowly(), headers=headers)
+            )
+            await asyncio.sleep(0.2)  # the head is in, the body is not
+            r = await c.post(
+                "/v2/repository/models/clf/unload", headers=admin,
+                json={"parameters": {"version": "2"}},
+            )  # fmt: skip
+            assert r.status_code == 200 and r.json()["unloaded_versions"] == 1
+            await asyncio.sleep(0.2)  # past the retired batcher's settle time
+            gate.set()
+            answer = await sent
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] == "1"

@@ -103,10 +103,13 @@ def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) ->
 async def infer_with(request: Request, name: str, version: str | None) -> Response:
     header_length = HEADER_LENGTH.read(request)
     st = state(request)
+    st.batcher(name, version)  # an unknown model is a 404 before its body is read
+    raw = await request.body()
+    # Resolved once the body is in, as /v1 does: a version retired meanwhile (an unload, a
+    # poll) answered 503 "shutting down" to a request the next version could serve.
     batcher = st.batcher(name, version)
     model = batcher.model
     spec, limit = model.manifest.inputs, st.settings.max_instances
-    raw = await request.body()
     header, binary = split(raw, header_length)
     check_size(header, spec, limit)  # before parsing: bounds what the JSON may cost
     req = await off_loop(lambda: parse(header), nbytes=len(header))

@@ -107,6 +107,8 @@ def predict(
     ] = None,
 ) -> None:
     """Predict one instance with uncertainty and print the JSON answer."""
+    from pydantic import ValidationError
+
     from service.api.common.parameters import PredictParameters, to_params
     from service.bundle.load import TrustPolicy
     from service.encode import response
@@ -117,6 +119,7 @@ def predict(
     from service.errors import McServeError
     from service.settings import Settings
 
+    settings_or_exit({"model_dir": model_dir})  # a bad MCSERVE_* variable: its line, exit 2
     settings = Settings(model_dir=model_dir)
     if (instance is None) == (text is None):
         typer.echo("error: give one of --instance JSON or --text TEXT", err=True)
@@ -127,13 +130,13 @@ def predict(
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
     auto = samples == "auto"
-    if dropout_sites not in (None, "all") and not str(dropout_sites).isdigit():
+    if dropout_sites not in (None, "all") and not _whole(str(dropout_sites)):
         typer.echo(f"error: --dropout-sites {dropout_sites!r}: give all or a number k", err=True)
         raise typer.Exit(2)
     sites: int | Literal["all"] | None = None if dropout_sites is None else "all"
     if dropout_sites not in (None, "all"):
         sites = int(str(dropout_sites))
-    if samples is not None and not auto and not samples.isdigit():
+    if samples is not None and not auto and not _whole(samples):
         typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
         raise typer.Exit(2)
     reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
@@ -167,7 +170,17 @@ def predict(
     except McServeError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
+    except ValidationError as exc:  # --mode foo, --samples 1, --seed -1: a traceback before
+        for e in exc.errors(include_url=False):
+            flag = "--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "a value"
+            typer.echo(f"error: {flag}: {e['msg']}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(response(served, pred), indent=2))
+
+
+def _whole(s: str) -> bool:
+    """A whole number in ASCII digits ('²'.isdigit() is true, and int('²') fails)."""
+    return s.isascii() and s.isdigit()
 
 
 app.command("package")(package)

@@ -250,6 +250,11 @@ def calibrate_bundle(
     ``method`` (classifiers): "temperature", "vector" or "auto" (selection.py); ``method_flag``
     names the option that set it in messages (`train --calibration-method`)."""
     how = selection.check_method(method)
+    if not 0.0 < percentile < 100.0:  # -5 or 0 wrote a version that referred every answer
+        raise InvalidInputError(
+            f"--percentile {percentile:g} must lie between 0 and 100 (90: the referral triggers "
+            "together refer 10 % of the calibration rows)"
+        )
     source, repo = Path(source), Path(repo)
     bundle = load_bundle(source, policy)
     served = ServedModel(bundle, device="cpu")

@@ -130,6 +130,14 @@ def test_next_version_and_errors(fresh: Repo, tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "missing ['x2']" in result.output
+    for percentile in ("-5", "0", "100", "150"):  # -5 and 0 wrote a version referring all
+        result = runner.invoke(
+            app,
+            ["calibrate", str(fresh.root / "reg" / "1"), "--data", str(bad), "--out",
+             str(tmp_path / "p"), f"--percentile={percentile}"],
+        )  # fmt: skip
+        assert result.exit_code == 2 and "must lie between 0 and 100" in result.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_overlap_with_training_rows_is_warned(fresh: Repo, tmp_path: Path) -> None:

@@ -103,6 +103,26 @@ def test_predict_dropout_sites() -> None:
     assert result.exit_code == 2 and "give all or a number k" in result.output
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--mode", "foo"], "error: --mode: Input should be 'mc' or 'deterministic'"),
+        (["--samples", "1"], "error: --samples: Input should be greater than or equal to 2"),
+        (["--seed", "-1"], "error: --seed: Input should be greater than or equal to 0"),
+        (["--samples", "auto", "--tolerance", "-1"], "error: --tolerance: Input should be"),
+        (["--samples", "\u00b2"], "give a number of passes or auto"),
+        (["--dropout-sites", "\u00b3"], "give all or a number k"),
+    ],
+)
+def test_predict_flags_the_api_refuses_are_an_error_line(extra: list[str], said: str) -> None:
+    """Each printed a traceback and exited 1 (pydantic's error is no McServeError; '²' passed
+    isdigit() and failed int())."""
+    base = ["predict", "diabetes", "--instance", first_instance("diabetes")]
+    result = runner.invoke(app, [*base, "--model-dir", str(MODELS), *extra])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_predict_errors() -> None:
     result = runner.invoke(
         app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]

@@ -18,6 +18,7 @@ from typing import Any, get_origin
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from service.errors import shown_name
 from service.settings import Settings
 
 PREFIX = "MCSERVE_"
@@ -112,6 +113,12 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
                 f"{variable('referral')} names {', '.join(map(repr, unknown))}, not a model "
                 f"under {d}: its overrides apply to no model until one of that name appears"
             )
+    errors += _referral_problems(s) + [
+        f"{variable('pinned_digests')}: {shown_name(d)!r} is not a bundle digest (sha256: and "
+        "64 lowercase hex digits, as GET /v1/models/{name} shows it)"
+        for d in s.pinned_digests
+        if not DIGEST.fullmatch(d)
+    ]  # each refused every bundle, the server up and never ready
     if s.device == "cuda":
         import torch
 
@@ -157,4 +164,23 @@ def _unknown(environ: Mapping[str, str]) -> list[str]:
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""
         out.append(f"{name} is not a setting of mcserve{hint}; it is ignored")
+    return out
+
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _referral_problems(s: Settings) -> list[str]:
+    """Each model's MCSERVE_REFERRAL overrides, validated as a manifest's referral section is
+    (a wrong value refused every version of that model at load, the server never ready)."""
+    from service.bundle.calibration import ReferralPolicy
+
+    out = []
+    for name, overrides in s.referral.items():
+        try:
+            ReferralPolicy.model_validate({**ReferralPolicy().model_dump(), **overrides})
+        except ValidationError as exc:
+            for e in exc.errors(include_url=False):
+                where = ".".join(str(p) for p in (name, *e["loc"]))
+                out.append(f"{variable('referral')} [{shown_name(where)}]: {e['msg']}")
     return out

@@ -114,6 +114,24 @@ def test_a_referral_override_for_no_model_is_warned_about(
     )  # fmt: skip
 
 
+def test_referral_overrides_and_pinned_digests_are_checked_at_start(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    """Each started the server, which then refused every version of the model (or every
+    bundle) at load and never became ready."""
+    monkeypatch.setenv("MCSERVE_REFERRAL", '{"diabetes": {"epistemic": "x", "foo": 1}}')
+    digest = "sha256:" + "ab" * 32
+    monkeypatch.setenv("MCSERVE_PINNED_DIGESTS", f'["abc", "{digest}"]')
+    errors, _ = problems({"model_dir": repo})
+    assert errors == [
+        "MCSERVE_REFERRAL [diabetes.epistemic]: Input should be a valid number, unable to parse "
+        "string as a number",
+        "MCSERVE_REFERRAL [diabetes.foo]: Extra inputs are not permitted",
+        "MCSERVE_PINNED_DIGESTS: 'abc' is not a bundle digest (sha256: and 64 lowercase hex "
+        "digits, as GET /v1/models/{name} shows it)",
+    ]
+
+
 def test_a_required_model_that_is_not_there_is_said(
     monkeypatch: pytest.MonkeyPatch, repo: Path
 ) -> None:

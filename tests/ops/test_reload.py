@@ -351,3 +351,23 @@ async def test_a_v2_body_that_arrives_after_an_unload_is_answered_by_the_next_ve
             answer = await sent
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_version"] == "1"
+
+
+async def test_a_served_version_replaced_on_disk_is_said_once(
+    repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Versions are immutable; one replaced in place went on serving its old digest, silently
+    (or was reloaded, if a poll fell between the two renames)."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    said = "a served version changed on disk and is not reloaded"
+    async with app.router.lifespan_context(app):
+        manifest = root / "clf" / "1" / "manifest.json"
+        manifest.write_bytes(manifest.read_bytes())  # rewritten in place: new times
+        for _ in range(200):
+            if any(said in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # more polls: said once
+    assert sum(said in r.getMessage() for r in caplog.records) == 1

@@ -48,6 +48,9 @@ class ModelControl:
         # A refused bundle's files as they were: polling tries it again once they change (a
         # half-copied version loads when the copy is done), not every interval.
         self._refused: dict[Path, Signature] = {}
+        # A served version's files as loaded: a change is said once (versions are immutable;
+        # one replaced in place went on serving its old digest without a word).
+        self._served: dict[Path, Signature] = {}
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -106,6 +109,7 @@ class ModelControl:
                 self.st.registry.unload(old.name, old.version)
         if entry.ready:
             self._refused.pop(path, None)
+            self._served[path] = files
         else:
             self._refused[path] = files
         log.info(
@@ -130,6 +134,7 @@ class ModelControl:
     async def _retire(self, entry: Entry) -> None:
         self.st.registry.unload(entry.name, entry.version)
         self._refused.pop(entry.path, None)
+        self._served.pop(entry.path, None)
         batcher = self.st.batchers.get((entry.name, entry.version))
         if batcher is not None:
             await batcher.stop(drain=True)
@@ -152,11 +157,26 @@ class ModelControl:
                 if self.st.draining:  # a SIGTERM while loading: the pod is going, stop here
                     log.info("loading stopped: the server is shutting down")
                     return
+                self._changed(path)
                 refused = self._refused.get(path)
                 if path not in known or (refused is not None and refused != signature(path)):
                     await self._load(name, version, path)
             gone = [e for e in self.st.registry.entries() if e.path not in found]
             await self._retire_all(gone)
+
+    def _changed(self, path: Path) -> None:
+        """Warn, once per change, that a served version's files changed on disk."""
+        was = self._served.get(path)
+        if was is None:
+            return
+        now = signature(path)
+        if now != was:
+            self._served[path] = now
+            log.warning(
+                "a served version changed on disk and is not reloaded: bundle versions are "
+                "immutable; write a new version (or unload and load this one)",
+                extra={"path": str(path)},
+            )
 
     async def load(self, name: str) -> list[Entry]:
         """Explicit control: load every version of `name` found on disk and not yet loaded."""

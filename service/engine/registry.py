@@ -16,7 +16,7 @@ from pathlib import Path
 from service.bundle.load import TrustPolicy, load_bundle
 from service.bundle.manifest import MANIFEST_NAME
 from service.engine.model import ServedModel
-from service.errors import McServeError, ModelNotFoundError, ModelNotReadyError
+from service.errors import McServeError, ModelNotFoundError, ModelNotReadyError, shown_name
 
 log = logging.getLogger("mcserve.registry")
 
@@ -175,7 +175,8 @@ class Registry:
         versions = self.versions(name)
         if not versions:
             raise ModelNotFoundError(
-                f"model '{name}' is not loaded; GET /v1/models lists the available models"
+                f"model '{shown_name(name)}' is not loaded; GET /v1/models lists the available "
+                "models"
             )
         if version is None:
             ready = [e for e in versions if e.ready]
@@ -188,7 +189,7 @@ class Registry:
             match = [e for e in versions if e.version == version]
             if not match:
                 raise ModelNotFoundError(
-                    f"model '{name}' has no version '{version}'; versions: "
+                    f"model '{name}' has no version '{shown_name(version)}'; versions: "
                     f"{[e.version for e in versions]}"
                 )
             entry = match[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ async def test_unknown_model_and_version(client: httpx.AsyncClient) -> None:
     assert r.json()["error"] == "model 'clf' has no version '9'; versions: ['1']"
     r = await client.get("/v1/nothing")
     assert r.status_code == 404 and "no route GET /v1/nothing" in r.json()["error"]
+    # A 60,000-character name or path came back whole (a 60 kB answer): cut, with its length.
+    long = "n" * 60_000
+    for r in (await client.get(f"/v1/models/{long}"), await client.get(f"/v1/{long}")):
+        assert r.status_code == 404 and len(r.content) < 1000, len(r.content)
+        assert re.search(r"n\.\.\. \(600\d\d characters\)", r.json()["error"]), r.text
 
 
 async def test_predict_classification(client: httpx.AsyncClient) -> None:

@@ -200,9 +200,9 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message, status = str(exc.detail), exc.status_code
     if status == 404:
-        message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        message = f"no route {request.method} {shown_name(request.url.path)}; see /docs for the API"
     elif status == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {request.method} is not allowed on {shown_name(request.url.path)}"
     elif isinstance(exc.__cause__, McServeError):
         # FastAPI wraps whatever breaks while it reads a declared body into a 400: the body
         # limit's 413 (a chunked body has no Content-Length to check) is answered as itself.

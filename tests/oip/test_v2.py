@@ -157,6 +157,16 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
     }
 
 
+async def test_a_query_parameter_on_infer_is_refused(oip: httpx.AsyncClient) -> None:
+    """`?samples=5&seed=3` ran 100 passes with a drawn seed, silently (/v1 refuses it)."""
+    r = await oip.post("/v2/models/diabetes/infer?samples=5&seed=3", json=body("diabetes"))
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "unknown query parameter 'samples': inference takes none; parameters go in the body's "
+        "'parameters' object"
+    )
+
+
 async def test_model_ready_and_unknown_models(oip: httpx.AsyncClient) -> None:
     r = await oip.get("/v2/models/digits/ready")
     assert r.json() == {"name": "digits", "version": "2", "ready": True}

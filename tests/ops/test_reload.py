@@ -140,6 +140,21 @@ async def test_repository_routes_refused_unless_explicit(repo: Path) -> None:
     assert r.json()["error"].startswith("explicit model control is off")
 
 
+async def test_repository_routes_without_an_admin_key_say_what_to_configure(repo: Path) -> None:
+    """With no admin key configured they answered 401 "missing API key", though no key could
+    ever do."""
+    app = create_app(Settings(model_dir=repo, model_control="explicit"))  # no keys at all
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post("/v2/repository/index")
+    assert r.status_code == 403
+    assert r.json()["error"] == (
+        'repository routes need an admin key, and none is configured: add one with "admin": '
+        "true to MCSERVE_API_KEYS"
+    )
+
+
 async def test_a_retired_model_is_freed(repo: Path, tmp_path: Path) -> None:
     """Start-up freezes what it loaded (gc.freeze, against latency spikes): a model unloaded
     later stayed in memory for good, its reference cycles out of the collector's reach."""

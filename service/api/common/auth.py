@@ -81,6 +81,12 @@ class ApiKeyGuard:
         admin_route = path.startswith("/v2/repository")
         if not admin_route and (not self.keys or not self._guarded(path)):
             return Decision(0)
+        if admin_route and not any(k.admin for k in self.keys):  # no key could ever do
+            return Decision(
+                403,
+                "repository routes need an admin key, and none is configured: add one with "
+                '"admin": true to MCSERVE_API_KEYS',
+            )
         if repeated:  # a proxy reading the first and this the last would disagree on who calls
             return Decision(401, "send one Authorization header and at most one X-API-Key header")
         auth = headers.get(b"authorization", b"").decode("latin-1")

@@ -26,7 +26,7 @@ from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.text import TextBatch, encode_texts
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
 HEADER_LENGTH = Param(
@@ -102,6 +102,12 @@ def answer_parameters(model: ServedModel, pred: Prediction, p: PredictParams) ->
 
 async def infer_with(request: Request, name: str, version: str | None) -> Response:
     header_length = HEADER_LENGTH.read(request)
+    if request.query_params:  # `?samples=5` ran the default passes: as on /v1, never silently
+        name_given = shown_name(sorted(request.query_params)[0])
+        raise InvalidInputError(
+            f"unknown query parameter {name_given!r}: inference takes none; parameters go in "
+            "the body's 'parameters' object"
+        )
     st = state(request)
     st.batcher(name, version)  # an unknown model is a 404 before its body is read
     raw = await request.body()

@@ -39,12 +39,12 @@ def serve(
     run(overrides)
 
 
-def settings_or_exit(overrides: dict[str, Any]) -> None:
+def settings_or_exit(overrides: dict[str, Any], serve: bool = True) -> None:
     """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line;
     print the warnings (e.g. a variable that is no setting) and go on."""
     from service.settings_check import problems
 
-    errors, warnings = problems(overrides)
+    errors, warnings = problems(overrides, serve)
     for w in warnings:
         typer.echo(f"warning: {w}", err=True)
     for e in errors:
@@ -119,7 +119,7 @@ def predict(
     from service.errors import McServeError
     from service.settings import Settings
 
-    settings_or_exit({"model_dir": model_dir})  # a bad MCSERVE_* variable: its line, exit 2
+    settings_or_exit({"model_dir": model_dir}, serve=False)  # one that does not parse: exit 2
     settings = Settings(model_dir=model_dir)
     if (instance is None) == (text is None):
         typer.echo("error: give one of --instance JSON or --text TEXT", err=True)

@@ -39,9 +39,10 @@ def variable(field: str) -> str:
     return PREFIX + field.upper() + (f" ({flag})" if flag else "")
 
 
-def problems(overrides: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+def problems(overrides: Mapping[str, Any], serve: bool = True) -> tuple[list[str], list[str]]:
     """(errors, warnings) of the settings `Settings(**overrides)` reads (flags over MCSERVE_*
-    variables of this process's environment)."""
+    variables of this process's environment). `serve=False`: values that do not parse only,
+    not what a server needs (its device, audit store, required models: `predict` needs none)."""
     try:
         s = Settings(**overrides)
     except SettingsError as exc:  # a JSON-typed variable that is not JSON
@@ -54,6 +55,8 @@ def problems(overrides: Mapping[str, Any]) -> tuple[list[str], list[str]]:
             where = (variable(field) + (f" [{rest}]" if rest else "") + ": ") if field else ""
             errors.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
         return errors, []
+    if not serve:
+        return [], []
     errors, warnings = _checks(s)
     return errors, warnings + _unknown(os.environ)
 

@@ -36,7 +36,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.common import errors
-from service.errors import MethodNotAllowedError
+from service.errors import MethodNotAllowedError, shown_name
 
 
 class FastRoutes:
@@ -79,7 +79,9 @@ class FastRoutes:
         try:
             if scope["method"] != "POST":  # GET was "model 'clf:predict' is not loaded"
                 method, path = scope["method"], scope["path"]
-                raise MethodNotAllowedError(f"method {method} is not allowed on {path}; send POST")
+                raise MethodNotAllowedError(
+                    f"method {method} is not allowed on {shown_name(path)}; send POST"
+                )
             response = await route.endpoint(request=request, **params)
         except ClientDisconnect:
             return  # gone while sending its body: nobody to answer, nothing was queued

@@ -46,12 +46,17 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
+def _whole(s: str) -> bool:
+    """ASCII digits only: '²'.isdigit() is true, and int('²') fails."""
+    return s.isascii() and s.isdigit()
+
+
 def next_version(repo: Path, name: str, source: str) -> str:
     """One more than the largest integer version of `name` in `repo` (or than the source's)."""
-    found = [int(source)] if source.isdigit() else []
+    found = [int(source)] if _whole(source) else []
     model_dir = repo / name
     if model_dir.is_dir():
-        found += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        found += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _whole(p.name)]
     return str(max(found, default=0) + 1)
 
 

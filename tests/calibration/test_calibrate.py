@@ -122,6 +122,8 @@ def test_next_version_and_errors(fresh: Repo, tmp_path: Path) -> None:
     (tmp_path / "reg" / "v9").mkdir()
     assert next_version(tmp_path, "reg", "3") == "8"
     assert next_version(tmp_path, "new", "beta") == "1"
+    (tmp_path / "reg" / "\u00b2").mkdir()  # '²'.isdigit(), and int('²') failed
+    assert next_version(tmp_path, "reg", "3") == "8"
     bad = tmp_path / "bad.csv"
     bad.write_text("x0,x1,target\n1,2,3\n")
     result = runner.invoke(

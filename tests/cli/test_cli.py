@@ -123,6 +123,20 @@ def test_predict_flags_the_api_refuses_are_an_error_line(extra: list[str], said:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_predict_ignores_what_only_a_server_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict ran the server's start-up checks: an audit directory it never writes, or models
+    a server must have, stopped it (exit 2); a value that does not parse still does."""
+    monkeypatch.setenv("MCSERVE_AUDIT", "true")
+    monkeypatch.setenv("MCSERVE_AUDIT_PATH", "/proc/nope/audit.db")
+    monkeypatch.setenv("MCSERVE_REQUIRED_MODELS", '["other"]')
+    args = ["predict", "diabetes", "--instance", first_instance("diabetes"), "--seed", "1"]
+    result = runner.invoke(app, [*args, "--samples", "20", "--model-dir", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("MCSERVE_MAX_SAMPLES", "x")
+    result = runner.invoke(app, [*args, "--model-dir", str(MODELS)])
+    assert result.exit_code == 2 and "MCSERVE_MAX_SAMPLES" in result.output
+
+
 def test_predict_errors() -> None:
     result = runner.invoke(
         app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]

@@ -378,6 +378,11 @@ async def test_a_served_version_replaced_on_disk_is_said_once(
     app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
     said = "a served version changed on disk and is not reloaded"
     async with app.router.lifespan_context(app):
+        report = root / "clf" / "1" / "evaluation" / "report.json"
+        report.parent.mkdir()
+        report.write_text("{}")  # a report beside a served version: meant to come later
+        await asyncio.sleep(0.3)
+        assert not any(said in r.getMessage() for r in caplog.records)
         manifest = root / "clf" / "1" / "manifest.json"
         manifest.write_bytes(manifest.read_bytes())  # rewritten in place: new times
         for _ in range(200):

@@ -27,10 +27,13 @@ log = logging.getLogger("mcserve.lifecycle")
 Signature = tuple[tuple[str, int, int, int, int], ...]
 
 
-def signature(path: Path) -> Signature:
-    """The version directory's files (name, size, times, inode): what a change shows in."""
+def signature(path: Path, files_only: bool = False) -> Signature:
+    """The version directory's entries (name, size, times, inode): what a change shows in.
+    `files_only`: its files, not its folders (a served version's `evaluation/` report is meant
+    to be added later: it is matched by digest)."""
     try:
-        return tuple(sorted((f.name, *_stat(f)) for f in path.iterdir()))
+        entries = [f for f in path.iterdir() if not files_only or f.is_file()]
+        return tuple(sorted((f.name, *_stat(f)) for f in entries))
     except OSError:
         return ()
 
@@ -109,7 +112,7 @@ class ModelControl:
                 self.st.registry.unload(old.name, old.version)
         if entry.ready:
             self._refused.pop(path, None)
-            self._served[path] = files
+            self._served[path] = signature(path, files_only=True)
         else:
             self._refused[path] = files
         log.info(
@@ -169,7 +172,7 @@ class ModelControl:
         was = self._served.get(path)
         if was is None:
             return
-        now = signature(path)
+        now = signature(path, files_only=True)
         if now != was:
             self._served[path] = now
             log.warning(

@@ -15,7 +15,6 @@ import functools
 import importlib.metadata
 import platform
 import socket
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +27,6 @@ from service.encode import response_json
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import NUMERICS
-
-# How the route sent the answer when not as the native JSON that `summary` holds (/v1 as FHIR:
-# {"media_type", "fhir_version", "subject"}), for `params.representation`. Set by the route
-# around its engine call, which queues the record in the same context (common.call.run ->
-# AuditWriter.submit -> message): the calls between are shared by every route.
-ANSWER_FORM: ContextVar[dict[str, str] | None] = ContextVar("mcserve_answer_form", default=None)
 
 
 @dataclass(eq=False)
@@ -51,6 +44,9 @@ class PredictionEvent:
     card_uuid: str | None = None
     # The answer's warnings the adapter added, not the engine (e.g. parameters it ignored).
     adapter_warnings: list[str] | None = None
+    # How the client got the answer when not as the native JSON `summary` holds (/v1 as FHIR:
+    # {"media_type", "fhir_version", "subject"}), for `params.representation`.
+    representation: dict[str, str] | None = None
 
 
 @dataclass(eq=False)
@@ -162,9 +158,8 @@ def message(e: Event) -> Message:
     }
     if e.adapter_warnings:  # in the answer; a replay cannot know them from the engine
         params["adapter_warnings"] = list(e.adapter_warnings)
-    form = ANSWER_FORM.get()
-    if form is not None:  # the client got another form of these numbers (FHIR, for a subject)
-        params["representation"] = dict(form)
+    if e.representation is not None:  # another form of these numbers (FHIR, for a subject)
+        params["representation"] = dict(e.representation)
     if p.auto is not None:  # samples=auto: a replay decides when to stop as this answer did
         params["auto"] = dataclasses.asdict(p.auto)  # max_samples, tolerance, first
     text = m.manifest.inputs.text

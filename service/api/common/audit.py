@@ -97,9 +97,11 @@ def record(
     pred: Prediction,
     card_uuid: str | None = None,
     warnings: list[str] | None = None,
+    representation: dict[str, str] | None = None,
 ) -> None:
     """Queue the record of one prediction before its answer is sent (cheap: references only).
-    `warnings`: those of the answer's that the adapter added (a replay adds them again)."""
+    `warnings`: those of the answer's that the adapter added (a replay adds them again);
+    `representation`: the form the client gets it in, when not the native JSON."""
     writer = _writer(request)
     if writer is None:
         return
@@ -116,6 +118,7 @@ def record(
             prediction=pred,
             card_uuid=card_uuid,
             adapter_warnings=warnings or None,
+            representation=representation,
         )
     )
 

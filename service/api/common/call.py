@@ -64,13 +64,16 @@ async def run(
     card_uuid: str | None = None,
     input_notes: list[dict[str, Any]] | None = None,
     warnings: list[str] | None = None,
+    representation: dict[str, str] | None = None,
 ) -> Prediction:
     """The one engine call of every adapter: queue, wait, drop the work if the client goes.
 
     The answer's audit record is queued here, before any adapter replies (`card_uuid`: the CDS
     card that will carry it); 503 when it cannot be (audit fails closed). `input_notes` and
     `warnings` (the adapter's own, e.g. ignored parameters) join the answer before it is
-    recorded: the record encodes the answer once, and the reply reuses that encoding."""
+    recorded: the record encodes the answer once, and the reply reuses that encoding.
+    `representation`: how the adapter sends the answer when not as the native JSON (the record
+    says so: /v1 as FHIR)."""
     default = request.app.state.mcserve.settings.request_timeout_ms
     if timeout_s is None and default is not None:  # the operator's bound on any request
         timeout_s = default / 1000.0
@@ -96,5 +99,5 @@ async def run(
         state.batch_rows = int(pred.timing["batch_rows"])
         state.queue_ms = round(pred.timing["queue_s"] * 1000, 3)
         state.compute_ms = round(pred.timing["compute_s"] * 1000, 3)
-    audit.record(request, batcher.model, x, params, pred, card_uuid, warnings)
+    audit.record(request, batcher.model, x, params, pred, card_uuid, warnings, representation)
     return pred

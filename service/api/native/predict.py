@@ -21,7 +21,6 @@ from service.api.common.call import off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
-from service.audit.record import ANSWER_FORM
 from service.clinical import fhir
 from service.encode import response_json
 from service.engine.inputs import check_size, to_array
@@ -150,23 +149,21 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
     timeout = body.parameters.timeout_ms
     # The audit record keeps the native JSON of these numbers; it says that the client got
     # them as FHIR, and for which subject (its params.representation: docs/AUDIT.md).
-    form = ANSWER_FORM.set(
+    form = (
         {"media_type": FHIR_JSON, "fhir_version": st.settings.fhir_version, "subject": subject}
         if as_fhir and subject is not None
         else None
     )
-    try:
-        pred = await run(
-            request,
-            batcher,
-            x,
-            params,
-            timeout / 1000.0 if timeout is not None else None,
-            input_notes=notes,
-            warnings=ignored(body.parameters),  # in the answer the audit record encodes, too
-        )
-    finally:
-        ANSWER_FORM.reset(form)
+    pred = await run(
+        request,
+        batcher,
+        x,
+        params,
+        timeout / 1000.0 if timeout is not None else None,
+        input_notes=notes,
+        warnings=ignored(body.parameters),  # in the answer the audit record encodes, too
+        representation=form,
+    )
     if as_fhir and subject is not None:
         return fhir_response(request, model, pred, subject)
     return Response(response_json(model, pred), media_type="application/json")

@@ -114,7 +114,7 @@ def predict(
     from service.encode import response
     from service.engine import adaptive
     from service.engine.inputs import to_array
-    from service.engine.registry import Registry
+    from service.engine.registry import Registry, whole
     from service.engine.text import encode_texts
     from service.errors import McServeError
     from service.settings import Settings
@@ -130,13 +130,13 @@ def predict(
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
         raise typer.Exit(2) from None
     auto = samples == "auto"
-    if dropout_sites not in (None, "all") and not _whole(str(dropout_sites)):
+    if dropout_sites not in (None, "all") and not whole(str(dropout_sites)):
         typer.echo(f"error: --dropout-sites {dropout_sites!r}: give all or a number k", err=True)
         raise typer.Exit(2)
     sites: int | Literal["all"] | None = None if dropout_sites is None else "all"
     if dropout_sites not in (None, "all"):
         sites = int(str(dropout_sites))
-    if samples is not None and not auto and not _whole(samples):
+    if samples is not None and not auto and not whole(samples):
         typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
         raise typer.Exit(2)
     reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
@@ -176,11 +176,6 @@ def predict(
             typer.echo(f"error: {flag}: {e['msg']}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(response(served, pred), indent=2))
-
-
-def _whole(s: str) -> bool:
-    """A whole number in ASCII digits ('²'.isdigit() is true, and int('²') fails)."""
-    return s.isascii() and s.isdigit()
 
 
 app.command("package")(package)

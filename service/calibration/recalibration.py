@@ -27,6 +27,7 @@ from service.calibration.labelled import Labelled, overlaps
 from service.engine import conformal, heads
 from service.engine.model import ServedModel
 from service.engine.referral import budget_threshold, outside_training, relative_width
+from service.engine.registry import whole
 from service.engine.regression import summarize_regression
 from service.engine.sampler import MCRequest
 from service.engine.summaries import summarize_classification
@@ -46,17 +47,12 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
-def _whole(s: str) -> bool:
-    """ASCII digits only: '²'.isdigit() is true, and int('²') fails."""
-    return s.isascii() and s.isdigit()
-
-
 def next_version(repo: Path, name: str, source: str) -> str:
     """One more than the largest integer version of `name` in `repo` (or than the source's)."""
-    found = [int(source)] if _whole(source) else []
+    found = [int(source)] if whole(source) else []
     model_dir = repo / name
     if model_dir.is_dir():
-        found += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and _whole(p.name)]
+        found += [int(p.name) for p in model_dir.iterdir() if p.is_dir() and whole(p.name)]
     return str(max(found, default=0) + 1)
 
 

@@ -52,13 +52,16 @@ def without_paths(reason: str, root: Path) -> str:
     return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "(a path)", reason)
 
 
+def whole(s: str) -> bool:
+    """A whole number in ASCII digits ('²'.isdigit() is true, and int('²') fails)."""
+    return s.isascii() and s.isdigit()
+
+
 def version_key(v: str) -> tuple[tuple[int, int, str], ...]:
     """Natural order: '10' after '9', numbers before words; ties ('010' and '10') by the text,
     so one is newest whatever order they came in. ASCII digits only: '²'.isdigit() is true,
     and int('²') failed, taking start-up or every later poll down."""
-    return tuple(
-        (0, int(p), p) if p.isascii() and p.isdigit() else (1, 0, p) for p in re.split(r"[._-]", v)
-    )
+    return tuple((0, int(p), p) if whole(p) else (1, 0, p) for p in re.split(r"[._-]", v))
 
 
 def discover(root: Path) -> list[tuple[str, str | None, Path]]:

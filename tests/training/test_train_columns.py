@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import Result
-from typer.testing import CliRunner
+from train_cli import refused as _refused
+from train_cli import train as _train
 
-from service.cli import app
 from service.errors import InvalidInputError, ModelError
 from service.training import text_data, train_mlp
 from service.training.served import check_served, served_module
 from service.training.table import read_table
 
-runner = CliRunner()
 N = 40
 NOTES = [
     "patient reports mild symptoms since the last visit, follow-up in two weeks",
@@ -37,17 +35,6 @@ def _write(path: Path, header: list[str], rows: list[list[object]]) -> Path:
 
 def _numbers(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, size=(N, 2)).round(4)
-
-
-def _train(data: Path, out: Path, task: str = "classification", *extra: str) -> Result:
-    args = ["train", "--data", str(data), "--target", "y", "--task", task, "--out", str(out)]
-    return runner.invoke(app, [*args, "--hidden", "8", "--epochs", "2", "--seed", "3", *extra])
-
-
-def _refused(res: Result, said: str, out: Path) -> None:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and said in res.output, res.output
-    assert not out.exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import Result
+from train_cli import refused as _refused
+from train_cli import train as _train
 from typer.testing import CliRunner
 
 from service.bundle.load import load_bundle
@@ -37,17 +39,6 @@ def _csv(path: Path, targets: list[str], *, feature: str | None = None) -> Path:
             a = feature if i == 0 and feature is not None else repr(float(row[0]))
             w.writerow([a, repr(float(row[1])), t])
     return path
-
-
-def _train(data: Path, out: Path, task: str = "classification", *extra: str) -> Result:
-    args = ["train", "--data", str(data), "--target", "y", "--task", task, "--out", str(out)]
-    return runner.invoke(app, [*args, "--hidden", "8", "--epochs", "2", "--seed", "3", *extra])
-
-
-def _refused(res: Result, said: str, out: Path) -> None:
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and said in res.output, res.output
-    assert not out.exists()  # refused before anything was written
 
 
 def test_numeric_labels_equal_by_value_are_one_class(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -63,3 +65,18 @@ def write_report(out: Path, stem: str, res: dict[str, Any], text: str) -> None:
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     (out / f"{stem}.md").write_text(text)
     print(text)
+
+
+def fresh_process_arms(
+    module: str, arms: dict[str, list[str]], repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Run `python -m <module> --child <args>` once per arm and repeat, interleaved, each in a
+    fresh process (its peak RSS its own); the JSON each prints last, per arm."""
+    root = Path(__file__).resolve().parent.parent
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in arms}
+    for _ in range(repeats):
+        for name, args in arms.items():
+            cmd = [sys.executable, "-m", module, "--child", *args]
+            out = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs

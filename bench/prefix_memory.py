@@ -16,12 +16,10 @@ import argparse
 import hashlib
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, median, now
+from bench.common import fresh_process_arms, machine, median, now
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "models" / "medical-abstracts"
@@ -75,14 +73,9 @@ def main() -> None:
         return
     from service.engine.budgets import PREFIX_BUDGET
 
-    arms = {"prefix in chunks (served)": PREFIX_BUDGET, "one prefix forward (before)": 1 << 60}
-    runs: dict[str, list[dict[str, float | str]]] = {k: [] for k in arms}
-    for _ in range(a.repeats):
-        for name, budget in arms.items():
-            child = ["--child", str(a.texts), str(a.samples), str(budget)]
-            cmd = [sys.executable, "-m", "bench.prefix_memory", *child]
-            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    budgets = {"prefix in chunks (served)": PREFIX_BUDGET, "one prefix forward (before)": 1 << 60}
+    arms = {k: [str(a.texts), str(a.samples), str(b)] for k, b in budgets.items()}
+    runs = fresh_process_arms("bench.prefix_memory", arms, a.repeats)
     digests = {r["digest"] for rs in runs.values() for r in rs}
     assert len(digests) == 1, "the arms sampled different bits"
     print(

@@ -16,12 +16,10 @@ import argparse
 import hashlib
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import machine, median, now
+from bench.common import fresh_process_arms, machine, median, now
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "models" / "medical-abstracts"
@@ -61,14 +59,9 @@ def main() -> None:
         return
     from service.engine.text import TOKENIZE_BYTES
 
-    arms = {"groups of 1 MiB (served)": TOKENIZE_BYTES, "all at once (before)": 1 << 40}
-    runs: dict[str, list[dict[str, float | str]]] = {k: [] for k in arms}
-    for _ in range(a.repeats):
-        for name, group in arms.items():
-            child = ["--child", str(a.texts), str(group)]
-            cmd = [sys.executable, "-m", "bench.tokenize_memory", *child]
-            out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    groups = {"groups of 1 MiB (served)": TOKENIZE_BYTES, "all at once (before)": 1 << 40}
+    arms = {k: [str(a.texts), str(g)] for k, g in groups.items()}
+    runs = fresh_process_arms("bench.tokenize_memory", arms, a.repeats)
     digests = {r["digest"] for rs in runs.values() for r in rs}
     assert len(digests) == 1, "the arms tokenized differently"
     print(f"{machine()}, {now()}; {a.texts} texts of 100 kB, {_served().name}, {a.repeats} runs")

@@ -4,16 +4,22 @@ of their own).
 
     ServerErrorMiddleware (Starlette's: an exception outside a handler is a logged 500, errors.py)
       RequestContext, CORS, ApiKeyGuard (app.py), and any middleware added to the app later
-        FastRoutes: POST /v1/models/{name}[/versions/{v}]:predict, /v2/models/.../infer
-          -> the route's own endpoint, called with (request, path parameters)
-        otherwise FastAPI: ExceptionMiddleware (errors.py) -> router
+        HeadAsGet: HEAD -> GET, its answer's body dropped
+          FastRoutes: POST /v1/models/{name}[/versions/{v}]:predict, /v2/models/.../infer
+            -> the route's own endpoint, called with (request, path parameters)
+          otherwise FastAPI: ExceptionMiddleware (errors.py) -> router
 
 Measured with py-spy at concurrency 64: the event loop, not the engine, limits requests/s, and
 much of its time went to layers a prediction does not need: FastAPI's exception, exit-stack and
 body-limit wrappers around every send and receive, matching the path against every route, and
 dependency solving. The prediction endpoints therefore read their request themselves (native/
 predict.py, oip/infer.py, common/fields.py): FastAPI's route documents them and, with the fast
-path off (`create_app(fast_path=False)`), answers them through the very same code.
+path off (`create_app(fast_path=False)`), answers them through the very same code. The method
+check stays here in both modes: FastAPI routed a GET of `:predict` to the metadata route ("model
+'clf:predict' is not loaded").
+
+HEAD is answered as GET without the body (RFC 9110, 9.3.2) for every route: FastAPI's routes
+answer only the methods they declare, so a link checker's or load balancer's HEAD was a 405.
 
 FastAPI's own exception telemetry and `max_body_size` are left out of the stack: the body limit
 is ours (RequestContext) and errors are counted in our metrics.
@@ -33,7 +39,7 @@ from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
 from service.errors import MethodNotAllowedError, shown_name
@@ -43,12 +49,18 @@ class FastRoutes:
     """The routes whose endpoints are in `endpoints`, answered without FastAPI's routing: the
     path is matched by the route's own pattern, the endpoint is called with the request and the
     path parameters, and its errors are mapped by errors.py as FastAPI's handlers map them.
-    Another method than POST is 405 with `Allow: POST` (FastAPI would try the other routes)."""
+    Another method than POST is 405 with `Allow: POST` (FastAPI would try the other routes).
+    With `call` False only that check is made here and a POST goes on to FastAPI."""
 
     def __init__(
-        self, app: ASGIApp, routes: list[BaseRoute], endpoints: Collection[Callable[..., Any]]
+        self,
+        app: ASGIApp,
+        routes: list[BaseRoute],
+        endpoints: Collection[Callable[..., Any]],
+        call: bool = True,
     ) -> None:
         self.app = app
+        self.call = call
         self.routes = [r for r in _api_routes(routes) if r.endpoint in endpoints]
         if len(self.routes) != len(endpoints):
             raise TypeError("a fast endpoint is not a route of this app (an unseen inclusion?)")
@@ -64,9 +76,12 @@ class FastRoutes:
             if path.endswith(self._suffixes):
                 for route in self.routes:
                     match = route.path_regex.match(path)
-                    if match is not None:
+                    if match is None:
+                        continue
+                    if self.call or scope["method"] != "POST":
                         await self._answer(route, match.groupdict(), scope, receive, send)
                         return
+                    break
         await self.app(scope, receive, send)
 
     async def _answer(
@@ -88,6 +103,25 @@ class FastRoutes:
         except Exception as exc:
             response = await errors.respond(request, exc)
         await response(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD answered as GET with the same headers (Content-Length included) and no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _api_routes(routes: list[BaseRoute]) -> Iterator[APIRoute]:
@@ -115,8 +149,7 @@ class McServeApp(FastAPI):
             else:
                 handlers[key] = value
         app: ASGIApp = ExceptionMiddleware(AsyncExitStackMiddleware(self.router), handlers)
-        if self.fast_path:
-            app = FastRoutes(app, self.router.routes, self.fast_endpoints)
+        app = HeadAsGet(FastRoutes(app, self.router.routes, self.fast_endpoints, self.fast_path))
         for cls, args, kwargs in reversed(self.user_middleware):  # the first added is innermost
             app = cls(app, *args, **kwargs)
         return ServerErrorMiddleware(app, handler=on_unexpected, debug=self.debug)

@@ -50,11 +50,27 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
     for i, inst in enumerate(instances):
         try:
             a = np.asarray(inst, dtype=np.float64)
-        except (ValueError, TypeError, OverflowError):
+        except OverflowError:  # a JSON integer past float64's range (10**400)
+            j = next(j for j, v in enumerate(_leaves(inst)) if type(v) is int and _huge(v))
+            return (
+                f"instance {i}, {_feature(spec, j)}: an integer of about "
+                f"{int(abs(_leaves(inst)[j]).bit_length() * 0.30103)} digits is beyond what the "
+                f"model's {spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); "
+                "check the value and its unit"
+            )
+        except (ValueError, TypeError):
             return f"instance {i} is not an array of numbers of shape {spec.shape}"
         if list(a.shape) != spec.shape and not _flat_image(a.shape, spec):
             return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}{_hint(spec)}"
     return f"instances must be arrays of numbers of shape {spec.shape}{_hint(spec)}"
+
+
+def _huge(v: int) -> bool:
+    try:
+        float(v)
+    except OverflowError:
+        return True
+    return False
 
 
 def _flat_image(shape: Sequence[int], spec: InputSpec) -> bool:

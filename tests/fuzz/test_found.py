@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
 import pytest_asyncio
 
 from service.api.app import create_app
@@ -45,10 +46,19 @@ async def test_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> 
         )
 
 
-async def test_integer_too_large_for_a_float(client: httpx.AsyncClient) -> None:
-    r = await client.post(URL, json={"instances": [[10**400, *[1] * 9]]})
-    assert r.status_code == 422  # was a 500 (OverflowError)
-    assert r.json()["error"] == "instance 0 is not an array of numbers of shape [10]"
+@pytest.mark.parametrize("as_object", [False, True])
+async def test_integer_too_large_for_a_float(client: httpx.AsyncClient, as_object: bool) -> None:
+    names = ["age", "sex", "bmi", "bp", "tc", "ldl", "hdl", "tch", "ltg", "glu"]
+    row = [50, 1, 25, 90, 200, 100, 50, 4, 4.5, 90]
+    good = dict(zip(names, row, strict=True)) if as_object else list(row)
+    row[2] = 10**400  # json writes all 401 digits; a float64 cannot hold it
+    bad = dict(zip(names, row, strict=True)) if as_object else row
+    r = await client.post(URL, json={"instances": [good, bad]})
+    assert r.status_code == 422  # was a 500 (OverflowError), then the generic shape message
+    assert r.json()["error"] == (
+        "instance 1, feature 'bmi': an integer of about 400 digits is beyond what the model's "
+        "float32 inputs hold (magnitude at most 3.40282e+38); check the value and its unit"
+    )
 
 
 async def test_classifier_with_fewer_passes_than_any_interval_needs(

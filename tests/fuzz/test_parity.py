@@ -117,6 +117,10 @@ def edge_cases() -> Iterator[Call]:
     ):
         yield Call("POST", v1, {"content-type": kind}, content=good.encode())
     yield Call("POST", v1, content=good.encode())  # no content type: read as JSON
+    for method in ("GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"):  # FastAPI's GET was a 404
+        for url in (v1, v2, "http://test/v1/models/diabetes/versions/1:predict"):
+            yield Call(method, url)
+    yield Call("POST", "http://test/v1/models/diabetes:PREDICT", content=good.encode())
     for body in (b"", b"\xff", b"{", b"[]", b"null", b'{"instances": []}'):
         yield Call("POST", v1, {"content-type": "application/json"}, content=body)
     fhir = {"content-type": "application/json", "accept": "application/fhir+json"}

@@ -198,16 +198,26 @@ def _not_an_instance(errs: Sequence[Any]) -> str | None:
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    message, status = str(exc.detail), exc.status_code
-    if status == 404:
-        message = f"no route {request.method} {shown_name(request.url.path)}; see /docs for the API"
+    message, status, headers = str(exc.detail), exc.status_code, dict(exc.headers or {})
+    path, method = shown_name(request.url.path), request.method
+    if status == 405 and method == "POST" and ":" in request.url.path.rsplit("/", 1)[-1]:
+        # `/v1/models/m:PREDICT` matched the metadata route's {name}: the path is wrong, not the
+        # method ("send GET" misled)
+        status, headers = 404, {}
+        message = (
+            f"no route POST {path}; a prediction's path ends in ':predict' (lower case), see "
+            "/docs for the API"
+        )
+    elif status == 404:
+        message = f"no route {method} {path}; see /docs for the API"
     elif status == 405:
-        message = f"method {request.method} is not allowed on {shown_name(request.url.path)}"
+        send = f"; send {headers['Allow']}" if headers.get("Allow") else ""
+        message = f"method {method} is not allowed on {path}{send}"
     elif isinstance(exc.__cause__, McServeError):
         # FastAPI wraps whatever breaks while it reads a declared body into a 400: the body
         # limit's 413 (a chunked body has no Content-Length to check) is answered as itself.
         return await on_mcserve_error(request, exc.__cause__)
-    return error_response(request, status, message, headers=dict(exc.headers or {}))
+    return error_response(request, status, message, headers=headers)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

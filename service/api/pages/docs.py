@@ -39,21 +39,16 @@ class Assets(StaticFiles):
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Docs at /docs and /redoc, the assets under /static, the model pages unless switched off.
-    Create the app with docs_url=None and redoc_url=None: these routes replace FastAPI's. Each
-    page answers HEAD as well as GET."""
+    Create the app with docs_url=None and redoc_url=None: these routes replace FastAPI's."""
     app.mount(OWN, Assets(packages=[("service.api", "static")]), name="mcserve-static")
     app.mount(VENDOR, Assets(directory=vendor_dir()), name="vendor-static")
     openapi = app.openapi_url or "/openapi.json"
 
-    @app.api_route(
-        "/docs", methods=["GET", "HEAD"], include_in_schema=False, response_class=HTMLResponse
-    )
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
     async def swagger_ui() -> Response:
         return render("swagger.html", csp=DOCS_CSP, title=app.title, openapi=openapi)
 
-    @app.api_route(
-        "/redoc", methods=["GET", "HEAD"], include_in_schema=False, response_class=HTMLResponse
-    )
+    @app.get("/redoc", include_in_schema=False, response_class=HTMLResponse)
     async def redoc() -> Response:
         return render("redoc.html", csp=DOCS_CSP, title=app.title, openapi=openapi)
 

@@ -35,12 +35,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def page(path: str, **kwargs: Any) -> Callable[[F], F]:
-    """A GET route, and HEAD on the same function (its answer without the body: a link
-    checker's HEAD was a 405). HEAD stays out of the OpenAPI document."""
+    """A GET route (HEAD is answered as GET by the front door, service/api/front.py)."""
 
     def add(endpoint: F) -> F:
         router.add_api_route(path, endpoint, methods=["GET"], **kwargs)
-        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **kwargs)
         return endpoint
 
     return add

@@ -1,0 +1,73 @@
+"""Methods and paths a client gets wrong, answered alike with and without the front door's fast
+path (service/api/front.py): HEAD on every GET route, another method than POST on a prediction
+route, a prediction suffix in the wrong case."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from apps import asgi_client
+
+from service.api.app import create_app
+from service.api.common import examples
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = Settings(model_dir=ROOT / "models", compute_process=False)
+PREDICT = ("/v1/models/diabetes:predict", "/v1/models/diabetes/versions/1:predict")
+INFER = ("/v2/models/diabetes/infer", "/v2/models/diabetes/versions/1/infer")
+GETS = (
+    "/v1/models",
+    "/v1/models/diabetes",
+    "/v2",
+    "/v2/models/diabetes",
+    "/v2/models/diabetes/ready",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/models",
+    "/models/diabetes",
+    "/models/nope",
+)
+
+
+@pytest_asyncio.fixture(scope="module", params=[True, False], ids=["fast", "fastapi"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(SETTINGS, fast_path=request.param)
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path", GETS)
+async def test_head_is_get_without_the_body(client: httpx.AsyncClient, path: str) -> None:
+    got, head = await client.get(path), await client.head(path)
+    assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+    assert head.content == b""
+    if path != "/metrics":  # which counts the GET just made
+        assert head.headers["content-length"] == str(len(got.content))
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+@pytest.mark.parametrize("path", PREDICT + INFER)
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_another_method_on_a_prediction_route(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    r = await client.request(method, path)
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == "POST"
+    assert r.json()["error"] == f"method {method} is not allowed on {path}; send POST"
+
+
+async def test_a_prediction_suffix_in_another_case(client: httpx.AsyncClient) -> None:
+    body = {"instances": [examples.instance("diabetes")]}
+    r = await client.post("/v1/models/diabetes:PREDICT", json=body)
+    assert r.status_code == 404, r.text
+    assert "allow" not in r.headers
+    assert "ends in ':predict' (lower case)" in r.json()["error"]

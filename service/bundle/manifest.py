@@ -52,6 +52,12 @@ class Aleatoric(Strict):
             )
         if learned and self.noise_var:
             raise ValueError("a heteroscedastic model learns its noise: leave noise_var at 0")
+        # kind 'none' with a noise_var was served as a fixed noise: the manifest said both
+        if (self.kind == "homoscedastic") != (self.noise_var > 0):
+            raise ValueError(
+                "aleatoric.noise_var > 0 is required for, and only for, kind 'homoscedastic' "
+                f"(got kind {self.kind!r}, noise_var {self.noise_var!r})"
+            )
         return self
 
 

@@ -31,9 +31,16 @@ def mixture_log_likelihood(
     f = np.asarray(samples, dtype=np.float64)
     yy = np.asarray(y, dtype=np.float64)
     s2 = np.asarray(noise_var, dtype=np.float64)
-    log_comp = -0.5 * np.log(2 * math.pi * s2) - (yy - f) ** 2 / (2 * s2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_comp = -0.5 * np.log(2 * math.pi * s2) - (yy - f) ** 2 / (2 * s2)
+    # A variance that underflowed to 0 is a point mass: density 0 away from its mean (log(0) -
+    # d^2/0 was inf - inf = NaN, and one such pass made the report's likelihood null).
+    log_comp = np.where((s2 == 0) & (yy != f), -np.inf, log_comp)
     top = log_comp.max(axis=0)
-    return np.asarray(top + np.log(np.exp(log_comp - top).sum(axis=0)) - math.log(f.shape[0]))
+    safe = np.where(np.isfinite(top), top, 0.0)  # every component 0 (or a point hit): no shift
+    with np.errstate(divide="ignore"):
+        total = safe + np.log(np.exp(log_comp - safe).sum(axis=0))
+    return np.asarray(total - math.log(f.shape[0]))
 
 
 def gaussian_log_likelihood(mean: np.ndarray, std: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -39,8 +39,9 @@ from service.engine import heads
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
+from service.engine.regression import noise_variance
 from service.engine.sampler import MCRequest
-from service.engine.summaries import entropy, min_samples_for_quantile, softmax
+from service.engine.summaries import as_samples, entropy, min_samples_for_quantile, softmax
 from service.errors import InvalidInputError
 
 Z_DECIDED = 3.0  # a decision this many standard errors from its boundary is taken as settled
@@ -107,21 +108,25 @@ def mi_se(p_t: np.ndarray) -> np.ndarray:
 
 def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float) -> np.ndarray:
     f, noise = heads.split(raw.astype(np.float64), model.manifest.aleatoric)
+    # A NaN or infinite output is the fixed request's error now, not after max_samples passes.
+    f = as_samples(f, "samples")
+    s2 = None if noise is None else noise_variance(noise, f.shape)
     t = f.shape[0]
     mean = f.mean(axis=0)
     dev2 = (f - mean) ** 2  # [T, B, D]
     var_e = dev2.mean(axis=0)
-    var_se2 = dev2.var(axis=0) / t
-    if noise is None:
-        var_a = np.zeros_like(mean)
-    elif np.ndim(noise) == 0:
-        var_a = np.full_like(mean, float(noise))
+    if s2 is None:
+        var_a, spread = np.zeros_like(mean), dev2
+    elif s2.ndim == 0:
+        var_a, spread = np.full_like(mean, float(s2)), dev2
     else:
-        s2 = np.asarray(noise)
-        var_a, var_se2 = s2.mean(axis=0), var_se2 + s2.var(axis=0) / t
+        var_a, spread = s2.mean(axis=0), dev2 + s2  # one per-pass term: their covariance counts
     std = np.sqrt(var_e + var_a)
     floor = np.maximum(std, 1e-12)
-    se_mean, se_std = np.sqrt(var_e / t), np.sqrt(var_se2) / (2.0 * floor)
+    # se of std = sqrt(var_e + var_a) by the delta method, over the total variance's per-pass
+    # terms in units of std^2 (a learned variance near e^600 squared would overflow).
+    se_mean = np.sqrt(var_e / t)
+    se_std = floor * (spread / floor**2).std(axis=0) / (2.0 * math.sqrt(t))
     ok = np.ones(mean.shape[0], dtype=bool)
     cal = model.calibrator
     for level in p.confidence:
@@ -135,7 +140,8 @@ def _regressor(model: ServedModel, raw: np.ndarray, p: PredictParams, tol: float
         if thr is None:
             continue
         epi = np.sqrt(var_e[:, d])
-        se_epi = np.sqrt(var_se2[:, d]) / (2.0 * np.maximum(epi, 1e-12))
+        # The epistemic std's own passes' spread: the noise's is no part of it.
+        se_epi = dev2[:, :, d].std(axis=0) / (2.0 * math.sqrt(t) * np.maximum(epi, 1e-12))
         ok &= _decided(epi - thr, se_epi, tol * max(thr, 1e-12))
     return ok
 
@@ -152,7 +158,8 @@ def _epistemic_thresholds(policy: ReferralPolicy, targets: Sequence[str]) -> lis
 def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance: float) -> bool:
     """Whether every input of one request's samples [T, B, outputs] is settled."""
     if model.manifest.task == "classification":
-        return bool(_classifier(model, samples.astype(np.float64), p.confidence, tolerance).all())
+        z = as_samples(samples, "logits")  # NaN: the fixed request's error, not max_samples
+        return bool(_classifier(model, z, p.confidence, tolerance).all())
     return bool(_regressor(model, samples, p, tolerance).all())
 
 

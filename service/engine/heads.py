@@ -14,10 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from service.bundle.manifest import Aleatoric, Manifest
+from service.errors import InvalidInputError
 
-# exp(709.78) overflows float64; a larger log-variance is not a model's honest answer, and an
-# infinite variance would only be refused later with a vaguer message.
-_MAX_LOG_VARIANCE = 700.0
+# exp(709.78) overflows float64, and a mean over up to 2^20 passes of exp(700) would too; a
+# larger log-variance is not a model's honest answer, and an infinite variance would only be
+# refused later with a vaguer message.
+_MAX_LOG_VARIANCE = 600.0
 
 
 def outputs_per_target(aleatoric: Aleatoric) -> int:
@@ -36,10 +38,16 @@ def variance(v: np.ndarray, parameterisation: str) -> np.ndarray:
     """Noise variance s^2 from the variance head's raw outputs (float64, same shape)."""
     raw = np.asarray(v, dtype=np.float64)
     if parameterisation == "log_variance":
-        if np.any(raw > _MAX_LOG_VARIANCE):
-            raise ValueError(
-                f"the log-variance head output {float(raw.max()):.4g} overflows a variance; "
-                "the model's noise head is unusable for this input"
+        over = raw > _MAX_LOG_VARIANCE
+        if np.any(over):
+            # An error of the input's answer (a 422 as any other, a clean CLI error), not a
+            # ValueError: the adaptive path and `calibrate` let that through as a 500/traceback.
+            at = np.argwhere(over)[0]
+            row = f" for input {int(at[-2])}" if raw.ndim >= 2 else ""
+            raise InvalidInputError(
+                f"the log-variance head output {float(raw[tuple(at)]):.4g}{row} overflows a "
+                f"variance (over {_MAX_LOG_VARIANCE:g}); the model's noise head is unusable "
+                "for that input"
             )
         return np.exp(raw)
     if parameterisation == "softplus_std":

@@ -28,7 +28,7 @@ from service.engine.summaries import (
 MIXTURE_DRAWS = 4000
 
 
-def _noise_variance(noise_var: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def noise_variance(noise_var: float | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Return the noise variance as float64, scalar (homoscedastic) or ``shape`` (per pass)."""
     s2 = np.asarray(noise_var, dtype=np.float64)
     if s2.ndim != 0 and s2.shape != shape:
@@ -91,7 +91,7 @@ def summarize_regression(
     mean = over_passes(f).mean(axis=-1)
     # np.var subtracts the mean first, avoiding the cancellation of E[f^2] - E[f]^2.
     var_e = np.clip(over_passes(f).var(axis=-1), 0.0, None)
-    s2 = None if noise_var is None else _noise_variance(noise_var, f.shape)
+    s2 = None if noise_var is None else noise_variance(noise_var, f.shape)
     if s2 is None:
         var_a = np.zeros_like(mean)
     elif s2.ndim == 0:

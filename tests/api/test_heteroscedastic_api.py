@@ -13,6 +13,7 @@ import pytest_asyncio
 import torch
 from apps import asgi_client, running
 from nets import mlp
+from torch import nn
 
 from service.packaging import save
 from service.settings import Settings
@@ -36,12 +37,36 @@ def hetero_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         target_unit="mmHg",
         variance="log_variance",
     )
+    torch.manual_seed(0)
+    save(
+        Passthrough(),
+        torch.randn(4, 2),
+        out_dir=root,
+        name="passthrough",
+        version="1",
+        task="regression",
+        intended_use="tests only",
+        target="y",
+        feature_names=["a", "v"],
+        variance="log_variance",
+    )
     return root
+
+
+class Passthrough(nn.Module):
+    """Mean from a dropout layer; log-variance = the input's feature `v`, as sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(2, 8), nn.Dropout(0.3), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.head(self.drop(torch.relu(self.body(x)))), x[:, 1:2]], dim=1)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def client(hetero_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(model_dir=hetero_repo, required_models=["noisy"])
+    settings = Settings(model_dir=hetero_repo, required_models=["noisy", "passthrough"])
     async with running(settings) as app, asgi_client(app) as c:
         yield c
 
@@ -81,3 +106,17 @@ async def test_v1_and_v2_carry_the_same_mixture_numbers(client: httpx.AsyncClien
     r = await client.post("/v2/models/noisy/infer", json=tensor_det)
     assert r.status_code == 200, r.text
     assert [o["shape"] for o in r.json()["outputs"]] == [[2, 1]]
+
+
+@pytest.mark.parametrize("samples", [50, "auto"])
+async def test_an_overflowing_log_variance_is_a_clear_422(
+    client: httpx.AsyncClient, samples: int | str
+) -> None:
+    """`samples: "auto"` let the head's ValueError through as a 500 (a fixed count was a 422)."""
+    body = {"instances": [[0.1, 0.0], [0.1, 800.0]], "parameters": {"samples": samples}}
+    r = await client.post("/v1/models/passthrough:predict", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == (
+        "the log-variance head output 800 for input 1 overflows a variance (over 600); the "
+        "model's noise head is unusable for that input"
+    )

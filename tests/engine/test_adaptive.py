@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -230,3 +231,42 @@ def test_conformal_end_points_are_settled_with_their_own_factor() -> None:
     assert not adaptive._regressor(model, raw, conf, float(tol)).all()
     like_z = _stub_regressor(["y"], [1.96], ReferralPolicy())
     assert adaptive._regressor(like_z, raw, conf, float(tol)).all()
+
+
+def test_the_std_standard_error_counts_a_learned_noises_covariance() -> None:
+    """The predictive variance's per-pass terms are (f_t - mean)^2 + s_t^2; the rule added their
+    variances and dropped the covariance, which is large when a pass far off also predicts more
+    noise (a reviewer's case: se 0.076 against a true 0.110, so requests stopped early). Seeded:
+    T = 64, s_t^2 = 0.5 + z_t^2 with f_t = z_t. With the noise head's parameterisation
+    log_variance, s_t^2 = exp(v_t). The tolerance that just settles it must be over the true
+    se's 3 % band around 0.110 / std."""
+    from service.bundle.calibration import ReferralPolicy
+    from service.bundle.manifest import Aleatoric
+
+    z = np.random.default_rng(0).standard_normal((64, 1, 1))
+    raw = np.concatenate([z, np.log(0.5 + z**2)], axis=-1)  # [T, 1, mean + log-variance]
+    model = _stub_regressor(["y"], [1.645], ReferralPolicy())
+    model.manifest.aleatoric = Aleatoric(kind="heteroscedastic", parameterisation="log_variance")
+    p = PredictParams(samples=64, confidence=(0.9,), interval="gaussian")
+    std = float(np.sqrt(z.var() + (0.5 + z**2).mean()))
+    spread = (z - z.mean()) ** 2 + 0.5 + z**2
+    se_std = float(spread.std() / np.sqrt(64) / (2 * std))  # the delta method, covariance in
+    se_end = float(np.sqrt(z.var() / 64 + (1.645 * se_std) ** 2))
+    assert adaptive._regressor(model, raw, p, se_end / std * 1.001).all()
+    assert not adaptive._regressor(model, raw, p, se_end / std * 0.999).all()
+
+
+def test_a_nan_output_fails_at_once_not_after_max_samples(tmp_path: Path) -> None:
+    """A NaN from the model never settles: `auto` ran 32, 64, ... 1000 passes (1,992) before the
+    summary refused it; now the first chunk's check refuses it with the fixed request's error."""
+    from service.bundle.calibration import ReferralPolicy
+
+    raw = np.zeros((32, 2, 1))
+    raw[5, 1, 0] = np.nan
+    model = _stub_regressor(["y"], [1.645], ReferralPolicy())
+    p = PredictParams(samples=32, confidence=(0.9,), interval="gaussian")
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        adaptive.next_passes(model, raw, p, Adaptive())
+    clf = SimpleNamespace(manifest=SimpleNamespace(task="classification"))
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        adaptive.next_passes(clf, np.full((32, 1, 3), np.nan), p, Adaptive())

@@ -21,7 +21,7 @@ from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.referral import assess
 from service.engine.regression import summarize_regression
-from service.errors import BundleError, ModelError
+from service.errors import BundleError, InvalidInputError, ModelError
 from service.packaging import save
 
 LOGVAR = Aleatoric(kind="heteroscedastic", parameterisation="log_variance")
@@ -41,8 +41,15 @@ def test_heads_split_by_parameterisation() -> None:
     assert heads.split(raw[..., :1], Aleatoric())[1] is None
     # Softplus does not overflow where exp would; an overflowing log-variance is refused.
     assert np.isfinite(heads.variance(np.array([800.0]), "softplus_std")).all()
-    with pytest.raises(ValueError, match="overflows a variance"):
+    with pytest.raises(InvalidInputError, match="overflows a variance"):
         heads.variance(np.array([800.0]), "log_variance")
+    # An input's error, naming the input (a ValueError was a 500 on the adaptive path and a
+    # traceback from `calibrate`); a mean over 2^20 passes of e^600 stays finite.
+    raw = np.zeros((3, 4, 1))
+    raw[1, 2, 0] = 650.0
+    with pytest.raises(InvalidInputError, match=r"output 650 for input 2 overflows"):
+        heads.variance(raw, "log_variance")
+    assert np.isfinite(heads.variance(np.full((1, 1), 600.0), "log_variance").sum() * 2.0**20)
 
 
 def test_manifest_declares_the_parameterisation() -> None:
@@ -52,6 +59,11 @@ def test_manifest_declares_the_parameterisation() -> None:
         Aleatoric(kind="homoscedastic", noise_var=1.0, parameterisation="log_variance")
     with pytest.raises(ValueError, match="learns its noise"):
         Aleatoric(kind="heteroscedastic", parameterisation="log_variance", noise_var=1.0)
+    # kind 'none' with a noise_var was served as a fixed noise; 'homoscedastic' needs one
+    with pytest.raises(ValueError, match=r"noise_var > 0 is required for, and only for"):
+        Aleatoric(kind="none", noise_var=0.5)
+    with pytest.raises(ValueError, match=r"noise_var > 0 is required for, and only for"):
+        Aleatoric(kind="homoscedastic")
 
 
 def test_mixture_moments_and_gaussian_interval_by_hand() -> None:
@@ -130,6 +142,19 @@ def test_quantile_draws_of_an_input_do_not_depend_on_later_inputs() -> None:
         f[:, :1], levels=[0.9], method="quantile", noise_var=s2[:, :1], rng=np.random.default_rng(5)
     )
     assert whole.intervals[0].lower[:1].tobytes() == first.intervals[0].lower.tobytes()
+
+
+def test_mixture_log_likelihood_with_a_variance_that_underflowed() -> None:
+    """A pass whose variance underflowed to 0 (softplus_std below -372) is a point mass: zero
+    density away from its mean, so the row's likelihood is the other passes' (it was NaN: log 0
+    minus d^2 / 0, and one such row made the report's likelihood null)."""
+    assert heads.variance(np.array([-400.0]), "softplus_std")[0] == 0.0
+    f, y = np.array([[0.0], [0.1]]), np.array([0.05])
+    got = mixture_log_likelihood(f, y, np.array([[0.0], [1.0]]))
+    one = NormalDist(0.1, 1.0).pdf(0.05) / 2.0  # the other pass's density, weight 1/2
+    np.testing.assert_allclose(got, [math.log(one)], rtol=1e-12)
+    # Every pass a point mass away from y: density 0, log -inf (not NaN).
+    assert mixture_log_likelihood(f, y, np.zeros((2, 1)))[0] == -math.inf
 
 
 def test_mixture_log_likelihood_with_learned_variances_by_hand() -> None:

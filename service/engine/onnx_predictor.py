@@ -112,7 +112,16 @@ class OnnxPredictor:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
-        out = self.session.run(None, {self.input_name: x})[0]
+        try:
+            out = self.session.run(None, {self.input_name: x})[0]
+        except Exception as exc:  # onnxruntime's untyped errors: the graph's fault, said so
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ModelError(f"the ONNX graph failed on {x.shape[0]} inputs ({first})") from exc
+        if out.shape[:1] != x.shape[:1]:  # a graph that broadcast a fixed batch into its answer
+            raise ModelError(
+                f"the ONNX graph answered {list(out.shape)} for {x.shape[0]} inputs; a model "
+                "answers one row per input"
+            )
         return np.asarray(out, dtype=np.float32)
 
 
@@ -143,16 +152,31 @@ def disagreement(onnx: OnnxPredictor, module: nn.Module, spec: InputSpec) -> str
     want = _ONNX_TYPES[spec.dtype]
     if onnx.input_type != want:
         return f"its input is {onnx.input_type}, but the manifest's inputs.dtype is {spec.dtype}"
-    x = probe_input(spec)
+    for rows in PROBE_ROWS:
+        why = _disagreement(onnx, module, probe_input(spec, rows))
+        if why:
+            return why
+    return ""
+
+
+# A graph must answer any batch alike: one that added a [2, K] constant agreed at 2 rows only
+# (1 input got 2 answers, 3 a 500). Each probe runs twice and must repeat itself bit for bit.
+PROBE_ROWS = (2, 1, 3)
+
+
+def _disagreement(onnx: OnnxPredictor, module: nn.Module, x: np.ndarray) -> str:
     first = next(iter([*module.parameters(), *module.buffers()]), None)
     device = first.device if first is not None else torch.device("cpu")
     try:
         with torch.inference_mode():
             ref = module.eval()(torch.as_tensor(x, device=device)).float().cpu().numpy()
         got = onnx.session.run(None, {onnx.input_name: x})[0]
+        again = onnx.session.run(None, {onnx.input_name: x})[0]
     except Exception as exc:  # either runtime's error: the probe did not run
         return f"the probe input {list(x.shape)} did not run ({type(exc).__name__}: {exc})"
     got = np.asarray(got, dtype=np.float32)
+    if not np.array_equal(got, np.asarray(again, dtype=np.float32), equal_nan=True):
+        return f"two runs of the probe input {list(x.shape)} answered differently (random)"
     if got.shape != ref.shape:
         return (
             f"it outputs {list(got.shape)} for the probe input {list(x.shape)}, the "

@@ -77,6 +77,48 @@ CASES = {
         _model([helper.make_node("RandomNormalLike", ["input"], ["output"])]),
         "(RandomNormalLike) is random; answers must repeat",
     ),
+    # A Dropout in training mode: onnxruntime keeps it (its optimiser removes inference-mode
+    # ones), and with ratio 1e-4 the probe's tolerance let it through; 7 of 1,000 rows then
+    # differed between two identical requests.
+    "training-dropout": (
+        _model([helper.make_node("Dropout", ["input", "ratio", "yes"], ["output"])],
+               [numpy_helper.from_array(np.array(1e-4, np.float32), "ratio"),
+                numpy_helper.from_array(np.array(True), "yes")]),
+        "(Dropout) is random; answers must repeat",
+    ),
+    "computed-training-dropout": (  # training_mode not a constant: may be true
+        _model([helper.make_node("ReduceMax", ["input"], ["m"], keepdims=0),
+                helper.make_node("Cast", ["m"], ["flag"], to=TensorProto.BOOL),
+                helper.make_node("Dropout", ["input", "", "flag"], ["output"])]),
+        "(Dropout) is random; answers must repeat",
+    ),
+    "contributed-domain": (  # com.microsoft's operators loaded; any domain a build may add
+        _model([helper.make_node("Gelu", ["input"], ["output"], domain="com.microsoft")]),
+        "(Gelu) is of the operator domain 'com.microsoft'; bundles hold standard ONNX operators",
+    ),
+    "affine-grid": (  # its size comes from a value input: was not in the list
+        _model([helper.make_node("ReduceMax", ["input"], ["m"], keepdims=0),
+                helper.make_node("Cast", ["m"], ["n"], to=TensorProto.INT64),
+                helper.make_node("Unsqueeze", ["n", "a0"], ["n1"]),
+                helper.make_node("Concat", ["one4", "n1", "n1"], ["size"], axis=0),
+                helper.make_node("AffineGrid", ["theta", "size"], ["grid"]),
+                helper.make_node("ReduceSum", ["grid"], ["total"], keepdims=0),
+                helper.make_node("Add", ["input", "total"], ["output"])],
+               [_const("a0", [0]), _const("one4", [1, 1]),
+                numpy_helper.from_array(np.eye(2, 3, dtype=np.float32)[None], "theta")]),
+        "the size of AffineGrid output 'grid' cannot be bounded before it runs",
+    ),
+    # A Reshape to [-1, 1] hides the batch from inference: the outer product of every value of
+    # the batch with every other then loaded (quadratic: about 17 GB at 1,024 inputs).
+    "hidden-batch": (
+        _model([helper.make_node("Reshape", ["input", "col"], ["xf"]),
+                helper.make_node("Transpose", ["xf"], ["xt"]),
+                helper.make_node("MatMul", ["xf", "xt"], ["gram"]),
+                helper.make_node("ReduceSum", ["gram"], ["total"], keepdims=0),
+                helper.make_node("Add", ["input", "total"], ["output"])],
+               [_const("col", [-1, 1])]),
+        "the size of tensor 'gram' (MatMul) cannot be bounded before it runs",
+    ),
 }  # fmt: skip
 
 
@@ -157,19 +199,8 @@ def test_any_tensor_inference_can_size_is_bounded() -> None:
 
 
 def test_the_batch_twice_is_refused() -> None:
-    """Expand to [batch, batch, 10]: fine at batch 1, 100 x at batch 10 (the size(0)**2 hole)."""
-    model = _model(
-        [helper.make_node("Shape", ["input"], ["b"], end=1),
-         helper.make_node("Concat", ["b", "b", "ten"], ["shape"], axis=0),
-         helper.make_node("Expand", ["one", "shape"], ["big"]),
-         helper.make_node("ReduceSum", ["big", "a12"], ["total"], keepdims=0),
-         helper.make_node("Unsqueeze", ["total", "a1"], ["col"]),
-         helper.make_node("Add", ["input", "col"], ["output"])],
-        [_const("ten", [10]), numpy_helper.from_array(np.ones(1, np.float32), "one"),
-         _const("a12", [1, 2]), _const("a1", [1])],
-    )  # fmt: skip
     with pytest.raises(BundleError, match="tensor 'big' grows with the square of the batch"):
-        check_graph(model, "model.onnx", LIMIT, [4])
+        check_graph(_expand_batch_twice(), "model.onnx", LIMIT, [4])
 
 
 def test_a_graph_without_a_named_batch_is_not_called_quadratic() -> None:
@@ -181,3 +212,70 @@ def test_a_graph_without_a_named_batch_is_not_called_quadratic() -> None:
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
     )  # fmt: skip
     check_graph(helper.make_model(graph), "model.onnx", LIMIT, [4])  # no BundleError
+
+
+def _expand_batch_twice() -> onnx.ModelProto:
+    """Expand to [batch, batch, 10]: fine at batch 1, 100 x at batch 10 (the size(0)**2 hole)."""
+    return _model(
+        [helper.make_node("Shape", ["input"], ["b"], end=1),
+         helper.make_node("Concat", ["b", "b", "ten"], ["shape"], axis=0),
+         helper.make_node("Expand", ["one", "shape"], ["big"]),
+         helper.make_node("ReduceSum", ["big", "a12"], ["total"], keepdims=0),
+         helper.make_node("Unsqueeze", ["total", "a1"], ["col"]),
+         helper.make_node("Add", ["input", "col"], ["output"])],
+        [_const("ten", [10]), numpy_helper.from_array(np.ones(1, np.float32), "one"),
+         _const("a12", [1, 2]), _const("a1", [1])],
+    )  # fmt: skip
+
+
+def test_a_constant_listed_first_does_not_hide_the_batch() -> None:
+    """graph.input[0] was taken as the batch input: a constant (an initializer, which
+    onnxruntime does not count as an input) listed first turned the square check off; the
+    batch is the one input that is not an initializer."""
+    model = _expand_batch_twice()
+    model.graph.input.insert(0, helper.make_tensor_value_info("ten", TensorProto.INT64, [1]))
+    with pytest.raises(BundleError, match="tensor 'big' grows with the square of the batch"):
+        check_graph(model, "model.onnx", LIMIT, [4])
+    plain = _model([helper.make_node("Add", ["input", "one"], ["output"])],
+                   [numpy_helper.from_array(np.ones(1, np.float32), "one")])  # fmt: skip
+    plain.graph.input.insert(0, helper.make_tensor_value_info("one", TensorProto.FLOAT, [1]))
+    check_graph(plain, "model.onnx", LIMIT, [4])  # an initializer listed as an input: fine
+    two = _model([helper.make_node("Add", ["input", "other"], ["output"])])
+    two.graph.input.append(helper.make_tensor_value_info("other", TensorProto.FLOAT, ["b", 4]))
+    with pytest.raises(BundleError, match="the ONNX graph must take one input, it takes 2"):
+        check_graph(two, "model.onnx", LIMIT, [4])
+
+
+def test_an_inference_mode_dropout_passes() -> None:
+    """torch's eval-mode exports write no training_mode; a constant false is inference too."""
+    for inputs, inits in (
+        (["input"], []),
+        (["input", "", "no"], [numpy_helper.from_array(np.array(False), "no")]),
+    ):
+        model = _model([helper.make_node("Dropout", inputs, ["output"])], inits)
+        check_graph(model, "model.onnx", LIMIT, [4])  # no BundleError
+
+
+@pytest.mark.parametrize(
+    ("dims", "want"),
+    [
+        (["batch", "length - 2", 8], [(1, 1), (900, 0), (8, 0)]),  # a convolution's output
+        (["2*length + 1", "length//2"], [(1801, 0), (450, 0)]),
+        (["Min(12, length)", "Min(12, unk__0)", "Max(1, length)"], [(12, 0), (12, 0), (900, 0)]),
+        (["floor(length/7)", "ceiling(length/7)", "Mod(length, 5)"], [(129, 0), (129, 0), (4, 0)]),
+        (["Max(1, unk__0)"], None),
+        (["open(length)"], None),
+        (["batch*batch"], [(1, 2)]),  # counted twice: refused as quadratic
+        (["unk__0"], None),  # a name inference made up bounds nothing
+        (["length - unk__1"], None),
+        (["length ** 2"], None),
+        (["(" * 500 + "length" + ")" * 500], None),  # too deep for the parser: no bound
+    ],
+)
+def test_dimension_expressions_are_bounded_by_their_names(
+    dims: list[str | int], want: list[tuple[int, int]] | None
+) -> None:
+    from service.bundle.onnx_graph import _bounds
+
+    shape = helper.make_tensor_type_proto(TensorProto.FLOAT, dims).tensor_type.shape
+    assert _bounds(list(shape.dim), {"batch": 1, "length": 900}, "batch") == want

@@ -121,3 +121,43 @@ def test_the_probe_input_keeps_to_the_manifest() -> None:
     text = TextInput(tokenizer="tokenizer.json", max_tokens=8)
     ids = probe_input(InputSpec(dtype="int64", shape=[8], value_range=(0, 3), text=text))
     assert ids.dtype == np.int64 and ids.min() >= 1 and ids.max() <= 3
+
+
+def _plus_constant(bundle: Path, rows: int) -> None:
+    """The reviewer's graph: the model's logits plus a [rows, 10] zero constant: right at
+    `rows` inputs, `rows` answers for 1 input, an onnxruntime error for 3."""
+    model = onnx.load(str(bundle / "model.onnx"))
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["logits" if o == out else o for o in node.output]
+    zeros = numpy_helper.from_array(np.zeros((rows, 10), np.float32), "zeros")
+    model.graph.initializer.append(zeros)
+    model.graph.node.append(helper.make_node("Add", ["logits", "zeros"], [out]))
+    onnx.save(model, str(bundle / "model.onnx"))
+    repin(bundle, "model.onnx")
+
+
+def test_a_graph_right_at_one_batch_size_only_is_refused(tmp_path: Path) -> None:
+    """Probed at 2 rows only, it loaded: 1 instance got 2 predictions, 3 a 500."""
+    bundle = _copy(tmp_path, "digits/2")
+    _plus_constant(bundle, 2)
+    with pytest.raises(BundleError) as e:
+        ServedModel(load_bundle(bundle))
+    assert "it outputs [2, 10] for the probe input [1, 1, 8, 8]" in e.value.message
+
+
+def test_a_graph_failing_or_answering_other_rows_is_a_model_error(tmp_path: Path) -> None:
+    """What a graph does at serving time is the model's fault, said so (an onnxruntime error was
+    a 500 counted as an internal error; a [2, K] answer for 1 input was served)."""
+    from service.engine.onnx_predictor import OnnxPredictor
+    from service.errors import ModelError
+
+    bundle = _copy(tmp_path, "digits/2")
+    _plus_constant(bundle, 2)
+    onnx_ = OnnxPredictor(bundle / "model.onnx")
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(ModelError, match=r"answered \[2, 10\] for 1 inputs; a model answers one"):
+        onnx_.predict(x)
+    with pytest.raises(ModelError, match="the ONNX graph failed on 3 inputs"):
+        onnx_.predict(np.zeros((3, 1, 8, 8), np.float32))
+    assert onnx_.predict(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)

@@ -135,6 +135,12 @@ class Batcher:
         await asyncio.gather(*self._in_flight, return_exceptions=True)
         self.backlog.shut(reason)
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows queued or computing, at full size as batches are counted (a bucketed text
+        model's queue counts tokens; the gauge showed them as rows)."""
+        return -(-self.stats.queue_rows // self.unit)
+
     def retry_after_s(self, extra_rows: int = 0) -> int:
         return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
 

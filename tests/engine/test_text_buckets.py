@@ -211,6 +211,9 @@ async def test_a_short_text_is_served_before_the_long_queue_drains(
     short = batcher.enqueue(texts(6), params)
     short.add_done_callback(lambda _f: done.append("short"))
     await asyncio.sleep(0.01)
+    # The queue gauge's rows are rows at full size, as the batches' (it showed 64 x as many:
+    # tokens): 8 x 10 passes of full-length texts and 10 of a short one.
+    assert 80 < batcher.queued_rows <= 90, batcher.queued_rows
     gate.set()
     busy.result()
     await asyncio.gather(*futs, short)

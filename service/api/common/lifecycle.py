@@ -76,7 +76,7 @@ class ModelControl:
                 model.digest,
                 "torch",
                 model.device,
-                lambda: float(b.stats.queue_rows),
+                lambda: float(b.queued_rows),
             )
             b.on_batch = lambda rows, secs: m.observe_batch(model.name, rows, secs)
             b.on_result = lambda pred, inputs: m.observe_result(model.name, pred, inputs)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +55,26 @@ def live_rows(n: int) -> Iterator[None]:
 
 
 def blocked_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    axis: int = 0,
+    live_unit: int = 0,
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias), computed as identical products of `rows` rows each."""
+    """F.linear(x, weight, bias), computed as identical products of `rows` rows each, the rows
+    counted along `axis` (where the input holds the batch: a seq-first [L, B, d] has it at 1).
+    `live_unit`: in the prefix, the rows each input holds along that axis (`live_rows`)."""
+    if axis:
+        moved = blocked_linear(x.movedim(axis, 0), weight, bias, rows, 0, live_unit)
+        return moved.movedim(0, axis)
     n = x.shape[0]
     if x.dim() < 2 or n == 0 or n % rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    live = _live.get() if rows == 1 else None  # the suffix (compiled or not) never reads it
-    if live is not None and 0 < live < n:
+    live = _live.get() if live_unit else None  # the suffix (compiled or not) never reads it
+    if live is not None and 0 < live * live_unit < n:
         out = x.new_zeros((*x.shape[:-1], weight.shape[0]))
-        out[:live] = blocked_linear(x[:live], weight, bias, 1)
+        out[: live * live_unit] = blocked_linear(x[: live * live_unit], weight, bias, rows)
         return out
     blocks = n // rows
     xb = x.reshape(blocks, -1, x.shape[-1])
@@ -97,22 +108,75 @@ def replace_nodes(
     return count
 
 
-def block_linears(gm: fx.GraphModule, rows: int) -> int:
-    """Rewrite every linear layer of the graph (nn.Linear modules and F.linear calls) into
-    `blocked_linear(..., rows)`, in place. Returns how many were rewritten."""
+# Per linear layer (by node name): where its input holds the batch, as (axis, rows per input
+# along it); (0, 0) for an input the batch does not change (a position table); None where no
+# one axis holds it (then no block can be tied to inputs).
+Layout = dict[str, tuple[int, int] | None]
+
+
+def row_layout(gm: fx.GraphModule, v2: dict[fx.Node, Any], v3: dict[fx.Node, Any]) -> Layout:
+    """Each linear layer's `Layout` entry, read from its input's values at batch 2 and 3 (a
+    seq-first [L, B, d], a [B * L, d] of flattened tokens: a reviewer's prefixes computed only
+    the first B rows of those, the rest zeros)."""
+    out: Layout = {}
+    for node in gm.graph.nodes:
+        parts = _linear_parts(gm, node)
+        a, b = (v.get(parts[0]) if parts else None for v in (v2, v3))
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            continue
+        if a.shape == b.shape:
+            out[node.name] = (0, 0)
+            continue
+        grown = [i for i in range(a.dim() - 1) if a.shape[i] != b.shape[i]]
+        ok = a.dim() == b.dim() and len(grown) == 1
+        i = grown[0] if ok else 0
+        k = a.shape[i] // 2 if ok else 0
+        tied = ok and k > 0 and a.shape[i] == 2 * k and b.shape[i] == 3 * k
+        out[node.name] = (i, k) if tied else None
+    return out
+
+
+def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any] | None:
+    """(input, weight, bias) of a linear layer's node (an nn.Linear or F.linear), else None;
+    the weight and bias of a module as the module's own tensors."""
+    if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        linear = gm.get_submodule(str(node.target))
+        return node.args[0], linear.weight, linear.bias
+    if node.op == "call_function" and node.target is F.linear:
+        args = list(node.args) + [None] * (3 - len(node.args))
+        return args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+    return None
+
+
+def block_linears(gm: fx.GraphModule, rows: int, layout: Layout, *, prefix: bool) -> int:
+    """Rewrite the graph's linear layers (nn.Linear modules and F.linear calls) into
+    `blocked_linear`, in place: blocks of `rows` inputs' rows (`rows` rows of the suffix), along
+    the axis `layout` gives. A layer the batch does not reach stays a plain linear (the same
+    product every time); returns how many layers no block could be tied to (left plain: their
+    rounding may follow the batch)."""
+    untied = 0
 
     def make(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-        if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
-            if len(node.args) != 1 or node.kwargs:
-                return None
-            linear = gm.get_submodule(str(node.target))
-            weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if linear.bias is not None else None
-            return gm.graph.call_function(blocked_linear, (node.args[0], weight, bias, rows))
-        if node.op == "call_function" and node.target is F.linear:
-            args = list(node.args) + [None] * (3 - len(node.args))
-            x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-            return gm.graph.call_function(blocked_linear, (x, w, b, rows))
-        return None
+        nonlocal untied
+        parts = _linear_parts(gm, node)
+        if parts is None:
+            return None
+        entry = layout.get(node.name)
+        if entry is None:
+            untied += 1
+            return None
+        axis, per_input = entry
+        if per_input == 0:
+            return None
+        x, w, b = parts
+        if node.op == "call_module":
+            w = gm.graph.get_attr(f"{node.target}.weight")
+            b = gm.graph.get_attr(f"{node.target}.bias") if b is not None else None
+        unit = per_input if prefix else 0
+        args = (x, w, b, rows * per_input, axis, unit)
+        return gm.graph.call_function(blocked_linear, args)
 
-    return replace_nodes(gm, make)
+    replace_nodes(gm, make)
+    return untied

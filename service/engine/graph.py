@@ -10,13 +10,14 @@ list of known layers: a residual input that skips the dropout is a prefix value 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from service.engine.blocks import Layout, row_layout
 from service.engine.fused import MaskRows, apply_mask
 from service.engine.masks import KeepRule
 from service.errors import ModelError
@@ -72,6 +73,8 @@ class SplitGraph:
     # Graph-order index of the first sampled site among all the model's sites: the masks of
     # site i are keyed by first_site + i, so a site draws the same masks whichever setting runs.
     first_site: int = 0
+    # Where each linear layer's input holds the batch (blocks.row_layout), by node name.
+    linear_rows: Layout = field(default_factory=dict)
 
 
 def apply_keep(x: torch.Tensor, keep: torch.Tensor | MaskRows, scale: float) -> torch.Tensor:
@@ -326,4 +329,5 @@ def split(
         sites=tuple(sites),
         output_shape=out_shape,
         first_site=first,
+        linear_rows=row_layout(gm, v2, v3),
     )

@@ -48,8 +48,10 @@ from service.errors import InvalidInputError
 # prefix rewritten for inference (BatchNorm folded, channels-last); the fused mask kernel did not
 # change any number. 3 (2026-12-06): linear layers in fixed row blocks on the CPU (blocks.py).
 # 4 (2026-12-06): a calibrated classifier's deterministic answer goes through its calibration
-# (model.py); MC answers did not change.
-NUMERICS = 4
+# (model.py); MC answers did not change. 5 (2026-12-07): linear layers blocked along the axis
+# that holds the batch (blocks.row_layout); batch-first models' answers did not change, those
+# with a seq-first, flattened or table linear in the prefix were wrong before.
+NUMERICS = 5
 
 # Inputs a prefix without batch-size-dependent operations is padded to (prefix.py).
 MIN_PREFIX_ROWS = 2
@@ -184,8 +186,9 @@ class MCSampler:
         graph = split(self.module, self._example, use_prefix=self._use_prefix, sampled=sites)
         prefix = Prefix(graph.prefix, self._example)  # rewritten for inference (prefix.py)
         if self.device.type != "cuda":
-            block_linears(prefix.module, 1)
-            block_linears(graph.suffix, self.block)
+            if block_linears(prefix.module, 1, graph.linear_rows, prefix=True):
+                prefix.batch_sensitive = True  # a plain linear there: pad as convolutions are
+            block_linears(graph.suffix, self.block, graph.linear_rows, prefix=False)
             write_in_place(prefix.module)  # fewer fresh activations, the same numbers
             write_in_place(graph.suffix)
         return Plan(graph, prefix)

@@ -47,7 +47,7 @@ def test_blocked_linear_is_linear_to_rounding_and_each_block_is_the_same_computa
     for n in (1, 2, 3, 64, 299):
         assert torch.equal(blocked_linear(x1[:n].clone(), w1, b1, 1), whole[:n])
         with live_rows(n):
-            lively = blocked_linear(x1[:64], w1, b1, 1)
+            lively = blocked_linear(x1[:64], w1, b1, 1, 0, 1)
         assert torch.equal(lively[: min(n, 64)], whole[: min(n, 64)])
         assert not lively[n:].any()
     # Not a whole number of blocks (never in the sampler): a plain linear.
@@ -58,7 +58,9 @@ def test_blocked_linear_is_linear_to_rounding_and_each_block_is_the_same_computa
 def test_every_linear_of_a_graph_is_rewritten() -> None:
     for model, shape, linears in ((mlp(0.25), (6,), 3), (FunctionalLinear(), (6,), 2)):
         g = split(model.eval(), torch.zeros(2, *shape))
-        assert block_linears(g.prefix, 1) + block_linears(g.suffix, BLOCK_ROWS) == linears
+        assert sum(1 for v in g.linear_rows.values() if v == (0, 1)) == linears
+        assert block_linears(g.prefix, 1, g.linear_rows, prefix=True) == 0
+        assert block_linears(g.suffix, BLOCK_ROWS, g.linear_rows, prefix=False) == 0
         for gm in (g.prefix, g.suffix):
             assert not any(
                 (n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Linear))

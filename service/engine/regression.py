@@ -21,6 +21,7 @@ from service.engine.summaries import (
     check_quantile_samples,
     over_passes,
     quantiles,
+    standard_error,
 )
 
 # Quantile intervals of a noisy regressor sample its predictive mixture this many times (at
@@ -126,7 +127,7 @@ def summarize_regression(
         std=std,
         epistemic_std=epistemic_std,
         aleatoric_std=np.sqrt(var_a),
-        mc_standard_error=epistemic_std / math.sqrt(t),
+        mc_standard_error=standard_error(epistemic_std, t),
         intervals=tuple(intervals),
         samples=t,
     )

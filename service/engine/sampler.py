@@ -50,7 +50,9 @@ from service.errors import InvalidInputError
 # 4 (2026-12-06): a calibrated classifier's deterministic answer goes through its calibration
 # (model.py); MC answers did not change. 5 (2026-12-07): linear layers blocked along the axis
 # that holds the batch (blocks.row_layout); batch-first models' answers did not change, those
-# with a seq-first, flattened or table linear in the prefix were wrong before.
+# with a seq-first, flattened or table linear in the prefix were wrong before; the standard
+# errors of the mean (mc_standard_error, probability_se) use the sample std (ddof=1), and an
+# entropy of 0 is +0.0, not -0.0.
 NUMERICS = 5
 
 # Inputs a prefix without batch-size-dependent operations is padded to (prefix.py).

@@ -59,7 +59,7 @@ class RegressionSummary:
     std: np.ndarray  # [B, D] total predictive std = sqrt(var_e + var_a)
     epistemic_std: np.ndarray  # [B, D]
     aleatoric_std: np.ndarray  # [B, D]
-    mc_standard_error: np.ndarray  # [B, D] = epistemic_std / sqrt(T)
+    mc_standard_error: np.ndarray  # [B, D] = the passes' sample std / sqrt(T)
     intervals: tuple[Interval, ...]
     samples: int  # T
 
@@ -69,7 +69,7 @@ class ClassificationSummary:
     probabilities: np.ndarray  # [B, K] mean of per-pass softmax
     label: np.ndarray  # [B] int64 argmax of probabilities
     probability_std: np.ndarray  # [B, K] population std (ddof=0) of p_t over passes
-    probability_se: np.ndarray  # [B, K] = probability_std / sqrt(T)
+    probability_se: np.ndarray  # [B, K] = the passes' sample std (ddof=1) / sqrt(T)
     predictive_entropy: np.ndarray  # [B] total uncertainty
     expected_entropy: np.ndarray  # [B] aleatoric part
     mutual_information: np.ndarray  # [B] epistemic part (BALD), >= 0
@@ -133,7 +133,14 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     # log is only evaluated where p > 0, so no warning and no 0 * -inf = NaN.
     log_p = np.log(p, out=np.zeros_like(p), where=p > 0)
-    return np.asarray(-np.sum(p * log_p, axis=axis))
+    return np.asarray(0.0 - np.sum(p * log_p, axis=axis))  # 0 - x: never -0.0 (a certain p)
+
+
+def standard_error(population_std: np.ndarray, t: int) -> np.ndarray:
+    """The Monte Carlo standard error of a mean over t passes, from the passes' population std
+    (ddof=0): the sample std (ddof=1) over sqrt(t), i.e. population_std / sqrt(t - 1). With
+    ddof=0 it was too small by sqrt(t / (t - 1)): intervals from it covered 0.60 at t = 2."""
+    return np.asarray(population_std / math.sqrt(t - 1))
 
 
 def over_passes(x: np.ndarray) -> np.ndarray:
@@ -231,7 +238,7 @@ def summarize_classification(
         probabilities=p,
         label=np.argmax(p, axis=-1).astype(np.int64),
         probability_std=probability_std,
-        probability_se=probability_std / math.sqrt(t),
+        probability_se=standard_error(probability_std, t),
         predictive_entropy=predictive_entropy,
         expected_entropy=expected_entropy,
         mutual_information=mutual_information,

@@ -111,7 +111,7 @@ async def test_predict_regression(client: httpx.AsyncClient) -> None:
     p = out["predictions"][0]
     assert p["aleatoric_std"] == pytest.approx(0.5)  # sqrt(noise_var = 0.25)
     assert p["std"] == pytest.approx(math.sqrt(p["epistemic_std"] ** 2 + 0.25))
-    assert p["mc_standard_error"] == pytest.approx(p["epistemic_std"] / math.sqrt(400))
+    assert p["mc_standard_error"] == pytest.approx(p["epistemic_std"] / math.sqrt(399))
     (iv,) = p["intervals"]
     assert iv["method"] == "quantile" and iv["level"] == 0.9
     assert iv["lower"] < p["mean"] < iv["upper"]

@@ -299,6 +299,35 @@ async def test_a_mended_unversioned_bundle_replaces_its_refused_entry(
         assert [(e.version, e.ready) for e in registry.versions("clf")] == [("1", True)]
 
 
+async def test_a_version_moved_to_the_versioned_layout_retires_its_old_copy(
+    repo: Path, tmp_path: Path
+) -> None:
+    """clf/ (version 1 straight under it) moved to clf/1/: the new copy's batcher replaced the
+    old one under the same key without stopping it, and the old entry's metrics stayed (a
+    reviewer's suspicion, confirmed by reading)."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf" / "1", root / "clf")
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    async with app.router.lifespan_context(app):
+        state = app.state.mcserve
+        old = state.batchers[("clf", "1")]
+        staged = tmp_path / "staged"
+        shutil.copytree(root / "clf", staged)
+        for f in list((root / "clf").iterdir()):
+            f.unlink()
+        staged.rename(root / "clf" / "1")
+        for _ in range(500):
+            entries = state.registry.versions("clf")
+            if entries and entries[0].path == root / "clf" / "1" and entries[0].ready:
+                break
+            await asyncio.sleep(0.02)
+        assert [(e.version, e.path, e.ready) for e in state.registry.versions("clf")] == [
+            ("1", root / "clf" / "1", True)
+        ]
+        assert state.batchers[("clf", "1")] is not old
+        assert old._task is None and old._closing  # stopped, not left running
+
+
 async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:
     """A directory named '²' ('²'.isdigit(), and int('²') failed) took start-up down, and a poll
     after it broke polling for good; '010' and '10' sorted alike, the newest being whichever

@@ -89,6 +89,13 @@ class ModelControl:
         entry = await loop.run_in_executor(
             self.st.executor, self.st.registry.build, name, version, path
         )
+        moved = [
+            e
+            for e in self.st.registry.entries()
+            if (e.name, e.version) == (entry.name, entry.version) and e.path != path
+        ]
+        for old in moved:  # the same version in another directory (unversioned -> versioned
+            await self._retire(old)  # layout): its batcher was replaced, never stopped
         if entry.model is not None and self.st.remote is None:
             try:
                 await loop.run_in_executor(self.st.executor, warm, entry.model)

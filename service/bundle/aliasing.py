@@ -15,7 +15,7 @@ from torch import fx
 from service.errors import ModelError
 
 
-def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
+def inplace_node(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return getattr(gm.get_submodule(str(n.target)), "inplace", False) is True
     if n.op != "call_function":
@@ -32,7 +32,7 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 
 
-def _metadata(u: fx.Node) -> bool:
+def reads_metadata(u: fx.Node) -> bool:
     if u.op == "call_method":
         return u.target in _META_METHODS
     if u.op == "call_function" and getattr(u.target, "__name__", "") == "getattr":
@@ -54,9 +54,9 @@ def check_inplace(gm: fx.GraphModule) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in gm.graph.nodes:
         src = n.args[0] if n.args else None
-        if not isinstance(src, fx.Node) or len(src.users) < 2 or not _inplace(gm, n):
+        if not isinstance(src, fx.Node) or len(src.users) < 2 or not inplace_node(gm, n):
             continue
-        others = sorted(u.name for u in src.users if order[u] > order[n] and not _metadata(u))
+        others = sorted(u.name for u in src.users if order[u] > order[n] and not reads_metadata(u))
         if others:
             raise ModelError(
                 f"{_layer(gm, n)} modifies its input '{src.name}' in place, and {others} read "

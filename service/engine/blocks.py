@@ -114,26 +114,46 @@ def replace_nodes(
 Layout = dict[str, tuple[int, int] | None]
 
 
-def row_layout(gm: fx.GraphModule, v2: dict[fx.Node, Any], v3: dict[fx.Node, Any]) -> Layout:
-    """Each linear layer's `Layout` entry, read from its input's values at batch 2 and 3 (a
-    seq-first [L, B, d], a [B * L, d] of flattened tokens: a reviewer's prefixes computed only
-    the first B rows of those, the rest zeros)."""
+def row_layout(
+    gm: fx.GraphModule,
+    v2: dict[fx.Node, Any],
+    v3: dict[fx.Node, Any],
+    v3x: dict[fx.Node, Any],
+) -> Layout:
+    """Each linear layer's `Layout` entry, read from its input's values at batch 2 and 3 and at
+    batch 3 with input 2 changed (`v3x`, dataflow.perturbed): an axis holds k rows per input
+    when it grows from 2k to 3k rows and input 2's change lands in rows [2k, 3k) of it alone
+    (a seq-first [L, B, d], flattened [B * L, d] tokens; a reviewer's prefixes computed only
+    the first B rows of those, the rest zeros; a Siamese torch.cat([x[:, 0], x[:, 1]]) has the
+    shapes of [2B, d] blocks but not their rows)."""
     out: Layout = {}
     for node in gm.graph.nodes:
         parts = _linear_parts(gm, node)
-        a, b = (v.get(parts[0]) if parts else None for v in (v2, v3))
+        a, b, c = (v.get(parts[0]) if parts else None for v in (v2, v3, v3x))
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             continue
         if a.shape == b.shape:
             out[node.name] = (0, 0)
             continue
-        grown = [i for i in range(a.dim() - 1) if a.shape[i] != b.shape[i]]
-        ok = a.dim() == b.dim() and len(grown) == 1
-        i = grown[0] if ok else 0
-        k = a.shape[i] // 2 if ok else 0
-        tied = ok and k > 0 and a.shape[i] == 2 * k and b.shape[i] == 3 * k
-        out[node.name] = (i, k) if tied else None
+        out[node.name] = _tied(a, b, c)
     return out
+
+
+def _tied(a: torch.Tensor, b: torch.Tensor, c: Any) -> tuple[int, int] | None:
+    grown = [i for i in range(a.dim() - 1) if a.dim() == b.dim() and a.shape[i] != b.shape[i]]
+    if len(grown) != 1 or not isinstance(c, torch.Tensor) or c.shape != b.shape:
+        return None
+    i = grown[0]
+    k = a.shape[i] // 2
+    if k == 0 or a.shape[i] != 2 * k or b.shape[i] != 3 * k:
+        return None
+    changed = b != c
+    if b.dtype.is_floating_point:  # a NaN in both is no change
+        changed &= ~(b.isnan() & c.isnan())
+    rows = changed.movedim(i, 0).reshape(b.shape[i], -1).any(dim=1).nonzero().flatten()
+    if rows.numel() == 0 or int(rows.min()) < 2 * k:  # unseen, or spread over other inputs
+        return None
+    return i, k
 
 
 def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any] | None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from service.engine import dataflow
 from service.engine.blocks import Layout, row_layout
 from service.engine.fused import MaskRows, apply_mask
 from service.engine.masks import KeepRule
@@ -167,21 +168,6 @@ def _functional_dropout(node: fx.Node) -> str:
     )
 
 
-def _values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, Any]:
-    """Every node's value for input x (an interpreter that keeps all intermediate values)."""
-    values: dict[fx.Node, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            values[n] = out
-            return out
-
-    with torch.inference_mode():
-        Recorder(gm).run(x)
-    return values
-
-
 def split(
     module: nn.Module,
     example: torch.Tensor,
@@ -195,6 +181,7 @@ def split(
     ones are taken out of the graph (eval-mode dropout is the identity), so the values they
     fed become deterministic and join the prefix: for a head-only setting, the whole trunk."""
     gm = trace(module)
+    dataflow.check_in_place(gm)
     drop_nodes = find_dropout(gm)
     if not drop_nodes:
         raise ModelError("the model has no dropout layer with p > 0, so MC dropout has no effect")
@@ -212,7 +199,9 @@ def split(
         drop_nodes = drop_nodes[first:]
     # Two batch sizes tell batched values (leading dim follows the batch) from the rest.
     ex2, ex3 = example[:1].expand(2, *example.shape[1:]), example[:1].expand(3, *example.shape[1:])
-    v2, v3 = _values(gm, ex2.contiguous()), _values(gm, ex3.contiguous())
+    v2, v3 = dataflow.values(gm, ex2.contiguous()), dataflow.values(gm, ex3.contiguous())
+    v3x = dataflow.first_values(gm, dataflow.perturbed(ex3.contiguous()))  # which rows are whose
+    sizes = dataflow.size_only(gm)
 
     def batched(n: fx.Node) -> bool:
         a, b = v2.get(n), v3.get(n)
@@ -237,8 +226,9 @@ def split(
     out_arg = output.args[0]
     if not isinstance(out_arg, fx.Node) or out_arg not in stochastic:
         raise ModelError("the model's output does not depend on any dropout layer")
-    # A non-batched value (a size, a constant tensor) used by the suffix is recomputed there;
-    # it stays in the prefix too when the prefix uses it (a sequence length read by both).
+    # A non-batched value (a size, a constant tensor) used by the suffix is recomputed there,
+    # and so is a batched one made from sizes alone (an arange(B): the suffix's rows are passes
+    # x inputs); it stays in the prefix too when the prefix uses it (a length read by both).
     core = set(stochastic)
     changed = True
     while changed:
@@ -246,7 +236,7 @@ def split(
         for n in nodes:
             if n in stochastic or n.op in ("output", "placeholder"):
                 continue
-            if any(u in stochastic for u in n.users) and not batched(n):
+            if any(u in stochastic for u in n.users) and (not batched(n) or n in sizes):
                 stochastic.add(n)
                 changed = True
     recomputed = stochastic - core
@@ -293,6 +283,7 @@ def split(
                     "apply it to a batch-first tensor (transpose first, or drop after the "
                     "table is added to the batch's activations)"
                 )
+            dataflow.check_channel_dropout(sub, str(n.target), v2[src])
             shape = tuple(v2[src].shape[1:])
             shared = None
             if isinstance(sub, VariationalDropout):
@@ -329,5 +320,5 @@ def split(
         sites=tuple(sites),
         output_shape=out_shape,
         first_site=first,
-        linear_rows=row_layout(gm, v2, v3),
+        linear_rows=row_layout(gm, v2, v3, v3x),
     )

@@ -99,6 +99,11 @@ class KeepRule:
             raise ModelError(f"{where}: dropout rate must be in (0, 1), got {self.p}")
         if self.threshold < 1:
             raise ModelError(f"{where}: dropout rate {self.p} drops every unit once quantised")
+        if self.threshold > 255:  # p < 1/512: the site never dropped anything, without a word
+            raise ModelError(
+                f"{where}: dropout rate {self.p} drops no unit once quantised to the masks' "
+                "steps of 1/256; use p >= 0.002 (served as a multiple of 1/256) or remove it"
+            )
 
 
 def words_per_row(features: int) -> int:

@@ -17,7 +17,7 @@ from service.engine.budgets import TOKEN_BUDGET
 from service.engine.calibrator import Calibrator
 from service.engine.cancels import Flag
 from service.engine.device import describe
-from service.engine.onnx_predictor import checked_predictor
+from service.engine.onnx_predictor import checked_predictor, probe_input
 from service.engine.params import PredictParams, new_seed
 from service.engine.prediction import Prediction
 from service.engine.regression import summarize_regression
@@ -58,7 +58,9 @@ class ServedModel:
         spec = self.manifest.inputs
         # Checked against the module (still on the CPU, as loaded) before the sampler moves it.
         self.onnx = checked_predictor(bundle, onnx_threads) if bundle.onnx_bytes else None
-        example = torch.zeros(2, *spec.shape, dtype=getattr(torch, spec.dtype))
+        # Inputs within the manifest's ranges, not zeros: an all-padding text made a model that
+        # indexes its last token fail to load (index -1).
+        example = torch.as_tensor(probe_input(spec, 2))
         try:
             self.sampler = MCSampler(
                 bundle.module,
@@ -100,7 +102,7 @@ class ServedModel:
             try:
                 self.samplers[n] = MCSampler(
                     self.bundle.module,
-                    torch.zeros(2, n, dtype=torch.int64),
+                    torch.as_tensor(probe_input(self.manifest.inputs, 2)[:, :n]),
                     device=device,
                     row_budget=row_budget,
                     fused=None if fused_masks else False,

@@ -103,7 +103,7 @@ class Prefix:
             part = xs[lo : lo + chunk]
             n = part.shape[0]
             if n < pad_to:
-                part = torch.cat([part, part.new_zeros((pad_to - n, *part.shape[1:]))])
+                part = torch.cat([part, part[:1].expand(pad_to - n, *part.shape[1:])])  # not 0s
             with live_rows(n):  # padding inputs skip the prefix's linear layers
                 values = self(part)
             if n == total:  # one chunk: its values as they are

@@ -235,8 +235,9 @@ class MCSampler:
     def _pad(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         if t.shape[0] >= rows:
             return t
-        pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        return torch.cat([t, pad])
+        # Copies of row 0, not zeros: a model may index by its input (the last token's place),
+        # and an all-padding row made index -1 there.
+        return torch.cat([t, t[:1].expand(rows - t.shape[0], *t.shape[1:])])
 
     def deterministic(self, x: np.ndarray) -> np.ndarray:
         """Dropout off (the weight-scaling approximation), plain torch forward, `prefix_chunk`

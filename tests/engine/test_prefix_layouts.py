@@ -51,11 +51,66 @@ class Flattened(nn.Module):
         return self.fc(self.drop(x.reshape(t.shape[0], t.shape[1], 16).mean(1)))
 
 
-@pytest.mark.parametrize("make", [SeqFirst, PositionTable, Flattened])
+class Siamese(nn.Module):
+    """One encoder over both halves of each input: torch.cat([x[:, 0], x[:, 1]]) holds 2B rows,
+    the shapes of 2-row blocks per input but not their rows (input i's are i and B + i)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.drop, self.fc = nn.Linear(8, 16), nn.Dropout(0.2), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h = torch.relu(self.enc(torch.cat([x[:, 0], x[:, 1]], 0)))  # [2B, 16]
+        return self.fc(self.drop(torch.cat([h[:b], h[b:]], 1)))
+
+
+class SeqFirstFlattened(nn.Module):
+    """Tokens flattened seq-first: row j * B + i is token j of input i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(V, 16), nn.Linear(16, 16)
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(16, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        e = self.emb(t).transpose(0, 1).reshape(-1, 16)  # [L * B, 16]
+        x = torch.relu(self.proj(e)).reshape(t.shape[1], t.shape[0], 16)
+        return self.fc(self.drop(x.mean(0)))
+
+
+class LastToken(nn.Module):
+    """Last-token pooling, h[arange(B), last]: the arange is made from the batch's size, so it
+    is recomputed in the suffix (gathered from the prefix, its numbers indexed the suffix's
+    pass x input rows: every pass served pass 0's row, a spread of exactly 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.drop, self.fc = nn.Embedding(V, 16), nn.Dropout(0.2), nn.Linear(16, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        last = (t != 0).sum(1) - 1
+        h = self.drop(self.emb(t))
+        return self.fc(h[torch.arange(t.shape[0]), last])
+
+
+MODELS = [SeqFirst, PositionTable, Flattened, Siamese, SeqFirstFlattened, LastToken]
+
+
+def _inputs(make: type[nn.Module]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if make is Siamese:
+        return rng.standard_normal((6, 2, 8)).astype(np.float32)
+    x = rng.integers(1, V, (6, L))
+    x[1, 7:] = 0  # a shorter text (LastToken reads its own last token)
+    return x
+
+
+@pytest.mark.parametrize("make", MODELS)
 def test_a_prefix_linear_off_the_first_axis_computes_every_row(make: type[nn.Module]) -> None:
     torch.manual_seed(0)
     module = make().eval()
-    x = np.random.default_rng(0).integers(1, V, (6, L))
+    x = _inputs(make)
     example = torch.as_tensor(x[:4])
     sampler = MCSampler(trace_with_shapes(module, example), example, device="cpu")
     request = MCRequest(x[:1], 2000, 7)

@@ -109,9 +109,10 @@ def replace_nodes(
 
 
 # Per linear layer (by node name): where its input holds the batch, as (axis, rows per input
-# along it); (0, 0) for an input the batch does not change (a position table); None where no
-# one axis holds it (then no block can be tied to inputs).
-Layout = dict[str, tuple[int, int] | None]
+# along it, whether those rows are known to be the input's own); (0, 0, True) for an input the
+# batch does not change (a position table); None where no one axis holds it (then no block can
+# be tied to inputs).
+Layout = dict[str, tuple[int, int, bool] | None]
 
 
 def row_layout(
@@ -133,13 +134,13 @@ def row_layout(
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             continue
         if a.shape == b.shape:
-            out[node.name] = (0, 0)
+            out[node.name] = (0, 0, True)
             continue
         out[node.name] = _tied(a, b, c)
     return out
 
 
-def _tied(a: torch.Tensor, b: torch.Tensor, c: Any) -> tuple[int, int] | None:
+def _tied(a: torch.Tensor, b: torch.Tensor, c: Any) -> tuple[int, int, bool] | None:
     grown = [i for i in range(a.dim() - 1) if a.dim() == b.dim() and a.shape[i] != b.shape[i]]
     if len(grown) != 1 or not isinstance(c, torch.Tensor) or c.shape != b.shape:
         return None
@@ -151,9 +152,11 @@ def _tied(a: torch.Tensor, b: torch.Tensor, c: Any) -> tuple[int, int] | None:
     if b.dtype.is_floating_point:  # a NaN in both is no change
         changed &= ~(b.isnan() & c.isnan())
     rows = changed.movedim(i, 0).reshape(b.shape[i], -1).any(dim=1).nonzero().flatten()
-    if rows.numel() == 0 or int(rows.min()) < 2 * k:  # unseen, or spread over other inputs
+    if rows.numel() == 0:  # the same for every input's values (a learned initial state of
+        return i, k, False  # zeros [B, d]): blocks of k rows, none of them left uncomputed
+    if int(rows.min()) < 2 * k:  # spread over other inputs' rows
         return None
-    return i, k
+    return i, k, True
 
 
 def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any] | None:
@@ -187,14 +190,14 @@ def block_linears(gm: fx.GraphModule, rows: int, layout: Layout, *, prefix: bool
         if entry is None:
             untied += 1
             return None
-        axis, per_input = entry
+        axis, per_input, owned = entry
         if per_input == 0:
             return None
         x, w, b = parts
         if node.op == "call_module":
             w = gm.graph.get_attr(f"{node.target}.weight")
             b = gm.graph.get_attr(f"{node.target}.bias") if b is not None else None
-        unit = per_input if prefix else 0
+        unit = per_input if prefix and owned else 0  # rows past the live inputs' left at 0
         args = (x, w, b, rows * per_input, axis, unit)
         return gm.graph.call_function(blocked_linear, args)
 

@@ -78,11 +78,22 @@ def size_only(gm: fx.GraphModule) -> set[fx.Node]:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             content.add(n)
-        elif reads_metadata(n):
+        elif reads_metadata(n) or _shaped_like(n):
             continue
         elif any(a in content for a in n.all_input_nodes):
             content.add(n)
     return {n for n in gm.graph.nodes if n not in content and n.op not in ("output", "get_attr")}
+
+
+# Tensors made to the shape of another, whose values they do not read.
+_LIKE_METHODS = {"new_zeros", "new_ones", "new_full"}
+_LIKE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _shaped_like(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _LIKE_METHODS) or (
+        n.op == "call_function" and n.target in _LIKE_FUNCTIONS
+    )
 
 
 def check_in_place(gm: fx.GraphModule) -> None:

@@ -58,7 +58,7 @@ def test_blocked_linear_is_linear_to_rounding_and_each_block_is_the_same_computa
 def test_every_linear_of_a_graph_is_rewritten() -> None:
     for model, shape, linears in ((mlp(0.25), (6,), 3), (FunctionalLinear(), (6,), 2)):
         g = split(model.eval(), torch.zeros(2, *shape))
-        assert sum(1 for v in g.linear_rows.values() if v == (0, 1)) == linears
+        assert sum(1 for v in g.linear_rows.values() if v == (0, 1, True)) == linears
         assert block_linears(g.prefix, 1, g.linear_rows, prefix=True) == 0
         assert block_linears(g.suffix, BLOCK_ROWS, g.linear_rows, prefix=False) == 0
         for gm in (g.prefix, g.suffix):

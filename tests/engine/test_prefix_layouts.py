@@ -123,3 +123,32 @@ def test_a_prefix_linear_off_the_first_axis_computes_every_row(make: type[nn.Mod
         want = module(torch.as_tensor(x[:1])).numpy()[0]
     mean, se = alone[:, 0].mean(0), alone[:, 0].std(0, ddof=1) / np.sqrt(alone.shape[0])
     assert (np.abs(mean - want) <= 5 * se).all(), (mean, want, se)
+
+
+class LearnedStart(nn.Module):
+    """A learned initial state, init(x.new_zeros(B, d)): the same for every input, so no
+    change shows which rows are whose; it is still blocked per input (left plain, its rounding
+    could follow the forward's row count), with no row left uncomputed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init, self.body = nn.Linear(8, 8), nn.Linear(4, 8)
+        self.drop, self.fc = nn.Dropout(0.2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = self.init(x.new_zeros(x.shape[0], 8))
+        return self.fc(self.drop(self.body(x) + start))
+
+
+def test_a_linear_of_values_no_input_changes_is_blocked_without_skipping_rows() -> None:
+    from service.engine.graph import split
+
+    module = LearnedStart().eval()
+    g = split(module, torch.randn(2, 4))
+    assert g.linear_rows["init"] == (0, 1, False)
+    assert g.linear_rows["body"] == (0, 1, True)
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    sampler = MCSampler(module, torch.as_tensor(x[:2]), device="cpu")
+    alone = sampler.run([MCRequest(x[:1], 200, 3)])[0]
+    shared = sampler.run([MCRequest(x[1:], 7, 4), MCRequest(x[:1], 200, 3)])[1]
+    assert np.array_equal(alone, shared)

@@ -177,7 +177,7 @@ def _layers(
     if settings.cors_origins:
         cors: dict[str, Any] = {
             "allow_origins": settings.cors_origins,
-            "allow_methods": ["GET", "POST", "OPTIONS"],
+            "allow_methods": ["GET", "HEAD", "POST", "OPTIONS"],
             "allow_headers": ["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
             "expose_headers": ["X-Request-ID", "Retry-After"],
         }

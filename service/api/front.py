@@ -121,7 +121,13 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        # The same scope, not a copy: the route the router finds there names the request in
+        # metrics and the access log (a copy's left them "(unmatched)").
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 def _api_routes(routes: list[BaseRoute]) -> Iterator[APIRoute]:

@@ -58,7 +58,7 @@ SAME_SIZE = {
     "Relu", "LeakyRelu", "Elu", "Selu", "Gelu", "Sigmoid", "HardSigmoid", "Tanh", "Softplus",
     "Softsign", "Mish", "HardSwish", "Erf", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal",
     "Sign", "Floor", "Ceil", "Round", "Not", "Softmax", "LogSoftmax", "Dropout", "Clip",
-    "LayerNormalization",
+    "LayerNormalization", "Slice", "Split",
 }  # fmt: skip
 _SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -106,7 +106,13 @@ def _training(node: onnx.NodeProto, model: onnx.ModelProto) -> bool:
     if len(node.input) < 3 or not node.input[2]:
         return False  # no training_mode: inference
     init = next((t for t in model.graph.initializer if t.name == node.input[2]), None)
-    return init is None or bool(onnx.numpy_helper.to_array(init).any())
+    if init is None:  # a Constant node's value, else computed: may be true
+        made = next((n for n in model.graph.node if node.input[2] in n.output), None)
+        value = [a.t for a in made.attribute if a.name == "value"] if made is not None else []
+        if made is None or made.op_type != "Constant" or not value:
+            return True
+        init = value[0]
+    return bool(onnx.numpy_helper.to_array(init).any())
 
 
 def _sparse_tensors(model: onnx.ModelProto) -> list[onnx.SparseTensorProto]:
@@ -137,27 +143,49 @@ def _check_sizes(
                 f"{where}: the size of {op} output '{out}' cannot be bounded before it runs "
                 "(it comes from values shape inference cannot follow)"
             )
-    # A tensor is bounded when inference sizes it, or when it has its input's size (a Reshape
-    # of a bounded tensor: the exporter's LSTM graphs reshape to a size inference cannot name).
-    # Nodes come in topological order (ONNX requires it): their inputs were checked.
+    # Per tensor, the most values it holds per instance and whether its size may hold the
+    # batch. Inference sizes most tensors; the rest are bounded by their inputs: an operator
+    # that keeps its input's size (a Reshape: the exporter's LSTM graphs reshape to a size
+    # inference cannot name), or one with a single input whose size may hold the batch (the
+    # others constants or sizes: a Gemm of an older exporter, whose output dimensions it names
+    # itself), at most the product of its inputs' sizes. Two such inputs and an unknown size
+    # (a Reshape to [-1, 1] hid an outer product of the batch's values, 17 GB at 1,024
+    # inputs) is refused. Nodes come in topological order (ONNX requires it).
+    size: dict[str, tuple[float, bool]] = {}
+    for init in model.graph.initializer:
+        size[init.name] = (math.prod(init.dims), False)
+    for i in model.graph.input:
+        if i.name not in size:
+            size[i.name] = (math.prod(input_shape), True)
     for node in model.graph.node:
+        ins = [size.get(i, (math.inf, True)) for i in node.input if i]
         for name in (out for out in node.output if out):
             sizes = _bounds(_dims(known.get(name)), bounded, batch)
-            if sizes is None and node.op_type not in SAME_SIZE:
+            if sizes is not None:
+                if sum(b for _, b in sizes) > 1:
+                    raise BundleError(
+                        f"{where}: tensor '{name[:80]}' grows with the square of the batch; a "
+                        "model's cost must be linear in its batch"
+                    )
+                most = float(math.prod(m for m, _ in sizes))
+                size[name] = (most, any(b for _, b in sizes))
+            elif node.op_type in SAME_SIZE and ins:
+                most = ins[0][0]
+                size[name] = ins[0]
+            elif sum(grows for _, grows in ins) <= 1 and node.op_type not in SIZED_BY_VALUES:
+                most = math.prod(m for m, _ in ins)
+                size[name] = (most, any(grows for _, grows in ins))
+            else:
                 raise BundleError(
                     f"{where}: the size of tensor '{name[:80]}' ({node.op_type}) cannot be "
-                    "bounded before it runs (ONNX shape inference cannot follow it)"
+                    "bounded before it runs (ONNX shape inference cannot follow it, and more "
+                    "than one of its inputs may hold the batch); export with save() "
+                    "(torch.onnx.export(dynamo=True)), whose graphs inference sizes"
                 )
-            if sizes is not None and sum(b for _, b in sizes) > 1:
+            if most > max_elements:
                 raise BundleError(
-                    f"{where}: tensor '{name[:80]}' grows with the square of the batch; a "
-                    "model's cost must be linear in its batch"
-                )
-            n = math.prod(most for most, _ in sizes or ())
-            if n > max_elements:
-                raise BundleError(
-                    f"{where}: tensor '{name[:80]}' holds {n} values per instance, over the "
-                    f"limit of {max_elements}"
+                    f"{where}: tensor '{name[:80]}' holds {most:.0f} values per instance, over "
+                    f"the limit of {max_elements}"
                 )
 
 

@@ -36,6 +36,7 @@ def mixture_log_likelihood(
     # A variance that underflowed to 0 is a point mass: density 0 away from its mean (log(0) -
     # d^2/0 was inf - inf = NaN, and one such pass made the report's likelihood null).
     log_comp = np.where((s2 == 0) & (yy != f), -np.inf, log_comp)
+    log_comp = np.where((s2 == 0) & (yy == f), np.inf, log_comp)  # its mean hit: log(inf)
     top = log_comp.max(axis=0)
     safe = np.where(np.isfinite(top), top, 0.0)  # every component 0 (or a point hit): no shift
     with np.errstate(divide="ignore"):

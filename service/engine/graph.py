@@ -168,6 +168,10 @@ def _functional_dropout(node: fx.Node) -> str:
     )
 
 
+def _index(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point
+
+
 def split(
     module: nn.Module,
     example: torch.Tensor,
@@ -201,7 +205,9 @@ def split(
     ex2, ex3 = example[:1].expand(2, *example.shape[1:]), example[:1].expand(3, *example.shape[1:])
     v2, v3 = dataflow.values(gm, ex2.contiguous()), dataflow.values(gm, ex3.contiguous())
     v3x = dataflow.first_values(gm, dataflow.perturbed(ex3.contiguous()))  # which rows are whose
-    sizes = dataflow.size_only(gm)
+    # Index values made from sizes (an arange(B)), recomputed after the dropout; float ones
+    # (a learned query expanded to the batch) are the same for every input: carried over.
+    sizes = {n for n in dataflow.size_only(gm) if _index(v2.get(n))}
 
     def batched(n: fx.Node) -> bool:
         a, b = v2.get(n), v3.get(n)

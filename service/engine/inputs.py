@@ -51,10 +51,17 @@ def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
         try:
             a = np.asarray(inst, dtype=np.float64)
         except OverflowError:  # a JSON integer past float64's range (10**400)
-            j = next(j for j, v in enumerate(_leaves(inst)) if type(v) is int and _huge(v))
+            leaves = _leaves(inst) if type(inst) is list else [inst]
+            try:
+                shape = list(np.asarray(inst, dtype=object).shape)
+            except ValueError:  # ragged
+                shape = []
+            if shape != spec.shape and not _flat_image(shape, spec):  # shape's wrong first
+                return f"instance {i} is not an array of numbers of shape {spec.shape}"
+            j = next(j for j, v in enumerate(leaves) if type(v) is int and _huge(v))
             return (
                 f"instance {i}, {_feature(spec, j)}: an integer of about "
-                f"{int(abs(_leaves(inst)[j]).bit_length() * 0.30103)} digits is beyond what the "
+                f"{int(abs(leaves[j]).bit_length() * 0.30103)} digits is beyond what the "
                 f"model's {spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); "
                 "check the value and its unit"
             )
@@ -273,7 +280,7 @@ def _cast(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def _feature(spec: InputSpec, j: int) -> str:
-    if spec.feature_names:
+    if spec.feature_names and j < len(spec.feature_names):  # an instance may hold too many
         return f"feature '{spec.feature_names[j]}'"
     return f"element {j}"
 

@@ -71,3 +71,38 @@ async def test_a_prediction_suffix_in_another_case(client: httpx.AsyncClient) ->
     assert r.status_code == 404, r.text
     assert "allow" not in r.headers
     assert "ends in ':predict' (lower case)" in r.json()["error"]
+
+
+async def test_head_is_counted_under_its_route(client: httpx.AsyncClient) -> None:
+    """HEAD ran on a copy of the request's scope: the route the router found was not seen, and
+    metrics and the access log counted it "(unmatched)", with no model."""
+
+    def unmatched(text: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith("mcserve_requests_total{")]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if "(unmatched)" in ln)
+
+    before = unmatched((await client.get("/metrics")).text)
+    for path in ("/v1/models/diabetes", "/v2/models/diabetes/ready", PREDICT[0]):
+        await client.head(path)
+    assert unmatched((await client.get("/metrics")).text) == before
+
+
+async def test_an_extra_element_is_named_by_its_index() -> None:
+    """An instance one element too long, the extra one null: naming it read feature_names[10]
+    (IndexError, a 500)."""
+    app = create_app(SETTINGS)
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        body = {"instances": [[*examples.ROWS["diabetes"], None]]}
+        r = await c.post(PREDICT[0], json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "instance 0, element 10: null is not a number; send a value"
+
+
+async def test_a_cors_preflight_for_head_is_allowed() -> None:
+    app = create_app(Settings(model_dir=ROOT / "models", cors_origins=["https://ui.example"]))
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        r = await c.options(
+            "/v1/models",
+            headers={"origin": "https://ui.example", "access-control-request-method": "HEAD"},
+        )
+    assert r.status_code == 200, r.text

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from hostile import repin
 from onnx import TensorProto, helper, numpy_helper
 
@@ -254,6 +255,10 @@ def test_an_inference_mode_dropout_passes() -> None:
     ):
         model = _model([helper.make_node("Dropout", inputs, ["output"])], inits)
         check_graph(model, "model.onnx", LIMIT, [4])  # no BundleError
+    false = numpy_helper.from_array(np.array(False), "f")  # a Constant node's false: as well
+    model = _model([helper.make_node("Constant", [], ["no"], value=false),
+                    helper.make_node("Dropout", ["input", "", "no"], ["output"])])  # fmt: skip
+    check_graph(model, "model.onnx", LIMIT, [4])
 
 
 @pytest.mark.parametrize(
@@ -279,3 +284,32 @@ def test_dimension_expressions_are_bounded_by_their_names(
 
     shape = helper.make_tensor_type_proto(TensorProto.FLOAT, dims).tensor_type.shape
     assert _bounds(list(shape.dim), {"batch": 1, "length": 900}, "batch") == want
+
+
+class _Legacy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 8, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.lstm(x)[0].mean(1))
+
+
+def test_an_older_exporters_graph_with_dimensions_it_named_itself_passes(tmp_path: Path) -> None:
+    """torch.onnx.export(dynamo=False) names output dimensions itself ('Gemmoutput_dim_0'),
+    which inference cannot bound; a node with one input that may hold the batch (the others
+    constants or sizes) is bounded by its inputs (such graphs were refused as unbounded)."""
+    import contextlib
+    import io
+    import warnings
+
+    path = tmp_path / "legacy.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Legacy().eval(), (torch.randn(2, 5, 4),), str(path), input_names=["input"],
+            output_names=["output"], dynamic_axes={"input": {0: "batch", 1: "length"}},
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+    check_graph(onnx.load(str(path)), "model.onnx", LIMIT, [5, 4])  # no BundleError

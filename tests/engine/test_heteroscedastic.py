@@ -153,8 +153,9 @@ def test_mixture_log_likelihood_with_a_variance_that_underflowed() -> None:
     got = mixture_log_likelihood(f, y, np.array([[0.0], [1.0]]))
     one = NormalDist(0.1, 1.0).pdf(0.05) / 2.0  # the other pass's density, weight 1/2
     np.testing.assert_allclose(got, [math.log(one)], rtol=1e-12)
-    # Every pass a point mass away from y: density 0, log -inf (not NaN).
+    # Every pass a point mass away from y: density 0, log -inf (not NaN); on y: +inf.
     assert mixture_log_likelihood(f, y, np.zeros((2, 1)))[0] == -math.inf
+    assert mixture_log_likelihood(f, np.array([0.1]), np.zeros((2, 1)))[0] == math.inf
 
 
 def test_mixture_log_likelihood_with_learned_variances_by_hand() -> None:

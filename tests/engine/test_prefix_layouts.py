@@ -152,3 +152,27 @@ def test_a_linear_of_values_no_input_changes_is_blocked_without_skipping_rows() 
     alone = sampler.run([MCRequest(x[:1], 200, 3)])[0]
     shared = sampler.run([MCRequest(x[1:], 7, 4), MCRequest(x[:1], 200, 3)])[1]
     assert np.array_equal(alone, shared)
+
+
+class LearnedQueries(nn.Module):
+    """Learned queries expanded to the batch and through an MLP (DETR/Perceiver style), read
+    after the dropout: the same for every input, so carried over from the prefix once per input
+    (recomputed per pass x input row, four linears cost 17 times as much)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Parameter(torch.randn(4, 8))
+        self.mlp = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+        self.inp, self.drop, self.out = nn.Linear(8, 8), nn.Dropout(0.2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.mlp(self.q.expand(x.shape[0], 4, 8))
+        return self.out((self.drop(self.inp(x)).unsqueeze(1) * q).sum(1))
+
+
+def test_float_values_made_from_sizes_stay_in_the_prefix() -> None:
+    from service.engine.graph import split
+
+    g = split(LearnedQueries().eval(), torch.randn(2, 8))
+    suffix = g.suffix.code
+    assert "frontier_mlp_3" in suffix and "mlp_0" not in suffix, suffix  # its value, carried

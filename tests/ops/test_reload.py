@@ -304,7 +304,8 @@ async def test_a_version_moved_to_the_versioned_layout_retires_its_old_copy(
 ) -> None:
     """clf/ (version 1 straight under it) moved to clf/1/: the new copy's batcher replaced the
     old one under the same key without stopping it, and the old entry's metrics stayed (a
-    reviewer's suspicion, confirmed by reading)."""
+    reviewer's suspicion, confirmed by reading); the old copy serves until the new one is in
+    (retired first, the model was briefly not served)."""
     root = tmp_path / "repo"
     shutil.copytree(repo / "clf" / "1", root / "clf")
     app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
@@ -316,11 +317,14 @@ async def test_a_version_moved_to_the_versioned_layout_retires_its_old_copy(
         for f in list((root / "clf").iterdir()):
             f.unlink()
         staged.rename(root / "clf" / "1")
+        gap = 0  # polls that found no ready version: it serves until the new one is in
         for _ in range(500):
             entries = state.registry.versions("clf")
-            if entries and entries[0].path == root / "clf" / "1" and entries[0].ready:
+            gap += not any(e.ready for e in entries)
+            if entries and entries[0].path == root / "clf" / "1" and old._task is None:
                 break
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.002)
+        assert gap == 0
         assert [(e.version, e.path, e.ready) for e in state.registry.versions("clf")] == [
             ("1", root / "clf" / "1", True)
         ]

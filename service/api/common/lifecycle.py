@@ -89,13 +89,12 @@ class ModelControl:
         entry = await loop.run_in_executor(
             self.st.executor, self.st.registry.build, name, version, path
         )
-        moved = [
-            e
-            for e in self.st.registry.entries()
-            if (e.name, e.version) == (entry.name, entry.version) and e.path != path
-        ]
-        for old in moved:  # the same version in another directory (unversioned -> versioned
-            await self._retire(old)  # layout): its batcher was replaced, never stopped
+        key = (entry.name, entry.version)
+        # The same version in another directory (unversioned -> versioned layout): it serves
+        # until this one is in, then goes (its batcher was replaced, never stopped).
+        moved = [e for e in self.st.registry.entries() if (e.name, e.version) == key]
+        moved = [e for e in moved if e.path != path]
+        old_batcher = self.st.batchers.get(key) if moved else None
         if entry.model is not None and self.st.remote is None:
             try:
                 await loop.run_in_executor(self.st.executor, warm, entry.model)
@@ -114,6 +113,8 @@ class ModelControl:
                 )
         stale = [e for e in self.st.registry.entries() if e.path == path and e is not entry]
         self.st.registry.add(entry)
+        for old in moved:
+            await self._moved_away(old, old_batcher, entry)
         for old in stale:  # a refused entry of this directory under another version ("?")
             if (old.name, old.version) != (entry.name, entry.version):
                 self.st.registry.unload(old.name, old.version)
@@ -140,6 +141,27 @@ class ModelControl:
             log.warning("compute process refused the model", extra={"reason": reason})
             return Entry(entry.name, entry.version, entry.path, error=f"compute process: {reason}")
         return entry
+
+    async def _moved_away(self, old: Entry, batcher: Batcher | None, new: Entry) -> None:
+        """Free what `old` held that `new` (same name and version, now in the registry) does
+        not: its batcher, and its compute-process copy and metrics unless the files are the
+        same (both keyed by name, version and digest)."""
+        self._refused.pop(old.path, None)
+        self._served.pop(old.path, None)
+        key = (old.name, old.version)
+        if batcher is not None and self.st.batchers.get(key) is batcher:
+            self.st.batchers.pop(key)  # the new one is refused: nothing replaced it
+        if batcher is not None:
+            await batcher.stop(drain=True)
+        if old.model is None:
+            return
+        if new.model is not None and new.model.digest == old.model.digest:
+            return  # the same files: the child's copy and the metrics' series are the new one's
+        if self.st.remote is not None:
+            await self.st.remote.release(old.model)
+        if self.metrics is not None:
+            m = old.model
+            self.metrics.remove_model(m.name, m.version, m.digest, "torch", m.device)
 
     async def _retire(self, entry: Entry) -> None:
         self.st.registry.unload(entry.name, entry.version)

@@ -126,6 +126,15 @@ def _common(model: ServedModel, pred: Prediction, i: int, ctx: Context) -> tuple
         notes = []
     if pred.mode == "deterministic":
         notes.append({"text": "Dropout off: no uncertainty was computed for this value."})
+    read = (pred.input_notes or [])[i] if i < len(pred.input_notes or []) else {}
+    text = model.manifest.inputs.text
+    if read.get("truncated") and text is not None:  # the JSON answer said so; FHIR did not
+        notes.append(
+            {
+                "text": f"The text was cut to its first {text.max_tokens} of {read['tokens']} "
+                "tokens: the rest was not read."
+            }
+        )
     return head, {"note": notes} if notes else {}
 
 

@@ -88,6 +88,14 @@ def encode_texts(
                 f"instance {i}: the text has no token this model reads (its tokenizer drops "
                 "every character: zero-width, combining or control characters); send words"
             )
+        unknown = _unknown_id(tokenizer)
+        words = [t for t, sp in zip(enc.ids, enc.special_tokens_mask, strict=True) if not sp]
+        if unknown is not None and all(t == unknown for t in words):
+            raise InvalidInputError(
+                f"instance {i}: none of the text's {len(words)} token(s) is in this model's "
+                "vocabulary (every one is unknown: another language or script?); the model "
+                "cannot read it"
+            )
         if n > limit and spec.truncation == "error":
             raise InvalidInputError(
                 f"instance {i}: {n} tokens, over this model's maximum of {limit} (truncation "
@@ -98,6 +106,12 @@ def encode_texts(
         counts.append(n)
         cut.append(n > limit)
     return TextBatch(ids, counts, cut)
+
+
+def _unknown_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's unknown token, if its model has one."""
+    token = getattr(tokenizer.model, "unk_token", None)
+    return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
 # Texts tokenized at once, in UTF-8 bytes. A token holds all its offsets, strings and masks

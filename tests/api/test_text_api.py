@@ -87,8 +87,10 @@ async def test_v2_answers_per_text_counts_as_outputs(client: httpx.AsyncClient, 
         (["ok", "\u200b\u0301"], 422, "instance 1: the text has no token this model reads"),
         ([[1, 2, 3]], 422, "instance 0: expected a string of text, got list"),
         (["x" * 100_001], 413, "instance 0: the text is 100001 bytes, over this model's limit"),
+        # every token unknown (another script): an ordinary answer, referred by nothing
+        (["ok", "Сердечная недостаточность"], 422, "instance 1: none of the text's"),
     ],
-    ids=["empty", "nul", "no-token", "ids-as-list", "too-long"],
+    ids=["empty", "nul", "no-token", "ids-as-list", "too-long", "all-unknown"],
 )
 async def test_bad_texts_are_4xx_with_the_fix(
     client: httpx.AsyncClient, instances: list[Any], status: int, message: str
@@ -133,3 +135,52 @@ async def test_a_text_s_own_commas_are_not_counted_as_json_values(text_repo: Pat
         r = await c.post(URL, content=hostile, headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
         assert "more than 1 texts can need" in r.json()["error"]
+
+
+async def test_large_texts_are_tokenized_off_the_event_loop(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1 chose by values only (texts x max_tokens): 9 texts of 100 kB were tokenized on the
+    event loop, holding every other request 4.5 s; the body's bytes count too now."""
+    import threading
+
+    from service.api.native import predict
+
+    seen: list[bool] = []
+    encode = predict.encode_texts
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread() is threading.main_thread())
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "encode_texts", recording)
+    big = " ".join(["chest pain"] * 9_000)  # 98,999 bytes
+    assert (await client.post(URL, json=_body([big] * 2))).status_code == 200
+    assert (await client.post(URL, json=_body(["Chest pain"]))).status_code == 200
+    assert seen == [False, True]  # a small body converts faster than the hop: on the loop
+
+
+async def test_v2_names_in_errors_are_cut(client: httpx.AsyncClient) -> None:
+    """An unknown input's or output's 200 kB name came back whole in the error."""
+    name = "n" * 200_000
+    tensor = {"name": name, "shape": [1], "datatype": "BYTES", "data": ["chest pain"]}
+    r = await client.post("/v2/models/notes/infer", json={"inputs": [tensor]})
+    assert r.status_code == 400 and len(r.content) < 1000, len(r.content)
+    tensor["name"] = "input"
+    body = {"inputs": [tensor], "outputs": [{"name": name}]}
+    r = await client.post("/v2/models/notes/infer", json=body)
+    assert r.status_code == 400 and len(r.content) < 1000, len(r.content)
+
+
+async def test_a_fhir_answer_says_the_text_was_cut(client: httpx.AsyncClient) -> None:
+    """The JSON answer says `truncated`; the FHIR one said nothing of the unread text."""
+    long_text = " ".join(["chest pain"] * LENGTH)
+    r = await client.post(
+        URL,
+        params={"subject": "Patient/p1"},
+        json=_body([long_text, "Chest pain"]),
+        headers={"accept": "application/fhir+json"},
+    )
+    assert r.status_code == 200, r.text
+    said = [str(e["resource"].get("note", "")) for e in r.json()["entry"]]
+    assert f"cut to its first {LENGTH} of" in said[0] and "cut to" not in said[1], said

@@ -17,7 +17,7 @@ import orjson
 from service.api.oip.schemas import RequestInput
 from service.bundle.spec import InputSpec
 from service.engine.inputs import check_count, checked
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, shown_name
 
 HEADER = "Inference-Header-Content-Length"
 NP_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "|b1"}
@@ -127,17 +127,22 @@ def _check_shape(inp: RequestInput, spec: InputSpec) -> None:
         )
 
 
+def _names(inputs: list[RequestInput]) -> str:
+    """The inputs' names for an error: a few, each cut (a 200 kB name made a 200 kB answer)."""
+    more = f" and {len(inputs) - 5} more" if len(inputs) > 5 else ""
+    return f"{[shown_name(i.name) for i in inputs[:5]]}{more}"
+
+
 def decode_input(
     inputs: list[RequestInput], binary: memoryview, spec: InputSpec, max_instances: int
 ) -> np.ndarray:
     """The request's one input as float32 [B, *shape], checked like /v1 instances."""
     if len(inputs) != 1:
-        names = [i.name for i in inputs]
-        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {names}")
+        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {_names(inputs)}")
     (inp,) = inputs
     if inp.name != spec.name:
         raise InvalidInputError(
-            f"unknown input '{inp.name}'; the model takes one input, '{spec.name}'"
+            f"unknown input '{shown_name(inp.name)}'; the model takes one input, '{spec.name}'"
         )
     if inp.datatype not in FLOAT_INPUTS:
         raise InvalidInputError(
@@ -212,8 +217,7 @@ def decode_texts(
     JSON: `data` holds the strings. Binary extension: each element is a 4-byte little-endian
     length and that many bytes, as Triton and tritonclient write BYTES tensors."""
     if len(inputs) != 1 or inputs[0].name != spec.name:
-        names = [i.name for i in inputs]
-        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {names}")
+        raise InvalidInputError(f"the model takes one input, '{spec.name}'; got {_names(inputs)}")
     (inp,) = inputs
     if inp.datatype != "BYTES":
         raise InvalidInputError(

@@ -68,7 +68,8 @@ def select(
         spec = by_name.get(out.name)
         if spec is None:
             raise InvalidInputError(
-                f"unknown output '{out.name}'; model '{model.name}' has outputs {list(by_name)}"
+                f"unknown output '{shown_name(out.name)}'; model '{model.name}' has outputs "
+                f"{list(by_name)}"
             )
         if any(s.name == out.name for s, _ in chosen):
             raise InvalidInputError(f"output '{out.name}' is requested twice")

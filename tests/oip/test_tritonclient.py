@@ -246,8 +246,10 @@ def test_model_control_with_tritonclient(tmp_path: Path) -> None:
         c = triton.InferenceServerClient(url=f"127.0.0.1:{s.port}")
         try:
             c.unload_model("diabetes", headers=auth, unload_dependents=True)
-            index = c.get_model_repository_index(headers=auth)
-            assert [m["name"] for m in index] == []
+            index = c.get_model_repository_index(headers=auth)  # on disk, not loaded
+            assert {(m["name"], m["state"], m["reason"]) for m in index} == {
+                ("diabetes", "UNAVAILABLE", "unloaded")
+            }
             err = refused(lambda: c.load_model("diabetes", headers=auth, config="{}"))
             assert "load parameters ['config'] are not supported" in err.message()
             c.load_model("diabetes", headers=auth)

@@ -389,6 +389,20 @@ async def test_reserved_parameters_and_deadline(oip: httpx.AsyncClient) -> None:
     )
     r = await oip.post("/v2/models/diabetes/infer", json=body("diabetes", timeout=60_000_000))
     assert r.status_code == 200
+    # tritonclient's int64 at most: a 310-digit timeout overflowed a float (a 500)
+    r = await oip.post("/v2/models/diabetes/infer", json=body("diabetes", timeout=10**309))
+    assert r.status_code == 400 and "parameters.timeout" in r.json()["error"], r.text
+
+
+async def test_mlserver_codec_hints_are_read(oip: httpx.AsyncClient) -> None:
+    """MLServer's NumpyCodec and request helpers add parameters.content_type and, dumped,
+    "headers": null, to the request and to each input: every such request was a 400."""
+    plain = await oip.post("/v2/models/diabetes/infer", json=body("diabetes", seed=3))
+    req = body("diabetes", seed=3, content_type="np", headers=None)
+    req["inputs"][0]["parameters"] = {"content_type": "np", "headers": None}
+    r = await oip.post("/v2/models/diabetes/infer", json=req)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == plain.json()["outputs"]
 
 
 def _with(model: str, **change: Any) -> dict[str, Any]:

@@ -424,3 +424,35 @@ async def test_a_served_version_replaced_on_disk_is_said_once(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)  # more polls: said once
     assert sum(said in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_the_index_lists_unloaded_versions_and_reads_ready(
+    repo: Path, tmp_path: Path
+) -> None:
+    """After an unload the version vanished from /v2/repository/index (Triton lists it,
+    UNAVAILABLE "unloaded": a client finds what it may load); {"ready": true} was ignored; and
+    GET /v2 did not name the model_repository extension."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    add_version(root, "2")
+    keys = [ApiKey(id="admin", sha256=hash_key(ADMIN), admin=True)]
+    app = create_app(Settings(model_dir=root, model_control="explicit", api_keys=keys))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert "model_repository" in (await c.get("/v2", headers=admin)).json()["extensions"]
+            body = {"parameters": {"version": "1"}}
+            await c.post("/v2/repository/models/clf/unload", json=body, headers=admin)
+            index = (await c.post("/v2/repository/index", headers=admin)).json()
+            ready = await c.post("/v2/repository/index", json={"ready": True}, headers=admin)
+            bad = await c.post("/v2/repository/index", json={"ready": "yes"}, headers=admin)
+    rows = {(r["name"], r["version"]): (r["state"], r["reason"]) for r in index}
+    assert rows == {("clf", "2"): ("READY", ""), ("clf", "1"): ("UNAVAILABLE", "unloaded")}
+    assert [(r["name"], r["version"]) for r in ready.json()] == [("clf", "2")]
+    assert bad.status_code == 400
+    plain = create_app(Settings(model_dir=root))
+    async with plain.router.lifespan_context(plain):
+        transport = httpx.ASGITransport(app=plain, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/v2")).json()["extensions"] == ["binary_tensor_data"]

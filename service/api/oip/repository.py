@@ -17,6 +17,7 @@ from service.api.common.auth import allowed_models
 from service.api.common.call import json_response
 from service.api.common.lifecycle import ModelControl
 from service.api.common.schemas import ErrorBody
+from service.engine.registry import discover
 from service.errors import ForbiddenError, InvalidInputError
 from service.json_body import json_body
 
@@ -38,19 +39,44 @@ def control(request: Request) -> ModelControl:
 
 @router.post("/index", responses=ERRORS)
 async def index(request: Request) -> Response:
-    """The models the key may use, with their failure reasons without server paths."""
+    """The models the key may use, with their failure reasons without server paths, and (as
+    Triton's) the versions on disk not loaded, UNAVAILABLE "unloaded": after an unload they
+    vanished, and a client could not find what it may load. `{"ready": true}` lists only the
+    ready ones."""
+    raw = await request.body()
+    try:
+        body = orjson.loads(json_body(raw)) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInputError(f"invalid request: body: not JSON ({exc})") from None
+    if (
+        not isinstance(body, dict)
+        or set(body) - {"ready"}
+        or type(body.get("ready", True)) is not bool
+    ):
+        raise InvalidInputError('invalid request: the body is {"ready": true|false} or nothing')
     reg = request.app.state.mcserve.registry
     allowed = allowed_models(request.state)
+    rows = [
+        {
+            "name": e.name,
+            "version": e.version,
+            "state": "READY" if e.ready else "UNAVAILABLE",
+            "reason": reg.reason(e) or "",
+        }
+        for e in reg.entries()
+    ]
+    loaded = {e.path for e in reg.entries()}
+    rows += [
+        {"name": name, "version": version or "", "state": "UNAVAILABLE", "reason": "unloaded"}
+        for name, version, path in discover(reg.root)
+        if path not in loaded
+    ]
     return json_response(
         [
-            {
-                "name": e.name,
-                "version": e.version,
-                "state": "READY" if e.ready else "UNAVAILABLE",
-                "reason": reg.reason(e) or "",
-            }
-            for e in reg.entries()
-            if allowed is None or e.name in allowed
+            r
+            for r in rows
+            if (allowed is None or r["name"] in allowed)
+            and (not body.get("ready") or r["state"] == "READY")
         ]
     )
 

@@ -82,10 +82,17 @@ async def ready(request: Request) -> Response:
     return json_response({"ready": True})
 
 
+def extensions(request: Request) -> list[str]:
+    """The binary tensor extension, and the model repository one where model control is
+    explicit (its routes are refused otherwise)."""
+    explicit = request.app.state.mcserve.settings.model_control == "explicit"
+    return [*EXTENSIONS, "model_repository"] if explicit else EXTENSIONS
+
+
 @router.get("", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> Response:
     return json_response(
-        {"name": "mcserve", "version": request.app.version, "extensions": EXTENSIONS}
+        {"name": "mcserve", "version": request.app.version, "extensions": extensions(request)}
     )
 
 

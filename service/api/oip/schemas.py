@@ -43,10 +43,17 @@ class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# MLServer's codecs add `content_type` ("np", "str", "pd") to requests and inputs, and their
+# `model_dump()` keeps `"headers": null`: read as hints, checked where they would mislead.
+ContentType = Literal["np", "str", "pd", "base64"]
+
+
 class InputParameters(Closed):
     binary_data_size: int | None = Field(
         default=None, ge=0, strict=True, description="bytes of this input after the JSON header"
     )
+    content_type: ContentType | None = Field(default=None, description="MLServer's; a hint")
+    headers: None = Field(default=None, description="MLServer's, always null in a request")
 
 
 class RequestInput(Closed):
@@ -91,7 +98,11 @@ class InferParameters(Closed):
         default=None, description="'all' or k: the last k dropout sites; default: the model's"
     )
     timeout: int | None = Field(
-        default=None, ge=1, strict=True, description="deadline in microseconds (tritonclient)"
+        default=None,
+        ge=1,
+        le=2**63 - 1,  # tritonclient's int64; a 310-digit one overflowed a float (a 500)
+        strict=True,
+        description="deadline in microseconds (tritonclient)",
     )
     binary_data_output: bool | None = Field(
         default=None, strict=True, description="every output binary unless it says otherwise"
@@ -101,6 +112,8 @@ class InferParameters(Closed):
     sequence_start: bool | None = Field(default=None, description="ignored")
     sequence_end: bool | None = Field(default=None, description="ignored")
     priority: int | None = Field(default=None, ge=0, strict=True, description="ignored (FIFO)")
+    content_type: ContentType | None = Field(default=None, description="MLServer's; a hint")
+    headers: None = Field(default=None, description="MLServer's, always null in a request")
 
 
 class InferRequest(Closed):

@@ -23,6 +23,9 @@ OUTPUTS = {
     "breast-cancer": [
         "probabilities",
         "probability_std",
+        "probability_se",
+        "lower",
+        "upper",
         "label",
         "predictive_entropy",
         "expected_entropy",

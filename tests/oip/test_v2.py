@@ -35,6 +35,9 @@ REGRESSION = [
 CLASSIFICATION = [
     "probabilities",
     "probability_std",
+    "probability_se",
+    "lower",
+    "upper",
     "label",
     "predictive_entropy",
     "expected_entropy",
@@ -140,9 +143,12 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
     assert (await oip.get("/v2/models/diabetes/versions/1")).json() == meta
     digits = (await oip.get("/v2/models/digits")).json()
     assert digits["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    assert digits["outputs"][:3] == [
+    assert digits["outputs"][:6] == [
         {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]},
         {"name": "probability_std", "datatype": "FP64", "shape": [-1, 10]},
+        {"name": "probability_se", "datatype": "FP64", "shape": [-1, 10]},
+        {"name": "lower", "datatype": "FP64", "shape": [-1, 10]},
+        {"name": "upper", "datatype": "FP64", "shape": [-1, 10]},
         {"name": "label", "datatype": "INT64", "shape": [-1]},
     ]
     # Version 2 is calibrated: it adds conformal prediction sets; version 1 has none.
@@ -221,6 +227,12 @@ async def test_infer_classification_json_and_nested_data(oip: httpx.AsyncClient)
     req = body("digits", rows=2)
     flat = await oip.post("/v2/models/digits/infer", json=req)
     t = tensors(flat)
+    # The per-class intervals and standard errors /v1 answers (they were missing here).
+    assert (t["lower"] >= 0).all() and (t["lower"] <= t["upper"]).all() and (t["upper"] <= 1).all()
+    assert (t["probability_se"] > 0).any()
+    few = await oip.post("/v2/models/digits/infer", json=body("digits", samples=10))
+    assert np.isnan(tensors(few)["lower"]).all()  # 0.95 needs 40 passes: null, with a warning
+    assert "per-class intervals omitted" in str(few.json()["parameters"]["warnings"])
     assert [o["name"] for o in flat.json()["outputs"]] == [
         *CLASSIFICATION,
         "prediction_set",
@@ -368,6 +380,8 @@ async def test_native_and_oip_agree_bit_for_bit(
             assert t["probabilities"].tolist() == [list(p["probabilities"].values()) for p in preds]
             labels = [list(p["probabilities"]).index(p["label"]) for p in preds]
             assert t["label"].tolist() == labels
+            se = [list(p["probability_se"].values()) for p in preds]
+            assert t["probability_se"].tolist() == se
 
 
 async def test_default_version_is_the_newest(oip: httpx.AsyncClient) -> None:

@@ -5,7 +5,9 @@ Shapes are batch-first: `[B, *shape]`. Float outputs are FP64, the engine's own 
 are the model's `outputs.labels`, listed by GET /v1/models/{name}); an index reads directly with
 tritonclient's `as_numpy`.
 
-`prediction_set` (BOOL [B, K], conformal, at the request's confidence) exists for calibrated
+A classifier's `lower` and `upper` are its per-class intervals ([B, K], as /v1's `intervals`;
+NaN, JSON null, where too few passes reach the level). `prediction_set` (BOOL [B, K],
+conformal, at the request's confidence) exists for calibrated
 classifiers only; `refer` (BOOL [B]: a human should look) for every model, since each has a
 referral policy (its bundle's, or the default one at its confidence level). Both are MC outputs.
 `passes_used` (INT64 [B]) is the passes each input's answer used: the request's `samples`, or
@@ -54,6 +56,11 @@ def specs(model: ServedModel) -> list[TensorSpec]:
         out = [
             TensorSpec("probabilities", "FP64", k, deterministic=True),
             TensorSpec("probability_std", "FP64", k),
+            TensorSpec("probability_se", "FP64", k),
+            # per-class quantiles of p at the request's confidence: NaN (JSON null) where the
+            # passes cannot reach the level (the answer's warning says so)
+            TensorSpec("lower", "FP64", k),
+            TensorSpec("upper", "FP64", k),
             TensorSpec("label", "INT64", (), deterministic=True),
             *(TensorSpec(n, "FP64", ()) for n in CLASS_SCORES),
         ]
@@ -88,6 +95,8 @@ def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
             arr = np.asarray(pred.point, dtype=np.float64)
         elif not isinstance(s, RegressionSummary | ClassificationSummary):
             raise AssertionError(f"an MC prediction without a summary: {type(s)}")
+        elif spec.name in ("lower", "upper") and not s.intervals:  # omitted: too few passes
+            arr = np.full((inputs(pred), *spec.shape), np.nan)
         elif spec.name in ("lower", "upper"):
             # One confidence level per /v2 request: the first (only) interval and prediction set.
             arr = getattr(s.intervals[0], spec.name)

@@ -20,8 +20,18 @@ from service.engine.inputs import check_count, checked
 from service.errors import InvalidInputError, shown_name
 
 HEADER = "Inference-Header-Content-Length"
-NP_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL": "|b1"}
+NP_DTYPES = {
+    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4", "BOOL": "|b1",
+}  # fmt: skip
 FLOAT_INPUTS = ("FP32", "FP64", "FP16")
+# A token-id model (int64 inputs, no tokenizer) takes its ids as integers too (it was FP32 only,
+# though a Triton user sends ids as INT64); floats stay accepted, whole numbers only.
+ID_INPUTS = ("INT64", "INT32", *FLOAT_INPUTS)
+
+
+def input_datatype(spec: InputSpec) -> str:
+    """The datatype model metadata declares for a numeric input."""
+    return "INT64" if spec.dtype == "int64" else "FP32"
 
 
 def split(raw: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
@@ -144,10 +154,14 @@ def decode_input(
         raise InvalidInputError(
             f"unknown input '{shown_name(inp.name)}'; the model takes one input, '{spec.name}'"
         )
-    if inp.datatype not in FLOAT_INPUTS:
+    if inp.datatype not in (ID_INPUTS if spec.dtype == "int64" else FLOAT_INPUTS):
         raise InvalidInputError(
-            f"input '{inp.name}': datatype {inp.datatype} is not supported; send FP32 "
-            "(FP64 and FP16 are cast to FP32)"
+            f"input '{inp.name}': datatype {inp.datatype} is not supported; send "
+            + (
+                "INT64 token ids"
+                if spec.dtype == "int64"
+                else "FP32 (FP64 and FP16 are cast to FP32)"
+            )
         )
     _check_shape(inp, spec)
     check_count(inp.shape[0], max_instances)  # before a byte is converted

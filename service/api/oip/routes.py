@@ -17,7 +17,7 @@ from service.api.common import examples
 from service.api.common.call import json_response, state
 from service.api.common.fields import inline_schema
 from service.api.common.parameters import mc_metadata
-from service.api.oip.binary import HEADER
+from service.api.oip.binary import HEADER, input_datatype
 from service.api.oip.infer import HEADER_LENGTH, infer_with
 from service.api.oip.outputs import PLATFORM, specs
 from service.api.oip.schemas import (
@@ -105,7 +105,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "inputs": [
             {"name": spec.name, "datatype": "BYTES", "shape": [-1]}
             if spec.text is not None
-            else {"name": spec.name, "datatype": "FP32", "shape": [-1, *spec.shape]}
+            else {"name": spec.name, "datatype": input_datatype(spec), "shape": [-1, *spec.shape]}
         ],
         "outputs": [s.metadata() for s in specs(model)],
         # mcserve's own: the dropout-site setting, chosen per request by `dropout_sites`.

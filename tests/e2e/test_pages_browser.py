@@ -441,6 +441,14 @@ def test_a_text_model_page_takes_a_text(srv: Server, page: Any, tmp_path: Path, 
     predict(page, expect_ok=False)
     page.wait_for_selector("#e-text:not(:empty)")
     assert page.locator("#e-text").inner_text() == "instance 0: the text contains a NUL character"
+    # The box's maxlength counts UTF-16 units, the server's limit UTF-8 bytes: 60,000 Greek
+    # letters fit the box and were sent to a 413; the page says so before sending.
+    page.fill("#text", "α" * 60_000)
+    page.click("#predict")
+    page.wait_for_selector("#e-text:has-text('bytes of UTF-8')")
+    assert page.locator("#e-text").inner_text() == (
+        "the text is 120000 bytes of UTF-8, over this model's limit of 100000: shorten it"
+    )
     # Not every error is the text's: the passes' goes by their field, the text stays valid.
     page.fill("#text", "chest pain")
     page.evaluate("document.getElementById('samples').removeAttribute('min')")

@@ -169,7 +169,7 @@
       put("e-" + found[0].dataset.index, found[0], message, found[1], found[2]);
     } else if (option) {
       put(option + "-e", document.getElementById(option), message, -1, -1);
-    } else if (text && /^(instance \d+: |write some text)/.test(message)) {
+    } else if (text && /^(instance \d+: |write some text|the text is )/.test(message)) {
       put("e-text", text, message, -1, -1);
     } else {
       formError.textContent = message;
@@ -182,6 +182,13 @@
     const text = document.getElementById("text");
     if (text) {
       if (text.value.trim() === "") throw new Error("write some text first");
+      // maxlength counts UTF-16 units, the server UTF-8 bytes: 60,000 Greek letters fit the
+      // box and were refused (413) by a 100,000-byte limit.
+      const bytes = new TextEncoder().encode(text.value).length;
+      const most = Number(text.dataset.maxBytes);
+      if (bytes > most) {
+        throw new Error("the text is " + bytes + " bytes of UTF-8, over this model's limit of " + most + ": shorten it");
+      }
       return text.value;
     }
     const values = fields.map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));

@@ -49,8 +49,14 @@ def _text_of(i: int, inst: Any) -> str:
 
 
 def encode_texts(
-    instances: Sequence[Any], tokenizer: Any, spec: TextInput, max_instances: int
+    instances: Sequence[Any],
+    tokenizer: Any,
+    spec: TextInput,
+    max_instances: int,
+    item: str = "instance",
 ) -> TextBatch:
+    """Token ids of the texts; each refusal names the text as `item` and its index (/v2 says
+    "input 'input', element", where /v1's "instance" named nothing the caller sent)."""
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError("'instances' must be a non-empty list of texts")
     if len(instances) > max_instances:
@@ -65,18 +71,18 @@ def encode_texts(
         sizes.append(size)
         if size > spec.max_text_bytes:
             raise PayloadTooLargeError(
-                f"instance {i}: the text is {size} bytes, over this model's limit of "
+                f"{item} {i}: the text is {size} bytes, over this model's limit of "
                 f"{spec.max_text_bytes}: shorten it or split it"
             )
         if "\x00" in t:
-            raise InvalidInputError(f"instance {i}: the text contains a NUL character")
+            raise InvalidInputError(f"{item} {i}: the text contains a NUL character")
         if not t.strip():
-            raise InvalidInputError(f"instance {i}: the text is empty (or only whitespace)")
+            raise InvalidInputError(f"{item} {i}: the text is empty (or only whitespace)")
         try:
             t.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidInputError(
-                f"instance {i}: the text is not valid Unicode (a lone surrogate)"
+                f"{item} {i}: the text is not valid Unicode (a lone surrogate)"
             ) from None
     limit = spec.max_tokens
     ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
@@ -85,20 +91,20 @@ def encode_texts(
         n = len(enc.ids)
         if n == sum(enc.special_tokens_mask):  # only [CLS]/[SEP]-like tokens, or none at all
             raise InvalidInputError(
-                f"instance {i}: the text has no token this model reads (its tokenizer drops "
+                f"{item} {i}: the text has no token this model reads (its tokenizer drops "
                 "every character: zero-width, combining or control characters); send words"
             )
         unknown = _unknown_id(tokenizer)
         words = [t for t, sp in zip(enc.ids, enc.special_tokens_mask, strict=True) if not sp]
         if unknown is not None and all(t == unknown for t in words):
             raise InvalidInputError(
-                f"instance {i}: none of the text's {len(words)} token(s) is in this model's "
+                f"{item} {i}: none of the text's {len(words)} token(s) is in this model's "
                 "vocabulary (every one is unknown: another language or script?); the model "
                 "cannot read it"
             )
         if n > limit and spec.truncation == "error":
             raise InvalidInputError(
-                f"instance {i}: {n} tokens, over this model's maximum of {limit} (truncation "
+                f"{item} {i}: {n} tokens, over this model's maximum of {limit} (truncation "
                 "policy 'error'): shorten the text"
             )
         take = enc.ids[:limit]

@@ -184,3 +184,11 @@ async def test_a_fhir_answer_says_the_text_was_cut(client: httpx.AsyncClient) ->
     assert r.status_code == 200, r.text
     said = [str(e["resource"].get("note", "")) for e in r.json()["entry"]]
     assert f"cut to its first {LENGTH} of" in said[0] and "cut to" not in said[1], said
+
+
+async def test_v2_text_errors_name_the_input_element(client: httpx.AsyncClient) -> None:
+    """/v2 said "instance 1: ...", /v1's word, of a request that sent input 'input'."""
+    tensor = {"name": "input", "shape": [2], "datatype": "BYTES", "data": ["ok", "a\x00b"]}
+    r = await client.post("/v2/models/notes/infer", json={"inputs": [tensor]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "input 'input', element 1: the text contains a NUL character"

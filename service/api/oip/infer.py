@@ -130,7 +130,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
 
         def tokenized() -> TextBatch:
             texts = decode_texts(req.inputs, binary, spec, limit)
-            return encode_texts(texts, tokenizer, text, limit)
+            return encode_texts(texts, tokenizer, text, limit, f"input '{spec.name}', element")
 
         batch = await off_loop(tokenized, nbytes=len(raw))
         x = batch.ids

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     # Request limits.
     max_instances: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    max_samples: int = Field(default=1000, ge=2)
+    max_samples: int = Field(default=1000, ge=2, le=(1 << 20) - 1)  # the masks' pass counter
     # The deadline of a /v1 or /v2 request that sets none (timeout_ms, timeout): it bounds the
     # queue and the compute (a long request otherwise holds the compute, its batch's and every
     # later one's, for as long as it takes). None: no deadline by default.
@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     # behind it wait for one turn, not for all of it (service/engine/turns.py); 0: whole.
     turn_ms: float = Field(default=1000.0, ge=0.0, le=3_600_000.0)
     max_queue_rows: int = Field(default=2_000_000, ge=1)
-    max_delay_ms: float = Field(default=0.0, ge=0.0)
+    # Upper bounds on times: a delay or interval of years is a typo that hangs requests or
+    # polling, never a setting (a finite 1e12 passed where infinity was refused).
+    max_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
 
     # Readiness: models that must be loaded (default: every bundle found).
     required_models: list[str] | None = None
@@ -118,7 +120,7 @@ class Settings(BaseSettings):
     referral: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     # Shutdown: readiness fails at once, serve `drain_grace_s` more, then drain within timeout.
-    drain_grace_s: float = Field(default=5.0, ge=0.0)
+    drain_grace_s: float = Field(default=5.0, ge=0.0, le=3600.0)
     # > 0: uvicorn reads 0 as no limit (a drain that always ends in the kubelet's SIGKILL).
     drain_timeout_s: float = Field(default=20.0, gt=0.0, le=3600.0)
 
@@ -128,7 +130,7 @@ class Settings(BaseSettings):
     protect_docs: bool = False
     cors_origins: list[str] = Field(default_factory=list)
     model_control: Literal["none", "poll", "explicit"] = "none"
-    poll_interval_s: float = Field(default=10.0, gt=0.0)
+    poll_interval_s: float = Field(default=10.0, gt=0.0, le=86_400.0)
     log_format: Literal["json", "text"] = "json"
 
     # Audit trail (docs/AUDIT.md): every prediction recorded, append-only, replayable. Off by
@@ -166,8 +168,8 @@ class Settings(BaseSettings):
     # body_timeout_s (else 408, closed); at most max_pending_connections wait for a head and
     # max_connections are open (None: the open-file limit less 128), a new one over either
     # closing the longest waiting; over max_concurrency connections or requests, 503.
-    header_timeout_s: float = Field(default=10.0, gt=0.0)
-    body_timeout_s: float = Field(default=30.0, gt=0.0)
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=3600.0)
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
     max_pending_connections: int = Field(default=256, ge=1)
     max_connections: int | None = Field(default=None, ge=1)
     max_concurrency: int | None = Field(default=1000, ge=1)

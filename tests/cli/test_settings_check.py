@@ -47,6 +47,9 @@ def repo(tmp_path: Path) -> Path:
             "MCSERVE_MAX_INSTANCES: Input should be greater than or equal to 1",
         ),
         ({"MCSERVE_MAX_DELAY_MS": "inf"}, "MCSERVE_MAX_DELAY_MS: Input should be a finite number"),
+        # a finite typo of years hung every request (no upper bound)
+        ({"MCSERVE_MAX_DELAY_MS": "1e12"}, "MCSERVE_MAX_DELAY_MS: Input should be less than or"),
+        ({"MCSERVE_MAX_SAMPLES": "2000000"}, "MCSERVE_MAX_SAMPLES: Input should be less than or"),
         ({"MCSERVE_PORT": "tcp://10.0.0.1:8000"}, "MCSERVE_PORT (--port): Input should be a"),
         (
             {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": "mysql://u@127.0.0.1/db"},
@@ -68,6 +71,8 @@ def repo(tmp_path: Path) -> Path:
         "json-list",
         "range",
         "infinite",
+        "years",
+        "past-the-counter",
         "kubernetes-port",
         "audit-url",
         "hmac",

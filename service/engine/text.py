@@ -116,7 +116,7 @@ def encode_texts(
 
 def _unknown_id(tokenizer: Any) -> int | None:
     """The id of the tokenizer's unknown token, if its model has one."""
-    token = getattr(tokenizer.model, "unk_token", None)
+    token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
     return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 

@@ -47,6 +47,8 @@ SHUTTING_DOWN = "the server is shutting down"
 # in flight (Backlog.expire); later ones (a client's timeout_ms may be huge) are checked when a
 # batch reaches them and by the compute.
 TIMER_S = 86_400.0
+# A Retry-After past this is a guess, not an estimate: the client asks again by then.
+RETRY_AFTER_MAX_S = 120
 Clock = Callable[[], float]
 
 
@@ -85,6 +87,9 @@ class Batcher:
         self.max_queue_rows = max_queue_rows * unit
         self.max_delay_s = max_delay_s
         self.turns = turns.Pacer(model, turn_ms / 1000.0, unit)  # long requests in turns
+        # Retry-After's rate where no batch reaches turns' MIN_ROWS (MAX_BATCH_ROWS under it):
+        # every batch's, averaged; a guess until the first
+        self._rows_per_s = 50_000.0 * unit
         self._turn_out = False  # a batch with a turn in it is in flight
         self.batching = batching
         self.clock = clock
@@ -98,7 +103,6 @@ class Batcher:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._reason = SHUTTING_DOWN  # what the requests it still holds at its stop are told
-        self._rows_per_s = 50_000.0 * unit  # replaced by measurements after the first batch
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
 
@@ -142,7 +146,12 @@ class Batcher:
         return -(-self.stats.queue_rows // self.unit)
 
     def retry_after_s(self, extra_rows: int = 0) -> int:
-        return max(1, math.ceil((self.stats.queue_rows + extra_rows) / self._rows_per_s))
+        # The compute's rate as turns measure it (batches of MIN_ROWS or more, over the time
+        # each had the compute): an average over every batch, tiny ones mostly fixed cost,
+        # told clients to wait 15 minutes for a queue that drained in 0.3 s.
+        rate = self.turns.rate or self._rows_per_s  # batches under MIN_ROWS: every batch's
+        wait = math.ceil((self.stats.queue_rows + extra_rows) / rate)
+        return min(max(1, wait), RETRY_AFTER_MAX_S)
 
     async def submit(
         self, x: np.ndarray, params: PredictParams, deadline: float | None = None
@@ -255,8 +264,8 @@ class Batcher:
             self._turn_out = False  # the next turn may go
         now = time.perf_counter()
         elapsed = max(now - start, 1e-6)
-        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
         self.turns.landed(rows, results, start, now)
+        self._rows_per_s = 0.8 * self._rows_per_s + 0.2 * (rows / elapsed)
         rows_out = -(-rows // self.unit)  # metrics and logs count rows at full size
         self.stats.batches += 1
         self.stats.batch_rows = [*self.stats.batch_rows[-99:], rows_out]

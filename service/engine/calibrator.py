@@ -33,6 +33,7 @@ from service.engine.summaries import (
     Interval,
     PredictionSet,
     RegressionSummary,
+    level_text,
     summarize_classification,
 )
 
@@ -155,8 +156,9 @@ class Calibrator:
             if math.isinf(self.q(level)):
                 every = "is unbounded" if what == "interval" else "holds every label"
                 out.append(
-                    f"the conformal {what} at {level:g} {every}: the calibration set has "
-                    f"n={cal.n} scores, a finite threshold needs n >= {conformal.min_n(level)}"
+                    f"the conformal {what} at {level_text(level)} {every}: the calibration set "
+                    f"has n={cal.n} scores, a finite threshold needs n >= "
+                    f"{conformal.min_n(level)}"
                 )
         return out
 
@@ -168,9 +170,10 @@ class Calibrator:
     ) -> Referral:
         """Who should see a human: policy triggers on the summary and the inputs [B, ...].
 
-        The set and width triggers read the set or interval at ``level``: a request's first
-        confidence level, the one its answer shows, so the reasons speak of what the client sees
-        (default: the policy's level, at which its thresholds were derived)."""
+        A classifier's set trigger reads the set at ``level``: a request's first confidence
+        level, the one its answer shows (default: the policy's level). A regressor's width
+        trigger reads the policy's own interval, at the level its threshold was derived at (a
+        request for 50 % intervals must not escape it); its reason names that level."""
         p = self.policy
         outside = self.outside(x, p.unfamiliar_words)
         if level is not None and level != p.level:

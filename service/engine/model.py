@@ -26,6 +26,7 @@ from service.engine.summaries import (
     ClassificationSummary,
     RegressionSummary,
     SummaryError,
+    level_text,
     min_samples_for_quantile,
     softmax,
 )
@@ -175,7 +176,7 @@ class ServedModel:
                 need = min_samples_for_quantile(level)
                 if p.samples < need:
                     raise InvalidInputError(
-                        f"quantile intervals at {level:g} need samples >= {need} "
+                        f"quantile intervals at {level_text(level)} need samples >= {need} "
                         f"(got {p.samples}); ask for more samples or use interval=gaussian"
                     )
         if p.interval == "conformal" and not self.manifest.calibration:
@@ -237,7 +238,7 @@ class ServedModel:
         if self.manifest.task == "classification":
             levels = tuple(c for c in p.confidence if p.samples >= min_samples_for_quantile(c))
             dropped = [
-                f"{c:g} (needs samples >= {min_samples_for_quantile(c)})"
+                f"{level_text(c)} (needs samples >= {min_samples_for_quantile(c)})"
                 for c in p.confidence
                 if c not in levels
             ]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from service.bundle.manifest import Manifest
 from service.engine.masks import MAX_SEED
 from service.engine.prediction import Mode
-from service.engine.summaries import min_samples_for_quantile
+from service.engine.summaries import level_text, min_samples_for_quantile
 from service.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def resolve_interval(
             need = min_samples_for_quantile(level)
             if samples < need:
                 raise InvalidInputError(
-                    f"quantile intervals at {level:g} need samples >= {need} (got {samples}); "
-                    f"ask for samples={need} or a lower confidence"
+                    f"quantile intervals at {level_text(level)} need samples >= {need} (got "
+                    f"{samples}); ask for samples={need} or a lower confidence"
                 )
     return "quantile"

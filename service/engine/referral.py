@@ -97,7 +97,7 @@ def assess(
     b = len(outside)
     reasons: list[list[str]] = [[] for _ in range(b)]
     triggers: list[list[str]] = [[] for _ in range(b)]
-    level = _pct(policy.level)
+    level = f"{policy.level * 100:.10g} %"  # 99.99999 %, not 100 %
     for i in range(b):
         e = float(epistemic[i])
         if policy.epistemic is not None and e > policy.epistemic:

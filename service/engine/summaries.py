@@ -111,6 +111,12 @@ def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def level_text(level: float) -> str:
+    """A confidence level for a message: as many digits as it needs (0.9999999 read "1" with
+    :g, so a message named another level than the client's)."""
+    return f"{level:.12g}"
+
+
 def min_samples_for_quantile(level: float) -> int:
     """Fewest passes T for empirical quantile intervals at ``level``: ceil(2 / alpha)."""
     (level,) = check_levels([level])

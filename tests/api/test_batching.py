@@ -15,6 +15,7 @@ from asgi_scopes import predict_scope
 from fastapi import FastAPI
 
 from service.api.common.state import AppState
+from service.engine import batcher as batcher_module
 from service.engine.batcher import Batcher
 
 
@@ -91,6 +92,18 @@ async def test_overload_answers_429_with_retry_after(
             r = await client.post("/v1/models/clf:predict", json=body(2, [0, 0, 0, 0], 300))
             assert r.status_code == 429
             assert int(r.headers["retry-after"]) >= 1
+            # From the rate turns measure, and bounded: an average over tiny batches (mostly
+            # fixed cost) told clients to wait 15 minutes for a queue that drained in 0.3 s.
+            saved_rate = b.turns.rate
+            try:
+                b.turns.rate = 1_000.0  # cost units a second
+                assert b.retry_after_s() == 1  # 300 queued
+                assert b.retry_after_s(1_000_000) == batcher_module.RETRY_AFTER_MAX_S
+                # No batch of MIN_ROWS yet (MAX_BATCH_ROWS under it): every batch's average.
+                b.turns.rate, b._rows_per_s = None, 100.0
+                assert b.retry_after_s() == 3  # 300 queued at 100 a second
+            finally:
+                b.turns.rate = saved_rate
             assert r.json()["error"] == (
                 "model 'clf' is at capacity; retry after the indicated delay"
             )
@@ -322,3 +335,27 @@ async def test_a_deadline_passing_during_compute_is_a_504_counted_as_expired(
     assert error.startswith("the request's deadline passed ") and "compute" in error, error
     await until(lambda: b.stats.queue_rows == 0)  # its batch landed too
     assert (b.stats.expired, b.stats.failed) == (expired + 1, failed)
+
+
+async def test_a_deadline_counts_from_the_requests_arrival(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline started after the body was read, parsed and converted: 9 texts of 100 kB
+    (tokenized off the loop, behind each other) were answered 200 at five times their
+    timeout_ms. Here the conversion is made slow: past the deadline, the answer is a 504."""
+    import time
+
+    from service.api.native import predict
+
+    convert = predict.to_array
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "to_array", slow)
+    for ms, status in ((100, 504), (5000, 200)):
+        sent = body(1, [0, 0, 0, 0], 4)
+        sent["parameters"]["timeout_ms"] = ms
+        r = await client.post("/v1/models/clf:predict", json=sent)
+        assert r.status_code == status, r.text

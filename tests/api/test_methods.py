@@ -106,3 +106,40 @@ async def test_a_cors_preflight_for_head_is_allowed() -> None:
             headers={"origin": "https://ui.example", "access-control-request-method": "HEAD"},
         )
     assert r.status_code == 200, r.text
+
+
+async def test_deterministic_requests_are_not_refused_for_mc_parameters() -> None:
+    """mode=deterministic runs one pass: samples over max_samples, a model default over it, and
+    a classifier's interval=gaussian were refused (422 on /v1, 400 on /v2), where README says
+    the ignored parameters are named in a warning."""
+    app = create_app(Settings(model_dir=ROOT / "models", max_samples=50, compute_process=False))
+    det = {"mode": "deterministic"}
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        for params, model in (
+            (det, "diabetes"),  # its default samples (100) is over 50
+            ({**det, "samples": 5000}, "diabetes"),
+            ({**det, "interval": "gaussian"}, "breast-cancer"),
+        ):
+            body = {"instances": [examples.instance(model)], "parameters": params}
+            r = await c.post(f"/v1/models/{model}:predict", json=body)
+            assert r.status_code == 200, (params, r.text)
+            named = [k for k in params if k != "mode"]
+            said = " ".join(r.json().get("warnings", []))
+            assert all(k in said for k in named), (named, said)  # named, not refused
+        tensor = {"name": "input", "shape": [1, 10], "datatype": "FP32"}
+        body2 = {"inputs": [{**tensor, "data": examples.ROWS["diabetes"]}], "parameters": det}
+        r = await c.post("/v2/models/diabetes/infer", json=body2)
+        assert r.status_code == 200, r.text
+
+
+async def test_a_level_near_1_is_named_as_sent() -> None:
+    """0.9999999 printed as "1" (:g): "per-class intervals omitted at 1", "the 100 % set"."""
+    app = create_app(SETTINGS)
+    body = {
+        "instances": [examples.instance("digits")],
+        "parameters": {"samples": 10, "confidence": 0.9999999, "seed": 1},
+    }
+    async with app.router.lifespan_context(app), asgi_client(app) as c:
+        r = await c.post("/v1/models/digits:predict", json=body)
+    said = " ".join(r.json()["warnings"])
+    assert "omitted at 0.9999999 (needs samples >= 20000000)" in said, said

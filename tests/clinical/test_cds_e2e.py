@@ -474,3 +474,39 @@ async def test_a_deadline_says_the_server_s_setting_not_a_client_timeout(
     assert issue["diagnostics"].startswith("the request's deadline passed")
     assert "MCSERVE_CDS_TIMEOUT_MS" in issue["diagnostics"]
     assert "timeout_ms on /v1" not in issue["diagnostics"]
+
+
+async def test_a_default_over_max_samples_runs_the_maximum(
+    ehr: httpx.AsyncClient, es384: Signer, cds_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook call cannot send samples: with MCSERVE_MAX_SAMPLES under the model's default,
+    every call was refused, telling the EHR to send samples."""
+    st = cds_app.state.mcserve
+    monkeypatch.setattr(st, "settings", st.settings.model_copy(update={"max_samples": 50}))
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    assert "50 passes" in card["detail"], card["detail"]
+
+
+async def test_a_hook_calls_deadline_bounds_its_compute_only(
+    ehr: httpx.AsyncClient, es384: Signer, cds_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cds_timeout_ms bounds the compute: counted from the request's arrival, the token check
+    and the FHIR fetches before it spent it (a 0.4 s fetch under a 300 ms deadline was a 503
+    "waited in the queue")."""
+    import time
+
+    from service.api.cds import routes
+
+    clinical = cds_app.state.cds
+    monkeypatch.setattr(
+        clinical, "settings", clinical.settings.model_copy(update={"cds_timeout_ms": 300})
+    )
+    convert = routes.to_array
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.4)  # as a slow FHIR fetch before the compute
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "to_array", slow)
+    card = only_card(await call(ehr, es384, DIABETES, hook_call(diabetes_prefetch(now()))))
+    assert card["summary"].startswith("Diabetes progression score in 1 year: ")

@@ -35,14 +35,14 @@ REGRESSION = [
 CLASSIFICATION = [
     "probabilities",
     "probability_std",
-    "probability_se",
-    "lower",
-    "upper",
     "label",
     "predictive_entropy",
     "expected_entropy",
     "mutual_information",
     "variation_ratio",
+    "probability_se",
+    "lower",
+    "upper",
 ]
 DIABETES = [59.0, 2.0, 32.1, 101.0, 157.0, 93.2, 38.0, 4.0, 4.8598, 87.0]
 
@@ -143,13 +143,14 @@ async def test_model_metadata(oip: httpx.AsyncClient) -> None:
     assert (await oip.get("/v2/models/diabetes/versions/1")).json() == meta
     digits = (await oip.get("/v2/models/digits")).json()
     assert digits["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    assert digits["outputs"][:6] == [
+    assert digits["outputs"][:3] == [
         {"name": "probabilities", "datatype": "FP64", "shape": [-1, 10]},
         {"name": "probability_std", "datatype": "FP64", "shape": [-1, 10]},
-        {"name": "probability_se", "datatype": "FP64", "shape": [-1, 10]},
-        {"name": "lower", "datatype": "FP64", "shape": [-1, 10]},
-        {"name": "upper", "datatype": "FP64", "shape": [-1, 10]},
         {"name": "label", "datatype": "INT64", "shape": [-1]},
+    ]
+    assert digits["outputs"][7:10] == [
+        {"name": n, "datatype": "FP64", "shape": [-1, 10]}
+        for n in ("probability_se", "lower", "upper")
     ]
     # Version 2 is calibrated: it adds conformal prediction sets; version 1 has none.
     names2 = [o["name"] for o in digits["outputs"]]
@@ -417,6 +418,11 @@ async def test_mlserver_codec_hints_are_read(oip: httpx.AsyncClient) -> None:
     r = await oip.post("/v2/models/diabetes/infer", json=req)
     assert r.status_code == 200, r.text
     assert r.json()["outputs"] == plain.json()["outputs"]
+    # base64 (encoded BYTES) and pd (a column per input) would be read as something else
+    for kind in ("base64", "pd"):
+        req["inputs"][0]["parameters"] = {"content_type": kind}
+        r = await oip.post("/v2/models/diabetes/infer", json=req)
+        assert r.status_code == 400 and "content_type" in r.json()["error"], r.text
 
 
 def _with(model: str, **change: Any) -> dict[str, Any]:

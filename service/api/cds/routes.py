@@ -138,12 +138,18 @@ async def call(service_id: ServiceId, request: Request) -> Response:
             raise
         return await missing_data_card(cds, service_id, body, model, offered.mapping, exc)
     x = to_array([features], model.manifest.inputs, 1)
-    params = to_params(PredictParameters(), model, st.settings.max_samples)
+    # A hook call cannot send samples: with the model's default over the server's maximum,
+    # every call was refused ("send samples"); it runs the maximum (its card says how many).
+    most = st.settings.max_samples
+    asked = PredictParameters(samples=most) if model.manifest.defaults.samples > most else None
+    params = to_params(asked or PredictParameters(), model, most)
     batcher = st.batcher(model.name, model.version)
     card_id = str(uuid.uuid4())  # known before the answer: the audit record names it
     ms = cds.settings.cds_timeout_ms
     try:
-        pred = await run(request, batcher, x, params, ms / 1000.0, card_uuid=card_id)
+        pred = await run(
+            request, batcher, x, params, ms / 1000.0, card_uuid=card_id, from_arrival=False
+        )
     except DeadlineExceededError as exc:  # a hook caller cannot set a timeout of its own
         hint = (
             f"the server gives a hook call's compute {ms:g} ms (MCSERVE_CDS_TIMEOUT_MS); retry "

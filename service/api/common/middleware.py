@@ -77,6 +77,7 @@ class RequestContext:
         rid = given if _SAFE_ID.match(given) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["arrived"] = time.monotonic()  # a deadline counts from here (call.run)
         status = 500  # what the client gets if the app raises (ServerErrorMiddleware answers)
         raw_len = headers.get(b"content-length")
         try:

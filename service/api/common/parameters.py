@@ -111,7 +111,12 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
     d = model.manifest.defaults
     conf = p.confidence if p.confidence is not None else d.confidence
     levels = check_levels([conf] if isinstance(conf, float | int) else conf)
-    auto = _adaptive(p, max_samples) if p.mode == "mc" else None
+    if p.mode == "deterministic":  # one pass, dropout off: the MC parameters are named in a
+        # warning (`ignored`), never refused (samples over max_samples, or a classifier's
+        # interval=gaussian, were 422s; a model default over max_samples refused every one)
+        interval = default_interval(model.manifest)
+        return PredictParams(1, levels, p.seed, p.mode, interval, None, p.dropout_sites)
+    auto = _adaptive(p, max_samples)
     if auto is not None:  # the first chunk's passes; more are queued until the answer is sure
         interval = p.interval or default_interval(model.manifest)
         samples = first_passes(

@@ -56,13 +56,14 @@ def specs(model: ServedModel) -> list[TensorSpec]:
         out = [
             TensorSpec("probabilities", "FP64", k, deterministic=True),
             TensorSpec("probability_std", "FP64", k),
-            TensorSpec("probability_se", "FP64", k),
-            # per-class quantiles of p at the request's confidence: NaN (JSON null) where the
-            # passes cannot reach the level (the answer's warning says so)
-            TensorSpec("lower", "FP64", k),
-            TensorSpec("upper", "FP64", k),
             TensorSpec("label", "INT64", (), deterministic=True),
             *(TensorSpec(n, "FP64", ()) for n in CLASS_SCORES),
+            # After the older ones (a client may read them by position): per-class quantiles
+            # of p at the request's confidence, NaN (JSON null) where the passes cannot reach
+            # the level (the answer's warning says so).
+            TensorSpec("probability_se", "FP64", k),
+            TensorSpec("lower", "FP64", k),
+            TensorSpec("upper", "FP64", k),
         ]
         if model.calibrator.calibrated:
             out.append(TensorSpec("prediction_set", "BOOL", k))

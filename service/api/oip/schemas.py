@@ -43,9 +43,10 @@ class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# MLServer's codecs add `content_type` ("np", "str", "pd") to requests and inputs, and their
-# `model_dump()` keeps `"headers": null`: read as hints, checked where they would mislead.
-ContentType = Literal["np", "str", "pd", "base64"]
+# MLServer's codecs add `content_type` to requests and inputs, and their `model_dump()` keeps
+# `"headers": null`. "np" and "str" say what the data already are here; "base64" (encoded
+# BYTES) and "pd" (a column per input) would be read as something else: refused.
+ContentType = Literal["np", "str"]
 
 
 class InputParameters(Closed):

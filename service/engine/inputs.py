@@ -16,6 +16,13 @@ from typing import Any
 import numpy as np
 
 from service.bundle.spec import InputSpec
+from service.engine.input_messages import (
+    LARGEST,
+    feature,
+    first_bad,
+    flat_image,
+    not_a_number,
+)
 from service.errors import InvalidInputError, PayloadTooLargeError, shown_name
 
 
@@ -43,53 +50,6 @@ def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
             )
         rows.append([inst[n] for n in names])
     return rows
-
-
-def _first_bad(instances: Sequence[Any], spec: InputSpec) -> str:
-    """Find the first instance that does not convert, for a precise message."""
-    for i, inst in enumerate(instances):
-        try:
-            a = np.asarray(inst, dtype=np.float64)
-        except OverflowError:  # a JSON integer past float64's range (10**400)
-            leaves = _leaves(inst) if type(inst) is list else [inst]
-            try:
-                shape = list(np.asarray(inst, dtype=object).shape)
-            except ValueError:  # ragged
-                shape = []
-            if shape != spec.shape and not _flat_image(shape, spec):  # shape's wrong first
-                return f"instance {i} is not an array of numbers of shape {spec.shape}"
-            j = next(j for j, v in enumerate(leaves) if type(v) is int and _huge(v))
-            return (
-                f"instance {i}, {_feature(spec, j)}: an integer of about "
-                f"{int(abs(leaves[j]).bit_length() * 0.30103)} digits is beyond what the "
-                f"model's {spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); "
-                "check the value and its unit"
-            )
-        except (ValueError, TypeError):
-            return f"instance {i} is not an array of numbers of shape {spec.shape}"
-        if list(a.shape) != spec.shape and not _flat_image(a.shape, spec):
-            return f"instance {i} has shape {list(a.shape)}, expected {spec.shape}{_hint(spec)}"
-    return f"instances must be arrays of numbers of shape {spec.shape}{_hint(spec)}"
-
-
-def _huge(v: int) -> bool:
-    try:
-        float(v)
-    except OverflowError:
-        return True
-    return False
-
-
-def _flat_image(shape: Sequence[int], spec: InputSpec) -> bool:
-    """A flat instance of an image model's size: unambiguous, read row-major like its CSVs."""
-    return len(spec.shape) > 1 and len(shape) == 1 and shape[0] == int(np.prod(spec.shape))
-
-
-def _hint(spec: InputSpec) -> str:
-    if len(spec.shape) < 2:
-        return ""
-    names = " or an object keyed by its feature names" if spec.feature_names else ""
-    return f" (or a flat list of {int(np.prod(spec.shape))} numbers, row-major{names})"
 
 
 # Not numbers, though numpy would take them: "59" -> 59.0 and null -> NaN. One rule for inputs
@@ -166,52 +126,6 @@ def check_count(count: int, max_instances: int) -> None:
         )
 
 
-def _leaves(v: Any) -> list[Any]:
-    return [x for item in v for x in _leaves(item)] if type(v) is list else [v]
-
-
-def _not_a_number(rows: Sequence[Any], spec: InputSpec) -> str:
-    """The first element that is not a number, named (feature or element) and quoted as JSON."""
-    for i, row in enumerate(rows):
-        if type(row) is not list:  # a bare value, not an array: no feature to name
-            names = " or an object keyed by its feature names" if spec.feature_names else ""
-            return (
-                f"instance {i} is {_quote(row)}, not an array; this model takes an array of "
-                f"numbers of shape {spec.shape}{names}"
-            )
-        for j, v in enumerate(_leaves(row)):
-            if type(v) is bool:
-                return (
-                    f"instance {i}, {_feature(spec, j)}: true/false are not accepted; send a number"
-                )
-            if v is None:
-                return f"instance {i}, {_feature(spec, j)}: null is not a number; send a value"
-            if type(v) is str:
-                return (
-                    f"instance {i}, {_feature(spec, j)}: {_quote(v)} is not a number; send "
-                    "numbers unquoted"
-                )
-            if not isinstance(v, int | float):
-                return f"instance {i}, {_feature(spec, j)}: {type(v).__name__} is not a number"
-    return _first_bad(rows, spec)
-
-
-QUOTE_CHARS = 40  # an error echoes this much of a value: enough to find it, never the body
-
-
-def _quote(v: Any) -> str:
-    """A value for an error message: strings quoted and cut, others named by their JSON type."""
-    if type(v) is str:
-        if len(v) <= QUOTE_CHARS:
-            return f"the string {v!r}"
-        return f"the string {v[:QUOTE_CHARS]!r}... ({len(v)} characters)"
-    if v is None:
-        return "null"
-    if type(v) is bool:
-        return "true/false"
-    return "a number" if isinstance(v, int | float) else "an object"
-
-
 def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> np.ndarray:
     """[B, *shape] float32; checks count, shape, numbers, finiteness and hard valid ranges."""
     if not isinstance(instances, list) or not instances:
@@ -226,17 +140,17 @@ def to_array(instances: Sequence[Any], spec: InputSpec, max_instances: int) -> n
     if isinstance(instances[0], dict):
         rows = _from_objects(instances, spec)
     if any(_has_non_number(r) for r in rows):
-        raise InvalidInputError(_not_a_number(rows, spec))
+        raise InvalidInputError(not_a_number(rows, spec))
     try:
         arr = np.asarray(rows, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         # Objects: name the feature whose value is not a number (an object, say).
-        explain = _not_a_number if isinstance(instances[0], dict) else _first_bad
+        explain = not_a_number if isinstance(instances[0], dict) else first_bad
         raise InvalidInputError(explain(rows, spec)) from None
-    if arr.ndim == 2 and _flat_image(arr.shape[1:], spec):  # flat lists or feature-keyed objects
+    if arr.ndim == 2 and flat_image(arr.shape[1:], spec):  # flat lists or feature-keyed objects
         arr = arr.reshape(arr.shape[0], *spec.shape)
     if list(arr.shape[1:]) != spec.shape:
-        raise InvalidInputError(_first_bad(rows, spec))
+        raise InvalidInputError(first_bad(rows, spec))
     return checked(arr, spec)
 
 
@@ -253,14 +167,14 @@ def checked(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])
         raise InvalidInputError(
-            f"instance {i}, {_feature(spec, j)}: NaN and Infinity are not valid inputs"
+            f"instance {i}, {feature(spec, j)}: NaN and Infinity are not valid inputs"
         )
     # 1e39 is finite in float64 but infinite in float32: the answer's numbers came back null.
     over = np.abs(flat) > LARGEST[spec.dtype]
     if over.any():
         i, j = (int(v) for v in np.argwhere(over)[0])
         raise InvalidInputError(
-            f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is beyond what the model's "
+            f"instance {i}, {feature(spec, j)} = {flat[i, j]:g} is beyond what the model's "
             f"{spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); check the "
             "value and its unit"
         )
@@ -279,15 +193,7 @@ def _cast(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _feature(spec: InputSpec, j: int) -> str:
-    if spec.feature_names and j < len(spec.feature_names):  # an instance may hold too many
-        return f"feature '{spec.feature_names[j]}'"
-    return f"element {j}"
-
-
 _BOUNDS: dict[int, tuple[InputSpec, np.ndarray, np.ndarray, bool]] = {}
-# The largest magnitude each input dtype holds (int64's, as the float64 that is exact below it).
-LARGEST = {"float32": float(np.finfo(np.float32).max), "int64": float(2**63 - 1024)}
 
 
 def _bounds(spec: InputSpec, width: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
@@ -322,6 +228,6 @@ def _check_ranges(flat: np.ndarray, spec: InputSpec) -> None:
         i, j = (int(v) for v in np.argwhere(bad)[0])
         unit = f" {spec.units[j]}" if spec.units and spec.units[j] else ""
         raise InvalidInputError(
-            f"instance {i}, {_feature(spec, j)} = {flat[i, j]:g} is outside the valid range "
+            f"instance {i}, {feature(spec, j)} = {flat[i, j]:g} is outside the valid range "
             f"[{lo[j]:g}, {hi[j]:g}]{unit}; check the value and its unit"
         )

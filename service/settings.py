@@ -93,10 +93,6 @@ class Settings(BaseSettings):
     # the GIL behind the event loop and the two took turns on one core (about 1.5x fewer
     # requests/s at concurrency 64 on 2 cores). Off: one process, one model copy less.
     compute_process: bool = True
-    # With the compute process: a compute call answered nothing for this long means a hung
-    # child, killed and restarted (its requests 503). Turns keep a call near TURN_MS; with
-    # TURN_MS=0 a whole request is one call: raise it. 0: no limit.
-    compute_stall_s: float = Field(default=300.0, ge=0.0, le=86_400.0)
     # With the compute process: the rows of one batch of the pipeline (up to 4 in flight; a
     # single larger request goes whole, or in turns: turn_ms). See service/engine/batcher.py.
     slice_rows: int = Field(default=1600, ge=1)

@@ -73,16 +73,9 @@ def _frame(obj: object) -> bytes:
 class ComputeProcess:
     """The server's side: started lazily, fed and read by the event loop, restarted on death."""
 
-    def __init__(
-        self, spec: WorkerSpec, start_timeout_s: float = 300.0, stall_s: float = 0.0
-    ) -> None:
+    def __init__(self, spec: WorkerSpec, start_timeout_s: float = 300.0) -> None:
         self.spec = spec
         self.start_timeout_s = start_timeout_s
-        # A compute call with no answer for this long (0: no limit) means a hung child (a
-        # stopped process, a deadlock): it is killed, what it held answers 503, and the next
-        # call starts a new one. Requests without a deadline waited for ever, and the queue
-        # filled until every request was a 429.
-        self.stall_s = stall_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -152,36 +145,26 @@ class ComputeProcess:
     async def compute(self, model: ServedModel, works: list[Work]) -> list[Outcome]:
         """`compute.run(model, works)` in the child; its engine counters are added to
         `model.sampler.stats` here, so the server's counters count the child's work."""
-        args = (key_of(model), model.bundle.path, works)
-        results, counts = await self._call("compute", *args, limit_s=self.stall_s)
+        results, counts = await self._call("compute", key_of(model), model.bundle.path, works)
         if counts:
             model.sampler.stats.add(**counts)
         return list(results)
 
-    async def _call(self, op: str, *args: object, limit_s: float = 0.0) -> Any:
+    async def _call(self, op: str, *args: object) -> Any:
         if self._closing:
             raise ComputeUnavailableError("the server is shutting down; retry on another replica")
         if not self._ready:
             await self.start()
-        return await self._send(op, *args, limit_s=limit_s)
+        return await self._send(op, *args)
 
-    async def _send(self, op: str, *args: object, limit_s: float = 0.0) -> Any:
+    async def _send(self, op: str, *args: object) -> Any:
         if self._writer is None:
             raise ComputeUnavailableError("the compute process stopped; retry")
         ident = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
         self._writer.write(_frame((ident, op, args)))
-        if limit_s <= 0:
-            return await fut
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), limit_s)
-        except TimeoutError:
-            if fut.done():  # answered at the very moment
-                return fut.result()
-            log.error("compute process stalled", extra={"op": op, "seconds": limit_s})
-            self._lost()  # kills it; fails this call and every other it held (503)
-            return await fut
+        return await fut
 
     async def _read(self, reader: asyncio.StreamReader, generation: int) -> None:
         try:

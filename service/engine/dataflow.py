@@ -6,9 +6,10 @@
   shapes alone (a Siamese model's torch.cat([x[:, 0], x[:, 1]]) holds 2B rows, B of them per
   half: blocks of 2 rows per input took zeros for most of them);
 - `size_only`: values computed from the input's sizes, not its values (torch.arange(B), zeros
-  of [B, d]): such a value is recomputed in the suffix from the suffix's own rows, never
+  of [B, d]): the integer ones (indices) are recomputed in the suffix from its own rows, never
   gathered from the prefix's (an arange(B) of the prefix indexed the suffix's pass x input rows
-  with the prefix's row numbers: last-token pooling served one pass's row for every pass);
+  with the prefix's row numbers: last-token pooling served one pass's row for every pass); the
+  float ones, the same for every input, are carried over (graph.py);
 - `check_in_place`: an in-place operation whose input is read elsewhere is refused: the split
   runs the whole prefix before the suffix, so a dropout branch that read the value before the
   in-place change would read it after (bundles are rebuilt without `inplace`; a module given to

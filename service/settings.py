@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     # the GIL behind the event loop and the two took turns on one core (about 1.5x fewer
     # requests/s at concurrency 64 on 2 cores). Off: one process, one model copy less.
     compute_process: bool = True
+    # With the compute process: a child that holds calls and has sent nothing, not even its
+    # heartbeat (4 a second, from a thread of its own), for this long is hung (stopped, or
+    # holding the GIL): killed and restarted, its requests 503. 0: never; else at least 1 s.
+    compute_stall_s: float = Field(default=60.0, ge=0.0, le=3600.0)
+
+    @field_validator("compute_stall_s")
+    @classmethod
+    def _stall(cls, v: float) -> float:
+        if 0 < v < 1.0:  # a few heartbeats must fit in it
+            raise ValueError("compute_stall_s is 0 (never) or at least 1 second")
+        return v
+
     # With the compute process: the rows of one batch of the pipeline (up to 4 in flight; a
     # single larger request goes whole, or in turns: turn_ms). See service/engine/batcher.py.
     slice_rows: int = Field(default=1600, ge=1)

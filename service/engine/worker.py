@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,6 +50,12 @@ log = logging.getLogger("mcserve.worker")
 HEADER = 8
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
 CLOSE_S = 2.0  # at shutdown, the child's time to exit before it is killed (deploy's grace)
+# The child says it is alive this often, from a thread of its own, whatever it computes or
+# loads; a child silent for `stall_s` while it holds calls is hung (stopped, or holding the
+# GIL) and is killed. Watching silence, not each call's age: a call may wait behind others in
+# the child (model loads, pipelined batches) for longer than any fixed limit (review R7).
+HEARTBEAT_S = 0.25
+HEARTBEAT = -1  # the frame id of a heartbeat
 Key = tuple[str, str, str]  # name, version, digest
 _COUNTERS = [f.name for f in fields(SamplerStats) if not f.name.startswith("_")]
 
@@ -73,9 +80,14 @@ def _frame(obj: object) -> bytes:
 class ComputeProcess:
     """The server's side: started lazily, fed and read by the event loop, restarted on death."""
 
-    def __init__(self, spec: WorkerSpec, start_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, spec: WorkerSpec, start_timeout_s: float = 300.0, stall_s: float = 0.0
+    ) -> None:
         self.spec = spec
         self.start_timeout_s = start_timeout_s
+        self.stall_s = stall_s  # 0: never judged hung
+        self._heard = time.monotonic()  # the child's last frame (answer or heartbeat)
+        self._watchdog: asyncio.Task[None] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -129,7 +141,35 @@ class ComputeProcess:
                     f"the compute process failed to start ({self._failure}); retry shortly"
                 ) from exc
             self._ready = True
+            self._heard = time.monotonic()
+            if self.stall_s > 0 and self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().create_task(self._watch())
             log.info("compute process started", extra={"pid": pid, "starts": self.starts})
+
+    async def _watch(self) -> None:
+        """Kill a child that holds calls and has said nothing for `stall_s`: what it held
+        answers 503 and the next call starts a new one (a stopped child held requests without
+        a deadline for ever, readiness stayed 200, and the queue filled to 429s). Its
+        heartbeat comes from a thread of its own, so this sees a child that is stopped or holds
+        the GIL, not one whose main thread waits on a lock with the GIL released."""
+        interval = min(HEARTBEAT_S, self.stall_s / 4)
+        tick = time.monotonic()
+        while not self._closing:
+            await asyncio.sleep(interval)
+            now, late = time.monotonic(), time.monotonic() - tick > 2 * interval
+            tick = now
+            if late:  # this loop itself was held: the child's frames may be unread yet
+                continue
+            try:
+                silent = now - self._heard
+                if self._ready and self._pending and silent > self.stall_s:
+                    log.error(
+                        "compute process silent: killed",
+                        extra={"seconds": round(silent, 1), "in_flight": len(self._pending)},
+                    )
+                    self._lost()
+            except Exception:  # the watch goes on whatever one check hit
+                log.exception("compute process watch failed")
 
     async def prepare(self, model: ServedModel) -> None:
         """Load and warm the child's copy of `model` (raises if it cannot: the model is not
@@ -171,6 +211,10 @@ class ComputeProcess:
             while True:
                 n = int.from_bytes(await reader.readexactly(HEADER), "big")
                 ident, ok, value = pickle.loads(await reader.readexactly(n))
+                if generation == self.starts:
+                    self._heard = time.monotonic()
+                if ident == HEARTBEAT:
+                    continue
                 fut = self._pending.pop(ident, None)
                 if fut is not None and not fut.done():
                     fut.set_result(value) if ok else fut.set_exception(value)
@@ -212,6 +256,8 @@ class ComputeProcess:
         drain is over), so nothing waits for that batch; waiting for it (the reader first, with
         no limit, then 10 s) kept a pod past its grace period."""
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._writer is not None:
             self._writer.close()
         if self.proc is not None:
@@ -306,6 +352,8 @@ def main(fd: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=fmt)
     child = _Child()
     stream = socket.socket(fileno=fd).makefile("rwb")
+    writing = threading.Lock()  # answers and heartbeats: whole frames, one at a time
+    threading.Thread(target=_heartbeat, args=(stream, writing), daemon=True).start()
     while True:
         head = stream.read(HEADER)
         if len(head) < HEADER:
@@ -321,10 +369,25 @@ def main(fd: int) -> None:
         except Exception as exc:  # an answer that cannot travel fails its batch, not the child
             frame = _frame((ident, False, RuntimeError(f"unpicklable result: {exc}")))
         try:
-            stream.write(frame)
-            stream.flush()
+            with writing:
+                stream.write(frame)
+                stream.flush()
         except (BrokenPipeError, ConnectionResetError):
             return  # the server stopped waiting (its drain ran out) and closed the socket
+
+
+def _heartbeat(stream: Any, writing: threading.Lock) -> None:
+    """Say "alive" every HEARTBEAT_S, whatever the main thread does (it releases the GIL in
+    torch and numpy, and Python switches threads every 5 ms otherwise)."""
+    beat = _frame((HEARTBEAT, True, None))
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            with writing:
+                stream.write(beat)
+                stream.flush()
+        except (OSError, ValueError):  # the socket closed: the main loop ends the process
+            return
 
 
 if __name__ == "__main__":

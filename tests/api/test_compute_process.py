@@ -211,3 +211,63 @@ async def test_a_start_that_hangs_is_killed_and_retried_after_a_pause(process_ap
     assert r.alive and r.starts == 2
     await r.close()
     assert r.proc is not None and r.proc.returncode == 0
+
+
+async def test_a_silent_process_is_killed_and_replaced(
+    process_app: FastAPI, pclient: httpx.AsyncClient
+) -> None:
+    """A hung child (stopped here) was never noticed: a request without a deadline waited for
+    ever, readiness stayed 200, and the queue filled until every request was a 429. A child
+    that holds calls and sends nothing, not even its heartbeat, for COMPUTE_STALL_S is killed:
+    what it held answers 503, the next request starts a new one."""
+    import time
+
+    r = remote(process_app)
+    old, starts, saved = r.proc, r.starts, r.stall_s
+    assert old is not None
+    r.stall_s = 1.5
+    os.kill(old.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        held = await pclient.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
+        assert held.status_code == 503, held.text
+        assert time.monotonic() - began < 6.0  # 1.5 s after its last heartbeat
+        assert held.json()["error"].startswith("the compute process stopped")
+        await until(lambda: old.poll() is not None)  # killed, not left stopped
+    finally:
+        r.stall_s = saved
+        if old.poll() is None:
+            os.kill(old.pid, signal.SIGKILL)
+    again = await pclient.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
+    assert again.status_code == 200, again.text
+    assert r.starts == starts + 1
+
+
+async def test_a_busy_process_is_not_taken_for_a_silent_one(tmp_path: Path) -> None:
+    """A per-call limit killed a child that was working: a call waiting behind another model's
+    long one in the child outlived it (review R7). The heartbeat comes from a thread of its
+    own: two requests of about a second each, one behind the other, under a 1 s limit."""
+    import torch
+    from nets import mlp
+
+    from service.packaging import save
+
+    torch.manual_seed(0)
+    for name, d in (("wide", 4), ("wide2", 3)):
+        save(mlp(0.25, d_in=d, hidden=256, d_out=1), torch.randn(4, d), out_dir=tmp_path,
+             name=name, version="1", task="regression", intended_use="tests only",
+             target="y", noise_var=0.25)  # fmt: skip
+    s = Settings(model_dir=tmp_path, max_instances=1024, max_samples=100_000, turn_ms=0,
+                 compute_process=True, compute_stall_s=1.0)  # fmt: skip
+
+    def req(d: int) -> dict[str, Any]:
+        rows = [[0.1 * (i % 7)] * d for i in range(200)]
+        return {"instances": rows, "parameters": {"samples": 3000, "seed": 1}}
+
+    async with running(s) as app, asgi_client(app) as c:
+        answers = await asyncio.gather(
+            c.post("/v1/models/wide:predict", json=req(4)),
+            c.post("/v1/models/wide2:predict", json=req(3)),
+        )
+        assert [a.status_code for a in answers] == [200, 200], [a.text[:200] for a in answers]
+        assert remote(app).starts == 1  # never killed

@@ -20,6 +20,7 @@ import numpy as np
 
 from service.bundle.calibration import ReferralPolicy
 from service.bundle.spec import InputSpec
+from service.engine.summaries import level_text
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def assess(
     b = len(outside)
     reasons: list[list[str]] = [[] for _ in range(b)]
     triggers: list[list[str]] = [[] for _ in range(b)]
-    level = f"{policy.level * 100:.10g} %"  # 99.99999 %, not 100 %
+    level = f"{level_text(policy.level * 100)} %"  # 99.99999 %, not 100 %
     for i in range(b):
         e = float(epistemic[i])
         if policy.epistemic is not None and e > policy.epistemic:

@@ -87,6 +87,7 @@ def encode_texts(
     limit = spec.max_tokens
     ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
     counts, cut = [], []
+    unknown = _unknown_id(tokenizer)  # once a request, not once a text
     for i, enc in _encodings(tokenizer, texts, sizes):
         n = len(enc.ids)
         if n == sum(enc.special_tokens_mask):  # only [CLS]/[SEP]-like tokens, or none at all
@@ -94,7 +95,6 @@ def encode_texts(
                 f"{item} {i}: the text has no token this model reads (its tokenizer drops "
                 "every character: zero-width, combining or control characters); send words"
             )
-        unknown = _unknown_id(tokenizer)
         words = [t for t, sp in zip(enc.ids, enc.special_tokens_mask, strict=True) if not sp]
         if unknown is not None and all(t == unknown for t in words):
             raise InvalidInputError(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from service.errors import InvalidInputError
+from service.training.table import numeric
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def read_vectors(path: Path, wanted: set[str] | None = None) -> WordVectors:
                     raise InvalidInputError(_bad(path, number, "has a word and no numbers"))
             # From the right: a word may hold spaces (glove.840B's ". . .").
             word, *numbers = text.rsplit(" ", dim)
-            if len(numbers) != dim or (_number(word.rsplit(" ", 1)[-1]) and " " in word):
+            if len(numbers) != dim or (numeric(word.rsplit(" ", 1)[-1]) and " " in word):
                 count = len(numbers) if len(numbers) != dim else "more"
                 raise InvalidInputError(
                     _bad(path, number, f"has {count} numbers where line {first} had {dim}")
@@ -99,14 +100,6 @@ def read_vectors(path: Path, wanted: set[str] | None = None) -> WordVectors:
 def _header(text: str) -> bool:
     parts = text.split(" ")
     return len(parts) == 2 and all(p.isdigit() for p in parts)
-
-
-def _number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def _bad(path: Path, number: int, what: str) -> str:

@@ -7,9 +7,12 @@ killed and restarted: nothing is lost, nothing written twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_support import serving
@@ -17,6 +20,18 @@ from audit_support import serving
 import service.audit.sink as sink_module
 import service.audit.writer as writer_module
 from service.audit.sink import answer_within
+
+
+@contextlib.contextmanager
+def stopped(proc: Any) -> Iterator[None]:
+    """The writer process stopped (SIGSTOP) inside the block, continued after if still there."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+
 
 BODY = {"instances": [[0.1, -0.2, 0.3, 0.4]], "parameters": {"seed": 1}}
 
@@ -33,8 +48,7 @@ async def test_a_writer_process_without_an_answer_is_killed_and_the_batch_writte
         assert (await client.post("/v1/models/clf:predict", json=BODY)).status_code == 200
         assert await writer.flush(10)
         stalled = writer._sink._proc
-        os.kill(stalled.pid, signal.SIGSTOP)
-        try:
+        with stopped(stalled):
             for i in range(3):
                 r = await client.post(
                     "/v1/models/clf:predict", json=BODY, headers={"X-Request-ID": f"s-{i}"}
@@ -42,9 +56,6 @@ async def test_a_writer_process_without_an_answer_is_killed_and_the_batch_writte
                 assert r.status_code == 200
             # Before: the write waited for the stopped process forever (flush timed out).
             assert await writer.flush(10), "a writer process without an answer was never noticed"
-        finally:
-            if stalled.poll() is None:
-                os.kill(stalled.pid, signal.SIGCONT)
         assert stalled.poll() == -signal.SIGKILL  # killed at its deadline
         assert writer._sink._proc is not stalled and writer._sink.alive  # a new one wrote
         assert writer.stats.store_errors >= 1 and writer.healthy
@@ -61,8 +72,7 @@ async def test_readiness_fails_while_the_oldest_record_waits_too_long(
         assert (await client.post("/v1/models/clf:predict", json=BODY)).status_code == 200
         assert await writer.flush(10)
         proc = writer._sink._proc
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
+        with stopped(proc):
             assert (await client.post("/v1/models/clf:predict", json=BODY)).status_code == 200
             await asyncio.sleep(0.8)
             assert (await client.get("/readyz")).status_code == 200  # slow is not stalled
@@ -72,8 +82,6 @@ async def test_readiness_fails_while_the_oldest_record_waits_too_long(
             [reason] = ready.json()["reasons"]
             assert reason.startswith("audit records cannot be written: the oldest queued record")
             assert writer.healthy  # no write failed yet: only the record's age tells
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
         assert await writer.flush(10)
         assert (await client.get("/readyz")).status_code == 200
         assert writer.store.count() == 2 and writer._sink._proc is proc  # the same process

@@ -141,8 +141,8 @@ async def call(service_id: ServiceId, request: Request) -> Response:
     # A hook call cannot send samples: with the model's default over the server's maximum,
     # every call was refused ("send samples"); it runs the maximum (its card says how many).
     most = st.settings.max_samples
-    asked = PredictParameters(samples=most) if model.manifest.defaults.samples > most else None
-    params = to_params(asked or PredictParameters(), model, most)
+    over = model.manifest.defaults.samples > most
+    params = to_params(PredictParameters(samples=most if over else None), model, most)
     batcher = st.batcher(model.name, model.version)
     card_id = str(uuid.uuid4())  # known before the answer: the audit record names it
     ms = cds.settings.cds_timeout_ms

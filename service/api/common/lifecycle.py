@@ -92,7 +92,7 @@ class ModelControl:
         key = (entry.name, entry.version)
         # The same version in another directory (unversioned -> versioned layout): it serves
         # until this one is in, then goes (its batcher was replaced, never stopped).
-        moved = [e for e in self.st.registry.entries() if (e.name, e.version) == key]
+        moved = [e for e in self.st.registry.versions(entry.name) if e.version == entry.version]
         moved = [e for e in moved if e.path != path]
         old_batcher = self.st.batchers.get(key) if moved else None
         if entry.model is not None and self.st.remote is None:
@@ -146,37 +146,31 @@ class ModelControl:
         """Free what `old` held that `new` (same name and version, now in the registry) does
         not: its batcher, and its compute-process copy and metrics unless the files are the
         same (both keyed by name, version and digest)."""
-        self._refused.pop(old.path, None)
-        self._served.pop(old.path, None)
-        key = (old.name, old.version)
-        if batcher is not None and self.st.batchers.get(key) is batcher:
-            self.st.batchers.pop(key)  # the new one is refused: nothing replaced it
-        if batcher is not None:
-            await batcher.stop(drain=True)
-        if old.model is None:
-            return
-        if new.model is not None and new.model.digest == old.model.digest:
-            return  # the same files: the child's copy and the metrics' series are the new one's
-        if self.st.remote is not None:
-            await self.st.remote.release(old.model)
-        if self.metrics is not None:
-            m = old.model
-            self.metrics.remove_model(m.name, m.version, m.digest, "torch", m.device)
+        digests = {e.model.digest if e.model is not None else None for e in (old, new)}
+        await self._free(old, batcher, keep=len(digests) == 1 and None not in digests)
 
     async def _retire(self, entry: Entry) -> None:
         self.st.registry.unload(entry.name, entry.version)
+        await self._free(entry, self.st.batchers.get((entry.name, entry.version)))
+        log.info("model retired", extra={"model": entry.name, "version": entry.version})
+
+    async def _free(self, entry: Entry, batcher: Batcher | None, keep: bool = False) -> None:
+        """Stop `batcher` (dropped from the table if it is still this entry's) and forget the
+        entry's files; unless `keep`, release its compute-process copy and metrics."""
         self._refused.pop(entry.path, None)
         self._served.pop(entry.path, None)
-        batcher = self.st.batchers.get((entry.name, entry.version))
+        key = (entry.name, entry.version)
         if batcher is not None:
             await batcher.stop(drain=True)
-            self.st.batchers.pop((entry.name, entry.version), None)
-        if self.st.remote is not None and entry.model is not None:
+            if self.st.batchers.get(key) is batcher:
+                self.st.batchers.pop(key)
+        if entry.model is None or keep:
+            return
+        if self.st.remote is not None:
             await self.st.remote.release(entry.model)
-        if self.metrics is not None and entry.model is not None:
+        if self.metrics is not None:
             m = entry.model
             self.metrics.remove_model(m.name, m.version, m.digest, "torch", m.device)
-        log.info("model retired", extra={"model": entry.name, "version": entry.version})
 
     async def sync(self) -> None:
         """Make the loaded set equal the repository on disk (start-up and polling)."""

@@ -43,17 +43,10 @@ async def index(request: Request) -> Response:
     Triton's) the versions on disk not loaded, UNAVAILABLE "unloaded": after an unload they
     vanished, and a client could not find what it may load. `{"ready": true}` lists only the
     ready ones."""
-    raw = await request.body()
-    try:
-        body = orjson.loads(json_body(raw)) if raw.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInputError(f"invalid request: body: not JSON ({exc})") from None
-    if (
-        not isinstance(body, dict)
-        or set(body) - {"ready"}
-        or type(body.get("ready", True)) is not bool
-    ):
-        raise InvalidInputError('invalid request: the body is {"ready": true|false} or nothing')
+    shape = '{"ready": true|false}'
+    body = await _body(request, {"ready"}, shape)
+    if type(body.get("ready", True)) is not bool:
+        raise InvalidInputError(f"invalid request: the body is {shape} or nothing")
     reg = request.app.state.mcserve.registry
     allowed = allowed_models(request.state)
     rows = [
@@ -81,9 +74,10 @@ async def index(request: Request) -> Response:
     )
 
 
-async def _parameters(request: Request) -> dict[str, Any]:
-    """The body's `parameters`, read whatever its Content-Type: tritonclient sends the unload
-    body with none, and FastAPI then read no JSON (every unload_model() was a 400)."""
+async def _body(request: Request, keys: set[str], shape: str) -> dict[str, Any]:
+    """The body as a JSON object of `keys` only ({} for none), read whatever its Content-Type:
+    tritonclient sends the unload body with none, and FastAPI then read no JSON (every
+    unload_model() was a 400). `shape` says what it should be."""
     raw = await request.body()
     if not raw.strip():
         return {}
@@ -91,9 +85,15 @@ async def _parameters(request: Request) -> dict[str, Any]:
         body = orjson.loads(json_body(raw))
     except orjson.JSONDecodeError as exc:
         raise InvalidInputError(f"invalid request: body: not JSON ({exc})") from None
-    if not isinstance(body, dict) or set(body) - {"parameters"}:
-        raise InvalidInputError('invalid request: the body is {"parameters": {...}} or nothing')
-    params = body.get("parameters") or {}
+    if not isinstance(body, dict) or set(body) - keys:
+        raise InvalidInputError(f"invalid request: the body is {shape} or nothing")
+    return body
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    """The body's `parameters`."""
+    params = (await _body(request, {"parameters"}, '{"parameters": {...}}')).get("parameters")
+    params = params or {}
     if not isinstance(params, dict):
         raise InvalidInputError("invalid request: parameters must be an object")
     return params

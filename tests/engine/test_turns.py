@@ -254,6 +254,9 @@ async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
             while b.stats.turns < start + 2 and time.monotonic() < limit:  # two turns (of 32)
                 await asyncio.sleep(0.001)
             assert b.stats.turns >= start + 2 and not fut.done()
+            # What landed by now: more than two when the test's own wake-up came late under
+            # load (a CI run ended at 4 turns against the old bound of start + 3).
+            seen = b.stats.turns
             if how == "deadline":
                 now[0] = 61.0
                 with pytest.raises(DeadlineExceededError, match=r"between turns .* of its 999"):
@@ -264,7 +267,7 @@ async def test_a_deadline_or_a_cancel_between_turns_drops_the_rest(
             while b.stats.queue_rows and time.monotonic() < limit:
                 await asyncio.sleep(0.005)
             assert b.stats.queue_rows == 0
-            assert b.stats.turns <= start + 3  # the rest was never computed
+            assert b.stats.turns <= seen + 1  # the turn in flight at most: the rest never ran
         assert b.stats.expired == 1 and b.stats.cancelled == 1
     finally:
         await b.stop()

@@ -35,9 +35,10 @@ from service.api.oip.routes import router as v2_router
 from service.api.pages import docs
 from service.bundle.load import TrustPolicy
 from service.engine import frozen
+from service.engine.compute_child import WorkerSpec
 from service.engine.device import configure_threads
 from service.engine.registry import ModelFactory, Registry
-from service.engine.worker import ComputeProcess, WorkerSpec
+from service.engine.worker import ComputeProcess
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -9,72 +9,35 @@ in a child process, the way Triton's Python backend runs a model in a stub proce
 loop writes each batch to a Unix socket and reads the answers back without a thread of its own,
 so nothing in the server waits for the GIL.
 
-The child builds its own copy of each model from the same bundle and settings (`ModelFactory`),
-checks that its digest is the one the server loaded, and runs `compute.run`, the function the
-compute thread runs: the numbers are the same (tested). It ignores SIGINT and SIGTERM (the server
-drains first) and exits when the socket closes, so it never outlives the server. If it dies,
-the batches it held fail with 503 and the next batch starts a new one.
-
-Frames: 8 bytes of length, then a pickle of (id, op, args) one way and (id, ok, value) back.
-Pickle is safe here: both ends are this program, over a socket pair no one else holds.
+The child (`compute_child.py`) builds its own copy of each model from the same bundle and
+settings (`ModelFactory`), checks that its digest is the one the server loaded, and runs
+`compute.run`, the function the compute thread runs: the numbers are the same (tested). This is
+the server's side: it starts the child, feeds and reads it, watches its heartbeat, and if it dies
+fails the batches it held with 503; the next batch starts a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import math
-import os
 import pickle
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, fields
 from typing import Any
 
 from service.child import spawn
-from service.engine import cancels, frozen
-from service.engine.compute import Outcome, Work, run, warm
+from service.engine import cancels
+from service.engine.compute import Outcome, Work
+from service.engine.compute_child import HEADER, HEARTBEAT, HEARTBEAT_S, WorkerSpec, frame, key_of
 from service.engine.model import ServedModel
-from service.engine.registry import ModelFactory
-from service.engine.sampler import SamplerStats
-from service.errors import BundleError, ComputeUnavailableError, McServeError, ModelNotReadyError
+from service.errors import ComputeUnavailableError, McServeError
 
 log = logging.getLogger("mcserve.worker")
-HEADER = 8
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
 CLOSE_S = 2.0  # at shutdown, the child's time to exit before it is killed (deploy's grace)
-# The child says it is alive this often, from a thread of its own, whatever it computes or
-# loads; a child silent for `stall_s` while it holds calls is hung (stopped, or holding the
-# GIL) and is killed. Watching silence, not each call's age: a call may wait behind others in
-# the child (model loads, pipelined batches) for longer than any fixed limit (review R7).
-HEARTBEAT_S = 0.25
-HEARTBEAT = -1  # the frame id of a heartbeat
-Key = tuple[str, str, str]  # name, version, digest
-_COUNTERS = [f.name for f in fields(SamplerStats) if not f.name.startswith("_")]
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the child needs to build the models the server built."""
-
-    factory: ModelFactory
-    threads: int  # torch intra-op threads, as the server would have used
-
-
-def key_of(model: ServedModel) -> Key:
-    return (model.name, model.version, model.digest)
-
-
-def _frame(obj: object) -> bytes:
-    data = pickle.dumps(obj, protocol=5)
-    return len(data).to_bytes(HEADER, "big") + data
 
 
 class ComputeProcess:
@@ -85,6 +48,9 @@ class ComputeProcess:
     ) -> None:
         self.spec = spec
         self.start_timeout_s = start_timeout_s
+        # A child silent for `stall_s` while it holds calls is hung (stopped, or holding the
+        # GIL) and is killed. Silence, not each call's age: a call may wait behind others in
+        # the child (model loads, pipelined batches) longer than any fixed limit (review R7).
         self.stall_s = stall_s  # 0: never judged hung
         self._heard = time.monotonic()  # the child's last frame (answer or heartbeat)
         self._watchdog: asyncio.Task[None] | None = None
@@ -125,7 +91,7 @@ class ComputeProcess:
                 )
             flags = cancels.shared()  # the child inherits their descriptor (cancels.py)
             fds = [flags.fd] if flags is not None else []
-            self.proc, ours = spawn("service.engine.worker", pass_fds=fds)
+            self.proc, ours = spawn("service.engine.compute_child", pass_fds=fds)
             self.starts += 1
             reader, self._writer = await asyncio.open_unix_connection(sock=ours)
             reading = self._read(reader, self.starts)
@@ -203,7 +169,7 @@ class ComputeProcess:
         ident = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[ident] = fut
-        self._writer.write(_frame((ident, op, args)))
+        self._writer.write(frame((ident, op, args)))
         return await fut
 
     async def _read(self, reader: asyncio.StreamReader, generation: int) -> None:
@@ -268,127 +234,3 @@ class ComputeProcess:
                 await asyncio.to_thread(self.proc.wait)
         if self._reader_task is not None:  # the child's end is closed: it reads to the end
             await asyncio.gather(self._reader_task, return_exceptions=True)
-
-
-# The child.
-
-
-class _Child:
-    def __init__(self) -> None:
-        self.spec: WorkerSpec | None = None
-        self.models: dict[Key, ServedModel] = {}
-
-    def hello(self, spec: WorkerSpec, flags: tuple[str, int] | None = None) -> int:
-        from service.engine.device import configure_threads
-
-        self.spec = spec
-        configure_threads(spec.threads)
-        if flags is not None:  # the server's cancel flags, inherited by descriptor
-            cancels.attach(*flags)
-        return os.getpid()
-
-    def prepare(self, key: Key, path: os.PathLike[str]) -> None:
-        self._load(key, path)
-
-    def _load(self, key: Key, path: os.PathLike[str]) -> ServedModel:
-        assert self.spec is not None
-        try:  # the digest pinned: what the server checked is what the process loads
-            model = self.spec.factory(path, key[2])  # type: ignore[arg-type]
-        except BundleError:
-            model = None
-        if (
-            model is None or key_of(model) != key
-        ):  # 503 with the fix; the server's copy stays as it was
-            raise ModelNotReadyError(
-                f"{path}: the bundle on disk is not the one the server loaded ({key}): it "
-                "changed after the server read it; reload the model"
-            )
-        warm(model)
-        self.models[key] = model
-        frozen.freeze()  # what loading left is long-lived (see app.py), and, as there, young
-        gc.set_threshold(50_000, *gc.get_threshold()[1:])  # collections every 50,000 objects
-        return model
-
-    def release(self, key: Key) -> None:
-        if self.models.pop(key, None) is not None:
-            frozen.collect_released()  # its load froze it: else never collected
-
-    def compute(
-        self, key: Key, path: os.PathLike[str], works: list[Work]
-    ) -> tuple[list[Outcome], dict[str, int]]:
-        model = self.models.get(key) or self._load(key, path)
-        stats = model.sampler.stats
-        before = [getattr(stats, n) for n in _COUNTERS]
-        results = run(model, works)
-        counts = {n: getattr(stats, n) - b for n, b in zip(_COUNTERS, before, strict=True)}
-        return [_portable(r) for r in results], counts
-
-
-def _portable(value: Outcome) -> Outcome:
-    """An exception that would not survive pickling becomes one that does, with its text."""
-    if isinstance(value, BaseException):
-        try:
-            pickle.loads(pickle.dumps(value))
-        except Exception:
-            return RuntimeError(f"{type(value).__name__}: {value}")
-    return value
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL when the server dies, even if this process hangs and never reads EOF."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not glibc: end of input still ends it
-
-
-def main(fd: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server drains, then closes the socket
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
-    logging.basicConfig(level=logging.WARNING, format=fmt)
-    child = _Child()
-    stream = socket.socket(fileno=fd).makefile("rwb")
-    writing = threading.Lock()  # answers and heartbeats: whole frames, one at a time
-    threading.Thread(target=_heartbeat, args=(stream, writing), daemon=True).start()
-    while True:
-        head = stream.read(HEADER)
-        if len(head) < HEADER:
-            return  # the server closed the socket: stop
-        ident, op, args = pickle.loads(stream.read(int.from_bytes(head, "big")))
-        try:
-            value: object = getattr(child, op)(*args)
-            ok = True
-        except Exception as exc:
-            value, ok = _portable(exc), False
-        try:
-            frame = _frame((ident, ok, value))
-        except Exception as exc:  # an answer that cannot travel fails its batch, not the child
-            frame = _frame((ident, False, RuntimeError(f"unpicklable result: {exc}")))
-        try:
-            with writing:
-                stream.write(frame)
-                stream.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the server stopped waiting (its drain ran out) and closed the socket
-
-
-def _heartbeat(stream: Any, writing: threading.Lock) -> None:
-    """Say "alive" every HEARTBEAT_S, whatever the main thread does (it releases the GIL in
-    torch and numpy, and Python switches threads every 5 ms otherwise)."""
-    beat = _frame((HEARTBEAT, True, None))
-    while True:
-        time.sleep(HEARTBEAT_S)
-        try:
-            with writing:
-                stream.write(beat)
-                stream.flush()
-        except (OSError, ValueError):  # the socket closed: the main loop ends the process
-            return
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]))

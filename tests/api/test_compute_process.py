@@ -1,5 +1,6 @@
-"""The compute process (service/engine/worker.py): same numbers as the thread, shared forwards,
-a death fails only what it held and the next request starts a new one, shutdown stops it."""
+"""The compute process (service/engine/worker.py, the child compute_child.py): same numbers as
+the thread, shared forwards, a death fails only what it held and the next request starts a new
+one, shutdown stops it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from fastapi import FastAPI
 from test_batching import batcher, body, state, until
 
 from service.api.app import build_state
-from service.engine.worker import RESTART_PAUSE_S, ComputeProcess, WorkerSpec, _Child, key_of
+from service.engine.compute_child import WorkerSpec, _Child, key_of
+from service.engine.worker import RESTART_PAUSE_S, ComputeProcess
 from service.errors import ComputeUnavailableError, ModelNotReadyError
 from service.settings import Settings
 

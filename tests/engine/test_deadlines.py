@@ -99,7 +99,7 @@ def test_a_flag_set_by_the_server_is_read_by_another_process() -> None:
         assert not a.is_set() and not b.is_set()
         flags.set(a)
         assert a.is_set() and not b.is_set()
-        # The compute process maps the descriptor it inherits (worker.py's hello).
+        # The compute process maps the descriptor it inherits (compute_child.py's hello).
         code = "import pickle, sys; from service.engine import cancels; " + (
             "cancels.attach(sys.argv[1], int(sys.argv[2])); "
             "print([f.is_set() for f in pickle.loads(bytes.fromhex(sys.argv[3]))])"

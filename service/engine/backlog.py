@@ -90,6 +90,7 @@ class Queued:
     queued_at: float = field(default_factory=time.perf_counter)  # wall timing, for metrics
     queued: bool = False  # in the backlog now (not taken, dropped or in flight)
     timed_out: bool = False  # answered 504 by its deadline's timer (and counted there)
+    released: bool = False  # expired in the backlog: rows given back, left for `take` to drop
     turns: Turns | None = None  # a long request computed in turns (turns.py)
     turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
 
@@ -108,6 +109,7 @@ class Backlog:
         self._queues: dict[int, deque[Queued]] = {}
         self._turn = 0  # the length class that opens the next batch, so the classes take turns
         self._turned = False  # the last batch opened with a turn of a long request
+        self._dead = 0  # released items still in the queues
 
     def __bool__(self) -> bool:
         return any(self._queues.values())
@@ -127,17 +129,25 @@ class Backlog:
         event loop, like every count of a request's end (the screen only sorts)."""
         if item.future.done():
             return
-        q = self._queues.get(TURNS if item.turns is not None else item.queue, deque())
-        k = next((k for k, it in enumerate(q) if it is item), None) if item.queued else None
         item.timed_out = True
         self.stats.expired += 1
-        if k is not None:  # by identity: a Queued holds arrays
-            del q[k]
-            item.queued = False
+        if item.queued:  # its room back now; the queue drops it when reached or compacted
+            item.queued, item.released = False, True
             self.stats.queue_rows -= item.rows
             item.future.set_exception(expired(item))
+            self._dead += 1
+            if 2 * self._dead > sum(map(len, self._queues.values())):
+                self._compact()
             return
         item.future.set_exception(late(item, LATE))
+
+    def _compact(self) -> None:
+        """Drop released items: each expiry was a search of its queue (10,000 queued requests
+        whose deadlines passed together held the event loop for seconds); compacting once half
+        the items are dead is linear in all, and frees their arrays."""
+        for key, q in self._queues.items():
+            self._queues[key] = deque(i for i in q if not i.released)
+        self._dead = 0
 
     def oldest(self) -> float:
         """When the longest-waiting request was queued, for the batching timer (-inf: none but
@@ -148,7 +158,8 @@ class Backlog:
     def rows(self) -> int:
         """The cost of what is queued now for the batching timer (in flight and turns not
         counted)."""
-        return sum(i.rows for k, q in self._queues.items() if k != TURNS for i in q)
+        queues = (q for k, q in self._queues.items() if k != TURNS)
+        return sum(i.rows for q in queues for i in q if not i.released)
 
     def take(
         self, limit: int, clock: Callable[[], float], *, batching: bool = True, turn: bool = True
@@ -213,7 +224,10 @@ class Backlog:
             else:
                 return item
             q.popleft().queued = False
-            self.stats.queue_rows -= item.rows
+            if item.released:  # its rows went back when it expired
+                self._dead -= 1
+            else:
+                self.stats.queue_rows -= item.rows
         return None
 
     def screen(self, batch: list[Queued], now: float) -> tuple[list[Outcome | None], list[int]]:
@@ -235,7 +249,8 @@ class Backlog:
         """Empty the backlog, failing every waiting request (ShuttingDownError: 503)."""
         for q in self._queues.values():
             for item in q:
-                self.stats.queue_rows -= item.rows
+                self.stats.queue_rows -= 0 if item.released else item.rows
                 if not item.future.done():
                     item.future.set_exception(ShuttingDownError(message))
         self._queues.clear()
+        self._dead = 0

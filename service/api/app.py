@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
         lifespan=lifespan,
         docs_url=None,  # served by docs.install, from the package (no CDN)
         redoc_url=None,
+        redirect_slashes=False,  # a trailing slash: errors.on_http_error says where to go
     )
     app.state.metrics = metrics
     errors.install(app)

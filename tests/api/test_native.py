@@ -62,6 +62,26 @@ async def test_unknown_model_and_version(client: httpx.AsyncClient) -> None:
         assert re.search(r"n\.\.\. \(600\d\d characters\)", r.json()["error"]), r.text
 
 
+async def test_a_trailing_slash_is_answered_with_where_to_go(client: httpx.AsyncClient) -> None:
+    """Starlette's redirect answered an empty 307 naming the server by the request's Host and
+    scheme (behind a TLS proxy, http://: a POST's body re-sent in clear). A page or listing
+    moves by a relative Location; a call with a body is told where it goes."""
+    headers = {"Host": "elsewhere.example"}
+    r = await client.get("/v1/models/?x=1", headers=headers)
+    assert r.status_code == 307 and r.headers["location"] == "/v1/models?x=1"
+    assert r.json()["error"] == "/v1/models/ is at /v1/models (no trailing slash)"
+    r = await client.post("/v1/models/clf:predict/", json={"instances": [ROW]}, headers=headers)
+    assert r.status_code == 404 and "location" not in r.headers
+    assert r.json()["error"] == (
+        "no route POST /v1/models/clf:predict/; drop the trailing slash: POST "
+        "/v1/models/clf:predict"
+    )
+    base = str(client.base_url).rstrip("/")
+    for path in ("/nothing/", "//v1/models/", "/"):  # no route without the slash, or off-site
+        r = await client.get(httpx.URL(base + path))
+        assert r.status_code == 404 and "location" not in r.headers, path
+
+
 async def test_predict_classification(client: httpx.AsyncClient) -> None:
     params = {"samples": 200, "seed": 7, "confidence": [0.8, 0.9]}
     body = {"instances": [ROW, [0, 0, 0, 0]], "parameters": params}

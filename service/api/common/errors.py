@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from service.api.common import html
 from service.errors import McServeError, OverloadedError, json_hint, shown_name
@@ -208,6 +209,17 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
             f"no route POST {path}; a prediction's path ends in ':predict' (lower case), see "
             "/docs for the API"
         )
+    elif status == 404 and (bare := _without_slash(request)) is not None:
+        # Starlette's own redirect named this server by the request's Host and scheme (behind
+        # a TLS proxy: http://, a body re-sent in clear) and said nothing; a page's address is
+        # moved with a relative Location, an API call told where it goes.
+        shown = shown_name(bare)
+        if method in ("GET", "HEAD"):
+            query = f"?{request.url.query}" if request.url.query else ""
+            status, headers = 307, {"Location": bare + query}
+            message = f"{path} is at {shown} (no trailing slash)"
+        else:
+            message = f"no route {method} {path}; drop the trailing slash: {method} {shown}"
     elif status == 404:
         message = f"no route {method} {path}; see /docs for the API"
     elif status == 405:
@@ -218,6 +230,17 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         # limit's 413 (a chunked body has no Content-Length to check) is answered as itself.
         return await on_mcserve_error(request, exc.__cause__)
     return error_response(request, status, message, headers=headers)
+
+
+def _without_slash(request: Request) -> str | None:
+    """The path without its trailing slashes, if a route takes it (None: none, or no slash)."""
+    path = request.scope["path"]
+    bare = path.rstrip("/")
+    if bare == path or not bare or bare.startswith("//"):  # "//host" would leave this server
+        return None
+    scope = {**request.scope, "path": bare}
+    router = request.app.router
+    return bare if any(r.matches(scope)[0] != Match.NONE for r in router.routes) else None
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

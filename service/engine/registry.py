@@ -174,6 +174,11 @@ class Registry:
     def versions(self, name: str) -> list[Entry]:
         return list(self._by_name.get(name, ()))
 
+    def ready_versions(self, name: str) -> list[str]:
+        """The versions a request may name (a metadata's `versions`): not one that failed to
+        load, which answers 503."""
+        return [e.version for e in self._by_name.get(name, ()) if e.ready]
+
     def get(self, name: str, version: str | None = None) -> ServedModel:
         versions = self.versions(name)
         if not versions:

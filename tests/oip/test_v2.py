@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from service.api.common import examples
 from service.api.oip import infer
 from service.api.oip import routes as v2
 from service.engine.backlog import EXPIRED
+from service.engine.registry import Entry
 from service.errors import DeadlineExceededError, OverloadedError
 
 HEADER = "Inference-Header-Content-Length"
@@ -172,6 +174,26 @@ async def test_a_query_parameter_on_infer_is_refused(oip: httpx.AsyncClient) -> 
         "unknown query parameter 'samples': inference takes none; parameters go in the body's "
         "'parameters' object"
     )
+
+
+async def test_metadata_lists_only_versions_that_can_answer(
+    oip: httpx.AsyncClient, oip_app: FastAPI, oip_repo: Path
+) -> None:
+    """A version whose bundle failed to load was listed in `versions`, and naming it was a
+    503: a client choosing from the list picked a version that cannot answer."""
+    reg = oip_app.state.mcserve.registry
+    entries = reg._by_name["diabetes"]
+    failed = Entry("diabetes", "3", oip_repo / "diabetes" / "3", error="manifest.json: no file")
+    entries.append(failed)
+    try:
+        paths = ("/v2/models/diabetes", "/v1/models/diabetes", "/v1/models/diabetes/versions/1")
+        for path in paths:
+            r = await oip.get(path)
+            assert r.status_code == 200 and r.json()["versions"] == ["1", "2"], path
+        r = await oip.get("/v2/models/diabetes/versions/3")
+        assert r.status_code == 503 and "manifest.json: no file" in r.json()["error"]
+    finally:
+        entries.remove(failed)
 
 
 async def test_model_ready_and_unknown_models(oip: httpx.AsyncClient) -> None:

@@ -96,14 +96,14 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
 async def model_metadata(name: Name, request: Request) -> Response:
     reg = state(request).registry
     model = reg.get(name)
-    return json_response(metadata(model, [e.version for e in reg.versions(name)]))
+    return json_response(metadata(model, reg.ready_versions(name)))
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS)
 async def model_version_metadata(name: Name, version: Version, request: Request) -> Response:
     reg = state(request).registry
     model = reg.get(name, version)
-    return json_response(metadata(model, [e.version for e in reg.versions(name)]))
+    return json_response(metadata(model, reg.ready_versions(name)))
 
 
 @router.post(

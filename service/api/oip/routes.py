@@ -116,7 +116,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
 async def metadata_of(request: Request, name: str, version: str | None) -> Response:
     reg = state(request).registry
     model = reg.get(name, version)
-    return json_response(metadata(model, [e.version for e in reg.versions(name)]))
+    return json_response(metadata(model, reg.ready_versions(name)))
 
 
 @router.get("/models/{name}", response_model=ModelMetadata, responses=ERRORS)

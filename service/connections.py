@@ -73,6 +73,13 @@ class Guard:
         return True
 
 
+def uvicorn_limit(max_concurrency: int | None) -> int | None:
+    """uvicorn's `limit_concurrency` for at most `max_concurrency` connections or requests:
+    uvicorn counts the asking request's own connection (503 once `limit` are open, itself
+    among them), so 1 refused every request while /readyz, exempt, said ready."""
+    return None if max_concurrency is None else max_concurrency + 1
+
+
 def protocol(guard: Guard) -> type[GuardedProtocol]:
     """A protocol class for uvicorn.Config(http=...) sharing `guard` among its connections."""
     return type("GuardedProtocol", (GuardedProtocol,), {"guard": guard})

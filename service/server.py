@@ -107,7 +107,7 @@ def run(overrides: dict[str, Any]) -> None:
         log_level=settings.log_level,
         loop="uvloop",
         http=connections.protocol(connections.Guard(limits)),  # httptools, with deadlines
-        limit_concurrency=settings.max_concurrency,
+        limit_concurrency=connections.uvicorn_limit(settings.max_concurrency),
         access_log=False,
         lifespan="on",
         log_config=None,  # our JSON handler, not uvicorn's

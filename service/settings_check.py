@@ -133,10 +133,14 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
     if s.audit:
         url = s.audit_url
         if url and not url.startswith(("postgresql://", "postgres://")):
-            scheme = url.split("://", 1)[0] if "://" in url else url[:20]
+            from service.audit.postgres import is_url, redact
+
+            # Its first 20 characters were shown: "admin:S3cret@db:5432/a" put a password in
+            # the log. As the store says it: passwords out, a keyword string not at all.
+            got = repr(redact(url)) if is_url(url) else "a value that is not a URL (not shown)"
             errors.append(
                 f"{variable('audit_url')}: a postgresql:// URL (or empty for SQLite at "
-                f"{variable('audit_path')}), got scheme {scheme!r}"
+                f"{variable('audit_path')}), got {got}"
             )
         where = s.audit_path.resolve().parent
         if not url and not (where.is_dir() and os.access(where, os.W_OK | os.X_OK)):

@@ -54,7 +54,7 @@ def repo(tmp_path: Path) -> Path:
         (
             {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_URL": "mysql://u@127.0.0.1/db"},
             "MCSERVE_AUDIT_URL: a postgresql:// URL (or empty for SQLite at MCSERVE_AUDIT_PATH), "
-            "got scheme 'mysql'",
+            "got 'mysql://u@127.0.0.1/db'",
         ),
         (
             {"MCSERVE_AUDIT": "true", "MCSERVE_AUDIT_INPUTS": "hmac"},
@@ -86,6 +86,26 @@ def test_a_wrong_setting_names_its_variable(
         monkeypatch.setenv(k, v)
     errors, _ = problems({"model_dir": repo})
     assert len(errors) == 1 and errors[0].startswith(error), errors
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("admin:S3cretPw@db:5432/audit", "a value that is not a URL (not shown)"),
+        ("password=S3cretPw host=db", "a value that is not a URL (not shown)"),
+        ("mysql://admin:S3cretPw@db/audit", "'mysql://admin:***@db/audit'"),
+    ],
+)
+def test_a_wrong_audit_url_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch, repo: Path, url: str, shown: str
+) -> None:
+    """Its first 20 characters were shown: a URL without its scheme put the password in the
+    start-up error (and the log)."""
+    monkeypatch.setenv("MCSERVE_AUDIT", "true")
+    monkeypatch.setenv("MCSERVE_AUDIT_URL", url)
+    errors, _ = problems({"model_dir": repo})
+    assert len(errors) == 1 and errors[0].endswith(f"got {shown}"), errors
+    assert "S3cret" not in errors[0]
 
 
 def test_the_model_directory_must_be_there(tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ def factory(max_pending: int = 2, max_connections: int = 3, concurrency: int | N
         max_connections=max_connections,
     )
     cls = connections.protocol(connections.Guard(limits))
-    config = uvicorn.Config(ok, log_config=None, limit_concurrency=concurrency)
+    limit = connections.uvicorn_limit(concurrency)
+    config = uvicorn.Config(ok, log_config=None, limit_concurrency=limit)
     config.load()
     state = ServerState()
 
@@ -120,6 +121,25 @@ async def test_probes_pass_the_concurrency_cap_that_other_requests_meet() -> Non
     for p in busy:
         p.connection_lost(None)
     await asyncio.sleep(0)
+
+
+async def test_max_concurrency_requests_are_served_and_one_more_is_refused() -> None:
+    """uvicorn counts the asking connection itself: MCSERVE_MAX_CONCURRENCY=1 refused every
+    request (503) while the exempt /readyz said ready; N let N - 1 in."""
+    for cap in (1, 3):
+        connect = factory(max_pending=10, max_connections=10, concurrency=cap)
+        busy = []
+        for k in range(cap + 1):
+            proto, transport = connect()
+            proto.data_received(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0)
+            status = transport.written.split(b"\r\n", 1)[0]
+            expected = b"HTTP/1.1 200 OK" if k < cap else b"HTTP/1.1 503 Service Unavailable"
+            assert status == expected, (cap, k)
+            busy.append(proto)  # answered, still open: a connection, as uvicorn counts
+        for p in busy:
+            p.connection_lost(None)
+        await asyncio.sleep(0)
 
 
 async def test_a_head_must_arrive_in_time_also_on_a_kept_alive_connection() -> None:

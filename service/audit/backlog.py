@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+import orjson
+
 from service.audit.rows import Message, PredictionMessage
 
 QUEUE_BYTES = 256 * 2**20  # the queue's default bound in bytes (docs/AUDIT.md)
@@ -22,7 +24,12 @@ def weight(msg: Message) -> int:
     """About the bytes a queued message holds: its input bytes and answer JSON, and the rest."""
     if isinstance(msg, PredictionMessage):
         return len(msg.inputs) + len(msg.summary) + MESSAGE_OVERHEAD
-    return MESSAGE_OVERHEAD
+    # A feedback's override reason is the client's JSON (a 7 MiB userComment counted 1 KiB:
+    # sixty of them grew the queue of a store that was down by 420 MiB past its bound).
+    try:
+        return len(orjson.dumps(msg.override_reason)) + MESSAGE_OVERHEAD
+    except TypeError:  # what orjson cannot write (an integer past 64 bits): about its text
+        return len(repr(msg.override_reason)) + MESSAGE_OVERHEAD
 
 
 class Backlog:

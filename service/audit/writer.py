@@ -170,29 +170,40 @@ class AuditWriter:
 
     def submit(self, event: Event) -> None:
         """Queue one event; raises `AuditUnavailableError` when it cannot (fail closed)."""
+        self.submit_all([event])
+
+    def submit_all(self, events: list[Event]) -> None:
+        """Queue every event or none (one call's feedback items: a 503 after some were queued
+        recorded them, and the client's retry recorded them again); raises
+        `AuditUnavailableError` when it cannot (fail closed)."""
+        if not events:
+            return
+        first = events[0]
         if self._closed:
-            self._refuse(event, "the audit trail is closed (the server is shutting down)")
-        elif len(self._queue) >= self.queue_size:
-            why = "the audit queue is full (the audit store is down or too slow)"
-            self._refuse(event, why)
-        else:
+            self._refuse(first, "the audit trail is closed (the server is shutting down)")
+            return
+        if len(self._queue) + len(events) > self.queue_size:
+            self._refuse(first, "the audit queue is full (the audit store is down or too slow)")
+            return
+        msgs = []
+        for event in events:
             try:
-                msg = message(event)
+                msgs.append(message(event))
             except Exception:  # a bug, not the client's fault: the answer still goes out
                 self.stats.invalid += 1
                 log.exception("audit event cannot be recorded", extra={"id": event.request_id})
-                return
-            w = weight(msg)
-            if self._queue.full(self.queue_size, self.queue_bytes, w):
-                why = (
-                    f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
-                    "byte bound; the audit store is down or too slow)"
-                )
-                self._refuse(event, why)
-                return
-            self._queue.append(msg, w)
-            self.stats.queued += 1
-            self._wake.set()
+        weights = [weight(m) for m in msgs]
+        if msgs and self._queue.full(self.queue_size, self.queue_bytes, sum(weights)):
+            why = (
+                f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
+                "byte bound; the audit store is down or too slow)"
+            )
+            self._refuse(first, why)
+            return
+        for m, w in zip(msgs, weights, strict=True):
+            self._queue.append(m, w)
+        self.stats.queued += len(msgs)
+        self._wake.set()
 
     def _refuse(self, event: Event, why: str) -> None:
         extra = {"request_id": event.request_id, "reason": why, "queued": len(self._queue)}

@@ -61,7 +61,13 @@ class Ledger:
         return self._cards.get(card)
 
     def record(self, service: str, items: list[FeedbackItem]) -> list[Outcome]:
-        """Check every item first (404 unknown card, 400 inconsistent), then record them all."""
+        """Check every item (404 unknown card, 400 inconsistent), then count them all."""
+        found = self.check(service, items)
+        self.count(found)
+        return found
+
+    def check(self, service: str, items: list[FeedbackItem]) -> list[Outcome]:
+        """Every item's outcome, counting none (404 unknown card, 400 inconsistent)."""
         found = []
         for n, item in enumerate(items):
             rec = self._cards.get(item.card)
@@ -117,6 +123,8 @@ class Ledger:
                     timestamp=item.outcomeTimestamp,
                 )
             )
+        return found
+
+    def count(self, found: list[Outcome]) -> None:
         for o in found:
             self.outcomes[(o.service, o.outcome)] += 1
-        return found

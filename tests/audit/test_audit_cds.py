@@ -72,3 +72,47 @@ async def test_cds_card_and_feedback_are_recorded(backend: Backend, signer: Sign
     assert feedback["service_id"] == "diabetes-progression"
     assert "recent weight loss" in feedback["override_reason"]
     assert replay(rec, MODELS).identical
+
+
+async def test_a_refused_feedback_call_records_none_of_its_items(
+    backend: Backend, signer: Signer
+) -> None:
+    """Feedback items were queued one by one: with room for one of two, the call was a 503 with
+    the first recorded, and the client's retry recorded it again. Now all or none; the ledger
+    counts them once recorded. A large userComment weighs its size (it counted 1 KiB)."""
+    settings = {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        **backend.settings,
+    }
+    async with serving(MODELS, **settings) as (app, ehr):
+        cards = []
+        for _ in range(2):
+            body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+            r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+            assert r.status_code == 200, r.text
+            cards.append(r.json()["cards"][0]["uuid"])
+        writer = app.state.audit
+        assert await writer.flush(10)
+        path = SERVICE + "/feedback"
+        comment = "x" * 100_000
+        stamp = datetime.now(UTC).isoformat()
+        fb = {
+            "feedback": [
+                {"card": c, "outcome": "overridden", "overrideReason": {"userComment": comment}}
+                | {"outcomeTimestamp": stamp}
+                for c in cards
+            ]
+        }
+        writer.queue_size = writer.depth + 1  # room for one record
+        r1 = await ehr.post(path, json=fb, headers=auth(signer, path))
+        assert r1.status_code == 503 and writer.depth == 0
+        assert sum(app.state.cds.ledger.outcomes.values()) == 0
+        writer.queue_size = 10
+        r2 = await ehr.post(path, json=fb, headers=auth(signer, path))  # the retry
+        assert r2.status_code == 200, r2.text
+        assert writer.depth == 2 and writer.depth_bytes > 2 * len(comment)
+        assert await writer.flush(10)
+        assert sum(app.state.cds.ledger.outcomes.values()) == 2
+        for card in cards:
+            assert len(writer.store.feedback(card)) == 1

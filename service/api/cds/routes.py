@@ -294,17 +294,23 @@ async def feedback(service_id: ServiceId, request: Request) -> Response:
                 found = await cds.shared.card(item.card)
                 if found is not None:
                     cds.ledger.issue(found)
-    outcomes = cds.ledger.record(service_id, body.feedback)
-    for item, o in zip(body.feedback, outcomes, strict=True):
-        reason = item.overrideReason
-        audit_trail.record_feedback(
+    outcomes = cds.ledger.check(service_id, body.feedback)
+    # All recorded or none (503): items queued before a refusal were recorded again by the
+    # client's retry. Counted once recorded.
+    events = [
+        audit_trail.feedback_event(
+            request,
             o.card,
             o.outcome,
-            request=request,
-            override_reason=reason.model_dump(exclude_none=True) if reason else None,
-            outcome_timestamp=o.timestamp,
-            service_id=service_id,
+            i.overrideReason.model_dump(exclude_none=True) if i.overrideReason else None,
+            o.timestamp,
+            service_id,
         )
+        for i, o in zip(body.feedback, outcomes, strict=True)
+    ]
+    audit_trail.record_all(request, events)
+    cds.ledger.count(outcomes)
+    for o in outcomes:
         if cds.counters:
             cds.counters["feedback"].labels(service_id, o.outcome).inc()
         audit.info(

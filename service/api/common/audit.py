@@ -1,5 +1,6 @@
 """The audit trail's side of the HTTP adapters: start and stop the writer with the app, and the
-two calls the adapters make (`record` from `common.call.run`, `record_feedback` from CDS Hooks).
+two calls the adapters make (`record` from `common.call.run`, `record_all` of feedback events from
+CDS Hooks).
 
 The writer lives at `app.state.audit` (None when auditing is off). Both calls raise
 `AuditUnavailableError` (503) when the record cannot be queued and auditing fails closed.
@@ -134,19 +135,35 @@ def record_feedback(
 ) -> None:
     """Record a clinician's accept/override of a CDS card; linked to the prediction whose record
     carries the same `card_uuid`. The caller is `request.state.caller` (the CDS client's iss)."""
-    writer = _writer(request)
-    if writer is None:
-        return
-    state = request.state
-    writer.submit(
-        FeedbackEvent(
-            at=time.time(),
-            card_uuid=card_uuid,
-            outcome=outcome,
-            override_reason=override_reason,
-            outcome_timestamp=outcome_timestamp,
-            service_id=service_id,
-            request_id=getattr(state, "request_id", None),
-            caller=getattr(state, "caller", None),
-        )
+    event = feedback_event(
+        request, card_uuid, outcome, override_reason, outcome_timestamp, service_id
     )
+    record_all(request, [event])
+
+
+def feedback_event(
+    request: Request,
+    card_uuid: str,
+    outcome: str,
+    override_reason: Any = None,
+    outcome_timestamp: str | None = None,
+    service_id: str | None = None,
+) -> FeedbackEvent:
+    state = request.state
+    return FeedbackEvent(
+        at=time.time(),
+        card_uuid=card_uuid,
+        outcome=outcome,
+        override_reason=override_reason,
+        outcome_timestamp=outcome_timestamp,
+        service_id=service_id,
+        request_id=getattr(state, "request_id", None),
+        caller=getattr(state, "caller", None),
+    )
+
+
+def record_all(request: Request, events: list[FeedbackEvent]) -> None:
+    """Record all of one call's feedback or none (503: AuditUnavailableError)."""
+    writer = _writer(request)
+    if writer is not None:
+        writer.submit_all(list(events))

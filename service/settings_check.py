@@ -25,8 +25,11 @@ PREFIX = "MCSERVE_"
 # Kubernetes sets <SERVICE>_SERVICE_HOST, <SERVICE>_PORT=tcp://... and <SERVICE>_PORT_8000_TCP...
 # for a Service named "mcserve" (or "mcserve-predictor", KServe's): not settings, not typos.
 _KUBERNETES = re.compile(
-    r"^MCSERVE_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)\w*)?)$"
+    r"^MCSERVE_(?:\w+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?|PORT_\d+_(?:TCP|UDP|SCTP)\w*)$"
 )
+# <SERVICE>_PORT alone is Kubernetes' only by its value (MCSERVE_METRICS_PORT=9090 is a typo).
+_KUBERNETES_PORT = re.compile(r"^MCSERVE_(?:\w+_)?PORT$")
+_SERVICE_URL = re.compile(r"^(?:tcp|udp|sctp)://", re.IGNORECASE)
 # The project's own variables that are not the server's: the data set's directory for `make
 # models`, the tests' PostgreSQL and the pages' screenshots.
 _OTHERS = {"MCSERVE_MEDICAL_ABSTRACTS", "MCSERVE_TEST_POSTGRES_URL", "MCSERVE_SCREENSHOTS"}
@@ -154,6 +157,13 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
             errors.append(
                 f"{variable('audit_inputs')}: hmac needs a key; set {variable('audit_hmac_key')}"
             )
+    if (s.protect_metrics or s.protect_docs) and not s.api_keys:
+        # Asked for and not given: /metrics and /docs stayed open without a word.
+        asked = [variable(f) for f in ("protect_metrics", "protect_docs") if getattr(s, f)]
+        errors.append(
+            f"{' and '.join(asked)}: nothing to protect with, {variable('api_keys')} is empty; "
+            "set API keys, or leave these off"
+        )
     if s.cds_mapping_dir is not None and not s.cds_mapping_dir.is_dir():
         warnings.append(
             f"{variable('cds_mapping_dir')}: {s.cds_mapping_dir} is not a directory; no model "
@@ -166,7 +176,10 @@ def _unknown(environ: Mapping[str, str]) -> list[str]:
     known = {PREFIX + f.upper() for f in Settings.model_fields}
     out = []
     for name in sorted(environ):
-        if not name.startswith(PREFIX) or name in known | _OTHERS or _KUBERNETES.match(name):
+        upper = name.upper()  # settings are read whatever the case: MCSERVE_Max_Instances is one
+        if not upper.startswith(PREFIX) or upper in known | _OTHERS or _KUBERNETES.match(upper):
+            continue
+        if _KUBERNETES_PORT.match(upper) and _SERVICE_URL.match(environ[name]):
             continue
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -220,11 +220,28 @@ def test_a_variable_that_is_no_setting_is_warned_about(
     monkeypatch.setenv("MCSERVE_PORT_8000_TCP_ADDR", "10.0.0.1")
     monkeypatch.setenv("MCSERVE_PREDICTOR_PORT", "tcp://10.0.0.2:80")  # KServe's Service
     monkeypatch.setenv("MCSERVE_TEST_POSTGRES_URL", "postgresql://127.0.0.1/t")  # the tests'
+    # Read whatever its case: not ignored (it was said to be). A port that is no Service's.
+    monkeypatch.setenv("MCSERVE_Max_Instances", "5")
+    monkeypatch.setenv("MCSERVE_METRICS_PORT", "9090")
     assert problems({"model_dir": repo}) == (
         [],
-        ["MCSERVE_REFERAL is not a setting of mcserve (did you mean MCSERVE_REFERRAL?); it is "
+        ["MCSERVE_METRICS_PORT is not a setting of mcserve (did you mean "
+         "MCSERVE_METRICS_CREATED?); it is ignored",
+         "MCSERVE_REFERAL is not a setting of mcserve (did you mean MCSERVE_REFERRAL?); it is "
          "ignored"],
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("protect", ["MCSERVE_PROTECT_METRICS", "MCSERVE_PROTECT_DOCS"])
+def test_protection_without_api_keys_is_refused(
+    monkeypatch: pytest.MonkeyPatch, repo: Path, protect: str
+) -> None:
+    """It left /metrics (or /docs) open without a word."""
+    monkeypatch.setenv(protect, "true")
+    assert problems({"model_dir": repo})[0] == [
+        f"{protect}: nothing to protect with, MCSERVE_API_KEYS is empty; set API keys, or "
+        "leave these off"
+    ]
 
 
 def test_serve_exits_2_with_the_line_and_no_traceback(repo: Path) -> None:

@@ -26,7 +26,9 @@ class CountingDeque(deque[Queued]):
 
 def item(loop: asyncio.AbstractEventLoop, rows: int) -> Queued:
     x = np.zeros((1, 4), np.float32)
-    return Queued(x, PredictParams(samples=10, confidence=(0.95,)), None, loop.create_future(), 0.0, 1.0, rows)
+    return Queued(
+        x, PredictParams(samples=10, confidence=(0.95,)), None, loop.create_future(), 0.0, 1.0, rows
+    )
 
 
 async def test_expiring_queued_requests_walks_the_queue_a_bounded_number_of_times() -> None:

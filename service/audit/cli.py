@@ -38,8 +38,12 @@ def _open(url: str | None, path: Path | None) -> Store:
     from service.audit.backend import open_store
     from service.settings import Settings
 
+    if url is not None and path is not None:
+        raise _fail("give --url (PostgreSQL) or --path (a SQLite file), not both")
     s = Settings()
-    url = url if url is not None else s.audit_url
+    # --path names the file to read: the server's MCSERVE_AUDIT_URL must not win over it (it
+    # did: an auditor checking an evidence copy read the live store's record of that id).
+    url = url if url is not None else (None if path is not None else s.audit_url)
     path = path or s.audit_path
     if not url and not path.exists():
         raise _fail(f"no audit database at {path} (--path or MCSERVE_AUDIT_PATH)")
@@ -49,15 +53,20 @@ def _open(url: str | None, path: Path | None) -> Store:
 
 @contextlib.contextmanager
 def _reading(url: str | None, path: Path | None) -> Iterator[Store]:
-    """The store, open; a database error while reading it (no audit tables there: another
-    database, an empty file) is the exit-2 failure, never a traceback with exit 1, which
-    means DIFFERENT."""
+    """The store, open, its schema version one this code reads; a database error while reading
+    it (no audit tables there: another database, an empty file) is the exit-2 failure, never a
+    traceback with exit 1, which means DIFFERENT."""
     import sqlite3
 
     import psycopg
 
+    from service.audit.store import check_version
+
     with _open(url, path) as store:
         try:
+            # A newer schema is refused, as the server refuses it: its columns may mean other
+            # things. (A missing column is named when a record is read: Store._records.)
+            check_version(store.version() or 0, store.description)
             yield store
         except (sqlite3.Error, psycopg.Error) as exc:
             raise _fail(_unreadable(exc, store.description)) from None
@@ -185,7 +194,9 @@ def replay(
     path: DbPath = None,
 ) -> None:
     """Recompute a recorded prediction and report whether it is bit-identical."""
+    from service.audit.compare import derived
     from service.audit.replay import replay as run_replay
+    from service.audit.seal import is_sealed
     from service.bundle.load import TrustPolicy
     from service.errors import McServeError
     from service.settings import Settings
@@ -204,7 +215,15 @@ def replay(
         )
     except McServeError as exc:
         raise _fail(exc.message) from None
-    rec = result.record  # its seed in clear, also when the record keeps it sealed
+    # The replay saw the record opened (seal.reveal replaces its seed): whether the stored row
+    # keeps a seed in clear beside the sealed one, which it must not, only the stored row says.
+    if is_sealed(rec.summary):
+        sealed_columns = derived(rec)
+        result.identical = result.identical and not sealed_columns
+        result.differences += sealed_columns
+    # Its seed in clear, also when the record keeps it sealed. These columns were checked
+    # against the answer (compare.derived): "bit-identical" vouches for what it names.
+    rec = result.record
     what = f"record {rec.id} ({rec.model} {rec.version}, {rec.backend} on {rec.device}"
     what += f", seed {rec.seed})" if rec.seed is not None else ")"
     if result.identical:

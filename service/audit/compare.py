@@ -13,6 +13,7 @@ import orjson
 import torch
 
 from service.audit.rows import AuditRecord, referral_of
+from service.audit.seal import is_sealed
 
 MAX_DIFFERENCES = 20
 # Relative size of a difference that float rounding explains. Measured (2026-12-06, bundled
@@ -119,22 +120,55 @@ def differences(stored: Any, recomputed: Any, path: str = "$") -> list[str]:
     return [] if same else [f"{path}: stored {stored!r}, recomputed {recomputed!r}"]
 
 
+# The answer's own fields that the record's columns copy (record.message: both from the same
+# Prediction): column -> its path in the answer's JSON.
+ANSWERED = {
+    "model": ("model", "name"),
+    "version": ("model", "version"),
+    "digest": ("model", "digest"),
+    "backend": ("backend",),
+    "device": ("device",),
+    "mode": ("mode",),
+    "samples": ("samples",),
+    "seed": ("seed",),
+}
+_ABSENT = object()  # a field the stored answer lacks
+
+
 def derived(record: AuditRecord) -> list[str]:
     """The columns made from the answer when it was recorded (rows.prediction_row: `referral`,
-    `referred`, `n_inputs`), made again from the stored answer and compared with the stored
-    columns. Queries read these in clear; the database owner could change them and leave the
-    answer alone, which the answer's own comparison would not see."""
+    `referred`, `n_inputs`, and the model version, backend, device, mode, samples and seed that
+    the answer names too), made again from the stored answer and compared with the stored
+    columns. Queries read these in clear, and a replay's verdict names them; the database
+    owner could change them and leave the answer alone, which the answer's own comparison
+    would not see. A sealed answer (not opened: seal.reveal) gives only that the seed is not
+    kept in clear beside it."""
+    if is_sealed(record.summary):
+        clear = {"seed": record.seed, "params.seed": record.params.get("seed")}
+        return [
+            f"column {c}: stored {orjson.dumps(v).decode()}, but the seed of a sealed answer "
+            "is kept only sealed (null in clear)"
+            for c, v in clear.items()
+            if v is not None
+        ]
     try:
-        n = len(orjson.loads(record.summary)["predictions"])
+        doc = orjson.loads(record.summary)
+        n = len(doc["predictions"])
         referral, referred = referral_of(record.summary.encode())
     except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
         return []  # the answer's own comparison says what is wrong with it
-    made = {
+    made: dict[str, Any] = {
         "referral": orjson.loads(referral) if referral is not None else None,
         "referred": referred,
         "n_inputs": n,
     }
-    stored = {"referral": record.referral, "referred": record.referred, "n_inputs": record.n_inputs}
+    for column, path in ANSWERED.items():
+        value: Any = doc
+        for key in path:  # an answer without the field (an older form) cannot check it
+            value = value.get(key, _ABSENT) if isinstance(value, dict) else _ABSENT
+        if value is not _ABSENT:
+            made[column] = value
+    stored = {c: getattr(record, c) for c in made}
     return [
         f"column {c}: stored {orjson.dumps(stored[c]).decode()}, the answer gives "
         f"{orjson.dumps(made[c]).decode()}"

@@ -8,8 +8,8 @@ their size: where only floats differ and by no more than float rounding (`ROUNDI
 replaying machine's kernels are the likely cause (another CPU, library build or thread count:
 docs/RANDOM_NUMBERS.md says what is bit-identical where), and the result says so; anything else
 is a difference in values. The columns made from the answer (`referral`, `referred`,
-`n_inputs`) are checked against the stored answer too (compare.derived): a mismatch is a
-difference, named by its column.
+`n_inputs`, and the model version, backend, device, mode, samples and seed it names) are checked
+against the stored answer too (compare.derived): a mismatch is a difference, named by its column.
 
 With only an HMAC of the inputs stored, the caller supplies the inputs and they are checked
 against the HMAC (with the same key) before anything is computed (inputs.py); the answer and
@@ -160,7 +160,7 @@ def _replay(
     notes = supplied.notes if supplied is not None else None
     pred.input_notes = notes if notes is not None else text_notes(model, x, record.summary)
     recomputed = summary_json(model, pred)
-    columns = derived(record)  # referral, referred, n_inputs: as the stored answer gives them
+    columns = derived(record)  # the columns as the stored answer gives them
     result = ReplayResult(record, recomputed == record.summary and not columns, recomputed)
     if recomputed != record.summary:
         try:

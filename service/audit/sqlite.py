@@ -81,6 +81,17 @@ class SqliteStore(Store):
         if mode != "wal":
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
 
+    def version(self) -> int | None:
+        found = self._query(
+            "SELECT 1 AS t FROM sqlite_master WHERE type = 'table' "
+            "AND name = 'audit_schema_version'",
+            (),
+        )
+        if not found:
+            return None
+        [row] = self._query("SELECT MAX(version) AS v FROM audit_schema_version", ())
+        return int(row["v"] or 0)
+
     def migrate(self) -> int:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")  # one migrating process at a time

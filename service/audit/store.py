@@ -91,6 +91,10 @@ class Store(ABC):
         """Create or upgrade the schema; returns the schema version now in place."""
 
     @abstractmethod
+    def version(self) -> int | None:
+        """The schema version in place; None without `audit_schema_version`. Reads only."""
+
+    @abstractmethod
     def _transaction(self, work: Callable[[], None]) -> None:
         """work() in one transaction, committed; rolled back when it raises."""
 
@@ -154,12 +158,27 @@ class Store(ABC):
             rows = self._query(sql, (int(key), key))
         else:
             rows = self._query(f"SELECT * FROM audit_records WHERE request_id = {m}", (key,))
-        return [from_row(r) for r in rows]
+        return self._records(rows)
 
     def get(self, record_id: int) -> AuditRecord | None:
         """The record with this id, if any."""
         rows = self._query(f"SELECT * FROM audit_records WHERE id = {self.mark}", (record_id,))
-        return from_row(rows[0]) if rows else None
+        return self._records(rows)[0] if rows else None
+
+    def _records(self, rows: Rows) -> list[AuditRecord]:
+        """`audit_records` rows as records. A table without a column this code reads (a schema
+        from another mcserve, or one altered by hand) is a StoreError naming the column: the
+        KeyError it raised was a traceback, and the CLI's exit 1, which means DIFFERENT."""
+        missing = [c for c in ("id", *RECORD_COLUMNS) if rows and c not in rows[0]]
+        if missing:
+            found = self.version()
+            schema = f"schema version {found}" if found is not None else "no schema version"
+            raise StoreError(
+                f"the audit store {self.description} lacks column {', '.join(missing)} of "
+                f"audit_records ({schema}; this mcserve reads version {SCHEMA_VERSION}): read "
+                "it with the mcserve that wrote it"
+            )
+        return [from_row(r) for r in rows]
 
     def ids_of(self, request_id: str, limit: int) -> list[int]:
         """The ids of (at most `limit`) records with this request id, oldest first: only the

@@ -44,7 +44,9 @@ class Metrics:
         # Each served version's queue, summed per model name (the gauge's one label): binding
         # the name to the last version attached hid the others' queues and, after an unload,
         # kept a retired batcher (and its model) alive.
-        self._queues: dict[str, dict[str, Callable[[], float]]] = {}
+        # name -> (version, digest) -> rows: a version moved on disk with new files is attached
+        # before the old copy is freed, under the same version (its removal took the new one's).
+        self._queues: dict[str, dict[tuple[str, str], Callable[[], float]]] = {}
         # Labelled children by (metric, labels): `labels()` checks and converts every value
         # under a lock, 25 us of the event loop per prediction (py-spy at concurrency 64).
         # Bounded: every label takes known values only (see above).
@@ -144,14 +146,14 @@ class Metrics:
         self.known.add(name)
         self.model_info.labels(name, version, digest, backend, device).set(1)
         queues = self._queues.setdefault(name, {})
-        queues[version] = queue_rows
+        queues[(version, digest)] = queue_rows
         self.queue_rows.labels(name).set_function(lambda: sum(q() for q in queues.values()))
 
     def remove_model(self, name: str, version: str, digest: str, backend: str, device: str) -> None:
         with contextlib.suppress(KeyError):
             self.model_info.remove(name, version, digest, backend, device)
         queues = self._queues.get(name, {})
-        queues.pop(version, None)
+        queues.pop((version, digest), None)
         if not queues:
             self._queues.pop(name, None)
             with contextlib.suppress(KeyError):

@@ -129,6 +129,11 @@ def test_queue_rows_counts_every_version_and_forgets_a_retired_one() -> None:
     assert rows("d") == 5.0
     m.remove_model("d", "1", "sha256:a", "torch", "cpu")
     assert (rows("d"), rows("e")) == (None, 1.0)
+    # A version moved on disk with new files: the new copy is attached, then the old one freed
+    # (lifecycle._moved_away). The old copy's removal took the new one's gauge.
+    m.add_model("e", "1", "sha256:d", "torch", "cpu", lambda: 3.0)
+    m.remove_model("e", "1", "sha256:c", "torch", "cpu")
+    assert rows("e") == 3.0
 
 
 async def test_deterministic_mode_says_what_it_ignores(client: httpx.AsyncClient) -> None:

@@ -192,7 +192,7 @@ class ComputeProcess:
 
     def _lost(self) -> None:
         """Fail what the child held; the next call starts a new child."""
-        self._ready = False
+        was_ready, self._ready = self._ready, False
         if self._writer is not None:
             self._writer.close()
         self._writer = None
@@ -204,7 +204,7 @@ class ComputeProcess:
                 dead = self.proc
                 asyncio.get_running_loop().run_in_executor(None, dead.wait)  # reap, off the loop
         pending, self._pending = self._pending, {}
-        if pending and not self._closing:
+        if (pending or was_ready) and not self._closing:  # idle too: it went unreported
             log.error("compute process stopped", extra={"code": code, "in_flight": len(pending)})
         exit_code = f" (exit code {code})" if code is not None else ""
         for fut in pending.values():

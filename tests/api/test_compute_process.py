@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import weakref
@@ -129,6 +130,21 @@ async def test_death_fails_what_it_held_then_a_new_process_serves(
     again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
     assert again.status_code == 200, again.text
     assert r.starts == starts + 1 and r.proc is not old
+
+
+async def test_a_death_while_idle_is_logged(
+    process_app: FastAPI, pclient: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a death holding requests was logged: an idle one left no trace but the next
+    request's seconds-long restart."""
+    r = remote(process_app)
+    ok = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+    assert ok.status_code == 200 and r.alive and r.proc is not None
+    with caplog.at_level(logging.ERROR, logger="mcserve.worker"):
+        os.kill(r.proc.pid, signal.SIGKILL)
+        await until(lambda: not r.alive)
+    [stopped] = [rec for rec in caplog.records if rec.getMessage() == "compute process stopped"]
+    assert stopped.levelno == logging.ERROR and stopped.in_flight == 0  # type: ignore[attr-defined]
 
 
 async def test_shutdown_stops_the_process(repo: Path) -> None:

@@ -181,7 +181,7 @@ class Batcher:
                 f"the request may need {-(-most // self.unit)} rows (instances x samples"
                 f"{', at its texts lengths' if self.unit > 1 else ''}), more than the queue "
                 f"holds ({self.max_queue_rows // self.unit}); send fewer instances or samples "
-                "(max_samples)"
+                "(max_samples), or raise the server's MCSERVE_MAX_QUEUE_ROWS"
             )
         if self.stats.queue_rows + rows > self.max_queue_rows:
             self.stats.rejected += 1

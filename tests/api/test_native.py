@@ -489,6 +489,30 @@ async def test_a_default_over_the_servers_maximum_says_whose_it_is(
     )
 
 
+async def test_a_queue_smaller_than_a_default_request_is_said_at_start(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MCSERVE_MAX_QUEUE_ROWS under one instance's default passes: the server was ready and
+    every default request a 413 telling the client to send less than the least it can."""
+    from apps import asgi_client, running
+
+    from service.settings import Settings
+
+    settings = Settings(model_dir=repo, max_queue_rows=10)
+    with caplog.at_level(logging.WARNING, logger="mcserve.lifecycle"):
+        async with running(settings) as app, asgi_client(app) as c:
+            r = await c.post("/v1/models/clf:predict", json={"instances": [ROW]})
+    assert r.status_code == 413 and r.json()["error"].endswith(
+        "send fewer instances or samples (max_samples), or raise the server's "
+        "MCSERVE_MAX_QUEUE_ROWS"
+    )
+    assert any(
+        rec.getMessage() == "model's default samples over max_queue_rows"
+        and getattr(rec, "model", None) == "clf"
+        for rec in caplog.records
+    )
+
+
 async def test_query_parameters_and_accept_are_read_as_sent(client: httpx.AsyncClient) -> None:
     """`?samples=5` ran the default passes; `?subject=` without the FHIR Accept was dropped;
     `application/fhir+json;q=0` (a refusal) was read as asking for FHIR."""

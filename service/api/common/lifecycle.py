@@ -111,6 +111,12 @@ class ModelControl:
                     "model's default samples over max_samples",
                     extra={"model": name, "samples": default, "max_samples": limit},
                 )
+            rows = self.st.settings.max_queue_rows
+            if min(default, limit) > rows:  # one instance by default would be a 413
+                log.warning(
+                    "model's default samples over max_queue_rows",
+                    extra={"model": name, "samples": default, "max_queue_rows": rows},
+                )
         stale = [e for e in self.st.registry.entries() if e.path == path and e is not entry]
         self.st.registry.add(entry)
         for old in moved:

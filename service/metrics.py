@@ -89,7 +89,7 @@ class Metrics:
             "mcserve_queue_rows", "Rows queued or computing", ["model"], registry=r
         )
         self.passes = Counter(
-            "mcserve_passes", "MC passes computed (per input)", ["model"], registry=r
+            "mcserve_passes", "MC passes answered with (per input)", ["model"], registry=r
         )
         self.predictions = Counter(
             "mcserve_predictions", "Inputs answered", ["model", "mode"], registry=r

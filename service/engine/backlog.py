@@ -93,6 +93,7 @@ class Queued:
     released: bool = False  # expired in the backlog: rows given back, left for `take` to drop
     turns: Turns | None = None  # a long request computed in turns (turns.py)
     turn_rows: int = 0  # the cost of its next turn (`rows` stays the whole request's)
+    chunks_s: float = 0.0  # compute seconds of its earlier adaptive chunks (samples=auto)
 
     @property
     def batch_rows(self) -> int:

@@ -276,6 +276,7 @@ class Batcher:
                 self.stats.cancelled += not item.timed_out
                 continue
             if isinstance(res, More):
+                item.chunks_s += elapsed + (item.turns.compute_s if item.turns is not None else 0)
                 self._again(item, res.samples)
                 continue
             if isinstance(res, Part):  # a turn of a long request: queue its next one
@@ -292,7 +293,9 @@ class Batcher:
                     self.stats.failed += 1
                 item.future.set_exception(res)
                 continue
-            earlier = item.turns.compute_s if item.turns is not None else 0.0  # its other turns
+            # Its other turns and chunks: compute, not waiting (an adaptive request's earlier
+            # chunks were counted as queueing: 18.8 of 21.9 ms on an idle server).
+            earlier = item.chunks_s + (item.turns.compute_s if item.turns is not None else 0.0)
             res.timing = {
                 "queue_s": max(0.0, start - item.queued_at - earlier),
                 "compute_s": elapsed + earlier,

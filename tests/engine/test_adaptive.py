@@ -141,6 +141,35 @@ async def test_batcher_requeues_an_unsettled_request_behind_the_queue(coin: Serv
     assert got.summary.probabilities.tobytes() == ref.summary.probabilities.tobytes()
 
 
+async def test_an_adaptive_requests_chunks_are_compute_not_queueing(
+    coin: ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its timing counted the compute of its earlier chunks as time in the queue (18.8 of
+    21.9 ms 'queued' on an idle server): the chunks are compute, summed as turns are."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.engine import batcher as batcher_module
+    from service.engine.batcher import Batcher
+
+    real = batcher_module.compute.run
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.2)  # each chunk's batch: 0.2 s of compute at least
+        return real(*args)
+
+    monkeypatch.setattr(batcher_module.compute, "run", slow)
+    auto = Adaptive(max_samples=160, tolerance=0.001)
+    with ThreadPoolExecutor(1) as pool:
+        b = Batcher(coin, pool)
+        b.start()
+        got = await b.enqueue(HARD, PredictParams(40, (0.95,), seed=3, auto=auto))
+        await b.stop()
+    assert b.stats.requeued == 2  # 40, 80, 160: three batches
+    assert got.timing["compute_s"] >= 0.6, got.timing
+    assert got.timing["queue_s"] < 0.2, got.timing  # idle: it never waited behind anything
+
+
 def test_sets_are_settled_at_the_levels_the_answer_shows() -> None:
     """The stopping rule checked set membership at the referral policy's level (0.95) while the
     answer shows the set at the request's level: at 0.8 this blend of two digits stopped at

@@ -117,6 +117,9 @@ class GuardedProtocol(HttpToolsProtocol):
         cap = self.limit_concurrency
         if self.url.split(b"?", 1)[0] in PROBES:
             self.limit_concurrency = None  # read by uvicorn's on_headers_complete alone
+        elif cap is not None and (len(self.connections) >= cap or len(self.tasks) >= cap):
+            # uvicorn's own 503, as it decides it: counted here, since the app never sees it
+            self.guard.closed["concurrency"] += 1
         try:
             super().on_headers_complete()
         finally:

@@ -9,7 +9,7 @@ batch sizes), plus the served uncertainty so that drift is visible.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,9 @@ from prometheus_client import (
     disable_created_metrics,
     enable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 from service.engine.model import Prediction
 from service.engine.prediction import source
@@ -30,6 +32,8 @@ from service.engine.summaries import ClassificationSummary, RegressionSummary
 UNKNOWN = "(unknown)"
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROWS = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+# Why the connection layer closed a connection (connections.py), each shown from 0.
+REASONS = frozenset({"body_timeout", "concurrency", "evicted", "header_timeout", "refused"})
 UNCERTAINTY = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
@@ -134,6 +138,11 @@ class Metrics:
     def model(self, name: str | None) -> str:
         return name if name in self.known else UNKNOWN
 
+    def watch_connections(self, closed: Mapping[str, int]) -> None:
+        """Export what the connection layer answered or closed below the app (connections.py:
+        408s, evictions, uvicorn's 503 at max_concurrency): requests_total never sees them."""
+        self.registry.register(_Closed(closed))
+
     def add_model(
         self,
         name: str,
@@ -206,3 +215,20 @@ class Metrics:
             child = self._child(self.epistemic_std, m)
             for v in np.asarray(summary.epistemic_std)[lo:hi].ravel().tolist():
                 child.observe(v)
+
+
+class _Closed(Collector):
+    """`mcserve_connections_closed_total{reason}`, read from the connection guard's counts."""
+
+    def __init__(self, closed: Mapping[str, int]) -> None:
+        self.closed = closed
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "mcserve_connections_closed",
+            "Connections answered or closed below the app, by reason",
+            labels=["reason"],
+        )
+        for reason in sorted(REASONS | set(self.closed)):
+            family.add_metric([reason], self.closed.get(reason, 0))
+        yield family

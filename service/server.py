@@ -100,13 +100,15 @@ def run(overrides: dict[str, Any]) -> None:
         max_pending=settings.max_pending_connections,
         max_connections=settings.max_connections or connections.default_max_connections(),
     )
+    guard = connections.Guard(limits)
+    app.state.metrics.watch_connections(guard.closed)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         loop="uvloop",
-        http=connections.protocol(connections.Guard(limits)),  # httptools, with deadlines
+        http=connections.protocol(guard),  # httptools, with deadlines
         limit_concurrency=connections.uvicorn_limit(settings.max_concurrency),
         access_log=False,
         lifespan="on",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from server import ROOT, serve
 
 # Timed against the server's header and body timeouts: run alone (the Makefile's serial phase).
@@ -65,5 +66,16 @@ def test_half_open_connections_are_closed_and_do_not_crowd_out_requests(tmp_path
             reply = s.recv(300)
         assert reply.startswith(b"HTTP/1.1 408 "), reply
         assert reply.endswith(b"request body not received in 1 s\n")
+        # Answered or closed below the app, so never in requests_total: counted by reason.
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            scrape = c.get("/metrics").text
+        closed = {
+            sample.labels["reason"]: sample.value
+            for family in text_string_to_metric_families(scrape)
+            for sample in family.samples
+            if sample.name == "mcserve_connections_closed_total"
+        }
+        assert closed["body_timeout"] == 1 and closed["concurrency"] == 0, closed
+        assert closed["evicted"] + closed["header_timeout"] >= HELD, closed
         assert "Too many open files" not in srv.output()
         assert '"level":"error"' not in srv.output()

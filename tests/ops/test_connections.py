@@ -137,6 +137,7 @@ async def test_max_concurrency_requests_are_served_and_one_more_is_refused() -> 
             expected = b"HTTP/1.1 200 OK" if k < cap else b"HTTP/1.1 503 Service Unavailable"
             assert status == expected, (cap, k)
             busy.append(proto)  # answered, still open: a connection, as uvicorn counts
+        assert busy[0].guard.closed["concurrency"] == 1  # uvicorn's 503, counted for /metrics
         for p in busy:
             p.connection_lost(None)
         await asyncio.sleep(0)

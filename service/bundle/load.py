@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,19 @@ def bundle_digest(manifest_bytes: bytes) -> str:
 
 def _read_bounded(f: Path, limit: int, setting: str) -> bytes:
     """The file's bytes, read once from one open file; refused past `limit` before reading."""
+    # Non-blocking, and a regular file by the open descriptor: a FIFO renamed over a checked
+    # file blocked the open for good (start-up, polling and its lock with it).
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise BundleError(f"{f}: cannot be opened as a plain file ({exc.strerror})") from exc
+        fd = os.open(f, flags)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise BundleError(f"{f}: cannot be opened as a plain file ({why})") from exc
     with os.fdopen(fd, "rb") as fh:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{f}: not a regular file; bundle files are plain files")
+        size = st.st_size
         if size > limit:
             raise BundleError(f"{f}: {size} bytes, over the limit of {limit} (setting {setting})")
         data = fh.read(limit + 1)
@@ -108,7 +116,8 @@ def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict
     sizes: dict[str, int] = {}
     for fname, art in sorted(manifest.artifacts.items()):
         f = path / fname
-        if "/" in fname or "\\" in fname or fname.startswith(".") or f.resolve().parent != root:
+        plain = not any(c in fname for c in "/\\\0") and not fname.startswith(".")
+        if not plain or f.resolve().parent != root:
             raise BundleError(f"{f}: artifact names must be plain files in the bundle")
         if f.suffix in CODE_SUFFIXES and not policy.allow_code_artifacts:
             raise BundleError(
@@ -121,9 +130,13 @@ def _read_artifacts(path: Path, manifest: Manifest, policy: TrustPolicy) -> dict
                 f"{f}: role '{art.role}' is a program that can run code when loaded; refused "
                 "unless the operator sets allow_code_artifacts=true"
             )
-        if not f.is_file():
+        try:  # one stat: a file deleted between two checks raised FileNotFoundError
+            st = f.stat()
+        except (OSError, ValueError):  # ValueError: a NUL in the name
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{f}: artifact listed in the manifest is missing")
-        sizes[fname] = size = f.stat().st_size
+        sizes[fname] = size = st.st_size
         if size > policy.max_artifact_bytes:
             raise BundleError(
                 f"{f}: artifact is {size} bytes, over the limit of "

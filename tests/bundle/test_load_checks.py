@@ -250,3 +250,44 @@ def test_batch_norm_without_running_statistics_is_refused(tmp_path: Path) -> Non
         "would depend on the inputs batched with it; train it with track_running_stats=True "
         "(the default), or use LayerNorm or GroupNorm"
     )
+
+
+def test_a_fifo_read_as_a_bundle_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO renamed over an artifact after its checks blocked the open for good (start-up,
+    or polling and every load behind its lock). The open does not wait, and the descriptor
+    must be a regular file."""
+    import threading
+
+    from service.bundle.load import _read_bounded
+
+    fifo = tmp_path / "weights.safetensors"
+    os.mkfifo(fifo)
+    out: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            out.append(_read_bounded(fifo, 1000, "max_artifact_bytes"))
+        except BaseException as exc:
+            out.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5.0)
+    if reader.is_alive():  # blocked in open(): a writer lets it go, then the test fails
+        os.close(os.open(fifo, os.O_WRONLY))
+        reader.join(5.0)
+    [got] = out
+    assert isinstance(got, BundleError) and got.message == (
+        f"{fifo}: not a regular file; bundle files are plain files"
+    )
+
+
+def test_an_artifact_name_with_a_nul_is_a_bundle_error(bundle: Path) -> None:
+    """It raised ValueError ('embedded null byte'), naming neither the file nor the fix."""
+    edit_json(
+        bundle / "manifest.json",
+        lambda m: m["artifacts"].update({"a\0b": {"role": "data", "sha256": "0" * 64, "size": 1}}),
+    )
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.endswith("artifact names must be plain files in the bundle")

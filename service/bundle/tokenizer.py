@@ -11,10 +11,12 @@ merges, expansions and templates are bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
-from service.errors import BundleError
+from service.errors import BundleError, McServeError
 
 # Component types by section; each was read in the tokenizers source (0.23) for what it does.
 ALLOWED: dict[str, set[str]] = {
@@ -31,8 +33,10 @@ ALLOWED: dict[str, set[str]] = {
         "BertProcessing", "RobertaProcessing", "TemplateProcessing", "ByteLevel", "Sequence",
     },
     "decoder": {
-        "WordPiece", "ByteLevel", "BPEDecoder", "Metaspace", "Strip", "Replace", "Fuse",
-        "ByteFallback", "Sequence",
+        # Not Strip: it slices each token by its start/stop counts and panics on a shorter one
+        # (reviewer BL: every text with the word "a" killed the compute process).
+        "WordPiece", "ByteLevel", "BPEDecoder", "Metaspace", "Replace", "Fuse", "ByteFallback",
+        "Sequence",
     },
 }  # fmt: skip
 _CHILDREN = ("normalizers", "pretokenizers", "processors", "decoders")
@@ -196,6 +200,18 @@ def _check_processor(part: Any, where: str) -> None:
                 f"{where}: post_processor template '{key}' must have at most {MAX_TEMPLATE} entries"
             )
     specials = part.get("special_tokens") or {}
+    named = {
+        item["SpecialToken"].get("id")
+        for key in ("single", "pair")
+        for item in part.get(key) or []
+        if isinstance(item, dict) and isinstance(item.get("SpecialToken"), dict)
+    }
+    for name in sorted(map(str, named - set(specials if isinstance(specials, dict) else ()))):
+        # The library panics on its first text (not an Exception: it passed every handler)
+        raise BundleError(
+            f"{where}: post_processor template names special token {name[:40]!r}, which its "
+            "special_tokens do not declare; declare it with its ids"
+        )
     for name, token in specials.items() if isinstance(specials, dict) else []:
         ids = token.get("ids") if isinstance(token, dict) else None
         if not isinstance(ids, list) or len(ids) > MAX_SPECIAL_IDS:
@@ -227,7 +243,35 @@ def load_tokenizer(raw: bytes, where: str) -> Any:
     # padding id (the model masked it) and "[SEP]" ended a text inside it.
     tok.encode_special_tokens = True
     tok.no_padding()
+    with library_errors(BundleError, f"{where}: the tokenizer fails on a probe"):
+        _probe(tok)
     return tok
+
+
+def _probe(tok: Any) -> None:
+    """What the service asks of every tokenizer, once at load: encode (an empty text, a short
+    one, with special tokens) and decode each id alone. A panic here refuses the bundle; the
+    allow-list should leave none, and this catches what it missed."""
+    for text in ("", "probe a text, 12 words: of Ab and b."):
+        tok.encode(text, add_special_tokens=True)
+    ids = sorted(set(tok.get_vocab(with_added_tokens=True).values()))
+    tok.decode_batch([[i] for i in ids], skip_special_tokens=True)
+    tok.decode_batch([ids[:4096]], skip_special_tokens=False)
+
+
+@contextlib.contextmanager
+def library_errors(kind: type[McServeError], what: str) -> Iterator[None]:
+    """Errors of the tokenizers library as `kind` (`what`: the message's start). A Rust panic
+    arrives as pyo3's PanicException, a BaseException: it passed every `except Exception`,
+    stopping start-up, the poll loop or the compute process."""
+    try:
+        yield
+    except Exception as exc:
+        raise kind(f"{what} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, cancellation: not the library's
+        raise kind(f"{what} (the library panicked: {str(exc)[:200]})") from exc
 
 
 def largest_id(tok: Any) -> int:

@@ -146,7 +146,9 @@ def main(fd: int) -> None:
         try:
             value: object = getattr(child, op)(*args)
             ok = True
-        except Exception as exc:
+        except BaseException as exc:  # a library's panic too (pyo3): it ended the process
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
             value, ok = _portable(exc), False
         try:
             out = frame((ident, ok, value))

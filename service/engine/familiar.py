@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from service.bundle.load import LoadedBundle
+from service.bundle.tokenizer import library_errors
 from service.bundle.words import MAX_WORD_CHARS
+from service.errors import ModelError
 
 _WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no backtracking
 
@@ -104,10 +106,9 @@ class WordReader:
             texts = ["".join(self.table[np.minimum(np.asarray(r, np.int64), last)]) for r in rows]
         else:
             skip, size = self.skip, self.tokenizer.get_vocab_size(with_added_tokens=True)
-            texts = self.tokenizer.decode_batch(
-                [[int(i) for i in r if int(i) not in skip and 0 <= int(i) < size] for r in rows],
-                skip_special_tokens=True,
-            )
+            kept = [[int(i) for i in r if int(i) not in skip and 0 <= int(i) < size] for r in rows]
+            with library_errors(ModelError, "this model's tokenizer failed to read a text's words"):
+                texts = self.tokenizer.decode_batch(kept, skip_special_tokens=True)
             norm = self.tokenizer.normalizer
             texts = [norm.normalize_str(t) if norm is not None else t for t in texts]
         # Casefolded before the split: casefolding can add a combining mark ("İ" -> "i" + U+0307),

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from service.bundle.spec import TextInput
-from service.errors import InvalidInputError, PayloadTooLargeError
+from service.bundle.tokenizer import library_errors
+from service.errors import InvalidInputError, ModelError, PayloadTooLargeError
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def _encodings(tokenizer: Any, texts: list[str], sizes: list[int]) -> Iterator[t
         while end < len(texts) and total + sizes[end] <= TOKENIZE_BYTES:
             total += sizes[end]
             end += 1
-        group = tokenizer.encode_batch(texts[start:end], add_special_tokens=True)
+        with library_errors(ModelError, "this model's tokenizer failed on a text"):
+            group = tokenizer.encode_batch(texts[start:end], add_special_tokens=True)
         yield from enumerate(group, start)
         del group  # before the next group is made
         start = end

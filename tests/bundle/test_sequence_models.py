@@ -440,12 +440,41 @@ def test_truncation_is_reported(text_bundle: Path) -> None:
             ),
             "normalizer has more than 16 components in all",
         ),
+        (  # the library panicked on the first text: start-up stopped (reviewer BL)
+            lambda d: d.__setitem__(
+                "post_processor",
+                {
+                    "type": "TemplateProcessing",
+                    "single": [
+                        {"SpecialToken": {"id": "[X]", "type_id": 0}},
+                        {"Sequence": {"id": "A", "type_id": 0}},
+                    ],
+                    "pair": [],
+                    "special_tokens": {},
+                },
+            ),
+            "post_processor template names special token '[X]', which its special_tokens do "
+            "not declare",
+        ),
+        (  # it slices tokens by its counts: a shorter token panicked, killing the process
+            lambda d: d.__setitem__(
+                "decoder", {"type": "Strip", "content": "a", "start": 1, "stop": 1}
+            ),
+            "decoder type 'Strip' is not allowed",
+        ),
+        (  # WordLevel without its unknown token: every unknown word failed at serve time
+            lambda d: d.__setitem__(
+                "model", {"type": "WordLevel", "vocab": {"[PAD]": 0, "a": 1}, "unk_token": "[UNK]"}
+            ),
+            "the tokenizer fails on a probe (Exception: WordLevel error: Missing [UNK] token",
+        ),
     ],
     ids=[
         "split-regex", "unknown-type", "nested-replace-regex", "growing-replace-chain",
         "long-replace-content", "long-sequence", "long-template", "special-token-of-many-ids",
         "wordpiece-word-length", "random-tokenization", "unicode-growth", "decoder-growth",
-        "prepend-growth", "nested-components",
+        "prepend-growth", "nested-components", "undeclared-special-token", "strip-decoder",
+        "word-level-without-unknown",
     ],
 )  # fmt: skip
 def test_a_crafted_tokenizer_is_refused_at_load(
@@ -464,6 +493,46 @@ def test_a_crafted_tokenizer_is_refused_at_load(
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/tokenizer.json: {message}")
+
+
+def test_a_panic_of_the_tokenizers_library_is_an_error_not_an_exit(text_bundle: Path) -> None:
+    """pyo3's PanicException is a BaseException: it passed every `except Exception` (start-up,
+    the poll loop, the compute process). At load the probe refuses the bundle; at serve time
+    the encode and the word check answer a model error."""
+    from tokenizers import Tokenizer
+
+    from service.bundle.tokenizer import _probe, library_errors
+    from service.engine.familiar import WordReader
+    from service.engine.text import _encodings
+
+    doc = json.loads((text_bundle / "tokenizer.json").read_text())
+    single = [
+        {"SpecialToken": {"id": "[X]", "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}},
+    ]
+    doc["post_processor"] = {
+        "type": "TemplateProcessing", "single": single, "pair": [], "special_tokens": {}
+    }  # fmt: skip
+    panicking = Tokenizer.from_str(json.dumps(doc))  # past the allow-list: the library's own
+    with pytest.raises(BundleError) as e, library_errors(BundleError, "tokenizer.json: probe"):
+        _probe(panicking)
+    assert e.value.message.startswith("tokenizer.json: probe (the library panicked: ")
+    with pytest.raises(ModelError) as m:
+        list(_encodings(panicking, ["a text"], [6]))
+    assert m.value.message.startswith("this model's tokenizer failed on a text (the library")
+
+    class Decoding:  # a panic where the word check decodes ids
+        def get_vocab_size(self, with_added_tokens: bool) -> int:
+            return 10
+
+        def decode_batch(self, rows: Any, skip_special_tokens: bool) -> Any:
+            return panicking.encode("x")  # panics
+
+    reader = WordReader.__new__(WordReader)
+    reader.table, reader.skip, reader.tokenizer = None, frozenset(), Decoding()
+    with pytest.raises(ModelError) as w:
+        reader([[1, 2]])
+    assert w.value.message.startswith("this model's tokenizer failed to read a text's words")
 
 
 def test_a_causal_hint_without_its_mask_is_refused(tmp_path: Path) -> None:

@@ -55,14 +55,20 @@ def settings_or_exit(overrides: dict[str, Any], serve: bool = True) -> None:
 
 @app.command("models")
 def list_models(
-    model_dir: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    model_dir: Annotated[
+        Path | None, typer.Option(help="model repository (default: MCSERVE_MODEL_DIR, else models)")
+    ] = None,
 ) -> None:
     """List the bundles found and whether each loads (and why not)."""
     from service.bundle.load import TrustPolicy
     from service.engine.registry import Registry
     from service.settings import Settings
 
-    settings = Settings(model_dir=model_dir)
+    # None, not Path("models"): a default here had always won over MCSERVE_MODEL_DIR.
+    overrides: dict[str, Any] = {"model_dir": model_dir} if model_dir is not None else {}
+    settings_or_exit(overrides, serve=False)  # a setting that does not parse: one line, exit 2
+    settings = Settings(**overrides)
+    model_dir = settings.model_dir
     reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
     entries = reg.load_all()
     if not entries:
@@ -100,7 +106,9 @@ def predict(
     seed: Annotated[int | None, typer.Option(help="seed, for a replayable answer")] = None,
     confidence: Annotated[float | None, typer.Option(help="interval level in (0, 1)")] = None,
     mode: Annotated[str, typer.Option(help="mc or deterministic")] = "mc",
-    model_dir: Annotated[Path, typer.Option(help="model repository")] = Path("models"),
+    model_dir: Annotated[
+        Path | None, typer.Option(help="model repository (default: MCSERVE_MODEL_DIR, else models)")
+    ] = None,
     version: Annotated[str | None, typer.Option(help="model version")] = None,
     dropout_sites: Annotated[
         str | None, typer.Option(help="'all' or k: sample the last k dropout sites")
@@ -119,8 +127,10 @@ def predict(
     from service.errors import McServeError
     from service.settings import Settings
 
-    settings_or_exit({"model_dir": model_dir}, serve=False)  # one that does not parse: exit 2
-    settings = Settings(model_dir=model_dir)
+    # None, not Path("models"): a default here had always won over MCSERVE_MODEL_DIR.
+    overrides: dict[str, Any] = {"model_dir": model_dir} if model_dir is not None else {}
+    settings_or_exit(overrides, serve=False)  # one that does not parse: exit 2
+    settings = Settings(**overrides)
     if (instance is None) == (text is None):
         typer.echo("error: give one of --instance JSON or --text TEXT", err=True)
         raise typer.Exit(2)
@@ -139,7 +149,9 @@ def predict(
     if samples is not None and not auto and not whole(samples):
         typer.echo(f"error: --samples {samples!r}: give a number of passes or auto", err=True)
         raise typer.Exit(2)
-    reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
+    reg = Registry.with_policy(
+        settings.model_dir, TrustPolicy.from_settings(settings), device="cpu"
+    )
     reg.load_all()
     try:
         served = reg.get(model, version)
@@ -272,9 +284,9 @@ def evaluate(
     try:
         served = ServedModel(load_bundle(bundle), device="cpu")
         rows = read(data, served.manifest, target, served.bundle.tokenizer)
-        ev = run_evaluation(
-            served, rows, samples=samples or served.manifest.defaults.samples, seed=seed
-        )
+        # `is None`, not `or`: --samples 0 had silently run the model's default passes.
+        passes = samples if samples is not None else served.manifest.defaults.samples
+        ev = run_evaluation(served, rows, samples=passes, seed=seed)
         files = report.write(ev, out)
     except (McServeError, OSError) as exc:
         typer.echo(f"error: {getattr(exc, 'message', exc)}", err=True)

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,15 @@ class CsvFile:
         """'<path>: data row 3 (line 4)'."""
         return f"{self.path}: {self.where(i)}"
 
-    def instances_as_rows(self, message: str) -> str:
-        """A request check's message about "instance i" (0-based) said of data row i."""
-        return re.sub(r"\binstance (\d+)\b", lambda m: self.where(int(m[1])), message)
+    def instances_as_rows(self, message: str, rows: Sequence[int] | None = None) -> str:
+        """A request check's message about "instance i" (0-based) said of data row i, or of
+        data row ``rows[i]`` when the instances were those rows (e.g. `train`'s calibration
+        rows)."""
+        return re.sub(
+            r"\binstance (\d+)\b",
+            lambda m: self.where(int(m[1]) if rows is None else int(rows[int(m[1])])),
+            message,
+        )
 
     def column(self, name: str) -> list[str]:
         j = self.header.index(name)

@@ -52,15 +52,18 @@ def read_targets(
 
 
 def target_column(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:
-    """``given`` (`--target`), else 'target', else the manifest's target name (what `train
-    --target` recorded), so the CSV a model was trained from can be used as it is."""
+    """``given`` (`--target`), else 'target', else the manifest's target name or the column
+    `train --target` read (the provenance's `target_column`), so the CSV a model was trained
+    from can be used as it is."""
     if given is not None:
         if given not in header:
             raise InvalidInputError(f"{path}: no target column {given!r}; the columns are {header}")
         return given
-    named = manifest.outputs.target
-    if "target" not in header and named and named in header:
-        return named
+    # A classifier has no `outputs.target`: its training column is only in the provenance.
+    recorded = manifest.training.provenance.get("target_column")
+    for named in (manifest.outputs.target, recorded):
+        if "target" not in header and isinstance(named, str) and named in header:
+            return named
     return "target"
 
 

@@ -1,8 +1,9 @@
 """Labelled texts for a text model's `calibrate` and `evaluate`: a CSV of a text column and the
 target.
 
-The text column is `text`, else the one column besides the target (so the CSV a model was
-trained from, or the calibration file `train` writes, can be used as it is). The file is read as
+The text column is `text`, else the column `train` read (the provenance's `text_column`), else
+the one column besides the target (so the CSV a model was trained from, or the calibration file
+`train` writes, can be used as it is). The file is read as
 `train` reads it (`csv_file.read_csv`); texts are tokenized exactly as a request is
 (`service.engine.text.encode_texts`: same padding, cutting and checks).
 Rows holding the same text share a group index: a text that carries several labels (the
@@ -24,9 +25,12 @@ from service.engine.text import encode_texts
 from service.errors import InvalidInputError
 
 
-def _text_column(header: list[str], target: str, path: Path) -> str:
+def _text_column(header: list[str], target: str, path: Path, recorded: Any) -> str:
     if "text" in header and target != "text":
         return "text"
+    # The column `train` read (its provenance's `text_column`): its CSV may hold others too.
+    if isinstance(recorded, str) and recorded in header and recorded != target:
+        return recorded
     others = [h for h in header if h != target]
     if len(others) != 1:
         raise InvalidInputError(
@@ -47,7 +51,7 @@ def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: An
         raise InvalidInputError(
             f"{path}: no target column {t_name!r} (another name: --target); columns {header}"
         )
-    x_name = _text_column(header, t_name, path)
+    x_name = _text_column(header, t_name, path, manifest.training.provenance.get("text_column"))
     if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
     texts = f.column(x_name)

@@ -112,9 +112,18 @@ def check_trained(
 ) -> None:
     """Refuse classes without a training row, saying how many rows each has; ``why`` says where
     the split put them, ``fix`` what to do (e.g. "add rows of them, or try another --seed")."""
+    counts = np.bincount(y, minlength=len(labels))
+    # Only `--labels` can name a class without rows: no split (or seed) can give it any.
+    unused = [labels[k] for k in range(len(labels)) if counts[k] == 0]
+    if unused:
+        one = len(unused) == 1
+        raise InvalidInputError(
+            f"{path}: --labels lists {', '.join(map(repr, unused))}, which no row of the data "
+            f"has (a class needs training rows); drop {'it' if one else 'them'} from --labels, "
+            f"or add rows of {'that class' if one else 'those classes'} to the data"
+        )
     absent = sorted(set(range(len(labels))) - set(y[train_rows].tolist()))
     if absent:
-        counts = np.bincount(y, minlength=len(labels))
         have = ", ".join(
             f"{labels[k]!r} has {counts[k]} row{'s' if counts[k] != 1 else ''}" for k in absent
         )

@@ -17,8 +17,9 @@ other labels sorted as text (scikit-learn's order); the order is printed, since 
 probabilities and OIP's `label` index follow it. The bundle (version
 `--version`) is then calibrated exactly as `python -m service calibrate` would be, on the
 calibration rows, into the next version, whose path is printed. What can be checked is checked
-before training (the CSV, the name and version, what the calibration method needs of the
-calibration rows); both versions are written in a hidden directory and renamed into place at
+before training (the CSV, `--seed`, the name and version, `--out`, what the calibration method
+needs of the calibration rows, and the calibration rows themselves as calibrate will read them);
+both versions are written in a hidden directory and renamed into place at
 the end, so a failed calibration or a SIGTERM leaves neither behind (versions.py).
 """
 
@@ -31,6 +32,7 @@ from typing import Annotated, Literal, cast
 
 import typer
 
+from service.engine.masks import MAX_SEED
 from service.errors import InvalidInputError, McServeError
 from service.training import options
 from service.training.mlp import Noise
@@ -116,6 +118,8 @@ def train(
         raise fail(f"--task {task!r}: use regression or classification")
     if epochs < 1:
         raise fail("--epochs must be >= 1")
+    if not 0 <= seed <= MAX_SEED:  # numpy, torch and the masks each failed on it, some late
+        raise fail(f"--seed {seed}: use 0..2**63 - 1 (the seeds a request and `calibrate` take)")
     if labels is not None and task != "classification":
         raise fail("--labels is for --task classification; a regressor has no classes")
     if calibration_method not in METHODS or (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.calibration.csv_file import read_csv
+from service.calibration.csv_file import CsvFile, read_csv
 from service.calibration.targets import NA_MARKERS, read_number
 from service.errors import InvalidInputError
 from service.training.classes import classes
@@ -41,6 +41,7 @@ class Table:
     x: np.ndarray  # [N, F]
     y: np.ndarray  # [N] float64 (regression) or int64 label indices
     labels: list[str] | None  # classification: in `classes.classes`' order
+    file: CsvFile  # where each row is (`file.locate(i)`), for messages
     notes: list[str] = field(default_factory=list)  # e.g. spellings of one class merged
 
 
@@ -97,7 +98,7 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
         labels, y, merged = classes(values, labels_given, f.locate, path, target)
         if len(labels) < 2:
             raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
-        return Table(path, f.sha256, names, x, y, labels, merged + notes)
+        return Table(path, f.sha256, names, x, y, labels, f, merged + notes)
     yf = np.array(
         [_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
         dtype=np.float64,
@@ -108,7 +109,7 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
             "to learn (and would serve it with false confidence); check the column"
         )
     _check_precision(yf, f"{path}: the target {target!r}", "change its units")
-    return Table(path, f.sha256, names, x, yf, None, notes)
+    return Table(path, f.sha256, names, x, yf, None, f, notes)
 
 
 def _number(v: str, where: str, column: str | None = None) -> float:

@@ -22,6 +22,9 @@ from torch import nn
 
 from service.bundle.fingerprint import row_fingerprint
 from service.bundle.manifest import Defaults, Training
+from service.bundle.spec import InputSpec
+from service.engine.inputs import to_array
+from service.errors import InvalidInputError
 from service.packaging import save
 from service.training.classes import check_trained
 from service.training.mlp import Noise, train_mlp
@@ -80,6 +83,10 @@ def train_table(
         )  # fmt: skip
     check_free(out, name, version)
     xtr, ytr = table.x[tr], table.y[tr]
+    # The ranges come from the training rows alone; a calibration row outside the valid ones
+    # is refused as calibrate would refuse it, but now, not after the training.
+    training_ranges, valid_ranges = _ranges(xtr)
+    _check_calibration_rows(table, cal, valid_ranges)
     if progress:
         typer.echo(f"training on {len(tr)} rows ({len(cal)} kept for calibration)", err=True)
     res = train_mlp(
@@ -91,7 +98,6 @@ def train_table(
     fm = res.final
     module = served_module(fm)
     check_served(module, fm, table.x)
-    training_ranges, valid_ranges = _ranges(xtr)
     noise_var = fixed_noise_var(fm)
 
     def write(repo: Path) -> Path:
@@ -143,6 +149,28 @@ def _ranges(x: np.ndarray) -> tuple[list[tuple[float, float]], list[tuple[float,
         for a, b, w in zip(lo, hi, width, strict=True)
     ]
     return training, valid
+
+
+def _check_calibration_rows(
+    table: Table, cal: np.ndarray, valid_ranges: list[tuple[float, float]]
+) -> None:
+    """Refuse, naming its row of the user's CSV, a calibration row that the served model (and so
+    the calibrate step) would refuse: a value outside the hard valid ranges."""
+    if not len(cal):
+        return
+    spec = InputSpec(
+        shape=[len(table.feature_names)], feature_names=table.feature_names,
+        valid_ranges=valid_ranges,
+    )  # fmt: skip
+    try:
+        to_array(table.x[cal].tolist(), spec, max_instances=len(cal))
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"{table.path}: {table.file.instances_as_rows(exc.message, cal.tolist())} (a "
+            f"calibration row: the valid ranges reach {VALID_RANGE_WIDTHS:g} widths of the "
+            "training rows' range beyond it, so the value is far from every training value); "
+            "fix or drop the row"
+        ) from None
 
 
 def _write_calibration_csv(dest: Path, *, table: Table, rows: np.ndarray) -> None:

@@ -84,13 +84,16 @@ def fit_text(
     dropout: float = 0.5,
     progress: bool = False,
     word_vectors: WordVectors | None = None,
+    tokenizer: Any = None,
 ) -> TextFit:
     """Tokenizer and network fitted on `texts` (the training rows, and nothing else).
-    `word_vectors` start the embedding (its width becomes theirs; `word_vectors.py`)."""
+    `word_vectors` start the embedding (its width becomes theirs; `word_vectors.py`);
+    ``tokenizer``: one already fitted on `texts` (`train` checks the calibration texts with it
+    before training), else fitted here."""
     if word_vectors is not None:
         check_embedded(arch)
         embed = word_vectors.dim
-    tok = train_tokenizer(texts, vocab_size)
+    tok = tokenizer if tokenizer is not None else train_tokenizer(texts, vocab_size)
     ids = torch.as_tensor(encode(tok, texts, max_tokens))
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
     n = len(texts)

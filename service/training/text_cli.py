@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
 
+from service.bundle.spec import TextInput
 from service.calibration.selection import check_rows
+from service.engine.text import encode_texts
 from service.errors import InvalidInputError
+from service.packaging.writer import TOKENIZER_FILE
 from service.training.classes import check_trained, classes
+from service.training.table import numeric
 from service.training.text import (
     check_embedded,
     fingerprints,
@@ -20,7 +25,14 @@ from service.training.text import (
     save_text_bundle,
     write_text_csv,
 )
-from service.training.text_data import encode, read_splits, read_text_table, training_words
+from service.training.text_data import (
+    TextTable,
+    encode,
+    read_splits,
+    read_text_table,
+    train_tokenizer,
+    training_words,
+)
 from service.training.text_nets import ARCHS, Arch
 from service.training.versions import METHOD_FLAG, check_free, write_calibrated
 from service.training.word_vectors import read_vectors
@@ -57,6 +69,13 @@ def train_text(
             f"--word-min-texts {word_min_texts}: use 0 (no word list) or a count of texts, e.g. 2"
         )
     table = read_text_table(data, target, text_column)
+    if all(numeric(t) for t in table.texts):  # --text-column on the wrong column, most likely
+        typer.echo(
+            f"note: every value of the text column {text_column!r} is a number: a text model "
+            "reads numbers as words (one written unlike every training value is unknown to it); "
+            "for a numeric feature, train a tabular model (leave out --text-column)",
+            err=True,
+        )
     n = len(table.texts)
     if splits is not None:
         parts = read_splits(splits, n)
@@ -95,6 +114,10 @@ def train_text(
         check_embedded(arch)
         vectors = read_vectors(word_vectors, training_words(train_texts))
     check_free(out, name, version)
+    # Fitted here (cheap, deterministic) so that the calibration texts are checked with it now:
+    # one it cannot read failed the calibrate step, after the whole training.
+    tokenizer = train_tokenizer(train_texts)
+    _check_calibration_texts(table, cal, tokenizer, max_tokens)
     result = fit_text(
         train_texts,
         y[tr],
@@ -105,6 +128,7 @@ def train_text(
         max_epochs=max_epochs,
         progress=progress,
         word_vectors=vectors,
+        tokenizer=tokenizer,
     )
     ids = encode(result.tokenizer, table.texts, max_tokens)
     split_info = {"method": how} | {k: len(v) for k, v in parts.items()}
@@ -120,8 +144,9 @@ def train_text(
             target=target,
             intended_use=f"trained from {data.name} by `python -m service train`; "
             "not validated for clinical use",
+            # target_column: `calibrate` and `evaluate` find the target in this CSV by it.
             provenance=provenance(table, result, split_info, seed)
-            | {"build_command": "python -m service train"},
+            | {"target_column": target, "build_command": "python -m service train"},
             metrics={
                 f"calibration_{k}": v
                 for k, v in mc_metrics(result.module, ids[cal], y[cal], seed).items()
@@ -146,6 +171,25 @@ def train_text(
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     return Path(res.path)
+
+
+def _check_calibration_texts(
+    table: TextTable, cal: np.ndarray, tokenizer: Any, max_tokens: int
+) -> None:
+    """Refuse, naming its row of the user's CSV, a calibration text that the served model (and
+    so the calibrate step) would refuse: one whose every token is unknown to the tokenizer
+    fitted on the training rows (another script, or numbers written unlike any training one)."""
+    if not len(cal):
+        return
+    spec = TextInput(tokenizer=TOKENIZER_FILE, max_tokens=max_tokens, pad_id=0)
+    try:
+        encode_texts([table.texts[i] for i in cal], tokenizer, spec, max_instances=len(cal))
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"{table.path}: {table.file.instances_as_rows(exc.message, cal.tolist())} (a "
+            "calibration row: the tokenizer is fitted on the training rows only, and none of "
+            "them has its words); drop the row, or add training rows written like it"
+        ) from None
 
 
 def arch_of(arch: str) -> Arch:

@@ -13,6 +13,7 @@ with "already exists": before, a SIGTERM during calibration left version N in pl
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import tempfile
@@ -44,8 +45,25 @@ def check_names(name: str, version: str) -> None:
 
 
 def check_free(out: Path, name: str, version: str) -> None:
-    """Refuse a version that already exists (asked again, atomically, when it is written)."""
-    destination.refuse_existing(out / name / version)
+    """Refuse a version that already exists (asked again, atomically, when it is written), and
+    an `--out` where ``<out>/<name>/`` cannot be made or written: found only after training
+    before, as a raw "[Errno 20] Not a directory"."""
+    model_dir = out / name
+    base = model_dir  # the nearest path that exists: the directories below it are to be made
+    while not (base.exists() or base.is_symlink()) and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        what = "a dangling link" if base.is_symlink() and not base.exists() else "not a directory"
+        raise InvalidInputError(
+            f"--out {out}: {base} is {what}, so {model_dir} cannot be made; give a directory, "
+            "or a path that does not exist yet, as --out"
+        )
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"--out {out}: {base} is not writable by this user, so {model_dir} cannot be "
+            "written; give a directory you may write to as --out"
+        )
+    destination.refuse_existing(model_dir / version)
 
 
 def _stop(signum: int, frame: FrameType | None) -> NoReturn:

@@ -137,6 +137,32 @@ def test_predict_ignores_what_only_a_server_needs(monkeypatch: pytest.MonkeyPatc
     assert result.exit_code == 2 and "MCSERVE_MAX_SAMPLES" in result.output
 
 
+def test_models_and_predict_read_the_model_dir_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their option's default `Path("models")` had always won over MCSERVE_MODEL_DIR, and a
+    setting that does not parse ended `models` in a pydantic traceback."""
+    repo = tmp_path / "repo"
+    shutil.copytree(MODELS / "diabetes", repo / "diabetes")
+    monkeypatch.chdir(tmp_path)  # no ./models here: only the setting finds a model
+    monkeypatch.setenv("MCSERVE_MODEL_DIR", str(repo))
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.output.splitlines()[1:]] == ["diabetes"] * 2
+    args = ["predict", "diabetes", "--instance", first_instance("diabetes"), "--samples", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"]["name"] == "diabetes"
+    # The flag still wins over the setting.
+    result = runner.invoke(app, ["models", "--model-dir", str(tmp_path / "none")])
+    assert result.exit_code == 1 and f"no bundles under {tmp_path / 'none'}" in result.output
+    monkeypatch.setenv("MCSERVE_MAX_SAMPLES", "x")
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: invalid settings: MCSERVE_MAX_SAMPLES: ")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_predict_errors() -> None:
     result = runner.invoke(
         app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]
@@ -271,3 +297,14 @@ def test_predict_text(tmp_path: Path) -> None:
     assert empty.exit_code == 2 and "the text is empty" in empty.output
     neither = runner.invoke(app, base)
     assert neither.exit_code == 2 and "give one of --instance JSON or --text TEXT" in neither.output
+
+
+@pytest.mark.parametrize("samples", ["0", "-5"])
+def test_evaluate_refuses_samples_below_one(tmp_path: Path, samples: str) -> None:
+    """`--samples 0` had silently run the model's default 100 passes (`samples or default`)."""
+    args = ["evaluate", str(MODELS / "diabetes" / "2"), "--out", str(tmp_path / "report")]
+    data = str(MODELS / "data" / "diabetes-test.csv")
+    result = runner.invoke(app, [*args, "--data", data, "--samples", samples])
+    assert result.exit_code == 2, result.output
+    assert f"samples must be in [1, 1048575], got {samples}" in result.output
+    assert not (tmp_path / "report").exists()

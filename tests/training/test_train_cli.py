@@ -213,6 +213,27 @@ def test_calibrate_and_evaluate_take_the_target_column(tmp_path: Path) -> None:
     assert "60 of the 300 evaluation rows are among the bundle's calibration rows" in warned[1]
 
 
+def test_a_classifiers_training_csv_serves_calibrate_and_evaluate_as_it_is(
+    tmp_path: Path,
+) -> None:
+    # A classifier's manifest has no outputs.target, so 'grade' was not found: "missing
+    # ['target'], unknown ['grade']", although README promises the column `train --target` read.
+    data = _classification_csv(tmp_path / "grades.csv")
+    repo = tmp_path / "repo"
+    args = ["train", "--data", str(data), "--target", "grade", "--task", "classification"]
+    res = runner.invoke(app, [*args, "--out", str(repo), "--hidden", "8", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    m = load_bundle(repo / "grades" / "2").manifest
+    assert m.outputs.target is None and m.training.provenance["target_column"] == "grade"
+    ev = ["evaluate", str(repo / "grades" / "2"), "--out", str(tmp_path / "report")]
+    res = runner.invoke(app, [*ev, "--data", str(data), "--samples", "8"])
+    assert res.exit_code == 0, res.output
+    cal = ["calibrate", str(repo / "grades" / "1"), "--out", str(repo), "--samples", "8"]
+    res = runner.invoke(app, [*cal, "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert "wrote " + str(repo / "grades" / "3") in res.stdout
+
+
 def test_default_referral_refers_its_nominal_share_of_new_rows(tmp_path: Path) -> None:
     # A user's own calibrated classifier referred 80.5 % of held-out rows under the default
     # policy ("any ambiguous set" at 95 %, next to a 90th-percentile epistemic threshold). The

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from train_cli import refused as _refused
 from train_cli import train as _train
+from typer.testing import CliRunner
 
+from service.cli import app
 from service.errors import InvalidInputError, ModelError
 from service.training import text_data, train_mlp
 from service.training.served import check_served, served_module
@@ -73,6 +75,27 @@ def test_text_in_a_script_without_spaces_is_detected(tmp_path: Path) -> None:
     # A short category in the same script is not text (it repeats; it is short).
     wards = _write(tmp_path / "w.csv", ["ward", "label"], [["心内科", "x"], ["神经科", "y"]] * 20)
     assert text_data.detect_text_column(wards, "label") is None
+
+
+@pytest.mark.parametrize(("values", "noted"), [(["3", "4.5", "1e2"], True), (["3", "x"], False)])
+def test_a_text_column_of_numbers_is_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, values: list[str], noted: bool
+) -> None:
+    # `--text-column` on a column of numbers trained a "text" model on them without a word.
+    def stop(*args: object, **kwargs: object) -> None:
+        raise InvalidInputError("stopped before training")
+
+    monkeypatch.setattr("service.training.text_cli.fit_text", stop)
+    rows = [[values[i % len(values)], "ab"[i % 2]] for i in range(N)]
+    data = _write(tmp_path / "n.csv", ["num", "y"], rows)
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "repo"), "--text-column", "num"])
+    _refused(res, "stopped before training", tmp_path / "repo")
+    note = (
+        "note: every value of the text column 'num' is a number: a text model reads numbers as "
+        "words"
+    )
+    assert (note in res.output) == noted, res.output
 
 
 def test_a_column_that_is_not_numeric_says_what_to_do(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from service.training import train_mlp
 from service.training.classes import classes
 from service.training.results import FittedMLP
 from service.training.served import held_out_metrics
-from service.training.table import read_table
+from service.training.table import read_table, split
 from service.training.text_data import read_text_table
 
 runner = CliRunner()
@@ -186,3 +187,53 @@ def test_an_empty_text_target_is_refused_with_its_row(tmp_path: Path) -> None:
     assert read_text_table(data, "condition", "abstract").values[3] == ""
     res = _train_text(data, tmp_path / "repo")
     _refused(res, "data row 4 (line 5), target 'condition': the value is empty", tmp_path / "repo")
+
+
+def _not_trained(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("trained before the calibration rows were checked")
+
+
+def test_a_calibration_text_the_tokenizer_cannot_read_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It failed the calibrate step after the whole training, naming a row of a deleted
+    # temporary file: "none of the text's 3 token(s) is in this model's vocabulary".
+    texts, labels = _text_rows()
+    row = int(np.random.default_rng(0).permutation(N)[0])  # a calibration row at seed 0
+    texts[row] = "Καρδιά και αίμα"  # a script no training text has
+    monkeypatch.setattr("service.training.text_cli.fit_text", _not_trained)
+    data = _texts(tmp_path / "notes.csv", texts, labels)
+    res = _train_text(data, tmp_path / "repo")
+    _refused(
+        res,
+        f"{data}: data row {row + 1} (line {row + 2}): none of the text's 3 token(s) is in "
+        "this model's vocabulary",
+        tmp_path / "repo",
+    )
+    assert "a calibration row: the tokenizer is fitted on the training rows only" in res.output
+    assert "mcserve-train-" not in res.output
+
+
+def test_a_calibration_value_outside_the_valid_ranges_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above for tabular data: the valid ranges were computed after training, and the row
+    # refused by the calibrate step was "data row 1" of a deleted temporary file.
+    _, cal = split(N, 3)  # train_cli.train's seed
+    row = int(cal[0])
+    x = np.random.default_rng(0).uniform(-1, 1, size=(N, 2)).round(4)
+    x[row, 0] = 1000.0
+    data = tmp_path / "out.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["a", "b", "y"])
+        w.writerows([*map(float, r), "ab"[i % 2]] for i, r in enumerate(x))
+    monkeypatch.setattr("service.training.table_cli.train_mlp", _not_trained)
+    res = _train(data, tmp_path / "repo")
+    _refused(
+        res,
+        f"{data}: data row {row + 1} (line {row + 2}), feature 'a' = 1000 is outside the valid "
+        "range",
+        tmp_path / "repo",
+    )
+    assert "(a calibration row: the valid ranges reach 10 widths of the training" in res.output

@@ -111,6 +111,37 @@ def test_a_class_whose_rows_all_fell_into_calibration_says_how_many_it_has(
     )
 
 
+@pytest.mark.parametrize("kind", ["tabular", "text"])
+def test_labels_naming_a_class_no_row_has_says_so(tmp_path: Path, kind: str) -> None:
+    # It was told "the seeded 80/20 cut put them among the calibration rows; ... or try another
+    # --seed", which no seed could help.
+    data = (
+        _text(tmp_path / "n.csv")
+        if kind == "text"
+        else _tabular(tmp_path / "t.csv", ["a", "b"] * 20)
+    )
+    res = _train(data, tmp_path / "repo", "--labels", "a,b,maybe")
+    _refused(
+        res,
+        f"{data}: --labels lists 'maybe', which no row of the data has (a class needs training "
+        "rows); drop it from --labels, or add rows of that class to the data",
+        tmp_path / "repo",
+    )
+    assert "--seed" not in res.output
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64])
+@pytest.mark.parametrize("kind", ["tabular", "text"])
+def test_a_seed_out_of_range_is_refused_before_training(
+    tmp_path: Path, seed: int, kind: str
+) -> None:
+    # numpy refused -1 and 2**64 with a traceback; 2**63 trained, then failed at calibration.
+    data = _text(tmp_path / "n.csv") if kind == "text" else _tabular(tmp_path / "t.csv", ["a", "b"])
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "repo"), "--seed", str(seed)])
+    _refused(res, f"error: --seed {seed}: use 0..2**63 - 1", tmp_path / "repo")
+
+
 def test_splits_counted_from_one_are_told_rows_are_0_based(tmp_path: Path) -> None:
     one_based = tmp_path / "s.csv"
     one_based.write_text("row,split\n" + "".join(f"{i + 1},train\n" for i in range(N)))

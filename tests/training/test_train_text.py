@@ -96,6 +96,12 @@ async def test_text_csv_trains_a_calibrated_bundle_that_serves(tmp_path: Path) -
     assert set(pred["probabilities"]) == {"cardio", "gastro", "neuro"}
     assert pred["label"] == "cardio"
     assert isinstance(pred["referral"]["refer"], bool) and pred["prediction_set"]["level"] == 0.95
+    # Its training CSV (id, abstract, condition) is evaluated as it is, without --target: the
+    # provenance names the columns `train` read.
+    assert m.training.provenance["target_column"] == "condition"
+    ev = ["evaluate", str(bundle), "--data", str(data), "--out", str(tmp_path / "report")]
+    res = runner.invoke(app, [*ev, "--samples", "8"])
+    assert res.exit_code == 0, res.output
 
 
 def test_the_tokenizer_sees_training_rows_only(tmp_path: Path) -> None:

@@ -179,6 +179,29 @@ def test_an_invalid_version_or_name_is_refused_before_training(
     assert _files(tmp_path) == ["cls.csv"]
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/repo", "repo/cls"])
+def test_an_out_that_cannot_hold_the_model_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    # A file on the way was found after the whole training: "[Errno 20] Not a directory".
+    data = _csv(tmp_path / "cls.csv", ["x", "y"] * 6)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "cls").write_text("mine")  # <out>/<name> a file
+
+    def train_mlp(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("trained before --out was checked")
+
+    monkeypatch.setattr("service.training.table_cli.train_mlp", train_mlp)
+    res = _train(data, tmp_path / out)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    blocker = tmp_path / ("repo/cls" if out == "repo/cls" else "afile")
+    assert f"error: --out {tmp_path / out}: {blocker} is not a directory, so " in res.output
+    assert "give a directory, or a path that does not exist yet, as --out" in res.output
+    assert _files(tmp_path) == ["afile", "cls.csv", "repo", "repo/cls"]
+    assert blocker.read_text() == "mine"
+
+
 def test_save_writes_a_whole_version_or_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

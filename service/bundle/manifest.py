@@ -62,7 +62,9 @@ class Aleatoric(Strict):
 
 
 class Defaults(Strict):
-    samples: int = Field(default=100, ge=2)
+    # At most the masks' pass counter allows (engine/masks.py MAX_PASSES - 1, as the server's
+    # max_samples): a default of 10**15 loaded ready and every default request was refused.
+    samples: int = Field(default=100, ge=2, le=(1 << 20) - 1)
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     interval: Literal["gaussian", "quantile", "conformal"] = "gaussian"
 

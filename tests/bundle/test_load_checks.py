@@ -184,6 +184,21 @@ def test_a_manifest_number_that_is_not_finite_is_refused(
     assert e.value.message == f"{bundle}/manifest.json: {expected}"
 
 
+def test_a_default_no_server_can_run_is_refused(bundle: Path) -> None:
+    """defaults.samples = 10**15 loaded as ready, and every request relying on it was refused."""
+    from service.engine.masks import MAX_PASSES
+
+    edit_json(bundle / "manifest.json", _set("defaults.samples", MAX_PASSES))
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message == (
+        f"{bundle}/manifest.json: invalid manifest at 'defaults.samples': Input should be less "
+        f"than or equal to {MAX_PASSES - 1}"
+    )
+    edit_json(bundle / "manifest.json", _set("defaults.samples", MAX_PASSES - 1))
+    assert load_bundle(bundle).manifest.defaults.samples == MAX_PASSES - 1
+
+
 def test_an_open_range_still_loads(bundle: Path) -> None:
     """A range may be open on one side ([lo, Infinity]): that is a meaning, not an error."""
     raw = json.loads((bundle / "manifest.json").read_text())["inputs"]["valid_ranges"]

@@ -282,7 +282,7 @@ def _graph(
 
 
 def _check_shapes(gm: fx.GraphModule, state: dict[str, torch.Tensor], where: str) -> None:
-    """Every tensor the layers declare must be in the weights with the same shape."""
+    """Every tensor the layers declare must be in the weights with the same shape and dtype."""
     want = dict(gm.state_dict(keep_vars=True))
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
@@ -296,4 +296,10 @@ def _check_shapes(gm: fx.GraphModule, state: dict[str, torch.Tensor], where: str
             raise BundleError(
                 f"{where}: the weights do not fit the architecture: '{k}' is "
                 f"{list(state[k].shape)} in the weights but {list(t.shape)} in the layers"
+            )
+        if t.dtype != state[k].dtype:  # assigned as stored, it failed later, blaming another file
+            got, need = (str(d).removeprefix("torch.") for d in (state[k].dtype, t.dtype))
+            raise BundleError(
+                f"{where}: the weights do not fit the architecture: '{k}' is {got} in the weights "
+                f"but {need} in the layers; save the weights as {need}"
             )

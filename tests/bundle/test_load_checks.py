@@ -102,6 +102,22 @@ def test_a_weight_that_is_not_finite_is_refused_by_name(bundle: Path, value: flo
     )
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float16", "int64"])
+def test_a_weight_of_another_dtype_is_refused_by_name(bundle: Path, dtype: str) -> None:
+    """It was assigned as stored and failed later, blaming model.onnx ("export it again") or
+    the input shape, or dumped load_state_dict's message."""
+    state = load_file(str(bundle / "weights.safetensors"))
+    state["7.weight"] = state["7.weight"].astype(dtype)
+    save_file(state, str(bundle / "weights.safetensors"))
+    repin(bundle, "weights.safetensors")
+    with pytest.raises(BundleError) as e:
+        load_bundle(bundle)
+    assert e.value.message.endswith(
+        f"the weights do not fit the architecture: '7.weight' is {dtype} in the weights but "
+        "float32 in the layers; save the weights as float32"
+    )
+
+
 def test_an_onnx_weight_that_is_not_finite_is_refused_by_name(bundle: Path) -> None:
     model = onnx.load(str(bundle / "model.onnx"))
     init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))

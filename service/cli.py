@@ -35,22 +35,27 @@ def serve(
         }.items()
         if v is not None
     }
-    settings_or_exit(overrides)  # a wrong setting: one clear line, not a traceback
-    run(overrides)
+    # A wrong setting: one clear line, not a traceback; warnings go to the server's log.
+    warnings = settings_or_exit(overrides, echo_warnings=False)
+    run(overrides, warnings)
 
 
-def settings_or_exit(overrides: dict[str, Any], serve: bool = True) -> None:
+def settings_or_exit(
+    overrides: dict[str, Any], serve: bool = True, echo_warnings: bool = True
+) -> list[str]:
     """Exit 2 with each problem of the settings (MCSERVE_* variables and flags) on one line;
-    print the warnings (e.g. a variable that is no setting) and go on."""
+    return the warnings (e.g. a variable that is no setting), printed unless `echo_warnings`
+    is off (`serve` logs them in its own format), and go on."""
     from service.settings_check import problems
 
     errors, warnings = problems(overrides, serve)
-    for w in warnings:
+    for w in warnings if echo_warnings else []:
         typer.echo(f"warning: {w}", err=True)
     for e in errors:
         typer.echo(f"error: invalid settings: {e}", err=True)
     if errors:
         raise typer.Exit(2)
+    return warnings
 
 
 @app.command("models")

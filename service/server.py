@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -90,9 +91,13 @@ def _find_state(app: Any) -> Any:
     return None
 
 
-def run(overrides: dict[str, Any]) -> None:
+def run(overrides: dict[str, Any], warnings: Sequence[str] = ()) -> None:
+    """Serve; `warnings`: what the settings check found, logged once the log format is set (a
+    plain line before it broke a JSON log's one object per line)."""
     settings = Settings(**overrides)
     configure_logs(settings.log_level, settings.log_format)  # text logs keep the fields too
+    for w in warnings:
+        log.warning("settings: %s", w)
     app = create_app(settings)
     limits = connections.Limits(
         header_timeout_s=settings.header_timeout_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import signal
 import socket
@@ -107,6 +108,7 @@ def _answer(sock: socket.socket) -> bytes:
 def test_start_ready_predict_stop(tmp_path: Path) -> None:
     env = {"MCSERVE_DRAIN_GRACE_S": "0", "MCSERVE_COMPUTE_PROCESS": "true"}  # as deployed
     env["MCSERVE_DRAIN_TIMEOUT_S"] = "2"  # shorter than the last request's compute
+    env["MCSERVE_REFERAL"] = "{}"  # a typo: warned about, in the log's own format
     with serve(tmp_path, env=env) as srv:
         compute = srv.children()
         assert len(compute) == 1  # the compute process (no audit writer here)
@@ -162,4 +164,11 @@ def test_start_ready_predict_stop(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 503 "), answer
         assert b"drain time (MCSERVE_DRAIN_TIMEOUT_S) ran out" in answer, answer
         assert "Traceback" not in srv.output() and "Exception in ASGI" not in srv.output()
+        # One JSON object a line, the settings' warnings too (a plain "warning: ..." line
+        # before the log was configured broke it).
+        records = [json.loads(line) for line in srv.output().splitlines() if line.strip()]
+        assert any(
+            r["level"] == "warning" and r["msg"].startswith("settings: MCSERVE_REFERAL is not a")
+            for r in records
+        )
         assert not Path(f"/proc/{compute[0]}").exists()  # it stopped with the server

@@ -16,6 +16,7 @@ import orjson
 
 from service.api.oip.schemas import RequestInput
 from service.bundle.spec import InputSpec
+from service.engine.input_messages import LARGEST, feature
 from service.engine.inputs import check_count, checked
 from service.errors import InvalidInputError, shown_name
 
@@ -73,7 +74,7 @@ def _only_numbers(v: list[Any]) -> bool:
     return list not in types or all(_only_numbers(x) for x in v if type(x) is list)
 
 
-def _from_data(data: list[Any], name: str, shape: list[int]) -> np.ndarray:
+def _from_data(data: list[Any], name: str, shape: list[int], spec: InputSpec) -> np.ndarray:
     """float64 of `shape` from JSON `data`: numpy converts regular nesting in C; the walk in
     Python runs only for irregular nesting or to name what is wrong."""
     count = math.prod(shape)
@@ -103,10 +104,14 @@ def _from_data(data: list[Any], name: str, shape: list[int]) -> np.ndarray:
         )
     try:
         return np.asarray(flat, dtype=np.float64).reshape(shape)
-    except OverflowError:
+    except OverflowError:  # as /v1 says it (it was "not an array of numbers")
+        k = _overflowing(flat)
+        per = count // shape[0]
         raise InvalidInputError(
-            f"instance {_overflowing(flat) // (count // shape[0])} is not an array of numbers "
-            f"of shape {shape[1:]}"
+            f"input '{name}': instance {k // per}, {feature(spec, k % per)}: an integer of "
+            f"about {int(abs(int(flat[k])).bit_length() * 0.30103)} digits is beyond what the "
+            f"model's {spec.dtype} inputs hold (magnitude at most {LARGEST[spec.dtype]:g}); "
+            "check the value and its unit"
         ) from None
 
 
@@ -199,7 +204,7 @@ def decode_input(
                 f"the body holds {len(binary)} bytes after the JSON header that no input claims "
                 "(set parameters.binary_data_size)"
             )
-        arr = _from_data(inp.data, inp.name, inp.shape)
+        arr = _from_data(inp.data, inp.name, inp.shape, spec)
     # One checker for both protocols: finiteness and each model's valid ranges.
     return checked(arr, spec)
 

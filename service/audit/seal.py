@@ -4,8 +4,9 @@ The answer and the seed are a fingerprint of the inputs: with the public bundle,
 read the record could recompute the prediction for a guessed input and compare it bit for bit
 with a stored summary, needing no key. So in hmac mode they are stored only encrypted and
 authenticated (AES-256-GCM) under a key derived from the HMAC key, bound to the record's input
-HMAC, request id and model version (a sealed answer cannot be moved to another record
-unnoticed). Whoever holds the key (a replay, `audit show`) reads them back exactly; whoever
+HMAC, request id and model version (a sealed answer cannot be moved to a record of other
+inputs, request or version unnoticed; two records sharing all of them, a retry with the same
+request id, can exchange theirs). Whoever holds the key (a replay, `audit show`) reads them back exactly; whoever
 does not learns nothing from them.
 
 Stored form: `sealed-v1:` + base64(nonce[12] + ciphertext + tag[16]) of the JSON
@@ -50,7 +51,7 @@ def context(
     inputs_hmac: str, request_id: str | None, model: str, version: str, digest: str, mode: str
 ) -> str:
     """What a sealed answer is bound to: its record's inputs, request and model version, so that
-    it cannot be moved to another record unnoticed."""
+    it cannot be moved to a record of other inputs, request or version unnoticed."""
     return orjson.dumps([inputs_hmac, request_id, model, version, digest, mode]).decode()
 
 

@@ -6,8 +6,8 @@ with a stored summary, needing no key. So in hmac mode they are stored only encr
 authenticated (AES-256-GCM) under a key derived from the HMAC key, bound to the record's input
 HMAC, request id and model version (a sealed answer cannot be moved to a record of other
 inputs, request or version unnoticed; two records sharing all of them, a retry with the same
-request id, can exchange theirs). Whoever holds the key (a replay, `audit show`) reads them back exactly; whoever
-does not learns nothing from them.
+request id, can exchange theirs). Whoever holds the key (a replay, `audit show`) reads them
+back exactly; whoever does not learns nothing from them.
 
 Stored form: `sealed-v1:` + base64(nonce[12] + ciphertext + tag[16]) of the JSON
 `{"seed": ..., "summary": "<the answer's JSON text>"}`.

@@ -76,6 +76,12 @@ async def test_a_trailing_slash_is_answered_with_where_to_go(client: httpx.Async
         "no route POST /v1/models/clf:predict/; drop the trailing slash: POST "
         "/v1/models/clf:predict"
     )
+    # As sent, percent-encoded: the decoded path put "✓" or CR LF into the header (a 500, or
+    # no answer at all from uvicorn).
+    for sent in ("/v1/models/%E2%9C%93/", "/v1/models/a%0d%0aSet-Cookie:%20x=1/?q=%C3%A9&b"):
+        r = await client.get(sent)
+        assert r.status_code == 307, (sent, r.text)
+        assert r.headers["location"] == sent.replace("/?", "?").rstrip("/"), r.headers
     base = str(client.base_url).rstrip("/")
     for path in ("/nothing/", "//v1/models/", "/"):  # no route without the slash, or off-site
         r = await client.get(httpx.URL(base + path))

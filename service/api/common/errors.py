@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import orjson
 from fastapi import FastAPI, Request
@@ -215,8 +216,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         # moved with a relative Location, an API call told where it goes.
         shown = shown_name(bare)
         if method in ("GET", "HEAD"):
-            query = f"?{request.url.query}" if request.url.query else ""
-            status, headers = 307, {"Location": bare + query}
+            status, headers = 307, {"Location": _location(request)}
             message = f"{path} is at {shown} (no trailing slash)"
         else:
             message = f"no route {method} {path}; drop the trailing slash: {method} {shown}"
@@ -230,6 +230,18 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         # limit's 413 (a chunked body has no Content-Length to check) is answered as itself.
         return await on_mcserve_error(request, exc.__cause__)
     return error_response(request, status, message, headers=headers)
+
+
+def _location(request: Request) -> str:
+    """The request's own path and query, percent-encoded as sent, without the trailing slashes
+    (the decoded path put a non-ASCII or CR LF character in the header: a 500, or no answer)."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    path = quote_from_bytes(raw.rstrip(b"/"), safe=_KEEP)
+    query = request.scope.get("query_string") or b""
+    return path + (f"?{quote_from_bytes(query, safe=_KEEP + '?')}" if query else "")
+
+
+_KEEP = "/%:@!$&'()*+,;=-._~"  # kept as sent: reserved characters and escapes already made
 
 
 def _without_slash(request: Request) -> str | None:

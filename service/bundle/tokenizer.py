@@ -33,10 +33,8 @@ ALLOWED: dict[str, set[str]] = {
         "BertProcessing", "RobertaProcessing", "TemplateProcessing", "ByteLevel", "Sequence",
     },
     "decoder": {
-        # Not Strip: it slices each token by its start/stop counts and panics on a shorter one
-        # (reviewer BL: every text with the word "a" killed the compute process).
-        "WordPiece", "ByteLevel", "BPEDecoder", "Metaspace", "Replace", "Fuse", "ByteFallback",
-        "Sequence",
+        "WordPiece", "ByteLevel", "BPEDecoder", "Metaspace", "Strip", "Replace", "Fuse",
+        "ByteFallback", "Sequence",
     },
 }  # fmt: skip
 _CHILDREN = ("normalizers", "pretokenizers", "processors", "decoders")
@@ -131,6 +129,13 @@ def _component(part: Any, section: str, allowed: set[str], where: str, depth: in
             f"{where}: {section} {kind} uses a custom regular expression, which can take "
             "unbounded time on a crafted input; use a plain String pattern or a built-in "
             "pre-tokenizer (Whitespace, BertPreTokenizer, ByteLevel)"
+        )
+    if section == "decoder" and kind == "Strip" and own.get("stop", 0) != 0:
+        # It slices each token by both counts and panics when they overlap (reviewer BL: every
+        # text with the word "a" killed the compute process); Llama's Strip(" ", 1, 0) is fine.
+        raise BundleError(
+            f"{where}: decoder Strip with stop {str(own['stop'])[:20]} can panic on a short "
+            "token; only stop 0 is accepted (strip from the start only)"
         )
     for key in ("content", "prepend"):
         if len(str(own.get(key, ""))) > MAX_CONTENT:
@@ -243,7 +248,11 @@ def load_tokenizer(raw: bytes, where: str) -> Any:
     # padding id (the model masked it) and "[SEP]" ended a text inside it.
     tok.encode_special_tokens = True
     tok.no_padding()
-    with library_errors(BundleError, f"{where}: the tokenizer fails on a probe"):
+    fix = (
+        "a tokenizer must encode any text and decode each of its ids (an unknown word needs "
+        "the model's unk_token in its vocabulary): fix tokenizer.json"
+    )
+    with library_errors(BundleError, f"{where}: the tokenizer fails on a probe", fix):
         _probe(tok)
     return tok
 
@@ -260,18 +269,19 @@ def _probe(tok: Any) -> None:
 
 
 @contextlib.contextmanager
-def library_errors(kind: type[McServeError], what: str) -> Iterator[None]:
-    """Errors of the tokenizers library as `kind` (`what`: the message's start). A Rust panic
-    arrives as pyo3's PanicException, a BaseException: it passed every `except Exception`,
-    stopping start-up, the poll loop or the compute process."""
+def library_errors(kind: type[McServeError], what: str, fix: str = "") -> Iterator[None]:
+    """Errors of the tokenizers library as `kind` (`what`: the message's start, `fix` its end).
+    A Rust panic arrives as pyo3's PanicException, a BaseException: it passed every `except
+    Exception`, stopping start-up, the poll loop or the compute process."""
+    end = f"; {fix}" if fix else ""
     try:
         yield
     except Exception as exc:
-        raise kind(f"{what} ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise kind(f"{what} ({type(exc).__name__}: {str(exc)[:200]}){end}") from exc
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
             raise  # KeyboardInterrupt, SystemExit, cancellation: not the library's
-        raise kind(f"{what} (the library panicked: {str(exc)[:200]})") from exc
+        raise kind(f"{what} (the library panicked: {str(exc)[:200]}){end}") from exc
 
 
 def largest_id(tok: Any) -> int:

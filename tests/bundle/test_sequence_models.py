@@ -456,11 +456,11 @@ def test_truncation_is_reported(text_bundle: Path) -> None:
             "post_processor template names special token '[X]', which its special_tokens do "
             "not declare",
         ),
-        (  # it slices tokens by its counts: a shorter token panicked, killing the process
+        (  # it slices tokens by both counts: overlapping, a short token panicked the process
             lambda d: d.__setitem__(
                 "decoder", {"type": "Strip", "content": "a", "start": 1, "stop": 1}
             ),
-            "decoder type 'Strip' is not allowed",
+            "decoder Strip with stop 1 can panic on a short token; only stop 0 is accepted",
         ),
         (  # WordLevel without its unknown token: every unknown word failed at serve time
             lambda d: d.__setitem__(
@@ -493,6 +493,17 @@ def test_a_crafted_tokenizer_is_refused_at_load(
     with pytest.raises(BundleError) as e:
         load_bundle(bundle)
     assert e.value.message.startswith(f"{bundle}/tokenizer.json: {message}")
+
+
+def test_a_strip_decoder_from_the_start_only_loads(text_bundle: Path, tmp_path: Path) -> None:
+    """Llama-style decoders end in Strip(" ", 1, 0): it cannot panic and must load (refusing
+    every Strip turned such bundles away)."""
+    bundle = tmp_path / "notes" / "1"
+    shutil.copytree(text_bundle, bundle)
+    strip = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    edit_json(bundle / "tokenizer.json", lambda d: d.__setitem__("decoder", strip))
+    repin(bundle, "tokenizer.json")
+    assert load_bundle(bundle).tokenizer is not None
 
 
 def test_a_panic_of_the_tokenizers_library_is_an_error_not_an_exit(text_bundle: Path) -> None:

@@ -92,3 +92,20 @@ async def test_an_expiry_in_flight_is_late_and_keeps_its_rows() -> None:
     backlog.expire(it)
     assert stats.queue_rows == 9 and it.timed_out and not it.released
     assert str(it.future.exception()).startswith("the request's deadline passed before its batch")
+
+
+async def test_an_expired_request_lets_go_of_its_inputs_and_of_the_timer() -> None:
+    """Left in its queue, an expired request held its inputs (1,000 expired 1 MiB requests
+    held 1 GB while the row count said a tenth full), and as the queue's head it set the
+    batching timer's start (review R9)."""
+    loop = asyncio.get_running_loop()
+    backlog = Backlog(BatcherStats())
+    a, b, c = item(loop, 1), item(loop, 1), item(loop, 1)
+    a.enqueued, b.enqueued, c.enqueued = 0.0, 0.9, 1.0
+    for it in (a, b, c):
+        backlog.push(it)
+    backlog.expire(a)  # one of three: not compacted, still at the head
+    assert a.x.size == 0 and a.req is None
+    assert backlog.oldest() == 0.9
+    assert backlog.take(10, lambda: 0.0) == [b, c]
+    a.future.exception()

@@ -175,16 +175,25 @@ class AuditWriter:
     def submit_all(self, events: list[Event]) -> None:
         """Queue every event or none (one call's feedback items: a 503 after some were queued
         recorded them, and the client's retry recorded them again); raises
-        `AuditUnavailableError` when it cannot (fail closed)."""
+        `AuditUnavailableError` when it cannot (fail closed). Failing open, as many as fit are
+        queued and each one lost is counted (all-or-none would only lose more)."""
         if not events:
             return
-        first = events[0]
+        why = self._no_room(events)
+        if why is None:
+            return
+        if self.fail_open and len(events) > 1:
+            for event in events:
+                self.submit_all([event])
+            return
+        self._refuse(events[0], why)
+
+    def _no_room(self, events: list[Event]) -> str | None:
+        """Queue all of `events` (None), or say why there is no room for all of them."""
         if self._closed:
-            self._refuse(first, "the audit trail is closed (the server is shutting down)")
-            return
+            return "the audit trail is closed (the server is shutting down)"
         if len(self._queue) + len(events) > self.queue_size:
-            self._refuse(first, "the audit queue is full (the audit store is down or too slow)")
-            return
+            return "the audit queue is full (the audit store is down or too slow)"
         msgs = []
         for event in events:
             try:
@@ -194,16 +203,15 @@ class AuditWriter:
                 log.exception("audit event cannot be recorded", extra={"id": event.request_id})
         weights = [weight(m) for m in msgs]
         if msgs and self._queue.full(self.queue_size, self.queue_bytes, sum(weights)):
-            why = (
+            return (
                 f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
                 "byte bound; the audit store is down or too slow)"
             )
-            self._refuse(first, why)
-            return
         for m, w in zip(msgs, weights, strict=True):
             self._queue.append(m, w)
         self.stats.queued += len(msgs)
         self._wake.set()
+        return None
 
     def _refuse(self, event: Event, why: str) -> None:
         extra = {"request_id": event.request_id, "reason": why, "queued": len(self._queue)}

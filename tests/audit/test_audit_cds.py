@@ -116,3 +116,36 @@ async def test_a_refused_feedback_call_records_none_of_its_items(
         assert sum(app.state.cds.ledger.outcomes.values()) == 2
         for card in cards:
             assert len(writer.store.feedback(card)) == 1
+
+
+async def test_failing_open_a_feedback_call_keeps_what_fits(
+    backend: Backend, signer: Signer
+) -> None:
+    """All-or-none only lost more when the operator chose to fail open: it queued none of two
+    items with room for one and counted one dropped (review R9). What fits is kept, each lost
+    one counted."""
+    settings = {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        "audit_fail_open": True,
+        **backend.settings,
+    }
+    async with serving(MODELS, **settings) as (app, ehr):
+        cards = []
+        for _ in range(2):
+            body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+            r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+            cards.append(r.json()["cards"][0]["uuid"])
+        writer = app.state.audit
+        assert await writer.flush(10)
+        path = SERVICE + "/feedback"
+        stamp = datetime.now(UTC).isoformat()
+        fb = {
+            "feedback": [
+                {"card": c, "outcome": "overridden", "outcomeTimestamp": stamp} for c in cards
+            ]
+        }
+        writer.queue_size = writer.depth + 1  # room for one record
+        r = await ehr.post(path, json=fb, headers=auth(signer, path))
+        assert r.status_code == 200, r.text
+        assert writer.depth == 1 and writer.stats.dropped == 1

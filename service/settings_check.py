@@ -175,6 +175,16 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
 def _unknown(environ: Mapping[str, str]) -> list[str]:
     known = {PREFIX + f.upper() for f in Settings.model_fields}
     out = []
+    spellings: dict[str, list[str]] = {}
+    for name in environ:
+        if name.upper() in known:
+            spellings.setdefault(name.upper(), []).append(name)
+    for upper, names in sorted(spellings.items()):
+        if len(names) > 1:  # read whatever the case: which one wins is the environment's order
+            out.append(
+                f"{upper} is set {len(names)} times in different cases ({', '.join(sorted(names))})"
+                "; one of them is read, which is not defined: keep one"
+            )
     for name in sorted(environ):
         upper = name.upper()  # settings are read whatever the case: MCSERVE_Max_Instances is one
         if not upper.startswith(PREFIX) or upper in known | _OTHERS or _KUBERNETES.match(upper):

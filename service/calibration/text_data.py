@@ -1,7 +1,7 @@
 """Labelled texts for a text model's `calibrate` and `evaluate`: a CSV of a text column and the
 target.
 
-The text column is `text`, else the column `train` read (the provenance's `text_column`), else
+The text column is the column `train` read (the provenance's `text_column`), else `text`, else
 the one column besides the target (so the CSV a model was trained from, or the calibration file
 `train` writes, can be used as it is). The file is read as
 `train` reads it (`csv_file.read_csv`); texts are tokenized exactly as a request is
@@ -26,11 +26,12 @@ from service.errors import InvalidInputError
 
 
 def _text_column(header: list[str], target: str, path: Path, recorded: Any) -> str:
-    if "text" in header and target != "text":
-        return "text"
-    # The column `train` read (its provenance's `text_column`): its CSV may hold others too.
+    # The column `train` read (its provenance's `text_column`) first: a model trained on
+    # `title` was evaluated on a `text` column beside it (review R9). Its CSV may hold others.
     if isinstance(recorded, str) and recorded in header and recorded != target:
         return recorded
+    if "text" in header and target != "text":
+        return "text"
     others = [h for h in header if h != target]
     if len(others) != 1:
         raise InvalidInputError(

@@ -232,6 +232,18 @@ def test_a_variable_that_is_no_setting_is_warned_about(
     )  # fmt: skip
 
 
+def test_one_setting_spelled_in_two_cases_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    """Read whatever the case, the environment's order chose between them, silently (R9)."""
+    monkeypatch.setenv("MCSERVE_MAX_INSTANCES", "5")
+    monkeypatch.setenv("MCSERVE_max_instances", "7")
+    assert problems({"model_dir": repo})[1] == [
+        "MCSERVE_MAX_INSTANCES is set 2 times in different cases (MCSERVE_MAX_INSTANCES, "
+        "MCSERVE_max_instances); one of them is read, which is not defined: keep one"
+    ]
+
+
 @pytest.mark.parametrize("protect", ["MCSERVE_PROTECT_METRICS", "MCSERVE_PROTECT_DOCS"])
 def test_protection_without_api_keys_is_refused(
     monkeypatch: pytest.MonkeyPatch, repo: Path, protect: str

@@ -123,6 +123,17 @@ def test_the_tokenizer_sees_training_rows_only(tmp_path: Path) -> None:
     assert "zygomorphic" in train_tokenizer(texts, 300).get_vocab()
 
 
+def test_calibrate_and_evaluate_read_the_column_train_read() -> None:
+    """A model trained on `title` was evaluated on a `text` column beside it (review R9): the
+    recorded column comes first, then `text`, then the one other column."""
+    from service.calibration.text_data import _text_column
+
+    where = Path("t.csv")
+    assert _text_column(["title", "text", "label"], "label", where, "title") == "title"
+    assert _text_column(["text", "label"], "label", where, "abstract") == "text"
+    assert _text_column(["body", "label"], "label", where, None) == "body"
+
+
 def test_text_column_is_detected_and_splits_are_checked(tmp_path: Path) -> None:
     texts, labels = _texts(20, 3)
     data = _csv(tmp_path / "d.csv", texts, labels)

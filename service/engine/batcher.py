@@ -120,6 +120,7 @@ class Batcher:
         `settle_s` lets requests that resolved this batcher just before it was retired (their
         submit is scheduled, not yet run) still land here instead of failing.
         """
+        self._reason = reason  # also what enqueue says from now on, once closed
         if drain:
             await asyncio.sleep(settle_s)
             while (self.backlog or self.stats.queue_rows) and not (
@@ -133,7 +134,6 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._reason = reason
         for task in list(self._in_flight):
             task.cancel()
         await asyncio.gather(*self._in_flight, return_exceptions=True)
@@ -165,6 +165,8 @@ class Batcher:
         """Queue one request; its future resolves to the prediction. Cancelling the future (the
         client went away) drops the work before compute. Raises McServeError subclasses."""
         if self._closing:
+            if self._reason != SHUTTING_DOWN:  # retired, not the server: said as it is
+                raise ShuttingDownError(self._reason)
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self.model.check_params(params)
         req = flag = None

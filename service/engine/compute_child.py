@@ -31,6 +31,7 @@ from service.engine.registry import ModelFactory
 from service.engine.sampler import SamplerStats
 from service.errors import BundleError, ModelNotReadyError
 
+log = logging.getLogger("mcserve.worker")
 HEADER = 8
 # The child says it is alive this often, from a thread of its own, whatever it computes or
 # loads; the server kills a child silent for its stall limit while it holds calls (worker.py).
@@ -76,6 +77,8 @@ class _Child:
 
     def _load(self, key: Key, path: os.PathLike[str]) -> ServedModel:
         assert self.spec is not None
+        if self.models.pop(key, None) is not None:  # a copy it holds (a moved version): else
+            frozen.collect_released()  # overwritten below, frozen, and never collected
         try:  # the digest pinned: what the server checked is what the process loads
             model = self.spec.factory(path, key[2])  # type: ignore[arg-type]
         except BundleError:
@@ -83,9 +86,12 @@ class _Child:
         if (
             model is None or key_of(model) != key
         ):  # 503 with the fix; the server's copy stays as it was
+            # Named by its key, not its path: the client sees this (no server paths).
+            log.error("bundle changed on disk", extra={"path": str(path), "key": key})
             raise ModelNotReadyError(
-                f"{path}: the bundle on disk is not the one the server loaded ({key}): it "
-                "changed after the server read it; reload the model"
+                f"model '{key[0]}' version '{key[1]}': the bundle on disk is not the one the "
+                "server loaded (its files changed or went after the server read them); restore "
+                "them, or load that version again"
             )
         warm(model)
         self.models[key] = model

@@ -184,7 +184,12 @@ def test_child_refuses_a_bundle_that_changed(repo: Path) -> None:
     assert child.hello(spec) == os.getpid()
     with pytest.raises(ModelNotReadyError) as err:
         child.prepare(("clf", "1", "sha256:not-this-one"), repo / "clf" / "1")
-    assert "changed after the server read it; reload the model" in err.value.message
+    # Named by model and version: the server's paths are not a client's business (LC).
+    assert err.value.message == (
+        "model 'clf' version '1': the bundle on disk is not the one the server loaded (its "
+        "files changed or went after the server read them); restore them, or load that "
+        "version again"
+    )
     st.executor.shutdown()
 
 
@@ -205,6 +210,13 @@ def test_child_frees_a_released_model(repo: Path) -> None:
         child.release(key)
     gc.collect()
     assert [c() for c in copies] == [None, None]
+    # Prepared again while it holds a copy (a version moved on disk, same files): the copy
+    # it held was overwritten, frozen, and never collected (reviewer LC).
+    child.prepare(key, repo / "clf" / "1")
+    held = weakref.ref(child.models[key].sampler.module)
+    child.prepare(key, repo / "clf" / "1")
+    gc.collect()
+    assert held() is None and child.models[key].sampler.module is not None
     st.executor.shutdown()
 
 

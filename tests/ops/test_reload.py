@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 
@@ -311,7 +312,13 @@ async def test_a_version_moved_to_the_versioned_layout_retires_its_old_copy(
     app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
     async with app.router.lifespan_context(app):
         state = app.state.mcserve
-        old = state.batchers[("clf", "1")]
+        old = weakref.ref(state.batchers[("clf", "1")])  # not held here: it must be freed
+        copy = weakref.ref(state.batchers[("clf", "1")].model.sampler.module)  # frozen at load
+
+        def stopped() -> bool:
+            b = old()
+            return b is None or (b._task is None and b._closing)
+
         staged = tmp_path / "staged"
         shutil.copytree(root / "clf", staged)
         for f in list((root / "clf").iterdir()):
@@ -321,15 +328,54 @@ async def test_a_version_moved_to_the_versioned_layout_retires_its_old_copy(
         for _ in range(500):
             entries = state.registry.versions("clf")
             gap += not any(e.ready for e in entries)
-            if entries and entries[0].path == root / "clf" / "1" and old._task is None:
+            if entries and entries[0].path == root / "clf" / "1" and stopped():
                 break
             await asyncio.sleep(0.002)
         assert gap == 0
         assert [(e.version, e.path, e.ready) for e in state.registry.versions("clf")] == [
             ("1", root / "clf" / "1", True)
         ]
-        assert state.batchers[("clf", "1")] is not old
-        assert old._task is None and old._closing  # stopped, not left running
+        assert state.batchers[("clf", "1")] is not old()
+        assert stopped()  # stopped, not left running
+        gc.collect()
+        assert copy() is None  # the old copy stayed in memory for good (reviewer LC)
+
+
+async def test_unloading_a_model_takes_every_version_out_before_any_drains(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Newest first, one at a time: while version 2 drained, requests without a version went
+    to version 1, which was unloaded next (reviewer LC). A request that chose a version just
+    before it went is told that, not that the server is shutting down."""
+    from service.engine.batcher import Batcher
+    from service.engine.params import PredictParams
+    from service.errors import ShuttingDownError
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    add_version(root, "2")
+    app = create_app(Settings(model_dir=root, model_control="explicit"))
+    seen: list[list[str]] = []
+    stop = Batcher.stop
+
+    async def watched(self: Batcher, *args: Any, **kwargs: Any) -> None:
+        seen.append([e.version for e in app.state.mcserve.registry.versions("clf")])
+        await stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(Batcher, "stop", watched)
+    async with app.router.lifespan_context(app):
+        retired = app.state.mcserve.batchers[("clf", "2")]
+        assert await app.state.model_control.unload("clf") == 2
+        assert seen == [[], []]
+        with pytest.raises(ShuttingDownError) as e:
+            retired.enqueue(
+                np.zeros((1, 4), np.float32),
+                PredictParams(samples=20, confidence=(0.95,)),
+            )
+        assert e.value.message == (
+            "model 'clf' version '2' was unloaded while this request was read; send it again "
+            "(without a version it goes to a ready one)"
+        )
 
 
 async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:

@@ -119,8 +119,12 @@ class ModelControl:
                 )
         stale = [e for e in self.st.registry.entries() if e.path == path and e is not entry]
         self.st.registry.add(entry)
-        for old in moved:
-            await self._moved_away(old, old_batcher, entry)
+        if moved:  # taken from the list: no reference stays for the collection after
+            while moved:
+                await self._moved_away(moved.pop(), old_batcher, entry)
+            old_batcher = None
+            await asyncio.sleep(0)  # as _retire_all: then start-up's freeze is undone for it
+            frozen.collect_released()  # the old copy stayed in memory for good (reviewer LC)
         for old in stale:  # a refused entry of this directory under another version ("?")
             if (old.name, old.version) != (entry.name, entry.version):
                 self.st.registry.unload(old.name, old.version)
@@ -155,19 +159,18 @@ class ModelControl:
         digests = {e.model.digest if e.model is not None else None for e in (old, new)}
         await self._free(old, batcher, keep=len(digests) == 1 and None not in digests)
 
-    async def _retire(self, entry: Entry) -> None:
-        self.st.registry.unload(entry.name, entry.version)
-        await self._free(entry, self.st.batchers.get((entry.name, entry.version)))
-        log.info("model retired", extra={"model": entry.name, "version": entry.version})
-
     async def _free(self, entry: Entry, batcher: Batcher | None, keep: bool = False) -> None:
         """Stop `batcher` (dropped from the table if it is still this entry's) and forget the
         entry's files; unless `keep`, release its compute-process copy and metrics."""
         self._refused.pop(entry.path, None)
         self._served.pop(entry.path, None)
         key = (entry.name, entry.version)
-        if batcher is not None:
-            await batcher.stop(drain=True)
+        if batcher is not None:  # a request that chose it before it went is told so
+            reason = (
+                f"model '{entry.name}' version '{entry.version}' was unloaded while this "
+                "request was read; send it again (without a version it goes to a ready one)"
+            )
+            await batcher.stop(drain=True, reason=reason)
             if self.st.batchers.get(key) is batcher:
                 self.st.batchers.pop(key)
         if entry.model is None or keep:
@@ -234,11 +237,20 @@ class ModelControl:
             return count
 
     async def _retire_all(self, entries: list[Entry]) -> None:
-        """Retire each, then free what they held (taken from the list: no reference stays)."""
+        """Retire each: every one out of the registry first (unloading a model newest version
+        first sent its unversioned requests to the older one while the newer drained), then
+        free what they held (taken from the list: no reference stays)."""
         if not entries:
             return
+        batchers = []
+        for entry in entries:
+            self.st.registry.unload(entry.name, entry.version)
+            batchers.append(self.st.batchers.get((entry.name, entry.version)))
         while entries:
-            await self._retire(entries.pop())
+            entry, batcher = entries.pop(), batchers.pop()
+            await self._free(entry, batcher)
+            log.info("model retired", extra={"model": entry.name, "version": entry.version})
+            del entry, batcher
         # The stopped batchers' tasks are still referred to by the loop's callbacks until its
         # next turn; then start-up's freeze is undone for what they held, else never collected.
         await asyncio.sleep(0)

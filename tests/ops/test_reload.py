@@ -213,6 +213,17 @@ async def test_a_refused_version_is_tried_again_once_mended(repo: Path, tmp_path
             registry = app.state.mcserve.registry
             [entry] = registry.versions("clf")
             assert not entry.ready and "missing" in (entry.error or "")
+            if control == "explicit":  # still refused: an error, not a 200 with ready false
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                    r = await c.post("/v2/repository/models/clf/load", headers=admin)
+                assert r.status_code == 503
+                assert (
+                    r.json()["error"].startswith(
+                        "model 'clf' failed to load, no version is ready: version 1: "
+                    )
+                    and "missing" in r.json()["error"]
+                )
             if control == "poll":  # unchanged files: not read again at each poll
                 await asyncio.sleep(0.2)
                 assert registry.versions("clf")[0] is entry

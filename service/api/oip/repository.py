@@ -18,7 +18,7 @@ from service.api.common.call import json_response
 from service.api.common.lifecycle import ModelControl
 from service.api.common.schemas import ErrorBody
 from service.engine.registry import discover
-from service.errors import ForbiddenError, InvalidInputError
+from service.errors import ForbiddenError, InvalidInputError, ModelNotReadyError
 from service.json_body import json_body
 
 router = APIRouter(prefix="/v2/repository", tags=["repository"])
@@ -110,6 +110,11 @@ async def load(name: str, request: Request) -> Response:
         )
     entries = await control(request).load(name)
     reg = request.app.state.mcserve.registry
+    if entries and not any(e.ready for e in reg.versions(name)):
+        # A 200 with ready false: tritonclient's load_model reported success (reviewer LC).
+        # Triton answers a load that leaves no version ready with an error, so does this.
+        why = "; ".join(f"version {e.version}: {reg.reason(e)}" for e in entries)
+        raise ModelNotReadyError(f"model '{name}' failed to load, no version is ready: {why}")
     return json_response(
         {
             "name": name,

@@ -52,7 +52,12 @@ def test_serve_installs_the_text_formatter(
     """`serve` with MCSERVE_LOG_FORMAT=text: the server's one log set-up installs the text
     formatter (its old basicConfig format dropped every field)."""
     started: list[object] = []
-    monkeypatch.setattr("service.server.create_app", lambda settings: object())
+    from types import SimpleNamespace
+
+    from service.metrics import Metrics
+
+    app = SimpleNamespace(state=SimpleNamespace(metrics=Metrics()))  # as run() reads it
+    monkeypatch.setattr("service.server.create_app", lambda settings: app)
     monkeypatch.setattr("service.server.DrainingServer.run", lambda self: started.append(self))
     res = CliRunner().invoke(cli, ["serve", "--port", "9"], env={"MCSERVE_LOG_FORMAT": "text"})
     assert res.exit_code == 0, res.output

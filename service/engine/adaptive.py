@@ -85,9 +85,10 @@ def _classifier(
     ok = _decided(gap_t.mean(0), gap_t.std(0, ddof=1) / math.sqrt(t), tol)
     se_p = p_t.std(axis=0, ddof=1) / math.sqrt(t)  # [B, K]
     policy = cal.policy
-    # The sets the answer shows, one per requested level (the first also drives the referral's
-    # set-size trigger); the policy's own level decided none of them.
-    for level in levels if cal.calibrated else ():
+    # The sets the answer shows, one per requested level, and the one the referral's set-size
+    # trigger reads, at the policy's own level.
+    read = {policy.level} if policy.max_set_size is not None else set()
+    for level in sorted(set(levels) | read) if cal.calibrated else ():
         q = cal.q(level)
         if math.isfinite(q):
             ok &= _decided(p - (1.0 - q), se_p, tol).all(axis=-1)

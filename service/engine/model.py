@@ -275,7 +275,7 @@ class ServedModel:
             dropout_sites=req.sites,
             summary=summary,
             warnings=warnings,
-            referral=cal.referral(summary, req.x, p.confidence[0]),
+            referral=cal.referral(summary, req.x),
         )
 
     def deterministic(self, x: np.ndarray) -> Prediction:

@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
         await audit.start(app, settings, metrics)
         control = app.state.model_control = ModelControl(st, metrics)
         await control.sync()  # every bundle on disk, in every control mode
+        st.counted = {e.name for e in st.registry.entries()}  # each counts for readiness
         st.started = True
         poller = None
         if settings.model_control == "poll":

@@ -389,6 +389,32 @@ async def test_unloading_a_model_takes_every_version_out_before_any_drains(
         )
 
 
+async def test_a_model_that_appears_broken_later_does_not_make_the_server_unready(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A copy half done (its manifest alone) of a new model made /readyz 503 until it was
+    complete, or for good if it stayed broken, on every replica sharing the volume (reviewer
+    LC). A model never ready that appeared after start-up does not count; one present at
+    start-up still does."""
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    async with app.router.lifespan_context(app):
+        state = app.state.mcserve
+        (root / "late" / "1").mkdir(parents=True)
+        (root / "late" / "1" / "manifest.json").write_text("{")  # the first file a cp writes
+        for _ in range(200):
+            if state.registry.versions("late"):
+                break
+            await asyncio.sleep(0.02)
+        assert not state.registry.versions("late")[0].ready
+        assert state.not_ready_reasons() == []
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=0.05))
+    async with app.router.lifespan_context(app):  # present at start-up: it counts
+        reasons = app.state.mcserve.not_ready_reasons()
+        assert len(reasons) == 1 and reasons[0].startswith("model 'late': ")
+
+
 async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:
     """A directory named '²' ('²'.isdigit(), and int('²') failed) took start-up down, and a poll
     after it broke polling for good; '010' and '10' sorted alike, the newest being whichever

@@ -25,11 +25,20 @@ class AppState:
     # More reasons to be unready (e.g. the audit store cannot be written): each returns a
     # reason for clients, or None.
     checks: list[Callable[[], str | None]] = field(default_factory=list)
+    # Without required_models: the names loaded at start-up, and those ready since. A model
+    # that first appears later and was never ready (a copy half done, a broken bundle) made
+    # every replica sharing the volume unready at once (reviewer LC).
+    counted: set[str] = field(default_factory=set)
 
     def required(self) -> set[str]:
         if self.settings.required_models is not None:
             return set(self.settings.required_models)
-        return {e.name for e in self.registry.entries()}
+        entries = self.registry.entries()
+        names = {e.name for e in entries}
+        if not self.started:  # start-up: every model found counts
+            return names
+        self.counted |= {e.name for e in entries if e.ready}
+        return names & self.counted
 
     def not_ready_reasons(self) -> list[str]:
         """Empty when ready: every required model loaded and warmed, not draining."""

@@ -57,6 +57,11 @@ class ModelNotReadyError(McServeError):
     code = "not_ready"
 
 
+class BundleChangedError(ModelNotReadyError):
+    """The compute process could not load a served version again: its files changed or went
+    since the server read them (the server then refuses that version: lifecycle.py)."""
+
+
 class OverloadedError(McServeError):
     """The queue cannot take the request now; `retry_after_s` estimates the drain time."""
 

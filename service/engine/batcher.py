@@ -35,6 +35,7 @@ from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
 from service.engine.worker import ComputeProcess
 from service.errors import (
+    BundleChangedError,
     DeadlineExceededError,
     OverloadedError,
     PayloadTooLargeError,
@@ -105,6 +106,7 @@ class Batcher:
         self._reason = SHUTTING_DOWN  # what the requests it still holds at its stop are told
         self.on_batch: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
         self.on_result: Callable[[Prediction, int], None] | None = None  # (answer, inputs)
+        self.on_changed: Callable[[str], None] | None = None  # (why), its files went
 
     def start(self) -> None:
         if self._task is None:
@@ -254,6 +256,9 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(ShuttingDownError(self._reason))
             raise
+        except BundleChangedError as exc:  # a restarted compute process cannot load it
+            _observe(self.on_changed, exc.message)  # the version is refused (lifecycle.py)
+            results = [exc] * len(batch)
         except Exception as exc:  # never lose the futures, whatever broke
             log.exception("batch failed")
             results = [exc] * len(batch)

@@ -29,7 +29,7 @@ from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
 from service.engine.sampler import SamplerStats
-from service.errors import BundleError, ModelNotReadyError
+from service.errors import BundleChangedError, BundleError
 
 log = logging.getLogger("mcserve.worker")
 HEADER = 8
@@ -88,7 +88,7 @@ class _Child:
         ):  # 503 with the fix; the server's copy stays as it was
             # Named by its key, not its path: the client sees this (no server paths).
             log.error("bundle changed on disk", extra={"path": str(path), "key": key})
-            raise ModelNotReadyError(
+            raise BundleChangedError(
                 f"model '{key[0]}' version '{key[1]}': the bundle on disk is not the one the "
                 "server loaded (its files changed or went after the server read them); restore "
                 "them, or load that version again"

@@ -415,6 +415,48 @@ async def test_a_model_that_appears_broken_later_does_not_make_the_server_unread
         assert len(reasons) == 1 and reasons[0].startswith("model 'late': ")
 
 
+async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(
+    repo: Path, tmp_path: Path
+) -> None:
+    """Version 2's files removed, then the compute process restarted: it loads lazily from
+    disk, could not, and every request of version 2 was a 503 for good while /readyz and the
+    index called it ready, and requests without a version never moved to version 1 (reviewer
+    LC). The version is refused as if it had failed to load."""
+    import os
+    import signal
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo / "clf", root / "clf")
+    add_version(root, "2")
+    settings = Settings(model_dir=root, model_control="explicit", compute_process=True)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        st = app.state.mcserve
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            r = await c.post("/v1/models/clf:predict", json=BODY)
+            assert r.status_code == 200 and r.json()["model"]["version"] == "2"
+            shutil.rmtree(root / "clf" / "2")
+            proc = st.remote.proc
+            os.kill(proc.pid, signal.SIGKILL)
+            for _ in range(250):
+                if not st.remote.alive:
+                    break
+                await asyncio.sleep(0.02)
+            lost = await c.post("/v1/models/clf:predict", json=BODY)
+            assert lost.status_code == 503
+            assert lost.json()["error"].startswith("model 'clf' version '2': the bundle on disk")
+            for _ in range(250):
+                if not st.registry.versions("clf")[-1].ready:
+                    break
+                await asyncio.sleep(0.02)
+            r = await c.post("/v1/models/clf:predict", json=BODY)
+            assert r.status_code == 200 and r.json()["model"]["version"] == "1"
+            ready = await c.get("/v2/models/clf/versions/2/ready")
+            assert ready.status_code == 503
+            assert st.not_ready_reasons() == []  # version 1 serves the model
+
+
 async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:
     """A directory named '²' ('²'.isdigit(), and int('²') failed) took start-up down, and a poll
     after it broke polling for good; '010' and '10' sorted alike, the newest being whichever

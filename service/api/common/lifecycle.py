@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from service.api.common.state import AppState
 from service.engine import frozen
@@ -54,6 +56,7 @@ class ModelControl:
         # A served version's files as loaded: a change is said once (versions are immutable;
         # one replaced in place went on serving its old digest without a word).
         self._served: dict[Path, Signature] = {}
+        self._tasks: set[asyncio.Future[None]] = set()  # refusals scheduled from batchers
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -80,6 +83,7 @@ class ModelControl:
             )
             b.on_batch = lambda rows, secs: m.observe_batch(model.name, rows, secs)
             b.on_result = lambda pred, inputs: m.observe_result(model.name, pred, inputs)
+        b.on_changed = lambda why: self._later(self._changed_files(model, why))
         b.start()
         self.st.batchers[(model.name, model.version)] = b
 
@@ -152,6 +156,28 @@ class ModelControl:
             return Entry(entry.name, entry.version, entry.path, error=f"compute process: {reason}")
         return entry
 
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # held until done: a task with no reference may be collected
+        task.add_done_callback(self._tasks.discard)
+
+    async def _changed_files(self, model: ServedModel, why: str) -> None:
+        """A restarted compute process could not load `model` again (its files changed or went
+        since the server read them): refuse that version, as if it had failed to load, so that
+        requests without a version go to a ready one and readiness says so. It answered 503
+        for good while the index and /readyz called it ready (reviewer LC)."""
+        async with self._lock:
+            versions = self.st.registry.versions(model.name)
+            entry = next((e for e in versions if e.model is model), None)
+            if entry is None:  # already unloaded or replaced
+                return
+            log.error("served version refused: its files changed", extra={"reason": why})
+            refused = Entry(entry.name, entry.version, entry.path, error=why)
+            self.st.registry.add(refused)
+            batcher = self.st.batchers.get((entry.name, entry.version))
+            await self._free(entry, batcher, reason=why)
+            self._refused[entry.path] = signature(entry.path)  # tried again once mended
+
     async def _moved_away(self, old: Entry, batcher: Batcher | None, new: Entry) -> None:
         """Free what `old` held that `new` (same name and version, now in the registry) does
         not: its batcher, and its compute-process copy and metrics unless the files are the
@@ -159,14 +185,17 @@ class ModelControl:
         digests = {e.model.digest if e.model is not None else None for e in (old, new)}
         await self._free(old, batcher, keep=len(digests) == 1 and None not in digests)
 
-    async def _free(self, entry: Entry, batcher: Batcher | None, keep: bool = False) -> None:
-        """Stop `batcher` (dropped from the table if it is still this entry's) and forget the
-        entry's files; unless `keep`, release its compute-process copy and metrics."""
+    async def _free(
+        self, entry: Entry, batcher: Batcher | None, keep: bool = False, reason: str = ""
+    ) -> None:
+        """Stop `batcher` (dropped from the table if it is still this entry's; what it still
+        holds is told `reason`, else that the version was unloaded) and forget the entry's
+        files; unless `keep`, release its compute-process copy and metrics."""
         self._refused.pop(entry.path, None)
         self._served.pop(entry.path, None)
         key = (entry.name, entry.version)
         if batcher is not None:  # a request that chose it before it went is told so
-            reason = (
+            reason = reason or (
                 f"model '{entry.name}' version '{entry.version}' was unloaded while this "
                 "request was read; send it again (without a version it goes to a ready one)"
             )

@@ -179,39 +179,52 @@ class AuditWriter:
         queued and each one lost is counted (all-or-none would only lose more)."""
         if not events:
             return
-        why = self._no_room(events)
+        why = self._no_room(len(events), 0)  # before encoding: a full queue costs nothing more
+        encoded = self._encode(events) if why is None or self.fail_open else []
         if why is None:
-            return
-        if self.fail_open and len(events) > 1:
-            for event in events:
-                self.submit_all([event])
-            return
-        self._refuse(events[0], why)
+            why = self._no_room(len(encoded), sum(w for _, _, w in encoded))
+        if why is None:
+            self._append(encoded)
+        elif not self.fail_open:
+            self._refuse(events[0], why)  # raises
+        else:
+            for item in encoded:  # each encoded once: a bad one was counted invalid twice
+                one = self._no_room(1, item[2])
+                if one is None:
+                    self._append([item])
+                else:
+                    self._refuse(item[0], one)
 
-    def _no_room(self, events: list[Event]) -> str | None:
-        """Queue all of `events` (None), or say why there is no room for all of them."""
-        if self._closed:
-            return "the audit trail is closed (the server is shutting down)"
-        if len(self._queue) + len(events) > self.queue_size:
-            return "the audit queue is full (the audit store is down or too slow)"
-        msgs = []
+    def _encode(self, events: list[Event]) -> list[tuple[Event, Message, int]]:
+        out = []
         for event in events:
             try:
-                msgs.append(message(event))
+                msg = message(event)
             except Exception:  # a bug, not the client's fault: the answer still goes out
                 self.stats.invalid += 1
                 log.exception("audit event cannot be recorded", extra={"id": event.request_id})
-        weights = [weight(m) for m in msgs]
-        if msgs and self._queue.full(self.queue_size, self.queue_bytes, sum(weights)):
+                continue
+            out.append((event, msg, weight(msg)))
+        return out
+
+    def _no_room(self, n: int, nbytes: int) -> str | None:
+        """Why `n` more messages of `nbytes` together cannot be queued (None: they can)."""
+        if self._closed:
+            return "the audit trail is closed (the server is shutting down)"
+        if len(self._queue) + n > self.queue_size:
+            return "the audit queue is full (the audit store is down or too slow)"
+        if n and self._queue.full(self.queue_size, self.queue_bytes, nbytes):
             return (
                 f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
                 "byte bound; the audit store is down or too slow)"
             )
-        for m, w in zip(msgs, weights, strict=True):
-            self._queue.append(m, w)
-        self.stats.queued += len(msgs)
-        self._wake.set()
         return None
+
+    def _append(self, encoded: list[tuple[Event, Message, int]]) -> None:
+        for _, msg, w in encoded:
+            self._queue.append(msg, w)
+        self.stats.queued += len(encoded)
+        self._wake.set()
 
     def _refuse(self, event: Event, why: str) -> None:
         extra = {"request_id": event.request_id, "reason": why, "queued": len(self._queue)}

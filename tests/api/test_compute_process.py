@@ -145,6 +145,8 @@ async def test_a_death_while_idle_is_logged(
         await until(lambda: not r.alive)
     [stopped] = [rec for rec in caplog.records if rec.getMessage() == "compute process stopped"]
     assert stopped.levelno == logging.ERROR and stopped.in_flight == 0  # type: ignore[attr-defined]
+    again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+    assert again.status_code == 200 and r.alive  # a new one, for the tests after this one
 
 
 async def test_shutdown_stops_the_process(repo: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from audit_support import Backend, serving
@@ -149,3 +150,26 @@ async def test_failing_open_a_feedback_call_keeps_what_fits(
         r = await ehr.post(path, json=fb, headers=auth(signer, path))
         assert r.status_code == 200, r.text
         assert writer.depth == 1 and writer.stats.dropped == 1
+
+
+def test_failing_open_each_event_is_encoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-by-one retry after the byte bound encoded every event again: one that could not
+    be encoded was counted invalid twice (review R10)."""
+    from types import SimpleNamespace
+
+    import service.audit.writer as writer_module
+
+    def encode(event: Any) -> str:
+        if event.request_id == "bad":
+            raise ValueError("cannot encode")
+        return "message"
+
+    monkeypatch.setattr(writer_module, "message", encode)
+    monkeypatch.setattr(writer_module, "weight", lambda msg: 100)
+    writer = writer_module.AuditWriter(None, tmp_path / "a.db", fail_open=True, queue_bytes=150)
+    writer._queue.append("held", 100)  # room for no 100-byte message more
+    bad, good = SimpleNamespace(request_id="bad"), SimpleNamespace(request_id="good")
+    writer.submit_all([bad, good])  # type: ignore[list-item]
+    assert (writer.stats.invalid, writer.stats.dropped, writer.stats.queued) == (1, 1, 0)

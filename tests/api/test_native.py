@@ -82,6 +82,8 @@ async def test_a_trailing_slash_is_answered_with_where_to_go(client: httpx.Async
         r = await client.get(sent)
         assert r.status_code == 307, (sent, r.text)
         assert r.headers["location"] == sent.replace("/?", "?").rstrip("/"), r.headers
+    r = await client.get("/v1/models%2F")  # a slash sent encoded: it pointed at itself (R10)
+    assert r.status_code == 307 and r.headers["location"] == "/v1/models", r.headers
     base = str(client.base_url).rstrip("/")
     for path in ("/nothing/", "//v1/models/", "/"):  # no route without the slash, or off-site
         r = await client.get(httpx.URL(base + path))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import orjson
 from fastapi import FastAPI, Request
@@ -216,7 +216,7 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
         # moved with a relative Location, an API call told where it goes.
         shown = shown_name(bare)
         if method in ("GET", "HEAD"):
-            status, headers = 307, {"Location": _location(request)}
+            status, headers = 307, {"Location": _location(request, bare)}
             message = f"{path} is at {shown} (no trailing slash)"
         else:
             message = f"no route {method} {path}; drop the trailing slash: {method} {shown}"
@@ -232,11 +232,16 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return error_response(request, status, message, headers=headers)
 
 
-def _location(request: Request) -> str:
+def _location(request: Request, bare: str) -> str:
     """The request's own path and query, percent-encoded as sent, without the trailing slashes
-    (the decoded path put a non-ASCII or CR LF character in the header: a 500, or no answer)."""
+    (the decoded path put a non-ASCII or CR LF character in the header: a 500, or no answer).
+    Where the raw path's own end does not decode to `bare` (a slash sent as %2F), `bare`
+    encoded: stripping literal slashes alone pointed /v1/models%2F at itself."""
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
-    path = quote_from_bytes(raw.rstrip(b"/"), safe=_KEEP)
+    kept = raw.rstrip(b"/")
+    path = quote_from_bytes(kept, safe=_KEEP)
+    if unquote_to_bytes(kept) != bare.encode():
+        path = quote_from_bytes(bare.encode(), safe=_KEEP.replace("%", ""))
     query = request.scope.get("query_string") or b""
     return path + (f"?{quote_from_bytes(query, safe=_KEEP + '?')}" if query else "")
 

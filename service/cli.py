@@ -49,7 +49,7 @@ def settings_or_exit(
     from service.settings_check import problems
 
     errors, warnings = problems(overrides, serve)
-    for w in warnings if echo_warnings else []:
+    for w in warnings if echo_warnings or errors else []:  # with errors: no log will say them
         typer.echo(f"warning: {w}", err=True)
     for e in errors:
         typer.echo(f"error: invalid settings: {e}", err=True)

@@ -46,10 +46,13 @@ def problems(overrides: Mapping[str, Any], serve: bool = True) -> tuple[list[str
     """(errors, warnings) of the settings `Settings(**overrides)` reads (flags over MCSERVE_*
     variables of this process's environment). `serve=False`: values that do not parse only,
     not what a server needs (its device, audit store, required models: `predict` needs none)."""
+    # A variable that is no setting may explain an error (a typo of the one it meant): said with
+    # the errors too, not only when the settings parse (`predict` passes serve=False).
+    unknown = _unknown(os.environ) if serve else []
     try:
         s = Settings(**overrides)
     except SettingsError as exc:  # a JSON-typed variable that is not JSON
-        return [_not_json(str(exc))], []
+        return [_not_json(str(exc))], unknown
     except ValidationError as exc:
         errors = []
         for err in exc.errors(include_url=False, include_input=False):
@@ -57,11 +60,11 @@ def problems(overrides: Mapping[str, Any], serve: bool = True) -> tuple[list[str
             rest = ".".join(str(p) for p in err["loc"][1:])
             where = (variable(field) + (f" [{rest}]" if rest else "") + ": ") if field else ""
             errors.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
-        return errors, []
+        return errors, unknown
     if not serve:
         return [], []
     errors, warnings = _checks(s)
-    return errors, warnings + _unknown(os.environ)
+    return errors, warnings + unknown
 
 
 def _not_json(message: str) -> str:

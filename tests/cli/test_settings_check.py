@@ -259,8 +259,10 @@ def test_protection_without_api_keys_is_refused(
 def test_serve_exits_2_with_the_line_and_no_traceback(repo: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCSERVE_")}
     env |= {"PYTHONPATH": str(ROOT), "MCSERVE_CORS_ORIGINS": "https://ehr.example"}
+    env["MCSERVE_CORS_ORIGIN"] = "[]"  # a typo's warning explains an error: said before exit
     cmd = [sys.executable, "-m", "service", "serve", "--port", "0", "--model-dir", str(repo)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "error: invalid settings: MCSERVE_CORS_ORIGINS: not valid JSON" in done.stderr
+    assert "warning: MCSERVE_CORS_ORIGIN is not a setting of mcserve" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout

@@ -413,6 +413,22 @@ async def test_a_model_that_appears_broken_later_does_not_make_the_server_unread
     async with app.router.lifespan_context(app):  # present at start-up: it counts
         reasons = app.state.mcserve.not_ready_reasons()
         assert len(reasons) == 1 and reasons[0].startswith("model 'late': ")
+    # Ready once after start-up, then refused: it counts, whether or not a probe came between
+    # (the set was updated by /readyz calls only; review R10).
+    shutil.rmtree(root / "late")
+    app = create_app(Settings(model_dir=root, model_control="explicit"))
+    async with app.router.lifespan_context(app):
+        control, state = app.state.model_control, app.state.mcserve
+        shutil.copytree(repo / "clf" / "1", root / "late" / "1")
+        manifest = json.loads((root / "late" / "1" / "manifest.json").read_text())
+        manifest["name"] = "late"
+        (root / "late" / "1" / "manifest.json").write_text(json.dumps(manifest))
+        assert [e.ready for e in await control.load("late")] == [True]
+        await control.unload("late")
+        (root / "late" / "1" / "manifest.json").write_text("{")
+        assert [e.ready for e in await control.load("late")] == [False]
+        reasons = state.not_ready_reasons()
+        assert len(reasons) == 1 and reasons[0].startswith("model 'late': ")
 
 
 async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(
@@ -436,6 +452,7 @@ async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
             r = await c.post("/v1/models/clf:predict", json=BODY)
             assert r.status_code == 200 and r.json()["model"]["version"] == "2"
+            [copy] = [weakref.ref(e.model.sampler.module) for e in st.registry.versions("clf")][1:]
             shutil.rmtree(root / "clf" / "2")
             proc = st.remote.proc
             os.kill(proc.pid, signal.SIGKILL)
@@ -455,6 +472,12 @@ async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(
             ready = await c.get("/v2/models/clf/versions/2/ready")
             assert ready.status_code == 503
             assert st.not_ready_reasons() == []  # version 1 serves the model
+            for _ in range(250):  # the refusal's last step frees the copy
+                if not app.state.model_control._tasks:
+                    break
+                await asyncio.sleep(0.02)
+            gc.collect()
+            assert copy() is None  # the refused copy is freed, as an unloaded one (R10)
 
 
 async def test_versions_that_sort_alike_and_a_non_ascii_digit(repo: Path, tmp_path: Path) -> None:

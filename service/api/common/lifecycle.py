@@ -40,6 +40,10 @@ def signature(path: Path, files_only: bool = False) -> Signature:
         return ()
 
 
+def _is(e: Entry, version: str, digest: str) -> bool:
+    return e.version == version and e.model is not None and e.model.digest == digest
+
+
 def _stat(f: Path) -> tuple[int, int, int, int]:
     st = f.lstat()  # ctime and inode too: a file put back with its old size and mtime (cp -p)
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
@@ -83,7 +87,8 @@ class ModelControl:
             )
             b.on_batch = lambda rows, secs: m.observe_batch(model.name, rows, secs)
             b.on_result = lambda pred, inputs: m.observe_result(model.name, pred, inputs)
-        b.on_changed = lambda why: self._later(self._changed_files(model, why))
+        key = (model.name, model.version, model.digest)  # not the model: tasks would hold it
+        b.on_changed = lambda why: self._later(self._changed_files(key, why))
         b.start()
         self.st.batchers[(model.name, model.version)] = b
 
@@ -135,6 +140,7 @@ class ModelControl:
         if entry.ready:
             self._refused.pop(path, None)
             self._served[path] = signature(path, files_only=True)
+            self.st.counted.add(entry.name)  # counts for readiness from now on (state.py)
         else:
             self._refused[path] = files
         log.info(
@@ -161,14 +167,15 @@ class ModelControl:
         self._tasks.add(task)  # held until done: a task with no reference may be collected
         task.add_done_callback(self._tasks.discard)
 
-    async def _changed_files(self, model: ServedModel, why: str) -> None:
-        """A restarted compute process could not load `model` again (its files changed or went
+    async def _changed_files(self, key: tuple[str, str, str], why: str) -> None:
+        """A restarted compute process could not load `key`'s copy again (its files changed or went
         since the server read them): refuse that version, as if it had failed to load, so that
         requests without a version go to a ready one and readiness says so. It answered 503
         for good while the index and /readyz called it ready (reviewer LC)."""
+        name, version, digest = key
         async with self._lock:
-            versions = self.st.registry.versions(model.name)
-            entry = next((e for e in versions if e.model is model), None)
+            versions = self.st.registry.versions(name)
+            entry = next((e for e in versions if _is(e, version, digest)), None)
             if entry is None:  # already unloaded or replaced
                 return
             log.error("served version refused: its files changed", extra={"reason": why})
@@ -177,6 +184,9 @@ class ModelControl:
             batcher = self.st.batchers.get((entry.name, entry.version))
             await self._free(entry, batcher, reason=why)
             self._refused[entry.path] = signature(entry.path)  # tried again once mended
+            del entry, batcher, versions  # then the copy can go (as _retire_all)
+            await asyncio.sleep(0)
+            frozen.collect_released()
 
     async def _moved_away(self, old: Entry, batcher: Batcher | None, new: Entry) -> None:
         """Free what `old` held that `new` (same name and version, now in the registry) does

@@ -33,12 +33,10 @@ class AppState:
     def required(self) -> set[str]:
         if self.settings.required_models is not None:
             return set(self.settings.required_models)
-        entries = self.registry.entries()
-        names = {e.name for e in entries}
+        names = {e.name for e in self.registry.entries()}
         if not self.started:  # start-up: every model found counts
             return names
-        self.counted |= {e.name for e in entries if e.ready}
-        return names & self.counted
+        return names & self.counted  # found at start-up or ready since (lifecycle._load)
 
     def not_ready_reasons(self) -> list[str]:
         """Empty when ready: every required model loaded and warmed, not draining."""

@@ -1,16 +1,17 @@
 """Adaptive passes (`samples: "auto"`): run passes until the answer's decisions are sure.
 
-A request runs `first` passes, then doubles them, until every input is settled or `max_samples`
-is reached. An input is settled when each decision the answer makes is either more than
-`Z_DECIDED` Monte Carlo standard errors (se) from its boundary, so more passes would not flip
-it, or is known to within `tolerance`:
+A request runs `first` passes (a classifier: its model's default), then doubles them, until
+every input is settled or `max_samples` is reached. An input is settled when each decision
+the answer makes is either more than `Z_DECIDED` Monte Carlo standard errors (se) from its
+boundary, so more passes would not flip it, or is known to within `tolerance`:
 
 - classifiers (tolerance in probability units): the label (the gap between the two most probable
   classes), each class's membership of the conformal prediction set (p_k against 1 - q), and the
   epistemic referral (mutual information against its threshold; its se by the delta method over
   the passes: the expected entropy's alone was 3.6 times too small when passes flip between
-  confident labels, the very case the referral is for; and "not referred" is decided only from
-  the model's default passes on, since a rare flip unseen in fewer hides from both);
+  confident labels, the very case the referral is for); and nothing is settled before the
+  model's default passes, where a classifier starts (a rare flip of label unseen in fewer
+  makes every standard error look small);
 - regressors (tolerance as a fraction of the predictive std): the interval end points
   mean -+ z std at each requested level (q std for conformal intervals: q is the calibrated
   factor, often over z), with se by the delta method from the passes' means and variances, and
@@ -94,13 +95,12 @@ def _classifier(
             ok &= _decided(p - (1.0 - q), se_p, tol).all(axis=-1)
     if policy.epistemic is not None:
         mi = entropy(p, axis=-1) - entropy(p_t, axis=-1).mean(0)
-        decided = _decided(mi - policy.epistemic, mi_se(p_t), tol)
-        # "Not referred" waits for a fixed request's passes: a rare flip of label, the case
-        # the referral is for, unseen in 32 passes makes the MI and its se both look small
-        # (a reviewer's digits inputs at 3x the threshold went unreferred 11-15 % of the time,
-        # every one stopped at 32; at 100 passes, 0-1 %). A clear "refer" may stop early.
-        ok &= decided & ((mi > policy.epistemic) | (t >= model.manifest.defaults.samples))
-    return np.asarray(ok)
+        ok &= _decided(mi - policy.epistemic, mi_se(p_t), tol)
+    # Nothing is settled before a fixed request's passes: a rare flip of label unseen in the
+    # first 32 makes every standard error look small, the MI's and the set's (digits rows at
+    # 3x the referral threshold went unreferred in 11-15 % of seeds, every one at 32; a set
+    # trigger likewise, review R10). `first_passes` starts classifiers there.
+    return np.asarray(ok & (t >= model.manifest.defaults.samples))
 
 
 def mi_se(p_t: np.ndarray) -> np.ndarray:
@@ -215,13 +215,15 @@ def settled(model: ServedModel, samples: np.ndarray, p: PredictParams, tolerance
     return bool(_regressor(model, samples, p, tolerance).all())
 
 
-def first_passes(p: PredictParams, a: Adaptive, task: str = "regression") -> int:
+def first_passes(p: PredictParams, a: Adaptive, task: str = "regression", default: int = 0) -> int:
     # Quantile intervals need 2 / alpha passes at least: start there rather than refuse. Past
     # max_samples a classifier runs max_samples, and its probability intervals at that level are
     # left out with a warning, as a fixed request's are (it was refused, told to use gaussian
-    # intervals, which classifiers do not have); a regressor is refused.
+    # intervals, which classifiers do not have); a regressor is refused. A classifier starts at
+    # the model's `default` passes: none of its decisions settles before (_classifier).
     need = [min_samples_for_quantile(c) for c in p.confidence] if p.interval == "quantile" else []
-    start = max([a.first, *need])
+    own = [min(default, a.max_samples)] if task == "classification" else []
+    start = max([a.first, *need, *own])
     if start > a.max_samples and task == "classification":
         return a.max_samples
     if start > a.max_samples:
@@ -238,7 +240,8 @@ def run(
     """Answer each request (inputs xs[i], parameters params[i], whose `samples` is ignored) with
     as many passes as it needs; `Prediction.samples` is the number used."""
     seeds = [p.seed if p.seed is not None else new_seed() for p in params]
-    passes = [first_passes(p, a, model.manifest.task) for p in params]
+    m = model.manifest
+    passes = [first_passes(p, a, m.task, m.defaults.samples) for p in params]
     sites = [model.sites_for(p) for p in params]
     done: dict[int, tuple[np.ndarray, int]] = {}
     while len(done) < len(xs):

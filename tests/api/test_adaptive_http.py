@@ -37,9 +37,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def first(server: Server) -> int:
-    """The first chunk: 32 passes, or what the default level's quantile intervals need."""
-    level = httpx.get(f"{server.url}/v1/models/coin").json()["defaults"]["confidence"]
-    return max(32, min_samples_for_quantile(level))
+    """The first chunk: 32 passes, or what the default level's quantile intervals need, or a
+    classifier's default passes (nothing of it settles before them)."""
+    defaults = httpx.get(f"{server.url}/v1/models/coin").json()["defaults"]
+    return max(32, min_samples_for_quantile(defaults["confidence"]), defaults["samples"])
 
 
 def predict(server: Server, rows: list[list[float]], **params: Any) -> httpx.Response:

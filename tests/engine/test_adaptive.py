@@ -43,7 +43,8 @@ AUTO = Adaptive(max_samples=512, tolerance=0.001, first=32)
 def test_easy_requests_stop_early_hard_ones_run_to_the_maximum(coin: ServedModel) -> None:
     params = [PredictParams(0, (0.9,), seed=s) for s in (1, 2, 3)]
     easy, hard, easy2 = adaptive.run(coin, [EASY, HARD, EASY], params, AUTO)
-    assert (easy.samples, hard.samples, easy2.samples) == (32, 512, 32)
+    first = coin.manifest.defaults.samples  # a classifier starts at its default passes
+    assert (easy.samples, hard.samples, easy2.samples) == (first, 512, first)
     assert easy.summary.label.tolist() == [0]
     assert "adaptive passes: 512 used" in hard.warnings[-1]
 
@@ -101,10 +102,12 @@ def test_predict_cli_samples_auto(coin: ServedModel) -> None:
         out: dict[str, object] = json.loads(res.stdout)
         return out
 
-    # A classifier answers quantile intervals, which at 95 % need 40 passes: the first chunk.
+    # A classifier answers quantile intervals, which at 95 % need 40 passes, and starts at its
+    # default passes (100): the first chunk.
     from service.engine.summaries import min_samples_for_quantile
 
-    first = max(32, min_samples_for_quantile(coin.manifest.defaults.confidence))
+    d = coin.manifest.defaults
+    first = max(32, min_samples_for_quantile(d.confidence), d.samples)
     auto = predict("--samples", "auto")
     assert auto["samples"] == first and f"adaptive passes: {first} used" in str(auto["warnings"])
     assert predict("--samples", "auto") == auto

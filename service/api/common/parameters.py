@@ -120,7 +120,7 @@ def to_params(p: PredictParameters, model: ServedModel, max_samples: int) -> Pre
     if auto is not None:  # the first chunk's passes; more are queued until the answer is sure
         interval = p.interval or default_interval(model.manifest)
         samples = first_passes(
-            PredictParams(0, levels, interval=interval), auto, model.manifest.task
+            PredictParams(0, levels, interval=interval), auto, model.manifest.task, d.samples
         )
     else:
         samples = p.samples if isinstance(p.samples, int) else d.samples

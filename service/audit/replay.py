@@ -20,7 +20,6 @@ notes (inputs.text_notes): both are part of the answer the client got.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,8 +182,11 @@ def _replay(
 
 
 def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction:
-    """The recorded parameters applied; `samples: auto` (params["auto"], absent in records
-    before 2026-12-07: those replay at the passes used) runs its passes again until settled."""
+    """The recorded parameters applied. `samples: auto` (params["auto"]) replays at the passes
+    it used, as a fixed request marked adaptive: the same bits, since masks are a function of
+    seed and pass. Deciding again when to stop tied a replay to today's stopping rule, and the
+    rule changed (2026-12-07: a classifier starts at its default passes): records answered
+    before replayed DIFFERENT (review R11)."""
     params = PredictParams(
         samples=int(p["samples"]),
         confidence=tuple(float(c) for c in p["confidence"]),
@@ -196,6 +198,4 @@ def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction
     auto = p.get("auto")
     if auto is None or params.mode != "mc":
         return model.predict(x, params)
-    settings = adaptive.Adaptive(**auto)  # as recorded (record.py)
-    [pred] = adaptive.run(model, [x], [dataclasses.replace(params, auto=settings)], settings)
-    return pred
+    return adaptive.mark(model.predict(x, params), adaptive.Adaptive(**auto))

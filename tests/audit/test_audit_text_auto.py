@@ -132,3 +132,24 @@ async def test_queue_and_batches_are_bounded_in_bytes(tmp_path: Path, text_repo:
             lock.close()
         assert await writer.flush(10)
         assert writer.store.count() == 4 and writer.depth_bytes == 0
+
+
+def test_an_auto_record_replays_at_its_own_passes_whatever_the_rule_today() -> None:
+    """A replay decided again when to stop, so a record answered under an earlier stopping rule
+    (2026-12-06: a classifier started at 32 passes, one answered at 64) replayed DIFFERENT at
+    today's 100 (review R11). It replays at the passes it used: the same bits."""
+    from service.audit.replay import _predict
+    from service.engine.model import ServedModel
+    from service.engine.params import PredictParams
+
+    root = Path(__file__).resolve().parents[2]
+    model = ServedModel(load_bundle(root / "models" / "breast-cancer" / "2"), device="cpu")
+    x = np.loadtxt(root / "models" / "data" / "breast-cancer-test.csv", delimiter=",",
+                   skiprows=1)[:1, :30].astype(np.float32)  # fmt: skip
+    auto = {"max_samples": 1000, "tolerance": 0.01, "first": 32}
+    recorded = {"samples": 64, "confidence": [0.95], "seed": 3, "mode": "mc",
+                "interval": "quantile", "auto": auto}  # fmt: skip
+    again = _predict(model, x, recorded)
+    fixed = model.predict(x, PredictParams(64, (0.95,), seed=3, interval="quantile"))
+    assert again.samples == 64 and again.adaptive
+    assert again.summary.probabilities.tobytes() == fixed.summary.probabilities.tobytes()

@@ -84,6 +84,15 @@ async def test_a_trailing_slash_is_answered_with_where_to_go(client: httpx.Async
         assert r.headers["location"] == sent.replace("/?", "?").rstrip("/"), r.headers
     r = await client.get("/v1/models%2F")  # a slash sent encoded: it pointed at itself (R10)
     assert r.status_code == 307 and r.headers["location"] == "/v1/models", r.headers
+    # Dots sent encoded stay encoded (a re-encoded ".." sent a client to another route, R11),
+    # and bytes that are no UTF-8 stay as sent.
+    for sent, moved in (
+        ("/v2/models/clf/versions/%2E%2E/ready%2F", "/v2/models/clf/versions/%2E%2E/ready"),
+        ("/v1/models/%2E%2F", "/v1/models/%2E"),
+        ("/v1/models/%FF/", "/v1/models/%FF"),
+    ):
+        r = await client.get(sent)
+        assert r.status_code == 307 and r.headers["location"] == moved, (sent, r.headers)
     base = str(client.base_url).rstrip("/")
     for path in ("/nothing/", "//v1/models/", "/"):  # no route without the slash, or off-site
         r = await client.get(httpx.URL(base + path))

@@ -14,9 +14,10 @@ Unexpected exceptions: 500 with a generic message and the request id, logged wit
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote_from_bytes, unquote_to_bytes
+from urllib.parse import quote, quote_from_bytes, unquote
 
 import orjson
 from fastapi import FastAPI, Request
@@ -234,14 +235,18 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 
 def _location(request: Request, bare: str) -> str:
     """The request's own path and query, percent-encoded as sent, without the trailing slashes
-    (the decoded path put a non-ASCII or CR LF character in the header: a 500, or no answer).
-    Where the raw path's own end does not decode to `bare` (a slash sent as %2F), `bare`
-    encoded: stripping literal slashes alone pointed /v1/models%2F at itself."""
+    sent as / or %2F (the decoded path put a non-ASCII or CR LF character in the header: a 500,
+    or no answer; /v1/models%2F pointed at itself). Where even that does not decode to `bare`,
+    `bare` encoded, its dot segments too (a %2E%2E sent became a real .. a client follows)."""
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
-    kept = raw.rstrip(b"/")
-    path = quote_from_bytes(kept, safe=_KEEP)
-    if unquote_to_bytes(kept) != bare.encode():
-        path = quote_from_bytes(bare.encode(), safe=_KEEP.replace("%", ""))
+    kept = re.sub(rb"(?:/|%2[fF])+\Z", b"", raw)
+    if unquote(kept.decode("latin-1")) == bare:  # as uvicorn decodes it: UTF-8, replaced
+        path = quote_from_bytes(kept, safe=_KEEP)
+    else:
+        path = "/".join(
+            "%2E" * len(seg) if seg in (".", "..") else quote(seg, safe=_KEEP.replace("%", ""))
+            for seg in bare.split("/")
+        )
     query = request.scope.get("query_string") or b""
     return path + (f"?{quote_from_bytes(query, safe=_KEEP + '?')}" if query else "")
 

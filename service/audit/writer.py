@@ -180,20 +180,30 @@ class AuditWriter:
         if not events:
             return
         why = self._no_room(len(events), 0)  # before encoding: a full queue costs nothing more
-        encoded = self._encode(events) if why is None or self.fail_open else []
+        encoded = None
         if why is None:
+            encoded = self._encode(events)
             why = self._no_room(len(encoded), sum(w for _, _, w in encoded))
-        if why is None:
-            self._append(encoded)
-        elif not self.fail_open:
+            if why is None:
+                self._append(encoded)
+                return
+        if not self.fail_open:
             self._refuse(events[0], why)  # raises
-        else:
-            for item in encoded:  # each encoded once: a bad one was counted invalid twice
-                one = self._no_room(1, item[2])
-                if one is None:
-                    self._append([item])
-                else:
-                    self._refuse(item[0], one)
+            return
+        made = {id(e): (e, m, w) for e, m, w in encoded or []}
+        for event in events:  # one at a time; each encoded at most once, and only with room
+            if encoded is not None and id(event) not in made:
+                continue  # it could not be encoded: counted invalid already
+            why = self._no_room(1, 0)
+            if why is None:
+                items = [made[id(event)]] if encoded is not None else self._encode([event])
+                if not items:
+                    continue  # could not be encoded: counted invalid
+                why = self._no_room(1, items[0][2])
+                if why is None:
+                    self._append(items)
+                    continue
+            self._refuse(event, why)
 
     def _encode(self, events: list[Event]) -> list[tuple[Event, Message, int]]:
         out = []

@@ -161,7 +161,10 @@ def test_failing_open_each_event_is_encoded_once(
 
     import service.audit.writer as writer_module
 
+    calls: list[str] = []
+
     def encode(event: Any) -> str:
+        calls.append(event.request_id)
         if event.request_id == "bad":
             raise ValueError("cannot encode")
         return "message"
@@ -173,3 +176,12 @@ def test_failing_open_each_event_is_encoded_once(
     bad, good = SimpleNamespace(request_id="bad"), SimpleNamespace(request_id="good")
     writer.submit_all([bad, good])  # type: ignore[list-item]
     assert (writer.stats.invalid, writer.stats.dropped, writer.stats.queued) == (1, 1, 0)
+    assert calls == ["bad", "good"]
+    # Full by count, or closed: nothing is encoded, each one is counted dropped (R11: all were
+    # encoded first, on the event loop, while the store was down).
+    calls.clear()
+    writer.queue_size = len(writer._queue)
+    writer.submit_all([good, good])  # type: ignore[list-item]
+    writer._closed = True
+    writer.submit_all([bad])  # type: ignore[list-item]
+    assert calls == [] and (writer.stats.invalid, writer.stats.dropped) == (1, 4)

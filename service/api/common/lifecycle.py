@@ -285,6 +285,8 @@ class ModelControl:
         for entry in entries:
             self.st.registry.unload(entry.name, entry.version)
             batchers.append(self.st.batchers.get((entry.name, entry.version)))
+            if not self.st.registry.versions(entry.name):  # gone from the repository: a copy
+                self.st.counted.discard(entry.name)  # of it later counts once ready (R11)
         while entries:
             entry, batcher = entries.pop(), batchers.pop()
             await self._free(entry, batcher)

@@ -45,7 +45,8 @@ else:
         WrapValidator(_or_auto),
         WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 2}, {"const": "auto"}]}),
     ]
-# samples="auto" (service.engine.adaptive): passes double from 32 until the answer is sure.
+# samples="auto" (service.engine.adaptive): passes double from 32 (a classifier: from its
+# default) until the answer is sure.
 AUTO_SAMPLES = (
     "MC passes, or auto (adaptive: until the answer's decisions are sure); default: the model's"
 )

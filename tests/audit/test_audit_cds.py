@@ -27,6 +27,26 @@ def signer() -> Signer:
     return Signer(ec.generate_private_key(ec.SECP384R1()), "ES384", "audit-es384")
 
 
+def cds_settings(backend: Backend, signer: Signer, **more: Any) -> dict[str, Any]:
+    return {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        **backend.settings,
+        **more,
+    }
+
+
+async def issue_cards(ehr: Any, signer: Signer, n: int) -> list[str]:
+    """The uuids of `n` cards the diabetes service issued."""
+    cards = []
+    for _ in range(n):
+        body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+        r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+        assert r.status_code == 200, r.text
+        cards.append(r.json()["cards"][0]["uuid"])
+    return cards
+
+
 async def test_cds_card_and_feedback_are_recorded(backend: Backend, signer: Signer) -> None:
     settings = {
         "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
@@ -81,18 +101,8 @@ async def test_a_refused_feedback_call_records_none_of_its_items(
     """Feedback items were queued one by one: with room for one of two, the call was a 503 with
     the first recorded, and the client's retry recorded it again. Now all or none; the ledger
     counts them once recorded. A large userComment weighs its size (it counted 1 KiB)."""
-    settings = {
-        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
-        "public_base_url": BASE,
-        **backend.settings,
-    }
-    async with serving(MODELS, **settings) as (app, ehr):
-        cards = []
-        for _ in range(2):
-            body = hook_call(diabetes_prefetch(datetime.now(UTC)))
-            r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
-            assert r.status_code == 200, r.text
-            cards.append(r.json()["cards"][0]["uuid"])
+    async with serving(MODELS, **cds_settings(backend, signer)) as (app, ehr):
+        cards = await issue_cards(ehr, signer, 2)
         writer = app.state.audit
         assert await writer.flush(10)
         path = SERVICE + "/feedback"
@@ -125,18 +135,9 @@ async def test_failing_open_a_feedback_call_keeps_what_fits(
     """All-or-none only lost more when the operator chose to fail open: it queued none of two
     items with room for one and counted one dropped (review R9). What fits is kept, each lost
     one counted."""
-    settings = {
-        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
-        "public_base_url": BASE,
-        "audit_fail_open": True,
-        **backend.settings,
-    }
+    settings = cds_settings(backend, signer, audit_fail_open=True)
     async with serving(MODELS, **settings) as (app, ehr):
-        cards = []
-        for _ in range(2):
-            body = hook_call(diabetes_prefetch(datetime.now(UTC)))
-            r = await ehr.post(SERVICE, json=body, headers=auth(signer, SERVICE))
-            cards.append(r.json()["cards"][0]["uuid"])
+        cards = await issue_cards(ehr, signer, 2)
         writer = app.state.audit
         assert await writer.flush(10)
         path = SERVICE + "/feedback"

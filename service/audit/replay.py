@@ -20,6 +20,7 @@ notes (inputs.text_notes): both are part of the answer the client got.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def _replay(
                 "request's instances as JSON); they are checked against the HMAC first"
             )
         x = stored
-    pred = _predict(model, x, p)
+    pred = _predict(model, x, p, record.summary)
     pred.warnings.extend(p.get("adapter_warnings") or ())  # e.g. parameters /v1 ignored
     # A text model's answer carries per-text notes (tokens, truncated) beside the numbers.
     notes = supplied.notes if supplied is not None else None
@@ -181,12 +182,13 @@ def _replay(
     return result
 
 
-def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction:
+def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any], stored: str = "") -> Prediction:
     """The recorded parameters applied. `samples: auto` (params["auto"]) replays at the passes
     it used, as a fixed request marked adaptive: the same bits, since masks are a function of
     seed and pass. Deciding again when to stop tied a replay to today's stopping rule, and the
     rule changed (2026-12-07: a classifier starts at its default passes): records answered
-    before replayed DIFFERENT (review R11)."""
+    before replayed DIFFERENT (review R11). A record from before its settings were kept reads
+    them from its stored answer's warning (`stored`; review R12)."""
     params = PredictParams(
         samples=int(p["samples"]),
         confidence=tuple(float(c) for c in p["confidence"]),
@@ -196,6 +198,13 @@ def _predict(model: ServedModel, x: np.ndarray, p: dict[str, Any]) -> Prediction
         dropout_sites=p.get("dropout_sites"),  # absent in older records: the model's default
     )
     auto = p.get("auto")
+    said = _ADAPTIVE.search(stored) if auto is None else None
+    if said is not None:  # before 2026-12-07 the settings were in the answer's warning only
+        auto = {"max_samples": int(said[1]), "tolerance": float(said[2]), "first": 2}
     if auto is None or params.mode != "mc":
         return model.predict(x, params)
     return adaptive.mark(model.predict(x, params), adaptive.Adaptive(**auto))
+
+
+# adaptive.mark's warning: the settings of an auto record from before they were kept apart.
+_ADAPTIVE = re.compile(r"adaptive passes: \d+ used \(max_samples (\d+), tolerance ([0-9.eE+-]+)\)")

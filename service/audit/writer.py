@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.audit.backend import open_store
-from service.audit.backlog import BATCH_BYTES, QUEUE_BYTES, Backlog, weight
+from service.audit.backlog import BATCH_BYTES, MESSAGE_OVERHEAD, QUEUE_BYTES, Backlog, weight
 from service.audit.record import Event, message, replica, software
 from service.audit.rows import InputsMode, Message, dumps
 from service.audit.sink import SinkClient
@@ -179,7 +179,9 @@ class AuditWriter:
         queued and each one lost is counted (all-or-none would only lose more)."""
         if not events:
             return
-        why = self._no_room(len(events), 0)  # before encoding: a full queue costs nothing more
+        # Before encoding (a full queue costs nothing more): each message weighs at least
+        # MESSAGE_OVERHEAD, so a queue full by bytes is seen too (review R12).
+        why = self._no_room(len(events), len(events) * MESSAGE_OVERHEAD)
         encoded = None
         if why is None:
             encoded = self._encode(events)
@@ -194,7 +196,7 @@ class AuditWriter:
         for event in events:  # one at a time; each encoded at most once, and only with room
             if encoded is not None and id(event) not in made:
                 continue  # it could not be encoded: counted invalid already
-            why = self._no_room(1, 0)
+            why = self._no_room(1, MESSAGE_OVERHEAD)
             if why is None:
                 items = [made[id(event)]] if encoded is not None else self._encode([event])
                 if not items:
@@ -223,7 +225,8 @@ class AuditWriter:
             return "the audit trail is closed (the server is shutting down)"
         if len(self._queue) + n > self.queue_size:
             return "the audit queue is full (the audit store is down or too slow)"
-        if n and self._queue.full(self.queue_size, self.queue_bytes, nbytes):
+        over = n > 1 and not len(self._queue) and nbytes > self.queue_bytes  # one only (R12)
+        if over or (n and self._queue.full(self.queue_size, self.queue_bytes, nbytes)):
             return (
                 f"the audit queue is full ({self._queue.bytes / 2**20:.0f} MiB of records, its "
                 "byte bound; the audit store is down or too slow)"

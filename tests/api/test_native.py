@@ -93,6 +93,11 @@ async def test_a_trailing_slash_is_answered_with_where_to_go(client: httpx.Async
     ):
         r = await client.get(sent)
         assert r.status_code == 307 and r.headers["location"] == moved, (sent, r.headers)
+    # A dot segment left once the slash is cut: a client would resolve it to another route
+    # (/v2/models/clf/versions/..%2F went to the model's metadata; review R12): a 404.
+    for sent in ("/v2/models/clf/versions/..%2F", "/v1/models/.%2F"):
+        r = await client.get(sent)
+        assert r.status_code == 404 and "location" not in r.headers, sent
     base = str(client.base_url).rstrip("/")
     for path in ("/nothing/", "//v1/models/", "/"):  # no route without the slash, or off-site
         r = await client.get(httpx.URL(base + path))

@@ -17,6 +17,7 @@ from cds_client import BASE, ISS, Signer, auth
 from fhir_ehr import MODELS, diabetes_prefetch, hook_call
 
 from service.audit.replay import replay
+from service.errors import AuditUnavailableError
 from service.settings import CdsIssuer
 
 SERVICE = "/cds-services/diabetes-progression"
@@ -171,13 +172,16 @@ def test_failing_open_each_event_is_encoded_once(
         return "message"
 
     monkeypatch.setattr(writer_module, "message", encode)
-    monkeypatch.setattr(writer_module, "weight", lambda msg: 100)
-    writer = writer_module.AuditWriter(None, tmp_path / "a.db", fail_open=True, queue_bytes=150)
-    writer._queue.append("held", 100)  # room for no 100-byte message more
+    size = writer_module.MESSAGE_OVERHEAD  # what every message weighs at least
+    monkeypatch.setattr(writer_module, "weight", lambda msg: size)
+    writer = writer_module.AuditWriter(
+        None, tmp_path / "a.db", fail_open=True, queue_bytes=2 * size + size // 2
+    )
+    writer._queue.append("held", size)  # room for one message more
     bad, good = SimpleNamespace(request_id="bad"), SimpleNamespace(request_id="good")
-    writer.submit_all([bad, good])  # type: ignore[list-item]
-    assert (writer.stats.invalid, writer.stats.dropped, writer.stats.queued) == (1, 1, 0)
-    assert calls == ["bad", "good"]
+    writer.submit_all([bad, good, good])  # type: ignore[list-item]
+    assert (writer.stats.invalid, writer.stats.dropped, writer.stats.queued) == (1, 1, 1)
+    assert calls == ["bad", "good"]  # the last one found no room: not encoded
     # Full by count, or closed: nothing is encoded, each one is counted dropped (R11: all were
     # encoded first, on the event loop, while the store was down).
     calls.clear()
@@ -186,3 +190,13 @@ def test_failing_open_each_event_is_encoded_once(
     writer._closed = True
     writer.submit_all([bad])  # type: ignore[list-item]
     assert calls == [] and (writer.stats.invalid, writer.stats.dropped) == (1, 4)
+    # Full by bytes (the bound text records reach first): nothing encoded either (R12).
+    writer._closed, writer.queue_size, writer.queue_bytes = False, 100, writer.depth_bytes
+    writer.submit_all([good])  # type: ignore[list-item]
+    assert calls == [] and writer.stats.dropped == 5
+    # An empty queue takes one message over the bound, not a whole call's (R12).
+    empty = writer_module.AuditWriter(None, tmp_path / "b.db", fail_open=False, queue_bytes=size)
+    with pytest.raises(AuditUnavailableError):
+        empty.submit_all([good, good])  # type: ignore[list-item]
+    empty.submit_all([good])  # type: ignore[list-item]
+    assert empty.stats.queued == 1

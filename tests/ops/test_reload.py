@@ -431,6 +431,17 @@ async def test_a_model_that_appears_broken_later_does_not_make_the_server_unread
         (root / "late" / "1" / "manifest.json").write_text("{")
         assert [e.ready for e in await control.load("late")] == [False]
         assert state.not_ready_reasons() == []
+    # Delete and copy seen by one poll: the half copy loads (refused) before the old version
+    # retires, so the model still had a version; it stayed counted (review R12).
+    app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=3600))
+    async with app.router.lifespan_context(app):
+        control, state = app.state.model_control, app.state.mcserve
+        shutil.rmtree(root / "clf" / "1")
+        (root / "clf" / "3").mkdir()
+        (root / "clf" / "3" / "manifest.json").write_text("{")
+        await control.sync()
+        assert [(e.version, e.ready) for e in state.registry.versions("clf")] == [("3", False)]
+        assert not [r for r in state.not_ready_reasons() if "'clf'" in r]
 
 
 async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(

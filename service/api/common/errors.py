@@ -260,6 +260,8 @@ def _without_slash(request: Request) -> str | None:
     bare = path.rstrip("/")
     if bare == path or not bare or bare.startswith("//"):  # "//host" would leave this server
         return None
+    if any(seg in (".", "..") for seg in bare.split("/")):  # a client resolves them, to
+        return None  # another route (..%2F cut to ..: review R12); a plain 404
     scope = {**request.scope, "path": bare}
     router = request.app.router
     return bare if any(r.matches(scope)[0] != Match.NONE for r in router.routes) else None

@@ -285,8 +285,10 @@ class ModelControl:
         for entry in entries:
             self.st.registry.unload(entry.name, entry.version)
             batchers.append(self.st.batchers.get((entry.name, entry.version)))
-            if not self.st.registry.versions(entry.name):  # gone from the repository: a copy
-                self.st.counted.discard(entry.name)  # of it later counts once ready (R11)
+            if not any(e.ready for e in self.st.registry.versions(entry.name)):
+                # Gone, or only a copy half done left (a delete and copy seen by one poll,
+                # R12): it counts again once a version is ready (R11).
+                self.st.counted.discard(entry.name)
         while entries:
             entry, batcher = entries.pop(), batchers.pop()
             await self._free(entry, batcher)

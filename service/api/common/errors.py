@@ -237,16 +237,13 @@ def _location(request: Request, bare: str) -> str:
     """The request's own path and query, percent-encoded as sent, without the trailing slashes
     sent as / or %2F (the decoded path put a non-ASCII or CR LF character in the header: a 500,
     or no answer; /v1/models%2F pointed at itself). Where even that does not decode to `bare`,
-    `bare` encoded, its dot segments too (a %2E%2E sent became a real .. a client follows)."""
+    `bare` encoded."""
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
     kept = re.sub(rb"(?:/|%2[fF])+\Z", b"", raw)
     if unquote(kept.decode("latin-1")) == bare:  # as uvicorn decodes it: UTF-8, replaced
         path = quote_from_bytes(kept, safe=_KEEP)
-    else:
-        path = "/".join(
-            "%2E" * len(seg) if seg in (".", "..") else quote(seg, safe=_KEEP.replace("%", ""))
-            for seg in bare.split("/")
-        )
+    else:  # no dot segments here: _without_slash leaves those a 404
+        path = quote(bare, safe=_KEEP.replace("%", ""))
     query = request.scope.get("query_string") or b""
     return path + (f"?{quote_from_bytes(query, safe=_KEEP + '?')}" if query else "")
 

@@ -431,6 +431,16 @@ async def test_a_model_that_appears_broken_later_does_not_make_the_server_unread
         (root / "late" / "1" / "manifest.json").write_text("{")
         assert [e.ready for e in await control.load("late")] == [False]
         assert state.not_ready_reasons() == []
+    # Broken at start-up, one of its two versions removed: still counted (R13: any retirement
+    # of a model with no ready version dropped it, and the replica said ready).
+    for v in ("1", "2"):
+        (root / "bad" / v).mkdir(parents=True)
+        (root / "bad" / v / "manifest.json").write_text("{")
+    app = create_app(Settings(model_dir=root, model_control="explicit"))
+    async with app.router.lifespan_context(app):
+        assert await app.state.model_control.unload("bad", "1") == 1
+        assert [r for r in app.state.mcserve.not_ready_reasons() if "'bad'" in r]
+    shutil.rmtree(root / "bad")
     # Delete and copy seen by one poll: the half copy loads (refused) before the old version
     # retires, so the model still had a version; it stayed counted (review R12).
     app = create_app(Settings(model_dir=root, model_control="poll", poll_interval_s=3600))

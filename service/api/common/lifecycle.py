@@ -285,9 +285,11 @@ class ModelControl:
         for entry in entries:
             self.st.registry.unload(entry.name, entry.version)
             batchers.append(self.st.batchers.get((entry.name, entry.version)))
-            if not any(e.ready for e in self.st.registry.versions(entry.name)):
-                # Gone, or only a copy half done left (a delete and copy seen by one poll,
-                # R12): it counts again once a version is ready (R11).
+            left = self.st.registry.versions(entry.name)
+            if not left or (entry.ready and not any(e.ready for e in left)):
+                # Gone, or its last ready version went with only a copy half done left (a
+                # delete and copy seen by one poll, R12): it counts again once one is ready
+                # (R11). A model never ready, found at start-up, still counts (R13).
                 self.st.counted.discard(entry.name)
         while entries:
             entry, batcher = entries.pop(), batchers.pop()

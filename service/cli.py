@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from service.audit.cli import app as audit_app
 from service.packaging.cli import package
 from service.training.cli import train
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mcserve: MC dropout serving")
 
@@ -58,6 +61,17 @@ def settings_or_exit(
     return warnings
 
 
+def read_settings(model_dir: Path | None) -> Settings:
+    """`models`' and `predict`'s settings: a setting that does not parse is one line and exit 2.
+    `model_dir` None, not Path("models"): a default there had always won over
+    MCSERVE_MODEL_DIR."""
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {"model_dir": model_dir} if model_dir is not None else {}
+    settings_or_exit(overrides, serve=False)
+    return Settings(**overrides)
+
+
 @app.command("models")
 def list_models(
     model_dir: Annotated[
@@ -67,12 +81,8 @@ def list_models(
     """List the bundles found and whether each loads (and why not)."""
     from service.bundle.load import TrustPolicy
     from service.engine.registry import Registry
-    from service.settings import Settings
 
-    # None, not Path("models"): a default here had always won over MCSERVE_MODEL_DIR.
-    overrides: dict[str, Any] = {"model_dir": model_dir} if model_dir is not None else {}
-    settings_or_exit(overrides, serve=False)  # a setting that does not parse: one line, exit 2
-    settings = Settings(**overrides)
+    settings = read_settings(model_dir)
     model_dir = settings.model_dir
     reg = Registry.with_policy(model_dir, TrustPolicy.from_settings(settings), device="cpu")
     entries = reg.load_all()
@@ -130,12 +140,8 @@ def predict(
     from service.engine.registry import Registry, whole
     from service.engine.text import encode_texts
     from service.errors import McServeError
-    from service.settings import Settings
 
-    # None, not Path("models"): a default here had always won over MCSERVE_MODEL_DIR.
-    overrides: dict[str, Any] = {"model_dir": model_dir} if model_dir is not None else {}
-    settings_or_exit(overrides, serve=False)  # one that does not parse: exit 2
-    settings = Settings(**overrides)
+    settings = read_settings(model_dir)
     if (instance is None) == (text is None):
         typer.echo("error: give one of --instance JSON or --text TEXT", err=True)
         raise typer.Exit(2)

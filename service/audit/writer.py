@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ class AuditWriter:
         """Queue one event; raises `AuditUnavailableError` when it cannot (fail closed)."""
         self.submit_all([event])
 
-    def submit_all(self, events: list[Event]) -> None:
+    def submit_all(self, events: Sequence[Event]) -> None:
         """Queue every event or none (one call's feedback items: a 503 after some were queued
         recorded them, and the client's retry recorded them again); raises
         `AuditUnavailableError` when it cannot (fail closed). Failing open, as many as fit are
@@ -207,7 +208,7 @@ class AuditWriter:
                     continue
             self._refuse(event, why)
 
-    def _encode(self, events: list[Event]) -> list[tuple[Event, Message, int]]:
+    def _encode(self, events: Sequence[Event]) -> list[tuple[Event, Message, int]]:
         out = []
         for event in events:
             try:

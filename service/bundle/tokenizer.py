@@ -284,6 +284,13 @@ def library_errors(kind: type[McServeError], what: str, fix: str = "") -> Iterat
         raise kind(f"{what} (the library panicked: {str(exc)[:200]}){end}") from exc
 
 
+def unknown_token_id(tok: Any) -> int | None:
+    """The id of the tokenizer's unknown token where its model names one (WordPiece, BPE,
+    WordLevel; a Unigram model keeps an `unk_id` in its JSON instead)."""
+    token = getattr(getattr(tok, "model", None), "unk_token", None)
+    return tok.token_to_id(token) if isinstance(token, str) else None
+
+
 def largest_id(tok: Any) -> int:
     """The largest id `tok` can put in a text's ids: its vocabulary's with added tokens (ids
     need not be dense: a vocabulary of 4,000 entries may map one to 4,500) and the special ids

@@ -60,12 +60,6 @@ class Ledger:
     def get(self, card: str) -> Record | None:
         return self._cards.get(card)
 
-    def record(self, service: str, items: list[FeedbackItem]) -> list[Outcome]:
-        """Check every item (404 unknown card, 400 inconsistent), then count them all."""
-        found = self.check(service, items)
-        self.count(found)
-        return found
-
     def check(self, service: str, items: list[FeedbackItem]) -> list[Outcome]:
         """Every item's outcome, counting none (404 unknown card, 400 inconsistent)."""
         found = []
@@ -126,5 +120,6 @@ class Ledger:
         return found
 
     def count(self, found: list[Outcome]) -> None:
+        """Count checked outcomes, once they are recorded (routes.feedback)."""
         for o in found:
             self.outcomes[(o.service, o.outcome)] += 1

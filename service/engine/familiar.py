@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.load import LoadedBundle
-from service.bundle.tokenizer import library_errors
+from service.bundle.tokenizer import library_errors, unknown_token_id
 from service.bundle.words import MAX_WORD_CHARS
 from service.errors import ModelError
 
@@ -37,9 +37,8 @@ _WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no bac
 
 
 def _unknown_id(tokenizer: Any) -> int | None:
-    token = getattr(tokenizer.model, "unk_token", None)
-    if token is not None:
-        found: int | None = tokenizer.token_to_id(token)
+    found = unknown_token_id(tokenizer)
+    if found is not None:
         return found
     if type(tokenizer.model).__name__ == "Unigram":  # no unk_token attribute: its JSON's unk_id
         unk = json.loads(tokenizer.to_str())["model"].get("unk_id")

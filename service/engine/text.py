@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.spec import TextInput
-from service.bundle.tokenizer import library_errors
+from service.bundle.tokenizer import library_errors, unknown_token_id
 from service.errors import InvalidInputError, ModelError, PayloadTooLargeError
 
 
@@ -88,7 +88,7 @@ def encode_texts(
     limit = spec.max_tokens
     ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
     counts, cut = [], []
-    unknown = _unknown_id(tokenizer)  # once a request, not once a text
+    unknown = unknown_token_id(tokenizer)  # once a request, not once a text
     for i, enc in _encodings(tokenizer, texts, sizes):
         n = len(enc.ids)
         if n == sum(enc.special_tokens_mask):  # only [CLS]/[SEP]-like tokens, or none at all
@@ -113,12 +113,6 @@ def encode_texts(
         counts.append(n)
         cut.append(n > limit)
     return TextBatch(ids, counts, cut)
-
-
-def _unknown_id(tokenizer: Any) -> int | None:
-    """The id of the tokenizer's unknown token, if its model has one."""
-    token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
-    return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
 # Texts tokenized at once, in UTF-8 bytes. A token holds all its offsets, strings and masks

@@ -88,7 +88,8 @@ async def test_a_row_the_store_cannot_hold_is_left_out_the_rest_written(
         async with serving(repo, **backend.settings) as (app, client):
             writer = app.state.audit
             fb = fake_request(app, "/cds-services/{id}/feedback", "fb-nul", "iss")
-            api_audit.record_feedback("card-1", "accepted", request=fb, outcome_timestamp=NUL_STAMP)
+            event = api_audit.feedback_event(fb, "card-1", "accepted", outcome_timestamp=NUL_STAMP)
+            api_audit.record_all(fb, [event])
             for _ in range(3):
                 assert (await client.post("/v1/models/clf:predict", json=body)).status_code == 200
             # Before: the batch failed whole on PostgreSQL, forever (this flush timed out).

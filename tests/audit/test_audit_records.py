@@ -117,7 +117,7 @@ async def test_hmac_mode_without_key_refuses_to_start(repo: Path, tmp_path: Path
 
 
 async def test_cds_hook_card_and_feedback(backend: Backend, repo: Path) -> None:
-    """The CDS adapter calls `run(..., card_uuid=...)` and `record_feedback(...)`."""
+    """The CDS adapter calls `run(..., card_uuid=...)` and `record_all(...)` of feedback."""
     async with serving(repo, **backend.settings) as (app, _):
         st = app.state.mcserve
         batcher = st.batcher("reg", None)
@@ -126,14 +126,15 @@ async def test_cds_hook_card_and_feedback(backend: Backend, repo: Path) -> None:
         pred = await run(req, batcher, x, PredictParams(20, (0.9,), seed=3), None, card_uuid="c-1")
         assert pred.seed == 3
         fb = fake_request(app, "/cds-services/{id}/feedback", "cds-2", "https://ehr.example.org")
-        api_audit.record_feedback(
+        event = api_audit.feedback_event(
+            fb,
             "c-1",
             "overridden",
-            request=fb,
             override_reason={"reason": {"code": "not-relevant"}, "userComment": "seen"},
             outcome_timestamp="2026-01-01T10:00:00Z",
             service_id="risk",
         )
+        api_audit.record_all(fb, [event])
         assert await app.state.audit.flush(10)
         store = app.state.audit.store
         [rec] = store.find("cds-1")
@@ -175,7 +176,7 @@ async def test_append_only_and_schema_version(backend: Backend, repo: Path) -> N
         r = await client.post("/v1/models/clf:predict", json={"instances": [ROW]})
         assert r.status_code == 200
         fb = fake_request(app, "/cds-services/{id}/feedback", "f", "iss")
-        api_audit.record_feedback("card", "accepted", request=fb)
+        api_audit.record_all(fb, [api_audit.feedback_event(fb, "card", "accepted")])
     with backend.open() as store:
         assert store.count() == 1 and store.count("audit_feedback") == 1
         assert store.migrate() == SCHEMA_VERSION

@@ -124,23 +124,6 @@ def record(
     )
 
 
-def record_feedback(
-    card_uuid: str,
-    outcome: str,
-    *,
-    request: Request,
-    override_reason: Any = None,
-    outcome_timestamp: str | None = None,
-    service_id: str | None = None,
-) -> None:
-    """Record a clinician's accept/override of a CDS card; linked to the prediction whose record
-    carries the same `card_uuid`. The caller is `request.state.caller` (the CDS client's iss)."""
-    event = feedback_event(
-        request, card_uuid, outcome, override_reason, outcome_timestamp, service_id
-    )
-    record_all(request, [event])
-
-
 def feedback_event(
     request: Request,
     card_uuid: str,
@@ -149,6 +132,9 @@ def feedback_event(
     outcome_timestamp: str | None = None,
     service_id: str | None = None,
 ) -> FeedbackEvent:
+    """A clinician's accept/override of a CDS card, for `record_all`; linked to the prediction
+    whose record carries the same `card_uuid`. The caller is `request.state.caller` (the CDS
+    client's iss)."""
     state = request.state
     return FeedbackEvent(
         at=time.time(),
@@ -166,4 +152,4 @@ def record_all(request: Request, events: list[FeedbackEvent]) -> None:
     """Record all of one call's feedback or none (503: AuditUnavailableError)."""
     writer = _writer(request)
     if writer is not None:
-        writer.submit_all(list(events))
+        writer.submit_all(events)

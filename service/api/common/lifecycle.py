@@ -44,6 +44,14 @@ def _is(e: Entry, version: str, digest: str) -> bool:
     return e.version == version and e.model is not None and e.model.digest == digest
 
 
+async def _collect() -> None:
+    """After versions were freed: stopped batchers' tasks are still referred to by the loop's
+    callbacks until its next turn; then start-up's freeze is undone for what they held, else
+    it is never collected (frozen.py)."""
+    await asyncio.sleep(0)
+    frozen.collect_released()
+
+
 def _stat(f: Path) -> tuple[int, int, int, int]:
     st = f.lstat()  # ctime and inode too: a file put back with its old size and mtime (cp -p)
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
@@ -132,8 +140,7 @@ class ModelControl:
             while moved:
                 await self._moved_away(moved.pop(), old_batcher, entry)
             old_batcher = None
-            await asyncio.sleep(0)  # as _retire_all: then start-up's freeze is undone for it
-            frozen.collect_released()  # the old copy stayed in memory for good (reviewer LC)
+            await _collect()  # the old copy stayed in memory for good (reviewer LC)
         for old in stale:  # a refused entry of this directory under another version ("?")
             if (old.name, old.version) != (entry.name, entry.version):
                 self.st.registry.unload(old.name, old.version)
@@ -184,9 +191,8 @@ class ModelControl:
             batcher = self.st.batchers.get((entry.name, entry.version))
             await self._free(entry, batcher, reason=why)
             self._refused[entry.path] = signature(entry.path)  # tried again once mended
-            del entry, batcher, versions  # then the copy can go (as _retire_all)
-            await asyncio.sleep(0)
-            frozen.collect_released()
+            del entry, batcher, versions  # then the copy can go
+            await _collect()
 
     async def _moved_away(self, old: Entry, batcher: Batcher | None, new: Entry) -> None:
         """Free what `old` held that `new` (same name and version, now in the registry) does
@@ -296,10 +302,7 @@ class ModelControl:
             await self._free(entry, batcher)
             log.info("model retired", extra={"model": entry.name, "version": entry.version})
             del entry, batcher
-        # The stopped batchers' tasks are still referred to by the loop's callbacks until its
-        # next turn; then start-up's freeze is undone for what they held, else never collected.
-        await asyncio.sleep(0)
-        frozen.collect_released()
+        await _collect()
 
     async def poll_forever(self, interval_s: float) -> None:
         while True:

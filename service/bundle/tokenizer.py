@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -284,11 +285,26 @@ def library_errors(kind: type[McServeError], what: str, fix: str = "") -> Iterat
         raise kind(f"{what} (the library panicked: {str(exc)[:200]}){end}") from exc
 
 
+# Per tokenizer object: a Unigram model's id is in its JSON, too slow to read per request.
+_UNKNOWN_IDS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
+
+
 def unknown_token_id(tok: Any) -> int | None:
-    """The id of the tokenizer's unknown token where its model names one (WordPiece, BPE,
-    WordLevel; a Unigram model keeps an `unk_id` in its JSON instead)."""
-    token = getattr(getattr(tok, "model", None), "unk_token", None)
-    return tok.token_to_id(token) if isinstance(token, str) else None
+    """The id of the tokenizer's unknown token, or None where its model has none: WordPiece,
+    BPE and WordLevel name an `unk_token`; a Unigram model keeps an `unk_id` in its JSON."""
+    try:
+        return _UNKNOWN_IDS[tok]
+    except (KeyError, TypeError):  # TypeError: an object weakref cannot hold (a test double)
+        pass
+    model = getattr(tok, "model", None)
+    token = getattr(model, "unk_token", None)
+    found: int | None = tok.token_to_id(token) if isinstance(token, str) else None
+    if found is None and type(model).__name__ == "Unigram":
+        unk = json.loads(tok.to_str())["model"].get("unk_id")
+        found = None if unk is None else int(unk)
+    with contextlib.suppress(TypeError):
+        _UNKNOWN_IDS[tok] = found
+    return found
 
 
 def largest_id(tok: Any) -> int:

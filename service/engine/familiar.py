@@ -20,7 +20,6 @@ end in part of a word, which then counts as unfamiliar (calibration reads texts 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -34,16 +33,6 @@ from service.bundle.words import MAX_WORD_CHARS
 from service.errors import ModelError
 
 _WORD = re.compile(r"[^\W\d_]+")  # runs of letters (any script): linear, no backtracking
-
-
-def _unknown_id(tokenizer: Any) -> int | None:
-    found = unknown_token_id(tokenizer)
-    if found is not None:
-        return found
-    if type(tokenizer.model).__name__ == "Unigram":  # no unk_token attribute: its JSON's unk_id
-        unk = json.loads(tokenizer.to_str())["model"].get("unk_id")
-        return None if unk is None else int(unk)
-    return None
 
 
 def _special_ids(tokenizer: Any) -> frozenset[int]:
@@ -66,7 +55,7 @@ class WordReader:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.unknown_id = _unknown_id(tokenizer)
+        self.unknown_id = unknown_token_id(tokenizer)
         self.skip = _special_ids(tokenizer) | {self.unknown_id}  # unknown: counted apart
         self.table: np.ndarray | None = None
         if type(tokenizer.model).__name__ == "WordPiece":

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from service.bundle.spec import TextInput
 from service.engine import text
 from service.engine.text import encode_texts
+from service.errors import InvalidInputError
 
 
 def _readme_tokenizer() -> Any:
@@ -71,3 +72,24 @@ def test_a_bundles_tokenizer_reads_special_tokens_in_a_text_as_text() -> None:
     assert raw.encode("[PAD] chest pain").ids[0] == 0  # as the library reads it by default
     batch = encode_texts(["[PAD] chest pain"], tok, SPEC, 8)
     assert batch.tokens == [6] and (batch.ids[0, :6] != 0).all()
+
+
+def test_a_unigram_tokenizers_all_unknown_text_is_refused() -> None:
+    """A Unigram model has no unk_token attribute (its unk_id is in its JSON): the check that
+    a text has a word the model reads skipped such tokenizers, and an all-unknown text got a
+    200 answered from [UNK]s alone."""
+    from service.bundle.tokenizer import load_tokenizer
+
+    raw = Tokenizer(models.Unigram())
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=80, special_tokens=["<pad>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    raw.train_from_iterator(CORPUS, trainer)
+    tok = load_tokenizer(raw.to_str().encode(), "tokenizer.json")
+    unk = tok.token_to_id("<unk>")
+    assert tok.encode("\u9f8d\u9f8d \u9f8d").ids == [unk, unk]  # each word one unknown token
+    with pytest.raises(InvalidInputError, match="none of the text's 2 token"):
+        encode_texts(["\u9f8d\u9f8d \u9f8d"], tok, SPEC, 8)
+    batch = encode_texts(["chest pain \u9f8d"], tok, SPEC, 8)  # one word read: served
+    assert unk in batch.ids[0].tolist() and batch.tokens[0] > 1

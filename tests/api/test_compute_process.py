@@ -174,7 +174,8 @@ async def test_a_child_that_does_not_exit_is_killed_within_the_close_time(repo: 
         os.kill(proc.pid, signal.SIGSTOP)  # as busy as it can be: it reads nothing
         start = time.monotonic()
         await asyncio.wait_for(remote(app).close(), 30)
-        assert CLOSE_S <= time.monotonic() - start < CLOSE_S + 2
+        # The bug waited 10 s; killing and reaping takes milliseconds, 5 s is for a busy machine
+        assert CLOSE_S <= time.monotonic() - start < CLOSE_S + 5
         assert proc.returncode == -signal.SIGKILL
 
 
@@ -263,7 +264,8 @@ async def test_a_silent_process_is_killed_and_replaced(
         began = time.monotonic()
         held = await pclient.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
         assert held.status_code == 503, held.text
-        assert time.monotonic() - began < 6.0  # 1.5 s after its last heartbeat
+        # 1.5 s after its last heartbeat (the bug: never); the rest is for a busy machine
+        assert time.monotonic() - began < 15.0
         assert held.json()["error"].startswith("the compute process stopped")
         await until(lambda: old.poll() is not None)  # killed, not left stopped
     finally:

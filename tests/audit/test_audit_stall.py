@@ -38,7 +38,9 @@ async def test_a_stalled_connection_fails_the_write_and_readiness(
         waited = time.monotonic() - t0
         # Without a deadline the write waited forever, the store counted up (seen: 12 s and on).
         assert not writer.healthy, "a stalled write was never noticed"
-        assert waited < 1.5 * TIMEOUT_S + 3  # the deadline, plus the batching wait and slack
+        # The deadline, plus the batching wait and slack for a busy machine (the bug: never;
+        # the loop above gives up at 15 s)
+        assert waited < 1.5 * TIMEOUT_S + 8
         ready = await client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["reasons"][0].startswith("audit records cannot be written")

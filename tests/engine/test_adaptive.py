@@ -170,7 +170,9 @@ async def test_an_adaptive_requests_chunks_are_compute_not_queueing(
         await b.stop()
     assert b.stats.requeued == 2  # 40, 80, 160: three batches
     assert got.timing["compute_s"] >= 0.6, got.timing
-    assert got.timing["queue_s"] < 0.2, got.timing  # idle: it never waited behind anything
+    # Idle: it never waited behind anything. The bug put its first two chunks' compute here
+    # (0.4 s at least); 0.3 leaves the event loop a share of two busy cores' time.
+    assert got.timing["queue_s"] < 0.3, got.timing
 
 
 def test_sets_are_settled_at_the_levels_the_answer_shows() -> None:

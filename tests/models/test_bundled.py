@@ -143,7 +143,9 @@ def test_held_out_metrics_reproduce(name: str, seed: int, served: dict[str, Serv
     got, se = recompute(model, x, y, seed)
     recorded = model.manifest.training.metrics
     for key, value in got.items():
-        bound = SE_FACTOR * se[key] + FLOOR
+        # Same seed: the same masks, so the same numbers to the recorded rounding (a loose
+        # bound there let a changed mask stream pass, review TH); another seed: the MC error.
+        bound = FLOOR if seed == common.MC_SEED else SE_FACTOR * se[key] + FLOOR
         if key in ("accuracy", "picp_95") and seed != common.MC_SEED:
             bound = max(bound, 1.0 / len(y))  # one borderline row may flip with other masks
         assert abs(recorded[key] - value) <= bound, (key, recorded[key], value, se[key])

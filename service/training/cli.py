@@ -25,7 +25,6 @@ the end, so a failed calibration or a SIGTERM leaves neither behind (versions.py
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Annotated, Literal, cast
@@ -44,7 +43,11 @@ def default_name(path: Path) -> str:
     return name or "model"
 
 
+GIVEN = ("COMMANDLINE", "ENVIRONMENT")
+
+
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="CSV with a header: numeric features + target")],
     target: Annotated[str, typer.Option(help="the target column")],
     task: Annotated[str, typer.Option(help="regression or classification")],
@@ -144,12 +147,9 @@ def train(
         from service.training.text_data import text_column as choose_text_column
 
         text_col = choose_text_column(data, target, text_column)
-        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-        values = {
-            "arch": arch, "max_tokens": max_tokens, "word_vectors": word_vectors,
-            "word_min_texts": word_min_texts, "splits": splits, "hidden": hidden, "noise": noise,
-        }  # fmt: skip
-        options.refuse_other_kind(values, defaults, text=text_col, data=str(data))
+        # Flags given, at any value (typer's vendored click: its ParameterSource by name)
+        said = {p for p in ctx.params if getattr(ctx.get_parameter_source(p), "name", "") in GIVEN}
+        options.refuse_other_kind(said, text=text_col, data=str(data))
         if text_col is not None:
             from service.training.text_cli import train_text
 

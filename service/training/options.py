@@ -5,7 +5,7 @@ ignored without a word."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+from collections.abc import Collection
 
 from service.errors import InvalidInputError
 
@@ -53,13 +53,13 @@ def class_labels(labels: str | None) -> list[str] | None:
     return given
 
 
-def refuse_other_kind(
-    values: Mapping[str, object], defaults: Mapping[str, object], *, text: str | None, data: str
-) -> None:
-    """Refuse a flag given (other than its default) that does not apply to the data: ``text``
-    is the text column trained on, or None for a tabular model."""
+def refuse_other_kind(given: Collection[str], *, text: str | None, data: str) -> None:
+    """Refuse a flag given on the command line (`given`: the parameters' names, even at their
+    default values: `--arch textcnn` on a table trained a tabular model without a word) that
+    does not apply to the data: ``text`` is the text column trained on, or None for a tabular
+    model."""
     flags = TABLE_ONLY if text is not None else TEXT_ONLY
-    set_ = [f for f, p in flags.items() if values[p] != defaults[p]]
+    set_ = [f for f, p in flags.items() if p in given]
     if not set_:
         return
     verb = "is" if len(set_) == 1 else "are"

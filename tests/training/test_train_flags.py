@@ -59,6 +59,9 @@ def _refused(res: Result, said: str, out: Path) -> None:
         (["--arch", "bilstm"], "--arch is for text data"),
         (["--max-tokens", "64", "--word-min-texts", "0"], "--max-tokens, --word-min-texts are"),
         (["--word-vectors", "glove.txt"], "--word-vectors is for text data"),
+        # At their default values too: the user still believed a text model was trained.
+        (["--arch", "textcnn", "--max-tokens", "256"], "--arch, --max-tokens are for text"),
+        (["--word-min-texts", "2"], "--word-min-texts is for text data"),
     ],
 )
 def test_a_text_flag_on_tabular_data_is_refused(
@@ -73,11 +76,20 @@ def test_a_text_flag_on_tabular_data_is_refused(
     )
 
 
-def test_a_tabular_flag_on_text_data_is_refused(tmp_path: Path) -> None:
-    res = _train(_text(tmp_path / "notes.csv"), tmp_path / "repo", "--hidden", "8")
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--hidden", "8"], "--hidden is"),
+        (["--hidden", "64,64", "--noise", "fixed"], "--hidden, --noise are"),
+    ],
+)
+def test_a_tabular_flag_on_text_data_is_refused(
+    tmp_path: Path, extra: list[str], said: str
+) -> None:
+    res = _train(_text(tmp_path / "notes.csv"), tmp_path / "repo", *extra)
     _refused(
         res,
-        "--hidden is for tabular data, and "
+        f"{said} for tabular data, and "
         f"{tmp_path / 'notes.csv'} trains a text model on the column 'text'; leave it out",
         tmp_path / "repo",
     )

@@ -1,8 +1,9 @@
 """Texts to token ids for a text model, or a message that says exactly what is wrong.
 
 Every text is padded to the model's `max_tokens` (one fixed shape, so a text's answer cannot
-depend on what shares its batch); longer texts are cut (policy `truncate`, reported per text) or
-refused (`error`). Cheap checks (type, size, NUL bytes, emptiness) come before tokenization.
+depend on what shares its batch); longer texts are cut, keeping its template's special tokens
+(policy `truncate`, reported per text), or refused (`error`). Cheap checks (type, size, NUL
+bytes, emptiness) come before tokenization.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def encode_texts(
             ) from None
     limit = spec.max_tokens
     ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
-    counts, cut = [], []
+    counts, cuts = [], []
     unknown = unknown_token_id(tokenizer)  # once a request, not once a text
     for i, enc in _encodings(tokenizer, texts, sizes):
         n = len(enc.ids)
@@ -108,11 +109,30 @@ def encode_texts(
                 f"{item} {i}: {n} tokens, over this model's maximum of {limit} (truncation "
                 "policy 'error'): shorten the text"
             )
-        take = enc.ids[:limit]
+        take = cut(enc.ids, enc.special_tokens_mask, limit)
         ids[i, : len(take)] = take
         counts.append(n)
-        cut.append(n > limit)
-    return TextBatch(ids, counts, cut)
+        cuts.append(n > limit)
+    return TextBatch(ids, counts, cuts)
+
+
+def cut(ids: list[int], special: list[int], limit: int) -> list[int]:
+    """A text's first `limit` ids, keeping the special tokens its tokenizer's template put around
+    it: [CLS] ... [SEP] stays [CLS] ... [SEP], as the library's own truncation (the usual way a
+    model is trained) cuts it; cutting the ids as they came dropped the closing [SEP] and served
+    a long text ids its model never saw. `special`: the encoding's special-tokens mask."""
+    if len(ids) <= limit:
+        return ids
+    head = 0
+    while head < len(ids) and special[head]:
+        head += 1
+    tail = 0
+    while tail < len(ids) - head and special[len(ids) - 1 - tail]:
+        tail += 1
+    room = limit - head - tail
+    if room <= 0:  # a limit under the template's own length: nothing of the text would be left
+        return ids[:limit]
+    return ids[: head + room] + ids[len(ids) - tail :]
 
 
 # Texts tokenized at once, in UTF-8 bytes. A token holds all its offsets, strings and masks

@@ -25,6 +25,7 @@ import numpy as np
 
 from service.bundle.spec import TextInput
 from service.calibration.csv_file import CsvFile, read_csv
+from service.engine.text import cut
 from service.errors import InvalidInputError
 from service.training.table import check_column, numeric
 
@@ -248,6 +249,6 @@ def encode(tok: Any, texts: list[str], max_tokens: int) -> np.ndarray:
     """ids [N, max_tokens], padded with 0 and cut at max_tokens (as the service encodes)."""
     ids = np.zeros((len(texts), max_tokens), dtype=np.int64)
     for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=True)):
-        take = enc.ids[:max_tokens]
+        take = cut(enc.ids, enc.special_tokens_mask, max_tokens)
         ids[i, : len(take)] = take
     return ids

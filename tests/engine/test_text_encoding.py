@@ -93,3 +93,31 @@ def test_a_unigram_tokenizers_all_unknown_text_is_refused() -> None:
         encode_texts(["\u9f8d\u9f8d \u9f8d"], tok, SPEC, 8)
     batch = encode_texts(["chest pain \u9f8d"], tok, SPEC, 8)  # one word read: served
     assert unk in batch.ids[0].tolist() and batch.tokens[0] > 1
+
+
+def test_a_long_text_keeps_its_templates_special_tokens_as_the_librarys_truncation() -> None:
+    """A [CLS] $A [SEP] template: the ids were cut as they came, so a long text lost its
+    closing [SEP] and was served ids its model never saw (trained with the library's own
+    truncation, which cuts the text and keeps the template's tokens)."""
+    from tokenizers import processors
+
+    from service.bundle.tokenizer import load_tokenizer
+
+    raw = _readme_tokenizer()
+    raw.add_special_tokens(["[CLS]", "[SEP]"])
+    cls_, sep = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_), ("[SEP]", sep)]
+    )
+    tok = load_tokenizer(raw.to_str().encode(), "tokenizer.json")
+    trained = Tokenizer.from_str(raw.to_str())
+    trained.enable_truncation(max_length=SPEC.max_tokens)  # the usual training setup
+    texts = ["chest pain " * 30, "chest pain", "acute chest pain " * 5]
+    batch = encode_texts(texts, tok, SPEC, 8)
+    for row, t, n in zip(batch.ids, texts, batch.tokens, strict=True):
+        want = trained.encode(t).ids
+        assert row[: len(want)].tolist() == want and (row[len(want) :] == 0).all()
+        assert want[0] == cls_ and want[-1] == sep
+        assert n == len(tok.encode(t).ids)  # the count before cutting, as reported
+    assert batch.truncated == [True, False, True]
+    assert text.cut([1, 5, 6, 7, 2], [1, 0, 0, 0, 1], 2) == [1, 5]  # no room: a plain cut

@@ -148,6 +148,27 @@ def _decode(v: Any, env: dict[str, fx.Node]) -> Any:
     return v
 
 
+# Tensors made in forward from a size (a size read from a text's length, with length buckets):
+# the functions that allocate them are not in the vocabulary, but arange and comparisons are.
+_MADE = {"full", "ones", "zeros", "empty", "triu", "tril", "eye", "rand", "randn"}
+
+
+def _unsupported_function(n: fx.Node) -> str:
+    """Why node `n`'s function cannot be in a bundle, with its name as the model wrote it."""
+    f = n.target
+    module = getattr(f, "__module__", None) or ("torch" if "torch" in repr(f) else "")
+    name = f"{module}.{getattr(f, '__name__', f)}".lstrip(".")
+    said = f"function {name} at node '{n.name}' is not in the bundle vocabulary (docs/BUNDLES.md)"
+    if getattr(f, "__name__", "") in _MADE:
+        return (
+            f"{said}: a tensor made in forward from a size; build it from the input with "
+            "torch.arange and comparisons (a causal mask: pos = torch.arange(x.size(1), "
+            "device=x.device); mask = pos[None, :] > pos[:, None]), or pass buckets=None to "
+            "save so the length is fixed and the tensor a constant"
+        )
+    return f"{said}: use one of the listed operations"
+
+
 def describe(gm: fx.GraphModule) -> dict[str, Any]:
     """JSON description of a traced module; refuses anything outside the whitelist."""
     check_inplace(gm)
@@ -164,7 +185,7 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
         elif n.op == "call_function":
             target = FUNCTION_NAMES.get(id(n.target))
             if target is None:
-                raise ModelError(f"function {n.target} at node '{n.name}' is not supported")
+                raise ModelError(_unsupported_function(n))
             if target == "builtins.getattr" and n.args[1] not in ATTRIBUTES:
                 raise ModelError(f"attribute access '{n.args[1]}' at node '{n.name}'")
         elif n.op == "call_method" and n.target not in METHODS:

@@ -55,6 +55,9 @@ def export_onnx(
         # The exporter's own deprecation noise is not actionable for users of mcserve.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # torch's own LSTM/GRU set their flat weights while exported: a warning per save of a
+        # recurrent model that asked the user to register buffers in torch's code
+        warnings.filterwarnings("ignore", r"The tensor attributes .*_flat_weights", UserWarning)
         try:
             torch.onnx.export(
                 module,

@@ -27,10 +27,20 @@ def one_tensor(out: object) -> torch.Tensor:
 
 
 def check_reproduced(module: nn.Module, rebuilt: fx.GraphModule, example: torch.Tensor) -> None:
-    """The module (in eval mode, its modes restored after) and its rebuilt graph agree."""
-    with kept_modes(module), torch.inference_mode():
-        want = one_tensor(module.eval()(example))
-        got = one_tensor(rebuilt(example))
+    """The module (in eval mode, its modes restored after) and its rebuilt graph agree.
+
+    The module runs without torch's attention fast path: in inference it turns a padded batch
+    into nested tensors and writes zeros at the padding (a model that pools over every position
+    then gives another answer), a path training never takes and MC passes (dropout on) never
+    take either; the bundle's graph computes what training computed."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with kept_modes(module), torch.inference_mode():
+            want = one_tensor(module.eval()(example))
+            got = one_tensor(rebuilt(example))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     fail = "the module's forward cannot be reproduced from its traced graph"
     if want.shape != got.shape:
         raise ModelError(f"{fail}: it outputs {list(want.shape)}, the graph {list(got.shape)}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
+import traceback
 from typing import Any
 
 import torch
@@ -28,6 +30,23 @@ BATCH = 1031  # the example batch: a prime, so an equal model dimension is a coi
 # device runs step by step (1,019 steps took a minute); a model dimension equal to it is
 # harmless (its `size` node reads the same number at run time).
 LENGTH = 31
+
+
+# torch.nn.utils.rnn: packing asks for the lengths' values (on the CPU), which a trace has not
+# got; its failure there read as a branch on values, with a fix that did not apply.
+PACKED = (
+    "packed sequences (torch.nn.utils.rnn.pack_padded_sequence and its kin) cannot be traced: "
+    "they read each text's length as a number. Run the recurrent layer on the padded batch and "
+    "pool with the padding mask (a masked mean or max over time, or the state at the last real "
+    "token: gather at the length - 1), as docs/BUNDLES.md shows"
+)
+_RNN_UTILS = os.path.join("nn", "utils", "rnn.py")
+
+
+def _in_packed_sequences(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside torch.nn.utils.rnn (packing, padding, sorting)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.filename.endswith(_RNN_UTILS) for f in frames)
 
 
 class ShapeProxy(fx.Proxy):
@@ -101,6 +120,8 @@ class ShapeTracer(LeafTracer):
             if kind == "call_function":
                 return target(*a, **k)
             if kind == "call_method":
+                if target == "cpu":  # a meta tensor cannot move; the graph refuses it later
+                    return a[0]
                 return getattr(a[0], target)(*a[1:], **k)
             if kind == "call_module":
                 # forward, not __call__: the tracer has patched every module's __call__
@@ -136,9 +157,11 @@ def trace_with_shapes(
     tracer.example = torch.empty((BATCH, *per_row), dtype=example.dtype, device="meta")
     try:
         graph = tracer.trace(module)
-    except ModelError:
-        raise
     except Exception as exc:  # fx's TraceError and friends: a branch on a value
+        if _in_packed_sequences(exc):
+            raise ModelError(PACKED) from exc
+        if isinstance(exc, ModelError):
+            raise
         raise ModelError(
             f"the model cannot be traced ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "branches on shapes are fine, but a forward that branches on tensor values or on "

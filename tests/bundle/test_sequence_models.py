@@ -184,6 +184,131 @@ def test_a_branch_on_shapes_packages(tmp_path: Path) -> None:
         torch.testing.assert_close(load_bundle(path).module(x), module(x))
 
 
+class _PoolsOverPadding(nn.Module):
+    """nn.TransformerEncoder at its defaults (nested tensors on) pooled over every position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32, padding_idx=PAD)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.enc(self.emb(tokens), src_key_padding_mask=tokens.eq(PAD))
+        return self.fc(self.drop(x.mean(1)))
+
+
+def test_torchs_inference_fast_path_is_not_taken_for_the_models_function(tmp_path: Path) -> None:
+    """In inference torch's encoder makes nested tensors of a padded batch and writes zeros at
+    the padding, a path training (and every MC pass) never takes: an ordinary encoder pooled
+    over all positions was refused as if its forward read Python state."""
+    torch.manual_seed(0)
+    module = _PoolsOverPadding().eval()
+    x = token_batch()
+    with torch.inference_mode():
+        fast = module(x)
+    trained = module(x).detach()  # grad on: the path training takes
+    assert not torch.allclose(fast[0], trained[0], atol=1e-3)  # they differ on the padded row
+    path = save(
+        module, x, out_dir=tmp_path, name="pooled", version="1", task="classification",
+        intended_use="t", labels=["a", "b"],
+    )  # fmt: skip
+    with torch.inference_mode():
+        torch.testing.assert_close(load_bundle(path).module(x), trained, rtol=1e-5, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # torch's setting is left as it was
+
+
+class _Packed(nn.Module):
+    """A GRU over packed sequences, the lengths moved to the CPU as torch asks, or not."""
+
+    def __init__(self, cpu: bool) -> None:
+        super().__init__()
+        self.cpu_lengths = cpu
+        self.emb = nn.Embedding(VOCAB, 16, padding_idx=PAD)
+        self.rnn = nn.GRU(16, 16, batch_first=True, bidirectional=True)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        lengths = tokens.ne(PAD).sum(1).clamp(min=1)
+        if self.cpu_lengths:
+            lengths = lengths.cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.emb(tokens)), lengths, batch_first=True, enforce_sorted=False
+        )
+        _, h = self.rnn(packed)
+        return self.fc(self.drop(torch.cat([h[0], h[1]], -1)))
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_packed_sequences_are_refused_with_what_to_do(tmp_path: Path, cpu: bool) -> None:
+    """Refused as a meta tensor that cannot be copied (with .cpu()) or as a branch on values
+    with torch.where as the fix (without): neither said what was wrong."""
+    with pytest.raises(ModelError) as e:
+        save(
+            _Packed(cpu).eval(), token_batch(), out_dir=tmp_path, name="packed", version="1",
+            task="classification", intended_use="t", labels=["a", "b"], tokenizer=wordpiece(CORPUS),
+        )  # fmt: skip
+    assert e.value.message.startswith("packed sequences (torch.nn.utils.rnn.pack_padded_sequence")
+    assert "pool with the padding mask" in e.value.message
+
+
+class _Causal(nn.Module):
+    """An encoder with a causal mask made in forward from the length, and a padding mask."""
+
+    def __init__(self, from_arange: bool) -> None:
+        super().__init__()
+        self.from_arange = from_arange
+        self.emb = nn.Embedding(VOCAB, 32, padding_idx=PAD)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens.eq(PAD)
+        if self.from_arange:  # as the refusal says
+            pos = torch.arange(tokens.size(1), device=tokens.device)
+            causal = pos[None, :] > pos[:, None]
+        else:
+            causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        h = self.enc(self.emb(tokens), mask=causal, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.fc((h * keep).sum(1) / keep.sum(1))
+
+
+def test_a_tensor_made_from_the_length_is_refused_naming_it_and_the_fix_packages(
+    tmp_path: Path,
+) -> None:
+    """The refusal said 'function <built-in method full of type object at 0x7f..>'."""
+    torch.manual_seed(0)
+    tok = wordpiece(CORPUS)
+    kw: dict[str, Any] = dict(task="classification", intended_use="t", labels=["a", "b"])
+    x = token_batch(length=64)  # room for length buckets (16, 32, 64): the length is free
+    with pytest.raises(ModelError) as e:
+        save(_Causal(False).eval(), x, out_dir=tmp_path, name="c", version="1",
+             tokenizer=tok, **kw)  # fmt: skip
+    assert "function torch.full at node" in e.value.message and " at 0x" not in e.value.message
+    assert "pos = torch.arange(x.size(1), device=x.device)" in e.value.message
+    path = save(_Causal(True).eval(), x, out_dir=tmp_path, name="c", version="1",
+                tokenizer=tok, **kw)  # fmt: skip
+    assert json.loads((path / "manifest.json").read_text())["inputs"]["text"]["buckets"]
+
+
+def test_saving_a_stacked_rnn_prints_no_warning_from_torchs_internals(tmp_path: Path) -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        save(
+            LSTMClassifier("GRU").eval(), token_batch(), out_dir=tmp_path, name="g", version="1",
+            task="classification", intended_use="t", labels=["a", "b", "c"],
+        )  # fmt: skip
+    assert not [w for w in seen if "_flat_weights" in str(w.message)]
+
+
 def test_a_branch_on_values_is_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as e:
         save(

@@ -2,7 +2,9 @@
 
 A result is usable when it is an Observation of a read status (final, amended, corrected) coded
 with one of the concept's codes (itself or one of its components), with a valid id (the card and
-the suggested resource cite it) and a readable time not in the future. Of two at one effective
+the suggested resource cite it), a readable time not in the future and a number in
+valueQuantity.value: a newer result without one (a dataAbsentReason: haemolysed, not done) hid
+an older usable one, and no prediction was made although one could be. Of two at one effective
 time (a result and its correction), the later issued wins, then a corrected or amended one over
 the final: the Bundle's order decided before, so a correction could be ignored.
 """
@@ -74,7 +76,27 @@ def latest(
         if t > now + _ahead(raw):
             skipped.append(f"{name} is dated {raw}, in the future")
             continue
+        absent = _no_value(name, holders[0])
+        if absent is not None:
+            skipped.append(absent)
+            continue
         key = (t, parse_time(obs.get("issued")) or _EARLIEST, obs.get("status") != "final")
         if best is None or key > best[0]:
             best = (key, Latest(t, raw, name, holders[0]))
     return (best[1] if best else None), skipped
+
+
+def _no_value(name: str, holder: Json) -> str | None:
+    """Why `holder` (an Observation or its component) has no value to read, or None."""
+    q = holder.get("valueQuantity")
+    value = q.get("value") if isinstance(q, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return None
+    reason = holder.get("dataAbsentReason")
+    if isinstance(reason, dict):  # FHIR obs-6: a reason instead of a value
+        coding = array(reason.get("coding"), f"{name}.dataAbsentReason.coding")
+        codes = [c.get("code") for c in coding if isinstance(c, dict)]
+        said = [shown_name(x) for x in [*codes, reason.get("text")] if isinstance(x, str) and x]
+        return f"{name} has no value (dataAbsentReason: {', '.join(said) or 'given'})"
+    hint = " (it is a string: send a JSON number)" if isinstance(value, str) else ""
+    return f"{name} has no valueQuantity.value{hint}"

@@ -26,6 +26,7 @@ from service.clinical.terms import Capped, Code, Concept, Strict, capped, query_
 
 PATIENT_KEY = "patient"
 STATUSES = ("final", "amended", "corrected")  # the Observation statuses read
+SPARE = 2  # results a prefetch template asks for beyond one per concept (Mapping.prefetch)
 AGREE = 1e-6  # relative: a listed unit factor further from UCUM's is a typo, not rounding
 
 
@@ -251,12 +252,14 @@ class Mapping(Strict):
         for key, sources in groups.items():
             every = [f"{c.system}|{c.code}" for s in sources for c in [*s.codes, *s.panels]]
             codes = ",".join(dict.fromkeys(every))  # each once, in order
-            # Sorted newest first, as many as there are concepts under the key: the latest of each
-            # when they were measured together (a panel), the latest of one otherwise. Final
+            # Sorted newest first, as many as there are concepts under the key (the latest of each
+            # when they were measured together, a panel; the latest of one otherwise) and two to
+            # spare: a newest result without a value (a dataAbsentReason) was all an EHR sent,
+            # and the older one a prediction could use was never seen (latest.py). Final
             # results only: unfiltered, a newer preliminary result would be the one sent.
             out[key] = (
                 f"Observation?patient={{{{context.patientId}}}}&code={codes}"
-                f"&status={','.join(STATUSES)}&_sort=-date&_count={len(sources)}"
+                f"&status={','.join(STATUSES)}&_sort=-date&_count={len(sources) + SPARE}"
             )
         return out
 

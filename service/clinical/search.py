@@ -30,7 +30,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
@@ -56,6 +56,19 @@ QUOTABLE = (  # httpx errors whose text cannot hold the request's headers
     httpx.ReadError,
     httpx.RemoteProtocolError,
 )
+
+
+# Search parameters a server may ignore (saying so in its self link, as HAPI does) that decide
+# whether the first _count results hold the latest final result.
+WATCHED = ("_sort", "status")
+_SAID = {
+    "_sort": "_sort=-date (it did not sort by date)",
+    "status": "status (it sent results of any status)",
+}
+
+
+def _ignored(names: Sequence[str]) -> str:
+    return " and ".join(_SAID.get(n, n) for n in names) or "a search parameter"
 
 
 @dataclass(frozen=True)
@@ -109,18 +122,22 @@ class FhirSearch:
         asked = query.get("_count", "")
         lim = self.limits
         wanted = min(int(asked), lim.max_entries) if asked.isdigit() else lim.max_entries
-        sort = "_sort" in query
-        entries, first, more = await self._pages(kind, params, wanted, every=False, sort=sort)
-        if sort and not used(first, "_sort"):
-            # The server ignored _sort: its first _count results need not hold the newest.
+        # Parameters that, ignored, leave the first _count results without the one wanted: the
+        # newest (_sort), or a final one (status: a server that dropped it sent a newer
+        # preliminary result and the final one behind it was never read).
+        watch = tuple(p for p in WATCHED if p in query)
+        entries, first, more = await self._pages(kind, params, wanted, every=False, watch=watch)
+        ignored = [p for p in watch if not used(first, p)]
+        if ignored:
             # Asked again for every result, as many a page as it gives (page by page at
-            # _count=1 the page bound ran out at 5 results), the reader picks the latest by its
-            # own dates. Only _count changes (a repeated parameter, date=ge..&date=lt.., stays).
+            # _count=1 the page bound ran out at 5 results), the reader picks the latest final
+            # one by its own dates and statuses. Only _count changes (a repeated parameter,
+            # date=ge..&date=lt.., stays).
             if more:
                 again = [(k, v) for k, v in pairs if k != "_count"]
                 again.append(("_count", str(lim.max_entries)))
                 entries, _, _ = await self._pages(
-                    kind, urlencode(again), lim.max_entries, every=True, sort=False
+                    kind, urlencode(again), lim.max_entries, every=True, ignored=ignored
                 )
             wanted = len(entries)
         out: Json = {"resourceType": "Bundle", "type": "searchset"}
@@ -129,11 +146,18 @@ class FhirSearch:
         return out | {"entry": entries[:wanted]}
 
     async def _pages(
-        self, kind: str, params: str, wanted: int, every: bool, sort: bool
+        self,
+        kind: str,
+        params: str,
+        wanted: int,
+        every: bool,
+        watch: tuple[str, ...] = (),
+        ignored: Sequence[str] = (),
     ) -> tuple[list[Json], Json, bool]:
         """Following `next` links until `wanted` results are held (`every`: all results, which
-        must be at most `wanted`; `sort`: stop after the first page if the server says it did
-        not sort): (the match entries, the first page, whether a next link was left)."""
+        must be at most `wanted`, read because the server ignored the parameters `ignored`;
+        `watch`: stop after the first page if the server says it ignored one of these):
+        (the match entries, the first page, whether a next link was left)."""
         lim = self.limits
         url = f"{self.base}/{kind}?{params}"
         entries: list[Json] = []
@@ -154,12 +178,12 @@ class FhirSearch:
             nxt = next_link(bundle)
             if every and len(entries) > wanted:
                 raise SearchFailed(
-                    f"the server did not sort by date (_sort) and holds over {wanted} results: "
-                    "the newest cannot be told from the first ones",
+                    f"the server ignored {_ignored(ignored)} and holds over {wanted} results: "
+                    "the latest final one cannot be told from the first ones",
                     "too-costly",
                 )
-            unsorted = sort and page == 1 and not used(bundle, "_sort")
-            if nxt is None or unsorted or (not every and len(entries) >= wanted):
+            dropped = page == 1 and any(not used(bundle, p) for p in watch)
+            if nxt is None or dropped or (not every and len(entries) >= wanted):
                 return entries, first, nxt is not None
             url = urljoin(url, nxt)
             if not self.owns(url):
@@ -168,7 +192,7 @@ class FhirSearch:
                     "followed (the access token goes to the allow-listed fhirServer only)",
                     "security",
                 )
-        why = " (the server did not sort by date, so all are read)" if every else ""
+        why = f" (the server ignored {_ignored(ignored)}, so all are read)" if every else ""
         raise SearchFailed(
             f"the search needs more than {lim.max_pages} pages for {wanted} results{why} "
             f"(it gave {len(entries)}; CDS_FHIR_MAX_PAGES)",

@@ -10,7 +10,8 @@ and a 401 OperationOutcome for a token it does not know. Search rules: `fhir_ehr
 Its base path picks a behaviour: /fhir answers correctly; /slow after 1 s; /huge declares a
 body over the test limit; /endless streams a Bundle of 256 MiB; /redirect sends a 302 to
 `elsewhere`; /astray gives `next` links to `elsewhere`; /broken serves an invalid Observation;
-/unsorted ignores `_sort` (oldest first) and leaves it out of its `self` link, as HAPI does.
+/unsorted ignores `_sort` (oldest first) and leaves it out of its `self` link, as HAPI does;
+/nostatus ignores `status` (results of any status) and leaves it out likewise.
 `elsewhere` is a second server (another port: another origin) that records what reaches it.
 """
 
@@ -105,13 +106,16 @@ class Handler(BaseHTTPRequestHandler):
             found = srv.pages[args["_getpages"]]
             offset, count = int(args["_getpagesoffset"]), int(args["_count"])
         elif rest == "Observation":
-            found, offset, count = matching(args, srv.store), 0, int(args["_count"])
+            searched = {k: v for k, v in args.items() if k != "status" or flavour != "nostatus"}
+            found, offset, count = matching(searched, srv.store), 0, int(args["_count"])
         else:
             return self.answer(404, outcome("not-found", f"Unknown resource: {rest}"))
         used = f"/{rest}?{parts.query}" if rest else ""
         if flavour == "unsorted" and rest:  # ignores _sort (oldest first) and says so
             found = found[::-1]
             used = f"/{rest}?{urlencode({k: v for k, v in args.items() if k != '_sort'})}"
+        if flavour == "nostatus" and rest:  # ignores status and says so
+            used = f"/{rest}?{urlencode({k: v for k, v in args.items() if k != 'status'})}"
         page = srv.bundle(base, found, offset, count, used)
         if flavour == "broken" and page["entry"]:
             bad = json.loads(json.dumps(page["entry"][0]["resource"]))

@@ -79,11 +79,11 @@ async def test_discovery(ehr: httpx.AsyncClient) -> None:
     assert diab["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     assert diab["prefetch"]["hdl"] == (
         "Observation?patient={{context.patientId}}&code=http://loinc.org|2085-9,"
-        "http://loinc.org|14646-4&status=final,amended,corrected&_sort=-date&_count=1"
+        "http://loinc.org|14646-4&status=final,amended,corrected&_sort=-date&_count=3"
     )
     assert services["diabetes-progression-order-select"]["hook"] == "order-select"
     cyto = services["breast-mass-malignancy"]["prefetch"]
-    assert set(cyto) == {"cytology"} and cyto["cytology"].endswith("&_count=30")
+    assert set(cyto) == {"cytology"} and cyto["cytology"].endswith("&_count=32")
 
 
 async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> None:

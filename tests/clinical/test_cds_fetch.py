@@ -36,7 +36,9 @@ from service.settings import CdsIssuer
 
 DIABETES = "/cds-services/diabetes-progression"
 BREAST = "/cds-services/breast-mass-malignancy"
-FLAVOURS = ("fhir", "slow", "huge", "endless", "redirect", "astray", "broken", "unsorted")
+FLAVOURS = (
+    "fhir", "slow", "huge", "endless", "redirect", "astray", "broken", "unsorted", "nostatus"
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -111,20 +113,20 @@ async def test_missing_data_is_fetched(
 async def test_a_search_follows_next_links_across_pages(
     ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    """The aspirate's 30 results, asked with _count=30, come 10 a page: 3 pages make one."""
+    """The aspirate's 30 results, asked with _count=32, come 10 a page: 3 pages make one."""
     body = call_with(f"{fhir.url}/fhir")
     body["prefetch"] = {}
     card = await post(ehr, es384, body, BREAST)
     assert "suggestions" in card, card["detail"]  # all 30 inputs: a prediction
     first, *rest = fhir.requests
-    assert first.startswith("/fhir/Observation?") and "_count=30" in first
+    assert first.startswith("/fhir/Observation?") and "_count=32" in first
     assert [p.split("_getpagesoffset=")[1][:2] for p in rest] == ["10", "20"]
 
 
 async def test_a_server_that_ignores_sort_is_read_to_the_end(
     ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
 ) -> None:
-    """With _count=1 and the server's own order (oldest first), an old glucose was the one read.
+    """With _count=3 and the server's own order (oldest first), an old glucose was the one read.
     Its self link shows it dropped _sort, so it is asked again for every result (one page, not
     one page per result: at _count=1 the 5-page bound failed from 5 results on) and the latest
     is used."""
@@ -135,12 +137,30 @@ async def test_a_server_that_ignores_sort_is_read_to_the_end(
     assert "suggestions" in card, card["detail"]
     assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
     searched = [p for p in fhir.requests if "2345-7" in p]
-    assert len(searched) == 2 and "_count=1" in searched[0] and "_count=500" in searched[1]
+    assert len(searched) == 2 and "_count=3" in searched[0] and "_count=500" in searched[1]
     # A server that sorts is read as asked: the first page's _count results.
     fhir.requests.clear()
     card = await post(ehr, es384, call_with(f"{fhir.url}/fhir"))
     assert "Observation/glu-1 " in card["detail"] and "glu-old" not in card["detail"]
     assert len([p for p in fhir.requests if "2345-7" in p]) == 1
+
+
+async def test_a_server_that_ignores_status_is_read_to_the_end(
+    ehr: httpx.AsyncClient, es384: Signer, fhir: FhirServer
+) -> None:
+    """Its first _count results were newer preliminary ones, and the final glucose behind them
+    was never read: "no final result". Its self link shows it dropped status, so it is asked
+    again for every result and the latest final one is used."""
+    for k in range(4):
+        when = datetime.now(UTC) - timedelta(days=1 + k)
+        fhir.store.append(
+            observation(f"glu-pre{k}", LOINC, "2345-7", 300.0, "mg/dL", when, status="preliminary")
+        )
+    card = await post(ehr, es384, call_with(f"{fhir.url}/nostatus"))
+    assert "suggestions" in card, card["detail"]
+    assert "Observation/glu-1 " in card["detail"] and "glu-pre" not in card["detail"]
+    searched = [p for p in fhir.requests if "2345-7" in p]
+    assert len(searched) == 2 and "_count=3" in searched[0] and "_count=500" in searched[1]
 
 
 async def test_more_unsorted_results_than_the_bound_fail_rather_than_guess(
@@ -154,7 +174,10 @@ async def test_more_unsorted_results_than_the_bound_fail_rather_than_guess(
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {GOOD}"}) as client:
         search = FhirSearch(client, f"{fhir.url}/unsorted", PID, Limits(max_entries=20))
         query = f"patient={PID}&code=http://loinc.org|2345-7&_sort=-date&_count=1"
-        with pytest.raises(SearchFailed, match=r"did not sort by date .* holds over 20 results"):
+        with pytest.raises(
+            SearchFailed,
+            match=r"ignored _sort=-date \(it did not sort by date\) and holds over 20 results",
+        ):
             await search.search("Observation", query)
         search = FhirSearch(client, f"{fhir.url}/fhir", PID, Limits(max_entries=20))
         found = await search.search("Observation", query)
@@ -175,7 +198,7 @@ async def test_paging_is_bounded(
     body["prefetch"] = {}
     card = await post(ehr, es384, body, BREAST)
     assert "suggestions" not in card and "no prediction" in card["summary"]
-    assert "needs more than 2 pages for 30 results (it gave 20" in card["detail"]
+    assert "needs more than 2 pages for 32 results (it gave 20" in card["detail"]
     assert len(fhir.requests) == 2
 
 

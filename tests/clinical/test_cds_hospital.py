@@ -68,6 +68,29 @@ async def test_a_newer_preliminary_result_does_not_hide_the_final_one(
     assert "hdl-pre" not in detail
 
 
+async def test_a_newer_result_without_a_value_does_not_hide_an_older_one(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A haemolysed specimen: final, no value, a dataAbsentReason (FHIR obs-6). It was the
+    result read, and the card said "no valueQuantity.value" and made no prediction; at
+    _count=1 the EHR did not even send the older result a prediction could use."""
+    t = now()
+    store = diabetes_store(t)
+    absent = observation("hdl-dar", LOINC, "2085-9", None, None, t - timedelta(days=1))
+    del absent["valueQuantity"]
+    absent["dataAbsentReason"] = {
+        "coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                    "code": "error"}],
+        "text": "Specimen haemolysed",
+    }  # fmt: skip
+    store.append(absent)
+    detail = used(await card_for(ehr, es384, store))
+    assert "Observation/hdl-1 (LOINC 2085-9)" in detail
+    assert (
+        "Observation/hdl-dar has no value (dataAbsentReason: error, Specimen haemolysed)"
+    ) in detail.split("### Results not used")[1]
+
+
 def vital(oid: str, code: str, t: datetime, **components: tuple[str, float, str]) -> dict[str, Any]:
     """A US Core vital-signs Observation whose values are in components (e.g. a BP panel)."""
     obs = observation(oid, LOINC, code, None, None, t)

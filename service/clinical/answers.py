@@ -22,9 +22,14 @@ class SearchFailed(Exception):
         self.code = code
 
 
+# FHIR DSTU2's media type, still listed by R4 (http.html#mime-type) and sent by older servers
+LEGACY_FHIR_JSON = "application/json+fhir"
+
+
 def parse(body: bytes, content_type: str) -> Json:
     media = content_type.split(";", 1)[0].strip().lower()
-    if media and not (media.endswith("/json") or media.endswith("+json")):
+    json_like = media.endswith("/json") or media.endswith("+json") or media == LEGACY_FHIR_JSON
+    if media and not json_like:
         raise SearchFailed(f"the answer is {media}, not FHIR JSON", "structure")
     try:
         res = json.loads(body)

@@ -39,7 +39,7 @@ from service.clinical.records import (
 )
 from service.clinical.records import system as canonical_system
 from service.clinical.terms import UCUM, Code
-from service.errors import InvalidInputError, MissingDataError
+from service.errors import InvalidInputError, MissingDataError, shown_name
 
 Json = dict[str, Any]
 
@@ -73,6 +73,19 @@ class Reader:
                     "required",
                     f"Patient/{patient_id} was not prefetched (prefetch key '{PATIENT_KEY}')",
                     "Patient",
+                )
+            )
+            return
+        dead, when = res.get("deceasedBoolean"), res.get("deceasedDateTime")
+        if dead is True or (isinstance(when, str) and when):
+            # A prediction of what comes next was made for a deceased patient, the age counted
+            # to today, with a result to write to the chart (review HI).
+            said = f" on {shown_name(when)}" if isinstance(when, str) and when else ""
+            self.issues.append(
+                _issue(
+                    "business-rule",
+                    f"{ex.patient} is recorded as deceased{said}: no prediction is made",
+                    "Patient (deceased)",
                 )
             )
             return

@@ -401,6 +401,15 @@ async def test_what_a_search_refuses(
     assert str(caught.value) == said and caught.value.code == code
 
 
+async def test_the_legacy_fhir_json_media_type_is_read() -> None:
+    """application/json+fhir (DSTU2's, still listed by R4 and sent by older servers) failed
+    every key: "the answer is application/json+fhir, not FHIR JSON"."""
+    obs = diabetes_store(datetime.now(UTC))[1]
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}]}
+    found = await one(200, bundle, "application/json+fhir; charset=utf-8").run(QUERY)
+    assert [e["resource"]["id"] for e in found["entry"]] == [obs["id"]]
+
+
 async def test_an_observation_of_another_patient_is_refused() -> None:
     obs = diabetes_store(datetime.now(UTC), pid="p2")[1]
     bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": obs}]}

@@ -192,6 +192,27 @@ async def test_missing_data_is_an_info_card(ehr: httpx.AsyncClient, es384: Signe
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [("deceasedDateTime", "2020-01-01", " on 2020-01-01"), ("deceasedBoolean", True, "")],
+)
+async def test_a_deceased_patient_gets_no_prediction(
+    ehr: httpx.AsyncClient, es384: Signer, field: str, value: object, said: str
+) -> None:
+    """A deceased patient got a prediction of the year to come, the age counted to today."""
+    store = diabetes_store(now())
+    next(r for r in store if r["resourceType"] == "Patient")[field] = value
+    r = await card_for(ehr, es384, store)
+    assert r.status_code == 200, r.text
+    (card,) = r.json()["cards"]
+    assert card["indicator"] == "info" and "suggestions" not in card
+    assert "no prediction" in card["summary"], card["summary"]
+    assert f"Patient/{PID} is recorded as deceased{said}: no prediction is made" in card["detail"]
+    alive = diabetes_store(now())
+    next(r for r in alive if r["resourceType"] == "Patient")["deceasedBoolean"] = False
+    assert "suggestions" in (await card_for(ehr, es384, alive)).json()["cards"][0]
+
+
 async def test_bmi_from_weight_and_height(ehr: httpx.AsyncClient, es384: Signer) -> None:
     t = now()
     store = without(diabetes_store(t), "bmi-1")

@@ -496,3 +496,29 @@ def test_outcomes_of_other_shapes_are_quoted_by_their_first_words() -> None:
 
     assert said(5) == ""  # was a TypeError: the card said only "fetching it failed"
     assert said([{"diagnostics": ["x"], "details": {"text": "token expired"}}]) == "token expired"
+
+
+@pytest.mark.parametrize(
+    "media", ["application/xml", "text/plain", "application/x-www-form-urlencoded"]
+)
+async def test_a_call_labelled_other_than_json_is_a_415(
+    ehr: httpx.AsyncClient, es384: Signer, media: str
+) -> None:
+    """A hook call (and feedback) labelled application/xml or a form was answered as JSON."""
+    body = orjson.dumps(hook_call(await _prefetch(ehr, "diabetes-progression")))
+    headers = {**auth(es384, DIABETES), "Content-Type": media}
+    r = await ehr.post(DIABETES, content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    assert f"Content-Type '{media}' is not read here" in r.text
+    path = DIABETES + "/feedback"
+    fb = {
+        "feedback": [
+            {"card": "x", "outcome": "accepted", "outcomeTimestamp": "2025-06-01T12:00:00Z"}
+        ]
+    }
+    r = await ehr.post(
+        path, content=orjson.dumps(fb), headers={**auth(es384, path), "Content-Type": media}
+    )
+    assert r.status_code == 415, r.text
+    ok = {**auth(es384, DIABETES), "Content-Type": "application/json; charset=utf-8"}
+    assert (await ehr.post(DIABETES, content=body, headers=ok)).status_code == 200

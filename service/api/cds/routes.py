@@ -27,6 +27,7 @@ from service.api.cds.clients import Clinical, authenticate, build, counters
 from service.api.common import audit as audit_trail
 from service.api.common.call import run, state
 from service.api.common.fields import inline_schema
+from service.api.common.media import require_json
 from service.api.common.parameters import PredictParameters, to_params
 from service.clinical import cards as card_builder
 from service.clinical import fhir
@@ -112,6 +113,7 @@ async def discovery(request: Request) -> Response:
 async def call(service_id: ServiceId, request: Request) -> Response:
     cds, st = clinical(request), state(request)
     await authenticate(request, cds)
+    require_json(request)  # after authentication: an unauthenticated call learns nothing
     offered = cds.catalogue.find(service_id, st.registry)
     body = parse(HookRequest, await request.body())
     patient_id = body.patient_id(offered.service.hook)
@@ -286,6 +288,7 @@ async def missing_data_card(
 async def feedback(service_id: ServiceId, request: Request) -> Response:
     cds = clinical(request)
     await authenticate(request, cds, feedback=True)
+    require_json(request)
     cds.catalogue.find(service_id, state(request).registry)  # 404 for an unknown service
     body = parse(FeedbackRequest, await request.body())
     if cds.shared is not None:  # cards another replica issued

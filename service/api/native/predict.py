@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from service.api.common.call import off_loop, run, state
 from service.api.common.fields import Param
+from service.api.common.media import require_json
 from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
 from service.clinical import fhir
@@ -26,7 +27,7 @@ from service.encode import response_json
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
 from service.engine.text import encode_texts
-from service.errors import InvalidInputError, UnsupportedMediaTypeError, shown_name
+from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
 FHIR_JSON = "application/fhir+json"
@@ -71,16 +72,6 @@ def wants_fhir(accept: str) -> bool:
     return fhir is not None and fhir > 0.0 and fhir >= plain
 
 
-def is_json(content_type: str | None) -> bool:
-    """FastAPI's test for a JSON body: no type, application/json or application/*+json."""
-    if not content_type:
-        return True
-    kind = content_type.split(";", 1)[0].strip().lower()
-    return kind == "application/json" or (
-        kind.startswith("application/") and kind.endswith("+json")
-    )
-
-
 def parse(body: bytes) -> PredictRequest:
     try:
         body.decode("utf-8")
@@ -99,12 +90,7 @@ def parse(body: bytes) -> PredictRequest:
 async def read(request: Request, name: str, version: str | None) -> PredictRequest:
     """The body, checked against the model's input size before it is parsed (a 5 MB body of a
     million instances would hold the loop for 0.6 s)."""
-    content_type = request.headers.get("content-type")
-    if not is_json(content_type):  # text/json included, as FastAPI reads it
-        raise UnsupportedMediaTypeError(
-            f"Content-Type {content_type!r} is not read here; send the body as JSON with "
-            "Content-Type: application/json"
-        )
+    require_json(request)
     body = await request.body()
     st = state(request)
     check_size(body, st.batcher(name, version).model.manifest.inputs, st.settings.max_instances)

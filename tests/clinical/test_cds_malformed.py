@@ -510,6 +510,7 @@ async def test_a_call_labelled_other_than_json_is_a_415(
     r = await ehr.post(DIABETES, content=body, headers=headers)
     assert r.status_code == 415, r.text
     assert f"Content-Type '{media}' is not read here" in r.text
+    assert r.json()["resourceType"] == "OperationOutcome"
     path = DIABETES + "/feedback"
     fb = {
         "feedback": [

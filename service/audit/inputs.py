@@ -41,6 +41,9 @@ class Supplied:
 
     x: np.ndarray
     notes: Notes | None = None
+    # A text model's ids as the server cut long texts before 2026-12-07 (without keeping the
+    # tokenizer template's closing tokens), where that differs: its records' HMACs are of these.
+    legacy: np.ndarray | None = None
 
 
 def read_inputs(path: Path, model: ServedModel) -> Supplied:
@@ -55,8 +58,13 @@ def read_inputs(path: Path, model: ServedModel) -> Supplied:
         raise ReplayError(f"{path}: expected a JSON list of instances or {{'instances': [...]}}")
     spec = model.manifest.inputs
     if spec.text is not None:
-        batch = encode_texts(instances, model.bundle.tokenizer, spec.text, max(1, len(instances)))
-        return Supplied(batch.ids, batch.notes())
+        n = max(1, len(instances))
+        batch = encode_texts(instances, model.bundle.tokenizer, spec.text, n)
+        legacy = None
+        if any(batch.truncated):
+            old = encode_texts(instances, model.bundle.tokenizer, spec.text, n, plain_cut=True)
+            legacy = None if np.array_equal(old.ids, batch.ids) else old.ids
+        return Supplied(batch.ids, batch.notes(), legacy)
     return Supplied(to_array(instances, spec, max(1, len(instances))))
 
 

@@ -143,9 +143,16 @@ def _replay(
     supplied = read_inputs(inputs, model) if isinstance(inputs, Path) else None
     if isinstance(inputs, np.ndarray):
         supplied = Supplied(inputs)
+    legacy_cut = False
     if supplied is not None:
-        check_inputs(record, supplied.x, hmac_key)
         x = supplied.x
+        try:
+            check_inputs(record, x, hmac_key)
+        except ReplayError:
+            if supplied.legacy is None:
+                raise
+            check_inputs(record, supplied.legacy, hmac_key)  # the same error if not these either
+            x, legacy_cut = supplied.legacy, True
     else:
         stored = record.inputs
         if stored is None:
@@ -175,6 +182,11 @@ def _replay(
             if len(found) > MAX_DIFFERENCES:
                 result.differences.append(f"... and {len(found) - MAX_DIFFERENCES} more")
     result.differences += columns
+    if legacy_cut:
+        result.notes.append(
+            "the texts were tokenized as the server did before 2026-12-07 (a long text cut at "
+            "max_tokens without its tokenizer template's closing tokens): the record's inputs"
+        )
     here = software() | {"threads": threads}
     for k in [*record.software, *(k for k in here if k not in record.software)]:
         if here.get(k) != record.software.get(k):  # also keys one side lacks (older records)

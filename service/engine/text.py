@@ -56,6 +56,8 @@ def encode_texts(
     spec: TextInput,
     max_instances: int,
     item: str = "instance",
+    *,
+    plain_cut: bool = False,
 ) -> TextBatch:
     """Token ids of the texts; each refusal names the text as `item` and its index (/v2 says
     "input 'input', element", where /v1's "instance" named nothing the caller sent)."""
@@ -109,7 +111,8 @@ def encode_texts(
                 f"{item} {i}: {n} tokens, over this model's maximum of {limit} (truncation "
                 "policy 'error'): shorten the text"
             )
-        take = cut(enc.ids, enc.special_tokens_mask, limit)
+        # plain_cut: as the server cut before 2026-12-07 (an audit replay of its records)
+        take = enc.ids[:limit] if plain_cut else cut(enc.ids, enc.special_tokens_mask, limit)
         ids[i, : len(take)] = take
         counts.append(n)
         cuts.append(n > limit)
@@ -130,7 +133,7 @@ def cut(ids: list[int], special: list[int], limit: int) -> list[int]:
     while tail < len(ids) - head and special[len(ids) - 1 - tail]:
         tail += 1
     room = limit - head - tail
-    if room <= 0:  # a limit under the template's own length: nothing of the text would be left
+    if room < 0:  # a limit under the template's own length (the library then cuts nothing)
         return ids[:limit]
     return ids[: head + room] + ids[len(ids) - tail :]
 

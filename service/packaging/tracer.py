@@ -41,12 +41,14 @@ PACKED = (
     "token: gather at the length - 1), as docs/BUNDLES.md shows"
 )
 _RNN_UTILS = os.path.join("nn", "utils", "rnn.py")
+_PACKING = {"pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence"}
 
 
 def _in_packed_sequences(exc: BaseException) -> bool:
-    """Whether `exc` was raised inside torch.nn.utils.rnn (packing, padding, sorting)."""
+    """Whether `exc` was raised inside torch.nn.utils.rnn's packing (not pad_sequence: a shape
+    error there keeps its own message)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    return any(f.filename.endswith(_RNN_UTILS) for f in frames)
+    return any(f.filename.endswith(_RNN_UTILS) and f.name in _PACKING for f in frames)
 
 
 class ShapeProxy(fx.Proxy):

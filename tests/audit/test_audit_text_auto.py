@@ -15,7 +15,7 @@ from audit_support import Backend, execute, serving
 from text_nets import LENGTH, save_text_model
 
 from service.audit.arrays import inputs_hmac
-from service.audit.replay import replay
+from service.audit.replay import opened, replay
 from service.bundle.load import TrustPolicy, load_bundle
 from service.engine.text import encode_texts
 
@@ -153,3 +153,58 @@ def test_an_auto_record_replays_at_its_own_passes_whatever_the_rule_today() -> N
     fixed = model.predict(x, PredictParams(64, (0.95,), seed=3, interval="quantile"))
     assert again.samples == 64 and again.adaptive
     assert again.summary.probabilities.tobytes() == fixed.summary.probabilities.tobytes()
+
+
+@pytest.fixture(scope="module")
+def template_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text model whose tokenizer puts [CLS] ... [SEP] around a text."""
+    import torch
+    from text_nets import CORPUS, VOCAB, TextCNN, token_batch
+    from tokenizers import processors
+
+    from service.packaging import save
+    from service.training.text_data import train_tokenizer
+
+    tok = train_tokenizer(CORPUS, vocab_size=VOCAB - 2)
+    tok.add_special_tokens(["[CLS]", "[SEP]"])
+    cls_, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    assert max(cls_, sep) < VOCAB
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_), ("[SEP]", sep)]
+    )
+    root = tmp_path_factory.mktemp("templaterepo")
+    torch.manual_seed(0)
+    save(TextCNN().eval(), token_batch(), out_dir=root, name="notes", version="1",
+         task="classification", intended_use="tests only", labels=["a", "b", "c"],
+         tokenizer=tok)  # fmt: skip
+    return root
+
+
+async def test_an_hmac_record_of_the_old_cut_replays_from_its_texts(
+    backend: Backend, template_repo: Path, tmp_path: Path
+) -> None:
+    """Before 2026-12-07 a long text was cut without its template's closing [SEP]; a record of
+    then holds the HMAC of those ids, and its texts (tokenized with today's cut) were refused
+    as "not the inputs of this prediction". They replay, with a note."""
+    await record_texts(backend, template_repo, audit_inputs="hmac", audit_hmac_key=KEY)
+    with backend.open() as store:
+        [rec] = store.find("t")
+    key = KEY.encode()
+    bundle = load_bundle(template_repo / "notes" / "1", TrustPolicy())
+    spec = bundle.manifest.inputs.text
+    assert spec is not None
+    new = encode_texts(TEXTS, bundle.tokenizer, spec, 10).ids
+    old = encode_texts(TEXTS, bundle.tokenizer, spec, 10, plain_cut=True).ids
+    assert not np.array_equal(new, old) and np.array_equal(new[:2], old[:2])  # the cut text
+    # The record as the server of then wrote it: the old ids' HMAC and their answer (opened:
+    # the answer is sealed under the key, and a replay opens it first).
+    then = dataclasses.replace(opened(rec, key), inputs_hmac=inputs_hmac(key, old))
+    answered = replay(then, template_repo, inputs=old, hmac_key=key).recomputed
+    then = dataclasses.replace(then, summary=answered)
+    texts = tmp_path / "texts.json"
+    texts.write_bytes(orjson.dumps({"instances": TEXTS}))
+    result = replay(then, template_repo, inputs=texts, hmac_key=key)
+    assert result.identical, result.differences
+    assert any("before 2026-12-07" in n for n in result.notes), result.notes
+    now = replay(rec, template_repo, inputs=texts, hmac_key=key)  # today's records: no note
+    assert now.identical and not any("before 2026-12-07" in n for n in now.notes)

@@ -255,6 +255,29 @@ def test_packed_sequences_are_refused_with_what_to_do(tmp_path: Path, cpu: bool)
     assert "pool with the padding mask" in e.value.message
 
 
+class _PadSequenceBug(nn.Module):
+    """A shape error inside pad_sequence (no packing anywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop, self.out = nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        y = nn.utils.rnn.pad_sequence([h, h[:, :3]], batch_first=True)  # trailing 8 against 3
+        return self.out(self.drop(y.sum(0)))
+
+
+def test_a_shape_error_in_pad_sequence_keeps_its_own_message(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as e:
+        save(
+            _PadSequenceBug().eval(), torch.randn(4, 4), out_dir=tmp_path, name="p", version="1",
+            task="classification", intended_use="t", labels=["a", "b"],
+        )  # fmt: skip
+    assert "packed sequences" not in e.value.message
+    assert "fails on an input of the declared shape" in e.value.message
+
+
 class _Causal(nn.Module):
     """An encoder with a causal mask made in forward from the length, and a padding mask."""
 

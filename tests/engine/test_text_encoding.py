@@ -120,4 +120,10 @@ def test_a_long_text_keeps_its_templates_special_tokens_as_the_librarys_truncati
         assert want[0] == cls_ and want[-1] == sep
         assert n == len(tok.encode(t).ids)  # the count before cutting, as reported
     assert batch.truncated == [True, False, True]
-    assert text.cut([1, 5, 6, 7, 2], [1, 0, 0, 0, 1], 2) == [1, 5]  # no room: a plain cut
+    # No room for the text: the template's tokens alone, as the library gives; a limit under
+    # the template's length: a plain cut (the library would give more ids than the limit).
+    assert text.cut([1, 5, 6, 7, 2], [1, 0, 0, 0, 1], 2) == [1, 2]
+    assert text.cut([1, 5, 6, 7, 2], [1, 0, 0, 0, 1], 1) == [1]
+    trained.enable_truncation(max_length=2)
+    enc = tok.encode("chest pain " * 3)
+    assert text.cut(enc.ids, enc.special_tokens_mask, 2) == trained.encode("chest pain " * 3).ids

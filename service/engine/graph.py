@@ -101,9 +101,11 @@ class LeafTracer(fx.Tracer):
 def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) -> tuple[int, ...]:
     """The mask of a site shared over time: (1, *features) for an input [B, L, *features].
 
-    Axis 1 must be the sequence's time axis: the tensor needs one (rank 3 or more), and for a
-    sequence input ([B, L] ids or [B, L, features]) its size must be the input's length L, which
-    catches a transposed tensor ([B, features, L]) or attention weights ([B, heads, L, S])."""
+    Axis 1 must be the sequence's time axis: the tensor needs one (rank 3 or more), and for token
+    ids [B, L] its size must be the input's length L, which catches a transposed tensor ([B,
+    features, L]) or attention weights ([B, heads, L, S]). Features ([B, mels, frames] audio, a
+    strided front end) say nothing of which axis is time: there axis 1 is taken as declared (a
+    speech model's frames-first tensor was refused for not having the mels' size)."""
     fix = (
         "VariationalDropout shares its mask over axis 1 of a batch-first [B, L, features] "
         "tensor: put it on one (e.g. the embeddings or an RNN's outputs), or use nn.Dropout"
@@ -113,7 +115,8 @@ def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) 
             f"dropout site '{name}' is shared over time but its input "
             f"{['B', *shape]} has no time axis; {fix}"
         )
-    if example.dim() >= 2 and shape[0] != example.shape[1]:
+    ids = not example.dtype.is_floating_point
+    if ids and example.dim() >= 2 and shape[0] != example.shape[1]:
         raise ModelError(
             f"dropout site '{name}' is shared over time but axis 1 of its input "
             f"{['B', *shape]} has size {shape[0]}, not the input's length {example.shape[1]}; "

@@ -127,6 +127,37 @@ def test_a_site_without_a_time_axis_is_refused(transpose: bool, message: str) ->
         _sampler(_OnLastState(transpose), token_batch())
 
 
+class _FramesFirst(nn.Module):
+    """Audio features [B, mels, frames] turned frames-first for an LSTM, dropout locked over
+    time on the frames and between the LSTM's layers (docs/BUNDLES.md, speech models)."""
+
+    def __init__(self, mels: int) -> None:
+        super().__init__()
+        self.drop = VariationalDropout(0.1)
+        self.rnn = nn.LSTM(mels, 12, num_layers=2, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.drop(x.transpose(1, 2)))
+        return self.head(out[:, -1])
+
+
+def test_a_speech_models_frames_first_tensor_shares_its_mask_over_frames() -> None:
+    """Refused unless mels equalled frames: axis 1 (32 frames) was checked against the input's
+    axis 1 (40 mels), a rule for token ids, whose axis 1 is time."""
+    from service.packaging.variational import declare
+
+    torch.manual_seed(0)
+    module = declare(_FramesFirst(40).eval(), ["rnn"])
+    sampler = _sampler(module, torch.randn(2, 40, 32))
+    shapes = {s.mask_shape for s in sampler.graph.sites}
+    assert shapes == {(1, 40), (1, 12)}, shapes  # one mask per clip and pass, over the frames
+    x = torch.randn(3, 40, 32).numpy()
+    a = sampler.run([MCRequest(x, 8, 5)])[0]
+    b = sampler.run([MCRequest(x[:1], 8, 5)])[0]
+    assert a[:, :1].tobytes() == b.tobytes()  # alone or with others: the same bits
+
+
 def test_the_module_itself_shares_its_mask_over_time_in_training() -> None:
     torch.manual_seed(3)
     drop = VariationalDropout(0.5).train()

@@ -148,6 +148,17 @@ def _decode(v: Any, env: dict[str, fx.Node]) -> Any:
     return v
 
 
+# Layers a speech or image model often has, and what to write instead from the vocabulary.
+_INSTANCE = "use nn.GroupNorm(C, C), which normalises each channel alone (its weight and bias are "
+_INSTANCE += "InstanceNorm's with affine=True)"
+_GLOBAL_MAX = "for a global max use x.amax(dim=-1) (1-D) or x.amax(dim=(-2, -1)) (2-D)"
+_LAYER_HINTS = {
+    "InstanceNorm1d": _INSTANCE,
+    "InstanceNorm2d": _INSTANCE,
+    "GLU": "write a, b = x.chunk(2, dim); a * torch.sigmoid(b)",
+    "AdaptiveMaxPool1d": _GLOBAL_MAX,
+    "AdaptiveMaxPool2d": _GLOBAL_MAX,
+}
 # Tensors made in forward from a size (a size read from a text's length, with length buckets):
 # the functions that allocate them are not in the vocabulary, but arange and comparisons are.
 _MADE = {"full", "ones", "zeros", "empty", "triu", "tril", "eye", "rand", "randn"}
@@ -180,7 +191,11 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
             sub = gm.get_submodule(n.target)
             cls = type(sub).__name__
             if MODULES.get(cls) is not type(sub):
-                raise ModelError(f"layer '{n.target}' of type {cls} is not supported in a bundle")
+                hint = f": {_LAYER_HINTS[cls]}" if cls in _LAYER_HINTS else ""
+                raise ModelError(
+                    f"layer '{n.target}' of type {cls} is not supported in a bundle{hint} (the "
+                    "layers a bundle takes: docs/BUNDLES.md, 'The bundle vocabulary')"
+                )
             modules[n.target] = {"type": cls, "args": _ctor_args(n.target, sub)}
         elif n.op == "call_function":
             target = FUNCTION_NAMES.get(id(n.target))

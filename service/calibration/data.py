@@ -10,6 +10,7 @@ input shape (digits: px0..px63 -> [1, 8, 8], row-major). Classifier targets are 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,12 @@ def read(
         return read_texts(path, manifest, target, tokenizer)
     names = manifest.inputs.feature_names
     if names is None:
+        size = math.prod(manifest.inputs.shape)
         raise InvalidInputError(
-            f"{manifest.name}: the manifest has no feature names, so a CSV cannot be matched"
+            f"{manifest.name}: the manifest has no feature names, so a CSV cannot be matched "
+            f"to its {size} input values; package it again with feature_names (one per value, "
+            f'row-major, e.g. feature_names=[f"x{{i}}" for i in range({size})]) and write the '
+            "CSV's columns under those names"
         )
     f = read_csv(path)
     header = f.header

@@ -65,7 +65,9 @@ def _fit(
     one_se: bool,
     method: selection.Method = "temperature",
     method_flag: str = "--method",
-) -> tuple[Calibration, ReferralPolicy]:
+) -> tuple[Calibration, ReferralPolicy, float]:
+    """The calibration, the referral policy, and the share of rows extrapolation refers alone
+    (the training ranges' verdict; 0 for a text model, whose word check has its own budget)."""
     m = served.manifest
     # Scores from the dropout sites the model serves with (its manifest's default).
     req = MCRequest(data.x, samples, seed, sites=m.sampled_sites)
@@ -87,9 +89,16 @@ def _fit(
     ext_name = "extrapolation" if familiarity is None else "unfamiliar words"
     if not policy_base.extrapolation:
         extrapolating[:] = False
+    share = float(extrapolating.mean()) if familiarity is None else 0.0
 
     def derived(parts: dict[str, np.ndarray]) -> str:
         rates = ", ".join(f"{k} {100 * v.mean():.1f} %" for k, v in parts.items())
+        if share > nominal:  # it alone refers more than the target: said, not "together 10 %"
+            return (
+                f"{ext_name} alone refers {100 * share:.3g} % of the {data.n} calibration rows, "
+                f"more than the {100 * nominal:.3g} % (100 - percentile {percentile:g}) the "
+                f"triggers were to refer together; by trigger (a row can have several): {rates}"
+            )
         return (
             f"the triggers together refer {100 * nominal:.3g} % (100 - percentile "
             f"{percentile:g}) of the {data.n} calibration rows; by trigger (a row can have "
@@ -156,7 +165,7 @@ def _fit(
                 }
             ),
         )
-        return cal, policy
+        return cal, policy, share
     means, noise = heads.split(out, m.aleatoric)
     r = summarize_regression(means, levels=(level,), noise_var=noise)
     y = data.y.reshape(data.n, -1)  # [N, targets]
@@ -223,7 +232,7 @@ def _fit(
             unfamiliar_words=unfamiliar,
             derived_from=derived(parts),
         )
-    return cal, policy
+    return cal, policy, share
 
 
 def _half_of_rest(taken: np.ndarray, nominal: float) -> float:
@@ -273,7 +282,7 @@ def calibrate_bundle(
     destination.check(m.name, version)
     dest = repo / m.name / version
     destination.refuse_existing(dest)
-    cal, referral = _fit(served, data, t, seed, percentile, one_se, how, method_flag)
+    cal, referral, ext_share = _fit(served, data, t, seed, percentile, one_se, how, method_flag)
     cal = cal.model_copy(
         update={
             "data": {"file": Path(data_path).name, "sha256": data.sha256, "rows": data.n},
@@ -316,6 +325,15 @@ def calibrate_bundle(
             f"the temperature ({fitted:.4g}) is at the edge of its range ({low:g} to "
             f"{high:g}): the {data.n} calibration rows cannot pin it down (too few rows, or too "
             "few errors); check them, or calibrate on more"
+        )
+    if ext_share > 1.0 - percentile / 100.0:
+        warnings.append(
+            f"extrapolation alone refers {100 * ext_share:.3g} % of the {data.n} calibration "
+            "rows, more than the "
+            f"{100 - percentile:.3g} % the policy was to refer: the training ranges are narrower "
+            "than in-distribution data (per-value ranges of images or audio are), so most "
+            "answers will be referred; package it with wider training_ranges or none, or set "
+            "this model's extrapolation to false in MCSERVE_REFERRAL"
         )
     level = m.defaults.confidence
     if data.n < conformal.min_n(level):

@@ -175,3 +175,31 @@ def test_request_checks_name_the_data_row(repo: Path, tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("0.6,0.1", "0.6,nan"))
     with pytest.raises(InvalidInputError, match=r"data row 2 \(line 3\), feature 'b'"):
         read(path, _manifest(repo, "words"))
+
+
+class _Frames(torch.nn.Module):
+    """Audio features [B, 4 mels, 6 frames], packaged without feature names as docs show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop, self.fc = torch.nn.Dropout(0.2), torch.nn.Linear(24, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.flatten(1)))
+
+
+def test_a_model_without_feature_names_is_told_how_to_get_a_csv_read(tmp_path: Path) -> None:
+    """It said only "the manifest has no feature names, so a CSV cannot be matched"."""
+    torch.manual_seed(0)
+    path = save(
+        _Frames().eval(), torch.randn(4, 4, 6), out_dir=tmp_path, name="kws", version="1",
+        task="classification", intended_use="t", labels=["yes", "no"],
+    )  # fmt: skip
+    data = tmp_path / "cal.csv"
+    data.write_text("x0,label\n0.1,yes\n")
+    with pytest.raises(InvalidInputError) as e:
+        read(data, load_bundle(path).manifest)
+    assert "cannot be matched to its 24 input values; package it again with feature_names" in (
+        e.value.message
+    )
+    assert 'feature_names=[f"x{i}" for i in range(24)]' in e.value.message

@@ -220,6 +220,14 @@ def test_torchs_inference_fast_path_is_not_taken_for_the_models_function(tmp_pat
     assert torch.backends.mha.get_fastpath_enabled()  # torch's setting is left as it was
 
 
+def _refusal(module: nn.Module, x: torch.Tensor, out: Path, **kw: Any) -> str:
+    """Why `save` refuses `module` (a two-label classifier of example `x`)."""
+    with pytest.raises(ModelError) as e:
+        save(module.eval(), x, out_dir=out, name="m", version="1", task="classification",
+             intended_use="t", labels=["a", "b"], **kw)  # fmt: skip
+    return e.value.message
+
+
 class _Packed(nn.Module):
     """A GRU over packed sequences, the lengths moved to the CPU as torch asks, or not."""
 
@@ -246,13 +254,9 @@ class _Packed(nn.Module):
 def test_packed_sequences_are_refused_with_what_to_do(tmp_path: Path, cpu: bool) -> None:
     """Refused as a meta tensor that cannot be copied (with .cpu()) or as a branch on values
     with torch.where as the fix (without): neither said what was wrong."""
-    with pytest.raises(ModelError) as e:
-        save(
-            _Packed(cpu).eval(), token_batch(), out_dir=tmp_path, name="packed", version="1",
-            task="classification", intended_use="t", labels=["a", "b"], tokenizer=wordpiece(CORPUS),
-        )  # fmt: skip
-    assert e.value.message.startswith("packed sequences (torch.nn.utils.rnn.pack_padded_sequence")
-    assert "pool with the padding mask" in e.value.message
+    said = _refusal(_Packed(cpu), token_batch(), tmp_path, tokenizer=wordpiece(CORPUS))
+    assert said.startswith("packed sequences (torch.nn.utils.rnn.pack_padded_sequence")
+    assert "pool with the padding mask" in said
 
 
 class _PadSequenceBug(nn.Module):
@@ -269,13 +273,8 @@ class _PadSequenceBug(nn.Module):
 
 
 def test_a_shape_error_in_pad_sequence_keeps_its_own_message(tmp_path: Path) -> None:
-    with pytest.raises(ModelError) as e:
-        save(
-            _PadSequenceBug().eval(), torch.randn(4, 4), out_dir=tmp_path, name="p", version="1",
-            task="classification", intended_use="t", labels=["a", "b"],
-        )  # fmt: skip
-    assert "packed sequences" not in e.value.message
-    assert "fails on an input of the declared shape" in e.value.message
+    said = _refusal(_PadSequenceBug(), torch.randn(4, 4), tmp_path)
+    assert "packed sequences" not in said and "fails on an input of the declared shape" in said
 
 
 class _Causal(nn.Module):
@@ -333,13 +332,8 @@ def test_saving_a_stacked_rnn_prints_no_warning_from_torchs_internals(tmp_path: 
 
 
 def test_a_branch_on_values_is_refused_with_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ModelError) as e:
-        save(
-            _ValueBranch().eval(), torch.randn(4, 4), out_dir=tmp_path, name="v", version="1",
-            task="classification", intended_use="t", labels=["a", "b"],
-        )  # fmt: skip
-    assert "branches on tensor values or on the batch size" in e.value.message
-    assert "torch.where" in e.value.message
+    said = _refusal(_ValueBranch(), torch.randn(4, 4), tmp_path)
+    assert "branches on tensor values or on the batch size" in said and "torch.where" in said
 
 
 def test_token_ids_are_checked(bundles: dict[str, tuple[nn.Module, Path]]) -> None:

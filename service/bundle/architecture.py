@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from service.bundle import unsupported
 from service.bundle.activations import check_activations
 from service.bundle.aliasing import check_inplace
 from service.bundle.grammar import ArchitectureLimits, check_description, constructor_signature
@@ -148,38 +149,6 @@ def _decode(v: Any, env: dict[str, fx.Node]) -> Any:
     return v
 
 
-# Layers a speech or image model often has, and what to write instead from the vocabulary.
-_INSTANCE = "use nn.GroupNorm(C, C), which normalises each channel alone (its weight and bias are "
-_INSTANCE += "InstanceNorm's with affine=True)"
-_GLOBAL_MAX = "for a global max use x.amax(dim=-1) (1-D) or x.amax(dim=(-2, -1)) (2-D)"
-_LAYER_HINTS = {
-    "InstanceNorm1d": _INSTANCE,
-    "InstanceNorm2d": _INSTANCE,
-    "GLU": "write a, b = x.chunk(2, dim); a * torch.sigmoid(b)",
-    "AdaptiveMaxPool1d": _GLOBAL_MAX,
-    "AdaptiveMaxPool2d": _GLOBAL_MAX,
-}
-# Tensors made in forward from a size (a size read from a text's length, with length buckets):
-# the functions that allocate them are not in the vocabulary, but arange and comparisons are.
-_MADE = {"full", "ones", "zeros", "empty", "triu", "tril", "eye", "rand", "randn"}
-
-
-def _unsupported_function(n: fx.Node) -> str:
-    """Why node `n`'s function cannot be in a bundle, with its name as the model wrote it."""
-    f = n.target
-    module = getattr(f, "__module__", None) or ("torch" if "torch" in repr(f) else "")
-    name = f"{module}.{getattr(f, '__name__', f)}".lstrip(".")
-    said = f"function {name} at node '{n.name}' is not in the bundle vocabulary (docs/BUNDLES.md)"
-    if getattr(f, "__name__", "") in _MADE:
-        return (
-            f"{said}: a tensor made in forward from a size; build it from the input with "
-            "torch.arange and comparisons (a causal mask: pos = torch.arange(x.size(1), "
-            "device=x.device); mask = pos[None, :] > pos[:, None]), or pass buckets=None to "
-            "save so the length is fixed and the tensor a constant"
-        )
-    return f"{said}: use one of the listed operations"
-
-
 def describe(gm: fx.GraphModule) -> dict[str, Any]:
     """JSON description of a traced module; refuses anything outside the whitelist."""
     check_inplace(gm)
@@ -191,16 +160,12 @@ def describe(gm: fx.GraphModule) -> dict[str, Any]:
             sub = gm.get_submodule(n.target)
             cls = type(sub).__name__
             if MODULES.get(cls) is not type(sub):
-                hint = f": {_LAYER_HINTS[cls]}" if cls in _LAYER_HINTS else ""
-                raise ModelError(
-                    f"layer '{n.target}' of type {cls} is not supported in a bundle{hint} (the "
-                    "layers a bundle takes: docs/BUNDLES.md, 'The bundle vocabulary')"
-                )
+                raise ModelError(unsupported.layer(n.target, cls))
             modules[n.target] = {"type": cls, "args": _ctor_args(n.target, sub)}
         elif n.op == "call_function":
             target = FUNCTION_NAMES.get(id(n.target))
             if target is None:
-                raise ModelError(_unsupported_function(n))
+                raise ModelError(unsupported.function(n))
             if target == "builtins.getattr" and n.args[1] not in ATTRIBUTES:
                 raise ModelError(f"attribute access '{n.args[1]}' at node '{n.name}'")
         elif n.op == "call_method" and n.target not in METHODS:

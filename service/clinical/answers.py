@@ -22,7 +22,7 @@ class SearchFailed(Exception):
         self.code = code
 
 
-# FHIR DSTU2's media type, still listed by R4 (http.html#mime-type) and sent by older servers
+# FHIR DSTU2's JSON media type, still listed by R4 (http.html#mime-type) and sent by older EHRs
 LEGACY_FHIR_JSON = "application/json+fhir"
 
 

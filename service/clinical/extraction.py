@@ -134,7 +134,10 @@ class Reader:
                 src.codes,
             )
         t, raw, ref, holder = chosen.time, chosen.raw, chosen.ref, chosen.holder
-        ex.skipped += [f"{what}: {s}" for s in skipped]
+        # A panel under two prefetch keys is found twice: each result said once
+        ex.skipped += [
+            s for s in dict.fromkeys(f"{what}: {s}" for s in skipped) if s not in ex.skipped
+        ]
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0
         if age_days > limit:
@@ -235,6 +238,14 @@ class Reader:
             )
             issue["diagnostics"] += (
                 f"; nor could it be derived ({fb.formula()}): no usable {titles}"
+            )
+            return issue
+        if fb.op == "mean_arterial" and a.source != b.source and a.date != b.date:
+            # One blood pressure is one measurement: a systolic from last month's panel and a
+            # diastolic from today's (the newer systolic had no value) are not a pressure.
+            issue["diagnostics"] += (
+                f"; nor could it be derived ({fb.formula()}): {a.title} ({a.source}, {a.date}) "
+                f"and {b.title} ({b.source}, {b.date}) are not one measurement"
             )
             return issue
         fa, fb_ = self.mapping.fallback_factors(src)

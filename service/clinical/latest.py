@@ -4,7 +4,8 @@ A result is usable when it is an Observation of a read status (final, amended, c
 with one of the concept's codes (itself or one of its components), with a valid id (the card and
 the suggested resource cite it), a readable time not in the future and a number in
 valueQuantity.value: a newer result without one (a dataAbsentReason: haemolysed, not done) hid
-an older usable one, and no prediction was made although one could be. Of two at one effective
+an older usable one, and no prediction was made although one could be. (A value that is there
+but not a number is the reader's error to report, extraction.py.) Of two at one effective
 time (a result and its correction), the later issued wins, then a corrected or amended one over
 the final: the Bundle's order decided before, so a correction could be ignored.
 """
@@ -87,10 +88,12 @@ def latest(
 
 
 def _no_value(name: str, holder: Json) -> str | None:
-    """Why `holder` (an Observation or its component) has no value to read, or None."""
+    """Why `holder` (an Observation or its component) has no value at all, or None. A value that
+    is there but not a number ("61", true) is the latest result's error, said by the reader
+    (extraction.py), not a reason to read an older result in its place."""
     q = holder.get("valueQuantity")
     value = q.get("value") if isinstance(q, dict) else None
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if value is not None:
         return None
     reason = holder.get("dataAbsentReason")
     if isinstance(reason, dict):  # FHIR obs-6: a reason instead of a value
@@ -98,5 +101,4 @@ def _no_value(name: str, holder: Json) -> str | None:
         codes = [c.get("code") for c in coding if isinstance(c, dict)]
         said = [shown_name(x) for x in [*codes, reason.get("text")] if isinstance(x, str) and x]
         return f"{name} has no value (dataAbsentReason: {', '.join(said) or 'given'})"
-    hint = " (it is a string: send a JSON number)" if isinstance(value, str) else ""
-    return f"{name} has no valueQuantity.value{hint}"
+    return f"{name} has no valueQuantity.value"

@@ -91,6 +91,21 @@ async def test_a_newer_result_without_a_value_does_not_hide_an_older_one(
     ) in detail.split("### Results not used")[1]
 
 
+async def test_a_newer_value_that_is_not_a_number_is_said_not_passed_over(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """A value sent as "61" is the latest result's error: said, not replaced by an older one."""
+    t = now()
+    store = diabetes_store(t)
+    wrong = observation("hdl-str", LOINC, "2085-9", 61.0, "mg/dL", t - timedelta(days=1))
+    wrong["valueQuantity"]["value"] = "61"
+    store.append(wrong)
+    r = await card_for(ehr, es384, store)
+    (card,) = r.json()["cards"]
+    assert "suggestions" not in card and "HDL cholesterol" in card["summary"]
+    assert "Observation/hdl-str has no valueQuantity.value (it is a string" in card["detail"]
+
+
 def vital(oid: str, code: str, t: datetime, **components: tuple[str, float, str]) -> dict[str, Any]:
     """A US Core vital-signs Observation whose values are in components (e.g. a BP panel)."""
     obs = observation(oid, LOINC, code, None, None, t)
@@ -144,6 +159,31 @@ async def test_blood_pressure_panel(ehr: httpx.AsyncClient, es384: Signer) -> No
     ex, _ = await extracted(ehr, es384, [*store, panel], t)
     assert ex.used["bp"].value == 97.0 and ex.used["bp"].formula is None
     assert "sbp" not in ex.used  # unused: neither shown nor in the basis
+
+
+async def test_a_pressure_is_not_made_of_two_measurements(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """Today's panel has no systolic value (a dataAbsentReason): last month's systolic was put
+    with today's diastolic into one mean arterial pressure. Not one measurement: no prediction,
+    and the unused result is listed once (the panel comes under two prefetch keys)."""
+    t = now()
+    store = without(diabetes_store(t), "bp-1")
+    old = vital("bp-old", "85354-9", t - timedelta(days=30),
+                sys=("8480-6", 180.0, "mm[Hg]"), dia=("8462-4", 100.0, "mm[Hg]"))  # fmt: skip
+    new = vital("bp-new", "85354-9", t - timedelta(days=1),
+                sys=("8480-6", 0.0, "mm[Hg]"), dia=("8462-4", 60.0, "mm[Hg]"))  # fmt: skip
+    systolic = new["component"][0]
+    del systolic["valueQuantity"]
+    systolic["dataAbsentReason"] = {"text": "cuff error"}
+    r = await card_for(ehr, es384, [*store, old, new])
+    (card,) = r.json()["cards"]
+    assert "suggestions" not in card, card["detail"]
+    assert "(Observation/bp-old" in card["detail"] and "are not one measurement" in card["detail"]
+    # With the mean itself measured, a prediction; the result not used is said once.
+    detail = used(await card_for(ehr, es384, [*diabetes_store(t), old, new]))
+    said = "Observation/bp-new has no value (dataAbsentReason: cuff error)"
+    assert detail.count(said) == 1, detail
 
 
 async def test_only_a_systolic_value_says_what_is_missing(

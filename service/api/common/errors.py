@@ -58,6 +58,7 @@ CDS_ISSUE = {
     405: "not-supported",
     412: "required",
     413: "too-long",
+    415: "not-supported",
 }
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from service.clinical.answers import LEGACY_FHIR_JSON
 from service.errors import UnsupportedMediaTypeError
 
 
 def is_json(content_type: str | None) -> bool:
-    """No type, application/json or application/*+json (text/json is not)."""
+    """No type, application/json, application/*+json or DSTU2's application/json+fhir (text/json
+    is not)."""
     if not content_type:
         return True
     kind = content_type.split(";", 1)[0].strip().lower()
-    return kind == "application/json" or (
+    return kind in ("application/json", LEGACY_FHIR_JSON) or (
         kind.startswith("application/") and kind.endswith("+json")
     )
 

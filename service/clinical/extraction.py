@@ -64,9 +64,9 @@ class Reader:
 
     def patient(self, found: list[Json], patient_id: str, ex: Extraction) -> None:
         p = self.mapping.patient
-        if not (p.age or p.gender):
-            return
         res = next((r for r in found if r.get("id") == patient_id), None)
+        if not (p.age or p.gender) and res is None:
+            return  # nothing of the patient is read, and the EHR sent no Patient
         if res is None:
             self.issues.append(
                 _issue(
@@ -88,6 +88,8 @@ class Reader:
                     "Patient (deceased)",
                 )
             )
+            return
+        if not (p.age or p.gender):  # the Patient was sent, and is alive: nothing else to read
             return
         if p.age:
             born = birth_date(res.get("birthDate"))

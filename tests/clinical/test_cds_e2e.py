@@ -15,6 +15,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.riskassessment import RiskAssessment
 from fhir_ehr import (
     LOINC,
+    PID,
     breast_prefetch,
     breast_rows,
     diabetes_prefetch,
@@ -128,6 +129,20 @@ async def test_diabetes_patient_view(ehr: httpx.AsyncClient, es384: Signer) -> N
     versions = {v["value"] for v in device["version"]}
     assert {meta["version"], meta["digest"]} <= versions
     assert meta["digest"] in detail
+
+
+async def test_a_deceased_patient_sent_to_a_service_that_reads_no_age_gets_no_prediction(
+    ehr: httpx.AsyncClient, rs384: Signer
+) -> None:
+    """The check ran only where the mapping reads age or sex: an aspirate's malignancy was
+    predicted for a patient the EHR's own Patient said had died."""
+    prefetch = breast_prefetch(breast_rows()[0], now())
+    prefetch["patient"] = patient(PID) | {"deceasedDateTime": "2020-01-01"}
+    card = only_card(await call(ehr, rs384, BREAST, hook_call(prefetch)))
+    assert "suggestions" not in card and "no prediction" in card["summary"]
+    assert f"Patient/{PID} is recorded as deceased on 2020-01-01" in card["detail"]
+    prefetch["patient"] = patient(PID)  # alive: answered as before
+    assert "suggestions" in only_card(await call(ehr, rs384, BREAST, hook_call(prefetch)))
 
 
 async def test_breast_cancer_reports_p_malignant(ehr: httpx.AsyncClient, rs384: Signer) -> None:

@@ -90,6 +90,10 @@ def _fit(
     if not policy_base.extrapolation:
         extrapolating[:] = False
     share = float(extrapolating.mean()) if familiarity is None else 0.0
+    # Extrapolation alone over the target (ranges narrower than the data): the other triggers
+    # are fitted as if it were off, so that switching it off leaves a policy that refers its
+    # share; counted in, they were left nothing, and switching it off referred no one.
+    counted = extrapolating if share <= nominal else np.zeros_like(extrapolating)
 
     def derived(parts: dict[str, np.ndarray]) -> str:
         rates = ", ".join(f"{k} {100 * v.mean():.1f} %" for k, v in parts.items())
@@ -97,7 +101,8 @@ def _fit(
             return (
                 f"{ext_name} alone refers {100 * share:.3g} % of the {data.n} calibration rows, "
                 f"more than the {100 * nominal:.3g} % (100 - percentile {percentile:g}) the "
-                f"triggers were to refer together; by trigger (a row can have several): {rates}"
+                f"triggers were to refer together; the others are set to refer "
+                f"{100 * nominal:.3g} % without it; by trigger (a row can have several): {rates}"
             )
         return (
             f"the triggers together refer {100 * nominal:.3g} % (100 - percentile "
@@ -150,7 +155,7 @@ def _fit(
         if by_set.mean() > nominal / 2:  # empty sets alone over the share: the trigger is off
             most, by_set = None, np.zeros_like(by_set)  # (4.7 % referred against 1 % asked)
         mi = s.mutual_information
-        epistemic = budget_threshold(mi, extrapolating | by_set, nominal)
+        epistemic = budget_threshold(mi, counted | by_set, nominal)
         policy = ReferralPolicy(
             level=level,
             epistemic=epistemic,
@@ -187,7 +192,7 @@ def _fit(
         per_target[name] = scores.tolist()
         half = conformal.quantile(scores, level) * np.maximum(r.std[:, d], conformal.STD_FLOOR)
         widths = relative_width(r.mean[:, d], half)
-        taken = extrapolating.copy()
+        taken = counted.copy()
         width = None
         if np.isfinite(widths).all():
             width = budget_threshold(widths, taken, _half_of_rest(taken, nominal))
@@ -332,8 +337,9 @@ def calibrate_bundle(
             "rows, more than the "
             f"{100 - percentile:.3g} % the policy was to refer: the training ranges are narrower "
             "than in-distribution data (per-value ranges of images or audio are), so most "
-            "answers will be referred; package it with wider training_ranges or none, or set "
-            "this model's extrapolation to false in MCSERVE_REFERRAL"
+            "answers will be referred; package it with wider training_ranges or none and "
+            "calibrate again, or set this model's extrapolation to false in MCSERVE_REFERRAL "
+            f"(the other triggers are set to refer {100 - percentile:.3g} % without it)"
         )
     level = m.defaults.confidence
     if data.n < conformal.min_n(level):

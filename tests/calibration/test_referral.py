@@ -187,3 +187,12 @@ def test_training_ranges_that_refer_most_rows_are_said_and_warned(tmp_path: Path
     assert result.manifest.referral is not None
     assert (result.manifest.referral.derived_from or "").startswith(said)
     assert any(w.startswith(said) and "MCSERVE_REFERRAL" in w for w in result.warnings)
+    # Following the advice (extrapolation off) leaves a policy that refers its share of the
+    # calibration rows at the calibration's passes and seed: counted in, the other triggers
+    # had been left nothing, and it referred no one (review R15).
+    lax = {"clf": {"extrapolation": False}}
+    served = ServedModel(load_bundle(result.path), referral_overrides=lax)
+    pred = served.predict(x.astype(np.float32), PredictParams(20, (0.95,), seed=0))
+    assert pred.referral is not None
+    # The same rows, passes and seed as the calibration: the thresholds' own count, 10 % of 60.
+    assert int(pred.referral.refer.sum()) == 6

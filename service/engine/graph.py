@@ -103,9 +103,10 @@ def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) 
 
     Axis 1 must be the sequence's time axis: the tensor needs one (rank 3 or more), and for token
     ids [B, L] its size must be the input's length L, which catches a transposed tensor ([B,
-    features, L]) or attention weights ([B, heads, L, S]). Features ([B, mels, frames] audio, a
-    strided front end) say nothing of which axis is time: there axis 1 is taken as declared (a
-    speech model's frames-first tensor was refused for not having the mels' size)."""
+    features, L]) or attention weights ([B, heads, L, S]). Float features ([B, mels, frames]
+    audio) do not say which of their axes is time: there axis 1 must be the size of one of the
+    input's axes (a speech model's frames-first [B, frames, mels] was refused for not having the
+    mels' size), which still catches channels from a convolution ([B, C, frames])."""
     fix = (
         "VariationalDropout shares its mask over axis 1 of a batch-first [B, L, features] "
         "tensor: put it on one (e.g. the embeddings or an RNN's outputs), or use nn.Dropout"
@@ -115,12 +116,19 @@ def shared_mask_shape(name: str, shape: tuple[int, ...], example: torch.Tensor) 
             f"dropout site '{name}' is shared over time but its input "
             f"{['B', *shape]} has no time axis; {fix}"
         )
-    ids = not example.dtype.is_floating_point
-    if ids and example.dim() >= 2 and shape[0] != example.shape[1]:
+    if example.dim() >= 2 and not example.dtype.is_floating_point:  # token ids [B, L]
+        if shape[0] != example.shape[1]:
+            raise ModelError(
+                f"dropout site '{name}' is shared over time but axis 1 of its input "
+                f"{['B', *shape]} has size {shape[0]}, not the input's length "
+                f"{example.shape[1]}; {fix}"
+            )
+    elif example.dim() >= 2 and shape[0] not in example.shape[1:]:
         raise ModelError(
             f"dropout site '{name}' is shared over time but axis 1 of its input "
-            f"{['B', *shape]} has size {shape[0]}, not the input's length {example.shape[1]}; "
-            f"{fix}"
+            f"{['B', *shape]} has size {shape[0]}, none of the input's sizes "
+            f"{list(example.shape[1:])} (channels, not time?); {fix} (a time axis the model "
+            "shortens, as a strided convolution does, cannot be shared over: use nn.Dropout)"
         )
     return (1, *shape[1:])
 

@@ -158,6 +158,25 @@ def test_a_speech_models_frames_first_tensor_shares_its_mask_over_frames() -> No
     assert a[:, :1].tobytes() == b.tobytes()  # alone or with others: the same bits
 
 
+class _AfterConv(nn.Module):
+    """A shared site on a convolution's [B, channels, frames]: axis 1 is channels, not time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(40, 64, 3, padding=1)
+        self.drop = VariationalDropout(0.1)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.conv(x)).mean(2))
+
+
+def test_a_shared_site_on_a_convolutions_channels_is_refused() -> None:
+    """Float inputs skipped the check: the mask was shared over the 64 channels, silently."""
+    with pytest.raises(ModelError, match=r"has size 64, none of the input's sizes \[40, 32\]"):
+        _sampler(_AfterConv(), torch.randn(2, 40, 32))
+
+
 def test_the_module_itself_shares_its_mask_over_time_in_training() -> None:
     torch.manual_seed(3)
     drop = VariationalDropout(0.5).train()

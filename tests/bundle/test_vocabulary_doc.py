@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from service.bundle import unsupported
 from service.bundle.architecture import ATTRIBUTES, FUNCTIONS, METHODS, MODULES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BUNDLES.md"
@@ -27,8 +28,18 @@ def _listed(section: str, heading: str) -> set[str]:
 
 def test_the_documented_vocabulary_is_the_grammars() -> None:
     section = _section()
-    layers = _listed(section, "Layers")
-    assert set(MODULES) <= layers, sorted(set(MODULES) - layers)
+    # "- **Layers** (`nn.`): A, B, ...; and `service.nn`'s C and D." then prose and "Not in it"
+    bullet = section[section.index("- **Layers** (`nn.`):") :]
+    torch_part, rest = bullet.split("; and `service.nn`'s", 1)
+    ours, rest = rest.split(".", 1)
+    layers = set(re.findall(r"\w+", torch_part.split(":", 1)[1])) | set(ours.split(" and "))
+    assert {n.strip() for n in layers} == set(MODULES), sorted(
+        {n.strip() for n in layers} ^ set(MODULES)
+    )
+    # What a refusal suggests instead is named there, and is not in the vocabulary itself.
+    not_in = rest[rest.index("Not in it") : rest.index("\n- ")]
+    for name in unsupported._LAYER_HINTS:
+        assert name not in MODULES and name.removesuffix("1d").removesuffix("2d") in not_in
     functions = _listed(section, "Functions")
     named = {k for k in FUNCTIONS if k != "builtins.getattr"}
     assert named <= functions, sorted(named - functions)

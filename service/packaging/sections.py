@@ -19,6 +19,7 @@ from service.bundle.spec import OutputSpec, TargetSpec
 from service.bundle.vocabulary import check_vocabulary, embedding_rows
 from service.bundle.weights import check_finite
 from service.errors import BundleError, ModelError
+from service.packaging.randomness import kept_modes
 
 
 @contextmanager
@@ -40,6 +41,19 @@ def vocabulary(gm: torch.fx.GraphModule) -> int:
     if rows is None:
         raise ModelError("an integer example_input must be read by an nn.Embedding (token ids)")
     return rows[1]
+
+
+def check_token_example(module: nn.Module, dtype: torch.dtype) -> None:
+    """An integer example is token ids: refused unless an nn.Embedding is there to read them.
+    uint8 pixels were cast to ids and failed in the first convolution, "Input type (long int)",
+    as if the shape were wrong (review IM)."""
+    if not any(isinstance(m, nn.Embedding) for m in module.modules()):
+        raise ModelError(
+            f"an integer example_input ({dtype}) is read as token ids, which an nn.Embedding "
+            "reads, and this model has none: pass pixels or measurements as a float example, "
+            "scaled as the model was trained (e.g. x.float() / 255), and declare that scale "
+            "with value_range"
+        )
 
 
 def check_weights(state: dict[str, torch.Tensor], parameters: Collection[str]) -> None:
@@ -82,3 +96,50 @@ def outputs_of(names: list[str], units: str | Sequence[str | None] | None) -> Ou
     return OutputSpec(
         targets=[TargetSpec(name=n, unit=u) for n, u in zip(names, unit_list, strict=True)]
     )
+
+
+# A classifier's last operation that is already a softmax: the server's own softmax (with its
+# temperature) then made softmax(softmax(z)), [1, 0, 0] served as [0.58, 0.21, 0.21] (review
+# IM). log_softmax is harmless: softmax(log_softmax(z)) is softmax(z).
+_SOFTMAX_MODULES = (nn.Softmax,)
+_SOFTMAX_FUNCTIONS = (torch.softmax, torch.nn.functional.softmax)
+ONE_LOGIT = (
+    "a one-logit binary classifier (sigmoid, BCEWithLogitsLoss) can return "
+    "torch.cat([torch.zeros_like(z), z], -1) with labels=[negative, positive]: the softmax of "
+    "that is sigmoid(z)"
+)
+
+
+def check_classifier(
+    gm: torch.fx.GraphModule, example: torch.Tensor, labels: Sequence[str] | None, width: int
+) -> None:
+    """A classifier's outputs are one logit per label, at least two, and not probabilities."""
+    if width < 2:
+        raise ModelError(
+            f"a classifier outputs a logit per class, at least 2, not {width}; {ONE_LOGIT}"
+        )
+    if not labels or len(labels) != width:
+        given = len(labels) if labels else 0
+        raise ModelError(f"labels must name each of the {width} output logits (got {given})")
+    fix = (
+        "return the logits: the server applies the softmax itself (with the calibrated temperature)"
+    )
+    (last,) = [n for n in gm.graph.nodes if n.op == "output"]
+    out = last.args[0]
+    if isinstance(out, torch.fx.Node) and (
+        (
+            out.op == "call_module"
+            and isinstance(gm.get_submodule(str(out.target)), _SOFTMAX_MODULES)
+        )
+        or (out.op == "call_function" and out.target in _SOFTMAX_FUNCTIONS)
+        or (out.op == "call_method" and out.target == "softmax")
+    ):
+        raise ModelError(f"the model ends in a softmax ('{out.name}'): {fix}")
+    with kept_modes(gm), torch.inference_mode():
+        z = gm.eval()(example)
+    probabilities = isinstance(z, torch.Tensor) and z.numel() > 0 and bool((z >= 0).all())
+    if probabilities and torch.allclose(z.sum(-1), torch.ones(z.shape[0]), atol=1e-5):
+        raise ModelError(
+            "the model's outputs on the example are probabilities (non-negative, each row "
+            f"summing to 1), not logits: {fix}"
+        )

@@ -146,6 +146,8 @@ def save(
     dest = Path(out_dir) / name / version
     destination.refuse_existing(dest)
     tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
+    if tokens:
+        sections.check_token_example(module, example_input.dtype)
     example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
         raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")
@@ -199,8 +201,7 @@ def save(
     if len(out_shape) != 1:
         raise ModelError(f"the model must output [B, outputs], got per-row shape {out_shape}")
     if task == "classification":
-        if not labels or len(labels) != out_shape[0] or out_shape[0] < 2:
-            raise ModelError(f"labels must name each of the {out_shape[0]} output logits")
+        sections.check_classifier(rebuilt, example, labels, out_shape[0])
     elif not target:
         raise ModelError("a regression bundle needs target= (the name of what it predicts)")
     names = [target] if isinstance(target, str) else list(target or [])

@@ -503,3 +503,62 @@ def test_nan_where_the_module_has_nan_is_reproduced(tmp_path: Path) -> None:
     refused as "nan from the module but nan from the graph"."""
     torch.manual_seed(0)
     assert _save(Root(), X, tmp_path).is_dir()
+
+
+class _Probabilities(nn.Module):
+    """A classifier that ends in a softmax, by module, function or method."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
+        self.soft = nn.Softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        if self.how == "module":
+            return self.soft(z)
+        if self.how == "function":
+            return F.softmax(z, dim=-1)
+        if self.how == "method":
+            return z.softmax(-1)
+        return z.exp() / z.exp().sum(-1, keepdim=True)  # by hand: only the numbers tell
+
+
+@pytest.mark.parametrize("how", ["module", "function", "method", "by hand"])
+def test_a_classifier_that_returns_probabilities_is_refused(tmp_path: Path, how: str) -> None:
+    """Served as softmax(softmax(z)): a confident [1, 0, 0] became [0.58, 0.21, 0.21]."""
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match="return the logits: the server applies the softmax"):
+        save(_Probabilities(how).eval(), torch.randn(4, 4), out_dir=tmp_path, name="p",
+             version="1", task="classification", intended_use="t",
+             labels=["a", "b", "c"])  # fmt: skip
+    # log_softmax is harmless (softmax of it is softmax of the logits): packaged.
+    log = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 3), nn.LogSoftmax(-1))
+    save(log.eval(), torch.randn(4, 4), out_dir=tmp_path, name="log", version="1",
+         task="classification", intended_use="t", labels=["a", "b", "c"])  # fmt: skip
+
+
+def test_a_one_logit_binary_classifier_is_told_how_to_package(tmp_path: Path) -> None:
+    """It was told "labels must name each of the 1 output logits", with one label or two."""
+    one = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+    for labels in (["lesion"], ["no lesion", "lesion"]):
+        with pytest.raises(ModelError, match=r"at least 2, not 1; .*torch.cat\(\[torch.zeros_like"):
+            save(one.eval(), torch.randn(4, 4), out_dir=tmp_path, name="b", version="1",
+                 task="classification", intended_use="t", labels=labels)  # fmt: skip
+    with pytest.raises(ModelError, match=r"name each of the 3 output logits \(got 2\)"):
+        save(mlp(0.2, d_in=4, hidden=8, d_out=3).eval(), torch.randn(4, 4), out_dir=tmp_path,
+             name="c", version="1", task="classification", intended_use="t",
+             labels=["a", "b"])  # fmt: skip
+
+
+def test_integer_pixels_are_told_to_come_as_floats(tmp_path: Path) -> None:
+    """uint8 pixels were read as token ids and failed with "Input type (long int)"."""
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(144, 2))
+    pixels = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ModelError, match=r"integer example_input \(torch.uint8\) is read as token"):
+        save(cnn.eval(), pixels, out_dir=tmp_path, name="u", version="1", task="classification",
+             intended_use="t", labels=["a", "b"])  # fmt: skip
+    save(cnn.eval(), pixels.float() / 255, out_dir=tmp_path, name="u", version="1",
+         task="classification", intended_use="t", labels=["a", "b"],
+         value_range=(0.0, 1.0))  # fmt: skip

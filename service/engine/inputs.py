@@ -25,6 +25,13 @@ from service.engine.input_messages import (
 )
 from service.errors import InvalidInputError, PayloadTooLargeError, shown_name
 
+MAX_NAMED = 20  # a model's feature names an error lists in full, at most
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return f"{list(names[:n])}{more}"
+
 
 def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
     names = spec.feature_names
@@ -39,14 +46,20 @@ def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
         missing = [n for n in names if n not in inst]
         unknown = sorted(set(inst) - want)
         if missing or unknown:
+            # The client's keys first, a few, each cut (a 5 MB key made a 5 MB answer); the
+            # model's names a few too: an image's 3,072 made an 82 kB message, twice over.
             parts = []
+            if unknown:
+                parts.append(f"unknown {_few([shown_name(k) for k in unknown])}")
             if missing:
-                parts.append(f"missing {missing}")
-            if unknown:  # the client's keys: a few, each cut (a 5 MB key made a 5 MB answer)
-                more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-                parts.append(f"unknown {[shown_name(k) for k in unknown[:5]]}{more}")
+                parts.append(f"missing {_few(missing)}")
+            expected = (
+                f"exactly {names}"
+                if len(names) <= MAX_NAMED
+                else (f"the model's {len(names)} features (GET /v1/models/{{name}} lists them)")
+            )
             raise InvalidInputError(
-                f"instance {i}: {'; '.join(parts)} feature(s); expected exactly {names}"
+                f"instance {i}: {'; '.join(parts)} feature(s); expected {expected}"
             )
         rows.append([inst[n] for n in names])
     return rows

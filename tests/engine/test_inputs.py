@@ -102,3 +102,16 @@ def test_image_models_take_their_feature_names_and_flat_rows() -> None:
     )
     unnamed = InputSpec(shape=[2, 3], value_range=(0.0, 16.0))
     assert to_array([[1, 2, 3, 4, 5, 6]], unnamed, 10).tolist() == [[[1, 2, 3], [4, 5, 6]]]
+
+
+def test_an_image_sent_as_an_object_gets_a_short_message() -> None:
+    """{"b64": ...} to a 3x32x32 model with feature names: 82 kB, every name listed twice, the
+    client's own key at character 41,110."""
+    names = [f"p{i}" for i in range(3 * 32 * 32)]
+    spec = InputSpec(shape=[3, 32, 32], feature_names=names)
+    with pytest.raises(InvalidInputError) as e:
+        to_array([{"b64": "iVBORw0KGgo="}], spec, 1)
+    said = e.value.message
+    assert said.startswith("instance 0: unknown ['b64']; missing ['p0', 'p1', 'p2', 'p3', 'p4']")
+    assert "and 3067 more feature(s)" in said and len(said) < 300
+    assert "the model's 3072 features (GET /v1/models/{name} lists them)" in said

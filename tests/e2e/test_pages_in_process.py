@@ -73,6 +73,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("visits", (1, 3, 4), {"feature_names": twelve, "training_ranges": [(40.0, 200.0)] * 12,
                                "valid_ranges": [(0.0, 300.0), (0.0, 200.0)] * 6}),
         ("row", (1, 3), {"valid_ranges": [(0.0, 120.0)] * 3}),  # a 1 x 3 row: fields
+        # one channel of pixels, each with the same training range: still a drawing
+        ("pixels", (1, 2, 4), {"training_ranges": [(0.0, 1.0)] * 8,
+                               "valid_ranges": [(0.0, 1.0)] * 8}),
     ):  # fmt: skip
         n = int(torch.tensor(shape).prod())
         save(
@@ -212,6 +215,20 @@ async def test_named_features_are_fields_whatever_the_shape(root: Path) -> None:
     assert 'id="grid"' not in visits and visits.count("data-feature=") == 12
     assert '<label for="f-11">age_3</label>' in visits and "valid 0 to 200" in visits
     assert 'id="grid"' not in row and row.count("data-feature=") == 3
+
+
+async def test_an_image_with_one_training_range_is_a_drawing_and_defaults_are_the_apis(
+    root: Path,
+) -> None:
+    """Pixels with training ranges (for the extrapolation referral) lost their grid, though all
+    share one range; and a classifier's page said "gaussian intervals" where the API uses (and
+    only takes) quantile ones."""
+    async with pages(root) as c:
+        pixels = (await c.get("/models/pixels")).text
+        clf = (await c.get("/models/clf")).text
+        api = (await c.get("/v1/models/clf")).json()["defaults"]["interval"]
+    assert 'id="grid" data-rows="2" data-cols="4"' in pixels and "data-feature" not in pixels
+    assert api == "quantile" and "quantile intervals" in clf and "gaussian intervals" not in clf
 
 
 async def test_unnamed_features_are_called_as_the_api_calls_them(root: Path) -> None:

@@ -19,6 +19,7 @@ from service.api.common.call import state
 from service.api.common.html import MAX_SHOWN, render
 from service.api.pages import evaluations
 from service.engine.model import ServedModel
+from service.engine.params import default_interval
 from service.errors import ModelNotFoundError
 
 router = APIRouter(tags=["pages"])
@@ -86,8 +87,8 @@ def form_of(model: ServedModel) -> dict[str, Any]:
     n = spec.features
     shape = list(spec.shape)
     # A drawing: one channel of at least 2 x 2 cells ([1, H, W], as the digits' [1, 8, 8] with
-    # its px0..px63, or an unnamed [H, W]) whose features all share one range and have no
-    # units or training ranges: a [1, 3, 4] of named measurements, each with its own ranges,
+    # its px0..px63, or an unnamed [H, W]) whose features all share one valid range and one
+    # training range and have no units: a [1, 3, 4] of named measurements, each with its own ranges,
     # was drawn as a grid of one range, and a [1, 3] row as a 1 x 3 grid.
     grid = (
         len(shape) >= 2
@@ -95,8 +96,9 @@ def form_of(model: ServedModel) -> dict[str, Any]:
         and min(shape[-2:]) > 1
         and (len(shape) >= 3 or spec.feature_names is None)
     )
+    # One range for every pixel (what a 0-1 image's training_ranges are) is still an image.
     varied = (
-        spec.training_ranges is not None
+        len({tuple(r) for r in spec.training_ranges or []}) > 1
         or any(spec.units or [])
         or len({tuple(r) for r in spec.valid_ranges or []}) > 1
     )
@@ -160,6 +162,7 @@ async def card(request: Request, name: str, version: str | None) -> dict[str, An
     policy = model.calibrator.policy
     return {
         "m": m,
+        "interval": default_interval(m),  # as /v1/models/{name} says: a classifier's is quantile
         "digest": model.digest,
         "versions": [(e.version, e.ready) for e in entries],
         "not_clinical": NOT_CLINICAL in m.intended_use.lower(),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping as AnyMapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from service.clinical import ucum
@@ -33,6 +33,7 @@ from service.clinical.mapping import PATIENT_KEY, Mapping, ObservationSource
 from service.clinical.records import (
     birth_date,
     codings,
+    parse_time,
     refers_to,
     resources,
     whole_years,
@@ -53,6 +54,18 @@ def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None 
 
 def _num(v: float) -> str:
     return f"{v:.4g}"
+
+
+# A cuff reading's systolic and diastolic, sent as two Observations, may be stamped seconds apart
+ONE_READING = timedelta(minutes=5)
+
+
+def _one_measurement(a: Used, b: Used) -> bool:
+    """One Observation, or two taken at one time (compared as instants: 10:00Z is 12:00+02:00)."""
+    if a.source == b.source:
+        return True
+    ta, tb = parse_time(a.date), parse_time(b.date)
+    return ta is not None and tb is not None and abs(ta - tb) <= ONE_READING
 
 
 class Reader:
@@ -242,7 +255,7 @@ class Reader:
                 f"; nor could it be derived ({fb.formula()}): no usable {titles}"
             )
             return issue
-        if fb.op == "mean_arterial" and a.source != b.source and a.date != b.date:
+        if fb.op == "mean_arterial" and not _one_measurement(a, b):
             # One blood pressure is one measurement: a systolic from last month's panel and a
             # diastolic from today's (the newer systolic had no value) are not a pressure.
             issue["diagnostics"] += (

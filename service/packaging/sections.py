@@ -43,17 +43,20 @@ def vocabulary(gm: torch.fx.GraphModule) -> int:
     return rows[1]
 
 
-def check_token_example(module: nn.Module, dtype: torch.dtype) -> None:
+def check_token_example(module: nn.Module, dtype: torch.dtype, text: bool) -> None:
     """An integer example is token ids: refused unless an nn.Embedding is there to read them.
     uint8 pixels were cast to ids and failed in the first convolution, "Input type (long int)",
-    as if the shape were wrong (review IM)."""
-    if not any(isinstance(m, nn.Embedding) for m in module.modules()):
-        raise ModelError(
-            f"an integer example_input ({dtype}) is read as token ids, which an nn.Embedding "
-            "reads, and this model has none: pass pixels or measurements as a float example, "
-            "scaled as the model was trained (e.g. x.float() / 255), and declare that scale "
-            "with value_range"
-        )
+    as if the shape were wrong (review IM). `text`: a tokenizer was given."""
+    if any(isinstance(m, nn.Embedding) for m in module.modules()):
+        return
+    if text:
+        raise ModelError("a text model's token ids must be read by an nn.Embedding; it has none")
+    raise ModelError(
+        f"an integer example_input ({dtype}) is read as token ids, which an nn.Embedding "
+        "reads, and this model has none: pass pixels or measurements as a float example, "
+        "scaled as the model was trained (e.g. x.float() / 255), and declare that scale "
+        "with value_range"
+    )
 
 
 def check_weights(state: dict[str, torch.Tensor], parameters: Collection[str]) -> None:
@@ -138,7 +141,8 @@ def check_classifier(
     with kept_modes(gm), torch.inference_mode():
         z = gm.eval()(example)
     probabilities = isinstance(z, torch.Tensor) and z.numel() > 0 and bool((z >= 0).all())
-    if probabilities and torch.allclose(z.sum(-1), torch.ones(z.shape[0]), atol=1e-5):
+    sums = z.sum(-1) if probabilities else None
+    if sums is not None and torch.allclose(sums, torch.ones_like(sums), atol=1e-5):
         raise ModelError(
             "the model's outputs on the example are probabilities (non-negative, each row "
             f"summing to 1), not logits: {fix}"

@@ -147,7 +147,7 @@ def save(
     destination.refuse_existing(dest)
     tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
     if tokens:
-        sections.check_token_example(module, example_input.dtype)
+        sections.check_token_example(module, example_input.dtype, tokenizer is not None)
     example = example_input.detach().to(torch.int64 if tokens else torch.float32)
     if example.dim() < 2:
         raise ModelError("example_input needs a batch dimension: shape [B, *input_shape]")

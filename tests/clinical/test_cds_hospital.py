@@ -186,6 +186,24 @@ async def test_a_pressure_is_not_made_of_two_measurements(
     assert detail.count(said) == 1, detail
 
 
+async def test_a_pressure_sent_as_two_observations_of_one_time_is_one_measurement(
+    ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """Systolic and diastolic as two Observations, their one time written two ways (Z and
+    +02:00) and a few seconds apart: one measurement, compared as instants, not strings."""
+    t = now()
+    store = without(diabetes_store(t), "bp-1")
+    sbp = observation("sbp-9", LOINC, "8480-6", 130.0, "mm[Hg]", t)
+    dbp = observation("dbp-9", LOINC, "8462-4", 85.0, "mm[Hg]", t)
+    at = (t - timedelta(days=1)).replace(microsecond=0)
+    sbp["effectiveDateTime"] = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    dbp["effectiveDateTime"] = (at + timedelta(hours=2, seconds=20)).strftime(
+        "%Y-%m-%dT%H:%M:%S+02:00"
+    )
+    ex, _ = await extracted(ehr, es384, [*store, sbp, dbp], t)
+    assert ex.used["bp"].value == pytest.approx((130 + 2 * 85) / 3)
+
+
 async def test_only_a_systolic_value_says_what_is_missing(
     ehr: httpx.AsyncClient, es384: Signer
 ) -> None:

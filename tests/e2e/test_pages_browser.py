@@ -30,6 +30,7 @@ from nets import mlp
 from playwright.sync_api import sync_playwright
 from server import ROOT, Server, serve
 from text_nets import save_text_model
+from torch import nn
 
 from service.api.common import examples
 from service.packaging import save
@@ -64,6 +65,9 @@ LONG = "\U0001fa7a" + "F" * 5000
 ORDER = ["zebra", "\U0001fa7a" + "Z" * 2500, "10", "2"]
 
 
+NORMED = (-0.424213, 2.821487)
+
+
 def crafted_bundles(repo: Path) -> None:
     """Classes and targets JavaScript would reorder (integer-like keys first), unnamed
     features, a right-to-left override in names and units, a 5,000-character feature name."""
@@ -84,6 +88,11 @@ def crafted_bundles(repo: Path) -> None:
         mlp(0.25, d_in=3, hidden=8, d_out=2), torch.randn(4, 3), name="quote",
         task="classification", labels=["a", "b"], feature_names=["a", "a' = b", f"{RLO}age"],
         valid_ranges=[(0.0, 10.0)] * 3, training_ranges=[(2.0, 8.0)] * 3, **small,
+    )  # fmt: skip
+    save(  # a drawing on a normalised range (MNIST's mean and std): its ends are not round
+        nn.Sequential(nn.Flatten(), mlp(0.25, d_in=16, hidden=8, d_out=2)),
+        torch.randn(4, 1, 4, 4), name="normed", task="classification", labels=["a", "b"],
+        value_range=NORMED, **small,
     )  # fmt: skip
     save(  # (a class of 80 letters: the probabilities' table scrolls sideways at 360 px)
         mlp(0.25, d_in=2, hidden=8, d_out=2), torch.randn(4, 2), name="long",
@@ -339,6 +348,17 @@ def test_an_uploaded_image_fills_the_grid(srv: Server, page: Any) -> None:
     want = [16 * (1 - grey[i // 8][i % 8] / 255) for i in range(64)]
     # to 1e-4 (it was rounded to 0.01, coarser than a byte's steps on a 0-1 model)
     assert max(abs(a - b) for a, b in zip(flat, want, strict=True)) <= 5e-5 + 1e-9, flat
+
+
+def test_an_uploaded_picture_stays_inside_a_range_with_odd_ends(srv: Server, page: Any) -> None:
+    """Black rounded to 1e-4 was 2.8215, over the model's 2.821487: the API refused it."""
+    page.goto(f"{srv.url}/models/normed")
+    picture = {"name": "ink.png", "mimeType": "image/png", "buffer": png([[0] * 4] * 4)}
+    page.set_input_files("#upload", picture)
+    page.wait_for_selector("#grid .cell[data-index='15'][data-value]")
+    flat = [v for row in predict(page)["instances"][0][0] for v in row]
+    assert all(NORMED[0] <= v <= NORMED[1] for v in flat) and max(flat) == NORMED[1], flat
+    assert page.locator("#form-error").inner_text() == ""
 
 
 def test_a_hostile_manifest_runs_nothing(srv: Server, page: Any) -> None:

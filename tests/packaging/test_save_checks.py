@@ -562,3 +562,34 @@ def test_integer_pixels_are_told_to_come_as_floats(tmp_path: Path) -> None:
     save(cnn.eval(), pixels.float() / 255, out_dir=tmp_path, name="u", version="1",
          task="classification", intended_use="t", labels=["a", "b"],
          value_range=(0.0, 1.0))  # fmt: skip
+
+
+class _NonNegativeDouble(nn.Module):
+    """Logits that are all non-negative (a ReLU last), returned as float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 3), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).to(torch.float64)
+
+
+def test_non_negative_float64_logits_package(tmp_path: Path) -> None:
+    """The probabilities check compared a float64 sum with float32 ones: a RuntimeError."""
+    torch.manual_seed(0)
+    save(_NonNegativeDouble().eval(), torch.randn(4, 4), out_dir=tmp_path, name="d",
+         version="1", task="classification", intended_use="t",
+         labels=["a", "b", "c"])  # fmt: skip
+
+
+def test_a_text_model_without_an_embedding_is_told_so(tmp_path: Path) -> None:
+    """It was told to send pixels as floats."""
+    from text_nets import CORPUS, token_batch, wordpiece
+
+    bag = nn.Sequential(nn.Linear(16, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    said = r"a text model.s token ids must be read by an nn\.Embedding"
+    with pytest.raises(ModelError, match=said):
+        save(bag.eval(), token_batch(), out_dir=tmp_path, name="t", version="1",
+             task="classification", intended_use="t", labels=["a", "b"],
+             tokenizer=wordpiece(CORPUS))  # fmt: skip

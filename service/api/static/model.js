@@ -85,8 +85,9 @@
     const px = ctx.getImageData(0, 0, cols, rows).data;
     cells.forEach((cell, i) => {
       const lum = 0.299 * px[4 * i] + 0.587 * px[4 * i + 1] + 0.114 * px[4 * i + 2];
-      // to 1e-4: finer than a byte's steps on any range (0.01 was coarser than 8 bits on 0-1)
-      setValue(cell, Math.round(1e4 * (low + (high - low) * (1 - lum / 255))) / 1e4);
+      // to 1e-4 (0.01 was coarser than a byte's steps on a 0-1 model), kept inside the range
+      const v = Math.round(1e4 * (low + (high - low) * (1 - lum / 255))) / 1e4;
+      setValue(cell, Math.min(high, Math.max(low, v)));
     });
     formError.textContent = "";
   }

@@ -157,6 +157,13 @@ class UnauthorizedError(McServeError):
     code = "unauthorized"
 
 
+class ReplayCheckUnavailableError(McServeError):
+    """A CDS token could not be checked for reuse: the memory replicas share is unreachable.
+    Refused (fail closed) as a 503, not as a bad token: the client's login is not at fault."""
+
+    code = "replay_check_unavailable"
+
+
 class UnknownCardError(McServeError):
     """Feedback names a card this replica did not issue, or has forgotten (bounded memory)."""
 

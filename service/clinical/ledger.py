@@ -1,9 +1,10 @@
 """Issued cards, so that feedback can name them, and the feedback received.
 
-In memory and per replica, bounded (oldest forgotten first): feedback for a card this replica
-never issued, or has forgotten, is refused with 404 (`UnknownCardError`) and nothing is recorded.
-Behind a load balancer, route a client's feedback to the replica that answered (session
-affinity), or read a 404 as "unknown here" rather than as an error of the client.
+In memory and per replica, bounded (oldest forgotten first). With the audit trail's database
+(`audit_url`) the cards are shared too (shared.py), so feedback reaches any replica; without it,
+feedback for a card this replica never issued, or has forgotten, is refused with 404
+(`UnknownCardError`) and nothing is recorded: route a client's feedback to the replica that
+answered (session affinity), or read a 404 as "unknown here".
 """
 
 from __future__ import annotations

@@ -9,13 +9,20 @@ replica costs no query).
 Failures: when the database cannot be reached, tokens are refused (fail closed, as the local
 memory does when full) and cards are still issued (feedback may then 404 elsewhere). Rows are
 purged once expired (tokens) or after `card_days` (cards), every `PURGE_EVERY` writes.
+
+One deadline covers waiting for the connection and using it: behind a stalled connection (a
+partition, a failover) calls waited in single file, 5 s each, the sixth for 40 s (review SO).
+After a failure calls fail at once for `PAUSE_S`, and the broken connection is closed aside.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from dataclasses import astuple
+from typing import Any
 
 import psycopg
 
@@ -24,6 +31,7 @@ from service.clinical.ledger import Record
 log = logging.getLogger("mcserve.cds")
 LOCK = 0x6D63_6364  # advisory lock key for the schema ("mccd")
 PURGE_EVERY = 1000
+PAUSE_S = 2.0  # after a failure: calls fail at once, not each after its own timeout
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mcserve_cds_jti (
     iss TEXT NOT NULL, jti TEXT NOT NULL, until DOUBLE PRECISION NOT NULL,
@@ -53,6 +61,9 @@ class SharedMemory:
         self._conn: psycopg.AsyncConnection | None = None
         self._lock = asyncio.Lock()  # one connection, one statement at a time
         self._writes = 0
+        self._down_until = 0.0  # monotonic: until then, fail at once
+        self._why = ""
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
@@ -66,16 +77,33 @@ class SharedMemory:
         return self._conn
 
     async def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
-        async with self._lock:
-            try:
-                conn = await asyncio.wait_for(self._connection(), self.timeout_s)
-                cur = await asyncio.wait_for(conn.execute(sql, params), self.timeout_s)
-                return await cur.fetchall() if cur.description else []
-            except (psycopg.Error, TimeoutError) as exc:
-                if self._conn is not None:
-                    await self._conn.close()
-                    self._conn = None
-                raise SharedUnavailable(f"{type(exc).__name__}: {exc}") from None
+        if time.monotonic() < self._down_until:
+            raise SharedUnavailable(f"{self._why} (a moment ago; retrying after a pause)")
+        conn = None
+        try:
+            async with asyncio.timeout(self.timeout_s), self._lock:  # the wait counts too
+                conn = await self._connection()
+                # Shielded: cancelled at the deadline, psycopg cancels the query on the server
+                # and waits up to 10 s for it over the stalled path; the query is left to end
+                # (its connection is closed aside below) and the caller answered now.
+                work = asyncio.ensure_future(_query(conn, sql, params))
+                work.add_done_callback(_retrieved)
+                return await asyncio.shield(work)
+        except (psycopg.Error, TimeoutError) as exc:
+            self._why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._down_until = time.monotonic() + PAUSE_S
+            if conn is not None and conn is self._conn:  # not one another call opened since
+                self._conn = None
+                task = asyncio.get_running_loop().create_task(self._close_aside(conn))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            raise SharedUnavailable(self._why) from None
+
+    async def _close_aside(self, conn: psycopg.AsyncConnection) -> None:
+        """Close a broken connection without holding anyone up (its socket may be stalled)."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await conn.close()
 
     async def _purge(self, now: float) -> None:
         self._writes += 1
@@ -120,5 +148,19 @@ class SharedMemory:
 
     async def close(self) -> None:
         if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            await self._close_aside(conn)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _query(
+    conn: psycopg.AsyncConnection, sql: str, params: tuple[object, ...]
+) -> list[tuple[object, ...]]:
+    cur = await conn.execute(sql, params)
+    return await cur.fetchall() if cur.description else []
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A query left at its deadline ends with an error no one awaits: read, not logged."""
+    if not task.cancelled():
+        task.exception()

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from audit_proxy import Proxy
 from audit_support import Backend, execute, pg_backend, serving
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -59,3 +60,44 @@ async def test_two_replicas_share_replay_and_card_memory(pg: Backend) -> None:
         assert r.status_code == 200
     assert execute(pg, "SELECT count(*) FROM mcserve_cds_jti") == 3
     assert execute(pg, "SELECT count(*) FROM mcserve_cds_cards") == 2
+
+
+async def test_a_stalled_shared_memory_refuses_at_once_with_a_503(
+    via_proxy: tuple[Backend, Proxy],
+) -> None:
+    """Behind a stalled connection the calls waited in single file, 5 s each (the sixth for 40
+    s), then got a 401, as if their login were wrong. One deadline covers the wait and the
+    query, later calls fail at once for a pause, and the answer is a 503 to retry elsewhere."""
+    import asyncio
+    import time
+
+    from service.clinical import shared
+
+    backend, proxy = via_proxy
+    signer = Signer(ec.generate_private_key(ec.SECP384R1()), "ES384", "stall-es384")
+    settings = {
+        "cds_issuers": {ISS: CdsIssuer(jwks={"keys": [signer.public_jwk()]})},
+        "public_base_url": BASE,
+        "audit": False,
+        **backend.settings,
+    }
+    body = hook_call(diabetes_prefetch(datetime.now(UTC)))
+    async with serving(MODELS, **settings) as (app, client):
+        memory = app.state.cds.shared
+        memory.timeout_s = 1.0
+        r = await client.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+        assert r.status_code == 200, r.text  # connected, tables made
+        proxy.freeze()
+        began = time.monotonic()
+        answers = await asyncio.gather(
+            *(client.post(SERVICE, json=body, headers=auth(signer, SERVICE)) for _ in range(6))
+        )
+        took = time.monotonic() - began
+        assert [a.status_code for a in answers] == [503] * 6, [a.text for a in answers]
+        # All within one deadline (and slack), not one after another: 6 s in single file.
+        assert took < 1.0 + 2.5, took
+        assert "cannot be checked for reuse" in answers[0].text
+        proxy.thaw()
+        await asyncio.sleep(shared.PAUSE_S)  # after the pause, a new connection
+        r = await client.post(SERVICE, json=body, headers=auth(signer, SERVICE))
+        assert r.status_code == 200, r.text

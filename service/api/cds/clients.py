@@ -28,7 +28,7 @@ from service.clinical.trust import (
     bearer,
     load_keys,
 )
-from service.errors import UnauthorizedError
+from service.errors import ReplayCheckUnavailableError, UnauthorizedError
 from service.settings import PUBLIC_BASE_URL_REQUIRED, Settings
 
 log = logging.getLogger("mcserve.cds")
@@ -136,8 +136,12 @@ async def authenticate(request: Request, cds: Clinical, feedback: bool = False) 
                 fresh = await cds.shared.first_use(
                     claims.iss, claims.jti, claims.until, cds.clock()
                 )
-            except SharedUnavailable as exc:
-                raise TokenRejected(f"shared replay memory unavailable ({exc})") from None
+            except SharedUnavailable as exc:  # fail closed, but not as a bad login: a 503
+                log.warning("CDS call refused", extra={"reason": f"replay memory: {exc}"})
+                raise ReplayCheckUnavailableError(
+                    "the token cannot be checked for reuse (the memory replicas share is "
+                    "unavailable): retry, another replica may answer"
+                ) from None
             if not fresh:
                 raise TokenRejected("jti replayed (seen by another replica)")
     except TokenRejected as exc:

@@ -45,6 +45,7 @@ STATUS = {
     "shutting_down": 503,
     "compute_unavailable": 503,
     "audit_unavailable": 503,
+    "replay_check_unavailable": 503,
     "model_error": 500,
     "bundle_error": 500,
     "internal": 500,

@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import astuple
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -30,6 +31,7 @@ from service.clinical.ledger import Record
 
 log = logging.getLogger("mcserve.cds")
 LOCK = 0x6D63_6364  # advisory lock key for the schema ("mccd")
+T = TypeVar("T")
 PURGE_EVERY = 1000
 PAUSE_S = 2.0  # after a failure: calls fail at once, not each after its own timeout
 SCHEMA = """
@@ -63,47 +65,78 @@ class SharedMemory:
         self._writes = 0
         self._down_until = 0.0  # monotonic: until then, fail at once
         self._why = ""
-        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # set-ups and statements under way
 
-    async def _connection(self) -> psycopg.AsyncConnection:
-        if self._conn is None or self._conn.closed:
-            conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=int(self.timeout_s)
-            )
+    async def _open(self) -> psycopg.AsyncConnection:
+        """A new connection with the tables made; one that fails on the way is finished."""
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, connect_timeout=int(self.timeout_s)
+        )
+        try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
                 await conn.execute(SCHEMA)
-            self._conn = conn
-        return self._conn
+        except BaseException:
+            conn.pgconn.finish()
+            raise
+        return conn
 
     async def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
         if time.monotonic() < self._down_until:
             raise SharedUnavailable(f"{self._why} (a moment ago; retrying after a pause)")
-        conn = None
+        conn = opening = work = None
         try:
             async with asyncio.timeout(self.timeout_s), self._lock:  # the wait counts too
-                conn = await self._connection()
-                # Shielded: cancelled at the deadline, psycopg cancels the query on the server
-                # and waits up to 10 s for it over the stalled path; the query is left to end
-                # (its connection is closed aside below) and the caller answered now.
-                work = asyncio.ensure_future(_query(conn, sql, params))
-                work.add_done_callback(_retrieved)
+                # Each step shielded: cancelled at the deadline, psycopg cancels a statement on
+                # the server and waits up to 10 s for it over the stalled path (the set-up's
+                # too). The step is cancelled aside instead (a connection opened late is
+                # finished, the one in use closed once its statement has ended: closing it
+                # under a running statement crashed the process) and the caller answered now.
+                if self._conn is None or self._conn.closed:
+                    opening = self._aside(self._open())
+                    self._conn = await asyncio.shield(opening)
+                conn = self._conn
+                work = self._aside(_query(conn, sql, params))
                 return await asyncio.shield(work)
-        except (psycopg.Error, TimeoutError) as exc:
-            self._why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self._down_until = time.monotonic() + PAUSE_S
-            if conn is not None and conn is self._conn:  # not one another call opened since
-                self._conn = None
-                task = asyncio.get_running_loop().create_task(self._close_aside(conn))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+        except psycopg.OperationalError as exc:  # the link or the server: pause, reconnect
+            self._failed(exc, conn, work)
             raise SharedUnavailable(self._why) from None
+        except TimeoutError as exc:
+            if opening is not None and not opening.done():  # a late connection is not kept
+                opening.add_done_callback(_finish_opened)
+                opening.cancel()
+            self._failed(exc, conn, work)
+            raise SharedUnavailable(self._why) from None
+        except psycopg.Error as exc:  # one statement's (a value it cannot hold): not the link
+            raise SharedUnavailable(f"{type(exc).__name__}: {exc}") from None
 
-    async def _close_aside(self, conn: psycopg.AsyncConnection) -> None:
-        """Close a broken connection without holding anyone up (its socket may be stalled)."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.timeout_s):
-                await conn.close()
+    def _aside(self, step: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """`step` as a task this memory keeps until it ends (its error read, not logged)."""
+        task = asyncio.get_running_loop().create_task(step)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieved)
+        return task
+
+    def _failed(
+        self,
+        exc: BaseException,
+        conn: psycopg.AsyncConnection | None,
+        work: asyncio.Task[Any] | None,
+    ) -> None:
+        """Pause, and close the connection in use aside (unless another call opened one)."""
+        self._why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._down_until = time.monotonic() + PAUSE_S
+        if conn is None or conn is not self._conn:
+            return
+        self._conn = None
+        if work is not None and not work.done():
+            # Closed once its statement has ended (psycopg's own cancelling, at most about
+            # 10 s): closing it under a running statement crashed the process.
+            work.add_done_callback(lambda _: _finish(conn))
+            work.cancel()
+        else:
+            _finish(conn)
 
     async def _purge(self, now: float) -> None:
         self._writes += 1
@@ -147,10 +180,13 @@ class SharedMemory:
         )  # fmt: skip
 
     async def close(self) -> None:
+        """At shutdown: what is left aside cancelled and ended, then the connection closed."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await self._close_aside(conn)
-        await asyncio.gather(*self._closing, return_exceptions=True)
+            _finish(conn)
 
 
 async def _query(
@@ -164,3 +200,15 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     """A query left at its deadline ends with an error no one awaits: read, not logged."""
     if not task.cancelled():
         task.exception()
+
+
+def _finish_opened(task: asyncio.Future[Any]) -> None:
+    """A connection whose set-up outlived its caller's deadline: finished, never used."""
+    if not task.cancelled() and task.exception() is None:
+        _finish(task.result())
+
+
+def _finish(conn: psycopg.AsyncConnection) -> None:
+    """Close at once, without a round trip (its socket may be stalled); no statement runs."""
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()

@@ -97,7 +97,37 @@ async def test_a_stalled_shared_memory_refuses_at_once_with_a_503(
         # All within one deadline (and slack), not one after another: 6 s in single file.
         assert took < 1.0 + 2.5, took
         assert "cannot be checked for reuse" in answers[0].text
+        assert "retry with a new token" in answers[0].text
         proxy.thaw()
         await asyncio.sleep(shared.PAUSE_S)  # after the pause, a new connection
         r = await client.post(SERVICE, json=body, headers=auth(signer, SERVICE))
         assert r.status_code == 200, r.text
+
+
+async def test_a_stall_while_connecting_and_a_bad_value_keep_their_bounds(
+    via_proxy: tuple[Backend, Proxy],
+) -> None:
+    """A stall in the connection's set-up (its schema statements) held the call for its
+    deadline plus psycopg's own 10 s of cancelling; a value a statement cannot hold (a NUL in
+    a jti) threw the healthy connection away and refused every token for the pause."""
+    import time
+
+    from service.clinical.shared import SharedMemory, SharedUnavailable
+
+    backend, proxy = via_proxy
+    url = str(backend.settings["audit_url"])
+    memory = SharedMemory(url, timeout_s=1.0)
+    proxy.freeze_on = b"pg_advisory_xact_lock"
+    began = time.monotonic()
+    with pytest.raises(SharedUnavailable):
+        await memory.first_use("iss", "jti-1", time.time() + 60, time.time())
+    assert time.monotonic() - began < 1.0 + 2.5  # not 11 s
+    proxy.thaw()
+    proxy.freeze_on = None
+    await memory.close()
+    memory = SharedMemory(url, timeout_s=5.0)
+    assert await memory.first_use("iss", "jti-2", time.time() + 60, time.time())
+    with pytest.raises(SharedUnavailable, match="DataError"):
+        await memory.first_use("iss", "bad\x00jti", time.time() + 60, time.time())
+    assert await memory.first_use("iss", "jti-3", time.time() + 60, time.time())  # at once
+    await memory.close()

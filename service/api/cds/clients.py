@@ -140,7 +140,8 @@ async def authenticate(request: Request, cds: Clinical, feedback: bool = False) 
                 log.warning("CDS call refused", extra={"reason": f"replay memory: {exc}"})
                 raise ReplayCheckUnavailableError(
                     "the token cannot be checked for reuse (the memory replicas share is "
-                    "unavailable): retry, another replica may answer"
+                    "unavailable): retry with a new token (this one is spent); another replica "
+                    "may answer"
                 ) from None
             if not fresh:
                 raise TokenRejected("jti replayed (seen by another replica)")

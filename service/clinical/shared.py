@@ -66,6 +66,7 @@ class SharedMemory:
         self._down_until = 0.0  # monotonic: until then, fail at once
         self._why = ""
         self._tasks: set[asyncio.Task[Any]] = set()  # set-ups and statements under way
+        self._closed = False  # close() ran: calls are refused, no connection is opened
 
     async def _open(self) -> psycopg.AsyncConnection:
         """A new connection with the tables made; one that fails on the way is finished."""
@@ -87,6 +88,8 @@ class SharedMemory:
         conn = opening = work = None
         try:
             async with asyncio.timeout(self.timeout_s), self._lock:  # the wait counts too
+                if self._closed:
+                    raise SharedUnavailable("shut down")
                 # Each step shielded: cancelled at the deadline, psycopg cancels a statement on
                 # the server and waits up to 10 s for it over the stalled path (the set-up's
                 # too). The step is cancelled aside instead (a connection opened late is
@@ -102,11 +105,24 @@ class SharedMemory:
             self._failed(exc, conn, work)
             raise SharedUnavailable(self._why) from None
         except TimeoutError as exc:
-            if opening is not None and not opening.done():  # a late connection is not kept
+            if opening is not None and conn is None:  # a late connection is not kept
                 opening.add_done_callback(_finish_opened)
                 opening.cancel()
             self._failed(exc, conn, work)
             raise SharedUnavailable(self._why) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the caller cancelled: drop its step,
+                if opening is not None and conn is None:  # not leave it running on the
+                    opening.add_done_callback(_finish_opened)  # connection the next call takes
+                    opening.cancel()
+                running = work is not None and not work.done()
+                if work is not None and running and conn is not None and conn is self._conn:
+                    self._conn = None
+                    work.add_done_callback(lambda _: _finish(conn))
+                    work.cancel()
+                raise
+            raise SharedUnavailable("shut down") from None  # a step close() cancelled
         except psycopg.Error as exc:  # one statement's (a value it cannot hold): not the link
             raise SharedUnavailable(f"{type(exc).__name__}: {exc}") from None
 
@@ -181,9 +197,11 @@ class SharedMemory:
 
     async def close(self) -> None:
         """At shutdown: what is left aside cancelled and ended, then the connection closed."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closed = True
+        while self._tasks:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             _finish(conn)

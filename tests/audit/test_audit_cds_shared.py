@@ -131,3 +131,38 @@ async def test_a_stall_while_connecting_and_a_bad_value_keep_their_bounds(
         await memory.first_use("iss", "bad\x00jti", time.time() + 60, time.time())
     assert await memory.first_use("iss", "jti-3", time.time() + 60, time.time())  # at once
     await memory.close()
+
+
+async def test_a_cancelled_caller_and_a_closed_memory_leave_no_statement_behind(
+    pg: Backend,
+) -> None:
+    """A caller cancelled from outside left its statement running on the kept connection:
+    the next call queued behind it timed out on a healthy database (and its connection was
+    then closed under the statement). And close() did not stop the memory: a call waiting
+    for it opened a new connection that nothing closed."""
+    import asyncio
+    import time
+
+    import psycopg
+
+    from service.clinical.shared import SharedMemory, SharedUnavailable
+
+    url = str(pg.settings["audit_url"])
+    memory = SharedMemory(url, timeout_s=1.0)
+    assert await memory.first_use("iss", "jti-a", time.time() + 60, time.time())
+    with psycopg.connect(url) as holder:  # holds the row a first use will wait on
+        holder.execute(
+            "INSERT INTO mcserve_cds_jti VALUES ('iss', 'held', %s)", (time.time() + 60,)
+        )
+        blocked = asyncio.create_task(memory.first_use("iss", "held", time.time() + 60, 0.0))
+        await asyncio.sleep(0.2)
+        blocked.cancel()
+        await asyncio.gather(blocked, return_exceptions=True)
+        began = time.monotonic()
+        assert await memory.first_use("iss", "jti-b", time.time() + 60, time.time())
+        assert time.monotonic() - began < 0.5  # at once, not behind the cancelled statement
+        holder.rollback()
+    await memory.close()
+    with pytest.raises(SharedUnavailable, match="shut down"):
+        await memory.first_use("iss", "jti-c", time.time() + 60, time.time())
+    assert memory._conn is None  # nothing opened after close()

@@ -53,11 +53,9 @@ def _from_objects(instances: Sequence[Any], spec: InputSpec) -> list[list[Any]]:
                 parts.append(f"unknown {_few([shown_name(k) for k in unknown])}")
             if missing:
                 parts.append(f"missing {_few(missing)}")
-            expected = (
-                f"exactly {names}"
-                if len(names) <= MAX_NAMED
-                else (f"the model's {len(names)} features (GET /v1/models/{{name}} lists them)")
-            )
+            expected = f"exactly {names}"
+            if len(names) > MAX_NAMED:
+                expected = f"the model's {len(names)} features (GET /v1/models/{{name}} lists them)"
             raise InvalidInputError(
                 f"instance {i}: {'; '.join(parts)} feature(s); expected {expected}"
             )

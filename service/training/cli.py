@@ -43,6 +43,7 @@ def default_name(path: Path) -> str:
     return name or "model"
 
 
+# Where a flag's value came from that counts as given by the user (not its default)
 GIVEN = ("COMMANDLINE", "ENVIRONMENT")
 
 

@@ -159,9 +159,14 @@ class UnauthorizedError(McServeError):
 
 class ReplayCheckUnavailableError(McServeError):
     """A CDS token could not be checked for reuse: the memory replicas share is unreachable.
-    Refused (fail closed) as a 503, not as a bad token: the client's login is not at fault."""
+    Refused (fail closed) as a 503, not as a bad token: the client's login is not at fault.
+    `retry_after_s`: when this replica may check again (its pause after a failure)."""
 
     code = "replay_check_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnknownCardError(McServeError):

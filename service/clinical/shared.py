@@ -52,7 +52,11 @@ CARD_COLUMNS = "card, service, suggestion, model, version, digest, hook_instance
 
 
 class SharedUnavailable(Exception):
-    pass
+    """The memory cannot answer now; `retry_after_s`: when asking again may succeed (the pause)."""
+
+    def __init__(self, why: str, retry_after_s: float = PAUSE_S) -> None:
+        super().__init__(why)
+        self.retry_after_s = retry_after_s
 
 
 class SharedMemory:
@@ -84,7 +88,10 @@ class SharedMemory:
 
     async def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
         if time.monotonic() < self._down_until:
-            raise SharedUnavailable(f"{self._why} (a moment ago; retrying after a pause)")
+            raise SharedUnavailable(
+                f"{self._why} (a moment ago; retrying after a pause)",
+                self._down_until - time.monotonic(),
+            )
         conn = opening = work = None
         try:
             async with asyncio.timeout(self.timeout_s), self._lock:  # the wait counts too

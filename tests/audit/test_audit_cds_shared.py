@@ -3,6 +3,7 @@ refused, and feedback reaches the replica that did not issue the card (issue 24 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -98,6 +99,9 @@ async def test_a_stalled_shared_memory_refuses_at_once_with_a_503(
         assert took < 1.0 + 2.5, took
         assert "cannot be checked for reuse" in answers[0].text
         assert "retry with a new token" in answers[0].text
+        # When this replica checks again: its pause, said the way overload says it.
+        waits = {int(a.headers["retry-after"]) for a in answers}
+        assert waits <= set(range(1, math.ceil(shared.PAUSE_S) + 1)), waits
         proxy.thaw()
         await asyncio.sleep(shared.PAUSE_S)  # after the pause, a new connection
         r = await client.post(SERVICE, json=body, headers=auth(signer, SERVICE))

@@ -141,7 +141,8 @@ async def authenticate(request: Request, cds: Clinical, feedback: bool = False) 
                 raise ReplayCheckUnavailableError(
                     "the token cannot be checked for reuse (the memory replicas share is "
                     "unavailable): retry with a new token (this one is spent); another replica "
-                    "may answer"
+                    "may answer",
+                    exc.retry_after_s,
                 ) from None
             if not fresh:
                 raise TokenRejected("jti replayed (seen by another replica)")

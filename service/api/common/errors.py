@@ -7,13 +7,15 @@ and 403). The route family (`family`) chooses the shape:
 /v1: 422 bad request (413 too large), 404, 429 + Retry-After, 504; body {"error", "details"}.
 /v2: the same codes but 400 for a bad request; body {"error"} (tritonclient reads it).
 /cds-services: 400 bad request, 404, 412 needed data missing, a bare 401 (no body: nothing says
-which check failed), 503 for overload and deadlines; body a FHIR OperationOutcome.
+which check failed), 503 for overload and deadlines (and + Retry-After when replicas' shared
+replay memory is unreachable); body a FHIR OperationOutcome.
 Unexpected exceptions: 500 with a generic message and the request id, logged with the trace.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +29,13 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from service.api.common import html
-from service.errors import McServeError, OverloadedError, json_hint, shown_name
+from service.errors import (
+    McServeError,
+    OverloadedError,
+    ReplayCheckUnavailableError,
+    json_hint,
+    shown_name,
+)
 
 log = logging.getLogger("mcserve.errors")
 
@@ -143,8 +151,8 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, McServeError)
     status = STATUS.get(exc.code, 500)
     headers = None
-    if isinstance(exc, OverloadedError):
-        headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
+    if isinstance(exc, OverloadedError | ReplayCheckUnavailableError):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     elif exc.code == "method_not_allowed":
         headers = {"Allow": "POST"}  # only the prediction routes raise it
     elif exc.code == "unauthorized" and family(request) != "cds":  # CDS: a bare 401

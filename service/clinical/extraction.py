@@ -141,10 +141,12 @@ class Reader:
         what = f"{src.title} ({', '.join(c.label() for c in src.codes)})"
         chosen, skipped = latest(codes, found, self.now)  # latest.py
         if chosen is None:
-            said = f"no usable final result was prefetched ({'; '.join(skipped)})"
+            # Which key to fill: an EHR's prefetch is set up per key (a pressure under 'bp_panel').
+            key = f"discovery asks for it under prefetch key '{src.key}'"
+            said = f"no usable final result was prefetched ({'; '.join(skipped)}; {key})"
             return _issue(
                 "required",
-                f"{what}: {said if skipped else 'no final result was prefetched'}",
+                f"{what}: {said if skipped else f'no final result was prefetched ({key})'}",
                 src.title,
                 src.codes,
             )
@@ -246,13 +248,13 @@ class Reader:
         assert fb is not None
         a, b = (ex.used.get(n) for n in fb.args)
         if a is None or b is None:
-            titles = " and ".join(
-                o.title
-                for o in self.mapping.observations
-                if o.name in fb.args and not ex.used.get(o.name)
-            )
+            lacking = [o for o in self.mapping.observations if o.name in fb.args]
+            lacking = [o for o in lacking if not ex.used.get(o.name)]
+            titles = " and ".join(o.title for o in lacking)
+            keys = [f"'{k}'" for k in dict.fromkeys(o.key for o in lacking)]
             issue["diagnostics"] += (
-                f"; nor could it be derived ({fb.formula()}): no usable {titles}"
+                f"; nor could it be derived ({fb.formula()}): no usable {titles} "
+                f"(prefetch key{'s' if len(keys) > 1 else ''} {', '.join(keys)})"
             )
             return issue
         if fb.op == "mean_arterial" and not _one_measurement(a, b):

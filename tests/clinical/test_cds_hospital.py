@@ -215,8 +215,8 @@ async def test_only_a_systolic_value_says_what_is_missing(
     (card,) = r.json()["cards"]
     assert card["summary"].endswith("no prediction, missing or unusable input: Mean blood pressure")
     assert (
-        "nor could it be derived ((sbp + 2 dbp) / 3): no usable Diastolic blood pressure"
-        in (card["detail"])
+        "nor could it be derived ((sbp + 2 dbp) / 3): no usable Diastolic blood pressure "
+        "(prefetch key 'bp_panel')" in (card["detail"])
     )
 
 
@@ -235,7 +235,10 @@ async def test_missing_data_is_an_info_card(ehr: httpx.AsyncClient, es384: Signe
     assert "suggestions" not in card and empties(r.json()) == []
     detail = card["detail"]
     assert "**No prediction was made**" in detail
-    assert "HDL cholesterol (LOINC 2085-9, LOINC 14646-4): no final result was prefetched" in detail
+    assert (
+        "HDL cholesterol (LOINC 2085-9, LOINC 14646-4): no final result was prefetched "
+        "(discovery asks for it under prefetch key 'hdl')"
+    ) in detail
     assert "is 400 days old; the maximum is 365 days" in detail
     assert "a final result (or Patient data) sent in the prefetch" in detail
     assert "a result within the allowed age" in detail

@@ -133,7 +133,7 @@ async def test_a_result_dated_in_the_future_is_skipped_with_its_reason(
     assert r.status_code == 200
     assert (
         f"no usable final result was prefetched (Observation/glu-future is dated {iso(later)}, "
-        "in the future)"
+        "in the future; discovery asks for it under prefetch key 'glu')"
     ) in r.text
 
 

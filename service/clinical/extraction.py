@@ -14,7 +14,8 @@ The prefetch is read (completed beforehand, where allowed, from the EHR's FHIR s
 - Missing data, a value older than the maximum age, a bound (`comparator`) instead of a value,
   a unit that does not convert, or a value the derivation cannot use: `MissingDataError` with
   one OperationOutcome issue per problem (an info card, or a 412).
-- FHIR shapes (times, partial dates, Bundles, references) are read by `records.py`.
+- FHIR shapes (times, partial dates, Bundles, references) are read by `records.py`; fallbacks
+  and derived features are computed by `derivation.py`.
 - Age: whole years at the hook's time (the server's clock when the call arrives: CDS Hooks
   requests carry no time); a partial birthDate is read as the middle of its period.
 """
@@ -23,49 +24,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping as AnyMapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from service.clinical import ucum
+from service.clinical.derivation import Json, derive, fallback, issue, num
 from service.clinical.extracted import Extraction, Used
 from service.clinical.latest import latest
 from service.clinical.mapping import PATIENT_KEY, Mapping, ObservationSource
 from service.clinical.records import (
     birth_date,
     codings,
-    parse_time,
     refers_to,
     resources,
     whole_years,
 )
 from service.clinical.records import system as canonical_system
-from service.clinical.terms import UCUM, Code
+from service.clinical.terms import UCUM
 from service.errors import InvalidInputError, MissingDataError, shown_name
-
-Json = dict[str, Any]
-
-
-def _issue(code: str, diagnostics: str, concept: str, coding: list[Code] | None = None) -> Json:
-    details: Json = {"text": concept}
-    if coding:
-        details["coding"] = [c.coding() for c in coding]
-    return {"severity": "error", "code": code, "details": details, "diagnostics": diagnostics}
-
-
-def _num(v: float) -> str:
-    return f"{v:.4g}"
-
-
-# A cuff reading's systolic and diastolic, sent as two Observations, may be stamped seconds apart
-ONE_READING = timedelta(minutes=5)
-
-
-def _one_measurement(a: Used, b: Used) -> bool:
-    """One Observation, or two taken at one time (compared as instants: 10:00Z is 12:00+02:00)."""
-    if a.source == b.source:
-        return True
-    ta, tb = parse_time(a.date), parse_time(b.date)
-    return ta is not None and tb is not None and abs(ta - tb) <= ONE_READING
 
 
 class Reader:
@@ -82,7 +58,7 @@ class Reader:
             return  # nothing of the patient is read, and the EHR sent no Patient
         if res is None:
             self.issues.append(
-                _issue(
+                issue(
                     "required",
                     f"Patient/{patient_id} was not prefetched (prefetch key '{PATIENT_KEY}')",
                     "Patient",
@@ -95,7 +71,7 @@ class Reader:
             # to today, with a result to write to the chart (review HI).
             said = f" on {shown_name(when)}" if isinstance(when, str) and when else ""
             self.issues.append(
-                _issue(
+                issue(
                     "business-rule",
                     f"{ex.patient} is recorded as deceased{said}: no prediction is made",
                     "Patient (deceased)",
@@ -108,7 +84,7 @@ class Reader:
             born = birth_date(res.get("birthDate"))
             if born is None or born > self.now.date():
                 self.issues.append(
-                    _issue("required", f"{ex.patient} has no usable birthDate", "Patient.birthDate")
+                    issue("required", f"{ex.patient} has no usable birthDate", "Patient.birthDate")
                 )
             else:
                 years = whole_years(born, self.now.date())
@@ -121,7 +97,7 @@ class Reader:
             if code is None:
                 known = ", ".join(sorted(p.gender_codes))
                 self.issues.append(
-                    _issue(
+                    issue(
                         "required",
                         f"{ex.patient} gender {gender!r} cannot be mapped (needs one of {known})"
                         if gender is not None
@@ -144,7 +120,7 @@ class Reader:
             # Which key to fill: an EHR's prefetch is set up per key (a pressure under 'bp_panel').
             key = f"discovery asks for it under prefetch key '{src.key}'"
             said = f"no usable final result was prefetched ({'; '.join(skipped)}; {key})"
-            return _issue(
+            return issue(
                 "required",
                 f"{what}: {said if skipped else f'no final result was prefetched ({key})'}",
                 src.title,
@@ -158,7 +134,7 @@ class Reader:
         limit = self.max_age_override or src.max_age_days or self.mapping.max_age_days
         age_days = (self.now - t).total_seconds() / 86400.0
         if age_days > limit:
-            return _issue(
+            return issue(
                 "business-rule",
                 f"{what}: the latest result ({ref}, {raw}) is {age_days:.0f} days old; "
                 f"the maximum is {limit:g} days",
@@ -168,7 +144,7 @@ class Reader:
         q = holder.get("valueQuantity")
         value = q.get("value") if isinstance(q, dict) else None
         if not isinstance(q, dict) or isinstance(value, bool) or not isinstance(value, int | float):
-            return _issue(
+            return issue(
                 "required",
                 f"{what}: {ref} has no valueQuantity.value"
                 + (" (it is a string: send a JSON number)" if isinstance(value, str) else ""),
@@ -176,7 +152,7 @@ class Reader:
                 src.codes,
             )
         if q.get("comparator"):
-            return _issue(
+            return issue(
                 "value",
                 f"{what}: {ref} gives a bound ({q['comparator']}{value}), not a value",
                 src.title,
@@ -191,21 +167,21 @@ class Reader:
                 raise ucum.UnitError(f"{unit!r} is not a unit code")
             factor = src.factor(unit)
         except ucum.UnitError as exc:
-            return _issue(
+            return issue(
                 "code-invalid",
                 f"{what}: {ref}: {exc}; the value must convert to {src.unit}",
                 src.title,
                 src.codes,
             )
         if not _finite(value) or not _finite(float(value) * factor):
-            return _issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
+            return issue("value", f"{what}: {ref} has no finite value", src.title, src.codes)
         sent = codings(holder["code"])
         matched = next((c for c in src.codes if (c.system, c.code) in sent), None)
         label = matched.label() if matched else None
         if matched is not None and matched.kind is not None:
             molar = any(d == ucum.MOL for d, _ in ucum.parse(unit).dims)
             if molar != (matched.kind == "substance"):
-                return _issue(
+                return issue(
                     "code-invalid",
                     f"{what}: {ref} is coded {label}, a {matched.kind} concentration, but its "
                     f"unit {unit!r} is a {'substance' if molar else 'mass'} concentration: the "
@@ -214,7 +190,7 @@ class Reader:
                     src.codes,
                 )
         converted = float(value) * factor
-        given = None if unit == src.unit else f"{_num(float(value))} {unit}"
+        given = None if unit == src.unit else f"{num(float(value))} {unit}"
         ex.used[src.name] = Used(src.name, src.title, converted, src.unit, raw, ref, label, given)
         return None
 
@@ -229,7 +205,7 @@ class Reader:
                 pending[src.name] = issue
         for src in sources:
             if src.name in pending and src.otherwise is not None:
-                issue = self.fallback(src, ex, pending.pop(src.name))
+                issue = fallback(self.mapping, src, ex, pending.pop(src.name))
                 if issue is not None:
                     pending[src.name] = issue
         self.issues += [pending[s.name] for s in sources if s.name in pending and not s.optional]
@@ -241,56 +217,6 @@ class Reader:
         for s in sources:
             if s.optional and s.name not in used:
                 ex.used.pop(s.name, None)
-
-    def fallback(self, src: ObservationSource, ex: Extraction, issue: Json) -> Json | None:
-        """`src` derived from its fallback's arguments, or its issue saying why not either."""
-        fb = src.otherwise
-        assert fb is not None
-        a, b = (ex.used.get(n) for n in fb.args)
-        if a is None or b is None:
-            lacking = [o for o in self.mapping.observations if o.name in fb.args]
-            lacking = [o for o in lacking if not ex.used.get(o.name)]
-            titles = " and ".join(o.title for o in lacking)
-            keys = [f"'{k}'" for k in dict.fromkeys(o.key for o in lacking)]
-            issue["diagnostics"] += (
-                f"; nor could it be derived ({fb.formula()}): no usable {titles} "
-                f"(prefetch key{'s' if len(keys) > 1 else ''} {', '.join(keys)})"
-            )
-            return issue
-        if fb.op == "mean_arterial" and not _one_measurement(a, b):
-            # One blood pressure is one measurement: a systolic from last month's panel and a
-            # diastolic from today's (the newer systolic had no value) are not a pressure.
-            issue["diagnostics"] += (
-                f"; nor could it be derived ({fb.formula()}): {a.title} ({a.source}, {a.date}) "
-                f"and {b.title} ({b.source}, {b.date}) are not one measurement"
-            )
-            return issue
-        fa, fb_ = self.mapping.fallback_factors(src)
-        x, y = a.value * fa, b.value * fb_
-        value = (x + 2 * y) / 3 if fb.op == "mean_arterial" else _bmi(x, y)
-        if value is None or value == 0 or not math.isfinite(value):
-            issue["diagnostics"] += f"; nor could it be derived ({fb.formula()}) from these values"
-            return issue
-        ex.used[src.name] = Used(src.name, src.title, value, src.unit, formula=fb.formula())
-        return None
-
-    def derive(self, ex: Extraction) -> None:
-        for d in self.mapping.derived:
-            if any(a not in ex.used for a in d.args):
-                continue  # an input is missing: already reported
-            args = [ex.used[a].value for a in d.args]
-            value = None
-            if d.op == "ln" and args[0] > 0:
-                value = math.log(args[0])
-            elif d.op == "ratio" and args[1] != 0:
-                value = args[0] / args[1]
-            if value is None or not math.isfinite(value):  # 1e300 / 1e-300 is inf
-                shown = ", ".join(f"{a} = {_num(ex.used[a].value)}" for a in d.args)
-                self.issues.append(
-                    _issue("value", f"{d.title}: {d.formula()} is undefined for {shown}", d.title)
-                )
-                continue
-            ex.used[d.name] = Used(d.name, d.title, value, d.unit, formula=d.formula())
 
 
 def extract(
@@ -324,19 +250,13 @@ def extract(
     reader = Reader(mapping, now, max_age_days)
     reader.patient([r for r in found if r.get("resourceType") == "Patient"], patient_id, ex)
     reader.observations(found, ex)
-    reader.derive(ex)
+    reader.issues += derive(mapping, ex)
     if reader.issues:
         names = "; ".join(i["details"]["text"] for i in reader.issues)
         raise MissingDataError(
             f"needed data is missing, too old or unusable: {names}", reader.issues
         )
     return ex
-
-
-def _bmi(weight: float, height: float) -> float | None:
-    """weight / height^2, or None: a height of 1e-170 m squares to 0.0 (ZeroDivisionError)."""
-    square = height * height
-    return weight / square if height > 0 and square > 0 else None
 
 
 def _finite(v: float) -> bool:

@@ -14,6 +14,8 @@ class McServeError(Exception):
     """Base class: `message` is shown to clients, `details` adds structured context."""
 
     code = "internal"
+    # Seconds after which asking again may succeed (answered as Retry-After); None: not said.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
@@ -112,9 +114,10 @@ DRAIN_OUT = (
 
 
 class ComputeUnavailableError(McServeError):
-    """The compute process died while it held the request (it restarts on the next one)."""
+    """The compute process died while it held the request (it is restarted at once)."""
 
     code = "compute_unavailable"
+    retry_after_s = 1.0  # the worker's RESTART_PAUSE_S; a restart takes seconds more
 
 
 class ModelError(McServeError):

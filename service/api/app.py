@@ -92,6 +92,9 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
         app.state.mcserve = st
         await audit.start(app, settings, metrics)
         control = app.state.model_control = ModelControl(st, metrics)
+        if st.remote is not None:  # a dead compute process: unready until restarted and loaded
+            st.remote.on_restart = control.prepare_all
+            st.checks.append(st.remote.not_ready_reason)
         await control.sync()  # every bundle on disk, in every control mode
         st.counted = {e.name for e in st.registry.entries()}  # each counts for readiness
         st.started = True

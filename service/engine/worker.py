@@ -26,6 +26,7 @@ import math
 import pickle
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.child import spawn
@@ -37,6 +38,7 @@ from service.errors import ComputeUnavailableError, McServeError
 
 log = logging.getLogger("mcserve.worker")
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
+RECOVER_MAX_S = 30.0  # a child that dies again and again: restarts at most this far apart
 CLOSE_S = 2.0  # at shutdown, the child's time to exit before it is killed (deploy's grace)
 
 
@@ -65,11 +67,22 @@ class ComputeProcess:
         self._closing = False
         self._failed_at = -math.inf  # when a start last failed, and why
         self._failure = ""
+        # A child that died is restarted at once, in the background, and `on_restart` loads
+        # the served models into it; until both are done the replica is not ready (a crash
+        # left /readyz 200 and charged the restart, seconds, to the next request: review SRE).
+        self.on_restart: Callable[[], Awaitable[None]] | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
         """Started and greeted: calls may go."""
         return self._ready
+
+    def not_ready_reason(self) -> str | None:
+        """For /readyz: why this replica cannot compute now (its child is being restarted)."""
+        if self._recovery is not None and not self._recovery.done():
+            return "compute process restarting (it stopped; its models are loading again)"
+        return None
 
     @property
     def in_flight(self) -> int:
@@ -190,8 +203,26 @@ class ComputeProcess:
             if generation == self.starts:  # not a process already replaced
                 self._lost()
 
+    async def _recover(self) -> None:
+        """Start a new child and load the served models into it, retrying with a growing pause
+        while it fails or dies again on the way (a model that crashes it on every load)."""
+        pause = RESTART_PAUSE_S
+        while not self._closing:
+            try:
+                await self.start()
+                if self.on_restart is not None:
+                    await self.on_restart()
+                if self._ready:
+                    log.info("compute process restarted", extra={"starts": self.starts})
+                    return
+            except Exception as exc:  # its start, or a model's load: tried again after a pause
+                reason = exc.message if isinstance(exc, McServeError) else repr(exc)
+                log.warning("compute process restart failed", extra={"reason": reason})
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, RECOVER_MAX_S)
+
     def _lost(self) -> None:
-        """Fail what the child held; the next call starts a new child."""
+        """Fail what the child held; a child that was serving is restarted in the background."""
         was_ready, self._ready = self._ready, False
         if self._writer is not None:
             self._writer.close()
@@ -207,12 +238,15 @@ class ComputeProcess:
         if (pending or was_ready) and not self._closing:  # idle too: it went unreported
             log.error("compute process stopped", extra={"code": code, "in_flight": len(pending)})
         exit_code = f" (exit code {code})" if code is not None else ""
+        recovering = self._recovery is not None and not self._recovery.done()
+        if was_ready and not self._closing and not recovering:
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(
                     ComputeUnavailableError(
                         f"the compute process stopped{exit_code} while it held this request; "
-                        "it restarts on the next request: retry"
+                        "it is being restarted: retry shortly"
                     )
                 )
 
@@ -224,6 +258,8 @@ class ComputeProcess:
         self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._recovery is not None:
+            self._recovery.cancel()
         if self._writer is not None:
             self._writer.close()
         if self.proc is not None:

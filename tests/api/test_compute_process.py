@@ -123,13 +123,21 @@ async def test_death_fails_what_it_held_then_a_new_process_serves(
         os.kill(old.pid, signal.SIGKILL)
     lost = await held
     assert lost.status_code == 503
+    assert lost.headers["retry-after"] == "1"
     message = lost.json()["error"]
     assert message.startswith("the compute process stopped"), message
-    assert message.endswith("while it held this request; it restarts on the next request: retry")
+    assert message.endswith("while it held this request; it is being restarted: retry shortly")
     assert "request_id" in lost.json()
+    # Restarted at once, not by the next request (which paid seconds for it), and the replica
+    # is not ready until the new process has loaded the served models (/readyz stayed 200).
+    ready = await pclient.get("/readyz")
+    assert ready.status_code == 503 and "compute process restarting" in ready.text, ready.text
+    await until(lambda: r.not_ready_reason() is None, timeout=60.0)
+    assert r.starts == starts + 1 and r.alive and r.proc is not old
+    assert (await pclient.get("/readyz")).status_code == 200
     again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
     assert again.status_code == 200, again.text
-    assert r.starts == starts + 1 and r.proc is not old
+    assert r.starts == starts + 1
 
 
 async def test_a_death_while_idle_is_logged(

@@ -29,13 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from service.api.common import html
-from service.errors import (
-    McServeError,
-    OverloadedError,
-    ReplayCheckUnavailableError,
-    json_hint,
-    shown_name,
-)
+from service.errors import McServeError, json_hint, shown_name
 
 log = logging.getLogger("mcserve.errors")
 
@@ -151,7 +145,7 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, McServeError)
     status = STATUS.get(exc.code, 500)
     headers = None
-    if isinstance(exc, OverloadedError | ReplayCheckUnavailableError):
+    if exc.retry_after_s is not None:  # overload, a compute restart, the shared replay memory
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     elif exc.code == "method_not_allowed":
         headers = {"Allow": "POST"}  # only the prediction routes raise it

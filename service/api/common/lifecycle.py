@@ -156,6 +156,13 @@ class ModelControl:
         )
         return entry
 
+    async def prepare_all(self) -> None:
+        """A new compute process (its child died) loads every served model before the replica
+        is ready again; one it refuses now loads at its next request instead."""
+        for entry in self.st.registry.entries():
+            if entry.model is not None and entry.ready:
+                await self._prepare_remote(entry)
+
     async def _prepare_remote(self, entry: Entry) -> Entry:
         """The compute process loads and warms its own copy before the model is ready."""
         if self.st.remote is None or entry.model is None:

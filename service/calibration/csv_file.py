@@ -3,7 +3,8 @@
 The bytes are decoded as UTF-8 (a byte-order mark dropped, as spreadsheets write it) and parsed
 by `csv.reader` over the whole text, so quoted fields may hold commas, newlines and any Unicode
 line separator. Blank lines are skipped. Every problem is an `InvalidInputError` naming the file
-and the line or data row, with what to change: another encoding, a line the parser refuses, a
+and the line or data row, with what to change: another encoding, a line the parser refuses (a
+quote left open, text after a closing quote), a
 header with an unnamed or repeated column, a row with more or fewer fields than the header.
 """
 
@@ -80,7 +81,9 @@ def _decode(path: Path, raw: bytes) -> str:
 def _parse(path: Path, text: str) -> tuple[list[list[str]], list[int]]:
     rows: list[list[str]] = []
     lines: list[int] = []
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: an unclosed quote is an error, not the rest of the file (or the rows up to the
+    # next quote) read into one field, rows silently swallowed into a label (review CSV).
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     old = csv.field_size_limit(FIELD_LIMIT)
     try:
         while True:
@@ -96,8 +99,16 @@ def _parse(path: Path, text: str) -> tuple[list[list[str]], list[int]]:
                         f"{FIELD_LIMIT:,} characters (an unclosed quote makes the rest of the "
                         "file one field); close the quote or shorten the field"
                     ) from None
+                if reader.line_num > start:  # the row ran on over lines: a quote left open
+                    raise InvalidInputError(
+                        f"{path}: the row starting at line {start} runs on to line "
+                        f"{reader.line_num}, where it is not valid CSV ({exc}): a quote opened "
+                        f"at line {start} is probably not closed; close it (a quote inside a "
+                        'quoted field is written twice: "")'
+                    ) from None
                 raise InvalidInputError(
-                    f"{path}: line {reader.line_num} is not valid CSV ({exc})"
+                    f"{path}: line {reader.line_num} is not valid CSV ({exc}); a field that "
+                    'holds a quote is quoted whole, with the quote written twice: "5"" tall"'
                 ) from None
             if row:
                 rows.append(row)

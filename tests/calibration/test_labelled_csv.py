@@ -170,6 +170,37 @@ def test_long_fields_are_read_and_an_endless_one_is_one_line(repo: Path, tmp_pat
     _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        # A quote opened and never closed: the rows after it were one label (a bogus class of
+        # one row) or, at the end of the file, silently gone; `train` exited 0 (review CSV).
+        (
+            'a,b,target\n0.1,0.2,"red\n0.3,0.4,blue\n0.5,0.6,"green"\n0.7,0.8,red\n',
+            "row starting at line 2 runs on to line 4.*a quote opened at line 2 is probably not",
+        ),
+        (
+            'a,b,target\n0.1,0.2,red\n0.3,0.4,"blue\n0.5,0.6,green\n',
+            r"row starting at line 3 runs on to line 4.*\(unexpected end of data\)",
+        ),
+        # Text after a closing quote, on one line: not half a field.
+        ('a,b,target\n0.1,0.2,"re"d\n', "line 2 is not valid CSV.*quote written twice"),
+    ],
+)
+def test_an_unclosed_quote_is_refused_not_swallowing_rows(
+    repo: Path, tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "quote.csv"
+    path.write_text(text)
+    with pytest.raises(InvalidInputError, match=said):
+        read_csv(path)
+    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(path), "--samples", "5"]
+    _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+    # A quoted field over lines, or with a doubled quote, is still one field.
+    path.write_text('a,b,target\n0.1,0.2,"red"\n0.3,"0.4",blue\n0.5,0.6,"gr""een"\n')
+    assert read_csv(path).column("target") == ["red", "blue", 'gr"een']
+
+
 def test_request_checks_name_the_data_row(repo: Path, tmp_path: Path) -> None:
     path = _csv(tmp_path / "f.csv", ["red", "blue"])
     path.write_text(path.read_text().replace("0.6,0.1", "0.6,nan"))

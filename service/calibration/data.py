@@ -19,6 +19,7 @@ import numpy as np
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column
+from service.calibration.targets import read_number
 from service.calibration.text_data import read_texts
 from service.engine.inputs import to_array
 from service.errors import InvalidInputError
@@ -69,12 +70,13 @@ def read(
     flat = np.empty((len(f.rows), len(names)), dtype=np.float64)
     for i, r in enumerate(f.rows):
         for j, n in enumerate(names):
-            try:
-                flat[i, j] = float(r[col[n]])
-            except ValueError:
-                raise InvalidInputError(
-                    f"{path}: {f.where(i)}, column {n!r}: {r[col[n]]!r} is not a number"
-                ) from None
+            # As train reads it (targets.read_number): float() took "-", "1_234" and "#N/A"'s
+            # cousins inconsistently with train, and said no fix.
+            flat[i, j] = read_number(
+                r[col[n]].strip(),
+                f"{path}: {f.where(i)}, column {n!r}",
+                "; the model's features are numbers: correct it or drop the row",
+            )
     if multi:
         cols = [read_targets(f.column(t), manifest, f.locate, t) for t in targets]
         y = np.stack(cols, axis=1)  # [N, targets]

@@ -7,11 +7,14 @@
 - Numeric class labels are equal by value, exactly: "1", "1.0" and "01" are one class (`key`);
   a label is numeric when written in ASCII decimal ("1e3" yes, "1_000" or "١" no), and compared
   as a Decimal, so 17-digit codes stay distinct.
-- A classification target that is empty, a number that is not finite ("nan", "NaN", "inf") or a
-  missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", any case, or "?", as UCI files
-  write it) is a missing value, not a class: refused with its row, unless the class list names
-  it exactly (`train --labels NA,...` or a bundle whose labels hold it), since some data sets do
-  call a class "NA".
+- A classification target that is empty, a number that is not finite ("nan", "NaN", "inf"), a
+  missing-value marker ("NA", "N/A", "#N/A", "NULL", "<NA>", "#NULL!", any case, or "?", "-",
+  "--", ".", as UCI files, spreadsheets and statistics packages write it) or a spreadsheet's
+  error ("#DIV/0!") is a missing value, not a class: refused with its row, unless the class
+  list names it exactly (`train --labels NA,...` or a bundle whose labels hold it), since some
+  data sets do call a class "NA".
+- A number (a feature; a regression target) is read by `read_number` in all three commands:
+  the same refusals, and "36,9" is told it holds a decimal comma.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from service.engine.inputs import LARGEST
 from service.errors import InvalidInputError
 
 FLOAT32_MAX = LARGEST["float32"]  # what a served float input holds (engine/inputs.py)
-NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>", "?"})
+# "-", "--" and "." are how spreadsheets, SPSS and SAS write a missing value: "-" was a class.
+NA_MARKERS = frozenset({"na", "n/a", "#n/a", "null", "<na>", "?", "-", "--", ".", "#null!"})
+# A spreadsheet's formula that failed (#DIV/0!, #VALUE!, #REF!, #NAME?, #NUM!): not a value.
+SPREADSHEET_ERROR = re.compile(r"#[A-Za-z0-9/]+[!?]")
+# "36,9": a decimal comma, a European spreadsheet's (the file quoted it, as it held a comma).
+DECIMAL_COMMA = re.compile(r"[+-]?[0-9]+,[0-9]+")
 
 
 # A label is a number when written in ASCII decimal: float() also reads "1_000", Arabic-Indic
@@ -52,6 +60,8 @@ def missing(v: str) -> str | None:
         return "the value is empty"
     if v.lower() in NA_MARKERS:
         return f"{v!r} marks a missing value"
+    if SPREADSHEET_ERROR.fullmatch(v):
+        return f"{v!r} is a spreadsheet's error (a formula that failed), not a value"
     try:
         f = float(v)
     except ValueError:
@@ -59,19 +69,23 @@ def missing(v: str) -> str | None:
     return None if math.isfinite(f) else f"{v!r} is not a finite number"
 
 
-def read_number(v: str, where: str) -> float:
-    """``v`` as a float64 float32 can hold; ``where`` (e.g. "f.csv: data row 3 (line 4), column
-    'y'") names it in the error."""
+def read_number(v: str, where: str, advice: str = "") -> float:
+    """The stripped ``v`` as a float64 float32 can hold, written in ASCII decimal (float() also
+    took "1_234.5" and other scripts' digits); ``where`` (e.g. "f.csv: data row 3 (line 4),
+    column 'y'") names it in the error, ``advice`` is the fix for a value that is no number."""
     if not v:
         raise InvalidInputError(f"{where}: the value is empty; fill it in or drop the row")
-    try:
-        f = float(v)
-    except ValueError:
-        raise InvalidInputError(f"{where}: {v!r} is not a number") from None
-    if not math.isfinite(f):
+    why = missing(v)
+    if why is not None:
+        fill = "fill the value in" if "finite" in why else "fill it in"
         raise InvalidInputError(
-            f"{where}: {v!r} is not a finite number; fill the value in or drop the row"
+            f"{where}: {why}; {fill} or drop the row (the model takes no missing values)"
         )
+    if not DECIMAL.fullmatch(v):
+        if DECIMAL_COMMA.fullmatch(v):
+            advice = f"; a decimal comma? write {v.replace(',', '.')} (a point, no quotes)"
+        raise InvalidInputError(f"{where}: {v!r} is not a number{advice}")
+    f = float(v)
     if abs(f) > FLOAT32_MAX:
         raise InvalidInputError(
             f"{where}: {v!r} is beyond float32's range (|value| <= 3.4e38), in which the model "

@@ -5,7 +5,8 @@ enough: a column whose values float32 rounds by more than a thousandth of its st
 (a date as YYYYMMDD, about 2e7 with a spread of a few hundred; a target of 1e9 + noise, served
 in steps of 64) is refused before training, with the fix (subtract an offset, other units).
 A constant regression target is refused (nothing to learn; as one class is for classification);
-constant feature columns are noted. Missing values ("", "NA", "?") are refused with their row.
+constant feature columns are noted. Missing values ("", "NA", "?", "-") are refused with their
+row, as is a value that is not a number, with the fix that fits its column (`read_number`).
 Classes are ordered as `--labels` lists them, else numeric labels by value and other labels
 sorted as text (scikit-learn's order); `classes.py` says how numeric labels and missing values
 are read. Rows are shuffled with the seed and cut 80/20 into training and calibration rows.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from service.calibration.csv_file import CsvFile, read_csv
-from service.calibration.targets import NA_MARKERS, read_number
+from service.calibration.targets import number, read_number
 from service.errors import InvalidInputError
 from service.training.classes import classes
 
@@ -82,7 +83,11 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
         for j, c in enumerate(cols):
             # Finite and within float32 (the served model's precision): a feature of 1e39
             # became infinity in the bundle, a target of 1e200 overflowed the noise fit.
-            x[i, j] = _number(r[c].strip(), f"{f.locate(i)}, column {names[j]!r}", names[j])
+            v, where = r[c].strip(), f"{f.locate(i)}, column {names[j]!r}"
+            try:
+                x[i, j] = read_number(v, where)
+            except InvalidInputError:  # said again, with the fix that fits the column
+                x[i, j] = read_number(v, where, _advice(names[j], f.column(names[j])))
     for j, name in enumerate(names):
         fix = "change its units (a date written as YYYYMMDD: convert it to days)"
         _check_precision(x[:, j], f"{path}: the column {name!r}", fix)
@@ -100,7 +105,7 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
             raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
         return Table(path, f.sha256, names, x, y, labels, f, merged + notes)
     yf = np.array(
-        [_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
+        [read_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
         dtype=np.float64,
     )
     if np.ptp(yf) == 0:
@@ -112,21 +117,17 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
     return Table(path, f.sha256, names, x, yf, None, f, notes)
 
 
-def _number(v: str, where: str, column: str | None = None) -> float:
-    """``v`` as `read_number` reads it, with the fix for a missing value or (``column``: a
-    feature) a value that is not a number."""
-    if v.lower() in NA_MARKERS:
-        raise InvalidInputError(
-            f"{where}: {v!r} marks a missing value; fill it in or drop the row (the model takes "
-            "no missing values)"
-        )
-    if column is not None and v and not numeric(v):
-        raise InvalidInputError(
-            f"{where}: {v!r} is not a number; the features must be numbers: encode a category "
-            f"as numbers or drop the column; if {column!r} is a column of free text, pass "
-            f"--text-column {shlex.quote(column)} to train a text model on it"
-        )
-    return read_number(v, where)
+def _advice(column: str, values: list[str]) -> str:
+    """The fix for a value of ``column`` that is not a number: a slip in a column of numbers
+    (a category or free-text advice told a user to drop a lab column), else a category or text
+    column."""
+    if sum(number(v.strip()) is not None for v in values) * 2 >= len(values):
+        return f"; the other values of {column!r} are numbers: correct this one or drop the row"
+    return (
+        "; the features must be numbers: encode a category as numbers or drop the column; if "
+        f"{column!r} is a column of free text, pass --text-column {shlex.quote(column)} to "
+        "train a text model on it"
+    )
 
 
 def numeric(v: str) -> bool:

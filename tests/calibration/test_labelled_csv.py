@@ -74,7 +74,7 @@ def test_numeric_labels_match_by_value_never_as_class_positions(repo: Path, tmp_
     assert words.y.tolist() == [2, 1, 0, 2]
 
 
-@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "1e309", "NA", ""])
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "1e309", "NA", "", "-", "#DIV/0!"])
 def test_missing_classification_targets_are_refused_with_their_row(
     repo: Path, tmp_path: Path, bad: str
 ) -> None:
@@ -85,6 +85,25 @@ def test_missing_classification_targets_are_refused_with_their_row(
         read(data, _manifest(repo, "num"))
     with pytest.raises(InvalidInputError, match=r"data row 2 \(line 3\)"):
         read(data, _manifest(repo, "words"))
+
+
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        # evaluate said only "'NA' is not a number" (train: fill it in), and took "1_0" for 10.
+        ("NA", "'NA' marks a missing value; fill it in or drop the row"),
+        ("-", "'-' marks a missing value; fill it in or drop the row"),
+        ("1_0", "'1_0' is not a number; the model's features are numbers: correct it or drop"),
+    ],
+)
+def test_features_are_read_as_train_reads_them(
+    repo: Path, tmp_path: Path, cell: str, said: str
+) -> None:
+    path = _csv(tmp_path / "f.csv", ["red", "blue"])
+    path.write_text(path.read_text().replace("0.6,0.1", f"0.6,{cell}"))
+    with pytest.raises(InvalidInputError, match=r"data row 2 \(line 3\), column 'b': ") as err:
+        read(path, _manifest(repo, "words"))
+    assert said in err.value.message
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity", "1e309", "4e38", ""])
@@ -204,7 +223,9 @@ def test_an_unclosed_quote_is_refused_not_swallowing_rows(
 def test_request_checks_name_the_data_row(repo: Path, tmp_path: Path) -> None:
     path = _csv(tmp_path / "f.csv", ["red", "blue"])
     path.write_text(path.read_text().replace("0.6,0.1", "0.6,nan"))
-    with pytest.raises(InvalidInputError, match=r"data row 2 \(line 3\), feature 'b'"):
+    # Read as train reads it (targets.read_number), before the request's checks: the same words.
+    said = r"data row 2 \(line 3\), column 'b': 'nan' is not a finite number; fill the value in"
+    with pytest.raises(InvalidInputError, match=said):
         read(path, _manifest(repo, "words"))
 
 

@@ -77,6 +77,11 @@ def test_numeric_labels_are_compared_exactly() -> None:
         ("NaN", "'NaN' is not a finite number"),
         ("nan", "'nan' is not a finite number"),
         ("NA", "'NA' marks a missing value"),
+        # A spreadsheet's and a statistics package's marks were classes of their own (review CSV).
+        ("-", "'-' marks a missing value"),
+        (".", "'.' marks a missing value"),
+        ("#NULL!", "'#NULL!' marks a missing value"),
+        ("#DIV/0!", "'#DIV/0!' is a spreadsheet's error (a formula that failed), not a value"),
     ],
 )
 def test_missing_class_targets_are_refused_with_their_row(
@@ -116,6 +121,27 @@ def test_values_float32_cannot_hold_are_refused(
         _csv(tmp_path / "h.csv", targets, feature=feature), tmp_path / "repo", "regression"
     )
     _refused(res, said, tmp_path / "repo")
+
+
+@pytest.mark.parametrize(
+    ("cell", "said"),
+    [
+        # float() took these for numbers: a feature's training range reached 1234.5.
+        ("1_234.5", "column 'a': '1_234.5' is not a number; the other values of 'a' are numbers"),
+        ("\uff11", "column 'a': '\uff11' is not a number"),
+        # A missing mark in a lab column was told to drop the column or train a text model.
+        ("-", "column 'a': '-' marks a missing value; fill it in or drop the row"),
+        ("#VALUE!", "column 'a': '#VALUE!' is a spreadsheet's error"),
+        ("x", "column 'a': 'x' is not a number; the other values of 'a' are numbers: correct"),
+        # A European spreadsheet's decimal comma (quoted, in a comma-separated file).
+        ("36,9", "column 'a': '36,9' is not a number; a decimal comma? write 36.9"),
+    ],
+)
+def test_a_feature_value_that_is_no_number_is_refused_with_its_fix(
+    tmp_path: Path, cell: str, said: str
+) -> None:
+    data = _csv(tmp_path / "f.csv", [["low", "high"][i % 2] for i in range(N)], feature=cell)
+    _refused(_train(data, tmp_path / "repo"), said, tmp_path / "repo")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from service.errors import InvalidInputError
 # characters is room enough, and still bounds what an unclosed quote can swallow.
 FIELD_LIMIT = 1 << 20
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+DELIMITERS = (";", "\t", "|")  # what a one-column header may really be split by
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class CsvFile:
     def column(self, name: str) -> list[str]:
         j = self.header.index(name)
         return [r[j] for r in self.rows]
+
+
+def delimiter_hint(header: list[str]) -> str:
+    """'; the file seems to use ';' ...' when a one-column header looks split by another
+    delimiter than ',' (a European spreadsheet's ';', with decimal commas), else ''."""
+    seps = [d for d in DELIMITERS if len(header) == 1 and d in header[0]]
+    if not seps:
+        return ""
+    return (
+        f"; the file seems to use {seps[0]!r} as its delimiter: save it with ',' between the "
+        "values (comma-separated) and '.' as the decimal point (a spreadsheet set to another "
+        "language writes ';' and decimal commas)"
+    )
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -141,8 +155,12 @@ def read_csv(path: Path | str) -> CsvFile:
     out = CsvFile(path, raw, header, rows[1:], lines[1:])
     for i, r in enumerate(out.rows):
         if len(r) != len(header):
+            # A ';' file with decimal commas splits at its commas: say the delimiter first.
             raise InvalidInputError(
-                f"{path}: {out.where(i)} has {len(r)} fields, the header {len(header)}: write one "
-                "field per column, and quote fields that hold commas"
+                f"{path}: {out.where(i)} has {len(r)} fields, the header {len(header)}"
+                + (
+                    delimiter_hint(header)
+                    or ": write one field per column, and quote fields that hold commas"
+                )
             )
     return out

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.calibration.csv_file import CsvFile, read_csv
+from service.calibration.csv_file import CsvFile, delimiter_hint, read_csv
 from service.calibration.targets import number, read_number
 from service.errors import InvalidInputError
 from service.training.classes import classes
@@ -29,7 +29,6 @@ CALIBRATION_FRACTION = 0.2
 # Float32's rounding (half its step at the column's largest value) may be at most this share of
 # a column's standard deviation; `served.check_served` allows ten times it after training.
 PRECISION = 1e-3
-DELIMITERS = (";", "\t", "|")  # what a one-column header may really be split by
 
 
 @dataclass(frozen=True)
@@ -52,13 +51,7 @@ def check_column(path: Path, header: list[str], column: str, what: str) -> None:
     if column in header:
         return
     why = f"{path}: no {what} column {column!r}; the columns are {header}"
-    seps = [d for d in DELIMITERS if len(header) == 1 and d in header[0]]
-    if seps:
-        why += (
-            f"; the file seems to use {seps[0]!r} as its delimiter: save it with ',' between "
-            "the values (comma-separated)"
-        )
-    raise InvalidInputError(why)
+    raise InvalidInputError(why + delimiter_hint(header))
 
 
 def read_table(path: Path, target: str, task: str, labels_given: list[str] | None = None) -> Table:

@@ -135,6 +135,17 @@ def test_a_file_with_another_delimiter_says_so(tmp_path: Path) -> None:
         "delimiter: save it with ',' between the values",
         tmp_path / "repo",
     )
+    # With decimal commas (a European spreadsheet's export) the rows split at them: that was
+    # "data row 1 has 3 fields, the header 1: ... quote fields that hold commas" (review CSV).
+    data.write_text("\ufeffa;b;y\r\n" + "".join(f"{i},5;{i};{'ab'[i % 2]}\r\n" for i in range(N)))
+    res = _train(data, tmp_path / "repo")
+    _refused(
+        res,
+        "data row 1 (line 2) has 2 fields, the header 1; the file seems to use ';' as its "
+        "delimiter: save it with ',' between the values (comma-separated) and '.' as the "
+        "decimal point",
+        tmp_path / "repo",
+    )
 
 
 def test_a_target_far_from_zero_for_its_spread_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ and any others sorted as text (scikit-learn's order).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -91,20 +92,31 @@ def _given(values: list[str], given: list[str], path: Path, target: str) -> list
 
 
 def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
-    """Refuse labels (not numbers) that are one label but for case and spacing."""
+    """Refuse labels (not numbers) that are one label but for case, spacing or Unicode form
+    ("fièvre" with its è as one character or as e + a combining accent: two classes that
+    printed alike)."""
     groups: dict[str, list[str]] = {}
     for v in values:
         if number(v) is None:
-            seen = groups.setdefault(" ".join(v.split()).casefold(), [])
+            norm = unicodedata.normalize("NFKC", " ".join(v.split())).casefold()
+            seen = groups.setdefault(norm, [])
             if v not in seen:
                 seen.append(v)
     alike = [sorted(g) for g in groups.values() if len(g) > 1]
     if alike:
+        # Spellings that print alike are shown with their code points escaped.
+        shown = [[ascii(v) if _forms(g) else repr(v) for v in g] for g in alike]
         raise InvalidInputError(
-            f"{path}: the target {target!r} has labels that differ only in case or spacing: "
-            f"{', '.join(map(str, alike))}; if each group is one class, write it one way in the "
-            "file; if they are different classes, list every class with --labels"
+            f"{path}: the target {target!r} has labels that differ only in case, spacing or "
+            f"Unicode form: {', '.join('[' + ', '.join(g) + ']' for g in shown)}; if each group "
+            "is one class, write it one way in the file; if they are different classes, list "
+            "every class with --labels"
         )
+
+
+def _forms(group: list[str]) -> bool:
+    """Whether two of ``group`` differ only in Unicode form (they look the same printed)."""
+    return len({unicodedata.normalize("NFC", v) for v in group}) < len(group)
 
 
 def check_trained(

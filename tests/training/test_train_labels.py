@@ -37,10 +37,18 @@ def test_labels_differing_only_in_case_or_spacing_are_refused_unless_listed() ->
     with pytest.raises(InvalidInputError) as err:
         classes(values, None, str, Path("c.csv"), "y")
     assert err.value.message == (
-        "c.csv: the target 'y' has labels that differ only in case or spacing: "
+        "c.csv: the target 'y' has labels that differ only in case, spacing or Unicode form: "
         "['NO', 'No', 'no'], ['Yes', 'yes'], ['no  risk', 'no risk']; if each group is one "
         "class, write it one way in the file; if they are different classes, list every class "
         "with --labels"
+    )
+    # One word in two Unicode forms (è as one code point, and as e + a combining grave) was
+    # two classes that printed alike (review CSV): refused, the code points shown.
+    nfc, nfd = "fi\u00e8vre", "fie\u0300vre"
+    with pytest.raises(InvalidInputError) as err:
+        classes([nfc, nfd, "normal"] * 6, None, str, Path("c.csv"), "y")
+    assert "only in case, spacing or Unicode form: ['fie\\u0300vre', 'fi\\xe8vre']" in (
+        err.value.message
     )
     given = ["no", "No", "NO", "yes", "Yes", "no risk", "no  risk"]
     labels, y, _ = classes(values, given, str, Path("c.csv"), "y")

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
-from service.calibration.labelled import Labelled, read_targets, target_column
+from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
 from service.calibration.targets import read_number
 from service.calibration.text_data import read_texts
 from service.engine.inputs import to_array
@@ -88,4 +88,5 @@ def read(
         x = to_array(shaped.tolist(), manifest.inputs, max_instances=len(f.rows))
     except InvalidInputError as exc:
         raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
-    return Labelled(path, f.sha256, x, y)
+    notes = target_notes(f.column(targets[0]), manifest) if not multi else ()
+    return Labelled(path, f.sha256, x, y, notes=notes)

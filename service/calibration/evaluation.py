@@ -276,7 +276,10 @@ def evaluate(served: ServedModel, data: Labelled, *, samples: int, seed: int = 0
         if m.task == "classification"
         else _regression(served, out, req, y.astype(np.float64))
     )
-    warnings = overlaps(data, m, "evaluation", ("train", "calibration"), calibrated=True)
+    warnings = [
+        *data.notes,
+        *overlaps(data, m, "evaluation", ("train", "calibration"), calibrated=True),
+    ]
     ev.numbers = {
         "model": {
             "name": m.name,

@@ -26,6 +26,7 @@ class Labelled:
     # Text data: per row, the index of its distinct text (rows with the same text share it), so
     # a text that carries several labels can be scored leniently; None for other data.
     groups: np.ndarray | None = None
+    notes: tuple[str, ...] = ()  # how the file was read, to warn about (targets as indices)
 
     @property
     def n(self) -> int:
@@ -49,6 +50,13 @@ def read_targets(
         return np.array(values, dtype=np.float64)
     assert manifest.outputs.labels is not None
     return targets.class_indices(raw, manifest.outputs.labels, where)
+
+
+def target_notes(raw: list[str], manifest: Manifest) -> tuple[str, ...]:
+    """What to warn about how the target column was read (`targets.index_note`)."""
+    labels = manifest.outputs.labels
+    note = targets.index_note(raw, labels) if labels is not None else None
+    return (note,) if note is not None else ()
 
 
 def target_column(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:

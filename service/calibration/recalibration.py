@@ -281,7 +281,7 @@ def calibrate_bundle(
         )
     data = read(data_path, m, target, bundle.tokenizer)
     # Calibrating on trained-on rows voids the guarantee; on test rows, spoils later evaluation.
-    warnings = overlaps(data, m, "calibration", ("train", "test"), calibrated=False)
+    warnings = [*data.notes, *overlaps(data, m, "calibration", ("train", "test"), calibrated=False)]
     t = samples if samples is not None else m.defaults.samples
     version = version or next_version(repo, m.name, m.version)
     destination.check(m.name, version)

@@ -138,3 +138,18 @@ def class_indices(
             f"{where(i)}: unknown label {v!r}; give one of the model's labels {list(labels)}{also}"
         )
     return out
+
+
+def index_note(values: Sequence[str], labels: Sequence[str]) -> str | None:
+    """The mapping said when targets were read as class indices (no label is a number and some
+    value is): a file coding 1 = alive for the labels ['alive', 'dead'] was scored inverted
+    without a word (review CSV)."""
+    if any(number(lab) is not None for lab in labels):
+        return None
+    if not any(number(v.strip()) is not None for v in values):
+        return None
+    mapping = ", ".join(f"{k} = {lab!r}" for k, lab in enumerate(labels))
+    return (
+        f"the targets were read as class indices in the model's label order ({mapping}); if "
+        "the file numbers its classes otherwise, write the labels themselves"
+    )

@@ -20,7 +20,7 @@ import numpy as np
 
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
-from service.calibration.labelled import Labelled, read_targets, target_column
+from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
 from service.engine.text import encode_texts
 from service.errors import InvalidInputError
 
@@ -63,4 +63,5 @@ def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: An
         raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
     first: dict[str, int] = {}
     groups = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
-    return Labelled(path, f.sha256, batch.ids, y, groups)
+    notes = target_notes(f.column(t_name), manifest)
+    return Labelled(path, f.sha256, batch.ids, y, groups, notes)

@@ -72,6 +72,20 @@ def test_numeric_labels_match_by_value_never_as_class_positions(repo: Path, tmp_
     # Labels that are not numbers still take class indices (0-based), as before.
     words = read(_csv(tmp_path / "w.csv", ["2", "1.0", "red", " blue "]), _manifest(repo, "words"))
     assert words.y.tolist() == [2, 1, 0, 2]
+    # ... and say so, with the mapping: a file coding its classes otherwise was scored wrong
+    # without a word (review CSV); evaluate prints it, and the report keeps it.
+    said = (
+        "the targets were read as class indices in the model's label order (0 = 'red', "
+        "1 = 'green', 2 = 'blue'); if the file numbers its classes otherwise, write the labels"
+    )
+    assert len(words.notes) == 1 and words.notes[0].startswith(said)
+    assert read(_csv(tmp_path / "l.csv", ["red", "blue"]), _manifest(repo, "words")).notes == ()
+    assert data.notes == ()  # numeric labels: matched by value, never as indices
+    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(tmp_path / "w.csv")]
+    res = runner.invoke(app, [*ev, "--samples", "5", "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {said}" in res.output
+    assert said in (tmp_path / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", "1e309", "NA", "", "-", "#DIV/0!"])

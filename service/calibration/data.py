@@ -53,7 +53,10 @@ def read(
         manifest.outputs.target_names if multi else [target_column(header, manifest, target, path)]
     )
     missing = [n for n in [*names, *targets] if n not in header]
-    unknown = sorted(set(header) - {*names, *targets})
+    # Columns `train --ignore` left out of the features: the same CSV calibrates and evaluates.
+    left_out = manifest.training.provenance.get("ignored_columns")
+    ignored = {c for c in left_out if isinstance(c, str)} if isinstance(left_out, list) else set()
+    unknown = sorted(set(header) - {*names, *targets} - ignored)
     if missing or unknown:
         what = (
             f"the target names {targets}"

@@ -103,6 +103,13 @@ def train(
             "texts, for the unfamiliar-text referral (0: no word list)"
         ),
     ] = 2,
+    ignore: Annotated[
+        str | None,
+        typer.Option(
+            help="tabular: columns that are not features (an identifier, a date), comma "
+            "separated; calibrate and evaluate leave them out of the same CSV too"
+        ),
+    ] = None,
     calibration_method: Annotated[
         str,
         typer.Option(
@@ -142,6 +149,7 @@ def train(
     try:
         sizes = options.hidden_sizes(hidden)
         given = options.class_labels(labels)
+        left_out = options.ignored_columns(ignore)
         # Before any training: a bad name or version is refused now, not when the bundle is
         # written (versions.py).
         check_names(bundle_name, version)
@@ -173,7 +181,7 @@ def train(
                 data=data, target=target, task=kind, out=out, name=bundle_name,
                 version=version, seed=seed, epochs=epochs, progress=progress,
                 labels_given=given, hidden=sizes, noise=how,
-                calibration_method=calibration_method,
+                calibration_method=calibration_method, ignore=left_out,
             )  # fmt: skip
     except (McServeError, OSError) as exc:
         raise fail(str(getattr(exc, "message", exc))) from None

@@ -17,7 +17,7 @@ TEXT_ONLY = {
     "--word-min-texts": "word_min_texts",
     "--splits": "splits",
 }
-TABLE_ONLY = {"--hidden": "hidden", "--noise": "noise"}
+TABLE_ONLY = {"--hidden": "hidden", "--noise": "noise", "--ignore": "ignore"}
 
 
 def hidden_sizes(hidden: str) -> list[int]:
@@ -51,6 +51,21 @@ def class_labels(labels: str | None) -> list[str] | None:
             "label that holds a comma: '\"yes, severe\",no')"
         )
     return given
+
+
+def ignored_columns(ignore: str | None) -> list[str]:
+    """`--ignore patient_id,date` as column names, read as one CSV row like `--labels`."""
+    if ignore is None:
+        return []
+    try:
+        names = [v.strip() for v in next(csv.reader([ignore], skipinitialspace=True), [])]
+    except csv.Error as exc:
+        raise InvalidInputError(f"--ignore {ignore!r}: {exc}") from None
+    if not names or "" in names:
+        raise InvalidInputError(
+            f"--ignore {ignore!r}: give one or more column names, comma separated"
+        )
+    return names
 
 
 def refuse_other_kind(given: Collection[str], *, text: str | None, data: str) -> None:

@@ -43,6 +43,7 @@ class Table:
     labels: list[str] | None  # classification: in `classes.classes`' order
     file: CsvFile  # where each row is (`file.locate(i)`), for messages
     notes: list[str] = field(default_factory=list)  # e.g. spellings of one class merged
+    ignored: list[str] = field(default_factory=list)  # columns left out (`--ignore`)
 
 
 def check_column(path: Path, header: list[str], column: str, what: str) -> None:
@@ -54,13 +55,24 @@ def check_column(path: Path, header: list[str], column: str, what: str) -> None:
     raise InvalidInputError(why + delimiter_hint(header))
 
 
-def read_table(path: Path, target: str, task: str, labels_given: list[str] | None = None) -> Table:
-    """Read a CSV with a header: numeric feature columns plus the target column (the file read
-    as `calibrate` reads it: `service.calibration.csv_file.read_csv`)."""
+def read_table(
+    path: Path,
+    target: str,
+    task: str,
+    labels_given: list[str] | None = None,
+    ignore: list[str] | None = None,
+) -> Table:
+    """Read a CSV with a header: numeric feature columns plus the target column, less the
+    ``ignore`` columns (the file read as `calibrate` reads it: `csv_file.read_csv`)."""
     f = read_csv(path)
     header = f.header
     check_column(path, header, target, "target")
-    names = [h for h in header if h != target]
+    ignored = list(dict.fromkeys(ignore or []))
+    for name in ignored:
+        check_column(path, header, name, "--ignore")
+    if target in ignored:
+        raise InvalidInputError(f"--ignore names the target {target!r}; leave it out of --ignore")
+    names = [h for h in header if h != target and h not in ignored]
     if not names:
         raise InvalidInputError(f"{path}: no feature columns besides the target {target!r}")
     if "target" in names:
@@ -91,12 +103,20 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
             f"the columns {constant} hold one value in every row: they tell the model nothing "
             "(drop them, or check the file)"
         )
+    ids = [n for j, n in enumerate(names) if _like_an_identifier(x[:, j])]
+    if ids:
+        # An identifier is trained on, and every new one lies outside its training range: the
+        # extrapolation trigger would refer every new patient (review CSV).
+        notes.append(
+            f"the columns {ids} hold a different whole number in every row, like an identifier: "
+            f"if that is what they are, leave them out with --ignore {shlex.quote(','.join(ids))}"
+        )
     values = [v.strip() for v in f.column(target)]
     if task == "classification":
         labels, y, merged = classes(values, labels_given, f.locate, path, target)
         if len(labels) < 2:
             raise InvalidInputError(f"{path}: the target {target!r} has fewer than 2 classes")
-        return Table(path, f.sha256, names, x, y, labels, f, merged + notes)
+        return Table(path, f.sha256, names, x, y, labels, f, merged + notes, ignored)
     yf = np.array(
         [read_number(v, f"{f.locate(i)}, target {target!r}") for i, v in enumerate(values)],
         dtype=np.float64,
@@ -107,7 +127,7 @@ def read_table(path: Path, target: str, task: str, labels_given: list[str] | Non
             "to learn (and would serve it with false confidence); check the column"
         )
     _check_precision(yf, f"{path}: the target {target!r}", "change its units")
-    return Table(path, f.sha256, names, x, yf, None, f, notes)
+    return Table(path, f.sha256, names, x, yf, None, f, notes, ignored)
 
 
 def _advice(column: str, values: list[str]) -> str:
@@ -121,6 +141,12 @@ def _advice(column: str, values: list[str]) -> str:
         f"{column!r} is a column of free text, pass --text-column {shlex.quote(column)} to "
         "train a text model on it"
     )
+
+
+def _like_an_identifier(column: np.ndarray) -> bool:
+    """Whole numbers, each row its own, over enough rows that chance is no explanation."""
+    n = len(column)
+    return n >= 20 and bool(np.all(column == np.round(column))) and len(np.unique(column)) == n
 
 
 def numeric(v: str) -> bool:

@@ -57,11 +57,12 @@ def train_table(
     hidden: list[int],
     noise: Noise,
     calibration_method: str,
+    ignore: list[str] | None = None,
 ) -> Path:
     """Train, save version `version`, calibrate into the next; returns the calibrated path."""
     from service.calibration.selection import check_rows
 
-    table = read_table(data, target, task, labels_given)
+    table = read_table(data, target, task, labels_given, ignore)
     tr, cal = split(len(table.x), seed)
     if task == "classification":
         assert table.labels is not None
@@ -190,6 +191,7 @@ def _provenance(
     return {
         "dataset": f"{table.path.name} (sha256 {table.sha256})",
         "target_column": target,
+        "ignored_columns": table.ignored,  # calibrate and evaluate leave them out too
         "seed": seed,
         "split": {
             "method": "numpy default_rng(seed).permutation, cut 80/20 (train/calibration)",

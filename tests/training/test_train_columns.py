@@ -211,3 +211,49 @@ def test_a_constant_target_is_refused_and_constant_features_are_noted(tmp_path: 
         "the columns ['k'] hold one value in every row: they tell the model nothing (drop them, "
         "or check the file)"
     ]
+
+
+def test_an_identifier_column_is_noted_and_ignore_leaves_it_out(tmp_path: Path) -> None:
+    """A patient id was trained on without a word, and every new patient's id lies outside its
+    training range (the extrapolation trigger refers them all); nothing could leave it out
+    (review CSV). Now a note names it, and `--ignore` leaves it out of train, calibrate and
+    evaluate of the same file."""
+    x = _numbers()
+    rows = [[100_000 + i, *r, "ab"[i % 2]] for i, r in enumerate(x)]
+    data = _write(tmp_path / "ids.csv", ["patient_id", "a", "b", "y"], rows)
+    res = _train(data, tmp_path / "one")
+    assert res.exit_code == 0, res.output
+    assert (
+        "the columns ['patient_id'] hold a different whole number in every row, like an "
+        "identifier: if that is what they are, leave them out with --ignore patient_id"
+    ) in res.output
+    res = _train(data, tmp_path / "two", "classification", "--ignore", "patient_id")
+    assert res.exit_code == 0, res.output
+    assert "like an identifier" not in res.output
+    bundle = Path(res.stdout.strip().splitlines()[-1])
+    from service.bundle.load import load_bundle
+
+    m = load_bundle(bundle).manifest
+    assert m.inputs.feature_names == ["a", "b"]
+    assert m.training.provenance["ignored_columns"] == ["patient_id"]
+    runner = CliRunner()
+    out = tmp_path / "report"
+    ev = runner.invoke(app, ["evaluate", str(bundle), "--data", str(data), "--samples", "5",
+                             "--target", "y", "--out", str(out)])  # fmt: skip
+    assert ev.exit_code == 0, ev.output
+    cal = runner.invoke(app, ["calibrate", str(bundle), "--data", str(data), "--target", "y",
+                              "--out", str(tmp_path / "two"), "--samples", "5"])  # fmt: skip
+    assert cal.exit_code == 0, cal.output
+    # A column that is not there, or the target, is refused before training.
+    res = _train(data, tmp_path / "three", "classification", "--ignore", "patient")
+    _refused(res, "no --ignore column 'patient'; the columns are", tmp_path / "three")
+    res = _train(data, tmp_path / "three", "classification", "--ignore", "patient_id,y")
+    _refused(res, "--ignore names the target 'y'", tmp_path / "three")
+
+
+def test_ignore_is_refused_for_text_data(tmp_path: Path) -> None:
+    rows = [[NOTES[i % 2] + f" case {i}", "ab"[i % 2]] for i in range(N)]
+    data = _write(tmp_path / "t.csv", ["note", "y"], rows)
+    args = ["train", "--data", str(data), "--target", "y", "--task", "classification"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "repo"), "--ignore", "note"])
+    _refused(res, "--ignore is for tabular data", tmp_path / "repo")

@@ -160,6 +160,8 @@ class GuardedProtocol(HttpToolsProtocol):
             self.close("body_timeout")
             return
         # As connection_lost would: the app's receive() answers a disconnect, its send() nothing.
+        # Marked, so the app's access line says the 408 the client got, not a 499 (review SRE).
+        cycle.scope.setdefault("state", {})["closed_by"] = "body_timeout"
         cycle.disconnected = True
         cycle.message_event.set()
         s = self.guard.limits.body_timeout_s

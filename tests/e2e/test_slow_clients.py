@@ -76,6 +76,16 @@ def test_half_open_connections_are_closed_and_do_not_crowd_out_requests(tmp_path
             if sample.name == "mcserve_connections_closed_total"
         }
         assert closed["body_timeout"] == 1 and closed["concurrency"] == 0, closed
+        # The app saw that request begin: its access line says the 408 the client got, and it
+        # is not counted as a request (it was a 499 in both: review SRE).
+        statuses = {
+            sample.labels["status"]
+            for family in text_string_to_metric_families(scrape)
+            for sample in family.samples
+            if sample.name == "mcserve_requests_total" and sample.labels["model"] == "diabetes"
+        }
+        assert not statuses & {"408", "499"}, statuses
+        assert '"status":408' in srv.output() and '"status":499' not in srv.output()
         assert closed["evicted"] + closed["header_timeout"] >= HELD, closed
         assert "Too many open files" not in srv.output()
         assert '"level":"error"' not in srv.output()

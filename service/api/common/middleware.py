@@ -129,6 +129,8 @@ class RequestContext:
                 await self._refuse(ShuttingDownError(DRAIN_OUT), scope, receive, send)
             if gone and not started:
                 status = 499  # gone before its answer (e.g. while sending its body): not a 500
+                if state.get("closed_by") == "body_timeout":  # answered below: connections.py
+                    status = 408
         finally:
             self._record(scope, status, time.perf_counter() - start)
 
@@ -139,7 +141,8 @@ class RequestContext:
         route = scope.get("route")
         template = getattr(route, "path", None) or "(unmatched)"
         model = (scope.get("path_params") or {}).get("name")
-        if self.metrics is not None:
+        # What the connection layer answered is counted there (connections_closed_total) only.
+        if self.metrics is not None and "closed_by" not in state:
             self.metrics.observe_request(model, template, status, seconds)
         if not access_log.isEnabledFor(logging.INFO):
             return  # the line would be dropped: do not build it (this runs for every request)

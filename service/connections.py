@@ -15,15 +15,18 @@ client likes: with 1,024 file descriptors, 1,100 such connections made every req
   head in one packet, so the oldest waiting is the likeliest to be hostile); with none waiting,
   the new connection is answered 503 and closed.
 
-uvicorn's `limit_concurrency` (503 over `max_concurrency` connections or requests) is kept, but
-not for the probes (PROBES): under a burst at the cap, the kubelet's liveness probe got 503s and
-restarted a pod that was only busy, dropping its queue onto the other replicas.
+uvicorn's `limit_concurrency` test (over `max_concurrency` connections or requests) is kept, with
+a JSON 503 (`busy`), but not for the probes (PROBES): under a burst at the cap, the kubelet's
+liveness probe got 503s and restarted a pod that was only busy, dropping its queue onto the other
+replicas. Idle keep-alive connections count, so `max_pending_connections` (which bounds them)
+must stay below `max_concurrency` (settings_check.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,6 +76,25 @@ class Guard:
         return True
 
 
+BUSY = (
+    b'{"error": "the server has as many requests in flight as MCSERVE_MAX_CONCURRENCY allows; '
+    b'retry shortly, or on another replica"}'
+)
+
+
+async def busy(scope: Any, receive: Any, send: Any) -> None:
+    """The 503 over `max_concurrency`, answered below the app: JSON with Retry-After and a
+    request id like every other error (uvicorn's own was text/plain without either)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(BUSY)),
+        (b"retry-after", b"1"),
+        (b"x-request-id", os.urandom(12).hex().encode()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": BUSY})
+
+
 def uvicorn_limit(max_concurrency: int | None) -> int | None:
     """uvicorn's `limit_concurrency` for at most `max_concurrency` connections or requests:
     uvicorn counts the asking request's own connection (503 once `limit` are open, itself
@@ -114,16 +136,18 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.guard.waiting.pop(self, None)
         self._arm(self.guard.limits.body_timeout_s, self._body_late)
-        cap = self.limit_concurrency
+        cap, app = self.limit_concurrency, self.app
+        self.limit_concurrency = None  # read by uvicorn's on_headers_complete alone
         if self.url.split(b"?", 1)[0] in PROBES:
-            self.limit_concurrency = None  # read by uvicorn's on_headers_complete alone
+            pass
         elif cap is not None and (len(self.connections) >= cap or len(self.tasks) >= cap):
-            # uvicorn's own 503, as it decides it: counted here, since the app never sees it
+            # uvicorn's test, our answer (`busy`): counted here, since the app never sees it
             self.guard.closed["concurrency"] += 1
+            self.app = busy
         try:
             super().on_headers_complete()
         finally:
-            self.limit_concurrency = cap
+            self.limit_concurrency, self.app = cap, app
 
     def on_message_complete(self) -> None:
         self._disarm()

@@ -167,6 +167,15 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
             f"{' and '.join(asked)}: nothing to protect with, {variable('api_keys')} is empty; "
             "set API keys, or leave these off"
         )
+    if s.max_concurrency is not None and s.max_pending_connections >= s.max_concurrency:
+        # Idle keep-alive connections (a load balancer's pool) wait for a head and count toward
+        # the cap: up to the pending cap of them took every place, /readyz 200 (review SRE).
+        errors.append(
+            f"{variable('max_concurrency')} ({s.max_concurrency}) must be above "
+            f"{variable('max_pending_connections')} ({s.max_pending_connections}): idle "
+            "keep-alive connections, up to the pending cap, count toward it and could refuse "
+            "every request; lower the pending cap (e.g. to half of it) or raise the concurrency"
+        )
     if s.cds_mapping_dir is not None and not s.cds_mapping_dir.is_dir():
         warnings.append(
             f"{variable('cds_mapping_dir')}: {s.cds_mapping_dir} is not a directory; no model "

@@ -65,6 +65,12 @@ def repo(tmp_path: Path) -> Path:
             {"MCSERVE_DRAIN_TIMEOUT_S": "0"},
             "MCSERVE_DRAIN_TIMEOUT_S: Input should be greater than 0",
         ),
+        # Idle keep-alive connections (up to the pending cap) took every place: all 503.
+        (
+            {"MCSERVE_MAX_CONCURRENCY": "50"},
+            "MCSERVE_MAX_CONCURRENCY (50) must be above MCSERVE_MAX_PENDING_CONNECTIONS (256): "
+            "idle keep-alive connections",
+        ),
     ],
     ids=[
         "json-object",
@@ -77,6 +83,7 @@ def repo(tmp_path: Path) -> Path:
         "audit-url",
         "hmac",
         "no-drain-limit",
+        "concurrency-under-pending",
     ],
 )
 def test_a_wrong_setting_names_its_variable(

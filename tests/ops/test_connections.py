@@ -5,6 +5,7 @@ limit is tests/e2e/test_slow_clients.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -136,6 +137,11 @@ async def test_max_concurrency_requests_are_served_and_one_more_is_refused() -> 
             status = transport.written.split(b"\r\n", 1)[0]
             expected = b"HTTP/1.1 200 OK" if k < cap else b"HTTP/1.1 503 Service Unavailable"
             assert status == expected, (cap, k)
+            if k == cap:  # JSON, Retry-After and an id like every error (uvicorn's: plain text)
+                head, body = transport.written.split(b"\r\n\r\n", 1)
+                assert b"content-type: application/json" in head and b"retry-after: 1" in head
+                assert b"x-request-id: " in head
+                assert json.loads(body)["error"].startswith("the server has as many requests")
             busy.append(proto)  # answered, still open: a connection, as uvicorn counts
         assert busy[0].guard.closed["concurrency"] == 1  # uvicorn's 503, counted for /metrics
         for p in busy:

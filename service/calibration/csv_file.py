@@ -2,7 +2,8 @@
 
 The bytes are decoded as UTF-8 (a byte-order mark dropped, as spreadsheets write it) and parsed
 by `csv.reader` over the whole text, so quoted fields may hold commas, newlines and any Unicode
-line separator. Blank lines are skipped. Every problem is an `InvalidInputError` naming the file
+line separator. Blank lines are skipped, and so are rows of empty fields at the end of the file
+(a spreadsheet's ",,,"). Every problem is an `InvalidInputError` naming the file
 and the line or data row, with what to change: another encoding, a line the parser refuses (a
 quote left open, text after a closing quote), a
 header with an unnamed or repeated column, a row with more or fewer fields than the header.
@@ -129,6 +130,12 @@ def _parse(path: Path, text: str) -> tuple[list[list[str]], list[int]]:
                 lines.append(start)
     finally:
         csv.field_size_limit(old)
+    # A spreadsheet's export may end in rows of empty fields (",,,"): nothing follows them, so
+    # they are dropped like blank lines (they were refused as missing values). Inside the data
+    # such a row is kept, and refused with its line.
+    while len(rows) > 1 and not any(v.strip() for v in rows[-1]):
+        rows.pop()
+        lines.pop()
     return rows, lines
 
 

@@ -229,6 +229,10 @@ def test_an_unclosed_quote_is_refused_not_swallowing_rows(
         read_csv(path)
     ev = ["evaluate", str(repo / "words" / "1"), "--data", str(path), "--samples", "5"]
     _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+    # Rows of empty fields ending the file (a spreadsheet's ",,,") are dropped like blank lines
+    # (they were refused as missing values); one inside the data is kept, and refused.
+    path.write_text("a,b,target\n0.1,0.2,red\n,,\n0.3,0.4,blue\n,,\r\n , ,\n\n")
+    assert read_csv(path).column("target") == ["red", "", "blue"]
     # A quoted field over lines, or with a doubled quote, is still one field.
     path.write_text('a,b,target\n0.1,0.2,"red"\n0.3,"0.4",blue\n0.5,0.6,"gr""een"\n')
     assert read_csv(path).column("target") == ["red", "blue", 'gr"een']

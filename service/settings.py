@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     compute_process: bool = True
     # With the compute process: a child that holds calls and has sent nothing, not even its
     # heartbeat (4 a second, from a thread of its own), for this long is hung (stopped, or
-    # holding the GIL): killed and restarted, its requests 503. 0: never; else at least 1 s.
+    # holding the GIL), and so is one computing a batch whose forwards have not moved for this
+    # long (stuck with the GIL released): killed and restarted, its requests 503. 0: never;
+    # else at least 1 s.
     compute_stall_s: float = Field(default=60.0, ge=0.0, le=3600.0)
 
     @field_validator("compute_stall_s")

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from service.engine import cancels, frozen
+from service.engine import cancels, frozen, progress
 from service.engine.compute import Outcome, Work, run, warm
 from service.engine.model import ServedModel
 from service.engine.registry import ModelFactory
@@ -109,7 +109,11 @@ class _Child:
         model = self.models.get(key) or self._load(key, path)
         stats = model.sampler.stats
         before = [getattr(stats, n) for n in _COUNTERS]
-        results = run(model, works)
+        progress.begin()  # judged by its forwards from here (progress.py), not while loading
+        try:
+            results = run(model, works)
+        finally:
+            progress.end()
         counts = {n: getattr(stats, n) - b for n, b in zip(_COUNTERS, before, strict=True)}
         return [_portable(r) for r in results], counts
 
@@ -170,10 +174,11 @@ def main(fd: int) -> None:
 
 def _heartbeat(stream: Any, writing: threading.Lock) -> None:
     """Say "alive" every HEARTBEAT_S, whatever the main thread does (it releases the GIL in
-    torch and numpy, and Python switches threads every 5 ms otherwise)."""
-    beat = frame((HEARTBEAT, True, None))
+    torch and numpy, and Python switches threads every 5 ms otherwise), with whether a batch is
+    being computed and how many forwards have run (progress.py: a stuck main thread)."""
     while True:
         time.sleep(HEARTBEAT_S)
+        beat = frame((HEARTBEAT, True, (progress.computing, progress.forwards)))
         try:
             with writing:
                 stream.write(beat)

@@ -41,6 +41,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 from torch.fx.passes.shape_prop import ShapeProp
 
+from service.engine import progress
 from service.engine.blocks import live_rows
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class Prefix:
                 part = torch.cat([part, part[:1].expand(pad_to - n, *part.shape[1:])])  # not 0s
             with live_rows(n):  # padding inputs skip the prefix's linear layers
                 values = self(part)
+            progress.tick()
             if n == total:  # one chunk: its values as they are
                 return [v[:n] if b else v for v, b in zip(values, batched, strict=True)]
             if not out:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine import budgets, suffix
+from service.engine import budgets, progress, suffix
 from service.engine.blocks import BLOCK_ROWS, block_linears
 from service.engine.cancels import Flag
 from service.engine.device import tune_allocator
@@ -249,6 +249,7 @@ class MCSampler:
             for lo in range(0, xt.shape[0], self.prefix_chunk):
                 part = xt[lo : lo + self.prefix_chunk]
                 outs.append(self.module(self._pad(part, pad))[: part.shape[0]].float())
+                progress.tick()
         return torch.cat(outs).cpu().numpy()
 
     def run(self, requests: Sequence[MCRequest]) -> list[np.ndarray]:
@@ -309,6 +310,7 @@ class MCSampler:
                 base = self._pad(rows.base[lo:hi], padded)  # padded rows: masks unused
                 out[lo:hi] = self._chunk(g, inputs, keys, base, idx)[:n].float()
                 forwards += 1
+                progress.tick()
             self.stats.add(
                 batches=1,
                 requests=len(requests),

@@ -12,8 +12,9 @@ so nothing in the server waits for the GIL.
 The child (`compute_child.py`) builds its own copy of each model from the same bundle and
 settings (`ModelFactory`), checks that its digest is the one the server loaded, and runs
 `compute.run`, the function the compute thread runs: the numbers are the same (tested). This is
-the server's side: it starts the child, feeds and reads it, watches its heartbeat, and if it dies
-fails the batches it held with 503; the next batch starts a new one.
+the server's side: it starts the child, feeds and reads it, watches its heartbeat and progress,
+and if it dies (or is killed as hung) fails the batches it held with 503 and starts a new one
+at once, which loads the served models before the replica is ready again (`_recover`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from service.errors import ComputeUnavailableError, McServeError
 log = logging.getLogger("mcserve.worker")
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
 RECOVER_MAX_S = 30.0  # a child that dies again and again: restarts at most this far apart
+STABLE_S = 60.0  # a child that lived this long resets that pause; one that died sooner doubles it
 CLOSE_S = 2.0  # at shutdown, the child's time to exit before it is killed (deploy's grace)
 
 
@@ -55,6 +57,11 @@ class ComputeProcess:
         # the child (model loads, pipelined batches) longer than any fixed limit (review R7).
         self.stall_s = stall_s  # 0: never judged hung
         self._heard = time.monotonic()  # the child's last frame (answer or heartbeat)
+        # From its heartbeats (progress.py): whether it computes a batch, its forward count,
+        # and when that count last moved (or it was idle): a stuck main thread beats on.
+        self._computing = False
+        self._forwards = 0
+        self._moved = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -72,6 +79,8 @@ class ComputeProcess:
         # left /readyz 200 and charged the restart, seconds, to the next request: review SRE).
         self.on_restart: Callable[[], Awaitable[None]] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._started_at = -math.inf  # when the child in use was greeted
+        self._backoff = RESTART_PAUSE_S
 
     @property
     def alive(self) -> bool:
@@ -120,17 +129,19 @@ class ComputeProcess:
                     f"the compute process failed to start ({self._failure}); retry shortly"
                 ) from exc
             self._ready = True
-            self._heard = time.monotonic()
+            self._heard = self._moved = self._started_at = time.monotonic()
+            self._computing, self._forwards = False, 0  # a new child counts from 0
             if self.stall_s > 0 and self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
             log.info("compute process started", extra={"pid": pid, "starts": self.starts})
 
     async def _watch(self) -> None:
-        """Kill a child that holds calls and has said nothing for `stall_s`: what it held
-        answers 503 and the next call starts a new one (a stopped child held requests without
-        a deadline for ever, readiness stayed 200, and the queue filled to 429s). Its
-        heartbeat comes from a thread of its own, so this sees a child that is stopped or holds
-        the GIL, not one whose main thread waits on a lock with the GIL released."""
+        """Kill a child that holds calls and has said nothing for `stall_s`, or whose batch has
+        run no forward for `stall_s` (progress.py): what it held answers 503 and a new one is
+        started (a stopped child held requests without a deadline for ever, readiness stayed
+        200, and the queue filled to 429s). Its heartbeat comes from a thread of its own: the
+        silence catches a child stopped or holding the GIL, the forward count one whose main
+        thread waits for ever with the GIL released."""
         interval = min(HEARTBEAT_S, self.stall_s / 4)
         tick = time.monotonic()
         while not self._closing:
@@ -141,10 +152,16 @@ class ComputeProcess:
                 continue
             try:
                 silent = now - self._heard
-                if self._ready and self._pending and silent > self.stall_s:
+                stuck = now - self._moved if self._computing else 0.0
+                if self._ready and self._pending and max(silent, stuck) > self.stall_s:
                     log.error(
-                        "compute process silent: killed",
-                        extra={"seconds": round(silent, 1), "in_flight": len(self._pending)},
+                        "compute process silent: killed"
+                        if silent > self.stall_s
+                        else "compute process stuck (no forward): killed",
+                        extra={
+                            "seconds": round(max(silent, stuck), 1),
+                            "in_flight": len(self._pending),
+                        },
                     )
                     self._lost()
             except Exception:  # the watch goes on whatever one check hit
@@ -193,6 +210,8 @@ class ComputeProcess:
                 if generation == self.starts:
                     self._heard = time.monotonic()
                 if ident == HEARTBEAT:
+                    if generation == self.starts and value is not None:
+                        self._beat(*value)
                     continue
                 fut = self._pending.pop(ident, None)
                 if fut is not None and not fut.done():
@@ -204,22 +223,37 @@ class ComputeProcess:
                 self._lost()
 
     async def _recover(self) -> None:
-        """Start a new child and load the served models into it, retrying with a growing pause
-        while it fails or dies again on the way (a model that crashes it on every load)."""
-        pause = RESTART_PAUSE_S
+        """Start a new child and load the served models into it (`on_restart`), until one child
+        holds them all: a child that dies on the way (or a start that fails) is tried again,
+        after a pause when it died soon after starting, doubled each time up to RECOVER_MAX_S
+        and reset by a child that lived STABLE_S (a crash loop reloaded every model back to
+        back, and a second death mid-load ended ready with models missing: review R19)."""
+        failed = False
         while not self._closing:
+            if failed or time.monotonic() - self._started_at < STABLE_S:
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(2 * self._backoff, RECOVER_MAX_S)
+            else:
+                self._backoff = RESTART_PAUSE_S
             try:
                 await self.start()
+                child = self.starts
                 if self.on_restart is not None:
                     await self.on_restart()
-                if self._ready:
+                if self._ready and self.starts == child:  # one child took every model
                     log.info("compute process restarted", extra={"starts": self.starts})
                     return
+                failed = True
             except Exception as exc:  # its start, or a model's load: tried again after a pause
                 reason = exc.message if isinstance(exc, McServeError) else repr(exc)
                 log.warning("compute process restart failed", extra={"reason": reason})
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, RECOVER_MAX_S)
+                failed = True
+
+    def _beat(self, computing: bool, forwards: int) -> None:
+        now = time.monotonic()
+        if not computing or forwards != self._forwards:
+            self._moved = now
+        self._computing, self._forwards = computing, forwards
 
     def _lost(self) -> None:
         """Fail what the child held; a child that was serving is restarted in the background."""

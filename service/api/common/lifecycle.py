@@ -18,9 +18,10 @@ from service.api.common.state import AppState
 from service.engine import frozen
 from service.engine.batcher import Batcher
 from service.engine.compute import warm
+from service.engine.compute_child import key_of
 from service.engine.model import ServedModel
 from service.engine.registry import Entry, discover
-from service.errors import McServeError, ModelNotFoundError
+from service.errors import BundleChangedError, McServeError, ModelNotFoundError
 from service.metrics import Metrics
 
 log = logging.getLogger("mcserve.lifecycle")
@@ -157,11 +158,20 @@ class ModelControl:
         return entry
 
     async def prepare_all(self) -> None:
-        """A new compute process (its child died) loads every served model before the replica
-        is ready again; one it refuses now loads at its next request instead."""
-        for entry in self.st.registry.entries():
-            if entry.model is not None and entry.ready:
-                await self._prepare_remote(entry)
+        """A new compute process (its child died) loads every served version before the replica
+        is ready again. Under the lock: a version unloaded meanwhile is not loaded into the
+        child after its release. A version whose files changed since the server read them is
+        refused, as a batch would find (`_changed_files`); any other failure (the child died on
+        the way) goes up, and worker.py's recovery tries again."""
+        assert self.st.remote is not None
+        async with self._lock:
+            for entry in self.st.registry.entries():
+                if entry.model is None or not entry.ready:
+                    continue
+                try:
+                    await self.st.remote.prepare(entry.model)
+                except BundleChangedError as exc:
+                    self._later(self._changed_files(key_of(entry.model), exc.message))
 
     async def _prepare_remote(self, entry: Entry) -> Entry:
         """The compute process loads and warms its own copy before the model is ready."""

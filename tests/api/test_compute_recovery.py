@@ -1,0 +1,136 @@
+"""The compute process restarted after it died or hung (service/engine/worker.py `_recover`,
+lifecycle.prepare_all): unready until one child holds every served model, a pause that grows
+while children die young, and a child stuck with the GIL released found by its progress.
+
+The child's behaviour is changed through a `sitecustomize` module on its PYTHONPATH (the
+server's own interpreter is already running, so it is untouched): it records each model it
+warms, and waits or exits there when a flag file exists."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from apps import asgi_client, running
+from test_batching import body, state, until
+
+from service.engine.worker import RESTART_PAUSE_S, ComputeProcess
+from service.settings import Settings
+
+HOOK = """
+import os, time
+import service.engine.compute as compute
+
+def _warm(model, _warm=compute.warm):
+    with open(os.environ["MCSERVE_TEST_LOADS"], "a") as f:
+        f.write(f"{os.getpid()} {model.name}\\n")
+    die = os.environ["MCSERVE_TEST_DIE"]
+    if os.path.exists(die):  # once: the next child loads
+        os.unlink(die)
+        os._exit(3)
+    return _warm(model)
+
+def _run(model, works, _run=compute.run):
+    if os.path.exists(os.environ["MCSERVE_TEST_STICK"]):
+        time.sleep(3600)  # the GIL released, as a lock or a native call waiting for ever
+    return _run(model, works)
+
+compute.warm, compute.run = _warm, _run
+"""
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    names = {"loads": tmp_path / "loads.txt", "die": tmp_path / "die", "stick": tmp_path / "stick"}
+    for k, path in names.items():
+        monkeypatch.setenv(f"MCSERVE_TEST_{k.upper()}", str(path))
+    return names
+
+
+def _loads(path: Path) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for line in path.read_text().splitlines():
+        pid, name = line.split()
+        out.setdefault(int(pid), []).append(name)
+    return out
+
+
+def _settings(repo: Path, stall_s: float = 60.0) -> Settings:
+    return Settings(model_dir=repo, max_instances=50, compute_process=True, compute_stall_s=stall_s)
+
+
+def _remote(app: object) -> ComputeProcess:
+    r = state(app).remote  # type: ignore[arg-type]
+    assert r is not None and r.proc is not None
+    return r
+
+
+async def test_a_second_death_while_loading_is_not_ready_with_models_missing(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """The child that replaced a dead one died while loading the first model: the next model's
+    load started a third child by itself, which loaded only that one, and the replica said
+    ready (review R19). Ready now means one child took every served model."""
+    async with running(_settings(repo)) as app, asgi_client(app) as c:
+        r = _remote(app)
+        served = sorted(e.name for e in state(app).registry.entries() if e.ready)
+        assert len(served) >= 2
+        files["die"].touch()  # the next child dies at its first load
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: not r.alive)
+        await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        assert (await c.get("/readyz")).status_code == 200
+        loads = _loads(files["loads"])
+        assert r.proc is not None and sorted(loads[r.proc.pid]) == served, loads
+        assert not files["die"].exists()  # a child did die on the way
+
+
+async def test_a_child_that_dies_young_is_restarted_after_a_growing_pause(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """Each recovery started its child within 0.04 s of the last one's death, however often it
+    died, reloading every model each time (review R19)."""
+    async with running(_settings(repo)) as app:
+        r = _remote(app)
+        old = r.proc
+        os.kill(old.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: r.starts == 2 and r.not_ready_reason() is None, timeout=90.0)
+        died = time.monotonic()
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]  # lived seconds
+        await until(lambda: r.starts == 3, timeout=90.0)
+        assert time.monotonic() - died >= RESTART_PAUSE_S
+        await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+
+
+async def test_a_stuck_main_thread_is_killed_and_replaced(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """The heartbeat comes from a thread of its own: it beat on while the main thread waited
+    for ever with the GIL released, and the child's requests were held until their deadlines
+    (or for ever), readiness 200. A batch whose forwards stop for the stall limit is stuck
+    (progress.py): killed, what it held answers 503, a new child is started."""
+    async with running(_settings(repo, stall_s=1.5)) as app, asgi_client(app) as c:
+        r = _remote(app)
+        ok = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        assert ok.status_code == 200, ok.text
+        starts = r.starts
+        files["stick"].touch()
+        began = time.monotonic()
+        stuck = body(6, [0.0, 0.0, 0.0, 0.0])
+        stuck["parameters"]["timeout_ms"] = 15_000.0  # before the fix: a 504 after 15 s
+        held = await c.post("/v1/models/clf:predict", json=stuck)
+        assert held.status_code == 503, held.text
+        assert time.monotonic() - began < 15.0  # 1.5 s after its last forward; slack for CI
+        assert held.json()["error"].startswith("the compute process stopped")
+        files["stick"].unlink()
+        await until(lambda: r.not_ready_reason() is None, timeout=60.0)
+        again = await c.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
+        assert again.status_code == 200, again.text
+        assert r.starts == starts + 1

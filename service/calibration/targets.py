@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
@@ -49,9 +50,11 @@ def number(v: str) -> Decimal | None:
 
 
 def key(label: str) -> Decimal | str:
-    """What makes two labels one class: the value of a number, else the text itself."""
+    """What makes two labels one class: the value of a number, else the text in Unicode's
+    composed form (NFC: "è" typed as one character or as e and a combining accent is one
+    label; compatibility forms such as "x²" and "x2" stay apart)."""
     n = number(label)
-    return n if n is not None else label
+    return n if n is not None else unicodedata.normalize("NFC", label)
 
 
 def missing(v: str) -> str | None:
@@ -101,6 +104,8 @@ def class_indices(
     to a numeric label ("2.0" is label "2"), or, only when no label is a number (so that no
     value can mean both), a class index 0..K-1. ``where(i)`` names row i in an error."""
     exact = {lab: k for k, lab in enumerate(labels)}
+    # A label written in another Unicode form ("è" decomposed) is the label (`key`).
+    composed = {key(lab): k for k, lab in enumerate(labels) if number(lab) is None}
     by_value: dict[Decimal, list[int]] = {}
     for k, lab in enumerate(labels):
         n = number(lab)
@@ -110,8 +115,8 @@ def class_indices(
     out = np.empty(len(values), dtype=np.int64)
     for i, raw in enumerate(values):
         v = raw.strip()
-        if v in exact:
-            out[i] = exact[v]
+        if v in exact or key(v) in composed:
+            out[i] = exact[v] if v in exact else composed[key(v)]
             continue
         n = number(v)
         if n is not None and n in by_value:

@@ -40,6 +40,16 @@ def classes(
     target ``values``; ``where(i)`` names row i, ``given`` is `--labels`."""
     listed = set(given or [])
     for i, v in enumerate(values):
+        if ("\n" in v or "\r" in v) and "," in v:
+            # A quote left open swallows the rows up to one that ends a field with a quote
+            # (`6'2"`): one label holding them all, which train took as a class (review R19).
+            # Rows hold commas; a label over lines without one ("low\nrisk") is kept.
+            raise InvalidInputError(
+                f"{where(i)}, target {target!r}: the label holds line breaks and commas, like "
+                "rows swallowed by a quote opened there and closed lines later; close the "
+                "quote (a quote inside a quoted field is written twice), or write the label "
+                "on one line"
+            )
         why = None if v in listed else missing(v)
         if why is not None:
             also = ", or list it in --labels if it is a class" if v.lower() in NA_MARKERS else ""
@@ -98,7 +108,7 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
     groups: dict[str, list[str]] = {}
     for v in values:
         if number(v) is None:
-            norm = unicodedata.normalize("NFKC", " ".join(v.split())).casefold()
+            norm = unicodedata.normalize("NFC", " ".join(v.split())).casefold()
             seen = groups.setdefault(norm, [])
             if v not in seen:
                 seen.append(v)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from service.bundle.load import load_bundle
 from service.bundle.manifest import Manifest
+from service.calibration import targets
 from service.calibration.csv_file import read_csv
 from service.calibration.data import read
 from service.cli import app
@@ -80,6 +81,10 @@ def test_numeric_labels_match_by_value_never_as_class_positions(repo: Path, tmp_
     )
     assert len(words.notes) == 1 and words.notes[0].startswith(said)
     assert read(_csv(tmp_path / "l.csv", ["red", "blue"]), _manifest(repo, "words")).notes == ()
+    # A label in another Unicode form is that label (evaluate said "unknown label 'fièvre'",
+    # the model's label printing the same: review R19).
+    composed = targets.class_indices(["fie\u0300vre", "fi\u00e8vre"], ["fi\u00e8vre", "x"], str)
+    assert composed.tolist() == [0, 0]
     assert data.notes == ()  # numeric labels: matched by value, never as indices
     ev = ["evaluate", str(repo / "words" / "1"), "--data", str(tmp_path / "w.csv")]
     res = runner.invoke(app, [*ev, "--samples", "5", "--out", str(tmp_path / "report")])

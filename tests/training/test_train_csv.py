@@ -166,6 +166,24 @@ def test_quoted_newlines_stay_in_their_label(tmp_path: Path) -> None:
     assert table.labels == ["high", "low\nrisk", "mid\u2028risk"] and len(table.y) == N
 
 
+def test_rows_swallowed_into_a_label_by_an_open_quote_are_refused(tmp_path: Path) -> None:
+    """A quote left open swallows the rows up to one that ends a field with a quote (`6'2"`):
+    csv's strict mode sees valid CSV, and train took the swallowed rows as one class (review
+    R19). A label holding line breaks and commas is refused with the row it starts on."""
+    lines = ["a,b,y"] + [f"0.{i},0.{i + 1},{'ab'[i % 2]}" for i in range(N)]
+    lines[12] = '0.5,0.5,"tall'  # data row 12: its quote is closed three lines later
+    lines[15] = "0.1,0.2,6'2\""
+    data = tmp_path / "swallow.csv"
+    data.write_text("\n".join(lines) + "\n")
+    res = _train(data, tmp_path / "repo")
+    _refused(
+        res,
+        "data row 12 (line 13), target 'y': the label holds line breaks and commas, like rows "
+        "swallowed by a quote opened there and closed lines later",
+        tmp_path / "repo",
+    )
+
+
 def _texts(path: Path, texts: list[str], labels: list[str]) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)

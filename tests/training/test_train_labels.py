@@ -50,6 +50,12 @@ def test_labels_differing_only_in_case_or_spacing_are_refused_unless_listed() ->
     assert "only in case, spacing or Unicode form: ['fie\\u0300vre', 'fi\\xe8vre']" in (
         err.value.message
     )
+    # ... and `--labels` in one form takes the other (one class); compatibility forms, which
+    # print differently ("x2", "x²"), are two labels (NFC, not NFKC: review R19).
+    labels, y, _ = classes([nfc, nfd, "normal"] * 6, [nfc, "normal"], str, Path("c.csv"), "y")
+    assert labels == [nfc, "normal"] and y[:3].tolist() == [0, 0, 1]
+    labels, _, _ = classes(["x2", "x\u00b2"] * 6, None, str, Path("c.csv"), "y")
+    assert sorted(labels) == ["x2", "x\u00b2"]
     given = ["no", "No", "NO", "yes", "Yes", "no risk", "no  risk"]
     labels, y, _ = classes(values, given, str, Path("c.csv"), "y")
     assert labels == given and y[:3].tolist() == [2, 1, 0]

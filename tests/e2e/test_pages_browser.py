@@ -617,3 +617,29 @@ def test_an_error_lands_by_the_field_it_names_and_a_reason_keeps_its_name(
     reason = page.locator('[data-out="referral"] li').first
     assert reason.locator("bdi").all_inner_texts() == [f"{RLO}age"]
     assert reason.inner_text().startswith(f"feature '{RLO}age' = 9 outside the training range")
+
+
+def test_what_a_field_holds_is_sent_as_typed_or_refused(srv: Server, page: Any) -> None:
+    """Review PG2: a number field in an English browser took "4,5" for 45 and sent it; an
+    option the browser could not read ("42-") was left out without a word, its default used; a
+    level of 0.9996 read "100 %"; a field's error was not announced when its field already had
+    the focus; the JSON link gave a bare 401 on a server with API keys, unsaid."""
+    page.goto(f"{srv.url}/models/diabetes")
+    assert "(needs an API key: this server requires one)" in page.locator("main").inner_text()
+    fill(page, "diabetes")
+    page.fill("#f-2", "4,5")
+    page.click("#predict")
+    page.wait_for_selector("#e-2:not(:empty)")
+    assert page.locator("#e-2").inner_text() == "write a decimal point: 4.5, not 4,5"
+    assert page.locator("#e-2").get_attribute("role") == "alert"  # announced where it is
+    fill(page, "diabetes")
+    page.type("#seed", "42-")  # not a number: the browser's value is ""
+    page.click("#predict")
+    page.wait_for_selector("#seed-e:not(:empty)")
+    assert page.locator("#seed-e").inner_text() == "the seed is a whole number, 0 or more"
+    page.fill("#seed", str(SEED))
+    page.fill("#confidence", "0.9996")
+    sent = predict(page)
+    assert sent["parameters"]["confidence"] == 0.9996 and sent["parameters"]["seed"] == SEED
+    shown = page.locator("main").inner_text()
+    assert "at 99.96 %" in shown and "at 100 %" not in shown

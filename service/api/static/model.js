@@ -35,6 +35,12 @@
     return Number(x).toPrecision(4);
   }
 
+  // A level as the API gave it: rounded to 0.1, 0.9996 read "100 %", which a clinician reads
+  // as certainty (review PG2).
+  function percent(level) {
+    return String(Number((level * 100).toPrecision(6)));
+  }
+
   function nest(flat, dims) {
     if (dims.length <= 1) return flat;
     const step = flat.length / dims[0];
@@ -179,6 +185,7 @@
   }
 
   // --- the request -----------------------------------------------------------------------
+  const DECIMAL = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
   function instance() {
     if (grid) return nest(cells.map(valueOf), shape);
     const text = document.getElementById("text");
@@ -193,12 +200,29 @@
       }
       return text.value;
     }
-    const values = fields.map((i) => (i.value.trim() === "" ? NaN : Number(i.value)));
+    // Text fields read strictly: a number field in an English browser took "4,5" for 45
+    // (a thousands separator) and sent it without a word (review PG2).
+    const raw = fields.map((i) => i.value.trim());
+    const values = raw.map((v) => (DECIMAL.test(v) ? Number(v) : NaN));
     const bad = values.findIndex((v) => !Number.isFinite(v));
-    if (bad >= 0) throw Object.assign(new Error("this field needs a number"), { index: bad });
+    if (bad >= 0) {
+      const comma = /^[-+]?\d*,\d+$/.test(raw[bad]);
+      const why = comma ? "write a decimal point: " + raw[bad].replace(",", ".") + ", not " + raw[bad] : "this field needs a number";
+      throw Object.assign(new Error(why), { index: bad });
+    }
     return nest(values, shape);
   }
+  // What a number field held that is not a number ("42-", "1e"): the browser gives "" for
+  // it, and the option was left out without a word, its default used (review PG2).
+  const UNREAD = {
+    samples: "samples must be a whole number of passes",
+    seed: "the seed is a whole number, 0 or more",
+    confidence: "confidence level must be a number between 0 and 1",
+  };
   function parameters() {
+    for (const id of Object.keys(UNREAD)) {
+      if (document.getElementById(id).validity.badInput) throw new Error(UNREAD[id]);
+    }
     const p = {};
     const samples = document.getElementById("samples").value.trim();
     const seed = document.getElementById("seed").value.trim();
@@ -294,7 +318,7 @@
       .map((x) => x[2]);
   }
   function interval(iv) {
-    return "[" + fmt(iv.lower) + ", " + fmt(iv.upper) + "] at " + Math.round(iv.level * 1000) / 10 + " % (" + iv.method + ")";
+    return "[" + fmt(iv.lower) + ", " + fmt(iv.upper) + "] at " + percent(iv.level) + " % (" + iv.method + ")";
   }
   function referral(r) {
     const box = el("div", null, { class: r.refer ? "refer yes" : "refer no", "data-out": "referral" });
@@ -338,7 +362,7 @@
     mark.style.left = pct(p.mean);
     axis.append(band, mark);
     box.append(axis);
-    box.append(el("figcaption", "Band: the " + Math.round(iv.level * 1000) / 10 + " % interval, " + fmt(iv.lower) + " to " + fmt(iv.upper) + "; line: the prediction, " + fmt(p.mean) + "."));
+    box.append(el("figcaption", "Band: the " + percent(iv.level) + " % interval, " + fmt(iv.lower) + " to " + fmt(iv.upper) + "; line: the prediction, " + fmt(p.mean) + "."));
     return box;
   }
 
@@ -375,7 +399,7 @@
       rows.push(["Predicted class", p.label, "label"]);
       if (p.prediction_set) {
         const labels = p.prediction_set.labels;
-        rows.push(["Prediction set at " + Math.round(p.prediction_set.level * 1000) / 10 + " %", labels.length ? isolated(labels) : "empty: no class is likely enough", "set"]);
+        rows.push(["Prediction set at " + percent(p.prediction_set.level) + " %", labels.length ? isolated(labels) : "empty: no class is likely enough", "set"]);
       }
       if (p.uncertainty) {
         rows.push(["Epistemic (mutual information, nats)", fmt(p.uncertainty.mutual_information), "epistemic"]);

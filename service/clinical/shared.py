@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Coroutine
 from dataclasses import astuple
@@ -90,7 +91,7 @@ class SharedMemory:
         if time.monotonic() < self._down_until:
             raise SharedUnavailable(
                 f"{self._why} (a moment ago; retrying after a pause)",
-                self._down_until - time.monotonic(),
+                math.ceil(self._down_until - time.monotonic()),  # whole seconds, not less
             )
         conn = opening = work = None
         try:

@@ -78,7 +78,9 @@ async def test_model_page_is_the_card_and_a_form(client: httpx.AsyncClient) -> N
     assert 'data-predict-url="/v1/models/clf/versions/1:predict"' in html
     # A field per feature, its unit in the label, valid and training ranges in its hint.
     assert re.search(r'<label for="f-0">f0 <span class="unit">\(cm\)</span>', html)
-    assert 'min="-10.0" max="10.0"' in html and "valid -10 to 10; training -3 to 3" in html
+    assert "valid -10 to 10; training -3 to 3" in html
+    # A text field read as a decimal by the page (a number field took "4,5" for 45).
+    assert re.search(r'<input id="f-0"[^>]* type="text" inputmode="decimal"', html)
     assert 'id="no-evaluation"' in html  # the tiny bundles have none
     assert "Not for clinical use" not in html  # their intended use does not say so
     assert "not calibrated" in html

@@ -239,7 +239,7 @@ async def test_unnamed_features_are_called_as_the_api_calls_them(root: Path) -> 
     assert '<label for="f-1">element 1</label>' in html and 'data-feature="element 1"' in html
     for option in ("samples", "seed", "confidence"):
         assert re.search(rf'<input id="{option}"[^>]* aria-describedby="{option}-e"', html)
-        assert f'<span id="{option}-e" class="field-error"></span>' in html
+        assert f'<span id="{option}-e" class="field-error" role="alert"></span>' in html
 
 
 async def test_a_right_to_left_mark_in_a_name_stays_in_it(root: Path) -> None:

@@ -15,7 +15,6 @@ Unexpected exceptions: 500 with a generic message and the request id, logged wit
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -146,7 +145,7 @@ async def on_mcserve_error(request: Request, exc: Exception) -> Response:
     status = STATUS.get(exc.code, 500)
     headers = None
     if exc.retry_after_s is not None:  # overload, a compute restart, the shared replay memory
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        headers = {"Retry-After": str(max(1, int(exc.retry_after_s)))}
     elif exc.code == "method_not_allowed":
         headers = {"Allow": "POST"}  # only the prediction routes raise it
     elif exc.code == "unauthorized" and family(request) != "cds":  # CDS: a bare 401

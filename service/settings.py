@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,16 +103,18 @@ class Settings(BaseSettings):
     compute_process: bool = True
     # With the compute process: a child that holds calls and has sent nothing, not even its
     # heartbeat (4 a second, from a thread of its own), for this long is hung (stopped, or
-    # holding the GIL), and so is one computing a batch whose forwards have not moved for this
-    # long (stuck with the GIL released): killed and restarted, its requests 503. 0: never;
-    # else at least 1 s.
+    # holding the GIL): killed and restarted, its requests 503. 0: never; else at least 1 s.
     compute_stall_s: float = Field(default=60.0, ge=0.0, le=3600.0)
+    # ... and one computing a batch whose forward count (its heartbeat carries it) has not moved
+    # for this long is stuck (its main thread waits for ever with the GIL released). Longer
+    # than any one forward, ONNX run or summary may take. 0: never; else at least 1 s.
+    compute_stuck_s: float = Field(default=600.0, ge=0.0, le=86400.0)
 
-    @field_validator("compute_stall_s")
+    @field_validator("compute_stall_s", "compute_stuck_s")
     @classmethod
-    def _stall(cls, v: float) -> float:
+    def _stall(cls, v: float, info: ValidationInfo) -> float:
         if 0 < v < 1.0:  # a few heartbeats must fit in it
-            raise ValueError("compute_stall_s is 0 (never) or at least 1 second")
+            raise ValueError(f"{info.field_name} is 0 (never) or at least 1 second")
         return v
 
     # With the compute process: the rows of one batch of the pipeline (up to 4 in flight; a

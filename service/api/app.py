@@ -64,7 +64,11 @@ def build_state(settings: Settings) -> AppState:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcserve-compute")
     remote = None
     if settings.compute_process:
-        remote = ComputeProcess(WorkerSpec(factory, threads), stall_s=settings.compute_stall_s)
+        remote = ComputeProcess(
+            WorkerSpec(factory, threads),
+            stall_s=settings.compute_stall_s,
+            stuck_s=settings.compute_stuck_s,
+        )
         # The server's own copies only describe the models and check requests; the compute
         # process computes. Without the mask kernel they never load numba (about 166 MiB).
         factory = ModelFactory(factory.policy, {**model_kwargs, "fused_masks": False})

@@ -21,6 +21,7 @@ from torch import nn
 
 from service.bundle.load import LoadedBundle
 from service.bundle.spec import InputSpec
+from service.engine import progress
 from service.errors import BundleError, ModelError
 
 INPUT_NAME = "input"
@@ -117,6 +118,7 @@ class OnnxPredictor:
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         try:
             out = self.session.run(None, {self.input_name: x})[0]
+            progress.tick()  # a deterministic run counts as a forward (progress.py)
         except Exception as exc:  # onnxruntime's untyped errors: the graph's fault, said so
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ModelError(f"the ONNX graph failed on {x.shape[0]} inputs ({first})") from exc

@@ -14,7 +14,8 @@ settings (`ModelFactory`), checks that its digest is the one the server loaded, 
 `compute.run`, the function the compute thread runs: the numbers are the same (tested). This is
 the server's side: it starts the child, feeds and reads it, watches its heartbeat and progress,
 and if it dies (or is killed as hung) fails the batches it held with 503 and starts a new one
-at once, which loads the served models before the replica is ready again (`_recover`).
+(at once, or after a pause when the last one died young), which loads the served models before
+the replica is ready again (`_recover`); requests meanwhile get 503 at once.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ class ComputeProcess:
     """The server's side: started lazily, fed and read by the event loop, restarted on death."""
 
     def __init__(
-        self, spec: WorkerSpec, start_timeout_s: float = 300.0, stall_s: float = 0.0
+        self,
+        spec: WorkerSpec,
+        start_timeout_s: float = 300.0,
+        stall_s: float = 0.0,
+        stuck_s: float = 0.0,
     ) -> None:
         self.spec = spec
         self.start_timeout_s = start_timeout_s
@@ -56,6 +61,9 @@ class ComputeProcess:
         # GIL) and is killed. Silence, not each call's age: a call may wait behind others in
         # the child (model loads, pipelined batches) longer than any fixed limit (review R7).
         self.stall_s = stall_s  # 0: never judged hung
+        # A batch whose forward count has not moved this long is stuck (progress.py); longer
+        # than stall_s: one forward, ONNX run or summary may take a while (review R20).
+        self.stuck_s = stuck_s  # 0: never judged stuck
         self._heard = time.monotonic()  # the child's last frame (answer or heartbeat)
         # From its heartbeats (progress.py): whether it computes a batch, its forward count,
         # and when that count last moved (or it was idle): a stuck main thread beats on.
@@ -131,18 +139,18 @@ class ComputeProcess:
             self._ready = True
             self._heard = self._moved = self._started_at = time.monotonic()
             self._computing, self._forwards = False, 0  # a new child counts from 0
-            if self.stall_s > 0 and self._watchdog is None:
+            if (self.stall_s > 0 or self.stuck_s > 0) and self._watchdog is None:
                 self._watchdog = asyncio.get_running_loop().create_task(self._watch())
             log.info("compute process started", extra={"pid": pid, "starts": self.starts})
 
     async def _watch(self) -> None:
         """Kill a child that holds calls and has said nothing for `stall_s`, or whose batch has
-        run no forward for `stall_s` (progress.py): what it held answers 503 and a new one is
+        run no forward for `stuck_s` (progress.py): what it held answers 503 and a new one is
         started (a stopped child held requests without a deadline for ever, readiness stayed
         200, and the queue filled to 429s). Its heartbeat comes from a thread of its own: the
         silence catches a child stopped or holding the GIL, the forward count one whose main
         thread waits for ever with the GIL released."""
-        interval = min(HEARTBEAT_S, self.stall_s / 4)
+        interval = min(HEARTBEAT_S, *(t / 4 for t in (self.stall_s, self.stuck_s) if t > 0))
         tick = time.monotonic()
         while not self._closing:
             await asyncio.sleep(interval)
@@ -153,13 +161,14 @@ class ComputeProcess:
             try:
                 silent = now - self._heard
                 stuck = now - self._moved if self._computing else 0.0
-                if self._ready and self._pending and max(silent, stuck) > self.stall_s:
+                over_silent = 0 < self.stall_s < silent
+                if self._ready and self._pending and (over_silent or 0 < self.stuck_s < stuck):
                     log.error(
                         "compute process silent: killed"
-                        if silent > self.stall_s
+                        if over_silent
                         else "compute process stuck (no forward): killed",
                         extra={
-                            "seconds": round(max(silent, stuck), 1),
+                            "seconds": round(silent if over_silent else stuck, 1),
                             "in_flight": len(self._pending),
                         },
                     )
@@ -190,6 +199,13 @@ class ComputeProcess:
         if self._closing:
             raise ComputeUnavailableError("the server is shutting down; retry on another replica")
         if not self._ready:
+            if self._recovery is not None and not self._recovery.done():
+                # The recovery starts the child, after its pause: a request starting one here
+                # bypassed the pause of a crash loop and reloaded every model (review R20).
+                raise ComputeUnavailableError(
+                    "the compute process is restarting (its models are loading); retry shortly, "
+                    "or on another replica"
+                )
             await self.start()
         return await self._send(op, *args)
 

@@ -102,9 +102,9 @@ def _given(values: list[str], given: list[str], path: Path, target: str) -> list
 
 
 def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
-    """Refuse labels (not numbers) that are one label but for case, spacing or Unicode form
-    ("fièvre" with its è as one character or as e + a combining accent: two classes that
-    printed alike)."""
+    """Refuse labels (not numbers) that are one label but for case or spacing (unless --labels
+    lists them), or Unicode form ("fièvre" with its è as one character or as e + a combining
+    accent: two classes that printed alike; one label to `key`, so always refused)."""
     groups: dict[str, list[str]] = {}
     for v in values:
         if number(v) is None:
@@ -113,14 +113,19 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
             if v not in seen:
                 seen.append(v)
     alike = [sorted(g) for g in groups.values() if len(g) > 1]
-    if alike:
-        # Spellings that print alike are shown with their code points escaped.
-        shown = [[ascii(v) if _forms(g) else repr(v) for v in g] for g in alike]
+    forms = [g for g in alike if _forms(g)]
+    if forms:  # one label to every reader, and to `key`: no --labels can make two of it
+        shown = ", ".join("[" + ", ".join(ascii(v) for v in g) + "]" for g in forms)
         raise InvalidInputError(
-            f"{path}: the target {target!r} has labels that differ only in case, spacing or "
-            f"Unicode form: {', '.join('[' + ', '.join(g) + ']' for g in shown)}; if each group "
-            "is one class, write it one way in the file; if they are different classes, list "
-            "every class with --labels"
+            f"{path}: the target {target!r} has labels written in two Unicode forms (the same "
+            f"letters encoded two ways, code points shown): {shown}; they are one label: write "
+            "it one way in the file (composed, NFC, as most editors do)"
+        )
+    if alike:
+        raise InvalidInputError(
+            f"{path}: the target {target!r} has labels that differ only in case or spacing: "
+            f"{', '.join(map(str, alike))}; if each group is one class, write it one way in the "
+            "file; if they are different classes, list every class with --labels"
         )
 
 

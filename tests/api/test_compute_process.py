@@ -153,6 +153,7 @@ async def test_a_death_while_idle_is_logged(
         await until(lambda: not r.alive)
     [stopped] = [rec for rec in caplog.records if rec.getMessage() == "compute process stopped"]
     assert stopped.levelno == logging.ERROR and stopped.in_flight == 0  # type: ignore[attr-defined]
+    await until(lambda: r.not_ready_reason() is None, timeout=60.0)  # restarted, loaded
     again = await pclient.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
     assert again.status_code == 200 and r.alive  # a new one, for the tests after this one
 
@@ -280,6 +281,7 @@ async def test_a_silent_process_is_killed_and_replaced(
         r.stall_s = saved
         if old.poll() is None:
             os.kill(old.pid, signal.SIGKILL)
+    await until(lambda: r.not_ready_reason() is None, timeout=60.0)  # restarted, loaded
     again = await pclient.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
     assert again.status_code == 200, again.text
     assert r.starts == starts + 1

@@ -62,8 +62,8 @@ def _loads(path: Path) -> dict[int, list[str]]:
     return out
 
 
-def _settings(repo: Path, stall_s: float = 60.0) -> Settings:
-    return Settings(model_dir=repo, max_instances=50, compute_process=True, compute_stall_s=stall_s)
+def _settings(repo: Path, stuck_s: float = 600.0) -> Settings:
+    return Settings(model_dir=repo, max_instances=50, compute_process=True, compute_stuck_s=stuck_s)
 
 
 def _remote(app: object) -> ComputeProcess:
@@ -97,16 +97,24 @@ async def test_a_child_that_dies_young_is_restarted_after_a_growing_pause(
 ) -> None:
     """Each recovery started its child within 0.04 s of the last one's death, however often it
     died, reloading every model each time (review R19)."""
-    async with running(_settings(repo)) as app:
+    async with running(_settings(repo)) as app, asgi_client(app) as c:
         r = _remote(app)
         old = r.proc
         os.kill(old.pid, signal.SIGKILL)  # type: ignore[union-attr]
         await until(lambda: r.starts == 2 and r.not_ready_reason() is None, timeout=90.0)
         died = time.monotonic()
         os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]  # lived seconds
+        await until(lambda: not r.alive)
+        # A request meanwhile is answered 503 at once, and starts no child of its own: that
+        # bypassed the pause and reloaded every model (review R20).
+        busy = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        assert "restarting" in busy.json()["error"] and r.starts == 2
         await until(lambda: r.starts == 3, timeout=90.0)
         assert time.monotonic() - died >= RESTART_PAUSE_S
         await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        again = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        assert again.status_code == 200 and r.starts == 3, again.text
 
 
 async def test_a_stuck_main_thread_is_killed_and_replaced(
@@ -116,7 +124,7 @@ async def test_a_stuck_main_thread_is_killed_and_replaced(
     for ever with the GIL released, and the child's requests were held until their deadlines
     (or for ever), readiness 200. A batch whose forwards stop for the stall limit is stuck
     (progress.py): killed, what it held answers 503, a new child is started."""
-    async with running(_settings(repo, stall_s=1.5)) as app, asgi_client(app) as c:
+    async with running(_settings(repo, stuck_s=1.5)) as app, asgi_client(app) as c:
         r = _remote(app)
         ok = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
         assert ok.status_code == 200, ok.text
@@ -134,3 +142,19 @@ async def test_a_stuck_main_thread_is_killed_and_replaced(
         again = await c.post("/v1/models/clf:predict", json=body(6, [0.0, 0.0, 0.0, 0.0]))
         assert again.status_code == 200, again.text
         assert r.starts == starts + 1
+
+
+def test_an_onnx_run_counts_as_progress(repo: Path) -> None:
+    """A deterministic request on ONNX Runtime counted no forward: under a low stuck limit a
+    healthy child was killed for it (review R20)."""
+    import numpy as np
+
+    from service.bundle.load import load_bundle
+    from service.engine import progress
+    from service.engine.model import ServedModel
+
+    model = ServedModel(load_bundle(repo / "clf" / "1"), device="cpu")
+    assert model.onnx is not None
+    before = progress.forwards
+    model.onnx.predict(np.zeros((3, 4), dtype=np.float32))
+    assert progress.forwards == before + 1

@@ -632,14 +632,22 @@ def test_what_a_field_holds_is_sent_as_typed_or_refused(srv: Server, page: Any) 
     page.wait_for_selector("#e-2:not(:empty)")
     assert page.locator("#e-2").inner_text() == "write a decimal point: 4.5, not 4,5"
     assert page.locator("#e-2").get_attribute("role") == "alert"  # announced where it is
+    page.fill("#f-2", "1,000")  # a thousand, or one: asked, never guessed
+    page.click("#predict")
+    page.wait_for_selector("#e-2:text('without a comma')")
+    assert page.locator("#e-2").inner_text() == (
+        "write the number without a comma: 1000 (or, if the comma is a decimal point, 1.000)"
+    )
     fill(page, "diabetes")
     page.type("#seed", "42-")  # not a number: the browser's value is ""
     page.click("#predict")
     page.wait_for_selector("#seed-e:not(:empty)")
     assert page.locator("#seed-e").inner_text() == "the seed is a whole number, 0 or more"
     page.fill("#seed", str(SEED))
-    page.fill("#confidence", "0.9996")
-    sent = predict(page)
-    assert sent["parameters"]["confidence"] == 0.9996 and sent["parameters"]["seed"] == SEED
-    shown = page.locator("main").inner_text()
-    assert "at 99.96 %" in shown and "at 100 %" not in shown
+    for level, said in (("0.9996", "99.96"), ("0.9999999", "99.99999")):
+        page.fill("#confidence", level)
+        sent = predict(page)
+        assert sent["parameters"]["confidence"] == float(level)
+        assert sent["parameters"]["seed"] == SEED
+        shown = page.locator("main").inner_text()
+        assert f"at {said} %" in shown and "at 100 %" not in shown

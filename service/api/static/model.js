@@ -38,7 +38,7 @@
   // A level as the API gave it: rounded to 0.1, 0.9996 read "100 %", which a clinician reads
   // as certainty (review PG2).
   function percent(level) {
-    return String(Number((level * 100).toPrecision(6)));
+    return String(Number((level * 100).toPrecision(15)));  // 15 digits: no float noise, no rounding up
   }
 
   function nest(flat, dims) {
@@ -206,8 +206,15 @@
     const values = raw.map((v) => (DECIMAL.test(v) ? Number(v) : NaN));
     const bad = values.findIndex((v) => !Number.isFinite(v));
     if (bad >= 0) {
-      const comma = /^[-+]?\d*,\d+$/.test(raw[bad]);
-      const why = comma ? "write a decimal point: " + raw[bad].replace(",", ".") + ", not " + raw[bad] : "this field needs a number";
+      const v = raw[bad];
+      // "1,000" may be a thousand or one (a decimal comma): ask, never guess (review R20).
+      const thousands = /^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$/.test(v);
+      const comma = /^[-+]?\d*,\d+$/.test(v);
+      const why = thousands
+        ? "write the number without a comma: " + v.replace(/,/g, "") + " (or, if the comma is a decimal point, " + v.replace(",", ".") + ")"
+        : comma
+          ? "write a decimal point: " + v.replace(",", ".") + ", not " + v
+          : "this field needs a number";
       throw Object.assign(new Error(why), { index: bad });
     }
     return nest(values, shape);

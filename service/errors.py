@@ -120,6 +120,11 @@ class ComputeUnavailableError(McServeError):
     retry_after_s = 1.0  # the worker's RESTART_PAUSE_S; a restart takes seconds more
 
 
+class ComputeRestartingError(ComputeUnavailableError):
+    """The compute process is being restarted (worker.py's recovery): a call waits for no
+    start of its own; a model loaded meanwhile is loaded into the new process by the recovery."""
+
+
 class ModelError(McServeError):
     """A model cannot be used as given (no dropout, functional dropout, unsupported layer)."""
 

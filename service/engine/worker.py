@@ -36,7 +36,7 @@ from service.engine import cancels
 from service.engine.compute import Outcome, Work
 from service.engine.compute_child import HEADER, HEARTBEAT, HEARTBEAT_S, WorkerSpec, frame, key_of
 from service.engine.model import ServedModel
-from service.errors import ComputeUnavailableError, McServeError
+from service.errors import ComputeRestartingError, ComputeUnavailableError, McServeError
 
 log = logging.getLogger("mcserve.worker")
 RESTART_PAUSE_S = 1.0  # after a failed start, calls fail at once for this long
@@ -202,7 +202,7 @@ class ComputeProcess:
             if self._recovery is not None and not self._recovery.done():
                 # The recovery starts the child, after its pause: a request starting one here
                 # bypassed the pause of a crash loop and reloaded every model (review R20).
-                raise ComputeUnavailableError(
+                raise ComputeRestartingError(
                     "the compute process is restarting (its models are loading); retry shortly, "
                     "or on another replica"
                 )

@@ -112,26 +112,31 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
             seen = groups.setdefault(norm, [])
             if v not in seen:
                 seen.append(v)
-    alike = [sorted(g) for g in groups.values() if len(g) > 1]
-    forms = [g for g in alike if _forms(g)]
+    forms: list[list[str]] = []  # spellings of one label in other Unicode forms
+    cases: list[list[str]] = []  # labels (composed) that differ in case or spacing
+    for g in groups.values():
+        composed: dict[str, list[str]] = {}
+        for v in g:
+            composed.setdefault(unicodedata.normalize("NFC", v), []).append(v)
+        forms += [sorted(m) for m in composed.values() if len(m) > 1]
+        if len(composed) > 1:
+            cases.append(sorted(composed))
+    said = []
     if forms:  # one label to every reader, and to `key`: no --labels can make two of it
         shown = ", ".join("[" + ", ".join(ascii(v) for v in g) + "]" for g in forms)
-        raise InvalidInputError(
-            f"{path}: the target {target!r} has labels written in two Unicode forms (the same "
-            f"letters encoded two ways, code points shown): {shown}; they are one label: write "
-            "it one way in the file (composed, NFC, as most editors do)"
+        said.append(
+            "labels written in two Unicode forms (the same letters encoded two ways, code "
+            f"points shown): {shown}; each group is one label: write it one way in the file "
+            "(composed, NFC, as most editors do)"
         )
-    if alike:
-        raise InvalidInputError(
-            f"{path}: the target {target!r} has labels that differ only in case or spacing: "
-            f"{', '.join(map(str, alike))}; if each group is one class, write it one way in the "
-            "file; if they are different classes, list every class with --labels"
+    if cases:
+        said.append(
+            f"labels that differ only in case or spacing: {', '.join(map(str, cases))}; if "
+            "each group is one class, write it one way in the file; if they are different "
+            "classes, list every class with --labels"
         )
-
-
-def _forms(group: list[str]) -> bool:
-    """Whether two of ``group`` differ only in Unicode form (they look the same printed)."""
-    return len({unicodedata.normalize("NFC", v) for v in group}) < len(group)
+    if said:
+        raise InvalidInputError(f"{path}: the target {target!r} has " + "; and ".join(said))
 
 
 def check_trained(

@@ -92,6 +92,27 @@ async def test_a_second_death_while_loading_is_not_ready_with_models_missing(
         assert not files["die"].exists()  # a child did die on the way
 
 
+async def test_a_model_loaded_during_a_recovery_is_served_after_it(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """A load while the child restarted was refused for good ("the compute process is
+    restarting"), a required model kept /readyz at 503 until the server restarted (review
+    R21). The recovery, which waits for the load's lock, loads it into the new child."""
+    async with running(_settings(repo)) as app, asgi_client(app) as c:
+        r, control = _remote(app), app.state.model_control
+        assert await control.unload("reg") == 1
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: not r.alive)
+        assert r.not_ready_reason() is not None  # recovering
+        [entry] = await control.load("reg")
+        assert entry.ready, entry.error
+        await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        assert (await c.get("/readyz")).status_code == 200
+        answer = await c.post("/v1/models/reg:predict", json=body(5, [0.0, 0.0, 0.0]))
+        assert answer.status_code == 200, answer.text
+        assert r.proc is not None and "reg" in _loads(files["loads"])[r.proc.pid]
+
+
 async def test_a_child_that_dies_young_is_restarted_after_a_growing_pause(
     repo: Path, files: dict[str, Path]
 ) -> None:

@@ -49,7 +49,18 @@ def test_labels_differing_only_in_case_or_spacing_are_refused_unless_listed() ->
         classes([nfc, nfd, "normal"] * 6, None, str, Path("c.csv"), "y")
     said = err.value.message
     assert "written in two Unicode forms" in said and "['fie\\u0300vre', 'fi\\xe8vre']" in said
-    assert "they are one label: write it one way" in said and "--labels" not in said
+    assert "each group is one label: write it one way" in said and "--labels" not in said
+    # Case and form together: each said as what it is (the form pair alone is one label, the
+    # case pair two spellings --labels may keep apart: review R21).
+    cap = "Fi\u00e8vre"
+    with pytest.raises(InvalidInputError) as err:
+        classes([nfc, nfd, cap, "normal"] * 6, None, str, Path("c.csv"), "y")
+    said = err.value.message
+    assert "Unicode forms (the same letters encoded two ways, code points shown): " in said
+    assert "['fie\\u0300vre', 'fi\\xe8vre']; each group is one label" in said
+    assert f"case or spacing: {[cap, nfc]}; if each group is one class" in said
+    labels, _, _ = classes([nfc, nfd, cap, "normal"] * 6, [cap, nfc, "normal"], str, Path("c"), "y")
+    assert labels == [cap, nfc, "normal"]
     # ... and `--labels` in one form takes the other (one class); compatibility forms, which
     # print differently ("x2", "x²"), are two labels (NFC, not NFKC: review R19).
     labels, y, _ = classes([nfc, nfd, "normal"] * 6, [nfc, "normal"], str, Path("c.csv"), "y")

@@ -21,7 +21,12 @@ from service.engine.compute import warm
 from service.engine.compute_child import key_of
 from service.engine.model import ServedModel
 from service.engine.registry import Entry, discover
-from service.errors import BundleChangedError, McServeError, ModelNotFoundError
+from service.errors import (
+    ComputeRestartingError,
+    ComputeUnavailableError,
+    McServeError,
+    ModelNotFoundError,
+)
 from service.metrics import Metrics
 
 log = logging.getLogger("mcserve.lifecycle")
@@ -97,7 +102,7 @@ class ModelControl:
             b.on_batch = lambda rows, secs: m.observe_batch(model.name, rows, secs)
             b.on_result = lambda pred, inputs: m.observe_result(model.name, pred, inputs)
         key = (model.name, model.version, model.digest)  # not the model: tasks would hold it
-        b.on_changed = lambda why: self._later(self._changed_files(key, why))
+        b.on_changed = lambda why: self._later(self._refuse_served(key, why))
         b.start()
         self.st.batchers[(model.name, model.version)] = b
 
@@ -161,8 +166,9 @@ class ModelControl:
         """A new compute process (its child died) loads every served version before the replica
         is ready again. Under the lock: a version unloaded meanwhile is not loaded into the
         child after its release. A version whose files changed since the server read them is
-        refused, as a batch would find (`_changed_files`); any other failure (the child died on
-        the way) goes up, and worker.py's recovery tries again."""
+        refused, as a batch would find (`_refuse_served`), and so is one the new process refuses
+        otherwise (its warm-up fails); the child dying on the way goes up, and worker.py's
+        recovery tries again."""
         assert self.st.remote is not None
         async with self._lock:
             for entry in self.st.registry.entries():
@@ -170,8 +176,11 @@ class ModelControl:
                     continue
                 try:
                     await self.st.remote.prepare(entry.model)
-                except BundleChangedError as exc:
-                    self._later(self._changed_files(key_of(entry.model), exc.message))
+                except ComputeUnavailableError:
+                    raise  # the new child died too: the recovery starts over
+                except Exception as exc:  # this version cannot load there: refused, not retried
+                    why = exc.message if isinstance(exc, McServeError) else type(exc).__name__
+                    self._later(self._refuse_served(key_of(entry.model), why))
 
     async def _prepare_remote(self, entry: Entry) -> Entry:
         """The compute process loads and warms its own copy before the model is ready."""
@@ -179,6 +188,10 @@ class ModelControl:
             return entry
         try:
             await self.st.remote.prepare(entry.model)
+        except ComputeRestartingError:
+            # Not this version's fault: the recovery, which waits for this lock, loads it into
+            # the new process (it was refused for good: review R21).
+            return entry
         except Exception as exc:
             named = f"{type(exc).__name__}: {exc}"
             reason = exc.message if isinstance(exc, McServeError) else named
@@ -191,18 +204,19 @@ class ModelControl:
         self._tasks.add(task)  # held until done: a task with no reference may be collected
         task.add_done_callback(self._tasks.discard)
 
-    async def _changed_files(self, key: tuple[str, str, str], why: str) -> None:
-        """A restarted compute process could not load `key`'s copy again (its files changed or went
-        since the server read them): refuse that version, as if it had failed to load, so that
-        requests without a version go to a ready one and readiness says so. It answered 503
-        for good while the index and /readyz called it ready (reviewer LC)."""
+    async def _refuse_served(self, key: tuple[str, str, str], why: str) -> None:
+        """A restarted compute process could not load `key`'s copy again (its files changed or
+        went since the server read them, or its warm-up failed there): refuse that version, as
+        if it had failed to load, so that requests without a version go to a ready one and
+        readiness says so. It answered 503 for good while the index and /readyz called it
+        ready (reviewer LC)."""
         name, version, digest = key
         async with self._lock:
             versions = self.st.registry.versions(name)
             entry = next((e for e in versions if _is(e, version, digest)), None)
             if entry is None:  # already unloaded or replaced
                 return
-            log.error("served version refused: its files changed", extra={"reason": why})
+            log.error("served version refused by the compute process", extra={"reason": why})
             refused = Entry(entry.name, entry.version, entry.path, error=why)
             self.st.registry.add(refused)
             batcher = self.st.batchers.get((entry.name, entry.version))

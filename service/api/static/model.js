@@ -209,12 +209,15 @@
       const v = raw[bad];
       // "1,000" may be a thousand or one (a decimal comma): ask, never guess (review R20).
       const thousands = /^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$/.test(v);
+      const either = /^[-+]?\d{1,3},\d{3}$/.test(v);  // one comma, no point: which is it?
       const comma = /^[-+]?\d*,\d+$/.test(v);
-      const why = thousands
-        ? "write the number without a comma: " + v.replace(/,/g, "") + " (or, if the comma is a decimal point, " + v.replace(",", ".") + ")"
-        : comma
-          ? "write a decimal point: " + v.replace(",", ".") + ", not " + v
-          : "this field needs a number";
+      const why = either
+        ? "write the number without a comma: " + v.replace(",", "") + " (or, if the comma is a decimal point, " + v.replace(",", ".") + ")"
+        : thousands
+          ? "write the number without commas: " + v.replace(/,/g, "")
+          : comma
+            ? "write a decimal point: " + v.replace(",", ".") + ", not " + v
+            : "this field needs a number";
       throw Object.assign(new Error(why), { index: bad });
     }
     return nest(values, shape);

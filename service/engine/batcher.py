@@ -37,6 +37,7 @@ from service.engine.settlement import Settlement, observe
 from service.engine.worker import ComputeProcess
 from service.errors import (
     BundleChangedError,
+    ComputeUnavailableError,
     OverloadedError,
     PayloadTooLargeError,
     ShuttingDownError,
@@ -259,6 +260,10 @@ class Batcher(Settlement):
         except BundleChangedError as exc:  # a restarted compute process cannot load it
             observe(self.on_changed, exc.message)  # the version is refused (lifecycle.py)
             results = [exc] * len(batch)
+        except ComputeUnavailableError as exc:  # it died, or restarts: worker.py said so
+            # No traceback kept or logged: its frames held the model, so a version refused
+            # meanwhile stayed in memory (a log handler keeps the record).
+            results = [exc.with_traceback(None)] * len(batch)
         except Exception as exc:  # never lose the futures, whatever broke
             log.exception("batch failed")
             results = [exc] * len(batch)

@@ -115,12 +115,14 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
     forms: list[list[str]] = []  # spellings of one label in other Unicode forms
     cases: list[list[str]] = []  # labels (composed) that differ in case or spacing
     for g in groups.values():
-        composed: dict[str, list[str]] = {}
+        composed: dict[str, list[str]] = {}  # by the spelling spaced and composed one way
         for v in g:
-            composed.setdefault(unicodedata.normalize("NFC", v), []).append(v)
-        forms += [sorted(m) for m in composed.values() if len(m) > 1]
-        if len(composed) > 1:
-            cases.append(sorted(composed))
+            composed.setdefault(unicodedata.normalize("NFC", " ".join(v.split())), []).append(v)
+        # Two spellings one way apart in form: spaced alike, unlike until composed.
+        forms += [sorted(m) for m in composed.values() if len({" ".join(v.split()) for v in m}) > 1]
+        spellings = {unicodedata.normalize("NFC", v) for v in g}  # apart in case or spacing
+        if len(spellings) > 1:
+            cases.append(sorted(spellings))
     said = []
     if forms:  # one label to every reader, and to `key`: no --labels can make two of it
         shown = ", ".join("[" + ", ".join(ascii(v) for v in g) + "]" for g in forms)

@@ -31,6 +31,13 @@ def _warm(model, _warm=compute.warm):
     if os.path.exists(die):  # once: the next child loads
         os.unlink(die)
         os._exit(3)
+    bad = os.environ["MCSERVE_TEST_BAD"]  # "exit NAME" or "raise NAME": that model, always
+    if os.path.exists(bad):
+        how, name = open(bad).read().split()
+        if model.name == name and how == "exit":
+            os._exit(3)
+        if model.name == name:
+            raise RuntimeError("poisoned warm-up of " + name)
     return _warm(model)
 
 def _run(model, works, _run=compute.run):
@@ -48,7 +55,12 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HOOK)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
-    names = {"loads": tmp_path / "loads.txt", "die": tmp_path / "die", "stick": tmp_path / "stick"}
+    names = {
+        "loads": tmp_path / "loads.txt",
+        "die": tmp_path / "die",
+        "stick": tmp_path / "stick",
+        "bad": tmp_path / "bad",
+    }
     for k, path in names.items():
         monkeypatch.setenv(f"MCSERVE_TEST_{k.upper()}", str(path))
     return names
@@ -111,6 +123,33 @@ async def test_a_model_loaded_during_a_recovery_is_served_after_it(
         answer = await c.post("/v1/models/reg:predict", json=body(5, [0.0, 0.0, 0.0]))
         assert answer.status_code == 200, answer.text
         assert r.proc is not None and "reg" in _loads(files["loads"])[r.proc.pid]
+
+
+@pytest.mark.parametrize("how", ["exit", "raise"])
+async def test_a_version_loaded_during_a_recovery_that_cannot_warm_is_refused(
+    repo: Path, files: dict[str, Path], how: str
+) -> None:
+    """A version loaded while the child restarted, whose warm-up then killed every new child,
+    kept the recovery (and the replica: /readyz 503, every model 503) going for ever; one whose
+    warm-up raised was refused but counted, /readyz 503 for good, its reason cut to the
+    exception's name (review R22). Refused with its reason, as a load outside a recovery is,
+    and the replica serves the rest."""
+    async with running(_settings(repo)) as app, asgi_client(app) as c:
+        r, control = _remote(app), app.state.model_control
+        assert await control.unload("reg") == 1
+        files["bad"].write_text(f"{how} reg")
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: not r.alive)
+        [entry] = await control.load("reg")
+        assert entry.ready  # not this version's fault yet: the recovery warms it
+        await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        [refused] = state(app).registry.versions("reg")
+        assert not refused.ready and refused.error is not None
+        said = "stopped" if how == "exit" else "RuntimeError: poisoned warm-up of reg"
+        assert refused.error.startswith("compute process: ") and said in refused.error
+        assert (await c.get("/readyz")).status_code == 200  # reg never counted
+        ok = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        assert ok.status_code == 200, ok.text
 
 
 async def test_a_child_that_dies_young_is_restarted_after_a_growing_pause(

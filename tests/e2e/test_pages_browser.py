@@ -638,6 +638,10 @@ def test_what_a_field_holds_is_sent_as_typed_or_refused(srv: Server, page: Any) 
     assert page.locator("#e-2").inner_text() == (
         "write the number without a comma: 1000 (or, if the comma is a decimal point, 1.000)"
     )
+    page.fill("#f-2", "0,500")  # a leading zero: no thousands, a decimal comma
+    page.click("#predict")
+    page.wait_for_selector("#e-2:text('decimal point')")
+    assert page.locator("#e-2").inner_text() == "write a decimal point: 0.500, not 0,500"
     page.fill("#f-2", "1,000,000.5")  # no decimal-comma reading offered that is no number
     page.click("#predict")
     page.wait_for_selector("#e-2:text('without commas')")

@@ -22,6 +22,7 @@ from service.engine.compute_child import key_of
 from service.engine.model import ServedModel
 from service.engine.registry import Entry, discover
 from service.errors import (
+    BundleChangedError,
     ComputeRestartingError,
     ComputeUnavailableError,
     McServeError,
@@ -75,6 +76,9 @@ class ModelControl:
         # one replaced in place went on serving its old digest without a word).
         self._served: dict[Path, Signature] = {}
         self._tasks: set[asyncio.Future[None]] = set()  # refusals scheduled from batchers
+        # Versions loaded while the compute process restarted, not yet warmed in any child:
+        # the recovery's prepare_all warms them, and only then do they count for readiness.
+        self._deferred: set[tuple[str, str, str]] = set()
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -153,7 +157,8 @@ class ModelControl:
         if entry.ready:
             self._refused.pop(path, None)
             self._served[path] = signature(path, files_only=True)
-            self.st.counted.add(entry.name)  # counts for readiness from now on (state.py)
+            if entry.model is None or key_of(entry.model) not in self._deferred:
+                self.st.counted.add(entry.name)  # counts for readiness from now on (state.py)
         else:
             self._refused[path] = files
         log.info(
@@ -165,22 +170,46 @@ class ModelControl:
     async def prepare_all(self) -> None:
         """A new compute process (its child died) loads every served version before the replica
         is ready again. Under the lock: a version unloaded meanwhile is not loaded into the
-        child after its release. A version whose files changed since the server read them is
-        refused, as a batch would find (`_refuse_served`), and so is one the new process refuses
-        otherwise (its warm-up fails); the child dying on the way goes up, and worker.py's
-        recovery tries again."""
-        assert self.st.remote is not None
+        child after its release. A version the new process cannot load (its files changed
+        since the server read them, its warm-up fails there) is refused with the reason, and so
+        is one loaded during the recovery, never warmed, whose load kills the child; the child
+        dying on another goes up, and worker.py's recovery tries again."""
         async with self._lock:
-            for entry in self.st.registry.entries():
-                if entry.model is None or not entry.ready:
-                    continue
-                try:
-                    await self.st.remote.prepare(entry.model)
-                except ComputeUnavailableError:
-                    raise  # the new child died too: the recovery starts over
-                except Exception as exc:  # this version cannot load there: refused, not retried
-                    why = exc.message if isinstance(exc, McServeError) else type(exc).__name__
-                    self._later(self._refuse_served(key_of(entry.model), why))
+            refuse, died = await self._prepare_each()
+            for key, why in refuse:  # the loop's references gone: a refused copy can go
+                self._deferred.discard(key)
+                await self._refuse_locked(key, why)
+            if died is not None:
+                raise died  # the recovery starts over (a refused version is not tried again)
+
+    async def _prepare_each(
+        self,
+    ) -> tuple[list[tuple[tuple[str, str, str], str]], ComputeUnavailableError | None]:
+        """Each ready version into the compute process: (those to refuse and why, the error
+        of a child that died on the way)."""
+        assert self.st.remote is not None
+        refuse: list[tuple[tuple[str, str, str], str]] = []
+        for entry in self.st.registry.entries():
+            if entry.model is None or not entry.ready:
+                continue
+            key = key_of(entry.model)
+            try:
+                await self.st.remote.prepare(entry.model)
+            except ComputeUnavailableError as exc:  # the new child died too
+                if key in self._deferred:  # on a version no child ever warmed: its fault
+                    refuse.append((key, f"compute process: {exc.message}"))
+                return refuse, exc
+            except BundleChangedError as exc:  # its files changed: said as a batch says it
+                refuse.append((key, exc.message))
+                continue
+            except Exception as exc:  # it cannot load there (its warm-up fails): refused
+                named = f"{type(exc).__name__}: {exc}"
+                refuse.append((key, f"compute process: {getattr(exc, 'message', named)}"))
+                continue
+            if key in self._deferred:  # warmed at last: it counts for readiness
+                self._deferred.discard(key)
+                self.st.counted.add(entry.name)
+        return refuse, None
 
     async def _prepare_remote(self, entry: Entry) -> Entry:
         """The compute process loads and warms its own copy before the model is ready."""
@@ -190,7 +219,8 @@ class ModelControl:
             await self.st.remote.prepare(entry.model)
         except ComputeRestartingError:
             # Not this version's fault: the recovery, which waits for this lock, loads it into
-            # the new process (it was refused for good: review R21).
+            # the new process (it was refused for good: review R21); not counted till then.
+            self._deferred.add(key_of(entry.model))
             return entry
         except Exception as exc:
             named = f"{type(exc).__name__}: {exc}"
@@ -210,20 +240,24 @@ class ModelControl:
         if it had failed to load, so that requests without a version go to a ready one and
         readiness says so. It answered 503 for good while the index and /readyz called it
         ready (reviewer LC)."""
-        name, version, digest = key
         async with self._lock:
-            versions = self.st.registry.versions(name)
-            entry = next((e for e in versions if _is(e, version, digest)), None)
-            if entry is None:  # already unloaded or replaced
-                return
-            log.error("served version refused by the compute process", extra={"reason": why})
-            refused = Entry(entry.name, entry.version, entry.path, error=why)
-            self.st.registry.add(refused)
-            batcher = self.st.batchers.get((entry.name, entry.version))
-            await self._free(entry, batcher, reason=why)
-            self._refused[entry.path] = signature(entry.path)  # tried again once mended
-            del entry, batcher, versions  # then the copy can go
-            await _collect()
+            await self._refuse_locked(key, why)
+
+    async def _refuse_locked(self, key: tuple[str, str, str], why: str) -> None:
+        """`_refuse_served`, the lock held."""
+        name, version, digest = key
+        versions = self.st.registry.versions(name)
+        entry = next((e for e in versions if _is(e, version, digest)), None)
+        if entry is None:  # already unloaded or replaced
+            return
+        log.error("served version refused by the compute process", extra={"reason": why})
+        refused = Entry(entry.name, entry.version, entry.path, error=why)
+        self.st.registry.add(refused)
+        batcher = self.st.batchers.get((entry.name, entry.version))
+        await self._free(entry, batcher, reason=why)
+        self._refused[entry.path] = signature(entry.path)  # tried again once mended
+        del entry, batcher, versions  # then the copy can go
+        await _collect()
 
     async def _moved_away(self, old: Entry, batcher: Batcher | None, new: Entry) -> None:
         """Free what `old` held that `new` (same name and version, now in the registry) does

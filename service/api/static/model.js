@@ -208,8 +208,9 @@
     if (bad >= 0) {
       const v = raw[bad];
       // "1,000" may be a thousand or one (a decimal comma): ask, never guess (review R20).
-      const thousands = /^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$/.test(v);
-      const either = /^[-+]?\d{1,3},\d{3}$/.test(v);  // one comma, no point: which is it?
+      // A group of thousands starts 1-9: "0,500" can only be a decimal comma.
+      const thousands = /^[-+]?[1-9]\d{0,2}(,\d{3})+(\.\d+)?$/.test(v);
+      const either = /^[-+]?[1-9]\d{0,2},\d{3}$/.test(v);  // one comma, no point: which is it?
       const comma = /^[-+]?\d*,\d+$/.test(v);
       const why = either
         ? "write the number without a comma: " + v.replace(",", "") + " (or, if the comma is a decimal point, " + v.replace(",", ".") + ")"

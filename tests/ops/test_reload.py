@@ -493,6 +493,11 @@ async def test_a_version_the_restarted_compute_process_cannot_load_is_refused(
             refused = st.registry.versions("clf")[-1]
             assert not refused.ready and refused.error is not None
             assert refused.error.startswith("model 'clf' version '2': the bundle on disk")
+            del refused
+            for _ in range(3000):  # and then finishes, version 1 loaded
+                if st.remote.not_ready_reason() is None:
+                    break
+                await asyncio.sleep(0.02)
             r = await c.post("/v1/models/clf:predict", json=BODY)
             assert r.status_code == 200 and r.json()["model"]["version"] == "1"
             ready = await c.get("/v2/models/clf/versions/2/ready")

@@ -108,19 +108,18 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
     groups: dict[str, list[str]] = {}
     for v in values:
         if number(v) is None:
-            norm = unicodedata.normalize("NFC", " ".join(v.split())).casefold()
-            seen = groups.setdefault(norm, [])
+            seen = groups.setdefault(_composed(_spaced(v)).casefold(), [])
             if v not in seen:
                 seen.append(v)
     forms: list[list[str]] = []  # spellings of one label in other Unicode forms
     cases: list[list[str]] = []  # labels (composed) that differ in case or spacing
     for g in groups.values():
-        composed: dict[str, list[str]] = {}  # by the spelling spaced and composed one way
+        alike: dict[str, list[str]] = {}  # by the spelling spaced and composed one way
         for v in g:
-            composed.setdefault(unicodedata.normalize("NFC", " ".join(v.split())), []).append(v)
-        # Two spellings one way apart in form: spaced alike, unlike until composed.
-        forms += [sorted(m) for m in composed.values() if len({" ".join(v.split()) for v in m}) > 1]
-        spellings = {unicodedata.normalize("NFC", v) for v in g}  # apart in case or spacing
+            alike.setdefault(_composed(_spaced(v)), []).append(v)
+        # Spellings that, spaced alike, still differ: they differ in Unicode form.
+        forms += [sorted(m) for m in alike.values() if len({_spaced(v) for v in m}) > 1]
+        spellings = {_composed(v) for v in g}  # apart in case or spacing
         if len(spellings) > 1:
             cases.append(sorted(spellings))
     said = []
@@ -139,6 +138,14 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
         )
     if said:
         raise InvalidInputError(f"{path}: the target {target!r} has " + "; and ".join(said))
+
+
+def _spaced(v: str) -> str:
+    return " ".join(v.split())
+
+
+def _composed(v: str) -> str:
+    return unicodedata.normalize("NFC", v)
 
 
 def check_trained(

@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from service.api.common.child_copies import ChildCopies, Key
 from service.api.common.state import AppState
 from service.engine import frozen
 from service.engine.batcher import Batcher
@@ -22,9 +23,6 @@ from service.engine.compute_child import key_of
 from service.engine.model import ServedModel
 from service.engine.registry import Entry, discover
 from service.errors import (
-    BundleChangedError,
-    ComputeRestartingError,
-    ComputeUnavailableError,
     McServeError,
     ModelNotFoundError,
 )
@@ -64,7 +62,7 @@ def _stat(f: Path) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-class ModelControl:
+class ModelControl(ChildCopies):
     def __init__(self, st: AppState, metrics: Metrics | None = None) -> None:
         self.st = st
         self.metrics = metrics
@@ -78,7 +76,7 @@ class ModelControl:
         self._tasks: set[asyncio.Future[None]] = set()  # refusals scheduled from batchers
         # Versions loaded while the compute process restarted, not yet warmed in any child:
         # the recovery's prepare_all warms them, and only then do they count for readiness.
-        self._deferred: set[tuple[str, str, str]] = set()
+        self._deferred: set[Key] = set()
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -167,74 +165,12 @@ class ModelControl:
         )
         return entry
 
-    async def prepare_all(self) -> None:
-        """A new compute process (its child died) loads every served version before the replica
-        is ready again. Under the lock: a version unloaded meanwhile is not loaded into the
-        child after its release. A version the new process cannot load (its files changed
-        since the server read them, its warm-up fails there) is refused with the reason, and so
-        is one loaded during the recovery, never warmed, whose load kills the child; the child
-        dying on another goes up, and worker.py's recovery tries again."""
-        async with self._lock:
-            refuse, died = await self._prepare_each()
-            for key, why in refuse:  # the loop's references gone: a refused copy can go
-                self._deferred.discard(key)
-                await self._refuse_locked(key, why)
-            if died is not None:
-                raise died  # the recovery starts over (a refused version is not tried again)
-
-    async def _prepare_each(
-        self,
-    ) -> tuple[list[tuple[tuple[str, str, str], str]], ComputeUnavailableError | None]:
-        """Each ready version into the compute process: (those to refuse and why, the error
-        of a child that died on the way)."""
-        assert self.st.remote is not None
-        refuse: list[tuple[tuple[str, str, str], str]] = []
-        for entry in self.st.registry.entries():
-            if entry.model is None or not entry.ready:
-                continue
-            key = key_of(entry.model)
-            try:
-                await self.st.remote.prepare(entry.model)
-            except ComputeUnavailableError as exc:  # the new child died too
-                if key in self._deferred:  # on a version no child ever warmed: its fault
-                    refuse.append((key, f"compute process: {exc.message}"))
-                return refuse, exc
-            except BundleChangedError as exc:  # its files changed: said as a batch says it
-                refuse.append((key, exc.message))
-                continue
-            except Exception as exc:  # it cannot load there (its warm-up fails): refused
-                named = f"{type(exc).__name__}: {exc}"
-                refuse.append((key, f"compute process: {getattr(exc, 'message', named)}"))
-                continue
-            if key in self._deferred:  # warmed at last: it counts for readiness
-                self._deferred.discard(key)
-                self.st.counted.add(entry.name)
-        return refuse, None
-
-    async def _prepare_remote(self, entry: Entry) -> Entry:
-        """The compute process loads and warms its own copy before the model is ready."""
-        if self.st.remote is None or entry.model is None:
-            return entry
-        try:
-            await self.st.remote.prepare(entry.model)
-        except ComputeRestartingError:
-            # Not this version's fault: the recovery, which waits for this lock, loads it into
-            # the new process (it was refused for good: review R21); not counted till then.
-            self._deferred.add(key_of(entry.model))
-            return entry
-        except Exception as exc:
-            named = f"{type(exc).__name__}: {exc}"
-            reason = exc.message if isinstance(exc, McServeError) else named
-            log.warning("compute process refused the model", extra={"reason": reason})
-            return Entry(entry.name, entry.version, entry.path, error=f"compute process: {reason}")
-        return entry
-
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)  # held until done: a task with no reference may be collected
         task.add_done_callback(self._tasks.discard)
 
-    async def _refuse_served(self, key: tuple[str, str, str], why: str) -> None:
+    async def _refuse_served(self, key: Key, why: str) -> None:
         """A restarted compute process could not load `key`'s copy again (its files changed or
         went since the server read them, or its warm-up failed there): refuse that version, as
         if it had failed to load, so that requests without a version go to a ready one and
@@ -243,7 +179,7 @@ class ModelControl:
         async with self._lock:
             await self._refuse_locked(key, why)
 
-    async def _refuse_locked(self, key: tuple[str, str, str], why: str) -> None:
+    async def _refuse_locked(self, key: Key, why: str) -> None:
         """`_refuse_served`, the lock held."""
         name, version, digest = key
         versions = self.st.registry.versions(name)

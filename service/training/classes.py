@@ -114,12 +114,11 @@ def _refuse_spellings(values: list[str], path: Path, target: str) -> None:
     forms: list[list[str]] = []  # spellings of one label in other Unicode forms
     cases: list[list[str]] = []  # labels (composed) that differ in case or spacing
     for g in groups.values():
-        alike: dict[str, list[str]] = {}  # by the spelling spaced and composed one way
+        alike: dict[str, list[str]] = {}  # one label to `key`: equal once composed
         for v in g:
-            alike.setdefault(_composed(_spaced(v)), []).append(v)
-        # Spellings that, spaced alike, still differ: they differ in Unicode form.
-        forms += [sorted(m) for m in alike.values() if len({_spaced(v) for v in m}) > 1]
-        spellings = {_composed(v) for v in g}  # apart in case or spacing
+            alike.setdefault(_composed(v), []).append(v)
+        forms += [sorted(m) for m in alike.values() if len(m) > 1]
+        spellings = set(alike)  # apart in case or spacing: --labels may keep them apart
         if len(spellings) > 1:
             cases.append(sorted(spellings))
     said = []

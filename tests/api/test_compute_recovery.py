@@ -8,9 +8,11 @@ warms, and waits or exits there when a flag file exists."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -142,12 +144,57 @@ async def test_a_version_loaded_during_a_recovery_that_cannot_warm_is_refused(
         await until(lambda: not r.alive)
         [entry] = await control.load("reg")
         assert entry.ready  # not this version's fault yet: the recovery warms it
+        assert entry.model is not None
+        copy = weakref.ref(entry.model)
+        del entry
         await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        await until(lambda: not control._tasks)
+        gc.collect()
+        assert copy() is None  # its copy is freed (a traceback kept it, frozen: review R23)
         [refused] = state(app).registry.versions("reg")
         assert not refused.ready and refused.error is not None
-        said = "stopped" if how == "exit" else "RuntimeError: poisoned warm-up of reg"
+        said = "warm-up ended a new" if how == "exit" else "RuntimeError: poisoned warm-up of reg"
         assert refused.error.startswith("compute process: ") and said in refused.error
         assert (await c.get("/readyz")).status_code == 200  # reg never counted
+        ok = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
+        assert ok.status_code == 200, ok.text
+
+
+async def test_a_version_unloaded_before_the_recovery_warmed_it_counts_again_later(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """Loaded during a recovery and unloaded before the recovery warmed it, its key stayed
+    deferred: loaded again later it never counted for readiness, and /readyz said 200 with
+    it refused (review R23)."""
+    async with running(_settings(repo)) as app:
+        r, control, st = _remote(app), app.state.model_control, state(app)
+        assert await control.unload("reg") == 1
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: not r.alive)
+        await control.load("reg")
+        assert control._deferred  # loaded while restarting
+        assert await control.unload("reg") == 1
+        assert not control._deferred
+        await until(lambda: r.not_ready_reason() is None, timeout=90.0)
+        [entry] = await control.load("reg")
+        assert entry.ready and "reg" in st.counted
+
+
+async def test_a_served_version_that_ends_every_new_child_is_refused_after_three(
+    repo: Path, files: dict[str, Path]
+) -> None:
+    """A version served for a while whose warm-up then killed every new child took the
+    replica down for good: the recovery retried for ever, and no log named it (review R23).
+    After three deaths in a row loading it, it is refused and the rest is served."""
+    async with running(_settings(repo)) as app, asgi_client(app) as c:
+        r = _remote(app)
+        files["bad"].write_text("exit reg")
+        os.kill(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        await until(lambda: not r.alive)
+        await until(lambda: r.not_ready_reason() is None, timeout=120.0)
+        [refused] = state(app).registry.versions("reg")
+        assert not refused.ready
+        assert refused.error == "compute process: its warm-up ended 3 new compute processes"
         ok = await c.post("/v1/models/clf:predict", json=body(5, [0.0, 0.0, 0.0, 0.0]))
         assert ok.status_code == 200, ok.text
 

@@ -61,11 +61,17 @@ def test_labels_differing_only_in_case_or_spacing_are_refused_unless_listed() ->
     assert f"case or spacing: {[cap, nfc]}; if each group is one class" in said
     labels, _, _ = classes([nfc, nfd, cap, "normal"] * 6, [cap, nfc, "normal"], str, Path("c"), "y")
     assert labels == [cap, nfc, "normal"]
-    # Form and spacing in one pair ("la fièvre" decomposed, and composed with two spaces):
-    # the form is said, not only the spacing (review R22).
+    # Apart in form and in spacing: two labels to `key` ("la  fièvre" composed, "la fièvre"
+    # decomposed), so said as spacing, which --labels may keep apart; not as one label in two
+    # forms (review R23).
     with pytest.raises(InvalidInputError) as err:
         classes(["la  " + nfc, "la " + nfd, "normal"] * 6, None, str, Path("c.csv"), "y")
-    assert "written in two Unicode forms" in err.value.message
+    said = err.value.message
+    assert "Unicode forms" not in said and "differ only in case or spacing" in said
+    labels, _, _ = classes(
+        ["la  " + nfc, "la " + nfd] * 6, ["la  " + nfc, "la " + nfc], str, Path("c"), "y"
+    )
+    assert labels == ["la  " + nfc, "la " + nfc]
     # ... and `--labels` in one form takes the other (one class); compatibility forms, which
     # print differently ("x2", "x²"), are two labels (NFC, not NFKC: review R19).
     labels, y, _ = classes([nfc, nfd, "normal"] * 6, [nfc, "normal"], str, Path("c.csv"), "y")

@@ -25,6 +25,7 @@ from service.errors import (
 
 log = logging.getLogger("mcserve.lifecycle")  # ModelControl's log: one story per load
 Key = tuple[str, str, str]  # name, version, digest
+DEATHS = 3  # new processes a served version may end while loading before it is refused
 
 
 class ChildCopies:
@@ -33,6 +34,9 @@ class ChildCopies:
     st: AppState
     _lock: asyncio.Lock  # ModelControl's: one repository change at a time
     _deferred: set[Key]  # loaded during a restart, not yet warmed in any process
+    # Served versions a new process died loading, in a row: the one in flight is blamed
+    # after DEATHS (it took the replica down for good, retried for ever: review R23).
+    _deaths: dict[Key, int]
 
     if TYPE_CHECKING:
 
@@ -49,6 +53,7 @@ class ChildCopies:
             refuse, died = await self._prepare_each()
             for key, why in refuse:  # the loop's references gone: a refused copy can go
                 self._deferred.discard(key)
+                self._deaths.pop(key, None)
                 await self._refuse_locked(key, why)
             if died is not None:
                 raise died  # the recovery starts over (a refused version is not tried again)
@@ -66,10 +71,17 @@ class ChildCopies:
             key = key_of(entry.model)
             try:
                 await self.st.remote.prepare(entry.model)
-            except ComputeUnavailableError as exc:  # the new child died too
-                if key in self._deferred:  # on a version no child ever warmed: its fault
-                    refuse.append((key, f"compute process: {exc.message}"))
-                return refuse, exc
+            except ComputeUnavailableError as exc:  # the new child died, loading this one
+                n = self._deaths[key] = self._deaths.get(key, 0) + 1
+                log.warning(
+                    "compute process died loading a model",
+                    extra={"model": key[0], "version": key[1], "deaths": n},
+                )
+                if key in self._deferred or n >= DEATHS:  # never warmed, or every time: its
+                    ended = "a new compute process" if n == 1 else f"{n} new compute processes"
+                    refuse.append((key, f"compute process: its warm-up ended {ended}"))
+                # No traceback: its frames held the model, frozen by the refusal's collection.
+                return refuse, exc.with_traceback(None)
             except BundleChangedError as exc:  # its files changed: said as a batch says it
                 refuse.append((key, exc.message))
                 continue
@@ -77,10 +89,15 @@ class ChildCopies:
                 named = f"{type(exc).__name__}: {exc}"
                 refuse.append((key, f"compute process: {getattr(exc, 'message', named)}"))
                 continue
+            self._deaths.pop(key, None)
             if key in self._deferred:  # warmed at last: it counts for readiness
                 self._deferred.discard(key)
                 self.st.counted.add(entry.name)
         return refuse, None
+
+    def _warmed(self, entry: Entry) -> bool:
+        """Ready, and loaded into a compute process (not deferred): what counts for readiness."""
+        return entry.ready and (entry.model is None or key_of(entry.model) not in self._deferred)
 
     async def _prepare_remote(self, entry: Entry) -> Entry:
         """The compute process loads and warms its own copy before the model is ready."""

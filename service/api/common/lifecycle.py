@@ -77,6 +77,7 @@ class ModelControl(ChildCopies):
         # Versions loaded while the compute process restarted, not yet warmed in any child:
         # the recovery's prepare_all warms them, and only then do they count for readiness.
         self._deferred: set[Key] = set()
+        self._deaths: dict[Key, int] = {}  # child_copies.py: deaths while loading, in a row
 
     def _attach(self, model: ServedModel) -> None:
         s = self.st.settings
@@ -221,6 +222,7 @@ class ModelControl(ChildCopies):
                 self.st.batchers.pop(key)
         if entry.model is None or keep:
             return
+        self._deferred.discard(key_of(entry.model))  # a stale key kept a reload uncounted (R23)
         if self.st.remote is not None:
             await self.st.remote.release(entry.model)
         if self.metrics is not None:
@@ -293,7 +295,7 @@ class ModelControl(ChildCopies):
             self.st.registry.unload(entry.name, entry.version)
             batchers.append(self.st.batchers.get((entry.name, entry.version)))
             left = self.st.registry.versions(entry.name)
-            if not left or (entry.ready and not any(e.ready for e in left)):
+            if not left or (entry.ready and not any(self._warmed(e) for e in left)):
                 # Gone, or its last ready version went with only a copy half done left (a
                 # delete and copy seen by one poll, R12): it counts again once one is ready
                 # (R11). A model never ready, found at start-up, still counts (R13).

@@ -63,6 +63,12 @@ def _one_line_error(res: Result) -> None:
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
 
+def _evaluate_refuses(repo: Path, path: Path, tmp_path: Path) -> None:
+    """`evaluate` of the words model on the file at `path`: refused in one line."""
+    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(path), "--samples", "5"]
+    _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+
+
 def test_numeric_labels_match_by_value_never_as_class_positions(repo: Path, tmp_path: Path) -> None:
     # "2.0" and " 2" against labels ['1', '2', '3'] had become class index 2, i.e. '3'.
     m = _manifest(repo, "num")
@@ -180,8 +186,7 @@ def test_ragged_rows_and_repeated_columns_are_refused(
     path.write_text(text)
     with pytest.raises(InvalidInputError, match=said):
         read(path, _manifest(repo, "words"))
-    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(path), "--samples", "5"]
-    _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+    _evaluate_refuses(repo, path, tmp_path)
 
 
 def test_quoted_newlines_and_line_separators_stay_in_their_field(
@@ -204,8 +209,7 @@ def test_long_fields_are_read_and_an_endless_one_is_one_line(repo: Path, tmp_pat
     endless.write_text('a,b,target\n0.1,0.2,"red\n' + "x" * (1 << 20) + "\n")
     with pytest.raises(InvalidInputError, match="row starting at line 2 has a field over"):
         read_csv(endless)
-    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(endless), "--samples", "5"]
-    _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+    _evaluate_refuses(repo, endless, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -232,8 +236,7 @@ def test_an_unclosed_quote_is_refused_not_swallowing_rows(
     path.write_text(text)
     with pytest.raises(InvalidInputError, match=said):
         read_csv(path)
-    ev = ["evaluate", str(repo / "words" / "1"), "--data", str(path), "--samples", "5"]
-    _one_line_error(runner.invoke(app, [*ev, "--out", str(tmp_path / "report")]))
+    _evaluate_refuses(repo, path, tmp_path)
     # Rows of empty fields ending the file (a spreadsheet's ",,,") are dropped like blank lines
     # (they were refused as missing values); one inside the data is kept, and refused.
     path.write_text("a,b,target\n0.1,0.2,red\n,,\n0.3,0.4,blue\n,,\r\n , ,\n\n")

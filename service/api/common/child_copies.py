@@ -86,8 +86,7 @@ class ChildCopies:
                 refuse.append((key, exc.message))
                 continue
             except Exception as exc:  # it cannot load there (its warm-up fails): refused
-                named = f"{type(exc).__name__}: {exc}"
-                refuse.append((key, f"compute process: {getattr(exc, 'message', named)}"))
+                refuse.append((key, f"compute process: {_reason(exc)}"))
                 continue
             self._deaths.pop(key, None)
             if key in self._deferred:  # warmed at last: it counts for readiness
@@ -111,8 +110,12 @@ class ChildCopies:
             self._deferred.add(key_of(entry.model))
             return entry
         except Exception as exc:
-            named = f"{type(exc).__name__}: {exc}"
-            reason = exc.message if isinstance(exc, McServeError) else named
+            reason = _reason(exc)
             log.warning("compute process refused the model", extra={"reason": reason})
             return Entry(entry.name, entry.version, entry.path, error=f"compute process: {reason}")
         return entry
+
+
+def _reason(exc: Exception) -> str:
+    """Why the compute process refused a version: our message, or the error and its text."""
+    return exc.message if isinstance(exc, McServeError) else f"{type(exc).__name__}: {exc}"

@@ -156,7 +156,7 @@ class ModelControl(ChildCopies):
         if entry.ready:
             self._refused.pop(path, None)
             self._served[path] = signature(path, files_only=True)
-            if entry.model is None or key_of(entry.model) not in self._deferred:
+            if self._warmed(entry):  # a deferred one counts once the recovery warmed it
                 self.st.counted.add(entry.name)  # counts for readiness from now on (state.py)
         else:
             self._refused[path] = files

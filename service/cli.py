@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -112,6 +113,7 @@ def predict(
         str | None, typer.Option(help="one instance as JSON (array or object)")
     ] = None,
     text: Annotated[str | None, typer.Option(help="text models: one text to classify")] = None,
+    audio: Annotated[Path | None, typer.Option(help="audio models: one WAV file")] = None,
     samples: Annotated[
         str | None, typer.Option(help="MC passes, or auto (adaptive, up to max_samples)")
     ] = None,
@@ -136,19 +138,23 @@ def predict(
     from service.bundle.load import TrustPolicy
     from service.encode import response
     from service.engine import adaptive
-    from service.engine.inputs import to_array
+    from service.engine.instances import encode_instances
     from service.engine.registry import Registry, whole
-    from service.engine.text import encode_texts
     from service.errors import McServeError
 
     settings = read_settings(model_dir)
-    if (instance is None) == (text is None):
-        typer.echo("error: give one of --instance JSON or --text TEXT", err=True)
+    if sum(v is not None for v in (instance, text, audio)) != 1:
+        typer.echo("error: give one of --instance JSON, --text TEXT or --audio FILE", err=True)
         raise typer.Exit(2)
     try:
         value = json.loads(instance) if instance is not None else text
+        if audio is not None:  # a WAV file, as /v1 takes it
+            value = {"b64": base64.b64encode(audio.read_bytes()).decode("ascii")}
     except json.JSONDecodeError as exc:
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: --audio: cannot read {audio}: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None
     auto = samples == "auto"
     if dropout_sites not in (None, "all") and not whole(str(dropout_sites)):
@@ -178,13 +184,8 @@ def predict(
             served,
             settings.max_samples,
         )
-        spec = served.manifest.inputs
-        notes = None
-        if spec.text is not None:
-            batch = encode_texts([value], served.bundle.tokenizer, spec.text, 1)
-            x, notes = batch.ids, batch.notes()
-        else:
-            x = to_array([value], spec, settings.max_instances)
+        encoded = encode_instances([value], served, 1)
+        x, notes = encoded.x, encoded.notes
         if params.auto is not None:
             pred = adaptive.run(served, [x], [params], params.auto)[0]
         else:

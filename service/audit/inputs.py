@@ -1,6 +1,8 @@
 """What a replay computes on: the record's inputs, or the ones supplied for an HMAC-only record
 (checked against its HMAC with the key that made it), and, for a text model, the per-text
-tokenization notes the answer carried (`tokens`, `truncated`).
+tokenization notes the answer carried (`tokens`, `truncated`); for an audio model, the per-clip
+`seconds` and `truncated`, computed again from supplied clips, else read from the recorded
+answer (a clip's length is not in its features).
 
 The notes are part of the recorded answer but not of the engine's computation: a replay of
 supplied texts tokenizes them again; a replay of stored token ids counts the ids before each
@@ -21,7 +23,7 @@ import orjson
 
 from service.audit.arrays import inputs_hmac, key_id, lengths
 from service.audit.rows import AuditRecord
-from service.engine.inputs import to_array
+from service.engine.instances import encode_instances
 from service.engine.model import ServedModel
 from service.engine.text import encode_texts
 from service.errors import McServeError
@@ -65,7 +67,8 @@ def read_inputs(path: Path, model: ServedModel) -> Supplied:
             old = encode_texts(instances, model.bundle.tokenizer, spec.text, n, plain_cut=True)
             legacy = None if np.array_equal(old.ids, batch.ids) else old.ids
         return Supplied(batch.ids, batch.notes(), legacy)
-    return Supplied(to_array(instances, spec, max(1, len(instances))))
+    encoded = encode_instances(instances, model, max(1, len(instances)))  # clips: features again
+    return Supplied(encoded.x, encoded.notes)
 
 
 def the_key(record: AuditRecord, key: bytes | None, what: str) -> bytes:
@@ -101,9 +104,13 @@ def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
 
 
 def text_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None:
-    """A text model's notes rebuilt from its token ids (see the module's docstring); None for
-    other models. `summary`: the recorded answer, in clear."""
+    """A text model's notes rebuilt from its token ids, an audio model's read from the recorded
+    answer (see the module's docstring); None for other models. `summary`: the recorded
+    answer, in clear."""
     text = model.manifest.inputs.text
+    if model.manifest.inputs.audio is not None:  # the clip's length is not in its features
+        rows = _recorded_notes(summary, x.shape[0])
+        return [{k: row.get(k) for k in ("seconds", "truncated")} for row in rows]
     if text is None or x.ndim != 2:
         return None
     recorded = _recorded_notes(summary, x.shape[0])

@@ -2,8 +2,9 @@
 
 An input is a tensor of a declared shape and dtype, with optional feature names, units and hard
 (valid) and soft (training) ranges, or a text (`text`: token ids of the bundle's tokenizer, padded
-to a length bucket). An output is a classifier's labels or a regressor's target(s) and units.
-`Strict` is the base of every manifest section: unknown keys are refused, values are frozen.
+to a length bucket), or audio (`audio`: WAV files the server turns into log-mel features). An
+output is a classifier's labels or a regressor's target(s) and units. `Strict` is the base of
+every manifest section: unknown keys are refused, values are frozen.
 """
 
 from __future__ import annotations
@@ -77,6 +78,67 @@ class TextInput(Strict):
         return tuple(self.buckets) if self.buckets else (self.max_tokens,)
 
 
+class AudioInput(Strict):
+    """A speech or audio model: instances are WAV files; the server computes the model's log-mel
+    features from them (service/engine/audio.py, the same function a trainer calls), so a client
+    never has to reproduce the featurisation. Power spectrogram of a periodic Hann window,
+    centred frames (reflect-padded), a triangular mel filter bank, then a floored log."""
+
+    sample_rate: int = Field(ge=1000, le=384_000)  # a clip at another rate is refused (422)
+    n_fft: int = Field(ge=8, le=16384)
+    win_length: int | None = Field(default=None, ge=2)  # None: n_fft
+    hop_length: int = Field(ge=1, le=65536)
+    n_mels: int = Field(ge=1, le=512)
+    f_min: float = Field(default=0.0, ge=0.0)
+    f_max: float | None = Field(default=None, gt=0.0)  # None: sample_rate / 2
+    mel_scale: Literal["htk", "slaney"] = "htk"
+    norm: Literal["slaney"] | None = None  # "slaney": each filter's area 1 (librosa's default)
+    log: Literal["ln", "db"] = "ln"  # ln(max(power, floor)) or 10 log10(max(power, floor))
+    floor: float = Field(default=1e-10, gt=0.0)
+    frames: int = Field(ge=1, le=100_000)  # the features' time axis: clips are padded or cut
+    truncation: Literal["truncate", "error"] = "truncate"  # a longer clip: cut, or a 422
+    max_audio_bytes: int = Field(default=10_000_000, ge=64)  # a larger file: 413, not decoded
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AudioInput:
+        nyquist = self.sample_rate / 2
+        if self.window > self.n_fft:
+            raise ValueError(f"audio.win_length {self.win_length} is over n_fft {self.n_fft}")
+        if self.top > nyquist or self.f_min >= self.top:
+            raise ValueError(
+                f"audio: f_min {self.f_min} and f_max {self.top} must satisfy 0 <= f_min < f_max "
+                f"<= sample_rate / 2 ({nyquist:g})"
+            )
+        if self.frames * self.n_fft > 1 << 24:  # a clip's frames are held at once, float64
+            raise ValueError(
+                f"audio: {self.frames} frames of n_fft {self.n_fft} are over 2^24 values a clip"
+            )
+        if self.samples <= self.n_fft // 2:  # the centred frames reflect the clip's ends
+            raise ValueError(
+                f"audio: {self.frames} frames of hop {self.hop_length} make a clip of "
+                f"{self.samples} samples, too short for n_fft {self.n_fft} (more than "
+                f"{self.n_fft // 2} needed)"
+            )
+        return self
+
+    @property
+    def window(self) -> int:
+        return self.win_length if self.win_length is not None else self.n_fft
+
+    @property
+    def top(self) -> float:
+        return self.f_max if self.f_max is not None else self.sample_rate / 2
+
+    @property
+    def samples(self) -> int:
+        """The clip's length in samples: (frames - 1) hops, so centred framing gives `frames`."""
+        return (self.frames - 1) * self.hop_length
+
+    @property
+    def seconds(self) -> float:
+        return self.samples / self.sample_rate
+
+
 class InputSpec(Strict):
     # Its floats are ranges, which may be open ([0, Infinity]); NaN is refused by _check_ranges.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
@@ -90,6 +152,8 @@ class InputSpec(Strict):
     training_ranges: list[Range] | None = None  # soft: outside -> flag
     value_range: Range | None = None  # one hard range for every element (images)
     text: TextInput | None = None  # text models: shape [max_tokens], dtype int64
+    # audio models: float32 log-mel features of shape [n_mels, frames] (or [1, n_mels, frames])
+    audio: AudioInput | None = None
 
     @model_validator(mode="after")
     def _lengths(self) -> InputSpec:
@@ -100,6 +164,16 @@ class InputSpec(Strict):
             self.dtype != "int64" or self.shape != [self.text.max_tokens]
         ):
             raise ValueError("a text input has dtype int64 and shape [text.max_tokens]")
+        a = self.audio
+        if a is not None and (
+            self.text is not None
+            or self.dtype != "float32"
+            or self.shape not in ([a.n_mels, a.frames], [1, a.n_mels, a.frames])
+        ):
+            raise ValueError(
+                "an audio input has dtype float32 and shape [audio.n_mels, audio.frames] (or "
+                f"[1, n_mels, frames]), and no text; got {self.dtype} {self.shape}"
+            )
         n = 1
         for d in self.shape:
             n *= d

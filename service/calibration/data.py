@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle.manifest import Manifest
+from service.calibration.audio_data import read_clips
 from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
 from service.calibration.targets import read_number
@@ -30,9 +31,12 @@ def read(
 ) -> Labelled:
     """Read and check a labelled CSV for ``manifest``'s model (``target``: the target column's
     name, see `labelled.target_column`). A text model's CSV (``tokenizer``: the bundle's) is read by
-    `service.calibration.text_data.read_texts`. Both read the file as `train` does
+    `service.calibration.text_data.read_texts`, an audio model's (WAV file paths) by
+    `audio_data.read_clips`. All read the file as `train` does
     (`csv_file.read_csv`: UTF-8, quoted newlines, one field per header column)."""
     path = Path(path)
+    if manifest.inputs.audio is not None:  # a column of WAV file paths
+        return read_clips(path, manifest, target)
     if manifest.inputs.text is not None:
         return read_texts(path, manifest, target, tokenizer)
     names = manifest.inputs.feature_names

@@ -127,12 +127,19 @@ def _common(model: ServedModel, pred: Prediction, i: int, ctx: Context) -> tuple
     if pred.mode == "deterministic":
         notes.append({"text": "Dropout off: no uncertainty was computed for this value."})
     read = (pred.input_notes or [])[i] if i < len(pred.input_notes or []) else {}
-    text = model.manifest.inputs.text
+    text, audio = model.manifest.inputs.text, model.manifest.inputs.audio
     if read.get("truncated") and text is not None:  # the JSON answer said so; FHIR did not
         notes.append(
             {
                 "text": f"The text was cut to its first {text.max_tokens} of {read['tokens']} "
                 "tokens: the rest was not read."
+            }
+        )
+    if read.get("truncated") and audio is not None:
+        notes.append(
+            {
+                "text": f"The clip was cut to its first {audio.seconds:g} of {read['seconds']:g} "
+                "seconds: the rest was not heard."
             }
         )
     return head, {"note": notes} if notes else {}

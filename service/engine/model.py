@@ -12,6 +12,7 @@ import torch
 from service.bundle.load import LoadedBundle
 from service.bundle.manifest import Manifest
 from service.engine import familiar, heads
+from service.engine.audio import empty_filters
 from service.engine.buckets import Buckets
 from service.engine.budgets import TOKEN_BUDGET
 from service.engine.calibrator import Calibrator
@@ -57,6 +58,8 @@ class ServedModel:
                 f"(setting referral): {exc}"
             ) from exc
         spec = self.manifest.inputs
+        if spec.audio is not None and empty_filters(spec.audio):  # as the writer refuses it
+            raise BundleError(f"{bundle.path}: inputs.audio: n_mels too many for n_fft")
         # Checked against the module (still on the CPU, as loaded) before the sampler moves it.
         self.onnx = checked_predictor(bundle, onnx_threads) if bundle.onnx_bytes else None
         # Inputs within the manifest's ranges, not zeros: an all-padding text made a model that

@@ -27,6 +27,7 @@ from service.bundle.manifest import (
 )
 from service.bundle.sequence import explicit
 from service.bundle.spec import (
+    AudioInput,
     InputSpec,
     OutputSpec,
     TextInput,
@@ -35,6 +36,7 @@ from service.bundle.spec import (
 )
 from service.bundle.tokenizer import check_tokenizer_json
 from service.bundle.words import dump_words
+from service.engine.audio import empty_filters
 from service.engine.familiar import familiar_words
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
@@ -89,6 +91,7 @@ def save(
     training_texts: Sequence[str] | None = None,
     word_min_texts: int = WORD_MIN_TEXTS,
     train_noise: Literal["refuse", "allow"] = "refuse",
+    audio: AudioInput | None = None,
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses a name or version the
     manifest would refuse, and an existing version, before any work; the files are written into
@@ -121,7 +124,11 @@ def save(
     ``training_texts`` (text models): the texts it was trained on. The words found in at least
     ``word_min_texts`` distinct ones are written to words.txt, so that a text mostly made of
     other words is referred once the bundle is calibrated (service/engine/familiar.py); no text
-    is stored. Leave it out for no word list (and no such referral)."""
+    is stored. Leave it out for no word list (and no such referral).
+
+    ``audio`` (audio models): how the server turns a WAV file into this model's input, log-mel
+    features of shape [n_mels, frames] (or [1, n_mels, frames]); train on
+    `service.engine.audio.log_mel` of the clips, the same function (docs/BUNDLES.md)."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -133,6 +140,13 @@ def save(
         )
     if variance is not None and task != "regression":
         raise ModelError("variance= declares a regressor's noise head; a classifier has none")
+    if audio is not None and tokenizer is not None:
+        raise ModelError("audio= and tokenizer= declare two kinds of input: a model reads one")
+    if audio is not None and empty_filters(audio):
+        raise ModelError(
+            f"audio: mel filter(s) {empty_filters(audio)[:5]} hold no FFT bin (n_mels "
+            f"{audio.n_mels} is too many for n_fft {audio.n_fft}): fewer mels or a larger n_fft"
+        )
     if training_texts is not None and tokenizer is None:
         raise ModelError("training_texts= is for text models: pass the tokenizer too")
     if word_min_texts < 1:
@@ -251,6 +265,7 @@ def save(
                 else None,
                 value_range=value_range,
                 text=text,
+                audio=audio,
             ),
             outputs=outputs or OutputSpec(labels=list(labels) if labels else None),
             aleatoric=sections.aleatoric(noise_var, variance),

@@ -296,7 +296,30 @@ def test_predict_text(tmp_path: Path) -> None:
     empty = runner.invoke(app, [*base, "--text", "  "])
     assert empty.exit_code == 2 and "the text is empty" in empty.output
     neither = runner.invoke(app, base)
-    assert neither.exit_code == 2 and "give one of --instance JSON or --text TEXT" in neither.output
+    assert (
+        neither.exit_code == 2
+        and "give one of --instance JSON, --text TEXT or --audio" in neither.output
+    )
+
+
+def test_predict_audio(tmp_path: Path) -> None:
+    """`predict MODEL --audio FILE` on an audio model: the WAV file read, its features
+    computed, answered with its length."""
+    from audio_nets import save_audio_model, tone, wav
+
+    save_audio_model(tmp_path / "repo")
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav(tone(2500.0, 0.25)))
+    base = ["predict", "tones", "--model-dir", str(tmp_path / "repo"), "--samples", "8"]
+    result = runner.invoke(app, [*base, "--audio", str(clip)])
+    assert result.exit_code == 0, result.output
+    pred = json.loads(result.output)["predictions"][0]
+    assert pred["label"] == "high" and pred["seconds"] == 0.25 and pred["truncated"] is False
+    missing = runner.invoke(app, [*base, "--audio", str(tmp_path / "none.wav")])
+    assert missing.exit_code == 2 and "--audio: cannot read" in missing.output
+    clip.write_bytes(b"not audio")
+    bad = runner.invoke(app, [*base, "--audio", str(clip)])
+    assert bad.exit_code == 2 and "instance 0: the audio is not a WAV file" in bad.output
 
 
 @pytest.mark.parametrize("samples", ["0", "-5"])

@@ -10,6 +10,7 @@ temporary folder, or to $MCSERVE_SCREENSHOTS when set (docs/pages/ holds two; se
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from audio_nets import save_audio_model, tone, wav
 from axe_playwright_python.sync_playwright import Axe
 from hostile_pages import NAME, SCRIPT, hostile_bundle
 from nets import mlp
@@ -109,6 +111,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     shutil.copytree(ROOT / "models", tmp / "models", ignore=shutil.ignore_patterns("*.py"))
     hostile_bundle(tmp / "models")
     text_bundle(tmp / "models")
+    save_audio_model(tmp / "models")
     crafted_bundles(tmp / "models")
     torch.manual_seed(0)
     save(
@@ -659,3 +662,41 @@ def test_what_a_field_holds_is_sent_as_typed_or_refused(srv: Server, page: Any) 
         assert sent["parameters"]["seed"] == SEED
         shown = page.locator("main").inner_text()
         assert f"at {said} %" in shown and "at 100 %" not in shown
+
+
+def test_an_audio_model_page_takes_a_wav_file(srv: Server, page: Any, tmp_path: Path) -> None:
+    """An audio model gets a file picker: the page sends the WAV file in base64, draws what the
+    API answers for it and how long the clip was, puts the API's error by the picker, and
+    axe-core finds nothing on it."""
+    page.goto(f"{srv.url}/models/tones")
+    assert page.locator("input[data-feature]").count() == 0
+    page.fill("#seed", str(SEED))
+    page.click("#predict")  # nothing chosen: said by the picker, nothing sent
+    page.wait_for_selector("#e-audio:not(:empty)")
+    assert page.locator("#e-audio").inner_text() == "choose a WAV file first"
+    clip = wav(tone(2500.0, 0.3))
+    page.set_input_files("#audio", {"name": "a.wav", "mimeType": "audio/wav", "buffer": clip})
+    sent = predict(page)
+    assert sent["instances"] == [{"b64": base64.b64encode(clip).decode()}]
+    api = httpx.post(f"{srv.url}/v1/models/tones:predict", json=sent, headers=AUTH, timeout=60)
+    p = api.json()["predictions"][0]
+    out = page.locator("#result")
+    assert out.locator("[data-out=label]").inner_text() == p["label"] == "high"
+    for label, prob in p["probabilities"].items():
+        row = out.locator(f'tr[data-class="{label}"]')
+        assert close(row.locator("[data-out=probability]").inner_text(), prob)
+    assert out.locator("[data-out=seconds]").inner_text() == "0.3 s of audio"
+    results = Axe().run(page)
+    assert not [v["id"] for v in results.response["violations"]]
+    page.locator("section[aria-labelledby=try-h]").screenshot(
+        path=str(shots(tmp_path) / "tones-try.png")
+    )
+    other = wav(tone(400.0, 0.3, rate=16000), rate=16000)  # the API's own message, by the picker
+    page.set_input_files("#audio", {"name": "b.wav", "mimeType": "audio/wav", "buffer": other})
+    predict(page, expect_ok=False)
+    page.wait_for_selector("#e-audio:not(:empty)")
+    assert (
+        page.locator("#e-audio")
+        .inner_text()
+        .startswith("instance 0: the clip is sampled at 16000 Hz; this model reads 8000 Hz")
+    )

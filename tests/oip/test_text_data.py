@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service.api.oip.binary import _json_texts, decode_texts
+from service.api.oip.bytes_input import _json_strings, decode_texts
 from service.api.oip.schemas import InputParameters, RequestInput
 from service.bundle.spec import InputSpec, TextInput
 from service.errors import InvalidInputError
@@ -22,7 +22,7 @@ TAIL = len(b"other text").to_bytes(4, "little") + b"other text"
     ids=["flat", "flat-for-B-1", "nested-B-1"],
 )
 def test_the_allowed_forms_give_the_texts(shape: list[int], data: list[Any]) -> None:
-    assert _json_texts("input", shape, data) == ["a", "b"]
+    assert _json_strings("input", shape, data) == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_other_forms_are_refused_with_the_fix(
     shape: list[int], data: list[Any], message: str
 ) -> None:
     with pytest.raises(InvalidInputError) as e:
-        _json_texts("input", shape, data)
+        _json_strings("input", shape, data)
     assert e.value.message == message
 
 

@@ -24,6 +24,7 @@ from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
 from service.clinical import fhir
 from service.encode import response_json
+from service.engine.audio import instances_batch
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
 from service.engine.text import encode_texts
@@ -133,6 +134,11 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
         )
         x = batch.ids
         notes = batch.notes()
+    elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
+        size = len(await request.body())
+        clips = await off_loop(lambda: instances_batch(body.instances, spec, limit), size, values)
+        x = clips.x
+        notes = clips.notes()
     else:
         x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
     timeout = body.parameters.timeout_ms

@@ -18,10 +18,12 @@ from starlette.responses import Response
 from service.api.common.call import off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.parameters import PredictParameters, ignored, to_params
-from service.api.oip.binary import HEADER, decode_input, decode_texts, encode, split
+from service.api.oip.binary import HEADER, decode_input, encode, split
+from service.api.oip.bytes_input import decode_texts, elements
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferParameters, InferRequest
 from service.encode import sites_used, warnings_of
+from service.engine.audio import AudioBatch, audio_batch
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
@@ -135,6 +137,15 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
         batch = await off_loop(tokenized, nbytes=len(raw))
         x = batch.ids
         notes = batch.notes()
+    elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
+
+        def featurised() -> AudioBatch:
+            clips = elements(req.inputs, binary, spec, limit, "clips")
+            return audio_batch(clips, spec, limit, f"input '{spec.name}', element")
+
+        audio = await off_loop(featurised, nbytes=len(raw))
+        x = audio.x
+        notes = audio.notes()
     else:
         x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
     timeout = p.timeout / 1e6 if p.timeout is not None else None

@@ -30,10 +30,11 @@ from service.engine.prediction import inputs
 from service.engine.summaries import ClassificationSummary, RegressionSummary
 
 PLATFORM = "pytorch_mc_dropout"
-NUMPY = {"INT64": np.int64, "BOOL": np.bool_}
+NUMPY = {"INT64": np.int64, "BOOL": np.bool_, "FP64": np.float64}
 CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
 PASSES_USED = "passes_used"
 TEXT_NOTES = {"tokens": "INT64", "truncated": "BOOL"}  # per text, from the tokenizer
+AUDIO_NOTES = {"seconds": "FP64", "truncated": "BOOL"}  # per clip, from its WAV file
 REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
 
 
@@ -76,6 +77,8 @@ def specs(model: ServedModel) -> list[TensorSpec]:
     out += [TensorSpec("refer", "BOOL", ()), TensorSpec(PASSES_USED, "INT64", ())]
     if model.manifest.inputs.text is not None:
         out += [TensorSpec(n, t, (), deterministic=True) for n, t in TEXT_NOTES.items()]
+    if model.manifest.inputs.audio is not None:
+        out += [TensorSpec(n, t, (), deterministic=True) for n, t in AUDIO_NOTES.items()]
     return out
 
 
@@ -85,7 +88,7 @@ def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
     out = []
     for spec in wanted:
         arr: object
-        if spec.name in TEXT_NOTES:
+        if spec.name in TEXT_NOTES or spec.name in AUDIO_NOTES:
             notes = pred.input_notes or []
             arr = np.array([n[spec.name] for n in notes], dtype=NUMPY[spec.datatype])
         elif pred.point is not None and spec.name == "label":

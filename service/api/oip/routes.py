@@ -104,7 +104,7 @@ def metadata(model: ServedModel, versions: list[str]) -> dict[str, Any]:
         "platform": PLATFORM,
         "inputs": [
             {"name": spec.name, "datatype": "BYTES", "shape": [-1]}
-            if spec.text is not None
+            if spec.text is not None or spec.audio is not None
             else {"name": spec.name, "datatype": input_datatype(spec), "shape": [-1, *spec.shape]}
         ],
         "outputs": [s.metadata() for s in specs(model)],

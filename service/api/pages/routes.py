@@ -76,14 +76,19 @@ def _default(train: tuple[float, float] | None, valid: tuple[float, float] | Non
 def form_of(model: ServedModel) -> dict[str, Any]:
     """What the "try it" form asks for: a field per feature (tabular), a drawing grid (an
     image of one channel: a shape [1, H, W], or [H, W] without feature names), a text box (a
-    text model), or nothing when none fits. A named [H, W] is fields (a [2, 4] input of two
-    visits' measurements was drawn as a grid, its names and ranges gone). Unnamed features are
+    text model), a WAV file (an audio model), or nothing when none fits. A named [H, W] is
+    fields (a [2, 4] input of two visits' measurements was drawn as a grid, its names and
+    ranges gone). Unnamed features are
     called "element j", as the API's messages call them."""
     spec = model.manifest.inputs
     if spec.text is not None:  # a text model: one text box
         t = spec.text
         return {"kind": "text", "max_tokens": t.max_tokens, "truncation": t.truncation,
                 "max_bytes": t.max_text_bytes}  # fmt: skip
+    if spec.audio is not None:  # an audio model: one WAV file
+        a = spec.audio
+        return {"kind": "audio", "sample_rate": a.sample_rate, "seconds": f"{a.seconds:g}",
+                "truncation": a.truncation, "max_bytes": a.max_audio_bytes}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
     # A drawing: one channel of at least 2 x 2 cells ([1, H, W], as the digits' [1, 8, 8] with

@@ -170,6 +170,7 @@
   // An error goes next to what it is about: a feature's field (by its index), an option's
   // field, the text box ("instance 0: ..."); anything else above the result.
   function showError(message, index) {
+    const audio = document.getElementById("audio");
     const found = index === undefined ? fieldOf(message) : [fields[index], -1, -1];
     const option = Object.keys(OPTIONS).find((id) => OPTIONS[id].test(message));
     const text = document.getElementById("text");
@@ -179,6 +180,8 @@
       put(option + "-e", document.getElementById(option), message, -1, -1);
     } else if (text && /^(instance \d+: |write some text|the text is )/.test(message)) {
       put("e-text", text, message, -1, -1);
+    } else if (audio && /^(instance \d+: |choose a WAV file|the file is )/.test(message)) {
+      put("e-audio", audio, message, -1, -1);
     } else {
       formError.textContent = message;
     }
@@ -186,8 +189,28 @@
 
   // --- the request -----------------------------------------------------------------------
   const DECIMAL = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/;
-  function instance() {
+  // A file's bytes in base64, in slices (String.fromCharCode of a whole clip overflows the
+  // stack of arguments).
+  function base64(buffer) {
+    const bytes = new Uint8Array(buffer);
+    let binary = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) {
+      binary += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+    }
+    return btoa(binary);
+  }
+  async function instance() {
     if (grid) return nest(cells.map(valueOf), shape);
+    const audio = document.getElementById("audio");
+    if (audio) {
+      const file = audio.files[0];
+      if (!file) throw new Error("choose a WAV file first");
+      const most = Number(audio.dataset.maxBytes);
+      if (file.size > most) {
+        throw new Error("the file is " + file.size + " bytes, over this model's limit of " + most + ": cut the clip");
+      }
+      return { b64: base64(await file.arrayBuffer()) };
+    }
     const text = document.getElementById("text");
     if (text) {
       if (text.value.trim() === "") throw new Error("write some text first");
@@ -265,7 +288,7 @@
     clearErrors();
     let body;
     try {
-      body = { instances: [instance()], parameters: parameters() };
+      body = { instances: [await instance()], parameters: parameters() };
     } catch (err) {
       showError(err.message, err.index);
       return;
@@ -447,6 +470,9 @@
     if (p.referral) out.append(referral(p.referral));
     if (p.tokens !== undefined && p.tokens !== null) {
       out.append(el("p", p.tokens + " tokens" + (p.truncated ? ", cut to the model's maximum" : ""), { class: "meta", "data-out": "tokens" }));
+    }
+    if (p.seconds !== undefined && p.seconds !== null) {
+      out.append(el("p", String(Number(p.seconds.toPrecision(6))) + " s of audio" + (p.truncated ? ", cut to the model's length" : ""), { class: "meta", "data-out": "seconds" }));
     }
     for (const w of answer.warnings || []) out.append(el("p", w, { class: "warning" }));
     out.append(el("p", "Model " + answer.model.name + " version " + answer.model.version + ", " + answer.mode + ", " + answer.samples + " passes, seed " + answer.seed + ".", { class: "meta", "data-out": "meta" }));

@@ -1,0 +1,62 @@
+"""Labelled clips for an audio model's `calibrate` and `evaluate`: a CSV of WAV file paths and
+the target.
+
+The path column is `audio`, else the one column besides the target; a relative path is read
+from the CSV's own folder (a data set moved whole keeps working). Each file is read and turned
+into features exactly as a request's clip is (`service.engine.audio.audio_batch`: the same
+decoding, padding, cutting and checks), so a model is calibrated on what it will be served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.bundle.manifest import Manifest
+from service.calibration.csv_file import read_csv
+from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
+from service.engine.audio import audio_batch
+from service.errors import InvalidInputError
+
+
+def _path_column(header: list[str], target: str, path: Path) -> str:
+    if "audio" in header and target != "audio":
+        return "audio"
+    others = [h for h in header if h != target]
+    if len(others) != 1:
+        raise InvalidInputError(
+            f"{path}: an audio model's CSV has an 'audio' column of WAV file paths (or exactly "
+            f"one column besides the target {target!r}); the columns are {header}"
+        )
+    return others[0]
+
+
+def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
+    spec = manifest.inputs
+    if spec.audio is None:
+        raise InvalidInputError(f"{manifest.name}: not an audio model")
+    f = read_csv(path)
+    t_name = target_column(f.header, manifest, target, path)
+    if t_name not in f.header:
+        raise InvalidInputError(
+            f"{path}: no target column {t_name!r} (another name: --target); columns {f.header}"
+        )
+    a_name = _path_column(f.header, t_name, path)
+    if not f.rows:
+        raise InvalidInputError(f"{path}: no data rows")
+    names = [n.strip() for n in f.column(a_name)]
+    clips = []
+    for i, name in enumerate(names):
+        file = path.parent / name  # an absolute name stays itself
+        try:
+            clips.append(file.read_bytes())
+        except OSError as exc:
+            raise InvalidInputError(
+                f"{path}: {f.where(i)}, column {a_name!r}: cannot read {str(file)!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    y = read_targets(f.column(t_name), manifest, f.locate, t_name)
+    try:
+        x = audio_batch(clips, spec, max_instances=len(clips)).x
+    except InvalidInputError as exc:  # "instance i" is data row i + 1
+        raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
+    return Labelled(path, f.sha256, x, y, notes=target_notes(f.column(t_name), manifest))

@@ -1,0 +1,205 @@
+"""Audio clips to an audio model's log-mel features, or a message that says what is wrong.
+
+The server computes the features itself, from the manifest's `inputs.audio` (spec.AudioInput),
+so a client sends a WAV file and never has to reproduce a featurisation. A trainer computes its
+training features with the same function, `log_mel`, so what the model is served is what it
+learnt from. Conventions are torchaudio's `MelSpectrogram` (checked against torch.stft and
+librosa's filter banks in tests/engine/test_audio.py): a periodic Hann window centred in n_fft,
+centred frames with the clip reflected at its ends, the power spectrum, triangular mel filters
+(HTK or Slaney scale, optionally Slaney area-normalised), then ln or dB of max(power, floor).
+
+Every clip is padded with silence or cut to the model's fixed length (`frames`), so a clip's
+features never depend on what shares its batch; a longer clip is cut (reported per clip, as
+`truncated`) or refused (truncation "error"). Arithmetic in float64, the features float32.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.bundle.spec import AudioInput, InputSpec
+from service.engine.inputs import check_count, checked
+from service.engine.wav import read_wav
+from service.errors import InvalidInputError, PayloadTooLargeError
+
+
+@dataclass(frozen=True)
+class AudioBatch:
+    """Features [B, n_mels, frames] float32 (not yet range-checked), and per clip its length in
+    seconds and whether it was cut."""
+
+    x: np.ndarray
+    seconds: list[float]
+    truncated: list[bool]
+
+    def notes(self) -> list[dict[str, Any]]:
+        """Per clip, what a prediction reports of its reading."""
+        return [
+            {"seconds": s, "truncated": cut}
+            for s, cut in zip(self.seconds, self.truncated, strict=True)
+        ]
+
+
+def _hz_to_mel(f: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "htk":
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    # Slaney: linear to 1 kHz, logarithmic above (librosa's and torchaudio's "slaney").
+    lin = f / (200.0 / 3)
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-12) / 1000.0) / _STEP, lin)
+
+
+def _mel_to_hz(m: np.ndarray, scale: str) -> np.ndarray:
+    if scale == "htk":
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    return np.where(m >= 15.0, 1000.0 * np.exp(_STEP * (m - 15.0)), m * (200.0 / 3))
+
+
+_STEP = np.log(6.4) / 27.0  # Slaney's log step above 1 kHz
+
+
+@functools.lru_cache(maxsize=32)
+def filter_bank(a: AudioInput) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] float64: triangles between mel-spaced edges from f_min to f_max,
+    over the FFT's bin frequencies 0 .. sample_rate / 2. Read-only (it is cached)."""
+    freqs = np.linspace(0.0, a.sample_rate / 2, a.n_fft // 2 + 1)
+    ends = _hz_to_mel(np.array([a.f_min, a.top]), a.mel_scale)
+    edges = _mel_to_hz(
+        np.linspace(ends[0], ends[1], a.n_mels + 2),
+        a.mel_scale,
+    )
+    widths = np.diff(edges)
+    slopes = edges[None, :] - freqs[:, None]  # [bins, n_mels + 2]
+    down = -slopes[:, :-2] / widths[:-1]
+    up = slopes[:, 2:] / widths[1:]
+    bank = np.maximum(0.0, np.minimum(down, up)).T
+    if a.norm == "slaney":
+        bank *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    bank.setflags(write=False)
+    return bank
+
+
+def empty_filters(a: AudioInput) -> list[int]:
+    """The mel filters no FFT bin falls in (too many mels for n_fft): they would be constant."""
+    return [int(i) for i in np.flatnonzero(filter_bank(a).max(axis=1) == 0.0)]
+
+
+@functools.lru_cache(maxsize=32)
+def _window(a: AudioInput) -> np.ndarray:
+    """A periodic Hann window of win_length, centred in n_fft (zeros either side)."""
+    n = a.window
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
+    out = np.zeros(a.n_fft)
+    left = (a.n_fft - n) // 2
+    out[left : left + n] = hann
+    out.setflags(write=False)
+    return out
+
+
+def fit(samples: np.ndarray, a: AudioInput) -> tuple[np.ndarray, bool]:
+    """The clip padded with silence or cut to the model's length; and whether it was cut."""
+    n = a.samples
+    if samples.shape[0] >= n:
+        return samples[:n], samples.shape[0] > n
+    return np.concatenate([samples, np.zeros(n - samples.shape[0])]), False
+
+
+def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
+    """[n_mels, frames] float32 features of a mono clip (float samples, nominally in [-1, 1],
+    at a.sample_rate), padded or cut to the model's length first. Train on these."""
+    x, _ = fit(np.asarray(samples, dtype=np.float64).ravel(), a)
+    half = a.n_fft // 2
+    padded = np.pad(x, half, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, a.n_fft)[:: a.hop_length]
+    spectrum = np.fft.rfft(frames * _window(a), axis=1)
+    power = spectrum.real**2 + spectrum.imag**2  # [frames, bins]
+    mel = filter_bank(a) @ power.T  # [n_mels, frames]
+    floored = np.maximum(mel, a.floor)
+    out = np.log(floored) if a.log == "ln" else 10.0 * np.log10(floored)
+    return out.astype(np.float32)
+
+
+def clip_of(i: int, inst: Any, item: str = "instance") -> str:
+    """/v1's form of a clip: {"b64": "<base64 of a WAV file>"} (TF Serving's and KServe v1's
+    form for binary values). The base64 text, not yet decoded."""
+    if not isinstance(inst, dict) or set(inst) != {"b64"} or not isinstance(inst["b64"], str):
+        raise InvalidInputError(
+            f'{item} {i}: an audio instance is {{"b64": "<the WAV file in base64>"}}'
+        )
+    return str(inst["b64"])
+
+
+def from_base64(text: str, a: AudioInput, where: str) -> bytes:
+    """A base64 clip's bytes; its size is checked before it is decoded."""
+    if len(text) // 4 * 3 > a.max_audio_bytes + 2:
+        raise _too_large(where, len(text) // 4 * 3, a)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(
+            f"{where}: the audio is not valid base64 (standard alphabet, '=' padding, no line "
+            "breaks)"
+        ) from None
+
+
+def _too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{where}: the audio is {size} bytes, over this model's limit of {a.max_audio_bytes} "
+        f"(a {a.seconds:g} s clip at {a.sample_rate} Hz needs far less): cut it or split it"
+    )
+
+
+def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "instance") -> AudioBatch:
+    """Features of WAV files (bytes, or base64 text). Each refusal names the clip as `item` and
+    its index."""
+    xs, seconds, cuts = [], [], []
+    for i, clip in enumerate(clips):
+        where = f"{item} {i}"
+        data = from_base64(clip, a, where) if isinstance(clip, str) else clip
+        if len(data) > a.max_audio_bytes:
+            raise _too_large(where, len(data), a)
+        wav = read_wav(data, where, a.sample_rate)
+        if wav.sample_rate != a.sample_rate:
+            raise InvalidInputError(
+                f"{where}: the clip is sampled at {wav.sample_rate} Hz; this model reads "
+                f"{a.sample_rate} Hz: resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 "
+                "OUT.wav); the server does not resample"
+            )
+        n = wav.samples.shape[0]
+        if n > a.samples and a.truncation == "error":
+            raise InvalidInputError(
+                f"{where}: the clip is {n / a.sample_rate:g} s, over this model's "
+                f"{a.seconds:g} s (truncation policy 'error'): cut it"
+            )
+        xs.append(log_mel(wav.samples, a))
+        seconds.append(n / a.sample_rate)
+        cuts.append(n > a.samples)
+    return AudioBatch(np.stack(xs), seconds, cuts)
+
+
+def audio_batch(
+    clips: Sequence[bytes | str], spec: InputSpec, max_instances: int, item: str = "instance"
+) -> AudioBatch:
+    """An audio model's input array [B, *shape] from its clips, counted, encoded and checked
+    (finite, the manifest's value_range) as any input array is."""
+    assert spec.audio is not None
+    if not clips:
+        raise InvalidInputError("'instances' must be a non-empty list of clips")
+    check_count(len(clips), max_instances)
+    batch = encode_audio(clips, spec.audio, item)
+    x = checked(batch.x.reshape(len(clips), *spec.shape), spec)
+    return AudioBatch(x, batch.seconds, batch.truncated)
+
+
+def instances_batch(instances: Any, spec: InputSpec, max_instances: int) -> AudioBatch:
+    """/v1's instances ({"b64": ...} each) as an audio model's input array."""
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError('\'instances\' must be a non-empty list of {"b64": "..."} clips')
+    check_count(len(instances), max_instances)
+    return audio_batch([clip_of(i, v) for i, v in enumerate(instances)], spec, max_instances)

@@ -1,0 +1,165 @@
+"""An audio model served from WAV files: /v1 `{"b64": ...}` instances and /v2 BYTES tensors (JSON
+base64 and the binary extension, as tritonclient writes it), each clip's length and cut in the
+answer, the same answer alone or beside other clips, and what cannot be read refused with a 4xx
+that names the clip."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import pytest_asyncio
+import tritonclient.http as triton
+from apps import asgi_client, running
+from audio_nets import AUDIO, save_audio_model, tone, wav
+
+from service.api.oip import schemas
+from service.settings import Settings
+
+URL = "/v1/models/tones:predict"
+SECONDS = AUDIO.seconds  # 0.496 s: a 0.5 s clip is cut by 32 samples
+
+
+@pytest.fixture(scope="module")
+def audio_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("audiorepo")
+    save_audio_model(root)
+    return root
+
+
+@pytest_asyncio.fixture(scope="module")
+async def client(audio_repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(model_dir=audio_repo, compute_process=False)
+    async with running(settings) as app, asgi_client(app) as c:
+        yield c
+
+
+def b64(raw: bytes) -> dict[str, str]:
+    return {"b64": base64.b64encode(raw).decode()}
+
+
+def _body(instances: list[Any], **params: Any) -> dict[str, Any]:
+    return {"instances": instances, "parameters": {"samples": 16, "seed": 5, **params}}
+
+
+CLIPS = [wav(tone(400.0, 0.3)), wav(tone(2500.0, 0.4), dtype="float32"), wav(tone(300.0, 2.0))]
+
+
+async def test_wav_files_in_uncertainty_out(client: httpx.AsyncClient) -> None:
+    r = await client.post(URL, json=_body([b64(c) for c in CLIPS]))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == ["low", "high", "low"]  # what the tones are
+    assert [p["seconds"] for p in preds] == [0.3, 0.4, 2.0]
+    assert [p["truncated"] for p in preds] == [False, False, True]
+    for p in preds:
+        assert p["uncertainty"]["mutual_information"] >= 0.0
+    # A clip alone, same seed: the same bytes (its features are its own, its masks keyed by
+    # the seed, the pass and its row).
+    alone = await client.post(URL, json=_body([b64(CLIPS[0])]))
+    assert alone.json()["predictions"][0] == preds[0]
+
+
+async def test_metadata_shows_the_front_end(client: httpx.AsyncClient) -> None:
+    meta = (await client.get("/v1/models/tones")).json()
+    assert meta["inputs"]["audio"]["sample_rate"] == 8000
+    assert meta["inputs"]["shape"] == [AUDIO.n_mels, AUDIO.frames]
+    v2 = (await client.get("/v2/models/tones")).json()
+    assert v2["inputs"] == [{"name": "input", "datatype": "BYTES", "shape": [-1]}]
+
+
+@pytest.mark.parametrize(
+    ("instance", "status", "says"),
+    [
+        ("a string", 422, 'an audio instance is {"b64": "<the WAV file in base64>"}'),
+        ({"b64": "%%%"}, 422, "not valid base64"),
+        (b64(wav(tone(400.0), rate=16000)), 422, "sampled at 16000 Hz; this model reads 8000"),
+        (b64(b"ID3" + bytes(100)), 422, "is an MP3 file, not a WAV file"),
+        (b64(bytes(200)), 422, "is not a WAV file"),
+    ],
+)
+async def test_a_clip_that_cannot_be_read_is_refused_by_its_index(
+    client: httpx.AsyncClient, instance: Any, status: int, says: str
+) -> None:
+    r = await client.post(URL, json=_body([b64(CLIPS[0]), instance]))
+    assert r.status_code == status, r.text
+    assert r.json()["error"].startswith("instance 1: ") and says in r.json()["error"]
+
+
+async def test_a_clip_over_the_size_limit_is_a_413_before_it_is_decoded(
+    audio_repo: Path,
+) -> None:
+    settings = Settings(model_dir=audio_repo, compute_process=False, max_body_bytes=64 << 20)
+    async with running(settings) as app, asgi_client(app) as c:
+        big = {"b64": "A" * 14_000_000}
+        r = await c.post(URL, json=_body([big]))
+    assert r.status_code == 413, r.text
+    assert "the audio is 10500000 bytes, over this model's limit of 10000000" in r.json()["error"]
+
+
+def _tensor(data: list[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    n = len(data) if data is not None else 2
+    return {"name": "input", "shape": [n], "datatype": "BYTES", "data": data, **extra}
+
+
+@pytest.mark.parametrize("mode", ["mc", "deterministic"])
+async def test_v2_json_takes_base64_clips(client: httpx.AsyncClient, mode: str) -> None:
+    data = [b64(c)["b64"] for c in CLIPS]
+    body = {"inputs": [_tensor(data)], "parameters": {"seed": 5, "samples": 16, "mode": mode}}
+    r = await client.post("/v2/models/tones/infer", json=body)
+    assert r.status_code == 200, r.text
+    schemas.InferResponse.model_validate(r.json())
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["seconds"]["data"] == [0.3, 0.4, 2.0]
+    assert outputs["truncated"]["data"] == [False, False, True]
+    assert outputs["seconds"]["datatype"] == "FP64"
+    v1 = (await client.post(URL, json=_body([b64(c) for c in CLIPS], mode=mode))).json()
+    labels = [["low", "high"].index(p["label"]) for p in v1["predictions"]]
+    assert outputs["label"]["data"] == labels
+    assert ("mutual_information" in outputs) == (mode == "mc")
+
+
+async def test_v2_binary_clips_as_tritonclient_writes_them(client: httpx.AsyncClient) -> None:
+    inp = triton.InferInput("input", [len(CLIPS)], "BYTES")
+    inp.set_data_from_numpy(np.array(CLIPS, dtype=np.object_), binary_data=True)
+    wanted = [triton.InferRequestedOutput("probabilities", binary_data=False)]
+    body, header = triton.InferenceServerClient.generate_request_body(
+        [inp], outputs=wanted, parameters={"seed": 5, "samples": 16}
+    )
+    headers = {"Inference-Header-Content-Length": str(header)}
+    r = await client.post("/v2/models/tones/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    got = {o["name"]: o["data"] for o in orjson.loads(r.content)["outputs"]}
+    v1 = (await client.post(URL, json=_body([b64(c) for c in CLIPS]))).json()["predictions"]
+    want = [p["probabilities"][k] for p in v1 for k in ("low", "high")]
+    assert got["probabilities"] == want  # the same bytes of audio, the same answer
+
+
+async def test_v2_refusals_say_clips(client: httpx.AsyncClient) -> None:
+    body = {"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    r = await client.post("/v2/models/tones/infer", json=body)
+    assert r.status_code == 400
+    assert "this is an audio model; send datatype BYTES (WAV files)" in r.json()["error"]
+    r = await client.post("/v2/models/tones/infer", json={"inputs": [_tensor([7, 8])]})
+    assert "data element 0 is int, not a string: send each WAV file in base64" in r.json()["error"]
+    r = await client.post("/v2/models/tones/infer", json={"inputs": [_tensor(["AAAA"])]})
+    assert r.json()["error"].startswith("input 'input', element 0: the audio is not a WAV file")
+
+
+async def test_a_fhir_answer_says_the_clip_was_cut(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        URL,
+        params={"subject": "Patient/p1"},
+        json=_body([b64(CLIPS[2]), b64(CLIPS[0])]),
+        headers={"accept": "application/fhir+json"},
+    )
+    assert r.status_code == 200, r.text
+    said = [str(e["resource"].get("note", "")) for e in r.json()["entry"]]
+    assert f"cut to its first {SECONDS:g} of 2 seconds" in said[0], said
+    assert "cut to" not in said[1]

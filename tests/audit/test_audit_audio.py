@@ -1,0 +1,65 @@
+"""Records of an audio model replay bit for bit: from the features stored (the clips' seconds
+and cuts read from the recorded answer, as they are not in the features), and in HMAC mode
+from the clips supplied, whose features are computed again and checked against the HMAC."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import orjson
+import pytest
+from audio_nets import save_audio_model, tone, wav
+from audit_support import Backend, serving
+
+from service.audit.inputs import ReplayError
+from service.audit.replay import replay
+
+KEY = "audio-audit-key"
+CLIPS = [{"b64": base64.b64encode(wav(tone(f, s))).decode()} for f, s in [(400, 0.3), (2500, 1.0)]]
+
+
+@pytest.fixture(scope="module")
+def audio_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("audiorepo")
+    save_audio_model(root)
+    return root
+
+
+async def record(backend: Backend, repo: Path, **settings: object) -> bytes:
+    body = {"instances": CLIPS, "parameters": {"samples": 16, "seed": 5}}
+    async with serving(repo, **backend.settings, **settings) as (app, client):
+        r = await client.post("/v1/models/tones:predict", json=body, headers={"X-Request-ID": "a"})
+        assert r.status_code == 200, r.text
+        assert [p["truncated"] for p in r.json()["predictions"]] == [False, True]
+        assert await app.state.audit.flush(10)
+    return r.content
+
+
+async def test_an_audio_record_replays_from_its_features(
+    backend: Backend, audio_repo: Path
+) -> None:
+    answer = await record(backend, audio_repo)
+    with backend.open() as store:
+        [rec] = store.find("a")
+    assert rec.summary.encode() == answer
+    assert rec.inputs is not None and rec.inputs.shape == (2, 16, 32)  # the features
+    result = replay(rec, audio_repo)
+    assert result.identical, result.differences
+
+
+async def test_an_audio_record_replays_from_its_clips_in_hmac_mode(
+    backend: Backend, audio_repo: Path, tmp_path: Path
+) -> None:
+    await record(backend, audio_repo, audit_inputs="hmac", audit_hmac_key=KEY)
+    with backend.open() as store:
+        [rec] = store.find("a")
+    assert rec.inputs is None
+    clips = tmp_path / "clips.json"
+    clips.write_bytes(orjson.dumps({"instances": CLIPS}))
+    result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
+    assert result.identical, result.differences
+    # Another clip is not the recorded one: its features fail the HMAC.
+    clips.write_bytes(orjson.dumps({"instances": [CLIPS[1], CLIPS[0]]}))
+    with pytest.raises(ReplayError, match="do not match the record's HMAC"):
+        replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())

@@ -97,7 +97,9 @@ class AudioInput(Strict):
     floor: float = Field(default=1e-10, gt=0.0)
     frames: int = Field(ge=1, le=100_000)  # the features' time axis: clips are padded or cut
     truncation: Literal["truncate", "error"] = "truncate"  # a longer clip: cut, or a 422
-    max_audio_bytes: int = Field(default=10_000_000, ge=64)  # a larger file: 413, not decoded
+    # A larger file: 413, not decoded. In base64 (/v1, /v2 JSON) a file takes a third more of
+    # the request body (setting max_body_bytes, 8 MiB by default): 6 MB fits.
+    max_audio_bytes: int = Field(default=6_000_000, ge=64)
 
     @model_validator(mode="after")
     def _consistent(self) -> AudioInput:
@@ -109,9 +111,11 @@ class AudioInput(Strict):
                 f"audio: f_min {self.f_min} and f_max {self.top} must satisfy 0 <= f_min < f_max "
                 f"<= sample_rate / 2 ({nyquist:g})"
             )
-        if self.frames * self.n_fft > 1 << 24:  # a clip's frames are held at once, float64
+        # A clip's frames and its padded samples are held at once, in float64.
+        if self.frames * self.n_fft > 1 << 24 or self.samples + self.n_fft > 1 << 24:
             raise ValueError(
-                f"audio: {self.frames} frames of n_fft {self.n_fft} are over 2^24 values a clip"
+                f"audio: {self.frames} frames of n_fft {self.n_fft} and hop {self.hop_length} "
+                "are over 2^24 values a clip"
             )
         if self.samples <= self.n_fft // 2:  # the centred frames reflect the clip's ends
             raise ValueError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
@@ -44,19 +46,20 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
     if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
     names = [n.strip() for n in f.column(a_name)]
-    clips = []
+    y = read_targets(f.column(t_name), manifest, f.locate, t_name)
+    # One file at a time: a data set's files are never all in memory, only their features.
+    x = np.empty((len(names), *spec.shape), dtype=np.float32)
     for i, name in enumerate(names):
         file = path.parent / name  # an absolute name stays itself
         try:
-            clips.append(file.read_bytes())
+            clip = file.read_bytes()
         except OSError as exc:
             raise InvalidInputError(
                 f"{path}: {f.where(i)}, column {a_name!r}: cannot read {str(file)!r}: "
                 f"{exc.strerror or exc}"
             ) from None
-    y = read_targets(f.column(t_name), manifest, f.locate, t_name)
-    try:
-        x = audio_batch(clips, spec, max_instances=len(clips)).x
-    except InvalidInputError as exc:  # "instance i" is data row i + 1
-        raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message)}") from None
+        try:
+            x[i] = audio_batch([clip], spec, max_instances=1).x[0]
+        except InvalidInputError as exc:  # "instance 0" is data row i + 1
+            raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message, [i])}") from None
     return Labelled(path, f.sha256, x, y, notes=target_notes(f.column(t_name), manifest))

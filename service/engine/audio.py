@@ -164,14 +164,14 @@ def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "insta
         data = from_base64(clip, a, where) if isinstance(clip, str) else clip
         if len(data) > a.max_audio_bytes:
             raise _too_large(where, len(data), a)
-        wav = read_wav(data, where, a.sample_rate)
+        wav = read_wav(data, where, a.sample_rate, max_frames=a.samples + 1)  # +1: cut or not
         if wav.sample_rate != a.sample_rate:
             raise InvalidInputError(
                 f"{where}: the clip is sampled at {wav.sample_rate} Hz; this model reads "
                 f"{a.sample_rate} Hz: resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 "
                 "OUT.wav); the server does not resample"
             )
-        n = wav.samples.shape[0]
+        n = wav.frames
         if n > a.samples and a.truncation == "error":
             raise InvalidInputError(
                 f"{where}: the clip is {n / a.sample_rate:g} s, over this model's "
@@ -193,6 +193,16 @@ def audio_batch(
         raise InvalidInputError("'instances' must be a non-empty list of clips")
     check_count(len(clips), max_instances)
     batch = encode_audio(clips, spec.audio, item)
+    if spec.value_range is not None:  # said of the clip: its features are not what was sent
+        lo, hi = spec.value_range
+        for i, f in enumerate(batch.x):
+            low, high = float(f.min()), float(f.max())
+            if low < lo or high > hi:
+                raise InvalidInputError(
+                    f"{item} {i}: the clip's features run from {low:.4g} to {high:.4g}, outside "
+                    f"this model's range [{lo:g}, {hi:g}]: is the clip clipped, mis-scaled or "
+                    "not what the model was trained on?"
+                )
     x = checked(batch.x.reshape(len(clips), *spec.shape), spec)
     return AudioBatch(x, batch.seconds, batch.truncated)
 

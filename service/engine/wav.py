@@ -4,9 +4,10 @@ A hand-read RIFF parser rather than a library: Python 3.11's `wave` reads only i
 float, no WAVE_FORMAT_EXTENSIBLE, which most recorders write for more than two channels or 24
 bits), and scipy is not a serving dependency. It reads what recorders and `soundfile`/`scipy`
 write: integer PCM of 8 (unsigned), 16, 24 and 32 bits and IEEE float of 32 and 64 bits, plain
-or extensible, any number of channels (averaged to one), chunks in any order. It checks every
-length against the bytes it has (a cut or lying header is refused, never read past) and tests
-its decoding against scipy.io.wavfile (tests/engine/test_wav.py).
+or extensible, any number of channels (averaged to one), chunks in any order, and a streamed
+file's unset data length (0xFFFFFFFF: to the end of the file). It checks every length against
+the bytes it has (a cut or lying header is refused, never read past), decodes only the frames a
+model reads, and is tested against scipy.io.wavfile and libsndfile (tests/engine/test_wav.py).
 """
 
 from __future__ import annotations
@@ -44,15 +45,25 @@ class Clip:
     samples: np.ndarray
     sample_rate: int
     channels: int
+    frames: int  # the file's whole length in frames (samples may hold only its first ones)
 
 
 def _refuse(item: str, what: str, rate: int) -> InvalidInputError:
     return InvalidInputError(f"{item}: {what}; send a WAV file ({_FIX.format(rate=rate)})")
 
 
-def read_wav(data: bytes, item: str = "the clip", rate_hint: int = 16000) -> Clip:
+# Float samples are nominally in [-1, 1]; past this a file is mis-scaled (its features would
+# overflow near 1e150, and say nothing long before).
+MAX_FLOAT_SAMPLE = 1000.0
+UNKNOWN_LENGTH = 0xFFFFFFFF  # a data length a streaming writer (ffmpeg to a pipe) leaves unset
+
+
+def read_wav(
+    data: bytes, item: str = "the clip", rate_hint: int = 16000, max_frames: int | None = None
+) -> Clip:
     """Decode a WAV file's bytes. `item` names it in messages ("instance 3"); `rate_hint` is the
-    sample rate the conversion command in a refusal suggests (the model's)."""
+    sample rate the conversion command in a refusal suggests (the model's); `max_frames`: decode
+    at most this many frames (a model reads a fixed length: the rest is counted, not decoded)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         kind = next((k for m, k in _OTHER.items() if data.startswith(m)), None)
         if kind is None:
@@ -62,19 +73,23 @@ def read_wav(data: bytes, item: str = "the clip", rate_hint: int = 16000) -> Cli
         raise _refuse(item, f"the audio {what}", rate_hint)
     fmt: bytes | None = None
     pcm: memoryview | None = None
+    overrun = ""  # a chunk that claims more bytes than the file holds
     view, at = memoryview(data), 12
     while at + 8 <= len(data):
         cid, size = data[at : at + 4], struct.unpack_from("<I", data, at + 4)[0]
         at += 8
+        if cid == b"data" and size == UNKNOWN_LENGTH and pcm is None:
+            size = len(data) - at  # a streamed file: its samples run to the end
         if at + size > len(data):
             if cid == b"data":
                 raise _refuse(
                     item,
                     f"the data chunk declares {size} bytes but the file holds {len(data) - at} "
-                    "after it (the file is cut short, or a streaming recorder never wrote the "
-                    "length)",
+                    "after it (the file is cut short)",
                     rate_hint,
                 )
+            name = cid.decode("latin-1").strip()
+            overrun = f" (its '{name}' chunk declares {size} bytes but {len(data) - at} remain)"
             break  # a trailing chunk cut short after the data: the samples are whole
         if cid == b"fmt " and fmt is None:
             fmt = data[at : at + size]
@@ -83,7 +98,7 @@ def read_wav(data: bytes, item: str = "the clip", rate_hint: int = 16000) -> Cli
         at += size + (size & 1)  # chunks are padded to an even length
     if fmt is None or pcm is None:
         missing = "fmt" if fmt is None else "data"
-        raise _refuse(item, f"the WAV file has no '{missing}' chunk", rate_hint)
+        raise _refuse(item, f"the WAV file has no '{missing}' chunk{overrun}", rate_hint)
     tag, channels, rate, bits = _format(fmt, item, rate_hint)
     width = bits // 8
     block = width * channels
@@ -96,11 +111,20 @@ def read_wav(data: bytes, item: str = "the clip", rate_hint: int = 16000) -> Cli
         )
     if not pcm:
         raise InvalidInputError(f"{item}: the WAV file holds no samples")
-    values = _samples(pcm, tag, width).reshape(-1, channels)
-    if tag == FLOAT and not np.isfinite(values).all():
-        raise InvalidInputError(f"{item}: the WAV file's float samples include NaN or Infinity")
+    frames = len(pcm) // block
+    read = frames if max_frames is None else min(frames, max_frames)
+    values = _samples(pcm[: read * block], tag, width).reshape(-1, channels)
+    if tag == FLOAT:
+        if not np.isfinite(values).all():
+            raise InvalidInputError(f"{item}: the WAV file's float samples include NaN or Infinity")
+        loudest = float(np.abs(values).max())
+        if loudest > MAX_FLOAT_SAMPLE:
+            raise InvalidInputError(
+                f"{item}: the WAV file's float samples reach {loudest:.3g}; float samples are "
+                f"nominally in [-1, 1] (at most {MAX_FLOAT_SAMPLE:g} is read): rescale the clip"
+            )
     mono = values[:, 0] if channels == 1 else values.mean(axis=1)
-    return Clip(mono, rate, channels)
+    return Clip(mono, rate, channels, frames)
 
 
 def _format(fmt: bytes, item: str, hint: int) -> tuple[int, int, int, int]:

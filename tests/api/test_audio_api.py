@@ -6,6 +6,7 @@ that names the clip."""
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,47 @@ async def test_a_clip_that_cannot_be_read_is_refused_by_its_index(
     assert r.json()["error"].startswith("instance 1: ") and says in r.json()["error"]
 
 
+async def test_the_default_clip_limit_fits_the_default_body_limit(
+    client: httpx.AsyncClient,
+) -> None:
+    """The default max_audio_bytes (10 MB then) could not be sent: in base64 it is over the
+    default 8 MiB body, refused by a 413 that said to send fewer instances."""
+    meta = (await client.get("/v1/models/tones")).json()
+    limit = meta["inputs"]["audio"]["max_audio_bytes"]
+    n = (limit - 44) // 2  # 16-bit mono samples in a file of the limit
+    clip = wav(np.full(n, 0.1) * np.sin(np.arange(n) * 0.3))
+    assert limit - 2 <= len(clip) <= limit
+    r = await client.post(URL, json=_body([b64(clip)]))
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["predictions"][0]["truncated"] is True
+
+
+async def test_v2_featurises_off_the_event_loop(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,024 tiny WAV files are a 51 kB body, under the bytes that send a body to a thread, but
+    each is featurised at the model's length: it ran on the event loop (1.7 s for a 10 s
+    model). By the clips' padded features, it is a thread's work."""
+    from service.api.oip import infer
+
+    threads, original = [], infer.audio_batch
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "audio_batch", watched)
+    tiny = wav(np.zeros(2))
+    inp = triton.InferInput("input", [64], "BYTES")
+    inp.set_data_from_numpy(np.array([tiny] * 64, dtype=np.object_), binary_data=True)
+    body, header = triton.InferenceServerClient.generate_request_body([inp])
+    assert len(body) < 64 * 1024  # small: the bytes alone would keep it on the loop
+    headers = {"Inference-Header-Content-Length": str(header)}
+    r = await client.post("/v2/models/tones/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert threads == [False]
+
+
 async def test_a_clip_over_the_size_limit_is_a_413_before_it_is_decoded(
     audio_repo: Path,
 ) -> None:
@@ -100,7 +142,7 @@ async def test_a_clip_over_the_size_limit_is_a_413_before_it_is_decoded(
         big = {"b64": "A" * 14_000_000}
         r = await c.post(URL, json=_body([big]))
     assert r.status_code == 413, r.text
-    assert "the audio is 10500000 bytes, over this model's limit of 10000000" in r.json()["error"]
+    assert "the audio is 10500000 bytes, over this model's limit of 6000000" in r.json()["error"]
 
 
 def _tensor(data: list[Any] | None = None, **extra: Any) -> dict[str, Any]:

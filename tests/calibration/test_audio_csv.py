@@ -112,6 +112,6 @@ def test_a_file_that_cannot_be_read_is_refused_by_its_row(repo: Path, tmp_path: 
     with pytest.raises(InvalidInputError, match=r"row 3 .*column 'audio': cannot read .*none\.wav"):
         read(missing, manifest)
     (tmp_path / "clips" / "bad.wav").write_bytes(b"not audio")
-    bad = _csv(tmp_path / "b.csv", [("clips/bad.wav", "low"), *rows])
-    with pytest.raises(InvalidInputError, match=r"row 1\b.*the audio is not a WAV file"):
+    bad = _csv(tmp_path / "b.csv", [*rows, ("clips/bad.wav", "low")])  # each file in turn
+    with pytest.raises(InvalidInputError, match=r"row 3\b.*the audio is not a WAV file"):
         read(bad, manifest)

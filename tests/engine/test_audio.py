@@ -104,9 +104,9 @@ def test_a_clip_alone_and_beside_others_has_the_same_features() -> None:
         (
             "A" * 14_000_000,
             PayloadTooLargeError,
-            "the audio is 10500000 bytes, over this model's limit of 10000000",
+            "the audio is 10500000 bytes, over this model's limit of 6000000",
         ),
-        (bytes(10_000_001), PayloadTooLargeError, "over this model's limit of 10000000"),
+        (bytes(6_000_001), PayloadTooLargeError, "over this model's limit of 6000000"),
     ],
 )
 def test_a_clip_the_model_cannot_read_is_refused_by_its_index(
@@ -127,10 +127,19 @@ def test_truncation_error_refuses_a_long_clip() -> None:
         encode_audio([wav(tone(300.0, 1.5, 16000), 16000)], a)
 
 
-def test_features_outside_the_value_range_are_refused_as_any_input() -> None:
-    spec = InputSpec(shape=[1, 40, 101], audio=A, value_range=(-20.0, 20.0))
-    with pytest.raises(InvalidInputError, match="outside"):
-        audio_batch([wav(np.zeros(1600), 16000)], spec, 4)  # silence: ln(1e-10) = -23
+def test_features_outside_the_value_range_are_said_of_the_clip() -> None:
+    """It said "instance 1, element 0 = 69.7 is outside the valid range; check the value and its
+    unit", of numbers the client never sent, and "instance" on /v2 too."""
+    spec = InputSpec(shape=[1, 40, 101], audio=A, value_range=(-30.0, 10.0))
+    ok = wav(tone(300.0, 1.1, 16000), 16000)  # its features: -23.03 to 6.47
+    loud = wav(tone(300.0, 1.1, 16000, amp=300.0), 16000, dtype="float32")  # 300x too loud
+    with pytest.raises(InvalidInputError) as err:
+        audio_batch([ok, loud], spec, 4, "input 'input', element")
+    assert re.match(
+        r"input 'input', element 1: the clip's features run from -12\.\d+ to 20\.\d+, outside "
+        r"this model's range \[-30, 10\]: is the clip clipped, mis-scaled",
+        err.value.message,
+    ), err.value.message
     open_range = spec.model_copy(update={"value_range": None})
     ok = audio_batch([wav(tone(300.0, 0.5, 16000), 16000)], open_range, 4)
     assert ok.x.shape == (1, 1, 40, 101)  # the spec's channel axis
@@ -144,6 +153,8 @@ def test_features_outside_the_value_range_are_refused_as_any_input() -> None:
         ({"f_min": 4000.0, "f_max": 3000.0}, "f_min < f_max"),
         ({"frames": 2, "hop_length": 100}, "too short for n_fft 400"),
         ({"frames": 50_000}, "over 2^24 values a clip"),
+        # 200 frames of n_fft 64 are few, but a hop of 65,536 pads every clip to 13 M samples
+        ({"frames": 300, "n_fft": 64, "hop_length": 65536, "win_length": None}, "2^24 values"),
     ],
 )
 def test_an_inconsistent_audio_section_is_refused(fields: dict[str, object], says: str) -> None:

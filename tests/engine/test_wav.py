@@ -125,8 +125,16 @@ def test_chunks_in_any_order_odd_lengths_padded_and_a_cut_trailer_are_read() -> 
             "include NaN or Infinity",
         ),
         (
-            _riff(_fmt(), b"data" + struct.pack("<I", 0xFFFFFFFF) + bytes(8)),
-            "declares 4294967295 bytes but the file holds 8",
+            _riff(_fmt(), b"data" + struct.pack("<I", 100) + bytes(8)),
+            "declares 100 bytes but the file holds 8 after it (the file is cut short)",
+        ),
+        (
+            _riff(_fmt(), b"LIST" + struct.pack("<I", 10**9) + bytes(8)),
+            "no 'data' chunk (its 'LIST' chunk declares 1000000000 bytes but 8 remain)",
+        ),
+        (
+            _riff(_fmt(tag=3, bits=64), _chunk(b"data", struct.pack("<2d", 0.5, 1e300))),
+            "float samples reach 1e+300; float samples are nominally in [-1, 1]",
         ),
     ],
 )
@@ -166,3 +174,22 @@ def test_a_damaged_file_is_read_or_refused_never_anything_else(
     else:
         assert clip.samples.ndim == 1 and clip.samples.size > 0
         assert np.isfinite(clip.samples).all()
+
+
+def test_a_streamed_files_unset_length_reads_to_the_end() -> None:
+    """ffmpeg writing to a pipe cannot go back to write the data length: it leaves 0xFFFFFFFF
+    (libsndfile reads such files to their end, and so does this reader)."""
+    pcm = struct.pack("<4h", 1, 2, 3, 4)
+    raw = _riff(_fmt()) + b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm
+    clip = read_wav(raw)
+    np.testing.assert_array_equal(clip.samples, np.array([1, 2, 3, 4]) / 32768)
+
+
+def test_only_the_frames_a_model_reads_are_decoded() -> None:
+    """A model reads a fixed length: a long file's other frames are counted, not decoded (a
+    10 MB file of 8-bit samples took 80 MB as float64 to read 4,000 of its samples)."""
+    raw = _scipy(np.round(_signal(4000, channels=2) * 30000).astype(np.int16))
+    whole, head = read_wav(raw), read_wav(raw, max_frames=300)
+    assert whole.frames == head.frames == 4000
+    assert head.samples.shape == (300,)
+    np.testing.assert_array_equal(head.samples, whole.samples[:300])

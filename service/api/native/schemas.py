@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common.parameters import PASSES_USED, PredictParameters
 
+TRUNCATED = "text models: cut to max_tokens; audio models: cut to the model's clip length"
+
 
 class PredictRequest(BaseModel):
     # Working examples, one per bundled model, are on the routes (service/api/common/examples.py).
@@ -16,7 +18,8 @@ class PredictRequest(BaseModel):
     instances: list[list[Any] | dict[str, Any] | str] = Field(
         min_length=1,
         description="arrays of the input shape, or objects keyed by feature name; for text "
-        'models, strings (or {"text": "..."})',
+        'models, strings (or {"text": "..."}); for audio models, {"b64": "<a WAV file in '
+        'base64>"}',
     )
     parameters: PredictParameters = PredictParameters()
 
@@ -63,7 +66,8 @@ class RegressionPrediction(BaseModel):
     intervals: list[IntervalOut] | None = None
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
-    truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
+    seconds: float | None = Field(default=None, description="audio models: the clip's length")
+    truncated: bool | None = Field(default=None, description=TRUNCATED)
     passes_used: int | None = Field(default=None, description=PASSES_USED)
 
 
@@ -98,7 +102,8 @@ class ClassificationPrediction(BaseModel):
     )
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
-    truncated: bool | None = Field(default=None, description="text models: cut to max_tokens")
+    seconds: float | None = Field(default=None, description="audio models: the clip's length")
+    truncated: bool | None = Field(default=None, description=TRUNCATED)
     passes_used: int | None = Field(default=None, description=PASSES_USED)
 
 

@@ -50,7 +50,8 @@ class Supplied:
 
 def read_inputs(path: Path, model: ServedModel) -> Supplied:
     """Inputs from a JSON file: the request's instances, as a list or as {"instances": [...]};
-    a text model's texts are tokenized as the server did (token ids and notes)."""
+    a text model's texts are tokenized as the server did (token ids and notes); an audio model's
+    clips ({"b64": ...}, or /v2's bare base64 strings) are featurised again."""
     try:
         value = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -67,6 +68,8 @@ def read_inputs(path: Path, model: ServedModel) -> Supplied:
             old = encode_texts(instances, model.bundle.tokenizer, spec.text, n, plain_cut=True)
             legacy = None if np.array_equal(old.ids, batch.ids) else old.ids
         return Supplied(batch.ids, batch.notes(), legacy)
+    if spec.audio is not None:  # a /v2 client's clips are bare base64 strings: /v1's form
+        instances = [{"b64": v} if isinstance(v, str) else v for v in instances]
     encoded = encode_instances(instances, model, max(1, len(instances)))  # clips: features again
     return Supplied(encoded.x, encoded.notes)
 

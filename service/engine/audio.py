@@ -137,8 +137,9 @@ def clip_of(i: int, inst: Any, item: str = "instance") -> str:
 
 def from_base64(text: str, a: AudioInput, where: str) -> bytes:
     """A base64 clip's bytes; its size is checked before it is decoded."""
-    if len(text) // 4 * 3 > a.max_audio_bytes + 2:
-        raise _too_large(where, len(text) // 4 * 3, a)
+    size = len(text) // 4 * 3 - text[-2:].count("=")  # what it decodes to, if it is base64
+    if size > a.max_audio_bytes:
+        raise _too_large(where, size, a)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

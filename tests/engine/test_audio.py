@@ -107,6 +107,7 @@ def test_a_clip_alone_and_beside_others_has_the_same_features() -> None:
             "the audio is 10500000 bytes, over this model's limit of 6000000",
         ),
         (bytes(6_000_001), PayloadTooLargeError, "over this model's limit of 6000000"),
+        ("A" * 8_000_004 + "==", PayloadTooLargeError, "the audio is 6000001 bytes, over"),
     ],
 )
 def test_a_clip_the_model_cannot_read_is_refused_by_its_index(

@@ -51,7 +51,7 @@ class Supplied:
 def read_inputs(path: Path, model: ServedModel) -> Supplied:
     """Inputs from a JSON file: the request's instances, as a list or as {"instances": [...]};
     a text model's texts are tokenized as the server did (token ids and notes); an audio model's
-    clips ({"b64": ...}, or /v2's bare base64 strings) are featurised again."""
+    clips ({"b64": ...}, or /v2's base64 strings, flat or nested) are featurised again."""
     try:
         value = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -69,7 +69,7 @@ def read_inputs(path: Path, model: ServedModel) -> Supplied:
             legacy = None if np.array_equal(old.ids, batch.ids) else old.ids
         return Supplied(batch.ids, batch.notes(), legacy)
     if spec.audio is not None:  # a /v2 client's clips are bare base64 strings: /v1's form
-        instances = [{"b64": v} if isinstance(v, str) else v for v in instances]
+        instances = [_b64_form(v) for v in instances]
     encoded = encode_instances(instances, model, max(1, len(instances)))  # clips: features again
     return Supplied(encoded.x, encoded.notes)
 
@@ -138,3 +138,11 @@ def _recorded_notes(summary: str, n: int) -> list[dict[str, Any]]:
         rows = []
     rows = [r if isinstance(r, dict) else {} for r in rows[:n]]
     return rows + [{}] * (n - len(rows))
+
+
+def _b64_form(v: Any) -> Any:
+    """/v1's {"b64": ...} of a /v2 client's clip: a bare base64 string, or one in a list of one
+    (a [B, 1] tensor's nested data)."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+        v = v[0]
+    return {"b64": v} if isinstance(v, str) else v

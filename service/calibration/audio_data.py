@@ -17,7 +17,7 @@ from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
 from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
 from service.engine.audio import audio_batch
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, McServeError
 
 
 def _path_column(header: list[str], target: str, path: Path) -> str:
@@ -51,15 +51,21 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
     x = np.empty((len(names), *spec.shape), dtype=np.float32)
     for i, name in enumerate(names):
         file = path.parent / name  # an absolute name stays itself
+        where = f"{path}: {f.where(i)}, column {a_name!r}"
         try:
-            clip = file.read_bytes()
+            with file.open("rb") as fh:  # at most the model's limit (/dev/zero never ended)
+                clip = fh.read(spec.audio.max_audio_bytes + 1)
         except OSError as exc:
             raise InvalidInputError(
-                f"{path}: {f.where(i)}, column {a_name!r}: cannot read {str(file)!r}: "
-                f"{exc.strerror or exc}"
+                f"{where}: cannot read {str(file)!r}: {exc.strerror or exc}"
             ) from None
+        if len(clip) > spec.audio.max_audio_bytes:
+            raise InvalidInputError(
+                f"{where}: {str(file)!r} is over this model's limit of "
+                f"{spec.audio.max_audio_bytes} bytes (inputs.audio.max_audio_bytes): cut it"
+            )
         try:
             x[i] = audio_batch([clip], spec, max_instances=1).x[0]
-        except InvalidInputError as exc:  # "instance 0" is data row i + 1
+        except McServeError as exc:  # a file over the limit too; "instance 0" is data row i + 1
             raise InvalidInputError(f"{path}: {f.instances_as_rows(exc.message, [i])}") from None
     return Labelled(path, f.sha256, x, y, notes=target_notes(f.column(t_name), manifest))

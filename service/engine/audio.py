@@ -112,8 +112,20 @@ def fit(samples: np.ndarray, a: AudioInput) -> tuple[np.ndarray, bool]:
 
 def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
     """[n_mels, frames] float32 features of a mono clip (float samples, nominally in [-1, 1],
-    at a.sample_rate), padded or cut to the model's length first. Train on these."""
-    x, _ = fit(np.asarray(samples, dtype=np.float64).ravel(), a)
+    at a.sample_rate), padded or cut to the model's length first. Train on these, or on
+    `clip_features` of the WAV files' bytes (the server's whole path)."""
+    arr = np.asarray(samples)
+    if arr.ndim != 1:  # soundfile's [n, channels] was read interleaved: 55 dB off
+        raise ValueError(
+            f"log_mel takes a mono clip of shape [samples], got {arr.shape}: average the "
+            "channels (samples.mean(axis=1)), as the server does"
+        )
+    if arr.dtype.kind in "iub":  # scipy's int16 samples: 90 dB above the served features
+        raise ValueError(
+            f"log_mel takes float samples in [-1, 1], got {arr.dtype}: scale them (int16 / "
+            "32768), as the server does"
+        )
+    x, _ = fit(arr.astype(np.float64), a)
     half = a.n_fft // 2
     padded = np.pad(x, half, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, a.n_fft)[:: a.hop_length]
@@ -123,6 +135,12 @@ def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
     floored = np.maximum(mel, a.floor)
     out = np.log(floored) if a.log == "ln" else 10.0 * np.log10(floored)
     return out.astype(np.float32)
+
+
+def clip_features(wav: bytes, a: AudioInput) -> np.ndarray:
+    """[n_mels, frames] features of a WAV file's bytes, exactly as the server computes them
+    (its rate checked, channels averaged, integers scaled): the way to make training features."""
+    return encode_audio([wav], a, "the clip").x[0]
 
 
 def clip_of(i: int, inst: Any, item: str = "instance") -> str:
@@ -137,16 +155,18 @@ def clip_of(i: int, inst: Any, item: str = "instance") -> str:
 
 def from_base64(text: str, a: AudioInput, where: str) -> bytes:
     """A base64 clip's bytes; its size is checked before it is decoded."""
-    size = len(text) // 4 * 3 - text[-2:].count("=")  # what it decodes to, if it is base64
+    bad = InvalidInputError(
+        f"{where}: the audio is not valid base64 (standard alphabet, '=' padding, no line breaks)"
+    )
+    if text[:1].isspace() or text[-1:].isspace() or "\n" in text or "\r" in text:
+        raise bad  # what the decoder refuses too; its size below would count the breaks
+    size = len(text.rstrip("=")) * 3 // 4  # what it decodes to, if it is base64
     if size > a.max_audio_bytes:
         raise _too_large(where, size, a)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInputError(
-            f"{where}: the audio is not valid base64 (standard alphabet, '=' padding, no line "
-            "breaks)"
-        ) from None
+        raise bad from None
 
 
 def _too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:

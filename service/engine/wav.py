@@ -79,7 +79,11 @@ def read_wav(
         cid, size = data[at : at + 4], struct.unpack_from("<I", data, at + 4)[0]
         at += 8
         if cid == b"data" and size == UNKNOWN_LENGTH and pcm is None:
-            size = len(data) - at  # a streamed file: its samples run to the end
+            # A streamed file: its samples run to the RIFF's end where that is set (a chunk
+            # after them is no samples), else to the file's.
+            riff = struct.unpack_from("<I", data, 4)[0]
+            end = 8 + riff if riff != UNKNOWN_LENGTH and at < 8 + riff <= len(data) else len(data)
+            size = end - at
         if at + size > len(data):
             if cid == b"data":
                 raise _refuse(

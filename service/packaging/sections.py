@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from service.bundle.manifest import Aleatoric, Variance
-from service.bundle.spec import OutputSpec, TargetSpec
+from service.bundle.spec import AudioInput, OutputSpec, TargetSpec
 from service.bundle.vocabulary import check_vocabulary, embedding_rows
 from service.bundle.weights import check_finite
+from service.engine.audio import empty_filters
 from service.errors import BundleError, ModelError
 from service.packaging.randomness import kept_modes
 
@@ -147,3 +148,44 @@ def check_classifier(
             "the model's outputs on the example are probabilities (non-negative, each row "
             f"summing to 1), not logits: {fix}"
         )
+
+
+def check_audio(
+    audio: AudioInput | dict[str, Any] | None,
+    tokenizer: Any,
+    truncation: str,
+    example: torch.Tensor,
+    value_range: tuple[float, float] | None,
+) -> AudioInput | None:
+    """An audio front end the server can compute (writer.save's `audio`, an AudioInput or its
+    fields), whose example features its own value_range holds."""
+    if audio is None:
+        return None
+    if isinstance(audio, dict):  # an lru_cache of the filter bank hashes it: "unhashable dict"
+        try:
+            audio = AudioInput(**audio)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(k) for k in first["loc"])
+            raise ModelError(f"audio{'.' + field if field else ''}: {first['msg']}") from None
+    if tokenizer is not None:
+        raise ModelError("audio= and tokenizer= declare two kinds of input: a model reads one")
+    if truncation != "truncate":  # save's truncation= is the text policy
+        raise ModelError(
+            "truncation= is a text model's; an audio model's is AudioInput(truncation=...)"
+        )
+    if empty_filters(audio):
+        raise ModelError(
+            f"audio: mel filter(s) {empty_filters(audio)[:5]} hold no FFT bin (n_mels "
+            f"{audio.n_mels} is too many for n_fft {audio.n_fft}): fewer mels or a larger n_fft"
+        )
+    if value_range is not None:  # else every clip would be refused (422) once served
+        low, high = float(example.min()), float(example.max())
+        if low < value_range[0] or high > value_range[1]:
+            raise ModelError(
+                f"the example features run from {low:.4g} to {high:.4g}, outside value_range "
+                f"{list(value_range)}: every clip like them would be refused (silence padding "
+                f"is at the floor, {audio.log} of {audio.floor:g}; are the training features "
+                "log_mel of float samples in [-1, 1]?)"
+            )
+    return audio

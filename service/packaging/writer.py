@@ -36,7 +36,6 @@ from service.bundle.spec import (
 )
 from service.bundle.tokenizer import check_tokenizer_json
 from service.bundle.words import dump_words
-from service.engine.audio import empty_filters
 from service.engine.familiar import familiar_words
 from service.engine.graph import find_dropout
 from service.engine.onnx_predictor import export_onnx
@@ -91,7 +90,7 @@ def save(
     training_texts: Sequence[str] | None = None,
     word_min_texts: int = WORD_MIN_TEXTS,
     train_noise: Literal["refuse", "allow"] = "refuse",
-    audio: AudioInput | None = None,
+    audio: AudioInput | dict[str, Any] | None = None,
 ) -> Path:
     """Write `<out_dir>/<name>/<version>/` and return it. Refuses a name or version the
     manifest would refuse, and an existing version, before any work; the files are written into
@@ -140,13 +139,6 @@ def save(
         )
     if variance is not None and task != "regression":
         raise ModelError("variance= declares a regressor's noise head; a classifier has none")
-    if audio is not None and tokenizer is not None:
-        raise ModelError("audio= and tokenizer= declare two kinds of input: a model reads one")
-    if audio is not None and empty_filters(audio):
-        raise ModelError(
-            f"audio: mel filter(s) {empty_filters(audio)[:5]} hold no FFT bin (n_mels "
-            f"{audio.n_mels} is too many for n_fft {audio.n_fft}): fewer mels or a larger n_fft"
-        )
     if training_texts is not None and tokenizer is None:
         raise ModelError("training_texts= is for text models: pass the tokenizer too")
     if word_min_texts < 1:
@@ -159,6 +151,7 @@ def save(
     destination.check(name, version)  # before any work: a bad one is refused at once
     dest = Path(out_dir) / name / version
     destination.refuse_existing(dest)
+    audio = sections.check_audio(audio, tokenizer, truncation, example_input, value_range)
     tokens = not example_input.dtype.is_floating_point  # integer ids for an embedding
     if tokens:
         sections.check_token_example(module, example_input.dtype, tokenizer is not None)

@@ -59,10 +59,12 @@ async def test_an_audio_record_replays_from_its_clips_in_hmac_mode(
     clips.write_bytes(orjson.dumps({"instances": CLIPS}))
     result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
     assert result.identical, result.differences
-    # As a /v2 client holds them, bare base64 strings: the same clips (they were refused).
-    clips.write_bytes(orjson.dumps({"instances": [c["b64"] for c in CLIPS]}))
-    result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
-    assert result.identical, result.differences
+    # As a /v2 client holds them, base64 strings, flat ([B]) or nested ([B, 1]): the same
+    # clips (they were refused).
+    for form in ([c["b64"] for c in CLIPS], [[c["b64"]] for c in CLIPS]):
+        clips.write_bytes(orjson.dumps({"instances": form}))
+        result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
+        assert result.identical, result.differences
     # Another clip is not the recorded one: its features fail the HMAC.
     clips.write_bytes(orjson.dumps({"instances": [CLIPS[1], CLIPS[0]]}))
     with pytest.raises(ReplayError, match="do not match the record's HMAC"):

@@ -115,3 +115,21 @@ def test_a_file_that_cannot_be_read_is_refused_by_its_row(repo: Path, tmp_path: 
     bad = _csv(tmp_path / "b.csv", [*rows, ("clips/bad.wav", "low")])  # each file in turn
     with pytest.raises(InvalidInputError, match=r"row 3\b.*the audio is not a WAV file"):
         read(bad, manifest)
+
+
+def test_a_file_over_the_limit_is_refused_by_its_row_unread(repo: Path, tmp_path: Path) -> None:
+    """It said only "instance 0: the audio is ... bytes" (no CSV, no row), after reading the
+    whole file (a path to /dev/zero never ended)."""
+    manifest = load_bundle(repo / "tones" / "1").manifest
+    assert manifest.inputs.audio is not None
+    limit = manifest.inputs.audio.max_audio_bytes
+    rows = _clips(tmp_path, 1, 5)
+    with (tmp_path / "clips" / "big.wav").open("wb") as f:
+        f.truncate(limit * 100)  # sparse: 600 MB that take no disk
+    big = _csv(tmp_path / "b.csv", [*rows, ("clips/big.wav", "low")])
+    said = rf"b\.csv: data row 2 .*big\.wav' is over this model's limit of {limit} bytes"
+    with pytest.raises(InvalidInputError, match=said):
+        read(big, manifest)
+    endless = _csv(tmp_path / "z.csv", [("/dev/zero", "low")])
+    with pytest.raises(InvalidInputError, match="is over this model's limit"):
+        read(endless, manifest)

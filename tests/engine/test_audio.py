@@ -15,7 +15,14 @@ from audio_nets import tone, wav
 from pydantic import ValidationError
 
 from service.bundle.spec import AudioInput, InputSpec
-from service.engine.audio import audio_batch, encode_audio, filter_bank, fit, log_mel
+from service.engine.audio import (
+    audio_batch,
+    clip_features,
+    encode_audio,
+    filter_bank,
+    fit,
+    log_mel,
+)
 from service.errors import InvalidInputError, PayloadTooLargeError
 
 A = AudioInput(sample_rate=16000, n_fft=400, win_length=320, hop_length=160, n_mels=40, frames=101)
@@ -107,7 +114,9 @@ def test_a_clip_alone_and_beside_others_has_the_same_features() -> None:
             "the audio is 10500000 bytes, over this model's limit of 6000000",
         ),
         (bytes(6_000_001), PayloadTooLargeError, "over this model's limit of 6000000"),
-        ("A" * 8_000_004 + "==", PayloadTooLargeError, "the audio is 6000001 bytes, over"),
+        ("A" * 8_000_000 + "AA==", PayloadTooLargeError, "the audio is 6000001 bytes, over"),
+        # Line-wrapped (MIME) base64 is refused as such; its size counted the line breaks.
+        ("QUFB\n" * 2_000_000, InvalidInputError, "not valid base64 (standard alphabet"),
     ],
 )
 def test_a_clip_the_model_cannot_read_is_refused_by_its_index(
@@ -169,3 +178,21 @@ def test_an_audio_input_has_the_features_shape() -> None:
         InputSpec(shape=[40, 100], audio=A)
     with pytest.raises(ValidationError, match="an audio input has dtype float32"):
         InputSpec(shape=[40, 101], audio=A, dtype="int64")
+
+
+def test_log_mel_refuses_what_the_server_never_computes_on() -> None:
+    """Training features of int16 samples (scipy's) were 90 dB above the served ones, and a
+    stereo [n, 2] array (soundfile's) was read interleaved: the model learnt other features."""
+    x = tone(440.0, 0.5, 16000)
+    with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got int16"):
+        log_mel((x * 32767).astype(np.int16), A)
+    with pytest.raises(ValueError, match=r"mono clip of shape \[samples\], got \(8000, 2\)"):
+        log_mel(np.stack([x, x], axis=1), A)
+
+
+def test_clip_features_are_the_servers() -> None:
+    stereo = np.stack([tone(440.0, 0.5, 16000), tone(880.0, 0.5, 16000)], axis=1)
+    raw = wav(stereo, 16000)
+    assert clip_features(raw, A).tobytes() == encode_audio([raw], A).x[0].tobytes()
+    with pytest.raises(InvalidInputError, match="sampled at 8000 Hz; this model reads 16000"):
+        clip_features(wav(tone(440.0, 0.5, 8000), 8000), A)

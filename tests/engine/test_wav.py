@@ -181,8 +181,14 @@ def test_a_streamed_files_unset_length_reads_to_the_end() -> None:
     (libsndfile reads such files to their end, and so does this reader)."""
     pcm = struct.pack("<4h", 1, 2, 3, 4)
     raw = _riff(_fmt()) + b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm
+    raw = raw[:4] + struct.pack("<I", 0xFFFFFFFF) + raw[8:]  # the RIFF's length unset too
     clip = read_wav(raw)
     np.testing.assert_array_equal(clip.samples, np.array([1, 2, 3, 4]) / 32768)
+    # With the RIFF's own length set, the samples end there: a chunk after them was read as
+    # 17 more samples (review C).
+    tagged = _riff(_fmt(), b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm)
+    tagged += _chunk(b"LIST", b"INFOISFT" + struct.pack("<I", 4) + b"abcd")
+    assert read_wav(tagged).frames == 4
 
 
 def test_only_the_frames_a_model_reads_are_decoded() -> None:

@@ -15,21 +15,15 @@ import numpy as np
 
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
-from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
+from service.calibration.labelled import (
+    Labelled,
+    present_target,
+    read_targets,
+    target_notes,
+    value_column,
+)
 from service.engine.audio import audio_batch
 from service.errors import InvalidInputError, McServeError
-
-
-def _path_column(header: list[str], target: str, path: Path) -> str:
-    if "audio" in header and target != "audio":
-        return "audio"
-    others = [h for h in header if h != target]
-    if len(others) != 1:
-        raise InvalidInputError(
-            f"{path}: an audio model's CSV has an 'audio' column of WAV file paths (or exactly "
-            f"one column besides the target {target!r}); the columns are {header}"
-        )
-    return others[0]
 
 
 def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
@@ -37,12 +31,9 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
     if spec.audio is None:
         raise InvalidInputError(f"{manifest.name}: not an audio model")
     f = read_csv(path)
-    t_name = target_column(f.header, manifest, target, path)
-    if t_name not in f.header:
-        raise InvalidInputError(
-            f"{path}: no target column {t_name!r} (another name: --target); columns {f.header}"
-        )
-    a_name = _path_column(f.header, t_name, path)
+    t_name = present_target(f.header, manifest, target, path)
+    what = "an audio model's CSV has an 'audio' column of WAV file paths"
+    a_name = value_column(f.header, t_name, path, "audio", what)
     if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
     names = [n.strip() for n in f.column(a_name)]

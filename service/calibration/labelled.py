@@ -75,6 +75,35 @@ def target_column(header: list[str], manifest: Manifest, given: str | None, path
     return "target"
 
 
+def present_target(header: list[str], manifest: Manifest, given: str | None, path: Path) -> str:
+    """The target column (target_column), which the file must have."""
+    name = target_column(header, manifest, given, path)
+    if name not in header:
+        raise InvalidInputError(
+            f"{path}: no target column {name!r} (another name: --target); columns {header}"
+        )
+    return name
+
+
+def value_column(
+    header: list[str], target: str, path: Path, name: str, what: str, recorded: object = None
+) -> str:
+    """The one column a text or audio model reads: `recorded` (the one `train` read) where the
+    file has it, else `name`, else the one column besides the target. `what`: the form the
+    refusal describes ("a text model's CSV has a 'text' column")."""
+    if isinstance(recorded, str) and recorded in header and recorded != target:
+        return recorded
+    if name in header and target != name:
+        return name
+    others = [h for h in header if h != target]
+    if len(others) != 1:
+        raise InvalidInputError(
+            f"{path}: {what} (or exactly one column besides the target {target!r}); the columns "
+            f"are {header}"
+        )
+    return others[0]
+
+
 def overlaps(
     data: Labelled, manifest: Manifest, what: str, parts: tuple[str, ...], *, calibrated: bool
 ) -> list[str]:

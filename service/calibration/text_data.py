@@ -20,25 +20,15 @@ import numpy as np
 
 from service.bundle.manifest import Manifest
 from service.calibration.csv_file import read_csv
-from service.calibration.labelled import Labelled, read_targets, target_column, target_notes
+from service.calibration.labelled import (
+    Labelled,
+    present_target,
+    read_targets,
+    target_notes,
+    value_column,
+)
 from service.engine.text import encode_texts
 from service.errors import InvalidInputError
-
-
-def _text_column(header: list[str], target: str, path: Path, recorded: Any) -> str:
-    # The column `train` read (its provenance's `text_column`) first: a model trained on
-    # `title` was evaluated on a `text` column beside it (review R9). Its CSV may hold others.
-    if isinstance(recorded, str) and recorded in header and recorded != target:
-        return recorded
-    if "text" in header and target != "text":
-        return "text"
-    others = [h for h in header if h != target]
-    if len(others) != 1:
-        raise InvalidInputError(
-            f"{path}: a text model's CSV has a 'text' column (or exactly one column besides the "
-            f"target {target!r}); the columns are {header}"
-        )
-    return others[0]
 
 
 def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: Any) -> Labelled:
@@ -46,13 +36,12 @@ def read_texts(path: Path, manifest: Manifest, target: str | None, tokenizer: An
     if spec is None or tokenizer is None:
         raise InvalidInputError(f"{manifest.name}: not a text model, or its tokenizer is missing")
     f = read_csv(path)
-    header = f.header
-    t_name = target_column(header, manifest, target, path)
-    if t_name not in header:
-        raise InvalidInputError(
-            f"{path}: no target column {t_name!r} (another name: --target); columns {header}"
-        )
-    x_name = _text_column(header, t_name, path, manifest.training.provenance.get("text_column"))
+    t_name = present_target(f.header, manifest, target, path)
+    # The column `train` read (its provenance's `text_column`) first: a model trained on
+    # `title` was evaluated on a `text` column beside it (review R9). Its CSV may hold others.
+    recorded = manifest.training.provenance.get("text_column")
+    what = "a text model's CSV has a 'text' column"
+    x_name = value_column(f.header, t_name, path, "text", what, recorded)
     if not f.rows:
         raise InvalidInputError(f"{path}: no data rows")
     texts = f.column(x_name)

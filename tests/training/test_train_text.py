@@ -126,7 +126,10 @@ def test_the_tokenizer_sees_training_rows_only(tmp_path: Path) -> None:
 def test_calibrate_and_evaluate_read_the_column_train_read() -> None:
     """A model trained on `title` was evaluated on a `text` column beside it (review R9): the
     recorded column comes first, then `text`, then the one other column."""
-    from service.calibration.text_data import _text_column
+    from service.calibration.labelled import value_column
+
+    def _text_column(header: list[str], target: str, where: Path, recorded: object) -> str:
+        return value_column(header, target, where, "text", "a text model's CSV", recorded)
 
     where = Path("t.csv")
     assert _text_column(["title", "text", "label"], "label", where, "title") == "title"

@@ -169,7 +169,7 @@ def predict(
     reg = Registry.with_policy(
         settings.model_dir, TrustPolicy.from_settings(settings), device="cpu"
     )
-    reg.load_all()
+    reg.load_model(model)
     try:
         served = reg.get(model, version)
         params = to_params(

@@ -116,6 +116,14 @@ class Registry:
             self.load(name, version, path)
         return self.entries()
 
+    def load_model(self, name: str) -> list[Entry]:
+        """Every version of one model only: the command line's `predict` loaded every model
+        of the repository (nine text versions to answer one diabetes row: 3-5 s a call)."""
+        for model, version, path in discover(self.root):
+            if model == name:
+                self.load(model, version, path)
+        return self.versions(name)
+
     def load(self, name: str, version: str | None, path: Path) -> Entry:
         entry = self.build(name, version, path)
         self.add(entry)

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server import ROOT
@@ -331,3 +332,26 @@ def test_evaluate_refuses_samples_below_one(tmp_path: Path, samples: str) -> Non
     assert result.exit_code == 2, result.output
     assert f"samples must be in [1, 1048575], got {samples}" in result.output
     assert not (tmp_path / "report").exists()
+
+
+def test_predict_loads_only_the_model_it_answers_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`predict diabetes` loaded every bundle of the repository (nine medical-abstracts
+    versions among them) before answering one row."""
+    from service.engine import registry
+
+    built: list[str] = []
+    build = registry.Registry.build
+
+    def counted(self: registry.Registry, name: str, version: str | None, path: Path) -> Any:
+        built.append(name)
+        return build(self, name, version, path)
+
+    monkeypatch.setattr(registry.Registry, "build", counted)
+    args = ["predict", "diabetes", "--instance", first_instance("diabetes"), "--samples", "8"]
+    result = runner.invoke(app, [*args, "--model-dir", str(MODELS)])
+    assert result.exit_code == 0, result.output
+    assert set(built) == {"diabetes"} and len(built) == len(list((MODELS / "diabetes").iterdir()))
+    missing = runner.invoke(
+        app, ["predict", "nope", "--instance", "[1]", "--model-dir", str(MODELS)]
+    )
+    assert missing.exit_code == 2 and "model 'nope' is not loaded" in missing.output

@@ -43,8 +43,12 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
     for i, name in enumerate(names):
         file = path.parent / name  # an absolute name stays itself
         where = f"{path}: {f.where(i)}, column {a_name!r}"
+        if not name:
+            raise InvalidInputError(f"{where}: the path is empty")
+        if file.exists() and not file.is_file():  # a FIFO blocked for ever, /dev/zero never ended
+            raise InvalidInputError(f"{where}: {str(file)!r} is not a file")
         try:
-            with file.open("rb") as fh:  # at most the model's limit (/dev/zero never ended)
+            with file.open("rb") as fh:  # at most the model's limit
                 clip = fh.read(spec.audio.max_audio_bytes + 1)
         except OSError as exc:
             raise InvalidInputError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,13 +118,16 @@ def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
     arr = np.asarray(samples)
     if arr.ndim != 1:  # soundfile's [n, channels] was read interleaved: 55 dB off
         raise ValueError(
-            f"log_mel takes a mono clip of shape [samples], got {arr.shape}: average the "
-            "channels (samples.mean(axis=1)), as the server does"
+            f"log_mel takes a mono clip of shape [samples], got {arr.shape}: average over the "
+            "channel axis, as the server does (axis=1 for soundfile's [samples, channels], "
+            "axis=0 for torchaudio's [channels, samples])"
         )
     if arr.dtype.kind in "iub":  # scipy's int16 samples: 90 dB above the served features
+        bits = 8 * arr.dtype.itemsize
+        scale = f"divide by 2**{bits - 1}" if arr.dtype.kind == "i" else "(x - 128) / 128 for 8-bit"
         raise ValueError(
-            f"log_mel takes float samples in [-1, 1], got {arr.dtype}: scale them (int16 / "
-            "32768), as the server does"
+            f"log_mel takes float samples in [-1, 1], got {arr.dtype}: scale them as the server "
+            f"does ({scale}), or use clip_features on the WAV file's bytes"
         )
     x, _ = fit(arr.astype(np.float64), a)
     half = a.n_fft // 2
@@ -153,13 +157,16 @@ def clip_of(i: int, inst: Any, item: str = "instance") -> str:
     return str(inst["b64"])
 
 
+_SPACE = re.compile(r"\s")
+
+
 def from_base64(text: str, a: AudioInput, where: str) -> bytes:
     """A base64 clip's bytes; its size is checked before it is decoded."""
     bad = InvalidInputError(
         f"{where}: the audio is not valid base64 (standard alphabet, '=' padding, no line breaks)"
     )
-    if text[:1].isspace() or text[-1:].isspace() or "\n" in text or "\r" in text:
-        raise bad  # what the decoder refuses too; its size below would count the breaks
+    if _SPACE.search(text):
+        raise bad  # what the decoder refuses too; its size below would count the spaces
     size = len(text.rstrip("=")) * 3 // 4  # what it decodes to, if it is base64
     if size > a.max_audio_bytes:
         raise _too_large(where, size, a)

@@ -73,6 +73,7 @@ def read_wav(
         raise _refuse(item, f"the audio {what}", rate_hint)
     fmt: bytes | None = None
     pcm: memoryview | None = None
+    streamed = False  # the data's length read from the RIFF's (or the file's) end
     overrun = ""  # a chunk that claims more bytes than the file holds
     view, at = memoryview(data), 12
     while at + 8 <= len(data):
@@ -83,7 +84,7 @@ def read_wav(
             # after them is no samples), else to the file's.
             riff = struct.unpack_from("<I", data, 4)[0]
             end = 8 + riff if riff != UNKNOWN_LENGTH and at < 8 + riff <= len(data) else len(data)
-            size = end - at
+            size, streamed = end - at, True
         if at + size > len(data):
             if cid == b"data":
                 raise _refuse(
@@ -106,6 +107,8 @@ def read_wav(
     tag, channels, rate, bits = _format(fmt, item, rate_hint)
     width = bits // 8
     block = width * channels
+    if streamed and len(pcm) % block == 1:  # an odd data chunk's pad byte, not a sample
+        pcm = pcm[:-1]
     if len(pcm) % block:
         raise _refuse(
             item,

@@ -6,6 +6,7 @@ ModelError the writer's user can act on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -153,12 +154,12 @@ def check_classifier(
 def check_audio(
     audio: AudioInput | dict[str, Any] | None,
     tokenizer: Any,
-    truncation: str,
+    truncation: str | None,
     example: torch.Tensor,
     value_range: tuple[float, float] | None,
 ) -> AudioInput | None:
     """An audio front end the server can compute (writer.save's `audio`, an AudioInput or its
-    fields), whose example features its own value_range holds."""
+    fields), whose example features and silence its own value_range holds."""
     if audio is None:
         return None
     if isinstance(audio, dict):  # an lru_cache of the filter bank hashes it: "unhashable dict"
@@ -168,9 +169,11 @@ def check_audio(
             first = exc.errors(include_url=False)[0]
             field = ".".join(str(k) for k in first["loc"])
             raise ModelError(f"audio{'.' + field if field else ''}: {first['msg']}") from None
+    if not isinstance(audio, AudioInput):
+        raise ModelError(f"audio= takes an AudioInput or its fields, got {type(audio).__name__}")
     if tokenizer is not None:
         raise ModelError("audio= and tokenizer= declare two kinds of input: a model reads one")
-    if truncation != "truncate":  # save's truncation= is the text policy
+    if truncation is not None:  # save's truncation= is the text policy
         raise ModelError(
             "truncation= is a text model's; an audio model's is AudioInput(truncation=...)"
         )
@@ -179,13 +182,21 @@ def check_audio(
             f"audio: mel filter(s) {empty_filters(audio)[:5]} hold no FFT bin (n_mels "
             f"{audio.n_mels} is too many for n_fft {audio.n_fft}): fewer mels or a larger n_fft"
         )
-    if value_range is not None:  # else every clip would be refused (422) once served
+    if value_range is not None:  # else every clip like these would be refused (422) once served
+        lo, hi = value_range
         low, high = float(example.min()), float(example.max())
-        if low < value_range[0] or high > value_range[1]:
+        if not (lo <= low and high <= hi):  # NaN fails too
             raise ModelError(
                 f"the example features run from {low:.4g} to {high:.4g}, outside value_range "
-                f"{list(value_range)}: every clip like them would be refused (silence padding "
-                f"is at the floor, {audio.log} of {audio.floor:g}; are the training features "
-                "log_mel of float samples in [-1, 1]?)"
+                f"{list(value_range)}: every clip like them would be refused (are the training "
+                "features clip_features of the WAV files, or log_mel of float samples in [-1, 1]?)"
+            )
+        floor = math.log(audio.floor) if audio.log == "ln" else 10 * math.log10(audio.floor)
+        if not lo <= floor <= hi:  # a clip shorter than the model's is padded with silence
+            raise ModelError(
+                f"value_range {list(value_range)} does not hold the features of silence, "
+                f"{floor:.4g} ({audio.log} of the floor {audio.floor:g}): every clip shorter than "
+                f"the model's {audio.seconds:g} s, or with a silent band, would be refused; "
+                f"widen it to {floor:.4g}"
             )
     return audio

@@ -82,7 +82,7 @@ def save(
     training: Training | None = None,
     extra: dict[str, Any] | None = None,
     tokenizer: Any = None,
-    truncation: Literal["truncate", "error"] = "truncate",
+    truncation: Literal["truncate", "error"] | None = None,  # a text model's; None: truncate
     pad_id: int | None = None,
     buckets: Buckets = "auto",
     dropout_sites: Literal["all"] | int = "all",
@@ -127,7 +127,7 @@ def save(
 
     ``audio`` (audio models): how the server turns a WAV file into this model's input, log-mel
     features of shape [n_mels, frames] (or [1, n_mels, frames]); train on
-    `service.engine.audio.log_mel` of the clips, the same function (docs/BUNDLES.md)."""
+    `service.engine.audio.clip_features` of the WAV files, the server's path (docs/BUNDLES.md)."""
     if variance is not None and noise_var:
         raise ModelError(
             "give noise_var (a fixed noise) or variance= (a learned noise head), not both"
@@ -232,7 +232,8 @@ def save(
         raw = tokenizer.to_str().encode()
         check_tokenizer_json(raw, "the tokenizer")  # refused now, not when the bundle loads
         text = TextInput(
-            tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]), truncation=truncation,
+            tokenizer=TOKENIZER_FILE, max_tokens=int(example.shape[1]),
+            truncation=truncation or "truncate",
             pad_id=pad_id or 0, buckets=lengths,
         )  # fmt: skip
         if training_texts is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,10 @@ def test_a_file_over_the_limit_is_refused_by_its_row_unread(repo: Path, tmp_path
     said = rf"b\.csv: data row 2 .*big\.wav' is over this model's limit of {limit} bytes"
     with pytest.raises(InvalidInputError, match=said):
         read(big, manifest)
-    endless = _csv(tmp_path / "z.csv", [("/dev/zero", "low")])
-    with pytest.raises(InvalidInputError, match="is over this model's limit"):
-        read(endless, manifest)
+    # Not a file: /dev/zero never ended, a FIFO without a writer blocked for ever.
+    os.mkfifo(tmp_path / "clips" / "fifo.wav")
+    for odd in ("/dev/zero", "clips/fifo.wav"):
+        with pytest.raises(InvalidInputError, match=r"data row 1 .* is not a file"):
+            read(_csv(tmp_path / "z.csv", [(odd, "low")]), manifest)
+    with pytest.raises(InvalidInputError, match=r"data row 2 .*: the path is empty"):
+        read(_csv(tmp_path / "e.csv", [*rows, ("  ", "low")]), manifest)

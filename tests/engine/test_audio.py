@@ -117,6 +117,7 @@ def test_a_clip_alone_and_beside_others_has_the_same_features() -> None:
         ("A" * 8_000_000 + "AA==", PayloadTooLargeError, "the audio is 6000001 bytes, over"),
         # Line-wrapped (MIME) base64 is refused as such; its size counted the line breaks.
         ("QUFB\n" * 2_000_000, InvalidInputError, "not valid base64 (standard alphabet"),
+        ("QUFB " * 1_600_000 + "QUFB", InvalidInputError, "not valid base64"),  # no 413
     ],
 )
 def test_a_clip_the_model_cannot_read_is_refused_by_its_index(
@@ -184,10 +185,18 @@ def test_log_mel_refuses_what_the_server_never_computes_on() -> None:
     """Training features of int16 samples (scipy's) were 90 dB above the served ones, and a
     stereo [n, 2] array (soundfile's) was read interleaved: the model learnt other features."""
     x = tone(440.0, 0.5, 16000)
-    with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got int16"):
+    with pytest.raises(ValueError, match=r"float samples in \[-1, 1\], got int16.*2\*\*15"):
         log_mel((x * 32767).astype(np.int16), A)
+    with pytest.raises(ValueError, match=r"got int32: .*divide by 2\*\*31"):  # not int16's
+        log_mel((x * 2**30).astype(np.int32), A)
+    with pytest.raises(ValueError, match=r"got uint8: .*\(x - 128\) / 128"):
+        log_mel((x * 100 + 128).astype(np.uint8), A)
     with pytest.raises(ValueError, match=r"mono clip of shape \[samples\], got \(8000, 2\)"):
         log_mel(np.stack([x, x], axis=1), A)
+    # torchaudio's [channels, samples]: the advice names its axis too (axis=1 made a 2-sample
+    # clip of silence, without a word).
+    with pytest.raises(ValueError, match=r"axis=0 for torchaudio's \[channels, samples\]"):
+        log_mel(np.stack([x, x]), A)
 
 
 def test_clip_features_are_the_servers() -> None:

@@ -189,6 +189,11 @@ def test_a_streamed_files_unset_length_reads_to_the_end() -> None:
     tagged = _riff(_fmt(), b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm)
     tagged += _chunk(b"LIST", b"INFOISFT" + struct.pack("<I", 4) + b"abcd")
     assert read_wav(tagged).frames == 4
+    # An odd data chunk's pad byte up to the RIFF's end is no sample: 3 frames of 24 bits (9
+    # bytes) were refused as "not whole frames" (review E).
+    pcm24 = bytes(range(1, 10))
+    odd = _riff(_fmt(bits=24), b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm24 + b"\0")
+    assert read_wav(odd).frames == 3
 
 
 def test_only_the_frames_a_model_reads_are_decoded() -> None:

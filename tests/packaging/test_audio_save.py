@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from audio_nets import AUDIO, LABELS, ToneNet, training_set
+from audio_nets import AUDIO, LABELS, ToneNet, tone, training_set
 
 from service.bundle import load_bundle
+from service.engine.audio import log_mel
 from service.errors import ModelError
 from service.packaging import save
 
@@ -34,10 +36,31 @@ def test_an_example_outside_its_own_value_range_is_refused(tmp_path: Path) -> No
     assert not (tmp_path / "tones").exists()
 
 
-def test_the_text_truncation_argument_is_refused_for_audio(tmp_path: Path) -> None:
-    """truncation="error" was silently ignored: the manifest said "truncate"."""
+def test_a_value_range_that_refuses_silence_is_refused(tmp_path: Path) -> None:
+    """The training features' own min and max (padded by 5) were accepted, and every clip
+    shorter than the model's, padded with silence at the floor, was refused once served."""
+    rng = np.random.default_rng(0)
+    clips = [tone(f, 0.6) + rng.normal(0, 0.01, 4800) for f in (300.0, 500.0, 2000.0, 2500.0)]
+    full = torch.tensor(np.stack([log_mel(c, AUDIO) for c in clips]))  # longer than the model's
+    low, high = float(full.min()), float(full.max())
+    assert low > -100.0  # full-length noisy tones never reach the floor
+    with pytest.raises(ModelError, match=r"does not hold the features of silence, -100 \(db"):
+        torch.manual_seed(0)
+        save(
+            ToneNet().eval(), full, out_dir=tmp_path, name="tones", version="1",
+            task="classification", intended_use="tests", labels=LABELS, audio=AUDIO,
+            value_range=(low - 5.0, high + 5.0),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("truncation", ["error", "truncate"])
+def test_the_text_truncation_argument_is_refused_for_audio(tmp_path: Path, truncation: str) -> None:
+    """truncation="error" was silently ignored: the manifest said "truncate" (and "truncate",
+    given, could not be told from the default)."""
     with pytest.raises(ModelError, match=r"AudioInput\(truncation=\.\.\.\)"):
-        _save(tmp_path, truncation="error")
+        _save(tmp_path, truncation=truncation)
+    with pytest.raises(ModelError, match="audio= takes an AudioInput or its fields, got str"):
+        _save(tmp_path, audio="16 kHz")
 
 
 def test_the_front_end_may_be_given_as_its_fields(tmp_path: Path) -> None:

@@ -45,9 +45,9 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
         where = f"{path}: {f.where(i)}, column {a_name!r}"
         if not name:
             raise InvalidInputError(f"{where}: the path is empty")
-        if file.exists() and not file.is_file():  # a FIFO blocked for ever, /dev/zero never ended
-            raise InvalidInputError(f"{where}: {str(file)!r} is not a file")
         try:
+            if file.exists() and not file.is_file():  # a FIFO blocked, /dev/zero never ended
+                raise InvalidInputError(f"{where}: {str(file)!r} is not a file")
             with file.open("rb") as fh:  # at most the model's limit
                 clip = fh.read(spec.audio.max_audio_bytes + 1)
         except OSError as exc:

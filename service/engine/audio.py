@@ -111,6 +111,10 @@ def fit(samples: np.ndarray, a: AudioInput) -> tuple[np.ndarray, bool]:
     return np.concatenate([samples, np.zeros(n - samples.shape[0])]), False
 
 
+# How the server scales a WAV file's integer samples, by numpy type (wav.py).
+_SCALES = {"i2": "divide by 2**15", "i4": "divide by 2**31", "u1": "(x - 128) / 128"}
+
+
 def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
     """[n_mels, frames] float32 features of a mono clip (float samples, nominally in [-1, 1],
     at a.sample_rate), padded or cut to the model's length first. Train on these, or on
@@ -123,8 +127,10 @@ def log_mel(samples: np.ndarray, a: AudioInput) -> np.ndarray:
             "axis=0 for torchaudio's [channels, samples])"
         )
     if arr.dtype.kind in "iub":  # scipy's int16 samples: 90 dB above the served features
-        bits = 8 * arr.dtype.itemsize
-        scale = f"divide by 2**{bits - 1}" if arr.dtype.kind == "i" else "(x - 128) / 128 for 8-bit"
+        scale = _SCALES.get(
+            arr.dtype.str.lstrip("<>|="),
+            "divide by the full scale of the bit depth they were recorded at, 2**15 for 16 bits",
+        )
         raise ValueError(
             f"log_mel takes float samples in [-1, 1], got {arr.dtype}: scale them as the server "
             f"does ({scale}), or use clip_features on the WAV file's bytes"

@@ -107,7 +107,7 @@ def read_wav(
     tag, channels, rate, bits = _format(fmt, item, rate_hint)
     width = bits // 8
     block = width * channels
-    if streamed and len(pcm) % block == 1:  # an odd data chunk's pad byte, not a sample
+    if streamed and block % 2 and len(pcm) % block == 1:  # an odd chunk's pad byte
         pcm = pcm[:-1]
     if len(pcm) % block:
         raise _refuse(

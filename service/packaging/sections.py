@@ -6,11 +6,11 @@ ModelError the writer's user can act on.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import nn
@@ -19,7 +19,7 @@ from service.bundle.manifest import Aleatoric, Variance
 from service.bundle.spec import AudioInput, OutputSpec, TargetSpec
 from service.bundle.vocabulary import check_vocabulary, embedding_rows
 from service.bundle.weights import check_finite
-from service.engine.audio import empty_filters
+from service.engine.audio import empty_filters, log_mel
 from service.errors import BundleError, ModelError
 from service.packaging.randomness import kept_modes
 
@@ -191,12 +191,14 @@ def check_audio(
                 f"{list(value_range)}: every clip like them would be refused (are the training "
                 "features clip_features of the WAV files, or log_mel of float samples in [-1, 1]?)"
             )
-        floor = math.log(audio.floor) if audio.log == "ln" else 10 * math.log10(audio.floor)
+        # Silence's feature as the server makes it (float32: ln 1e-8 is -18.42068099975586,
+        # under the float64 -18.420680743952367 a range ending there would hold).
+        floor = float(log_mel(np.zeros(1), audio).min())
         if not lo <= floor <= hi:  # a clip shorter than the model's is padded with silence
             raise ModelError(
                 f"value_range {list(value_range)} does not hold the features of silence, "
-                f"{floor:.4g} ({audio.log} of the floor {audio.floor:g}): every clip shorter than "
+                f"{floor!r} ({audio.log} of the floor {audio.floor:g}): every clip shorter than "
                 f"the model's {audio.seconds:g} s, or with a silent band, would be refused; "
-                f"widen it to {floor:.4g}"
+                f"widen it to hold {floor!r}"
             )
     return audio

@@ -191,6 +191,9 @@ def test_log_mel_refuses_what_the_server_never_computes_on() -> None:
         log_mel((x * 2**30).astype(np.int32), A)
     with pytest.raises(ValueError, match=r"got uint8: .*\(x - 128\) / 128"):
         log_mel((x * 100 + 128).astype(np.uint8), A)
+    # int64 holds samples of any depth (np.array of a list of int16s): "2**63" was wrong.
+    with pytest.raises(ValueError, match=r"got int64: .*full scale of the bit depth"):
+        log_mel((x * 32767).astype(np.int64), A)
     with pytest.raises(ValueError, match=r"mono clip of shape \[samples\], got \(8000, 2\)"):
         log_mel(np.stack([x, x], axis=1), A)
     # torchaudio's [channels, samples]: the advice names its axis too (axis=1 made a 2-sample

@@ -194,6 +194,10 @@ def test_a_streamed_files_unset_length_reads_to_the_end() -> None:
     pcm24 = bytes(range(1, 10))
     odd = _riff(_fmt(bits=24), b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm24 + b"\0")
     assert read_wav(odd).frames == 3
+    # An even block has no pad byte: a byte over whole 16-bit frames is a cut file (review F).
+    cut = _riff(_fmt(), b"data" + struct.pack("<I", 0xFFFFFFFF) + bytes(799))
+    with pytest.raises(InvalidInputError, match="not whole frames"):
+        read_wav(cut)
 
 
 def test_only_the_frames_a_model_reads_are_decoded() -> None:

@@ -3,6 +3,8 @@ would refuse every clip once served, and the front end given as its fields."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ def test_a_value_range_that_refuses_silence_is_refused(tmp_path: Path) -> None:
     full = torch.tensor(np.stack([log_mel(c, AUDIO) for c in clips]))  # longer than the model's
     low, high = float(full.min()), float(full.max())
     assert low > -100.0  # full-length noisy tones never reach the floor
-    with pytest.raises(ModelError, match=r"does not hold the features of silence, -100 \(db"):
+    with pytest.raises(ModelError, match=r"does not hold the features of silence, -100\.0 \(db"):
         torch.manual_seed(0)
         save(
             ToneNet().eval(), full, out_dir=tmp_path, name="tones", version="1",
@@ -69,3 +71,28 @@ def test_the_front_end_may_be_given_as_its_fields(tmp_path: Path) -> None:
         _save(tmp_path, audio={"n_fft": 256, "hop_length": 128, "n_mels": 16, "frames": 32})
     path = _save(tmp_path, audio=AUDIO.model_dump(), value_range=(-120.0, 60.0))
     assert load_bundle(path).manifest.inputs.audio == AUDIO
+
+
+def test_the_floor_is_checked_as_the_server_computes_it(tmp_path: Path) -> None:
+    """A range ending at ln(1e-8) in float64 was accepted, and every short clip refused: the
+    served features are float32, and float32(ln 1e-8) is under it. The refusal's advice, to
+    four digits, was refused again."""
+    front = AUDIO.model_copy(update={"log": "ln", "floor": 1e-8})
+    rng = np.random.default_rng(0)
+    clips = [tone(f, 0.6) + rng.normal(0, 0.01, 4800) for f in (300.0, 2500.0)]
+    example = torch.tensor(np.stack([log_mel(c, front) for c in clips]))
+    high = float(example.max()) + 1.0
+
+    def packed(low: float) -> Path:
+        torch.manual_seed(0)
+        return save(
+            ToneNet().eval(), example, out_dir=tmp_path, name="tones", version="1",
+            task="classification", intended_use="tests", labels=LABELS, audio=front,
+            value_range=(low, high),
+        )  # fmt: skip
+
+    with pytest.raises(ModelError) as err:
+        packed(math.log(1e-8))
+    advised = float(re.findall(r"widen it to hold (\S+)$", err.value.message)[0])
+    assert advised == float(np.float32(math.log(1e-8)))
+    packed(advised)  # the advice taken is accepted

@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("mcserve.connections")
@@ -115,7 +116,11 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         g = self.guard
         if len(self.connections) > g.limits.max_connections and not g.evict_oldest("evicted"):
-            self.close("refused", b"503 Service Unavailable", "too many connections")
+            self.close(
+                "refused",
+                b"503 Service Unavailable",
+                "too many connections, every one busy (setting max_connections): retry shortly",
+            )
             return
         g.waiting[self] = None
         if len(g.waiting) > g.limits.max_pending:
@@ -175,7 +180,11 @@ class GuardedProtocol(HttpToolsProtocol):
             self.close("header_timeout")  # an answer to the previous request is under way
             return
         s = self.guard.limits.header_timeout_s
-        self.close("header_timeout", b"408 Request Timeout", f"no request head within {s:g} s")
+        self.close(
+            "header_timeout",
+            b"408 Request Timeout",
+            f"no request head within {s:g} s (setting header_timeout_s): send the request at once",
+        )
 
     def _body_late(self) -> None:
         self._timer = None
@@ -189,7 +198,12 @@ class GuardedProtocol(HttpToolsProtocol):
         cycle.disconnected = True
         cycle.message_event.set()
         s = self.guard.limits.body_timeout_s
-        self.close("body_timeout", b"408 Request Timeout", f"request body not received in {s:g} s")
+        self.close(
+            "body_timeout",
+            b"408 Request Timeout",
+            f"request body not received in {s:g} s (setting body_timeout_s): send it faster, or "
+            "in smaller requests",
+        )
 
     def close(self, reason: str, status: bytes = b"", message: str = "") -> None:
         """Close the connection, first answering `status` when no answer is under way."""
@@ -197,9 +211,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self.guard.closed[reason] += 1
         if self.transport.is_closing():
             return
-        if status:
-            body = message.encode() + b"\n"
-            head = b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n" % status
+        if status:  # JSON, as every other error is (it was plain text: review G)
+            body = orjson.dumps({"error": message}) + b"\n"
+            head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n" % status
             head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
             self.transport.write(head + body)
         self.transport.close()

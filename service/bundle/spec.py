@@ -104,6 +104,8 @@ class AudioInput(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> AudioInput:
         nyquist = self.sample_rate / 2
+        if self.n_fft % 2:  # centred frames pad n_fft // 2 a side: an odd n_fft is a frame short
+            raise ValueError(f"audio.n_fft {self.n_fft} must be even (centred frames)")
         if self.window > self.n_fft:
             raise ValueError(f"audio.win_length {self.win_length} is over n_fft {self.n_fft}")
         if self.top > nyquist or self.f_min >= self.top:

@@ -50,9 +50,9 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
                 raise InvalidInputError(f"{where}: {str(file)!r} is not a file")
             with file.open("rb") as fh:  # at most the model's limit
                 clip = fh.read(spec.audio.max_audio_bytes + 1)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
             raise InvalidInputError(
-                f"{where}: cannot read {str(file)!r}: {exc.strerror or exc}"
+                f"{where}: cannot read {str(file)!r}: {getattr(exc, 'strerror', None) or exc}"
             ) from None
         if len(clip) > spec.audio.max_audio_bytes:
             raise InvalidInputError(

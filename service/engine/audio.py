@@ -77,8 +77,9 @@ def filter_bank(a: AudioInput) -> np.ndarray:
     )
     widths = np.diff(edges)
     slopes = edges[None, :] - freqs[:, None]  # [bins, n_mels + 2]
-    down = -slopes[:, :-2] / widths[:-1]
-    up = slopes[:, 2:] / widths[1:]
+    with np.errstate(divide="ignore", invalid="ignore"):  # widths of 0: empty_filters says so
+        down = -slopes[:, :-2] / widths[:-1]
+        up = slopes[:, 2:] / widths[1:]
     bank = np.maximum(0.0, np.minimum(down, up)).T
     if a.norm == "slaney":
         bank *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
@@ -87,8 +88,15 @@ def filter_bank(a: AudioInput) -> np.ndarray:
 
 
 def empty_filters(a: AudioInput) -> list[int]:
-    """The mel filters no FFT bin falls in (too many mels for n_fft): they would be constant."""
-    return [int(i) for i in np.flatnonzero(filter_bank(a).max(axis=1) == 0.0)]
+    """The mel filters no FFT bin falls in (too many mels for n_fft: they would be constant),
+    or that are not finite (an f_max of 1e-300 divided by widths of 0)."""
+    return [int(i) for i in np.flatnonzero(~(filter_bank(a).max(axis=1) > 0.0))]
+
+
+def silence(a: AudioInput) -> float:
+    """The feature silence has, as log_mel computes it (the floored log, in float32)."""
+    v = np.log(a.floor) if a.log == "ln" else 10.0 * np.log10(a.floor)
+    return float(np.float32(v))
 
 
 @functools.lru_cache(maxsize=32)
@@ -217,16 +225,38 @@ def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "insta
     return AudioBatch(np.stack(xs), seconds, cuts)
 
 
+def clip_limit(a: AudioInput, body_bytes: int) -> int:
+    """The clips a request may hold: what a body of `body_bytes` holds of clips of the model's
+    length as 16-bit mono WAV in base64. Every clip is padded to that length, so a request of
+    1,024 one-sample files cost as much as 1,024 full clips (16 s and 3 GB for a 10 s model, and
+    a 164 MB audit record, from a 79 kB body: review G)."""
+    one = -(-(44 + 2 * a.samples) // 3) * 4 + 16  # its base64, its quotes and {"b64": }
+    return max(1, body_bytes // one)
+
+
 def audio_batch(
-    clips: Sequence[bytes | str], spec: InputSpec, max_instances: int, item: str = "instance"
+    clips: Sequence[bytes | str],
+    spec: InputSpec,
+    max_instances: int,
+    item: str = "instance",
+    body_bytes: int | None = None,
 ) -> AudioBatch:
     """An audio model's input array [B, *shape] from its clips, counted, encoded and checked
-    (finite, the manifest's value_range) as any input array is."""
-    assert spec.audio is not None
+    (finite, the manifest's value_range) as any input array is. `body_bytes`: a request's body
+    limit, which bounds its clips (clip_limit); None (a CSV, a replay): no such bound."""
+    a = spec.audio
+    assert a is not None
     if not clips:
         raise InvalidInputError("'instances' must be a non-empty list of clips")
     check_count(len(clips), max_instances)
-    batch = encode_audio(clips, spec.audio, item)
+    if body_bytes is not None and len(clips) > clip_limit(a, body_bytes):
+        raise PayloadTooLargeError(
+            f"{len(clips)} clips in one request; this model takes at most "
+            f"{clip_limit(a, body_bytes)}, what the body limit ({body_bytes} bytes, setting "
+            f"max_body_bytes) holds of its {a.seconds:g} s clips as 16-bit WAV in base64 (a "
+            "shorter clip is padded to that length, and costs as much): split the request"
+        )
+    batch = encode_audio(clips, a, item)
     if spec.value_range is not None:  # said of the clip: its features are not what was sent
         lo, hi = spec.value_range
         for i, f in enumerate(batch.x):
@@ -241,9 +271,12 @@ def audio_batch(
     return AudioBatch(x, batch.seconds, batch.truncated)
 
 
-def instances_batch(instances: Any, spec: InputSpec, max_instances: int) -> AudioBatch:
+def instances_batch(
+    instances: Any, spec: InputSpec, max_instances: int, body_bytes: int | None = None
+) -> AudioBatch:
     """/v1's instances ({"b64": ...} each) as an audio model's input array."""
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError('\'instances\' must be a non-empty list of {"b64": "..."} clips')
     check_count(len(instances), max_instances)
-    return audio_batch([clip_of(i, v) for i, v in enumerate(instances)], spec, max_instances)
+    clips = [clip_of(i, v) for i, v in enumerate(instances)]
+    return audio_batch(clips, spec, max_instances, body_bytes=body_bytes)

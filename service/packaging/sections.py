@@ -10,7 +10,6 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import nn
@@ -19,7 +18,7 @@ from service.bundle.manifest import Aleatoric, Variance
 from service.bundle.spec import AudioInput, OutputSpec, TargetSpec
 from service.bundle.vocabulary import check_vocabulary, embedding_rows
 from service.bundle.weights import check_finite
-from service.engine.audio import empty_filters, log_mel
+from service.engine.audio import empty_filters, silence
 from service.errors import BundleError, ModelError
 from service.packaging.randomness import kept_modes
 
@@ -193,7 +192,7 @@ def check_audio(
             )
         # Silence's feature as the server makes it (float32: ln 1e-8 is -18.42068099975586,
         # under the float64 -18.420680743952367 a range ending there would hold).
-        floor = float(log_mel(np.zeros(1), audio).min())
+        floor = silence(audio)
         if not lo <= floor <= hi:  # a clip shorter than the model's is padded with silence
             raise ModelError(
                 f"value_range {list(value_range)} does not hold the features of silence, "

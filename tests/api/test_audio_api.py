@@ -205,3 +205,38 @@ async def test_a_fhir_answer_says_the_clip_was_cut(client: httpx.AsyncClient) ->
     said = [str(e["resource"].get("note", "")) for e in r.json()["entry"]]
     assert f"cut to its first {SECONDS:g} of 2 seconds" in said[0], said
     assert "cut to" not in said[1]
+
+
+async def test_tiny_clips_are_counted_as_the_full_clips_they_are_padded_to(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,024 one-sample WAV files (a 79 kB body) were each padded to the model's length and
+    featurised: 16 s and 3 GB for a 10 s model, and a 164 MB audit record (review G). A request
+    holds at most the clips its body limit holds at the model's length, refused before any is
+    read."""
+    from service.engine import audio
+
+    featurised: list[int] = []
+    original = audio.encode_audio
+    monkeypatch.setattr(
+        audio, "encode_audio", lambda c, *a: featurised.append(len(c)) or original(c, *a)
+    )
+    most = audio.clip_limit(AUDIO, Settings().max_body_bytes)
+    assert 700 < most < 800  # 8 MiB of 0.496 s clips at 8 kHz, 16-bit, in base64
+    tiny = b64(wav(np.zeros(1)))
+    r = await client.post(URL, json=_body([tiny] * (most + 1)))
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["error"].startswith(
+        f"{most + 1} clips in one request; this model takes at most {most}"
+    )
+    inp = triton.InferInput("input", [most + 1], "BYTES")
+    inp.set_data_from_numpy(
+        np.array([wav(np.zeros(1))] * (most + 1), dtype=np.object_), binary_data=True
+    )
+    body, header = triton.InferenceServerClient.generate_request_body([inp])
+    headers = {"Inference-Header-Content-Length": str(header)}
+    r = await client.post("/v2/models/tones/infer", content=body, headers=headers)
+    assert r.status_code == 413 and "clips in one request" in r.json()["error"], r.text[:300]
+    assert featurised == []  # refused before any clip was read
+    ok = await client.post(URL, json=_body([tiny] * 4))
+    assert ok.status_code == 200 and featurised == [4]

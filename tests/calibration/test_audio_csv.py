@@ -141,3 +141,5 @@ def test_a_file_over_the_limit_is_refused_by_its_row_unread(repo: Path, tmp_path
     # An error of the file system while it is checked: said by its row (it was a bare OSError).
     with pytest.raises(InvalidInputError, match=r"data row 1 .*cannot read .*File name too long"):
         read(_csv(tmp_path / "n.csv", [("x" * 300 + ".wav", "low")]), manifest)
+    with pytest.raises(InvalidInputError, match=r"data row 1 .*cannot read .*embedded null byte"):
+        read(_csv(tmp_path / "u.csv", [("a\0b.wav", "low")]), manifest)  # a ValueError before

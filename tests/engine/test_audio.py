@@ -18,6 +18,7 @@ from service.bundle.spec import AudioInput, InputSpec
 from service.engine.audio import (
     audio_batch,
     clip_features,
+    empty_filters,
     encode_audio,
     filter_bank,
     fit,
@@ -164,6 +165,8 @@ def test_features_outside_the_value_range_are_said_of_the_clip() -> None:
         ({"f_min": 4000.0, "f_max": 3000.0}, "f_min < f_max"),
         ({"frames": 2, "hop_length": 100}, "too short for n_fft 400"),
         ({"frames": 50_000}, "over 2^24 values a clip"),
+        # an odd n_fft made frames - 1 frames: every request a reshape error, a 500
+        ({"n_fft": 255, "win_length": None}, "audio.n_fft 255 must be even"),
         # 200 frames of n_fft 64 are few, but a hop of 65,536 pads every clip to 13 M samples
         ({"frames": 300, "n_fft": 64, "hop_length": 65536, "win_length": None}, "2^24 values"),
     ],
@@ -208,3 +211,12 @@ def test_clip_features_are_the_servers() -> None:
     assert clip_features(raw, A).tobytes() == encode_audio([raw], A).x[0].tobytes()
     with pytest.raises(InvalidInputError, match="sampled at 8000 Hz; this model reads 16000"):
         clip_features(wav(tone(440.0, 0.5, 8000), 8000), A)
+
+
+def test_a_filter_bank_that_is_not_finite_counts_as_empty() -> None:
+    """An f_max of 1e-300 made filters of NaN, which passed as not empty: the bundle saved, and
+    every clip's features were NaN."""
+    a = A.model_copy(update={"f_max": 1e-300})
+    assert not np.isfinite(filter_bank(a)).all()
+    assert empty_filters(a) == list(range(40))
+    assert empty_filters(A) == []

@@ -8,6 +8,7 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 import pytest
 import uvicorn
 from uvicorn.server import ServerState
@@ -96,6 +97,7 @@ async def test_with_every_connection_busy_a_new_one_is_refused_with_503() -> Non
     proto, transport = connect()
     assert transport.closed and transport.written.startswith(b"HTTP/1.1 503 ")
     assert b"too many connections" in transport.written
+    assert b"content-type: application/json" in transport.written  # as every error (review G)
     assert not any(t.closed for _, t in busy)
     for p, _ in busy:  # the clients go: their apps see a disconnect and end
         p.connection_lost(None)
@@ -165,7 +167,9 @@ async def test_a_head_must_arrive_in_time_also_on_a_kept_alive_connection() -> N
     proto._timer._run()  # the deadline passes
     assert transport.closed
     assert transport.written.startswith(b"HTTP/1.1 408 ")
-    assert transport.written.endswith(b"no request head within 10 s\n")
+    head, body = transport.written.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head  # it was text/plain (review G)
+    assert orjson.loads(body)["error"].startswith("no request head within 10 s (setting ")
 
 
 async def test_a_body_must_arrive_in_time_and_the_app_sees_a_disconnect() -> None:

@@ -136,7 +136,10 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
         notes = batch.notes()
     elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
         size = len(await request.body())
-        clips = await off_loop(lambda: instances_batch(body.instances, spec, limit), size, values)
+        most = st.settings.max_body_bytes
+        clips = await off_loop(
+            lambda: instances_batch(body.instances, spec, limit, most), size, values
+        )
         x = clips.x
         notes = clips.notes()
     else:

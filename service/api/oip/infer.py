@@ -142,7 +142,8 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
 
         def featurised() -> AudioBatch:
             clips = elements(req.inputs, binary, spec, limit, "clips")
-            return audio_batch(clips, spec, limit, f"input '{spec.name}', element")
+            item, most = f"input '{spec.name}', element", st.settings.max_body_bytes
+            return audio_batch(clips, spec, limit, item, most)
 
         # By the clips' padded features too: 1,024 tiny WAV files are a 51 kB body, and each is
         # featurised at the model's full length (1.7 s on the event loop for a 10 s model).

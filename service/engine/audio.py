@@ -80,9 +80,9 @@ def filter_bank(a: AudioInput) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):  # widths of 0: empty_filters says so
         down = -slopes[:, :-2] / widths[:-1]
         up = slopes[:, 2:] / widths[1:]
-    bank = np.maximum(0.0, np.minimum(down, up)).T
-    if a.norm == "slaney":
-        bank *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
+        bank = np.maximum(0.0, np.minimum(down, up)).T
+        if a.norm == "slaney":
+            bank *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
     bank.setflags(write=False)
     return bank
 
@@ -227,11 +227,12 @@ def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "insta
 
 def clip_limit(a: AudioInput, body_bytes: int) -> int:
     """The clips a request may hold: what a body of `body_bytes` holds of clips of the model's
-    length as 16-bit mono WAV in base64. Every clip is padded to that length, so a request of
-    1,024 one-sample files cost as much as 1,024 full clips (16 s and 3 GB for a 10 s model, and
-    a 164 MB audit record, from a 79 kB body: review G)."""
-    one = -(-(44 + 2 * a.samples) // 3) * 4 + 16  # its base64, its quotes and {"b64": }
-    return max(1, body_bytes // one)
+    length in their smallest form (8-bit mono WAV, raw in /v2's binary extension: 4 + 44 +
+    samples bytes), so no request of full clips that fits the body is refused. Every clip is
+    padded to that length, so a request of 1,024 one-sample files cost as much as 1,024 full
+    clips (16 s and 3 GB for a 10 s model, and a 164 MB audit record, from a 79 kB body:
+    review G)."""
+    return max(1, body_bytes // (48 + a.samples))
 
 
 def audio_batch(
@@ -253,8 +254,9 @@ def audio_batch(
         raise PayloadTooLargeError(
             f"{len(clips)} clips in one request; this model takes at most "
             f"{clip_limit(a, body_bytes)}, what the body limit ({body_bytes} bytes, setting "
-            f"max_body_bytes) holds of its {a.seconds:g} s clips as 16-bit WAV in base64 (a "
-            "shorter clip is padded to that length, and costs as much): split the request"
+            f"max_body_bytes) holds of its {a.seconds:g} s clips in their smallest form (8-bit "
+            "mono WAV; a shorter clip is padded to that length, and costs as much): split the "
+            "request"
         )
     batch = encode_audio(clips, a, item)
     if spec.value_range is not None:  # said of the clip: its features are not what was sent

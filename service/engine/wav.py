@@ -108,9 +108,7 @@ def read_wav(
     width = bits // 8
     block = width * channels
     if streamed and block % 2 and len(pcm) % block == 1:  # an odd chunk's pad byte
-        pcm = pcm[:-1]
-    elif streamed and block == 1 and len(pcm) % 2 == 0 and len(pcm) > 1 and pcm[-1] == 0:
-        pcm = pcm[:-1]  # 8-bit mono: a 0 byte is full scale (silence is 128), so a pad byte
+        pcm = pcm[:-1]  # (8-bit mono's cannot be told from a sample: it is read as one)
     if len(pcm) % block:
         raise _refuse(
             item,

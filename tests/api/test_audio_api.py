@@ -208,35 +208,48 @@ async def test_a_fhir_answer_says_the_clip_was_cut(client: httpx.AsyncClient) ->
 
 
 async def test_tiny_clips_are_counted_as_the_full_clips_they_are_padded_to(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    audio_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1,024 one-sample WAV files (a 79 kB body) were each padded to the model's length and
     featurised: 16 s and 3 GB for a 10 s model, and a 164 MB audit record (review G). A request
-    holds at most the clips its body limit holds at the model's length, refused before any is
-    read."""
+    holds at most the clips its body limit holds at the model's length in their smallest form,
+    refused before any is read; full clips that fit the body are never refused (review I)."""
     from service.engine import audio
 
     featurised: list[int] = []
     original = audio.encode_audio
-    monkeypatch.setattr(
-        audio, "encode_audio", lambda c, *a: featurised.append(len(c)) or original(c, *a)
-    )
-    most = audio.clip_limit(AUDIO, Settings().max_body_bytes)
-    assert 700 < most < 800  # 8 MiB of 0.496 s clips at 8 kHz, 16-bit, in base64
-    tiny = b64(wav(np.zeros(1)))
-    r = await client.post(URL, json=_body([tiny] * (most + 1)))
-    assert r.status_code == 413, r.text[:300]
-    assert r.json()["error"].startswith(
-        f"{most + 1} clips in one request; this model takes at most {most}"
-    )
-    inp = triton.InferInput("input", [most + 1], "BYTES")
-    inp.set_data_from_numpy(
-        np.array([wav(np.zeros(1))] * (most + 1), dtype=np.object_), binary_data=True
-    )
-    body, header = triton.InferenceServerClient.generate_request_body([inp])
-    headers = {"Inference-Header-Content-Length": str(header)}
-    r = await client.post("/v2/models/tones/infer", content=body, headers=headers)
-    assert r.status_code == 413 and "clips in one request" in r.json()["error"], r.text[:300]
-    assert featurised == []  # refused before any clip was read
-    ok = await client.post(URL, json=_body([tiny] * 4))
-    assert ok.status_code == 200 and featurised == [4]
+
+    def counted(clips: Any, *args: Any) -> Any:
+        featurised.append(len(clips))
+        return original(clips, *args)
+
+    monkeypatch.setattr(audio, "encode_audio", counted)
+    body_limit = 400_000
+    most = audio.clip_limit(AUDIO, body_limit)
+    assert most == body_limit // (4 + 44 + AUDIO.samples)  # 8-bit mono WAVs in /v2's binary
+    settings = Settings(model_dir=audio_repo, compute_process=False, max_body_bytes=body_limit)
+    tiny = wav(np.zeros(1))
+
+    def binary(clips: list[bytes]) -> tuple[bytes, dict[str, str]]:
+        inp = triton.InferInput("input", [len(clips)], "BYTES")
+        inp.set_data_from_numpy(np.array(clips, dtype=np.object_), binary_data=True)
+        body, header = triton.InferenceServerClient.generate_request_body([inp])
+        return body, {"Inference-Header-Content-Length": str(header)}
+
+    async with running(settings) as app, asgi_client(app) as c:
+        r = await c.post(URL, json=_body([b64(tiny)] * (most + 1)))
+        assert r.status_code == 413, r.text[:300]
+        assert r.json()["error"].startswith(
+            f"{most + 1} clips in one request; this model takes at most {most}"
+        )
+        body, headers = binary([tiny] * (most + 1))
+        r = await c.post("/v2/models/tones/infer", content=body, headers=headers)
+        assert r.status_code == 413 and "clips in one request" in r.json()["error"], r.text[:300]
+        assert featurised == []  # refused before any clip was read
+        # As many full-length 8-bit clips as the body holds: answered.
+        full = wav(tone(400.0, AUDIO.seconds), dtype="uint8")
+        body, headers = binary([full] * most)
+        assert len(body) <= body_limit
+        r = await c.post("/v2/models/tones/infer", content=body, headers=headers)
+        assert r.status_code == 200, r.text[:300]
+        assert featurised == [most]

@@ -34,7 +34,8 @@ from torch import nn
 from bench.common import machine, median, now
 from service.bundle import load_bundle
 from service.bundle.spec import AudioInput, InputSpec
-from service.engine.audio import instances_batch, log_mel
+from service.engine.audio import log_mel
+from service.engine.clips import instances_batch
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams

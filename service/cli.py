@@ -138,9 +138,10 @@ def predict(
     from service.bundle.load import TrustPolicy
     from service.encode import response
     from service.engine import adaptive
+    from service.engine.clips import read_clip_file
     from service.engine.instances import encode_instances
     from service.engine.registry import Registry, whole
-    from service.errors import McServeError
+    from service.errors import InvalidInputError, McServeError
 
     settings = read_settings(model_dir)
     if sum(v is not None for v in (instance, text, audio)) != 1:
@@ -148,13 +149,8 @@ def predict(
         raise typer.Exit(2)
     try:
         value = json.loads(instance) if instance is not None else text
-        if audio is not None:  # a WAV file, as /v1 takes it
-            value = {"b64": base64.b64encode(audio.read_bytes()).decode("ascii")}
     except json.JSONDecodeError as exc:
         typer.echo(f"error: --instance is not valid JSON: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except OSError as exc:
-        typer.echo(f"error: --audio: cannot read {audio}: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None
     auto = samples == "auto"
     if dropout_sites not in (None, "all") and not whole(str(dropout_sites)):
@@ -184,6 +180,11 @@ def predict(
             served,
             settings.max_samples,
         )
+        if audio is not None:  # a WAV file, read as calibrate reads one, sent as /v1 takes it
+            if served.manifest.inputs.audio is None:
+                raise InvalidInputError(f"--audio: model '{model}' is not an audio model")
+            data = read_clip_file(audio, served.manifest.inputs.audio, "--audio")
+            value = {"b64": base64.b64encode(data).decode("ascii")}
         encoded = encode_instances([value], served, 1)
         x, notes = encoded.x, encoded.notes
         if params.auto is not None:

@@ -23,6 +23,7 @@ from service.calibration.labelled import (
     value_column,
 )
 from service.engine.audio import audio_batch
+from service.engine.clips import read_clip_file
 from service.errors import InvalidInputError, McServeError
 
 
@@ -45,20 +46,7 @@ def read_clips(path: Path, manifest: Manifest, target: str | None) -> Labelled:
         where = f"{path}: {f.where(i)}, column {a_name!r}"
         if not name:
             raise InvalidInputError(f"{where}: the path is empty")
-        try:
-            if file.exists() and not file.is_file():  # a FIFO blocked, /dev/zero never ended
-                raise InvalidInputError(f"{where}: {str(file)!r} is not a file")
-            with file.open("rb") as fh:  # at most the model's limit
-                clip = fh.read(spec.audio.max_audio_bytes + 1)
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-            raise InvalidInputError(
-                f"{where}: cannot read {str(file)!r}: {getattr(exc, 'strerror', None) or exc}"
-            ) from None
-        if len(clip) > spec.audio.max_audio_bytes:
-            raise InvalidInputError(
-                f"{where}: {str(file)!r} is over this model's limit of "
-                f"{spec.audio.max_audio_bytes} bytes (inputs.audio.max_audio_bytes): cut it"
-            )
+        clip = read_clip_file(file, spec.audio, where)
         try:
             x[i] = audio_batch([clip], spec, max_instances=1).x[0]
         except McServeError as exc:  # a file over the limit too; "instance 0" is data row i + 1

@@ -161,16 +161,6 @@ def clip_features(wav: bytes, a: AudioInput) -> np.ndarray:
     return encode_audio([wav], a, "the clip").x[0]
 
 
-def clip_of(i: int, inst: Any, item: str = "instance") -> str:
-    """/v1's form of a clip: {"b64": "<base64 of a WAV file>"} (TF Serving's and KServe v1's
-    form for binary values). The base64 text, not yet decoded."""
-    if not isinstance(inst, dict) or set(inst) != {"b64"} or not isinstance(inst["b64"], str):
-        raise InvalidInputError(
-            f'{item} {i}: an audio instance is {{"b64": "<the WAV file in base64>"}}'
-        )
-    return str(inst["b64"])
-
-
 _SPACE = re.compile(r"\s")
 
 
@@ -271,14 +261,3 @@ def audio_batch(
                 )
     x = checked(batch.x.reshape(len(clips), *spec.shape), spec)
     return AudioBatch(x, batch.seconds, batch.truncated)
-
-
-def instances_batch(
-    instances: Any, spec: InputSpec, max_instances: int, body_bytes: int | None = None
-) -> AudioBatch:
-    """/v1's instances ({"b64": ...} each) as an audio model's input array."""
-    if not isinstance(instances, list) or not instances:
-        raise InvalidInputError('\'instances\' must be a non-empty list of {"b64": "..."} clips')
-    check_count(len(instances), max_instances)
-    clips = [clip_of(i, v) for i, v in enumerate(instances)]
-    return audio_batch(clips, spec, max_instances, body_bytes=body_bytes)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.audio import instances_batch
+from service.engine.clips import instances_batch
 from service.engine.inputs import to_array
 from service.engine.model import ServedModel
 from service.engine.text import encode_texts

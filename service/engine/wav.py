@@ -5,9 +5,10 @@ float, no WAVE_FORMAT_EXTENSIBLE, which most recorders write for more than two c
 bits), and scipy is not a serving dependency. It reads what recorders and `soundfile`/`scipy`
 write: integer PCM of 8 (unsigned), 16, 24 and 32 bits and IEEE float of 32 and 64 bits, plain
 or extensible, any number of channels (averaged to one), chunks in any order, and a streamed
-file's unset data length (0xFFFFFFFF: to the end of the file). It checks every length against
-the bytes it has (a cut or lying header is refused, never read past), decodes only the frames a
-model reads, and is tested against scipy.io.wavfile and libsndfile (tests/engine/test_wav.py).
+file's unset data length (0xFFFFFFFF: to the RIFF's end where that is set, else the file's). It
+checks every length against the bytes it has (a cut or lying header is refused, never read
+past), decodes only the frames a model reads, and is tested against scipy.io.wavfile and
+libsndfile (tests/engine/test_wav.py).
 """
 
 from __future__ import annotations

@@ -253,3 +253,18 @@ async def test_tiny_clips_are_counted_as_the_full_clips_they_are_padded_to(
         r = await c.post("/v2/models/tones/infer", content=body, headers=headers)
         assert r.status_code == 200, r.text[:300]
         assert featurised == [most]
+
+
+async def test_the_page_and_the_openapi_document_say_what_an_audio_model_takes(
+    audio_repo: Path, client: httpx.AsyncClient
+) -> None:
+    """The page allowed a file of max_audio_bytes whatever the body limit (its base64 is a third
+    larger: a 413 saying "send fewer instances"), and /v2's schema said BYTES were text."""
+    schema = (await client.get("/openapi.json")).text
+    assert "for audio models WAV files (base64 in JSON data, raw in the binary extension)" in schema
+    page = (await client.get("/models/tones")).text
+    assert 'data-max-bytes="6000000"' in page  # the model's limit: its base64 fits 8 MiB
+    settings = Settings(model_dir=audio_repo, compute_process=False, max_body_bytes=1 << 20)
+    async with running(settings) as app, asgi_client(app) as c:
+        small = (await c.get("/models/tones")).text
+    assert f'data-max-bytes="{((1 << 20) - 256) * 3 // 4}"' in small

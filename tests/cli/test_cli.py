@@ -321,6 +321,16 @@ def test_predict_audio(tmp_path: Path) -> None:
     clip.write_bytes(b"not audio")
     bad = runner.invoke(app, [*base, "--audio", str(clip)])
     assert bad.exit_code == 2 and "instance 0: the audio is not a WAV file" in bad.output
+    # Read as calibrate reads a file: /dev/zero took 5 GB before its size was checked.
+    endless = runner.invoke(app, [*base, "--audio", "/dev/zero"])
+    assert endless.exit_code == 2 and "--audio: '/dev/zero' is not a file" in endless.output
+    with clip.open("wb") as f:
+        f.truncate(100_000_000)  # sparse
+    big = runner.invoke(app, [*base, "--audio", str(clip)])
+    assert big.exit_code == 2 and "is over this model's limit of 6000000 bytes" in big.output
+    other = ["predict", "diabetes", "--audio", str(clip), "--model-dir", str(MODELS)]
+    wrong = runner.invoke(app, other)
+    assert wrong.exit_code == 2 and "model 'diabetes' is not an audio model" in wrong.output
 
 
 @pytest.mark.parametrize("samples", ["0", "-5"])

@@ -24,7 +24,7 @@ from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
 from service.clinical import fhir
 from service.encode import response_json
-from service.engine.audio import instances_batch
+from service.engine.clips import instances_batch
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
 from service.engine.text import encode_texts

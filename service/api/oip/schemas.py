@@ -61,7 +61,8 @@ class RequestInput(Closed):
     name: str
     shape: list[Dim] = Field(max_length=16, description="[batch, *input shape]")
     datatype: Datatype = Field(
-        description="FP32 (FP64 and FP16 cast to FP32); INT64 or INT32 for token ids; BYTES text"
+        description="FP32 (FP64 and FP16 cast to FP32); INT64 or INT32 for token ids; BYTES: "
+        "texts, or for audio models WAV files (base64 in JSON data, raw in the binary extension)"
     )
     parameters: InputParameters | None = None
     data: list[Any] | None = Field(default=None, description="row-major, flat or nested")

@@ -73,10 +73,11 @@ def _default(train: tuple[float, float] | None, valid: tuple[float, float] | Non
     return "0"
 
 
-def form_of(model: ServedModel) -> dict[str, Any]:
+def form_of(model: ServedModel, body_bytes: int = 8 << 20) -> dict[str, Any]:
     """What the "try it" form asks for: a field per feature (tabular), a drawing grid (an
     image of one channel: a shape [1, H, W], or [H, W] without feature names), a text box (a
-    text model), a WAV file (an audio model), or nothing when none fits. A named [H, W] is
+    text model), a WAV file (an audio model; at most what the model and `body_bytes` take), or
+    nothing when none fits. A named [H, W] is
     fields (a [2, 4] input of two visits' measurements was drawn as a grid, its names and
     ranges gone). Unnamed features are
     called "element j", as the API's messages call them."""
@@ -87,8 +88,10 @@ def form_of(model: ServedModel) -> dict[str, Any]:
                 "max_bytes": t.max_text_bytes}  # fmt: skip
     if spec.audio is not None:  # an audio model: one WAV file
         a = spec.audio
+        # The page sends the file in base64, a third larger, in a body of at most body_bytes.
+        most = min(a.max_audio_bytes, (body_bytes - 256) * 3 // 4)
         return {"kind": "audio", "sample_rate": a.sample_rate, "seconds": f"{a.seconds:g}",
-                "truncation": a.truncation, "max_bytes": a.max_audio_bytes}  # fmt: skip
+                "truncation": a.truncation, "max_bytes": most}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
     # A drawing: one channel of at least 2 x 2 cells ([1, H, W], as the digits' [1, 8, 8] with
@@ -179,7 +182,7 @@ async def card(request: Request, name: str, version: str | None) -> dict[str, An
         "plots": [(f"{base}/plots/{p}.png", evaluations.PLOTS[p]) for p in evaluation.plots]
         if evaluation
         else [],
-        "form": form_of(model),
+        "form": form_of(model, st.settings.max_body_bytes),
         # The classes in order, for the page's script to draw an answer's in: each label's
         # first MAX_SHOWN characters (no page holds a longer string) and that length.
         "label_keys": [label[:MAX_SHOWN] for label in m.outputs.labels or []],

@@ -106,7 +106,7 @@ def check_inputs(record: AuditRecord, x: np.ndarray, key: bytes | None) -> None:
         )
 
 
-def text_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None:
+def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None:
     """A text model's notes rebuilt from its token ids, an audio model's read from the recorded
     answer (see the module's docstring); None for other models. `summary`: the recorded
     answer, in clear."""

@@ -15,7 +15,7 @@ With only an HMAC of the inputs stored, the caller supplies the inputs and they 
 against the HMAC (with the same key) before anything is computed (inputs.py); the answer and
 seed of such a record are sealed under that key (seal.py) and opened with it. A `samples: auto`
 answer is replayed adaptively with its recorded settings, a text model's with its per-text
-notes (inputs.text_notes): both are part of the answer the client got.
+notes (inputs.input_notes): both are part of the answer the client got.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from service.audit.inputs import (
     ReplayError,
     Supplied,
     check_inputs,
+    input_notes,
     read_inputs,
-    text_notes,
     the_key,
 )
 from service.audit.record import software, summary_json
@@ -165,7 +165,7 @@ def _replay(
     pred.warnings.extend(p.get("adapter_warnings") or ())  # e.g. parameters /v1 ignored
     # A text model's answer carries per-text notes (tokens, truncated) beside the numbers.
     notes = supplied.notes if supplied is not None else None
-    pred.input_notes = notes if notes is not None else text_notes(model, x, record.summary)
+    pred.input_notes = notes if notes is not None else input_notes(model, x, record.summary)
     recomputed = summary_json(model, pred)
     columns = derived(record)  # the columns as the stored answer gives them
     result = ReplayResult(record, recomputed == record.summary and not columns, recomputed)

@@ -240,13 +240,13 @@ def audio_batch(
     if not clips:
         raise InvalidInputError("'instances' must be a non-empty list of clips")
     check_count(len(clips), max_instances)
-    if body_bytes is not None and len(clips) > clip_limit(a, body_bytes):
+    most = clip_limit(a, body_bytes) if body_bytes is not None else len(clips)
+    if len(clips) > most:
         raise PayloadTooLargeError(
-            f"{len(clips)} clips in one request; this model takes at most "
-            f"{clip_limit(a, body_bytes)}, what the body limit ({body_bytes} bytes, setting "
-            f"max_body_bytes) holds of its {a.seconds:g} s clips in their smallest form (8-bit "
-            "mono WAV; a shorter clip is padded to that length, and costs as much): split the "
-            "request"
+            f"{len(clips)} clips in one request; this model takes at most {most}, what the body "
+            f"limit ({body_bytes} bytes, setting max_body_bytes) holds of its {a.seconds:g} s "
+            "clips in their smallest form (8-bit mono WAV; a shorter clip is padded to that "
+            "length, and costs as much): split the request"
         )
     batch = encode_audio(clips, a, item)
     if spec.value_range is not None:  # said of the clip: its features are not what was sent

@@ -35,6 +35,7 @@ CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", 
 PASSES_USED = "passes_used"
 TEXT_NOTES = {"tokens": "INT64", "truncated": "BOOL"}  # per text, from the tokenizer
 AUDIO_NOTES = {"seconds": "FP64", "truncated": "BOOL"}  # per clip, from its WAV file
+NOTES = {**TEXT_NOTES, **AUDIO_NOTES}  # the outputs read from a prediction's input_notes
 REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
 
 
@@ -75,10 +76,9 @@ def specs(model: ServedModel) -> list[TensorSpec]:
             *(TensorSpec(n, "FP64", d) for n in REGRESSION),
         ]
     out += [TensorSpec("refer", "BOOL", ()), TensorSpec(PASSES_USED, "INT64", ())]
-    if model.manifest.inputs.text is not None:
-        out += [TensorSpec(n, t, (), deterministic=True) for n, t in TEXT_NOTES.items()]
-    if model.manifest.inputs.audio is not None:
-        out += [TensorSpec(n, t, (), deterministic=True) for n, t in AUDIO_NOTES.items()]
+    spec = model.manifest.inputs
+    notes = TEXT_NOTES if spec.text is not None else AUDIO_NOTES if spec.audio is not None else {}
+    out += [TensorSpec(n, t, (), deterministic=True) for n, t in notes.items()]
     return out
 
 
@@ -88,7 +88,7 @@ def values(pred: Prediction, wanted: list[TensorSpec]) -> list[np.ndarray]:
     out = []
     for spec in wanted:
         arr: object
-        if spec.name in TEXT_NOTES or spec.name in AUDIO_NOTES:
+        if spec.name in NOTES:
             notes = pred.input_notes or []
             arr = np.array([n[spec.name] for n in notes], dtype=NUMPY[spec.datatype])
         elif pred.point is not None and spec.name == "label":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import (
@@ -21,7 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
     enable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,14 @@ class Metrics:
             "mcserve_compute_duration_seconds",
             "Compute time of the batch a request ran in",
             ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.featurise_seconds = Histogram(
+            "mcserve_featurise_duration_seconds",
+            "Time turning a request's inputs into the model's tensor (WAV files decoded and "
+            "their features computed, texts tokenized, numbers converted)",
+            ["model", "input"],
             buckets=LATENCY,
             registry=r,
         )
@@ -143,6 +151,11 @@ class Metrics:
         408s, evictions, uvicorn's 503 at max_concurrency): requests_total never sees them."""
         self.registry.register(_Closed(closed))
 
+    def watch_bodies(self, budget: _Budget) -> None:
+        """Export the body bytes requests in flight hold against their server-wide limit, and
+        the requests refused at it (api/common/inflight.py; they are 429s in requests_total)."""
+        self.registry.register(_Bodies(budget))
+
     def add_model(
         self,
         name: str,
@@ -174,6 +187,9 @@ class Metrics:
         self._child(self.request_seconds, m, route).observe(seconds)
         if status == 500:
             self._child(self.internal_errors, route).inc()
+
+    def observe_featurise(self, model: str, kind: str, seconds: float) -> None:
+        self._child(self.featurise_seconds, self.model(model), kind).observe(seconds)
 
     def observe_batch(self, model: str, rows: int, seconds: float) -> None:
         self._child(self.batch_rows, self.model(model)).observe(rows)
@@ -232,3 +248,33 @@ class _Closed(Collector):
         for reason in sorted(REASONS | set(self.closed)):
             family.add_metric([reason], self.closed.get(reason, 0))
         yield family
+
+
+class _Budget(Protocol):
+    held: int
+    limit: int
+    refused: int
+
+
+class _Bodies(Collector):
+    """`mcserve_body_bytes_in_flight`, `mcserve_body_bytes_limit` and
+    `mcserve_bodies_refused_total`, read from the server's body budget."""
+
+    def __init__(self, budget: _Budget) -> None:
+        self.budget = budget
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        b = self.budget
+        yield GaugeMetricFamily(
+            "mcserve_body_bytes_in_flight", "Request body bytes held by requests in flight", b.held
+        )
+        yield GaugeMetricFamily(
+            "mcserve_body_bytes_limit",
+            "The limit on them (MCSERVE_MAX_INFLIGHT_BODY_BYTES)",
+            b.limit,
+        )
+        yield CounterMetricFamily(
+            "mcserve_bodies_refused",
+            "Requests answered 429 (503 on CDS Hooks) at that limit",
+            b.refused,
+        )

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # Request limits.
     max_instances: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Body bytes all requests in flight may hold together, wire and inflated (api/common/
+    # inflight.py): past it a request is a 429. At least twice max_body_bytes (settings_check).
+    max_inflight_body_bytes: int = Field(default=128 * 1024 * 1024, ge=2048)
     max_samples: int = Field(default=1000, ge=2, le=(1 << 20) - 1)  # the masks' pass counter
     # The deadline of a /v1 or /v2 request that sets none (timeout_ms, timeout): it bounds the
     # queue and the compute (a long request otherwise holds the compute, its batch's and every

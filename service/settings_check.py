@@ -176,6 +176,15 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
             "keep-alive connections, up to the pending cap, count toward it and could refuse "
             "every request; lower the pending cap (e.g. to half of it) or raise the concurrency"
         )
+    if s.max_inflight_body_bytes < 2 * s.max_body_bytes:
+        # A gzip body holds its wire bytes and what they inflate to at once: below twice the
+        # body limit a request within it could be refused on an idle server, every retry too.
+        errors.append(
+            f"{variable('max_inflight_body_bytes')} ({s.max_inflight_body_bytes}) must be at "
+            f"least twice {variable('max_body_bytes')} ({s.max_body_bytes}), so that one "
+            "request within the body limit is always taken when no other is in flight; raise it "
+            "or lower the body limit"
+        )
     if s.cds_mapping_dir is not None and not s.cds_mapping_dir.is_dir():
         warnings.append(
             f"{variable('cds_mapping_dir')}: {s.cds_mapping_dir} is not a directory; no model "

@@ -22,6 +22,7 @@ from service.api.common import audit, errors
 from service.api.common.auth import ApiKeyGuard
 from service.api.common.call import json_response
 from service.api.common.encoding import ContentEncoding
+from service.api.common.inflight import BodyBudget
 from service.api.common.lifecycle import ModelControl
 from service.api.common.middleware import RequestContext
 from service.api.common.schemas import Health
@@ -157,7 +158,9 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
     # which answers preflights before the API-key guard, which comes before any decompression
     # of the body (ContentEncoding); on every route (front.py).
-    for cls, kwargs in _layers(settings, metrics, lambda: _draining(app)):
+    budget = app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    metrics.watch_bodies(budget)
+    for cls, kwargs in _layers(settings, metrics, budget, lambda: _draining(app)):
         app.add_middleware(cls, **kwargs)
     app.fast_path = fast_path
     app.fast_endpoints = frozenset((*native_fast, *oip_fast))
@@ -170,11 +173,11 @@ def _draining(app: FastAPI) -> bool:
 
 
 def _layers(
-    settings: Settings, metrics: Metrics, draining: Callable[[], bool]
+    settings: Settings, metrics: Metrics, budget: BodyBudget, draining: Callable[[], bool]
 ) -> list[tuple[Any, dict[str, Any]]]:
     """Our middleware, innermost first, as (class, keyword arguments)."""
     layers: list[tuple[Any, dict[str, Any]]] = [
-        (ContentEncoding, {"max_body_bytes": settings.max_body_bytes}),
+        (ContentEncoding, {"max_body_bytes": settings.max_body_bytes, "budget": budget}),
         (
             ApiKeyGuard,
             {
@@ -192,6 +195,11 @@ def _layers(
             "expose_headers": ["X-Request-ID", "Retry-After"],
         }
         layers.append((CORSMiddleware, cors))
-    context = {"max_body_bytes": settings.max_body_bytes, "metrics": metrics, "draining": draining}
+    context = {
+        "max_body_bytes": settings.max_body_bytes,
+        "metrics": metrics,
+        "draining": draining,
+        "budget": budget,
+    }
     layers.append((RequestContext, context))
     return layers

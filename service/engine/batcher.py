@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import NoReturn
 
 import numpy as np
 
@@ -156,6 +157,21 @@ class Batcher(Settlement):
         wait = math.ceil((self.stats.queue_rows + extra_rows) / rate)
         return min(max(1, wait), RETRY_AFTER_MAX_S)
 
+    def check_room(self, instances: int, params: PredictParams) -> None:
+        """Refuse at once, before its inputs are featurised (WAV files decoded, texts
+        tokenized: up to seconds of a worker thread), a request the queue cannot take now even
+        at its least cost (each text in the shortest bucket); `enqueue` checks its real cost."""
+        least = instances * (params.samples if params.mode == "mc" else 1) * self.model.least_cost
+        if least <= self.max_queue_rows and self.stats.queue_rows + least > self.max_queue_rows:
+            self._at_capacity(least)
+
+    def _at_capacity(self, rows: int) -> NoReturn:
+        self.stats.rejected += 1
+        raise OverloadedError(
+            f"model '{self.model.name}' is at capacity; retry after the indicated delay",
+            retry_after_s=self.retry_after_s(rows),
+        )
+
     async def submit(
         self, x: np.ndarray, params: PredictParams, deadline: float | None = None
     ) -> Prediction:
@@ -189,11 +205,7 @@ class Batcher(Settlement):
                 "(max_samples), or raise the server's MCSERVE_MAX_QUEUE_ROWS"
             )
         if self.stats.queue_rows + rows > self.max_queue_rows:
-            self.stats.rejected += 1
-            raise OverloadedError(
-                f"model '{self.model.name}' is at capacity; retry after the indicated delay",
-                retry_after_s=self.retry_after_s(rows),
-            )
+            self._at_capacity(rows)
         fut: asyncio.Future[Prediction] = (self.loop or asyncio.get_running_loop()).create_future()
         if flag is not None and self.flags is not None:  # set when the client goes
             flags = self.flags

@@ -212,6 +212,12 @@ class ServedModel:
         """What one row at full size costs in `cost` (max_tokens for a bucketed text model)."""
         return self.buckets.max_tokens if self.buckets is not None else 1
 
+    @property
+    def least_cost(self) -> int:
+        """What one row costs in `cost` at the least: the shortest bucket of a bucketed text
+        model (its tokens), else 1."""
+        return int(self.buckets.lengths[0]) if self.buckets is not None else 1
+
     def cost(self, x: np.ndarray, passes: int) -> int:
         """The work of `passes` over inputs x in `cost_unit`s: rows, or for a bucketed text
         model tokens (rows x bucket length), so short texts count for less."""

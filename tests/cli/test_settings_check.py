@@ -71,6 +71,12 @@ def repo(tmp_path: Path) -> Path:
             "MCSERVE_MAX_CONCURRENCY (50) must be above MCSERVE_MAX_PENDING_CONNECTIONS (256): "
             "idle keep-alive connections",
         ),
+        # Below twice the body limit, a gzip body within it was refused on an idle server.
+        (
+            {"MCSERVE_MAX_BODY_BYTES": "1048576", "MCSERVE_MAX_INFLIGHT_BODY_BYTES": "2097151"},
+            "MCSERVE_MAX_INFLIGHT_BODY_BYTES (2097151) must be at least twice "
+            "MCSERVE_MAX_BODY_BYTES (1048576)",
+        ),
     ],
     ids=[
         "json-object",
@@ -84,6 +90,7 @@ def repo(tmp_path: Path) -> Path:
         "hmac",
         "no-drain-limit",
         "concurrency-under-pending",
+        "inflight-under-twice-the-body",
     ],
 )
 def test_a_wrong_setting_names_its_variable(

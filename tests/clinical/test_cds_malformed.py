@@ -529,3 +529,27 @@ async def test_a_call_labelled_other_than_json_is_a_415(
     ):
         ok = {**auth(es384, DIABETES), "Content-Type": fine}  # DSTU2's type too, as EHRs send it
         assert (await ehr.post(DIABETES, content=body, headers=ok)).status_code == 200, fine
+
+
+async def test_a_call_past_the_body_budget_is_a_503_operation_outcome(
+    cds_app: Any, ehr: httpx.AsyncClient, es384: Signer
+) -> None:
+    """Other calls in flight (stood in for by bytes taken from the budget) hold all but a
+    little of `max_inflight_body_bytes`: a FHIR OperationOutcome with Retry-After, as for
+    overload (api/common/inflight.py), and the budget is whole again after."""
+    prefetch = await _prefetch(ehr, "diabetes-progression")
+    budget = cds_app.state.body_budget
+    taken = budget.limit - 100
+    budget.take(taken)
+    try:
+        r = await _call(ehr, es384, prefetch)
+    finally:
+        budget.give(taken)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.headers["content-type"] == "application/fhir+json"
+    (issue,) = r.json()["issue"]
+    assert issue["diagnostics"].startswith("the server holds ")
+    assert "setting max_inflight_body_bytes" in issue["diagnostics"]
+    assert budget.held == 0
+    assert (await _call(ehr, es384, prefetch)).status_code == 200

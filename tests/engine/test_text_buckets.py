@@ -24,7 +24,7 @@ from service.engine.compute import warm
 from service.engine.model import ServedModel
 from service.engine.params import PredictParams
 from service.engine.sampler import MCRequest
-from service.errors import BundleError
+from service.errors import BundleError, OverloadedError
 from service.packaging import save
 from service.packaging.lengths import generic_graph
 
@@ -231,3 +231,33 @@ def test_warm_up_without_buckets_reads_tokens_not_padding(tmp_path: Path) -> Non
     )
     assert model.buckets is None
     warm(model)  # raised SummaryError: logits contain NaN
+
+
+async def test_the_room_check_before_tokenizing_counts_the_shortest_bucket(
+    served: dict[str, ServedModel],
+) -> None:
+    """A full queue refuses a request before its texts are tokenized (`check_room`), at its
+    least cost: every text in the shortest bucket. Counted at full length, two short texts
+    that the queue can take were refused."""
+    model = served["textcnn"]
+    executor = ThreadPoolExecutor(1)
+    gate = threading.Event()
+    busy = executor.submit(gate.wait)
+    params = PredictParams(samples=10, confidence=(0.9,), seed=1)
+    # Room for 25 passes at full length (1,600 tokens); one long text's 10 passes take 640.
+    batcher = Batcher(model, executor, max_queue_rows=25)
+    batcher.start()
+    try:
+        long = batcher.enqueue(texts(60), params)
+        batcher.check_room(2, params)  # 2 x 10 x 16 tokens fit beside it: not refused
+        short = batcher.enqueue(texts(6, 9), params)  # two texts in the 16 bucket: 320
+        batcher.check_room(4, params)  # 4 x 10 x 16 more still fit (640 + 320 + 640 = 1,600)
+        with pytest.raises(OverloadedError):
+            batcher.check_room(7, params)  # 7 x 10 x 16 = 1,120 at the least: no room
+        assert batcher.stats.rejected == 1
+    finally:
+        gate.set()
+        busy.result()
+    await asyncio.gather(long, short)
+    await batcher.stop()
+    executor.shutdown()

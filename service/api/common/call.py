@@ -38,6 +38,20 @@ async def off_loop(fn: Callable[[], T], nbytes: int = 0, values: int = 0) -> T:
     return await asyncio.to_thread(fn)
 
 
+async def featurise(
+    request: Request, model: str, kind: str, fn: Callable[[], T], nbytes: int = 0, values: int = 0
+) -> T:
+    """off_loop(fn) for a request's inputs (`kind`: audio, text or numbers), timed: the access
+    log's featurise_ms and mcserve_featurise_duration_seconds. A WAV file's decoding and
+    features were seen only as request time less queue and compute time."""
+    start = time.perf_counter()
+    out = await off_loop(fn, nbytes, values)
+    seconds = time.perf_counter() - start
+    request.state.featurise_ms = round(seconds * 1000, 3)
+    request.app.state.metrics.observe_featurise(model, kind, seconds)
+    return out
+
+
 def state(request: Request) -> AppState:
     st: AppState = request.app.state.mcserve
     return st

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
+from service.api.common.inflight import BodiesOverBudget, BodyBudget
 from service.api.common.middleware import smaller
 from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
 
@@ -28,9 +29,10 @@ MAX_MEMBERS = 16
 
 
 class ContentEncoding:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, budget: BodyBudget | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -52,7 +54,14 @@ class ContentEncoding:
             if data is None:  # the client went away mid-body: nobody to answer
                 return
             body = self._inflate(data, name, scope) if data else data
-        except (UnsupportedMediaTypeError, InvalidInputError, PayloadTooLargeError) as exc:
+            if self.budget is not None:  # the inflated copy is held too, beside the wire bytes
+                self.budget.take(len(body))
+        except (
+            UnsupportedMediaTypeError,
+            InvalidInputError,
+            PayloadTooLargeError,
+            BodiesOverBudget,
+        ) as exc:
             response = await errors.respond(Request(scope), exc)
             await response(scope, receive, send)
             return
@@ -70,7 +79,11 @@ class ContentEncoding:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # a disconnect, afterwards
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if self.budget is not None:
+                self.budget.give(len(body))
 
     def _inflate(self, data: bytes, name: str, scope: Scope) -> bytes:
         # 32 + 15: a gzip or zlib header, detected; HTTP's "deflate" is zlib, some clients send

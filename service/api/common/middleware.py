@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
+from service.api.common.inflight import BodiesOverBudget, BodyBudget
 from service.errors import DRAIN_OUT, McServeError, PayloadTooLargeError, ShuttingDownError
 from service.metrics import Metrics
 
@@ -51,8 +52,9 @@ class BodyTooLarge(PayloadTooLargeError):
 
 class RequestContext:
     """Sets scope['state']['request_id'] (X-Request-ID honoured if sane, else generated), echoes
-    it in the response, refuses bodies over `max_body_bytes` with 413 before parsing them, and
-    writes one access log line and the request metrics per request. A request that uvicorn
+    it in the response, refuses bodies over `max_body_bytes` with 413 before parsing them, counts
+    their bytes against the server's `budget` until the request ends (inflight.py), and writes
+    one access log line and the request metrics per request. A request that uvicorn
     cancels because the drain time ran out (`draining()` true) answers 503 and says so."""
 
     def __init__(
@@ -61,9 +63,11 @@ class RequestContext:
         max_body_bytes: int,
         metrics: Metrics | None = None,
         draining: Callable[[], bool] = lambda: False,
+        budget: BodyBudget | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.budget = budget
         self.metrics = metrics
         self.draining = draining
 
@@ -80,6 +84,7 @@ class RequestContext:
         state["arrived"] = time.monotonic()  # a deadline counts from here (call.run)
         status = 500  # what the client gets if the app raises (ServerErrorMiddleware answers)
         raw_len = headers.get(b"content-length")
+        held = 0  # bytes of this body taken from the budget
         try:
             if raw_len is not None and raw_len.isdigit() and int(raw_len) > self.max_body_bytes:
                 status = 413
@@ -89,13 +94,22 @@ class RequestContext:
             started = gone = False
 
             async def limited_receive() -> Message:
-                nonlocal seen, gone
+                nonlocal seen, held, gone
+                if self.budget is not None and seen == 0 and raw_len is not None:
+                    # A declared body that cannot fit now is refused before a byte of it is
+                    # read (a client that sent Expect: 100-continue never sends it); nothing
+                    # is taken for a declaration (inflight.py), its bytes count as they come.
+                    self.budget.check(int(raw_len) if raw_len.isdigit() else 0)
                 message = await receive()
                 gone = gone or message["type"] == "http.disconnect"
                 if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
+                    size = len(message.get("body", b""))
+                    seen += size
                     if seen > self.max_body_bytes:
                         raise self._too_large(scope)
+                    if self.budget is not None and size:
+                        self.budget.take(size)
+                        held += size
                 return message
 
             async def send_with_id(message: Message) -> None:
@@ -111,10 +125,9 @@ class RequestContext:
 
             try:
                 await self.app(scope, limited_receive, send_with_id)
-            except BodyTooLarge as exc:
+            except (BodyTooLarge, BodiesOverBudget) as exc:
                 if not started:
-                    status = 413
-                    await self._refuse(exc, scope, receive, send)
+                    status = await self._refuse(exc, scope, receive, send)
             except ClientDisconnect:
                 if not gone:
                     raise
@@ -132,6 +145,8 @@ class RequestContext:
                 if state.get("closed_by") == "body_timeout":  # answered below: connections.py
                     status = 408
         finally:
+            if held:
+                self.budget.give(held)  # type: ignore[union-attr]  # held only with a budget
             self._record(scope, status, time.perf_counter() - start)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
@@ -153,7 +168,16 @@ class RequestContext:
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
         }
-        for key in ("model", "version", "caller", "batch_rows", "queue_ms", "compute_ms", "error"):
+        for key in (
+            "model",
+            "version",
+            "caller",
+            "featurise_ms",
+            "batch_rows",
+            "queue_ms",
+            "compute_ms",
+            "error",
+        ):
             if state.get(key) is not None:
                 extra[key] = state[key]
         if "model" not in extra and model is not None:
@@ -166,6 +190,7 @@ class RequestContext:
             + smaller(scope)
         )
 
-    async def _refuse(self, exc: McServeError, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, exc: McServeError, scope: Scope, receive: Receive, send: Send) -> int:
         response = await errors.respond(Request(scope), exc)
         await response(scope, receive, send)
+        return response.status_code

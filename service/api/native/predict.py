@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, ValidationError
 from starlette.responses import Response
 
-from service.api.common.call import off_loop, run, state
+from service.api.common.call import featurise, off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.media import require_json
 from service.api.common.parameters import ignored, to_params
@@ -126,23 +126,36 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
     # By the body's bytes too: 9 texts of 100 kB were under the values bound and held the
     # event loop 4.5 s while they were tokenized.
     size = len(await request.body())  # read already: starlette keeps it
+    batcher.check_room(len(body.instances), params)  # a full queue: 429 before featurising
     notes = None
     if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
         text, tokenizer = spec.text, model.bundle.tokenizer
-        batch = await off_loop(
-            lambda: encode_texts(body.instances, tokenizer, text, limit), size, values
+        batch = await featurise(
+            request,
+            name,
+            "text",
+            lambda: encode_texts(body.instances, tokenizer, text, limit),
+            size,
+            values,
         )
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
         most = st.settings.max_body_bytes
-        clips = await off_loop(
-            lambda: instances_batch(body.instances, spec, limit, most), size, values
+        clips = await featurise(
+            request,
+            name,
+            "audio",
+            lambda: instances_batch(body.instances, spec, limit, most),
+            size,
+            values,
         )
         x = clips.x
         notes = clips.notes()
     else:
-        x = await off_loop(lambda: to_array(body.instances, spec, limit), values=values)
+        x = await featurise(
+            request, name, "numbers", lambda: to_array(body.instances, spec, limit), values=values
+        )
     timeout = body.parameters.timeout_ms
     # The audit record keeps the native JSON of these numbers; it says that the client got
     # them as FHIR, and for which subject (its params.representation: docs/AUDIT.md).

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError
 from starlette.responses import Response
 
-from service.api.common.call import off_loop, run, state
+from service.api.common.call import featurise, off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.parameters import PredictParameters, ignored, to_params
 from service.api.oip.binary import HEADER, decode_input, encode, split
@@ -127,6 +127,8 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     given = PredictParameters.model_construct(**{k: getattr(p, k) for k in _SHARED})
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode, auto=params.auto is not None)
+    first = req.inputs[0].shape[:1] if req.inputs else []
+    batcher.check_room(first[0] if first else 1, params)  # a full queue: 429 before featurising
     notes = None
     if spec.text is not None:  # a text model: BYTES in, token ids to the engine
         text, tokenizer = spec.text, model.bundle.tokenizer
@@ -135,7 +137,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
             texts = decode_texts(req.inputs, binary, spec, limit)
             return encode_texts(texts, tokenizer, text, limit, f"input '{spec.name}', element")
 
-        batch = await off_loop(tokenized, nbytes=len(raw))
+        batch = await featurise(request, name, "text", tokenized, nbytes=len(raw))
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
@@ -147,13 +149,18 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
 
         # By the clips' padded features too: 1,024 tiny WAV files are a 51 kB body, and each is
         # featurised at the model's full length (1.7 s on the event loop for a 10 s model).
-        first = req.inputs[0].shape[:1] if req.inputs else []
         padded = (first[0] if first else 1) * math.prod(spec.shape)
-        audio = await off_loop(featurised, len(raw), padded)
+        audio = await featurise(request, name, "audio", featurised, len(raw), padded)
         x = audio.x
         notes = audio.notes()
     else:
-        x = await off_loop(lambda: decode_input(req.inputs, binary, spec, limit), nbytes=len(raw))
+        x = await featurise(
+            request,
+            name,
+            "numbers",
+            lambda: decode_input(req.inputs, binary, spec, limit),
+            nbytes=len(raw),
+        )
     timeout = p.timeout / 1e6 if p.timeout is not None else None
     # Its warnings go in before the answer is recorded: the record is the answer sent.
     pred = await run(

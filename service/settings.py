@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     max_instances: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Body bytes all requests in flight may hold together, wire and inflated (api/common/
-    # inflight.py): past it a request is a 429. At least twice max_body_bytes (settings_check).
-    max_inflight_body_bytes: int = Field(default=128 * 1024 * 1024, ge=2048)
+    # inflight.py): past it a request is a 429. At least twice max_body_bytes (settings_check);
+    # None: 128 MiB, or twice max_body_bytes where that is more (`inflight_body_limit`).
+    max_inflight_body_bytes: int | None = Field(default=None, ge=2048)
     max_samples: int = Field(default=1000, ge=2, le=(1 << 20) - 1)  # the masks' pass counter
     # The deadline of a /v1 or /v2 request that sets none (timeout_ms, timeout): it bounds the
     # queue and the compute (a long request otherwise holds the compute, its batch's and every
@@ -259,3 +260,11 @@ class Settings(BaseSettings):
         if self.cds_require_jwt and self.cds_issuers and self.public_base_url is None:
             raise ValueError(PUBLIC_BASE_URL_REQUIRED)
         return self
+
+    @property
+    def inflight_body_limit(self) -> int:
+        """The budget of body bytes in flight: the setting, else 128 MiB or twice the body
+        limit where that is more (a deployment that raised max_body_bytes alone still starts)."""
+        if self.max_inflight_body_bytes is not None:
+            return self.max_inflight_body_bytes
+        return max(128 * 1024 * 1024, 2 * self.max_body_bytes)

@@ -176,7 +176,7 @@ def _checks(s: Settings) -> tuple[list[str], list[str]]:
             "keep-alive connections, up to the pending cap, count toward it and could refuse "
             "every request; lower the pending cap (e.g. to half of it) or raise the concurrency"
         )
-    if s.max_inflight_body_bytes < 2 * s.max_body_bytes:
+    if s.max_inflight_body_bytes is not None and s.max_inflight_body_bytes < 2 * s.max_body_bytes:
         # A gzip body holds its wire bytes and what they inflate to at once: below twice the
         # body limit a request within it could be refused on an idle server, every retry too.
         errors.append(

@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
     # Added innermost first: RequestContext (ids, body limit, access log, metrics) wraps CORS,
     # which answers preflights before the API-key guard, which comes before any decompression
     # of the body (ContentEncoding); on every route (front.py).
-    budget = app.state.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+    budget = app.state.body_budget = BodyBudget(settings.inflight_body_limit)
     metrics.watch_bodies(budget)
     for cls, kwargs in _layers(settings, metrics, budget, lambda: _draining(app)):
         app.add_middleware(cls, **kwargs)

@@ -43,12 +43,18 @@ def read_clip_file(file: Path, a: AudioInput, where: str) -> bytes:
     return data
 
 
+def clips_of(instances: Any, max_instances: int) -> list[str]:
+    """The clips of /v1's instances ({"b64": ...} each), counted, still in base64: what is
+    checked before any file is decoded."""
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError('\'instances\' must be a non-empty list of {"b64": "..."} clips')
+    check_count(len(instances), max_instances)
+    return [clip_of(i, v) for i, v in enumerate(instances)]
+
+
 def instances_batch(
     instances: Any, spec: InputSpec, max_instances: int, body_bytes: int | None = None
 ) -> AudioBatch:
     """/v1's instances ({"b64": ...} each) as an audio model's input array."""
-    if not isinstance(instances, list) or not instances:
-        raise InvalidInputError('\'instances\' must be a non-empty list of {"b64": "..."} clips')
-    check_count(len(instances), max_instances)
-    clips = [clip_of(i, v) for i, v in enumerate(instances)]
+    clips = clips_of(instances, max_instances)
     return audio_batch(clips, spec, max_instances, body_bytes=body_bytes)

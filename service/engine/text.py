@@ -50,6 +50,19 @@ def _text_of(i: int, inst: Any) -> str:
     return inst
 
 
+def texts_of(instances: Any, max_instances: int) -> list[str]:
+    """The texts of /v1's instances (strings or {"text": ...}), counted: what is checked before
+    any text is tokenized."""
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInputError("'instances' must be a non-empty list of texts")
+    if len(instances) > max_instances:
+        raise PayloadTooLargeError(
+            f"{len(instances)} instances in one request; the limit is {max_instances} "
+            "(setting max_instances): split the request"
+        )
+    return [_text_of(i, inst) for i, inst in enumerate(instances)]
+
+
 def encode_texts(
     instances: Sequence[Any],
     tokenizer: Any,
@@ -61,14 +74,7 @@ def encode_texts(
 ) -> TextBatch:
     """Token ids of the texts; each refusal names the text as `item` and its index (/v2 says
     "input 'input', element", where /v1's "instance" named nothing the caller sent)."""
-    if not isinstance(instances, list) or not instances:
-        raise InvalidInputError("'instances' must be a non-empty list of texts")
-    if len(instances) > max_instances:
-        raise PayloadTooLargeError(
-            f"{len(instances)} instances in one request; the limit is {max_instances} "
-            "(setting max_instances): split the request"
-        )
-    texts = [_text_of(i, inst) for i, inst in enumerate(instances)]
+    texts = texts_of(instances, max_instances)
     sizes = []
     for i, t in enumerate(texts):
         size = len(t.encode("utf-8", "surrogatepass"))

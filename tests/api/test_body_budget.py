@@ -101,3 +101,18 @@ async def test_the_budget_is_in_the_metrics(app: FastAPI, client: httpx.AsyncCli
         "mcserve_bodies_refused_total": budget.refused,
     }
     assert budget.refused >= 1
+
+
+async def test_a_body_no_route_reads_takes_nothing(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A gzip body was read and inflated before routing: posted to a path that reads no body,
+    it took the budget (a client without a key could hold it, stalling, until the body
+    timeout; review K, D1). It is now inflated only as a route reads it."""
+    packed = gzip.compress(b" " * 20_000)
+    headers = {**JSON, "content-encoding": "gzip"}
+    with others_hold(app, 100) as budget:
+        refused = budget.refused
+        for path, status in (("/nowhere", 404), ("/healthz", 405), ("/v2/repository/index", 403)):
+            r = await client.post(path, content=packed, headers=headers)
+            assert r.status_code == status, (path, r.text)
+        assert budget.refused == refused
+    assert app.state.body_budget.held == 0

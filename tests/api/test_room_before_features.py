@@ -56,7 +56,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[in
 @pytest.mark.parametrize(
     ("path", "body", "module", "featurise"),
     [
-        ("/v1/models/tones:predict", V1, native_predict, "instances_batch"),
+        ("/v1/models/tones:predict", V1, native_predict, "audio_batch"),
         ("/v2/models/tones/infer", V2, oip_infer, "audio_batch"),
     ],
     ids=["v1", "v2"],
@@ -82,6 +82,14 @@ async def test_a_full_queue_refuses_before_featurising(
                     break
                 await asyncio.sleep(0.005)
             assert b.stats.queue_rows == 16 and calls == [1]
+            # A request that is wrong in form is told so, not to retry (review K, D2).
+            wrong = (
+                {**body, "instances": [{"b64": 5}]}
+                if path.startswith("/v1")
+                else {**body, "inputs": [{**body["inputs"][0], "name": "WRONG"}]}
+            )
+            r = await c.post(path, json=wrong)
+            assert r.status_code in (400, 422), r.text
             r = await c.post(path, json=body)
             assert r.status_code == 429, r.text
             assert (

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.settings import Settings
 from service.settings_check import problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -280,3 +281,18 @@ def test_serve_exits_2_with_the_line_and_no_traceback(repo: Path) -> None:
     assert "error: invalid settings: MCSERVE_CORS_ORIGINS: not valid JSON" in done.stderr
     assert "warning: MCSERVE_CORS_ORIGIN is not a setting of mcserve" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_raised_body_limit_alone_raises_the_body_budget_with_it(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    """A deployment that had raised MCSERVE_MAX_BODY_BYTES past 64 MiB stopped starting when
+    the budget of body bytes in flight came, until it set that too (review K, D3)."""
+    monkeypatch.setenv("MCSERVE_MAX_BODY_BYTES", "100000000")
+    errors, _ = problems({"model_dir": repo})
+    assert errors == []
+    assert Settings(model_dir=repo).inflight_body_limit == 200_000_000
+    monkeypatch.delenv("MCSERVE_MAX_BODY_BYTES")
+    assert Settings(model_dir=repo).inflight_body_limit == 128 * 2**20
+    monkeypatch.setenv("MCSERVE_MAX_INFLIGHT_BODY_BYTES", "50000000")
+    assert Settings(model_dir=repo).inflight_body_limit == 50_000_000

@@ -5,6 +5,7 @@ versioned references, medications as contained resources)."""
 
 from __future__ import annotations
 
+import gzip
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -553,3 +554,23 @@ async def test_a_call_past_the_body_budget_is_a_503_operation_outcome(
     assert "setting max_inflight_body_bytes" in issue["diagnostics"]
     assert budget.held == 0
     assert (await _call(ehr, es384, prefetch)).status_code == 200
+
+
+async def test_a_call_without_a_token_holds_no_body_bytes(
+    cds_app: Any, ehr: httpx.AsyncClient
+) -> None:
+    """Its gzip body was inflated before the service checked the token: a caller without one
+    could hold the budget of body bytes in flight (review K, D1). Now 401, nothing taken."""
+    budget = cds_app.state.body_budget
+    taken = budget.limit - 100
+    budget.take(taken)
+    try:
+        r = await ehr.post(
+            DIABETES,
+            content=gzip.compress(b" " * 20_000),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+    finally:
+        budget.give(taken)
+    assert r.status_code == 401, r.text
+    assert budget.held == 0

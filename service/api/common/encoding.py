@@ -1,12 +1,14 @@
 """Request bodies sent compressed: `Content-Encoding: gzip` or `deflate` (what tritonclient's
-`request_compression_algorithm` sends, as Triton accepts), decompressed before any route reads
-them; any other coding is a 415. Without this a gzip body was a 422 "cannot be parsed", and a
-body declared compressed but sent plain was silently read as plain.
+`request_compression_algorithm` sends, as Triton accepts), decompressed as a route reads them
+(after its own checks: a body no route reads is never inflated); any other coding is a 415.
+Without this a gzip body was a 422 "cannot be parsed", and a body declared compressed but sent
+plain was silently read as plain.
 
 The compressed body is limited by `RequestContext` (outside this layer); what it decompresses to
 is limited here, by the same `max_body_bytes`, as it is inflated: a small "zip bomb" never gets
 past the limit in memory. Inside the API-key guard, so an unauthenticated client cannot make the
-server inflate anything.
+server inflate anything; the inflated copy counts against the server's budget of body bytes in
+flight (inflight.py) until the request ends.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.common import errors
-from service.api.common.inflight import BodiesOverBudget, BodyBudget
+from service.api.common.inflight import BodyBudget
 from service.api.common.middleware import smaller
 from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
 
@@ -44,46 +46,45 @@ class ContentEncoding:
         if name in ("", "identity"):
             await self.app(scope, receive, send)
             return
-        try:
-            if name not in CODINGS:
-                raise UnsupportedMediaTypeError(
-                    f"Content-Encoding {name!r} is not read here; send the body uncompressed, "
-                    "or compressed with gzip or deflate"
-                )
-            data = await _body(receive)
-            if data is None:  # the client went away mid-body: nobody to answer
-                return
-            body = self._inflate(data, name, scope) if data else data
-            if self.budget is not None:  # the inflated copy is held too, beside the wire bytes
-                self.budget.take(len(body))
-        except (
-            UnsupportedMediaTypeError,
-            InvalidInputError,
-            PayloadTooLargeError,
-            BodiesOverBudget,
-        ) as exc:
+        if name not in CODINGS:
+            exc = UnsupportedMediaTypeError(
+                f"Content-Encoding {name!r} is not read here; send the body uncompressed, "
+                "or compressed with gzip or deflate"
+            )
             response = await errors.respond(Request(scope), exc)
             await response(scope, receive, send)
             return
         # In place, not a copy: the routes write `route` and `path_params` into this scope, and
-        # RequestContext reads them from it for the access log and metrics.
+        # RequestContext reads them from it for the access log and metrics. The inflated
+        # length is not known before the route reads the body.
         dropped = (b"content-encoding", b"content-length")
-        kept = [(k, v) for k, v in headers if k.lower() not in dropped]
-        scope["headers"] = [*kept, (b"content-length", str(len(body)).encode())]
-        given = False
+        scope["headers"] = [(k, v) for k, v in headers if k.lower() not in dropped]
+        taken = 0  # inflated bytes held against the budget
+        read = False
 
-        async def replay() -> Message:
-            nonlocal given
-            if not given:
-                given = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # a disconnect, afterwards
+        async def inflated() -> Message:
+            # Read and inflated when the route reads its body, after its own checks (a CDS
+            # call's token, the model's name): a body no route reads is never inflated, and an
+            # unauthenticated client holds nothing against the budget (review K, D1). What
+            # goes wrong is raised to the route, which answers it in its family's shape.
+            nonlocal taken, read
+            if read:
+                return await receive()  # a disconnect, afterwards
+            read = True
+            data = await _body(receive)
+            if data is None:  # the client went away mid-body
+                return {"type": "http.disconnect"}
+            body = self._inflate(data, name, scope) if data else data
+            if self.budget is not None:  # the inflated copy is held too, beside the wire bytes
+                self.budget.take(len(body))
+                taken = len(body)
+            return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            await self.app(scope, replay, send)
+            await self.app(scope, inflated, send)
         finally:
-            if self.budget is not None:
-                self.budget.give(len(body))
+            if taken:
+                self.budget.give(taken)  # type: ignore[union-attr]  # taken only with a budget
 
     def _inflate(self, data: bytes, name: str, scope: Scope) -> bytes:
         # 32 + 15: a gzip or zlib header, detected; HTTP's "deflate" is zlib, some clients send

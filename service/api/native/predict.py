@@ -24,10 +24,11 @@ from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
 from service.clinical import fhir
 from service.encode import response_json
-from service.engine.clips import instances_batch
+from service.engine.audio import audio_batch
+from service.engine.clips import clips_of
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
-from service.engine.text import encode_texts
+from service.engine.text import encode_texts, texts_of
 from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
@@ -126,32 +127,26 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
     # By the body's bytes too: 9 texts of 100 kB were under the values bound and held the
     # event loop 4.5 s while they were tokenized.
     size = len(await request.body())  # read already: starlette keeps it
-    batcher.check_room(len(body.instances), params)  # a full queue: 429 before featurising
     notes = None
+    # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
+    # full queue refuses first (check_room), once what is cheap to check has been checked.
     if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
         text, tokenizer = spec.text, model.bundle.tokenizer
+        texts = texts_of(body.instances, limit)
+        batcher.check_room(len(texts), params)
         batch = await featurise(
-            request,
-            name,
-            "text",
-            lambda: encode_texts(body.instances, tokenizer, text, limit),
-            size,
-            values,
+            request, name, "text", lambda: encode_texts(texts, tokenizer, text, limit), size, values
         )
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
         most = st.settings.max_body_bytes
-        clips = await featurise(
-            request,
-            name,
-            "audio",
-            lambda: instances_batch(body.instances, spec, limit, most),
-            size,
-            values,
-        )
-        x = clips.x
-        notes = clips.notes()
+        clips = clips_of(body.instances, limit)
+        batcher.check_room(len(clips), params)
+        featurised = lambda: audio_batch(clips, spec, limit, body_bytes=most)  # noqa: E731
+        audio = await featurise(request, name, "audio", featurised, size, values)
+        x = audio.x
+        notes = audio.notes()
     else:
         x = await featurise(
             request, name, "numbers", lambda: to_array(body.instances, spec, limit), values=values

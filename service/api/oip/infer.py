@@ -24,11 +24,11 @@ from service.api.oip.bytes_input import decode_texts, elements
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferParameters, InferRequest
 from service.encode import sites_used, warnings_of
-from service.engine.audio import AudioBatch, audio_batch
+from service.engine.audio import audio_batch
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
-from service.engine.text import TextBatch, encode_texts
+from service.engine.text import encode_texts
 from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
@@ -127,30 +127,38 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     given = PredictParameters.model_construct(**{k: getattr(p, k) for k in _SHARED})
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode, auto=params.auto is not None)
-    first = req.inputs[0].shape[:1] if req.inputs else []
-    batcher.check_room(first[0] if first else 1, params)  # a full queue: 429 before featurising
     notes = None
+    # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
+    # full queue refuses first (check_room), once the input's form has been checked.
     if spec.text is not None:  # a text model: BYTES in, token ids to the engine
         text, tokenizer = spec.text, model.bundle.tokenizer
-
-        def tokenized() -> TextBatch:
-            texts = decode_texts(req.inputs, binary, spec, limit)
-            return encode_texts(texts, tokenizer, text, limit, f"input '{spec.name}', element")
-
-        batch = await featurise(request, name, "text", tokenized, nbytes=len(raw))
+        texts = await off_loop(lambda: decode_texts(req.inputs, binary, spec, limit), len(raw))
+        batcher.check_room(len(texts), params)
+        item = f"input '{spec.name}', element"
+        batch = await featurise(
+            request,
+            name,
+            "text",
+            lambda: encode_texts(texts, tokenizer, text, limit, item),
+            nbytes=len(raw),
+        )
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
-
-        def featurised() -> AudioBatch:
-            clips = elements(req.inputs, binary, spec, limit, "clips")
-            item, most = f"input '{spec.name}', element", st.settings.max_body_bytes
-            return audio_batch(clips, spec, limit, item, most)
-
+        clips = await off_loop(lambda: elements(req.inputs, binary, spec, limit, "clips"), len(raw))
+        batcher.check_room(len(clips), params)
+        item, most = f"input '{spec.name}', element", st.settings.max_body_bytes
         # By the clips' padded features too: 1,024 tiny WAV files are a 51 kB body, and each is
         # featurised at the model's full length (1.7 s on the event loop for a 10 s model).
-        padded = (first[0] if first else 1) * math.prod(spec.shape)
-        audio = await featurise(request, name, "audio", featurised, len(raw), padded)
+        padded = len(clips) * math.prod(spec.shape)
+        audio = await featurise(
+            request,
+            name,
+            "audio",
+            lambda: audio_batch(clips, spec, limit, item, most),
+            len(raw),
+            padded,
+        )
         x = audio.x
         notes = audio.notes()
     else:

@@ -7,6 +7,8 @@ A 1 s clip at 16 kHz (16-bit PCM), the front end of docs/BUNDLES.md's example (n
 320, hop 160, 40 mels, 101 frames). Per request of `--clips` clips, the median seconds of:
 - "wav": what /v1 does with `{"b64": ...}` instances: base64 decode, WAV read, log-mel, checks
   (service.engine.audio.instances_batch);
+- "wav, 44.1 kHz resampled": the same at 44.1 kHz, to a model whose bundle resamples (one
+  clip's file repeated: resampling to 16 kHz, service/engine/resample.py, then as "wav");
 - "numbers": what /v1 does with the same features as nested lists: the JSON parse (orjson)
   and service.engine.inputs.to_array;
 - "mc": one MC prediction (T = 20) of those clips by a small keyword spotter (1-D convolution, a
@@ -59,12 +61,12 @@ class Spotter(nn.Module):
         return self.fc(self.drop(torch.cat([state[-2], state[-1]], dim=1)))
 
 
-def _wav(samples: np.ndarray) -> bytes:
+def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
-        w.setframerate(16000)
+        w.setframerate(rate)
         w.writeframes(np.round(samples * 32767).astype("<i2").tobytes())
     return out.getvalue()
 
@@ -88,6 +90,10 @@ def main() -> None:
     spec = InputSpec(shape=[40, 101], audio=FRONT)
     instances = [{"b64": base64.b64encode(_wav(c)).decode()} for c in clips]
     wav_body = orjson.dumps({"instances": instances})
+    # The same clips recorded at 44.1 kHz, to a model whose bundle resamples (16 kHz).
+    at_44k = [{"b64": base64.b64encode(_wav(rng.normal(0, 0.1, 44100), 44100)).decode()}]
+    resampling = InputSpec(shape=[40, 101], audio=FRONT.model_copy(update={"resample": True}))
+    resampled_body = orjson.dumps({"instances": at_44k * args.clips})
     feats = [log_mel(c, FRONT).tolist() for c in clips]
     numbers_body = orjson.dumps({"instances": feats})
     plain = InputSpec(shape=[40, 101])
@@ -106,11 +112,15 @@ def main() -> None:
     def wav() -> object:
         return instances_batch(orjson.loads(wav_body)["instances"], spec, 4096)
 
+    def resampled() -> object:
+        return instances_batch(orjson.loads(resampled_body)["instances"], resampling, 4096)
+
     def numbers() -> object:
         return to_array(orjson.loads(numbers_body)["instances"], plain, 4096)
 
     rows = {
         "wav": _median_s(wav, args.repeats),
+        "wav, 44.1 kHz resampled": _median_s(resampled, args.repeats),
         "numbers": _median_s(numbers, args.repeats),
         "mc": _median_s(lambda: served.predict(batch, params), args.repeats),
     }
@@ -119,6 +129,7 @@ def main() -> None:
     print("| input | body (bytes) | s per request | ms per clip | / MC prediction (T = 20) |")
     print("|---|---:|---:|---:|---:|")
     sizes = {"wav": len(wav_body), "numbers": len(numbers_body), "mc": 0}
+    sizes["wav, 44.1 kHz resampled"] = len(resampled_body)
     for name, s in rows.items():
         size = f"{sizes[name]:,}" if sizes[name] else "–"
         print(f"| {name} | {size} | {s:.4f} | {1000 * s / args.clips:.2f} | {s / rows['mc']:.2f} |")

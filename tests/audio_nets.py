@@ -64,8 +64,11 @@ def training_set(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(np.stack(feats)), torch.tensor(labels)
 
 
-def save_audio_model(root: Path, name: str = "tones", version: str = "1") -> Path:
-    """Train ToneNet on log_mel features of synthetic tones (about a second) and bundle it."""
+def save_audio_model(
+    root: Path, name: str = "tones", version: str = "1", resample: bool = False
+) -> Path:
+    """Train ToneNet on log_mel features of synthetic tones (about a second) and bundle it;
+    `resample`: clips at another rate than 8 kHz are resampled, not refused."""
     torch.manual_seed(0)
     x, y = training_set(128, 0)
     net = ToneNet()
@@ -76,5 +79,6 @@ def save_audio_model(root: Path, name: str = "tones", version: str = "1") -> Pat
         opt.step()
     return save(
         net.eval(), x[:4], out_dir=root, name=name, version=version, task="classification",
-        intended_use="tests", labels=LABELS, audio=AUDIO, value_range=(-120.0, 60.0),
+        intended_use="tests", labels=LABELS, value_range=(-120.0, 60.0),
+        audio=AUDIO.model_copy(update={"resample": resample}),
     )  # fmt: skip

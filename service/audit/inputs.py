@@ -1,8 +1,8 @@
 """What a replay computes on: the record's inputs, or the ones supplied for an HMAC-only record
 (checked against its HMAC with the key that made it), and, for a text model, the per-text
 tokenization notes the answer carried (`tokens`, `truncated`); for an audio model, the per-clip
-`seconds` and `truncated`, computed again from supplied clips, else read from the recorded
-answer (a clip's length is not in its features).
+`seconds`, `sample_rate` and `truncated`, computed again from supplied clips, else read from the
+recorded answer (a clip's length is not in its features).
 
 The notes are part of the recorded answer but not of the engine's computation: a replay of
 supplied texts tokenizes them again; a replay of stored token ids counts the ids before each
@@ -113,7 +113,8 @@ def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None
     text = model.manifest.inputs.text
     if model.manifest.inputs.audio is not None:  # the clip's length is not in its features
         rows = _recorded_notes(summary, x.shape[0])
-        return [{k: row.get(k) for k in ("seconds", "truncated")} for row in rows]
+        keys = ("seconds", "sample_rate", "truncated")  # sample_rate: answers after 2026-12-07
+        return [{k: row.get(k) for k in keys if k in row} for row in rows]
     if text is None or x.ndim != 2:
         return None
     recorded = _recorded_notes(summary, x.shape[0])

@@ -84,7 +84,11 @@ class AudioInput(Strict):
     never has to reproduce the featurisation. Power spectrogram of a periodic Hann window,
     centred frames (reflect-padded), a triangular mel filter bank, then a floored log."""
 
-    sample_rate: int = Field(ge=1000, le=384_000)  # a clip at another rate is refused (422)
+    sample_rate: int = Field(ge=1000, le=384_000)  # a clip at another rate: see `resample`
+    # A clip at another rate: resampled to sample_rate (scipy's resample_poly, engine/
+    # resample.py), or refused (422). Off unless the bundle says so: its author knows whether
+    # the model tolerates what a resampler does to the signal.
+    resample: bool = False
     n_fft: int = Field(ge=8, le=16384)
     win_length: int | None = Field(default=None, ge=2)  # None: n_fft
     hop_length: int = Field(ge=1, le=65536)

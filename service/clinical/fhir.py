@@ -142,6 +142,10 @@ def _common(model: ServedModel, pred: Prediction, i: int, ctx: Context) -> tuple
                 "seconds: the rest was not heard."
             }
         )
+    rate = read.get("sample_rate")
+    if audio is not None and isinstance(rate, int) and rate != audio.sample_rate:
+        said = f"The clip was resampled from {rate} Hz to the model's {audio.sample_rate} Hz."
+        notes.append({"text": said})
     return head, {"note": notes} if notes else {}
 
 

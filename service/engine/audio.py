@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from service.bundle.spec import AudioInput, InputSpec
 from service.engine.inputs import check_count, checked
-from service.engine.wav import read_wav
+from service.engine.resample import MAX_FACTOR, factors, needed, resample
+from service.engine.wav import Clip, read_wav
 from service.errors import InvalidInputError, PayloadTooLargeError
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AudioBatch:
     """Features [B, n_mels, frames] float32 (not yet range-checked), and per clip its length in
     seconds and whether it was cut."""
@@ -39,12 +40,13 @@ class AudioBatch:
     x: np.ndarray
     seconds: list[float]
     truncated: list[bool]
+    rates: list[int]  # each clip's own sample rate (resampled where it is not the model's)
 
     def notes(self) -> list[dict[str, Any]]:
         """Per clip, what a prediction reports of its reading."""
         return [
-            {"seconds": s, "truncated": cut}
-            for s, cut in zip(self.seconds, self.truncated, strict=True)
+            {"seconds": s, "sample_rate": r, "truncated": cut}
+            for s, r, cut in zip(self.seconds, self.rates, self.truncated, strict=True)
         ]
 
 
@@ -190,29 +192,53 @@ def _too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
 def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "instance") -> AudioBatch:
     """Features of WAV files (bytes, or base64 text). Each refusal names the clip as `item` and
     its index."""
-    xs, seconds, cuts = [], [], []
+    xs, seconds, cuts, rates = [], [], [], []
     for i, clip in enumerate(clips):
         where = f"{item} {i}"
         data = from_base64(clip, a, where) if isinstance(clip, str) else clip
         if len(data) > a.max_audio_bytes:
             raise _too_large(where, len(data), a)
-        wav = read_wav(data, where, a.sample_rate, max_frames=a.samples + 1)  # +1: cut or not
-        if wav.sample_rate != a.sample_rate:
-            raise InvalidInputError(
-                f"{where}: the clip is sampled at {wav.sample_rate} Hz; this model reads "
-                f"{a.sample_rate} Hz: resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 "
-                "OUT.wav); the server does not resample"
-            )
-        n = wav.frames
+        # Only what the model's clip reads is decoded (+1 output: cut or not).
+        wav = read_wav(data, where, a.sample_rate, max_frames=lambda r: _needed(r, a))
+        samples, n = _at_model_rate(wav, a, where)
         if n > a.samples and a.truncation == "error":
             raise InvalidInputError(
-                f"{where}: the clip is {n / a.sample_rate:g} s, over this model's "
+                f"{where}: the clip is {wav.frames / wav.sample_rate:g} s, over this model's "
                 f"{a.seconds:g} s (truncation policy 'error'): cut it"
             )
-        xs.append(log_mel(wav.samples, a))
-        seconds.append(n / a.sample_rate)
+        xs.append(log_mel(samples, a))
+        seconds.append(wav.frames / wav.sample_rate)
         cuts.append(n > a.samples)
-    return AudioBatch(np.stack(xs), seconds, cuts)
+        rates.append(wav.sample_rate)
+    return AudioBatch(np.stack(xs), seconds, cuts, rates)
+
+
+def _needed(rate: int, a: AudioInput) -> int:
+    """Frames of a file at `rate` that the model's clip (and one sample more) is made from."""
+    f = factors(rate, a.sample_rate) if rate != a.sample_rate and a.resample else None
+    return needed(a.samples + 1, *f) if f is not None else a.samples + 1
+
+
+def _at_model_rate(wav: Clip, a: AudioInput, where: str) -> tuple[np.ndarray, int]:
+    """The clip's samples at the model's rate (resampled if it allows, else refused), and the
+    whole file's length in samples at that rate."""
+    if wav.sample_rate == a.sample_rate:
+        return wav.samples, wav.frames
+    f = factors(wav.sample_rate, a.sample_rate) if a.resample else None
+    if f is None:
+        why = (
+            f"the server resamples only between rates whose ratio reduces to terms of at most "
+            f"{MAX_FACTOR} ({a.sample_rate}:{wav.sample_rate} does not)"
+            if a.resample
+            else "this model does not resample"
+        )
+        raise InvalidInputError(
+            f"{where}: the clip is sampled at {wav.sample_rate} Hz; this model reads "
+            f"{a.sample_rate} Hz: resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 "
+            f"OUT.wav); {why}"
+        )
+    up, down = f
+    return resample(wav.samples, up, down, a.samples + 1), -(-wav.frames * up // down)
 
 
 def clip_limit(a: AudioInput, body_bytes: int) -> int:
@@ -260,4 +286,4 @@ def audio_batch(
                     "not what the model was trained on?"
                 )
     x = checked(batch.x.reshape(len(clips), *spec.shape), spec)
-    return AudioBatch(x, batch.seconds, batch.truncated)
+    return dataclasses.replace(batch, x=x)

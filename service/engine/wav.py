@@ -14,6 +14,7 @@ libsndfile (tests/engine/test_wav.py).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +61,15 @@ UNKNOWN_LENGTH = 0xFFFFFFFF  # a data length a streaming writer (ffmpeg to a pip
 
 
 def read_wav(
-    data: bytes, item: str = "the clip", rate_hint: int = 16000, max_frames: int | None = None
+    data: bytes,
+    item: str = "the clip",
+    rate_hint: int = 16000,
+    max_frames: int | Callable[[int], int] | None = None,
 ) -> Clip:
     """Decode a WAV file's bytes. `item` names it in messages ("instance 3"); `rate_hint` is the
     sample rate the conversion command in a refusal suggests (the model's); `max_frames`: decode
-    at most this many frames (a model reads a fixed length: the rest is counted, not decoded)."""
+    at most this many frames, or a function of the file's sample rate giving it (a model reads
+    a fixed length: the rest is counted, not decoded)."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         kind = next((k for m, k in _OTHER.items() if data.startswith(m)), None)
         if kind is None:
@@ -120,7 +125,8 @@ def read_wav(
     if not pcm:
         raise InvalidInputError(f"{item}: the WAV file holds no samples")
     frames = len(pcm) // block
-    read = frames if max_frames is None else min(frames, max_frames)
+    most = max_frames(rate) if callable(max_frames) else max_frames
+    read = frames if most is None else min(frames, most)
     values = _samples(pcm[: read * block], tag, width).reshape(-1, channels)
     if tag == FLOAT:
         if not np.isfinite(values).all():

@@ -31,6 +31,7 @@ SECONDS = AUDIO.seconds  # 0.496 s: a 0.5 s clip is cut by 32 samples
 def audio_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("audiorepo")
     save_audio_model(root)
+    save_audio_model(root, name="tones-any", resample=True)  # other rates resampled to 8 kHz
     return root
 
 
@@ -160,7 +161,9 @@ async def test_v2_json_takes_base64_clips(client: httpx.AsyncClient, mode: str) 
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     assert outputs["seconds"]["data"] == [0.3, 0.4, 2.0]
     assert outputs["truncated"]["data"] == [False, False, True]
+    assert outputs["sample_rate"]["data"] == [8000, 8000, 8000]
     assert outputs["seconds"]["datatype"] == "FP64"
+    assert outputs["sample_rate"]["datatype"] == "INT64"
     v1 = (await client.post(URL, json=_body([b64(c) for c in CLIPS], mode=mode))).json()
     labels = [["low", "high"].index(p["label"]) for p in v1["predictions"]]
     assert outputs["label"]["data"] == labels
@@ -268,3 +271,38 @@ async def test_the_page_and_the_openapi_document_say_what_an_audio_model_takes(
     async with running(settings) as app, asgi_client(app) as c:
         small = (await c.get("/models/tones")).text
     assert f'data-max-bytes="{((1 << 20) - 256) * 3 // 4}"' in small
+
+
+async def test_a_model_that_resamples_takes_other_rates_and_says_so(
+    client: httpx.AsyncClient,
+) -> None:
+    """`inputs.audio.resample`: a 16 kHz or 44.1 kHz tone to an 8 kHz model is what the 8 kHz
+    tone is (the resampler keeps what is under 4 kHz), and every answer names the file's rate."""
+    at_8k = [wav(tone(f, 0.3)) for f in (400.0, 2500.0)]
+    other = [wav(tone(400.0, 0.3, 16000), rate=16000), wav(tone(2500.0, 0.3, 44100), rate=44100)]
+    url = "/v1/models/tones-any:predict"
+    r = await client.post(url, json=_body([b64(c) for c in at_8k + other]))
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == ["low", "high", "low", "high"]
+    assert [p["sample_rate"] for p in preds] == [8000, 8000, 16000, 44100]
+    assert [p["seconds"] for p in preds] == [0.3] * 4
+    for same, resampled in ((preds[0], preds[2]), (preds[1], preds[3])):
+        for label, prob in same["probabilities"].items():
+            assert abs(resampled["probabilities"][label] - prob) < 0.05
+    data = [b64(c)["b64"] for c in other]
+    body = {"inputs": [_tensor(data)], "parameters": {"seed": 5, "samples": 16}}
+    v2 = await client.post("/v2/models/tones-any/infer", json=body)
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert outputs["sample_rate"]["data"] == [16000, 44100]
+    fhir = await client.post(
+        f"{url}?subject=Patient/p1",
+        json=_body([b64(other[1])]),
+        headers={"accept": "application/fhir+json"},
+    )
+    notes = [n["text"] for n in fhir.json()["note"]]
+    assert "The clip was resampled from 44100 Hz to the model's 8000 Hz." in notes
+    # The model that does not resample refuses the same file, saying how to convert it.
+    r = await client.post(URL, json=_body([b64(other[1])]))
+    assert r.status_code == 422
+    assert r.json()["error"].endswith("-ac 1 OUT.wav); this model does not resample")

@@ -112,6 +112,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     hostile_bundle(tmp / "models")
     text_bundle(tmp / "models")
     save_audio_model(tmp / "models")
+    save_audio_model(tmp / "models", name="tones-any", resample=True)
     crafted_bundles(tmp / "models")
     torch.manual_seed(0)
     save(
@@ -700,3 +701,11 @@ def test_an_audio_model_page_takes_a_wav_file(srv: Server, page: Any, tmp_path: 
         .inner_text()
         .startswith("instance 0: the clip is sampled at 16000 Hz; this model reads 8000 Hz")
     )
+    # A model whose bundle resamples takes the same file, and its page says it was resampled.
+    page.goto(f"{srv.url}/models/tones-any")
+    assert "another rate is resampled" in page.locator("#audio-h").inner_text()
+    page.fill("#seed", str(SEED))
+    page.set_input_files("#audio", {"name": "b.wav", "mimeType": "audio/wav", "buffer": other})
+    predict(page)
+    shown = page.locator("#result [data-out=seconds]").inner_text()
+    assert shown == "0.3 s of audio, resampled from 16000 Hz"

@@ -87,8 +87,8 @@ def test_each_clip_reports_its_length_and_whether_it_was_cut() -> None:
     batch = encode_audio([short, _b64(long)], A)  # bytes (/v2's binary) or base64 text
     assert batch.x.shape == (2, 40, 101)
     assert batch.notes() == [
-        {"seconds": 0.25, "truncated": False},
-        {"seconds": 2.0, "truncated": True},
+        {"seconds": 0.25, "sample_rate": 16000, "truncated": False},
+        {"seconds": 2.0, "sample_rate": 16000, "truncated": True},
     ]
 
 

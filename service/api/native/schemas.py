@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.common.parameters import PASSES_USED, PredictParameters
 
 TRUNCATED = "text models: cut to max_tokens; audio models: cut to the model's clip length"
+SAMPLE_RATE = "audio models: the file's own sample rate in Hz (resampled if not the model's)"
 
 
 class PredictRequest(BaseModel):
@@ -67,6 +68,7 @@ class RegressionPrediction(BaseModel):
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
     seconds: float | None = Field(default=None, description="audio models: the clip's length")
+    sample_rate: int | None = Field(default=None, description=SAMPLE_RATE)
     truncated: bool | None = Field(default=None, description=TRUNCATED)
     passes_used: int | None = Field(default=None, description=PASSES_USED)
 
@@ -103,6 +105,7 @@ class ClassificationPrediction(BaseModel):
     referral: ReferralOut | None = None
     tokens: int | None = Field(default=None, description="text models: tokens before any cut")
     seconds: float | None = Field(default=None, description="audio models: the clip's length")
+    sample_rate: int | None = Field(default=None, description=SAMPLE_RATE)
     truncated: bool | None = Field(default=None, description=TRUNCATED)
     passes_used: int | None = Field(default=None, description=PASSES_USED)
 

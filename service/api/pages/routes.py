@@ -91,7 +91,8 @@ def form_of(model: ServedModel, body_bytes: int = 8 << 20) -> dict[str, Any]:
         # The page sends the file in base64, a third larger, in a body of at most body_bytes.
         most = min(a.max_audio_bytes, (body_bytes - 256) * 3 // 4)
         return {"kind": "audio", "sample_rate": a.sample_rate, "seconds": f"{a.seconds:g}",
-                "truncation": a.truncation, "max_bytes": most}  # fmt: skip
+                "truncation": a.truncation, "max_bytes": most,
+                "resample": a.resample}  # fmt: skip
     n = spec.features
     shape = list(spec.shape)
     # A drawing: one channel of at least 2 x 2 cells ([1, H, W], as the digits' [1, 8, 8] with

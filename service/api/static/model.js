@@ -472,7 +472,10 @@
       out.append(el("p", p.tokens + " tokens" + (p.truncated ? ", cut to the model's maximum" : ""), { class: "meta", "data-out": "tokens" }));
     }
     if (p.seconds !== undefined && p.seconds !== null) {
-      out.append(el("p", String(Number(p.seconds.toPrecision(6))) + " s of audio" + (p.truncated ? ", cut to the model's length" : ""), { class: "meta", "data-out": "seconds" }));
+      const input = document.getElementById("audio");
+      const rate = input ? Number(input.dataset.rate) : p.sample_rate;
+      const resampled = p.sample_rate && p.sample_rate !== rate ? ", resampled from " + p.sample_rate + " Hz" : "";
+      out.append(el("p", String(Number(p.seconds.toPrecision(6))) + " s of audio" + resampled + (p.truncated ? ", cut to the model's length" : ""), { class: "meta", "data-out": "seconds" }));
     }
     for (const w of answer.warnings || []) out.append(el("p", w, { class: "warning" }));
     out.append(el("p", "Model " + answer.model.name + " version " + answer.model.version + ", " + answer.mode + ", " + answer.samples + " passes, seed " + answer.seed + ".", { class: "meta", "data-out": "meta" }));

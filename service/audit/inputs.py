@@ -113,7 +113,7 @@ def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None
     text = model.manifest.inputs.text
     if model.manifest.inputs.audio is not None:  # the clip's length is not in its features
         rows = _recorded_notes(summary, x.shape[0])
-        keys = ("seconds", "sample_rate", "truncated")  # sample_rate: answers after 2026-12-07
+        keys = ("seconds", "truncated", "sample_rate")  # sample_rate: answers after 2026-12-07
         return [{k: row.get(k) for k in keys if k in row} for row in rows]
     if text is None or x.ndim != 2:
         return None
@@ -127,6 +127,18 @@ def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None
         else:
             notes.append({"tokens": n, "truncated": False})
     return notes
+
+
+def as_recorded(model: ServedModel, notes: Notes | None, summary: str) -> Notes | None:
+    """An audio model's notes of supplied clips with only the keys its recorded answer holds:
+    an answer from before 2026-12-07 has no `sample_rate`, which the replay of its clips
+    called a difference (review L)."""
+    if notes is None or model.manifest.inputs.audio is None:
+        return notes
+    rows = _recorded_notes(summary, len(notes))
+    return [
+        {k: v for k, v in n.items() if k in r or not r} for n, r in zip(notes, rows, strict=True)
+    ]
 
 
 def _recorded_notes(summary: str, n: int) -> list[dict[str, Any]]:

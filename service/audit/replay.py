@@ -33,6 +33,7 @@ from service.audit.compare import MAX_DIFFERENCES, Size, derived, differences, s
 from service.audit.inputs import (
     ReplayError,
     Supplied,
+    as_recorded,
     check_inputs,
     input_notes,
     read_inputs,
@@ -164,7 +165,7 @@ def _replay(
     pred = _predict(model, x, p, record.summary)
     pred.warnings.extend(p.get("adapter_warnings") or ())  # e.g. parameters /v1 ignored
     # A text model's answer carries per-text notes (tokens, truncated) beside the numbers.
-    notes = supplied.notes if supplied is not None else None
+    notes = as_recorded(model, supplied.notes, record.summary) if supplied is not None else None
     pred.input_notes = notes if notes is not None else input_notes(model, x, record.summary)
     recomputed = summary_json(model, pred)
     columns = derived(record)  # the columns as the stored answer gives them

@@ -3,7 +3,7 @@ the target.
 
 The path column is `audio`, else the one column besides the target; a relative path is read
 from the CSV's own folder (a data set moved whole keeps working). Each file is read and turned
-into features exactly as a request's clip is (`service.engine.audio.audio_batch`: the same
+into features exactly as a request's clip is (`service.engine.clips.audio_batch`: the same
 decoding, padding, cutting and checks), so a model is calibrated on what it will be served.
 """
 
@@ -22,8 +22,7 @@ from service.calibration.labelled import (
     target_notes,
     value_column,
 )
-from service.engine.audio import audio_batch
-from service.engine.clips import read_clip_file
+from service.engine.clips import audio_batch, read_clip_file
 from service.errors import InvalidInputError, McServeError
 
 

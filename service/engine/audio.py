@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle.spec import AudioInput, InputSpec
-from service.engine.inputs import check_count, checked
-from service.engine.resample import MAX_FACTOR, factors, needed, resample
+from service.bundle.spec import AudioInput
+from service.engine.resample import MAX_FACTOR, RATES, factors, needed, resample
 from service.engine.wav import Clip, read_wav
 from service.errors import InvalidInputError, PayloadTooLargeError
 
@@ -45,7 +44,7 @@ class AudioBatch:
     def notes(self) -> list[dict[str, Any]]:
         """Per clip, what a prediction reports of its reading."""
         return [
-            {"seconds": s, "sample_rate": r, "truncated": cut}
+            {"seconds": s, "truncated": cut, "sample_rate": r}
             for s, r, cut in zip(self.seconds, self.rates, self.truncated, strict=True)
         ]
 
@@ -175,14 +174,14 @@ def from_base64(text: str, a: AudioInput, where: str) -> bytes:
         raise bad  # what the decoder refuses too; its size below would count the spaces
     size = len(text.rstrip("=")) * 3 // 4  # what it decodes to, if it is base64
     if size > a.max_audio_bytes:
-        raise _too_large(where, size, a)
+        raise too_large(where, size, a)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise bad from None
 
 
-def _too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
+def too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"{where}: the audio is {size} bytes, over this model's limit of {a.max_audio_bytes} "
         f"(a {a.seconds:g} s clip at {a.sample_rate} Hz needs far less): cut it or split it"
@@ -197,15 +196,10 @@ def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "insta
         where = f"{item} {i}"
         data = from_base64(clip, a, where) if isinstance(clip, str) else clip
         if len(data) > a.max_audio_bytes:
-            raise _too_large(where, len(data), a)
+            raise too_large(where, len(data), a)
         # Only what the model's clip reads is decoded (+1 output: cut or not).
         wav = read_wav(data, where, a.sample_rate, max_frames=lambda r: _needed(r, a))
         samples, n = _at_model_rate(wav, a, where)
-        if n > a.samples and a.truncation == "error":
-            raise InvalidInputError(
-                f"{where}: the clip is {wav.frames / wav.sample_rate:g} s, over this model's "
-                f"{a.seconds:g} s (truncation policy 'error'): cut it"
-            )
         xs.append(log_mel(samples, a))
         seconds.append(wav.frames / wav.sample_rate)
         cuts.append(n > a.samples)
@@ -221,69 +215,28 @@ def _needed(rate: int, a: AudioInput) -> int:
 
 def _at_model_rate(wav: Clip, a: AudioInput, where: str) -> tuple[np.ndarray, int]:
     """The clip's samples at the model's rate (resampled if it allows, else refused), and the
-    whole file's length in samples at that rate."""
-    if wav.sample_rate == a.sample_rate:
-        return wav.samples, wav.frames
-    f = factors(wav.sample_rate, a.sample_rate) if a.resample else None
-    if f is None:
-        why = (
-            f"the server resamples only between rates whose ratio reduces to terms of at most "
-            f"{MAX_FACTOR} ({a.sample_rate}:{wav.sample_rate} does not)"
-            if a.resample
-            else "this model does not resample"
-        )
+    whole file's length in samples at that rate; a clip too long for truncation "error" is
+    refused before it is filtered."""
+    rate = wav.sample_rate
+    f = factors(rate, a.sample_rate) if a.resample and rate != a.sample_rate else None
+    if rate != a.sample_rate and f is None:
+        if not a.resample:
+            why = "this model does not resample"
+        elif not RATES[0] <= rate <= RATES[1]:
+            why = f"the server resamples files of {RATES[0]} to {RATES[1]} Hz"
+        else:
+            why = (
+                f"the server resamples only between rates whose ratio reduces to terms of at "
+                f"most {MAX_FACTOR} ({a.sample_rate}:{rate} does not)"
+            )
         raise InvalidInputError(
-            f"{where}: the clip is sampled at {wav.sample_rate} Hz; this model reads "
-            f"{a.sample_rate} Hz: resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 "
-            f"OUT.wav); {why}"
+            f"{where}: the clip is sampled at {rate} Hz; this model reads {a.sample_rate} Hz: "
+            f"resample it (e.g. ffmpeg -i IN -ar {a.sample_rate} -ac 1 OUT.wav); {why}"
         )
-    up, down = f
-    return resample(wav.samples, up, down, a.samples + 1), -(-wav.frames * up // down)
-
-
-def clip_limit(a: AudioInput, body_bytes: int) -> int:
-    """The clips a request may hold: what a body of `body_bytes` holds of clips of the model's
-    length in their smallest form (8-bit mono WAV, raw in /v2's binary extension: 4 + 44 +
-    samples bytes), so no request of full clips that fits the body is refused. Every clip is
-    padded to that length, so a request of 1,024 one-sample files cost as much as 1,024 full
-    clips (16 s and 3 GB for a 10 s model, and a 164 MB audit record, from a 79 kB body:
-    review G)."""
-    return max(1, body_bytes // (48 + a.samples))
-
-
-def audio_batch(
-    clips: Sequence[bytes | str],
-    spec: InputSpec,
-    max_instances: int,
-    item: str = "instance",
-    body_bytes: int | None = None,
-) -> AudioBatch:
-    """An audio model's input array [B, *shape] from its clips, counted, encoded and checked
-    (finite, the manifest's value_range) as any input array is. `body_bytes`: a request's body
-    limit, which bounds its clips (clip_limit); None (a CSV, a replay): no such bound."""
-    a = spec.audio
-    assert a is not None
-    if not clips:
-        raise InvalidInputError("'instances' must be a non-empty list of clips")
-    check_count(len(clips), max_instances)
-    most = clip_limit(a, body_bytes) if body_bytes is not None else len(clips)
-    if len(clips) > most:
-        raise PayloadTooLargeError(
-            f"{len(clips)} clips in one request; this model takes at most {most}, what the body "
-            f"limit ({body_bytes} bytes, setting max_body_bytes) holds of its {a.seconds:g} s "
-            "clips in their smallest form (8-bit mono WAV; a shorter clip is padded to that "
-            "length, and costs as much): split the request"
+    n = wav.frames if f is None else -(-wav.frames * f[0] // f[1])
+    if n > a.samples and a.truncation == "error":
+        raise InvalidInputError(
+            f"{where}: the clip is {wav.frames / rate:g} s, over this model's {a.seconds:g} s "
+            "(truncation policy 'error'): cut it"
         )
-    batch = encode_audio(clips, a, item)
-    if spec.value_range is not None:  # said of the clip: its features are not what was sent
-        lo, hi = spec.value_range
-        for i, f in enumerate(batch.x):
-            low, high = float(f.min()), float(f.max())
-            if low < lo or high > hi:
-                raise InvalidInputError(
-                    f"{item} {i}: the clip's features run from {low:.4g} to {high:.4g}, outside "
-                    f"this model's range [{lo:g}, {hi:g}]: is the clip clipped, mis-scaled or "
-                    "not what the model was trained on?"
-                )
-    x = checked(batch.x.reshape(len(clips), *spec.shape), spec)
-    return dataclasses.replace(batch, x=x)
+    return (wav.samples if f is None else resample(wav.samples, *f, a.samples + 1)), n

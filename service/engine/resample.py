@@ -19,13 +19,18 @@ import numpy as np
 
 BETA = 5.0  # resample_poly's default window ("kaiser", 5.0)
 HALF = 10  # its filter's half-length, in steps of max(up, down)
+RATES = (1000, 384_000)  # what a model may declare (spec.AudioInput), and a file be resampled from
 MAX_FACTOR = 4096  # reduced up or down above this: a table of over 80,000 taps; refused
 CHUNK_VALUES = 1 << 20  # gathered [outputs, taps] values at a time (8 MiB)
 
 
 def factors(rate_in: int, rate_out: int) -> tuple[int, int] | None:
     """(up, down) reduced by their greatest common divisor; None when either is over
-    MAX_FACTOR (two rates without a usable common divisor, e.g. 44,101 and 16,000 Hz)."""
+    MAX_FACTOR (two rates without a usable common divisor, e.g. 44,101 and 16,000 Hz) or a
+    rate is outside RATES (a file's header may say 4 Hz or 65 MHz: at 4,096 to 1, the whole
+    file was decoded and filtered, 20 times its size in memory)."""
+    if not (RATES[0] <= rate_in <= RATES[1] and RATES[0] <= rate_out <= RATES[1]):
+        return None
     g = math.gcd(rate_in, rate_out)
     up, down = rate_out // g, rate_in // g
     return (up, down) if max(up, down) <= MAX_FACTOR else None
@@ -64,16 +69,16 @@ def resample(x: np.ndarray, up: int, down: int, n_out: int | None = None) -> np.
     n = full if n_out is None else min(n_out, full)
     table, skip = _plan(up, down)
     k = table.shape[1]
-    # x with k zeros before it and after it: every gathered index is in range.
-    padded = np.concatenate([np.zeros(k), np.asarray(x, dtype=np.float64), np.zeros(k)])
+    x = np.asarray(x, dtype=np.float64)
     back = np.arange(k)
     out = np.empty(n)
     step = max(1, CHUNK_VALUES // k)
     for lo in range(0, n, step):
         t = (np.arange(lo, min(lo + step, n)) + skip) * down  # in the upsampled signal
-        # The newest input each output reads; a tap before the clip's start or past its end
-        # reads one of the zeros around it (upfirdn's): for n <= ceil(len(x) * up / down) the
-        # newest is under len(x) + k, as half the filter (10 steps) spans at most k inputs.
-        rows = padded[(t // up + k)[:, None] - back[None, :]]
+        at = (t // up)[:, None] - back[None, :]  # the inputs each output reads, newest first
+        # A tap before the clip's start or past its end reads zero (upfirdn's); read in place,
+        # not from a padded copy of the clip (a long file's copy doubled its memory).
+        rows = np.take(x, at, mode="clip")
+        rows[(at < 0) | (at >= len(x))] = 0.0
         out[lo : lo + len(t)] = (rows * table[t % up]).sum(axis=1)
     return out

@@ -50,9 +50,12 @@ def _text_of(i: int, inst: Any) -> str:
     return inst
 
 
-def texts_of(instances: Any, max_instances: int) -> list[str]:
-    """The texts of /v1's instances (strings or {"text": ...}), counted: what is checked before
-    any text is tokenized."""
+def checked_texts(
+    instances: Any, spec: TextInput, max_instances: int, item: str = "instance"
+) -> list[str]:
+    """The texts of the instances (strings or {"text": ...}), counted, each checked for what
+    needs no tokenizer (its size, NUL, blank, a lone surrogate): the adapters call this before
+    the queue's room is checked, so a malformed text is a 4xx, not a 429 to retry."""
     if not isinstance(instances, list) or not instances:
         raise InvalidInputError("'instances' must be a non-empty list of texts")
     if len(instances) > max_instances:
@@ -60,25 +63,9 @@ def texts_of(instances: Any, max_instances: int) -> list[str]:
             f"{len(instances)} instances in one request; the limit is {max_instances} "
             "(setting max_instances): split the request"
         )
-    return [_text_of(i, inst) for i, inst in enumerate(instances)]
-
-
-def encode_texts(
-    instances: Sequence[Any],
-    tokenizer: Any,
-    spec: TextInput,
-    max_instances: int,
-    item: str = "instance",
-    *,
-    plain_cut: bool = False,
-) -> TextBatch:
-    """Token ids of the texts; each refusal names the text as `item` and its index (/v2 says
-    "input 'input', element", where /v1's "instance" named nothing the caller sent)."""
-    texts = texts_of(instances, max_instances)
-    sizes = []
+    texts = [_text_of(i, inst) for i, inst in enumerate(instances)]
     for i, t in enumerate(texts):
         size = len(t.encode("utf-8", "surrogatepass"))
-        sizes.append(size)
         if size > spec.max_text_bytes:
             raise PayloadTooLargeError(
                 f"{item} {i}: the text is {size} bytes, over this model's limit of "
@@ -94,6 +81,22 @@ def encode_texts(
             raise InvalidInputError(
                 f"{item} {i}: the text is not valid Unicode (a lone surrogate)"
             ) from None
+    return texts
+
+
+def encode_texts(
+    instances: Sequence[Any],
+    tokenizer: Any,
+    spec: TextInput,
+    max_instances: int,
+    item: str = "instance",
+    *,
+    plain_cut: bool = False,
+) -> TextBatch:
+    """Token ids of the texts; each refusal names the text as `item` and its index (/v2 says
+    "input 'input', element", where /v1's "instance" named nothing the caller sent)."""
+    texts = checked_texts(instances, spec, max_instances, item)
+    sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
     limit = spec.max_tokens
     ids = np.full((len(texts), limit), spec.pad_id, dtype=np.int64)
     counts, cuts = [], []

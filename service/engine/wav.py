@@ -60,6 +60,17 @@ MAX_FLOAT_SAMPLE = 1000.0
 UNKNOWN_LENGTH = 0xFFFFFFFF  # a data length a streaming writer (ffmpeg to a pipe) leaves unset
 
 
+def check_header(data: bytes, item: str = "the clip", rate_hint: int = 16000) -> None:
+    """Refuse (InvalidInputError) what has no RIFF/WAVE header, saying what it is instead."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        kind = next((k for m, k in _OTHER.items() if data.startswith(m)), None)
+        if kind is None:
+            what = "is empty" if not data else "is not a WAV file (no RIFF/WAVE header)"
+        else:
+            what = f"is {kind}, not a WAV file"
+        raise _refuse(item, f"the audio {what}", rate_hint)
+
+
 def read_wav(
     data: bytes,
     item: str = "the clip",
@@ -70,13 +81,7 @@ def read_wav(
     sample rate the conversion command in a refusal suggests (the model's); `max_frames`: decode
     at most this many frames, or a function of the file's sample rate giving it (a model reads
     a fixed length: the rest is counted, not decoded)."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        kind = next((k for m, k in _OTHER.items() if data.startswith(m)), None)
-        if kind is None:
-            what = "is empty" if not data else "is not a WAV file (no RIFF/WAVE header)"
-        else:
-            what = f"is {kind}, not a WAV file"
-        raise _refuse(item, f"the audio {what}", rate_hint)
+    check_header(data, item, rate_hint)
     fmt: bytes | None = None
     pcm: memoryview | None = None
     streamed = False  # the data's length read from the RIFF's (or the file's) end

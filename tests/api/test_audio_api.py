@@ -164,6 +164,9 @@ async def test_v2_json_takes_base64_clips(client: httpx.AsyncClient, mode: str) 
     assert outputs["sample_rate"]["data"] == [8000, 8000, 8000]
     assert outputs["seconds"]["datatype"] == "FP64"
     assert outputs["sample_rate"]["datatype"] == "INT64"
+    # Outputs in the order they came: sample_rate (2026-12-07) after truncated, since a client
+    # may read them by position.
+    assert [o["name"] for o in r.json()["outputs"]][-3:] == ["seconds", "truncated", "sample_rate"]
     v1 = (await client.post(URL, json=_body([b64(c) for c in CLIPS], mode=mode))).json()
     labels = [["low", "high"].index(p["label"]) for p in v1["predictions"]]
     assert outputs["label"]["data"] == labels
@@ -217,7 +220,7 @@ async def test_tiny_clips_are_counted_as_the_full_clips_they_are_padded_to(
     featurised: 16 s and 3 GB for a 10 s model, and a 164 MB audit record (review G). A request
     holds at most the clips its body limit holds at the model's length in their smallest form,
     refused before any is read; full clips that fit the body are never refused (review I)."""
-    from service.engine import audio
+    from service.engine import clips as audio
 
     featurised: list[int] = []
     original = audio.encode_audio

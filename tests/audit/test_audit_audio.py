@@ -69,3 +69,26 @@ async def test_an_audio_record_replays_from_its_clips_in_hmac_mode(
     clips.write_bytes(orjson.dumps({"instances": [CLIPS[1], CLIPS[0]]}))
     with pytest.raises(ReplayError, match="do not match the record's HMAC"):
         replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
+
+
+async def test_a_record_from_before_sample_rate_replays_from_its_clips(
+    backend: Backend, audio_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers before 2026-12-07 gave no `sample_rate`: replayed from its clips, such a record
+    was called different (review L). Recorded here by the server as it answered then."""
+    from service.engine.audio import AudioBatch
+
+    def as_before(self: AudioBatch) -> list[dict[str, object]]:
+        pairs = zip(self.seconds, self.truncated, strict=True)
+        return [{"seconds": s, "truncated": c} for s, c in pairs]
+
+    with monkeypatch.context() as m:
+        m.setattr(AudioBatch, "notes", as_before)
+        answer = await record(backend, audio_repo, audit_inputs="hmac", audit_hmac_key=KEY)
+    assert b"sample_rate" not in answer
+    with backend.open() as store:
+        [rec] = store.find("a")
+    clips = tmp_path / "clips.json"
+    clips.write_bytes(orjson.dumps({"instances": CLIPS}))
+    result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
+    assert result.identical, result.differences

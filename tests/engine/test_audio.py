@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from service.bundle.spec import AudioInput, InputSpec
 from service.engine.audio import (
-    audio_batch,
     clip_features,
     empty_filters,
     encode_audio,
@@ -24,6 +23,7 @@ from service.engine.audio import (
     fit,
     log_mel,
 )
+from service.engine.clips import audio_batch
 from service.errors import InvalidInputError, PayloadTooLargeError
 
 A = AudioInput(sample_rate=16000, n_fft=400, win_length=320, hop_length=160, n_mels=40, frames=101)
@@ -87,8 +87,8 @@ def test_each_clip_reports_its_length_and_whether_it_was_cut() -> None:
     batch = encode_audio([short, _b64(long)], A)  # bytes (/v2's binary) or base64 text
     assert batch.x.shape == (2, 40, 101)
     assert batch.notes() == [
-        {"seconds": 0.25, "sample_rate": 16000, "truncated": False},
-        {"seconds": 2.0, "sample_rate": 16000, "truncated": True},
+        {"seconds": 0.25, "truncated": False, "sample_rate": 16000},
+        {"seconds": 2.0, "truncated": True, "sample_rate": 16000},
     ]
 
 

@@ -5,6 +5,8 @@ or the rates have no usable common ratio."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import scipy.signal
@@ -54,7 +56,12 @@ def test_factors_reduce_the_ratio_and_refuse_what_has_no_small_one() -> None:
     assert factors(48000, 16000) == (1, 3)
     assert factors(16000, 16000) == (1, 1)
     assert factors(44101, 16000) is None  # 16000 / 44101: no common divisor
-    assert factors(MAX_FACTOR, 1) == (1, MAX_FACTOR)
+    assert factors(MAX_FACTOR, 1001) == (1001, MAX_FACTOR)  # coprime, at the bound
+    assert factors(MAX_FACTOR + 1, 1001) is None
+    # A header may say any rate: outside what a model may declare, none (review L: 65.536 MHz
+    # to 16 kHz decoded and filtered the whole file, 20 times its size in memory).
+    assert factors(999, 16000) is None and factors(384_001, 16000) is None
+    assert factors(65_536_000, 16000) is None and factors(4, 16000) is None
 
 
 def test_a_clip_at_another_rate_is_served_as_resampled_by_scipy() -> None:
@@ -64,7 +71,7 @@ def test_a_clip_at_another_rate_is_served_as_resampled_by_scipy() -> None:
     pcm = np.frombuffer(raw[44:], dtype="<i2") / 32768.0  # scipy's file: a 44-byte header
     expected = log_mel(scipy.signal.resample_poly(pcm, 160, 441), A)
     np.testing.assert_allclose(batch.x[0], expected, rtol=0, atol=1e-4)
-    assert batch.notes() == [{"seconds": 0.6, "sample_rate": 44100, "truncated": False}]
+    assert batch.notes() == [{"seconds": 0.6, "truncated": False, "sample_rate": 44100}]
 
 
 def test_a_long_file_is_cut_after_resampling_with_its_whole_length_reported() -> None:
@@ -75,7 +82,7 @@ def test_a_long_file_is_cut_after_resampling_with_its_whole_length_reported() ->
     pcm = np.frombuffer(raw[44:], dtype="<i2") / 32768.0
     cut = scipy.signal.resample_poly(pcm, 1, 3)[: A.samples]
     np.testing.assert_allclose(batch.x[0], log_mel(cut, A), rtol=0, atol=1e-4)
-    assert batch.notes() == [{"seconds": 60.0, "sample_rate": 48000, "truncated": True}]
+    assert batch.notes() == [{"seconds": 60.0, "truncated": True, "sample_rate": 48000}]
     strict = A.model_copy(update={"truncation": "error"})
     with pytest.raises(InvalidInputError, match=r"instance 0: the clip is 60 s, over this model"):
         encode_audio([raw], strict)
@@ -97,3 +104,50 @@ def test_another_rate_is_refused_without_resample_or_without_a_usable_ratio() ->
         f"server resamples only between rates whose ratio reduces to terms of at most "
         f"{MAX_FACTOR} (16000:44101 does not)"
     )
+
+
+def test_a_file_at_an_unusable_rate_is_refused_having_decoded_only_the_clip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.engine import audio
+
+    decoded: list[int] = []
+    real = audio.read_wav
+
+    def reading(data: bytes, *args: Any, max_frames: Any = None) -> Any:
+        clip = real(data, *args, max_frames=max_frames)
+        decoded.append(len(clip.samples))
+        return clip
+
+    monkeypatch.setattr(audio, "read_wav", reading)
+    fix = "resample it (e.g. ffmpeg -i IN -ar 16000 -ac 1 OUT.wav)"
+    for rate in (4, 999, 384_001):
+        raw = wav(np.zeros(200_000), rate)
+        with pytest.raises(InvalidInputError) as err:
+            encode_audio([raw], A)
+        assert str(err.value) == (
+            f"instance 0: the clip is sampled at {rate} Hz; this model reads 16000 Hz: {fix}; "
+            "the server resamples files of 1000 to 384000 Hz"
+        )
+    assert decoded == [A.samples + 1] * 3  # the model's clip, not the file
+
+
+def test_a_long_clip_under_truncation_error_is_refused_before_it_is_filtered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.engine import audio
+
+    filtered: list[int] = []
+    real = audio.resample
+
+    def counting(x: np.ndarray, *args: Any) -> np.ndarray:
+        filtered.append(len(x))
+        return real(x, *args)
+
+    monkeypatch.setattr(audio, "resample", counting)
+    strict = A.model_copy(update={"truncation": "error"})
+    with pytest.raises(InvalidInputError, match="the clip is 2 s, over this model's 1 s"):
+        encode_audio([wav(tone(300.0, 2.0, 44100), 44100)], strict)
+    assert filtered == []
+    encode_audio([wav(tone(300.0, 0.5, 44100), 44100)], strict)  # within: filtered, served
+    assert len(filtered) == 1

@@ -39,12 +39,19 @@ async def off_loop(fn: Callable[[], T], nbytes: int = 0, values: int = 0) -> T:
 
 
 async def featurise(
-    request: Request, model: str, kind: str, fn: Callable[[], T], nbytes: int = 0, values: int = 0
+    request: Request,
+    model: str,
+    kind: str,
+    fn: Callable[[], T],
+    nbytes: int = 0,
+    values: int = 0,
+    started: float | None = None,
 ) -> T:
-    """off_loop(fn) for a request's inputs (`kind`: audio, text or numbers), timed: the access
-    log's featurise_ms and mcserve_featurise_duration_seconds. A WAV file's decoding and
-    features were seen only as request time less queue and compute time."""
-    start = time.perf_counter()
+    """off_loop(fn) for a request's inputs (`kind`: audio, text or numbers), timed from
+    `started` (perf_counter; the checks of their form before it) or from now: the access log's
+    featurise_ms and mcserve_featurise_duration_seconds. A WAV file's decoding and features
+    were seen only as request time less queue and compute time."""
+    start = time.perf_counter() if started is None else started
     out = await off_loop(fn, nbytes, values)
     seconds = time.perf_counter() - start
     request.state.featurise_ms = round(seconds * 1000, 3)

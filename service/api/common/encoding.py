@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import zlib
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.common import errors
 from service.api.common.inflight import BodyBudget
 from service.api.common.middleware import smaller
 from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaTypeError
@@ -46,14 +44,6 @@ class ContentEncoding:
         if name in ("", "identity"):
             await self.app(scope, receive, send)
             return
-        if name not in CODINGS:
-            exc = UnsupportedMediaTypeError(
-                f"Content-Encoding {name!r} is not read here; send the body uncompressed, "
-                "or compressed with gzip or deflate"
-            )
-            response = await errors.respond(Request(scope), exc)
-            await response(scope, receive, send)
-            return
         # In place, not a copy: the routes write `route` and `path_params` into this scope, and
         # RequestContext reads them from it for the access log and metrics. The inflated
         # length is not known before the route reads the body.
@@ -71,6 +61,12 @@ class ContentEncoding:
             if read:
                 return await receive()  # a disconnect, afterwards
             read = True
+            if name not in CODINGS:  # said when the body is read, as any error of it (a CDS
+                # call without a token learnt of its coding before being told 401)
+                raise UnsupportedMediaTypeError(
+                    f"Content-Encoding {name!r} is not read here; send the body uncompressed, "
+                    "or compressed with gzip or deflate"
+                )
             data = await _body(receive)
             if data is None:  # the client went away mid-body
                 return {"type": "http.disconnect"}

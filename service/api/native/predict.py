@@ -8,6 +8,7 @@ route, which only documents it (`native/routes.py`).
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -24,11 +25,10 @@ from service.api.common.parameters import ignored, to_params
 from service.api.native.schemas import PredictRequest
 from service.clinical import fhir
 from service.encode import response_json
-from service.engine.audio import audio_batch
-from service.engine.clips import clips_of
+from service.engine.clips import audio_batch, checked_clips, clips_of
 from service.engine.inputs import check_size, to_array
 from service.engine.model import Prediction, ServedModel
-from service.engine.text import encode_texts, texts_of
+from service.engine.text import checked_texts, encode_texts
 from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
@@ -93,8 +93,10 @@ async def read(request: Request, name: str, version: str | None) -> PredictReque
     """The body, checked against the model's input size before it is parsed (a 5 MB body of a
     million instances would hold the loop for 0.6 s)."""
     require_json(request)
-    body = await request.body()
     st = state(request)
+    st.batcher(name, version)  # an unknown model is a 404 before its body is read (as /v2)
+    body = await request.body()
+    # Resolved again once the body is in: a version retired meanwhile (an unload, a poll).
     check_size(body, st.batcher(name, version).model.manifest.inputs, st.settings.max_instances)
     return await off_loop(lambda: parse(body), nbytes=len(body))
 
@@ -129,22 +131,27 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
     size = len(await request.body())  # read already: starlette keeps it
     notes = None
     # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
-    # full queue refuses first (check_room), once what is cheap to check has been checked.
+    # full queue refuses first (check_room), once what needs no tokenizer or decoding has been
+    # checked (a malformed input is a 4xx, not a 429 to retry).
+    started = time.perf_counter()
     if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
         text, tokenizer = spec.text, model.bundle.tokenizer
-        texts = texts_of(body.instances, limit)
+        texts = await off_loop(lambda: checked_texts(body.instances, text, limit), size, values)
         batcher.check_room(len(texts), params)
-        batch = await featurise(
-            request, name, "text", lambda: encode_texts(texts, tokenizer, text, limit), size, values
-        )
+        tokens = lambda: encode_texts(texts, tokenizer, text, limit)  # noqa: E731
+        batch = await featurise(request, name, "text", tokens, size, values, started)
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
         most = st.settings.max_body_bytes
-        clips = clips_of(body.instances, limit)
+        clips = await off_loop(
+            lambda: checked_clips(clips_of(body.instances, limit), spec, limit, "instance", most),
+            size,
+            values,
+        )
         batcher.check_room(len(clips), params)
-        featurised = lambda: audio_batch(clips, spec, limit, body_bytes=most)  # noqa: E731
-        audio = await featurise(request, name, "audio", featurised, size, values)
+        features = lambda: audio_batch(clips, spec, limit, body_bytes=most)  # noqa: E731
+        audio = await featurise(request, name, "audio", features, size, values, started)
         x = audio.x
         notes = audio.notes()
     else:

@@ -9,6 +9,7 @@ route, which only documents it (`oip/routes.py`).
 from __future__ import annotations
 
 import math
+import time
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -24,11 +25,11 @@ from service.api.oip.bytes_input import decode_texts, elements
 from service.api.oip.outputs import PASSES_USED, TensorSpec, specs, values
 from service.api.oip.schemas import InferParameters, InferRequest
 from service.encode import sites_used, warnings_of
-from service.engine.audio import audio_batch
+from service.engine.clips import audio_batch, checked_clips
 from service.engine.inputs import check_size
 from service.engine.model import Prediction, ServedModel
 from service.engine.params import PredictParams
-from service.engine.text import encode_texts
+from service.engine.text import checked_texts, encode_texts
 from service.errors import InvalidInputError, shown_name
 from service.json_body import json_body
 
@@ -129,36 +130,35 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     wanted = select(req, model, params.mode, auto=params.auto is not None)
     notes = None
     # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
-    # full queue refuses first (check_room), once the input's form has been checked.
+    # full queue refuses first (check_room), once what needs no tokenizer or decoding has been
+    # checked (a malformed input is a 4xx, not a 429 to retry).
+    started, item = time.perf_counter(), f"input '{spec.name}', element"
     if spec.text is not None:  # a text model: BYTES in, token ids to the engine
         text, tokenizer = spec.text, model.bundle.tokenizer
-        texts = await off_loop(lambda: decode_texts(req.inputs, binary, spec, limit), len(raw))
+
+        def texts_in() -> list[str]:
+            return checked_texts(decode_texts(req.inputs, binary, spec, limit), text, limit, item)
+
+        texts = await off_loop(texts_in, len(raw))
         batcher.check_room(len(texts), params)
-        item = f"input '{spec.name}', element"
-        batch = await featurise(
-            request,
-            name,
-            "text",
-            lambda: encode_texts(texts, tokenizer, text, limit, item),
-            nbytes=len(raw),
-        )
+        tokens = lambda: encode_texts(texts, tokenizer, text, limit, item)  # noqa: E731
+        batch = await featurise(request, name, "text", tokens, len(raw), 0, started)
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
-        clips = await off_loop(lambda: elements(req.inputs, binary, spec, limit, "clips"), len(raw))
+        most = st.settings.max_body_bytes
+
+        def clips_in() -> list[bytes]:
+            found = elements(req.inputs, binary, spec, limit, "clips")
+            return checked_clips(found, spec, limit, item, most)
+
+        clips = await off_loop(clips_in, len(raw))
         batcher.check_room(len(clips), params)
-        item, most = f"input '{spec.name}', element", st.settings.max_body_bytes
         # By the clips' padded features too: 1,024 tiny WAV files are a 51 kB body, and each is
         # featurised at the model's full length (1.7 s on the event loop for a 10 s model).
         padded = len(clips) * math.prod(spec.shape)
-        audio = await featurise(
-            request,
-            name,
-            "audio",
-            lambda: audio_batch(clips, spec, limit, item, most),
-            len(raw),
-            padded,
-        )
+        features = lambda: audio_batch(clips, spec, limit, item, most)  # noqa: E731
+        audio = await featurise(request, name, "audio", features, len(raw), padded, started)
         x = audio.x
         notes = audio.notes()
     else:

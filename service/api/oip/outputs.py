@@ -14,7 +14,7 @@ referral policy (its bundle's, or the default one at its confidence level). Both
 for samples=auto the passes its chunks reached (a response that names no outputs carries it only
 then). A text model adds `tokens` (INT64 [B]: each text's tokens before any cut) and
 `truncated` (BOOL [B]: whether it was cut), an audio model `seconds` (FP64 [B]: each file's
-length), `sample_rate` (INT64 [B]: its own rate, resampled if not the model's) and `truncated`,
+length), `truncated` and `sample_rate` (INT64 [B]: its own rate, resampled if not the model's),
 in both modes: the protocol's response parameters hold only scalars, and these are per input.
 To add an output: add its `TensorSpec` in `specs` under the condition that makes it exist, and
 say in `values` where the engine's `Prediction` holds it.
@@ -35,7 +35,8 @@ NUMPY = {"INT64": np.int64, "BOOL": np.bool_, "FP64": np.float64}
 CLASS_SCORES = ("predictive_entropy", "expected_entropy", "mutual_information", "variation_ratio")
 PASSES_USED = "passes_used"
 TEXT_NOTES = {"tokens": "INT64", "truncated": "BOOL"}  # per text, from the tokenizer
-AUDIO_NOTES = {"seconds": "FP64", "sample_rate": "INT64", "truncated": "BOOL"}  # per WAV file
+# Per WAV file; sample_rate came last (2026-12-07): a client may read outputs by position.
+AUDIO_NOTES = {"seconds": "FP64", "truncated": "BOOL", "sample_rate": "INT64"}
 NOTES = {**TEXT_NOTES, **AUDIO_NOTES}  # the outputs read from a prediction's input_notes
 REGRESSION = ("std", "epistemic_std", "aleatoric_std", "lower", "upper", "mc_standard_error")
 

@@ -116,3 +116,16 @@ async def test_a_body_no_route_reads_takes_nothing(app: FastAPI, client: httpx.A
             assert r.status_code == status, (path, r.text)
         assert budget.refused == refused
     assert app.state.body_budget.held == 0
+
+
+async def test_an_unknown_model_is_a_404_before_its_body_is_read(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """/v1 read the body first, then looked the model up (/v2 did it the other way round): a
+    body to a model that is not there held the budget while it arrived (review M, R2)."""
+    body = orjson.dumps({"instances": [ROW]}) + b" " * 5000
+    with others_hold(app, 100) as budget:
+        refused = budget.refused
+        r = await client.post("/v1/models/nope:predict", content=body, headers=JSON)
+        assert r.status_code == 404, r.text
+        assert budget.refused == refused

@@ -19,6 +19,7 @@ from audio_nets import save_audio_model, tone, wav
 from fastapi import FastAPI
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from text_nets import save_text_model
 
 from service.api.native import predict as native_predict
 from service.api.oip import infer as oip_infer
@@ -37,6 +38,7 @@ V2 = {
 async def app(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FastAPI]:
     root = tmp_path_factory.mktemp("audio-room")
     save_audio_model(root)
+    save_text_model(root)  # "notes"
     async with running(Settings(model_dir=root, compute_process=False)) as application:
         yield application
 
@@ -137,3 +139,44 @@ async def test_featurising_is_timed_in_the_access_log_and_metrics(
     (line,) = [rec for rec in caplog.records if rec.name == "mcserve.access"]
     took = line.__dict__["featurise_ms"]
     assert 0 < took < line.__dict__["duration_ms"]
+
+
+NOT_WAV = base64.b64encode(b"ID3\x04 not a WAV file at all").decode()
+
+
+@pytest.mark.parametrize(
+    ("model", "path", "body", "status", "says"),
+    [
+        ("tones", "/v1/models/tones:predict", {"instances": [{"b64": "!!"}]}, 422, "base64"),
+        ("tones", "/v1/models/tones:predict", {"instances": [{"b64": NOT_WAV}]}, 422, "MP3"),
+        ("tones", "/v2/models/tones/infer", {"inputs": [{**V2["inputs"][0], "data": [NOT_WAV]}]},
+         400, "MP3"),
+        ("notes", "/v1/models/notes:predict", {"instances": ["  "]}, 422, "empty"),
+        ("notes", "/v1/models/notes:predict", {"instances": ["a\u0000b"]}, 422, "NUL"),
+        ("notes", "/v2/models/notes/infer",
+         {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [" "]}]},
+         400, "empty"),
+    ],
+    ids=["v1-base64", "v1-not-wav", "v2-not-wav", "v1-blank-text", "v1-nul", "v2-blank-text"],
+)  # fmt: skip
+async def test_a_full_queue_still_says_what_is_wrong_with_an_input(
+    app: FastAPI, model: str, path: str, body: dict[str, Any], status: int, says: str
+) -> None:
+    """What needs no decoding or tokenizer is checked before the queue's room: a malformed
+    clip or text under a full queue was a 429, retried in vain (review M, R1)."""
+    b: Batcher = app.state.mcserve.batchers[(model, "1")]
+    saved, queued = b.max_queue_rows, b.stats.queue_rows
+    if path.startswith("/v1"):
+        fine = V1 if model == "tones" else {"instances": ["a note"]}
+    else:
+        fine = V2 if model == "tones" else {"inputs": [{**body["inputs"][0], "data": ["a note"]}]}
+    b.max_queue_rows, b.stats.queue_rows = 20, 20  # full: a request of 16 rows would fit empty
+    try:
+        async with asgi_client(app) as c:
+            r = await c.post(path, json={**body, "parameters": {"samples": 16}})
+            assert r.status_code == status, r.text
+            assert says in r.json()["error"]
+            r = await c.post(path, json={**fine, "parameters": {"samples": 16}})
+            assert r.status_code == 429, r.text  # the same request, well formed
+    finally:
+        b.max_queue_rows, b.stats.queue_rows = saved, queued

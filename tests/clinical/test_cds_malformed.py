@@ -574,3 +574,14 @@ async def test_a_call_without_a_token_holds_no_body_bytes(
         budget.give(taken)
     assert r.status_code == 401, r.text
     assert budget.held == 0
+
+
+async def test_a_call_without_a_token_is_a_401_whatever_its_coding(ehr: httpx.AsyncClient) -> None:
+    """An unknown Content-Encoding was answered 415 before the token was checked: a caller
+    without one learnt how the server reads bodies (review M)."""
+    r = await ehr.post(
+        DIABETES,
+        content=b"{}",
+        headers={"content-type": "application/json", "content-encoding": "br"},
+    )
+    assert r.status_code == 401, r.text

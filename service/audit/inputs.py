@@ -113,8 +113,13 @@ def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None
     text = model.manifest.inputs.text
     if model.manifest.inputs.audio is not None:  # the clip's length is not in its features
         rows = _recorded_notes(summary, x.shape[0])
-        keys = ("seconds", "truncated", "sample_rate")  # sample_rate: answers after 2026-12-07
-        return [{k: row.get(k) for k in keys if k in row} for row in rows]
+        # sample_rate only where the answer gave it (those after 2026-12-07); seconds and
+        # truncated always, so a record that lost them is a difference (review N).
+        return [
+            {"seconds": row.get("seconds"), "truncated": row.get("truncated")}
+            | ({"sample_rate": row["sample_rate"]} if "sample_rate" in row else {})
+            for row in rows
+        ]
     if text is None or x.ndim != 2:
         return None
     recorded = _recorded_notes(summary, x.shape[0])
@@ -130,14 +135,15 @@ def input_notes(model: ServedModel, x: np.ndarray, summary: str) -> Notes | None
 
 
 def as_recorded(model: ServedModel, notes: Notes | None, summary: str) -> Notes | None:
-    """An audio model's notes of supplied clips with only the keys its recorded answer holds:
-    an answer from before 2026-12-07 has no `sample_rate`, which the replay of its clips
-    called a difference (review L)."""
+    """An audio model's notes of supplied clips without `sample_rate` where its recorded answer
+    has none (an answer from before 2026-12-07: the replay of its clips called that a
+    difference, review L); every other key stays, so a record that lost one differs."""
     if notes is None or model.manifest.inputs.audio is None:
         return notes
     rows = _recorded_notes(summary, len(notes))
     return [
-        {k: v for k, v in n.items() if k in r or not r} for n, r in zip(notes, rows, strict=True)
+        {k: v for k, v in n.items() if k != "sample_rate" or "sample_rate" in r or not r}
+        for n, r in zip(notes, rows, strict=True)
     ]
 
 

@@ -5,6 +5,7 @@ from the clips supplied, whose features are computed again and checked against t
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -92,3 +93,23 @@ async def test_a_record_from_before_sample_rate_replays_from_its_clips(
     clips.write_bytes(orjson.dumps({"instances": CLIPS}))
     result = replay(rec, audio_repo, inputs=clips, hmac_key=KEY.encode())
     assert result.identical, result.differences
+
+
+async def test_a_record_that_lost_a_clips_length_is_a_difference(
+    backend: Backend, audio_repo: Path, tmp_path: Path
+) -> None:
+    """The notes of a replay are read from the recorded answer (from stored features) or
+    kept to its keys (from clips): a stored answer without `seconds` and `truncated` replayed
+    as identical (review N). Only `sample_rate`, which older answers lack, may be absent."""
+    await record(backend, audio_repo, audit_inputs="store")
+    with backend.open() as store:
+        [rec] = store.find("a")
+    doc = orjson.loads(rec.summary)
+    for p in doc["predictions"]:
+        del p["seconds"], p["truncated"]
+    lost = dataclasses.replace(rec, summary=orjson.dumps(doc).decode())
+    clips = tmp_path / "clips.json"
+    clips.write_bytes(orjson.dumps({"instances": CLIPS}))
+    for result in (replay(lost, audio_repo), replay(lost, audio_repo, inputs=clips)):
+        assert not result.identical
+        assert "$.predictions[0].seconds: present in only one" in result.differences

@@ -152,6 +152,7 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
         batcher.check_room(len(clips), params)
         features = lambda: audio_batch(clips, spec, limit, body_bytes=most)  # noqa: E731
         audio = await featurise(request, name, "audio", features, size, values, started)
+        del clips  # the decoded files: not held through the queue and compute (review N)
         x = audio.x
         notes = audio.notes()
     else:

@@ -143,6 +143,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
         batcher.check_room(len(texts), params)
         tokens = lambda: encode_texts(texts, tokenizer, text, limit, item)  # noqa: E731
         batch = await featurise(request, name, "text", tokens, len(raw), 0, started)
+        del texts  # decoded from the body: not held through the queue and compute (review N)
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
@@ -159,6 +160,7 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
         padded = len(clips) * math.prod(spec.shape)
         features = lambda: audio_batch(clips, spec, limit, item, most)  # noqa: E731
         audio = await featurise(request, name, "audio", features, len(raw), padded, started)
+        del clips  # the decoded files: not held through the queue and compute (review N)
         x = audio.x
         notes = audio.notes()
     else:

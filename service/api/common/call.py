@@ -22,6 +22,7 @@ from service.engine.params import PredictParams
 from service.errors import CancelledError
 
 T = TypeVar("T")
+U = TypeVar("U")
 # Above these sizes a body's parse and conversion run on a worker thread, so the event loop goes
 # on answering others in between (the C parsers hold the GIL while they run, so what bounds a
 # stall is check_size). Measured on 2 busy vCPUs: a hop to a thread and back 0.1-0.3 ms, the
@@ -57,6 +58,30 @@ async def featurise(
     request.state.featurise_ms = round(seconds * 1000, 3)
     request.app.state.metrics.observe_featurise(model, kind, seconds)
     return out
+
+
+async def featurise_with_room(
+    request: Request,
+    batcher: Batcher,
+    params: PredictParams,
+    kind: str,
+    check: Callable[[], list[U]],
+    make: Callable[[list[U]], T],
+    nbytes: int,
+    per_item: int,
+) -> T:
+    """A text or audio request's inputs: `check` (what needs no tokenizer or decoding: a
+    malformed input is its 4xx), then the queue's room for that many (`check_room`: a full
+    queue refuses before the costly part), then `make` from what `check` gave, timed from the
+    start as `featurise`. `per_item`: padded values per input (what puts the work off the
+    loop). What `check` gave is let go here, not held through the queue and compute."""
+    started = time.perf_counter()
+    items = await off_loop(check, nbytes)
+    batcher.check_room(len(items), params)
+    values = len(items) * per_item
+    return await featurise(
+        request, batcher.model.name, kind, lambda: make(items), nbytes, values, started
+    )
 
 
 def state(request: Request) -> AppState:

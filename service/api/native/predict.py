@@ -8,7 +8,6 @@ route, which only documents it (`native/routes.py`).
 from __future__ import annotations
 
 import math
-import time
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -18,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import StringConstraints, ValidationError
 from starlette.responses import Response
 
-from service.api.common.call import featurise, off_loop, run, state
+from service.api.common.call import featurise, featurise_with_room, off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.media import require_json
 from service.api.common.parameters import ignored, to_params
@@ -130,29 +129,33 @@ async def predict_with(request: Request, name: str, version: str | None) -> Resp
     # event loop 4.5 s while they were tokenized.
     size = len(await request.body())  # read already: starlette keeps it
     notes = None
-    # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
-    # full queue refuses first (check_room), once what needs no tokenizer or decoding has been
-    # checked (a malformed input is a 4xx, not a 429 to retry).
-    started = time.perf_counter()
+    per = math.prod(spec.shape)
     if spec.text is not None:  # text models: strings (or {"text": ...}) to token ids
         text, tokenizer = spec.text, model.bundle.tokenizer
-        texts = await off_loop(lambda: checked_texts(body.instances, text, limit), size, values)
-        batcher.check_room(len(texts), params)
-        tokens = lambda: encode_texts(texts, tokenizer, text, limit)  # noqa: E731
-        batch = await featurise(request, name, "text", tokens, size, values, started)
+        batch = await featurise_with_room(
+            request,
+            batcher,
+            params,
+            "text",
+            lambda: checked_texts(body.instances, text, limit),
+            lambda texts: encode_texts(texts, tokenizer, text, limit),
+            size,
+            per,
+        )
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # audio models: WAV files ({"b64": ...}) to log-mel features
         most = st.settings.max_body_bytes
-        clips = await off_loop(
+        audio = await featurise_with_room(
+            request,
+            batcher,
+            params,
+            "audio",
             lambda: checked_clips(clips_of(body.instances, limit), spec, limit, "instance", most),
+            lambda clips: audio_batch(clips, spec, limit, body_bytes=most),
             size,
-            values,
+            per,
         )
-        batcher.check_room(len(clips), params)
-        features = lambda: audio_batch(clips, spec, limit, body_bytes=most)  # noqa: E731
-        audio = await featurise(request, name, "audio", features, size, values, started)
-        del clips  # the decoded files: not held through the queue and compute (review N)
         x = audio.x
         notes = audio.notes()
     else:

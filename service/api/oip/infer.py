@@ -9,7 +9,6 @@ route, which only documents it (`oip/routes.py`).
 from __future__ import annotations
 
 import math
-import time
 from typing import Annotated, Any
 
 from fastapi import Request
@@ -17,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, ValidationError
 from starlette.responses import Response
 
-from service.api.common.call import featurise, off_loop, run, state
+from service.api.common.call import featurise, featurise_with_room, off_loop, run, state
 from service.api.common.fields import Param
 from service.api.common.parameters import PredictParameters, ignored, to_params
 from service.api.oip.binary import HEADER, decode_input, encode, split
@@ -129,38 +128,37 @@ async def infer_with(request: Request, name: str, version: str | None) -> Respon
     params = to_params(given, model, st.settings.max_samples)
     wanted = select(req, model, params.mode, auto=params.auto is not None)
     notes = None
-    # A text's tokens and a clip's features take a worker thread milliseconds to seconds: a
-    # full queue refuses first (check_room), once what needs no tokenizer or decoding has been
-    # checked (a malformed input is a 4xx, not a 429 to retry).
-    started, item = time.perf_counter(), f"input '{spec.name}', element"
+    item, per = f"input '{spec.name}', element", math.prod(spec.shape)
     if spec.text is not None:  # a text model: BYTES in, token ids to the engine
         text, tokenizer = spec.text, model.bundle.tokenizer
-
-        def texts_in() -> list[str]:
-            return checked_texts(decode_texts(req.inputs, binary, spec, limit), text, limit, item)
-
-        texts = await off_loop(texts_in, len(raw))
-        batcher.check_room(len(texts), params)
-        tokens = lambda: encode_texts(texts, tokenizer, text, limit, item)  # noqa: E731
-        batch = await featurise(request, name, "text", tokens, len(raw), 0, started)
-        del texts  # decoded from the body: not held through the queue and compute (review N)
+        batch = await featurise_with_room(
+            request,
+            batcher,
+            params,
+            "text",
+            lambda: checked_texts(decode_texts(req.inputs, binary, spec, limit), text, limit, item),
+            lambda texts: encode_texts(texts, tokenizer, text, limit, item),
+            len(raw),
+            per,
+        )
         x = batch.ids
         notes = batch.notes()
     elif spec.audio is not None:  # an audio model: BYTES of WAV files in, features out
         most = st.settings.max_body_bytes
-
-        def clips_in() -> list[bytes]:
-            found = elements(req.inputs, binary, spec, limit, "clips")
-            return checked_clips(found, spec, limit, item, most)
-
-        clips = await off_loop(clips_in, len(raw))
-        batcher.check_room(len(clips), params)
-        # By the clips' padded features too: 1,024 tiny WAV files are a 51 kB body, and each is
-        # featurised at the model's full length (1.7 s on the event loop for a 10 s model).
-        padded = len(clips) * math.prod(spec.shape)
-        features = lambda: audio_batch(clips, spec, limit, item, most)  # noqa: E731
-        audio = await featurise(request, name, "audio", features, len(raw), padded, started)
-        del clips  # the decoded files: not held through the queue and compute (review N)
+        # Off the loop by the clips' padded features too: 1,024 tiny WAV files are a 51 kB
+        # body, each featurised at the model's full length (1.7 s for a 10 s model).
+        audio = await featurise_with_room(
+            request,
+            batcher,
+            params,
+            "audio",
+            lambda: checked_clips(
+                elements(req.inputs, binary, spec, limit, "clips"), spec, limit, item, most
+            ),
+            lambda clips: audio_batch(clips, spec, limit, item, most),
+            len(raw),
+            per,
+        )
         x = audio.x
         notes = audio.notes()
     else:

@@ -174,18 +174,26 @@ def from_base64(text: str, a: AudioInput, where: str) -> bytes:
         raise bad  # what the decoder refuses too; its size below would count the spaces
     size = len(text.rstrip("=")) * 3 // 4  # what it decodes to, if it is base64
     if size > a.max_audio_bytes:
-        raise too_large(where, size, a)
+        raise _too_large(where, size, a)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise bad from None
 
 
-def too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
+def _too_large(where: str, size: int, a: AudioInput) -> PayloadTooLargeError:
     return PayloadTooLargeError(
         f"{where}: the audio is {size} bytes, over this model's limit of {a.max_audio_bytes} "
         f"(a {a.seconds:g} s clip at {a.sample_rate} Hz needs far less): cut it or split it"
     )
+
+
+def clip_bytes(clip: bytes | str, a: AudioInput, where: str) -> bytes:
+    """A clip's WAV bytes (out of its base64 if text), within the model's size limit."""
+    data = from_base64(clip, a, where) if isinstance(clip, str) else clip
+    if len(data) > a.max_audio_bytes:
+        raise _too_large(where, len(data), a)
+    return data
 
 
 def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "instance") -> AudioBatch:
@@ -194,9 +202,7 @@ def encode_audio(clips: Sequence[bytes | str], a: AudioInput, item: str = "insta
     xs, seconds, cuts, rates = [], [], [], []
     for i, clip in enumerate(clips):
         where = f"{item} {i}"
-        data = from_base64(clip, a, where) if isinstance(clip, str) else clip
-        if len(data) > a.max_audio_bytes:
-            raise too_large(where, len(data), a)
+        data = clip_bytes(clip, a, where)
         # Only what the model's clip reads is decoded (+1 output: cut or not).
         wav = read_wav(data, where, a.sample_rate, max_frames=lambda r: _needed(r, a))
         samples, n = _at_model_rate(wav, a, where)

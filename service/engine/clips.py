@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.bundle.spec import AudioInput, InputSpec
-from service.engine.audio import AudioBatch, encode_audio, from_base64, too_large
+from service.engine.audio import AudioBatch, clip_bytes, encode_audio
 from service.engine.inputs import check_count, checked
 from service.engine.wav import check_header
 from service.errors import InvalidInputError, PayloadTooLargeError
@@ -103,9 +103,7 @@ def checked_clips(
     out = []
     for i, clip in enumerate(clips):
         where = f"{item} {i}"
-        data = from_base64(clip, a, where) if isinstance(clip, str) else clip
-        if len(data) > a.max_audio_bytes:
-            raise too_large(where, len(data), a)
+        data = clip_bytes(clip, a, where)
         check_header(data, where, a.sample_rate)
         out.append(data)
     return out
